@@ -1,0 +1,43 @@
+#include "common/progress.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+
+namespace fedtune {
+
+Progress::Progress(std::string what, int64_t total, std::string unit, bool enabled)
+    : what_(std::move(what)),
+      unit_(std::move(unit)),
+      total_(total),
+      enabled_(enabled),
+      tty_(::isatty(STDERR_FILENO) != 0),
+      start_(std::chrono::steady_clock::now()),
+      last_print_(start_) {}
+
+double Progress::elapsed_seconds() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+}
+
+void Progress::Update(int64_t done) {
+  if (!enabled_) return;
+  const auto now = std::chrono::steady_clock::now();
+  // Terminals get a live line; logs (CI) get a line every 10 s so they stay readable.
+  const double every = tty_ ? 0.25 : 10.0;
+  if (std::chrono::duration<double>(now - last_print_).count() < every && done < total_) return;
+  last_print_ = now;
+  const double t = elapsed_seconds();
+  const double rate = t > 0 ? static_cast<double>(done) / t : 0.0;
+  const double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0.0;
+  std::fprintf(stderr, "%s%s: %lld/%lld %s, %.1f %s/s, ETA %.0f s%s", tty_ ? "\r" : "",
+               what_.c_str(), static_cast<long long>(done), static_cast<long long>(total_),
+               unit_.c_str(), rate, unit_.c_str(), eta, tty_ ? "   " : "\n");
+  std::fflush(stderr);
+}
+
+void Progress::Finish() {
+  if (!enabled_) return;
+  if (tty_) std::fprintf(stderr, "\n");
+}
+
+}  // namespace fedtune

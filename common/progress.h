@@ -1,0 +1,25 @@
+// Progress lines on stderr for long work: done/total, rate and ETA, at most a few per second.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace fedtune {
+
+class Progress {
+ public:
+  Progress(std::string what, int64_t total, std::string unit, bool enabled = true);
+  void Update(int64_t done);
+  void Finish();
+  double elapsed_seconds() const;
+
+ private:
+  std::string what_, unit_;
+  int64_t total_;
+  bool enabled_;
+  bool tty_;
+  std::chrono::steady_clock::time_point start_, last_print_;
+};
+
+}  // namespace fedtune

@@ -1,0 +1,59 @@
+// Seeded, reproducible random numbers (xoshiro256**, seeded by splitmix64). Not for secrets:
+// cryptographic randomness comes from OpenSSL in privacy/.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace fedtune {
+
+class Rng {
+ public:
+  explicit Rng(uint64_t seed) {
+    for (auto& s : s_) s = SplitMix(seed);
+  }
+  uint64_t NextU64() {
+    const uint64_t result = Rotl(s_[1] * 5, 7) * 9;
+    const uint64_t t = s_[1] << 17;
+    s_[2] ^= s_[0];
+    s_[3] ^= s_[1];
+    s_[1] ^= s_[2];
+    s_[0] ^= s_[3];
+    s_[2] ^= t;
+    s_[3] = Rotl(s_[3], 45);
+    return result;
+  }
+  // Uniform in [0, 1) with 53 random bits.
+  double Uniform() { return static_cast<double>(NextU64() >> 11) * 0x1.0p-53; }
+  // Uniform integer in [0, n); n > 0. Lemire's nearly-divisionless method is overkill here.
+  uint64_t Below(uint64_t n) { return NextU64() % n; }
+  // Standard normal (Box-Muller; one of the pair is cached).
+  double Normal() {
+    if (have_cached_) {
+      have_cached_ = false;
+      return cached_;
+    }
+    double u1;
+    do u1 = Uniform();
+    while (u1 <= 0.0);
+    const double u2 = Uniform();
+    const double r = std::sqrt(-2.0 * std::log(u1));
+    cached_ = r * std::sin(2.0 * M_PI * u2);
+    have_cached_ = true;
+    return r * std::cos(2.0 * M_PI * u2);
+  }
+
+ private:
+  static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+  static uint64_t SplitMix(uint64_t& x) {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  uint64_t s_[4];
+  double cached_ = 0.0;
+  bool have_cached_ = false;
+};
+
+}  // namespace fedtune

@@ -1,0 +1,304 @@
+#include "kernels/quant.h"
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "common/fp16.h"
+
+namespace fedtune::kernels {
+namespace {
+
+constexpr int64_t kQK = 32;    // values per block of the simple formats
+constexpr int64_t kQKK = 256;  // values per K-quant super-block
+
+inline float H(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return Fp16ToFp32(h);
+}
+inline void PutH(uint8_t* p, float f) {
+  const uint16_t h = Fp32ToFp16(f);
+  std::memcpy(p, &h, 2);
+}
+
+// Each dequantizer mirrors the operation order of gguf-py's numpy code (gguf/quants.py) so the
+// results are bit-identical: e.g. Q4_1 is (d * q) + m without fused multiply-add.
+void DequantQ4_0(const uint8_t* b, float* y) {
+  const float d = H(b);
+  const uint8_t* qs = b + 2;
+  for (int j = 0; j < 16; ++j) {
+    y[j] = d * static_cast<float>((qs[j] & 15) - 8);
+    y[j + 16] = d * static_cast<float>((qs[j] >> 4) - 8);
+  }
+}
+void DequantQ4_1(const uint8_t* b, float* y) {
+  const float d = H(b), m = H(b + 2);
+  const uint8_t* qs = b + 4;
+  for (int j = 0; j < 16; ++j) {
+    y[j] = d * static_cast<float>(qs[j] & 15) + m;
+    y[j + 16] = d * static_cast<float>(qs[j] >> 4) + m;
+  }
+}
+void DequantQ5(const uint8_t* b, float* y, bool has_min) {
+  const float d = H(b);
+  const float m = has_min ? H(b + 2) : 0.0f;
+  const uint8_t* p = b + (has_min ? 4 : 2);
+  uint32_t qh;
+  std::memcpy(&qh, p, 4);
+  const uint8_t* qs = p + 4;
+  for (int j = 0; j < 16; ++j) {
+    const int x0 = (qs[j] & 15) | (((qh >> j) << 4) & 16);
+    const int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 16);
+    if (has_min) {
+      y[j] = d * static_cast<float>(x0) + m;
+      y[j + 16] = d * static_cast<float>(x1) + m;
+    } else {
+      y[j] = d * static_cast<float>(x0 - 16);
+      y[j + 16] = d * static_cast<float>(x1 - 16);
+    }
+  }
+}
+void DequantQ8_0(const uint8_t* b, float* y) {
+  const float d = H(b);
+  const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+  for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(q[j]) * d;
+}
+inline void ScaleMinK4(int j, const uint8_t* q, uint8_t* sc, uint8_t* mn) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *mn = q[j + 4] & 63;
+  } else {
+    *sc = static_cast<uint8_t>((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+    *mn = static_cast<uint8_t>((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+  }
+}
+void DequantQ4_K(const uint8_t* b, float* y) {
+  const float d = H(b), dmin = H(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qs = b + 16;
+  for (int c = 0; c < 4; ++c) {
+    for (int s = 0; s < 2; ++s) {
+      uint8_t sc, mn;
+      ScaleMinK4(2 * c + s, scales, &sc, &mn);
+      const float dl = d * static_cast<float>(sc);
+      const float ml = dmin * static_cast<float>(mn);
+      for (int l = 0; l < 32; ++l) {
+        const int q = s == 0 ? (qs[c * 32 + l] & 0xF) : (qs[c * 32 + l] >> 4);
+        y[c * 64 + s * 32 + l] = dl * static_cast<float>(q) - ml;
+      }
+    }
+  }
+}
+void DequantQ6_K(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = H(b + 208);
+  for (int h = 0; h < 2; ++h) {
+    for (int k = 0; k < 4; ++k) {
+      for (int l = 0; l < 32; ++l) {
+        const int pos = h * 128 + k * 32 + l;
+        const int lo = (ql[h * 64 + (k & 1) * 32 + l] >> (4 * (k >> 1))) & 0xF;
+        const int hi = (qh[h * 32 + l] >> (2 * k)) & 3;
+        const float dl = d * static_cast<float>(sc[pos / 16]);
+        y[pos] = dl * static_cast<float>((lo | (hi << 4)) - 32);
+      }
+    }
+  }
+}
+
+// --- quantizers (ggml reference: quantize_row_*_ref) ---
+void QuantQ8_0(const float* x, uint8_t* b) {
+  float amax = 0.0f;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  PutH(b, d);
+  for (int j = 0; j < 32; ++j) b[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::lround(x[j] * id)));
+}
+void QuantQ4_0(const float* x, uint8_t* b) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < 32; ++j) {
+    if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); max = x[j]; }
+  }
+  const float d = max / -8.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  PutH(b, d);
+  for (int j = 0; j < 16; ++j) {
+    const int x0 = std::min(15, static_cast<int>(x[j] * id + 8.5f));
+    const int x1 = std::min(15, static_cast<int>(x[j + 16] * id + 8.5f));
+    b[2 + j] = static_cast<uint8_t>(x0 | (x1 << 4));
+  }
+}
+void QuantQ4_1(const float* x, uint8_t* b) {
+  float mn = x[0], mx = x[0];
+  for (int j = 1; j < 32; ++j) { mn = std::min(mn, x[j]); mx = std::max(mx, x[j]); }
+  const float d = (mx - mn) / 15.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  PutH(b, d);
+  PutH(b + 2, mn);
+  for (int j = 0; j < 16; ++j) {
+    const int x0 = std::min(15, static_cast<int>((x[j] - mn) * id + 0.5f));
+    const int x1 = std::min(15, static_cast<int>((x[j + 16] - mn) * id + 0.5f));
+    b[4 + j] = static_cast<uint8_t>(x0 | (x1 << 4));
+  }
+}
+void QuantQ5(const float* x, uint8_t* b, bool has_min) {
+  float d, id, mn = 0.0f;
+  if (has_min) {
+    float mx = x[0];
+    mn = x[0];
+    for (int j = 1; j < 32; ++j) { mn = std::min(mn, x[j]); mx = std::max(mx, x[j]); }
+    d = (mx - mn) / 31.0f;
+    PutH(b, d);
+    PutH(b + 2, mn);
+  } else {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+      if (std::fabs(x[j]) > amax) { amax = std::fabs(x[j]); max = x[j]; }
+    }
+    d = max / -16.0f;
+    PutH(b, d);
+  }
+  id = d != 0.0f ? 1.0f / d : 0.0f;
+  uint8_t* p = b + (has_min ? 4 : 2);
+  uint32_t qh = 0;
+  for (int j = 0; j < 16; ++j) {
+    int x0, x1;
+    if (has_min) {
+      x0 = static_cast<int>((x[j] - mn) * id + 0.5f);
+      x1 = static_cast<int>((x[j + 16] - mn) * id + 0.5f);
+    } else {
+      x0 = std::min(31, static_cast<int>(x[j] * id + 16.5f));
+      x1 = std::min(31, static_cast<int>(x[j + 16] * id + 16.5f));
+    }
+    p[4 + j] = static_cast<uint8_t>((x0 & 15) | ((x1 & 15) << 4));
+    qh |= static_cast<uint32_t>((x0 & 0x10) >> 4) << j;
+    qh |= static_cast<uint32_t>((x1 & 0x10) >> 4) << (j + 16);
+  }
+  std::memcpy(p, &qh, 4);
+}
+
+}  // namespace
+
+std::optional<GgmlTypeTraits> GetTypeTraits(uint32_t id) {
+  switch (static_cast<GgmlType>(id)) {
+    case GgmlType::kF32: return GgmlTypeTraits{"F32", 1, 4, true};
+    case GgmlType::kF16: return GgmlTypeTraits{"F16", 1, 2, true};
+    case GgmlType::kBF16: return GgmlTypeTraits{"BF16", 1, 2, true};
+    case GgmlType::kQ4_0: return GgmlTypeTraits{"Q4_0", kQK, 18, true};
+    case GgmlType::kQ4_1: return GgmlTypeTraits{"Q4_1", kQK, 20, true};
+    case GgmlType::kQ5_0: return GgmlTypeTraits{"Q5_0", kQK, 22, true};
+    case GgmlType::kQ5_1: return GgmlTypeTraits{"Q5_1", kQK, 24, true};
+    case GgmlType::kQ8_0: return GgmlTypeTraits{"Q8_0", kQK, 34, true};
+    case GgmlType::kQ2_K: return GgmlTypeTraits{"Q2_K", kQKK, 84, false};
+    case GgmlType::kQ3_K: return GgmlTypeTraits{"Q3_K", kQKK, 110, false};
+    case GgmlType::kQ4_K: return GgmlTypeTraits{"Q4_K", kQKK, 144, true};
+    case GgmlType::kQ5_K: return GgmlTypeTraits{"Q5_K", kQKK, 176, false};
+    case GgmlType::kQ6_K: return GgmlTypeTraits{"Q6_K", kQKK, 210, true};
+    case GgmlType::kQ8_K: return GgmlTypeTraits{"Q8_K", kQKK, 292, false};
+  }
+  return std::nullopt;
+}
+
+GgmlTypeTraits TypeTraits(GgmlType t) {
+  auto tr = GetTypeTraits(static_cast<uint32_t>(t));
+  FT_CHECK(tr.has_value());
+  return *tr;
+}
+
+std::optional<GgmlType> GgmlTypeFromName(std::string_view name) {
+  std::string up(name);
+  for (char& c : up) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  for (uint32_t id = 0; id <= 30; ++id) {
+    auto tr = GetTypeTraits(id);
+    if (tr && up == tr->name) return static_cast<GgmlType>(id);
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n) {
+  const auto tr = TypeTraits(t);
+  if (n < 0 || n % tr.block_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("row of ", n, " values is not a multiple of ",
+                                                   tr.name, "'s block size ", tr.block_size));
+  }
+  return static_cast<size_t>(n / tr.block_size) * tr.type_size;
+}
+
+void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n) {
+  const auto tr = TypeTraits(t);
+  FT_CHECK(tr.supported && n % tr.block_size == 0);
+  const auto* s = static_cast<const uint8_t*>(src);
+  const int64_t nb = n / tr.block_size;
+  switch (t) {
+    case GgmlType::kF32: std::memcpy(dst, src, static_cast<size_t>(n) * 4); return;
+    case GgmlType::kF16:
+      for (int64_t i = 0; i < n; ++i) dst[i] = H(s + 2 * i);
+      return;
+    case GgmlType::kBF16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t v;
+        std::memcpy(&v, s + 2 * i, 2);
+        dst[i] = Bf16ToFp32(v);
+      }
+      return;
+    default: break;
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    const uint8_t* b = s + static_cast<size_t>(i) * tr.type_size;
+    float* y = dst + i * tr.block_size;
+    switch (t) {
+      case GgmlType::kQ4_0: DequantQ4_0(b, y); break;
+      case GgmlType::kQ4_1: DequantQ4_1(b, y); break;
+      case GgmlType::kQ5_0: DequantQ5(b, y, false); break;
+      case GgmlType::kQ5_1: DequantQ5(b, y, true); break;
+      case GgmlType::kQ8_0: DequantQ8_0(b, y); break;
+      case GgmlType::kQ4_K: DequantQ4_K(b, y); break;
+      case GgmlType::kQ6_K: DequantQ6_K(b, y); break;
+      default: FT_CHECK(false);
+    }
+  }
+}
+
+absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
+  FT_ASSIGN_OR_RETURN(size_t bytes, RowBytes(t, n));
+  (void)bytes;
+  auto* d = static_cast<uint8_t*>(dst);
+  const auto tr = TypeTraits(t);
+  switch (t) {
+    case GgmlType::kF32: std::memcpy(dst, src, static_cast<size_t>(n) * 4); return absl::OkStatus();
+    case GgmlType::kF16:
+      for (int64_t i = 0; i < n; ++i) PutH(d + 2 * i, src[i]);
+      return absl::OkStatus();
+    case GgmlType::kBF16:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t v = Fp32ToBf16(src[i]);
+        std::memcpy(d + 2 * i, &v, 2);
+      }
+      return absl::OkStatus();
+    case GgmlType::kQ8_0: case GgmlType::kQ4_0: case GgmlType::kQ4_1:
+    case GgmlType::kQ5_0: case GgmlType::kQ5_1:
+      break;
+    default:
+      return absl::UnimplementedError(absl::StrCat("quantizing to ", tr.name, " is not supported"));
+  }
+  for (int64_t i = 0; i < n / kQK; ++i) {
+    const float* x = src + i * kQK;
+    uint8_t* b = d + static_cast<size_t>(i) * tr.type_size;
+    switch (t) {
+      case GgmlType::kQ8_0: QuantQ8_0(x, b); break;
+      case GgmlType::kQ4_0: QuantQ4_0(x, b); break;
+      case GgmlType::kQ4_1: QuantQ4_1(x, b); break;
+      case GgmlType::kQ5_0: QuantQ5(x, b, false); break;
+      default: QuantQ5(x, b, true); break;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fedtune::kernels

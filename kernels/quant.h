@@ -1,0 +1,42 @@
+// ggml block formats: type ids, sizes, dequantization (reference, bit-exact with the `gguf`
+// Python package's numpy code) and quantization for the formats fedtune writes.
+// Layouts: ggml src/ggml-common.h; see FORMATS.md.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "common/status.h"
+
+namespace fedtune::kernels {
+
+enum class GgmlType : uint32_t {
+  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
+  kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kQ8_K = 15, kBF16 = 30,
+};
+
+struct GgmlTypeTraits {
+  const char* name;
+  int64_t block_size;  // values per block
+  size_t type_size;    // bytes per block
+  bool supported;      // fedtune can dequantize it
+};
+
+// nullopt for an id that is not a known ggml type.
+std::optional<GgmlTypeTraits> GetTypeTraits(uint32_t type_id);
+GgmlTypeTraits TypeTraits(GgmlType t);  // FT_CHECKs that t is known
+std::optional<GgmlType> GgmlTypeFromName(std::string_view name);  // "q4_1", "F16", ...
+
+// Bytes used by a row of n values; InvalidArgument if n is not a multiple of the block size.
+absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n);
+
+// Dequantizes n values (n a multiple of the block size; FT_CHECKed) from src into dst.
+void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n);
+
+// Quantizes n values into dst (RowBytes(t, n) bytes). Supported: F32, F16, BF16, Q8_0, Q4_0,
+// Q4_1, Q5_0, Q5_1 (ggml reference rounding). Unimplemented for other types.
+absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n);
+
+}  // namespace fedtune::kernels

@@ -1,0 +1,83 @@
+#include "kernels/thread_pool.h"
+
+#include <algorithm>
+#include <memory>
+
+namespace fedtune::kernels {
+
+ThreadPool::ThreadPool(int n_threads) {
+  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  for (int i = 1; i < n_threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_start_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::WorkerLoop(int index) {
+  uint64_t seen = 0;
+  for (;;) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_start_.wait(lock, [&] { return stop_ || generation_ != seen; });
+    if (stop_) return;
+    seen = generation_;
+    const auto* job = job_;
+    const int64_t n = n_, chunk = chunk_;
+    const bool has_work = index < n_chunks_;
+    lock.unlock();
+    if (has_work) {
+      const int64_t b = index * chunk, e = std::min(n, b + chunk);
+      (*job)(b, e, index);
+    }
+    lock.lock();
+    if (--pending_ == 0) cv_done_.notify_one();
+  }
+}
+
+void ThreadPool::ParallelFor(int64_t n, int64_t grain,
+                             const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (n <= 0) return;
+  const int threads = size();
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + threads - 1) / threads);
+  const int n_chunks = static_cast<int>((n + chunk - 1) / chunk);
+  if (n_chunks <= 1 || workers_.empty()) {
+    fn(0, n, 0);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    job_ = &fn;
+    n_ = n;
+    chunk_ = chunk;
+    n_chunks_ = n_chunks;
+    pending_ = static_cast<int>(workers_.size());
+    ++generation_;
+  }
+  cv_start_.notify_all();
+  fn(0, std::min(n, chunk), 0);
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_done_.wait(lock, [&] { return pending_ == 0; });
+  job_ = nullptr;
+}
+
+namespace {
+std::unique_ptr<ThreadPool>& PoolSlot() {
+  static std::unique_ptr<ThreadPool> pool;
+  return pool;
+}
+}  // namespace
+
+ThreadPool& DefaultPool() {
+  auto& p = PoolSlot();
+  if (!p) p = std::make_unique<ThreadPool>(0);
+  return *p;
+}
+
+void SetThreads(int n_threads) { PoolSlot() = std::make_unique<ThreadPool>(n_threads); }
+
+}  // namespace fedtune::kernels

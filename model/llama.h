@@ -1,0 +1,84 @@
+// Llama-family decoder (SmolLM2, TinyLlama, Llama 3.x) forward pass with a KV cache, on the
+// CPU reference kernels. Weights stay in their file's block format (zero-copy from the mmap)
+// and are dequantized tile by tile inside the matmul.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/ops.h"
+#include "model/gguf.h"
+#include "model/safetensors.h"
+#include "model/tokenizer.h"
+
+namespace fedtune::model {
+
+struct LlamaConfig {
+  std::string arch = "llama";
+  int64_t n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, n_ff = 0;
+  int64_t head_dim = 0, rope_dim = 0, n_ctx_train = 0;
+  float rope_base = 10000.0f, rms_eps = 1e-5f;
+  bool tied_output = false;
+  int64_t n_params = 0;  // counted from tensor shapes (tied output counted once)
+};
+
+struct LlamaLayer {
+  std::vector<float> attn_norm, ffn_norm;
+  kernels::QMatrix wq, wk, wv, wo, w_gate, w_up, w_down;
+};
+
+class LlamaModel {
+ public:
+  // Loads from a GGUF file (kept open and mapped by the model). Errors name the tensor or key.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> FromGguf(std::unique_ptr<GgufFile> gguf);
+  // Loads a Hugging Face checkpoint folder: config.json + model.safetensors (F32/F16/BF16);
+  // Q/K rows are permuted into the GGUF (adjacent-pair RoPE) layout. No tokenizer.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> FromHfFolder(const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& path);
+
+  const LlamaConfig& config() const { return cfg_; }
+  const Tokenizer* tokenizer() const { return tokenizer_.get(); }
+  const GgufFile* gguf() const { return gguf_.get(); }
+  const LlamaLayer& layer(int64_t i) const { return layers_[static_cast<size_t>(i)]; }
+  const kernels::QMatrix& token_embd() const { return token_embd_; }
+  const kernels::QMatrix& output() const { return output_; }
+  const std::vector<float>& output_norm() const { return output_norm_; }
+
+ private:
+  LlamaModel() = default;
+  absl::Status Validate() const;
+  LlamaConfig cfg_;
+  std::unique_ptr<GgufFile> gguf_;
+  std::unique_ptr<SafetensorsFile> safetensors_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::vector<std::vector<uint8_t>> owned_;  // storage for weights not backed by the mmap
+  kernels::QMatrix token_embd_, output_;
+  std::vector<float> output_norm_;
+  std::vector<LlamaLayer> layers_;
+};
+
+// Inference state for one sequence: the KV cache and scratch buffers.
+class LlamaContext {
+ public:
+  LlamaContext(const LlamaModel& model, int64_t n_ctx);
+  int64_t n_ctx() const { return n_ctx_; }
+  int64_t n_past() const { return n_past_; }
+  void Reset() { n_past_ = 0; }
+
+  // Runs tokens at positions n_past .. n_past+T-1, appending to the cache. Writes logits
+  // (n_vocab floats per row) for every token when all_logits, else for the last token only.
+  // OutOfRange past n_ctx; InvalidArgument for a token id outside the vocabulary.
+  absl::Status Eval(std::span<const int32_t> tokens, bool all_logits, std::vector<float>* logits);
+
+ private:
+  const LlamaModel& m_;
+  int64_t n_ctx_;
+  int64_t n_past_ = 0;
+  std::vector<float> k_cache_, v_cache_;  // [layer][pos][n_head_kv * head_dim]
+};
+
+}  // namespace fedtune::model
