@@ -137,6 +137,7 @@ int RunGenerate(const GenerateArgs& a) {
   }
   const auto t2 = Clock::now();
   std::printf("\n");
+  std::fflush(stdout);
   std::fprintf(stderr, "[fedtune] prompt %zu tokens in %.2f s (%.1f tok/s); generated %d tokens in %.2f s (%.1f tok/s); peak RSS %.0f MiB\n",
                prompt.size(), Seconds(t0, t1), static_cast<double>(prompt.size()) / Seconds(t0, t1), generated, Seconds(t1, t2),
                generated / std::max(1e-9, Seconds(t1, t2)), PeakRssMiB());

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set-up, build and tests in one command (README "Run the tests"; .ci/run calls exactly this).
+#   scripts/test.sh            unit + real-model tests (what CI runs)
+#   scripts/test.sh --asan     also the unit tests under ASan/UBSan in build-asan/
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+bash scripts/setup.sh
+jobs="${FEDTUNE_JOBS:-$(nproc)}"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
+cmake --build build -j "$jobs"
+(cd build && ctest -L 'unit|model' --output-on-failure -j "$jobs" --timeout 1500)
+if [[ "${1:-}" == "--asan" ]]; then
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFEDTUNE_SANITIZE=ON -DFEDTUNE_CUDA=OFF
+  cmake --build build-asan -j "$jobs"
+  (cd build-asan && ctest -L unit --output-on-failure -j "$jobs")
+fi

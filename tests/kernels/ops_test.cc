@@ -1,0 +1,90 @@
+#include "kernels/ops.h"
+
+#include <cmath>
+#include <vector>
+
+#include "common/rng.h"
+#include "gtest/gtest.h"
+#include "kernels/thread_pool.h"
+
+namespace fedtune::kernels {
+namespace {
+
+struct Case {
+  int64_t m, n, k;
+  GgmlType type;
+};
+
+// MatMulQ against a double-precision loop over the dequantized weights, on odd shapes.
+TEST(OpsTest, MatMulQMatchesDoubleReference) {
+  Rng rng(11);
+  for (const Case& c : {Case{1, 7, 32, GgmlType::kQ4_1}, Case{3, 33, 64, GgmlType::kQ8_0}, Case{17, 300, 96, GgmlType::kQ4_0},
+                        Case{5, 9, 13, GgmlType::kF32}, Case{64, 65, 256, GgmlType::kF16}, Case{2, 40, 512, GgmlType::kQ5_1}}) {
+    std::vector<float> wf(static_cast<size_t>(c.n * c.k)), x(static_cast<size_t>(c.m * c.k)), y(static_cast<size_t>(c.m * c.n));
+    for (auto& v : wf) v = static_cast<float>(rng.Normal());
+    for (auto& v : x) v = static_cast<float>(rng.Normal());
+    const size_t rb = *RowBytes(c.type, c.k);
+    std::vector<uint8_t> wq(rb * static_cast<size_t>(c.n));
+    for (int64_t r = 0; r < c.n; ++r) ASSERT_TRUE(QuantizeRow(c.type, wf.data() + r * c.k, wq.data() + r * rb, c.k).ok());
+    QMatrix w{c.type, wq.data(), c.n, c.k, rb};
+    MatMulQ(w, x.data(), y.data(), c.m);
+    std::vector<float> row(static_cast<size_t>(c.k));
+    for (int64_t j = 0; j < c.n; ++j) {
+      GetRow(w, j, row.data());
+      for (int64_t i = 0; i < c.m; ++i) {
+        double ref = 0;
+        for (int64_t t = 0; t < c.k; ++t) ref += static_cast<double>(x[i * c.k + t]) * row[t];
+        ASSERT_NEAR(y[i * c.n + j], ref, 1e-4 * std::sqrt(static_cast<double>(c.k)) * 4) << c.m << "x" << c.n << "x" << c.k;
+      }
+    }
+  }
+}
+
+TEST(OpsTest, RmsNormUnitRms) {
+  std::vector<float> x = {1, 2, 3, 4, -5, 6}, w(3, 1.0f), y(6);
+  RmsNorm(x.data(), w.data(), y.data(), 2, 3, 0.0f);
+  for (int r = 0; r < 2; ++r) {
+    double ss = 0;
+    for (int i = 0; i < 3; ++i) ss += y[r * 3 + i] * y[r * 3 + i];
+    EXPECT_NEAR(ss / 3, 1.0, 1e-6);
+  }
+  EXPECT_NEAR(y[0], 1.0 / std::sqrt(14.0 / 3), 1e-6);
+}
+
+TEST(OpsTest, RopeRotatesAdjacentPairsAndKeepsNorms) {
+  const int64_t hd = 8;
+  std::vector<float> x = {1, 0, 0, 1, 2, 3, -1, 4};
+  std::vector<float> orig = x;
+  RopeAdjacent(x.data(), 1, hd, hd, 3, 10000.0f);
+  // pair 0 rotates by 3 rad
+  EXPECT_NEAR(x[0], std::cos(3.0), 1e-6);
+  EXPECT_NEAR(x[1], std::sin(3.0), 1e-6);
+  for (int i = 0; i < hd / 2; ++i) {
+    EXPECT_NEAR(x[2 * i] * x[2 * i] + x[2 * i + 1] * x[2 * i + 1],
+                orig[2 * i] * orig[2 * i] + orig[2 * i + 1] * orig[2 * i + 1], 1e-5);
+  }
+  std::vector<float> y = orig;
+  RopeAdjacent(y.data(), 1, hd, hd, 0, 10000.0f);
+  EXPECT_EQ(y, orig);  // position 0 is the identity
+}
+
+TEST(OpsTest, SoftmaxStableForLargeLogits) {
+  std::vector<float> x = {1000.0f, 1000.0f, -1e30f};
+  Softmax(x.data(), 3);
+  EXPECT_FLOAT_EQ(x[0], 0.5f);
+  EXPECT_FLOAT_EQ(x[2], 0.0f);
+}
+
+TEST(ThreadPoolTest, CoversRangeExactlyOnce) {
+  ThreadPool pool(3);
+  std::vector<int> hits(1001, 0);
+  for (int rep = 0; rep < 20; ++rep) {
+    pool.ParallelFor(1001, 1, [&](int64_t b, int64_t e, int) {
+      for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)]++;
+    });
+  }
+  for (int h : hits) ASSERT_EQ(h, 20);
+}
+
+}  // namespace
+}  // namespace fedtune::kernels

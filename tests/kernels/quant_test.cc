@@ -1,0 +1,103 @@
+#include "kernels/quant.h"
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <vector>
+
+#include "common/rng.h"
+#include "gtest/gtest.h"
+
+namespace fedtune::kernels {
+namespace {
+
+// tests/data/dequant_golden.bin comes from the gguf package's numpy dequantization
+// (tests/oracles/gen_dequant_golden.py): random blocks of every type with their values.
+TEST(QuantTest, DequantizationIsBitExactWithGgufPython) {
+  std::ifstream in(std::string(FEDTUNE_SOURCE_DIR) + "/tests/data/dequant_golden.bin", std::ios::binary);
+  ASSERT_TRUE(in) << "missing golden file";
+  int types_seen = 0;
+  for (;;) {
+    uint32_t hdr[4];
+    if (!in.read(reinterpret_cast<char*>(hdr), sizeof hdr)) break;
+    const auto type = static_cast<GgmlType>(hdr[0]);
+    const uint32_t n_blocks = hdr[1], type_size = hdr[2], block_size = hdr[3];
+    const auto tr = TypeTraits(type);
+    ASSERT_EQ(tr.type_size, type_size) << tr.name;
+    ASSERT_EQ(tr.block_size, block_size) << tr.name;
+    std::vector<uint8_t> blocks(static_cast<size_t>(n_blocks) * type_size);
+    std::vector<float> expect(static_cast<size_t>(n_blocks) * block_size), got(expect.size());
+    ASSERT_TRUE(in.read(reinterpret_cast<char*>(blocks.data()), static_cast<std::streamsize>(blocks.size())));
+    ASSERT_TRUE(in.read(reinterpret_cast<char*>(expect.data()), static_cast<std::streamsize>(expect.size() * 4)));
+    DequantizeRow(type, blocks.data(), got.data(), static_cast<int64_t>(got.size()));
+    size_t mismatches = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+      uint32_t a, b;
+      std::memcpy(&a, &got[i], 4);
+      std::memcpy(&b, &expect[i], 4);
+      if (a != b && !(std::isnan(got[i]) && std::isnan(expect[i]))) {
+        if (mismatches++ < 5) ADD_FAILURE() << tr.name << " value " << i << ": " << got[i] << " vs gguf " << expect[i];
+      }
+    }
+    EXPECT_EQ(mismatches, 0u) << tr.name;
+    ++types_seen;
+  }
+  EXPECT_EQ(types_seen, 10);
+}
+
+class QuantRoundTripTest : public ::testing::TestWithParam<GgmlType> {};
+
+TEST_P(QuantRoundTripTest, ErrorWithinHalfStep) {
+  const GgmlType t = GetParam();
+  Rng rng(3);
+  const int64_t n = 32 * 64;
+  std::vector<float> x(n), y(n);
+  for (auto& v : x) v = static_cast<float>(rng.Normal());
+  std::vector<uint8_t> q(*RowBytes(t, n));
+  ASSERT_TRUE(QuantizeRow(t, x.data(), q.data(), n).ok());
+  DequantizeRow(t, q.data(), y.data(), n);
+  const int levels = t == GgmlType::kQ8_0 ? 255 : (t == GgmlType::kQ5_0 || t == GgmlType::kQ5_1) ? 31 : 15;
+  for (int64_t b = 0; b < n / 32; ++b) {
+    float mn = x[b * 32], mx = mn;
+    for (int j = 0; j < 32; ++j) { mn = std::min(mn, x[b * 32 + j]); mx = std::max(mx, x[b * 32 + j]); }
+    // symmetric formats span [-amax, amax] so their step is at most 2*amax/levels
+    const float range = std::max(mx - mn, 2 * std::max(std::fabs(mn), std::fabs(mx)));
+    // ggml's symmetric formats (Q4_0, Q5_0) map the largest magnitude to the unused end code,
+    // so the opposite extreme can be off by a whole step; the others round to half a step.
+    const bool symmetric = t == GgmlType::kQ4_0 || t == GgmlType::kQ5_0;
+    const float tol = range / static_cast<float>(levels) * (symmetric ? 1.0f : 0.5f) * 1.02f + 1e-3f * range;
+    for (int j = 0; j < 32; ++j) ASSERT_NEAR(y[b * 32 + j], x[b * 32 + j], tol) << TypeTraits(t).name << " block " << b;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, QuantRoundTripTest,
+                         ::testing::Values(GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ5_0, GgmlType::kQ5_1),
+                         [](const auto& p) { return std::string(TypeTraits(p.param).name); });
+
+TEST(QuantTest, F16AndBf16RoundTrip) {
+  std::vector<float> x = {0.0f, 1.0f, -2.5f, 1024.0f, 3.140625f};
+  for (GgmlType t : {GgmlType::kF16, GgmlType::kBF16}) {
+    std::vector<uint8_t> q(*RowBytes(t, 5));
+    std::vector<float> y(5);
+    ASSERT_TRUE(QuantizeRow(t, x.data(), q.data(), 5).ok());
+    DequantizeRow(t, q.data(), y.data(), 5);
+    EXPECT_EQ(x, y) << TypeTraits(t).name;
+  }
+}
+
+TEST(QuantTest, RowBytesRejectsPartialBlocks) {
+  EXPECT_EQ(*RowBytes(GgmlType::kQ4_1, 64), 40u);
+  EXPECT_EQ(RowBytes(GgmlType::kQ4_K, 100).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(QuantizeRow(GgmlType::kQ6_K, nullptr, nullptr, 256).code(), absl::StatusCode::kUnimplemented);
+}
+
+TEST(QuantTest, TypeNamesAndIds) {
+  EXPECT_EQ(GgmlTypeFromName("q4_1"), GgmlType::kQ4_1);
+  EXPECT_EQ(GgmlTypeFromName("BF16"), GgmlType::kBF16);
+  EXPECT_FALSE(GgmlTypeFromName("q9_9").has_value());
+  EXPECT_FALSE(GetTypeTraits(4).has_value());  // removed Q4_2
+  EXPECT_FALSE(GetTypeTraits(99).has_value());
+}
+
+}  // namespace
+}  // namespace fedtune::kernels
