@@ -4,9 +4,9 @@
 #include <cmath>
 #include <vector>
 
-#include <Eigen/Core>
-
+#include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
+#include "kernels/vec_dot.h"
 
 namespace fedtune::kernels {
 
@@ -16,30 +16,46 @@ void GetRow(const QMatrix& w, int64_t r, float* out) {
 }
 
 void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m) {
-  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const int64_t k = w.cols, n = w.rows;
-  // Tile of weight rows dequantized at once: ~64 KiB of f32 so it stays in L2.
-  const int64_t tile = std::max<int64_t>(8, std::min<int64_t>(256, (16384 / std::max<int64_t>(k, 1)) / 8 * 8));
+  if (m == 1) {  // generation: fused dequantize-dot, parallel over output rows
+    DefaultPool().ParallelFor(n, 64, [&](int64_t r0, int64_t r1, int) { GemvQ(w, r0, r1, x, y); });
+    return;
+  }
+  // Tile of weight rows dequantized at once (~128 KiB of f32, stays in L2), then a GEMM
+  // y[:, tile] = x * tile^T. The dequantization cost is amortised over the m tokens.
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(512, (32768 / std::max<int64_t>(k, 1)) / 16 * 16));
   const int64_t n_tiles = (n + tile - 1) / tile;
   DefaultPool().ParallelFor(n_tiles, 1, [&](int64_t t0, int64_t t1, int) {
     thread_local std::vector<float> buf;
     buf.resize(static_cast<size_t>(tile * k));
-    Eigen::Map<const RowMat> X(x, m, k);
-    Eigen::Map<RowMat, 0, Eigen::OuterStride<>> Y(y, m, n, Eigen::OuterStride<>(n));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile, nr = std::min(tile, n - r0);
-      for (int64_t r = 0; r < nr; ++r) DequantizeRow(w.type, w.row(r0 + r), buf.data() + r * k, k);
-      Eigen::Map<const RowMat> W(buf.data(), nr, k);
-      if (m == 1) {
-        for (int64_t r = 0; r < nr; ++r) {
-          float acc = 0.0f;
-          const float* wr = buf.data() + r * k;
-          for (int64_t i = 0; i < k; ++i) acc += wr[i] * x[i];
-          y[r0 + r] = acc;
-        }
-      } else {
-        Y.middleCols(r0, nr).noalias() = X * W.transpose();
+      for (int64_t r = 0; r < nr; ++r) DequantizeRowFast(w.type, w.row(r0 + r), buf.data() + r * k, k);
+      Sgemm(/*trans_b=*/true, m, nr, k, x, k, buf.data(), k, 0.0f, y + r0, n);
+    }
+  });
+}
+
+void CausalAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                     int64_t kv_stride, float* out, int64_t out_stride, int64_t n_tokens, int64_t n_past,
+                     int64_t n_head, int64_t n_head_kv, int64_t head_dim) {
+  const int64_t group = n_head / n_head_kv, n_keys = n_past + n_tokens;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  DefaultPool().ParallelFor(n_head, 1, [&](int64_t h0, int64_t h1, int) {
+    thread_local std::vector<float> s;
+    s.resize(static_cast<size_t>(n_tokens * n_keys));
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t g = h / group;
+      // S = Q_h K_g^T, then causal mask (token t sees keys 0 .. n_past + t) and row softmax.
+      Sgemm(true, n_tokens, n_keys, head_dim, q + h * head_dim, q_stride, k_cache + g * head_dim, kv_stride, 0.0f, s.data(), n_keys);
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        float* row = s.data() + t * n_keys;
+        const int64_t visible = n_past + t + 1;
+        for (int64_t j = 0; j < visible; ++j) row[j] *= scale;
+        Softmax(row, visible);
+        std::fill(row + visible, row + n_keys, 0.0f);
       }
+      Sgemm(false, n_tokens, head_dim, n_keys, s.data(), n_keys, v_cache + g * head_dim, kv_stride, 0.0f, out + h * head_dim, out_stride);
     }
   });
 }

@@ -1,6 +1,7 @@
-// CPU reference ops for the decoder forward. Plain loops where the loop is the specification;
-// the quantized matmul dequantizes tiles of weight rows into cache-sized buffers and hands them
-// to Eigen's GEMM. Fast SIMD and CUDA backends (kernels issue) must match these.
+// CPU ops for the decoder forward. Plain loops where the loop is the specification; the
+// quantized matmul dequantizes tiles of weight rows into cache-sized buffers and hands them to
+// the f32 GEMM (kernels/gemm.h), or, for a single token, fuses dequantization into the dot
+// product. The fast-kernels work (SIMD, AMX, CUDA) is measured against these.
 #pragma once
 
 #include <cstdint>
@@ -34,6 +35,13 @@ void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_
 // (llama.cpp's converter permuted Q/K rows so this equals HF's rotate_half on HF weights).
 void RopeAdjacent(float* x, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t pos,
                   float base);
+
+// Causal grouped-query attention for n_tokens new queries at positions n_past.. over a cache
+// holding n_past + n_tokens keys/values; query head h reads KV head h / (n_head / n_head_kv).
+// Rows of q/out are n_head * head_dim apart by their strides; cache rows by kv_stride.
+void CausalAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                     int64_t kv_stride, float* out, int64_t out_stride, int64_t n_tokens, int64_t n_past,
+                     int64_t n_head, int64_t n_head_kv, int64_t head_dim);
 
 // In-place softmax over n values.
 void Softmax(float* x, int64_t n);

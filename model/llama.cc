@@ -250,13 +250,11 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     if (t < 0 || t >= c.n_vocab) return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary of ", c.n_vocab));
   }
   const int64_t E = c.n_embd, H = c.n_head, Hkv = c.n_head_kv, hd = c.head_dim, F = c.n_ff;
-  const int64_t kvd = Hkv * hd, group = H / Hkv;
+  const int64_t kvd = Hkv * hd;
   std::vector<float> x(static_cast<size_t>(T * E)), h(x.size()), q(x.size()), attn(x.size()), o(x.size());
   std::vector<float> k(static_cast<size_t>(T * kvd)), v(k.size());
   std::vector<float> gate(static_cast<size_t>(T * F)), up(gate.size());
   for (int64_t t = 0; t < T; ++t) kernels::GetRow(m_.token_embd(), tokens[static_cast<size_t>(t)], x.data() + t * E);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  auto& pool = kernels::DefaultPool();
 
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LlamaLayer& L = m_.layer(l);
@@ -272,29 +270,7 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
       std::memcpy(kc + (n_past_ + t) * kvd, k.data() + t * kvd, static_cast<size_t>(kvd) * 4);
       std::memcpy(vc + (n_past_ + t) * kvd, v.data() + t * kvd, static_cast<size_t>(kvd) * 4);
     }
-    // Causal grouped-query attention: query head hh reads KV head hh / group.
-    pool.ParallelFor(T * H, 1, [&](int64_t b, int64_t e, int) {
-      std::vector<float> p(static_cast<size_t>(n_past_ + T));
-      for (int64_t idx = b; idx < e; ++idx) {
-        const int64_t t = idx / H, hh = idx % H, g = hh / group;
-        const int64_t n_keys = n_past_ + t + 1;
-        const float* qv = q.data() + t * E + hh * hd;
-        for (int64_t s = 0; s < n_keys; ++s) {
-          const float* kv_row = kc + s * kvd + g * hd;
-          float dot = 0.0f;
-          for (int64_t d = 0; d < hd; ++d) dot += qv[d] * kv_row[d];
-          p[static_cast<size_t>(s)] = dot * scale;
-        }
-        kernels::Softmax(p.data(), n_keys);
-        float* out = attn.data() + t * E + hh * hd;
-        std::fill(out, out + hd, 0.0f);
-        for (int64_t s = 0; s < n_keys; ++s) {
-          const float* vv = vc + s * kvd + g * hd;
-          const float w = p[static_cast<size_t>(s)];
-          for (int64_t d = 0; d < hd; ++d) out[d] += w * vv[d];
-        }
-      }
-    });
+    kernels::CausalAttention(q.data(), E, kc, vc, kvd, attn.data(), E, T, n_past_, H, Hkv, hd);
     kernels::MatMulQ(L.wo, attn.data(), o.data(), T);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     kernels::RmsNorm(x.data(), L.ffn_norm.data(), h.data(), T, E, c.rms_eps);

@@ -5,7 +5,9 @@
 
 #include "common/rng.h"
 #include "gtest/gtest.h"
+#include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
+#include "kernels/vec_dot.h"
 
 namespace fedtune::kernels {
 namespace {
@@ -35,6 +37,63 @@ TEST(OpsTest, MatMulQMatchesDoubleReference) {
         double ref = 0;
         for (int64_t t = 0; t < c.k; ++t) ref += static_cast<double>(x[i * c.k + t]) * row[t];
         ASSERT_NEAR(y[i * c.n + j], ref, 1e-4 * std::sqrt(static_cast<double>(c.k)) * 4) << c.m << "x" << c.n << "x" << c.k;
+      }
+    }
+  }
+}
+
+// The fused single-token path (AVX2 when available) and the SIMD dequantizers against the
+// reference dequantization.
+TEST(OpsTest, FusedGemvAndFastDequantMatchReference) {
+  Rng rng(5);
+  for (GgmlType t : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0, GgmlType::kF32, GgmlType::kF16, GgmlType::kQ5_0}) {
+    const int64_t n = 37, k = 160;
+    std::vector<float> wf(static_cast<size_t>(n * k)), x(static_cast<size_t>(k)), y(static_cast<size_t>(n));
+    for (auto& v : wf) v = static_cast<float>(rng.Normal());
+    for (auto& v : x) v = static_cast<float>(rng.Normal());
+    const size_t rb = *RowBytes(t, k);
+    std::vector<uint8_t> wq(rb * static_cast<size_t>(n));
+    for (int64_t r = 0; r < n; ++r) ASSERT_TRUE(QuantizeRow(t, wf.data() + r * k, wq.data() + r * rb, k).ok());
+    QMatrix w{t, wq.data(), n, k, rb};
+    MatMulQ(w, x.data(), y.data(), 1);
+    std::vector<float> ref(static_cast<size_t>(k)), fast(static_cast<size_t>(k));
+    for (int64_t r = 0; r < n; ++r) {
+      GetRow(w, r, ref.data());
+      DequantizeRowFast(t, w.row(r), fast.data(), k);
+      ASSERT_EQ(ref, fast) << TypeTraits(t).name << " row " << r;  // bit-identical
+      double dot = 0;
+      for (int64_t i = 0; i < k; ++i) dot += static_cast<double>(ref[i]) * x[i];
+      ASSERT_NEAR(y[r], dot, 1e-3) << TypeTraits(t).name << " row " << r;
+    }
+  }
+  std::printf("CPU path: %s\n", CpuPathName());
+}
+
+// CausalAttention against a direct loop in double precision (odd sizes, GQA, a non-empty cache).
+TEST(OpsTest, CausalAttentionMatchesReference) {
+  Rng rng(9);
+  for (auto [T, past, H, Hkv, hd] : {std::tuple{5, 0, 4, 2, 8}, std::tuple{3, 7, 6, 1, 16}, std::tuple{1, 12, 3, 3, 4}, std::tuple{9, 2, 8, 4, 12}}) {
+    const int64_t keys = past + T, E = H * hd, kvd = Hkv * hd;
+    std::vector<float> q(static_cast<size_t>(T * E)), kc(static_cast<size_t>(keys * kvd)), vc(kc.size()), out(q.size());
+    for (auto* v : {&q, &kc, &vc}) for (auto& x : *v) x = static_cast<float>(rng.Normal());
+    CausalAttention(q.data(), E, kc.data(), vc.data(), kvd, out.data(), E, T, past, H, Hkv, hd);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t g = h / (H / Hkv), visible = past + t + 1;
+        std::vector<double> p(static_cast<size_t>(visible));
+        double mx = -1e300, sum = 0;
+        for (int64_t j = 0; j < visible; ++j) {
+          double d = 0;
+          for (int64_t i = 0; i < hd; ++i) d += static_cast<double>(q[t * E + h * hd + i]) * kc[j * kvd + g * hd + i];
+          p[j] = d / std::sqrt(static_cast<double>(hd));
+          mx = std::max(mx, p[j]);
+        }
+        for (auto& v : p) sum += (v = std::exp(v - mx));
+        for (int64_t i = 0; i < hd; ++i) {
+          double o = 0;
+          for (int64_t j = 0; j < visible; ++j) o += p[j] / sum * vc[j * kvd + g * hd + i];
+          ASSERT_NEAR(out[t * E + h * hd + i], o, 1e-5) << "T=" << T << " past=" << past << " h=" << h;
+        }
       }
     }
   }
