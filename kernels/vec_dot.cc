@@ -1,10 +1,18 @@
 #include "kernels/vec_dot.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 namespace fedtune::kernels {
 
 bool HaveAvx2Fma() {
 #if defined(__x86_64__)
-  static const bool have = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool have = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;  // not a clang-14 cpu_supports name
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  }();
   return have;
 #else
   return false;

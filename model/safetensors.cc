@@ -65,7 +65,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::uni
   const uint8_t* base = bytes.data() + 8 + n;
   const size_t data_size = bytes.size() - 8 - n;
   std::vector<std::pair<uint64_t, uint64_t>> spans;
-  for (const auto& [name, v] : j.items()) {
+  for (const auto& item : j.items()) {
+    const std::string name = item.key();  // not a structured binding: lambdas below capture it
+    const auto& v = item.value();
     if (name == "__metadata__") {
       if (!v.is_object()) return absl::DataLossError("safetensors: __metadata__ is not an object");
       for (const auto& [k, mv] : v.items()) {

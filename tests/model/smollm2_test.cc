@@ -8,6 +8,7 @@
 #include "gtest/gtest.h"
 #include "model/llama.h"
 #include "model/sampler.h"
+#include "model/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "tests/support/smollm2.h"
 
@@ -44,9 +45,24 @@ TEST(SmolLM2Test, EveryTensorDequantizesBitExactlyLikeGgufPython) {
   EXPECT_EQ(checked, 272);
 }
 
-TEST(SmolLM2Test, TokenizerMatchesHuggingFaceOnGoldenCorpus) {
-  const Tokenizer* tok = testing::SmolLM2().tokenizer();
-  ASSERT_NE(tok, nullptr);
+// The SmolLM2 vocabulary with tokenizer.ggml.pre replaced, so the gpt2 and llama-3
+// pre-tokenizers are checked against Hugging Face on the same corpus.
+std::unique_ptr<Tokenizer> TokenizerWithPre(const std::string& pre) {
+  const GgufFile& g = *testing::SmolLM2().gguf();
+  GgufWriter w;
+  for (const auto& k : g.key_order()) {
+    if (k.rfind("tokenizer.", 0) != 0) continue;
+    if (k == "tokenizer.ggml.pre") w.SetString(k, pre);
+    else w.SetValue(k, g.metadata().at(k));
+  }
+  static std::vector<std::unique_ptr<GgufFile>> keep;
+  keep.push_back(*GgufFile::Parse(MappedFile::FromBytes(w.Serialize(), pre + ".gguf")));
+  auto t = Tokenizer::FromGguf(*keep.back());
+  EXPECT_TRUE(t.ok()) << t.status();
+  return std::move(t).value();
+}
+
+void CheckGoldenCorpus(const Tokenizer& tok, const std::string& field) {
   std::ifstream in(std::string(FEDTUNE_SOURCE_DIR) + "/tests/data/tokenizer_golden.jsonl");
   ASSERT_TRUE(in);
   std::string line;
@@ -55,20 +71,38 @@ TEST(SmolLM2Test, TokenizerMatchesHuggingFaceOnGoldenCorpus) {
   while (std::getline(in, line)) {
     const auto j = nlohmann::json::parse(line);
     const std::string text = j["text"];
-    const auto expect = j["ids"].get<std::vector<int32_t>>();
-    const auto got = tok->Encode(text);
+    const auto expect = j[field].get<std::vector<int32_t>>();
+    const auto got = tok.Encode(text);
     ++total;
     if (got == expect) {
       ++same;
     } else if (total - same <= 10) {
-      ADD_FAILURE() << "text: " << nlohmann::json(text).dump() << "\n got: " << nlohmann::json(got).dump() << "\n hf:  " << nlohmann::json(expect).dump();
+      ADD_FAILURE() << field << " text: " << nlohmann::json(text).dump() << "\n got: " << nlohmann::json(got).dump()
+                    << "\n hf:  " << nlohmann::json(expect).dump();
     }
-    if (tok->Decode(got) == text) ++roundtrip;
+    if (tok.Decode(got) == text) ++roundtrip;
   }
-  std::printf("tokenizer: %d/%d strings identical to Hugging Face tokenizers; %d decode back exactly\n", same, total, roundtrip);
+  std::printf("tokenizer (%s): %d/%d strings identical to Hugging Face tokenizers; %d decode back exactly\n", field.c_str(), same,
+              total, roundtrip);
   EXPECT_GE(total, 2000);
   EXPECT_EQ(same, total);
   EXPECT_EQ(roundtrip, total);
+}
+
+TEST(SmolLM2Test, TokenizerMatchesHuggingFaceOnGoldenCorpus) {
+  const Tokenizer* tok = testing::SmolLM2().tokenizer();
+  ASSERT_NE(tok, nullptr);
+  EXPECT_EQ(tok->pre_tokenizer(), Tokenizer::PreTokenizer::kSmolLm);
+  CheckGoldenCorpus(*tok, "ids");
+}
+
+TEST(SmolLM2Test, Gpt2AndLlama3PreTokenizersMatchHuggingFace) {
+  auto gpt2 = TokenizerWithPre("gpt2");
+  ASSERT_EQ(gpt2->pre_tokenizer(), Tokenizer::PreTokenizer::kGpt2);
+  CheckGoldenCorpus(*gpt2, "ids_gpt2");
+  auto llama3 = TokenizerWithPre("llama-bpe");
+  ASSERT_EQ(llama3->pre_tokenizer(), Tokenizer::PreTokenizer::kLlama3);
+  CheckGoldenCorpus(*llama3, "ids_llama3");
 }
 
 struct Agreement {

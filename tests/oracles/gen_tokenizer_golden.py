@@ -18,13 +18,25 @@ def load_vocab(path):
     merges = r.fields["tokenizer.ggml.merges"].contents()
     return toks, types, merges
 
-def build_hf(toks, types, merges):
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+def build_hf(toks, types, merges, mode="smollm"):
+    """mode: smollm (SmolLM2's tokenizer.json), gpt2 (ByteLevel regex only) or llama3 (Llama-3's
+    tokenizer.json: Split on its regex, ByteLevel without regex, ignore_merges)."""
     vocab = {t: i for i, t in enumerate(toks)}
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=False)
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=(mode == "llama3"))
     tk = Tokenizer(bpe)
-    tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    if mode == "smollm":
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    elif mode == "gpt2":
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, ty in zip(toks, types) if ty in (3, 4)])
@@ -101,7 +113,12 @@ def main():
             pass
     rng.shuffle(lic)
     corpus = make_corpus(2400, lic, rng)
-    rows = [{"text": t, "ids": tk.encode(t).ids} for t in corpus]
+    # The SmolLM2 vocabulary also exercises the gpt2 and llama-3 pre-tokenizers (fedtune selects
+    # them by tokenizer.ggml.pre); ids_gpt2 / ids_llama3 come from the matching HF configurations.
+    tk_gpt2 = build_hf(toks, types, merges, "gpt2")
+    tk_llama3 = build_hf(toks, types, merges, "llama3")
+    rows = [{"text": t, "ids": tk.encode(t).ids, "ids_gpt2": tk_gpt2.encode(t).ids, "ids_llama3": tk_llama3.encode(t).ids}
+            for t in corpus]
     meta = {"oracle": f"tokenizers {tokenizers.__version__}", "model": model.split("/")[-1], "n": len(rows)}
     try:
         import llama_cpp

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Side-by-side inference benchmark: fedtune vs llama.cpp on the same model, same machine, same
+# run. Needs `scripts/setup.sh --oracles` for llama.cpp (llama-cpp-python). Prints a Markdown table.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+model="${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+threads="${THREADS:-$(nproc)}"
+py="${FEDTUNE_ORACLES:-$HOME/.cache/fedtune-oracles}/bin/python"
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; model: $model; threads: $threads"
+echo "| implementation | threads | test | tokens/s |"
+echo "|---|---|---|---|"
+build/bench/bench_inference "$model" -t "$threads"
+if [ -x "$py" ] && "$py" -c "import llama_cpp" 2>/dev/null; then
+  "$py" bench/llamacpp_bench.py "$model" --threads "$threads"
+else
+  echo "(llama.cpp not installed: run scripts/setup.sh --oracles)"
+fi
