@@ -6,19 +6,42 @@
 #include <vector>
 
 #include "kernels/ops.h"
+#include "kernels/train_ops.h"
 #include "kernels/vec_dot.h"
 
 extern "C" void openblas_set_num_threads(int);
 
 namespace fedtune::kernels {
 
-void Sgemm(bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+namespace {
+void BlasSingleThreaded() {
   static std::once_flag once;
   std::call_once(once, [] { openblas_set_num_threads(1); });
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, static_cast<int>(m),
-              static_cast<int>(n), static_cast<int>(k), 1.0f, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
-              static_cast<int>(ldc));
+}
+inline CBLAS_TRANSPOSE Tr(bool t) { return t ? CblasTrans : CblasNoTrans; }
+}  // namespace
+
+template <>
+void Gemm<float>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  BlasSingleThreaded();
+  cblas_sgemm(CblasRowMajor, Tr(trans_a), Tr(trans_b), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+template <>
+void Gemm<double>(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                  const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  BlasSingleThreaded();
+  cblas_dgemm(CblasRowMajor, Tr(trans_a), Tr(trans_b), static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+void Sgemm(bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  Gemm<float>(false, trans_b, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
 }
 
 void GemvQ(const QMatrix& w, int64_t r0, int64_t r1, const float* x, float* y) {

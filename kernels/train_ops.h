@@ -1,0 +1,66 @@
+// Training ops: forward pieces that keep what backward needs, and their backward passes, on
+// float (training) and double (finite-difference gradient checks). Reference implementations:
+// plain loops for element-wise ops, BLAS GEMM for products. Invariant: backward functions
+// ACCUMULATE (+=) into input gradients unless the name says Set, so branches that share an
+// input (q/k/v from one norm, the residual stream) add up without temporaries.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/ops.h"
+
+namespace fedtune::kernels {
+
+// C = alpha * op(A) op(B) + beta * C, row-major, on float or double (OpenBLAS s/dgemm).
+template <typename T>
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
+
+// y[m, n] = x[m, k] W^T with W frozen in its block format (dequantized tile by tile).
+template <typename T>
+void QLinearForward(const QMatrix& w, const T* x, T* y, int64_t m);
+// dx[m, k] += dy[m, n] W.  Gradients never flow into W.
+template <typename T>
+void QLinearBackward(const QMatrix& w, const T* dy, T* dx, int64_t m);
+
+// y = x * rstd * g per row; rstd[r] = 1/sqrt(mean(x^2)+eps) is saved for backward.
+template <typename T>
+void RmsNormForward(const T* x, const float* g, T* y, T* rstd, int64_t rows, int64_t n, float eps);
+// dx += d/dx of the above (g frozen).
+template <typename T>
+void RmsNormBackward(const T* x, const float* g, const T* rstd, const T* dy, T* dx, int64_t rows, int64_t n);
+
+// Adjacent-pair RoPE on rows of `heads * head_dim` at positions pos[row] (forward), and its
+// transpose (rotation by -theta) applied in place to a gradient (backward).
+template <typename T>
+void RopeForward(T* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base);
+template <typename T>
+void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base);
+
+// Causal GQA attention over `n_seq` independent sequences of `len` tokens each (rows of q are
+// n_head*head_dim wide, k/v n_head_kv*head_dim). Backward recomputes the probabilities from
+// q and k (FlashAttention-style: nothing of size len^2 is kept between the passes) and adds
+// into dq, dk, dv.
+template <typename T>
+void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, int64_t n_head,
+                      int64_t n_head_kv, int64_t head_dim);
+template <typename T>
+void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq,
+                       int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim);
+
+// out = silu(gate) * up;  backward adds into dgate, dup.
+template <typename T>
+void SwiGluForward(const T* gate, const T* up, T* out, int64_t n);
+template <typename T>
+void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n);
+
+// Causal-LM cross-entropy over the vocabulary without materialising all logits: rows of h
+// (final hidden states, already normalised) are processed in chunks of `chunk` rows; row r is
+// scored against target[r] when target[r] >= 0 (masked otherwise). Returns the summed NLL over
+// scored rows; dh (if not null) receives d(sum NLL * grad_scale)/dh. The output projection is
+// frozen.
+template <typename T>
+double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh,
+                           T grad_scale, int64_t chunk = 64);
+
+}  // namespace fedtune::kernels

@@ -1,0 +1,154 @@
+#include "model/adapter.h"
+
+#include <cmath>
+
+#include "common/rng.h"
+#include "kernels/train_ops.h"
+
+namespace fedtune::model {
+
+namespace {
+constexpr const char* kModuleNames[] = {"q", "k", "v", "o", "gate", "up", "down"};
+constexpr const char* kPeftNames[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+constexpr const char* kGgufNames[] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+}  // namespace
+
+const char* AdapterKindName(AdapterKind k) {
+  switch (k) {
+    case AdapterKind::kLora: return "lora";
+    case AdapterKind::kFfaLora: return "ffa_lora";
+    case AdapterKind::kDiaBlo: return "diablo";
+  }
+  return "?";
+}
+
+std::optional<AdapterKind> ParseAdapterKind(std::string_view s) {
+  if (s == "lora" || s == "LORA") return AdapterKind::kLora;
+  if (s == "ffa_lora" || s == "FFA_LORA" || s == "ffa-lora") return AdapterKind::kFfaLora;
+  if (s == "diablo" || s == "DIABLO") return AdapterKind::kDiaBlo;
+  return std::nullopt;
+}
+
+const char* ModuleName(Module m) { return kModuleNames[static_cast<int>(m)]; }
+const char* PeftModuleName(Module m) { return kPeftNames[static_cast<int>(m)]; }
+const char* GgufModuleName(Module m) { return kGgufNames[static_cast<int>(m)]; }
+
+std::optional<Module> ParseModule(std::string_view s) {
+  for (int i = 0; i < kNumModules; ++i) {
+    if (s == kModuleNames[i] || s == kPeftNames[i] || s == kGgufNames[i]) return static_cast<Module>(i);
+  }
+  return std::nullopt;
+}
+
+float AdapterSpec::Scale() const {
+  if (kind == AdapterKind::kDiaBlo) return 1.0f;
+  return rslora ? alpha / std::sqrt(static_cast<float>(rank)) : alpha / static_cast<float>(rank);
+}
+
+template <typename T>
+absl::StatusOr<ModuleAdapter<T>> ModuleAdapter<T>::Create(const AdapterSpec& spec, int64_t in, int64_t out, uint64_t seed) {
+  ModuleAdapter<T> m;
+  m.spec = spec;
+  m.in = in;
+  m.out = out;
+  if (spec.kind == AdapterKind::kDiaBlo) {
+    if (spec.blocks < 1 || spec.blocks > std::min(in, out)) {
+      return absl::InvalidArgumentError(absl::StrCat("DiaBlo blocks ", spec.blocks, " must be in [1, ", std::min(in, out), "]"));
+    }
+    m.b_in = (in + spec.blocks - 1) / spec.blocks;
+    m.b_out = (out + spec.blocks - 1) / spec.blocks;
+    m.d.assign(static_cast<size_t>(spec.blocks * m.b_in * m.b_out), T(0));  // zero init: starts at the base model
+    m.gd.assign(m.d.size(), T(0));
+    return m;
+  }
+  if (spec.rank < 1 || spec.rank > std::min(in, out)) {
+    return absl::InvalidArgumentError(absl::StrCat("LoRA rank ", spec.rank, " must be in [1, ", std::min(in, out), "]"));
+  }
+  // PEFT's default: A ~ Kaiming-uniform(a = sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
+  // FFA-LoRA: the same A from the coordinator's seed on every client, frozen.
+  Rng rng(seed);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+  m.a.resize(static_cast<size_t>(spec.rank * in));
+  for (auto& x : m.a) x = static_cast<T>((2.0 * rng.Uniform() - 1.0) * bound);
+  m.b.assign(static_cast<size_t>(out * spec.rank), T(0));
+  m.gb.assign(m.b.size(), T(0));
+  if (m.trains_a()) m.ga.assign(m.a.size(), T(0));
+  return m;
+}
+
+template <typename T>
+void ModuleAdapter<T>::Forward(const T* x, T* y, int64_t m, std::vector<T>* z) const {
+  if (spec.kind == AdapterKind::kDiaBlo) {
+    const int64_t N = spec.blocks;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t c_in = std::min(b_in, in - i * b_in), c_out = std::min(b_out, out - i * b_out);
+      if (c_in <= 0 || c_out <= 0) continue;  // padded region: zero input or cropped output
+      // y[:, i*b_out : +c_out] += x[:, i*b_in : +c_in] D_i[:c_in, :c_out]
+      kernels::Gemm<T>(false, false, m, c_out, c_in, T(1), x + i * b_in, in, d.data() + i * b_in * b_out, b_out, T(1),
+                       y + i * b_out, out);
+    }
+    return;
+  }
+  const int64_t r = spec.rank;
+  z->assign(static_cast<size_t>(m * r), T(0));
+  kernels::Gemm<T>(false, true, m, r, in, T(1), x, in, a.data(), in, T(0), z->data(), r);                          // z = x A^T
+  kernels::Gemm<T>(false, true, m, out, r, static_cast<T>(spec.Scale()), z->data(), r, b.data(), r, T(1), y, out);  // y += s z B^T
+}
+
+template <typename T>
+void ModuleAdapter<T>::Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m) {
+  if (spec.kind == AdapterKind::kDiaBlo) {
+    for (int64_t i = 0; i < spec.blocks; ++i) {
+      const int64_t c_in = std::min(b_in, in - i * b_in), c_out = std::min(b_out, out - i * b_out);
+      if (c_in <= 0 || c_out <= 0) continue;
+      T* gdi = gd.data() + i * b_in * b_out;
+      // dD_i += x_i^T dy_i ; dx_i += dy_i D_i^T
+      kernels::Gemm<T>(true, false, c_in, c_out, m, T(1), x + i * b_in, in, dy + i * b_out, out, T(1), gdi, b_out);
+      kernels::Gemm<T>(false, true, m, c_in, c_out, T(1), dy + i * b_out, out, d.data() + i * b_in * b_out, b_out, T(1),
+                       dx + i * b_in, in);
+    }
+    return;
+  }
+  const int64_t r = spec.rank;
+  const T s = static_cast<T>(spec.Scale());
+  std::vector<T> dz(static_cast<size_t>(m * r), T(0));
+  kernels::Gemm<T>(true, false, out, r, m, s, dy, out, z.data(), r, T(1), gb.data(), r);  // dB += s dy^T z
+  kernels::Gemm<T>(false, false, m, r, out, s, dy, out, b.data(), r, T(0), dz.data(), r);  // dz = s dy B
+  if (trains_a()) kernels::Gemm<T>(true, false, r, in, m, T(1), dz.data(), r, x, in, T(1), ga.data(), in);  // dA += dz^T x
+  kernels::Gemm<T>(false, false, m, in, r, T(1), dz.data(), r, a.data(), in, T(1), dx, in);  // dx += dz A
+}
+
+template <typename T>
+void ModuleAdapter<T>::ZeroGrad() {
+  std::fill(ga.begin(), ga.end(), T(0));
+  std::fill(gb.begin(), gb.end(), T(0));
+  std::fill(gd.begin(), gd.end(), T(0));
+}
+
+template <typename T>
+int64_t ModuleAdapter<T>::NumTrainable() const {
+  return static_cast<int64_t>(ga.size() + gb.size() + gd.size());
+}
+
+template <typename T>
+void AdapterSet<T>::ZeroGrad() {
+  for (auto& l : layers)
+    for (auto& m : l)
+      if (m) m->ZeroGrad();
+}
+
+template <typename T>
+int64_t AdapterSet<T>::NumTrainable() const {
+  int64_t n = 0;
+  for (const auto& l : layers)
+    for (const auto& m : l)
+      if (m) n += m->NumTrainable();
+  return n;
+}
+
+template struct ModuleAdapter<float>;
+template struct ModuleAdapter<double>;
+template struct AdapterSet<float>;
+template struct AdapterSet<double>;
+
+}  // namespace fedtune::model

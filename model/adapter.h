@@ -1,0 +1,64 @@
+// Trainable adapters on the frozen base: LoRA, FFA-LoRA and DiaBlo, per module and layer.
+// Formulas and initialisation: ALGORITHMS.md (Adapters). Orientation follows PyTorch/PEFT:
+// a base weight is out x in, LoRA A is r x in, B is out x r; DiaBlo blocks are [N, b_in, b_out].
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+
+namespace fedtune::model {
+
+enum class AdapterKind { kLora, kFfaLora, kDiaBlo };
+enum class Module { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
+constexpr int kNumModules = 7;
+
+const char* AdapterKindName(AdapterKind k);
+std::optional<AdapterKind> ParseAdapterKind(std::string_view s);  // lora, ffa_lora, diablo
+const char* ModuleName(Module m);                                  // q, k, v, o, gate, up, down
+std::optional<Module> ParseModule(std::string_view s);             // also q_proj, gate_proj, ...
+const char* PeftModuleName(Module m);                              // q_proj, ..., down_proj
+const char* GgufModuleName(Module m);                              // attn_q, ..., ffn_down
+
+struct AdapterSpec {
+  AdapterKind kind = AdapterKind::kLora;
+  int64_t rank = 8;      // LoRA / FFA-LoRA
+  float alpha = 16.0f;   // scale alpha/r (rsLoRA: alpha/sqrt(r))
+  bool rslora = false;
+  int64_t blocks = 16;   // DiaBlo N
+  float Scale() const;
+};
+
+// One adapted linear map (in -> out) with its parameters and gradients, in T (float for
+// training, double for gradient checks).
+template <typename T>
+struct ModuleAdapter {
+  AdapterSpec spec;
+  int64_t in = 0, out = 0, b_in = 0, b_out = 0;
+  std::vector<T> a, b, d;     // LoRA A [r, in], B [out, r]; DiaBlo D [N, b_in, b_out]
+  std::vector<T> ga, gb, gd;  // gradients (accumulated)
+
+  static absl::StatusOr<ModuleAdapter> Create(const AdapterSpec& spec, int64_t in, int64_t out, uint64_t seed);
+  bool trains_a() const { return spec.kind == AdapterKind::kLora; }
+  // y[m, out] += adapter(x[m, in]); z (LoRA only, m x r) receives A x for backward.
+  void Forward(const T* x, T* y, int64_t m, std::vector<T>* z) const;
+  // Accumulates parameter gradients and dx[m, in] += d/dx (z from Forward).
+  void Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m);
+  void ZeroGrad();
+  int64_t NumTrainable() const;
+};
+
+// Adapters for a whole model: adapters[layer][module] (absent = not adapted).
+template <typename T>
+struct AdapterSet {
+  std::vector<std::array<std::optional<ModuleAdapter<T>>, kNumModules>> layers;
+  void ZeroGrad();
+  int64_t NumTrainable() const;
+};
+
+}  // namespace fedtune::model

@@ -1,0 +1,189 @@
+#include "model/trainer.h"
+
+#include <algorithm>
+#include <memory>
+
+#include "kernels/train_ops.h"
+
+namespace fedtune::model {
+
+int64_t Batch::n_scored() const {
+  return std::count_if(targets.begin(), targets.end(), [](int32_t t) { return t >= 0; });
+}
+
+// Everything LayerBackward needs from LayerForward of one layer.
+template <typename T>
+struct Trainer<T>::LayerCache {
+  std::vector<T> x_in, h1, rstd1, q, k, v, att, x_mid, h2, rstd2, gate, up, act;
+  std::array<std::vector<T>, kNumModules> z;  // LoRA A x per module
+};
+
+template <typename T>
+Trainer<T>::Trainer(const LlamaModel& model, AdapterSet<T>* adapters, bool recompute)
+    : m_(model), adapters_(adapters), recompute_(recompute) {
+  FT_CHECK(adapters_ != nullptr);
+  FT_CHECK(static_cast<int64_t>(adapters_->layers.size()) == model.config().n_layer);
+}
+
+template <typename T>
+Trainer<T>::~Trainer() = default;
+
+template <typename T>
+absl::Status Trainer<T>::Check(const Batch& b) const {
+  const auto& c = m_.config();
+  if (b.n_seq <= 0 || b.len <= 0) return absl::InvalidArgumentError("empty batch");
+  const size_t n = static_cast<size_t>(b.n_seq * b.len);
+  if (b.tokens.size() != n || b.targets.size() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("batch of ", b.n_seq, " x ", b.len, " has ", b.tokens.size(), " tokens and ",
+                                                   b.targets.size(), " targets"));
+  }
+  if (b.len > c.n_ctx_train) return absl::OutOfRangeError(absl::StrCat("sequence length ", b.len, " exceeds the model context ", c.n_ctx_train));
+  for (size_t i = 0; i < n; ++i) {
+    if (b.tokens[i] < 0 || b.tokens[i] >= c.n_vocab || b.targets[i] >= c.n_vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("token id out of range at batch position ", i));
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+template <typename T>
+void Resize(std::vector<T>& v, int64_t n) {
+  v.assign(static_cast<size_t>(n), T(0));
+}
+}  // namespace
+
+template <typename T>
+void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out) {
+  const auto& cfg = m_.config();
+  const LlamaLayer& L = m_.layer(l);
+  auto& ad = adapters_->layers[static_cast<size_t>(l)];
+  const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
+  auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, std::vector<T>& y, int64_t out) {
+    Resize(y, M * out);
+    kernels::QLinearForward<T>(w, x, y.data(), M);
+    if (auto& a = ad[static_cast<int>(mod)]) a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)]);
+  };
+  c.x_in.assign(x_in, x_in + M * E);
+  Resize(c.h1, M * E);
+  Resize(c.rstd1, M);
+  kernels::RmsNormForward<T>(x_in, L.attn_norm.data(), c.h1.data(), c.rstd1.data(), M, E, cfg.rms_eps);
+  linear(Module::kQ, L.wq, c.h1.data(), c.q, E);
+  linear(Module::kK, L.wk, c.h1.data(), c.k, kvd);
+  linear(Module::kV, L.wv, c.h1.data(), c.v, kvd);
+  kernels::RopeForward<T>(c.q.data(), pos_.data(), M, cfg.n_head, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
+  kernels::RopeForward<T>(c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
+  Resize(c.att, M * E);
+  kernels::AttentionForward<T>(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+  std::vector<T> o;
+  linear(Module::kO, L.wo, c.att.data(), o, E);
+  Resize(c.x_mid, M * E);
+  for (int64_t i = 0; i < M * E; ++i) c.x_mid[static_cast<size_t>(i)] = x_in[i] + o[static_cast<size_t>(i)];
+  Resize(c.h2, M * E);
+  Resize(c.rstd2, M);
+  kernels::RmsNormForward<T>(c.x_mid.data(), L.ffn_norm.data(), c.h2.data(), c.rstd2.data(), M, E, cfg.rms_eps);
+  linear(Module::kGate, L.w_gate, c.h2.data(), c.gate, F);
+  linear(Module::kUp, L.w_up, c.h2.data(), c.up, F);
+  Resize(c.act, M * F);
+  kernels::SwiGluForward<T>(c.gate.data(), c.up.data(), c.act.data(), M * F);
+  std::vector<T> down;
+  linear(Module::kDown, L.w_down, c.act.data(), down, E);
+  for (int64_t i = 0; i < M * E; ++i) x_out[i] = c.x_mid[static_cast<size_t>(i)] + down[static_cast<size_t>(i)];
+}
+
+template <typename T>
+void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_in) {
+  const auto& cfg = m_.config();
+  const LlamaLayer& L = m_.layer(l);
+  auto& ad = adapters_->layers[static_cast<size_t>(l)];
+  const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
+  // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
+  auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx) {
+    kernels::QLinearBackward<T>(w, dy, dx, M);
+    if (auto& a = ad[static_cast<int>(mod)]) a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M);
+  };
+  // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
+  std::vector<T> dx_mid(dx_out, dx_out + M * E);
+  std::vector<T> dact(static_cast<size_t>(M * F), T(0));
+  linear_back(Module::kDown, L.w_down, c.act.data(), dx_out, dact.data());
+  std::vector<T> dgate(static_cast<size_t>(M * F), T(0)), dup(static_cast<size_t>(M * F), T(0));
+  kernels::SwiGluBackward<T>(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
+  std::vector<T> dh2(static_cast<size_t>(M * E), T(0));
+  linear_back(Module::kGate, L.w_gate, c.h2.data(), dgate.data(), dh2.data());
+  linear_back(Module::kUp, L.w_up, c.h2.data(), dup.data(), dh2.data());
+  kernels::RmsNormBackward<T>(c.x_mid.data(), L.ffn_norm.data(), c.rstd2.data(), dh2.data(), dx_mid.data(), M, E);
+  // x_mid = x_in + o(att); att = attention(rope(q), rope(k), v); q, k, v from h1 = norm(x_in)
+  std::vector<T> datt(static_cast<size_t>(M * E), T(0));
+  linear_back(Module::kO, L.wo, c.att.data(), dx_mid.data(), datt.data());
+  std::vector<T> dq(static_cast<size_t>(M * E), T(0)), dk(static_cast<size_t>(M * kvd), T(0)), dv(dk.size(), T(0));
+  kernels::AttentionBackward<T>(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_,
+                                cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+  kernels::RopeBackward<T>(dq.data(), pos_.data(), M, cfg.n_head, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
+  kernels::RopeBackward<T>(dk.data(), pos_.data(), M, cfg.n_head_kv, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
+  std::vector<T> dh1(static_cast<size_t>(M * E), T(0));
+  linear_back(Module::kQ, L.wq, c.h1.data(), dq.data(), dh1.data());
+  linear_back(Module::kK, L.wk, c.h1.data(), dk.data(), dh1.data());
+  linear_back(Module::kV, L.wv, c.h1.data(), dv.data(), dh1.data());
+  for (int64_t i = 0; i < M * E; ++i) dx_in[i] = dx_mid[static_cast<size_t>(i)];
+  kernels::RmsNormBackward<T>(c.x_in.data(), L.attn_norm.data(), c.rstd1.data(), dh1.data(), dx_in, M, E);
+}
+
+template <typename T>
+absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backward) {
+  FT_RETURN_IF_ERROR(Check(b));
+  const auto& cfg = m_.config();
+  n_seq_ = b.n_seq;
+  len_ = b.len;
+  const int64_t M = n_seq_ * len_, E = cfg.n_embd, n_layer = cfg.n_layer;
+  pos_.resize(static_cast<size_t>(M));
+  for (int64_t i = 0; i < M; ++i) pos_[static_cast<size_t>(i)] = static_cast<int32_t>(i % len_);
+
+  // Embedding lookup (frozen): x_0.
+  std::vector<T> x(static_cast<size_t>(M * E));
+  std::vector<float> row(static_cast<size_t>(E));
+  for (int64_t i = 0; i < M; ++i) {
+    kernels::GetRow(m_.token_embd(), b.tokens[static_cast<size_t>(i)], row.data());
+    std::copy(row.begin(), row.end(), x.begin() + i * E);
+  }
+  // Layer inputs are always kept; full caches only without recomputation.
+  std::vector<std::vector<T>> inputs(static_cast<size_t>(n_layer));
+  std::vector<std::unique_ptr<LayerCache>> caches(static_cast<size_t>(n_layer));
+  LayerCache scratch;
+  std::vector<T> next(x.size());
+  for (int64_t l = 0; l < n_layer; ++l) {
+    if (backward) inputs[static_cast<size_t>(l)] = x;
+    LayerCache* c = &scratch;
+    if (backward && !recompute_) {
+      caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>();
+      c = caches[static_cast<size_t>(l)].get();
+    }
+    LayerForward(l, x.data(), *c, next.data());
+    std::swap(x, next);
+  }
+  std::vector<T> h(x.size()), rstd(static_cast<size_t>(M));
+  kernels::RmsNormForward<T>(x.data(), m_.output_norm().data(), h.data(), rstd.data(), M, E, cfg.rms_eps);
+  std::vector<T> dh;
+  if (backward) dh.assign(h.size(), T(0));
+  const double nll = kernels::CrossEntropyChunked<T>(m_.output(), h.data(), b.targets.data(), M, backward ? dh.data() : nullptr, grad_scale);
+  if (!backward) return nll;
+
+  std::vector<T> dx(x.size(), T(0)), dprev(x.size());
+  kernels::RmsNormBackward<T>(x.data(), m_.output_norm().data(), rstd.data(), dh.data(), dx.data(), M, E);
+  for (int64_t l = n_layer - 1; l >= 0; --l) {
+    LayerCache* c = caches[static_cast<size_t>(l)].get();
+    if (c == nullptr) {  // recompute this layer's activations from its saved input
+      LayerForward(l, inputs[static_cast<size_t>(l)].data(), scratch, next.data());
+      c = &scratch;
+    }
+    LayerBackward(l, *c, dx.data(), dprev.data());
+    std::swap(dx, dprev);
+    caches[static_cast<size_t>(l)].reset();
+    inputs[static_cast<size_t>(l)].clear();
+  }
+  return nll;
+}
+
+template class Trainer<float>;
+template class Trainer<double>;
+
+}  // namespace fedtune::model
