@@ -1,5 +1,6 @@
 #include "model/adapter.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "common/rng.h"
@@ -145,6 +146,51 @@ int64_t AdapterSet<T>::NumTrainable() const {
       if (m) n += m->NumTrainable();
   return n;
 }
+
+template <typename T>
+absl::StatusOr<AdapterSet<T>> MakeAdapters(const ModelDims& dims, const AdapterSpec& spec, const std::vector<Module>& modules,
+                                           uint64_t seed) {
+  AdapterSet<T> set;
+  set.layers.resize(static_cast<size_t>(dims.n_layer));
+  for (int64_t l = 0; l < dims.n_layer; ++l) {
+    for (Module mod : modules) {
+      int64_t in = dims.n_embd, out = dims.n_embd;
+      switch (mod) {
+        case Module::kK: case Module::kV: out = dims.n_kv; break;
+        case Module::kGate: case Module::kUp: out = dims.n_ff; break;
+        case Module::kDown: in = dims.n_ff; break;
+        default: break;
+      }
+      // One seed per (layer, module) derived from the run seed: splitmix-style mixing.
+      const uint64_t s = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(l) * 131 + static_cast<uint64_t>(mod) + 1;
+      auto a = ModuleAdapter<T>::Create(spec, in, out, s);
+      if (!a.ok()) return absl::Status(a.status().code(), absl::StrCat("layer ", l, " ", ModuleName(mod), ": ", a.status().message()));
+      set.layers[static_cast<size_t>(l)][static_cast<size_t>(mod)] = std::move(*a);
+    }
+  }
+  return set;
+}
+
+absl::StatusOr<std::vector<Module>> ParseModules(std::string_view list) {
+  if (list == "all") return std::vector<Module>{Module::kQ, Module::kK, Module::kV, Module::kO, Module::kGate, Module::kUp, Module::kDown};
+  if (list == "attn") return std::vector<Module>{Module::kQ, Module::kK, Module::kV, Module::kO};
+  if (list == "mlp") return std::vector<Module>{Module::kGate, Module::kUp, Module::kDown};
+  std::vector<Module> out;
+  size_t start = 0;
+  while (start <= list.size()) {
+    const size_t comma = list.find(',', start);
+    const std::string_view item = list.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start);
+    const auto m = ParseModule(item);
+    if (!m) return absl::InvalidArgumentError(absl::StrCat("unknown module '", std::string(item), "' (q, k, v, o, gate, up, down, all, attn, mlp)"));
+    if (std::find(out.begin(), out.end(), *m) == out.end()) out.push_back(*m);
+    if (comma == std::string_view::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+template absl::StatusOr<AdapterSet<float>> MakeAdapters<float>(const ModelDims&, const AdapterSpec&, const std::vector<Module>&, uint64_t);
+template absl::StatusOr<AdapterSet<double>> MakeAdapters<double>(const ModelDims&, const AdapterSpec&, const std::vector<Module>&, uint64_t);
 
 template struct ModuleAdapter<float>;
 template struct ModuleAdapter<double>;

@@ -59,6 +59,33 @@ struct AdapterSet {
   std::vector<std::array<std::optional<ModuleAdapter<T>>, kNumModules>> layers;
   void ZeroGrad();
   int64_t NumTrainable() const;
+  // Calls fn(name, params, grads) for every trainable tensor, in a fixed order. Names follow
+  // the GGUF base tensor they adapt: "blk.3.attn_q.lora_b", "blk.0.ffn_down.diablo".
+  template <typename F>
+  void ForEachTrainable(F&& fn) {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      for (int mod = 0; mod < kNumModules; ++mod) {
+        auto& a = layers[l][static_cast<size_t>(mod)];
+        if (!a) continue;
+        const std::string base = "blk." + std::to_string(l) + "." + GgufModuleName(static_cast<Module>(mod)) + ".";
+        if (!a->ga.empty()) fn(base + "lora_a", a->a, a->ga);
+        if (!a->gb.empty()) fn(base + "lora_b", a->b, a->gb);
+        if (!a->gd.empty()) fn(base + "diablo", a->d, a->gd);
+      }
+    }
+  }
 };
+
+struct AdapterPlan;
+// Builds adapters for every layer of a model on the given modules (FFA-LoRA's frozen A comes
+// from `seed`, identical for everyone who uses the same seed).
+struct ModelDims {
+  int64_t n_layer, n_embd, n_kv, n_ff;
+};
+template <typename T>
+absl::StatusOr<AdapterSet<T>> MakeAdapters(const ModelDims& dims, const AdapterSpec& spec, const std::vector<Module>& modules,
+                                           uint64_t seed);
+// Parses "q,k,v,o,gate,up,down" or "all" / "attn" / "mlp".
+absl::StatusOr<std::vector<Module>> ParseModules(std::string_view list);
 
 }  // namespace fedtune::model

@@ -256,12 +256,20 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   std::vector<float> gate(static_cast<size_t>(T * F)), up(gate.size());
   for (int64_t t = 0; t < T; ++t) kernels::GetRow(m_.token_embd(), tokens[static_cast<size_t>(t)], x.data() + t * E);
 
+  std::vector<float> z;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LlamaLayer& L = m_.layer(l);
+    // Base matmul plus the layer's adapter for this module, if any.
+    auto linear = [&](Module mod, const kernels::QMatrix& w, const float* in, float* out) {
+      kernels::MatMulQ(w, in, out, T);
+      if (adapters_ != nullptr) {
+        if (const auto& a = adapters_->layers[static_cast<size_t>(l)][static_cast<size_t>(mod)]) a->Forward(in, out, T, &z);
+      }
+    };
     kernels::RmsNorm(x.data(), L.attn_norm.data(), h.data(), T, E, c.rms_eps);
-    kernels::MatMulQ(L.wq, h.data(), q.data(), T);
-    kernels::MatMulQ(L.wk, h.data(), k.data(), T);
-    kernels::MatMulQ(L.wv, h.data(), v.data(), T);
+    linear(Module::kQ, L.wq, h.data(), q.data());
+    linear(Module::kK, L.wk, h.data(), k.data());
+    linear(Module::kV, L.wv, h.data(), v.data());
     float* kc = k_cache_.data() + l * n_ctx_ * kvd;
     float* vc = v_cache_.data() + l * n_ctx_ * kvd;
     for (int64_t t = 0; t < T; ++t) {
@@ -271,13 +279,13 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
       std::memcpy(vc + (n_past_ + t) * kvd, v.data() + t * kvd, static_cast<size_t>(kvd) * 4);
     }
     kernels::CausalAttention(q.data(), E, kc, vc, kvd, attn.data(), E, T, n_past_, H, Hkv, hd);
-    kernels::MatMulQ(L.wo, attn.data(), o.data(), T);
+    linear(Module::kO, L.wo, attn.data(), o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     kernels::RmsNorm(x.data(), L.ffn_norm.data(), h.data(), T, E, c.rms_eps);
-    kernels::MatMulQ(L.w_gate, h.data(), gate.data(), T);
-    kernels::MatMulQ(L.w_up, h.data(), up.data(), T);
+    linear(Module::kGate, L.w_gate, h.data(), gate.data());
+    linear(Module::kUp, L.w_up, h.data(), up.data());
     kernels::SwiGlu(gate.data(), up.data(), gate.data(), T * F);
-    kernels::MatMulQ(L.w_down, gate.data(), o.data(), T);
+    linear(Module::kDown, L.w_down, gate.data(), o.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
   }
   n_past_ += T;

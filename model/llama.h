@@ -11,6 +11,7 @@
 
 #include "common/status.h"
 #include "kernels/ops.h"
+#include "model/adapter.h"
 #include "model/gguf.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -68,6 +69,8 @@ class LlamaContext {
   int64_t n_ctx() const { return n_ctx_; }
   int64_t n_past() const { return n_past_; }
   void Reset() { n_past_ = 0; }
+  // Applies trained adapters on top of the base in Eval (not owned; nullptr = base only).
+  void SetAdapters(const AdapterSet<float>* adapters) { adapters_ = adapters; }
 
   // Runs tokens at positions n_past .. n_past+T-1, appending to the cache. Writes logits
   // (n_vocab floats per row) for every token when all_logits, else for the last token only.
@@ -79,6 +82,7 @@ class LlamaContext {
   int64_t n_ctx_;
   int64_t n_past_ = 0;
   std::vector<float> k_cache_, v_cache_;  // [layer][pos][n_head_kv * head_dim]
+  const AdapterSet<float>* adapters_ = nullptr;
 };
 
 }  // namespace fedtune::model

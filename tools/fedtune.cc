@@ -15,7 +15,13 @@
 #include "kernels/thread_pool.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
+#include "model/adapter_io.h"
+#include "model/finetune.h"
 #include "model/sampler.h"
+#include "model/tasks.h"
+
+#include <filesystem>
+#include <fstream>
 
 namespace {
 
@@ -164,6 +170,119 @@ int RunPerplexity(const std::string& model_path, const std::string& file, int64_
   return 0;
 }
 
+struct TrainArgs {
+  std::string model, data, out = "out/train", init_adapter;
+  std::string adapter = "lora", modules = "all";
+  int64_t rank = 8, blocks = 16, max_len = 256;
+  float alpha = 16.0f;
+  bool rslora = false, no_recompute = false;
+  int steps = 100, batch = 8, grad_accum = 1, warmup = 10, eval_examples = 50, max_new_tokens = 48;
+  float lr = 1e-3f, weight_decay = 0.0f, clip = 1.0f;
+  uint64_t seed = 1, adapter_seed = 1;
+  double holdout = 0.1;
+};
+
+model::ModelDims Dims(const model::LlamaModel& m) {
+  const auto& c = m.config();
+  return {c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff};
+}
+
+void PrintEval(const char* when, const model::EvalResult& r) {
+  std::printf("[%s] held-out loss %.4f (ppl %.3f) over %lld tokens; exact match %d/%d = %.1f%%\n", when, r.loss, r.perplexity(),
+              static_cast<long long>(r.n_tokens), r.n_exact, r.n_generated, 100.0 * r.accuracy());
+  for (const auto& [ref, got] : r.samples) std::printf("    want: %s\n     got: %s\n", ref.c_str(), got.c_str());
+  std::fflush(stdout);
+}
+
+int RunTrain(const TrainArgs& a) {
+  auto loaded = model::LlamaModel::Load(a.model);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const auto& m = **loaded;
+  if (m.tokenizer() == nullptr) return Fail(absl::FailedPreconditionError("training needs a model with a tokenizer (GGUF)"));
+  model::DatasetOptions dopt;
+  dopt.max_len = a.max_len;
+  dopt.holdout = a.holdout;
+  dopt.seed = a.seed;
+  auto data = model::LoadDataset(a.data, *m.tokenizer(), dopt);
+  if (!data.ok()) return Fail(data.status());
+  const auto kind = model::ParseAdapterKind(a.adapter);
+  if (!kind) return Fail(absl::InvalidArgumentError("--adapter must be lora, ffa_lora or diablo"));
+  auto modules = model::ParseModules(a.modules);
+  if (!modules.ok()) return Fail(modules.status());
+  model::AdapterSpec spec{*kind, a.rank, a.alpha, a.rslora, a.blocks};
+  absl::StatusOr<model::AdapterSet<float>> adapters =
+      a.init_adapter.empty() ? model::MakeAdapters<float>(Dims(m), spec, *modules, a.adapter_seed) : model::LoadAdapters(a.init_adapter, Dims(m));
+  if (!adapters.ok()) return Fail(adapters.status());
+  std::fprintf(stderr, "[fedtune] %zu train / %zu held-out examples (%lld truncated to %lld tokens); %s on %s: %lld trainable parameters\n",
+               data->train.size(), data->eval.size(), static_cast<long long>(data->truncated), static_cast<long long>(a.max_len),
+               a.adapter.c_str(), a.modules.c_str(), static_cast<long long>(adapters->NumTrainable()));
+  std::error_code ec;
+  std::filesystem::create_directories(a.out, ec);
+  if (ec) return Fail(absl::InternalError("cannot create " + a.out + ": " + ec.message()));
+  if (a.eval_examples != 0) {
+    auto before = model::Evaluate(m, &*adapters, data->eval, a.eval_examples, a.max_new_tokens);
+    if (!before.ok()) return Fail(before.status());
+    PrintEval("before", *before);
+  }
+  model::OptimizerConfig oc;
+  oc.lr = a.lr;
+  oc.weight_decay = a.weight_decay;
+  oc.clip_norm = a.clip;
+  oc.warmup_steps = a.warmup;
+  oc.total_steps = a.steps;
+  model::AdamW opt(oc);
+  model::FinetuneOptions fo;
+  fo.steps = a.steps;
+  fo.batch = a.batch;
+  fo.grad_accum = a.grad_accum;
+  fo.recompute = !a.no_recompute;
+  fo.seed = a.seed;
+  Progress progress("train", a.steps, "steps");
+  double last_loss = 0;
+  auto rep = model::Finetune(m, data->train, fo, &*adapters, &opt, [&](const model::StepLog& s) {
+    last_loss = s.loss;
+    if (s.step == 1 || s.step % 10 == 0 || s.step == a.steps) {
+      std::fprintf(stderr, "[fedtune] step %d/%d loss %.4f grad-norm %.3f lr %.2e %.0f tok/s\n", s.step, a.steps, s.loss, s.grad_norm,
+                   static_cast<double>(s.lr), s.tokens_per_second);
+    }
+  });
+  if (!rep.ok()) return Fail(rep.status());
+  const std::string path = a.out + "/adapter.safetensors";
+  if (auto s = model::SaveAdapters(path, *adapters); !s.ok()) return Fail(s);
+  std::printf("trained %d steps in %.1f s (%.0f tok/s incl. prompt and padding), final loss %.4f, peak RSS %.0f MiB; adapter: %s\n",
+              rep->steps, rep->seconds, static_cast<double>(rep->tokens) / rep->seconds, rep->final_loss, PeakRssMiB(), path.c_str());
+  if (a.eval_examples != 0) {
+    auto after = model::Evaluate(m, &*adapters, data->eval, a.eval_examples, a.max_new_tokens);
+    if (!after.ok()) return Fail(after.status());
+    PrintEval("after", *after);
+  }
+  return 0;
+}
+
+int RunEval(const std::string& model_path, const std::string& data_path, const std::string& adapter_path, int n, int max_new,
+            int64_t max_len, double holdout) {
+  auto loaded = model::LlamaModel::Load(model_path);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const auto& m = **loaded;
+  if (m.tokenizer() == nullptr) return Fail(absl::FailedPreconditionError("eval needs a model with a tokenizer (GGUF)"));
+  model::DatasetOptions dopt;
+  dopt.max_len = max_len;
+  dopt.holdout = holdout;
+  auto data = model::LoadDataset(data_path, *m.tokenizer(), dopt);
+  if (!data.ok()) return Fail(data.status());
+  std::optional<model::AdapterSet<float>> adapters;
+  if (!adapter_path.empty()) {
+    auto a = model::LoadAdapters(adapter_path, Dims(m));
+    if (!a.ok()) return Fail(a.status());
+    adapters = std::move(*a);
+  }
+  const auto& set = holdout > 0 ? data->eval : data->train;
+  auto r = model::Evaluate(m, adapters ? &*adapters : nullptr, set, n, max_new);
+  if (!r.ok()) return Fail(r.status());
+  PrintEval(adapter_path.empty() ? "base" : "adapter", *r);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -202,11 +321,71 @@ int main(int argc, char** argv) {
   ppl->add_option("--stride", stride, "Window stride in tokens")->check(CLI::Range(1, 1 << 20));
   ppl->add_option("--max-tokens", max_tokens, "Score at most this many tokens (0 = all)");
 
+  auto* train = app.add_subcommand("train", "Fine-tune adapters on a dataset (single machine; the centralized baseline)");
+  TrainArgs ta;
+  train->add_option("model", ta.model, "GGUF model file")->required();
+  train->add_option("-d,--data", ta.data, "JSONL ({prompt,response} or {messages}) or plain text")->required();
+  train->add_option("-o,--out", ta.out, "Output folder (adapter.safetensors)");
+  train->add_option("--adapter", ta.adapter, "lora, ffa_lora or diablo");
+  train->add_option("--modules", ta.modules, "q,k,v,o,gate,up,down | all | attn | mlp");
+  train->add_option("--rank", ta.rank, "LoRA rank")->check(CLI::Range(1, 4096));
+  train->add_option("--alpha", ta.alpha, "LoRA alpha (scale alpha/rank)");
+  train->add_flag("--rslora", ta.rslora, "Scale alpha/sqrt(rank)");
+  train->add_option("--blocks", ta.blocks, "DiaBlo blocks")->check(CLI::Range(1, 65536));
+  train->add_option("--steps", ta.steps, "Optimizer steps")->check(CLI::Range(0, 10000000));
+  train->add_option("--batch", ta.batch, "Examples per micro-batch")->check(CLI::Range(1, 4096));
+  train->add_option("--grad-accum", ta.grad_accum, "Micro-batches per step")->check(CLI::Range(1, 4096));
+  train->add_option("--lr", ta.lr, "Peak learning rate");
+  train->add_option("--warmup", ta.warmup, "Warm-up steps");
+  train->add_option("--weight-decay", ta.weight_decay, "AdamW decoupled weight decay");
+  train->add_option("--clip", ta.clip, "Gradient clipping norm (0 = off)");
+  train->add_option("--max-len", ta.max_len, "Truncate examples to this many tokens")->check(CLI::Range(2, 1 << 20));
+  train->add_option("--holdout", ta.holdout, "Held-out fraction")->check(CLI::Range(0.0, 0.9));
+  train->add_option("--eval-examples", ta.eval_examples, "Held-out examples to evaluate before/after (0 = skip)");
+  train->add_option("--max-new-tokens", ta.max_new_tokens, "Answer length limit in evaluation");
+  train->add_option("--seed", ta.seed, "Data order / split seed");
+  train->add_option("--adapter-seed", ta.adapter_seed, "Seed of the adapter init (FFA-LoRA's frozen A)");
+  train->add_option("--init", ta.init_adapter, "Continue from a saved adapter.safetensors");
+  train->add_flag("--no-recompute", ta.no_recompute, "Keep all activations instead of recomputing them in backward");
+
+  auto* ev = app.add_subcommand("eval", "Held-out loss, perplexity and exact-match accuracy");
+  std::string ev_model, ev_data, ev_adapter;
+  int ev_n = 100, ev_new = 48;
+  int64_t ev_len = 256;
+  double ev_holdout = 0.1;
+  ev->add_option("model", ev_model, "GGUF model file")->required();
+  ev->add_option("-d,--data", ev_data, "Dataset (the held-out split is evaluated, same seed as train)")->required();
+  ev->add_option("-a,--adapter-file", ev_adapter, "adapter.safetensors from train (omit for the base model)");
+  ev->add_option("-n,--examples", ev_n, "Examples to evaluate");
+  ev->add_option("--max-new-tokens", ev_new, "Answer length limit");
+  ev->add_option("--max-len", ev_len, "Truncate examples to this many tokens");
+  ev->add_option("--holdout", ev_holdout, "Held-out fraction (as in train; 0 = evaluate everything)");
+
+  auto* mk = app.add_subcommand("make-task", "Write a built-in task as JSONL");
+  std::string mk_name = "record", mk_out;
+  int mk_n = 1000;
+  uint64_t mk_seed = 1;
+  mk->add_option("name", mk_name, "Task name (record)");
+  mk->add_option("-o,--out", mk_out, "Output .jsonl")->required();
+  mk->add_option("-n", mk_n, "Examples");
+  mk->add_option("--seed", mk_seed, "Seed");
+
   CLI11_PARSE(app, argc, argv);
   if (!SetLogLevel(log_level)) return Fail(absl::InvalidArgumentError("unknown --log-level " + log_level));
   kernels::SetThreads(threads);
   if (*info) return RunInfo(info_model, all_tensors);
   if (*gen) return RunGenerate(ga);
   if (*ppl) return RunPerplexity(ppl_model, ppl_file, window, stride, max_tokens);
+  if (*train) return RunTrain(ta);
+  if (*ev) return RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout);
+  if (*mk) {
+    auto lines = model::GenerateTask(mk_name, mk_n, mk_seed);
+    if (!lines.ok()) return Fail(lines.status());
+    std::string text;
+    for (const auto& l : *lines) text += l + "\n";
+    if (auto s = WriteFileAtomic(mk_out, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return Fail(s);
+    std::printf("wrote %d examples of '%s' to %s\n", mk_n, mk_name.c_str(), mk_out.c_str());
+    return 0;
+  }
   return 0;
 }

@@ -1,0 +1,120 @@
+#include "model/finetune.h"
+
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/ascii.h"
+#include "model/sampler.h"
+#include "model/trainer.h"
+
+namespace fedtune::model {
+
+using Clock = std::chrono::steady_clock;
+
+absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<Example>& train, const FinetuneOptions& o,
+                                     AdapterSet<float>* adapters, AdamW* optimizer, const std::function<void(const StepLog&)>& on_step) {
+  if (train.empty()) return absl::InvalidArgumentError("no training examples");
+  if (o.batch < 1 || o.grad_accum < 1 || o.steps < 0) return absl::InvalidArgumentError("batch, grad_accum must be >= 1 and steps >= 0");
+  const Tokenizer* tok = model.tokenizer();
+  const int32_t pad = tok ? tok->eos_id() : 0;
+  Trainer<float> trainer(model, adapters, o.recompute);
+  Rng rng(o.seed);
+  std::vector<size_t> order(train.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  size_t cursor = order.size();  // forces a shuffle first
+  TrainReport rep;
+  const auto t_start = Clock::now();
+  adapters->ZeroGrad();
+  for (int step = 0; step < o.steps; ++step) {
+    const auto t0 = Clock::now();
+    double nll = 0;
+    int64_t scored = 0, tokens = 0;
+    std::vector<Batch> micro;
+    for (int a = 0; a < o.grad_accum; ++a) {
+      std::vector<const Example*> ex;
+      for (int i = 0; i < o.batch; ++i) {
+        if (cursor >= order.size()) {  // new epoch: reshuffle deterministically
+          for (size_t k = order.size(); k > 1; --k) std::swap(order[k - 1], order[rng.Below(k)]);
+          cursor = 0;
+        }
+        ex.push_back(&train[order[cursor++]]);
+      }
+      micro.push_back(MakeBatch(ex, pad));
+      scored += micro.back().n_scored();
+    }
+    // Loss = mean NLL over all scored tokens of the step: each micro-batch's gradient is
+    // scaled by 1 / (scored tokens in the whole step).
+    const float scale = scored > 0 ? 1.0f / static_cast<float>(scored) : 0.0f;
+    for (const Batch& b : micro) {
+      FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, scale, true));
+      nll += l;
+      tokens += b.n_seq * b.len;
+    }
+    const float lr = LearningRate(optimizer->config(), optimizer->step());
+    const double gnorm = optimizer->Step(*adapters);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    rep.tokens += tokens;
+    rep.final_loss = scored ? nll / static_cast<double>(scored) : 0.0;
+    ++rep.steps;
+    if (on_step) on_step({step + 1, rep.final_loss, gnorm, lr, static_cast<double>(tokens) / secs});
+  }
+  rep.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
+  return rep;
+}
+
+double EvalResult::perplexity() const { return std::exp(loss); }
+
+absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const AdapterSet<float>* adapters, const std::string& prompt,
+                                           int max_new_tokens) {
+  const Tokenizer* tok = model.tokenizer();
+  if (tok == nullptr) return absl::FailedPreconditionError("model has no tokenizer");
+  const auto ids = tok->EncodeWithBos(prompt);
+  LlamaContext ctx(model, static_cast<int64_t>(ids.size()) + max_new_tokens + 1);
+  ctx.SetAdapters(adapters);
+  std::vector<float> logits;
+  FT_RETURN_IF_ERROR(ctx.Eval(ids, false, &logits));
+  std::string out;
+  for (int i = 0; i < max_new_tokens; ++i) {
+    const int32_t next = Argmax(logits);
+    if (tok->IsEndOfGeneration(next)) break;
+    out += tok->TokenBytes(next);
+    FT_RETURN_IF_ERROR(ctx.Eval(std::vector<int32_t>{next}, false, &logits));
+  }
+  return out;
+}
+
+absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<float>* adapters, const std::vector<Example>& eval,
+                                    int max_examples, int max_new_tokens, int batch) {
+  EvalResult r;
+  const size_t n = max_examples > 0 ? std::min(eval.size(), static_cast<size_t>(max_examples)) : eval.size();
+  if (n == 0) return r;
+  // Loss through the training forward (no backward); the adapters are only read.
+  AdapterSet<float>* rw = const_cast<AdapterSet<float>*>(adapters);
+  AdapterSet<float> none;
+  if (rw == nullptr) {
+    none.layers.resize(static_cast<size_t>(model.config().n_layer));
+    rw = &none;
+  }
+  Trainer<float> trainer(model, rw, true);
+  double nll = 0;
+  for (size_t i = 0; i < n; i += static_cast<size_t>(batch)) {
+    std::vector<const Example*> ex;
+    for (size_t k = i; k < std::min(n, i + static_cast<size_t>(batch)); ++k) ex.push_back(&eval[k]);
+    const Batch b = MakeBatch(ex, model.tokenizer() ? model.tokenizer()->eos_id() : 0);
+    FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, 0.0f, false));
+    nll += l;
+    r.n_tokens += b.n_scored();
+  }
+  r.loss = r.n_tokens ? nll / static_cast<double>(r.n_tokens) : 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    if (eval[i].reference.empty() || eval[i].prompt_text.empty()) continue;
+    FT_ASSIGN_OR_RETURN(std::string got, GenerateGreedy(model, adapters, eval[i].prompt_text, max_new_tokens));
+    ++r.n_generated;
+    const bool exact = absl::StripAsciiWhitespace(got) == absl::StripAsciiWhitespace(eval[i].reference);
+    if (exact) ++r.n_exact;
+    if (r.samples.size() < 5) r.samples.emplace_back(eval[i].reference, got);
+  }
+  return r;
+}
+
+}  // namespace fedtune::model

@@ -1,0 +1,62 @@
+// The local fine-tuning loop (what every worker runs, and `fedtune train`): mini-batches of
+// examples, gradient accumulation, AdamW with warm-up + cosine, and evaluation by held-out
+// loss, perplexity and exact-match accuracy of greedy answers.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "model/dataset.h"
+#include "model/llama.h"
+#include "model/optimizer.h"
+
+namespace fedtune::model {
+
+struct FinetuneOptions {
+  int steps = 100;          // optimizer steps
+  int batch = 8;            // examples per micro-batch
+  int grad_accum = 1;       // micro-batches per optimizer step
+  bool recompute = true;    // activation recomputation
+  uint64_t seed = 1;        // example order
+  int log_every = 10;
+};
+
+struct StepLog {
+  int step;
+  double loss;       // mean NLL per scored token over the step
+  double grad_norm;
+  float lr;
+  double tokens_per_second;  // all tokens (incl. padding and prompt) processed per second
+};
+
+struct TrainReport {
+  int steps = 0;
+  double seconds = 0;
+  int64_t tokens = 0;
+  double final_loss = 0;
+};
+
+absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<Example>& train, const FinetuneOptions& o,
+                                     AdapterSet<float>* adapters, AdamW* optimizer,
+                                     const std::function<void(const StepLog&)>& on_step = {});
+
+struct EvalResult {
+  double loss = 0;  // mean NLL per scored token
+  int64_t n_tokens = 0;
+  double perplexity() const;
+  int n_generated = 0, n_exact = 0;  // exact-match over examples with a reference
+  double accuracy() const { return n_generated ? static_cast<double>(n_exact) / n_generated : 0.0; }
+  std::vector<std::pair<std::string, std::string>> samples;  // (reference, generated), first few
+};
+
+// max_examples <= 0: all. Exact match compares the greedy answer (up to the end-of-turn
+// token or max_new_tokens) with the reference, both with surrounding whitespace trimmed.
+absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<float>* adapters, const std::vector<Example>& eval,
+                                    int max_examples, int max_new_tokens, int batch = 8);
+
+// Greedy answer to a chat-formatted prompt.
+absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const AdapterSet<float>* adapters, const std::string& prompt,
+                                           int max_new_tokens);
+
+}  // namespace fedtune::model

@@ -1,0 +1,49 @@
+#include "model/optimizer.h"
+
+#include <cmath>
+
+namespace fedtune::model {
+
+float LearningRate(const OptimizerConfig& c, int step) {
+  if (c.warmup_steps > 0 && step < c.warmup_steps) return c.lr * static_cast<float>(step + 1) / static_cast<float>(c.warmup_steps);
+  const int decay = std::max(1, c.total_steps - c.warmup_steps);
+  const double t = std::min(1.0, static_cast<double>(step - c.warmup_steps) / decay);
+  const double cosine = 0.5 * (1.0 + std::cos(M_PI * t));
+  return static_cast<float>(c.lr * (c.min_lr_ratio + (1.0 - c.min_lr_ratio) * cosine));
+}
+
+double AdamW::Step(AdapterSet<float>& params) {
+  double sq = 0.0;
+  params.ForEachTrainable([&](const std::string&, std::vector<float>&, std::vector<float>& g) {
+    for (float x : g) sq += static_cast<double>(x) * x;
+  });
+  const double norm = std::sqrt(sq);
+  const float clip = (c_.clip_norm > 0 && norm > c_.clip_norm) ? static_cast<float>(c_.clip_norm / norm) : 1.0f;
+  const float lr = LearningRate(c_, step_);
+  ++step_;
+  const float bc1 = 1.0f - std::pow(c_.beta1, static_cast<float>(step_));
+  const float bc2 = 1.0f - std::pow(c_.beta2, static_cast<float>(step_));
+  params.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>& g) {
+    auto& m = m_[name];
+    auto& v = v_[name];
+    auto& f = fisher_[name];
+    if (m.empty()) {
+      m.assign(p.size(), 0.0f);
+      v.assign(p.size(), 0.0f);
+      f.assign(p.size(), 0.0f);
+    }
+    const float fw = 1.0f / static_cast<float>(step_);  // running mean
+    for (size_t i = 0; i < p.size(); ++i) {
+      f[i] += (g[i] * g[i] - f[i]) * fw;
+      const float gi = g[i] * clip;
+      m[i] = c_.beta1 * m[i] + (1.0f - c_.beta1) * gi;
+      v[i] = c_.beta2 * v[i] + (1.0f - c_.beta2) * gi * gi;
+      const float mhat = m[i] / bc1, vhat = v[i] / bc2;
+      p[i] -= lr * (mhat / (std::sqrt(vhat) + c_.eps) + c_.weight_decay * p[i]);  // decoupled decay
+      g[i] = 0.0f;
+    }
+  });
+  return norm;
+}
+
+}  // namespace fedtune::model

@@ -1,0 +1,245 @@
+// The fine-tuning pieces on tiny models: data loading, AdamW, schedule, the float training
+// path against the double one, adapters in the inference path, save/load, and learning.
+#include <cmath>
+#include <fstream>
+
+#include "common/rng.h"
+#include "gtest/gtest.h"
+#include "model/adapter_io.h"
+#include "model/dataset.h"
+#include "model/finetune.h"
+#include "model/tasks.h"
+#include "model/trainer.h"
+#include "tests/support/tiny_model.h"
+
+namespace fedtune::model {
+namespace {
+
+class TinyFixture : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string path = testing::TempPath("finetune.gguf");
+    testing::TinyModelOptions o;
+    o.n_embd = 64;
+    o.n_ff = 128;
+    o.n_ctx = 512;  // byte-level tiny vocabulary: ~1 token per character
+    ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, o).ok());
+    auto m = LlamaModel::Load(path);
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(m).value();
+    const auto& c = model_->config();
+    dims_ = {c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff};
+  }
+  std::unique_ptr<LlamaModel> model_;
+  ModelDims dims_{};
+};
+
+TEST_F(TinyFixture, JsonlErrorsNameFileAndLine) {
+  const Tokenizer& tok = *model_->tokenizer();
+  DatasetOptions o;
+  auto err = [&](std::vector<std::string> lines) { return DatasetFromJsonl(lines, "d.jsonl", tok, o).status(); };
+  EXPECT_NE(err({R"({"prompt":"a","response":"b"})", "{oops"}).message().find("d.jsonl:2: malformed JSON"), std::string::npos);
+  EXPECT_NE(err({R"({"prompt":"a"})"}).message().find("d.jsonl:1: missing string field 'response'"), std::string::npos);
+  EXPECT_NE(err({R"({"messages":[{"role":"user","content":"x"}]})"}).message().find("no assistant message"), std::string::npos);
+  EXPECT_NE(err({R"({"messages":[{"role":"user"}]})"}).message().find("'role' and 'content'"), std::string::npos);
+  EXPECT_NE(err({"", "  "}).message().find("no examples"), std::string::npos);
+  EXPECT_EQ(LoadDataset("/nonexistent.jsonl", tok, o).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(TinyFixture, OnlyAssistantTextIsScoredAndLongExamplesAreTruncated) {
+  const Tokenizer& tok = *model_->tokenizer();
+  DatasetOptions o;
+  o.holdout = 0;
+  auto d = DatasetFromJsonl({R"({"messages":[{"role":"system","content":"s"},{"role":"user","content":"hi"},{"role":"assistant","content":"the end"}]})"},
+                            "m.jsonl", tok, o);
+  ASSERT_TRUE(d.ok()) << d.status();
+  const Example& ex = d->train[0];
+  std::vector<int32_t> scored;
+  for (size_t i = 0; i < ex.targets.size(); ++i)
+    if (ex.targets[i] >= 0) scored.push_back(ex.targets[i]);
+  EXPECT_EQ(tok.Decode(scored), "the end<|im_end|>\n");
+  EXPECT_EQ(ex.reference, "the end");
+  EXPECT_EQ(tok.Decode(ex.tokens).rfind(ex.prompt_text, 0), 0u);  // the prompt is a prefix of the example
+  o.max_len = 10;
+  auto t = DatasetFromJsonl({R"({"prompt":"a long long long prompt here","response":"and a long answer"})"}, "t.jsonl", tok, o);
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->truncated, 1);
+  EXPECT_EQ(t->train[0].tokens.size(), 10u);
+}
+
+TEST_F(TinyFixture, SplitIsDeterministic) {
+  auto lines = *GenerateTask("record", 50, 3);
+  DatasetOptions o;
+  o.holdout = 0.2;
+  auto a = DatasetFromJsonl(lines, "x", *model_->tokenizer(), o), b = DatasetFromJsonl(lines, "x", *model_->tokenizer(), o);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->eval.size(), 10u);
+  for (size_t i = 0; i < a->eval.size(); ++i) EXPECT_EQ(a->eval[i].tokens, b->eval[i].tokens);
+}
+
+TEST(OptimizerTest, AdamWFirstStepMatchesHandComputation) {
+  AdapterSet<float> set;
+  set.layers.resize(1);
+  AdapterSpec spec{AdapterKind::kDiaBlo, 1, 1, false, 1};
+  set.layers[0][0] = *ModuleAdapter<float>::Create(spec, 2, 1, 0);
+  auto& a = *set.layers[0][0];
+  a.d = {1.0f, -2.0f};
+  a.gd = {0.5f, -0.25f};
+  OptimizerConfig c;
+  c.lr = 0.1f;
+  c.weight_decay = 0.01f;
+  c.clip_norm = 0;
+  c.total_steps = 10;
+  c.min_lr_ratio = 1.0f;  // constant lr
+  AdamW opt(c);
+  const double norm = opt.Step(set);
+  EXPECT_NEAR(norm, std::sqrt(0.25 + 0.0625), 1e-6);
+  // step 1: mhat = g, vhat = g^2 -> update = lr * (sign(g) + wd * p) (eps negligible)
+  EXPECT_NEAR(a.d[0], 1.0f - 0.1f * (1.0f + 0.01f * 1.0f), 1e-6);
+  EXPECT_NEAR(a.d[1], -2.0f - 0.1f * (-1.0f + 0.01f * -2.0f), 1e-6);
+  EXPECT_EQ(a.gd[0], 0.0f);  // gradients consumed
+  EXPECT_NEAR(opt.fisher().at("blk.0.attn_q.diablo")[0], 0.25f, 1e-7);
+}
+
+TEST(OptimizerTest, WarmupThenCosine) {
+  OptimizerConfig c;
+  c.lr = 1.0f;
+  c.warmup_steps = 4;
+  c.total_steps = 14;
+  c.min_lr_ratio = 0.1f;
+  EXPECT_FLOAT_EQ(LearningRate(c, 0), 0.25f);
+  EXPECT_FLOAT_EQ(LearningRate(c, 3), 1.0f);
+  EXPECT_FLOAT_EQ(LearningRate(c, 4), 1.0f);
+  EXPECT_NEAR(LearningRate(c, 9), 0.55f, 1e-6);  // half way: 0.1 + 0.9 * 0.5
+  EXPECT_NEAR(LearningRate(c, 14), 0.1f, 1e-6);
+}
+
+TEST(OptimizerTest, ClipsToGlobalNorm) {
+  AdapterSet<float> set;
+  set.layers.resize(1);
+  set.layers[0][0] = *ModuleAdapter<float>::Create(AdapterSpec{AdapterKind::kDiaBlo, 1, 1, false, 1}, 1, 1, 0);
+  set.layers[0][0]->gd = {30.0f};
+  OptimizerConfig c;
+  c.lr = 1.0f;
+  c.clip_norm = 3.0f;
+  c.beta1 = 0.0f;
+  c.beta2 = 0.0f;  // update = lr * g_clipped / |g_clipped|
+  c.min_lr_ratio = 1.0f;
+  AdamW opt(c);
+  EXPECT_NEAR(opt.Step(set), 30.0, 1e-5);
+  EXPECT_NEAR(set.layers[0][0]->d[0], -1.0f, 1e-5);
+}
+
+// The float training path (used in production) agrees with the double one (checked against
+// finite differences), and the inference path with adapters gives the same loss.
+TEST_F(TinyFixture, FloatTrainerAndInferencePathAgreeWithDouble) {
+  for (AdapterKind kind : {AdapterKind::kLora, AdapterKind::kFfaLora, AdapterKind::kDiaBlo}) {
+    const AdapterSpec spec{kind, 4, 8.0f, false, 8};
+    auto mods = *ParseModules("all");
+    auto f = *MakeAdapters<float>(dims_, spec, mods, 5);
+    auto d = *MakeAdapters<double>(dims_, spec, mods, 5);
+    Rng rng(2);
+    for (size_t l = 0; l < f.layers.size(); ++l)
+      for (int m = 0; m < kNumModules; ++m) {
+        auto& af = *f.layers[l][static_cast<size_t>(m)];
+        auto& ad = *d.layers[l][static_cast<size_t>(m)];
+        for (size_t i = 0; i < af.b.size(); ++i) ad.b[i] = af.b[i] = static_cast<float>(0.2 * rng.Normal());
+        for (size_t i = 0; i < af.d.size(); ++i) ad.d[i] = af.d[i] = static_cast<float>(0.05 * rng.Normal());
+        for (size_t i = 0; i < af.a.size(); ++i) ad.a[i] = af.a[i];
+      }
+    Batch b;
+    b.n_seq = 1;
+    b.len = 12;
+    for (int i = 0; i < 12; ++i) b.tokens.push_back(static_cast<int32_t>(3 + rng.Below(250)));
+    for (int i = 0; i < 12; ++i) b.targets.push_back(i + 1 < 12 ? b.tokens[static_cast<size_t>(i + 1)] : -1);
+    Trainer<float> tf(*model_, &f, true);
+    Trainer<double> td(*model_, &d, true);
+    const double lf = *tf.Step(b, 1.0f, true), ld = *td.Step(b, 1.0, true);
+    EXPECT_NEAR(lf, ld, 1e-4 * std::fabs(ld)) << AdapterKindName(kind);
+    double num = 0, den = 0;
+    std::vector<std::vector<float>> gf;
+    f.ForEachTrainable([&](const std::string&, std::vector<float>&, std::vector<float>& g) { gf.push_back(g); });
+    size_t t = 0;
+    d.ForEachTrainable([&](const std::string&, std::vector<double>&, std::vector<double>& g) {
+      for (size_t i = 0; i < g.size(); ++i) {
+        num += (gf[t][i] - g[i]) * (gf[t][i] - g[i]);
+        den += g[i] * g[i];
+      }
+      ++t;
+    });
+    EXPECT_LT(std::sqrt(num / den), 1e-4) << AdapterKindName(kind);
+    // Inference path (KV cache, adapters applied in LlamaContext::Eval).
+    LlamaContext ctx(*model_, 16);
+    ctx.SetAdapters(&f);
+    std::vector<float> logits;
+    ASSERT_TRUE(ctx.Eval(b.tokens, true, &logits).ok());
+    const int64_t V = model_->config().n_vocab;
+    double nll = 0;
+    for (int i = 0; i < 11; ++i) {
+      const float* row = logits.data() + i * V;
+      const float mx = *std::max_element(row, row + V);
+      double se = 0;
+      for (int64_t j = 0; j < V; ++j) se += std::exp(static_cast<double>(row[j] - mx));
+      nll += std::log(se) + mx - row[b.targets[static_cast<size_t>(i)]];
+    }
+    EXPECT_NEAR(nll, ld, 1e-4 * std::fabs(ld)) << AdapterKindName(kind);
+  }
+}
+
+TEST_F(TinyFixture, SavedAdaptersLoadBackIdentically) {
+  for (AdapterKind kind : {AdapterKind::kLora, AdapterKind::kFfaLora, AdapterKind::kDiaBlo}) {
+    auto set = *MakeAdapters<float>(dims_, AdapterSpec{kind, 4, 8.0f, true, 8}, *ParseModules("q,v,down"), 9);
+    Rng rng(1);
+    set.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) {
+      for (auto& x : p) x = static_cast<float>(rng.Normal());
+    });
+    const std::string path = testing::TempPath(std::string("ad_") + AdapterKindName(kind) + ".safetensors");
+    ASSERT_TRUE(SaveAdapters(path, set).ok());
+    auto back = LoadAdapters(path, dims_);
+    ASSERT_TRUE(back.ok()) << back.status();
+    for (size_t l = 0; l < set.layers.size(); ++l)
+      for (int m = 0; m < kNumModules; ++m) {
+        ASSERT_EQ(set.layers[l][static_cast<size_t>(m)].has_value(), back->layers[l][static_cast<size_t>(m)].has_value());
+        if (!set.layers[l][static_cast<size_t>(m)]) continue;
+        const auto& x = *set.layers[l][static_cast<size_t>(m)];
+        const auto& y = *back->layers[l][static_cast<size_t>(m)];
+        EXPECT_EQ(x.a, y.a);
+        EXPECT_EQ(x.b, y.b);
+        EXPECT_EQ(x.d, y.d);
+        EXPECT_EQ(x.spec.rslora, y.spec.rslora);
+      }
+    ModelDims other = dims_;
+    other.n_ff *= 2;
+    EXPECT_EQ(LoadAdapters(path, other).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+// Memorising a handful of examples: the loss must fall a lot for every adapter type.
+TEST_F(TinyFixture, EveryAdapterTypeFitsASmallSet) {
+  auto lines = *GenerateTask("record", 4, 1);
+  DatasetOptions o;
+  o.holdout = 0;
+  auto data = DatasetFromJsonl(lines, "task", *model_->tokenizer(), o);
+  ASSERT_TRUE(data.ok());
+  for (AdapterKind kind : {AdapterKind::kLora, AdapterKind::kFfaLora, AdapterKind::kDiaBlo}) {
+    auto set = *MakeAdapters<float>(dims_, AdapterSpec{kind, 8, 16.0f, false, 4}, *ParseModules("all"), 3);
+    OptimizerConfig oc;
+    oc.lr = 1e-2f;
+    oc.total_steps = 40;
+    AdamW opt(oc);
+    FinetuneOptions fo;
+    fo.steps = 40;
+    fo.batch = 4;
+    double first = -1, last = 0;
+    auto rep = Finetune(*model_, data->train, fo, &set, &opt, [&](const StepLog& s) {
+      if (first < 0) first = s.loss;
+      last = s.loss;
+    });
+    ASSERT_TRUE(rep.ok()) << rep.status();
+    std::printf("%s: loss %.3f -> %.3f in 40 steps\n", AdapterKindName(kind), first, last);
+    EXPECT_LT(last, 0.5 * first) << AdapterKindName(kind);
+  }
+}
+
+}  // namespace
+}  // namespace fedtune::model
