@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "nlohmann/json.hpp"
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "common/progress.h"
@@ -16,6 +17,7 @@
 #include "model/llama.h"
 #include "model/perplexity.h"
 #include "model/adapter_io.h"
+#include "model/export.h"
 #include "model/finetune.h"
 #include "model/sampler.h"
 #include "model/tasks.h"
@@ -260,7 +262,7 @@ int RunTrain(const TrainArgs& a) {
 }
 
 int RunEval(const std::string& model_path, const std::string& data_path, const std::string& adapter_path, int n, int max_new,
-            int64_t max_len, double holdout) {
+            int64_t max_len, double holdout, const std::string& dump) {
   auto loaded = model::LlamaModel::Load(model_path);
   if (!loaded.ok()) return Fail(loaded.status());
   const auto& m = **loaded;
@@ -280,6 +282,43 @@ int RunEval(const std::string& model_path, const std::string& data_path, const s
   auto r = model::Evaluate(m, adapters ? &*adapters : nullptr, set, n, max_new);
   if (!r.ok()) return Fail(r.status());
   PrintEval(adapter_path.empty() ? "base" : "adapter", *r);
+  if (!dump.empty()) {  // prompts and greedy answers, for comparing with other runtimes
+    std::string text;
+    const size_t count = n > 0 ? std::min(set.size(), static_cast<size_t>(n)) : set.size();
+    for (size_t i = 0; i < count; ++i) {
+      auto got = model::GenerateGreedy(m, adapters ? &*adapters : nullptr, set[i].prompt_text, max_new);
+      if (!got.ok()) return Fail(got.status());
+      text += nlohmann::json{{"prompt", set[i].prompt_text}, {"reference", set[i].reference}, {"fedtune", *got}}.dump() + "\n";
+    }
+    if (auto s = WriteFileAtomic(dump, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return Fail(s);
+  }
+  return 0;
+}
+
+int RunExport(const std::string& model_path, const std::string& adapter_path, const std::string& format, const std::string& out,
+              const std::string& merged_type, const std::string& base_name) {
+  auto loaded = model::LlamaModel::Load(model_path);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const auto& m = **loaded;
+  auto adapters = model::LoadAdapters(adapter_path, Dims(m));
+  if (!adapters.ok()) return Fail(adapters.status());
+  absl::Status s;
+  if (format == "peft") {
+    s = model::ExportPeft(out, m, *adapters, base_name);
+  } else if (format == "gguf-lora") {
+    s = model::ExportGgufLora(out, m, *adapters);
+  } else if (format == "merged") {
+    const auto t = kernels::GgmlTypeFromName(merged_type);
+    if (!t || !(*t == kernels::GgmlType::kF32 || *t == kernels::GgmlType::kF16 || *t == kernels::GgmlType::kBF16 ||
+                *t == kernels::GgmlType::kQ8_0)) {
+      return Fail(absl::InvalidArgumentError("--merged-type must be f32, f16, bf16 or q8_0"));
+    }
+    s = model::ExportMergedGguf(out, m, *adapters, *t);
+  } else {
+    s = absl::InvalidArgumentError("--format must be peft, gguf-lora or merged");
+  }
+  if (!s.ok()) return Fail(s);
+  std::printf("exported %s to %s\n", format.c_str(), out.c_str());
   return 0;
 }
 
@@ -361,6 +400,18 @@ int main(int argc, char** argv) {
   ev->add_option("--max-len", ev_len, "Truncate examples to this many tokens");
   ev->add_option("--holdout", ev_holdout, "Held-out fraction (as in train; 0 = evaluate everything)");
 
+  std::string ev_dump;
+  ev->add_option("--dump", ev_dump, "Write prompts and greedy answers as JSONL");
+
+  auto* ex = app.add_subcommand("export", "Export a trained adapter: PEFT, GGUF-LoRA or a merged GGUF model");
+  std::string ex_model, ex_adapter, ex_format = "gguf-lora", ex_out, ex_merged = "f16", ex_base = "HuggingFaceTB/SmolLM2-135M-Instruct";
+  ex->add_option("model", ex_model, "Base GGUF model")->required();
+  ex->add_option("-a,--adapter-file", ex_adapter, "adapter.safetensors from train")->required();
+  ex->add_option("-f,--format", ex_format, "peft (folder), gguf-lora (file) or merged (file)");
+  ex->add_option("-o,--out", ex_out, "Output path")->required();
+  ex->add_option("--merged-type", ex_merged, "Type of merged weights: f16, bf16, f32, q8_0");
+  ex->add_option("--base-name", ex_base, "base_model_name_or_path written into the PEFT config");
+
   auto* mk = app.add_subcommand("make-task", "Write a built-in task as JSONL");
   std::string mk_name = "record", mk_out;
   int mk_n = 1000;
@@ -377,7 +428,8 @@ int main(int argc, char** argv) {
   if (*gen) return RunGenerate(ga);
   if (*ppl) return RunPerplexity(ppl_model, ppl_file, window, stride, max_tokens);
   if (*train) return RunTrain(ta);
-  if (*ev) return RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout);
+  if (*ev) return RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump);
+  if (*ex) return RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base);
   if (*mk) {
     auto lines = model::GenerateTask(mk_name, mk_n, mk_seed);
     if (!lines.ok()) return Fail(lines.status());
