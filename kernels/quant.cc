@@ -183,13 +183,48 @@ void QuantQ5(const float* x, uint8_t* b, bool has_min) {
   std::memcpy(p, &qh, 4);
 }
 
+constexpr int64_t kNf4Block = 64;
+
+void DequantNf4(const uint8_t* b, float* y) {
+  float absmax;
+  std::memcpy(&absmax, b, 4);
+  const uint8_t* q = b + 4;
+  for (int j = 0; j < 32; ++j) {
+    y[2 * j] = kNf4Codes[q[j] >> 4] * absmax;
+    y[2 * j + 1] = kNf4Codes[q[j] & 15] * absmax;
+  }
+}
+
+uint8_t NearestNf4(float v) {
+  // Codes are sorted: pick the nearest by midpoints (ties go to the upper code).
+  int best = 0;
+  for (int c = 1; c < 16; ++c) {
+    if (v >= 0.5f * (kNf4Codes[c - 1] + kNf4Codes[c])) best = c;
+  }
+  return static_cast<uint8_t>(best);
+}
+
+void QuantNf4(const float* x, uint8_t* b) {
+  float absmax = 0.0f;
+  for (int j = 0; j < 64; ++j) absmax = std::max(absmax, std::fabs(x[j]));
+  std::memcpy(b, &absmax, 4);
+  const float inv = absmax > 0 ? 1.0f / absmax : 0.0f;
+  for (int j = 0; j < 32; ++j) b[4 + j] = static_cast<uint8_t>((NearestNf4(x[2 * j] * inv) << 4) | NearestNf4(x[2 * j + 1] * inv));
+}
+
 }  // namespace
+
+const float kNf4Codes[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+                             -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+                             0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+                             0.7229568362236023f, 1.0f};
 
 std::optional<GgmlTypeTraits> GetTypeTraits(uint32_t id) {
   switch (static_cast<GgmlType>(id)) {
     case GgmlType::kF32: return GgmlTypeTraits{"F32", 1, 4, true};
     case GgmlType::kF16: return GgmlTypeTraits{"F16", 1, 2, true};
     case GgmlType::kBF16: return GgmlTypeTraits{"BF16", 1, 2, true};
+    case GgmlType::kNF4: return GgmlTypeTraits{"NF4", kNf4Block, 36, true};
     case GgmlType::kQ4_0: return GgmlTypeTraits{"Q4_0", kQK, 18, true};
     case GgmlType::kQ4_1: return GgmlTypeTraits{"Q4_1", kQK, 20, true};
     case GgmlType::kQ5_0: return GgmlTypeTraits{"Q5_0", kQK, 22, true};
@@ -218,6 +253,7 @@ std::optional<GgmlType> GgmlTypeFromName(std::string_view name) {
     auto tr = GetTypeTraits(id);
     if (tr && up == tr->name) return static_cast<GgmlType>(id);
   }
+  if (up == "NF4") return GgmlType::kNF4;
   return std::nullopt;
 }
 
@@ -260,6 +296,7 @@ void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n) {
       case GgmlType::kQ8_0: DequantQ8_0(b, y); break;
       case GgmlType::kQ4_K: DequantQ4_K(b, y); break;
       case GgmlType::kQ6_K: DequantQ6_K(b, y); break;
+      case GgmlType::kNF4: DequantNf4(b, y); break;
       default: FT_CHECK(false);
     }
   }
@@ -284,6 +321,9 @@ absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
     case GgmlType::kQ8_0: case GgmlType::kQ4_0: case GgmlType::kQ4_1:
     case GgmlType::kQ5_0: case GgmlType::kQ5_1:
       break;
+    case GgmlType::kNF4:
+      for (int64_t i = 0; i < n / kNf4Block; ++i) QuantNf4(src + i * kNf4Block, d + static_cast<size_t>(i) * tr.type_size);
+      return absl::OkStatus();
     default:
       return absl::UnimplementedError(absl::StrCat("quantizing to ", tr.name, " is not supported"));
   }

@@ -15,7 +15,13 @@ namespace fedtune::kernels {
 enum class GgmlType : uint32_t {
   kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
   kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kQ8_K = 15, kBF16 = 30,
+  // fedtune-private (never written to GGUF): QLoRA's NF4, blocks of 64 values with an fp32
+  // absmax, two 4-bit codes per byte, high nibble first (bitsandbytes layout).
+  kNF4 = 0x1000,
 };
+
+// The 16 NF4 code values (QLoRA, Dettmers et al. 2023; ALGORITHMS.md test vector).
+extern const float kNf4Codes[16];
 
 struct GgmlTypeTraits {
   const char* name;
@@ -36,7 +42,7 @@ absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n);
 void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n);
 
 // Quantizes n values into dst (RowBytes(t, n) bytes). Supported: F32, F16, BF16, Q8_0, Q4_0,
-// Q4_1, Q5_0, Q5_1 (ggml reference rounding). Unimplemented for other types.
+// Q4_1, Q5_0, Q5_1 (ggml reference rounding), NF4 (nearest code). Unimplemented otherwise.
 absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n);
 
 }  // namespace fedtune::kernels

@@ -232,6 +232,34 @@ absl::Status LlamaModel::Validate() const {
   return absl::OkStatus();
 }
 
+size_t LlamaModel::ProjectionBytes() const {
+  size_t n = 0;
+  for (const auto& L : layers_)
+    for (const auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) n += w->row_bytes * static_cast<size_t>(w->rows);
+  return n;
+}
+
+absl::StatusOr<size_t> LlamaModel::Requantize(kernels::GgmlType target) {
+  const auto tr = kernels::GetTypeTraits(static_cast<uint32_t>(target));
+  if (!tr || !tr->supported) return absl::InvalidArgumentError("unknown target type");
+  std::vector<float> row;
+  for (auto& L : layers_) {
+    for (auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) {
+      if (w->type == target) continue;
+      FT_ASSIGN_OR_RETURN(size_t rb, kernels::RowBytes(target, w->cols));
+      std::vector<uint8_t> buf(rb * static_cast<size_t>(w->rows));
+      row.resize(static_cast<size_t>(w->cols));
+      for (int64_t r = 0; r < w->rows; ++r) {
+        kernels::DequantizeRow(w->type, w->row(r), row.data(), w->cols);
+        FT_RETURN_IF_ERROR(kernels::QuantizeRow(target, row.data(), buf.data() + static_cast<size_t>(r) * rb, w->cols));
+      }
+      owned_.push_back(std::move(buf));
+      *w = {target, owned_.back().data(), w->rows, w->cols, rb};
+    }
+  }
+  return ProjectionBytes();
+}
+
 LlamaContext::LlamaContext(const LlamaModel& model, int64_t n_ctx) : m_(model), n_ctx_(n_ctx) {
   const auto& c = m_.config();
   const size_t per = static_cast<size_t>(c.n_layer * n_ctx_ * c.n_head_kv * c.head_dim);

@@ -41,6 +41,12 @@ class LlamaModel {
   static absl::StatusOr<std::unique_ptr<LlamaModel>> FromHfFolder(const std::string& dir);
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& path);
 
+  // Re-quantizes the frozen projection weights (q, k, v, o, gate, up, down of every layer) to
+  // `target` (Q8_0, Q4_0, Q4_1, NF4, F16...) to fit a memory budget; embeddings and the output
+  // head keep their type. Returns the bytes of the projection weights after conversion.
+  absl::StatusOr<size_t> Requantize(kernels::GgmlType target);
+  size_t ProjectionBytes() const;
+
   const LlamaConfig& config() const { return cfg_; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   const GgufFile* gguf() const { return gguf_.get(); }

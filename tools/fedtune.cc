@@ -173,7 +173,7 @@ int RunPerplexity(const std::string& model_path, const std::string& file, int64_
 }
 
 struct TrainArgs {
-  std::string model, data, out = "out/train", init_adapter;
+  std::string model, data, out = "out/train", init_adapter, base_type;
   std::string adapter = "lora", modules = "all";
   int64_t rank = 8, blocks = 16, max_len = 256;
   float alpha = 16.0f;
@@ -183,6 +183,18 @@ struct TrainArgs {
   uint64_t seed = 1, adapter_seed = 1;
   double holdout = 0.1;
 };
+
+// --base-type: re-quantize the frozen projections on load (memory budget).
+absl::Status ApplyBaseType(model::LlamaModel& m, const std::string& base_type) {
+  if (base_type.empty()) return absl::OkStatus();
+  const auto t = kernels::GgmlTypeFromName(base_type);
+  if (!t) return absl::InvalidArgumentError("--base-type must be q8_0, q4_0, q4_1, nf4, f16 or f32");
+  const size_t before = m.ProjectionBytes();
+  FT_ASSIGN_OR_RETURN(size_t after, m.Requantize(*t));
+  std::fprintf(stderr, "[fedtune] base projections re-quantized to %s: %.1f MiB -> %.1f MiB\n", kernels::TypeTraits(*t).name,
+               static_cast<double>(before) / (1 << 20), static_cast<double>(after) / (1 << 20));
+  return absl::OkStatus();
+}
 
 model::ModelDims Dims(const model::LlamaModel& m) {
   const auto& c = m.config();
@@ -199,6 +211,7 @@ void PrintEval(const char* when, const model::EvalResult& r) {
 int RunTrain(const TrainArgs& a) {
   auto loaded = model::LlamaModel::Load(a.model);
   if (!loaded.ok()) return Fail(loaded.status());
+  if (auto s = ApplyBaseType(**loaded, a.base_type); !s.ok()) return Fail(s);
   const auto& m = **loaded;
   if (m.tokenizer() == nullptr) return Fail(absl::FailedPreconditionError("training needs a model with a tokenizer (GGUF)"));
   model::DatasetOptions dopt;
@@ -386,6 +399,7 @@ int main(int argc, char** argv) {
   train->add_option("--adapter-seed", ta.adapter_seed, "Seed of the adapter init (FFA-LoRA's frozen A)");
   train->add_option("--init", ta.init_adapter, "Continue from a saved adapter.safetensors");
   train->add_flag("--no-recompute", ta.no_recompute, "Keep all activations instead of recomputing them in backward");
+  train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4");
 
   auto* ev = app.add_subcommand("eval", "Held-out loss, perplexity and exact-match accuracy");
   std::string ev_model, ev_data, ev_adapter;

@@ -101,3 +101,40 @@ TEST(QuantTest, TypeNamesAndIds) {
 
 }  // namespace
 }  // namespace fedtune::kernels
+
+namespace fedtune::kernels {
+namespace {
+
+TEST(Nf4Test, CodebookMatchesQLoRATestVector) {
+  EXPECT_EQ(kNf4Codes[0], -1.0f);
+  EXPECT_EQ(kNf4Codes[7], 0.0f);
+  EXPECT_FLOAT_EQ(kNf4Codes[1], -0.6961928009986877f);
+  EXPECT_FLOAT_EQ(kNf4Codes[14], 0.7229568362236023f);
+  EXPECT_EQ(kNf4Codes[15], 1.0f);
+  for (int i = 1; i < 16; ++i) EXPECT_LT(kNf4Codes[i - 1], kNf4Codes[i]);
+}
+
+TEST(Nf4Test, RoundTripIsNearestCodeTimesAbsmax) {
+  Rng rng(8);
+  const int64_t n = 64 * 20;
+  std::vector<float> x(n), y(n);
+  for (auto& v : x) v = static_cast<float>(rng.Normal());
+  std::vector<uint8_t> q(*RowBytes(GgmlType::kNF4, n));
+  EXPECT_EQ(q.size(), 20u * 36u);  // 4.5 bits per value
+  ASSERT_TRUE(QuantizeRow(GgmlType::kNF4, x.data(), q.data(), n).ok());
+  DequantizeRow(GgmlType::kNF4, q.data(), y.data(), n);
+  for (int64_t b = 0; b < n / 64; ++b) {
+    float absmax = 0;
+    for (int j = 0; j < 64; ++j) absmax = std::max(absmax, std::fabs(x[b * 64 + j]));
+    for (int j = 0; j < 64; ++j) {
+      const float v = x[b * 64 + j] / absmax;
+      float best = 2;
+      for (float c : kNf4Codes) best = std::min(best, std::fabs(c - v));
+      ASSERT_NEAR(std::fabs(y[b * 64 + j] / absmax - v), best, 1e-6) << "block " << b << " value " << j;
+    }
+  }
+  EXPECT_EQ(GgmlTypeFromName("nf4"), GgmlType::kNF4);
+}
+
+}  // namespace
+}  // namespace fedtune::kernels

@@ -146,3 +146,46 @@ TEST(LlamaTest, PerplexityScoresEveryTokenOnce) {
 
 }  // namespace
 }  // namespace fedtune::model
+
+namespace fedtune::model {
+namespace {
+
+TEST(RequantizeTest, LowerPrecisionBasesStayCloseAndShrink) {
+  testing::TinyModelOptions o;
+  o.weight_type = kernels::GgmlType::kF32;
+  o.n_embd = 128;
+  o.n_ff = 256;
+  const std::string path = testing::TempPath("requant.gguf");
+  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, o).ok());
+  auto ref = LlamaModel::Load(path);
+  ASSERT_TRUE(ref.ok());
+  const std::vector<int32_t> toks = {5, 70, 9, 130, 44, 2};
+  auto logits = [&](const LlamaModel& m) {
+    LlamaContext c(m, 8);
+    std::vector<float> l;
+    EXPECT_TRUE(c.Eval(toks, true, &l).ok());
+    return l;
+  };
+  const auto base = logits(**ref);
+  double base_norm = 0;
+  for (float v : base) base_norm += v * v;
+  size_t prev_bytes = (*ref)->ProjectionBytes();
+  for (auto [t, tol] : {std::pair{kernels::GgmlType::kQ8_0, 0.02}, std::pair{kernels::GgmlType::kNF4, 0.2},
+                        std::pair{kernels::GgmlType::kQ4_0, 0.25}}) {
+    auto m = LlamaModel::Load(path);
+    ASSERT_TRUE(m.ok());
+    auto bytes = (*m)->Requantize(t);
+    ASSERT_TRUE(bytes.ok()) << bytes.status();
+    EXPECT_LE(*bytes, prev_bytes) << kernels::TypeTraits(t).name;  // NF4 and Q4_0 both take 4.5 bits
+    const auto l = logits(**m);
+    double err = 0;
+    for (size_t i = 0; i < l.size(); ++i) err += (l[i] - base[i]) * (l[i] - base[i]);
+    const double rel = std::sqrt(err / base_norm);
+    std::printf("%s: projection weights %zu bytes, relative logit error %.4f\n", kernels::TypeTraits(t).name, *bytes, rel);
+    EXPECT_LT(rel, tol) << kernels::TypeTraits(t).name;
+    prev_bytes = *bytes;
+  }
+}
+
+}  // namespace
+}  // namespace fedtune::model

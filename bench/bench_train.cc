@@ -1,0 +1,67 @@
+// Training benchmark: tokens/s and peak RSS of adapter fine-tuning steps on a real model with
+// random tokens (every position scored), the protocol of bench/peft_train_bench.py.
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstdio>
+
+#include "CLI/CLI.hpp"
+#include "common/rng.h"
+#include "kernels/gemm.h"
+#include "kernels/thread_pool.h"
+#include "model/optimizer.h"
+#include "model/trainer.h"
+
+using namespace fedtune;
+
+int main(int argc, char** argv) {
+  CLI::App app{"fedtune training benchmark"};
+  std::string model_path, adapter = "lora", modules = "all";
+  int seq = 256, batch = 8, steps = 3, threads = 0;
+  int64_t rank = 16, blocks = 16;
+  bool no_recompute = false;
+  app.add_option("model", model_path)->required();
+  app.add_option("--adapter", adapter);
+  app.add_option("--modules", modules);
+  app.add_option("--rank", rank);
+  app.add_option("--blocks", blocks);
+  app.add_option("--seq", seq);
+  app.add_option("--batch", batch);
+  app.add_option("--steps", steps, "Timed steps (after one warm-up step)");
+  app.add_option("-t,--threads", threads);
+  app.add_flag("--no-recompute", no_recompute);
+  CLI11_PARSE(app, argc, argv);
+  kernels::SetThreads(threads);
+  auto m = model::LlamaModel::Load(model_path);
+  if (!m.ok()) return std::fprintf(stderr, "%s\n", std::string(m.status().message()).c_str()), 1;
+  const auto& c = (*m)->config();
+  const auto kind = model::ParseAdapterKind(adapter);
+  if (!kind) return std::fprintf(stderr, "bad --adapter\n"), 1;
+  auto set = model::MakeAdapters<float>({c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff},
+                                        model::AdapterSpec{*kind, rank, 2.0f * static_cast<float>(rank), false, blocks},
+                                        *model::ParseModules(modules), 1);
+  if (!set.ok()) return std::fprintf(stderr, "%s\n", std::string(set.status().message()).c_str()), 1;
+  model::Trainer<float> trainer(**m, &*set, !no_recompute);
+  model::AdamW opt({});
+  Rng rng(1);
+  model::Batch b;
+  b.n_seq = batch;
+  b.len = seq;
+  for (int i = 0; i < batch * seq; ++i) b.tokens.push_back(static_cast<int32_t>(17 + rng.Below(static_cast<uint64_t>(c.n_vocab - 17))));
+  for (int i = 0; i < batch * seq; ++i) b.targets.push_back((i + 1) % seq ? b.tokens[static_cast<size_t>(i + 1)] : -1);
+  double total = 0;
+  for (int s = 0; s <= steps; ++s) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!trainer.Step(b, 1.0f / static_cast<float>(b.n_scored()), true).ok()) return 1;
+    opt.Step(*set);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (s > 0) total += dt;
+    std::fprintf(stderr, "step %d: %.2f s\n", s, dt);
+  }
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  std::printf("| fedtune (%s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB |\n", kernels::CpuPathName(), adapter.c_str(),
+              static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank), modules.c_str(), batch, seq,
+              kernels::DefaultPool().size(), static_cast<double>(batch * seq * steps) / total, static_cast<double>(ru.ru_maxrss) / 1024.0);
+  return 0;
+}
