@@ -26,9 +26,10 @@ def main():
         llm.reset()
         llm.eval([prompt[0]])
         t1 = time.perf_counter()
-        for _ in range(a.tg):
-            nxt = int(llm.scores[llm.n_tokens - 1].argmax())
-            llm.eval([nxt])
+        for i in range(a.tg):
+            # Without logits_all, llama-cpp-python does not fill `scores`; the token fed back
+            # does not change the cost of a step, so feed the prompt tokens in order.
+            llm.eval([prompt[(i + 1) % a.pp]])
         s2 = time.perf_counter() - t1
         if r: tg_rates.append(a.tg / s2)
     sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0

@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <mutex>
 #include <vector>
 
@@ -58,6 +59,12 @@ void GemvQ(const QMatrix& w, int64_t r0, int64_t r1, const float* x, float* y) {
     for (int64_t i = 0; i < w.cols; ++i) acc += buf[static_cast<size_t>(i)] * x[i];
     y[r] = acc;
   }
+}
+
+int64_t WeightTileRows(int64_t n, int64_t k, int threads) {
+  const int64_t by_cache = std::max<int64_t>(16, (262144 / std::max<int64_t>(k, 1)) / 16 * 16);
+  const int64_t per_thread = std::max<int64_t>(16, ((n + threads - 1) / std::max(threads, 1) + 15) / 16 * 16);
+  return std::min<int64_t>({by_cache, per_thread, 1024});
 }
 
 const char* CpuPathName() { return HaveAvx2Fma() ? "avx2+fma" : "generic"; }

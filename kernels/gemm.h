@@ -16,6 +16,11 @@ void Sgemm(bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_
 struct QMatrix;
 void GemvQ(const QMatrix& w, int64_t r0, int64_t r1, const float* x, float* y);
 
+// Rows of a weight to dequantize per tile before a GEMM: large enough that the GEMM amortises
+// packing its other operand (~1 MiB of f32), small enough to stay in L2 and to give every
+// thread at least one tile of an n-row weight.
+int64_t WeightTileRows(int64_t n, int64_t k, int threads);
+
 // Which CPU paths were selected at run time, e.g. "avx2+fma" or "generic".
 const char* CpuPathName();
 

@@ -21,9 +21,9 @@ void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m) {
     DefaultPool().ParallelFor(n, 64, [&](int64_t r0, int64_t r1, int) { GemvQ(w, r0, r1, x, y); });
     return;
   }
-  // Tile of weight rows dequantized at once (~128 KiB of f32, stays in L2), then a GEMM
+  // Tile of weight rows dequantized at once (WeightTileRows), then a GEMM
   // y[:, tile] = x * tile^T. The dequantization cost is amortised over the m tokens.
-  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(512, (32768 / std::max<int64_t>(k, 1)) / 16 * 16));
+  const int64_t tile = WeightTileRows(n, k, DefaultPool().size());
   const int64_t n_tiles = (n + tile - 1) / tile;
   DefaultPool().ParallelFor(n_tiles, 1, [&](int64_t t0, int64_t t1, int) {
     thread_local std::vector<float> buf;

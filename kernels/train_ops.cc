@@ -28,13 +28,13 @@ void DequantTile(const QMatrix& w, int64_t r0, int64_t nr, std::vector<T>& buf, 
   }
 }
 
-int64_t TileRows(int64_t k) { return std::max<int64_t>(16, std::min<int64_t>(512, (32768 / std::max<int64_t>(k, 1)) / 16 * 16)); }
+
 
 }  // namespace
 
 template <typename T>
 void QLinearForward(const QMatrix& w, const T* x, T* y, int64_t m) {
-  const int64_t k = w.cols, n = w.rows, tile = TileRows(k), n_tiles = (n + tile - 1) / tile;
+  const int64_t k = w.cols, n = w.rows, tile = WeightTileRows(n, k, DefaultPool().size()), n_tiles = (n + tile - 1) / tile;
   DefaultPool().ParallelFor(n_tiles, 1, [&](int64_t t0, int64_t t1, int) {
     thread_local std::vector<T> buf;
     thread_local std::vector<float> tmp;
@@ -48,7 +48,7 @@ void QLinearForward(const QMatrix& w, const T* x, T* y, int64_t m) {
 
 template <typename T>
 void QLinearBackward(const QMatrix& w, const T* dy, T* dx, int64_t m) {
-  const int64_t k = w.cols, n = w.rows, tile = TileRows(k);
+  const int64_t k = w.cols, n = w.rows, tile = WeightTileRows(n, k, 1);
   // Split the rows of dy/dx across threads (each thread walks all weight tiles) so no two
   // threads add into the same dx row.
   DefaultPool().ParallelFor(m, 8, [&](int64_t m0, int64_t m1, int) {
@@ -222,7 +222,7 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
   std::vector<T> hc, logits, dhc;
   double nll = 0.0;
   for (size_t c0 = 0; c0 < scored.size(); c0 += static_cast<size_t>(chunk)) {
-    const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(scored.size() - c0));
+    const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(scored.size() - c0));  // rows in this chunk
     hc.resize(static_cast<size_t>(n * E));
     for (int64_t i = 0; i < n; ++i) std::copy_n(h + scored[c0 + i] * E, E, hc.begin() + i * E);
     logits.resize(static_cast<size_t>(n * V));
@@ -231,13 +231,16 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
       T* row = logits.data() + i * V;
       const int32_t t = target[scored[c0 + i]];
       FT_CHECK(t < V);
+      // Exponentials in T (float exp on the training path: these 2 x V calls per row are a
+      // visible share of a step), sums in double.
       const T mx = *std::max_element(row, row + V);
       double se = 0.0;
-      for (int64_t j = 0; j < V; ++j) se += std::exp(static_cast<double>(row[j] - mx));
+      for (int64_t j = 0; j < V; ++j) se += static_cast<double>(std::exp(row[j] - mx));
       const double lse = std::log(se) + static_cast<double>(mx);
       nll += lse - static_cast<double>(row[t]);
       if (dh != nullptr) {  // d NLL / d logits = softmax - onehot
-        for (int64_t j = 0; j < V; ++j) row[j] = static_cast<T>(std::exp(static_cast<double>(row[j]) - lse)) * grad_scale;
+        const T shift = static_cast<T>(lse);
+        for (int64_t j = 0; j < V; ++j) row[j] = std::exp(row[j] - shift) * grad_scale;
         row[t] -= grad_scale;
       }
     }

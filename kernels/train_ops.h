@@ -61,6 +61,6 @@ void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup,
 // frozen.
 template <typename T>
 double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh,
-                           T grad_scale, int64_t chunk = 64);
+                           T grad_scale, int64_t chunk = 256);
 
 }  // namespace fedtune::kernels

@@ -225,8 +225,11 @@ int RunTrain(const TrainArgs& a) {
   auto modules = model::ParseModules(a.modules);
   if (!modules.ok()) return Fail(modules.status());
   model::AdapterSpec spec{*kind, a.rank, a.alpha, a.rslora, a.blocks};
+  // --init: a fedtune adapter.safetensors, or a Hugging Face PEFT LoRA folder.
   absl::StatusOr<model::AdapterSet<float>> adapters =
-      a.init_adapter.empty() ? model::MakeAdapters<float>(Dims(m), spec, *modules, a.adapter_seed) : model::LoadAdapters(a.init_adapter, Dims(m));
+      a.init_adapter.empty()                          ? model::MakeAdapters<float>(Dims(m), spec, *modules, a.adapter_seed)
+      : std::filesystem::is_directory(a.init_adapter) ? model::ImportPeft(a.init_adapter, m)
+                                                      : model::LoadAdapters(a.init_adapter, Dims(m));
   if (!adapters.ok()) return Fail(adapters.status());
   std::fprintf(stderr, "[fedtune] %zu train / %zu held-out examples (%lld truncated to %lld tokens); %s on %s: %lld trainable parameters\n",
                data->train.size(), data->eval.size(), static_cast<long long>(data->truncated), static_cast<long long>(a.max_len),
@@ -397,7 +400,7 @@ int main(int argc, char** argv) {
   train->add_option("--max-new-tokens", ta.max_new_tokens, "Answer length limit in evaluation");
   train->add_option("--seed", ta.seed, "Data order / split seed");
   train->add_option("--adapter-seed", ta.adapter_seed, "Seed of the adapter init (FFA-LoRA's frozen A)");
-  train->add_option("--init", ta.init_adapter, "Continue from a saved adapter.safetensors");
+  train->add_option("--init", ta.init_adapter, "Continue from an adapter.safetensors or a PEFT LoRA folder");
   train->add_flag("--no-recompute", ta.no_recompute, "Keep all activations instead of recomputing them in backward");
   train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4");
 

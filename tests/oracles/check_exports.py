@@ -43,7 +43,7 @@ def main():
                              "alpha": float(r.fields["adapter.lora.alpha"].contents()), "tensors": len(r.tensors),
                              "types": sorted({t.tensor_type.name for t in r.tensors})}
         import llama_cpp
-        llm = llama_cpp.Llama(model_path=a.base, lora_path=a.gguf_lora, n_ctx=512, n_threads=2, verbose=False)
+        llm = llama_cpp.Llama(model_path=a.base, lora_path=a.gguf_lora, n_ctx=512, n_threads=2, logits_all=True, verbose=False)
         eot = {llm.token_eos(), llm.tokenize(b"<|im_end|>", add_bos=False, special=True)[0]}
         same = 0
         for row in rows:
