@@ -28,7 +28,7 @@ absl::StatusOr<std::vector<std::string>> GenerateTask(const std::string& name, i
   for (int i = 0; i < n; ++i) {
     const std::string first = Pick(kFirst, rng), last = Pick(kLast, rng), city = Pick(kCity, rng);
     const int y = 1940 + static_cast<int>(rng.Below(70)), m = 1 + static_cast<int>(rng.Below(12)), d = 1 + static_cast<int>(rng.Below(28));
-    char date_in[16], date_out[16];
+    char date_in[48], date_out[48];  // room for any int, so no truncation is possible
     std::snprintf(date_in, sizeof date_in, "%04d-%02d-%02d", y, m, d);
     std::snprintf(date_out, sizeof date_out, "%02d.%02d.%04d", d, m, y);
     nlohmann::json j;
