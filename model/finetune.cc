@@ -4,6 +4,8 @@
 #include <cmath>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "model/safetensors.h"
 #include "model/sampler.h"
 #include "model/trainer.h"
 
@@ -25,7 +27,16 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
   TrainReport rep;
   const auto t_start = Clock::now();
   adapters->ZeroGrad();
-  for (int step = 0; step < o.steps; ++step) {
+  // Resuming: replay the example order of the steps already taken.
+  const int first = optimizer->step();
+  for (int64_t skip = static_cast<int64_t>(first) * o.grad_accum * o.batch; skip > 0; --skip) {
+    if (cursor >= order.size()) {
+      for (size_t k = order.size(); k > 1; --k) std::swap(order[k - 1], order[rng.Below(k)]);
+      cursor = 0;
+    }
+    ++cursor;
+  }
+  for (int step = first; step < o.steps; ++step) {
     const auto t0 = Clock::now();
     double nll = 0;
     int64_t scored = 0, tokens = 0;
@@ -57,9 +68,67 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     rep.final_loss = scored ? nll / static_cast<double>(scored) : 0.0;
     ++rep.steps;
     if (on_step) on_step({step + 1, rep.final_loss, gnorm, lr, static_cast<double>(tokens) / secs});
+    if (o.checkpoint_every > 0 && ((step + 1) % o.checkpoint_every == 0 || step + 1 == o.steps)) {
+      FT_RETURN_IF_ERROR(SaveCheckpoint(o.checkpoint_path, *adapters, *optimizer));
+    }
   }
   rep.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
   return rep;
+}
+
+absl::Status SaveCheckpoint(const std::string& path, AdapterSet<float>& adapters, AdamW& opt) {
+  if (path.empty()) return absl::InvalidArgumentError("checkpoint path is empty");
+  SafetensorsWriter w;
+  absl::Status st;
+  adapters.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+    if (!st.ok()) return;
+    st = w.AddF32("param." + name, {static_cast<int64_t>(p.size())}, p);
+    for (auto* kv : {&opt.m(), &opt.v()}) {
+      auto it = kv->find(name);
+      if (st.ok() && it != kv->end()) st = w.AddF32((kv == &opt.m() ? "adam_m." : "adam_v.") + name, {static_cast<int64_t>(it->second.size())}, it->second);
+    }
+    auto f = opt.fisher().find(name);
+    if (st.ok() && f != opt.fisher().end()) st = w.AddF32("fisher." + name, {static_cast<int64_t>(f->second.size())}, f->second);
+  });
+  FT_RETURN_IF_ERROR(st);
+  w.SetMetadata("fedtune.checkpoint_step", std::to_string(opt.step()));
+  return w.WriteFile(path);
+}
+
+absl::Status LoadCheckpoint(const std::string& path, AdapterSet<float>& adapters, AdamW* opt) {
+  FT_ASSIGN_OR_RETURN(auto f, SafetensorsFile::Open(path));
+  auto it = f->metadata().find("fedtune.checkpoint_step");
+  int step = 0;
+  if (it == f->metadata().end() || !absl::SimpleAtoi(it->second, &step) || step < 0) {
+    return absl::DataLossError(absl::StrCat(path, ": not a fedtune checkpoint (no step)"));
+  }
+  absl::Status st;
+  auto load = [&](const std::string& name, std::vector<float>& dst, bool required) {
+    if (!st.ok()) return;
+    if (f->Find(name) == nullptr) {
+      if (required) st = absl::NotFoundError(absl::StrCat(path, ": missing ", name));
+      return;
+    }
+    auto t = f->ToF32(name);
+    if (!t.ok()) {
+      st = t.status();
+      return;
+    }
+    if (!dst.empty() && static_cast<size_t>(t->size()) != dst.size()) {
+      st = absl::InvalidArgumentError(absl::StrCat(path, ": ", name, " has ", t->size(), " values, expected ", dst.size()));
+      return;
+    }
+    dst.assign(t->data<float>(), t->data<float>() + t->size());
+  };
+  adapters.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+    load("param." + name, p, true);
+    load("adam_m." + name, opt->m()[name], step > 0);
+    load("adam_v." + name, opt->v()[name], step > 0);
+    load("fisher." + name, opt->fisher_mut()[name], false);
+  });
+  FT_RETURN_IF_ERROR(st);
+  opt->set_step(step);
+  return absl::OkStatus();
 }
 
 double EvalResult::perplexity() const { return std::exp(loss); }

@@ -20,7 +20,17 @@ struct FinetuneOptions {
   bool recompute = true;    // activation recomputation
   uint64_t seed = 1;        // example order
   int log_every = 10;
+  // Checkpointing: every `checkpoint_every` steps (0 = never) the adapters and the optimizer
+  // state are written atomically to `checkpoint_path`. A run resumed from a checkpoint (the
+  // optimizer's step > 0) replays the example order up to that step, so it continues exactly
+  // as the uninterrupted run would have.
+  int checkpoint_every = 0;
+  std::string checkpoint_path;
 };
+
+// Checkpoint = adapter tensors + AdamW moments + Fisher + step, one safetensors file.
+absl::Status SaveCheckpoint(const std::string& path, AdapterSet<float>& adapters, AdamW& opt);
+absl::Status LoadCheckpoint(const std::string& path, AdapterSet<float>& adapters, AdamW* opt);
 
 struct StepLog {
   int step;

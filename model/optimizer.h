@@ -38,6 +38,7 @@ class AdamW {
   // Optimizer state for checkpoints.
   std::map<std::string, std::vector<float>>& m() { return m_; }
   std::map<std::string, std::vector<float>>& v() { return v_; }
+  std::map<std::string, std::vector<float>>& fisher_mut() { return fisher_; }
   void set_step(int s) { step_ = s; }
 
  private:

@@ -177,7 +177,8 @@ struct TrainArgs {
   std::string adapter = "lora", modules = "all";
   int64_t rank = 8, blocks = 16, max_len = 256;
   float alpha = 16.0f;
-  bool rslora = false, no_recompute = false;
+  bool rslora = false, no_recompute = false, resume = false;
+  int checkpoint_every = 0;
   int steps = 100, batch = 8, grad_accum = 1, warmup = 10, eval_examples = 50, max_new_tokens = 48;
   float lr = 1e-3f, weight_decay = 0.0f, clip = 1.0f;
   uint64_t seed = 1, adapter_seed = 1;
@@ -237,7 +238,7 @@ int RunTrain(const TrainArgs& a) {
   std::error_code ec;
   std::filesystem::create_directories(a.out, ec);
   if (ec) return Fail(absl::InternalError("cannot create " + a.out + ": " + ec.message()));
-  if (a.eval_examples != 0) {
+  if (a.eval_examples != 0 && !a.resume) {
     auto before = model::Evaluate(m, &*adapters, data->eval, a.eval_examples, a.max_new_tokens);
     if (!before.ok()) return Fail(before.status());
     PrintEval("before", *before);
@@ -249,7 +250,14 @@ int RunTrain(const TrainArgs& a) {
   oc.warmup_steps = a.warmup;
   oc.total_steps = a.steps;
   model::AdamW opt(oc);
+  const std::string ckpt = a.out + "/checkpoint.safetensors";
+  if (a.resume) {
+    if (auto s = model::LoadCheckpoint(ckpt, *adapters, &opt); !s.ok()) return Fail(s);
+    std::fprintf(stderr, "[fedtune] resumed from %s at step %d\n", ckpt.c_str(), opt.step());
+  }
   model::FinetuneOptions fo;
+  fo.checkpoint_every = a.checkpoint_every;
+  fo.checkpoint_path = ckpt;
   fo.steps = a.steps;
   fo.batch = a.batch;
   fo.grad_accum = a.grad_accum;
@@ -402,6 +410,8 @@ int main(int argc, char** argv) {
   train->add_option("--adapter-seed", ta.adapter_seed, "Seed of the adapter init (FFA-LoRA's frozen A)");
   train->add_option("--init", ta.init_adapter, "Continue from an adapter.safetensors or a PEFT LoRA folder");
   train->add_flag("--no-recompute", ta.no_recompute, "Keep all activations instead of recomputing them in backward");
+  train->add_option("--checkpoint-every", ta.checkpoint_every, "Write OUT/checkpoint.safetensors (adapters + optimizer) every N steps");
+  train->add_flag("--resume", ta.resume, "Continue from OUT/checkpoint.safetensors (same data, seed and options)");
   train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4");
 
   auto* ev = app.add_subcommand("eval", "Held-out loss, perplexity and exact-match accuracy");
