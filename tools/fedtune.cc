@@ -462,6 +462,11 @@ int main(int argc, char** argv) {
     if (!lines.ok()) return Fail(lines.status());
     std::string text;
     for (const auto& l : *lines) text += l + "\n";
+    if (const auto parent = std::filesystem::path(mk_out).parent_path(); !parent.empty()) {
+      std::error_code ec;
+      std::filesystem::create_directories(parent, ec);
+      if (ec) return Fail(absl::InternalError("cannot create " + parent.string() + ": " + ec.message()));
+    }
     if (auto s = WriteFileAtomic(mk_out, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return Fail(s);
     std::printf("wrote %d examples of '%s' to %s\n", mk_n, mk_name.c_str(), mk_out.c_str());
     return 0;
