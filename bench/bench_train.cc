@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
   const auto& c = (*m)->config();
   const auto kind = model::ParseAdapterKind(adapter);
   if (!kind) return std::fprintf(stderr, "bad --adapter\n"), 1;
-  auto set = model::MakeAdapters<float>({c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff},
+  auto set = model::MakeAdapters<float>((*m)->adapter_dims(),
                                         model::AdapterSpec{*kind, rank, 2.0f * static_cast<float>(rank), false, blocks},
                                         *model::ParseModules(modules), 1);
   if (!set.ok()) return std::fprintf(stderr, "%s\n", std::string(set.status().message()).c_str()), 1;

@@ -24,6 +24,17 @@ Example Finish(Example ex, const std::vector<bool>& score) {
   return ex;
 }
 
+// Deterministic Fisher-Yates shuffle, then the held-out split.
+Dataset ShuffleAndSplit(std::vector<Example> all, const DatasetOptions& o) {
+  Rng rng(o.seed);
+  for (size_t i = all.size(); i > 1; --i) std::swap(all[i - 1], all[rng.Below(i)]);
+  Dataset d;
+  const size_t n_eval = all.size() < 2 ? 0 : std::min<size_t>(static_cast<size_t>(o.max_holdout), static_cast<size_t>(static_cast<double>(all.size()) * o.holdout));
+  d.eval.assign(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n_eval));
+  d.train.assign(all.begin() + static_cast<std::ptrdiff_t>(n_eval), all.end());
+  return d;
+}
+
 }  // namespace
 
 absl::StatusOr<Dataset> DatasetFromJsonl(const std::vector<std::string>& lines, const std::string& source, const Tokenizer& tok,
@@ -88,14 +99,8 @@ absl::StatusOr<Dataset> DatasetFromJsonl(const std::vector<std::string>& lines, 
   }
   if (all.empty()) return absl::InvalidArgumentError(absl::StrCat(source, ": no examples"));
   if (truncated > 0) FT_LOG_WARN("{}: {} of {} examples longer than {} tokens were truncated", source, truncated, all.size(), o.max_len);
-  // Deterministic Fisher-Yates shuffle, then the held-out split.
-  Rng rng(o.seed);
-  for (size_t i = all.size(); i > 1; --i) std::swap(all[i - 1], all[rng.Below(i)]);
-  Dataset d;
+  Dataset d = ShuffleAndSplit(std::move(all), o);
   d.truncated = truncated;
-  const size_t n_eval = all.size() < 2 ? 0 : std::min<size_t>(static_cast<size_t>(o.max_holdout), static_cast<size_t>(static_cast<double>(all.size()) * o.holdout));
-  d.eval.assign(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n_eval));
-  d.train.assign(all.begin() + static_cast<std::ptrdiff_t>(n_eval), all.end());
   return d;
 }
 
@@ -121,13 +126,7 @@ absl::StatusOr<Dataset> LoadDataset(const std::string& path, const Tokenizer& to
     for (size_t i = 0; i + 1 < ex.tokens.size(); ++i) ex.targets[i] = ex.tokens[i + 1];
     all.push_back(std::move(ex));
   }
-  Rng rng(o.seed);
-  for (size_t i = all.size(); i > 1; --i) std::swap(all[i - 1], all[rng.Below(i)]);
-  Dataset d;
-  const size_t n_eval = std::min<size_t>(static_cast<size_t>(o.max_holdout), static_cast<size_t>(static_cast<double>(all.size()) * o.holdout));
-  d.eval.assign(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n_eval));
-  d.train.assign(all.begin() + static_cast<std::ptrdiff_t>(n_eval), all.end());
-  return d;
+  return ShuffleAndSplit(std::move(all), o);
 }
 
 Batch MakeBatch(const std::vector<const Example*>& examples, int32_t pad_id) {

@@ -120,7 +120,7 @@ absl::StatusOr<AdapterSet<float>> ImportPeft(const std::string& dir, const Llama
     modules.push_back(*m);
   }
   const auto& c = model.config();
-  FT_ASSIGN_OR_RETURN(auto set, MakeAdapters<float>({c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff}, spec, modules, 0));
+  FT_ASSIGN_OR_RETURN(auto set, MakeAdapters<float>(model.adapter_dims(), spec, modules, 0));
   FT_ASSIGN_OR_RETURN(auto st, SafetensorsFile::Open(dir + "/adapter_model.safetensors"));
   for (size_t l = 0; l < set.layers.size(); ++l) {
     for (Module mod : modules) {

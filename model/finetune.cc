@@ -24,18 +24,19 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
   std::vector<size_t> order(train.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   size_t cursor = order.size();  // forces a shuffle first
+  auto next_example = [&] {  // a deterministic reshuffle at every epoch boundary
+    if (cursor >= order.size()) {
+      for (size_t k = order.size(); k > 1; --k) std::swap(order[k - 1], order[rng.Below(k)]);
+      cursor = 0;
+    }
+    return order[cursor++];
+  };
   TrainReport rep;
   const auto t_start = Clock::now();
   adapters->ZeroGrad();
   // Resuming: replay the example order of the steps already taken.
   const int first = optimizer->step();
-  for (int64_t skip = static_cast<int64_t>(first) * o.grad_accum * o.batch; skip > 0; --skip) {
-    if (cursor >= order.size()) {
-      for (size_t k = order.size(); k > 1; --k) std::swap(order[k - 1], order[rng.Below(k)]);
-      cursor = 0;
-    }
-    ++cursor;
-  }
+  for (int64_t skip = static_cast<int64_t>(first) * o.grad_accum * o.batch; skip > 0; --skip) next_example();
   for (int step = first; step < o.steps; ++step) {
     const auto t0 = Clock::now();
     double nll = 0;
@@ -43,13 +44,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     std::vector<Batch> micro;
     for (int a = 0; a < o.grad_accum; ++a) {
       std::vector<const Example*> ex;
-      for (int i = 0; i < o.batch; ++i) {
-        if (cursor >= order.size()) {  // new epoch: reshuffle deterministically
-          for (size_t k = order.size(); k > 1; --k) std::swap(order[k - 1], order[rng.Below(k)]);
-          cursor = 0;
-        }
-        ex.push_back(&train[order[cursor++]]);
-      }
+      for (int i = 0; i < o.batch; ++i) ex.push_back(&train[next_example()]);
       micro.push_back(MakeBatch(ex, pad));
       scored += micro.back().n_scored();
     }

@@ -48,6 +48,8 @@ class LlamaModel {
   size_t ProjectionBytes() const;
 
   const LlamaConfig& config() const { return cfg_; }
+  // The in/out sizes adapters need (layers, embedding, K/V width, FFN width).
+  ModelDims adapter_dims() const { return {cfg_.n_layer, cfg_.n_embd, cfg_.n_head_kv * cfg_.head_dim, cfg_.n_ff}; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   const GgufFile* gguf() const { return gguf_.get(); }
   const LlamaLayer& layer(int64_t i) const { return layers_[static_cast<size_t>(i)]; }

@@ -197,11 +197,6 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const std::string& base_type) {
   return absl::OkStatus();
 }
 
-model::ModelDims Dims(const model::LlamaModel& m) {
-  const auto& c = m.config();
-  return {c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff};
-}
-
 void PrintEval(const char* when, const model::EvalResult& r) {
   std::printf("[%s] held-out loss %.4f (ppl %.3f) over %lld tokens; exact match %d/%d = %.1f%%\n", when, r.loss, r.perplexity(),
               static_cast<long long>(r.n_tokens), r.n_exact, r.n_generated, 100.0 * r.accuracy());
@@ -228,9 +223,9 @@ int RunTrain(const TrainArgs& a) {
   model::AdapterSpec spec{*kind, a.rank, a.alpha, a.rslora, a.blocks};
   // --init: a fedtune adapter.safetensors, or a Hugging Face PEFT LoRA folder.
   absl::StatusOr<model::AdapterSet<float>> adapters =
-      a.init_adapter.empty()                          ? model::MakeAdapters<float>(Dims(m), spec, *modules, a.adapter_seed)
+      a.init_adapter.empty()                          ? model::MakeAdapters<float>(m.adapter_dims(), spec, *modules, a.adapter_seed)
       : std::filesystem::is_directory(a.init_adapter) ? model::ImportPeft(a.init_adapter, m)
-                                                      : model::LoadAdapters(a.init_adapter, Dims(m));
+                                                      : model::LoadAdapters(a.init_adapter, m.adapter_dims());
   if (!adapters.ok()) return Fail(adapters.status());
   std::fprintf(stderr, "[fedtune] %zu train / %zu held-out examples (%lld truncated to %lld tokens); %s on %s: %lld trainable parameters\n",
                data->train.size(), data->eval.size(), static_cast<long long>(data->truncated), static_cast<long long>(a.max_len),
@@ -298,7 +293,7 @@ int RunEval(const std::string& model_path, const std::string& data_path, const s
   if (!data.ok()) return Fail(data.status());
   std::optional<model::AdapterSet<float>> adapters;
   if (!adapter_path.empty()) {
-    auto a = model::LoadAdapters(adapter_path, Dims(m));
+    auto a = model::LoadAdapters(adapter_path, m.adapter_dims());
     if (!a.ok()) return Fail(a.status());
     adapters = std::move(*a);
   }
@@ -324,7 +319,7 @@ int RunExport(const std::string& model_path, const std::string& adapter_path, co
   auto loaded = model::LlamaModel::Load(model_path);
   if (!loaded.ok()) return Fail(loaded.status());
   const auto& m = **loaded;
-  auto adapters = model::LoadAdapters(adapter_path, Dims(m));
+  auto adapters = model::LoadAdapters(adapter_path, m.adapter_dims());
   if (!adapters.ok()) return Fail(adapters.status());
   absl::Status s;
   if (format == "peft") {

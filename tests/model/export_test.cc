@@ -19,8 +19,7 @@ class ExportTest : public ::testing::TestWithParam<AdapterKind> {
     path_ = testing::TempPath("export_base.gguf");
     ASSERT_TRUE(testing::WriteTinyLlamaGguf(path_, {}).ok());
     model_ = std::move(LlamaModel::Load(path_)).value();
-    const auto& c = model_->config();
-    auto s = MakeAdapters<float>({c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff}, AdapterSpec{GetParam(), 4, 8.0f, false, 8},
+    auto s = MakeAdapters<float>(model_->adapter_dims(), AdapterSpec{GetParam(), 4, 8.0f, false, 8},
                                  *ParseModules("all"), 3);
     ASSERT_TRUE(s.ok());
     set_ = std::move(*s);

@@ -27,8 +27,7 @@ class TinyFixture : public ::testing::Test {
     auto m = LlamaModel::Load(path);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(m).value();
-    const auto& c = model_->config();
-    dims_ = {c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff};
+    dims_ = model_->adapter_dims();
   }
   std::unique_ptr<LlamaModel> model_;
   ModelDims dims_{};

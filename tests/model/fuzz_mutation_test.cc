@@ -51,14 +51,20 @@ std::vector<uint8_t> Mutate(const std::vector<uint8_t>& in, size_t header_size, 
   return b;
 }
 
-TEST(FuzzMutationTest, TenThousandMutatedGgufFilesNeverCrash) {
-  const std::string path = testing::TempPath("fuzz_seed.gguf");
+// A one-layer model keeps every mutant fast to load and run.
+testing::TinyModelOptions SmallSeedModel() {
   testing::TinyModelOptions o;
   o.n_embd = 32;
   o.n_head = 2;
   o.n_head_kv = 1;
   o.n_ff = 64;
   o.n_layer = 1;
+  return o;
+}
+
+TEST(FuzzMutationTest, TenThousandMutatedGgufFilesNeverCrash) {
+  const std::string path = testing::TempPath("fuzz_seed.gguf");
+  const testing::TinyModelOptions o = SmallSeedModel();
   ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, o).ok());
   const auto seed = ReadAll(path);
   size_t header = 0;
@@ -100,12 +106,7 @@ TEST(FuzzMutationTest, TenThousandMutatedGgufFilesNeverCrash) {
 
 TEST(FuzzMutationTest, MutatedSafetensorsFilesNeverCrash) {
   const std::string gguf = testing::TempPath("fuzz_hf.gguf"), dir = testing::TempPath("fuzz_hf");
-  testing::TinyModelOptions o;
-  o.n_embd = 32;
-  o.n_head = 2;
-  o.n_head_kv = 1;
-  o.n_ff = 64;
-  o.n_layer = 1;
+  const testing::TinyModelOptions o = SmallSeedModel();
   ASSERT_TRUE(testing::WriteTinyLlamaGguf(gguf, o).ok());
   ASSERT_TRUE(testing::WriteTinyLlamaHf(gguf, dir).ok());
   const auto seed = ReadAll(dir + "/model.safetensors");

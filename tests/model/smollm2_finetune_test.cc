@@ -11,12 +11,11 @@ namespace {
 
 TEST(SmolLM2FinetuneTest, LoraLearnsRecordTask) {
   const LlamaModel& m = testing::SmolLM2();
-  const auto& c = m.config();
   DatasetOptions dopt;
   dopt.holdout = 0.1;
   auto data = DatasetFromJsonl(*GenerateTask("record", 200, 1), "record", *m.tokenizer(), dopt);
   ASSERT_TRUE(data.ok()) << data.status();
-  auto adapters = MakeAdapters<float>({c.n_layer, c.n_embd, c.n_head_kv * c.head_dim, c.n_ff},
+  auto adapters = MakeAdapters<float>(m.adapter_dims(),
                                       AdapterSpec{AdapterKind::kLora, 8, 16.0f, false, 1}, *ParseModules("all"), 1);
   ASSERT_TRUE(adapters.ok());
   auto before = Evaluate(m, &*adapters, data->eval, 12, 24);
