@@ -1,0 +1,63 @@
+// Central differential privacy as a wrapper around any linear strategy (DP-FedAvg, McMahan et
+// al. 2018, arXiv 1710.06963; adaptive clipping, Andrew et al. 2021, arXiv 1905.03871):
+//   each client delta is clipped to L2 norm S and weighted equally (Fisher dropped: it is
+//   data-dependent and unprivatised), the merged deltas are summed, N(0, (z S)^2) is added
+//   to every coordinate of the sum, and the sum is divided by the EXPECTED number of clients m
+//   (fixed denominator), then the wrapped strategy's server optimizer runs on that.
+// With adaptive clipping, S follows the target quantile of update norms from a privatised
+// count of unclipped updates, and the update noise is raised to z_d so the pair costs one
+// release at z. Each round is recorded in a PrivacyLedger (q = m / population) BEFORE the
+// noisy result is released; a round past the epsilon budget is refused (ResourceExhausted).
+#pragma once
+
+#include <optional>
+
+#include "aggregation/strategy.h"
+#include "privacy/ledger.h"
+#include "privacy/noise.h"
+
+namespace fedtune::aggregation {
+
+struct DpOptions {
+  double noise_multiplier = 1.0;  // z
+  double clip_norm = 1.0;         // S (initial value when adaptive)
+  bool adaptive_clipping = false;
+  double target_quantile = 0.5;   // gamma
+  double clip_lr = 0.2;           // eta
+  double count_noise = 0;         // sigma_b; <= 0: m / 20
+  int expected_clients = 0;       // m (required)
+  int population = 0;             // clients sampled from; <= 0: q = 1 (no amplification)
+  double epsilon_budget = 0;      // <= 0: unlimited (still accounted)
+  double delta = 1e-5;
+  std::optional<privacy::NoiseSource::Seed> seed;  // tests only: reproducible noise
+};
+
+class DpStrategy : public Strategy {
+ public:
+  static absl::StatusOr<std::unique_ptr<DpStrategy>> Create(std::unique_ptr<Strategy> inner, const DpOptions& o);
+  std::string Name() const override { return "dp(" + inner_->Name() + ")"; }
+  std::vector<ClientTask> ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) override {
+    return inner_->ConfigureTrain(round, available, rng);
+  }
+  std::unique_ptr<Aggregation> BeginAggregate(int round, const TensorMap& global) override;
+  absl::StatusOr<RoundResult> Commit(int round, const TensorMap& global, Merged merged,
+                                     const std::vector<ClientFailure>& failures) override;
+  std::vector<ClientTask> ConfigureEvaluate(int round, const std::vector<std::string>& available, Rng& rng) override {
+    return inner_->ConfigureEvaluate(round, available, rng);
+  }
+  bool linear() const override { return true; }
+  const privacy::PrivacyLedger& ledger() const { return ledger_; }
+  double clip_norm() const { return clip_; }
+  double update_noise_multiplier() const { return z_update_; }
+
+ private:
+  DpStrategy(std::unique_ptr<Strategy> inner, const DpOptions& o, std::unique_ptr<privacy::NoiseSource> noise, double z_update);
+  std::unique_ptr<Strategy> inner_;
+  DpOptions o_;
+  std::unique_ptr<privacy::NoiseSource> noise_;
+  privacy::PrivacyLedger ledger_;
+  double clip_, z_update_;
+  int unclipped_ = 0;  // this round
+};
+
+}  // namespace fedtune::aggregation

@@ -1,0 +1,71 @@
+// The standard strategy, composed from a merge rule and a server optimizer:
+//   merge rules: example-weighted (or uniform) mean = FedAvg's; uncertainty-aware
+//   (per-coordinate precision weighting by each client's diagonal Fisher, ALGORITHMS.md);
+//   robust ones (coordinate-wise median, trimmed mean, multi-Krum), optionally after norm
+//   bounding of every update.
+//   server optimizers on the merged delta (Reddi et al. 2021, arXiv 2003.00295): FedAvg
+//   (theta += lr * delta), FedAvgM, FedAdam, FedYogi, FedAdagrad.
+// FedProx is client-side: the strategy hands "proximal_mu" to every client it configures.
+// Exactness (documented, tested): FFA-LoRA's B and DiaBlo's blocks enter the model linearly, so
+// their mean is exactly the mean of the clients' dense updates; plain LoRA's A and B averaged
+// separately give mean(B) mean(A) != mean(B A) (use aggregation/hetero_rank.h for the exact
+// FLoRA stacking or FlexLoRA SVD).
+#pragma once
+
+#include "aggregation/strategy.h"
+
+namespace fedtune::aggregation {
+
+enum class MergeRule { kMean, kUncertainty, kMedian, kTrimmedMean, kKrum };
+enum class ServerOptimizer { kFedAvg, kFedAvgM, kFedAdam, kFedYogi, kFedAdagrad };
+
+const char* MergeRuleName(MergeRule r);
+absl::StatusOr<MergeRule> ParseMergeRule(const std::string& s);  // mean, uncertainty, median, trimmed_mean, krum
+const char* ServerOptimizerName(ServerOptimizer o);
+absl::StatusOr<ServerOptimizer> ParseServerOptimizer(const std::string& s);  // fedavg, fedavgm, fedadam, fedyogi, fedadagrad
+
+struct StrategyOptions {
+  MergeRule merge = MergeRule::kMean;
+  bool weight_by_examples = true;    // mean / uncertainty: weights n_k (else 1)
+  double uncertainty_lambda = 1e-6;  // F + lambda
+  double trim_fraction = 0.1;        // trimmed mean: fraction cut from each side
+  int krum_byzantine = 0;            // f: assumed Byzantine clients
+  int krum_select = 1;               // m: updates averaged by multi-Krum (1 = Krum)
+  double norm_bound = 0;             // > 0: clip each delta to this L2 norm first
+  ServerOptimizer server = ServerOptimizer::kFedAvg;
+  double server_lr = 1.0;
+  double momentum = 0.9;             // FedAvgM
+  double beta1 = 0.9, beta2 = 0.99;  // FedAdam / FedYogi
+  double tau = 1e-3;                 // adaptivity; v starts at tau^2
+  int clients_per_round = 0;         // 0: every available client
+  int min_clients = 1;               // fewer accepted updates: keep the global adapter
+  int eval_clients = 0;              // 0: every available client
+  double proximal_mu = 0;            // FedProx mu handed to clients
+};
+
+class FedStrategy : public Strategy {
+ public:
+  static absl::StatusOr<std::unique_ptr<FedStrategy>> Create(const StrategyOptions& o);
+  std::string Name() const override;
+  std::vector<ClientTask> ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) override;
+  std::unique_ptr<Aggregation> BeginAggregate(int round, const TensorMap& global) override;
+  absl::StatusOr<RoundResult> Commit(int round, const TensorMap& global, Merged merged,
+                                     const std::vector<ClientFailure>& failures) override;
+  std::vector<ClientTask> ConfigureEvaluate(int round, const std::vector<std::string>& available, Rng& rng) override;
+  bool linear() const override { return o_.merge == MergeRule::kMean || o_.merge == MergeRule::kUncertainty; }
+  const StrategyOptions& options() const { return o_; }
+  // Server optimizer moments (for coordinator checkpoints): "m/<tensor>", "v/<tensor>".
+  TensorMap SaveState() const;
+  void LoadState(const TensorMap& state);
+
+ private:
+  explicit FedStrategy(const StrategyOptions& o) : o_(o) {}
+  StrategyOptions o_;
+  TensorMap m_, v_;
+};
+
+// Chooses min(k, n) of `available` uniformly without replacement (k <= 0: all), in a
+// deterministic order given rng.
+std::vector<std::string> SampleClients(const std::vector<std::string>& available, int k, Rng& rng);
+
+}  // namespace fedtune::aggregation

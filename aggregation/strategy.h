@@ -1,0 +1,82 @@
+// The aggregation strategy interface (after Flower's Strategy: configure train, aggregate
+// train, configure evaluate, aggregate evaluate), split so that aggregation can stream and so
+// that wrappers (differential privacy) can act between merging and the server update:
+//
+//   tasks = ConfigureTrain(round, available)        who trains, with which settings
+//   agg = BeginAggregate(round, global)             one round's accumulator
+//   agg->Add(update) ...                            streamed: memory does not grow with the
+//                                                   number of updates for linear merges
+//   merged = agg->Merge()                           the pseudo-gradient (merged delta)
+//   result = Commit(round, global, merged, failed)  server optimizer -> new global, or keep
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "aggregation/tensors.h"
+#include "common/rng.h"
+
+namespace fedtune::aggregation {
+
+struct ClientTask {
+  std::string client;
+  std::map<std::string, double> config;  // e.g. "proximal_mu" (FedProx)
+};
+
+// A merged round: per tensor the combined delta and the number of clients that contributed to
+// it (tensors nobody trained are absent).
+struct Merged {
+  TensorMap delta;
+  std::map<std::string, int> contributors;
+  int accepted = 0;          // updates merged
+  int64_t num_examples = 0;  // over accepted updates
+  std::map<std::string, double> metrics;
+};
+
+struct RoundResult {
+  std::optional<TensorMap> global;  // nullopt: keep the current global adapter
+  std::map<std::string, double> metrics;
+};
+
+struct EvalReport {
+  std::string client;
+  int64_t num_examples = 0;
+  std::map<std::string, double> metrics;
+};
+
+class Aggregation {
+ public:
+  virtual ~Aggregation() = default;
+  // Validates and folds in one update (the strategy's validation, then its merge rule). A
+  // rejected update leaves the accumulator unchanged.
+  virtual absl::Status Add(ClientUpdate u) = 0;
+  virtual absl::StatusOr<Merged> Merge() = 0;
+};
+
+class Strategy {
+ public:
+  virtual ~Strategy() = default;
+  virtual std::string Name() const = 0;
+  // Chooses the clients of a round from those available (deterministic given rng).
+  virtual std::vector<ClientTask> ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) = 0;
+  // `global` must outlive the returned accumulator.
+  virtual std::unique_ptr<Aggregation> BeginAggregate(int round, const TensorMap& global) = 0;
+  virtual absl::StatusOr<RoundResult> Commit(int round, const TensorMap& global, Merged merged,
+                                             const std::vector<ClientFailure>& failures) = 0;
+  virtual std::vector<ClientTask> ConfigureEvaluate(int round, const std::vector<std::string>& available, Rng& rng) = 0;
+  // Example-weighted mean of every metric the clients report.
+  virtual std::map<std::string, double> AggregateEvaluate(int round, const std::vector<EvalReport>& reports);
+  // Whether the merge is a (weighted) mean of deltas, the form differential privacy and secure
+  // aggregation need.
+  virtual bool linear() const = 0;
+};
+
+// Convenience for callers holding all updates at once (tests, small simulations). Invalid
+// updates are moved to the failures with their status.
+absl::StatusOr<RoundResult> AggregateTrain(Strategy& s, int round, const TensorMap& global, std::vector<ClientUpdate> updates,
+                                           std::vector<ClientFailure> failures = {});
+
+}  // namespace fedtune::aggregation

@@ -1,0 +1,41 @@
+// Adapter tensors as the server sees them: named flat float vectors (names follow
+// model::AdapterSet::ForEachTrainable, e.g. "blk.3.attn_q.lora_b"). Nothing here knows about
+// models, protobuf or transport.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace fedtune::aggregation {
+
+using TensorMap = std::map<std::string, std::vector<float>>;
+
+// One client's contribution to a round. `delta` = theta_k - theta_global for the tensors the
+// client trained (a subset of the global tensors: partially shared adapters are fine).
+struct ClientUpdate {
+  std::string client;
+  int64_t num_examples = 0;
+  TensorMap delta;
+  TensorMap fisher;  // optional diagonal Fisher per tensor (same names and sizes as delta)
+  std::map<std::string, double> metrics;
+};
+
+struct ClientFailure {
+  std::string client;
+  absl::Status status;
+};
+
+// L2 norm over all tensors (double accumulation).
+double L2Norm(const TensorMap& t);
+// x *= s.
+void Scale(TensorMap& t, float s);
+// Checks an update against the global tensors: every name known, sizes equal, all values
+// finite, Fisher non-negative, num_examples > 0. InvalidArgument naming client and tensor.
+absl::Status ValidateUpdate(const ClientUpdate& u, const TensorMap& global);
+// Scales `t` to L2 norm <= bound (bound > 0). Returns the norm before clipping.
+double ClipToNorm(TensorMap& t, double bound);
+
+}  // namespace fedtune::aggregation

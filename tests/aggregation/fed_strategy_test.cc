@@ -1,0 +1,363 @@
+#include "aggregation/fed_strategy.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+
+#include "aggregation/dp_strategy.h"
+
+namespace fedtune::aggregation {
+namespace {
+
+std::unique_ptr<FedStrategy> Make(StrategyOptions o = {}) {
+  auto s = FedStrategy::Create(o);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return std::move(*s);
+}
+
+ClientUpdate Update(const std::string& c, int64_t n, TensorMap delta, TensorMap fisher = {}) {
+  return ClientUpdate{c, n, std::move(delta), std::move(fisher), {}};
+}
+
+std::vector<float> RandomVec(Rng& rng, size_t n, double scale = 1.0) {
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(scale * rng.Normal());
+  return v;
+}
+
+TEST(FedAvgTest, WeightsByExampleCount) {
+  auto s = Make();
+  const TensorMap global = {{"w", {1.0f, 1.0f}}};
+  auto r = AggregateTrain(*s, 1, global, {Update("a", 1, {{"w", {1.0f, 0.0f}}}), Update("b", 3, {{"w", {-1.0f, 4.0f}}})});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(r->global);
+  EXPECT_FLOAT_EQ(r->global->at("w")[0], 1.0f + (1.0f - 3.0f) / 4);
+  EXPECT_FLOAT_EQ(r->global->at("w")[1], 1.0f + 12.0f / 4);
+}
+
+TEST(FedAvgTest, FfaLoraAggregationEqualsMeanOfDenseUpdates) {
+  // FFA-LoRA: A frozen and shared, only B averaged. s * mean(B) A == mean(s B_k A) exactly.
+  Rng rng(3);
+  const int64_t out = 24, in = 20, r = 4;
+  const double scale = 2.0;
+  const std::vector<float> a = RandomVec(rng, r * in);
+  const TensorMap global = {{"blk.0.attn_q.lora_b", std::vector<float>(out * r, 0.0f)}};
+  std::vector<ClientUpdate> ups;
+  std::vector<double> dense_mean(out * in, 0.0);
+  const int64_t counts[] = {5, 1, 9, 3};
+  for (int k = 0; k < 4; ++k) {
+    std::vector<float> b = RandomVec(rng, out * r);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) {
+        double d = 0;
+        for (int64_t j = 0; j < r; ++j) d += scale * b[o * r + j] * a[j * in + i];
+        dense_mean[o * in + i] += d * counts[k] / 18.0;
+      }
+    ups.push_back(Update("c" + std::to_string(k), counts[k], {{"blk.0.attn_q.lora_b", b}}));
+  }
+  auto s = Make();
+  auto res = AggregateTrain(*s, 1, global, std::move(ups));
+  ASSERT_TRUE(res.ok());
+  const std::vector<float>& bm = res->global->at("blk.0.attn_q.lora_b");
+  double max_err = 0, max_val = 0;
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) {
+      double d = 0;
+      for (int64_t j = 0; j < r; ++j) d += scale * bm[o * r + j] * a[j * in + i];
+      max_err = std::max(max_err, std::fabs(d - dense_mean[o * in + i]));
+      max_val = std::max(max_val, std::fabs(dense_mean[o * in + i]));
+    }
+  EXPECT_LT(max_err / max_val, 1e-6);
+}
+
+TEST(FedAvgTest, DiaBloAggregationEqualsMeanOfDenseUpdates) {
+  // DiaBlo: the dense update is block-diagonal with the blocks as they are.
+  Rng rng(4);
+  const int64_t nb = 3, bi = 4, bo = 5;
+  const TensorMap global = {{"blk.0.ffn_up.diablo", std::vector<float>(nb * bi * bo, 0.0f)}};
+  auto dense = [&](const std::vector<float>& d) {
+    std::vector<double> w(nb * bo * nb * bi, 0.0);
+    for (int64_t n = 0; n < nb; ++n)
+      for (int64_t i = 0; i < bi; ++i)
+        for (int64_t o = 0; o < bo; ++o) w[(n * bo + o) * nb * bi + n * bi + i] = d[(n * bi + i) * bo + o];
+    return w;
+  };
+  std::vector<ClientUpdate> ups;
+  std::vector<double> mean(nb * bo * nb * bi, 0.0);
+  for (int k = 0; k < 3; ++k) {
+    std::vector<float> d = RandomVec(rng, nb * bi * bo);
+    auto w = dense(d);
+    for (size_t j = 0; j < w.size(); ++j) mean[j] += w[j] * (k + 1) / 6.0;
+    ups.push_back(Update("c" + std::to_string(k), k + 1, {{"blk.0.ffn_up.diablo", d}}));
+  }
+  auto s = Make();
+  auto res = AggregateTrain(*s, 1, global, std::move(ups));
+  ASSERT_TRUE(res.ok());
+  auto w = dense(res->global->at("blk.0.ffn_up.diablo"));
+  for (size_t j = 0; j < w.size(); ++j) EXPECT_NEAR(w[j], mean[j], 1e-6 * (1 + std::fabs(mean[j])));
+}
+
+TEST(FedAvgTest, PartiallySharedTensorsAverageOverTheirContributors) {
+  auto s = Make();
+  const TensorMap global = {{"x", {0.0f}}, {"y", {10.0f}}};
+  auto r = AggregateTrain(*s, 1, global,
+                          {Update("a", 1, {{"x", {1.0f}}, {"y", {2.0f}}}), Update("b", 1, {{"x", {3.0f}}})});
+  ASSERT_TRUE(r.ok());
+  EXPECT_FLOAT_EQ(r->global->at("x")[0], 2.0f);
+  EXPECT_FLOAT_EQ(r->global->at("y")[0], 12.0f);  // only a trained y
+}
+
+TEST(FedAvgTest, BadUpdatesAreRejectedAndDoNotPoisonTheAggregate) {
+  auto s = Make();
+  const TensorMap global = {{"w", {0.0f, 0.0f}}};
+  std::vector<ClientFailure> failures;
+  auto agg = s->BeginAggregate(1, global);
+  EXPECT_EQ(agg->Add(Update("nan", 1, {{"w", {NAN, 1.0f}}})).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(agg->Add(Update("inf", 1, {{"w", {1.0f, INFINITY}}})).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(agg->Add(Update("shape", 1, {{"w", {1.0f}}})).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(agg->Add(Update("name", 1, {{"v", {1.0f, 1.0f}}})).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(agg->Add(Update("zero", 0, {{"w", {1.0f, 1.0f}}})).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(agg->Add(Update("fisher", 1, {{"w", {1.0f, 1.0f}}}, {{"w", {-1.0f, 1.0f}}})).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(agg->Add(Update("good", 2, {{"w", {1.0f, -1.0f}}})).ok());
+  EXPECT_EQ(agg->Add(Update("good", 2, {{"w", {1.0f, -1.0f}}})).code(), absl::StatusCode::kAlreadyExists);
+  auto m = agg->Merge();
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->accepted, 1);
+  auto r = s->Commit(1, global, std::move(*m), failures);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->global->at("w"), (std::vector<float>{1.0f, -1.0f}));
+}
+
+TEST(FedAvgTest, TooFewUpdatesKeepTheGlobalAdapter) {
+  StrategyOptions o;
+  o.min_clients = 2;
+  auto s = Make(o);
+  auto r = AggregateTrain(*s, 1, {{"w", {0.0f}}}, {Update("a", 1, {{"w", {1.0f}}})}, {{"b", absl::DeadlineExceededError("late")}});
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(r->global.has_value());
+  EXPECT_EQ(r->metrics.at("failures"), 1);
+}
+
+TEST(FedAdamTest, MatchesHandComputedSteps) {
+  StrategyOptions o;
+  o.server = ServerOptimizer::kFedAdam;
+  o.server_lr = 0.1;
+  o.beta1 = 0.9;
+  o.beta2 = 0.99;
+  o.tau = 1e-3;
+  auto s = Make(o);
+  TensorMap g = {{"w", {0.5f, -0.5f}}};
+  // Step 1, delta (0.1, -0.2): m = 0.1 d, v = 0.99 tau^2 + 0.01 d^2, w += lr m / (sqrt(v) + tau).
+  auto r1 = AggregateTrain(*s, 1, g, {Update("a", 1, {{"w", {0.1f, -0.2f}}})});
+  ASSERT_TRUE(r1.ok());
+  const double m1[] = {0.01, -0.02}, v1[] = {0.99e-6 + 1e-4, 0.99e-6 + 4e-4};
+  const double w1[] = {0.5 + 0.1 * m1[0] / (std::sqrt(v1[0]) + 1e-3), -0.5 + 0.1 * m1[1] / (std::sqrt(v1[1]) + 1e-3)};
+  EXPECT_NEAR(r1->global->at("w")[0], w1[0], 1e-6);  // 0.590503
+  EXPECT_NEAR(r1->global->at("w")[1], w1[1], 1e-6);
+  // Step 2, delta (0.3, 0): m = 0.9 m + 0.1 d, v = 0.99 v + 0.01 d^2.
+  auto r2 = AggregateTrain(*s, 2, *r1->global, {Update("a", 1, {{"w", {0.3f, 0.0f}}})});
+  ASSERT_TRUE(r2.ok());
+  const double m2[] = {0.9 * m1[0] + 0.03, 0.9 * m1[1]}, v2[] = {0.99 * v1[0] + 0.01 * 0.09, 0.99 * v1[1]};
+  EXPECT_NEAR(r2->global->at("w")[0], r1->global->at("w")[0] + 0.1 * m2[0] / (std::sqrt(v2[0]) + 1e-3), 1e-6);
+  EXPECT_NEAR(r2->global->at("w")[1], r1->global->at("w")[1] + 0.1 * m2[1] / (std::sqrt(v2[1]) + 1e-3), 1e-6);
+}
+
+TEST(FedAvgMTest, AccumulatesMomentum) {
+  StrategyOptions o;
+  o.server = ServerOptimizer::kFedAvgM;
+  o.momentum = 0.5;
+  auto s = Make(o);
+  auto r1 = AggregateTrain(*s, 1, {{"w", {0.0f}}}, {Update("a", 1, {{"w", {1.0f}}})});
+  auto r2 = AggregateTrain(*s, 2, *r1->global, {Update("a", 1, {{"w", {1.0f}}})});
+  EXPECT_FLOAT_EQ(r2->global->at("w")[0], 1.0f + 1.5f);
+}
+
+TEST(FedYogiTest, SecondMomentMovesBySignedStep) {
+  StrategyOptions o;
+  o.server = ServerOptimizer::kFedYogi;
+  o.server_lr = 1.0;
+  o.beta1 = 0.0;
+  o.beta2 = 0.5;
+  o.tau = 0.1;
+  auto s = Make(o);
+  // v0 = tau^2 = 0.01 < d^2 = 1: v = 0.01 + 0.5 * 1 = 0.51; w = d / (sqrt(0.51) + 0.1).
+  auto r = AggregateTrain(*s, 1, {{"w", {0.0f}}}, {Update("a", 1, {{"w", {1.0f}}})});
+  EXPECT_NEAR(r->global->at("w")[0], 1.0 / (std::sqrt(0.51) + 0.1), 1e-6);
+}
+
+TEST(UncertaintyMergeTest, PrecisionWeightsPerCoordinate) {
+  StrategyOptions o;
+  o.merge = MergeRule::kUncertainty;
+  auto s = Make(o);
+  // Coordinate 0: client a is confident (F=9), b not (F=1) -> (2*9*1 + 1*1*5)/(18 + 1).
+  auto r = AggregateTrain(*s, 1, {{"w", {0.0f, 0.0f}}},
+                          {Update("a", 2, {{"w", {1.0f, 1.0f}}}, {{"w", {9.0f, 1.0f}}}),
+                           Update("b", 1, {{"w", {5.0f, 5.0f}}}, {{"w", {1.0f, 8.0f}}})});
+  ASSERT_TRUE(r.ok());
+  const double l = 1e-6;
+  EXPECT_NEAR(r->global->at("w")[0], (2 * (9 + l) * 1 + (1 + l) * 5) / (2 * (9 + l) + (1 + l)), 1e-6);
+  EXPECT_NEAR(r->global->at("w")[1], (2 * (1 + l) * 1 + (8 + l) * 5) / (2 * (1 + l) + (8 + l)), 1e-6);
+  EXPECT_EQ(r->metrics.at("fisher_fallback_tensors"), 0);
+}
+
+TEST(UncertaintyMergeTest, FallsBackToWeightedMeanWithoutFisher) {
+  StrategyOptions o;
+  o.merge = MergeRule::kUncertainty;
+  auto s = Make(o);
+  auto r = AggregateTrain(*s, 1, {{"w", {0.0f}}}, {Update("a", 3, {{"w", {1.0f}}}, {{"w", {9.0f}}}), Update("b", 1, {{"w", {5.0f}}})});
+  ASSERT_TRUE(r.ok());
+  EXPECT_FLOAT_EQ(r->global->at("w")[0], 2.0f);
+  EXPECT_EQ(r->metrics.at("fisher_fallback_tensors"), 1);
+}
+
+TEST(RobustMergeTest, MedianAndTrimmedMeanIgnoreAnOutlier) {
+  std::vector<ClientUpdate> ups;
+  for (int k = 0; k < 5; ++k) ups.push_back(Update("c" + std::to_string(k), 1, {{"w", {static_cast<float>(k)}}}));
+  ups.push_back(Update("evil", 1, {{"w", {1e6f}}}));
+  StrategyOptions o;
+  o.merge = MergeRule::kMedian;
+  auto r = AggregateTrain(*Make(o), 1, {{"w", {0.0f}}}, ups);
+  EXPECT_FLOAT_EQ(r->global->at("w")[0], 2.5f);
+  o.merge = MergeRule::kTrimmedMean;
+  o.trim_fraction = 0.2;  // cuts one from each side of 6
+  r = AggregateTrain(*Make(o), 1, {{"w", {0.0f}}}, ups);
+  EXPECT_FLOAT_EQ(r->global->at("w")[0], 2.5f);
+}
+
+TEST(RobustMergeTest, MultiKrumDropsByzantineUpdates) {
+  Rng rng(9);
+  std::vector<ClientUpdate> ups;
+  for (int k = 0; k < 8; ++k) ups.push_back(Update("c" + std::to_string(k), 1, {{"w", RandomVec(rng, 16, 0.1)}}));
+  for (int k = 0; k < 2; ++k) ups.push_back(Update("evil" + std::to_string(k), 1, {{"w", std::vector<float>(16, 50.0f)}}));
+  StrategyOptions o;
+  o.merge = MergeRule::kKrum;
+  o.krum_byzantine = 2;
+  o.krum_select = 4;
+  auto r = AggregateTrain(*Make(o), 1, {{"w", std::vector<float>(16, 0.0f)}}, ups);
+  ASSERT_TRUE(r.ok()) << r.status();
+  for (float x : r->global->at("w")) EXPECT_LT(std::fabs(x), 1.0f);
+}
+
+TEST(RobustMergeTest, NormBoundingClipsEachUpdate) {
+  StrategyOptions o;
+  o.norm_bound = 1.0;
+  auto r = AggregateTrain(*Make(o), 1, {{"w", {0.0f, 0.0f}}}, {Update("a", 1, {{"w", {30.0f, 40.0f}}})});
+  EXPECT_NEAR(r->global->at("w")[0], 0.6, 1e-6);
+  EXPECT_NEAR(r->global->at("w")[1], 0.8, 1e-6);
+}
+
+TEST(SampleClientsTest, DrawsWithoutReplacementDeterministically) {
+  std::vector<std::string> all;
+  for (int i = 0; i < 50; ++i) all.push_back("w" + std::to_string(i));
+  Rng a(5), b(5);
+  auto x = SampleClients(all, 10, a), y = SampleClients(all, 10, b);
+  EXPECT_EQ(x, y);
+  EXPECT_EQ(std::set<std::string>(x.begin(), x.end()).size(), 10u);
+  Rng c(5);
+  EXPECT_EQ(SampleClients(all, 0, c).size(), 50u);
+}
+
+TEST(FedProxTest, ConfigureTrainHandsMuToClients) {
+  StrategyOptions o;
+  o.proximal_mu = 0.01;
+  Rng rng(1);
+  auto tasks = Make(o)->ConfigureTrain(1, {"a", "b"}, rng);
+  ASSERT_EQ(tasks.size(), 2u);
+  EXPECT_EQ(tasks[0].config.at("proximal_mu"), 0.01);
+}
+
+// ---- differential privacy ----
+
+std::unique_ptr<DpStrategy> MakeDp(DpOptions d, StrategyOptions o = {}) {
+  auto s = DpStrategy::Create(Make(o), d);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return std::move(*s);
+}
+
+TEST(DpStrategyTest, ClipsWeighsEquallyAndUsesFixedDenominator) {
+  DpOptions d;
+  d.noise_multiplier = 0;
+  d.clip_norm = 1.0;
+  d.expected_clients = 4;
+  auto s = MakeDp(d);
+  // a is clipped to (0.6, 0.8); b is inside the ball; 2 of 4 expected clients arrived.
+  auto r = AggregateTrain(*s, 1, {{"w", {0.0f, 0.0f}}}, {Update("a", 100, {{"w", {3.0f, 4.0f}}}), Update("b", 1, {{"w", {0.2f, 0.0f}}})});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_NEAR(r->global->at("w")[0], (0.6 + 0.2) / 4, 1e-6);
+  EXPECT_NEAR(r->global->at("w")[1], 0.8 / 4, 1e-6);
+  EXPECT_EQ(r->metrics.at("dp_unclipped_fraction"), 0.5);
+}
+
+TEST(DpStrategyTest, NoiseHasTheCalibratedStandardDeviation) {
+  DpOptions d;
+  d.noise_multiplier = 1.3;
+  d.clip_norm = 0.5;
+  d.expected_clients = 10;
+  auto s = MakeDp(d);
+  const size_t n = 200000;
+  auto r = AggregateTrain(*s, 1, {{"w", std::vector<float>(n, 0.0f)}}, {Update("a", 1, {{"w", std::vector<float>(n, 0.0f)}})});
+  ASSERT_TRUE(r.ok());
+  double s1 = 0, s2 = 0;
+  for (float x : r->global->at("w")) {
+    s1 += x;
+    s2 += static_cast<double>(x) * x;
+  }
+  const double sd = 1.3 * 0.5 / 10, mean = s1 / n, var = s2 / n - mean * mean;
+  EXPECT_LT(std::fabs(mean), 5 * sd / std::sqrt(n));
+  EXPECT_LT(std::fabs(var - sd * sd), 5 * sd * sd * std::sqrt(2.0 / n));
+  EXPECT_GT(r->metrics.at("epsilon"), 0);
+}
+
+TEST(DpStrategyTest, RefusesRoundsPastTheBudget) {
+  DpOptions d;
+  d.noise_multiplier = 2.0;
+  d.expected_clients = 5;
+  d.population = 50;
+  d.epsilon_budget = 2.0;
+  auto s = MakeDp(d);
+  TensorMap g = {{"w", {0.0f}}};
+  int rounds = 0;
+  for (;; ++rounds) {
+    auto r = AggregateTrain(*s, rounds + 1, g, {Update("a", 1, {{"w", {0.1f}}})});
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+      break;
+    }
+    EXPECT_LE(r->metrics.at("epsilon"), 2.0);
+    ASSERT_LT(rounds, 10000);
+  }
+  EXPECT_GT(rounds, 0);
+  EXPECT_EQ(static_cast<int>(s->ledger().releases().size()), rounds);
+}
+
+TEST(DpStrategyTest, AdaptiveClippingTracksTheTargetQuantile) {
+  DpOptions d;
+  d.noise_multiplier = 0.5;
+  d.clip_norm = 10.0;
+  d.adaptive_clipping = true;
+  d.expected_clients = 20;
+  auto s = MakeDp(d);
+  EXPECT_GT(s->update_noise_multiplier(), 0.5);
+  Rng rng(2);
+  TensorMap g = {{"w", {0.0f, 0.0f}}};
+  for (int round = 1; round <= 60; ++round) {
+    std::vector<ClientUpdate> ups;
+    for (int k = 0; k < 20; ++k) ups.push_back(Update("c" + std::to_string(k), 1, {{"w", {static_cast<float>(0.5 + k * 0.05), 0.0f}}}));
+    ASSERT_TRUE(AggregateTrain(*s, round, g, ups).ok());
+  }
+  // Norms are 0.5 .. 1.45 (median ~0.97): the clip norm must have come down from 10.
+  EXPECT_GT(s->clip_norm(), 0.5);
+  EXPECT_LT(s->clip_norm(), 1.6);
+}
+
+TEST(DpStrategyTest, RefusesNonLinearStrategies) {
+  StrategyOptions o;
+  o.merge = MergeRule::kMedian;
+  DpOptions d;
+  d.expected_clients = 3;
+  EXPECT_EQ(DpStrategy::Create(Make(o), d).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace fedtune::aggregation
