@@ -35,6 +35,9 @@ class MappedFile {
 
 // Writes `bytes` to `path` atomically: temp file in the same folder, fsync, rename.
 absl::Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> bytes);
+inline absl::Status WriteFileAtomic(const std::string& path, const std::string& text) {
+  return WriteFileAtomic(path, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+}
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 }  // namespace fedtune

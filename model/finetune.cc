@@ -56,6 +56,14 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
       nll += l;
       tokens += b.n_seq * b.len;
     }
+    if (o.proximal_mu > 0 && o.proximal_center != nullptr) {
+      const float mu = static_cast<float>(o.proximal_mu);
+      adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>& g) {
+        auto it = o.proximal_center->find(name);
+        if (it == o.proximal_center->end() || it->second.size() != p.size()) return;
+        for (size_t i = 0; i < p.size(); ++i) g[i] += mu * (p[i] - it->second[i]);
+      });
+    }
     const float lr = LearningRate(optimizer->config(), optimizer->step());
     const double gnorm = optimizer->Step(*adapters);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();

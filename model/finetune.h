@@ -4,6 +4,7 @@
 #pragma once
 
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,11 @@ struct FinetuneOptions {
   // as the uninterrupted run would have.
   int checkpoint_every = 0;
   std::string checkpoint_path;
+  // FedProx (Li et al. 2020, arXiv 1812.06127): adds mu/2 ||theta - center||^2 to the loss, so
+  // mu (theta - center) to every gradient. `proximal_center` holds the round's global tensors by
+  // trainable name; absent names get no term.
+  double proximal_mu = 0;
+  const std::map<std::string, std::vector<float>>* proximal_center = nullptr;
 };
 
 // Checkpoint = adapter tensors + AdamW moments + Fisher + step, one safetensors file.

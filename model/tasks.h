@@ -11,7 +11,9 @@
 
 namespace fedtune::model {
 
-// JSONL lines {"prompt": ..., "response": ...}. Tasks: "record".
+// Names of the built-in tasks: record, date, sum, sentiment, extract.
+const std::vector<std::string>& TaskNames();
+// JSONL lines {"prompt": ..., "response": ...}.
 absl::StatusOr<std::vector<std::string>> GenerateTask(const std::string& name, int n, uint64_t seed);
 
 }  // namespace fedtune::model

@@ -1,0 +1,528 @@
+#include "sim/simulation.h"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "aggregation/dp_strategy.h"
+#include "aggregation/fed_strategy.h"
+#include "common/mapped_file.h"
+#include "coordinator/run_ledger.h"
+#include "kernels/quant.h"
+#include "model/adapter_io.h"
+#include "model/export.h"
+#include "model/tasks.h"
+#include "nlohmann/json.hpp"
+#include "privacy/rdp_accountant.h"
+#include "sim/partition.h"
+#include "sim/report.h"
+#include "worker/local_trainer.h"
+
+namespace fedtune::sim {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using aggregation::TensorMap;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+double PeakRssMiB() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;
+}
+
+template <typename T>
+T Or(T v, T dflt) { return v == T{} ? dflt : v; }
+
+absl::Status Bad(const std::string& key, const std::string& what) { return absl::InvalidArgumentError(absl::StrCat(key, ": ", what)); }
+
+// Effective settings (proto3 zeros replaced by defaults) in one place.
+struct Settings {
+  int clients, rounds, local_steps, batch, eval_every, max_new_tokens, examples_per_task, eval_examples, max_len;
+  double lr, alpha_dir, skew;
+  uint64_t seed, adapter_seed;
+  aggregation::StrategyOptions strategy;
+  model::AdapterSpec spec;
+  std::vector<model::Module> modules;
+};
+
+absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
+  Settings s;
+  s.clients = c.clients();
+  s.rounds = c.rounds();
+  if (s.clients < 1 || s.clients > 100000) return Bad("clients", "must be in [1, 100000]");
+  if (s.rounds < 1) return Bad("rounds", "must be >= 1");
+  s.local_steps = Or(c.train().local_steps(), 4);
+  s.batch = Or(c.train().batch(), 8);
+  s.lr = Or(c.train().learning_rate(), 5e-3);
+  if (s.local_steps < 1 || s.batch < 1) return Bad("train", "local_steps and batch must be >= 1");
+  if (!(s.lr > 0)) return Bad("train.learning_rate", "must be > 0");
+  s.eval_every = Or(c.eval().every(), 1);
+  s.max_new_tokens = Or(c.eval().max_new_tokens(), 32);
+  s.examples_per_task = Or(c.data().examples_per_task(), 400);
+  s.eval_examples = Or(c.data().eval_examples(), 40);
+  s.max_len = Or(c.data().max_len(), 128);
+  s.alpha_dir = Or(c.data().dirichlet_alpha(), 0.5);
+  s.skew = Or(c.data().size_skew(), 1.0);
+  s.seed = Or<uint64_t>(c.seed(), 1);
+  s.adapter_seed = Or<uint64_t>(c.adapter_seed(), s.seed);
+  if (s.eval_every < 1 || s.max_new_tokens < 1 || s.examples_per_task < 1 || s.eval_examples < 1 || s.max_len < 8)
+    return Bad("eval/data", "every, max_new_tokens, examples_per_task, eval_examples must be >= 1 and max_len >= 8");
+  // Adapter.
+  switch (c.adapter().kind()) {
+    case proto::AdapterConfig::LORA: s.spec.kind = model::AdapterKind::kLora; break;
+    case proto::AdapterConfig::FFA_LORA: s.spec.kind = model::AdapterKind::kFfaLora; break;
+    case proto::AdapterConfig::DIABLO: s.spec.kind = model::AdapterKind::kDiaBlo; break;
+    default: return Bad("adapter.kind", "unknown");
+  }
+  s.spec.rank = Or(c.adapter().rank(), 8);
+  s.spec.alpha = Or(c.adapter().alpha(), 16.0f);
+  s.spec.blocks = Or(c.adapter().blocks(), 16);
+  s.spec.rslora = c.adapter().rslora();
+  if (s.spec.rank < 1 || s.spec.blocks < 1) return Bad("adapter", "rank and blocks must be >= 1");
+  const std::string mods = c.adapter().target_modules().empty() ? "all" : absl::StrJoin(c.adapter().target_modules(), ",");
+  auto modules = model::ParseModules(mods);
+  if (!modules.ok()) return Bad("adapter.target_modules", std::string(modules.status().message()));
+  s.modules = *modules;
+  // Strategy.
+  const auto& st = c.strategy();
+  if (!st.merge().empty()) {
+    auto m = aggregation::ParseMergeRule(st.merge());
+    if (!m.ok()) return Bad("strategy.merge", std::string(m.status().message()));
+    s.strategy.merge = *m;
+  }
+  if (!st.server().empty()) {
+    auto o = aggregation::ParseServerOptimizer(st.server());
+    if (!o.ok()) return Bad("strategy.server", std::string(o.status().message()));
+    s.strategy.server = *o;
+  }
+  s.strategy.server_lr = Or(st.server_lr(), 1.0);
+  s.strategy.clients_per_round = st.clients_per_round();
+  s.strategy.min_clients = Or(st.min_clients(), 1);
+  s.strategy.proximal_mu = st.proximal_mu();
+  s.strategy.norm_bound = st.norm_bound();
+  s.strategy.trim_fraction = Or(st.trim_fraction(), 0.1);
+  s.strategy.krum_byzantine = st.krum_byzantine();
+  s.strategy.krum_select = Or(st.krum_select(), 1);
+  s.strategy.momentum = Or(st.momentum(), 0.9);
+  s.strategy.tau = Or(st.tau(), 1e-3);
+  s.strategy.weight_by_examples = !st.uniform_weights();
+  if (s.strategy.clients_per_round > s.clients) return Bad("strategy.clients_per_round", absl::StrCat("exceeds clients (", s.clients, ")"));
+  if (s.strategy.min_clients > s.clients) return Bad("strategy.min_clients", absl::StrCat("exceeds clients (", s.clients, ")"));
+  if (auto f = aggregation::FedStrategy::Create(s.strategy); !f.ok()) return Bad("strategy", std::string(f.status().message()));
+  return s;
+}
+
+struct ClientState {
+  std::string name, profile;
+  double speed = 1, bandwidth_mbps = 100, latency_ms = 20, dropout = 0;
+  std::vector<model::Example> train;
+  std::vector<double> task_share;  // fraction of its examples per task
+  int trained = 0, dropped = 0;
+};
+
+std::string CsvEscape(const std::string& s) { return s.find_first_of(",\"") == std::string::npos ? s : "\"" + s + "\""; }
+
+}  // namespace
+
+absl::Status ValidateConfig(const proto::SimulationConfig& c) {
+  FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
+  if (!fs::exists(c.model().path())) return Bad("model.path", absl::StrCat("no such file: ", c.model().path()));
+  if (c.data().tasks().empty() && c.data().files().empty()) return Bad("data", "name at least one of data.tasks or data.files");
+  for (const std::string& t : c.data().tasks()) {
+    const auto& names = model::TaskNames();
+    if (std::find(names.begin(), names.end(), t) == names.end())
+      return Bad("data.tasks", absl::StrCat("unknown task '", t, "' (", absl::StrJoin(names, ", "), ")"));
+  }
+  for (const std::string& f : c.data().files())
+    if (!fs::exists(f)) return Bad("data.files", absl::StrCat("no such file: ", f));
+  const int num_tasks = c.data().tasks_size() + c.data().files_size();
+  if (c.data().partition() == proto::DataConfig::BY_TASK && s.clients < num_tasks)
+    return Bad("data.partition", absl::StrCat("by_task needs clients >= tasks (", num_tasks, ")"));
+  if (static_cast<int64_t>(s.examples_per_task) * c.data().tasks_size() > 0 &&
+      static_cast<int64_t>(s.examples_per_task) * num_tasks < s.clients)
+    return Bad("data.examples_per_task", absl::StrCat("too few examples for ", s.clients, " clients"));
+  if (c.profiles_size() > 0) {
+    int total = 0;
+    for (int i = 0; i < c.profiles_size(); ++i) {
+      const auto& p = c.profiles(i);
+      const std::string key = absl::StrCat("profiles[", i, "]");
+      if (p.count() < 1) return Bad(key + ".count", "must be >= 1");
+      if (p.speed() < 0 || p.bandwidth_mbps() < 0 || p.latency_ms() < 0) return Bad(key, "speed, bandwidth_mbps, latency_ms must be >= 0");
+      if (p.dropout() < 0 || p.dropout() >= 1) return Bad(key + ".dropout", "must be in [0, 1)");
+      total += p.count();
+    }
+    if (total != s.clients) return Bad("profiles", absl::StrCat("counts add up to ", total, ", but clients is ", s.clients));
+  }
+  if (!c.train().base_type().empty() && !kernels::GgmlTypeFromName(c.train().base_type()))
+    return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, f16 or f32");
+  if (c.dp().enabled()) {
+    if (c.dp().noise_multiplier() <= 0 && c.dp().target_epsilon() <= 0) return Bad("dp", "set noise_multiplier or target_epsilon");
+    const double delta = Or(c.dp().delta(), 1e-5);
+    if (!(delta > 0 && delta < 1)) return Bad("dp.delta", "must be in (0, 1)");
+    if (c.dp().target_epsilon() > 0) {
+      const int m = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : s.clients;
+      auto z = privacy::NoiseMultiplierFor(c.dp().target_epsilon(), delta, static_cast<double>(m) / s.clients, s.rounds);
+      if (!z.ok()) return Bad("dp.target_epsilon", std::string(z.status().message()));
+    }
+    if (s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
+      return Bad("dp.enabled", "differential privacy needs strategy.merge mean or uncertainty");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c, const SimOptions& o) {
+  FT_RETURN_IF_ERROR(ValidateConfig(c));
+  FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
+  const auto t_start = Clock::now();
+  auto say = [&](const std::string& line) {
+    if (o.progress) std::fprintf(stderr, "[simulate] %s\n", line.c_str());
+  };
+  SimulationResult result;
+  result.run_dir = c.output_dir().empty() ? "runs/" + o.default_run_name : c.output_dir();
+  std::error_code ec;
+  fs::create_directories(result.run_dir, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", result.run_dir, ": ", ec.message()));
+  if (!o.config_text.empty()) FT_RETURN_IF_ERROR(WriteFileAtomic(result.run_dir + "/config.yaml", o.config_text));
+
+  // Model: one read-only copy shared by every virtual client.
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(c.model().path()));
+  if (!c.train().base_type().empty()) {
+    FT_ASSIGN_OR_RETURN(size_t bytes, model->Requantize(*kernels::GgmlTypeFromName(c.train().base_type())));
+    say(absl::StrFormat("base re-quantized to %s: %.1f MiB of projections", c.train().base_type(), bytes / 1048576.0));
+  }
+  if (model->tokenizer() == nullptr) return absl::FailedPreconditionError("the model has no tokenizer");
+  const model::Tokenizer& tok = *model->tokenizer();
+
+  // Data: every task (or file) split into train and held-out; the global evaluation set takes
+  // an equal share of every task's held-out examples.
+  std::vector<std::string> task_names;
+  std::vector<model::Dataset> per_task;
+  model::DatasetOptions dopt;
+  dopt.max_len = s.max_len;
+  dopt.seed = s.seed;
+  dopt.holdout = 0.15;
+  dopt.max_holdout = 1000;
+  for (int t = 0; t < c.data().tasks_size(); ++t) {
+    FT_ASSIGN_OR_RETURN(auto lines, model::GenerateTask(c.data().tasks(t), s.examples_per_task, s.seed * 1000 + static_cast<uint64_t>(t)));
+    FT_ASSIGN_OR_RETURN(model::Dataset d, model::DatasetFromJsonl(lines, c.data().tasks(t), tok, dopt));
+    per_task.push_back(std::move(d));
+    task_names.push_back(c.data().tasks(t));
+  }
+  for (const std::string& f : c.data().files()) {
+    FT_ASSIGN_OR_RETURN(model::Dataset d, model::LoadDataset(f, tok, dopt));
+    per_task.push_back(std::move(d));
+    task_names.push_back(fs::path(f).stem().string());
+  }
+  const int num_tasks = static_cast<int>(per_task.size());
+  std::vector<std::vector<model::Example>> eval_by_task(static_cast<size_t>(num_tasks));
+  const int eval_per_task = std::max(1, s.eval_examples / num_tasks);
+  for (int t = 0; t < num_tasks; ++t) {
+    const auto& ev = per_task[static_cast<size_t>(t)].eval;
+    eval_by_task[static_cast<size_t>(t)].assign(ev.begin(), ev.begin() + std::min<std::ptrdiff_t>(eval_per_task, static_cast<std::ptrdiff_t>(ev.size())));
+  }
+  std::vector<model::Example> pool;
+  std::vector<int> labels;
+  for (int t = 0; t < num_tasks; ++t)
+    for (auto& e : per_task[static_cast<size_t>(t)].train) {
+      pool.push_back(std::move(e));
+      labels.push_back(t);
+    }
+  per_task.clear();
+
+  Rng rng(s.seed);
+  const auto kind = static_cast<PartitionKind>(static_cast<int>(c.data().partition()));
+  FT_ASSIGN_OR_RETURN(auto parts, Partition(labels, num_tasks, s.clients, kind, s.alpha_dir, s.skew, rng));
+  std::vector<ClientState> clients(static_cast<size_t>(s.clients));
+  {
+    int k = 0;
+    for (int p = 0; p < std::max(1, c.profiles_size()); ++p) {
+      const proto::ClientProfile prof = c.profiles_size() ? c.profiles(p) : proto::ClientProfile();
+      const int count = c.profiles_size() ? prof.count() : s.clients;
+      for (int i = 0; i < count; ++i, ++k) {
+        ClientState& cl = clients[static_cast<size_t>(k)];
+        cl.name = absl::StrFormat("client-%03d", k);
+        cl.profile = prof.name().empty() ? "default" : prof.name();
+        cl.speed = Or(prof.speed(), 1.0);
+        cl.bandwidth_mbps = Or(prof.bandwidth_mbps(), 100.0);
+        cl.latency_ms = Or(prof.latency_ms(), 20.0);
+        cl.dropout = prof.dropout();
+      }
+    }
+    for (size_t k2 = 0; k2 < clients.size(); ++k2) {
+      clients[k2].task_share.assign(static_cast<size_t>(num_tasks), 0.0);
+      for (size_t i : parts[k2]) {
+        clients[k2].train.push_back(pool[i]);
+        clients[k2].task_share[static_cast<size_t>(labels[i])] += 1.0 / static_cast<double>(parts[k2].size());
+      }
+    }
+  }
+  const size_t pooled_examples = pool.size();
+  pool.clear();
+  pool.shrink_to_fit();
+  say(absl::StrFormat("%d clients, %d tasks (%s), %zu training examples, partition %s; %d held-out examples for evaluation",
+                      s.clients, num_tasks, absl::StrJoin(task_names, ", "), pooled_examples,
+                      proto::DataConfig::Partition_Name(c.data().partition()), eval_per_task * num_tasks));
+
+  // Global adapter.
+  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(model->adapter_dims(), s.spec, s.modules, s.adapter_seed));
+  TensorMap global = worker::AdapterTensors(adapters);
+  const int64_t global_bytes = worker::TensorBytes(global);
+  say(absl::StrFormat("adapter %s: %lld trainable parameters (%.2f MiB per transfer)", model::AdapterKindName(s.spec.kind),
+                      static_cast<long long>(adapters.NumTrainable()), global_bytes / 1048576.0));
+
+  // Strategy (+ differential privacy).
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<aggregation::FedStrategy> fed, aggregation::FedStrategy::Create(s.strategy));
+  std::unique_ptr<aggregation::Strategy> strategy = std::move(fed);
+  const int expected = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : s.clients;
+  if (c.dp().enabled()) {
+    aggregation::DpOptions d;
+    d.delta = Or(c.dp().delta(), 1e-5);
+    d.expected_clients = expected;
+    d.population = s.clients;
+    d.clip_norm = Or(c.dp().clip_norm(), 0.1);
+    d.adaptive_clipping = c.dp().adaptive_clipping();
+    d.target_quantile = Or(c.dp().target_quantile(), 0.5);
+    d.noise_multiplier = c.dp().noise_multiplier();
+    if (c.dp().target_epsilon() > 0) {
+      FT_ASSIGN_OR_RETURN(d.noise_multiplier, privacy::NoiseMultiplierFor(c.dp().target_epsilon(), d.delta, static_cast<double>(expected) / s.clients, s.rounds));
+      d.epsilon_budget = c.dp().target_epsilon() * (1 + 1e-9);
+    }
+    say(absl::StrFormat("differential privacy: z=%.4f, clip %.3g%s, q=%.3f, delta %.1e", d.noise_multiplier, d.clip_norm,
+                        d.adaptive_clipping ? " (adaptive)" : "", static_cast<double>(expected) / s.clients, d.delta));
+    FT_ASSIGN_OR_RETURN(auto dp, aggregation::DpStrategy::Create(std::move(strategy), d));
+    strategy = std::move(dp);
+  }
+
+  FT_ASSIGN_OR_RETURN(auto ledger, coordinator::RunLedger::Open(result.run_dir + "/ledger.sqlite"));
+  FT_RETURN_IF_ERROR(ledger->SetRunInfo("strategy", strategy->Name()));
+  FT_RETURN_IF_ERROR(ledger->SetRunInfo("config", o.config_text));
+
+  worker::LocalTrainOptions lt;
+  lt.finetune.steps = s.local_steps;
+  lt.finetune.batch = s.batch;
+  lt.finetune.recompute = !c.train().no_recompute();
+  lt.finetune.log_every = 0;
+  lt.optimizer.lr = static_cast<float>(s.lr);
+  lt.optimizer.warmup_steps = c.train().warmup_steps();
+  lt.optimizer.total_steps = s.local_steps;
+  lt.optimizer.min_lr_ratio = 1.0f;  // constant local rate: the schedule lives across rounds
+  lt.optimizer.weight_decay = static_cast<float>(c.train().weight_decay());
+  lt.optimizer.clip_norm = static_cast<float>(Or(c.train().clip_norm(), 1.0));
+  lt.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty;
+
+  // Evaluation of the current global adapter: per task, then the mean.
+  std::vector<double> last_task_acc(static_cast<size_t>(num_tasks), 0.0);
+  auto evaluate = [&](std::map<std::string, double>& m) -> absl::Status {
+    FT_RETURN_IF_ERROR(worker::SetAdapterTensors(global, &adapters));
+    double loss_sum = 0, acc_sum = 0;
+    int64_t tokens = 0;
+    for (int t = 0; t < num_tasks; ++t) {
+      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, &adapters, eval_by_task[static_cast<size_t>(t)], 0, s.max_new_tokens));
+      m["acc_" + task_names[static_cast<size_t>(t)]] = r.accuracy();
+      last_task_acc[static_cast<size_t>(t)] = r.accuracy();
+      loss_sum += r.loss * static_cast<double>(r.n_tokens);
+      tokens += r.n_tokens;
+      acc_sum += r.accuracy();
+    }
+    m["eval_loss"] = tokens ? loss_sum / static_cast<double>(tokens) : 0.0;
+    m["eval_ppl"] = std::exp(m["eval_loss"]);
+    m["accuracy"] = acc_sum / num_tasks;
+    return absl::OkStatus();
+  };
+
+  // Outputs written as the run goes.
+  std::ofstream jsonl(result.run_dir + "/metrics.jsonl", std::ios::trunc);
+  std::ofstream csv(result.run_dir + "/metrics.csv", std::ios::trunc);
+  std::vector<std::string> csv_cols = {"round", "wall_seconds", "sim_round_seconds", "train_loss", "eval_loss", "eval_ppl", "accuracy",
+                                       "accepted", "failures", "dropped", "epsilon", "bytes_up", "bytes_down", "update_norm"};
+  for (const auto& n : task_names) csv_cols.push_back("acc_" + n);
+  {
+    std::vector<std::string> esc;
+    for (const auto& col : csv_cols) esc.push_back(CsvEscape(col));
+    csv << absl::StrJoin(esc, ",") << "\n";
+  }
+  auto emit = [&](const RoundRecord& r) {
+    nlohmann::json j;
+    j["round"] = r.round;
+    j["evaluated"] = r.evaluated;
+    for (const auto& [k, v] : r.metrics) j[k] = v;
+    jsonl << j.dump() << "\n" << std::flush;
+    std::vector<std::string> row;
+    for (const auto& col : csv_cols) {
+      if (col == "round") {
+        row.push_back(std::to_string(r.round));
+        continue;
+      }
+      auto it = r.metrics.find(col);
+      row.push_back(it == r.metrics.end() ? "" : absl::StrFormat("%.6g", it->second));
+    }
+    csv << absl::StrJoin(row, ",") << "\n" << std::flush;
+  };
+
+  {
+    RoundRecord r0;
+    r0.round = 0;
+    r0.evaluated = true;
+    const auto t0 = Clock::now();
+    say("evaluating the starting adapter (round 0)");
+    FT_RETURN_IF_ERROR(evaluate(r0.metrics));
+    r0.metrics["wall_seconds"] = Seconds(t0, Clock::now());
+    result.accuracy_before = r0.metrics["accuracy"];
+    say(absl::StrFormat("round 0: accuracy %.1f%%, eval loss %.4f", 100 * result.accuracy_before, r0.metrics["eval_loss"]));
+    emit(r0);
+    result.rounds.push_back(r0);
+  }
+
+  const int total_tasks = s.rounds * expected;
+  int done_tasks = 0;
+  double train_wall = 0;
+  Rng sched_rng(s.seed ^ 0x5eedull);
+  std::vector<std::string> names;
+  for (const auto& cl : clients) names.push_back(cl.name);
+  std::map<std::string, size_t> index;
+  for (size_t k = 0; k < clients.size(); ++k) index[clients[k].name] = k;
+
+  for (int round = 1; round <= s.rounds; ++round) {
+    const auto t_round = Clock::now();
+    RoundRecord rec;
+    rec.round = round;
+    std::vector<aggregation::ClientTask> tasks = strategy->ConfigureTrain(round, names, sched_rng);
+    std::unique_ptr<aggregation::Aggregation> agg = strategy->BeginAggregate(round, global);
+    std::vector<aggregation::ClientFailure> failures;
+    std::vector<coordinator::ClientRoundRecord> client_recs;
+    double sim_round = 0, loss_sum = 0;
+    int64_t bytes_up = 0, bytes_down = 0;
+    int dropped = 0, trained = 0;
+    for (const aggregation::ClientTask& task : tasks) {
+      ClientState& cl = clients[index.at(task.client)];
+      const double comm_down = cl.latency_ms / 1000.0 + static_cast<double>(global_bytes) * 8 / (cl.bandwidth_mbps * 1e6);
+      bytes_down += global_bytes;
+      if (cl.dropout > 0 && sched_rng.Uniform() < cl.dropout) {
+        ++dropped;
+        ++cl.dropped;
+        failures.push_back({cl.name, absl::UnavailableError("dropped out (simulated)")});
+        client_recs.push_back({cl.name, "dropped", 0, 0, 0, 0});
+        ++done_tasks;
+        continue;
+      }
+      const auto t0 = Clock::now();
+      FT_ASSIGN_OR_RETURN(worker::LocalResult lr, worker::TrainLocal(*model, cl.train, global, task.config, cl.name, lt, &adapters));
+      const double secs = Seconds(t0, Clock::now());
+      train_wall += secs;
+      const int64_t up = worker::TensorBytes(lr.update.delta) + worker::TensorBytes(lr.update.fisher);
+      const double comm_up = cl.latency_ms / 1000.0 + static_cast<double>(up) * 8 / (cl.bandwidth_mbps * 1e6);
+      sim_round = std::max(sim_round, comm_down + secs / cl.speed + comm_up);
+      bytes_up += up;
+      loss_sum += lr.report.final_loss;
+      coordinator::ClientRoundRecord cr{cl.name, "ok", lr.update.num_examples, lr.report.final_loss, secs, up};
+      if (absl::Status st = agg->Add(std::move(lr.update)); !st.ok()) {
+        cr.status = absl::StrCat("rejected: ", st.message());
+        failures.push_back({cl.name, st});
+      } else {
+        ++trained;
+        ++cl.trained;
+      }
+      client_recs.push_back(cr);
+      ++done_tasks;
+      const double eta = train_wall / done_tasks * (total_tasks - done_tasks);
+      if (o.progress)
+        std::fprintf(stderr, "[simulate] round %d/%d  %s (%s) loss %.4f  %.1f s  [%d/%d client-rounds, ETA %.0f s]\n", round, s.rounds,
+                     cl.name.c_str(), cl.profile.c_str(), cr.train_loss, secs, done_tasks, total_tasks, eta);
+    }
+    FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
+    FT_ASSIGN_OR_RETURN(aggregation::RoundResult rr, strategy->Commit(round, global, std::move(merged), failures));
+    if (rr.global) global = std::move(*rr.global);
+    rec.metrics = rr.metrics;
+    rec.metrics["train_loss"] = trained ? loss_sum / trained : 0.0;
+    rec.metrics["dropped"] = dropped;
+    rec.metrics["bytes_up"] = static_cast<double>(bytes_up);
+    rec.metrics["bytes_down"] = static_cast<double>(bytes_down);
+    rec.metrics["sim_round_seconds"] = sim_round;
+    if (round % s.eval_every == 0 || round == s.rounds) {
+      rec.evaluated = true;
+      FT_RETURN_IF_ERROR(evaluate(rec.metrics));
+    }
+    rec.metrics["wall_seconds"] = Seconds(t_round, Clock::now());
+    FT_RETURN_IF_ERROR(ledger->CommitRound(round, rec.metrics, client_recs));
+    FT_RETURN_IF_ERROR(worker::SetAdapterTensors(global, &adapters));
+    FT_RETURN_IF_ERROR(model::SaveAdapters(result.run_dir + "/adapter.safetensors", adapters));
+    emit(rec);
+    std::string line = absl::StrFormat("round %d/%d done in %.0f s: %d updates, %d dropped, train loss %.4f", round, s.rounds,
+                                       rec.metrics["wall_seconds"], trained, dropped, rec.metrics["train_loss"]);
+    if (rec.evaluated) absl::StrAppend(&line, absl::StrFormat(", eval loss %.4f, accuracy %.1f%%", rec.metrics["eval_loss"], 100 * rec.metrics["accuracy"]));
+    if (rec.metrics.count("epsilon")) absl::StrAppend(&line, absl::StrFormat(", epsilon %.3f", rec.metrics["epsilon"]));
+    say(line);
+    result.rounds.push_back(std::move(rec));
+  }
+  result.accuracy_after = result.rounds.back().metrics["accuracy"];
+
+  // Exports of the final global adapter.
+  FT_RETURN_IF_ERROR(worker::SetAdapterTensors(global, &adapters));
+  if (s.spec.kind != model::AdapterKind::kDiaBlo) FT_RETURN_IF_ERROR(model::ExportPeft(result.run_dir + "/peft", *model, adapters, c.model().path()));
+  FT_RETURN_IF_ERROR(model::ExportGgufLora(result.run_dir + "/adapter-lora.gguf", *model, adapters));
+
+  // Centralized baseline with the same number of examples processed.
+  if (c.centralized_baseline()) {
+    say("centralized baseline on the pooled client data (same example budget)");
+    std::vector<model::Example> all;
+    for (const auto& cl : clients) all.insert(all.end(), cl.train.begin(), cl.train.end());
+    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> central, model::MakeAdapters<float>(model->adapter_dims(), s.spec, s.modules, s.adapter_seed));
+    model::FinetuneOptions ft = lt.finetune;
+    ft.steps = s.rounds * s.local_steps * expected;
+    model::OptimizerConfig oc = lt.optimizer;
+    oc.total_steps = ft.steps;
+    model::AdamW opt(oc);
+    FT_ASSIGN_OR_RETURN(model::TrainReport rep, model::Finetune(*model, all, ft, &central, &opt));
+    double acc = 0;
+    for (int t = 0; t < num_tasks; ++t) {
+      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, &central, eval_by_task[static_cast<size_t>(t)], 0, s.max_new_tokens));
+      acc += r.accuracy();
+    }
+    result.centralized_accuracy = acc / num_tasks;
+    say(absl::StrFormat("centralized: %d steps in %.0f s, accuracy %.1f%%", rep.steps, rep.seconds, 100 * result.centralized_accuracy));
+    FT_RETURN_IF_ERROR(ledger->SetRunInfo("centralized_accuracy", absl::StrCat(result.centralized_accuracy)));
+  }
+
+  result.wall_seconds = Seconds(t_start, Clock::now());
+  result.peak_rss_mib = PeakRssMiB();
+
+  // Report.
+  ReportInput rin;
+  rin.title = absl::StrCat("fedtune simulation: ", strategy->Name(), ", ", model::AdapterKindName(s.spec.kind));
+  rin.config_text = o.config_text;
+  rin.rounds = result.rounds;
+  rin.summary_lines = {
+      absl::StrFormat("Held-out exact-match accuracy: %.1f%% before, %.1f%% after %d rounds", 100 * result.accuracy_before,
+                      100 * result.accuracy_after, s.rounds),
+      absl::StrFormat("%d clients (%d per round), tasks: %s, partition %s", s.clients, expected, absl::StrJoin(task_names, ", "),
+                      proto::DataConfig::Partition_Name(c.data().partition())),
+      absl::StrFormat("Wall time %.0f s on this machine, peak RSS %.0f MiB", result.wall_seconds, result.peak_rss_mib)};
+  if (result.centralized_accuracy >= 0)
+    rin.summary_lines.push_back(absl::StrFormat("Centralized baseline, same example budget: %.1f%%", 100 * result.centralized_accuracy));
+  for (const ClientState& cl : clients) {
+    ClientSummary cs{cl.name, cl.profile, static_cast<int64_t>(cl.train.size()), "", cl.trained, cl.dropped, 0.0};
+    std::vector<std::string> mix;
+    for (int t = 0; t < num_tasks; ++t) {
+      const double share = cl.task_share[static_cast<size_t>(t)];
+      cs.accuracy_after += share * last_task_acc[static_cast<size_t>(t)];
+      if (share > 0) mix.push_back(absl::StrFormat("%s %.0f%%", task_names[static_cast<size_t>(t)], 100 * share));
+    }
+    cs.task_mix = absl::StrJoin(mix, ", ");
+    rin.clients.push_back(cs);
+  }
+  FT_RETURN_IF_ERROR(WriteReport(result.run_dir + "/report.html", rin));
+  return result;
+}
+
+}  // namespace fedtune::sim

@@ -1,0 +1,68 @@
+#include "worker/local_trainer.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace fedtune::worker {
+
+aggregation::TensorMap AdapterTensors(model::AdapterSet<float>& adapters) {
+  aggregation::TensorMap t;
+  adapters.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) { t[name] = p; });
+  return t;
+}
+
+absl::Status SetAdapterTensors(const aggregation::TensorMap& t, model::AdapterSet<float>* adapters) {
+  size_t found = 0;
+  absl::Status st;
+  adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+    auto it = t.find(name);
+    if (it == t.end() || !st.ok()) return;
+    if (it->second.size() != p.size()) {
+      st = absl::InvalidArgumentError(absl::StrCat("adapter tensor ", name, " has ", it->second.size(), " values, expected ", p.size()));
+      return;
+    }
+    p = it->second;
+    ++found;
+  });
+  FT_RETURN_IF_ERROR(st);
+  if (found != t.size()) return absl::InvalidArgumentError(absl::StrCat(t.size() - found, " adapter tensors do not exist in this adapter layout"));
+  return absl::OkStatus();
+}
+
+int64_t TensorBytes(const aggregation::TensorMap& t) {
+  int64_t b = 0;
+  for (const auto& [name, v] : t) b += static_cast<int64_t>(v.size() * sizeof(float));
+  return b;
+}
+
+absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std::vector<model::Example>& data,
+                                       const aggregation::TensorMap& global, const std::map<std::string, double>& config,
+                                       const std::string& client, const LocalTrainOptions& o, model::AdapterSet<float>* adapters) {
+  FT_RETURN_IF_ERROR(SetAdapterTensors(global, adapters));
+  model::FinetuneOptions ft = o.finetune;
+  if (auto it = config.find("proximal_mu"); it != config.end()) {
+    ft.proximal_mu = it->second;
+    ft.proximal_center = &global;
+  }
+  model::AdamW opt(o.optimizer);  // local optimizer state starts fresh every round
+  LocalResult r;
+  FT_ASSIGN_OR_RETURN(r.report, model::Finetune(model, data, ft, adapters, &opt));
+  r.update.client = client;
+  r.update.num_examples = static_cast<int64_t>(data.size());
+  adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+    auto git = global.find(name);
+    if (git == global.end()) return;  // not part of this round's global tensors
+    const std::vector<float>& g = git->second;
+    std::vector<float>& d = r.update.delta[name];
+    d.resize(p.size());
+    for (size_t i = 0; i < p.size(); ++i) d[i] = p[i] - g[i];
+    if (o.send_fisher) {
+      if (auto f = opt.fisher().find(name); f != opt.fisher().end()) r.update.fisher[name] = f->second;
+    }
+  });
+  r.update.metrics["train_loss"] = r.report.final_loss;
+  r.update.metrics["train_seconds"] = r.report.seconds;
+  r.update.metrics["train_tokens"] = static_cast<double>(r.report.tokens);
+  return r;
+}
+
+}  // namespace fedtune::worker

@@ -1,0 +1,40 @@
+// One client's part of a round, shared by the worker daemon and the simulation: start from the
+// global adapter tensors, fine-tune locally on private data, and package the update (delta from
+// the global tensors, example count, diagonal Fisher, metrics) for the server. This is the one
+// place that translates between the model's AdapterSet and the server's plain tensors.
+#pragma once
+
+#include <string>
+
+#include "aggregation/tensors.h"
+#include "model/finetune.h"
+
+namespace fedtune::worker {
+
+// Copies of the trainable tensors (names from AdapterSet::ForEachTrainable).
+aggregation::TensorMap AdapterTensors(model::AdapterSet<float>& adapters);
+// Writes `t` into the adapters; every tensor must exist with the same size (InvalidArgument
+// naming it otherwise). Tensors absent from `t` are left as they are.
+absl::Status SetAdapterTensors(const aggregation::TensorMap& t, model::AdapterSet<float>* adapters);
+// Bytes on the wire for tensors (float32 payload).
+int64_t TensorBytes(const aggregation::TensorMap& t);
+
+struct LocalTrainOptions {
+  model::FinetuneOptions finetune;
+  model::OptimizerConfig optimizer;
+  bool send_fisher = true;
+};
+
+struct LocalResult {
+  aggregation::ClientUpdate update;
+  model::TrainReport report;
+};
+
+// `adapters` supplies the structure (and frozen parts such as FFA-LoRA's A); its trainable
+// tensors are overwritten with `global` first. `config` is the strategy's per-client config
+// ("proximal_mu").
+absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std::vector<model::Example>& data,
+                                       const aggregation::TensorMap& global, const std::map<std::string, double>& config,
+                                       const std::string& client, const LocalTrainOptions& o, model::AdapterSet<float>* adapters);
+
+}  // namespace fedtune::worker
