@@ -1,0 +1,134 @@
+// The simulation end to end on a tiny generated model (unit label: seconds).
+#include "sim/simulation.h"
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "common/config_loader.h"
+#include "common/mapped_file.h"
+#include "coordinator/run_ledger.h"
+#include "tests/support/tiny_model.h"
+
+namespace fedtune::sim {
+namespace {
+
+class SimTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    model_ = new std::string(testing::TempPath("sim_tiny.gguf"));
+    testing::TinyModelOptions o;
+    o.n_ctx = 256;
+    ASSERT_TRUE(testing::WriteTinyLlamaGguf(*model_, o).ok());
+  }
+  // A valid config; `extra` lines ("key: value") replace the default of the same top-level key.
+  static std::string Yaml(const std::string& extra, const std::string& out) {
+    std::vector<std::pair<std::string, std::string>> kv = {
+        {"model", "{path: " + *model_ + "}"},
+        {"adapter", "{kind: FFA_LORA, rank: 4, alpha: 8}"},
+        {"clients", "3"},
+        {"rounds", "2"},
+        {"data", "{tasks: [sentiment, extract], examples_per_task: 40, eval_examples: 4, max_len: 96}"},
+        {"train", "{local_steps: 2, batch: 4, learning_rate: 0.01}"},
+        {"eval", "{max_new_tokens: 4}"},
+        {"output_dir", out}};
+    std::string tail;
+    size_t pos = 0;
+    while (pos < extra.size()) {
+      const size_t nl = extra.find('\n', pos);
+      const std::string line = extra.substr(pos, nl - pos);
+      pos = nl == std::string::npos ? extra.size() : nl + 1;
+      const std::string key = line.substr(0, line.find(':'));
+      bool replaced = false;
+      for (auto& [k, v] : kv)
+        if (k == key) {
+          v = line.substr(line.find(':') + 1);
+          replaced = true;
+        }
+      if (!replaced) tail += line + "\n";
+    }
+    std::string y;
+    for (const auto& [k, v] : kv) y += k + ": " + v + "\n";
+    return y + tail;
+  }
+  static absl::StatusOr<SimulationResult> Run(const std::string& yaml) {
+    proto::SimulationConfig c;
+    FT_RETURN_IF_ERROR(LoadConfigYaml(yaml, &c, "test.yaml"));
+    SimOptions o;
+    o.progress = false;
+    o.config_text = yaml;
+    return RunSimulation(c, o);
+  }
+  static absl::Status Check(const std::string& yaml) {
+    proto::SimulationConfig c;
+    FT_RETURN_IF_ERROR(LoadConfigYaml(yaml, &c, "test.yaml"));
+    return ValidateConfig(c);
+  }
+  static std::string* model_;
+};
+std::string* SimTest::model_ = nullptr;
+
+TEST_F(SimTest, RunWritesEveryOutputAndTheLedger) {
+  const std::string out = testing::TempPath("sim_run");
+  auto r = Run(Yaml("strategy: {merge: uncertainty}\nprofiles: [{name: fast, count: 1, speed: 4}, {name: slow, count: 2, dropout: 0.3}]\n", out));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->rounds.size(), 3u);  // round 0 + 2 rounds
+  for (const char* f : {"metrics.csv", "metrics.jsonl", "ledger.sqlite", "report.html", "adapter.safetensors", "adapter-lora.gguf",
+                        "peft/adapter_config.json", "peft/adapter_model.safetensors", "config.yaml"})
+    EXPECT_TRUE(std::filesystem::exists(out + "/" + f)) << f;
+  auto ledger = coordinator::RunLedger::Open(out + "/ledger.sqlite");
+  ASSERT_TRUE(ledger.ok());
+  EXPECT_EQ(*(*ledger)->LastRound(), 2);
+  auto csv = ReadFileToString(out + "/metrics.csv");
+  ASSERT_TRUE(csv.ok());
+  EXPECT_EQ(std::count(csv->begin(), csv->end(), '\n'), 4);  // header + 3 rows
+  auto html = ReadFileToString(out + "/report.html");
+  ASSERT_TRUE(html.ok());
+  EXPECT_NE(html->find("<canvas id=\"accuracy\""), std::string::npos);
+  EXPECT_NE(html->find("const DATA = "), std::string::npos);
+  EXPECT_GT(r->rounds[2].metrics.at("sim_round_seconds"), 0);
+}
+
+TEST_F(SimTest, SameSeedSameAdapter) {
+  const std::string a = testing::TempPath("sim_a"), b = testing::TempPath("sim_b");
+  ASSERT_TRUE(Run(Yaml("seed: 3\n", a)).ok());
+  ASSERT_TRUE(Run(Yaml("seed: 3\n", b)).ok());
+  EXPECT_EQ(*ReadFileToString(a + "/adapter.safetensors"), *ReadFileToString(b + "/adapter.safetensors"));
+}
+
+TEST_F(SimTest, TrainingLowersHeldOutLoss) {
+  auto r = Run(Yaml("rounds: 3\n", testing::TempPath("sim_loss")));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_LT(r->rounds.back().metrics.at("eval_loss"), r->rounds.front().metrics.at("eval_loss"));
+}
+
+TEST_F(SimTest, DifferentialPrivacyStaysWithinTheTargetEpsilon) {
+  auto r = Run(Yaml("dp: {enabled: true, target_epsilon: 8, clip_norm: 0.05}\n", testing::TempPath("sim_dp")));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->rounds.back().metrics.at("epsilon"), 1.0);
+  EXPECT_LE(r->rounds.back().metrics.at("epsilon"), 8.0 + 1e-6);
+}
+
+TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
+  auto expect = [&](const std::string& extra, const std::string& key) {
+    absl::Status st = Check(Yaml(extra, "/tmp/never"));
+    EXPECT_FALSE(st.ok()) << extra;
+    EXPECT_NE(std::string(st.message()).find(key), std::string::npos) << st.message();
+  };
+  expect("colour: blue\n", "colour");
+  expect("strategy: {clients_per_round: 9}\n", "strategy.clients_per_round");
+  expect("strategy: {merge: average}\n", "strategy.merge");
+  expect("data: {tasks: [poetry]}\n", "data.tasks");
+  expect("data: {files: [/no/such/file.jsonl]}\n", "data.files");
+  expect("profiles: [{count: 2}]\n", "profiles");
+  expect("dp: {enabled: true, target_epsilon: 0.000001}\n", "dp.target_epsilon");
+  expect("dp: {enabled: true, target_epsilon: 8}\nstrategy: {merge: median}\n", "dp.enabled");
+  expect("train: {base_type: q3_x}\n", "train.base_type");
+  proto::SimulationConfig c;
+  ASSERT_TRUE(LoadConfigYaml("model: {path: /no/model.gguf}\nclients: 2\nrounds: 1\ndata: {tasks: [sum]}\n", &c, "t").ok());
+  absl::Status st = ValidateConfig(c);
+  EXPECT_NE(std::string(st.message()).find("model.path"), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace fedtune::sim
