@@ -131,6 +131,24 @@ struct ClientState {
   int trained = 0, dropped = 0;
 };
 
+// A random small update of the right shape (stand-in trainer for server-overhead benchmarks).
+worker::LocalResult StandInUpdate(const TensorMap& global, const std::string& client, int64_t n, bool fisher, Rng& rng) {
+  worker::LocalResult r;
+  r.update.client = client;
+  r.update.num_examples = n;
+  uint64_t state = rng.NextU64();
+  for (const auto& [name, g] : global) {
+    std::vector<float>& d = r.update.delta[name];
+    d.resize(g.size());
+    for (float& x : d) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;  // cheap LCG: the point is the server's cost
+      x = static_cast<float>(static_cast<int32_t>(state >> 32)) * 1e-12f;
+    }
+    if (fisher) r.update.fisher[name].assign(g.size(), 1e-4f);
+  }
+  return r;
+}
+
 std::string CsvEscape(const std::string& s) { return s.find_first_of(",\"") == std::string::npos ? s : "\"" + s + "\""; }
 
 }  // namespace
@@ -404,6 +422,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     double sim_round = 0, loss_sum = 0;
     int64_t bytes_up = 0, bytes_down = 0;
     int dropped = 0, trained = 0;
+    double client_secs = 0;
     for (const aggregation::ClientTask& task : tasks) {
       ClientState& cl = clients[index.at(task.client)];
       const double comm_down = cl.latency_ms / 1000.0 + static_cast<double>(global_bytes) * 8 / (cl.bandwidth_mbps * 1e6);
@@ -417,9 +436,15 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         continue;
       }
       const auto t0 = Clock::now();
-      FT_ASSIGN_OR_RETURN(worker::LocalResult lr, worker::TrainLocal(*model, cl.train, global, task.config, cl.name, lt, &adapters));
+      worker::LocalResult lr;
+      if (c.train().stand_in()) {
+        lr = StandInUpdate(global, cl.name, static_cast<int64_t>(cl.train.size()), lt.send_fisher, sched_rng);
+      } else {
+        FT_ASSIGN_OR_RETURN(lr, worker::TrainLocal(*model, cl.train, global, task.config, cl.name, lt, &adapters));
+      }
       const double secs = Seconds(t0, Clock::now());
       train_wall += secs;
+      client_secs += secs;
       const int64_t up = worker::TensorBytes(lr.update.delta) + worker::TensorBytes(lr.update.fisher);
       const double comm_up = cl.latency_ms / 1000.0 + static_cast<double>(up) * 8 / (cl.bandwidth_mbps * 1e6);
       sim_round = std::max(sim_round, comm_down + secs / cl.speed + comm_up);
@@ -436,10 +461,11 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       client_recs.push_back(cr);
       ++done_tasks;
       const double eta = train_wall / done_tasks * (total_tasks - done_tasks);
-      if (o.progress)
+      if (o.progress && (tasks.size() <= 50 || done_tasks % 100 == 0))
         std::fprintf(stderr, "[simulate] round %d/%d  %s (%s) loss %.4f  %.1f s  [%d/%d client-rounds, ETA %.0f s]\n", round, s.rounds,
                      cl.name.c_str(), cl.profile.c_str(), cr.train_loss, secs, done_tasks, total_tasks, eta);
     }
+    const auto t_server = Clock::now();
     FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
     FT_ASSIGN_OR_RETURN(aggregation::RoundResult rr, strategy->Commit(round, global, std::move(merged), failures));
     if (rr.global) global = std::move(*rr.global);
@@ -449,14 +475,24 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     rec.metrics["bytes_up"] = static_cast<double>(bytes_up);
     rec.metrics["bytes_down"] = static_cast<double>(bytes_down);
     rec.metrics["sim_round_seconds"] = sim_round;
+    rec.metrics["server_merge_seconds"] = Seconds(t_server, Clock::now());
+    rec.metrics["client_seconds"] = client_secs;
+    double eval_secs = 0;
     if (round % s.eval_every == 0 || round == s.rounds) {
       rec.evaluated = true;
+      const auto t_eval = Clock::now();
       FT_RETURN_IF_ERROR(evaluate(rec.metrics));
+      eval_secs = Seconds(t_eval, Clock::now());
     }
-    rec.metrics["wall_seconds"] = Seconds(t_round, Clock::now());
-    FT_RETURN_IF_ERROR(ledger->CommitRound(round, rec.metrics, client_recs));
+    const auto t_persist = Clock::now();
     FT_RETURN_IF_ERROR(worker::SetAdapterTensors(global, &adapters));
     FT_RETURN_IF_ERROR(model::SaveAdapters(result.run_dir + "/adapter.safetensors", adapters));
+    rec.metrics["wall_seconds"] = Seconds(t_round, Clock::now());
+    // Everything that is neither client training nor evaluation: sampling, validation, merging,
+    // the server update, checkpointing (the ledger commit follows and is not included).
+    rec.metrics["server_overhead_seconds"] = rec.metrics["wall_seconds"] - client_secs - eval_secs;
+    rec.metrics["checkpoint_seconds"] = Seconds(t_persist, Clock::now());
+    FT_RETURN_IF_ERROR(ledger->CommitRound(round, rec.metrics, client_recs));
     emit(rec);
     std::string line = absl::StrFormat("round %d/%d done in %.0f s: %d updates, %d dropped, train loss %.4f", round, s.rounds,
                                        rec.metrics["wall_seconds"], trained, dropped, rec.metrics["train_loss"]);

@@ -109,6 +109,17 @@ TEST_F(SimTest, DifferentialPrivacyStaysWithinTheTargetEpsilon) {
   EXPECT_LE(r->rounds.back().metrics.at("epsilon"), 8.0 + 1e-6);
 }
 
+TEST_F(SimTest, StandInClientsMeasureServerOverhead) {
+  auto r = Run(Yaml("clients: 60\ntrain: {stand_in: true}\nstrategy: {clients_per_round: 50, merge: uncertainty}\n"
+                    "data: {tasks: [sentiment, extract], examples_per_task: 60, eval_examples: 2, max_len: 96}\n",
+                    testing::TempPath("sim_standin")));
+  ASSERT_TRUE(r.ok()) << r.status();
+  const auto& m = r->rounds.back().metrics;
+  EXPECT_EQ(m.at("accepted"), 50);
+  EXPECT_GE(m.at("server_overhead_seconds"), 0);
+  EXPECT_GT(m.at("bytes_up"), 0);
+}
+
 TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   auto expect = [&](const std::string& extra, const std::string& key) {
     absl::Status st = Check(Yaml(extra, "/tmp/never"));
