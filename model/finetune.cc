@@ -13,6 +13,47 @@ namespace fedtune::model {
 
 using Clock = std::chrono::steady_clock;
 
+namespace {
+
+// One DP-SGD step's gradient: per-example gradients clipped to dp_clip, summed, noised, divided
+// by the number of examples; left in the adapters' gradient buffers.
+template <typename NextExample>
+absl::Status DpSgdGradients(Trainer<float>& trainer, const std::vector<Example>& train, const FinetuneOptions& o, AdapterSet<float>* adapters,
+                            int32_t pad, NextExample& next_example, std::map<std::string, std::vector<double>>* sum, double* nll,
+                            int64_t* scored, int64_t* tokens) {
+  const int n = o.batch * o.grad_accum;
+  for (auto& [name, v] : *sum) std::fill(v.begin(), v.end(), 0.0);
+  for (int i = 0; i < n; ++i) {
+    const Batch b = MakeBatch({&train[next_example()]}, pad);
+    const int64_t s = b.n_scored();
+    FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, s > 0 ? 1.0f / static_cast<float>(s) : 0.0f, true));
+    *nll += l;
+    *scored += s;
+    *tokens += b.n_seq * b.len;
+    double sq = 0;
+    adapters->ForEachTrainable([&](const std::string&, std::vector<float>&, std::vector<float>& g) {
+      for (float x : g) sq += static_cast<double>(x) * x;
+    });
+    const double f = std::min(1.0, o.dp_clip / std::max(std::sqrt(sq), 1e-30));
+    adapters->ForEachTrainable([&](const std::string& name, std::vector<float>&, std::vector<float>& g) {
+      std::vector<double>& acc = (*sum)[name];
+      acc.resize(g.size(), 0.0);
+      for (size_t k = 0; k < g.size(); ++k) {
+        acc[k] += f * g[k];
+        g[k] = 0.0f;
+      }
+    });
+  }
+  const double sd = o.dp_noise_multiplier * o.dp_clip;
+  adapters->ForEachTrainable([&](const std::string& name, std::vector<float>&, std::vector<float>& g) {
+    const std::vector<double>& acc = (*sum)[name];
+    for (size_t k = 0; k < g.size(); ++k) g[k] = static_cast<float>((acc[k] + (sd > 0 ? sd * o.dp_normal() : 0.0)) / n);
+  });
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<Example>& train, const FinetuneOptions& o,
                                      AdapterSet<float>* adapters, AdamW* optimizer, const std::function<void(const StepLog&)>& on_step) {
   if (train.empty()) return absl::InvalidArgumentError("no training examples");
@@ -31,6 +72,9 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     }
     return order[cursor++];
   };
+  if (o.dp_clip > 0 && !o.dp_normal) return absl::InvalidArgumentError("DP-SGD needs a noise source (dp_normal)");
+  if (o.dp_noise_multiplier < 0) return absl::InvalidArgumentError("dp_noise_multiplier must be >= 0");
+  std::map<std::string, std::vector<double>> dp_sum;
   TrainReport rep;
   const auto t_start = Clock::now();
   adapters->ZeroGrad();
@@ -41,20 +85,24 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     const auto t0 = Clock::now();
     double nll = 0;
     int64_t scored = 0, tokens = 0;
-    std::vector<Batch> micro;
-    for (int a = 0; a < o.grad_accum; ++a) {
-      std::vector<const Example*> ex;
-      for (int i = 0; i < o.batch; ++i) ex.push_back(&train[next_example()]);
-      micro.push_back(MakeBatch(ex, pad));
-      scored += micro.back().n_scored();
-    }
-    // Loss = mean NLL over all scored tokens of the step: each micro-batch's gradient is
-    // scaled by 1 / (scored tokens in the whole step).
-    const float scale = scored > 0 ? 1.0f / static_cast<float>(scored) : 0.0f;
-    for (const Batch& b : micro) {
-      FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, scale, true));
-      nll += l;
-      tokens += b.n_seq * b.len;
+    if (o.dp_clip > 0) {
+      FT_RETURN_IF_ERROR(DpSgdGradients(trainer, train, o, adapters, pad, next_example, &dp_sum, &nll, &scored, &tokens));
+    } else {
+      std::vector<Batch> micro;
+      for (int a = 0; a < o.grad_accum; ++a) {
+        std::vector<const Example*> ex;
+        for (int i = 0; i < o.batch; ++i) ex.push_back(&train[next_example()]);
+        micro.push_back(MakeBatch(ex, pad));
+        scored += micro.back().n_scored();
+      }
+      // Loss = mean NLL over all scored tokens of the step: each micro-batch's gradient is
+      // scaled by 1 / (scored tokens in the whole step).
+      const float scale = scored > 0 ? 1.0f / static_cast<float>(scored) : 0.0f;
+      for (const Batch& b : micro) {
+        FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, scale, true));
+        nll += l;
+        tokens += b.n_seq * b.len;
+      }
     }
     if (o.proximal_mu > 0 && o.proximal_center != nullptr) {
       const float mu = static_cast<float>(o.proximal_mu);

@@ -32,6 +32,14 @@ struct FinetuneOptions {
   // trainable name; absent names get no term.
   double proximal_mu = 0;
   const std::map<std::string, std::vector<float>>* proximal_center = nullptr;
+  // Local DP-SGD (Abadi et al. 2016, arXiv 1607.00133): dp_clip > 0 computes each example's
+  // gradient of its mean token NLL separately, clips it to L2 norm dp_clip, sums, adds
+  // N(0, (dp_noise_multiplier * dp_clip)^2) per coordinate and divides by the examples in the
+  // step. `dp_normal` draws standard normals (a CSPRNG stream: privacy::NoiseSource).
+  // Accounting: sampling rate batch*grad_accum / n per step (privacy/rdp_accountant.h).
+  double dp_clip = 0;
+  double dp_noise_multiplier = 0;
+  std::function<double()> dp_normal;
 };
 
 // Checkpoint = adapter tensors + AdamW moments + Fisher + step, one safetensors file.

@@ -59,7 +59,8 @@ line('accuracy', 'Held-out exact-match accuracy', accSets, '%');
 line('bytes', 'Traffic per round', [['up (MiB)', series('bytes_up').map(v => v === null ? null : v / 1048576)],
   ['down (MiB)', series('bytes_down').map(v => v === null ? null : v / 1048576)]], 'MiB');
 line('time', 'Round time', [['simulated (slowest client incl. links)', series('sim_round_seconds')], ['wall, this machine', series('wall_seconds')]], 's');
-if (R.some(r => r.epsilon !== undefined)) line('epsilon', 'Privacy spent', [['epsilon', series('epsilon')]], 'epsilon');
+if (R.some(r => r.epsilon !== undefined || r.local_epsilon !== undefined))
+  line('epsilon', 'Privacy spent', [['central epsilon', series('epsilon')], ['local epsilon (worst client)', series('local_epsilon')]], 'epsilon');
 else document.getElementById('epsilon').parentNode.style.display = 'none';
 if (typeof Chart !== 'undefined') new Chart(document.getElementById('clients'), {type: 'bar', data: {labels: C.map(c => c.name),
   datasets: [{label: 'final accuracy on its task mix (%)', data: C.map(c => 100 * c.accuracy_after), backgroundColor: '#1f77b4', yAxisID: 'y'},

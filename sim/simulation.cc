@@ -21,6 +21,7 @@
 #include "model/export.h"
 #include "model/tasks.h"
 #include "nlohmann/json.hpp"
+#include "privacy/ledger.h"
 #include "privacy/rdp_accountant.h"
 #include "sim/partition.h"
 #include "sim/report.h"
@@ -188,13 +189,14 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
     if (c.dp().noise_multiplier() <= 0 && c.dp().target_epsilon() <= 0) return Bad("dp", "set noise_multiplier or target_epsilon");
     const double delta = Or(c.dp().delta(), 1e-5);
     if (!(delta > 0 && delta < 1)) return Bad("dp.delta", "must be in (0, 1)");
-    if (c.dp().target_epsilon() > 0) {
+    if (c.dp().target_epsilon() > 0 && !c.dp().local()) {
       const int m = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : s.clients;
       auto z = privacy::NoiseMultiplierFor(c.dp().target_epsilon(), delta, static_cast<double>(m) / s.clients, s.rounds);
       if (!z.ok()) return Bad("dp.target_epsilon", std::string(z.status().message()));
     }
-    if (s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
-      return Bad("dp.enabled", "differential privacy needs strategy.merge mean or uncertainty");
+    if (!c.dp().local() && s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
+      return Bad("dp.enabled", "central differential privacy needs strategy.merge mean or uncertainty");
+    if (c.dp().local() && c.dp().adaptive_clipping()) return Bad("dp.adaptive_clipping", "only for central DP");
   }
   return absl::OkStatus();
 }
@@ -303,7 +305,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   FT_ASSIGN_OR_RETURN(std::unique_ptr<aggregation::FedStrategy> fed, aggregation::FedStrategy::Create(s.strategy));
   std::unique_ptr<aggregation::Strategy> strategy = std::move(fed);
   const int expected = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : s.clients;
-  if (c.dp().enabled()) {
+  if (c.dp().enabled() && !c.dp().local()) {
     aggregation::DpOptions d;
     d.delta = Or(c.dp().delta(), 1e-5);
     d.expected_clients = expected;
@@ -338,6 +340,22 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   lt.optimizer.weight_decay = static_cast<float>(c.train().weight_decay());
   lt.optimizer.clip_norm = static_cast<float>(Or(c.train().clip_norm(), 1.0));
   lt.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty;
+  const double dp_delta = Or(c.dp().delta(), 1e-5);
+  if (c.dp().enabled() && c.dp().local()) {
+    lt.finetune.dp_clip = Or(c.dp().clip_norm(), 1.0);
+    lt.finetune.dp_noise_multiplier = c.dp().noise_multiplier();
+    size_t smallest = SIZE_MAX;
+    for (const ClientState& cl : clients) smallest = std::min(smallest, cl.train.size());
+    const double q = std::min(1.0, static_cast<double>(s.batch) / static_cast<double>(smallest));
+    if (c.dp().target_epsilon() > 0) {
+      FT_ASSIGN_OR_RETURN(lt.finetune.dp_noise_multiplier,
+                          privacy::NoiseMultiplierFor(c.dp().target_epsilon(), dp_delta, q, static_cast<int64_t>(s.rounds) * s.local_steps));
+    }
+    lt.send_fisher = false;  // data-dependent and not privatised
+    say(absl::StrFormat("local DP-SGD in every client: sigma=%.4f, per-example clip %.3g, q=%.4f for the smallest client, delta %.1e",
+                        lt.finetune.dp_noise_multiplier, lt.finetune.dp_clip, q, dp_delta));
+  }
+  std::vector<privacy::PrivacyLedger> client_ledgers(clients.size(), privacy::PrivacyLedger(0, dp_delta));
 
   // Evaluation of the current global adapter: per task, then the mean.
   std::vector<double> last_task_acc(static_cast<size_t>(num_tasks), 0.0);
@@ -363,7 +381,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   std::ofstream jsonl(result.run_dir + "/metrics.jsonl", std::ios::trunc);
   std::ofstream csv(result.run_dir + "/metrics.csv", std::ios::trunc);
   std::vector<std::string> csv_cols = {"round", "wall_seconds", "sim_round_seconds", "train_loss", "eval_loss", "eval_ppl", "accuracy",
-                                       "accepted", "failures", "dropped", "epsilon", "bytes_up", "bytes_down", "update_norm"};
+                                       "accepted", "failures", "dropped", "epsilon", "local_epsilon", "bytes_up", "bytes_down", "update_norm"};
   for (const auto& n : task_names) csv_cols.push_back("acc_" + n);
   {
     std::vector<std::string> esc;
@@ -411,6 +429,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   std::map<std::string, size_t> index;
   for (size_t k = 0; k < clients.size(); ++k) index[clients[k].name] = k;
 
+  double local_eps = 0;  // worst client's record-level epsilon so far (local DP-SGD)
   for (int round = 1; round <= s.rounds; ++round) {
     const auto t_round = Clock::now();
     RoundRecord rec;
@@ -443,6 +462,13 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         FT_ASSIGN_OR_RETURN(lr, worker::TrainLocal(*model, cl.train, global, task.config, cl.name, lt, &adapters));
       }
       const double secs = Seconds(t0, Clock::now());
+      if (lt.finetune.dp_clip > 0) {
+        privacy::PrivacyLedger& pl = client_ledgers[index.at(task.client)];
+        FT_RETURN_IF_ERROR(pl.Record({absl::StrCat("round ", round), std::min(1.0, static_cast<double>(s.batch) / static_cast<double>(cl.train.size())),
+                                      lt.finetune.dp_noise_multiplier, s.local_steps}));
+        FT_ASSIGN_OR_RETURN(privacy::Epsilon e, pl.Spent());
+        local_eps = std::max(local_eps, e.epsilon);
+      }
       train_wall += secs;
       client_secs += secs;
       const int64_t up = worker::TensorBytes(lr.update.delta) + worker::TensorBytes(lr.update.fisher);
@@ -477,6 +503,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     rec.metrics["sim_round_seconds"] = sim_round;
     rec.metrics["server_merge_seconds"] = Seconds(t_server, Clock::now());
     rec.metrics["client_seconds"] = client_secs;
+    if (lt.finetune.dp_clip > 0) rec.metrics["local_epsilon"] = local_eps;
     double eval_secs = 0;
     if (round % s.eval_every == 0 || round == s.rounds) {
       rec.evaluated = true;

@@ -1,6 +1,7 @@
 #include "worker/local_trainer.h"
 
 #include "absl/strings/str_cat.h"
+#include "privacy/noise.h"
 
 namespace fedtune::worker {
 
@@ -42,6 +43,11 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
   if (auto it = config.find("proximal_mu"); it != config.end()) {
     ft.proximal_mu = it->second;
     ft.proximal_center = &global;
+  }
+  std::unique_ptr<privacy::NoiseSource> noise;
+  if (ft.dp_clip > 0) {
+    FT_ASSIGN_OR_RETURN(noise, privacy::NoiseSource::Create());
+    ft.dp_normal = [&noise] { return noise->Normal(); };
   }
   model::AdamW opt(o.optimizer);  // local optimizer state starts fresh every round
   LocalResult r;

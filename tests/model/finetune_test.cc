@@ -288,3 +288,50 @@ TEST_F(TinyFixture, ResumedRunEqualsUninterruptedRun) {
 
 }  // namespace
 }  // namespace fedtune::model
+
+namespace fedtune::model {
+namespace {
+
+// DP-SGD: with a huge clip and no noise, examples of equal scored length give exactly the plain
+// mean gradient; with a tiny clip every step's gradient norm is bounded by the clip.
+TEST_F(TinyFixture, DpSgdClipsPerExampleAndMatchesPlainMeanWithoutClipping) {
+  std::vector<std::string> lines;
+  for (int i = 0; i < 4; ++i) lines.push_back("{\"prompt\": \"q" + std::to_string(i) + "\", \"response\": \"abc" + std::to_string(i) + "\"}");
+  DatasetOptions dopt;
+  dopt.holdout = 0;
+  auto data = DatasetFromJsonl(lines, "eq", *model_->tokenizer(), dopt);
+  ASSERT_TRUE(data.ok());
+  auto run = [&](double clip, double z, std::vector<double>* norms) {
+    auto set = *MakeAdapters<float>(dims_, AdapterSpec{AdapterKind::kLora, 4, 8.0f, false, 4}, *ParseModules("q,v"), 3);
+    OptimizerConfig oc;
+    oc.lr = 1e-2f;
+    oc.total_steps = 3;
+    oc.clip_norm = 0;
+    AdamW opt(oc);
+    FinetuneOptions fo;
+    fo.steps = 3;
+    fo.batch = 4;
+    Rng rng(5);
+    fo.dp_clip = clip;
+    fo.dp_noise_multiplier = z;
+    fo.dp_normal = [&] { return rng.Normal(); };
+    EXPECT_TRUE(Finetune(*model_, data->train, fo, &set, &opt, [&](const StepLog& s) { norms->push_back(s.grad_norm); }).ok());
+    std::vector<float> flat;
+    set.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) { flat.insert(flat.end(), p.begin(), p.end()); });
+    return flat;
+  };
+  std::vector<double> n_plain, n_dp, n_tiny;
+  const auto plain = run(0, 0, &n_plain), dp = run(1e9, 0, &n_dp);
+  ASSERT_EQ(plain.size(), dp.size());
+  double worst = 0;
+  for (size_t i = 0; i < plain.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(plain[i] - dp[i])));
+  EXPECT_LT(worst, 1e-5);
+  run(1e-3, 0, &n_tiny);
+  for (double g : n_tiny) EXPECT_LE(g, 1e-3 * (1 + 1e-5));
+  std::vector<double> n_noisy;
+  run(1e-3, 1.0, &n_noisy);
+  EXPECT_GT(n_noisy[0], 1e-3);  // the noise dominates a clipped gradient on many coordinates
+}
+
+}  // namespace
+}  // namespace fedtune::model

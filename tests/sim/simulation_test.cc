@@ -109,6 +109,17 @@ TEST_F(SimTest, DifferentialPrivacyStaysWithinTheTargetEpsilon) {
   EXPECT_LE(r->rounds.back().metrics.at("epsilon"), 8.0 + 1e-6);
 }
 
+TEST_F(SimTest, LocalDpSgdReportsEachClientsEpsilon) {
+  auto r = Run(Yaml("dp: {enabled: true, local: true, noise_multiplier: 1.0, clip_norm: 0.5}\nstrategy: {merge: uncertainty}\n",
+                    testing::TempPath("sim_ldp")));
+  ASSERT_TRUE(r.ok()) << r.status();
+  const auto& m = r->rounds.back().metrics;
+  EXPECT_GT(m.at("local_epsilon"), 0);
+  EXPECT_EQ(m.count("epsilon"), 0u);
+  EXPECT_GT(r->rounds[1].metrics.at("local_epsilon"), 0);
+  EXPECT_GT(m.at("local_epsilon"), r->rounds[1].metrics.at("local_epsilon"));  // composes over rounds
+}
+
 TEST_F(SimTest, StandInClientsMeasureServerOverhead) {
   auto r = Run(Yaml("clients: 60\ntrain: {stand_in: true}\nstrategy: {clients_per_round: 50, merge: uncertainty}\n"
                     "data: {tasks: [sentiment, extract], examples_per_task: 60, eval_examples: 2, max_len: 96}\n",
