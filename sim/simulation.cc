@@ -434,6 +434,12 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     const auto t_round = Clock::now();
     RoundRecord rec;
     rec.round = round;
+    // Client learning rate: cosine decay over the rounds to 10%. Every round restarts the local
+    // AdamW, whose first steps move every coordinate by ~lr whatever its gradient, so a constant
+    // rate keeps perturbing a converged adapter (measured: accuracy fell in the last round).
+    const double progress = s.rounds > 1 ? static_cast<double>(round - 1) / (s.rounds - 1) : 0.0;
+    lt.optimizer.lr = static_cast<float>(s.lr * (0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * progress))));
+    rec.metrics["client_lr"] = lt.optimizer.lr;
     std::vector<aggregation::ClientTask> tasks = strategy->ConfigureTrain(round, names, sched_rng);
     std::unique_ptr<aggregation::Aggregation> agg = strategy->BeginAggregate(round, global);
     std::vector<aggregation::ClientFailure> failures;

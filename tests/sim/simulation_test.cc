@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 
 #include "common/config_loader.h"
@@ -87,6 +88,32 @@ TEST_F(SimTest, RunWritesEveryOutputAndTheLedger) {
   EXPECT_NE(html->find("<canvas id=\"accuracy\""), std::string::npos);
   EXPECT_NE(html->find("const DATA = "), std::string::npos);
   EXPECT_GT(r->rounds[2].metrics.at("sim_round_seconds"), 0);
+}
+
+// issue 7: report.html renders in headless Chromium with its charts (Chart.js inlined, so no
+// network), and a screenshot is taken. Skips where no Chromium is installed (setup.sh installs
+// chromium-headless-shell).
+TEST_F(SimTest, ReportRendersInHeadlessChromium) {
+  std::string browser;
+  for (const char* b : {"/usr/bin/chromium-headless-shell", "/usr/bin/chromium"})
+    if (std::filesystem::exists(b)) {
+      browser = b;
+      break;
+    }
+  if (browser.empty()) GTEST_SKIP() << "no headless Chromium installed";
+  const std::string out = testing::TempPath("sim_report");
+  ASSERT_TRUE(Run(Yaml("dp: {enabled: true, noise_multiplier: 0.8, clip_norm: 0.05}\n", out)).ok());
+  const std::string flags = " --no-sandbox --disable-gpu --virtual-time-budget=5000 --window-size=1200,2000 ";
+  const std::string dom = out + "/dom.html", png = out + "/report.png";
+  ASSERT_EQ(std::system((browser + flags + "--dump-dom file://" + out + "/report.html > " + dom + " 2>/dev/null").c_str()), 0);
+  ASSERT_EQ(std::system((browser + flags + "--screenshot=" + png + " file://" + out + "/report.html > /dev/null 2>&1").c_str()), 0);
+  auto text = ReadFileToString(dom);
+  ASSERT_TRUE(text.ok());
+  EXPECT_NE(text->find("data-charts-ready=\"yes\""), std::string::npos) << "Chart.js did not run";
+  auto img = ReadFileToString(png);
+  ASSERT_TRUE(img.ok());
+  EXPECT_EQ(img->substr(1, 3), "PNG");
+  EXPECT_GT(img->size(), 20000u);  // charts drawn, not a blank page
 }
 
 TEST_F(SimTest, SameSeedSameAdapter) {
