@@ -20,6 +20,11 @@ class DpAggregation : public Aggregation {
     if (norm <= clip_) ++*unclipped_;
     return absl::OkStatus();
   }
+  // The clients clipped (and, for distributed DP, noised) before masking; equal weights.
+  absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples) override {
+    if (std::fabs(total_weight - count) > 1e-9) return absl::InvalidArgumentError("dp: secure sums must use equal client weights");
+    return inner_->AddSecureSum(weighted_sum, total_weight, count, num_examples);
+  }
   absl::StatusOr<Merged> Merge() override { return inner_->Merge(); }
 
  private:
@@ -39,6 +44,8 @@ absl::StatusOr<std::unique_ptr<DpStrategy>> DpStrategy::Create(std::unique_ptr<S
   if (!(o.delta > 0 && o.delta < 1)) return absl::InvalidArgumentError("dp: delta must be in (0, 1)");
   double z_update = o.noise_multiplier;
   DpOptions opt = o;
+  if (o.adaptive_clipping && o.noise_added_by_clients)
+    return absl::InvalidArgumentError("dp: adaptive clipping needs the server to see update norms; not with distributed noise");
   if (o.adaptive_clipping) {
     if (opt.count_noise <= 0) opt.count_noise = o.expected_clients / 20.0;
     if (!(o.target_quantile > 0 && o.target_quantile < 1)) return absl::InvalidArgumentError("dp: target_quantile must be in (0, 1)");
@@ -65,7 +72,11 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
   const double m = o_.expected_clients;
   const double q = o_.population > 0 ? m / o_.population : 1.0;
   // Account first: a refused release publishes nothing.
-  FT_RETURN_IF_ERROR(ledger_.Record({absl::StrCat("round ", round), q, o_.noise_multiplier, 1}));
+  const int accepted = merged.accepted;
+  // Distributed noise: only the clients that made it into the sum contributed their share.
+  const double share = o_.noise_share_clients > 0 ? o_.noise_share_clients : m;
+  const double z_round = o_.noise_added_by_clients ? o_.noise_multiplier * std::sqrt(std::min(1.0, accepted / share)) : o_.noise_multiplier;
+  FT_RETURN_IF_ERROR(ledger_.Record({absl::StrCat("round ", round), q, z_round, 1}));
   // Sum = mean * contributors, plus noise on every coordinate of every tensor (absent tensors
   // have a zero sum: whether anyone trained them must not show either).
   const double stddev = z_update_ * clip_;
@@ -74,11 +85,10 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
     const int c = merged.contributors.count(name) ? merged.contributors[name] : 0;
     if (d.empty()) d.assign(g.size(), 0.0f);
     for (float& x : d) x *= static_cast<float>(c);
-    noise_->AddGaussian(d, stddev);
+    if (!o_.noise_added_by_clients) noise_->AddGaussian(d, stddev);
     for (float& x : d) x = static_cast<float>(x / m);
     merged.contributors[name] = std::max(c, 1);
   }
-  const int accepted = merged.accepted;
   merged.accepted = std::max(accepted, 1);  // the noisy release happens even with no update
   FT_ASSIGN_OR_RETURN(RoundResult r, inner_->Commit(round, global, std::move(merged), failures));
   FT_ASSIGN_OR_RETURN(privacy::Epsilon spent, ledger_.Spent());

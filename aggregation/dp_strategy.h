@@ -28,6 +28,11 @@ struct DpOptions {
   int expected_clients = 0;       // m (required)
   int population = 0;             // clients sampled from; <= 0: q = 1 (no amplification)
   double epsilon_budget = 0;      // <= 0: unlimited (still accounted)
+  // Distributed DP under secure aggregation: clients clip to S and add N(0, (z S)^2 / k) each
+  // (k = noise_share_clients) before masking, so the server adds nothing; with m' < k clients
+  // in the sum it holds less noise and the round is accounted at z sqrt(m'/k).
+  bool noise_added_by_clients = false;
+  int noise_share_clients = 0;  // each client adds 1/this of the noise variance; 0: expected_clients
   double delta = 1e-5;
   std::optional<privacy::NoiseSource::Seed> seed;  // tests only: reproducible noise
 };

@@ -50,6 +50,27 @@ class LinearAggregation : public Aggregation {
     return absl::OkStatus();
   }
 
+  absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples) override {
+    if (!(total_weight > 0) || count < 1) return absl::InvalidArgumentError("secure sum: total_weight and count must be > 0");
+    for (const auto& [name, v] : weighted_sum) {
+      auto it = global_.find(name);
+      if (it == global_.end() || it->second.size() != v.size()) return absl::InvalidArgumentError(absl::StrCat("secure sum: bad tensor ", name));
+      for (float x : v)
+        if (!std::isfinite(x)) return absl::InvalidArgumentError(absl::StrCat("secure sum: non-finite value in ", name));
+    }
+    for (const auto& [name, v] : weighted_sum) {
+      Acc& a = acc_[name];
+      if (a.sum.empty()) a.sum.assign(v.size(), 0.0);
+      for (size_t i = 0; i < v.size(); ++i) a.sum[i] += v[i];
+      a.weight += total_weight;
+      a.count += count;
+      a.missing_fisher = true;
+    }
+    merged_.accepted += count;
+    merged_.num_examples += num_examples;
+    return absl::OkStatus();
+  }
+
   absl::StatusOr<Merged> Merge() override {
     int fallback = 0;
     for (auto& [name, a] : acc_) {

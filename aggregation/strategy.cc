@@ -16,6 +16,10 @@ std::map<std::string, double> Strategy::AggregateEvaluate(int, const std::vector
   return out;
 }
 
+absl::Status Aggregation::AddSecureSum(const TensorMap&, double, int, int64_t) {
+  return absl::FailedPreconditionError("this merge rule needs individual updates; secure aggregation only gives their sum");
+}
+
 absl::StatusOr<RoundResult> AggregateTrain(Strategy& s, int round, const TensorMap& global, std::vector<ClientUpdate> updates,
                                            std::vector<ClientFailure> failures) {
   std::unique_ptr<Aggregation> agg = s.BeginAggregate(round, global);

@@ -53,6 +53,11 @@ class Aggregation {
   // Validates and folds in one update (the strategy's validation, then its merge rule). A
   // rejected update leaves the accumulator unchanged.
   virtual absl::Status Add(ClientUpdate u) = 0;
+  // A sum from secure aggregation: sum_k w_k delta_k over `count` clients whose weights add up to
+  // `total_weight`, every client contributing every tensor of `weighted_sum`. Only linear
+  // merges accept it (others: FailedPrecondition); uncertainty-aware merging falls back to the
+  // weighted mean (the server never sees a client's Fisher).
+  virtual absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples);
   virtual absl::StatusOr<Merged> Merge() = 0;
 };
 

@@ -322,25 +322,27 @@ std::vector<EncryptedShare> Server::SharesFor(int id) const {
 absl::Status Server::ReceiveMasked(int from, std::vector<uint32_t> y) {
   if (!shared_.count(from)) return absl::FailedPreconditionError(absl::StrCat("secagg: masked input from client ", from, " who shared no keys"));
   if (y.size() != c_.vector_length) return absl::InvalidArgumentError(absl::StrCat("secagg: masked input from ", from, " has the wrong length"));
-  if (!masked_.emplace(from, std::move(y)).second) return absl::AlreadyExistsError(absl::StrCat("secagg: second masked input from ", from));
+  if (!received_.emplace(from, true).second) return absl::AlreadyExistsError(absl::StrCat("secagg: second masked input from ", from));
+  if (sum_.empty()) sum_.assign(c_.vector_length, 0);
+  for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += y[i];
   return absl::OkStatus();
 }
 
 std::vector<int> Server::Dropped() const {
   std::vector<int> d;
   for (const auto& [v, ok] : shared_)
-    if (!masked_.count(v)) d.push_back(v);
+    if (!received_.count(v)) d.push_back(v);
   return d;
 }
 
 std::vector<int> Server::Survivors() const {
   std::vector<int> s;
-  for (const auto& [v, y] : masked_) s.push_back(v);
+  for (const auto& [v, ok] : received_) s.push_back(v);
   return s;
 }
 
 absl::Status Server::ReceiveUnmask(const UnmaskReply& r) {
-  if (!masked_.count(r.from)) return absl::FailedPreconditionError(absl::StrCat("secagg: unmask reply from non-survivor ", r.from));
+  if (!received_.count(r.from)) return absl::FailedPreconditionError(absl::StrCat("secagg: unmask reply from non-survivor ", r.from));
   for (const auto& [owner, s] : r.mask_key_shares) mask_key_shares_[owner][r.from] = s;
   for (const auto& [owner, s] : r.self_mask_shares) self_mask_shares_[owner][r.from] = s;
   return absl::OkStatus();
@@ -393,11 +395,7 @@ absl::StatusOr<Result> Server::Finish() {
   res.survivors = Survivors();
   if (static_cast<int>(res.survivors.size()) < EffectiveThreshold(c_))
     return absl::FailedPreconditionError(absl::StrCat("secagg: ", res.survivors.size(), " survivors, fewer than the threshold"));
-  std::vector<uint32_t> sum(c_.vector_length, 0);
-  for (int u : res.survivors) {
-    const auto& y = masked_.at(u);
-    for (size_t i = 0; i < sum.size(); ++i) sum[i] += y[i];
-  }
+  std::vector<uint32_t> sum = sum_;
   auto collect = [](const std::map<int, std::map<int, Share>>& all, int owner) {
     std::vector<Share> v;
     if (auto it = all.find(owner); it != all.end())
@@ -413,7 +411,7 @@ absl::StatusOr<Result> Server::Finish() {
   for (int d : Dropped()) {
     FT_ASSIGN_OR_RETURN(Key32 sk, Reconstruct(d, collect(mask_key_shares_, d), true, &res.tampered));
     for (int u : Neighbours(c_, d)) {
-      if (!masked_.count(u)) continue;
+      if (!received_.count(u)) continue;
       // u added +PRG(s_ud) when d > u, and -PRG(s_ud) when d < u: undo it.
       FT_ASSIGN_OR_RETURN(Key32 s, Agree(sk, keys_.at(u).mask_pk, "fedtune secagg pairwise mask"));
       AddPrg(sum, s, d > u);

@@ -21,6 +21,7 @@
 #include <array>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <span>
 #include <string>
@@ -115,7 +116,8 @@ class Server {
   std::map<int, PublicKeys> keys_;
   std::map<int, std::vector<EncryptedShare>> shares_;  // by recipient
   std::map<int, bool> shared_;                         // clients that completed ShareKeys
-  std::map<int, std::vector<uint32_t>> masked_;
+  std::map<int, bool> received_;  // clients whose masked input is in sum_ (streamed: no per-client copy)
+  std::vector<uint32_t> sum_;
   std::map<int, std::map<int, Share>> mask_key_shares_, self_mask_shares_;  // owner -> holder -> share
 };
 

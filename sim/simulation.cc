@@ -25,6 +25,7 @@
 #include "privacy/rdp_accountant.h"
 #include "sim/partition.h"
 #include "sim/report.h"
+#include "sim/secure_round.h"
 #include "worker/local_trainer.h"
 
 namespace fedtune::sim {
@@ -185,6 +186,14 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
   }
   if (!c.train().base_type().empty() && !kernels::GgmlTypeFromName(c.train().base_type()))
     return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, f16 or f32");
+  if (c.secure_aggregation().enabled()) {
+    if (s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
+      return Bad("secure_aggregation.enabled", "needs strategy.merge mean or uncertainty (the server only sees a sum)");
+    const int m = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : s.clients;
+    if (m < 3 || m > 1000) return Bad("secure_aggregation.enabled", "needs 3 to 1000 clients per round");
+    if (c.dp().enabled() && c.dp().adaptive_clipping()) return Bad("dp.adaptive_clipping", "not available under secure aggregation");
+    if (c.secure_aggregation().value_range() < 0) return Bad("secure_aggregation.value_range", "must be > 0");
+  }
   if (c.dp().enabled()) {
     if (c.dp().noise_multiplier() <= 0 && c.dp().target_epsilon() <= 0) return Bad("dp", "set noise_multiplier or target_epsilon");
     const double delta = Or(c.dp().delta(), 1e-5);
@@ -305,8 +314,16 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   FT_ASSIGN_OR_RETURN(std::unique_ptr<aggregation::FedStrategy> fed, aggregation::FedStrategy::Create(s.strategy));
   std::unique_ptr<aggregation::Strategy> strategy = std::move(fed);
   const int expected = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : s.clients;
+  const bool secure = c.secure_aggregation().enabled();
+  double central_clip = 0, central_z = 0;
+  int noise_share = 1;  // central DP settings (clients need them under secure aggregation)
   if (c.dp().enabled() && !c.dp().local()) {
     aggregation::DpOptions d;
+    d.noise_added_by_clients = secure;
+    // Distributed noise is split over min_clients when set (so a round with that many survivors
+    // still carries the full noise), else over the expected clients.
+    d.noise_share_clients = s.strategy.min_clients > 1 ? s.strategy.min_clients : expected;
+    noise_share = d.noise_share_clients;
     d.delta = Or(c.dp().delta(), 1e-5);
     d.expected_clients = expected;
     d.population = s.clients;
@@ -320,9 +337,15 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     }
     say(absl::StrFormat("differential privacy: z=%.4f, clip %.3g%s, q=%.3f, delta %.1e", d.noise_multiplier, d.clip_norm,
                         d.adaptive_clipping ? " (adaptive)" : "", static_cast<double>(expected) / s.clients, d.delta));
+    central_clip = d.clip_norm;
+    central_z = d.noise_multiplier;
     FT_ASSIGN_OR_RETURN(auto dp, aggregation::DpStrategy::Create(std::move(strategy), d));
     strategy = std::move(dp);
   }
+  const double secure_range = Or(c.secure_aggregation().value_range(), central_clip > 0 ? 4 * central_clip : 0.05);
+  if (secure)
+    say(absl::StrFormat("secure aggregation (SecAgg+): values within +-%.3g encoded exactly%s", secure_range,
+                        central_clip > 0 ? "; DP noise added by the clients before masking" : ""));
 
   FT_ASSIGN_OR_RETURN(auto ledger, coordinator::RunLedger::Open(result.run_dir + "/ledger.sqlite"));
   FT_RETURN_IF_ERROR(ledger->SetRunInfo("strategy", strategy->Name()));
@@ -339,7 +362,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   lt.optimizer.min_lr_ratio = 1.0f;  // constant local rate: the schedule lives across rounds
   lt.optimizer.weight_decay = static_cast<float>(c.train().weight_decay());
   lt.optimizer.clip_norm = static_cast<float>(Or(c.train().clip_norm(), 1.0));
-  lt.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty;
+  lt.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !secure;  // under secure aggregation nobody sees a Fisher
   const double dp_delta = Or(c.dp().delta(), 1e-5);
   if (c.dp().enabled() && c.dp().local()) {
     lt.finetune.dp_clip = Or(c.dp().clip_norm(), 1.0);
@@ -442,6 +465,18 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     rec.metrics["client_lr"] = lt.optimizer.lr;
     std::vector<aggregation::ClientTask> tasks = strategy->ConfigureTrain(round, names, sched_rng);
     std::unique_ptr<aggregation::Aggregation> agg = strategy->BeginAggregate(round, global);
+    std::unique_ptr<SecureRound> sec;
+    int64_t round_examples = 0;  // public metadata: examples held by this round's clients
+    for (const auto& t : tasks) round_examples += static_cast<int64_t>(clients[index.at(t.client)].train.size());
+    std::map<std::string, std::pair<double, int64_t>> sec_weight;  // client -> (weight, examples)
+    std::unique_ptr<privacy::NoiseSource> client_noise;
+    if (secure) {
+      std::vector<std::string> ids;
+      for (const auto& t : tasks) ids.push_back(t.client);
+      FT_ASSIGN_OR_RETURN(sec, SecureRound::Begin(ids, global, secure_range, c.secure_aggregation().degree(), c.secure_aggregation().threshold(),
+                                                  s.seed * 7919 + static_cast<uint64_t>(round)));
+      FT_ASSIGN_OR_RETURN(client_noise, privacy::NoiseSource::Create());
+    }
     std::vector<aggregation::ClientFailure> failures;
     std::vector<coordinator::ClientRoundRecord> client_recs;
     double sim_round = 0, loss_sum = 0;
@@ -483,7 +518,23 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       bytes_up += up;
       loss_sum += lr.report.final_loss;
       coordinator::ClientRoundRecord cr{cl.name, "ok", lr.update.num_examples, lr.report.final_loss, secs, up};
-      if (absl::Status st = agg->Add(std::move(lr.update)); !st.ok()) {
+      absl::Status st;
+      if (sec) {
+        // Client side of secure aggregation: weight (equal under DP, after clipping and the
+        // client's share of the noise), then mask; the server only ever sees the sum.
+        double w = static_cast<double>(lr.update.num_examples) / static_cast<double>(round_examples);
+        if (central_clip > 0) {
+          w = 1.0;
+          aggregation::ClipToNorm(lr.update.delta, central_clip);
+          for (auto& [name, d] : lr.update.delta) client_noise->AddGaussian(d, central_z * central_clip / std::sqrt(static_cast<double>(noise_share)));
+        }
+        if (w != 1.0) aggregation::Scale(lr.update.delta, static_cast<float>(w));
+        st = sec->Submit(cl.name, lr.update.delta);
+        if (st.ok()) sec_weight[cl.name] = {w, lr.update.num_examples};
+      } else {
+        st = agg->Add(std::move(lr.update));
+      }
+      if (!st.ok()) {
         cr.status = absl::StrCat("rejected: ", st.message());
         failures.push_back({cl.name, st});
       } else {
@@ -498,10 +549,33 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
                      cl.name.c_str(), cl.profile.c_str(), cr.train_loss, secs, done_tasks, total_tasks, eta);
     }
     const auto t_server = Clock::now();
+    if (sec) {
+      FT_ASSIGN_OR_RETURN(SecureRound::Sum ssum, sec->Finish());
+      double wsum = 0;
+      int64_t ex = 0;
+      for (const std::string& name : ssum.survivors) {
+        wsum += sec_weight.at(name).first;
+        ex += sec_weight.at(name).second;
+      }
+      if (!ssum.survivors.empty()) FT_RETURN_IF_ERROR(agg->AddSecureSum(ssum.sum, wsum, static_cast<int>(ssum.survivors.size()), ex));
+      rec.metrics["secagg_clamped_values"] = static_cast<double>(ssum.clamped);
+      rec.metrics["secagg_tampered_shares"] = static_cast<double>(ssum.tampered.size());
+      for (const auto& t : ssum.tampered) say("secure aggregation: " + t);
+      bytes_up = sec->bytes_up_per_client() * static_cast<int64_t>(ssum.survivors.size());
+    }
     FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
-    FT_ASSIGN_OR_RETURN(aggregation::RoundResult rr, strategy->Commit(round, global, std::move(merged), failures));
+    absl::StatusOr<aggregation::RoundResult> committed = strategy->Commit(round, global, std::move(merged), failures);
+    if (committed.status().code() == absl::StatusCode::kResourceExhausted) {
+      // The privacy budget refuses this round: nothing is released; the run ends here.
+      say(absl::StrCat("stopping before round ", round, ": ", committed.status().message()));
+      FT_RETURN_IF_ERROR(ledger->SetRunInfo("stopped", std::string(committed.status().message())));
+      result.stopped_early = true;
+      break;
+    }
+    FT_RETURN_IF_ERROR(committed.status());
+    aggregation::RoundResult rr = std::move(*committed);
     if (rr.global) global = std::move(*rr.global);
-    rec.metrics = rr.metrics;
+    for (const auto& [k, v] : rr.metrics) rec.metrics[k] = v;
     rec.metrics["train_loss"] = trained ? loss_sum / trained : 0.0;
     rec.metrics["dropped"] = dropped;
     rec.metrics["bytes_up"] = static_cast<double>(bytes_up);
@@ -533,6 +607,11 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     if (rec.metrics.count("epsilon")) absl::StrAppend(&line, absl::StrFormat(", epsilon %.3f", rec.metrics["epsilon"]));
     say(line);
     result.rounds.push_back(std::move(rec));
+  }
+  if (!result.rounds.back().evaluated) {  // stopped early between evaluations: score the final adapter
+    RoundRecord& last = result.rounds.back();
+    FT_RETURN_IF_ERROR(evaluate(last.metrics));
+    last.evaluated = true;
   }
   result.accuracy_after = result.rounds.back().metrics["accuracy"];
 

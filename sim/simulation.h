@@ -30,6 +30,7 @@ struct SimulationResult {
   double centralized_accuracy = -1;  // -1: no baseline run
   double wall_seconds = 0;
   double peak_rss_mib = 0;
+  bool stopped_early = false;  // the privacy budget refused a round
 };
 
 struct SimOptions {

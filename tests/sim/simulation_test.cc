@@ -9,10 +9,25 @@
 #include "common/config_loader.h"
 #include "common/mapped_file.h"
 #include "coordinator/run_ledger.h"
+#include "model/safetensors.h"
 #include "tests/support/tiny_model.h"
 
 namespace fedtune::sim {
 namespace {
+
+// All float values of a safetensors file, in tensor-name order.
+std::vector<float> LoadTensors(const std::string& path) {
+  std::vector<float> out;
+  auto f = model::SafetensorsFile::Open(path);
+  EXPECT_TRUE(f.ok()) << f.status();
+  if (!f.ok()) return out;
+  for (const auto& st : (*f)->tensors()) {
+    auto t = (*f)->ToF32(st.name);
+    EXPECT_TRUE(t.ok());
+    out.insert(out.end(), t->data<float>(), t->data<float>() + t->size());
+  }
+  return out;
+}
 
 class SimTest : public ::testing::Test {
  protected:
@@ -134,6 +149,33 @@ TEST_F(SimTest, DifferentialPrivacyStaysWithinTheTargetEpsilon) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_GT(r->rounds.back().metrics.at("epsilon"), 1.0);
   EXPECT_LE(r->rounds.back().metrics.at("epsilon"), 8.0 + 1e-6);
+}
+
+// Secure aggregation changes nothing but the fixed-point rounding: same seeds, same adapter.
+TEST_F(SimTest, SecureAggregationGivesThePlainResult) {
+  const std::string a = testing::TempPath("sim_plain"), b = testing::TempPath("sim_secure");
+  const std::string common = "clients: 5\nprofiles: [{count: 4}, {count: 1, dropout: 0.5}]\n";
+  ASSERT_TRUE(Run(Yaml(common, a)).ok());
+  auto r = Run(Yaml(common + "secure_aggregation: {enabled: true, value_range: 0.05}\n", b));
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto sa = LoadTensors(a + "/adapter.safetensors"), sb = LoadTensors(b + "/adapter.safetensors");
+  ASSERT_EQ(sa.size(), sb.size());
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < sa.size(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::fabs(sa[i] - sb[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(sa[i])));
+  }
+  EXPECT_GT(scale, 0);
+  EXPECT_LT(worst, 1e-5) << "max |plain - secure| over " << sa.size() << " values";
+  EXPECT_EQ(r->rounds.back().metrics.at("secagg_tampered_shares"), 0);
+  // With central DP on top, the clients add the noise before masking.
+  auto d = Run(Yaml(common + "secure_aggregation: {enabled: true}\ndp: {enabled: true, target_epsilon: 8, clip_norm: 0.05}\n"
+                             "strategy: {min_clients: 4}\n",
+                    testing::TempPath("sim_secure_dp")));
+  ASSERT_TRUE(d.ok()) << d.status();
+  EXPECT_GT(d->rounds.back().metrics.at("epsilon"), 0);
+  EXPECT_LE(d->rounds.back().metrics.at("epsilon"), 8.0 + 1e-6);
+  EXPECT_FALSE(d->stopped_early);
 }
 
 TEST_F(SimTest, LocalDpSgdReportsEachClientsEpsilon) {
