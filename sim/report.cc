@@ -56,6 +56,9 @@ line('loss', 'Loss', [['train (clients, mean)', series('train_loss')], ['held-ou
 const accSets = [['all tasks', series('accuracy', true).map(v => v === null ? null : 100 * v)]];
 Object.keys(R[0]).filter(k => k.startsWith('acc_')).forEach(k => accSets.push([k.substring(4), series(k, true).map(v => v === null ? null : 100 * v)]));
 line('accuracy', 'Held-out exact-match accuracy', accSets, '%');
+const pplKeys = Object.keys(R[0]).filter(k => k.startsWith('ppl_'));
+if (pplKeys.length) line('ppl', 'Held-out perplexity (text domains)', pplKeys.map(k => [k.substring(4), series(k, true)]), 'perplexity');
+else document.getElementById('ppl').parentNode.style.display = 'none';
 line('bytes', 'Traffic per round', [['up (MiB)', series('bytes_up').map(v => v === null ? null : v / 1048576)],
   ['down (MiB)', series('bytes_down').map(v => v === null ? null : v / 1048576)]], 'MiB');
 line('time', 'Round time', [['simulated (slowest client incl. links)', series('sim_round_seconds')], ['wall, this machine', series('wall_seconds')]], 's');
@@ -100,7 +103,7 @@ absl::Status WriteReport(const std::string& path, const ReportInput& in) {
   h += "</head><body>\n<h1>" + Html(in.title) + "</h1>\n<ul>";
   for (const auto& l : in.summary_lines) h += "<li>" + Html(l) + "</li>";
   h += "</ul>\n<div class=\"grid\">";
-  for (const char* id : {"accuracy", "loss", "epsilon", "bytes", "time", "clients"}) h += absl::StrCat("<div><canvas id=\"", id, "\"></canvas></div>");
+  for (const char* id : {"accuracy", "loss", "ppl", "epsilon", "bytes", "time", "clients"}) h += absl::StrCat("<div><canvas id=\"", id, "\"></canvas></div>");
   h += "</div>\n<h2>Rounds</h2><table><tr><th>round</th><th>train loss</th><th>eval loss</th><th>accuracy %</th><th>accepted</th>"
        "<th>dropped</th><th>epsilon</th><th>MiB up</th><th>simulated s</th><th>wall s</th></tr>";
   for (const RoundRecord& r : in.rounds) {

@@ -46,6 +46,10 @@ double PeakRssMiB() {
 template <typename T>
 T Or(T v, T dflt) { return v == T{} ? dflt : v; }
 
+std::string ResolveTextDomain(const std::string& name) {
+  return name.find('/') == std::string::npos ? "/usr/share/common-licenses/" + name : name;
+}
+
 absl::Status Bad(const std::string& key, const std::string& what) { return absl::InvalidArgumentError(absl::StrCat(key, ": ", what)); }
 
 // Effective settings (proto3 zeros replaced by defaults) in one place.
@@ -158,7 +162,10 @@ std::string CsvEscape(const std::string& s) { return s.find_first_of(",\"") == s
 absl::Status ValidateConfig(const proto::SimulationConfig& c) {
   FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
   if (!fs::exists(c.model().path())) return Bad("model.path", absl::StrCat("no such file: ", c.model().path()));
-  if (c.data().tasks().empty() && c.data().files().empty()) return Bad("data", "name at least one of data.tasks or data.files");
+  if (c.data().tasks().empty() && c.data().files().empty() && c.data().text_domains().empty())
+    return Bad("data", "name at least one of data.tasks, data.files or data.text_domains");
+  for (const std::string& t : c.data().text_domains())
+    if (!fs::exists(ResolveTextDomain(t))) return Bad("data.text_domains", absl::StrCat("no such text: ", ResolveTextDomain(t)));
   for (const std::string& t : c.data().tasks()) {
     const auto& names = model::TaskNames();
     if (std::find(names.begin(), names.end(), t) == names.end())
@@ -166,7 +173,7 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
   }
   for (const std::string& f : c.data().files())
     if (!fs::exists(f)) return Bad("data.files", absl::StrCat("no such file: ", f));
-  const int num_tasks = c.data().tasks_size() + c.data().files_size();
+  const int num_tasks = c.data().tasks_size() + c.data().files_size() + c.data().text_domains_size();
   if (c.data().partition() == proto::DataConfig::BY_TASK && s.clients < num_tasks)
     return Bad("data.partition", absl::StrCat("by_task needs clients >= tasks (", num_tasks, ")"));
   if (static_cast<int64_t>(s.examples_per_task) * c.data().tasks_size() > 0 &&
@@ -252,6 +259,11 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     FT_ASSIGN_OR_RETURN(model::Dataset d, model::LoadDataset(f, tok, dopt));
     per_task.push_back(std::move(d));
     task_names.push_back(fs::path(f).stem().string());
+  }
+  for (const std::string& t : c.data().text_domains()) {
+    FT_ASSIGN_OR_RETURN(model::Dataset d, model::LoadDataset(ResolveTextDomain(t), tok, dopt));
+    per_task.push_back(std::move(d));
+    task_names.push_back(fs::path(t).filename().string());
   }
   const int num_tasks = static_cast<int>(per_task.size());
   std::vector<std::vector<model::Example>> eval_by_task(static_cast<size_t>(num_tasks));
@@ -386,17 +398,25 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     FT_RETURN_IF_ERROR(worker::SetAdapterTensors(global, &adapters));
     double loss_sum = 0, acc_sum = 0;
     int64_t tokens = 0;
+    int scored_tasks = 0;
     for (int t = 0; t < num_tasks; ++t) {
       FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, &adapters, eval_by_task[static_cast<size_t>(t)], 0, s.max_new_tokens));
-      m["acc_" + task_names[static_cast<size_t>(t)]] = r.accuracy();
-      last_task_acc[static_cast<size_t>(t)] = r.accuracy();
+      const std::string& name = task_names[static_cast<size_t>(t)];
       loss_sum += r.loss * static_cast<double>(r.n_tokens);
       tokens += r.n_tokens;
+      if (r.n_generated == 0) {  // a text domain: perplexity only
+        m["ppl_" + name] = r.perplexity();
+        last_task_acc[static_cast<size_t>(t)] = 0;
+        continue;
+      }
+      m["acc_" + name] = r.accuracy();
+      last_task_acc[static_cast<size_t>(t)] = r.accuracy();
       acc_sum += r.accuracy();
+      ++scored_tasks;
     }
     m["eval_loss"] = tokens ? loss_sum / static_cast<double>(tokens) : 0.0;
     m["eval_ppl"] = std::exp(m["eval_loss"]);
-    m["accuracy"] = acc_sum / num_tasks;
+    m["accuracy"] = scored_tasks ? acc_sum / scored_tasks : 0.0;
     return absl::OkStatus();
   };
 
@@ -405,13 +425,16 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   std::ofstream csv(result.run_dir + "/metrics.csv", std::ios::trunc);
   std::vector<std::string> csv_cols = {"round", "wall_seconds", "sim_round_seconds", "train_loss", "eval_loss", "eval_ppl", "accuracy",
                                        "accepted", "failures", "dropped", "epsilon", "local_epsilon", "bytes_up", "bytes_down", "update_norm"};
-  for (const auto& n : task_names) csv_cols.push_back("acc_" + n);
-  {
-    std::vector<std::string> esc;
-    for (const auto& col : csv_cols) esc.push_back(CsvEscape(col));
-    csv << absl::StrJoin(esc, ",") << "\n";
-  }
+  bool header_written = false;
   auto emit = [&](const RoundRecord& r) {
+    if (!header_written) {  // per-task columns (acc_* / ppl_*) from the first, evaluated record
+      for (const auto& [k, v] : r.metrics)
+        if (k.rfind("acc_", 0) == 0 || k.rfind("ppl_", 0) == 0) csv_cols.push_back(k);
+      std::vector<std::string> esc;
+      for (const auto& col : csv_cols) esc.push_back(CsvEscape(col));
+      csv << absl::StrJoin(esc, ",") << "\n";
+      header_written = true;
+    }
     nlohmann::json j;
     j["round"] = r.round;
     j["evaluated"] = r.evaluated;
@@ -633,11 +656,14 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     model::AdamW opt(oc);
     FT_ASSIGN_OR_RETURN(model::TrainReport rep, model::Finetune(*model, all, ft, &central, &opt));
     double acc = 0;
+    int scored = 0;
     for (int t = 0; t < num_tasks; ++t) {
       FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, &central, eval_by_task[static_cast<size_t>(t)], 0, s.max_new_tokens));
+      if (r.n_generated == 0) continue;
       acc += r.accuracy();
+      ++scored;
     }
-    result.centralized_accuracy = acc / num_tasks;
+    result.centralized_accuracy = scored ? acc / scored : 0.0;
     say(absl::StrFormat("centralized: %d steps in %.0f s, accuracy %.1f%%", rep.steps, rep.seconds, 100 * result.centralized_accuracy));
     FT_RETURN_IF_ERROR(ledger->SetRunInfo("centralized_accuracy", absl::StrCat(result.centralized_accuracy)));
   }

@@ -189,6 +189,21 @@ TEST_F(SimTest, LocalDpSgdReportsEachClientsEpsilon) {
   EXPECT_GT(m.at("local_epsilon"), r->rounds[1].metrics.at("local_epsilon"));  // composes over rounds
 }
 
+TEST_F(SimTest, TextDomainsAreScoredByPerplexity) {
+  const std::string out = testing::TempPath("sim_text");
+  auto r = Run(Yaml("clients: 4\ndata: {tasks: [sentiment], text_domains: [GPL-3, Apache-2.0], examples_per_task: 40, eval_examples: 6, "
+                    "max_len: 64, partition: BY_TASK}\n", out));
+  ASSERT_TRUE(r.ok()) << r.status();
+  const auto& first = r->rounds.front().metrics;
+  const auto& last = r->rounds.back().metrics;
+  EXPECT_GT(first.at("ppl_GPL-3"), 1.0);
+  EXPECT_LT(last.at("ppl_GPL-3"), first.at("ppl_GPL-3"));
+  EXPECT_EQ(last.count("acc_GPL-3"), 0u);
+  EXPECT_EQ(last.count("acc_sentiment"), 1u);
+  auto csv = ReadFileToString(out + "/metrics.csv");
+  EXPECT_NE(csv->find("ppl_Apache-2.0"), std::string::npos);
+}
+
 TEST_F(SimTest, StandInClientsMeasureServerOverhead) {
   auto r = Run(Yaml("clients: 60\ntrain: {stand_in: true}\nstrategy: {clients_per_round: 50, merge: uncertainty}\n"
                     "data: {tasks: [sentiment, extract], examples_per_task: 60, eval_examples: 2, max_len: 96}\n",
@@ -210,6 +225,7 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("strategy: {clients_per_round: 9}\n", "strategy.clients_per_round");
   expect("strategy: {merge: average}\n", "strategy.merge");
   expect("data: {tasks: [poetry]}\n", "data.tasks");
+  expect("data: {text_domains: [NO-SUCH-LICENSE]}\n", "data.text_domains");
   expect("data: {files: [/no/such/file.jsonl]}\n", "data.files");
   expect("profiles: [{count: 2}]\n", "profiles");
   expect("dp: {enabled: true, target_epsilon: 0.000001}\n", "dp.target_epsilon");
