@@ -10,6 +10,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
 #include "common/log.h"
 #include "common/mapped_file.h"
@@ -24,6 +25,7 @@
 #include "model/tasks.h"
 #include "common/config_loader.h"
 #include "sim/simulation.h"
+#include "coordinator/provision.h"
 
 #include <filesystem>
 #include <fstream>
@@ -486,6 +488,16 @@ int main(int argc, char** argv) {
   simc->add_option("-o,--out", sim_out, "Run directory (overrides output_dir)");
   simc->add_flag("--check", sim_check, "Only validate the config");
 
+  auto* prov = app.add_subcommand("provision", "Create a CA, the coordinator certificate and per-worker certificates and join tokens");
+  coordinator::ProvisionOptions po;
+  int prov_n = 0;
+  prov->add_option("-o,--out", po.dir, "Output folder (keys are written with mode 0600)")->required();
+  prov->add_option("--host", po.hosts, "Coordinator DNS name or IP address (repeatable)");
+  prov->add_option("--worker", po.workers, "Worker name (repeatable)");
+  prov->add_option("--workers", prov_n, "Also create workers worker-001 .. worker-N");
+  prov->add_option("--days", po.valid_days, "Validity of the coordinator and worker certificates");
+  prov->add_flag("--force", po.force, "Replace an existing CA");
+
   CLI11_PARSE(app, argc, argv);
   if (!SetLogLevel(log_level)) return Fail(absl::InvalidArgumentError("unknown --log-level " + log_level));
   kernels::SetThreads(threads);
@@ -496,6 +508,15 @@ int main(int argc, char** argv) {
   if (*ev) return RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump);
   if (*ex) return RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base);
   if (*simc) return RunSimulate(sim_config, sim_out, sim_check);
+  if (*prov) {
+    for (int i = 1; i <= prov_n; ++i) po.workers.push_back(absl::StrFormat("worker-%03d", i));
+    auto r = coordinator::Provision(po);
+    if (!r.ok()) return Fail(r.status());
+    std::printf("%s CA in %s; wrote %zu files (coordinator certificate for localhost, 127.0.0.1%s%s; %zu worker certificates and tokens)\n",
+                r->created_ca ? "created a new" : "reused the", po.dir.c_str(), r->files.size(), po.hosts.empty() ? "" : ", ",
+                absl::StrJoin(po.hosts, ", ").c_str(), po.workers.size());
+    return 0;
+  }
   if (*mk) {
     auto lines = model::GenerateTask(mk_name, mk_n, mk_seed);
     if (!lines.ok()) return Fail(lines.status());
