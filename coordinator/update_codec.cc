@@ -1,0 +1,74 @@
+#include "coordinator/update_codec.h"
+
+#include <cstring>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/mapped_file.h"
+#include "model/safetensors.h"
+
+namespace fedtune::coordinator {
+
+absl::StatusOr<std::vector<uint8_t>> EncodeUpdate(const aggregation::ClientUpdate& u) {
+  model::SafetensorsWriter w;
+  for (const auto& [name, v] : u.delta) FT_RETURN_IF_ERROR(w.AddF32("delta." + name, {static_cast<int64_t>(v.size())}, v));
+  for (const auto& [name, v] : u.fisher) FT_RETURN_IF_ERROR(w.AddF32("fisher." + name, {static_cast<int64_t>(v.size())}, v));
+  w.SetMetadata("fedtune.update", "1");
+  w.SetMetadata("client", u.client);
+  w.SetMetadata("num_examples", std::to_string(u.num_examples));
+  for (const auto& [k, v] : u.metrics) w.SetMetadata("metric." + k, absl::StrCat(v));
+  return w.Serialize();
+}
+
+absl::StatusOr<aggregation::ClientUpdate> DecodeUpdate(std::span<const uint8_t> bytes, const aggregation::TensorMap& global, size_t max_bytes,
+                                                       const std::string& expected_client) {
+  if (bytes.size() > max_bytes)
+    return absl::ResourceExhaustedError(absl::StrCat("update of ", bytes.size(), " bytes exceeds the limit of ", max_bytes));
+  FT_ASSIGN_OR_RETURN(auto file, model::SafetensorsFile::Parse(MappedFile::FromBytes(bytes, "update")));
+  const auto& md = file->metadata();
+  auto get = [&](const char* k) -> const std::string* {
+    auto it = md.find(k);
+    return it == md.end() ? nullptr : &it->second;
+  };
+  if (const std::string* v = get("fedtune.update"); v == nullptr || *v != "1")
+    return absl::InvalidArgumentError("update: missing or unsupported fedtune.update version");
+  aggregation::ClientUpdate u;
+  if (const std::string* c = get("client")) u.client = *c;
+  if (u.client.empty()) return absl::InvalidArgumentError("update: no client name");
+  if (!expected_client.empty() && u.client != expected_client)
+    return absl::PermissionDeniedError(absl::StrCat("update: sent by '", expected_client, "' but claims to be from '", u.client, "'"));
+  const std::string* n = get("num_examples");
+  if (n == nullptr || !absl::SimpleAtoi(*n, &u.num_examples) || u.num_examples <= 0 || u.num_examples > (int64_t{1} << 40))
+    return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': bad num_examples"));
+  for (const auto& [k, v] : md) {
+    if (k.rfind("metric.", 0) != 0) continue;
+    double x = 0;
+    if (absl::SimpleAtod(v, &x)) u.metrics[k.substr(7)] = x;
+  }
+  for (const model::SafeTensor& t : file->tensors()) {
+    if (t.dtype != DType::kF32 || t.shape.size() != 1)
+      return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", t.name, " must be 1-D F32"));
+    aggregation::TensorMap* dst = nullptr;
+    std::string name;
+    if (t.name.rfind("delta.", 0) == 0) {
+      dst = &u.delta;
+      name = t.name.substr(6);
+    } else if (t.name.rfind("fisher.", 0) == 0) {
+      dst = &u.fisher;
+      name = t.name.substr(7);
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': unexpected tensor ", t.name));
+    }
+    auto g = global.find(name);
+    if (g == global.end()) return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': unknown tensor ", name));
+    if (static_cast<size_t>(t.shape[0]) != g->second.size() || t.nbytes != g->second.size() * sizeof(float))
+      return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", name, " has the wrong size"));
+    std::vector<float> v(g->second.size());
+    std::memcpy(v.data(), t.data, t.nbytes);
+    (*dst)[name] = std::move(v);
+  }
+  FT_RETURN_IF_ERROR(aggregation::ValidateUpdate(u, global));  // finiteness, Fisher >= 0, non-empty
+  return u;
+}
+
+}  // namespace fedtune::coordinator
