@@ -1,5 +1,7 @@
 #include "coordinator/update_codec.h"
 
+#include <openssl/sha.h>
+
 #include <cstring>
 
 #include "absl/strings/numbers.h"
@@ -69,6 +71,35 @@ absl::StatusOr<aggregation::ClientUpdate> DecodeUpdate(std::span<const uint8_t> 
   }
   FT_RETURN_IF_ERROR(aggregation::ValidateUpdate(u, global));  // finiteness, Fisher >= 0, non-empty
   return u;
+}
+
+absl::StatusOr<std::vector<uint8_t>> EncodeTensors(const aggregation::TensorMap& t, int round) {
+  model::SafetensorsWriter w;
+  for (const auto& [name, v] : t) FT_RETURN_IF_ERROR(w.AddF32(name, {static_cast<int64_t>(v.size())}, v));
+  w.SetMetadata("fedtune.round", std::to_string(round));
+  return w.Serialize();
+}
+
+absl::StatusOr<aggregation::TensorMap> DecodeTensors(std::span<const uint8_t> bytes, int* round) {
+  FT_ASSIGN_OR_RETURN(auto file, model::SafetensorsFile::Parse(MappedFile::FromBytes(bytes, "adapter")));
+  aggregation::TensorMap t;
+  for (const model::SafeTensor& st : file->tensors()) {
+    FT_ASSIGN_OR_RETURN(Tensor x, file->ToF32(st.name));
+    t[st.name].assign(x.data<float>(), x.data<float>() + x.size());
+  }
+  if (round) {
+    auto it = file->metadata().find("fedtune.round");
+    if (it == file->metadata().end() || !absl::SimpleAtoi(it->second, round)) return absl::DataLossError("adapter: no fedtune.round");
+  }
+  return t;
+}
+
+std::string Sha256Hex(std::span<const uint8_t> bytes) {
+  uint8_t d[SHA256_DIGEST_LENGTH];
+  SHA256(bytes.data(), bytes.size(), d);
+  std::string h;
+  for (uint8_t b : d) absl::StrAppend(&h, absl::Hex(b, absl::kZeroPad2));
+  return h;
 }
 
 }  // namespace fedtune::coordinator

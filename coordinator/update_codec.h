@@ -22,4 +22,10 @@ absl::StatusOr<std::vector<uint8_t>> EncodeUpdate(const aggregation::ClientUpdat
 absl::StatusOr<aggregation::ClientUpdate> DecodeUpdate(std::span<const uint8_t> bytes, const aggregation::TensorMap& global,
                                                        size_t max_bytes, const std::string& expected_client = "");
 
+// A global adapter on the wire / on disk: F32 tensors by name, metadata fedtune.round.
+absl::StatusOr<std::vector<uint8_t>> EncodeTensors(const aggregation::TensorMap& t, int round);
+absl::StatusOr<aggregation::TensorMap> DecodeTensors(std::span<const uint8_t> bytes, int* round = nullptr);
+// Lower-case hex SHA-256.
+std::string Sha256Hex(std::span<const uint8_t> bytes);
+
 }  // namespace fedtune::coordinator

@@ -45,6 +45,9 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
   const int threads = size();
   const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + threads - 1) / threads);
   const int n_chunks = static_cast<int>((n + chunk - 1) / chunk);
+  // Callers from different threads take turns (the pool is process-wide: several in-process
+  // workers, or a server thread beside a trainer, may call kernels at the same time).
+  std::lock_guard<std::mutex> turn(call_mu_);
   if (n_chunks <= 1 || workers_.empty()) {
     fn(0, n, 0);
     return;

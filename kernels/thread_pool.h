@@ -20,13 +20,15 @@ class ThreadPool {
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
   // Splits [0, n) into contiguous chunks of at least `grain` and runs fn(begin, end, thread)
-  // on the caller and the workers; returns when all chunks are done. Not reentrant.
+  // on the caller and the workers; returns when all chunks are done. Safe to call from several
+  // threads (calls are serialised); not reentrant (fn must not call ParallelFor).
   void ParallelFor(int64_t n, int64_t grain,
                    const std::function<void(int64_t, int64_t, int)>& fn);
 
  private:
   void WorkerLoop(int index);
   std::vector<std::thread> workers_;
+  std::mutex call_mu_;
   std::mutex mu_;
   std::condition_variable cv_start_, cv_done_;
   const std::function<void(int64_t, int64_t, int)>* job_ = nullptr;

@@ -1,0 +1,383 @@
+#include "coordinator/server.h"
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/security/server_credentials.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/mapped_file.h"
+#include "common/rng.h"
+#include "coordinator/run_ledger.h"
+#include "coordinator/update_codec.h"
+#include "proto/service.grpc.pb.h"
+
+namespace fedtune::coordinator {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+constexpr size_t kChunk = 1 << 20;
+
+std::string PeerCn(grpc::ServerContext* ctx) {
+  auto auth = ctx->auth_context();
+  if (!auth) return "";
+  auto v = auth->FindPropertyValues("x509_common_name");
+  return v.empty() ? "" : std::string(v[0].data(), v[0].size());
+}
+
+int64_t UnixMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
+  ServerOptions o;
+  std::unique_ptr<aggregation::Strategy> strategy;
+  std::unique_ptr<grpc::Server> server;
+  std::unique_ptr<RunLedger> ledger;
+  std::map<std::string, std::string> token_hash;  // worker -> sha256(token) hex
+  std::thread rounds_thread;
+  int port = 0;
+
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  bool done = false, shutdown = false;
+  absl::Status status;
+  std::set<std::string> joined;
+  int round = 0, committed = 0;
+  aggregation::TensorMap global;
+  std::vector<uint8_t> global_bytes;
+  std::string global_sha;
+  std::map<std::string, rpc::v1::Task> assigned;  // this round
+  std::set<std::string> fetched, received;
+  std::deque<aggregation::ClientUpdate> inbox;
+  std::vector<aggregation::ClientFailure> rejected;
+  int64_t deadline_unix_ms = 0;
+
+  // ---- RPC handlers: validate, convert, hand over ----
+
+  grpc::Status Join(grpc::ServerContext* ctx, const rpc::v1::JoinRequest* req, rpc::v1::JoinResponse* resp) override {
+    const std::string cn = PeerCn(ctx);
+    auto it = token_hash.find(cn);
+    const std::vector<uint8_t> tok(req->token().begin(), req->token().end());
+    if (cn.empty() || it == token_hash.end() || Sha256Hex(tok) != it->second) {
+      FT_LOG_WARN("join refused: worker '{}' (bad or missing token)", cn);
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "unknown worker or bad join token");
+    }
+    {
+      std::lock_guard<std::mutex> l(mu);
+      joined.insert(cn);
+    }
+    cv.notify_all();
+    FT_LOG_INFO("worker '{}' joined ({} cores)", cn, req->profile().cores());
+    resp->set_run_id(fs::path(o.state_dir).filename().string());
+    resp->set_worker_id(cn);
+    resp->set_heartbeat_ms(5000);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const rpc::v1::HeartbeatRequest*, rpc::v1::HeartbeatResponse* resp) override {
+    std::lock_guard<std::mutex> l(mu);
+    if (!joined.count(PeerCn(ctx))) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    resp->set_shutdown(done);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetTask(grpc::ServerContext* ctx, const rpc::v1::GetTaskRequest* req, rpc::v1::Task* task) override {
+    const std::string cn = PeerCn(ctx);
+    std::unique_lock<std::mutex> l(mu);
+    if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
+    cv.wait_until(l, until, [&] { return done || shutdown || (assigned.count(cn) && !fetched.count(cn)); });
+    if (done || shutdown) {
+      task->set_kind(rpc::v1::Task::SHUTDOWN);
+    } else if (assigned.count(cn) && !fetched.count(cn)) {
+      *task = assigned[cn];
+      fetched.insert(cn);
+    } else {
+      task->set_kind(rpc::v1::Task::NO_TASK);
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status DownloadAdapter(grpc::ServerContext* ctx, const rpc::v1::DownloadRequest* req, grpc::ServerWriter<rpc::v1::Chunk>* w) override {
+    std::vector<uint8_t> bytes;
+    std::string sha;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      if (!joined.count(PeerCn(ctx))) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+      if (req->round() != round) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", req->round(), " is not current (", round, ")"));
+      bytes = global_bytes;
+      sha = global_sha;
+    }
+    if (req->offset() < 0 || static_cast<size_t>(req->offset()) > bytes.size()) return grpc::Status(grpc::StatusCode::OUT_OF_RANGE, "bad offset");
+    for (size_t off = static_cast<size_t>(req->offset()); off < bytes.size() || (off == 0 && bytes.empty()); off += kChunk) {
+      rpc::v1::Chunk c;
+      c.set_offset(static_cast<int64_t>(off));
+      const size_t n = std::min(kChunk, bytes.size() - off);
+      c.set_data(bytes.data() + off, n);
+      c.set_total_bytes(static_cast<int64_t>(bytes.size()));
+      if (off + n == bytes.size()) c.set_sha256(sha);
+      if (!w->Write(c)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+      if (bytes.empty()) break;
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status UploadUpdate(grpc::ServerContext* ctx, grpc::ServerReader<rpc::v1::UploadMessage>* r, rpc::v1::UploadResponse* resp) override {
+    const std::string cn = PeerCn(ctx);
+    rpc::v1::UploadMessage m;
+    if (!r->Read(&m) || !m.has_header()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "upload must start with a header");
+    const rpc::v1::UpdateHeader h = m.header();
+    aggregation::TensorMap snapshot;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+      if (h.round() != round || !assigned.count(cn))
+        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", h.round()));
+      if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
+      if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline has passed");
+      snapshot = global;
+    }
+    if (h.total_bytes() < 0 || static_cast<size_t>(h.total_bytes()) > o.max_update_bytes)
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, absl::StrCat("update of ", h.total_bytes(), " bytes exceeds the limit"));
+    std::vector<uint8_t> bytes;
+    bytes.reserve(static_cast<size_t>(h.total_bytes()));
+    while (r->Read(&m)) {
+      if (!m.has_chunk() || m.chunk().offset() != static_cast<int64_t>(bytes.size()) ||
+          bytes.size() + m.chunk().data().size() > static_cast<size_t>(h.total_bytes()))
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "chunk out of order or beyond the announced size");
+      bytes.insert(bytes.end(), m.chunk().data().begin(), m.chunk().data().end());
+    }
+    resp->set_received_bytes(static_cast<int64_t>(bytes.size()));
+    if (bytes.size() != static_cast<size_t>(h.total_bytes())) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload truncated");
+    if (Sha256Hex(bytes) != h.sha256()) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload checksum mismatch");
+    auto u = DecodeUpdate(bytes, snapshot, o.max_update_bytes, cn);
+    if (!u.ok()) {
+      FT_LOG_WARN("rejected update from '{}' in round {}: {}", cn, h.round(), u.status().ToString());
+      std::lock_guard<std::mutex> l(mu);
+      received.insert(cn);
+      rejected.push_back({cn, u.status()});
+      cv.notify_all();
+      resp->set_accepted(false);
+      resp->set_reason(std::string(u.status().message()));
+      return grpc::Status::OK;
+    }
+    {
+      std::lock_guard<std::mutex> l(mu);
+      if (!received.insert(cn).second) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
+      inbox.push_back(std::move(*u));
+    }
+    cv.notify_all();
+    resp->set_accepted(true);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetStatus(grpc::ServerContext*, const rpc::v1::StatusRequest*, rpc::v1::StatusResponse* resp) override {
+    std::lock_guard<std::mutex> l(mu);
+    resp->set_round(round);
+    resp->set_rounds_total(o.rounds);
+    resp->set_phase(done ? "done" : "collect");
+    for (const auto& w : joined) resp->add_workers()->set_worker_id(w);
+    return grpc::Status::OK;
+  }
+
+  // ---- the round loop (its own thread) ----
+
+  absl::Status PublishGlobal(int r) {
+    FT_ASSIGN_OR_RETURN(global_bytes, EncodeTensors(global, r - 1));
+    global_sha = Sha256Hex(global_bytes);
+    return absl::OkStatus();
+  }
+
+  absl::Status RunRounds() {
+    for (int r = committed + 1; r <= o.rounds; ++r) {
+      std::vector<std::string> available;
+      {
+        std::unique_lock<std::mutex> l(mu);
+        cv.wait(l, [&] { return shutdown || static_cast<int>(joined.size()) >= o.min_workers; });
+        if (shutdown) return absl::CancelledError("coordinator shut down");
+        available.assign(joined.begin(), joined.end());
+        round = r;
+        FT_RETURN_IF_ERROR(PublishGlobal(r));
+        Rng rng(o.seed * 1000003 + static_cast<uint64_t>(r));
+        deadline_unix_ms = UnixMs() + o.deadline_ms;
+        assigned.clear();
+        fetched.clear();
+        received.clear();
+        rejected.clear();
+        inbox.clear();
+        for (const aggregation::ClientTask& t : strategy->ConfigureTrain(r, available, rng)) {
+          rpc::v1::Task task;
+          task.set_kind(rpc::v1::Task::TRAIN);
+          task.set_run_id(fs::path(o.state_dir).filename().string());
+          task.set_round(r);
+          *task.mutable_plan() = o.plan;
+          task.set_local_steps(o.local_steps);
+          task.set_batch(o.batch);
+          task.set_learning_rate(o.learning_rate);
+          for (const auto& [k, v] : t.config) (*task.mutable_config())[k] = v;
+          task.set_adapter_sha256(global_sha);
+          task.set_adapter_bytes(static_cast<int64_t>(global_bytes.size()));
+          task.set_deadline_unix_ms(deadline_unix_ms);
+          task.set_send_fisher(o.send_fisher);
+          assigned[t.client] = task;
+        }
+      }
+      cv.notify_all();
+      FT_LOG_INFO("round {}/{}: {} workers selected", r, o.rounds, assigned.size());
+      // Collect until every selected worker has answered or the deadline passes; updates are
+      // folded in on this thread as they arrive (streaming).
+      std::unique_ptr<aggregation::Aggregation> agg = strategy->BeginAggregate(r, global);
+      std::vector<aggregation::ClientFailure> failures;
+      std::vector<ClientRoundRecord> recs;
+      const auto deadline = Clock::now() + std::chrono::milliseconds(o.deadline_ms);
+      for (;;) {
+        std::deque<aggregation::ClientUpdate> batch;
+        bool complete = false;
+        {
+          std::unique_lock<std::mutex> l(mu);
+          cv.wait_until(l, deadline, [&] { return shutdown || !inbox.empty() || received.size() == assigned.size(); });
+          if (shutdown) return absl::CancelledError("coordinator shut down");
+          batch.swap(inbox);
+          complete = received.size() == assigned.size();
+        }
+        for (auto& u : batch) {
+          ClientRoundRecord rec{u.client, "ok", u.num_examples, u.metrics.count("train_loss") ? u.metrics["train_loss"] : 0.0, 0, 0};
+          const std::string who = u.client;
+          if (absl::Status st = agg->Add(std::move(u)); !st.ok()) {
+            rec.status = absl::StrCat("rejected: ", st.message());
+            failures.push_back({who, st});
+          }
+          recs.push_back(rec);
+        }
+        if (complete || Clock::now() >= deadline) break;
+      }
+      {
+        std::lock_guard<std::mutex> l(mu);
+        for (const auto& f : rejected) {
+          failures.push_back(f);
+          recs.push_back({f.client, absl::StrCat("rejected: ", f.status.message()), 0, 0, 0, 0});
+        }
+        for (const auto& [w, t] : assigned)
+          if (!received.count(w)) {
+            failures.push_back({w, absl::DeadlineExceededError("no update before the deadline")});
+            recs.push_back({w, "missed deadline", 0, 0, 0, 0});
+          }
+      }
+      FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
+      FT_ASSIGN_OR_RETURN(aggregation::RoundResult res, strategy->Commit(r, global, std::move(merged), failures));
+      aggregation::TensorMap next = res.global ? std::move(*res.global) : global;
+      // Commit: the adapter file first (atomic), then the ledger row; a crash between the two
+      // leaves round r uncommitted and its file ignored on restart.
+      FT_ASSIGN_OR_RETURN(auto bytes, EncodeTensors(next, r));
+      FT_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(o.state_dir, "/global-", r, ".safetensors"), std::string(bytes.begin(), bytes.end())));
+      FT_RETURN_IF_ERROR(ledger->CommitRound(r, res.metrics, recs));
+      std::error_code ec;
+      fs::remove(absl::StrCat(o.state_dir, "/global-", r - 2, ".safetensors"), ec);
+      {
+        std::lock_guard<std::mutex> l(mu);
+        global = std::move(next);
+        committed = r;
+        assigned.clear();
+      }
+      FT_LOG_INFO("round {}/{} committed: {} accepted, {} failed", r, o.rounds, res.metrics["accepted"], failures.size());
+    }
+    return absl::OkStatus();
+  }
+};
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOptions o, std::unique_ptr<aggregation::Strategy> strategy) {
+  std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
+  s->impl_ = std::make_unique<Impl>();
+  Impl& im = *s->impl_;
+  if (o.state_dir.empty()) return absl::InvalidArgumentError("coordinator: state_dir is required");
+  std::error_code ec;
+  fs::create_directories(o.state_dir, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("coordinator: cannot create ", o.state_dir, ": ", ec.message()));
+  FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
+  FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
+  FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));
+  FT_ASSIGN_OR_RETURN(std::string tokens, ReadFileToString(o.tokens_path));
+  std::istringstream ts(tokens);
+  std::string name, hash;
+  while (ts >> name >> hash) im.token_hash[name] = hash;
+  FT_ASSIGN_OR_RETURN(im.ledger, RunLedger::Open(o.state_dir + "/ledger.sqlite"));
+  FT_ASSIGN_OR_RETURN(im.committed, im.ledger->LastRound());
+  im.global = o.initial_global;
+  if (im.committed > 0) {  // resume from the last committed round
+    FT_ASSIGN_OR_RETURN(std::string b, ReadFileToString(absl::StrCat(o.state_dir, "/global-", im.committed, ".safetensors")));
+    int r = 0;
+    FT_ASSIGN_OR_RETURN(im.global, DecodeTensors({reinterpret_cast<const uint8_t*>(b.data()), b.size()}, &r));
+    if (r != im.committed) return absl::DataLossError(absl::StrCat("coordinator: checkpoint holds round ", r, ", ledger says ", im.committed));
+    FT_LOG_INFO("resuming after committed round {}", im.committed);
+  }
+  im.o = std::move(o);
+  im.strategy = std::move(strategy);
+  grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  ssl.pem_root_certs = ca;
+  ssl.pem_key_cert_pairs.push_back({key, cert});
+  grpc::ServerBuilder b;
+  b.AddListeningPort(im.o.address, grpc::SslServerCredentials(ssl), &im.port);
+  b.RegisterService(&im);
+  b.SetMaxReceiveMessageSize(4 << 20);
+  im.server = b.BuildAndStart();
+  if (!im.server || im.port == 0) return absl::UnavailableError(absl::StrCat("coordinator: cannot listen on ", im.o.address));
+  im.rounds_thread = std::thread([&im] {
+    absl::Status st = im.RunRounds();
+    {
+      std::lock_guard<std::mutex> l(im.mu);
+      im.status = st;
+      im.done = true;
+    }
+    im.cv.notify_all();
+  });
+  return s;
+}
+
+CoordinatorServer::~CoordinatorServer() {
+  if (!impl_) return;
+  Shutdown();
+  if (impl_->rounds_thread.joinable()) impl_->rounds_thread.join();
+  if (impl_->server) impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+}
+
+int CoordinatorServer::port() const { return impl_->port; }
+
+absl::Status CoordinatorServer::Wait() {
+  std::unique_lock<std::mutex> l(impl_->mu);
+  impl_->cv.wait(l, [&] { return impl_->done; });
+  return impl_->status;
+}
+
+void CoordinatorServer::Shutdown() {
+  {
+    std::lock_guard<std::mutex> l(impl_->mu);
+    impl_->shutdown = true;
+  }
+  impl_->cv.notify_all();
+}
+
+aggregation::TensorMap CoordinatorServer::global() const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  return impl_->global;
+}
+
+int CoordinatorServer::last_committed_round() const {
+  std::lock_guard<std::mutex> l(impl_->mu);
+  return impl_->committed;
+}
+
+}  // namespace fedtune::coordinator

@@ -1,0 +1,51 @@
+// The coordinator service (gRPC over mutual TLS, proto/service.proto). One background thread
+// runs the rounds (select -> dispatch -> collect -> aggregate -> commit); RPC handlers only
+// validate, convert and hand over (they never aggregate). State survives restarts: the ledger
+// (SQLite) records committed rounds and `state_dir/global.safetensors` holds the adapter of the
+// last committed round, written atomically before the ledger commit, so a restarted coordinator
+// resumes from the last committed round and never counts one twice.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "aggregation/strategy.h"
+#include "proto/service.pb.h"
+
+namespace fedtune::coordinator {
+
+struct ServerOptions {
+  std::string address = "127.0.0.1:0";   // port 0: any free port (see port())
+  std::string ca_pem, cert_pem, key_pem;  // file paths (from `fedtune provision`)
+  std::string tokens_path;                // tokens.sha256
+  std::string state_dir;                  // ledger.sqlite, global.safetensors
+  aggregation::TensorMap initial_global;
+  rpc::v1::AdapterPlan plan;              // what every worker trains (the planner refines this)
+  int rounds = 1;
+  int min_workers = 1;                    // joined workers before a round starts
+  int deadline_ms = 600000;               // per round; late updates are refused
+  int local_steps = 4, batch = 8;
+  double learning_rate = 5e-3;
+  bool send_fisher = false;
+  size_t max_update_bytes = 256u << 20;
+  uint64_t seed = 1;
+};
+
+class CoordinatorServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(ServerOptions o, std::unique_ptr<aggregation::Strategy> strategy);
+  ~CoordinatorServer();
+  int port() const;
+  // Blocks until every round is committed (or Shutdown); returns the round thread's status.
+  absl::Status Wait();
+  void Shutdown();
+  aggregation::TensorMap global() const;
+  int last_committed_round() const;
+
+ private:
+  CoordinatorServer() = default;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fedtune::coordinator
