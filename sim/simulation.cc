@@ -52,6 +52,37 @@ std::string ResolveTextDomain(const std::string& name) {
 
 absl::Status Bad(const std::string& key, const std::string& what) { return absl::InvalidArgumentError(absl::StrCat(key, ": ", what)); }
 
+}  // namespace
+
+absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::StrategyConfig& st) {
+  aggregation::StrategyOptions o;
+  if (!st.merge().empty()) {
+    auto m = aggregation::ParseMergeRule(st.merge());
+    if (!m.ok()) return Bad("strategy.merge", std::string(m.status().message()));
+    o.merge = *m;
+  }
+  if (!st.server().empty()) {
+    auto so = aggregation::ParseServerOptimizer(st.server());
+    if (!so.ok()) return Bad("strategy.server", std::string(so.status().message()));
+    o.server = *so;
+  }
+  o.server_lr = Or(st.server_lr(), 1.0);
+  o.clients_per_round = st.clients_per_round();
+  o.min_clients = Or(st.min_clients(), 1);
+  o.proximal_mu = st.proximal_mu();
+  o.norm_bound = st.norm_bound();
+  o.trim_fraction = Or(st.trim_fraction(), 0.1);
+  o.krum_byzantine = st.krum_byzantine();
+  o.krum_select = Or(st.krum_select(), 1);
+  o.momentum = Or(st.momentum(), 0.9);
+  o.tau = Or(st.tau(), 1e-3);
+  o.weight_by_examples = !st.uniform_weights();
+  if (auto f = aggregation::FedStrategy::Create(o); !f.ok()) return Bad("strategy", std::string(f.status().message()));
+  return o;
+}
+
+namespace {
+
 // Effective settings (proto3 zeros replaced by defaults) in one place.
 struct Settings {
   int clients, rounds, local_steps, batch, eval_every, max_new_tokens, examples_per_task, eval_examples, max_len;
@@ -101,28 +132,7 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   if (!modules.ok()) return Bad("adapter.target_modules", std::string(modules.status().message()));
   s.modules = *modules;
   // Strategy.
-  const auto& st = c.strategy();
-  if (!st.merge().empty()) {
-    auto m = aggregation::ParseMergeRule(st.merge());
-    if (!m.ok()) return Bad("strategy.merge", std::string(m.status().message()));
-    s.strategy.merge = *m;
-  }
-  if (!st.server().empty()) {
-    auto o = aggregation::ParseServerOptimizer(st.server());
-    if (!o.ok()) return Bad("strategy.server", std::string(o.status().message()));
-    s.strategy.server = *o;
-  }
-  s.strategy.server_lr = Or(st.server_lr(), 1.0);
-  s.strategy.clients_per_round = st.clients_per_round();
-  s.strategy.min_clients = Or(st.min_clients(), 1);
-  s.strategy.proximal_mu = st.proximal_mu();
-  s.strategy.norm_bound = st.norm_bound();
-  s.strategy.trim_fraction = Or(st.trim_fraction(), 0.1);
-  s.strategy.krum_byzantine = st.krum_byzantine();
-  s.strategy.krum_select = Or(st.krum_select(), 1);
-  s.strategy.momentum = Or(st.momentum(), 0.9);
-  s.strategy.tau = Or(st.tau(), 1e-3);
-  s.strategy.weight_by_examples = !st.uniform_weights();
+  FT_ASSIGN_OR_RETURN(s.strategy, StrategyFromConfig(c.strategy()));
   if (s.strategy.clients_per_round > s.clients) return Bad("strategy.clients_per_round", absl::StrCat("exceeds clients (", s.clients, ")"));
   if (s.strategy.min_clients > s.clients) return Bad("strategy.min_clients", absl::StrCat("exceeds clients (", s.clients, ")"));
   if (auto f = aggregation::FedStrategy::Create(s.strategy); !f.ok()) return Bad("strategy", std::string(f.status().message()));

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "aggregation/fed_strategy.h"
 #include "common/status.h"
 #include "proto/config.pb.h"
 
@@ -42,6 +43,9 @@ struct SimOptions {
 // Checks everything that can be checked before loading the model: counts, names, files, privacy
 // settings. InvalidArgument naming the key (e.g. "strategy.merge").
 absl::Status ValidateConfig(const proto::SimulationConfig& c);
+
+// The strategy settings of a config (defaults for zeros); InvalidArgument naming the key.
+absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::StrategyConfig& st);
 
 absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c, const SimOptions& o);
 

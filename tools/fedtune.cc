@@ -11,6 +11,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/ascii.h"
 #include "nlohmann/json.hpp"
 #include "common/log.h"
 #include "common/mapped_file.h"
@@ -26,6 +27,11 @@
 #include "common/config_loader.h"
 #include "sim/simulation.h"
 #include "coordinator/provision.h"
+#include "coordinator/server.h"
+#include "worker/daemon.h"
+#include "worker/local_trainer.h"
+#include <csignal>
+#include <thread>
 
 #include <filesystem>
 #include <fstream>
@@ -381,6 +387,99 @@ int RunSimulate(const std::string& config_path, const std::string& out_dir, bool
   return 0;
 }
 
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop = true; }
+
+template <typename T>
+T Or(T v, T dflt) { return v == T{} ? dflt : v; }
+
+// fedtune coordinator --config: serves rounds until done (SIGINT/SIGTERM: shut down cleanly;
+// a restart resumes after the last committed round).
+int RunCoordinator(const std::string& path) {
+  proto::CoordinatorConfig c;
+  if (auto st = LoadConfigFile(path, &c); !st.ok()) return Fail(st);
+  auto m = model::LlamaModel::Load(c.model().path());
+  if (!m.ok()) return Fail(m.status());
+  auto strategy_opts = sim::StrategyFromConfig(c.strategy());
+  if (!strategy_opts.ok()) return Fail(strategy_opts.status());
+  auto strategy = aggregation::FedStrategy::Create(*strategy_opts);
+  if (!strategy.ok()) return Fail(strategy.status());
+  const auto& a = c.adapter();
+  const char* kinds[] = {"lora", "ffa_lora", "diablo"};
+  model::AdapterSpec spec{*model::ParseAdapterKind(kinds[a.kind()]), Or(a.rank(), 8), Or(a.alpha(), 16.0f), a.rslora(), Or(a.blocks(), 16)};
+  const std::string mods = a.target_modules().empty() ? "all" : absl::StrJoin(a.target_modules(), ",");
+  auto modules = model::ParseModules(mods);
+  if (!modules.ok()) return Fail(modules.status());
+  const uint64_t adapter_seed = Or<uint64_t>(c.adapter_seed(), Or<uint64_t>(c.seed(), 1));
+  auto set = model::MakeAdapters<float>((*m)->adapter_dims(), spec, *modules, adapter_seed);
+  if (!set.ok()) return Fail(set.status());
+  coordinator::ServerOptions o;
+  o.address = c.listen().empty() ? "0.0.0.0:7443" : c.listen();
+  o.ca_pem = c.tls().ca();
+  o.cert_pem = c.tls().cert();
+  o.key_pem = c.tls().key();
+  o.tokens_path = c.tokens();
+  o.state_dir = c.state_dir();
+  o.initial_global = worker::AdapterTensors(*set);
+  o.plan.set_kind(kinds[a.kind()]);
+  o.plan.set_rank(static_cast<int32_t>(spec.rank));
+  o.plan.set_alpha(spec.alpha);
+  o.plan.set_blocks(static_cast<int32_t>(spec.blocks));
+  for (auto mod : *modules) o.plan.add_modules(model::ModuleName(mod));
+  o.plan.set_adapter_seed(adapter_seed);
+  o.rounds = c.rounds();
+  o.min_workers = Or(c.min_workers(), 1);
+  o.deadline_ms = Or(c.deadline_seconds(), 600) * 1000;
+  o.local_steps = Or(c.train().local_steps(), 4);
+  o.batch = Or(c.train().batch(), 8);
+  o.learning_rate = Or(c.train().learning_rate(), 5e-3);
+  o.send_fisher = strategy_opts->merge == aggregation::MergeRule::kUncertainty;
+  o.seed = Or<uint64_t>(c.seed(), 1);
+  auto server = coordinator::CoordinatorServer::Start(o, std::move(*strategy));
+  if (!server.ok()) return Fail(server.status());
+  std::printf("coordinator listening on port %d (state in %s)\n", (*server)->port(), o.state_dir.c_str());
+  std::fflush(stdout);
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
+  std::thread watcher([&] {
+    while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    (*server)->Shutdown();
+  });
+  const absl::Status st = (*server)->Wait();
+  g_stop = true;
+  watcher.join();
+  if (!st.ok() && !absl::IsCancelled(st)) return Fail(st);
+  std::printf("coordinator: %d rounds committed\n", (*server)->last_committed_round());
+  return 0;
+}
+
+// fedtune worker --config: trains tasks from the coordinator until it says the run is over.
+int RunWorker(const std::string& path) {
+  proto::WorkerConfig c;
+  if (auto st = LoadConfigFile(path, &c); !st.ok()) return Fail(st);
+  auto m = model::LlamaModel::Load(c.model().path());
+  if (!m.ok()) return Fail(m.status());
+  model::DatasetOptions d;
+  d.holdout = 0;
+  d.max_len = Or(c.max_len(), 256);
+  auto data = model::LoadDataset(c.data(), *(*m)->tokenizer(), d);
+  if (!data.ok()) return Fail(data.status());
+  auto token = ReadFileToString(c.token_file());
+  if (!token.ok()) return Fail(token.status());
+  worker::DaemonOptions o;
+  o.address = c.coordinator();
+  o.ca_pem = c.tls().ca();
+  o.cert_pem = c.tls().cert();
+  o.key_pem = c.tls().key();
+  o.token = std::string(absl::StripAsciiWhitespace(*token));
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGTERM, OnSignal);
+  auto r = worker::RunDaemon(o, **m, data->train, g_stop);
+  if (!r.ok()) return Fail(r.status());
+  std::printf("worker: trained %d rounds\n", r->rounds_trained);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   CLI::App app{"fedtune: federated fine-tuning of quantized LLMs"};
   app.require_subcommand(1);
@@ -498,6 +597,13 @@ int main(int argc, char** argv) {
   prov->add_option("--days", po.valid_days, "Validity of the coordinator and worker certificates");
   prov->add_flag("--force", po.force, "Replace an existing CA");
 
+  auto* coord = app.add_subcommand("coordinator", "Run the coordinator service (gRPC, mutual TLS)");
+  std::string coord_config;
+  coord->add_option("--config", coord_config, "Coordinator config (YAML), e.g. configs/coordinator.yaml")->required();
+  auto* wk = app.add_subcommand("worker", "Run a worker daemon against a coordinator");
+  std::string worker_config;
+  wk->add_option("--config", worker_config, "Worker config (YAML), e.g. configs/worker.yaml")->required();
+
   CLI11_PARSE(app, argc, argv);
   if (!SetLogLevel(log_level)) return Fail(absl::InvalidArgumentError("unknown --log-level " + log_level));
   kernels::SetThreads(threads);
@@ -508,6 +614,8 @@ int main(int argc, char** argv) {
   if (*ev) return RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump);
   if (*ex) return RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base);
   if (*simc) return RunSimulate(sim_config, sim_out, sim_check);
+  if (*coord) return RunCoordinator(coord_config);
+  if (*wk) return RunWorker(worker_config);
   if (*prov) {
     for (int i = 1; i <= prov_n; ++i) po.workers.push_back(absl::StrFormat("worker-%03d", i));
     auto r = coordinator::Provision(po);
