@@ -100,10 +100,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     std::unique_lock<std::mutex> l(mu);
     if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
     const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
-    cv.wait_until(l, until, [&] { return done || shutdown || (assigned.count(cn) && !fetched.count(cn)); });
+    auto has_task = [&] { return assigned.count(cn) && !fetched.count(cn) && !received.count(cn); };
+    cv.wait_until(l, until, [&] { return done || shutdown || has_task(); });
     if (done || shutdown) {
       task->set_kind(rpc::v1::Task::SHUTDOWN);
-    } else if (assigned.count(cn) && !fetched.count(cn)) {
+    } else if (has_task()) {
       *task = assigned[cn];
       fetched.insert(cn);
     } else {
