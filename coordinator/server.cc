@@ -18,7 +18,9 @@
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "common/rng.h"
+#include "coordinator/http_status.h"
 #include "coordinator/run_ledger.h"
+#include "nlohmann/json.hpp"
 #include "coordinator/update_codec.h"
 #include "proto/service.grpc.pb.h"
 
@@ -65,6 +67,76 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
   std::deque<aggregation::ClientUpdate> inbox;
   std::vector<aggregation::ClientFailure> rejected;
   int64_t deadline_unix_ms = 0;
+  std::map<std::string, int64_t> last_seen;      // worker -> unix ms
+  std::map<std::string, int> rounds_done;        // worker -> accepted updates
+  std::vector<std::pair<int, std::map<std::string, double>>> history;  // committed rounds
+  int64_t updates_accepted = 0, updates_rejected = 0;
+  std::string phase = "waiting for workers";
+  std::unique_ptr<HttpStatusServer> http;
+
+  void Seen(const std::string& cn) { last_seen[cn] = UnixMs(); }
+
+  std::string MetricsText() {
+    std::lock_guard<std::mutex> l(mu);
+    std::string t;
+    auto gauge = [&](const char* name, const char* help, double v) {
+      absl::StrAppend(&t, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v, "\n");
+    };
+    gauge("fedtune_round", "Round in progress (or last committed).", round);
+    gauge("fedtune_rounds_committed", "Rounds committed to the ledger.", committed);
+    gauge("fedtune_rounds_total", "Rounds configured.", o.rounds);
+    gauge("fedtune_workers_joined", "Workers that joined.", static_cast<double>(joined.size()));
+    absl::StrAppend(&t, "# HELP fedtune_updates_total Updates received, by outcome.\n# TYPE fedtune_updates_total counter\n");
+    absl::StrAppend(&t, "fedtune_updates_total{outcome=\"accepted\"} ", updates_accepted, "\n");
+    absl::StrAppend(&t, "fedtune_updates_total{outcome=\"rejected\"} ", updates_rejected, "\n");
+    absl::StrAppend(&t, "# HELP fedtune_worker_last_seen_seconds Seconds since each worker's last request.\n# TYPE fedtune_worker_last_seen_seconds gauge\n");
+    const int64_t now = UnixMs();
+    for (const auto& [w, ms] : last_seen) absl::StrAppend(&t, "fedtune_worker_last_seen_seconds{worker=\"", w, "\"} ", (now - ms) / 1000.0, "\n");
+    if (!history.empty()) {
+      absl::StrAppend(&t, "# HELP fedtune_last_round Metrics of the last committed round.\n# TYPE fedtune_last_round gauge\n");
+      for (const auto& [k, v] : history.back().second) absl::StrAppend(&t, "fedtune_last_round{metric=\"", k, "\"} ", v, "\n");
+    }
+    return t;
+  }
+
+  std::string StatusJson() {
+    std::lock_guard<std::mutex> l(mu);
+    nlohmann::json j;
+    j["round"] = round;
+    j["committed"] = committed;
+    j["rounds_total"] = o.rounds;
+    j["phase"] = phase;
+    const int64_t now = UnixMs();
+    for (const auto& w : joined)
+      j["workers"].push_back({{"id", w}, {"last_seen_seconds", last_seen.count(w) ? (now - last_seen[w]) / 1000.0 : -1.0},
+                              {"updates_accepted", rounds_done.count(w) ? rounds_done[w] : 0}});
+    for (const auto& [r, m] : history) {
+      nlohmann::json row = m;
+      row["round"] = r;
+      j["rounds"].push_back(row);
+    }
+    return j.dump();
+  }
+
+  std::string Dashboard() {
+    const nlohmann::json j = nlohmann::json::parse(StatusJson());
+    std::string h = "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\"><title>fedtune coordinator</title>"
+                    "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:3px 8px}table{border-collapse:collapse}</style>"
+                    "</head><body><h1>fedtune coordinator</h1>";
+    absl::StrAppend(&h, "<p>round ", j["round"].get<int>(), " of ", j["rounds_total"].get<int>(), " (", j["committed"].get<int>(), " committed), phase: ",
+                    j["phase"].get<std::string>(), "</p><h2>Workers</h2><table><tr><th>worker</th><th>last seen (s ago)</th><th>updates accepted</th></tr>");
+    if (j.contains("workers"))
+      for (const auto& w : j["workers"])
+        absl::StrAppend(&h, "<tr><td>", w["id"].get<std::string>(), "</td><td>", w["last_seen_seconds"].get<double>(), "</td><td>", w["updates_accepted"].get<int>(), "</td></tr>");
+    absl::StrAppend(&h, "</table><h2>Rounds</h2><table><tr><th>round</th><th>accepted</th><th>failures</th><th>update norm</th><th>epsilon</th></tr>");
+    if (j.contains("rounds"))
+      for (const auto& r : j["rounds"]) {
+        auto g = [&](const char* k) { return r.contains(k) ? absl::StrCat(r[k].get<double>()) : std::string("-"); };
+        absl::StrAppend(&h, "<tr><td>", r["round"].get<int>(), "</td><td>", g("accepted"), "</td><td>", g("failures"), "</td><td>", g("update_norm"), "</td><td>", g("epsilon"), "</td></tr>");
+      }
+    absl::StrAppend(&h, "</table></body></html>\n");
+    return h;
+  }
 
   // ---- RPC handlers: validate, convert, hand over ----
 
@@ -79,6 +151,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     {
       std::lock_guard<std::mutex> l(mu);
       joined.insert(cn);
+      Seen(cn);
     }
     cv.notify_all();
     FT_LOG_INFO("worker '{}' joined ({} cores)", cn, req->profile().cores());
@@ -90,7 +163,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
 
   grpc::Status Heartbeat(grpc::ServerContext* ctx, const rpc::v1::HeartbeatRequest*, rpc::v1::HeartbeatResponse* resp) override {
     std::lock_guard<std::mutex> l(mu);
-    if (!joined.count(PeerCn(ctx))) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    const std::string cn = PeerCn(ctx);
+    if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    Seen(cn);
     resp->set_shutdown(done);
     return grpc::Status::OK;
   }
@@ -99,6 +174,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     const std::string cn = PeerCn(ctx);
     std::unique_lock<std::mutex> l(mu);
     if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    Seen(cn);
     const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
     auto has_task = [&] { return assigned.count(cn) && !fetched.count(cn) && !received.count(cn); };
     cv.wait_until(l, until, [&] { return done || shutdown || has_task(); });
@@ -171,6 +247,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       std::lock_guard<std::mutex> l(mu);
       received.insert(cn);
       rejected.push_back({cn, u.status()});
+      ++updates_rejected;
       cv.notify_all();
       resp->set_accepted(false);
       resp->set_reason(std::string(u.status().message()));
@@ -180,6 +257,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       std::lock_guard<std::mutex> l(mu);
       if (!received.insert(cn).second) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
       inbox.push_back(std::move(*u));
+      ++updates_accepted;
+      ++rounds_done[cn];
+      Seen(cn);
     }
     cv.notify_all();
     resp->set_accepted(true);
@@ -190,8 +270,15 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     std::lock_guard<std::mutex> l(mu);
     resp->set_round(round);
     resp->set_rounds_total(o.rounds);
-    resp->set_phase(done ? "done" : "collect");
-    for (const auto& w : joined) resp->add_workers()->set_worker_id(w);
+    resp->set_phase(done ? "done" : phase);
+    for (const auto& w : joined) {
+      auto* ws = resp->add_workers();
+      ws->set_worker_id(w);
+      ws->set_last_seen_unix_ms(last_seen.count(w) ? last_seen[w] : 0);
+      ws->set_rounds_completed(rounds_done.count(w) ? rounds_done[w] : 0);
+    }
+    if (!history.empty())
+      for (const auto& [k, v] : history.back().second) (*resp->mutable_last_metrics())[k] = v;
     return grpc::Status::OK;
   }
 
@@ -212,6 +299,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
         if (shutdown) return absl::CancelledError("coordinator shut down");
         available.assign(joined.begin(), joined.end());
         round = r;
+        phase = "collect";
         FT_RETURN_IF_ERROR(PublishGlobal(r));
         Rng rng(o.seed * 1000003 + static_cast<uint64_t>(r));
         deadline_unix_ms = UnixMs() + o.deadline_ms;
@@ -278,6 +366,10 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
             recs.push_back({w, "missed deadline", 0, 0, 0, 0});
           }
       }
+      {
+        std::lock_guard<std::mutex> l(mu);
+        phase = "aggregate";
+      }
       FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
       FT_ASSIGN_OR_RETURN(aggregation::RoundResult res, strategy->Commit(r, global, std::move(merged), failures));
       aggregation::TensorMap next = res.global ? std::move(*res.global) : global;
@@ -293,6 +385,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
         global = std::move(next);
         committed = r;
         assigned.clear();
+        history.push_back({r, res.metrics});
+        phase = r == o.rounds ? "done" : "waiting for workers";
       }
       FT_LOG_INFO("round {}/{} committed: {} accepted, {} failed", r, o.rounds, res.metrics["accepted"], failures.size());
     }
@@ -336,6 +430,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   b.SetMaxReceiveMessageSize(4 << 20);
   im.server = b.BuildAndStart();
   if (!im.server || im.port == 0) return absl::UnavailableError(absl::StrCat("coordinator: cannot listen on ", im.o.address));
+  if (!im.o.http_address.empty()) {
+    FT_ASSIGN_OR_RETURN(im.http, HttpStatusServer::Start(im.o.http_address, {[&im] { return im.MetricsText(); }, [&im] { return im.Dashboard(); },
+                                                                            [&im] { return im.StatusJson(); }}));
+  }
   im.rounds_thread = std::thread([&im] {
     absl::Status st = im.RunRounds();
     {
@@ -353,9 +451,12 @@ CoordinatorServer::~CoordinatorServer() {
   Shutdown();
   if (impl_->rounds_thread.joinable()) impl_->rounds_thread.join();
   if (impl_->server) impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  impl_->http.reset();
 }
 
 int CoordinatorServer::port() const { return impl_->port; }
+
+int CoordinatorServer::http_port() const { return impl_->http ? impl_->http->port() : 0; }
 
 absl::Status CoordinatorServer::Wait() {
   std::unique_lock<std::mutex> l(impl_->mu);

@@ -29,6 +29,7 @@ struct ServerOptions {
   bool send_fisher = false;
   size_t max_update_bytes = 256u << 20;
   uint64_t seed = 1;
+  std::string http_address;               // "127.0.0.1:9090": /metrics, / (dashboard), /status.json; empty: off
 };
 
 class CoordinatorServer {
@@ -41,6 +42,7 @@ class CoordinatorServer {
   void Shutdown();
   aggregation::TensorMap global() const;
   int last_committed_round() const;
+  int http_port() const;  // 0 when the HTTP status server is off
 
  private:
   CoordinatorServer() = default;

@@ -28,6 +28,8 @@
 #include "sim/simulation.h"
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
+#include "coordinator/http_status.h"
+#include "absl/strings/numbers.h"
 #include "worker/daemon.h"
 #include "worker/local_trainer.h"
 #include <csignal>
@@ -435,9 +437,12 @@ int RunCoordinator(const std::string& path) {
   o.learning_rate = Or(c.train().learning_rate(), 5e-3);
   o.send_fisher = strategy_opts->merge == aggregation::MergeRule::kUncertainty;
   o.seed = Or<uint64_t>(c.seed(), 1);
+  o.http_address = c.http();
   auto server = coordinator::CoordinatorServer::Start(o, std::move(*strategy));
   if (!server.ok()) return Fail(server.status());
   std::printf("coordinator listening on port %d (state in %s)\n", (*server)->port(), o.state_dir.c_str());
+  if ((*server)->http_port())
+    std::printf("status server on port %d: / (dashboard), /metrics, /status.json; `fedtune status HOST:%d`\n", (*server)->http_port(), (*server)->http_port());
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
@@ -477,6 +482,29 @@ int RunWorker(const std::string& path) {
   auto r = worker::RunDaemon(o, **m, data->train, g_stop);
   if (!r.ok()) return Fail(r.status());
   std::printf("worker: trained %d rounds\n", r->rounds_trained);
+  return 0;
+}
+
+// fedtune status HOST:PORT — the coordinator's status server (its `http` setting).
+int RunStatus(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  int port = 0;
+  if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port))
+    return Fail(absl::InvalidArgumentError("status: expected HOST:PORT of the coordinator's http setting"));
+  auto body = coordinator::HttpGet(address.substr(0, colon), port, "/status.json");
+  if (!body.ok()) return Fail(body.status());
+  const auto j = nlohmann::json::parse(*body, nullptr, false);
+  if (j.is_discarded()) return Fail(absl::DataLossError("status: not JSON"));
+  std::printf("round %d of %d (%d committed), phase: %s\n", j.value("round", 0), j.value("rounds_total", 0), j.value("committed", 0),
+              j.value("phase", std::string("?")).c_str());
+  if (j.contains("workers"))
+    for (const auto& w : j["workers"])
+      std::printf("  %-20s last seen %6.1f s ago, %d updates accepted\n", w.value("id", std::string("?")).c_str(), w.value("last_seen_seconds", -1.0),
+                  w.value("updates_accepted", 0));
+  if (j.contains("rounds") && !j["rounds"].empty()) {
+    const auto& r = j["rounds"].back();
+    std::printf("last committed round %d: %g accepted, %g failures\n", r.value("round", 0), r.value("accepted", 0.0), r.value("failures", 0.0));
+  }
   return 0;
 }
 
@@ -604,6 +632,10 @@ int main(int argc, char** argv) {
   std::string worker_config;
   wk->add_option("--config", worker_config, "Worker config (YAML), e.g. configs/worker.yaml")->required();
 
+  auto* stat = app.add_subcommand("status", "Show a running coordinator's state (from its http status server)");
+  std::string stat_addr;
+  stat->add_option("address", stat_addr, "HOST:PORT of the coordinator's `http` setting")->required();
+
   CLI11_PARSE(app, argc, argv);
   if (!SetLogLevel(log_level)) return Fail(absl::InvalidArgumentError("unknown --log-level " + log_level));
   kernels::SetThreads(threads);
@@ -615,6 +647,7 @@ int main(int argc, char** argv) {
   if (*ex) return RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base);
   if (*simc) return RunSimulate(sim_config, sim_out, sim_check);
   if (*coord) return RunCoordinator(coord_config);
+  if (*stat) return RunStatus(stat_addr);
   if (*wk) return RunWorker(worker_config);
   if (*prov) {
     for (int i = 1; i <= prov_n; ++i) po.workers.push_back(absl::StrFormat("worker-%03d", i));

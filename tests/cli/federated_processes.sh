@@ -18,6 +18,7 @@ min_workers: 3
 deadline_seconds: 300
 train: {local_steps: 1, batch: 2, learning_rate: 5.0e-3}
 strategy: {merge: uncertainty}
+http: 127.0.0.1:0
 YAML
 "$bin" coordinator --config "$dir/coordinator.yaml" > "$dir/coordinator.log" 2>&1 &
 coord=$!
@@ -38,6 +39,9 @@ YAML
   "$bin" worker --config "$dir/$w.yaml" > "$dir/$w.log" 2>&1 &
   pids+=($!)
 done
+hport="$(sed -n 's/.*status server on port \([0-9]*\).*/\1/p' "$dir/coordinator.log")"
+"$bin" status "127.0.0.1:$hport" | tee "$dir/status.txt"
+grep -q 'round .* of 2' "$dir/status.txt"
 wait "$coord"
 for p in "${pids[@]}"; do wait "$p"; done
 cat "$dir/coordinator.log" | grep -E 'committed|joined'

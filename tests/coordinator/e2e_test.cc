@@ -11,6 +11,7 @@
 
 #include "aggregation/fed_strategy.h"
 #include "common/mapped_file.h"
+#include "coordinator/http_status.h"
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
 #include "model/tasks.h"
@@ -75,6 +76,7 @@ class E2ETest : public ::testing::Test {
     o.batch = 4;
     o.learning_rate = 1e-2;
     o.seed = 9;
+    o.http_address = "127.0.0.1:0";
     return o;
   }
   worker::DaemonOptions Daemon(const std::string& w, int port) const {
@@ -112,6 +114,16 @@ TEST_F(E2ETest, ThreeWorkersOverMutualTlsMatchInProcessComputation) {
   for (auto& t : workers) t.join();
   for (const auto& st : results) EXPECT_TRUE(st.ok()) << st;
   EXPECT_EQ((*server)->last_committed_round(), 3);
+  // Observability: Prometheus text, JSON and the dashboard.
+  auto metrics = coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/metrics");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_NE(metrics->find("fedtune_rounds_committed 3"), std::string::npos) << *metrics;
+  EXPECT_NE(metrics->find("fedtune_updates_total{outcome=\"accepted\"} 9"), std::string::npos) << *metrics;
+  EXPECT_NE(metrics->find("fedtune_worker_last_seen_seconds{worker=\"w2\"}"), std::string::npos);
+  auto page = coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/");
+  ASSERT_TRUE(page.ok());
+  EXPECT_NE(page->find("<td>w3</td>"), std::string::npos);
+  EXPECT_EQ(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/nope").status().code(), absl::StatusCode::kNotFound);
 
   // The same computation in process.
   auto strategy = *aggregation::FedStrategy::Create({});
