@@ -7,6 +7,13 @@
 
 namespace fedtune {
 
+// Box-Muller: two independent standard normals from u1 in (0, 1) and u2 in [0, 1).
+inline void BoxMuller(double u1, double u2, double* a, double* b) {
+  const double r = std::sqrt(-2.0 * std::log(u1));
+  *a = r * std::cos(2.0 * M_PI * u2);
+  *b = r * std::sin(2.0 * M_PI * u2);
+}
+
 class Rng {
  public:
   explicit Rng(uint64_t seed) {
@@ -36,11 +43,10 @@ class Rng {
     double u1;
     do u1 = Uniform();
     while (u1 <= 0.0);
-    const double u2 = Uniform();
-    const double r = std::sqrt(-2.0 * std::log(u1));
-    cached_ = r * std::sin(2.0 * M_PI * u2);
+    double a = 0;
+    BoxMuller(u1, Uniform(), &a, &cached_);
     have_cached_ = true;
-    return r * std::cos(2.0 * M_PI * u2);
+    return a;
   }
 
  private:

@@ -1,5 +1,7 @@
 #include "privacy/noise.h"
 
+#include "common/rng.h"
+
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
@@ -67,11 +69,10 @@ double NoiseSource::Normal() {
   double u1 = 0;
   do u1 = Uniform();
   while (u1 <= 0.0);
-  const double u2 = Uniform();
-  const double r = std::sqrt(-2.0 * std::log(u1));
-  cached_ = r * std::sin(2.0 * M_PI * u2);
+  double a = 0;
+  BoxMuller(u1, Uniform(), &a, &cached_);
   have_cached_ = true;
-  return r * std::cos(2.0 * M_PI * u2);
+  return a;
 }
 
 void NoiseSource::AddGaussian(std::span<float> x, double stddev) {
