@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs/bench
 for c in clients4 clients100 standin1000; do
+  rm -rf "runs/bench/$c"
   echo "[scale] $c"
   /usr/bin/time -v build/tools/fedtune simulate "configs/bench/$c.yaml" > "runs/bench/$c.log" 2> "runs/bench/$c.err"
   grep -E 'Maximum resident|Elapsed' "runs/bench/$c.err" | sed "s/^/[scale] $c: /"

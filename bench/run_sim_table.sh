@@ -7,6 +7,7 @@ cells=("$@")
 if [ ${#cells[@]} -eq 0 ]; then for f in configs/table/*.yaml; do cells+=("$(basename "$f" .yaml)"); done; fi
 for c in "${cells[@]}"; do
   if [ -s "runs/table/$c/metrics.csv" ] && [ -z "${FORCE:-}" ]; then echo "[table] $c: done already (FORCE=1 to rerun)"; continue; fi
+  rm -rf "runs/table/$c"
   echo "[table] $c"
   build/tools/fedtune simulate "configs/table/$c.yaml" > "runs/table-$c.log" 2>&1 || { echo "[table] $c failed: see runs/table-$c.log"; tail -3 "runs/table-$c.log"; }
 done

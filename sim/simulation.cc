@@ -235,7 +235,15 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     if (o.progress) std::fprintf(stderr, "[simulate] %s\n", line.c_str());
   };
   SimulationResult result;
+  // A run directory holds one run. The default one gets a fresh suffix when taken; an explicit
+  // one that already holds a run is an error before any work (results are never overwritten).
   result.run_dir = c.output_dir().empty() ? "runs/" + o.default_run_name : c.output_dir();
+  if (fs::exists(result.run_dir + "/ledger.sqlite")) {
+    if (!c.output_dir().empty())
+      return absl::AlreadyExistsError(absl::StrCat(result.run_dir, " already holds a run (ledger.sqlite); remove it or choose another output_dir"));
+    const std::string base = result.run_dir;
+    for (int k = 2; fs::exists(result.run_dir + "/ledger.sqlite"); ++k) result.run_dir = absl::StrCat(base, "-", k);
+  }
   std::error_code ec;
   fs::create_directories(result.run_dir, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", result.run_dir, ": ", ec.message()));

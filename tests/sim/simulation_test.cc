@@ -131,6 +131,13 @@ TEST_F(SimTest, ReportRendersInHeadlessChromium) {
   EXPECT_GT(img->size(), 20000u);  // charts drawn, not a blank page
 }
 
+TEST_F(SimTest, AnExplicitRunDirectoryIsNeverOverwritten) {
+  const std::string out = testing::TempPath("sim_twice");
+  ASSERT_TRUE(Run(Yaml("rounds: 1\n", out)).ok());
+  auto again = Run(Yaml("rounds: 1\n", out));
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kAlreadyExists);
+}
+
 TEST_F(SimTest, SameSeedSameAdapter) {
   const std::string a = testing::TempPath("sim_a"), b = testing::TempPath("sim_b");
   ASSERT_TRUE(Run(Yaml("seed: 3\n", a)).ok());
