@@ -18,7 +18,8 @@ def rss(name):
             return int(line.split()[-1]) / 1024
 r4, r100 = rss("clients4"), rss("clients100")
 print(f"peak RSS: 4 clients {r4:.0f} MiB, 100 clients {r100:.0f} MiB -> {(r100 - r4) * 1024 / 96:.0f} KiB per extra client")
-rows = list(csv.DictReader(open("runs/bench/standin1000/metrics.csv")))
+import json
+rows = [json.loads(l) for l in open("runs/bench/standin1000/metrics.jsonl")]
 for r in rows[1:]:
     print(f"stand-in round {r['round']}: 1000 updates, server overhead {float(r['server_overhead_seconds']):.1f} s "
           f"(merge+commit {float(r['server_merge_seconds']):.1f} s, client stand-ins {float(r['client_seconds']):.1f} s), "

@@ -442,7 +442,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   std::ofstream jsonl(result.run_dir + "/metrics.jsonl", std::ios::trunc);
   std::ofstream csv(result.run_dir + "/metrics.csv", std::ios::trunc);
   std::vector<std::string> csv_cols = {"round", "wall_seconds", "sim_round_seconds", "train_loss", "eval_loss", "eval_ppl", "accuracy",
-                                       "accepted", "failures", "dropped", "epsilon", "local_epsilon", "bytes_up", "bytes_down", "update_norm"};
+                                       "accepted", "failures", "dropped", "epsilon", "local_epsilon", "bytes_up", "bytes_down", "update_norm", "client_lr", "client_seconds", "server_merge_seconds", "server_overhead_seconds"};
   bool header_written = false;
   auto emit = [&](const RoundRecord& r) {
     if (!header_written) {  // per-task columns (acc_* / ppl_*) from the first, evaluated record
