@@ -57,7 +57,7 @@ coordinator_config a 20
 start_coordinator a
 start_worker 1 "$port"; w1=$last_pid; start_worker 2 "$port"; w2=$last_pid; start_worker 3 "$port"; w3=$last_pid
 for _ in $(seq 300); do grep -q 'round 1/3: 3 workers selected' "$dir/a.log" && break; sleep 0.1; done
-sleep 1; kill -9 "$w3"; echo "A: killed worker-003 during round 1"
+sleep 0.3; kill -9 "$w3"; echo "A: killed worker-003 during round 1"
 for _ in $(seq 600); do grep -q 'round 1/3 committed' "$dir/a.log" && break; sleep 0.1; done
 start_worker 3 "$port"; w3=$last_pid; echo "A: restarted worker-003"
 wait "$coord"
@@ -77,7 +77,7 @@ coordinator_config b 120
 start_coordinator b 1
 pids=(); for i in 1 2 3; do start_worker "$i" "$port"; pids+=("$last_pid"); done
 for _ in $(seq 600); do grep -q 'round 2/3: 3 workers selected' "$dir/b.log" && break; sleep 0.1; done
-sleep 1; kill -9 "$coord"; echo "B: killed the coordinator during round 2"
+sleep 0.5; kill -9 "$coord"; echo "B: killed the coordinator during round 2"
 # Same address is not guaranteed (port 0): workers are restarted against the new port.
 for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
 start_coordinator b 2
