@@ -10,6 +10,12 @@
 
 namespace fedtune {
 
+// proto3 cannot tell an unset scalar from zero: configs treat zero as "use the default".
+template <typename T>
+T OrDefault(T value, T fallback) {
+  return value == T{} ? fallback : value;
+}
+
 absl::Status LoadConfigYaml(const std::string& yaml_text, google::protobuf::Message* out,
                             const std::string& source_name = "<string>");
 absl::Status LoadConfigFile(const std::string& path, google::protobuf::Message* out);

@@ -1,5 +1,7 @@
 #include "common/progress.h"
 
+#include <sys/resource.h>
+
 #include <unistd.h>
 
 #include <cstdio>
@@ -38,6 +40,12 @@ void Progress::Update(int64_t done) {
 void Progress::Finish() {
   if (!enabled_) return;
   if (tty_) std::fprintf(stderr, "\n");
+}
+
+double PeakRssMiB() {
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;
 }
 
 }  // namespace fedtune

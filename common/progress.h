@@ -7,6 +7,9 @@
 
 namespace fedtune {
 
+// Peak resident set size of this process so far, MiB.
+double PeakRssMiB();
+
 class Progress {
  public:
   Progress(std::string what, int64_t total, std::string unit, bool enabled = true);

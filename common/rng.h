@@ -7,11 +7,22 @@
 
 namespace fedtune {
 
-// Box-Muller: two independent standard normals from u1 in (0, 1) and u2 in [0, 1).
-inline void BoxMuller(double u1, double u2, double* a, double* b) {
+// A standard normal by Box-Muller from any generator with Uniform() in [0, 1): each draw makes
+// a pair, the second is kept in *cached for the next call.
+template <typename Generator>
+double NormalFrom(Generator& g, double* cached, bool* have_cached) {
+  if (*have_cached) {
+    *have_cached = false;
+    return *cached;
+  }
+  double u1 = 0;
+  do u1 = g.Uniform();
+  while (u1 <= 0.0);
+  const double u2 = g.Uniform();
   const double r = std::sqrt(-2.0 * std::log(u1));
-  *a = r * std::cos(2.0 * M_PI * u2);
-  *b = r * std::sin(2.0 * M_PI * u2);
+  *cached = r * std::sin(2.0 * M_PI * u2);
+  *have_cached = true;
+  return r * std::cos(2.0 * M_PI * u2);
 }
 
 class Rng {
@@ -35,19 +46,7 @@ class Rng {
   // Uniform integer in [0, n); n > 0. Lemire's nearly-divisionless method is overkill here.
   uint64_t Below(uint64_t n) { return NextU64() % n; }
   // Standard normal (Box-Muller; one of the pair is cached).
-  double Normal() {
-    if (have_cached_) {
-      have_cached_ = false;
-      return cached_;
-    }
-    double u1;
-    do u1 = Uniform();
-    while (u1 <= 0.0);
-    double a = 0;
-    BoxMuller(u1, Uniform(), &a, &cached_);
-    have_cached_ = true;
-    return a;
-  }
+  double Normal() { return NormalFrom(*this, &cached_, &have_cached_); }
 
  private:
   static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }

@@ -61,19 +61,7 @@ uint64_t NoiseSource::NextU64() {
 
 double NoiseSource::Uniform() { return static_cast<double>(NextU64() >> 11) * 0x1.0p-53; }
 
-double NoiseSource::Normal() {
-  if (have_cached_) {
-    have_cached_ = false;
-    return cached_;
-  }
-  double u1 = 0;
-  do u1 = Uniform();
-  while (u1 <= 0.0);
-  double a = 0;
-  BoxMuller(u1, Uniform(), &a, &cached_);
-  have_cached_ = true;
-  return a;
-}
+double NoiseSource::Normal() { return NormalFrom(*this, &cached_, &have_cached_); }
 
 void NoiseSource::AddGaussian(std::span<float> x, double stddev) {
   if (stddev == 0) return;

@@ -307,7 +307,7 @@ absl::Status Server::ReceiveShares(int from, const std::vector<EncryptedShare>& 
     if (e.from != from) return absl::InvalidArgumentError("secagg: share sender mismatch");
     shares_[e.to].push_back(e);
   }
-  shared_[from] = true;
+  shared_.insert(from);
   return absl::OkStatus();
 }
 
@@ -322,7 +322,7 @@ std::vector<EncryptedShare> Server::SharesFor(int id) const {
 absl::Status Server::ReceiveMasked(int from, std::vector<uint32_t> y) {
   if (!shared_.count(from)) return absl::FailedPreconditionError(absl::StrCat("secagg: masked input from client ", from, " who shared no keys"));
   if (y.size() != c_.vector_length) return absl::InvalidArgumentError(absl::StrCat("secagg: masked input from ", from, " has the wrong length"));
-  if (!received_.emplace(from, true).second) return absl::AlreadyExistsError(absl::StrCat("secagg: second masked input from ", from));
+  if (!received_.insert(from).second) return absl::AlreadyExistsError(absl::StrCat("secagg: second masked input from ", from));
   if (sum_.empty()) sum_.assign(c_.vector_length, 0);
   for (size_t i = 0; i < sum_.size(); ++i) sum_[i] += y[i];
   return absl::OkStatus();
@@ -330,14 +330,14 @@ absl::Status Server::ReceiveMasked(int from, std::vector<uint32_t> y) {
 
 std::vector<int> Server::Dropped() const {
   std::vector<int> d;
-  for (const auto& [v, ok] : shared_)
+  for (int v : shared_)
     if (!received_.count(v)) d.push_back(v);
   return d;
 }
 
 std::vector<int> Server::Survivors() const {
   std::vector<int> s;
-  for (const auto& [v, ok] : received_) s.push_back(v);
+  return {received_.begin(), received_.end()};
   return s;
 }
 

@@ -115,8 +115,8 @@ class Server {
   Config c_;
   std::map<int, PublicKeys> keys_;
   std::map<int, std::vector<EncryptedShare>> shares_;  // by recipient
-  std::map<int, bool> shared_;                         // clients that completed ShareKeys
-  std::map<int, bool> received_;  // clients whose masked input is in sum_ (streamed: no per-client copy)
+  std::set<int> shared_;    // clients that completed ShareKeys
+  std::set<int> received_;  // clients whose masked input is in sum_ (streamed: no per-client copy)
   std::vector<uint32_t> sum_;
   std::map<int, std::map<int, Share>> mask_key_shares_, self_mask_shares_;  // owner -> holder -> share
 };

@@ -1,6 +1,5 @@
 #include "sim/simulation.h"
 
-#include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
@@ -14,7 +13,9 @@
 #include "absl/strings/str_join.h"
 #include "aggregation/dp_strategy.h"
 #include "aggregation/fed_strategy.h"
+#include "common/config_loader.h"
 #include "common/mapped_file.h"
+#include "common/progress.h"
 #include "coordinator/run_ledger.h"
 #include "kernels/quant.h"
 #include "model/adapter_io.h"
@@ -37,15 +38,6 @@ using aggregation::TensorMap;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-double PeakRssMiB() {
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_maxrss) / 1024.0;
-}
-
-template <typename T>
-T Or(T v, T dflt) { return v == T{} ? dflt : v; }
-
 std::string ResolveTextDomain(const std::string& name) {
   return name.find('/') == std::string::npos ? "/usr/share/common-licenses/" + name : name;
 }
@@ -66,19 +58,38 @@ absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::Str
     if (!so.ok()) return Bad("strategy.server", std::string(so.status().message()));
     o.server = *so;
   }
-  o.server_lr = Or(st.server_lr(), 1.0);
+  o.server_lr = OrDefault(st.server_lr(), 1.0);
   o.clients_per_round = st.clients_per_round();
-  o.min_clients = Or(st.min_clients(), 1);
+  o.min_clients = OrDefault(st.min_clients(), 1);
   o.proximal_mu = st.proximal_mu();
   o.norm_bound = st.norm_bound();
-  o.trim_fraction = Or(st.trim_fraction(), 0.1);
+  o.trim_fraction = OrDefault(st.trim_fraction(), 0.1);
   o.krum_byzantine = st.krum_byzantine();
-  o.krum_select = Or(st.krum_select(), 1);
-  o.momentum = Or(st.momentum(), 0.9);
-  o.tau = Or(st.tau(), 1e-3);
+  o.krum_select = OrDefault(st.krum_select(), 1);
+  o.momentum = OrDefault(st.momentum(), 0.9);
+  o.tau = OrDefault(st.tau(), 1e-3);
   o.weight_by_examples = !st.uniform_weights();
   if (auto f = aggregation::FedStrategy::Create(o); !f.ok()) return Bad("strategy", std::string(f.status().message()));
   return o;
+}
+
+absl::StatusOr<AdapterChoice> AdapterFromConfig(const proto::AdapterConfig& a) {
+  AdapterChoice r;
+  switch (a.kind()) {
+    case proto::AdapterConfig::LORA: r.spec.kind = model::AdapterKind::kLora; break;
+    case proto::AdapterConfig::FFA_LORA: r.spec.kind = model::AdapterKind::kFfaLora; break;
+    case proto::AdapterConfig::DIABLO: r.spec.kind = model::AdapterKind::kDiaBlo; break;
+    default: return Bad("adapter.kind", "unknown");
+  }
+  r.spec.rank = OrDefault(a.rank(), 8);
+  r.spec.alpha = OrDefault(a.alpha(), 16.0f);
+  r.spec.blocks = OrDefault(a.blocks(), 16);
+  r.spec.rslora = a.rslora();
+  if (r.spec.rank < 1 || r.spec.blocks < 1) return Bad("adapter", "rank and blocks must be >= 1");
+  auto modules = model::ParseModules(a.target_modules().empty() ? "all" : absl::StrJoin(a.target_modules(), ","));
+  if (!modules.ok()) return Bad("adapter.target_modules", std::string(modules.status().message()));
+  r.modules = *modules;
+  return r;
 }
 
 namespace {
@@ -99,43 +110,30 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   s.rounds = c.rounds();
   if (s.clients < 1 || s.clients > 100000) return Bad("clients", "must be in [1, 100000]");
   if (s.rounds < 1) return Bad("rounds", "must be >= 1");
-  s.local_steps = Or(c.train().local_steps(), 4);
-  s.batch = Or(c.train().batch(), 8);
-  s.lr = Or(c.train().learning_rate(), 5e-3);
+  s.local_steps = OrDefault(c.train().local_steps(), 4);
+  s.batch = OrDefault(c.train().batch(), 8);
+  s.lr = OrDefault(c.train().learning_rate(), 5e-3);
   if (s.local_steps < 1 || s.batch < 1) return Bad("train", "local_steps and batch must be >= 1");
   if (!(s.lr > 0)) return Bad("train.learning_rate", "must be > 0");
-  s.eval_every = Or(c.eval().every(), 1);
-  s.max_new_tokens = Or(c.eval().max_new_tokens(), 32);
-  s.examples_per_task = Or(c.data().examples_per_task(), 400);
-  s.eval_examples = Or(c.data().eval_examples(), 40);
-  s.max_len = Or(c.data().max_len(), 128);
-  s.alpha_dir = Or(c.data().dirichlet_alpha(), 0.5);
-  s.skew = Or(c.data().size_skew(), 1.0);
-  s.seed = Or<uint64_t>(c.seed(), 1);
-  s.adapter_seed = Or<uint64_t>(c.adapter_seed(), s.seed);
+  s.eval_every = OrDefault(c.eval().every(), 1);
+  s.max_new_tokens = OrDefault(c.eval().max_new_tokens(), 32);
+  s.examples_per_task = OrDefault(c.data().examples_per_task(), 400);
+  s.eval_examples = OrDefault(c.data().eval_examples(), 40);
+  s.max_len = OrDefault(c.data().max_len(), 128);
+  s.alpha_dir = OrDefault(c.data().dirichlet_alpha(), 0.5);
+  s.skew = OrDefault(c.data().size_skew(), 1.0);
+  s.seed = OrDefault<uint64_t>(c.seed(), 1);
+  s.adapter_seed = OrDefault<uint64_t>(c.adapter_seed(), s.seed);
   if (s.eval_every < 1 || s.max_new_tokens < 1 || s.examples_per_task < 1 || s.eval_examples < 1 || s.max_len < 8)
     return Bad("eval/data", "every, max_new_tokens, examples_per_task, eval_examples must be >= 1 and max_len >= 8");
   // Adapter.
-  switch (c.adapter().kind()) {
-    case proto::AdapterConfig::LORA: s.spec.kind = model::AdapterKind::kLora; break;
-    case proto::AdapterConfig::FFA_LORA: s.spec.kind = model::AdapterKind::kFfaLora; break;
-    case proto::AdapterConfig::DIABLO: s.spec.kind = model::AdapterKind::kDiaBlo; break;
-    default: return Bad("adapter.kind", "unknown");
-  }
-  s.spec.rank = Or(c.adapter().rank(), 8);
-  s.spec.alpha = Or(c.adapter().alpha(), 16.0f);
-  s.spec.blocks = Or(c.adapter().blocks(), 16);
-  s.spec.rslora = c.adapter().rslora();
-  if (s.spec.rank < 1 || s.spec.blocks < 1) return Bad("adapter", "rank and blocks must be >= 1");
-  const std::string mods = c.adapter().target_modules().empty() ? "all" : absl::StrJoin(c.adapter().target_modules(), ",");
-  auto modules = model::ParseModules(mods);
-  if (!modules.ok()) return Bad("adapter.target_modules", std::string(modules.status().message()));
-  s.modules = *modules;
+  FT_ASSIGN_OR_RETURN(AdapterChoice adapter, AdapterFromConfig(c.adapter()));
+  s.spec = adapter.spec;
+  s.modules = adapter.modules;
   // Strategy.
   FT_ASSIGN_OR_RETURN(s.strategy, StrategyFromConfig(c.strategy()));
   if (s.strategy.clients_per_round > s.clients) return Bad("strategy.clients_per_round", absl::StrCat("exceeds clients (", s.clients, ")"));
   if (s.strategy.min_clients > s.clients) return Bad("strategy.min_clients", absl::StrCat("exceeds clients (", s.clients, ")"));
-  if (auto f = aggregation::FedStrategy::Create(s.strategy); !f.ok()) return Bad("strategy", std::string(f.status().message()));
   return s;
 }
 
@@ -213,7 +211,7 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
   }
   if (c.dp().enabled()) {
     if (c.dp().noise_multiplier() <= 0 && c.dp().target_epsilon() <= 0) return Bad("dp", "set noise_multiplier or target_epsilon");
-    const double delta = Or(c.dp().delta(), 1e-5);
+    const double delta = OrDefault(c.dp().delta(), 1e-5);
     if (!(delta > 0 && delta < 1)) return Bad("dp.delta", "must be in (0, 1)");
     if (c.dp().target_epsilon() > 0 && !c.dp().local()) {
       const int m = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : s.clients;
@@ -312,9 +310,9 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         ClientState& cl = clients[static_cast<size_t>(k)];
         cl.name = absl::StrFormat("client-%03d", k);
         cl.profile = prof.name().empty() ? "default" : prof.name();
-        cl.speed = Or(prof.speed(), 1.0);
-        cl.bandwidth_mbps = Or(prof.bandwidth_mbps(), 100.0);
-        cl.latency_ms = Or(prof.latency_ms(), 20.0);
+        cl.speed = OrDefault(prof.speed(), 1.0);
+        cl.bandwidth_mbps = OrDefault(prof.bandwidth_mbps(), 100.0);
+        cl.latency_ms = OrDefault(prof.latency_ms(), 20.0);
         cl.dropout = prof.dropout();
       }
     }
@@ -354,12 +352,12 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     // still carries the full noise), else over the expected clients.
     d.noise_share_clients = s.strategy.min_clients > 1 ? s.strategy.min_clients : expected;
     noise_share = d.noise_share_clients;
-    d.delta = Or(c.dp().delta(), 1e-5);
+    d.delta = OrDefault(c.dp().delta(), 1e-5);
     d.expected_clients = expected;
     d.population = s.clients;
-    d.clip_norm = Or(c.dp().clip_norm(), 0.1);
+    d.clip_norm = OrDefault(c.dp().clip_norm(), 0.1);
     d.adaptive_clipping = c.dp().adaptive_clipping();
-    d.target_quantile = Or(c.dp().target_quantile(), 0.5);
+    d.target_quantile = OrDefault(c.dp().target_quantile(), 0.5);
     d.noise_multiplier = c.dp().noise_multiplier();
     if (c.dp().target_epsilon() > 0) {
       FT_ASSIGN_OR_RETURN(d.noise_multiplier, privacy::NoiseMultiplierFor(c.dp().target_epsilon(), d.delta, static_cast<double>(expected) / s.clients, s.rounds));
@@ -372,7 +370,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     FT_ASSIGN_OR_RETURN(auto dp, aggregation::DpStrategy::Create(std::move(strategy), d));
     strategy = std::move(dp);
   }
-  const double secure_range = Or(c.secure_aggregation().value_range(), central_clip > 0 ? 4 * central_clip : 0.05);
+  const double secure_range = OrDefault(c.secure_aggregation().value_range(), central_clip > 0 ? 4 * central_clip : 0.05);
   if (secure)
     say(absl::StrFormat("secure aggregation (SecAgg+): values within +-%.3g encoded exactly%s", secure_range,
                         central_clip > 0 ? "; DP noise added by the clients before masking" : ""));
@@ -391,11 +389,11 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   lt.optimizer.total_steps = s.local_steps;
   lt.optimizer.min_lr_ratio = 1.0f;  // constant local rate: the schedule lives across rounds
   lt.optimizer.weight_decay = static_cast<float>(c.train().weight_decay());
-  lt.optimizer.clip_norm = static_cast<float>(Or(c.train().clip_norm(), 1.0));
+  lt.optimizer.clip_norm = static_cast<float>(OrDefault(c.train().clip_norm(), 1.0));
   lt.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !secure;  // under secure aggregation nobody sees a Fisher
-  const double dp_delta = Or(c.dp().delta(), 1e-5);
+  const double dp_delta = OrDefault(c.dp().delta(), 1e-5);
   if (c.dp().enabled() && c.dp().local()) {
-    lt.finetune.dp_clip = Or(c.dp().clip_norm(), 1.0);
+    lt.finetune.dp_clip = OrDefault(c.dp().clip_norm(), 1.0);
     lt.finetune.dp_noise_multiplier = c.dp().noise_multiplier();
     size_t smallest = SIZE_MAX;
     for (const ClientState& cl : clients) smallest = std::min(smallest, cl.train.size());

@@ -14,6 +14,7 @@
 
 #include "aggregation/fed_strategy.h"
 #include "common/status.h"
+#include "model/adapter.h"
 #include "proto/config.pb.h"
 
 namespace fedtune::sim {
@@ -43,6 +44,13 @@ struct SimOptions {
 // Checks everything that can be checked before loading the model: counts, names, files, privacy
 // settings. InvalidArgument naming the key (e.g. "strategy.merge").
 absl::Status ValidateConfig(const proto::SimulationConfig& c);
+
+// The adapter a config asks for (defaults for zeros); InvalidArgument naming the key.
+struct AdapterChoice {
+  model::AdapterSpec spec;
+  std::vector<model::Module> modules;
+};
+absl::StatusOr<AdapterChoice> AdapterFromConfig(const proto::AdapterConfig& a);
 
 // The strategy settings of a config (defaults for zeros); InvalidArgument naming the key.
 absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::StrategyConfig& st);

@@ -1,6 +1,5 @@
 // fedtune command-line interface: info, generate, perplexity (more subcommands arrive with the
 // fine-tuning, federated and simulation modules).
-#include <sys/resource.h>
 
 #include <chrono>
 #include <cstdio>
@@ -44,12 +43,6 @@ using namespace fedtune;
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
-
-double PeakRssMiB() {
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
-  return static_cast<double>(ru.ru_maxrss) / 1024.0;
-}
 
 int Fail(const absl::Status& s) {
   std::fprintf(stderr, "fedtune: error: %s\n", std::string(s.ToString()).c_str());
@@ -392,9 +385,6 @@ int RunSimulate(const std::string& config_path, const std::string& out_dir, bool
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
 
-template <typename T>
-T Or(T v, T dflt) { return v == T{} ? dflt : v; }
-
 // fedtune coordinator --config: serves rounds until done (SIGINT/SIGTERM: shut down cleanly;
 // a restart resumes after the last committed round).
 int RunCoordinator(const std::string& path) {
@@ -406,13 +396,11 @@ int RunCoordinator(const std::string& path) {
   if (!strategy_opts.ok()) return Fail(strategy_opts.status());
   auto strategy = aggregation::FedStrategy::Create(*strategy_opts);
   if (!strategy.ok()) return Fail(strategy.status());
-  const auto& a = c.adapter();
-  const char* kinds[] = {"lora", "ffa_lora", "diablo"};
-  model::AdapterSpec spec{*model::ParseAdapterKind(kinds[a.kind()]), Or(a.rank(), 8), Or(a.alpha(), 16.0f), a.rslora(), Or(a.blocks(), 16)};
-  const std::string mods = a.target_modules().empty() ? "all" : absl::StrJoin(a.target_modules(), ",");
-  auto modules = model::ParseModules(mods);
-  if (!modules.ok()) return Fail(modules.status());
-  const uint64_t adapter_seed = Or<uint64_t>(c.adapter_seed(), Or<uint64_t>(c.seed(), 1));
+  auto adapter = sim::AdapterFromConfig(c.adapter());
+  if (!adapter.ok()) return Fail(adapter.status());
+  const model::AdapterSpec& spec = adapter->spec;
+  const std::vector<model::Module>* modules = &adapter->modules;
+  const uint64_t adapter_seed = OrDefault<uint64_t>(c.adapter_seed(), OrDefault<uint64_t>(c.seed(), 1));
   auto set = model::MakeAdapters<float>((*m)->adapter_dims(), spec, *modules, adapter_seed);
   if (!set.ok()) return Fail(set.status());
   coordinator::ServerOptions o;
@@ -423,20 +411,21 @@ int RunCoordinator(const std::string& path) {
   o.tokens_path = c.tokens();
   o.state_dir = c.state_dir();
   o.initial_global = worker::AdapterTensors(*set);
-  o.plan.set_kind(kinds[a.kind()]);
+  o.plan.set_kind(model::AdapterKindName(spec.kind));
   o.plan.set_rank(static_cast<int32_t>(spec.rank));
   o.plan.set_alpha(spec.alpha);
   o.plan.set_blocks(static_cast<int32_t>(spec.blocks));
+  o.plan.set_rslora(spec.rslora);
   for (auto mod : *modules) o.plan.add_modules(model::ModuleName(mod));
   o.plan.set_adapter_seed(adapter_seed);
   o.rounds = c.rounds();
-  o.min_workers = Or(c.min_workers(), 1);
-  o.deadline_ms = Or(c.deadline_seconds(), 600) * 1000;
-  o.local_steps = Or(c.train().local_steps(), 4);
-  o.batch = Or(c.train().batch(), 8);
-  o.learning_rate = Or(c.train().learning_rate(), 5e-3);
+  o.min_workers = OrDefault(c.min_workers(), 1);
+  o.deadline_ms = OrDefault(c.deadline_seconds(), 600) * 1000;
+  o.local_steps = OrDefault(c.train().local_steps(), 4);
+  o.batch = OrDefault(c.train().batch(), 8);
+  o.learning_rate = OrDefault(c.train().learning_rate(), 5e-3);
   o.send_fisher = strategy_opts->merge == aggregation::MergeRule::kUncertainty;
-  o.seed = Or<uint64_t>(c.seed(), 1);
+  o.seed = OrDefault<uint64_t>(c.seed(), 1);
   o.http_address = c.http();
   auto server = coordinator::CoordinatorServer::Start(o, std::move(*strategy));
   if (!server.ok()) return Fail(server.status());
@@ -466,7 +455,7 @@ int RunWorker(const std::string& path) {
   if (!m.ok()) return Fail(m.status());
   model::DatasetOptions d;
   d.holdout = 0;
-  d.max_len = Or(c.max_len(), 256);
+  d.max_len = OrDefault(c.max_len(), 256);
   auto data = model::LoadDataset(c.data(), *(*m)->tokenizer(), d);
   if (!data.ok()) return Fail(data.status());
   auto token = ReadFileToString(c.token_file());

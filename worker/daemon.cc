@@ -62,7 +62,7 @@ absl::StatusOr<bool> OneTask(rpc::v1::Coordinator::Stub& stub, const std::string
   const auto kind = model::ParseAdapterKind(p.kind());
   if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind()));
   FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules().empty() ? "all" : absl::StrJoin(p.modules(), ",")));
-  model::AdapterSpec spec{*kind, p.rank(), p.alpha(), false, p.blocks()};
+  model::AdapterSpec spec{*kind, p.rank(), p.alpha(), p.rslora(), p.blocks()};
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, p.adapter_seed()));
   LocalTrainOptions lt;
   lt.finetune.steps = task.local_steps();

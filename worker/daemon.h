@@ -28,7 +28,6 @@ struct DaemonReport {
 
 // Local training seed of a worker in a round (example order): reproducible runs.
 uint64_t TrainingSeed(const std::string& worker, int round);
-// The local-training settings a task asks for.
 
 absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const model::LlamaModel& model, const std::vector<model::Example>& data,
                                        const std::atomic<bool>& stop);
