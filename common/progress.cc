@@ -48,4 +48,13 @@ double PeakRssMiB() {
   return static_cast<double>(ru.ru_maxrss) / 1024.0;
 }
 
+double CurrentRssMiB() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (!f) return 0;
+  long size = 0, resident = 0;
+  const int n = std::fscanf(f, "%ld %ld", &size, &resident);
+  std::fclose(f);
+  return n == 2 ? static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0) : 0;
+}
+
 }  // namespace fedtune

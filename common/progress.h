@@ -9,6 +9,8 @@ namespace fedtune {
 
 // Peak resident set size of this process so far, MiB.
 double PeakRssMiB();
+// Resident set size now (/proc/self/statm; 0 where unavailable).
+double CurrentRssMiB();
 
 class Progress {
  public:

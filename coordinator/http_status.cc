@@ -8,6 +8,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/html.h"
+#include "common/mapped_file.h"
 
 namespace fedtune::coordinator {
 
@@ -19,6 +21,7 @@ struct HttpStatusServer::Impl {
   asio::io_context io;
   tcp::acceptor acceptor{io};
   Pages pages;
+  std::string chartjs;  // served at /chart.js for the dashboard (empty: 404, the page shows tables only)
   std::thread thread;
   std::atomic<bool> stop{false};
 
@@ -31,7 +34,8 @@ struct HttpStatusServer::Impl {
     http::response<http::string_body> res;
     res.version(req.version());
     res.set(http::field::server, "fedtune");
-    const std::string target(req.target());
+    std::string target(req.target());
+    if (const size_t q = target.find('?'); q != std::string::npos) target.resize(q);
     if (req.method() != http::verb::get) {
       res.result(http::status::method_not_allowed);
       res.body() = "GET only\n";
@@ -41,6 +45,10 @@ struct HttpStatusServer::Impl {
     } else if (target == "/status.json") {
       res.set(http::field::content_type, "application/json");
       res.body() = pages.json();
+    } else if (target == "/chart.js" && !chartjs.empty()) {
+      res.set(http::field::content_type, "application/javascript");
+      res.set(http::field::cache_control, "max-age=86400");
+      res.body() = chartjs;
     } else if (target == "/" || target == "/index.html") {
       res.set(http::field::content_type, "text/html; charset=utf-8");
       res.body() = pages.html();
@@ -64,6 +72,7 @@ absl::StatusOr<std::unique_ptr<HttpStatusServer>> HttpStatusServer::Start(const 
   s->impl_ = std::make_unique<Impl>();
   Impl& im = *s->impl_;
   im.pages = std::move(pages);
+  if (auto js = ReadFileToString(ChartJsPath()); js.ok()) im.chartjs = std::move(*js);
   boost::system::error_code ec;
   const auto ip = asio::ip::make_address(address.substr(0, colon) == "localhost" ? "127.0.0.1" : address.substr(0, colon), ec);
   if (ec) return absl::InvalidArgumentError(absl::StrCat("http address '", address, "': ", ec.message()));

@@ -116,4 +116,17 @@ absl::StatusOr<double> RunLedger::Metric(int round, const std::string& name) con
   return sqlite3_column_double(st.s, 0);
 }
 
+absl::StatusOr<std::map<int, std::map<std::string, double>>> RunLedger::AllMetrics() const {
+  Stmt st;
+  if (sqlite3_prepare_v2(db_, "SELECT m.round, m.name, m.value FROM metrics m JOIN rounds r ON r.round = m.round ORDER BY m.round", -1, &st.s,
+                         nullptr) != SQLITE_OK)
+    return absl::InternalError(sqlite3_errmsg(db_));
+  std::map<int, std::map<std::string, double>> out;
+  int rc;
+  while ((rc = sqlite3_step(st.s)) == SQLITE_ROW)
+    out[sqlite3_column_int(st.s, 0)][reinterpret_cast<const char*>(sqlite3_column_text(st.s, 1))] = sqlite3_column_double(st.s, 2);
+  if (rc != SQLITE_DONE) return absl::InternalError(sqlite3_errmsg(db_));
+  return out;
+}
+
 }  // namespace fedtune::coordinator

@@ -35,6 +35,8 @@ class RunLedger {
   // Highest committed round (0 when none).
   absl::StatusOr<int> LastRound() const;
   absl::StatusOr<double> Metric(int round, const std::string& name) const;
+  // Every committed round's metrics, by round (dashboards after a restart).
+  absl::StatusOr<std::map<int, std::map<std::string, double>>> AllMetrics() const;
 
  private:
   explicit RunLedger(sqlite3* db) : db_(db) {}

@@ -4,6 +4,7 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -11,13 +12,17 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <semaphore>
 #include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
+#include "common/progress.h"
 #include "common/rng.h"
+#include "coordinator/dashboard.h"
 #include "coordinator/http_status.h"
 #include "coordinator/run_ledger.h"
 #include "nlohmann/json.hpp"
@@ -52,29 +57,51 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
   std::map<std::string, std::string> token_hash;  // worker -> sha256(token) hex
   std::thread rounds_thread;
   int port = 0;
+  std::unique_ptr<std::counting_semaphore<>> upload_slots, download_slots;
+
+  struct WorkerInfo {
+    rpc::v1::Profile profile;
+    int64_t last_seen_ms = 0;
+    int round = 0;          // round in hand (fetched, not yet received)
+    double progress = 0;
+    int updates_accepted = 0;
+  };
 
   mutable std::mutex mu;
   std::condition_variable cv;
   bool done = false, shutdown = false;
   absl::Status status;
-  std::set<std::string> joined;
+  std::map<std::string, WorkerInfo> workers;  // joined
   int round = 0, committed = 0;
+  bool closed = false;  // the current round takes no more updates
   aggregation::TensorMap global;
-  std::vector<uint8_t> global_bytes;
+  std::shared_ptr<const std::vector<uint8_t>> global_bytes;
   std::string global_sha;
   std::map<std::string, rpc::v1::Task> assigned;  // this round
   std::set<std::string> fetched, received;
   std::deque<aggregation::ClientUpdate> inbox;
   std::vector<aggregation::ClientFailure> rejected;
   int64_t deadline_unix_ms = 0;
-  std::map<std::string, int64_t> last_seen;      // worker -> unix ms
-  std::map<std::string, int> rounds_done;        // worker -> accepted updates
-  std::vector<std::pair<int, std::map<std::string, double>>> history;  // committed rounds
+  int64_t bytes_in = 0, bytes_out = 0;  // this round
+  std::map<int, std::map<std::string, double>> history;  // committed rounds (from the ledger on restart)
   int64_t updates_accepted = 0, updates_rejected = 0;
   std::string phase = "waiting for workers";
   std::unique_ptr<HttpStatusServer> http;
 
-  void Seen(const std::string& cn) { last_seen[cn] = UnixMs(); }
+  void Seen(const std::string& cn) { workers[cn].last_seen_ms = UnixMs(); }
+  bool Online(const WorkerInfo& w, int64_t now) const { return now - w.last_seen_ms < o.offline_after_ms; }
+  std::string StateOf(const std::string& id, const WorkerInfo& w, int64_t now) const {
+    if (!Online(w, now)) return "offline";
+    if (fetched.count(id) && !received.count(id) && !closed) return "training";
+    return "idle";
+  }
+  std::vector<std::string> OnlineWorkers() const {
+    std::vector<std::string> v;
+    const int64_t now = UnixMs();
+    for (const auto& [id, w] : workers)
+      if (Online(w, now)) v.push_back(id);
+    return v;
+  }
 
   std::string MetricsText() {
     std::lock_guard<std::mutex> l(mu);
@@ -82,19 +109,24 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     auto gauge = [&](const char* name, const char* help, double v) {
       absl::StrAppend(&t, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v, "\n");
     };
+    const int64_t now = UnixMs();
     gauge("fedtune_round", "Round in progress (or last committed).", round);
     gauge("fedtune_rounds_committed", "Rounds committed to the ledger.", committed);
     gauge("fedtune_rounds_total", "Rounds configured.", o.rounds);
-    gauge("fedtune_workers_joined", "Workers that joined.", static_cast<double>(joined.size()));
+    gauge("fedtune_workers_joined", "Workers that joined.", static_cast<double>(workers.size()));
+    gauge("fedtune_workers_online", "Workers seen within the offline timeout.", static_cast<double>(OnlineWorkers().size()));
+    gauge("fedtune_process_resident_bytes", "Coordinator resident memory.", CurrentRssMiB() * 1048576.0);
+    gauge("fedtune_process_peak_resident_bytes", "Coordinator peak resident memory.", PeakRssMiB() * 1048576.0);
     absl::StrAppend(&t, "# HELP fedtune_updates_total Updates received, by outcome.\n# TYPE fedtune_updates_total counter\n");
     absl::StrAppend(&t, "fedtune_updates_total{outcome=\"accepted\"} ", updates_accepted, "\n");
     absl::StrAppend(&t, "fedtune_updates_total{outcome=\"rejected\"} ", updates_rejected, "\n");
     absl::StrAppend(&t, "# HELP fedtune_worker_last_seen_seconds Seconds since each worker's last request.\n# TYPE fedtune_worker_last_seen_seconds gauge\n");
-    const int64_t now = UnixMs();
-    for (const auto& [w, ms] : last_seen) absl::StrAppend(&t, "fedtune_worker_last_seen_seconds{worker=\"", w, "\"} ", (now - ms) / 1000.0, "\n");
+    for (const auto& [id, w] : workers) absl::StrAppend(&t, "fedtune_worker_last_seen_seconds{worker=\"", id, "\"} ", (now - w.last_seen_ms) / 1000.0, "\n");
+    absl::StrAppend(&t, "# HELP fedtune_worker_progress Fraction of the local steps done in the round in hand.\n# TYPE fedtune_worker_progress gauge\n");
+    for (const auto& [id, w] : workers) absl::StrAppend(&t, "fedtune_worker_progress{worker=\"", id, "\"} ", w.round ? w.progress : 0.0, "\n");
     if (!history.empty()) {
       absl::StrAppend(&t, "# HELP fedtune_last_round Metrics of the last committed round.\n# TYPE fedtune_last_round gauge\n");
-      for (const auto& [k, v] : history.back().second) absl::StrAppend(&t, "fedtune_last_round{metric=\"", k, "\"} ", v, "\n");
+      for (const auto& [k, v] : history.rbegin()->second) absl::StrAppend(&t, "fedtune_last_round{metric=\"", k, "\"} ", v, "\n");
     }
     return t;
   }
@@ -105,37 +137,30 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     j["round"] = round;
     j["committed"] = committed;
     j["rounds_total"] = o.rounds;
-    j["phase"] = phase;
+    j["phase"] = done ? "done" : phase;
+    j["updates_accepted"] = updates_accepted;
+    j["updates_rejected"] = updates_rejected;
+    j["rss_mib"] = CurrentRssMiB();
+    j["workers"] = nlohmann::json::array();
     const int64_t now = UnixMs();
-    for (const auto& w : joined)
-      j["workers"].push_back({{"id", w}, {"last_seen_seconds", last_seen.count(w) ? (now - last_seen[w]) / 1000.0 : -1.0},
-                              {"updates_accepted", rounds_done.count(w) ? rounds_done[w] : 0}});
+    for (const auto& [id, w] : workers)
+      j["workers"].push_back({{"id", id},
+                              {"state", StateOf(id, w, now)},
+                              {"round", w.round},
+                              {"progress", w.progress},
+                              {"cores", w.profile.cores()},
+                              {"memory_bytes", w.profile.memory_bytes()},
+                              {"train_tokens_per_second", w.profile.train_tokens_per_second()},
+                              {"link_mbps", w.profile.link_mbps()},
+                              {"last_seen_seconds", (now - w.last_seen_ms) / 1000.0},
+                              {"updates_accepted", w.updates_accepted}});
+    j["rounds"] = nlohmann::json::array();
     for (const auto& [r, m] : history) {
       nlohmann::json row = m;
       row["round"] = r;
       j["rounds"].push_back(row);
     }
     return j.dump();
-  }
-
-  std::string Dashboard() {
-    const nlohmann::json j = nlohmann::json::parse(StatusJson());
-    std::string h = "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"5\"><title>fedtune coordinator</title>"
-                    "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:3px 8px}table{border-collapse:collapse}</style>"
-                    "</head><body><h1>fedtune coordinator</h1>";
-    absl::StrAppend(&h, "<p>round ", j["round"].get<int>(), " of ", j["rounds_total"].get<int>(), " (", j["committed"].get<int>(), " committed), phase: ",
-                    j["phase"].get<std::string>(), "</p><h2>Workers</h2><table><tr><th>worker</th><th>last seen (s ago)</th><th>updates accepted</th></tr>");
-    if (j.contains("workers"))
-      for (const auto& w : j["workers"])
-        absl::StrAppend(&h, "<tr><td>", w["id"].get<std::string>(), "</td><td>", w["last_seen_seconds"].get<double>(), "</td><td>", w["updates_accepted"].get<int>(), "</td></tr>");
-    absl::StrAppend(&h, "</table><h2>Rounds</h2><table><tr><th>round</th><th>accepted</th><th>failures</th><th>update norm</th><th>epsilon</th></tr>");
-    if (j.contains("rounds"))
-      for (const auto& r : j["rounds"]) {
-        auto g = [&](const char* k) { return r.contains(k) ? absl::StrCat(r[k].get<double>()) : std::string("-"); };
-        absl::StrAppend(&h, "<tr><td>", r["round"].get<int>(), "</td><td>", g("accepted"), "</td><td>", g("failures"), "</td><td>", g("update_norm"), "</td><td>", g("epsilon"), "</td></tr>");
-      }
-    absl::StrAppend(&h, "</table></body></html>\n");
-    return h;
   }
 
   // ---- RPC handlers: validate, convert, hand over ----
@@ -150,39 +175,53 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     }
     {
       std::lock_guard<std::mutex> l(mu);
-      joined.insert(cn);
-      Seen(cn);
+      WorkerInfo& w = workers[cn];
+      w.profile = req->profile();
+      w.last_seen_ms = UnixMs();
     }
     cv.notify_all();
-    FT_LOG_INFO("worker '{}' joined ({} cores)", cn, req->profile().cores());
+    const auto& p = req->profile();
+    FT_LOG_INFO("worker '{}' joined ({} cores, {:.1f} GiB, {:.0f} training tokens/s)", cn, p.cores(), static_cast<double>(p.memory_bytes()) / (1 << 30),
+                p.train_tokens_per_second());
     resp->set_run_id(fs::path(o.state_dir).filename().string());
     resp->set_worker_id(cn);
-    resp->set_heartbeat_ms(5000);
+    resp->set_heartbeat_ms(o.heartbeat_ms);
     return grpc::Status::OK;
   }
 
-  grpc::Status Heartbeat(grpc::ServerContext* ctx, const rpc::v1::HeartbeatRequest*, rpc::v1::HeartbeatResponse* resp) override {
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const rpc::v1::HeartbeatRequest* req, rpc::v1::HeartbeatResponse* resp) override {
     std::lock_guard<std::mutex> l(mu);
     const std::string cn = PeerCn(ctx);
-    if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    auto it = workers.find(cn);
+    if (it == workers.end()) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
     Seen(cn);
-    resp->set_shutdown(done);
+    WorkerInfo& w = it->second;
+    if (req->has_profile()) w.profile = req->profile();
+    w.round = req->round();
+    w.progress = std::isfinite(req->progress()) ? std::clamp(req->progress(), 0.0, 1.0) : 0.0;
+    resp->set_shutdown(done || shutdown);
+    // Abandon a round that is over, closed early, or not (any more) this worker's.
+    resp->set_abandon_round(req->round() != 0 && (req->round() != round || closed || !assigned.count(cn) || received.count(cn)));
     return grpc::Status::OK;
   }
 
   grpc::Status GetTask(grpc::ServerContext* ctx, const rpc::v1::GetTaskRequest* req, rpc::v1::Task* task) override {
     const std::string cn = PeerCn(ctx);
     std::unique_lock<std::mutex> l(mu);
-    if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
     Seen(cn);
+    workers[cn].round = 0;
     const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
-    auto has_task = [&] { return assigned.count(cn) && !fetched.count(cn) && !received.count(cn); };
+    auto has_task = [&] { return !closed && assigned.count(cn) && !fetched.count(cn) && !received.count(cn); };
     cv.wait_until(l, until, [&] { return done || shutdown || has_task(); });
+    Seen(cn);
     if (done || shutdown) {
       task->set_kind(rpc::v1::Task::SHUTDOWN);
     } else if (has_task()) {
       *task = assigned[cn];
       fetched.insert(cn);
+      workers[cn].round = round;
+      workers[cn].progress = 0;
     } else {
       task->set_kind(rpc::v1::Task::NO_TASK);
     }
@@ -190,27 +229,46 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
   }
 
   grpc::Status DownloadAdapter(grpc::ServerContext* ctx, const rpc::v1::DownloadRequest* req, grpc::ServerWriter<rpc::v1::Chunk>* w) override {
-    std::vector<uint8_t> bytes;
+    std::shared_ptr<const std::vector<uint8_t>> bytes;
     std::string sha;
     {
       std::lock_guard<std::mutex> l(mu);
-      if (!joined.count(PeerCn(ctx))) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+      if (!workers.count(PeerCn(ctx))) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
       if (req->round() != round) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", req->round(), " is not current (", round, ")"));
-      bytes = global_bytes;
+      bytes = global_bytes;  // shared, never copied per download
       sha = global_sha;
     }
-    if (req->offset() < 0 || static_cast<size_t>(req->offset()) > bytes.size()) return grpc::Status(grpc::StatusCode::OUT_OF_RANGE, "bad offset");
-    for (size_t off = static_cast<size_t>(req->offset()); off < bytes.size() || (off == 0 && bytes.empty()); off += kChunk) {
+    if (req->offset() < 0 || static_cast<size_t>(req->offset()) > bytes->size()) return grpc::Status(grpc::StatusCode::OUT_OF_RANGE, "bad offset");
+    download_slots->acquire();
+    struct Release {
+      std::counting_semaphore<>& s;
+      ~Release() { s.release(); }
+    } release{*download_slots};
+    int64_t sent = 0;
+    for (size_t off = static_cast<size_t>(req->offset()); off < bytes->size() || (off == 0 && bytes->empty()); off += kChunk) {
       rpc::v1::Chunk c;
       c.set_offset(static_cast<int64_t>(off));
-      const size_t n = std::min(kChunk, bytes.size() - off);
-      c.set_data(bytes.data() + off, n);
-      c.set_total_bytes(static_cast<int64_t>(bytes.size()));
-      if (off + n == bytes.size()) c.set_sha256(sha);
+      const size_t n = std::min(kChunk, bytes->size() - off);
+      c.set_data(bytes->data() + off, n);
+      c.set_total_bytes(static_cast<int64_t>(bytes->size()));
+      if (off + n == bytes->size()) c.set_sha256(sha);
       if (!w->Write(c)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
-      if (bytes.empty()) break;
+      sent += static_cast<int64_t>(n);
+      if (bytes->empty()) break;
     }
+    std::lock_guard<std::mutex> l(mu);
+    if (req->round() == round) bytes_out += sent;
     return grpc::Status::OK;
+  }
+
+  // Refusal of an upload as a status the worker can act on, under `mu`.
+  std::optional<grpc::Status> UploadRefusal(const std::string& cn, int r) const {
+    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    if (r != round || !assigned.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", r));
+    if (closed) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
+    if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
+    if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline has passed");
+    return std::nullopt;
   }
 
   grpc::Status UploadUpdate(grpc::ServerContext* ctx, grpc::ServerReader<rpc::v1::UploadMessage>* r, rpc::v1::UploadResponse* resp) override {
@@ -218,18 +276,25 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     rpc::v1::UploadMessage m;
     if (!r->Read(&m) || !m.has_header()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "upload must start with a header");
     const rpc::v1::UpdateHeader h = m.header();
-    aggregation::TensorMap snapshot;
     {
       std::lock_guard<std::mutex> l(mu);
-      if (!joined.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
-      if (h.round() != round || !assigned.count(cn))
-        return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", h.round()));
-      if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
-      if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline has passed");
-      snapshot = global;
+      if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
     }
     if (h.total_bytes() < 0 || static_cast<size_t>(h.total_bytes()) > o.max_update_bytes)
       return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, absl::StrCat("update of ", h.total_bytes(), " bytes exceeds the limit"));
+    // Memory bound: only a few uploads are buffered and decoded at a time; the others wait here
+    // with their data held back by gRPC's flow control.
+    upload_slots->acquire();
+    struct Release {
+      std::counting_semaphore<>& s;
+      ~Release() { s.release(); }
+    } release{*upload_slots};
+    aggregation::TensorMap snapshot;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
+      snapshot = global;  // shapes to check against
+    }
     std::vector<uint8_t> bytes;
     bytes.reserve(static_cast<size_t>(h.total_bytes()));
     while (r->Read(&m)) {
@@ -242,9 +307,12 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     if (bytes.size() != static_cast<size_t>(h.total_bytes())) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload truncated");
     if (Sha256Hex(bytes) != h.sha256()) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload checksum mismatch");
     auto u = DecodeUpdate(bytes, snapshot, o.max_update_bytes, cn);
+    snapshot.clear();
+    std::unique_lock<std::mutex> l(mu);
+    if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
+    bytes_in += static_cast<int64_t>(bytes.size());
     if (!u.ok()) {
       FT_LOG_WARN("rejected update from '{}' in round {}: {}", cn, h.round(), u.status().ToString());
-      std::lock_guard<std::mutex> l(mu);
       received.insert(cn);
       rejected.push_back({cn, u.status()});
       ++updates_rejected;
@@ -253,14 +321,18 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       resp->set_reason(std::string(u.status().message()));
       return grpc::Status::OK;
     }
-    {
-      std::lock_guard<std::mutex> l(mu);
-      if (!received.insert(cn).second) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
-      inbox.push_back(std::move(*u));
-      ++updates_accepted;
-      ++rounds_done[cn];
-      Seen(cn);
-    }
+    for (const auto& [k, v] : h.metrics())
+      if (std::isfinite(v)) u->metrics[k] = v;  // client-reported figures, for the ledger only
+    // Back-pressure: wait while the aggregator has enough decoded updates queued.
+    cv.wait(l, [&] { return shutdown || inbox.size() < static_cast<size_t>(o.max_concurrent_uploads) || h.round() != round || closed; });
+    if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
+    received.insert(cn);
+    inbox.push_back(std::move(*u));
+    ++updates_accepted;
+    ++workers[cn].updates_accepted;
+    workers[cn].round = 0;
+    Seen(cn);
+    l.unlock();
     cv.notify_all();
     resp->set_accepted(true);
     return grpc::Status::OK;
@@ -268,36 +340,45 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
 
   grpc::Status GetStatus(grpc::ServerContext*, const rpc::v1::StatusRequest*, rpc::v1::StatusResponse* resp) override {
     std::lock_guard<std::mutex> l(mu);
+    resp->set_run_id(fs::path(o.state_dir).filename().string());
     resp->set_round(round);
     resp->set_rounds_total(o.rounds);
     resp->set_phase(done ? "done" : phase);
-    for (const auto& w : joined) {
+    const int64_t now = UnixMs();
+    for (const auto& [id, w] : workers) {
       auto* ws = resp->add_workers();
-      ws->set_worker_id(w);
-      ws->set_last_seen_unix_ms(last_seen.count(w) ? last_seen[w] : 0);
-      ws->set_rounds_completed(rounds_done.count(w) ? rounds_done[w] : 0);
+      ws->set_worker_id(id);
+      *ws->mutable_profile() = w.profile;
+      ws->set_state(StateOf(id, w, now));
+      ws->set_last_seen_unix_ms(w.last_seen_ms);
+      ws->set_rounds_completed(w.updates_accepted);
+      ws->set_round(w.round);
+      ws->set_progress(w.progress);
     }
     if (!history.empty())
-      for (const auto& [k, v] : history.back().second) (*resp->mutable_last_metrics())[k] = v;
+      for (const auto& [k, v] : history.rbegin()->second) (*resp->mutable_last_metrics())[k] = v;
     return grpc::Status::OK;
   }
 
   // ---- the round loop (its own thread) ----
 
   absl::Status PublishGlobal(int r) {
-    FT_ASSIGN_OR_RETURN(global_bytes, EncodeTensors(global, r - 1));
-    global_sha = Sha256Hex(global_bytes);
+    FT_ASSIGN_OR_RETURN(std::vector<uint8_t> b, EncodeTensors(global, r - 1));
+    global_sha = Sha256Hex(b);
+    global_bytes = std::make_shared<const std::vector<uint8_t>>(std::move(b));
     return absl::OkStatus();
   }
 
   absl::Status RunRounds() {
     for (int r = committed + 1; r <= o.rounds; ++r) {
-      std::vector<std::string> available;
+      const auto t_round = Clock::now();
       {
         std::unique_lock<std::mutex> l(mu);
-        cv.wait(l, [&] { return shutdown || static_cast<int>(joined.size()) >= o.min_workers; });
+        phase = "waiting for workers";
+        // Re-check every second: workers that stop talking turn offline without an event.
+        while (!shutdown && static_cast<int>(OnlineWorkers().size()) < o.min_workers) cv.wait_for(l, std::chrono::seconds(1));
         if (shutdown) return absl::CancelledError("coordinator shut down");
-        available.assign(joined.begin(), joined.end());
+        const std::vector<std::string> available = OnlineWorkers();
         round = r;
         phase = "collect";
         FT_RETURN_IF_ERROR(PublishGlobal(r));
@@ -308,6 +389,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
         received.clear();
         rejected.clear();
         inbox.clear();
+        closed = false;
+        bytes_in = bytes_out = 0;
         for (const aggregation::ClientTask& t : strategy->ConfigureTrain(r, available, rng)) {
           rpc::v1::Task task;
           task.set_kind(rpc::v1::Task::TRAIN);
@@ -319,7 +402,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
           task.set_learning_rate(o.learning_rate);
           for (const auto& [k, v] : t.config) (*task.mutable_config())[k] = v;
           task.set_adapter_sha256(global_sha);
-          task.set_adapter_bytes(static_cast<int64_t>(global_bytes.size()));
+          task.set_adapter_bytes(static_cast<int64_t>(global_bytes->size()));
           task.set_deadline_unix_ms(deadline_unix_ms);
           task.set_send_fisher(o.send_fisher);
           assigned[t.client] = task;
@@ -327,11 +410,13 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       }
       cv.notify_all();
       FT_LOG_INFO("round {}/{}: {} workers selected", r, o.rounds, assigned.size());
-      // Collect until every selected worker has answered or the deadline passes; updates are
-      // folded in on this thread as they arrive (streaming).
+      // Collect until every selected worker has answered, the target is reached, or the deadline
+      // passes; updates are folded in on this thread as they arrive (streaming).
       std::unique_ptr<aggregation::Aggregation> agg = strategy->BeginAggregate(r, global);
       std::vector<aggregation::ClientFailure> failures;
       std::vector<ClientRoundRecord> recs;
+      double rss_peak = CurrentRssMiB(), train_max = 0, loss_sum = 0;
+      int accepted = 0;
       const auto deadline = Clock::now() + std::chrono::milliseconds(o.deadline_ms);
       for (;;) {
         std::deque<aggregation::ClientUpdate> batch;
@@ -343,32 +428,62 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
           batch.swap(inbox);
           complete = received.size() == assigned.size();
         }
+        cv.notify_all();  // room in the inbox
         for (auto& u : batch) {
-          ClientRoundRecord rec{u.client, "ok", u.num_examples, u.metrics.count("train_loss") ? u.metrics["train_loss"] : 0.0, 0, 0};
+          auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
+          ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), 0};
           const std::string who = u.client;
           if (absl::Status st = agg->Add(std::move(u)); !st.ok()) {
             rec.status = absl::StrCat("rejected: ", st.message());
             failures.push_back({who, st});
+          } else {
+            ++accepted;
+            train_max = std::max(train_max, rec.train_seconds);
+            loss_sum += rec.train_loss;
           }
           recs.push_back(rec);
+          rss_peak = std::max(rss_peak, CurrentRssMiB());
         }
         if (complete || Clock::now() >= deadline) break;
+        if (o.target_updates > 0 && accepted >= o.target_updates) {
+          std::lock_guard<std::mutex> l(mu);
+          closed = true;  // late workers are told to abandon; their uploads are refused
+          batch.swap(inbox);
+          for (auto& u : batch) {  // already accepted on upload: fold them in too
+            ClientRoundRecord rec{u.client, "ok", u.num_examples, 0, 0, 0};
+            const std::string who = u.client;
+            if (absl::Status st = agg->Add(std::move(u)); !st.ok()) {
+              rec.status = absl::StrCat("rejected: ", st.message());
+              failures.push_back({who, st});
+            } else {
+              ++accepted;
+            }
+            recs.push_back(rec);
+          }
+          break;
+        }
       }
+      const auto t_collected = Clock::now();
       {
         std::lock_guard<std::mutex> l(mu);
+        closed = true;
         for (const auto& f : rejected) {
           failures.push_back(f);
           recs.push_back({f.client, absl::StrCat("rejected: ", f.status.message()), 0, 0, 0, 0});
         }
         for (const auto& [w, t] : assigned)
           if (!received.count(w)) {
-            failures.push_back({w, absl::DeadlineExceededError("no update before the deadline")});
-            recs.push_back({w, "missed deadline", 0, 0, 0, 0});
+            const bool early = o.target_updates > 0 && accepted >= o.target_updates;
+            failures.push_back({w, absl::DeadlineExceededError(early ? "round closed after the target number of updates" : "no update before the deadline")});
+            recs.push_back({w, early ? "not needed (round closed)" : "missed deadline", 0, 0, 0, 0});
           }
-      }
-      {
-        std::lock_guard<std::mutex> l(mu);
         phase = "aggregate";
+      }
+      cv.notify_all();
+      if (accepted < o.quorum) {
+        FT_LOG_WARN("round {}: {} updates accepted, quorum is {}; the round starts again", r, accepted, o.quorum);
+        --r;
+        continue;
       }
       FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
       FT_ASSIGN_OR_RETURN(aggregation::RoundResult res, strategy->Commit(r, global, std::move(merged), failures));
@@ -377,6 +492,19 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       // leaves round r uncommitted and its file ignored on restart.
       FT_ASSIGN_OR_RETURN(auto bytes, EncodeTensors(next, r));
       FT_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(o.state_dir, "/global-", r, ".safetensors"), std::string(bytes.begin(), bytes.end())));
+      rss_peak = std::max(rss_peak, CurrentRssMiB());
+      const double round_s = std::chrono::duration<double>(Clock::now() - t_round).count();
+      {
+        std::lock_guard<std::mutex> l(mu);
+        res.metrics["bytes_in"] = static_cast<double>(bytes_in);
+        res.metrics["bytes_out"] = static_cast<double>(bytes_out);
+      }
+      res.metrics["round_seconds"] = round_s;
+      res.metrics["collect_seconds"] = std::chrono::duration<double>(t_collected - t_round).count();
+      res.metrics["train_seconds_max"] = train_max;
+      res.metrics["overhead_seconds"] = round_s - train_max;
+      res.metrics["rss_peak_mib"] = rss_peak;
+      if (accepted > 0) res.metrics["train_loss"] = loss_sum / accepted;
       FT_RETURN_IF_ERROR(ledger->CommitRound(r, res.metrics, recs));
       std::error_code ec;
       fs::remove(absl::StrCat(o.state_dir, "/global-", r - 2, ".safetensors"), ec);
@@ -385,10 +513,12 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
         global = std::move(next);
         committed = r;
         assigned.clear();
-        history.push_back({r, res.metrics});
+        history[r] = res.metrics;
         phase = r == o.rounds ? "done" : "waiting for workers";
       }
-      FT_LOG_INFO("round {}/{} committed: {} accepted, {} failed", r, o.rounds, res.metrics["accepted"], failures.size());
+      FT_LOG_INFO("round {}/{} committed: {} accepted, {} failed; {:.2f} s ({:.2f} s outside training), {:.1f} MiB in, {:.1f} MiB out, peak RSS {:.0f} MiB",
+                  r, o.rounds, accepted, failures.size(), round_s, round_s - train_max, res.metrics["bytes_in"] / 1048576.0,
+                  res.metrics["bytes_out"] / 1048576.0, rss_peak);
     }
     return absl::OkStatus();
   }
@@ -411,6 +541,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   while (ts >> name >> hash) im.token_hash[name] = hash;
   FT_ASSIGN_OR_RETURN(im.ledger, RunLedger::Open(o.state_dir + "/ledger.sqlite"));
   FT_ASSIGN_OR_RETURN(im.committed, im.ledger->LastRound());
+  FT_ASSIGN_OR_RETURN(im.history, im.ledger->AllMetrics());
   im.global = o.initial_global;
   if (im.committed > 0) {  // resume from the last committed round
     FT_ASSIGN_OR_RETURN(std::string b, ReadFileToString(absl::StrCat(o.state_dir, "/global-", im.committed, ".safetensors")));
@@ -420,6 +551,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
     FT_LOG_INFO("resuming after committed round {}", im.committed);
   }
   im.o = std::move(o);
+  im.upload_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_uploads));
+  im.download_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_downloads));
   im.strategy = std::move(strategy);
   grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   ssl.pem_root_certs = ca;
@@ -431,7 +564,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   im.server = b.BuildAndStart();
   if (!im.server || im.port == 0) return absl::UnavailableError(absl::StrCat("coordinator: cannot listen on ", im.o.address));
   if (!im.o.http_address.empty()) {
-    FT_ASSIGN_OR_RETURN(im.http, HttpStatusServer::Start(im.o.http_address, {[&im] { return im.MetricsText(); }, [&im] { return im.Dashboard(); },
+    FT_ASSIGN_OR_RETURN(im.http, HttpStatusServer::Start(im.o.http_address, {[&im] { return im.MetricsText(); }, [&im] { return DashboardHtml(im.StatusJson()); },
                                                                             [&im] { return im.StatusJson(); }}));
   }
   im.rounds_thread = std::thread([&im] {

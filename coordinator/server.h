@@ -22,8 +22,21 @@ struct ServerOptions {
   aggregation::TensorMap initial_global;
   rpc::v1::AdapterPlan plan;              // what every worker trains (the planner refines this)
   int rounds = 1;
-  int min_workers = 1;                    // joined workers before a round starts
+  int min_workers = 1;                    // online workers before a round starts
   int deadline_ms = 600000;               // per round; late updates are refused
+  // Over-selection: with target_updates > 0 the round closes as soon as that many updates are
+  // in (select more workers than that; the rest are told to abandon the round). 0: wait for
+  // every selected worker or the deadline.
+  int target_updates = 0;
+  // Fewer accepted updates than this at the deadline: the round is not committed and starts
+  // again with a new selection.
+  int quorum = 1;
+  int heartbeat_ms = 2000;                // told to workers on join
+  int offline_after_ms = 30000;           // no request for this long: offline, not selected
+  // Memory bound: at most this many uploads are read and decoded at once, and at most as many
+  // decoded updates wait for the aggregator; adapter downloads share one buffer.
+  int max_concurrent_uploads = 4;
+  int max_concurrent_downloads = 16;
   int local_steps = 4, batch = 8;
   double learning_rate = 5e-3;
   bool send_fisher = false;

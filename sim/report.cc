@@ -6,39 +6,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/html.h"
 #include "common/mapped_file.h"
 #include "nlohmann/json.hpp"
 
 namespace fedtune::sim {
 namespace {
-
-std::string Html(const std::string& s) {
-  std::string o;
-  for (char c : s) {
-    switch (c) {
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '&': o += "&amp;"; break;
-      case '"': o += "&quot;"; break;
-      default: o += c;
-    }
-  }
-  return o;
-}
-
-// JSON inside <script>: "</" must not appear.
-std::string ScriptJson(const nlohmann::json& j) {
-  std::string s = j.dump();
-  std::string o;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '<') {
-      o += "\\u003c";
-    } else {
-      o += s[i];
-    }
-  }
-  return o;
-}
 
 const char* kScript = R"JS(
 const R = DATA.rounds, C = DATA.clients;
@@ -74,11 +47,6 @@ document.body.setAttribute('data-charts-ready', typeof Chart === 'undefined' ? '
 
 }  // namespace
 
-std::string ChartJsPath() {
-  if (const char* p = std::getenv("FEDTUNE_CHARTJS")) return p;
-  return "/usr/share/javascript/chart.js/chart.min.js";
-}
-
 absl::Status WriteReport(const std::string& path, const ReportInput& in) {
   nlohmann::json data;
   data["rounds"] = nlohmann::json::array();
@@ -95,13 +63,13 @@ absl::Status WriteReport(const std::string& path, const ReportInput& in) {
   std::string chartjs;
   if (auto js = ReadFileToString(ChartJsPath()); js.ok()) chartjs = *js;
 
-  std::string h = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + Html(in.title) + "</title>\n<style>"
+  std::string h = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>" + HtmlEscape(in.title) + "</title>\n<style>"
                   "body{font-family:sans-serif;margin:2em;max-width:1200px}.grid{display:grid;grid-template-columns:1fr 1fr;gap:1.5em}"
                   "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
                   "th{background:#f3f3f3}pre{background:#f7f7f7;padding:1em;overflow:auto}</style>\n";
   if (!chartjs.empty()) h += "<script>" + chartjs + "</script>\n";
-  h += "</head><body>\n<h1>" + Html(in.title) + "</h1>\n<ul>";
-  for (const auto& l : in.summary_lines) h += "<li>" + Html(l) + "</li>";
+  h += "</head><body>\n<h1>" + HtmlEscape(in.title) + "</h1>\n<ul>";
+  for (const auto& l : in.summary_lines) h += "<li>" + HtmlEscape(l) + "</li>";
   h += "</ul>\n<div class=\"grid\">";
   for (const char* id : {"accuracy", "loss", "ppl", "epsilon", "bytes", "time", "clients"}) h += absl::StrCat("<div><canvas id=\"", id, "\"></canvas></div>");
   h += "</div>\n<h2>Rounds</h2><table><tr><th>round</th><th>train loss</th><th>eval loss</th><th>accuracy %</th><th>accepted</th>"
@@ -122,10 +90,10 @@ absl::Status WriteReport(const std::string& path, const ReportInput& in) {
   h += "</table>\n<h2>Clients</h2><table><tr><th>client</th><th>profile</th><th>examples</th><th>task mix</th><th>rounds trained</th>"
        "<th>dropped</th><th>final accuracy %</th></tr>";
   for (const ClientSummary& c : in.clients)
-    h += absl::StrCat("<tr><td>", Html(c.name), "</td><td>", Html(c.profile), "</td><td>", c.examples, "</td><td>", Html(c.task_mix), "</td><td>",
+    h += absl::StrCat("<tr><td>", HtmlEscape(c.name), "</td><td>", HtmlEscape(c.profile), "</td><td>", c.examples, "</td><td>", HtmlEscape(c.task_mix), "</td><td>",
                       c.rounds_trained, "</td><td>", c.rounds_dropped, "</td><td>", absl::StrFormat("%.1f", 100 * c.accuracy_after), "</td></tr>");
-  h += "</table>\n<h2>Configuration</h2><pre>" + Html(in.config_text) + "</pre>\n";
-  h += "<script>const DATA = " + ScriptJson(data) + ";\n" + kScript + "</script>\n</body></html>\n";
+  h += "</table>\n<h2>Configuration</h2><pre>" + HtmlEscape(in.config_text) + "</pre>\n";
+  h += "<script>const DATA = " + ScriptSafeJson(data.dump()) + ";\n" + kScript + "</script>\n</body></html>\n";
   return WriteFileAtomic(path, h);
 }
 

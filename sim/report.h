@@ -28,8 +28,6 @@ struct ReportInput {
   std::vector<ClientSummary> clients;
 };
 
-// Path of the Chart.js build that is inlined (FEDTUNE_CHARTJS overrides).
-std::string ChartJsPath();
 absl::Status WriteReport(const std::string& path, const ReportInput& in);
 
 }  // namespace fedtune::sim

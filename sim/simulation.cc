@@ -145,24 +145,6 @@ struct ClientState {
   int trained = 0, dropped = 0;
 };
 
-// A random small update of the right shape (stand-in trainer for server-overhead benchmarks).
-worker::LocalResult StandInUpdate(const TensorMap& global, const std::string& client, int64_t n, bool fisher, Rng& rng) {
-  worker::LocalResult r;
-  r.update.client = client;
-  r.update.num_examples = n;
-  uint64_t state = rng.NextU64();
-  for (const auto& [name, g] : global) {
-    std::vector<float>& d = r.update.delta[name];
-    d.resize(g.size());
-    for (float& x : d) {
-      state = state * 6364136223846793005ull + 1442695040888963407ull;  // cheap LCG: the point is the server's cost
-      x = static_cast<float>(static_cast<int32_t>(state >> 32)) * 1e-12f;
-    }
-    if (fisher) r.update.fisher[name].assign(g.size(), 1e-4f);
-  }
-  return r;
-}
-
 std::string CsvEscape(const std::string& s) { return s.find_first_of(",\"") == std::string::npos ? s : "\"" + s + "\""; }
 
 }  // namespace
@@ -537,7 +519,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       const auto t0 = Clock::now();
       worker::LocalResult lr;
       if (c.train().stand_in()) {
-        lr = StandInUpdate(global, cl.name, static_cast<int64_t>(cl.train.size()), lt.send_fisher, sched_rng);
+        lr = worker::StandInUpdate(global, cl.name, static_cast<int64_t>(cl.train.size()), lt.send_fisher, sched_rng.NextU64());
       } else {
         FT_ASSIGN_OR_RETURN(lr, worker::TrainLocal(*model, cl.train, global, task.config, cl.name, lt, &adapters));
       }

@@ -427,6 +427,12 @@ int RunCoordinator(const std::string& path) {
   o.send_fisher = strategy_opts->merge == aggregation::MergeRule::kUncertainty;
   o.seed = OrDefault<uint64_t>(c.seed(), 1);
   o.http_address = c.http();
+  o.target_updates = c.target_updates();
+  o.quorum = OrDefault(c.quorum(), 1);
+  o.max_concurrent_uploads = OrDefault(c.max_concurrent_uploads(), 4);
+  o.heartbeat_ms = OrDefault(c.heartbeat_seconds(), 2) * 1000;
+  o.offline_after_ms = OrDefault(c.offline_after_seconds(), 30) * 1000;
+  m->reset();  // the base was needed for the adapter layout only
   auto server = coordinator::CoordinatorServer::Start(o, std::move(*strategy));
   if (!server.ok()) return Fail(server.status());
   std::printf("coordinator listening on port %d (state in %s)\n", (*server)->port(), o.state_dir.c_str());
@@ -466,11 +472,16 @@ int RunWorker(const std::string& path) {
   o.cert_pem = c.tls().cert();
   o.key_pem = c.tls().key();
   o.token = std::string(absl::StripAsciiWhitespace(*token));
+  o.state_dir = c.state_dir();
+  o.profile = worker::MeasureProfile(m->get(), &data->train, c.memory_budget_mib());
+  std::printf("worker profile: %d cores, %.1f GiB for training, %.0f training tokens/s (measured)\n", o.profile.cores(),
+              static_cast<double>(o.profile.memory_bytes()) / (1 << 30), o.profile.train_tokens_per_second());
+  std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, **m, data->train, g_stop);
+  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train), g_stop);
   if (!r.ok()) return Fail(r.status());
-  std::printf("worker: trained %d rounds\n", r->rounds_trained);
+  std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned)\n", r->rounds_trained, r->rounds_reused, r->rounds_abandoned);
   return 0;
 }
 

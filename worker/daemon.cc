@@ -3,28 +3,158 @@
 #include <grpcpp/grpcpp.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <fstream>
+#include <mutex>
+#include <filesystem>
+#include <optional>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "coordinator/update_codec.h"
+#include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
-#include "worker/local_trainer.h"
 
 namespace fedtune::worker {
 namespace {
+
+using Clock = std::chrono::steady_clock;
 
 absl::Status FromGrpc(const grpc::Status& s, const std::string& what) {
   if (s.ok()) return absl::OkStatus();
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), absl::StrCat(what, ": ", s.error_message()));
 }
 
-// One poll: NO_TASK -> false, a trained and uploaded round -> true (accepted or not), the run's
-// end -> OutOfRange, RPC failures -> their status.
-absl::StatusOr<bool> OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, const DaemonOptions& o, const model::LlamaModel& model,
-                             const std::vector<model::Example>& data) {
+// Sends heartbeats (round, progress, refreshed profile) every `interval` while a task is in
+// hand; remembers when the coordinator says the round is closed.
+class Heartbeats {
+ public:
+  Heartbeats(rpc::v1::Coordinator::Stub& stub, std::string me, int round, int interval_ms, rpc::v1::Profile profile)
+      : stub_(stub), me_(std::move(me)), round_(round), interval_(std::max(interval_ms, 50)), profile_(std::move(profile)) {
+    thread_ = std::thread([this] { Loop(); });
+  }
+  ~Heartbeats() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void set_progress(double p) { progress_ = p; }
+  bool abandoned() const { return abandon_; }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> l(mu_);
+    while (!cv_.wait_for(l, std::chrono::milliseconds(interval_), [&] { return stop_; })) {
+      l.unlock();
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(interval_ + 5000));
+      rpc::v1::HeartbeatRequest req;
+      req.set_worker_id(me_);
+      req.set_round(round_);
+      req.set_progress(progress_);
+      *req.mutable_profile() = profile_;
+      rpc::v1::HeartbeatResponse resp;
+      if (stub_.Heartbeat(&ctx, req, &resp).ok() && (resp.abandon_round() || resp.shutdown())) abandon_ = true;
+      l.lock();
+    }
+  }
+  rpc::v1::Coordinator::Stub& stub_;
+  const std::string me_;
+  const int round_, interval_;
+  const rpc::v1::Profile profile_;
+  std::atomic<double> progress_{0};
+  std::atomic<bool> abandon_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+// The update kept in the state directory (see daemon.h).
+struct Kept {
+  std::string run_id, adapter_sha256;
+  int round = 0;
+  int64_t num_examples = 0;
+  std::map<std::string, double> metrics;
+  std::vector<uint8_t> payload;
+};
+
+std::string KeptMeta(const std::string& dir) { return dir + "/last-update.json"; }
+std::string KeptData(const std::string& dir) { return dir + "/last-update.bin"; }
+
+absl::Status SaveKept(const std::string& dir, const Kept& k) {
+  // Payload first, then the description naming its checksum: a crash between the two leaves a
+  // description that does not match and is ignored.
+  FT_RETURN_IF_ERROR(WriteFileAtomic(KeptData(dir), std::string(k.payload.begin(), k.payload.end())));
+  nlohmann::json j = {{"run_id", k.run_id},         {"round", k.round},     {"adapter_sha256", k.adapter_sha256},
+                      {"num_examples", k.num_examples}, {"metrics", k.metrics}, {"payload_sha256", coordinator::Sha256Hex(k.payload)}};
+  return WriteFileAtomic(KeptMeta(dir), j.dump(1));
+}
+
+std::optional<Kept> LoadKept(const std::string& dir, const rpc::v1::Task& task) {
+  if (dir.empty()) return std::nullopt;
+  auto meta = ReadFileToString(KeptMeta(dir));
+  if (!meta.ok()) return std::nullopt;
+  const nlohmann::json j = nlohmann::json::parse(*meta, nullptr, false);
+  if (j.is_discarded() || j.value("run_id", "") != task.run_id() || j.value("round", 0) != task.round() ||
+      j.value("adapter_sha256", "") != task.adapter_sha256())
+    return std::nullopt;
+  auto data = ReadFileToString(KeptData(dir));
+  if (!data.ok()) return std::nullopt;
+  Kept k;
+  k.payload.assign(data->begin(), data->end());
+  if (coordinator::Sha256Hex(k.payload) != j.value("payload_sha256", "")) return std::nullopt;
+  k.run_id = task.run_id();
+  k.round = task.round();
+  k.adapter_sha256 = task.adapter_sha256();
+  k.num_examples = j.value("num_examples", int64_t{0});
+  if (j.contains("metrics") && j["metrics"].is_object())
+    for (const auto& [name, v] : j["metrics"].items())
+      if (v.is_number()) k.metrics[name] = v.get<double>();
+  return k;
+}
+
+// The round's global adapter; a broken stream is resumed at the received offset (3 tries).
+absl::StatusOr<std::vector<uint8_t>> Download(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task) {
+  std::vector<uint8_t> bytes;
+  bytes.reserve(static_cast<size_t>(std::max<int64_t>(task.adapter_bytes(), 0)));
+  std::string sha;
+  absl::Status last;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    grpc::ClientContext ctx;
+    rpc::v1::DownloadRequest req;
+    req.set_run_id(task.run_id());
+    req.set_round(task.round());
+    req.set_offset(static_cast<int64_t>(bytes.size()));
+    auto reader = stub.DownloadAdapter(&ctx, req);
+    rpc::v1::Chunk c;
+    while (reader->Read(&c)) {
+      if (c.offset() != static_cast<int64_t>(bytes.size())) return absl::DataLossError("download: chunk out of order");
+      bytes.insert(bytes.end(), c.data().begin(), c.data().end());
+      if (!c.sha256().empty()) sha = c.sha256();
+    }
+    last = FromGrpc(reader->Finish(), "download");
+    if (last.ok()) break;
+    if (!absl::IsUnavailable(last) && !absl::IsCancelled(last) && !absl::IsDeadlineExceeded(last)) return last;
+    FT_LOG_WARN("round {}: download broke at {} bytes ({}); resuming", task.round(), bytes.size(), last.ToString());
+  }
+  FT_RETURN_IF_ERROR(last);
+  if (coordinator::Sha256Hex(bytes) != task.adapter_sha256() || sha != task.adapter_sha256())
+    return absl::DataLossError(absl::StrCat("round ", task.round(), ": downloaded adapter fails its checksum"));
+  return bytes;
+}
+
+// One poll: NO_TASK -> nothing counted; a trained and uploaded round -> counted in `rep`; the
+// run's end -> OutOfRange; RPC failures -> their status.
+absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, int heartbeat_ms, const DaemonOptions& o, const Trainer& trainer,
+                     DaemonReport* rep) {
   rpc::v1::Task task;
   {
     grpc::ClientContext ctx;
@@ -35,49 +165,38 @@ absl::StatusOr<bool> OneTask(rpc::v1::Coordinator::Stub& stub, const std::string
     FT_RETURN_IF_ERROR(FromGrpc(stub.GetTask(&ctx, req, &task), "get task"));
   }
   if (task.kind() == rpc::v1::Task::SHUTDOWN) return absl::OutOfRangeError("run finished");
-  if (task.kind() != rpc::v1::Task::TRAIN) return false;
+  if (task.kind() != rpc::v1::Task::TRAIN) return absl::OkStatus();
 
-  // Download the global adapter.
-  std::vector<uint8_t> bytes;
-  std::string sha;
-  {
-    grpc::ClientContext ctx;
-    rpc::v1::DownloadRequest req;
-    req.set_run_id(task.run_id());
-    req.set_round(task.round());
-    auto reader = stub.DownloadAdapter(&ctx, req);
-    rpc::v1::Chunk c;
-    while (reader->Read(&c)) {
-      bytes.insert(bytes.end(), c.data().begin(), c.data().end());
-      if (!c.sha256().empty()) sha = c.sha256();
+  rpc::v1::Profile profile = o.profile;
+  std::optional<Kept> kept = LoadKept(o.state_dir, task);
+  const bool reused = kept.has_value();
+  if (reused) {
+    FT_LOG_INFO("round {}: uploading the update kept from before a restart (no retraining)", task.round());
+  } else {
+    const auto t0 = Clock::now();
+    FT_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, Download(stub, task));
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (bytes.size() > (1u << 20) && secs > 0) profile.set_link_mbps(static_cast<double>(bytes.size()) * 8e-6 / secs);
+    FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, coordinator::DecodeTensors(bytes));
+    bytes = {};
+    Heartbeats hb(stub, me, task.round(), heartbeat_ms, profile);
+    FT_ASSIGN_OR_RETURN(LocalResult lr, trainer(task, global, me, [&hb](double p) { hb.set_progress(p); }));
+    if (hb.abandoned()) {
+      ++rep->rounds_abandoned;
+      if (!o.quiet) FT_LOG_INFO("round {}: the coordinator closed the round; update not sent", task.round());
+      return absl::OkStatus();
     }
-    FT_RETURN_IF_ERROR(FromGrpc(reader->Finish(), "download"));
+    kept.emplace();
+    kept->run_id = task.run_id();
+    kept->round = task.round();
+    kept->adapter_sha256 = task.adapter_sha256();
+    kept->num_examples = lr.update.num_examples;
+    kept->metrics = lr.update.metrics;
+    FT_ASSIGN_OR_RETURN(kept->payload, coordinator::EncodeUpdate(lr.update));
+    if (!o.state_dir.empty()) FT_RETURN_IF_ERROR(SaveKept(o.state_dir, *kept));
   }
-  if (coordinator::Sha256Hex(bytes) != task.adapter_sha256() || sha != task.adapter_sha256())
-    return absl::DataLossError(absl::StrCat("round ", task.round(), ": downloaded adapter fails its checksum"));
-  FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, coordinator::DecodeTensors(bytes));
-
-  // Train.
-  const auto& p = task.plan();
-  const auto kind = model::ParseAdapterKind(p.kind());
-  if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind()));
-  FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules().empty() ? "all" : absl::StrJoin(p.modules(), ",")));
-  model::AdapterSpec spec{*kind, p.rank(), p.alpha(), p.rslora(), p.blocks()};
-  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, p.adapter_seed()));
-  LocalTrainOptions lt;
-  lt.finetune.steps = task.local_steps();
-  lt.finetune.batch = task.batch();
-  lt.finetune.log_every = 0;
-  lt.finetune.seed = TrainingSeed(me, task.round());
-  lt.optimizer.lr = static_cast<float>(task.learning_rate());
-  lt.optimizer.total_steps = task.local_steps();
-  lt.optimizer.min_lr_ratio = 1.0f;
-  lt.send_fisher = task.send_fisher();
-  std::map<std::string, double> config(task.config().begin(), task.config().end());
-  FT_ASSIGN_OR_RETURN(LocalResult lr, TrainLocal(model, data, global, config, me, lt, &adapters));
 
   // Upload.
-  FT_ASSIGN_OR_RETURN(std::vector<uint8_t> payload, coordinator::EncodeUpdate(lr.update));
   grpc::ClientContext ctx;
   rpc::v1::UploadResponse resp;
   auto writer = stub.UploadUpdate(&ctx, &resp);
@@ -86,22 +205,33 @@ absl::StatusOr<bool> OneTask(rpc::v1::Coordinator::Stub& stub, const std::string
   h->set_run_id(task.run_id());
   h->set_round(task.round());
   h->set_worker_id(me);
-  h->set_num_examples(lr.update.num_examples);
-  h->set_total_bytes(static_cast<int64_t>(payload.size()));
-  h->set_sha256(coordinator::Sha256Hex(payload));
+  h->set_num_examples(kept->num_examples);
+  h->set_total_bytes(static_cast<int64_t>(kept->payload.size()));
+  h->set_sha256(coordinator::Sha256Hex(kept->payload));
+  for (const auto& [k, v] : kept->metrics) (*h->mutable_metrics())[k] = v;
   bool ok = writer->Write(head);
-  for (size_t off = 0; ok && off < payload.size(); off += 1 << 20) {
+  for (size_t off = 0; ok && off < kept->payload.size(); off += 1 << 20) {
     rpc::v1::UploadMessage m;
     m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
-    m.mutable_chunk()->set_data(payload.data() + off, std::min<size_t>(1 << 20, payload.size() - off));
+    m.mutable_chunk()->set_data(kept->payload.data() + off, std::min<size_t>(1 << 20, kept->payload.size() - off));
     ok = writer->Write(m);
   }
   writer->WritesDone();
   const grpc::Status fin = writer->Finish();
-  if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return false;  // a restarted coordinator already has it
+  if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
+  if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && absl::StrContains(fin.error_message(), "closed")) {
+    ++rep->rounds_abandoned;
+    return absl::OkStatus();
+  }
   FT_RETURN_IF_ERROR(FromGrpc(fin, absl::StrCat("upload of round ", task.round())));
-  if (!resp.accepted()) FT_LOG_WARN("round {}: the coordinator refused the update: {}", task.round(), resp.reason());
-  return resp.accepted();
+  if (!resp.accepted()) {
+    FT_LOG_WARN("round {}: the coordinator refused the update: {}", task.round(), resp.reason());
+    return absl::OkStatus();
+  }
+  ++rep->rounds_trained;
+  if (reused) ++rep->rounds_reused;
+  if (!o.quiet) FT_LOG_INFO("round {}: update accepted ({} bytes)", task.round(), kept->payload.size());
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -112,11 +242,79 @@ uint64_t TrainingSeed(const std::string& worker, int round) {
   return h ^ static_cast<uint64_t>(round);
 }
 
-absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const model::LlamaModel& model, const std::vector<model::Example>& data,
-                                       const std::atomic<bool>& stop) {
+Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data) {
+  return [&model, &data](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
+                         const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
+    const auto& p = task.plan();
+    const auto kind = model::ParseAdapterKind(p.kind());
+    if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind()));
+    FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules().empty() ? "all" : absl::StrJoin(p.modules(), ",")));
+    model::AdapterSpec spec{*kind, p.rank(), p.alpha(), p.rslora(), p.blocks()};
+    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, p.adapter_seed()));
+    LocalTrainOptions lt;
+    lt.finetune.steps = task.local_steps();
+    lt.finetune.batch = task.batch();
+    lt.finetune.log_every = 0;
+    lt.finetune.seed = TrainingSeed(me, task.round());
+    lt.optimizer.lr = static_cast<float>(task.learning_rate());
+    lt.optimizer.total_steps = task.local_steps();
+    lt.optimizer.min_lr_ratio = 1.0f;
+    lt.send_fisher = task.send_fisher();
+    const int steps = std::max(task.local_steps(), 1);
+    lt.on_step = [&progress, steps](const model::StepLog& s) { progress(static_cast<double>(s.step) / steps); };
+    std::map<std::string, double> config(task.config().begin(), task.config().end());
+    return TrainLocal(model, data, global, config, me, lt, &adapters);
+  };
+}
+
+Trainer StandInTrainer(int64_t num_examples, double seconds) {
+  return [num_examples, seconds](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
+                                 const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
+    if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
+    progress(1.0);
+    LocalResult r = StandInUpdate(global, me, num_examples, task.send_fisher(), TrainingSeed(me, task.round()));
+    r.update.metrics["train_seconds"] = seconds;
+    return r;
+  };
+}
+
+rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib) {
+  rpc::v1::Profile p;
+  p.set_cores(static_cast<int>(std::thread::hardware_concurrency()));
+  p.set_version(FEDTUNE_VERSION);
+  int64_t avail = 0;
+  std::ifstream mi("/proc/meminfo");
+  std::string key;
+  int64_t kb = 0;
+  std::string unit;
+  while (mi >> key >> kb >> unit)
+    if (key == "MemAvailable:") avail = kb * 1024;
+  if (memory_budget_mib > 0) avail = avail > 0 ? std::min(avail, memory_budget_mib << 20) : memory_budget_mib << 20;
+  p.set_memory_bytes(avail);
+  if (model && data && !data->empty()) {
+    auto set = model::MakeAdapters<float>(model->adapter_dims(), {model::AdapterKind::kLora, 4, 8.0f, false, 1}, {model::Module::kQ, model::Module::kV}, 1);
+    if (set.ok()) {
+      model::FinetuneOptions ft;
+      ft.steps = 2;
+      ft.batch = 1;
+      ft.log_every = 0;
+      model::AdamW opt(model::OptimizerConfig{});
+      if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0)
+        p.set_train_tokens_per_second(static_cast<double>(r->tokens) / r->seconds);
+    }
+  }
+  return p;
+}
+
+absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const Trainer& trainer, const std::atomic<bool>& stop) {
   FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
   FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));
+  if (!o.state_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(o.state_dir, ec);
+    if (ec) return absl::UnavailableError(absl::StrCat("worker: cannot create state directory ", o.state_dir, ": ", ec.message()));
+  }
   grpc::SslCredentialsOptions ssl;
   ssl.pem_root_certs = ca;
   ssl.pem_cert_chain = cert;
@@ -129,23 +327,25 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const model::Llam
 
   // Outer loop: (re)join with exponential backoff; inner loop: tasks. A coordinator that went
   // away (UNAVAILABLE) or restarted and no longer knows us (FAILED_PRECONDITION) sends us back to
-  // joining; the task in hand is retried from scratch (training is deterministic per round).
+  // joining; the task in hand is retried (from the state directory when it was trained).
   auto transient = [](const absl::Status& s) {
     return absl::IsUnavailable(s) || absl::IsFailedPrecondition(s) || absl::IsCancelled(s) || absl::IsDeadlineExceeded(s) ||
            absl::IsAborted(s);
   };
   while (!stop) {
     std::string me;
+    int heartbeat_ms = 5000;
     for (int backoff = 100; !stop; backoff = std::min(o.max_backoff_ms, backoff * 2)) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
       rpc::v1::JoinRequest req;
       req.set_token(o.token);
-      req.mutable_profile()->set_cores(static_cast<int>(std::thread::hardware_concurrency()));
+      *req.mutable_profile() = o.profile;
       rpc::v1::JoinResponse resp;
       grpc::Status s = stub->Join(&ctx, req, &resp);
       if (s.ok()) {
         me = resp.worker_id();
+        if (resp.heartbeat_ms() > 0) heartbeat_ms = resp.heartbeat_ms();
         break;
       }
       if (s.error_code() != grpc::StatusCode::UNAVAILABLE && s.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) return FromGrpc(s, "join");
@@ -154,17 +354,14 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const model::Llam
     if (stop) break;
     bool finished = false;
     while (!stop) {
-      absl::StatusOr<bool> r = OneTask(*stub, me, o, model, data);
-      if (r.ok()) {
-        if (*r) ++rep.rounds_trained;
-        continue;
-      }
-      if (absl::IsOutOfRange(r.status())) {  // the run is over
+      const absl::Status r = OneTask(*stub, me, heartbeat_ms, o, trainer, &rep);
+      if (r.ok()) continue;
+      if (absl::IsOutOfRange(r)) {  // the run is over
         finished = true;
         break;
       }
-      if (!transient(r.status())) return r.status();
-      FT_LOG_WARN("worker {}: {}; reconnecting", me, r.status().ToString());
+      if (!transient(r)) return r;
+      FT_LOG_WARN("worker {}: {}; reconnecting", me, r.ToString());
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
       break;
     }

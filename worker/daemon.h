@@ -1,16 +1,26 @@
-// The worker daemon's loop against a coordinator (gRPC, mutual TLS): join with the join token,
-// long-poll for tasks, download the round's global adapter (checked against its SHA-256), train
-// with the local engine (worker/local_trainer.h), upload the update in chunks. Reconnects with
-// exponential backoff while the coordinator is unreachable; returns when told to shut down or
-// when `stop` becomes true.
+// The worker daemon's loop against a coordinator (gRPC, mutual TLS): join with the join token and
+// a measured profile, long-poll for tasks, download the round's global adapter (resuming a broken
+// download at its offset; checked against its SHA-256), train with a `Trainer` while heartbeats
+// report progress, keep the encoded update in the state directory, upload it in chunks.
+// Reconnects with exponential backoff while the coordinator is unreachable; returns when told to
+// shut down or when `stop` becomes true.
+//
+// State directory: the last trained update (`last-update.bin` + `last-update.json`: run, round,
+// the global adapter it was trained from) is written atomically before the upload and kept
+// until the next round's update replaces it. A daemon restarted mid-upload, or a coordinator
+// restarted before committing the round, gets the same task again: the daemon uploads the kept
+// update instead of training again, so a restart neither redoes nor loses a round.
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "model/dataset.h"
 #include "model/llama.h"
+#include "proto/service.pb.h"
+#include "worker/local_trainer.h"
 
 namespace fedtune::worker {
 
@@ -18,18 +28,36 @@ struct DaemonOptions {
   std::string address;                    // host:port of the coordinator
   std::string ca_pem, cert_pem, key_pem;  // file paths
   std::string token;                      // join token (hex)
+  std::string state_dir;                  // empty: no state kept across restarts
+  rpc::v1::Profile profile;               // sent on join (see MeasureProfile)
   int max_backoff_ms = 30000;
   int poll_ms = 2000;
+  bool quiet = false;                     // no per-round log lines (load tests run hundreds)
 };
 
 struct DaemonReport {
-  int rounds_trained = 0;
+  int rounds_trained = 0;    // updates accepted by the coordinator
+  int rounds_reused = 0;     // of those, uploaded from the state directory without training
+  int rounds_abandoned = 0;  // the coordinator closed the round before our update
 };
+
+// Trains one task: `global` is the round's adapter, `progress(f)` may be called with the
+// fraction of local steps done (it feeds the heartbeats).
+using Trainer = std::function<absl::StatusOr<LocalResult>(const rpc::v1::Task& task, const aggregation::TensorMap& global,
+                                                          const std::string& worker, const std::function<void(double)>& progress)>;
+
+// The real trainer: the task's adapter plan on `model`, fine-tuned on `data`.
+Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data);
+// Random updates of the global adapter's shape after `seconds` of pretend work.
+Trainer StandInTrainer(int64_t num_examples, double seconds);
 
 // Local training seed of a worker in a round (example order): reproducible runs.
 uint64_t TrainingSeed(const std::string& worker, int round);
 
-absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const model::LlamaModel& model, const std::vector<model::Example>& data,
-                                       const std::atomic<bool>& stop);
+// Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0) and, with a model, the
+// measured training speed (two steps of a rank-4 LoRA at batch 1 on `data`).
+rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib);
+
+absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const Trainer& trainer, const std::atomic<bool>& stop);
 
 }  // namespace fedtune::worker

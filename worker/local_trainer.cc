@@ -51,7 +51,7 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
   }
   model::AdamW opt(o.optimizer);  // local optimizer state starts fresh every round
   LocalResult r;
-  FT_ASSIGN_OR_RETURN(r.report, model::Finetune(model, data, ft, adapters, &opt));
+  FT_ASSIGN_OR_RETURN(r.report, model::Finetune(model, data, ft, adapters, &opt, o.on_step));
   r.update.client = client;
   r.update.num_examples = static_cast<int64_t>(data.size());
   adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
@@ -68,6 +68,25 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
   r.update.metrics["train_loss"] = r.report.final_loss;
   r.update.metrics["train_seconds"] = r.report.seconds;
   r.update.metrics["train_tokens"] = static_cast<double>(r.report.tokens);
+  return r;
+}
+
+LocalResult StandInUpdate(const aggregation::TensorMap& global, const std::string& client, int64_t num_examples, bool fisher, uint64_t seed) {
+  LocalResult r;
+  r.update.client = client;
+  r.update.num_examples = num_examples;
+  uint64_t state = seed;
+  for (const auto& [name, g] : global) {
+    std::vector<float>& d = r.update.delta[name];
+    d.resize(g.size());
+    for (float& x : d) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;  // cheap LCG
+      x = static_cast<float>(static_cast<int32_t>(state >> 32)) * 1e-12f;
+    }
+    if (fisher) r.update.fisher[name].assign(g.size(), 1e-4f);
+  }
+  r.update.metrics["train_loss"] = 0;
+  r.update.metrics["train_seconds"] = 0;
   return r;
 }
 

@@ -4,6 +4,7 @@
 // place that translates between the model's AdapterSet and the server's plain tensors.
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "aggregation/tensors.h"
@@ -23,6 +24,7 @@ struct LocalTrainOptions {
   model::FinetuneOptions finetune;
   model::OptimizerConfig optimizer;
   bool send_fisher = true;
+  std::function<void(const model::StepLog&)> on_step;  // progress (the daemon's heartbeats)
 };
 
 struct LocalResult {
@@ -36,5 +38,10 @@ struct LocalResult {
 absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std::vector<model::Example>& data,
                                        const aggregation::TensorMap& global, const std::map<std::string, double>& config,
                                        const std::string& client, const LocalTrainOptions& o, model::AdapterSet<float>* adapters);
+
+// A random small update of `global`'s shape (stand-in trainer for coordinator-overhead
+// benchmarks and load tests: the point is the server's cost, not learning). Deterministic in
+// `seed`.
+LocalResult StandInUpdate(const aggregation::TensorMap& global, const std::string& client, int64_t num_examples, bool fisher, uint64_t seed);
 
 }  // namespace fedtune::worker

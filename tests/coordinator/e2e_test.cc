@@ -107,7 +107,7 @@ TEST_F(E2ETest, ThreeWorkersOverMutualTlsMatchInProcessComputation) {
   for (int k = 0; k < 3; ++k)
     workers.emplace_back([&, k] {
       const std::string w = "w" + std::to_string(k + 1);
-      auto r = worker::RunDaemon(Daemon(w, (*server)->port()), *model_, data_[static_cast<size_t>(k)], stop);
+      auto r = worker::RunDaemon(Daemon(w, (*server)->port()), worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
       results[static_cast<size_t>(k)] = r.status();
     });
   ASSERT_TRUE((*server)->Wait().ok());
@@ -122,7 +122,8 @@ TEST_F(E2ETest, ThreeWorkersOverMutualTlsMatchInProcessComputation) {
   EXPECT_NE(metrics->find("fedtune_worker_last_seen_seconds{worker=\"w2\"}"), std::string::npos);
   auto page = coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/");
   ASSERT_TRUE(page.ok());
-  EXPECT_NE(page->find("<td>w3</td>"), std::string::npos);
+  EXPECT_NE(page->find("\"id\":\"w3\""), std::string::npos);  // the status the page starts from
+  EXPECT_NE(page->find("<script src=\"/chart.js\">"), std::string::npos);
   EXPECT_EQ(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/nope").status().code(), absl::StatusCode::kNotFound);
 
   // The same computation in process.
