@@ -37,6 +37,7 @@ struct ServerOptions {
   // decoded updates wait for the aggregator; adapter downloads share one buffer.
   int max_concurrent_uploads = 4;
   int max_concurrent_downloads = 16;
+  int transport_memory_mib = 64;          // gRPC resource quota (buffers of all connections)
   int local_steps = 4, batch = 8;
   double learning_rate = 5e-3;
   bool send_fisher = false;

@@ -151,6 +151,30 @@ absl::StatusOr<std::vector<uint8_t>> Download(rpc::v1::Coordinator::Stub& stub, 
   return bytes;
 }
 
+grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Kept& kept,
+                        rpc::v1::UploadResponse* resp) {
+  grpc::ClientContext ctx;
+  auto writer = stub.UploadUpdate(&ctx, resp);
+  rpc::v1::UploadMessage head;
+  auto* h = head.mutable_header();
+  h->set_run_id(task.run_id());
+  h->set_round(task.round());
+  h->set_worker_id(me);
+  h->set_num_examples(kept.num_examples);
+  h->set_total_bytes(static_cast<int64_t>(kept.payload.size()));
+  h->set_sha256(coordinator::Sha256Hex(kept.payload));
+  for (const auto& [k, v] : kept.metrics) (*h->mutable_metrics())[k] = v;
+  bool ok = writer->Write(head);
+  for (size_t off = 0; ok && off < kept.payload.size(); off += 1 << 20) {
+    rpc::v1::UploadMessage m;
+    m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
+    m.mutable_chunk()->set_data(kept.payload.data() + off, std::min<size_t>(1 << 20, kept.payload.size() - off));
+    ok = writer->Write(m);
+  }
+  writer->WritesDone();
+  return writer->Finish();
+}
+
 // One poll: NO_TASK -> nothing counted; a trained and uploaded round -> counted in `rep`; the
 // run's end -> OutOfRange; RPC failures -> their status.
 absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, int heartbeat_ms, const DaemonOptions& o, const Trainer& trainer,
@@ -196,28 +220,17 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     if (!o.state_dir.empty()) FT_RETURN_IF_ERROR(SaveKept(o.state_dir, *kept));
   }
 
-  // Upload.
-  grpc::ClientContext ctx;
+  // Upload; retried with backoff while the coordinator sheds load (RESOURCE_EXHAUSTED: its
+  // transport is at its memory quota) or the connection breaks.
   rpc::v1::UploadResponse resp;
-  auto writer = stub.UploadUpdate(&ctx, &resp);
-  rpc::v1::UploadMessage head;
-  auto* h = head.mutable_header();
-  h->set_run_id(task.run_id());
-  h->set_round(task.round());
-  h->set_worker_id(me);
-  h->set_num_examples(kept->num_examples);
-  h->set_total_bytes(static_cast<int64_t>(kept->payload.size()));
-  h->set_sha256(coordinator::Sha256Hex(kept->payload));
-  for (const auto& [k, v] : kept->metrics) (*h->mutable_metrics())[k] = v;
-  bool ok = writer->Write(head);
-  for (size_t off = 0; ok && off < kept->payload.size(); off += 1 << 20) {
-    rpc::v1::UploadMessage m;
-    m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
-    m.mutable_chunk()->set_data(kept->payload.data() + off, std::min<size_t>(1 << 20, kept->payload.size() - off));
-    ok = writer->Write(m);
+  grpc::Status fin;
+  for (int attempt = 0, backoff_ms = 200;; ++attempt, backoff_ms = std::min(backoff_ms * 2, 10000)) {
+    fin = UploadOnce(stub, task, me, *kept, &resp);
+    const bool retry = fin.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED || fin.error_code() == grpc::StatusCode::UNAVAILABLE;
+    if (!retry || attempt >= 8) break;
+    const int jitter = static_cast<int>(TrainingSeed(me, attempt) % static_cast<uint64_t>(backoff_ms));
+    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms / 2 + jitter / 2));
   }
-  writer->WritesDone();
-  const grpc::Status fin = writer->Finish();
   if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
   if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && absl::StrContains(fin.error_message(), "closed")) {
     ++rep->rounds_abandoned;
@@ -330,7 +343,7 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const Trainer& tr
   // joining; the task in hand is retried (from the state directory when it was trained).
   auto transient = [](const absl::Status& s) {
     return absl::IsUnavailable(s) || absl::IsFailedPrecondition(s) || absl::IsCancelled(s) || absl::IsDeadlineExceeded(s) ||
-           absl::IsAborted(s);
+           absl::IsAborted(s) || absl::IsResourceExhausted(s);
   };
   while (!stop) {
     std::string me;
