@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set-up, build and tests in one command (README "Run the tests"; .ci/run calls exactly this).
 #   scripts/test.sh            unit + real-model tests (what CI runs)
-#   scripts/test.sh --asan     also the unit tests under ASan/UBSan in build-asan/
+#   scripts/test.sh --asan     also the unit tests under ASan/UBSan in build-asan/ and the fuzz
+#                              targets for 60 s each (clang, build-fuzz/; scripts/fuzz.sh)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
@@ -14,4 +15,5 @@ if [[ "${1:-}" == "--asan" ]]; then
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFEDTUNE_SANITIZE=ON -DFEDTUNE_CUDA=OFF
   cmake --build build-asan -j "$jobs"
   (cd build-asan && ctest -L unit --output-on-failure -j "$jobs")
+  bash scripts/fuzz.sh
 fi

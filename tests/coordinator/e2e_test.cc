@@ -14,8 +14,10 @@
 #include "coordinator/http_status.h"
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
+#include "coordinator/update_codec.h"
 #include "model/tasks.h"
 #include "proto/service.grpc.pb.h"
+#include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
 #include "worker/daemon.h"
 #include "worker/local_trainer.h"
@@ -38,12 +40,14 @@ class E2ETest : public ::testing::Test {
     testing::TinyModelOptions mo;
     mo.n_ctx = 256;
     ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, mo).ok());
+    model_path_ = path;
     model_ = std::move(*model::LlamaModel::Load(path));
     pki_ = testing::TempPath("e2e_pki");
     fs::remove_all(pki_);
     ASSERT_TRUE(coordinator::Provision({pki_, {}, {"w1", "w2", "w3"}, 30, false}).ok());
     for (int k = 0; k < 3; ++k) {
       auto lines = *model::GenerateTask("sentiment", 12, 100 + static_cast<uint64_t>(k));
+      lines_.push_back(lines);
       model::DatasetOptions d;
       d.holdout = 0;
       d.max_len = 96;
@@ -89,8 +93,52 @@ class E2ETest : public ::testing::Test {
     d.poll_ms = 200;
     return d;
   }
+  // The federated computation without any network: same seeds, same code paths.
+  aggregation::TensorMap InProcess(const std::vector<std::vector<model::Example>>& data) const {
+    auto strategy = *aggregation::FedStrategy::Create({});
+    aggregation::TensorMap global = initial_;
+    for (int r = 1; r <= 3; ++r) {
+      std::vector<aggregation::ClientUpdate> ups;
+      for (size_t k = 0; k < data.size(); ++k) {
+        const std::string w = "w" + std::to_string(k + 1);
+        auto set = *model::MakeAdapters<float>(model_->adapter_dims(), Spec(), *model::ParseModules("q,v"), 5);
+        worker::LocalTrainOptions lt;
+        lt.finetune.steps = 2;
+        lt.finetune.batch = 4;
+        lt.finetune.log_every = 0;
+        lt.finetune.seed = worker::TrainingSeed(w, r);
+        lt.optimizer.lr = 1e-2f;
+        lt.optimizer.total_steps = 2;
+        lt.optimizer.min_lr_ratio = 1.0f;
+        lt.send_fisher = false;
+        auto res = worker::TrainLocal(*model_, data[k], global, {}, w, lt, &set);
+        EXPECT_TRUE(res.ok()) << res.status();
+        ups.push_back(std::move(res->update));
+      }
+      auto rr = aggregation::AggregateTrain(*strategy, r, global, std::move(ups));
+      EXPECT_TRUE(rr.ok() && rr->global);
+      global = *rr->global;
+    }
+    return global;
+  }
+  static void ExpectSameAdapter(const aggregation::TensorMap& want, const aggregation::TensorMap& got) {
+    ASSERT_EQ(want.size(), got.size());
+    double worst = 0, scale = 0;
+    for (const auto& [name, v] : want) {
+      ASSERT_TRUE(got.count(name)) << name;
+      ASSERT_EQ(got.at(name).size(), v.size()) << name;
+      for (size_t i = 0; i < v.size(); ++i) {
+        worst = std::max(worst, static_cast<double>(std::fabs(v[i] - got.at(name)[i])));
+        scale = std::max(scale, static_cast<double>(std::fabs(v[i])));
+      }
+    }
+    EXPECT_GT(scale, 0);
+    EXPECT_LT(worst, 1e-6) << "max |in-process - served| (max |value| " << scale << ")";
+  }
+  std::string model_path_;
   std::unique_ptr<model::LlamaModel> model_;
   std::string pki_;
+  std::vector<std::vector<std::string>> lines_;  // each worker's JSONL
   std::vector<std::vector<model::Example>> data_;
   rpc::v1::AdapterPlan plan_;
   aggregation::TensorMap initial_;
@@ -126,47 +174,141 @@ TEST_F(E2ETest, ThreeWorkersOverMutualTlsMatchInProcessComputation) {
   EXPECT_NE(page->find("<script src=\"/chart.js\">"), std::string::npos);
   EXPECT_EQ(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/nope").status().code(), absl::StatusCode::kNotFound);
 
-  // The same computation in process.
-  auto strategy = *aggregation::FedStrategy::Create({});
-  aggregation::TensorMap global = initial_;
-  for (int r = 1; r <= 3; ++r) {
-    std::vector<aggregation::ClientUpdate> ups;
-    for (int k = 0; k < 3; ++k) {
-      const std::string w = "w" + std::to_string(k + 1);
-      auto set = *model::MakeAdapters<float>(model_->adapter_dims(), Spec(), *model::ParseModules("q,v"), 5);
-      worker::LocalTrainOptions lt;
-      lt.finetune.steps = 2;
-      lt.finetune.batch = 4;
-      lt.finetune.log_every = 0;
-      lt.finetune.seed = worker::TrainingSeed(w, r);
-      lt.optimizer.lr = 1e-2f;
-      lt.optimizer.total_steps = 2;
-      lt.optimizer.min_lr_ratio = 1.0f;
-      lt.send_fisher = false;
-      auto res = worker::TrainLocal(*model_, data_[static_cast<size_t>(k)], global, {}, w, lt, &set);
-      ASSERT_TRUE(res.ok());
-      ups.push_back(std::move(res->update));
-    }
-    auto rr = aggregation::AggregateTrain(*strategy, r, global, std::move(ups));
-    ASSERT_TRUE(rr.ok() && rr->global);
-    global = *rr->global;
+  ExpectSameAdapter(InProcess(data_), (*server)->global());
+  // The live dashboard renders with its charts in headless Chromium.
+  if (const std::string browser = testing::FindHeadlessChromium(); !browser.empty()) {
+    const std::string scratch = testing::TempPath("e2e_dashboard");
+    fs::create_directories(scratch);
+    auto shot = testing::RenderPage(browser, "http://127.0.0.1:" + std::to_string((*server)->http_port()) + "/", scratch);
+    ASSERT_TRUE(shot.ok()) << shot.status();
+    EXPECT_NE(shot->dom.find("data-charts-ready=\"yes\""), std::string::npos) << "Chart.js did not run";
+    EXPECT_NE(shot->dom.find("<td>w3</td>"), std::string::npos) << "workers table";
+    EXPECT_NE(shot->dom.find("round 3 of 3 (3 committed)"), std::string::npos);
+    EXPECT_EQ(shot->png.substr(1, 3), "PNG");
+    EXPECT_GT(shot->png.size(), 30000u);  // charts drawn, not a blank page
+  } else {
+    std::printf("no headless Chromium: dashboard rendering not checked\n");
   }
-  const aggregation::TensorMap served = (*server)->global();
-  ASSERT_EQ(served.size(), global.size());
-  double worst = 0, scale = 0;
-  for (const auto& [name, v] : global)
-    for (size_t i = 0; i < v.size(); ++i) {
-      worst = std::max(worst, static_cast<double>(std::fabs(v[i] - served.at(name)[i])));
-      scale = std::max(scale, static_cast<double>(std::fabs(v[i])));
-    }
-  EXPECT_GT(scale, 0);
-  EXPECT_LT(worst, 1e-6) << "max |in-process - served|";
   // A restarted coordinator sees the run as finished and does not count a round twice.
   server->reset();
   auto again = coordinator::CoordinatorServer::Start(Options(state), std::move(*aggregation::FedStrategy::Create({})));
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_TRUE((*again)->Wait().ok());
   EXPECT_EQ((*again)->last_committed_round(), 3);
+}
+
+// Criterion 1 with real processes: `fedtune coordinator` and three `fedtune worker` processes
+// over mutual TLS on loopback, configured by YAML as a user would; the committed adapter after 3
+// rounds equals the in-process computation.
+TEST_F(E2ETest, CoordinatorAndThreeWorkerProcessesMatchInProcessComputation) {
+  const std::string dir = testing::TempPath("e2e_processes");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string bin = FEDTUNE_BINARY;
+  const std::string tls = "tls: {ca: " + pki_ + "/ca.pem, cert: " + pki_ + "/coordinator.pem, key: " + pki_ + "/coordinator.key}\n";
+  ASSERT_TRUE(WriteFileAtomic(dir + "/coordinator.yaml",
+                              "listen: 127.0.0.1:0\n" + tls + "tokens: " + pki_ + "/tokens.sha256\nstate_dir: " + dir +
+                                  "/state\nmodel: {path: " + model_path_ +
+                                  "}\nadapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\nadapter_seed: 5\nseed: 9\n"
+                                  "rounds: 3\nmin_workers: 3\ndeadline_seconds: 120\ntrain: {local_steps: 2, batch: 4, learning_rate: 1.0e-2}\n")
+                  .ok());
+  auto coord = testing::Spawn({bin, "coordinator", "--config", dir + "/coordinator.yaml"}, dir + "/coordinator.log");
+  ASSERT_TRUE(coord.ok()) << coord.status();
+  ASSERT_TRUE(testing::WaitForText(dir + "/coordinator.log", "listening on port", 30)) << Read(dir + "/coordinator.log");
+  const std::string log = Read(dir + "/coordinator.log");
+  const size_t at = log.find("listening on port ") + std::string("listening on port ").size();
+  const std::string port = log.substr(at, log.find(' ', at) - at);
+  std::vector<pid_t> workers;
+  std::vector<std::vector<model::Example>> loaded;
+  for (int k = 0; k < 3; ++k) {
+    const std::string w = "w" + std::to_string(k + 1), wd = pki_ + "/workers/" + w;
+    std::string jsonl;
+    for (const auto& l : lines_[static_cast<size_t>(k)]) jsonl += l + "\n";
+    ASSERT_TRUE(WriteFileAtomic(dir + "/" + w + ".jsonl", jsonl).ok());
+    ASSERT_TRUE(WriteFileAtomic(dir + "/" + w + ".yaml", "coordinator: localhost:" + port + "\ntls: {ca: " + pki_ + "/ca.pem, cert: " + wd +
+                                                             ".pem, key: " + wd + ".key}\ntoken_file: " + wd + ".token\nmodel: {path: " +
+                                                             model_path_ + "}\ndata: " + dir + "/" + w + ".jsonl\nmax_len: 96\nstate_dir: " + dir +
+                                                             "/" + w + "-state\n")
+                    .ok());
+    auto pid = testing::Spawn({bin, "worker", "--config", dir + "/" + w + ".yaml"}, dir + "/" + w + ".log");
+    ASSERT_TRUE(pid.ok()) << pid.status();
+    workers.push_back(*pid);
+    // What the worker process trains on, loaded the way `fedtune worker` loads it.
+    model::DatasetOptions d;
+    d.holdout = 0;
+    d.max_len = 96;
+    auto ds = model::LoadDataset(dir + "/" + w + ".jsonl", *model_->tokenizer(), d);
+    ASSERT_TRUE(ds.ok()) << ds.status();
+    loaded.push_back(std::move(ds->train));
+  }
+  auto rc = testing::WaitFor(*coord, 240);
+  for (pid_t p : workers) {
+    auto wrc = testing::WaitFor(p, 30);
+    EXPECT_TRUE(wrc.ok() && *wrc == 0) << "worker exit";
+  }
+  ASSERT_TRUE(rc.ok() && *rc == 0) << Read(dir + "/coordinator.log");
+  EXPECT_NE(Read(dir + "/coordinator.log").find("3 rounds committed"), std::string::npos);
+  for (int k = 1; k <= 3; ++k) EXPECT_NE(Read(dir + "/w" + std::to_string(k) + ".log").find("trained 3 rounds"), std::string::npos);
+  auto file = ReadFileToString(dir + "/state/global-3.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  int round = 0;
+  auto served = coordinator::DecodeTensors({reinterpret_cast<const uint8_t*>(file->data()), file->size()}, &round);
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_EQ(round, 3);
+  ExpectSameAdapter(InProcess(loaded), *served);
+}
+
+// The worker's state directory: an update trained before a restart of both the coordinator (round
+// not committed) and the worker is uploaded again without training again.
+TEST_F(E2ETest, AKeptUpdateIsUploadedAfterRestartsWithoutRetraining) {
+  const std::string state = testing::TempPath("e2e_state_kept"), kept = testing::TempPath("e2e_worker_kept");
+  fs::remove_all(state);
+  fs::remove_all(kept);
+  std::atomic<int> trained{0};
+  const worker::Trainer stand_in = worker::StandInTrainer(10, 0);
+  const worker::Trainer counting = [&](const rpc::v1::Task& t, const aggregation::TensorMap& g, const std::string& me,
+                                       const std::function<void(double)>& p) {
+    ++trained;
+    return stand_in(t, g, me, p);
+  };
+  auto o = Options(state);
+  o.rounds = 1;
+  o.min_workers = 1;
+  o.quorum = 2;  // a single worker never completes the round: the first coordinator never commits
+  {
+    auto first = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+    ASSERT_TRUE(first.ok()) << first.status();
+    std::atomic<bool> stop{false};
+    auto d = Daemon("w1", (*first)->port());
+    d.state_dir = kept;
+    std::thread t([&] { EXPECT_TRUE(worker::RunDaemon(d, counting, stop).ok()); });
+    for (int i = 0; i < 400 && !fs::exists(kept + "/last-update.json"); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    stop = true;
+    t.join();
+    EXPECT_EQ((*first)->last_committed_round(), 0);
+  }
+  ASSERT_EQ(trained.load(), 1);
+  o.quorum = 1;
+  auto second = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+  ASSERT_TRUE(second.ok()) << second.status();
+  std::atomic<bool> stop{false};
+  auto d = Daemon("w1", (*second)->port());
+  d.state_dir = kept;
+  auto rep = worker::RunDaemon(d, counting, stop);
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  ASSERT_TRUE((*second)->Wait().ok());
+  EXPECT_EQ((*second)->last_committed_round(), 1);
+  EXPECT_EQ(rep->rounds_reused, 1);
+  EXPECT_EQ(trained.load(), 1) << "the kept update must not be trained again";
+  // And it is the update that was trained: initial + the stand-in delta.
+  const auto expect = worker::StandInUpdate(initial_, "w1", 10, false, worker::TrainingSeed("w1", 1));
+  aggregation::TensorMap want = initial_;
+  for (auto& [name, v] : want)
+    for (size_t i = 0; i < v.size(); ++i) v[i] += expect.update.delta.at(name)[i];
+  const auto got = (*second)->global();
+  for (const auto& [name, v] : want)
+    for (size_t i = 0; i < v.size(); ++i) ASSERT_NEAR(got.at(name)[i], v[i], 1e-7) << name;
 }
 
 TEST_F(E2ETest, WorkersWithoutValidCertificateOrTokenAreRefused) {

@@ -10,6 +10,7 @@
 #include "common/mapped_file.h"
 #include "coordinator/run_ledger.h"
 #include "model/safetensors.h"
+#include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
 
 namespace fedtune::sim {
@@ -109,26 +110,15 @@ TEST_F(SimTest, RunWritesEveryOutputAndTheLedger) {
 // network), and a screenshot is taken. Skips where no Chromium is installed (setup.sh installs
 // chromium-headless-shell).
 TEST_F(SimTest, ReportRendersInHeadlessChromium) {
-  std::string browser;
-  for (const char* b : {"/usr/bin/chromium-headless-shell", "/usr/bin/chromium"})
-    if (std::filesystem::exists(b)) {
-      browser = b;
-      break;
-    }
+  const std::string browser = testing::FindHeadlessChromium();
   if (browser.empty()) GTEST_SKIP() << "no headless Chromium installed";
   const std::string out = testing::TempPath("sim_report");
   ASSERT_TRUE(Run(Yaml("dp: {enabled: true, noise_multiplier: 0.8, clip_norm: 0.05}\n", out)).ok());
-  const std::string flags = " --no-sandbox --disable-gpu --virtual-time-budget=5000 --window-size=1200,2000 ";
-  const std::string dom = out + "/dom.html", png = out + "/report.png";
-  ASSERT_EQ(std::system((browser + flags + "--dump-dom file://" + out + "/report.html > " + dom + " 2>/dev/null").c_str()), 0);
-  ASSERT_EQ(std::system((browser + flags + "--screenshot=" + png + " file://" + out + "/report.html > /dev/null 2>&1").c_str()), 0);
-  auto text = ReadFileToString(dom);
-  ASSERT_TRUE(text.ok());
-  EXPECT_NE(text->find("data-charts-ready=\"yes\""), std::string::npos) << "Chart.js did not run";
-  auto img = ReadFileToString(png);
-  ASSERT_TRUE(img.ok());
-  EXPECT_EQ(img->substr(1, 3), "PNG");
-  EXPECT_GT(img->size(), 20000u);  // charts drawn, not a blank page
+  auto page = testing::RenderPage(browser, "file://" + out + "/report.html", out);
+  ASSERT_TRUE(page.ok()) << page.status();
+  EXPECT_NE(page->dom.find("data-charts-ready=\"yes\""), std::string::npos) << "Chart.js did not run";
+  EXPECT_EQ(page->png.substr(1, 3), "PNG");
+  EXPECT_GT(page->png.size(), 20000u);  // charts drawn, not a blank page
 }
 
 TEST_F(SimTest, AnExplicitRunDirectoryIsNeverOverwritten) {

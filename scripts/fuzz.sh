@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets with clang (ASan + UBSan) in build-fuzz/ and runs each for a
+# bounded time; a crash fails the script and leaves the input in build-fuzz/artifacts/.
+#   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 60; scripts/test.sh --asan runs this)
+# Corpora are kept in build-fuzz/corpus/<target> between runs.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+seconds="${1:-${FEDTUNE_FUZZ_SECONDS:-60}}"
+jobs="${FEDTUNE_JOBS:-$(nproc)}"
+CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFEDTUNE_FUZZ=ON -DFEDTUNE_CUDA=OFF > /dev/null
+cmake --build build-fuzz -j "$jobs" --target gguf_fuzzer safetensors_fuzzer update_fuzzer
+mkdir -p build-fuzz/artifacts
+for t in update_fuzzer safetensors_fuzzer gguf_fuzzer; do
+  mkdir -p "build-fuzz/corpus/$t"
+  echo "[fuzz] $t for ${seconds}s"
+  rc=0
+  build-fuzz/fuzz/$t -max_total_time="$seconds" -rss_limit_mb=2048 -artifact_prefix=build-fuzz/artifacts/ \
+    -print_final_stats=1 "build-fuzz/corpus/$t" > "build-fuzz/$t.log" 2>&1 || rc=$?
+  grep -E "stat::number_of_executed_units|stat::peak_rss|^Done" "build-fuzz/$t.log" || true
+  if [ "$rc" -ne 0 ]; then
+    tail -n 40 "build-fuzz/$t.log"
+    echo "[fuzz] $t found a failure (input in build-fuzz/artifacts/)"
+    exit 1
+  fi
+done
+echo "[fuzz] no failures"
