@@ -7,7 +7,9 @@
 #   tests/cli/federated_faults.sh FEDTUNE_BINARY MODEL
 set -euo pipefail
 bin="$1"; model="$2"
-dir="$(mktemp -d)"; trap 'kill -9 $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+dir="$(mktemp -d)"
+trap 'echo "FAILED at line $LINENO"; for f in "$dir"/*.log; do echo "== $f"; tail -n 25 "$f"; done' ERR
+trap 'kill -9 $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
 "$bin" provision -o "$dir/pki" --workers 3 > /dev/null
 "$bin" make-task sentiment -n 60 -o "$dir/data.jsonl" > /dev/null
 
@@ -46,6 +48,7 @@ token_file: $dir/pki/workers/$w.token
 model: {path: $model}
 data: $dir/data.jsonl
 max_len: 64
+state_dir: $dir/state-$w
 YAML
   "$bin" worker --config "$dir/$w-$2.yaml" >> "$dir/$w.log" 2>&1 &
   last_pid=$!

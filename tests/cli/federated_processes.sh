@@ -3,7 +3,9 @@
 #   tests/cli/federated_processes.sh FEDTUNE_BINARY MODEL
 set -euo pipefail
 bin="$1"; model="$2"
-dir="$(mktemp -d)"; trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+dir="$(mktemp -d)"
+trap 'echo "FAILED at line $LINENO"; for f in "$dir"/*.log; do echo "== $f"; tail -n 25 "$f"; done' ERR
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
 "$bin" provision -o "$dir/pki" --workers 3 > /dev/null
 "$bin" make-task sentiment -n 60 -o "$dir/data.jsonl" > /dev/null
 cat > "$dir/coordinator.yaml" <<YAML
