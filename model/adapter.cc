@@ -102,9 +102,8 @@ void ModuleAdapter<T>::Backward(const T* x, const std::vector<T>& z, const T* dy
     for (int64_t i = 0; i < spec.blocks; ++i) {
       const int64_t c_in = std::min(b_in, in - i * b_in), c_out = std::min(b_out, out - i * b_out);
       if (c_in <= 0 || c_out <= 0) continue;
-      T* gdi = gd.data() + i * b_in * b_out;
       // dD_i += x_i^T dy_i ; dx_i += dy_i D_i^T
-      kernels::Gemm<T>(true, false, c_in, c_out, m, T(1), x + i * b_in, in, dy + i * b_out, out, T(1), gdi, b_out);
+      if (!gd.empty()) kernels::Gemm<T>(true, false, c_in, c_out, m, T(1), x + i * b_in, in, dy + i * b_out, out, T(1), gd.data() + i * b_in * b_out, b_out);
       kernels::Gemm<T>(false, true, m, c_in, c_out, T(1), dy + i * b_out, out, d.data() + i * b_in * b_out, b_out, T(1),
                        dx + i * b_in, in);
     }
@@ -113,9 +112,9 @@ void ModuleAdapter<T>::Backward(const T* x, const std::vector<T>& z, const T* dy
   const int64_t r = spec.rank;
   const T s = static_cast<T>(spec.Scale());
   std::vector<T> dz(static_cast<size_t>(m * r), T(0));
-  kernels::Gemm<T>(true, false, out, r, m, s, dy, out, z.data(), r, T(1), gb.data(), r);  // dB += s dy^T z
+  if (!gb.empty()) kernels::Gemm<T>(true, false, out, r, m, s, dy, out, z.data(), r, T(1), gb.data(), r);  // dB += s dy^T z
   kernels::Gemm<T>(false, false, m, r, out, s, dy, out, b.data(), r, T(0), dz.data(), r);  // dz = s dy B
-  if (trains_a()) kernels::Gemm<T>(true, false, r, in, m, T(1), dz.data(), r, x, in, T(1), ga.data(), in);  // dA += dz^T x
+  if (!ga.empty()) kernels::Gemm<T>(true, false, r, in, m, T(1), dz.data(), r, x, in, T(1), ga.data(), in);  // dA += dz^T x
   kernels::Gemm<T>(false, false, m, in, r, T(1), dz.data(), r, a.data(), in, T(1), dx, in);  // dx += dz A
 }
 
@@ -129,6 +128,29 @@ void ModuleAdapter<T>::ZeroGrad() {
 template <typename T>
 int64_t ModuleAdapter<T>::NumTrainable() const {
   return static_cast<int64_t>(ga.size() + gb.size() + gd.size());
+}
+
+template <typename T>
+void ModuleAdapter<T>::SetTrainable(bool trainable) {
+  if (!trainable) {
+    ga = {};
+    gb = {};
+    gd = {};
+    return;
+  }
+  if (spec.kind == AdapterKind::kDiaBlo) {
+    gd.assign(d.size(), T(0));
+  } else {
+    gb.assign(b.size(), T(0));
+    if (trains_a()) ga.assign(a.size(), T(0));
+  }
+}
+
+template <typename T>
+void AdapterSet<T>::SetTrainableModules(const std::vector<Module>& modules) {
+  for (auto& l : layers)
+    for (size_t m = 0; m < l.size(); ++m)
+      if (l[m]) l[m]->SetTrainable(std::find(modules.begin(), modules.end(), static_cast<Module>(m)) != modules.end());
 }
 
 template <typename T>
@@ -172,7 +194,7 @@ absl::StatusOr<AdapterSet<T>> MakeAdapters(const ModelDims& dims, const AdapterS
 }
 
 absl::StatusOr<std::vector<Module>> ParseModules(std::string_view list) {
-  if (list == "all") return std::vector<Module>{Module::kQ, Module::kK, Module::kV, Module::kO, Module::kGate, Module::kUp, Module::kDown};
+  if (list == "all") return kAllModules;
   if (list == "attn") return std::vector<Module>{Module::kQ, Module::kK, Module::kV, Module::kO};
   if (list == "mlp") return std::vector<Module>{Module::kGate, Module::kUp, Module::kDown};
   std::vector<Module> out;

@@ -17,6 +17,7 @@ namespace fedtune::model {
 enum class AdapterKind { kLora, kFfaLora, kDiaBlo };
 enum class Module { kQ = 0, kK, kV, kO, kGate, kUp, kDown };
 constexpr int kNumModules = 7;
+inline const std::vector<Module> kAllModules = {Module::kQ, Module::kK, Module::kV, Module::kO, Module::kGate, Module::kUp, Module::kDown};
 
 const char* AdapterKindName(AdapterKind k);
 std::optional<AdapterKind> ParseAdapterKind(std::string_view s);  // lora, ffa_lora, diablo
@@ -51,6 +52,9 @@ struct ModuleAdapter {
   void Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m);
   void ZeroGrad();
   int64_t NumTrainable() const;
+  // A frozen adapter still acts in forward and passes gradients to its input, but has no
+  // parameter gradients (not trained, not enumerated by ForEachTrainable).
+  void SetTrainable(bool trainable);
 };
 
 // Adapters for a whole model: adapters[layer][module] (absent = not adapted).
@@ -59,6 +63,9 @@ struct AdapterSet {
   std::vector<std::array<std::optional<ModuleAdapter<T>>, kNumModules>> layers;
   void ZeroGrad();
   int64_t NumTrainable() const;
+  // Trains the adapters on `modules` only (every layer); the others stay in the model, frozen.
+  // Per-worker plans use this: a worker trains part of the shared adapter on top of all of it.
+  void SetTrainableModules(const std::vector<Module>& modules);
   // Calls fn(name, params, grads) for every trainable tensor, in a fixed order. Names follow
   // the GGUF base tensor they adapt: "blk.3.attn_q.lora_b", "blk.0.ffn_down.diablo".
   template <typename F>

@@ -1,5 +1,8 @@
 #include "model/llama.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -254,6 +257,15 @@ absl::StatusOr<size_t> LlamaModel::Requantize(kernels::GgmlType target) {
         FT_RETURN_IF_ERROR(kernels::QuantizeRow(target, row.data(), buf.data() + static_cast<size_t>(r) * rb, w->cols));
       }
       owned_.push_back(std::move(buf));
+      // The original rows live in the read-only file mapping and were just paged in: drop those
+      // pages from this process's memory (they would be read from the file again if touched), so
+      // a re-quantized base costs its new size, not both.
+      const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+      const auto begin = (reinterpret_cast<uintptr_t>(w->data) + page - 1) / page * page;
+      const auto end = (reinterpret_cast<uintptr_t>(w->data) + w->row_bytes * static_cast<size_t>(w->rows)) / page * page;
+      const bool in_mapping = gguf_ && w->data >= gguf_->mapped_bytes().data() &&
+                              w->data + w->row_bytes * static_cast<size_t>(w->rows) <= gguf_->mapped_bytes().data() + gguf_->mapped_bytes().size();
+      if (in_mapping && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
       *w = {target, owned_.back().data(), w->rows, w->cols, rb};
     }
   }

@@ -38,7 +38,9 @@ int64_t TensorBytes(const aggregation::TensorMap& t) {
 absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std::vector<model::Example>& data,
                                        const aggregation::TensorMap& global, const std::map<std::string, double>& config,
                                        const std::string& client, const LocalTrainOptions& o, model::AdapterSet<float>* adapters) {
+  adapters->SetTrainableModules(model::kAllModules);
   FT_RETURN_IF_ERROR(SetAdapterTensors(global, adapters));
+  if (!o.train_modules.empty()) adapters->SetTrainableModules(o.train_modules);
   model::FinetuneOptions ft = o.finetune;
   if (auto it = config.find("proximal_mu"); it != config.end()) {
     ft.proximal_mu = it->second;

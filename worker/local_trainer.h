@@ -25,6 +25,9 @@ struct LocalTrainOptions {
   model::OptimizerConfig optimizer;
   bool send_fisher = true;
   std::function<void(const model::StepLog&)> on_step;  // progress (the daemon's heartbeats)
+  // Modules to train (a per-worker plan); the adapter's other modules act frozen with their
+  // global values, and the update holds the trained modules only. Empty: all.
+  std::vector<model::Module> train_modules;
 };
 
 struct LocalResult {

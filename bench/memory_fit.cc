@@ -1,0 +1,121 @@
+// Fits the planner's memory model (planner/planner.h, MemoryModel) to peaks measured by
+// bench/memory_model.sh, and checks a model against them:
+//   bench_memory_fit MODEL.gguf runs/bench/memory/peaks.csv [--check]
+// Without --check: least-squares fit of (fixed MiB, KiB per token, logit-chunk factor) on the
+// rows with recomputation and of KiB per token and layer on the rows without; prints the
+// constants. With --check: prints MemoryModel::Fitted()'s prediction for every row and the
+// relative error (exit 1 if any is above 10%).
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+#include "model/llama.h"
+#include "planner/planner.h"
+
+using namespace fedtune;
+
+struct Row {
+  int batch, seq, rank;
+  std::string kind, modules, base;
+  bool recompute;
+  double peak;
+};
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: bench_memory_fit MODEL.gguf peaks.csv [--check]\n");
+    return 2;
+  }
+  const bool check = argc > 3 && std::string(argv[3]) == "--check";
+  auto m = model::LlamaModel::Load(argv[1]);
+  if (!m.ok()) {
+    std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
+    return 1;
+  }
+  const planner::ModelShape shape = planner::ModelShape::Of(**m);
+  std::ifstream f(argv[2]);
+  std::string line;
+  std::getline(f, line);
+  std::vector<Row> rows;
+  while (std::getline(f, line)) {
+    std::vector<std::string> c = absl::StrSplit(line, ',');
+    if (c.size() < 8) continue;
+    std::string mods = c[4];
+    for (char& ch : mods)
+      if (ch == ':') ch = ',';
+    rows.push_back({std::stoi(c[0]), std::stoi(c[1]), std::stoi(c[3]), c[2], mods, c[5], c[6] == "1", std::stod(c[7])});
+  }
+  planner::MemoryModel mm = check ? planner::MemoryModel::Fitted() : planner::MemoryModel{};
+  // Known part and features of every row.
+  struct X {
+    double known, tokens, logit;
+  };
+  std::vector<X> xs;
+  for (const Row& r : rows) {
+    const auto kind = model::ParseAdapterKind(r.kind);
+    const auto mods = model::ParseModules(r.modules);
+    const auto base = kernels::GgmlTypeFromName(r.base);
+    model::AdapterSpec spec{*kind, r.rank, 2.0f * static_cast<float>(r.rank), false, 1};
+    const double tokens = static_cast<double>(r.batch) * r.seq;
+    xs.push_back({mm.BaseMiB(shape, *base) + mm.AdapterStateMiB(shape, spec, *mods, *mods), tokens,
+                  std::min(tokens, 256.0) * static_cast<double>(shape.n_vocab) * 4 / (1 << 20)});
+  }
+  if (!check) {
+    // Normal equations for y - known = a*1 + b*tokens/1024 + c*logit (recompute rows).
+    double A[3][3] = {}, B[3] = {};
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (!rows[i].recompute) continue;
+      const double v[3] = {1, xs[i].tokens / 1024, xs[i].logit}, y = rows[i].peak - xs[i].known;
+      for (int a = 0; a < 3; ++a) {
+        B[a] += v[a] * y;
+        for (int b = 0; b < 3; ++b) A[a][b] += v[a] * v[b];
+      }
+    }
+    // Gaussian elimination.
+    for (int p = 0; p < 3; ++p)
+      for (int r = p + 1; r < 3; ++r) {
+        const double f2 = A[r][p] / A[p][p];
+        for (int c = p; c < 3; ++c) A[r][c] -= f2 * A[p][c];
+        B[r] -= f2 * B[p];
+      }
+    double x[3];
+    for (int p = 2; p >= 0; --p) {
+      double s = B[p];
+      for (int c = p + 1; c < 3; ++c) s -= A[p][c] * x[c];
+      x[p] = s / A[p][p];
+    }
+    // No-recompute rows: per token and layer, given the fixed part and logits.
+    double num = 0, den = 0;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i].recompute) continue;
+      const double t = xs[i].tokens / 1024 * static_cast<double>(shape.n_layer);
+      num += t * (rows[i].peak - xs[i].known - x[0] - x[2] * xs[i].logit);
+      den += t * t;
+    }
+    std::printf("fixed_mib = %.2f\nper_token_kib = %.2f\nlogit_factor = %.3f\nper_token_layer_kib = %.3f\n", x[0], x[1], x[2], den > 0 ? num / den : 0.0);
+    return 0;
+  }
+  int bad = 0;
+  double worst = 0;
+  std::printf("%-6s %-4s %-9s %-4s %-9s %-5s %-3s %9s %9s %7s\n", "batch", "seq", "kind", "rank", "modules", "base", "rec", "measured", "predicted", "error");
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Row& r = rows[i];
+    mm.recompute = r.recompute;
+    const auto kind = model::ParseAdapterKind(r.kind);
+    const auto mods = model::ParseModules(r.modules);
+    model::AdapterSpec spec{*kind, r.rank, 2.0f * static_cast<float>(r.rank), false, 1};
+    planner::Candidate c{*mods, *kernels::GgmlTypeFromName(r.base), r.batch, 1};
+    const double pred = mm.PredictMiB(shape, spec, *mods, c, r.seq);
+    const double err = (r.peak - pred) / pred;
+    worst = std::max(worst, std::fabs(err));
+    if (std::fabs(err) > 0.10) ++bad;
+    std::printf("%-6d %-4d %-9s %-4d %-9s %-5s %-3d %9.1f %9.1f %+6.1f%%\n", r.batch, r.seq, r.kind.c_str(), r.rank, r.modules.c_str(), r.base.c_str(),
+                r.recompute ? 1 : 0, r.peak, pred, 100 * err);
+  }
+  std::printf("worst |error| %.1f%% over %zu runs\n", 100 * worst, rows.size());
+  return bad == 0 ? 0 : 1;
+}

@@ -1,0 +1,286 @@
+#include "planner/planner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "model/llama.h"
+
+namespace fedtune::planner {
+namespace {
+
+struct Dims {
+  int64_t in, out;
+};
+
+Dims ModuleDims(const ModelShape& s, model::Module m) {
+  switch (m) {
+    case model::Module::kK:
+    case model::Module::kV: return {s.n_embd, s.n_kv};
+    case model::Module::kGate:
+    case model::Module::kUp: return {s.n_embd, s.n_ff};
+    case model::Module::kDown: return {s.n_ff, s.n_embd};
+    default: return {s.n_embd, s.n_embd};
+  }
+}
+
+// Values per layer of one module's adapter: (trainable-kind values, frozen-by-construction values).
+std::pair<double, double> AdapterValues(const ModelShape& s, const model::AdapterSpec& spec, model::Module m) {
+  const Dims d = ModuleDims(s, m);
+  switch (spec.kind) {
+    case model::AdapterKind::kDiaBlo: {
+      const double n = static_cast<double>(spec.blocks);
+      const double bi = std::ceil(static_cast<double>(d.in) / n), bo = std::ceil(static_cast<double>(d.out) / n);
+      return {n * bi * bo, 0};
+    }
+    case model::AdapterKind::kFfaLora:
+      return {static_cast<double>(d.out * spec.rank), static_cast<double>(d.in * spec.rank)};
+    default:
+      return {static_cast<double>((d.in + d.out) * spec.rank), 0};
+  }
+}
+
+bool Contains(const std::vector<model::Module>& v, model::Module m) { return std::find(v.begin(), v.end(), m) != v.end(); }
+
+std::string ModuleList(const std::vector<model::Module>& v) {
+  std::vector<std::string> n;
+  for (auto m : v) n.push_back(model::ModuleName(m));
+  return absl::StrJoin(n, ",");
+}
+
+std::string TypeName(kernels::GgmlType t) { return kernels::TypeTraits(t).name; }
+
+}  // namespace
+
+ModelShape ModelShape::Of(const model::LlamaModel& m) {
+  ModelShape s;
+  const auto& c = m.config();
+  s.n_layer = c.n_layer;
+  s.n_embd = c.n_embd;
+  s.n_kv = c.n_head_kv * c.head_dim;
+  s.n_ff = c.n_ff;
+  s.n_vocab = c.n_vocab;
+  for (int64_t l = 0; l < c.n_layer; ++l) {
+    const auto& L = m.layer(l);
+    for (const auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
+      s.projection_params += static_cast<double>(w->rows) * static_cast<double>(w->cols);
+    s.other_bytes += static_cast<double>(L.attn_norm.size() + L.ffn_norm.size()) * 4;
+  }
+  s.stored = c.n_layer > 0 ? m.layer(0).wq.type : kernels::GgmlType::kF32;
+  s.other_bytes += static_cast<double>(m.token_embd().rows) * static_cast<double>(m.token_embd().row_bytes);
+  if (m.output().data != m.token_embd().data) s.other_bytes += static_cast<double>(m.output().rows) * static_cast<double>(m.output().row_bytes);
+  s.other_bytes += static_cast<double>(m.output_norm().size()) * 4;
+  return s;
+}
+
+double BitsPerWeight(kernels::GgmlType t) {
+  const auto tr = kernels::TypeTraits(t);
+  return static_cast<double>(tr.type_size) * 8.0 / static_cast<double>(tr.block_size);
+}
+
+MemoryModel MemoryModel::Fitted() {
+  MemoryModel m;
+  // bench_memory_fit on bench/memory_model.sh's 12 runs (2026-11-23, SmolLM2-135M Q4_1, 2 threads).
+  m.fixed_mib = 35.9;
+  m.per_token_kib = 124.8;
+  m.per_token_layer_kib = 36.2;
+  m.logit_factor = 0.90;
+  return m;
+}
+
+double MemoryModel::BaseMiB(const ModelShape& s, kernels::GgmlType b) const {
+  return (s.projection_params * BitsPerWeight(b) / 8.0 + s.other_bytes) / (1 << 20);
+}
+
+double MemoryModel::AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
+                                    const std::vector<model::Module>& trained) const {
+  double bytes = 0;
+  for (auto m : adapted) {
+    const auto [trainable, frozen] = AdapterValues(s, spec, m);
+    bytes += frozen * 4 + trainable * (Contains(trained, m) ? 20 : 4);
+  }
+  return bytes * static_cast<double>(s.n_layer) / (1 << 20);
+}
+
+double MemoryModel::PredictMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted, const Candidate& c,
+                               int seq) const {
+  const double tokens = static_cast<double>(c.batch) * seq;
+  const double act_kib = recompute ? per_token_kib : per_token_layer_kib * static_cast<double>(s.n_layer);
+  const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
+  return fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, spec, adapted, c.modules) + tokens * act_kib / 1024 + logits_mib;
+}
+
+double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules) {
+  double v = 0;
+  for (auto m : modules) v += AdapterValues(s, spec, m).first;  // what travels: the trainable tensors
+  return v * static_cast<double>(s.n_layer) * 4;
+}
+
+std::map<model::Module, double> NormaliseImportance(const std::map<model::Module, double>& raw) {
+  double total = 0;
+  for (const auto& [m, v] : raw) total += std::max(0.0, v);
+  std::map<model::Module, double> out;
+  for (const auto& [m, v] : raw) out[m] = total > 0 ? std::max(0.0, v) / total : 1.0 / static_cast<double>(raw.size());
+  return out;
+}
+
+double Utility(const std::map<model::Module, double>& importance, const Candidate& c) {
+  double cover = 0;
+  for (auto m : c.modules)
+    if (auto it = importance.find(m); it != importance.end()) cover += it->second;
+  return static_cast<double>(c.local_steps) * c.batch * cover;
+}
+
+double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c) {
+  const double compute = static_cast<double>(c.local_steps) * c.batch * o.seq / std::max(w.tokens_per_second, 1e-9);
+  const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, o.spec, c.modules) * (o.send_fisher ? 2 : 1);
+  return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
+}
+
+absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Module, double>& importance_raw,
+                              const std::vector<WorkerProfile>& workers, const PlannerOptions& o) {
+  if (o.adapted.empty()) return absl::InvalidArgumentError("planner: the adapter has no modules");
+  if (o.batches.empty() || o.max_local_steps < 1 || o.seq < 1) return absl::InvalidArgumentError("planner: empty candidate grid");
+  const auto importance = NormaliseImportance(importance_raw);
+  std::vector<kernels::GgmlType> bases = o.base_types.empty() ? std::vector<kernels::GgmlType>{shape.stored} : o.base_types;
+  // Higher precision first: among equal utility and time the earlier candidate wins.
+  std::stable_sort(bases.begin(), bases.end(), [](auto a, auto b) { return BitsPerWeight(a) > BitsPerWeight(b); });
+
+  // Module sets: every non-empty subset when small, else importance-ordered prefixes.
+  std::vector<std::vector<model::Module>> sets;
+  const size_t n = o.adapted.size();
+  if (n <= 10) {
+    for (uint32_t mask = 1; mask < (1u << n); ++mask) {
+      std::vector<model::Module> s;
+      for (size_t i = 0; i < n; ++i)
+        if (mask & (1u << i)) s.push_back(o.adapted[i]);
+      sets.push_back(std::move(s));
+    }
+  } else {
+    std::vector<model::Module> order = o.adapted;
+    std::stable_sort(order.begin(), order.end(), [&](auto a, auto b) { return importance.at(a) > importance.at(b); });
+    for (size_t k = 1; k <= n; ++k) sets.emplace_back(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k));
+  }
+
+  struct Scored {
+    Candidate c;
+    double t, u, mib;
+  };
+  Plan plan;
+  std::vector<std::vector<Scored>> feasible(workers.size());
+  plan.workers.resize(workers.size());
+  for (size_t k = 0; k < workers.size(); ++k) {
+    const WorkerProfile& w = workers[k];
+    WorkerPlan& wp = plan.workers[k];
+    wp.worker = w.name;
+    const double usable = o.memory_margin * w.memory_mib;
+    double smallest = std::numeric_limits<double>::infinity();
+    Candidate smallest_c;
+    for (const auto& s : sets)
+      for (auto b : bases)
+        for (int batch : o.batches)
+          for (int steps = 1; steps <= o.max_local_steps; ++steps) {
+            Candidate c{s, b, batch, steps};
+            const double mib = o.memory.PredictMiB(shape, o.spec, o.adapted, c, o.seq);
+            if (mib < smallest) {
+              smallest = mib;
+              smallest_c = c;
+            }
+            if (mib > usable) continue;
+            feasible[k].push_back({c, PredictSeconds(shape, w, o, c), Utility(importance, c), mib});
+          }
+    const double u_mib = o.memory.PredictMiB(shape, o.spec, o.adapted, o.uniform, o.seq);
+    wp.uniform_seconds = u_mib <= usable ? PredictSeconds(shape, w, o, o.uniform) : -1;
+    if (wp.uniform_seconds < 0) {
+      plan.uniform_fits_everyone = false;
+    } else {
+      plan.uniform_round_seconds = std::max(plan.uniform_round_seconds, wp.uniform_seconds);
+      plan.uniform_utility += Utility(importance, o.uniform);
+    }
+    if (feasible[k].empty()) {
+      wp.excluded = true;
+      wp.reason = absl::StrFormat(
+          "left out: the smallest configuration (module %s, batch %d, base %s) needs %.0f MiB, more than the %.0f MiB it may use (%.0f%% of %.0f MiB)",
+          ModuleList(smallest_c.modules), smallest_c.batch, TypeName(smallest_c.base), smallest, usable, 100 * o.memory_margin, w.memory_mib);
+      continue;
+    }
+    // By time, then utility descending, so that a prefix maximum picks the fastest of the best.
+    std::sort(feasible[k].begin(), feasible[k].end(), [](const Scored& a, const Scored& b) { return a.t != b.t ? a.t < b.t : a.u > b.u; });
+  }
+  // Best candidate of worker k within time T: the highest utility among those with t <= T
+  // (first such in time order on ties).
+  auto best = [&](size_t k, double T) -> const Scored* {
+    const Scored* b = nullptr;
+    for (const Scored& s : feasible[k]) {
+      if (s.t > T) break;
+      if (!b || s.u > b->u + 1e-12) b = &s;
+    }
+    return b;
+  };
+  double t_min = 0;
+  std::vector<double> times;
+  for (size_t k = 0; k < workers.size(); ++k) {
+    if (feasible[k].empty()) continue;
+    t_min = std::max(t_min, feasible[k].front().t);  // everyone who fits takes part
+    for (const Scored& s : feasible[k]) times.push_back(s.t);
+  }
+  if (times.empty()) return absl::FailedPreconditionError("planner: no worker can train any configuration within its memory");
+  std::sort(times.begin(), times.end());
+  times.erase(std::unique(times.begin(), times.end()), times.end());
+  auto total = [&](double T) {
+    double u = 0;
+    for (size_t k = 0; k < workers.size(); ++k)
+      if (const Scored* s = best(k, T)) u += s->u;
+    return u;
+  };
+  // Smallest T >= t_min whose best total utility reaches the uniform configuration's.
+  auto lo = std::lower_bound(times.begin(), times.end(), t_min);
+  auto hi = times.end() - 1;
+  const double target = plan.uniform_utility;
+  if (total(*hi) < target) {
+    lo = hi;  // cannot match the uniform work: take the most the fleet can do
+  } else {
+    while (lo < hi) {
+      auto mid = lo + (hi - lo) / 2;
+      if (total(*mid) >= target) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+  }
+  const double T = *lo;
+  for (size_t k = 0; k < workers.size(); ++k) {
+    WorkerPlan& wp = plan.workers[k];
+    if (wp.excluded) continue;
+    const Scored* s = best(k, T);
+    wp.c = s->c;
+    wp.predicted_mib = s->mib;
+    wp.predicted_seconds = s->t;
+    wp.utility = s->u;
+    plan.utility += s->u;
+    plan.round_seconds = std::max(plan.round_seconds, s->t);
+    // Why not more: a candidate with more utility that was too slow, or that did not fit.
+    bool time_bound = false;
+    for (const Scored& f : feasible[k])
+      if (f.u > s->u + 1e-12 && f.t > T) time_bound = true;
+    double cover = 0;
+    for (auto m : s->c.modules) cover += importance.count(m) ? importance.at(m) : 0;
+    wp.explanation = absl::StrFormat(
+        "trains %s (%.0f%% of module importance), batch %d x %d local steps, base %s: predicted %.0f MiB of %.0f MiB usable, %.1f s "
+        "(uniform configuration: %s); %s",
+        ModuleList(s->c.modules), 100 * cover, s->c.batch, s->c.local_steps, TypeName(s->c.base), s->mib, o.memory_margin * workers[k].memory_mib,
+        s->t, wp.uniform_seconds < 0 ? std::string("does not fit") : absl::StrFormat("%.1f s", wp.uniform_seconds),
+        time_bound ? absl::StrFormat("more work would pass the round's time of %.1f s", T)
+                   : "its best configuration within memory and the candidate grid");
+  }
+  plan.summary = absl::StrFormat("planned round %.1f s vs uniform %.1f s (%s); training work %.1f vs %.1f example-equivalents", plan.round_seconds,
+                                 plan.uniform_round_seconds, plan.uniform_fits_everyone ? "fits every worker" : "does not fit every worker",
+                                 plan.utility, plan.uniform_utility);
+  return plan;
+}
+
+}  // namespace fedtune::planner

@@ -1,0 +1,126 @@
+// Heterogeneity-aware planning (issue 8; ALGORITHMS.md "Heterogeneity-aware planning"): the
+// coordinator gives each worker the part of the fine-tuning it can do well — which modules of the
+// shared adapter it trains, its base precision, batch and local steps — so that weak workers are
+// neither excluded nor the round's stragglers.
+//
+// Formulation (ours). Worker k and candidate c = (trained modules S, base type b, batch B, local
+// steps n):
+//   memory_k(c) = MemoryModel::PredictMiB(...)            must be <= memory_margin * M_k
+//   time_k(c)   = n B L / tps_k  +  2 latency_k  +  (adapter down + update up) / link_k
+//   utility(c)  = n B * sum_{m in S} I_m / sum_m I_m     (examples processed, weighted by the
+//                                                         importance I of the modules trained)
+// Minimise the round time T = max_k time_k(c_k) subject to every worker that fits anything
+// taking part and sum_k utility(c_k) >= the uniform configuration's utility (the same training
+// work as everyone running the uniform configuration). For a fixed T the problem separates: each
+// worker takes its highest-utility candidate with time <= T, and the best sum is monotone in T,
+// so scanning the sorted candidate times (binary search) finds the optimum exactly over the
+// candidate grid. Module sets are enumerated exhaustively up to 10 adapted modules (1,023
+// subsets); beyond that only importance-ordered prefixes are tried (the documented heuristic).
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/quant.h"
+#include "model/adapter.h"
+
+namespace fedtune::model {
+class LlamaModel;
+}
+
+namespace fedtune::planner {
+
+// What the memory and time models need to know about the base model.
+struct ModelShape {
+  int64_t n_layer = 0, n_embd = 0, n_kv = 0, n_ff = 0, n_vocab = 0;
+  double projection_params = 0;  // q, k, v, o, gate, up, down weights over all layers
+  double other_bytes = 0;        // embeddings, output head, norms, as stored
+  kernels::GgmlType stored = kernels::GgmlType::kQ4_1;
+  static ModelShape Of(const model::LlamaModel& m);
+};
+
+double BitsPerWeight(kernels::GgmlType t);
+
+struct Candidate {
+  std::vector<model::Module> modules;  // trained by the worker (the others act frozen)
+  kernels::GgmlType base = kernels::GgmlType::kQ4_1;
+  int batch = 1;
+  int local_steps = 1;
+};
+
+// Peak resident memory of a worker training one candidate:
+//   fixed + base(b) + adapter state + tokens * per_token + min(tokens, 256) * vocab * 4 B (logit chunk)
+// where tokens = batch * seq (one micro-batch), adapter state = 4 B per frozen value + 20 B per
+// trained value (weight, gradient, two AdamW moments, Fisher), per_token = saved layer inputs
+// (recomputation on) or all layers' activations (off). The constants were fitted by least squares
+// to peaks measured with /usr/bin/time over a grid of fedtune train runs on SmolLM2-135M
+// (bench/memory_model.sh; README "Planning").
+struct MemoryModel {
+  double fixed_mib = 0;
+  double per_token_kib = 0;          // recomputation on
+  double per_token_layer_kib = 0;    // recomputation off, per layer
+  double logit_factor = 1;           // logit-chunk buffers, in units of chunk * vocab * 4 B
+  bool recompute = true;
+  static MemoryModel Fitted();
+  double BaseMiB(const ModelShape& s, kernels::GgmlType b) const;
+  double AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
+                         const std::vector<model::Module>& trained) const;
+  double PredictMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted, const Candidate& c,
+                    int seq) const;
+};
+
+// Bytes of the adapter tensors of `modules` (float32; what travels each way).
+double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules);
+
+struct WorkerProfile {
+  std::string name;
+  double memory_mib = 0;         // what the worker may use
+  double tokens_per_second = 0;  // training throughput at the stored precision
+  double link_mbps = 100, latency_ms = 20;
+};
+
+struct PlannerOptions {
+  model::AdapterSpec spec;
+  std::vector<model::Module> adapted;     // the shared adapter's modules
+  int seq = 256;                          // tokens per example (the longest the data gives)
+  std::vector<int> batches = {1, 2, 4, 8};
+  int max_local_steps = 8;
+  std::vector<kernels::GgmlType> base_types;  // empty: the stored type only
+  Candidate uniform;                      // the configuration the plan is measured against
+  double memory_margin = 0.9;             // plan within this fraction of a worker's memory
+  bool send_fisher = false;               // uploads carry a Fisher tensor per delta
+  MemoryModel memory = MemoryModel::Fitted();
+};
+
+struct WorkerPlan {
+  std::string worker;
+  bool excluded = false;
+  std::string reason;  // why excluded
+  Candidate c;
+  double predicted_mib = 0, predicted_seconds = 0, utility = 0;
+  double uniform_seconds = 0;  // the uniform configuration's time on this worker (-1: does not fit)
+  std::string explanation;
+};
+
+struct Plan {
+  std::vector<WorkerPlan> workers;
+  double round_seconds = 0, utility = 0;                   // planned
+  double uniform_round_seconds = 0, uniform_utility = 0;   // everyone on `uniform`
+  bool uniform_fits_everyone = true;
+  std::string summary;
+};
+
+// Module importance normalised to sum 1 (missing modules: 0). From a calibration pass: the sum
+// of the diagonal Fisher (mean squared gradient) of a probe adapter over the module's tensors,
+// divided by its number of values so that large modules are not favoured for their size.
+std::map<model::Module, double> NormaliseImportance(const std::map<model::Module, double>& raw);
+
+absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Module, double>& importance,
+                              const std::vector<WorkerProfile>& workers, const PlannerOptions& o);
+
+double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c);
+double Utility(const std::map<model::Module, double>& importance, const Candidate& c);
+
+}  // namespace fedtune::planner
