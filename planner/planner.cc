@@ -135,7 +135,8 @@ double Utility(const std::map<model::Module, double>& importance, const Candidat
 }
 
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c) {
-  const double compute = static_cast<double>(c.local_steps) * c.batch * o.seq / std::max(w.tokens_per_second, 1e-9);
+  const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
+  const double compute = static_cast<double>(c.local_steps) * c.batch * per_example / std::max(w.tokens_per_second, 1e-9);
   const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, o.spec, c.modules) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }

@@ -84,7 +84,8 @@ struct WorkerProfile {
 struct PlannerOptions {
   model::AdapterSpec spec;
   std::vector<model::Module> adapted;     // the shared adapter's modules
-  int seq = 256;                          // tokens per example (the longest the data gives)
+  int seq = 256;                          // tokens per example, the longest (memory)
+  double tokens_per_example = 0;          // mean tokens processed per example (time); 0: seq
   std::vector<int> batches = {1, 2, 4, 8};
   int max_local_steps = 8;
   std::vector<kernels::GgmlType> base_types;  // empty: the stored type only

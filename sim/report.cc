@@ -92,7 +92,13 @@ absl::Status WriteReport(const std::string& path, const ReportInput& in) {
   for (const ClientSummary& c : in.clients)
     h += absl::StrCat("<tr><td>", HtmlEscape(c.name), "</td><td>", HtmlEscape(c.profile), "</td><td>", c.examples, "</td><td>", HtmlEscape(c.task_mix), "</td><td>",
                       c.rounds_trained, "</td><td>", c.rounds_dropped, "</td><td>", absl::StrFormat("%.1f", 100 * c.accuracy_after), "</td></tr>");
-  h += "</table>\n<h2>Configuration</h2><pre>" + HtmlEscape(in.config_text) + "</pre>\n";
+  h += "</table>\n";
+  if (!in.plan.empty()) {
+    h += "<h2>Plan</h2><p>" + HtmlEscape(in.plan_summary) + "</p><table><tr><th>client</th><th>what it trains and why</th></tr>";
+    for (const auto& [client, why] : in.plan) h += "<tr><td>" + HtmlEscape(client) + "</td><td style=\"text-align:left\">" + HtmlEscape(why) + "</td></tr>";
+    h += "</table>\n";
+  }
+  h += "<h2>Configuration</h2><pre>" + HtmlEscape(in.config_text) + "</pre>\n";
   h += "<script>const DATA = " + ScriptSafeJson(data.dump()) + ";\n" + kScript + "</script>\n</body></html>\n";
   return WriteFileAtomic(path, h);
 }

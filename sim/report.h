@@ -26,6 +26,9 @@ struct ReportInput {
   std::vector<std::string> summary_lines;
   std::vector<RoundRecord> rounds;
   std::vector<ClientSummary> clients;
+  // The planner's decisions (issue 8): summary and, per client, what it got and why.
+  std::string plan_summary;
+  std::vector<std::pair<std::string, std::string>> plan;
 };
 
 absl::Status WriteReport(const std::string& path, const ReportInput& in);

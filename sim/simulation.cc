@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -25,6 +26,7 @@
 #include "privacy/ledger.h"
 #include "privacy/rdp_accountant.h"
 #include "sim/partition.h"
+#include "sim/planning.h"
 #include "sim/report.h"
 #include "sim/secure_round.h"
 #include "worker/local_trainer.h"
@@ -139,7 +141,7 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
 
 struct ClientState {
   std::string name, profile;
-  double speed = 1, bandwidth_mbps = 100, latency_ms = 20, dropout = 0;
+  double speed = 1, bandwidth_mbps = 100, latency_ms = 20, dropout = 0, memory_mib = 0;
   std::vector<model::Example> train;
   std::vector<double> task_share;  // fraction of its examples per task
   int trained = 0, dropped = 0;
@@ -204,6 +206,14 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
       return Bad("dp.enabled", "central differential privacy needs strategy.merge mean or uncertainty");
     if (c.dp().local() && c.dp().adaptive_clipping()) return Bad("dp.adaptive_clipping", "only for central DP");
   }
+  if (c.planner().enabled()) {
+    if (c.dp().enabled() && c.dp().local())
+      return Bad("planner", "not combined with local DP (per-client accounting assumes the uniform batch and steps)");
+    if (c.secure_aggregation().enabled()) return Bad("planner", "not combined with secure aggregation (partial adapters are not masked per module)");
+    if (c.train().stand_in()) return Bad("planner", "needs real training (train.stand_in is set)");
+  }
+  for (int p = 0; p < c.profiles_size(); ++p)
+    if (c.profiles(p).memory_mib() < 0) return Bad(absl::StrCat("profiles[", p, "].memory_mib"), "must be >= 0");
   return absl::OkStatus();
 }
 
@@ -296,6 +306,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         cl.bandwidth_mbps = OrDefault(prof.bandwidth_mbps(), 100.0);
         cl.latency_ms = OrDefault(prof.latency_ms(), 20.0);
         cl.dropout = prof.dropout();
+        cl.memory_mib = prof.memory_mib();
       }
     }
     for (size_t k2 = 0; k2 < clients.size(); ++k2) {
@@ -468,8 +479,59 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   int done_tasks = 0;
   double train_wall = 0;
   Rng sched_rng(s.seed ^ 0x5eedull);
+  // Planning (issue 8): per-client modules, batch, local steps and base precision.
+  std::map<std::string, planner::WorkerPlan> plans;
+  std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> rebased;  // bases re-quantized for plans
+  std::optional<planner::Plan> plan;
+  const kernels::GgmlType stored_type = model->layer(0).wq.type;
+  {
+    std::vector<std::vector<model::Example>> all;
+    std::vector<ClientForPlan> cp;
+    for (const ClientState& cl : clients) {
+      all.push_back(cl.train);
+      cp.push_back({cl.name, cl.speed, cl.bandwidth_mbps, cl.latency_ms, cl.memory_mib});
+    }
+    const planner::ModelShape shape = planner::ModelShape::Of(*model);
+    const planner::Candidate uniform{s.modules, stored_type, s.batch, s.local_steps};
+    FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, PlannerOptionsFrom(c.planner(), s.spec, s.modules, uniform, LongestExample(all), lt.send_fisher,
+                                                                       lt.finetune.recompute));
+    if (c.planner().enabled()) {
+      say("planner: calibration pass (probe adapter, module importance and training speed)");
+      FT_ASSIGN_OR_RETURN(Calibration cal, Calibrate(*model, clients[0].train, s.spec, s.modules, s.batch,
+                                                     OrDefault(c.planner().calibration_steps(), 4), s.seed));
+      po.tokens_per_example = cal.tokens_per_example;
+      std::vector<std::string> imp;
+      for (const auto& [m, v] : cal.importance) imp.push_back(absl::StrFormat("%s %.0f%%", model::ModuleName(m), 100 * v));
+      say(absl::StrFormat("planner: module importance %s; %.0f training tokens/s here (%.1f s)", absl::StrJoin(imp, ", "), cal.tokens_per_second,
+                          cal.seconds));
+      FT_ASSIGN_OR_RETURN(plan, planner::MakePlan(shape, cal.importance, ProfilesForPlan(cp, cal), po));
+      FT_RETURN_IF_ERROR(ledger->SetRunInfo("plan", plan->summary));
+      FT_RETURN_IF_ERROR(ledger->SetRunInfo("importance", absl::StrJoin(imp, ", ")));
+      for (const planner::WorkerPlan& wp : plan->workers) {
+        plans[wp.worker] = wp;
+        say(absl::StrCat("planner: ", wp.worker, " ", wp.excluded ? wp.reason : wp.explanation));
+        FT_RETURN_IF_ERROR(ledger->SetRunInfo("plan/" + wp.worker, wp.excluded ? wp.reason : wp.explanation));
+        if (!wp.excluded && wp.c.base != stored_type && !rebased.count(wp.c.base)) {
+          FT_ASSIGN_OR_RETURN(auto m2, model::LlamaModel::Load(c.model().path()));
+          FT_RETURN_IF_ERROR(m2->Requantize(wp.c.base).status());
+          rebased[wp.c.base] = std::move(m2);
+        }
+      }
+      say("planner: " + plan->summary);
+    } else {
+      for (const ClientState& cl : clients) {
+        if (cl.memory_mib <= 0) continue;
+        const double need = po.memory.PredictMiB(shape, s.spec, s.modules, uniform, po.seq);
+        if (need > cl.memory_mib)
+          say(absl::StrFormat("warning: %s has %.0f MiB but the uniform configuration needs %.0f MiB (memory model); it is simulated anyway",
+                              cl.name, cl.memory_mib, need));
+      }
+    }
+  }
   std::vector<std::string> names;
-  for (const auto& cl : clients) names.push_back(cl.name);
+  for (const auto& cl : clients)
+    if (!plans.count(cl.name) || !plans[cl.name].excluded) names.push_back(cl.name);
+  if (names.empty()) return absl::FailedPreconditionError("planner: every client was left out (see the plan above)");
   std::map<std::string, size_t> index;
   for (size_t k = 0; k < clients.size(); ++k) index[clients[k].name] = k;
 
@@ -521,7 +583,17 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       if (c.train().stand_in()) {
         lr = worker::StandInUpdate(global, cl.name, static_cast<int64_t>(cl.train.size()), lt.send_fisher, sched_rng.NextU64());
       } else {
-        FT_ASSIGN_OR_RETURN(lr, worker::TrainLocal(*model, cl.train, global, task.config, cl.name, lt, &adapters));
+        worker::LocalTrainOptions lt_k = lt;
+        const model::LlamaModel* base = model.get();
+        if (auto pit = plans.find(cl.name); pit != plans.end()) {
+          const planner::Candidate& pc = pit->second.c;
+          lt_k.finetune.batch = pc.batch;
+          lt_k.finetune.steps = pc.local_steps;
+          lt_k.optimizer.total_steps = pc.local_steps;
+          lt_k.train_modules = pc.modules;
+          if (pc.base != stored_type) base = rebased.at(pc.base).get();
+        }
+        FT_ASSIGN_OR_RETURN(lr, worker::TrainLocal(*base, cl.train, global, task.config, cl.name, lt_k, &adapters));
       }
       const double secs = Seconds(t0, Clock::now());
       if (lt.finetune.dp_clip > 0) {
@@ -602,6 +674,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     rec.metrics["bytes_up"] = static_cast<double>(bytes_up);
     rec.metrics["bytes_down"] = static_cast<double>(bytes_down);
     rec.metrics["sim_round_seconds"] = sim_round;
+    if (plan) rec.metrics["planned_round_seconds"] = plan->round_seconds;
     rec.metrics["server_merge_seconds"] = Seconds(t_server, Clock::now());
     rec.metrics["client_seconds"] = client_secs;
     if (lt.finetune.dp_clip > 0) rec.metrics["local_epsilon"] = local_eps;
@@ -692,6 +765,11 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     }
     cs.task_mix = absl::StrJoin(mix, ", ");
     rin.clients.push_back(cs);
+  }
+  if (plan) {
+    rin.plan_summary = plan->summary;
+    for (const planner::WorkerPlan& wp : plan->workers) rin.plan.push_back({wp.worker, wp.excluded ? wp.reason : wp.explanation});
+    rin.summary_lines.push_back("Planned: " + plan->summary);
   }
   FT_RETURN_IF_ERROR(WriteReport(result.run_dir + "/report.html", rin));
   return result;

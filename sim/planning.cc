@@ -1,0 +1,81 @@
+#include "sim/planning.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "model/finetune.h"
+#include "model/optimizer.h"
+
+namespace fedtune::sim {
+
+absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, const std::vector<model::Example>& data, const model::AdapterSpec& spec,
+                                      const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed) {
+  if (data.empty()) return absl::FailedPreconditionError("planner calibration: no training examples");
+  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> probe, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, seed));
+  model::FinetuneOptions ft;
+  ft.steps = std::max(1, steps);
+  ft.batch = std::max(1, batch);
+  ft.log_every = 0;
+  ft.seed = seed;
+  model::OptimizerConfig oc;
+  oc.total_steps = ft.steps;
+  model::AdamW opt(oc);
+  FT_ASSIGN_OR_RETURN(model::TrainReport rep, model::Finetune(model, data, ft, &probe, &opt));
+  Calibration cal;
+  cal.seconds = rep.seconds;
+  cal.tokens_per_second = rep.seconds > 0 ? static_cast<double>(rep.tokens) / rep.seconds : 0;
+  cal.tokens_per_example = static_cast<double>(rep.tokens) / (static_cast<double>(ft.steps) * ft.batch);
+  // Mean Fisher per value, per module kind (all layers): a module's gradient signal per parameter.
+  std::map<model::Module, std::pair<double, double>> acc;  // sum, count
+  for (const auto& [name, f] : opt.fisher()) {
+    for (model::Module m : modules) {
+      if (name.find(std::string(".") + model::GgufModuleName(m) + ".") == std::string::npos) continue;
+      for (float v : f) acc[m].first += v;
+      acc[m].second += static_cast<double>(f.size());
+    }
+  }
+  std::map<model::Module, double> raw;
+  for (model::Module m : modules) raw[m] = acc[m].second > 0 ? acc[m].first / acc[m].second : 0.0;
+  cal.importance = planner::NormaliseImportance(raw);
+  return cal;
+}
+
+int LongestExample(const std::vector<std::vector<model::Example>>& per_client) {
+  size_t n = 1;
+  for (const auto& v : per_client)
+    for (const auto& e : v) n = std::max(n, e.tokens.size());
+  return static_cast<int>(n);
+}
+
+absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerConfig& pc, const model::AdapterSpec& spec,
+                                                           const std::vector<model::Module>& modules, const planner::Candidate& uniform,
+                                                           int seq, bool send_fisher, bool recompute) {
+  planner::PlannerOptions o;
+  o.spec = spec;
+  o.adapted = modules;
+  o.seq = seq;
+  o.uniform = uniform;
+  o.send_fisher = send_fisher;
+  o.memory.recompute = recompute;
+  o.max_local_steps = pc.max_local_steps() > 0 ? pc.max_local_steps() : 2 * uniform.local_steps;
+  if (pc.batches_size() > 0) o.batches.assign(pc.batches().begin(), pc.batches().end());
+  for (int b : o.batches)
+    if (b < 1) return absl::InvalidArgumentError("planner.batches: every batch must be >= 1");
+  for (const std::string& t : pc.base_types()) {
+    const auto ty = kernels::GgmlTypeFromName(t);
+    if (!ty) return absl::InvalidArgumentError(absl::StrCat("planner.base_types: unknown type '", t, "' (q8_0, q4_0, q4_1, nf4)"));
+    o.base_types.push_back(*ty);
+  }
+  if (pc.memory_margin() < 0 || pc.memory_margin() > 1) return absl::InvalidArgumentError("planner.memory_margin must be in (0, 1]");
+  if (pc.memory_margin() > 0) o.memory_margin = pc.memory_margin();
+  return o;
+}
+
+std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForPlan>& clients, const Calibration& cal) {
+  std::vector<planner::WorkerProfile> w;
+  for (const auto& c : clients)
+    w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms});
+  return w;
+}
+
+}  // namespace fedtune::sim

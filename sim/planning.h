@@ -1,0 +1,47 @@
+// The planner in the simulation (issue 8): a calibration pass measures module importance (diagonal
+// Fisher of a probe adapter) and this machine's training speed, then planner::MakePlan gives every
+// virtual client its modules, batch, local steps and base precision from its profile (speed,
+// link, memory_mib).
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "model/adapter.h"
+#include "model/dataset.h"
+#include "model/llama.h"
+#include "planner/planner.h"
+#include "proto/config.pb.h"
+
+namespace fedtune::sim {
+
+struct ClientForPlan {
+  std::string name;
+  double speed = 1, bandwidth_mbps = 100, latency_ms = 20, memory_mib = 0;
+};
+
+struct Calibration {
+  std::map<model::Module, double> importance;  // normalised, sums to 1
+  double tokens_per_second = 0;                // this machine, the uniform batch
+  double tokens_per_example = 0;               // mean, as trained (padding included)
+  double seconds = 0;
+};
+
+// Trains a probe adapter (the run's adapter kind on all its modules) for `steps` steps on `data`
+// and reads the per-module mean Fisher. Deterministic in `seed`.
+absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, const std::vector<model::Example>& data, const model::AdapterSpec& spec,
+                                      const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed);
+
+// Longest example in tokens (what the memory model needs for the activations).
+int LongestExample(const std::vector<std::vector<model::Example>>& per_client);
+
+// Planner options from the config (defaults documented in config.proto); `uniform` is the
+// run's `train` settings on every module at the stored precision.
+absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerConfig& pc, const model::AdapterSpec& spec,
+                                                           const std::vector<model::Module>& modules, const planner::Candidate& uniform,
+                                                           int seq, bool send_fisher, bool recompute);
+
+std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForPlan>& clients, const Calibration& cal);
+
+}  // namespace fedtune::sim
