@@ -209,7 +209,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
       continue;
     }
     // By time, then utility descending, so that a prefix maximum picks the fastest of the best.
-    std::sort(feasible[k].begin(), feasible[k].end(), [](const Scored& a, const Scored& b) { return a.t != b.t ? a.t < b.t : a.u > b.u; });
+    std::stable_sort(feasible[k].begin(), feasible[k].end(), [](const Scored& a, const Scored& b) { return a.t != b.t ? a.t < b.t : a.u > b.u; });
   }
   // Best candidate of worker k within time T: the highest utility among those with t <= T
   // (first such in time order on ties).

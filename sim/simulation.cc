@@ -518,6 +518,28 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         }
       }
       say("planner: " + plan->summary);
+      // plan.json: what bench/run_plan.sh checks against measured peaks (fedtune train per plan).
+      nlohmann::json pj;
+      pj["summary"] = plan->summary;
+      pj["seq"] = po.seq;
+      pj["round_seconds"] = plan->round_seconds;
+      pj["uniform_round_seconds"] = plan->uniform_round_seconds;
+      for (const auto& [m, v] : cal.importance) pj["importance"][model::ModuleName(m)] = v;
+      for (const planner::WorkerPlan& wp : plan->workers) {
+        nlohmann::json w = {{"worker", wp.worker}, {"excluded", wp.excluded}, {"why", wp.excluded ? wp.reason : wp.explanation}};
+        if (!wp.excluded) {
+          std::vector<std::string> mods;
+          for (auto m : wp.c.modules) mods.push_back(model::ModuleName(m));
+          w["modules"] = absl::StrJoin(mods, ",");
+          w["base"] = kernels::TypeTraits(wp.c.base).name;
+          w["batch"] = wp.c.batch;
+          w["local_steps"] = wp.c.local_steps;
+          w["predicted_mib"] = wp.predicted_mib;
+          w["predicted_seconds"] = wp.predicted_seconds;
+        }
+        pj["workers"].push_back(w);
+      }
+      FT_RETURN_IF_ERROR(WriteFileAtomic(result.run_dir + "/plan.json", pj.dump(1)));
     } else {
       for (const ClientState& cl : clients) {
         if (cl.memory_mib <= 0) continue;

@@ -67,6 +67,7 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
       if (auto f = opt.fisher().find(name); f != opt.fisher().end()) r.update.fisher[name] = f->second;
     }
   });
+  if (!o.train_modules.empty()) adapters->SetTrainableModules(model::kAllModules);  // leave the set whole for its next user
   r.update.metrics["train_loss"] = r.report.final_loss;
   r.update.metrics["train_seconds"] = r.report.seconds;
   r.update.metrics["train_tokens"] = static_cast<double>(r.report.tokens);

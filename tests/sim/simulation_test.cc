@@ -121,6 +121,25 @@ TEST_F(SimTest, ReportRendersInHeadlessChromium) {
   EXPECT_GT(page->png.size(), 20000u);  // charts drawn, not a blank page
 }
 
+// issue 8: the planner in the simulation — per-client plans applied, recorded in the ledger and
+// the report, a client too small for anything left out (and told why), the rest trained.
+TEST_F(SimTest, PlannerGivesEachClientItsPlanAndLeavesOutOneTooSmall) {
+  const std::string out = testing::TempPath("sim_plan");
+  auto r = Run(Yaml("profiles: [{name: fast, count: 1, speed: 1, memory_mib: 4000}, {name: slow, count: 1, speed: 0.125, memory_mib: 4000},"
+                    " {name: toaster, count: 1, memory_mib: 1}]\nplanner: {enabled: true, calibration_steps: 1}\n",
+                    out));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GT(r->rounds.back().metrics.at("planned_round_seconds"), 0);
+  EXPECT_EQ(r->rounds.back().metrics.at("accepted"), 2);  // the toaster never takes part
+  auto ledger = coordinator::RunLedger::Open(out + "/ledger.sqlite");
+  ASSERT_TRUE(ledger.ok());
+  auto report = ReadFileToString(out + "/report.html");
+  ASSERT_TRUE(report.ok());
+  EXPECT_NE(report->find("<h2>Plan</h2>"), std::string::npos);
+  EXPECT_NE(report->find("left out: the smallest configuration"), std::string::npos);
+  EXPECT_NE(report->find("% of module importance"), std::string::npos);
+}
+
 TEST_F(SimTest, AnExplicitRunDirectoryIsNeverOverwritten) {
   const std::string out = testing::TempPath("sim_twice");
   ASSERT_TRUE(Run(Yaml("rounds: 1\n", out)).ok());

@@ -1,0 +1,181 @@
+// issue 8: the planner's solution is optimal over its candidate grid (checked by brute force on a
+// small fleet), every plan fits its worker's memory, a worker too small for anything is left out
+// with a reason, and on a fleet spanning 8x the planned round is shorter than the uniform one for
+// at least the same training work. Partial training (a worker trains some modules with the
+// others frozen in the model) keeps the frozen ones in the forward pass and sends only its own.
+#include "planner/planner.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+
+#include "model/tasks.h"
+#include "tests/support/tiny_model.h"
+#include "worker/local_trainer.h"
+
+namespace fedtune {
+namespace {
+
+using model::Module;
+
+planner::ModelShape Shape() {
+  planner::ModelShape s;  // SmolLM2-135M's dimensions
+  s.n_layer = 30;
+  s.n_embd = 576;
+  s.n_kv = 192;
+  s.n_ff = 1536;
+  s.n_vocab = 49152;
+  s.projection_params = 30.0 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536);
+  s.other_bytes = 30e6;
+  s.stored = kernels::GgmlType::kQ4_1;
+  return s;
+}
+
+planner::PlannerOptions Options() {
+  planner::PlannerOptions o;
+  o.spec = {model::AdapterKind::kFfaLora, 8, 16.0f, false, 1};
+  o.adapted = {Module::kQ, Module::kV, Module::kUp};
+  o.seq = 128;
+  o.tokens_per_example = 80;
+  o.batches = {1, 2, 4};
+  o.max_local_steps = 4;
+  o.uniform = {o.adapted, kernels::GgmlType::kQ4_1, 2, 2};
+  return o;
+}
+
+std::vector<planner::WorkerProfile> Fleet() {
+  return {{"a", 2400, 200, 100, 10}, {"b", 1200, 100, 50, 20}, {"c", 600, 50, 20, 40}, {"d", 300, 25, 10, 60}};
+}
+
+TEST(PlannerTest, EveryPlanFitsAndBeatsUniformOnAnEightTimesFleet) {
+  const std::map<Module, double> imp = {{Module::kQ, 1}, {Module::kV, 3}, {Module::kUp, 1}};
+  auto plan = planner::MakePlan(Shape(), imp, Fleet(), Options());
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->workers.size(), 4u);
+  for (size_t k = 0; k < 4; ++k) {
+    const auto& wp = plan->workers[k];
+    EXPECT_FALSE(wp.excluded) << wp.reason;
+    EXPECT_LE(wp.predicted_mib, 0.9 * Fleet()[k].memory_mib) << wp.worker;
+    EXPECT_NEAR(wp.predicted_mib, Options().memory.PredictMiB(Shape(), Options().spec, Options().adapted, wp.c, 128), 1e-9);
+    EXPECT_FALSE(wp.explanation.empty());
+    EXPECT_LE(wp.predicted_seconds, plan->round_seconds + 1e-9);
+  }
+  EXPECT_TRUE(plan->uniform_fits_everyone);
+  EXPECT_GE(plan->utility, plan->uniform_utility - 1e-9);
+  EXPECT_LT(plan->round_seconds, 0.7 * plan->uniform_round_seconds) << plan->summary;
+}
+
+// Brute force over every combination of candidates: the smallest max-time with at least the
+// uniform utility and everyone taking part.
+TEST(PlannerTest, MatchesBruteForceOnASmallProblem) {
+  auto o = Options();
+  o.adapted = {Module::kQ, Module::kV};
+  o.batches = {1, 2};
+  o.max_local_steps = 3;
+  o.uniform = {o.adapted, kernels::GgmlType::kQ4_1, 2, 2};
+  const std::map<Module, double> imp = {{Module::kQ, 1}, {Module::kV, 2}};
+  const std::vector<planner::WorkerProfile> fleet = {{"a", 2400, 160, 100, 10}, {"b", 800, 40, 8, 50}, {"c", 300, 20, 30, 30}};
+  auto plan = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  // Enumerate.
+  std::vector<std::vector<planner::Candidate>> cands(fleet.size());
+  const std::vector<std::vector<Module>> sets = {{Module::kQ}, {Module::kV}, {Module::kQ, Module::kV}};
+  for (size_t k = 0; k < fleet.size(); ++k)
+    for (const auto& s : sets)
+      for (int b : o.batches)
+        for (int n = 1; n <= o.max_local_steps; ++n) {
+          planner::Candidate c{s, kernels::GgmlType::kQ4_1, b, n};
+          if (o.memory.PredictMiB(Shape(), o.spec, o.adapted, c, o.seq) <= 0.9 * fleet[k].memory_mib) cands[k].push_back(c);
+        }
+  const auto norm = planner::NormaliseImportance(imp);
+  double best = 1e300;
+  std::function<void(size_t, double, double)> rec = [&](size_t k, double tmax, double u) {
+    if (k == fleet.size()) {
+      if (u >= plan->uniform_utility - 1e-9) best = std::min(best, tmax);
+      return;
+    }
+    for (const auto& c : cands[k]) rec(k + 1, std::max(tmax, planner::PredictSeconds(Shape(), fleet[k], o, c)), u + planner::Utility(norm, c));
+  };
+  rec(0, 0, 0);
+  EXPECT_NEAR(plan->round_seconds, best, 1e-9);
+}
+
+TEST(PlannerTest, AWorkerTooSmallForAnythingIsLeftOutWithAReason) {
+  auto fleet = Fleet();
+  fleet.push_back({"toaster", 64, 10, 10, 10});
+  auto plan = planner::MakePlan(Shape(), {{Module::kQ, 1}, {Module::kV, 1}, {Module::kUp, 1}}, fleet, Options());
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const auto& wp = plan->workers.back();
+  EXPECT_TRUE(wp.excluded);
+  EXPECT_NE(wp.reason.find("left out"), std::string::npos) << wp.reason;
+  EXPECT_NE(wp.reason.find("MiB"), std::string::npos);
+  EXPECT_FALSE(plan->uniform_fits_everyone);
+  // Nobody fits: a clear error, not a crash.
+  auto none = planner::MakePlan(Shape(), {{Module::kQ, 1}}, {{"toaster", 64, 10, 10, 10}}, Options());
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(PlannerTest, MemoryModelGrowsWithEveryInput) {
+  const auto mm = planner::MemoryModel::Fitted();
+  const auto o = Options();
+  planner::Candidate c{o.adapted, kernels::GgmlType::kQ4_1, 2, 1};
+  const double base = mm.PredictMiB(Shape(), o.spec, o.adapted, c, 128);
+  planner::Candidate bigger_batch = c;
+  bigger_batch.batch = 4;
+  EXPECT_GT(mm.PredictMiB(Shape(), o.spec, o.adapted, bigger_batch, 128), base);
+  EXPECT_GT(mm.PredictMiB(Shape(), o.spec, o.adapted, c, 256), base);
+  planner::Candidate q8 = c;
+  q8.base = kernels::GgmlType::kQ8_0;
+  EXPECT_GT(mm.PredictMiB(Shape(), o.spec, o.adapted, q8, 128), base);
+  planner::Candidate fewer = c;
+  fewer.modules = {Module::kQ};
+  EXPECT_LT(mm.PredictMiB(Shape(), o.spec, o.adapted, fewer, 128), base);  // frozen modules keep no optimizer state
+}
+
+TEST(PartialTrainingTest, FrozenModulesActInForwardAndAreNotSent) {
+  const std::string path = testing::TempPath("partial.gguf");
+  testing::TinyModelOptions mo;
+  mo.n_ctx = 256;
+  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, mo).ok());
+  auto m = model::LlamaModel::Load(path);
+  ASSERT_TRUE(m.ok());
+  auto lines = *model::GenerateTask("sentiment", 8, 3);
+  model::DatasetOptions d;
+  d.holdout = 0;
+  d.max_len = 250;
+  auto data = model::DatasetFromJsonl(lines, "t", *(*m)->tokenizer(), d);
+  ASSERT_TRUE(data.ok());
+  const model::AdapterSpec spec{model::AdapterKind::kFfaLora, 4, 8.0f, false, 1};
+  const std::vector<Module> mods = {Module::kQ, Module::kV};
+  auto set = *model::MakeAdapters<float>((*m)->adapter_dims(), spec, mods, 5);
+  aggregation::TensorMap global = worker::AdapterTensors(set);
+  worker::LocalTrainOptions lt;
+  lt.finetune.steps = 2;
+  lt.finetune.batch = 2;
+  lt.finetune.log_every = 0;
+  lt.optimizer.lr = 1e-2f;
+  lt.optimizer.total_steps = 2;
+  lt.train_modules = {Module::kQ};
+  auto a = worker::TrainLocal(**m, data->train, global, {}, "w", lt, &set);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_GT(a->report.final_loss, 0);
+  for (const auto& [name, v] : a->update.delta) EXPECT_NE(name.find("attn_q"), std::string::npos) << name << " was not to be trained";
+  EXPECT_EQ(a->update.delta.size(), static_cast<size_t>((*m)->config().n_layer));
+  // The frozen v adapter is in the model: a different global v changes the training loss.
+  for (auto& [name, v] : global)
+    if (name.find("attn_v") != std::string::npos)
+      for (float& x : v) x = 0.5f;
+  auto b = worker::TrainLocal(**m, data->train, global, {}, "w", lt, &set);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_GT(std::fabs(a->report.final_loss - b->report.final_loss), 1e-4) << a->report.final_loss << " vs " << b->report.final_loss;
+  EXPECT_EQ(b->update.delta.size(), a->update.delta.size());
+  // And the set is whole again for the next client (all modules trainable after a full run).
+  lt.train_modules.clear();
+  auto c = worker::TrainLocal(**m, data->train, global, {}, "w", lt, &set);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->update.delta.size(), 2 * static_cast<size_t>((*m)->config().n_layer));
+}
+
+}  // namespace
+}  // namespace fedtune
