@@ -78,6 +78,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
   std::shared_ptr<const std::vector<uint8_t>> global_bytes;
   std::string global_sha;
   std::map<std::string, rpc::v1::Task> assigned;  // this round
+  std::map<std::string, std::string> plan_notes;  // worker -> the planner's explanation (or why left out)
+  std::map<model::Module, double> importance;     // planner: where merged updates move
   std::set<std::string> fetched, received;
   std::deque<aggregation::ClientUpdate> inbox;
   std::vector<aggregation::ClientFailure> rejected;
@@ -153,7 +155,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
                               {"train_tokens_per_second", w.profile.train_tokens_per_second()},
                               {"link_mbps", w.profile.link_mbps()},
                               {"last_seen_seconds", (now - w.last_seen_ms) / 1000.0},
-                              {"updates_accepted", w.updates_accepted}});
+                              {"updates_accepted", w.updates_accepted},
+                              {"plan", plan_notes.count(id) ? plan_notes.at(id) : std::string()}});
     j["rounds"] = nlohmann::json::array();
     for (const auto& [r, m] : history) {
       nlohmann::json row = m;
@@ -393,7 +396,30 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
         inbox.clear();
         closed = false;
         bytes_in = bytes_out = 0;
-        for (const aggregation::ClientTask& t : strategy->ConfigureTrain(r, available, rng)) {
+        std::map<std::string, planner::WorkerPlan> plans;
+        if (o.planning) {
+          std::vector<planner::WorkerProfile> profiles;
+          for (const std::string& id : available) {
+            const rpc::v1::Profile& p = workers[id].profile;
+            profiles.push_back({id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
+                                p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0, p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20});
+          }
+          auto made = planner::MakePlan(o.planning->shape, importance, profiles, o.planning->options);
+          if (made.ok()) {
+            for (const planner::WorkerPlan& wp : made->workers) {
+              plans[wp.worker] = wp;
+              plan_notes[wp.worker] = wp.excluded ? wp.reason : wp.explanation;
+              FT_LOG_INFO("round {} plan: {} {}", r, wp.worker, plan_notes[wp.worker]);
+            }
+            FT_LOG_INFO("round {} plan: {}", r, made->summary);
+          } else {
+            FT_LOG_WARN("round {}: planner: {}; every worker gets the configured training", r, made.status().ToString());
+          }
+        }
+        std::vector<std::string> selectable;
+        for (const std::string& id : available)
+          if (!plans.count(id) || !plans[id].excluded) selectable.push_back(id);
+        for (const aggregation::ClientTask& t : strategy->ConfigureTrain(r, selectable, rng)) {
           rpc::v1::Task task;
           task.set_kind(rpc::v1::Task::TRAIN);
           task.set_run_id(fs::path(o.state_dir).filename().string());
@@ -407,6 +433,14 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
           task.set_adapter_bytes(static_cast<int64_t>(global_bytes->size()));
           task.set_deadline_unix_ms(deadline_unix_ms);
           task.set_send_fisher(o.send_fisher);
+          if (auto pit = plans.find(t.client); pit != plans.end()) {
+            const planner::Candidate& pc = pit->second.c;
+            for (auto m : pc.modules) task.mutable_plan()->add_train_modules(model::ModuleName(m));
+            task.mutable_plan()->set_base_type(kernels::TypeTraits(pc.base).name);
+            task.mutable_plan()->set_explanation(pit->second.explanation);
+            task.set_batch(pc.batch);
+            task.set_local_steps(pc.local_steps);
+          }
           assigned[t.client] = task;
         }
       }
@@ -510,6 +544,22 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       FT_RETURN_IF_ERROR(ledger->CommitRound(r, res.metrics, recs));
       std::error_code ec;
       fs::remove(absl::StrCat(o.state_dir, "/global-", r - 2, ".safetensors"), ec);
+      if (o.planning) {  // module importance: blend with where this round's merged update moved
+        std::map<model::Module, std::pair<double, double>> energy;
+        for (const auto& [name, v] : next) {
+          const auto git = global.find(name);
+          if (git == global.end() || git->second.size() != v.size()) continue;
+          for (model::Module m : o.planning->options.adapted)
+            if (name.find(std::string(".") + model::GgufModuleName(m) + ".") != std::string::npos) {
+              for (size_t i = 0; i < v.size(); ++i) energy[m].first += static_cast<double>(v[i] - git->second[i]) * (v[i] - git->second[i]);
+              energy[m].second += static_cast<double>(v.size());
+            }
+        }
+        std::map<model::Module, double> moved;
+        for (const auto& [m, e] : energy) moved[m] = e.second > 0 ? e.first / e.second : 0;
+        moved = planner::NormaliseImportance(moved);
+        for (auto& [m, v] : importance) v = 0.5 * v + 0.5 * (moved.count(m) ? moved[m] : 0.0);
+      }
       {
         std::lock_guard<std::mutex> l(mu);
         global = std::move(next);
@@ -553,6 +603,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
     FT_LOG_INFO("resuming after committed round {}", im.committed);
   }
   im.o = std::move(o);
+  if (im.o.planning)
+    for (model::Module m : im.o.planning->options.adapted) im.importance[m] = 1.0 / static_cast<double>(im.o.planning->options.adapted.size());
   im.upload_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_uploads));
   im.download_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_downloads));
   im.strategy = std::move(strategy);

@@ -9,7 +9,10 @@
 #include <memory>
 #include <string>
 
+#include <optional>
+
 #include "aggregation/strategy.h"
+#include "planner/planner.h"
 #include "proto/service.pb.h"
 
 namespace fedtune::coordinator {
@@ -43,6 +46,13 @@ struct ServerOptions {
   bool send_fisher = false;
   size_t max_update_bytes = 256u << 20;
   uint64_t seed = 1;
+  // Heterogeneity-aware planning (issue 8): per-worker modules, batch, local steps and base type
+  // each round from the joined workers' profiles. `uniform` inside is the configured training.
+  struct Planning {
+    planner::ModelShape shape;
+    planner::PlannerOptions options;
+  };
+  std::optional<Planning> planning;
   std::string http_address;               // "127.0.0.1:9090": /metrics, / (dashboard), /status.json; empty: off
 };
 

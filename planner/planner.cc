@@ -180,9 +180,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     const double usable = o.memory_margin * w.memory_mib;
     double smallest = std::numeric_limits<double>::infinity();
     Candidate smallest_c;
+    std::vector<int> batches = o.batches;  // larger first: on ties the larger batch wins
+    std::sort(batches.rbegin(), batches.rend());
     for (const auto& s : sets)
       for (auto b : bases)
-        for (int batch : o.batches)
+        for (int batch : batches)
           for (int steps = 1; steps <= o.max_local_steps; ++steps) {
             Candidate c{s, b, batch, steps};
             const double mib = o.memory.PredictMiB(shape, o.spec, o.adapted, c, o.seq);
@@ -240,7 +242,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
   // Smallest T >= t_min whose best total utility reaches the uniform configuration's.
   auto lo = std::lower_bound(times.begin(), times.end(), t_min);
   auto hi = times.end() - 1;
-  const double target = plan.uniform_utility;
+  const double target = o.work_factor * plan.uniform_utility;
   if (total(*hi) < target) {
     lo = hi;  // cannot match the uniform work: take the most the fleet can do
   } else {

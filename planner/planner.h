@@ -10,8 +10,9 @@
 //   utility(c)  = n B * sum_{m in S} I_m / sum_m I_m     (examples processed, weighted by the
 //                                                         importance I of the modules trained)
 // Minimise the round time T = max_k time_k(c_k) subject to every worker that fits anything
-// taking part and sum_k utility(c_k) >= the uniform configuration's utility (the same training
-// work as everyone running the uniform configuration). For a fixed T the problem separates: each
+// taking part and sum_k utility(c_k) >= work_factor x the uniform configuration's utility (1: the
+// same training work as everyone running the uniform configuration). Ties go to larger batches
+// (fewer, less noisy steps) and then to higher base precision. For a fixed T the problem separates: each
 // worker takes its highest-utility candidate with time <= T, and the best sum is monotone in T,
 // so scanning the sorted candidate times (binary search) finds the optimum exactly over the
 // candidate grid. Module sets are enumerated exhaustively up to 10 adapted modules (1,023
@@ -90,6 +91,7 @@ struct PlannerOptions {
   int max_local_steps = 8;
   std::vector<kernels::GgmlType> base_types;  // empty: the stored type only
   Candidate uniform;                      // the configuration the plan is measured against
+  double work_factor = 1.0;               // training work to reach: this x the uniform configuration's
   double memory_margin = 0.9;             // plan within this fraction of a worker's memory
   bool send_fisher = false;               // uploads carry a Fisher tensor per delta
   MemoryModel memory = MemoryModel::Fitted();

@@ -68,6 +68,8 @@ absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerC
   }
   if (pc.memory_margin() < 0 || pc.memory_margin() > 1) return absl::InvalidArgumentError("planner.memory_margin must be in (0, 1]");
   if (pc.memory_margin() > 0) o.memory_margin = pc.memory_margin();
+  if (pc.work_factor() < 0) return absl::InvalidArgumentError("planner.work_factor must be > 0");
+  if (pc.work_factor() > 0) o.work_factor = pc.work_factor();
   return o;
 }
 

@@ -34,7 +34,8 @@ if (pplKeys.length) line('ppl', 'Held-out perplexity (text domains)', pplKeys.ma
 else document.getElementById('ppl').parentNode.style.display = 'none';
 line('bytes', 'Traffic per round', [['up (MiB)', series('bytes_up').map(v => v === null ? null : v / 1048576)],
   ['down (MiB)', series('bytes_down').map(v => v === null ? null : v / 1048576)]], 'MiB');
-line('time', 'Round time', [['simulated (slowest client incl. links)', series('sim_round_seconds')], ['wall, this machine', series('wall_seconds')]], 's');
+line('time', 'Round time', [['simulated (slowest client incl. links)', series('sim_round_seconds')], ['wall, this machine', series('wall_seconds')]]
+  .concat(R.some(r => r.planned_round_seconds !== undefined) ? [['planner prediction', series('planned_round_seconds')]] : []), 's');
 if (R.some(r => r.epsilon !== undefined || r.local_epsilon !== undefined))
   line('epsilon', 'Privacy spent', [['central epsilon', series('epsilon')], ['local epsilon (worst client)', series('local_epsilon')]], 'epsilon');
 else document.getElementById('epsilon').parentNode.style.display = 'none';

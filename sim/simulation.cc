@@ -484,6 +484,18 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> rebased;  // bases re-quantized for plans
   std::optional<planner::Plan> plan;
   const kernels::GgmlType stored_type = model->layer(0).wq.type;
+  const planner::ModelShape shape = planner::ModelShape::Of(*model);
+  planner::PlannerOptions po;
+  std::map<model::Module, double> importance;
+  std::vector<planner::WorkerProfile> wprof;  // refreshed from measured training speed each round
+  // Loads a re-quantized copy of the base the first time a plan asks for one.
+  auto ensure_base = [&](kernels::GgmlType t) -> absl::Status {
+    if (t == stored_type || rebased.count(t)) return absl::OkStatus();
+    FT_ASSIGN_OR_RETURN(auto m2, model::LlamaModel::Load(c.model().path()));
+    FT_RETURN_IF_ERROR(m2->Requantize(t).status());
+    rebased[t] = std::move(m2);
+    return absl::OkStatus();
+  };
   {
     std::vector<std::vector<model::Example>> all;
     std::vector<ClientForPlan> cp;
@@ -491,10 +503,8 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       all.push_back(cl.train);
       cp.push_back({cl.name, cl.speed, cl.bandwidth_mbps, cl.latency_ms, cl.memory_mib});
     }
-    const planner::ModelShape shape = planner::ModelShape::Of(*model);
     const planner::Candidate uniform{s.modules, stored_type, s.batch, s.local_steps};
-    FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, PlannerOptionsFrom(c.planner(), s.spec, s.modules, uniform, LongestExample(all), lt.send_fisher,
-                                                                       lt.finetune.recompute));
+    FT_ASSIGN_OR_RETURN(po, PlannerOptionsFrom(c.planner(), s.spec, s.modules, uniform, LongestExample(all), lt.send_fisher, lt.finetune.recompute));
     if (c.planner().enabled()) {
       say("planner: calibration pass (probe adapter, module importance and training speed)");
       FT_ASSIGN_OR_RETURN(Calibration cal, Calibrate(*model, clients[0].train, s.spec, s.modules, s.batch,
@@ -504,18 +514,16 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       for (const auto& [m, v] : cal.importance) imp.push_back(absl::StrFormat("%s %.0f%%", model::ModuleName(m), 100 * v));
       say(absl::StrFormat("planner: module importance %s; %.0f training tokens/s here (%.1f s)", absl::StrJoin(imp, ", "), cal.tokens_per_second,
                           cal.seconds));
-      FT_ASSIGN_OR_RETURN(plan, planner::MakePlan(shape, cal.importance, ProfilesForPlan(cp, cal), po));
+      importance = cal.importance;
+      wprof = ProfilesForPlan(cp, cal);
+      FT_ASSIGN_OR_RETURN(plan, planner::MakePlan(shape, importance, wprof, po));
       FT_RETURN_IF_ERROR(ledger->SetRunInfo("plan", plan->summary));
       FT_RETURN_IF_ERROR(ledger->SetRunInfo("importance", absl::StrJoin(imp, ", ")));
       for (const planner::WorkerPlan& wp : plan->workers) {
         plans[wp.worker] = wp;
         say(absl::StrCat("planner: ", wp.worker, " ", wp.excluded ? wp.reason : wp.explanation));
         FT_RETURN_IF_ERROR(ledger->SetRunInfo("plan/" + wp.worker, wp.excluded ? wp.reason : wp.explanation));
-        if (!wp.excluded && wp.c.base != stored_type && !rebased.count(wp.c.base)) {
-          FT_ASSIGN_OR_RETURN(auto m2, model::LlamaModel::Load(c.model().path()));
-          FT_RETURN_IF_ERROR(m2->Requantize(wp.c.base).status());
-          rebased[wp.c.base] = std::move(m2);
-        }
+        if (!wp.excluded) FT_RETURN_IF_ERROR(ensure_base(wp.c.base));
       }
       say("planner: " + plan->summary);
       // plan.json: what bench/run_plan.sh checks against measured peaks (fedtune train per plan).
@@ -584,6 +592,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     }
     std::vector<aggregation::ClientFailure> failures;
     std::vector<coordinator::ClientRoundRecord> client_recs;
+    std::map<std::string, double> observed_tps;  // simulated training speed seen this round (re-planning)
     double sim_round = 0, loss_sum = 0;
     int64_t bytes_up = 0, bytes_down = 0;
     int dropped = 0, trained = 0;
@@ -627,6 +636,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       }
       train_wall += secs;
       client_secs += secs;
+      if (plan && secs > 0 && lr.report.tokens > 0) observed_tps[cl.name] = static_cast<double>(lr.report.tokens) / (secs / cl.speed);
       const int64_t up = worker::TensorBytes(lr.update.delta) + worker::TensorBytes(lr.update.fisher);
       const double comm_up = cl.latency_ms / 1000.0 + static_cast<double>(up) * 8 / (cl.bandwidth_mbps * 1e6);
       sim_round = std::max(sim_round, comm_down + secs / cl.speed + comm_up);
@@ -689,6 +699,45 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     }
     FT_RETURN_IF_ERROR(committed.status());
     aggregation::RoundResult rr = std::move(*committed);
+    if (plan && c.planner().replan_every_round() && rr.global && round < s.rounds) {
+      // Re-plan for the next round: training speed from what each client just took (the
+      // profile, refreshed), module importance blended with where the merged update moved
+      // (its energy per value and module).
+      std::map<model::Module, std::pair<double, double>> energy;
+      for (const auto& [name, v] : *rr.global) {
+        const auto git = global.find(name);
+        if (git == global.end()) continue;
+        for (model::Module m : s.modules)
+          if (name.find(std::string(".") + model::GgufModuleName(m) + ".") != std::string::npos) {
+            for (size_t i = 0; i < v.size(); ++i) energy[m].first += static_cast<double>(v[i] - git->second[i]) * (v[i] - git->second[i]);
+            energy[m].second += static_cast<double>(v.size());
+          }
+      }
+      std::map<model::Module, double> moved;
+      for (const auto& [m, e] : energy) moved[m] = e.second > 0 ? e.first / e.second : 0;
+      moved = planner::NormaliseImportance(moved);
+      for (auto& [m, v] : importance) v = 0.5 * v + 0.5 * (moved.count(m) ? moved[m] : 0.0);
+      for (planner::WorkerProfile& w : wprof)
+        if (auto it = observed_tps.find(w.name); it != observed_tps.end()) w.tokens_per_second = 0.5 * w.tokens_per_second + 0.5 * it->second;
+      FT_ASSIGN_OR_RETURN(planner::Plan next, planner::MakePlan(shape, importance, wprof, po));
+      int changed = 0;
+      for (const planner::WorkerPlan& wp : next.workers) {
+        const planner::WorkerPlan& old = plans[wp.worker];
+        if (wp.excluded != old.excluded || wp.c.modules != old.c.modules || wp.c.batch != old.c.batch || wp.c.local_steps != old.c.local_steps ||
+            wp.c.base != old.c.base) {
+          ++changed;
+          say(absl::StrCat("planner: round ", round + 1, ": ", wp.worker, " ", wp.excluded ? wp.reason : wp.explanation));
+        }
+        if (!wp.excluded) FT_RETURN_IF_ERROR(ensure_base(wp.c.base));
+        plans[wp.worker] = wp;
+      }
+      FT_RETURN_IF_ERROR(ledger->SetRunInfo(absl::StrCat("plan/round-", round + 1), next.summary));
+      say(absl::StrFormat("planner: re-planned for round %d (%d clients changed): %s", round + 1, changed, next.summary));
+      rec.metrics["planned_round_seconds"] = plan->round_seconds;  // what this round was planned at
+      plan = std::move(next);
+    } else if (plan) {
+      rec.metrics["planned_round_seconds"] = plan->round_seconds;
+    }
     if (rr.global) global = std::move(*rr.global);
     for (const auto& [k, v] : rr.metrics) rec.metrics[k] = v;
     rec.metrics["train_loss"] = trained ? loss_sum / trained : 0.0;
@@ -696,7 +745,6 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     rec.metrics["bytes_up"] = static_cast<double>(bytes_up);
     rec.metrics["bytes_down"] = static_cast<double>(bytes_down);
     rec.metrics["sim_round_seconds"] = sim_round;
-    if (plan) rec.metrics["planned_round_seconds"] = plan->round_seconds;
     rec.metrics["server_merge_seconds"] = Seconds(t_server, Clock::now());
     rec.metrics["client_seconds"] = client_secs;
     if (lt.finetune.dp_clip > 0) rec.metrics["local_epsilon"] = local_eps;

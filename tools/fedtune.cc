@@ -26,6 +26,7 @@
 #include "model/sampler.h"
 #include "model/tasks.h"
 #include "common/config_loader.h"
+#include "sim/planning.h"
 #include "sim/simulation.h"
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
@@ -442,7 +443,13 @@ int RunCoordinator(const std::string& path) {
   o.max_concurrent_uploads = OrDefault(c.max_concurrent_uploads(), 4);
   o.heartbeat_ms = OrDefault(c.heartbeat_seconds(), 2) * 1000;
   o.offline_after_ms = OrDefault(c.offline_after_seconds(), 30) * 1000;
-  m->reset();  // the base was needed for the adapter layout only
+  if (c.planner().enabled()) {
+    const planner::Candidate uniform{*modules, (*m)->layer(0).wq.type, o.batch, o.local_steps};
+    auto po = sim::PlannerOptionsFrom(c.planner(), spec, *modules, uniform, OrDefault(c.planner().seq(), 256), o.send_fisher, true);
+    if (!po.ok()) return Fail(po.status());
+    o.planning = coordinator::ServerOptions::Planning{planner::ModelShape::Of(**m), *po};
+  }
+  m->reset();  // the base was needed for the adapter layout (and the planner's model shape) only
   auto server = coordinator::CoordinatorServer::Start(o, std::move(*strategy));
   if (!server.ok()) return Fail(server.status());
   std::printf("coordinator listening on port %d (state in %s)\n", (*server)->port(), o.state_dir.c_str());
@@ -489,7 +496,7 @@ int RunWorker(const std::string& path) {
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train), g_stop);
+  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train, c.model().path()), g_stop);
   if (!r.ok()) return Fail(r.status());
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned)\n", r->rounds_trained, r->rounds_reused, r->rounds_abandoned);
   return 0;

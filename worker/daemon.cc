@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <filesystem>
 #include <optional>
@@ -16,6 +17,7 @@
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "coordinator/update_codec.h"
+#include "kernels/quant.h"
 #include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
 
@@ -255,16 +257,41 @@ uint64_t TrainingSeed(const std::string& worker, int round) {
   return h ^ static_cast<uint64_t>(round);
 }
 
-Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data) {
-  return [&model, &data](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
-                         const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
+Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path) {
+  struct Bases {
+    std::mutex mu;
+    std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> by_type;
+  };
+  auto bases = std::make_shared<Bases>();
+  return [&model, &data, model_path, bases](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
+                                            const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     const auto& p = task.plan();
+    const model::LlamaModel* base = &model;
+    if (!p.base_type().empty()) {
+      const auto t = kernels::GgmlTypeFromName(p.base_type());
+      if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", p.base_type()));
+      if (*t != model.layer(0).wq.type) {
+        std::lock_guard<std::mutex> l(bases->mu);
+        auto& slot = bases->by_type[*t];
+        if (!slot) {
+          if (model_path.empty()) return absl::FailedPreconditionError(absl::StrCat("task asks for base ", p.base_type(), " but the model path is unknown"));
+          FT_ASSIGN_OR_RETURN(slot, model::LlamaModel::Load(model_path));
+          FT_ASSIGN_OR_RETURN(size_t bytes, slot->Requantize(*t));
+          FT_LOG_INFO("base re-quantized to {} for the plan: {:.1f} MiB of projections", p.base_type(), static_cast<double>(bytes) / (1 << 20));
+        }
+        base = slot.get();
+      }
+    }
     const auto kind = model::ParseAdapterKind(p.kind());
     if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind()));
     FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules().empty() ? "all" : absl::StrJoin(p.modules(), ",")));
     model::AdapterSpec spec{*kind, p.rank(), p.alpha(), p.rslora(), p.blocks()};
-    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, p.adapter_seed()));
+    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(base->adapter_dims(), spec, modules, p.adapter_seed()));
     LocalTrainOptions lt;
+    if (p.train_modules_size() > 0) {
+      FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules(), ",")));
+      if (!p.explanation().empty()) FT_LOG_INFO("round {} plan: {}", task.round(), p.explanation());
+    }
     lt.finetune.steps = task.local_steps();
     lt.finetune.batch = task.batch();
     lt.finetune.log_every = 0;
@@ -276,7 +303,7 @@ Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Ex
     const int steps = std::max(task.local_steps(), 1);
     lt.on_step = [&progress, steps](const model::StepLog& s) { progress(static_cast<double>(s.step) / steps); };
     std::map<std::string, double> config(task.config().begin(), task.config().end());
-    return TrainLocal(model, data, global, config, me, lt, &adapters);
+    return TrainLocal(*base, data, global, config, me, lt, &adapters);
   };
 }
 

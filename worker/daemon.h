@@ -46,8 +46,10 @@ struct DaemonReport {
 using Trainer = std::function<absl::StatusOr<LocalResult>(const rpc::v1::Task& task, const aggregation::TensorMap& global,
                                                           const std::string& worker, const std::function<void(double)>& progress)>;
 
-// The real trainer: the task's adapter plan on `model`, fine-tuned on `data`.
-Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data);
+// The real trainer: the task's adapter plan on `model`, fine-tuned on `data`. A plan that trains
+// part of the modules (`train_modules`) keeps the others frozen in the model; a plan with another
+// `base_type` re-quantizes a copy of the base loaded from `model_path` (once per type).
+Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "");
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 Trainer StandInTrainer(int64_t num_examples, double seconds);
 

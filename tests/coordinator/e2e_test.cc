@@ -311,6 +311,54 @@ TEST_F(E2ETest, AKeptUpdateIsUploadedAfterRestartsWithoutRetraining) {
     for (size_t i = 0; i < v.size(); ++i) ASSERT_NEAR(got.at(name)[i], v[i], 1e-7) << name;
 }
 
+// issue 8 in deployment: the coordinator plans per worker from the profiles the workers report
+// (memory, training speed, link): a worker too small for any configuration is told why in the
+// status and never gets a task, the others train their planned share.
+TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
+  const std::string state = testing::TempPath("e2e_state_plan");
+  fs::remove_all(state);
+  auto o = Options(state);
+  o.rounds = 2;
+  o.min_workers = 3;
+  planner::PlannerOptions po;
+  po.spec = Spec();
+  po.adapted = *model::ParseModules("q,v");
+  po.seq = 96;
+  po.batches = {1, 2, 4};
+  po.max_local_steps = 4;
+  po.uniform = {po.adapted, model_->layer(0).wq.type, 4, 2};
+  o.planning = coordinator::ServerOptions::Planning{planner::ModelShape::Of(*model_), po};
+  auto server = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  std::vector<absl::StatusOr<worker::DaemonReport>> reports(3, absl::UnknownError("not run"));
+  const double memory[3] = {4096, 4096, 1}, speed[3] = {2000, 200, 2000};
+  for (int k = 0; k < 3; ++k)
+    threads.emplace_back([&, k] {
+      auto d = Daemon("w" + std::to_string(k + 1), (*server)->port());
+      d.profile.set_memory_bytes(static_cast<int64_t>(memory[k] * (1 << 20)));
+      d.profile.set_train_tokens_per_second(speed[k]);
+      d.profile.set_link_mbps(1000);
+      reports[static_cast<size_t>(k)] = worker::RunDaemon(d, worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
+    });
+  // The third worker is never given a task: stop it once the run is over.
+  ASSERT_TRUE((*server)->Wait().ok());
+  auto status = coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json");
+  stop = true;
+  for (auto& t : threads) t.join();
+  EXPECT_EQ((*server)->last_committed_round(), 2);
+  ASSERT_TRUE(status.ok()) << status.status();
+  EXPECT_NE(status->find("left out: the smallest configuration"), std::string::npos) << *status;
+  EXPECT_NE(status->find("% of module importance"), std::string::npos) << *status;
+  for (int k = 0; k < 2; ++k) {
+    ASSERT_TRUE(reports[static_cast<size_t>(k)].ok()) << reports[static_cast<size_t>(k)].status();
+    EXPECT_EQ(reports[static_cast<size_t>(k)]->rounds_trained, 2);
+  }
+  ASSERT_TRUE(reports[2].ok()) << reports[2].status();
+  EXPECT_EQ(reports[2]->rounds_trained, 0);
+}
+
 TEST_F(E2ETest, WorkersWithoutValidCertificateOrTokenAreRefused) {
   const std::string state = testing::TempPath("e2e_state_sec");
   fs::remove_all(state);
