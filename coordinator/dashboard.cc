@@ -50,10 +50,11 @@ function render(D) {
   draw('memory', 'line', 'Coordinator memory', labels, [['peak RSS in round (MiB)', s('rss_peak_mib')]], 'MiB');
   draw('epsilon', 'line', 'Privacy spent', labels, [['epsilon', s('epsilon')]], 'epsilon');
   let w = '<tr><th>worker</th><th>state</th><th>round</th><th>progress</th><th>cores</th><th>memory GiB</th><th>train tok/s</th>' +
-          '<th>link Mbit/s</th><th>last seen s</th><th>updates accepted</th></tr>';
+          '<th>link Mbit/s</th><th>last seen s</th><th>updates accepted</th><th>plan (why)</th></tr>';
   for (const x of W) w += `<tr class="${esc(x.state)}"><td>${esc(x.id)}</td><td>${esc(x.state)}</td><td>${x.round || '-'}</td>` +
     `<td>${x.round ? (100 * x.progress).toFixed(0) + '%' : '-'}</td><td>${x.cores}</td><td>${num(x.memory_bytes / 1073741824, 1)}</td>` +
-    `<td>${num(x.train_tokens_per_second, 0)}</td><td>${num(x.link_mbps, 0)}</td><td>${num(x.last_seen_seconds, 1)}</td><td>${x.updates_accepted}</td></tr>`;
+    `<td>${num(x.train_tokens_per_second, 0)}</td><td>${num(x.link_mbps, 0)}</td><td>${num(x.last_seen_seconds, 1)}</td><td>${x.updates_accepted}</td>` +
+    `<td style="text-align:left;font-size:85%">${esc(x.plan || '')}</td></tr>`;
   document.getElementById('workers').innerHTML = w;
   let t = '<tr><th>round</th><th>accepted</th><th>failed</th><th>train loss</th><th>round s</th><th>overhead s</th><th>MiB in</th>' +
           '<th>MiB out</th><th>peak RSS MiB</th><th>update norm</th><th>epsilon</th></tr>';
