@@ -454,17 +454,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       double rss_peak = CurrentRssMiB(), train_max = 0, loss_sum = 0;
       int accepted = 0;
       const auto deadline = Clock::now() + std::chrono::milliseconds(o.deadline_ms);
-      for (;;) {
-        std::deque<aggregation::ClientUpdate> batch;
-        bool complete = false;
-        {
-          std::unique_lock<std::mutex> l(mu);
-          cv.wait_until(l, deadline, [&] { return shutdown || !inbox.empty() || received.size() == assigned.size(); });
-          if (shutdown) return absl::CancelledError("coordinator shut down");
-          batch.swap(inbox);
-          complete = received.size() == assigned.size();
-        }
-        cv.notify_all();  // room in the inbox
+      auto fold = [&](std::deque<aggregation::ClientUpdate>& batch) {
         for (auto& u : batch) {
           auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
           ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), 0};
@@ -480,22 +470,29 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
           recs.push_back(rec);
           rss_peak = std::max(rss_peak, CurrentRssMiB());
         }
+      };
+      for (;;) {
+        std::deque<aggregation::ClientUpdate> batch;
+        bool complete = false;
+        {
+          std::unique_lock<std::mutex> l(mu);
+          cv.wait_until(l, deadline, [&] { return shutdown || !inbox.empty() || received.size() == assigned.size(); });
+          if (shutdown) return absl::CancelledError("coordinator shut down");
+          batch.swap(inbox);
+          complete = received.size() == assigned.size();
+        }
+        cv.notify_all();  // room in the inbox
+        fold(batch);
         if (complete || Clock::now() >= deadline) break;
         if (o.target_updates > 0 && accepted >= o.target_updates) {
-          std::lock_guard<std::mutex> l(mu);
-          closed = true;  // late workers are told to abandon; their uploads are refused
-          batch.swap(inbox);
-          for (auto& u : batch) {  // already accepted on upload: fold them in too
-            ClientRoundRecord rec{u.client, "ok", u.num_examples, 0, 0, 0};
-            const std::string who = u.client;
-            if (absl::Status st = agg->Add(std::move(u)); !st.ok()) {
-              rec.status = absl::StrCat("rejected: ", st.message());
-              failures.push_back({who, st});
-            } else {
-              ++accepted;
-            }
-            recs.push_back(rec);
+          std::deque<aggregation::ClientUpdate> rest;
+          {
+            std::lock_guard<std::mutex> l(mu);
+            closed = true;  // late workers are told to abandon; their uploads are refused
+            rest.swap(inbox);
           }
+          cv.notify_all();
+          fold(rest);  // already accepted on upload: folded in too
           break;
         }
       }
@@ -544,22 +541,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       FT_RETURN_IF_ERROR(ledger->CommitRound(r, res.metrics, recs));
       std::error_code ec;
       fs::remove(absl::StrCat(o.state_dir, "/global-", r - 2, ".safetensors"), ec);
-      if (o.planning) {  // module importance: blend with where this round's merged update moved
-        std::map<model::Module, std::pair<double, double>> energy;
-        for (const auto& [name, v] : next) {
-          const auto git = global.find(name);
-          if (git == global.end() || git->second.size() != v.size()) continue;
-          for (model::Module m : o.planning->options.adapted)
-            if (name.find(std::string(".") + model::GgufModuleName(m) + ".") != std::string::npos) {
-              for (size_t i = 0; i < v.size(); ++i) energy[m].first += static_cast<double>(v[i] - git->second[i]) * (v[i] - git->second[i]);
-              energy[m].second += static_cast<double>(v.size());
-            }
-        }
-        std::map<model::Module, double> moved;
-        for (const auto& [m, e] : energy) moved[m] = e.second > 0 ? e.first / e.second : 0;
-        moved = planner::NormaliseImportance(moved);
-        for (auto& [m, v] : importance) v = 0.5 * v + 0.5 * (moved.count(m) ? moved[m] : 0.0);
-      }
+      if (o.planning)  // module importance: blend with where this round's merged update moved
+        planner::BlendImportance(importance, planner::UpdateEnergy(global, next, o.planning->options.adapted));
       {
         std::lock_guard<std::mutex> l(mu);
         global = std::move(next);

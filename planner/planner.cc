@@ -127,6 +127,30 @@ std::map<model::Module, double> NormaliseImportance(const std::map<model::Module
   return out;
 }
 
+std::map<model::Module, double> UpdateEnergy(const std::map<std::string, std::vector<float>>& before,
+                                             const std::map<std::string, std::vector<float>>& after, const std::vector<model::Module>& modules) {
+  std::map<model::Module, std::pair<double, double>> energy;  // sum of squares, values
+  for (const auto& [name, v] : after) {
+    const auto b = before.find(name);
+    if (b == before.end() || b->second.size() != v.size()) continue;
+    for (model::Module m : modules)
+      if (name.find(std::string(".") + model::GgufModuleName(m) + ".") != std::string::npos) {
+        for (size_t i = 0; i < v.size(); ++i) energy[m].first += static_cast<double>(v[i] - b->second[i]) * (v[i] - b->second[i]);
+        energy[m].second += static_cast<double>(v.size());
+      }
+  }
+  std::map<model::Module, double> moved;
+  for (const auto& [m, e] : energy) moved[m] = e.second > 0 ? e.first / e.second : 0;
+  return NormaliseImportance(moved);
+}
+
+void BlendImportance(std::map<model::Module, double>& importance, const std::map<model::Module, double>& moved) {
+  for (auto& [m, v] : importance) {
+    const auto it = moved.find(m);
+    v = 0.5 * v + 0.5 * (it == moved.end() ? 0.0 : it->second);
+  }
+}
+
 double Utility(const std::map<model::Module, double>& importance, const Candidate& c) {
   double cover = 0;
   for (auto m : c.modules)

@@ -120,6 +120,13 @@ struct Plan {
 // divided by its number of values so that large modules are not favoured for their size.
 std::map<model::Module, double> NormaliseImportance(const std::map<model::Module, double>& raw);
 
+// Where a round's merged update moved: mean squared change per value of each module's tensors
+// (names "blk.<l>.<gguf module>.<part>"), normalised. Blended into the current importance
+// half and half (`BlendImportance`), this is the importance refresh between rounds.
+std::map<model::Module, double> UpdateEnergy(const std::map<std::string, std::vector<float>>& before,
+                                             const std::map<std::string, std::vector<float>>& after, const std::vector<model::Module>& modules);
+void BlendImportance(std::map<model::Module, double>& importance, const std::map<model::Module, double>& moved);
+
 absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Module, double>& importance,
                               const std::vector<WorkerProfile>& workers, const PlannerOptions& o);
 

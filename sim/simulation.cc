@@ -703,20 +703,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       // Re-plan for the next round: training speed from what each client just took (the
       // profile, refreshed), module importance blended with where the merged update moved
       // (its energy per value and module).
-      std::map<model::Module, std::pair<double, double>> energy;
-      for (const auto& [name, v] : *rr.global) {
-        const auto git = global.find(name);
-        if (git == global.end()) continue;
-        for (model::Module m : s.modules)
-          if (name.find(std::string(".") + model::GgufModuleName(m) + ".") != std::string::npos) {
-            for (size_t i = 0; i < v.size(); ++i) energy[m].first += static_cast<double>(v[i] - git->second[i]) * (v[i] - git->second[i]);
-            energy[m].second += static_cast<double>(v.size());
-          }
-      }
-      std::map<model::Module, double> moved;
-      for (const auto& [m, e] : energy) moved[m] = e.second > 0 ? e.first / e.second : 0;
-      moved = planner::NormaliseImportance(moved);
-      for (auto& [m, v] : importance) v = 0.5 * v + 0.5 * (moved.count(m) ? moved[m] : 0.0);
+      planner::BlendImportance(importance, planner::UpdateEnergy(global, *rr.global, s.modules));
       for (planner::WorkerProfile& w : wprof)
         if (auto it = observed_tps.find(w.name); it != observed_tps.end()) w.tokens_per_second = 0.5 * w.tokens_per_second + 0.5 * it->second;
       FT_ASSIGN_OR_RETURN(planner::Plan next, planner::MakePlan(shape, importance, wprof, po));
