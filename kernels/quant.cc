@@ -5,6 +5,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#include <vector>
 #include <string>
 
 #include "common/fp16.h"
@@ -212,6 +213,55 @@ void QuantNf4(const float* x, uint8_t* b) {
   for (int j = 0; j < 32; ++j) b[4 + j] = static_cast<uint8_t>((NearestNf4(x[2 * j] * inv) << 4) | NearestNf4(x[2 * j + 1] * inv));
 }
 
+// NF4_DQ row: header (scale, mean), nb absmax codes, nb x 32 bytes of nibbles.
+constexpr size_t kNf4DqHeader = 8;
+
+void DequantNf4DqRow(const uint8_t* s, float* y, int64_t n) {
+  const int64_t nb = n / kNf4Block;
+  float scale, mean;
+  std::memcpy(&scale, s, 4);
+  std::memcpy(&mean, s + 4, 4);
+  const auto* codes = reinterpret_cast<const int8_t*>(s + kNf4DqHeader);
+  const uint8_t* q = s + kNf4DqHeader + nb;
+  for (int64_t i = 0; i < nb; ++i) {
+    const float absmax = mean + static_cast<float>(codes[i]) * scale;
+    const uint8_t* qb = q + i * 32;
+    float* yb = y + i * kNf4Block;
+    for (int j = 0; j < 32; ++j) {
+      yb[2 * j] = kNf4Codes[qb[j] >> 4] * absmax;
+      yb[2 * j + 1] = kNf4Codes[qb[j] & 15] * absmax;
+    }
+  }
+}
+
+void QuantNf4DqRow(const float* x, uint8_t* d, int64_t n) {
+  const int64_t nb = n / kNf4Block;
+  std::vector<float> absmax(static_cast<size_t>(nb), 0.0f);
+  double sum = 0;
+  for (int64_t i = 0; i < nb; ++i) {
+    for (int j = 0; j < kNf4Block; ++j) absmax[static_cast<size_t>(i)] = std::max(absmax[static_cast<size_t>(i)], std::fabs(x[i * kNf4Block + j]));
+    sum += absmax[static_cast<size_t>(i)];
+  }
+  const float mean = nb ? static_cast<float>(sum / static_cast<double>(nb)) : 0.0f;
+  float spread = 0.0f;
+  for (float a : absmax) spread = std::max(spread, std::fabs(a - mean));
+  const float scale = spread / 127.0f;
+  std::memcpy(d, &scale, 4);
+  std::memcpy(d + 4, &mean, 4);
+  auto* codes = reinterpret_cast<int8_t*>(d + kNf4DqHeader);
+  uint8_t* q = d + kNf4DqHeader + nb;
+  for (int64_t i = 0; i < nb; ++i) {
+    const float a = absmax[static_cast<size_t>(i)];
+    const int c = scale > 0 ? static_cast<int>(std::lround((a - mean) / scale)) : 0;
+    codes[i] = static_cast<int8_t>(std::clamp(c, -127, 127));
+    // Codes are chosen against the absmax the reader will reconstruct.
+    const float stored = mean + static_cast<float>(codes[i]) * scale;
+    const float inv = stored > 0 ? 1.0f / stored : 0.0f;
+    const float* xb = x + i * kNf4Block;
+    for (int j = 0; j < 32; ++j) q[i * 32 + j] = static_cast<uint8_t>((NearestNf4(xb[2 * j] * inv) << 4) | NearestNf4(xb[2 * j + 1] * inv));
+  }
+}
+
 }  // namespace
 
 const float kNf4Codes[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
@@ -225,6 +275,7 @@ std::optional<GgmlTypeTraits> GetTypeTraits(uint32_t id) {
     case GgmlType::kF16: return GgmlTypeTraits{"F16", 1, 2, true};
     case GgmlType::kBF16: return GgmlTypeTraits{"BF16", 1, 2, true};
     case GgmlType::kNF4: return GgmlTypeTraits{"NF4", kNf4Block, 36, true};
+    case GgmlType::kNF4DQ: return GgmlTypeTraits{"NF4_DQ", kNf4Block, 33, true};  // + 8 bytes per row (RowBytes)
     case GgmlType::kQ4_0: return GgmlTypeTraits{"Q4_0", kQK, 18, true};
     case GgmlType::kQ4_1: return GgmlTypeTraits{"Q4_1", kQK, 20, true};
     case GgmlType::kQ5_0: return GgmlTypeTraits{"Q5_0", kQK, 22, true};
@@ -254,6 +305,7 @@ std::optional<GgmlType> GgmlTypeFromName(std::string_view name) {
     if (tr && up == tr->name) return static_cast<GgmlType>(id);
   }
   if (up == "NF4") return GgmlType::kNF4;
+  if (up == "NF4_DQ") return GgmlType::kNF4DQ;
   return std::nullopt;
 }
 
@@ -263,7 +315,7 @@ absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n) {
     return absl::InvalidArgumentError(absl::StrCat("row of ", n, " values is not a multiple of ",
                                                    tr.name, "'s block size ", tr.block_size));
   }
-  return static_cast<size_t>(n / tr.block_size) * tr.type_size;
+  return static_cast<size_t>(n / tr.block_size) * tr.type_size + (t == GgmlType::kNF4DQ ? kNf4DqHeader : 0);
 }
 
 void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n) {
@@ -283,6 +335,7 @@ void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n) {
         dst[i] = Bf16ToFp32(v);
       }
       return;
+    case GgmlType::kNF4DQ: DequantNf4DqRow(s, dst, n); return;
     default: break;
   }
   for (int64_t i = 0; i < nb; ++i) {
@@ -323,6 +376,9 @@ absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
       break;
     case GgmlType::kNF4:
       for (int64_t i = 0; i < n / kNf4Block; ++i) QuantNf4(src + i * kNf4Block, d + static_cast<size_t>(i) * tr.type_size);
+      return absl::OkStatus();
+    case GgmlType::kNF4DQ:
+      QuantNf4DqRow(src, d, n);
       return absl::OkStatus();
     default:
       return absl::UnimplementedError(absl::StrCat("quantizing to ", tr.name, " is not supported"));

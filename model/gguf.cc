@@ -240,7 +240,8 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Parse(std::unique_ptr<Mapped
     }
     uint32_t type = 0;
     FT_RETURN_IF_ERROR(c.Read(&type, "tensor type"));
-    const auto traits = type == static_cast<uint32_t>(GgmlType::kNF4) ? std::nullopt : kernels::GetTypeTraits(type);
+    // fedtune's in-memory types (NF4, NF4_DQ: ids from 0x1000) are never valid in a file.
+    const auto traits = type >= static_cast<uint32_t>(GgmlType::kNF4) ? std::nullopt : kernels::GetTypeTraits(type);
     if (!traits) return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' has unknown type id ", type));
     if (!traits->supported) return absl::UnimplementedError(absl::StrCat("GGUF: tensor '", t.name, "' has block type ", traits->name, ", which fedtune cannot dequantize"));
     t.type = static_cast<GgmlType>(type);
@@ -404,7 +405,8 @@ void GgufWriter::SetValue(const std::string& key, const GgufValue& v) {
 absl::Status GgufWriter::AddTensor(const std::string& name, std::vector<int64_t> ne, kernels::GgmlType type,
                                    std::span<const uint8_t> data) {
   if (name.size() > 64) return absl::InvalidArgumentError(absl::StrCat("tensor name '", name, "' is longer than 64 bytes"));
-  if (type == kernels::GgmlType::kNF4) return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': NF4 is in-memory only, not a GGUF type"));
+  if (type == kernels::GgmlType::kNF4 || type == kernels::GgmlType::kNF4DQ)
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': ", kernels::TypeTraits(type).name, " is in-memory only, not a GGUF type"));
   if (ne.empty() || ne.size() > 4) return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' must have 1 to 4 dims"));
   int64_t n = 1;
   for (int64_t d : ne) n *= d;

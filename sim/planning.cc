@@ -63,7 +63,7 @@ absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerC
     if (b < 1) return absl::InvalidArgumentError("planner.batches: every batch must be >= 1");
   for (const std::string& t : pc.base_types()) {
     const auto ty = kernels::GgmlTypeFromName(t);
-    if (!ty) return absl::InvalidArgumentError(absl::StrCat("planner.base_types: unknown type '", t, "' (q8_0, q4_0, q4_1, nf4)"));
+    if (!ty) return absl::InvalidArgumentError(absl::StrCat("planner.base_types: unknown type '", t, "' (q8_0, q4_0, q4_1, nf4, nf4_dq)"));
     o.base_types.push_back(*ty);
   }
   if (pc.memory_margin() < 0 || pc.memory_margin() > 1) return absl::InvalidArgumentError("planner.memory_margin must be in (0, 1]");

@@ -184,7 +184,7 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
     if (total != s.clients) return Bad("profiles", absl::StrCat("counts add up to ", total, ", but clients is ", s.clients));
   }
   if (!c.train().base_type().empty() && !kernels::GgmlTypeFromName(c.train().base_type()))
-    return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, f16 or f32");
+    return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, nf4_dq, f16 or f32");
   if (c.secure_aggregation().enabled()) {
     if (s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
       return Bad("secure_aggregation.enabled", "needs strategy.merge mean or uncertainty (the server only sees a sum)");

@@ -199,7 +199,7 @@ struct TrainArgs {
 absl::Status ApplyBaseType(model::LlamaModel& m, const std::string& base_type) {
   if (base_type.empty()) return absl::OkStatus();
   const auto t = kernels::GgmlTypeFromName(base_type);
-  if (!t) return absl::InvalidArgumentError("--base-type must be q8_0, q4_0, q4_1, nf4, f16 or f32");
+  if (!t) return absl::InvalidArgumentError("--base-type must be q8_0, q4_0, q4_1, nf4, nf4_dq, f16 or f32");
   const size_t before = m.ProjectionBytes();
   FT_ASSIGN_OR_RETURN(size_t after, m.Requantize(*t));
   std::fprintf(stderr, "[fedtune] base projections re-quantized to %s: %.1f MiB -> %.1f MiB\n", kernels::TypeTraits(*t).name,
@@ -589,7 +589,7 @@ int main(int argc, char** argv) {
   train->add_flag("--no-recompute", ta.no_recompute, "Keep all activations instead of recomputing them in backward");
   train->add_option("--checkpoint-every", ta.checkpoint_every, "Write OUT/checkpoint.safetensors (adapters + optimizer) every N steps");
   train->add_flag("--resume", ta.resume, "Continue from OUT/checkpoint.safetensors (same data, seed and options)");
-  train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4");
+  train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization)");
 
   auto* ev = app.add_subcommand("eval", "Held-out loss, perplexity and exact-match accuracy");
   std::string ev_model, ev_data, ev_adapter;

@@ -177,12 +177,16 @@ TEST(RequantizeTest, LowerPrecisionBasesStayCloseAndShrink) {
   for (float v : base) base_norm += v * v;
   size_t prev_bytes = (*ref)->ProjectionBytes();
   for (auto [t, tol] : {std::pair{kernels::GgmlType::kQ8_0, 0.02}, std::pair{kernels::GgmlType::kNF4, 0.2},
-                        std::pair{kernels::GgmlType::kQ4_0, 0.25}}) {
+                        std::pair{kernels::GgmlType::kQ4_0, 0.25}, std::pair{kernels::GgmlType::kNF4DQ, 0.2}}) {
     auto m = LlamaModel::Load(path);
     ASSERT_TRUE(m.ok());
     auto bytes = (*m)->Requantize(t);
     ASSERT_TRUE(bytes.ok()) << bytes.status();
-    EXPECT_LE(*bytes, prev_bytes) << kernels::TypeTraits(t).name;  // NF4 and Q4_0 both take 4.5 bits
+    // NF4 and Q4_0 both take 4.5 bits. NF4_DQ's 8-byte row header only pays from 171 values per
+    // row (this tiny model's rows are shorter; the kernels test checks a 576-value row).
+    if (t != kernels::GgmlType::kNF4DQ) {
+      EXPECT_LE(*bytes, prev_bytes) << kernels::TypeTraits(t).name;
+    }
     const auto l = logits(**m);
     double err = 0;
     for (size_t i = 0; i < l.size(); ++i) err += (l[i] - base[i]) * (l[i] - base[i]);
