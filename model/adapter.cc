@@ -1,6 +1,7 @@
 #include "model/adapter.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 
 #include "common/rng.h"
@@ -172,10 +173,96 @@ int64_t AdapterSet<T>::NumTrainable() const {
 template <typename T>
 absl::StatusOr<AdapterSet<T>> MakeAdapters(const ModelDims& dims, const AdapterSpec& spec, const std::vector<Module>& modules,
                                            uint64_t seed) {
+  return MakeAdaptersWithLayout<T>(dims, spec, modules, "", seed);
+}
+
+absl::StatusOr<std::vector<std::optional<LayerSetting>>> ParseLayerLayout(std::string_view layout, int64_t n_layer,
+                                                                          const std::vector<Module>& default_modules) {
+  std::vector<std::optional<LayerSetting>> out(static_cast<size_t>(n_layer));
+  if (layout.empty()) {
+    for (auto& o : out) o = LayerSetting{default_modules, 0};
+    return out;
+  }
+  size_t start = 0;
+  while (start <= layout.size()) {
+    const size_t semi = layout.find(';', start);
+    const std::string_view entry = layout.substr(start, semi == std::string_view::npos ? std::string_view::npos : semi - start);
+    auto bad = [&](const std::string& why) {
+      return absl::InvalidArgumentError(absl::StrCat("layer layout entry '", std::string(entry), "': ", why));
+    };
+    std::vector<std::string_view> parts;
+    for (size_t p = 0; p <= entry.size();) {
+      const size_t colon = entry.find(':', p);
+      parts.push_back(entry.substr(p, colon == std::string_view::npos ? std::string_view::npos : colon - p));
+      if (colon == std::string_view::npos) break;
+      p = colon + 1;
+    }
+    if (parts.empty() || parts[0].empty()) return bad("expected LAYERS[:MODULES][:rRANK]");
+    LayerSetting setting{default_modules, 0};
+    for (size_t i = 1; i < parts.size(); ++i) {
+      if (!parts[i].empty() && parts[i][0] == 'r' && parts[i].size() > 1 && std::isdigit(static_cast<unsigned char>(parts[i][1]))) {
+        int64_t r = 0;
+        for (char ch : parts[i].substr(1)) {
+          if (!std::isdigit(static_cast<unsigned char>(ch))) return bad("rank must be rNUMBER");
+          r = r * 10 + (ch - '0');
+          if (r > 65536) return bad("rank too large");
+        }
+        if (r < 1) return bad("rank must be >= 1");
+        setting.rank = r;
+      } else {
+        auto m = ParseModules(parts[i]);
+        if (!m.ok()) return bad(std::string(m.status().message()));
+        setting.modules = *m;
+      }
+    }
+    std::vector<bool> chosen(static_cast<size_t>(n_layer), false);
+    if (parts[0] == "*") {
+      std::fill(chosen.begin(), chosen.end(), true);
+    } else {
+      for (size_t p = 0; p <= parts[0].size();) {
+        const size_t comma = parts[0].find(',', p);
+        const std::string_view item = parts[0].substr(p, comma == std::string_view::npos ? std::string_view::npos : comma - p);
+        const size_t dash = item.find('-');
+        auto num = [&](std::string_view t, int64_t* v) {
+          if (t.empty()) return false;
+          *v = 0;
+          for (char ch : t) {
+            if (!std::isdigit(static_cast<unsigned char>(ch))) return false;
+            *v = *v * 10 + (ch - '0');
+            if (*v > 1000000) return false;
+          }
+          return true;
+        };
+        int64_t a = 0, b = 0;
+        if (!num(dash == std::string_view::npos ? item : item.substr(0, dash), &a) || (dash != std::string_view::npos && !num(item.substr(dash + 1), &b)))
+          return bad(absl::StrCat("'", std::string(item), "' is not a layer or a range A-B"));
+        if (dash == std::string_view::npos) b = a;
+        if (a > b || b >= n_layer) return bad(absl::StrCat("layers ", a, "-", b, " outside 0-", n_layer - 1));
+        for (int64_t l = a; l <= b; ++l) chosen[static_cast<size_t>(l)] = true;
+        if (comma == std::string_view::npos) break;
+        p = comma + 1;
+      }
+    }
+    for (int64_t l = 0; l < n_layer; ++l)
+      if (chosen[static_cast<size_t>(l)]) out[static_cast<size_t>(l)] = setting;
+    if (semi == std::string_view::npos) break;
+    start = semi + 1;
+  }
+  return out;
+}
+
+template <typename T>
+absl::StatusOr<AdapterSet<T>> MakeAdaptersWithLayout(const ModelDims& dims, const AdapterSpec& spec, const std::vector<Module>& modules,
+                                                     std::string_view layout, uint64_t seed) {
+  FT_ASSIGN_OR_RETURN(auto per_layer, ParseLayerLayout(layout, dims.n_layer, modules));
   AdapterSet<T> set;
   set.layers.resize(static_cast<size_t>(dims.n_layer));
   for (int64_t l = 0; l < dims.n_layer; ++l) {
-    for (Module mod : modules) {
+    const auto& setting = per_layer[static_cast<size_t>(l)];
+    if (!setting) continue;
+    AdapterSpec layer_spec = spec;
+    if (setting->rank > 0) layer_spec.rank = setting->rank;
+    for (Module mod : setting->modules) {
       int64_t in = dims.n_embd, out = dims.n_embd;
       switch (mod) {
         case Module::kK: case Module::kV: out = dims.n_kv; break;
@@ -185,7 +272,7 @@ absl::StatusOr<AdapterSet<T>> MakeAdapters(const ModelDims& dims, const AdapterS
       }
       // One seed per (layer, module) derived from the run seed: splitmix-style mixing.
       const uint64_t s = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(l) * 131 + static_cast<uint64_t>(mod) + 1;
-      auto a = ModuleAdapter<T>::Create(spec, in, out, s);
+      auto a = ModuleAdapter<T>::Create(layer_spec, in, out, s);
       if (!a.ok()) return absl::Status(a.status().code(), absl::StrCat("layer ", l, " ", ModuleName(mod), ": ", a.status().message()));
       set.layers[static_cast<size_t>(l)][static_cast<size_t>(mod)] = std::move(*a);
     }
@@ -212,6 +299,10 @@ absl::StatusOr<std::vector<Module>> ParseModules(std::string_view list) {
 }
 
 template absl::StatusOr<AdapterSet<float>> MakeAdapters<float>(const ModelDims&, const AdapterSpec&, const std::vector<Module>&, uint64_t);
+template absl::StatusOr<AdapterSet<float>> MakeAdaptersWithLayout<float>(const ModelDims&, const AdapterSpec&, const std::vector<Module>&,
+                                                                       std::string_view, uint64_t);
+template absl::StatusOr<AdapterSet<double>> MakeAdaptersWithLayout<double>(const ModelDims&, const AdapterSpec&, const std::vector<Module>&,
+                                                                         std::string_view, uint64_t);
 template absl::StatusOr<AdapterSet<double>> MakeAdapters<double>(const ModelDims&, const AdapterSpec&, const std::vector<Module>&, uint64_t);
 
 template struct ModuleAdapter<float>;

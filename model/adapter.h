@@ -95,4 +95,20 @@ absl::StatusOr<AdapterSet<T>> MakeAdapters(const ModelDims& dims, const AdapterS
 // Parses "q,k,v,o,gate,up,down" or "all" / "attn" / "mlp".
 absl::StatusOr<std::vector<Module>> ParseModules(std::string_view list);
 
+// Per-layer settings: entries "LAYERS[:MODULES][:rRANK]" separated by ';', e.g.
+// "0-14:q,v:r4;15-29:all:r16" or "20-29" (only the top ten layers, default modules and rank).
+// LAYERS is "*" or a comma list of indices and ranges. Later entries override earlier ones for
+// the layers they name; layers no entry names get no adapters. Errors name the entry.
+struct LayerSetting {
+  std::vector<Module> modules;
+  int64_t rank = 0;  // 0: the spec's
+};
+absl::StatusOr<std::vector<std::optional<LayerSetting>>> ParseLayerLayout(std::string_view layout, int64_t n_layer,
+                                                                          const std::vector<Module>& default_modules);
+// MakeAdapters with per-layer settings (an empty layout: every layer, `modules`, the spec's rank).
+// Same seeds per (layer, module) as MakeAdapters, so FFA-LoRA's frozen A agrees.
+template <typename T>
+absl::StatusOr<AdapterSet<T>> MakeAdaptersWithLayout(const ModelDims& dims, const AdapterSpec& spec, const std::vector<Module>& modules,
+                                                     std::string_view layout, uint64_t seed);
+
 }  // namespace fedtune::model

@@ -1,5 +1,7 @@
 #include "model/adapter_io.h"
 
+#include <algorithm>
+
 #include <set>
 
 #include "absl/strings/str_join.h"
@@ -12,12 +14,18 @@ absl::Status SaveAdapters(const std::string& path, AdapterSet<float>& adapters) 
   SafetensorsWriter w;
   std::optional<AdapterSpec> spec;
   std::vector<std::string> modules;
+  std::vector<std::string> layout;  // explicit per-layer layout (ParseLayerLayout syntax)
   for (size_t l = 0; l < adapters.layers.size(); ++l) {
+    std::vector<std::string> layer_modules;
+    int64_t layer_rank = 0;
     for (int mod = 0; mod < kNumModules; ++mod) {
       auto& a = adapters.layers[l][static_cast<size_t>(mod)];
       if (!a) continue;
-      spec = a->spec;
-      if (l == 0) modules.push_back(ModuleName(static_cast<Module>(mod)));
+      if (!spec) spec = a->spec;
+      layer_modules.push_back(ModuleName(static_cast<Module>(mod)));
+      layer_rank = a->spec.rank;
+      if (std::find(modules.begin(), modules.end(), ModuleName(static_cast<Module>(mod))) == modules.end())
+        modules.push_back(ModuleName(static_cast<Module>(mod)));
       const std::string base = "blk." + std::to_string(l) + "." + GgufModuleName(static_cast<Module>(mod)) + ".";
       if (a->spec.kind == AdapterKind::kDiaBlo) {
         FT_RETURN_IF_ERROR(w.AddF32(base + "diablo", {a->spec.blocks, a->b_in, a->b_out}, a->d));
@@ -26,8 +34,10 @@ absl::Status SaveAdapters(const std::string& path, AdapterSet<float>& adapters) 
         FT_RETURN_IF_ERROR(w.AddF32(base + "lora_b", {a->out, a->spec.rank}, a->b));
       }
     }
+    if (!layer_modules.empty()) layout.push_back(absl::StrCat(l, ":", absl::StrJoin(layer_modules, ","), ":r", layer_rank));
   }
   if (!spec) return absl::InvalidArgumentError("no adapters to save");
+  w.SetMetadata("fedtune.layout", absl::StrJoin(layout, ";"));
   w.SetMetadata("fedtune.adapter", AdapterKindName(spec->kind));
   w.SetMetadata("fedtune.rank", std::to_string(spec->rank));
   w.SetMetadata("fedtune.alpha", std::to_string(spec->alpha));
@@ -61,9 +71,11 @@ absl::StatusOr<AdapterSet<float>> LoadAdapters(const std::string& path, const Mo
   }
   spec.rslora = rslora == "true";
   FT_ASSIGN_OR_RETURN(auto modules, ParseModules(mods));
-  FT_ASSIGN_OR_RETURN(auto set, MakeAdapters<float>(dims, spec, modules, 0));
+  const auto layout = md.find("fedtune.layout");  // files before per-layer settings have none
+  FT_ASSIGN_OR_RETURN(auto set, MakeAdaptersWithLayout<float>(dims, spec, modules, layout == md.end() ? "" : layout->second, 0));
   for (size_t l = 0; l < set.layers.size(); ++l) {
-    for (Module mod : modules) {
+    for (Module mod : kAllModules) {
+      if (!set.layers[l][static_cast<size_t>(mod)]) continue;
       auto& a = *set.layers[l][static_cast<size_t>(mod)];
       const std::string base = "blk." + std::to_string(l) + "." + GgufModuleName(mod) + ".";
       auto load = [&](const std::string& name, std::vector<float>& dst) -> absl::Status {

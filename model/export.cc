@@ -32,8 +32,10 @@ absl::StatusOr<AdapterSpec> CommonSpec(const AdapterSet<float>& s) {
   for (const auto& l : s.layers)
     for (const auto& a : l) {
       if (!a) continue;
-      if (spec && (spec->kind != a->spec.kind || spec->alpha / static_cast<float>(spec->rank) != a->spec.alpha / static_cast<float>(a->spec.rank))) {
-        return absl::UnimplementedError("exporting adapters of mixed kinds or scales in one file is not supported");
+      // Per-layer ranks are fine (PEFT's rank_pattern; llama.cpp takes each tensor's rank), with
+      // one alpha: both scale by alpha / (the module's rank).
+      if (spec && (spec->kind != a->spec.kind || spec->alpha != a->spec.alpha || spec->rslora != a->spec.rslora)) {
+        return absl::UnimplementedError("exporting adapters of mixed kinds, alphas or scalings in one file is not supported");
       }
       if (!spec) spec = a->spec;
     }
@@ -72,6 +74,7 @@ absl::Status ExportPeft(const std::string& dir, const LlamaModel& model, const A
   const int64_t hd = model.config().head_dim;
   SafetensorsWriter w;
   std::vector<std::string> targets;
+  nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();  // modules whose rank is not `r`
   for (size_t l = 0; l < adapters.layers.size(); ++l) {
     for (int mi = 0; mi < kNumModules; ++mi) {
       const auto& a = adapters.layers[l][static_cast<size_t>(mi)];
@@ -79,6 +82,7 @@ absl::Status ExportPeft(const std::string& dir, const LlamaModel& model, const A
       const Module mod = static_cast<Module>(mi);
       if (std::find(targets.begin(), targets.end(), PeftModuleName(mod)) == targets.end()) targets.push_back(PeftModuleName(mod));
       const int64_t r = a->spec.rank;
+      if (r != spec.rank) rank_pattern[absl::StrCat("model.layers.", l, ".", PeftPrefix(mod), ".", PeftModuleName(mod))] = r;
       std::vector<float> b = a->b;
       if (IsRope(mod)) {
         for (int64_t row = 0; row < a->out; ++row) std::copy_n(a->b.begin() + row * r, r, b.begin() + HfRow(row, hd) * r);
@@ -96,7 +100,7 @@ absl::Status ExportPeft(const std::string& dir, const LlamaModel& model, const A
       {"peft_type", "LORA"}, {"task_type", "CAUSAL_LM"}, {"base_model_name_or_path", base_model_name},
       {"r", spec.rank}, {"lora_alpha", spec.alpha}, {"use_rslora", spec.rslora}, {"target_modules", targets},
       {"lora_dropout", 0.0}, {"fan_in_fan_out", false}, {"bias", "none"}, {"inference_mode", true},
-      {"init_lora_weights", true}, {"modules_to_save", nullptr},
+      {"init_lora_weights", true}, {"modules_to_save", nullptr}, {"rank_pattern", rank_pattern},
       {"fedtune", {{"adapter", AdapterKindName(spec.kind)}, {"note", spec.kind == AdapterKind::kFfaLora ? "FFA-LoRA: lora_A is the frozen shared init" : ""}}}};
   const std::string text = cfg.dump(2) + "\n";
   return WriteFileAtomic(dir + "/adapter_config.json", {reinterpret_cast<const uint8_t*>(text.data()), text.size()});
@@ -162,6 +166,10 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
     alpha = 1.0f;
   } else if (spec.rslora) {
     alpha = spec.alpha * std::sqrt(static_cast<float>(spec.rank));
+    for (const auto& l : adapters.layers)
+      for (const auto& a : l)
+        if (a && a->spec.rank != spec.rank)
+          return absl::UnimplementedError("GGUF-LoRA has one alpha per file: rsLoRA with per-layer ranks cannot be expressed (export PEFT instead)");
   }
   for (size_t l = 0; l < adapters.layers.size(); ++l) {
     for (int mi = 0; mi < kNumModules; ++mi) {

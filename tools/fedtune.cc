@@ -184,7 +184,7 @@ int RunPerplexity(const std::string& model_path, const std::string& file, int64_
 
 struct TrainArgs {
   std::string model, data, out = "out/train", init_adapter, base_type;
-  std::string adapter = "lora", modules = "all";
+  std::string adapter = "lora", modules = "all", layers;
   int64_t rank = 8, blocks = 16, max_len = 256;
   float alpha = 16.0f;
   bool rslora = false, no_recompute = false, resume = false;
@@ -233,13 +233,13 @@ int RunTrain(const TrainArgs& a) {
   model::AdapterSpec spec{*kind, a.rank, a.alpha, a.rslora, a.blocks};
   // --init: a fedtune adapter.safetensors, or a Hugging Face PEFT LoRA folder.
   absl::StatusOr<model::AdapterSet<float>> adapters =
-      a.init_adapter.empty()                          ? model::MakeAdapters<float>(m.adapter_dims(), spec, *modules, a.adapter_seed)
+      a.init_adapter.empty()                          ? model::MakeAdaptersWithLayout<float>(m.adapter_dims(), spec, *modules, a.layers, a.adapter_seed)
       : std::filesystem::is_directory(a.init_adapter) ? model::ImportPeft(a.init_adapter, m)
                                                       : model::LoadAdapters(a.init_adapter, m.adapter_dims());
   if (!adapters.ok()) return Fail(adapters.status());
   std::fprintf(stderr, "[fedtune] %zu train / %zu held-out examples (%lld truncated to %lld tokens); %s on %s: %lld trainable parameters\n",
                data->train.size(), data->eval.size(), static_cast<long long>(data->truncated), static_cast<long long>(a.max_len),
-               a.adapter.c_str(), a.modules.c_str(), static_cast<long long>(adapters->NumTrainable()));
+               a.adapter.c_str(), a.layers.empty() ? a.modules.c_str() : ("layers " + a.layers).c_str(), static_cast<long long>(adapters->NumTrainable()));
   std::error_code ec;
   std::filesystem::create_directories(a.out, ec);
   if (ec) return Fail(absl::InternalError("cannot create " + a.out + ": " + ec.message()));
@@ -568,6 +568,7 @@ int main(int argc, char** argv) {
   train->add_option("-o,--out", ta.out, "Output folder (adapter.safetensors)");
   train->add_option("--adapter", ta.adapter, "lora, ffa_lora or diablo");
   train->add_option("--modules", ta.modules, "q,k,v,o,gate,up,down | all | attn | mlp");
+  train->add_option("--layers", ta.layers, "Per-layer settings: LAYERS[:MODULES][:rRANK] entries separated by ';', e.g. \"0-14:q,v:r4;15-29:all:r16\" (layers no entry names get no adapters)");
   train->add_option("--rank", ta.rank, "LoRA rank")->check(CLI::Range(1, 4096));
   train->add_option("--alpha", ta.alpha, "LoRA alpha (scale alpha/rank)");
   train->add_flag("--rslora", ta.rslora, "Scale alpha/sqrt(rank)");
