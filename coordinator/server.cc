@@ -217,7 +217,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
     // A worker asks only when it holds no task, so a task it fetched before (and lost to a
     // restart or a failed transfer) is handed out again until its update is in.
-    auto has_task = [&] { return !closed && assigned.count(cn) && !received.count(cn); };
+    auto has_task = [&] { return !closed && UnixMs() < deadline_unix_ms && assigned.count(cn) && !received.count(cn); };
     cv.wait_until(l, until, [&] { return done || shutdown || has_task(); });
     Seen(cn);
     if (done || shutdown) {
@@ -244,7 +244,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       sha = global_sha;
     }
     if (req->offset() < 0 || static_cast<size_t>(req->offset()) > bytes->size()) return grpc::Status(grpc::StatusCode::OUT_OF_RANGE, "bad offset");
-    download_slots->acquire();
+    // Bounded wait: a slot held by a dead peer (until keepalive notices) must not stall everyone.
+    if (!download_slots->try_acquire_for(std::chrono::seconds(60))) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator busy; retry");
     struct Release {
       std::counting_semaphore<>& s;
       ~Release() { s.release(); }
@@ -281,15 +282,18 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     rpc::v1::UploadMessage m;
     if (!r->Read(&m) || !m.has_header()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "upload must start with a header");
     const rpc::v1::UpdateHeader h = m.header();
+    int64_t round_deadline_ms = 0;
     {
       std::lock_guard<std::mutex> l(mu);
       if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
+      round_deadline_ms = deadline_unix_ms;
     }
     if (h.total_bytes() < 0 || static_cast<size_t>(h.total_bytes()) > o.max_update_bytes)
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("update of ", h.total_bytes(), " bytes exceeds the limit of ", o.max_update_bytes));
     // Memory bound: only a few uploads are buffered and decoded at a time; the others wait here
     // with their data held back by gRPC's flow control.
-    upload_slots->acquire();
+    const auto slot_deadline = std::chrono::system_clock::time_point(std::chrono::milliseconds(round_deadline_ms));
+    if (!upload_slots->try_acquire_until(slot_deadline)) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline passed while waiting");
     struct Release {
       std::counting_semaphore<>& s;
       ~Release() { s.release(); }
@@ -375,6 +379,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
   }
 
   absl::Status RunRounds() {
+    int attempt = 0;  // of the current round (quorum retries)
     for (int r = committed + 1; r <= o.rounds; ++r) {
       const auto t_round = Clock::now();
       {
@@ -387,7 +392,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
         round = r;
         phase = "collect";
         FT_RETURN_IF_ERROR(PublishGlobal(r));
-        Rng rng(o.seed * 1000003 + static_cast<uint64_t>(r));
+        Rng rng(o.seed * 1000003 + static_cast<uint64_t>(r) + 7919 * static_cast<uint64_t>(attempt));  // a retry selects anew
         deadline_unix_ms = UnixMs() + o.deadline_ms;
         assigned.clear();
         fetched.clear();
@@ -496,6 +501,18 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
           break;
         }
       }
+      {
+        // Updates accepted while the last batch was being folded in (the deadline may have
+        // passed meanwhile) are still in the inbox: close the round and fold them in too.
+        std::deque<aggregation::ClientUpdate> rest;
+        {
+          std::lock_guard<std::mutex> l(mu);
+          closed = true;
+          rest.swap(inbox);
+        }
+        cv.notify_all();
+        fold(rest);
+      }
       const auto t_collected = Clock::now();
       {
         std::lock_guard<std::mutex> l(mu);
@@ -514,10 +531,14 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       }
       cv.notify_all();
       if (accepted < o.quorum) {
-        FT_LOG_WARN("round {}: {} updates accepted, quorum is {}; the round starts again", r, accepted, o.quorum);
+        ++attempt;
+        FT_LOG_WARN("round {}: {} updates accepted, quorum is {}; the round starts again (attempt {})", r, accepted, o.quorum, attempt + 1);
+        std::unique_lock<std::mutex> l(mu);  // back off a little; shutdown interrupts
+        cv.wait_for(l, std::chrono::milliseconds(std::min(10000, 500 * attempt)), [&] { return shutdown; });
         --r;
         continue;
       }
+      attempt = 0;
       FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
       FT_ASSIGN_OR_RETURN(aggregation::RoundResult res, strategy->Commit(r, global, std::move(merged), failures));
       aggregation::TensorMap next = res.global ? std::move(*res.global) : global;
@@ -564,6 +585,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   s->impl_ = std::make_unique<Impl>();
   Impl& im = *s->impl_;
   if (o.state_dir.empty()) return absl::InvalidArgumentError("coordinator: state_dir is required");
+  if (o.quorum < 1) return absl::InvalidArgumentError("coordinator: quorum must be >= 1");
+  if (o.target_updates > 0 && o.quorum > o.target_updates)
+    return absl::InvalidArgumentError(absl::StrCat("coordinator: quorum (", o.quorum, ") exceeds target_updates (", o.target_updates, "): no round could commit"));
   std::error_code ec;
   fs::create_directories(o.state_dir, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("coordinator: cannot create ", o.state_dir, ": ", ec.message()));
@@ -598,6 +622,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   b.AddListeningPort(im.o.address, grpc::SslServerCredentials(ssl), &im.port);
   b.RegisterService(&im);
   b.SetMaxReceiveMessageSize(4 << 20);
+  // Keepalive pings find peers that vanished mid-transfer (half-open TCP), so their streams end.
+  b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  b.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   // Memory bound for the transport: without it, every pending upload's data is buffered up to
   // its (BDP-grown) flow-control window, i.e. memory grows with the number of workers sending.
   // Under the quota's pressure gRPC shrinks its windows (bench/run_load.sh: 200 workers, 4 MB

@@ -139,16 +139,19 @@ std::map<model::Module, double> UpdateEnergy(const std::map<std::string, std::ve
         energy[m].second += static_cast<double>(v.size());
       }
   }
-  std::map<model::Module, double> moved;
-  for (const auto& [m, e] : energy) moved[m] = e.second > 0 ? e.first / e.second : 0;
+  std::map<model::Module, double> moved;  // modules nobody trained (no movement) are absent
+  for (const auto& [m, e] : energy)
+    if (e.first > 0 && e.second > 0) moved[m] = e.first / e.second;
   return NormaliseImportance(moved);
 }
 
 void BlendImportance(std::map<model::Module, double>& importance, const std::map<model::Module, double>& moved) {
-  for (auto& [m, v] : importance) {
-    const auto it = moved.find(m);
-    v = 0.5 * v + 0.5 * (it == moved.end() ? 0.0 : it->second);
-  }
+  // Only modules someone trained this round carry information; they share the importance mass
+  // they had (untrained modules keep theirs, so a module left out once is not starved forever).
+  double mass = 0;
+  for (const auto& [m, v] : moved) mass += importance.count(m) ? importance.at(m) : 0.0;
+  for (auto& [m, v] : importance)
+    if (auto it = moved.find(m); it != moved.end()) v = 0.5 * v + 0.5 * it->second * mass;
 }
 
 double Utility(const std::map<model::Module, double>& importance, const Candidate& c) {

@@ -11,8 +11,8 @@
 //                                                         importance I of the modules trained)
 // Minimise the round time T = max_k time_k(c_k) subject to every worker that fits anything
 // taking part and sum_k utility(c_k) >= work_factor x the uniform configuration's utility (1: the
-// same training work as everyone running the uniform configuration). Ties go to larger batches
-// (fewer, less noisy steps) and then to higher base precision. For a fixed T the problem separates: each
+// same training work as everyone running the uniform configuration). Ties go to higher base
+// precision, then to larger batches (fewer, less noisy steps). For a fixed T the problem separates: each
 // worker takes its highest-utility candidate with time <= T, and the best sum is monotone in T,
 // so scanning the sorted candidate times (binary search) finds the optimum exactly over the
 // candidate grid. Module sets are enumerated exhaustively up to 10 adapted modules (1,023

@@ -81,7 +81,7 @@ class Heartbeats {
 
 // The update kept in the state directory (see daemon.h).
 struct Kept {
-  std::string run_id, adapter_sha256;
+  std::string run_id, adapter_sha256, task_key;
   int round = 0;
   int64_t num_examples = 0;
   std::map<std::string, double> metrics;
@@ -95,18 +95,28 @@ absl::Status SaveKept(const std::string& dir, const Kept& k) {
   // Payload first, then the description naming its checksum: a crash between the two leaves a
   // description that does not match and is ignored.
   FT_RETURN_IF_ERROR(WriteFileAtomic(KeptData(dir), std::string(k.payload.begin(), k.payload.end())));
-  nlohmann::json j = {{"run_id", k.run_id},         {"round", k.round},     {"adapter_sha256", k.adapter_sha256},
+  nlohmann::json j = {{"run_id", k.run_id}, {"round", k.round}, {"adapter_sha256", k.adapter_sha256}, {"task", k.task_key},
                       {"num_examples", k.num_examples}, {"metrics", k.metrics}, {"payload_sha256", coordinator::Sha256Hex(k.payload)}};
   return WriteFileAtomic(KeptMeta(dir), j.dump(1));
 }
 
-std::optional<Kept> LoadKept(const std::string& dir, const rpc::v1::Task& task) {
+// What an update was trained for: the round's task without its deadline (a retried round has a
+// new one). A kept update is reused only for the very same task.
+std::string TaskKey(const rpc::v1::Task& task) {
+  rpc::v1::Task t = task;
+  t.clear_deadline_unix_ms();
+  std::string bytes;
+  t.SerializeToString(&bytes);  // deterministic enough here: same binary, same message
+  return coordinator::Sha256Hex(std::vector<uint8_t>(bytes.begin(), bytes.end()));
+}
+
+std::optional<Kept> LoadKept(const std::string& dir, const rpc::v1::Task& task) try {
   if (dir.empty()) return std::nullopt;
   auto meta = ReadFileToString(KeptMeta(dir));
   if (!meta.ok()) return std::nullopt;
   const nlohmann::json j = nlohmann::json::parse(*meta, nullptr, false);
-  if (j.is_discarded() || j.value("run_id", "") != task.run_id() || j.value("round", 0) != task.round() ||
-      j.value("adapter_sha256", "") != task.adapter_sha256())
+  if (j.is_discarded() || !j.is_object() || j.value("run_id", "") != task.run_id() || j.value("round", 0) != task.round() ||
+      j.value("adapter_sha256", "") != task.adapter_sha256() || j.value("task", "") != TaskKey(task))
     return std::nullopt;
   auto data = ReadFileToString(KeptData(dir));
   if (!data.ok()) return std::nullopt;
@@ -120,7 +130,11 @@ std::optional<Kept> LoadKept(const std::string& dir, const rpc::v1::Task& task) 
   if (j.contains("metrics") && j["metrics"].is_object())
     for (const auto& [name, v] : j["metrics"].items())
       if (v.is_number()) k.metrics[name] = v.get<double>();
+  k.task_key = TaskKey(task);
   return k;
+} catch (const nlohmann::json::exception& e) {  // a damaged state file: train again
+  FT_LOG_WARN("ignoring the state directory's kept update: {}", e.what());
+  return std::nullopt;
 }
 
 // The round's global adapter; a broken stream is resumed at the received offset (3 tries).
@@ -156,6 +170,8 @@ absl::StatusOr<std::vector<uint8_t>> Download(rpc::v1::Coordinator::Stub& stub, 
 grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Kept& kept,
                         rpc::v1::UploadResponse* resp) {
   grpc::ClientContext ctx;
+  // Past the round's deadline (plus slack for the clock) the coordinator refuses it anyway.
+  if (task.deadline_unix_ms() > 0) ctx.set_deadline(std::chrono::system_clock::time_point(std::chrono::milliseconds(task.deadline_unix_ms() + 30000)));
   auto writer = stub.UploadUpdate(&ctx, resp);
   rpc::v1::UploadMessage head;
   auto* h = head.mutable_header();
@@ -216,6 +232,7 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     kept->run_id = task.run_id();
     kept->round = task.round();
     kept->adapter_sha256 = task.adapter_sha256();
+    kept->task_key = TaskKey(task);
     kept->num_examples = lr.update.num_examples;
     kept->metrics = lr.update.metrics;
     FT_ASSIGN_OR_RETURN(kept->payload, coordinator::EncodeUpdate(lr.update));
@@ -241,6 +258,10 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   FT_RETURN_IF_ERROR(FromGrpc(fin, absl::StrCat("upload of round ", task.round())));
   if (!resp.accepted()) {
     FT_LOG_WARN("round {}: the coordinator refused the update: {}", task.round(), resp.reason());
+    if (!o.state_dir.empty()) {  // never offer a refused update again
+      std::error_code ec;
+      std::filesystem::remove(KeptMeta(o.state_dir), ec);
+    }
     return absl::OkStatus();
   }
   ++rep->rounds_trained;

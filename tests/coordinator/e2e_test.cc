@@ -359,6 +359,16 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
   EXPECT_EQ(reports[2]->rounds_trained, 0);
 }
 
+TEST_F(E2ETest, AQuorumNoRoundCouldReachIsRefusedAtStart) {
+  auto o = Options(testing::TempPath("e2e_state_quorum"));
+  o.target_updates = 1;
+  o.quorum = 2;
+  auto server = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+  ASSERT_FALSE(server.ok());
+  EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(server.status().message().find("quorum"), std::string::npos);
+}
+
 TEST_F(E2ETest, WorkersWithoutValidCertificateOrTokenAreRefused) {
   const std::string state = testing::TempPath("e2e_state_sec");
   fs::remove_all(state);
