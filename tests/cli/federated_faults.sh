@@ -29,15 +29,21 @@ strategy: {min_clients: 2}
 seed: 5
 YAML
 }
-start_coordinator() {  # name -> sets $port, $coord
+start_coordinator() {  # name [nth start] -> sets $port, $coord
   "$bin" coordinator --config "$dir/coord-$1.yaml" >> "$dir/$1.log" 2>&1 &
   coord=$!
   port=""
-  for _ in $(seq 200); do
-    port="$(sed -n 's/.*listening on port \([0-9]*\).*/\1/p' "$dir/$1.log" | tail -1)"
-    [ -n "$port" ] && [ "$(grep -c 'listening on port' "$dir/$1.log")" -ge "${2:-1}" ] && break
+  local n=0
+  for _ in $(seq 600); do
+    # Count first, then read the port: the other order races with the line being written.
+    n="$(grep -c 'listening on port' "$dir/$1.log" || true)"
+    if [ "$n" -ge "${2:-1}" ]; then
+      port="$(sed -n 's/.*listening on port \([0-9]*\).*/\1/p' "$dir/$1.log" | tail -1)"
+      break
+    fi
     sleep 0.1
   done
+  [ -n "$port" ] || { echo "coordinator $1 did not start"; cat "$dir/$1.log"; exit 1; }
 }
 start_worker() {  # index port
   local w="worker-00$1"
