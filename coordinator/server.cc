@@ -382,13 +382,42 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     int attempt = 0;  // of the current round (quorum retries)
     for (int r = committed + 1; r <= o.rounds; ++r) {
       const auto t_round = Clock::now();
+      std::vector<std::string> available;
+      std::vector<planner::WorkerProfile> profiles;
       {
         std::unique_lock<std::mutex> l(mu);
         phase = "waiting for workers";
         // Re-check every second: workers that stop talking turn offline without an event.
         while (!shutdown && static_cast<int>(OnlineWorkers().size()) < o.min_workers) cv.wait_for(l, std::chrono::seconds(1));
         if (shutdown) return absl::CancelledError("coordinator shut down");
-        const std::vector<std::string> available = OnlineWorkers();
+        available = OnlineWorkers();
+        if (o.planning) {
+          phase = "plan";
+          for (const std::string& id : available) {
+            const rpc::v1::Profile& p = workers[id].profile;
+            profiles.push_back({id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
+                                p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0, p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20});
+          }
+        }
+      }
+      // Planning runs without the lock (it can take seconds with hundreds of workers): RPCs and
+      // heartbeats keep being served meanwhile. If it fails, everyone gets the configured training.
+      std::map<std::string, planner::WorkerPlan> plans;
+      if (o.planning) {
+        auto made = planner::MakePlan(o.planning->shape, importance, profiles, o.planning->options);
+        if (made.ok()) {
+          for (const planner::WorkerPlan& wp : made->workers) {
+            plans[wp.worker] = wp;
+            FT_LOG_INFO("round {} plan: {} {}", r, wp.worker, wp.excluded ? wp.reason : wp.explanation);
+          }
+          FT_LOG_INFO("round {} plan: {}", r, made->summary);
+        } else {
+          FT_LOG_WARN("round {}: planner: {}; every worker gets the configured training", r, made.status().ToString());
+        }
+      }
+      {
+        std::unique_lock<std::mutex> l(mu);
+        for (const auto& [id, wp] : plans) plan_notes[id] = wp.excluded ? wp.reason : wp.explanation;
         round = r;
         phase = "collect";
         FT_RETURN_IF_ERROR(PublishGlobal(r));
@@ -401,26 +430,6 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
         inbox.clear();
         closed = false;
         bytes_in = bytes_out = 0;
-        std::map<std::string, planner::WorkerPlan> plans;
-        if (o.planning) {
-          std::vector<planner::WorkerProfile> profiles;
-          for (const std::string& id : available) {
-            const rpc::v1::Profile& p = workers[id].profile;
-            profiles.push_back({id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
-                                p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0, p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20});
-          }
-          auto made = planner::MakePlan(o.planning->shape, importance, profiles, o.planning->options);
-          if (made.ok()) {
-            for (const planner::WorkerPlan& wp : made->workers) {
-              plans[wp.worker] = wp;
-              plan_notes[wp.worker] = wp.excluded ? wp.reason : wp.explanation;
-              FT_LOG_INFO("round {} plan: {} {}", r, wp.worker, plan_notes[wp.worker]);
-            }
-            FT_LOG_INFO("round {} plan: {}", r, made->summary);
-          } else {
-            FT_LOG_WARN("round {}: planner: {}; every worker gets the configured training", r, made.status().ToString());
-          }
-        }
         std::vector<std::string> selectable;
         for (const std::string& id : available)
           if (!plans.count(id) || !plans[id].excluded) selectable.push_back(id);

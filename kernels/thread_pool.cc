@@ -73,14 +73,24 @@ std::unique_ptr<ThreadPool>& PoolSlot() {
   static std::unique_ptr<ThreadPool> pool;
   return pool;
 }
+// Guards the slot: two threads making their first kernel call at once (in-process workers) must
+// not both create a pool, the second destroying the first while it runs a job (seen as a hang).
+std::mutex& PoolSlotMutex() {
+  static std::mutex m;
+  return m;
+}
 }  // namespace
 
 ThreadPool& DefaultPool() {
+  std::lock_guard<std::mutex> l(PoolSlotMutex());
   auto& p = PoolSlot();
   if (!p) p = std::make_unique<ThreadPool>(0);
   return *p;
 }
 
-void SetThreads(int n_threads) { PoolSlot() = std::make_unique<ThreadPool>(n_threads); }
+void SetThreads(int n_threads) {
+  std::lock_guard<std::mutex> l(PoolSlotMutex());
+  PoolSlot() = std::make_unique<ThreadPool>(n_threads);
+}
 
 }  // namespace fedtune::kernels

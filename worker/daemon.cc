@@ -391,7 +391,7 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const Trainer& tr
   // joining; the task in hand is retried (from the state directory when it was trained).
   auto transient = [](const absl::Status& s) {
     return absl::IsUnavailable(s) || absl::IsFailedPrecondition(s) || absl::IsCancelled(s) || absl::IsDeadlineExceeded(s) ||
-           absl::IsAborted(s) || absl::IsResourceExhausted(s);
+           absl::IsAborted(s) || absl::IsResourceExhausted(s) || absl::IsDataLoss(s);  // DataLoss: a corrupted download, fetched again
   };
   while (!stop) {
     std::string me;
