@@ -37,7 +37,9 @@ YAML
   wpid=$!
   # Sample the coordinator's RSS from its /metrics while it runs.
   ( peak=0; while kill -0 "$coord" 2>/dev/null; do
-      v="$(curl -s "http://127.0.0.1:$hport/metrics" 2>/dev/null | sed -n 's/^fedtune_process_resident_bytes \(.*\)/\1/p')"
+      # The coordinator's own /metrics on loopback (python3's urllib: no extra tool needed).
+      v="$(python3 -c "import urllib.request,sys; print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())" \
+             "http://127.0.0.1:$hport/metrics" 2>/dev/null | sed -n 's/^fedtune_process_resident_bytes \(.*\)/\1/p')"
       [ -n "$v" ] && echo "$v" >> "$dir/rss-$n.txt"; sleep 0.5; done ) &
   wait "$wpid" "$coord"
   echo "[load] $n workers: $(cat "$dir/workers-$n.log" | tail -1)"
