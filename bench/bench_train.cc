@@ -8,6 +8,7 @@
 #include "CLI/CLI.hpp"
 #include "common/rng.h"
 #include "kernels/gemm.h"
+#include "kernels/backend.h"
 #include "kernels/thread_pool.h"
 #include "model/optimizer.h"
 #include "model/trainer.h"
@@ -17,7 +18,8 @@ using namespace fedtune;
 int main(int argc, char** argv) {
   CLI::App app{"fedtune training benchmark"};
   std::string model_path, adapter = "lora", modules = "all";
-  int seq = 256, batch = 8, steps = 3, threads = 0;
+  std::string device = "cpu";
+  int seq = 256, batch = 8, steps = 3, threads = 0, micro_batch = 0;
   int64_t rank = 16, blocks = 16;
   bool no_recompute = false;
   app.add_option("model", model_path)->required();
@@ -30,6 +32,8 @@ int main(int argc, char** argv) {
   app.add_option("--steps", steps, "Timed steps (after one warm-up step)");
   app.add_option("-t,--threads", threads);
   app.add_flag("--no-recompute", no_recompute);
+  app.add_option("--micro-batch", micro_batch, "Sequences per forward/backward pass (0 = the whole batch)");
+  app.add_option("--device", device, "cpu (= cpu-fast), cpu-ref, cuda or auto");
   CLI11_PARSE(app, argc, argv);
   kernels::SetThreads(threads);
   auto m = model::LlamaModel::Load(model_path);
@@ -41,8 +45,11 @@ int main(int argc, char** argv) {
                                         model::AdapterSpec{*kind, rank, 2.0f * static_cast<float>(rank), false, blocks},
                                         *model::ParseModules(modules), 1);
   if (!set.ok()) return std::fprintf(stderr, "%s\n", std::string(set.status().message()).c_str()), 1;
-  model::Trainer<float> trainer(**m, &*set, !no_recompute);
+  auto backend = kernels::SelectBackend(device);
+  if (!backend.ok()) return std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str()), 1;
+  model::Trainer<float> trainer(**m, &*set, model::TrainerOptions{.recompute = !no_recompute, .micro_batch = micro_batch, .backend = *backend});
   model::AdamW opt({});
+  opt.set_backend(*backend);
   Rng rng(1);
   model::Batch b;
   b.n_seq = batch;
@@ -60,7 +67,8 @@ int main(int argc, char** argv) {
   }
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
-  std::printf("| fedtune (%s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB |\n", kernels::CpuPathName(), adapter.c_str(),
+  std::printf("| fedtune (%s%s%s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB |\n", (*backend)->Name(),
+              no_recompute ? ", no recompute" : ", recompute", micro_batch > 0 ? (", micro-batch " + std::to_string(micro_batch)).c_str() : "", adapter.c_str(),
               static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank), modules.c_str(), batch, seq,
               kernels::DefaultPool().size(), static_cast<double>(batch * seq * steps) / total, static_cast<double>(ru.ru_maxrss) / 1024.0);
   return 0;

@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels/fast_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
 #include "kernels/vec_dot.h"
@@ -118,30 +119,49 @@ void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_
 }
 
 namespace {
-// P = softmax(scale * Q_h K_g^T) with the causal mask, len x len, for one (sequence, head).
+// First key visible from query i of a row (0 without packing).
+inline int64_t FirstKey(const int32_t* seg_pos, int64_t i) { return seg_pos != nullptr ? i - seg_pos[i] : 0; }
+
+// P = softmax(scale * Q_h K_g^T) with the causal (and, packed, per-example) mask, len x len,
+// for one (sequence, head). seg_pos points at this sequence's positions or is null.
 template <typename T>
-void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t len, int64_t hd) {
+void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t len, int64_t hd,
+                 const int32_t* seg_pos, bool fast_exp) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
   Gemm<T>(false, true, len, len, hd, scale, qh, q_stride, kg, kv_stride, T(0), p, len);
   for (int64_t i = 0; i < len; ++i) {
     T* row = p + i * len;
-    T mx = row[0];
-    for (int64_t j = 1; j <= i; ++j) mx = std::max(mx, row[j]);
+    const int64_t j0 = FirstKey(seg_pos, i);
+    FT_CHECK(j0 >= 0 && j0 <= i);
+    std::fill(row, row + j0, T(0));
+    std::fill(row + i + 1, row + len, T(0));
+    T* vis = row + j0;
+    const int64_t nv = i + 1 - j0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (fast_exp) {
+        const float mx = avx2::MaxOf(vis, nv);
+        const double sum = avx2::SumExpShifted(vis, nv, mx);
+        avx2::ScaledExpShifted(vis, nv, mx, static_cast<float>(1.0 / sum));
+        continue;
+      }
+    }
+    T mx = vis[0];
+    for (int64_t j = 1; j < nv; ++j) mx = std::max(mx, vis[j]);
     double sum = 0.0;
-    for (int64_t j = 0; j <= i; ++j) {
-      row[j] = static_cast<T>(std::exp(static_cast<double>(row[j] - mx)));
-      sum += static_cast<double>(row[j]);
+    for (int64_t j = 0; j < nv; ++j) {
+      vis[j] = static_cast<T>(std::exp(static_cast<double>(vis[j] - mx)));
+      sum += static_cast<double>(vis[j]);
     }
     const T inv = static_cast<T>(1.0 / sum);
-    for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
-    for (int64_t j = i + 1; j < len; ++j) row[j] = T(0);
+    for (int64_t j = 0; j < nv; ++j) vis[j] *= inv;
   }
 }
 }  // namespace
 
 template <typename T>
 void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, int64_t n_head,
-                      int64_t n_head_kv, int64_t head_dim) {
+                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, bool fast_exp) {
+  fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
   DefaultPool().ParallelFor(n_seq * n_head, 1, [&](int64_t b, int64_t e, int) {
     thread_local std::vector<T> p;
@@ -149,7 +169,8 @@ void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq,
     for (int64_t idx = b; idx < e; ++idx) {
       const int64_t s = idx / n_head, h = idx % n_head, g = h / group;
       const int64_t row0 = s * len;
-      CausalProbs(q + row0 * E + h * head_dim, E, k + row0 * kvd + g * head_dim, kvd, p.data(), len, head_dim);
+      CausalProbs(q + row0 * E + h * head_dim, E, k + row0 * kvd + g * head_dim, kvd, p.data(), len, head_dim,
+                  seg_pos ? seg_pos + row0 : nullptr, fast_exp);
       Gemm<T>(false, false, len, head_dim, len, T(1), p.data(), len, v + row0 * kvd + g * head_dim, kvd, T(0),
               out + row0 * E + h * head_dim, E);
     }
@@ -158,7 +179,9 @@ void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq,
 
 template <typename T>
 void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq,
-                       int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim) {
+                       int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos,
+                       bool fast_exp) {
+  fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   // One task per (sequence, KV head): the query heads of a group add into the same dk/dv.
@@ -173,17 +196,20 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         const T* qh = q + row0 * E + h * head_dim;
         const T* doh = dout + row0 * E + h * head_dim;
-        CausalProbs(qh, E, kg, kvd, p.data(), len, head_dim);
+        const int32_t* sp = seg_pos ? seg_pos + row0 : nullptr;
+        CausalProbs(qh, E, kg, kvd, p.data(), len, head_dim, sp, fast_exp);
         // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
         Gemm<T>(true, false, len, head_dim, len, T(1), p.data(), len, doh, E, T(1), dv + row0 * kvd + g * head_dim, kvd);
         Gemm<T>(false, true, len, len, head_dim, T(1), doh, E, vg, kvd, T(0), dp.data(), len);
         for (int64_t i = 0; i < len; ++i) {
           T* pr = p.data() + i * len;
           T* dr = dp.data() + i * len;
+          const int64_t j0 = FirstKey(sp, i);
           double dot = 0.0;
-          for (int64_t j = 0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
-          for (int64_t j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
-          for (int64_t j = i + 1; j < len; ++j) dr[j] = T(0);
+          for (int64_t j = j0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
+          for (int64_t j = j0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
+          std::fill(dr, dr + j0, T(0));
+          std::fill(dr + i + 1, dr + len, T(0));
         }
         Gemm<T>(false, false, len, head_dim, len, scale, dp.data(), len, kg, kvd, T(1), dq + row0 * E + h * head_dim, E);
         Gemm<T>(true, false, len, head_dim, len, scale, dp.data(), len, qh, E, T(1), dk + row0 * kvd + g * head_dim, kvd);
@@ -211,15 +237,52 @@ void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup,
   }
 }
 
+namespace {
+// Softmax cross-entropy of one logit row against target t: returns the NLL; with `grad`, the
+// row becomes grad_scale * (softmax - onehot(t)).
+template <typename T>
+double CrossEntropyRow(T* row, int64_t V, int32_t t, bool grad, T grad_scale, bool fast) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (fast) {
+      const float mx = avx2::MaxOf(row, V);
+      const double lse = std::log(avx2::SumExpShifted(row, V, mx)) + static_cast<double>(mx);
+      const double nll = lse - static_cast<double>(row[t]);
+      if (grad) {
+        avx2::ScaledExpShifted(row, V, static_cast<float>(lse), grad_scale);
+        row[t] -= grad_scale;
+      }
+      return nll;
+    }
+  }
+  // Exponentials in T (float exp on the training path), sums in double.
+  const T mx = *std::max_element(row, row + V);
+  double se = 0.0;
+  for (int64_t j = 0; j < V; ++j) se += static_cast<double>(std::exp(row[j] - mx));
+  const double lse = std::log(se) + static_cast<double>(mx);
+  const double nll = lse - static_cast<double>(row[t]);
+  if (grad) {  // d NLL / d logits = softmax - onehot
+    const T shift = static_cast<T>(lse);
+    for (int64_t j = 0; j < V; ++j) row[j] = std::exp(row[j] - shift) * grad_scale;
+    row[t] -= grad_scale;
+  }
+  return nll;
+}
+}  // namespace
+
 template <typename T>
 double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh, T grad_scale,
-                           int64_t chunk) {
+                           int64_t chunk, bool fast) {
+  fast = fast && std::is_same_v<T, float> && HaveAvx2Fma();
   const int64_t E = w_out.cols, V = w_out.rows;
   std::vector<int64_t> scored;
   for (int64_t r = 0; r < rows; ++r) {
-    if (target[r] >= 0) scored.push_back(r);
+    if (target[r] >= 0) {
+      FT_CHECK(target[r] < V);
+      scored.push_back(r);
+    }
   }
   std::vector<T> hc, logits, dhc;
+  std::vector<double> row_nll;
   double nll = 0.0;
   for (size_t c0 = 0; c0 < scored.size(); c0 += static_cast<size_t>(chunk)) {
     const int64_t n = std::min<int64_t>(chunk, static_cast<int64_t>(scored.size() - c0));  // rows in this chunk
@@ -227,23 +290,19 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
     for (int64_t i = 0; i < n; ++i) std::copy_n(h + scored[c0 + i] * E, E, hc.begin() + i * E);
     logits.resize(static_cast<size_t>(n * V));
     QLinearForward<T>(w_out, hc.data(), logits.data(), n);
-    for (int64_t i = 0; i < n; ++i) {
-      T* row = logits.data() + i * V;
-      const int32_t t = target[scored[c0 + i]];
-      FT_CHECK(t < V);
-      // Exponentials in T (float exp on the training path: these 2 x V calls per row are a
-      // visible share of a step), sums in double.
-      const T mx = *std::max_element(row, row + V);
-      double se = 0.0;
-      for (int64_t j = 0; j < V; ++j) se += static_cast<double>(std::exp(row[j] - mx));
-      const double lse = std::log(se) + static_cast<double>(mx);
-      nll += lse - static_cast<double>(row[t]);
-      if (dh != nullptr) {  // d NLL / d logits = softmax - onehot
-        const T shift = static_cast<T>(lse);
-        for (int64_t j = 0; j < V; ++j) row[j] = std::exp(row[j] - shift) * grad_scale;
-        row[t] -= grad_scale;
+    row_nll.assign(static_cast<size_t>(n), 0.0);
+    auto rows_fn = [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        row_nll[static_cast<size_t>(i)] =
+            CrossEntropyRow(logits.data() + i * V, V, target[scored[c0 + static_cast<size_t>(i)]], dh != nullptr, grad_scale, fast);
       }
+    };
+    if (fast) {
+      DefaultPool().ParallelFor(n, 1, rows_fn);
+    } else {
+      rows_fn(0, n, 0);
     }
+    for (double x : row_nll) nll += x;  // fixed order: the sum does not depend on the threads
     if (dh != nullptr) {
       dhc.assign(static_cast<size_t>(n * E), T(0));
       QLinearBackward<T>(w_out, logits.data(), dhc.data(), n);
@@ -256,6 +315,55 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
   return nll;
 }
 
+template <typename T>
+void LoraForward(const T* x, const T* a, const T* b, T* z, T* y, int64_t m, int64_t in, int64_t r, int64_t out, T s) {
+  Gemm<T>(false, true, m, r, in, T(1), x, in, a, in, T(0), z, r);   // z = x A^T
+  Gemm<T>(false, true, m, out, r, s, z, r, b, r, T(1), y, out);     // y += s z B^T
+}
+
+template <typename T>
+void LoraBackward(const T* x, const T* a, const T* b, const T* z, const T* dy, T* da, T* db, T* dx, int64_t m,
+                  int64_t in, int64_t r, int64_t out, T s) {
+  std::vector<T> dz(static_cast<size_t>(m * r), T(0));
+  if (db != nullptr) Gemm<T>(true, false, out, r, m, s, dy, out, z, r, T(1), db, r);  // dB += s dy^T z
+  Gemm<T>(false, false, m, r, out, s, dy, out, b, r, T(0), dz.data(), r);              // dz = s dy B
+  if (da != nullptr) Gemm<T>(true, false, r, in, m, T(1), dz.data(), r, x, in, T(1), da, in);  // dA += dz^T x
+  Gemm<T>(false, false, m, in, r, T(1), dz.data(), r, a, in, T(1), dx, in);          // dx += dz A
+}
+
+namespace {
+// Block i of a DiaBlo update: input columns [i b_in, i b_in + c_in), output [i b_out, + c_out);
+// false for a block wholly in the padded region.
+bool DiabloBlock(int64_t i, int64_t in, int64_t out, int64_t blocks, int64_t& b_in, int64_t& b_out, int64_t& c_in,
+                 int64_t& c_out) {
+  b_in = (in + blocks - 1) / blocks;
+  b_out = (out + blocks - 1) / blocks;
+  c_in = std::min(b_in, in - i * b_in);
+  c_out = std::min(b_out, out - i * b_out);
+  return c_in > 0 && c_out > 0;
+}
+}  // namespace
+
+template <typename T>
+void DiabloForward(const T* x, const T* d, T* y, int64_t m, int64_t in, int64_t out, int64_t blocks) {
+  for (int64_t i = 0; i < blocks; ++i) {
+    int64_t b_in, b_out, c_in, c_out;
+    if (!DiabloBlock(i, in, out, blocks, b_in, b_out, c_in, c_out)) continue;
+    Gemm<T>(false, false, m, c_out, c_in, T(1), x + i * b_in, in, d + i * b_in * b_out, b_out, T(1), y + i * b_out, out);
+  }
+}
+
+template <typename T>
+void DiabloBackward(const T* x, const T* d, const T* dy, T* dd, T* dx, int64_t m, int64_t in, int64_t out,
+                    int64_t blocks) {
+  for (int64_t i = 0; i < blocks; ++i) {
+    int64_t b_in, b_out, c_in, c_out;
+    if (!DiabloBlock(i, in, out, blocks, b_in, b_out, c_in, c_out)) continue;
+    if (dd != nullptr) Gemm<T>(true, false, c_in, c_out, m, T(1), x + i * b_in, in, dy + i * b_out, out, T(1), dd + i * b_in * b_out, b_out);
+    Gemm<T>(false, true, m, c_in, c_out, T(1), dy + i * b_out, out, d + i * b_in * b_out, b_out, T(1), dx + i * b_in, in);
+  }
+}
+
 #define FT_INSTANTIATE(T)                                                                                   \
   template void QLinearForward<T>(const QMatrix&, const T*, T*, int64_t);                                   \
   template void QLinearBackward<T>(const QMatrix&, const T*, T*, int64_t);                                  \
@@ -264,12 +372,17 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
   template void RopeForward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float);              \
   template void RopeBackward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float);             \
   template void AttentionForward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,   \
-                                    int64_t);                                                               \
+                                    int64_t, const int32_t*, bool);                                         \
   template void AttentionBackward<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t,  \
-                                     int64_t, int64_t, int64_t);                                            \
+                                     int64_t, int64_t, int64_t, const int32_t*, bool);                      \
   template void SwiGluForward<T>(const T*, const T*, T*, int64_t);                                          \
   template void SwiGluBackward<T>(const T*, const T*, const T*, T*, T*, int64_t);                           \
-  template double CrossEntropyChunked<T>(const QMatrix&, const T*, const int32_t*, int64_t, T*, T, int64_t);
+  template double CrossEntropyChunked<T>(const QMatrix&, const T*, const int32_t*, int64_t, T*, T, int64_t, bool); \
+  template void LoraForward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, T);    \
+  template void LoraBackward<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, \
+                                int64_t, int64_t, T);                                                          \
+  template void DiabloForward<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);                   \
+  template void DiabloBackward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t);
 
 FT_INSTANTIATE(float)
 FT_INSTANTIATE(double)

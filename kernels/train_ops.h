@@ -41,12 +41,17 @@ void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_
 // n_head*head_dim wide, k/v n_head_kv*head_dim). Backward recomputes the probabilities from
 // q and k (FlashAttention-style: nothing of size len^2 is kept between the passes) and adds
 // into dq, dk, dv.
+// seg_pos (packed rows; may be null): the position of each of the n_seq * len tokens within
+// its example; token i then attends to keys i - seg_pos[i] .. i only.
+// fast_exp (float only, AVX2 CPUs): softmax exponentials by the vectorised e^x of
+// kernels/fast_ops.h instead of double std::exp (the cpu-fast backend).
 template <typename T>
 void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, int64_t n_head,
-                      int64_t n_head_kv, int64_t head_dim);
+                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos = nullptr, bool fast_exp = false);
 template <typename T>
 void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq,
-                       int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim);
+                       int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                       const int32_t* seg_pos = nullptr, bool fast_exp = false);
 
 // out = silu(gate) * up;  backward adds into dgate, dup.
 template <typename T>
@@ -59,8 +64,25 @@ void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup,
 // scored against target[r] when target[r] >= 0 (masked otherwise). Returns the summed NLL over
 // scored rows; dh (if not null) receives d(sum NLL * grad_scale)/dh. The output projection is
 // frozen.
+// fast (float only): rows of a chunk in parallel, vectorised exponentials.
 template <typename T>
 double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh,
-                           T grad_scale, int64_t chunk = 256);
+                           T grad_scale, int64_t chunk = 256, bool fast = false);
+
+// LoRA on one module: z[m,r] = x A^T (A: r x in); y[m,out] += s z B^T (B: out x r).
+template <typename T>
+void LoraForward(const T* x, const T* a, const T* b, T* z, T* y, int64_t m, int64_t in, int64_t r, int64_t out, T s);
+// dB += s dy^T z ; dz = s dy B ; dA += dz^T x ; dx += dz A  (da / db null: frozen)
+template <typename T>
+void LoraBackward(const T* x, const T* a, const T* b, const T* z, const T* dy, T* da, T* db, T* dx, int64_t m,
+                  int64_t in, int64_t r, int64_t out, T s);
+// DiaBlo: D holds `blocks` blocks of b_in x b_out (b_in = ceil(in/blocks), b_out = ceil(out/blocks));
+// block i maps input columns [i b_in, ...) to output columns [i b_out, ...), cropped at the
+// edges. y += x blockdiag(D); backward: dD_i += x_i^T dy_i (dd null: frozen), dx_i += dy_i D_i^T.
+template <typename T>
+void DiabloForward(const T* x, const T* d, T* y, int64_t m, int64_t in, int64_t out, int64_t blocks);
+template <typename T>
+void DiabloBackward(const T* x, const T* d, const T* dy, T* dd, T* dx, int64_t m, int64_t in, int64_t out,
+                    int64_t blocks);
 
 }  // namespace fedtune::kernels

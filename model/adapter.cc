@@ -1,6 +1,7 @@
 #include "model/adapter.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <cctype>
 #include <cmath>
 
@@ -79,44 +80,38 @@ absl::StatusOr<ModuleAdapter<T>> ModuleAdapter<T>::Create(const AdapterSpec& spe
 }
 
 template <typename T>
-void ModuleAdapter<T>::Forward(const T* x, T* y, int64_t m, std::vector<T>* z) const {
+void ModuleAdapter<T>::Forward(const T* x, T* y, int64_t m, std::vector<T>* z, kernels::Backend* backend) const {
   if (spec.kind == AdapterKind::kDiaBlo) {
-    const int64_t N = spec.blocks;
-    for (int64_t i = 0; i < N; ++i) {
-      const int64_t c_in = std::min(b_in, in - i * b_in), c_out = std::min(b_out, out - i * b_out);
-      if (c_in <= 0 || c_out <= 0) continue;  // padded region: zero input or cropped output
-      // y[:, i*b_out : +c_out] += x[:, i*b_in : +c_in] D_i[:c_in, :c_out]
-      kernels::Gemm<T>(false, false, m, c_out, c_in, T(1), x + i * b_in, in, d.data() + i * b_in * b_out, b_out, T(1),
-                       y + i * b_out, out);
+    if constexpr (std::is_same_v<T, float>) {
+      if (backend != nullptr) return backend->DiabloForward(x, d.data(), y, m, in, out, spec.blocks);
     }
-    return;
+    return kernels::DiabloForward<T>(x, d.data(), y, m, in, out, spec.blocks);
   }
   const int64_t r = spec.rank;
-  z->assign(static_cast<size_t>(m * r), T(0));
-  kernels::Gemm<T>(false, true, m, r, in, T(1), x, in, a.data(), in, T(0), z->data(), r);                          // z = x A^T
-  kernels::Gemm<T>(false, true, m, out, r, static_cast<T>(spec.Scale()), z->data(), r, b.data(), r, T(1), y, out);  // y += s z B^T
+  z->resize(static_cast<size_t>(m * r));
+  if constexpr (std::is_same_v<T, float>) {
+    if (backend != nullptr) return backend->LoraForward(x, a.data(), b.data(), z->data(), y, m, in, r, out, static_cast<float>(spec.Scale()));
+  }
+  kernels::LoraForward<T>(x, a.data(), b.data(), z->data(), y, m, in, r, out, static_cast<T>(spec.Scale()));
 }
 
 template <typename T>
-void ModuleAdapter<T>::Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m) {
+void ModuleAdapter<T>::Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m, kernels::Backend* backend) {
   if (spec.kind == AdapterKind::kDiaBlo) {
-    for (int64_t i = 0; i < spec.blocks; ++i) {
-      const int64_t c_in = std::min(b_in, in - i * b_in), c_out = std::min(b_out, out - i * b_out);
-      if (c_in <= 0 || c_out <= 0) continue;
-      // dD_i += x_i^T dy_i ; dx_i += dy_i D_i^T
-      if (!gd.empty()) kernels::Gemm<T>(true, false, c_in, c_out, m, T(1), x + i * b_in, in, dy + i * b_out, out, T(1), gd.data() + i * b_in * b_out, b_out);
-      kernels::Gemm<T>(false, true, m, c_in, c_out, T(1), dy + i * b_out, out, d.data() + i * b_in * b_out, b_out, T(1),
-                       dx + i * b_in, in);
+    T* dd = gd.empty() ? nullptr : gd.data();
+    if constexpr (std::is_same_v<T, float>) {
+      if (backend != nullptr) return backend->DiabloBackward(x, d.data(), dy, dd, dx, m, in, out, spec.blocks);
     }
-    return;
+    return kernels::DiabloBackward<T>(x, d.data(), dy, dd, dx, m, in, out, spec.blocks);
   }
-  const int64_t r = spec.rank;
-  const T s = static_cast<T>(spec.Scale());
-  std::vector<T> dz(static_cast<size_t>(m * r), T(0));
-  if (!gb.empty()) kernels::Gemm<T>(true, false, out, r, m, s, dy, out, z.data(), r, T(1), gb.data(), r);  // dB += s dy^T z
-  kernels::Gemm<T>(false, false, m, r, out, s, dy, out, b.data(), r, T(0), dz.data(), r);  // dz = s dy B
-  if (!ga.empty()) kernels::Gemm<T>(true, false, r, in, m, T(1), dz.data(), r, x, in, T(1), ga.data(), in);  // dA += dz^T x
-  kernels::Gemm<T>(false, false, m, in, r, T(1), dz.data(), r, a.data(), in, T(1), dx, in);  // dx += dz A
+  T* da = ga.empty() ? nullptr : ga.data();
+  T* db = gb.empty() ? nullptr : gb.data();
+  if constexpr (std::is_same_v<T, float>) {
+    if (backend != nullptr) {
+      return backend->LoraBackward(x, a.data(), b.data(), z.data(), dy, da, db, dx, m, in, spec.rank, out, static_cast<float>(spec.Scale()));
+    }
+  }
+  kernels::LoraBackward<T>(x, a.data(), b.data(), z.data(), dy, da, db, dx, m, in, spec.rank, out, static_cast<T>(spec.Scale()));
 }
 
 template <typename T>

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "kernels/backend.h"
 
 namespace fedtune::model {
 
@@ -46,10 +47,11 @@ struct ModuleAdapter {
 
   static absl::StatusOr<ModuleAdapter> Create(const AdapterSpec& spec, int64_t in, int64_t out, uint64_t seed);
   bool trains_a() const { return spec.kind == AdapterKind::kLora; }
-  // y[m, out] += adapter(x[m, in]); z (LoRA only, m x r) receives A x for backward.
-  void Forward(const T* x, T* y, int64_t m, std::vector<T>* z) const;
+  // y[m, out] += adapter(x[m, in]); z (LoRA only, m x r) receives A x for backward. With a
+  // kernel backend (float only) the products run there, else on the reference kernels.
+  void Forward(const T* x, T* y, int64_t m, std::vector<T>* z, kernels::Backend* backend = nullptr) const;
   // Accumulates parameter gradients and dx[m, in] += d/dx (z from Forward).
-  void Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m);
+  void Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m, kernels::Backend* backend = nullptr);
   void ZeroGrad();
   int64_t NumTrainable() const;
   // A frozen adapter still acts in forward and passes gradients to its input, but has no

@@ -21,8 +21,17 @@ double AdamW::Step(AdapterSet<float>& params) {
   const float clip = (c_.clip_norm > 0 && norm > c_.clip_norm) ? static_cast<float>(c_.clip_norm / norm) : 1.0f;
   const float lr = LearningRate(c_, step_);
   ++step_;
-  const float bc1 = 1.0f - std::pow(c_.beta1, static_cast<float>(step_));
-  const float bc2 = 1.0f - std::pow(c_.beta2, static_cast<float>(step_));
+  kernels::AdamWStep st;
+  st.lr = lr;
+  st.beta1 = c_.beta1;
+  st.beta2 = c_.beta2;
+  st.eps = c_.eps;
+  st.weight_decay = c_.weight_decay;
+  st.clip = clip;
+  st.bc1 = 1.0f - std::pow(c_.beta1, static_cast<float>(step_));
+  st.bc2 = 1.0f - std::pow(c_.beta2, static_cast<float>(step_));
+  st.fisher_weight = 1.0f / static_cast<float>(step_);  // running mean
+  kernels::Backend* be = backend_ != nullptr ? backend_ : &kernels::CpuFastBackend();
   params.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>& g) {
     auto& m = m_[name];
     auto& v = v_[name];
@@ -32,16 +41,7 @@ double AdamW::Step(AdapterSet<float>& params) {
       v.assign(p.size(), 0.0f);
       f.assign(p.size(), 0.0f);
     }
-    const float fw = 1.0f / static_cast<float>(step_);  // running mean
-    for (size_t i = 0; i < p.size(); ++i) {
-      f[i] += (g[i] * g[i] - f[i]) * fw;
-      const float gi = g[i] * clip;
-      m[i] = c_.beta1 * m[i] + (1.0f - c_.beta1) * gi;
-      v[i] = c_.beta2 * v[i] + (1.0f - c_.beta2) * gi * gi;
-      const float mhat = m[i] / bc1, vhat = v[i] / bc2;
-      p[i] -= lr * (mhat / (std::sqrt(vhat) + c_.eps) + c_.weight_decay * p[i]);  // decoupled decay
-      g[i] = 0.0f;
-    }
+    be->AdamW(p.data(), g.data(), m.data(), v.data(), f.data(), static_cast<int64_t>(p.size()), st);  // decoupled decay
   });
   return norm;
 }

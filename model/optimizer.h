@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "model/adapter.h"
 
 namespace fedtune::model {
@@ -27,6 +28,8 @@ float LearningRate(const OptimizerConfig& c, int step);
 class AdamW {
  public:
   explicit AdamW(OptimizerConfig c) : c_(c) {}
+  // Kernel backend for the update (default: cpu-fast).
+  void set_backend(kernels::Backend* b) { backend_ = b; }
   // Applies one update from the accumulated gradients (then zeroes them). Returns the global
   // gradient norm before clipping. Also folds the (unclipped) squared gradients into the Fisher.
   double Step(AdapterSet<float>& params);
@@ -44,6 +47,7 @@ class AdamW {
  private:
   OptimizerConfig c_;
   int step_ = 0;
+  kernels::Backend* backend_ = nullptr;
   std::map<std::string, std::vector<float>> m_, v_, fisher_;
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 
 #include "kernels/train_ops.h"
 
@@ -19,9 +20,11 @@ struct Trainer<T>::LayerCache {
 };
 
 template <typename T>
-Trainer<T>::Trainer(const LlamaModel& model, AdapterSet<T>* adapters, bool recompute)
-    : m_(model), adapters_(adapters), recompute_(recompute) {
+Trainer<T>::Trainer(const LlamaModel& model, AdapterSet<T>* adapters, const TrainerOptions& options)
+    : m_(model), adapters_(adapters), opt_(options) {
   FT_CHECK(adapters_ != nullptr);
+  FT_CHECK(opt_.micro_batch >= 0);
+  if constexpr (std::is_same_v<T, float>) backend_ = opt_.backend != nullptr ? opt_.backend : &kernels::CpuFastBackend();
   FT_CHECK(static_cast<int64_t>(adapters_->layers.size()) == model.config().n_layer);
 }
 
@@ -43,6 +46,15 @@ absl::Status Trainer<T>::Check(const Batch& b) const {
       return absl::InvalidArgumentError(absl::StrCat("token id out of range at batch position ", i));
     }
   }
+  if (!b.pos.empty()) {
+    if (b.pos.size() != n) return absl::InvalidArgumentError(absl::StrCat("batch has ", b.pos.size(), " positions for ", n, " tokens"));
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t col = static_cast<int64_t>(i) % b.len;
+      // A packed row: each position starts a new example at 0 or continues the previous one.
+      const bool ok = b.pos[i] == 0 || (col > 0 && b.pos[i] == b.pos[i - 1] + 1);
+      if (!ok) return absl::InvalidArgumentError(absl::StrCat("batch position ", i, ": packed position ", b.pos[i], " does not follow its row"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -51,6 +63,54 @@ template <typename T>
 void Resize(std::vector<T>& v, int64_t n) {
   v.assign(static_cast<size_t>(n), T(0));
 }
+
+// The kernels a trainer calls: the chosen backend on float, the reference templates on double.
+template <typename T>
+struct Kern {
+  static constexpr bool kF = std::is_same_v<T, float>;
+  kernels::Backend* be;
+  void QLinearForward(const kernels::QMatrix& w, const T* x, T* y, int64_t m) const {
+    if constexpr (kF) be->QLinearForward(w, x, y, m); else kernels::QLinearForward<T>(w, x, y, m);
+  }
+  void QLinearBackward(const kernels::QMatrix& w, const T* dy, T* dx, int64_t m) const {
+    if constexpr (kF) be->QLinearBackward(w, dy, dx, m); else kernels::QLinearBackward<T>(w, dy, dx, m);
+  }
+  void RmsNormForward(const T* x, const float* g, T* y, T* rstd, int64_t rows, int64_t n, float eps) const {
+    if constexpr (kF) be->RmsNormForward(x, g, y, rstd, rows, n, eps); else kernels::RmsNormForward<T>(x, g, y, rstd, rows, n, eps);
+  }
+  void RmsNormBackward(const T* x, const float* g, const T* rstd, const T* dy, T* dx, int64_t rows, int64_t n) const {
+    if constexpr (kF) be->RmsNormBackward(x, g, rstd, dy, dx, rows, n); else kernels::RmsNormBackward<T>(x, g, rstd, dy, dx, rows, n);
+  }
+  void Rope(bool forward, T* x, const int32_t* pos, int64_t rows, int64_t heads, const LlamaConfig& c) const {
+    if constexpr (kF) {
+      if (forward) be->RopeForward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
+      else be->RopeBackward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
+    } else {
+      if (forward) kernels::RopeForward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
+      else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
+    }
+  }
+  void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, const LlamaConfig& c,
+                        const int32_t* seg) const {
+    if constexpr (kF) be->AttentionForward(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
+    else kernels::AttentionForward<T>(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
+  }
+  void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq, int64_t len,
+                         const LlamaConfig& c, const int32_t* seg) const {
+    if constexpr (kF) be->AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
+    else kernels::AttentionBackward<T>(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
+  }
+  void SwiGluForward(const T* gate, const T* up, T* out, int64_t n) const {
+    if constexpr (kF) be->SwiGluForward(gate, up, out, n); else kernels::SwiGluForward<T>(gate, up, out, n);
+  }
+  void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n) const {
+    if constexpr (kF) be->SwiGluBackward(gate, up, dout, dgate, dup, n); else kernels::SwiGluBackward<T>(gate, up, dout, dgate, dup, n);
+  }
+  double CrossEntropy(const kernels::QMatrix& w, const T* h, const int32_t* target, int64_t rows, T* dh, T scale) const {
+    if constexpr (kF) return be->CrossEntropy(w, h, target, rows, dh, scale);
+    else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale);
+  }
+};
 }  // namespace
 
 template <typename T>
@@ -59,33 +119,34 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   const LlamaLayer& L = m_.layer(l);
   auto& ad = adapters_->layers[static_cast<size_t>(l)];
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
+  const Kern<T> K{backend_};
   auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, std::vector<T>& y, int64_t out) {
     Resize(y, M * out);
-    kernels::QLinearForward<T>(w, x, y.data(), M);
-    if (auto& a = ad[static_cast<int>(mod)]) a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)]);
+    K.QLinearForward(w, x, y.data(), M);
+    if (auto& a = ad[static_cast<int>(mod)]) a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)], backend_);
   };
   c.x_in.assign(x_in, x_in + M * E);
   Resize(c.h1, M * E);
   Resize(c.rstd1, M);
-  kernels::RmsNormForward<T>(x_in, L.attn_norm.data(), c.h1.data(), c.rstd1.data(), M, E, cfg.rms_eps);
+  K.RmsNormForward(x_in, L.attn_norm.data(), c.h1.data(), c.rstd1.data(), M, E, cfg.rms_eps);
   linear(Module::kQ, L.wq, c.h1.data(), c.q, E);
   linear(Module::kK, L.wk, c.h1.data(), c.k, kvd);
   linear(Module::kV, L.wv, c.h1.data(), c.v, kvd);
-  kernels::RopeForward<T>(c.q.data(), pos_.data(), M, cfg.n_head, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
-  kernels::RopeForward<T>(c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
+  K.Rope(true, c.q.data(), pos_.data(), M, cfg.n_head, cfg);
+  K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg);
   Resize(c.att, M * E);
-  kernels::AttentionForward<T>(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg.n_head, cfg.n_head_kv, cfg.head_dim);
+  K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_);
   std::vector<T> o;
   linear(Module::kO, L.wo, c.att.data(), o, E);
   Resize(c.x_mid, M * E);
   for (int64_t i = 0; i < M * E; ++i) c.x_mid[static_cast<size_t>(i)] = x_in[i] + o[static_cast<size_t>(i)];
   Resize(c.h2, M * E);
   Resize(c.rstd2, M);
-  kernels::RmsNormForward<T>(c.x_mid.data(), L.ffn_norm.data(), c.h2.data(), c.rstd2.data(), M, E, cfg.rms_eps);
+  K.RmsNormForward(c.x_mid.data(), L.ffn_norm.data(), c.h2.data(), c.rstd2.data(), M, E, cfg.rms_eps);
   linear(Module::kGate, L.w_gate, c.h2.data(), c.gate, F);
   linear(Module::kUp, L.w_up, c.h2.data(), c.up, F);
   Resize(c.act, M * F);
-  kernels::SwiGluForward<T>(c.gate.data(), c.up.data(), c.act.data(), M * F);
+  K.SwiGluForward(c.gate.data(), c.up.data(), c.act.data(), M * F);
   std::vector<T> down;
   linear(Module::kDown, L.w_down, c.act.data(), down, E);
   for (int64_t i = 0; i < M * E; ++i) x_out[i] = c.x_mid[static_cast<size_t>(i)] + down[static_cast<size_t>(i)];
@@ -98,51 +159,63 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   auto& ad = adapters_->layers[static_cast<size_t>(l)];
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
+  const Kern<T> K{backend_};
   auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx) {
-    kernels::QLinearBackward<T>(w, dy, dx, M);
-    if (auto& a = ad[static_cast<int>(mod)]) a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M);
+    K.QLinearBackward(w, dy, dx, M);
+    if (auto& a = ad[static_cast<int>(mod)]) a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M, backend_);
   };
   // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
   std::vector<T> dx_mid(dx_out, dx_out + M * E);
   std::vector<T> dact(static_cast<size_t>(M * F), T(0));
   linear_back(Module::kDown, L.w_down, c.act.data(), dx_out, dact.data());
   std::vector<T> dgate(static_cast<size_t>(M * F), T(0)), dup(static_cast<size_t>(M * F), T(0));
-  kernels::SwiGluBackward<T>(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
+  K.SwiGluBackward(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
   std::vector<T> dh2(static_cast<size_t>(M * E), T(0));
   linear_back(Module::kGate, L.w_gate, c.h2.data(), dgate.data(), dh2.data());
   linear_back(Module::kUp, L.w_up, c.h2.data(), dup.data(), dh2.data());
-  kernels::RmsNormBackward<T>(c.x_mid.data(), L.ffn_norm.data(), c.rstd2.data(), dh2.data(), dx_mid.data(), M, E);
+  K.RmsNormBackward(c.x_mid.data(), L.ffn_norm.data(), c.rstd2.data(), dh2.data(), dx_mid.data(), M, E);
   // x_mid = x_in + o(att); att = attention(rope(q), rope(k), v); q, k, v from h1 = norm(x_in)
   std::vector<T> datt(static_cast<size_t>(M * E), T(0));
   linear_back(Module::kO, L.wo, c.att.data(), dx_mid.data(), datt.data());
   std::vector<T> dq(static_cast<size_t>(M * E), T(0)), dk(static_cast<size_t>(M * kvd), T(0)), dv(dk.size(), T(0));
-  kernels::AttentionBackward<T>(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_,
-                                cfg.n_head, cfg.n_head_kv, cfg.head_dim);
-  kernels::RopeBackward<T>(dq.data(), pos_.data(), M, cfg.n_head, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
-  kernels::RopeBackward<T>(dk.data(), pos_.data(), M, cfg.n_head_kv, cfg.head_dim, cfg.rope_dim, cfg.rope_base);
+  K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_);
+  K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg);
+  K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg);
   std::vector<T> dh1(static_cast<size_t>(M * E), T(0));
   linear_back(Module::kQ, L.wq, c.h1.data(), dq.data(), dh1.data());
   linear_back(Module::kK, L.wk, c.h1.data(), dk.data(), dh1.data());
   linear_back(Module::kV, L.wv, c.h1.data(), dv.data(), dh1.data());
   for (int64_t i = 0; i < M * E; ++i) dx_in[i] = dx_mid[static_cast<size_t>(i)];
-  kernels::RmsNormBackward<T>(c.x_in.data(), L.attn_norm.data(), c.rstd1.data(), dh1.data(), dx_in, M, E);
+  K.RmsNormBackward(c.x_in.data(), L.attn_norm.data(), c.rstd1.data(), dh1.data(), dx_in, M, E);
 }
 
 template <typename T>
 absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backward) {
   FT_RETURN_IF_ERROR(Check(b));
+  const int64_t mb = opt_.micro_batch > 0 ? std::min(opt_.micro_batch, b.n_seq) : b.n_seq;
+  double nll = 0.0;
+  for (int64_t s0 = 0; s0 < b.n_seq; s0 += mb) nll += Slice(b, s0, std::min(mb, b.n_seq - s0), grad_scale, backward);
+  return nll;
+}
+
+// Forward (and backward) of rows [s0, s0 + n_seq) of a checked batch.
+template <typename T>
+double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale, bool backward) {
   const auto& cfg = m_.config();
-  n_seq_ = b.n_seq;
+  const Kern<T> K{backend_};
+  n_seq_ = n_seq;
   len_ = b.len;
-  const int64_t M = n_seq_ * len_, E = cfg.n_embd, n_layer = cfg.n_layer;
+  const int64_t M = n_seq_ * len_, E = cfg.n_embd, n_layer = cfg.n_layer, t0 = s0 * len_;
   pos_.resize(static_cast<size_t>(M));
-  for (int64_t i = 0; i < M; ++i) pos_[static_cast<size_t>(i)] = static_cast<int32_t>(i % len_);
+  for (int64_t i = 0; i < M; ++i) pos_[static_cast<size_t>(i)] = b.pos.empty() ? static_cast<int32_t>(i % len_) : b.pos[static_cast<size_t>(t0 + i)];
+  seg_pos_ = b.pos.empty() ? nullptr : pos_.data();
+  const int32_t* targets = b.targets.data() + t0;
 
   // Embedding lookup (frozen): x_0.
   std::vector<T> x(static_cast<size_t>(M * E));
   std::vector<float> row(static_cast<size_t>(E));
   for (int64_t i = 0; i < M; ++i) {
-    kernels::GetRow(m_.token_embd(), b.tokens[static_cast<size_t>(i)], row.data());
+    kernels::GetRow(m_.token_embd(), b.tokens[static_cast<size_t>(t0 + i)], row.data());
     std::copy(row.begin(), row.end(), x.begin() + i * E);
   }
   // Layer inputs are always kept; full caches only without recomputation.
@@ -153,7 +226,7 @@ absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backw
   for (int64_t l = 0; l < n_layer; ++l) {
     if (backward) inputs[static_cast<size_t>(l)] = x;
     LayerCache* c = &scratch;
-    if (backward && !recompute_) {
+    if (backward && !opt_.recompute) {
       caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>();
       c = caches[static_cast<size_t>(l)].get();
     }
@@ -161,14 +234,14 @@ absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backw
     std::swap(x, next);
   }
   std::vector<T> h(x.size()), rstd(static_cast<size_t>(M));
-  kernels::RmsNormForward<T>(x.data(), m_.output_norm().data(), h.data(), rstd.data(), M, E, cfg.rms_eps);
+  K.RmsNormForward(x.data(), m_.output_norm().data(), h.data(), rstd.data(), M, E, cfg.rms_eps);
   std::vector<T> dh;
   if (backward) dh.assign(h.size(), T(0));
-  const double nll = kernels::CrossEntropyChunked<T>(m_.output(), h.data(), b.targets.data(), M, backward ? dh.data() : nullptr, grad_scale);
+  const double nll = K.CrossEntropy(m_.output(), h.data(), targets, M, backward ? dh.data() : nullptr, grad_scale);
   if (!backward) return nll;
 
   std::vector<T> dx(x.size(), T(0)), dprev(x.size());
-  kernels::RmsNormBackward<T>(x.data(), m_.output_norm().data(), rstd.data(), dh.data(), dx.data(), M, E);
+  K.RmsNormBackward(x.data(), m_.output_norm().data(), rstd.data(), dh.data(), dx.data(), M, E);
   for (int64_t l = n_layer - 1; l >= 0; --l) {
     LayerCache* c = caches[static_cast<size_t>(l)].get();
     if (c == nullptr) {  // recompute this layer's activations from its saved input

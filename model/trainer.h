@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "kernels/backend.h"
 #include "model/adapter.h"
 #include "model/llama.h"
 
@@ -17,16 +18,33 @@ struct Batch {
   int64_t n_seq = 0, len = 0;
   std::vector<int32_t> tokens;   // n_seq * len
   std::vector<int32_t> targets;  // n_seq * len; targets[i] = token to predict at i, -1 = not scored
+  // Packed rows (several examples per row): the position of each token within its example
+  // (n_seq * len; empty = 0, 1, ..., len-1 in every row). A token attends to the tokens of its
+  // own example only: keys i - pos[i] .. i.
+  std::vector<int32_t> pos;
   int64_t n_scored() const;
+};
+
+struct TrainerOptions {
+  // Keep only each layer's input between the passes and recompute the rest during backward
+  // (one extra forward, ~30 MiB instead of ~0.5 GiB per layer at batch 8 x 256 on SmolLM2).
+  // Without it every layer's activations are kept.
+  bool recompute = true;
+  // Sequences per forward/backward pass (0 = the whole batch): a batch is processed in slices
+  // of this many rows with the gradient summed over them, so activation memory scales with the
+  // slice while the result is the whole batch's (up to float summation order).
+  int64_t micro_batch = 0;
+  // Kernel backend for Trainer<float> (null: cpu-fast); Trainer<double> always runs the
+  // reference kernels (finite-difference checks).
+  kernels::Backend* backend = nullptr;
 };
 
 template <typename T>
 class Trainer {
  public:
-  // recompute: keep only each layer's input between the passes and recompute the rest during
-  // backward (one extra forward, ~30 MiB instead of ~0.5 GiB per layer at batch 8 x 256 on
-  // SmolLM2). Without it every layer's activations are kept.
-  Trainer(const LlamaModel& model, AdapterSet<T>* adapters, bool recompute = true);
+  Trainer(const LlamaModel& model, AdapterSet<T>* adapters, const TrainerOptions& options);
+  Trainer(const LlamaModel& model, AdapterSet<T>* adapters, bool recompute = true)
+      : Trainer(model, adapters, TrainerOptions{.recompute = recompute}) {}
   ~Trainer();
 
   // Returns the summed NLL over scored positions. With backward, adds grad_scale * d(sum NLL)
@@ -38,14 +56,17 @@ class Trainer {
 
  private:
   struct LayerCache;
+  double Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale, bool backward);
   void LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out);
   void LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_in);
 
   const LlamaModel& m_;
   AdapterSet<T>* adapters_;
-  bool recompute_;
+  TrainerOptions opt_;
+  kernels::Backend* backend_ = nullptr;  // float only
   int64_t n_seq_ = 0, len_ = 0;
   std::vector<int32_t> pos_;
+  const int32_t* seg_pos_ = nullptr;  // packed rows: pos_ (else null: plain causal attention)
 };
 
 }  // namespace fedtune::model

@@ -1,0 +1,397 @@
+#include "kernels/backend.h"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "kernels/fast_ops.h"
+#include "kernels/gemm.h"
+#include "kernels/thread_pool.h"
+#include "kernels/train_ops.h"
+#include "kernels/vec_dot.h"
+
+#ifdef FEDTUNE_HAVE_CUDA
+#include "kernels/cuda/cuda_backend.h"
+#endif
+
+namespace fedtune::kernels {
+
+const char* OpName(Op op) {
+  static constexpr std::array<const char*, static_cast<size_t>(Op::kCount)> kNames = {
+      "qlinear_forward", "qlinear_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
+      "attention_forward", "attention_backward", "swiglu_forward", "swiglu_backward", "cross_entropy", "adamw",
+      "lora_forward", "lora_backward", "diablo_forward", "diablo_backward"};
+  const auto i = static_cast<size_t>(op);
+  return i < kNames.size() ? kNames[i] : "?";
+}
+
+namespace {
+
+// The reference update, element by element (model/optimizer.cc's formula).
+void AdamWRange(float* p, float* g, float* m, float* v, float* f, int64_t i0, int64_t i1, const AdamWStep& s) {
+  for (int64_t i = i0; i < i1; ++i) {
+    f[i] += (g[i] * g[i] - f[i]) * s.fisher_weight;
+    const float gi = g[i] * s.clip;
+    m[i] = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
+    v[i] = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
+    const float mhat = m[i] / s.bc1, vhat = v[i] / s.bc2;
+    p[i] -= s.lr * (mhat / (std::sqrt(vhat) + s.eps) + s.weight_decay * p[i]);
+    g[i] = 0.0f;
+  }
+}
+
+class CpuReference final : public Backend {
+ public:
+  const char* Name() const override { return "cpu-ref"; }
+  bool Supports(Op) const override { return true; }
+  void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
+    kernels::QLinearForward<float>(w, x, y, m);
+  }
+  void QLinearBackward(const QMatrix& w, const float* dy, float* dx, int64_t m) override {
+    kernels::QLinearBackward<float>(w, dy, dx, m);
+  }
+  void RmsNormForward(const float* x, const float* g, float* y, float* rstd, int64_t rows, int64_t n, float eps) override {
+    kernels::RmsNormForward<float>(x, g, y, rstd, rows, n, eps);
+  }
+  void RmsNormBackward(const float* x, const float* g, const float* rstd, const float* dy, float* dx, int64_t rows,
+                       int64_t n) override {
+    kernels::RmsNormBackward<float>(x, g, rstd, dy, dx, rows, n);
+  }
+  void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                   float base) override {
+    kernels::RopeForward<float>(x, pos, rows, heads, head_dim, rot_dim, base);
+  }
+  void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                    float base) override {
+    kernels::RopeBackward<float>(dx, pos, rows, heads, head_dim, rot_dim, base);
+  }
+  void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
+    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+  }
+  void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
+                         float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
+                         int64_t head_dim, const int32_t* seg_pos) override {
+    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+  }
+  void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
+    kernels::SwiGluForward<float>(gate, up, out, n);
+  }
+  void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
+                      int64_t n) override {
+    kernels::SwiGluBackward<float>(gate, up, dout, dgate, dup, n);
+  }
+  double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
+                      float grad_scale) override {
+    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale);
+  }
+  void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
+    AdamWRange(p, g, m, v, fisher, 0, n, s);
+  }
+  void LoraForward(const float* x, const float* a, const float* b, float* z, float* y, int64_t m, int64_t in,
+                   int64_t r, int64_t out, float scale) override {
+    kernels::LoraForward<float>(x, a, b, z, y, m, in, r, out, scale);
+  }
+  void LoraBackward(const float* x, const float* a, const float* b, const float* z, const float* dy, float* da,
+                    float* db, float* dx, int64_t m, int64_t in, int64_t r, int64_t out, float scale) override {
+    kernels::LoraBackward<float>(x, a, b, z, dy, da, db, dx, m, in, r, out, scale);
+  }
+  void DiabloForward(const float* x, const float* d, float* y, int64_t m, int64_t in, int64_t out,
+                     int64_t blocks) override {
+    kernels::DiabloForward<float>(x, d, y, m, in, out, blocks);
+  }
+  void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m, int64_t in,
+                      int64_t out, int64_t blocks) override {
+    kernels::DiabloBackward<float>(x, d, dy, dd, dx, m, in, out, blocks);
+  }
+};
+
+// Multithreaded over DefaultPool(), AVX2+FMA element-wise kernels where the CPU has them.
+// Products stay on the tiled BLAS path of the reference (already parallel); the element-wise
+// ops, the softmax exponentials and the small adapter products are what this adds.
+class CpuFast final : public Backend {
+ public:
+  const char* Name() const override { return HaveAvx2Fma() ? "cpu-fast (avx2+fma)" : "cpu-fast (generic)"; }
+  bool Supports(Op) const override { return true; }
+  void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
+    kernels::QLinearForward<float>(w, x, y, m);
+  }
+  void QLinearBackward(const QMatrix& w, const float* dy, float* dx, int64_t m) override {
+    kernels::QLinearBackward<float>(w, dy, dx, m);
+  }
+  void RmsNormForward(const float* x, const float* g, float* y, float* rstd, int64_t rows, int64_t n, float eps) override {
+    DefaultPool().ParallelFor(rows, 16, [&](int64_t r0, int64_t r1, int) {
+      if (HaveAvx2Fma()) return avx2::RmsNormRows(x, g, y, rstd, r0, r1, n, eps);
+      kernels::RmsNormForward<float>(x + r0 * n, g, y + r0 * n, rstd + r0, r1 - r0, n, eps);
+    });
+  }
+  void RmsNormBackward(const float* x, const float* g, const float* rstd, const float* dy, float* dx, int64_t rows,
+                       int64_t n) override {
+    DefaultPool().ParallelFor(rows, 16, [&](int64_t r0, int64_t r1, int) {
+      if (HaveAvx2Fma()) return avx2::RmsNormBackwardRows(x, g, rstd, dy, dx, r0, r1, n);
+      kernels::RmsNormBackward<float>(x + r0 * n, g, rstd + r0, dy + r0 * n, dx + r0 * n, r1 - r0, n);
+    });
+  }
+  void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                   float base) override {
+    Rope(x, pos, rows, heads, head_dim, rot_dim, base, 1.0);
+  }
+  void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                    float base) override {
+    Rope(dx, pos, rows, heads, head_dim, rot_dim, base, -1.0);
+  }
+  void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
+    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true);
+  }
+  void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
+                         float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
+                         int64_t head_dim, const int32_t* seg_pos) override {
+    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true);
+  }
+  void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
+    DefaultPool().ParallelFor(n, 4096, [&](int64_t i0, int64_t i1, int) {
+      if (HaveAvx2Fma()) return avx2::SwiGluForward(gate + i0, up + i0, out + i0, i1 - i0);
+      kernels::SwiGluForward<float>(gate + i0, up + i0, out + i0, i1 - i0);
+    });
+  }
+  void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
+                      int64_t n) override {
+    DefaultPool().ParallelFor(n, 4096, [&](int64_t i0, int64_t i1, int) {
+      if (HaveAvx2Fma()) return avx2::SwiGluBackward(gate + i0, up + i0, dout + i0, dgate + i0, dup + i0, i1 - i0);
+      kernels::SwiGluBackward<float>(gate + i0, up + i0, dout + i0, dgate + i0, dup + i0, i1 - i0);
+    });
+  }
+  double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
+                      float grad_scale) override {
+    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, 256, /*fast=*/true);
+  }
+  void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
+    DefaultPool().ParallelFor(n, 8192, [&](int64_t i0, int64_t i1, int) { AdamWRange(p, g, m, v, fisher, i0, i1, s); });
+  }
+  // Products split so that no two threads write the same output: rows of z / y / dx, columns
+  // of dA, rows of dB.
+  void LoraForward(const float* x, const float* a, const float* b, float* z, float* y, int64_t m, int64_t in,
+                   int64_t r, int64_t out, float scale) override {
+    DefaultPool().ParallelFor(m, 32, [&](int64_t m0, int64_t m1, int) {
+      kernels::LoraForward<float>(x + m0 * in, a, b, z + m0 * r, y + m0 * out, m1 - m0, in, r, out, scale);
+    });
+  }
+  void LoraBackward(const float* x, const float* a, const float* b, const float* z, const float* dy, float* da,
+                    float* db, float* dx, int64_t m, int64_t in, int64_t r, int64_t out, float scale) override {
+    std::vector<float>& dz = Scratch(m * r);
+    DefaultPool().ParallelFor(m, 32, [&](int64_t m0, int64_t m1, int) {  // dz = s dy B
+      Gemm<float>(false, false, m1 - m0, r, out, scale, dy + m0 * out, out, b, r, 0.0f, dz.data() + m0 * r, r);
+    });
+    if (db != nullptr) {
+      DefaultPool().ParallelFor(out, 16, [&](int64_t o0, int64_t o1, int) {  // dB += s dy^T z
+        Gemm<float>(true, false, o1 - o0, r, m, scale, dy + o0, out, z, r, 1.0f, db + o0 * r, r);
+      });
+    }
+    if (da != nullptr) {
+      DefaultPool().ParallelFor(in, 16, [&](int64_t c0, int64_t c1, int) {  // dA += dz^T x
+        Gemm<float>(true, false, r, c1 - c0, m, 1.0f, dz.data(), r, x + c0, in, 1.0f, da + c0, in);
+      });
+    }
+    DefaultPool().ParallelFor(m, 32, [&](int64_t m0, int64_t m1, int) {  // dx += dz A
+      Gemm<float>(false, false, m1 - m0, in, r, 1.0f, dz.data() + m0 * r, r, a, in, 1.0f, dx + m0 * in, in);
+    });
+  }
+  void DiabloForward(const float* x, const float* d, float* y, int64_t m, int64_t in, int64_t out,
+                     int64_t blocks) override {
+    DefaultPool().ParallelFor(m, 32, [&](int64_t m0, int64_t m1, int) {
+      kernels::DiabloForward<float>(x + m0 * in, d, y + m0 * out, m1 - m0, in, out, blocks);
+    });
+  }
+  void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m, int64_t in,
+                      int64_t out, int64_t blocks) override {
+    // Blocks own disjoint slices of dD and of dx's columns: one task per block.
+    const int64_t b_in = (in + blocks - 1) / blocks, b_out = (out + blocks - 1) / blocks;
+    DefaultPool().ParallelFor(blocks, 1, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t c_in = std::min(b_in, in - i * b_in), c_out = std::min(b_out, out - i * b_out);
+        if (c_in <= 0 || c_out <= 0) continue;
+        if (dd != nullptr) {
+          Gemm<float>(true, false, c_in, c_out, m, 1.0f, x + i * b_in, in, dy + i * b_out, out, 1.0f, dd + i * b_in * b_out, b_out);
+        }
+        Gemm<float>(false, true, m, c_in, c_out, 1.0f, dy + i * b_out, out, d + i * b_in * b_out, b_out, 1.0f, dx + i * b_in, in);
+      }
+    });
+  }
+
+ private:
+  // Rotation angles pos * base^(-2i/rot_dim) in double, as the reference; cos/sin once per
+  // (position, pair) for the positions present, rows in parallel.
+  static void Rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                   float base, double sign) {
+    const int64_t half = rot_dim / 2;
+    int32_t max_pos = 0;
+    for (int64_t r = 0; r < rows; ++r) max_pos = std::max(max_pos, pos[r]);
+    std::vector<float> cs(static_cast<size_t>((max_pos + 1) * half * 2));
+    DefaultPool().ParallelFor(max_pos + 1, 16, [&](int64_t p0, int64_t p1, int) {
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t i = 0; i < half; ++i) {
+          const double theta = sign * static_cast<double>(p) *
+                               std::pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+          cs[static_cast<size_t>((p * half + i) * 2)] = static_cast<float>(std::cos(theta));
+          cs[static_cast<size_t>((p * half + i) * 2 + 1)] = static_cast<float>(std::sin(theta));
+        }
+      }
+    });
+    DefaultPool().ParallelFor(rows, 64, [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) {
+        FT_CHECK(pos[r] >= 0);
+        const float* t = cs.data() + static_cast<size_t>(pos[r]) * static_cast<size_t>(half) * 2;
+        for (int64_t h = 0; h < heads; ++h) {
+          float* p = x + (r * heads + h) * head_dim;
+          for (int64_t i = 0; i < half; ++i) {
+            const float c = t[2 * i], s = t[2 * i + 1], a = p[2 * i], b = p[2 * i + 1];
+            p[2 * i] = a * c - b * s;
+            p[2 * i + 1] = a * s + b * c;
+          }
+        }
+      }
+    });
+  }
+  std::vector<float>& Scratch(int64_t n) {
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(n));
+    return buf;
+  }
+};
+
+// Sends each op to `primary` when it supports it, else to `fallback`, saying so once per op.
+class Dispatching final : public Backend {
+ public:
+  Dispatching(Backend* primary, Backend* fallback) : primary_(primary), fallback_(fallback) {
+    name_ = primary_->Name();
+  }
+  const char* Name() const override { return name_.c_str(); }
+  bool Supports(Op op) const override { return primary_->Supports(op) || fallback_->Supports(op); }
+  void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
+    Pick(Op::kQLinearForward).QLinearForward(w, x, y, m);
+  }
+  void QLinearBackward(const QMatrix& w, const float* dy, float* dx, int64_t m) override {
+    Pick(Op::kQLinearBackward).QLinearBackward(w, dy, dx, m);
+  }
+  void RmsNormForward(const float* x, const float* g, float* y, float* rstd, int64_t rows, int64_t n, float eps) override {
+    Pick(Op::kRmsNormForward).RmsNormForward(x, g, y, rstd, rows, n, eps);
+  }
+  void RmsNormBackward(const float* x, const float* g, const float* rstd, const float* dy, float* dx, int64_t rows,
+                       int64_t n) override {
+    Pick(Op::kRmsNormBackward).RmsNormBackward(x, g, rstd, dy, dx, rows, n);
+  }
+  void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                   float base) override {
+    Pick(Op::kRopeForward).RopeForward(x, pos, rows, heads, head_dim, rot_dim, base);
+  }
+  void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                    float base) override {
+    Pick(Op::kRopeBackward).RopeBackward(dx, pos, rows, heads, head_dim, rot_dim, base);
+  }
+  void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
+    Pick(Op::kAttentionForward).AttentionForward(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+  }
+  void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
+                         float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
+                         int64_t head_dim, const int32_t* seg_pos) override {
+    Pick(Op::kAttentionBackward).AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+  }
+  void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
+    Pick(Op::kSwiGluForward).SwiGluForward(gate, up, out, n);
+  }
+  void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
+                      int64_t n) override {
+    Pick(Op::kSwiGluBackward).SwiGluBackward(gate, up, dout, dgate, dup, n);
+  }
+  double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
+                      float grad_scale) override {
+    return Pick(Op::kCrossEntropy).CrossEntropy(w_out, h, target, rows, dh, grad_scale);
+  }
+  void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
+    Pick(Op::kAdamW).AdamW(p, g, m, v, fisher, n, s);
+  }
+  void LoraForward(const float* x, const float* a, const float* b, float* z, float* y, int64_t m, int64_t in,
+                   int64_t r, int64_t out, float scale) override {
+    Pick(Op::kLoraForward).LoraForward(x, a, b, z, y, m, in, r, out, scale);
+  }
+  void LoraBackward(const float* x, const float* a, const float* b, const float* z, const float* dy, float* da,
+                    float* db, float* dx, int64_t m, int64_t in, int64_t r, int64_t out, float scale) override {
+    Pick(Op::kLoraBackward).LoraBackward(x, a, b, z, dy, da, db, dx, m, in, r, out, scale);
+  }
+  void DiabloForward(const float* x, const float* d, float* y, int64_t m, int64_t in, int64_t out,
+                     int64_t blocks) override {
+    Pick(Op::kDiabloForward).DiabloForward(x, d, y, m, in, out, blocks);
+  }
+  void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m, int64_t in,
+                      int64_t out, int64_t blocks) override {
+    Pick(Op::kDiabloBackward).DiabloBackward(x, d, dy, dd, dx, m, in, out, blocks);
+  }
+
+ private:
+  Backend& Pick(Op op) {
+    if (primary_->Supports(op)) return *primary_;
+    auto& warned = warned_[static_cast<size_t>(op)];
+    if (!warned.exchange(true)) {
+      FT_LOG_WARN("kernel backend {} has no {}: using {}", primary_->Name(), OpName(op), fallback_->Name());
+    }
+    return *fallback_;
+  }
+  Backend* primary_;
+  Backend* fallback_;
+  std::string name_;
+  std::array<std::atomic<bool>, static_cast<size_t>(Op::kCount)> warned_{};
+};
+
+struct CudaState {
+  std::once_flag once;
+  std::unique_ptr<Backend> backend;
+  std::string why_not;
+};
+CudaState& Cuda() {
+  static CudaState s;
+  std::call_once(s.once, [] {
+#ifdef FEDTUNE_HAVE_CUDA
+    s.backend = MakeCudaBackend(&s.why_not);
+#else
+    s.why_not = "this build has no CUDA backend (nvcc was not found or FEDTUNE_CUDA=OFF)";
+#endif
+  });
+  return s;
+}
+
+}  // namespace
+
+Backend& CpuReferenceBackend() {
+  static CpuReference b;
+  return b;
+}
+Backend& CpuFastBackend() {
+  static CpuFast b;
+  return b;
+}
+Backend* CudaBackend() { return Cuda().backend.get(); }
+std::string CudaUnavailableReason() { return Cuda().why_not; }
+
+absl::StatusOr<Backend*> SelectBackend(std::string_view device) {
+  if (device == "cpu" || device == "cpu-fast") return &CpuFastBackend();
+  if (device == "cpu-ref") return &CpuReferenceBackend();
+  if (device == "cuda" || device == "auto") {
+    Backend* cuda = CudaBackend();
+    if (cuda == nullptr) {
+      if (device == "cuda") return absl::FailedPreconditionError(absl::StrCat("--device cuda: ", CudaUnavailableReason()));
+      return &CpuFastBackend();
+    }
+    static Dispatching dispatching(cuda, &CpuFastBackend());
+    return &dispatching;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown device '", std::string(device), "' (cpu, cpu-ref, cuda or auto)"));
+}
+
+}  // namespace fedtune::kernels

@@ -1,0 +1,116 @@
+// Kernel backends: one interface over the training ops, implemented by
+//   - "cpu-ref":  the reference (plain loops for element-wise ops, BLAS for products; the
+//                 templates in kernels/train_ops.h, also instantiated on double for the
+//                 finite-difference checks),
+//   - "cpu-fast": multithreaded, SIMD (AVX2+FMA, chosen at run time) versions on float,
+//   - "cuda":     CUDA kernels (compiled when nvcc is found; usable when a GPU is present).
+// Every fast op is tested against cpu-ref by normalised mean squared error
+// (tests/kernels/backend_ops_test.cc, the ggml test-backend-ops habit).
+//
+// All pointers are host memory and all tensors are row-major float. A backend that keeps data
+// on a device copies in and out per call (correct everywhere; the CUDA backend's end-to-end
+// speed needs device-resident activations, see README "Not done yet").
+//
+// Backward ops ACCUMULATE (+=) into input gradients, like kernels/train_ops.h.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+#include "kernels/ops.h"
+
+namespace fedtune::kernels {
+
+enum class Op : int {
+  kQLinearForward,     // y[m,n] = x[m,k] W^T, W (n x k) in its block format
+  kQLinearBackward,    // dx[m,k] += dy[m,n] W
+  kRmsNormForward,     // y = x * rstd * g, rstd saved
+  kRmsNormBackward,    // dx += ...
+  kRopeForward,        // adjacent-pair rotary embedding, in place
+  kRopeBackward,       // its transpose, in place
+  kAttentionForward,   // causal GQA over n_seq sequences of len tokens
+  kAttentionBackward,  // dq, dk, dv += ...
+  kSwiGluForward,      // out = silu(gate) * up
+  kSwiGluBackward,     // dgate, dup += ...
+  kCrossEntropy,       // chunked softmax cross-entropy against a frozen output matrix
+  kAdamW,              // one AdamW update of a parameter tensor (+ running Fisher)
+  kLoraForward,        // z = x A^T ; y += s z B^T
+  kLoraBackward,       // dB += s dy^T z ; dz = s dy B ; dA += dz^T x ; dx += dz A
+  kDiabloForward,      // y += blockdiag(D) applied to x
+  kDiabloBackward,     // dD += x_i^T dy_i ; dx_i += dy_i D_i^T
+  kCount
+};
+const char* OpName(Op op);
+
+// One AdamW update (decoupled weight decay), the formula of model/optimizer.cc:
+//   f += (g^2 - f) * fisher_weight            (running mean of squared raw gradients)
+//   g' = g * clip ; m = b1 m + (1-b1) g' ; v = b2 v + (1-b2) g'^2
+//   p -= lr * ((m / bc1) / (sqrt(v / bc2) + eps) + wd * p) ; g = 0
+struct AdamWStep {
+  float lr = 0, beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f, weight_decay = 0;
+  float clip = 1;           // multiplier applied to the gradient (global-norm clipping)
+  float bc1 = 1, bc2 = 1;   // bias corrections 1 - beta^t
+  float fisher_weight = 1;  // 1 / t
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* Name() const = 0;
+  virtual bool Supports(Op op) const = 0;
+
+  virtual void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) = 0;
+  virtual void QLinearBackward(const QMatrix& w, const float* dy, float* dx, int64_t m) = 0;
+  virtual void RmsNormForward(const float* x, const float* g, float* y, float* rstd, int64_t rows, int64_t n,
+                              float eps) = 0;
+  virtual void RmsNormBackward(const float* x, const float* g, const float* rstd, const float* dy, float* dx,
+                               int64_t rows, int64_t n) = 0;
+  virtual void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim,
+                           int64_t rot_dim, float base) = 0;
+  virtual void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim,
+                            int64_t rot_dim, float base) = 0;
+  // seg_pos (may be null): packed rows, token i attends to keys i - seg_pos[i] .. i of its row.
+  virtual void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq,
+                                int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
+                                const int32_t* seg_pos) = 0;
+  virtual void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq,
+                                 float* dk, float* dv, int64_t n_seq, int64_t len, int64_t n_head,
+                                 int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) = 0;
+  virtual void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) = 0;
+  virtual void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
+                              int64_t n) = 0;
+  // Returns the summed NLL over rows with target >= 0; dh (may be null) += grad_scale * dNLL/dh.
+  virtual double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows,
+                              float* dh, float grad_scale) = 0;
+  virtual void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) = 0;
+  // A: r x in, B: out x r, z: m x r (written), y: m x out (added to).
+  virtual void LoraForward(const float* x, const float* a, const float* b, float* z, float* y, int64_t m,
+                           int64_t in, int64_t r, int64_t out, float scale) = 0;
+  // da / db may be null (frozen); dx added to.
+  virtual void LoraBackward(const float* x, const float* a, const float* b, const float* z, const float* dy,
+                            float* da, float* db, float* dx, int64_t m, int64_t in, int64_t r, int64_t out,
+                            float scale) = 0;
+  // D: blocks x b_in x b_out with b_in = ceil(in / blocks), b_out = ceil(out / blocks); block i
+  // maps input columns [i b_in, min(in, (i+1) b_in)) to output columns [i b_out, ...).
+  virtual void DiabloForward(const float* x, const float* d, float* y, int64_t m, int64_t in, int64_t out,
+                             int64_t blocks) = 0;
+  virtual void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m,
+                              int64_t in, int64_t out, int64_t blocks) = 0;
+};
+
+// The process-wide instances. CudaBackend() is null when CUDA was not compiled in or no device
+// is usable (the reason in CudaUnavailableReason()).
+Backend& CpuReferenceBackend();
+Backend& CpuFastBackend();
+Backend* CudaBackend();
+std::string CudaUnavailableReason();
+
+// "cpu-ref", "cpu-fast" (= "cpu"), "cuda" or "auto" (cuda when usable, else cpu-fast). The
+// result dispatches each op to the chosen backend when it Supports(op), else to cpu-fast,
+// logging the fallback once per op.
+absl::StatusOr<Backend*> SelectBackend(std::string_view device);
+
+}  // namespace fedtune::kernels

@@ -1,0 +1,25 @@
+// Building blocks of the cpu-fast backend: AVX2+FMA element-wise kernels (kernels/fast_avx2.cc,
+// the only unit compiled with those flags; called after HaveAvx2Fma()) and their portable
+// fallbacks. Each processes a contiguous range; the backend splits work over threads.
+#pragma once
+
+#include <cstdint>
+
+namespace fedtune::kernels {
+
+namespace avx2 {
+// x[i] = e^x[i] (relative error < 2e-7; 0 below -87.3, inf above 88.7, NaN kept).
+void ExpInPlace(float* x, int64_t n);
+float MaxOf(const float* x, int64_t n);
+// sum_i e^(x[i] - shift), accumulated in double over float partial sums.
+double SumExpShifted(const float* x, int64_t n, float shift);
+// x[i] = e^(x[i] - shift) * scale
+void ScaledExpShifted(float* x, int64_t n, float shift, float scale);
+void SwiGluForward(const float* gate, const float* up, float* out, int64_t n);
+void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n);
+void RmsNormRows(const float* x, const float* g, float* y, float* rstd, int64_t r0, int64_t r1, int64_t n, float eps);
+void RmsNormBackwardRows(const float* x, const float* g, const float* rstd, const float* dy, float* dx, int64_t r0,
+                         int64_t r1, int64_t n);
+}  // namespace avx2
+
+}  // namespace fedtune::kernels
