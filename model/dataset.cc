@@ -142,4 +142,42 @@ Batch MakeBatch(const std::vector<const Example*>& examples, int32_t pad_id) {
   return b;
 }
 
+Batch MakePackedBatch(const std::vector<const Example*>& examples, int32_t pad_id) {
+  Batch b;
+  for (const auto* e : examples) b.len = std::max<int64_t>(b.len, static_cast<int64_t>(e->tokens.size()));
+  // First-fit decreasing by length (stable on ties: deterministic).
+  std::vector<size_t> order(examples.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return examples[x]->tokens.size() > examples[y]->tokens.size(); });
+  std::vector<std::vector<size_t>> rows;
+  std::vector<int64_t> used;
+  for (size_t i : order) {
+    const auto n = static_cast<int64_t>(examples[i]->tokens.size());
+    size_t r = 0;
+    while (r < rows.size() && used[r] + n > b.len) ++r;
+    if (r == rows.size()) {
+      rows.emplace_back();
+      used.push_back(0);
+    }
+    rows[r].push_back(i);
+    used[r] += n;
+  }
+  b.n_seq = static_cast<int64_t>(rows.size());
+  b.tokens.assign(static_cast<size_t>(b.n_seq * b.len), pad_id);
+  b.targets.assign(b.tokens.size(), -1);
+  b.pos.assign(b.tokens.size(), 0);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    size_t at = r * static_cast<size_t>(b.len);
+    for (size_t i : rows[r]) {
+      const Example& e = *examples[i];
+      std::copy(e.tokens.begin(), e.tokens.end(), b.tokens.begin() + static_cast<std::ptrdiff_t>(at));
+      std::copy(e.targets.begin(), e.targets.end(), b.targets.begin() + static_cast<std::ptrdiff_t>(at));
+      for (size_t k = 0; k < e.tokens.size(); ++k) b.pos[at + k] = static_cast<int32_t>(k);
+      at += e.tokens.size();
+    }
+    for (int32_t k = 0; at < (r + 1) * static_cast<size_t>(b.len); ++at, ++k) b.pos[at] = k;  // padding segment
+  }
+  return b;
+}
+
 }  // namespace fedtune::model

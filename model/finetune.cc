@@ -60,7 +60,11 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
   if (o.batch < 1 || o.grad_accum < 1 || o.steps < 0) return absl::InvalidArgumentError("batch, grad_accum must be >= 1 and steps >= 0");
   const Tokenizer* tok = model.tokenizer();
   const int32_t pad = tok ? tok->eos_id() : 0;
-  Trainer<float> trainer(model, adapters, o.recompute);
+  if (o.micro_batch < 0) return absl::InvalidArgumentError("micro_batch must be >= 0");
+  if (!(o.adapter_dropout >= 0.0f && o.adapter_dropout < 1.0f)) return absl::InvalidArgumentError("adapter dropout must be in [0, 1)");
+  Trainer<float> trainer(model, adapters,
+                         TrainerOptions{.recompute = o.recompute, .micro_batch = o.micro_batch, .backend = o.backend, .adapter_dropout = o.adapter_dropout});
+  if (o.backend != nullptr) optimizer->set_backend(o.backend);
   Rng rng(o.seed);
   std::vector<size_t> order(train.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -83,6 +87,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
   for (int64_t skip = static_cast<int64_t>(first) * o.grad_accum * o.batch; skip > 0; --skip) next_example();
   for (int step = first; step < o.steps; ++step) {
     const auto t0 = Clock::now();
+    trainer.set_dropout_seed(o.seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step));
     double nll = 0;
     int64_t scored = 0, tokens = 0;
     if (o.dp_clip > 0) {
@@ -92,7 +97,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
       for (int a = 0; a < o.grad_accum; ++a) {
         std::vector<const Example*> ex;
         for (int i = 0; i < o.batch; ++i) ex.push_back(&train[next_example()]);
-        micro.push_back(MakeBatch(ex, pad));
+        micro.push_back(o.pack ? MakePackedBatch(ex, pad) : MakeBatch(ex, pad));
         scored += micro.back().n_scored();
       }
       // Loss = mean NLL over all scored tokens of the step: each micro-batch's gradient is

@@ -19,6 +19,10 @@ struct FinetuneOptions {
   int batch = 8;            // examples per micro-batch
   int grad_accum = 1;       // micro-batches per optimizer step
   bool recompute = true;    // activation recomputation
+  int micro_batch = 0;      // sequences per forward/backward pass (0 = the whole micro-batch)
+  bool pack = true;         // sequence packing (MakePackedBatch) instead of padding
+  float adapter_dropout = 0.0f;
+  kernels::Backend* backend = nullptr;  // null: cpu-fast
   uint64_t seed = 1;        // example order
   int log_every = 10;
   // Checkpointing: every `checkpoint_every` steps (0 = never) the adapters and the optimizer

@@ -24,6 +24,7 @@ Trainer<T>::Trainer(const LlamaModel& model, AdapterSet<T>* adapters, const Trai
     : m_(model), adapters_(adapters), opt_(options) {
   FT_CHECK(adapters_ != nullptr);
   FT_CHECK(opt_.micro_batch >= 0);
+  FT_CHECK(opt_.adapter_dropout >= 0.0f && opt_.adapter_dropout < 1.0f);
   if constexpr (std::is_same_v<T, float>) backend_ = opt_.backend != nullptr ? opt_.backend : &kernels::CpuFastBackend();
   FT_CHECK(static_cast<int64_t>(adapters_->layers.size()) == model.config().n_layer);
 }
@@ -113,6 +114,31 @@ struct Kern {
 };
 }  // namespace
 
+namespace {
+inline uint64_t Mix64(uint64_t z) {  // SplitMix64 finaliser
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+}  // namespace
+
+template <typename T>
+void Trainer<T>::DropoutInput(int64_t l, Module mod, const T* x, int64_t in, std::vector<T>* out) const {
+  const int64_t M = n_seq_ * len_;
+  const double p = opt_.adapter_dropout;
+  const T keep_scale = static_cast<T>(1.0 / (1.0 - p));
+  const uint64_t threshold = static_cast<uint64_t>(p * 9007199254740992.0);  // p * 2^53
+  const uint64_t key = Mix64(dropout_seed_ ^ Mix64((static_cast<uint64_t>(l) << 8) | static_cast<uint64_t>(mod)));
+  out->resize(static_cast<size_t>(M * in));
+  for (int64_t i = 0; i < M; ++i) {
+    const uint64_t row_key = Mix64(key + static_cast<uint64_t>(tok0_ + i));
+    for (int64_t j = 0; j < in; ++j) {
+      const bool keep = (Mix64(row_key + static_cast<uint64_t>(j)) >> 11) >= threshold;
+      (*out)[static_cast<size_t>(i * in + j)] = keep ? x[i * in + j] * keep_scale : T(0);
+    }
+  }
+}
+
 template <typename T>
 void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out) {
   const auto& cfg = m_.config();
@@ -120,10 +146,17 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   auto& ad = adapters_->layers[static_cast<size_t>(l)];
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   const Kern<T> K{backend_};
+  std::vector<T> xd;
   auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, std::vector<T>& y, int64_t out) {
     Resize(y, M * out);
     K.QLinearForward(w, x, y.data(), M);
-    if (auto& a = ad[static_cast<int>(mod)]) a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)], backend_);
+    auto& a = ad[static_cast<int>(mod)];
+    if (!a) return;
+    if (training_ && opt_.adapter_dropout > 0) {
+      DropoutInput(l, mod, x, w.cols, &xd);
+      x = xd.data();
+    }
+    a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)], backend_);
   };
   c.x_in.assign(x_in, x_in + M * E);
   Resize(c.h1, M * E);
@@ -160,9 +193,20 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
   const Kern<T> K{backend_};
+  std::vector<T> xd, dxd;
   auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx) {
     K.QLinearBackward(w, dy, dx, M);
-    if (auto& a = ad[static_cast<int>(mod)]) a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M, backend_);
+    auto& a = ad[static_cast<int>(mod)];
+    if (!a) return;
+    if (opt_.adapter_dropout <= 0) return a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M, backend_);
+    // Through the dropped input x * mask * s: the adapter's gradient w.r.t. its input, dropped
+    // with the same (layer, module, token, feature) keys, is mask * s times it.
+    DropoutInput(l, mod, x, w.cols, &xd);
+    dxd.assign(xd.size(), T(0));
+    a->Backward(xd.data(), c.z[static_cast<int>(mod)], dy, dxd.data(), M, backend_);
+    std::vector<T> masked;
+    DropoutInput(l, mod, dxd.data(), w.cols, &masked);
+    for (size_t i = 0; i < masked.size(); ++i) dx[i] += masked[i];
   };
   // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
   std::vector<T> dx_mid(dx_out, dx_out + M * E);
@@ -209,6 +253,8 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   pos_.resize(static_cast<size_t>(M));
   for (int64_t i = 0; i < M; ++i) pos_[static_cast<size_t>(i)] = b.pos.empty() ? static_cast<int32_t>(i % len_) : b.pos[static_cast<size_t>(t0 + i)];
   seg_pos_ = b.pos.empty() ? nullptr : pos_.data();
+  training_ = backward || training_forward_;
+  tok0_ = t0;
   const int32_t* targets = b.targets.data() + t0;
 
   // Embedding lookup (frozen): x_0.

@@ -37,6 +37,11 @@ struct TrainerOptions {
   // Kernel backend for Trainer<float> (null: cpu-fast); Trainer<double> always runs the
   // reference kernels (finite-difference checks).
   kernels::Backend* backend = nullptr;
+  // Adapter dropout (LoRA's lora_dropout; the DiaBlo paper uses 0.05): during training steps
+  // each adapter's input x is replaced by x * mask / (1 - p), mask ~ Bernoulli(1 - p) per
+  // element; the base path sees x. The mask is a hash of (dropout seed, layer, module, token,
+  // feature), so backward and recomputation regenerate it instead of storing it.
+  float adapter_dropout = 0.0f;
 };
 
 template <typename T>
@@ -50,6 +55,11 @@ class Trainer {
   // Returns the summed NLL over scored positions. With backward, adds grad_scale * d(sum NLL)
   // to the adapters' gradients.
   absl::StatusOr<double> Step(const Batch& batch, T grad_scale, bool backward);
+
+  // Seed of the dropout masks of the following steps (set per optimizer step for fresh masks).
+  void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
+  // Forward-only steps use the training forward too (dropout on): finite-difference checks.
+  void set_training_forward(bool on) { training_forward_ = on; }
 
   // Validates a batch against the model (shape, token ids, context length).
   absl::Status Check(const Batch& batch) const;
@@ -67,6 +77,11 @@ class Trainer {
   int64_t n_seq_ = 0, len_ = 0;
   std::vector<int32_t> pos_;
   const int32_t* seg_pos_ = nullptr;  // packed rows: pos_ (else null: plain causal attention)
+  bool training_ = false;             // this slice runs backward: dropout applies
+  bool training_forward_ = false;
+  int64_t tok0_ = 0;                  // batch index of the slice's first token (dropout masks)
+  uint64_t dropout_seed_ = 0;
+  void DropoutInput(int64_t l, Module mod, const T* x, int64_t in, std::vector<T>* out) const;
 };
 
 }  // namespace fedtune::model

@@ -1,0 +1,959 @@
+// CUDA implementation of the kernel backend (kernels/backend.h): op for op the semantics of the
+// CPU reference (kernels/train_ops.cc, model/adapter.cc, model/optimizer.cc), up to float
+// rounding and the GEMM precision below.
+//
+// Memory. Every op takes and returns host pointers. Inputs are copied into grow-only device
+// scratch buffers owned by the backend and reused across calls; kernels and cuBLAS run on one
+// stream; results are copied back and the stream is synchronised before the op returns.
+// Accumulating outputs (dx += ...) are uploaded first and added to on the device. A mutex
+// serialises the ops, which share the scratch buffers.
+//
+// Frozen weights (QMatrix) are uploaded once, in their block format, and cached without bound
+// (a quantized base model fits a GPU that trains it), keyed by (data pointer, type, rows, cols)
+// and checked against a fingerprint of sampled bytes, so that a freed weight whose address is
+// reused by another of the same shape is uploaded again. The cache is emptied when a device
+// allocation runs out of memory. Each use dequantizes on the device into an f32 scratch buffer
+// (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, NF4, NF4_DQ); the other formats fedtune reads
+// (the K-quants) are dequantized once on the host with DequantizeRow and cached as F32.
+//
+// GEMM precision. All operands are f32 in memory. The products with the frozen weights
+// (QLinear forward/backward, the cross-entropy logits and their gradient) use TF32 tensor cores
+// with f32 accumulation (CUBLAS_COMPUTE_32F_FAST_TF32: inputs rounded to 10 mantissa bits,
+// ~5e-4 relative error per product, far below the quantization error of the weights). Attention
+// and the adapter products (LoRA, DiaBlo), small and the source of the trained gradients, use
+// full f32 (CUBLAS_COMPUTE_32F). kWeightPrecision switches the former to f32.
+//
+// Row-major data, column-major cuBLAS. A row-major r x c matrix with row stride ld is, read by
+// cuBLAS, the column-major c x r matrix (its transpose) with leading dimension ld. A row-major
+// C = op(A) op(B) is therefore computed as the column-major C^T = op(B)^T op(A)^T: cuBLAS gets
+// B before A, the dimensions (n, m, k) and the same transpose flags (see GemmBatched).
+#include "kernels/cuda/cuda_backend.h"
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status.h"
+#include "kernels/quant.h"
+
+namespace fedtune::kernels {
+namespace {
+
+[[noreturn]] void CudaFail(const char* expr, const char* why, const char* file, int line) {
+  std::fprintf(stderr, "%s:%d: CUDA backend: %s failed: %s\n", file, line, expr, why);
+  std::abort();
+}
+
+#define FT_CUDA_CHECK(expr)                                                                \
+  do {                                                                                     \
+    const cudaError_t ft_cuda_err_ = (expr);                                               \
+    if (ft_cuda_err_ != cudaSuccess) CudaFail(#expr, cudaGetErrorString(ft_cuda_err_), __FILE__, __LINE__); \
+  } while (0)
+
+#define FT_CUBLAS_CHECK(expr)                                                                      \
+  do {                                                                                             \
+    const cublasStatus_t ft_cublas_st_ = (expr);                                                   \
+    if (ft_cublas_st_ != CUBLAS_STATUS_SUCCESS) CudaFail(#expr, cublasGetStatusString(ft_cublas_st_), __FILE__, __LINE__); \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+
+constexpr int kThreads = 256;         // per block, for every kernel (a multiple of 32)
+constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops cover the rest
+
+__device__ __forceinline__ int64_t GlobalThread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t GridThreads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a < b ? b : a; }
+};
+
+template <typename T, typename Op>
+__device__ T WarpAllReduce(T v, Op op) {
+  for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// op over the v of all threads of the block, returned to every thread. Call from all threads.
+template <typename T, typename Op>
+__device__ T BlockAllReduce(T v, T identity, Op op) {
+  __shared__ T partial[32];
+  const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = WarpAllReduce(v, op);
+  __syncthreads();  // the threads of a previous call are done reading `partial`
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < blockDim.x / 32 ? partial[lane] : identity;
+  return WarpAllReduce(v, op);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization: one thread per value, the formulas of kernels/quant.cc. Loads go byte by
+// byte (block headers are not aligned). Where quant.cc computes d * q + m without a fused
+// multiply-add (bit-exact with gguf-py), __fmul_rn/__fadd_rn keep nvcc from contracting.
+
+__constant__ float kNf4Table[16];  // kNf4Codes, copied at start-up
+
+__device__ __forceinline__ uint32_t LoadU32(const uint8_t* p) {
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
+         static_cast<uint32_t>(p[3]) << 24;
+}
+__device__ __forceinline__ float LoadF32(const uint8_t* p) { return __uint_as_float(LoadU32(p)); }
+__device__ __forceinline__ uint16_t LoadU16(const uint8_t* p) {
+  return static_cast<uint16_t>(p[0] | p[1] << 8);
+}
+__device__ __forceinline__ float LoadF16(const uint8_t* p) { return __half2float(__ushort_as_half(LoadU16(p))); }
+
+// Value c of a row of `cols` values stored at `row` in format kType.
+template <GgmlType kType>
+__device__ float DequantValue(const uint8_t* row, int64_t c, int64_t cols) {
+  if constexpr (kType == GgmlType::kF32) {
+    return LoadF32(row + 4 * c);
+  } else if constexpr (kType == GgmlType::kF16) {
+    return LoadF16(row + 2 * c);
+  } else if constexpr (kType == GgmlType::kBF16) {
+    return __uint_as_float(static_cast<uint32_t>(LoadU16(row + 2 * c)) << 16);
+  } else if constexpr (kType == GgmlType::kQ8_0) {  // [f16 d][32 x int8]
+    const uint8_t* b = row + (c / 32) * 34;
+    return static_cast<float>(static_cast<int8_t>(b[2 + c % 32])) * LoadF16(b);
+  } else if constexpr (kType == GgmlType::kQ4_0 || kType == GgmlType::kQ4_1) {
+    // [f16 d]([f16 m])[16 bytes: value j in the low nibble of byte j, value j+16 in the high one]
+    constexpr bool kHasMin = kType == GgmlType::kQ4_1;
+    const uint8_t* b = row + (c / 32) * (kHasMin ? 20 : 18);
+    const uint8_t* qs = b + (kHasMin ? 4 : 2);
+    const int j = static_cast<int>(c % 32);
+    const int q = j < 16 ? (qs[j] & 15) : (qs[j - 16] >> 4);
+    if constexpr (kHasMin) return __fadd_rn(__fmul_rn(LoadF16(b), static_cast<float>(q)), LoadF16(b + 2));
+    return LoadF16(b) * static_cast<float>(q - 8);
+  } else if constexpr (kType == GgmlType::kQ5_0 || kType == GgmlType::kQ5_1) {
+    // [f16 d]([f16 m])[u32 high bits][16 bytes of low nibbles as in Q4]
+    constexpr bool kHasMin = kType == GgmlType::kQ5_1;
+    const uint8_t* b = row + (c / 32) * (kHasMin ? 24 : 22);
+    const uint8_t* p = b + (kHasMin ? 4 : 2);
+    const uint32_t qh = LoadU32(p);
+    const uint8_t* qs = p + 4;
+    const int j = static_cast<int>(c % 32);
+    const int x = j < 16 ? static_cast<int>((qs[j] & 15) | (((qh >> j) << 4) & 16))
+                         : static_cast<int>((qs[j - 16] >> 4) | ((qh >> (j - 4)) & 16));  // (j-16)+12
+    if constexpr (kHasMin) return __fadd_rn(__fmul_rn(LoadF16(b), static_cast<float>(x)), LoadF16(b + 2));
+    return LoadF16(b) * static_cast<float>(x - 16);
+  } else if constexpr (kType == GgmlType::kNF4) {
+    // [f32 absmax][32 bytes: value 2i in the high nibble of byte i, value 2i+1 in the low one]
+    const uint8_t* b = row + (c / 64) * 36;
+    const int j = static_cast<int>(c % 64);
+    const uint8_t q = b[4 + j / 2];
+    return kNf4Table[j % 2 == 0 ? q >> 4 : q & 15] * LoadF32(b);
+  } else {
+    static_assert(kType == GgmlType::kNF4DQ);
+    // Row: [f32 scale][f32 mean][int8 absmax code per block][the blocks' nibbles as in NF4]
+    const int64_t nb = cols / 64, blk = c / 64;
+    const float absmax = __fadd_rn(LoadF32(row + 4), __fmul_rn(static_cast<float>(static_cast<int8_t>(row[8 + blk])), LoadF32(row)));
+    const int j = static_cast<int>(c % 64);
+    const uint8_t q = row[8 + nb + blk * 32 + j / 2];
+    return kNf4Table[j % 2 == 0 ? q >> 4 : q & 15] * absmax;
+  }
+}
+
+// out[rows x cols] (row-major f32) from rows of row_bytes bytes.
+template <GgmlType kType>
+__global__ void DequantKernel(const uint8_t* data, size_t row_bytes, int64_t rows, int64_t cols, float* out) {
+  for (int64_t idx = GlobalThread(); idx < rows * cols; idx += GridThreads()) {
+    const int64_t r = idx / cols, c = idx % cols;
+    out[idx] = DequantValue<kType>(data + static_cast<size_t>(r) * row_bytes, c, cols);
+  }
+}
+
+using DequantKernelFn = void (*)(const uint8_t*, size_t, int64_t, int64_t, float*);
+
+// The device dequantizer of a format, or nullptr when it has none.
+DequantKernelFn DequantKernelFor(GgmlType t) {
+  switch (t) {
+    case GgmlType::kF32: return DequantKernel<GgmlType::kF32>;
+    case GgmlType::kF16: return DequantKernel<GgmlType::kF16>;
+    case GgmlType::kBF16: return DequantKernel<GgmlType::kBF16>;
+    case GgmlType::kQ8_0: return DequantKernel<GgmlType::kQ8_0>;
+    case GgmlType::kQ4_0: return DequantKernel<GgmlType::kQ4_0>;
+    case GgmlType::kQ4_1: return DequantKernel<GgmlType::kQ4_1>;
+    case GgmlType::kQ5_0: return DequantKernel<GgmlType::kQ5_0>;
+    case GgmlType::kQ5_1: return DequantKernel<GgmlType::kQ5_1>;
+    case GgmlType::kNF4: return DequantKernel<GgmlType::kNF4>;
+    case GgmlType::kNF4DQ: return DequantKernel<GgmlType::kNF4DQ>;
+    default: return nullptr;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels: one block per row, sums in double like the CPU reference.
+
+__global__ void RmsNormForwardKernel(const float* x, const float* g, float* y, float* rstd, int64_t n, float eps) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * n;
+  double ss = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += static_cast<double>(xr[i]) * static_cast<double>(xr[i]);
+  ss = BlockAllReduce(ss, 0.0, SumOp{});
+  const float s = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(n) + static_cast<double>(eps)));
+  if (threadIdx.x == 0) rstd[row] = s;
+  float* yr = y + row * n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * s * g[i];
+}
+
+__global__ void RmsNormBackwardKernel(const float* x, const float* g, const float* rstd, const float* dy, float* dx,
+                                      int64_t n) {
+  const int64_t row = blockIdx.x;
+  const float* xr = x + row * n;
+  const float* dyr = dy + row * n;
+  const float s = rstd[row];
+  double dot = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+    dot += static_cast<double>(dyr[i]) * static_cast<double>(g[i]) * static_cast<double>(xr[i]);
+  dot = BlockAllReduce(dot, 0.0, SumOp{});
+  const double sd = static_cast<double>(s);
+  const float c = static_cast<float>(dot * sd * sd * sd / static_cast<double>(n));
+  float* dxr = dx + row * n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dxr[i] += s * dyr[i] * g[i] - xr[i] * c;
+}
+
+// Row `blockIdx.x` of the stacked len x len score matrices of all sequences is query
+// i = row % len of its sequence, token `row` overall. It sees keys j0..i: j0 = 0, or with
+// packed rows (seg_pos not null) j0 = i - seg_pos[row], the start of its example.
+__device__ __forceinline__ int64_t FirstKey(const int32_t* seg_pos, int64_t row, int64_t i) {
+  return seg_pos != nullptr ? i - seg_pos[row] : 0;
+}
+
+// Softmax over the visible keys of each row, zeros elsewhere.
+__global__ void CausalSoftmaxKernel(float* s, int64_t len, const int32_t* seg_pos) {
+  const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i);
+  float* p = s + row * len;
+  float mx = -INFINITY;
+  for (int64_t j = j0 + threadIdx.x; j <= i; j += blockDim.x) mx = fmaxf(mx, p[j]);
+  mx = BlockAllReduce(mx, -INFINITY, MaxOp{});
+  double sum = 0.0;
+  for (int64_t j = j0 + threadIdx.x; j <= i; j += blockDim.x) {
+    const float e = expf(p[j] - mx);
+    p[j] = e;
+    sum += static_cast<double>(e);
+  }
+  sum = BlockAllReduce(sum, 0.0, SumOp{});
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) p[j] = j >= j0 && j <= i ? p[j] * inv : 0.0f;
+}
+
+// dS = P o (dP - rowsum(dP o P)) over the visible keys, in place of dP; zeros elsewhere.
+__global__ void CausalSoftmaxBackwardKernel(const float* p, float* dp, int64_t len, const int32_t* seg_pos) {
+  const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i);
+  const float* pr = p + row * len;
+  float* dr = dp + row * len;
+  double dot = 0.0;
+  for (int64_t j = j0 + threadIdx.x; j <= i; j += blockDim.x)
+    dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
+  const float d = static_cast<float>(BlockAllReduce(dot, 0.0, SumOp{}));
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) dr[j] = j >= j0 && j <= i ? pr[j] * (dr[j] - d) : 0.0f;
+}
+
+// One block per scored row of a chunk of logits: nll[row] = logsumexp - logit[target]; with
+// `grad`, the row becomes grad_scale * (softmax - onehot(target)).
+__global__ void CrossEntropyRowKernel(float* logits, const int32_t* target, double* nll, int64_t vocab, float grad_scale,
+                                      bool grad) {
+  const int64_t row = blockIdx.x;
+  float* z = logits + row * vocab;
+  const int32_t t = target[row];
+  const float zt = z[t];  // read before any thread rewrites the row (the reductions are barriers)
+  float mx = -INFINITY;
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, z[j]);
+  mx = BlockAllReduce(mx, -INFINITY, MaxOp{});
+  double se = 0.0;
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) se += static_cast<double>(expf(z[j] - mx));
+  se = BlockAllReduce(se, 0.0, SumOp{});
+  const double lse = log(se) + static_cast<double>(mx);
+  if (threadIdx.x == 0) nll[row] = lse - static_cast<double>(zt);
+  if (!grad) return;
+  const float shift = static_cast<float>(lse);
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+    float v = expf(z[j] - shift) * grad_scale;
+    if (j == t) v -= grad_scale;
+    z[j] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise kernels
+
+// Thread per (row, pair i): rotates pair i of every head by sign * pos * base^(-2i/rot_dim).
+__global__ void RopeKernel(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                           float base, double sign) {
+  const int64_t half = rot_dim / 2;
+  for (int64_t idx = GlobalThread(); idx < rows * half; idx += GridThreads()) {
+    const int64_t r = idx / half, i = idx % half;
+    const double theta = sign * static_cast<double>(pos[r]) *
+                         pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+    double sn, cs;
+    sincos(theta, &sn, &cs);
+    const float c = static_cast<float>(cs), s = static_cast<float>(sn);
+    float* p = x + r * heads * head_dim + 2 * i;
+    for (int64_t h = 0; h < heads; ++h, p += head_dim) {
+      const float a = p[0], b = p[1];
+      p[0] = a * c - b * s;
+      p[1] = a * s + b * c;
+    }
+  }
+}
+
+__global__ void SwiGluForwardKernel(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+__global__ void SwiGluBackwardKernel(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
+                                     int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) {
+    const float g = gate[i];
+    const float sig = 1.0f / (1.0f + expf(-g));
+    const float silu = g * sig;
+    dup[i] += dout[i] * silu;
+    dgate[i] += dout[i] * up[i] * sig * (1.0f + g * (1.0f - sig));
+  }
+}
+
+// model/optimizer.cc's update; the gradient is zeroed on the host.
+__global__ void AdamWKernel(float* p, const float* g, float* m, float* v, float* f, int64_t n, AdamWStep s) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) {
+    const float gr = g[i];
+    f[i] += (gr * gr - f[i]) * s.fisher_weight;
+    const float gi = gr * s.clip;
+    m[i] = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
+    v[i] = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
+    const float mhat = m[i] / s.bc1, vhat = v[i] / s.bc2;
+    p[i] -= s.lr * (mhat / (sqrtf(vhat) + s.eps) + s.weight_decay * p[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+
+enum class Precision { kTf32, kFp32 };
+constexpr Precision kWeightPrecision = Precision::kTf32;  // products with frozen weights
+constexpr int64_t kCrossEntropyLogitsBytes = int64_t{256} << 20;  // logits chunk budget
+
+int ToInt(int64_t v) {
+  FT_CHECK(v >= 0 && v <= INT_MAX);
+  return static_cast<int>(v);
+}
+size_t Count(int64_t n) {
+  FT_CHECK(n >= 0);
+  return static_cast<size_t>(n);
+}
+int64_t BlocksFor(int64_t n) { return std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks); }
+
+template <typename... Params, typename... Args>
+void Launch(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, Args... args) {
+  if (blocks == 0) return;
+  FT_CHECK(blocks <= INT_MAX);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args...);
+  FT_CUDA_CHECK(cudaGetLastError());
+}
+
+// An owned device allocation. Errors from cudaFree are ignored: at process exit the runtime
+// may already be gone.
+class DeviceMemory {
+ public:
+  DeviceMemory() = default;
+  DeviceMemory(void* ptr, size_t bytes) : ptr_(ptr), bytes_(bytes) {}
+  DeviceMemory(DeviceMemory&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DeviceMemory& operator=(DeviceMemory&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  ~DeviceMemory() { Reset(); }
+
+  void Reset() {
+    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// FNV-1a over 256 evenly spaced bytes of a weight and its last byte.
+uint64_t Fingerprint(const QMatrix& w) {
+  const size_t n = Count(w.rows) * w.row_bytes;
+  uint64_t h = 14695981039346656037ull;
+  if (n == 0) return h;
+  auto mix = [&h](uint8_t b) { h = (h ^ b) * 1099511628211ull; };
+  constexpr size_t kSamples = 256;
+  for (size_t i = 0; i < kSamples; ++i) mix(w.data[i * n / kSamples]);
+  mix(w.data[n - 1]);
+  return h;
+}
+
+class CudaBackendImpl final : public Backend {
+ public:
+  CudaBackendImpl() = default;
+  ~CudaBackendImpl() override {
+    if (blas_ != nullptr) (void)cublasDestroy(blas_);
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+  }
+  CudaBackendImpl(const CudaBackendImpl&) = delete;
+  CudaBackendImpl& operator=(const CudaBackendImpl&) = delete;
+
+  // Picks device 0 and starts the stream and cuBLAS: "" when ready, else why not.
+  std::string Init() {
+    int count = 0;
+    if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess)
+      return absl::StrCat("no CUDA device: ", cudaGetErrorString(e));
+    if (count == 0) return "no CUDA device: none found";
+    if (const cudaError_t e = cudaSetDevice(device_); e != cudaSuccess)
+      return absl::StrCat("cannot use CUDA device ", device_, ": ", cudaGetErrorString(e));
+    cudaDeviceProp prop{};
+    if (const cudaError_t e = cudaGetDeviceProperties(&prop, device_); e != cudaSuccess)
+      return absl::StrCat("cannot query CUDA device ", device_, ": ", cudaGetErrorString(e));
+    // The binary holds kernels for CMAKE_CUDA_ARCHITECTURES only: check this device can run them.
+    cudaFuncAttributes attr{};
+    if (const cudaError_t e = cudaFuncGetAttributes(&attr, SwiGluForwardKernel); e != cudaSuccess)
+      return absl::StrCat("CUDA device ", device_, " (", prop.name, ", sm_", prop.major, prop.minor,
+                          ") cannot run fedtune's kernels: ", cudaGetErrorString(e));
+    if (const cudaError_t e = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); e != cudaSuccess)
+      return absl::StrCat("cannot create a CUDA stream: ", cudaGetErrorString(e));
+    if (const cublasStatus_t st = cublasCreate(&blas_); st != CUBLAS_STATUS_SUCCESS) {
+      blas_ = nullptr;
+      return absl::StrCat("cuBLAS does not start: ", cublasGetStatusString(st));
+    }
+    if (const cublasStatus_t st = cublasSetStream(blas_, stream_); st != CUBLAS_STATUS_SUCCESS)
+      return absl::StrCat("cuBLAS does not take the stream: ", cublasGetStatusString(st));
+    if (const cudaError_t e = cudaMemcpyToSymbol(kNf4Table, kNf4Codes, sizeof(kNf4Codes)); e != cudaSuccess)
+      return absl::StrCat("cannot initialise CUDA constants: ", cudaGetErrorString(e));
+    return "";
+  }
+
+  const char* Name() const override { return "cuda"; }
+  bool Supports(Op op) const override { return op < Op::kCount; }  // every op is implemented
+
+  void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
+    if (m == 0) return;
+    const int64_t k = w.cols, n = w.rows;
+    const auto lock = Enter();
+    const float* x_d = ToDevice(0, x, m * k);
+    float* y_d = Scratch<float>(1, m * n);
+    const float* w_d = DequantizedWeight(w, 2);
+    Gemm(kWeightPrecision, false, true, m, n, k, 1.0f, x_d, k, w_d, k, 0.0f, y_d, n);  // y = x W^T
+    ToHost(y, y_d, m * n);
+    Finish();
+  }
+
+  void QLinearBackward(const QMatrix& w, const float* dy, float* dx, int64_t m) override {
+    if (m == 0) return;
+    const int64_t k = w.cols, n = w.rows;
+    const auto lock = Enter();
+    const float* dy_d = ToDevice(0, dy, m * n);
+    float* dx_d = ToDevice(1, dx, m * k);
+    const float* w_d = DequantizedWeight(w, 2);
+    Gemm(kWeightPrecision, false, false, m, k, n, 1.0f, dy_d, n, w_d, k, 1.0f, dx_d, k);  // dx += dy W
+    ToHost(dx, dx_d, m * k);
+    Finish();
+  }
+
+  void RmsNormForward(const float* x, const float* g, float* y, float* rstd, int64_t rows, int64_t n,
+                      float eps) override {
+    if (rows == 0) return;
+    const auto lock = Enter();
+    const float* x_d = ToDevice(0, x, rows * n);
+    const float* g_d = ToDevice(1, g, n);
+    float* y_d = Scratch<float>(2, rows * n);
+    float* rstd_d = Scratch<float>(3, rows);
+    Launch(RmsNormForwardKernel, rows, stream_, x_d, g_d, y_d, rstd_d, n, eps);
+    ToHost(y, y_d, rows * n);
+    ToHost(rstd, rstd_d, rows);
+    Finish();
+  }
+
+  void RmsNormBackward(const float* x, const float* g, const float* rstd, const float* dy, float* dx, int64_t rows,
+                       int64_t n) override {
+    if (rows == 0) return;
+    const auto lock = Enter();
+    const float* x_d = ToDevice(0, x, rows * n);
+    const float* g_d = ToDevice(1, g, n);
+    const float* rstd_d = ToDevice(2, rstd, rows);
+    const float* dy_d = ToDevice(3, dy, rows * n);
+    float* dx_d = ToDevice(4, dx, rows * n);
+    Launch(RmsNormBackwardKernel, rows, stream_, x_d, g_d, rstd_d, dy_d, dx_d, n);
+    ToHost(dx, dx_d, rows * n);
+    Finish();
+  }
+
+  void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                   float base) override {
+    Rope(x, pos, rows, heads, head_dim, rot_dim, base, 1.0);
+  }
+  void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                    float base) override {
+    Rope(dx, pos, rows, heads, head_dim, rot_dim, base, -1.0);  // rotations are orthogonal
+  }
+
+  void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
+    FT_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
+    const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, rows = n_seq * len;
+    if (rows == 0) return;
+    CheckSegPos(seg_pos, rows, len);
+    const auto lock = Enter();
+    const float* q_d = ToDevice(0, q, rows * E);
+    const float* k_d = ToDevice(1, k, rows * kvd);
+    const float* v_d = ToDevice(2, v, rows * kvd);
+    float* out_d = Scratch<float>(3, rows * E);
+    float* p_d = Scratch<float>(4, n_seq * len * len);
+    const int32_t* seg_d = seg_pos != nullptr ? ToDevice(5, seg_pos, rows) : nullptr;
+    for (int64_t h = 0; h < n_head; ++h) {
+      const int64_t g = h / group;
+      CausalProbs(q_d + h * head_dim, E, k_d + g * head_dim, kvd, seg_d, p_d, n_seq, len, head_dim);
+      // out_h = P V_g, per sequence
+      GemmBatched(Precision::kFp32, false, false, len, head_dim, len, 1.0f, p_d, len, len * len, v_d + g * head_dim, kvd,
+                  len * kvd, 0.0f, out_d + h * head_dim, E, len * E, n_seq);
+    }
+    ToHost(out, out_d, rows * E);
+    Finish();
+  }
+
+  void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
+                         float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
+                         int64_t head_dim, const int32_t* seg_pos) override {
+    FT_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
+    const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, rows = n_seq * len;
+    if (rows == 0) return;
+    CheckSegPos(seg_pos, rows, len);
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    const int64_t ll = len * len;
+    const auto lock = Enter();
+    const float* q_d = ToDevice(0, q, rows * E);
+    const float* k_d = ToDevice(1, k, rows * kvd);
+    const float* v_d = ToDevice(2, v, rows * kvd);
+    const float* dout_d = ToDevice(3, dout, rows * E);
+    float* dq_d = ToDevice(4, dq, rows * E);
+    float* dk_d = ToDevice(5, dk, rows * kvd);
+    float* dv_d = ToDevice(6, dv, rows * kvd);
+    float* p_d = Scratch<float>(7, n_seq * ll);
+    float* dp_d = Scratch<float>(8, n_seq * ll);
+    const int32_t* seg_d = seg_pos != nullptr ? ToDevice(9, seg_pos, rows) : nullptr;
+    // Per query head h (KV head g), batched over the sequences; the heads of a group add into
+    // the same dk/dv one after the other on the stream.
+    for (int64_t h = 0; h < n_head; ++h) {
+      const int64_t g = h / group;
+      const float* qh = q_d + h * head_dim;
+      const float* doh = dout_d + h * head_dim;
+      const float* kg = k_d + g * head_dim;
+      const float* vg = v_d + g * head_dim;
+      CausalProbs(qh, E, kg, kvd, seg_d, p_d, n_seq, len, head_dim);
+      // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
+      GemmBatched(Precision::kFp32, true, false, len, head_dim, len, 1.0f, p_d, len, ll, doh, E, len * E, 1.0f,
+                  dv_d + g * head_dim, kvd, len * kvd, n_seq);
+      GemmBatched(Precision::kFp32, false, true, len, len, head_dim, 1.0f, doh, E, len * E, vg, kvd, len * kvd, 0.0f,
+                  dp_d, len, ll, n_seq);
+      Launch(CausalSoftmaxBackwardKernel, rows, stream_, p_d, dp_d, len, seg_d);
+      GemmBatched(Precision::kFp32, false, false, len, head_dim, len, scale, dp_d, len, ll, kg, kvd, len * kvd, 1.0f,
+                  dq_d + h * head_dim, E, len * E, n_seq);
+      GemmBatched(Precision::kFp32, true, false, len, head_dim, len, scale, dp_d, len, ll, qh, E, len * E, 1.0f,
+                  dk_d + g * head_dim, kvd, len * kvd, n_seq);
+    }
+    ToHost(dq, dq_d, rows * E);
+    ToHost(dk, dk_d, rows * kvd);
+    ToHost(dv, dv_d, rows * kvd);
+    Finish();
+  }
+
+  void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
+    if (n == 0) return;
+    const auto lock = Enter();
+    const float* gate_d = ToDevice(0, gate, n);
+    const float* up_d = ToDevice(1, up, n);
+    float* out_d = Scratch<float>(2, n);
+    Launch(SwiGluForwardKernel, BlocksFor(n), stream_, gate_d, up_d, out_d, n);
+    ToHost(out, out_d, n);
+    Finish();
+  }
+
+  void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
+                      int64_t n) override {
+    if (n == 0) return;
+    const auto lock = Enter();
+    const float* gate_d = ToDevice(0, gate, n);
+    const float* up_d = ToDevice(1, up, n);
+    const float* dout_d = ToDevice(2, dout, n);
+    float* dgate_d = ToDevice(3, dgate, n);
+    float* dup_d = ToDevice(4, dup, n);
+    Launch(SwiGluBackwardKernel, BlocksFor(n), stream_, gate_d, up_d, dout_d, dgate_d, dup_d, n);
+    ToHost(dgate, dgate_d, n);
+    ToHost(dup, dup_d, n);
+    Finish();
+  }
+
+  // The scored rows of h (and dh) are gathered on the host into contiguous arrays, processed in
+  // chunks of rows whose logits fit kCrossEntropyLogitsBytes, and dh's rows scattered back.
+  double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
+                      float grad_scale) override {
+    const int64_t E = w_out.cols, V = w_out.rows;
+    std::vector<int64_t> scored;
+    std::vector<int32_t> scored_target;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (target[r] < 0) continue;
+      FT_CHECK(target[r] < V);
+      scored.push_back(r);
+      scored_target.push_back(target[r]);
+    }
+    const int64_t ns = static_cast<int64_t>(scored.size());
+    if (ns == 0) return 0.0;
+    const bool grad = dh != nullptr;
+    std::vector<float> hs(Count(ns * E)), dhs(grad ? Count(ns * E) : 0);
+    for (int64_t i = 0; i < ns; ++i) {
+      std::copy_n(h + scored[Count(i)] * E, E, hs.begin() + i * E);
+      if (grad) std::copy_n(dh + scored[Count(i)] * E, E, dhs.begin() + i * E);
+    }
+    const int64_t chunk = std::clamp<int64_t>(kCrossEntropyLogitsBytes / (V * 4), 1, ns);
+    std::vector<double> nll(Count(ns));
+    {
+      const auto lock = Enter();
+      const float* h_d = ToDevice(0, hs.data(), ns * E);
+      const int32_t* target_d = ToDevice(1, scored_target.data(), ns);
+      double* nll_d = Scratch<double>(2, ns);
+      float* logits_d = Scratch<float>(3, chunk * V);
+      float* dh_d = grad ? ToDevice(4, dhs.data(), ns * E) : nullptr;
+      const float* w_d = DequantizedWeight(w_out, 5);
+      for (int64_t c0 = 0; c0 < ns; c0 += chunk) {
+        const int64_t n = std::min(chunk, ns - c0);
+        Gemm(kWeightPrecision, false, true, n, V, E, 1.0f, h_d + c0 * E, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
+        Launch(CrossEntropyRowKernel, n, stream_, logits_d, target_d + c0, nll_d + c0, V, grad_scale, grad);
+        if (grad) Gemm(kWeightPrecision, false, false, n, E, V, 1.0f, logits_d, V, w_d, E, 1.0f, dh_d + c0 * E, E);  // dh += dlogits W
+      }
+      ToHost(nll.data(), nll_d, ns);
+      if (grad) ToHost(dhs.data(), dh_d, ns * E);
+      Finish();
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < ns; ++i) {
+      sum += nll[Count(i)];
+      if (grad) std::copy_n(dhs.begin() + i * E, E, dh + scored[Count(i)] * E);
+    }
+    return sum;
+  }
+
+  void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
+    if (n == 0) return;
+    {
+      const auto lock = Enter();
+      float* p_d = ToDevice(0, p, n);
+      const float* g_d = ToDevice(1, g, n);
+      float* m_d = ToDevice(2, m, n);
+      float* v_d = ToDevice(3, v, n);
+      float* f_d = ToDevice(4, fisher, n);
+      Launch(AdamWKernel, BlocksFor(n), stream_, p_d, g_d, m_d, v_d, f_d, n, s);
+      ToHost(p, p_d, n);
+      ToHost(m, m_d, n);
+      ToHost(v, v_d, n);
+      ToHost(fisher, f_d, n);
+      Finish();
+    }
+    std::fill_n(g, n, 0.0f);
+  }
+
+  void LoraForward(const float* x, const float* a, const float* b, float* z, float* y, int64_t m, int64_t in, int64_t r,
+                   int64_t out, float scale) override {
+    if (m == 0) return;
+    const auto lock = Enter();
+    const float* x_d = ToDevice(0, x, m * in);
+    const float* a_d = ToDevice(1, a, r * in);
+    const float* b_d = ToDevice(2, b, out * r);
+    float* y_d = ToDevice(3, y, m * out);
+    float* z_d = Scratch<float>(4, m * r);
+    Gemm(Precision::kFp32, false, true, m, r, in, 1.0f, x_d, in, a_d, in, 0.0f, z_d, r);       // z = x A^T
+    Gemm(Precision::kFp32, false, true, m, out, r, scale, z_d, r, b_d, r, 1.0f, y_d, out);  // y += s z B^T
+    ToHost(z, z_d, m * r);
+    ToHost(y, y_d, m * out);
+    Finish();
+  }
+
+  void LoraBackward(const float* x, const float* a, const float* b, const float* z, const float* dy, float* da,
+                    float* db, float* dx, int64_t m, int64_t in, int64_t r, int64_t out, float scale) override {
+    if (m == 0) return;
+    const auto lock = Enter();
+    const float* dy_d = ToDevice(0, dy, m * out);
+    const float* a_d = ToDevice(1, a, r * in);
+    const float* b_d = ToDevice(2, b, out * r);
+    float* dx_d = ToDevice(3, dx, m * in);
+    float* dz_d = Scratch<float>(4, m * r);
+    const float* z_d = db != nullptr ? ToDevice(5, z, m * r) : nullptr;
+    float* db_d = db != nullptr ? ToDevice(6, db, out * r) : nullptr;
+    const float* x_d = da != nullptr ? ToDevice(7, x, m * in) : nullptr;
+    float* da_d = da != nullptr ? ToDevice(8, da, r * in) : nullptr;
+    if (db != nullptr) Gemm(Precision::kFp32, true, false, out, r, m, scale, dy_d, out, z_d, r, 1.0f, db_d, r);  // dB += s dy^T z
+    Gemm(Precision::kFp32, false, false, m, r, out, scale, dy_d, out, b_d, r, 0.0f, dz_d, r);              // dz = s dy B
+    if (da != nullptr) Gemm(Precision::kFp32, true, false, r, in, m, 1.0f, dz_d, r, x_d, in, 1.0f, da_d, in);  // dA += dz^T x
+    Gemm(Precision::kFp32, false, false, m, in, r, 1.0f, dz_d, r, a_d, in, 1.0f, dx_d, in);                // dx += dz A
+    if (db != nullptr) ToHost(db, db_d, out * r);
+    if (da != nullptr) ToHost(da, da_d, r * in);
+    ToHost(dx, dx_d, m * in);
+    Finish();
+  }
+
+  void DiabloForward(const float* x, const float* d, float* y, int64_t m, int64_t in, int64_t out,
+                     int64_t blocks) override {
+    FT_CHECK(blocks > 0);
+    if (m == 0) return;
+    const int64_t b_in = (in + blocks - 1) / blocks, b_out = (out + blocks - 1) / blocks, bsz = b_in * b_out;
+    const auto lock = Enter();
+    const float* x_d = ToDevice(0, x, m * in);
+    const float* d_d = ToDevice(1, d, blocks * bsz);
+    float* y_d = ToDevice(2, y, m * out);
+    // y[:, i b_out : +c_out] += x[:, i b_in : +c_in] D_i[:c_in, :c_out]
+    ForEachBlockRun(in, out, blocks, [&](int64_t i0, int64_t count, int64_t c_in, int64_t c_out) {
+      GemmBatched(Precision::kFp32, false, false, m, c_out, c_in, 1.0f, x_d + i0 * b_in, in, b_in, d_d + i0 * bsz, b_out,
+                  bsz, 1.0f, y_d + i0 * b_out, out, b_out, count);
+    });
+    ToHost(y, y_d, m * out);
+    Finish();
+  }
+
+  void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m, int64_t in,
+                      int64_t out, int64_t blocks) override {
+    FT_CHECK(blocks > 0);
+    if (m == 0) return;
+    const int64_t b_in = (in + blocks - 1) / blocks, b_out = (out + blocks - 1) / blocks, bsz = b_in * b_out;
+    const auto lock = Enter();
+    const float* d_d = ToDevice(0, d, blocks * bsz);
+    const float* dy_d = ToDevice(1, dy, m * out);
+    float* dx_d = ToDevice(2, dx, m * in);
+    const float* x_d = dd != nullptr ? ToDevice(3, x, m * in) : nullptr;
+    float* dd_d = dd != nullptr ? ToDevice(4, dd, blocks * bsz) : nullptr;
+    // dD_i += x_i^T dy_i ; dx_i += dy_i D_i^T
+    ForEachBlockRun(in, out, blocks, [&](int64_t i0, int64_t count, int64_t c_in, int64_t c_out) {
+      if (dd != nullptr)
+        GemmBatched(Precision::kFp32, true, false, c_in, c_out, m, 1.0f, x_d + i0 * b_in, in, b_in, dy_d + i0 * b_out, out,
+                    b_out, 1.0f, dd_d + i0 * bsz, b_out, bsz, count);
+      GemmBatched(Precision::kFp32, false, true, m, c_in, c_out, 1.0f, dy_d + i0 * b_out, out, b_out, d_d + i0 * bsz, b_out,
+                  bsz, 1.0f, dx_d + i0 * b_in, in, b_in, count);
+    });
+    if (dd != nullptr) ToHost(dd, dd_d, blocks * bsz);
+    ToHost(dx, dx_d, m * in);
+    Finish();
+  }
+
+ private:
+  static constexpr int kSlots = 10;  // scratch buffers: an op uses slots 0, 1, ... for its arrays
+
+  // A weight as cached on the device: its block format (F32 after a host fallback) and bytes.
+  struct CachedWeight {
+    uint64_t fingerprint = 0;
+    GgmlType type = GgmlType::kF32;
+    size_t row_bytes = 0;
+    DeviceMemory bytes;
+  };
+  using WeightKey = std::tuple<const uint8_t*, GgmlType, int64_t, int64_t>;  // data, type, rows, cols
+
+  std::unique_lock<std::mutex> Enter() {
+    std::unique_lock<std::mutex> lock(mu_);
+    FT_CUDA_CHECK(cudaSetDevice(device_));
+    return lock;
+  }
+
+  // cudaMalloc; when the device is out of memory, empties the weight cache and tries again.
+  DeviceMemory Allocate(size_t bytes) {
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e == cudaErrorMemoryAllocation && !weights_.empty()) {
+      (void)cudaGetLastError();  // clear the error before retrying
+      weights_.clear();
+      e = cudaMalloc(&p, bytes);
+    }
+    FT_CUDA_CHECK(e);
+    return DeviceMemory(p, bytes);
+  }
+
+  // Scratch buffer `slot`, grown (contents lost) to hold count T. Ops take their buffers before
+  // launching work that reads them, and DequantizedWeight last (an allocation may empty the
+  // weight cache).
+  template <typename T>
+  T* Scratch(int slot, int64_t count) {
+    DeviceMemory& s = scratch_[Count(slot)];
+    const size_t bytes = std::max<size_t>(Count(count) * sizeof(T), 1);
+    if (s.bytes() < bytes) {
+      s.Reset();
+      s = Allocate(bytes + bytes / 4);  // headroom against growing by a few rows at a time
+    }
+    return static_cast<T*>(s.get());
+  }
+
+  template <typename T>
+  T* ToDevice(int slot, const T* host, int64_t count) {
+    T* d = Scratch<T>(slot, count);
+    if (count > 0) FT_CUDA_CHECK(cudaMemcpyAsync(d, host, Count(count) * sizeof(T), cudaMemcpyHostToDevice, stream_));
+    return d;
+  }
+
+  template <typename T>
+  void ToHost(T* host, const T* device, int64_t count) {
+    if (count > 0) FT_CUDA_CHECK(cudaMemcpyAsync(host, device, Count(count) * sizeof(T), cudaMemcpyDeviceToHost, stream_));
+  }
+
+  void Finish() { FT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+  // The cached device copy of w, uploaded on first use (or when its fingerprint changed).
+  const CachedWeight& CachedDeviceWeight(const QMatrix& w) {
+    const WeightKey key{w.data, w.type, w.rows, w.cols};
+    const uint64_t fingerprint = Fingerprint(w);
+    auto it = weights_.find(key);
+    if (it != weights_.end() && it->second.fingerprint != fingerprint) {
+      weights_.erase(it);
+      it = weights_.end();
+    }
+    if (it == weights_.end()) it = weights_.emplace(key, UploadWeight(w, fingerprint)).first;
+    return it->second;
+  }
+
+  CachedWeight UploadWeight(const QMatrix& w, uint64_t fingerprint) {
+    FT_CHECK(w.cols % TypeTraits(w.type).block_size == 0);
+    CachedWeight c;
+    c.fingerprint = fingerprint;
+    if (DequantKernelFor(w.type) != nullptr) {
+      c.type = w.type;
+      c.row_bytes = w.row_bytes;
+      c.bytes = Allocate(std::max<size_t>(Count(w.rows) * w.row_bytes, 1));
+      if (w.rows > 0)
+        FT_CUDA_CHECK(cudaMemcpyAsync(c.bytes.get(), w.data, Count(w.rows) * w.row_bytes, cudaMemcpyHostToDevice, stream_));
+      return c;
+    }
+    // No device dequantizer: dequantize on the host once and keep f32.
+    std::vector<float> f(Count(w.rows * w.cols));
+    for (int64_t r = 0; r < w.rows; ++r) DequantizeRow(w.type, w.row(r), f.data() + r * w.cols, w.cols);
+    c.type = GgmlType::kF32;
+    c.row_bytes = Count(w.cols) * sizeof(float);
+    c.bytes = Allocate(std::max<size_t>(f.size() * sizeof(float), 1));
+    if (!f.empty()) FT_CUDA_CHECK(cudaMemcpyAsync(c.bytes.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+    Finish();  // f is freed on return
+    return c;
+  }
+
+  // w dequantized into scratch `slot`: w.rows x w.cols row-major f32.
+  const float* DequantizedWeight(const QMatrix& w, int slot) {
+    float* out = Scratch<float>(slot, w.rows * w.cols);
+    const CachedWeight& c = CachedDeviceWeight(w);
+    Launch(DequantKernelFor(c.type), BlocksFor(w.rows * w.cols), stream_, static_cast<const uint8_t*>(c.bytes.get()),
+           c.row_bytes, w.rows, w.cols, out);
+    return out;
+  }
+
+  // Row-major C[m x n] = alpha op(A) op(B) + beta C (the arguments of kernels::Gemm), for
+  // `batch` triples of matrices stride_a / stride_b / stride_c floats apart. cuBLAS reads each
+  // row-major matrix as its column-major transpose, so this asks it for C^T = op(B)^T op(A)^T:
+  // B first, dimensions (n, m, k), each operand keeping its own transpose flag.
+  void GemmBatched(Precision precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                   const float* a, int64_t lda, int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b,
+                   float beta, float* c, int64_t ldc, int64_t stride_c, int64_t batch) {
+    if (m == 0 || n == 0 || batch == 0) return;
+    const cublasComputeType_t compute =
+        precision == Precision::kTf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    FT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        blas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, ToInt(n), ToInt(m), ToInt(k),
+        &alpha, b, CUDA_R_32F, ToInt(ldb), stride_b, a, CUDA_R_32F, ToInt(lda), stride_a, &beta, c, CUDA_R_32F,
+        ToInt(ldc), stride_c, ToInt(batch), compute, CUBLAS_GEMM_DEFAULT));
+  }
+  void Gemm(Precision precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+    GemmBatched(precision, trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
+  }
+
+  // P = masked softmax(scale Q_h K_g^T) into p (n_seq stacked len x len matrices) for one query
+  // head: qh / kg point at the head's columns of q (row stride q_stride) / k (kv_stride); seg_pos
+  // (device, may be null) as in AttentionForward.
+  void CausalProbs(const float* qh, int64_t q_stride, const float* kg, int64_t kv_stride, const int32_t* seg_pos,
+                   float* p, int64_t n_seq, int64_t len, int64_t head_dim) {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    GemmBatched(Precision::kFp32, false, true, len, len, head_dim, scale, qh, q_stride, len * q_stride, kg, kv_stride,
+                len * kv_stride, 0.0f, p, len, len * len, n_seq);
+    Launch(CausalSoftmaxKernel, n_seq * len, stream_, p, len, seg_pos);
+  }
+
+  // Packed rows: token t, query i = t % len of its row, sees keys i - seg_pos[t] .. i, which
+  // must lie in the row (the reference FT_CHECKs the same).
+  static void CheckSegPos(const int32_t* seg_pos, int64_t rows, int64_t len) {
+    if (seg_pos == nullptr) return;
+    for (int64_t t = 0; t < rows; ++t) FT_CHECK(seg_pos[t] >= 0 && seg_pos[t] <= t % len);
+  }
+
+  void Rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base,
+            double sign) {
+    const int64_t work = rows * (rot_dim / 2);
+    if (work == 0) return;
+    const auto lock = Enter();
+    float* x_d = ToDevice(0, x, rows * heads * head_dim);
+    const int32_t* pos_d = ToDevice(1, pos, rows);
+    Launch(RopeKernel, BlocksFor(work), stream_, x_d, pos_d, rows, heads, head_dim, rot_dim, base, sign);
+    ToHost(x, x_d, rows * heads * head_dim);
+    Finish();
+  }
+
+  // Calls f(i0, count, c_in, c_out) for runs of `count` DiaBlo blocks from i0 that share their
+  // (cropped) sizes c_in x c_out: first all full blocks (a prefix), then each cropped block;
+  // blocks wholly in the padding (c_in or c_out <= 0) are skipped, as in model/adapter.cc.
+  template <typename F>
+  static void ForEachBlockRun(int64_t in, int64_t out, int64_t blocks, F f) {
+    const int64_t b_in = (in + blocks - 1) / blocks, b_out = (out + blocks - 1) / blocks;
+    if (b_in == 0 || b_out == 0) return;  // no input or no output columns
+    const int64_t full = std::min({blocks, in / b_in, out / b_out});
+    if (full > 0) f(0, full, b_in, b_out);
+    for (int64_t i = full; i < blocks; ++i) {
+      const int64_t c_in = std::min(b_in, in - i * b_in), c_out = std::min(b_out, out - i * b_out);
+      if (c_in > 0 && c_out > 0) f(i, 1, c_in, c_out);
+    }
+  }
+
+  const int device_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  std::mutex mu_;
+  std::array<DeviceMemory, kSlots> scratch_;
+  std::map<WeightKey, CachedWeight> weights_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not) {
+  auto backend = std::make_unique<CudaBackendImpl>();
+  if (std::string why = backend->Init(); !why.empty()) {
+    (void)cudaGetLastError();  // leave no error behind for other CUDA users
+    if (why_not != nullptr) *why_not = std::move(why);
+    return nullptr;
+  }
+  return backend;
+}
+
+}  // namespace fedtune::kernels

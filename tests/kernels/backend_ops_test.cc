@@ -1,0 +1,382 @@
+// Every op of every available backend against the cpu-ref backend, over many shapes (odd
+// sizes, GQA ratios, sequence lengths, packed rows, ranks, block counts, block formats), by
+// normalised mean squared error with a per-op tolerance: the ggml test-backend-ops habit.
+// Non-finite values must appear exactly where the reference has them. Backends that are not
+// available here (CUDA without a GPU) are skipped with the reason.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/quant.h"
+
+namespace fedtune::kernels {
+namespace {
+
+using Vec = std::vector<float>;
+
+Vec Random(size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> d(0.0f, scale);
+  Vec v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// NMSE = sum (got - ref)^2 / sum ref^2; fails on non-finite mismatches.
+double Nmse(const Vec& ref, const Vec& got, const std::string& what) {
+  EXPECT_EQ(ref.size(), got.size()) << what;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size() && i < got.size(); ++i) {
+    if (!std::isfinite(ref[i]) || !std::isfinite(got[i])) {
+      EXPECT_EQ(std::isnan(ref[i]), std::isnan(got[i])) << what << " at " << i << ": ref " << ref[i] << " got " << got[i];
+      if (std::isinf(ref[i])) {
+        EXPECT_EQ(ref[i], got[i]) << what << " at " << i;
+      }
+      continue;
+    }
+    num += (static_cast<double>(got[i]) - ref[i]) * (static_cast<double>(got[i]) - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return den > 0 ? num / den : num;
+}
+
+class BackendOps : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    if (GetParam() == "cuda") {
+      be_ = CudaBackend();
+      if (be_ == nullptr) GTEST_SKIP() << "CUDA backend unavailable: " << CudaUnavailableReason();
+    } else {
+      be_ = &CpuFastBackend();
+    }
+  }
+  // Runs `check` if the backend has the op; counts the comparisons.
+  void Expect(Op op, const Vec& ref, const Vec& got, double tol, const std::string& shape) {
+    const double e = Nmse(ref, got, std::string(OpName(op)) + " " + shape);
+    EXPECT_LE(e, tol) << be_->Name() << " " << OpName(op) << " " << shape << ": NMSE " << e;
+    worst_[static_cast<size_t>(op)] = std::max(worst_[static_cast<size_t>(op)], e);
+    ++checks_;
+  }
+  bool Has(Op op) {
+    if (be_->Supports(op)) return true;
+    std::printf("[ info ] %s does not support %s (falls back to cpu-fast)\n", be_->Name(), OpName(op));
+    return false;
+  }
+  void TearDown() override {
+    if (be_ == nullptr) return;
+    for (int i = 0; i < static_cast<int>(Op::kCount); ++i) {
+      if (worst_[static_cast<size_t>(i)] >= 0) {
+        std::printf("[ nmse ] %-20s %-18s worst %.2e\n", be_->Name(), OpName(static_cast<Op>(i)), worst_[static_cast<size_t>(i)]);
+      }
+    }
+  }
+  Backend* be_ = nullptr;
+  Backend& ref_ = CpuReferenceBackend();
+  std::mt19937 rng_{42};
+  std::vector<double> worst_ = std::vector<double>(static_cast<size_t>(Op::kCount), -1.0);
+  int checks_ = 0;
+};
+
+// Matmul-type ops: a GPU may multiply in TF32/bf16 (ggml allows 5e-4 for its matmuls).
+constexpr double kGemmTol = 5e-4;
+constexpr double kElemTol = 1e-10;  // element-wise float ops (vectorised exp: ~2e-7 relative)
+constexpr double kSoftTol = 1e-8;   // softmax-based ops
+
+struct QuantWeight {
+  std::vector<uint8_t> bytes;
+  QMatrix m;
+};
+QuantWeight Quantize(GgmlType t, int64_t rows, int64_t cols, std::mt19937& rng) {
+  QuantWeight w;
+  const Vec src = Random(static_cast<size_t>(rows * cols), rng, 0.5f);
+  const size_t rb = *RowBytes(t, cols);
+  w.bytes.resize(rb * static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    EXPECT_TRUE(QuantizeRow(t, src.data() + r * cols, w.bytes.data() + static_cast<size_t>(r) * rb, cols).ok());
+  }
+  w.m = QMatrix{t, w.bytes.data(), rows, cols, rb};
+  return w;
+}
+
+TEST_P(BackendOps, QuantizedLinear) {
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kNF4}) {
+    for (auto [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 7, 64}, {3, 65, 128}, {17, 130, 64}, {64, 257, 256}, {33, 600, 576}}) {
+      const QuantWeight w = Quantize(t, n, k, rng_);
+      const std::string shape = std::string(TypeTraits(t).name) + " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k);
+      const Vec x = Random(static_cast<size_t>(m * k), rng_);
+      if (Has(Op::kQLinearForward)) {
+        Vec y_ref(static_cast<size_t>(m * n)), y(y_ref.size());
+        ref_.QLinearForward(w.m, x.data(), y_ref.data(), m);
+        be_->QLinearForward(w.m, x.data(), y.data(), m);
+        Expect(Op::kQLinearForward, y_ref, y, kGemmTol, shape);
+      }
+      if (Has(Op::kQLinearBackward)) {
+        const Vec dy = Random(static_cast<size_t>(m * n), rng_);
+        Vec dx_ref = Random(static_cast<size_t>(m * k), rng_), dx = dx_ref;  // accumulates
+        ref_.QLinearBackward(w.m, dy.data(), dx_ref.data(), m);
+        be_->QLinearBackward(w.m, dy.data(), dx.data(), m);
+        Expect(Op::kQLinearBackward, dx_ref, dx, kGemmTol, shape);
+      }
+    }
+  }
+}
+
+TEST_P(BackendOps, RmsNorm) {
+  for (int64_t rows : {1, 7, 33}) {
+    for (int64_t n : {8, 63, 576}) {
+      const std::string shape = "rows=" + std::to_string(rows) + " n=" + std::to_string(n);
+      const Vec x = Random(static_cast<size_t>(rows * n), rng_, 3.0f), g = Random(static_cast<size_t>(n), rng_);
+      Vec y_ref(x.size()), y(x.size()), r_ref(static_cast<size_t>(rows)), r(r_ref.size());
+      if (Has(Op::kRmsNormForward)) {
+        ref_.RmsNormForward(x.data(), g.data(), y_ref.data(), r_ref.data(), rows, n, 1e-5f);
+        be_->RmsNormForward(x.data(), g.data(), y.data(), r.data(), rows, n, 1e-5f);
+        Expect(Op::kRmsNormForward, y_ref, y, kElemTol, shape);
+        Expect(Op::kRmsNormForward, r_ref, r, kElemTol, shape + " rstd");
+      }
+      if (Has(Op::kRmsNormBackward)) {
+        ref_.RmsNormForward(x.data(), g.data(), y_ref.data(), r_ref.data(), rows, n, 1e-5f);
+        const Vec dy = Random(x.size(), rng_);
+        Vec dx_ref = Random(x.size(), rng_), dx = dx_ref;
+        ref_.RmsNormBackward(x.data(), g.data(), r_ref.data(), dy.data(), dx_ref.data(), rows, n);
+        be_->RmsNormBackward(x.data(), g.data(), r_ref.data(), dy.data(), dx.data(), rows, n);
+        Expect(Op::kRmsNormBackward, dx_ref, dx, kElemTol, shape);
+      }
+    }
+  }
+}
+
+TEST_P(BackendOps, Rope) {
+  for (int64_t heads : {1, 3, 9}) {
+    for (int64_t hd : {8, 64}) {
+      for (int64_t rot : {hd, hd / 2}) {
+        const int64_t rows = 13;
+        std::vector<int32_t> pos(static_cast<size_t>(rows));
+        for (auto& p : pos) p = static_cast<int32_t>(rng_() % 300);
+        const std::string shape = "heads=" + std::to_string(heads) + " hd=" + std::to_string(hd) + " rot=" + std::to_string(rot);
+        const Vec x = Random(static_cast<size_t>(rows * heads * hd), rng_);
+        for (bool fwd : {true, false}) {
+          const Op op = fwd ? Op::kRopeForward : Op::kRopeBackward;
+          if (!Has(op)) continue;
+          Vec a = x, b = x;
+          if (fwd) {
+            ref_.RopeForward(a.data(), pos.data(), rows, heads, hd, rot, 10000.0f);
+            be_->RopeForward(b.data(), pos.data(), rows, heads, hd, rot, 10000.0f);
+          } else {
+            ref_.RopeBackward(a.data(), pos.data(), rows, heads, hd, rot, 100000.0f);
+            be_->RopeBackward(b.data(), pos.data(), rows, heads, hd, rot, 100000.0f);
+          }
+          Expect(op, a, b, kElemTol, shape);
+        }
+      }
+    }
+  }
+}
+
+// Packed positions: rows split into examples of random lengths.
+std::vector<int32_t> PackedPositions(int64_t n_seq, int64_t len, std::mt19937& rng) {
+  std::vector<int32_t> pos(static_cast<size_t>(n_seq * len));
+  for (int64_t s = 0; s < n_seq; ++s) {
+    int32_t p = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      if (i > 0 && rng() % 5 == 0) p = 0;
+      pos[static_cast<size_t>(s * len + i)] = p++;
+    }
+  }
+  return pos;
+}
+
+TEST_P(BackendOps, Attention) {
+  for (auto [nh, nkv] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {4, 2}, {6, 2}, {3, 3}, {9, 3}}) {
+    for (int64_t hd : {4, 16, 64}) {
+      for (auto [n_seq, len] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {2, 5}, {1, 33}, {3, 70}}) {
+        for (bool packed : {false, true}) {
+          const std::string shape = "heads=" + std::to_string(nh) + "/" + std::to_string(nkv) + " hd=" + std::to_string(hd) + " seq=" +
+                                    std::to_string(n_seq) + "x" + std::to_string(len) + (packed ? " packed" : "");
+          const int64_t M = n_seq * len;
+          const std::vector<int32_t> pos = PackedPositions(n_seq, len, rng_);
+          const int32_t* sp = packed ? pos.data() : nullptr;
+          const Vec q = Random(static_cast<size_t>(M * nh * hd), rng_), k = Random(static_cast<size_t>(M * nkv * hd), rng_),
+                    v = Random(static_cast<size_t>(M * nkv * hd), rng_);
+          if (Has(Op::kAttentionForward)) {
+            Vec o_ref(q.size()), o(q.size());
+            ref_.AttentionForward(q.data(), k.data(), v.data(), o_ref.data(), n_seq, len, nh, nkv, hd, sp);
+            be_->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, nh, nkv, hd, sp);
+            Expect(Op::kAttentionForward, o_ref, o, kSoftTol + kGemmTol * (GetParam() == "cuda"), shape);
+          }
+          if (Has(Op::kAttentionBackward)) {
+            const Vec dout = Random(q.size(), rng_);
+            Vec dq_ref = Random(q.size(), rng_), dk_ref = Random(k.size(), rng_), dv_ref = Random(v.size(), rng_);
+            Vec dq = dq_ref, dk = dk_ref, dv = dv_ref;
+            ref_.AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), n_seq, len, nh, nkv, hd, sp);
+            be_->AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq.data(), dk.data(), dv.data(), n_seq, len, nh, nkv, hd, sp);
+            const double tol = kSoftTol + kGemmTol * (GetParam() == "cuda");
+            Expect(Op::kAttentionBackward, dq_ref, dq, tol, shape + " dq");
+            Expect(Op::kAttentionBackward, dk_ref, dk, tol, shape + " dk");
+            Expect(Op::kAttentionBackward, dv_ref, dv, tol, shape + " dv");
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_P(BackendOps, SwiGluWithExtremesAndNonFinite) {
+  for (int64_t n : {1, 7, 8, 1000, 4099}) {
+    Vec gate = Random(static_cast<size_t>(n), rng_, 4.0f), up = Random(static_cast<size_t>(n), rng_);
+    if (n > 8) {  // exp limits and non-finite inputs
+      gate[0] = 100.0f;
+      gate[1] = -100.0f;
+      gate[2] = 88.5f;
+      gate[3] = -87.5f;
+      gate[4] = NAN;
+      up[5] = INFINITY;
+    }
+    const std::string shape = "n=" + std::to_string(n);
+    if (Has(Op::kSwiGluForward)) {
+      Vec o_ref(gate.size()), o(gate.size());
+      ref_.SwiGluForward(gate.data(), up.data(), o_ref.data(), n);
+      be_->SwiGluForward(gate.data(), up.data(), o.data(), n);
+      Expect(Op::kSwiGluForward, o_ref, o, kElemTol, shape);
+    }
+    if (Has(Op::kSwiGluBackward)) {
+      const Vec dout = Random(gate.size(), rng_);
+      Vec dg_ref = Random(gate.size(), rng_), du_ref = Random(gate.size(), rng_), dg = dg_ref, du = du_ref;
+      ref_.SwiGluBackward(gate.data(), up.data(), dout.data(), dg_ref.data(), du_ref.data(), n);
+      be_->SwiGluBackward(gate.data(), up.data(), dout.data(), dg.data(), du.data(), n);
+      Expect(Op::kSwiGluBackward, dg_ref, dg, kElemTol, shape + " dgate");
+      Expect(Op::kSwiGluBackward, du_ref, du, kElemTol, shape + " dup");
+    }
+  }
+}
+
+TEST_P(BackendOps, CrossEntropy) {
+  if (!Has(Op::kCrossEntropy)) return;
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kQ8_0, GgmlType::kQ4_1}) {
+    for (auto [rows, V, E] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 7, 32}, {5, 100, 64}, {40, 1000, 64}, {300, 517, 32}}) {
+      const QuantWeight w = Quantize(t, V, E, rng_);
+      const Vec h = Random(static_cast<size_t>(rows * E), rng_, 2.0f);
+      std::vector<int32_t> target(static_cast<size_t>(rows));
+      for (auto& x : target) x = rng_() % 4 == 0 ? -1 : static_cast<int32_t>(rng_() % static_cast<uint32_t>(V));
+      const std::string shape = std::string(TypeTraits(t).name) + " rows=" + std::to_string(rows) + " V=" + std::to_string(V);
+      Vec dh_ref = Random(h.size(), rng_), dh = dh_ref;
+      const double nll_ref = ref_.CrossEntropy(w.m, h.data(), target.data(), rows, dh_ref.data(), 0.25f);
+      const double nll = be_->CrossEntropy(w.m, h.data(), target.data(), rows, dh.data(), 0.25f);
+      Expect(Op::kCrossEntropy, {static_cast<float>(nll_ref)}, {static_cast<float>(nll)}, kSoftTol + kGemmTol * (GetParam() == "cuda"), shape + " nll");
+      Expect(Op::kCrossEntropy, dh_ref, dh, kSoftTol + kGemmTol * (GetParam() == "cuda"), shape + " dh");
+      EXPECT_NEAR(be_->CrossEntropy(w.m, h.data(), target.data(), rows, nullptr, 1.0f), nll_ref, 1e-3 * std::abs(nll_ref) + 1e-6) << shape;
+    }
+  }
+}
+
+TEST_P(BackendOps, AdamW) {
+  if (!Has(Op::kAdamW)) return;
+  for (int64_t n : {1, 9, 10000}) {
+    AdamWStep s;
+    s.lr = 1e-3f;
+    s.weight_decay = 0.01f;
+    s.clip = 0.7f;
+    s.bc1 = 1 - 0.9f * 0.9f;
+    s.bc2 = 1 - 0.999f * 0.999f;
+    s.fisher_weight = 0.5f;
+    Vec p = Random(static_cast<size_t>(n), rng_), g = Random(p.size(), rng_), m = Random(p.size(), rng_, 0.1f), v(p.size()), f(p.size());
+    for (auto& x : v) x = std::abs(static_cast<float>(rng_() % 100)) * 1e-4f;
+    for (auto& x : f) x = static_cast<float>(rng_() % 7) * 0.1f;
+    Vec p2 = p, g2 = g, m2 = m, v2 = v, f2 = f;
+    ref_.AdamW(p.data(), g.data(), m.data(), v.data(), f.data(), n, s);
+    be_->AdamW(p2.data(), g2.data(), m2.data(), v2.data(), f2.data(), n, s);
+    const std::string shape = "n=" + std::to_string(n);
+    Expect(Op::kAdamW, p, p2, kElemTol, shape + " p");
+    Expect(Op::kAdamW, m, m2, kElemTol, shape + " m");
+    Expect(Op::kAdamW, v, v2, kElemTol, shape + " v");
+    Expect(Op::kAdamW, f, f2, kElemTol, shape + " fisher");
+    Expect(Op::kAdamW, g, g2, kElemTol, shape + " g zeroed");
+  }
+}
+
+TEST_P(BackendOps, Lora) {
+  for (int64_t m : {1, 5, 40, 129}) {
+    for (int64_t in : {8, 33, 576}) {
+      for (int64_t r : {1, 4, 16}) {
+        for (int64_t out : {7, 64}) {
+          for (bool frozen_a : {false, true}) {
+            const std::string shape = "m=" + std::to_string(m) + " in=" + std::to_string(in) + " r=" + std::to_string(r) + " out=" +
+                                      std::to_string(out) + (frozen_a ? " ffa" : "");
+            const Vec x = Random(static_cast<size_t>(m * in), rng_), a = Random(static_cast<size_t>(r * in), rng_, 0.3f),
+                      b = Random(static_cast<size_t>(out * r), rng_, 0.3f);
+            Vec z_ref(static_cast<size_t>(m * r)), z(z_ref.size());
+            if (Has(Op::kLoraForward)) {
+              Vec y_ref = Random(static_cast<size_t>(m * out), rng_), y = y_ref;
+              ref_.LoraForward(x.data(), a.data(), b.data(), z_ref.data(), y_ref.data(), m, in, r, out, 2.0f);
+              be_->LoraForward(x.data(), a.data(), b.data(), z.data(), y.data(), m, in, r, out, 2.0f);
+              Expect(Op::kLoraForward, y_ref, y, kGemmTol, shape + " y");
+              Expect(Op::kLoraForward, z_ref, z, kGemmTol, shape + " z");
+            }
+            if (Has(Op::kLoraBackward)) {
+              ref_.LoraForward(x.data(), a.data(), b.data(), z_ref.data(), Vec(static_cast<size_t>(m * out)).data(), m, in, r, out, 2.0f);
+              const Vec dy = Random(static_cast<size_t>(m * out), rng_);
+              Vec da_ref = Random(a.size(), rng_), db_ref = Random(b.size(), rng_), dx_ref = Random(x.size(), rng_);
+              Vec da = da_ref, db = db_ref, dx = dx_ref;
+              ref_.LoraBackward(x.data(), a.data(), b.data(), z_ref.data(), dy.data(), frozen_a ? nullptr : da_ref.data(), db_ref.data(),
+                                dx_ref.data(), m, in, r, out, 2.0f);
+              be_->LoraBackward(x.data(), a.data(), b.data(), z_ref.data(), dy.data(), frozen_a ? nullptr : da.data(), db.data(), dx.data(),
+                                m, in, r, out, 2.0f);
+              Expect(Op::kLoraBackward, da_ref, da, kGemmTol, shape + " dA");
+              Expect(Op::kLoraBackward, db_ref, db, kGemmTol, shape + " dB");
+              Expect(Op::kLoraBackward, dx_ref, dx, kGemmTol, shape + " dx");
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_P(BackendOps, Diablo) {
+  for (int64_t m : {1, 9, 100}) {
+    for (auto [in, out] : std::vector<std::pair<int64_t, int64_t>>{{16, 16}, {30, 33}, {576, 192}, {64, 1536}}) {
+      for (int64_t blocks : {1, 3, 4, 16}) {
+        const std::string shape = "m=" + std::to_string(m) + " in=" + std::to_string(in) + " out=" + std::to_string(out) + " N=" + std::to_string(blocks);
+        const int64_t b_in = (in + blocks - 1) / blocks, b_out = (out + blocks - 1) / blocks;
+        const Vec x = Random(static_cast<size_t>(m * in), rng_), d = Random(static_cast<size_t>(blocks * b_in * b_out), rng_, 0.2f);
+        if (Has(Op::kDiabloForward)) {
+          Vec y_ref = Random(static_cast<size_t>(m * out), rng_), y = y_ref;
+          ref_.DiabloForward(x.data(), d.data(), y_ref.data(), m, in, out, blocks);
+          be_->DiabloForward(x.data(), d.data(), y.data(), m, in, out, blocks);
+          Expect(Op::kDiabloForward, y_ref, y, kGemmTol, shape);
+        }
+        if (Has(Op::kDiabloBackward)) {
+          const Vec dy = Random(static_cast<size_t>(m * out), rng_);
+          Vec dd_ref = Random(d.size(), rng_), dx_ref = Random(x.size(), rng_), dd = dd_ref, dx = dx_ref;
+          ref_.DiabloBackward(x.data(), d.data(), dy.data(), dd_ref.data(), dx_ref.data(), m, in, out, blocks);
+          be_->DiabloBackward(x.data(), d.data(), dy.data(), dd.data(), dx.data(), m, in, out, blocks);
+          Expect(Op::kDiabloBackward, dd_ref, dd, kGemmTol, shape + " dD");
+          Expect(Op::kDiabloBackward, dx_ref, dx, kGemmTol, shape + " dx");
+        }
+      }
+    }
+  }
+}
+
+TEST(BackendSelect, NamesAndErrors) {
+  EXPECT_STREQ((*SelectBackend("cpu-ref"))->Name(), "cpu-ref");
+  EXPECT_EQ(*SelectBackend("cpu"), &CpuFastBackend());
+  EXPECT_FALSE(SelectBackend("tpu").ok());
+  auto a = SelectBackend("auto");
+  ASSERT_TRUE(a.ok());
+  if (CudaBackend() == nullptr) {
+    EXPECT_EQ(*a, &CpuFastBackend());
+    EXPECT_FALSE(SelectBackend("cuda").ok()) << "cuda must be refused with a reason when unavailable";
+    EXPECT_FALSE(CudaUnavailableReason().empty());
+  }
+  for (int i = 0; i < static_cast<int>(Op::kCount); ++i) EXPECT_TRUE((*a)->Supports(static_cast<Op>(i))) << OpName(static_cast<Op>(i));
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu-fast", "cuda"),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param == "cpu-fast" ? std::string("CpuFast") : std::string("Cuda"); });
+
+}  // namespace
+}  // namespace fedtune::kernels
