@@ -16,6 +16,10 @@
 #include "kernels/vec_dot.h"
 
 #ifdef FEDTUNE_HAVE_CUDA
+#include <dlfcn.h>
+
+#include <cstdlib>
+
 #include "kernels/cuda/cuda_backend.h"
 #endif
 
@@ -358,7 +362,22 @@ CudaState& Cuda() {
   static CudaState s;
   std::call_once(s.once, [] {
 #ifdef FEDTUNE_HAVE_CUDA
-    s.backend = MakeCudaBackend(&s.why_not);
+    // $FEDTUNE_CUDA_MODULE, else the module next to the build that made this binary.
+    const char* env = std::getenv("FEDTUNE_CUDA_MODULE");
+    const std::string path = env != nullptr && *env != '\0' ? env : FEDTUNE_CUDA_MODULE;
+    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (h == nullptr) {
+      const char* err = dlerror();
+      s.why_not = absl::StrCat("cannot load the CUDA module ", path, ": ", err != nullptr ? err : "unknown error");
+      return;
+    }
+    using Make = Backend* (*)(std::string*);
+    auto make = reinterpret_cast<Make>(dlsym(h, "fedtune_make_cuda_backend"));
+    if (make == nullptr) {
+      s.why_not = absl::StrCat(path, " has no fedtune_make_cuda_backend");
+      return;
+    }
+    s.backend.reset(make(&s.why_not));  // the module stays loaded for the process's life
 #else
     s.why_not = "this build has no CUDA backend (nvcc was not found or FEDTUNE_CUDA=OFF)";
 #endif

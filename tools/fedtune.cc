@@ -17,6 +17,7 @@
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "common/progress.h"
+#include "kernels/backend.h"
 #include "kernels/thread_pool.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
@@ -187,8 +188,10 @@ struct TrainArgs {
   std::string adapter = "lora", modules = "all", layers;
   int64_t rank = 8, blocks = 16, max_len = 256;
   float alpha = 16.0f;
-  bool rslora = false, no_recompute = false, resume = false;
-  int checkpoint_every = 0;
+  bool rslora = false, no_recompute = false, resume = false, no_pack = false;
+  int checkpoint_every = 0, micro_batch = 0;
+  float adapter_dropout = 0.0f;
+  std::string device = "auto";
   int steps = 100, batch = 8, grad_accum = 1, warmup = 10, eval_examples = 50, max_new_tokens = 48;
   float lr = 1e-3f, weight_decay = 0.0f, clip = 1.0f;
   uint64_t seed = 1, adapter_seed = 1;
@@ -267,6 +270,13 @@ int RunTrain(const TrainArgs& a) {
   fo.batch = a.batch;
   fo.grad_accum = a.grad_accum;
   fo.recompute = !a.no_recompute;
+  fo.micro_batch = a.micro_batch;
+  fo.pack = !a.no_pack;
+  fo.adapter_dropout = a.adapter_dropout;
+  auto backend = kernels::SelectBackend(a.device);
+  if (!backend.ok()) return Fail(backend.status());
+  fo.backend = *backend;
+  std::fprintf(stderr, "[fedtune] kernels: %s\n", (*backend)->Name());
   fo.seed = a.seed;
   Progress progress("train", a.steps, "steps");
   double last_loss = 0;
@@ -588,6 +598,12 @@ int main(int argc, char** argv) {
   train->add_option("--adapter-seed", ta.adapter_seed, "Seed of the adapter init (FFA-LoRA's frozen A)");
   train->add_option("--init", ta.init_adapter, "Continue from an adapter.safetensors or a PEFT LoRA folder");
   train->add_flag("--no-recompute", ta.no_recompute, "Keep all activations instead of recomputing them in backward");
+  train->add_option("--micro-batch", ta.micro_batch,
+                    "Sequences per forward/backward pass (0 = whole batch); with --no-recompute bounds activation memory")
+      ->check(CLI::Range(0, 4096));
+  train->add_flag("--no-pack", ta.no_pack, "Pad every example to the batch's longest instead of packing several per row");
+  train->add_option("--adapter-dropout", ta.adapter_dropout, "Dropout on the adapters' inputs (LoRA lora_dropout)")->check(CLI::Range(0.0, 0.99));
+  train->add_option("--device", ta.device, "Kernels: auto (CUDA when usable, else CPU), cpu, cpu-ref or cuda");
   train->add_option("--checkpoint-every", ta.checkpoint_every, "Write OUT/checkpoint.safetensors (adapters + optimizer) every N steps");
   train->add_flag("--resume", ta.resume, "Continue from OUT/checkpoint.safetensors (same data, seed and options)");
   train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization)");

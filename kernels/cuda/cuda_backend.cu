@@ -957,3 +957,7 @@ std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not) {
 }
 
 }  // namespace fedtune::kernels
+
+extern "C" fedtune::kernels::Backend* fedtune_make_cuda_backend(std::string* why_not) {
+  return fedtune::kernels::MakeCudaBackend(why_not).release();
+}

@@ -16,3 +16,7 @@ namespace fedtune::kernels {
 std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not);
 
 }  // namespace fedtune::kernels
+
+// The module's entry point (libfedtune_cuda.so, loaded by kernels/backend.cc with dlopen):
+// MakeCudaBackend(why_not).release(). The caller owns the result.
+extern "C" fedtune::kernels::Backend* fedtune_make_cuda_backend(std::string* why_not);
