@@ -38,14 +38,15 @@ Weight MakeWeight(GgmlType t, int64_t n, int64_t k) {
   return w;
 }
 
-// args: weight type, n (out), k (in), backward?
+// args: weight type, n (out), k (in), backward?, backend (0 cpu-fast, 1 cpu-ref)
 void BM_QLinear(benchmark::State& state) {
   const auto t = static_cast<GgmlType>(state.range(0));
   const int64_t n = state.range(1), k = state.range(2), m = 2048;
   const bool backward = state.range(3) != 0;
   const Weight w = MakeWeight(t, n, k);
   std::vector<float> x(static_cast<size_t>(m * (backward ? n : k)), 0.5f), y(static_cast<size_t>(m * (backward ? k : n)));
-  fedtune::kernels::Backend& be = fedtune::kernels::CpuFastBackend();
+  fedtune::kernels::Backend& be =
+      state.range(4) != 0 ? fedtune::kernels::CpuReferenceBackend() : fedtune::kernels::CpuFastBackend();
   for (auto _ : state) {
     if (backward) {
       be.QLinearBackward(w.m, x.data(), y.data(), m);
@@ -56,13 +57,16 @@ void BM_QLinear(benchmark::State& state) {
   }
   state.counters["GFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(m * n * k), benchmark::Counter::kIsIterationInvariantRate,
                                                  benchmark::Counter::kIs1000);
-  state.SetLabel(fedtune::kernels::TypeTraits(t).name + std::string(backward ? " backward" : " forward"));
+  state.SetLabel(std::string(be.Name()) + " " + fedtune::kernels::TypeTraits(t).name + (backward ? " backward" : " forward"));
 }
 
 void Shapes(benchmark::internal::Benchmark* b) {
   for (GgmlType t : {GgmlType::kF32, GgmlType::kQ4_1, GgmlType::kQ8_0, GgmlType::kNF4}) {
     for (auto [n, k] : {std::pair<int64_t, int64_t>{576, 576}, {1536, 576}, {576, 1536}}) {
-      for (int bw : {0, 1}) b->Args({static_cast<int64_t>(t), n, k, bw});
+      for (int bw : {0, 1}) {
+        b->Args({static_cast<int64_t>(t), n, k, bw, 0});
+        if (t == GgmlType::kQ4_1) b->Args({static_cast<int64_t>(t), n, k, bw, 1});  // the tiled reference path
+      }
     }
   }
 }

@@ -19,7 +19,7 @@ int main(int argc, char** argv) {
   CLI::App app{"fedtune training benchmark"};
   std::string model_path, adapter = "lora", modules = "all";
   std::string device = "cpu";
-  int seq = 256, batch = 8, steps = 3, threads = 0, micro_batch = 0;
+  int seq = 256, batch = 8, steps = 3, threads = 0, micro_batch = 0, budget_mib = 0;
   int64_t rank = 16, blocks = 16;
   bool no_recompute = false;
   app.add_option("model", model_path)->required();
@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   app.add_flag("--no-recompute", no_recompute);
   app.add_option("--micro-batch", micro_batch, "Sequences per forward/backward pass (0 = the whole batch)");
   app.add_option("--device", device, "cpu (= cpu-fast), cpu-ref, cuda or auto");
+  app.add_option("--activation-budget", budget_mib, "MiB: keep activations for as many sequences per pass as fit (fedtune train's default: 1024)");
   CLI11_PARSE(app, argc, argv);
   kernels::SetThreads(threads);
   auto m = model::LlamaModel::Load(model_path);
@@ -47,7 +48,12 @@ int main(int argc, char** argv) {
   if (!set.ok()) return std::fprintf(stderr, "%s\n", std::string(set.status().message()).c_str()), 1;
   auto backend = kernels::SelectBackend(device);
   if (!backend.ok()) return std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str()), 1;
-  model::Trainer<float> trainer(**m, &*set, model::TrainerOptions{.recompute = !no_recompute, .micro_batch = micro_batch, .backend = *backend});
+  model::Trainer<float> trainer(**m, &*set,
+                                model::TrainerOptions{.recompute = !no_recompute,
+                                                      .micro_batch = micro_batch,
+                                                      .backend = *backend,
+                                                      .activation_budget_bytes = int64_t{budget_mib} << 20});
+  const model::PassPlan plan = trainer.PlanFor(batch, seq);
   model::AdamW opt({});
   opt.set_backend(*backend);
   Rng rng(1);
@@ -67,8 +73,10 @@ int main(int argc, char** argv) {
   }
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
-  std::printf("| fedtune (%s%s%s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB |\n", (*backend)->Name(),
-              no_recompute ? ", no recompute" : ", recompute", micro_batch > 0 ? (", micro-batch " + std::to_string(micro_batch)).c_str() : "", adapter.c_str(),
+  const std::string mode = std::string(plan.recompute ? "recompute" : "no recompute") +
+                           (plan.micro_batch > 0 ? ", micro-batch " + std::to_string(plan.micro_batch) : "") +
+                           (budget_mib > 0 ? ", budget " + std::to_string(budget_mib) + " MiB" : "");
+  std::printf("| fedtune (%s, %s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB |\n", (*backend)->Name(), mode.c_str(), adapter.c_str(),
               static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank), modules.c_str(), batch, seq,
               kernels::DefaultPool().size(), static_cast<double>(batch * seq * steps) / total, static_cast<double>(ru.ru_maxrss) / 1024.0);
   return 0;

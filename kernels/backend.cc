@@ -115,18 +115,33 @@ class CpuReference final : public Backend {
   }
 };
 
-// Multithreaded over DefaultPool(), AVX2+FMA element-wise kernels where the CPU has them.
-// Products stay on the tiled BLAS path of the reference (already parallel); the element-wise
-// ops, the softmax exponentials and the small adapter products are what this adds.
+// Multithreaded over DefaultPool(), AVX2+FMA element-wise kernels where the CPU has them:
+// parallel element-wise ops, vectorised softmax exponentials, adapter products split over
+// threads, and whole-weight GEMMs for the quantized linear layer (below).
 class CpuFast final : public Backend {
  public:
   const char* Name() const override { return HaveAvx2Fma() ? "cpu-fast (avx2+fma)" : "cpu-fast (generic)"; }
   bool Supports(Op) const override { return true; }
+  // Batches of tokens against a weight of up to 16 MiB as f32 (every projection of a small
+  // model; not the output matrix): the whole weight is dequantized once, in parallel, and each
+  // thread multiplies its rows of tokens by all of it in one GEMM, so the GEMM packs each operand
+  // once per thread instead of the activations once per weight tile. Otherwise the reference's
+  // tiles.
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
-    kernels::QLinearForward<float>(w, x, y, m);
+    const int64_t n = w.rows, k = w.cols;
+    if (m < kMinRowsWhole || n * k > kWholeWeightFloats) return kernels::QLinearForward<float>(w, x, y, m);
+    const float* wf = WholeWeight(w);
+    DefaultPool().ParallelFor(m, 16, [&](int64_t m0, int64_t m1, int) {
+      Gemm<float>(false, true, m1 - m0, n, k, 1.0f, x + m0 * k, k, wf, k, 0.0f, y + m0 * n, n);
+    });
   }
   void QLinearBackward(const QMatrix& w, const float* dy, float* dx, int64_t m) override {
-    kernels::QLinearBackward<float>(w, dy, dx, m);
+    const int64_t n = w.rows, k = w.cols;
+    if (m < kMinRowsWhole || n * k > kWholeWeightFloats) return kernels::QLinearBackward<float>(w, dy, dx, m);
+    const float* wf = WholeWeight(w);
+    DefaultPool().ParallelFor(m, 16, [&](int64_t m0, int64_t m1, int) {
+      Gemm<float>(false, false, m1 - m0, k, n, 1.0f, dy + m0 * n, n, wf, k, 1.0f, dx + m0 * k, k);
+    });
   }
   void RmsNormForward(const float* x, const float* g, float* y, float* rstd, int64_t rows, int64_t n, float eps) override {
     DefaultPool().ParallelFor(rows, 16, [&](int64_t r0, int64_t r1, int) {
@@ -230,14 +245,16 @@ class CpuFast final : public Backend {
 
  private:
   // Rotation angles pos * base^(-2i/rot_dim) in double, as the reference; cos/sin once per
-  // (position, pair) for the positions present, rows in parallel.
+  // (position, pair) for positions 0 .. the largest present (at most the context length),
+  // then rows in parallel.
   static void Rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
                    float base, double sign) {
     const int64_t half = rot_dim / 2;
     int32_t max_pos = 0;
     for (int64_t r = 0; r < rows; ++r) max_pos = std::max(max_pos, pos[r]);
-    std::vector<float> cs(static_cast<size_t>((max_pos + 1) * half * 2));
-    DefaultPool().ParallelFor(max_pos + 1, 16, [&](int64_t p0, int64_t p1, int) {
+    const int64_t n_pos = int64_t{max_pos} + 1;
+    std::vector<float> cs(static_cast<size_t>(n_pos * half * 2));
+    DefaultPool().ParallelFor(n_pos, 16, [&](int64_t p0, int64_t p1, int) {
       for (int64_t p = p0; p < p1; ++p) {
         for (int64_t i = 0; i < half; ++i) {
           const double theta = sign * static_cast<double>(p) *
@@ -261,6 +278,21 @@ class CpuFast final : public Backend {
         }
       }
     });
+  }
+  static constexpr int64_t kMinRowsWhole = 64, kWholeWeightFloats = int64_t{4} << 20;
+  // The weight as f32: its own bytes when stored as F32, else dequantized (rows in parallel)
+  // into a buffer of the calling thread (callers on several threads never share one).
+  static const float* WholeWeight(const QMatrix& w) {
+    if (w.type == GgmlType::kF32 && w.row_bytes == static_cast<size_t>(w.cols) * sizeof(float)) {
+      return reinterpret_cast<const float*>(w.data);
+    }
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(w.rows * w.cols));
+    float* out = buf.data();
+    DefaultPool().ParallelFor(w.rows, 32, [&](int64_t r0, int64_t r1, int) {
+      for (int64_t r = r0; r < r1; ++r) DequantizeRowFast(w.type, w.row(r), out + r * w.cols, w.cols);
+    });
+    return out;
   }
   std::vector<float>& Scratch(int64_t n) {
     thread_local std::vector<float> buf;
@@ -353,9 +385,11 @@ class Dispatching final : public Backend {
   std::array<std::atomic<bool>, static_cast<size_t>(Op::kCount)> warned_{};
 };
 
+// The CUDA backend is created once and never destroyed: the module is never unloaded, and
+// destroying it at exit could run after cudart/cuBLAS have torn themselves down.
 struct CudaState {
   std::once_flag once;
-  std::unique_ptr<Backend> backend;
+  Backend* backend = nullptr;
   std::string why_not;
 };
 CudaState& Cuda() {
@@ -377,8 +411,9 @@ CudaState& Cuda() {
       s.why_not = absl::StrCat(path, " has no fedtune_make_cuda_backend");
       return;
     }
-    s.backend.reset(make(&s.why_not));  // the module stays loaded for the process's life
+    s.backend = make(&s.why_not);  // the module stays loaded for the process's life
 #else
+    s.backend = nullptr;
     s.why_not = "this build has no CUDA backend (nvcc was not found or FEDTUNE_CUDA=OFF)";
 #endif
   });
@@ -395,7 +430,7 @@ Backend& CpuFastBackend() {
   static CpuFast b;
   return b;
 }
-Backend* CudaBackend() { return Cuda().backend.get(); }
+Backend* CudaBackend() { return Cuda().backend; }
 std::string CudaUnavailableReason() { return Cuda().why_not; }
 
 absl::StatusOr<Backend*> SelectBackend(std::string_view device) {

@@ -26,7 +26,8 @@ inline float HMax(__m256 v) {
 
 // e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for exactness), e^r by a
 // degree-6 polynomial (Taylor; relative error < 2e-7 on that interval), 2^n by building the
-// exponent. Inputs below -87.3 give 0 (no denormals), above 88.7 give +inf; NaN stays NaN.
+// exponent. Inputs below -87.34 give 0 (results between there and FLT_MIN may be denormal),
+// above 88.72 give +inf; NaN stays NaN.
 inline __m256 Exp8(__m256 x) {
   const __m256 hi = _mm256_set1_ps(88.72283f), lo = _mm256_set1_ps(-87.33654f);
   const __m256 nan_mask = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);

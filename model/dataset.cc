@@ -144,7 +144,10 @@ Batch MakeBatch(const std::vector<const Example*>& examples, int32_t pad_id) {
 
 Batch MakePackedBatch(const std::vector<const Example*>& examples, int32_t pad_id) {
   Batch b;
-  for (const auto* e : examples) b.len = std::max<int64_t>(b.len, static_cast<int64_t>(e->tokens.size()));
+  for (const auto* e : examples) {
+    FT_CHECK(e->targets.size() == e->tokens.size());
+    b.len = std::max<int64_t>(b.len, static_cast<int64_t>(e->tokens.size()));
+  }
   // First-fit decreasing by length (stable on ties: deterministic).
   std::vector<size_t> order(examples.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;

@@ -47,8 +47,8 @@ Batch MakeBatch(const std::vector<const Example*>& examples, int32_t pad_id);
 // Sequence packing: places the examples into as few rows as first-fit-decreasing finds, each
 // row as long as the longest example (no example is split), with Batch::pos restarting at 0
 // for every example so attention stays within it; what is left of a row is padding (its own
-// unscored segment). Same loss and gradients as MakeBatch, fewer tokens to process when
-// lengths differ.
+// unscored segment). Same loss and gradients as MakeBatch (without adapter dropout, whose
+// masks follow token places), fewer tokens to process when lengths differ.
 Batch MakePackedBatch(const std::vector<const Example*>& examples, int32_t pad_id);
 
 }  // namespace fedtune::model

@@ -5,6 +5,7 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
+#include "common/log.h"
 #include "model/safetensors.h"
 #include "model/sampler.h"
 #include "model/trainer.h"
@@ -15,10 +16,20 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+// Dropout masks: a fresh seed for every forward/backward pass (each micro-batch, each DP-SGD
+// example) that depends only on the run's seed and the pass's place in the schedule, so a
+// resumed run draws the masks the uninterrupted one would have.
+uint64_t DropoutSeed(uint64_t seed, int step, int pass) {
+  uint64_t z = seed * 0x9e3779b97f4a7c15ULL + (static_cast<uint64_t>(step) << 20) + static_cast<uint64_t>(pass);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
 // One DP-SGD step's gradient: per-example gradients clipped to dp_clip, summed, noised, divided
 // by the number of examples; left in the adapters' gradient buffers.
 template <typename NextExample>
-absl::Status DpSgdGradients(Trainer<float>& trainer, const std::vector<Example>& train, const FinetuneOptions& o, AdapterSet<float>* adapters,
+absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector<Example>& train, const FinetuneOptions& o, AdapterSet<float>* adapters,
                             int32_t pad, NextExample& next_example, std::map<std::string, std::vector<double>>* sum, double* nll,
                             int64_t* scored, int64_t* tokens) {
   const int n = o.batch * o.grad_accum;
@@ -26,6 +37,7 @@ absl::Status DpSgdGradients(Trainer<float>& trainer, const std::vector<Example>&
   for (int i = 0; i < n; ++i) {
     const Batch b = MakeBatch({&train[next_example()]}, pad);
     const int64_t s = b.n_scored();
+    trainer.set_dropout_seed(DropoutSeed(o.seed, step, i));
     FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, s > 0 ? 1.0f / static_cast<float>(s) : 0.0f, true));
     *nll += l;
     *scored += s;
@@ -63,8 +75,24 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
   if (o.micro_batch < 0) return absl::InvalidArgumentError("micro_batch must be >= 0");
   if (!(o.adapter_dropout >= 0.0f && o.adapter_dropout < 1.0f)) return absl::InvalidArgumentError("adapter dropout must be in [0, 1)");
   Trainer<float> trainer(model, adapters,
-                         TrainerOptions{.recompute = o.recompute, .micro_batch = o.micro_batch, .backend = o.backend, .adapter_dropout = o.adapter_dropout});
+                         TrainerOptions{.recompute = o.recompute,
+                                        .micro_batch = o.micro_batch,
+                                        .backend = o.backend,
+                                        .adapter_dropout = o.adapter_dropout,
+                                        .activation_budget_bytes = int64_t{o.activation_budget_mib} << 20});
   if (o.backend != nullptr) optimizer->set_backend(o.backend);
+  if (o.activation_budget_mib > 0) {
+    int64_t longest = 1;
+    for (const Example& e : train) longest = std::max<int64_t>(longest, static_cast<int64_t>(e.tokens.size()));
+    const PassPlan p = trainer.PlanFor(o.batch, longest);
+    const double per_seq_mib = static_cast<double>(trainer.KeptBytesPerSequence(longest)) / (1 << 20);
+    if (p.recompute) {
+      FT_LOG_INFO("activations: recomputed (one sequence of {} tokens keeps {:.0f} MiB > budget {} MiB)", longest, per_seq_mib, o.activation_budget_mib);
+    } else {
+      FT_LOG_INFO("activations: kept, {} sequence(s) per pass ({:.0f} MiB each at {} tokens; budget {} MiB)", p.micro_batch > 0 ? p.micro_batch : o.batch,
+                  per_seq_mib, longest, o.activation_budget_mib);
+    }
+  }
   Rng rng(o.seed);
   std::vector<size_t> order(train.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -87,11 +115,10 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
   for (int64_t skip = static_cast<int64_t>(first) * o.grad_accum * o.batch; skip > 0; --skip) next_example();
   for (int step = first; step < o.steps; ++step) {
     const auto t0 = Clock::now();
-    trainer.set_dropout_seed(o.seed * 0x9e3779b97f4a7c15ULL + static_cast<uint64_t>(step));
     double nll = 0;
     int64_t scored = 0, tokens = 0;
     if (o.dp_clip > 0) {
-      FT_RETURN_IF_ERROR(DpSgdGradients(trainer, train, o, adapters, pad, next_example, &dp_sum, &nll, &scored, &tokens));
+      FT_RETURN_IF_ERROR(DpSgdGradients(trainer, step, train, o, adapters, pad, next_example, &dp_sum, &nll, &scored, &tokens));
     } else {
       std::vector<Batch> micro;
       for (int a = 0; a < o.grad_accum; ++a) {
@@ -103,7 +130,9 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
       // Loss = mean NLL over all scored tokens of the step: each micro-batch's gradient is
       // scaled by 1 / (scored tokens in the whole step).
       const float scale = scored > 0 ? 1.0f / static_cast<float>(scored) : 0.0f;
-      for (const Batch& b : micro) {
+      for (size_t k = 0; k < micro.size(); ++k) {
+        const Batch& b = micro[k];
+        trainer.set_dropout_seed(DropoutSeed(o.seed, step, static_cast<int>(k)));
         FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, scale, true));
         nll += l;
         tokens += b.n_seq * b.len;

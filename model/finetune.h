@@ -20,6 +20,11 @@ struct FinetuneOptions {
   int grad_accum = 1;       // micro-batches per optimizer step
   bool recompute = true;    // activation recomputation
   int micro_batch = 0;      // sequences per forward/backward pass (0 = the whole micro-batch)
+  // > 0: choose per batch between keeping activations (as many sequences per pass as fit in
+  // this many MiB) and recomputation (TrainerOptions::activation_budget_bytes); overrides
+  // recompute/micro_batch. 0: as `recompute` / `micro_batch` say (what the planner's memory
+  // model assumes for workers).
+  int activation_budget_mib = 0;
   bool pack = true;         // sequence packing (MakePackedBatch) instead of padding
   float adapter_dropout = 0.0f;
   kernels::Backend* backend = nullptr;  // null: cpu-fast

@@ -4,6 +4,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "kernels/thread_pool.h"
 #include "kernels/train_ops.h"
 
 namespace fedtune::model {
@@ -123,20 +124,24 @@ inline uint64_t Mix64(uint64_t z) {  // SplitMix64 finaliser
 }  // namespace
 
 template <typename T>
-void Trainer<T>::DropoutInput(int64_t l, Module mod, const T* x, int64_t in, std::vector<T>* out) const {
+void Trainer<T>::DropoutScale(int64_t l, Module mod, int64_t in, std::vector<T>* scale) const {
   const int64_t M = n_seq_ * len_;
   const double p = opt_.adapter_dropout;
   const T keep_scale = static_cast<T>(1.0 / (1.0 - p));
   const uint64_t threshold = static_cast<uint64_t>(p * 9007199254740992.0);  // p * 2^53
   const uint64_t key = Mix64(dropout_seed_ ^ Mix64((static_cast<uint64_t>(l) << 8) | static_cast<uint64_t>(mod)));
-  out->resize(static_cast<size_t>(M * in));
-  for (int64_t i = 0; i < M; ++i) {
-    const uint64_t row_key = Mix64(key + static_cast<uint64_t>(tok0_ + i));
-    for (int64_t j = 0; j < in; ++j) {
-      const bool keep = (Mix64(row_key + static_cast<uint64_t>(j)) >> 11) >= threshold;
-      (*out)[static_cast<size_t>(i * in + j)] = keep ? x[i * in + j] * keep_scale : T(0);
+  scale->resize(static_cast<size_t>(M * in));
+  T* out = scale->data();
+  const int64_t t0 = tok0_;
+  kernels::DefaultPool().ParallelFor(M, 16, [&](int64_t i0, int64_t i1, int) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint64_t row_key = Mix64(key + static_cast<uint64_t>(t0 + i));
+      for (int64_t j = 0; j < in; ++j) {
+        const bool keep = (Mix64(row_key + static_cast<uint64_t>(j)) >> 11) >= threshold;
+        out[i * in + j] = keep ? keep_scale : T(0);
+      }
     }
-  }
+  });
 }
 
 template <typename T>
@@ -153,7 +158,8 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     if (training_ && opt_.adapter_dropout > 0) {
-      DropoutInput(l, mod, x, w.cols, &xd);
+      DropoutScale(l, mod, w.cols, &xd);
+      for (size_t i = 0; i < xd.size(); ++i) xd[i] *= x[i];
       x = xd.data();
     }
     a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)], backend_);
@@ -193,20 +199,20 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
   const Kern<T> K{backend_};
-  std::vector<T> xd, dxd;
+  std::vector<T> ms, xd, dxd;
   auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx) {
     K.QLinearBackward(w, dy, dx, M);
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     if (opt_.adapter_dropout <= 0) return a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M, backend_);
-    // Through the dropped input x * mask * s: the adapter's gradient w.r.t. its input, dropped
-    // with the same (layer, module, token, feature) keys, is mask * s times it.
-    DropoutInput(l, mod, x, w.cols, &xd);
-    dxd.assign(xd.size(), T(0));
+    // Through the dropped input x * mask * s: dx += mask * s * (the adapter's gradient w.r.t.
+    // its input), the mask regenerated from the same (layer, module, token, feature) keys.
+    DropoutScale(l, mod, w.cols, &ms);
+    xd.resize(ms.size());
+    for (size_t i = 0; i < ms.size(); ++i) xd[i] = x[i] * ms[i];
+    dxd.assign(ms.size(), T(0));
     a->Backward(xd.data(), c.z[static_cast<int>(mod)], dy, dxd.data(), M, backend_);
-    std::vector<T> masked;
-    DropoutInput(l, mod, dxd.data(), w.cols, &masked);
-    for (size_t i = 0; i < masked.size(); ++i) dx[i] += masked[i];
+    for (size_t i = 0; i < ms.size(); ++i) dx[i] += dxd[i] * ms[i];
   };
   // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
   std::vector<T> dx_mid(dx_out, dx_out + M * E);
@@ -236,15 +242,42 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
 template <typename T>
 absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backward) {
   FT_RETURN_IF_ERROR(Check(b));
-  const int64_t mb = opt_.micro_batch > 0 ? std::min(opt_.micro_batch, b.n_seq) : b.n_seq;
+  const PassPlan plan = PlanFor(b.n_seq, b.len);
+  const int64_t mb = plan.micro_batch > 0 ? std::min(plan.micro_batch, b.n_seq) : b.n_seq;
   double nll = 0.0;
-  for (int64_t s0 = 0; s0 < b.n_seq; s0 += mb) nll += Slice(b, s0, std::min(mb, b.n_seq - s0), grad_scale, backward);
+  for (int64_t s0 = 0; s0 < b.n_seq; s0 += mb) nll += Slice(b, s0, std::min(mb, b.n_seq - s0), grad_scale, backward, plan.recompute);
   return nll;
+}
+
+template <typename T>
+int64_t Trainer<T>::KeptBytesPerSequence(int64_t len) const {
+  const auto& c = m_.config();
+  const int64_t kvd = c.n_head_kv * c.head_dim;
+  int64_t rank_sum = 0;  // LoRA's z per adapted module
+  for (const auto& layer : adapters_->layers) {
+    for (const auto& a : layer) {
+      if (a && a->spec.kind != AdapterKind::kDiaBlo) rank_sum += a->spec.rank;
+    }
+  }
+  // LayerCache: x_in, h1, q, att, x_mid, h2 (E each), k, v (kvd), gate, up, act (F), 2 rstd,
+  // plus the layer input kept for backward (E).
+  const int64_t per_token_layer = 7 * c.n_embd + 2 * kvd + 3 * c.n_ff + 2;
+  return static_cast<int64_t>(sizeof(T)) * len * (per_token_layer * c.n_layer + rank_sum);
+}
+
+template <typename T>
+PassPlan Trainer<T>::PlanFor(int64_t n_seq, int64_t len) const {
+  if (opt_.activation_budget_bytes <= 0) return {opt_.recompute, opt_.micro_batch};
+  const int64_t per_seq = KeptBytesPerSequence(len);
+  const int64_t fit = per_seq > 0 ? opt_.activation_budget_bytes / per_seq : n_seq;
+  if (fit >= n_seq) return {false, 0};
+  if (fit >= 1) return {false, fit};
+  return {true, 0};
 }
 
 // Forward (and backward) of rows [s0, s0 + n_seq) of a checked batch.
 template <typename T>
-double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale, bool backward) {
+double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale, bool backward, bool recompute) {
   const auto& cfg = m_.config();
   const Kern<T> K{backend_};
   n_seq_ = n_seq;
@@ -272,7 +305,7 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   for (int64_t l = 0; l < n_layer; ++l) {
     if (backward) inputs[static_cast<size_t>(l)] = x;
     LayerCache* c = &scratch;
-    if (backward && !opt_.recompute) {
+    if (backward && !recompute) {
       caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>();
       c = caches[static_cast<size_t>(l)].get();
     }

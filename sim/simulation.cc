@@ -91,6 +91,7 @@ absl::StatusOr<AdapterChoice> AdapterFromConfig(const proto::AdapterConfig& a) {
   auto modules = model::ParseModules(a.target_modules().empty() ? "all" : absl::StrJoin(a.target_modules(), ","));
   if (!modules.ok()) return Bad("adapter.target_modules", std::string(modules.status().message()));
   r.modules = *modules;
+  r.layout = a.layers();
   return r;
 }
 
@@ -104,6 +105,7 @@ struct Settings {
   aggregation::StrategyOptions strategy;
   model::AdapterSpec spec;
   std::vector<model::Module> modules;
+  std::string layout;
 };
 
 absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
@@ -132,6 +134,8 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   FT_ASSIGN_OR_RETURN(AdapterChoice adapter, AdapterFromConfig(c.adapter()));
   s.spec = adapter.spec;
   s.modules = adapter.modules;
+  s.layout = adapter.layout;
+  if (!s.layout.empty() && c.planner().enabled()) return Bad("planner", "not supported with per-layer adapter settings (adapter.layers) yet");
   // Strategy.
   FT_ASSIGN_OR_RETURN(s.strategy, StrategyFromConfig(c.strategy()));
   if (s.strategy.clients_per_round > s.clients) return Bad("strategy.clients_per_round", absl::StrCat("exceeds clients (", s.clients, ")"));
@@ -325,7 +329,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
                       proto::DataConfig::Partition_Name(c.data().partition()), eval_per_task * num_tasks));
 
   // Global adapter.
-  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(model->adapter_dims(), s.spec, s.modules, s.adapter_seed));
+  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdaptersWithLayout<float>(model->adapter_dims(), s.spec, s.modules, s.layout, s.adapter_seed));
   TensorMap global = worker::AdapterTensors(adapters);
   const int64_t global_bytes = worker::TensorBytes(global);
   say(absl::StrFormat("adapter %s: %lld trainable parameters (%.2f MiB per transfer)", model::AdapterKindName(s.spec.kind),
@@ -776,7 +780,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     say("centralized baseline on the pooled client data (same example budget)");
     std::vector<model::Example> all;
     for (const auto& cl : clients) all.insert(all.end(), cl.train.begin(), cl.train.end());
-    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> central, model::MakeAdapters<float>(model->adapter_dims(), s.spec, s.modules, s.adapter_seed));
+    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> central, model::MakeAdaptersWithLayout<float>(model->adapter_dims(), s.spec, s.modules, s.layout, s.adapter_seed));
     model::FinetuneOptions ft = lt.finetune;
     ft.steps = s.rounds * s.local_steps * expected;
     model::OptimizerConfig oc = lt.optimizer;

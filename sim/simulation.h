@@ -49,6 +49,7 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c);
 struct AdapterChoice {
   model::AdapterSpec spec;
   std::vector<model::Module> modules;
+  std::string layout;  // per-layer settings (model::ParseLayerLayout syntax), empty: uniform
 };
 absl::StatusOr<AdapterChoice> AdapterFromConfig(const proto::AdapterConfig& a);
 

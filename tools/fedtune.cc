@@ -189,9 +189,9 @@ struct TrainArgs {
   int64_t rank = 8, blocks = 16, max_len = 256;
   float alpha = 16.0f;
   bool rslora = false, no_recompute = false, resume = false, no_pack = false;
-  int checkpoint_every = 0, micro_batch = 0;
+  int checkpoint_every = 0, micro_batch = 0, activation_budget = 1024;
   float adapter_dropout = 0.0f;
-  std::string device = "auto";
+  std::string device = "cpu";
   int steps = 100, batch = 8, grad_accum = 1, warmup = 10, eval_examples = 50, max_new_tokens = 48;
   float lr = 1e-3f, weight_decay = 0.0f, clip = 1.0f;
   uint64_t seed = 1, adapter_seed = 1;
@@ -271,6 +271,8 @@ int RunTrain(const TrainArgs& a) {
   fo.grad_accum = a.grad_accum;
   fo.recompute = !a.no_recompute;
   fo.micro_batch = a.micro_batch;
+  // Memory-driven by default; an explicit --no-recompute / --micro-batch takes over.
+  fo.activation_budget_mib = (a.no_recompute || a.micro_batch > 0) ? 0 : a.activation_budget;
   fo.pack = !a.no_pack;
   fo.adapter_dropout = a.adapter_dropout;
   auto backend = kernels::SelectBackend(a.device);
@@ -422,7 +424,7 @@ int RunCoordinator(const std::string& path) {
   const model::AdapterSpec& spec = adapter->spec;
   const std::vector<model::Module>* modules = &adapter->modules;
   const uint64_t adapter_seed = OrDefault<uint64_t>(c.adapter_seed(), OrDefault<uint64_t>(c.seed(), 1));
-  auto set = model::MakeAdapters<float>((*m)->adapter_dims(), spec, *modules, adapter_seed);
+  auto set = model::MakeAdaptersWithLayout<float>((*m)->adapter_dims(), spec, *modules, adapter->layout, adapter_seed);
   if (!set.ok()) return Fail(set.status());
   coordinator::ServerOptions o;
   o.address = c.listen().empty() ? "0.0.0.0:7443" : c.listen();
@@ -439,6 +441,7 @@ int RunCoordinator(const std::string& path) {
   o.plan.set_rslora(spec.rslora);
   for (auto mod : *modules) o.plan.add_modules(model::ModuleName(mod));
   o.plan.set_adapter_seed(adapter_seed);
+  o.plan.set_layers(adapter->layout);
   o.rounds = c.rounds();
   o.min_workers = OrDefault(c.min_workers(), 1);
   o.deadline_ms = OrDefault(c.deadline_seconds(), 600) * 1000;
@@ -454,6 +457,7 @@ int RunCoordinator(const std::string& path) {
   o.heartbeat_ms = OrDefault(c.heartbeat_seconds(), 2) * 1000;
   o.offline_after_ms = OrDefault(c.offline_after_seconds(), 30) * 1000;
   if (c.planner().enabled()) {
+    if (!adapter->layout.empty()) return Fail(absl::InvalidArgumentError("planner: not supported with per-layer adapter settings (adapter.layers) yet"));
     const planner::Candidate uniform{*modules, (*m)->layer(0).wq.type, o.batch, o.local_steps};
     auto po = sim::PlannerOptionsFrom(c.planner(), spec, *modules, uniform, OrDefault(c.planner().seq(), 256), o.send_fisher, true);
     if (!po.ok()) return Fail(po.status());
@@ -601,9 +605,13 @@ int main(int argc, char** argv) {
   train->add_option("--micro-batch", ta.micro_batch,
                     "Sequences per forward/backward pass (0 = whole batch); with --no-recompute bounds activation memory")
       ->check(CLI::Range(0, 4096));
+  train->add_option("--activation-budget", ta.activation_budget,
+                    "MiB of activations to keep per pass (default 1024): keep them for as many sequences per pass as fit "
+                    "(faster), recompute when none fits; 0 = always recompute")
+      ->check(CLI::Range(0, 1 << 20));
   train->add_flag("--no-pack", ta.no_pack, "Pad every example to the batch's longest instead of packing several per row");
   train->add_option("--adapter-dropout", ta.adapter_dropout, "Dropout on the adapters' inputs (LoRA lora_dropout)")->check(CLI::Range(0.0, 0.99));
-  train->add_option("--device", ta.device, "Kernels: auto (CUDA when usable, else CPU), cpu, cpu-ref or cuda");
+  train->add_option("--device", ta.device, "Kernels: cpu (default), cpu-ref, cuda, or auto (CUDA when usable; its ops copy through host memory for now)");
   train->add_option("--checkpoint-every", ta.checkpoint_every, "Write OUT/checkpoint.safetensors (adapters + optimizer) every N steps");
   train->add_flag("--resume", ta.resume, "Continue from OUT/checkpoint.safetensors (same data, seed and options)");
   train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization)");

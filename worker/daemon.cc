@@ -307,7 +307,7 @@ Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Ex
     if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind()));
     FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules().empty() ? "all" : absl::StrJoin(p.modules(), ",")));
     model::AdapterSpec spec{*kind, p.rank(), p.alpha(), p.rslora(), p.blocks()};
-    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdapters<float>(base->adapter_dims(), spec, modules, p.adapter_seed()));
+    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdaptersWithLayout<float>(base->adapter_dims(), spec, modules, p.layers(), p.adapter_seed()));
     LocalTrainOptions lt;
     if (p.train_modules_size() > 0) {
       FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules(), ",")));

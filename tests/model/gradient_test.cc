@@ -320,6 +320,25 @@ TEST(TrainerModesTest, PackingMicroBatchesAndDropout) {
   EXPECT_NEAR(nll_sliced, nll_padded, 1e-10 * std::abs(nll_padded));
   EXPECT_LE(max_rel(g_sliced, g_padded), 1e-10);
 
+  // The memory-driven choice: everything fits / 2 of 5 sequences per pass / recompute; the
+  // budget's slicing gives the whole batch's result.
+  Trainer<double> probe(**model, &set, true);
+  const int64_t per_seq = probe.KeptBytesPerSequence(padded.len);
+  EXPECT_GT(per_seq, 0);
+  auto plan_at = [&](int64_t budget) {
+    return Trainer<double>(**model, &set, TrainerOptions{.activation_budget_bytes = budget}).PlanFor(padded.n_seq, padded.len);
+  };
+  EXPECT_FALSE(plan_at(per_seq * 100).recompute);
+  EXPECT_EQ(plan_at(per_seq * 100).micro_batch, 0);
+  EXPECT_FALSE(plan_at(per_seq * 5 / 2).recompute);
+  EXPECT_EQ(plan_at(per_seq * 5 / 2).micro_batch, 2);
+  EXPECT_TRUE(plan_at(per_seq / 2).recompute);
+  Trainer<double> budgeted(**model, &set, TrainerOptions{.activation_budget_bytes = per_seq * 5 / 2});
+  double nll_budget = 0;
+  const auto g_budget = grads(budgeted, padded, &nll_budget);
+  EXPECT_NEAR(nll_budget, nll_padded, 1e-10 * std::abs(nll_padded));
+  EXPECT_LE(max_rel(g_budget, g_padded), 1e-10);
+
   Trainer<double> drop(**model, &set, TrainerOptions{.recompute = true, .adapter_dropout = 0.3f});
   drop.set_dropout_seed(11);
   drop.set_training_forward(true);

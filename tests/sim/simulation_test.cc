@@ -140,6 +140,39 @@ TEST_F(SimTest, PlannerGivesEachClientItsPlanAndLeavesOutOneTooSmall) {
   EXPECT_NE(report->find("% of module importance"), std::string::npos);
 }
 
+// Per-layer adapter settings from the config: layer 0 adapts q and v at rank 2, layer 1 every
+// module at rank 4; the merged adapter has exactly those tensors and shapes, and the planner
+// refuses the combination it does not support.
+TEST_F(SimTest, PerLayerAdapterSettingsFromTheConfig) {
+  const std::string out = testing::TempPath("sim_layers");
+  auto r = Run(Yaml("adapter: {kind: LORA, rank: 4, alpha: 8, layers: \"0:q,v:r2;1:all\"}\nrounds: 1\n", out));
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto f = model::SafetensorsFile::Open(out + "/adapter.safetensors");
+  ASSERT_TRUE(f.ok()) << f.status();
+  int layer0 = 0, layer1 = 0;
+  for (const auto& t : (*f)->tensors()) {
+    if (t.name.rfind("blk.0.", 0) == 0) {
+      ++layer0;
+      EXPECT_TRUE(t.name.find("attn_q") != std::string::npos || t.name.find("attn_v") != std::string::npos) << t.name;
+      if (t.name.find("lora_a") != std::string::npos) {
+        EXPECT_EQ(t.shape.front(), 2) << t.name;
+      }
+    } else if (t.name.rfind("blk.1.", 0) == 0) {
+      ++layer1;
+      if (t.name.find("lora_a") != std::string::npos) {
+        EXPECT_EQ(t.shape.front(), 4) << t.name;
+      }
+    }
+  }
+  EXPECT_EQ(layer0, 4);   // q, v x (A, B)
+  EXPECT_EQ(layer1, 14);  // 7 modules x (A, B)
+  auto run = Run(Yaml("adapter: {kind: LORA, layers: \"0:q\"}\nplanner: {enabled: true}\n", testing::TempPath("sim_layers_plan2")));
+  EXPECT_FALSE(run.ok());
+  EXPECT_NE(run.status().message().find("adapter.layers"), std::string::npos) << run.status();
+  auto worse = Run(Yaml("adapter: {kind: LORA, layers: \"0-9:q\"}\nrounds: 1\n", testing::TempPath("sim_layers_bad")));
+  EXPECT_FALSE(worse.ok()) << "a layer range beyond the model must be refused";
+}
+
 TEST_F(SimTest, AnExplicitRunDirectoryIsNeverOverwritten) {
   const std::string out = testing::TempPath("sim_twice");
   ASSERT_TRUE(Run(Yaml("rounds: 1\n", out)).ok());
