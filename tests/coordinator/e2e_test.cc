@@ -60,10 +60,14 @@ class E2ETest : public ::testing::Test {
     plan_.add_modules("q");
     plan_.add_modules("v");
     plan_.set_adapter_seed(5);
-    auto set = *model::MakeAdapters<float>(model_->adapter_dims(), Spec(), *model::ParseModules("q,v"), 5);
+    plan_.set_layers(kLayout);
+    auto set = *model::MakeAdaptersWithLayout<float>(model_->adapter_dims(), Spec(), *model::ParseModules("q,v"), kLayout, 5);
     initial_ = worker::AdapterTensors(set);
   }
   model::AdapterSpec Spec() const { return {model::AdapterKind::kFfaLora, 4, 8.0f, false, 4}; }
+  // Per-layer settings travel in the plan (AdapterPlan.layers / adapter.layers in YAML): layer 0
+  // adapts q and v at rank 4, layer 1 only v at rank 2.
+  static constexpr const char* kLayout = "0:q,v;1:v:r2";
   coordinator::ServerOptions Options(const std::string& state) const {
     coordinator::ServerOptions o;
     o.ca_pem = pki_ + "/ca.pem";
@@ -101,7 +105,7 @@ class E2ETest : public ::testing::Test {
       std::vector<aggregation::ClientUpdate> ups;
       for (size_t k = 0; k < data.size(); ++k) {
         const std::string w = "w" + std::to_string(k + 1);
-        auto set = *model::MakeAdapters<float>(model_->adapter_dims(), Spec(), *model::ParseModules("q,v"), 5);
+        auto set = *model::MakeAdaptersWithLayout<float>(model_->adapter_dims(), Spec(), *model::ParseModules("q,v"), kLayout, 5);
         worker::LocalTrainOptions lt;
         lt.finetune.steps = 2;
         lt.finetune.batch = 4;
@@ -209,7 +213,7 @@ TEST_F(E2ETest, CoordinatorAndThreeWorkerProcessesMatchInProcessComputation) {
   ASSERT_TRUE(WriteFileAtomic(dir + "/coordinator.yaml",
                               "listen: 127.0.0.1:0\n" + tls + "tokens: " + pki_ + "/tokens.sha256\nstate_dir: " + dir +
                                   "/state\nmodel: {path: " + model_path_ +
-                                  "}\nadapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\nadapter_seed: 5\nseed: 9\n"
+                                  "}\nadapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v], layers: \"0:q,v;1:v:r2\"}\nadapter_seed: 5\nseed: 9\n"
                                   "rounds: 3\nmin_workers: 3\ndeadline_seconds: 120\ntrain: {local_steps: 2, batch: 4, learning_rate: 1.0e-2}\n")
                   .ok());
   auto coord = testing::Spawn({bin, "coordinator", "--config", dir + "/coordinator.yaml"}, dir + "/coordinator.log");
