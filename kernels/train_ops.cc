@@ -122,19 +122,20 @@ namespace {
 // First key visible from query i of a row (0 without packing).
 inline int64_t FirstKey(const int32_t* seg_pos, int64_t i) { return seg_pos != nullptr ? i - seg_pos[i] : 0; }
 
-// P = softmax(scale * Q_h K_g^T) with the causal (and, packed, per-example) mask, len x len,
-// for one (sequence, head). seg_pos points at this sequence's positions or is null.
+// Rows [i0, i1) of P = softmax(scale * Q_h K_g^T) with the causal (and, packed, per-example)
+// mask, against keys [0, i1) only (the causal square's upper part is never computed): an
+// (i1 - i0) x i1 block with leading dimension ldp. seg_pos: this sequence's positions or null.
 template <typename T>
-void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t len, int64_t hd,
-                 const int32_t* seg_pos, bool fast_exp) {
+void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t ldp, int64_t i0, int64_t i1,
+                 int64_t hd, const int32_t* seg_pos, bool fast_exp) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-  Gemm<T>(false, true, len, len, hd, scale, qh, q_stride, kg, kv_stride, T(0), p, len);
-  for (int64_t i = 0; i < len; ++i) {
-    T* row = p + i * len;
+  Gemm<T>(false, true, i1 - i0, i1, hd, scale, qh + i0 * q_stride, q_stride, kg, kv_stride, T(0), p, ldp);
+  for (int64_t i = i0; i < i1; ++i) {
+    T* row = p + (i - i0) * ldp;
     const int64_t j0 = FirstKey(seg_pos, i);
     FT_CHECK(j0 >= 0 && j0 <= i);
     std::fill(row, row + j0, T(0));
-    std::fill(row + i + 1, row + len, T(0));
+    std::fill(row + i + 1, row + i1, T(0));
     T* vis = row + j0;
     const int64_t nv = i + 1 - j0;
     if constexpr (std::is_same_v<T, float>) {
@@ -156,6 +157,10 @@ void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, 
     for (int64_t j = 0; j < nv; ++j) vis[j] *= inv;
   }
 }
+
+// Query rows per block: the reference takes the whole sequence at once (one square); cpu-fast
+// (fast_exp) takes 64 rows against only the keys they can see, ~40% fewer FLOPs at 256 tokens.
+inline int64_t AttentionRowBlock(int64_t len, bool fast_exp) { return fast_exp ? std::min<int64_t>(64, len) : len; }
 }  // namespace
 
 template <typename T>
@@ -163,16 +168,21 @@ void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq,
                       int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, bool fast_exp) {
   fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
+  const int64_t blk = AttentionRowBlock(len, fast_exp);
   DefaultPool().ParallelFor(n_seq * n_head, 1, [&](int64_t b, int64_t e, int) {
     thread_local std::vector<T> p;
-    p.resize(static_cast<size_t>(len * len));
+    p.resize(static_cast<size_t>(blk * len));
     for (int64_t idx = b; idx < e; ++idx) {
       const int64_t s = idx / n_head, h = idx % n_head, g = h / group;
       const int64_t row0 = s * len;
-      CausalProbs(q + row0 * E + h * head_dim, E, k + row0 * kvd + g * head_dim, kvd, p.data(), len, head_dim,
-                  seg_pos ? seg_pos + row0 : nullptr, fast_exp);
-      Gemm<T>(false, false, len, head_dim, len, T(1), p.data(), len, v + row0 * kvd + g * head_dim, kvd, T(0),
-              out + row0 * E + h * head_dim, E);
+      const T* qh = q + row0 * E + h * head_dim;
+      const T* kg = k + row0 * kvd + g * head_dim;
+      const T* vg = v + row0 * kvd + g * head_dim;
+      for (int64_t i0 = 0; i0 < len; i0 += blk) {
+        const int64_t i1 = std::min(len, i0 + blk);
+        CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, seg_pos ? seg_pos + row0 : nullptr, fast_exp);
+        Gemm<T>(false, false, i1 - i0, head_dim, i1, T(1), p.data(), i1, vg, kvd, T(0), out + (row0 + i0) * E + h * head_dim, E);
+      }
     }
   });
 }
@@ -184,35 +194,43 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
   fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t blk = AttentionRowBlock(len, fast_exp);
   // One task per (sequence, KV head): the query heads of a group add into the same dk/dv.
   DefaultPool().ParallelFor(n_seq * n_head_kv, 1, [&](int64_t b, int64_t e, int) {
     thread_local std::vector<T> p, dp;
-    p.resize(static_cast<size_t>(len * len));
+    p.resize(static_cast<size_t>(blk * len));
     dp.resize(p.size());
     for (int64_t idx = b; idx < e; ++idx) {
       const int64_t s = idx / n_head_kv, g = idx % n_head_kv, row0 = s * len;
       const T* kg = k + row0 * kvd + g * head_dim;
       const T* vg = v + row0 * kvd + g * head_dim;
+      T* dkg = dk + row0 * kvd + g * head_dim;
+      T* dvg = dv + row0 * kvd + g * head_dim;
+      const int32_t* sp = seg_pos ? seg_pos + row0 : nullptr;
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         const T* qh = q + row0 * E + h * head_dim;
         const T* doh = dout + row0 * E + h * head_dim;
-        const int32_t* sp = seg_pos ? seg_pos + row0 : nullptr;
-        CausalProbs(qh, E, kg, kvd, p.data(), len, head_dim, sp, fast_exp);
-        // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
-        Gemm<T>(true, false, len, head_dim, len, T(1), p.data(), len, doh, E, T(1), dv + row0 * kvd + g * head_dim, kvd);
-        Gemm<T>(false, true, len, len, head_dim, T(1), doh, E, vg, kvd, T(0), dp.data(), len);
-        for (int64_t i = 0; i < len; ++i) {
-          T* pr = p.data() + i * len;
-          T* dr = dp.data() + i * len;
-          const int64_t j0 = FirstKey(sp, i);
-          double dot = 0.0;
-          for (int64_t j = j0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
-          for (int64_t j = j0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
-          std::fill(dr, dr + j0, T(0));
-          std::fill(dr + i + 1, dr + len, T(0));
+        T* dqh = dq + row0 * E + h * head_dim;
+        for (int64_t i0 = 0; i0 < len; i0 += blk) {
+          const int64_t i1 = std::min(len, i0 + blk), nr = i1 - i0;
+          CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, sp, fast_exp);
+          // Rows [i0, i1) against keys [0, i1):
+          // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
+          Gemm<T>(true, false, i1, head_dim, nr, T(1), p.data(), i1, doh + i0 * E, E, T(1), dvg, kvd);
+          Gemm<T>(false, true, nr, i1, head_dim, T(1), doh + i0 * E, E, vg, kvd, T(0), dp.data(), i1);
+          for (int64_t i = i0; i < i1; ++i) {
+            T* pr = p.data() + (i - i0) * i1;
+            T* dr = dp.data() + (i - i0) * i1;
+            const int64_t j0 = FirstKey(sp, i);
+            double dot = 0.0;
+            for (int64_t j = j0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
+            for (int64_t j = j0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
+            std::fill(dr, dr + j0, T(0));
+            std::fill(dr + i + 1, dr + i1, T(0));
+          }
+          Gemm<T>(false, false, nr, head_dim, i1, scale, dp.data(), i1, kg, kvd, T(1), dqh + i0 * E, E);
+          Gemm<T>(true, false, i1, head_dim, nr, scale, dp.data(), i1, qh + i0 * E, E, T(1), dkg, kvd);
         }
-        Gemm<T>(false, false, len, head_dim, len, scale, dp.data(), len, kg, kvd, T(1), dq + row0 * E + h * head_dim, E);
-        Gemm<T>(true, false, len, head_dim, len, scale, dp.data(), len, qh, E, T(1), dk + row0 * kvd + g * head_dim, kvd);
       }
     }
   });
