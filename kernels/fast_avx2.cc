@@ -5,24 +5,11 @@
 
 #include <cmath>
 
+#include "kernels/avx2_util.h"
 #include "kernels/fast_ops.h"
 
 namespace fedtune::kernels::avx2 {
 namespace {
-
-inline float HSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float HMax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // e^x for 8 floats: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two for exactness), e^r by a
 // degree-6 polynomial (Taylor; relative error < 2e-7 on that interval), 2^n by building the

@@ -192,11 +192,8 @@ TEST(GradientTest, AdaptersOnTheirOwn) {
   }
 }
 
-// The whole tiny decoder: loss gradients of every adapter tensor on all seven modules.
-class WholeModelGradientTest : public ::testing::TestWithParam<std::tuple<AdapterKind, GgmlType>> {};
-
-TEST_P(WholeModelGradientTest, MatchesFiniteDifferences) {
-  const auto [kind, wtype] = GetParam();
+// The small decoder the whole-model checks run on (2 layers, GQA 4/2), base in `wtype`.
+absl::StatusOr<std::unique_ptr<LlamaModel>> GradientModel(GgmlType wtype, const std::string& name) {
   testing::TinyModelOptions o;
   o.n_embd = 32;
   o.n_head = 4;
@@ -204,9 +201,17 @@ TEST_P(WholeModelGradientTest, MatchesFiniteDifferences) {
   o.n_ff = 64;
   o.n_layer = 2;
   o.weight_type = wtype;
-  const std::string path = testing::TempPath(std::string("grad_") + AdapterKindName(kind) + ".gguf");
-  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, o).ok());
-  auto model = LlamaModel::Load(path);
+  const std::string path = testing::TempPath(name + ".gguf");
+  FT_RETURN_IF_ERROR(testing::WriteTinyLlamaGguf(path, o));
+  return LlamaModel::Load(path);
+}
+
+// The whole tiny decoder: loss gradients of every adapter tensor on all seven modules.
+class WholeModelGradientTest : public ::testing::TestWithParam<std::tuple<AdapterKind, GgmlType>> {};
+
+TEST_P(WholeModelGradientTest, MatchesFiniteDifferences) {
+  const auto [kind, wtype] = GetParam();
+  auto model = GradientModel(wtype, std::string("grad_") + AdapterKindName(kind));
   ASSERT_TRUE(model.ok()) << model.status();
   const auto& cfg = (*model)->config();
   AdapterSpec spec{kind, 3, 6.0f, false, 4};
@@ -263,16 +268,7 @@ TEST_P(WholeModelGradientTest, MatchesFiniteDifferences) {
 // whole batch's; with dropout the gradients still match finite differences of the (fixed-mask)
 // training loss, and the mask changes the loss.
 TEST(TrainerModesTest, PackingMicroBatchesAndDropout) {
-  testing::TinyModelOptions o;
-  o.n_embd = 32;
-  o.n_head = 4;
-  o.n_head_kv = 2;
-  o.n_ff = 64;
-  o.n_layer = 2;
-  o.weight_type = GgmlType::kQ8_0;
-  const std::string path = testing::TempPath("grad_modes.gguf");
-  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, o).ok());
-  auto model = LlamaModel::Load(path);
+  auto model = GradientModel(GgmlType::kQ8_0, "grad_modes");
   ASSERT_TRUE(model.ok()) << model.status();
   AdapterSpec spec{AdapterKind::kLora, 3, 6.0f, false, 4};
   auto made = MakeAdapters<double>((*model)->adapter_dims(), spec, kAllModules, 5);
