@@ -136,6 +136,9 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   s.modules = adapter.modules;
   s.layout = adapter.layout;
   if (!s.layout.empty() && c.planner().enabled()) return Bad("planner", "not supported with per-layer adapter settings (adapter.layers) yet");
+  if (c.train().activation_budget_mib() < 0) return Bad("train.activation_budget_mib", "must be >= 0");
+  if (c.train().activation_budget_mib() > 0 && c.planner().enabled())
+    return Bad("train.activation_budget_mib", "the planner's memory model assumes recomputation; not combined with the planner yet");
   // Strategy.
   FT_ASSIGN_OR_RETURN(s.strategy, StrategyFromConfig(c.strategy()));
   if (s.strategy.clients_per_round > s.clients) return Bad("strategy.clients_per_round", absl::StrCat("exceeds clients (", s.clients, ")"));
@@ -380,6 +383,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   lt.finetune.steps = s.local_steps;
   lt.finetune.batch = s.batch;
   lt.finetune.recompute = !c.train().no_recompute();
+  lt.finetune.activation_budget_mib = c.train().activation_budget_mib();
   lt.finetune.log_every = 0;
   lt.optimizer.lr = static_cast<float>(s.lr);
   lt.optimizer.warmup_steps = c.train().warmup_steps();

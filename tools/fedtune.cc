@@ -510,7 +510,7 @@ int RunWorker(const std::string& path) {
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train, c.model().path()), g_stop);
+  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train, c.model().path(), c.activation_budget_mib()), g_stop);
   if (!r.ok()) return Fail(r.status());
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned)\n", r->rounds_trained, r->rounds_reused, r->rounds_abandoned);
   return 0;

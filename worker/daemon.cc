@@ -278,13 +278,14 @@ uint64_t TrainingSeed(const std::string& worker, int round) {
   return h ^ static_cast<uint64_t>(round);
 }
 
-Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path) {
+Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
+                     int activation_budget_mib) {
   struct Bases {
     std::mutex mu;
     std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> by_type;
   };
   auto bases = std::make_shared<Bases>();
-  return [&model, &data, model_path, bases](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
+  return [&model, &data, model_path, bases, activation_budget_mib](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
                                             const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     const auto& p = task.plan();
     const model::LlamaModel* base = &model;
@@ -316,6 +317,7 @@ Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Ex
     lt.finetune.steps = task.local_steps();
     lt.finetune.batch = task.batch();
     lt.finetune.log_every = 0;
+    lt.finetune.activation_budget_mib = activation_budget_mib;
     lt.finetune.seed = TrainingSeed(me, task.round());
     lt.optimizer.lr = static_cast<float>(task.learning_rate());
     lt.optimizer.total_steps = task.local_steps();

@@ -49,7 +49,10 @@ using Trainer = std::function<absl::StatusOr<LocalResult>(const rpc::v1::Task& t
 // The real trainer: the task's adapter plan on `model`, fine-tuned on `data`. A plan that trains
 // part of the modules (`train_modules`) keeps the others frozen in the model; a plan with another
 // `base_type` re-quantizes a copy of the base loaded from `model_path` (once per type).
-Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "");
+// activation_budget_mib > 0: keep activations within that many MiB per pass instead of
+// recomputing them (FinetuneOptions::activation_budget_mib).
+Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
+                     int activation_budget_mib = 0);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 Trainer StandInTrainer(int64_t num_examples, double seconds);
 
