@@ -73,6 +73,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
   const Tokenizer* tok = model.tokenizer();
   const int32_t pad = tok ? tok->eos_id() : 0;
   if (o.micro_batch < 0) return absl::InvalidArgumentError("micro_batch must be >= 0");
+  if (o.activation_budget_mib < 0) return absl::InvalidArgumentError("activation budget must be >= 0 MiB");
   if (!(o.adapter_dropout >= 0.0f && o.adapter_dropout < 1.0f)) return absl::InvalidArgumentError("adapter dropout must be in [0, 1)");
   Trainer<float> trainer(model, adapters,
                          TrainerOptions{.recompute = o.recompute,
@@ -81,7 +82,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
                                         .adapter_dropout = o.adapter_dropout,
                                         .activation_budget_bytes = int64_t{o.activation_budget_mib} << 20});
   if (o.backend != nullptr) optimizer->set_backend(o.backend);
-  if (o.activation_budget_mib > 0) {
+  if (o.activation_budget_mib > 0 && o.log_every > 0) {
     int64_t longest = 1;
     for (const Example& e : train) longest = std::max<int64_t>(longest, static_cast<int64_t>(e.tokens.size()));
     const PassPlan p = trainer.PlanFor(o.batch, longest);

@@ -242,7 +242,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
 template <typename T>
 absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backward) {
   FT_RETURN_IF_ERROR(Check(b));
-  const PassPlan plan = PlanFor(b.n_seq, b.len);
+  const PassPlan plan = backward ? PlanFor(b.n_seq, b.len) : PassPlan{true, 0};  // forward-only keeps nothing
   const int64_t mb = plan.micro_batch > 0 ? std::min(plan.micro_batch, b.n_seq) : b.n_seq;
   double nll = 0.0;
   for (int64_t s0 = 0; s0 < b.n_seq; s0 += mb) nll += Slice(b, s0, std::min(mb, b.n_seq - s0), grad_scale, backward, plan.recompute);
@@ -259,9 +259,8 @@ int64_t Trainer<T>::KeptBytesPerSequence(int64_t len) const {
       if (a && a->spec.kind != AdapterKind::kDiaBlo) rank_sum += a->spec.rank;
     }
   }
-  // LayerCache: x_in, h1, q, att, x_mid, h2 (E each), k, v (kvd), gate, up, act (F), 2 rstd,
-  // plus the layer input kept for backward (E).
-  const int64_t per_token_layer = 7 * c.n_embd + 2 * kvd + 3 * c.n_ff + 2;
+  // LayerCache: x_in, h1, q, att, x_mid, h2 (E each), k, v (kvd), gate, up, act (F), 2 rstd.
+  const int64_t per_token_layer = 6 * c.n_embd + 2 * kvd + 3 * c.n_ff + 2;
   return static_cast<int64_t>(sizeof(T)) * len * (per_token_layer * c.n_layer + rank_sum);
 }
 
@@ -303,7 +302,7 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   LayerCache scratch;
   std::vector<T> next(x.size());
   for (int64_t l = 0; l < n_layer; ++l) {
-    if (backward) inputs[static_cast<size_t>(l)] = x;
+    if (backward && recompute) inputs[static_cast<size_t>(l)] = x;  // a kept cache has x_in
     LayerCache* c = &scratch;
     if (backward && !recompute) {
       caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>();

@@ -44,7 +44,8 @@ struct TrainerOptions {
   float adapter_dropout = 0.0f;
   // Memory-driven choice per batch (> 0 overrides recompute/micro_batch): keep activations
   // (no recomputation: ~1.4x faster) for as many sequences per pass as fit in this many bytes of
-  // layer activations, recompute only when not even one sequence fits.
+  // layer caches (KeptBytesPerSequence; one layer's backward temporaries, the cross-entropy
+  // chunk and the model come on top), recompute only when not even one sequence fits.
   int64_t activation_budget_bytes = 0;
 };
 

@@ -137,6 +137,8 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   s.layout = adapter.layout;
   if (!s.layout.empty() && c.planner().enabled()) return Bad("planner", "not supported with per-layer adapter settings (adapter.layers) yet");
   if (c.train().activation_budget_mib() < 0) return Bad("train.activation_budget_mib", "must be >= 0");
+  if (c.train().activation_budget_mib() > 0 && c.train().no_recompute())
+    return Bad("train.activation_budget_mib", "choose one: no_recompute keeps every activation, the budget decides per batch");
   if (c.train().activation_budget_mib() > 0 && c.planner().enabled())
     return Bad("train.activation_budget_mib", "the planner's memory model assumes recomputation; not combined with the planner yet");
   // Strategy.

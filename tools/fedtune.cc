@@ -421,6 +421,9 @@ int RunCoordinator(const std::string& path) {
   if (!strategy.ok()) return Fail(strategy.status());
   auto adapter = sim::AdapterFromConfig(c.adapter());
   if (!adapter.ok()) return Fail(adapter.status());
+  if (c.train().activation_budget_mib() != 0) {
+    return Fail(absl::InvalidArgumentError("train.activation_budget_mib: set it in each worker's config (activation_budget_mib), not the coordinator's"));
+  }
   const model::AdapterSpec& spec = adapter->spec;
   const std::vector<model::Module>* modules = &adapter->modules;
   const uint64_t adapter_seed = OrDefault<uint64_t>(c.adapter_seed(), OrDefault<uint64_t>(c.seed(), 1));

@@ -320,7 +320,8 @@ TEST(TrainerModesTest, PackingMicroBatchesAndDropout) {
   // budget's slicing gives the whole batch's result.
   Trainer<double> probe(**model, &set, true);
   const int64_t per_seq = probe.KeptBytesPerSequence(padded.len);
-  EXPECT_GT(per_seq, 0);
+  // 2 layers x (6 E + 2 kvd + 3 F + 2 rstd) + LoRA z (r = 3 on 7 modules x 2 layers), in double.
+  EXPECT_EQ(per_seq, static_cast<int64_t>(sizeof(double)) * padded.len * (2 * (6 * 32 + 2 * 16 + 3 * 64 + 2) + 42));
   auto plan_at = [&](int64_t budget) {
     return Trainer<double>(**model, &set, TrainerOptions{.activation_budget_bytes = budget}).PlanFor(padded.n_seq, padded.len);
   };

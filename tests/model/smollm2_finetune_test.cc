@@ -1,9 +1,12 @@
 // Real-model fine-tuning (label "model"): a short LoRA run on the built-in `record` task
 // must take held-out exact match from 0% to most answers right. Deterministic (seeded data,
 // init and order; single-threaded BLAS calls in a fixed tiling).
+#include <algorithm>
+
 #include "gtest/gtest.h"
 #include "model/finetune.h"
 #include "model/tasks.h"
+#include "model/trainer.h"
 #include "tests/support/smollm2.h"
 
 namespace fedtune::model {
@@ -60,6 +63,10 @@ TEST(SmolLM2FinetuneTest, DiaBloWithDropoutAndKeptActivationsLearnsRecordTask) {
   fo.batch = 8;
   fo.adapter_dropout = 0.05f;
   fo.activation_budget_mib = 1024;
+  int64_t longest = 0;
+  for (const Example& e : data->train) longest = std::max<int64_t>(longest, static_cast<int64_t>(e.tokens.size()));
+  const PassPlan plan = Trainer<float>(m, &*adapters, TrainerOptions{.activation_budget_bytes = int64_t{1024} << 20}).PlanFor(8, longest);
+  EXPECT_FALSE(plan.recompute) << "a batch of 8 x " << longest << " tokens must keep its activations within 1024 MiB";
   auto rep = Finetune(m, data->train, fo, &*adapters, &opt);
   ASSERT_TRUE(rep.ok()) << rep.status();
   auto after = Evaluate(m, &*adapters, data->eval, 12, 24);
