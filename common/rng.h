@@ -25,6 +25,14 @@ double NormalFrom(Generator& g, double* cached, bool* have_cached) {
   return r * std::cos(2.0 * M_PI * u2);
 }
 
+// The SplitMix64 finaliser: a bijective 64-bit mix, for hashing counters into random bits
+// (Rng's seeding; dropout masks regenerated from their coordinates).
+inline uint64_t Mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
 class Rng {
  public:
   explicit Rng(uint64_t seed) {
@@ -50,12 +58,7 @@ class Rng {
 
  private:
   static uint64_t Rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-  static uint64_t SplitMix(uint64_t& x) {
-    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
+  static uint64_t SplitMix(uint64_t& x) { return Mix64(x += 0x9e3779b97f4a7c15ull); }
   uint64_t s_[4];
   double cached_ = 0.0;
   bool have_cached_ = false;

@@ -52,12 +52,6 @@ inline float Exp1(float x) {
 
 }  // namespace
 
-void ExpInPlace(float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, Exp8(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) x[i] = Exp1(x[i]);
-}
-
 float MaxOf(const float* x, int64_t n) {
   __m256 m = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;

@@ -8,8 +8,7 @@
 namespace fedtune::kernels {
 
 namespace avx2 {
-// x[i] = e^x[i] (relative error < 2e-7; 0 below -87.3, inf above 88.7, NaN kept).
-void ExpInPlace(float* x, int64_t n);
+// e^x in these kernels: relative error < 2e-7; 0 below -87.3, inf above 88.7, NaN kept.
 float MaxOf(const float* x, int64_t n);
 // sum_i e^(x[i] - shift), accumulated in double over float partial sums.
 double SumExpShifted(const float* x, int64_t n, float shift);

@@ -6,6 +6,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "common/log.h"
+#include "common/rng.h"
 #include "model/safetensors.h"
 #include "model/sampler.h"
 #include "model/trainer.h"
@@ -20,10 +21,7 @@ namespace {
 // example) that depends only on the run's seed and the pass's place in the schedule, so a
 // resumed run draws the masks the uninterrupted one would have.
 uint64_t DropoutSeed(uint64_t seed, int step, int pass) {
-  uint64_t z = seed * 0x9e3779b97f4a7c15ULL + (static_cast<uint64_t>(step) << 20) + static_cast<uint64_t>(pass);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
+  return Mix64(seed * 0x9e3779b97f4a7c15ULL + (static_cast<uint64_t>(step) << 20) + static_cast<uint64_t>(pass));
 }
 
 // One DP-SGD step's gradient: per-example gradients clipped to dp_clip, summed, noised, divided

@@ -4,6 +4,7 @@
 #include <memory>
 #include <type_traits>
 
+#include "common/rng.h"
 #include "kernels/thread_pool.h"
 #include "kernels/train_ops.h"
 
@@ -113,14 +114,6 @@ struct Kern {
     else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale);
   }
 };
-}  // namespace
-
-namespace {
-inline uint64_t Mix64(uint64_t z) {  // SplitMix64 finaliser
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 }  // namespace
 
 template <typename T>

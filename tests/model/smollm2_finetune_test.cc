@@ -12,26 +12,35 @@
 namespace fedtune::model {
 namespace {
 
-TEST(SmolLM2FinetuneTest, LoraLearnsRecordTask) {
-  const LlamaModel& m = testing::SmolLM2();
+// 200 generated `record` examples (10% held out), task seed `seed`.
+absl::StatusOr<Dataset> RecordData(const LlamaModel& m, uint64_t seed) {
   DatasetOptions dopt;
   dopt.holdout = 0.1;
-  auto data = DatasetFromJsonl(*GenerateTask("record", 200, 1), "record", *m.tokenizer(), dopt);
+  return DatasetFromJsonl(*GenerateTask("record", 200, seed), "record", *m.tokenizer(), dopt);
+}
+
+// 20 AdamW steps of 8 examples at `lr` (3 warm-up steps) with the given options.
+absl::StatusOr<TrainReport> Train20(const LlamaModel& m, const Dataset& data, AdapterSet<float>* adapters, float lr, FinetuneOptions fo) {
+  OptimizerConfig oc;
+  oc.lr = lr;
+  oc.warmup_steps = 3;
+  oc.total_steps = 20;
+  AdamW opt(oc);
+  fo.steps = 20;
+  fo.batch = 8;
+  return Finetune(m, data.train, fo, adapters, &opt);
+}
+
+TEST(SmolLM2FinetuneTest, LoraLearnsRecordTask) {
+  const LlamaModel& m = testing::SmolLM2();
+  auto data = RecordData(m, 1);
   ASSERT_TRUE(data.ok()) << data.status();
   auto adapters = MakeAdapters<float>(m.adapter_dims(),
                                       AdapterSpec{AdapterKind::kLora, 8, 16.0f, false, 1}, *ParseModules("all"), 1);
   ASSERT_TRUE(adapters.ok());
   auto before = Evaluate(m, &*adapters, data->eval, 12, 24);
   ASSERT_TRUE(before.ok());
-  OptimizerConfig oc;
-  oc.lr = 2e-3f;
-  oc.warmup_steps = 3;
-  oc.total_steps = 20;
-  AdamW opt(oc);
-  FinetuneOptions fo;
-  fo.steps = 20;
-  fo.batch = 8;
-  auto rep = Finetune(m, data->train, fo, &*adapters, &opt);
+  auto rep = Train20(m, *data, &*adapters, 2e-3f, FinetuneOptions{});
   ASSERT_TRUE(rep.ok()) << rep.status();
   auto after = Evaluate(m, &*adapters, data->eval, 12, 24);
   ASSERT_TRUE(after.ok());
@@ -47,27 +56,18 @@ TEST(SmolLM2FinetuneTest, LoraLearnsRecordTask) {
 // default: packed batches and activations kept within a 1024 MiB budget (no recomputation).
 TEST(SmolLM2FinetuneTest, DiaBloWithDropoutAndKeptActivationsLearnsRecordTask) {
   const LlamaModel& m = testing::SmolLM2();
-  DatasetOptions dopt;
-  dopt.holdout = 0.1;
-  auto data = DatasetFromJsonl(*GenerateTask("record", 200, 2), "record", *m.tokenizer(), dopt);
+  auto data = RecordData(m, 2);
   ASSERT_TRUE(data.ok()) << data.status();
   auto adapters = MakeAdapters<float>(m.adapter_dims(), AdapterSpec{AdapterKind::kDiaBlo, 8, 16.0f, false, 16}, *ParseModules("all"), 1);
   ASSERT_TRUE(adapters.ok());
-  OptimizerConfig oc;
-  oc.lr = 1e-3f;
-  oc.warmup_steps = 3;
-  oc.total_steps = 20;
-  AdamW opt(oc);
   FinetuneOptions fo;
-  fo.steps = 20;
-  fo.batch = 8;
   fo.adapter_dropout = 0.05f;
   fo.activation_budget_mib = 1024;
   int64_t longest = 0;
   for (const Example& e : data->train) longest = std::max<int64_t>(longest, static_cast<int64_t>(e.tokens.size()));
   const PassPlan plan = Trainer<float>(m, &*adapters, TrainerOptions{.activation_budget_bytes = int64_t{1024} << 20}).PlanFor(8, longest);
   EXPECT_FALSE(plan.recompute) << "a batch of 8 x " << longest << " tokens must keep its activations within 1024 MiB";
-  auto rep = Finetune(m, data->train, fo, &*adapters, &opt);
+  auto rep = Train20(m, *data, &*adapters, 1e-3f, fo);
   ASSERT_TRUE(rep.ok()) << rep.status();
   auto after = Evaluate(m, &*adapters, data->eval, 12, 24);
   ASSERT_TRUE(after.ok());
