@@ -29,9 +29,13 @@
 // B before A, the dimensions (n, m, k) and the same transpose flags (see GemmBatched).
 #include "kernels/cuda/cuda_backend.h"
 
+#ifdef FEDTUNE_CUDA_EMULATION  // tests only: plain C++ against a host emulation (see there)
+#include "kernels/cuda/host_emulation.h"
+#else
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -72,7 +76,13 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 
-constexpr int kThreads = 256;         // per block, for every kernel (a multiple of 32)
+// Per block, for every kernel (a multiple of 32; the kernels work for any). The host emulation
+// runs each GPU thread as a std::thread, so it uses two warps.
+#ifdef FEDTUNE_CUDA_EMULATION
+constexpr int kThreads = 64;
+#else
+constexpr int kThreads = 256;
+#endif
 constexpr int64_t kMaxBlocks = 1 << 16;  // grid-stride loops cover the rest
 
 __device__ __forceinline__ int64_t GlobalThread() {
@@ -355,7 +365,11 @@ __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, float*
 
 enum class Precision { kTf32, kFp32 };
 constexpr Precision kWeightPrecision = Precision::kTf32;  // products with frozen weights
+#ifdef FEDTUNE_CUDA_EMULATION
+constexpr int64_t kCrossEntropyLogitsBytes = 800;  // a few rows per chunk: the tests' shapes chunk
+#else
 constexpr int64_t kCrossEntropyLogitsBytes = int64_t{256} << 20;  // logits chunk budget
+#endif
 
 int ToInt(int64_t v) {
   FT_CHECK(v >= 0 && v <= INT_MAX);
@@ -371,7 +385,12 @@ template <typename... Params, typename... Args>
 void Launch(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, Args... args) {
   if (blocks == 0) return;
   FT_CHECK(blocks <= INT_MAX);
+#ifdef FEDTUNE_CUDA_EMULATION
+  (void)stream;
+  EmuLaunch(blocks, kThreads, [&] { kernel(args...); });
+#else
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args...);
+#endif
   FT_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <vector>
@@ -16,9 +17,21 @@ namespace fedtune::testing {
 using kernels::GgmlType;
 
 std::string TempPath(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() / ("fedtune_test_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  return (dir / name).string();
+  // One directory per test process, removed when the process exits (set FEDTUNE_KEEP_TEST_FILES
+  // to keep it for a post-mortem). Child processes are started with posix_spawn, so they do not
+  // run this destructor.
+  struct Dir {
+    std::filesystem::path path = std::filesystem::temp_directory_path() / ("fedtune_test_" + std::to_string(::getpid()));
+    Dir() { std::filesystem::create_directories(path); }
+    ~Dir() {
+      if (std::getenv("FEDTUNE_KEEP_TEST_FILES") != nullptr) return;
+      std::error_code ec;
+      std::filesystem::remove_all(path, ec);
+    }
+  };
+  static const Dir dir;
+  std::filesystem::create_directories(dir.path);
+  return (dir.path / name).string();
 }
 
 absl::Status WriteTinyLlamaGguf(const std::string& path, const TinyModelOptions& o) {
