@@ -18,7 +18,7 @@ using namespace fedtune;
 int main(int argc, char** argv) {
   CLI::App app{"fedtune training benchmark"};
   std::string model_path, adapter = "lora", modules = "all";
-  std::string device = "cpu";
+  std::string device = "cpu", layers;
   int seq = 256, batch = 8, steps = 3, threads = 0, micro_batch = 0, budget_mib = 0;
   int64_t rank = 16, blocks = 16;
   bool no_recompute = false;
@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
   app.add_option("-t,--threads", threads);
   app.add_flag("--no-recompute", no_recompute);
   app.add_option("--micro-batch", micro_batch, "Sequences per forward/backward pass (0 = the whole batch)");
+  app.add_option("--layers", layers, "Per-layer settings as in fedtune train --layers (e.g. \"15-29\"; default: every layer)");
   app.add_option("--device", device, "cpu (= cpu-fast), cpu-ref, cuda or auto");
   app.add_option("--activation-budget", budget_mib, "MiB: keep activations for as many sequences per pass as fit (fedtune train's default: 1024)");
   CLI11_PARSE(app, argc, argv);
@@ -42,9 +43,9 @@ int main(int argc, char** argv) {
   const auto& c = (*m)->config();
   const auto kind = model::ParseAdapterKind(adapter);
   if (!kind) return std::fprintf(stderr, "bad --adapter\n"), 1;
-  auto set = model::MakeAdapters<float>((*m)->adapter_dims(),
-                                        model::AdapterSpec{*kind, rank, 2.0f * static_cast<float>(rank), false, blocks},
-                                        *model::ParseModules(modules), 1);
+  auto set = model::MakeAdaptersWithLayout<float>((*m)->adapter_dims(),
+                                                  model::AdapterSpec{*kind, rank, 2.0f * static_cast<float>(rank), false, blocks},
+                                                  *model::ParseModules(modules), layers, 1);
   if (!set.ok()) return std::fprintf(stderr, "%s\n", std::string(set.status().message()).c_str()), 1;
   auto backend = kernels::SelectBackend(device);
   if (!backend.ok()) return std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str()), 1;
@@ -77,7 +78,7 @@ int main(int argc, char** argv) {
                            (plan.micro_batch > 0 ? ", micro-batch " + std::to_string(plan.micro_batch) : "") +
                            (budget_mib > 0 ? ", budget " + std::to_string(budget_mib) + " MiB" : "");
   std::printf("| fedtune (%s, %s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB |\n", (*backend)->Name(), mode.c_str(), adapter.c_str(),
-              static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank), modules.c_str(), batch, seq,
+              static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank), (layers.empty() ? modules : layers).c_str(), batch, seq,
               kernels::DefaultPool().size(), static_cast<double>(batch * seq * steps) / total, static_cast<double>(ru.ru_maxrss) / 1024.0);
   return 0;
 }

@@ -14,13 +14,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights)")
+    ap.add_argument("--layers", default="", help="FIRST-LAST: adapters on these layers only (PEFT layers_to_transform), as bench_train --layers")
     a = ap.parse_args()
     import torch, transformers, peft
     torch.set_num_threads(a.threads)
     d, f = os.path.split(os.path.abspath(a.model))
     base = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.float32)
+    layers = None
+    if a.layers:
+        first, last = (int(x) for x in a.layers.split("-"))
+        layers = list(range(first, last + 1))
     cfg = peft.LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                          lora_dropout=0.0, task_type="CAUSAL_LM")
+                          lora_dropout=0.0, task_type="CAUSAL_LM", layers_to_transform=layers)
     model = peft.get_peft_model(base, cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -40,7 +45,7 @@ def main():
         print(f"step {s}: {dt:.2f} s", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     mode = "bf16 autocast" if a.bf16 else "fp32"
-    print(f"| PyTorch {torch.__version__} + PEFT {peft.__version__} ({mode}) | lora r={a.rank} on all | {a.batch} x {a.seq} | {a.threads} | "
+    print(f"| PyTorch {torch.__version__} + PEFT {peft.__version__} ({mode}) | lora r={a.rank} on {a.layers or 'all'} | {a.batch} x {a.seq} | {a.threads} | "
           f"{a.batch * a.seq * a.steps / total:.1f} | {rss:.0f} MiB |")
 
 if __name__ == "__main__":

@@ -185,6 +185,16 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
 }
 
 template <typename T>
+int64_t Trainer<T>::FirstTrainedLayer() const {
+  for (size_t l = 0; l < adapters_->layers.size(); ++l) {
+    for (const auto& a : adapters_->layers[l]) {
+      if (a) return static_cast<int64_t>(l);
+    }
+  }
+  return m_.config().n_layer;
+}
+
+template <typename T>
 void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_in) {
   const auto& cfg = m_.config();
   const LlamaLayer& L = m_.layer(l);
@@ -193,8 +203,19 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
   const Kern<T> K{backend_};
   std::vector<T> ms, xd, dxd;
-  auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx) {
-    K.QLinearBackward(w, dy, dx, M);
+  // dx_in == null (the lowest trained layer): nothing below needs a gradient, so the base's
+  // products into h1 are skipped, and the backward stops after the last adapter that needs one
+  // (down only: stop after it; no attention-side adapter: stop after the MLP).
+  auto adapted = [&](std::initializer_list<Module> mods) {
+    for (Module m : mods) {
+      if (ad[static_cast<int>(m)]) return true;
+    }
+    return false;
+  };
+  const bool need_h1 = dx_in != nullptr || adapted({Module::kQ, Module::kK, Module::kV});
+  const bool need_att = need_h1 || adapted({Module::kO});
+  auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx, bool base = true) {
+    if (base) K.QLinearBackward(w, dy, dx, M);
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     if (opt_.adapter_dropout <= 0) return a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M, backend_);
@@ -210,24 +231,30 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
   std::vector<T> dx_mid(dx_out, dx_out + M * E);
   std::vector<T> dact(static_cast<size_t>(M * F), T(0));
-  linear_back(Module::kDown, L.w_down, c.act.data(), dx_out, dact.data());
+  const bool need_gate_up = need_att || adapted({Module::kGate, Module::kUp});
+  linear_back(Module::kDown, L.w_down, c.act.data(), dx_out, dact.data(), need_gate_up);
+  if (!need_gate_up) return;
   std::vector<T> dgate(static_cast<size_t>(M * F), T(0)), dup(static_cast<size_t>(M * F), T(0));
   K.SwiGluBackward(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
   std::vector<T> dh2(static_cast<size_t>(M * E), T(0));
-  linear_back(Module::kGate, L.w_gate, c.h2.data(), dgate.data(), dh2.data());
-  linear_back(Module::kUp, L.w_up, c.h2.data(), dup.data(), dh2.data());
+  linear_back(Module::kGate, L.w_gate, c.h2.data(), dgate.data(), dh2.data(), need_att);
+  linear_back(Module::kUp, L.w_up, c.h2.data(), dup.data(), dh2.data(), need_att);
+  if (!need_att) return;
   K.RmsNormBackward(c.x_mid.data(), L.ffn_norm.data(), c.rstd2.data(), dh2.data(), dx_mid.data(), M, E);
   // x_mid = x_in + o(att); att = attention(rope(q), rope(k), v); q, k, v from h1 = norm(x_in)
   std::vector<T> datt(static_cast<size_t>(M * E), T(0));
-  linear_back(Module::kO, L.wo, c.att.data(), dx_mid.data(), datt.data());
+  linear_back(Module::kO, L.wo, c.att.data(), dx_mid.data(), datt.data(), need_h1);
+  if (!need_h1) return;
   std::vector<T> dq(static_cast<size_t>(M * E), T(0)), dk(static_cast<size_t>(M * kvd), T(0)), dv(dk.size(), T(0));
   K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_);
   K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg);
   K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg);
   std::vector<T> dh1(static_cast<size_t>(M * E), T(0));
-  linear_back(Module::kQ, L.wq, c.h1.data(), dq.data(), dh1.data());
-  linear_back(Module::kK, L.wk, c.h1.data(), dk.data(), dh1.data());
-  linear_back(Module::kV, L.wv, c.h1.data(), dv.data(), dh1.data());
+  const bool base = dx_in != nullptr;
+  linear_back(Module::kQ, L.wq, c.h1.data(), dq.data(), dh1.data(), base);
+  linear_back(Module::kK, L.wk, c.h1.data(), dk.data(), dh1.data(), base);
+  linear_back(Module::kV, L.wv, c.h1.data(), dv.data(), dh1.data(), base);
+  if (!base) return;
   for (int64_t i = 0; i < M * E; ++i) dx_in[i] = dx_mid[static_cast<size_t>(i)];
   K.RmsNormBackward(c.x_in.data(), L.attn_norm.data(), c.rstd1.data(), dh1.data(), dx_in, M, E);
 }
@@ -254,7 +281,8 @@ int64_t Trainer<T>::KeptBytesPerSequence(int64_t len) const {
   }
   // LayerCache: x_in, h1, q, att, x_mid, h2 (E each), k, v (kvd), gate, up, act (F), 2 rstd.
   const int64_t per_token_layer = 6 * c.n_embd + 2 * kvd + 3 * c.n_ff + 2;
-  return static_cast<int64_t>(sizeof(T)) * len * (per_token_layer * c.n_layer + rank_sum);
+  // Layers below the first trained one keep nothing (backward stops there).
+  return static_cast<int64_t>(sizeof(T)) * len * (per_token_layer * (c.n_layer - FirstTrainedLayer()) + rank_sum);
 }
 
 template <typename T>
@@ -294,10 +322,13 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   std::vector<std::unique_ptr<LayerCache>> caches(static_cast<size_t>(n_layer));
   LayerCache scratch;
   std::vector<T> next(x.size());
+  // Backward stops at the first layer with adapters: nothing below is kept.
+  const int64_t first = FirstTrainedLayer();
   for (int64_t l = 0; l < n_layer; ++l) {
-    if (backward && recompute) inputs[static_cast<size_t>(l)] = x;  // a kept cache has x_in
+    const bool keep = backward && l >= first;
+    if (keep && recompute) inputs[static_cast<size_t>(l)] = x;  // a kept cache has x_in
     LayerCache* c = &scratch;
-    if (backward && !recompute) {
+    if (keep && !recompute) {
       caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>();
       c = caches[static_cast<size_t>(l)].get();
     }
@@ -313,13 +344,13 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
 
   std::vector<T> dx(x.size(), T(0)), dprev(x.size());
   K.RmsNormBackward(x.data(), m_.output_norm().data(), rstd.data(), dh.data(), dx.data(), M, E);
-  for (int64_t l = n_layer - 1; l >= 0; --l) {
+  for (int64_t l = n_layer - 1; l >= first; --l) {
     LayerCache* c = caches[static_cast<size_t>(l)].get();
     if (c == nullptr) {  // recompute this layer's activations from its saved input
       LayerForward(l, inputs[static_cast<size_t>(l)].data(), scratch, next.data());
       c = &scratch;
     }
-    LayerBackward(l, *c, dx.data(), dprev.data());
+    LayerBackward(l, *c, dx.data(), l > first ? dprev.data() : nullptr);
     std::swap(dx, dprev);
     caches[static_cast<size_t>(l)].reset();
     inputs[static_cast<size_t>(l)].clear();

@@ -73,8 +73,8 @@ class Trainer {
   void set_training_forward(bool on) { training_forward_ = on; }
 
   // Bytes of layer activations one sequence of `len` tokens keeps between the passes without
-  // recomputation (every layer's cache, adapters included; attention probabilities are never
-  // kept).
+  // recomputation (the caches of the layers from the lowest one with adapters up, adapters
+  // included; attention probabilities are never kept).
   int64_t KeptBytesPerSequence(int64_t len) const;
   // What Step does with a batch of n_seq x len under the options.
   PassPlan PlanFor(int64_t n_seq, int64_t len) const;
@@ -86,7 +86,10 @@ class Trainer {
   struct LayerCache;
   double Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale, bool backward, bool recompute);
   void LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out);
+  // dx_in null: the gradient w.r.t. the layer input is not needed (the lowest trained layer).
   void LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_in);
+  // Lowest layer with an adapter (n_layer if none): backward stops there.
+  int64_t FirstTrainedLayer() const;
 
   const LlamaModel& m_;
   AdapterSet<T>* adapters_;

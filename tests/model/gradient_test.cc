@@ -263,6 +263,50 @@ TEST_P(WholeModelGradientTest, MatchesFiniteDifferences) {
   }
 }
 
+// Backward stops at the lowest layer with adapters and, there, after the last adapter that needs
+// a gradient; the gradients still match finite differences, and nothing is kept below it.
+TEST(TrainerModesTest, BackwardStopsAtTheLowestTrainedLayer) {
+  auto model = GradientModel(GgmlType::kQ8_0, "grad_truncated");
+  ASSERT_TRUE(model.ok()) << model.status();
+  const auto& cfg = (*model)->config();
+  Rng rng(21);
+  Batch b;
+  b.n_seq = 2;
+  b.len = 5;
+  for (int i = 0; i < 10; ++i) {
+    b.tokens.push_back(static_cast<int32_t>(3 + rng.Below(250)));
+    b.targets.push_back(i % 5 < 1 ? -1 : static_cast<int32_t>(3 + rng.Below(250)));
+  }
+  const int64_t kvd = cfg.n_head_kv * cfg.head_dim, per_layer = 6 * cfg.n_embd + 2 * kvd + 3 * cfg.n_ff + 2;
+  for (const char* layout : {"1:q", "1:o", "1:down", "1:gate", "1:k,up", "0:v;1:o"}) {
+    for (AdapterKind kind : {AdapterKind::kLora, AdapterKind::kDiaBlo}) {
+      auto made = MakeAdaptersWithLayout<double>((*model)->adapter_dims(), AdapterSpec{kind, 2, 4.0f, false, 4}, kAllModules, layout, 3);
+      ASSERT_TRUE(made.ok()) << made.status();
+      AdapterSet<double> set = std::move(*made);
+      set.ForEachTrainable([&](const std::string&, std::vector<double>& p, std::vector<double>&) {
+        for (auto& v : p) v += 0.3 * rng.Normal();
+      });
+      for (bool recompute : {true, false}) {
+        Trainer<double> trainer(**model, &set, recompute);
+        if (layout[0] == '1') {
+          const int64_t z = kind == AdapterKind::kLora ? 2 * (layout == std::string("1:k,up") ? 2 : 1) : 0;
+          EXPECT_EQ(trainer.KeptBytesPerSequence(b.len), static_cast<int64_t>(sizeof(double)) * b.len * (per_layer + z)) << layout;
+        }
+        set.ZeroGrad();
+        ASSERT_TRUE(trainer.Step(b, 1.0, true).ok());
+        auto loss = [&] { return *trainer.Step(b, 1.0, false); };
+        int tensors = 0;
+        set.ForEachTrainable([&](const std::string& name, std::vector<double>& p, std::vector<double>& g) {
+          const auto grad = g;
+          const double e = FdRelError(loss, p, grad, 12, static_cast<uint64_t>(++tensors));
+          EXPECT_LE(e, kTol) << layout << " " << AdapterKindName(kind) << " recompute=" << recompute << " " << name;
+        });
+        EXPECT_GT(tensors, 0) << layout;
+      }
+    }
+  }
+}
+
 // Packing, micro-batches and adapter dropout on the whole tiny model (LoRA, Q8_0 base, double):
 // a packed batch gives the padded batch's loss and gradients; slices of one sequence give the
 // whole batch's; with dropout the gradients still match finite differences of the (fixed-mask)
