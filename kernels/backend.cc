@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cmath>
 #include <mutex>
+#include <new>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -32,6 +33,39 @@ const char* OpName(Op op) {
       "lora_forward", "lora_backward", "diablo_forward", "diablo_backward"};
   const auto i = static_cast<size_t>(op);
   return i < kNames.size() ? kNames[i] : "?";
+}
+
+// Host defaults: 64-byte aligned memory, element-wise loops over the thread pool.
+float* Backend::AllocBuffer(int64_t n) {
+  FT_CHECK(n >= 0);
+  return static_cast<float*>(::operator new[](static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float), std::align_val_t{64}));
+}
+void Backend::FreeBuffer(float* p) {
+  if (p != nullptr) ::operator delete[](p, std::align_val_t{64});
+}
+namespace {
+template <typename F>
+void Elementwise(int64_t n, F f) {
+  if (n < (int64_t{1} << 16)) return f(int64_t{0}, n);
+  DefaultPool().ParallelFor(n, int64_t{1} << 14, [&](int64_t i0, int64_t i1, int) { f(i0, i1); });
+}
+}  // namespace
+void Backend::Add(const float* a, const float* b, float* out, int64_t n) {
+  Elementwise(n, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
+  });
+}
+void Backend::Mul(const float* a, const float* b, float* out, int64_t n) {
+  Elementwise(n, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) out[i] = a[i] * b[i];
+  });
+}
+void Backend::Copy(const float* src, float* dst, int64_t n) {
+  if (src == dst) return;
+  Elementwise(n, [&](int64_t i0, int64_t i1) { std::copy(src + i0, src + i1, dst + i0); });
+}
+void Backend::Fill(float* dst, float value, int64_t n) {
+  Elementwise(n, [&](int64_t i0, int64_t i1) { std::fill(dst + i0, dst + i1, value); });
 }
 
 namespace {
@@ -369,6 +403,13 @@ class Dispatching final : public Backend {
                       int64_t out, int64_t blocks) override {
     Pick(Op::kDiabloBackward).DiabloBackward(x, d, dy, dd, dx, m, in, out, blocks);
   }
+
+  float* AllocBuffer(int64_t n) override { return primary_->AllocBuffer(n); }
+  void FreeBuffer(float* p) override { primary_->FreeBuffer(p); }
+  void Add(const float* a, const float* b, float* out, int64_t n) override { primary_->Add(a, b, out, n); }
+  void Mul(const float* a, const float* b, float* out, int64_t n) override { primary_->Mul(a, b, out, n); }
+  void Copy(const float* src, float* dst, int64_t n) override { primary_->Copy(src, dst, n); }
+  void Fill(float* dst, float value, int64_t n) override { primary_->Fill(dst, value, n); }
 
  private:
   Backend& Pick(Op op) {

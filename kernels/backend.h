@@ -99,6 +99,21 @@ class Backend {
                              int64_t blocks) = 0;
   virtual void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m,
                               int64_t in, int64_t out, int64_t blocks) = 0;
+
+  // Activation buffers and the element-wise glue between the ops (every backend has them; not
+  // in Op). A buffer lives where the backend computes: host memory for the CPU backends; for
+  // CUDA, managed memory that its ops use in place (no copy through host memory), so a trainer
+  // whose activations are buffers keeps them on the GPU across ops. Every op also takes plain
+  // host pointers (copied per call by a device backend), and buffers stay readable from the
+  // host (slowly, for a device backend). Contents of a new buffer are undefined.
+  virtual float* AllocBuffer(int64_t n);
+  virtual void FreeBuffer(float* p);
+  // out = a + b ; out = a * b ; dst = src ; dst = value. out may be a or b; any pointer may be
+  // host memory or a buffer.
+  virtual void Add(const float* a, const float* b, float* out, int64_t n);
+  virtual void Mul(const float* a, const float* b, float* out, int64_t n);
+  virtual void Copy(const float* src, float* dst, int64_t n);
+  virtual void Fill(float* dst, float value, int64_t n);
 };
 
 // The process-wide instances. CudaBackend() is null when CUDA was not compiled in or no device

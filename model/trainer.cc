@@ -14,11 +14,70 @@ int64_t Batch::n_scored() const {
   return std::count_if(targets.begin(), targets.end(), [](int32_t t) { return t >= 0; });
 }
 
+namespace {
+// An activation array: for float a buffer of the trainer's backend (it lives where the backend
+// computes: on the GPU for CUDA, so activations stay there between ops), host memory for
+// double. Grow-only; contents undefined after Resize.
+template <typename T>
+class Buf {
+ public:
+  explicit Buf(kernels::Backend* be) : be_(be) {}
+  ~Buf() { Release(); }
+  Buf(Buf&& o) noexcept : be_(o.be_), p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)), cap_(std::exchange(o.cap_, 0)) {}
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) {
+      Release();
+      be_ = o.be_;
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+      cap_ = std::exchange(o.cap_, 0);
+    }
+    return *this;
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+
+  void Resize(int64_t n) {
+    if (n > cap_) {
+      Release();
+      if constexpr (std::is_same_v<T, float>) {
+        p_ = be_->AllocBuffer(n);
+      } else {
+        p_ = new T[static_cast<size_t>(n)];
+      }
+      cap_ = n;
+    }
+    n_ = n;
+  }
+  void Release() {
+    if (p_ != nullptr) {
+      if constexpr (std::is_same_v<T, float>) {
+        be_->FreeBuffer(p_);
+      } else {
+        delete[] p_;
+      }
+    }
+    p_ = nullptr;
+    n_ = cap_ = 0;
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  int64_t size() const { return n_; }
+
+ private:
+  kernels::Backend* be_;
+  T* p_ = nullptr;
+  int64_t n_ = 0, cap_ = 0;
+};
+}  // namespace
+
 // Everything LayerBackward needs from LayerForward of one layer.
 template <typename T>
 struct Trainer<T>::LayerCache {
-  std::vector<T> x_in, h1, rstd1, q, k, v, att, x_mid, h2, rstd2, gate, up, act;
-  std::array<std::vector<T>, kNumModules> z;  // LoRA A x per module
+  explicit LayerCache(kernels::Backend* be)
+      : x_in(be), h1(be), rstd1(be), q(be), k(be), v(be), att(be), x_mid(be), h2(be), rstd2(be), gate(be), up(be), act(be) {}
+  Buf<T> x_in, h1, rstd1, q, k, v, att, x_mid, h2, rstd2, gate, up, act;
+  std::array<std::vector<T>, kNumModules> z;  // LoRA A x per module (small: host)
 };
 
 template <typename T>
@@ -62,10 +121,6 @@ absl::Status Trainer<T>::Check(const Batch& b) const {
 }
 
 namespace {
-template <typename T>
-void Resize(std::vector<T>& v, int64_t n) {
-  v.assign(static_cast<size_t>(n), T(0));
-}
 
 // The kernels a trainer calls: the chosen backend on float, the reference templates on double.
 template <typename T>
@@ -109,6 +164,20 @@ struct Kern {
   void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n) const {
     if constexpr (kF) be->SwiGluBackward(gate, up, dout, dgate, dup, n); else kernels::SwiGluBackward<T>(gate, up, dout, dgate, dup, n);
   }
+  void Add(const T* a, const T* b, T* out, int64_t n) const {
+    if constexpr (kF) be->Add(a, b, out, n); else for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+  }
+  void Mul(const T* a, const T* b, T* out, int64_t n) const {
+    if constexpr (kF) be->Mul(a, b, out, n); else for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+  }
+  void Copy(const T* src, T* dst, int64_t n) const {
+    if constexpr (kF) be->Copy(src, dst, n); else std::copy(src, src + n, dst);
+  }
+  // b = n zeros.
+  void Zeros(Buf<T>& b, int64_t n) const {
+    b.Resize(n);
+    if constexpr (kF) be->Fill(b.data(), 0.0f, n); else std::fill(b.data(), b.data() + n, T(0));
+  }
   double CrossEntropy(const kernels::QMatrix& w, const T* h, const int32_t* target, int64_t rows, T* dh, T scale) const {
     if constexpr (kF) return be->CrossEntropy(w, h, target, rows, dh, scale);
     else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale);
@@ -144,44 +213,47 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   auto& ad = adapters_->layers[static_cast<size_t>(l)];
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   const Kern<T> K{backend_};
-  std::vector<T> xd;
-  auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, std::vector<T>& y, int64_t out) {
-    Resize(y, M * out);
+  std::vector<T> ms;
+  Buf<T> xd(backend_);
+  auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, Buf<T>& y, int64_t out) {
+    y.Resize(M * out);
     K.QLinearForward(w, x, y.data(), M);
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     if (training_ && opt_.adapter_dropout > 0) {
-      DropoutScale(l, mod, w.cols, &xd);
-      for (size_t i = 0; i < xd.size(); ++i) xd[i] *= x[i];
+      DropoutScale(l, mod, w.cols, &ms);
+      xd.Resize(M * w.cols);
+      K.Mul(ms.data(), x, xd.data(), M * w.cols);
       x = xd.data();
     }
     a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)], backend_);
   };
-  c.x_in.assign(x_in, x_in + M * E);
-  Resize(c.h1, M * E);
-  Resize(c.rstd1, M);
+  c.x_in.Resize(M * E);
+  K.Copy(x_in, c.x_in.data(), M * E);
+  c.h1.Resize(M * E);
+  c.rstd1.Resize(M);
   K.RmsNormForward(x_in, L.attn_norm.data(), c.h1.data(), c.rstd1.data(), M, E, cfg.rms_eps);
   linear(Module::kQ, L.wq, c.h1.data(), c.q, E);
   linear(Module::kK, L.wk, c.h1.data(), c.k, kvd);
   linear(Module::kV, L.wv, c.h1.data(), c.v, kvd);
   K.Rope(true, c.q.data(), pos_.data(), M, cfg.n_head, cfg);
   K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg);
-  Resize(c.att, M * E);
+  c.att.Resize(M * E);
   K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_);
-  std::vector<T> o;
+  Buf<T> o(backend_);
   linear(Module::kO, L.wo, c.att.data(), o, E);
-  Resize(c.x_mid, M * E);
-  for (int64_t i = 0; i < M * E; ++i) c.x_mid[static_cast<size_t>(i)] = x_in[i] + o[static_cast<size_t>(i)];
-  Resize(c.h2, M * E);
-  Resize(c.rstd2, M);
+  c.x_mid.Resize(M * E);
+  K.Add(x_in, o.data(), c.x_mid.data(), M * E);
+  c.h2.Resize(M * E);
+  c.rstd2.Resize(M);
   K.RmsNormForward(c.x_mid.data(), L.ffn_norm.data(), c.h2.data(), c.rstd2.data(), M, E, cfg.rms_eps);
   linear(Module::kGate, L.w_gate, c.h2.data(), c.gate, F);
   linear(Module::kUp, L.w_up, c.h2.data(), c.up, F);
-  Resize(c.act, M * F);
+  c.act.Resize(M * F);
   K.SwiGluForward(c.gate.data(), c.up.data(), c.act.data(), M * F);
-  std::vector<T> down;
+  Buf<T>& down = o;  // o is no longer needed
   linear(Module::kDown, L.w_down, c.act.data(), down, E);
-  for (int64_t i = 0; i < M * E; ++i) x_out[i] = c.x_mid[static_cast<size_t>(i)] + down[static_cast<size_t>(i)];
+  K.Add(c.x_mid.data(), down.data(), x_out, M * E);
 }
 
 template <typename T>
@@ -202,7 +274,8 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
   const Kern<T> K{backend_};
-  std::vector<T> ms, xd, dxd;
+  std::vector<T> ms;
+  Buf<T> xd(backend_), dxd(backend_);
   // dx_in == null (the lowest trained layer): nothing below needs a gradient, so the base's
   // products into h1 are skipped, and the backward stops after the last adapter that needs one
   // (down only: stop after it; no attention-side adapter: stop after the MLP).
@@ -222,40 +295,54 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
     // Through the dropped input x * mask * s: dx += mask * s * (the adapter's gradient w.r.t.
     // its input), the mask regenerated from the same (layer, module, token, feature) keys.
     DropoutScale(l, mod, w.cols, &ms);
-    xd.resize(ms.size());
-    for (size_t i = 0; i < ms.size(); ++i) xd[i] = x[i] * ms[i];
-    dxd.assign(ms.size(), T(0));
+    const int64_t n = M * w.cols;
+    xd.Resize(n);
+    K.Mul(x, ms.data(), xd.data(), n);
+    K.Zeros(dxd, n);
     a->Backward(xd.data(), c.z[static_cast<int>(mod)], dy, dxd.data(), M, backend_);
-    for (size_t i = 0; i < ms.size(); ++i) dx[i] += dxd[i] * ms[i];
+    K.Mul(dxd.data(), ms.data(), dxd.data(), n);
+    K.Add(dx, dxd.data(), dx, n);
   };
   // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
-  std::vector<T> dx_mid(dx_out, dx_out + M * E);
-  std::vector<T> dact(static_cast<size_t>(M * F), T(0));
+  Buf<T> dx_mid(backend_), dact(backend_);
+  dx_mid.Resize(M * E);
+  K.Copy(dx_out, dx_mid.data(), M * E);
+  K.Zeros(dact, M * F);
   const bool need_gate_up = need_att || adapted({Module::kGate, Module::kUp});
   linear_back(Module::kDown, L.w_down, c.act.data(), dx_out, dact.data(), need_gate_up);
   if (!need_gate_up) return;
-  std::vector<T> dgate(static_cast<size_t>(M * F), T(0)), dup(static_cast<size_t>(M * F), T(0));
+  Buf<T> dgate(backend_), dup(backend_);
+  K.Zeros(dgate, M * F);
+  K.Zeros(dup, M * F);
   K.SwiGluBackward(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
-  std::vector<T> dh2(static_cast<size_t>(M * E), T(0));
+  Buf<T> dh2(backend_);
+  K.Zeros(dh2, M * E);
   linear_back(Module::kGate, L.w_gate, c.h2.data(), dgate.data(), dh2.data(), need_att);
   linear_back(Module::kUp, L.w_up, c.h2.data(), dup.data(), dh2.data(), need_att);
   if (!need_att) return;
   K.RmsNormBackward(c.x_mid.data(), L.ffn_norm.data(), c.rstd2.data(), dh2.data(), dx_mid.data(), M, E);
   // x_mid = x_in + o(att); att = attention(rope(q), rope(k), v); q, k, v from h1 = norm(x_in)
-  std::vector<T> datt(static_cast<size_t>(M * E), T(0));
+  Buf<T>& datt = dh2;  // dh2 is no longer needed
+  K.Zeros(datt, M * E);
   linear_back(Module::kO, L.wo, c.att.data(), dx_mid.data(), datt.data(), need_h1);
   if (!need_h1) return;
-  std::vector<T> dq(static_cast<size_t>(M * E), T(0)), dk(static_cast<size_t>(M * kvd), T(0)), dv(dk.size(), T(0));
+  Buf<T>& dq = dgate;  // dgate, dup and dact are no longer needed
+  Buf<T>& dk = dup;
+  Buf<T>& dv = dact;
+  K.Zeros(dq, M * E);
+  K.Zeros(dk, M * kvd);
+  K.Zeros(dv, M * kvd);
   K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_);
   K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg);
   K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg);
-  std::vector<T> dh1(static_cast<size_t>(M * E), T(0));
+  Buf<T> dh1(backend_);
+  K.Zeros(dh1, M * E);
   const bool base = dx_in != nullptr;
   linear_back(Module::kQ, L.wq, c.h1.data(), dq.data(), dh1.data(), base);
   linear_back(Module::kK, L.wk, c.h1.data(), dk.data(), dh1.data(), base);
   linear_back(Module::kV, L.wv, c.h1.data(), dv.data(), dh1.data(), base);
   if (!base) return;
-  for (int64_t i = 0; i < M * E; ++i) dx_in[i] = dx_mid[static_cast<size_t>(i)];
+  K.Copy(dx_mid.data(), dx_in, M * E);
   K.RmsNormBackward(c.x_in.data(), L.attn_norm.data(), c.rstd1.data(), dh1.data(), dx_in, M, E);
 }
 
@@ -310,39 +397,49 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   tok0_ = t0;
   const int32_t* targets = b.targets.data() + t0;
 
-  // Embedding lookup (frozen): x_0.
-  std::vector<T> x(static_cast<size_t>(M * E));
+  // Embedding lookup (frozen), gathered on the host: x_0.
+  std::vector<T> x0(static_cast<size_t>(M * E));
   std::vector<float> row(static_cast<size_t>(E));
   for (int64_t i = 0; i < M; ++i) {
     kernels::GetRow(m_.token_embd(), b.tokens[static_cast<size_t>(t0 + i)], row.data());
-    std::copy(row.begin(), row.end(), x.begin() + i * E);
+    std::copy(row.begin(), row.end(), x0.begin() + i * E);
   }
+  Buf<T> x(backend_), next(backend_);
+  x.Resize(M * E);
+  next.Resize(M * E);
+  K.Copy(x0.data(), x.data(), M * E);
   // Layer inputs are always kept; full caches only without recomputation.
-  std::vector<std::vector<T>> inputs(static_cast<size_t>(n_layer));
+  std::vector<Buf<T>> inputs;
+  for (int64_t l = 0; l < n_layer; ++l) inputs.emplace_back(backend_);
   std::vector<std::unique_ptr<LayerCache>> caches(static_cast<size_t>(n_layer));
-  LayerCache scratch;
-  std::vector<T> next(x.size());
+  LayerCache scratch(backend_);
   // Backward stops at the first layer with adapters: nothing below is kept.
   const int64_t first = FirstTrainedLayer();
   for (int64_t l = 0; l < n_layer; ++l) {
     const bool keep = backward && l >= first;
-    if (keep && recompute) inputs[static_cast<size_t>(l)] = x;  // a kept cache has x_in
+    if (keep && recompute) {  // a kept cache has x_in
+      inputs[static_cast<size_t>(l)].Resize(M * E);
+      K.Copy(x.data(), inputs[static_cast<size_t>(l)].data(), M * E);
+    }
     LayerCache* c = &scratch;
     if (keep && !recompute) {
-      caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>();
+      caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>(backend_);
       c = caches[static_cast<size_t>(l)].get();
     }
     LayerForward(l, x.data(), *c, next.data());
     std::swap(x, next);
   }
-  std::vector<T> h(x.size()), rstd(static_cast<size_t>(M));
+  Buf<T> h(backend_), rstd(backend_), dh(backend_);
+  h.Resize(M * E);
+  rstd.Resize(M);
   K.RmsNormForward(x.data(), m_.output_norm().data(), h.data(), rstd.data(), M, E, cfg.rms_eps);
-  std::vector<T> dh;
-  if (backward) dh.assign(h.size(), T(0));
+  if (backward) K.Zeros(dh, M * E);
   const double nll = K.CrossEntropy(m_.output(), h.data(), targets, M, backward ? dh.data() : nullptr, grad_scale);
   if (!backward) return nll;
 
-  std::vector<T> dx(x.size(), T(0)), dprev(x.size());
+  Buf<T>& dx = h;  // h is no longer needed
+  Buf<T>& dprev = next;
+  K.Zeros(dx, M * E);
   K.RmsNormBackward(x.data(), m_.output_norm().data(), rstd.data(), dh.data(), dx.data(), M, E);
   for (int64_t l = n_layer - 1; l >= first; --l) {
     LayerCache* c = caches[static_cast<size_t>(l)].get();
@@ -353,7 +450,7 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
     LayerBackward(l, *c, dx.data(), l > first ? dprev.data() : nullptr);
     std::swap(dx, dprev);
     caches[static_cast<size_t>(l)].reset();
-    inputs[static_cast<size_t>(l)].clear();
+    inputs[static_cast<size_t>(l)].Release();
   }
   return nll;
 }

@@ -360,6 +360,25 @@ __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, float*
   }
 }
 
+// Element-wise glue and row gathers (grid-stride).
+__global__ void AddKernel(const float* a, const float* b, float* out, int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) out[i] = a[i] + b[i];
+}
+__global__ void MulKernel(const float* a, const float* b, float* out, int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) out[i] = a[i] * b[i];
+}
+__global__ void FillKernel(float* dst, float value, int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) dst[i] = value;
+}
+// dst row i = src row idx[i] (rows of `cols`), for i < n.
+__global__ void GatherRowsKernel(const float* src, const int64_t* idx, float* dst, int64_t n, int64_t cols) {
+  for (int64_t t = GlobalThread(); t < n * cols; t += GridThreads()) dst[t] = src[idx[t / cols] * cols + t % cols];
+}
+// dst row idx[i] = src row i.
+__global__ void ScatterRowsKernel(const float* src, const int64_t* idx, float* dst, int64_t n, int64_t cols) {
+  for (int64_t t = GlobalThread(); t < n * cols; t += GridThreads()) dst[idx[t / cols] * cols + t % cols] = src[t];
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side
 
@@ -485,7 +504,7 @@ class CudaBackendImpl final : public Backend {
     const int64_t k = w.cols, n = w.rows;
     const auto lock = Enter();
     const float* x_d = ToDevice(0, x, m * k);
-    float* y_d = Scratch<float>(1, m * n);
+    float* y_d = Output(1, y, m * n);
     const float* w_d = DequantizedWeight(w, 2);
     Gemm(kWeightPrecision, false, true, m, n, k, 1.0f, x_d, k, w_d, k, 0.0f, y_d, n);  // y = x W^T
     ToHost(y, y_d, m * n);
@@ -510,8 +529,8 @@ class CudaBackendImpl final : public Backend {
     const auto lock = Enter();
     const float* x_d = ToDevice(0, x, rows * n);
     const float* g_d = ToDevice(1, g, n);
-    float* y_d = Scratch<float>(2, rows * n);
-    float* rstd_d = Scratch<float>(3, rows);
+    float* y_d = Output(2, y, rows * n);
+    float* rstd_d = Output(3, rstd, rows);
     Launch(RmsNormForwardKernel, rows, stream_, x_d, g_d, y_d, rstd_d, n, eps);
     ToHost(y, y_d, rows * n);
     ToHost(rstd, rstd_d, rows);
@@ -551,7 +570,7 @@ class CudaBackendImpl final : public Backend {
     const float* q_d = ToDevice(0, q, rows * E);
     const float* k_d = ToDevice(1, k, rows * kvd);
     const float* v_d = ToDevice(2, v, rows * kvd);
-    float* out_d = Scratch<float>(3, rows * E);
+    float* out_d = Output(3, out, rows * E);
     float* p_d = Scratch<float>(4, n_seq * len * len);
     const int32_t* seg_d = seg_pos != nullptr ? ToDevice(5, seg_pos, rows) : nullptr;
     for (int64_t h = 0; h < n_head; ++h) {
@@ -616,7 +635,7 @@ class CudaBackendImpl final : public Backend {
     const auto lock = Enter();
     const float* gate_d = ToDevice(0, gate, n);
     const float* up_d = ToDevice(1, up, n);
-    float* out_d = Scratch<float>(2, n);
+    float* out_d = Output(2, out, n);
     Launch(SwiGluForwardKernel, BlocksFor(n), stream_, gate_d, up_d, out_d, n);
     ToHost(out, out_d, n);
     Finish();
@@ -637,8 +656,8 @@ class CudaBackendImpl final : public Backend {
     Finish();
   }
 
-  // The scored rows of h (and dh) are gathered on the host into contiguous arrays, processed in
-  // chunks of rows whose logits fit kCrossEntropyLogitsBytes, and dh's rows scattered back.
+  // The scored rows of h (and dh) are gathered on the device into contiguous arrays, processed
+  // in chunks of rows whose logits fit kCrossEntropyLogitsBytes, and dh's rows scattered back.
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
                       float grad_scale) override {
     const int64_t E = w_out.cols, V = w_out.rows;
@@ -653,36 +672,38 @@ class CudaBackendImpl final : public Backend {
     const int64_t ns = static_cast<int64_t>(scored.size());
     if (ns == 0) return 0.0;
     const bool grad = dh != nullptr;
-    std::vector<float> hs(Count(ns * E)), dhs(grad ? Count(ns * E) : 0);
-    for (int64_t i = 0; i < ns; ++i) {
-      std::copy_n(h + scored[Count(i)] * E, E, hs.begin() + i * E);
-      if (grad) std::copy_n(dh + scored[Count(i)] * E, E, dhs.begin() + i * E);
-    }
     const int64_t chunk = std::clamp<int64_t>(kCrossEntropyLogitsBytes / (V * 4), 1, ns);
     std::vector<double> nll(Count(ns));
     {
       const auto lock = Enter();
-      const float* h_d = ToDevice(0, hs.data(), ns * E);
+      // The scored rows of h (and dh) gathered on the device into contiguous arrays; dh's rows
+      // are scattered back after the chunks.
+      const float* h_all = ToDevice(0, h, rows * E);
+      const int64_t* scored_d = ToDevice(6, scored.data(), ns);
+      float* hs_d = Scratch<float>(7, ns * E);
+      Launch(GatherRowsKernel, BlocksFor(ns * E), stream_, h_all, scored_d, hs_d, ns, E);
+      float* dh_all = grad ? ToDevice(4, dh, rows * E) : nullptr;
+      float* dhs_d = grad ? Scratch<float>(8, ns * E) : nullptr;
+      if (grad) Launch(GatherRowsKernel, BlocksFor(ns * E), stream_, static_cast<const float*>(dh_all), scored_d, dhs_d, ns, E);
       const int32_t* target_d = ToDevice(1, scored_target.data(), ns);
       double* nll_d = Scratch<double>(2, ns);
       float* logits_d = Scratch<float>(3, chunk * V);
-      float* dh_d = grad ? ToDevice(4, dhs.data(), ns * E) : nullptr;
       const float* w_d = DequantizedWeight(w_out, 5);
       for (int64_t c0 = 0; c0 < ns; c0 += chunk) {
         const int64_t n = std::min(chunk, ns - c0);
-        Gemm(kWeightPrecision, false, true, n, V, E, 1.0f, h_d + c0 * E, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
+        Gemm(kWeightPrecision, false, true, n, V, E, 1.0f, hs_d + c0 * E, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
         Launch(CrossEntropyRowKernel, n, stream_, logits_d, target_d + c0, nll_d + c0, V, grad_scale, grad);
-        if (grad) Gemm(kWeightPrecision, false, false, n, E, V, 1.0f, logits_d, V, w_d, E, 1.0f, dh_d + c0 * E, E);  // dh += dlogits W
+        if (grad) Gemm(kWeightPrecision, false, false, n, E, V, 1.0f, logits_d, V, w_d, E, 1.0f, dhs_d + c0 * E, E);  // dh += dlogits W
       }
       ToHost(nll.data(), nll_d, ns);
-      if (grad) ToHost(dhs.data(), dh_d, ns * E);
+      if (grad) {
+        Launch(ScatterRowsKernel, BlocksFor(ns * E), stream_, static_cast<const float*>(dhs_d), scored_d, dh_all, ns, E);
+        ToHost(dh, dh_all, rows * E);
+      }
       Finish();
     }
     double sum = 0.0;
-    for (int64_t i = 0; i < ns; ++i) {
-      sum += nll[Count(i)];
-      if (grad) std::copy_n(dhs.begin() + i * E, E, dh + scored[Count(i)] * E);
-    }
+    for (int64_t i = 0; i < ns; ++i) sum += nll[Count(i)];
     return sum;
   }
 
@@ -705,6 +726,67 @@ class CudaBackendImpl final : public Backend {
     std::fill_n(g, n, 0.0f);
   }
 
+  // Buffers are managed memory: the ops use them in place (first touched by a kernel, their
+  // pages live on the GPU; host reads migrate them back).
+  float* AllocBuffer(int64_t n) override {
+    const size_t bytes = std::max<size_t>(Count(n) * sizeof(float), 1);
+    void* p = nullptr;
+    if (const cudaError_t e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal); e != cudaSuccess) {
+      CudaFail("cudaMallocManaged", cudaGetErrorString(e), __FILE__, __LINE__);
+    }
+    const std::lock_guard<std::mutex> lock(mu_);
+    buffers_[static_cast<const char*>(p)] = bytes;
+    return static_cast<float*>(p);
+  }
+  void FreeBuffer(float* p) override {
+    if (p == nullptr) return;
+    {
+      const std::lock_guard<std::mutex> lock(mu_);
+      FT_CHECK(buffers_.erase(reinterpret_cast<const char*>(p)) == 1);
+    }
+    (void)cudaFree(p);
+  }
+  void Add(const float* a, const float* b, float* out, int64_t n) override {
+    if (n == 0) return;
+    const auto lock = Enter();
+    const float* a_d = ToDevice(0, a, n);
+    const float* b_d = ToDevice(1, b, n);
+    float* out_d = Output(2, out, n);
+    Launch(AddKernel, BlocksFor(n), stream_, a_d, b_d, out_d, n);
+    ToHost(out, out_d, n);
+    Finish();
+  }
+  void Mul(const float* a, const float* b, float* out, int64_t n) override {
+    if (n == 0) return;
+    const auto lock = Enter();
+    const float* a_d = ToDevice(0, a, n);
+    const float* b_d = ToDevice(1, b, n);
+    float* out_d = Output(2, out, n);
+    Launch(MulKernel, BlocksFor(n), stream_, a_d, b_d, out_d, n);
+    ToHost(out, out_d, n);
+    Finish();
+  }
+  void Copy(const float* src, float* dst, int64_t n) override {
+    if (n == 0 || src == dst) return;
+    const auto lock = Enter();
+    if (!IsBuffer(src, Count(n) * sizeof(float)) && !IsBuffer(dst, Count(n) * sizeof(float))) {
+      std::copy_n(src, n, dst);
+      return;
+    }
+    FT_CUDA_CHECK(cudaMemcpyAsync(dst, src, Count(n) * sizeof(float), cudaMemcpyDefault, stream_));
+    Finish();
+  }
+  void Fill(float* dst, float value, int64_t n) override {
+    if (n == 0) return;
+    const auto lock = Enter();
+    if (!IsBuffer(dst, Count(n) * sizeof(float))) {
+      std::fill_n(dst, n, value);
+      return;
+    }
+    Launch(FillKernel, BlocksFor(n), stream_, dst, value, n);
+    Finish();
+  }
+
   void LoraForward(const float* x, const float* a, const float* b, float* z, float* y, int64_t m, int64_t in, int64_t r,
                    int64_t out, float scale) override {
     if (m == 0) return;
@@ -713,7 +795,7 @@ class CudaBackendImpl final : public Backend {
     const float* a_d = ToDevice(1, a, r * in);
     const float* b_d = ToDevice(2, b, out * r);
     float* y_d = ToDevice(3, y, m * out);
-    float* z_d = Scratch<float>(4, m * r);
+    float* z_d = Output(4, z, m * r);
     Gemm(Precision::kFp32, false, true, m, r, in, 1.0f, x_d, in, a_d, in, 0.0f, z_d, r);       // z = x A^T
     Gemm(Precision::kFp32, false, true, m, out, r, scale, z_d, r, b_d, r, 1.0f, y_d, out);  // y += s z B^T
     ToHost(z, z_d, m * r);
@@ -831,15 +913,36 @@ class CudaBackendImpl final : public Backend {
     return static_cast<T*>(s.get());
   }
 
+  // Whether [p, p + bytes) lies in one of this backend's buffers (AllocBuffer).
+  bool IsBuffer(const void* p, size_t bytes) const {
+    const auto* c = static_cast<const char*>(p);
+    auto it = buffers_.upper_bound(c);
+    if (it == buffers_.begin()) return false;
+    --it;
+    return c >= it->first && c + bytes <= it->first + it->second;
+  }
+
+  // An input (or an accumulated output): a buffer is used in place, host memory is copied into
+  // scratch `slot`.
   template <typename T>
   T* ToDevice(int slot, const T* host, int64_t count) {
+    if (IsBuffer(host, Count(count) * sizeof(T))) return const_cast<T*>(host);
     T* d = Scratch<T>(slot, count);
     if (count > 0) FT_CUDA_CHECK(cudaMemcpyAsync(d, host, Count(count) * sizeof(T), cudaMemcpyHostToDevice, stream_));
     return d;
   }
 
+  // Where an op writes an output that `dst` receives: dst itself if it is a buffer, else scratch
+  // `slot` (copied to dst by ToHost).
+  template <typename T>
+  T* Output(int slot, T* dst, int64_t count) {
+    if (IsBuffer(dst, Count(count) * sizeof(T))) return dst;
+    return Scratch<T>(slot, count);
+  }
+
   template <typename T>
   void ToHost(T* host, const T* device, int64_t count) {
+    if (host == device) return;  // a buffer, written in place
     if (count > 0) FT_CUDA_CHECK(cudaMemcpyAsync(host, device, Count(count) * sizeof(T), cudaMemcpyDeviceToHost, stream_));
   }
 
@@ -961,6 +1064,7 @@ class CudaBackendImpl final : public Backend {
   std::mutex mu_;
   std::array<DeviceMemory, kSlots> scratch_;
   std::map<WeightKey, CachedWeight> weights_;
+  std::map<const char*, size_t> buffers_;  // AllocBuffer's allocations: start -> bytes
 };
 
 }  // namespace

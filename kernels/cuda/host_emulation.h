@@ -249,7 +249,7 @@ inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 inline cudaError_t cudaGetLastError() { return 0; }
 using cudaStream_t = void*;
 constexpr unsigned cudaStreamNonBlocking = 1;
-enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDefault };
 inline cudaError_t cudaMalloc(void** p, size_t n) {
   *p = std::malloc(n > 0 ? n : 1);
   if (*p == nullptr) return cudaErrorMemoryAllocation;
@@ -257,7 +257,11 @@ inline cudaError_t cudaMalloc(void** p, size_t n) {
   return cudaSuccess;
 }
 inline cudaError_t cudaFree(void* p) { std::free(p); return 0; }
+constexpr unsigned cudaMemAttachGlobal = 1;
+inline cudaError_t cudaMallocManaged(void** p, size_t n, unsigned) { return cudaMalloc(p, n); }
+inline uint64_t g_emu_copied_bytes = 0;  // by cudaMemcpyAsync: what crossed host <-> device
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) {
+  g_emu_copied_bytes += n;
   std::memcpy(d, s, n);
   return 0;
 }

@@ -14,6 +14,7 @@
 #include "kernels/backend.h"
 #ifdef FEDTUNE_CUDA_EMULATED
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/host_emulation.h"
 #endif
 #include "kernels/quant.h"
 #include "model/dataset.h"
@@ -381,6 +382,44 @@ TEST_P(BackendOps, Diablo) {
   }
 }
 
+// Buffers and the element-wise glue, with every mix of host pointers and buffers, in place too.
+TEST_P(BackendOps, BuffersAndElementwise) {
+  for (int64_t n : {1, 7, 1000, 70001}) {
+    const Vec a = Random(static_cast<size_t>(n), rng_), b = Random(static_cast<size_t>(n), rng_);
+    Vec sum(a.size()), prod(a.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      sum[i] = a[i] + b[i];
+      prod[i] = a[i] * b[i];
+    }
+    float* ba = be_->AllocBuffer(n);
+    float* bb = be_->AllocBuffer(n);
+    float* bo = be_->AllocBuffer(n);
+    be_->Copy(a.data(), ba, n);  // host -> buffer
+    be_->Copy(b.data(), bb, n);
+    Vec got(a.size());
+    be_->Add(ba, bb, bo, n);
+    be_->Copy(bo, got.data(), n);  // buffer -> host
+    EXPECT_EQ(got, sum) << "add, buffers, n=" << n;
+    be_->Mul(ba, b.data(), bo, n);  // buffer x host -> buffer
+    be_->Copy(bo, got.data(), n);
+    EXPECT_EQ(got, prod) << "mul, mixed, n=" << n;
+    be_->Add(a.data(), b.data(), got.data(), n);  // all host
+    EXPECT_EQ(got, sum) << "add, host, n=" << n;
+    be_->Mul(ba, bb, ba, n);  // in place
+    be_->Copy(ba, bo, n);     // buffer -> buffer
+    be_->Copy(bo, got.data(), n);
+    EXPECT_EQ(got, prod) << "mul in place, n=" << n;
+    be_->Fill(bo, -2.5f, n);
+    be_->Copy(bo, got.data(), n);
+    EXPECT_EQ(got, Vec(a.size(), -2.5f)) << "fill, n=" << n;
+    be_->Fill(got.data(), 0.0f, n);
+    EXPECT_EQ(got, Vec(a.size(), 0.0f)) << "fill host, n=" << n;
+    be_->FreeBuffer(ba);
+    be_->FreeBuffer(bb);
+    be_->FreeBuffer(bo);
+  }
+}
+
 // The ops together: three optimizer steps of the trainer (packed batch, adapter dropout, kept
 // activations in micro-batches of 2) and AdamW on the backend against the same on cpu-ref, for
 // LoRA, FFA-LoRA and DiaBlo on a tiny Q4_1 model: losses, first gradients, final parameters.
@@ -449,6 +488,44 @@ TEST_P(BackendOps, TrainingStepsMatchTheReference) {
                 name.c_str(), loss.front(), loss.back(), loss_ref.front(), loss_ref.back(), eg, ep);
   }
 }
+
+#ifdef FEDTUNE_CUDA_EMULATED
+// Activations stay on the device: a trainer step on the (emulated) CUDA backend copies less
+// between host and device than the activations it keeps — the per-op copy path moved every op's
+// inputs and outputs. What still crosses: the embedding rows, token positions and targets,
+// adapter parameters and gradients and LoRA's z (small), and the loss.
+TEST(CudaEmulation, TrainerKeepsActivationsOnTheDevice) {
+  std::string why;
+  static Backend* const be = MakeCudaBackend(&why).release();
+  ASSERT_NE(be, nullptr) << why;
+  testing::TinyModelOptions o;
+  o.n_layer = 4;
+  const std::string path = testing::TempPath("device_resident.gguf");
+  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, o).ok());
+  auto model = model::LlamaModel::Load(path);
+  ASSERT_TRUE(model.ok()) << model.status();
+  model::Batch b;
+  b.n_seq = 4;
+  b.len = 32;
+  std::mt19937 rng(3);
+  for (int i = 0; i < 128; ++i) {
+    b.tokens.push_back(static_cast<int32_t>(3 + rng() % 250));
+    b.targets.push_back(static_cast<int32_t>(3 + rng() % 250));
+  }
+  auto set = model::MakeAdapters<float>((*model)->adapter_dims(), model::AdapterSpec{model::AdapterKind::kLora, 4, 8.0f, false, 4},
+                                        model::kAllModules, 1);
+  ASSERT_TRUE(set.ok());
+  model::Trainer<float> trainer(**model, &*set, model::TrainerOptions{.recompute = false, .backend = be});
+  ASSERT_TRUE(trainer.Step(b, 1.0f, true).ok());  // uploads the weights once
+  const uint64_t before = g_emu_copied_bytes;
+  ASSERT_TRUE(trainer.Step(b, 1.0f, true).ok());
+  const uint64_t copied = g_emu_copied_bytes - before;
+  const int64_t kept = trainer.KeptBytesPerSequence(b.len) * b.n_seq;
+  std::printf("[ info ] one step: %llu bytes copied host <-> device, %lld bytes of activations kept on the device\n",
+              static_cast<unsigned long long>(copied), static_cast<long long>(kept));
+  EXPECT_LT(copied, static_cast<uint64_t>(kept) / 2);
+}
+#endif
 
 #ifndef FEDTUNE_CUDA_EMULATED
 TEST(BackendSelect, NamesAndErrors) {
