@@ -214,6 +214,11 @@ TEST_P(BackendOps, Attention) {
   for (auto [nh, nkv] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {4, 2}, {6, 2}, {3, 3}, {9, 3}}) {
     for (int64_t hd : {4, 16, 64}) {
       for (auto [n_seq, len] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {2, 5}, {1, 33}, {3, 70}}) {
+#ifdef FEDTUNE_CUDA_EMULATED
+        // The emulation runs every GPU thread as a fiber: the longest sequences with one head
+        // size only (the kernels' work per block does not depend on it).
+        if (len == 70 && hd != 16) continue;
+#endif
         for (bool packed : {false, true}) {
           const std::string shape = "heads=" + std::to_string(nh) + "/" + std::to_string(nkv) + " hd=" + std::to_string(hd) + " seq=" +
                                     std::to_string(n_seq) + "x" + std::to_string(len) + (packed ? " packed" : "");
