@@ -2,11 +2,13 @@
 // CPU reference (kernels/train_ops.cc, model/adapter.cc, model/optimizer.cc), up to float
 // rounding and the GEMM precision below.
 //
-// Memory. Every op takes and returns host pointers. Inputs are copied into grow-only device
-// scratch buffers owned by the backend and reused across calls; kernels and cuBLAS run on one
-// stream; results are copied back and the stream is synchronised before the op returns.
-// Accumulating outputs (dx += ...) are uploaded first and added to on the device. A mutex
-// serialises the ops, which share the scratch buffers.
+// Memory. Activations live in buffers from AllocBuffer (managed memory, registered in
+// buffers_); the trainer keeps all of its activations there, so they stay on the GPU across ops.
+// An op uses a buffer argument in place. Any other pointer is host memory: inputs are copied into
+// grow-only device scratch buffers owned by the backend and reused across calls, results copied
+// back, and accumulating outputs (dx += ...) uploaded first and added to on the device. Kernels
+// and cuBLAS run on one stream, synchronised before the op returns. A mutex serialises the ops,
+// which share the scratch buffers.
 //
 // Frozen weights (QMatrix) are uploaded once, in their block format, and cached without bound
 // (a quantized base model fits a GPU that trains it), keyed by (data pointer, type, rows, cols)
