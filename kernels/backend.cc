@@ -35,38 +35,45 @@ const char* OpName(Op op) {
   return i < kNames.size() ? kNames[i] : "?";
 }
 
-// Host defaults: 64-byte aligned memory, element-wise loops over the thread pool.
-float* Backend::AllocBuffer(int64_t n) {
-  FT_CHECK(n >= 0);
-  return static_cast<float*>(::operator new[](static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float), std::align_val_t{64}));
-}
-void Backend::FreeBuffer(float* p) {
-  if (p != nullptr) ::operator delete[](p, std::align_val_t{64});
-}
 namespace {
+
 template <typename F>
 void Elementwise(int64_t n, F f) {
   if (n < (int64_t{1} << 16)) return f(int64_t{0}, n);
   DefaultPool().ParallelFor(n, int64_t{1} << 14, [&](int64_t i0, int64_t i1, int) { f(i0, i1); });
 }
+
+// The CPU backends' buffers and element-wise glue: 64-byte aligned host memory, loops over the
+// thread pool.
+class HostMemoryBackend : public Backend {
+ public:
+  float* AllocBuffer(int64_t n) override {
+    FT_CHECK(n >= 0);
+    return static_cast<float*>(::operator new[](static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float), std::align_val_t{64}));
+  }
+  void FreeBuffer(float* p) override {
+    if (p != nullptr) ::operator delete[](p, std::align_val_t{64});
+  }
+  void Add(const float* a, const float* b, float* out, int64_t n) override {
+    Elementwise(n, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
+    });
+  }
+  void Mul(const float* a, const float* b, float* out, int64_t n) override {
+    Elementwise(n, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) out[i] = a[i] * b[i];
+    });
+  }
+  void Copy(const float* src, float* dst, int64_t n) override {
+    if (src == dst) return;
+    Elementwise(n, [&](int64_t i0, int64_t i1) { std::copy(src + i0, src + i1, dst + i0); });
+  }
+  void Fill(float* dst, float value, int64_t n) override {
+    Elementwise(n, [&](int64_t i0, int64_t i1) { std::fill(dst + i0, dst + i1, value); });
+  }
+};
+
 }  // namespace
-void Backend::Add(const float* a, const float* b, float* out, int64_t n) {
-  Elementwise(n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
-  });
-}
-void Backend::Mul(const float* a, const float* b, float* out, int64_t n) {
-  Elementwise(n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) out[i] = a[i] * b[i];
-  });
-}
-void Backend::Copy(const float* src, float* dst, int64_t n) {
-  if (src == dst) return;
-  Elementwise(n, [&](int64_t i0, int64_t i1) { std::copy(src + i0, src + i1, dst + i0); });
-}
-void Backend::Fill(float* dst, float value, int64_t n) {
-  Elementwise(n, [&](int64_t i0, int64_t i1) { std::fill(dst + i0, dst + i1, value); });
-}
 
 namespace {
 
@@ -83,7 +90,7 @@ void AdamWRange(float* p, float* g, float* m, float* v, float* f, int64_t i0, in
   }
 }
 
-class CpuReference final : public Backend {
+class CpuReference final : public HostMemoryBackend {
  public:
   const char* Name() const override { return "cpu-ref"; }
   bool Supports(Op) const override { return true; }
@@ -152,7 +159,7 @@ class CpuReference final : public Backend {
 // Multithreaded over DefaultPool(), AVX2+FMA element-wise kernels where the CPU has them:
 // parallel element-wise ops, vectorised softmax exponentials, adapter products split over
 // threads, and whole-weight GEMMs for the quantized linear layer (below).
-class CpuFast final : public Backend {
+class CpuFast final : public HostMemoryBackend {
  public:
   const char* Name() const override { return HaveAvx2Fma() ? "cpu-fast (avx2+fma)" : "cpu-fast (generic)"; }
   bool Supports(Op) const override { return true; }

@@ -106,14 +106,18 @@ class Backend {
   // whose activations are buffers keeps them on the GPU across ops. Every op also takes plain
   // host pointers (copied per call by a device backend), and buffers stay readable from the
   // host (slowly, for a device backend). Contents of a new buffer are undefined.
-  virtual float* AllocBuffer(int64_t n);
-  virtual void FreeBuffer(float* p);
+  //
+  // Pure virtual on purpose: Backend must have no out-of-line virtual function (no key
+  // function), so that its vtable and type info are emitted wherever it is used — the CUDA
+  // module (dlopen'd, not linked with fedtune_kernels) needs them.
+  virtual float* AllocBuffer(int64_t n) = 0;
+  virtual void FreeBuffer(float* p) = 0;
   // out = a + b ; out = a * b ; dst = src ; dst = value. out may be a or b; any pointer may be
   // host memory or a buffer.
-  virtual void Add(const float* a, const float* b, float* out, int64_t n);
-  virtual void Mul(const float* a, const float* b, float* out, int64_t n);
-  virtual void Copy(const float* src, float* dst, int64_t n);
-  virtual void Fill(float* dst, float value, int64_t n);
+  virtual void Add(const float* a, const float* b, float* out, int64_t n) = 0;
+  virtual void Mul(const float* a, const float* b, float* out, int64_t n) = 0;
+  virtual void Copy(const float* src, float* dst, int64_t n) = 0;
+  virtual void Fill(float* dst, float value, int64_t n) = 0;
 };
 
 // The process-wide instances. CudaBackend() is null when CUDA was not compiled in or no device

@@ -491,6 +491,8 @@ int RunCoordinator(const std::string& path) {
 int RunWorker(const std::string& path) {
   proto::WorkerConfig c;
   if (auto st = LoadConfigFile(path, &c); !st.ok()) return Fail(st);
+  auto backend = kernels::SelectBackend(c.device().empty() ? "cpu" : c.device());
+  if (!backend.ok()) return Fail(absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message())));
   auto m = model::LlamaModel::Load(c.model().path());
   if (!m.ok()) return Fail(m.status());
   model::DatasetOptions d;
@@ -507,13 +509,13 @@ int RunWorker(const std::string& path) {
   o.key_pem = c.tls().key();
   o.token = std::string(absl::StripAsciiWhitespace(*token));
   o.state_dir = c.state_dir();
-  o.profile = worker::MeasureProfile(m->get(), &data->train, c.memory_budget_mib());
-  std::printf("worker profile: %d cores, %.1f GiB for training, %.0f training tokens/s (measured)\n", o.profile.cores(),
-              static_cast<double>(o.profile.memory_bytes()) / (1 << 30), o.profile.train_tokens_per_second());
+  o.profile = worker::MeasureProfile(m->get(), &data->train, c.memory_budget_mib(), *backend);
+  std::printf("worker profile: %d cores, %.1f GiB for training, kernels %s, %.0f training tokens/s (measured)\n", o.profile.cores(),
+              static_cast<double>(o.profile.memory_bytes()) / (1 << 30), (*backend)->Name(), o.profile.train_tokens_per_second());
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train, c.model().path(), c.activation_budget_mib()), g_stop);
+  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend), g_stop);
   if (!r.ok()) return Fail(r.status());
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned)\n", r->rounds_trained, r->rounds_reused, r->rounds_abandoned);
   return 0;
@@ -614,7 +616,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1 << 20));
   train->add_flag("--no-pack", ta.no_pack, "Pad every example to the batch's longest instead of packing several per row");
   train->add_option("--adapter-dropout", ta.adapter_dropout, "Dropout on the adapters' inputs (LoRA lora_dropout)")->check(CLI::Range(0.0, 0.99));
-  train->add_option("--device", ta.device, "Kernels: cpu (default), cpu-ref, cuda, or auto (CUDA when usable; its ops copy through host memory for now)");
+  train->add_option("--device", ta.device, "Kernels: cpu (default), cpu-ref, cuda, or auto (CUDA when usable; never run on a real GPU yet)");
   train->add_option("--checkpoint-every", ta.checkpoint_every, "Write OUT/checkpoint.safetensors (adapters + optimizer) every N steps");
   train->add_flag("--resume", ta.resume, "Continue from OUT/checkpoint.safetensors (same data, seed and options)");
   train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization)");

@@ -279,13 +279,13 @@ uint64_t TrainingSeed(const std::string& worker, int round) {
 }
 
 Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
-                     int activation_budget_mib) {
+                     int activation_budget_mib, kernels::Backend* backend) {
   struct Bases {
     std::mutex mu;
     std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> by_type;
   };
   auto bases = std::make_shared<Bases>();
-  return [&model, &data, model_path, bases, activation_budget_mib](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
+  return [&model, &data, model_path, bases, activation_budget_mib, backend](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
                                             const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     const auto& p = task.plan();
     const model::LlamaModel* base = &model;
@@ -318,6 +318,7 @@ Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Ex
     lt.finetune.batch = task.batch();
     lt.finetune.log_every = 0;
     lt.finetune.activation_budget_mib = activation_budget_mib;
+    lt.finetune.backend = backend;
     lt.finetune.seed = TrainingSeed(me, task.round());
     lt.optimizer.lr = static_cast<float>(task.learning_rate());
     lt.optimizer.total_steps = task.local_steps();
@@ -341,8 +342,10 @@ Trainer StandInTrainer(int64_t num_examples, double seconds) {
   };
 }
 
-rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib) {
+rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
+                                kernels::Backend* backend) {
   rpc::v1::Profile p;
+  if (backend != nullptr && std::string_view(backend->Name()) == "cuda") p.set_gpu("cuda");
   p.set_cores(static_cast<int>(std::thread::hardware_concurrency()));
   p.set_version(FEDTUNE_VERSION);
   int64_t avail = 0;
@@ -361,6 +364,7 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
       ft.steps = 2;
       ft.batch = 1;
       ft.log_every = 0;
+      ft.backend = backend;
       model::AdamW opt(model::OptimizerConfig{});
       if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0)
         p.set_train_tokens_per_second(static_cast<double>(r->tokens) / r->seconds);

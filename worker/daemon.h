@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "model/dataset.h"
 #include "model/llama.h"
 #include "proto/service.pb.h"
@@ -50,18 +51,21 @@ using Trainer = std::function<absl::StatusOr<LocalResult>(const rpc::v1::Task& t
 // part of the modules (`train_modules`) keeps the others frozen in the model; a plan with another
 // `base_type` re-quantizes a copy of the base loaded from `model_path` (once per type).
 // activation_budget_mib > 0: keep activations within that many MiB per pass instead of
-// recomputing them (FinetuneOptions::activation_budget_mib).
+// recomputing them (FinetuneOptions::activation_budget_mib). backend: kernels for training
+// (null: cpu-fast).
 Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
-                     int activation_budget_mib = 0);
+                     int activation_budget_mib = 0, kernels::Backend* backend = nullptr);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 Trainer StandInTrainer(int64_t num_examples, double seconds);
 
 // Local training seed of a worker in a round (example order): reproducible runs.
 uint64_t TrainingSeed(const std::string& worker, int round);
 
-// Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0) and, with a model, the
-// measured training speed (two steps of a rank-4 LoRA at batch 1 on `data`).
-rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib);
+// Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
+// is CUDA, and, with a model, the measured training speed (two steps of a rank-4 LoRA at batch 1
+// on `data`, on `backend`; null: cpu-fast).
+rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
+                                kernels::Backend* backend = nullptr);
 
 absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const Trainer& trainer, const std::atomic<bool>& stop);
 

@@ -79,7 +79,7 @@ namespace {
 // Device helpers
 
 // Per block, for every kernel (a multiple of 32; the kernels work for any). The host emulation
-// runs each GPU thread as a std::thread, so it uses two warps.
+// runs each GPU thread as a fiber, so it uses two warps.
 #ifdef FEDTUNE_CUDA_EMULATION
 constexpr int kThreads = 64;
 #else
@@ -732,20 +732,22 @@ class CudaBackendImpl final : public Backend {
   // pages live on the GPU; host reads migrate them back).
   float* AllocBuffer(int64_t n) override {
     const size_t bytes = std::max<size_t>(Count(n) * sizeof(float), 1);
+    const auto lock = Enter();
     void* p = nullptr;
-    if (const cudaError_t e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal); e != cudaSuccess) {
-      CudaFail("cudaMallocManaged", cudaGetErrorString(e), __FILE__, __LINE__);
+    cudaError_t e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
+    if (e == cudaErrorMemoryAllocation && !weights_.empty()) {  // as Allocate: drop the weight cache, retry
+      (void)cudaGetLastError();
+      weights_.clear();
+      e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
     }
-    const std::lock_guard<std::mutex> lock(mu_);
+    if (e != cudaSuccess) CudaFail("cudaMallocManaged", cudaGetErrorString(e), __FILE__, __LINE__);
     buffers_[static_cast<const char*>(p)] = bytes;
     return static_cast<float*>(p);
   }
   void FreeBuffer(float* p) override {
     if (p == nullptr) return;
-    {
-      const std::lock_guard<std::mutex> lock(mu_);
-      FT_CHECK(buffers_.erase(reinterpret_cast<const char*>(p)) == 1);
-    }
+    const auto lock = Enter();
+    FT_CHECK(buffers_.erase(reinterpret_cast<const char*>(p)) == 1);
     (void)cudaFree(p);
   }
   void Add(const float* a, const float* b, float* out, int64_t n) override {

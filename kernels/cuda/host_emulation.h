@@ -147,6 +147,7 @@ inline void Resume(Fiber& f, unsigned thread) {
 // A fresh context that runs FiberEntry on the fiber's stack.
 [[gnu::noinline]] inline void Start(Fiber& f) {
   f.done = false;
+  f.fake_stack = nullptr;  // the previous run's fake stack died with it
 #ifdef FEDTUNE_EMU_ASAN
   // A finished fiber leaves its frames' redzones poisoned on its (reused) stack.
   __asan_unpoison_memory_region(f.stack.data(), f.stack.size());
@@ -222,7 +223,8 @@ inline uint16_t __ushort_as_half(uint16_t h) { return h; }
 inline float __half2float(uint16_t h) { return fedtune::Fp16ToFp32(h); }
 
 // kernel<<<blocks, threads>>>(args...) as EmuLaunch(blocks, threads, [&] { kernel(args...); }).
-// Not reentrant: one launch at a time (the backend serialises its ops).
+// Not reentrant, one scheduler per process: one launch at a time (a backend serialises its ops;
+// two emulated backends must not launch from two threads at once).
 template <class F>
 void EmuLaunch(int64_t blocks, int threads, F&& f) {
   if (threads < 1 || threads > fedtune_emu::kMaxThreads) std::abort();

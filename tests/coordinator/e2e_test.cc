@@ -14,6 +14,7 @@
 #include "coordinator/http_status.h"
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
+#include "kernels/backend.h"
 #include "coordinator/update_codec.h"
 #include "model/tasks.h"
 #include "proto/service.grpc.pb.h"
@@ -232,7 +233,7 @@ TEST_F(E2ETest, CoordinatorAndThreeWorkerProcessesMatchInProcessComputation) {
     ASSERT_TRUE(WriteFileAtomic(dir + "/" + w + ".yaml", "coordinator: localhost:" + port + "\ntls: {ca: " + pki_ + "/ca.pem, cert: " + wd +
                                                              ".pem, key: " + wd + ".key}\ntoken_file: " + wd + ".token\nmodel: {path: " +
                                                              model_path_ + "}\ndata: " + dir + "/" + w + ".jsonl\nmax_len: 96\nstate_dir: " + dir +
-                                                             "/" + w + "-state\n")
+                                                             "/" + w + "-state\n" + (k == 0 ? "device: cpu\n" : ""))
                     .ok());
     auto pid = testing::Spawn({bin, "worker", "--config", dir + "/" + w + ".yaml"}, dir + "/" + w + ".log");
     ASSERT_TRUE(pid.ok()) << pid.status();
@@ -371,6 +372,29 @@ TEST_F(E2ETest, AQuorumNoRoundCouldReachIsRefusedAtStart) {
   ASSERT_FALSE(server.ok());
   EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(server.status().message().find("quorum"), std::string::npos);
+}
+
+// A worker whose device is unknown (or CUDA without a usable GPU) stops at start-up, naming the
+// key, before it contacts the coordinator.
+TEST_F(E2ETest, AWorkerWithAnUnusableDeviceStopsAtStartUp) {
+  const std::string dir = testing::TempPath("e2e_bad_device"), wd = pki_ + "/workers/w1";
+  fs::create_directories(dir);
+  ASSERT_TRUE(WriteFileAtomic(dir + "/data.jsonl", "{\"prompt\": \"a\", \"response\": \"b\"}\n").ok());
+  std::vector<std::string> devices = {"tpu"};
+  if (kernels::CudaBackend() == nullptr) devices.push_back("cuda");
+  for (const std::string& device : devices) {
+    const std::string yaml = dir + "/w-" + device + ".yaml", log = dir + "/w-" + device + ".log";
+    ASSERT_TRUE(WriteFileAtomic(yaml, "coordinator: localhost:1\ntls: {ca: " + pki_ + "/ca.pem, cert: " + wd + ".pem, key: " + wd +
+                                          ".key}\ntoken_file: " + wd + ".token\nmodel: {path: " + model_path_ + "}\ndata: " + dir +
+                                          "/data.jsonl\ndevice: " + device + "\n")
+                    .ok());
+    auto pid = testing::Spawn({FEDTUNE_BINARY, "worker", "--config", yaml}, log);
+    ASSERT_TRUE(pid.ok()) << pid.status();
+    auto rc = testing::WaitFor(*pid, 60);
+    ASSERT_TRUE(rc.ok()) << rc.status();
+    EXPECT_NE(*rc, 0) << device;
+    EXPECT_TRUE(testing::WaitForText(log, "device: ", 1)) << device << ": the error names the key";
+  }
 }
 
 TEST_F(E2ETest, WorkersWithoutValidCertificateOrTokenAreRefused) {

@@ -446,11 +446,19 @@ TEST_P(BackendOps, TrainingStepsMatchTheReference) {
   std::vector<const model::Example*> ptrs;
   for (const auto& e : ex) ptrs.push_back(&e);
   const model::Batch batch = model::MakePackedBatch(ptrs, 0);
+  // Kept activations on every layer, and recomputation with adapters on the top layer only
+  // (backward stops inside it).
+  struct Mode {
+    bool recompute;
+    const char* layout;
+  };
+  for (const Mode mode : {Mode{false, ""}, Mode{true, "1:o,up"}})
   for (auto kind : {model::AdapterKind::kLora, model::AdapterKind::kFfaLora, model::AdapterKind::kDiaBlo}) {
     const model::AdapterSpec spec{kind, 4, 8.0f, false, 4};
-    const std::string name = kind == model::AdapterKind::kLora ? "lora" : kind == model::AdapterKind::kFfaLora ? "ffa-lora" : "diablo";
+    const std::string name = std::string(kind == model::AdapterKind::kLora ? "lora" : kind == model::AdapterKind::kFfaLora ? "ffa-lora" : "diablo") +
+                             (mode.recompute ? "/recompute/" + std::string(mode.layout) : "");
     auto run = [&](Backend* be, std::vector<double>* losses, Vec* first_grad) {
-      auto made = model::MakeAdapters<float>((*model)->adapter_dims(), spec, model::kAllModules, 11);
+      auto made = model::MakeAdaptersWithLayout<float>((*model)->adapter_dims(), spec, model::kAllModules, mode.layout, 11);
       EXPECT_TRUE(made.ok()) << made.status();
       model::AdapterSet<float> set = std::move(*made);
       std::mt19937 init(5);  // B != 0, so that every tensor gets a gradient
@@ -459,7 +467,7 @@ TEST_P(BackendOps, TrainingStepsMatchTheReference) {
         for (auto& v : p) v += nd(init);
       });
       model::Trainer<float> trainer(**model, &set,
-                                    model::TrainerOptions{.recompute = false, .micro_batch = 2, .backend = be, .adapter_dropout = 0.1f});
+                                    model::TrainerOptions{.recompute = mode.recompute, .micro_batch = 2, .backend = be, .adapter_dropout = 0.1f});
       model::AdamW opt(model::OptimizerConfig{.lr = 1e-2f, .weight_decay = 0.01f, .total_steps = 3});
       opt.set_backend(be);
       for (int step = 0; step < 3; ++step) {
@@ -489,7 +497,7 @@ TEST_P(BackendOps, TrainingStepsMatchTheReference) {
     const double eg = Nmse(grad_ref, grad, name + " gradients"), ep = Nmse(p_ref, p, name + " parameters");
     EXPECT_LE(eg, kGemmTol) << be_->Name() << " trainer " << name << ": first gradients, NMSE " << eg;
     EXPECT_LE(ep, kGemmTol) << be_->Name() << " trainer " << name << ": parameters after 3 steps, NMSE " << ep;
-    std::printf("[ nmse ] %-20s trainer %-9s losses %.6f -> %.6f (ref %.6f -> %.6f), gradients %.2e, parameters %.2e\n", be_->Name(),
+    std::printf("[ nmse ] %-20s trainer %-24s losses %.6f -> %.6f (ref %.6f -> %.6f), gradients %.2e, parameters %.2e\n", be_->Name(),
                 name.c_str(), loss.front(), loss.back(), loss_ref.front(), loss_ref.back(), eg, ep);
   }
 }
@@ -543,6 +551,9 @@ TEST(BackendSelect, NamesAndErrors) {
     EXPECT_EQ(*a, &CpuFastBackend());
     EXPECT_FALSE(SelectBackend("cuda").ok()) << "cuda must be refused with a reason when unavailable";
     EXPECT_FALSE(CudaUnavailableReason().empty());
+    // A built module must load (the reason is then about the driver or the device): a module
+    // with an unresolved symbol would fail only on machines with a GPU.
+    EXPECT_EQ(CudaUnavailableReason().find("cannot load the CUDA module"), std::string::npos) << CudaUnavailableReason();
   }
   for (int i = 0; i < static_cast<int>(Op::kCount); ++i) EXPECT_TRUE((*a)->Supports(static_cast<Op>(i))) << OpName(static_cast<Op>(i));
 }
