@@ -80,6 +80,31 @@ struct Trainer<T>::LayerCache {
   std::array<std::vector<T>, kNumModules> z;  // LoRA A x per module (small: host)
 };
 
+// The trainer's working memory, kept across calls and steps (grow-only): a device backend
+// would otherwise allocate and free device memory for every temporary of every layer.
+template <typename T>
+struct Trainer<T>::Work {
+  explicit Work(kernels::Backend* be)
+      : scratch(be), x(be), next(be), h(be), rstd(be), dh(be), xd(be), o(be), dxd(be), dx_mid(be), dact(be), dgate(be), dup(be),
+        dh2(be), dh1(be), be_(be) {}
+  LayerCache scratch;                               // the layer being computed or recomputed
+  std::vector<std::unique_ptr<LayerCache>> caches;  // per layer: kept activations (no recomputation)
+  std::vector<Buf<T>> inputs;                       // per layer: kept inputs (recomputation)
+  Buf<T> x, next, h, rstd, dh;                      // Slice
+  Buf<T> xd, o, dxd, dx_mid, dact, dgate, dup, dh2, dh1;  // LayerForward / LayerBackward
+  kernels::Backend* be_;
+  void Size(int64_t n_layer, bool keep_caches) {
+    while (static_cast<int64_t>(inputs.size()) < n_layer) inputs.emplace_back(be_);
+    caches.resize(static_cast<size_t>(n_layer));
+    // Only one kind of kept state at a time.
+    if (keep_caches) {
+      for (auto& b : inputs) b.Release();
+    } else {
+      for (auto& c : caches) c.reset();
+    }
+  }
+};
+
 template <typename T>
 Trainer<T>::Trainer(const LlamaModel& model, AdapterSet<T>* adapters, const TrainerOptions& options)
     : m_(model), adapters_(adapters), opt_(options) {
@@ -87,6 +112,7 @@ Trainer<T>::Trainer(const LlamaModel& model, AdapterSet<T>* adapters, const Trai
   FT_CHECK(opt_.micro_batch >= 0);
   FT_CHECK(opt_.adapter_dropout >= 0.0f && opt_.adapter_dropout < 1.0f);
   if constexpr (std::is_same_v<T, float>) backend_ = opt_.backend != nullptr ? opt_.backend : &kernels::CpuFastBackend();
+  work_ = std::make_unique<Work>(backend_);
   FT_CHECK(static_cast<int64_t>(adapters_->layers.size()) == model.config().n_layer);
 }
 
@@ -214,7 +240,7 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   const Kern<T> K{backend_};
   std::vector<T> ms;
-  Buf<T> xd(backend_);
+  Buf<T>& xd = work_->xd;
   auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, Buf<T>& y, int64_t out) {
     y.Resize(M * out);
     K.QLinearForward(w, x, y.data(), M);
@@ -240,7 +266,7 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg);
   c.att.Resize(M * E);
   K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_);
-  Buf<T> o(backend_);
+  Buf<T>& o = work_->o;
   linear(Module::kO, L.wo, c.att.data(), o, E);
   c.x_mid.Resize(M * E);
   K.Add(x_in, o.data(), c.x_mid.data(), M * E);
@@ -275,7 +301,8 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
   const Kern<T> K{backend_};
   std::vector<T> ms;
-  Buf<T> xd(backend_), dxd(backend_);
+  Buf<T>& xd = work_->xd;
+  Buf<T>& dxd = work_->dxd;
   // dx_in == null (the lowest trained layer): nothing below needs a gradient, so the base's
   // products into h1 are skipped, and the backward stops after the last adapter that needs one
   // (down only: stop after it; no attention-side adapter: stop after the MLP).
@@ -304,18 +331,20 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
     K.Add(dx, dxd.data(), dx, n);
   };
   // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
-  Buf<T> dx_mid(backend_), dact(backend_);
+  Buf<T>& dx_mid = work_->dx_mid;
+  Buf<T>& dact = work_->dact;
   dx_mid.Resize(M * E);
   K.Copy(dx_out, dx_mid.data(), M * E);
   K.Zeros(dact, M * F);
   const bool need_gate_up = need_att || adapted({Module::kGate, Module::kUp});
   linear_back(Module::kDown, L.w_down, c.act.data(), dx_out, dact.data(), need_gate_up);
   if (!need_gate_up) return;
-  Buf<T> dgate(backend_), dup(backend_);
+  Buf<T>& dgate = work_->dgate;
+  Buf<T>& dup = work_->dup;
   K.Zeros(dgate, M * F);
   K.Zeros(dup, M * F);
   K.SwiGluBackward(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
-  Buf<T> dh2(backend_);
+  Buf<T>& dh2 = work_->dh2;
   K.Zeros(dh2, M * E);
   linear_back(Module::kGate, L.w_gate, c.h2.data(), dgate.data(), dh2.data(), need_att);
   linear_back(Module::kUp, L.w_up, c.h2.data(), dup.data(), dh2.data(), need_att);
@@ -335,7 +364,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_);
   K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg);
   K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg);
-  Buf<T> dh1(backend_);
+  Buf<T>& dh1 = work_->dh1;
   K.Zeros(dh1, M * E);
   const bool base = dx_in != nullptr;
   linear_back(Module::kQ, L.wq, c.h1.data(), dq.data(), dh1.data(), base);
@@ -404,15 +433,17 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
     kernels::GetRow(m_.token_embd(), b.tokens[static_cast<size_t>(t0 + i)], row.data());
     std::copy(row.begin(), row.end(), x0.begin() + i * E);
   }
-  Buf<T> x(backend_), next(backend_);
+  Work& w = *work_;
+  Buf<T>& x = w.x;
+  Buf<T>& next = w.next;
   x.Resize(M * E);
   next.Resize(M * E);
   K.Copy(x0.data(), x.data(), M * E);
   // Layer inputs are always kept; full caches only without recomputation.
-  std::vector<Buf<T>> inputs;
-  for (int64_t l = 0; l < n_layer; ++l) inputs.emplace_back(backend_);
-  std::vector<std::unique_ptr<LayerCache>> caches(static_cast<size_t>(n_layer));
-  LayerCache scratch(backend_);
+  if (backward) w.Size(n_layer, !recompute);
+  std::vector<Buf<T>>& inputs = w.inputs;
+  std::vector<std::unique_ptr<LayerCache>>& caches = w.caches;
+  LayerCache& scratch = w.scratch;
   // Backward stops at the first layer with adapters: nothing below is kept.
   const int64_t first = FirstTrainedLayer();
   for (int64_t l = 0; l < n_layer; ++l) {
@@ -423,13 +454,16 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
     }
     LayerCache* c = &scratch;
     if (keep && !recompute) {
-      caches[static_cast<size_t>(l)] = std::make_unique<LayerCache>(backend_);
-      c = caches[static_cast<size_t>(l)].get();
+      auto& kept = caches[static_cast<size_t>(l)];
+      if (!kept) kept = std::make_unique<LayerCache>(backend_);
+      c = kept.get();
     }
     LayerForward(l, x.data(), *c, next.data());
     std::swap(x, next);
   }
-  Buf<T> h(backend_), rstd(backend_), dh(backend_);
+  Buf<T>& h = w.h;
+  Buf<T>& rstd = w.rstd;
+  Buf<T>& dh = w.dh;
   h.Resize(M * E);
   rstd.Resize(M);
   K.RmsNormForward(x.data(), m_.output_norm().data(), h.data(), rstd.data(), M, E, cfg.rms_eps);
@@ -442,15 +476,13 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   K.Zeros(dx, M * E);
   K.RmsNormBackward(x.data(), m_.output_norm().data(), rstd.data(), dh.data(), dx.data(), M, E);
   for (int64_t l = n_layer - 1; l >= first; --l) {
-    LayerCache* c = caches[static_cast<size_t>(l)].get();
+    LayerCache* c = recompute ? nullptr : caches[static_cast<size_t>(l)].get();
     if (c == nullptr) {  // recompute this layer's activations from its saved input
       LayerForward(l, inputs[static_cast<size_t>(l)].data(), scratch, next.data());
       c = &scratch;
     }
     LayerBackward(l, *c, dx.data(), l > first ? dprev.data() : nullptr);
     std::swap(dx, dprev);
-    caches[static_cast<size_t>(l)].reset();
-    inputs[static_cast<size_t>(l)].Release();
   }
   return nll;
 }

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/status.h"
@@ -84,6 +85,8 @@ class Trainer {
 
  private:
   struct LayerCache;
+  struct Work;
+  std::unique_ptr<Work> work_;
   double Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale, bool backward, bool recompute);
   void LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out);
   // dx_in null: the gradient w.r.t. the layer input is not needed (the lowest trained layer).
