@@ -633,14 +633,7 @@ class CudaBackendImpl final : public Backend {
   }
 
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
-    if (n == 0) return;
-    const auto lock = Enter();
-    const float* gate_d = ToDevice(0, gate, n);
-    const float* up_d = ToDevice(1, up, n);
-    float* out_d = Output(2, out, n);
-    Launch(SwiGluForwardKernel, BlocksFor(n), stream_, gate_d, up_d, out_d, n);
-    ToHost(out, out_d, n);
-    Finish();
+    Binary(SwiGluForwardKernel, gate, up, out, n);
   }
 
   void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
@@ -750,26 +743,8 @@ class CudaBackendImpl final : public Backend {
     FT_CHECK(buffers_.erase(reinterpret_cast<const char*>(p)) == 1);
     (void)cudaFree(p);
   }
-  void Add(const float* a, const float* b, float* out, int64_t n) override {
-    if (n == 0) return;
-    const auto lock = Enter();
-    const float* a_d = ToDevice(0, a, n);
-    const float* b_d = ToDevice(1, b, n);
-    float* out_d = Output(2, out, n);
-    Launch(AddKernel, BlocksFor(n), stream_, a_d, b_d, out_d, n);
-    ToHost(out, out_d, n);
-    Finish();
-  }
-  void Mul(const float* a, const float* b, float* out, int64_t n) override {
-    if (n == 0) return;
-    const auto lock = Enter();
-    const float* a_d = ToDevice(0, a, n);
-    const float* b_d = ToDevice(1, b, n);
-    float* out_d = Output(2, out, n);
-    Launch(MulKernel, BlocksFor(n), stream_, a_d, b_d, out_d, n);
-    ToHost(out, out_d, n);
-    Finish();
-  }
+  void Add(const float* a, const float* b, float* out, int64_t n) override { Binary(AddKernel, a, b, out, n); }
+  void Mul(const float* a, const float* b, float* out, int64_t n) override { Binary(MulKernel, a, b, out, n); }
   void Copy(const float* src, float* dst, int64_t n) override {
     if (n == 0 || src == dst) return;
     const auto lock = Enter();
@@ -915,6 +890,19 @@ class CudaBackendImpl final : public Backend {
       s = Allocate(bytes + bytes / 4);  // headroom against growing by a few rows at a time
     }
     return static_cast<T*>(s.get());
+  }
+
+  // out = kernel(a, b) element-wise over n values (out may be a or b).
+  void Binary(void (*kernel)(const float*, const float*, float*, int64_t), const float* a, const float* b, float* out,
+              int64_t n) {
+    if (n == 0) return;
+    const auto lock = Enter();
+    const float* a_d = ToDevice(0, a, n);
+    const float* b_d = ToDevice(1, b, n);
+    float* out_d = Output(2, out, n);
+    Launch(kernel, BlocksFor(n), stream_, a_d, b_d, out_d, n);
+    ToHost(out, out_d, n);
+    Finish();
   }
 
   // Whether [p, p + bytes) lies in one of this backend's buffers (AllocBuffer).
