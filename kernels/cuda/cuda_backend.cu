@@ -885,10 +885,19 @@ class CudaBackendImpl final : public Backend {
   T* Scratch(int slot, int64_t count) {
     DeviceMemory& s = scratch_[Count(slot)];
     const size_t bytes = std::max<size_t>(Count(count) * sizeof(T), 1);
+#ifdef FEDTUNE_CUDA_EMULATION
+    // Exactly the size asked for, every time: under ASan an access past `count` is reported
+    // instead of landing in the slack of a larger earlier allocation.
+    if (s.bytes() != bytes) {
+      s.Reset();
+      s = Allocate(bytes);
+    }
+#else
     if (s.bytes() < bytes) {
       s.Reset();
       s = Allocate(bytes + bytes / 4);  // headroom against growing by a few rows at a time
     }
+#endif
     return static_cast<T*>(s.get());
   }
 
