@@ -73,10 +73,6 @@ class HostMemoryBackend : public Backend {
   }
 };
 
-}  // namespace
-
-namespace {
-
 // The reference update, element by element (model/optimizer.cc's formula).
 void AdamWRange(float* p, float* g, float* m, float* v, float* f, int64_t i0, int64_t i1, const AdamWStep& s) {
   for (int64_t i = i0; i < i1; ++i) {

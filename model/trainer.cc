@@ -17,19 +17,18 @@ int64_t Batch::n_scored() const {
 namespace {
 // An activation array: for float a buffer of the trainer's backend (it lives where the backend
 // computes: on the GPU for CUDA, so activations stay there between ops), host memory for
-// double. Grow-only; contents undefined after Resize.
+// double. Grow-only (Resize never shrinks the allocation); contents undefined after Resize.
 template <typename T>
 class Buf {
  public:
   explicit Buf(kernels::Backend* be) : be_(be) {}
   ~Buf() { Release(); }
-  Buf(Buf&& o) noexcept : be_(o.be_), p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)), cap_(std::exchange(o.cap_, 0)) {}
+  Buf(Buf&& o) noexcept : be_(o.be_), p_(std::exchange(o.p_, nullptr)), cap_(std::exchange(o.cap_, 0)) {}
   Buf& operator=(Buf&& o) noexcept {
     if (this != &o) {
       Release();
       be_ = o.be_;
       p_ = std::exchange(o.p_, nullptr);
-      n_ = std::exchange(o.n_, 0);
       cap_ = std::exchange(o.cap_, 0);
     }
     return *this;
@@ -47,7 +46,6 @@ class Buf {
       }
       cap_ = n;
     }
-    n_ = n;
   }
   void Release() {
     if (p_ != nullptr) {
@@ -58,16 +56,15 @@ class Buf {
       }
     }
     p_ = nullptr;
-    n_ = cap_ = 0;
+    cap_ = 0;
   }
   T* data() { return p_; }
   const T* data() const { return p_; }
-  int64_t size() const { return n_; }
 
  private:
   kernels::Backend* be_;
   T* p_ = nullptr;
-  int64_t n_ = 0, cap_ = 0;
+  int64_t cap_ = 0;
 };
 }  // namespace
 
@@ -439,7 +436,7 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   x.Resize(M * E);
   next.Resize(M * E);
   K.Copy(x0.data(), x.data(), M * E);
-  // Layer inputs are always kept; full caches only without recomputation.
+  // With recomputation only the layer inputs are kept, without it the full layer caches.
   if (backward) w.Size(n_layer, !recompute);
   std::vector<Buf<T>>& inputs = w.inputs;
   std::vector<std::unique_ptr<LayerCache>>& caches = w.caches;

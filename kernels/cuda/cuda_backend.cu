@@ -726,14 +726,7 @@ class CudaBackendImpl final : public Backend {
   float* AllocBuffer(int64_t n) override {
     const size_t bytes = std::max<size_t>(Count(n) * sizeof(float), 1);
     const auto lock = Enter();
-    void* p = nullptr;
-    cudaError_t e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
-    if (e == cudaErrorMemoryAllocation && !weights_.empty()) {  // as Allocate: drop the weight cache, retry
-      (void)cudaGetLastError();
-      weights_.clear();
-      e = cudaMallocManaged(&p, bytes, cudaMemAttachGlobal);
-    }
-    if (e != cudaSuccess) CudaFail("cudaMallocManaged", cudaGetErrorString(e), __FILE__, __LINE__);
+    void* p = AllocateBytes(bytes, /*managed=*/true);
     buffers_[static_cast<const char*>(p)] = bytes;
     return static_cast<float*>(p);
   }
@@ -865,18 +858,21 @@ class CudaBackendImpl final : public Backend {
     return lock;
   }
 
-  // cudaMalloc; when the device is out of memory, empties the weight cache and tries again.
-  DeviceMemory Allocate(size_t bytes) {
+  // cudaMalloc (managed: cudaMallocManaged); when the device is out of memory, empties the
+  // weight cache and tries again. Call with the lock held.
+  void* AllocateBytes(size_t bytes, bool managed) {
+    auto alloc = [&](void** p) { return managed ? cudaMallocManaged(p, bytes, cudaMemAttachGlobal) : cudaMalloc(p, bytes); };
     void* p = nullptr;
-    cudaError_t e = cudaMalloc(&p, bytes);
+    cudaError_t e = alloc(&p);
     if (e == cudaErrorMemoryAllocation && !weights_.empty()) {
       (void)cudaGetLastError();  // clear the error before retrying
       weights_.clear();
-      e = cudaMalloc(&p, bytes);
+      e = alloc(&p);
     }
     FT_CUDA_CHECK(e);
-    return DeviceMemory(p, bytes);
+    return p;
   }
+  DeviceMemory Allocate(size_t bytes) { return DeviceMemory(AllocateBytes(bytes, /*managed=*/false), bytes); }
 
   // Scratch buffer `slot`, grown (contents lost) to hold count T. Ops take their buffers before
   // launching work that reads them, and DequantizedWeight last (an allocation may empty the
