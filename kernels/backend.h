@@ -7,9 +7,9 @@
 // Every fast op is tested against cpu-ref by normalised mean squared error
 // (tests/kernels/backend_ops_test.cc, the ggml test-backend-ops habit).
 //
-// All pointers are host memory and all tensors are row-major float. A backend that keeps data
-// on a device copies in and out per call (correct everywhere; the CUDA backend's end-to-end
-// speed needs device-resident activations, see README "Not done yet").
+// All tensors are row-major float. A pointer is host memory or one of the backend's buffers
+// (AllocBuffer): a device backend copies host memory in and out per call and uses its buffers in
+// place.
 //
 // Backward ops ACCUMULATE (+=) into input gradients, like kernels/train_ops.h.
 #pragma once
@@ -60,6 +60,10 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* Name() const = 0;
+  // What runs the ops, for logs and worker profiles: the name, and for a device backend the
+  // device and the GEMM precision ("cuda (NVIDIA H100 ..., sm_90, bf16 GEMM)"). Inline: no key
+  // function (see AllocBuffer).
+  virtual std::string Describe() const { return Name(); }
   virtual bool Supports(Op op) const = 0;
 
   virtual void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) = 0;

@@ -345,7 +345,7 @@ Trainer StandInTrainer(int64_t num_examples, double seconds) {
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
                                 kernels::Backend* backend) {
   rpc::v1::Profile p;
-  if (backend != nullptr && std::string_view(backend->Name()) == "cuda") p.set_gpu("cuda");
+  if (backend != nullptr && std::string_view(backend->Name()) == "cuda") p.set_gpu(backend->Describe());
   p.set_cores(static_cast<int>(std::thread::hardware_concurrency()));
   p.set_version(FEDTUNE_VERSION);
   int64_t avail = 0;

@@ -18,12 +18,18 @@
 // (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, NF4, NF4_DQ); the other formats fedtune reads
 // (the K-quants) are dequantized once on the host with DequantizeRow and cached as F32.
 //
-// GEMM precision. All operands are f32 in memory. The products with the frozen weights
-// (QLinear forward/backward, the cross-entropy logits and their gradient) use TF32 tensor cores
-// with f32 accumulation (CUBLAS_COMPUTE_32F_FAST_TF32: inputs rounded to 10 mantissa bits,
-// ~5e-4 relative error per product, far below the quantization error of the weights). Attention
-// and the adapter products (LoRA, DiaBlo), small and the source of the trained gradients, use
-// full f32 (CUBLAS_COMPUTE_32F). kWeightPrecision switches the former to f32.
+// GEMM precision. Activations, adapters and results are f32 in memory. The products with the
+// frozen weights (QLinear forward/backward, the cross-entropy logits and their gradient: nearly
+// all of a step's FLOPs) run in the backend's weight precision (CudaGemm):
+//   bf16 (default on sm_80 and newer): the weight is dequantized straight into bf16 and the
+//     activation (or output gradient) converted to bf16 for the product; tensor cores multiply
+//     with f32 accumulation into the f32 result (cublasGemmEx: A/B CUDA_R_16BF, C CUDA_R_32F,
+//     CUBLAS_COMPUTE_32F), what PyTorch's bf16 autocast does for a Linear. 8 mantissa bits: ~2e-3
+//     relative error per input, below the quantization error of a 4-bit weight;
+//   tf32 (default before sm_80): f32 operands, CUBLAS_COMPUTE_32F_FAST_TF32 (10 mantissa bits);
+//   fp32: CUBLAS_COMPUTE_32F.
+// Attention and the adapter products (LoRA, DiaBlo), small and the source of the trained
+// gradients, always use full f32.
 //
 // Row-major data, column-major cuBLAS. A row-major r x c matrix with row stride ld is, read by
 // cuBLAS, the column-major c x r matrix (its transpose) with leading dimension ld. A row-major
@@ -35,6 +41,7 @@
 #include "kernels/cuda/host_emulation.h"
 #else
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #endif
@@ -47,6 +54,8 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -187,32 +196,43 @@ __device__ float DequantValue(const uint8_t* row, int64_t c, int64_t cols) {
   }
 }
 
-// out[rows x cols] (row-major f32) from rows of row_bytes bytes.
-template <GgmlType kType>
-__global__ void DequantKernel(const uint8_t* data, size_t row_bytes, int64_t rows, int64_t cols, float* out) {
+using Bf16 = __nv_bfloat16;
+__device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
+__device__ __forceinline__ void StoreAs(Bf16* p, float v) { *p = __float2bfloat16(v); }
+
+// out[rows x cols] (row-major, f32 or bf16) from rows of row_bytes bytes.
+template <GgmlType kType, typename Out>
+__global__ void DequantKernel(const uint8_t* data, size_t row_bytes, int64_t rows, int64_t cols, Out* out) {
   for (int64_t idx = GlobalThread(); idx < rows * cols; idx += GridThreads()) {
     const int64_t r = idx / cols, c = idx % cols;
-    out[idx] = DequantValue<kType>(data + static_cast<size_t>(r) * row_bytes, c, cols);
+    StoreAs(out + idx, DequantValue<kType>(data + static_cast<size_t>(r) * row_bytes, c, cols));
   }
 }
 
-using DequantKernelFn = void (*)(const uint8_t*, size_t, int64_t, int64_t, float*);
+template <typename Out>
+using DequantKernelFn = void (*)(const uint8_t*, size_t, int64_t, int64_t, Out*);
 
-// The device dequantizer of a format, or nullptr when it has none.
-DequantKernelFn DequantKernelFor(GgmlType t) {
+// The device dequantizer of a format into Out, or nullptr when it has none.
+template <typename Out>
+DequantKernelFn<Out> DequantKernelFor(GgmlType t) {
   switch (t) {
-    case GgmlType::kF32: return DequantKernel<GgmlType::kF32>;
-    case GgmlType::kF16: return DequantKernel<GgmlType::kF16>;
-    case GgmlType::kBF16: return DequantKernel<GgmlType::kBF16>;
-    case GgmlType::kQ8_0: return DequantKernel<GgmlType::kQ8_0>;
-    case GgmlType::kQ4_0: return DequantKernel<GgmlType::kQ4_0>;
-    case GgmlType::kQ4_1: return DequantKernel<GgmlType::kQ4_1>;
-    case GgmlType::kQ5_0: return DequantKernel<GgmlType::kQ5_0>;
-    case GgmlType::kQ5_1: return DequantKernel<GgmlType::kQ5_1>;
-    case GgmlType::kNF4: return DequantKernel<GgmlType::kNF4>;
-    case GgmlType::kNF4DQ: return DequantKernel<GgmlType::kNF4DQ>;
+    case GgmlType::kF32: return DequantKernel<GgmlType::kF32, Out>;
+    case GgmlType::kF16: return DequantKernel<GgmlType::kF16, Out>;
+    case GgmlType::kBF16: return DequantKernel<GgmlType::kBF16, Out>;
+    case GgmlType::kQ8_0: return DequantKernel<GgmlType::kQ8_0, Out>;
+    case GgmlType::kQ4_0: return DequantKernel<GgmlType::kQ4_0, Out>;
+    case GgmlType::kQ4_1: return DequantKernel<GgmlType::kQ4_1, Out>;
+    case GgmlType::kQ5_0: return DequantKernel<GgmlType::kQ5_0, Out>;
+    case GgmlType::kQ5_1: return DequantKernel<GgmlType::kQ5_1, Out>;
+    case GgmlType::kNF4: return DequantKernel<GgmlType::kNF4, Out>;
+    case GgmlType::kNF4DQ: return DequantKernel<GgmlType::kNF4DQ, Out>;
     default: return nullptr;
   }
+}
+
+// y = bf16(x), element-wise (the activation side of a bf16 product).
+__global__ void ToBf16Kernel(const float* x, Bf16* y, int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) y[i] = __float2bfloat16(x[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -384,8 +404,7 @@ __global__ void ScatterRowsKernel(const float* src, const int64_t* idx, float* d
 // ---------------------------------------------------------------------------------------------
 // Host side
 
-enum class Precision { kTf32, kFp32 };
-constexpr Precision kWeightPrecision = Precision::kTf32;  // products with frozen weights
+enum class Precision { kBf16, kTf32, kFp32 };
 #ifdef FEDTUNE_CUDA_EMULATION
 constexpr int64_t kCrossEntropyLogitsBytes = 800;  // a few rows per chunk: the tests' shapes chunk
 #else
@@ -461,7 +480,7 @@ uint64_t Fingerprint(const QMatrix& w) {
 
 class CudaBackendImpl final : public Backend {
  public:
-  CudaBackendImpl() = default;
+  explicit CudaBackendImpl(CudaGemm gemm) : gemm_(gemm) {}
   ~CudaBackendImpl() override {
     if (blas_ != nullptr) (void)cublasDestroy(blas_);
     if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
@@ -485,6 +504,14 @@ class CudaBackendImpl final : public Backend {
     if (const cudaError_t e = cudaFuncGetAttributes(&attr, SwiGluForwardKernel); e != cudaSuccess)
       return absl::StrCat("CUDA device ", device_, " (", prop.name, ", sm_", prop.major, prop.minor,
                           ") cannot run fedtune's kernels: ", cudaGetErrorString(e));
+    // bf16 tensor cores (and TF32) came with sm_80; before that a bf16 GEMM is refused.
+    const bool ampere = prop.major >= 8;
+    if (gemm_ == CudaGemm::kAuto) gemm_ = ampere ? CudaGemm::kBf16 : CudaGemm::kTf32;
+    if (gemm_ == CudaGemm::kBf16 && !ampere)
+      return absl::StrCat("CUDA device ", device_, " (", prop.name, ", sm_", prop.major, prop.minor,
+                          ") has no bf16 GEMM (needs sm_80 or newer): use FEDTUNE_CUDA_GEMM=tf32 or fp32");
+    weight_precision_ = gemm_ == CudaGemm::kBf16 ? Precision::kBf16 : gemm_ == CudaGemm::kTf32 ? Precision::kTf32 : Precision::kFp32;
+    describe_ = absl::StrCat("cuda (", prop.name, ", sm_", prop.major, prop.minor, ", ", CudaGemmName(gemm_), " GEMM)");
     if (const cudaError_t e = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); e != cudaSuccess)
       return absl::StrCat("cannot create a CUDA stream: ", cudaGetErrorString(e));
     if (const cublasStatus_t st = cublasCreate(&blas_); st != CUBLAS_STATUS_SUCCESS) {
@@ -499,6 +526,7 @@ class CudaBackendImpl final : public Backend {
   }
 
   const char* Name() const override { return "cuda"; }
+  std::string Describe() const override { return describe_; }
   bool Supports(Op op) const override { return op < Op::kCount; }  // every op is implemented
 
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
@@ -507,8 +535,9 @@ class CudaBackendImpl final : public Backend {
     const auto lock = Enter();
     const float* x_d = ToDevice(0, x, m * k);
     float* y_d = Output(1, y, m * n);
-    const float* w_d = DequantizedWeight(w, 2);
-    Gemm(kWeightPrecision, false, true, m, n, k, 1.0f, x_d, k, w_d, k, 0.0f, y_d, n);  // y = x W^T
+    const void* x_g = WeightGemmInput(3, x_d, m * k);
+    const void* w_d = DequantizedWeight(w, 2);
+    Gemm(weight_precision_, false, true, m, n, k, 1.0f, x_g, k, w_d, k, 0.0f, y_d, n);  // y = x W^T
     ToHost(y, y_d, m * n);
     Finish();
   }
@@ -519,8 +548,9 @@ class CudaBackendImpl final : public Backend {
     const auto lock = Enter();
     const float* dy_d = ToDevice(0, dy, m * n);
     float* dx_d = ToDevice(1, dx, m * k);
-    const float* w_d = DequantizedWeight(w, 2);
-    Gemm(kWeightPrecision, false, false, m, k, n, 1.0f, dy_d, n, w_d, k, 1.0f, dx_d, k);  // dx += dy W
+    const void* dy_g = WeightGemmInput(3, dy_d, m * n);
+    const void* w_d = DequantizedWeight(w, 2);
+    Gemm(weight_precision_, false, false, m, k, n, 1.0f, dy_g, n, w_d, k, 1.0f, dx_d, k);  // dx += dy W
     ToHost(dx, dx_d, m * k);
     Finish();
   }
@@ -683,12 +713,24 @@ class CudaBackendImpl final : public Backend {
       const int32_t* target_d = ToDevice(1, scored_target.data(), ns);
       double* nll_d = Scratch<double>(2, ns);
       float* logits_d = Scratch<float>(3, chunk * V);
-      const float* w_d = DequantizedWeight(w_out, 5);
+      // The bf16 copies of the h rows (all of them) and of a chunk's logit gradients.
+      const bool bf16 = weight_precision_ == Precision::kBf16;
+      Bf16* hs_g = bf16 ? Scratch<Bf16>(9, ns * E) : nullptr;
+      Bf16* dlogits_g = bf16 && grad ? Scratch<Bf16>(10, chunk * V) : nullptr;
+      if (bf16) Launch(ToBf16Kernel, BlocksFor(ns * E), stream_, static_cast<const float*>(hs_d), hs_g, ns * E);
+      const void* w_d = DequantizedWeight(w_out, 5);
       for (int64_t c0 = 0; c0 < ns; c0 += chunk) {
         const int64_t n = std::min(chunk, ns - c0);
-        Gemm(kWeightPrecision, false, true, n, V, E, 1.0f, hs_d + c0 * E, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
+        const void* h_g = bf16 ? static_cast<const void*>(hs_g + c0 * E) : hs_d + c0 * E;
+        Gemm(weight_precision_, false, true, n, V, E, 1.0f, h_g, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
         Launch(CrossEntropyRowKernel, n, stream_, logits_d, target_d + c0, nll_d + c0, V, grad_scale, grad);
-        if (grad) Gemm(kWeightPrecision, false, false, n, E, V, 1.0f, logits_d, V, w_d, E, 1.0f, dhs_d + c0 * E, E);  // dh += dlogits W
+        if (!grad) continue;
+        const void* dl_g = logits_d;
+        if (bf16) {
+          Launch(ToBf16Kernel, BlocksFor(n * V), stream_, static_cast<const float*>(logits_d), dlogits_g, n * V);
+          dl_g = dlogits_g;
+        }
+        Gemm(weight_precision_, false, false, n, E, V, 1.0f, dl_g, V, w_d, E, 1.0f, dhs_d + c0 * E, E);  // dh += dlogits W
       }
       ToHost(nll.data(), nll_d, ns);
       if (grad) {
@@ -841,7 +883,7 @@ class CudaBackendImpl final : public Backend {
   }
 
  private:
-  static constexpr int kSlots = 10;  // scratch buffers: an op uses slots 0, 1, ... for its arrays
+  static constexpr int kSlots = 11;  // scratch buffers: an op uses slots 0, 1, ... for its arrays
 
   // A weight as cached on the device: its block format (F32 after a host fallback) and bytes.
   struct CachedWeight {
@@ -962,7 +1004,7 @@ class CudaBackendImpl final : public Backend {
     FT_CHECK(w.cols % TypeTraits(w.type).block_size == 0);
     CachedWeight c;
     c.fingerprint = fingerprint;
-    if (DequantKernelFor(w.type) != nullptr) {
+    if (DequantKernelFor<float>(w.type) != nullptr) {
       c.type = w.type;
       c.row_bytes = w.row_bytes;
       c.bytes = Allocate(std::max<size_t>(Count(w.rows) * w.row_bytes, 1));
@@ -981,32 +1023,49 @@ class CudaBackendImpl final : public Backend {
     return c;
   }
 
-  // w dequantized into scratch `slot`: w.rows x w.cols row-major f32.
-  const float* DequantizedWeight(const QMatrix& w, int slot) {
-    float* out = Scratch<float>(slot, w.rows * w.cols);
+  // w dequantized into scratch `slot`: w.rows x w.cols row-major, in the weight precision's
+  // storage type (bf16, else f32).
+  const void* DequantizedWeight(const QMatrix& w, int slot) {
+    if (weight_precision_ == Precision::kBf16) return Dequantize<Bf16>(w, slot);
+    return Dequantize<float>(w, slot);
+  }
+  template <typename Out>
+  const Out* Dequantize(const QMatrix& w, int slot) {
+    Out* out = Scratch<Out>(slot, w.rows * w.cols);
     const CachedWeight& c = CachedDeviceWeight(w);
-    Launch(DequantKernelFor(c.type), BlocksFor(w.rows * w.cols), stream_, static_cast<const uint8_t*>(c.bytes.get()),
+    Launch(DequantKernelFor<Out>(c.type), BlocksFor(w.rows * w.cols), stream_, static_cast<const uint8_t*>(c.bytes.get()),
            c.row_bytes, w.rows, w.cols, out);
     return out;
   }
 
+  // The other operand (count values, device) of a product with a frozen weight, in the weight
+  // precision: x itself, or its bf16 copy in scratch `slot`.
+  const void* WeightGemmInput(int slot, const float* x, int64_t count) {
+    if (weight_precision_ != Precision::kBf16) return x;
+    Bf16* out = Scratch<Bf16>(slot, count);
+    Launch(ToBf16Kernel, BlocksFor(count), stream_, x, out, count);
+    return out;
+  }
+
   // Row-major C[m x n] = alpha op(A) op(B) + beta C (the arguments of kernels::Gemm), for
-  // `batch` triples of matrices stride_a / stride_b / stride_c floats apart. cuBLAS reads each
-  // row-major matrix as its column-major transpose, so this asks it for C^T = op(B)^T op(A)^T:
-  // B first, dimensions (n, m, k), each operand keeping its own transpose flag.
+  // `batch` triples of matrices stride_a / stride_b / stride_c elements apart. A and B are bf16
+  // for Precision::kBf16, else f32; C is f32. cuBLAS reads each row-major matrix as its
+  // column-major transpose, so this asks it for C^T = op(B)^T op(A)^T: B first, dimensions
+  // (n, m, k), each operand keeping its own transpose flag.
   void GemmBatched(Precision precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                   const float* a, int64_t lda, int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b,
+                   const void* a, int64_t lda, int64_t stride_a, const void* b, int64_t ldb, int64_t stride_b,
                    float beta, float* c, int64_t ldc, int64_t stride_c, int64_t batch) {
     if (m == 0 || n == 0 || batch == 0) return;
     const cublasComputeType_t compute =
         precision == Precision::kTf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const cudaDataType ab = precision == Precision::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
     FT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
         blas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, ToInt(n), ToInt(m), ToInt(k),
-        &alpha, b, CUDA_R_32F, ToInt(ldb), stride_b, a, CUDA_R_32F, ToInt(lda), stride_a, &beta, c, CUDA_R_32F,
+        &alpha, b, ab, ToInt(ldb), stride_b, a, ab, ToInt(lda), stride_a, &beta, c, CUDA_R_32F,
         ToInt(ldc), stride_c, ToInt(batch), compute, CUBLAS_GEMM_DEFAULT));
   }
   void Gemm(Precision precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+            const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c, int64_t ldc) {
     GemmBatched(precision, trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
   }
 
@@ -1056,6 +1115,9 @@ class CudaBackendImpl final : public Backend {
   }
 
   const int device_ = 0;
+  CudaGemm gemm_;                                 // as asked; Init resolves kAuto
+  Precision weight_precision_ = Precision::kFp32;  // of the products with frozen weights (Init)
+  std::string describe_ = "cuda";
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   std::mutex mu_;
@@ -1066,8 +1128,36 @@ class CudaBackendImpl final : public Backend {
 
 }  // namespace
 
+const char* CudaGemmName(CudaGemm g) {
+  switch (g) {
+    case CudaGemm::kAuto: return "auto";
+    case CudaGemm::kBf16: return "bf16";
+    case CudaGemm::kTf32: return "tf32";
+    case CudaGemm::kFp32: return "fp32";
+  }
+  return "?";
+}
+
+std::optional<CudaGemm> ParseCudaGemm(std::string_view s) {
+  for (CudaGemm g : {CudaGemm::kAuto, CudaGemm::kBf16, CudaGemm::kTf32, CudaGemm::kFp32}) {
+    if (s == CudaGemmName(g)) return g;
+  }
+  return std::nullopt;
+}
+
 std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not) {
-  auto backend = std::make_unique<CudaBackendImpl>();
+  const char* env = std::getenv("FEDTUNE_CUDA_GEMM");
+  const std::string_view name = env != nullptr && *env != '\0' ? env : "auto";
+  const std::optional<CudaGemm> gemm = ParseCudaGemm(name);
+  if (!gemm) {
+    if (why_not != nullptr) *why_not = absl::StrCat("FEDTUNE_CUDA_GEMM=", std::string(name), ": expected auto, bf16, tf32 or fp32");
+    return nullptr;
+  }
+  return MakeCudaBackend(why_not, *gemm);
+}
+
+std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not, CudaGemm gemm) {
+  auto backend = std::make_unique<CudaBackendImpl>(gemm);
   if (std::string why = backend->Init(); !why.empty()) {
     (void)cudaGetLastError();  // leave no error behind for other CUDA users
     if (why_not != nullptr) *why_not = std::move(why);

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "kernels/backend.h"
 
@@ -13,6 +15,15 @@ namespace fedtune::kernels {
 // device is usable: no driver, no device, no kernel image for the device's architecture, or
 // cuBLAS failing to start. Never aborts for want of a GPU. The backend is thread-safe (a mutex
 // serialises its ops).
+//
+// The precision of the products with the frozen weights (nearly all of a step's FLOPs; see
+// cuda_backend.cu): bf16 tensor cores, TF32, or full f32; auto is bf16 on sm_80 and newer,
+// TF32 before. MakeCudaBackend(why_not) takes it from $FEDTUNE_CUDA_GEMM (auto|bf16|tf32|fp32;
+// unset: auto; any other value: no backend, and why_not says so).
+enum class CudaGemm { kAuto, kBf16, kTf32, kFp32 };
+const char* CudaGemmName(CudaGemm g);
+std::optional<CudaGemm> ParseCudaGemm(std::string_view s);
+std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not, CudaGemm gemm);
 std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not);
 
 }  // namespace fedtune::kernels

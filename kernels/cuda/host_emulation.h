@@ -7,7 +7,9 @@
 // dimensions, strides, transposes) on every run.
 //
 // What it does not show: anything about real GPU execution (memory model beyond what the
-// barrier gives, warp scheduling, occupancy, nvcc code generation, TF32 rounding, speed).
+// barrier gives, warp scheduling, occupancy, nvcc code generation, speed). The GEMM rounds TF32
+// inputs as tensor cores read them (bf16 operands are bf16 in memory) but sums in double, so the
+// tensor cores' accumulation order and rounding are not reproduced.
 //
 // Model: a launch runs its blocks one after another on the calling thread. A block's threads are
 // fibers, each with its own stack; the block's __shared__ arrays are function statics.
@@ -17,7 +19,7 @@
 // GPU). __shfl_xor_sync goes through a block-wide exchange buffer between two barriers, so every
 // thread of the block must call it (as BlockAllReduce does). cudaMalloc fills memory with 0xff
 // (NaN) so that a kernel reading scratch it never wrote shows up as a mismatch. The GEMM is a
-// column-major reference in double with cuBLAS's argument checks. Under AddressSanitizer the
+// column-major reference in double with cuBLAS's argument checks and type rules. Under AddressSanitizer the
 // stack switches are announced to it (__sanitizer_start/finish_switch_fiber), so out-of-bounds
 // accesses in the kernels are reported like any other.
 #pragma once
@@ -283,36 +285,69 @@ template <class T, size_t N> cudaError_t cudaMemcpyToSymbol(T (&sym)[N], const v
 
 using cublasHandle_t = void*;
 using cublasStatus_t = int;
-constexpr cublasStatus_t CUBLAS_STATUS_SUCCESS = 0;
-inline const char* cublasGetStatusString(cublasStatus_t) { return "emulated cublas error (bad leading dimension?)"; }
+constexpr cublasStatus_t CUBLAS_STATUS_SUCCESS = 0, CUBLAS_STATUS_INVALID_VALUE = 7, CUBLAS_STATUS_NOT_SUPPORTED = 15;
+inline const char* cublasGetStatusString(cublasStatus_t s) {
+  return s == CUBLAS_STATUS_NOT_SUPPORTED ? "emulated cublas: type combination not supported"
+                                          : "emulated cublas error (bad leading dimension?)";
+}
 inline cublasStatus_t cublasCreate(cublasHandle_t* h) { *h = reinterpret_cast<void*>(1); return 0; }
 inline cublasStatus_t cublasDestroy(cublasHandle_t) { return 0; }
 inline cublasStatus_t cublasSetStream(cublasHandle_t, cudaStream_t) { return 0; }
 enum cublasOperation_t { CUBLAS_OP_N, CUBLAS_OP_T };
-enum cudaDataType { CUDA_R_32F };
+enum cudaDataType { CUDA_R_32F, CUDA_R_16BF };
 enum cublasComputeType_t { CUBLAS_COMPUTE_32F, CUBLAS_COMPUTE_32F_FAST_TF32 };
 enum cublasGemmAlgo_t { CUBLAS_GEMM_DEFAULT };
-// Column-major reference with cuBLAS's argument checks; C is not read when beta == 0.
+
+// cuda_bf16.h's type and conversions (round to nearest even, as __float2bfloat16).
+struct __nv_bfloat16 {
+  uint16_t x;
+};
+inline __nv_bfloat16 __float2bfloat16(float f) { return {fedtune::Fp32ToBf16(f)}; }
+inline float __bfloat162float(__nv_bfloat16 b) { return fedtune::Bf16ToFp32(b.x); }
+
+namespace fedtune_emu {
+// What a tensor core reads of an f32 operand under CUBLAS_COMPUTE_32F_FAST_TF32: 10 mantissa
+// bits, rounded to nearest (ties away from zero, as cvt.rna.tf32.f32).
+inline float RoundTf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t u = std::bit_cast<uint32_t>(v);
+  u = (u + 0x1000u) & 0xffffe000u;
+  return std::bit_cast<float>(u);
+}
+}  // namespace fedtune_emu
+
+// Column-major reference with cuBLAS's argument checks; C is not read when beta == 0. A and B
+// are f32 or bf16 (both the same), C f32; TF32 compute rounds f32 inputs to TF32 and takes no
+// bf16 (cuBLAS lists no such combination). Products are summed in double.
 inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                                                 const void* alpha, const void* A, cudaDataType, int lda, long long sA,
-                                                 const void* B, cudaDataType, int ldb, long long sB, const void* beta, void* C,
-                                                 cudaDataType, int ldc, long long sC, int batch, cublasComputeType_t,
+                                                 const void* alpha, const void* A, cudaDataType type_a, int lda, long long sA,
+                                                 const void* B, cudaDataType type_b, int ldb, long long sB, const void* beta, void* C,
+                                                 cudaDataType type_c, int ldc, long long sC, int batch, cublasComputeType_t compute,
                                                  cublasGemmAlgo_t) {
   auto mx1 = [](int v) { return v > 1 ? v : 1; };
-  if (m < 0 || n < 0 || k < 0 || batch < 0) return 7;
-  if (lda < mx1(ta == CUBLAS_OP_N ? m : k) || ldb < mx1(tb == CUBLAS_OP_N ? k : n) || ldc < mx1(m)) return 7;
+  if (m < 0 || n < 0 || k < 0 || batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
+  if (lda < mx1(ta == CUBLAS_OP_N ? m : k) || ldb < mx1(tb == CUBLAS_OP_N ? k : n) || ldc < mx1(m)) return CUBLAS_STATUS_INVALID_VALUE;
+  if (type_a != type_b || type_c != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+  const bool bf16 = type_a == CUDA_R_16BF, tf32 = compute == CUBLAS_COMPUTE_32F_FAST_TF32;
+  if (bf16 && tf32) return CUBLAS_STATUS_NOT_SUPPORTED;
+  auto load = [&](const void* base, long long i) -> double {
+    if (bf16) return fedtune::Bf16ToFp32(static_cast<const uint16_t*>(base)[i]);
+    const float v = static_cast<const float*>(base)[i];
+    return tf32 ? fedtune_emu::RoundTf32(v) : v;
+  };
+  const size_t elem = bf16 ? 2 : 4;
   const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
   for (int bt = 0; bt < batch; ++bt) {
-    const float* a = static_cast<const float*>(A) + bt * sA;
-    const float* b = static_cast<const float*>(B) + bt * sB;
+    const void* a = static_cast<const char*>(A) + static_cast<size_t>(bt * sA) * elem;
+    const void* b = static_cast<const char*>(B) + static_cast<size_t>(bt * sB) * elem;
     float* c = static_cast<float*>(C) + bt * sC;
     for (int i = 0; i < m; ++i)
       for (int j = 0; j < n; ++j) {
         double s = 0;
         for (int l = 0; l < k; ++l) {
-          const float av = ta == CUBLAS_OP_N ? a[i + static_cast<long long>(l) * lda] : a[l + static_cast<long long>(i) * lda];
-          const float bv = tb == CUBLAS_OP_N ? b[l + static_cast<long long>(j) * ldb] : b[j + static_cast<long long>(l) * ldb];
-          s += static_cast<double>(av) * bv;
+          const double av = ta == CUBLAS_OP_N ? load(a, i + static_cast<long long>(l) * lda) : load(a, l + static_cast<long long>(i) * lda);
+          const double bv = tb == CUBLAS_OP_N ? load(b, l + static_cast<long long>(j) * ldb) : load(b, j + static_cast<long long>(l) * ldb);
+          s += av * bv;
         }
         float& cv = c[i + static_cast<long long>(j) * ldc];
         cv = be == 0.0f ? static_cast<float>(al * s) : static_cast<float>(al * s + be * cv);
