@@ -64,6 +64,9 @@ class Backend {
   // device and the GEMM precision ("cuda (NVIDIA H100 ..., sm_90, bf16 GEMM)"). Inline: no key
   // function (see AllocBuffer).
   virtual std::string Describe() const { return Name(); }
+  // Whether buffers are plain host memory (the CPU backends): callers may then skip staging
+  // data into buffers and pass their own arrays.
+  virtual bool HostMemoryBuffers() const { return true; }
   virtual bool Supports(Op op) const = 0;
 
   virtual void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) = 0;
@@ -108,8 +111,9 @@ class Backend {
   // in Op). A buffer lives where the backend computes: host memory for the CPU backends; for
   // CUDA, managed memory that its ops use in place (no copy through host memory), so a trainer
   // whose activations are buffers keeps them on the GPU across ops. Every op also takes plain
-  // host pointers (copied per call by a device backend), and buffers stay readable from the
-  // host (slowly, for a device backend). Contents of a new buffer are undefined.
+  // host pointers (copied per call by a device backend). A device backend may return before
+  // an op whose outputs are all buffers has run: read a buffer on the host through Copy into
+  // host memory (which waits), never directly. Contents of a new buffer are undefined.
   //
   // Pure virtual on purpose: Backend must have no out-of-line virtual function (no key
   // function), so that its vtable and type info are emitted wherever it is used — the CUDA

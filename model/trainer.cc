@@ -72,9 +72,22 @@ class Buf {
 template <typename T>
 struct Trainer<T>::LayerCache {
   explicit LayerCache(kernels::Backend* be)
-      : x_in(be), h1(be), rstd1(be), q(be), k(be), v(be), att(be), x_mid(be), h2(be), rstd2(be), gate(be), up(be), act(be) {}
+      : x_in(be), h1(be), rstd1(be), q(be), k(be), v(be), att(be), x_mid(be), h2(be), rstd2(be), gate(be), up(be), act(be) {
+    for (int i = 0; i < kNumModules; ++i) z.emplace_back(be);
+  }
   Buf<T> x_in, h1, rstd1, q, k, v, att, x_mid, h2, rstd2, gate, up, act;
-  std::array<std::vector<T>, kNumModules> z;  // LoRA A x per module (small: host)
+  std::vector<Buf<T>> z;  // per module: LoRA's A x
+};
+
+// One adapter's tensors as the kernels get them (null: absent or not trained).
+template <typename T>
+struct AdapterTensors {
+  const T* a = nullptr;
+  const T* b = nullptr;
+  const T* d = nullptr;
+  T* ga = nullptr;
+  T* gb = nullptr;
+  T* gd = nullptr;
 };
 
 // The trainer's working memory, kept across calls and steps (grow-only): a device backend
@@ -83,12 +96,21 @@ template <typename T>
 struct Trainer<T>::Work {
   explicit Work(kernels::Backend* be)
       : scratch(be), x(be), next(be), h(be), rstd(be), dh(be), xd(be), o(be), dxd(be), dx_mid(be), dact(be), dgate(be), dup(be),
-        dh2(be), dh1(be), be_(be) {}
+        dh2(be), dh1(be), params(be), grads(be), be_(be) {}
   LayerCache scratch;                               // the layer being computed or recomputed
   std::vector<std::unique_ptr<LayerCache>> caches;  // per layer: kept activations (no recomputation)
   std::vector<Buf<T>> inputs;                       // per layer: kept inputs (recomputation)
   Buf<T> x, next, h, rstd, dh;                      // Slice
   Buf<T> xd, o, dxd, dx_mid, dact, dgate, dup, dh2, dh1;  // LayerForward / LayerBackward
+  // The adapters' tensors for this step, per layer and module. On a device backend they point
+  // into two backend buffers, so that the adapter ops run without per-op copies or waits:
+  // every parameter, uploaded at the start of a step, and gradient accumulators, zeroed then
+  // and added to the adapters' host gradients at its end (one copy each way). Elsewhere
+  // (host-memory buffers, double) they point at the adapters' own vectors.
+  std::vector<std::array<AdapterTensors<T>, kNumModules>> adapter;
+  bool mirrored = false;
+  Buf<T> params, grads;
+  std::vector<T> staging;  // host side of the two copies
   kernels::Backend* be_;
   void Size(int64_t n_layer, bool keep_caches) {
     while (static_cast<int64_t>(inputs.size()) < n_layer) inputs.emplace_back(be_);
@@ -201,6 +223,21 @@ struct Kern {
     b.Resize(n);
     if constexpr (kF) be->Fill(b.data(), 0.0f, n); else std::fill(b.data(), b.data() + n, T(0));
   }
+  void LoraForward(const T* x, const T* a, const T* b, T* z, T* y, int64_t m, int64_t in, int64_t r, int64_t out, T s) const {
+    if constexpr (kF) be->LoraForward(x, a, b, z, y, m, in, r, out, s); else kernels::LoraForward<T>(x, a, b, z, y, m, in, r, out, s);
+  }
+  void LoraBackward(const T* x, const T* a, const T* b, const T* z, const T* dy, T* da, T* db, T* dx, int64_t m, int64_t in,
+                    int64_t r, int64_t out, T s) const {
+    if constexpr (kF) be->LoraBackward(x, a, b, z, dy, da, db, dx, m, in, r, out, s);
+    else kernels::LoraBackward<T>(x, a, b, z, dy, da, db, dx, m, in, r, out, s);
+  }
+  void DiabloForward(const T* x, const T* d, T* y, int64_t m, int64_t in, int64_t out, int64_t blocks) const {
+    if constexpr (kF) be->DiabloForward(x, d, y, m, in, out, blocks); else kernels::DiabloForward<T>(x, d, y, m, in, out, blocks);
+  }
+  void DiabloBackward(const T* x, const T* d, const T* dy, T* dd, T* dx, int64_t m, int64_t in, int64_t out, int64_t blocks) const {
+    if constexpr (kF) be->DiabloBackward(x, d, dy, dd, dx, m, in, out, blocks);
+    else kernels::DiabloBackward<T>(x, d, dy, dd, dx, m, in, out, blocks);
+  }
   double CrossEntropy(const kernels::QMatrix& w, const T* h, const int32_t* target, int64_t rows, T* dh, T scale) const {
     if constexpr (kF) return be->CrossEntropy(w, h, target, rows, dh, scale);
     else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale);
@@ -249,7 +286,9 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
       K.Mul(ms.data(), x, xd.data(), M * w.cols);
       x = xd.data();
     }
-    a->Forward(x, y.data(), M, &c.z[static_cast<int>(mod)], backend_);
+    Buf<T>& z = c.z[static_cast<size_t>(mod)];
+    if (a->spec.kind != AdapterKind::kDiaBlo) z.Resize(M * a->spec.rank);
+    AdapterForward(l, mod, x, y.data(), z.data());
   };
   c.x_in.Resize(M * E);
   K.Copy(x_in, c.x_in.data(), M * E);
@@ -315,7 +354,8 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
     if (base) K.QLinearBackward(w, dy, dx, M);
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
-    if (opt_.adapter_dropout <= 0) return a->Backward(x, c.z[static_cast<int>(mod)], dy, dx, M, backend_);
+    const T* z = c.z[static_cast<size_t>(mod)].data();
+    if (opt_.adapter_dropout <= 0) return AdapterBackward(l, mod, x, z, dy, dx);
     // Through the dropped input x * mask * s: dx += mask * s * (the adapter's gradient w.r.t.
     // its input), the mask regenerated from the same (layer, module, token, feature) keys.
     DropoutScale(l, mod, w.cols, &ms);
@@ -323,7 +363,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
     xd.Resize(n);
     K.Mul(x, ms.data(), xd.data(), n);
     K.Zeros(dxd, n);
-    a->Backward(xd.data(), c.z[static_cast<int>(mod)], dy, dxd.data(), M, backend_);
+    AdapterBackward(l, mod, xd.data(), z, dy, dxd.data());
     K.Mul(dxd.data(), ms.data(), dxd.data(), n);
     K.Add(dx, dxd.data(), dx, n);
   };
@@ -377,9 +417,116 @@ absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backw
   FT_RETURN_IF_ERROR(Check(b));
   const PassPlan plan = backward ? PlanFor(b.n_seq, b.len) : PassPlan{true, 0};  // forward-only keeps nothing
   const int64_t mb = plan.micro_batch > 0 ? std::min(plan.micro_batch, b.n_seq) : b.n_seq;
+  BindAdapters(backward);
   double nll = 0.0;
   for (int64_t s0 = 0; s0 < b.n_seq; s0 += mb) nll += Slice(b, s0, std::min(mb, b.n_seq - s0), grad_scale, backward, plan.recompute);
+  if (backward) CollectGradients();
   return nll;
+}
+
+template <typename T>
+void Trainer<T>::BindAdapters(bool backward) {
+  Work& w = *work_;
+  const size_t n_layer = adapters_->layers.size();
+  w.adapter.assign(n_layer, {});
+  auto data = [](auto& v) { return v.empty() ? nullptr : v.data(); };
+  w.mirrored = false;
+  if constexpr (std::is_same_v<T, float>) w.mirrored = !backend_->HostMemoryBuffers();
+  if (!w.mirrored) {
+    for (size_t l = 0; l < n_layer; ++l) {
+      for (size_t mod = 0; mod < kNumModules; ++mod) {
+        auto& a = adapters_->layers[l][mod];
+        if (a) w.adapter[l][mod] = {data(a->a), data(a->b), data(a->d), data(a->ga), data(a->gb), data(a->gd)};
+      }
+    }
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    // Offsets into the two buffers, then one upload of every parameter.
+    int64_t np = 0, ng = 0;
+    std::vector<std::array<std::array<int64_t, 6>, kNumModules>> off(n_layer);  // a, b, d, ga, gb, gd (-1: none)
+    for (size_t l = 0; l < n_layer; ++l) {
+      for (size_t mod = 0; mod < kNumModules; ++mod) {
+        auto& a = adapters_->layers[l][mod];
+        auto& o = off[l][mod];
+        o.fill(-1);
+        if (!a) continue;
+        const std::array<const std::vector<T>*, 6> v = {&a->a, &a->b, &a->d, &a->ga, &a->gb, &a->gd};
+        for (size_t i = 0; i < 6; ++i) {
+          if (v[i]->empty() || (i >= 3 && !backward)) continue;
+          int64_t& n = i < 3 ? np : ng;
+          o[i] = n;
+          n += static_cast<int64_t>(v[i]->size());
+        }
+      }
+    }
+    w.params.Resize(np);
+    w.grads.Resize(ng);
+    w.staging.resize(static_cast<size_t>(np));
+    for (size_t l = 0; l < n_layer; ++l) {
+      for (size_t mod = 0; mod < kNumModules; ++mod) {
+        auto& a = adapters_->layers[l][mod];
+        if (!a) continue;
+        const auto& o = off[l][mod];
+        const std::array<const std::vector<T>*, 3> v = {&a->a, &a->b, &a->d};
+        for (size_t i = 0; i < 3; ++i) {
+          if (o[i] >= 0) std::copy(v[i]->begin(), v[i]->end(), w.staging.begin() + o[i]);
+        }
+        auto at = [](Buf<T>& buf, int64_t i) { return i >= 0 ? buf.data() + i : nullptr; };
+        w.adapter[l][mod] = {at(w.params, o[0]), at(w.params, o[1]), at(w.params, o[2]),
+                             at(w.grads, o[3]), at(w.grads, o[4]), at(w.grads, o[5])};
+      }
+    }
+    const Kern<T> K{backend_};
+    if (np > 0) K.Copy(w.staging.data(), w.params.data(), np);
+    if (ng > 0) backend_->Fill(w.grads.data(), 0.0f, ng);
+  }
+}
+
+template <typename T>
+void Trainer<T>::CollectGradients() {
+  Work& w = *work_;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!w.mirrored) return;
+    int64_t ng = 0;
+    for (const auto& layer : adapters_->layers) {
+      for (const auto& a : layer) {
+        if (a) ng += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
+      }
+    }
+    if (ng == 0) return;
+    w.staging.resize(static_cast<size_t>(ng));
+    backend_->Copy(w.grads.data(), w.staging.data(), ng);  // waits for the step's work
+    const T* g = w.staging.data();
+    for (auto& layer : adapters_->layers) {
+      for (auto& a : layer) {
+        if (!a) continue;
+        for (std::vector<T>* v : {&a->ga, &a->gb, &a->gd}) {
+          for (T& x : *v) x += *g++;
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void Trainer<T>::AdapterForward(int64_t l, Module mod, const T* x, T* y, T* z) {
+  const auto& a = *adapters_->layers[static_cast<size_t>(l)][static_cast<size_t>(mod)];
+  const AdapterTensors<T>& t = work_->adapter[static_cast<size_t>(l)][static_cast<size_t>(mod)];
+  const Kern<T> K{backend_};
+  const int64_t M = n_seq_ * len_;
+  if (a.spec.kind == AdapterKind::kDiaBlo) return K.DiabloForward(x, t.d, y, M, a.in, a.out, a.spec.blocks);
+  K.LoraForward(x, t.a, t.b, z, y, M, a.in, a.spec.rank, a.out, static_cast<T>(a.spec.Scale()));
+}
+
+template <typename T>
+void Trainer<T>::AdapterBackward(int64_t l, Module mod, const T* x, const T* z, const T* dy, T* dx) {
+  const auto& a = *adapters_->layers[static_cast<size_t>(l)][static_cast<size_t>(mod)];
+  const AdapterTensors<T>& t = work_->adapter[static_cast<size_t>(l)][static_cast<size_t>(mod)];
+  const Kern<T> K{backend_};
+  const int64_t M = n_seq_ * len_;
+  if (a.spec.kind == AdapterKind::kDiaBlo) return K.DiabloBackward(x, t.d, dy, t.gd, dx, M, a.in, a.out, a.spec.blocks);
+  K.LoraBackward(x, t.a, t.b, z, dy, t.ga, t.gb, dx, M, a.in, a.spec.rank, a.out, static_cast<T>(a.spec.Scale()));
 }
 
 template <typename T>

@@ -93,6 +93,14 @@ class Trainer {
   void LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_in);
   // Lowest layer with an adapter (n_layer if none): backward stops there.
   int64_t FirstTrainedLayer() const;
+  // Points the adapter ops at this step's parameters and gradient accumulators (float: uploads
+  // the parameters to backend buffers and zeroes the accumulators; see Work::adapter), and
+  // adds the accumulated gradients to the adapters' host gradients after backward.
+  void BindAdapters(bool backward);
+  void CollectGradients();
+  // z: LoRA's A x (M x rank; unused for DiaBlo).
+  void AdapterForward(int64_t l, Module mod, const T* x, T* y, T* z);
+  void AdapterBackward(int64_t l, Module mod, const T* x, const T* z, const T* dy, T* dx);
 
   const LlamaModel& m_;
   AdapterSet<T>* adapters_;

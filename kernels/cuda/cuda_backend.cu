@@ -7,8 +7,11 @@
 // An op uses a buffer argument in place. Any other pointer is host memory: inputs are copied into
 // grow-only device scratch buffers owned by the backend and reused across calls, results copied
 // back, and accumulating outputs (dx += ...) uploaded first and added to on the device. Kernels
-// and cuBLAS run on one stream, synchronised before the op returns. A mutex serialises the ops,
-// which share the scratch buffers.
+// and cuBLAS run on one stream. An op waits for the stream before it returns only when it writes
+// host memory; one whose outputs are all buffers returns with its work queued, so a trainer
+// whose activations are buffers waits once per loss (and for parameter gradients), not per op.
+// Read a buffer on the host through Copy, which waits. A mutex serialises the ops, which share
+// the scratch buffers.
 //
 // Frozen weights (QMatrix) are uploaded once, in their block format, and cached without bound
 // (a quantized base model fits a GPU that trains it), keyed by (data pointer, type, rows, cols)
@@ -427,7 +430,7 @@ void Launch(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, Args
   FT_CHECK(blocks <= INT_MAX);
 #ifdef FEDTUNE_CUDA_EMULATION
   (void)stream;
-  EmuLaunch(blocks, kThreads, [&] { kernel(args...); });
+  EmuLaunch(blocks, kThreads, [=] { kernel(args...); });
 #else
   kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args...);
 #endif
@@ -527,6 +530,7 @@ class CudaBackendImpl final : public Backend {
 
   const char* Name() const override { return "cuda"; }
   std::string Describe() const override { return describe_; }
+  bool HostMemoryBuffers() const override { return false; }
   bool Supports(Op op) const override { return op < Op::kCount; }  // every op is implemented
 
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
@@ -788,6 +792,7 @@ class CudaBackendImpl final : public Backend {
       return;
     }
     FT_CUDA_CHECK(cudaMemcpyAsync(dst, src, Count(n) * sizeof(float), cudaMemcpyDefault, stream_));
+    host_pending_ = !IsBuffer(dst, Count(n) * sizeof(float));
     Finish();
   }
   void Fill(float* dst, float value, int64_t n) override {
@@ -981,11 +986,20 @@ class CudaBackendImpl final : public Backend {
 
   template <typename T>
   void ToHost(T* host, const T* device, int64_t count) {
-    if (host == device) return;  // a buffer, written in place
-    if (count > 0) FT_CUDA_CHECK(cudaMemcpyAsync(host, device, Count(count) * sizeof(T), cudaMemcpyDeviceToHost, stream_));
+    if (host == device || count == 0) return;  // a buffer, written in place
+    FT_CUDA_CHECK(cudaMemcpyAsync(host, device, Count(count) * sizeof(T), cudaMemcpyDeviceToHost, stream_));
+    host_pending_ = true;
   }
 
-  void Finish() { FT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  // The end of an op: waits for the stream if the op writes host memory (the caller reads it on
+  // return). An op whose outputs are all buffers returns at once and its work stays queued;
+  // host memory it reads was copied (staged) before the call returned.
+  void Finish() {
+    if (!host_pending_) return;
+    Sync();
+    host_pending_ = false;
+  }
+  void Sync() { FT_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
   // The cached device copy of w, uploaded on first use (or when its fingerprint changed).
   const CachedWeight& CachedDeviceWeight(const QMatrix& w) {
@@ -1019,7 +1033,7 @@ class CudaBackendImpl final : public Backend {
     c.row_bytes = Count(w.cols) * sizeof(float);
     c.bytes = Allocate(std::max<size_t>(f.size() * sizeof(float), 1));
     if (!f.empty()) FT_CUDA_CHECK(cudaMemcpyAsync(c.bytes.get(), f.data(), f.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    Finish();  // f is freed on return
+    Sync();  // f is freed on return
     return c;
   }
 
@@ -1121,6 +1135,7 @@ class CudaBackendImpl final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   std::mutex mu_;
+  bool host_pending_ = false;  // a queued copy writes host memory (Finish waits for it)
   std::array<DeviceMemory, kSlots> scratch_;
   std::map<WeightKey, CachedWeight> weights_;
   std::map<const char*, size_t> buffers_;  // AllocBuffer's allocations: start -> bytes

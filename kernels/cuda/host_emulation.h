@@ -11,6 +11,13 @@
 // inputs as tensor cores read them (bf16 operands are bf16 in memory) but sums in double, so the
 // tensor cores' accumulation order and rounding are not reproduced.
 //
+// Streams: work is queued, as on a GPU, and runs in order when the host waits for it
+// (cudaStreamSynchronize, or cudaFree, which waits for the device): kernel launches, cuBLAS calls
+// and copies from device memory run then; copies from host memory read their source at the call
+// (the driver stages pageable memory before cudaMemcpyAsync returns). So a result read on the
+// host before the backend synchronised is stale (or NaN), and a test shows a missing
+// synchronisation as a mismatch. g_emu_syncs counts the synchronisations.
+//
 // Model: a launch runs its blocks one after another on the calling thread. A block's threads are
 // fibers, each with its own stack; the block's __shared__ arrays are function statics.
 // The scheduler resumes every fiber in turn until it reaches __syncthreads or returns, round
@@ -30,6 +37,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <utility>
 #include <vector>
 
 #include <ucontext.h>
@@ -224,27 +233,54 @@ inline float __fadd_rn(float a, float b) {
 inline uint16_t __ushort_as_half(uint16_t h) { return h; }
 inline float __half2float(uint16_t h) { return fedtune::Fp16ToFp32(h); }
 
-// kernel<<<blocks, threads>>>(args...) as EmuLaunch(blocks, threads, [&] { kernel(args...); }).
-// Not reentrant, one scheduler per process: one launch at a time (a backend serialises its ops;
-// two emulated backends must not launch from two threads at once).
-template <class F>
-void EmuLaunch(int64_t blocks, int threads, F&& f) {
-  if (threads < 1 || threads > fedtune_emu::kMaxThreads) std::abort();
-  auto& s = fedtune_emu::g_sched;
-  const std::function<void()> kernel = f;
+namespace fedtune_emu {
+// The stream: queued work, run in order by Drain. One queue per process (the backend uses one
+// stream); not thread-safe (a backend serialises its ops; two emulated backends must not run
+// from two threads at once).
+inline std::vector<std::function<void()>> g_stream;
+inline uint64_t g_syncs = 0;
+inline void Drain() {
+  std::vector<std::function<void()>> work;
+  work.swap(g_stream);
+  for (auto& w : work) w();
+}
+// Device allocations (cudaMalloc, cudaMallocManaged): start -> bytes.
+inline std::map<const char*, size_t> g_device;
+inline bool IsDevice(const void* p) {
+  const auto* c = static_cast<const char*>(p);
+  auto it = g_device.upper_bound(c);
+  if (it == g_device.begin()) return false;
+  --it;
+  return c < it->first + it->second;
+}
+
+// Runs a launch now: its blocks one after another.
+inline void RunLaunch(int64_t blocks, int threads, const std::function<void()>& kernel) {
+  auto& s = g_sched;
   s.kernel = &kernel;
   if (s.fibers.size() < static_cast<size_t>(threads)) {
     s.fibers.resize(static_cast<size_t>(threads));
-    for (auto& fb : s.fibers) fb.stack.resize(fedtune_emu::kStackBytes);
+    for (auto& fb : s.fibers) fb.stack.resize(kStackBytes);
   }
   gridDim.x = static_cast<unsigned>(blocks);
   blockDim.x = static_cast<unsigned>(threads);
   for (int64_t b = 0; b < blocks; ++b) {
     blockIdx.x = static_cast<unsigned>(b);
-    fedtune_emu::g_shuffle_calls = 0;
-    fedtune_emu::RunBlock(threads);
+    g_shuffle_calls = 0;
+    RunBlock(threads);
   }
   s.kernel = nullptr;
+}
+}  // namespace fedtune_emu
+
+// kernel<<<blocks, threads>>>(args...) as EmuLaunch(blocks, threads, [=] { kernel(args...); }):
+// queued on the stream (capture the arguments by value: the launch runs later).
+template <class F>
+void EmuLaunch(int64_t blocks, int threads, F&& f) {
+  if (threads < 1 || threads > fedtune_emu::kMaxThreads) std::abort();
+  fedtune_emu::g_stream.push_back([blocks, threads, kernel = std::function<void()>(std::forward<F>(f))] {
+    fedtune_emu::RunLaunch(blocks, threads, kernel);
+  });
 }
 
 using cudaError_t = int;
@@ -258,18 +294,41 @@ inline cudaError_t cudaMalloc(void** p, size_t n) {
   *p = std::malloc(n > 0 ? n : 1);
   if (*p == nullptr) return cudaErrorMemoryAllocation;
   std::memset(*p, 0xff, n);  // NaN garbage: reading unwritten scratch shows up
+  fedtune_emu::g_device[static_cast<const char*>(*p)] = n > 0 ? n : 1;
   return cudaSuccess;
 }
-inline cudaError_t cudaFree(void* p) { std::free(p); return 0; }
+inline cudaError_t cudaFree(void* p) {
+  if (p == nullptr) return 0;
+  fedtune_emu::Drain();  // cudaFree waits for the device
+  if (fedtune_emu::g_device.erase(static_cast<const char*>(p)) != 1) std::abort();  // not a device allocation
+  std::free(p);
+  return 0;
+}
 constexpr unsigned cudaMemAttachGlobal = 1;
 inline cudaError_t cudaMallocManaged(void** p, size_t n, unsigned) { return cudaMalloc(p, n); }
 inline uint64_t g_emu_copied_bytes = 0;  // by cudaMemcpyAsync: what crossed host <-> device
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind, cudaStream_t) {
-  g_emu_copied_bytes += n;
-  std::memcpy(d, s, n);
+inline const uint64_t& g_emu_syncs = fedtune_emu::g_syncs;  // cudaStreamSynchronize calls
+// A host source is read now (staged), a device source when the copy runs; the kind must match
+// where the pointers are (cudaMemcpyDefault: either).
+inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
+  using fedtune_emu::IsDevice;
+  if ((kind == cudaMemcpyHostToDevice && (IsDevice(s) || !IsDevice(d))) || (kind == cudaMemcpyDeviceToHost && (!IsDevice(s) || IsDevice(d))))
+    std::abort();  // the kind contradicts the pointers
+  if (IsDevice(s) != IsDevice(d)) g_emu_copied_bytes += n;
+  if (n == 0) return 0;
+  if (IsDevice(s)) {
+    fedtune_emu::g_stream.push_back([d, s, n] { std::memcpy(d, s, n); });
+  } else {
+    std::vector<char> staged(static_cast<const char*>(s), static_cast<const char*>(s) + n);
+    fedtune_emu::g_stream.push_back([d, staged = std::move(staged)] { std::memcpy(d, staged.data(), staged.size()); });
+  }
   return 0;
 }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return 0; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
+  ++fedtune_emu::g_syncs;
+  fedtune_emu::Drain();
+  return 0;
+}
 inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) { *s = reinterpret_cast<void*>(1); return 0; }
 inline cudaError_t cudaStreamDestroy(cudaStream_t) { return 0; }
 inline cudaError_t cudaSetDevice(int) { return 0; }
@@ -279,6 +338,7 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp*, int) { return 0; }
 struct cudaFuncAttributes {};
 template <class T> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes*, T*) { return 0; }
 template <class T, size_t N> cudaError_t cudaMemcpyToSymbol(T (&sym)[N], const void* src, size_t n) {
+  fedtune_emu::Drain();  // synchronous
   std::memcpy(sym, src, n);
   return 0;
 }
@@ -330,28 +390,30 @@ inline cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation
   if (type_a != type_b || type_c != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
   const bool bf16 = type_a == CUDA_R_16BF, tf32 = compute == CUBLAS_COMPUTE_32F_FAST_TF32;
   if (bf16 && tf32) return CUBLAS_STATUS_NOT_SUPPORTED;
-  auto load = [&](const void* base, long long i) -> double {
+  auto load = [bf16, tf32](const void* base, long long i) -> double {
     if (bf16) return fedtune::Bf16ToFp32(static_cast<const uint16_t*>(base)[i]);
     const float v = static_cast<const float*>(base)[i];
     return tf32 ? fedtune_emu::RoundTf32(v) : v;
   };
   const size_t elem = bf16 ? 2 : 4;
-  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-  for (int bt = 0; bt < batch; ++bt) {
-    const void* a = static_cast<const char*>(A) + static_cast<size_t>(bt * sA) * elem;
-    const void* b = static_cast<const char*>(B) + static_cast<size_t>(bt * sB) * elem;
-    float* c = static_cast<float*>(C) + bt * sC;
-    for (int i = 0; i < m; ++i)
-      for (int j = 0; j < n; ++j) {
-        double s = 0;
-        for (int l = 0; l < k; ++l) {
-          const double av = ta == CUBLAS_OP_N ? load(a, i + static_cast<long long>(l) * lda) : load(a, l + static_cast<long long>(i) * lda);
-          const double bv = tb == CUBLAS_OP_N ? load(b, l + static_cast<long long>(j) * ldb) : load(b, j + static_cast<long long>(l) * ldb);
-          s += av * bv;
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);  // host scalars: read now
+  fedtune_emu::g_stream.push_back([=] {
+    for (int bt = 0; bt < batch; ++bt) {
+      const void* a = static_cast<const char*>(A) + static_cast<size_t>(bt * sA) * elem;
+      const void* b = static_cast<const char*>(B) + static_cast<size_t>(bt * sB) * elem;
+      float* c = static_cast<float*>(C) + bt * sC;
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+          double s = 0;
+          for (int l = 0; l < k; ++l) {
+            const double av = ta == CUBLAS_OP_N ? load(a, i + static_cast<long long>(l) * lda) : load(a, l + static_cast<long long>(i) * lda);
+            const double bv = tb == CUBLAS_OP_N ? load(b, l + static_cast<long long>(j) * ldb) : load(b, j + static_cast<long long>(l) * ldb);
+            s += av * bv;
+          }
+          float& cv = c[i + static_cast<long long>(j) * ldc];
+          cv = be == 0.0f ? static_cast<float>(al * s) : static_cast<float>(al * s + be * cv);
         }
-        float& cv = c[i + static_cast<long long>(j) * ldc];
-        cv = be == 0.0f ? static_cast<float>(al * s) : static_cast<float>(al * s + be * cv);
-      }
-  }
+    }
+  });
   return 0;
 }
