@@ -77,8 +77,12 @@ int main(int argc, char** argv) {
   const std::string mode = std::string(plan.recompute ? "recompute" : "no recompute") +
                            (plan.micro_batch > 0 ? ", micro-batch " + std::to_string(plan.micro_batch) : "") +
                            (budget_mib > 0 ? ", budget " + std::to_string(budget_mib) + " MiB" : "");
-  std::printf("| fedtune (%s, %s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB |\n", (*backend)->Name(), mode.c_str(), adapter.c_str(),
+  // On a device backend the memory column adds the device memory the backend allocated.
+  const int64_t device_bytes = (*backend)->PeakDeviceBytes();
+  const std::string device_mem = device_bytes > 0 ? ", GPU " + std::to_string(device_bytes >> 20) + " MiB" : "";
+  std::printf("| fedtune (%s, %s) | %s r=%lld on %s | %d x %d | %d | %.1f | %.0f MiB%s |\n", (*backend)->Describe().c_str(), mode.c_str(), adapter.c_str(),
               static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank), (layers.empty() ? modules : layers).c_str(), batch, seq,
-              kernels::DefaultPool().size(), static_cast<double>(batch * seq * steps) / total, static_cast<double>(ru.ru_maxrss) / 1024.0);
+              kernels::DefaultPool().size(), static_cast<double>(batch * seq * steps) / total, static_cast<double>(ru.ru_maxrss) / 1024.0,
+              device_mem.c_str());
   return 0;
 }

@@ -347,6 +347,7 @@ class Dispatching final : public Backend {
   const char* Name() const override { return name_.c_str(); }
   std::string Describe() const override { return primary_->Describe(); }
   bool HostMemoryBuffers() const override { return primary_->HostMemoryBuffers(); }
+  int64_t PeakDeviceBytes() const override { return primary_->PeakDeviceBytes(); }
   bool Supports(Op op) const override { return primary_->Supports(op) || fallback_->Supports(op); }
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
     Pick(Op::kQLinearForward).QLinearForward(w, x, y, m);

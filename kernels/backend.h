@@ -67,6 +67,9 @@ class Backend {
   // Whether buffers are plain host memory (the CPU backends): callers may then skip staging
   // data into buffers and pass their own arrays.
   virtual bool HostMemoryBuffers() const { return true; }
+  // Peak bytes of device memory the backend allocated itself (buffers, scratch, cached weights;
+  // not its libraries' own workspaces); 0 for host-memory backends.
+  virtual int64_t PeakDeviceBytes() const { return 0; }
   virtual bool Supports(Op op) const = 0;
 
   virtual void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) = 0;

@@ -28,7 +28,8 @@ float LearningRate(const OptimizerConfig& c, int step);
 class AdamW {
  public:
   explicit AdamW(OptimizerConfig c) : c_(c) {}
-  // Kernel backend for the update (default: cpu-fast).
+  // Kernel backend for the update (default: cpu-fast). A device backend is not used: the state
+  // is in host memory, so the update runs on cpu-fast (see Step).
   void set_backend(kernels::Backend* b) { backend_ = b; }
   // Applies one update from the accumulated gradients (then zeroes them). Returns the global
   // gradient norm before clipping. Also folds the (unclipped) squared gradients into the Fisher.

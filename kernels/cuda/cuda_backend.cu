@@ -439,16 +439,28 @@ void Launch(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream, Args
 
 // An owned device allocation. Errors from cudaFree are ignored: at process exit the runtime
 // may already be gone.
+// Bytes of device memory the backend holds, and the most it has held.
+struct MemoryCounter {
+  int64_t live = 0, peak = 0;
+  void Add(size_t bytes) {
+    live += static_cast<int64_t>(bytes);
+    peak = std::max(peak, live);
+  }
+  void Remove(size_t bytes) { live -= static_cast<int64_t>(bytes); }
+};
+
 class DeviceMemory {
  public:
   DeviceMemory() = default;
-  DeviceMemory(void* ptr, size_t bytes) : ptr_(ptr), bytes_(bytes) {}
-  DeviceMemory(DeviceMemory&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DeviceMemory(void* ptr, size_t bytes, MemoryCounter* counter) : ptr_(ptr), bytes_(bytes), counter_(counter) {}
+  DeviceMemory(DeviceMemory&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)), counter_(o.counter_) {}
   DeviceMemory& operator=(DeviceMemory&& o) noexcept {
     if (this != &o) {
       Reset();
       ptr_ = std::exchange(o.ptr_, nullptr);
       bytes_ = std::exchange(o.bytes_, 0);
+      counter_ = o.counter_;
     }
     return *this;
   }
@@ -457,7 +469,10 @@ class DeviceMemory {
   ~DeviceMemory() { Reset(); }
 
   void Reset() {
-    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+    if (ptr_ != nullptr) {
+      (void)cudaFree(ptr_);
+      if (counter_ != nullptr) counter_->Remove(bytes_);
+    }
     ptr_ = nullptr;
     bytes_ = 0;
   }
@@ -467,6 +482,7 @@ class DeviceMemory {
  private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
+  MemoryCounter* counter_ = nullptr;
 };
 
 // FNV-1a over 256 evenly spaced bytes of a weight and its last byte.
@@ -531,6 +547,10 @@ class CudaBackendImpl final : public Backend {
   const char* Name() const override { return "cuda"; }
   std::string Describe() const override { return describe_; }
   bool HostMemoryBuffers() const override { return false; }
+  int64_t PeakDeviceBytes() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return memory_.peak;
+  }
   bool Supports(Op op) const override { return op < Op::kCount; }  // every op is implemented
 
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
@@ -779,7 +799,10 @@ class CudaBackendImpl final : public Backend {
   void FreeBuffer(float* p) override {
     if (p == nullptr) return;
     const auto lock = Enter();
-    FT_CHECK(buffers_.erase(reinterpret_cast<const char*>(p)) == 1);
+    auto it = buffers_.find(reinterpret_cast<const char*>(p));
+    FT_CHECK(it != buffers_.end());
+    memory_.Remove(it->second);
+    buffers_.erase(it);
     (void)cudaFree(p);
   }
   void Add(const float* a, const float* b, float* out, int64_t n) override { Binary(AddKernel, a, b, out, n); }
@@ -917,9 +940,10 @@ class CudaBackendImpl final : public Backend {
       e = alloc(&p);
     }
     FT_CUDA_CHECK(e);
+    memory_.Add(bytes);
     return p;
   }
-  DeviceMemory Allocate(size_t bytes) { return DeviceMemory(AllocateBytes(bytes, /*managed=*/false), bytes); }
+  DeviceMemory Allocate(size_t bytes) { return DeviceMemory(AllocateBytes(bytes, /*managed=*/false), bytes, &memory_); }
 
   // Scratch buffer `slot`, grown (contents lost) to hold count T. Ops take their buffers before
   // launching work that reads them, and DequantizedWeight last (an allocation may empty the
@@ -1134,7 +1158,8 @@ class CudaBackendImpl final : public Backend {
   std::string describe_ = "cuda";
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
-  std::mutex mu_;
+  mutable std::mutex mu_;
+  MemoryCounter memory_;       // declared before the memory it counts (destroyed after it)
   bool host_pending_ = false;  // a queued copy writes host memory (Finish waits for it)
   std::array<DeviceMemory, kSlots> scratch_;
   std::map<WeightKey, CachedWeight> weights_;

@@ -556,6 +556,8 @@ TEST(CudaEmulation, TrainerKeepsActivationsOnTheDevice) {
   // The ops queue their work; the step waits for the GPU twice: for the loss, and for the
   // parameter gradients at the end (each op waited: 57 for this model).
   EXPECT_LE(syncs, 2u);
+  // The backend counts the device memory it holds: at least the kept activations.
+  EXPECT_GT(be->PeakDeviceBytes(), kept);
 }
 
 // The weight precision reaches the GEMM: on the same product, fp32 matches the reference to
