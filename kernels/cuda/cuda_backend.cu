@@ -27,10 +27,10 @@
 //   bf16 (default on sm_80 and newer): the weight is dequantized straight into bf16 and the
 //     activation (or output gradient) converted to bf16 for the product; tensor cores multiply
 //     with f32 accumulation into the f32 result (cublasGemmEx: A/B CUDA_R_16BF, C CUDA_R_32F,
-//     CUBLAS_COMPUTE_32F), what PyTorch's bf16 autocast does for a Linear. 8 mantissa bits: ~2e-3
+//     CUBLAS_COMPUTE_32F), what PyTorch's bf16 autocast does for a Linear. An 8-bit significand: <= 4e-3
 //     relative error per input, below the quantization error of a 4-bit weight;
-//   tf32 (default before sm_80): f32 operands, CUBLAS_COMPUTE_32F_FAST_TF32 (10 mantissa bits);
-//   fp32: CUBLAS_COMPUTE_32F.
+//   tf32: f32 operands, CUBLAS_COMPUTE_32F_FAST_TF32 (10 mantissa bits);
+//   fp32 (default before sm_80, which has neither bf16 nor TF32 tensor cores): CUBLAS_COMPUTE_32F.
 // Attention and the adapter products (LoRA, DiaBlo), small and the source of the trained
 // gradients, always use full f32.
 //
@@ -523,9 +523,9 @@ class CudaBackendImpl final : public Backend {
     if (const cudaError_t e = cudaFuncGetAttributes(&attr, SwiGluForwardKernel); e != cudaSuccess)
       return absl::StrCat("CUDA device ", device_, " (", prop.name, ", sm_", prop.major, prop.minor,
                           ") cannot run fedtune's kernels: ", cudaGetErrorString(e));
-    // bf16 tensor cores (and TF32) came with sm_80; before that a bf16 GEMM is refused.
+    // bf16 and TF32 tensor cores came with sm_80: before, auto means f32 and bf16 is refused.
     const bool ampere = prop.major >= 8;
-    if (gemm_ == CudaGemm::kAuto) gemm_ = ampere ? CudaGemm::kBf16 : CudaGemm::kTf32;
+    if (gemm_ == CudaGemm::kAuto) gemm_ = ampere ? CudaGemm::kBf16 : CudaGemm::kFp32;
     if (gemm_ == CudaGemm::kBf16 && !ampere)
       return absl::StrCat("CUDA device ", device_, " (", prop.name, ", sm_", prop.major, prop.minor,
                           ") has no bf16 GEMM (needs sm_80 or newer): use FEDTUNE_CUDA_GEMM=tf32 or fp32");

@@ -18,7 +18,7 @@ namespace fedtune::kernels {
 //
 // The precision of the products with the frozen weights (nearly all of a step's FLOPs; see
 // cuda_backend.cu): bf16 tensor cores, TF32, or full f32; auto is bf16 on sm_80 and newer,
-// TF32 before. MakeCudaBackend(why_not) takes it from $FEDTUNE_CUDA_GEMM (auto|bf16|tf32|fp32;
+// f32 before. MakeCudaBackend(why_not) takes it from $FEDTUNE_CUDA_GEMM (auto|bf16|tf32|fp32;
 // unset: auto; any other value: no backend, and why_not says so).
 enum class CudaGemm { kAuto, kBf16, kTf32, kFp32 };
 const char* CudaGemmName(CudaGemm g);
