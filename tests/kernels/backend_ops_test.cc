@@ -68,8 +68,8 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
       // This binary links kernels/cuda/cuda_backend.cu compiled against the host emulation
       // (an sm_90 device): "cuda" is its default (bf16 products with the weights),
       // "cuda-tf32" / "cuda-fp32" the other precisions, for the ops they change.
-      static std::map<std::string, Backend*> emulated;
-      Backend*& b = emulated[GetParam()];
+      static auto* const emulated = new std::map<std::string, Backend*>;  // never destroyed, like CudaBackend()
+      Backend*& b = (*emulated)[GetParam()];
       if (b == nullptr) {
         const CudaGemm gemm = GetParam() == "cuda-tf32" ? CudaGemm::kTf32 : GetParam() == "cuda-fp32" ? CudaGemm::kFp32 : CudaGemm::kAuto;
         std::string why;
