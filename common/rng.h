@@ -5,6 +5,13 @@
 #include <cmath>
 #include <cstdint>
 
+// Host and device: the CUDA backend makes dropout masks with the same functions.
+#if defined(__CUDACC__)
+#define FT_HOST_DEVICE __host__ __device__
+#else
+#define FT_HOST_DEVICE
+#endif
+
 namespace fedtune {
 
 // A standard normal by Box-Muller from any generator with Uniform() in [0, 1): each draw makes
@@ -27,10 +34,19 @@ double NormalFrom(Generator& g, double* cached, bool* have_cached) {
 
 // The SplitMix64 finaliser: a bijective 64-bit mix, for hashing counters into random bits
 // (Rng's seeding; dropout masks regenerated from their coordinates).
-inline uint64_t Mix64(uint64_t z) {
+FT_HOST_DEVICE inline uint64_t Mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
   return z ^ (z >> 31);
+}
+
+// Dropout masks as pure functions of their coordinates: element (row, col) of the mask keyed
+// `key` is kept iff DropoutKeeps(DropoutRowKey(key, row), col, DropoutThreshold(p)), which has
+// probability 1 - p (to 2^-53).
+FT_HOST_DEVICE inline uint64_t DropoutThreshold(double p) { return static_cast<uint64_t>(p * 9007199254740992.0); }  // p 2^53
+FT_HOST_DEVICE inline uint64_t DropoutRowKey(uint64_t key, uint64_t row) { return Mix64(key + row); }
+FT_HOST_DEVICE inline bool DropoutKeeps(uint64_t row_key, uint64_t col, uint64_t threshold) {
+  return (Mix64(row_key + col) >> 11) >= threshold;
 }
 
 class Rng {

@@ -30,7 +30,7 @@ const char* OpName(Op op) {
   static constexpr std::array<const char*, static_cast<size_t>(Op::kCount)> kNames = {
       "qlinear_forward", "qlinear_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
       "attention_forward", "attention_backward", "swiglu_forward", "swiglu_backward", "cross_entropy", "adamw",
-      "lora_forward", "lora_backward", "diablo_forward", "diablo_backward"};
+      "lora_forward", "lora_backward", "diablo_forward", "diablo_backward", "dropout_scale"};
   const auto i = static_cast<size_t>(op);
   return i < kNames.size() ? kNames[i] : "?";
 }
@@ -149,6 +149,9 @@ class CpuReference final : public HostMemoryBackend {
   void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m, int64_t in,
                       int64_t out, int64_t blocks) override {
     kernels::DiabloBackward<float>(x, d, dy, dd, dx, m, in, out, blocks);
+  }
+  void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {
+    kernels::DropoutScale<float>(key, row0, rows, cols, p, out);
   }
 };
 
@@ -277,6 +280,11 @@ class CpuFast final : public HostMemoryBackend {
         }
         Gemm<float>(false, true, m, c_in, c_out, 1.0f, dy + i * b_out, out, d + i * b_in * b_out, b_out, 1.0f, dx + i * b_in, in);
       }
+    });
+  }
+  void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {
+    DefaultPool().ParallelFor(rows, 16, [&](int64_t r0, int64_t r1, int) {
+      kernels::DropoutScale<float>(key, row0 + r0, r1 - r0, cols, p, out + r0 * cols);
     });
   }
 
@@ -408,6 +416,9 @@ class Dispatching final : public Backend {
   void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m, int64_t in,
                       int64_t out, int64_t blocks) override {
     Pick(Op::kDiabloBackward).DiabloBackward(x, d, dy, dd, dx, m, in, out, blocks);
+  }
+  void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {
+    Pick(Op::kDropoutScale).DropoutScale(key, row0, rows, cols, p, out);
   }
 
   float* AllocBuffer(int64_t n) override { return primary_->AllocBuffer(n); }

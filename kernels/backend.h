@@ -41,6 +41,7 @@ enum class Op : int {
   kLoraBackward,       // dB += s dy^T z ; dz = s dy B ; dA += dz^T x ; dx += dz A
   kDiabloForward,      // y += blockdiag(D) applied to x
   kDiabloBackward,     // dD += x_i^T dy_i ; dx_i += dy_i D_i^T
+  kDropoutScale,       // inverted-dropout multipliers from a hash of their coordinates
   kCount
 };
 const char* OpName(Op op);
@@ -109,6 +110,9 @@ class Backend {
                              int64_t blocks) = 0;
   virtual void DiabloBackward(const float* x, const float* d, const float* dy, float* dd, float* dx, int64_t m,
                               int64_t in, int64_t out, int64_t blocks) = 0;
+  // kernels::DropoutScale (train_ops.h): made where the backend computes, so that a device
+  // backend does not receive rows x cols host multipliers per adapter.
+  virtual void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) = 0;
 
   // Activation buffers and the element-wise glue between the ops (every backend has them; not
   // in Op). A buffer lives where the backend computes: host memory for the CPU backends; for

@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/rng.h"
 #include "kernels/fast_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
@@ -382,6 +383,16 @@ void DiabloBackward(const T* x, const T* d, const T* dy, T* dd, T* dx, int64_t m
   }
 }
 
+template <typename T>
+void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, T* out) {
+  const uint64_t threshold = DropoutThreshold(p);
+  const T keep = static_cast<T>(1.0 / (1.0 - static_cast<double>(p)));
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint64_t row_key = DropoutRowKey(key, static_cast<uint64_t>(row0 + i));
+    for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = DropoutKeeps(row_key, static_cast<uint64_t>(j), threshold) ? keep : T(0);
+  }
+}
+
 #define FT_INSTANTIATE(T)                                                                                   \
   template void QLinearForward<T>(const QMatrix&, const T*, T*, int64_t);                                   \
   template void QLinearBackward<T>(const QMatrix&, const T*, T*, int64_t);                                  \
@@ -400,7 +411,8 @@ void DiabloBackward(const T* x, const T* d, const T* dy, T* dd, T* dx, int64_t m
   template void LoraBackward<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, \
                                 int64_t, int64_t, T);                                                          \
   template void DiabloForward<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);                   \
-  template void DiabloBackward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t);
+  template void DiabloBackward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t); \
+  template void DropoutScale<T>(uint64_t, int64_t, int64_t, int64_t, float, T*);
 
 FT_INSTANTIATE(float)
 FT_INSTANTIATE(double)

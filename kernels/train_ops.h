@@ -85,4 +85,9 @@ template <typename T>
 void DiabloBackward(const T* x, const T* d, const T* dy, T* dd, T* dx, int64_t m, int64_t in, int64_t out,
                     int64_t blocks);
 
+// Inverted-dropout multipliers: out[i, j] = 1/(1-p) where the mask keyed `key` keeps element
+// (row0 + i, j) (common/rng.h DropoutKeeps), else 0; rows x cols.
+template <typename T>
+void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, T* out);
+
 }  // namespace fedtune::kernels

@@ -96,12 +96,13 @@ template <typename T>
 struct Trainer<T>::Work {
   explicit Work(kernels::Backend* be)
       : scratch(be), x(be), next(be), h(be), rstd(be), dh(be), xd(be), o(be), dxd(be), dx_mid(be), dact(be), dgate(be), dup(be),
-        dh2(be), dh1(be), params(be), grads(be), be_(be) {}
+        dh2(be), dh1(be), mask(be), params(be), grads(be), be_(be) {}
   LayerCache scratch;                               // the layer being computed or recomputed
   std::vector<std::unique_ptr<LayerCache>> caches;  // per layer: kept activations (no recomputation)
   std::vector<Buf<T>> inputs;                       // per layer: kept inputs (recomputation)
   Buf<T> x, next, h, rstd, dh;                      // Slice
   Buf<T> xd, o, dxd, dx_mid, dact, dgate, dup, dh2, dh1;  // LayerForward / LayerBackward
+  Buf<T> mask;                                            // an adapter's dropout multipliers
   // The adapters' tensors for this step, per layer and module. On a device backend they point
   // into two backend buffers, so that the adapter ops run without per-op copies or waits:
   // every parameter, uploaded at the start of a step, and gradient accumulators, zeroed then
@@ -238,6 +239,9 @@ struct Kern {
     if constexpr (kF) be->DiabloBackward(x, d, dy, dd, dx, m, in, out, blocks);
     else kernels::DiabloBackward<T>(x, d, dy, dd, dx, m, in, out, blocks);
   }
+  void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, T* out) const {
+    if constexpr (kF) be->DropoutScale(key, row0, rows, cols, p, out); else kernels::DropoutScale<T>(key, row0, rows, cols, p, out);
+  }
   double CrossEntropy(const kernels::QMatrix& w, const T* h, const int32_t* target, int64_t rows, T* dh, T scale) const {
     if constexpr (kF) return be->CrossEntropy(w, h, target, rows, dh, scale);
     else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale);
@@ -246,24 +250,10 @@ struct Kern {
 }  // namespace
 
 template <typename T>
-void Trainer<T>::DropoutScale(int64_t l, Module mod, int64_t in, std::vector<T>* scale) const {
-  const int64_t M = n_seq_ * len_;
-  const double p = opt_.adapter_dropout;
-  const T keep_scale = static_cast<T>(1.0 / (1.0 - p));
-  const uint64_t threshold = static_cast<uint64_t>(p * 9007199254740992.0);  // p * 2^53
+void Trainer<T>::DropoutScale(int64_t l, Module mod, int64_t in, T* scale) const {
   const uint64_t key = Mix64(dropout_seed_ ^ Mix64((static_cast<uint64_t>(l) << 8) | static_cast<uint64_t>(mod)));
-  scale->resize(static_cast<size_t>(M * in));
-  T* out = scale->data();
-  const int64_t t0 = tok0_;
-  kernels::DefaultPool().ParallelFor(M, 16, [&](int64_t i0, int64_t i1, int) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const uint64_t row_key = Mix64(key + static_cast<uint64_t>(t0 + i));
-      for (int64_t j = 0; j < in; ++j) {
-        const bool keep = (Mix64(row_key + static_cast<uint64_t>(j)) >> 11) >= threshold;
-        out[i * in + j] = keep ? keep_scale : T(0);
-      }
-    }
-  });
+  const Kern<T> K{backend_};
+  K.DropoutScale(key, tok0_, n_seq_ * len_, in, opt_.adapter_dropout, scale);
 }
 
 template <typename T>
@@ -273,7 +263,7 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   auto& ad = adapters_->layers[static_cast<size_t>(l)];
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   const Kern<T> K{backend_};
-  std::vector<T> ms;
+  Buf<T>& ms = work_->mask;
   Buf<T>& xd = work_->xd;
   auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, Buf<T>& y, int64_t out) {
     y.Resize(M * out);
@@ -281,7 +271,8 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     if (training_ && opt_.adapter_dropout > 0) {
-      DropoutScale(l, mod, w.cols, &ms);
+      ms.Resize(M * w.cols);
+      DropoutScale(l, mod, w.cols, ms.data());
       xd.Resize(M * w.cols);
       K.Mul(ms.data(), x, xd.data(), M * w.cols);
       x = xd.data();
@@ -336,7 +327,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
   const Kern<T> K{backend_};
-  std::vector<T> ms;
+  Buf<T>& ms = work_->mask;
   Buf<T>& xd = work_->xd;
   Buf<T>& dxd = work_->dxd;
   // dx_in == null (the lowest trained layer): nothing below needs a gradient, so the base's
@@ -358,8 +349,9 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
     if (opt_.adapter_dropout <= 0) return AdapterBackward(l, mod, x, z, dy, dx);
     // Through the dropped input x * mask * s: dx += mask * s * (the adapter's gradient w.r.t.
     // its input), the mask regenerated from the same (layer, module, token, feature) keys.
-    DropoutScale(l, mod, w.cols, &ms);
     const int64_t n = M * w.cols;
+    ms.Resize(n);
+    DropoutScale(l, mod, w.cols, ms.data());
     xd.Resize(n);
     K.Mul(x, ms.data(), xd.data(), n);
     K.Zeros(dxd, n);

@@ -114,7 +114,7 @@ class Trainer {
   int64_t tok0_ = 0;                  // batch index of the slice's first token (dropout masks)
   uint64_t dropout_seed_ = 0;
   // mask * 1/(1-p) for the adapter input of (layer l, module mod) over this slice: M x in.
-  void DropoutScale(int64_t l, Module mod, int64_t in, std::vector<T>* scale) const;
+  void DropoutScale(int64_t l, Module mod, int64_t in, T* scale) const;
 };
 
 }  // namespace fedtune::model

@@ -64,6 +64,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/rng.h"
 #include "common/status.h"
 #include "kernels/quant.h"
 
@@ -382,6 +383,16 @@ __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, float*
     v[i] = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
     const float mhat = m[i] / s.bc1, vhat = v[i] / s.bc2;
     p[i] -= s.lr * (mhat / (sqrtf(vhat) + s.eps) + s.weight_decay * p[i]);
+  }
+}
+
+// kernels::DropoutScale: thread per element, the hash of common/rng.h.
+__global__ void DropoutScaleKernel(uint64_t key, int64_t row0, int64_t rows, int64_t cols, uint64_t threshold, float keep,
+                                   float* out) {
+  for (int64_t idx = GlobalThread(); idx < rows * cols; idx += GridThreads()) {
+    const int64_t i = idx / cols, j = idx % cols;
+    const uint64_t row_key = DropoutRowKey(key, static_cast<uint64_t>(row0 + i));
+    out[idx] = DropoutKeeps(row_key, static_cast<uint64_t>(j), threshold) ? keep : 0.0f;
   }
 }
 
@@ -883,6 +894,17 @@ class CudaBackendImpl final : public Backend {
                   bsz, 1.0f, y_d + i0 * b_out, out, b_out, count);
     });
     ToHost(y, y_d, m * out);
+    Finish();
+  }
+
+  void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {
+    const int64_t n = rows * cols;
+    if (n == 0) return;
+    const auto lock = Enter();
+    float* out_d = Output(0, out, n);
+    const float keep = static_cast<float>(1.0 / (1.0 - static_cast<double>(p)));
+    Launch(DropoutScaleKernel, BlocksFor(n), stream_, key, row0, rows, cols, DropoutThreshold(p), keep, out_d);
+    ToHost(out, out_d, n);
     Finish();
   }
 
