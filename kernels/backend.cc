@@ -356,6 +356,7 @@ class Dispatching final : public Backend {
   std::string Describe() const override { return primary_->Describe(); }
   bool HostMemoryBuffers() const override { return primary_->HostMemoryBuffers(); }
   int64_t PeakDeviceBytes() const override { return primary_->PeakDeviceBytes(); }
+  void Wait() override { primary_->Wait(); }
   bool Supports(Op op) const override { return primary_->Supports(op) || fallback_->Supports(op); }
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
     Pick(Op::kQLinearForward).QLinearForward(w, x, y, m);
@@ -435,6 +436,8 @@ class Dispatching final : public Backend {
     if (!warned.exchange(true)) {
       FT_LOG_WARN("kernel backend {} has no {}: using {}", primary_->Name(), OpName(op), fallback_->Name());
     }
+    // The fallback reads and writes buffers on the host: the primary's queued work first.
+    primary_->Wait();
     return *fallback_;
   }
   Backend* primary_;

@@ -71,6 +71,9 @@ class Backend {
   // Peak bytes of device memory the backend allocated itself (buffers, scratch, cached weights;
   // not its libraries' own workspaces); 0 for host-memory backends.
   virtual int64_t PeakDeviceBytes() const { return 0; }
+  // Returns when all work the backend has queued is done (device backends queue an op whose
+  // outputs are all buffers); a no-op for host backends.
+  virtual void Wait() {}
   virtual bool Supports(Op op) const = 0;
 
   virtual void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) = 0;

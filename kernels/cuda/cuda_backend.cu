@@ -10,7 +10,11 @@
 // and cuBLAS run on one stream. An op waits for the stream before it returns only when it writes
 // host memory; one whose outputs are all buffers returns with its work queued, so a trainer
 // whose activations are buffers waits once per loss (and for parameter gradients), not per op.
-// Read a buffer on the host through Copy, which waits. A mutex serialises the ops, which share
+// Read a buffer on the host through Copy, which waits. Host inputs go through cudaMemcpyAsync
+// from pageable memory, which stages them before returning on PCIe systems (the driver cannot
+// know the memory stays valid), so callers may free or reuse them at once; on systems where the
+// GPU reads pageable memory directly (HMM/ATS, Grace Hopper) this is not established, and a
+// pinned staging buffer per op would be the safe change. A mutex serialises the ops, which share
 // the scratch buffers.
 //
 // Frozen weights (QMatrix) are uploaded once, in their block format, and cached without bound
@@ -558,6 +562,10 @@ class CudaBackendImpl final : public Backend {
   const char* Name() const override { return "cuda"; }
   std::string Describe() const override { return describe_; }
   bool HostMemoryBuffers() const override { return false; }
+  void Wait() override {
+    const auto lock = Enter();
+    Sync();
+  }
   int64_t PeakDeviceBytes() const override {
     std::lock_guard<std::mutex> lock(mu_);
     return memory_.peak;
@@ -737,23 +745,23 @@ class CudaBackendImpl final : public Backend {
     {
       const auto lock = Enter();
       // The scored rows of h (and dh) gathered on the device into contiguous arrays; dh's rows
-      // are scattered back after the chunks.
+      // are scattered back after the chunks. bf16 products: bf16 copies of the h rows (all of
+      // them) and of a chunk's logit gradients.
+      const bool bf16 = weight_precision_ == Precision::kBf16;
       const float* h_all = ToDevice(0, h, rows * E);
       const int64_t* scored_d = ToDevice(6, scored.data(), ns);
       float* hs_d = Scratch<float>(7, ns * E);
-      Launch(GatherRowsKernel, BlocksFor(ns * E), stream_, h_all, scored_d, hs_d, ns, E);
       float* dh_all = grad ? ToDevice(4, dh, rows * E) : nullptr;
       float* dhs_d = grad ? Scratch<float>(8, ns * E) : nullptr;
-      if (grad) Launch(GatherRowsKernel, BlocksFor(ns * E), stream_, static_cast<const float*>(dh_all), scored_d, dhs_d, ns, E);
       const int32_t* target_d = ToDevice(1, scored_target.data(), ns);
       double* nll_d = Scratch<double>(2, ns);
       float* logits_d = Scratch<float>(3, chunk * V);
-      // The bf16 copies of the h rows (all of them) and of a chunk's logit gradients.
-      const bool bf16 = weight_precision_ == Precision::kBf16;
       Bf16* hs_g = bf16 ? Scratch<Bf16>(9, ns * E) : nullptr;
       Bf16* dlogits_g = bf16 && grad ? Scratch<Bf16>(10, chunk * V) : nullptr;
-      if (bf16) Launch(ToBf16Kernel, BlocksFor(ns * E), stream_, static_cast<const float*>(hs_d), hs_g, ns * E);
       const void* w_d = DequantizedWeight(w_out, 5);
+      Launch(GatherRowsKernel, BlocksFor(ns * E), stream_, h_all, scored_d, hs_d, ns, E);
+      if (grad) Launch(GatherRowsKernel, BlocksFor(ns * E), stream_, static_cast<const float*>(dh_all), scored_d, dhs_d, ns, E);
+      if (bf16) Launch(ToBf16Kernel, BlocksFor(ns * E), stream_, static_cast<const float*>(hs_d), hs_g, ns * E);
       for (int64_t c0 = 0; c0 < ns; c0 += chunk) {
         const int64_t n = std::min(chunk, ns - c0);
         const void* h_g = bf16 ? static_cast<const void*>(hs_g + c0 * E) : hs_d + c0 * E;
@@ -781,6 +789,7 @@ class CudaBackendImpl final : public Backend {
 
   void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
     if (n == 0) return;
+    bool g_buffer = false;
     {
       const auto lock = Enter();
       float* p_d = ToDevice(0, p, n);
@@ -793,9 +802,13 @@ class CudaBackendImpl final : public Backend {
       ToHost(m, m_d, n);
       ToHost(v, v_d, n);
       ToHost(fisher, f_d, n);
+      // g = 0: on the stream for a buffer (the kernel may not have read it yet); host memory
+      // was copied before the kernel was queued.
+      g_buffer = IsBuffer(g, Count(n) * sizeof(float));
+      if (g_buffer) Launch(FillKernel, BlocksFor(n), stream_, g, 0.0f, n);
       Finish();
     }
-    std::fill_n(g, n, 0.0f);
+    if (!g_buffer) std::fill_n(g, n, 0.0f);
   }
 
   // Buffers are managed memory: the ops use them in place (first touched by a kernel, their
@@ -974,9 +987,11 @@ class CudaBackendImpl final : public Backend {
   T* Scratch(int slot, int64_t count) {
     DeviceMemory& s = scratch_[Count(slot)];
     const size_t bytes = std::max<size_t>(Count(count) * sizeof(T), 1);
-#ifdef FEDTUNE_CUDA_EMULATION
-    // Exactly the size asked for, every time: under ASan an access past `count` is reported
-    // instead of landing in the slack of a larger earlier allocation.
+#if defined(FEDTUNE_CUDA_EMULATION) && defined(FEDTUNE_EMU_ASAN)
+    // Emulated under ASan: exactly the size asked for, every time, so that an access past
+    // `count` is reported instead of landing in the slack of a larger earlier allocation. (Each
+    // reallocation waits for the queued work, so the other builds keep the real growth policy,
+    // under which a missing wait shows as a stale read.)
     if (s.bytes() != bytes) {
       s.Reset();
       s = Allocate(bytes);

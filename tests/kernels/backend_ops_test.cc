@@ -471,7 +471,8 @@ TEST_P(BackendOps, BuffersAndElementwise) {
 }
 
 // The ops together: three optimizer steps of the trainer (packed batch, adapter dropout, kept
-// activations in micro-batches of 2) and AdamW on the backend against the same on cpu-ref, for
+// activations in micro-batches of 2) and AdamW (on the backend when its buffers are host
+// memory, else on cpu-fast) against the same on cpu-ref, for
 // LoRA, FFA-LoRA and DiaBlo on a tiny Q4_1 model: losses, first gradients, final parameters.
 TEST_P(WeightProducts, TrainingStepsMatchTheReference) {
   testing::TinyModelOptions o;
