@@ -30,7 +30,7 @@ const char* OpName(Op op) {
   static constexpr std::array<const char*, static_cast<size_t>(Op::kCount)> kNames = {
       "qlinear_forward", "qlinear_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
       "attention_forward", "attention_backward", "swiglu_forward", "swiglu_backward", "cross_entropy", "adamw",
-      "lora_forward", "lora_backward", "diablo_forward", "diablo_backward", "dropout_scale"};
+      "lora_forward", "lora_backward", "diablo_forward", "diablo_backward", "dropout_scale", "embed_rows"};
   const auto i = static_cast<size_t>(op);
   return i < kNames.size() ? kNames[i] : "?";
 }
@@ -152,6 +152,9 @@ class CpuReference final : public HostMemoryBackend {
   }
   void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {
     kernels::DropoutScale<float>(key, row0, rows, cols, p, out);
+  }
+  void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, float* out) override {
+    for (int64_t i = 0; i < n; ++i) GetRow(table, ids[i], out + i * table.cols);
   }
 };
 
@@ -280,6 +283,11 @@ class CpuFast final : public HostMemoryBackend {
         }
         Gemm<float>(false, true, m, c_in, c_out, 1.0f, dy + i * b_out, out, d + i * b_in * b_out, b_out, 1.0f, dx + i * b_in, in);
       }
+    });
+  }
+  void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, float* out) override {
+    DefaultPool().ParallelFor(n, 16, [&](int64_t i0, int64_t i1, int) {
+      for (int64_t i = i0; i < i1; ++i) GetRow(table, ids[i], out + i * table.cols);
     });
   }
   void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {
@@ -420,6 +428,9 @@ class Dispatching final : public Backend {
   }
   void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {
     Pick(Op::kDropoutScale).DropoutScale(key, row0, rows, cols, p, out);
+  }
+  void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, float* out) override {
+    Pick(Op::kEmbedRows).EmbedRows(table, ids, n, out);
   }
 
   float* AllocBuffer(int64_t n) override { return primary_->AllocBuffer(n); }

@@ -42,6 +42,7 @@ enum class Op : int {
   kDiabloForward,      // y += blockdiag(D) applied to x
   kDiabloBackward,     // dD += x_i^T dy_i ; dx_i += dy_i D_i^T
   kDropoutScale,       // inverted-dropout multipliers from a hash of their coordinates
+  kEmbedRows,          // out[i] = row ids[i] of a (quantized) embedding table
   kCount
 };
 const char* OpName(Op op);
@@ -116,6 +117,9 @@ class Backend {
   // kernels::DropoutScale (train_ops.h): made where the backend computes, so that a device
   // backend does not receive rows x cols host multipliers per adapter.
   virtual void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) = 0;
+  // out[i, :] = row ids[i] of `table` dequantized (GetRow), for i < n: the token embeddings,
+  // gathered where the backend computes, so a device backend receives token ids, not rows.
+  virtual void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, float* out) = 0;
 
   // Activation buffers and the element-wise glue between the ops (every backend has them; not
   // in Op). A buffer lives where the backend computes: host memory for the CPU backends; for

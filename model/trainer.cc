@@ -239,6 +239,17 @@ struct Kern {
     if constexpr (kF) be->DiabloBackward(x, d, dy, dd, dx, m, in, out, blocks);
     else kernels::DiabloBackward<T>(x, d, dy, dd, dx, m, in, out, blocks);
   }
+  void EmbedRows(const kernels::QMatrix& table, const int32_t* ids, int64_t n, T* out) const {
+    if constexpr (kF) {
+      be->EmbedRows(table, ids, n, out);
+    } else {
+      std::vector<float> row(static_cast<size_t>(table.cols));
+      for (int64_t i = 0; i < n; ++i) {
+        kernels::GetRow(table, ids[i], row.data());
+        std::copy(row.begin(), row.end(), out + i * table.cols);
+      }
+    }
+  }
   void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, T* out) const {
     if constexpr (kF) be->DropoutScale(key, row0, rows, cols, p, out); else kernels::DropoutScale<T>(key, row0, rows, cols, p, out);
   }
@@ -562,19 +573,12 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   tok0_ = t0;
   const int32_t* targets = b.targets.data() + t0;
 
-  // Embedding lookup (frozen), gathered on the host: x_0.
-  std::vector<T> x0(static_cast<size_t>(M * E));
-  std::vector<float> row(static_cast<size_t>(E));
-  for (int64_t i = 0; i < M; ++i) {
-    kernels::GetRow(m_.token_embd(), b.tokens[static_cast<size_t>(t0 + i)], row.data());
-    std::copy(row.begin(), row.end(), x0.begin() + i * E);
-  }
   Work& w = *work_;
   Buf<T>& x = w.x;
   Buf<T>& next = w.next;
   x.Resize(M * E);
   next.Resize(M * E);
-  K.Copy(x0.data(), x.data(), M * E);
+  K.EmbedRows(m_.token_embd(), b.tokens.data() + t0, M, x.data());  // x_0: the (frozen) token embeddings
   // With recomputation only the layer inputs are kept, without it the full layer caches.
   if (backward) w.Size(n_layer, !recompute);
   std::vector<Buf<T>>& inputs = w.inputs;

@@ -238,6 +238,35 @@ DequantKernelFn<Out> DequantKernelFor(GgmlType t) {
   }
 }
 
+// out[i, :] = row ids[i] of a table in format kType (rows of row_bytes bytes, cols values).
+template <GgmlType kType>
+__global__ void EmbedRowsKernel(const uint8_t* data, size_t row_bytes, const int32_t* ids, int64_t n, int64_t cols,
+                                float* out) {
+  for (int64_t idx = GlobalThread(); idx < n * cols; idx += GridThreads()) {
+    const int64_t i = idx / cols, c = idx % cols;
+    out[idx] = DequantValue<kType>(data + static_cast<size_t>(ids[i]) * row_bytes, c, cols);
+  }
+}
+
+using EmbedRowsKernelFn = void (*)(const uint8_t*, size_t, const int32_t*, int64_t, int64_t, float*);
+
+// EmbedRowsKernel for a format with a device dequantizer (DequantKernelFor), else nullptr.
+EmbedRowsKernelFn EmbedRowsKernelFor(GgmlType t) {
+  switch (t) {
+    case GgmlType::kF32: return EmbedRowsKernel<GgmlType::kF32>;
+    case GgmlType::kF16: return EmbedRowsKernel<GgmlType::kF16>;
+    case GgmlType::kBF16: return EmbedRowsKernel<GgmlType::kBF16>;
+    case GgmlType::kQ8_0: return EmbedRowsKernel<GgmlType::kQ8_0>;
+    case GgmlType::kQ4_0: return EmbedRowsKernel<GgmlType::kQ4_0>;
+    case GgmlType::kQ4_1: return EmbedRowsKernel<GgmlType::kQ4_1>;
+    case GgmlType::kQ5_0: return EmbedRowsKernel<GgmlType::kQ5_0>;
+    case GgmlType::kQ5_1: return EmbedRowsKernel<GgmlType::kQ5_1>;
+    case GgmlType::kNF4: return EmbedRowsKernel<GgmlType::kNF4>;
+    case GgmlType::kNF4DQ: return EmbedRowsKernel<GgmlType::kNF4DQ>;
+    default: return nullptr;
+  }
+}
+
 // y = bf16(x), element-wise (the activation side of a bf16 product).
 __global__ void ToBf16Kernel(const float* x, Bf16* y, int64_t n) {
   for (int64_t i = GlobalThread(); i < n; i += GridThreads()) y[i] = __float2bfloat16(x[i]);
@@ -907,6 +936,21 @@ class CudaBackendImpl final : public Backend {
                   bsz, 1.0f, y_d + i0 * b_out, out, b_out, count);
     });
     ToHost(y, y_d, m * out);
+    Finish();
+  }
+
+  // From the cached device copy of the table (uploaded once, like a weight).
+  void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, float* out) override {
+    if (n == 0) return;
+    for (int64_t i = 0; i < n; ++i) FT_CHECK(ids[i] >= 0 && ids[i] < table.rows);
+    const int64_t cols = table.cols;
+    const auto lock = Enter();
+    const int32_t* ids_d = ToDevice(0, ids, n);
+    float* out_d = Output(1, out, n * cols);
+    const CachedWeight& c = CachedDeviceWeight(table);  // last: an allocation may empty the cache
+    Launch(EmbedRowsKernelFor(c.type), BlocksFor(n * cols), stream_, static_cast<const uint8_t*>(c.bytes.get()), c.row_bytes,
+           ids_d, n, cols, out_d);
+    ToHost(out, out_d, n * cols);
     Finish();
   }
 

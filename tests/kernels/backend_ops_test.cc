@@ -9,11 +9,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "common/fp16.h"
 #include "kernels/backend.h"
 #ifdef FEDTUNE_CUDA_EMULATED
 #include "kernels/cuda/cuda_backend.h"
@@ -340,6 +342,43 @@ TEST_P(BackendOps, DropoutScale) {
     if (p == 0.0f) {
       EXPECT_EQ(kept, 1.0) << shape;
     }
+  }
+}
+
+// Token embeddings: rows of a table in each format (K-quants included: the CUDA backend
+// dequantizes those on the host once), exactly the reference's, into host memory and buffers.
+TEST_P(BackendOps, EmbedRows) {
+  if (!Has(Op::kEmbedRows)) return;
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ8_0, GgmlType::kQ4_1, GgmlType::kNF4, GgmlType::kQ4_K}) {
+    const int64_t rows = 37, cols = TypeTraits(t).block_size * 3;
+    QuantWeight w;
+    if (t == GgmlType::kQ4_K) {  // no quantizer: random blocks with finite scales (d, dmin)
+      const size_t rb = *RowBytes(t, cols);
+      w.bytes.resize(rb * static_cast<size_t>(rows));
+      for (auto& byte : w.bytes) byte = static_cast<uint8_t>(rng_());
+      for (size_t b0 = 0; b0 < w.bytes.size(); b0 += TypeTraits(t).type_size) {
+        const uint16_t d = Fp32ToFp16(0.01f), dmin = Fp32ToFp16(0.005f);
+        std::memcpy(&w.bytes[b0], &d, 2);
+        std::memcpy(&w.bytes[b0 + 2], &dmin, 2);
+      }
+      w.m = QMatrix{t, w.bytes.data(), rows, cols, rb};
+    } else {
+      w = Quantize(t, rows, cols, rng_);
+    }
+    std::vector<int32_t> ids = {0, 36, 5, 5, 17, 1, 36, 0, 22};
+    const int64_t n = static_cast<int64_t>(ids.size());
+    Vec ref(static_cast<size_t>(n * cols)), got(ref.size(), -1.0f);
+    ref_.EmbedRows(w.m, ids.data(), n, ref.data());
+    be_->EmbedRows(w.m, ids.data(), n, got.data());
+    const std::string shape = std::string(TypeTraits(t).name) + " " + std::to_string(n) + " rows of " + std::to_string(cols);
+    EXPECT_EQ(got, ref) << shape;
+    float* buf = be_->AllocBuffer(n * cols);
+    be_->EmbedRows(w.m, ids.data(), n, buf);
+    Vec via_buffer(ref.size(), -1.0f);
+    be_->Copy(buf, via_buffer.data(), n * cols);
+    be_->FreeBuffer(buf);
+    EXPECT_EQ(via_buffer, ref) << shape << " (buffer)";
+    Expect(Op::kEmbedRows, ref, got, 0.0, shape);
   }
 }
 
