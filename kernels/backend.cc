@@ -154,7 +154,7 @@ class CpuReference final : public HostMemoryBackend {
     kernels::DropoutScale<float>(key, row0, rows, cols, p, out);
   }
   void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, float* out) override {
-    for (int64_t i = 0; i < n; ++i) GetRow(table, ids[i], out + i * table.cols);
+    kernels::EmbedRows<float>(table, ids, n, out);
   }
 };
 
@@ -287,7 +287,7 @@ class CpuFast final : public HostMemoryBackend {
   }
   void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, float* out) override {
     DefaultPool().ParallelFor(n, 16, [&](int64_t i0, int64_t i1, int) {
-      for (int64_t i = i0; i < i1; ++i) GetRow(table, ids[i], out + i * table.cols);
+      kernels::EmbedRows<float>(table, ids + i0, i1 - i0, out + i0 * table.cols);
     });
   }
   void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, float* out) override {

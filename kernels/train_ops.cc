@@ -393,6 +393,19 @@ void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float 
   }
 }
 
+template <typename T>
+void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) GetRow(table, ids[i], out + i * table.cols);
+  } else {
+    std::vector<float> row(static_cast<size_t>(table.cols));
+    for (int64_t i = 0; i < n; ++i) {
+      GetRow(table, ids[i], row.data());
+      std::copy(row.begin(), row.end(), out + i * table.cols);
+    }
+  }
+}
+
 #define FT_INSTANTIATE(T)                                                                                   \
   template void QLinearForward<T>(const QMatrix&, const T*, T*, int64_t);                                   \
   template void QLinearBackward<T>(const QMatrix&, const T*, T*, int64_t);                                  \
@@ -412,7 +425,8 @@ void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float 
                                 int64_t, int64_t, T);                                                          \
   template void DiabloForward<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t);                   \
   template void DiabloBackward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t); \
-  template void DropoutScale<T>(uint64_t, int64_t, int64_t, int64_t, float, T*);
+  template void DropoutScale<T>(uint64_t, int64_t, int64_t, int64_t, float, T*); \
+  template void EmbedRows<T>(const QMatrix&, const int32_t*, int64_t, T*);
 
 FT_INSTANTIATE(float)
 FT_INSTANTIATE(double)

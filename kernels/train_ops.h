@@ -90,4 +90,8 @@ void DiabloBackward(const T* x, const T* d, const T* dy, T* dd, T* dx, int64_t m
 template <typename T>
 void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, T* out);
 
+// out[i, :] = row ids[i] of `table` dequantized (GetRow), for i < n.
+template <typename T>
+void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, T* out);
+
 }  // namespace fedtune::kernels

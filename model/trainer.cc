@@ -240,15 +240,7 @@ struct Kern {
     else kernels::DiabloBackward<T>(x, d, dy, dd, dx, m, in, out, blocks);
   }
   void EmbedRows(const kernels::QMatrix& table, const int32_t* ids, int64_t n, T* out) const {
-    if constexpr (kF) {
-      be->EmbedRows(table, ids, n, out);
-    } else {
-      std::vector<float> row(static_cast<size_t>(table.cols));
-      for (int64_t i = 0; i < n; ++i) {
-        kernels::GetRow(table, ids[i], row.data());
-        std::copy(row.begin(), row.end(), out + i * table.cols);
-      }
-    }
+    if constexpr (kF) be->EmbedRows(table, ids, n, out); else kernels::EmbedRows<T>(table, ids, n, out);
   }
   void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, T* out) const {
     if constexpr (kF) be->DropoutScale(key, row0, rows, cols, p, out); else kernels::DropoutScale<T>(key, row0, rows, cols, p, out);
@@ -430,83 +422,75 @@ absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backw
 template <typename T>
 void Trainer<T>::BindAdapters(bool backward) {
   Work& w = *work_;
-  const size_t n_layer = adapters_->layers.size();
-  w.adapter.assign(n_layer, {});
-  auto data = [](auto& v) { return v.empty() ? nullptr : v.data(); };
+  const auto& layers = adapters_->layers;
   w.mirrored = false;
   if constexpr (std::is_same_v<T, float>) w.mirrored = !backend_->HostMemoryBuffers();
-  if (!w.mirrored) {
-    for (size_t l = 0; l < n_layer; ++l) {
-      for (size_t mod = 0; mod < kNumModules; ++mod) {
-        auto& a = adapters_->layers[l][mod];
-        if (a) w.adapter[l][mod] = {data(a->a), data(a->b), data(a->d), data(a->ga), data(a->gb), data(a->gd)};
-      }
-    }
-    return;
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    // Offsets into the two buffers, then one upload of every parameter.
-    int64_t np = 0, ng = 0;
-    std::vector<std::array<std::array<int64_t, 6>, kNumModules>> off(n_layer);  // a, b, d, ga, gb, gd (-1: none)
-    for (size_t l = 0; l < n_layer; ++l) {
-      for (size_t mod = 0; mod < kNumModules; ++mod) {
-        auto& a = adapters_->layers[l][mod];
-        auto& o = off[l][mod];
-        o.fill(-1);
+  // Mirrored: every parameter laid out in staging (then one upload), gradient accumulators
+  // after one another in w.grads, in the order CollectGradients reads them back.
+  int64_t np = 0, ng = 0;
+  if (w.mirrored) {
+    for (const auto& layer : layers) {
+      for (const auto& a : layer) {
         if (!a) continue;
-        const std::array<const std::vector<T>*, 6> v = {&a->a, &a->b, &a->d, &a->ga, &a->gb, &a->gd};
-        for (size_t i = 0; i < 6; ++i) {
-          if (v[i]->empty() || (i >= 3 && !backward)) continue;
-          int64_t& n = i < 3 ? np : ng;
-          o[i] = n;
-          n += static_cast<int64_t>(v[i]->size());
-        }
+        np += static_cast<int64_t>(a->a.size() + a->b.size() + a->d.size());
+        if (backward) ng += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
       }
     }
     w.params.Resize(np);
     w.grads.Resize(ng);
-    w.staging.resize(static_cast<size_t>(np));
-    for (size_t l = 0; l < n_layer; ++l) {
-      for (size_t mod = 0; mod < kNumModules; ++mod) {
-        auto& a = adapters_->layers[l][mod];
-        if (!a) continue;
-        const auto& o = off[l][mod];
-        const std::array<const std::vector<T>*, 3> v = {&a->a, &a->b, &a->d};
-        for (size_t i = 0; i < 3; ++i) {
-          if (o[i] >= 0) std::copy(v[i]->begin(), v[i]->end(), w.staging.begin() + o[i]);
-        }
-        auto at = [](Buf<T>& buf, int64_t i) { return i >= 0 ? buf.data() + i : nullptr; };
-        w.adapter[l][mod] = {at(w.params, o[0]), at(w.params, o[1]), at(w.params, o[2]),
-                             at(w.grads, o[3]), at(w.grads, o[4]), at(w.grads, o[5])};
-      }
-    }
-    const Kern<T> K{backend_};
-    if (np > 0) K.Copy(w.staging.data(), w.params.data(), np);
-    if (ng > 0) backend_->Fill(w.grads.data(), 0.0f, ng);
+    w.staging.clear();
+    w.staging.reserve(static_cast<size_t>(np));
   }
+  int64_t g_used = 0;
+  auto param = [&](const std::vector<T>& v) -> const T* {
+    if (v.empty()) return nullptr;
+    if (!w.mirrored) return v.data();
+    const T* p = w.params.data() + w.staging.size();
+    w.staging.insert(w.staging.end(), v.begin(), v.end());
+    return p;
+  };
+  auto grad = [&](std::vector<T>& v) -> T* {
+    if (v.empty()) return nullptr;
+    if (!w.mirrored) return v.data();
+    if (!backward) return nullptr;
+    T* p = w.grads.data() + g_used;
+    g_used += static_cast<int64_t>(v.size());
+    return p;
+  };
+  w.adapter.assign(layers.size(), {});
+  for (size_t l = 0; l < layers.size(); ++l) {
+    for (size_t mod = 0; mod < kNumModules; ++mod) {
+      auto& a = adapters_->layers[l][mod];
+      // Braced initialisation runs left to right: a, b, d, then ga, gb, gd.
+      if (a) w.adapter[l][mod] = {param(a->a), param(a->b), param(a->d), grad(a->ga), grad(a->gb), grad(a->gd)};
+    }
+  }
+  if (!w.mirrored) return;
+  const Kern<T> K{backend_};
+  if (np > 0) K.Copy(w.staging.data(), w.params.data(), np);
+  if (ng > 0) K.Zeros(w.grads, ng);
 }
 
 template <typename T>
 void Trainer<T>::CollectGradients() {
   Work& w = *work_;
-  if constexpr (std::is_same_v<T, float>) {
-    if (!w.mirrored) return;
-    int64_t ng = 0;
-    for (const auto& layer : adapters_->layers) {
-      for (const auto& a : layer) {
-        if (a) ng += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
-      }
+  if (!w.mirrored) return;
+  int64_t ng = 0;
+  for (const auto& layer : adapters_->layers) {
+    for (const auto& a : layer) {
+      if (a) ng += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
     }
-    if (ng == 0) return;
-    w.staging.resize(static_cast<size_t>(ng));
-    backend_->Copy(w.grads.data(), w.staging.data(), ng);  // waits for the step's work
-    const T* g = w.staging.data();
-    for (auto& layer : adapters_->layers) {
-      for (auto& a : layer) {
-        if (!a) continue;
-        for (std::vector<T>* v : {&a->ga, &a->gb, &a->gd}) {
-          for (T& x : *v) x += *g++;
-        }
+  }
+  if (ng == 0) return;
+  w.staging.resize(static_cast<size_t>(ng));
+  const Kern<T> K{backend_};
+  K.Copy(w.grads.data(), w.staging.data(), ng);  // waits for the step's work
+  const T* g = w.staging.data();
+  for (auto& layer : adapters_->layers) {
+    for (auto& a : layer) {
+      if (!a) continue;
+      for (std::vector<T>* v : {&a->ga, &a->gb, &a->gd}) {
+        for (T& x : *v) x += *g++;
       }
     }
   }

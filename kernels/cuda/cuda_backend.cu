@@ -208,17 +208,19 @@ using Bf16 = __nv_bfloat16;
 __device__ __forceinline__ void StoreAs(float* p, float v) { *p = v; }
 __device__ __forceinline__ void StoreAs(Bf16* p, float v) { *p = __float2bfloat16(v); }
 
-// out[rows x cols] (row-major, f32 or bf16) from rows of row_bytes bytes.
+// out[rows x cols] (row-major, f32 or bf16) from rows of row_bytes bytes: output row r is
+// stored row ids[r] (ids null: row r).
 template <GgmlType kType, typename Out>
-__global__ void DequantKernel(const uint8_t* data, size_t row_bytes, int64_t rows, int64_t cols, Out* out) {
+__global__ void DequantKernel(const uint8_t* data, size_t row_bytes, const int32_t* ids, int64_t rows, int64_t cols, Out* out) {
   for (int64_t idx = GlobalThread(); idx < rows * cols; idx += GridThreads()) {
     const int64_t r = idx / cols, c = idx % cols;
-    StoreAs(out + idx, DequantValue<kType>(data + static_cast<size_t>(r) * row_bytes, c, cols));
+    const int64_t src = ids != nullptr ? ids[r] : r;
+    StoreAs(out + idx, DequantValue<kType>(data + static_cast<size_t>(src) * row_bytes, c, cols));
   }
 }
 
 template <typename Out>
-using DequantKernelFn = void (*)(const uint8_t*, size_t, int64_t, int64_t, Out*);
+using DequantKernelFn = void (*)(const uint8_t*, size_t, const int32_t*, int64_t, int64_t, Out*);
 
 // The device dequantizer of a format into Out, or nullptr when it has none.
 template <typename Out>
@@ -234,35 +236,6 @@ DequantKernelFn<Out> DequantKernelFor(GgmlType t) {
     case GgmlType::kQ5_1: return DequantKernel<GgmlType::kQ5_1, Out>;
     case GgmlType::kNF4: return DequantKernel<GgmlType::kNF4, Out>;
     case GgmlType::kNF4DQ: return DequantKernel<GgmlType::kNF4DQ, Out>;
-    default: return nullptr;
-  }
-}
-
-// out[i, :] = row ids[i] of a table in format kType (rows of row_bytes bytes, cols values).
-template <GgmlType kType>
-__global__ void EmbedRowsKernel(const uint8_t* data, size_t row_bytes, const int32_t* ids, int64_t n, int64_t cols,
-                                float* out) {
-  for (int64_t idx = GlobalThread(); idx < n * cols; idx += GridThreads()) {
-    const int64_t i = idx / cols, c = idx % cols;
-    out[idx] = DequantValue<kType>(data + static_cast<size_t>(ids[i]) * row_bytes, c, cols);
-  }
-}
-
-using EmbedRowsKernelFn = void (*)(const uint8_t*, size_t, const int32_t*, int64_t, int64_t, float*);
-
-// EmbedRowsKernel for a format with a device dequantizer (DequantKernelFor), else nullptr.
-EmbedRowsKernelFn EmbedRowsKernelFor(GgmlType t) {
-  switch (t) {
-    case GgmlType::kF32: return EmbedRowsKernel<GgmlType::kF32>;
-    case GgmlType::kF16: return EmbedRowsKernel<GgmlType::kF16>;
-    case GgmlType::kBF16: return EmbedRowsKernel<GgmlType::kBF16>;
-    case GgmlType::kQ8_0: return EmbedRowsKernel<GgmlType::kQ8_0>;
-    case GgmlType::kQ4_0: return EmbedRowsKernel<GgmlType::kQ4_0>;
-    case GgmlType::kQ4_1: return EmbedRowsKernel<GgmlType::kQ4_1>;
-    case GgmlType::kQ5_0: return EmbedRowsKernel<GgmlType::kQ5_0>;
-    case GgmlType::kQ5_1: return EmbedRowsKernel<GgmlType::kQ5_1>;
-    case GgmlType::kNF4: return EmbedRowsKernel<GgmlType::kNF4>;
-    case GgmlType::kNF4DQ: return EmbedRowsKernel<GgmlType::kNF4DQ>;
     default: return nullptr;
   }
 }
@@ -451,7 +424,6 @@ __global__ void ScatterRowsKernel(const float* src, const int64_t* idx, float* d
 // ---------------------------------------------------------------------------------------------
 // Host side
 
-enum class Precision { kBf16, kTf32, kFp32 };
 #ifdef FEDTUNE_CUDA_EMULATION
 constexpr int64_t kCrossEntropyLogitsBytes = 800;  // a few rows per chunk: the tests' shapes chunk
 #else
@@ -573,7 +545,6 @@ class CudaBackendImpl final : public Backend {
     if (gemm_ == CudaGemm::kBf16 && !ampere)
       return absl::StrCat("CUDA device ", device_, " (", prop.name, ", sm_", prop.major, prop.minor,
                           ") has no bf16 GEMM (needs sm_80 or newer): use FEDTUNE_CUDA_GEMM=tf32 or fp32");
-    weight_precision_ = gemm_ == CudaGemm::kBf16 ? Precision::kBf16 : gemm_ == CudaGemm::kTf32 ? Precision::kTf32 : Precision::kFp32;
     describe_ = absl::StrCat("cuda (", prop.name, ", sm_", prop.major, prop.minor, ", ", CudaGemmName(gemm_), " GEMM)");
     if (const cudaError_t e = cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking); e != cudaSuccess)
       return absl::StrCat("cannot create a CUDA stream: ", cudaGetErrorString(e));
@@ -609,7 +580,7 @@ class CudaBackendImpl final : public Backend {
     float* y_d = Output(1, y, m * n);
     const void* x_g = WeightGemmInput(3, x_d, m * k);
     const void* w_d = DequantizedWeight(w, 2);
-    Gemm(weight_precision_, false, true, m, n, k, 1.0f, x_g, k, w_d, k, 0.0f, y_d, n);  // y = x W^T
+    Gemm(gemm_, false, true, m, n, k, 1.0f, x_g, k, w_d, k, 0.0f, y_d, n);  // y = x W^T
     ToHost(y, y_d, m * n);
     Finish();
   }
@@ -622,7 +593,7 @@ class CudaBackendImpl final : public Backend {
     float* dx_d = ToDevice(1, dx, m * k);
     const void* dy_g = WeightGemmInput(3, dy_d, m * n);
     const void* w_d = DequantizedWeight(w, 2);
-    Gemm(weight_precision_, false, false, m, k, n, 1.0f, dy_g, n, w_d, k, 1.0f, dx_d, k);  // dx += dy W
+    Gemm(gemm_, false, false, m, k, n, 1.0f, dy_g, n, w_d, k, 1.0f, dx_d, k);  // dx += dy W
     ToHost(dx, dx_d, m * k);
     Finish();
   }
@@ -681,7 +652,7 @@ class CudaBackendImpl final : public Backend {
       const int64_t g = h / group;
       CausalProbs(q_d + h * head_dim, E, k_d + g * head_dim, kvd, seg_d, p_d, n_seq, len, head_dim);
       // out_h = P V_g, per sequence
-      GemmBatched(Precision::kFp32, false, false, len, head_dim, len, 1.0f, p_d, len, len * len, v_d + g * head_dim, kvd,
+      GemmBatched(CudaGemm::kFp32, false, false, len, head_dim, len, 1.0f, p_d, len, len * len, v_d + g * head_dim, kvd,
                   len * kvd, 0.0f, out_d + h * head_dim, E, len * E, n_seq);
     }
     ToHost(out, out_d, rows * E);
@@ -718,14 +689,14 @@ class CudaBackendImpl final : public Backend {
       const float* vg = v_d + g * head_dim;
       CausalProbs(qh, E, kg, kvd, seg_d, p_d, n_seq, len, head_dim);
       // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
-      GemmBatched(Precision::kFp32, true, false, len, head_dim, len, 1.0f, p_d, len, ll, doh, E, len * E, 1.0f,
+      GemmBatched(CudaGemm::kFp32, true, false, len, head_dim, len, 1.0f, p_d, len, ll, doh, E, len * E, 1.0f,
                   dv_d + g * head_dim, kvd, len * kvd, n_seq);
-      GemmBatched(Precision::kFp32, false, true, len, len, head_dim, 1.0f, doh, E, len * E, vg, kvd, len * kvd, 0.0f,
+      GemmBatched(CudaGemm::kFp32, false, true, len, len, head_dim, 1.0f, doh, E, len * E, vg, kvd, len * kvd, 0.0f,
                   dp_d, len, ll, n_seq);
       Launch(CausalSoftmaxBackwardKernel, rows, stream_, p_d, dp_d, len, seg_d);
-      GemmBatched(Precision::kFp32, false, false, len, head_dim, len, scale, dp_d, len, ll, kg, kvd, len * kvd, 1.0f,
+      GemmBatched(CudaGemm::kFp32, false, false, len, head_dim, len, scale, dp_d, len, ll, kg, kvd, len * kvd, 1.0f,
                   dq_d + h * head_dim, E, len * E, n_seq);
-      GemmBatched(Precision::kFp32, true, false, len, head_dim, len, scale, dp_d, len, ll, qh, E, len * E, 1.0f,
+      GemmBatched(CudaGemm::kFp32, true, false, len, head_dim, len, scale, dp_d, len, ll, qh, E, len * E, 1.0f,
                   dk_d + g * head_dim, kvd, len * kvd, n_seq);
     }
     ToHost(dq, dq_d, rows * E);
@@ -776,7 +747,7 @@ class CudaBackendImpl final : public Backend {
       // The scored rows of h (and dh) gathered on the device into contiguous arrays; dh's rows
       // are scattered back after the chunks. bf16 products: bf16 copies of the h rows (all of
       // them) and of a chunk's logit gradients.
-      const bool bf16 = weight_precision_ == Precision::kBf16;
+      const bool bf16 = gemm_ == CudaGemm::kBf16;
       const float* h_all = ToDevice(0, h, rows * E);
       const int64_t* scored_d = ToDevice(6, scored.data(), ns);
       float* hs_d = Scratch<float>(7, ns * E);
@@ -794,7 +765,7 @@ class CudaBackendImpl final : public Backend {
       for (int64_t c0 = 0; c0 < ns; c0 += chunk) {
         const int64_t n = std::min(chunk, ns - c0);
         const void* h_g = bf16 ? static_cast<const void*>(hs_g + c0 * E) : hs_d + c0 * E;
-        Gemm(weight_precision_, false, true, n, V, E, 1.0f, h_g, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
+        Gemm(gemm_, false, true, n, V, E, 1.0f, h_g, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
         Launch(CrossEntropyRowKernel, n, stream_, logits_d, target_d + c0, nll_d + c0, V, grad_scale, grad);
         if (!grad) continue;
         const void* dl_g = logits_d;
@@ -802,7 +773,7 @@ class CudaBackendImpl final : public Backend {
           Launch(ToBf16Kernel, BlocksFor(n * V), stream_, static_cast<const float*>(logits_d), dlogits_g, n * V);
           dl_g = dlogits_g;
         }
-        Gemm(weight_precision_, false, false, n, E, V, 1.0f, dl_g, V, w_d, E, 1.0f, dhs_d + c0 * E, E);  // dh += dlogits W
+        Gemm(gemm_, false, false, n, E, V, 1.0f, dl_g, V, w_d, E, 1.0f, dhs_d + c0 * E, E);  // dh += dlogits W
       }
       ToHost(nll.data(), nll_d, ns);
       if (grad) {
@@ -891,8 +862,8 @@ class CudaBackendImpl final : public Backend {
     const float* b_d = ToDevice(2, b, out * r);
     float* y_d = ToDevice(3, y, m * out);
     float* z_d = Output(4, z, m * r);
-    Gemm(Precision::kFp32, false, true, m, r, in, 1.0f, x_d, in, a_d, in, 0.0f, z_d, r);       // z = x A^T
-    Gemm(Precision::kFp32, false, true, m, out, r, scale, z_d, r, b_d, r, 1.0f, y_d, out);  // y += s z B^T
+    Gemm(CudaGemm::kFp32, false, true, m, r, in, 1.0f, x_d, in, a_d, in, 0.0f, z_d, r);       // z = x A^T
+    Gemm(CudaGemm::kFp32, false, true, m, out, r, scale, z_d, r, b_d, r, 1.0f, y_d, out);  // y += s z B^T
     ToHost(z, z_d, m * r);
     ToHost(y, y_d, m * out);
     Finish();
@@ -911,10 +882,10 @@ class CudaBackendImpl final : public Backend {
     float* db_d = db != nullptr ? ToDevice(6, db, out * r) : nullptr;
     const float* x_d = da != nullptr ? ToDevice(7, x, m * in) : nullptr;
     float* da_d = da != nullptr ? ToDevice(8, da, r * in) : nullptr;
-    if (db != nullptr) Gemm(Precision::kFp32, true, false, out, r, m, scale, dy_d, out, z_d, r, 1.0f, db_d, r);  // dB += s dy^T z
-    Gemm(Precision::kFp32, false, false, m, r, out, scale, dy_d, out, b_d, r, 0.0f, dz_d, r);              // dz = s dy B
-    if (da != nullptr) Gemm(Precision::kFp32, true, false, r, in, m, 1.0f, dz_d, r, x_d, in, 1.0f, da_d, in);  // dA += dz^T x
-    Gemm(Precision::kFp32, false, false, m, in, r, 1.0f, dz_d, r, a_d, in, 1.0f, dx_d, in);                // dx += dz A
+    if (db != nullptr) Gemm(CudaGemm::kFp32, true, false, out, r, m, scale, dy_d, out, z_d, r, 1.0f, db_d, r);  // dB += s dy^T z
+    Gemm(CudaGemm::kFp32, false, false, m, r, out, scale, dy_d, out, b_d, r, 0.0f, dz_d, r);              // dz = s dy B
+    if (da != nullptr) Gemm(CudaGemm::kFp32, true, false, r, in, m, 1.0f, dz_d, r, x_d, in, 1.0f, da_d, in);  // dA += dz^T x
+    Gemm(CudaGemm::kFp32, false, false, m, in, r, 1.0f, dz_d, r, a_d, in, 1.0f, dx_d, in);                // dx += dz A
     if (db != nullptr) ToHost(db, db_d, out * r);
     if (da != nullptr) ToHost(da, da_d, r * in);
     ToHost(dx, dx_d, m * in);
@@ -932,7 +903,7 @@ class CudaBackendImpl final : public Backend {
     float* y_d = ToDevice(2, y, m * out);
     // y[:, i b_out : +c_out] += x[:, i b_in : +c_in] D_i[:c_in, :c_out]
     ForEachBlockRun(in, out, blocks, [&](int64_t i0, int64_t count, int64_t c_in, int64_t c_out) {
-      GemmBatched(Precision::kFp32, false, false, m, c_out, c_in, 1.0f, x_d + i0 * b_in, in, b_in, d_d + i0 * bsz, b_out,
+      GemmBatched(CudaGemm::kFp32, false, false, m, c_out, c_in, 1.0f, x_d + i0 * b_in, in, b_in, d_d + i0 * bsz, b_out,
                   bsz, 1.0f, y_d + i0 * b_out, out, b_out, count);
     });
     ToHost(y, y_d, m * out);
@@ -948,8 +919,8 @@ class CudaBackendImpl final : public Backend {
     const int32_t* ids_d = ToDevice(0, ids, n);
     float* out_d = Output(1, out, n * cols);
     const CachedWeight& c = CachedDeviceWeight(table);  // last: an allocation may empty the cache
-    Launch(EmbedRowsKernelFor(c.type), BlocksFor(n * cols), stream_, static_cast<const uint8_t*>(c.bytes.get()), c.row_bytes,
-           ids_d, n, cols, out_d);
+    Launch(DequantKernelFor<float>(c.type), BlocksFor(n * cols), stream_, static_cast<const uint8_t*>(c.bytes.get()),
+           c.row_bytes, ids_d, n, cols, out_d);
     ToHost(out, out_d, n * cols);
     Finish();
   }
@@ -979,9 +950,9 @@ class CudaBackendImpl final : public Backend {
     // dD_i += x_i^T dy_i ; dx_i += dy_i D_i^T
     ForEachBlockRun(in, out, blocks, [&](int64_t i0, int64_t count, int64_t c_in, int64_t c_out) {
       if (dd != nullptr)
-        GemmBatched(Precision::kFp32, true, false, c_in, c_out, m, 1.0f, x_d + i0 * b_in, in, b_in, dy_d + i0 * b_out, out,
+        GemmBatched(CudaGemm::kFp32, true, false, c_in, c_out, m, 1.0f, x_d + i0 * b_in, in, b_in, dy_d + i0 * b_out, out,
                     b_out, 1.0f, dd_d + i0 * bsz, b_out, bsz, count);
-      GemmBatched(Precision::kFp32, false, true, m, c_in, c_out, 1.0f, dy_d + i0 * b_out, out, b_out, d_d + i0 * bsz, b_out,
+      GemmBatched(CudaGemm::kFp32, false, true, m, c_in, c_out, 1.0f, dy_d + i0 * b_out, out, b_out, d_d + i0 * bsz, b_out,
                   bsz, 1.0f, dx_d + i0 * b_in, in, b_in, count);
     });
     if (dd != nullptr) ToHost(dd, dd_d, blocks * bsz);
@@ -1145,7 +1116,7 @@ class CudaBackendImpl final : public Backend {
   // w dequantized into scratch `slot`: w.rows x w.cols row-major, in the weight precision's
   // storage type (bf16, else f32).
   const void* DequantizedWeight(const QMatrix& w, int slot) {
-    if (weight_precision_ == Precision::kBf16) return Dequantize<Bf16>(w, slot);
+    if (gemm_ == CudaGemm::kBf16) return Dequantize<Bf16>(w, slot);
     return Dequantize<float>(w, slot);
   }
   template <typename Out>
@@ -1153,14 +1124,14 @@ class CudaBackendImpl final : public Backend {
     Out* out = Scratch<Out>(slot, w.rows * w.cols);
     const CachedWeight& c = CachedDeviceWeight(w);
     Launch(DequantKernelFor<Out>(c.type), BlocksFor(w.rows * w.cols), stream_, static_cast<const uint8_t*>(c.bytes.get()),
-           c.row_bytes, w.rows, w.cols, out);
+           c.row_bytes, static_cast<const int32_t*>(nullptr), w.rows, w.cols, out);
     return out;
   }
 
   // The other operand (count values, device) of a product with a frozen weight, in the weight
   // precision: x itself, or its bf16 copy in scratch `slot`.
   const void* WeightGemmInput(int slot, const float* x, int64_t count) {
-    if (weight_precision_ != Precision::kBf16) return x;
+    if (gemm_ != CudaGemm::kBf16) return x;
     Bf16* out = Scratch<Bf16>(slot, count);
     Launch(ToBf16Kernel, BlocksFor(count), stream_, x, out, count);
     return out;
@@ -1168,22 +1139,22 @@ class CudaBackendImpl final : public Backend {
 
   // Row-major C[m x n] = alpha op(A) op(B) + beta C (the arguments of kernels::Gemm), for
   // `batch` triples of matrices stride_a / stride_b / stride_c elements apart. A and B are bf16
-  // for Precision::kBf16, else f32; C is f32. cuBLAS reads each row-major matrix as its
+  // for kBf16, else f32; C is f32. cuBLAS reads each row-major matrix as its
   // column-major transpose, so this asks it for C^T = op(B)^T op(A)^T: B first, dimensions
   // (n, m, k), each operand keeping its own transpose flag.
-  void GemmBatched(Precision precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+  void GemmBatched(CudaGemm precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                    const void* a, int64_t lda, int64_t stride_a, const void* b, int64_t ldb, int64_t stride_b,
                    float beta, float* c, int64_t ldc, int64_t stride_c, int64_t batch) {
     if (m == 0 || n == 0 || batch == 0) return;
     const cublasComputeType_t compute =
-        precision == Precision::kTf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-    const cudaDataType ab = precision == Precision::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
+        precision == CudaGemm::kTf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const cudaDataType ab = precision == CudaGemm::kBf16 ? CUDA_R_16BF : CUDA_R_32F;
     FT_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
         blas_, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, ToInt(n), ToInt(m), ToInt(k),
         &alpha, b, ab, ToInt(ldb), stride_b, a, ab, ToInt(lda), stride_a, &beta, c, CUDA_R_32F,
         ToInt(ldc), stride_c, ToInt(batch), compute, CUBLAS_GEMM_DEFAULT));
   }
-  void Gemm(Precision precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+  void Gemm(CudaGemm precision, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
             const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c, int64_t ldc) {
     GemmBatched(precision, trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
   }
@@ -1194,7 +1165,7 @@ class CudaBackendImpl final : public Backend {
   void CausalProbs(const float* qh, int64_t q_stride, const float* kg, int64_t kv_stride, const int32_t* seg_pos,
                    float* p, int64_t n_seq, int64_t len, int64_t head_dim) {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-    GemmBatched(Precision::kFp32, false, true, len, len, head_dim, scale, qh, q_stride, len * q_stride, kg, kv_stride,
+    GemmBatched(CudaGemm::kFp32, false, true, len, len, head_dim, scale, qh, q_stride, len * q_stride, kg, kv_stride,
                 len * kv_stride, 0.0f, p, len, len * len, n_seq);
     Launch(CausalSoftmaxKernel, n_seq * len, stream_, p, len, seg_pos);
   }
@@ -1234,8 +1205,7 @@ class CudaBackendImpl final : public Backend {
   }
 
   const int device_ = 0;
-  CudaGemm gemm_;                                 // as asked; Init resolves kAuto
-  Precision weight_precision_ = Precision::kFp32;  // of the products with frozen weights (Init)
+  CudaGemm gemm_;  // of the products with the frozen weights: as asked, kAuto resolved by Init
   std::string describe_ = "cuda";
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;

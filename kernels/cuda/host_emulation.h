@@ -311,12 +311,12 @@ inline const uint64_t& g_emu_syncs = fedtune_emu::g_syncs;  // cudaStreamSynchro
 // A host source is read now (staged), a device source when the copy runs; the kind must match
 // where the pointers are (cudaMemcpyDefault: either).
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind kind, cudaStream_t) {
-  using fedtune_emu::IsDevice;
-  if ((kind == cudaMemcpyHostToDevice && (IsDevice(s) || !IsDevice(d))) || (kind == cudaMemcpyDeviceToHost && (!IsDevice(s) || IsDevice(d))))
+  const bool from_device = fedtune_emu::IsDevice(s), to_device = fedtune_emu::IsDevice(d);
+  if ((kind == cudaMemcpyHostToDevice && (from_device || !to_device)) || (kind == cudaMemcpyDeviceToHost && (!from_device || to_device)))
     std::abort();  // the kind contradicts the pointers
-  if (IsDevice(s) != IsDevice(d)) g_emu_copied_bytes += n;
+  if (from_device != to_device) g_emu_copied_bytes += n;
   if (n == 0) return 0;
-  if (IsDevice(s)) {
+  if (from_device) {
     fedtune_emu::g_stream.push_back([d, s, n] { std::memcpy(d, s, n); });
   } else {
     std::vector<char> staged(static_cast<const char*>(s), static_cast<const char*>(s) + n);

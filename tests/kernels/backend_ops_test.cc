@@ -89,6 +89,16 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
     }
   }
   bool OnCuda() const { return GetParam().rfind("cuda", 0) == 0; }
+  // What `op` writes into a fresh backend buffer of n values, read back through Copy.
+  template <typename F>
+  Vec ThroughBuffer(int64_t n, F op) {
+    float* buf = be_->AllocBuffer(n);
+    op(buf);
+    Vec got(static_cast<size_t>(n), -1.0f);
+    be_->Copy(buf, got.data(), n);
+    be_->FreeBuffer(buf);
+    return got;
+  }
   // "cuda" multiplies with the weights in bf16 (its default on sm_80+, and in the emulation).
   // A summed loss then moves by ~2e-3 relative (1e-3 elsewhere); and AdamW, which scales each
   // gradient element to a unit step, turns the rounding noise of near-zero gradient elements
@@ -328,12 +338,7 @@ TEST_P(BackendOps, DropoutScale) {
     ref_.DropoutScale(key, 1000, rows, cols, p, ref.data());
     be_->DropoutScale(key, 1000, rows, cols, p, got.data());
     EXPECT_EQ(got, ref) << shape;
-    float* buf = be_->AllocBuffer(rows * cols);
-    be_->DropoutScale(key, 1000, rows, cols, p, buf);
-    Vec via_buffer(ref.size(), -1.0f);
-    be_->Copy(buf, via_buffer.data(), rows * cols);
-    be_->FreeBuffer(buf);
-    EXPECT_EQ(via_buffer, ref) << shape << " (buffer)";
+    EXPECT_EQ(ThroughBuffer(rows * cols, [&](float* out) { be_->DropoutScale(key, 1000, rows, cols, p, out); }), ref) << shape << " (buffer)";
     Expect(Op::kDropoutScale, ref, got, 0.0, shape);
     const double kept = static_cast<double>(std::count_if(ref.begin(), ref.end(), [](float v) { return v != 0.0f; })) / static_cast<double>(ref.size());
     if (ref.size() > 10000) {
@@ -372,12 +377,7 @@ TEST_P(BackendOps, EmbedRows) {
     be_->EmbedRows(w.m, ids.data(), n, got.data());
     const std::string shape = std::string(TypeTraits(t).name) + " " + std::to_string(n) + " rows of " + std::to_string(cols);
     EXPECT_EQ(got, ref) << shape;
-    float* buf = be_->AllocBuffer(n * cols);
-    be_->EmbedRows(w.m, ids.data(), n, buf);
-    Vec via_buffer(ref.size(), -1.0f);
-    be_->Copy(buf, via_buffer.data(), n * cols);
-    be_->FreeBuffer(buf);
-    EXPECT_EQ(via_buffer, ref) << shape << " (buffer)";
+    EXPECT_EQ(ThroughBuffer(n * cols, [&](float* out) { be_->EmbedRows(w.m, ids.data(), n, out); }), ref) << shape << " (buffer)";
     Expect(Op::kEmbedRows, ref, got, 0.0, shape);
   }
 }
