@@ -3,6 +3,8 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
 
 namespace fedtune::aggregation {
 namespace {
@@ -77,6 +79,11 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
   const double share = o_.noise_share_clients > 0 ? o_.noise_share_clients : m;
   const double z_round = o_.noise_added_by_clients ? o_.noise_multiplier * std::sqrt(std::min(1.0, accepted / share)) : o_.noise_multiplier;
   FT_RETURN_IF_ERROR(ledger_.Record({absl::StrCat("round ", round), q, z_round, 1}));
+  if (o_.seed) {
+    privacy::NoiseSource::Seed s = *o_.seed;
+    for (int i = 0; i < 4; ++i) s[28 + i] ^= static_cast<uint8_t>(static_cast<uint32_t>(round) >> (8 * i));
+    FT_ASSIGN_OR_RETURN(noise_, privacy::NoiseSource::FromSeed(s));
+  }
   // Sum = mean * contributors, plus noise on every coordinate of every tensor (absent tensors
   // have a zero sum: whether anyone trained them must not show either).
   const double stddev = z_update_ * clip_;
@@ -102,6 +109,31 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
     clip_ *= std::exp(-o_.clip_lr * (b - o_.target_quantile));
   }
   return r;
+}
+
+StrategyState DpStrategy::SaveState() const {
+  StrategyState s = inner_->SaveState();
+  nlohmann::json j;
+  j["inner"] = s.text;
+  j["clip"] = absl::StrFormat("%.17g", clip_);
+  j["releases"] = nlohmann::json::array();
+  for (const privacy::Release& r : ledger_.releases())
+    j["releases"].push_back({{"label", r.label}, {"q", absl::StrFormat("%.17g", r.q)}, {"sigma", absl::StrFormat("%.17g", r.sigma)}, {"steps", r.steps}});
+  s.text = j.dump();
+  return s;
+}
+
+absl::Status DpStrategy::LoadState(const StrategyState& state) try {
+  const nlohmann::json j = nlohmann::json::parse(state.text);
+  FT_RETURN_IF_ERROR(inner_->LoadState({state.tensors, j.at("inner").get<std::string>()}));
+  clip_ = std::stod(j.at("clip").get<std::string>());
+  ledger_ = privacy::PrivacyLedger(o_.epsilon_budget, o_.delta);
+  for (const auto& r : j.at("releases"))
+    FT_RETURN_IF_ERROR(ledger_.Record({r.at("label").get<std::string>(), std::stod(r.at("q").get<std::string>()),
+                                       std::stod(r.at("sigma").get<std::string>()), r.at("steps").get<int64_t>()}));
+  return absl::OkStatus();
+} catch (const std::exception& e) {
+  return absl::DataLossError(absl::StrCat("dp strategy state: ", e.what()));
 }
 
 }  // namespace fedtune::aggregation

@@ -34,7 +34,9 @@ struct DpOptions {
   bool noise_added_by_clients = false;
   int noise_share_clients = 0;  // each client adds 1/this of the noise variance; 0: expected_clients
   double delta = 1e-5;
-  std::optional<privacy::NoiseSource::Seed> seed;  // tests only: reproducible noise
+  // Tests only: reproducible noise. Each round draws from its own stream (the seed with the
+  // round number in its last 4 bytes), so a restarted run adds the same noise.
+  std::optional<privacy::NoiseSource::Seed> seed;
 };
 
 class DpStrategy : public Strategy {
@@ -51,6 +53,10 @@ class DpStrategy : public Strategy {
     return inner_->ConfigureEvaluate(round, available, rng);
   }
   bool linear() const override { return true; }
+  // The wrapped strategy's state, the privacy ledger (every release, doubles printed exactly)
+  // and the clipping norm.
+  StrategyState SaveState() const override;
+  absl::Status LoadState(const StrategyState& state) override;
   const privacy::PrivacyLedger& ledger() const { return ledger_; }
   double clip_norm() const { return clip_; }
   double update_noise_multiplier() const { return z_update_; }

@@ -349,20 +349,26 @@ absl::StatusOr<RoundResult> FedStrategy::Commit(int, const TensorMap& global, Me
   return r;
 }
 
-TensorMap FedStrategy::SaveState() const {
-  TensorMap s;
-  for (const auto& [k, x] : m_) s["m/" + k] = x;
-  for (const auto& [k, x] : v_) s["v/" + k] = x;
+StrategyState FedStrategy::SaveState() const {
+  StrategyState s;
+  for (const auto& [k, x] : m_) s.tensors["m/" + k] = x;
+  for (const auto& [k, x] : v_) s.tensors["v/" + k] = x;
   return s;
 }
 
-void FedStrategy::LoadState(const TensorMap& state) {
+absl::Status FedStrategy::LoadState(const StrategyState& state) {
   m_.clear();
   v_.clear();
-  for (const auto& [k, x] : state) {
-    if (k.rfind("m/", 0) == 0) m_[k.substr(2)] = x;
-    if (k.rfind("v/", 0) == 0) v_[k.substr(2)] = x;
+  for (const auto& [k, x] : state.tensors) {
+    if (k.rfind("m/", 0) == 0) {
+      m_[k.substr(2)] = x;
+    } else if (k.rfind("v/", 0) == 0) {
+      v_[k.substr(2)] = x;
+    } else {
+      return absl::DataLossError(absl::StrCat("strategy state: unexpected tensor ", k));
+    }
   }
+  return absl::OkStatus();
 }
 
 }  // namespace fedtune::aggregation

@@ -54,9 +54,9 @@ class FedStrategy : public Strategy {
   std::vector<ClientTask> ConfigureEvaluate(int round, const std::vector<std::string>& available, Rng& rng) override;
   bool linear() const override { return o_.merge == MergeRule::kMean || o_.merge == MergeRule::kUncertainty; }
   const StrategyOptions& options() const { return o_; }
-  // Server optimizer moments (for coordinator checkpoints): "m/<tensor>", "v/<tensor>".
-  TensorMap SaveState() const;
-  void LoadState(const TensorMap& state);
+  // Server optimizer moments: tensors "m/<tensor>", "v/<tensor>".
+  StrategyState SaveState() const override;
+  absl::Status LoadState(const StrategyState& state) override;
 
  private:
   explicit FedStrategy(const StrategyOptions& o) : o_(o) {}

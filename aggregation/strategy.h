@@ -47,6 +47,14 @@ struct EvalReport {
   std::map<std::string, double> metrics;
 };
 
+// What a strategy carries from round to round (server-optimizer moments, the privacy ledger,
+// an adaptive clipping norm), so a restarted coordinator continues exactly: tensors plus a text
+// (JSON) for scalars that must survive bit for bit.
+struct StrategyState {
+  TensorMap tensors;
+  std::string text;
+};
+
 class Aggregation {
  public:
   virtual ~Aggregation() = default;
@@ -77,6 +85,9 @@ class Strategy {
   // Whether the merge is a (weighted) mean of deltas, the form differential privacy and secure
   // aggregation need.
   virtual bool linear() const = 0;
+  // State across rounds (default: none). LoadState takes what SaveState gave, after a restart.
+  virtual StrategyState SaveState() const { return {}; }
+  virtual absl::Status LoadState(const StrategyState&) { return absl::OkStatus(); }
 };
 
 // Convenience for callers holding all updates at once (tests, small simulations). Invalid

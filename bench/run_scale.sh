@@ -21,7 +21,7 @@ print(f"peak RSS: 4 clients {r4:.0f} MiB, 100 clients {r100:.0f} MiB -> {(r100 -
 import json
 rows = [json.loads(l) for l in open("runs/bench/standin1000/metrics.jsonl")]
 for r in rows[1:]:
-    print(f"stand-in round {r['round']}: 1000 updates, server overhead {float(r['server_overhead_seconds']):.1f} s "
+    print(f"stand-in round {r['round']}: 1000 updates, server overhead {float(r['overhead_seconds']):.1f} s "
           f"(merge+commit {float(r['server_merge_seconds']):.1f} s, client stand-ins {float(r['client_seconds']):.1f} s), "
           f"{float(r['bytes_up']) / 2**30:.2f} GiB received")
 print(f"stand-in peak RSS {rss('standin1000'):.0f} MiB")

@@ -94,6 +94,15 @@ absl::Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> b
     ::unlink(tmp.c_str());
     return ErrnoStatus("cannot rename to", path, err);
   }
+  // The rename is durable only once the directory entry is: fsync the directory too.
+  const size_t slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return ErrnoStatus("cannot open directory", dir, errno);
+  const int rc = ::fsync(dfd);
+  const int err = errno;
+  ::close(dfd);
+  if (rc != 0 && err != EINVAL) return ErrnoStatus("cannot flush directory", dir, err);
   return absl::OkStatus();
 }
 

@@ -18,6 +18,7 @@ td:first-child{text-align:left}.offline{color:#999}.training{color:#1f77b4}</sty
 <div><canvas id="updates"></canvas></div><div><canvas id="loss"></canvas></div>
 <div><canvas id="time"></canvas></div><div><canvas id="traffic"></canvas></div>
 <div><canvas id="memory"></canvas></div><div><canvas id="epsilon"></canvas></div>
+<div><canvas id="accuracy"></canvas></div>
 </div>
 <h2>Workers</h2><table id="workers"></table>
 <h2>Rounds</h2><table id="rounds"></table>
@@ -43,12 +44,14 @@ function render(D) {
     `${online} of ${W.length} workers online; updates accepted ${D.updates_accepted}, rejected ${D.updates_rejected}; RSS ${num(D.rss_mib, 0)} MiB`;
   draw('updates', 'bar', 'Updates per round', labels, [['accepted', s('accepted')], ['failed', s('failures')]], 'updates');
   draw('loss', 'line', 'Client training loss (mean)', labels, [['train loss', s('train_loss')]], 'loss');
-  draw('time', 'line', 'Round time', labels, [['round', s('round_seconds')], ['slowest training', s('train_seconds_max')],
+  draw('time', 'line', 'Round time', labels, [['round', s('wall_seconds')], ['slowest training', s('train_seconds_max')],
     ['overhead (outside training)', s('overhead_seconds')]], 's');
-  draw('traffic', 'bar', 'Traffic per round', labels, [['updates in (MiB)', s('bytes_in').map(v => v === null ? null : v / 1048576)],
-    ['adapters out (MiB)', s('bytes_out').map(v => v === null ? null : v / 1048576)]], 'MiB');
+  draw('traffic', 'bar', 'Traffic per round', labels, [['updates in (MiB)', s('bytes_up').map(v => v === null ? null : v / 1048576)],
+    ['adapters out (MiB)', s('bytes_down').map(v => v === null ? null : v / 1048576)]], 'MiB');
   draw('memory', 'line', 'Coordinator memory', labels, [['peak RSS in round (MiB)', s('rss_peak_mib')]], 'MiB');
-  draw('epsilon', 'line', 'Privacy spent', labels, [['epsilon', s('epsilon')]], 'epsilon');
+  draw('epsilon', 'line', 'Privacy spent', labels, [['central epsilon', s('epsilon')], ['local epsilon (worst worker)', s('local_epsilon')]], 'epsilon');
+  draw('accuracy', 'line', 'Held-out evaluation', labels, [['exact match (%)', s('accuracy').map(v => v === null ? null : 100 * v)],
+    ['loss', s('eval_loss')]], '% / loss');
   let w = '<tr><th>worker</th><th>state</th><th>round</th><th>progress</th><th>cores</th><th>memory GiB</th><th>train tok/s</th>' +
           '<th>link Mbit/s</th><th>last seen s</th><th>updates accepted</th><th>plan (why)</th></tr>';
   for (const x of W) w += `<tr class="${esc(x.state)}"><td>${esc(x.id)}</td><td>${esc(x.state)}</td><td>${x.round || '-'}</td>` +
@@ -57,10 +60,10 @@ function render(D) {
     `<td style="text-align:left;font-size:85%">${esc(x.plan || '')}</td></tr>`;
   document.getElementById('workers').innerHTML = w;
   let t = '<tr><th>round</th><th>accepted</th><th>failed</th><th>train loss</th><th>round s</th><th>overhead s</th><th>MiB in</th>' +
-          '<th>MiB out</th><th>peak RSS MiB</th><th>update norm</th><th>epsilon</th></tr>';
+          '<th>MiB out</th><th>peak RSS MiB</th><th>update norm</th><th>eval loss</th><th>accuracy</th><th>epsilon</th></tr>';
   for (const r of R) t += `<tr><td>${r.round}</td><td>${num(r.accepted, 0)}</td><td>${num(r.failures, 0)}</td><td>${num(r.train_loss, 4)}</td>` +
-    `<td>${num(r.round_seconds, 2)}</td><td>${num(r.overhead_seconds, 2)}</td><td>${num(r.bytes_in / 1048576, 1)}</td><td>${num(r.bytes_out / 1048576, 1)}</td>` +
-    `<td>${num(r.rss_peak_mib, 0)}</td><td>${num(r.update_norm, 4)}</td><td>${num(r.epsilon, 3)}</td></tr>`;
+    `<td>${num(r.wall_seconds, 2)}</td><td>${num(r.overhead_seconds, 2)}</td><td>${num(r.bytes_up / 1048576, 1)}</td><td>${num(r.bytes_down / 1048576, 1)}</td>` +
+    `<td>${num(r.rss_peak_mib, 0)}</td><td>${num(r.update_norm, 4)}</td><td>${num(r.eval_loss, 4)}</td><td>${r.accuracy === undefined ? '-' : (100 * r.accuracy).toFixed(1) + '%'}</td><td>${num(r.epsilon, 3)}</td></tr>`;
   document.getElementById('rounds').innerHTML = t;
   document.body.setAttribute('data-charts-ready', typeof Chart === 'undefined' ? 'no' : 'yes');
 }

@@ -24,10 +24,10 @@
 #include "common/rng.h"
 #include "coordinator/dashboard.h"
 #include "coordinator/http_status.h"
-#include "coordinator/run_ledger.h"
 #include "nlohmann/json.hpp"
-#include "coordinator/update_codec.h"
 #include "proto/service.grpc.pb.h"
+#include "protocol/task.h"
+#include "protocol/update_codec.h"
 
 namespace fedtune::coordinator {
 namespace {
@@ -49,11 +49,10 @@ int64_t UnixMs() {
 
 }  // namespace
 
-struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
+struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public federation::Transport {
   ServerOptions o;
-  std::unique_ptr<aggregation::Strategy> strategy;
+  std::unique_ptr<federation::RoundEngine> engine;
   std::unique_ptr<grpc::Server> server;
-  std::unique_ptr<RunLedger> ledger;
   std::map<std::string, std::string> token_hash;  // worker -> sha256(token) hex
   std::thread rounds_thread;
   int port = 0;
@@ -79,7 +78,6 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
   std::string global_sha;
   std::map<std::string, rpc::v1::Task> assigned;  // this round
   std::map<std::string, std::string> plan_notes;  // worker -> the planner's explanation (or why left out)
-  std::map<model::Module, double> importance;     // planner: where merged updates move
   std::set<std::string> fetched, received;
   std::deque<aggregation::ClientUpdate> inbox;
   std::vector<aggregation::ClientFailure> rejected;
@@ -114,7 +112,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     const int64_t now = UnixMs();
     gauge("fedtune_round", "Round in progress (or last committed).", round);
     gauge("fedtune_rounds_committed", "Rounds committed to the ledger.", committed);
-    gauge("fedtune_rounds_total", "Rounds configured.", o.rounds);
+    gauge("fedtune_rounds_total", "Rounds configured.", o.engine.settings.rounds);
     gauge("fedtune_workers_joined", "Workers that joined.", static_cast<double>(workers.size()));
     gauge("fedtune_workers_online", "Workers seen within the offline timeout.", static_cast<double>(OnlineWorkers().size()));
     gauge("fedtune_process_resident_bytes", "Coordinator resident memory.", CurrentRssMiB() * 1048576.0);
@@ -138,7 +136,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     nlohmann::json j;
     j["round"] = round;
     j["committed"] = committed;
-    j["rounds_total"] = o.rounds;
+    j["rounds_total"] = o.engine.settings.rounds;
     j["phase"] = done ? "done" : phase;
     j["updates_accepted"] = updates_accepted;
     j["updates_rejected"] = updates_rejected;
@@ -172,7 +170,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     const std::string cn = PeerCn(ctx);
     auto it = token_hash.find(cn);
     const std::vector<uint8_t> tok(req->token().begin(), req->token().end());
-    if (cn.empty() || it == token_hash.end() || Sha256Hex(tok) != it->second) {
+    if (cn.empty() || it == token_hash.end() || protocol::Sha256Hex(tok) != it->second) {
       FT_LOG_WARN("join refused: worker '{}' (bad or missing token)", cn);
       return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "unknown worker or bad join token");
     }
@@ -186,7 +184,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     const auto& p = req->profile();
     FT_LOG_INFO("worker '{}' joined ({} cores, {:.1f} GiB, {:.0f} training tokens/s)", cn, p.cores(), static_cast<double>(p.memory_bytes()) / (1 << 30),
                 p.train_tokens_per_second());
-    resp->set_run_id(fs::path(o.state_dir).filename().string());
+    resp->set_run_id(fs::path(o.engine.state_dir).filename().string());
     resp->set_worker_id(cn);
     resp->set_heartbeat_ms(o.heartbeat_ms);
     return grpc::Status::OK;
@@ -243,6 +241,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
       bytes = global_bytes;  // shared, never copied per download
       sha = global_sha;
     }
+    if (!bytes) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no adapter is published yet");
     if (req->offset() < 0 || static_cast<size_t>(req->offset()) > bytes->size()) return grpc::Status(grpc::StatusCode::OUT_OF_RANGE, "bad offset");
     // Bounded wait: a slot held by a dead peer (until keepalive notices) must not stall everyone.
     if (!download_slots->try_acquire_for(std::chrono::seconds(60))) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "coordinator busy; retry");
@@ -314,8 +313,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     }
     resp->set_received_bytes(static_cast<int64_t>(bytes.size()));
     if (bytes.size() != static_cast<size_t>(h.total_bytes())) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload truncated");
-    if (Sha256Hex(bytes) != h.sha256()) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload checksum mismatch");
-    auto u = DecodeUpdate(bytes, snapshot, o.max_update_bytes, cn);
+    if (protocol::Sha256Hex(bytes) != h.sha256()) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload checksum mismatch");
+    auto u = protocol::DecodeUpdate(bytes, snapshot, o.max_update_bytes, cn);
     snapshot.clear();
     std::unique_lock<std::mutex> l(mu);
     if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
@@ -349,9 +348,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
 
   grpc::Status GetStatus(grpc::ServerContext*, const rpc::v1::StatusRequest*, rpc::v1::StatusResponse* resp) override {
     std::lock_guard<std::mutex> l(mu);
-    resp->set_run_id(fs::path(o.state_dir).filename().string());
+    resp->set_run_id(fs::path(o.engine.state_dir).filename().string());
     resp->set_round(round);
-    resp->set_rounds_total(o.rounds);
+    resp->set_rounds_total(o.engine.settings.rounds);
     resp->set_phase(done ? "done" : phase);
     const int64_t now = UnixMs();
     for (const auto& [id, w] : workers) {
@@ -369,237 +368,153 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service {
     return grpc::Status::OK;
   }
 
-  // ---- the round loop (its own thread) ----
+  // ---- federation::Transport: the engine's rounds over the service (the engine's thread) ----
 
-  absl::Status PublishGlobal(int r) {
-    FT_ASSIGN_OR_RETURN(std::vector<uint8_t> b, EncodeTensors(global, r - 1));
-    global_sha = Sha256Hex(b);
+  absl::Status PublishGlobal(int r, const aggregation::TensorMap& g) {
+    FT_ASSIGN_OR_RETURN(std::vector<uint8_t> b, protocol::EncodeTensors(g, r - 1));
+    global_sha = protocol::Sha256Hex(b);
     global_bytes = std::make_shared<const std::vector<uint8_t>>(std::move(b));
+    global = g;
     return absl::OkStatus();
   }
 
-  absl::Status RunRounds() {
-    int attempt = 0;  // of the current round (quorum retries)
-    for (int r = committed + 1; r <= o.rounds; ++r) {
-      const auto t_round = Clock::now();
-      std::vector<std::string> available;
-      std::vector<planner::WorkerProfile> profiles;
-      {
-        std::unique_lock<std::mutex> l(mu);
-        phase = "waiting for workers";
-        // Re-check every second: workers that stop talking turn offline without an event.
-        while (!shutdown && static_cast<int>(OnlineWorkers().size()) < o.min_workers) cv.wait_for(l, std::chrono::seconds(1));
-        if (shutdown) return absl::CancelledError("coordinator shut down");
-        available = OnlineWorkers();
-        if (o.planning) {
-          phase = "plan";
-          for (const std::string& id : available) {
-            const rpc::v1::Profile& p = workers[id].profile;
-            profiles.push_back({id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
-                                p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0, p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20});
-          }
-        }
-      }
-      // Planning runs without the lock (it can take seconds with hundreds of workers): RPCs and
-      // heartbeats keep being served meanwhile. If it fails, everyone gets the configured training.
-      std::map<std::string, planner::WorkerPlan> plans;
-      if (o.planning) {
-        auto made = planner::MakePlan(o.planning->shape, importance, profiles, o.planning->options);
-        if (made.ok()) {
-          for (const planner::WorkerPlan& wp : made->workers) {
-            plans[wp.worker] = wp;
-            FT_LOG_INFO("round {} plan: {} {}", r, wp.worker, wp.excluded ? wp.reason : wp.explanation);
-          }
-          FT_LOG_INFO("round {} plan: {}", r, made->summary);
-        } else {
-          FT_LOG_WARN("round {}: planner: {}; every worker gets the configured training", r, made.status().ToString());
-        }
-      }
-      {
-        std::unique_lock<std::mutex> l(mu);
-        for (const auto& [id, wp] : plans) plan_notes[id] = wp.excluded ? wp.reason : wp.explanation;
-        round = r;
-        phase = "collect";
-        FT_RETURN_IF_ERROR(PublishGlobal(r));
-        Rng rng(o.seed * 1000003 + static_cast<uint64_t>(r) + 7919 * static_cast<uint64_t>(attempt));  // a retry selects anew
-        deadline_unix_ms = UnixMs() + o.deadline_ms;
-        assigned.clear();
-        fetched.clear();
-        received.clear();
-        rejected.clear();
-        inbox.clear();
-        closed = false;
-        bytes_in = bytes_out = 0;
-        std::vector<std::string> selectable;
-        for (const std::string& id : available)
-          if (!plans.count(id) || !plans[id].excluded) selectable.push_back(id);
-        for (const aggregation::ClientTask& t : strategy->ConfigureTrain(r, selectable, rng)) {
-          rpc::v1::Task task;
-          task.set_kind(rpc::v1::Task::TRAIN);
-          task.set_run_id(fs::path(o.state_dir).filename().string());
-          task.set_round(r);
-          *task.mutable_plan() = o.plan;
-          task.set_local_steps(o.local_steps);
-          task.set_batch(o.batch);
-          task.set_learning_rate(o.learning_rate);
-          for (const auto& [k, v] : t.config) (*task.mutable_config())[k] = v;
-          task.set_adapter_sha256(global_sha);
-          task.set_adapter_bytes(static_cast<int64_t>(global_bytes->size()));
-          task.set_deadline_unix_ms(deadline_unix_ms);
-          task.set_send_fisher(o.send_fisher);
-          if (auto pit = plans.find(t.client); pit != plans.end()) {
-            const planner::Candidate& pc = pit->second.c;
-            for (auto m : pc.modules) task.mutable_plan()->add_train_modules(model::ModuleName(m));
-            task.mutable_plan()->set_base_type(kernels::TypeTraits(pc.base).name);
-            task.mutable_plan()->set_explanation(pit->second.explanation);
-            task.set_batch(pc.batch);
-            task.set_local_steps(pc.local_steps);
-          }
-          assigned[t.client] = task;
-        }
-      }
-      cv.notify_all();
-      FT_LOG_INFO("round {}/{}: {} workers selected", r, o.rounds, assigned.size());
-      // Collect until every selected worker has answered, the target is reached, or the deadline
-      // passes; updates are folded in on this thread as they arrive (streaming).
-      std::unique_ptr<aggregation::Aggregation> agg = strategy->BeginAggregate(r, global);
-      std::vector<aggregation::ClientFailure> failures;
-      std::vector<ClientRoundRecord> recs;
-      double rss_peak = CurrentRssMiB(), train_max = 0, loss_sum = 0;
-      int accepted = 0;
-      const auto deadline = Clock::now() + std::chrono::milliseconds(o.deadline_ms);
-      auto fold = [&](std::deque<aggregation::ClientUpdate>& batch) {
-        for (auto& u : batch) {
-          auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
-          ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), 0};
-          const std::string who = u.client;
-          if (absl::Status st = agg->Add(std::move(u)); !st.ok()) {
-            rec.status = absl::StrCat("rejected: ", st.message());
-            failures.push_back({who, st});
-          } else {
-            ++accepted;
-            train_max = std::max(train_max, rec.train_seconds);
-            loss_sum += rec.train_loss;
-          }
-          recs.push_back(rec);
-          rss_peak = std::max(rss_peak, CurrentRssMiB());
-        }
-      };
-      for (;;) {
-        std::deque<aggregation::ClientUpdate> batch;
-        bool complete = false;
-        {
-          std::unique_lock<std::mutex> l(mu);
-          cv.wait_until(l, deadline, [&] { return shutdown || !inbox.empty() || received.size() == assigned.size(); });
-          if (shutdown) return absl::CancelledError("coordinator shut down");
-          batch.swap(inbox);
-          complete = received.size() == assigned.size();
-        }
-        cv.notify_all();  // room in the inbox
-        fold(batch);
-        if (complete || Clock::now() >= deadline) break;
-        if (o.target_updates > 0 && accepted >= o.target_updates) {
-          std::deque<aggregation::ClientUpdate> rest;
-          {
-            std::lock_guard<std::mutex> l(mu);
-            closed = true;  // late workers are told to abandon; their uploads are refused
-            rest.swap(inbox);
-          }
-          cv.notify_all();
-          fold(rest);  // already accepted on upload: folded in too
-          break;
-        }
-      }
-      {
-        // Updates accepted while the last batch was being folded in (the deadline may have
-        // passed meanwhile) are still in the inbox: close the round and fold them in too.
-        std::deque<aggregation::ClientUpdate> rest;
-        {
-          std::lock_guard<std::mutex> l(mu);
-          closed = true;
-          rest.swap(inbox);
-        }
-        cv.notify_all();
-        fold(rest);
-      }
-      const auto t_collected = Clock::now();
-      {
-        std::lock_guard<std::mutex> l(mu);
-        closed = true;
-        for (const auto& f : rejected) {
-          failures.push_back(f);
-          recs.push_back({f.client, absl::StrCat("rejected: ", f.status.message()), 0, 0, 0, 0});
-        }
-        for (const auto& [w, t] : assigned)
-          if (!received.count(w)) {
-            const bool early = o.target_updates > 0 && accepted >= o.target_updates;
-            failures.push_back({w, absl::DeadlineExceededError(early ? "round closed after the target number of updates" : "no update before the deadline")});
-            recs.push_back({w, early ? "not needed (round closed)" : "missed deadline", 0, 0, 0, 0});
-          }
-        phase = "aggregate";
-      }
-      cv.notify_all();
-      if (accepted < o.quorum) {
-        ++attempt;
-        FT_LOG_WARN("round {}: {} updates accepted, quorum is {}; the round starts again (attempt {})", r, accepted, o.quorum, attempt + 1);
-        std::unique_lock<std::mutex> l(mu);  // back off a little; shutdown interrupts
-        cv.wait_for(l, std::chrono::milliseconds(std::min(10000, 500 * attempt)), [&] { return shutdown; });
-        --r;
-        continue;
-      }
-      attempt = 0;
-      FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
-      FT_ASSIGN_OR_RETURN(aggregation::RoundResult res, strategy->Commit(r, global, std::move(merged), failures));
-      aggregation::TensorMap next = res.global ? std::move(*res.global) : global;
-      // Commit: the adapter file first (atomic), then the ledger row; a crash between the two
-      // leaves round r uncommitted and its file ignored on restart.
-      FT_ASSIGN_OR_RETURN(auto bytes, EncodeTensors(next, r));
-      FT_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(o.state_dir, "/global-", r, ".safetensors"), std::string(bytes.begin(), bytes.end())));
-      rss_peak = std::max(rss_peak, CurrentRssMiB());
-      const double round_s = std::chrono::duration<double>(Clock::now() - t_round).count();
-      {
-        std::lock_guard<std::mutex> l(mu);
-        res.metrics["bytes_in"] = static_cast<double>(bytes_in);
-        res.metrics["bytes_out"] = static_cast<double>(bytes_out);
-      }
-      res.metrics["round_seconds"] = round_s;
-      res.metrics["collect_seconds"] = std::chrono::duration<double>(t_collected - t_round).count();
-      res.metrics["train_seconds_max"] = train_max;
-      res.metrics["overhead_seconds"] = round_s - train_max;
-      res.metrics["rss_peak_mib"] = rss_peak;
-      if (accepted > 0) res.metrics["train_loss"] = loss_sum / accepted;
-      FT_RETURN_IF_ERROR(ledger->CommitRound(r, res.metrics, recs));
-      std::error_code ec;
-      fs::remove(absl::StrCat(o.state_dir, "/global-", r - 2, ".safetensors"), ec);
-      if (o.planning)  // module importance: blend with where this round's merged update moved
-        planner::BlendImportance(importance, planner::UpdateEnergy(global, next, o.planning->options.adapted));
-      {
-        std::lock_guard<std::mutex> l(mu);
-        global = std::move(next);
-        committed = r;
-        assigned.clear();
-        history[r] = res.metrics;
-        phase = r == o.rounds ? "done" : "waiting for workers";
-      }
-      FT_LOG_INFO("round {}/{} committed: {} accepted, {} failed; {:.2f} s ({:.2f} s outside training), {:.1f} MiB in, {:.1f} MiB out, peak RSS {:.0f} MiB",
-                  r, o.rounds, accepted, failures.size(), round_s, round_s - train_max, res.metrics["bytes_in"] / 1048576.0,
-                  res.metrics["bytes_out"] / 1048576.0, rss_peak);
+  void Phase(int r, const std::string& p) override {
+    std::lock_guard<std::mutex> l(mu);
+    if (r > 0) round = r;
+    phase = p;
+  }
+
+  absl::StatusOr<std::vector<federation::ClientInfo>> Available(int, int min, int attempt) override {
+    std::unique_lock<std::mutex> l(mu);
+    if (attempt > 0)  // a retried round: back off a little; shutdown interrupts
+      cv.wait_for(l, std::chrono::milliseconds(std::min(10000, 500 * attempt)), [&] { return shutdown; });
+    // Re-check every second: workers that stop talking turn offline without an event.
+    while (!shutdown && static_cast<int>(OnlineWorkers().size()) < min) cv.wait_for(l, std::chrono::seconds(1));
+    if (shutdown) return absl::CancelledError("coordinator shut down");
+    std::vector<federation::ClientInfo> v;
+    for (const std::string& id : OnlineWorkers()) {
+      const rpc::v1::Profile& p = workers[id].profile;
+      federation::ClientInfo c;
+      c.name = id;
+      c.profile = planner::WorkerProfile{id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
+                                         p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0,
+                                         p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20};
+      v.push_back(std::move(c));
     }
+    return v;
+  }
+
+  absl::Status Planned(int, const planner::Plan& plan) override {
+    std::lock_guard<std::mutex> l(mu);
+    plan_notes.clear();
+    for (const planner::WorkerPlan& wp : plan.workers) plan_notes[wp.worker] = wp.excluded ? wp.reason : wp.explanation;
+    return absl::OkStatus();
+  }
+
+  absl::Status Train(int r, const aggregation::TensorMap& g, const std::vector<protocol::TrainTask>& tasks, federation::Collector& col,
+                     std::map<std::string, double>& metrics) override {
+    {
+      std::unique_lock<std::mutex> l(mu);
+      round = r;
+      FT_RETURN_IF_ERROR(PublishGlobal(r, g));
+      deadline_unix_ms = UnixMs() + o.deadline_ms;
+      assigned.clear();
+      fetched.clear();
+      received.clear();
+      rejected.clear();
+      inbox.clear();
+      closed = false;
+      bytes_in = bytes_out = 0;
+      for (protocol::TrainTask t : tasks) {
+        t.adapter_sha256 = global_sha;
+        t.adapter_bytes = static_cast<int64_t>(global_bytes->size());
+        t.deadline_unix_ms = deadline_unix_ms;
+        assigned[t.client] = protocol::ToProto(t);
+      }
+    }
+    cv.notify_all();
+    FT_LOG_INFO("round {}/{}: {} workers selected", r, o.engine.settings.rounds, tasks.size());
+    // Collect until every selected worker has answered, the round has enough updates, or the
+    // deadline passes; updates are folded in on this thread as they arrive (streaming).
+    double rss_peak = CurrentRssMiB();
+    const auto deadline = Clock::now() + std::chrono::milliseconds(o.deadline_ms);
+    auto fold = [&](std::deque<aggregation::ClientUpdate>& batch) {
+      for (auto& u : batch) {
+        (void)col.Add(std::move(u));  // a refusal is recorded by the collector
+        rss_peak = std::max(rss_peak, CurrentRssMiB());
+      }
+    };
+    for (;;) {
+      std::deque<aggregation::ClientUpdate> batch;
+      bool complete = false;
+      {
+        std::unique_lock<std::mutex> l(mu);
+        cv.wait_until(l, deadline, [&] { return shutdown || !inbox.empty() || received.size() == assigned.size(); });
+        if (shutdown) return absl::CancelledError("coordinator shut down");
+        batch.swap(inbox);
+        complete = received.size() == assigned.size();
+      }
+      cv.notify_all();  // room in the inbox
+      fold(batch);
+      if (complete || Clock::now() >= deadline || col.enough()) break;
+    }
+    // Close the round; updates accepted on upload meanwhile are still folded in.
+    std::deque<aggregation::ClientUpdate> rest;
+    std::vector<aggregation::ClientFailure> refused;
+    std::vector<std::string> missing;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      closed = true;  // late workers are told to abandon; their uploads are refused
+      rest.swap(inbox);
+      refused = rejected;
+      for (const auto& [w, t] : assigned)
+        if (!received.count(w)) missing.push_back(w);
+      metrics["bytes_up"] = static_cast<double>(bytes_in);
+      metrics["bytes_down"] = static_cast<double>(bytes_out);
+    }
+    cv.notify_all();
+    fold(rest);
+    for (const auto& f : refused) col.Fail(f.client, f.status, absl::StrCat("rejected: ", f.status.message()));
+    const bool early = col.enough();
+    for (const std::string& w : missing)
+      col.Fail(w, absl::DeadlineExceededError(early ? "round closed after the target number of updates" : "no update before the deadline"),
+               early ? "not needed (round closed)" : "missed deadline");
+    metrics["rss_peak_mib"] = rss_peak;
+    return absl::OkStatus();
+  }
+
+  absl::Status Evaluate(int, const aggregation::TensorMap& g, std::map<std::string, double>& metrics) override {
+    if (!o.evaluate) return absl::OkStatus();
+    return o.evaluate(g, metrics);
+  }
+
+  absl::Status Committed(const federation::RoundRecord& rec, const aggregation::TensorMap& g) override {
+    {
+      std::lock_guard<std::mutex> l(mu);
+      global = g;
+      if (rec.round > 0) committed = rec.round;
+      assigned.clear();
+      history[rec.round] = rec.metrics;
+      phase = rec.round == o.engine.settings.rounds ? "done" : "waiting for workers";
+    }
+    const auto m = [&rec](const char* k) { return rec.metrics.count(k) ? rec.metrics.at(k) : 0.0; };
+    if (rec.round > 0)
+      FT_LOG_INFO("round {}/{} committed: {} accepted, {} failed; {:.2f} s ({:.2f} s outside training), {:.1f} MiB in, {:.1f} MiB out, peak RSS {:.0f} MiB",
+                  rec.round, o.engine.settings.rounds, m("accepted"), m("failures"), m("wall_seconds"), m("overhead_seconds"), m("bytes_up") / 1048576.0,
+                  m("bytes_down") / 1048576.0, m("rss_peak_mib"));
     return absl::OkStatus();
   }
 };
 
-absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOptions o, std::unique_ptr<aggregation::Strategy> strategy) {
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(ServerOptions o) {
   std::unique_ptr<CoordinatorServer> s(new CoordinatorServer());
   s->impl_ = std::make_unique<Impl>();
   Impl& im = *s->impl_;
-  if (o.state_dir.empty()) return absl::InvalidArgumentError("coordinator: state_dir is required");
-  if (o.quorum < 1) return absl::InvalidArgumentError("coordinator: quorum must be >= 1");
-  if (o.target_updates > 0 && o.quorum > o.target_updates)
-    return absl::InvalidArgumentError(absl::StrCat("coordinator: quorum (", o.quorum, ") exceeds target_updates (", o.target_updates, "): no round could commit"));
-  std::error_code ec;
-  fs::create_directories(o.state_dir, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("coordinator: cannot create ", o.state_dir, ": ", ec.message()));
+  if (o.engine.state_dir.empty()) return absl::InvalidArgumentError("coordinator: state_dir is required");
+  if (o.engine.quorum < 1) return absl::InvalidArgumentError("coordinator: quorum must be >= 1");
+  if (o.engine.target_updates > 0 && o.engine.quorum > o.engine.target_updates)
+    return absl::InvalidArgumentError(absl::StrCat("coordinator: quorum (", o.engine.quorum, ") exceeds target_updates (", o.engine.target_updates,
+                                                   "): no round could commit"));
   FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
   FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));
@@ -607,23 +522,18 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   std::istringstream ts(tokens);
   std::string name, hash;
   while (ts >> name >> hash) im.token_hash[name] = hash;
-  FT_ASSIGN_OR_RETURN(im.ledger, RunLedger::Open(o.state_dir + "/ledger.sqlite"));
-  FT_ASSIGN_OR_RETURN(im.committed, im.ledger->LastRound());
-  FT_ASSIGN_OR_RETURN(im.history, im.ledger->AllMetrics());
-  im.global = o.initial_global;
-  if (im.committed > 0) {  // resume from the last committed round
-    FT_ASSIGN_OR_RETURN(std::string b, ReadFileToString(absl::StrCat(o.state_dir, "/global-", im.committed, ".safetensors")));
-    int r = 0;
-    FT_ASSIGN_OR_RETURN(im.global, DecodeTensors({reinterpret_cast<const uint8_t*>(b.data()), b.size()}, &r));
-    if (r != im.committed) return absl::DataLossError(absl::StrCat("coordinator: checkpoint holds round ", r, ", ledger says ", im.committed));
-    FT_LOG_INFO("resuming after committed round {}", im.committed);
-  }
+  o.engine.run_id = fs::path(o.engine.state_dir).filename().string();
+  o.engine.evaluate_start = static_cast<bool>(o.evaluate);
+  if (!o.engine.say) o.engine.say = [](const std::string& line) { FT_LOG_INFO("{}", line); };
+  FT_ASSIGN_OR_RETURN(im.engine, federation::RoundEngine::Open(o.engine, o.initial_global));
+  im.committed = im.engine->last_committed();
+  im.global = im.engine->global();
+  FT_ASSIGN_OR_RETURN(im.history, im.engine->ledger().AllMetrics());
+  if (im.committed > 0) FT_LOG_INFO("resuming after committed round {}", im.committed);
+  FT_LOG_INFO("strategy: {}", im.engine->strategy_summary());
   im.o = std::move(o);
-  if (im.o.planning)
-    for (model::Module m : im.o.planning->options.adapted) im.importance[m] = 1.0 / static_cast<double>(im.o.planning->options.adapted.size());
   im.upload_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_uploads));
   im.download_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_downloads));
-  im.strategy = std::move(strategy);
   grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   ssl.pem_root_certs = ca;
   ssl.pem_key_cert_pairs.push_back({key, cert});
@@ -650,7 +560,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
                                                                             [&im] { return im.StatusJson(); }}));
   }
   im.rounds_thread = std::thread([&im] {
-    absl::Status st = im.RunRounds();
+    absl::Status st = im.engine->Run(im).status();
     {
       std::lock_guard<std::mutex> l(im.mu);
       im.status = st;

@@ -1,18 +1,17 @@
-// The coordinator service (gRPC over mutual TLS, proto/service.proto). One background thread
-// runs the rounds (select -> dispatch -> collect -> aggregate -> commit); RPC handlers only
-// validate, convert and hand over (they never aggregate). State survives restarts: the ledger
-// (SQLite) records committed rounds and `state_dir/global.safetensors` holds the adapter of the
-// last committed round, written atomically before the ledger commit, so a restarted coordinator
-// resumes from the last committed round and never counts one twice.
+// The coordinator service (gRPC over mutual TLS, proto/service.proto): the deployed transport of
+// federation::RoundEngine. One background thread runs the engine's rounds; RPC handlers only
+// validate, convert and hand over (they never aggregate). The engine owns the round (sampling,
+// planning, DP, aggregation, evaluation, commit) and its durable state (the ledger and
+// `state_dir/state-<round>.safetensors`: adapter, server-optimizer moments, privacy ledger), so a
+// restarted coordinator resumes after the last committed round and never counts one twice.
 #pragma once
 
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
-#include <optional>
-
-#include "aggregation/strategy.h"
-#include "planner/planner.h"
+#include "federation/round_engine.h"
 #include "proto/service.pb.h"
 
 namespace fedtune::coordinator {
@@ -21,19 +20,13 @@ struct ServerOptions {
   std::string address = "127.0.0.1:0";   // port 0: any free port (see port())
   std::string ca_pem, cert_pem, key_pem;  // file paths (from `fedtune provision`)
   std::string tokens_path;                // tokens.sha256
-  std::string state_dir;                  // ledger.sqlite, global.safetensors
+  // The rounds: settings, state_dir (ledger.sqlite, state-<round>.safetensors), quorum,
+  // target_updates (over-selection: the round closes as soon as that many updates are in; the
+  // rest are told to abandon it), min_available (online workers before a round starts),
+  // planning.
+  federation::EngineOptions engine;
   aggregation::TensorMap initial_global;
-  rpc::v1::AdapterPlan plan;              // what every worker trains (the planner refines this)
-  int rounds = 1;
-  int min_workers = 1;                    // online workers before a round starts
   int deadline_ms = 600000;               // per round; late updates are refused
-  // Over-selection: with target_updates > 0 the round closes as soon as that many updates are
-  // in (select more workers than that; the rest are told to abandon the round). 0: wait for
-  // every selected worker or the deadline.
-  int target_updates = 0;
-  // Fewer accepted updates than this at the deadline: the round is not committed and starts
-  // again with a new selection.
-  int quorum = 1;
   int heartbeat_ms = 2000;                // told to workers on join
   int offline_after_ms = 30000;           // no request for this long: offline, not selected
   // Memory bound: at most this many uploads are read and decoded at once, and at most as many
@@ -41,24 +34,15 @@ struct ServerOptions {
   int max_concurrent_uploads = 4;
   int max_concurrent_downloads = 16;
   int transport_memory_mib = 64;          // gRPC resource quota (buffers of all connections)
-  int local_steps = 4, batch = 8;
-  double learning_rate = 5e-3;
-  bool send_fisher = false;
   size_t max_update_bytes = 256u << 20;
-  uint64_t seed = 1;
-  // Heterogeneity-aware planning (issue 8): per-worker modules, batch, local steps and base type
-  // each round from the joined workers' profiles. `uniform` inside is the configured training.
-  struct Planning {
-    planner::ModelShape shape;
-    planner::PlannerOptions options;
-  };
-  std::optional<Planning> planning;
+  // Server-side evaluation of the global adapter (eval.data); empty: none.
+  std::function<absl::Status(const aggregation::TensorMap&, std::map<std::string, double>&)> evaluate;
   std::string http_address;               // "127.0.0.1:9090": /metrics, / (dashboard), /status.json; empty: off
 };
 
 class CoordinatorServer {
  public:
-  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(ServerOptions o, std::unique_ptr<aggregation::Strategy> strategy);
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Start(ServerOptions o);
   ~CoordinatorServer();
   int port() const;
   // Blocks until every round is committed (or Shutdown); returns the round thread's status.

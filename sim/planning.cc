@@ -47,32 +47,6 @@ int LongestExample(const std::vector<std::vector<model::Example>>& per_client) {
   return static_cast<int>(n);
 }
 
-absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerConfig& pc, const model::AdapterSpec& spec,
-                                                           const std::vector<model::Module>& modules, const planner::Candidate& uniform,
-                                                           int seq, bool send_fisher, bool recompute) {
-  planner::PlannerOptions o;
-  o.spec = spec;
-  o.adapted = modules;
-  o.seq = seq;
-  o.uniform = uniform;
-  o.send_fisher = send_fisher;
-  o.memory.recompute = recompute;
-  o.max_local_steps = pc.max_local_steps() > 0 ? pc.max_local_steps() : 2 * uniform.local_steps;
-  if (pc.batches_size() > 0) o.batches.assign(pc.batches().begin(), pc.batches().end());
-  for (int b : o.batches)
-    if (b < 1) return absl::InvalidArgumentError("planner.batches: every batch must be >= 1");
-  for (const std::string& t : pc.base_types()) {
-    const auto ty = kernels::GgmlTypeFromName(t);
-    if (!ty) return absl::InvalidArgumentError(absl::StrCat("planner.base_types: unknown type '", t, "' (q8_0, q4_0, q4_1, nf4, nf4_dq)"));
-    o.base_types.push_back(*ty);
-  }
-  if (pc.memory_margin() < 0 || pc.memory_margin() > 1) return absl::InvalidArgumentError("planner.memory_margin must be in (0, 1]");
-  if (pc.memory_margin() > 0) o.memory_margin = pc.memory_margin();
-  if (pc.work_factor() < 0) return absl::InvalidArgumentError("planner.work_factor must be > 0");
-  if (pc.work_factor() > 0) o.work_factor = pc.work_factor();
-  return o;
-}
-
 std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForPlan>& clients, const Calibration& cal) {
   std::vector<planner::WorkerProfile> w;
   for (const auto& c : clients)

@@ -36,12 +36,6 @@ absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, const std:
 // Longest example in tokens (what the memory model needs for the activations).
 int LongestExample(const std::vector<std::vector<model::Example>>& per_client);
 
-// Planner options from the config (defaults documented in config.proto); `uniform` is the
-// run's `train` settings on every module at the stored precision.
-absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerConfig& pc, const model::AdapterSpec& spec,
-                                                           const std::vector<model::Module>& modules, const planner::Candidate& uniform,
-                                                           int seq, bool send_fisher, bool recompute);
-
 std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForPlan>& clients, const Calibration& cal);
 
 }  // namespace fedtune::sim

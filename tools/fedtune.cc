@@ -31,6 +31,7 @@
 #include "sim/simulation.h"
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
+#include "coordinator/service_config.h"
 #include "coordinator/http_status.h"
 #include "absl/strings/numbers.h"
 #include "worker/daemon.h"
@@ -413,63 +414,12 @@ int RunCoordinator(const std::string& path) {
   mallopt(M_ARENA_MAX, 2);
   proto::CoordinatorConfig c;
   if (auto st = LoadConfigFile(path, &c); !st.ok()) return Fail(st);
-  auto m = model::LlamaModel::Load(c.model().path());
-  if (!m.ok()) return Fail(m.status());
-  auto strategy_opts = sim::StrategyFromConfig(c.strategy());
-  if (!strategy_opts.ok()) return Fail(strategy_opts.status());
-  auto strategy = aggregation::FedStrategy::Create(*strategy_opts);
-  if (!strategy.ok()) return Fail(strategy.status());
-  auto adapter = sim::AdapterFromConfig(c.adapter());
-  if (!adapter.ok()) return Fail(adapter.status());
-  if (c.train().activation_budget_mib() != 0) {
-    return Fail(absl::InvalidArgumentError("train.activation_budget_mib: set it in each worker's config (activation_budget_mib), not the coordinator's"));
-  }
-  const model::AdapterSpec& spec = adapter->spec;
-  const std::vector<model::Module>* modules = &adapter->modules;
-  const uint64_t adapter_seed = OrDefault<uint64_t>(c.adapter_seed(), OrDefault<uint64_t>(c.seed(), 1));
-  auto set = model::MakeAdaptersWithLayout<float>((*m)->adapter_dims(), spec, *modules, adapter->layout, adapter_seed);
-  if (!set.ok()) return Fail(set.status());
-  coordinator::ServerOptions o;
-  o.address = c.listen().empty() ? "0.0.0.0:7443" : c.listen();
-  o.ca_pem = c.tls().ca();
-  o.cert_pem = c.tls().cert();
-  o.key_pem = c.tls().key();
-  o.tokens_path = c.tokens();
-  o.state_dir = c.state_dir();
-  o.initial_global = worker::AdapterTensors(*set);
-  o.plan.set_kind(model::AdapterKindName(spec.kind));
-  o.plan.set_rank(static_cast<int32_t>(spec.rank));
-  o.plan.set_alpha(spec.alpha);
-  o.plan.set_blocks(static_cast<int32_t>(spec.blocks));
-  o.plan.set_rslora(spec.rslora);
-  for (auto mod : *modules) o.plan.add_modules(model::ModuleName(mod));
-  o.plan.set_adapter_seed(adapter_seed);
-  o.plan.set_layers(adapter->layout);
-  o.rounds = c.rounds();
-  o.min_workers = OrDefault(c.min_workers(), 1);
-  o.deadline_ms = OrDefault(c.deadline_seconds(), 600) * 1000;
-  o.local_steps = OrDefault(c.train().local_steps(), 4);
-  o.batch = OrDefault(c.train().batch(), 8);
-  o.learning_rate = OrDefault(c.train().learning_rate(), 5e-3);
-  o.send_fisher = strategy_opts->merge == aggregation::MergeRule::kUncertainty;
-  o.seed = OrDefault<uint64_t>(c.seed(), 1);
-  o.http_address = c.http();
-  o.target_updates = c.target_updates();
-  o.quorum = OrDefault(c.quorum(), 1);
-  o.max_concurrent_uploads = OrDefault(c.max_concurrent_uploads(), 4);
-  o.heartbeat_ms = OrDefault(c.heartbeat_seconds(), 2) * 1000;
-  o.offline_after_ms = OrDefault(c.offline_after_seconds(), 30) * 1000;
-  if (c.planner().enabled()) {
-    if (!adapter->layout.empty()) return Fail(absl::InvalidArgumentError("planner: not supported with per-layer adapter settings (adapter.layers) yet"));
-    const planner::Candidate uniform{*modules, (*m)->layer(0).wq.type, o.batch, o.local_steps};
-    auto po = sim::PlannerOptionsFrom(c.planner(), spec, *modules, uniform, OrDefault(c.planner().seq(), 256), o.send_fisher, true);
-    if (!po.ok()) return Fail(po.status());
-    o.planning = coordinator::ServerOptions::Planning{planner::ModelShape::Of(**m), *po};
-  }
-  m->reset();  // the base was needed for the adapter layout (and the planner's model shape) only
-  auto server = coordinator::CoordinatorServer::Start(o, std::move(*strategy));
+  auto svc = coordinator::ServiceFromConfig(c);
+  if (!svc.ok()) return Fail(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
+  auto server = coordinator::CoordinatorServer::Start((*svc)->options);
   if (!server.ok()) return Fail(server.status());
-  std::printf("coordinator listening on port %d (state in %s)\n", (*server)->port(), o.state_dir.c_str());
+  const coordinator::ServerOptions& o = (*svc)->options;
+  std::printf("coordinator listening on port %d (state in %s)\n", (*server)->port(), o.engine.state_dir.c_str());
   if ((*server)->http_port())
     std::printf("status server on port %d: / (dashboard), /metrics, /status.json; `fedtune status HOST:%d`\n", (*server)->http_port(), (*server)->http_port());
   std::fflush(stdout);

@@ -16,7 +16,8 @@
 #include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
-#include "coordinator/update_codec.h"
+#include "protocol/task.h"
+#include "protocol/update_codec.h"
 #include "kernels/quant.h"
 #include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
@@ -96,7 +97,7 @@ absl::Status SaveKept(const std::string& dir, const Kept& k) {
   // description that does not match and is ignored.
   FT_RETURN_IF_ERROR(WriteFileAtomic(KeptData(dir), std::string(k.payload.begin(), k.payload.end())));
   nlohmann::json j = {{"run_id", k.run_id}, {"round", k.round}, {"adapter_sha256", k.adapter_sha256}, {"task", k.task_key},
-                      {"num_examples", k.num_examples}, {"metrics", k.metrics}, {"payload_sha256", coordinator::Sha256Hex(k.payload)}};
+                      {"num_examples", k.num_examples}, {"metrics", k.metrics}, {"payload_sha256", protocol::Sha256Hex(k.payload)}};
   return WriteFileAtomic(KeptMeta(dir), j.dump(1));
 }
 
@@ -107,7 +108,7 @@ std::string TaskKey(const rpc::v1::Task& task) {
   t.clear_deadline_unix_ms();
   std::string bytes;
   t.SerializeToString(&bytes);  // deterministic enough here: same binary, same message
-  return coordinator::Sha256Hex(std::vector<uint8_t>(bytes.begin(), bytes.end()));
+  return protocol::Sha256Hex(std::vector<uint8_t>(bytes.begin(), bytes.end()));
 }
 
 std::optional<Kept> LoadKept(const std::string& dir, const rpc::v1::Task& task) try {
@@ -122,7 +123,7 @@ std::optional<Kept> LoadKept(const std::string& dir, const rpc::v1::Task& task) 
   if (!data.ok()) return std::nullopt;
   Kept k;
   k.payload.assign(data->begin(), data->end());
-  if (coordinator::Sha256Hex(k.payload) != j.value("payload_sha256", "")) return std::nullopt;
+  if (protocol::Sha256Hex(k.payload) != j.value("payload_sha256", "")) return std::nullopt;
   k.run_id = task.run_id();
   k.round = task.round();
   k.adapter_sha256 = task.adapter_sha256();
@@ -162,7 +163,7 @@ absl::StatusOr<std::vector<uint8_t>> Download(rpc::v1::Coordinator::Stub& stub, 
     FT_LOG_WARN("round {}: download broke at {} bytes ({}); resuming", task.round(), bytes.size(), last.ToString());
   }
   FT_RETURN_IF_ERROR(last);
-  if (coordinator::Sha256Hex(bytes) != task.adapter_sha256() || sha != task.adapter_sha256())
+  if (protocol::Sha256Hex(bytes) != task.adapter_sha256() || sha != task.adapter_sha256())
     return absl::DataLossError(absl::StrCat("round ", task.round(), ": downloaded adapter fails its checksum"));
   return bytes;
 }
@@ -180,7 +181,7 @@ grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& t
   h->set_worker_id(me);
   h->set_num_examples(kept.num_examples);
   h->set_total_bytes(static_cast<int64_t>(kept.payload.size()));
-  h->set_sha256(coordinator::Sha256Hex(kept.payload));
+  h->set_sha256(protocol::Sha256Hex(kept.payload));
   for (const auto& [k, v] : kept.metrics) (*h->mutable_metrics())[k] = v;
   bool ok = writer->Write(head);
   for (size_t off = 0; ok && off < kept.payload.size(); off += 1 << 20) {
@@ -219,10 +220,10 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     FT_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, Download(stub, task));
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     if (bytes.size() > (1u << 20) && secs > 0) profile.set_link_mbps(static_cast<double>(bytes.size()) * 8e-6 / secs);
-    FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, coordinator::DecodeTensors(bytes));
+    FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, protocol::DecodeTensors(bytes));
     bytes = {};
     Heartbeats hb(stub, me, task.round(), heartbeat_ms, profile);
-    FT_ASSIGN_OR_RETURN(LocalResult lr, trainer(task, global, me, [&hb](double p) { hb.set_progress(p); }));
+    FT_ASSIGN_OR_RETURN(LocalResult lr, trainer(protocol::FromProto(task, me), global, [&hb](double p) { hb.set_progress(p); }));
     if (hb.abandoned()) {
       ++rep->rounds_abandoned;
       if (!o.quiet) FT_LOG_INFO("round {}: the coordinator closed the round; update not sent", task.round());
@@ -235,7 +236,7 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     kept->task_key = TaskKey(task);
     kept->num_examples = lr.update.num_examples;
     kept->metrics = lr.update.metrics;
-    FT_ASSIGN_OR_RETURN(kept->payload, coordinator::EncodeUpdate(lr.update));
+    FT_ASSIGN_OR_RETURN(kept->payload, protocol::EncodeUpdate(lr.update));
     if (!o.state_dir.empty()) FT_RETURN_IF_ERROR(SaveKept(o.state_dir, *kept));
   }
 
@@ -247,7 +248,7 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     fin = UploadOnce(stub, task, me, *kept, &resp);
     const bool retry = fin.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED || fin.error_code() == grpc::StatusCode::UNAVAILABLE;
     if (!retry || attempt >= 8) break;
-    const int jitter = static_cast<int>(TrainingSeed(me, attempt) % static_cast<uint64_t>(backoff_ms));
+    const int jitter = static_cast<int>(protocol::TrainingSeed(me, attempt) % static_cast<uint64_t>(backoff_ms));
     std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms / 2 + jitter / 2));
   }
   if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
@@ -272,71 +273,31 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 
 }  // namespace
 
-uint64_t TrainingSeed(const std::string& worker, int round) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a
-  for (char c : worker) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ull;
-  return h ^ static_cast<uint64_t>(round);
-}
-
 Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
                      int activation_budget_mib, kernels::Backend* backend) {
-  struct Bases {
-    std::mutex mu;
-    std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> by_type;
+  struct State {
+    State(const model::LlamaModel& m, const std::string& path) : bases(m, path) {}
+    BaseModels bases;
+    LocalPrivacy privacy;  // record-level epsilon across the rounds this daemon trained
   };
-  auto bases = std::make_shared<Bases>();
-  return [&model, &data, model_path, bases, activation_budget_mib, backend](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
-                                            const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
-    const auto& p = task.plan();
-    const model::LlamaModel* base = &model;
-    if (!p.base_type().empty()) {
-      const auto t = kernels::GgmlTypeFromName(p.base_type());
-      if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", p.base_type()));
-      if (*t != model.layer(0).wq.type) {
-        std::lock_guard<std::mutex> l(bases->mu);
-        auto& slot = bases->by_type[*t];
-        if (!slot) {
-          if (model_path.empty()) return absl::FailedPreconditionError(absl::StrCat("task asks for base ", p.base_type(), " but the model path is unknown"));
-          FT_ASSIGN_OR_RETURN(slot, model::LlamaModel::Load(model_path));
-          FT_ASSIGN_OR_RETURN(size_t bytes, slot->Requantize(*t));
-          FT_LOG_INFO("base re-quantized to {} for the plan: {:.1f} MiB of projections", p.base_type(), static_cast<double>(bytes) / (1 << 20));
-        }
-        base = slot.get();
-      }
-    }
-    const auto kind = model::ParseAdapterKind(p.kind());
-    if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind()));
-    FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules().empty() ? "all" : absl::StrJoin(p.modules(), ",")));
-    model::AdapterSpec spec{*kind, p.rank(), p.alpha(), p.rslora(), p.blocks()};
-    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdaptersWithLayout<float>(base->adapter_dims(), spec, modules, p.layers(), p.adapter_seed()));
-    LocalTrainOptions lt;
-    if (p.train_modules_size() > 0) {
-      FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules(), ",")));
-      if (!p.explanation().empty()) FT_LOG_INFO("round {} plan: {}", task.round(), p.explanation());
-    }
-    lt.finetune.steps = task.local_steps();
-    lt.finetune.batch = task.batch();
-    lt.finetune.log_every = 0;
-    lt.finetune.activation_budget_mib = activation_budget_mib;
-    lt.finetune.backend = backend;
-    lt.finetune.seed = TrainingSeed(me, task.round());
-    lt.optimizer.lr = static_cast<float>(task.learning_rate());
-    lt.optimizer.total_steps = task.local_steps();
-    lt.optimizer.min_lr_ratio = 1.0f;
-    lt.send_fisher = task.send_fisher();
-    const int steps = std::max(task.local_steps(), 1);
-    lt.on_step = [&progress, steps](const model::StepLog& s) { progress(static_cast<double>(s.step) / steps); };
-    std::map<std::string, double> config(task.config().begin(), task.config().end());
-    return TrainLocal(*base, data, global, config, me, lt, &adapters);
+  auto state = std::make_shared<State>(model, model_path);
+  return [&data, state, activation_budget_mib, backend](const protocol::TrainTask& task, const aggregation::TensorMap& global,
+                                                        const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
+    if (!task.plan.explanation.empty()) FT_LOG_INFO("round {} plan: {}", task.round, task.plan.explanation);
+    ClientEnv env;
+    env.activation_budget_mib = activation_budget_mib;
+    env.backend = backend;
+    env.progress = progress;
+    return RunTrainTask(state->bases, data, task, global, env, &state->privacy);
   };
 }
 
 Trainer StandInTrainer(int64_t num_examples, double seconds) {
-  return [num_examples, seconds](const rpc::v1::Task& task, const aggregation::TensorMap& global, const std::string& me,
+  return [num_examples, seconds](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                  const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
     progress(1.0);
-    LocalResult r = StandInUpdate(global, me, num_examples, task.send_fisher(), TrainingSeed(me, task.round()));
+    LocalResult r = StandInUpdate(global, task.client, num_examples, task.send_fisher, protocol::TrainingSeed(task.client, task.round));
     r.update.metrics["train_seconds"] = seconds;
     return r;
   };

@@ -21,6 +21,8 @@
 #include "model/dataset.h"
 #include "model/llama.h"
 #include "proto/service.pb.h"
+#include "protocol/task.h"
+#include "worker/client.h"
 #include "worker/local_trainer.h"
 
 namespace fedtune::worker {
@@ -44,22 +46,17 @@ struct DaemonReport {
 
 // Trains one task: `global` is the round's adapter, `progress(f)` may be called with the
 // fraction of local steps done (it feeds the heartbeats).
-using Trainer = std::function<absl::StatusOr<LocalResult>(const rpc::v1::Task& task, const aggregation::TensorMap& global,
-                                                          const std::string& worker, const std::function<void(double)>& progress)>;
+using Trainer = std::function<absl::StatusOr<LocalResult>(const protocol::TrainTask& task, const aggregation::TensorMap& global,
+                                                          const std::function<void(double)>& progress)>;
 
-// The real trainer: the task's adapter plan on `model`, fine-tuned on `data`. A plan that trains
-// part of the modules (`train_modules`) keeps the others frozen in the model; a plan with another
-// `base_type` re-quantizes a copy of the base loaded from `model_path` (once per type).
-// activation_budget_mib > 0: keep activations within that many MiB per pass instead of
-// recomputing them (FinetuneOptions::activation_budget_mib). backend: kernels for training
-// (null: cpu-fast).
+// The real trainer: worker::RunTrainTask on `model` (re-quantized copies loaded from
+// `model_path` when a plan asks for another base type) and `data`, with local DP-SGD accounted
+// across rounds. activation_budget_mib > 0: keep activations within that many MiB per pass
+// instead of recomputing them. backend: kernels for training (null: cpu-fast).
 Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
                      int activation_budget_mib = 0, kernels::Backend* backend = nullptr);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 Trainer StandInTrainer(int64_t num_examples, double seconds);
-
-// Local training seed of a worker in a round (example order): reproducible runs.
-uint64_t TrainingSeed(const std::string& worker, int round);
 
 // Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
 // is CUDA, and, with a model, the measured training speed (two steps of a rank-4 LoRA at batch 1

@@ -8,17 +8,14 @@
 #include <string>
 
 #include "aggregation/tensors.h"
+#include "protocol/adapter_tensors.h"
 #include "model/finetune.h"
 
 namespace fedtune::worker {
 
-// Copies of the trainable tensors (names from AdapterSet::ForEachTrainable).
-aggregation::TensorMap AdapterTensors(model::AdapterSet<float>& adapters);
-// Writes `t` into the adapters; every tensor must exist with the same size (InvalidArgument
-// naming it otherwise). Tensors absent from `t` are left as they are.
-absl::Status SetAdapterTensors(const aggregation::TensorMap& t, model::AdapterSet<float>* adapters);
-// Bytes on the wire for tensors (float32 payload).
-int64_t TensorBytes(const aggregation::TensorMap& t);
+using protocol::AdapterTensors;
+using protocol::SetAdapterTensors;
+using protocol::TensorBytes;
 
 struct LocalTrainOptions {
   model::FinetuneOptions finetune;

@@ -94,7 +94,7 @@ pids=(); for i in 1 2 3; do start_worker "$i" "$port"; pids+=("$last_pid"); done
 wait "$coord" "${pids[@]}"
 grep -E 'resuming|committed' "$dir/b.log"
 [ "$(rounds_in_ledger "$dir/b/ledger.sqlite")" = "1,2,3" ]
-python3 - "$dir/ref/global-3.safetensors" "$dir/b/global-3.safetensors" <<'PY'
+python3 - "$dir/ref/state-3.safetensors" "$dir/b/state-3.safetensors" <<'PY'
 import json, struct, sys
 def load(p):
     b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); base = 8 + n

@@ -15,7 +15,9 @@
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
 #include "kernels/backend.h"
-#include "coordinator/update_codec.h"
+#include "federation/settings.h"
+#include "protocol/update_codec.h"
+#include "sim/simulation.h"
 #include "model/tasks.h"
 #include "proto/service.grpc.pb.h"
 #include "tests/support/processes.h"
@@ -54,14 +56,6 @@ class E2ETest : public ::testing::Test {
       d.max_len = 96;
       data_.push_back(std::move(model::DatasetFromJsonl(lines, "t", *model_->tokenizer(), d)->train));
     }
-    plan_.set_kind("ffa_lora");
-    plan_.set_rank(4);
-    plan_.set_alpha(8);
-    plan_.set_blocks(4);
-    plan_.add_modules("q");
-    plan_.add_modules("v");
-    plan_.set_adapter_seed(5);
-    plan_.set_layers(kLayout);
     auto set = *model::MakeAdaptersWithLayout<float>(model_->adapter_dims(), Spec(), *model::ParseModules("q,v"), kLayout, 5);
     initial_ = worker::AdapterTensors(set);
   }
@@ -75,16 +69,20 @@ class E2ETest : public ::testing::Test {
     o.cert_pem = pki_ + "/coordinator.pem";
     o.key_pem = pki_ + "/coordinator.key";
     o.tokens_path = pki_ + "/tokens.sha256";
-    o.state_dir = state;
+    o.engine.state_dir = state;
     o.initial_global = initial_;
-    o.plan = plan_;
-    o.rounds = 3;
-    o.min_workers = 3;
+    federation::RunSettings& s = o.engine.settings;
+    s.rounds = 3;
+    s.population = s.expected_clients = 3;
+    s.seed = 9;
+    s.adapter_seed = 5;
+    s.adapter = {Spec(), *model::ParseModules("q,v"), kLayout};
+    s.local_steps = 2;
+    s.batch = 4;
+    s.learning_rate = 1e-2;
+    o.engine.min_available = 3;
+    o.engine.quorum = 1;
     o.deadline_ms = 120000;
-    o.local_steps = 2;
-    o.batch = 4;
-    o.learning_rate = 1e-2;
-    o.seed = 9;
     o.http_address = "127.0.0.1:0";
     return o;
   }
@@ -111,8 +109,8 @@ class E2ETest : public ::testing::Test {
         lt.finetune.steps = 2;
         lt.finetune.batch = 4;
         lt.finetune.log_every = 0;
-        lt.finetune.seed = worker::TrainingSeed(w, r);
-        lt.optimizer.lr = 1e-2f;
+        lt.finetune.seed = protocol::TrainingSeed(w, r);
+        lt.optimizer.lr = static_cast<float>(federation::RoundLearningRate(1e-2, r, 3));
         lt.optimizer.total_steps = 2;
         lt.optimizer.min_lr_ratio = 1.0f;
         lt.send_fisher = false;
@@ -145,14 +143,13 @@ class E2ETest : public ::testing::Test {
   std::string pki_;
   std::vector<std::vector<std::string>> lines_;  // each worker's JSONL
   std::vector<std::vector<model::Example>> data_;
-  rpc::v1::AdapterPlan plan_;
   aggregation::TensorMap initial_;
 };
 
 TEST_F(E2ETest, ThreeWorkersOverMutualTlsMatchInProcessComputation) {
   const std::string state = testing::TempPath("e2e_state");
   fs::remove_all(state);
-  auto server = coordinator::CoordinatorServer::Start(Options(state), std::move(*aggregation::FedStrategy::Create({})));
+  auto server = coordinator::CoordinatorServer::Start(Options(state));
   ASSERT_TRUE(server.ok()) << server.status();
   std::atomic<bool> stop{false};
   std::vector<std::thread> workers;
@@ -196,7 +193,7 @@ TEST_F(E2ETest, ThreeWorkersOverMutualTlsMatchInProcessComputation) {
   }
   // A restarted coordinator sees the run as finished and does not count a round twice.
   server->reset();
-  auto again = coordinator::CoordinatorServer::Start(Options(state), std::move(*aggregation::FedStrategy::Create({})));
+  auto again = coordinator::CoordinatorServer::Start(Options(state));
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_TRUE((*again)->Wait().ok());
   EXPECT_EQ((*again)->last_committed_round(), 3);
@@ -254,13 +251,9 @@ TEST_F(E2ETest, CoordinatorAndThreeWorkerProcessesMatchInProcessComputation) {
   ASSERT_TRUE(rc.ok() && *rc == 0) << Read(dir + "/coordinator.log");
   EXPECT_NE(Read(dir + "/coordinator.log").find("3 rounds committed"), std::string::npos);
   for (int k = 1; k <= 3; ++k) EXPECT_NE(Read(dir + "/w" + std::to_string(k) + ".log").find("trained 3 rounds"), std::string::npos);
-  auto file = ReadFileToString(dir + "/state/global-3.safetensors");
-  ASSERT_TRUE(file.ok()) << file.status();
-  int round = 0;
-  auto served = coordinator::DecodeTensors({reinterpret_cast<const uint8_t*>(file->data()), file->size()}, &round);
-  ASSERT_TRUE(served.ok()) << served.status();
-  EXPECT_EQ(round, 3);
-  ExpectSameAdapter(InProcess(loaded), *served);
+  aggregation::TensorMap served;
+  ASSERT_TRUE(federation::LoadCommittedAdapter(dir + "/state", 3, &served).ok());
+  ExpectSameAdapter(InProcess(loaded), served);
 }
 
 // The worker's state directory: an update trained before a restart of both the coordinator (round
@@ -271,17 +264,16 @@ TEST_F(E2ETest, AKeptUpdateIsUploadedAfterRestartsWithoutRetraining) {
   fs::remove_all(kept);
   std::atomic<int> trained{0};
   const worker::Trainer stand_in = worker::StandInTrainer(10, 0);
-  const worker::Trainer counting = [&](const rpc::v1::Task& t, const aggregation::TensorMap& g, const std::string& me,
-                                       const std::function<void(double)>& p) {
+  const worker::Trainer counting = [&](const protocol::TrainTask& t, const aggregation::TensorMap& g, const std::function<void(double)>& p) {
     ++trained;
-    return stand_in(t, g, me, p);
+    return stand_in(t, g, p);
   };
   auto o = Options(state);
-  o.rounds = 1;
-  o.min_workers = 1;
-  o.quorum = 2;  // a single worker never completes the round: the first coordinator never commits
+  o.engine.settings.rounds = 1;
+  o.engine.min_available = 1;
+  o.engine.quorum = 2;  // a single worker never completes the round: the first coordinator never commits
   {
-    auto first = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+    auto first = coordinator::CoordinatorServer::Start(o);
     ASSERT_TRUE(first.ok()) << first.status();
     std::atomic<bool> stop{false};
     auto d = Daemon("w1", (*first)->port());
@@ -294,8 +286,8 @@ TEST_F(E2ETest, AKeptUpdateIsUploadedAfterRestartsWithoutRetraining) {
     EXPECT_EQ((*first)->last_committed_round(), 0);
   }
   ASSERT_EQ(trained.load(), 1);
-  o.quorum = 1;
-  auto second = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+  o.engine.quorum = 1;
+  auto second = coordinator::CoordinatorServer::Start(o);
   ASSERT_TRUE(second.ok()) << second.status();
   std::atomic<bool> stop{false};
   auto d = Daemon("w1", (*second)->port());
@@ -307,7 +299,7 @@ TEST_F(E2ETest, AKeptUpdateIsUploadedAfterRestartsWithoutRetraining) {
   EXPECT_EQ(rep->rounds_reused, 1);
   EXPECT_EQ(trained.load(), 1) << "the kept update must not be trained again";
   // And it is the update that was trained: initial + the stand-in delta.
-  const auto expect = worker::StandInUpdate(initial_, "w1", 10, false, worker::TrainingSeed("w1", 1));
+  const auto expect = worker::StandInUpdate(initial_, "w1", 10, false, protocol::TrainingSeed("w1", 1));
   aggregation::TensorMap want = initial_;
   for (auto& [name, v] : want)
     for (size_t i = 0; i < v.size(); ++i) v[i] += expect.update.delta.at(name)[i];
@@ -323,8 +315,8 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
   const std::string state = testing::TempPath("e2e_state_plan");
   fs::remove_all(state);
   auto o = Options(state);
-  o.rounds = 2;
-  o.min_workers = 3;
+  o.engine.settings.rounds = 2;
+  o.engine.min_available = 3;
   planner::PlannerOptions po;
   po.spec = Spec();
   po.adapted = *model::ParseModules("q,v");
@@ -332,8 +324,9 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
   po.batches = {1, 2, 4};
   po.max_local_steps = 4;
   po.uniform = {po.adapted, model_->layer(0).wq.type, 4, 2};
-  o.planning = coordinator::ServerOptions::Planning{planner::ModelShape::Of(*model_), po};
-  auto server = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+  std::map<model::Module, double> importance = {{model::Module::kQ, 0.5}, {model::Module::kV, 0.5}};
+  o.engine.planning = federation::EngineOptions::Planning{planner::ModelShape::Of(*model_), po, importance, true};
+  auto server = coordinator::CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
   std::atomic<bool> stop{false};
   std::vector<std::thread> threads;
@@ -366,9 +359,9 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
 
 TEST_F(E2ETest, AQuorumNoRoundCouldReachIsRefusedAtStart) {
   auto o = Options(testing::TempPath("e2e_state_quorum"));
-  o.target_updates = 1;
-  o.quorum = 2;
-  auto server = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+  o.engine.target_updates = 1;
+  o.engine.quorum = 2;
+  auto server = coordinator::CoordinatorServer::Start(o);
   ASSERT_FALSE(server.ok());
   EXPECT_EQ(server.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(server.status().message().find("quorum"), std::string::npos);
@@ -401,8 +394,8 @@ TEST_F(E2ETest, WorkersWithoutValidCertificateOrTokenAreRefused) {
   const std::string state = testing::TempPath("e2e_state_sec");
   fs::remove_all(state);
   auto o = Options(state);
-  o.min_workers = 99;  // never starts a round
-  auto server = coordinator::CoordinatorServer::Start(o, std::move(*aggregation::FedStrategy::Create({})));
+  o.engine.min_available = 99;  // never starts a round
+  auto server = coordinator::CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok());
   auto join = [&](const std::string& ca, const std::string& cert, const std::string& key, const std::string& token) {
     grpc::SslCredentialsOptions ssl;

@@ -1,4 +1,4 @@
-#include "coordinator/run_ledger.h"
+#include "federation/run_ledger.h"
 
 #include <gtest/gtest.h>
 
@@ -6,7 +6,7 @@
 
 #include "tests/support/tiny_model.h"
 
-namespace fedtune::coordinator {
+namespace fedtune::federation {
 namespace {
 
 TEST(RunLedgerTest, RoundsCommitOnceAndSurviveReopening) {
@@ -35,4 +35,4 @@ TEST(RunLedgerTest, UnwritablePathIsAClearError) {
 }
 
 }  // namespace
-}  // namespace fedtune::coordinator
+}  // namespace fedtune::federation

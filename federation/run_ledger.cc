@@ -1,4 +1,4 @@
-#include "coordinator/run_ledger.h"
+#include "federation/run_ledger.h"
 
 #include <sqlite3.h>
 
@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace fedtune::coordinator {
+namespace fedtune::federation {
 namespace {
 
 // RAII for prepared statements.
@@ -129,4 +129,4 @@ absl::StatusOr<std::map<int, std::map<std::string, double>>> RunLedger::AllMetri
   return out;
 }
 
-}  // namespace fedtune::coordinator
+}  // namespace fedtune::federation

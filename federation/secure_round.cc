@@ -1,11 +1,11 @@
-#include "sim/secure_round.h"
+#include "federation/secure_round.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
 
-namespace fedtune::sim {
+namespace fedtune::federation {
 
 absl::StatusOr<std::unique_ptr<SecureRound>> SecureRound::Begin(const std::vector<std::string>& clients, const aggregation::TensorMap& layout,
                                                                 double value_range, int degree, int threshold, uint64_t graph_seed) {
@@ -80,4 +80,4 @@ absl::StatusOr<SecureRound::Sum> SecureRound::Finish() {
   return out;
 }
 
-}  // namespace fedtune::sim
+}  // namespace fedtune::federation

@@ -11,7 +11,7 @@
 
 struct sqlite3;
 
-namespace fedtune::coordinator {
+namespace fedtune::federation {
 
 struct ClientRoundRecord {
   std::string client;
@@ -44,4 +44,4 @@ class RunLedger {
   sqlite3* db_;
 };
 
-}  // namespace fedtune::coordinator
+}  // namespace fedtune::federation

@@ -1,4 +1,4 @@
-#include "coordinator/update_codec.h"
+#include "protocol/update_codec.h"
 
 #include <gtest/gtest.h>
 
@@ -7,7 +7,7 @@
 
 #include "common/rng.h"
 
-namespace fedtune::coordinator {
+namespace fedtune::protocol {
 namespace {
 
 aggregation::TensorMap Global() { return {{"blk.0.attn_q.lora_b", std::vector<float>(96, 0.0f)}, {"blk.1.ffn_up.diablo", std::vector<float>(40, 0.0f)}}; }
@@ -88,4 +88,4 @@ TEST(UpdateCodecTest, TenThousandMutationsNeverCrash) {
 }
 
 }  // namespace
-}  // namespace fedtune::coordinator
+}  // namespace fedtune::protocol

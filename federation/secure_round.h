@@ -12,7 +12,7 @@
 #include "aggregation/tensors.h"
 #include "privacy/secagg.h"
 
-namespace fedtune::sim {
+namespace fedtune::federation {
 
 class SecureRound {
  public:
@@ -42,4 +42,4 @@ class SecureRound {
   size_t submitted_ = 0;
 };
 
-}  // namespace fedtune::sim
+}  // namespace fedtune::federation

@@ -1,4 +1,4 @@
-#include "coordinator/update_codec.h"
+#include "protocol/update_codec.h"
 
 #include <openssl/sha.h>
 
@@ -9,7 +9,7 @@
 #include "common/mapped_file.h"
 #include "model/safetensors.h"
 
-namespace fedtune::coordinator {
+namespace fedtune::protocol {
 
 absl::StatusOr<std::vector<uint8_t>> EncodeUpdate(const aggregation::ClientUpdate& u) {
   model::SafetensorsWriter w;
@@ -102,4 +102,4 @@ std::string Sha256Hex(std::span<const uint8_t> bytes) {
   return h;
 }
 
-}  // namespace fedtune::coordinator
+}  // namespace fedtune::protocol

@@ -12,7 +12,7 @@
 
 #include "aggregation/tensors.h"
 
-namespace fedtune::coordinator {
+namespace fedtune::protocol {
 
 absl::StatusOr<std::vector<uint8_t>> EncodeUpdate(const aggregation::ClientUpdate& u);
 
@@ -28,4 +28,4 @@ absl::StatusOr<aggregation::TensorMap> DecodeTensors(std::span<const uint8_t> by
 // Lower-case hex SHA-256.
 std::string Sha256Hex(std::span<const uint8_t> bytes);
 
-}  // namespace fedtune::coordinator
+}  // namespace fedtune::protocol

@@ -1,0 +1,99 @@
+#include "coordinator/service_config.h"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/config_loader.h"
+#include "common/mapped_file.h"
+#include "federation/settings.h"
+#include "model/finetune.h"
+#include "protocol/adapter_tensors.h"
+
+namespace fedtune::coordinator {
+namespace {
+
+absl::Status Bad(const std::string& key, const std::string& what) { return absl::InvalidArgumentError(absl::StrCat(key, ": ", what)); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::CoordinatorConfig& c) {
+  auto svc = std::make_unique<Service>();
+  ServerOptions& o = svc->options;
+  // Keys the deployed runner does not honour (yet): refused, never silently ignored.
+  if (c.train().activation_budget_mib() != 0)
+    return Bad("train.activation_budget_mib", "set it in each worker's config (activation_budget_mib), not the coordinator's");
+  if (c.train().no_recompute()) return Bad("train.no_recompute", "a worker decides its activation memory (worker config activation_budget_mib)");
+  if (c.train().stand_in()) return Bad("train.stand_in", "simulation only");
+  if (c.secure_aggregation().enabled())
+    return Bad("secure_aggregation.enabled", "SecAgg+ over the wire is not implemented yet; it runs in `fedtune simulate` only");
+  if (c.eval().per_client()) return Bad("eval.per_client", "simulation only");
+  if (c.dp().enabled() && c.dp().local() && c.dp().target_epsilon() > 0)
+    return Bad("dp.target_epsilon", "with local DP the coordinator does not know the workers' data sizes: set dp.noise_multiplier (workers report their epsilon)");
+  if (c.planner().calibration_steps() != 0) return Bad("planner.calibration_steps", "simulation only (deployed workers measure their own speed)");
+
+  // Population for DP accounting: the provisioned workers.
+  FT_ASSIGN_OR_RETURN(std::string tokens, ReadFileToString(c.tokens()));
+  int population = 0;
+  {
+    std::istringstream ts(tokens);
+    std::string name, hash;
+    while (ts >> name >> hash) ++population;
+  }
+  if (population < 1) return Bad("tokens", absl::StrCat(c.tokens(), " lists no worker"));
+  FT_ASSIGN_OR_RETURN(federation::RunSettings rs, federation::ResolveRun(c, population));
+
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(c.model().path()));
+  FT_ASSIGN_OR_RETURN(auto set, model::MakeAdaptersWithLayout<float>(m->adapter_dims(), rs.adapter.spec, rs.adapter.modules, rs.adapter.layout,
+                                                                      rs.adapter_seed));
+  o.initial_global = protocol::AdapterTensors(set);
+  o.address = c.listen().empty() ? "0.0.0.0:7443" : c.listen();
+  o.ca_pem = c.tls().ca();
+  o.cert_pem = c.tls().cert();
+  o.key_pem = c.tls().key();
+  o.tokens_path = c.tokens();
+  o.engine.state_dir = c.state_dir();
+  o.engine.min_available = OrDefault(c.min_workers(), 1);
+  o.engine.quorum = OrDefault(c.quorum(), 1);
+  o.engine.target_updates = c.target_updates();
+  o.deadline_ms = OrDefault(c.deadline_seconds(), 600) * 1000;
+  o.http_address = c.http();
+  o.max_concurrent_uploads = OrDefault(c.max_concurrent_uploads(), 4);
+  o.heartbeat_ms = OrDefault(c.heartbeat_seconds(), 2) * 1000;
+  o.offline_after_ms = OrDefault(c.offline_after_seconds(), 30) * 1000;
+  if (c.planner().enabled()) {
+    const planner::Candidate uniform{rs.adapter.modules, m->layer(0).wq.type, rs.batch, rs.local_steps};
+    FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, federation::PlannerOptionsFrom(c.planner(), rs.adapter.spec, rs.adapter.modules, uniform,
+                                                                                   OrDefault(c.planner().seq(), 256), rs.send_fisher, true));
+    std::map<model::Module, double> importance;  // uniform until merged updates show where they move
+    for (model::Module mod : rs.adapter.modules) importance[mod] = 1.0 / static_cast<double>(rs.adapter.modules.size());
+    o.engine.planning = federation::EngineOptions::Planning{planner::ModelShape::Of(*m), po, importance, /*every_round=*/true};
+  }
+  o.engine.settings = rs;
+  if (!c.eval().data().empty()) {  // server-side evaluation keeps the base in memory
+    if (m->tokenizer() == nullptr) return Bad("eval.data", "the model has no tokenizer");
+    model::DatasetOptions d;
+    d.holdout = 0;
+    d.max_len = 256;
+    FT_ASSIGN_OR_RETURN(model::Dataset data, model::LoadDataset(c.eval().data(), *m->tokenizer(), d));
+    if (data.train.empty()) return Bad("eval.data", absl::StrCat(c.eval().data(), " holds no example"));
+    svc->eval_data = std::move(data.train);
+    svc->eval_model = std::move(m);
+    const model::LlamaModel* model = svc->eval_model.get();
+    const std::vector<model::Example>* examples = &svc->eval_data;
+    auto adapters = std::make_shared<model::AdapterSet<float>>(std::move(set));
+    const int max_new = rs.max_new_tokens;
+    o.evaluate = [model, examples, adapters, max_new](const aggregation::TensorMap& g, std::map<std::string, double>& metrics) -> absl::Status {
+      FT_RETURN_IF_ERROR(protocol::SetAdapterTensors(g, adapters.get()));
+      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, adapters.get(), *examples, 0, max_new));
+      metrics["eval_loss"] = r.loss;
+      metrics["eval_ppl"] = std::exp(r.loss);
+      if (r.n_generated > 0) metrics["accuracy"] = r.accuracy();
+      return absl::OkStatus();
+    };
+  }
+  return svc;
+}
+
+}  // namespace fedtune::coordinator

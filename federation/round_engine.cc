@@ -1,0 +1,410 @@
+#include "federation/round_engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/mapped_file.h"
+#include "common/rng.h"
+#include "federation/secure_round.h"
+#include "kernels/quant.h"
+#include "model/safetensors.h"
+#include "privacy/noise.h"
+
+namespace fedtune::federation {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using aggregation::TensorMap;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+int64_t TensorBytes(const TensorMap& t) {
+  int64_t b = 0;
+  for (const auto& [name, v] : t) b += static_cast<int64_t>(v.size() * sizeof(float));
+  return b;
+}
+
+// Secure aggregation's client side for in-process clients (the simulation): each client weights
+// its update (equal weights under DP, after clipping and adding its share of the noise) and
+// masks it; the server only ever sees the sum.
+struct SecureSide {
+  std::unique_ptr<SecureRound> round;
+  std::unique_ptr<privacy::NoiseSource> noise;
+  std::map<std::string, int64_t> examples;  // public metadata: examples per selected client
+  int64_t round_examples = 0;
+  double clip = 0, noise_stddev = 0;
+  std::map<std::string, std::pair<double, int64_t>> weight;  // client -> (weight, examples)
+};
+
+class RoundCollector : public Collector {
+ public:
+  RoundCollector(aggregation::Aggregation& agg, const TensorMap& global, int target, SecureSide* sec)
+      : agg_(agg), global_(global), target_(target), sec_(sec) {}
+
+  absl::Status Add(aggregation::ClientUpdate u) override {
+    auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
+    ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), TensorBytes(u.delta) + TensorBytes(u.fisher)};
+    const double eps = metric("local_epsilon");
+    const std::string who = u.client;
+    absl::Status st;
+    if (sec_) {
+      auto ex = sec_->examples.find(who);
+      if (ex == sec_->examples.end()) {
+        st = absl::FailedPreconditionError(absl::StrCat(who, " is not in this secure round"));
+      } else {
+        double w = sec_->round_examples > 0 ? static_cast<double>(ex->second) / static_cast<double>(sec_->round_examples) : 1.0;
+        st = aggregation::ValidateUpdate(u, global_);
+        if (st.ok() && sec_->clip > 0) {
+          w = 1.0;
+          aggregation::ClipToNorm(u.delta, sec_->clip);
+          for (auto& [name, d] : u.delta) sec_->noise->AddGaussian(d, sec_->noise_stddev);
+        }
+        if (st.ok() && w != 1.0) aggregation::Scale(u.delta, static_cast<float>(w));
+        if (st.ok()) st = sec_->round->Submit(who, u.delta);
+        if (st.ok()) sec_->weight[who] = {w, ex->second};
+      }
+    } else {
+      st = agg_.Add(std::move(u));
+    }
+    if (!st.ok()) {
+      rec.status = absl::StrCat("rejected: ", st.message());
+      failures_.push_back({who, st});
+    } else {
+      ++accepted_;
+      loss_sum_ += rec.train_loss;
+      train_max_ = std::max(train_max_, rec.train_seconds);
+      local_epsilon_ = std::max(local_epsilon_, eps);
+    }
+    records_.push_back(rec);
+    return st;
+  }
+  void Fail(const std::string& client, const absl::Status& why, const std::string& outcome) override {
+    failures_.push_back({client, why});
+    records_.push_back({client, outcome, 0, 0, 0, 0});
+  }
+  int accepted() const override { return accepted_; }
+  bool enough() const override { return target_ > 0 && accepted_ >= target_; }
+
+  std::vector<aggregation::ClientFailure> failures_;
+  std::vector<ClientRoundRecord> records_;
+  double loss_sum_ = 0, train_max_ = 0, local_epsilon_ = 0;
+
+ private:
+  aggregation::Aggregation& agg_;
+  const TensorMap& global_;
+  const int target_;
+  SecureSide* sec_;
+  int accepted_ = 0;
+};
+
+}  // namespace
+
+std::string StatePath(const std::string& state_dir, int round) { return absl::StrCat(state_dir, "/state-", round, ".safetensors"); }
+
+namespace {
+
+absl::Status LoadState(const std::string& state_dir, int round, TensorMap* global, aggregation::StrategyState* strategy) {
+  const std::string path = StatePath(state_dir, round);
+  FT_ASSIGN_OR_RETURN(auto file, model::SafetensorsFile::Open(path));
+  const auto& md = file->metadata();
+  int r = 0;
+  auto it = md.find("fedtune.round");
+  if (it == md.end() || !absl::SimpleAtoi(it->second, &r) || r != round)
+    return absl::DataLossError(absl::StrCat(path, ": holds no state of round ", round));
+  global->clear();
+  for (const model::SafeTensor& st : file->tensors()) {
+    FT_ASSIGN_OR_RETURN(Tensor x, file->ToF32(st.name));
+    std::vector<float> v(x.data<float>(), x.data<float>() + x.size());
+    if (st.name.rfind("global.", 0) == 0) {
+      (*global)[st.name.substr(7)] = std::move(v);
+    } else if (st.name.rfind("server.", 0) == 0) {
+      if (strategy) strategy->tensors[st.name.substr(7)] = std::move(v);
+    } else {
+      return absl::DataLossError(absl::StrCat(path, ": unexpected tensor ", st.name));
+    }
+  }
+  if (strategy) {
+    auto t = md.find("fedtune.strategy");
+    strategy->text = t == md.end() ? "" : t->second;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status LoadCommittedAdapter(const std::string& state_dir, int round, TensorMap* global) {
+  return LoadState(state_dir, round, global, nullptr);
+}
+
+RoundEngine::~RoundEngine() = default;
+
+absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, TensorMap initial_global) {
+  std::unique_ptr<RoundEngine> e(new RoundEngine());
+  if (o.state_dir.empty()) return absl::InvalidArgumentError("state_dir is required");
+  std::error_code ec;
+  fs::create_directories(o.state_dir, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", o.state_dir, ": ", ec.message()));
+  FT_ASSIGN_OR_RETURN(e->strategy_, MakeStrategy(o.settings, &e->strategy_summary_));
+  FT_ASSIGN_OR_RETURN(e->ledger_, RunLedger::Open(o.state_dir + "/ledger.sqlite"));
+  FT_ASSIGN_OR_RETURN(e->committed_, e->ledger_->LastRound());
+  e->global_ = std::move(initial_global);
+  if (e->committed_ > 0) {  // resume exactly after the last committed round
+    aggregation::StrategyState st;
+    TensorMap global;
+    FT_RETURN_IF_ERROR(LoadState(o.state_dir, e->committed_, &global, &st));
+    if (global.size() != e->global_.size()) return absl::DataLossError(absl::StrCat(StatePath(o.state_dir, e->committed_), ": adapter layout differs from the config's"));
+    for (const auto& [name, v] : global) {
+      auto g = e->global_.find(name);
+      if (g == e->global_.end() || g->second.size() != v.size())
+        return absl::DataLossError(absl::StrCat(StatePath(o.state_dir, e->committed_), ": tensor ", name, " does not match the config's adapter"));
+    }
+    e->global_ = std::move(global);
+    FT_RETURN_IF_ERROR(e->strategy_->LoadState(st));
+  } else {
+    FT_RETURN_IF_ERROR(e->ledger_->SetRunInfo("strategy", e->strategy_summary_));
+  }
+  if (o.planning) e->importance_ = o.planning->importance;
+  e->o_ = std::move(o);
+  return e;
+}
+
+absl::Status RoundEngine::Plan(int round, const std::vector<ClientInfo>& clients, Transport& t) {
+  std::vector<planner::WorkerProfile> profiles;
+  for (const ClientInfo& c : clients)
+    if (c.profile) profiles.push_back(*c.profile);
+  auto made = planner::MakePlan(o_.planning->shape, importance_, profiles, o_.planning->options);
+  if (!made.ok()) {  // everyone gets the configured training
+    if (o_.say) o_.say(absl::StrCat("planner: round ", round, ": ", made.status().message(), "; every client gets the configured training"));
+    plans_.clear();
+    return absl::OkStatus();
+  }
+  int changed = 0;
+  for (const planner::WorkerPlan& wp : made->workers) {
+    auto old = plans_.find(wp.worker);
+    if (old == plans_.end() || wp.excluded != old->second.excluded || wp.c.modules != old->second.c.modules || wp.c.batch != old->second.c.batch ||
+        wp.c.local_steps != old->second.c.local_steps || wp.c.base != old->second.c.base) {
+      ++changed;
+      if (o_.say) o_.say(absl::StrCat("planner: round ", round, ": ", wp.worker, " ", wp.excluded ? wp.reason : wp.explanation));
+    }
+  }
+  plans_.clear();
+  for (const planner::WorkerPlan& wp : made->workers) plans_[wp.worker] = wp;
+  FT_RETURN_IF_ERROR(ledger_->SetRunInfo(absl::StrCat("plan/round-", round), made->summary));
+  if (o_.say) o_.say(absl::StrFormat("planner: round %d (%d clients changed): %s", round, changed, made->summary));
+  plan_ = std::move(*made);
+  return t.Planned(round, *plan_);
+}
+
+absl::Status RoundEngine::CommitState(int round, const RoundRecord& rec, const std::vector<ClientRoundRecord>& clients) {
+  // The state file first (atomic), then the ledger row: a crash between the two leaves round r
+  // uncommitted and its file unused on restart (the round is run again; its release was never
+  // published, so it is not accounted either).
+  model::SafetensorsWriter w;
+  for (const auto& [name, v] : global_) FT_RETURN_IF_ERROR(w.AddF32("global." + name, {static_cast<int64_t>(v.size())}, v));
+  const aggregation::StrategyState st = strategy_->SaveState();
+  for (const auto& [name, v] : st.tensors) FT_RETURN_IF_ERROR(w.AddF32("server." + name, {static_cast<int64_t>(v.size())}, v));
+  w.SetMetadata("fedtune.round", std::to_string(round));
+  w.SetMetadata("fedtune.strategy", st.text);
+  FT_RETURN_IF_ERROR(WriteFileAtomic(StatePath(o_.state_dir, round), w.Serialize()));
+  FT_RETURN_IF_ERROR(ledger_->CommitRound(round, rec.metrics, clients));
+  committed_ = round;
+  std::error_code ec;
+  fs::remove(StatePath(o_.state_dir, round - 2), ec);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
+  const RunSettings& s = o_.settings;
+  auto say = [this](const std::string& line) {
+    if (o_.say) o_.say(line);
+  };
+  RunSummary sum;
+  if (committed_ == 0 && o_.evaluate_start) {
+    RoundRecord r0;
+    const auto t0 = Clock::now();
+    t.Phase(0, "evaluate");
+    FT_RETURN_IF_ERROR(t.Evaluate(0, global_, r0.metrics));
+    if (!r0.metrics.empty()) {
+      r0.evaluated = true;
+      r0.metrics["wall_seconds"] = Seconds(t0, Clock::now());
+      say(absl::StrFormat("round 0: accuracy %.1f%%, eval loss %.4f", 100 * r0.metrics["accuracy"], r0.metrics["eval_loss"]));
+      FT_RETURN_IF_ERROR(t.Committed(r0, global_));
+      sum.rounds.push_back(r0);
+    }
+  }
+  int attempt = 0;  // of the current round (quorum retries)
+  for (int r = committed_ + 1; r <= s.rounds;) {
+    const auto t_round = Clock::now();
+    RoundRecord rec;
+    rec.round = r;
+    t.Phase(r, "waiting for clients");
+    FT_ASSIGN_OR_RETURN(std::vector<ClientInfo> clients, t.Available(r, o_.min_available, attempt));
+    if (o_.planning && (!plan_ || o_.planning->every_round)) {
+      t.Phase(r, "plan");
+      FT_RETURN_IF_ERROR(Plan(r, clients, t));
+    }
+    std::vector<std::string> names;
+    std::map<std::string, int64_t> examples;
+    for (const ClientInfo& c : clients) {
+      auto p = plans_.find(c.name);
+      if (p != plans_.end() && p->second.excluded) continue;
+      names.push_back(c.name);
+      examples[c.name] = c.num_examples;
+    }
+    if (names.empty()) return absl::FailedPreconditionError("planner: every client was left out (see the plan above)");
+
+    // Sample and configure: one task per selected client (a retry selects anew).
+    Rng rng(s.seed * 1000003 + static_cast<uint64_t>(r) + 7919 * static_cast<uint64_t>(attempt));
+    const std::vector<aggregation::ClientTask> selected = strategy_->ConfigureTrain(r, names, rng);
+    const double lr = RoundLearningRate(s.learning_rate, r, s.rounds);
+    rec.metrics["client_lr"] = lr;
+    std::vector<protocol::TrainTask> tasks;
+    for (const aggregation::ClientTask& ct : selected) {
+      protocol::TrainTask task = TaskTemplate(s);
+      task.run_id = o_.run_id;
+      task.round = r;
+      task.client = ct.client;
+      task.learning_rate = lr;
+      task.seed = protocol::TrainingSeed(ct.client, r);
+      task.config = ct.config;
+      if (auto p = plans_.find(ct.client); p != plans_.end()) {
+        const planner::Candidate& pc = p->second.c;
+        task.plan.train_modules.clear();
+        for (auto m : pc.modules) task.plan.train_modules.push_back(model::ModuleName(m));
+        task.plan.base_type = kernels::TypeTraits(pc.base).name;
+        task.plan.explanation = p->second.explanation;
+        task.batch = pc.batch;
+        task.local_steps = pc.local_steps;
+      }
+      tasks.push_back(std::move(task));
+    }
+
+    std::unique_ptr<aggregation::Aggregation> agg = strategy_->BeginAggregate(r, global_);
+    std::unique_ptr<SecureSide> sec;
+    if (s.secure.enabled) {
+      sec = std::make_unique<SecureSide>();
+      std::vector<std::string> ids;
+      for (const auto& task : tasks) {
+        ids.push_back(task.client);
+        sec->examples[task.client] = examples[task.client];
+        sec->round_examples += examples[task.client];
+      }
+      FT_ASSIGN_OR_RETURN(sec->round, SecureRound::Begin(ids, global_, s.secure.value_range, s.secure.degree, s.secure.threshold,
+                                                         s.seed * 7919 + static_cast<uint64_t>(r)));
+      if (o_.client_noise_seed != 0) {
+        privacy::NoiseSource::Seed seed{};
+        for (int i = 0; i < 8; ++i) seed[static_cast<size_t>(i)] = static_cast<uint8_t>((o_.client_noise_seed + static_cast<uint64_t>(r)) >> (8 * i));
+        FT_ASSIGN_OR_RETURN(sec->noise, privacy::NoiseSource::FromSeed(seed));
+      } else {
+        FT_ASSIGN_OR_RETURN(sec->noise, privacy::NoiseSource::Create());
+      }
+      if (s.dp.central) {
+        const int share = s.strategy.min_clients > 1 ? s.strategy.min_clients : s.expected_clients;
+        sec->clip = s.dp.clip_norm;
+        sec->noise_stddev = s.dp.noise_multiplier * s.dp.clip_norm / std::sqrt(static_cast<double>(share));
+      }
+    }
+    RoundCollector col(*agg, global_, o_.target_updates, sec.get());
+    std::map<std::string, double> transport_metrics;
+    t.Phase(r, "train");
+    const auto t_collect = Clock::now();
+    FT_RETURN_IF_ERROR(t.Train(r, global_, tasks, col, transport_metrics));
+    const double collect_secs = Seconds(t_collect, Clock::now());
+    if (o_.quorum > 0 && col.accepted() < o_.quorum) {
+      ++attempt;
+      say(absl::StrFormat("round %d: %d updates accepted, quorum is %d; the round starts again (attempt %d)", r, col.accepted(), o_.quorum,
+                          attempt + 1));
+      continue;
+    }
+    attempt = 0;
+    t.Phase(r, "aggregate");
+    const auto t_server = Clock::now();
+    if (sec) {
+      FT_ASSIGN_OR_RETURN(SecureRound::Sum ssum, sec->round->Finish());
+      double wsum = 0;
+      int64_t ex = 0;
+      for (const std::string& name : ssum.survivors) {
+        wsum += sec->weight.at(name).first;
+        ex += sec->weight.at(name).second;
+      }
+      if (!ssum.survivors.empty()) FT_RETURN_IF_ERROR(agg->AddSecureSum(ssum.sum, wsum, static_cast<int>(ssum.survivors.size()), ex));
+      rec.metrics["secagg_clamped_values"] = static_cast<double>(ssum.clamped);
+      rec.metrics["secagg_tampered_shares"] = static_cast<double>(ssum.tampered.size());
+      for (const auto& tampered : ssum.tampered) say("secure aggregation: " + tampered);
+      transport_metrics["bytes_up"] = static_cast<double>(sec->round->bytes_up_per_client() * static_cast<int64_t>(ssum.survivors.size()));
+    }
+    FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
+    absl::StatusOr<aggregation::RoundResult> result = strategy_->Commit(r, global_, std::move(merged), col.failures_);
+    if (result.status().code() == absl::StatusCode::kResourceExhausted) {
+      // The privacy budget refuses this round: nothing is released; the run ends here.
+      say(absl::StrCat("stopping before round ", r, ": ", result.status().message()));
+      FT_RETURN_IF_ERROR(ledger_->SetRunInfo("stopped", std::string(result.status().message())));
+      sum.stopped_early = true;
+      break;
+    }
+    FT_RETURN_IF_ERROR(result.status());
+    aggregation::RoundResult rr = std::move(*result);
+    TensorMap next = rr.global ? std::move(*rr.global) : global_;
+    for (const auto& [name, v] : next)
+      for (float x : v)
+        if (!std::isfinite(x)) return absl::InternalError(absl::StrCat("round ", r, ": the merged adapter is not finite (", name, "); not committed"));
+    if (o_.planning) {  // module importance: blended with where this round's merged update moved
+      planner::BlendImportance(importance_, planner::UpdateEnergy(global_, next, s.adapter.modules));
+      rec.metrics["planned_round_seconds"] = plan_ ? plan_->round_seconds : 0.0;
+    }
+    global_ = std::move(next);
+    const double server_secs = Seconds(t_server, Clock::now());
+    for (const auto& [k, v] : rr.metrics) rec.metrics[k] = v;
+    for (const auto& [k, v] : transport_metrics) rec.metrics[k] = v;
+    rec.metrics.emplace("accepted", col.accepted());
+    rec.metrics.emplace("failures", static_cast<double>(col.failures_.size()));
+    rec.metrics["train_loss"] = col.accepted() ? col.loss_sum_ / col.accepted() : 0.0;
+    rec.metrics["train_seconds_max"] = col.train_max_;
+    rec.metrics["collect_seconds"] = collect_secs;
+    rec.metrics["server_merge_seconds"] = server_secs;
+    if (s.dp.local) {
+      local_epsilon_ = std::max(local_epsilon_, col.local_epsilon_);
+      rec.metrics["local_epsilon"] = local_epsilon_;
+    }
+    double eval_secs = 0;
+    if (r % s.eval_every == 0 || r == s.rounds) {
+      t.Phase(r, "evaluate");
+      const auto t_eval = Clock::now();
+      FT_RETURN_IF_ERROR(t.Evaluate(r, global_, rec.metrics));
+      rec.evaluated = rec.metrics.count("eval_loss") > 0;
+      eval_secs = Seconds(t_eval, Clock::now());
+    }
+    t.Phase(r, "commit");
+    rec.metrics["wall_seconds"] = Seconds(t_round, Clock::now());
+    // Everything that is neither waiting for clients nor evaluation: sampling, planning,
+    // validation, merging, the server update (the commit follows and is not included).
+    rec.metrics["overhead_seconds"] = rec.metrics["wall_seconds"] - collect_secs - eval_secs;
+    const auto t_commit = Clock::now();
+    FT_RETURN_IF_ERROR(CommitState(r, rec, col.records_));
+    rec.metrics["commit_seconds"] = Seconds(t_commit, Clock::now());
+    FT_RETURN_IF_ERROR(t.Committed(rec, global_));
+    std::string line = absl::StrFormat("round %d/%d committed in %.1f s: %d updates, %d failed, train loss %.4f", r, s.rounds, rec.metrics["wall_seconds"],
+                                       col.accepted(), static_cast<int>(col.failures_.size()), rec.metrics["train_loss"]);
+    if (rec.evaluated) absl::StrAppend(&line, absl::StrFormat(", eval loss %.4f, accuracy %.1f%%", rec.metrics["eval_loss"], 100 * rec.metrics["accuracy"]));
+    if (rec.metrics.count("epsilon")) absl::StrAppend(&line, absl::StrFormat(", epsilon %.3f", rec.metrics["epsilon"]));
+    if (rec.metrics.count("local_epsilon")) absl::StrAppend(&line, absl::StrFormat(", local epsilon %.3f", rec.metrics["local_epsilon"]));
+    say(line);
+    sum.rounds.push_back(std::move(rec));
+    ++r;
+  }
+  if (sum.stopped_early && !sum.rounds.empty() && !sum.rounds.back().evaluated) {  // score the final adapter
+    RoundRecord& last = sum.rounds.back();
+    FT_RETURN_IF_ERROR(t.Evaluate(last.round, global_, last.metrics));
+    last.evaluated = last.metrics.count("eval_loss") > 0;
+  }
+  sum.plan = plan_;
+  return sum;
+}
+
+}  // namespace fedtune::federation

@@ -1,0 +1,238 @@
+#include "federation/settings.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "aggregation/dp_strategy.h"
+#include "common/config_loader.h"
+#include "kernels/quant.h"
+#include "privacy/rdp_accountant.h"
+
+namespace fedtune::federation {
+namespace {
+
+absl::Status Bad(const std::string& key, const std::string& what) { return absl::InvalidArgumentError(absl::StrCat(key, ": ", what)); }
+
+}  // namespace
+
+absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::StrategyConfig& st) {
+  aggregation::StrategyOptions o;
+  if (!st.merge().empty()) {
+    auto m = aggregation::ParseMergeRule(st.merge());
+    if (!m.ok()) return Bad("strategy.merge", std::string(m.status().message()));
+    o.merge = *m;
+  }
+  if (!st.server().empty()) {
+    auto so = aggregation::ParseServerOptimizer(st.server());
+    if (!so.ok()) return Bad("strategy.server", std::string(so.status().message()));
+    o.server = *so;
+  }
+  o.server_lr = OrDefault(st.server_lr(), 1.0);
+  o.clients_per_round = st.clients_per_round();
+  o.min_clients = OrDefault(st.min_clients(), 1);
+  o.proximal_mu = st.proximal_mu();
+  o.norm_bound = st.norm_bound();
+  o.trim_fraction = OrDefault(st.trim_fraction(), 0.1);
+  o.krum_byzantine = st.krum_byzantine();
+  o.krum_select = OrDefault(st.krum_select(), 1);
+  o.momentum = OrDefault(st.momentum(), 0.9);
+  o.tau = OrDefault(st.tau(), 1e-3);
+  o.weight_by_examples = !st.uniform_weights();
+  if (auto f = aggregation::FedStrategy::Create(o); !f.ok()) return Bad("strategy", std::string(f.status().message()));
+  return o;
+}
+
+absl::StatusOr<AdapterChoice> AdapterFromConfig(const proto::AdapterConfig& a) {
+  AdapterChoice r;
+  switch (a.kind()) {
+    case proto::AdapterConfig::LORA: r.spec.kind = model::AdapterKind::kLora; break;
+    case proto::AdapterConfig::FFA_LORA: r.spec.kind = model::AdapterKind::kFfaLora; break;
+    case proto::AdapterConfig::DIABLO: r.spec.kind = model::AdapterKind::kDiaBlo; break;
+    default: return Bad("adapter.kind", "unknown");
+  }
+  r.spec.rank = OrDefault(a.rank(), 8);
+  r.spec.alpha = OrDefault(a.alpha(), 16.0f);
+  r.spec.blocks = OrDefault(a.blocks(), 16);
+  r.spec.rslora = a.rslora();
+  if (r.spec.rank < 1 || r.spec.blocks < 1) return Bad("adapter", "rank and blocks must be >= 1");
+  auto modules = model::ParseModules(a.target_modules().empty() ? "all" : absl::StrJoin(a.target_modules(), ","));
+  if (!modules.ok()) return Bad("adapter.target_modules", std::string(modules.status().message()));
+  r.modules = *modules;
+  r.layout = a.layers();
+  return r;
+}
+
+absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t adapter_seed, const proto::AdapterConfig& adapter,
+                                            const proto::LocalTrainConfig& train, const proto::StrategyConfig& strategy,
+                                            const proto::DpConfig& dp, const proto::EvalConfig& eval,
+                                            const proto::SecureAggregationConfig& secure, const proto::PlannerConfig& planner,
+                                            uint64_t test_noise_seed, int population) {
+  RunSettings s;
+  s.rounds = rounds;
+  if (s.rounds < 1) return Bad("rounds", "must be >= 1");
+  s.population = population;
+  s.seed = OrDefault<uint64_t>(seed, 1);
+  s.adapter_seed = OrDefault<uint64_t>(adapter_seed, s.seed);
+  s.test_noise_seed = test_noise_seed;
+  FT_ASSIGN_OR_RETURN(s.adapter, AdapterFromConfig(adapter));
+  FT_ASSIGN_OR_RETURN(s.strategy, StrategyFromConfig(strategy));
+  if (s.strategy.clients_per_round > population) return Bad("strategy.clients_per_round", absl::StrCat("exceeds clients (", population, ")"));
+  if (s.strategy.min_clients > population) return Bad("strategy.min_clients", absl::StrCat("exceeds clients (", population, ")"));
+  s.expected_clients = s.strategy.clients_per_round > 0 ? s.strategy.clients_per_round : population;
+  // Client training.
+  s.local_steps = OrDefault(train.local_steps(), 4);
+  s.batch = OrDefault(train.batch(), 8);
+  s.learning_rate = OrDefault(train.learning_rate(), 5e-3);
+  s.warmup_steps = train.warmup_steps();
+  s.weight_decay = train.weight_decay();
+  s.grad_clip_norm = OrDefault(train.clip_norm(), 1.0);
+  if (s.local_steps < 1 || s.batch < 1) return Bad("train", "local_steps and batch must be >= 1");
+  if (!(s.learning_rate > 0)) return Bad("train.learning_rate", "must be > 0");
+  if (s.warmup_steps < 0 || s.weight_decay < 0 || s.grad_clip_norm < 0) return Bad("train", "warmup_steps, weight_decay and clip_norm must be >= 0");
+  if (!train.base_type().empty() && !kernels::GgmlTypeFromName(train.base_type()))
+    return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, nf4_dq, f16 or f32");
+  s.base_type = train.base_type();
+  if (!s.adapter.layout.empty() && planner.enabled()) return Bad("planner", "not supported with per-layer adapter settings (adapter.layers) yet");
+  // Evaluation.
+  s.eval_every = OrDefault(eval.every(), 1);
+  s.max_new_tokens = OrDefault(eval.max_new_tokens(), 32);
+  if (s.eval_every < 1 || s.max_new_tokens < 1) return Bad("eval", "every and max_new_tokens must be >= 1");
+  // Secure aggregation.
+  const bool linear = s.strategy.merge == aggregation::MergeRule::kMean || s.strategy.merge == aggregation::MergeRule::kUncertainty;
+  if (secure.enabled()) {
+    if (!linear) return Bad("secure_aggregation.enabled", "needs strategy.merge mean or uncertainty (the server only sees a sum)");
+    if (s.expected_clients < 3 || s.expected_clients > 1000) return Bad("secure_aggregation.enabled", "needs 3 to 1000 clients per round");
+    if (dp.enabled() && dp.adaptive_clipping()) return Bad("dp.adaptive_clipping", "not available under secure aggregation");
+    if (secure.value_range() < 0) return Bad("secure_aggregation.value_range", "must be > 0");
+    s.secure.enabled = true;
+    s.secure.degree = secure.degree();
+    s.secure.threshold = secure.threshold();
+  }
+  // Differential privacy.
+  if (dp.enabled()) {
+    if (dp.noise_multiplier() <= 0 && dp.target_epsilon() <= 0) return Bad("dp", "set noise_multiplier or target_epsilon");
+    s.dp.delta = OrDefault(dp.delta(), 1e-5);
+    if (!(s.dp.delta > 0 && s.dp.delta < 1)) return Bad("dp.delta", "must be in (0, 1)");
+    if (dp.clip_norm() < 0) return Bad("dp.clip_norm", "must be > 0");
+    s.dp.noise_multiplier = dp.noise_multiplier();
+    s.dp.target_epsilon = dp.target_epsilon();
+    s.dp.adaptive_clipping = dp.adaptive_clipping();
+    s.dp.target_quantile = OrDefault(dp.target_quantile(), 0.5);
+    if (!(s.dp.target_quantile > 0 && s.dp.target_quantile < 1)) return Bad("dp.target_quantile", "must be in (0, 1)");
+    if (dp.local()) {
+      if (dp.adaptive_clipping()) return Bad("dp.adaptive_clipping", "only for central DP");
+      s.dp.local = true;
+      s.dp.clip_norm = OrDefault(dp.clip_norm(), 1.0);
+    } else {
+      if (!linear) return Bad("dp.enabled", "central differential privacy needs strategy.merge mean or uncertainty");
+      s.dp.central = true;
+      s.dp.clip_norm = OrDefault(dp.clip_norm(), 0.1);
+      if (s.dp.target_epsilon > 0) {
+        auto z = privacy::NoiseMultiplierFor(s.dp.target_epsilon, s.dp.delta, static_cast<double>(s.expected_clients) / population, s.rounds);
+        if (!z.ok()) return Bad("dp.target_epsilon", std::string(z.status().message()));
+        s.dp.noise_multiplier = *z;
+      }
+    }
+  }
+  if (planner.enabled()) {
+    if (s.dp.local) return Bad("planner", "not combined with local DP (per-client accounting assumes the uniform batch and steps)");
+    if (s.secure.enabled) return Bad("planner", "not combined with secure aggregation (partial adapters are not masked per module)");
+  }
+  s.secure.value_range = OrDefault(secure.value_range(), s.dp.central ? 4 * s.dp.clip_norm : 0.05);
+  // The server sees a client's Fisher only in the clear: not under secure aggregation or DP
+  // (data-dependent and not privatised); uncertainty-aware merging then falls back to the mean.
+  s.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !s.secure.enabled && !s.dp.local && !s.dp.central;
+  return s;
+}
+
+absl::StatusOr<std::unique_ptr<aggregation::Strategy>> MakeStrategy(const RunSettings& s, std::string* summary) {
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<aggregation::FedStrategy> fed, aggregation::FedStrategy::Create(s.strategy));
+  std::unique_ptr<aggregation::Strategy> strategy = std::move(fed);
+  if (summary) *summary = strategy->Name();
+  if (!s.dp.central) return strategy;
+  aggregation::DpOptions d;
+  d.noise_added_by_clients = s.secure.enabled;
+  // Distributed noise is split over min_clients when set (so a round with that many survivors
+  // still carries the full noise), else over the expected clients.
+  d.noise_share_clients = s.strategy.min_clients > 1 ? s.strategy.min_clients : s.expected_clients;
+  d.delta = s.dp.delta;
+  d.expected_clients = s.expected_clients;
+  d.population = s.population;
+  d.clip_norm = s.dp.clip_norm;
+  d.adaptive_clipping = s.dp.adaptive_clipping;
+  d.target_quantile = s.dp.target_quantile;
+  d.noise_multiplier = s.dp.noise_multiplier;
+  if (s.dp.target_epsilon > 0) d.epsilon_budget = s.dp.target_epsilon * (1 + 1e-9);
+  if (s.test_noise_seed != 0) {
+    privacy::NoiseSource::Seed seed{};
+    for (int i = 0; i < 8; ++i) seed[static_cast<size_t>(i)] = static_cast<uint8_t>(s.test_noise_seed >> (8 * i));
+    d.seed = seed;
+  }
+  FT_ASSIGN_OR_RETURN(auto dp, aggregation::DpStrategy::Create(std::move(strategy), d));
+  if (summary)
+    *summary = absl::StrFormat("%s; differential privacy: z=%.4f, clip %.3g%s, q=%.3f, delta %.1e%s", dp->Name(), d.noise_multiplier, d.clip_norm,
+                               d.adaptive_clipping ? " (adaptive)" : "", static_cast<double>(s.expected_clients) / s.population, d.delta,
+                               s.test_noise_seed ? " (TEST noise seed: not private)" : "");
+  return std::unique_ptr<aggregation::Strategy>(std::move(dp));
+}
+
+absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerConfig& pc, const model::AdapterSpec& spec,
+                                                           const std::vector<model::Module>& modules, const planner::Candidate& uniform,
+                                                           int seq, bool send_fisher, bool recompute) {
+  planner::PlannerOptions o;
+  o.spec = spec;
+  o.adapted = modules;
+  o.seq = seq;
+  o.uniform = uniform;
+  o.send_fisher = send_fisher;
+  o.memory.recompute = recompute;
+  o.max_local_steps = pc.max_local_steps() > 0 ? pc.max_local_steps() : 2 * uniform.local_steps;
+  if (pc.batches_size() > 0) o.batches.assign(pc.batches().begin(), pc.batches().end());
+  for (int b : o.batches)
+    if (b < 1) return absl::InvalidArgumentError("planner.batches: every batch must be >= 1");
+  for (const std::string& t : pc.base_types()) {
+    const auto ty = kernels::GgmlTypeFromName(t);
+    if (!ty) return absl::InvalidArgumentError(absl::StrCat("planner.base_types: unknown type '", t, "' (q8_0, q4_0, q4_1, nf4, nf4_dq)"));
+    o.base_types.push_back(*ty);
+  }
+  if (pc.memory_margin() < 0 || pc.memory_margin() > 1) return absl::InvalidArgumentError("planner.memory_margin must be in (0, 1]");
+  if (pc.memory_margin() > 0) o.memory_margin = pc.memory_margin();
+  if (pc.work_factor() < 0) return absl::InvalidArgumentError("planner.work_factor must be > 0");
+  if (pc.work_factor() > 0) o.work_factor = pc.work_factor();
+  return o;
+}
+
+protocol::TrainTask TaskTemplate(const RunSettings& s) {
+  protocol::TrainTask t;
+  t.plan.kind = model::AdapterKindName(s.adapter.spec.kind);
+  t.plan.rank = s.adapter.spec.rank;
+  t.plan.alpha = s.adapter.spec.alpha;
+  t.plan.blocks = s.adapter.spec.blocks;
+  t.plan.rslora = s.adapter.spec.rslora;
+  for (auto m : s.adapter.modules) t.plan.modules.push_back(model::ModuleName(m));
+  t.plan.adapter_seed = s.adapter_seed;
+  t.plan.layers = s.adapter.layout;
+  t.plan.base_type = s.base_type;
+  t.local_steps = s.local_steps;
+  t.batch = s.batch;
+  t.learning_rate = s.learning_rate;
+  t.warmup_steps = s.warmup_steps;
+  t.weight_decay = s.weight_decay;
+  t.grad_clip_norm = s.grad_clip_norm;
+  t.send_fisher = s.send_fisher;
+  if (s.dp.local) {
+    t.local_dp_clip = s.dp.clip_norm;
+    t.local_dp_noise = s.dp.noise_multiplier;
+    t.local_dp_delta = s.dp.delta;
+  }
+  return t;
+}
+
+double RoundLearningRate(double lr, int round, int rounds) {
+  const double progress = rounds > 1 ? static_cast<double>(round - 1) / (rounds - 1) : 0.0;
+  return lr * (0.1 + 0.9 * 0.5 * (1 + std::cos(M_PI * progress)));
+}
+
+}  // namespace fedtune::federation

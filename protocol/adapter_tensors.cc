@@ -1,0 +1,37 @@
+#include "protocol/adapter_tensors.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace fedtune::protocol {
+
+aggregation::TensorMap AdapterTensors(model::AdapterSet<float>& adapters) {
+  aggregation::TensorMap t;
+  adapters.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) { t[name] = p; });
+  return t;
+}
+
+absl::Status SetAdapterTensors(const aggregation::TensorMap& t, model::AdapterSet<float>* adapters) {
+  size_t found = 0;
+  absl::Status st;
+  adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+    auto it = t.find(name);
+    if (it == t.end() || !st.ok()) return;
+    if (it->second.size() != p.size()) {
+      st = absl::InvalidArgumentError(absl::StrCat("adapter tensor ", name, " has ", it->second.size(), " values, expected ", p.size()));
+      return;
+    }
+    p = it->second;
+    ++found;
+  });
+  FT_RETURN_IF_ERROR(st);
+  if (found != t.size()) return absl::InvalidArgumentError(absl::StrCat(t.size() - found, " adapter tensors do not exist in this adapter layout"));
+  return absl::OkStatus();
+}
+
+int64_t TensorBytes(const aggregation::TensorMap& t) {
+  int64_t b = 0;
+  for (const auto& [name, v] : t) b += static_cast<int64_t>(v.size() * sizeof(float));
+  return b;
+}
+
+}  // namespace fedtune::protocol

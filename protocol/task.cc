@@ -1,0 +1,87 @@
+#include "protocol/task.h"
+
+namespace fedtune::protocol {
+
+rpc::v1::Task ToProto(const TrainTask& t) {
+  rpc::v1::Task p;
+  p.set_kind(rpc::v1::Task::TRAIN);
+  p.set_run_id(t.run_id);
+  p.set_round(t.round);
+  rpc::v1::AdapterPlan* a = p.mutable_plan();
+  a->set_kind(t.plan.kind);
+  a->set_rank(t.plan.rank);
+  a->set_alpha(t.plan.alpha);
+  a->set_blocks(t.plan.blocks);
+  a->set_rslora(t.plan.rslora);
+  for (const auto& m : t.plan.modules) a->add_modules(m);
+  a->set_adapter_seed(t.plan.adapter_seed);
+  a->set_layers(t.plan.layers);
+  for (const auto& m : t.plan.train_modules) a->add_train_modules(m);
+  a->set_base_type(t.plan.base_type);
+  a->set_explanation(t.plan.explanation);
+  p.set_local_steps(t.local_steps);
+  p.set_batch(t.batch);
+  p.set_learning_rate(t.learning_rate);
+  p.set_warmup_steps(t.warmup_steps);
+  p.set_weight_decay(t.weight_decay);
+  p.set_grad_clip_norm(t.grad_clip_norm);
+  p.set_seed(t.seed);
+  for (const auto& [k, v] : t.config) (*p.mutable_config())[k] = v;
+  p.set_send_fisher(t.send_fisher);
+  p.set_local_dp_clip(t.local_dp_clip);
+  p.set_local_dp_noise(t.local_dp_noise);
+  p.set_local_dp_delta(t.local_dp_delta);
+  p.set_secure_aggregation(t.secure_aggregation);
+  p.set_dp_clip_norm(t.dp_clip_norm);
+  p.set_dp_noise_stddev(t.dp_noise_stddev);
+  p.set_adapter_sha256(t.adapter_sha256);
+  p.set_adapter_bytes(t.adapter_bytes);
+  p.set_deadline_unix_ms(t.deadline_unix_ms);
+  return p;
+}
+
+TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
+  TrainTask t;
+  t.run_id = p.run_id();
+  t.round = p.round();
+  t.client = client;
+  const rpc::v1::AdapterPlan& a = p.plan();
+  t.plan.kind = a.kind();
+  t.plan.rank = a.rank();
+  t.plan.alpha = a.alpha();
+  t.plan.blocks = a.blocks();
+  t.plan.rslora = a.rslora();
+  t.plan.modules.assign(a.modules().begin(), a.modules().end());
+  t.plan.adapter_seed = a.adapter_seed();
+  t.plan.layers = a.layers();
+  t.plan.train_modules.assign(a.train_modules().begin(), a.train_modules().end());
+  t.plan.base_type = a.base_type();
+  t.plan.explanation = a.explanation();
+  t.local_steps = p.local_steps();
+  t.batch = p.batch();
+  t.learning_rate = p.learning_rate();
+  t.warmup_steps = p.warmup_steps();
+  t.weight_decay = p.weight_decay();
+  t.grad_clip_norm = p.grad_clip_norm();
+  t.seed = p.seed();
+  t.config.insert(p.config().begin(), p.config().end());
+  t.send_fisher = p.send_fisher();
+  t.local_dp_clip = p.local_dp_clip();
+  t.local_dp_noise = p.local_dp_noise();
+  t.local_dp_delta = p.local_dp_delta();
+  t.secure_aggregation = p.secure_aggregation();
+  t.dp_clip_norm = p.dp_clip_norm();
+  t.dp_noise_stddev = p.dp_noise_stddev();
+  t.adapter_sha256 = p.adapter_sha256();
+  t.adapter_bytes = p.adapter_bytes();
+  t.deadline_unix_ms = p.deadline_unix_ms();
+  return t;
+}
+
+uint64_t TrainingSeed(const std::string& client, int round) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (char c : client) h = (h ^ static_cast<uint8_t>(c)) * 1099511628211ull;
+  return h ^ static_cast<uint64_t>(round);
+}
+
+}  // namespace fedtune::protocol

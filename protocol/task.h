@@ -1,0 +1,65 @@
+// A client's task for one round, as the round engine (federation/) writes it and a client
+// (worker/ daemon or a simulated client) reads it, plus its translation to and from the wire
+// (rpc::v1::Task). This is the only place where a round's task meets protobuf: the engine and
+// the clients work on `TrainTask`, the gRPC transport and the worker daemon convert.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "proto/service.pb.h"
+
+namespace fedtune::protocol {
+
+// What to train: the adapter layout every client shares, and this client's share of it.
+struct AdapterPlan {
+  std::string kind;                        // lora, ffa_lora, diablo
+  int rank = 8;
+  float alpha = 16;
+  int blocks = 16;
+  bool rslora = false;
+  std::vector<std::string> modules;        // the adapter's modules (every client has them)
+  uint64_t adapter_seed = 1;               // FFA-LoRA's frozen A, LoRA's init
+  std::string layers;                      // per-layer layout; empty: uniform
+  // The planner's share for this client: modules it trains (empty: all), base precision
+  // (empty: as stored), and why.
+  std::vector<std::string> train_modules;
+  std::string base_type;
+  std::string explanation;
+};
+
+struct TrainTask {
+  std::string run_id;
+  int round = 0;
+  std::string client;
+  AdapterPlan plan;
+  int local_steps = 4, batch = 8;
+  double learning_rate = 5e-3;
+  int warmup_steps = 0;
+  double weight_decay = 0, grad_clip_norm = 1.0;
+  uint64_t seed = 1;                       // example order
+  std::map<std::string, double> config;    // the strategy's per-client settings (proximal_mu)
+  bool send_fisher = false;
+  // Local DP-SGD (record level, on the client): 0 = off.
+  double local_dp_clip = 0, local_dp_noise = 0, local_dp_delta = 1e-5;
+  // Distributed central DP under secure aggregation: the client clips its whole update to
+  // dp_clip_norm and adds N(0, dp_noise_stddev^2) per coordinate before masking.
+  bool secure_aggregation = false;
+  double dp_clip_norm = 0, dp_noise_stddev = 0;
+  // The global adapter to start from (deployment: what to download and check).
+  std::string adapter_sha256;
+  int64_t adapter_bytes = 0;
+  int64_t deadline_unix_ms = 0;
+};
+
+rpc::v1::Task ToProto(const TrainTask& t);
+// The client name is not on the wire (it is the certificate's CN): `client` fills it in.
+TrainTask FromProto(const rpc::v1::Task& t, const std::string& client);
+
+// Example order of a client's local training in a round (FNV-1a of the name, xor the round):
+// the same in simulation and deployment, so the two give the same updates.
+uint64_t TrainingSeed(const std::string& client, int round);
+
+}  // namespace fedtune::protocol

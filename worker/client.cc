@@ -1,0 +1,77 @@
+#include "worker/client.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/log.h"
+#include "kernels/quant.h"
+
+namespace fedtune::worker {
+
+absl::StatusOr<const model::LlamaModel*> BaseModels::For(const std::string& base_type) {
+  if (base_type.empty()) return &stored_;
+  const auto t = kernels::GgmlTypeFromName(base_type);
+  if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", base_type));
+  if (*t == stored_.layer(0).wq.type) return &stored_;
+  std::lock_guard<std::mutex> l(mu_);
+  auto& slot = by_type_[*t];
+  if (!slot) {
+    if (path_.empty()) return absl::FailedPreconditionError(absl::StrCat("task asks for base ", base_type, " but the model path is unknown"));
+    FT_ASSIGN_OR_RETURN(slot, model::LlamaModel::Load(path_));
+    FT_ASSIGN_OR_RETURN(size_t bytes, slot->Requantize(*t));
+    FT_LOG_INFO("base re-quantized to {} for the plan: {:.1f} MiB of projections", base_type, static_cast<double>(bytes) / (1 << 20));
+  }
+  return slot.get();
+}
+
+absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, size_t examples) {
+  if (!ledger_) ledger_ = std::make_unique<privacy::PrivacyLedger>(0, task.local_dp_delta > 0 ? task.local_dp_delta : 1e-5);
+  const double q = examples ? std::min(1.0, static_cast<double>(task.batch) / static_cast<double>(examples)) : 1.0;
+  FT_RETURN_IF_ERROR(ledger_->Record({absl::StrCat("round ", task.round), q, task.local_dp_noise, task.local_steps}));
+  FT_ASSIGN_OR_RETURN(privacy::Epsilon e, ledger_->Spent());
+  return e.epsilon;
+}
+
+absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
+                                         const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy) {
+  const protocol::AdapterPlan& p = task.plan;
+  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p.base_type));
+  const auto kind = model::ParseAdapterKind(p.kind);
+  if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind));
+  FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules.empty() ? "all" : absl::StrJoin(p.modules, ",")));
+  model::AdapterSpec spec{*kind, p.rank, p.alpha, p.rslora, p.blocks};
+  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdaptersWithLayout<float>(base->adapter_dims(), spec, modules, p.layers, p.adapter_seed));
+  LocalTrainOptions lt;
+  if (!p.train_modules.empty()) {
+    FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules, ",")));
+  }
+  if (task.local_steps < 1 || task.batch < 1) return absl::InvalidArgumentError("task: local_steps and batch must be >= 1");
+  lt.finetune.steps = task.local_steps;
+  lt.finetune.batch = task.batch;
+  lt.finetune.log_every = 0;
+  lt.finetune.recompute = env.recompute;
+  lt.finetune.activation_budget_mib = env.activation_budget_mib;
+  lt.finetune.backend = env.backend;
+  lt.finetune.seed = task.seed;
+  lt.finetune.dp_clip = task.local_dp_clip;
+  lt.finetune.dp_noise_multiplier = task.local_dp_noise;
+  lt.optimizer.lr = static_cast<float>(task.learning_rate);
+  lt.optimizer.warmup_steps = task.warmup_steps;
+  lt.optimizer.total_steps = task.local_steps;
+  lt.optimizer.min_lr_ratio = 1.0f;  // constant local rate: the schedule lives across rounds
+  lt.optimizer.weight_decay = static_cast<float>(task.weight_decay);
+  lt.optimizer.clip_norm = static_cast<float>(task.grad_clip_norm);
+  lt.send_fisher = task.send_fisher;
+  const int steps = std::max(task.local_steps, 1);
+  if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
+  FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, global, task.config, task.client, lt, &adapters));
+  if (task.local_dp_clip > 0) {
+    if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
+    FT_ASSIGN_OR_RETURN(double eps, privacy->Record(task, data.size()));
+    r.update.metrics["local_epsilon"] = eps;
+  }
+  return r;
+}
+
+}  // namespace fedtune::worker

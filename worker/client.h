@@ -1,0 +1,61 @@
+// A client's side of a round, written once for the worker daemon and the simulation's virtual
+// clients: take a `protocol::TrainTask` and the round's global adapter, build the task's adapter
+// layout on the right base (re-quantized when the plan says so), train locally with the task's
+// optimizer settings and privacy parameters, and return the update. What the client machine
+// decides itself (kernels, activation memory) comes in `ClientEnv`.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "model/llama.h"
+#include "privacy/ledger.h"
+#include "protocol/task.h"
+#include "worker/local_trainer.h"
+
+namespace fedtune::worker {
+
+// The frozen base at its stored precision plus re-quantized copies that plans ask for (loaded
+// from `path` once per type; thread-safe).
+class BaseModels {
+ public:
+  BaseModels(const model::LlamaModel& stored, std::string path) : stored_(stored), path_(std::move(path)) {}
+  // "" or the stored type: the stored model.
+  absl::StatusOr<const model::LlamaModel*> For(const std::string& base_type);
+  const model::LlamaModel& stored() const { return stored_; }
+
+ private:
+  const model::LlamaModel& stored_;
+  const std::string path_;
+  std::mutex mu_;
+  std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> by_type_;
+};
+
+struct ClientEnv {
+  int activation_budget_mib = 0;      // > 0: keep activations within this budget per pass
+  bool recompute = true;              // with budget 0: recompute (true) or keep everything
+  kernels::Backend* backend = nullptr;  // null: cpu-fast
+  std::function<void(double)> progress;  // fraction of local steps done
+};
+
+// The client's record-level privacy under local DP-SGD: every round's DP-SGD steps, composed.
+class LocalPrivacy {
+ public:
+  // Records the round's steps (q = batch / examples) and returns the epsilon spent so far.
+  absl::StatusOr<double> Record(const protocol::TrainTask& task, size_t examples);
+
+ private:
+  std::unique_ptr<privacy::PrivacyLedger> ledger_;
+};
+
+// Trains `task` on `data`. `privacy` (may be null without local DP) accounts local DP-SGD; the
+// update then carries "local_epsilon".
+absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
+                                         const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy);
+
+}  // namespace fedtune::worker
