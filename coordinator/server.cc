@@ -26,6 +26,7 @@
 #include "coordinator/http_status.h"
 #include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
+#include "protocol/secagg_wire.h"
 #include "protocol/task.h"
 #include "protocol/update_codec.h"
 
@@ -79,7 +80,27 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::map<std::string, rpc::v1::Task> assigned;  // this round
   std::map<std::string, std::string> plan_notes;  // worker -> the planner's explanation (or why left out)
   std::set<std::string> fetched, received;
-  std::deque<aggregation::ClientUpdate> inbox;
+  // Accepted uploads waiting for the engine's thread: a plain update, or (secure rounds) a
+  // masked input with the update's clear metadata (client, num_examples, metrics).
+  struct Incoming {
+    aggregation::ClientUpdate u;
+    std::optional<std::vector<uint32_t>> masked;
+  };
+  std::deque<Incoming> inbox;
+  // Secure aggregation of the current round: the engine's thread opens and closes the stages
+  // (and talks to the SecureServer); handlers deposit what workers send and wait for the answer.
+  struct SecureStages {
+    bool active = false;
+    int stage = 0;  // 0 keys, 1 shares, 2 masked inputs, 3 unmask, 4 closed
+    int64_t stage_deadline_ms = 0;
+    size_t vector_length = 0;
+    std::map<std::string, privacy::secagg::PublicKeys> keys;
+    std::map<std::string, std::vector<privacy::secagg::EncryptedShare>> shares;
+    std::map<std::string, privacy::secagg::UnmaskReply> unmask;
+    std::map<std::string, std::vector<privacy::secagg::PublicKeys>> keys_for;
+    std::map<std::string, std::vector<privacy::secagg::EncryptedShare>> shares_for;
+    std::vector<int> dropped, survivors;
+  } sa;
   std::vector<aggregation::ClientFailure> rejected;
   int64_t deadline_unix_ms = 0;
   int64_t bytes_in = 0, bytes_out = 0;  // this round
@@ -314,7 +335,25 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     resp->set_received_bytes(static_cast<int64_t>(bytes.size()));
     if (bytes.size() != static_cast<size_t>(h.total_bytes())) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload truncated");
     if (protocol::Sha256Hex(bytes) != h.sha256()) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload checksum mismatch");
-    auto u = protocol::DecodeUpdate(bytes, snapshot, o.max_update_bytes, cn);
+    Incoming in;
+    absl::StatusOr<aggregation::ClientUpdate> u = absl::InternalError("unset");
+    if (h.secure()) {  // a masked input: only its length can be checked here
+      size_t words = 0;
+      for (const auto& [name, v] : snapshot) words += v.size();
+      auto y = protocol::DecodeMasked(bytes, words);
+      if (y.ok() && h.num_examples() < 0) y = absl::InvalidArgumentError("negative num_examples");
+      if (y.ok()) {
+        in.masked = std::move(*y);
+        aggregation::ClientUpdate cu;
+        cu.client = cn;
+        cu.num_examples = h.num_examples();
+        u = std::move(cu);
+      } else {
+        u = y.status();
+      }
+    } else {
+      u = protocol::DecodeUpdate(bytes, snapshot, o.max_update_bytes, cn);
+    }
     snapshot.clear();
     std::unique_lock<std::mutex> l(mu);
     if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
@@ -335,7 +374,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     cv.wait(l, [&] { return shutdown || inbox.size() < static_cast<size_t>(o.max_concurrent_uploads) || h.round() != round || closed; });
     if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
     received.insert(cn);
-    inbox.push_back(std::move(*u));
+    in.u = std::move(*u);
+    inbox.push_back(std::move(in));
     ++updates_accepted;
     ++workers[cn].updates_accepted;
     workers[cn].round = 0;
@@ -344,6 +384,135 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     cv.notify_all();
     resp->set_accepted(true);
     return grpc::Status::OK;
+  }
+
+  // SecureAggregation: deposit the worker's message for the stage, then wait (bounded) until the
+  // engine's thread closes the stage and answer with what the worker needs next.
+  grpc::Status SecureAggregation(grpc::ServerContext* ctx, const rpc::v1::SecAggRequest* req, rpc::v1::SecAggResponse* resp) override {
+    const std::string cn = PeerCn(ctx);
+    std::unique_lock<std::mutex> l(mu);
+    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    Seen(cn);
+    if (!sa.active || req->round() != round || !assigned.count(cn))
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no secure aggregation for '", cn, "' in round ", req->round()));
+    auto wait_for_stage = [&](int stage) {
+      cv.wait_until(l, std::chrono::system_clock::time_point(std::chrono::milliseconds(sa.stage_deadline_ms + 1000)),
+                    [&] { return shutdown || !sa.active || sa.stage >= stage; });
+      return !shutdown && sa.active && sa.stage >= stage;
+    };
+    switch (req->step()) {
+      case rpc::v1::SecAggRequest::ADVERTISE_KEYS: {
+        if (sa.stage != 0 || sa.keys.count(cn)) {
+          resp->set_dropped_from_round(true);
+          return grpc::Status::OK;
+        }
+        auto k = protocol::FromProto(req->keys());
+        if (!k.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(k.status().message()));
+        sa.keys[cn] = *k;
+        cv.notify_all();
+        const int my_stage = 1;
+        if (!wait_for_stage(my_stage) || !sa.keys_for.count(cn)) {
+          resp->set_dropped_from_round(true);
+          return grpc::Status::OK;
+        }
+        for (const auto& pk : sa.keys_for[cn]) *resp->add_keys() = protocol::ToProto(pk);
+        return grpc::Status::OK;
+      }
+      case rpc::v1::SecAggRequest::SHARE_KEYS: {
+        if (sa.stage != 1 || !sa.keys_for.count(cn) || sa.shares.count(cn)) {
+          resp->set_dropped_from_round(true);
+          return grpc::Status::OK;
+        }
+        if (req->shares_size() > static_cast<int>(assigned.size()))
+          return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "more shares than clients in the round");
+        std::vector<privacy::secagg::EncryptedShare> shares;
+        for (const auto& sh : req->shares()) shares.push_back(protocol::FromProto(sh));
+        sa.shares[cn] = std::move(shares);
+        cv.notify_all();
+        if (!wait_for_stage(2) || !sa.shares_for.count(cn)) {
+          resp->set_dropped_from_round(true);
+          return grpc::Status::OK;
+        }
+        for (const auto& sh : sa.shares_for[cn]) *resp->add_shares() = protocol::ToProto(sh);
+        return grpc::Status::OK;
+      }
+      case rpc::v1::SecAggRequest::MASKED_INPUT: {
+        if (!received.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "upload the masked input first");
+        if (!wait_for_stage(3)) {
+          resp->set_dropped_from_round(true);
+          return grpc::Status::OK;
+        }
+        for (int d : sa.dropped) resp->add_dropped(d);
+        for (int v : sa.survivors) resp->add_survivors(v);
+        return grpc::Status::OK;
+      }
+      case rpc::v1::SecAggRequest::UNMASK: {
+        if (sa.stage != 3 || sa.unmask.count(cn)) {
+          resp->set_dropped_from_round(true);
+          return grpc::Status::OK;
+        }
+        auto reply = protocol::FromProto(req->unmask());
+        if (!reply.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(reply.status().message()));
+        sa.unmask[cn] = std::move(*reply);
+        cv.notify_all();
+        return grpc::Status::OK;
+      }
+      default:
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "unknown secure-aggregation step");
+    }
+  }
+
+  // Engine thread: waits until `complete()` or the stage deadline (or shutdown).
+  bool WaitStage(std::unique_lock<std::mutex>& l, int64_t deadline_ms, const std::function<bool()>& complete) {
+    cv.wait_until(l, std::chrono::system_clock::time_point(std::chrono::milliseconds(deadline_ms)), [&] { return shutdown || complete(); });
+    return !shutdown;
+  }
+
+  // The key-agreement stages of a secure round, before training: keys, then encrypted shares;
+  // the SecureServer checks every message against its sender.
+  absl::Status SecureSetup(federation::SecureServer& sec, federation::Collector& col) {
+    std::unique_lock<std::mutex> l(mu);
+    const size_t n = assigned.size();
+    if (!WaitStage(l, sa.stage_deadline_ms, [&] { return sa.keys.size() == n; })) return absl::CancelledError("coordinator shut down");
+    for (const auto& [name, k] : sa.keys)
+      if (absl::Status st = sec.Keys(name, k); !st.ok()) FT_LOG_WARN("secure aggregation: keys of '{}' refused: {}", name, st.ToString());
+    for (const auto& [name, k] : sa.keys) sa.keys_for[name] = sec.KeysFor(name);
+    sa.stage = 1;
+    sa.stage_deadline_ms = UnixMs() + o.secure_stage_ms;
+    cv.notify_all();
+    if (!WaitStage(l, sa.stage_deadline_ms, [&] { return sa.shares.size() == sa.keys_for.size(); })) return absl::CancelledError("coordinator shut down");
+    for (const auto& [name, sh] : sa.shares)
+      if (absl::Status st = sec.Shares(name, sh); !st.ok()) FT_LOG_WARN("secure aggregation: shares of '{}' refused: {}", name, st.ToString());
+    for (const auto& [name, sh] : sa.shares) sa.shares_for[name] = sec.SharesFor(name);
+    for (const auto& [name, t] : assigned)
+      if (!sa.shares.count(name)) col.Fail(name, absl::DeadlineExceededError("missed the key agreement"), "dropped (key agreement)");
+    sa.stage = 2;
+    sa.stage_deadline_ms = deadline_unix_ms;
+    cv.notify_all();
+    return absl::OkStatus();
+  }
+
+  // After the masked inputs: the unmask request, then the survivors' replies.
+  absl::Status SecureUnmask(federation::SecureServer& sec) {
+    std::unique_lock<std::mutex> l(mu);
+    sa.dropped = sec.Dropped();
+    sa.survivors = sec.Survivors();
+    sa.stage = 3;
+    sa.stage_deadline_ms = UnixMs() + o.secure_stage_ms;
+    cv.notify_all();
+    std::set<std::string> alive;
+    for (int id : sa.survivors) alive.insert(sec.clients()[static_cast<size_t>(id)]);
+    if (!WaitStage(l, sa.stage_deadline_ms, [&] {
+          for (const std::string& a : alive)
+            if (!sa.unmask.count(a)) return false;
+          return true;
+        }))
+      return absl::CancelledError("coordinator shut down");
+    for (const auto& [name, reply] : sa.unmask)
+      if (absl::Status st = sec.Unmask(name, reply); !st.ok()) FT_LOG_WARN("secure aggregation: unmask reply of '{}' refused: {}", name, st.ToString());
+    sa.stage = 4;
+    cv.notify_all();
+    return absl::OkStatus();
   }
 
   grpc::Status GetStatus(grpc::ServerContext*, const rpc::v1::StatusRequest*, rpc::v1::StatusResponse* resp) override {
@@ -396,6 +565,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       const rpc::v1::Profile& p = workers[id].profile;
       federation::ClientInfo c;
       c.name = id;
+      c.num_examples = std::max<int64_t>(0, p.num_examples());
       c.profile = planner::WorkerProfile{id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
                                          p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0,
                                          p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20};
@@ -431,35 +601,47 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         t.deadline_unix_ms = deadline_unix_ms;
         assigned[t.client] = protocol::ToProto(t);
       }
+      sa = SecureStages();
+      if (col.secure()) {
+        sa.active = true;
+        sa.stage_deadline_ms = std::min(deadline_unix_ms, UnixMs() + o.secure_stage_ms);
+      }
     }
     cv.notify_all();
-    FT_LOG_INFO("round {}/{}: {} workers selected", r, o.engine.settings.rounds, tasks.size());
+    FT_LOG_INFO("round {}/{}: {} workers selected{}", r, o.engine.settings.rounds, tasks.size(), col.secure() ? " (secure aggregation)" : "");
+    if (col.secure()) FT_RETURN_IF_ERROR(SecureSetup(*col.secure(), col));
     // Collect until every selected worker has answered, the round has enough updates, or the
     // deadline passes; updates are folded in on this thread as they arrive (streaming).
     double rss_peak = CurrentRssMiB();
     const auto deadline = Clock::now() + std::chrono::milliseconds(o.deadline_ms);
-    auto fold = [&](std::deque<aggregation::ClientUpdate>& batch) {
-      for (auto& u : batch) {
-        (void)col.Add(std::move(u));  // a refusal is recorded by the collector
+    auto fold = [&](std::deque<Incoming>& batch) {
+      for (auto& in : batch) {  // a refusal is recorded by the collector
+        if (in.masked) {
+          (void)col.AddMasked(in.u.client, std::move(*in.masked), in.u.num_examples, in.u.metrics);
+        } else {
+          (void)col.Add(std::move(in.u));
+        }
         rss_peak = std::max(rss_peak, CurrentRssMiB());
       }
     };
     for (;;) {
-      std::deque<aggregation::ClientUpdate> batch;
+      std::deque<Incoming> batch;
       bool complete = false;
       {
         std::unique_lock<std::mutex> l(mu);
-        cv.wait_until(l, deadline, [&] { return shutdown || !inbox.empty() || received.size() == assigned.size(); });
+        // Secure rounds: only the workers that completed the key agreement can send an input.
+        const size_t expected = sa.active ? sa.shares_for.size() : assigned.size();
+        cv.wait_until(l, deadline, [&] { return shutdown || !inbox.empty() || received.size() >= expected; });
         if (shutdown) return absl::CancelledError("coordinator shut down");
         batch.swap(inbox);
-        complete = received.size() == assigned.size();
+        complete = received.size() >= expected;
       }
       cv.notify_all();  // room in the inbox
       fold(batch);
       if (complete || Clock::now() >= deadline || col.enough()) break;
     }
     // Close the round; updates accepted on upload meanwhile are still folded in.
-    std::deque<aggregation::ClientUpdate> rest;
+    std::deque<Incoming> rest;
     std::vector<aggregation::ClientFailure> refused;
     std::vector<std::string> missing;
     {
@@ -468,7 +650,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       rest.swap(inbox);
       refused = rejected;
       for (const auto& [w, t] : assigned)
-        if (!received.count(w)) missing.push_back(w);
+        if (!received.count(w) && (!sa.active || sa.shares_for.count(w))) missing.push_back(w);
       metrics["bytes_up"] = static_cast<double>(bytes_in);
       metrics["bytes_down"] = static_cast<double>(bytes_out);
     }
@@ -479,6 +661,12 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     for (const std::string& w : missing)
       col.Fail(w, absl::DeadlineExceededError(early ? "round closed after the target number of updates" : "no update before the deadline"),
                early ? "not needed (round closed)" : "missed deadline");
+    if (col.secure()) FT_RETURN_IF_ERROR(SecureUnmask(*col.secure()));
+    {
+      std::lock_guard<std::mutex> l(mu);
+      sa.active = false;
+    }
+    cv.notify_all();
     metrics["rss_peak_mib"] = rss_peak;
     return absl::OkStatus();
   }

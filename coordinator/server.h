@@ -35,6 +35,7 @@ struct ServerOptions {
   int max_concurrent_downloads = 16;
   int transport_memory_mib = 64;          // gRPC resource quota (buffers of all connections)
   size_t max_update_bytes = 256u << 20;
+  int secure_stage_ms = 60000;            // secure aggregation: key, share and unmask stages each
   // Server-side evaluation of the global adapter (eval.data); empty: none.
   std::function<absl::Status(const aggregation::TensorMap&, std::map<std::string, double>&)> evaluate;
   std::string http_address;               // "127.0.0.1:9090": /metrics, / (dashboard), /status.json; empty: off

@@ -26,8 +26,7 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     return Bad("train.activation_budget_mib", "set it in each worker's config (activation_budget_mib), not the coordinator's");
   if (c.train().no_recompute()) return Bad("train.no_recompute", "a worker decides its activation memory (worker config activation_budget_mib)");
   if (c.train().stand_in()) return Bad("train.stand_in", "simulation only");
-  if (c.secure_aggregation().enabled())
-    return Bad("secure_aggregation.enabled", "SecAgg+ over the wire is not implemented yet; it runs in `fedtune simulate` only");
+  if (c.secure_aggregation().stage_seconds() < 0) return Bad("secure_aggregation.stage_seconds", "must be >= 0");
   if (c.eval().per_client()) return Bad("eval.per_client", "simulation only");
   if (c.dp().enabled() && c.dp().local() && c.dp().target_epsilon() > 0)
     return Bad("dp.target_epsilon", "with local DP the coordinator does not know the workers' data sizes: set dp.noise_multiplier (workers report their epsilon)");
@@ -62,6 +61,7 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
   o.max_concurrent_uploads = OrDefault(c.max_concurrent_uploads(), 4);
   o.heartbeat_ms = OrDefault(c.heartbeat_seconds(), 2) * 1000;
   o.offline_after_ms = OrDefault(c.offline_after_seconds(), 30) * 1000;
+  o.secure_stage_ms = OrDefault(c.secure_aggregation().stage_seconds(), 60) * 1000;
   if (c.planner().enabled()) {
     const planner::Candidate uniform{rs.adapter.modules, m->layer(0).wq.type, rs.batch, rs.local_steps};
     FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, federation::PlannerOptionsFrom(c.planner(), rs.adapter.spec, rs.adapter.modules, uniform,

@@ -10,7 +10,6 @@
 #include "absl/strings/str_format.h"
 #include "common/mapped_file.h"
 #include "common/rng.h"
-#include "federation/secure_round.h"
 #include "kernels/quant.h"
 #include "model/safetensors.h"
 #include "privacy/noise.h"
@@ -30,51 +29,50 @@ int64_t TensorBytes(const TensorMap& t) {
   return b;
 }
 
-// Secure aggregation's client side for in-process clients (the simulation): each client weights
-// its update (equal weights under DP, after clipping and adding its share of the noise) and
-// masks it; the server only ever sees the sum.
-struct SecureSide {
-  std::unique_ptr<SecureRound> round;
-  std::unique_ptr<privacy::NoiseSource> noise;
-  std::map<std::string, int64_t> examples;  // public metadata: examples per selected client
-  int64_t round_examples = 0;
-  double clip = 0, noise_stddev = 0;
-  std::map<std::string, std::pair<double, int64_t>> weight;  // client -> (weight, examples)
-};
-
 class RoundCollector : public Collector {
  public:
-  RoundCollector(aggregation::Aggregation& agg, const TensorMap& global, int target, SecureSide* sec)
-      : agg_(agg), global_(global), target_(target), sec_(sec) {}
+  RoundCollector(aggregation::Aggregation& agg, int target, SecureServer* sec, double weight_divisor, bool equal_weights)
+      : agg_(agg), target_(target), sec_(sec), weight_divisor_(weight_divisor), equal_weights_(equal_weights) {}
 
   absl::Status Add(aggregation::ClientUpdate u) override {
     auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
     ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), TensorBytes(u.delta) + TensorBytes(u.fisher)};
     const double eps = metric("local_epsilon");
     const std::string who = u.client;
+    const absl::Status st = sec_ ? absl::FailedPreconditionError("this round takes masked inputs only (secure aggregation)") : agg_.Add(std::move(u));
+    return Record(rec, st, eps);
+  }
+  absl::Status AddMasked(const std::string& client, std::vector<uint32_t> y, int64_t num_examples,
+                         const std::map<std::string, double>& metrics) override {
+    auto metric = [&metrics](const char* k) { return metrics.count(k) ? metrics.at(k) : 0.0; };
+    ClientRoundRecord rec{client, "ok", num_examples, metric("train_loss"), metric("train_seconds"), static_cast<int64_t>(y.size() * 4)};
     absl::Status st;
-    if (sec_) {
-      auto ex = sec_->examples.find(who);
-      if (ex == sec_->examples.end()) {
-        st = absl::FailedPreconditionError(absl::StrCat(who, " is not in this secure round"));
-      } else {
-        double w = sec_->round_examples > 0 ? static_cast<double>(ex->second) / static_cast<double>(sec_->round_examples) : 1.0;
-        st = aggregation::ValidateUpdate(u, global_);
-        if (st.ok() && sec_->clip > 0) {
-          w = 1.0;
-          aggregation::ClipToNorm(u.delta, sec_->clip);
-          for (auto& [name, d] : u.delta) sec_->noise->AddGaussian(d, sec_->noise_stddev);
-        }
-        if (st.ok() && w != 1.0) aggregation::Scale(u.delta, static_cast<float>(w));
-        if (st.ok()) st = sec_->round->Submit(who, u.delta);
-        if (st.ok()) sec_->weight[who] = {w, ex->second};
-      }
+    if (!sec_) {
+      st = absl::FailedPreconditionError("not a secure-aggregation round");
     } else {
-      st = agg_.Add(std::move(u));
+      // The weight the client applied, from its (public) example count, as the task told it.
+      const double w = equal_weights_ || weight_divisor_ <= 0 ? 1.0 : static_cast<double>(num_examples) / weight_divisor_;
+      st = sec_->Masked(client, std::move(y), w, num_examples);
     }
+    return Record(rec, st, metric("local_epsilon"));
+  }
+  void Fail(const std::string& client, const absl::Status& why, const std::string& outcome) override {
+    failures_.push_back({client, why});
+    records_.push_back({client, outcome, 0, 0, 0, 0});
+  }
+  int accepted() const override { return accepted_; }
+  bool enough() const override { return target_ > 0 && accepted_ >= target_; }
+  SecureServer* secure() override { return sec_; }
+
+  std::vector<aggregation::ClientFailure> failures_;
+  std::vector<ClientRoundRecord> records_;
+  double loss_sum_ = 0, train_max_ = 0, local_epsilon_ = 0;
+
+ private:
+  absl::Status Record(ClientRoundRecord rec, const absl::Status& st, double eps) {
     if (!st.ok()) {
       rec.status = absl::StrCat("rejected: ", st.message());
-      failures_.push_back({who, st});
+      failures_.push_back({rec.client, st});
     } else {
       ++accepted_;
       loss_sum_ += rec.train_loss;
@@ -84,22 +82,11 @@ class RoundCollector : public Collector {
     records_.push_back(rec);
     return st;
   }
-  void Fail(const std::string& client, const absl::Status& why, const std::string& outcome) override {
-    failures_.push_back({client, why});
-    records_.push_back({client, outcome, 0, 0, 0, 0});
-  }
-  int accepted() const override { return accepted_; }
-  bool enough() const override { return target_ > 0 && accepted_ >= target_; }
-
-  std::vector<aggregation::ClientFailure> failures_;
-  std::vector<ClientRoundRecord> records_;
-  double loss_sum_ = 0, train_max_ = 0, local_epsilon_ = 0;
-
- private:
   aggregation::Aggregation& agg_;
-  const TensorMap& global_;
   const int target_;
-  SecureSide* sec_;
+  SecureServer* sec_;
+  const double weight_divisor_;
+  const bool equal_weights_;
   int accepted_ = 0;
 };
 
@@ -286,31 +273,41 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     }
 
     std::unique_ptr<aggregation::Aggregation> agg = strategy_->BeginAggregate(r, global_);
-    std::unique_ptr<SecureSide> sec;
+    std::unique_ptr<SecureServer> sec;
+    double weight_divisor = 0;
     if (s.secure.enabled) {
-      sec = std::make_unique<SecureSide>();
+      // Secure aggregation: ids in selection order; clients weight by examples over the round's
+      // total (public metadata), or equally under DP, where they also clip and add their share of
+      // the noise (distributed DP: the noise is split over min_clients when set, so a round with
+      // that many survivors still carries all of it).
+      protocol::TrainTask::Secure p;
+      p.clients = static_cast<int>(tasks.size());
+      p.degree = s.secure.degree;
+      p.threshold = s.secure.threshold;
+      p.graph_seed = s.seed * 7919 + static_cast<uint64_t>(r);
+      p.value_range = s.secure.value_range;
       std::vector<std::string> ids;
+      bool all_known = true;
       for (const auto& task : tasks) {
         ids.push_back(task.client);
-        sec->examples[task.client] = examples[task.client];
-        sec->round_examples += examples[task.client];
+        weight_divisor += static_cast<double>(examples[task.client]);
+        all_known = all_known && examples[task.client] > 0;
       }
-      FT_ASSIGN_OR_RETURN(sec->round, SecureRound::Begin(ids, global_, s.secure.value_range, s.secure.degree, s.secure.threshold,
-                                                         s.seed * 7919 + static_cast<uint64_t>(r)));
-      if (o_.client_noise_seed != 0) {
-        privacy::NoiseSource::Seed seed{};
-        for (int i = 0; i < 8; ++i) seed[static_cast<size_t>(i)] = static_cast<uint8_t>((o_.client_noise_seed + static_cast<uint64_t>(r)) >> (8 * i));
-        FT_ASSIGN_OR_RETURN(sec->noise, privacy::NoiseSource::FromSeed(seed));
-      } else {
-        FT_ASSIGN_OR_RETURN(sec->noise, privacy::NoiseSource::Create());
-      }
-      if (s.dp.central) {
-        const int share = s.strategy.min_clients > 1 ? s.strategy.min_clients : s.expected_clients;
-        sec->clip = s.dp.clip_norm;
-        sec->noise_stddev = s.dp.noise_multiplier * s.dp.clip_norm / std::sqrt(static_cast<double>(share));
+      p.weight_divisor = all_known ? weight_divisor : 0;
+      weight_divisor = p.weight_divisor;
+      FT_ASSIGN_OR_RETURN(sec, SecureServer::Begin(ids, global_, p));
+      const int share = s.strategy.min_clients > 1 ? s.strategy.min_clients : s.expected_clients;
+      for (size_t i = 0; i < tasks.size(); ++i) {
+        tasks[i].secure_aggregation = true;
+        tasks[i].secagg = p;
+        tasks[i].secagg.id = static_cast<int>(i);
+        if (s.dp.central) {
+          tasks[i].dp_clip_norm = s.dp.clip_norm;
+          tasks[i].dp_noise_stddev = s.dp.noise_multiplier * s.dp.clip_norm / std::sqrt(static_cast<double>(share));
+        }
       }
     }
-    RoundCollector col(*agg, global_, o_.target_updates, sec.get());
+    RoundCollector col(*agg, o_.target_updates, sec.get(), weight_divisor, s.dp.central);
     std::map<std::string, double> transport_metrics;
     t.Phase(r, "train");
     const auto t_collect = Clock::now();
@@ -326,18 +323,12 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     t.Phase(r, "aggregate");
     const auto t_server = Clock::now();
     if (sec) {
-      FT_ASSIGN_OR_RETURN(SecureRound::Sum ssum, sec->round->Finish());
-      double wsum = 0;
-      int64_t ex = 0;
-      for (const std::string& name : ssum.survivors) {
-        wsum += sec->weight.at(name).first;
-        ex += sec->weight.at(name).second;
-      }
-      if (!ssum.survivors.empty()) FT_RETURN_IF_ERROR(agg->AddSecureSum(ssum.sum, wsum, static_cast<int>(ssum.survivors.size()), ex));
-      rec.metrics["secagg_clamped_values"] = static_cast<double>(ssum.clamped);
+      FT_ASSIGN_OR_RETURN(SecureServer::Sum ssum, sec->Finish());
+      if (!ssum.survivors.empty())
+        FT_RETURN_IF_ERROR(agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples));
+      rec.metrics["secagg_survivors"] = static_cast<double>(ssum.survivors.size());
       rec.metrics["secagg_tampered_shares"] = static_cast<double>(ssum.tampered.size());
       for (const auto& tampered : ssum.tampered) say("secure aggregation: " + tampered);
-      transport_metrics["bytes_up"] = static_cast<double>(sec->round->bytes_up_per_client() * static_cast<int64_t>(ssum.survivors.size()));
     }
     FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
     absl::StatusOr<aggregation::RoundResult> result = strategy_->Commit(r, global_, std::move(merged), col.failures_);

@@ -23,6 +23,7 @@
 
 #include "aggregation/strategy.h"
 #include "federation/run_ledger.h"
+#include "federation/secure_server.h"
 #include "federation/settings.h"
 #include "planner/planner.h"
 #include "protocol/task.h"
@@ -52,6 +53,13 @@ class Collector {
   virtual int accepted() const = 0;
   // The round has what it needs (target_updates reached): stop collecting.
   virtual bool enough() const = 0;
+  // Secure-aggregation rounds (tasks with secure_aggregation): the server side whose stages the
+  // transport relays (keys, shares, unmasking); null in other rounds.
+  virtual SecureServer* secure() = 0;
+  // A client's masked input in a secure round (plain updates are refused there);
+  // `num_examples` and `metrics` travel in the clear as with plain updates.
+  virtual absl::Status AddMasked(const std::string& client, std::vector<uint32_t> y, int64_t num_examples,
+                                 const std::map<std::string, double>& metrics) = 0;
 };
 
 class Transport {
@@ -92,8 +100,6 @@ struct EngineOptions {
     bool every_round = false;                    // re-plan before every round (else once)
   };
   std::optional<Planning> planning;
-  // Stream of the central-DP client noise under secure aggregation; unset: the CSPRNG.
-  uint64_t client_noise_seed = 0;
   std::function<void(const std::string&)> say;  // progress lines (may be empty)
 };
 

@@ -34,6 +34,13 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   p.set_secure_aggregation(t.secure_aggregation);
   p.set_dp_clip_norm(t.dp_clip_norm);
   p.set_dp_noise_stddev(t.dp_noise_stddev);
+  p.set_secagg_id(t.secagg.id);
+  p.set_secagg_clients(t.secagg.clients);
+  p.set_secagg_degree(t.secagg.degree);
+  p.set_secagg_threshold(t.secagg.threshold);
+  p.set_secagg_graph_seed(t.secagg.graph_seed);
+  p.set_secagg_value_range(t.secagg.value_range);
+  p.set_secagg_weight_divisor(t.secagg.weight_divisor);
   p.set_adapter_sha256(t.adapter_sha256);
   p.set_adapter_bytes(t.adapter_bytes);
   p.set_deadline_unix_ms(t.deadline_unix_ms);
@@ -72,6 +79,13 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.secure_aggregation = p.secure_aggregation();
   t.dp_clip_norm = p.dp_clip_norm();
   t.dp_noise_stddev = p.dp_noise_stddev();
+  t.secagg.id = p.secagg_id();
+  t.secagg.clients = p.secagg_clients();
+  t.secagg.degree = p.secagg_degree();
+  t.secagg.threshold = p.secagg_threshold();
+  t.secagg.graph_seed = p.secagg_graph_seed();
+  t.secagg.value_range = p.secagg_value_range();
+  t.secagg.weight_divisor = p.secagg_weight_divisor();
   t.adapter_sha256 = p.adapter_sha256();
   t.adapter_bytes = p.adapter_bytes();
   t.deadline_unix_ms = p.deadline_unix_ms();

@@ -48,6 +48,12 @@ struct TrainTask {
   // dp_clip_norm and adds N(0, dp_noise_stddev^2) per coordinate before masking.
   bool secure_aggregation = false;
   double dp_clip_norm = 0, dp_noise_stddev = 0;
+  struct Secure {
+    int id = 0, clients = 0, degree = 0, threshold = 0;
+    uint64_t graph_seed = 1;
+    double value_range = 0.05;
+    double weight_divisor = 0;  // weight = num_examples / divisor; 0: 1
+  } secagg;
   // The global adapter to start from (deployment: what to download and check).
   std::string adapter_sha256;
   int64_t adapter_bytes = 0;

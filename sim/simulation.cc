@@ -27,6 +27,7 @@
 #include "sim/report.h"
 #include "worker/client.h"
 #include "worker/local_trainer.h"
+#include "worker/secure_client.h"
 
 namespace fedtune::sim {
 namespace {
@@ -118,6 +119,20 @@ class SimTransport : public federation::Transport {
     double sim_round = 0, client_secs = 0;
     int64_t bytes_up = 0, bytes_down = 0;
     int dropped = 0;
+    // Secure aggregation: every selected client agrees keys and shares before training (the
+    // engine's SecureServer relays them); a client that drops out later is unmasked by the others.
+    federation::SecureServer* sec = col.secure();
+    std::map<std::string, std::unique_ptr<worker::SecureClient>> secure;
+    if (sec) {
+      for (const protocol::TrainTask& task : tasks) {
+        FT_ASSIGN_OR_RETURN(secure[task.client], worker::SecureClient::Create(task, global));
+        FT_RETURN_IF_ERROR(sec->Keys(task.client, secure[task.client]->Advertise()));
+      }
+      for (const protocol::TrainTask& task : tasks) {
+        FT_ASSIGN_OR_RETURN(auto shares, secure[task.client]->ShareKeys(sec->KeysFor(task.client)));
+        FT_RETURN_IF_ERROR(sec->Shares(task.client, shares));
+      }
+    }
     for (const protocol::TrainTask& task : tasks) {
       ClientState& cl = clients_[index_.at(task.client)];
       const double comm_down = cl.latency_ms / 1000.0 + static_cast<double>(global_bytes) * 8 / (cl.bandwidth_mbps * 1e6);
@@ -141,16 +156,33 @@ class SimTransport : public federation::Transport {
       client_secs += secs;
       if (cl.plan_profile && secs > 0 && lr.report.tokens > 0)  // re-planning: the speed this client showed
         cl.plan_profile->tokens_per_second = 0.5 * cl.plan_profile->tokens_per_second + 0.5 * static_cast<double>(lr.report.tokens) / (secs / cl.speed);
-      const int64_t up = worker::TensorBytes(lr.update.delta) + worker::TensorBytes(lr.update.fisher);
+      int64_t up = worker::TensorBytes(lr.update.delta) + worker::TensorBytes(lr.update.fisher);
+      const double loss = lr.report.final_loss;
+      if (sec) {
+        worker::SecureClient& sc = *secure[task.client];
+        FT_ASSIGN_OR_RETURN(std::vector<uint32_t> y, sc.Mask(lr.update, sec->SharesFor(task.client)));
+        up = static_cast<int64_t>(y.size() * sizeof(uint32_t));
+        lr.update.metrics["secagg_clamped"] = static_cast<double>(sc.clamped());
+        if (col.AddMasked(task.client, std::move(y), lr.update.num_examples, lr.update.metrics).ok()) ++cl.trained;
+      } else if (col.Add(std::move(lr.update)).ok()) {
+        ++cl.trained;
+      }
       const double comm_up = cl.latency_ms / 1000.0 + static_cast<double>(up) * 8 / (cl.bandwidth_mbps * 1e6);
       sim_round = std::max(sim_round, comm_down + secs / cl.speed + comm_up);
       bytes_up += up;
-      const double loss = lr.report.final_loss;
-      if (col.Add(std::move(lr.update)).ok()) ++cl.trained;
       const double eta = train_wall_ / done_tasks_ * std::max(0, total_tasks_ - done_tasks_);
       if (o_.progress && (tasks.size() <= 50 || done_tasks_ % 100 == 0))
         std::fprintf(stderr, "[simulate] round %d/%d  %s (%s) loss %.4f  %.1f s  [%d/%d client-rounds, ETA %.0f s]\n", round, s_.run.rounds,
                      cl.name.c_str(), cl.profile.c_str(), loss, secs, done_tasks_, total_tasks_, eta);
+    }
+    if (sec) {  // the survivors reveal what the server needs to unmask the sum
+      const std::vector<int> gone = sec->Dropped(), alive = sec->Survivors();
+      for (int id : alive) {
+        const std::string& name = sec->clients()[static_cast<size_t>(id)];
+        FT_ASSIGN_OR_RETURN(auto reply, secure[name]->Unmask(gone, alive));
+        FT_RETURN_IF_ERROR(sec->Unmask(name, reply));
+      }
+      bytes_up = sec->bytes_up();
     }
     m["dropped"] = dropped;
     m["bytes_up"] = static_cast<double>(bytes_up);
@@ -462,7 +494,6 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   eo.state_dir = result.run_dir;
   eo.quorum = 0;
   eo.say = say;
-  eo.client_noise_seed = rs.test_noise_seed;
   const kernels::GgmlType stored_type = model->layer(0).wq.type;
   const planner::ModelShape shape = planner::ModelShape::Of(*model);
   std::optional<Calibration> cal;

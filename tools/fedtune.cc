@@ -488,8 +488,16 @@ int RunStatus(const std::string& address) {
       std::printf("  %-20s last seen %6.1f s ago, %d updates accepted\n", w.value("id", std::string("?")).c_str(), w.value("last_seen_seconds", -1.0),
                   w.value("updates_accepted", 0));
   if (j.contains("rounds") && !j["rounds"].empty()) {
-    const auto& r = j["rounds"].back();
-    std::printf("last committed round %d: %g accepted, %g failures\n", r.value("round", 0), r.value("accepted", 0.0), r.value("failures", 0.0));
+    // One line per committed round: what the dashboard charts (held-out evaluation, privacy).
+    auto cell = [](const nlohmann::json& r, const char* k, const char* fmt, double scale) {
+      return r.contains(k) && r[k].is_number() ? absl::StrFormat(fmt, scale * r[k].get<double>()) : std::string("-");
+    };
+    std::printf("%-6s %-9s %-9s %-11s %-10s %-10s %-10s %-8s\n", "round", "accepted", "failures", "train loss", "eval loss", "accuracy",
+                "epsilon", "local eps");
+    for (const auto& r : j["rounds"])
+      std::printf("%-6d %-9s %-9s %-11s %-10s %-10s %-10s %-8s\n", r.value("round", 0), cell(r, "accepted", "%.0f", 1).c_str(),
+                  cell(r, "failures", "%.0f", 1).c_str(), cell(r, "train_loss", "%.4f", 1).c_str(), cell(r, "eval_loss", "%.4f", 1).c_str(),
+                  cell(r, "accuracy", "%.1f%%", 100).c_str(), cell(r, "epsilon", "%.3f", 1).c_str(), cell(r, "local_epsilon", "%.3f", 1).c_str());
   }
   return 0;
 }

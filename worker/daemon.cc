@@ -16,9 +16,11 @@
 #include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
+#include "protocol/secagg_wire.h"
 #include "protocol/task.h"
 #include "protocol/update_codec.h"
 #include "kernels/quant.h"
+#include "worker/secure_client.h"
 #include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
 
@@ -169,7 +171,7 @@ absl::StatusOr<std::vector<uint8_t>> Download(rpc::v1::Coordinator::Stub& stub, 
 }
 
 grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Kept& kept,
-                        rpc::v1::UploadResponse* resp) {
+                        rpc::v1::UploadResponse* resp, bool secure = false) {
   grpc::ClientContext ctx;
   // Past the round's deadline (plus slack for the clock) the coordinator refuses it anyway.
   if (task.deadline_unix_ms() > 0) ctx.set_deadline(std::chrono::system_clock::time_point(std::chrono::milliseconds(task.deadline_unix_ms() + 30000)));
@@ -182,6 +184,7 @@ grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& t
   h->set_num_examples(kept.num_examples);
   h->set_total_bytes(static_cast<int64_t>(kept.payload.size()));
   h->set_sha256(protocol::Sha256Hex(kept.payload));
+  h->set_secure(secure);
   for (const auto& [k, v] : kept.metrics) (*h->mutable_metrics())[k] = v;
   bool ok = writer->Write(head);
   for (size_t off = 0; ok && off < kept.payload.size(); off += 1 << 20) {
@@ -192,6 +195,96 @@ grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& t
   }
   writer->WritesDone();
   return writer->Finish();
+}
+
+// Upload with retries while the coordinator sheds load (RESOURCE_EXHAUSTED: its transport is at
+// its memory quota) or the connection breaks.
+grpc::Status UploadWithRetries(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Kept& kept,
+                               rpc::v1::UploadResponse* resp, bool secure) {
+  grpc::Status fin;
+  for (int attempt = 0, backoff_ms = 200;; ++attempt, backoff_ms = std::min(backoff_ms * 2, 10000)) {
+    fin = UploadOnce(stub, task, me, kept, resp, secure);
+    const bool retry = fin.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED || fin.error_code() == grpc::StatusCode::UNAVAILABLE;
+    if (!retry || attempt >= 8) break;
+    const int jitter = static_cast<int>(protocol::TrainingSeed(me, attempt) % static_cast<uint64_t>(backoff_ms));
+    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms / 2 + jitter / 2));
+  }
+  return fin;
+}
+
+// A secure-aggregation round (protocol in proto/service.proto, SecureAggregation): keys and
+// shares before training, the masked input as the upload, then the unmask reply. Nothing is kept
+// across restarts (the keys belong to this attempt): a worker restarted mid-round is dropped from
+// it and the others unmask without it.
+absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, int heartbeat_ms, const DaemonOptions& o,
+                        const Trainer& trainer, const rpc::v1::Task& task, DaemonReport* rep) {
+  FT_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, Download(stub, task));
+  FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, protocol::DecodeTensors(bytes));
+  bytes = {};
+  const protocol::TrainTask tt = protocol::FromProto(task, me);
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<SecureClient> sc, SecureClient::Create(tt, global));
+  auto call = [&](rpc::v1::SecAggRequest::Step step, rpc::v1::SecAggRequest req, rpc::v1::SecAggResponse* resp) -> absl::Status {
+    grpc::ClientContext ctx;
+    if (task.deadline_unix_ms() > 0) ctx.set_deadline(std::chrono::system_clock::time_point(std::chrono::milliseconds(task.deadline_unix_ms() + 120000)));
+    req.set_run_id(task.run_id());
+    req.set_round(task.round());
+    req.set_worker_id(me);
+    req.set_step(step);
+    return FromGrpc(stub.SecureAggregation(&ctx, req, resp), "secure aggregation");
+  };
+  auto out = [&](const char* stage) {
+    ++rep->rounds_abandoned;
+    FT_LOG_WARN("round {}: dropped from secure aggregation at the {} stage", task.round(), stage);
+    return absl::OkStatus();
+  };
+  rpc::v1::SecAggRequest req;
+  rpc::v1::SecAggResponse resp;
+  *req.mutable_keys() = protocol::ToProto(sc->Advertise());
+  FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::ADVERTISE_KEYS, req, &resp));
+  if (resp.dropped_from_round()) return out("key");
+  std::vector<privacy::secagg::PublicKeys> neighbours;
+  for (const auto& k : resp.keys()) {
+    FT_ASSIGN_OR_RETURN(privacy::secagg::PublicKeys pk, protocol::FromProto(k));
+    neighbours.push_back(pk);
+  }
+  FT_ASSIGN_OR_RETURN(std::vector<privacy::secagg::EncryptedShare> shares, sc->ShareKeys(neighbours));
+  req.Clear();
+  resp.Clear();
+  for (const auto& sh : shares) *req.add_shares() = protocol::ToProto(sh);
+  FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::SHARE_KEYS, req, &resp));
+  if (resp.dropped_from_round()) return out("share");
+  std::vector<privacy::secagg::EncryptedShare> received;
+  for (const auto& sh : resp.shares()) received.push_back(protocol::FromProto(sh));
+
+  Heartbeats hb(stub, me, task.round(), heartbeat_ms, o.profile);
+  FT_ASSIGN_OR_RETURN(LocalResult lr, trainer(tt, global, [&hb](double p) { hb.set_progress(p); }));
+  if (hb.abandoned()) return out("training");
+  FT_ASSIGN_OR_RETURN(std::vector<uint32_t> y, sc->Mask(lr.update, received));
+  Kept kept;
+  kept.num_examples = lr.update.num_examples;
+  kept.metrics = lr.update.metrics;
+  kept.metrics["secagg_clamped"] = static_cast<double>(sc->clamped());
+  kept.payload = protocol::EncodeMasked(y);
+  rpc::v1::UploadResponse up;
+  FT_RETURN_IF_ERROR(FromGrpc(UploadWithRetries(stub, task, me, kept, &up, true), absl::StrCat("upload of round ", task.round())));
+  if (!up.accepted()) {
+    FT_LOG_WARN("round {}: the coordinator refused the masked input: {}", task.round(), up.reason());
+    return absl::OkStatus();
+  }
+  ++rep->rounds_trained;
+  if (o.drop_after_masking) return absl::OkStatus();  // fault drill: vanish before unmasking
+  req.Clear();
+  resp.Clear();
+  FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::MASKED_INPUT, req, &resp));
+  if (resp.dropped_from_round()) return out("unmask");
+  FT_ASSIGN_OR_RETURN(privacy::secagg::UnmaskReply reply, sc->Unmask({resp.dropped().begin(), resp.dropped().end()},
+                                                                       {resp.survivors().begin(), resp.survivors().end()}));
+  req.Clear();
+  resp.Clear();
+  *req.mutable_unmask() = protocol::ToProto(reply);
+  FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::UNMASK, req, &resp));
+  if (!o.quiet) FT_LOG_INFO("round {}: masked input accepted and unmask reply sent", task.round());
+  return absl::OkStatus();
 }
 
 // One poll: NO_TASK -> nothing counted; a trained and uploaded round -> counted in `rep`; the
@@ -209,6 +302,7 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   }
   if (task.kind() == rpc::v1::Task::SHUTDOWN) return absl::OutOfRangeError("run finished");
   if (task.kind() != rpc::v1::Task::TRAIN) return absl::OkStatus();
+  if (task.secure_aggregation()) return SecureTask(stub, me, heartbeat_ms, o, trainer, task, rep);
 
   rpc::v1::Profile profile = o.profile;
   std::optional<Kept> kept = LoadKept(o.state_dir, task);
@@ -243,14 +337,7 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   // Upload; retried with backoff while the coordinator sheds load (RESOURCE_EXHAUSTED: its
   // transport is at its memory quota) or the connection breaks.
   rpc::v1::UploadResponse resp;
-  grpc::Status fin;
-  for (int attempt = 0, backoff_ms = 200;; ++attempt, backoff_ms = std::min(backoff_ms * 2, 10000)) {
-    fin = UploadOnce(stub, task, me, *kept, &resp);
-    const bool retry = fin.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED || fin.error_code() == grpc::StatusCode::UNAVAILABLE;
-    if (!retry || attempt >= 8) break;
-    const int jitter = static_cast<int>(protocol::TrainingSeed(me, attempt) % static_cast<uint64_t>(backoff_ms));
-    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms / 2 + jitter / 2));
-  }
+  const grpc::Status fin = UploadWithRetries(stub, task, me, *kept, &resp, false);
   if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
   if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && absl::StrContains(fin.error_message(), "closed")) {
     ++rep->rounds_abandoned;
@@ -318,6 +405,7 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
     if (key == "MemAvailable:") avail = kb * 1024;
   if (memory_budget_mib > 0) avail = avail > 0 ? std::min(avail, memory_budget_mib << 20) : memory_budget_mib << 20;
   p.set_memory_bytes(avail);
+  if (data) p.set_num_examples(static_cast<int64_t>(data->size()));
   if (model && data && !data->empty()) {
     auto set = model::MakeAdapters<float>(model->adapter_dims(), {model::AdapterKind::kLora, 4, 8.0f, false, 1}, {model::Module::kQ, model::Module::kV}, 1);
     if (set.ok()) {

@@ -36,6 +36,9 @@ struct DaemonOptions {
   int max_backoff_ms = 30000;
   int poll_ms = 2000;
   bool quiet = false;                     // no per-round log lines (load tests run hundreds)
+  // Fault drills and tests: in secure-aggregation rounds, upload the masked input and then
+  // vanish for the rest of the round (the others must unmask without this worker).
+  bool drop_after_masking = false;
 };
 
 struct DaemonReport {

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# issue 5: a coordinator and 3 worker PROCESSES over mutual TLS on loopback, real model, 2 rounds.
+# issue 5: a coordinator and 3 worker PROCESSES over mutual TLS on loopback, real model, 2 rounds;
+# issue 16: with central DP and server-side evaluation, epsilon and accuracy per round in
+# `fedtune status` and in the ledger.
 #   tests/cli/federated_processes.sh FEDTUNE_BINARY MODEL
 set -euo pipefail
 bin="$1"; model="$2"
@@ -8,6 +10,7 @@ trap 'echo "FAILED at line $LINENO"; for f in "$dir"/*.log; do echo "== $f"; tai
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
 "$bin" provision -o "$dir/pki" --workers 3 > /dev/null
 "$bin" make-task sentiment -n 60 -o "$dir/data.jsonl" > /dev/null
+"$bin" make-task sentiment -n 6 --seed 99 -o "$dir/heldout.jsonl" > /dev/null
 cat > "$dir/coordinator.yaml" <<YAML
 listen: 127.0.0.1:0
 tls: {ca: $dir/pki/ca.pem, cert: $dir/pki/coordinator.pem, key: $dir/pki/coordinator.key}
@@ -20,6 +23,8 @@ min_workers: 3
 deadline_seconds: 300
 train: {local_steps: 1, batch: 2, learning_rate: 5.0e-3}
 strategy: {merge: uncertainty}
+dp: {enabled: true, noise_multiplier: 1.0, clip_norm: 0.5}
+eval: {data: $dir/heldout.jsonl, max_new_tokens: 8}
 http: 127.0.0.1:0
 YAML
 "$bin" coordinator --config "$dir/coordinator.yaml" > "$dir/coordinator.log" 2>&1 &
@@ -44,9 +49,27 @@ done
 hport="$(sed -n 's/.*status server on port \([0-9]*\).*/\1/p' "$dir/coordinator.log")"
 "$bin" status "127.0.0.1:$hport" | tee "$dir/status.txt"
 grep -q 'round .* of 2' "$dir/status.txt"
+# Once round 1 is committed the status shows its held-out accuracy and epsilon.
+for _ in $(seq 600); do
+  "$bin" status "127.0.0.1:$hport" > "$dir/status.txt" 2>/dev/null || true
+  grep -qE '^1 +[0-9]+ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+% +[0-9.]+ ' "$dir/status.txt" && break
+  sleep 0.2
+done
+cat "$dir/status.txt"
+grep -qE '^1 +[0-9]+ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+% +[0-9.]+ ' "$dir/status.txt"
 wait "$coord"
 for p in "${pids[@]}"; do wait "$p"; done
 cat "$dir/coordinator.log" | grep -E 'committed|joined'
 grep -q '2 rounds committed' "$dir/coordinator.log"
 for i in 1 2 3; do grep -q 'trained 2 rounds' "$dir/worker-00$i.log" || { cat "$dir/worker-00$i.log"; exit 1; }; done
+python3 - "$dir/state/ledger.sqlite" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+m = {(r, k): v for r, k, v in db.execute("select round, name, value from metrics")}
+for r in (1, 2):
+    assert (r, "epsilon") in m and m[(r, "epsilon")] > 0, f"round {r}: no epsilon"
+    assert (r, "accuracy") in m and (r, "eval_loss") in m, f"round {r}: no evaluation"
+assert m[(2, "epsilon")] > m[(1, "epsilon")]
+print(f"ledger: epsilon {m[(1, 'epsilon')]:.3f} -> {m[(2, 'epsilon')]:.3f}, accuracy {m[(1, 'accuracy')]:.2f} -> {m[(2, 'accuracy')]:.2f}")
+PY
 echo "federated run over mutual TLS with 3 worker processes: OK"

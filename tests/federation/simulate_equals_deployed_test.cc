@@ -110,12 +110,15 @@ class SimulateEqualsDeployedTest : public ::testing::Test {
 
   // Runs the workers against `server` until it is done (or `stop_after` rounds are committed,
   // then shuts it down); returns the committed rounds.
-  int Serve(coordinator::CoordinatorServer& server, int stop_after = 0) const {
+  int Serve(coordinator::CoordinatorServer& server, int stop_after = 0, int drop_after_masking = -1) const {
     std::atomic<bool> stop{false};
     std::vector<std::thread> threads;
     for (int k = 0; k < kClients; ++k)
       threads.emplace_back([&, k] {
-        auto r = worker::RunDaemon(Daemon(k, server.port()), worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
+        worker::DaemonOptions d = Daemon(k, server.port());
+        d.drop_after_masking = k == drop_after_masking;
+        d.profile.set_num_examples(static_cast<int64_t>(data_[static_cast<size_t>(k)].size()));  // as MeasureProfile reports it
+        auto r = worker::RunDaemon(d, worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
         EXPECT_TRUE(r.ok()) << r.status();
       });
     if (stop_after > 0) {
@@ -129,10 +132,10 @@ class SimulateEqualsDeployedTest : public ::testing::Test {
     return server.last_committed_round();
   }
 
-  absl::StatusOr<aggregation::TensorMap> Deploy(const std::string& extra, int rounds, const std::string& name) const {
+  absl::StatusOr<aggregation::TensorMap> Deploy(const std::string& extra, int rounds, const std::string& name, int drop_after_masking = -1) const {
     FT_ASSIGN_OR_RETURN(auto svc, Service(extra, rounds, dir_ + "/state-" + name));
     FT_ASSIGN_OR_RETURN(auto server, coordinator::CoordinatorServer::Start(svc->options));
-    EXPECT_EQ(Serve(*server), rounds);
+    EXPECT_EQ(Serve(*server, 0, drop_after_masking), rounds);
     return server->global();
   }
 
@@ -152,10 +155,10 @@ class SimulateEqualsDeployedTest : public ::testing::Test {
     std::printf("%s: max |simulated - deployed| = %.3g (max |value| %.3g)\n", what.c_str(), worst, scale);
   }
 
-  void Compare(const std::string& extra, const std::string& name) {
+  void Compare(const std::string& extra, const std::string& name, int drop_after_masking = -1) {
     auto s = Simulate(extra, 2, name);
     ASSERT_TRUE(s.ok()) << s.status();
-    auto d = Deploy(extra, 2, name);
+    auto d = Deploy(extra, 2, name, drop_after_masking);
     ASSERT_TRUE(d.ok()) << d.status();
     ExpectSame(*s, *d, name);
   }
@@ -174,6 +177,34 @@ TEST_F(SimulateEqualsDeployedTest, UncertaintyAwareMerging) { Compare("strategy:
 
 TEST_F(SimulateEqualsDeployedTest, CentralDp) {
   Compare("dp: {enabled: true, noise_multiplier: 0.8, clip_norm: 0.05}\ntest_noise_seed: 42\n", "central-dp");
+}
+
+// SecAgg+ over the wire: every selected worker agrees keys, masks its weighted update and the
+// coordinator only learns the sum; worker 2 vanishes after uploading its masked input in every
+// round, the other two reveal its self-mask shares, and the sum still holds its update (as in
+// the simulation, where nobody drops). The sums differ from the simulation's only by the
+// stochastic fixed-point rounding (2 x 0.1 / 2^22 per value and client).
+TEST_F(SimulateEqualsDeployedTest, SecureAggregationWithAWorkerDroppingAfterMasking) {
+  Compare("secure_aggregation: {enabled: true, value_range: 0.1, stage_seconds: 2}\n", "secagg", /*drop_after_masking=*/2);
+}
+
+// Distributed DP under SecAgg+ in deployment: workers clip and add their share of the noise
+// before masking; the coordinator accounts the round.
+TEST_F(SimulateEqualsDeployedTest, SecureAggregationWithDistributedDpIsAccounted) {
+  const std::string extra =
+      "secure_aggregation: {enabled: true, stage_seconds: 20}\ndp: {enabled: true, noise_multiplier: 0.8, clip_norm: 0.05}\n";
+  auto d = Deploy(extra, 2, "secagg-dp");
+  ASSERT_TRUE(d.ok()) << d.status();
+  auto ledger = federation::RunLedger::Open(dir_ + "/state-secagg-dp/ledger.sqlite");
+  ASSERT_TRUE(ledger.ok());
+  privacy::PrivacyLedger want(0, 1e-5);
+  for (int r = 1; r <= 2; ++r) ASSERT_TRUE(want.Record({"", 1.0, 0.8, 1}).ok());
+  auto eps = (*ledger)->Metric(2, "epsilon");
+  ASSERT_TRUE(eps.ok()) << eps.status();
+  EXPECT_DOUBLE_EQ(*eps, want.Spent()->epsilon);
+  auto survivors = (*ledger)->Metric(2, "secagg_survivors");
+  ASSERT_TRUE(survivors.ok());
+  EXPECT_EQ(*survivors, 3);
 }
 
 TEST_F(SimulateEqualsDeployedTest, LocalDpSgdReportsEachWorkersEpsilon) {
@@ -233,7 +264,8 @@ TEST_F(SimulateEqualsDeployedTest, KeysTheDeployedRunnerCannotHonourAreRefusedBy
     ASSERT_FALSE(svc.ok()) << extra;
     EXPECT_NE(std::string(svc.status().message()).find(key), std::string::npos) << svc.status();
   };
-  expect("secure_aggregation: {enabled: true}\n", "secure_aggregation.enabled");
+  expect("secure_aggregation: {enabled: true, stage_seconds: -1}\n", "secure_aggregation.stage_seconds");
+  expect("secure_aggregation: {enabled: true}\nstrategy: {merge: median}\n", "secure_aggregation.enabled");
   expect("train: {activation_budget_mib: 64}\n", "train.activation_budget_mib");
   expect("dp: {enabled: true, local: true, target_epsilon: 3}\n", "dp.target_epsilon");
   expect("dp: {enabled: true, delta: 2}\n", "dp");

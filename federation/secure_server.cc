@@ -1,0 +1,100 @@
+#include "federation/secure_server.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "protocol/secagg_wire.h"
+
+namespace fedtune::federation {
+
+absl::StatusOr<std::unique_ptr<SecureServer>> SecureServer::Begin(const std::vector<std::string>& clients, const aggregation::TensorMap& layout,
+                                                                  const protocol::TrainTask::Secure& secagg) {
+  std::unique_ptr<SecureServer> s(new SecureServer());
+  size_t n = 0;
+  for (const auto& [name, v] : layout) n += v.size();
+  protocol::TrainTask::Secure p = secagg;
+  p.id = 0;
+  p.clients = static_cast<int>(clients.size());
+  FT_ASSIGN_OR_RETURN(s->cfg_, protocol::SecAggConfig(p, n));
+  s->scale_ = protocol::SecAggScale(s->cfg_, secagg.value_range);
+  for (const auto& [name, v] : layout) s->layout_[name].resize(v.size());
+  s->names_ = clients;
+  for (size_t i = 0; i < clients.size(); ++i) s->ids_[clients[i]] = static_cast<int>(i);
+  s->server_ = std::make_unique<privacy::secagg::Server>(s->cfg_);
+  return s;
+}
+
+int SecureServer::IdOf(const std::string& client) const {
+  auto it = ids_.find(client);
+  return it == ids_.end() ? -1 : it->second;
+}
+
+absl::StatusOr<int> SecureServer::Check(const std::string& client, int claimed) const {
+  const int id = IdOf(client);
+  if (id < 0) return absl::FailedPreconditionError(absl::StrCat("secure aggregation: ", client, " is not in this round"));
+  if (claimed != id) return absl::PermissionDeniedError(absl::StrCat("secure aggregation: ", client, " (id ", id, ") spoke for id ", claimed));
+  return id;
+}
+
+absl::Status SecureServer::Keys(const std::string& client, const privacy::secagg::PublicKeys& k) {
+  FT_RETURN_IF_ERROR(Check(client, k.id).status());
+  bytes_ += static_cast<int64_t>(sizeof(k));
+  return server_->ReceiveKeys(k);
+}
+
+std::vector<privacy::secagg::PublicKeys> SecureServer::KeysFor(const std::string& client) const {
+  const int id = IdOf(client);
+  return id < 0 ? std::vector<privacy::secagg::PublicKeys>{} : server_->KeysFor(id);
+}
+
+absl::Status SecureServer::Shares(const std::string& client, const std::vector<privacy::secagg::EncryptedShare>& shares) {
+  FT_ASSIGN_OR_RETURN(int id, Check(client, shares.empty() ? IdOf(client) : shares.front().from));
+  for (const auto& sh : shares) {
+    if (sh.from != id) return absl::PermissionDeniedError(absl::StrCat("secure aggregation: ", client, " sent a share from id ", sh.from));
+    bytes_ += static_cast<int64_t>(sh.ciphertext.size());
+  }
+  return server_->ReceiveShares(id, shares);
+}
+
+std::vector<privacy::secagg::EncryptedShare> SecureServer::SharesFor(const std::string& client) const {
+  const int id = IdOf(client);
+  return id < 0 ? std::vector<privacy::secagg::EncryptedShare>{} : server_->SharesFor(id);
+}
+
+absl::Status SecureServer::Masked(const std::string& client, std::vector<uint32_t> y, double weight, int64_t num_examples) {
+  FT_ASSIGN_OR_RETURN(int id, Check(client, IdOf(client)));
+  if (y.size() != cfg_.vector_length)
+    return absl::InvalidArgumentError(absl::StrCat("secure aggregation: masked input of ", y.size(), " values, expected ", cfg_.vector_length));
+  if (!(weight >= 0) || !std::isfinite(weight)) return absl::InvalidArgumentError("secure aggregation: bad weight");
+  bytes_ += static_cast<int64_t>(y.size() * sizeof(uint32_t));
+  FT_RETURN_IF_ERROR(server_->ReceiveMasked(id, std::move(y)));
+  weights_[id] = {weight, num_examples};
+  return absl::OkStatus();
+}
+
+absl::Status SecureServer::Unmask(const std::string& client, const privacy::secagg::UnmaskReply& r) {
+  FT_RETURN_IF_ERROR(Check(client, r.from).status());
+  bytes_ += static_cast<int64_t>((r.mask_key_shares.size() + r.self_mask_shares.size()) * sizeof(privacy::Share));
+  return server_->ReceiveUnmask(r);
+}
+
+absl::StatusOr<SecureServer::Sum> SecureServer::Finish() {
+  FT_ASSIGN_OR_RETURN(privacy::secagg::Result res, server_->Finish());
+  Sum out;
+  size_t off = 0;
+  for (const auto& [name, v] : layout_) {
+    std::vector<float>& t = out.sum[name];
+    t.resize(v.size());
+    for (size_t i = 0; i < v.size(); ++i) t[i] = static_cast<float>(res.sum[off + i] / scale_);
+    off += v.size();
+  }
+  for (int u : res.survivors) {
+    out.survivors.push_back(names_[static_cast<size_t>(u)]);
+    out.total_weight += weights_[u].first;
+    out.num_examples += weights_[u].second;
+  }
+  out.tampered = res.tampered;
+  return out;
+}
+
+}  // namespace fedtune::federation

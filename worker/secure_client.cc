@@ -1,0 +1,47 @@
+#include "worker/secure_client.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "protocol/secagg_wire.h"
+
+namespace fedtune::worker {
+
+absl::StatusOr<std::unique_ptr<SecureClient>> SecureClient::Create(const protocol::TrainTask& task, const aggregation::TensorMap& layout) {
+  std::unique_ptr<SecureClient> c(new SecureClient());
+  size_t n = 0;
+  for (const auto& [name, v] : layout) n += v.size();
+  FT_ASSIGN_OR_RETURN(privacy::secagg::Config cfg, protocol::SecAggConfig(task.secagg, n));
+  c->scale_ = protocol::SecAggScale(cfg, task.secagg.value_range);
+  c->clip_ = cfg.clip_range;
+  FT_ASSIGN_OR_RETURN(c->client_, privacy::secagg::Client::Create(cfg, task.secagg.id));
+  FT_ASSIGN_OR_RETURN(c->rounding_, privacy::NoiseSource::Create());
+  FT_ASSIGN_OR_RETURN(c->noise_, privacy::NoiseSource::Create());
+  c->task_ = task;
+  for (const auto& [name, v] : layout) c->layout_[name].resize(v.size());
+  return c;
+}
+
+absl::StatusOr<std::vector<uint32_t>> SecureClient::Mask(const aggregation::ClientUpdate& update,
+                                                          const std::vector<privacy::secagg::EncryptedShare>& received) {
+  aggregation::ClientUpdate u = update;
+  FT_RETURN_IF_ERROR(aggregation::ValidateUpdate(u, layout_));
+  double w = task_.secagg.weight_divisor > 0 ? static_cast<double>(u.num_examples) / task_.secagg.weight_divisor : 1.0;
+  if (task_.dp_clip_norm > 0) {  // distributed DP: equal weights, clip, this client's share of the noise
+    w = 1.0;
+    aggregation::ClipToNorm(u.delta, task_.dp_clip_norm);
+    for (auto& [name, d] : u.delta) noise_->AddGaussian(d, task_.dp_noise_stddev);
+  }
+  std::vector<float> flat;
+  for (const auto& [name, v] : layout_) {
+    auto d = u.delta.find(name);
+    for (size_t i = 0; i < v.size(); ++i) {
+      const float x = d == u.delta.end() ? 0.0f : static_cast<float>(d->second[i] * w * scale_);
+      if (std::fabs(x) > clip_) ++clamped_;
+      flat.push_back(x);
+    }
+  }
+  return client_->MaskedInput(flat, received, *rounding_);
+}
+
+}  // namespace fedtune::worker
