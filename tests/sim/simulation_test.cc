@@ -203,7 +203,10 @@ TEST_F(SimTest, DifferentialPrivacyStaysWithinTheTargetEpsilon) {
 // Secure aggregation changes nothing but the fixed-point rounding: same seeds, same adapter.
 TEST_F(SimTest, SecureAggregationGivesThePlainResult) {
   const std::string a = testing::TempPath("sim_plain"), b = testing::TempPath("sim_secure");
-  const std::string common = "clients: 5\nprofiles: [{count: 4}, {count: 1, dropout: 0.5}]\n";
+  // One round: both runs start from the same global adapter, so the results differ only by the
+  // stochastic fixed-point rounding (<= 5 clients x 2 x 0.05 / 2^22 per value). Over more rounds
+  // local AdamW amplifies such differences in near-zero gradients into lr-sized steps.
+  const std::string common = "clients: 5\nrounds: 1\nprofiles: [{count: 4}, {count: 1, dropout: 0.5}]\n";
   ASSERT_TRUE(Run(Yaml(common, a)).ok());
   auto r = Run(Yaml(common + "secure_aggregation: {enabled: true, value_range: 0.05}\n", b));
   ASSERT_TRUE(r.ok()) << r.status();
@@ -215,7 +218,7 @@ TEST_F(SimTest, SecureAggregationGivesThePlainResult) {
     scale = std::max(scale, static_cast<double>(std::fabs(sa[i])));
   }
   EXPECT_GT(scale, 0);
-  EXPECT_LT(worst, 1e-5) << "max |plain - secure| over " << sa.size() << " values";
+  EXPECT_LT(worst, 1e-6) << "max |plain - secure| over " << sa.size() << " values";
   EXPECT_EQ(r->rounds.back().metrics.at("secagg_tampered_shares"), 0);
   // With central DP on top, the clients add the noise before masking.
   auto d = Run(Yaml(common + "secure_aggregation: {enabled: true}\ndp: {enabled: true, target_epsilon: 8, clip_norm: 0.05}\n"
