@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/fault.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "common/progress.h"
@@ -500,6 +501,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     sa.stage = 3;
     sa.stage_deadline_ms = UnixMs() + o.secure_stage_ms;
     cv.notify_all();
+    MaybeCrash("during-unmask", round);
     std::set<std::string> alive;
     for (int id : sa.survivors) alive.insert(sec.clients()[static_cast<size_t>(id)]);
     if (!WaitStage(l, sa.stage_deadline_ms, [&] {
@@ -609,6 +611,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     }
     cv.notify_all();
     FT_LOG_INFO("round {}/{}: {} workers selected{}", r, o.engine.settings.rounds, tasks.size(), col.secure() ? " (secure aggregation)" : "");
+    MaybeCrash("after-dispatch", r);
     if (col.secure()) FT_RETURN_IF_ERROR(SecureSetup(*col.secure(), col));
     // Collect until every selected worker has answered, the round has enough updates, or the
     // deadline passes; updates are folded in on this thread as they arrive (streaming).

@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/fault.h"
 #include "common/mapped_file.h"
 #include "common/rng.h"
 #include "kernels/quant.h"
@@ -199,6 +200,7 @@ absl::Status RoundEngine::CommitState(int round, const RoundRecord& rec, const s
   w.SetMetadata("fedtune.round", std::to_string(round));
   w.SetMetadata("fedtune.strategy", st.text);
   FT_RETURN_IF_ERROR(WriteFileAtomic(StatePath(o_.state_dir, round), w.Serialize()));
+  MaybeCrash("before-ledger-commit", round);
   FT_RETURN_IF_ERROR(ledger_->CommitRound(round, rec.metrics, clients));
   committed_ = round;
   std::error_code ec;
@@ -301,6 +303,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         tasks[i].secure_aggregation = true;
         tasks[i].secagg = p;
         tasks[i].secagg.id = static_cast<int>(i);
+        tasks[i].test_noise_seed = s.test_noise_seed;
         if (s.dp.central) {
           tasks[i].dp_clip_norm = s.dp.clip_norm;
           tasks[i].dp_noise_stddev = s.dp.noise_multiplier * s.dp.clip_norm / std::sqrt(static_cast<double>(share));

@@ -54,6 +54,7 @@ struct TrainTask {
     double value_range = 0.05;
     double weight_divisor = 0;  // weight = num_examples / divisor; 0: 1
   } secagg;
+  uint64_t test_noise_seed = 0;  // tests only: seeded client noise streams (see service.proto)
   // The global adapter to start from (deployment: what to download and check).
   std::string adapter_sha256;
   int64_t adapter_bytes = 0;

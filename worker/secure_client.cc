@@ -15,8 +15,21 @@ absl::StatusOr<std::unique_ptr<SecureClient>> SecureClient::Create(const protoco
   c->scale_ = protocol::SecAggScale(cfg, task.secagg.value_range);
   c->clip_ = cfg.clip_range;
   FT_ASSIGN_OR_RETURN(c->client_, privacy::secagg::Client::Create(cfg, task.secagg.id));
-  FT_ASSIGN_OR_RETURN(c->rounding_, privacy::NoiseSource::Create());
-  FT_ASSIGN_OR_RETURN(c->noise_, privacy::NoiseSource::Create());
+  if (task.test_noise_seed != 0) {  // tests only: reproducible streams per (seed, round, id, purpose)
+    auto seeded = [&](uint8_t purpose) {
+      privacy::NoiseSource::Seed s{};
+      for (int i = 0; i < 8; ++i) s[static_cast<size_t>(i)] = static_cast<uint8_t>(task.test_noise_seed >> (8 * i));
+      for (int i = 0; i < 4; ++i) s[static_cast<size_t>(8 + i)] = static_cast<uint8_t>(static_cast<uint32_t>(task.round) >> (8 * i));
+      for (int i = 0; i < 4; ++i) s[static_cast<size_t>(12 + i)] = static_cast<uint8_t>(static_cast<uint32_t>(task.secagg.id) >> (8 * i));
+      s[16] = purpose;
+      return privacy::NoiseSource::FromSeed(s);
+    };
+    FT_ASSIGN_OR_RETURN(c->rounding_, seeded(1));
+    FT_ASSIGN_OR_RETURN(c->noise_, seeded(2));
+  } else {
+    FT_ASSIGN_OR_RETURN(c->rounding_, privacy::NoiseSource::Create());
+    FT_ASSIGN_OR_RETURN(c->noise_, privacy::NoiseSource::Create());
+  }
   c->task_ = task;
   for (const auto& [name, v] : layout) c->layout_[name].resize(v.size());
   return c;

@@ -5,7 +5,11 @@
 // from a seeded test stream). A deployed run stopped after a committed round and restarted
 // continues exactly (FedAdam moments and the privacy ledger are durable) and ends where the
 // simulation ends, with epsilon equal to the accountant's value for the committed rounds.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -21,6 +25,7 @@
 #include "model/tasks.h"
 #include "privacy/ledger.h"
 #include "sim/simulation.h"
+#include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
 #include "worker/daemon.h"
 
@@ -256,6 +261,82 @@ TEST_F(SimulateEqualsDeployedTest, RestartedDeployedRunContinuesExactly) {
   auto all = (*ledger)->AllMetrics();
   ASSERT_TRUE(all.ok());
   EXPECT_EQ(all->size(), 3u) << "each round once";
+}
+
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t n = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &n);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// The fault drill: a `fedtune coordinator` process with FedAdam, SecAgg+ and distributed DP is
+// killed with SIGKILL after dispatching round 1, while asking the survivors of round 2 to
+// unmask, and between writing round 3's state and committing its ledger row (FEDTUNE_FAULT),
+// and restarted each time on the same port; three worker daemons ride it out. The ledger then
+// holds each of the 4 rounds once, epsilon equals the accountant's value for 4 releases (never
+// less), and the final adapter equals the uninterrupted simulation of the same config
+// (test_noise_seed makes the clients' noise and rounding reproducible; a re-run round adds the
+// same noise, so nothing is released twice with different noise).
+TEST_F(SimulateEqualsDeployedTest, FaultDrillKill9WithDpAndSecureAggregation) {
+  const std::string extra =
+      "strategy: {server: fedadam, server_lr: 0.01}\nsecure_aggregation: {enabled: true, value_range: 0.1, stage_seconds: 5}\n"
+      "dp: {enabled: true, noise_multiplier: 0.8, clip_norm: 0.05}\ntest_noise_seed: 13\n";
+  auto sim = Simulate(extra, 4, "drill");
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  const int port = FreePort();
+  const std::string state = dir_ + "/state-drill", yaml = dir_ + "/drill.yaml";
+  ASSERT_TRUE(WriteFileAtomic(yaml, Common(extra) + "listen: 127.0.0.1:" + std::to_string(port) + "\ntls: {ca: " + pki_ + "/ca.pem, cert: " +
+                                        pki_ + "/coordinator.pem, key: " + pki_ + "/coordinator.key}\ntokens: " + pki_ +
+                                        "/tokens.sha256\nstate_dir: " + state + "\nrounds: 4\nmin_workers: 3\ndeadline_seconds: 60\n")
+                  .ok());
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int k = 0; k < kClients; ++k)
+    threads.emplace_back([&, k] {
+      worker::DaemonOptions d = Daemon(k, port);
+      d.max_backoff_ms = 300;
+      d.profile.set_num_examples(static_cast<int64_t>(data_[static_cast<size_t>(k)].size()));
+      auto r = worker::RunDaemon(d, worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
+      EXPECT_TRUE(r.ok()) << r.status();
+    });
+  int run = 0;
+  for (const std::string fault : {"after-dispatch:1", "during-unmask:2", "before-ledger-commit:3", ""}) {
+    const std::string log = dir_ + "/drill-" + std::to_string(run++) + ".log";
+    std::vector<std::string> argv = {"/usr/bin/env"};
+    if (!fault.empty()) argv.push_back("FEDTUNE_FAULT=" + fault);
+    for (const char* a : {FEDTUNE_BINARY, "coordinator", "--config"}) argv.push_back(a);
+    argv.push_back(yaml);
+    auto pid = testing::Spawn(argv, log);
+    ASSERT_TRUE(pid.ok()) << pid.status();
+    auto rc = testing::WaitFor(*pid, 300);
+    ASSERT_TRUE(rc.ok()) << rc.status();
+    if (fault.empty()) {
+      EXPECT_EQ(*rc, 0) << *ReadFileToString(log);
+    } else {
+      EXPECT_EQ(*rc, 128 + SIGKILL) << fault << ": " << *ReadFileToString(log);
+      EXPECT_TRUE(testing::WaitForText(log, "FEDTUNE_FAULT: killing", 1)) << fault;
+    }
+  }
+  stop = true;
+  for (auto& t : threads) t.join();
+  auto ledger = federation::RunLedger::Open(state + "/ledger.sqlite");
+  ASSERT_TRUE(ledger.ok());
+  auto all = (*ledger)->AllMetrics();
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 4u) << "each round once";
+  for (int r = 1; r <= 4; ++r) EXPECT_TRUE(all->count(r)) << r;
+  privacy::PrivacyLedger want(0, 1e-5);
+  for (int r = 1; r <= 4; ++r) ASSERT_TRUE(want.Record({"", 1.0, 0.8, 1}).ok());
+  EXPECT_DOUBLE_EQ(all->at(4).at("epsilon"), want.Spent()->epsilon);
+  aggregation::TensorMap deployed;
+  ASSERT_TRUE(federation::LoadCommittedAdapter(state, 4, &deployed).ok());
+  ExpectSame(*sim, deployed, "fault drill (FedAdam + SecAgg+ + distributed DP)");
 }
 
 TEST_F(SimulateEqualsDeployedTest, KeysTheDeployedRunnerCannotHonourAreRefusedByName) {
