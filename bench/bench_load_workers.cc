@@ -32,7 +32,7 @@ int main(int argc, char** argv) {
   std::vector<fedtune::worker::DaemonReport> reports(static_cast<size_t>(workers));
   std::vector<std::thread> threads;
   const auto t0 = std::chrono::steady_clock::now();
-  const fedtune::worker::Trainer trainer = fedtune::worker::StandInTrainer(100, train_seconds);
+  const fedtune::worker::TaskRunner trainer = fedtune::worker::StandInTaskRunner(100, train_seconds);
   for (int i = 0; i < workers; ++i)
     threads.emplace_back([&, i] {
       const std::string w = absl::StrFormat("%s/workers/worker-%03d", pki, i + 1);

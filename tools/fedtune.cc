@@ -50,7 +50,9 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-int Fail(const absl::Status& s) {
+// Every subcommand returns a Status; this is the one place it becomes a message and an exit code.
+int ExitCode(const absl::Status& s) {
+  if (s.ok()) return 0;
   std::fprintf(stderr, "fedtune: error: %s\n", std::string(s.ToString()).c_str());
   return 1;
 }
@@ -64,9 +66,9 @@ std::string HumanBytes(double b) {
   return buf;
 }
 
-int RunInfo(const std::string& path, bool all_tensors) {
+absl::Status RunInfo(const std::string& path, bool all_tensors) {
   auto m = model::LlamaModel::Load(path);
-  if (!m.ok()) return Fail(m.status());
+  if (!m.ok()) return m.status();
   const auto& c = (*m)->config();
   std::printf("model: %s\narchitecture: %s\nparameters: %lld\n", path.c_str(), c.arch.c_str(), static_cast<long long>(c.n_params));
   std::printf("layers %lld, embedding %lld, heads %lld (kv %lld, head dim %lld), ffn %lld, vocab %lld\n",
@@ -80,7 +82,7 @@ int RunInfo(const std::string& path, bool all_tensors) {
                 tok->eos_id(), tok->add_bos() ? "yes" : "no");
   }
   const model::GgufFile* g = (*m)->gguf();
-  if (g == nullptr) return 0;
+  if (g == nullptr) return absl::OkStatus();
   std::printf("\nGGUF v%u, %s, %zu metadata keys, %zu tensors\n", g->version(), HumanBytes(static_cast<double>(g->file_size())).c_str(),
               g->metadata().size(), g->tensors().size());
   for (const auto& k : g->key_order()) {
@@ -106,7 +108,7 @@ int RunInfo(const std::string& path, bool all_tensors) {
     std::printf("  %-32s %-6s [%s] %s\n", t.name.c_str(), std::string(kernels::TypeTraits(t.type).name).c_str(), shape.c_str(),
                 HumanBytes(static_cast<double>(t.nbytes)).c_str());
   }
-  return 0;
+  return absl::OkStatus();
 }
 
 struct GenerateArgs {
@@ -118,12 +120,12 @@ struct GenerateArgs {
   int64_t n_ctx = 2048;
 };
 
-int RunGenerate(const GenerateArgs& a) {
+absl::Status RunGenerate(const GenerateArgs& a) {
   auto loaded = model::LlamaModel::Load(a.model);
-  if (!loaded.ok()) return Fail(loaded.status());
+  if (!loaded.ok()) return loaded.status();
   const auto& m = **loaded;
   const model::Tokenizer* tok = m.tokenizer();
-  if (tok == nullptr) return Fail(absl::FailedPreconditionError("model has no tokenizer (generate needs a GGUF model)"));
+  if (tok == nullptr) return absl::FailedPreconditionError("model has no tokenizer (generate needs a GGUF model)");
   std::string text = a.prompt;
   if (a.chat) {
     std::vector<model::ChatMessage> msgs;
@@ -132,17 +134,17 @@ int RunGenerate(const GenerateArgs& a) {
     text = tok->FormatChat(msgs, true);
   }
   const std::vector<int32_t> prompt = tok->EncodeWithBos(text, /*parse_special=*/a.chat || a.raw);
-  if (prompt.empty()) return Fail(absl::InvalidArgumentError("empty prompt"));
+  if (prompt.empty()) return absl::InvalidArgumentError("empty prompt");
   const int64_t n_ctx = std::min<int64_t>(a.n_ctx, m.config().n_ctx_train);
   if (static_cast<int64_t>(prompt.size()) + a.max_tokens > n_ctx) {
-    return Fail(absl::OutOfRangeError(absl::StrCat("prompt (", prompt.size(), " tokens) + max tokens (", a.max_tokens,
-                                                   ") exceed the context of ", n_ctx, " (--ctx)")));
+    return absl::OutOfRangeError(absl::StrCat("prompt (", prompt.size(), " tokens) + max tokens (", a.max_tokens, ") exceed the context of ",
+                                              n_ctx, " (--ctx)"));
   }
   model::LlamaContext ctx(m, n_ctx);
   model::Sampler sampler({a.temperature, a.top_p, a.seed});
   std::vector<float> logits;
   const auto t0 = Clock::now();
-  if (auto s = ctx.Eval(prompt, false, &logits); !s.ok()) return Fail(s);
+  if (auto s = ctx.Eval(prompt, false, &logits); !s.ok()) return s;
   const auto t1 = Clock::now();
   int generated = 0;
   std::string pending;  // bytes of an incomplete UTF-8 character
@@ -153,7 +155,7 @@ int RunGenerate(const GenerateArgs& a) {
     std::fwrite(piece.data(), 1, piece.size(), stdout);
     std::fflush(stdout);
     const int32_t one[1] = {next};
-    if (auto s = ctx.Eval(one, false, &logits); !s.ok()) return Fail(s);
+    if (auto s = ctx.Eval(one, false, &logits); !s.ok()) return s;
   }
   const auto t2 = Clock::now();
   std::printf("\n");
@@ -161,16 +163,16 @@ int RunGenerate(const GenerateArgs& a) {
   std::fprintf(stderr, "[fedtune] prompt %zu tokens in %.2f s (%.1f tok/s); generated %d tokens in %.2f s (%.1f tok/s); peak RSS %.0f MiB\n",
                prompt.size(), Seconds(t0, t1), static_cast<double>(prompt.size()) / Seconds(t0, t1), generated, Seconds(t1, t2),
                generated / std::max(1e-9, Seconds(t1, t2)), PeakRssMiB());
-  return 0;
+  return absl::OkStatus();
 }
 
-int RunPerplexity(const std::string& model_path, const std::string& file, int64_t window, int64_t stride, int64_t max_tokens) {
+absl::Status RunPerplexity(const std::string& model_path, const std::string& file, int64_t window, int64_t stride, int64_t max_tokens) {
   auto loaded = model::LlamaModel::Load(model_path);
-  if (!loaded.ok()) return Fail(loaded.status());
+  if (!loaded.ok()) return loaded.status();
   const auto& m = **loaded;
-  if (m.tokenizer() == nullptr) return Fail(absl::FailedPreconditionError("model has no tokenizer"));
+  if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("model has no tokenizer");
   auto text = ReadFileToString(file);
-  if (!text.ok()) return Fail(text.status());
+  if (!text.ok()) return text.status();
   std::vector<int32_t> tokens = m.tokenizer()->EncodeWithBos(*text, false);
   if (max_tokens > 0 && static_cast<int64_t>(tokens.size()) > max_tokens) tokens.resize(static_cast<size_t>(max_tokens));
   std::fprintf(stderr, "[fedtune] %s: %zu tokens, window %lld, stride %lld\n", file.c_str(), tokens.size(),
@@ -178,10 +180,10 @@ int RunPerplexity(const std::string& model_path, const std::string& file, int64_
   Progress progress("perplexity", static_cast<int64_t>(tokens.size()), "tok");
   auto r = model::Perplexity(m, tokens, window, stride, [&](int64_t done, int64_t) { progress.Update(done); });
   progress.Finish();
-  if (!r.ok()) return Fail(r.status());
+  if (!r.ok()) return r.status();
   std::printf("perplexity %.4f over %lld tokens (mean NLL %.6f); %.1f tok/s evaluated; peak RSS %.0f MiB\n", r->perplexity(),
               static_cast<long long>(r->n_scored), r->nll_sum / static_cast<double>(r->n_scored), r->tokens_per_second, PeakRssMiB());
-  return 0;
+  return absl::OkStatus();
 }
 
 struct TrainArgs {
@@ -218,38 +220,38 @@ void PrintEval(const char* when, const model::EvalResult& r) {
   std::fflush(stdout);
 }
 
-int RunTrain(const TrainArgs& a) {
+absl::Status RunTrain(const TrainArgs& a) {
   auto loaded = model::LlamaModel::Load(a.model);
-  if (!loaded.ok()) return Fail(loaded.status());
-  if (auto s = ApplyBaseType(**loaded, a.base_type); !s.ok()) return Fail(s);
+  if (!loaded.ok()) return loaded.status();
+  if (auto s = ApplyBaseType(**loaded, a.base_type); !s.ok()) return s;
   const auto& m = **loaded;
-  if (m.tokenizer() == nullptr) return Fail(absl::FailedPreconditionError("training needs a model with a tokenizer (GGUF)"));
+  if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("training needs a model with a tokenizer (GGUF)");
   model::DatasetOptions dopt;
   dopt.max_len = a.max_len;
   dopt.holdout = a.holdout;
   dopt.seed = a.seed;
   auto data = model::LoadDataset(a.data, *m.tokenizer(), dopt);
-  if (!data.ok()) return Fail(data.status());
+  if (!data.ok()) return data.status();
   const auto kind = model::ParseAdapterKind(a.adapter);
-  if (!kind) return Fail(absl::InvalidArgumentError("--adapter must be lora, ffa_lora or diablo"));
+  if (!kind) return absl::InvalidArgumentError("--adapter must be lora, ffa_lora or diablo");
   auto modules = model::ParseModules(a.modules);
-  if (!modules.ok()) return Fail(modules.status());
+  if (!modules.ok()) return modules.status();
   model::AdapterSpec spec{*kind, a.rank, a.alpha, a.rslora, a.blocks};
   // --init: a fedtune adapter.safetensors, or a Hugging Face PEFT LoRA folder.
   absl::StatusOr<model::AdapterSet<float>> adapters =
       a.init_adapter.empty()                          ? model::MakeAdaptersWithLayout<float>(m.adapter_dims(), spec, *modules, a.layers, a.adapter_seed)
       : std::filesystem::is_directory(a.init_adapter) ? model::ImportPeft(a.init_adapter, m)
                                                       : model::LoadAdapters(a.init_adapter, m.adapter_dims());
-  if (!adapters.ok()) return Fail(adapters.status());
+  if (!adapters.ok()) return adapters.status();
   std::fprintf(stderr, "[fedtune] %zu train / %zu held-out examples (%lld truncated to %lld tokens); %s on %s: %lld trainable parameters\n",
                data->train.size(), data->eval.size(), static_cast<long long>(data->truncated), static_cast<long long>(a.max_len),
                a.adapter.c_str(), a.layers.empty() ? a.modules.c_str() : ("layers " + a.layers).c_str(), static_cast<long long>(adapters->NumTrainable()));
   std::error_code ec;
   std::filesystem::create_directories(a.out, ec);
-  if (ec) return Fail(absl::InternalError("cannot create " + a.out + ": " + ec.message()));
+  if (ec) return absl::InternalError("cannot create " + a.out + ": " + ec.message());
   if (a.eval_examples != 0 && !a.resume) {
     auto before = model::Evaluate(m, &*adapters, data->eval, a.eval_examples, a.max_new_tokens);
-    if (!before.ok()) return Fail(before.status());
+    if (!before.ok()) return before.status();
     PrintEval("before", *before);
   }
   model::OptimizerConfig oc;
@@ -261,7 +263,7 @@ int RunTrain(const TrainArgs& a) {
   model::AdamW opt(oc);
   const std::string ckpt = a.out + "/checkpoint.safetensors";
   if (a.resume) {
-    if (auto s = model::LoadCheckpoint(ckpt, *adapters, &opt); !s.ok()) return Fail(s);
+    if (auto s = model::LoadCheckpoint(ckpt, *adapters, &opt); !s.ok()) return s;
     std::fprintf(stderr, "[fedtune] resumed from %s at step %d\n", ckpt.c_str(), opt.step());
   }
   model::FinetuneOptions fo;
@@ -277,7 +279,7 @@ int RunTrain(const TrainArgs& a) {
   fo.pack = !a.no_pack;
   fo.adapter_dropout = a.adapter_dropout;
   auto backend = kernels::SelectBackend(a.device);
-  if (!backend.ok()) return Fail(backend.status());
+  if (!backend.ok()) return backend.status();
   fo.backend = *backend;
   std::fprintf(stderr, "[fedtune] kernels: %s\n", (*backend)->Name());
   fo.seed = a.seed;
@@ -290,60 +292,60 @@ int RunTrain(const TrainArgs& a) {
                    static_cast<double>(s.lr), s.tokens_per_second);
     }
   });
-  if (!rep.ok()) return Fail(rep.status());
+  if (!rep.ok()) return rep.status();
   const std::string path = a.out + "/adapter.safetensors";
-  if (auto s = model::SaveAdapters(path, *adapters); !s.ok()) return Fail(s);
+  if (auto s = model::SaveAdapters(path, *adapters); !s.ok()) return s;
   std::printf("trained %d steps in %.1f s (%.0f tok/s incl. prompt and padding), final loss %.4f, peak RSS %.0f MiB; adapter: %s\n",
               rep->steps, rep->seconds, static_cast<double>(rep->tokens) / rep->seconds, rep->final_loss, PeakRssMiB(), path.c_str());
   if (a.eval_examples != 0) {
     auto after = model::Evaluate(m, &*adapters, data->eval, a.eval_examples, a.max_new_tokens);
-    if (!after.ok()) return Fail(after.status());
+    if (!after.ok()) return after.status();
     PrintEval("after", *after);
   }
-  return 0;
+  return absl::OkStatus();
 }
 
-int RunEval(const std::string& model_path, const std::string& data_path, const std::string& adapter_path, int n, int max_new,
+absl::Status RunEval(const std::string& model_path, const std::string& data_path, const std::string& adapter_path, int n, int max_new,
             int64_t max_len, double holdout, const std::string& dump) {
   auto loaded = model::LlamaModel::Load(model_path);
-  if (!loaded.ok()) return Fail(loaded.status());
+  if (!loaded.ok()) return loaded.status();
   const auto& m = **loaded;
-  if (m.tokenizer() == nullptr) return Fail(absl::FailedPreconditionError("eval needs a model with a tokenizer (GGUF)"));
+  if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("eval needs a model with a tokenizer (GGUF)");
   model::DatasetOptions dopt;
   dopt.max_len = max_len;
   dopt.holdout = holdout;
   auto data = model::LoadDataset(data_path, *m.tokenizer(), dopt);
-  if (!data.ok()) return Fail(data.status());
+  if (!data.ok()) return data.status();
   std::optional<model::AdapterSet<float>> adapters;
   if (!adapter_path.empty()) {
     auto a = model::LoadAdapters(adapter_path, m.adapter_dims());
-    if (!a.ok()) return Fail(a.status());
+    if (!a.ok()) return a.status();
     adapters = std::move(*a);
   }
   const auto& set = holdout > 0 ? data->eval : data->train;
   auto r = model::Evaluate(m, adapters ? &*adapters : nullptr, set, n, max_new);
-  if (!r.ok()) return Fail(r.status());
+  if (!r.ok()) return r.status();
   PrintEval(adapter_path.empty() ? "base" : "adapter", *r);
   if (!dump.empty()) {  // prompts and greedy answers, for comparing with other runtimes
     std::string text;
     const size_t count = n > 0 ? std::min(set.size(), static_cast<size_t>(n)) : set.size();
     for (size_t i = 0; i < count; ++i) {
       auto got = model::GenerateGreedy(m, adapters ? &*adapters : nullptr, set[i].prompt_text, max_new);
-      if (!got.ok()) return Fail(got.status());
+      if (!got.ok()) return got.status();
       text += nlohmann::json{{"prompt", set[i].prompt_text}, {"reference", set[i].reference}, {"fedtune", *got}}.dump() + "\n";
     }
-    if (auto s = WriteFileAtomic(dump, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return Fail(s);
+    if (auto s = WriteFileAtomic(dump, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return s;
   }
-  return 0;
+  return absl::OkStatus();
 }
 
-int RunExport(const std::string& model_path, const std::string& adapter_path, const std::string& format, const std::string& out,
+absl::Status RunExport(const std::string& model_path, const std::string& adapter_path, const std::string& format, const std::string& out,
               const std::string& merged_type, const std::string& base_name) {
   auto loaded = model::LlamaModel::Load(model_path);
-  if (!loaded.ok()) return Fail(loaded.status());
+  if (!loaded.ok()) return loaded.status();
   const auto& m = **loaded;
   auto adapters = model::LoadAdapters(adapter_path, m.adapter_dims());
-  if (!adapters.ok()) return Fail(adapters.status());
+  if (!adapters.ok()) return adapters.status();
   absl::Status s;
   if (format == "peft") {
     s = model::ExportPeft(out, m, *adapters, base_name);
@@ -353,36 +355,61 @@ int RunExport(const std::string& model_path, const std::string& adapter_path, co
     const auto t = kernels::GgmlTypeFromName(merged_type);
     if (!t || !(*t == kernels::GgmlType::kF32 || *t == kernels::GgmlType::kF16 || *t == kernels::GgmlType::kBF16 ||
                 *t == kernels::GgmlType::kQ8_0)) {
-      return Fail(absl::InvalidArgumentError("--merged-type must be f32, f16, bf16 or q8_0"));
+      return absl::InvalidArgumentError("--merged-type must be f32, f16, bf16 or q8_0");
     }
     s = model::ExportMergedGguf(out, m, *adapters, *t);
   } else {
     s = absl::InvalidArgumentError("--format must be peft, gguf-lora or merged");
   }
-  if (!s.ok()) return Fail(s);
+  if (!s.ok()) return s;
   std::printf("exported %s to %s\n", format.c_str(), out.c_str());
-  return 0;
+  return absl::OkStatus();
+}
+
+absl::Status RunProvision(coordinator::ProvisionOptions po, int prov_n) {
+  for (int i = 1; i <= prov_n; ++i) po.workers.push_back(absl::StrFormat("worker-%03d", i));
+  auto r = coordinator::Provision(po);
+  if (!r.ok()) return r.status();
+  std::printf("%s CA in %s; wrote %zu files (coordinator certificate for localhost, 127.0.0.1%s%s; %zu worker certificates and tokens)\n",
+              r->created_ca ? "created a new" : "reused the", po.dir.c_str(), r->files.size(), po.hosts.empty() ? "" : ", ",
+              absl::StrJoin(po.hosts, ", ").c_str(), po.workers.size());
+  return absl::OkStatus();
+}
+
+absl::Status RunMakeTask(const std::string& mk_name, int mk_n, uint64_t mk_seed, const std::string& mk_out) {
+  auto lines = model::GenerateTask(mk_name, mk_n, mk_seed);
+  if (!lines.ok()) return lines.status();
+  std::string text;
+  for (const auto& l : *lines) text += l + "\n";
+  if (const auto parent = std::filesystem::path(mk_out).parent_path(); !parent.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(parent, ec);
+    if (ec) return absl::InternalError("cannot create " + parent.string() + ": " + ec.message());
+  }
+  if (auto s = WriteFileAtomic(mk_out, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return s;
+  std::printf("wrote %d examples of '%s' to %s\n", mk_n, mk_name.c_str(), mk_out.c_str());
+  return absl::OkStatus();
 }
 
 }  // namespace
 
 // fedtune simulate CONFIG: the whole federated run in one process (see sim/simulation.h).
-int RunSimulate(const std::string& config_path, const std::string& out_dir, bool validate_only) {
+absl::Status RunSimulate(const std::string& config_path, const std::string& out_dir, bool validate_only) {
   proto::SimulationConfig c;
-  if (auto st = LoadConfigFile(config_path, &c); !st.ok()) return Fail(st);
+  if (auto st = LoadConfigFile(config_path, &c); !st.ok()) return st;
   if (!out_dir.empty()) c.set_output_dir(out_dir);
-  if (auto st = sim::ValidateConfig(c); !st.ok()) return Fail(absl::InvalidArgumentError(config_path + ": " + std::string(st.message())));
+  if (auto st = sim::ValidateConfig(c); !st.ok()) return absl::InvalidArgumentError(config_path + ": " + std::string(st.message()));
   if (validate_only) {
     std::printf("%s: valid\n", config_path.c_str());
-    return 0;
+    return absl::OkStatus();
   }
   sim::SimOptions o;
   auto text = ReadFileToString(config_path);
-  if (!text.ok()) return Fail(text.status());
+  if (!text.ok()) return text.status();
   o.config_text = *text;
   o.default_run_name = std::filesystem::path(config_path).stem().string();
   auto r = sim::RunSimulation(c, o);
-  if (!r.ok()) return Fail(r.status());
+  if (!r.ok()) return r.status();
   std::printf("\n%-8s %-12s %-12s %-10s %-10s %-10s %-12s\n", "round", "train loss", "eval loss", "accuracy", "epsilon", "MiB up", "sim time s");
   for (const auto& rec : r->rounds) {
     auto m = [&](const char* k) { auto it = rec.metrics.find(k); return it == rec.metrics.end() ? std::string("-") : absl::StrFormat("%.4g", it->second); };
@@ -396,7 +423,7 @@ int RunSimulate(const std::string& config_path, const std::string& out_dir, bool
   if (r->centralized_accuracy >= 0) std::printf(" (centralized, same budget: %.1f%%)", 100 * r->centralized_accuracy);
   std::printf("\nwall time %.0f s, peak RSS %.0f MiB; outputs in %s (report.html, metrics.csv, ledger.sqlite, peft/, adapter-lora.gguf)\n",
               r->wall_seconds, r->peak_rss_mib, r->run_dir.c_str());
-  return 0;
+  return absl::OkStatus();
 }
 
 std::atomic<bool> g_stop{false};
@@ -404,7 +431,7 @@ void OnSignal(int) { g_stop = true; }
 
 // fedtune coordinator --config: serves rounds until done (SIGINT/SIGTERM: shut down cleanly;
 // a restart resumes after the last committed round).
-int RunCoordinator(const std::string& path) {
+absl::Status RunCoordinator(const std::string& path) {
   // Allocator policy for a server whose large buffers (updates, chunks) are allocated on many
   // gRPC threads: buffers of 512 KiB and more come from mmap and go back to the system when freed
   // (glibc otherwise raises that threshold dynamically and keeps them in per-thread arenas), and
@@ -413,11 +440,11 @@ int RunCoordinator(const std::string& path) {
   mallopt(M_MMAP_THRESHOLD, 512 << 10);
   mallopt(M_ARENA_MAX, 2);
   proto::CoordinatorConfig c;
-  if (auto st = LoadConfigFile(path, &c); !st.ok()) return Fail(st);
+  if (auto st = LoadConfigFile(path, &c); !st.ok()) return st;
   auto svc = coordinator::ServiceFromConfig(c);
-  if (!svc.ok()) return Fail(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
+  if (!svc.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message()));
   auto server = coordinator::CoordinatorServer::Start((*svc)->options);
-  if (!server.ok()) return Fail(server.status());
+  if (!server.ok()) return server.status();
   const coordinator::ServerOptions& o = (*svc)->options;
   std::printf("coordinator listening on port %d (state in %s)\n", (*server)->port(), o.engine.state_dir.c_str());
   if ((*server)->http_port())
@@ -432,26 +459,26 @@ int RunCoordinator(const std::string& path) {
   const absl::Status st = (*server)->Wait();
   g_stop = true;
   watcher.join();
-  if (!st.ok() && !absl::IsCancelled(st)) return Fail(st);
+  if (!st.ok() && !absl::IsCancelled(st)) return st;
   std::printf("coordinator: %d rounds committed\n", (*server)->last_committed_round());
-  return 0;
+  return absl::OkStatus();
 }
 
 // fedtune worker --config: trains tasks from the coordinator until it says the run is over.
-int RunWorker(const std::string& path) {
+absl::Status RunWorker(const std::string& path) {
   proto::WorkerConfig c;
-  if (auto st = LoadConfigFile(path, &c); !st.ok()) return Fail(st);
+  if (auto st = LoadConfigFile(path, &c); !st.ok()) return st;
   auto backend = kernels::SelectBackend(c.device().empty() ? "cpu" : c.device());
-  if (!backend.ok()) return Fail(absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message())));
+  if (!backend.ok()) return absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message()));
   auto m = model::LlamaModel::Load(c.model().path());
-  if (!m.ok()) return Fail(m.status());
+  if (!m.ok()) return m.status();
   model::DatasetOptions d;
   d.holdout = 0;
   d.max_len = OrDefault(c.max_len(), 256);
   auto data = model::LoadDataset(c.data(), *(*m)->tokenizer(), d);
-  if (!data.ok()) return Fail(data.status());
+  if (!data.ok()) return data.status();
   auto token = ReadFileToString(c.token_file());
-  if (!token.ok()) return Fail(token.status());
+  if (!token.ok()) return token.status();
   worker::DaemonOptions o;
   o.address = c.coordinator();
   o.ca_pem = c.tls().ca();
@@ -465,22 +492,22 @@ int RunWorker(const std::string& path) {
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, worker::ModelTrainer(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend), g_stop);
-  if (!r.ok()) return Fail(r.status());
+  auto r = worker::RunDaemon(o, worker::ModelTaskRunner(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend), g_stop);
+  if (!r.ok()) return r.status();
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned)\n", r->rounds_trained, r->rounds_reused, r->rounds_abandoned);
-  return 0;
+  return absl::OkStatus();
 }
 
 // fedtune status HOST:PORT — the coordinator's status server (its `http` setting).
-int RunStatus(const std::string& address) {
+absl::Status RunStatus(const std::string& address) {
   const size_t colon = address.rfind(':');
   int port = 0;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port))
-    return Fail(absl::InvalidArgumentError("status: expected HOST:PORT of the coordinator's http setting"));
+    return absl::InvalidArgumentError("status: expected HOST:PORT of the coordinator's http setting");
   auto body = coordinator::HttpGet(address.substr(0, colon), port, "/status.json");
-  if (!body.ok()) return Fail(body.status());
+  if (!body.ok()) return body.status();
   const auto j = nlohmann::json::parse(*body, nullptr, false);
-  if (j.is_discarded()) return Fail(absl::DataLossError("status: not JSON"));
+  if (j.is_discarded()) return absl::DataLossError("status: not JSON");
   std::printf("round %d of %d (%d committed), phase: %s\n", j.value("round", 0), j.value("rounds_total", 0), j.value("committed", 0),
               j.value("phase", std::string("?")).c_str());
   if (j.contains("workers"))
@@ -499,7 +526,7 @@ int RunStatus(const std::string& address) {
                   cell(r, "failures", "%.0f", 1).c_str(), cell(r, "train_loss", "%.4f", 1).c_str(), cell(r, "eval_loss", "%.4f", 1).c_str(),
                   cell(r, "accuracy", "%.1f%%", 100).c_str(), cell(r, "epsilon", "%.3f", 1).c_str(), cell(r, "local_epsilon", "%.3f", 1).c_str());
   }
-  return 0;
+  return absl::OkStatus();
 }
 
 int main(int argc, char** argv) {
@@ -642,40 +669,19 @@ int main(int argc, char** argv) {
   stat->add_option("address", stat_addr, "HOST:PORT of the coordinator's `http` setting")->required();
 
   CLI11_PARSE(app, argc, argv);
-  if (!SetLogLevel(log_level)) return Fail(absl::InvalidArgumentError("unknown --log-level " + log_level));
+  if (!SetLogLevel(log_level)) return ExitCode(absl::InvalidArgumentError("unknown --log-level " + log_level));
   kernels::SetThreads(threads);
-  if (*info) return RunInfo(info_model, all_tensors);
-  if (*gen) return RunGenerate(ga);
-  if (*ppl) return RunPerplexity(ppl_model, ppl_file, window, stride, max_tokens);
-  if (*train) return RunTrain(ta);
-  if (*ev) return RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump);
-  if (*ex) return RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base);
-  if (*simc) return RunSimulate(sim_config, sim_out, sim_check);
-  if (*coord) return RunCoordinator(coord_config);
-  if (*stat) return RunStatus(stat_addr);
-  if (*wk) return RunWorker(worker_config);
-  if (*prov) {
-    for (int i = 1; i <= prov_n; ++i) po.workers.push_back(absl::StrFormat("worker-%03d", i));
-    auto r = coordinator::Provision(po);
-    if (!r.ok()) return Fail(r.status());
-    std::printf("%s CA in %s; wrote %zu files (coordinator certificate for localhost, 127.0.0.1%s%s; %zu worker certificates and tokens)\n",
-                r->created_ca ? "created a new" : "reused the", po.dir.c_str(), r->files.size(), po.hosts.empty() ? "" : ", ",
-                absl::StrJoin(po.hosts, ", ").c_str(), po.workers.size());
-    return 0;
-  }
-  if (*mk) {
-    auto lines = model::GenerateTask(mk_name, mk_n, mk_seed);
-    if (!lines.ok()) return Fail(lines.status());
-    std::string text;
-    for (const auto& l : *lines) text += l + "\n";
-    if (const auto parent = std::filesystem::path(mk_out).parent_path(); !parent.empty()) {
-      std::error_code ec;
-      std::filesystem::create_directories(parent, ec);
-      if (ec) return Fail(absl::InternalError("cannot create " + parent.string() + ": " + ec.message()));
-    }
-    if (auto s = WriteFileAtomic(mk_out, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return Fail(s);
-    std::printf("wrote %d examples of '%s' to %s\n", mk_n, mk_name.c_str(), mk_out.c_str());
-    return 0;
-  }
+  if (*info) return ExitCode(RunInfo(info_model, all_tensors));
+  if (*gen) return ExitCode(RunGenerate(ga));
+  if (*ppl) return ExitCode(RunPerplexity(ppl_model, ppl_file, window, stride, max_tokens));
+  if (*train) return ExitCode(RunTrain(ta));
+  if (*ev) return ExitCode(RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump));
+  if (*ex) return ExitCode(RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base));
+  if (*simc) return ExitCode(RunSimulate(sim_config, sim_out, sim_check));
+  if (*coord) return ExitCode(RunCoordinator(coord_config));
+  if (*stat) return ExitCode(RunStatus(stat_addr));
+  if (*wk) return ExitCode(RunWorker(worker_config));
+  if (*prov) return ExitCode(RunProvision(po, prov_n));
+  if (*mk) return ExitCode(RunMakeTask(mk_name, mk_n, mk_seed, mk_out));
   return 0;
 }

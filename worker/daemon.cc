@@ -217,7 +217,7 @@ grpc::Status UploadWithRetries(rpc::v1::Coordinator::Stub& stub, const rpc::v1::
 // across restarts (the keys belong to this attempt): a worker restarted mid-round is dropped from
 // it and the others unmask without it.
 absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, int heartbeat_ms, const DaemonOptions& o,
-                        const Trainer& trainer, const rpc::v1::Task& task, DaemonReport* rep) {
+                        const TaskRunner& trainer, const rpc::v1::Task& task, DaemonReport* rep) {
   FT_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, Download(stub, task));
   FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, protocol::DecodeTensors(bytes));
   bytes = {};
@@ -289,7 +289,7 @@ absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me,
 
 // One poll: NO_TASK -> nothing counted; a trained and uploaded round -> counted in `rep`; the
 // run's end -> OutOfRange; RPC failures -> their status.
-absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, int heartbeat_ms, const DaemonOptions& o, const Trainer& trainer,
+absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, int heartbeat_ms, const DaemonOptions& o, const TaskRunner& trainer,
                      DaemonReport* rep) {
   rpc::v1::Task task;
   {
@@ -360,7 +360,7 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 
 }  // namespace
 
-Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
+TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
                      int activation_budget_mib, kernels::Backend* backend) {
   struct State {
     State(const model::LlamaModel& m, const std::string& path) : bases(m, path) {}
@@ -379,7 +379,7 @@ Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Ex
   };
 }
 
-Trainer StandInTrainer(int64_t num_examples, double seconds) {
+TaskRunner StandInTaskRunner(int64_t num_examples, double seconds) {
   return [num_examples, seconds](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                  const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
@@ -422,7 +422,7 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
   return p;
 }
 
-absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const Trainer& trainer, const std::atomic<bool>& stop) {
+absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner& trainer, const std::atomic<bool>& stop) {
   FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
   FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));

@@ -1,6 +1,6 @@
 // The worker daemon's loop against a coordinator (gRPC, mutual TLS): join with the join token and
 // a measured profile, long-poll for tasks, download the round's global adapter (resuming a broken
-// download at its offset; checked against its SHA-256), train with a `Trainer` while heartbeats
+// download at its offset; checked against its SHA-256), train with a `TaskRunner` while heartbeats
 // report progress, keep the encoded update in the state directory, upload it in chunks.
 // Reconnects with exponential backoff while the coordinator is unreachable; returns when told to
 // shut down or when `stop` becomes true.
@@ -49,17 +49,17 @@ struct DaemonReport {
 
 // Trains one task: `global` is the round's adapter, `progress(f)` may be called with the
 // fraction of local steps done (it feeds the heartbeats).
-using Trainer = std::function<absl::StatusOr<LocalResult>(const protocol::TrainTask& task, const aggregation::TensorMap& global,
+using TaskRunner = std::function<absl::StatusOr<LocalResult>(const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                                           const std::function<void(double)>& progress)>;
 
 // The real trainer: worker::RunTrainTask on `model` (re-quantized copies loaded from
 // `model_path` when a plan asks for another base type) and `data`, with local DP-SGD accounted
 // across rounds. activation_budget_mib > 0: keep activations within that many MiB per pass
 // instead of recomputing them. backend: kernels for training (null: cpu-fast).
-Trainer ModelTrainer(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
+TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
                      int activation_budget_mib = 0, kernels::Backend* backend = nullptr);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
-Trainer StandInTrainer(int64_t num_examples, double seconds);
+TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 
 // Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
 // is CUDA, and, with a model, the measured training speed (two steps of a rank-4 LoRA at batch 1
@@ -67,6 +67,6 @@ Trainer StandInTrainer(int64_t num_examples, double seconds);
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
                                 kernels::Backend* backend = nullptr);
 
-absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const Trainer& trainer, const std::atomic<bool>& stop);
+absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner& trainer, const std::atomic<bool>& stop);
 
 }  // namespace fedtune::worker

@@ -157,7 +157,7 @@ TEST_F(E2ETest, ThreeWorkersOverMutualTlsMatchInProcessComputation) {
   for (int k = 0; k < 3; ++k)
     workers.emplace_back([&, k] {
       const std::string w = "w" + std::to_string(k + 1);
-      auto r = worker::RunDaemon(Daemon(w, (*server)->port()), worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
+      auto r = worker::RunDaemon(Daemon(w, (*server)->port()), worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)]), stop);
       results[static_cast<size_t>(k)] = r.status();
     });
   ASSERT_TRUE((*server)->Wait().ok());
@@ -263,8 +263,8 @@ TEST_F(E2ETest, AKeptUpdateIsUploadedAfterRestartsWithoutRetraining) {
   fs::remove_all(state);
   fs::remove_all(kept);
   std::atomic<int> trained{0};
-  const worker::Trainer stand_in = worker::StandInTrainer(10, 0);
-  const worker::Trainer counting = [&](const protocol::TrainTask& t, const aggregation::TensorMap& g, const std::function<void(double)>& p) {
+  const worker::TaskRunner stand_in = worker::StandInTaskRunner(10, 0);
+  const worker::TaskRunner counting = [&](const protocol::TrainTask& t, const aggregation::TensorMap& g, const std::function<void(double)>& p) {
     ++trained;
     return stand_in(t, g, p);
   };
@@ -338,7 +338,7 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
       d.profile.set_memory_bytes(static_cast<int64_t>(memory[k] * (1 << 20)));
       d.profile.set_train_tokens_per_second(speed[k]);
       d.profile.set_link_mbps(1000);
-      reports[static_cast<size_t>(k)] = worker::RunDaemon(d, worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
+      reports[static_cast<size_t>(k)] = worker::RunDaemon(d, worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)]), stop);
     });
   // The third worker is never given a task: stop it once the run is over.
   ASSERT_TRUE((*server)->Wait().ok());

@@ -123,7 +123,7 @@ class SimulateEqualsDeployedTest : public ::testing::Test {
         worker::DaemonOptions d = Daemon(k, server.port());
         d.drop_after_masking = k == drop_after_masking;
         d.profile.set_num_examples(static_cast<int64_t>(data_[static_cast<size_t>(k)].size()));  // as MeasureProfile reports it
-        auto r = worker::RunDaemon(d, worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
+        auto r = worker::RunDaemon(d, worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)]), stop);
         EXPECT_TRUE(r.ok()) << r.status();
       });
     if (stop_after > 0) {
@@ -302,7 +302,7 @@ TEST_F(SimulateEqualsDeployedTest, FaultDrillKill9WithDpAndSecureAggregation) {
       worker::DaemonOptions d = Daemon(k, port);
       d.max_backoff_ms = 300;
       d.profile.set_num_examples(static_cast<int64_t>(data_[static_cast<size_t>(k)].size()));
-      auto r = worker::RunDaemon(d, worker::ModelTrainer(*model_, data_[static_cast<size_t>(k)]), stop);
+      auto r = worker::RunDaemon(d, worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)]), stop);
       EXPECT_TRUE(r.ok()) << r.status();
     });
   int run = 0;
