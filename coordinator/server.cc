@@ -88,6 +88,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::optional<std::vector<uint32_t>> masked;
   };
   std::deque<Incoming> inbox;
+  bool evaluating = false;  // the assigned tasks are EVALUATE tasks (uploads refused)
+  std::deque<aggregation::EvalReport> eval_inbox;
   // Secure aggregation of the current round: the engine's thread opens and closes the stages
   // (and talks to the SecureServer); handlers deposit what workers send and wait for the answer.
   struct SecureStages {
@@ -292,7 +294,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::optional<grpc::Status> UploadRefusal(const std::string& cn, int r) const {
     if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
     if (r != round || !assigned.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", r));
-    if (closed) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
+    if (closed || evaluating) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
     if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
     if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline has passed");
     return std::nullopt;
@@ -384,6 +386,39 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     l.unlock();
     cv.notify_all();
     resp->set_accepted(true);
+    return grpc::Status::OK;
+  }
+
+  // ReportEvaluation: a worker's scores for its EVALUATE task, checked and handed to the engine.
+  grpc::Status ReportEvaluation(grpc::ServerContext* ctx, const rpc::v1::EvalReport* req, rpc::v1::EvalAck* ack) override {
+    const std::string cn = PeerCn(ctx);
+    std::lock_guard<std::mutex> l(mu);
+    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    Seen(cn);
+    if (!evaluating || closed || req->round() != round || !assigned.count(cn))
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no evaluation for '", cn, "' in round ", req->round()));
+    if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "evaluation already reported");
+    auto refuse = [&](const std::string& why) {
+      ack->set_accepted(false);
+      ack->set_reason(why);
+      received.insert(cn);
+      return grpc::Status::OK;
+    };
+    // Limits: a report can weigh at most as much as the examples the worker said it holds.
+    const int64_t held = workers[cn].profile.eval_examples();
+    if (req->num_examples() < 1 || req->num_examples() > std::max<int64_t>(held, 1)) return refuse("num_examples outside [1, eval_examples]");
+    aggregation::EvalReport rep;
+    rep.client = cn;
+    rep.num_examples = req->num_examples();
+    for (const auto& [k, v] : req->metrics()) {
+      if (k != "eval_loss" && k != "eval_ppl" && k != "accuracy") return refuse("unknown metric " + k);
+      if (!std::isfinite(v) || v < 0 || (k == "accuracy" && v > 1)) return refuse("metric " + k + " out of range");
+      rep.metrics[k] = v;
+    }
+    received.insert(cn);
+    eval_inbox.push_back(std::move(rep));
+    cv.notify_all();
+    ack->set_accepted(true);
     return grpc::Status::OK;
   }
 
@@ -603,6 +638,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         t.deadline_unix_ms = deadline_unix_ms;
         assigned[t.client] = protocol::ToProto(t);
       }
+      evaluating = false;
       sa = SecureStages();
       if (col.secure()) {
         sa.active = true;
@@ -677,6 +713,53 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   absl::Status Evaluate(int, const aggregation::TensorMap& g, std::map<std::string, double>& metrics) override {
     if (!o.evaluate) return absl::OkStatus();
     return o.evaluate(g, metrics);
+  }
+
+  std::vector<std::string> EvaluationClients(int) override {
+    std::lock_guard<std::mutex> l(mu);
+    std::vector<std::string> v;
+    for (const std::string& id : OnlineWorkers())
+      if (workers[id].profile.eval_examples() > 0) v.push_back(id);
+    return v;
+  }
+
+  // EVALUATE tasks through the same long poll as training; the reports that arrive before the
+  // deadline count.
+  absl::StatusOr<std::vector<aggregation::EvalReport>> EvaluateOn(int r, const aggregation::TensorMap& g,
+                                                                  const std::vector<protocol::TrainTask>& tasks) override {
+    std::vector<aggregation::EvalReport> out;
+    if (tasks.empty()) return out;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      round = r;
+      FT_RETURN_IF_ERROR(PublishGlobal(r + 1, g));  // the adapter after round r
+      deadline_unix_ms = UnixMs() + o.deadline_ms;
+      assigned.clear();
+      fetched.clear();
+      received.clear();
+      eval_inbox.clear();
+      evaluating = true;
+      closed = false;
+      for (protocol::TrainTask t : tasks) {
+        t.adapter_sha256 = global_sha;
+        t.adapter_bytes = static_cast<int64_t>(global_bytes->size());
+        t.deadline_unix_ms = deadline_unix_ms;
+        assigned[t.client] = protocol::ToProto(t);
+      }
+    }
+    cv.notify_all();
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait_until(l, std::chrono::system_clock::time_point(std::chrono::milliseconds(deadline_unix_ms)),
+                  [&] { return shutdown || received.size() >= assigned.size(); });
+    if (shutdown) return absl::CancelledError("coordinator shut down");
+    out.assign(eval_inbox.begin(), eval_inbox.end());
+    eval_inbox.clear();
+    evaluating = false;
+    closed = true;
+    assigned.clear();
+    l.unlock();
+    cv.notify_all();
+    return out;
   }
 
   absl::Status Committed(const federation::RoundRecord& rec, const aggregation::TensorMap& g) override {

@@ -208,6 +208,38 @@ absl::Status RoundEngine::CommitState(int round, const RoundRecord& rec, const s
   return absl::OkStatus();
 }
 
+absl::Status RoundEngine::EvaluateRound(int round, Transport& t, std::map<std::string, double>& m) {
+  FT_RETURN_IF_ERROR(t.Evaluate(round, global_, m));
+  const std::vector<std::string> candidates = t.EvaluationClients(round);
+  if (candidates.empty()) return absl::OkStatus();
+  // Federated evaluation: the strategy picks who scores, the clients score on their own
+  // held-out data, the strategy merges the reports (example-weighted mean): "fed_<metric>";
+  // without server-side figures they are also the round's eval_loss / accuracy.
+  Rng rng(o_.settings.seed * 1000003 + static_cast<uint64_t>(round) + 0xe7a1ull);
+  std::vector<protocol::TrainTask> tasks;
+  for (const aggregation::ClientTask& ct : strategy_->ConfigureEvaluate(round, candidates, rng)) {
+    protocol::TrainTask task = TaskTemplate(o_.settings);
+    task.evaluate = true;
+    task.run_id = o_.run_id;
+    task.round = round;
+    task.client = ct.client;
+    task.max_new_tokens = o_.settings.max_new_tokens;
+    tasks.push_back(std::move(task));
+  }
+  FT_ASSIGN_OR_RETURN(std::vector<aggregation::EvalReport> reports, t.EvaluateOn(round, global_, tasks));
+  m["fed_eval_clients"] = static_cast<double>(reports.size());
+  if (reports.empty()) return absl::OkStatus();
+  const bool server_side = m.count("eval_loss") > 0;
+  int64_t examples = 0;
+  for (const auto& r : reports) examples += r.num_examples;
+  m["fed_eval_examples"] = static_cast<double>(examples);
+  for (const auto& [k, v] : strategy_->AggregateEvaluate(round, reports)) {
+    m["fed_" + k] = v;
+    if (!server_side) m[k] = v;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
   const RunSettings& s = o_.settings;
   auto say = [this](const std::string& line) {
@@ -218,7 +250,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     RoundRecord r0;
     const auto t0 = Clock::now();
     t.Phase(0, "evaluate");
-    FT_RETURN_IF_ERROR(t.Evaluate(0, global_, r0.metrics));
+    FT_RETURN_IF_ERROR(EvaluateRound(0, t, r0.metrics));
     if (!r0.metrics.empty()) {
       r0.evaluated = true;
       r0.metrics["wall_seconds"] = Seconds(t0, Clock::now());
@@ -370,7 +402,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     if (r % s.eval_every == 0 || r == s.rounds) {
       t.Phase(r, "evaluate");
       const auto t_eval = Clock::now();
-      FT_RETURN_IF_ERROR(t.Evaluate(r, global_, rec.metrics));
+      FT_RETURN_IF_ERROR(EvaluateRound(r, t, rec.metrics));
       rec.evaluated = rec.metrics.count("eval_loss") > 0;
       eval_secs = Seconds(t_eval, Clock::now());
     }
@@ -394,7 +426,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
   }
   if (sum.stopped_early && !sum.rounds.empty() && !sum.rounds.back().evaluated) {  // score the final adapter
     RoundRecord& last = sum.rounds.back();
-    FT_RETURN_IF_ERROR(t.Evaluate(last.round, global_, last.metrics));
+    FT_RETURN_IF_ERROR(EvaluateRound(last.round, t, last.metrics));
     last.evaluated = last.metrics.count("eval_loss") > 0;
   }
   sum.plan = plan_;

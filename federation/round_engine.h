@@ -76,6 +76,13 @@ class Transport {
   // Scores `global` into `metrics` (eval_loss, accuracy, ...); writes nothing when it has no
   // held-out data.
   virtual absl::Status Evaluate(int round, const aggregation::TensorMap& global, std::map<std::string, double>& metrics) = 0;
+  // Federated evaluation (optional): the clients that can score the global adapter on held-out
+  // data of their own, and the round trip of their EVALUATE tasks (the reports that came back).
+  virtual std::vector<std::string> EvaluationClients(int /*round*/) { return {}; }
+  virtual absl::StatusOr<std::vector<aggregation::EvalReport>> EvaluateOn(int /*round*/, const aggregation::TensorMap& /*global*/,
+                                                                          const std::vector<protocol::TrainTask>& /*tasks*/) {
+    return std::vector<aggregation::EvalReport>{};
+  }
   // Notices, all optional.
   virtual void Phase(int /*round*/, const std::string& /*phase*/) {}
   virtual absl::Status Planned(int /*round*/, const planner::Plan& /*plan*/) { return absl::OkStatus(); }
@@ -127,6 +134,8 @@ class RoundEngine {
   RoundEngine() = default;
   absl::Status Plan(int round, const std::vector<ClientInfo>& clients, Transport& t);
   absl::Status CommitState(int round, const RoundRecord& rec, const std::vector<ClientRoundRecord>& clients);
+  // Server-side (transport) and federated evaluation of the global adapter into `m`.
+  absl::Status EvaluateRound(int round, Transport& t, std::map<std::string, double>& m);
 
   EngineOptions o_;
   std::unique_ptr<aggregation::Strategy> strategy_;

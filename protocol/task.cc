@@ -4,7 +4,8 @@ namespace fedtune::protocol {
 
 rpc::v1::Task ToProto(const TrainTask& t) {
   rpc::v1::Task p;
-  p.set_kind(rpc::v1::Task::TRAIN);
+  p.set_kind(t.evaluate ? rpc::v1::Task::EVALUATE : rpc::v1::Task::TRAIN);
+  p.set_max_new_tokens(t.max_new_tokens);
   p.set_run_id(t.run_id);
   p.set_round(t.round);
   rpc::v1::AdapterPlan* a = p.mutable_plan();
@@ -50,6 +51,8 @@ rpc::v1::Task ToProto(const TrainTask& t) {
 
 TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   TrainTask t;
+  t.evaluate = p.kind() == rpc::v1::Task::EVALUATE;
+  t.max_new_tokens = p.max_new_tokens();
   t.run_id = p.run_id();
   t.round = p.round();
   t.client = client;

@@ -30,7 +30,11 @@ struct AdapterPlan {
   std::string explanation;
 };
 
+// A TRAIN task, or with `evaluate` set an EVALUATE task (score the global adapter on the
+// client's held-out data; plan, adapter and max_new_tokens matter).
 struct TrainTask {
+  bool evaluate = false;
+  int max_new_tokens = 32;
   std::string run_id;
   int round = 0;
   std::string client;

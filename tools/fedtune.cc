@@ -487,14 +487,23 @@ absl::Status RunWorker(const std::string& path) {
   o.token = std::string(absl::StripAsciiWhitespace(*token));
   o.state_dir = c.state_dir();
   o.profile = worker::MeasureProfile(m->get(), &data->train, c.memory_budget_mib(), *backend);
+  std::vector<model::Example> eval;
+  if (!c.eval_data().empty()) {
+    auto e = model::LoadDataset(c.eval_data(), *(*m)->tokenizer(), d);
+    if (!e.ok()) return absl::InvalidArgumentError(absl::StrCat("eval_data: ", e.status().message()));
+    eval = std::move(e->train);
+    o.profile.set_eval_examples(static_cast<int64_t>(eval.size()));
+  }
   std::printf("worker profile: %d cores, %.1f GiB for training, kernels %s, %.0f training tokens/s (measured)\n", o.profile.cores(),
               static_cast<double>(o.profile.memory_bytes()) / (1 << 30), (*backend)->Name(), o.profile.train_tokens_per_second());
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, worker::ModelTaskRunner(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend), g_stop);
+  auto r = worker::RunDaemon(o, worker::ModelTaskRunner(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend), g_stop,
+                             eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(**m, eval, c.model().path()));
   if (!r.ok()) return r.status();
-  std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned)\n", r->rounds_trained, r->rounds_reused, r->rounds_abandoned);
+  std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned), %d evaluations\n", r->rounds_trained, r->rounds_reused,
+              r->rounds_abandoned, r->evaluations);
   return absl::OkStatus();
 }
 

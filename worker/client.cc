@@ -6,6 +6,7 @@
 #include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "kernels/quant.h"
+#include "model/finetune.h"
 
 namespace fedtune::worker {
 
@@ -33,15 +34,40 @@ absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, siz
   return e.epsilon;
 }
 
-absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
-                                         const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy) {
-  const protocol::AdapterPlan& p = task.plan;
-  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p.base_type));
+namespace {
+
+absl::StatusOr<model::AdapterSet<float>> TaskAdapters(const model::LlamaModel& base, const protocol::AdapterPlan& p) {
   const auto kind = model::ParseAdapterKind(p.kind);
   if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind));
   FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules.empty() ? "all" : absl::StrJoin(p.modules, ",")));
   model::AdapterSpec spec{*kind, p.rank, p.alpha, p.rslora, p.blocks};
-  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, model::MakeAdaptersWithLayout<float>(base->adapter_dims(), spec, modules, p.layers, p.adapter_seed));
+  return model::MakeAdaptersWithLayout<float>(base.adapter_dims(), spec, modules, p.layers, p.adapter_seed);
+}
+
+}  // namespace
+
+absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std::vector<model::Example>& eval, const protocol::TrainTask& task,
+                                                    const aggregation::TensorMap& global, kernels::Backend* backend) {
+  (void)backend;  // model::Evaluate runs on the CPU kernels
+  if (eval.empty()) return absl::FailedPreconditionError("evaluation task, but this client holds no held-out data");
+  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(task.plan.base_type));
+  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, task.plan));
+  FT_RETURN_IF_ERROR(SetAdapterTensors(global, &adapters));
+  FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*base, &adapters, eval, 0, std::max(1, task.max_new_tokens)));
+  aggregation::EvalReport rep;
+  rep.client = task.client;
+  rep.num_examples = static_cast<int64_t>(eval.size());
+  rep.metrics["eval_loss"] = r.loss;
+  rep.metrics["eval_ppl"] = r.perplexity();
+  if (r.n_generated > 0) rep.metrics["accuracy"] = r.accuracy();
+  return rep;
+}
+
+absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
+                                         const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy) {
+  const protocol::AdapterPlan& p = task.plan;
+  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p.base_type));
+  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, p));
   LocalTrainOptions lt;
   if (!p.train_modules.empty()) {
     FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules, ",")));

@@ -15,6 +15,7 @@
 #include "kernels/backend.h"
 #include "model/llama.h"
 #include "privacy/ledger.h"
+#include "aggregation/strategy.h"
 #include "protocol/task.h"
 #include "worker/local_trainer.h"
 
@@ -57,5 +58,10 @@ class LocalPrivacy {
 // update then carries "local_epsilon".
 absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
                                          const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy);
+
+// Scores `global` (the task's adapter layout) on `eval` with the task's max_new_tokens:
+// eval_loss (per token), eval_ppl, accuracy (exact match, when the data has answers).
+absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std::vector<model::Example>& eval, const protocol::TrainTask& task,
+                                                    const aggregation::TensorMap& global, kernels::Backend* backend);
 
 }  // namespace fedtune::worker

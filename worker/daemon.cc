@@ -290,7 +290,7 @@ absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me,
 // One poll: NO_TASK -> nothing counted; a trained and uploaded round -> counted in `rep`; the
 // run's end -> OutOfRange; RPC failures -> their status.
 absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, int heartbeat_ms, const DaemonOptions& o, const TaskRunner& trainer,
-                     DaemonReport* rep) {
+                     const TaskEvaluator& evaluator, DaemonReport* rep) {
   rpc::v1::Task task;
   {
     grpc::ClientContext ctx;
@@ -301,6 +301,25 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     FT_RETURN_IF_ERROR(FromGrpc(stub.GetTask(&ctx, req, &task), "get task"));
   }
   if (task.kind() == rpc::v1::Task::SHUTDOWN) return absl::OutOfRangeError("run finished");
+  if (task.kind() == rpc::v1::Task::EVALUATE) {
+    if (!evaluator) return absl::OkStatus();  // not selected unless it reported held-out data
+    FT_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, Download(stub, task));
+    FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, protocol::DecodeTensors(bytes));
+    FT_ASSIGN_OR_RETURN(aggregation::EvalReport er, evaluator(protocol::FromProto(task, me), global));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    rpc::v1::EvalReport req;
+    req.set_run_id(task.run_id());
+    req.set_round(task.round());
+    req.set_worker_id(me);
+    req.set_num_examples(er.num_examples);
+    for (const auto& [k, v] : er.metrics) (*req.mutable_metrics())[k] = v;
+    rpc::v1::EvalAck ack;
+    FT_RETURN_IF_ERROR(FromGrpc(stub.ReportEvaluation(&ctx, req, &ack), "evaluation report"));
+    if (ack.accepted()) ++rep->evaluations;
+    if (!ack.accepted()) FT_LOG_WARN("round {}: evaluation report refused: {}", task.round(), ack.reason());
+    return absl::OkStatus();
+  }
   if (task.kind() != rpc::v1::Task::TRAIN) return absl::OkStatus();
   if (task.secure_aggregation()) return SecureTask(stub, me, heartbeat_ms, o, trainer, task, rep);
 
@@ -379,6 +398,13 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
   };
 }
 
+TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path) {
+  auto bases = std::make_shared<BaseModels>(model, model_path);
+  return [&eval, bases](const protocol::TrainTask& task, const aggregation::TensorMap& global) {
+    return RunEvalTask(*bases, eval, task, global, nullptr);
+  };
+}
+
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds) {
   return [num_examples, seconds](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                  const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
@@ -422,7 +448,7 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
   return p;
 }
 
-absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner& trainer, const std::atomic<bool>& stop) {
+absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner& trainer, const std::atomic<bool>& stop, const TaskEvaluator& evaluator) {
   FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
   FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));
@@ -470,7 +496,7 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner&
     if (stop) break;
     bool finished = false;
     while (!stop) {
-      const absl::Status r = OneTask(*stub, me, heartbeat_ms, o, trainer, &rep);
+      const absl::Status r = OneTask(*stub, me, heartbeat_ms, o, trainer, evaluator, &rep);
       if (r.ok()) continue;
       if (absl::IsOutOfRange(r)) {  // the run is over
         finished = true;

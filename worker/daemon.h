@@ -45,6 +45,7 @@ struct DaemonReport {
   int rounds_trained = 0;    // updates accepted by the coordinator
   int rounds_reused = 0;     // of those, uploaded from the state directory without training
   int rounds_abandoned = 0;  // the coordinator closed the round before our update
+  int evaluations = 0;       // EVALUATE tasks answered
 };
 
 // Trains one task: `global` is the round's adapter, `progress(f)` may be called with the
@@ -61,12 +62,20 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 
+// Scores an EVALUATE task: the round's global adapter on the worker's held-out data.
+using TaskEvaluator = std::function<absl::StatusOr<aggregation::EvalReport>(const protocol::TrainTask& task, const aggregation::TensorMap& global)>;
+// worker::RunEvalTask on `model` and `eval` (re-quantized bases as ModelTaskRunner).
+TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path = "");
+
 // Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
 // is CUDA, and, with a model, the measured training speed (two steps of a rank-4 LoRA at batch 1
 // on `data`, on `backend`; null: cpu-fast).
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
                                 kernels::Backend* backend = nullptr);
 
-absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner& trainer, const std::atomic<bool>& stop);
+// `evaluator` (may be empty): answers EVALUATE tasks; set it only with held-out data, and
+// report their number in the profile (eval_examples) so the coordinator selects this worker.
+absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner& trainer, const std::atomic<bool>& stop,
+                                       const TaskEvaluator& evaluator = nullptr);
 
 }  // namespace fedtune::worker

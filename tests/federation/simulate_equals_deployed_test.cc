@@ -27,6 +27,7 @@
 #include "sim/simulation.h"
 #include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
+#include "worker/client.h"
 #include "worker/daemon.h"
 
 namespace fedtune {
@@ -115,7 +116,8 @@ class SimulateEqualsDeployedTest : public ::testing::Test {
 
   // Runs the workers against `server` until it is done (or `stop_after` rounds are committed,
   // then shuts it down); returns the committed rounds.
-  int Serve(coordinator::CoordinatorServer& server, int stop_after = 0, int drop_after_masking = -1) const {
+  int Serve(coordinator::CoordinatorServer& server, int stop_after = 0, int drop_after_masking = -1,
+            const std::vector<std::vector<model::Example>>* eval = nullptr) const {
     std::atomic<bool> stop{false};
     std::vector<std::thread> threads;
     for (int k = 0; k < kClients; ++k)
@@ -123,8 +125,16 @@ class SimulateEqualsDeployedTest : public ::testing::Test {
         worker::DaemonOptions d = Daemon(k, server.port());
         d.drop_after_masking = k == drop_after_masking;
         d.profile.set_num_examples(static_cast<int64_t>(data_[static_cast<size_t>(k)].size()));  // as MeasureProfile reports it
-        auto r = worker::RunDaemon(d, worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)]), stop);
+        worker::TaskEvaluator evaluator;
+        if (eval) {
+          d.profile.set_eval_examples(static_cast<int64_t>((*eval)[static_cast<size_t>(k)].size()));
+          evaluator = worker::ModelTaskEvaluator(*model_, (*eval)[static_cast<size_t>(k)]);
+        }
+        auto r = worker::RunDaemon(d, worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)]), stop, evaluator);
         EXPECT_TRUE(r.ok()) << r.status();
+        if (eval && r.ok()) {
+          EXPECT_GE(r->evaluations, 1) << k;
+        }
       });
     if (stop_after > 0) {
       while (server.last_committed_round() < stop_after) std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -210,6 +220,52 @@ TEST_F(SimulateEqualsDeployedTest, SecureAggregationWithDistributedDpIsAccounted
   auto survivors = (*ledger)->Metric(2, "secagg_survivors");
   ASSERT_TRUE(survivors.ok());
   EXPECT_EQ(*survivors, 3);
+}
+
+// Federated evaluation: every worker with held-out data of its own scores the global adapter
+// after each round (EVALUATE tasks); the coordinator records the example-weighted mean. Checked
+// against each worker's own scores of the final adapter, computed here.
+TEST_F(SimulateEqualsDeployedTest, FederatedEvaluationByTheWorkers) {
+  std::vector<std::vector<model::Example>> eval;
+  for (int k = 0; k < kClients; ++k) {
+    auto lines = *model::GenerateTask(k == 1 ? "record" : "sentiment", 3 + k, 900 + static_cast<uint64_t>(k));
+    model::DatasetOptions d;
+    d.holdout = 0;
+    d.max_len = 96;
+    eval.push_back(std::move(model::DatasetFromJsonl(lines, "heldout", *model_->tokenizer(), d)->train));
+  }
+  auto svc = Service("eval: {max_new_tokens: 4}\n", 2, dir_ + "/state-fedeval");
+  ASSERT_TRUE(svc.ok()) << svc.status();
+  auto server = coordinator::CoordinatorServer::Start((*svc)->options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_EQ(Serve(**server, 0, -1, &eval), 2);
+  auto ledger = federation::RunLedger::Open(dir_ + "/state-fedeval/ledger.sqlite");
+  ASSERT_TRUE(ledger.ok());
+  auto all = (*ledger)->AllMetrics();
+  ASSERT_TRUE(all.ok());
+  const auto& m = all->at(2);
+  ASSERT_TRUE(m.count("fed_eval_loss")) << "no federated evaluation recorded";
+  EXPECT_EQ(m.at("fed_eval_clients"), 3);
+  // The workers' own scores of the final adapter.
+  worker::BaseModels bases(*model_, model_path_);
+  double loss = 0, acc = 0, n = 0;
+  for (int k = 0; k < kClients; ++k) {
+    protocol::TrainTask t;
+    t.plan.kind = "ffa_lora";
+    t.plan.rank = 4;
+    t.plan.alpha = 8;
+    t.plan.modules = {"q", "v"};
+    t.plan.adapter_seed = 5;
+    t.max_new_tokens = 4;
+    auto r = worker::RunEvalTask(bases, eval[static_cast<size_t>(k)], t, (*server)->global(), nullptr);
+    ASSERT_TRUE(r.ok()) << r.status();
+    loss += r->metrics.at("eval_loss") * static_cast<double>(r->num_examples);
+    acc += r->metrics.at("accuracy") * static_cast<double>(r->num_examples);
+    n += static_cast<double>(r->num_examples);
+  }
+  EXPECT_NEAR(m.at("fed_eval_loss"), loss / n, 1e-9);
+  EXPECT_NEAR(m.at("fed_accuracy"), acc / n, 1e-9);
+  EXPECT_NEAR(m.at("eval_loss"), loss / n, 1e-9) << "without server-side evaluation the federated figures are the round's";
 }
 
 TEST_F(SimulateEqualsDeployedTest, LocalDpSgdReportsEachWorkersEpsilon) {
