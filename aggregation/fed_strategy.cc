@@ -40,7 +40,8 @@ class LinearAggregation : public Aggregation {
         a.den.assign(d.size(), 0.0);
       }
       for (size_t i = 0; i < d.size(); ++i) {
-        const double w = n * (f->second[i] + o_.uncertainty_lambda);
+        const double fi = o_.fisher_clip > 0 ? std::min<double>(f->second[i], o_.fisher_clip) : f->second[i];
+        const double w = n * (fi + o_.uncertainty_lambda);
         a.num[i] += w * d[i];
         a.den[i] += w;
       }
@@ -65,6 +66,39 @@ class LinearAggregation : public Aggregation {
       a.weight += total_weight;
       a.count += count;
       a.missing_fisher = true;
+    }
+    merged_.accepted += count;
+    merged_.num_examples += num_examples;
+    return absl::OkStatus();
+  }
+
+  absl::Status AddSecureFisherSums(const TensorMap& num, const TensorMap& den, int count, int64_t num_examples) override {
+    if (o_.merge != MergeRule::kUncertainty) return Aggregation::AddSecureFisherSums(num, den, count, num_examples);
+    if (count < 1) return absl::InvalidArgumentError("secure Fisher sums: count must be > 0");
+    for (const auto& [name, v] : num) {
+      auto it = global_.find(name);
+      auto d = den.find(name);
+      if (it == global_.end() || it->second.size() != v.size() || d == den.end() || d->second.size() != v.size())
+        return absl::InvalidArgumentError(absl::StrCat("secure Fisher sums: bad tensor ", name));
+      for (size_t i = 0; i < v.size(); ++i)
+        if (!std::isfinite(v[i]) || !(d->second[i] > 0) || !std::isfinite(d->second[i]))
+          return absl::InvalidArgumentError(absl::StrCat("secure Fisher sums: bad value in ", name));
+    }
+    for (const auto& [name, v] : num) {
+      const std::vector<float>& dv = den.at(name);
+      Acc& a = acc_[name];
+      if (a.num.empty()) {
+        a.num.assign(v.size(), 0.0);
+        a.den.assign(v.size(), 0.0);
+        a.sum.assign(v.size(), 0.0);
+      }
+      for (size_t i = 0; i < v.size(); ++i) {
+        a.num[i] += v[i];
+        a.den[i] += dv[i];
+        a.sum[i] += v[i];  // (the mean fallback is unused: every client contributed both sums)
+      }
+      a.weight += count;
+      a.count += count;
     }
     merged_.accepted += count;
     merged_.num_examples += num_examples;

@@ -20,6 +20,10 @@ absl::Status Aggregation::AddSecureSum(const TensorMap&, double, int, int64_t) {
   return absl::FailedPreconditionError("this merge rule needs individual updates; secure aggregation only gives their sum");
 }
 
+absl::Status Aggregation::AddSecureFisherSums(const TensorMap&, const TensorMap&, int, int64_t) {
+  return absl::FailedPreconditionError("only uncertainty-aware merging takes Fisher-weighted sums");
+}
+
 absl::StatusOr<RoundResult> AggregateTrain(Strategy& s, int round, const TensorMap& global, std::vector<ClientUpdate> updates,
                                            std::vector<ClientFailure> failures) {
   std::unique_ptr<Aggregation> agg = s.BeginAggregate(round, global);

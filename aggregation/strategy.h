@@ -66,6 +66,10 @@ class Aggregation {
   // merges accept it (others: FailedPrecondition); uncertainty-aware merging falls back to the
   // weighted mean (the server never sees a client's Fisher).
   virtual absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples);
+  // Uncertainty-aware merging under secure aggregation: `num` = sum_k w_k (F_k + lambda) delta_k
+  // and `den` = sum_k w_k (F_k + lambda), per coordinate (any common positive scale), over
+  // `count` clients; the merge is num / den. Only the uncertainty rule accepts it.
+  virtual absl::Status AddSecureFisherSums(const TensorMap& num, const TensorMap& den, int count, int64_t num_examples);
   virtual absl::StatusOr<Merged> Merge() = 0;
 };
 

@@ -342,8 +342,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     absl::StatusOr<aggregation::ClientUpdate> u = absl::InternalError("unset");
     if (h.secure()) {  // a masked input: only its length can be checked here
       size_t words = 0;
-      for (const auto& [name, v] : snapshot) words += v.size();
-      auto y = protocol::DecodeMasked(bytes, words);
+      {
+        std::lock_guard<std::mutex> l(mu);
+        words = sa.active ? sa.vector_length : 0;
+      }
+      auto y = words ? protocol::DecodeMasked(bytes, words) : absl::FailedPreconditionError("not a secure-aggregation round");
       if (y.ok() && h.num_examples() < 0) y = absl::InvalidArgumentError("negative num_examples");
       if (y.ok()) {
         in.masked = std::move(*y);
@@ -642,6 +645,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       sa = SecureStages();
       if (col.secure()) {
         sa.active = true;
+        sa.vector_length = col.secure()->vector_length();
         sa.stage_deadline_ms = std::min(deadline_unix_ms, UnixMs() + o.secure_stage_ms);
       }
     }

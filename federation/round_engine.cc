@@ -320,6 +320,10 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       p.threshold = s.secure.threshold;
       p.graph_seed = s.seed * 7919 + static_cast<uint64_t>(r);
       p.value_range = s.secure.value_range;
+      if (s.send_fisher) {  // uncertainty-aware merging in its secure-aggregation form
+        p.fisher_clip = s.strategy.fisher_clip;
+        p.fisher_lambda = s.strategy.uncertainty_lambda;
+      }
       std::vector<std::string> ids;
       bool all_known = true;
       for (const auto& task : tasks) {
@@ -359,8 +363,11 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     const auto t_server = Clock::now();
     if (sec) {
       FT_ASSIGN_OR_RETURN(SecureServer::Sum ssum, sec->Finish());
-      if (!ssum.survivors.empty())
+      if (!ssum.survivors.empty() && !ssum.fisher_sum.empty()) {
+        FT_RETURN_IF_ERROR(agg->AddSecureFisherSums(ssum.sum, ssum.fisher_sum, static_cast<int>(ssum.survivors.size()), ssum.num_examples));
+      } else if (!ssum.survivors.empty()) {
         FT_RETURN_IF_ERROR(agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples));
+      }
       rec.metrics["secagg_survivors"] = static_cast<double>(ssum.survivors.size());
       rec.metrics["secagg_tampered_shares"] = static_cast<double>(ssum.tampered.size());
       for (const auto& tampered : ssum.tampered) say("secure aggregation: " + tampered);

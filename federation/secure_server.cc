@@ -15,7 +15,8 @@ absl::StatusOr<std::unique_ptr<SecureServer>> SecureServer::Begin(const std::vec
   protocol::TrainTask::Secure p = secagg;
   p.id = 0;
   p.clients = static_cast<int>(clients.size());
-  FT_ASSIGN_OR_RETURN(s->cfg_, protocol::SecAggConfig(p, n));
+  FT_ASSIGN_OR_RETURN(s->cfg_, protocol::SecAggConfig(p, protocol::SecAggVectorLength(p, n)));
+  s->params_ = p;
   s->scale_ = protocol::SecAggScale(s->cfg_, secagg.value_range);
   for (const auto& [name, v] : layout) s->layout_[name].resize(v.size());
   s->names_ = clients;
@@ -87,6 +88,15 @@ absl::StatusOr<SecureServer::Sum> SecureServer::Finish() {
     t.resize(v.size());
     for (size_t i = 0; i < v.size(); ++i) t[i] = static_cast<float>(res.sum[off + i] / scale_);
     off += v.size();
+  }
+  if (params_.fisher_clip > 0) {  // the second half: Fisher weights, sent scaled by value_range / vmax
+    const double back = protocol::SecAggFisherMax(params_) / params_.value_range;
+    for (const auto& [name, v] : layout_) {
+      std::vector<float>& t = out.fisher_sum[name];
+      t.resize(v.size());
+      for (size_t i = 0; i < v.size(); ++i) t[i] = static_cast<float>(res.sum[off + i] / scale_ * back);
+      off += v.size();
+    }
   }
   for (int u : res.survivors) {
     out.survivors.push_back(names_[static_cast<size_t>(u)]);

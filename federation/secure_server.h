@@ -25,7 +25,7 @@ class SecureServer {
   // -1 when `client` is not in this round.
   int IdOf(const std::string& client) const;
   const std::vector<std::string>& clients() const { return names_; }
-  size_t vector_length() const { return cfg_.vector_length; }
+  size_t vector_length() const { return cfg_.vector_length; }  // values per masked input
 
   absl::Status Keys(const std::string& client, const privacy::secagg::PublicKeys& k);
   std::vector<privacy::secagg::PublicKeys> KeysFor(const std::string& client) const;
@@ -38,7 +38,8 @@ class SecureServer {
   absl::Status Unmask(const std::string& client, const privacy::secagg::UnmaskReply& r);
 
   struct Sum {
-    aggregation::TensorMap sum;  // sum over survivors of weight x delta
+    aggregation::TensorMap sum;         // sum over survivors of weight x delta (x Fisher weight)
+    aggregation::TensorMap fisher_sum;  // uncertainty-aware merging: sum of the Fisher weights
     std::vector<std::string> survivors;
     double total_weight = 0;
     int64_t num_examples = 0;
@@ -51,6 +52,7 @@ class SecureServer {
   SecureServer() = default;
   absl::StatusOr<int> Check(const std::string& client, int claimed) const;
   privacy::secagg::Config cfg_;
+  protocol::TrainTask::Secure params_;
   aggregation::TensorMap layout_;
   double scale_ = 1;
   std::vector<std::string> names_;

@@ -40,6 +40,8 @@ absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::Str
   o.momentum = OrDefault(st.momentum(), 0.9);
   o.tau = OrDefault(st.tau(), 1e-3);
   o.weight_by_examples = !st.uniform_weights();
+  if (st.fisher_clip() < 0) return Bad("strategy.fisher_clip", "must be >= 0");
+  o.fisher_clip = st.fisher_clip();
   if (auto f = aggregation::FedStrategy::Create(o); !f.ok()) return Bad("strategy", std::string(f.status().message()));
   return o;
 }
@@ -141,9 +143,12 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     if (s.secure.enabled) return Bad("planner", "not combined with secure aggregation (partial adapters are not masked per module)");
   }
   s.secure.value_range = OrDefault(secure.value_range(), s.dp.central ? 4 * s.dp.clip_norm : 0.05);
-  // The server sees a client's Fisher only in the clear: not under secure aggregation or DP
-  // (data-dependent and not privatised); uncertainty-aware merging then falls back to the mean.
-  s.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !s.secure.enabled && !s.dp.local && !s.dp.central;
+  // Uncertainty-aware merging needs each client's Fisher: in the clear, or under secure
+  // aggregation as masked Fisher-weighted sums (with a public bound on the Fisher, default 1e-4).
+  // Under DP it is data-dependent and not privatised here: the merge falls back to the mean
+  // (ALGORITHMS.md says why a privatised Fisher needs many clients per round).
+  s.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !s.dp.local && !s.dp.central;
+  if (s.send_fisher && s.secure.enabled && s.strategy.fisher_clip == 0) s.strategy.fisher_clip = 1e-4;
   return s;
 }
 

@@ -51,6 +51,10 @@ absl::StatusOr<privacy::secagg::Config> SecAggConfig(const TrainTask::Secure& s,
 
 double SecAggScale(const privacy::secagg::Config& c, double value_range) { return c.clip_range / value_range; }
 
+size_t SecAggVectorLength(const TrainTask::Secure& s, size_t adapter_values) { return s.fisher_clip > 0 ? 2 * adapter_values : adapter_values; }
+
+double SecAggFisherMax(const TrainTask::Secure& s) { return 1.0 + s.fisher_lambda / s.fisher_clip; }
+
 rpc::v1::SecAggKeys ToProto(const privacy::secagg::PublicKeys& k) {
   rpc::v1::SecAggKeys p;
   p.set_id(k.id);

@@ -18,6 +18,11 @@ namespace fedtune::protocol {
 absl::StatusOr<privacy::secagg::Config> SecAggConfig(const TrainTask::Secure& s, size_t vector_length);
 // Adapter value -> fixed-point input: values within +-value_range are encoded exactly.
 double SecAggScale(const privacy::secagg::Config& c, double value_range);
+// Values a client masks for an adapter of `adapter_values`: twice as many with Fisher weights.
+size_t SecAggVectorLength(const TrainTask::Secure& s, size_t adapter_values);
+// Fisher weights a = (min(F, clip) + lambda) / clip lie in (0, vmax], vmax = 1 + lambda / clip; they
+// travel scaled by value_range / vmax so that they share the deltas' fixed-point range.
+double SecAggFisherMax(const TrainTask::Secure& s);
 
 rpc::v1::SecAggKeys ToProto(const privacy::secagg::PublicKeys& k);
 absl::StatusOr<privacy::secagg::PublicKeys> FromProto(const rpc::v1::SecAggKeys& k);

@@ -43,6 +43,8 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   p.set_secagg_value_range(t.secagg.value_range);
   p.set_secagg_weight_divisor(t.secagg.weight_divisor);
   p.set_test_noise_seed(t.test_noise_seed);
+  p.set_secagg_fisher_clip(t.secagg.fisher_clip);
+  p.set_secagg_fisher_lambda(t.secagg.fisher_lambda);
   p.set_adapter_sha256(t.adapter_sha256);
   p.set_adapter_bytes(t.adapter_bytes);
   p.set_deadline_unix_ms(t.deadline_unix_ms);
@@ -91,6 +93,8 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.secagg.value_range = p.secagg_value_range();
   t.secagg.weight_divisor = p.secagg_weight_divisor();
   t.test_noise_seed = p.test_noise_seed();
+  t.secagg.fisher_clip = p.secagg_fisher_clip();
+  t.secagg.fisher_lambda = p.secagg_fisher_lambda();
   t.adapter_sha256 = p.adapter_sha256();
   t.adapter_bytes = p.adapter_bytes();
   t.deadline_unix_ms = p.deadline_unix_ms();

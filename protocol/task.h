@@ -57,6 +57,9 @@ struct TrainTask {
     uint64_t graph_seed = 1;
     double value_range = 0.05;
     double weight_divisor = 0;  // weight = num_examples / divisor; 0: 1
+    // Uncertainty-aware merging (> 0): the client sends sum-ready Fisher-weighted deltas and the
+    // weights themselves, the Fisher clipped at fisher_clip (twice the values).
+    double fisher_clip = 0, fisher_lambda = 1e-6;
   } secagg;
   uint64_t test_noise_seed = 0;  // tests only: seeded client noise streams (see service.proto)
   // The global adapter to start from (deployment: what to download and check).

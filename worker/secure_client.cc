@@ -1,5 +1,6 @@
 #include "worker/secure_client.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -11,7 +12,7 @@ absl::StatusOr<std::unique_ptr<SecureClient>> SecureClient::Create(const protoco
   std::unique_ptr<SecureClient> c(new SecureClient());
   size_t n = 0;
   for (const auto& [name, v] : layout) n += v.size();
-  FT_ASSIGN_OR_RETURN(privacy::secagg::Config cfg, protocol::SecAggConfig(task.secagg, n));
+  FT_ASSIGN_OR_RETURN(privacy::secagg::Config cfg, protocol::SecAggConfig(task.secagg, protocol::SecAggVectorLength(task.secagg, n)));
   c->scale_ = protocol::SecAggScale(cfg, task.secagg.value_range);
   c->clip_ = cfg.clip_range;
   FT_ASSIGN_OR_RETURN(c->client_, privacy::secagg::Client::Create(cfg, task.secagg.id));
@@ -35,6 +36,12 @@ absl::StatusOr<std::unique_ptr<SecureClient>> SecureClient::Create(const protoco
   return c;
 }
 
+float SecureClient::Scaled(double x) {
+  const float y = static_cast<float>(x * scale_);
+  if (std::fabs(y) > clip_) ++clamped_;
+  return y;
+}
+
 absl::StatusOr<std::vector<uint32_t>> SecureClient::Mask(const aggregation::ClientUpdate& update,
                                                           const std::vector<privacy::secagg::EncryptedShare>& received) {
   aggregation::ClientUpdate u = update;
@@ -46,13 +53,29 @@ absl::StatusOr<std::vector<uint32_t>> SecureClient::Mask(const aggregation::Clie
     for (auto& [name, d] : u.delta) noise_->AddGaussian(d, task_.dp_noise_stddev);
   }
   std::vector<float> flat;
-  for (const auto& [name, v] : layout_) {
-    auto d = u.delta.find(name);
-    for (size_t i = 0; i < v.size(); ++i) {
-      const float x = d == u.delta.end() ? 0.0f : static_cast<float>(d->second[i] * w * scale_);
-      if (std::fabs(x) > clip_) ++clamped_;
-      flat.push_back(x);
+  const double fclip = task_.secagg.fisher_clip;
+  if (fclip <= 0) {
+    for (const auto& [name, v] : layout_) {
+      auto d = u.delta.find(name);
+      for (size_t i = 0; i < v.size(); ++i) flat.push_back(Scaled(d == u.delta.end() ? 0.0 : d->second[i] * w));
     }
+  } else {
+    // Uncertainty-aware merging: per value a = w (min(F, clip) + lambda) / clip, sent as
+    // [a x delta ..., a x value_range / vmax ...]; the server divides the two sums.
+    const double vmax = protocol::SecAggFisherMax(task_.secagg), lambda = task_.secagg.fisher_lambda;
+    std::vector<float> weights;
+    for (const auto& [name, v] : layout_) {
+      auto d = u.delta.find(name);
+      auto f = u.fisher.find(name);
+      if (d != u.delta.end() && f == u.fisher.end())
+        return absl::FailedPreconditionError(absl::StrCat("secure uncertainty-aware merging: no Fisher for ", name));
+      for (size_t i = 0; i < v.size(); ++i) {
+        const double a = d == u.delta.end() ? 0.0 : w * (std::min<double>(f->second[i], fclip) + lambda) / fclip;
+        flat.push_back(Scaled(d == u.delta.end() ? 0.0 : a * d->second[i]));
+        weights.push_back(Scaled(a * task_.secagg.value_range / vmax));
+      }
+    }
+    flat.insert(flat.end(), weights.begin(), weights.end());
   }
   return client_->MaskedInput(flat, received, *rounding_);
 }

@@ -32,6 +32,7 @@ class SecureClient {
 
  private:
   SecureClient() = default;
+  float Scaled(double x);  // into the fixed-point range; counts values beyond it
   protocol::TrainTask task_;
   aggregation::TensorMap layout_;
   double scale_ = 1, clip_ = 8;

@@ -203,6 +203,11 @@ TEST_F(SimulateEqualsDeployedTest, SecureAggregationWithAWorkerDroppingAfterMask
   Compare("secure_aggregation: {enabled: true, value_range: 0.1, stage_seconds: 2}\n", "secagg", /*drop_after_masking=*/2);
 }
 
+// Uncertainty-aware merging under SecAgg+ (masked Fisher-weighted sums), simulated and deployed.
+TEST_F(SimulateEqualsDeployedTest, SecureUncertaintyAwareMerging) {
+  Compare("strategy: {merge: uncertainty}\nsecure_aggregation: {enabled: true, value_range: 0.1, stage_seconds: 20}\n", "secagg-uncertainty");
+}
+
 // Distributed DP under SecAgg+ in deployment: workers clip and add their share of the noise
 // before masking; the coordinator accounts the round.
 TEST_F(SimulateEqualsDeployedTest, SecureAggregationWithDistributedDpIsAccounted) {

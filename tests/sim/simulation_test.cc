@@ -230,6 +230,30 @@ TEST_F(SimTest, SecureAggregationGivesThePlainResult) {
   EXPECT_FALSE(d->stopped_early);
 }
 
+// Uncertainty-aware merging in its secure-aggregation form (clients mask Fisher-weighted deltas
+// and the weights; the server divides the sums) equals the plain Fisher merge with the same
+// public Fisher bound, up to the fixed-point rounding; and it differs from the plain mean.
+TEST_F(SimTest, SecureUncertaintyAwareMergingGivesThePlainResult) {
+  const std::string common = "clients: 4\nrounds: 1\nstrategy: {merge: uncertainty, fisher_clip: 1.0e-4}\n";
+  const std::string a = testing::TempPath("sim_ua_plain"), b = testing::TempPath("sim_ua_secure"), c = testing::TempPath("sim_ua_mean");
+  ASSERT_TRUE(Run(Yaml(common, a)).ok());
+  auto r = Run(Yaml(common + "secure_aggregation: {enabled: true, value_range: 0.05}\n", b));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(Run(Yaml("clients: 4\nrounds: 1\nstrategy: {merge: mean}\nsecure_aggregation: {enabled: true, value_range: 0.05}\n", c)).ok());
+  auto sa = LoadTensors(a + "/adapter.safetensors"), sb = LoadTensors(b + "/adapter.safetensors"), sc = LoadTensors(c + "/adapter.safetensors");
+  ASSERT_EQ(sa.size(), sb.size());
+  double worst = 0, scale = 0, vs_mean = 0;
+  for (size_t i = 0; i < sa.size(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::fabs(sa[i] - sb[i])));
+    vs_mean = std::max(vs_mean, static_cast<double>(std::fabs(sa[i] - sc[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(sa[i])));
+  }
+  EXPECT_GT(scale, 0);
+  EXPECT_LT(worst, 1e-6) << "max |plain - secure| Fisher merge over " << sa.size() << " values";
+  EXPECT_GT(vs_mean, 100 * worst) << "the Fisher merge must differ from the mean";
+  std::printf("uncertainty-aware: max |plain - secure| %.3g, max |Fisher merge - mean| %.3g (max |value| %.3g)\n", worst, vs_mean, scale);
+}
+
 TEST_F(SimTest, LocalDpSgdReportsEachClientsEpsilon) {
   auto r = Run(Yaml("dp: {enabled: true, local: true, noise_multiplier: 1.0, clip_norm: 0.5}\nstrategy: {merge: uncertainty}\n",
                     testing::TempPath("sim_ldp")));
