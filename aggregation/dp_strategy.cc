@@ -1,5 +1,6 @@
 #include "aggregation/dp_strategy.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -11,11 +12,13 @@ namespace {
 
 class DpAggregation : public Aggregation {
  public:
-  DpAggregation(std::unique_ptr<Aggregation> inner, const TensorMap& global, double clip, int* unclipped)
-      : inner_(std::move(inner)), global_(global), clip_(clip), unclipped_(unclipped) {}
+  using FisherSums = DpStrategy::FisherSums;
+  DpAggregation(std::unique_ptr<Aggregation> inner, const TensorMap& global, double clip, int* unclipped, const DpOptions& o, FisherSums* fisher)
+      : inner_(std::move(inner)), global_(global), clip_(clip), unclipped_(unclipped), o_(o), fisher_(fisher) {}
   absl::Status Add(ClientUpdate u) override {
     FT_RETURN_IF_ERROR(ValidateUpdate(u, global_));
     const double norm = ClipToNorm(u.delta, clip_);
+    if (o_.private_fisher_clip > 0) return AddWithFisher(std::move(u), norm);
     u.num_examples = 1;  // equal weights: the sensitivity of the sum is S
     u.fisher.clear();
     FT_RETURN_IF_ERROR(inner_->Add(std::move(u)));
@@ -27,13 +30,41 @@ class DpAggregation : public Aggregation {
     if (std::fabs(total_weight - count) > 1e-9) return absl::InvalidArgumentError("dp: secure sums must use equal client weights");
     return inner_->AddSecureSum(weighted_sum, total_weight, count, num_examples);
   }
-  absl::StatusOr<Merged> Merge() override { return inner_->Merge(); }
+  absl::StatusOr<Merged> Merge() override {
+    if (o_.private_fisher_clip <= 0) return inner_->Merge();
+    Merged m;  // the sums stay in the strategy until Commit noises them
+    m.accepted = fisher_->count;
+    m.num_examples = fisher_->examples;
+    return m;
+  }
 
  private:
+  // Per tensor: a = mean(min(F, clip)) / clip + lambda / clip in [lambda', 1 + lambda'].
+  absl::Status AddWithFisher(ClientUpdate u, double norm) {
+    const double fclip = o_.private_fisher_clip, lam = o_.fisher_lambda / fclip;
+    for (const auto& [name, d] : u.delta)
+      if (!u.fisher.count(name)) return absl::InvalidArgumentError(absl::StrCat("dp with private Fisher: no Fisher for ", name));
+    for (const auto& [name, d] : u.delta) {
+      const std::vector<float>& f = u.fisher.at(name);
+      double mean = 0;
+      for (float x : f) mean += std::min<double>(x, fclip);
+      const double a = mean / static_cast<double>(std::max<size_t>(f.size(), 1)) / fclip + lam;
+      std::vector<double>& num = fisher_->num[name];
+      if (num.empty()) num.assign(d.size(), 0.0);
+      for (size_t i = 0; i < d.size(); ++i) num[i] += a * d[i];
+      fisher_->den[name] += a;
+    }
+    ++fisher_->count;
+    fisher_->examples += u.num_examples;
+    if (norm <= clip_) ++*unclipped_;
+    return absl::OkStatus();
+  }
   std::unique_ptr<Aggregation> inner_;
   const TensorMap& global_;
   double clip_;
   int* unclipped_;
+  const DpOptions& o_;
+  FisherSums* fisher_;
 };
 
 }  // namespace
@@ -48,6 +79,8 @@ absl::StatusOr<std::unique_ptr<DpStrategy>> DpStrategy::Create(std::unique_ptr<S
   DpOptions opt = o;
   if (o.adaptive_clipping && o.noise_added_by_clients)
     return absl::InvalidArgumentError("dp: adaptive clipping needs the server to see update norms; not with distributed noise");
+  if (o.private_fisher_clip > 0 && (o.adaptive_clipping || o.noise_added_by_clients))
+    return absl::InvalidArgumentError("dp: the private Fisher is not combined with adaptive clipping or secure aggregation");
   if (o.adaptive_clipping) {
     if (opt.count_noise <= 0) opt.count_noise = o.expected_clients / 20.0;
     if (!(o.target_quantile > 0 && o.target_quantile < 1)) return absl::InvalidArgumentError("dp: target_quantile must be in (0, 1)");
@@ -67,7 +100,8 @@ DpStrategy::DpStrategy(std::unique_ptr<Strategy> inner, const DpOptions& o, std:
 
 std::unique_ptr<Aggregation> DpStrategy::BeginAggregate(int round, const TensorMap& global) {
   unclipped_ = 0;
-  return std::make_unique<DpAggregation>(inner_->BeginAggregate(round, global), global, clip_, &unclipped_);
+  fisher_ = FisherSums();
+  return std::make_unique<DpAggregation>(inner_->BeginAggregate(round, global), global, clip_, &unclipped_, o_, &fisher_);
 }
 
 absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& global, Merged merged, const std::vector<ClientFailure>& failures) {
@@ -84,9 +118,46 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
     for (int i = 0; i < 4; ++i) s[28 + i] ^= static_cast<uint8_t>(static_cast<uint32_t>(round) >> (8 * i));
     FT_ASSIGN_OR_RETURN(noise_, privacy::NoiseSource::FromSeed(s));
   }
+  const double stddev = z_update_ * clip_;
+  if (o_.private_fisher_clip > 0) {
+    // Private Fisher: noise both sums (the denominator's sensitivity scaled to the numerator's,
+    // so the pair is one Gaussian release at z), then divide; absent tensors have zero sums.
+    const double lam = o_.fisher_lambda / o_.private_fisher_clip;
+    const double t = static_cast<double>(global.size());
+    const double s_num = std::sqrt(2.0) * (1 + lam) * clip_, s_den = std::sqrt(2.0) * (1 + lam) * std::sqrt(t);
+    merged.delta.clear();
+    double den_min = 1e300;
+    int floored = 0;
+    for (const auto& [name, g] : global) {
+      std::vector<double>& num = fisher_.num[name];
+      if (num.empty()) num.assign(g.size(), 0.0);
+      std::vector<float> d(g.size());
+      for (size_t i = 0; i < d.size(); ++i) d[i] = static_cast<float>(num[i]);
+      noise_->AddGaussian(d, z_update_ * s_num);
+      double den = fisher_.den[name] + z_update_ * s_den * noise_->Normal();
+      den_min = std::min(den_min, den);
+      if (den < m * lam) {
+        den = m * lam;
+        ++floored;
+      }
+      for (float& x : d) x = static_cast<float>(x / den);
+      merged.delta[name] = std::move(d);
+      merged.contributors[name] = std::max(accepted, 1);
+    }
+    merged.accepted = std::max(accepted, 1);
+    merged.metrics["dp_fisher_den_min"] = den_min;
+    merged.metrics["dp_fisher_floored_tensors"] = floored;
+    FT_ASSIGN_OR_RETURN(RoundResult r, inner_->Commit(round, global, std::move(merged), failures));
+    FT_ASSIGN_OR_RETURN(privacy::Epsilon spent, ledger_.Spent());
+    r.metrics["accepted"] = accepted;
+    r.metrics["epsilon"] = spent.epsilon;
+    r.metrics["dp_clip_norm"] = clip_;
+    r.metrics["dp_noise_stddev"] = z_update_ * s_num;
+    r.metrics["dp_unclipped_fraction"] = accepted ? static_cast<double>(unclipped_) / accepted : 0.0;
+    return r;
+  }
   // Sum = mean * contributors, plus noise on every coordinate of every tensor (absent tensors
   // have a zero sum: whether anyone trained them must not show either).
-  const double stddev = z_update_ * clip_;
   for (const auto& [name, g] : global) {
     std::vector<float>& d = merged.delta[name];
     const int c = merged.contributors.count(name) ? merged.contributors[name] : 0;

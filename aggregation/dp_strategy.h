@@ -10,7 +10,9 @@
 // noisy result is released; a round past the epsilon budget is refused (ResourceExhausted).
 #pragma once
 
+#include <map>
 #include <optional>
+#include <vector>
 
 #include "aggregation/strategy.h"
 #include "privacy/ledger.h"
@@ -34,6 +36,15 @@ struct DpOptions {
   bool noise_added_by_clients = false;
   int noise_share_clients = 0;  // each client adds 1/this of the noise variance; 0: expected_clients
   double delta = 1e-5;
+  // Uncertainty-aware merging with a privatised Fisher (> 0: on; the public Fisher bound). Per
+  // tensor t each client's weight a_kt = mean_i min(F_i, clip) / clip + lambda / clip; the sums
+  // sum_k a_kt clip_S(delta_k)_t and sum_k a_kt are both noised (the second scaled to the first's
+  // sensitivity, so the pair is one Gaussian release at z) and divided, the denominator floored
+  // at m lambda / clip. Costs sqrt(2) (1 + lambda/clip) more noise on the update than the mean
+  // at the same epsilon, and the denominator's noise (z sqrt(2 T) for T tensors) must be small
+  // next to m x the mean weight: it pays with many clients per round (ALGORITHMS.md).
+  double private_fisher_clip = 0;
+  double fisher_lambda = 1e-6;
   // Tests only: reproducible noise. Each round draws from its own stream (the seed with the
   // round number in its last 4 bytes), so a restarted run adds the same noise.
   std::optional<privacy::NoiseSource::Seed> seed;
@@ -58,6 +69,13 @@ class DpStrategy : public Strategy {
   StrategyState SaveState() const override;
   absl::Status LoadState(const StrategyState& state) override;
   const privacy::PrivacyLedger& ledger() const { return ledger_; }
+  // Private-Fisher sums of a round (see DpOptions::private_fisher_clip), kept until Commit.
+  struct FisherSums {
+    std::map<std::string, std::vector<double>> num;
+    std::map<std::string, double> den;
+    int count = 0;
+    int64_t examples = 0;
+  };
   double clip_norm() const { return clip_; }
   double update_noise_multiplier() const { return z_update_; }
 
@@ -69,6 +87,7 @@ class DpStrategy : public Strategy {
   privacy::PrivacyLedger ledger_;
   double clip_, z_update_;
   int unclipped_ = 0;  // this round
+  FisherSums fisher_;
 };
 
 }  // namespace fedtune::aggregation

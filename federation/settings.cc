@@ -113,7 +113,9 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     s.secure.threshold = secure.threshold();
   }
   // Differential privacy.
+  if (dp.private_fisher() && !dp.enabled()) return Bad("dp.private_fisher", "needs dp.enabled (central)");
   if (dp.enabled()) {
+    if (dp.private_fisher() && dp.local()) return Bad("dp.private_fisher", "central DP only");
     if (dp.noise_multiplier() <= 0 && dp.target_epsilon() <= 0) return Bad("dp", "set noise_multiplier or target_epsilon");
     s.dp.delta = OrDefault(dp.delta(), 1e-5);
     if (!(s.dp.delta > 0 && s.dp.delta < 1)) return Bad("dp.delta", "must be in (0, 1)");
@@ -130,6 +132,11 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     } else {
       if (!linear) return Bad("dp.enabled", "central differential privacy needs strategy.merge mean or uncertainty");
       s.dp.central = true;
+      if (dp.private_fisher()) {
+        if (s.strategy.merge != aggregation::MergeRule::kUncertainty) return Bad("dp.private_fisher", "needs strategy.merge: uncertainty");
+        if (dp.adaptive_clipping() || secure.enabled()) return Bad("dp.private_fisher", "not with adaptive clipping or secure aggregation");
+        s.dp.private_fisher = true;
+      }
       s.dp.clip_norm = OrDefault(dp.clip_norm(), 0.1);
       if (s.dp.target_epsilon > 0) {
         auto z = privacy::NoiseMultiplierFor(s.dp.target_epsilon, s.dp.delta, static_cast<double>(s.expected_clients) / population, s.rounds);
@@ -145,10 +152,10 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   s.secure.value_range = OrDefault(secure.value_range(), s.dp.central ? 4 * s.dp.clip_norm : 0.05);
   // Uncertainty-aware merging needs each client's Fisher: in the clear, or under secure
   // aggregation as masked Fisher-weighted sums (with a public bound on the Fisher, default 1e-4).
-  // Under DP it is data-dependent and not privatised here: the merge falls back to the mean
-  // (ALGORITHMS.md says why a privatised Fisher needs many clients per round).
-  s.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !s.dp.local && !s.dp.central;
-  if (s.send_fisher && s.secure.enabled && s.strategy.fisher_clip == 0) s.strategy.fisher_clip = 1e-4;
+  // Under central DP it is data-dependent: privatised with dp.private_fisher, else the merge falls
+  // back to the mean (ALGORITHMS.md says why a privatised Fisher needs many clients per round).
+  s.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !s.dp.local && (!s.dp.central || s.dp.private_fisher);
+  if (s.send_fisher && (s.secure.enabled || s.dp.private_fisher) && s.strategy.fisher_clip == 0) s.strategy.fisher_clip = 1e-4;
   return s;
 }
 
@@ -170,6 +177,10 @@ absl::StatusOr<std::unique_ptr<aggregation::Strategy>> MakeStrategy(const RunSet
   d.target_quantile = s.dp.target_quantile;
   d.noise_multiplier = s.dp.noise_multiplier;
   if (s.dp.target_epsilon > 0) d.epsilon_budget = s.dp.target_epsilon * (1 + 1e-9);
+  if (s.dp.private_fisher) {
+    d.private_fisher_clip = s.strategy.fisher_clip;
+    d.fisher_lambda = s.strategy.uncertainty_lambda;
+  }
   if (s.test_noise_seed != 0) {
     privacy::NoiseSource::Seed seed{};
     for (int i = 0; i < 8; ++i) seed[static_cast<size_t>(i)] = static_cast<uint8_t>(s.test_noise_seed >> (8 * i));

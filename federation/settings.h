@@ -44,7 +44,7 @@ struct RunSettings {
   int eval_every = 1, max_new_tokens = 32;
   // Differential privacy (dp.*): central (the server noises) or local (DP-SGD on clients).
   struct Dp {
-    bool central = false, local = false, adaptive_clipping = false;
+    bool central = false, local = false, adaptive_clipping = false, private_fisher = false;
     double noise_multiplier = 0, clip_norm = 0, delta = 1e-5, target_epsilon = 0, target_quantile = 0.5;
   } dp;
   // SecAgg+ (secure_aggregation.*).

@@ -6,6 +6,7 @@
 #include <set>
 
 #include "aggregation/dp_strategy.h"
+#include "privacy/ledger.h"
 
 namespace fedtune::aggregation {
 namespace {
@@ -307,6 +308,65 @@ TEST(DpStrategyTest, NoiseHasTheCalibratedStandardDeviation) {
   EXPECT_LT(std::fabs(mean), 5 * sd / std::sqrt(n));
   EXPECT_LT(std::fabs(var - sd * sd), 5 * sd * sd * std::sqrt(2.0 / n));
   EXPECT_GT(r->metrics.at("epsilon"), 0);
+}
+
+// Uncertainty-aware merging with a privatised Fisher (DpOptions::private_fisher_clip): without
+// noise, each tensor is the mean weighted by a = mean(min(F, clip)) / clip + lambda / clip.
+TEST(DpStrategyTest, PrivateFisherWeighsEachTensorByItsClippedMeanFisher) {
+  DpOptions d;
+  d.noise_multiplier = 0;
+  d.clip_norm = 10;
+  d.expected_clients = 2;
+  d.private_fisher_clip = 1e-4;
+  d.fisher_lambda = 1e-6;
+  StrategyOptions o;
+  o.merge = MergeRule::kUncertainty;
+  auto s = DpStrategy::Create(std::move(*FedStrategy::Create(o)), d);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const double lam = 0.01;
+  // a: Fisher at the bound on w (a_w = 1 + lam), half of it on x (0.5 + lam); b: none (lam).
+  // Fisher above the bound is clipped (3e-4 counts as 1e-4).
+  auto r = AggregateTrain(**s, 1, {{"w", {0.0f, 0.0f}}, {"x", {0.0f}}},
+                          {Update("a", 5, {{"w", {0.3f, 0.4f}}, {"x", {1.0f}}}, {{"w", {1e-4f, 3e-4f}}, {"x", {0.5e-4f}}}),
+                           Update("b", 1, {{"w", {-0.1f, 0.2f}}, {"x", {-1.0f}}}, {{"w", {0.0f, 0.0f}}, {"x", {0.0f}}})});
+  ASSERT_TRUE(r.ok()) << r.status();
+  const double aw = 1 + lam, ax = 0.5 + lam, b = lam;
+  EXPECT_NEAR(r->global->at("w")[0], (aw * 0.3 + b * -0.1) / (aw + b), 1e-6);
+  EXPECT_NEAR(r->global->at("w")[1], (aw * 0.4 + b * 0.2) / (aw + b), 1e-6);
+  EXPECT_NEAR(r->global->at("x")[0], (ax * 1.0 + b * -1.0) / (ax + b), 1e-6);
+  // An update without its Fisher is refused.
+  auto bad = AggregateTrain(**s, 2, {{"w", {0.0f, 0.0f}}, {"x", {0.0f}}}, {Update("c", 1, {{"w", {0.1f, 0.1f}}})});
+  ASSERT_TRUE(bad.ok());
+  EXPECT_EQ(bad->metrics.at("accepted"), 0);
+}
+
+// With noise: the numerator carries N(0, (z sqrt(2) (1 + lambda') S)^2) per value (the pair of
+// sums is one release at z, accounted as such); here the denominator is large, so the merged
+// values' spread is that over the denominator.
+TEST(DpStrategyTest, PrivateFisherNoiseIsCalibratedAndAccounted) {
+  DpOptions d;
+  d.noise_multiplier = 0.01;
+  d.clip_norm = 0.5;
+  d.expected_clients = 10;
+  d.private_fisher_clip = 1e-4;
+  StrategyOptions o;
+  o.merge = MergeRule::kUncertainty;
+  auto s = DpStrategy::Create(std::move(*FedStrategy::Create(o)), d);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const size_t n = 200000;
+  std::vector<ClientUpdate> ups;
+  for (int k = 0; k < 10; ++k)
+    ups.push_back(Update("c" + std::to_string(k), 1, {{"w", std::vector<float>(n, 0.0f)}}, {{"w", std::vector<float>(n, 1e-4f)}}));
+  auto r = AggregateTrain(**s, 1, {{"w", std::vector<float>(n, 0.0f)}}, ups);
+  ASSERT_TRUE(r.ok()) << r.status();
+  double s2 = 0;
+  for (float x : r->global->at("w")) s2 += static_cast<double>(x) * x;
+  const double lam = 0.01, sd = 0.01 * std::sqrt(2.0) * (1 + lam) * 0.5 / (10 * (1 + lam));
+  EXPECT_NEAR(std::sqrt(s2 / n) / sd, 1.0, 0.02);
+  EXPECT_NEAR(r->metrics.at("dp_noise_stddev"), 0.01 * std::sqrt(2.0) * (1 + lam) * 0.5, 1e-12);
+  privacy::PrivacyLedger want(0, 1e-5);
+  ASSERT_TRUE(want.Record({"", 1.0, 0.01, 1}).ok());
+  EXPECT_DOUBLE_EQ(r->metrics.at("epsilon"), want.Spent()->epsilon);
 }
 
 TEST(DpStrategyTest, RefusesRoundsPastTheBudget) {

@@ -273,6 +273,12 @@ TEST_F(SimulateEqualsDeployedTest, FederatedEvaluationByTheWorkers) {
   EXPECT_NEAR(m.at("eval_loss"), loss / n, 1e-9) << "without server-side evaluation the federated figures are the round's";
 }
 
+// Central DP with uncertainty-aware merging on a privatised Fisher (dp.private_fisher).
+TEST_F(SimulateEqualsDeployedTest, CentralDpWithPrivateFisher) {
+  Compare("strategy: {merge: uncertainty}\ndp: {enabled: true, noise_multiplier: 0.8, clip_norm: 0.05, private_fisher: true}\ntest_noise_seed: 42\n",
+          "private-fisher");
+}
+
 TEST_F(SimulateEqualsDeployedTest, LocalDpSgdReportsEachWorkersEpsilon) {
   const std::string extra = "dp: {enabled: true, local: true, noise_multiplier: 1.0, clip_norm: 1.0}\n";
   auto svc = Service(extra, 2, dir_ + "/state-local");
