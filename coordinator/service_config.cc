@@ -42,6 +42,8 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
   }
   if (population < 1) return Bad("tokens", absl::StrCat(c.tokens(), " lists no worker"));
   FT_ASSIGN_OR_RETURN(federation::RunSettings rs, federation::ResolveRun(c, population));
+  if (rs.secure.enabled && OrDefault(c.min_workers(), 1) < 3)
+    return Bad("min_workers", "secure aggregation needs at least 3 workers in a round: set min_workers >= 3");
 
   FT_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> m, model::LlamaModel::Load(c.model().path()));
   FT_ASSIGN_OR_RETURN(auto set, model::MakeAdaptersWithLayout<float>(m->adapter_dims(), rs.adapter.spec, rs.adapter.modules, rs.adapter.layout,

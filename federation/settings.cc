@@ -9,6 +9,7 @@
 #include "common/config_loader.h"
 #include "kernels/quant.h"
 #include "privacy/rdp_accountant.h"
+#include "protocol/secagg_wire.h"
 
 namespace fedtune::federation {
 namespace {
@@ -111,6 +112,12 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     s.secure.enabled = true;
     s.secure.degree = secure.degree();
     s.secure.threshold = secure.threshold();
+    protocol::TrainTask::Secure p;  // the graph and threshold a full round would use
+    p.clients = s.expected_clients;
+    p.degree = s.secure.degree;
+    p.threshold = s.secure.threshold;
+    p.value_range = 1;
+    if (auto c = protocol::SecAggConfig(p, 1); !c.ok()) return Bad("secure_aggregation", std::string(c.status().message()));
   }
   // Differential privacy.
   if (dp.private_fisher() && !dp.enabled()) return Bad("dp.private_fisher", "needs dp.enabled (central)");

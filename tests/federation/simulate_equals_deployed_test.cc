@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
+#include <regex>
 #include <thread>
 
 #include "common/config_loader.h"
@@ -239,11 +240,26 @@ TEST_F(SimulateEqualsDeployedTest, FederatedEvaluationByTheWorkers) {
     d.max_len = 96;
     eval.push_back(std::move(model::DatasetFromJsonl(lines, "heldout", *model_->tokenizer(), d)->train));
   }
-  auto svc = Service("eval: {max_new_tokens: 4}\n", 2, dir_ + "/state-fedeval");
+  auto svc = Service("eval: {max_new_tokens: 4}\nhttp: 127.0.0.1:0\ndp: {enabled: true, noise_multiplier: 5, clip_norm: 1}\ntest_noise_seed: 3\n", 2,
+                     dir_ + "/state-fedeval");
   ASSERT_TRUE(svc.ok()) << svc.status();
   auto server = coordinator::CoordinatorServer::Start((*svc)->options);
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_EQ(Serve(**server, 0, -1, &eval), 2);
+  // The dashboard, rendered by headless Chromium, shows held-out accuracy and epsilon per round.
+  if (const std::string browser = testing::FindHeadlessChromium(); !browser.empty()) {
+    const std::string scratch = dir_ + "/dashboard";
+    fs::create_directories(scratch);
+    auto shot = testing::RenderPage(browser, "http://127.0.0.1:" + std::to_string((*server)->http_port()) + "/", scratch);
+    ASSERT_TRUE(shot.ok()) << shot.status();
+    EXPECT_NE(shot->dom.find("data-charts-ready=\"yes\""), std::string::npos) << "Chart.js did not run";
+    EXPECT_NE(shot->dom.find("<canvas id=\"accuracy\""), std::string::npos);
+    EXPECT_NE(shot->dom.find("<th>accuracy</th><th>epsilon</th>"), std::string::npos);
+    // Round 2's row ends with its accuracy (a percentage) and epsilon (a number).
+    EXPECT_TRUE(std::regex_search(shot->dom, std::regex("<tr><td>2</td>.*<td>[0-9.]+%</td><td>[0-9]+\\.[0-9]{3}</td></tr>"))) << shot->dom;
+  } else {
+    std::printf("no headless Chromium: dashboard rendering not checked\n");
+  }
   auto ledger = federation::RunLedger::Open(dir_ + "/state-fedeval/ledger.sqlite");
   ASSERT_TRUE(ledger.ok());
   auto all = (*ledger)->AllMetrics();
@@ -414,6 +430,7 @@ TEST_F(SimulateEqualsDeployedTest, KeysTheDeployedRunnerCannotHonourAreRefusedBy
   };
   expect("secure_aggregation: {enabled: true, stage_seconds: -1}\n", "secure_aggregation.stage_seconds");
   expect("secure_aggregation: {enabled: true}\nstrategy: {merge: median}\n", "secure_aggregation.enabled");
+  expect("secure_aggregation: {enabled: true, threshold: 7}\n", "secure_aggregation");
   expect("train: {activation_budget_mib: 64}\n", "train.activation_budget_mib");
   expect("dp: {enabled: true, local: true, target_epsilon: 3}\n", "dp.target_epsilon");
   expect("dp: {enabled: true, delta: 2}\n", "dp");
