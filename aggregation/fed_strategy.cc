@@ -21,7 +21,8 @@ class LinearAggregation : public Aggregation {
     FT_RETURN_IF_ERROR(ValidateUpdate(u, global_));
     if (!seen_.insert(u.client).second) return absl::AlreadyExistsError(absl::StrCat("second update from '", u.client, "' in this round"));
     if (o_.norm_bound > 0) ClipToNorm(u.delta, o_.norm_bound);
-    const double n = o_.weight_by_examples ? static_cast<double>(u.num_examples) : 1.0;
+    const int64_t examples = o_.max_client_examples > 0 ? std::min(u.num_examples, o_.max_client_examples) : u.num_examples;
+    const double n = o_.weight_by_examples ? static_cast<double>(examples) : 1.0;
     const bool ua = o_.merge == MergeRule::kUncertainty;
     for (auto& [name, d] : u.delta) {
       Acc& a = acc_[name];

@@ -27,6 +27,9 @@ absl::StatusOr<ServerOptimizer> ParseServerOptimizer(const std::string& s);  // 
 struct StrategyOptions {
   MergeRule merge = MergeRule::kMean;
   bool weight_by_examples = true;    // mean / uncertainty: weights n_k (else 1)
+  // A client's self-reported example count weighs at most this much (one peer must not set the
+  // global adapter by claiming 2^40 examples). 0: no cap.
+  int64_t max_client_examples = 1000000;
   double uncertainty_lambda = 1e-6;  // F + lambda
   // Public bound on the diagonal Fisher (0: none): values above are clipped before weighting, so
   // secure aggregation can carry the weights in fixed point (ALGORITHMS.md). Measured on

@@ -26,8 +26,11 @@ absl::Status ValidateUpdate(const ClientUpdate& u, const TensorMap& global) {
     if (it == global.end()) return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': unknown tensor ", name));
     if (it->second.size() != v.size())
       return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", name, " has ", v.size(), " values, expected ", it->second.size()));
-    for (size_t i = 0; i < v.size(); ++i)
+    for (size_t i = 0; i < v.size(); ++i) {
       if (!std::isfinite(v[i])) return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", name, " has a non-finite value at ", i));
+      if (std::fabs(v[i]) > kMaxUpdateValue)
+        return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", name, " has |value| > ", kMaxUpdateValue, " at ", i));
+    }
   }
   for (const auto& [name, f] : u.fisher) {
     auto it = u.delta.find(name);

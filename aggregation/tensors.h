@@ -35,6 +35,9 @@ void Scale(TensorMap& t, float s);
 // Checks an update against the global tensors: every name known, sizes equal, all values
 // finite, Fisher non-negative, num_examples > 0. InvalidArgument naming client and tensor.
 absl::Status ValidateUpdate(const ClientUpdate& u, const TensorMap& global);
+// No adapter update moves a value by more than this in one round (they move by ~learning rate x
+// steps); larger values are refused as hostile or broken, before any sum could overflow.
+inline constexpr float kMaxUpdateValue = 1e4f;
 // Scales `t` to L2 norm <= bound (bound > 0). Returns the norm before clipping.
 double ClipToNorm(TensorMap& t, double bound);
 

@@ -68,9 +68,10 @@ MappedFile::~MappedFile() {
   if (mapped_) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
-absl::Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> bytes) {
+absl::Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> bytes, unsigned mode) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  ::unlink(tmp.c_str());  // O_CREAT keeps an existing file's mode: start from none
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC, static_cast<mode_t>(mode));
   if (fd < 0) return ErrnoStatus("cannot create", tmp, errno);
   size_t done = 0;
   while (done < bytes.size()) {

@@ -33,10 +33,11 @@ class MappedFile {
   std::unique_ptr<uint8_t[]> owned_;
 };
 
-// Writes `bytes` to `path` atomically: temp file in the same folder, fsync, rename.
-absl::Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> bytes);
-inline absl::Status WriteFileAtomic(const std::string& path, const std::string& text) {
-  return WriteFileAtomic(path, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+// Writes `bytes` to `path` atomically: temp file in the same folder created with `mode` (so a
+// secret is never readable by others, not even briefly), fsync, rename, fsync of the folder.
+absl::Status WriteFileAtomic(const std::string& path, std::span<const uint8_t> bytes, unsigned mode = 0644);
+inline absl::Status WriteFileAtomic(const std::string& path, const std::string& text, unsigned mode = 0644) {
+  return WriteFileAtomic(path, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(text.data()), text.size()), mode);
 }
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 

@@ -68,7 +68,8 @@ function render(D) {
   document.body.setAttribute('data-charts-ready', typeof Chart === 'undefined' ? 'no' : 'yes');
 }
 render(DATA);
-setInterval(() => fetch('/status.json').then(r => r.json()).then(render).catch(() => {}), 5000);
+setInterval(() => fetch('/status.json', typeof TOKEN === 'undefined' ? {} : {headers: {Authorization: 'Bearer ' + TOKEN}})
+  .then(r => r.json()).then(render).catch(() => {}), 5000);
 )JS";
 
 }  // namespace

@@ -1,5 +1,7 @@
 #include "coordinator/provision.h"
 
+#include <sstream>
+
 #include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -94,11 +96,8 @@ absl::StatusOr<X509Ptr> Issue(EVP_PKEY* key, const std::string& cn, X509* issuer
   return c;
 }
 
-absl::Status WriteSecret(const std::string& path, const std::string& text) {
-  FT_RETURN_IF_ERROR(WriteFileAtomic(path, text));
-  if (::chmod(path.c_str(), 0600) != 0) return absl::InternalError(absl::StrCat("chmod 0600 ", path));
-  return absl::OkStatus();
-}
+// Keys and tokens: created 0600 (never world-readable, not even between creation and a chmod).
+absl::Status WriteSecret(const std::string& path, const std::string& text) { return WriteFileAtomic(path, text, 0600); }
 
 bool ValidName(const std::string& n) {
   if (n.empty() || n.size() > 64 || n[0] == '.') return false;
@@ -119,6 +118,9 @@ absl::StatusOr<ProvisionReport> Provision(const ProvisionOptions& o) {
   std::error_code ec;
   fs::create_directories(o.dir + "/workers", ec);
   if (ec) return absl::UnavailableError(absl::StrCat("provision: cannot create ", o.dir, ": ", ec.message()));
+  // The folder holds the CA key and the workers' keys and tokens: owner only.
+  for (const std::string& d : {o.dir, o.dir + "/workers"})
+    if (::chmod(d.c_str(), 0700) != 0) return absl::UnavailableError(absl::StrCat("provision: chmod 0700 ", d));
   ProvisionReport rep;
   Pkey ca_key;
   X509Ptr ca;
@@ -191,6 +193,34 @@ absl::StatusOr<std::string> VerifyCertificate(const std::string& ca_pem, const s
   char cn[256] = {};
   X509_NAME_get_text_by_NID(X509_get_subject_name(cert.get()), NID_commonName, cn, sizeof cn);
   return std::string(cn);
+}
+
+absl::Status Revoke(const std::string& dir, const std::string& name) {
+  if (!ValidName(name)) return absl::InvalidArgumentError(absl::StrCat("revoke: bad worker name '", name, "'"));
+  const std::string tokens_path = dir + "/tokens.sha256", revoked_path = dir + "/revoked.txt";
+  FT_ASSIGN_OR_RETURN(std::string tokens, ReadFileToString(tokens_path));
+  std::string kept, line;
+  bool found = false;
+  std::istringstream in(tokens);
+  while (std::getline(in, line)) {
+    std::istringstream ls(line);
+    std::string n;
+    ls >> n;
+    if (n == name) {
+      found = true;
+      continue;
+    }
+    if (!line.empty()) kept += line + "\n";
+  }
+  std::string revoked;
+  if (auto r = ReadFileToString(revoked_path); r.ok()) revoked = *r;
+  std::istringstream rs(revoked);
+  std::string n;
+  bool listed = false;
+  while (rs >> n) listed = listed || n == name;
+  if (!found && !listed) return absl::NotFoundError(absl::StrCat("revoke: no worker '", name, "' in ", tokens_path));
+  if (!listed) FT_RETURN_IF_ERROR(WriteFileAtomic(revoked_path, revoked + name + "\n"));
+  return WriteSecret(tokens_path, kept);
 }
 
 }  // namespace fedtune::coordinator

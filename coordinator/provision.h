@@ -33,6 +33,12 @@ struct ProvisionReport {
 
 absl::StatusOr<ProvisionReport> Provision(const ProvisionOptions& o);
 
+// `fedtune provision -o DIR --revoke NAME`: NAME is added to DIR/revoked.txt and its line removed
+// from DIR/tokens.sha256 (both atomically). A running coordinator re-reads both files within a
+// second and refuses every RPC of that worker from then on (PERMISSION_DENIED). Revocation is by
+// name (the certificate CN): the name stays refused; give a replacement machine a new name.
+absl::Status Revoke(const std::string& dir, const std::string& name);
+
 // Checks that `cert_pem` chains to `ca_pem` and is valid now; returns its subject CN.
 absl::StatusOr<std::string> VerifyCertificate(const std::string& ca_pem, const std::string& cert_pem);
 

@@ -14,7 +14,9 @@
 #include <mutex>
 #include <optional>
 #include <semaphore>
+#include <atomic>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -45,6 +47,16 @@ std::string PeerCn(grpc::ServerContext* ctx) {
   return v.empty() ? "" : std::string(v[0].data(), v[0].size());
 }
 
+// SHA-256 of the peer's certificate (PEM as presented): binds a session to the certificate that
+// joined, not just to a name.
+std::string PeerCertSha(grpc::ServerContext* ctx) {
+  auto auth = ctx->auth_context();
+  if (!auth) return "";
+  auto v = auth->FindPropertyValues("x509_pem_cert");
+  if (v.empty()) return "";
+  return protocol::Sha256Hex(std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v[0].data()), v[0].size()));
+}
+
 int64_t UnixMs() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
@@ -55,13 +67,22 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   ServerOptions o;
   std::unique_ptr<federation::RoundEngine> engine;
   std::unique_ptr<grpc::Server> server;
-  std::map<std::string, std::string> token_hash;  // worker -> sha256(token) hex
+  // Credentials, re-read when their files change (at most once a second): join tokens
+  // (worker -> sha256 hex) and revoked workers (`fedtune provision --revoke`), checked on every RPC.
+  std::map<std::string, std::string> token_hash;
+  std::set<std::string> revoked;
+  std::string revoked_path;
+  int64_t creds_checked_ms = 0;
+  fs::file_time_type tokens_mtime{}, revoked_mtime{};
   std::thread rounds_thread;
   int port = 0;
   std::unique_ptr<std::counting_semaphore<>> upload_slots, download_slots;
 
   struct WorkerInfo {
     rpc::v1::Profile profile;
+    std::string cert_sha;   // the certificate it joined with
+    int transfers = 0;      // uploads + downloads in progress (one at a time)
+    int polls = 0;          // GetTask long polls in progress
     int64_t last_seen_ms = 0;
     int round = 0;          // round in hand (fetched, not yet received)
     double progress = 0;
@@ -107,10 +128,38 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::vector<aggregation::ClientFailure> rejected;
   int64_t deadline_unix_ms = 0;
   int64_t bytes_in = 0, bytes_out = 0;  // this round
+  size_t round_upload_limit = 0;        // bytes an upload of this round may have
   std::map<int, std::map<std::string, double>> history;  // committed rounds (from the ledger on restart)
   int64_t updates_accepted = 0, updates_rejected = 0;
   std::string phase = "waiting for workers";
   std::unique_ptr<HttpStatusServer> http;
+  // Transfers past their deadline are cancelled (a stalled upload would hold its slot forever:
+  // a blocking Read only returns when the peer sends or the connection dies).
+  std::mutex watch_mu;
+  std::map<grpc::ServerContext*, int64_t> watched;  // context -> deadline (unix ms)
+  std::thread watchdog;
+  std::atomic<bool> watchdog_stop{false};
+  struct Watch {
+    Impl* im;
+    grpc::ServerContext* ctx;
+    Watch(Impl* i, grpc::ServerContext* c, int64_t deadline_ms) : im(i), ctx(c) {
+      std::lock_guard<std::mutex> l(im->watch_mu);
+      im->watched[ctx] = deadline_ms;
+    }
+    ~Watch() {
+      std::lock_guard<std::mutex> l(im->watch_mu);
+      im->watched.erase(ctx);
+    }
+  };
+  void WatchdogLoop() {
+    while (!watchdog_stop) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      const int64_t now = UnixMs();
+      std::lock_guard<std::mutex> l(watch_mu);
+      for (auto& [ctx, deadline] : watched)
+        if (now > deadline) ctx->TryCancel();
+    }
+  }
 
   void Seen(const std::string& cn) { workers[cn].last_seen_ms = UnixMs(); }
   bool Online(const WorkerInfo& w, int64_t now) const { return now - w.last_seen_ms < o.offline_after_ms; }
@@ -188,21 +237,88 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     return j.dump();
   }
 
+  // Re-reads the token and revocation files when they changed (under `mu`).
+  void RefreshCredentials() {
+    const int64_t now = UnixMs();
+    if (now - creds_checked_ms < 1000) return;
+    creds_checked_ms = now;
+    std::error_code ec;
+    const auto tm = fs::last_write_time(o.tokens_path, ec);
+    if (!ec && tm != tokens_mtime) {
+      if (auto text = ReadFileToString(o.tokens_path); text.ok()) {
+        std::map<std::string, std::string> fresh;
+        std::istringstream ts(*text);
+        std::string name, hash;
+        while (ts >> name >> hash) fresh[name] = hash;
+        token_hash = std::move(fresh);
+        tokens_mtime = tm;
+      }
+    }
+    const auto rm = fs::last_write_time(revoked_path, ec);
+    if (!ec && rm != revoked_mtime) {
+      if (auto text = ReadFileToString(revoked_path); text.ok()) {
+        std::set<std::string> fresh;
+        std::istringstream ts(*text);
+        std::string name;
+        while (ts >> name) fresh.insert(name);
+        revoked = std::move(fresh);
+        revoked_mtime = rm;
+      }
+    }
+  }
+
+  // Every RPC but Join (under `mu`): the caller joined, with this very certificate, and is
+  // neither revoked nor without a token any more.
+  grpc::Status Authorize(grpc::ServerContext* ctx, std::string* cn) {
+    *cn = PeerCn(ctx);
+    RefreshCredentials();
+    if (cn->empty() || revoked.count(*cn) || !token_hash.count(*cn)) {
+      workers.erase(*cn);
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "certificate revoked or unknown");
+    }
+    auto it = workers.find(*cn);
+    if (it == workers.end()) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    if (it->second.cert_sha != PeerCertSha(ctx))
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "not the certificate this worker joined with; join again");
+    return grpc::Status::OK;
+  }
+
+  // One upload or download per worker at a time (released by the guard).
+  struct TransferGuard {
+    Impl* im = nullptr;
+    std::string cn;
+    ~TransferGuard() {
+      if (!im) return;
+      std::lock_guard<std::mutex> l(im->mu);
+      if (auto it = im->workers.find(cn); it != im->workers.end()) --it->second.transfers;
+    }
+  };
+  grpc::Status BeginTransfer(const std::string& cn, TransferGuard* g) {
+    WorkerInfo& w = workers[cn];
+    if (w.transfers >= 1) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "a transfer for this worker is already in progress");
+    ++w.transfers;
+    g->im = this;
+    g->cn = cn;
+    return grpc::Status::OK;
+  }
+
   // ---- RPC handlers: validate, convert, hand over ----
 
   grpc::Status Join(grpc::ServerContext* ctx, const rpc::v1::JoinRequest* req, rpc::v1::JoinResponse* resp) override {
     const std::string cn = PeerCn(ctx);
-    auto it = token_hash.find(cn);
     const std::vector<uint8_t> tok(req->token().begin(), req->token().end());
-    if (cn.empty() || it == token_hash.end() || protocol::Sha256Hex(tok) != it->second) {
-      FT_LOG_WARN("join refused: worker '{}' (bad or missing token)", cn);
-      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "unknown worker or bad join token");
-    }
     {
       std::lock_guard<std::mutex> l(mu);
+      RefreshCredentials();
+      auto it = token_hash.find(cn);
+      if (cn.empty() || it == token_hash.end() || revoked.count(cn) || req->token().size() > 256 || protocol::Sha256Hex(tok) != it->second) {
+        FT_LOG_WARN("join refused: worker '{}' (bad or missing token, or revoked)", cn);
+        return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "unknown worker or bad join token");
+      }
       WorkerInfo& w = workers[cn];
       w.profile = req->profile();
       w.last_seen_ms = UnixMs();
+      w.cert_sha = PeerCertSha(ctx);
     }
     cv.notify_all();
     const auto& p = req->profile();
@@ -216,11 +332,10 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
 
   grpc::Status Heartbeat(grpc::ServerContext* ctx, const rpc::v1::HeartbeatRequest* req, rpc::v1::HeartbeatResponse* resp) override {
     std::lock_guard<std::mutex> l(mu);
-    const std::string cn = PeerCn(ctx);
-    auto it = workers.find(cn);
-    if (it == workers.end()) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    std::string cn;
+    if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
     Seen(cn);
-    WorkerInfo& w = it->second;
+    WorkerInfo& w = workers[cn];
     if (req->has_profile()) w.profile = req->profile();
     w.round = req->round();
     w.progress = std::isfinite(req->progress()) ? std::clamp(req->progress(), 0.0, 1.0) : 0.0;
@@ -231,9 +346,20 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   }
 
   grpc::Status GetTask(grpc::ServerContext* ctx, const rpc::v1::GetTaskRequest* req, rpc::v1::Task* task) override {
-    const std::string cn = PeerCn(ctx);
     std::unique_lock<std::mutex> l(mu);
-    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    std::string cn;
+    if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
+    // A worker has one poll open at a time (two while a reconnect overlaps); more would let
+    // one certificate tie up the server's threads.
+    if (workers[cn].polls >= 2) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many concurrent polls from this worker");
+    ++workers[cn].polls;
+    struct PollGuard {
+      Impl* im;
+      std::string cn;
+      ~PollGuard() {
+        if (auto it = im->workers.find(cn); it != im->workers.end()) --it->second.polls;
+      }
+    } poll_guard{this, cn};  // destroyed while `l` still holds mu
     Seen(cn);
     workers[cn].round = 0;
     const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
@@ -256,12 +382,15 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   }
 
   grpc::Status DownloadAdapter(grpc::ServerContext* ctx, const rpc::v1::DownloadRequest* req, grpc::ServerWriter<rpc::v1::Chunk>* w) override {
+    std::string cn;
+    TransferGuard transfer;
     std::shared_ptr<const std::vector<uint8_t>> bytes;
     std::string sha;
     {
       std::lock_guard<std::mutex> l(mu);
-      if (!workers.count(PeerCn(ctx))) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+      if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
       if (req->round() != round) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", req->round(), " is not current (", round, ")"));
+      if (grpc::Status t = BeginTransfer(cn, &transfer); !t.ok()) return t;
       bytes = global_bytes;  // shared, never copied per download
       sha = global_sha;
     }
@@ -273,6 +402,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       std::counting_semaphore<>& s;
       ~Release() { s.release(); }
     } release{*download_slots};
+    const Watch watch(this, ctx, UnixMs() + o.deadline_ms);  // a download that stalls is cancelled too
     int64_t sent = 0;
     for (size_t off = static_cast<size_t>(req->offset()); off < bytes->size() || (off == 0 && bytes->empty()); off += kChunk) {
       rpc::v1::Chunk c;
@@ -294,8 +424,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::optional<grpc::Status> UploadRefusal(const std::string& cn, int r) const {
     if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
     if (r != round || !assigned.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", r));
-    if (closed || evaluating) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
     if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
+    if (closed || evaluating) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
     if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline has passed");
     return std::nullopt;
   }
@@ -306,13 +436,23 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     if (!r->Read(&m) || !m.has_header()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "upload must start with a header");
     const rpc::v1::UpdateHeader h = m.header();
     int64_t round_deadline_ms = 0;
+    size_t limit = 0;
+    TransferGuard transfer;
     {
       std::lock_guard<std::mutex> l(mu);
+      std::string who;
+      if (grpc::Status a = Authorize(ctx, &who); !a.ok()) return a;
       if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
+      if (grpc::Status t = BeginTransfer(cn, &transfer); !t.ok()) return t;
       round_deadline_ms = deadline_unix_ms;
+      limit = std::min(o.max_update_bytes, round_upload_limit);
     }
-    if (h.total_bytes() < 0 || static_cast<size_t>(h.total_bytes()) > o.max_update_bytes)
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("update of ", h.total_bytes(), " bytes exceeds the limit of ", o.max_update_bytes));
+    // Limits derived from the adapter: an update is at most its deltas and Fisher (plus a small
+    // header), a masked input exactly its words.
+    if (h.total_bytes() < 0 || static_cast<size_t>(h.total_bytes()) > limit)
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("update of ", h.total_bytes(), " bytes exceeds the limit of ", limit));
+    if (h.num_examples() < 0) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "negative num_examples");
+    const Watch watch(this, ctx, round_deadline_ms + 5000);
     // Memory bound: only a few uploads are buffered and decoded at a time; the others wait here
     // with their data held back by gRPC's flow control.
     const auto slot_deadline = std::chrono::system_clock::time_point(std::chrono::milliseconds(round_deadline_ms));
@@ -394,9 +534,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
 
   // ReportEvaluation: a worker's scores for its EVALUATE task, checked and handed to the engine.
   grpc::Status ReportEvaluation(grpc::ServerContext* ctx, const rpc::v1::EvalReport* req, rpc::v1::EvalAck* ack) override {
-    const std::string cn = PeerCn(ctx);
     std::lock_guard<std::mutex> l(mu);
-    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    std::string cn;
+    if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
     Seen(cn);
     if (!evaluating || closed || req->round() != round || !assigned.count(cn))
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no evaluation for '", cn, "' in round ", req->round()));
@@ -428,9 +568,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   // SecureAggregation: deposit the worker's message for the stage, then wait (bounded) until the
   // engine's thread closes the stage and answer with what the worker needs next.
   grpc::Status SecureAggregation(grpc::ServerContext* ctx, const rpc::v1::SecAggRequest* req, rpc::v1::SecAggResponse* resp) override {
-    const std::string cn = PeerCn(ctx);
     std::unique_lock<std::mutex> l(mu);
-    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
+    std::string cn;
+    if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
     Seen(cn);
     if (!sa.active || req->round() != round || !assigned.count(cn))
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no secure aggregation for '", cn, "' in round ", req->round()));
@@ -555,8 +695,10 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     return absl::OkStatus();
   }
 
-  grpc::Status GetStatus(grpc::ServerContext*, const rpc::v1::StatusRequest*, rpc::v1::StatusResponse* resp) override {
+  grpc::Status GetStatus(grpc::ServerContext* ctx, const rpc::v1::StatusRequest*, rpc::v1::StatusResponse* resp) override {
     std::lock_guard<std::mutex> l(mu);
+    std::string cn;
+    if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
     resp->set_run_id(fs::path(o.engine.state_dir).filename().string());
     resp->set_round(round);
     resp->set_rounds_total(o.engine.settings.rounds);
@@ -642,6 +784,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         assigned[t.client] = protocol::ToProto(t);
       }
       evaluating = false;
+      round_upload_limit = 2 * static_cast<size_t>(global_bytes->size()) + (1u << 20);
       sa = SecureStages();
       if (col.secure()) {
         sa.active = true;
@@ -796,10 +939,8 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
   FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));
-  FT_ASSIGN_OR_RETURN(std::string tokens, ReadFileToString(o.tokens_path));
-  std::istringstream ts(tokens);
-  std::string name, hash;
-  while (ts >> name >> hash) im.token_hash[name] = hash;
+  FT_RETURN_IF_ERROR(ReadFileToString(o.tokens_path).status());
+  im.revoked_path = (fs::path(o.tokens_path).parent_path() / "revoked.txt").string();
   o.engine.run_id = fs::path(o.engine.state_dir).filename().string();
   o.engine.evaluate_start = static_cast<bool>(o.evaluate);
   if (!o.engine.say) o.engine.say = [](const std::string& line) { FT_LOG_INFO("{}", line); };
@@ -810,6 +951,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   if (im.committed > 0) FT_LOG_INFO("resuming after committed round {}", im.committed);
   FT_LOG_INFO("strategy: {}", im.engine->strategy_summary());
   im.o = std::move(o);
+  {
+    std::lock_guard<std::mutex> l(im.mu);
+    im.RefreshCredentials();
+  }
   im.upload_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_uploads));
   im.download_slots = std::make_unique<std::counting_semaphore<>>(std::max(1, im.o.max_concurrent_downloads));
   grpc::SslServerCredentialsOptions ssl(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
@@ -830,13 +975,18 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   // `fedtune coordinator`).
   grpc::ResourceQuota quota("fedtune-coordinator");
   quota.Resize(static_cast<size_t>(std::max(16, im.o.transport_memory_mib)) << 20);
+  // Bounded threads and streams: a peer cannot make the server spawn without limit.
+  quota.SetMaxThreads(std::max(64, im.o.max_threads));
   b.SetResourceQuota(quota);
+  b.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 32);
   im.server = b.BuildAndStart();
   if (!im.server || im.port == 0) return absl::UnavailableError(absl::StrCat("coordinator: cannot listen on ", im.o.address));
   if (!im.o.http_address.empty()) {
     FT_ASSIGN_OR_RETURN(im.http, HttpStatusServer::Start(im.o.http_address, {[&im] { return im.MetricsText(); }, [&im] { return DashboardHtml(im.StatusJson()); },
-                                                                            [&im] { return im.StatusJson(); }}));
+                                                                            [&im] { return im.StatusJson(); }},
+                                                             HttpStatusOptions{im.o.http_token, im.o.http_allow_remote}));
   }
+  im.watchdog = std::thread([&im] { im.WatchdogLoop(); });
   im.rounds_thread = std::thread([&im] {
     absl::Status st = im.engine->Run(im).status();
     {
@@ -854,6 +1004,8 @@ CoordinatorServer::~CoordinatorServer() {
   Shutdown();
   if (impl_->rounds_thread.joinable()) impl_->rounds_thread.join();
   if (impl_->server) impl_->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  impl_->watchdog_stop = true;
+  if (impl_->watchdog.joinable()) impl_->watchdog.join();
   impl_->http.reset();
 }
 

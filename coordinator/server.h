@@ -36,9 +36,12 @@ struct ServerOptions {
   int transport_memory_mib = 64;          // gRPC resource quota (buffers of all connections)
   size_t max_update_bytes = 256u << 20;
   int secure_stage_ms = 60000;            // secure aggregation: key, share and unmask stages each
+  int max_threads = 1024;                 // gRPC server threads (RPCs beyond: RESOURCE_EXHAUSTED)
   // Server-side evaluation of the global adapter (eval.data); empty: none.
   std::function<absl::Status(const aggregation::TensorMap&, std::map<std::string, double>&)> evaluate;
   std::string http_address;               // "127.0.0.1:9090": /metrics, / (dashboard), /status.json; empty: off
+  std::string http_token;                 // non-empty: bearer token required by the status server
+  bool http_allow_remote = false;         // a non-loopback http_address without a token
 };
 
 class CoordinatorServer {

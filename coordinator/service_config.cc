@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/config_loader.h"
 #include "common/mapped_file.h"
@@ -60,6 +61,12 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
   o.engine.target_updates = c.target_updates();
   o.deadline_ms = OrDefault(c.deadline_seconds(), 600) * 1000;
   o.http_address = c.http();
+  o.http_allow_remote = c.http_allow_remote();
+  if (!c.http_token_file().empty()) {
+    auto t = ReadFileToString(c.http_token_file());
+    if (!t.ok()) return Bad("http_token_file", std::string(t.status().message()));
+    o.http_token = std::string(absl::StripAsciiWhitespace(*t));
+  }
   o.max_concurrent_uploads = OrDefault(c.max_concurrent_uploads(), 4);
   o.heartbeat_ms = OrDefault(c.heartbeat_seconds(), 2) * 1000;
   o.offline_after_ms = OrDefault(c.offline_after_seconds(), 30) * 1000;

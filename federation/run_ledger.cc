@@ -24,6 +24,8 @@ absl::StatusOr<std::unique_ptr<RunLedger>> RunLedger::Open(const std::string& pa
     sqlite3_close(db);
     return absl::UnavailableError(absl::StrCat("cannot open ledger ", path, ": ", msg));
   }
+  // Another process (a status reader, a backup) may hold the lock for a moment: wait for it.
+  sqlite3_busy_timeout(db, 5000);
   std::unique_ptr<RunLedger> l(new RunLedger(db));
   FT_RETURN_IF_ERROR(l->Exec("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;"
                              "CREATE TABLE IF NOT EXISTS run(key TEXT PRIMARY KEY, value TEXT);"

@@ -43,6 +43,8 @@ absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::Str
   o.weight_by_examples = !st.uniform_weights();
   if (st.fisher_clip() < 0) return Bad("strategy.fisher_clip", "must be >= 0");
   o.fisher_clip = st.fisher_clip();
+  if (st.max_client_examples() < -1) return Bad("strategy.max_client_examples", "must be >= 1, or -1 for no cap");
+  o.max_client_examples = st.max_client_examples() == -1 ? 0 : OrDefault<int64_t>(st.max_client_examples(), 1000000);
   if (auto f = aggregation::FedStrategy::Create(o); !f.ok()) return Bad("strategy", std::string(f.status().message()));
   return o;
 }

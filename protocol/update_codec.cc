@@ -26,8 +26,18 @@ absl::StatusOr<aggregation::ClientUpdate> DecodeUpdate(std::span<const uint8_t> 
                                                        const std::string& expected_client) {
   if (bytes.size() > max_bytes)
     return absl::ResourceExhaustedError(absl::StrCat("update of ", bytes.size(), " bytes exceeds the limit of ", max_bytes));
+  // The JSON header is parsed into a DOM: cap it by what this adapter's update can need (names
+  // of deltas and Fisher, a few metrics), so a peer cannot make us spend gigabytes on a header.
+  if (bytes.size() >= 8) {
+    uint64_t header = 0;
+    for (int i = 0; i < 8; ++i) header |= static_cast<uint64_t>(bytes[static_cast<size_t>(i)]) << (8 * i);
+    const uint64_t cap = 16384 + 512 * 2 * static_cast<uint64_t>(global.size());
+    if (header > cap && header <= bytes.size() - 8)  // (longer than the payload: truncated, DataLoss below)
+      return absl::ResourceExhaustedError(absl::StrCat("update header of ", header, " bytes exceeds the limit of ", cap));
+  }
   FT_ASSIGN_OR_RETURN(auto file, model::SafetensorsFile::Parse(MappedFile::FromBytes(bytes, "update")));
   const auto& md = file->metadata();
+  if (md.size() > 64) return absl::InvalidArgumentError(absl::StrCat("update: ", md.size(), " metadata entries (at most 64)"));
   auto get = [&](const char* k) -> const std::string* {
     auto it = md.find(k);
     return it == md.end() ? nullptr : &it->second;

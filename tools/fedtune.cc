@@ -366,7 +366,14 @@ absl::Status RunExport(const std::string& model_path, const std::string& adapter
   return absl::OkStatus();
 }
 
-absl::Status RunProvision(coordinator::ProvisionOptions po, int prov_n) {
+absl::Status RunProvision(coordinator::ProvisionOptions po, int prov_n, const std::vector<std::string>& revoke) {
+  if (!revoke.empty()) {
+    for (const std::string& name : revoke) {
+      FT_RETURN_IF_ERROR(coordinator::Revoke(po.dir, name));
+      std::printf("revoked %s (listed in %s/revoked.txt; its join token removed)\n", name.c_str(), po.dir.c_str());
+    }
+    return absl::OkStatus();
+  }
   for (int i = 1; i <= prov_n; ++i) po.workers.push_back(absl::StrFormat("worker-%03d", i));
   auto r = coordinator::Provision(po);
   if (!r.ok()) return r.status();
@@ -508,12 +515,17 @@ absl::Status RunWorker(const std::string& path) {
 }
 
 // fedtune status HOST:PORT — the coordinator's status server (its `http` setting).
-absl::Status RunStatus(const std::string& address) {
+absl::Status RunStatus(const std::string& address, const std::string& token_file) {
   const size_t colon = address.rfind(':');
   int port = 0;
   if (colon == std::string::npos || !absl::SimpleAtoi(address.substr(colon + 1), &port))
     return absl::InvalidArgumentError("status: expected HOST:PORT of the coordinator's http setting");
-  auto body = coordinator::HttpGet(address.substr(0, colon), port, "/status.json");
+  std::string token;
+  if (!token_file.empty()) {
+    FT_ASSIGN_OR_RETURN(token, ReadFileToString(token_file));
+    token = std::string(absl::StripAsciiWhitespace(token));
+  }
+  auto body = coordinator::HttpGet(address.substr(0, colon), port, "/status.json", token);
   if (!body.ok()) return body.status();
   const auto j = nlohmann::json::parse(*body, nullptr, false);
   if (j.is_discarded()) return absl::DataLossError("status: not JSON");
@@ -665,6 +677,8 @@ int main(int argc, char** argv) {
   prov->add_option("--workers", prov_n, "Also create workers worker-001 .. worker-N");
   prov->add_option("--days", po.valid_days, "Validity of the coordinator and worker certificates");
   prov->add_flag("--force", po.force, "Replace an existing CA");
+  std::vector<std::string> prov_revoke;
+  prov->add_option("--revoke", prov_revoke, "Revoke a worker (repeatable): a running coordinator refuses it within a second");
 
   auto* coord = app.add_subcommand("coordinator", "Run the coordinator service (gRPC, mutual TLS)");
   std::string coord_config;
@@ -676,6 +690,8 @@ int main(int argc, char** argv) {
   auto* stat = app.add_subcommand("status", "Show a running coordinator's state (from its http status server)");
   std::string stat_addr;
   stat->add_option("address", stat_addr, "HOST:PORT of the coordinator's `http` setting")->required();
+  std::string stat_token;
+  stat->add_option("--token-file", stat_token, "File with the status server's bearer token (http_token_file)");
 
   CLI11_PARSE(app, argc, argv);
   if (!SetLogLevel(log_level)) return ExitCode(absl::InvalidArgumentError("unknown --log-level " + log_level));
@@ -688,9 +704,9 @@ int main(int argc, char** argv) {
   if (*ex) return ExitCode(RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base));
   if (*simc) return ExitCode(RunSimulate(sim_config, sim_out, sim_check));
   if (*coord) return ExitCode(RunCoordinator(coord_config));
-  if (*stat) return ExitCode(RunStatus(stat_addr));
+  if (*stat) return ExitCode(RunStatus(stat_addr, stat_token));
   if (*wk) return ExitCode(RunWorker(worker_config));
-  if (*prov) return ExitCode(RunProvision(po, prov_n));
+  if (*prov) return ExitCode(RunProvision(po, prov_n, prov_revoke));
   if (*mk) return ExitCode(RunMakeTask(mk_name, mk_n, mk_seed, mk_out));
   return 0;
 }

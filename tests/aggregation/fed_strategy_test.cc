@@ -215,7 +215,7 @@ TEST(UncertaintyMergeTest, FallsBackToWeightedMeanWithoutFisher) {
 TEST(RobustMergeTest, MedianAndTrimmedMeanIgnoreAnOutlier) {
   std::vector<ClientUpdate> ups;
   for (int k = 0; k < 5; ++k) ups.push_back(Update("c" + std::to_string(k), 1, {{"w", {static_cast<float>(k)}}}));
-  ups.push_back(Update("evil", 1, {{"w", {1e6f}}}));
+  ups.push_back(Update("evil", 1, {{"w", {1e3f}}}));  // (beyond kMaxUpdateValue it would be refused outright)
   StrategyOptions o;
   o.merge = MergeRule::kMedian;
   auto r = AggregateTrain(*Make(o), 1, {{"w", {0.0f}}}, ups);

@@ -46,6 +46,15 @@ TEST(UpdateCodecTest, HostileInputGetsPreciseStatuses) {
   EXPECT_EQ(DecodeUpdate(std::span(bytes).first(bytes.size() / 2), global, 1 << 20).status().code(), absl::StatusCode::kDataLoss);
   std::vector<uint8_t> garbage(1000, 0xab);
   EXPECT_EQ(DecodeUpdate(garbage, global, 1 << 20).status().code(), absl::StatusCode::kDataLoss);
+  // A header far larger than any update of this adapter needs (the DOM parse is what it would cost).
+  {
+    std::vector<uint8_t> big(8 + 200000, ' ');
+    const uint64_t n = 200000;
+    for (int i = 0; i < 8; ++i) big[static_cast<size_t>(i)] = static_cast<uint8_t>(n >> (8 * i));
+    big[8] = '{';
+    big.back() = '}';
+    EXPECT_EQ(DecodeUpdate(big, global, 1 << 20).status().code(), absl::StatusCode::kResourceExhausted);
+  }
   // Impersonation.
   EXPECT_EQ(DecodeUpdate(bytes, global, 1 << 20, "worker-001").status().code(), absl::StatusCode::kPermissionDenied);
   // Wrong shape, unknown tensor, NaN, Inf, negative Fisher, bad example count.
