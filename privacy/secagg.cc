@@ -1,5 +1,7 @@
 #include "privacy/secagg.h"
 
+#include <set>
+
 #include <openssl/evp.h>
 #include <openssl/kdf.h>
 #include <openssl/rand.h>
@@ -253,9 +255,17 @@ absl::StatusOr<std::vector<EncryptedShare>> Client::ShareKeys(const std::vector<
 
 absl::StatusOr<std::vector<uint32_t>> Client::MaskedInput(std::span<const float> x, const std::vector<EncryptedShare>& received, NoiseSource& rounding) {
   if (x.size() != c_.vector_length) return absl::InvalidArgumentError(absl::StrCat("secagg: input has ", x.size(), " values, expected ", c_.vector_length));
+  if (sent_input_) return absl::FailedPreconditionError("secagg: masked input already sent in this round");
+  // Enough live neighbours must hold our shares: with fewer than t - 1 relayed shares the
+  // server could reconstruct both of our seeds from the few holders it controls. Abort instead.
+  const int t = EffectiveThreshold(c_);
+  if (static_cast<int>(received.size()) < t - 1)
+    return absl::FailedPreconditionError(absl::StrCat("secagg: only ", received.size(), " shares received, fewer than t - 1 = ", t - 1, "; aborting"));
+  std::set<int> senders;
   for (const EncryptedShare& e : received) {
     auto it = peers_.find(e.from);
     if (e.to != id_ || it == peers_.end()) return absl::InvalidArgumentError(absl::StrCat("secagg: unexpected share from ", e.from));
+    if (!senders.insert(e.from).second) return absl::InvalidArgumentError(absl::StrCat("secagg: two shares relayed from ", e.from));
     FT_ASSIGN_OR_RETURN(Key32 key, Agree(k_->enc_sk, it->second.enc_pk, "fedtune secagg share encryption"));
     FT_ASSIGN_OR_RETURN(auto plain, Open(key, e.from, id_, e.ciphertext));
     if (plain.size() != 2 * kShareBytes) return absl::DataLossError(absl::StrCat("secagg: share from ", e.from, " has the wrong size"));
@@ -276,9 +286,15 @@ absl::StatusOr<std::vector<uint32_t>> Client::MaskedInput(std::span<const float>
 
 absl::StatusOr<UnmaskReply> Client::Unmask(const std::vector<int>& dropped, const std::vector<int>& survivors) {
   if (!sent_input_) return absl::FailedPreconditionError("secagg: unmask before masked input");
+  // One unmask reply per round: a server asking again (say, with a client first as dropped, then
+  // as a survivor) could collect both its mask-key and self-mask shares and unmask its input.
+  if (unmasked_) return absl::PermissionDeniedError("secagg: already answered an unmask request this round; refusing a second");
+  if (std::find(survivors.begin(), survivors.end(), id_) == survivors.end())
+    return absl::PermissionDeniedError("secagg: unmask request that does not list this client as a survivor");
   for (int v : dropped)
     if (std::find(survivors.begin(), survivors.end(), v) != survivors.end())
       return absl::PermissionDeniedError(absl::StrCat("secagg: client ", v, " listed as both dropped and surviving; refusing to reveal"));
+  unmasked_ = true;
   UnmaskReply r;
   r.from = id_;
   for (int v : dropped)
@@ -372,11 +388,14 @@ absl::StatusOr<Key32> Server::Reconstruct(int owner, const std::vector<Share>& s
         tampered->push_back(absl::StrCat("share of client ", owner, "'s ", mask_key ? "mask key" : "self-mask seed", " held by client ", shares[i].x - 1, " is inconsistent"));
     return k;
   }
-  // Search t-subsets (small: the holders are a neighbourhood) for one that verifies.
+  // Search t-subsets (small: the holders are a neighbourhood) for one that verifies, within a
+  // bound (a flood of bad shares must not make the server spend unbounded time).
   const size_t n = shares.size();
   std::vector<bool> pick(n, false);
   std::fill(pick.begin(), pick.begin() + t, true);
+  int tries = 0;
   do {
+    if (++tries > 20000) break;
     std::vector<Share> subset;
     for (size_t i = 0; i < n; ++i)
       if (pick[i]) subset.push_back(shares[i]);

@@ -88,6 +88,7 @@ class Client {
   std::map<int, PublicKeys> peers_;
   std::map<int, std::pair<Share, Share>> held_;  // owner -> (mask key share, b share)
   bool sent_input_ = false;
+  bool unmasked_ = false;
 };
 
 struct Result {

@@ -202,5 +202,59 @@ TEST(ShamirTest, AnyThresholdSubsetReconstructs) {
   EXPECT_TRUE(!wrong.ok() || *wrong != s);
 }
 
+// issue 17: a server that asks a client twice (first listing a peer as dropped, then as a
+// survivor) would get both of that peer's shares; every honest client answers one request only.
+TEST(SecAggHostileServerTest, EveryHonestClientRefusesASecondUnmaskRequest) {
+  Config c;
+  c.num_clients = 5;
+  c.vector_length = 8;
+  auto rounding = NoiseSource::Create();
+  ASSERT_TRUE(rounding.ok());
+  Server server(c);
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < c.num_clients; ++i) {
+    clients.push_back(std::move(*Client::Create(c, i)));
+    ASSERT_TRUE(server.ReceiveKeys(clients.back()->Advertise()).ok());
+  }
+  for (auto& cl : clients) ASSERT_TRUE(server.ReceiveShares(cl->id(), *cl->ShareKeys(server.KeysFor(cl->id()))).ok());
+  const std::vector<float> x(c.vector_length, 0.5f);
+  for (auto& cl : clients) ASSERT_TRUE(server.ReceiveMasked(cl->id(), *cl->MaskedInput(x, server.SharesFor(cl->id()), **rounding)).ok());
+  for (int id = 1; id < c.num_clients; ++id) {
+    // First request: client 0 "dropped" (reveals its mask-key share); then: client 0 "survived".
+    ASSERT_TRUE(clients[static_cast<size_t>(id)]->Unmask({0}, {1, 2, 3, 4}).ok());
+    auto second = clients[static_cast<size_t>(id)]->Unmask({}, {0, 1, 2, 3, 4});
+    EXPECT_EQ(second.status().code(), absl::StatusCode::kPermissionDenied) << id;
+  }
+  // A request that does not list the client itself as a survivor is refused too.
+  EXPECT_EQ(clients[0]->Unmask({}, {1, 2}).status().code(), absl::StatusCode::kPermissionDenied);
+}
+
+// A client that the server relays fewer than t - 1 shares to aborts instead of masking (the
+// server could otherwise hold enough of its shares itself).
+TEST(SecAggHostileServerTest, AClientWithTooFewRelayedSharesAborts) {
+  Config c;
+  c.num_clients = 5;
+  c.vector_length = 4;
+  auto rounding = NoiseSource::Create();
+  ASSERT_TRUE(rounding.ok());
+  Server server(c);
+  std::vector<std::unique_ptr<Client>> clients;
+  for (int i = 0; i < c.num_clients; ++i) {
+    clients.push_back(std::move(*Client::Create(c, i)));
+    ASSERT_TRUE(server.ReceiveKeys(clients.back()->Advertise()).ok());
+  }
+  for (auto& cl : clients) ASSERT_TRUE(server.ReceiveShares(cl->id(), *cl->ShareKeys(server.KeysFor(cl->id()))).ok());
+  const std::vector<float> x(c.vector_length, 0.5f);
+  auto all = server.SharesFor(0);
+  ASSERT_GE(all.size(), 2u);
+  const int t = EffectiveThreshold(c);
+  std::vector<EncryptedShare> few(all.begin(), all.begin() + (t - 2));
+  EXPECT_EQ(clients[0]->MaskedInput(x, few, **rounding).status().code(), absl::StatusCode::kFailedPrecondition);
+  // A share relayed twice is refused as well.
+  std::vector<EncryptedShare> doubled = server.SharesFor(1);
+  doubled.push_back(doubled.front());
+  EXPECT_EQ(clients[1]->MaskedInput(x, doubled, **rounding).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace fedtune::privacy::secagg
