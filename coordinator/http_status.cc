@@ -48,17 +48,24 @@ struct HttpStatusServer::Impl {
   std::list<Conn> conns;  // connection threads (finished ones joined by the accept loop)
   std::atomic<int> active{0};
 
-  void Serve(tcp::socket& sock) {
-    // Timeouts on the blocking socket: an idle or slow client gives up its thread after 5 s.
-    const timeval tv{kTimeoutSeconds, 0};
-    ::setsockopt(sock.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    ::setsockopt(sock.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+  // One request on its own io_context, so the read and the write carry deadlines (a blocking
+  // socket with SO_RCVTIMEO would wait forever in asio's poll fallback).
+  void Serve(tcp::socket& accepted) {
+    asio::io_context cio;
+    boost::beast::tcp_stream stream(cio);
+    boost::system::error_code aec;
+    const auto proto = accepted.local_endpoint(aec).protocol();
+    if (aec) return;
+    stream.socket().assign(proto, accepted.release(aec), aec);
+    if (aec) return;
     boost::beast::flat_buffer buf;
     http::request_parser<http::string_body> parser;
     parser.header_limit(8192);
     parser.body_limit(4096);
     boost::beast::error_code ec;
-    http::read(sock, buf, parser, ec);
+    stream.expires_after(std::chrono::seconds(kTimeoutSeconds));
+    http::async_read(stream, buf, parser, [&ec](boost::beast::error_code e, size_t) { ec = e; });
+    cio.run();
     if (ec) return;
     const auto& req = parser.get();
     http::response<http::string_body> res;
@@ -97,8 +104,11 @@ struct HttpStatusServer::Impl {
     }
     res.keep_alive(false);
     res.prepare_payload();
-    http::write(sock, res, ec);
-    sock.shutdown(tcp::socket::shutdown_both, ec);
+    stream.expires_after(std::chrono::seconds(kTimeoutSeconds));
+    http::async_write(stream, res, [&ec](boost::beast::error_code e, size_t) { ec = e; });
+    cio.restart();
+    cio.run();
+    stream.socket().shutdown(tcp::socket::shutdown_both, ec);
   }
 };
 
@@ -169,7 +179,9 @@ HttpStatusServer::~HttpStatusServer() {
   boost::system::error_code ec;
   // Wake the blocking accept with a connection of our own, then close.
   tcp::socket poke(impl_->io);
-  poke.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port())), ec);
+  auto bound = impl_->acceptor.local_endpoint(ec).address();
+  if (ec || bound.is_unspecified()) bound = asio::ip::make_address("127.0.0.1");
+  poke.connect(tcp::endpoint(bound, static_cast<unsigned short>(port())), ec);
   if (impl_->thread.joinable()) impl_->thread.join();
   impl_->acceptor.close(ec);
   std::lock_guard<std::mutex> l(impl_->mu);

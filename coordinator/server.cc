@@ -110,6 +110,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   };
   std::deque<Incoming> inbox;
   bool evaluating = false;  // the assigned tasks are EVALUATE tasks (uploads refused)
+  std::set<std::string> secure_out;  // secure round: selected workers that missed the key agreement
   std::deque<aggregation::EvalReport> eval_inbox;
   // Secure aggregation of the current round: the engine's thread opens and closes the stages
   // (and talks to the SecureServer); handlers deposit what workers send and wait for the answer.
@@ -161,7 +162,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     }
   }
 
-  void Seen(const std::string& cn) { workers[cn].last_seen_ms = UnixMs(); }
+  void Seen(const std::string& cn) {
+    if (auto it = workers.find(cn); it != workers.end()) it->second.last_seen_ms = UnixMs();
+  }
   bool Online(const WorkerInfo& w, int64_t now) const { return now - w.last_seen_ms < o.offline_after_ms; }
   std::string StateOf(const std::string& id, const WorkerInfo& w, int64_t now) const {
     if (!Online(w, now)) return "offline";
@@ -341,7 +344,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     w.progress = std::isfinite(req->progress()) ? std::clamp(req->progress(), 0.0, 1.0) : 0.0;
     resp->set_shutdown(done || shutdown);
     // Abandon a round that is over, closed early, or not (any more) this worker's.
-    resp->set_abandon_round(req->round() != 0 && (req->round() != round || closed || !assigned.count(cn) || received.count(cn)));
+    resp->set_abandon_round(req->round() != 0 && (req->round() != round || closed || evaluating || !assigned.count(cn) || received.count(cn) ||
+                                                  secure_out.count(cn)));
     return grpc::Status::OK;
   }
 
@@ -365,8 +369,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
     // A worker asks only when it holds no task, so a task it fetched before (and lost to a
     // restart or a failed transfer) is handed out again until its update is in.
-    auto has_task = [&] { return !closed && UnixMs() < deadline_unix_ms && assigned.count(cn) && !received.count(cn); };
+    auto has_task = [&] {
+      return !closed && UnixMs() < deadline_unix_ms && assigned.count(cn) && !received.count(cn) && !secure_out.count(cn);
+    };
     cv.wait_until(l, until, [&] { return done || shutdown || has_task(); });
+    if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "certificate revoked");
     Seen(cn);
     if (done || shutdown) {
       task->set_kind(rpc::v1::Task::SHUTDOWN);
@@ -424,16 +431,28 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::optional<grpc::Status> UploadRefusal(const std::string& cn, int r) const {
     if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
     if (r != round || !assigned.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", r));
+    if (evaluating) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
     if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
-    if (closed || evaluating) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
+    if (closed) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
+    // Secure rounds: only after the key agreement, and only from the workers that completed it.
+    if (sa.active && (sa.stage != 2 || !sa.shares_for.count(cn)))
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no masked input expected from this worker now");
     if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline has passed");
     return std::nullopt;
   }
 
   grpc::Status UploadUpdate(grpc::ServerContext* ctx, grpc::ServerReader<rpc::v1::UploadMessage>* r, rpc::v1::UploadResponse* resp) override {
     const std::string cn = PeerCn(ctx);
+    {
+      std::lock_guard<std::mutex> l(mu);
+      std::string who;
+      if (grpc::Status a = Authorize(ctx, &who); !a.ok()) return a;
+    }
     rpc::v1::UploadMessage m;
-    if (!r->Read(&m) || !m.has_header()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "upload must start with a header");
+    {
+      const Watch header_watch(this, ctx, UnixMs() + 30000);  // a stream that never sends its header
+      if (!r->Read(&m) || !m.has_header()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "upload must start with a header");
+    }
     const rpc::v1::UpdateHeader h = m.header();
     int64_t round_deadline_ms = 0;
     size_t limit = 0;
@@ -571,6 +590,15 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::unique_lock<std::mutex> l(mu);
     std::string cn;
     if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
+    if (workers[cn].polls >= 2) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many concurrent calls from this worker");
+    ++workers[cn].polls;
+    struct CallGuard {
+      Impl* im;
+      std::string cn;
+      ~CallGuard() {
+        if (auto it = im->workers.find(cn); it != im->workers.end()) --it->second.polls;
+      }
+    } call_guard{this, cn};  // destroyed while `l` still holds mu
     Seen(cn);
     if (!sa.active || req->round() != round || !assigned.count(cn))
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no secure aggregation for '", cn, "' in round ", req->round()));
@@ -617,7 +645,10 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       }
       case rpc::v1::SecAggRequest::MASKED_INPUT: {
         if (!received.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "upload the masked input first");
-        if (!wait_for_stage(3)) {
+        // The masked-input stage lasts until the round's deadline (or every input is in).
+        cv.wait_until(l, std::chrono::system_clock::time_point(std::chrono::milliseconds(deadline_unix_ms + o.secure_stage_ms)),
+                      [&] { return shutdown || !sa.active || sa.stage >= 3; });
+        if (shutdown || !sa.active || sa.stage < 3) {
           resp->set_dropped_from_round(true);
           return grpc::Status::OK;
         }
@@ -664,7 +695,10 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       if (absl::Status st = sec.Shares(name, sh); !st.ok()) FT_LOG_WARN("secure aggregation: shares of '{}' refused: {}", name, st.ToString());
     for (const auto& [name, sh] : sa.shares) sa.shares_for[name] = sec.SharesFor(name);
     for (const auto& [name, t] : assigned)
-      if (!sa.shares.count(name)) col.Fail(name, absl::DeadlineExceededError("missed the key agreement"), "dropped (key agreement)");
+      if (!sa.shares_for.count(name)) {
+        secure_out.insert(name);  // no task for it any more this round (it would fetch the adapter again and again)
+        col.Fail(name, absl::DeadlineExceededError("missed the key agreement"), "dropped (key agreement)");
+      }
     sa.stage = 2;
     sa.stage_deadline_ms = deadline_unix_ms;
     cv.notify_all();
@@ -784,6 +818,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         assigned[t.client] = protocol::ToProto(t);
       }
       evaluating = false;
+      secure_out.clear();
       round_upload_limit = 2 * static_cast<size_t>(global_bytes->size()) + (1u << 20);
       sa = SecureStages();
       if (col.secure()) {
@@ -799,7 +834,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     // Collect until every selected worker has answered, the round has enough updates, or the
     // deadline passes; updates are folded in on this thread as they arrive (streaming).
     double rss_peak = CurrentRssMiB();
-    const auto deadline = Clock::now() + std::chrono::milliseconds(o.deadline_ms);
+    // The same deadline the workers were told (secure rounds: key agreement came out of it).
+    const auto deadline = std::chrono::system_clock::time_point(std::chrono::milliseconds(deadline_unix_ms));
     auto fold = [&](std::deque<Incoming>& batch) {
       for (auto& in : batch) {  // a refusal is recorded by the collector
         if (in.masked) {
@@ -824,7 +860,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       }
       cv.notify_all();  // room in the inbox
       fold(batch);
-      if (complete || Clock::now() >= deadline || col.enough()) break;
+      if (complete || std::chrono::system_clock::now() >= deadline || col.enough()) break;
     }
     // Close the round; updates accepted on upload meanwhile are still folded in.
     std::deque<Incoming> rest;

@@ -24,6 +24,8 @@ using aggregation::TensorMap;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
+constexpr int kMaxAttempts = 20;  // consecutive failed secure attempts of one round before giving up
+
 int64_t TensorBytes(const TensorMap& t) {
   int64_t b = 0;
   for (const auto& [name, v] : t) b += static_cast<int64_t>(v.size() * sizeof(float));
@@ -32,8 +34,8 @@ int64_t TensorBytes(const TensorMap& t) {
 
 class RoundCollector : public Collector {
  public:
-  RoundCollector(aggregation::Aggregation& agg, int target, SecureServer* sec, double weight_divisor, bool equal_weights)
-      : agg_(agg), target_(target), sec_(sec), weight_divisor_(weight_divisor), equal_weights_(equal_weights) {}
+  RoundCollector(aggregation::Aggregation& agg, int target, SecureServer* sec, double weight_divisor, bool equal_weights, int64_t max_examples)
+      : agg_(agg), target_(target), sec_(sec), weight_divisor_(weight_divisor), equal_weights_(equal_weights), max_examples_(max_examples) {}
 
   absl::Status Add(aggregation::ClientUpdate u) override {
     auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
@@ -50,6 +52,8 @@ class RoundCollector : public Collector {
     absl::Status st;
     if (!sec_) {
       st = absl::FailedPreconditionError("not a secure-aggregation round");
+    } else if (num_examples < 1 || (max_examples_ > 0 && num_examples > max_examples_)) {
+      st = absl::InvalidArgumentError(absl::StrCat("num_examples ", num_examples, " outside [1, ", max_examples_, "]"));
     } else {
       // The weight the client applied, from its (public) example count, as the task told it.
       const double w = equal_weights_ || weight_divisor_ <= 0 ? 1.0 : static_cast<double>(num_examples) / weight_divisor_;
@@ -88,6 +92,7 @@ class RoundCollector : public Collector {
   SecureServer* sec_;
   const double weight_divisor_;
   const bool equal_weights_;
+  const int64_t max_examples_;
   int accepted_ = 0;
 };
 
@@ -143,6 +148,9 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, 
   FT_ASSIGN_OR_RETURN(e->committed_, e->ledger_->LastRound());
   e->global_ = std::move(initial_global);
   if (e->committed_ > 0) {  // resume exactly after the last committed round
+    if (!fs::exists(StatePath(o.state_dir, e->committed_)) && fs::exists(absl::StrCat(o.state_dir, "/global-", e->committed_, ".safetensors")))
+      return absl::FailedPreconditionError(absl::StrCat(o.state_dir, " holds a run of an older fedtune (global-<round>.safetensors, no server state): "
+                                                        "finish it with that version or start a new state_dir"));
     aggregation::StrategyState st;
     TensorMap global;
     FT_RETURN_IF_ERROR(LoadState(o.state_dir, e->committed_, &global, &st));
@@ -333,7 +341,14 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       }
       p.weight_divisor = all_known ? weight_divisor : 0;
       weight_divisor = p.weight_divisor;
-      FT_ASSIGN_OR_RETURN(sec, SecureServer::Begin(ids, global_, p));
+      auto begun = SecureServer::Begin(ids, global_, p);
+      if (!begun.ok()) {  // e.g. too few clients online for the threshold: try again, nothing happened yet
+        if (++attempt > kMaxAttempts) return absl::FailedPreconditionError(absl::StrCat("round ", r, ": secure aggregation cannot start: ", begun.status().message()));
+        say(absl::StrFormat("round %d: secure aggregation cannot start (%s); the round starts again (attempt %d)", r, begun.status().message(),
+                            attempt + 1));
+        continue;
+      }
+      sec = std::move(*begun);
       const int share = s.strategy.min_clients > 1 ? s.strategy.min_clients : s.expected_clients;
       for (size_t i = 0; i < tasks.size(); ++i) {
         tasks[i].secure_aggregation = true;
@@ -346,7 +361,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         }
       }
     }
-    RoundCollector col(*agg, o_.target_updates, sec.get(), weight_divisor, s.dp.central);
+    RoundCollector col(*agg, o_.target_updates, sec.get(), weight_divisor, s.dp.central, s.strategy.max_client_examples);
     std::map<std::string, double> transport_metrics;
     t.Phase(r, "train");
     const auto t_collect = Clock::now();
@@ -362,12 +377,22 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     t.Phase(r, "aggregate");
     const auto t_server = Clock::now();
     if (sec) {
-      FT_ASSIGN_OR_RETURN(SecureServer::Sum ssum, sec->Finish());
-      if (!ssum.survivors.empty() && !ssum.fisher_sum.empty()) {
-        FT_RETURN_IF_ERROR(agg->AddSecureFisherSums(ssum.sum, ssum.fisher_sum, static_cast<int>(ssum.survivors.size()), ssum.num_examples));
-      } else if (!ssum.survivors.empty()) {
-        FT_RETURN_IF_ERROR(agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples));
+      // A secure round that cannot be unmasked or merged (too few unmask replies, a hostile input
+      // making the weights zero) fails as a round: nothing was released or accounted; try again.
+      absl::StatusOr<SecureServer::Sum> finished = sec->Finish();
+      absl::Status added = finished.status();
+      if (added.ok() && !finished->survivors.empty()) {
+        const SecureServer::Sum& ssum = *finished;
+        added = !ssum.fisher_sum.empty()
+                    ? agg->AddSecureFisherSums(ssum.sum, ssum.fisher_sum, static_cast<int>(ssum.survivors.size()), ssum.num_examples)
+                    : agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples);
       }
+      if (!added.ok()) {
+        if (++attempt > kMaxAttempts) return absl::FailedPreconditionError(absl::StrCat("round ", r, ": secure aggregation failed: ", added.message()));
+        say(absl::StrFormat("round %d: secure aggregation failed (%s); the round starts again (attempt %d)", r, added.message(), attempt + 1));
+        continue;
+      }
+      const SecureServer::Sum& ssum = *finished;
       rec.metrics["secagg_survivors"] = static_cast<double>(ssum.survivors.size());
       rec.metrics["secagg_tampered_shares"] = static_cast<double>(ssum.tampered.size());
       for (const auto& tampered : ssum.tampered) say("secure aggregation: " + tampered);
