@@ -4,9 +4,6 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <sys/socket.h>
-#include <sys/time.h>
-
 #include <cctype>
 #include <list>
 #include <mutex>

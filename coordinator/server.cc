@@ -305,6 +305,26 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     return grpc::Status::OK;
   }
 
+  // Calls that wait (GetTask long polls, secure-aggregation stages): two per worker at a time
+  // (one, plus one while a reconnect overlaps); more would let one certificate tie up the
+  // server's threads. The guard is released under `mu` (it lives inside the handler's lock).
+  struct PollGuard {
+    Impl* im = nullptr;
+    std::string cn;
+    ~PollGuard() {
+      if (!im) return;
+      if (auto it = im->workers.find(cn); it != im->workers.end()) --it->second.polls;
+    }
+  };
+  grpc::Status BeginPoll(const std::string& cn, PollGuard* g) {
+    WorkerInfo& w = workers[cn];
+    if (w.polls >= 2) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many concurrent waiting calls from this worker");
+    ++w.polls;
+    g->im = this;
+    g->cn = cn;
+    return grpc::Status::OK;
+  }
+
   // ---- RPC handlers: validate, convert, hand over ----
 
   grpc::Status Join(grpc::ServerContext* ctx, const rpc::v1::JoinRequest* req, rpc::v1::JoinResponse* resp) override {
@@ -353,17 +373,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::unique_lock<std::mutex> l(mu);
     std::string cn;
     if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
-    // A worker has one poll open at a time (two while a reconnect overlaps); more would let
-    // one certificate tie up the server's threads.
-    if (workers[cn].polls >= 2) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many concurrent polls from this worker");
-    ++workers[cn].polls;
-    struct PollGuard {
-      Impl* im;
-      std::string cn;
-      ~PollGuard() {
-        if (auto it = im->workers.find(cn); it != im->workers.end()) --it->second.polls;
-      }
-    } poll_guard{this, cn};  // destroyed while `l` still holds mu
+    PollGuard poll;  // destroyed while `l` still holds mu
+    if (grpc::Status p = BeginPoll(cn, &poll); !p.ok()) return p;
     Seen(cn);
     workers[cn].round = 0;
     const auto until = Clock::now() + std::chrono::milliseconds(std::clamp(req->wait_ms(), 0, 60000));
@@ -590,15 +601,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::unique_lock<std::mutex> l(mu);
     std::string cn;
     if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
-    if (workers[cn].polls >= 2) return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many concurrent calls from this worker");
-    ++workers[cn].polls;
-    struct CallGuard {
-      Impl* im;
-      std::string cn;
-      ~CallGuard() {
-        if (auto it = im->workers.find(cn); it != im->workers.end()) --it->second.polls;
-      }
-    } call_guard{this, cn};  // destroyed while `l` still holds mu
+    PollGuard poll;  // destroyed while `l` still holds mu
+    if (grpc::Status p = BeginPoll(cn, &poll); !p.ok()) return p;
     Seen(cn);
     if (!sa.active || req->round() != round || !assigned.count(cn))
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no secure aggregation for '", cn, "' in round ", req->round()));

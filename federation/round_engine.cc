@@ -14,6 +14,7 @@
 #include "kernels/quant.h"
 #include "model/safetensors.h"
 #include "privacy/noise.h"
+#include "protocol/adapter_tensors.h"
 
 namespace fedtune::federation {
 namespace {
@@ -26,12 +27,6 @@ double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::d
 
 constexpr int kMaxAttempts = 20;  // consecutive failed secure attempts of one round before giving up
 
-int64_t TensorBytes(const TensorMap& t) {
-  int64_t b = 0;
-  for (const auto& [name, v] : t) b += static_cast<int64_t>(v.size() * sizeof(float));
-  return b;
-}
-
 class RoundCollector : public Collector {
  public:
   RoundCollector(aggregation::Aggregation& agg, int target, SecureServer* sec, double weight_divisor, bool equal_weights, int64_t max_examples)
@@ -39,7 +34,7 @@ class RoundCollector : public Collector {
 
   absl::Status Add(aggregation::ClientUpdate u) override {
     auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
-    ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), TensorBytes(u.delta) + TensorBytes(u.fisher)};
+    ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), protocol::TensorBytes(u.delta) + protocol::TensorBytes(u.fisher)};
     const double eps = metric("local_epsilon");
     const std::string who = u.client;
     const absl::Status st = sec_ ? absl::FailedPreconditionError("this round takes masked inputs only (secure aggregation)") : agg_.Add(std::move(u));

@@ -17,6 +17,20 @@ struct Run {
   explicit Run(const Config& c) : server(c) {}
 };
 
+// Every client of `c` created, keys advertised and shares exchanged through the server.
+absl::Status AgreeKeys(Run& run, const Config& c) {
+  for (int i = 0; i < c.num_clients; ++i) {
+    FT_ASSIGN_OR_RETURN(auto cl, Client::Create(c, i));
+    FT_RETURN_IF_ERROR(run.server.ReceiveKeys(cl->Advertise()));
+    run.clients.push_back(std::move(cl));
+  }
+  for (auto& cl : run.clients) {
+    FT_ASSIGN_OR_RETURN(auto shares, cl->ShareKeys(run.server.KeysFor(cl->id())));
+    FT_RETURN_IF_ERROR(run.server.ReceiveShares(cl->id(), shares));
+  }
+  return absl::OkStatus();
+}
+
 // Drives the protocol. drop_before_input: clients that share keys but never send their masked
 // input; drop_after_input: clients that send it but never answer the unmask request.
 absl::StatusOr<Result> Drive(const Config& c, const std::vector<int>& drop_before_input, const std::vector<int>& drop_after_input,
@@ -25,17 +39,11 @@ absl::StatusOr<Result> Drive(const Config& c, const std::vector<int>& drop_befor
   Rng rng(11);
   auto rounding = NoiseSource::Create();
   FT_RETURN_IF_ERROR(rounding.status());
+  FT_RETURN_IF_ERROR(AgreeKeys(run, c));
   for (int i = 0; i < c.num_clients; ++i) {
-    FT_ASSIGN_OR_RETURN(auto cl, Client::Create(c, i));
-    FT_RETURN_IF_ERROR(run.server.ReceiveKeys(cl->Advertise()));
-    run.clients.push_back(std::move(cl));
     std::vector<float> x(c.vector_length);
     for (float& v : x) v = static_cast<float>(rng.Uniform() * 2 - 1);
     run.inputs.push_back(std::move(x));
-  }
-  for (auto& cl : run.clients) {
-    FT_ASSIGN_OR_RETURN(auto shares, cl->ShareKeys(run.server.KeysFor(cl->id())));
-    FT_RETURN_IF_ERROR(run.server.ReceiveShares(cl->id(), shares));
   }
   auto in = [](const std::vector<int>& v, int x) { return std::find(v.begin(), v.end(), x) != v.end(); };
   for (auto& cl : run.clients) {
@@ -210,13 +218,10 @@ TEST(SecAggHostileServerTest, EveryHonestClientRefusesASecondUnmaskRequest) {
   c.vector_length = 8;
   auto rounding = NoiseSource::Create();
   ASSERT_TRUE(rounding.ok());
-  Server server(c);
-  std::vector<std::unique_ptr<Client>> clients;
-  for (int i = 0; i < c.num_clients; ++i) {
-    clients.push_back(std::move(*Client::Create(c, i)));
-    ASSERT_TRUE(server.ReceiveKeys(clients.back()->Advertise()).ok());
-  }
-  for (auto& cl : clients) ASSERT_TRUE(server.ReceiveShares(cl->id(), *cl->ShareKeys(server.KeysFor(cl->id()))).ok());
+  secagg::Run run(c);  // (gtest's Test::Run would shadow the struct)
+  ASSERT_TRUE(AgreeKeys(run, c).ok());
+  Server& server = run.server;
+  std::vector<std::unique_ptr<Client>>& clients = run.clients;
   const std::vector<float> x(c.vector_length, 0.5f);
   for (auto& cl : clients) ASSERT_TRUE(server.ReceiveMasked(cl->id(), *cl->MaskedInput(x, server.SharesFor(cl->id()), **rounding)).ok());
   for (int id = 1; id < c.num_clients; ++id) {
@@ -237,13 +242,10 @@ TEST(SecAggHostileServerTest, AClientWithTooFewRelayedSharesAborts) {
   c.vector_length = 4;
   auto rounding = NoiseSource::Create();
   ASSERT_TRUE(rounding.ok());
-  Server server(c);
-  std::vector<std::unique_ptr<Client>> clients;
-  for (int i = 0; i < c.num_clients; ++i) {
-    clients.push_back(std::move(*Client::Create(c, i)));
-    ASSERT_TRUE(server.ReceiveKeys(clients.back()->Advertise()).ok());
-  }
-  for (auto& cl : clients) ASSERT_TRUE(server.ReceiveShares(cl->id(), *cl->ShareKeys(server.KeysFor(cl->id()))).ok());
+  secagg::Run run(c);  // (gtest's Test::Run would shadow the struct)
+  ASSERT_TRUE(AgreeKeys(run, c).ok());
+  Server& server = run.server;
+  std::vector<std::unique_ptr<Client>>& clients = run.clients;
   const std::vector<float> x(c.vector_length, 0.5f);
   auto all = server.SharesFor(0);
   ASSERT_GE(all.size(), 2u);
