@@ -92,7 +92,29 @@ absl::StatusOr<std::unique_ptr<DpStrategy>> DpStrategy::Create(std::unique_ptr<S
   } else {
     FT_ASSIGN_OR_RETURN(noise, privacy::NoiseSource::Create());
   }
-  return std::unique_ptr<DpStrategy>(new DpStrategy(std::move(inner), opt, std::move(noise), z_update));
+  auto dp = std::unique_ptr<DpStrategy>(new DpStrategy(std::move(inner), opt, std::move(noise), z_update));
+  if (!o.seed) {
+    FT_ASSIGN_OR_RETURN(dp->sampler_, privacy::NoiseSource::Create());
+  }
+  return dp;
+}
+
+std::vector<ClientTask> DpStrategy::ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) {
+  if (!private_selection()) return inner_->ConfigureTrain(round, available, rng);
+  if (o_.seed) {  // tests: a reproducible stream per selection, apart from the noise's
+    privacy::NoiseSource::Seed s = *o_.seed;
+    s[27] ^= 0x5a;
+    for (int i = 0; i < 4; ++i) s[20 + i] ^= static_cast<uint8_t>(static_cast<uint32_t>(draws_) >> (8 * i));
+    auto src = privacy::NoiseSource::FromSeed(s);
+    if (src.ok()) sampler_ = std::move(*src);
+  }
+  ++draws_;
+  if (!sampler_) return {};
+  const double q = sampling_rate();
+  std::vector<std::string> chosen;
+  for (const std::string& c : available)
+    if (sampler_->Uniform() < q) chosen.push_back(c);
+  return inner_->TasksFor(round, std::move(chosen));
 }
 
 DpStrategy::DpStrategy(std::unique_ptr<Strategy> inner, const DpOptions& o, std::unique_ptr<privacy::NoiseSource> noise, double z_update)
@@ -106,13 +128,15 @@ std::unique_ptr<Aggregation> DpStrategy::BeginAggregate(int round, const TensorM
 
 absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& global, Merged merged, const std::vector<ClientFailure>& failures) {
   const double m = o_.expected_clients;
-  const double q = o_.population > 0 ? m / o_.population : 1.0;
+  const double q = accounted_rate();
   // Account first: a refused release publishes nothing.
   const int accepted = merged.accepted;
   // Distributed noise: only the clients that made it into the sum contributed their share.
   const double share = o_.noise_share_clients > 0 ? o_.noise_share_clients : m;
   const double z_round = o_.noise_added_by_clients ? o_.noise_multiplier * std::sqrt(std::min(1.0, accepted / share)) : o_.noise_multiplier;
-  FT_RETURN_IF_ERROR(ledger_.Record({absl::StrCat("round ", round), q, z_round, 1}));
+  // Distributed noise and nobody in the sum: nothing that depends on data is released (the
+  // adapter moves only by the server optimizer's state), so there is nothing to account.
+  if (!(o_.noise_added_by_clients && accepted == 0)) FT_RETURN_IF_ERROR(ledger_.Record({absl::StrCat("round ", round), q, z_round, 1}));
   if (o_.seed) {
     privacy::NoiseSource::Seed s = *o_.seed;
     for (int i = 0; i < 4; ++i) s[28 + i] ^= static_cast<uint8_t>(static_cast<uint32_t>(round) >> (8 * i));
@@ -153,7 +177,6 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
     r.metrics["epsilon"] = spent.epsilon;
     r.metrics["dp_clip_norm"] = clip_;
     r.metrics["dp_noise_stddev"] = z_update_ * s_num;
-    r.metrics["dp_unclipped_fraction"] = accepted ? static_cast<double>(unclipped_) / accepted : 0.0;
     return r;
   }
   // Sum = mean * contributors, plus noise on every coordinate of every tensor (absent tensors
@@ -174,9 +197,11 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
   r.metrics["epsilon"] = spent.epsilon;
   r.metrics["dp_clip_norm"] = clip_;
   r.metrics["dp_noise_stddev"] = stddev;
-  r.metrics["dp_unclipped_fraction"] = accepted ? static_cast<double>(unclipped_) / accepted : 0.0;
+  // The fraction of unclipped updates depends on the clients' data: published only in its
+  // privatised form (adaptive clipping's noisy count, which the accounting covers).
   if (o_.adaptive_clipping) {
     const double b = (unclipped_ + o_.count_noise * noise_->Normal()) / m;
+    r.metrics["dp_unclipped_fraction"] = std::clamp(b, 0.0, 1.0);
     clip_ *= std::exp(-o_.clip_lr * (b - o_.target_quantile));
   }
   return r;

@@ -6,7 +6,8 @@
 //   (fixed denominator), then the wrapped strategy's server optimizer runs on that.
 // With adaptive clipping, S follows the target quantile of update norms from a privatised
 // count of unclipped updates, and the update noise is raised to z_d so the pair costs one
-// release at z. Each round is recorded in a PrivacyLedger (q = m / population) BEFORE the
+// release at z. Clients are Poisson-sampled from a CSPRNG (DpOptions::sampling). Each round is
+// recorded in a PrivacyLedger (q = m / population, or 1 without Poisson sampling) BEFORE the
 // noisy result is released; a round past the epsilon budget is refused (ResourceExhausted).
 #pragma once
 
@@ -29,6 +30,15 @@ struct DpOptions {
   double count_noise = 0;         // sigma_b; <= 0: m / 20
   int expected_clients = 0;       // m (required)
   int population = 0;             // clients sampled from; <= 0: q = 1 (no amplification)
+  // How a round's clients are chosen when population > expected_clients:
+  //   kPoisson: every available client independently with probability q = expected_clients /
+  //     population, drawn from a CSPRNG (privacy::NoiseSource; the test seed's stream when `seed`
+  //     is set); the round is accounted at q (amplification by subsampling, which needs exactly
+  //     this: independent draws nobody can predict). The number of clients varies per round.
+  //   kFixed: the wrapped strategy's fixed-size draw from a seeded, predictable generator; no
+  //     amplification is claimed: accounted at q = 1.
+  enum class Sampling { kPoisson, kFixed };
+  Sampling sampling = Sampling::kPoisson;
   double epsilon_budget = 0;      // <= 0: unlimited (still accounted)
   // Distributed DP under secure aggregation: clients clip to S and add N(0, (z S)^2 / k) each
   // (k = noise_share_clients) before masking, so the server adds nothing; with m' < k clients
@@ -54,9 +64,11 @@ class DpStrategy : public Strategy {
  public:
   static absl::StatusOr<std::unique_ptr<DpStrategy>> Create(std::unique_ptr<Strategy> inner, const DpOptions& o);
   std::string Name() const override { return "dp(" + inner_->Name() + ")"; }
-  std::vector<ClientTask> ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) override {
-    return inner_->ConfigureTrain(round, available, rng);
-  }
+  std::vector<ClientTask> ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) override;
+  std::vector<ClientTask> TasksFor(int round, std::vector<std::string> selected) override { return inner_->TasksFor(round, std::move(selected)); }
+  bool private_selection() const override { return o_.sampling == DpOptions::Sampling::kPoisson && sampling_rate() < 1; }
+  // Poisson: expected_clients / population; 1 without a population or with fixed-size selection.
+  double accounted_rate() const { return private_selection() ? sampling_rate() : 1.0; }
   std::unique_ptr<Aggregation> BeginAggregate(int round, const TensorMap& global) override;
   absl::StatusOr<RoundResult> Commit(int round, const TensorMap& global, Merged merged,
                                      const std::vector<ClientFailure>& failures) override;
@@ -81,6 +93,9 @@ class DpStrategy : public Strategy {
 
  private:
   DpStrategy(std::unique_ptr<Strategy> inner, const DpOptions& o, std::unique_ptr<privacy::NoiseSource> noise, double z_update);
+  double sampling_rate() const { return o_.population > 0 ? static_cast<double>(o_.expected_clients) / o_.population : 1.0; }
+  std::unique_ptr<privacy::NoiseSource> sampler_;  // Poisson client selection
+  int draws_ = 0;                                  // selections made (test seeds: one stream each)
   std::unique_ptr<Strategy> inner_;
   DpOptions o_;
   std::unique_ptr<privacy::NoiseSource> noise_;

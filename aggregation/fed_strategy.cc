@@ -5,6 +5,8 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
 
 namespace fedtune::aggregation {
 namespace {
@@ -15,12 +17,13 @@ namespace {
 // Fisher is merged by the plain weighted mean (recorded in metrics as "fisher_fallback").
 class LinearAggregation : public Aggregation {
  public:
-  LinearAggregation(const StrategyOptions& o, const TensorMap& global) : o_(o), global_(global) {}
+  LinearAggregation(const StrategyOptions& o, const TensorMap& global, double bound, std::vector<double>* norms)
+      : o_(o), global_(global), bound_(bound), norms_(norms) {}
 
   absl::Status Add(ClientUpdate u) override {
     FT_RETURN_IF_ERROR(ValidateUpdate(u, global_));
     if (!seen_.insert(u.client).second) return absl::AlreadyExistsError(absl::StrCat("second update from '", u.client, "' in this round"));
-    if (o_.norm_bound > 0) ClipToNorm(u.delta, o_.norm_bound);
+    norms_->push_back(bound_ > 0 ? ClipToNorm(u.delta, bound_) : L2Norm(u.delta));
     const int64_t examples = o_.max_client_examples > 0 ? std::min(u.num_examples, o_.max_client_examples) : u.num_examples;
     const double n = o_.weight_by_examples ? static_cast<double>(examples) : 1.0;
     const bool ua = o_.merge == MergeRule::kUncertainty;
@@ -130,6 +133,8 @@ class LinearAggregation : public Aggregation {
   };
   const StrategyOptions o_;
   const TensorMap& global_;  // owned by the caller for the round
+  const double bound_;           // this round's norm bound (0: none)
+  std::vector<double>* norms_;  // the strategy's record of accepted norms
   std::map<std::string, Acc> acc_;
   std::set<std::string> seen_;
   Merged merged_;
@@ -138,13 +143,14 @@ class LinearAggregation : public Aggregation {
 // Robust rules need every update at once: they are buffered.
 class RobustAggregation : public Aggregation {
  public:
-  RobustAggregation(const StrategyOptions& o, const TensorMap& global) : o_(o), global_(global) {}
+  RobustAggregation(const StrategyOptions& o, const TensorMap& global, double bound, std::vector<double>* norms)
+      : o_(o), global_(global), bound_(bound), norms_(norms) {}
 
   absl::Status Add(ClientUpdate u) override {
     FT_RETURN_IF_ERROR(ValidateUpdate(u, global_));
     for (const ClientUpdate& p : updates_)
       if (p.client == u.client) return absl::AlreadyExistsError(absl::StrCat("second update from '", u.client, "' in this round"));
-    if (o_.norm_bound > 0) ClipToNorm(u.delta, o_.norm_bound);
+    norms_->push_back(bound_ > 0 ? ClipToNorm(u.delta, bound_) : L2Norm(u.delta));
     u.fisher.clear();
     updates_.push_back(std::move(u));
     return absl::OkStatus();
@@ -248,6 +254,8 @@ class RobustAggregation : public Aggregation {
 
   const StrategyOptions o_;
   const TensorMap& global_;  // owned by the caller for the round
+  const double bound_;           // this round's norm bound (0: none)
+  std::vector<double>* norms_;  // the strategy's record of accepted norms
   std::vector<ClientUpdate> updates_;
 };
 
@@ -310,13 +318,18 @@ absl::StatusOr<std::unique_ptr<FedStrategy>> FedStrategy::Create(const StrategyO
 std::string FedStrategy::Name() const {
   std::string n = absl::StrCat(ServerOptimizerName(o_.server), "+", MergeRuleName(o_.merge));
   if (o_.norm_bound > 0) absl::StrAppend(&n, "+normbound");
+  if (o_.norm_bound <= 0 && o_.auto_norm_factor > 0) absl::StrAppend(&n, absl::StrFormat("+normbound(%gx median)", o_.auto_norm_factor));
   if (o_.proximal_mu > 0) absl::StrAppend(&n, "+prox");
   return n;
 }
 
-std::vector<ClientTask> FedStrategy::ConfigureTrain(int, const std::vector<std::string>& available, Rng& rng) {
+std::vector<ClientTask> FedStrategy::ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) {
+  return TasksFor(round, SampleClients(available, o_.clients_per_round, rng));
+}
+
+std::vector<ClientTask> FedStrategy::TasksFor(int, std::vector<std::string> selected) {
   std::vector<ClientTask> tasks;
-  for (std::string& c : SampleClients(available, o_.clients_per_round, rng)) {
+  for (std::string& c : selected) {
     ClientTask t{std::move(c), {}};
     if (o_.proximal_mu > 0) t.config["proximal_mu"] = o_.proximal_mu;
     tasks.push_back(std::move(t));
@@ -330,9 +343,15 @@ std::vector<ClientTask> FedStrategy::ConfigureEvaluate(int, const std::vector<st
   return tasks;
 }
 
+double FedStrategy::norm_bound() const {
+  if (o_.norm_bound > 0) return o_.norm_bound;
+  return o_.auto_norm_factor > 0 ? o_.auto_norm_factor * last_median_norm_ : 0.0;
+}
+
 std::unique_ptr<Aggregation> FedStrategy::BeginAggregate(int, const TensorMap& global) {
-  if (linear()) return std::make_unique<LinearAggregation>(o_, global);
-  return std::make_unique<RobustAggregation>(o_, global);
+  round_norms_.clear();
+  if (linear()) return std::make_unique<LinearAggregation>(o_, global, norm_bound(), &round_norms_);
+  return std::make_unique<RobustAggregation>(o_, global, norm_bound(), &round_norms_);
 }
 
 absl::StatusOr<RoundResult> FedStrategy::Commit(int, const TensorMap& global, Merged merged, const std::vector<ClientFailure>& failures) {
@@ -341,6 +360,13 @@ absl::StatusOr<RoundResult> FedStrategy::Commit(int, const TensorMap& global, Me
   r.metrics["accepted"] = merged.accepted;
   r.metrics["failures"] = static_cast<double>(failures.size());
   r.metrics["num_examples"] = static_cast<double>(merged.num_examples);
+  if (const double b = norm_bound(); b > 0) r.metrics["norm_bound"] = b;
+  if (!round_norms_.empty()) {  // plain updates this round: the next round's automatic bound
+    std::vector<double> n = round_norms_;
+    std::nth_element(n.begin(), n.begin() + static_cast<std::ptrdiff_t>(n.size() / 2), n.end());
+    last_median_norm_ = n[n.size() / 2];
+    round_norms_.clear();
+  }
   if (merged.accepted < std::max(1, o_.min_clients)) {
     r.metrics["kept_global"] = 1;
     return r;  // keep the global adapter
@@ -388,12 +414,21 @@ StrategyState FedStrategy::SaveState() const {
   StrategyState s;
   for (const auto& [k, x] : m_) s.tensors["m/" + k] = x;
   for (const auto& [k, x] : v_) s.tensors["v/" + k] = x;
+  if (last_median_norm_ > 0) s.text = absl::StrFormat("{\"median_norm\": \"%.17g\"}", last_median_norm_);
   return s;
 }
 
 absl::Status FedStrategy::LoadState(const StrategyState& state) {
   m_.clear();
   v_.clear();
+  last_median_norm_ = 0;
+  if (!state.text.empty()) {
+    try {
+      last_median_norm_ = std::stod(nlohmann::json::parse(state.text).at("median_norm").get<std::string>());
+    } catch (const std::exception& e) {
+      return absl::DataLossError(absl::StrCat("strategy state: ", e.what()));
+    }
+  }
   for (const auto& [k, x] : state.tensors) {
     if (k.rfind("m/", 0) == 0) {
       m_[k.substr(2)] = x;

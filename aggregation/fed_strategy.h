@@ -39,6 +39,9 @@ struct StrategyOptions {
   int krum_byzantine = 0;            // f: assumed Byzantine clients
   int krum_select = 1;               // m: updates averaged by multi-Krum (1 = Krum)
   double norm_bound = 0;             // > 0: clip each delta to this L2 norm first
+  // > 0 (and norm_bound 0): clip each delta to this x the median norm of the previous round's
+  // accepted deltas (a robust bound one peer cannot move; the first round has none).
+  double auto_norm_factor = 0;
   ServerOptimizer server = ServerOptimizer::kFedAvg;
   double server_lr = 1.0;
   double momentum = 0.9;             // FedAvgM
@@ -55,13 +58,16 @@ class FedStrategy : public Strategy {
   static absl::StatusOr<std::unique_ptr<FedStrategy>> Create(const StrategyOptions& o);
   std::string Name() const override;
   std::vector<ClientTask> ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) override;
+  std::vector<ClientTask> TasksFor(int round, std::vector<std::string> selected) override;
   std::unique_ptr<Aggregation> BeginAggregate(int round, const TensorMap& global) override;
   absl::StatusOr<RoundResult> Commit(int round, const TensorMap& global, Merged merged,
                                      const std::vector<ClientFailure>& failures) override;
   std::vector<ClientTask> ConfigureEvaluate(int round, const std::vector<std::string>& available, Rng& rng) override;
   bool linear() const override { return o_.merge == MergeRule::kMean || o_.merge == MergeRule::kUncertainty; }
   const StrategyOptions& options() const { return o_; }
-  // Server optimizer moments: tensors "m/<tensor>", "v/<tensor>".
+  // The L2 bound each delta is clipped to this round (0: none).
+  double norm_bound() const;
+  // Server optimizer moments: tensors "m/<tensor>", "v/<tensor>"; the last median norm as text.
   StrategyState SaveState() const override;
   absl::Status LoadState(const StrategyState& state) override;
 
@@ -69,6 +75,8 @@ class FedStrategy : public Strategy {
   explicit FedStrategy(const StrategyOptions& o) : o_(o) {}
   StrategyOptions o_;
   TensorMap m_, v_;
+  std::vector<double> round_norms_;  // this round's accepted delta norms, before clipping
+  double last_median_norm_ = 0;      // the previous round's median (0: none yet)
 };
 
 // Chooses min(k, n) of `available` uniformly without replacement (k <= 0: all), in a

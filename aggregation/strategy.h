@@ -79,6 +79,18 @@ class Strategy {
   virtual std::string Name() const = 0;
   // Chooses the clients of a round from those available (deterministic given rng).
   virtual std::vector<ClientTask> ConfigureTrain(int round, const std::vector<std::string>& available, Rng& rng) = 0;
+  // The tasks of clients already selected (by a wrapper that samples on its own): the settings
+  // ConfigureTrain would give them.
+  virtual std::vector<ClientTask> TasksFor(int /*round*/, std::vector<std::string> selected) {
+    std::vector<ClientTask> t;
+    for (std::string& c : selected) t.push_back({std::move(c), {}});
+    return t;
+  }
+  // True when the selection is a secret random draw the privacy accounting relies on (Poisson
+  // sampling under DP): the round engine then commits each round with the clients that drew and
+  // answered, and never re-draws because too few did (a re-draw conditioned on the outcome would
+  // change the sampling distribution the accountant assumes).
+  virtual bool private_selection() const { return false; }
   // `global` must outlive the returned accumulator.
   virtual std::unique_ptr<Aggregation> BeginAggregate(int round, const TensorMap& global) = 0;
   virtual absl::StatusOr<RoundResult> Commit(int round, const TensorMap& global, Merged merged,

@@ -120,6 +120,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     int64_t stage_deadline_ms = 0;
     size_t vector_length = 0;
     std::map<std::string, privacy::secagg::PublicKeys> keys;
+    std::map<std::string, rpc::v1::SecAggKeys> signed_keys;  // as received (signature, certificate)
+    std::map<int, std::string> owner_of;                     // id -> worker, once its keys are accepted
     std::map<std::string, std::vector<privacy::secagg::EncryptedShare>> shares;
     std::map<std::string, privacy::secagg::UnmaskReply> unmask;
     std::map<std::string, std::vector<privacy::secagg::PublicKeys>> keys_for;
@@ -127,6 +129,14 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::vector<int> dropped, survivors;
   } sa;
   std::vector<aggregation::ClientFailure> rejected;
+  // Uploads of this round that broke off, kept for a resume (at most max_concurrent_uploads).
+  struct Partial {
+    int round = 0;
+    std::string sha256;
+    int64_t total = 0;
+    std::vector<uint8_t> bytes;
+  };
+  std::map<std::string, Partial> partials;
   int64_t deadline_unix_ms = 0;
   int64_t bytes_in = 0, bytes_out = 0;  // this round
   size_t round_upload_limit = 0;        // bytes an upload of this round may have
@@ -363,6 +373,10 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     w.round = req->round();
     w.progress = std::isfinite(req->progress()) ? std::clamp(req->progress(), 0.0, 1.0) : 0.0;
     resp->set_shutdown(done || shutdown);
+    if (auto p = partials.find(cn); p != partials.end() && p->second.round == req->round()) {
+      resp->set_upload_resume_offset(static_cast<int64_t>(p->second.bytes.size()));
+      resp->set_upload_sha256(p->second.sha256);
+    }
     // Abandon a round that is over, closed early, or not (any more) this worker's.
     resp->set_abandon_round(req->round() != 0 && (req->round() != round || closed || evaluating || !assigned.count(cn) || received.count(cn) ||
                                                   secure_out.count(cn)));
@@ -421,7 +435,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       ~Release() { s.release(); }
     } release{*download_slots};
     const Watch watch(this, ctx, UnixMs() + o.deadline_ms);  // a download that stalls is cancelled too
-    int64_t sent = 0;
+    int64_t sent = 0, seen_ms = UnixMs();
     for (size_t off = static_cast<size_t>(req->offset()); off < bytes->size() || (off == 0 && bytes->empty()); off += kChunk) {
       rpc::v1::Chunk c;
       c.set_offset(static_cast<int64_t>(off));
@@ -431,6 +445,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       if (off + n == bytes->size()) c.set_sha256(sha);
       if (!w->Write(c)) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
       sent += static_cast<int64_t>(n);
+      if (UnixMs() - seen_ms > 1000) {  // a slow download keeps the worker online
+        seen_ms = UnixMs();
+        std::lock_guard<std::mutex> l(mu);
+        Seen(cn);
+      }
       if (bytes->empty()) break;
     }
     std::lock_guard<std::mutex> l(mu);
@@ -498,15 +517,40 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       snapshot = global;  // shapes to check against
     }
     std::vector<uint8_t> bytes;
+    {
+      std::lock_guard<std::mutex> l(mu);
+      auto p = partials.find(cn);
+      if (h.resume_offset() != 0) {  // continue an upload that broke off, from where it stopped
+        if (p == partials.end() || p->second.round != h.round() || p->second.sha256 != h.sha256() || p->second.total != h.total_bytes() ||
+            static_cast<int64_t>(p->second.bytes.size()) != h.resume_offset())
+          return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no interrupted upload to resume at offset ", h.resume_offset()));
+        bytes = std::move(p->second.bytes);
+      }
+      if (p != partials.end()) partials.erase(p);
+    }
     bytes.reserve(static_cast<size_t>(h.total_bytes()));
+    int64_t seen_ms = UnixMs();
     while (r->Read(&m)) {
       if (!m.has_chunk() || m.chunk().offset() != static_cast<int64_t>(bytes.size()) ||
           bytes.size() + m.chunk().data().size() > static_cast<size_t>(h.total_bytes()))
         return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "chunk out of order or beyond the announced size");
       bytes.insert(bytes.end(), m.chunk().data().begin(), m.chunk().data().end());
+      if (UnixMs() - seen_ms > 1000) {  // the transfer is the worker's heartbeat: a slow link is not offline
+        seen_ms = UnixMs();
+        std::lock_guard<std::mutex> l(mu);
+        Seen(cn);
+      }
     }
     resp->set_received_bytes(static_cast<int64_t>(bytes.size()));
-    if (bytes.size() != static_cast<size_t>(h.total_bytes())) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload truncated");
+    if (bytes.size() != static_cast<size_t>(h.total_bytes())) {
+      const size_t got = bytes.size();
+      std::lock_guard<std::mutex> l(mu);
+      if (got > 0 && !shutdown && !UploadRefusal(cn, h.round())) {  // keep what came for a resume
+        if (partials.size() >= static_cast<size_t>(std::max(1, o.max_concurrent_uploads))) partials.erase(partials.begin());
+        partials[cn] = {h.round(), h.sha256(), h.total_bytes(), std::move(bytes)};
+      }
+      return grpc::Status(grpc::StatusCode::DATA_LOSS, absl::StrCat("upload truncated at ", got, " of ", h.total_bytes(), " bytes"));
+    }
     if (protocol::Sha256Hex(bytes) != h.sha256()) return grpc::Status(grpc::StatusCode::DATA_LOSS, "upload checksum mismatch");
     Incoming in;
     absl::StatusOr<aggregation::ClientUpdate> u = absl::InternalError("unset");
@@ -619,14 +663,20 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         }
         auto k = protocol::FromProto(req->keys());
         if (!k.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(k.status().message()));
+        if (req->keys().certificate().size() > (16u << 10) || req->keys().signature().size() > 1024)
+          return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "oversized certificate or signature in the key advertisement");
         sa.keys[cn] = *k;
+        sa.signed_keys[cn] = req->keys();  // relayed as is: the neighbours check the signature
         cv.notify_all();
         const int my_stage = 1;
         if (!wait_for_stage(my_stage) || !sa.keys_for.count(cn)) {
           resp->set_dropped_from_round(true);
           return grpc::Status::OK;
         }
-        for (const auto& pk : sa.keys_for[cn]) *resp->add_keys() = protocol::ToProto(pk);
+        for (const auto& pk : sa.keys_for[cn]) {
+          auto owner = sa.owner_of.find(pk.id);
+          *resp->add_keys() = owner != sa.owner_of.end() ? sa.signed_keys[owner->second] : protocol::ToProto(pk);
+        }
         return grpc::Status::OK;
       }
       case rpc::v1::SecAggRequest::SHARE_KEYS: {
@@ -688,8 +738,13 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::unique_lock<std::mutex> l(mu);
     const size_t n = assigned.size();
     if (!WaitStage(l, sa.stage_deadline_ms, [&] { return sa.keys.size() == n; })) return absl::CancelledError("coordinator shut down");
-    for (const auto& [name, k] : sa.keys)
-      if (absl::Status st = sec.Keys(name, k); !st.ok()) FT_LOG_WARN("secure aggregation: keys of '{}' refused: {}", name, st.ToString());
+    for (const auto& [name, k] : sa.keys) {
+      if (absl::Status st = sec.Keys(name, k); !st.ok()) {
+        FT_LOG_WARN("secure aggregation: keys of '{}' refused: {}", name, st.ToString());
+      } else {
+        sa.owner_of[k.id] = name;
+      }
+    }
     for (const auto& [name, k] : sa.keys) sa.keys_for[name] = sec.KeysFor(name);
     sa.stage = 1;
     sa.stage_deadline_ms = UnixMs() + o.secure_stage_ms;
@@ -812,6 +867,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       fetched.clear();
       received.clear();
       rejected.clear();
+      partials.clear();
       inbox.clear();
       closed = false;
       bytes_in = bytes_out = 0;
@@ -1008,6 +1064,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(Serv
   b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
   b.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   b.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  // The workers' keepalive pings (every 30 s) are welcome, idle or not; faster ones are strikes.
+  b.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 10000);
+  b.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 2);
   // Memory bound for the transport: without it, every pending upload's data is buffered up to
   // its (BDP-grown) flow-control window, i.e. memory grows with the number of workers sending.
   // Under the quota's pressure gRPC shrinks its windows (bench/run_load.sh: 200 workers, 4 MB

@@ -29,8 +29,10 @@ constexpr int kMaxAttempts = 20;  // consecutive failed secure attempts of one r
 
 class RoundCollector : public Collector {
  public:
-  RoundCollector(aggregation::Aggregation& agg, int target, SecureServer* sec, double weight_divisor, bool equal_weights, int64_t max_examples)
-      : agg_(agg), target_(target), sec_(sec), weight_divisor_(weight_divisor), equal_weights_(equal_weights), max_examples_(max_examples) {}
+  RoundCollector(aggregation::Aggregation& agg, int target, SecureServer* sec, double weight_divisor, bool equal_weights, int64_t max_examples,
+                 bool withhold)
+      : agg_(agg), target_(target), sec_(sec), weight_divisor_(weight_divisor), equal_weights_(equal_weights), max_examples_(max_examples),
+        withhold_(withhold) {}
 
   absl::Status Add(aggregation::ClientUpdate u) override {
     auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
@@ -70,6 +72,10 @@ class RoundCollector : public Collector {
 
  private:
   absl::Status Record(ClientRoundRecord rec, const absl::Status& st, double eps) {
+    if (withhold_) {  // under DP: no per-client figure that depends on a client's data is kept
+      rec.num_examples = -1;
+      rec.train_loss = -1;
+    }
     if (!st.ok()) {
       rec.status = absl::StrCat("rejected: ", st.message());
       failures_.push_back({rec.client, st});
@@ -88,6 +94,7 @@ class RoundCollector : public Collector {
   const double weight_divisor_;
   const bool equal_weights_;
   const int64_t max_examples_;
+  const bool withhold_;
   int accepted_ = 0;
 };
 
@@ -286,6 +293,10 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     // Sample and configure: one task per selected client (a retry selects anew).
     Rng rng(s.seed * 1000003 + static_cast<uint64_t>(r) + 7919 * static_cast<uint64_t>(attempt));
     const std::vector<aggregation::ClientTask> selected = strategy_->ConfigureTrain(r, names, rng);
+    // A private (Poisson) selection is never re-drawn: each round commits with the clients that
+    // drew and answered, however few (DpStrategy: the noise is released all the same).
+    const bool private_selection = strategy_->private_selection();
+    if (private_selection) rec.metrics["selected"] = static_cast<double>(selected.size());
     const double lr = RoundLearningRate(s.learning_rate, r, s.rounds);
     rec.metrics["client_lr"] = lr;
     std::vector<protocol::TrainTask> tasks;
@@ -337,13 +348,18 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       p.weight_divisor = all_known ? weight_divisor : 0;
       weight_divisor = p.weight_divisor;
       auto begun = SecureServer::Begin(ids, global_, p);
-      if (!begun.ok()) {  // e.g. too few clients online for the threshold: try again, nothing happened yet
+      if (!begun.ok() && private_selection) {  // too few drawn for SecAgg+: a round without updates
+        say(absl::StrFormat("round %d: %d clients drawn, too few for secure aggregation (%s); the round has no update", r,
+                            static_cast<int>(tasks.size()), begun.status().message()));
+        rec.metrics["secagg_not_started"] = 1;
+        tasks.clear();
+      } else if (!begun.ok()) {  // e.g. too few clients online for the threshold: try again, nothing happened yet
         if (++attempt > kMaxAttempts) return absl::FailedPreconditionError(absl::StrCat("round ", r, ": secure aggregation cannot start: ", begun.status().message()));
         say(absl::StrFormat("round %d: secure aggregation cannot start (%s); the round starts again (attempt %d)", r, begun.status().message(),
                             attempt + 1));
         continue;
       }
-      sec = std::move(*begun);
+      if (begun.ok()) sec = std::move(*begun);
       const int share = s.strategy.min_clients > 1 ? s.strategy.min_clients : s.expected_clients;
       for (size_t i = 0; i < tasks.size(); ++i) {
         tasks[i].secure_aggregation = true;
@@ -356,13 +372,14 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         }
       }
     }
-    RoundCollector col(*agg, o_.target_updates, sec.get(), weight_divisor, s.dp.central, s.strategy.max_client_examples);
+    const bool withhold = s.dp.central || s.dp.local;
+    RoundCollector col(*agg, o_.target_updates, sec.get(), weight_divisor, s.dp.central, s.strategy.max_client_examples, withhold);
     std::map<std::string, double> transport_metrics;
     t.Phase(r, "train");
     const auto t_collect = Clock::now();
     FT_RETURN_IF_ERROR(t.Train(r, global_, tasks, col, transport_metrics));
     const double collect_secs = Seconds(t_collect, Clock::now());
-    if (o_.quorum > 0 && col.accepted() < o_.quorum) {
+    if (!private_selection && o_.quorum > 0 && col.accepted() < o_.quorum) {
       ++attempt;
       say(absl::StrFormat("round %d: %d updates accepted, quorum is %d; the round starts again (attempt %d)", r, col.accepted(), o_.quorum,
                           attempt + 1));
@@ -382,12 +399,15 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
                     ? agg->AddSecureFisherSums(ssum.sum, ssum.fisher_sum, static_cast<int>(ssum.survivors.size()), ssum.num_examples)
                     : agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples);
       }
-      if (!added.ok()) {
+      if (!added.ok() && private_selection) {  // not re-drawn either: the round has no update
+        say(absl::StrFormat("round %d: secure aggregation failed (%s); the round has no update", r, added.message()));
+        rec.metrics["secagg_failed"] = 1;
+      } else if (!added.ok()) {
         if (++attempt > kMaxAttempts) return absl::FailedPreconditionError(absl::StrCat("round ", r, ": secure aggregation failed: ", added.message()));
         say(absl::StrFormat("round %d: secure aggregation failed (%s); the round starts again (attempt %d)", r, added.message(), attempt + 1));
         continue;
       }
-      const SecureServer::Sum& ssum = *finished;
+      const SecureServer::Sum ssum = finished.ok() ? *finished : SecureServer::Sum{};
       rec.metrics["secagg_survivors"] = static_cast<double>(ssum.survivors.size());
       rec.metrics["secagg_tampered_shares"] = static_cast<double>(ssum.tampered.size());
       for (const auto& tampered : ssum.tampered) say("secure aggregation: " + tampered);
@@ -417,7 +437,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     for (const auto& [k, v] : transport_metrics) rec.metrics[k] = v;
     rec.metrics.emplace("accepted", col.accepted());
     rec.metrics.emplace("failures", static_cast<double>(col.failures_.size()));
-    rec.metrics["train_loss"] = col.accepted() ? col.loss_sum_ / col.accepted() : 0.0;
+    if (!withhold) rec.metrics["train_loss"] = col.accepted() ? col.loss_sum_ / col.accepted() : 0.0;
     rec.metrics["train_seconds_max"] = col.train_max_;
     rec.metrics["collect_seconds"] = collect_secs;
     rec.metrics["server_merge_seconds"] = server_secs;
@@ -442,8 +462,9 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     FT_RETURN_IF_ERROR(CommitState(r, rec, col.records_));
     rec.metrics["commit_seconds"] = Seconds(t_commit, Clock::now());
     FT_RETURN_IF_ERROR(t.Committed(rec, global_));
-    std::string line = absl::StrFormat("round %d/%d committed in %.1f s: %d updates, %d failed, train loss %.4f", r, s.rounds, rec.metrics["wall_seconds"],
-                                       col.accepted(), static_cast<int>(col.failures_.size()), rec.metrics["train_loss"]);
+    std::string line = absl::StrFormat("round %d/%d committed in %.1f s: %d updates, %d failed", r, s.rounds, rec.metrics["wall_seconds"],
+                                       col.accepted(), static_cast<int>(col.failures_.size()));
+    if (rec.metrics.count("train_loss")) absl::StrAppend(&line, absl::StrFormat(", train loss %.4f", rec.metrics["train_loss"]));
     if (rec.evaluated) absl::StrAppend(&line, absl::StrFormat(", eval loss %.4f, accuracy %.1f%%", rec.metrics["eval_loss"], 100 * rec.metrics["accuracy"]));
     if (rec.metrics.count("epsilon")) absl::StrAppend(&line, absl::StrFormat(", epsilon %.3f", rec.metrics["epsilon"]));
     if (rec.metrics.count("local_epsilon")) absl::StrAppend(&line, absl::StrFormat(", local epsilon %.3f", rec.metrics["local_epsilon"]));

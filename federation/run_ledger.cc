@@ -90,8 +90,16 @@ absl::Status RunLedger::CommitRound(int round, const std::map<std::string, doubl
       sqlite3_bind_int(st.s, 1, round);
       sqlite3_bind_text(st.s, 2, c.client.c_str(), -1, SQLITE_TRANSIENT);
       sqlite3_bind_text(st.s, 3, c.status.c_str(), -1, SQLITE_TRANSIENT);
-      sqlite3_bind_int64(st.s, 4, c.num_examples);
-      sqlite3_bind_double(st.s, 5, c.train_loss);
+      if (c.num_examples < 0) {  // withheld (under DP): NULL
+        sqlite3_bind_null(st.s, 4);
+      } else {
+        sqlite3_bind_int64(st.s, 4, c.num_examples);
+      }
+      if (c.train_loss < 0) {
+        sqlite3_bind_null(st.s, 5);
+      } else {
+        sqlite3_bind_double(st.s, 5, c.train_loss);
+      }
       sqlite3_bind_double(st.s, 6, c.train_seconds);
       sqlite3_bind_int64(st.s, 7, c.bytes_up);
       if (sqlite3_step(st.s) != SQLITE_DONE) return fail("client " + c.client);

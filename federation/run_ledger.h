@@ -16,8 +16,8 @@ namespace fedtune::federation {
 struct ClientRoundRecord {
   std::string client;
   std::string status;  // "ok", "dropped", "rejected: ..."
-  int64_t num_examples = 0;
-  double train_loss = 0;
+  int64_t num_examples = 0;  // < 0: withheld (under DP; stored as NULL)
+  double train_loss = 0;     // < 0: withheld
   double train_seconds = 0;
   int64_t bytes_up = 0;
 };

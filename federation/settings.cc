@@ -34,7 +34,10 @@ absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::Str
   o.clients_per_round = st.clients_per_round();
   o.min_clients = OrDefault(st.min_clients(), 1);
   o.proximal_mu = st.proximal_mu();
-  o.norm_bound = st.norm_bound();
+  if (st.norm_bound() < 0 && st.norm_bound() != -1) return Bad("strategy.norm_bound", "must be > 0, or -1 for off");
+  o.norm_bound = std::max(0.0, st.norm_bound());
+  if (st.norm_bound_factor() < 0) return Bad("strategy.norm_bound_factor", "must be > 0");
+  o.auto_norm_factor = st.norm_bound() == 0 ? OrDefault(st.norm_bound_factor(), 5.0) : 0.0;
   o.trim_fraction = OrDefault(st.trim_fraction(), 0.1);
   o.krum_byzantine = st.krum_byzantine();
   o.krum_select = OrDefault(st.krum_select(), 1);
@@ -136,6 +139,7 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     if (!(s.dp.target_quantile > 0 && s.dp.target_quantile < 1)) return Bad("dp.target_quantile", "must be in (0, 1)");
     if (dp.local()) {
       if (dp.adaptive_clipping()) return Bad("dp.adaptive_clipping", "only for central DP");
+      if (!dp.sampling().empty()) return Bad("dp.sampling", "central DP only (local DP-SGD always draws Poisson batches)");
       s.dp.local = true;
       s.dp.clip_norm = OrDefault(dp.clip_norm(), 1.0);
     } else {
@@ -147,8 +151,14 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
         s.dp.private_fisher = true;
       }
       s.dp.clip_norm = OrDefault(dp.clip_norm(), 0.1);
+      if (dp.sampling() == "fixed") {
+        s.dp.poisson = false;
+      } else if (!dp.sampling().empty() && dp.sampling() != "poisson") {
+        return Bad("dp.sampling", "must be poisson or fixed");
+      }
       if (s.dp.target_epsilon > 0) {
-        auto z = privacy::NoiseMultiplierFor(s.dp.target_epsilon, s.dp.delta, static_cast<double>(s.expected_clients) / population, s.rounds);
+        const double q = s.dp.poisson ? static_cast<double>(s.expected_clients) / population : 1.0;
+        auto z = privacy::NoiseMultiplierFor(s.dp.target_epsilon, s.dp.delta, q, s.rounds);
         if (!z.ok()) return Bad("dp.target_epsilon", std::string(z.status().message()));
         s.dp.noise_multiplier = *z;
       }
@@ -165,6 +175,9 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   // back to the mean (ALGORITHMS.md says why a privatised Fisher needs many clients per round).
   s.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !s.dp.local && (!s.dp.central || s.dp.private_fisher);
   if (s.send_fisher && (s.secure.enabled || s.dp.private_fisher) && s.strategy.fisher_clip == 0) s.strategy.fisher_clip = 1e-4;
+  // The automatic norm bound reads the updates' norms: not under central DP (an unprivatised
+  // statistic; the DP clip bounds each update) nor secure aggregation (no norms to read).
+  if (s.dp.central || s.secure.enabled) s.strategy.auto_norm_factor = 0;
   return s;
 }
 
@@ -181,6 +194,7 @@ absl::StatusOr<std::unique_ptr<aggregation::Strategy>> MakeStrategy(const RunSet
   d.delta = s.dp.delta;
   d.expected_clients = s.expected_clients;
   d.population = s.population;
+  d.sampling = s.dp.poisson ? aggregation::DpOptions::Sampling::kPoisson : aggregation::DpOptions::Sampling::kFixed;
   d.clip_norm = s.dp.clip_norm;
   d.adaptive_clipping = s.dp.adaptive_clipping;
   d.target_quantile = s.dp.target_quantile;
@@ -197,9 +211,12 @@ absl::StatusOr<std::unique_ptr<aggregation::Strategy>> MakeStrategy(const RunSet
   }
   FT_ASSIGN_OR_RETURN(auto dp, aggregation::DpStrategy::Create(std::move(strategy), d));
   if (summary)
-    *summary = absl::StrFormat("%s; differential privacy: z=%.4f, clip %.3g%s, q=%.3f, delta %.1e%s", dp->Name(), d.noise_multiplier, d.clip_norm,
-                               d.adaptive_clipping ? " (adaptive)" : "", static_cast<double>(s.expected_clients) / s.population, d.delta,
-                               s.test_noise_seed ? " (TEST noise seed: not private)" : "");
+    *summary = absl::StrFormat(
+        "%s; differential privacy: z=%.4f, clip %.3g%s, q=%.3f (%s), delta %.1e%s", dp->Name(), d.noise_multiplier, d.clip_norm,
+        d.adaptive_clipping ? " (adaptive)" : "", dp->accounted_rate(),
+        dp->private_selection() ? "Poisson sampling from a CSPRNG"
+                                : (s.expected_clients < s.population ? "fixed-size selection: no amplification claimed" : "every client"),
+        d.delta, s.test_noise_seed ? " (TEST noise seed: not private)" : "");
   return std::unique_ptr<aggregation::Strategy>(std::move(dp));
 }
 

@@ -45,6 +45,7 @@ struct RunSettings {
   // Differential privacy (dp.*): central (the server noises) or local (DP-SGD on clients).
   struct Dp {
     bool central = false, local = false, adaptive_clipping = false, private_fisher = false;
+    bool poisson = true;  // dp.sampling: Poisson client selection (else fixed-size, accounted at q = 1)
     double noise_multiplier = 0, clip_norm = 0, delta = 1e-5, target_epsilon = 0, target_quantile = 0.5;
   } dp;
   // SecAgg+ (secure_aggregation.*).

@@ -24,18 +24,32 @@ uint64_t DropoutSeed(uint64_t seed, int step, int pass) {
   return Mix64(seed * 0x9e3779b97f4a7c15ULL + (static_cast<uint64_t>(step) << 20) + static_cast<uint64_t>(pass));
 }
 
-// One DP-SGD step's gradient: per-example gradients clipped to dp_clip, summed, noised, divided
-// by the number of examples; left in the adapters' gradient buffers.
-template <typename NextExample>
+}  // namespace
+
+std::vector<size_t> PoissonBatch(size_t examples, double q, const std::function<double()>& uniform) {
+  std::vector<size_t> chosen;
+  for (size_t i = 0; i < examples; ++i)
+    if (uniform() < q) chosen.push_back(i);
+  return chosen;
+}
+
+namespace {
+
+// One DP-SGD step's gradient: a Poisson batch (each example with q = batch / examples, from the
+// CSPRNG), per-example gradients clipped to dp_clip, summed, noised, divided by the expected
+// batch size; left in the adapters' gradient buffers.
 absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector<Example>& train, const FinetuneOptions& o, AdapterSet<float>* adapters,
-                            int32_t pad, NextExample& next_example, std::map<std::string, std::vector<double>>* sum, double* nll,
-                            int64_t* scored, int64_t* tokens) {
+                            int32_t pad, std::map<std::string, std::vector<double>>* sum, double* nll, int64_t* scored, int64_t* tokens,
+                            int64_t* drawn) {
   const int n = o.batch * o.grad_accum;
+  const double q = std::min(1.0, static_cast<double>(n) / static_cast<double>(train.size()));
   for (auto& [name, v] : *sum) std::fill(v.begin(), v.end(), 0.0);
-  for (int i = 0; i < n; ++i) {
-    const Batch b = MakeBatch({&train[next_example()]}, pad);
+  const std::vector<size_t> batch = PoissonBatch(train.size(), q, o.dp_uniform);
+  *drawn += static_cast<int64_t>(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Batch b = MakeBatch({&train[batch[i]]}, pad);
     const int64_t s = b.n_scored();
-    trainer.set_dropout_seed(DropoutSeed(o.seed, step, i));
+    trainer.set_dropout_seed(DropoutSeed(o.seed, step, static_cast<int>(i)));
     FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, s > 0 ? 1.0f / static_cast<float>(s) : 0.0f, true));
     *nll += l;
     *scored += s;
@@ -103,7 +117,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     }
     return order[cursor++];
   };
-  if (o.dp_clip > 0 && !o.dp_normal) return absl::InvalidArgumentError("DP-SGD needs a noise source (dp_normal)");
+  if (o.dp_clip > 0 && (!o.dp_normal || !o.dp_uniform)) return absl::InvalidArgumentError("DP-SGD needs a CSPRNG (dp_normal, dp_uniform)");
   if (o.dp_noise_multiplier < 0) return absl::InvalidArgumentError("dp_noise_multiplier must be >= 0");
   std::map<std::string, std::vector<double>> dp_sum;
   TrainReport rep;
@@ -117,7 +131,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     double nll = 0;
     int64_t scored = 0, tokens = 0;
     if (o.dp_clip > 0) {
-      FT_RETURN_IF_ERROR(DpSgdGradients(trainer, step, train, o, adapters, pad, next_example, &dp_sum, &nll, &scored, &tokens));
+      FT_RETURN_IF_ERROR(DpSgdGradients(trainer, step, train, o, adapters, pad, &dp_sum, &nll, &scored, &tokens, &rep.dp_examples));
     } else {
       std::vector<Batch> micro;
       for (int a = 0; a < o.grad_accum; ++a) {

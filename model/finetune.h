@@ -41,15 +41,21 @@ struct FinetuneOptions {
   // trainable name; absent names get no term.
   double proximal_mu = 0;
   const std::map<std::string, std::vector<float>>* proximal_center = nullptr;
-  // Local DP-SGD (Abadi et al. 2016, arXiv 1607.00133): dp_clip > 0 computes each example's
-  // gradient of its mean token NLL separately, clips it to L2 norm dp_clip, sums, adds
-  // N(0, (dp_noise_multiplier * dp_clip)^2) per coordinate and divides by the examples in the
-  // step. `dp_normal` draws standard normals (a CSPRNG stream: privacy::NoiseSource).
-  // Accounting: sampling rate batch*grad_accum / n per step (privacy/rdp_accountant.h).
+  // Local DP-SGD (Abadi et al. 2016, arXiv 1607.00133): dp_clip > 0 draws each step's batch by
+  // Poisson sampling (every example independently with q = batch*grad_accum / n, so batch sizes
+  // vary), computes each drawn example's gradient of its mean token NLL separately, clips it to
+  // L2 norm dp_clip, sums, adds N(0, (dp_noise_multiplier * dp_clip)^2) per coordinate and
+  // divides by the expected batch size batch*grad_accum. `dp_normal` draws standard normals and
+  // `dp_uniform` uniforms in [0, 1), both from a CSPRNG stream (privacy::NoiseSource): the
+  // accountant's amplification at q (privacy/rdp_accountant.h) assumes exactly this sampling.
   double dp_clip = 0;
   double dp_noise_multiplier = 0;
   std::function<double()> dp_normal;
+  std::function<double()> dp_uniform;
 };
+
+// The Poisson batch of one DP-SGD step: the indices in [0, examples) for which uniform() < q.
+std::vector<size_t> PoissonBatch(size_t examples, double q, const std::function<double()>& uniform);
 
 // Checkpoint = adapter tensors + AdamW moments + Fisher + step, one safetensors file.
 absl::Status SaveCheckpoint(const std::string& path, AdapterSet<float>& adapters, AdamW& opt);
@@ -68,6 +74,7 @@ struct TrainReport {
   double seconds = 0;
   int64_t tokens = 0;
   double final_loss = 0;
+  int64_t dp_examples = 0;  // DP-SGD: examples the Poisson batches drew, all steps together
 };
 
 absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<Example>& train, const FinetuneOptions& o,

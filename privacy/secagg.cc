@@ -148,7 +148,13 @@ absl::Status Validate(const Config& c) {
   const int k = EffectiveDegree(c);
   if (k < c.num_clients - 1 && k % 2) return absl::InvalidArgumentError("secagg: degree must be even");
   const int t = EffectiveThreshold(c);
-  if (t < 2 || t > k + 1) return absl::InvalidArgumentError(absl::StrCat("secagg: threshold ", t, " must be in [2, ", k + 1, "]"));
+  // Above half of each neighbourhood (k + 1 share holders): two disjoint groups of t holders
+  // cannot exist, so a server cannot collect a mask-key reconstruction from one group and a
+  // self-mask reconstruction of the same client from another.
+  const int t_min = std::max(2, (k + 1) / 2 + 1);
+  if (t < t_min || t > k + 1)
+    return absl::InvalidArgumentError(absl::StrCat("secagg: threshold ", t, " must be in [", t_min, ", ", k + 1, "] (above half of the ", k + 1,
+                                                   " share holders)"));
   if (c.precision_bits < 1 || std::ldexp(static_cast<double>(c.num_clients), c.precision_bits) >= 4294967296.0)
     return absl::InvalidArgumentError(absl::StrCat("secagg: ", c.num_clients, " clients x 2^", c.precision_bits, " overflows 2^32"));
   if (!(c.clip_range > 0) || c.vector_length == 0) return absl::InvalidArgumentError("secagg: clip_range and vector_length must be > 0");

@@ -506,7 +506,8 @@ absl::Status RunWorker(const std::string& path) {
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, worker::ModelTaskRunner(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend), g_stop,
+  auto r = worker::RunDaemon(o, worker::ModelTaskRunner(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend,
+                                                         o.state_dir.empty() ? "" : o.state_dir + "/local_privacy.json"), g_stop,
                              eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(**m, eval, c.model().path()));
   if (!r.ok()) return r.status();
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned), %d evaluations\n", r->rounds_trained, r->rounds_reused,

@@ -1,12 +1,18 @@
 #include "worker/client.h"
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
+#include "common/mapped_file.h"
 #include "kernels/quant.h"
 #include "model/finetune.h"
+#include "nlohmann/json.hpp"
 
 namespace fedtune::worker {
 
@@ -26,10 +32,36 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const std::string& base
   return slot.get();
 }
 
+absl::Status LocalPrivacy::Open(double delta) {
+  ledger_ = std::make_unique<privacy::PrivacyLedger>(0, delta);
+  if (path_.empty() || !std::filesystem::exists(path_)) return absl::OkStatus();
+  std::ifstream in(path_);
+  std::stringstream text;
+  text << in.rdbuf();
+  try {
+    const nlohmann::json j = nlohmann::json::parse(text.str());
+    for (const auto& r : j.at("releases"))
+      FT_RETURN_IF_ERROR(ledger_->Record({r.at("label").get<std::string>(), std::stod(r.at("q").get<std::string>()),
+                                          std::stod(r.at("sigma").get<std::string>()), r.at("steps").get<int64_t>()}));
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat(path_, ": unreadable local privacy ledger (", e.what(), "); refusing to restart the count"));
+  }
+  FT_ASSIGN_OR_RETURN(privacy::Epsilon e, ledger_->Spent());
+  FT_LOG_INFO("local DP-SGD: {} earlier releases from {} (epsilon {:.3f} so far)", ledger_->releases().size(), path_, e.epsilon);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, size_t examples) {
-  if (!ledger_) ledger_ = std::make_unique<privacy::PrivacyLedger>(0, task.local_dp_delta > 0 ? task.local_dp_delta : 1e-5);
+  if (!ledger_) FT_RETURN_IF_ERROR(Open(task.local_dp_delta > 0 ? task.local_dp_delta : 1e-5));
   const double q = examples ? std::min(1.0, static_cast<double>(task.batch) / static_cast<double>(examples)) : 1.0;
   FT_RETURN_IF_ERROR(ledger_->Record({absl::StrCat("round ", task.round), q, task.local_dp_noise, task.local_steps}));
+  if (!path_.empty()) {
+    nlohmann::json j;
+    j["releases"] = nlohmann::json::array();
+    for (const privacy::Release& r : ledger_->releases())
+      j["releases"].push_back({{"label", r.label}, {"q", absl::StrFormat("%.17g", r.q)}, {"sigma", absl::StrFormat("%.17g", r.sigma)}, {"steps", r.steps}});
+    FT_RETURN_IF_ERROR(WriteFileAtomic(path_, j.dump(1), 0600));
+  }
   FT_ASSIGN_OR_RETURN(privacy::Epsilon e, ledger_->Spent());
   return e.epsilon;
 }
@@ -96,6 +128,11 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
     if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
     FT_ASSIGN_OR_RETURN(double eps, privacy->Record(task, data.size()));
     r.update.metrics["local_epsilon"] = eps;
+    // The coordinator is not trusted under local DP: nothing that depends on the data but the
+    // privatised update leaves (no loss, no token count; weight 1 instead of the example count).
+    r.update.num_examples = 1;
+    r.update.metrics.erase("train_loss");
+    r.update.metrics.erase("train_tokens");
   }
   return r;
 }

@@ -45,12 +45,18 @@ struct ClientEnv {
 };
 
 // The client's record-level privacy under local DP-SGD: every round's DP-SGD steps, composed.
+// With a path, the ledger is kept in that file (JSON, written atomically and fsync'ed before the
+// round's update can leave), so a restarted worker continues its count instead of restarting it.
 class LocalPrivacy {
  public:
+  LocalPrivacy() = default;
+  explicit LocalPrivacy(std::string path) : path_(std::move(path)) {}
   // Records the round's steps (q = batch / examples) and returns the epsilon spent so far.
   absl::StatusOr<double> Record(const protocol::TrainTask& task, size_t examples);
 
  private:
+  absl::Status Open(double delta);
+  std::string path_;
   std::unique_ptr<privacy::PrivacyLedger> ledger_;
 };
 

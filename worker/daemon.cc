@@ -9,6 +9,7 @@
 #include <mutex>
 #include <filesystem>
 #include <optional>
+#include <set>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -16,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
+#include "protocol/secagg_identity.h"
 #include "protocol/secagg_wire.h"
 #include "protocol/task.h"
 #include "protocol/update_codec.h"
@@ -171,7 +173,7 @@ absl::StatusOr<std::vector<uint8_t>> Download(rpc::v1::Coordinator::Stub& stub, 
 }
 
 grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Kept& kept,
-                        rpc::v1::UploadResponse* resp, bool secure = false) {
+                        rpc::v1::UploadResponse* resp, bool secure = false, int64_t resume_offset = 0) {
   grpc::ClientContext ctx;
   // Past the round's deadline (plus slack for the clock) the coordinator refuses it anyway.
   if (task.deadline_unix_ms() > 0) ctx.set_deadline(std::chrono::system_clock::time_point(std::chrono::milliseconds(task.deadline_unix_ms() + 30000)));
@@ -185,9 +187,10 @@ grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& t
   h->set_total_bytes(static_cast<int64_t>(kept.payload.size()));
   h->set_sha256(protocol::Sha256Hex(kept.payload));
   h->set_secure(secure);
+  h->set_resume_offset(resume_offset);
   for (const auto& [k, v] : kept.metrics) (*h->mutable_metrics())[k] = v;
   bool ok = writer->Write(head);
-  for (size_t off = 0; ok && off < kept.payload.size(); off += 1 << 20) {
+  for (size_t off = static_cast<size_t>(resume_offset); ok && off < kept.payload.size(); off += 1 << 20) {
     rpc::v1::UploadMessage m;
     m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
     m.mutable_chunk()->set_data(kept.payload.data() + off, std::min<size_t>(1 << 20, kept.payload.size() - off));
@@ -202,12 +205,33 @@ grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& t
 grpc::Status UploadWithRetries(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Kept& kept,
                                rpc::v1::UploadResponse* resp, bool secure) {
   grpc::Status fin;
+  int64_t resume = 0;
+  const std::string sha = protocol::Sha256Hex(kept.payload);
   for (int attempt = 0, backoff_ms = 200;; ++attempt, backoff_ms = std::min(backoff_ms * 2, 10000)) {
-    fin = UploadOnce(stub, task, me, kept, resp, secure);
-    const bool retry = fin.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED || fin.error_code() == grpc::StatusCode::UNAVAILABLE;
+    fin = UploadOnce(stub, task, me, kept, resp, secure, resume);
+    if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && resume > 0) {  // the kept part is gone: from the start
+      resume = 0;
+      fin = UploadOnce(stub, task, me, kept, resp, secure, 0);
+    }
+    // A broken link (UNAVAILABLE, or a stream cut short: DATA_LOSS) or a loaded coordinator.
+    const bool retry = fin.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED || fin.error_code() == grpc::StatusCode::UNAVAILABLE ||
+                       fin.error_code() == grpc::StatusCode::DATA_LOSS;
     if (!retry || attempt >= 8) break;
     const int jitter = static_cast<int>(protocol::TrainingSeed(me, attempt) % static_cast<uint64_t>(backoff_ms));
     std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms / 2 + jitter / 2));
+    // Resume where the coordinator stopped receiving, if it kept the part of this payload.
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    rpc::v1::HeartbeatRequest hreq;
+    hreq.set_worker_id(me);
+    hreq.set_round(task.round());
+    rpc::v1::HeartbeatResponse hresp;
+    resume = 0;
+    if (stub.Heartbeat(&ctx, hreq, &hresp).ok() && hresp.upload_sha256() == sha && hresp.upload_resume_offset() > 0 &&
+        hresp.upload_resume_offset() < static_cast<int64_t>(kept.payload.size())) {
+      resume = hresp.upload_resume_offset();
+      FT_LOG_INFO("round {}: resuming the upload at byte {} of {}", task.round(), resume, kept.payload.size());
+    }
   }
   return fin;
 }
@@ -237,13 +261,25 @@ absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me,
     FT_LOG_WARN("round {}: dropped from secure aggregation at the {} stage", task.round(), stage);
     return absl::OkStatus();
   };
+  // Signed key advertisements: ours with our certificate's key, the neighbours' checked against
+  // the deployment CA (a coordinator that swapped a key is caught here; we leave the round).
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<protocol::SecAggIdentity> identity, protocol::SecAggIdentity::Load(o.ca_pem, o.cert_pem, o.key_pem));
   rpc::v1::SecAggRequest req;
   rpc::v1::SecAggResponse resp;
   *req.mutable_keys() = protocol::ToProto(sc->Advertise());
+  FT_RETURN_IF_ERROR(identity->Sign(task.run_id(), task.round(), req.mutable_keys()));
   FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::ADVERTISE_KEYS, req, &resp));
   if (resp.dropped_from_round()) return out("key");
   std::vector<privacy::secagg::PublicKeys> neighbours;
+  std::set<std::string> signers = {identity->name()};
   for (const auto& k : resp.keys()) {
+    absl::StatusOr<std::string> signer = identity->Verify(task.run_id(), task.round(), k);
+    if (signer.ok() && !signers.insert(*signer).second)
+      signer = absl::PermissionDeniedError(absl::StrCat("two advertisements in this round signed by '", *signer, "'"));
+    if (!signer.ok()) {
+      FT_LOG_WARN("round {}: refusing secure aggregation: {}", task.round(), std::string(signer.status().message()));
+      return out("key");
+    }
     FT_ASSIGN_OR_RETURN(privacy::secagg::PublicKeys pk, protocol::FromProto(k));
     neighbours.push_back(pk);
   }
@@ -380,13 +416,13 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 }  // namespace
 
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
-                     int activation_budget_mib, kernels::Backend* backend) {
+                     int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path) {
   struct State {
-    State(const model::LlamaModel& m, const std::string& path) : bases(m, path) {}
+    State(const model::LlamaModel& m, const std::string& path, const std::string& ledger) : bases(m, path), privacy(ledger) {}
     BaseModels bases;
-    LocalPrivacy privacy;  // record-level epsilon across the rounds this daemon trained
+    LocalPrivacy privacy;  // record-level epsilon across every round this worker trained
   };
-  auto state = std::make_shared<State>(model, model_path);
+  auto state = std::make_shared<State>(model, model_path, privacy_path);
   return [&data, state, activation_budget_mib, backend](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                                         const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (!task.plan.explanation.empty()) FT_LOG_INFO("round {} plan: {}", task.round, task.plan.explanation);
@@ -463,6 +499,13 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner&
   ssl.pem_private_key = key;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(4 << 20);
+  // Client keepalive: a coordinator that vanished (half-open TCP, a NAT that dropped the flow) is
+  // noticed within ~40 s, also during a long-poll or a transfer, instead of waiting for a
+  // deadline. The coordinator permits pings every 10 s (server.cc).
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   auto channel = grpc::CreateCustomChannel(o.address, grpc::SslCredentials(ssl), args);
   auto stub = rpc::v1::Coordinator::NewStub(channel);
   DaemonReport rep;

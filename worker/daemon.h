@@ -56,9 +56,10 @@ using TaskRunner = std::function<absl::StatusOr<LocalResult>(const protocol::Tra
 // The real trainer: worker::RunTrainTask on `model` (re-quantized copies loaded from
 // `model_path` when a plan asks for another base type) and `data`, with local DP-SGD accounted
 // across rounds. activation_budget_mib > 0: keep activations within that many MiB per pass
-// instead of recomputing them. backend: kernels for training (null: cpu-fast).
+// instead of recomputing them. backend: kernels for training (null: cpu-fast). privacy_path: where
+// the local DP-SGD ledger persists across restarts (empty: in memory only).
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
-                     int activation_budget_mib = 0, kernels::Backend* backend = nullptr);
+                     int activation_budget_mib = 0, kernels::Backend* backend = nullptr, const std::string& privacy_path = "");
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 

@@ -20,6 +20,7 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
   if (ft.dp_clip > 0) {
     FT_ASSIGN_OR_RETURN(noise, privacy::NoiseSource::Create());
     ft.dp_normal = [&noise] { return noise->Normal(); };
+    ft.dp_uniform = [&noise] { return noise->Uniform(); };
   }
   model::AdamW opt(o.optimizer);  // local optimizer state starts fresh every round
   LocalResult r;

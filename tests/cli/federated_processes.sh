@@ -49,14 +49,15 @@ done
 hport="$(sed -n 's/.*status server on port \([0-9]*\).*/\1/p' "$dir/coordinator.log")"
 "$bin" status "127.0.0.1:$hport" | tee "$dir/status.txt"
 grep -q 'round .* of 2' "$dir/status.txt"
-# Once round 1 is committed the status shows its held-out accuracy and epsilon.
+# Once round 1 is committed the status shows its held-out accuracy and epsilon (under DP no
+# train loss: a per-client figure, withheld).
 for _ in $(seq 600); do
   "$bin" status "127.0.0.1:$hport" > "$dir/status.txt" 2>/dev/null || true
-  grep -qE '^1 +[0-9]+ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+% +[0-9.]+ ' "$dir/status.txt" && break
+  grep -qE '^1 +[0-9]+ +[0-9]+ +([0-9.]+|-) +[0-9.]+ +[0-9.]+% +[0-9.]+ ' "$dir/status.txt" && break
   sleep 0.2
 done
 cat "$dir/status.txt"
-grep -qE '^1 +[0-9]+ +[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+% +[0-9.]+ ' "$dir/status.txt"
+grep -qE '^1 +[0-9]+ +[0-9]+ +([0-9.]+|-) +[0-9.]+ +[0-9.]+% +[0-9.]+ ' "$dir/status.txt"
 wait "$coord"
 for p in "${pids[@]}"; do wait "$p"; done
 cat "$dir/coordinator.log" | grep -E 'committed|joined'
@@ -70,6 +71,10 @@ for r in (1, 2):
     assert (r, "epsilon") in m and m[(r, "epsilon")] > 0, f"round {r}: no epsilon"
     assert (r, "accuracy") in m and (r, "eval_loss") in m, f"round {r}: no evaluation"
 assert m[(2, "epsilon")] > m[(1, "epsilon")]
+# Under DP nothing per client that depends on data is kept: no train loss, example counts NULL.
+assert (1, "train_loss") not in m, "train loss published under DP"
+rows = list(db.execute("select num_examples, train_loss from client_rounds where status = 'ok'"))
+assert rows and all(n is None and l is None for n, l in rows), rows
 print(f"ledger: epsilon {m[(1, 'epsilon')]:.3f} -> {m[(2, 'epsilon')]:.3f}, accuracy {m[(1, 'accuracy')]:.2f} -> {m[(2, 'accuracy')]:.2f}")
 PY
 echo "federated run over mutual TLS with 3 worker processes: OK"

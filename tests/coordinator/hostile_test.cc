@@ -130,7 +130,7 @@ class HostileTest : public ::testing::Test {
   };
   // `announce` bytes in the header; `send` of the payload actually sent.
   static Upload SendUpload(rpc::v1::Coordinator::Stub& stub, int round, const std::vector<uint8_t>& payload, int64_t announce, size_t send,
-                           int64_t num_examples = 10) {
+                           int64_t num_examples = 10, size_t resume = 0) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
     Upload u;
@@ -140,8 +140,9 @@ class HostileTest : public ::testing::Test {
     head.mutable_header()->set_num_examples(num_examples);
     head.mutable_header()->set_total_bytes(announce);
     head.mutable_header()->set_sha256(protocol::Sha256Hex(payload));
+    head.mutable_header()->set_resume_offset(static_cast<int64_t>(resume));
     w->Write(head);
-    for (size_t off = 0; off < send; off += 1 << 20) {
+    for (size_t off = resume; off < send; off += 1 << 20) {
       rpc::v1::UploadMessage m;
       m.mutable_chunk()->set_offset(static_cast<int64_t>(off));
       m.mutable_chunk()->set_data(payload.data() + off, std::min<size_t>(1 << 20, send - off));
@@ -245,6 +246,39 @@ TEST_F(HostileTest, MalformedTransfersAreRefusedAndHonestWorkersFinish) {
   EXPECT_EQ(ledger->get()->AllMetrics()->size(), 2u);
   for (const auto& [name, v] : (*server)->global())
     for (float x : v) ASSERT_TRUE(std::isfinite(x) && std::fabs(x) < 1.0f) << name;
+}
+
+// A broken upload resumes where the coordinator stopped receiving (the offset comes back in the
+// heartbeat); a resume at any other offset, or of another payload, is refused.
+TEST_F(HostileTest, BrokenUploadResumesAtTheKeptOffsetAndBadResumesAreRefused) {
+  auto server = coordinator::CoordinatorServer::Start(Options(1, 20000));
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto evil = Stub("evil", (*server)->port());
+  ASSERT_EQ(Join(*evil, Token("evil")), StatusCode::OK);
+  StartHonest((*server)->port(), 1.0);
+  ASSERT_EQ(WaitForTask(*evil).round(), 1);
+  const std::vector<uint8_t> good = Encoded(1e-3f);
+  const size_t half = good.size() / 2;
+  EXPECT_EQ(SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), half).status.error_code(), StatusCode::DATA_LOSS);
+  grpc::ClientContext ctx;
+  rpc::v1::HeartbeatRequest hreq;
+  hreq.set_round(1);
+  rpc::v1::HeartbeatResponse hresp;
+  ASSERT_TRUE(evil->Heartbeat(&ctx, hreq, &hresp).ok());
+  EXPECT_EQ(hresp.upload_resume_offset(), static_cast<int64_t>(half));
+  EXPECT_EQ(hresp.upload_sha256(), protocol::Sha256Hex(good));
+  // Past the kept bytes: refused (the worker would then start over from byte 0).
+  EXPECT_EQ(SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), good.size(), 10, half + 1).status.error_code(),
+            StatusCode::FAILED_PRECONDITION);
+  // Break again, then resume properly: accepted with the whole payload's checksum.
+  EXPECT_EQ(SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), half).status.error_code(), StatusCode::DATA_LOSS);
+  Upload u = SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), good.size(), 10, half);
+  ASSERT_TRUE(u.status.ok()) << u.status.error_message();
+  EXPECT_TRUE(u.resp.accepted()) << u.resp.reason();
+  EXPECT_EQ(u.resp.received_bytes(), static_cast<int64_t>(good.size()));
+  ASSERT_TRUE((*server)->Wait().ok());
+  StopHonest();
+  EXPECT_EQ((*server)->last_committed_round(), 1);
 }
 
 TEST_F(HostileTest, InflatedExampleCountsWeighAtMostTheCap) {

@@ -1,6 +1,7 @@
 // The fine-tuning pieces on tiny models: data loading, AdamW, schedule, the float training
 // path against the double one, adapters in the inference path, save/load, and learning.
 #include <cmath>
+#include <set>
 #include <fstream>
 
 #include "common/rng.h"
@@ -315,6 +316,7 @@ TEST_F(TinyFixture, DpSgdClipsPerExampleAndMatchesPlainMeanWithoutClipping) {
     fo.dp_clip = clip;
     fo.dp_noise_multiplier = z;
     fo.dp_normal = [&] { return rng.Normal(); };
+    fo.dp_uniform = [&] { return rng.Uniform(); };
     EXPECT_TRUE(Finetune(*model_, data->train, fo, &set, &opt, [&](const StepLog& s) { norms->push_back(s.grad_norm); }).ok());
     std::vector<float> flat;
     set.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) { flat.insert(flat.end(), p.begin(), p.end()); });
@@ -331,6 +333,28 @@ TEST_F(TinyFixture, DpSgdClipsPerExampleAndMatchesPlainMeanWithoutClipping) {
   std::vector<double> n_noisy;
   run(1e-3, 1.0, &n_noisy);
   EXPECT_GT(n_noisy[0], 1e-3);  // the noise dominates a clipped gradient on many coordinates
+}
+
+// DP-SGD batches are Poisson samples, as the accountant assumes: sizes vary from step to step and
+// each example is drawn with probability q within a binomial bound.
+TEST(DpSgdSamplingTest, PoissonBatchesVaryInSizeAndDrawEachExampleAtRateQ) {
+  Rng rng(11);
+  const size_t n = 200;
+  const double q = 0.05;
+  const int steps = 4000;
+  std::vector<int> times(n, 0);
+  std::set<size_t> sizes;
+  double total = 0;
+  for (int s = 0; s < steps; ++s) {
+    const std::vector<size_t> b = PoissonBatch(n, q, [&] { return rng.Uniform(); });
+    sizes.insert(b.size());
+    total += static_cast<double>(b.size());
+    for (size_t i : b) ++times[i];
+  }
+  EXPECT_GT(sizes.size(), 8u);
+  EXPECT_NEAR(total / steps, n * q, 5 * std::sqrt(n * q * (1 - q) / steps));
+  for (size_t i = 0; i < n; ++i) EXPECT_NEAR(times[i], steps * q, 5 * std::sqrt(steps * q * (1 - q))) << i;
+  EXPECT_EQ(PoissonBatch(5, 1.0, [&] { return rng.Uniform(); }).size(), 5u);
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
+
 #include <cstdlib>
 #include <filesystem>
 
@@ -278,6 +280,27 @@ TEST_F(SimTest, TextDomainsAreScoredByPerplexity) {
   EXPECT_EQ(last.count("acc_sentiment"), 1u);
   auto csv = ReadFileToString(out + "/metrics.csv");
   EXPECT_NE(csv->find("ppl_Apache-2.0"), std::string::npos);
+}
+
+// Central DP with clients_per_round below the population: Poisson selection from a CSPRNG, so
+// round sizes vary, every drawn client is trained, nothing per client is published, and the
+// strategy line states the sampling the accountant assumes.
+TEST_F(SimTest, CentralDpSamplesClientsByPoissonAndWithholdsPerClientFigures) {
+  auto r = Run(Yaml("clients: 40\nrounds: 6\ntrain: {stand_in: true}\nstrategy: {clients_per_round: 10}\n"
+                    "dp: {enabled: true, noise_multiplier: 1.0, clip_norm: 0.5}\n"
+                    "data: {tasks: [sentiment, extract], examples_per_task: 80, eval_examples: 2, max_len: 96}\n",
+                    testing::TempPath("sim_poisson")));
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::set<double> sizes;
+  for (const auto& rec : r->rounds) {
+    if (rec.round == 0) continue;
+    ASSERT_TRUE(rec.metrics.count("selected")) << rec.round;
+    sizes.insert(rec.metrics.at("selected"));
+    EXPECT_EQ(rec.metrics.at("accepted"), rec.metrics.at("selected")) << rec.round;
+    EXPECT_EQ(rec.metrics.count("train_loss"), 0u) << "a per-client figure published under DP";
+    EXPECT_GT(rec.metrics.at("epsilon"), 0);
+  }
+  EXPECT_GT(sizes.size(), 1u) << "Poisson round sizes should vary";
 }
 
 TEST_F(SimTest, StandInClientsMeasureServerOverhead) {
