@@ -177,6 +177,7 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
     r.metrics["epsilon"] = spent.epsilon;
     r.metrics["dp_clip_norm"] = clip_;
     r.metrics["dp_noise_stddev"] = z_update_ * s_num;
+    r.metrics.erase("num_examples");  // the clients' own counts: not released under DP
     return r;
   }
   // Sum = mean * contributors, plus noise on every coordinate of every tensor (absent tensors
@@ -197,6 +198,7 @@ absl::StatusOr<RoundResult> DpStrategy::Commit(int round, const TensorMap& globa
   r.metrics["epsilon"] = spent.epsilon;
   r.metrics["dp_clip_norm"] = clip_;
   r.metrics["dp_noise_stddev"] = stddev;
+  r.metrics.erase("num_examples");  // the clients' own counts: not released under DP
   // The fraction of unclipped updates depends on the clients' data: published only in its
   // privatised form (adaptive clipping's noisy count, which the accounting covers).
   if (o_.adaptive_clipping) {

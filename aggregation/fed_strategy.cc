@@ -361,12 +361,12 @@ absl::StatusOr<RoundResult> FedStrategy::Commit(int, const TensorMap& global, Me
   r.metrics["failures"] = static_cast<double>(failures.size());
   r.metrics["num_examples"] = static_cast<double>(merged.num_examples);
   if (const double b = norm_bound(); b > 0) r.metrics["norm_bound"] = b;
-  if (!round_norms_.empty()) {  // plain updates this round: the next round's automatic bound
+  if (o_.auto_norm_factor > 0 && !round_norms_.empty()) {  // plain updates this round: the next round's automatic bound
     std::vector<double> n = round_norms_;
     std::nth_element(n.begin(), n.begin() + static_cast<std::ptrdiff_t>(n.size() / 2), n.end());
     last_median_norm_ = n[n.size() / 2];
-    round_norms_.clear();
   }
+  round_norms_.clear();
   if (merged.accepted < std::max(1, o_.min_clients)) {
     r.metrics["kept_global"] = 1;
     return r;  // keep the global adapter

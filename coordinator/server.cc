@@ -135,6 +135,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::string sha256;
     int64_t total = 0;
     std::vector<uint8_t> bytes;
+    int64_t kept_ms = 0;  // eviction: the oldest goes first
   };
   std::map<std::string, Partial> partials;
   int64_t deadline_unix_ms = 0;
@@ -546,8 +547,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       const size_t got = bytes.size();
       std::lock_guard<std::mutex> l(mu);
       if (got > 0 && !shutdown && !UploadRefusal(cn, h.round())) {  // keep what came for a resume
-        if (partials.size() >= static_cast<size_t>(std::max(1, o.max_concurrent_uploads))) partials.erase(partials.begin());
-        partials[cn] = {h.round(), h.sha256(), h.total_bytes(), std::move(bytes)};
+        // At most max_concurrent_uploads kept (memory: as many again as the upload slots buffer).
+        if (partials.size() >= static_cast<size_t>(std::max(1, o.max_concurrent_uploads)))
+          partials.erase(std::min_element(partials.begin(), partials.end(),
+                                          [](const auto& a, const auto& b) { return a.second.kept_ms < b.second.kept_ms; }));
+        partials[cn] = {h.round(), h.sha256(), h.total_bytes(), std::move(bytes), UnixMs()};
       }
       return grpc::Status(grpc::StatusCode::DATA_LOSS, absl::StrCat("upload truncated at ", got, " of ", h.total_bytes(), " bytes"));
     }

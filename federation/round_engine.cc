@@ -146,6 +146,10 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, 
   fs::create_directories(o.state_dir, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", o.state_dir, ": ", ec.message()));
   FT_ASSIGN_OR_RETURN(e->strategy_, MakeStrategy(o.settings, &e->strategy_summary_));
+  // Closing a round after the first K updates would sum "the K fastest of the sample", not the
+  // Poisson sample the accountant assumes (one client's presence could push another out).
+  if (e->strategy_->private_selection() && o.target_updates > 0)
+    return absl::InvalidArgumentError("target_updates (over-selection) cannot be combined with Poisson client sampling under DP (dp.sampling: fixed can)");
   FT_ASSIGN_OR_RETURN(e->ledger_, RunLedger::Open(o.state_dir + "/ledger.sqlite"));
   FT_ASSIGN_OR_RETURN(e->committed_, e->ledger_->LastRound());
   e->global_ = std::move(initial_global);
@@ -296,7 +300,6 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     // A private (Poisson) selection is never re-drawn: each round commits with the clients that
     // drew and answered, however few (DpStrategy: the noise is released all the same).
     const bool private_selection = strategy_->private_selection();
-    if (private_selection) rec.metrics["selected"] = static_cast<double>(selected.size());
     const double lr = RoundLearningRate(s.learning_rate, r, s.rounds);
     rec.metrics["client_lr"] = lr;
     std::vector<protocol::TrainTask> tasks;
@@ -323,6 +326,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     std::unique_ptr<aggregation::Aggregation> agg = strategy_->BeginAggregate(r, global_);
     std::unique_ptr<SecureServer> sec;
     double weight_divisor = 0;
+    int unmasked_unused = 0;  // survivors of a secure sum that was unmasked but could not be used
     if (s.secure.enabled) {
       // Secure aggregation: ids in selection order; clients weight by examples over the round's
       // total (public metadata), or equally under DP, where they also clip and add their share of
@@ -345,9 +349,11 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         weight_divisor += static_cast<double>(examples[task.client]);
         all_known = all_known && examples[task.client] > 0;
       }
-      p.weight_divisor = all_known ? weight_divisor : 0;
+      // Local DP: workers send weight 1 (their counts are private), so no divisor.
+      p.weight_divisor = all_known && !s.dp.local ? weight_divisor : 0;
       weight_divisor = p.weight_divisor;
-      auto begun = SecureServer::Begin(ids, global_, p);
+      absl::StatusOr<std::unique_ptr<SecureServer>> begun =
+          private_selection && ids.size() < 3 ? absl::FailedPreconditionError("fewer than 3 clients") : SecureServer::Begin(ids, global_, p);
       if (!begun.ok() && private_selection) {  // too few drawn for SecAgg+: a round without updates
         say(absl::StrFormat("round %d: %d clients drawn, too few for secure aggregation (%s); the round has no update", r,
                             static_cast<int>(tasks.size()), begun.status().message()));
@@ -402,17 +408,21 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       if (!added.ok() && private_selection) {  // not re-drawn either: the round has no update
         say(absl::StrFormat("round %d: secure aggregation failed (%s); the round has no update", r, added.message()));
         rec.metrics["secagg_failed"] = 1;
+        // The sum was unmasked (the server saw it) but not used: still a release to account.
+        if (finished.ok()) unmasked_unused = static_cast<int>(finished->survivors.size());
       } else if (!added.ok()) {
         if (++attempt > kMaxAttempts) return absl::FailedPreconditionError(absl::StrCat("round ", r, ": secure aggregation failed: ", added.message()));
         say(absl::StrFormat("round %d: secure aggregation failed (%s); the round starts again (attempt %d)", r, added.message(), attempt + 1));
         continue;
       }
-      const SecureServer::Sum ssum = finished.ok() ? *finished : SecureServer::Sum{};
-      rec.metrics["secagg_survivors"] = static_cast<double>(ssum.survivors.size());
-      rec.metrics["secagg_tampered_shares"] = static_cast<double>(ssum.tampered.size());
-      for (const auto& tampered : ssum.tampered) say("secure aggregation: " + tampered);
+      if (finished.ok()) {
+        rec.metrics["secagg_survivors"] = static_cast<double>(finished->survivors.size());
+        rec.metrics["secagg_tampered_shares"] = static_cast<double>(finished->tampered.size());
+        for (const auto& tampered : finished->tampered) say("secure aggregation: " + tampered);
+      }
     }
     FT_ASSIGN_OR_RETURN(aggregation::Merged merged, agg->Merge());
+    if (unmasked_unused > 0) merged.accepted = unmasked_unused;  // accounted as the release it was
     absl::StatusOr<aggregation::RoundResult> result = strategy_->Commit(r, global_, std::move(merged), col.failures_);
     if (result.status().code() == absl::StatusCode::kResourceExhausted) {
       // The privacy budget refuses this round: nothing is released; the run ends here.

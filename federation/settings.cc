@@ -36,7 +36,8 @@ absl::StatusOr<aggregation::StrategyOptions> StrategyFromConfig(const proto::Str
   o.proximal_mu = st.proximal_mu();
   if (st.norm_bound() < 0 && st.norm_bound() != -1) return Bad("strategy.norm_bound", "must be > 0, or -1 for off");
   o.norm_bound = std::max(0.0, st.norm_bound());
-  if (st.norm_bound_factor() < 0) return Bad("strategy.norm_bound_factor", "must be > 0");
+  if (st.norm_bound_factor() < 0) return Bad("strategy.norm_bound_factor", "must be > 0 (unset: 5)");
+  if (st.norm_bound_factor() > 0 && st.norm_bound() != 0) return Bad("strategy.norm_bound_factor", "only with the automatic norm bound (norm_bound unset)");
   o.auto_norm_factor = st.norm_bound() == 0 ? OrDefault(st.norm_bound_factor(), 5.0) : 0.0;
   o.trim_fraction = OrDefault(st.trim_fraction(), 0.1);
   o.krum_byzantine = st.krum_byzantine();
@@ -126,6 +127,7 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   }
   // Differential privacy.
   if (dp.private_fisher() && !dp.enabled()) return Bad("dp.private_fisher", "needs dp.enabled (central)");
+  if (!dp.sampling().empty() && !dp.enabled()) return Bad("dp.sampling", "needs dp.enabled (central)");
   if (dp.enabled()) {
     if (dp.private_fisher() && dp.local()) return Bad("dp.private_fisher", "central DP only");
     if (dp.noise_multiplier() <= 0 && dp.target_epsilon() <= 0) return Bad("dp", "set noise_multiplier or target_epsilon");
@@ -164,6 +166,8 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
       }
     }
   }
+  if (s.secure.enabled && s.dp.central && s.dp.poisson && s.expected_clients < population && s.secure.threshold > 0)
+    return Bad("secure_aggregation.threshold", "not with Poisson client sampling (round sizes vary; the default threshold follows each round's size)");
   if (planner.enabled()) {
     if (s.dp.local) return Bad("planner", "not combined with local DP (per-client accounting assumes the uniform batch and steps)");
     if (s.secure.enabled) return Bad("planner", "not combined with secure aggregation (partial adapters are not masked per module)");

@@ -70,7 +70,8 @@ absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector
   }
   const double sd = o.dp_noise_multiplier * o.dp_clip;
   adapters->ForEachTrainable([&](const std::string& name, std::vector<float>&, std::vector<float>& g) {
-    const std::vector<double>& acc = (*sum)[name];
+    std::vector<double>& acc = (*sum)[name];
+    acc.resize(g.size(), 0.0);  // an empty Poisson batch leaves the sum at zero: noise only
     for (size_t k = 0; k < g.size(); ++k) g[k] = static_cast<float>((acc[k] + (sd > 0 ? sd * o.dp_normal() : 0.0)) / n);
   });
   return absl::OkStatus();

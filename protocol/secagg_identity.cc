@@ -5,6 +5,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/mapped_file.h"
@@ -61,10 +62,15 @@ struct SecAggIdentity::Impl {
 
 SecAggIdentity::~SecAggIdentity() = default;
 
-std::string SecAggSignedBytes(const std::string& run_id, int round, const rpc::v1::SecAggKeys& k) {
-  std::string m = "fedtune secagg keys v1";
+std::string SecAggAttempt(const rpc::v1::Task& task) {
+  return absl::StrCat(task.run_id().size(), ":", task.run_id(), ";round ", task.round(), ";deadline ", task.deadline_unix_ms(), ";clients ",
+                      task.secagg_clients(), ";graph ", task.secagg_graph_seed());
+}
+
+std::string SecAggSignedBytes(const std::string& context, const rpc::v1::SecAggKeys& k) {
+  std::string m = "fedtune secagg keys v2";
   m.push_back('\0');
-  absl::StrAppend(&m, run_id.size(), ":", run_id, ";", round, ";", k.id(), ";");
+  absl::StrAppend(&m, context.size(), ":", context, ";", k.id(), ";");
   for (const std::string* part : {&k.enc_pk(), &k.mask_pk(), &k.b_commitment()}) absl::StrAppend(&m, part->size(), ":", *part);
   return m;
 }
@@ -77,6 +83,7 @@ absl::StatusOr<std::unique_ptr<SecAggIdentity>> SecAggIdentity::Load(const std::
   FT_ASSIGN_OR_RETURN(id->impl_->cert_pem, ReadFileToString(cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(key_pem));
   id->impl_->store.reset(X509_STORE_new());
+  if (!id->impl_->store) return absl::InternalError("X509_STORE_new failed");
   X509Ptr ca_cert = ParseCert(ca);
   if (!ca_cert || X509_STORE_add_cert(id->impl_->store.get(), ca_cert.get()) != 1)
     return absl::InvalidArgumentError(absl::StrCat(ca_pem, ": not a CA certificate (", OpenSslError(), ")"));
@@ -92,8 +99,8 @@ absl::StatusOr<std::unique_ptr<SecAggIdentity>> SecAggIdentity::Load(const std::
   return id;
 }
 
-absl::Status SecAggIdentity::Sign(const std::string& run_id, int round, rpc::v1::SecAggKeys* k) const {
-  const std::string m = SecAggSignedBytes(run_id, round, *k);
+absl::Status SecAggIdentity::Sign(const std::string& context, rpc::v1::SecAggKeys* k) const {
+  const std::string m = SecAggSignedBytes(context, *k);
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
   size_t len = 0;
   std::string sig;
@@ -111,7 +118,8 @@ absl::Status SecAggIdentity::Sign(const std::string& run_id, int round, rpc::v1:
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> SecAggIdentity::Verify(const std::string& run_id, int round, const rpc::v1::SecAggKeys& k) const {
+absl::StatusOr<std::string> SecAggIdentity::Verify(const std::string& context, const rpc::v1::SecAggKeys& k) const {
+  ERR_clear_error();
   const std::string who = absl::StrCat("key advertisement of client ", k.id());
   if (k.signature().empty() || k.certificate().empty()) return absl::PermissionDeniedError(absl::StrCat(who, ": unsigned"));
   if (k.certificate().size() > kMaxCertificate || k.signature().size() > kMaxSignature)
@@ -119,12 +127,16 @@ absl::StatusOr<std::string> SecAggIdentity::Verify(const std::string& run_id, in
   X509Ptr cert = ParseCert(k.certificate());
   if (!cert) return absl::PermissionDeniedError(absl::StrCat(who, ": unreadable certificate"));
   X509_STORE_CTX* vctx = X509_STORE_CTX_new();
-  const bool chained = vctx && X509_STORE_CTX_init(vctx, impl_->store.get(), cert.get(), nullptr) == 1 && X509_verify_cert(vctx) == 1;
+  // A worker certificate: chained to the CA with the client-authentication purpose (the
+  // coordinator's own certificate is for server authentication only and is refused).
+  const bool chained = vctx && X509_STORE_CTX_init(vctx, impl_->store.get(), cert.get(), nullptr) == 1 &&
+                       X509_STORE_CTX_set_purpose(vctx, X509_PURPOSE_SSL_CLIENT) == 1 && X509_verify_cert(vctx) == 1;
   const std::string why = vctx && !chained ? X509_verify_cert_error_string(X509_STORE_CTX_get_error(vctx)) : "";
   X509_STORE_CTX_free(vctx);
-  if (!chained) return absl::PermissionDeniedError(absl::StrCat(who, ": certificate not from the deployment CA (", why, ")"));
+  ERR_clear_error();
+  if (!chained) return absl::PermissionDeniedError(absl::StrCat(who, ": not a worker certificate of the deployment CA (", why, ")"));
   EVP_PKEY* pk = X509_get0_pubkey(cert.get());
-  const std::string m = SecAggSignedBytes(run_id, round, k);
+  const std::string m = SecAggSignedBytes(context, k);
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
   const bool good = ctx && pk && EVP_DigestVerifyInit(ctx, nullptr, DigestFor(pk), nullptr, pk) == 1 &&
                     EVP_DigestVerify(ctx, reinterpret_cast<const unsigned char*>(k.signature().data()), k.signature().size(),

@@ -33,26 +33,37 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const std::string& base
 }
 
 absl::Status LocalPrivacy::Open(double delta) {
-  ledger_ = std::make_unique<privacy::PrivacyLedger>(0, delta);
-  if (path_.empty() || !std::filesystem::exists(path_)) return absl::OkStatus();
-  std::ifstream in(path_);
-  std::stringstream text;
-  text << in.rdbuf();
-  try {
-    const nlohmann::json j = nlohmann::json::parse(text.str());
-    for (const auto& r : j.at("releases"))
-      FT_RETURN_IF_ERROR(ledger_->Record({r.at("label").get<std::string>(), std::stod(r.at("q").get<std::string>()),
-                                          std::stod(r.at("sigma").get<std::string>()), r.at("steps").get<int64_t>()}));
-  } catch (const std::exception& e) {
-    return absl::DataLossError(absl::StrCat(path_, ": unreadable local privacy ledger (", e.what(), "); refusing to restart the count"));
+  if (ledger_ || !open_status_.ok()) return open_status_;
+  auto ledger = std::make_unique<privacy::PrivacyLedger>(0, delta);
+  if (!path_.empty() && std::filesystem::exists(path_)) {
+    std::ifstream in(path_);
+    std::stringstream text;
+    text << in.rdbuf();
+    absl::Status st;
+    try {
+      const nlohmann::json j = nlohmann::json::parse(text.str());
+      for (const auto& r : j.at("releases")) {
+        st = ledger->Record({r.at("label").get<std::string>(), std::stod(r.at("q").get<std::string>()), std::stod(r.at("sigma").get<std::string>()),
+                             r.at("steps").get<int64_t>()});
+        if (!st.ok()) break;
+      }
+    } catch (const std::exception& e) {
+      st = absl::InvalidArgumentError(e.what());
+    }
+    if (!st.ok()) {  // sticky: never train (or count) from zero over a ledger that exists
+      open_status_ = absl::DataLossError(absl::StrCat(path_, ": unreadable local privacy ledger (", st.message(),
+                                                      "); refusing to restart the count (repair or remove it deliberately)"));
+      return open_status_;
+    }
+    FT_ASSIGN_OR_RETURN(privacy::Epsilon e, ledger->Spent());
+    FT_LOG_INFO("local DP-SGD: {} earlier releases from {} (epsilon {:.3f} so far)", ledger->releases().size(), path_, e.epsilon);
   }
-  FT_ASSIGN_OR_RETURN(privacy::Epsilon e, ledger_->Spent());
-  FT_LOG_INFO("local DP-SGD: {} earlier releases from {} (epsilon {:.3f} so far)", ledger_->releases().size(), path_, e.epsilon);
+  ledger_ = std::move(ledger);
   return absl::OkStatus();
 }
 
 absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, size_t examples) {
-  if (!ledger_) FT_RETURN_IF_ERROR(Open(task.local_dp_delta > 0 ? task.local_dp_delta : 1e-5));
+  FT_RETURN_IF_ERROR(Open(task.local_dp_delta > 0 ? task.local_dp_delta : 1e-5));
   const double q = examples ? std::min(1.0, static_cast<double>(task.batch) / static_cast<double>(examples)) : 1.0;
   FT_RETURN_IF_ERROR(ledger_->Record({absl::StrCat("round ", task.round), q, task.local_dp_noise, task.local_steps}));
   if (!path_.empty()) {
@@ -122,6 +133,10 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   lt.optimizer.clip_norm = static_cast<float>(task.grad_clip_norm);
   lt.send_fisher = task.send_fisher;
   const int steps = std::max(task.local_steps, 1);
+  if (task.local_dp_clip > 0) {  // the privacy ledger must be readable before any training
+    if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
+    FT_RETURN_IF_ERROR(privacy->Open(task.local_dp_delta > 0 ? task.local_dp_delta : 1e-5));
+  }
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
   FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, global, task.config, task.client, lt, &adapters));
   if (task.local_dp_clip > 0) {

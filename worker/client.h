@@ -51,13 +51,16 @@ class LocalPrivacy {
  public:
   LocalPrivacy() = default;
   explicit LocalPrivacy(std::string path) : path_(std::move(path)) {}
+  // Loads the ledger (once; called before training): a file that cannot be read stays an error
+  // for every later call, so a worker never restarts its count by accident.
+  absl::Status Open(double delta);
   // Records the round's steps (q = batch / examples) and returns the epsilon spent so far.
   absl::StatusOr<double> Record(const protocol::TrainTask& task, size_t examples);
 
  private:
-  absl::Status Open(double delta);
   std::string path_;
   std::unique_ptr<privacy::PrivacyLedger> ledger_;
+  absl::Status open_status_;
 };
 
 // Trains `task` on `data`. `privacy` (may be null without local DP) accounts local DP-SGD; the

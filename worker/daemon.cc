@@ -227,7 +227,9 @@ grpc::Status UploadWithRetries(rpc::v1::Coordinator::Stub& stub, const rpc::v1::
     hreq.set_round(task.round());
     rpc::v1::HeartbeatResponse hresp;
     resume = 0;
-    if (stub.Heartbeat(&ctx, hreq, &hresp).ok() && hresp.upload_sha256() == sha && hresp.upload_resume_offset() > 0 &&
+    const bool answered = stub.Heartbeat(&ctx, hreq, &hresp).ok();
+    if (answered && hresp.abandon_round()) break;  // the round closed meanwhile: nothing to upload to
+    if (answered && hresp.upload_sha256() == sha && hresp.upload_resume_offset() > 0 &&
         hresp.upload_resume_offset() < static_cast<int64_t>(kept.payload.size())) {
       resume = hresp.upload_resume_offset();
       FT_LOG_INFO("round {}: resuming the upload at byte {} of {}", task.round(), resume, kept.payload.size());
@@ -267,13 +269,14 @@ absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me,
   rpc::v1::SecAggRequest req;
   rpc::v1::SecAggResponse resp;
   *req.mutable_keys() = protocol::ToProto(sc->Advertise());
-  FT_RETURN_IF_ERROR(identity->Sign(task.run_id(), task.round(), req.mutable_keys()));
+  const std::string attempt = protocol::SecAggAttempt(task);
+  FT_RETURN_IF_ERROR(identity->Sign(attempt, req.mutable_keys()));
   FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::ADVERTISE_KEYS, req, &resp));
   if (resp.dropped_from_round()) return out("key");
   std::vector<privacy::secagg::PublicKeys> neighbours;
   std::set<std::string> signers = {identity->name()};
   for (const auto& k : resp.keys()) {
-    absl::StatusOr<std::string> signer = identity->Verify(task.run_id(), task.round(), k);
+    absl::StatusOr<std::string> signer = identity->Verify(attempt, k);
     if (signer.ok() && !signers.insert(*signer).second)
       signer = absl::PermissionDeniedError(absl::StrCat("two advertisements in this round signed by '", *signer, "'"));
     if (!signer.ok()) {

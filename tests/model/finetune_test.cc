@@ -335,6 +335,34 @@ TEST_F(TinyFixture, DpSgdClipsPerExampleAndMatchesPlainMeanWithoutClipping) {
   EXPECT_GT(n_noisy[0], 1e-3);  // the noise dominates a clipped gradient on many coordinates
 }
 
+// An empty Poisson batch is a step of noise only (it used to read an empty gradient sum).
+TEST_F(TinyFixture, DpSgdStepWithAnEmptyPoissonBatchAddsOnlyNoise) {
+  std::vector<std::string> lines;
+  for (int i = 0; i < 8; ++i) lines.push_back("{\"prompt\": \"q" + std::to_string(i) + "\", \"response\": \"abc\"}");
+  DatasetOptions dopt;
+  dopt.holdout = 0;
+  auto data = DatasetFromJsonl(lines, "eq", *model_->tokenizer(), dopt);
+  ASSERT_TRUE(data.ok());
+  auto set = *MakeAdapters<float>(dims_, AdapterSpec{AdapterKind::kLora, 4, 8.0f, false, 4}, *ParseModules("q,v"), 3);
+  OptimizerConfig oc;
+  oc.total_steps = 2;
+  AdamW opt(oc);
+  FinetuneOptions fo;
+  fo.steps = 2;
+  fo.batch = 1;
+  Rng rng(9);
+  fo.dp_clip = 0.5;
+  fo.dp_noise_multiplier = 1.0;
+  fo.dp_normal = [&] { return rng.Normal(); };
+  fo.dp_uniform = [] { return 0.999; };  // q = 1/8: nobody is drawn
+  auto rep = Finetune(*model_, data->train, fo, &set, &opt);
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  EXPECT_EQ(rep->dp_examples, 0);
+  set.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+    for (float x : p) ASSERT_TRUE(std::isfinite(x)) << name;
+  });
+}
+
 // DP-SGD batches are Poisson samples, as the accountant assumes: sizes vary from step to step and
 // each example is drawn with probability q within a binomial bound.
 TEST(DpSgdSamplingTest, PoissonBatchesVaryInSizeAndDrawEachExampleAtRateQ) {

@@ -14,6 +14,7 @@
 #include "model/safetensors.h"
 #include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
+#include "worker/client.h"
 
 namespace fedtune::sim {
 namespace {
@@ -294,13 +295,47 @@ TEST_F(SimTest, CentralDpSamplesClientsByPoissonAndWithholdsPerClientFigures) {
   std::set<double> sizes;
   for (const auto& rec : r->rounds) {
     if (rec.round == 0) continue;
-    ASSERT_TRUE(rec.metrics.count("selected")) << rec.round;
-    sizes.insert(rec.metrics.at("selected"));
-    EXPECT_EQ(rec.metrics.at("accepted"), rec.metrics.at("selected")) << rec.round;
+    sizes.insert(rec.metrics.at("accepted"));  // every drawn stand-in answers
     EXPECT_EQ(rec.metrics.count("train_loss"), 0u) << "a per-client figure published under DP";
+    EXPECT_EQ(rec.metrics.count("num_examples"), 0u) << "the clients' counts published under DP";
     EXPECT_GT(rec.metrics.at("epsilon"), 0);
   }
   EXPECT_GT(sizes.size(), 1u) << "Poisson round sizes should vary";
+}
+
+// A worker's local DP-SGD ledger survives a restart: a new LocalPrivacy on the same file
+// continues the count (the same epsilon as one that never stopped); an unreadable file is
+// refused rather than silently restarting the count at zero.
+TEST(LocalPrivacyTest, TheLedgerPersistsAcrossRestartsAndACorruptFileIsRefused) {
+  const std::string dir = testing::TempPath("local_privacy");
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/local_privacy.json";
+  protocol::TrainTask t;
+  t.batch = 4;
+  t.local_steps = 3;
+  t.local_dp_noise = 1.0;
+  worker::LocalPrivacy uninterrupted;
+  double e_uninterrupted = 0, e_restarted = 0;
+  {
+    worker::LocalPrivacy first(path);
+    for (int r = 1; r <= 2; ++r) {
+      t.round = r;
+      ASSERT_TRUE(first.Record(t, 100).ok());
+      e_uninterrupted = *uninterrupted.Record(t, 100);
+    }
+  }
+  worker::LocalPrivacy restarted(path);
+  t.round = 3;
+  auto e = restarted.Record(t, 100);
+  ASSERT_TRUE(e.ok()) << e.status();
+  e_restarted = *e;
+  const double e3 = *uninterrupted.Record(t, 100);
+  EXPECT_GT(e3, e_uninterrupted);
+  EXPECT_NEAR(e_restarted, e3, 1e-9 * e3);
+  ASSERT_TRUE(WriteFileAtomic(path, std::string("{not json")).ok());
+  worker::LocalPrivacy corrupt(path);
+  EXPECT_EQ(corrupt.Record(t, 100).status().code(), absl::StatusCode::kDataLoss);
 }
 
 TEST_F(SimTest, StandInClientsMeasureServerOverhead) {
