@@ -1,4 +1,4 @@
-// Kernel benchmark (Google Benchmark), per backend (cpu-fast, cpu-ref, and cuda when usable):
+// Kernel benchmark (Google Benchmark), per backend (cpu-fast, cpu-ref, cpu-bf16 and cuda when usable):
 //  - BM_QLinear: the quantized linear layer (dequantization included) forward and
 //    backward-to-input per weight format, against the same product with the weight already
 //    dense in f32, on SmolLM2-135M's projection shapes at 2048 tokens (batch 8 x 256);
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/bf16_gemm.h"
 #include "kernels/quant.h"
 #include "kernels/thread_pool.h"
 
@@ -45,10 +46,11 @@ Weight MakeWeight(GgmlType t, int64_t n, int64_t k) {
 fedtune::kernels::Backend* BackendArg(int64_t i) {
   if (i == 1) return &fedtune::kernels::CpuReferenceBackend();
   if (i == 2) return fedtune::kernels::CudaBackend();
+  if (i == 3) return fedtune::kernels::CpuBf16Backend();
   return &fedtune::kernels::CpuFastBackend();
 }
 
-// args: weight type, n (out), k (in), backward?, backend (0 cpu-fast, 1 cpu-ref, 2 cuda)
+// args: weight type, n (out), k (in), backward?, backend (0 cpu-fast, 1 cpu-ref, 2 cuda, 3 cpu-bf16)
 void BM_QLinear(benchmark::State& state) {
   const auto t = static_cast<GgmlType>(state.range(0));
   const int64_t n = state.range(1), k = state.range(2), m = 2048;
@@ -71,11 +73,32 @@ void BM_QLinear(benchmark::State& state) {
   state.SetLabel(std::string(be.Name()) + " " + fedtune::kernels::TypeTraits(t).name + (backward ? " backward" : " forward"));
 }
 
+// The ceiling of the cpu-bf16 rows: the same products with both operands already bf16 (no
+// dequantization, no conversion). args: n, k, backward?
+void BM_DenseBf16(benchmark::State& state) {
+  const int64_t n = state.range(0), k = state.range(1), m = 2048;
+  const bool backward = state.range(2) != 0;
+  std::vector<uint16_t> w(static_cast<size_t>(n * k), 0x3f00), x(static_cast<size_t>(m * (backward ? n : k)), 0x3f00);
+  std::vector<float> y(static_cast<size_t>(m * (backward ? k : n)));
+  for (auto _ : state) {
+    if (backward) {
+      fedtune::kernels::Bf16MatmulNNAdd(x.data(), w.data(), y.data(), m, n, k);
+    } else {
+      fedtune::kernels::Bf16MatmulNT(x.data(), w.data(), y.data(), m, n, k);
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * static_cast<double>(m * n * k), benchmark::Counter::kIsIterationInvariantRate,
+                                                 benchmark::Counter::kIs1000);
+  state.SetLabel(std::string("dense bf16 (oneDNN)") + (backward ? " backward" : " forward"));
+}
+
 void Shapes(benchmark::internal::Benchmark* b) {
   for (GgmlType t : {GgmlType::kF32, GgmlType::kQ4_1, GgmlType::kQ8_0, GgmlType::kNF4}) {
     for (auto [n, k] : {std::pair<int64_t, int64_t>{576, 576}, {1536, 576}, {576, 1536}}) {
       for (int bw : {0, 1}) {
         b->Args({static_cast<int64_t>(t), n, k, bw, 0});
+        if (fedtune::kernels::CpuBf16Backend() != nullptr) b->Args({static_cast<int64_t>(t), n, k, bw, 3});
         if (t == GgmlType::kQ4_1) {
           b->Args({static_cast<int64_t>(t), n, k, bw, 1});  // the tiled reference path
           if (fedtune::kernels::CudaBackend() != nullptr) b->Args({static_cast<int64_t>(t), n, k, bw, 2});
@@ -175,6 +198,11 @@ int main(int argc, char** argv) {
   // which loads the CUDA module, and --help should not.
   benchmark::RegisterBenchmark("BM_QLinear", BM_QLinear)->Apply(Shapes)->Unit(benchmark::kMillisecond)->UseRealTime();
   benchmark::RegisterBenchmark("BM_Op", BM_Op)->Apply(OpCases)->Unit(benchmark::kMillisecond)->UseRealTime();
+  if (fedtune::kernels::CpuBf16Backend() != nullptr) {
+    auto* d = benchmark::RegisterBenchmark("BM_DenseBf16", BM_DenseBf16)->Unit(benchmark::kMillisecond)->UseRealTime();
+    for (auto [n, k] : {std::pair<int64_t, int64_t>{576, 576}, {1536, 576}, {576, 1536}})
+      for (int64_t bw : {0, 1}) d->Args({n, k, bw});
+  }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;

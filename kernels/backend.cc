@@ -10,6 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "kernels/bf16_gemm.h"
+#include "kernels/cpu_features.h"
 #include "kernels/fast_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
@@ -161,7 +163,7 @@ class CpuReference final : public HostMemoryBackend {
 // Multithreaded over DefaultPool(), AVX2+FMA element-wise kernels where the CPU has them:
 // parallel element-wise ops, vectorised softmax exponentials, adapter products split over
 // threads, and whole-weight GEMMs for the quantized linear layer (below).
-class CpuFast final : public HostMemoryBackend {
+class CpuFast : public HostMemoryBackend {
  public:
   const char* Name() const override { return HaveAvx2Fma() ? "cpu-fast (avx2+fma)" : "cpu-fast (generic)"; }
   bool Supports(Op) const override { return true; }
@@ -332,6 +334,8 @@ class CpuFast final : public HostMemoryBackend {
       }
     });
   }
+
+ protected:
   static constexpr int64_t kMinRowsWhole = 64, kWholeWeightFloats = int64_t{4} << 20;
   // The weight as f32: its own bytes when stored as F32, else dequantized (rows in parallel)
   // into a buffer of the calling thread (callers on several threads never share one).
@@ -352,6 +356,52 @@ class CpuFast final : public HostMemoryBackend {
     buf.resize(static_cast<size_t>(n));
     return buf;
   }
+};
+
+// cpu-fast with the frozen-weight products in bf16 (issue 18): the whole weight dequantized
+// straight to bf16 (per row through a small f32 row), the activations converted once per call,
+// fp32 accumulation in oneDNN's AVX-512-BF16 / AMX kernels (kernels/bf16_gemm.h). Everything else,
+// and products too small for the whole-weight path (few rows, the output matrix), stay cpu-fast.
+class CpuBf16 final : public CpuFast {
+ public:
+  explicit CpuBf16(CpuIsa isa) : name_(absl::StrCat("cpu-bf16 (", CpuIsaName(isa), ", oneDNN)")) {}
+  const char* Name() const override { return name_.c_str(); }
+  void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
+    const int64_t n = w.rows, k = w.cols;
+    if (m < kMinRowsWhole || n * k > kWholeWeightFloats) return CpuFast::QLinearForward(w, x, y, m);
+    const uint16_t* wb = WeightBf16(w);
+    Bf16MatmulNT(ActivationsBf16(x, m * k), wb, y, m, n, k);
+  }
+  void QLinearBackward(const QMatrix& w, const float* dy, float* dx, int64_t m) override {
+    const int64_t n = w.rows, k = w.cols;
+    if (m < kMinRowsWhole || n * k > kWholeWeightFloats) return CpuFast::QLinearBackward(w, dy, dx, m);
+    const uint16_t* wb = WeightBf16(w);
+    Bf16MatmulNNAdd(ActivationsBf16(dy, m * n), wb, dx, m, n, k);
+  }
+
+ private:
+  // Buffers of the calling thread (callers on several threads never share one).
+  static const uint16_t* WeightBf16(const QMatrix& w) {
+    thread_local std::vector<uint16_t> buf;
+    buf.resize(static_cast<size_t>(w.rows * w.cols));
+    uint16_t* out = buf.data();
+    DefaultPool().ParallelFor(w.rows, 32, [&](int64_t r0, int64_t r1, int) {
+      std::vector<float> row(static_cast<size_t>(w.cols));
+      for (int64_t r = r0; r < r1; ++r) {
+        DequantizeRowFast(w.type, w.row(r), row.data(), w.cols);
+        ToBf16(row.data(), out + r * w.cols, w.cols);
+      }
+    });
+    return out;
+  }
+  static const uint16_t* ActivationsBf16(const float* x, int64_t n) {
+    thread_local std::vector<uint16_t> buf;
+    buf.resize(static_cast<size_t>(n));
+    uint16_t* out = buf.data();
+    DefaultPool().ParallelFor(n, 1 << 14, [&](int64_t i0, int64_t i1, int) { ToBf16(x + i0, out + i0, i1 - i0); });
+    return out;
+  }
+  std::string name_;
 };
 
 // Sends each op to `primary` when it supports it, else to `fallback`, saying so once per op.
@@ -502,12 +552,27 @@ Backend& CpuFastBackend() {
   static CpuFast b;
   return b;
 }
+Backend* CpuBf16Backend() {
+  static CpuBf16* b = ProcessCpuIsa() >= CpuIsa::kAvx512Bf16 && Bf16GemmBuilt() ? new CpuBf16(ProcessCpuIsa()) : nullptr;
+  return b;
+}
+std::string CpuBf16UnavailableReason() {
+  if (!Bf16GemmBuilt()) return "built without oneDNN (apt-get install libdnnl-dev, then reconfigure)";
+  if (ProcessCpuIsa() < CpuIsa::kAvx512Bf16)
+    return absl::StrCat("this CPU has no bf16 unit (", DescribeCpuFeatures(DetectedCpuFeatures()), "; path ", CpuIsaName(ProcessCpuIsa()),
+                        ", FEDTUNE_CPU_ISA may cap it)");
+  return "";
+}
 Backend* CudaBackend() { return Cuda().backend; }
 std::string CudaUnavailableReason() { return Cuda().why_not; }
 
 absl::StatusOr<Backend*> SelectBackend(std::string_view device) {
   if (device == "cpu" || device == "cpu-fast") return &CpuFastBackend();
   if (device == "cpu-ref") return &CpuReferenceBackend();
+  if (device == "cpu-bf16") {
+    if (Backend* b = CpuBf16Backend()) return b;
+    return absl::FailedPreconditionError(absl::StrCat("--device cpu-bf16: ", CpuBf16UnavailableReason()));
+  }
   if (device == "cuda" || device == "auto") {
     Backend* cuda = CudaBackend();
     if (cuda == nullptr) {
@@ -517,7 +582,7 @@ absl::StatusOr<Backend*> SelectBackend(std::string_view device) {
     static Dispatching dispatching(cuda, &CpuFastBackend());
     return &dispatching;
   }
-  return absl::InvalidArgumentError(absl::StrCat("unknown device '", std::string(device), "' (cpu, cpu-ref, cuda or auto)"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown device '", std::string(device), "' (cpu, cpu-bf16, cpu-ref, cuda or auto)"));
 }
 
 }  // namespace fedtune::kernels

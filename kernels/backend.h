@@ -146,10 +146,15 @@ class Backend {
 // is usable (the reason in CudaUnavailableReason()).
 Backend& CpuReferenceBackend();
 Backend& CpuFastBackend();
+// cpu-fast with bf16 frozen-weight products (AVX-512-BF16 or AMX through oneDNN); null where the
+// CPU (capped by FEDTUNE_CPU_ISA) has no bf16 unit or oneDNN was not built in (the reason in
+// CpuBf16UnavailableReason()).
+Backend* CpuBf16Backend();
+std::string CpuBf16UnavailableReason();
 Backend* CudaBackend();
 std::string CudaUnavailableReason();
 
-// "cpu-ref", "cpu-fast" (= "cpu"), "cuda" or "auto" (cuda when usable, else cpu-fast). The
+// "cpu-ref", "cpu-fast" (= "cpu"), "cpu-bf16", "cuda" or "auto" (cuda when usable, else cpu-fast). The
 // result dispatches each op to the chosen backend when it Supports(op), else to cpu-fast,
 // logging the fallback once per op.
 absl::StatusOr<Backend*> SelectBackend(std::string_view device);

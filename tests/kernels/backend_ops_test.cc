@@ -17,6 +17,8 @@
 
 #include "common/fp16.h"
 #include "kernels/backend.h"
+#include "kernels/bf16_gemm.h"
+#include "kernels/cpu_features.h"
 #ifdef FEDTUNE_CUDA_EMULATED
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/host_emulation.h"
@@ -84,10 +86,15 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
 #endif
       be_ = CudaBackend();
       if (be_ == nullptr) GTEST_SKIP() << "CUDA backend unavailable: " << CudaUnavailableReason();
+    } else if (GetParam() == "cpu-bf16") {
+      be_ = CpuBf16Backend();
+      if (be_ == nullptr) GTEST_SKIP() << "cpu-bf16 unavailable: " << CpuBf16UnavailableReason();
     } else {
       be_ = &CpuFastBackend();
     }
   }
+  // Products with the weights in bf16: "cuda" (default precision) and "cpu-bf16".
+  bool Bf16Products() const { return GetParam() == "cuda" || GetParam() == "cpu-bf16"; }
   bool OnCuda() const { return GetParam().rfind("cuda", 0) == 0; }
   // What `op` writes into a fresh backend buffer of n values, read back through Copy.
   template <typename F>
@@ -103,8 +110,8 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
   // A summed loss then moves by ~2e-3 relative (1e-3 elsewhere); and AdamW, which scales each
   // gradient element to a unit step, turns the rounding noise of near-zero gradient elements
   // into full-size updates, so parameters after a few steps differ by more than one product does.
-  double LossRelTol() const { return GetParam() == "cuda" ? 5e-3 : 1e-3; }
-  double TrainedParamTol() const { return GetParam() == "cuda" ? 4 * kGemmTol : kGemmTol; }
+  double LossRelTol() const { return Bf16Products() ? 5e-3 : 1e-3; }
+  double TrainedParamTol() const { return Bf16Products() ? 4 * kGemmTol : kGemmTol; }
   // Runs `check` if the backend has the op; counts the comparisons.
   void Expect(Op op, const Vec& ref, const Vec& got, double tol, const std::string& shape) {
     const double e = Nmse(ref, got, std::string(OpName(op)) + " " + shape);
@@ -154,7 +161,7 @@ QuantWeight Quantize(GgmlType t, int64_t rows, int64_t cols, std::mt19937& rng) 
 
 TEST_P(WeightProducts, QuantizedLinear) {
   for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kNF4}) {
-    for (auto [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 7, 64}, {3, 65, 128}, {17, 130, 64}, {64, 257, 256}, {33, 600, 576}}) {
+    for (auto [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 7, 64}, {3, 65, 128}, {17, 130, 64}, {64, 257, 256}, {33, 600, 576}, {130, 576, 576}}) {
       const QuantWeight w = Quantize(t, n, k, rng_);
       const std::string shape = std::string(TypeTraits(t).name) + " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k);
       const Vec x = Random(static_cast<size_t>(m * k), rng_);
@@ -693,6 +700,63 @@ TEST(BackendSelect, NamesAndErrors) {
 
 #endif
 
+// The choice of CPU path is a function of the features and the cap: checked for made-up CPUs.
+TEST(CpuIsaTest, ChoosesTheBestPathTheFeaturesAllowUnderTheCap) {
+  CpuFeatures none, avx2, zen4, spr;
+  avx2.avx2_fma = true;
+  zen4 = avx2;
+  zen4.avx512 = zen4.avx512_bf16 = true;
+  spr = zen4;
+  spr.amx_bf16 = true;
+  EXPECT_EQ(*ChooseCpuIsa(none, ""), CpuIsa::kGeneric);
+  EXPECT_EQ(*ChooseCpuIsa(avx2, ""), CpuIsa::kAvx2);
+  EXPECT_EQ(*ChooseCpuIsa(zen4, ""), CpuIsa::kAvx512Bf16);
+  EXPECT_EQ(*ChooseCpuIsa(spr, ""), CpuIsa::kAmxBf16);
+  EXPECT_EQ(*ChooseCpuIsa(spr, "avx512-bf16"), CpuIsa::kAvx512Bf16);  // a cap lowers the path
+  EXPECT_EQ(*ChooseCpuIsa(spr, "avx2"), CpuIsa::kAvx2);
+  EXPECT_EQ(*ChooseCpuIsa(spr, "generic"), CpuIsa::kGeneric);
+  EXPECT_EQ(*ChooseCpuIsa(avx2, "amx-bf16"), CpuIsa::kAvx2);  // never above what the CPU has
+  CpuFeatures avx512_only = avx2;  // AVX-512 without BF16 (Skylake-X): the fp32 path
+  avx512_only.avx512 = true;
+  EXPECT_EQ(*ChooseCpuIsa(avx512_only, ""), CpuIsa::kAvx2);
+  EXPECT_EQ(ChooseCpuIsa(zen4, "avx9").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(DescribeCpuFeatures(DetectedCpuFeatures()).empty());
+}
+
+// The bf16 products really are bf16 (not an fp32 path in disguise) and within the product
+// tolerance of a double-precision reference; bf16 rounding is to nearest even.
+TEST(Bf16GemmTest, ProductsAreBf16AndWithinTolerance) {
+  EXPECT_EQ(Bf16ToFloat([] { uint16_t b; const float one_and_bit = 1.0f + 1.0f / 256; ToBf16(&one_and_bit, &b, 1); return b; }()), 1.0f);
+  if (CpuBf16Backend() == nullptr) GTEST_SKIP() << "cpu-bf16 unavailable: " << CpuBf16UnavailableReason();
+  std::mt19937 rng(3);
+  const int64_t m = 96, n = 80, k = 200;
+  const Vec x = Random(static_cast<size_t>(m * k), rng), w = Random(static_cast<size_t>(n * k), rng), dy = Random(static_cast<size_t>(m * n), rng);
+  std::vector<uint16_t> xb(x.size()), wb(w.size()), dyb(dy.size());
+  ToBf16(x.data(), xb.data(), m * k);
+  ToBf16(w.data(), wb.data(), n * k);
+  ToBf16(dy.data(), dyb.data(), m * n);
+  Vec y(static_cast<size_t>(m * n)), y_ref(y.size()), dx(static_cast<size_t>(m * k), 1.0f), dx_ref(dx.size(), 1.0f);
+  Bf16MatmulNT(xb.data(), wb.data(), y.data(), m, n, k);
+  Bf16MatmulNNAdd(dyb.data(), wb.data(), dx.data(), m, n, k);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t l = 0; l < k; ++l) s += static_cast<double>(x[i * k + l]) * w[j * k + l];
+      y_ref[i * n + j] = static_cast<float>(s);
+    }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t l = 0; l < k; ++l) {
+      double s = 1.0;
+      for (int64_t j = 0; j < n; ++j) s += static_cast<double>(dy[i * n + j]) * w[j * k + l];
+      dx_ref[i * k + l] = static_cast<float>(s);
+    }
+  const double ey = Nmse(y_ref, y, "bf16 forward"), edx = Nmse(dx_ref, dx, "bf16 backward");
+  EXPECT_LT(ey, kGemmTol);
+  EXPECT_LT(edx, kGemmTol);
+  EXPECT_GT(ey, 1e-8) << "no bf16 rounding: not the bf16 path";
+  std::printf("bf16 products: NMSE forward %.2e, backward %.2e (%s)\n", ey, edx, CpuBf16Backend()->Name());
+}
+
 #ifdef FEDTUNE_CUDA_EMULATED
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cuda"),
                          [](const ::testing::TestParamInfo<std::string>&) { return std::string("CudaEmulated"); });
@@ -701,10 +765,11 @@ INSTANTIATE_TEST_SUITE_P(Backends, WeightProducts, ::testing::Values("cuda", "cu
                            return p.param == "cuda" ? std::string("CudaEmulated") : p.param == "cuda-tf32" ? std::string("CudaEmulatedTf32") : std::string("CudaEmulatedFp32");
                          });
 #else
-INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu-fast", "cuda"),
-                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param == "cpu-fast" ? std::string("CpuFast") : std::string("Cuda"); });
-INSTANTIATE_TEST_SUITE_P(Backends, WeightProducts, ::testing::Values("cpu-fast", "cuda"),
-                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param == "cpu-fast" ? std::string("CpuFast") : std::string("Cuda"); });
+std::string BackendTestName(const ::testing::TestParamInfo<std::string>& p) {
+  return p.param == "cpu-fast" ? "CpuFast" : p.param == "cpu-bf16" ? "CpuBf16" : "Cuda";
+}
+INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cpu-fast", "cpu-bf16", "cuda"), BackendTestName);
+INSTANTIATE_TEST_SUITE_P(Backends, WeightProducts, ::testing::Values("cpu-fast", "cpu-bf16", "cuda"), BackendTestName);
 #endif
 
 }  // namespace

@@ -1,0 +1,98 @@
+#include "kernels/bf16_gemm.h"
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "common/log.h"
+
+#if defined(FEDTUNE_HAVE_DNNL)
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace fedtune::kernels {
+
+void ToBf16(const float* x, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it a (quiet) NaN
+      out[i] = static_cast<uint16_t>((u >> 16) | 0x40);
+      continue;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+    out[i] = static_cast<uint16_t>(u >> 16);
+  }
+}
+
+#if defined(FEDTUNE_HAVE_DNNL)
+
+bool Bf16GemmBuilt() { return true; }
+
+namespace {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+
+struct Dnnl {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  std::mutex mu;
+  // Primitives by (m, n, k, accumulate): creating one costs far more than a small product.
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, dnnl::matmul> cache;
+};
+
+Dnnl& Get() {
+  static Dnnl* d = new Dnnl();  // process lifetime: oneDNN's threads outlive static destruction
+  return *d;
+}
+
+// src[m, kk] (bf16) x weights[kk, nn] (bf16, `wtag`) -> dst[m, nn] (f32), dst += when `add`.
+void Run(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
+  Dnnl& d = Get();
+  const dnnl::memory::desc a({m, kk}, dt::bf16, tag::ab), b({kk, nn}, dt::bf16, wtag), c({m, nn}, dt::f32, tag::ab);
+  dnnl::matmul mm;
+  {
+    std::lock_guard<std::mutex> l(d.mu);
+    auto key = std::make_tuple(m, nn, kk, add);
+    auto it = d.cache.find(key);
+    if (it == d.cache.end()) {
+      dnnl::primitive_attr attr;
+      if (add) {
+        dnnl::post_ops po;
+        po.append_sum(1.0f);
+        attr.set_post_ops(po);
+      }
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, d.engine);
+      if (d.cache.size() > 256) d.cache.clear();  // shapes churn (e.g. varying batch lengths): stay bounded
+      it = d.cache.emplace(key, dnnl::matmul(pd)).first;
+      FT_LOG_DEBUG("bf16 matmul {}x{}x{}{}: {}", m, nn, kk, add ? " (accumulate)" : "", pd.impl_info_str());
+    }
+    mm = it->second;
+  }
+  dnnl::memory A(a, d.engine, const_cast<uint16_t*>(src)), B(b, d.engine, const_cast<uint16_t*>(wei)), C(c, d.engine, dst);
+  dnnl::stream s(d.engine);
+  mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}});
+  s.wait();
+}
+
+}  // namespace
+
+void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k) {
+  // w is n x k row-major = the k x n weights matrix in column-major ("ba") order.
+  Run(x, w, y, m, n, k, tag::ba, false);
+}
+
+void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k) {
+  Run(dy, w, dx, m, k, n, tag::ab, true);
+}
+
+#else
+
+bool Bf16GemmBuilt() { return false; }
+void Bf16MatmulNT(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t) { FT_CHECK(false && "built without oneDNN"); }
+void Bf16MatmulNNAdd(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t) { FT_CHECK(false && "built without oneDNN"); }
+
+#endif
+
+}  // namespace fedtune::kernels

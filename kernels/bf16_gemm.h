@@ -1,0 +1,28 @@
+// Frozen-weight products in bf16 with fp32 accumulation (issue 18), through oneDNN's matmul
+// (Debian libdnnl-dev): its brgemm kernels use AMX tiles or AVX-512-BF16 (vdpbf16ps) as the CPU
+// allows. Chosen over our own kernels because oneDNN's measured 126-144 GFLOP/s per thread for
+// the SmolLM2 projection shapes on an AMD Zen 4 (AVX-512-BF16), against 60-75 for OpenBLAS sgemm
+// and 67-70 for oneDNN f32 on the same core (bench notes in docs/guide.md), and because the same
+// call reaches AMX on Sapphire Rapids without a second kernel. Built only when CMake finds
+// oneDNN; Bf16GemmBuilt() says so. Values are bf16 bit patterns (uint16_t).
+#pragma once
+
+#include <cstdint>
+
+namespace fedtune::kernels {
+
+bool Bf16GemmBuilt();
+// f32 -> bf16, round to nearest even (NaN kept NaN).
+void ToBf16(const float* x, uint16_t* out, int64_t n);
+inline float Bf16ToFloat(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof(f));
+  return f;
+}
+// y[m, n] = x[m, k] w[n, k]^T (w row-major n x k, as a linear layer's weight).
+void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k);
+// dx[m, k] += dy[m, n] w[n, k].
+void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k);
+
+}  // namespace fedtune::kernels
