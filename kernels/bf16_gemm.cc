@@ -3,16 +3,25 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <string>
 #include <tuple>
 
 #include "common/log.h"
 
+#include "common/status.h"
+
 #if defined(FEDTUNE_HAVE_DNNL)
-#include <omp.h>
+#include <cstdio>
+#include <cstdlib>
 
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include "kernels/cpu_features.h"
 #include "kernels/thread_pool.h"
+
+// oneDNN's OpenMP runtime (libgomp, linked explicitly): declared here rather than through
+// <omp.h>, which clang does not find without an OpenMP package of its own (the fuzz build).
+extern "C" void omp_set_num_threads(int n);
 #endif
 
 namespace fedtune::kernels {
@@ -48,21 +57,26 @@ struct Dnnl {
 };
 
 Dnnl& Get() {
-  static Dnnl* d = new Dnnl();  // process lifetime
+  static Dnnl* d = [] {
+    // The path of this process (FEDTUNE_CPU_ISA caps it) is oneDNN's ceiling too: capped at
+    // avx512-bf16 it must not pick AMX. Only effective before oneDNN's first use: done here.
+    (void)dnnl::set_max_cpu_isa(ProcessCpuIsa() >= CpuIsa::kAmxBf16 ? dnnl::cpu_isa::avx512_core_amx : dnnl::cpu_isa::avx512_core_bf16);
+    return new Dnnl();  // process lifetime
+  }();
   return *d;
 }
 
 // src[m, kk] (bf16) x weights[kk, nn] (bf16, `wtag`) -> dst[m, nn] (f32), dst += when `add`; on
 // the calling thread.
-void Run(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
+void RunOrThrow(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
   Dnnl& d = Get();
   const dnnl::memory::desc a({m, kk}, dt::bf16, tag::ab), b({kk, nn}, dt::bf16, wtag), c({m, nn}, dt::f32, tag::ab);
   dnnl::matmul mm;
   {
     // Primitives by (m, n, k, accumulate), per thread: creating one costs far more than a small
     // product, and a thread never shares its primitives (no locking, no concurrent execution).
-    thread_local std::map<std::tuple<int64_t, int64_t, int64_t, bool>, dnnl::matmul> cache;
-    auto key = std::make_tuple(m, nn, kk, add);
+    thread_local std::map<std::tuple<int64_t, int64_t, int64_t, bool, int>, dnnl::matmul> cache;
+    auto key = std::make_tuple(m, nn, kk, add, static_cast<int>(wtag));
     auto it = cache.find(key);
     if (it == cache.end()) {
       dnnl::primitive_attr attr;
@@ -75,6 +89,8 @@ void Run(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_
       if (cache.size() > 256) cache.clear();  // shapes churn (e.g. varying batch lengths): stay bounded
       it = cache.emplace(key, dnnl::matmul(pd)).first;
       FT_LOG_DEBUG("bf16 matmul {}x{}x{}{}: {}", m, nn, kk, add ? " (accumulate)" : "", pd.impl_info_str());
+      if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
+        FT_LOG_WARN("bf16 matmul {}x{}x{}: oneDNN has only its reference implementation here (slow)", m, nn, kk);
     }
     mm = it->second;
   }
@@ -82,6 +98,17 @@ void Run(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_
   dnnl::stream s(d.engine);
   mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}});
   s.wait();
+}
+
+// On a pool thread an exception would end the process without a word: say what failed.
+void Run(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
+  try {
+    RunOrThrow(src, wei, dst, m, nn, kk, wtag, add);
+  } catch (const dnnl::error& e) {
+    std::fprintf(stderr, "fedtune: oneDNN bf16 matmul %lldx%lldx%lld failed: %s\n", static_cast<long long>(m), static_cast<long long>(nn),
+                 static_cast<long long>(kk), e.what());
+    std::abort();
+  }
 }
 
 // Rows split evenly over the pool's threads (at most two distinct slice heights: few primitives).

@@ -1,5 +1,6 @@
 #include "kernels/cpu_features.h"
 
+#include <cstdint>
 #include <cstdlib>
 
 #include "absl/strings/str_cat.h"
@@ -35,8 +36,9 @@ CpuFeatures Detect() {
   const bool avx512f = (b & (1u << 16)) != 0, avx512dq = (b & (1u << 17)) != 0, avx512bw = (b & (1u << 30)) != 0,
              avx512vl = (b & (1u << 31)) != 0;
   const bool amx_bf16 = (d & (1u << 22)) != 0, amx_tile = (d & (1u << 24)) != 0;
+  const unsigned max_subleaf = a;
   unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
-  __cpuid_count(7, 1, a1, b1, c1, d1);
+  if (max_subleaf >= 1) __cpuid_count(7, 1, a1, b1, c1, d1);
   const bool avx512_bf16 = (a1 & (1u << 5)) != 0;
   f.avx2_fma = ymm_state && avx2 && fma && f16c;
   f.avx512 = f.avx2_fma && zmm_state && avx512f && avx512dq && avx512bw && avx512vl;
@@ -79,13 +81,26 @@ const char* CpuIsaName(CpuIsa isa) {
 }
 
 absl::StatusOr<CpuIsa> ChooseCpuIsa(const CpuFeatures& f, std::string_view cap) {
-  CpuIsa best = CpuIsa::kGeneric;
-  if (f.avx2_fma) best = CpuIsa::kAvx2;
-  if (f.avx512_bf16) best = CpuIsa::kAvx512Bf16;
-  if (f.amx_bf16) best = CpuIsa::kAmxBf16;
-  if (cap.empty()) return best;
-  for (CpuIsa c : {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512Bf16, CpuIsa::kAmxBf16})
-    if (cap == CpuIsaName(c)) return static_cast<int>(c) < static_cast<int>(best) ? c : best;
+  auto has = [&f](CpuIsa c) {
+    switch (c) {
+      case CpuIsa::kGeneric: return true;
+      case CpuIsa::kAvx2: return f.avx2_fma;
+      case CpuIsa::kAvx512Bf16: return f.avx512_bf16;
+      case CpuIsa::kAmxBf16: return f.amx_bf16 && f.avx512_bf16;  // the AMX path runs AVX-512-BF16 code too
+    }
+    return false;
+  };
+  int top = static_cast<int>(CpuIsa::kAmxBf16);
+  if (!cap.empty()) {
+    top = -1;
+    for (CpuIsa c : {CpuIsa::kGeneric, CpuIsa::kAvx2, CpuIsa::kAvx512Bf16, CpuIsa::kAmxBf16})
+      if (cap == CpuIsaName(c)) top = static_cast<int>(c);
+  }
+  if (top >= 0) {  // the best path at or under the cap whose features are present
+    for (int c = top; c > 0; --c)
+      if (has(static_cast<CpuIsa>(c))) return static_cast<CpuIsa>(c);
+    return CpuIsa::kGeneric;
+  }
   return absl::InvalidArgumentError(absl::StrCat("FEDTUNE_CPU_ISA: unknown path '", std::string(cap), "' (generic, avx2, avx512-bf16, amx-bf16)"));
 }
 
@@ -94,8 +109,9 @@ CpuIsa ProcessCpuIsa() {
     const char* env = std::getenv("FEDTUNE_CPU_ISA");
     absl::StatusOr<CpuIsa> c = ChooseCpuIsa(DetectedCpuFeatures(), env ? env : "");
     if (c.ok()) return *c;
-    FT_LOG_WARN("{}; ignored", std::string(c.status().message()));
-    return *ChooseCpuIsa(DetectedCpuFeatures(), "");
+    // A cap is a safety setting: a misspelt one falls back to today's fp32 path, not to the top.
+    FT_LOG_WARN("{}; using avx2 (the fp32 path) at most", std::string(c.status().message()));
+    return *ChooseCpuIsa(DetectedCpuFeatures(), "avx2");
   }();
   return isa;
 }

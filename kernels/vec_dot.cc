@@ -1,5 +1,7 @@
 #include "kernels/vec_dot.h"
 
+#include "kernels/cpu_features.h"
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
@@ -11,7 +13,8 @@ bool HaveAvx2Fma() {
   static const bool have = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
     const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;  // not a clang-14 cpu_supports name
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+    // FEDTUNE_CPU_ISA=generic also caps the fp32 kernels (kernels/cpu_features.h).
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c && ProcessCpuIsa() >= CpuIsa::kAvx2;
   }();
   return have;
 #else
