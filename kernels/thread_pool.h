@@ -1,10 +1,6 @@
-// A small persistent thread pool with a blocking ParallelFor. Between calls a thread spins
-// briefly (about 50 microseconds) for the next job before it sleeps: decoding one token makes
-// ~240 small calls, and a sleep/wake round trip each (two futex transitions, 10-30 us on a VM)
-// cost more than the work of many of them.
+// A small persistent thread pool with a blocking ParallelFor. Threads sleep between calls.
 #pragma once
 
-#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -35,14 +31,12 @@ class ThreadPool {
   std::mutex call_mu_;
   std::mutex mu_;
   std::condition_variable cv_start_, cv_done_;
-  // The job's fields are written before generation_ is advanced (release) and read after it is
-  // seen (acquire); a call returns only when pending_ is back to 0.
   const std::function<void(int64_t, int64_t, int)>* job_ = nullptr;
   int64_t n_ = 0, chunk_ = 0;
   int n_chunks_ = 0;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<bool> stop_{false};
+  uint64_t generation_ = 0;
+  int pending_ = 0;
+  bool stop_ = false;
 };
 
 // Process-wide pool used by the kernels; SetThreads before first use to size it.
