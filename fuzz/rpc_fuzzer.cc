@@ -135,34 +135,28 @@ void SendUpload(rpc::v1::Coordinator::Stub& stub, const std::vector<rpc::v1::Upl
   (void)w->Finish();
 }
 
-void Call(rpc::v1::Coordinator::Stub& stub, int rpc, const uint8_t* p, size_t n) {
+// One unary call with the payload parsed as its request (unparsable payloads are skipped).
+template <class Req, class Resp, class Method>
+void Unary(rpc::v1::Coordinator::Stub& stub, Method method, const uint8_t* p, size_t n) {
+  Req req;
+  if (!req.ParseFromArray(p, static_cast<int>(n))) return;
   grpc::ClientContext ctx;
   ctx.set_deadline(Soon());
+  Resp resp;
+  (void)(stub.*method)(&ctx, req, &resp);
+}
+
+void Call(rpc::v1::Coordinator::Stub& stub, int rpc, const uint8_t* p, size_t n) {
+  using S = rpc::v1::Coordinator::Stub;
   switch (rpc) {
-    case 0: {
-      rpc::v1::JoinRequest req;
-      if (!req.ParseFromArray(p, static_cast<int>(n))) return;
-      rpc::v1::JoinResponse resp;
-      (void)stub.Join(&ctx, req, &resp);
-      return;
-    }
-    case 1: {
-      rpc::v1::HeartbeatRequest req;
-      if (!req.ParseFromArray(p, static_cast<int>(n))) return;
-      rpc::v1::HeartbeatResponse resp;
-      (void)stub.Heartbeat(&ctx, req, &resp);
-      return;
-    }
-    case 2: {
-      rpc::v1::GetTaskRequest req;
-      if (!req.ParseFromArray(p, static_cast<int>(n))) return;
-      rpc::v1::Task resp;
-      (void)stub.GetTask(&ctx, req, &resp);
-      return;
-    }
+    case 0: return Unary<rpc::v1::JoinRequest, rpc::v1::JoinResponse>(stub, &S::Join, p, n);
+    case 1: return Unary<rpc::v1::HeartbeatRequest, rpc::v1::HeartbeatResponse>(stub, &S::Heartbeat, p, n);
+    case 2: return Unary<rpc::v1::GetTaskRequest, rpc::v1::Task>(stub, &S::GetTask, p, n);
     case 3: {
       rpc::v1::DownloadRequest req;
       if (!req.ParseFromArray(p, static_cast<int>(n))) return;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(Soon());
       auto r = stub.DownloadAdapter(&ctx, req);
       rpc::v1::Chunk c;
       for (int i = 0; i < 4 && r->Read(&c); ++i) {
@@ -171,27 +165,9 @@ void Call(rpc::v1::Coordinator::Stub& stub, int rpc, const uint8_t* p, size_t n)
       (void)r->Finish();
       return;
     }
-    case 5: {
-      rpc::v1::EvalReport req;
-      if (!req.ParseFromArray(p, static_cast<int>(n))) return;
-      rpc::v1::EvalAck resp;
-      (void)stub.ReportEvaluation(&ctx, req, &resp);
-      return;
-    }
-    case 6: {
-      rpc::v1::SecAggRequest req;
-      if (!req.ParseFromArray(p, static_cast<int>(n))) return;
-      rpc::v1::SecAggResponse resp;
-      (void)stub.SecureAggregation(&ctx, req, &resp);
-      return;
-    }
-    default: {
-      rpc::v1::StatusRequest req;
-      if (!req.ParseFromArray(p, static_cast<int>(n))) return;
-      rpc::v1::StatusResponse resp;
-      (void)stub.GetStatus(&ctx, req, &resp);
-      return;
-    }
+    case 5: return Unary<rpc::v1::EvalReport, rpc::v1::EvalAck>(stub, &S::ReportEvaluation, p, n);
+    case 6: return Unary<rpc::v1::SecAggRequest, rpc::v1::SecAggResponse>(stub, &S::SecureAggregation, p, n);
+    default: return Unary<rpc::v1::StatusRequest, rpc::v1::StatusResponse>(stub, &S::GetStatus, p, n);
   }
 }
 

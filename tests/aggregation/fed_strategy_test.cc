@@ -315,6 +315,12 @@ TEST(DpStrategyTest, ClipsWeighsEquallyAndUsesFixedDenominator) {
   EXPECT_EQ(r->metrics.count("dp_unclipped_fraction"), 0u);
 }
 
+std::vector<std::string> ClientNames(int n) {
+  std::vector<std::string> names;
+  for (int i = 0; i < n; ++i) names.push_back("c" + std::to_string(i));
+  return names;
+}
+
 // The sampling the accountant assumes is the sampling that runs: every available client is
 // drawn independently with q = m / population from the CSPRNG (not from the engine's seeded Rng),
 // so round sizes vary, each client's selection frequency is q within a binomial bound, and the
@@ -329,8 +335,7 @@ TEST(DpStrategyTest, PoissonSamplingFromTheCsprngMatchesTheAccountedRate) {
   auto s = MakeDp(d, so);
   ASSERT_TRUE(s->private_selection());
   EXPECT_DOUBLE_EQ(s->accounted_rate(), 0.1);
-  std::vector<std::string> available;
-  for (int i = 0; i < 100; ++i) available.push_back("c" + std::to_string(i));
+  const std::vector<std::string> available = ClientNames(100);
   const int trials = 2000;
   std::map<std::string, int> times;
   std::set<size_t> sizes;
@@ -368,8 +373,7 @@ TEST(DpStrategyTest, FixedSizeSelectionIsAccountedWithoutAmplification) {
   so.clients_per_round = 10;
   auto s = MakeDp(d, so);
   EXPECT_FALSE(s->private_selection());
-  std::vector<std::string> available;
-  for (int i = 0; i < 100; ++i) available.push_back("c" + std::to_string(i));
+  const std::vector<std::string> available = ClientNames(100);
   Rng rng(1);
   EXPECT_EQ(s->ConfigureTrain(1, available, rng).size(), 10u);
   ASSERT_TRUE(AggregateTrain(*s, 1, {{"w", {0.0f}}}, {Update("c1", 1, {{"w", {0.1f}}})}).ok());
