@@ -3,7 +3,25 @@
 #include <algorithm>
 #include <memory>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace fedtune::kernels {
+namespace {
+
+// ~50 us of polling (a pause is ~10-40 ns); then the thread sleeps on the condition variable.
+constexpr int kSpins = 4096;
+
+inline void Pause() {
+#if defined(__x86_64__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -13,7 +31,7 @@ ThreadPool::ThreadPool(int n_threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   cv_start_.notify_all();
   for (auto& t : workers_) t.join();
@@ -22,20 +40,31 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::WorkerLoop(int index) {
   uint64_t seen = 0;
   for (;;) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_start_.wait(lock, [&] { return stop_ || generation_ != seen; });
-    if (stop_) return;
-    seen = generation_;
+    uint64_t g = generation_.load(std::memory_order_acquire);
+    if (g == seen && Spinning()) {
+      for (int i = 0; g == seen && i < kSpins && !stop_.load(std::memory_order_relaxed); ++i) {
+        Pause();
+        g = generation_.load(std::memory_order_acquire);
+      }
+    }
+    if (g == seen) {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_start_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+      if (stop_.load()) return;
+      g = generation_.load(std::memory_order_acquire);
+    }
+    if (stop_.load()) return;
+    seen = g;
     const auto* job = job_;
     const int64_t n = n_, chunk = chunk_;
-    const bool has_work = index < n_chunks_;
-    lock.unlock();
-    if (has_work) {
+    if (index < n_chunks_) {
       const int64_t b = index * chunk, e = std::min(n, b + chunk);
       (*job)(b, e, index);
     }
-    lock.lock();
-    if (--pending_ == 0) cv_done_.notify_one();
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(mu_);  // the caller may be asleep in cv_done_
+      cv_done_.notify_one();
+    }
   }
 }
 
@@ -52,19 +81,24 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     fn(0, n, 0);
     return;
   }
+  job_ = &fn;
+  n_ = n;
+  chunk_ = chunk;
+  n_chunks_ = n_chunks;
+  pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
   {
-    std::lock_guard<std::mutex> lock(mu_);
-    job_ = &fn;
-    n_ = n;
-    chunk_ = chunk;
-    n_chunks_ = n_chunks;
-    pending_ = static_cast<int>(workers_.size());
-    ++generation_;
+    std::lock_guard<std::mutex> lock(mu_);  // sleeping workers test generation_ under mu_
+    generation_.fetch_add(1, std::memory_order_release);
   }
   cv_start_.notify_all();
   fn(0, std::min(n, chunk), 0);
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_done_.wait(lock, [&] { return pending_ == 0; });
+  if (Spinning()) {
+    for (int i = 0; i < kSpins && pending_.load(std::memory_order_acquire) != 0; ++i) Pause();
+  }
+  if (pending_.load(std::memory_order_acquire) != 0) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_done_.wait(lock, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+  }
   job_ = nullptr;
 }
 

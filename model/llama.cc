@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <optional>
 
 #include "common/mapped_file.h"
 #include "kernels/thread_pool.h"
@@ -289,6 +290,10 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   for (int32_t t : tokens) {
     if (t < 0 || t >= c.n_vocab) return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary of ", c.n_vocab));
   }
+  // Decoding a token or a few makes hundreds of small parallel calls: the pool's threads spin
+  // between them instead of sleeping (kernels/thread_pool.h).
+  std::optional<kernels::ThreadPool::LowLatencyScope> low_latency;
+  if (T <= 4) low_latency.emplace(kernels::DefaultPool());
   const int64_t E = c.n_embd, H = c.n_head, Hkv = c.n_head_kv, hd = c.head_dim, F = c.n_ff;
   const int64_t kvd = Hkv * hd;
   std::vector<float> x(static_cast<size_t>(T * E)), h(x.size()), q(x.size()), attn(x.size()), o(x.size());

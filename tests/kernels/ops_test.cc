@@ -1,6 +1,9 @@
 #include "kernels/ops.h"
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <thread>
 #include <vector>
 
 #include "common/rng.h"
@@ -143,6 +146,33 @@ TEST(ThreadPoolTest, CoversRangeExactlyOnce) {
     });
   }
   for (int h : hits) ASSERT_EQ(h, 20);
+}
+
+// Inside a LowLatencyScope the threads spin between jobs: many tiny calls back to back (as in
+// decoding), from two callers taking turns, must still cover every index exactly once; after the
+// scope the pool sleeps again and keeps working.
+TEST(ThreadPoolTest, LowLatencyScopeManySmallCallsFromTwoCallers) {
+  ThreadPool pool(3);
+  std::vector<std::atomic<int>> hits(64);
+  {
+    ThreadPool::LowLatencyScope spin(pool);
+    auto run = [&] {
+      for (int rep = 0; rep < 2000; ++rep) {
+        pool.ParallelFor(64, 1, [&](int64_t b, int64_t e, int) {
+          for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)].fetch_add(1);
+        });
+      }
+    };
+    std::thread other(run);
+    run();
+    other.join();
+  }
+  for (auto& h : hits) ASSERT_EQ(h.load(), 4000);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));  // the threads fall asleep
+  pool.ParallelFor(64, 1, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)].fetch_add(1);
+  });
+  for (auto& h : hits) ASSERT_EQ(h.load(), 4001);
 }
 
 }  // namespace
