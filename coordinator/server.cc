@@ -40,6 +40,28 @@ using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 constexpr size_t kChunk = 1 << 20;
 
+// A worker's self-description is shown on the status page, logged and fed to the planner: keep
+// its strings short and printable and its numbers finite and non-negative, whatever it sent.
+rpc::v1::Profile SanitizedProfile(const rpc::v1::Profile& in) {
+  rpc::v1::Profile p = in;
+  auto text = [](std::string* s) {
+    if (s->size() > 128) s->resize(128);
+    for (char& c : *s)
+      if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) c = '?';
+  };
+  text(p.mutable_gpu());
+  text(p.mutable_version());
+  text(p.mutable_kernels());
+  auto num = [](double v) { return std::isfinite(v) && v > 0 ? std::min(v, 1e12) : 0.0; };
+  p.set_train_tokens_per_second(num(p.train_tokens_per_second()));
+  p.set_link_mbps(num(p.link_mbps()));
+  p.set_cores(std::max(p.cores(), 0));
+  p.set_memory_bytes(std::max<int64_t>(p.memory_bytes(), 0));
+  p.set_num_examples(std::max<int64_t>(p.num_examples(), 0));
+  p.set_eval_examples(std::max<int64_t>(p.eval_examples(), 0));
+  return p;
+}
+
 std::string PeerCn(grpc::ServerContext* ctx) {
   auto auth = ctx->auth_context();
   if (!auth) return "";
@@ -238,6 +260,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                               {"cores", w.profile.cores()},
                               {"memory_bytes", w.profile.memory_bytes()},
                               {"train_tokens_per_second", w.profile.train_tokens_per_second()},
+                              {"kernels", w.profile.kernels()},
                               {"link_mbps", w.profile.link_mbps()},
                               {"last_seen_seconds", (now - w.last_seen_ms) / 1000.0},
                               {"updates_accepted", w.updates_accepted},
@@ -350,14 +373,14 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "unknown worker or bad join token");
       }
       WorkerInfo& w = workers[cn];
-      w.profile = req->profile();
+      w.profile = SanitizedProfile(req->profile());
       w.last_seen_ms = UnixMs();
       w.cert_sha = PeerCertSha(ctx);
     }
     cv.notify_all();
     const auto& p = req->profile();
-    FT_LOG_INFO("worker '{}' joined ({} cores, {:.1f} GiB, {:.0f} training tokens/s)", cn, p.cores(), static_cast<double>(p.memory_bytes()) / (1 << 30),
-                p.train_tokens_per_second());
+    FT_LOG_INFO("worker '{}' joined ({} cores, {:.1f} GiB, {:.0f} training tokens/s, kernels {})", cn, p.cores(),
+                static_cast<double>(p.memory_bytes()) / (1 << 30), p.train_tokens_per_second(), SanitizedProfile(p).kernels());
     resp->set_run_id(fs::path(o.engine.state_dir).filename().string());
     resp->set_worker_id(cn);
     resp->set_heartbeat_ms(o.heartbeat_ms);
@@ -370,7 +393,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     if (grpc::Status a = Authorize(ctx, &cn); !a.ok()) return a;
     Seen(cn);
     WorkerInfo& w = workers[cn];
-    if (req->has_profile()) w.profile = req->profile();
+    if (req->has_profile()) w.profile = SanitizedProfile(req->profile());
     w.round = req->round();
     w.progress = std::isfinite(req->progress()) ? std::clamp(req->progress(), 0.0, 1.0) : 0.0;
     resp->set_shutdown(done || shutdown);

@@ -556,6 +556,10 @@ Backend* CpuBf16Backend() {
   static CpuBf16* b = ProcessCpuIsa() >= CpuIsa::kAvx512Bf16 && Bf16GemmBuilt() ? new CpuBf16(ProcessCpuIsa()) : nullptr;
   return b;
 }
+Backend& BestCpuBackend() {
+  if (Backend* b = CpuBf16Backend()) return *b;
+  return CpuFastBackend();
+}
 std::string CpuBf16UnavailableReason() {
   if (!Bf16GemmBuilt()) return "built without oneDNN (apt-get install libdnnl-dev, then reconfigure)";
   if (ProcessCpuIsa() < CpuIsa::kAvx512Bf16)
@@ -567,7 +571,8 @@ Backend* CudaBackend() { return Cuda().backend; }
 std::string CudaUnavailableReason() { return Cuda().why_not; }
 
 absl::StatusOr<Backend*> SelectBackend(std::string_view device) {
-  if (device == "cpu" || device == "cpu-fast") return &CpuFastBackend();
+  if (device == "cpu") return &BestCpuBackend();
+  if (device == "cpu-fast") return &CpuFastBackend();
   if (device == "cpu-ref") return &CpuReferenceBackend();
   if (device == "cpu-bf16") {
     if (Backend* b = CpuBf16Backend()) return b;
@@ -577,12 +582,12 @@ absl::StatusOr<Backend*> SelectBackend(std::string_view device) {
     Backend* cuda = CudaBackend();
     if (cuda == nullptr) {
       if (device == "cuda") return absl::FailedPreconditionError(absl::StrCat("--device cuda: ", CudaUnavailableReason()));
-      return &CpuFastBackend();
+      return &BestCpuBackend();
     }
     static Dispatching dispatching(cuda, &CpuFastBackend());
     return &dispatching;
   }
-  return absl::InvalidArgumentError(absl::StrCat("unknown device '", std::string(device), "' (cpu, cpu-bf16, cpu-ref, cuda or auto)"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown device '", std::string(device), "' (cpu, cpu-fast, cpu-bf16, cpu-ref, cuda or auto)"));
 }
 
 }  // namespace fedtune::kernels

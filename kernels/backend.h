@@ -150,11 +150,15 @@ Backend& CpuFastBackend();
 // CPU (capped by FEDTUNE_CPU_ISA) has no bf16 unit or oneDNN was not built in (the reason in
 // CpuBf16UnavailableReason()).
 Backend* CpuBf16Backend();
+// What "cpu" means: cpu-bf16 where the CPU has a bf16 unit (and oneDNN is built in), else
+// cpu-fast. FEDTUNE_CPU_ISA=avx2 (or lower) forces the fp32 path.
+Backend& BestCpuBackend();
 std::string CpuBf16UnavailableReason();
 Backend* CudaBackend();
 std::string CudaUnavailableReason();
 
-// "cpu-ref", "cpu-fast" (= "cpu"), "cpu-bf16", "cuda" or "auto" (cuda when usable, else cpu-fast). The
+// "cpu-ref", "cpu-fast" (fp32), "cpu-bf16", "cpu" (BestCpuBackend()), "cuda" or "auto" (cuda when
+// usable, else BestCpuBackend()). The
 // result dispatches each op to the chosen backend when it Supports(op), else to cpu-fast,
 // logging the fallback once per op.
 absl::StatusOr<Backend*> SelectBackend(std::string_view device);

@@ -623,7 +623,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1 << 20));
   train->add_flag("--no-pack", ta.no_pack, "Pad every example to the batch's longest instead of packing several per row");
   train->add_option("--adapter-dropout", ta.adapter_dropout, "Dropout on the adapters' inputs (LoRA lora_dropout)")->check(CLI::Range(0.0, 0.99));
-  train->add_option("--device", ta.device, "Kernels: cpu (default, fp32), cpu-bf16 (bf16 weight products on AVX-512-BF16 / AMX CPUs), cpu-ref, cuda, or auto (CUDA when usable; never run on a real GPU yet)");
+  train->add_option("--device", ta.device, "Kernels: cpu (default: cpu-bf16 where the CPU has a bf16 unit, else cpu-fast), cpu-fast (fp32), cpu-bf16 (bf16 weight products on AVX-512-BF16 / AMX CPUs), cpu-ref, cuda, or auto (CUDA when usable; never run on a real GPU yet)");
   train->add_option("--checkpoint-every", ta.checkpoint_every, "Write OUT/checkpoint.safetensors (adapters + optimizer) every N steps");
   train->add_flag("--resume", ta.resume, "Continue from OUT/checkpoint.safetensors (same data, seed and options)");
   train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization)");

@@ -459,6 +459,7 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
                                 kernels::Backend* backend) {
   rpc::v1::Profile p;
   if (backend != nullptr && std::string_view(backend->Name()) == "cuda") p.set_gpu(backend->Describe());
+  p.set_kernels(backend != nullptr ? backend->Name() : kernels::CpuFastBackend().Name());
   p.set_cores(static_cast<int>(std::thread::hardware_concurrency()));
   p.set_version(FEDTUNE_VERSION);
   int64_t avail = 0;

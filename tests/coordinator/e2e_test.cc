@@ -230,7 +230,7 @@ TEST_F(E2ETest, CoordinatorAndThreeWorkerProcessesMatchInProcessComputation) {
     ASSERT_TRUE(WriteFileAtomic(dir + "/" + w + ".yaml", "coordinator: localhost:" + port + "\ntls: {ca: " + pki_ + "/ca.pem, cert: " + wd +
                                                              ".pem, key: " + wd + ".key}\ntoken_file: " + wd + ".token\nmodel: {path: " +
                                                              model_path_ + "}\ndata: " + dir + "/" + w + ".jsonl\nmax_len: 96\nstate_dir: " + dir +
-                                                             "/" + w + "-state\n" + (k == 0 ? "device: cpu\n" : ""))
+                                                             "/" + w + "-state\n" + (k == 0 ? "device: cpu-fast\n" : "device: cpu-fast  # fp32, as the in-process reference\n"))
                     .ok());
     auto pid = testing::Spawn({bin, "worker", "--config", dir + "/" + w + ".yaml"}, dir + "/" + w + ".log");
     ASSERT_TRUE(pid.ok()) << pid.status();

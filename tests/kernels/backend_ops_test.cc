@@ -683,12 +683,15 @@ TEST(CudaEmulation, WeightPrecisionReachesTheGemm) {
 #ifndef FEDTUNE_CUDA_EMULATED
 TEST(BackendSelect, NamesAndErrors) {
   EXPECT_STREQ((*SelectBackend("cpu-ref"))->Name(), "cpu-ref");
-  EXPECT_EQ(*SelectBackend("cpu"), &CpuFastBackend());
+  EXPECT_EQ(*SelectBackend("cpu-fast"), &CpuFastBackend());
+  // "cpu" is the best CPU path: bf16 where this CPU (capped by FEDTUNE_CPU_ISA) has it.
+  EXPECT_EQ(*SelectBackend("cpu"), CpuBf16Backend() != nullptr ? CpuBf16Backend() : &CpuFastBackend());
+  EXPECT_EQ(&BestCpuBackend(), *SelectBackend("cpu"));
   EXPECT_FALSE(SelectBackend("tpu").ok());
   auto a = SelectBackend("auto");
   ASSERT_TRUE(a.ok());
   if (CudaBackend() == nullptr) {
-    EXPECT_EQ(*a, &CpuFastBackend());
+    EXPECT_EQ(*a, &BestCpuBackend());
     EXPECT_FALSE(SelectBackend("cuda").ok()) << "cuda must be refused with a reason when unavailable";
     EXPECT_FALSE(CudaUnavailableReason().empty());
     // A built module must load (the reason is then about the driver or the device): a module
