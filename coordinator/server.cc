@@ -258,6 +258,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                               {"round", w.round},
                               {"progress", w.progress},
                               {"cores", w.profile.cores()},
+                              {"version", w.profile.version()},
                               {"memory_bytes", w.profile.memory_bytes()},
                               {"train_tokens_per_second", w.profile.train_tokens_per_second()},
                               {"kernels", w.profile.kernels()},

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <thread>
 
@@ -17,6 +18,7 @@
 #include "coordinator/provision.h"
 #include "coordinator/server.h"
 #include "federation/run_ledger.h"
+#include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
 #include "protocol/update_codec.h"
 #include "tests/support/tiny_model.h"
@@ -433,6 +435,45 @@ TEST_F(HostileTest, TheStatusServerRefusesRemoteBindsWithoutATokenAndChecksTheTo
   EXPECT_FALSE(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json").ok());
   EXPECT_FALSE(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json", "wrong-token-wrong-token").ok());
   EXPECT_TRUE(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json", o.http_token).ok());
+  (*server)->Shutdown();
+}
+
+// A worker's profile is shown on the status page and fed to the planner: strings are cut to 128
+// printable characters, numbers made finite and non-negative, whatever the worker sent.
+TEST_F(HostileTest, AHostileProfileIsSanitised) {
+  auto server = coordinator::CoordinatorServer::Start(Options(1, 60000));
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto evil = Stub("evil", (*server)->port());
+  {
+    grpc::ClientContext ctx;
+    rpc::v1::JoinRequest req;
+    req.set_token(Token("evil"));
+    auto* p = req.mutable_profile();
+    p->set_kernels(std::string(100000, 'k') + "\x1b[2J");
+    p->set_gpu(std::string("H100\n\x01") + std::string(500, 'g'));
+    p->set_version("v\xc3\xa9");  // valid UTF-8 (gRPC refuses invalid UTF-8 in strings itself)
+    p->set_train_tokens_per_second(std::nan(""));
+    p->set_link_mbps(-5);
+    p->set_cores(-3);
+    p->set_memory_bytes(-1);
+    rpc::v1::JoinResponse resp;
+    ASSERT_TRUE(evil->Join(&ctx, req, &resp).ok());
+  }
+  auto body = coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json");
+  ASSERT_TRUE(body.ok()) << body.status();
+  auto j = nlohmann::json::parse(*body);
+  bool found = false;
+  for (const auto& w : j["workers"]) {
+    if (w["id"] != "evil") continue;
+    found = true;
+    EXPECT_EQ(w["kernels"].get<std::string>(), std::string(128, 'k'));
+    EXPECT_EQ(w["train_tokens_per_second"].get<double>(), 0.0);
+    EXPECT_EQ(w["link_mbps"].get<double>(), 0.0);
+    EXPECT_EQ(w["cores"].get<int>(), 0);
+    EXPECT_EQ(w["version"].get<std::string>(), "v??");
+    EXPECT_EQ(w["memory_bytes"].get<int64_t>(), 0);
+  }
+  EXPECT_TRUE(found) << *body;
   (*server)->Shutdown();
 }
 
