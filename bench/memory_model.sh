@@ -2,7 +2,8 @@
 # Measures the peak RSS of `fedtune train` on the real model over a grid of batch, sequence
 # length, adapter size, module set and base precision (2 optimizer steps each, plain text so
 # every sequence is full length). Output: runs/bench/memory/peaks.csv, the data the planner's
-# memory model (planner/memory_model.h) was fitted to and is checked against.
+# memory model (planner/planner.h) was fitted to and is checked against (bench_memory_fit). The
+# last field: 1 recomputation, 0 every activation kept, kN N sequences' activations kept per pass.
 #   bash bench/memory_model.sh [CONFIG_LIST]   (default: the grid below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,11 @@ fi
 for cfg in $grid; do
   IFS=, read -r b s kind r mods base rec <<< "$cfg"
   flags=(--adapter "$kind" --rank "$r" --modules "${mods//:/,}" --batch "$b" --max-len "$s" --steps 2 --eval-examples 0 --holdout 0 --base-type "$base")
-  [ "$rec" = 1 ] || flags+=(--no-recompute)
+  case "$rec" in
+    1) flags+=(--activation-budget 0) ;;
+    0) flags+=(--no-recompute) ;;
+    k*) flags+=(--no-recompute --micro-batch "${rec#k}") ;;
+  esac
   /usr/bin/time -v build/tools/fedtune train "$model" -d "$text" -o "$out/tmp" "${flags[@]}" > "$out/run.log" 2> "$out/time.log" \
     || { cat "$out/run.log" "$out/time.log"; exit 1; }
   peak=$(awk '/Maximum resident/ {printf "%.1f", $NF/1024}' "$out/time.log")

@@ -55,6 +55,7 @@ rpc::v1::Profile SanitizedProfile(const rpc::v1::Profile& in) {
   auto num = [](double v) { return std::isfinite(v) && v > 0 ? std::min(v, 1e12) : 0.0; };
   p.set_train_tokens_per_second(num(p.train_tokens_per_second()));
   p.set_link_mbps(num(p.link_mbps()));
+  p.set_keep_speedup(std::clamp(num(p.keep_speedup()), 1.0, 4.0));
   p.set_cores(std::max(p.cores(), 0));
   p.set_memory_bytes(std::max<int64_t>(p.memory_bytes(), 0));
   p.set_num_examples(std::max<int64_t>(p.num_examples(), 0));
@@ -263,6 +264,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                               {"train_tokens_per_second", w.profile.train_tokens_per_second()},
                               {"kernels", w.profile.kernels()},
                               {"link_mbps", w.profile.link_mbps()},
+                              {"keep_speedup", w.profile.keep_speedup()},
                               {"last_seen_seconds", (now - w.last_seen_ms) / 1000.0},
                               {"updates_accepted", w.updates_accepted},
                               {"plan", plan_notes.count(id) ? plan_notes.at(id) : std::string()}});
@@ -871,7 +873,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       c.num_examples = std::max<int64_t>(0, p.num_examples());
       c.profile = planner::WorkerProfile{id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
                                          p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0,
-                                         p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20};
+                                         p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20, p.keep_speedup()};
       v.push_back(std::move(c));
     }
     return v;

@@ -26,6 +26,7 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
   if (c.train().activation_budget_mib() != 0)
     return Bad("train.activation_budget_mib", "set it in each worker's config (activation_budget_mib), not the coordinator's");
   if (c.train().no_recompute()) return Bad("train.no_recompute", "a worker decides its activation memory (worker config activation_budget_mib)");
+  if (!c.train().device().empty()) return Bad("train.device", "each worker chooses its kernels (worker config device)");
   if (c.train().stand_in()) return Bad("train.stand_in", "simulation only");
   if (c.secure_aggregation().stage_seconds() < 0) return Bad("secure_aggregation.stage_seconds", "must be >= 0");
   if (c.eval().per_client()) return Bad("eval.per_client", "simulation only");
@@ -75,6 +76,7 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     const planner::Candidate uniform{rs.adapter.modules, m->layer(0).wq.type, rs.batch, rs.local_steps};
     FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, federation::PlannerOptionsFrom(c.planner(), rs.adapter.spec, rs.adapter.modules, uniform,
                                                                                    OrDefault(c.planner().seq(), 256), rs.send_fisher, true));
+    po.memory.keep_within_limit = true;  // workers keep activations as far as their memory allows (ClientEnv)
     std::map<model::Module, double> importance;  // uniform until merged updates show where they move
     for (model::Module mod : rs.adapter.modules) importance[mod] = 1.0 / static_cast<double>(rs.adapter.modules.size());
     o.engine.planning = federation::EngineOptions::Planning{planner::ModelShape::Of(*m), po, importance, /*every_round=*/true};

@@ -5,6 +5,7 @@
 #include <map>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common/log.h"
 
@@ -71,32 +72,40 @@ Dnnl& Get() {
 void RunOrThrow(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
   Dnnl& d = Get();
   const dnnl::memory::desc a({m, kk}, dt::bf16, tag::ab), b({kk, nn}, dt::bf16, wtag), c({m, nn}, dt::f32, tag::ab);
-  dnnl::matmul mm;
-  {
-    // Primitives by (m, n, k, accumulate), per thread: creating one costs far more than a small
-    // product, and a thread never shares its primitives (no locking, no concurrent execution).
-    thread_local std::map<std::tuple<int64_t, int64_t, int64_t, bool, int>, dnnl::matmul> cache;
-    auto key = std::make_tuple(m, nn, kk, add, static_cast<int>(wtag));
-    auto it = cache.find(key);
-    if (it == cache.end()) {
-      dnnl::primitive_attr attr;
-      if (add) {
-        dnnl::post_ops po;
-        po.append_sum(1.0f);
-        attr.set_post_ops(po);
-      }
-      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, d.engine);
-      if (cache.size() > 256) cache.clear();  // shapes churn (e.g. varying batch lengths): stay bounded
-      it = cache.emplace(key, dnnl::matmul(pd)).first;
-      FT_LOG_DEBUG("bf16 matmul {}x{}x{}{}: {}", m, nn, kk, add ? " (accumulate)" : "", pd.impl_info_str());
-      if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
-        FT_LOG_WARN("bf16 matmul {}x{}x{}: oneDNN has only its reference implementation here (slow)", m, nn, kk);
+  struct Entry {
+    dnnl::matmul mm;
+    dnnl::memory::desc scratch;
+  };
+  // Primitives by (m, n, k, accumulate), per thread: creating one costs far more than a small
+  // product, and a thread never shares its primitives (no locking, no concurrent execution).
+  // Scratchpads are the caller's (one growing buffer per thread): with oneDNN's own, every cached
+  // primitive kept its packing buffer, and varying batch lengths (the simulation's packed
+  // batches) grew the process by ~250 MiB.
+  thread_local std::map<std::tuple<int64_t, int64_t, int64_t, bool, int>, Entry> cache;
+  thread_local std::vector<uint8_t> scratch;
+  auto key = std::make_tuple(m, nn, kk, add, static_cast<int>(wtag));
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (add) {
+      dnnl::post_ops po;
+      po.append_sum(1.0f);
+      attr.set_post_ops(po);
     }
-    mm = it->second;
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, d.engine);
+    if (cache.size() >= 128) cache.clear();  // shapes churn (varying batch lengths): stay bounded
+    it = cache.emplace(key, Entry{dnnl::matmul(pd), pd.scratchpad_desc()}).first;
+    FT_LOG_DEBUG("bf16 matmul {}x{}x{}{}: {}", m, nn, kk, add ? " (accumulate)" : "", pd.impl_info_str());
+    if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
+      FT_LOG_WARN("bf16 matmul {}x{}x{}: oneDNN has only its reference implementation here (slow)", m, nn, kk);
   }
-  dnnl::memory A(a, d.engine, const_cast<uint16_t*>(src)), B(b, d.engine, const_cast<uint16_t*>(wei)), C(c, d.engine, dst);
+  const Entry& e = it->second;
+  if (scratch.size() < e.scratch.get_size()) scratch.resize(e.scratch.get_size());
+  dnnl::memory A(a, d.engine, const_cast<uint16_t*>(src)), B(b, d.engine, const_cast<uint16_t*>(wei)), C(c, d.engine, dst),
+      S(e.scratch, d.engine, scratch.data());
   dnnl::stream s(d.engine);
-  mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}});
+  e.mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}, {DNNL_ARG_SCRATCHPAD, S}});
   s.wait();
 }
 

@@ -83,11 +83,14 @@ double BitsPerWeight(kernels::GgmlType t) {
 
 MemoryModel MemoryModel::Fitted() {
   MemoryModel m;
-  // bench_memory_fit on bench/memory_model.sh's 12 runs (2026-11-23, SmolLM2-135M Q4_1, 2 threads).
-  m.fixed_mib = 35.9;
-  m.per_token_kib = 124.8;
-  m.per_token_layer_kib = 36.2;
-  m.logit_factor = 0.90;
+  // bench_memory_fit on bench/memory_model.sh's 12 fitting runs (2026-12-05, SmolLM2-135M Q4_1,
+  // 2 threads, default kernels = cpu-bf16 on that AVX-512-BF16 machine: the bf16 copies of the
+  // activations add ~16 KiB per token to recomputation; on cpu-fast the model over-predicts by
+  // ~7%, the safe side). Before (2026-11-23, fp32): 35.9, 124.8, 36.2, 0.90.
+  m.fixed_mib = 43.3;
+  m.per_token_kib = 140.5;
+  m.per_token_layer_kib = 34.6;
+  m.logit_factor = 1.03;
   return m;
 }
 
@@ -105,12 +108,28 @@ double MemoryModel::AdapterStateMiB(const ModelShape& s, const model::AdapterSpe
   return bytes * static_cast<double>(s.n_layer) / (1 << 20);
 }
 
-double MemoryModel::PredictMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted, const Candidate& c,
-                               int seq) const {
+double MemoryModel::KeptMiBPerSequence(const ModelShape& s, int seq) const {
+  return static_cast<double>(seq) * per_token_layer_kib * static_cast<double>(s.n_layer) / 1024;
+}
+
+ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
+                                     const Candidate& c, int seq, double limit_mib) const {
   const double tokens = static_cast<double>(c.batch) * seq;
-  const double act_kib = recompute ? per_token_kib : per_token_layer_kib * static_cast<double>(s.n_layer);
   const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
-  return fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, spec, adapted, c.modules) + tokens * act_kib / 1024 + logits_mib;
+  const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, spec, adapted, c.modules) + logits_mib;
+  const double per_seq = KeptMiBPerSequence(s, seq);
+  ActivationChoice a;
+  if (keep_within_limit ? limit_mib > 0 && per_seq > 0 : !recompute) {
+    const int fit = keep_within_limit ? static_cast<int>(std::min<double>(c.batch, std::floor((limit_mib - rest) / per_seq))) : c.batch;
+    if (fit >= 1) {
+      a.recompute = false;
+      a.seqs_per_pass = fit;
+      a.activation_mib = fit * per_seq;
+    }
+  }
+  if (a.recompute) a.activation_mib = tokens * per_token_kib / 1024;
+  a.total_mib = rest + a.activation_mib;
+  return a;
 }
 
 double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules) {
@@ -161,9 +180,10 @@ double Utility(const std::map<model::Module, double>& importance, const Candidat
   return static_cast<double>(c.local_steps) * c.batch * cover;
 }
 
-double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c) {
+double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
   const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
-  const double compute = static_cast<double>(c.local_steps) * c.batch * per_example / std::max(w.tokens_per_second, 1e-9);
+  const double tps = w.tokens_per_second * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
+  const double compute = static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
   const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, o.spec, c.modules) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
@@ -196,6 +216,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
   struct Scored {
     Candidate c;
     double t, u, mib;
+    ActivationChoice a;
   };
   Plan plan;
   std::vector<std::vector<Scored>> feasible(workers.size());
@@ -214,16 +235,17 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
         for (int batch : batches)
           for (int steps = 1; steps <= o.max_local_steps; ++steps) {
             Candidate c{s, b, batch, steps};
-            const double mib = o.memory.PredictMiB(shape, o.spec, o.adapted, c, o.seq);
+            const ActivationChoice a = o.memory.Choose(shape, o.spec, o.adapted, c, o.seq, usable);
+            const double mib = a.total_mib;
             if (mib < smallest) {
               smallest = mib;
               smallest_c = c;
             }
             if (mib > usable) continue;
-            feasible[k].push_back({c, PredictSeconds(shape, w, o, c), Utility(importance, c), mib});
+            feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute), Utility(importance, c), mib, a});
           }
-    const double u_mib = o.memory.PredictMiB(shape, o.spec, o.adapted, o.uniform, o.seq);
-    wp.uniform_seconds = u_mib <= usable ? PredictSeconds(shape, w, o, o.uniform) : -1;
+    const ActivationChoice ua = o.memory.Choose(shape, o.spec, o.adapted, o.uniform, o.seq, usable);
+    wp.uniform_seconds = ua.total_mib <= usable ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute) : -1;
     if (wp.uniform_seconds < 0) {
       plan.uniform_fits_everyone = false;
     } else {
@@ -289,6 +311,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     const Scored* s = best(k, T);
     wp.c = s->c;
     wp.predicted_mib = s->mib;
+    wp.activations = s->a;
     wp.predicted_seconds = s->t;
     wp.utility = s->u;
     plan.utility += s->u;
@@ -300,9 +323,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     double cover = 0;
     for (auto m : s->c.modules) cover += importance.count(m) ? importance.at(m) : 0;
     wp.explanation = absl::StrFormat(
-        "trains %s (%.0f%% of module importance), batch %d x %d local steps, base %s: predicted %.0f MiB of %.0f MiB usable, %.1f s "
-        "(uniform configuration: %s); %s",
-        ModuleList(s->c.modules), 100 * cover, s->c.batch, s->c.local_steps, TypeName(s->c.base), s->mib, o.memory_margin * workers[k].memory_mib,
+        "trains %s (%.0f%% of module importance), batch %d x %d local steps, base %s, activations %s: predicted %.0f MiB of %.0f MiB "
+        "usable, %.1f s (uniform configuration: %s); %s",
+        ModuleList(s->c.modules), 100 * cover, s->c.batch, s->c.local_steps, TypeName(s->c.base),
+        s->a.recompute ? std::string("recomputed") : absl::StrFormat("kept, %d sequence(s) per pass", s->a.seqs_per_pass), s->mib,
+        o.memory_margin * workers[k].memory_mib,
         s->t, wp.uniform_seconds < 0 ? std::string("does not fit") : absl::StrFormat("%.1f s", wp.uniform_seconds),
         time_bound ? absl::StrFormat("more work would pass the round's time of %.1f s", T)
                    : "its best configuration within memory and the candidate grid");

@@ -51,25 +51,50 @@ struct Candidate {
   int local_steps = 1;
 };
 
+// How a client runs its activations for one candidate (see MemoryModel::Choose).
+struct ActivationChoice {
+  bool recompute = true;
+  int seqs_per_pass = 0;      // kept: sequences per forward/backward pass (the batch when all fit)
+  double activation_mib = 0;  // the activations' share of the predicted peak
+  double total_mib = 0;       // the predicted peak
+};
+
 // Peak resident memory of a worker training one candidate:
-//   fixed + base(b) + adapter state + tokens * per_token + min(tokens, 256) * vocab * 4 B (logit chunk)
+//   fixed + base(b) + adapter state + activations + min(tokens, 256) * vocab * 4 B (logit chunk)
 // where tokens = batch * seq (one micro-batch), adapter state = 4 B per frozen value + 20 B per
-// trained value (weight, gradient, two AdamW moments, Fisher), per_token = saved layer inputs
-// (recomputation on) or all layers' activations (off). The constants were fitted by least squares
-// to peaks measured with /usr/bin/time over a grid of fedtune train runs on SmolLM2-135M
-// (bench/memory_model.sh; README "Planning").
+// trained value (weight, gradient, two AdamW moments, Fisher), activations = tokens * per_token
+// (recomputation: saved layer inputs and one layer's temporaries) or seqs_per_pass * seq *
+// per_token_layer * layers (kept). The constants were fitted by least squares to peaks measured
+// with /usr/bin/time over a grid of fedtune train runs on SmolLM2-135M (bench/memory_model.sh;
+// README "Planning").
+//
+// Activation modes: `recompute` true (full recomputation), false (every sequence's activations
+// kept), or `keep_within_limit` (what workers and the simulation do by default): keep the
+// activations of as many sequences per pass as fit in the memory left under the limit after
+// everything else, recompute only when not even one sequence fits. Keeping is 1.2-1.4x faster
+// (bench_train, 8 x 256, LoRA r=16: cpu-fast 200-203 -> 256-276 tokens/s, cpu-bf16 294-296 ->
+// 343-357), the speedup each worker measures (WorkerProfile::keep_speedup).
 struct MemoryModel {
   double fixed_mib = 0;
   double per_token_kib = 0;          // recomputation on
   double per_token_layer_kib = 0;    // recomputation off, per layer
   double logit_factor = 1;           // logit-chunk buffers, in units of chunk * vocab * 4 B
   bool recompute = true;
+  bool keep_within_limit = false;
   static MemoryModel Fitted();
   double BaseMiB(const ModelShape& s, kernels::GgmlType b) const;
   double AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
                          const std::vector<model::Module>& trained) const;
+  // Activations of one sequence of `seq` tokens when kept.
+  double KeptMiBPerSequence(const ModelShape& s, int seq) const;
+  // The activation mode and predicted peak for a client that may use `limit_mib` (<= 0: no limit
+  // known; keep_within_limit then recomputes).
+  ActivationChoice Choose(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted, const Candidate& c,
+                          int seq, double limit_mib) const;
   double PredictMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted, const Candidate& c,
-                    int seq) const;
+                    int seq, double limit_mib = 0) const {
+    return Choose(s, spec, adapted, c, seq, limit_mib).total_mib;
+  }
 };
 
 // Bytes of the adapter tensors of `modules` (float32; what travels each way).
@@ -78,8 +103,9 @@ double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const s
 struct WorkerProfile {
   std::string name;
   double memory_mib = 0;         // what the worker may use
-  double tokens_per_second = 0;  // training throughput at the stored precision
+  double tokens_per_second = 0;  // training throughput at the stored precision, recomputing
   double link_mbps = 100, latency_ms = 20;
+  double keep_speedup = 1;       // throughput with activations kept / recomputed (measured)
 };
 
 struct PlannerOptions {
@@ -103,6 +129,7 @@ struct WorkerPlan {
   std::string reason;  // why excluded
   Candidate c;
   double predicted_mib = 0, predicted_seconds = 0, utility = 0;
+  ActivationChoice activations;  // how it runs its activations (keep_within_limit)
   double uniform_seconds = 0;  // the uniform configuration's time on this worker (-1: does not fit)
   std::string explanation;
 };
@@ -130,7 +157,8 @@ void BlendImportance(std::map<model::Module, double>& importance, const std::map
 absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Module, double>& importance,
                               const std::vector<WorkerProfile>& workers, const PlannerOptions& o);
 
-double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c);
+// kept: activations kept (the worker's keep_speedup applies).
+double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false);
 double Utility(const std::map<model::Module, double>& importance, const Candidate& c);
 
 }  // namespace fedtune::planner

@@ -8,7 +8,8 @@
 
 namespace fedtune::sim {
 
-absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, const std::vector<model::Example>& data, const model::AdapterSpec& spec,
+absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, kernels::Backend* backend, const std::vector<model::Example>& data,
+                                      const model::AdapterSpec& spec,
                                       const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed) {
   if (data.empty()) return absl::FailedPreconditionError("planner calibration: no training examples");
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> probe, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, seed));
@@ -17,6 +18,7 @@ absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, const std:
   ft.batch = std::max(1, batch);
   ft.log_every = 0;
   ft.seed = seed;
+  ft.backend = backend;
   model::OptimizerConfig oc;
   oc.total_steps = ft.steps;
   model::AdamW opt(oc);
@@ -25,6 +27,16 @@ absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, const std:
   cal.seconds = rep.seconds;
   cal.tokens_per_second = rep.seconds > 0 ? static_cast<double>(rep.tokens) / rep.seconds : 0;
   cal.tokens_per_example = static_cast<double>(rep.tokens) / (static_cast<double>(ft.steps) * ft.batch);
+  {  // The same steps keeping activations (within fedtune train's default budget), on a copy.
+    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> copy, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, seed));
+    model::AdamW opt2(oc);
+    model::FinetuneOptions kept = ft;
+    kept.activation_budget_mib = 1024;
+    FT_ASSIGN_OR_RETURN(model::TrainReport rk, model::Finetune(model, data, kept, &copy, &opt2));
+    cal.seconds += rk.seconds;
+    if (rk.seconds > 0 && cal.tokens_per_second > 0)
+      cal.keep_speedup = std::clamp(static_cast<double>(rk.tokens) / rk.seconds / cal.tokens_per_second, 1.0, 4.0);
+  }
   // Mean Fisher per value, per module kind (all layers): a module's gradient signal per parameter.
   std::map<model::Module, std::pair<double, double>> acc;  // sum, count
   for (const auto& [name, f] : opt.fisher()) {
@@ -50,7 +62,7 @@ int LongestExample(const std::vector<std::vector<model::Example>>& per_client) {
 std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForPlan>& clients, const Calibration& cal) {
   std::vector<planner::WorkerProfile> w;
   for (const auto& c : clients)
-    w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms});
+    w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms, cal.keep_speedup});
   return w;
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "model/adapter.h"
 #include "model/dataset.h"
 #include "model/llama.h"
@@ -23,14 +24,17 @@ struct ClientForPlan {
 
 struct Calibration {
   std::map<model::Module, double> importance;  // normalised, sums to 1
-  double tokens_per_second = 0;                // this machine, the uniform batch
+  double tokens_per_second = 0;                // this machine, the uniform batch, recomputing
+  double keep_speedup = 1;                     // keeping activations instead (measured likewise)
   double tokens_per_example = 0;               // mean, as trained (padding included)
   double seconds = 0;
 };
 
 // Trains a probe adapter (the run's adapter kind on all its modules) for `steps` steps on `data`
-// and reads the per-module mean Fisher. Deterministic in `seed`.
-absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, const std::vector<model::Example>& data, const model::AdapterSpec& spec,
+// and reads the per-module mean Fisher; then as many steps keeping activations on a copy, for the
+// speedup. Deterministic in `seed` (but for the timings).
+absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, kernels::Backend* backend, const std::vector<model::Example>& data,
+                                      const model::AdapterSpec& spec,
                                       const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed);
 
 // Longest example in tokens (what the memory model needs for the activations).

@@ -16,6 +16,7 @@
 #include "common/progress.h"
 #include "common/rng.h"
 #include "federation/settings.h"
+#include "kernels/backend.h"
 #include "kernels/quant.h"
 #include "model/adapter_io.h"
 #include "model/export.h"
@@ -65,11 +66,15 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   s.skew = OrDefault(c.data().size_skew(), 1.0);
   if (s.examples_per_task < 1 || s.eval_examples < 1 || s.max_len < 8)
     return Bad("data", "examples_per_task and eval_examples must be >= 1 and max_len >= 8");
-  if (c.train().activation_budget_mib() < 0) return Bad("train.activation_budget_mib", "must be >= 0");
-  if (c.train().activation_budget_mib() > 0 && c.train().no_recompute())
+  if (c.train().activation_budget_mib() < -1) return Bad("train.activation_budget_mib", "must be -1 (recompute), 0 (as memory allows) or a budget in MiB");
+  if (c.train().activation_budget_mib() != 0 && c.train().no_recompute())
     return Bad("train.activation_budget_mib", "choose one: no_recompute keeps every activation, the budget decides per batch");
   if (c.train().activation_budget_mib() > 0 && c.planner().enabled())
-    return Bad("train.activation_budget_mib", "the planner's memory model assumes recomputation; not combined with the planner yet");
+    return Bad("train.activation_budget_mib",
+               "a fixed budget is not in the planner's memory model: leave it 0 (activations kept as each client's memory allows) or -1 (recompute)");
+  if (!c.train().device().empty()) {
+    if (auto b = kernels::SelectBackend(c.train().device()); !b.ok()) return Bad("train.device", std::string(b.status().message()));
+  }
   if (c.planner().enabled() && c.train().stand_in()) return Bad("planner", "needs real training (train.stand_in is set)");
   if (!c.eval().data().empty() && c.data().client_files_size() == 0)
     return Bad("eval.data", "with data.client_files only (otherwise the simulation scores its own held-out split)");
@@ -95,13 +100,15 @@ class SimTransport : public federation::Transport {
  public:
   SimTransport(const proto::SimulationConfig& c, const Settings& s, std::vector<ClientState>& clients, model::LlamaModel& model,
                model::AdapterSet<float>& adapters, const std::vector<std::string>& task_names,
-               const std::vector<std::vector<model::Example>>& eval_by_task, const std::string& run_dir, const SimOptions& o)
+               const std::vector<std::vector<model::Example>>& eval_by_task, const std::string& run_dir, const SimOptions& o,
+               kernels::Backend* backend)
       : c_(c), s_(s), clients_(clients), model_(model), bases_(model, c.model().path()), adapters_(adapters), task_names_(task_names),
         eval_by_task_(eval_by_task), run_dir_(run_dir), o_(o), sched_rng_(s.seed ^ 0x5eedull),
         last_task_acc_(task_names.size(), 0.0) {
     for (size_t k = 0; k < clients_.size(); ++k) index_[clients_[k].name] = k;
     env_.recompute = !c.train().no_recompute();
     env_.activation_budget_mib = c.train().activation_budget_mib();
+    env_.backend = backend;
     total_tasks_ = s.run.rounds * s.run.expected_clients;
     jsonl_.open(run_dir + "/metrics.jsonl", std::ios::trunc);
     csv_.open(run_dir + "/metrics.csv", std::ios::trunc);
@@ -149,7 +156,9 @@ class SimTransport : public federation::Transport {
       if (c_.train().stand_in()) {
         lr = worker::StandInUpdate(global, cl.name, static_cast<int64_t>(cl.train.size()), task.send_fisher, sched_rng_.NextU64());
       } else {
-        FT_ASSIGN_OR_RETURN(lr, worker::RunTrainTask(bases_, cl.train, task, global, env_, &cl.privacy));
+        worker::ClientEnv env = env_;
+        env.memory_mib = cl.memory_mib;  // 0 (not simulated): the default activation budget
+        FT_ASSIGN_OR_RETURN(lr, worker::RunTrainTask(bases_, cl.train, task, global, env, &cl.privacy));
       }
       const double secs = Seconds(t0, Clock::now());
       train_wall_ += secs;
@@ -336,6 +345,10 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   auto say = [&](const std::string& line) {
     if (o.progress) std::fprintf(stderr, "[simulate] %s\n", line.c_str());
   };
+  auto selected = kernels::SelectBackend(c.train().device().empty() ? "cpu" : c.train().device());
+  if (!selected.ok()) return absl::InvalidArgumentError(absl::StrCat("train.device: ", selected.status().message()));
+  kernels::Backend* const o_backend = *selected;
+  say(absl::StrCat("kernels: ", o_backend->Name()));
   SimulationResult result;
   // A run directory holds one run. The default one gets a fresh suffix when taken; an explicit
   // one that already holds a run is an error before any work (results are never overwritten).
@@ -503,9 +516,11 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     const planner::Candidate uniform{rs.adapter.modules, stored_type, rs.batch, rs.local_steps};
     FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, federation::PlannerOptionsFrom(c.planner(), rs.adapter.spec, rs.adapter.modules, uniform,
                                                                                    LongestExample(all), rs.send_fisher, !c.train().no_recompute()));
+    // The clients' default (ClientEnv): activations kept as far as each one's memory allows.
+    po.memory.keep_within_limit = !c.train().no_recompute() && c.train().activation_budget_mib() == 0;
     if (c.planner().enabled()) {
       say("planner: calibration pass (probe adapter, module importance and training speed)");
-      FT_ASSIGN_OR_RETURN(cal, Calibrate(*model, clients[0].train, rs.adapter.spec, rs.adapter.modules, rs.batch,
+      FT_ASSIGN_OR_RETURN(cal, Calibrate(*model, o_backend, clients[0].train, rs.adapter.spec, rs.adapter.modules, rs.batch,
                                          OrDefault(c.planner().calibration_steps(), 4), s.seed));
       po.tokens_per_example = cal->tokens_per_example;
       std::vector<std::string> imp;
@@ -530,7 +545,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   FT_ASSIGN_OR_RETURN(auto engine, federation::RoundEngine::Open(eo, initial));
   say(engine->strategy_summary());
   FT_RETURN_IF_ERROR(engine->ledger().SetRunInfo("config", o.config_text));
-  SimTransport transport(c, s, clients, *model, adapters, task_names, eval_by_task, result.run_dir, o);
+  SimTransport transport(c, s, clients, *model, adapters, task_names, eval_by_task, result.run_dir, o, o_backend);
   FT_ASSIGN_OR_RETURN(federation::RunSummary run, engine->Run(transport));
   result.rounds = run.rounds;
   result.stopped_early = run.stopped_early;
@@ -579,7 +594,10 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     ft.steps = rs.rounds * rs.local_steps * rs.expected_clients;
     ft.batch = rs.batch;
     ft.recompute = !c.train().no_recompute();
-    ft.activation_budget_mib = c.train().activation_budget_mib();
+    // As a client without a memory figure (worker::ClientEnv): -1 recomputes, 0 keeps up to 1024 MiB.
+    const int ab = c.train().activation_budget_mib();
+    ft.activation_budget_mib = ab > 0 ? ab : (ab == 0 && ft.recompute ? worker::ClientEnv::kDefaultActivationBudgetMiB : 0);
+    ft.backend = o_backend;
     ft.log_every = 0;
     model::OptimizerConfig oc;
     oc.lr = static_cast<float>(rs.learning_rate);

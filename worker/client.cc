@@ -12,6 +12,7 @@
 #include "common/mapped_file.h"
 #include "kernels/quant.h"
 #include "model/finetune.h"
+#include "planner/planner.h"
 #include "nlohmann/json.hpp"
 
 namespace fedtune::worker {
@@ -79,12 +80,16 @@ absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, siz
 
 namespace {
 
-absl::StatusOr<model::AdapterSet<float>> TaskAdapters(const model::LlamaModel& base, const protocol::AdapterPlan& p) {
+absl::StatusOr<std::pair<model::AdapterSpec, std::vector<model::Module>>> SpecAndModules(const protocol::AdapterPlan& p) {
   const auto kind = model::ParseAdapterKind(p.kind);
   if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind));
   FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules.empty() ? "all" : absl::StrJoin(p.modules, ",")));
-  model::AdapterSpec spec{*kind, p.rank, p.alpha, p.rslora, p.blocks};
-  return model::MakeAdaptersWithLayout<float>(base.adapter_dims(), spec, modules, p.layers, p.adapter_seed);
+  return std::make_pair(model::AdapterSpec{*kind, p.rank, p.alpha, p.rslora, p.blocks}, std::move(modules));
+}
+
+absl::StatusOr<model::AdapterSet<float>> TaskAdapters(const model::LlamaModel& base, const protocol::AdapterPlan& p) {
+  FT_ASSIGN_OR_RETURN(auto sm, SpecAndModules(p));
+  return model::MakeAdaptersWithLayout<float>(base.adapter_dims(), sm.first, sm.second, p.layers, p.adapter_seed);
 }
 
 }  // namespace
@@ -120,7 +125,24 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   lt.finetune.batch = task.batch;
   lt.finetune.log_every = 0;
   lt.finetune.recompute = env.recompute;
-  lt.finetune.activation_budget_mib = env.activation_budget_mib;
+  lt.finetune.activation_budget_mib = std::max(env.activation_budget_mib, 0);
+  if (env.activation_budget_mib == 0 && env.recompute) {  // the default: decided from memory (client.h)
+    if (env.memory_mib > 0) {
+      FT_ASSIGN_OR_RETURN(const auto sm, SpecAndModules(p));
+      const auto& [spec, adapted] = sm;
+      size_t longest = 1;
+      for (const auto& e : data) longest = std::max(longest, e.tokens.size());
+      const planner::ModelShape shape = planner::ModelShape::Of(*base);
+      const planner::Candidate c{lt.train_modules.empty() ? adapted : lt.train_modules, shape.stored, task.batch, task.local_steps};
+      planner::MemoryModel mm = planner::MemoryModel::Fitted();
+      mm.keep_within_limit = true;
+      const planner::ActivationChoice a = mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib);
+      lt.finetune.recompute = a.recompute;
+      lt.finetune.micro_batch = a.recompute ? 0 : a.seqs_per_pass;
+    } else {
+      lt.finetune.activation_budget_mib = ClientEnv::kDefaultActivationBudgetMiB;
+    }
+  }
   lt.finetune.backend = env.backend;
   lt.finetune.seed = task.seed;
   lt.finetune.dp_clip = task.local_dp_clip;

@@ -37,9 +37,20 @@ class BaseModels {
   std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> by_type_;
 };
 
+// How the client runs its activations (the planner's memory model predicts the same):
+//   activation_budget_mib > 0: the trainer keeps activations within that many MiB per pass;
+//   activation_budget_mib < 0: full recomputation;
+//   activation_budget_mib == 0 and recompute (the default): keep the activations of as many
+//     sequences per pass as fit in memory_mib x kMemoryMargin after the base, adapter state and
+//     logits (planner::MemoryModel::Choose at the client's longest example), recompute when none
+//     fits; with memory_mib unknown (0), the trainer's budget of kDefaultActivationBudgetMiB;
+//   recompute false: keep everything.
 struct ClientEnv {
-  int activation_budget_mib = 0;      // > 0: keep activations within this budget per pass
-  bool recompute = true;              // with budget 0: recompute (true) or keep everything
+  static constexpr double kMemoryMargin = 0.9;  // = planner::PlannerOptions::memory_margin's default
+  static constexpr int kDefaultActivationBudgetMiB = 1024;  // = fedtune train's default
+  int activation_budget_mib = 0;
+  bool recompute = true;
+  double memory_mib = 0;              // what this client may use (0: unknown)
   kernels::Backend* backend = nullptr;  // null: cpu-fast
   std::function<void(double)> progress;  // fraction of local steps done
 };

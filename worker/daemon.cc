@@ -419,18 +419,19 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 }  // namespace
 
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
-                     int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path) {
+                     int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path, double memory_mib) {
   struct State {
     State(const model::LlamaModel& m, const std::string& path, const std::string& ledger) : bases(m, path), privacy(ledger) {}
     BaseModels bases;
     LocalPrivacy privacy;  // record-level epsilon across every round this worker trained
   };
   auto state = std::make_shared<State>(model, model_path, privacy_path);
-  return [&data, state, activation_budget_mib, backend](const protocol::TrainTask& task, const aggregation::TensorMap& global,
-                                                        const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
+  return [&data, state, activation_budget_mib, backend, memory_mib](const protocol::TrainTask& task, const aggregation::TensorMap& global,
+                                                                    const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (!task.plan.explanation.empty()) FT_LOG_INFO("round {} plan: {}", task.round, task.plan.explanation);
     ClientEnv env;
     env.activation_budget_mib = activation_budget_mib;
+    env.memory_mib = memory_mib;
     env.backend = backend;
     env.progress = progress;
     return RunTrainTask(state->bases, data, task, global, env, &state->privacy);
@@ -481,8 +482,14 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
       ft.log_every = 0;
       ft.backend = backend;
       model::AdamW opt(model::OptimizerConfig{});
+      ft.steps = 1;  // warm-up (first touches of the weights), not timed
+      (void)model::Finetune(*model, *data, ft, &*set, &opt);
+      ft.steps = 2;
       if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0)
         p.set_train_tokens_per_second(static_cast<double>(r->tokens) / r->seconds);
+      ft.recompute = false;
+      if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0 && p.train_tokens_per_second() > 0)
+        p.set_keep_speedup(static_cast<double>(r->tokens) / r->seconds / p.train_tokens_per_second());
     }
   }
   return p;

@@ -55,11 +55,13 @@ using TaskRunner = std::function<absl::StatusOr<LocalResult>(const protocol::Tra
 
 // The real trainer: worker::RunTrainTask on `model` (re-quantized copies loaded from
 // `model_path` when a plan asks for another base type) and `data`, with local DP-SGD accounted
-// across rounds. activation_budget_mib > 0: keep activations within that many MiB per pass
-// instead of recomputing them. backend: kernels for training (null: cpu-fast). privacy_path: where
-// the local DP-SGD ledger persists across restarts (empty: in memory only).
+// across rounds. activation_budget_mib and memory_mib: how activations are kept (ClientEnv; 0 and
+// the worker's memory: as many sequences per pass as fit). backend: kernels for training (null:
+// cpu-fast). privacy_path: where the local DP-SGD ledger persists across restarts (empty: in
+// memory only).
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
-                     int activation_budget_mib = 0, kernels::Backend* backend = nullptr, const std::string& privacy_path = "");
+                     int activation_budget_mib = 0, kernels::Backend* backend = nullptr, const std::string& privacy_path = "",
+                     double memory_mib = 0);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 
@@ -69,8 +71,9 @@ using TaskEvaluator = std::function<absl::StatusOr<aggregation::EvalReport>(cons
 TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path = "");
 
 // Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
-// is CUDA, and, with a model, the measured training speed (two steps of a rank-4 LoRA at batch 1
-// on `data`, on `backend`; null: cpu-fast).
+// is CUDA, the kernels, and, with a model, the measured training speed (a rank-4 LoRA at batch 1
+// on `data`, on `backend`, null: cpu-fast; two steps recomputing activations, then two keeping
+// them: train_tokens_per_second and keep_speedup).
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
                                 kernels::Backend* backend = nullptr);
 

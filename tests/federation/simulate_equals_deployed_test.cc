@@ -86,6 +86,7 @@ class SimulateEqualsDeployedTest : public ::testing::Test {
     FT_RETURN_IF_ERROR(LoadConfigYaml(Common(extra) + "clients: " + std::to_string(kClients) + "\nrounds: " + std::to_string(rounds) +
                                           "\ndata: {client_files: [" + files + "], max_len: 96}\noutput_dir: " + dir_ + "/sim-" + name + "\n",
                                       &c, "sim"));
+    c.mutable_train()->set_device("cpu-fast");  // the kernels of the deployed workers here (ModelTaskRunner, no backend)
     sim::SimOptions o;
     o.progress = false;
     FT_ASSIGN_OR_RETURN(sim::SimulationResult r, sim::RunSimulation(c, o));
@@ -432,6 +433,7 @@ TEST_F(SimulateEqualsDeployedTest, KeysTheDeployedRunnerCannotHonourAreRefusedBy
   expect("secure_aggregation: {enabled: true}\nstrategy: {merge: median}\n", "secure_aggregation.enabled");
   expect("secure_aggregation: {enabled: true, threshold: 7}\n", "secure_aggregation");
   expect("train: {activation_budget_mib: 64}\n", "train.activation_budget_mib");
+  expect("train: {device: cpu-bf16}\n", "train.device");
   expect("dp: {enabled: true, local: true, target_epsilon: 3}\n", "dp.target_epsilon");
   expect("dp: {enabled: true, delta: 2}\n", "dp");
   expect("dp: {enabled: true, noise_multiplier: 1}\nstrategy: {merge: median}\n", "dp.enabled");

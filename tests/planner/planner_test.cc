@@ -133,6 +133,60 @@ TEST(PlannerTest, MemoryModelGrowsWithEveryInput) {
   EXPECT_LT(mm.PredictMiB(Shape(), o.spec, o.adapted, fewer, 128), base);  // frozen modules keep no optimizer state
 }
 
+// Kept activations (issue 18): with keep_within_limit the model keeps as many sequences per pass
+// as fit under the limit after everything else, recomputes when none fits, and never predicts
+// more than the limit when it keeps; the plan uses the worker's measured speedup for kept
+// candidates and says which mode each worker runs.
+TEST(PlannerTest, KeptActivationsFitTheLimitAndSpeedUpThePlan) {
+  auto mm = planner::MemoryModel::Fitted();
+  mm.keep_within_limit = true;
+  const auto o = Options();
+  const planner::Candidate c{o.adapted, kernels::GgmlType::kQ4_1, 4, 1};
+  const double per_seq = mm.KeptMiBPerSequence(Shape(), 128);
+  EXPECT_NEAR(per_seq, 128 * mm.per_token_layer_kib * 30 / 1024, 1e-9);
+  const auto all = mm.Choose(Shape(), o.spec, o.adapted, c, 128, 1e6);
+  EXPECT_FALSE(all.recompute);
+  EXPECT_EQ(all.seqs_per_pass, 4);
+  const double rest = all.total_mib - all.activation_mib;
+  const auto two = mm.Choose(Shape(), o.spec, o.adapted, c, 128, rest + 2.5 * per_seq);
+  EXPECT_FALSE(two.recompute);
+  EXPECT_EQ(two.seqs_per_pass, 2);
+  EXPECT_LE(two.total_mib, rest + 2.5 * per_seq);
+  const auto none = mm.Choose(Shape(), o.spec, o.adapted, c, 128, rest + 0.5 * per_seq);
+  EXPECT_TRUE(none.recompute);
+  EXPECT_NEAR(none.total_mib, planner::MemoryModel::Fitted().PredictMiB(Shape(), o.spec, o.adapted, c, 128), 1e-9);
+  EXPECT_TRUE(mm.Choose(Shape(), o.spec, o.adapted, c, 128, 0).recompute) << "no limit known: recompute";
+  auto keep_all = planner::MemoryModel::Fitted();
+  keep_all.recompute = false;
+  EXPECT_NEAR(keep_all.PredictMiB(Shape(), o.spec, o.adapted, c, 128), all.total_mib, 1e-9);
+
+  // The same fleet planned with kept activations and a measured speedup of 1.3: every worker
+  // still fits, the roomy ones keep, and the round is no longer than when recomputing (shorter
+  // when every worker has room to keep: the round waits for the slowest).
+  auto ok = Options();
+  auto fleet = Fleet();
+  for (auto& w : fleet) w.keep_speedup = 1.3;
+  const std::map<Module, double> imp = {{Module::kQ, 1}, {Module::kV, 3}, {Module::kUp, 1}};
+  auto recomputing = planner::MakePlan(Shape(), imp, fleet, ok);
+  auto roomy = fleet;
+  for (auto& w : roomy) w.memory_mib *= 10;
+  auto roomy_recomputing = planner::MakePlan(Shape(), imp, roomy, ok);
+  ok.memory.keep_within_limit = true;
+  auto keeping = planner::MakePlan(Shape(), imp, fleet, ok);
+  auto roomy_keeping = planner::MakePlan(Shape(), imp, roomy, ok);
+  ASSERT_TRUE(recomputing.ok() && keeping.ok() && roomy_recomputing.ok() && roomy_keeping.ok());
+  EXPECT_LE(keeping->round_seconds, recomputing->round_seconds + 1e-9);
+  EXPECT_LT(roomy_keeping->round_seconds, roomy_recomputing->round_seconds);
+  EXPECT_FALSE(keeping->workers[0].activations.recompute) << keeping->workers[0].explanation;
+  EXPECT_NE(keeping->workers[0].explanation.find("kept"), std::string::npos) << keeping->workers[0].explanation;
+  for (size_t k = 0; k < fleet.size(); ++k) {
+    const auto& wp = keeping->workers[k];
+    if (wp.excluded) continue;
+    EXPECT_LE(wp.predicted_mib, 0.9 * fleet[k].memory_mib) << wp.worker;
+    EXPECT_NEAR(wp.predicted_seconds, planner::PredictSeconds(Shape(), fleet[k], ok, wp.c, !wp.activations.recompute), 1e-9);
+  }
+}
+
 TEST(PartialTrainingTest, FrozenModulesActInForwardAndAreNotSent) {
   const std::string path = testing::TempPath("partial.gguf");
   testing::TinyModelOptions mo;

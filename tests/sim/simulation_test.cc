@@ -366,6 +366,8 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("dp: {enabled: true, target_epsilon: 8}\nstrategy: {merge: median}\n", "dp.enabled");
   expect("train: {base_type: q3_x}\n", "train.base_type");
   expect("train: {activation_budget_mib: 512}\nplanner: {enabled: true}\n", "train.activation_budget_mib");
+  expect("train: {activation_budget_mib: -2}\n", "train.activation_budget_mib");
+  expect("train: {device: tpu}\n", "train.device");
   expect("adapter: {kind: LORA, layers: \"0:q\"}\nplanner: {enabled: true}\n", "adapter.layers");
   proto::SimulationConfig c;
   ASSERT_TRUE(LoadConfigYaml("model: {path: /no/model.gguf}\nclients: 2\nrounds: 1\ndata: {tasks: [sum]}\n", &c, "t").ok());
