@@ -1,6 +1,8 @@
 // Fits the planner's memory model (planner/planner.h, MemoryModel) to peaks measured by
 // bench/memory_model.sh, and checks a model against them:
-//   bench_memory_fit MODEL.gguf runs/bench/memory/peaks.csv [--check]
+//   bench_memory_fit MODEL.gguf runs/bench/memory/peaks.csv [--check] [--bf16]
+// --bf16: the runs trained on cpu-bf16 (MemoryModel::Bf16OutputMiB is then part of the known
+// memory; fedtune train's default kernels on a CPU with a bf16 unit).
 // Without --check: least-squares fit of (fixed MiB, KiB per token, logit-chunk factor) on the
 // rows with recomputation and of KiB per token and layer on the rows without; prints the
 // constants. With --check: prints MemoryModel::Fitted()'s prediction for every row and the
@@ -33,7 +35,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: bench_memory_fit MODEL.gguf peaks.csv [--check]\n");
     return 2;
   }
-  const bool check = argc > 3 && std::string(argv[3]) == "--check";
+  bool check = false, bf16 = false;
+  for (int i = 3; i < argc; ++i) {
+    check = check || std::string(argv[i]) == "--check";
+    bf16 = bf16 || std::string(argv[i]) == "--bf16";
+  }
   auto m = model::LlamaModel::Load(argv[1]);
   if (!m.ok()) {
     std::fprintf(stderr, "%s\n", m.status().ToString().c_str());
@@ -66,7 +72,7 @@ int main(int argc, char** argv) {
     const auto base = kernels::GgmlTypeFromName(r.base);
     model::AdapterSpec spec{*kind, r.rank, 2.0f * static_cast<float>(r.rank), false, 1};
     const double tokens = static_cast<double>(r.batch) * r.seq;
-    xs.push_back({mm.BaseMiB(shape, *base) + mm.AdapterStateMiB(shape, spec, *mods, *mods), tokens,
+    xs.push_back({mm.BaseMiB(shape, *base) + mm.AdapterStateMiB(shape, spec, *mods, *mods) + (bf16 ? planner::MemoryModel::Bf16OutputMiB(shape, tokens) : 0.0), tokens,
                   std::min(tokens, 256.0) * static_cast<double>(shape.n_vocab) * 4 / (1 << 20)});
   }
   if (!check) {
@@ -114,7 +120,7 @@ int main(int argc, char** argv) {
     const auto mods = model::ParseModules(r.modules);
     model::AdapterSpec spec{*kind, r.rank, 2.0f * static_cast<float>(r.rank), false, 1};
     planner::Candidate c{*mods, *kernels::GgmlTypeFromName(r.base), r.batch, 1};
-    double pred = mm.PredictMiB(shape, spec, *mods, c, r.seq);
+    double pred = mm.PredictMiB(shape, spec, *mods, c, r.seq, 0, bf16);
     if (r.kept_per_pass > 0) pred -= (r.batch - r.kept_per_pass) * mm.KeptMiBPerSequence(shape, r.seq);
     const double err = (r.peak - pred) / pred;
     worst = std::max(worst, std::fabs(err));

@@ -873,7 +873,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       c.num_examples = std::max<int64_t>(0, p.num_examples());
       c.profile = planner::WorkerProfile{id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
                                          p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0,
-                                         p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20, p.keep_speedup()};
+                                         p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20, p.keep_speedup(),
+                                         p.kernels().rfind("cpu-bf16", 0) == 0};
       v.push_back(std::move(c));
     }
     return v;

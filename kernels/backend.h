@@ -153,6 +153,8 @@ Backend* CpuBf16Backend();
 // What "cpu" means: cpu-bf16 where the CPU has a bf16 unit (and oneDNN is built in), else
 // cpu-fast. FEDTUNE_CPU_ISA=avx2 (or lower) forces the fp32 path.
 Backend& BestCpuBackend();
+// Whether `b` multiplies the frozen weights in bf16 on the CPU (cpu-bf16; memory: the planner).
+bool IsCpuBf16(const Backend* b);
 std::string CpuBf16UnavailableReason();
 Backend* CudaBackend();
 std::string CudaUnavailableReason();

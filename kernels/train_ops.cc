@@ -288,11 +288,11 @@ double CrossEntropyRow(T* row, int64_t V, int32_t t, bool grad, T grad_scale, bo
 }
 }  // namespace
 
-template <typename T>
-double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh, T grad_scale,
-                           int64_t chunk, bool fast) {
-  fast = fast && std::is_same_v<T, float> && HaveAvx2Fma();
-  const int64_t E = w_out.cols, V = w_out.rows;
+namespace {
+// The chunk loop of CrossEntropyChunked with the products as callables (V x E output matrix).
+template <typename T, typename Fwd, typename Bwd>
+double CrossEntropyChunks(int64_t V, int64_t E, const T* h, const int32_t* target, int64_t rows, T* dh, T grad_scale, int64_t chunk,
+                          bool fast, const Fwd& forward, const Bwd& backward) {
   std::vector<int64_t> scored;
   for (int64_t r = 0; r < rows; ++r) {
     if (target[r] >= 0) {
@@ -308,7 +308,7 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
     hc.resize(static_cast<size_t>(n * E));
     for (int64_t i = 0; i < n; ++i) std::copy_n(h + scored[c0 + i] * E, E, hc.begin() + i * E);
     logits.resize(static_cast<size_t>(n * V));
-    QLinearForward<T>(w_out, hc.data(), logits.data(), n);
+    forward(hc.data(), logits.data(), n);
     row_nll.assign(static_cast<size_t>(n), 0.0);
     auto rows_fn = [&](int64_t i0, int64_t i1, int) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -324,7 +324,7 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
     for (double x : row_nll) nll += x;  // fixed order: the sum does not depend on the threads
     if (dh != nullptr) {
       dhc.assign(static_cast<size_t>(n * E), T(0));
-      QLinearBackward<T>(w_out, logits.data(), dhc.data(), n);
+      backward(logits.data(), dhc.data(), n);
       for (int64_t i = 0; i < n; ++i) {
         T* dst = dh + scored[c0 + i] * E;
         for (int64_t j = 0; j < E; ++j) dst[j] += dhc[static_cast<size_t>(i * E + j)];
@@ -332,6 +332,23 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
     }
   }
   return nll;
+}
+}  // namespace
+
+template <typename T>
+double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh, T grad_scale,
+                           int64_t chunk, bool fast) {
+  fast = fast && std::is_same_v<T, float> && HaveAvx2Fma();
+  return CrossEntropyChunks<T>(
+      w_out.rows, w_out.cols, h, target, rows, dh, grad_scale, chunk, fast,
+      [&](const T* x, T* y, int64_t n) { QLinearForward<T>(w_out, x, y, n); },
+      [&](const T* dy, T* dx, int64_t n) { QLinearBackward<T>(w_out, dy, dx, n); });
+}
+
+double CrossEntropyChunkedWith(int64_t V, int64_t E, const float* h, const int32_t* target, int64_t rows, float* dh, float grad_scale,
+                               int64_t chunk, const std::function<void(const float*, float*, int64_t)>& forward,
+                               const std::function<void(const float*, float*, int64_t)>& backward) {
+  return CrossEntropyChunks<float>(V, E, h, target, rows, dh, grad_scale, chunk, HaveAvx2Fma(), forward, backward);
 }
 
 template <typename T>

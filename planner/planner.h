@@ -89,12 +89,15 @@ struct MemoryModel {
   double KeptMiBPerSequence(const ModelShape& s, int seq) const;
   // The activation mode and predicted peak for a client that may use `limit_mib` (<= 0: no limit
   // known; keep_within_limit then recomputes).
+  // bf16_kernels: the client trains on cpu-bf16, whose output layer (>= 64 scored rows) keeps the
+  // output matrix and the chunk's logit gradients in bf16 besides (BF16OutputMiB).
   ActivationChoice Choose(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted, const Candidate& c,
-                          int seq, double limit_mib) const;
+                          int seq, double limit_mib, bool bf16_kernels = false) const;
   double PredictMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted, const Candidate& c,
-                    int seq, double limit_mib = 0) const {
-    return Choose(s, spec, adapted, c, seq, limit_mib).total_mib;
+                    int seq, double limit_mib = 0, bool bf16_kernels = false) const {
+    return Choose(s, spec, adapted, c, seq, limit_mib, bf16_kernels).total_mib;
   }
+  static double Bf16OutputMiB(const ModelShape& s, double tokens_per_pass);
 };
 
 // Bytes of the adapter tensors of `modules` (float32; what travels each way).
@@ -106,6 +109,7 @@ struct WorkerProfile {
   double tokens_per_second = 0;  // training throughput at the stored precision, recomputing
   double link_mbps = 100, latency_ms = 20;
   double keep_speedup = 1;       // throughput with activations kept / recomputed (measured)
+  bool bf16_kernels = false;     // trains on cpu-bf16 (memory: MemoryModel::Choose)
 };
 
 struct PlannerOptions {

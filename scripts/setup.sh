@@ -52,5 +52,8 @@ if ((want_oracles)); then
   # llama-cpp-python: logits/perplexity (builds llama.cpp from source: minutes on 2 cores).
   "$oracles_venv/bin/pip" install -q numpy gguf safetensors tokenizers transformers sentencepiece
   "$oracles_venv/bin/pip" install -q llama-cpp-python || echo "[setup] llama-cpp-python failed to build; logit goldens cannot be regenerated"
+  # PyTorch + PEFT: gradient oracles and the training-speed comparison (bench/peft_train_bench.py;
+  # PyPI's torch wheel brings its CUDA libraries: ~3 GB).
+  "$oracles_venv/bin/pip" install -q torch peft || echo "[setup] torch/peft failed to install; PyTorch comparisons unavailable"
   echo "[setup] oracles venv: $oracles_venv"
 fi

@@ -24,6 +24,7 @@ absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, kernels::B
   model::AdamW opt(oc);
   FT_ASSIGN_OR_RETURN(model::TrainReport rep, model::Finetune(model, data, ft, &probe, &opt));
   Calibration cal;
+  cal.bf16_kernels = kernels::IsCpuBf16(backend);
   cal.seconds = rep.seconds;
   cal.tokens_per_second = rep.seconds > 0 ? static_cast<double>(rep.tokens) / rep.seconds : 0;
   cal.tokens_per_example = static_cast<double>(rep.tokens) / (static_cast<double>(ft.steps) * ft.batch);
@@ -62,7 +63,7 @@ int LongestExample(const std::vector<std::vector<model::Example>>& per_client) {
 std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForPlan>& clients, const Calibration& cal) {
   std::vector<planner::WorkerProfile> w;
   for (const auto& c : clients)
-    w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms, cal.keep_speedup});
+    w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms, cal.keep_speedup, cal.bf16_kernels});
   return w;
 }
 

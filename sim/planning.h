@@ -26,6 +26,7 @@ struct Calibration {
   std::map<model::Module, double> importance;  // normalised, sums to 1
   double tokens_per_second = 0;                // this machine, the uniform batch, recomputing
   double keep_speedup = 1;                     // keeping activations instead (measured likewise)
+  bool bf16_kernels = false;                   // the kernels are cpu-bf16 (memory model)
   double tokens_per_example = 0;               // mean, as trained (padding included)
   double seconds = 0;
 };

@@ -535,7 +535,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     } else {
       for (const ClientState& cl : clients) {
         if (cl.memory_mib <= 0) continue;
-        const double need = po.memory.PredictMiB(shape, rs.adapter.spec, rs.adapter.modules, uniform, po.seq);
+        const double need = po.memory.PredictMiB(shape, rs.adapter.spec, rs.adapter.modules, uniform, po.seq, 0, kernels::IsCpuBf16(o_backend));
         if (need > cl.memory_mib)
           say(absl::StrFormat("warning: %s has %.0f MiB but the uniform configuration needs %.0f MiB (memory model); it is simulated anyway",
                               cl.name, cl.memory_mib, need));

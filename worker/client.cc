@@ -136,7 +136,8 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
       const planner::Candidate c{lt.train_modules.empty() ? adapted : lt.train_modules, shape.stored, task.batch, task.local_steps};
       planner::MemoryModel mm = planner::MemoryModel::Fitted();
       mm.keep_within_limit = true;
-      const planner::ActivationChoice a = mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib);
+      const planner::ActivationChoice a =
+          mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend));
       lt.finetune.recompute = a.recompute;
       lt.finetune.micro_batch = a.recompute ? 0 : a.seqs_per_pass;
     } else {
