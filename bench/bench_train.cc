@@ -34,7 +34,7 @@ int main(int argc, char** argv) {
   app.add_flag("--no-recompute", no_recompute);
   app.add_option("--micro-batch", micro_batch, "Sequences per forward/backward pass (0 = the whole batch)");
   app.add_option("--layers", layers, "Per-layer settings as in fedtune train --layers (e.g. \"15-29\"; default: every layer)");
-  app.add_option("--device", device, "cpu (= cpu-fast), cpu-bf16, cpu-ref, cuda or auto");
+  app.add_option("--device", device, "cpu (the best CPU path: cpu-bf16 where the CPU has a bf16 unit, else cpu-fast), cpu-fast, cpu-bf16, cpu-ref, cuda or auto");
   app.add_option("--activation-budget", budget_mib, "MiB: keep activations for as many sequences per pass as fit (fedtune train's default: 1024)");
   CLI11_PARSE(app, argc, argv);
   kernels::SetThreads(threads);
