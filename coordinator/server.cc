@@ -381,9 +381,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       w.cert_sha = PeerCertSha(ctx);
     }
     cv.notify_all();
-    const auto& p = req->profile();
+    const rpc::v1::Profile p = SanitizedProfile(req->profile());
     FT_LOG_INFO("worker '{}' joined ({} cores, {:.1f} GiB, {:.0f} training tokens/s, kernels {})", cn, p.cores(),
-                static_cast<double>(p.memory_bytes()) / (1 << 30), p.train_tokens_per_second(), SanitizedProfile(p).kernels());
+                static_cast<double>(p.memory_bytes()) / (1 << 30), p.train_tokens_per_second(), p.kernels());
     resp->set_run_id(fs::path(o.engine.state_dir).filename().string());
     resp->set_worker_id(cn);
     resp->set_heartbeat_ms(o.heartbeat_ms);

@@ -130,7 +130,10 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
   const double per_seq = KeptMiBPerSequence(s, seq);
   ActivationChoice a;
   if (keep_within_limit ? limit_mib > 0 && per_seq > 0 : !recompute) {
-    const int fit = keep_within_limit ? static_cast<int>(std::min<double>(c.batch, std::floor((limit_mib - rest) / per_seq))) : c.batch;
+    // Memory not known (>= kUnknownMemoryMiB): the client keeps up to the trainer's default budget
+    // per pass instead (worker::ClientEnv), whatever the rest needs.
+    const double room = limit_mib >= kUnknownMemoryMiB ? kDefaultKeptMiB : limit_mib - rest;
+    const int fit = keep_within_limit ? static_cast<int>(std::min<double>(c.batch, std::floor(room / per_seq + 1e-9))) : c.batch;
     if (fit >= 1) {
       a.recompute = false;
       a.seqs_per_pass = fit;
@@ -251,11 +254,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
               smallest = mib;
               smallest_c = c;
             }
-            if (mib > usable) continue;
+            if (mib > usable * (1 + 1e-12)) continue;  // Choose's kept result may touch the limit
             feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute), Utility(importance, c), mib, a});
           }
     const ActivationChoice ua = o.memory.Choose(shape, o.spec, o.adapted, o.uniform, o.seq, usable, w.bf16_kernels);
-    wp.uniform_seconds = ua.total_mib <= usable ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute) : -1;
+    wp.uniform_seconds = ua.total_mib <= usable * (1 + 1e-12) ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute) : -1;
     if (wp.uniform_seconds < 0) {
       plan.uniform_fits_everyone = false;
     } else {

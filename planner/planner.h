@@ -75,6 +75,8 @@ struct ActivationChoice {
 // (bench_train, 8 x 256, LoRA r=16: cpu-fast 200-203 -> 256-276 tokens/s, cpu-bf16 294-296 ->
 // 343-357), the speedup each worker measures (WorkerProfile::keep_speedup).
 struct MemoryModel {
+  static constexpr double kUnknownMemoryMiB = 1e11;  // a limit this large: the memory is not known
+  static constexpr double kDefaultKeptMiB = 1024;    // what a client then keeps per pass (= ClientEnv)
   double fixed_mib = 0;
   double per_token_kib = 0;          // recomputation on
   double per_token_layer_kib = 0;    // recomputation off, per layer

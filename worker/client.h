@@ -47,7 +47,7 @@ class BaseModels {
 //   recompute false: keep everything.
 struct ClientEnv {
   static constexpr double kMemoryMargin = 0.9;  // = planner::PlannerOptions::memory_margin's default
-  static constexpr int kDefaultActivationBudgetMiB = 1024;  // = fedtune train's default
+  static constexpr int kDefaultActivationBudgetMiB = 1024;  // = fedtune train's default, planner::MemoryModel::kDefaultKeptMiB
   int activation_budget_mib = 0;
   bool recompute = true;
   double memory_mib = 0;              // what this client may use (0: unknown)

@@ -155,7 +155,13 @@ TEST(PlannerTest, KeptActivationsFitTheLimitAndSpeedUpThePlan) {
   const auto none = mm.Choose(Shape(), o.spec, o.adapted, c, 128, rest + 0.5 * per_seq);
   EXPECT_TRUE(none.recompute);
   EXPECT_NEAR(none.total_mib, planner::MemoryModel::Fitted().PredictMiB(Shape(), o.spec, o.adapted, c, 128), 1e-9);
-  EXPECT_TRUE(mm.Choose(Shape(), o.spec, o.adapted, c, 128, 0).recompute) << "no limit known: recompute";
+  EXPECT_TRUE(mm.Choose(Shape(), o.spec, o.adapted, c, 128, 0).recompute) << "no limit: recompute";
+  // Memory not known: the client keeps what fits the trainer's default budget per pass.
+  const auto unknown = mm.Choose(Shape(), o.spec, o.adapted, c, 128, 0.9 * 1e12);
+  EXPECT_FALSE(unknown.recompute);
+  EXPECT_EQ(unknown.seqs_per_pass, std::min(4, static_cast<int>(planner::MemoryModel::kDefaultKeptMiB / per_seq)));
+  // A limit exactly at rest + 2 sequences keeps 2 (no rounding down to 1).
+  EXPECT_EQ(mm.Choose(Shape(), o.spec, o.adapted, c, 128, rest + 2 * per_seq).seqs_per_pass, 2);
   auto keep_all = planner::MemoryModel::Fitted();
   keep_all.recompute = false;
   EXPECT_NEAR(keep_all.PredictMiB(Shape(), o.spec, o.adapted, c, 128), all.total_mib, 1e-9);
