@@ -25,6 +25,7 @@
 #include "common/mapped_file.h"
 #include "common/progress.h"
 #include "common/rng.h"
+#include "kernels/backend.h"
 #include "coordinator/dashboard.h"
 #include "coordinator/http_status.h"
 #include "nlohmann/json.hpp"
@@ -367,6 +368,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   grpc::Status Join(grpc::ServerContext* ctx, const rpc::v1::JoinRequest* req, rpc::v1::JoinResponse* resp) override {
     const std::string cn = PeerCn(ctx);
     const std::vector<uint8_t> tok(req->token().begin(), req->token().end());
+    const rpc::v1::Profile p = SanitizedProfile(req->profile());
     {
       std::lock_guard<std::mutex> l(mu);
       RefreshCredentials();
@@ -376,12 +378,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "unknown worker or bad join token");
       }
       WorkerInfo& w = workers[cn];
-      w.profile = SanitizedProfile(req->profile());
+      w.profile = p;
       w.last_seen_ms = UnixMs();
       w.cert_sha = PeerCertSha(ctx);
     }
     cv.notify_all();
-    const rpc::v1::Profile p = SanitizedProfile(req->profile());
     FT_LOG_INFO("worker '{}' joined ({} cores, {:.1f} GiB, {:.0f} training tokens/s, kernels {})", cn, p.cores(),
                 static_cast<double>(p.memory_bytes()) / (1 << 30), p.train_tokens_per_second(), p.kernels());
     resp->set_run_id(fs::path(o.engine.state_dir).filename().string());
@@ -874,7 +875,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       c.profile = planner::WorkerProfile{id, p.memory_bytes() > 0 ? static_cast<double>(p.memory_bytes()) / (1 << 20) : 1e12,
                                          p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0,
                                          p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20, p.keep_speedup(),
-                                         p.kernels().rfind("cpu-bf16", 0) == 0};
+                                         kernels::IsCpuBf16Name(p.kernels())};
       v.push_back(std::move(c));
     }
     return v;

@@ -581,7 +581,8 @@ Backend* CpuBf16Backend() {
   static CpuBf16* b = ProcessCpuIsa() >= CpuIsa::kAvx512Bf16 && Bf16GemmBuilt() ? new CpuBf16(ProcessCpuIsa()) : nullptr;
   return b;
 }
-bool IsCpuBf16(const Backend* b) { return b != nullptr && std::string_view(b->Name()).rfind("cpu-bf16", 0) == 0; }
+bool IsCpuBf16Name(std::string_view name) { return name.rfind("cpu-bf16", 0) == 0; }
+bool IsCpuBf16(const Backend* b) { return b != nullptr && IsCpuBf16Name(b->Name()); }
 Backend& BestCpuBackend() {
   if (Backend* b = CpuBf16Backend()) return *b;
   return CpuFastBackend();

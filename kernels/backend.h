@@ -155,6 +155,8 @@ Backend* CpuBf16Backend();
 Backend& BestCpuBackend();
 // Whether `b` multiplies the frozen weights in bf16 on the CPU (cpu-bf16; memory: the planner).
 bool IsCpuBf16(const Backend* b);
+// The same from a backend's name (a worker's reported `kernels`).
+bool IsCpuBf16Name(std::string_view name);
 std::string CpuBf16UnavailableReason();
 Backend* CudaBackend();
 std::string CudaUnavailableReason();

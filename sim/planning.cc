@@ -32,7 +32,7 @@ absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, kernels::B
     FT_ASSIGN_OR_RETURN(model::AdapterSet<float> copy, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, seed));
     model::AdamW opt2(oc);
     model::FinetuneOptions kept = ft;
-    kept.activation_budget_mib = 1024;
+    kept.activation_budget_mib = static_cast<int>(planner::MemoryModel::kDefaultKeptMiB);
     FT_ASSIGN_OR_RETURN(model::TrainReport rk, model::Finetune(model, data, kept, &copy, &opt2));
     cal.seconds += rk.seconds;
     if (rk.seconds > 0 && cal.tokens_per_second > 0)

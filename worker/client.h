@@ -14,6 +14,7 @@
 
 #include "kernels/backend.h"
 #include "model/llama.h"
+#include "planner/planner.h"
 #include "privacy/ledger.h"
 #include "aggregation/strategy.h"
 #include "protocol/task.h"
@@ -47,7 +48,7 @@ class BaseModels {
 //   recompute false: keep everything.
 struct ClientEnv {
   static constexpr double kMemoryMargin = 0.9;  // = planner::PlannerOptions::memory_margin's default
-  static constexpr int kDefaultActivationBudgetMiB = 1024;  // = fedtune train's default, planner::MemoryModel::kDefaultKeptMiB
+  static constexpr int kDefaultActivationBudgetMiB = static_cast<int>(planner::MemoryModel::kDefaultKeptMiB);  // = fedtune train's default
   int activation_budget_mib = 0;
   bool recompute = true;
   double memory_mib = 0;              // what this client may use (0: unknown)
