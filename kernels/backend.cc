@@ -13,6 +13,7 @@
 #include "kernels/bf16_gemm.h"
 #include "kernels/cpu_features.h"
 #include "kernels/fast_ops.h"
+#include "kernels/ops.h"
 #include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
 #include "kernels/train_ops.h"
@@ -73,6 +74,11 @@ class HostMemoryBackend : public Backend {
   void Fill(float* dst, float value, int64_t n) override {
     Elementwise(n, [&](int64_t i0, int64_t i1) { std::fill(dst + i0, dst + i1, value); });
   }
+  void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) override {
+    Elementwise(rows * n, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) y[i] += v[i % n];
+    });
+  }
 };
 
 // The reference update, element by element (model/optimizer.cc's formula).
@@ -106,12 +112,12 @@ class CpuReference final : public HostMemoryBackend {
     kernels::RmsNormBackward<float>(x, g, rstd, dy, dx, rows, n);
   }
   void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                   float base) override {
-    kernels::RopeForward<float>(x, pos, rows, heads, head_dim, rot_dim, base);
+                   float base, const float* ff) override {
+    kernels::RopeForward<float>(x, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                    float base) override {
-    kernels::RopeBackward<float>(dx, pos, rows, heads, head_dim, rot_dim, base);
+                    float base, const float* ff) override {
+    kernels::RopeBackward<float>(dx, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
                         int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
@@ -202,12 +208,12 @@ class CpuFast : public HostMemoryBackend {
     });
   }
   void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                   float base) override {
-    Rope(x, pos, rows, heads, head_dim, rot_dim, base, 1.0);
+                   float base, const float* ff) override {
+    Rope(x, pos, rows, heads, head_dim, rot_dim, base, ff, 1.0);
   }
   void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                    float base) override {
-    Rope(dx, pos, rows, heads, head_dim, rot_dim, base, -1.0);
+                    float base, const float* ff) override {
+    Rope(dx, pos, rows, heads, head_dim, rot_dim, base, ff, -1.0);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
                         int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
@@ -303,7 +309,7 @@ class CpuFast : public HostMemoryBackend {
   // (position, pair) for positions 0 .. the largest present (at most the context length),
   // then rows in parallel.
   static void Rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                   float base, double sign) {
+                   float base, const float* ff, double sign) {
     const int64_t half = rot_dim / 2;
     int32_t max_pos = 0;
     for (int64_t r = 0; r < rows; ++r) max_pos = std::max(max_pos, pos[r]);
@@ -312,8 +318,7 @@ class CpuFast : public HostMemoryBackend {
     DefaultPool().ParallelFor(n_pos, 16, [&](int64_t p0, int64_t p1, int) {
       for (int64_t p = p0; p < p1; ++p) {
         for (int64_t i = 0; i < half; ++i) {
-          const double theta = sign * static_cast<double>(p) *
-                               std::pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+          const double theta = sign * RopeAngle(static_cast<double>(p), i, rot_dim, base, ff);
           cs[static_cast<size_t>((p * half + i) * 2)] = static_cast<float>(std::cos(theta));
           cs[static_cast<size_t>((p * half + i) * 2 + 1)] = static_cast<float>(std::sin(theta));
         }
@@ -455,12 +460,12 @@ class Dispatching final : public Backend {
     Pick(Op::kRmsNormBackward).RmsNormBackward(x, g, rstd, dy, dx, rows, n);
   }
   void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                   float base) override {
-    Pick(Op::kRopeForward).RopeForward(x, pos, rows, heads, head_dim, rot_dim, base);
+                   float base, const float* ff) override {
+    Pick(Op::kRopeForward).RopeForward(x, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                    float base) override {
-    Pick(Op::kRopeBackward).RopeBackward(dx, pos, rows, heads, head_dim, rot_dim, base);
+                    float base, const float* ff) override {
+    Pick(Op::kRopeBackward).RopeBackward(dx, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
                         int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
@@ -514,6 +519,7 @@ class Dispatching final : public Backend {
   void Mul(const float* a, const float* b, float* out, int64_t n) override { primary_->Mul(a, b, out, n); }
   void Copy(const float* src, float* dst, int64_t n) override { primary_->Copy(src, dst, n); }
   void Fill(float* dst, float value, int64_t n) override { primary_->Fill(dst, value, n); }
+  void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) override { primary_->AddRowVector(y, v, rows, n); }
 
  private:
   Backend& Pick(Op op) {

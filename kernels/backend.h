@@ -83,10 +83,11 @@ class Backend {
                               float eps) = 0;
   virtual void RmsNormBackward(const float* x, const float* g, const float* rstd, const float* dy, float* dx,
                                int64_t rows, int64_t n) = 0;
+  // freq_factors: rot_dim / 2 divisors of the angles (RopeAngle), host memory, or null.
   virtual void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim,
-                           int64_t rot_dim, float base) = 0;
+                           int64_t rot_dim, float base, const float* freq_factors) = 0;
   virtual void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim,
-                            int64_t rot_dim, float base) = 0;
+                            int64_t rot_dim, float base, const float* freq_factors) = 0;
   // seg_pos (may be null): packed rows, token i attends to keys i - seg_pos[i] .. i of its row.
   virtual void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq,
                                 int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
@@ -140,6 +141,8 @@ class Backend {
   virtual void Mul(const float* a, const float* b, float* out, int64_t n) = 0;
   virtual void Copy(const float* src, float* dst, int64_t n) = 0;
   virtual void Fill(float* dst, float value, int64_t n) = 0;
+  // y[r, :] += v for r < rows (a frozen bias of n values: Qwen2's q/k/v biases).
+  virtual void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) = 0;
 };
 
 // The process-wide instances. CudaBackend() is null when CUDA was not compiled in or no device

@@ -72,10 +72,9 @@ void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_
 }
 
 void RopeAdjacent(float* x, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t pos,
-                  float base) {
+                  float base, const float* freq_factors) {
   for (int64_t i = 0; i < rot_dim / 2; ++i) {
-    const double theta = static_cast<double>(pos) *
-                         std::pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+    const double theta = RopeAngle(static_cast<double>(pos), i, rot_dim, base, freq_factors);
     const float c = static_cast<float>(std::cos(theta)), s = static_cast<float>(std::sin(theta));
     for (int64_t h = 0; h < heads; ++h) {
       float* p = x + h * head_dim + 2 * i;

@@ -4,6 +4,7 @@
 // product. The fast-kernels work (SIMD, AMX, CUDA) is measured against these.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/quant.h"
@@ -33,8 +34,16 @@ void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_
 // Rotary embedding on `heads` heads of size head_dim at absolute position pos, rotating
 // adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/rot_dim): the GGUF/llama.cpp layout
 // (llama.cpp's converter permuted Q/K rows so this equals HF's rotate_half on HF weights).
+// Angle of pair i at position pos: pos * base^(-2i/rot_dim) / freq_factors[i] (in double).
+inline double RopeAngle(double pos, int64_t i, int64_t rot_dim, float base, const float* freq_factors) {
+  const double t = pos * std::pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+  return freq_factors != nullptr ? t / static_cast<double>(freq_factors[i]) : t;
+}
+
+// freq_factors (rot_dim / 2 values, may be null): pair i's angle is divided by freq_factors[i]
+// (Llama 3 / linear RoPE scaling; llama.cpp's rope_freqs tensor).
 void RopeAdjacent(float* x, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t pos,
-                  float base);
+                  float base, const float* freq_factors = nullptr);
 
 // Causal grouped-query attention for n_tokens new queries at positions n_past.. over a cache
 // holding n_past + n_tokens keys/values; query head h reads KV head h / (n_head / n_head_kv).

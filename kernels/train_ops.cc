@@ -8,6 +8,7 @@
 #include "common/rng.h"
 #include "kernels/fast_ops.h"
 #include "kernels/gemm.h"
+#include "kernels/ops.h"
 #include "kernels/thread_pool.h"
 #include "kernels/vec_dot.h"
 
@@ -92,11 +93,10 @@ void RmsNormBackward(const T* x, const float* g, const T* rstd, const T* dy, T* 
 namespace {
 template <typename T>
 void RopeRotate(T* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base,
-                double sign) {
+                const float* freq_factors, double sign) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < rot_dim / 2; ++i) {
-      const double theta = sign * static_cast<double>(pos[r]) *
-                           std::pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+      const double theta = sign * RopeAngle(static_cast<double>(pos[r]), i, rot_dim, base, freq_factors);
       const T c = static_cast<T>(std::cos(theta)), s = static_cast<T>(std::sin(theta));
       for (int64_t h = 0; h < heads; ++h) {
         T* p = x + r * heads * head_dim + h * head_dim + 2 * i;
@@ -110,13 +110,15 @@ void RopeRotate(T* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t h
 }  // namespace
 
 template <typename T>
-void RopeForward(T* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base) {
-  RopeRotate(x, pos, rows, heads, head_dim, rot_dim, base, 1.0);
+void RopeForward(T* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base,
+                 const float* freq_factors) {
+  RopeRotate(x, pos, rows, heads, head_dim, rot_dim, base, freq_factors, 1.0);
 }
 
 template <typename T>
-void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base) {
-  RopeRotate(dx, pos, rows, heads, head_dim, rot_dim, base, -1.0);  // rotations are orthogonal
+void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base,
+                  const float* freq_factors) {
+  RopeRotate(dx, pos, rows, heads, head_dim, rot_dim, base, freq_factors, -1.0);  // rotations are orthogonal
 }
 
 namespace {
@@ -428,8 +430,8 @@ void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, T* out) {
   template void QLinearBackward<T>(const QMatrix&, const T*, T*, int64_t);                                  \
   template void RmsNormForward<T>(const T*, const float*, T*, T*, int64_t, int64_t, float);                 \
   template void RmsNormBackward<T>(const T*, const float*, const T*, const T*, T*, int64_t, int64_t);       \
-  template void RopeForward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float);              \
-  template void RopeBackward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float);             \
+  template void RopeForward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float, const float*);\
+  template void RopeBackward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float, const float*);\
   template void AttentionForward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,   \
                                     int64_t, const int32_t*, bool);                                         \
   template void AttentionBackward<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t,  \

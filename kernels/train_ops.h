@@ -34,9 +34,11 @@ void RmsNormBackward(const T* x, const float* g, const T* rstd, const T* dy, T* 
 // Adjacent-pair RoPE on rows of `heads * head_dim` at positions pos[row] (forward), and its
 // transpose (rotation by -theta) applied in place to a gradient (backward).
 template <typename T>
-void RopeForward(T* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base);
+void RopeForward(T* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base,
+                 const float* freq_factors = nullptr);
 template <typename T>
-void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base);
+void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base,
+                  const float* freq_factors = nullptr);
 
 // Causal GQA attention over `n_seq` independent sequences of `len` tokens each (rows of q are
 // n_head*head_dim wide, k/v n_head_kv*head_dim). Backward recomputes the probabilities from

@@ -259,7 +259,10 @@ absl::StatusOr<AdapterSet<T>> MakeAdaptersWithLayout(const ModelDims& dims, cons
     if (setting->rank > 0) layer_spec.rank = setting->rank;
     for (Module mod : setting->modules) {
       int64_t in = dims.n_embd, out = dims.n_embd;
+      const int64_t n_q = dims.n_q > 0 ? dims.n_q : dims.n_embd;
       switch (mod) {
+        case Module::kQ: out = n_q; break;
+        case Module::kO: in = n_q; break;
         case Module::kK: case Module::kV: out = dims.n_kv; break;
         case Module::kGate: case Module::kUp: out = dims.n_ff; break;
         case Module::kDown: in = dims.n_ff; break;

@@ -90,6 +90,7 @@ struct AdapterPlan;
 // from `seed`, identical for everyone who uses the same seed).
 struct ModelDims {
   int64_t n_layer, n_embd, n_kv, n_ff;
+  int64_t n_q = 0;  // q output and o input width (heads x head size; 0: n_embd)
 };
 template <typename T>
 absl::StatusOr<AdapterSet<T>> MakeAdapters(const ModelDims& dims, const AdapterSpec& spec, const std::vector<Module>& modules,

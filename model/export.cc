@@ -190,8 +190,15 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
           FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_b", {r, a->out}, GgmlType::kF32, delta));
         }
       } else {
-        FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_a", {a->in, a->spec.rank}, GgmlType::kF32, a->a));
-        FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_b", {a->spec.rank, a->out}, GgmlType::kF32, a->b));
+        // The base file's q/k row order: llama's GGUF is adjacent pairs like fedtune's; qwen2/qwen3
+        // files keep rotate_half order (llama.cpp runs them with NeoX RoPE).
+        std::vector<float> b = a->b;
+        const int64_t r = a->spec.rank;
+        if (model.config().neox_file_layout && IsRope(static_cast<Module>(mi))) {
+          for (int64_t row = 0; row < a->out; ++row) std::copy_n(a->b.begin() + row * r, r, b.begin() + HfRow(row, model.config().head_dim) * r);
+        }
+        FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_a", {a->in, r}, GgmlType::kF32, a->a));
+        FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_b", {r, a->out}, GgmlType::kF32, b));
       }
     }
   }
@@ -210,10 +217,13 @@ absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, 
   }
   for (const auto& t : g->tensors()) {
     const ModuleAdapter<float>* a = nullptr;
+    Module a_mod = Module::kQ;
     for (size_t l = 0; l < adapters.layers.size() && a == nullptr; ++l)
       for (int mi = 0; mi < kNumModules; ++mi)
-        if (adapters.layers[l][static_cast<size_t>(mi)] && t.name == absl::StrCat("blk.", l, ".", GgufModuleName(static_cast<Module>(mi)), ".weight"))
+        if (adapters.layers[l][static_cast<size_t>(mi)] && t.name == absl::StrCat("blk.", l, ".", GgufModuleName(static_cast<Module>(mi)), ".weight")) {
           a = &*adapters.layers[l][static_cast<size_t>(mi)];
+          a_mod = static_cast<Module>(mi);
+        }
     if (a == nullptr) {
       FT_RETURN_IF_ERROR(w.AddTensor(t.name, t.ne, t.type, {t.data, t.nbytes}));
       continue;
@@ -222,7 +232,11 @@ absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, 
     kernels::DequantizeRow(t.type, t.data, wv.data(), t.n_elements());
     const auto delta = DenseDelta(*a);
     if (delta.size() != wv.size()) return absl::InternalError(absl::StrCat("adapter for ", t.name, " does not match its shape"));
-    for (size_t i = 0; i < wv.size(); ++i) wv[i] += delta[i];
+    const bool permuted = model.config().neox_file_layout && IsRope(a_mod);
+    for (int64_t row = 0; row < a->out; ++row) {
+      const int64_t file_row = permuted ? HfRow(row, model.config().head_dim) : row;
+      for (int64_t i = 0; i < a->in; ++i) wv[static_cast<size_t>(file_row * a->in + i)] += delta[static_cast<size_t>(row * a->in + i)];
+    }
     FT_RETURN_IF_ERROR(w.AddTensorF32(t.name, t.ne, merged_type, wv));
   }
   return w.WriteFile(path);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <optional>
+#include <set>
 
 #include "common/mapped_file.h"
 #include "kernels/thread_pool.h"
@@ -51,15 +52,67 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   return FromGguf(std::move(g));
 }
 
+namespace {
+
+// Internal row (h * hd + 2i + s) of a q/k projection is the file's rotate_half row
+// (h * hd + s * hd / 2 + i): the permutation llama.cpp's converter applies for its llama arch.
+int64_t NeoxRow(int64_t r, int64_t hd) {
+  const int64_t h = r / hd, w = r % hd;
+  return h * hd + (w % 2) * (hd / 2) + w / 2;
+}
+
+std::vector<uint8_t> PermuteNeoxRows(const uint8_t* src, int64_t rows, size_t row_bytes, int64_t hd) {
+  std::vector<uint8_t> buf(static_cast<size_t>(rows) * row_bytes);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf.data() + static_cast<size_t>(r) * row_bytes, src + static_cast<size_t>(NeoxRow(r, hd)) * row_bytes, row_bytes);
+  return buf;
+}
+
+std::vector<float> PermuteNeox(const std::vector<float>& v, int64_t hd) {
+  std::vector<float> out(v.size());
+  for (size_t r = 0; r < v.size(); ++r) out[r] = v[static_cast<size_t>(NeoxRow(static_cast<int64_t>(r), hd))];
+  return out;
+}
+
+// Llama 3 RoPE scaling as transformers' _compute_llama3_parameters and llama.cpp's converter
+// (rope_freqs): high frequencies kept, low ones divided by `factor`, a smooth ramp between.
+std::vector<float> Llama3FreqFactors(int64_t rope_dim, double base, double factor, double low, double high, double orig_ctx) {
+  std::vector<float> f(static_cast<size_t>(rope_dim / 2));
+  const double low_wl = orig_ctx / low, high_wl = orig_ctx / high;
+  for (int64_t i = 0; i < rope_dim / 2; ++i) {
+    const double inv = std::pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(rope_dim));
+    const double wl = 2.0 * M_PI / inv;
+    double d = 1.0;
+    if (wl > low_wl) {
+      d = factor;
+    } else if (wl >= high_wl) {
+      const double smooth = (orig_ctx / wl - low) / (high - low);
+      d = 1.0 / ((1.0 - smooth) / factor + smooth);
+    }
+    f[static_cast<size_t>(i)] = static_cast<float>(d);
+  }
+  return f;
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr<GgufFile> gguf) {
   std::unique_ptr<LlamaModel> m(new LlamaModel());
   const GgufFile& g = *gguf;
   LlamaConfig& c = m->cfg_;
   FT_ASSIGN_OR_RETURN(c.arch, g.GetString("general.architecture"));
-  if (c.arch != "llama") {
-    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama)"));
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3") {
+    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama, qwen2, qwen3)"));
   }
+  c.neox_file_layout = c.arch != "llama";  // llama.cpp runs qwen2/qwen3 with NeoX RoPE on unpermuted rows
   const std::string a = c.arch + ".";
+  // Settings the engine does not implement: refused by name, never run approximately.
+  for (const char* k : {"expert_count", "attn_logit_softcapping", "final_logit_softcapping", "attention.layer_norm_epsilon",
+                        "attention.clamp_kqv", "rope.scaling.attn_factor", "attention.q_lora_rank", "embedding_scale", "residual_scale", "logit_scale"}) {
+    if (g.Find(a + k) == nullptr) continue;
+    if (std::string(k) == "expert_count" && g.GetIntOr(a + k, 0) == 0) continue;
+    if (std::string(k) == "rope.scaling.attn_factor" && g.GetFloatOr(a + k, 1.0) == 1.0) continue;
+    return absl::UnimplementedError(absl::StrCat("model sets '", a, k, "', which this engine does not implement"));
+  }
   FT_ASSIGN_OR_RETURN(c.n_embd, g.GetInt(a + "embedding_length"));
   FT_ASSIGN_OR_RETURN(c.n_layer, g.GetInt(a + "block_count"));
   FT_ASSIGN_OR_RETURN(c.n_ff, g.GetInt(a + "feed_forward_length"));
@@ -68,37 +121,92 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   c.n_ctx_train = g.GetIntOr(a + "context_length", 2048);
   c.rope_base = static_cast<float>(g.GetFloatOr(a + "rope.freq_base", 10000.0));
   c.rms_eps = static_cast<float>(g.GetFloatOr(a + "attention.layer_norm_rms_epsilon", 1e-5));
-  if (c.n_head <= 0 || c.n_embd <= 0 || c.n_embd % c.n_head != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("embedding_length ", c.n_embd, " is not a positive multiple of head_count ", c.n_head));
+  c.sliding_window = g.GetIntOr(a + "attention.sliding_window", 0);
+  if (c.n_head <= 0 || c.n_embd <= 0) return absl::InvalidArgumentError("embedding_length and head_count must be positive");
+  if (g.Find(a + "attention.key_length") != nullptr) {
+    c.head_dim = g.GetIntOr(a + "attention.key_length", 0);
+    if (g.GetIntOr(a + "attention.value_length", c.head_dim) != c.head_dim) {
+      return absl::UnimplementedError(absl::StrCat("model sets ", a, "attention.value_length != key_length, which this engine does not implement"));
+    }
+  } else {
+    if (c.n_embd % c.n_head != 0) return absl::InvalidArgumentError(absl::StrCat("embedding_length ", c.n_embd, " is not a multiple of head_count ", c.n_head));
+    c.head_dim = c.n_embd / c.n_head;
   }
-  c.head_dim = c.n_embd / c.n_head;
+  if (c.head_dim <= 0 || c.head_dim > 1024) return absl::InvalidArgumentError(absl::StrCat("head size ", c.head_dim, " out of range"));
   c.rope_dim = g.GetIntOr(a + "rope.dimension_count", c.head_dim);
   if (c.n_layer <= 0 || c.n_layer > 1024 || c.n_ff <= 0) return absl::InvalidArgumentError("block_count or feed_forward_length out of range");
+  if (c.neox_file_layout && c.rope_dim != c.head_dim) {
+    return absl::UnimplementedError(absl::StrCat("partial rotary embedding (", c.rope_dim, " of ", c.head_dim, ") with NeoX RoPE is not implemented"));
+  }
+  if (g.Find(a + "rope.scaling.type") != nullptr) {
+    FT_ASSIGN_OR_RETURN(std::string type, g.GetString(a + "rope.scaling.type"));
+    if (type == "linear") {
+      const double f = g.GetFloatOr(a + "rope.scaling.factor", 1.0);
+      if (!(f > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope.scaling.factor must be positive"));
+      c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(f));
+    } else if (type != "none") {
+      return absl::UnimplementedError(absl::StrCat("RoPE scaling '", type, "' (", a, "rope.scaling.type) is not implemented (none, linear, Llama 3 rope_freqs)"));
+    }
+  }
 
-  FT_ASSIGN_OR_RETURN(m->token_embd_, GgufMatrix(g, "token_embd.weight"));
+  std::set<std::string> used;
+  auto matrix = [&](const std::string& name) -> absl::StatusOr<QMatrix> {
+    used.insert(name);
+    return GgufMatrix(g, name);
+  };
+  auto vector = [&](const std::string& name, int64_t n) -> absl::StatusOr<std::vector<float>> {
+    used.insert(name);
+    return GgufVector(g, name, n);
+  };
+  auto optional_vector = [&](const std::string& name, int64_t n, std::vector<float>* out) -> absl::Status {
+    if (g.FindTensor(name) == nullptr) return absl::OkStatus();
+    FT_ASSIGN_OR_RETURN(*out, vector(name, n));
+    return absl::OkStatus();
+  };
+  if (g.FindTensor("rope_freqs.weight") != nullptr) {
+    if (!c.rope_freq_factors.empty()) return absl::InvalidArgumentError("model has both rope_freqs.weight and linear RoPE scaling");
+    FT_ASSIGN_OR_RETURN(c.rope_freq_factors, vector("rope_freqs.weight", c.rope_dim / 2));
+  }
+  FT_ASSIGN_OR_RETURN(m->token_embd_, matrix("token_embd.weight"));
   c.n_vocab = m->token_embd_.rows;
   if (g.FindTensor("output.weight") != nullptr) {
-    FT_ASSIGN_OR_RETURN(m->output_, GgufMatrix(g, "output.weight"));
+    FT_ASSIGN_OR_RETURN(m->output_, matrix("output.weight"));
   } else {
     m->output_ = m->token_embd_;
     c.tied_output = true;
   }
-  FT_ASSIGN_OR_RETURN(m->output_norm_, GgufVector(g, "output_norm.weight", c.n_embd));
+  FT_ASSIGN_OR_RETURN(m->output_norm_, vector("output_norm.weight", c.n_embd));
+  const int64_t kv = c.n_head_kv * c.head_dim;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("blk.", l, ".");
     LlamaLayer L;
-    FT_ASSIGN_OR_RETURN(L.attn_norm, GgufVector(g, p + "attn_norm.weight", c.n_embd));
-    FT_ASSIGN_OR_RETURN(L.ffn_norm, GgufVector(g, p + "ffn_norm.weight", c.n_embd));
-    FT_ASSIGN_OR_RETURN(L.wq, GgufMatrix(g, p + "attn_q.weight"));
-    FT_ASSIGN_OR_RETURN(L.wk, GgufMatrix(g, p + "attn_k.weight"));
-    FT_ASSIGN_OR_RETURN(L.wv, GgufMatrix(g, p + "attn_v.weight"));
-    FT_ASSIGN_OR_RETURN(L.wo, GgufMatrix(g, p + "attn_output.weight"));
-    FT_ASSIGN_OR_RETURN(L.w_gate, GgufMatrix(g, p + "ffn_gate.weight"));
-    FT_ASSIGN_OR_RETURN(L.w_up, GgufMatrix(g, p + "ffn_up.weight"));
-    FT_ASSIGN_OR_RETURN(L.w_down, GgufMatrix(g, p + "ffn_down.weight"));
+    FT_ASSIGN_OR_RETURN(L.attn_norm, vector(p + "attn_norm.weight", c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.ffn_norm, vector(p + "ffn_norm.weight", c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "attn_q.weight"));
+    FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "attn_k.weight"));
+    FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "attn_v.weight"));
+    FT_ASSIGN_OR_RETURN(L.wo, matrix(p + "attn_output.weight"));
+    FT_ASSIGN_OR_RETURN(L.w_gate, matrix(p + "ffn_gate.weight"));
+    FT_ASSIGN_OR_RETURN(L.w_up, matrix(p + "ffn_up.weight"));
+    FT_ASSIGN_OR_RETURN(L.w_down, matrix(p + "ffn_down.weight"));
+    FT_RETURN_IF_ERROR(optional_vector(p + "attn_q.bias", c.q_dim(), &L.bq));
+    FT_RETURN_IF_ERROR(optional_vector(p + "attn_k.bias", kv, &L.bk));
+    FT_RETURN_IF_ERROR(optional_vector(p + "attn_v.bias", kv, &L.bv));
+    FT_RETURN_IF_ERROR(optional_vector(p + "attn_output.bias", c.n_embd, &L.bo));
+    FT_RETURN_IF_ERROR(optional_vector(p + "attn_q_norm.weight", c.head_dim, &L.q_norm));
+    FT_RETURN_IF_ERROR(optional_vector(p + "attn_k_norm.weight", c.head_dim, &L.k_norm));
+    if (L.q_norm.empty() != L.k_norm.empty() || (l > 0 && c.qk_norm == L.q_norm.empty())) {
+      return absl::InvalidArgumentError(absl::StrCat(p, "attn_q_norm/attn_k_norm: every layer needs both or none"));
+    }
+    c.qk_norm = !L.q_norm.empty();
     m->layers_.push_back(std::move(L));
   }
-  for (const auto& t : g.tensors()) c.n_params += t.n_elements();
+  for (const auto& t : g.tensors()) {
+    if (!used.contains(t.name)) {
+      return absl::UnimplementedError(absl::StrCat("tensor '", t.name, "' is not used by this engine (architecture ", c.arch, "): refusing to run the model without it"));
+    }
+    c.n_params += t.n_elements();
+  }
   auto tok = Tokenizer::FromGguf(g);
   if (tok.ok()) {
     m->tokenizer_ = std::move(tok).value();
@@ -107,7 +215,21 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   }
   m->gguf_ = std::move(gguf);
   FT_RETURN_IF_ERROR(m->Validate());
+  if (c.neox_file_layout) m->PermuteFromNeox();
   return m;
+}
+
+void LlamaModel::PermuteFromNeox() {
+  const int64_t hd = cfg_.head_dim;
+  for (auto& L : layers_) {
+    for (QMatrix* w : {&L.wq, &L.wk}) {
+      owned_.push_back(PermuteNeoxRows(w->data, w->rows, w->row_bytes, hd));
+      w->data = owned_.back().data();
+    }
+    for (auto* v : {&L.bq, &L.bk, &L.q_norm, &L.k_norm}) {
+      if (!v->empty()) *v = PermuteNeox(*v, hd);
+    }
+  }
 }
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::string& dir) {
@@ -116,15 +238,26 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
   const nlohmann::json j = nlohmann::json::parse(cfg_text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return absl::InvalidArgumentError(absl::StrCat(dir, "/config.json is not a JSON object"));
   LlamaConfig& c = m->cfg_;
+  auto bad = [&](const std::string& why) { return absl::InvalidArgumentError(absl::StrCat(dir, "/config.json: ", why)); };
+  auto unimplemented = [&](const std::string& what) {
+    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: ", what, " is not implemented by this engine"));
+  };
   auto get_int = [&](const char* k, int64_t* out, std::optional<int64_t> def) -> absl::Status {
-    if (!j.contains(k)) {
+    if (!j.contains(k) || (j[k].is_null() && def)) {
       if (def) { *out = *def; return absl::OkStatus(); }
-      return absl::InvalidArgumentError(absl::StrCat(dir, "/config.json: missing '", k, "'"));
+      return bad(absl::StrCat("missing '", k, "'"));
     }
-    if (!j[k].is_number_integer()) return absl::InvalidArgumentError(absl::StrCat(dir, "/config.json: '", k, "' is not an integer"));
+    if (!j[k].is_number_integer()) return bad(absl::StrCat("'", k, "' is not an integer"));
     *out = j[k].get<int64_t>();
     return absl::OkStatus();
   };
+  auto flag = [&](const char* k) { return j.contains(k) && j[k].is_boolean() && j[k].get<bool>(); };
+  const std::string type = j.value("model_type", std::string("llama"));
+  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "qwen3") {
+    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: model_type '", type, "' is not supported (llama, mistral, qwen2, qwen3)"));
+  }
+  c.arch = type == "mistral" ? "llama" : type;  // llama.cpp's names: Mistral runs as llama
+  c.neox_file_layout = true;                   // Hugging Face stores q/k rows in rotate_half order
   FT_RETURN_IF_ERROR(get_int("hidden_size", &c.n_embd, std::nullopt));
   FT_RETURN_IF_ERROR(get_int("num_hidden_layers", &c.n_layer, std::nullopt));
   FT_RETURN_IF_ERROR(get_int("num_attention_heads", &c.n_head, std::nullopt));
@@ -132,17 +265,68 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
   FT_RETURN_IF_ERROR(get_int("intermediate_size", &c.n_ff, std::nullopt));
   FT_RETURN_IF_ERROR(get_int("vocab_size", &c.n_vocab, std::nullopt));
   FT_RETURN_IF_ERROR(get_int("max_position_embeddings", &c.n_ctx_train, 2048));
-  if (c.n_head <= 0 || c.n_embd % c.n_head != 0) return absl::InvalidArgumentError("hidden_size is not a multiple of num_attention_heads");
+  if (c.n_head <= 0 || c.n_embd <= 0 || c.n_layer <= 0 || c.n_layer > 1024) return bad("hidden_size, num_attention_heads and num_hidden_layers must be positive");
+  if (!j.contains("head_dim") && c.n_embd % c.n_head != 0) return bad("hidden_size is not a multiple of num_attention_heads");
   FT_RETURN_IF_ERROR(get_int("head_dim", &c.head_dim, c.n_embd / c.n_head));
-  if (c.head_dim * c.n_head != c.n_embd) return absl::UnimplementedError("head_dim * num_attention_heads != hidden_size is not supported");
+  if (c.head_dim <= 0 || c.head_dim > 1024 || c.head_dim % 2 != 0) return bad(absl::StrCat("head_dim ", c.head_dim, " out of range"));
   c.rope_dim = c.head_dim;
+  // RoPE settings: transformers >= 5 writes "rope_parameters" (theta included); checkpoints from
+  // 4.x have "rope_theta" and "rope_scaling".
+  const nlohmann::json* rope = nullptr;
+  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
+    rope = &j["rope_parameters"];
+  } else if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+    rope = &j["rope_scaling"];
+  }
+  if (rope != nullptr && !rope->is_object()) return bad("rope_parameters / rope_scaling is not an object");
   c.rope_base = j.value("rope_theta", 10000.0f);
+  if (rope != nullptr && rope->contains("rope_theta") && (*rope)["rope_theta"].is_number()) c.rope_base = (*rope)["rope_theta"].get<float>();
   c.rms_eps = j.value("rms_norm_eps", 1e-5f);
+  if (j.value("hidden_act", std::string("silu")) != "silu") return unimplemented(absl::StrCat("hidden_act '", j.value("hidden_act", std::string()), "'"));
+  if (flag("mlp_bias")) return unimplemented("mlp_bias");
+  if (j.contains("partial_rotary_factor") && j["partial_rotary_factor"].is_number() && j["partial_rotary_factor"].get<double>() != 1.0) {
+    return unimplemented("partial_rotary_factor");
+  }
+  if (j.contains("num_experts") && j["num_experts"].is_number_integer() && j["num_experts"].get<int64_t>() > 0) return unimplemented("num_experts (mixture of experts)");
+  // Sliding windows: Mistral applies `sliding_window` when set; Qwen2/3 only with use_sliding_window.
+  bool windowed_layers = false;  // transformers >= 5 lists each layer's attention kind
+  if (j.contains("layer_types") && j["layer_types"].is_array()) {
+    for (const auto& t : j["layer_types"]) {
+      const std::string lt = t.is_string() ? t.get<std::string>() : "";
+      if (lt == "sliding_attention") {
+        windowed_layers = true;
+      } else if (lt != "full_attention") {
+        return unimplemented(absl::StrCat("layer type '", lt, "'"));
+      }
+    }
+  }
+  if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
+      (type == "mistral" || type == "llama" || flag("use_sliding_window") || windowed_layers)) {
+    c.sliding_window = j["sliding_window"].get<int64_t>();
+  }
+  if (rope != nullptr) {
+    const auto& rs = *rope;
+    const std::string rt = rs.value("rope_type", rs.value("type", std::string("default")));
+    const double factor = rs.value("factor", 1.0);
+    if (rt == "llama3") {
+      if (!(factor > 0) || !rs.contains("low_freq_factor") || !rs.contains("high_freq_factor") || !rs.contains("original_max_position_embeddings")) {
+        return bad("rope_scaling llama3 needs factor, low_freq_factor, high_freq_factor, original_max_position_embeddings");
+      }
+      c.rope_freq_factors = Llama3FreqFactors(c.rope_dim, c.rope_base, factor, rs["low_freq_factor"].get<double>(), rs["high_freq_factor"].get<double>(),
+                                              rs["original_max_position_embeddings"].get<double>());
+    } else if (rt == "linear") {
+      if (!(factor > 0)) return bad("rope_scaling factor must be positive");
+      c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(factor));
+    } else if (rt != "default") {
+      return unimplemented(absl::StrCat("rope_scaling type '", rt, "'"));
+    }
+  }
   FT_ASSIGN_OR_RETURN(m->safetensors_, SafetensorsFile::Open(dir + "/model.safetensors"));
   const SafetensorsFile& st = *m->safetensors_;
+  std::set<std::string> used;
 
-  // HF rotate_half pairs (i, i + hd/2); GGUF/llama.cpp pairs (2i, 2i+1): permute Q/K rows.
-  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols, int64_t permute_heads) -> absl::StatusOr<QMatrix> {
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) -> absl::StatusOr<QMatrix> {
+    used.insert(name);
     const SafeTensor* t = st.Find(name);
     if (t == nullptr) return absl::NotFoundError(absl::StrCat("safetensors has no tensor '", name, "'"));
     if (t->shape.size() != 2 || t->shape[0] != rows || t->shape[1] != cols) {
@@ -159,51 +343,62 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     q.cols = cols;
     q.row_bytes = t->nbytes / static_cast<size_t>(rows);
     q.data = t->data;
-    if (permute_heads > 0) {
-      const int64_t hd = rows / permute_heads;
-      std::vector<uint8_t> buf(t->nbytes);
-      for (int64_t h = 0; h < permute_heads; ++h) {
-        for (int64_t i = 0; i < hd / 2; ++i) {
-          for (int64_t s = 0; s < 2; ++s) {
-            std::memcpy(buf.data() + (h * hd + 2 * i + s) * q.row_bytes, t->data + (h * hd + s * hd / 2 + i) * q.row_bytes, q.row_bytes);
-          }
-        }
-      }
-      m->owned_.push_back(std::move(buf));
-      q.data = m->owned_.back().data();
-    }
     return q;
   };
-  auto vec = [&](const std::string& name) -> absl::StatusOr<std::vector<float>> {
+  auto vec = [&](const std::string& name, int64_t n) -> absl::StatusOr<std::vector<float>> {
+    used.insert(name);
     FT_ASSIGN_OR_RETURN(Tensor t, st.ToF32(name));
-    if (t.size() != c.n_embd) return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' has ", t.size(), " values, expected ", c.n_embd));
+    if (t.size() != n) return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' has ", t.size(), " values, expected ", n));
     return std::vector<float>(t.data<float>(), t.data<float>() + t.size());
   };
-  FT_ASSIGN_OR_RETURN(m->token_embd_, matrix("model.embed_tokens.weight", c.n_vocab, c.n_embd, 0));
+  auto optional_vec = [&](const std::string& name, int64_t n, std::vector<float>* out) -> absl::Status {
+    if (st.Find(name) == nullptr) return absl::OkStatus();
+    FT_ASSIGN_OR_RETURN(*out, vec(name, n));
+    return absl::OkStatus();
+  };
+  FT_ASSIGN_OR_RETURN(m->token_embd_, matrix("model.embed_tokens.weight", c.n_vocab, c.n_embd));
   if (st.Find("lm_head.weight") != nullptr) {
-    FT_ASSIGN_OR_RETURN(m->output_, matrix("lm_head.weight", c.n_vocab, c.n_embd, 0));
+    FT_ASSIGN_OR_RETURN(m->output_, matrix("lm_head.weight", c.n_vocab, c.n_embd));
   } else {
+    if (j.contains("tie_word_embeddings") && j["tie_word_embeddings"].is_boolean() && !j["tie_word_embeddings"].get<bool>()) {
+      return bad("tie_word_embeddings is false but model.safetensors has no lm_head.weight");
+    }
     m->output_ = m->token_embd_;
     c.tied_output = true;
   }
-  FT_ASSIGN_OR_RETURN(m->output_norm_, vec("model.norm.weight"));
-  const int64_t kv = c.n_head_kv * c.head_dim;
+  FT_ASSIGN_OR_RETURN(m->output_norm_, vec("model.norm.weight", c.n_embd));
+  const int64_t kv = c.n_head_kv * c.head_dim, nq = c.q_dim();
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     LlamaLayer L;
-    FT_ASSIGN_OR_RETURN(L.attn_norm, vec(p + "input_layernorm.weight"));
-    FT_ASSIGN_OR_RETURN(L.ffn_norm, vec(p + "post_attention_layernorm.weight"));
-    FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "self_attn.q_proj.weight", c.n_embd, c.n_embd, c.n_head));
-    FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "self_attn.k_proj.weight", kv, c.n_embd, c.n_head_kv));
-    FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "self_attn.v_proj.weight", kv, c.n_embd, 0));
-    FT_ASSIGN_OR_RETURN(L.wo, matrix(p + "self_attn.o_proj.weight", c.n_embd, c.n_embd, 0));
-    FT_ASSIGN_OR_RETURN(L.w_gate, matrix(p + "mlp.gate_proj.weight", c.n_ff, c.n_embd, 0));
-    FT_ASSIGN_OR_RETURN(L.w_up, matrix(p + "mlp.up_proj.weight", c.n_ff, c.n_embd, 0));
-    FT_ASSIGN_OR_RETURN(L.w_down, matrix(p + "mlp.down_proj.weight", c.n_embd, c.n_ff, 0));
+    FT_ASSIGN_OR_RETURN(L.attn_norm, vec(p + "input_layernorm.weight", c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.ffn_norm, vec(p + "post_attention_layernorm.weight", c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "self_attn.q_proj.weight", nq, c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "self_attn.k_proj.weight", kv, c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "self_attn.v_proj.weight", kv, c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.wo, matrix(p + "self_attn.o_proj.weight", c.n_embd, nq));
+    FT_ASSIGN_OR_RETURN(L.w_gate, matrix(p + "mlp.gate_proj.weight", c.n_ff, c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.w_up, matrix(p + "mlp.up_proj.weight", c.n_ff, c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.w_down, matrix(p + "mlp.down_proj.weight", c.n_embd, c.n_ff));
+    FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.q_proj.bias", nq, &L.bq));
+    FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.k_proj.bias", kv, &L.bk));
+    FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.v_proj.bias", kv, &L.bv));
+    FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.o_proj.bias", c.n_embd, &L.bo));
+    if (type == "qwen3") {
+      FT_ASSIGN_OR_RETURN(L.q_norm, vec(p + "self_attn.q_norm.weight", c.head_dim));
+      FT_ASSIGN_OR_RETURN(L.k_norm, vec(p + "self_attn.k_norm.weight", c.head_dim));
+      c.qk_norm = true;
+    }
     m->layers_.push_back(std::move(L));
   }
-  for (const auto& t : st.tensors()) c.n_params += NumElements(t.shape);
+  for (const auto& t : st.tensors()) {
+    if (!used.contains(t.name)) {
+      return absl::UnimplementedError(absl::StrCat("tensor '", t.name, "' is not used by this engine (model_type ", type, "): refusing to run the model without it"));
+    }
+    c.n_params += NumElements(t.shape);
+  }
   FT_RETURN_IF_ERROR(m->Validate());
+  m->PermuteFromNeox();
   return m;
 }
 
@@ -218,14 +413,21 @@ absl::Status LlamaModel::Validate() const {
   if (c.n_vocab <= 0) return absl::InvalidArgumentError("empty vocabulary");
   FT_RETURN_IF_ERROR(ExpectShape("token_embd.weight", token_embd_, c.n_vocab, c.n_embd));
   FT_RETURN_IF_ERROR(ExpectShape("output.weight", output_, c.n_vocab, c.n_embd));
-  const int64_t kv = c.n_head_kv * c.head_dim;
+  if (!c.rope_freq_factors.empty()) {
+    if (static_cast<int64_t>(c.rope_freq_factors.size()) != c.rope_dim / 2) return absl::InvalidArgumentError("rope frequency factors: one per rotated pair expected");
+    for (float f : c.rope_freq_factors) {
+      if (!(f > 0.0f) || !std::isfinite(f)) return absl::InvalidArgumentError("rope frequency factors must be positive and finite");
+    }
+  }
+  if (c.sliding_window < 0) return absl::InvalidArgumentError("negative sliding window");
+  const int64_t kv = c.n_head_kv * c.head_dim, nq = c.q_dim();
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const auto& L = layers_[static_cast<size_t>(l)];
     const std::string p = absl::StrCat("blk.", l, ".");
-    FT_RETURN_IF_ERROR(ExpectShape(p + "attn_q.weight", L.wq, c.n_embd, c.n_embd));
+    FT_RETURN_IF_ERROR(ExpectShape(p + "attn_q.weight", L.wq, nq, c.n_embd));
     FT_RETURN_IF_ERROR(ExpectShape(p + "attn_k.weight", L.wk, kv, c.n_embd));
     FT_RETURN_IF_ERROR(ExpectShape(p + "attn_v.weight", L.wv, kv, c.n_embd));
-    FT_RETURN_IF_ERROR(ExpectShape(p + "attn_output.weight", L.wo, c.n_embd, c.n_embd));
+    FT_RETURN_IF_ERROR(ExpectShape(p + "attn_output.weight", L.wo, c.n_embd, nq));
     FT_RETURN_IF_ERROR(ExpectShape(p + "ffn_gate.weight", L.w_gate, c.n_ff, c.n_embd));
     FT_RETURN_IF_ERROR(ExpectShape(p + "ffn_up.weight", L.w_up, c.n_ff, c.n_embd));
     FT_RETURN_IF_ERROR(ExpectShape(p + "ffn_down.weight", L.w_down, c.n_embd, c.n_ff));
@@ -294,9 +496,14 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   // between them instead of sleeping (kernels/thread_pool.h).
   std::optional<kernels::ThreadPool::LowLatencyScope> low_latency;
   if (T <= 4) low_latency.emplace(kernels::DefaultPool());
-  const int64_t E = c.n_embd, H = c.n_head, Hkv = c.n_head_kv, hd = c.head_dim, F = c.n_ff;
+  if (c.sliding_window > 0 && n_past_ + T > c.sliding_window) {
+    return absl::UnimplementedError(absl::StrCat("sequence of ", n_past_ + T, " tokens exceeds the model's sliding attention window of ", c.sliding_window,
+                                                 " (windowed attention is not implemented)"));
+  }
+  const int64_t E = c.n_embd, H = c.n_head, Hkv = c.n_head_kv, hd = c.head_dim, F = c.n_ff, Dq = c.q_dim();
   const int64_t kvd = Hkv * hd;
-  std::vector<float> x(static_cast<size_t>(T * E)), h(x.size()), q(x.size()), attn(x.size()), o(x.size());
+  std::vector<float> x(static_cast<size_t>(T * E)), h(x.size()), o(x.size());
+  std::vector<float> q(static_cast<size_t>(T * Dq)), attn(q.size());
   std::vector<float> k(static_cast<size_t>(T * kvd)), v(k.size());
   std::vector<float> gate(static_cast<size_t>(T * F)), up(gate.size());
   for (int64_t t = 0; t < T; ++t) kernels::GetRow(m_.token_embd(), tokens[static_cast<size_t>(t)], x.data() + t * E);
@@ -305,26 +512,34 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LlamaLayer& L = m_.layer(l);
     // Base matmul plus the layer's adapter for this module, if any.
-    auto linear = [&](Module mod, const kernels::QMatrix& w, const float* in, float* out) {
+    auto linear = [&](Module mod, const kernels::QMatrix& w, const float* in, float* out, const std::vector<float>& bias = {}) {
       kernels::MatMulQ(w, in, out, T);
+      if (!bias.empty()) {
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i < w.rows; ++i) out[t * w.rows + i] += bias[static_cast<size_t>(i)];
+      }
       if (adapters_ != nullptr) {
         if (const auto& a = adapters_->layers[static_cast<size_t>(l)][static_cast<size_t>(mod)]) a->Forward(in, out, T, &z);
       }
     };
     kernels::RmsNorm(x.data(), L.attn_norm.data(), h.data(), T, E, c.rms_eps);
-    linear(Module::kQ, L.wq, h.data(), q.data());
-    linear(Module::kK, L.wk, h.data(), k.data());
-    linear(Module::kV, L.wv, h.data(), v.data());
+    linear(Module::kQ, L.wq, h.data(), q.data(), L.bq);
+    linear(Module::kK, L.wk, h.data(), k.data(), L.bk);
+    linear(Module::kV, L.wv, h.data(), v.data(), L.bv);
+    if (c.qk_norm) {
+      kernels::RmsNorm(q.data(), L.q_norm.data(), q.data(), T * H, hd, c.rms_eps);
+      kernels::RmsNorm(k.data(), L.k_norm.data(), k.data(), T * Hkv, hd, c.rms_eps);
+    }
     float* kc = k_cache_.data() + l * n_ctx_ * kvd;
     float* vc = v_cache_.data() + l * n_ctx_ * kvd;
     for (int64_t t = 0; t < T; ++t) {
-      kernels::RopeAdjacent(q.data() + t * E, H, hd, c.rope_dim, n_past_ + t, c.rope_base);
-      kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, n_past_ + t, c.rope_base);
+      kernels::RopeAdjacent(q.data() + t * Dq, H, hd, c.rope_dim, n_past_ + t, c.rope_base, c.freq_factors());
+      kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, n_past_ + t, c.rope_base, c.freq_factors());
       std::memcpy(kc + (n_past_ + t) * kvd, k.data() + t * kvd, static_cast<size_t>(kvd) * 4);
       std::memcpy(vc + (n_past_ + t) * kvd, v.data() + t * kvd, static_cast<size_t>(kvd) * 4);
     }
-    kernels::CausalAttention(q.data(), E, kc, vc, kvd, attn.data(), E, T, n_past_, H, Hkv, hd);
-    linear(Module::kO, L.wo, attn.data(), o.data());
+    kernels::CausalAttention(q.data(), Dq, kc, vc, kvd, attn.data(), Dq, T, n_past_, H, Hkv, hd);
+    linear(Module::kO, L.wo, attn.data(), o.data(), L.bo);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     kernels::RmsNorm(x.data(), L.ffn_norm.data(), h.data(), T, E, c.rms_eps);
     linear(Module::kGate, L.w_gate, h.data(), gate.data());

@@ -18,6 +18,9 @@
 
 namespace fedtune::model {
 
+// The decoder families this engine runs (docs/guide.md "Model families"): llama (SmolLM2,
+// TinyLlama, Llama 2/3.x with RoPE scaling, Mistral), qwen2 (q/k/v biases), qwen3 (per-head
+// q/k RMSNorm). Everything a file sets that the engine does not implement is refused at load.
 struct LlamaConfig {
   std::string arch = "llama";
   int64_t n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, n_ff = 0;
@@ -25,11 +28,26 @@ struct LlamaConfig {
   float rope_base = 10000.0f, rms_eps = 1e-5f;
   bool tied_output = false;
   int64_t n_params = 0;  // counted from tensor shapes (tied output counted once)
+  // rope_dim / 2 divisors of the RoPE angles (Llama 3 and linear RoPE scaling; llama.cpp's
+  // rope_freqs tensor); empty: none.
+  std::vector<float> rope_freq_factors;
+  bool qk_norm = false;  // qwen3: RMSNorm over each head of q and k (before RoPE)
+  // The file stores q/k rows in rotate_half order (Hugging Face folders; GGUF qwen2/qwen3,
+  // which llama.cpp runs with NeoX RoPE): the loader permuted them (and their biases and norms)
+  // into the adjacent-pair order the kernels use; exports permute back where the target expects.
+  bool neox_file_layout = false;
+  // Sliding-window attention (Mistral): exact while a sequence is no longer than the window,
+  // so longer sequences are refused rather than run with full attention.
+  int64_t sliding_window = 0;
+  int64_t q_dim() const { return n_head * head_dim; }  // may differ from n_embd (qwen3, gemma)
+  const float* freq_factors() const { return rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
 };
 
 struct LlamaLayer {
   std::vector<float> attn_norm, ffn_norm;
   kernels::QMatrix wq, wk, wv, wo, w_gate, w_up, w_down;
+  std::vector<float> bq, bk, bv, bo;  // biases (empty: none): qwen2 q/k/v, llama attention_bias q/k/v/o
+  std::vector<float> q_norm, k_norm;  // qwen3: head_dim weights each (empty: none)
 };
 
 class LlamaModel {
@@ -49,7 +67,7 @@ class LlamaModel {
 
   const LlamaConfig& config() const { return cfg_; }
   // The in/out sizes adapters need (layers, embedding, K/V width, FFN width).
-  ModelDims adapter_dims() const { return {cfg_.n_layer, cfg_.n_embd, cfg_.n_head_kv * cfg_.head_dim, cfg_.n_ff}; }
+  ModelDims adapter_dims() const { return {cfg_.n_layer, cfg_.n_embd, cfg_.n_head_kv * cfg_.head_dim, cfg_.n_ff, cfg_.q_dim()}; }
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   const GgufFile* gguf() const { return gguf_.get(); }
   const LlamaLayer& layer(int64_t i) const { return layers_[static_cast<size_t>(i)]; }
@@ -60,6 +78,8 @@ class LlamaModel {
  private:
   LlamaModel() = default;
   absl::Status Validate() const;
+  // q/k rows (and their biases and norms) from rotate_half order to adjacent pairs (owned copies).
+  void PermuteFromNeox();
   LlamaConfig cfg_;
   std::unique_ptr<GgufFile> gguf_;
   std::unique_ptr<SafetensorsFile> safetensors_;

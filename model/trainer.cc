@@ -72,10 +72,12 @@ class Buf {
 template <typename T>
 struct Trainer<T>::LayerCache {
   explicit LayerCache(kernels::Backend* be)
-      : x_in(be), h1(be), rstd1(be), q(be), k(be), v(be), att(be), x_mid(be), h2(be), rstd2(be), gate(be), up(be), act(be) {
+      : x_in(be), h1(be), rstd1(be), q(be), k(be), v(be), att(be), x_mid(be), h2(be), rstd2(be), gate(be), up(be), act(be),
+        q_pre(be), k_pre(be), rstd_q(be), rstd_k(be) {
     for (int i = 0; i < kNumModules; ++i) z.emplace_back(be);
   }
   Buf<T> x_in, h1, rstd1, q, k, v, att, x_mid, h2, rstd2, gate, up, act;
+  Buf<T> q_pre, k_pre, rstd_q, rstd_k;  // qk_norm: q and k before their per-head norms
   std::vector<Buf<T>> z;  // per module: LoRA's A x
 };
 
@@ -149,6 +151,10 @@ absl::Status Trainer<T>::Check(const Batch& b) const {
                                                    b.targets.size(), " targets"));
   }
   if (b.len > c.n_ctx_train) return absl::OutOfRangeError(absl::StrCat("sequence length ", b.len, " exceeds the model context ", c.n_ctx_train));
+  if (c.sliding_window > 0 && b.len > c.sliding_window) {
+    return absl::UnimplementedError(absl::StrCat("sequence length ", b.len, " exceeds the model's sliding attention window of ", c.sliding_window,
+                                                 " (windowed attention is not implemented)"));
+  }
   for (size_t i = 0; i < n; ++i) {
     if (b.tokens[i] < 0 || b.tokens[i] >= c.n_vocab || b.targets[i] >= c.n_vocab) {
       return absl::InvalidArgumentError(absl::StrCat("token id out of range at batch position ", i));
@@ -187,11 +193,11 @@ struct Kern {
   }
   void Rope(bool forward, T* x, const int32_t* pos, int64_t rows, int64_t heads, const LlamaConfig& c) const {
     if constexpr (kF) {
-      if (forward) be->RopeForward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
-      else be->RopeBackward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
+      if (forward) be->RopeForward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
+      else be->RopeBackward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
     } else {
-      if (forward) kernels::RopeForward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
-      else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base);
+      if (forward) kernels::RopeForward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
+      else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
     }
   }
   void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, const LlamaConfig& c,
@@ -215,6 +221,16 @@ struct Kern {
   }
   void Mul(const T* a, const T* b, T* out, int64_t n) const {
     if constexpr (kF) be->Mul(a, b, out, n); else for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+  }
+  // y[r, :] += bias (a host vector of n) for r < rows.
+  void AddBias(T* y, const std::vector<float>& bias, int64_t rows) const {
+    const int64_t n = static_cast<int64_t>(bias.size());
+    if constexpr (kF) {
+      be->AddRowVector(y, bias.data(), rows, n);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < n; ++i) y[r * n + i] += static_cast<T>(bias[static_cast<size_t>(i)]);
+    }
   }
   void Copy(const T* src, T* dst, int64_t n) const {
     if constexpr (kF) be->Copy(src, dst, n); else std::copy(src, src + n, dst);
@@ -264,13 +280,14 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   const auto& cfg = m_.config();
   const LlamaLayer& L = m_.layer(l);
   auto& ad = adapters_->layers[static_cast<size_t>(l)];
-  const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
+  const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff, Dq = cfg.q_dim();
   const Kern<T> K{backend_};
   Buf<T>& ms = work_->mask;
   Buf<T>& xd = work_->xd;
-  auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, Buf<T>& y, int64_t out) {
+  auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, Buf<T>& y, int64_t out, const std::vector<float>& bias = {}) {
     y.Resize(M * out);
     K.QLinearForward(w, x, y.data(), M);
+    if (!bias.empty()) K.AddBias(y.data(), bias, M);
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     if (training_ && opt_.adapter_dropout > 0) {
@@ -289,15 +306,26 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   c.h1.Resize(M * E);
   c.rstd1.Resize(M);
   K.RmsNormForward(x_in, L.attn_norm.data(), c.h1.data(), c.rstd1.data(), M, E, cfg.rms_eps);
-  linear(Module::kQ, L.wq, c.h1.data(), c.q, E);
-  linear(Module::kK, L.wk, c.h1.data(), c.k, kvd);
-  linear(Module::kV, L.wv, c.h1.data(), c.v, kvd);
+  if (cfg.qk_norm) {  // projections into q_pre/k_pre, normalised per head into q/k
+    linear(Module::kQ, L.wq, c.h1.data(), c.q_pre, Dq, L.bq);
+    linear(Module::kK, L.wk, c.h1.data(), c.k_pre, kvd, L.bk);
+    c.q.Resize(M * Dq);
+    c.k.Resize(M * kvd);
+    c.rstd_q.Resize(M * cfg.n_head);
+    c.rstd_k.Resize(M * cfg.n_head_kv);
+    K.RmsNormForward(c.q_pre.data(), L.q_norm.data(), c.q.data(), c.rstd_q.data(), M * cfg.n_head, cfg.head_dim, cfg.rms_eps);
+    K.RmsNormForward(c.k_pre.data(), L.k_norm.data(), c.k.data(), c.rstd_k.data(), M * cfg.n_head_kv, cfg.head_dim, cfg.rms_eps);
+  } else {
+    linear(Module::kQ, L.wq, c.h1.data(), c.q, Dq, L.bq);
+    linear(Module::kK, L.wk, c.h1.data(), c.k, kvd, L.bk);
+  }
+  linear(Module::kV, L.wv, c.h1.data(), c.v, kvd, L.bv);
   K.Rope(true, c.q.data(), pos_.data(), M, cfg.n_head, cfg);
   K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg);
-  c.att.Resize(M * E);
+  c.att.Resize(M * Dq);
   K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_);
   Buf<T>& o = work_->o;
-  linear(Module::kO, L.wo, c.att.data(), o, E);
+  linear(Module::kO, L.wo, c.att.data(), o, E, L.bo);
   c.x_mid.Resize(M * E);
   K.Add(x_in, o.data(), c.x_mid.data(), M * E);
   c.h2.Resize(M * E);
@@ -327,7 +355,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   const auto& cfg = m_.config();
   const LlamaLayer& L = m_.layer(l);
   auto& ad = adapters_->layers[static_cast<size_t>(l)];
-  const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff;
+  const int64_t M = n_seq_ * len_, E = cfg.n_embd, kvd = cfg.n_head_kv * cfg.head_dim, F = cfg.n_ff, Dq = cfg.q_dim();
   // dx += d(linear)/dx for the base and its adapter; gradients into the adapter.
   const Kern<T> K{backend_};
   Buf<T>& ms = work_->mask;
@@ -384,23 +412,33 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   K.RmsNormBackward(c.x_mid.data(), L.ffn_norm.data(), c.rstd2.data(), dh2.data(), dx_mid.data(), M, E);
   // x_mid = x_in + o(att); att = attention(rope(q), rope(k), v); q, k, v from h1 = norm(x_in)
   Buf<T>& datt = dh2;  // dh2 is no longer needed
-  K.Zeros(datt, M * E);
+  K.Zeros(datt, M * Dq);
   linear_back(Module::kO, L.wo, c.att.data(), dx_mid.data(), datt.data(), need_h1);
   if (!need_h1) return;
   Buf<T>& dq = dgate;  // dgate, dup and dact are no longer needed
   Buf<T>& dk = dup;
   Buf<T>& dv = dact;
-  K.Zeros(dq, M * E);
+  K.Zeros(dq, M * Dq);
   K.Zeros(dk, M * kvd);
   K.Zeros(dv, M * kvd);
   K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_);
   K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg);
   K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg);
   Buf<T>& dh1 = work_->dh1;
+  const T* dq_pre = dq.data();
+  const T* dk_pre = dk.data();
+  if (cfg.qk_norm) {  // through the per-head norms: dh1 and dxd serve as dq_pre and dk_pre first
+    K.Zeros(dh1, M * Dq);
+    K.Zeros(dxd, M * kvd);
+    K.RmsNormBackward(c.q_pre.data(), L.q_norm.data(), c.rstd_q.data(), dq.data(), dh1.data(), M * cfg.n_head, cfg.head_dim);
+    K.RmsNormBackward(c.k_pre.data(), L.k_norm.data(), c.rstd_k.data(), dk.data(), dxd.data(), M * cfg.n_head_kv, cfg.head_dim);
+    K.Copy(dh1.data(), dq.data(), M * Dq);
+    K.Copy(dxd.data(), dk.data(), M * kvd);
+  }
   K.Zeros(dh1, M * E);
   const bool base = dx_in != nullptr;
-  linear_back(Module::kQ, L.wq, c.h1.data(), dq.data(), dh1.data(), base);
-  linear_back(Module::kK, L.wk, c.h1.data(), dk.data(), dh1.data(), base);
+  linear_back(Module::kQ, L.wq, c.h1.data(), dq_pre, dh1.data(), base);
+  linear_back(Module::kK, L.wk, c.h1.data(), dk_pre, dh1.data(), base);
   linear_back(Module::kV, L.wv, c.h1.data(), dv.data(), dh1.data(), base);
   if (!base) return;
   K.Copy(dx_mid.data(), dx_in, M * E);
@@ -526,8 +564,10 @@ int64_t Trainer<T>::KeptBytesPerSequence(int64_t len) const {
       if (a && a->spec.kind != AdapterKind::kDiaBlo) rank_sum += a->spec.rank;
     }
   }
-  // LayerCache: x_in, h1, q, att, x_mid, h2 (E each), k, v (kvd), gate, up, act (F), 2 rstd.
-  const int64_t per_token_layer = 6 * c.n_embd + 2 * kvd + 3 * c.n_ff + 2;
+  // LayerCache: x_in, h1, x_mid, h2 (E each), q, att (q_dim), k, v (kvd), gate, up, act (F),
+  // 2 rstd; with qk_norm also q_pre, k_pre and a rstd per head.
+  int64_t per_token_layer = 4 * c.n_embd + 2 * c.q_dim() + 2 * kvd + 3 * c.n_ff + 2;
+  if (c.qk_norm) per_token_layer += c.q_dim() + kvd + c.n_head + c.n_head_kv;
   // Layers below the first trained one keep nothing (backward stops there).
   return static_cast<int64_t>(sizeof(T)) * len * (per_token_layer * (c.n_layer - FirstTrainedLayer()) + rank_sum);
 }

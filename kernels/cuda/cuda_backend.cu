@@ -343,12 +343,13 @@ __global__ void CrossEntropyRowKernel(float* logits, const int32_t* target, doub
 
 // Thread per (row, pair i): rotates pair i of every head by sign * pos * base^(-2i/rot_dim).
 __global__ void RopeKernel(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                           float base, double sign) {
+                           float base, const float* freq_factors, double sign) {
   const int64_t half = rot_dim / 2;
   for (int64_t idx = GlobalThread(); idx < rows * half; idx += GridThreads()) {
     const int64_t r = idx / half, i = idx % half;
-    const double theta = sign * static_cast<double>(pos[r]) *
-                         pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+    double theta = sign * static_cast<double>(pos[r]) *
+                   pow(static_cast<double>(base), -2.0 * static_cast<double>(i) / static_cast<double>(rot_dim));
+    if (freq_factors != nullptr) theta /= static_cast<double>(freq_factors[i]);
     double sn, cs;
     sincos(theta, &sn, &cs);
     const float c = static_cast<float>(cs), s = static_cast<float>(sn);
@@ -411,6 +412,9 @@ __global__ void MulKernel(const float* a, const float* b, float* out, int64_t n)
 }
 __global__ void FillKernel(float* dst, float value, int64_t n) {
   for (int64_t i = GlobalThread(); i < n; i += GridThreads()) dst[i] = value;
+}
+__global__ void AddRowVectorKernel(float* y, const float* v, int64_t rows, int64_t n) {
+  for (int64_t i = GlobalThread(); i < rows * n; i += GridThreads()) y[i] += v[i % n];
 }
 // dst row i = src row idx[i] (rows of `cols`), for i < n.
 __global__ void GatherRowsKernel(const float* src, const int64_t* idx, float* dst, int64_t n, int64_t cols) {
@@ -627,12 +631,12 @@ class CudaBackendImpl final : public Backend {
   }
 
   void RopeForward(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                   float base) override {
-    Rope(x, pos, rows, heads, head_dim, rot_dim, base, 1.0);
+                   float base, const float* ff) override {
+    Rope(x, pos, rows, heads, head_dim, rot_dim, base, ff, 1.0);
   }
   void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim,
-                    float base) override {
-    Rope(dx, pos, rows, heads, head_dim, rot_dim, base, -1.0);  // rotations are orthogonal
+                    float base, const float* ff) override {
+    Rope(dx, pos, rows, heads, head_dim, rot_dim, base, ff, -1.0);  // rotations are orthogonal
   }
 
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
@@ -850,6 +854,15 @@ class CudaBackendImpl final : public Backend {
       return;
     }
     Launch(FillKernel, BlocksFor(n), stream_, dst, value, n);
+    Finish();
+  }
+  void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) override {
+    if (rows * n == 0) return;
+    const auto lock = Enter();
+    float* y_d = ToDevice(0, y, rows * n);
+    const float* v_d = ToDevice(1, v, n);
+    Launch(AddRowVectorKernel, BlocksFor(rows * n), stream_, y_d, v_d, rows, n);
+    ToHost(y, y_d, rows * n);
     Finish();
   }
 
@@ -1178,13 +1191,14 @@ class CudaBackendImpl final : public Backend {
   }
 
   void Rope(float* x, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim, int64_t rot_dim, float base,
-            double sign) {
+            const float* ff, double sign) {
     const int64_t work = rows * (rot_dim / 2);
     if (work == 0) return;
     const auto lock = Enter();
     float* x_d = ToDevice(0, x, rows * heads * head_dim);
     const int32_t* pos_d = ToDevice(1, pos, rows);
-    Launch(RopeKernel, BlocksFor(work), stream_, x_d, pos_d, rows, heads, head_dim, rot_dim, base, sign);
+    const float* ff_d = ff != nullptr ? ToDevice(2, ff, rot_dim / 2) : nullptr;
+    Launch(RopeKernel, BlocksFor(work), stream_, x_d, pos_d, rows, heads, head_dim, rot_dim, base, ff_d, sign);
     ToHost(x, x_d, rows * heads * head_dim);
     Finish();
   }

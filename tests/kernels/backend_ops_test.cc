@@ -215,22 +215,46 @@ TEST_P(BackendOps, Rope) {
         for (auto& p : pos) p = static_cast<int32_t>(rng_() % 300);
         const std::string shape = "heads=" + std::to_string(heads) + " hd=" + std::to_string(hd) + " rot=" + std::to_string(rot);
         const Vec x = Random(static_cast<size_t>(rows * heads * hd), rng_);
-        for (bool fwd : {true, false}) {
-          const Op op = fwd ? Op::kRopeForward : Op::kRopeBackward;
-          if (!Has(op)) continue;
-          Vec a = x, b = x;
-          if (fwd) {
-            ref_.RopeForward(a.data(), pos.data(), rows, heads, hd, rot, 10000.0f);
-            be_->RopeForward(b.data(), pos.data(), rows, heads, hd, rot, 10000.0f);
-          } else {
-            ref_.RopeBackward(a.data(), pos.data(), rows, heads, hd, rot, 100000.0f);
-            be_->RopeBackward(b.data(), pos.data(), rows, heads, hd, rot, 100000.0f);
+        // Llama 3 style frequency factors (divisors of the angles) or none.
+        std::vector<float> ff(static_cast<size_t>(rot / 2));
+        for (auto& f : ff) f = 1.0f + static_cast<float>(rng_() % 700) / 100.0f;
+        for (const float* factors : {static_cast<const float*>(nullptr), static_cast<const float*>(ff.data())}) {
+          for (bool fwd : {true, false}) {
+            const Op op = fwd ? Op::kRopeForward : Op::kRopeBackward;
+            if (!Has(op)) continue;
+            Vec a = x, b = x;
+            if (fwd) {
+              ref_.RopeForward(a.data(), pos.data(), rows, heads, hd, rot, 10000.0f, factors);
+              be_->RopeForward(b.data(), pos.data(), rows, heads, hd, rot, 10000.0f, factors);
+            } else {
+              ref_.RopeBackward(a.data(), pos.data(), rows, heads, hd, rot, 100000.0f, factors);
+              be_->RopeBackward(b.data(), pos.data(), rows, heads, hd, rot, 100000.0f, factors);
+            }
+            Expect(op, a, b, kElemTol, shape + (factors != nullptr ? " scaled" : ""));
           }
-          Expect(op, a, b, kElemTol, shape);
         }
       }
     }
   }
+}
+
+// The bias glue op (Qwen2's q/k/v biases) on host memory and on the backend's buffers.
+TEST_P(BackendOps, AddRowVector) {
+  const int64_t rows = 37, n = 24;
+  const Vec y0 = Random(static_cast<size_t>(rows * n), rng_), v = Random(static_cast<size_t>(n), rng_);
+  Vec want = y0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) want[static_cast<size_t>(r * n + i)] += v[static_cast<size_t>(i)];
+  Vec host = y0;
+  be_->AddRowVector(host.data(), v.data(), rows, n);
+  EXPECT_EQ(host, want);
+  float* buf = be_->AllocBuffer(rows * n);
+  be_->Copy(y0.data(), buf, rows * n);
+  be_->AddRowVector(buf, v.data(), rows, n);
+  Vec back(y0.size());
+  be_->Copy(buf, back.data(), rows * n);
+  be_->FreeBuffer(buf);
+  EXPECT_EQ(back, want);
 }
 
 // Packed positions: rows split into examples of random lengths.

@@ -130,6 +130,23 @@ TEST(OpsTest, RopeRotatesAdjacentPairsAndKeepsNorms) {
   EXPECT_EQ(y, orig);  // position 0 is the identity
 }
 
+// Linear RoPE scaling by f (every frequency factor f) is position pos / f.
+TEST(OpsTest, RopeFrequencyFactorsDivideTheAngles) {
+  const int64_t hd = 8;
+  const std::vector<float> orig = {1, 0, 0, 1, 2, 3, -1, 4}, two(hd / 2, 2.0f);
+  std::vector<float> scaled = orig, plain = orig;
+  RopeAdjacent(scaled.data(), 1, hd, hd, 6, 10000.0f, two.data());
+  RopeAdjacent(plain.data(), 1, hd, hd, 3, 10000.0f);
+  for (int64_t i = 0; i < hd; ++i) EXPECT_NEAR(scaled[static_cast<size_t>(i)], plain[static_cast<size_t>(i)], 1e-6) << i;
+  // A factor per pair: pair 1 divided by 4 at position 8 is pair 1 at position 2.
+  const std::vector<float> mixed = {1.0f, 4.0f, 1.0f, 1.0f};
+  std::vector<float> a = orig, b = orig;
+  RopeAdjacent(a.data(), 1, hd, hd, 8, 10000.0f, mixed.data());
+  RopeAdjacent(b.data(), 1, hd, hd, 2, 10000.0f);
+  EXPECT_NEAR(a[2], b[2], 1e-6);
+  EXPECT_NEAR(a[3], b[3], 1e-6);
+}
+
 TEST(OpsTest, SoftmaxStableForLargeLogits) {
   std::vector<float> x = {1000.0f, 1000.0f, -1e30f};
   Softmax(x.data(), 3);
