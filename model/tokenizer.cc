@@ -57,7 +57,8 @@ class Matcher {
     if (Other(j)) return Run(j, &Matcher::Other);
     return Spaces(i);
   }
-  size_t Llama3(size_t i) const {
+  // Llama 3's pre-tokenizer regex; Qwen2's is the same with single digits (max_digits 1).
+  size_t Llama3(size_t i, size_t max_digits = 3) const {
     if (size_t e = Contraction(i, true)) return e;
     const uint32_t c0 = cp(i);
     if (c0 != '\r' && c0 != '\n' && !IsNumber(c0) && L(IsLetter(c0) ? i : i + 1)) {
@@ -65,7 +66,7 @@ class Matcher {
     }
     if (N(i)) {
       size_t j = i;
-      while (j < i + 3 && N(j)) ++j;
+      while (j < i + max_digits && N(j)) ++j;
       return j;
     }
     const size_t j = c0 == ' ' ? i + 1 : i;
@@ -110,10 +111,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& g
   } else if (pre == "llama3" || pre == "llama-bpe" || pre == "llama-v3") {
     t->pre_ = PreTokenizer::kLlama3;
     t->ignore_merges_ = true;  // llama-3's tokenizer.json sets ignore_merges
+  } else if (pre == "qwen2") {
+    t->pre_ = PreTokenizer::kQwen2;
   } else if (pre == "default" || pre == "gpt2" || pre == "gpt-2") {
     t->pre_ = PreTokenizer::kGpt2;
   } else {
-    return absl::UnimplementedError(absl::StrCat("pre-tokenizer '", pre, "' is not supported (gpt2, smollm, llama3)"));
+    return absl::UnimplementedError(absl::StrCat("pre-tokenizer '", pre, "' is not supported (gpt2, smollm, llama3, qwen2)"));
   }
   FT_ASSIGN_OR_RETURN(const GgufValue* toks, g.GetArray("tokenizer.ggml.tokens"));
   if (toks->array_type != GgufType::kString || toks->strings.empty()) {
@@ -212,6 +215,8 @@ void Tokenizer::SplitPieces(std::string_view text, std::vector<std::string_view>
     size_t e;
     if (pre_ == PreTokenizer::kLlama3) {
       e = m.Llama3(i);
+    } else if (pre_ == PreTokenizer::kQwen2) {
+      e = m.Llama3(i, 1);
     } else if (pre_ == PreTokenizer::kSmolLm && m.N(i)) {
       e = i + 1;  // Digits(individual_digits=true) isolates every digit first
     } else if (pre_ == PreTokenizer::kSmolLm) {

@@ -23,7 +23,7 @@ struct ChatMessage {
 
 class Tokenizer {
  public:
-  enum class PreTokenizer { kGpt2, kSmolLm, kLlama3 };
+  enum class PreTokenizer { kGpt2, kSmolLm, kLlama3, kQwen2 };
 
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const GgufFile& gguf);
 

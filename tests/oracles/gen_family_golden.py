@@ -11,10 +11,20 @@ For each family this writes tests/data/families/<family>/:
                                    "logits_lora" (with the adapter), and per adapter tensor the
                                    gradient of the summed next-token NLL, named as PEFT names the
                                    tensor with ".grad" appended
+  tokenizer.json, tokenizer_config.json
+                                   a byte-level BPE vocabulary of 320 tokens trained by Hugging
+                                   Face `tokenizers` on /usr/share/common-licenses, with the
+                                   family's pre-tokenizer (Llama 3, Qwen2, GPT-2 rules)
+  model.q8_0.gguf                  the folder converted by llama.cpp's own convert_hf_to_gguf.py
+                                   (from the llama-cpp-python source distribution) to Q8_0
+  llamacpp.safetensors             llama.cpp's logits (llama-cpp-python) for "tokens" on an F32
+                                   conversion ("logits_f32") and on model.q8_0.gguf ("logits_q8_0")
   versions.json                    the versions that made them
 
 Run from the repository root in the oracle venv:
-  ~/.cache/fedtune-oracles/bin/python tests/oracles/gen_family_golden.py
+  ~/.cache/fedtune-oracles/bin/python tests/oracles/gen_family_golden.py LLAMA_CPP_DIR
+where LLAMA_CPP_DIR is vendor/llama.cpp of an unpacked llama-cpp-python sdist of the installed
+version (pip download --no-deps --no-binary :all: llama-cpp-python==VERSION).
 """
 import copy
 import json
@@ -27,10 +37,110 @@ import transformers
 import peft
 import safetensors.torch
 
+VOCAB = 320
 OUT = os.path.join(os.path.dirname(__file__), "..", "data", "families")
 COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=96, max_position_embeddings=256, rms_norm_eps=1e-5,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
               hidden_act="silu", initializer_range=0.2)
+
+# llama.cpp's names for the pre-tokenizers (tokenizer.ggml.pre); the converter recognises
+# released tokenizers by a hash, so for these home-made ones it is told the name.
+PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "gpt-2"}
+LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+             r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def make_tokenizer(family, d):
+    """A byte-level BPE vocabulary with the family's pre-tokenizer, saved as tokenizer.json."""
+    import glob
+    from tokenizers import Tokenizer, Regex, models, pre_tokenizers, decoders, trainers
+    tok = Tokenizer(models.BPE())
+    if family in ("llama3", "qwen2", "qwen3"):
+        regex = LLAMA3_RE if family == "llama3" else QWEN2_RE
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    files = sorted(f for f in glob.glob("/usr/share/common-licenses/*") if os.path.isfile(f))
+    tok.train(files, trainer)
+    tok.save(os.path.join(d, "tokenizer.json"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                   "bos_token": "<|endoftext|>", "model_max_length": 256}, f, indent=1)
+    return tok.get_vocab_size()
+
+
+def fnv1a32(data: bytes) -> int:
+    h = 0x811C9DC5
+    for b in data:
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def tokenizer_corpus():
+    """The lines tests/model/family_test.cc reads too: ASCII, non-empty, first occurrences, from
+    the regular files of /usr/share/common-licenses (base-files) and the top-level modules of
+    /usr/lib/python3.*/ (python3's standard library), paths in byte order; at most 12,000."""
+    import glob
+    paths = sorted(p for p in glob.glob("/usr/share/common-licenses/*") + glob.glob("/usr/lib/python3.*/*.py")
+                   if os.path.isfile(p) and not os.path.islink(p))
+    seen, out = set(), []
+    for p in paths:
+        for line in open(p, "rb").read().split(b"\n"):
+            if not line or any(c >= 0x80 for c in line) or line in seen:
+                continue
+            seen.add(line)
+            out.append(line.decode("ascii"))
+            if len(out) == 12000:
+                return out
+    return out
+
+
+def edge_cases():
+    raw = open(os.path.join(OUT, "tokenizer_edge_cases.txt"), "rb").read().decode("utf-8").split("\n")
+    return [l.replace("\\n", "\n") for l in raw if l]
+
+
+def tokenizer_golden(d):
+    """tokenizer_golden.bin: "FTTK", u32 n, n x (u32 FNV-1a of the line, u32 FNV-1a of its ids as
+    int32 LE) over tokenizer_corpus(); tokenizer_edge_cases.json: the ids of each edge case."""
+    import struct
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    lines = tokenizer_corpus()
+    blob = bytearray(b"FTTK" + struct.pack("<I", len(lines)))
+    for l in lines:
+        ids = tok.encode(l, add_special_tokens=False).ids
+        blob += struct.pack("<II", fnv1a32(l.encode()), fnv1a32(struct.pack(f"<{len(ids)}i", *ids)))
+    open(os.path.join(d, "tokenizer_golden.bin"), "wb").write(bytes(blob))
+    with open(os.path.join(d, "tokenizer_edge_cases.json"), "w") as f:
+        json.dump([tok.encode(l, add_special_tokens=False).ids for l in edge_cases()], f)
+    return len(lines)
+
+
+def convert(llama_cpp, family, d, outtype, outfile):
+    """llama.cpp's converter on folder d, told the pre-tokenizer's name (see PRE)."""
+    import subprocess
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/gguf-py');"
+            "import conversion.base as b; pre = sys.argv[2]; b.TextModel.get_vocab_base_pre = lambda self, t: pre;"
+            "import convert_hf_to_gguf as c; sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[3:]; c.main()")
+    subprocess.run([sys.executable, "-c", code, llama_cpp, PRE[family], d, "--outtype", outtype, "--outfile", outfile],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def llama_cpp_logits(path, tokens):
+    import llama_cpp
+    # F32 K/V cache (llama.cpp's default F16 cache would round keys and values).
+    m = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    m.eval(tokens)
+    return torch.tensor(m.scores[: len(tokens)], dtype=torch.float32).contiguous()
+
 
 FAMILIES = {
     # Llama 3.x: RoPE scaling (all three regimes of its ramp occur at head size 8, theta 1e4,
@@ -45,18 +155,26 @@ FAMILIES = {
     # Mistral: a sliding window longer than the test sequences (exact there; longer refused).
     "mistral": (transformers.MistralConfig, dict(rope_theta=10000.0, sliding_window=32, tie_word_embeddings=False)),
 }
-TOKENS = [1, 17, 42, 5, 88, 23, 64, 9, 31, 77, 2, 50, 13, 95, 40, 8, 61, 36, 70, 11]
+TOKENS = [1, 17, 42, 5, 88, 23, 64, 9, 31, 77, 2, 50, 13, 295, 140, 8, 261, 36, 170, 311]
 
 
 def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    llama_cpp_dir = os.path.abspath(sys.argv[1])
+    import llama_cpp
     torch.manual_seed(0)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                "safetensors": getattr(safetensors, "__version__", "?")}
+                "safetensors": getattr(safetensors, "__version__", "?"),
+                "llama_cpp_python": llama_cpp.__version__, "tokenizers": __import__("tokenizers").__version__}
     for name, (cfg_cls, extra) in FAMILIES.items():
         d = os.path.join(OUT, name)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        cfg = cfg_cls(**COMMON, **extra)
+        assert make_tokenizer(name, d) == VOCAB
+        if name != "qwen3":  # qwen3's vocabulary is qwen2's (same pre-tokenizer, same training)
+            print(name, "tokenizer corpus lines", tokenizer_golden(d))
+        cfg = cfg_cls(**COMMON, **extra, bos_token_id=0, eos_token_id=0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
         with torch.no_grad():
             for pname, p in model.named_parameters():
@@ -90,6 +208,15 @@ def main():
                 golden[pname.replace(".default", "") + ".grad"] = p.grad.detach().contiguous()
         pm.save_pretrained(os.path.join(d, "adapter"))
         safetensors.torch.save_file(golden, os.path.join(d, "golden.safetensors"))
+        # llama.cpp: the F32 conversion (exact arithmetic, not kept) and the committed Q8_0 one.
+        f32 = os.path.join("/tmp", f"fedtune_{name}_f32.gguf")
+        convert(llama_cpp_dir, name, d, "f32", f32)
+        convert(llama_cpp_dir, name, d, "q8_0", os.path.join(d, "model.q8_0.gguf"))
+        lc = {"logits_f32": llama_cpp_logits(f32, TOKENS),
+              "logits_q8_0": llama_cpp_logits(os.path.join(d, "model.q8_0.gguf"), TOKENS)}
+        os.remove(f32)
+        safetensors.torch.save_file(lc, os.path.join(d, "llamacpp.safetensors"))
+        print(name, "llama.cpp f32 vs transformers max |diff|", float((lc["logits_f32"] - logits).abs().max()))
         for extra in ("generation_config.json", os.path.join("adapter", "README.md")):
             if os.path.exists(os.path.join(d, extra)):
                 os.remove(os.path.join(d, extra))
