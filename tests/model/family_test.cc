@@ -25,6 +25,9 @@
 #include "model/trainer.h"
 #include "nlohmann/json.hpp"
 #include "model/tokenizer.h"
+#include "common/config_loader.h"
+#include "model/adapter_io.h"
+#include "sim/simulation.h"
 #include "tests/support/tiny_model.h"
 
 namespace fedtune::model {
@@ -392,6 +395,57 @@ TEST_P(FamilyOracle, ConverterStyleGgufGivesTheSameLogitsAndExportsMatch) {
     const int64_t hf_row = GetParam() == "qwen2" || GetParam() == "qwen3" ? row : (row / hd) * hd + (row % hd % 2) * (hd / 2) + row % hd / 2;
     for (int64_t k = 0; k < r; ++k) ASSERT_FLOAT_EQ(file_b[static_cast<size_t>(row * r + k)], peft_b[static_cast<size_t>(hf_row * r + k)]) << row;
   }
+}
+
+// A short federated fine-tune of the llama.cpp-converted file (3 clients, 2 rounds, LoRA on all
+// seven projections, central DP and uncertainty-aware merging), then its exports: the PEFT folder
+// and the GGUF-LoRA describe the adapter the run trained, in each target's row order.
+TEST_P(FamilyOracle, FederatedFineTuneRunsAndExports) {
+  const std::string out = testing::TempPath("sim_" + GetParam());
+  const std::string yaml = "model: {path: " + dir_ + "/model.q8_0.gguf}\n"
+                           "adapter: {kind: LORA, rank: 4, alpha: 8, target_modules: [all]}\n"
+                           "clients: 3\nrounds: 2\n"
+                           "data: {tasks: [sentiment, extract], examples_per_task: 24, eval_examples: 4, max_len: 128}\n"
+                           "train: {local_steps: 2, batch: 4, learning_rate: 0.01}\n"
+                           "strategy: {merge: uncertainty}\n"
+                           "eval: {max_new_tokens: 2}\n"
+                           "output_dir: " + out + "\n";
+  proto::SimulationConfig c;
+  ASSERT_TRUE(LoadConfigYaml(yaml, &c, "family.yaml").ok());
+  sim::SimOptions o;
+  o.progress = false;
+  auto r = sim::RunSimulation(c, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->rounds.size(), 3u);
+  const double before = r->rounds[0].metrics.at("eval_loss"), after = r->rounds[2].metrics.at("eval_loss");
+  std::printf("[family] %s federated: held-out loss %.4f -> %.4f over 2 rounds\n", GetParam().c_str(), before, after);
+  EXPECT_LT(after, before);
+  auto m = LlamaModel::Load(dir_ + "/model.q8_0.gguf");
+  ASSERT_TRUE(m.ok());
+  auto trained = LoadAdapters(r->run_dir + "/adapter.safetensors", (*m)->adapter_dims());
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  auto peft = ImportPeft(r->run_dir + "/peft", **m);
+  ASSERT_TRUE(peft.ok()) << peft.status();
+  const auto a = Logits(**m, tokens_, &*trained), b = Logits(**m, tokens_, &*peft);
+  EXPECT_LE(RelErr(b, a), 1e-6);
+  EXPECT_GT(RelErr(a, Logits(**m, tokens_, nullptr)), 1e-4);  // the run changed the model
+  // For tests/oracles/check_family_exports.py (PEFT on the Hugging Face folder): the exported
+  // folder and fedtune's logits with it on the same folder.
+  if (const char* dump = std::getenv("FEDTUNE_FAMILY_DUMP")) {
+    const std::string to = std::string(dump) + "/" + GetParam();
+    std::filesystem::create_directories(to);
+    std::filesystem::copy(r->run_dir + "/peft", to + "/peft", std::filesystem::copy_options::overwrite_existing | std::filesystem::copy_options::recursive);
+    auto on_hf = ImportPeft(r->run_dir + "/peft", *model_);
+    ASSERT_TRUE(on_hf.ok());
+    SafetensorsWriter w;
+    const std::vector<int64_t> shape = {static_cast<int64_t>(tokens_.size()), model_->config().n_vocab};
+    ASSERT_TRUE(w.AddF32("logits", shape, Logits(*model_, tokens_, &*on_hf)).ok());
+    std::filesystem::copy_file(r->run_dir + "/adapter-lora.gguf", to + "/adapter-lora.gguf", std::filesystem::copy_options::overwrite_existing);
+    ASSERT_TRUE(w.WriteFile(to + "/fedtune_logits.safetensors").ok());
+  }
+  auto lora = GgufFile::Open(r->run_dir + "/adapter-lora.gguf");
+  ASSERT_TRUE(lora.ok()) << lora.status();
+  EXPECT_EQ((*lora)->GetString("general.architecture").value_or(""), (*m)->config().arch);
 }
 
 TEST_P(FamilyOracle, SequencesBeyondTheSlidingWindowAreRefused) {
