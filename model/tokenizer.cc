@@ -1,15 +1,22 @@
 #include "model/tokenizer.h"
 
 #include <algorithm>
+#include <cctype>
+#include <functional>
 #include <limits>
+#include <queue>
 
 #include "model/unicode.h"
 
 namespace fedtune::model {
 namespace {
 
+constexpr int32_t kTypeNormal = 1;
 constexpr int32_t kTypeControl = 3;
 constexpr int32_t kTypeUserDefined = 4;
+constexpr int32_t kTypeUnused = 5;
+constexpr int32_t kTypeByte = 6;
+constexpr const char* kSpmSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
 
 // Pre-tokenizer regexes, hand-compiled into matchers over code points. Each returns the end
 // index (exclusive) of the match starting at i; alternatives are tried in regex order, as the
@@ -102,11 +109,14 @@ void BuildByteMap(uint32_t* byte_to_cp) {
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& g) {
   std::unique_ptr<Tokenizer> t(new Tokenizer());
   FT_ASSIGN_OR_RETURN(std::string model, g.GetString("tokenizer.ggml.model"));
-  if (model != "gpt2") {
-    return absl::UnimplementedError(absl::StrCat("tokenizer model '", model, "' is not supported (only byte-level BPE 'gpt2')"));
+  if (model != "gpt2" && model != "llama") {
+    return absl::UnimplementedError(absl::StrCat("tokenizer model '", model, "' is not supported (byte-level BPE 'gpt2', SentencePiece 'llama')"));
   }
+  t->spm_ = model == "llama";
   const std::string pre = g.Find("tokenizer.ggml.pre") ? g.GetString("tokenizer.ggml.pre").value_or("default") : "default";
-  if (pre == "smollm") {
+  if (t->spm_) {
+    // SentencePiece splits nothing before its merges (llama.cpp writes pre "default" or none).
+  } else if (pre == "smollm") {
     t->pre_ = PreTokenizer::kSmolLm;
   } else if (pre == "llama3" || pre == "llama-bpe" || pre == "llama-v3") {
     t->pre_ = PreTokenizer::kLlama3;
@@ -138,6 +148,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& g
   }
   t->token_to_id_.reserve(t->tokens_.size());
   for (int32_t i = 0; i < n; ++i) t->token_to_id_.emplace(t->tokens_[i], i);
+  if (t->spm_) FT_RETURN_IF_ERROR(t->InitSentencePiece(g));
 
   BuildByteMap(t->byte_to_cp_);
   for (int b = 0; b < 256; ++b) {
@@ -148,10 +159,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& g
     t->byte_token_[b] = it == t->token_to_id_.end() ? -1 : it->second;
   }
 
-  FT_ASSIGN_OR_RETURN(const GgufValue* merges, g.GetArray("tokenizer.ggml.merges"));
-  if (merges->array_type != GgufType::kString) return absl::InvalidArgumentError("tokenizer.ggml.merges must be a string array");
-  t->merges_.reserve(merges->strings.size());
-  for (size_t r = 0; r < merges->strings.size(); ++r) {
+  const GgufValue* merges = nullptr;
+  if (!t->spm_) {
+    FT_ASSIGN_OR_RETURN(merges, g.GetArray("tokenizer.ggml.merges"));
+    if (merges->array_type != GgufType::kString) return absl::InvalidArgumentError("tokenizer.ggml.merges must be a string array");
+    t->merges_.reserve(merges->strings.size());
+  }
+  for (size_t r = 0; merges != nullptr && r < merges->strings.size(); ++r) {
     const std::string& m = merges->strings[r];
     const size_t sp = m.find(' ', 1);
     if (sp == std::string::npos) return absl::InvalidArgumentError(absl::StrCat("tokenizer merge ", r, " '", m, "' has no space"));
@@ -280,7 +294,13 @@ void Tokenizer::EncodePiece(std::string_view piece, std::vector<int32_t>* out) c
 std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool parse_special) const {
   std::vector<int32_t> ids;
   std::vector<std::string_view> pieces;
+  bool after_special = true;  // SentencePiece: the space prefix goes before text that starts the input or follows a special token
   auto encode_plain = [&](std::string_view s) {
+    if (spm_) {
+      EncodeSentencePiece(s, add_space_prefix_ && after_special, &ids);
+      after_special = false;
+      return;
+    }
     pieces.clear();
     SplitPieces(s, &pieces);
     for (auto p : pieces) EncodePiece(p, &ids);
@@ -305,6 +325,7 @@ std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool parse_special
     }
     if (i > start) encode_plain(text.substr(start, i - start));
     ids.push_back(hit);
+    after_special = true;
     i += tokens_[hit].size();
     start = i;
   }
@@ -323,6 +344,20 @@ std::vector<int32_t> Tokenizer::EncodeWithBos(std::string_view text, bool parse_
 std::string Tokenizer::TokenBytes(int32_t id) const {
   if (id < 0 || id >= vocab_size()) return "";
   if (IsSpecial(id)) return tokens_[id];
+  if (spm_) {
+    const std::string& t = tokens_[id];
+    if (types_[id] == kTypeByte && t.size() == 6) return std::string(1, static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16)));
+    std::string out;
+    for (size_t i = 0; i < t.size();) {
+      if (t.compare(i, 3, kSpmSpace) == 0) {
+        out.push_back(' ');
+        i += 3;
+      } else {
+        out.push_back(t[i++]);
+      }
+    }
+    return out;
+  }
   std::string out;
   for (const CodeUnit& u : DecodeUtf8(tokens_[id])) {
     auto it = cp_to_byte_.find(u.cp);
@@ -334,11 +369,114 @@ std::string Tokenizer::TokenBytes(int32_t id) const {
 
 std::string Tokenizer::Decode(std::span<const int32_t> ids, bool skip_special) const {
   std::string out;
+  bool first_text = true;
   for (int32_t id : ids) {
     if (skip_special && IsSpecial(id)) continue;
-    out += TokenBytes(id);
+    std::string b = TokenBytes(id);
+    // SentencePiece: the space prefix of the first piece of text is not part of the text.
+    if (spm_ && add_space_prefix_ && first_text && !IsSpecial(id) && !b.empty() && b[0] == ' ') b.erase(0, 1);
+    if (!IsSpecial(id)) first_text = false;
+    out += b;
   }
   return out;
+}
+
+absl::Status Tokenizer::InitSentencePiece(const GgufFile& g) {
+  FT_ASSIGN_OR_RETURN(const GgufValue* scores, g.GetArray("tokenizer.ggml.scores"));
+  if (scores->floats.size() != tokens_.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer.ggml.scores has ", scores->array_size(), " entries for ", tokens_.size(), " tokens"));
+  }
+  scores_.assign(scores->floats.begin(), scores->floats.end());
+  add_space_prefix_ = g.Find("tokenizer.ggml.add_space_prefix") ? g.GetBool("tokenizer.ggml.add_space_prefix").value_or(true) : true;
+  std::fill(std::begin(byte_fallback_), std::end(byte_fallback_), -1);
+  for (int32_t i = 0; i < vocab_size(); ++i) {
+    const std::string& t = tokens_[static_cast<size_t>(i)];
+    if (types_[static_cast<size_t>(i)] == kTypeByte && t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' &&
+        std::isxdigit(static_cast<unsigned char>(t[3])) && std::isxdigit(static_cast<unsigned char>(t[4]))) {
+      byte_fallback_[std::stoi(t.substr(3, 2), nullptr, 16)] = i;
+    }
+  }
+  return absl::OkStatus();
+}
+
+int32_t Tokenizer::SpmPiece(std::string_view piece) const {
+  auto it = token_to_id_.find(std::string(piece));
+  if (it == token_to_id_.end()) return -1;
+  const int32_t type = types_[static_cast<size_t>(it->second)];
+  return type == kTypeNormal || type == kTypeUserDefined || type == kTypeUnused ? it->second : -1;
+}
+
+void Tokenizer::EncodeSentencePiece(std::string_view text, bool prefix, std::vector<int32_t>* out) const {
+  std::string s = prefix ? std::string(kSpmSpace) : std::string();
+  for (char ch : text) {
+    if (ch == ' ') s += kSpmSpace;
+    else s.push_back(ch);
+  }
+  // Symbols: the UTF-8 characters, in a linked list; merges of adjacent pairs whose text is a
+  // piece, highest score first (leftmost on ties), as SentencePiece's BPE model.
+  struct Sym {
+    size_t begin, len;
+    int prev, next;
+  };
+  std::vector<Sym> sym;
+  for (const CodeUnit& u : DecodeUtf8(s)) sym.push_back({u.offset, u.len, static_cast<int>(sym.size()) - 1, static_cast<int>(sym.size()) + 1});
+  if (sym.empty()) return;
+  sym.back().next = -1;
+  struct Pair {
+    float score;
+    int left, right;
+    size_t len;  // text length when queued (stale if a side changed since)
+    bool operator<(const Pair& o) const { return score < o.score || (score == o.score && left > o.left); }
+  };
+  std::priority_queue<Pair> agenda;
+  std::unordered_map<std::string, std::pair<std::string, std::string>> rev_merge;  // unused pieces: resegmented
+  auto add_pair = [&](int l, int r) {
+    if (l < 0 || r < 0) return;
+    const std::string_view piece(s.data() + sym[static_cast<size_t>(l)].begin, sym[static_cast<size_t>(l)].len + sym[static_cast<size_t>(r)].len);
+    const int32_t id = SpmPiece(piece);
+    if (id < 0) return;
+    agenda.push({scores_[static_cast<size_t>(id)], l, r, piece.size()});
+    if (types_[static_cast<size_t>(id)] == kTypeUnused) {
+      rev_merge[std::string(piece)] = {s.substr(sym[static_cast<size_t>(l)].begin, sym[static_cast<size_t>(l)].len),
+                                       s.substr(sym[static_cast<size_t>(r)].begin, sym[static_cast<size_t>(r)].len)};
+    }
+  };
+  for (size_t i = 1; i < sym.size(); ++i) add_pair(static_cast<int>(i) - 1, static_cast<int>(i));
+  while (!agenda.empty()) {
+    const Pair p = agenda.top();
+    agenda.pop();
+    Sym& l = sym[static_cast<size_t>(p.left)];
+    Sym& r = sym[static_cast<size_t>(p.right)];
+    if (l.len == 0 || r.len == 0 || l.len + r.len != p.len || l.next != p.right) continue;  // stale
+    l.len += r.len;
+    r.len = 0;
+    l.next = r.next;
+    if (r.next >= 0) sym[static_cast<size_t>(r.next)].prev = p.left;
+    add_pair(l.prev, p.left);
+    add_pair(p.left, l.next);
+  }
+  std::function<void(const std::string&)> emit = [&](const std::string& piece) {
+    const int32_t id = SpmPiece(piece);
+    if (id >= 0 && types_[static_cast<size_t>(id)] != kTypeUnused) {
+      out->push_back(id);
+      return;
+    }
+    if (auto it = rev_merge.find(piece); it != rev_merge.end()) {
+      emit(it->second.first);
+      emit(it->second.second);
+      return;
+    }
+    for (unsigned char b : piece) {  // byte fallback (the unknown token where the vocabulary has no bytes)
+      const int32_t bid = byte_fallback_[b];
+      if (bid >= 0) {
+        out->push_back(bid);
+      } else if (auto unk = FindToken("<unk>")) {
+        out->push_back(*unk);
+        break;
+      }
+    }
+  };
+  for (int i = 0; i >= 0; i = sym[static_cast<size_t>(i)].next) emit(s.substr(sym[static_cast<size_t>(i)].begin, sym[static_cast<size_t>(i)].len));
 }
 
 std::string Tokenizer::FormatChat(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {

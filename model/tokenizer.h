@@ -1,6 +1,7 @@
 // Tokenizer read from a GGUF file: byte-level BPE (tokenizer.ggml.model = "gpt2") with the
-// gpt2, smollm and llama-3 pre-tokenizers, special-token splitting and ChatML chat formatting.
-// SentencePiece ("llama") vocabularies are refused with Unimplemented.
+// gpt2, smollm, llama-3 and qwen2 pre-tokenizers, and SentencePiece BPE vocabularies
+// (tokenizer.ggml.model = "llama": Llama 2, Mistral, TinyLlama) with scores, byte fallback and the
+// space prefix; special-token splitting and ChatML chat formatting.
 #pragma once
 
 #include <cstdint>
@@ -49,12 +50,19 @@ class Tokenizer {
   bool IsEndOfGeneration(int32_t id) const;
   bool IsSpecial(int32_t id) const;
   PreTokenizer pre_tokenizer() const { return pre_; }
+  bool sentencepiece() const { return spm_; }
   std::optional<int32_t> FindToken(std::string_view text) const;
 
  private:
   Tokenizer() = default;
   void SplitPieces(std::string_view text, std::vector<std::string_view>* pieces) const;
+  absl::Status InitSentencePiece(const GgufFile& g);
   void EncodePiece(std::string_view piece, std::vector<int32_t>* out) const;
+  // SentencePiece BPE on one run of text (no special tokens): "▁" for spaces, the space prefix
+  // when `prefix`, merges by piece score, byte fallback for what no piece covers.
+  void EncodeSentencePiece(std::string_view text, bool prefix, std::vector<int32_t>* out) const;
+  // The id SentencePiece may merge into or emit for `piece` (normal, user-defined, unused), or -1.
+  int32_t SpmPiece(std::string_view piece) const;
 
   std::vector<std::string> tokens_;
   std::vector<int32_t> types_;
@@ -70,6 +78,9 @@ class Tokenizer {
   std::unordered_map<uint32_t, uint8_t> cp_to_byte_;
   PreTokenizer pre_ = PreTokenizer::kGpt2;
   bool ignore_merges_ = false;
+  bool spm_ = false, add_space_prefix_ = true;
+  std::vector<float> scores_;       // SentencePiece piece scores
+  int32_t byte_fallback_[256];      // SentencePiece: id of "<0xXX>" (-1: none)
   int32_t bos_ = -1, eos_ = -1, eot_ = -1;
   bool add_bos_ = false;
   std::string default_system_;

@@ -14,7 +14,12 @@ For each family this writes tests/data/families/<family>/:
   tokenizer.json, tokenizer_config.json
                                    a byte-level BPE vocabulary of 320 tokens trained by Hugging
                                    Face `tokenizers` on /usr/share/common-licenses, with the
-                                   family's pre-tokenizer (Llama 3, Qwen2, GPT-2 rules)
+                                   family's pre-tokenizer (Llama 3, Qwen2 rules); mistral:
+                                   tokenizer.model, a 512-piece SentencePiece BPE model trained
+                                   by `sentencepiece` (byte fallback, as Mistral's and Llama 2's)
+  tokenizer_golden.bin, tokenizer_edge_cases.json
+                                   ids of 12,000 Debian text lines (hashed) and of Unicode edge
+                                   cases by the family's tokenizer library
   model.q8_0.gguf                  the folder converted by llama.cpp's own convert_hf_to_gguf.py
                                    (from the llama-cpp-python source distribution) to Q8_0
   llamacpp.safetensors             llama.cpp's logits (llama-cpp-python) for "tokens" on an F32
@@ -45,14 +50,38 @@ COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 
 # llama.cpp's names for the pre-tokenizers (tokenizer.ggml.pre); the converter recognises
 # released tokenizers by a hash, so for these home-made ones it is told the name.
-PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "gpt-2"}
+PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "default"}
 LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
+SPM_VOCAB = 512
+
+
+def make_sentencepiece(d):
+    """Mistral / Llama 2 style: a SentencePiece BPE model (tokenizer.model) trained by the
+    sentencepiece package with those models' settings: byte fallback, digits split, no
+    normalisation, whitespace kept, <unk> <s> </s> = 0 1 2."""
+    import glob
+    import sentencepiece as spm
+    files = sorted(f for f in glob.glob("/usr/share/common-licenses/*") if os.path.isfile(f))
+    spm.SentencePieceTrainer.train(input=",".join(files), model_prefix=os.path.join(d, "tokenizer"), vocab_size=SPM_VOCAB,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    os.remove(os.path.join(d, "tokenizer.vocab"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                   "add_bos_token": True, "model_max_length": 256}, f, indent=1)
+    return SPM_VOCAB
+
+
 def make_tokenizer(family, d):
-    """A byte-level BPE vocabulary with the family's pre-tokenizer, saved as tokenizer.json."""
+    """A byte-level BPE vocabulary with the family's pre-tokenizer, saved as tokenizer.json
+    (mistral: SentencePiece, make_sentencepiece)."""
+    if family == "mistral":
+        return make_sentencepiece(d)
     import glob
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, decoders, trainers
     tok = Tokenizer(models.BPE())
@@ -108,18 +137,25 @@ def edge_cases():
 
 def tokenizer_golden(d):
     """tokenizer_golden.bin: "FTTK", u32 n, n x (u32 FNV-1a of the line, u32 FNV-1a of its ids as
-    int32 LE) over tokenizer_corpus(); tokenizer_edge_cases.json: the ids of each edge case."""
+    int32 LE) over tokenizer_corpus(); tokenizer_edge_cases.json: the ids of each edge case.
+    Ids from Hugging Face tokenizers (tokenizer.json) or sentencepiece (tokenizer.model)."""
     import struct
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    if os.path.exists(os.path.join(d, "tokenizer.model")):
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=os.path.join(d, "tokenizer.model"))
+        encode = lambda text: sp.encode(text)
+    else:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+        encode = lambda text: tok.encode(text, add_special_tokens=False).ids
     lines = tokenizer_corpus()
     blob = bytearray(b"FTTK" + struct.pack("<I", len(lines)))
     for l in lines:
-        ids = tok.encode(l, add_special_tokens=False).ids
+        ids = encode(l)
         blob += struct.pack("<II", fnv1a32(l.encode()), fnv1a32(struct.pack(f"<{len(ids)}i", *ids)))
     open(os.path.join(d, "tokenizer_golden.bin"), "wb").write(bytes(blob))
     with open(os.path.join(d, "tokenizer_edge_cases.json"), "w") as f:
-        json.dump([tok.encode(l, add_special_tokens=False).ids for l in edge_cases()], f)
+        json.dump([encode(l) for l in edge_cases()], f)
     return len(lines)
 
 
@@ -171,10 +207,11 @@ def main():
         d = os.path.join(OUT, name)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        assert make_tokenizer(name, d) == VOCAB
+        vocab = make_tokenizer(name, d)
         if name != "qwen3":  # qwen3's vocabulary is qwen2's (same pre-tokenizer, same training)
             print(name, "tokenizer corpus lines", tokenizer_golden(d))
-        cfg = cfg_cls(**COMMON, **extra, bos_token_id=0, eos_token_id=0)
+        cfg = cfg_cls(**dict(COMMON, vocab_size=vocab), **extra, bos_token_id=1 if name == "mistral" else 0,
+                      eos_token_id=2 if name == "mistral" else 0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
         with torch.no_grad():
             for pname, p in model.named_parameters():
