@@ -3,9 +3,9 @@
 //   bench_memory_fit MODEL.gguf runs/bench/memory/peaks.csv [--check] [--bf16]
 // --bf16: the runs trained on cpu-bf16 (MemoryModel::Bf16OutputMiB is then part of the known
 // memory; fedtune train's default kernels on a CPU with a bf16 unit).
-// Without --check: least-squares fit of (fixed MiB, KiB per token, logit-chunk factor) on the
-// rows with recomputation and of KiB per token and layer on the rows without; prints the
-// constants. With --check: prints MemoryModel::Fitted()'s prediction for every row and the
+// Without --check: least-squares fit of (fixed MiB, recompute_factor, logit-chunk factor) on the
+// rows with recomputation and of kept_factor on the rows without (factors per byte of the
+// shape's activation allocation, ModelShape); prints the constants. With --check: prints MemoryModel::Fitted()'s prediction for every row and the
 // relative error (exit 1 if any is above 10%). The recompute column: 1 recomputation, 0 every
 // activation kept, kN the activations of N sequences kept per pass (what workers choose within
 // their memory, MemoryModel::Choose; checked, not fitted).
@@ -76,11 +76,11 @@ int main(int argc, char** argv) {
                   std::min(tokens, 256.0) * static_cast<double>(shape.n_vocab) * 4 / (1 << 20)});
   }
   if (!check) {
-    // Normal equations for y - known = a*1 + b*tokens/1024 + c*logit (recompute rows).
+    // Normal equations for y - known = a*1 + b*tokens*RecomputeBytesPerToken + c*logit (recompute rows).
     double A[3][3] = {}, B[3] = {};
     for (size_t i = 0; i < rows.size(); ++i) {
       if (!rows[i].recompute) continue;
-      const double v[3] = {1, xs[i].tokens / 1024, xs[i].logit}, y = rows[i].peak - xs[i].known;
+      const double v[3] = {1, xs[i].tokens * shape.RecomputeBytesPerToken() / (1 << 20), xs[i].logit}, y = rows[i].peak - xs[i].known;
       for (int a = 0; a < 3; ++a) {
         B[a] += v[a] * y;
         for (int b = 0; b < 3; ++b) A[a][b] += v[a] * v[b];
@@ -103,11 +103,11 @@ int main(int argc, char** argv) {
     double num = 0, den = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
       if (rows[i].recompute) continue;
-      const double t = xs[i].tokens / 1024 * static_cast<double>(shape.n_layer);
+      const double t = xs[i].tokens * shape.LayerCacheBytesPerToken() * static_cast<double>(shape.n_layer) / (1 << 20);
       num += t * (rows[i].peak - xs[i].known - x[0] - x[2] * xs[i].logit);
       den += t * t;
     }
-    std::printf("fixed_mib = %.2f\nper_token_kib = %.2f\nlogit_factor = %.3f\nper_token_layer_kib = %.3f\n", x[0], x[1], x[2], den > 0 ? num / den : 0.0);
+    std::printf("fixed_mib = %.2f\nrecompute_factor = %.4f\nlogit_factor = %.3f\nkept_factor = %.4f\n", x[0], x[1], x[2], den > 0 ? num / den : 0.0);
     return 0;
   }
   int bad = 0;

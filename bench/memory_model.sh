@@ -5,10 +5,12 @@
 # memory model (planner/planner.h) was fitted to and is checked against (bench_memory_fit). The
 # last field: 1 recomputation, 0 every activation kept, kN N sequences' activations kept per pass.
 #   bash bench/memory_model.sh [CONFIG_LIST]   (default: the grid below)
+# MODEL and OUT override the model file and the output folder (another shape: see
+# bench/make_shape_model.py and docs/guide.md "Memory model").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-out=runs/bench/memory; mkdir -p "$out"
+model="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+out="${OUT:-runs/bench/memory}"; mkdir -p "$out"
 text=/usr/share/common-licenses/GPL-3
 csv="$out/peaks.csv"
 echo "batch,seq,kind,rank,modules,base,recompute,peak_mib,seconds" > "$csv"

@@ -63,6 +63,10 @@ ModelShape ModelShape::Of(const model::LlamaModel& m) {
   s.n_kv = c.n_head_kv * c.head_dim;
   s.n_ff = c.n_ff;
   s.n_vocab = c.n_vocab;
+  s.n_q = c.q_dim();
+  s.n_head = c.n_head;
+  s.n_head_kv = c.n_head_kv;
+  s.qk_norm = c.qk_norm;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const auto& L = m.layer(l);
     for (const auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
@@ -81,6 +85,22 @@ double BitsPerWeight(kernels::GgmlType t) {
   return static_cast<double>(tr.type_size) * 8.0 / static_cast<double>(tr.block_size);
 }
 
+double ModelShape::LayerCacheBytesPerToken() const {
+  const double e = static_cast<double>(n_embd), q = static_cast<double>(n_q > 0 ? n_q : n_embd), kv = static_cast<double>(n_kv),
+               f = static_cast<double>(n_ff);
+  // x_in, h1, x_mid, h2 (E); q, att (q); k, v (kv); gate, up, act (F); two rstd.
+  double floats = 4 * e + 2 * q + 2 * kv + 3 * f + 2;
+  if (qk_norm) floats += q + kv + static_cast<double>(n_head + n_head_kv);
+  return 4 * floats;
+}
+
+double ModelShape::RecomputeBytesPerToken() const {
+  const double e = static_cast<double>(n_embd), q = static_cast<double>(n_q > 0 ? n_q : n_embd), f = static_cast<double>(n_ff);
+  // Kept layer inputs (E per layer), the layer being recomputed, and the backward's temporaries:
+  // x, next, h, dh, o, dx_mid (E); dh1, dh2 (max(E, q)); dact, dgate, dup (F).
+  return 4 * e * static_cast<double>(n_layer) + LayerCacheBytesPerToken() + 4 * (6 * e + 2 * std::max(e, q) + 3 * f);
+}
+
 MemoryModel MemoryModel::Fitted() {
   MemoryModel m;
   // bench_memory_fit --bf16 on bench/memory_model.sh's 12 fitting runs (2026-12-05, SmolLM2-135M
@@ -88,9 +108,13 @@ MemoryModel MemoryModel::Fitted() {
   // layer is the known Bf16OutputMiB term; worst error 1.0% over 18 runs). On cpu-fast
   // (FEDTUNE_CPU_ISA=avx2, same grid) they under-predict by at most 1.8%. Before (2026-11-23,
   // fp32): 35.9, 124.8, 36.2, 0.90.
+  // 2026-12-06: the per-token constants re-expressed per byte of the shape's allocation
+  // (137.8 KiB = 1.0095 x RecomputeBytesPerToken and 34.45 KiB = 1.0437 x
+  // LayerCacheBytesPerToken on SmolLM2: the same predictions there), checked on a second shape
+  // (docs/guide.md "Memory model").
   m.fixed_mib = 44.0;
-  m.per_token_kib = 137.8;
-  m.per_token_layer_kib = 34.45;
+  m.recompute_factor = 1.0095;
+  m.kept_factor = 1.0437;
   m.logit_factor = 0.891;
   return m;
 }
@@ -110,7 +134,7 @@ double MemoryModel::AdapterStateMiB(const ModelShape& s, const model::AdapterSpe
 }
 
 double MemoryModel::KeptMiBPerSequence(const ModelShape& s, int seq) const {
-  return static_cast<double>(seq) * per_token_layer_kib * static_cast<double>(s.n_layer) / 1024;
+  return static_cast<double>(seq) * kept_factor * s.LayerCacheBytesPerToken() * static_cast<double>(s.n_layer) / (1 << 20);
 }
 
 double MemoryModel::Bf16OutputMiB(const ModelShape& s, double tokens_per_pass) {
@@ -140,7 +164,7 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
       a.activation_mib = fit * per_seq;
     }
   }
-  if (a.recompute) a.activation_mib = tokens * per_token_kib / 1024;
+  if (a.recompute) a.activation_mib = tokens * recompute_factor * s.RecomputeBytesPerToken() / (1 << 20);
   a.total_mib = rest + a.activation_mib;
   return a;
 }

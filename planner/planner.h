@@ -36,6 +36,14 @@ namespace fedtune::planner {
 // What the memory and time models need to know about the base model.
 struct ModelShape {
   int64_t n_layer = 0, n_embd = 0, n_kv = 0, n_ff = 0, n_vocab = 0;
+  int64_t n_q = 0;                  // q width (heads x head size; 0: n_embd)
+  int64_t n_head = 0, n_head_kv = 0;
+  bool qk_norm = false;             // qwen3: per-head q/k norms keep their inputs too
+  // Activation bytes per token the trainer allocates (model/trainer.cc), from the shape alone:
+  // one layer's kept cache (Trainer::KeptBytesPerSequence without adapters), and with
+  // recomputation every layer's input + one layer's cache + the backward temporaries.
+  double LayerCacheBytesPerToken() const;
+  double RecomputeBytesPerToken() const;
   double projection_params = 0;  // q, k, v, o, gate, up, down weights over all layers
   double other_bytes = 0;        // embeddings, output head, norms, as stored
   kernels::GgmlType stored = kernels::GgmlType::kQ4_1;
@@ -77,9 +85,11 @@ struct ActivationChoice {
 struct MemoryModel {
   static constexpr double kUnknownMemoryMiB = 1e11;  // a limit this large: the memory is not known
   static constexpr double kDefaultKeptMiB = 1024;    // what a client then keeps per pass (= ClientEnv)
+  // Fitted constants are per byte of what the shape says the trainer allocates, so they carry
+  // over to other shapes and families (refit: bench/memory_model.sh + bench_memory_fit).
   double fixed_mib = 0;
-  double per_token_kib = 0;          // recomputation on
-  double per_token_layer_kib = 0;    // recomputation off, per layer
+  double recompute_factor = 1;       // x RecomputeBytesPerToken per token (recomputation on)
+  double kept_factor = 1;            // x LayerCacheBytesPerToken per token and layer (kept)
   double logit_factor = 1;           // logit-chunk buffers, in units of chunk * vocab * 4 B
   bool recompute = true;
   bool keep_within_limit = false;

@@ -28,6 +28,7 @@
 #include "common/config_loader.h"
 #include "model/adapter_io.h"
 #include "sim/simulation.h"
+#include "planner/planner.h"
 #include "tests/support/tiny_model.h"
 
 namespace fedtune::model {
@@ -264,7 +265,7 @@ TEST_P(FamilyOracle, LlamaCppConvertedQ8_0GgufMatchesLlamaCpp) {
 // The vocabulary llama.cpp's converter put into the GGUF, run by fedtune's tokenizer, against
 // Hugging Face tokenizers (the family's pre-tokenizer) or sentencepiece (mistral) on 12,000
 // lines of text installed on every Debian machine and on Unicode edge cases.
-TEST_P(FamilyOracle, TokenizerMatchesHuggingFaceTokenizers) {
+TEST_P(FamilyOracle, TokenizerMatchesHuggingFaceTokenizersOrSentencePiece) {
   const std::string tdir = FamilyDir(GetParam() == "qwen3" ? "qwen2" : GetParam());
   auto m = LlamaModel::Load(dir_ + "/model.q8_0.gguf");
   ASSERT_TRUE(m.ok()) << m.status();
@@ -452,6 +453,18 @@ TEST_P(FamilyOracle, FederatedFineTuneRunsAndExports) {
   auto lora = GgufFile::Open(r->run_dir + "/adapter-lora.gguf");
   ASSERT_TRUE(lora.ok()) << lora.status();
   EXPECT_EQ((*lora)->GetString("general.architecture").value_or(""), (*m)->config().arch);
+}
+
+// The planner's memory model sizes activations from the model's shape: what it counts per token
+// for one layer is what the trainer keeps (Trainer::KeptBytesPerSequence, less the adapters' z).
+TEST_P(FamilyOracle, PlannerShapeCountsWhatTheTrainerKeeps) {
+  auto set = ImportPeft(dir_ + "/adapter", *model_);
+  ASSERT_TRUE(set.ok());
+  Trainer<float> trainer(*model_, &*set);
+  const int64_t len = 17, rank_sum = 4 * 7 * model_->config().n_layer;
+  const auto shape = planner::ModelShape::Of(*model_);
+  EXPECT_EQ(static_cast<double>(trainer.KeptBytesPerSequence(len) - 4 * len * rank_sum),
+            shape.LayerCacheBytesPerToken() * static_cast<double>(len * model_->config().n_layer));
 }
 
 TEST_P(FamilyOracle, SequencesBeyondTheSlidingWindowAreRefused) {
