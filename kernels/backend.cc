@@ -33,7 +33,8 @@ const char* OpName(Op op) {
   static constexpr std::array<const char*, static_cast<size_t>(Op::kCount)> kNames = {
       "qlinear_forward", "qlinear_backward", "rmsnorm_forward", "rmsnorm_backward", "rope_forward", "rope_backward",
       "attention_forward", "attention_backward", "swiglu_forward", "swiglu_backward", "cross_entropy", "adamw",
-      "lora_forward", "lora_backward", "diablo_forward", "diablo_backward", "dropout_scale", "embed_rows"};
+      "lora_forward", "lora_backward", "diablo_forward", "diablo_backward", "dropout_scale", "embed_rows",
+      "geglu_forward", "geglu_backward"};
   const auto i = static_cast<size_t>(op);
   return i < kNames.size() ? kNames[i] : "?";
 }
@@ -77,6 +78,20 @@ class HostMemoryBackend : public Backend {
   void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) override {
     Elementwise(rows * n, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) y[i] += v[i % n];
+    });
+  }
+  void Scale(float* x, float s, int64_t n) override {
+    Elementwise(n, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) x[i] *= s;
+    });
+  }
+  // GeGLU has no SIMD version: the reference loop over the pool (both CPU backends).
+  void GegluForward(const float* gate, const float* up, float* out, int64_t n) override {
+    Elementwise(n, [&](int64_t i0, int64_t i1) { kernels::GegluForward<float>(gate + i0, up + i0, out + i0, i1 - i0); });
+  }
+  void GegluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) override {
+    Elementwise(n, [&](int64_t i0, int64_t i1) {
+      kernels::GegluBackward<float>(gate + i0, up + i0, dout + i0, dgate + i0, dup + i0, i1 - i0);
     });
   }
 };
@@ -520,6 +535,13 @@ class Dispatching final : public Backend {
   void Copy(const float* src, float* dst, int64_t n) override { primary_->Copy(src, dst, n); }
   void Fill(float* dst, float value, int64_t n) override { primary_->Fill(dst, value, n); }
   void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) override { primary_->AddRowVector(y, v, rows, n); }
+  void Scale(float* x, float s, int64_t n) override { primary_->Scale(x, s, n); }
+  void GegluForward(const float* gate, const float* up, float* out, int64_t n) override {
+    Pick(Op::kGegluForward).GegluForward(gate, up, out, n);
+  }
+  void GegluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) override {
+    Pick(Op::kGegluBackward).GegluBackward(gate, up, dout, dgate, dup, n);
+  }
 
  private:
   Backend& Pick(Op op) {

@@ -43,6 +43,8 @@ enum class Op : int {
   kDiabloBackward,     // dD += x_i^T dy_i ; dx_i += dy_i D_i^T
   kDropoutScale,       // inverted-dropout multipliers from a hash of their coordinates
   kEmbedRows,          // out[i] = row ids[i] of a (quantized) embedding table
+  kGegluForward,       // out = gelu_tanh(gate) * up (Gemma)
+  kGegluBackward,      // dgate, dup += ...
   kCount
 };
 const char* OpName(Op op);
@@ -96,6 +98,8 @@ class Backend {
                                  float* dk, float* dv, int64_t n_seq, int64_t len, int64_t n_head,
                                  int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) = 0;
   virtual void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) = 0;
+  virtual void GegluForward(const float* gate, const float* up, float* out, int64_t n) = 0;
+  virtual void GegluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) = 0;
   virtual void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
                               int64_t n) = 0;
   // Returns the summed NLL over rows with target >= 0; dh (may be null) += grad_scale * dNLL/dh.
@@ -143,6 +147,8 @@ class Backend {
   virtual void Fill(float* dst, float value, int64_t n) = 0;
   // y[r, :] += v for r < rows (a frozen bias of n values: Qwen2's q/k/v biases).
   virtual void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) = 0;
+  // x *= s (Gemma's embedding scale, a query scale).
+  virtual void Scale(float* x, float s, int64_t n) = 0;
 };
 
 // The process-wide instances. CudaBackend() is null when CUDA was not compiled in or no device

@@ -57,5 +57,7 @@ void Softmax(float* x, int64_t n);
 
 // out[i] = silu(gate[i]) * up[i]
 void SwiGlu(const float* gate, const float* up, float* out, int64_t n);
+// out = gelu_tanh(gate) * up (Gemma); out may alias gate.
+void GeGlu(const float* gate, const float* up, float* out, int64_t n);
 
 }  // namespace fedtune::kernels

@@ -258,6 +258,28 @@ void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup,
   }
 }
 
+template <typename T>
+void GegluForward(const T* gate, const T* up, T* out, int64_t n) {
+  const T k = static_cast<T>(0.7978845608028654);  // sqrt(2 / pi)
+  for (int64_t i = 0; i < n; ++i) {
+    const T g = gate[i];
+    out[i] = T(0.5) * g * (T(1) + std::tanh(k * (g + T(0.044715) * g * g * g))) * up[i];
+  }
+}
+
+template <typename T>
+void GegluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n) {
+  const T k = static_cast<T>(0.7978845608028654);
+  for (int64_t i = 0; i < n; ++i) {
+    const T g = gate[i];
+    const T t = std::tanh(k * (g + T(0.044715) * g * g * g));
+    const T gelu = T(0.5) * g * (T(1) + t);
+    const T dgelu = T(0.5) * (T(1) + t) + T(0.5) * g * (T(1) - t * t) * k * (T(1) + T(3) * T(0.044715) * g * g);
+    dup[i] += dout[i] * gelu;
+    dgate[i] += dout[i] * up[i] * dgelu;
+  }
+}
+
 namespace {
 // Softmax cross-entropy of one logit row against target t: returns the NLL; with `grad`, the
 // row becomes grad_scale * (softmax - onehot(t)).
@@ -438,6 +460,8 @@ void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, T* out) {
                                      int64_t, int64_t, int64_t, const int32_t*, bool);                      \
   template void SwiGluForward<T>(const T*, const T*, T*, int64_t);                                          \
   template void SwiGluBackward<T>(const T*, const T*, const T*, T*, T*, int64_t);                           \
+  template void GegluForward<T>(const T*, const T*, T*, int64_t);                                           \
+  template void GegluBackward<T>(const T*, const T*, const T*, T*, T*, int64_t);                            \
   template double CrossEntropyChunked<T>(const QMatrix&, const T*, const int32_t*, int64_t, T*, T, int64_t, bool); \
   template void LoraForward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, T);    \
   template void LoraBackward<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, \

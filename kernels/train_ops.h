@@ -59,6 +59,12 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
 // out = silu(gate) * up;  backward adds into dgate, dup.
 template <typename T>
 void SwiGluForward(const T* gate, const T* up, T* out, int64_t n);
+// GeGLU with the tanh approximation of GELU (Gemma's gelu_pytorch_tanh): out = gelu(gate) * up;
+// the backward accumulates into dgate and dup.
+template <typename T>
+void GegluForward(const T* gate, const T* up, T* out, int64_t n);
+template <typename T>
+void GegluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n);
 template <typename T>
 void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n);
 

@@ -100,10 +100,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   const GgufFile& g = *gguf;
   LlamaConfig& c = m->cfg_;
   FT_ASSIGN_OR_RETURN(c.arch, g.GetString("general.architecture"));
-  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3") {
-    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama, qwen2, qwen3)"));
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma3") {
+    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama, qwen2, qwen3, gemma3)"));
   }
-  c.neox_file_layout = c.arch != "llama";  // llama.cpp runs qwen2/qwen3 with NeoX RoPE on unpermuted rows
+  c.neox_file_layout = c.arch != "llama";  // llama.cpp runs qwen2/qwen3/gemma3 with NeoX RoPE on unpermuted rows
+  c.gemma = c.arch == "gemma3";
   const std::string a = c.arch + ".";
   // Settings the engine does not implement: refused by name, never run approximately.
   for (const char* k : {"expert_count", "attn_logit_softcapping", "final_logit_softcapping", "attention.layer_norm_epsilon",
@@ -133,6 +134,27 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
     c.head_dim = c.n_embd / c.n_head;
   }
   if (c.head_dim <= 0 || c.head_dim > 1024) return absl::InvalidArgumentError(absl::StrCat("head size ", c.head_dim, " out of range"));
+  if (c.gemma) {
+    // As llama.cpp (models/gemma3.cpp): embeddings x sqrt(n_embd); attention scale 1/sqrt(head
+    // size) except the 62-layer (27B) model's 1/sqrt(n_embd / n_head); local layers by
+    // sliding_window_pattern (a per-layer list, or every n-th layer global; default 6) with
+    // their own RoPE base (rope.freq_base_swa, default 10000). Norm weights are stored +1.
+    c.embed_scale = std::sqrt(static_cast<float>(c.n_embd));
+    const double attn_scale = c.n_layer == 62 ? 1.0 / std::sqrt(static_cast<double>(c.n_embd / c.n_head)) : 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+    c.query_scale = static_cast<float>(attn_scale * std::sqrt(static_cast<double>(c.head_dim)));
+    c.rope_base_swa = static_cast<float>(g.GetFloatOr(a + "rope.freq_base_swa", 10000.0));
+    if (c.sliding_window > 0) {
+      c.swa_layers.assign(static_cast<size_t>(c.n_layer), 0);
+      const GgufValue* pat = g.Find(a + "attention.sliding_window_pattern");
+      if (pat != nullptr && pat->type == GgufType::kArray) {
+        if (static_cast<int64_t>(pat->ints.size()) != c.n_layer) return absl::InvalidArgumentError(a + "attention.sliding_window_pattern needs one entry per layer");
+        for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers[static_cast<size_t>(l)] = pat->ints[static_cast<size_t>(l)] != 0;
+      } else {
+        const int64_t n = pat != nullptr ? g.GetIntOr(a + "attention.sliding_window_pattern", 6) : 6;
+        for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers[static_cast<size_t>(l)] = n > 0 && l % n < n - 1;
+      }
+    }
+  }
   c.rope_dim = g.GetIntOr(a + "rope.dimension_count", c.head_dim);
   if (c.n_layer <= 0 || c.n_layer > 1024 || c.n_ff <= 0) return absl::InvalidArgumentError("block_count or feed_forward_length out of range");
   if (c.neox_file_layout && c.rope_dim != c.head_dim) {
@@ -195,6 +217,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
     FT_RETURN_IF_ERROR(optional_vector(p + "attn_output.bias", c.n_embd, &L.bo));
     FT_RETURN_IF_ERROR(optional_vector(p + "attn_q_norm.weight", c.head_dim, &L.q_norm));
     FT_RETURN_IF_ERROR(optional_vector(p + "attn_k_norm.weight", c.head_dim, &L.k_norm));
+    if (c.gemma) {
+      FT_ASSIGN_OR_RETURN(L.post_attn_norm, vector(p + "post_attention_norm.weight", c.n_embd));
+      FT_ASSIGN_OR_RETURN(L.post_ffn_norm, vector(p + "post_ffw_norm.weight", c.n_embd));
+    }
     if (L.q_norm.empty() != L.k_norm.empty() || (l > 0 && c.qk_norm == L.q_norm.empty())) {
       return absl::InvalidArgumentError(absl::StrCat(p, "attn_q_norm/attn_k_norm: every layer needs both or none"));
     }
@@ -253,10 +279,13 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
   };
   auto flag = [&](const char* k) { return j.contains(k) && j[k].is_boolean() && j[k].get<bool>(); };
   const std::string type = j.value("model_type", std::string("llama"));
-  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "qwen3") {
-    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: model_type '", type, "' is not supported (llama, mistral, qwen2, qwen3)"));
+  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "qwen3" && type != "gemma3_text") {
+    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: model_type '", type, "' is not supported (llama, mistral, qwen2, qwen3, gemma3_text)"));
   }
-  c.arch = type == "mistral" ? "llama" : type;  // llama.cpp's names: Mistral runs as llama
+  const bool gemma = type == "gemma3_text";
+  // llama.cpp's names: Mistral runs as llama, Gemma 3 (text) as gemma3.
+  c.arch = type == "mistral" ? "llama" : gemma ? "gemma3" : type;
+  c.gemma = gemma;
   c.neox_file_layout = true;                   // Hugging Face stores q/k rows in rotate_half order
   FT_RETURN_IF_ERROR(get_int("hidden_size", &c.n_embd, std::nullopt));
   FT_RETURN_IF_ERROR(get_int("num_hidden_layers", &c.n_layer, std::nullopt));
@@ -275,14 +304,28 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
   const nlohmann::json* rope = nullptr;
   if (j.contains("rope_parameters") && !j["rope_parameters"].is_null()) {
     rope = &j["rope_parameters"];
+    // Per layer type (Gemma 3): the global layers' settings here, the local layers' base below.
+    if (rope->is_object() && rope->contains("full_attention")) {
+      if (rope->contains("sliding_attention") && (*rope)["sliding_attention"].is_object()) {
+        c.rope_base_swa = (*rope)["sliding_attention"].value("rope_theta", 10000.0f);
+        if ((*rope)["sliding_attention"].value("rope_type", std::string("default")) != "default") return unimplemented("RoPE scaling on local layers");
+      }
+      rope = &(*rope)["full_attention"];
+    }
   } else if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
     rope = &j["rope_scaling"];
   }
+  if (gemma && j.contains("rope_local_base_freq") && j["rope_local_base_freq"].is_number()) c.rope_base_swa = j["rope_local_base_freq"].get<float>();
   if (rope != nullptr && !rope->is_object()) return bad("rope_parameters / rope_scaling is not an object");
   c.rope_base = j.value("rope_theta", 10000.0f);
   if (rope != nullptr && rope->contains("rope_theta") && (*rope)["rope_theta"].is_number()) c.rope_base = (*rope)["rope_theta"].get<float>();
   c.rms_eps = j.value("rms_norm_eps", 1e-5f);
-  if (j.value("hidden_act", std::string("silu")) != "silu") return unimplemented(absl::StrCat("hidden_act '", j.value("hidden_act", std::string()), "'"));
+  const std::string act = j.contains("hidden_activation") && j["hidden_activation"].is_string() ? j["hidden_activation"].get<std::string>()
+                                                                                                : j.value("hidden_act", std::string(gemma ? "gelu_pytorch_tanh" : "silu"));
+  if (act != (gemma ? "gelu_pytorch_tanh" : "silu")) return unimplemented(absl::StrCat("hidden_act '", act, "'"));
+  for (const char* k : {"final_logit_softcapping", "attn_logit_softcapping"}) {
+    if (j.contains(k) && !j[k].is_null()) return unimplemented(k);
+  }
   if (flag("mlp_bias")) return unimplemented("mlp_bias");
   if (j.contains("partial_rotary_factor") && j["partial_rotary_factor"].is_number() && j["partial_rotary_factor"].get<double>() != 1.0) {
     return unimplemented("partial_rotary_factor");
@@ -303,6 +346,16 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
   if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
       (type == "mistral" || type == "llama" || flag("use_sliding_window") || windowed_layers)) {
     c.sliding_window = j["sliding_window"].get<int64_t>();
+  }
+  if (gemma) {
+    c.embed_scale = std::sqrt(static_cast<float>(c.n_embd));
+    const double qpas = j.value("query_pre_attn_scalar", static_cast<double>(c.head_dim));
+    if (!(qpas > 0)) return bad("query_pre_attn_scalar must be positive");
+    c.query_scale = static_cast<float>(std::sqrt(static_cast<double>(c.head_dim) / qpas));
+    if (windowed_layers) {
+      for (const auto& t : j["layer_types"]) c.swa_layers.push_back(t.get<std::string>() == "sliding_attention");
+      if (static_cast<int64_t>(c.swa_layers.size()) != c.n_layer) return bad("layer_types needs one entry per layer");
+    }
   }
   if (rope != nullptr) {
     const auto& rs = *rope;
@@ -366,13 +419,26 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     m->output_ = m->token_embd_;
     c.tied_output = true;
   }
-  FT_ASSIGN_OR_RETURN(m->output_norm_, vec("model.norm.weight", c.n_embd));
+  // Gemma's RMSNorm multiplies by (1 + weight).
+  auto norm = [&](const std::string& name, int64_t n) -> absl::StatusOr<std::vector<float>> {
+    FT_ASSIGN_OR_RETURN(std::vector<float> v, vec(name, n));
+    if (gemma)
+      for (float& x : v) x += 1.0f;
+    return v;
+  };
+  FT_ASSIGN_OR_RETURN(m->output_norm_, norm("model.norm.weight", c.n_embd));
   const int64_t kv = c.n_head_kv * c.head_dim, nq = c.q_dim();
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string p = absl::StrCat("model.layers.", l, ".");
     LlamaLayer L;
-    FT_ASSIGN_OR_RETURN(L.attn_norm, vec(p + "input_layernorm.weight", c.n_embd));
-    FT_ASSIGN_OR_RETURN(L.ffn_norm, vec(p + "post_attention_layernorm.weight", c.n_embd));
+    FT_ASSIGN_OR_RETURN(L.attn_norm, norm(p + "input_layernorm.weight", c.n_embd));
+    if (gemma) {  // norms around both blocks: post_attention_layernorm is the attention output's
+      FT_ASSIGN_OR_RETURN(L.post_attn_norm, norm(p + "post_attention_layernorm.weight", c.n_embd));
+      FT_ASSIGN_OR_RETURN(L.ffn_norm, norm(p + "pre_feedforward_layernorm.weight", c.n_embd));
+      FT_ASSIGN_OR_RETURN(L.post_ffn_norm, norm(p + "post_feedforward_layernorm.weight", c.n_embd));
+    } else {
+      FT_ASSIGN_OR_RETURN(L.ffn_norm, vec(p + "post_attention_layernorm.weight", c.n_embd));
+    }
     FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "self_attn.q_proj.weight", nq, c.n_embd));
     FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "self_attn.k_proj.weight", kv, c.n_embd));
     FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "self_attn.v_proj.weight", kv, c.n_embd));
@@ -384,9 +450,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.k_proj.bias", kv, &L.bk));
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.v_proj.bias", kv, &L.bv));
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.o_proj.bias", c.n_embd, &L.bo));
-    if (type == "qwen3") {
-      FT_ASSIGN_OR_RETURN(L.q_norm, vec(p + "self_attn.q_norm.weight", c.head_dim));
-      FT_ASSIGN_OR_RETURN(L.k_norm, vec(p + "self_attn.k_norm.weight", c.head_dim));
+    if (type == "qwen3" || gemma) {
+      FT_ASSIGN_OR_RETURN(L.q_norm, norm(p + "self_attn.q_norm.weight", c.head_dim));
+      FT_ASSIGN_OR_RETURN(L.k_norm, norm(p + "self_attn.k_norm.weight", c.head_dim));
       c.qk_norm = true;
     }
     m->layers_.push_back(std::move(L));
@@ -507,6 +573,8 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   std::vector<float> k(static_cast<size_t>(T * kvd)), v(k.size());
   std::vector<float> gate(static_cast<size_t>(T * F)), up(gate.size());
   for (int64_t t = 0; t < T; ++t) kernels::GetRow(m_.token_embd(), tokens[static_cast<size_t>(t)], x.data() + t * E);
+  if (c.embed_scale != 1.0f)
+    for (float& e : x) e *= c.embed_scale;
 
   std::vector<float> z;
   for (int64_t l = 0; l < c.n_layer; ++l) {
@@ -533,19 +601,27 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     float* kc = k_cache_.data() + l * n_ctx_ * kvd;
     float* vc = v_cache_.data() + l * n_ctx_ * kvd;
     for (int64_t t = 0; t < T; ++t) {
-      kernels::RopeAdjacent(q.data() + t * Dq, H, hd, c.rope_dim, n_past_ + t, c.rope_base, c.freq_factors());
-      kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, n_past_ + t, c.rope_base, c.freq_factors());
+      kernels::RopeAdjacent(q.data() + t * Dq, H, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l));
+      kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l));
       std::memcpy(kc + (n_past_ + t) * kvd, k.data() + t * kvd, static_cast<size_t>(kvd) * 4);
       std::memcpy(vc + (n_past_ + t) * kvd, v.data() + t * kvd, static_cast<size_t>(kvd) * 4);
     }
+    if (c.query_scale != 1.0f)
+      for (float& e : q) e *= c.query_scale;
     kernels::CausalAttention(q.data(), Dq, kc, vc, kvd, attn.data(), Dq, T, n_past_, H, Hkv, hd);
     linear(Module::kO, L.wo, attn.data(), o.data(), L.bo);
+    if (!L.post_attn_norm.empty()) kernels::RmsNorm(o.data(), L.post_attn_norm.data(), o.data(), T, E, c.rms_eps);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     kernels::RmsNorm(x.data(), L.ffn_norm.data(), h.data(), T, E, c.rms_eps);
     linear(Module::kGate, L.w_gate, h.data(), gate.data());
     linear(Module::kUp, L.w_up, h.data(), up.data());
-    kernels::SwiGlu(gate.data(), up.data(), gate.data(), T * F);
+    if (c.gemma) {
+      kernels::GeGlu(gate.data(), up.data(), gate.data(), T * F);
+    } else {
+      kernels::SwiGlu(gate.data(), up.data(), gate.data(), T * F);
+    }
     linear(Module::kDown, L.w_down, gate.data(), o.data());
+    if (!L.post_ffn_norm.empty()) kernels::RmsNorm(o.data(), L.post_ffn_norm.data(), o.data(), T, E, c.rms_eps);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
   }
   n_past_ += T;

@@ -20,7 +20,9 @@ namespace fedtune::model {
 
 // The decoder families this engine runs (docs/guide.md "Model families"): llama (SmolLM2,
 // TinyLlama, Llama 2/3.x with RoPE scaling, Mistral), qwen2 (q/k/v biases), qwen3 (per-head
-// q/k RMSNorm). Everything a file sets that the engine does not implement is refused at load.
+// q/k RMSNorm), gemma3 (text: GeGLU, scaled embeddings, post-attention and post-MLP norms,
+// local/global layers with their own RoPE bases). Everything a file sets that the engine does
+// not implement is refused at load.
 struct LlamaConfig {
   std::string arch = "llama";
   int64_t n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, n_ff = 0;
@@ -39,8 +41,19 @@ struct LlamaConfig {
   // Sliding-window attention (Mistral): exact while a sequence is no longer than the window,
   // so longer sequences are refused rather than run with full attention.
   int64_t sliding_window = 0;
+  // gemma3: GeGLU MLP (gelu_tanh), embeddings x sqrt(n_embd), RMSNorm on the attention and
+  // MLP outputs before the residual adds (post_attn_norm, post_ffn_norm).
+  bool gemma = false;
+  float embed_scale = 1.0f;
+  float query_scale = 1.0f;  // q x this after RoPE: attention scale query_scale / sqrt(head_dim)
+  // Per layer: sliding-window ("local") attention, whose RoPE uses rope_base_swa and no
+  // frequency factors (gemma3); empty: every layer global.
+  std::vector<uint8_t> swa_layers;
+  float rope_base_swa = 10000.0f;
   int64_t q_dim() const { return n_head * head_dim; }  // may differ from n_embd (qwen3, gemma)
-  const float* freq_factors() const { return rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
+  bool IsSwa(int64_t l) const { return !swa_layers.empty() && swa_layers[static_cast<size_t>(l)] != 0; }
+  float RopeBase(int64_t l) const { return IsSwa(l) ? rope_base_swa : rope_base; }
+  const float* FreqFactors(int64_t l) const { return IsSwa(l) || rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
 };
 
 struct LlamaLayer {
@@ -48,6 +61,7 @@ struct LlamaLayer {
   kernels::QMatrix wq, wk, wv, wo, w_gate, w_up, w_down;
   std::vector<float> bq, bk, bv, bo;  // biases (empty: none): qwen2 q/k/v, llama attention_bias q/k/v/o
   std::vector<float> q_norm, k_norm;  // qwen3: head_dim weights each (empty: none)
+  std::vector<float> post_attn_norm, post_ffn_norm;  // gemma3 (empty: none)
 };
 
 class LlamaModel {

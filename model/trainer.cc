@@ -73,11 +73,12 @@ template <typename T>
 struct Trainer<T>::LayerCache {
   explicit LayerCache(kernels::Backend* be)
       : x_in(be), h1(be), rstd1(be), q(be), k(be), v(be), att(be), x_mid(be), h2(be), rstd2(be), gate(be), up(be), act(be),
-        q_pre(be), k_pre(be), rstd_q(be), rstd_k(be) {
+        q_pre(be), k_pre(be), rstd_q(be), rstd_k(be), o_pre(be), down_pre(be), rstd_o(be), rstd_down(be) {
     for (int i = 0; i < kNumModules; ++i) z.emplace_back(be);
   }
   Buf<T> x_in, h1, rstd1, q, k, v, att, x_mid, h2, rstd2, gate, up, act;
   Buf<T> q_pre, k_pre, rstd_q, rstd_k;  // qk_norm: q and k before their per-head norms
+  Buf<T> o_pre, down_pre, rstd_o, rstd_down;  // gemma: attention and MLP outputs before their norms
   std::vector<Buf<T>> z;  // per module: LoRA's A x
 };
 
@@ -98,12 +99,12 @@ template <typename T>
 struct Trainer<T>::Work {
   explicit Work(kernels::Backend* be)
       : scratch(be), x(be), next(be), h(be), rstd(be), dh(be), xd(be), o(be), dxd(be), dx_mid(be), dact(be), dgate(be), dup(be),
-        dh2(be), dh1(be), mask(be), params(be), grads(be), be_(be) {}
+        dh2(be), dh1(be), dnorm(be), mask(be), params(be), grads(be), be_(be) {}
   LayerCache scratch;                               // the layer being computed or recomputed
   std::vector<std::unique_ptr<LayerCache>> caches;  // per layer: kept activations (no recomputation)
   std::vector<Buf<T>> inputs;                       // per layer: kept inputs (recomputation)
   Buf<T> x, next, h, rstd, dh;                      // Slice
-  Buf<T> xd, o, dxd, dx_mid, dact, dgate, dup, dh2, dh1;  // LayerForward / LayerBackward
+  Buf<T> xd, o, dxd, dx_mid, dact, dgate, dup, dh2, dh1, dnorm;  // LayerForward / LayerBackward
   Buf<T> mask;                                            // an adapter's dropout multipliers
   // The adapters' tensors for this step, per layer and module. On a device backend they point
   // into two backend buffers, so that the adapter ops run without per-op copies or waits:
@@ -191,13 +192,13 @@ struct Kern {
   void RmsNormBackward(const T* x, const float* g, const T* rstd, const T* dy, T* dx, int64_t rows, int64_t n) const {
     if constexpr (kF) be->RmsNormBackward(x, g, rstd, dy, dx, rows, n); else kernels::RmsNormBackward<T>(x, g, rstd, dy, dx, rows, n);
   }
-  void Rope(bool forward, T* x, const int32_t* pos, int64_t rows, int64_t heads, const LlamaConfig& c) const {
+  void Rope(bool forward, T* x, const int32_t* pos, int64_t rows, int64_t heads, const LlamaConfig& c, int64_t l) const {
     if constexpr (kF) {
-      if (forward) be->RopeForward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
-      else be->RopeBackward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
+      if (forward) be->RopeForward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
+      else be->RopeBackward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
     } else {
-      if (forward) kernels::RopeForward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
-      else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.rope_base, c.freq_factors());
+      if (forward) kernels::RopeForward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
+      else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
     }
   }
   void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, const LlamaConfig& c,
@@ -209,6 +210,15 @@ struct Kern {
                          const LlamaConfig& c, const int32_t* seg) const {
     if constexpr (kF) be->AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
     else kernels::AttentionBackward<T>(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
+  }
+  void GegluForward(const T* gate, const T* up, T* out, int64_t n) const {
+    if constexpr (kF) be->GegluForward(gate, up, out, n); else kernels::GegluForward<T>(gate, up, out, n);
+  }
+  void GegluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n) const {
+    if constexpr (kF) be->GegluBackward(gate, up, dout, dgate, dup, n); else kernels::GegluBackward<T>(gate, up, dout, dgate, dup, n);
+  }
+  void Scale(T* x, float s, int64_t n) const {
+    if constexpr (kF) be->Scale(x, s, n); else for (int64_t i = 0; i < n; ++i) x[i] *= static_cast<T>(s);
   }
   void SwiGluForward(const T* gate, const T* up, T* out, int64_t n) const {
     if constexpr (kF) be->SwiGluForward(gate, up, out, n); else kernels::SwiGluForward<T>(gate, up, out, n);
@@ -320,13 +330,21 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
     linear(Module::kK, L.wk, c.h1.data(), c.k, kvd, L.bk);
   }
   linear(Module::kV, L.wv, c.h1.data(), c.v, kvd, L.bv);
-  K.Rope(true, c.q.data(), pos_.data(), M, cfg.n_head, cfg);
-  K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg);
+  K.Rope(true, c.q.data(), pos_.data(), M, cfg.n_head, cfg, l);
+  K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg, l);
+  if (cfg.query_scale != 1.0f) K.Scale(c.q.data(), cfg.query_scale, M * Dq);
   c.att.Resize(M * Dq);
   K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_);
   Buf<T>& o = work_->o;
-  linear(Module::kO, L.wo, c.att.data(), o, E, L.bo);
   c.x_mid.Resize(M * E);
+  if (cfg.gemma) {  // o_pre = o(att), normalised into o before the residual add
+    linear(Module::kO, L.wo, c.att.data(), c.o_pre, E, L.bo);
+    o.Resize(M * E);
+    c.rstd_o.Resize(M);
+    K.RmsNormForward(c.o_pre.data(), L.post_attn_norm.data(), o.data(), c.rstd_o.data(), M, E, cfg.rms_eps);
+  } else {
+    linear(Module::kO, L.wo, c.att.data(), o, E, L.bo);
+  }
   K.Add(x_in, o.data(), c.x_mid.data(), M * E);
   c.h2.Resize(M * E);
   c.rstd2.Resize(M);
@@ -334,9 +352,19 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   linear(Module::kGate, L.w_gate, c.h2.data(), c.gate, F);
   linear(Module::kUp, L.w_up, c.h2.data(), c.up, F);
   c.act.Resize(M * F);
-  K.SwiGluForward(c.gate.data(), c.up.data(), c.act.data(), M * F);
+  if (cfg.gemma) {
+    K.GegluForward(c.gate.data(), c.up.data(), c.act.data(), M * F);
+  } else {
+    K.SwiGluForward(c.gate.data(), c.up.data(), c.act.data(), M * F);
+  }
   Buf<T>& down = o;  // o is no longer needed
-  linear(Module::kDown, L.w_down, c.act.data(), down, E);
+  if (cfg.gemma) {
+    linear(Module::kDown, L.w_down, c.act.data(), c.down_pre, E);
+    c.rstd_down.Resize(M);
+    K.RmsNormForward(c.down_pre.data(), L.post_ffn_norm.data(), down.data(), c.rstd_down.data(), M, E, cfg.rms_eps);
+  } else {
+    linear(Module::kDown, L.w_down, c.act.data(), down, E);
+  }
   K.Add(c.x_mid.data(), down.data(), x_out, M * E);
 }
 
@@ -397,13 +425,24 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   K.Copy(dx_out, dx_mid.data(), M * E);
   K.Zeros(dact, M * F);
   const bool need_gate_up = need_att || adapted({Module::kGate, Module::kUp});
-  linear_back(Module::kDown, L.w_down, c.act.data(), dx_out, dact.data(), need_gate_up);
+  const T* d_down = dx_out;
+  Buf<T>& dnorm = work_->dnorm;
+  if (cfg.gemma) {  // through the post-MLP norm
+    K.Zeros(dnorm, M * E);
+    K.RmsNormBackward(c.down_pre.data(), L.post_ffn_norm.data(), c.rstd_down.data(), dx_out, dnorm.data(), M, E);
+    d_down = dnorm.data();
+  }
+  linear_back(Module::kDown, L.w_down, c.act.data(), d_down, dact.data(), need_gate_up);
   if (!need_gate_up) return;
   Buf<T>& dgate = work_->dgate;
   Buf<T>& dup = work_->dup;
   K.Zeros(dgate, M * F);
   K.Zeros(dup, M * F);
-  K.SwiGluBackward(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
+  if (cfg.gemma) {
+    K.GegluBackward(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
+  } else {
+    K.SwiGluBackward(c.gate.data(), c.up.data(), dact.data(), dgate.data(), dup.data(), M * F);
+  }
   Buf<T>& dh2 = work_->dh2;
   K.Zeros(dh2, M * E);
   linear_back(Module::kGate, L.w_gate, c.h2.data(), dgate.data(), dh2.data(), need_att);
@@ -413,7 +452,13 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   // x_mid = x_in + o(att); att = attention(rope(q), rope(k), v); q, k, v from h1 = norm(x_in)
   Buf<T>& datt = dh2;  // dh2 is no longer needed
   K.Zeros(datt, M * Dq);
-  linear_back(Module::kO, L.wo, c.att.data(), dx_mid.data(), datt.data(), need_h1);
+  const T* d_o = dx_mid.data();
+  if (cfg.gemma) {  // through the post-attention norm
+    K.Zeros(dnorm, M * E);
+    K.RmsNormBackward(c.o_pre.data(), L.post_attn_norm.data(), c.rstd_o.data(), dx_mid.data(), dnorm.data(), M, E);
+    d_o = dnorm.data();
+  }
+  linear_back(Module::kO, L.wo, c.att.data(), d_o, datt.data(), need_h1);
   if (!need_h1) return;
   Buf<T>& dq = dgate;  // dgate, dup and dact are no longer needed
   Buf<T>& dk = dup;
@@ -422,8 +467,9 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   K.Zeros(dk, M * kvd);
   K.Zeros(dv, M * kvd);
   K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_);
-  K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg);
-  K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg);
+  if (cfg.query_scale != 1.0f) K.Scale(dq.data(), cfg.query_scale, M * Dq);
+  K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg, l);
+  K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg, l);
   Buf<T>& dh1 = work_->dh1;
   const T* dq_pre = dq.data();
   const T* dk_pre = dk.data();
@@ -568,6 +614,7 @@ int64_t Trainer<T>::KeptBytesPerSequence(int64_t len) const {
   // 2 rstd; with qk_norm also q_pre, k_pre and a rstd per head.
   int64_t per_token_layer = 4 * c.n_embd + 2 * c.q_dim() + 2 * kvd + 3 * c.n_ff + 2;
   if (c.qk_norm) per_token_layer += c.q_dim() + kvd + c.n_head + c.n_head_kv;
+  if (c.gemma) per_token_layer += 2 * c.n_embd + 2;  // o_pre, down_pre and their rstd
   // Layers below the first trained one keep nothing (backward stops there).
   return static_cast<int64_t>(sizeof(T)) * len * (per_token_layer * (c.n_layer - FirstTrainedLayer()) + rank_sum);
 }
@@ -603,6 +650,7 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   x.Resize(M * E);
   next.Resize(M * E);
   K.EmbedRows(m_.token_embd(), b.tokens.data() + t0, M, x.data());  // x_0: the (frozen) token embeddings
+  if (cfg.embed_scale != 1.0f) K.Scale(x.data(), cfg.embed_scale, M * E);
   // With recomputation only the layer inputs are kept, without it the full layer caches.
   if (backward) w.Size(n_layer, !recompute);
   std::vector<Buf<T>>& inputs = w.inputs;

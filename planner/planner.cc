@@ -67,6 +67,7 @@ ModelShape ModelShape::Of(const model::LlamaModel& m) {
   s.n_head = c.n_head;
   s.n_head_kv = c.n_head_kv;
   s.qk_norm = c.qk_norm;
+  s.post_norms = c.gemma;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const auto& L = m.layer(l);
     for (const auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
@@ -91,6 +92,7 @@ double ModelShape::LayerCacheBytesPerToken() const {
   // x_in, h1, x_mid, h2 (E); q, att (q); k, v (kv); gate, up, act (F); two rstd.
   double floats = 4 * e + 2 * q + 2 * kv + 3 * f + 2;
   if (qk_norm) floats += q + kv + static_cast<double>(n_head + n_head_kv);
+  if (post_norms) floats += 2 * e + 2;
   return 4 * floats;
 }
 

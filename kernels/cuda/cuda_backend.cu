@@ -380,6 +380,28 @@ __global__ void SwiGluBackwardKernel(const float* gate, const float* up, const f
   }
 }
 
+__global__ void GegluForwardKernel(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) {
+    const float g = gate[i];
+    out[i] = 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * up[i];
+  }
+}
+
+__global__ void GegluBackwardKernel(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
+                                    int64_t n) {
+  const float k = 0.7978845608028654f;
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) {
+    const float g = gate[i];
+    const float t = tanhf(k * (g + 0.044715f * g * g * g));
+    dup[i] += dout[i] * 0.5f * g * (1.0f + t);
+    dgate[i] += dout[i] * up[i] * (0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * g * g));
+  }
+}
+
+__global__ void ScaleKernel(float* x, float s, int64_t n) {
+  for (int64_t i = GlobalThread(); i < n; i += GridThreads()) x[i] *= s;
+}
+
 // model/optimizer.cc's update; the gradient is zeroed on the host.
 __global__ void AdamWKernel(float* p, const float* g, float* m, float* v, float* f, int64_t n, AdamWStep s) {
   for (int64_t i = GlobalThread(); i < n; i += GridThreads()) {
@@ -712,9 +734,19 @@ class CudaBackendImpl final : public Backend {
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
     Binary(SwiGluForwardKernel, gate, up, out, n);
   }
+  void GegluForward(const float* gate, const float* up, float* out, int64_t n) override {
+    Binary(GegluForwardKernel, gate, up, out, n);
+  }
+  void GegluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) override {
+    GatedBackward(GegluBackwardKernel, gate, up, dout, dgate, dup, n);
+  }
 
   void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
                       int64_t n) override {
+    GatedBackward(SwiGluBackwardKernel, gate, up, dout, dgate, dup, n);
+  }
+  void GatedBackward(void (*kernel)(const float*, const float*, const float*, float*, float*, int64_t), const float* gate,
+                     const float* up, const float* dout, float* dgate, float* dup, int64_t n) {
     if (n == 0) return;
     const auto lock = Enter();
     const float* gate_d = ToDevice(0, gate, n);
@@ -722,7 +754,7 @@ class CudaBackendImpl final : public Backend {
     const float* dout_d = ToDevice(2, dout, n);
     float* dgate_d = ToDevice(3, dgate, n);
     float* dup_d = ToDevice(4, dup, n);
-    Launch(SwiGluBackwardKernel, BlocksFor(n), stream_, gate_d, up_d, dout_d, dgate_d, dup_d, n);
+    Launch(kernel, BlocksFor(n), stream_, gate_d, up_d, dout_d, dgate_d, dup_d, n);
     ToHost(dgate, dgate_d, n);
     ToHost(dup, dup_d, n);
     Finish();
@@ -854,6 +886,14 @@ class CudaBackendImpl final : public Backend {
       return;
     }
     Launch(FillKernel, BlocksFor(n), stream_, dst, value, n);
+    Finish();
+  }
+  void Scale(float* x, float s, int64_t n) override {
+    if (n == 0) return;
+    const auto lock = Enter();
+    float* x_d = ToDevice(0, x, n);
+    Launch(ScaleKernel, BlocksFor(n), stream_, x_d, s, n);
+    ToHost(x, x_d, n);
     Finish();
   }
   void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) override {

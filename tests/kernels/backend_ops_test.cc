@@ -336,6 +336,20 @@ TEST_P(BackendOps, SwiGluWithExtremesAndNonFinite) {
       Expect(Op::kSwiGluBackward, dg_ref, dg, kElemTol, shape + " dgate");
       Expect(Op::kSwiGluBackward, du_ref, du, kElemTol, shape + " dup");
     }
+    if (Has(Op::kGegluForward)) {
+      Vec o_ref(gate.size()), o(gate.size());
+      ref_.GegluForward(gate.data(), up.data(), o_ref.data(), n);
+      be_->GegluForward(gate.data(), up.data(), o.data(), n);
+      Expect(Op::kGegluForward, o_ref, o, kElemTol, shape);
+    }
+    if (Has(Op::kGegluBackward)) {
+      const Vec dout = Random(gate.size(), rng_);
+      Vec dg_ref = Random(gate.size(), rng_), du_ref = Random(gate.size(), rng_), dg = dg_ref, du = du_ref;
+      ref_.GegluBackward(gate.data(), up.data(), dout.data(), dg_ref.data(), du_ref.data(), n);
+      be_->GegluBackward(gate.data(), up.data(), dout.data(), dg.data(), du.data(), n);
+      Expect(Op::kGegluBackward, dg_ref, dg, kElemTol, shape + " dgate");
+      Expect(Op::kGegluBackward, du_ref, du, kElemTol, shape + " dup");
+    }
   }
 }
 

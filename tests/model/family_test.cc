@@ -96,12 +96,21 @@ absl::Status WriteConverterStyleGguf(const LlamaModel& hf, const std::string& hf
     w.SetU32(a + "attention.value_length", static_cast<uint32_t>(c.head_dim));
   }
   if (c.sliding_window > 0) w.SetU32(a + "attention.sliding_window", static_cast<uint32_t>(c.sliding_window));
+  if (c.gemma) {  // gemma3: the local layers' RoPE base; linear scaling of the global ones
+    w.SetF32(a + "rope.freq_base_swa", c.rope_base_swa);
+    if (!c.rope_freq_factors.empty()) {
+      w.SetString(a + "rope.scaling.type", "linear");
+      w.SetF32(a + "rope.scaling.factor", c.rope_freq_factors[0]);
+    }
+  }
   const bool permute = c.arch == "llama";
   auto add = [&](const std::string& hf_name, const std::string& gguf_name, int64_t permute_heads) -> absl::Status {
     const SafeTensor* t = st->Find(hf_name);
     if (t == nullptr) return absl::OkStatus();
     FT_ASSIGN_OR_RETURN(Tensor v, st->ToF32(hf_name));
     std::vector<float> x(v.data<float>(), v.data<float>() + v.size());
+    if (c.gemma && hf_name.ends_with("norm.weight"))
+      for (float& e : x) e += 1.0f;  // the converter stores Gemma's (1 + w)
     const int64_t cols = t->shape.size() == 2 ? t->shape[1] : 1, rows = t->shape[0];
     if (permute && permute_heads > 0) {  // HF rotate_half rows -> adjacent pairs
       std::vector<float> y(x.size());
@@ -118,11 +127,17 @@ absl::Status WriteConverterStyleGguf(const LlamaModel& hf, const std::string& hf
   FT_RETURN_IF_ERROR(add("model.embed_tokens.weight", "token_embd.weight", 0));
   FT_RETURN_IF_ERROR(add("lm_head.weight", "output.weight", 0));
   FT_RETURN_IF_ERROR(add("model.norm.weight", "output_norm.weight", 0));
-  if (!c.rope_freq_factors.empty()) FT_RETURN_IF_ERROR(w.AddTensorF32("rope_freqs.weight", {static_cast<int64_t>(c.rope_freq_factors.size())}, GgmlType::kF32, c.rope_freq_factors));
+  if (!c.rope_freq_factors.empty() && !c.gemma) FT_RETURN_IF_ERROR(w.AddTensorF32("rope_freqs.weight", {static_cast<int64_t>(c.rope_freq_factors.size())}, GgmlType::kF32, c.rope_freq_factors));
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string h = absl::StrCat("model.layers.", l, "."), g = absl::StrCat("blk.", l, ".");
     FT_RETURN_IF_ERROR(add(h + "input_layernorm.weight", g + "attn_norm.weight", 0));
-    FT_RETURN_IF_ERROR(add(h + "post_attention_layernorm.weight", g + "ffn_norm.weight", 0));
+    if (c.gemma) {
+      FT_RETURN_IF_ERROR(add(h + "post_attention_layernorm.weight", g + "post_attention_norm.weight", 0));
+      FT_RETURN_IF_ERROR(add(h + "pre_feedforward_layernorm.weight", g + "ffn_norm.weight", 0));
+      FT_RETURN_IF_ERROR(add(h + "post_feedforward_layernorm.weight", g + "post_ffw_norm.weight", 0));
+    } else {
+      FT_RETURN_IF_ERROR(add(h + "post_attention_layernorm.weight", g + "ffn_norm.weight", 0));
+    }
     FT_RETURN_IF_ERROR(add(h + "self_attn.q_proj.weight", g + "attn_q.weight", c.n_head));
     FT_RETURN_IF_ERROR(add(h + "self_attn.k_proj.weight", g + "attn_k.weight", c.n_head_kv));
     FT_RETURN_IF_ERROR(add(h + "self_attn.v_proj.weight", g + "attn_v.weight", 0));
@@ -193,7 +208,7 @@ class FamilyOracle : public ::testing::TestWithParam<std::string> {
     ASSERT_TRUE(g.ok()) << g.status();
     golden_ = std::move(*g);
     tokens_ = GoldenTokens(*golden_);
-    ASSERT_EQ(tokens_.size(), 20u);
+    ASSERT_EQ(tokens_.size(), 12u);
   }
   std::string dir_;
   std::unique_ptr<LlamaModel> model_;
@@ -204,12 +219,22 @@ class FamilyOracle : public ::testing::TestWithParam<std::string> {
 TEST_P(FamilyOracle, LoadsWithTheFamilysFeatures) {
   const LlamaConfig& c = model_->config();
   const std::string f = GetParam();
-  EXPECT_EQ(c.rope_freq_factors.empty(), f != "llama3") << f;
-  EXPECT_EQ(c.tied_output, f == "qwen2" || f == "qwen3");
+  EXPECT_EQ(c.rope_freq_factors.empty(), f != "llama3" && f != "gemma3") << f;
+  EXPECT_EQ(c.tied_output, f == "qwen2" || f == "qwen3" || f == "gemma3");
   EXPECT_EQ(!model_->layer(0).bq.empty(), f == "qwen2");
-  EXPECT_EQ(c.qk_norm, f == "qwen3");
-  EXPECT_EQ(c.q_dim(), f == "qwen3" ? 64 : 32);
-  EXPECT_EQ(c.sliding_window, f == "mistral" ? 32 : 0);
+  EXPECT_EQ(c.qk_norm, f == "qwen3" || f == "gemma3");
+  EXPECT_EQ(c.q_dim(), f == "qwen3" || f == "gemma3" ? 64 : 32);
+  EXPECT_EQ(c.sliding_window, f == "mistral" ? 32 : f == "gemma3" ? 128 : 0);
+  EXPECT_EQ(c.gemma, f == "gemma3");
+  if (f == "gemma3") {  // 5 local layers (RoPE base 1e4, no scaling), then a global one (1e6, linear x2)
+    for (int64_t l = 0; l < 6; ++l) EXPECT_EQ(c.IsSwa(l), l < 5) << l;
+    EXPECT_FLOAT_EQ(c.RopeBase(0), 10000.0f);
+    EXPECT_FLOAT_EQ(c.RopeBase(5), 1e6f);
+    EXPECT_EQ(c.FreqFactors(0), nullptr);
+    ASSERT_NE(c.FreqFactors(5), nullptr);
+    EXPECT_FLOAT_EQ(c.FreqFactors(5)[0], 2.0f);
+    EXPECT_FLOAT_EQ(c.embed_scale, std::sqrt(32.0f));
+  }
   if (f == "llama3") {  // the three regimes of the ramp: kept, smoothed, divided by 8
     EXPECT_FLOAT_EQ(c.rope_freq_factors[0], 1.0f);
     EXPECT_GT(c.rope_freq_factors[1], 1.0f);
@@ -230,7 +255,15 @@ TEST_P(FamilyOracle, LogitsMatchLlamaCppF32) {
   auto lc = SafetensorsFile::Open(dir_ + "/llamacpp.safetensors");
   ASSERT_TRUE(lc.ok()) << lc.status();
   const double err = RelErr(Logits(*model_, tokens_, nullptr), GoldenF32(**lc, "logits_f32"));
-  EXPECT_LE(err, 1e-4) << GetParam();
+  if (GetParam() == "gemma3") {
+    // ggml computes GELU from a table of fp16 values (GGML_GELU_FP16); transformers with that
+    // table emulated comes within 7.4e-3 of llama.cpp (the generator measures it), fedtune
+    // matches transformers exactly (LogitsMatchTransformers).
+    EXPECT_LE(GoldenF32(**lc, "fp16_gelu_vs_llamacpp").at(0), 1e-2);
+    EXPECT_LE(err, 2e-2) << GetParam();
+  } else {
+    EXPECT_LE(err, 1e-4) << GetParam();
+  }
   std::printf("[family] %s: fedtune vs llama.cpp F32 logits, max rel diff %.2e\n", GetParam().c_str(), err);
 }
 
@@ -241,8 +274,8 @@ TEST_P(FamilyOracle, LlamaCppConvertedQ8_0GgufMatchesLlamaCpp) {
   auto m = LlamaModel::Load(dir_ + "/model.q8_0.gguf");
   ASSERT_TRUE(m.ok()) << m.status();
   ASSERT_NE((*m)->tokenizer(), nullptr);
-  EXPECT_EQ((*m)->config().rope_freq_factors.empty(), GetParam() != "llama3");
-  EXPECT_EQ((*m)->config().qk_norm, GetParam() == "qwen3");
+  EXPECT_EQ((*m)->config().rope_freq_factors.empty(), GetParam() != "llama3" && GetParam() != "gemma3");
+  EXPECT_EQ((*m)->config().qk_norm, GetParam() == "qwen3" || GetParam() == "gemma3");
   auto lc = SafetensorsFile::Open(dir_ + "/llamacpp.safetensors");
   ASSERT_TRUE(lc.ok());
   const auto ours = Logits(**m, tokens_, nullptr);
@@ -259,7 +292,7 @@ TEST_P(FamilyOracle, LlamaCppConvertedQ8_0GgufMatchesLlamaCpp) {
   const double err_weights = RelErr(ours, GoldenF32(*golden_, "logits"));
   std::printf("[family] %s Q8_0 file: vs llama.cpp on it %.2e; vs transformers on the F16 originals %.2e; vs projections-only Q8_0 %.2e\n",
               GetParam().c_str(), err, err_weights, err_requant);
-  EXPECT_LE(err, 0.1) << GetParam();
+  EXPECT_LE(err, GetParam() == "gemma3" ? 0.15 : 0.1) << GetParam();
 }
 
 // The vocabulary llama.cpp's converter put into the GGUF, run by fedtune's tokenizer, against
@@ -270,7 +303,7 @@ TEST_P(FamilyOracle, TokenizerMatchesHuggingFaceTokenizersOrSentencePiece) {
   auto m = LlamaModel::Load(dir_ + "/model.q8_0.gguf");
   ASSERT_TRUE(m.ok()) << m.status();
   const Tokenizer& tok = *(*m)->tokenizer();
-  if (GetParam() == "mistral") {  // SentencePiece BPE with byte fallback (Mistral, Llama 2)
+  if (GetParam() == "mistral" || GetParam() == "gemma3") {  // SentencePiece BPE with byte fallback (Mistral, Llama 2, Gemma: no space prefix)
     EXPECT_TRUE(tok.sentencepiece());
   } else {
     EXPECT_EQ(tok.pre_tokenizer(), GetParam() == "llama3" ? Tokenizer::PreTokenizer::kLlama3 : Tokenizer::PreTokenizer::kQwen2);
@@ -295,32 +328,30 @@ TEST_P(FamilyOracle, TokenizerMatchesHuggingFaceTokenizersOrSentencePiece) {
     EXPECT_EQ(ids, edge_ids[i].get<std::vector<int32_t>>()) << edges[i];
     EXPECT_EQ(tok.Decode(ids), edges[i]);  // and back, byte for byte
   }
-  // The corpus: per line a hash of the text and of HF's ids.
+  // The corpus: its hash, then per line a hash of the reference library's ids.
   auto blob = ReadFileToString(tdir + "/tokenizer_golden.bin");
   ASSERT_TRUE(blob.ok());
-  ASSERT_EQ(blob->compare(0, 4, "FTTK"), 0);
-  uint32_t n = 0;
+  ASSERT_EQ(blob->compare(0, 4, "FTT2"), 0);
+  uint32_t n = 0, corpus_hash = 0;
   std::memcpy(&n, blob->data() + 4, 4);
-  ASSERT_EQ(blob->size(), 8 + 8 * static_cast<size_t>(n));
-  std::map<uint32_t, uint32_t> want;
-  for (uint32_t i = 0; i < n; ++i) {
-    uint32_t th = 0, ih = 0;
-    std::memcpy(&th, blob->data() + 8 + 8 * i, 4);
-    std::memcpy(&ih, blob->data() + 12 + 8 * i, 4);
-    want[th] = ih;
+  std::memcpy(&corpus_hash, blob->data() + 8, 4);
+  ASSERT_EQ(blob->size(), 12 + 4 * static_cast<size_t>(n));
+  const auto corpus = TokenizerCorpus();
+  std::string joined;
+  for (size_t i = 0; i < corpus.size(); ++i) joined += (i > 0 ? "\n" : "") + corpus[i];
+  if (corpus.size() != n || Fnv1a32(joined.data(), joined.size()) != corpus_hash) {
+    GTEST_SKIP() << "this machine's /usr/share/common-licenses and python3 library differ from the golden's (other Debian versions)";
   }
   int checked = 0, differ = 0;
-  for (const auto& line : TokenizerCorpus()) {
-    auto it = want.find(Fnv1a32(line.data(), line.size()));
-    if (it == want.end()) continue;
+  for (uint32_t i = 0; i < n; ++i) {
+    uint32_t want = 0;
+    std::memcpy(&want, blob->data() + 12 + 4 * i, 4);
+    const auto ids = tok.Encode(corpus[i], false);
     ++checked;
-    const auto ids = tok.Encode(line, false);
-    if (Fnv1a32(ids.data(), ids.size() * sizeof(int32_t)) != it->second) {
-      if (++differ <= 5) ADD_FAILURE() << "ids differ from Hugging Face tokenizers on: " << line;
-    }
+    if (Fnv1a32(ids.data(), ids.size() * sizeof(int32_t)) != want && ++differ <= 5) ADD_FAILURE() << "ids differ from the reference on: " << corpus[i];
   }
   std::printf("[family] %s tokenizer: %d corpus lines checked, %d differ; %zu edge cases\n", GetParam().c_str(), checked, differ, edges.size());
-  if (checked < 10000) GTEST_SKIP() << "only " << checked << " of the golden's lines are on this machine (other base-files/python3 versions)";
+  EXPECT_GE(checked, 10000);
   EXPECT_EQ(differ, 0);
 }
 
@@ -361,10 +392,48 @@ TEST_P(FamilyOracle, LoraLogitsAndGradientsMatchPeftAndAutograd) {
         worst = std::max(worst, e);
         EXPECT_LE(e, tol) << t.name << " on " << be->Name();
       }
-      EXPECT_EQ((*got)->tensors().size(), 2u * 7u * 2u);
+      EXPECT_EQ((*got)->tensors().size(), 2u * 7u * static_cast<size_t>(model_->config().n_layer));
       std::printf("[family] %s %s recompute=%d: worst gradient error %.2e\n", GetParam().c_str(), be->Name(), recompute, worst);
     }
   }
+}
+
+// In double precision (reference kernels) the gradients match autograd's float64 ones up to
+// transformers' RoPE, which computes its angles and cos/sin in float32 even in a float64 model
+// (measured 0.8e-6 to 1.5e-5 relative: the deepest model, gemma3, most).
+TEST_P(FamilyOracle, LoraGradientsInDoubleMatchAutogradFloat64) {
+  auto set = ImportPeft(dir_ + "/adapter", *model_);
+  ASSERT_TRUE(set.ok());
+  auto d = MakeAdapters<double>(model_->adapter_dims(), set->layers[0][0]->spec, kAllModules, 0);
+  ASSERT_TRUE(d.ok());
+  for (size_t l = 0; l < set->layers.size(); ++l)
+    for (size_t k = 0; k < kNumModules; ++k) {
+      auto& dst = *d->layers[l][k];
+      const auto& src = *set->layers[l][k];
+      dst.a.assign(src.a.begin(), src.a.end());
+      dst.b.assign(src.b.begin(), src.b.end());
+    }
+  Batch b;
+  b.n_seq = 1;
+  b.len = static_cast<int64_t>(tokens_.size());
+  b.tokens = tokens_;
+  for (size_t i = 0; i < tokens_.size(); ++i) b.targets.push_back(i + 1 < tokens_.size() ? tokens_[i + 1] : -1);
+  Trainer<double> trainer(*model_, &*d);
+  d->ZeroGrad();
+  ASSERT_TRUE(trainer.Step(b, 1.0, true).ok());
+  for (size_t l = 0; l < set->layers.size(); ++l)
+    for (size_t k = 0; k < kNumModules; ++k) {
+      set->layers[l][k]->a.assign(d->layers[l][k]->ga.begin(), d->layers[l][k]->ga.end());
+      set->layers[l][k]->b.assign(d->layers[l][k]->gb.begin(), d->layers[l][k]->gb.end());
+    }
+  const std::string out = testing::TempPath("grads64_" + GetParam());
+  ASSERT_TRUE(ExportPeft(out, *model_, *set, "grads").ok());
+  auto got = SafetensorsFile::Open(out + "/adapter_model.safetensors");
+  ASSERT_TRUE(got.ok());
+  double worst = 0;
+  for (const auto& t : (*got)->tensors()) worst = std::max(worst, RelErr(GoldenF32(**got, t.name), GoldenF32(*golden_, t.name + ".grad")));
+  std::printf("[family] %s double: worst gradient error %.2e\n", GetParam().c_str(), worst);
+  EXPECT_LE(worst, 5e-5);
 }
 
 TEST_P(FamilyOracle, ConverterStyleGgufGivesTheSameLogitsAndExportsMatch) {
@@ -372,7 +441,7 @@ TEST_P(FamilyOracle, ConverterStyleGgufGivesTheSameLogitsAndExportsMatch) {
   ASSERT_TRUE(WriteConverterStyleGguf(*model_, dir_, path).ok());
   auto g = LlamaModel::Load(path);
   ASSERT_TRUE(g.ok()) << g.status();
-  EXPECT_EQ((*g)->config().neox_file_layout, GetParam() == "qwen2" || GetParam() == "qwen3");
+  EXPECT_EQ((*g)->config().neox_file_layout, GetParam() != "llama3" && GetParam() != "mistral");
   EXPECT_LE(RelErr(Logits(**g, tokens_, nullptr), GoldenF32(*golden_, "logits")), 1e-4) << GetParam();
   auto set = ImportPeft(dir_ + "/adapter", **g);
   ASSERT_TRUE(set.ok());
@@ -399,7 +468,7 @@ TEST_P(FamilyOracle, ConverterStyleGgufGivesTheSameLogitsAndExportsMatch) {
   const int64_t hd = (*g)->config().head_dim, r = 4;
   for (int64_t row = 0; row < (*g)->config().q_dim(); ++row) {
     // llama's file rows are adjacent pairs (row i of the file is HF row NeoxRow(i)); qwen's are HF's.
-    const int64_t hf_row = GetParam() == "qwen2" || GetParam() == "qwen3" ? row : (row / hd) * hd + (row % hd % 2) * (hd / 2) + row % hd / 2;
+    const int64_t hf_row = (*g)->config().neox_file_layout ? row : (row / hd) * hd + (row % hd % 2) * (hd / 2) + row % hd / 2;
     for (int64_t k = 0; k < r; ++k) ASSERT_FLOAT_EQ(file_b[static_cast<size_t>(row * r + k)], peft_b[static_cast<size_t>(hf_row * r + k)]) << row;
   }
 }
@@ -469,24 +538,25 @@ TEST_P(FamilyOracle, PlannerShapeCountsWhatTheTrainerKeeps) {
 
 TEST_P(FamilyOracle, SequencesBeyondTheSlidingWindowAreRefused) {
   if (model_->config().sliding_window == 0) GTEST_SKIP() << "no sliding window in " << GetParam();
-  std::vector<int32_t> long_seq(40, 5);
-  LlamaContext ctx(*model_, 64);
+  const int64_t n = model_->config().sliding_window + 8;
+  std::vector<int32_t> long_seq(static_cast<size_t>(n), 5);
+  LlamaContext ctx(*model_, n);
   std::vector<float> logits;
   const auto st = ctx.Eval(long_seq, false, &logits);
   EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(st.message().find("sliding attention window of 32"), std::string::npos) << st;
+  EXPECT_NE(st.message().find(absl::StrCat("sliding attention window of ", model_->config().sliding_window)), std::string::npos) << st;
   auto set = ImportPeft(dir_ + "/adapter", *model_);
   ASSERT_TRUE(set.ok());
   Trainer<float> trainer(*model_, &*set);
-  Batch b{1, 40, long_seq, std::vector<int32_t>(40, 1), {}};
+  Batch b{1, n, long_seq, std::vector<int32_t>(static_cast<size_t>(n), 1), {}};
   EXPECT_EQ(trainer.Step(b, 1.0f, true).status().code(), absl::StatusCode::kUnimplemented);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, FamilyOracle, ::testing::Values("llama3", "qwen2", "qwen3", "mistral"),
+INSTANTIATE_TEST_SUITE_P(Families, FamilyOracle, ::testing::Values("llama3", "qwen2", "qwen3", "mistral", "gemma3"),
                          [](const ::testing::TestParamInfo<std::string>& i) {
                            std::string n = i.param;
                            n[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(n[0])));
-                           return n;  // Llama3, Qwen2, Qwen3, Mistral
+                           return n;  // Llama3, Qwen2, Qwen3, Mistral, Gemma3
                          });
 
 // A copy of a tiny llama GGUF with one extra key or tensor: the loader names what it refuses.

@@ -50,7 +50,7 @@ COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 
 # llama.cpp's names for the pre-tokenizers (tokenizer.ggml.pre); the converter recognises
 # released tokenizers by a hash, so for these home-made ones it is told the name.
-PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "default"}
+PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "default", "gemma3": "default"}
 LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -59,17 +59,17 @@ QWEN2_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
 SPM_VOCAB = 512
 
 
-def make_sentencepiece(d):
+def make_sentencepiece(d, dummy_prefix=True):
     """Mistral / Llama 2 style: a SentencePiece BPE model (tokenizer.model) trained by the
     sentencepiece package with those models' settings: byte fallback, digits split, no
-    normalisation, whitespace kept, <unk> <s> </s> = 0 1 2."""
+    normalisation, whitespace kept, <unk> <s> </s> = 0 1 2. Gemma's: no dummy prefix."""
     import glob
     import sentencepiece as spm
     files = sorted(f for f in glob.glob("/usr/share/common-licenses/*") if os.path.isfile(f))
     spm.SentencePieceTrainer.train(input=",".join(files), model_prefix=os.path.join(d, "tokenizer"), vocab_size=SPM_VOCAB,
                                    model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=1.0,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, add_dummy_prefix=dummy_prefix)
     os.remove(os.path.join(d, "tokenizer.vocab"))
     with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -80,8 +80,8 @@ def make_sentencepiece(d):
 def make_tokenizer(family, d):
     """A byte-level BPE vocabulary with the family's pre-tokenizer, saved as tokenizer.json
     (mistral: SentencePiece, make_sentencepiece)."""
-    if family == "mistral":
-        return make_sentencepiece(d)
+    if family in ("mistral", "gemma3"):
+        return make_sentencepiece(d, dummy_prefix=family != "gemma3")
     import glob
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, decoders, trainers
     tok = Tokenizer(models.BPE())
@@ -136,9 +136,10 @@ def edge_cases():
 
 
 def tokenizer_golden(d):
-    """tokenizer_golden.bin: "FTTK", u32 n, n x (u32 FNV-1a of the line, u32 FNV-1a of its ids as
-    int32 LE) over tokenizer_corpus(); tokenizer_edge_cases.json: the ids of each edge case.
-    Ids from Hugging Face tokenizers (tokenizer.json) or sentencepiece (tokenizer.model)."""
+    """tokenizer_golden.bin: "FTT2", u32 n, u32 FNV-1a of the corpus (its lines joined by "\\n"),
+    then per line u32 FNV-1a of its ids as int32 LE, over tokenizer_corpus();
+    tokenizer_edge_cases.json: the ids of each edge case. Ids from Hugging Face tokenizers
+    (tokenizer.json) or sentencepiece (tokenizer.model)."""
     import struct
     if os.path.exists(os.path.join(d, "tokenizer.model")):
         import sentencepiece as spm
@@ -149,10 +150,10 @@ def tokenizer_golden(d):
         tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
         encode = lambda text: tok.encode(text, add_special_tokens=False).ids
     lines = tokenizer_corpus()
-    blob = bytearray(b"FTTK" + struct.pack("<I", len(lines)))
+    blob = bytearray(b"FTT2" + struct.pack("<II", len(lines), fnv1a32("\n".join(lines).encode())))
     for l in lines:
         ids = encode(l)
-        blob += struct.pack("<II", fnv1a32(l.encode()), fnv1a32(struct.pack(f"<{len(ids)}i", *ids)))
+        blob += struct.pack("<I", fnv1a32(struct.pack(f"<{len(ids)}i", *ids)))
     open(os.path.join(d, "tokenizer_golden.bin"), "wb").write(bytes(blob))
     with open(os.path.join(d, "tokenizer_edge_cases.json"), "w") as f:
         json.dump([encode(l) for l in edge_cases()], f)
@@ -190,8 +191,16 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, dict(rope_theta=1000000.0, head_dim=16, tie_word_embeddings=True)),
     # Mistral: a sliding window longer than the test sequences (exact there; longer refused).
     "mistral": (transformers.MistralConfig, dict(rope_theta=10000.0, sliding_window=32, tie_word_embeddings=False)),
+    # Gemma 3 (text): GeGLU, sqrt(hidden) embedding scale, (1 + w) norms around both blocks, q/k
+    # norms, head size 16 (q 64 wide on a 32 model), 6 layers = 5 local (sliding window 128, RoPE
+    # base 1e4) + 1 global (base 1e6, linear scaling x2). query_pre_attn_scalar = head size, the
+    # scale llama.cpp uses for every size but 27B.
+    "gemma3": (transformers.Gemma3TextConfig, dict(head_dim=16, num_hidden_layers=6, sliding_window=128, query_pre_attn_scalar=16,
+               tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+               rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
 }
-TOKENS = [1, 17, 42, 5, 88, 23, 64, 9, 31, 77, 2, 50, 13, 295, 140, 8, 261, 36, 170, 311]
+TOKENS = [1, 17, 42, 5, 88, 23, 64, 9, 31, 295, 140, 311]
 
 
 def main():
@@ -210,8 +219,11 @@ def main():
         vocab = make_tokenizer(name, d)
         if name != "qwen3":  # qwen3's vocabulary is qwen2's (same pre-tokenizer, same training)
             print(name, "tokenizer corpus lines", tokenizer_golden(d))
-        cfg = cfg_cls(**dict(COMMON, vocab_size=vocab), **extra, bos_token_id=1 if name == "mistral" else 0,
-                      eos_token_id=2 if name == "mistral" else 0)
+        spm_vocab = name in ("mistral", "gemma3")
+        kw = dict(COMMON, vocab_size=vocab, **extra)
+        if "hidden_activation" in kw:
+            del kw["hidden_act"]
+        cfg = cfg_cls(**kw, bos_token_id=1 if spm_vocab else 0, eos_token_id=2 if spm_vocab else 0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
         with torch.no_grad():
             for pname, p in model.named_parameters():
@@ -225,24 +237,29 @@ def main():
         # model the goldens come from.
         copy.deepcopy(model).half().save_pretrained(d, safe_serialization=True)
         ids = torch.tensor([TOKENS])
+        # Goldens in float64 (the F16-exact weights, computed without fp32 rounding), so that
+        # fedtune's fp32 is compared with the function, not with PyTorch's own fp32 error.
+        model64 = copy.deepcopy(model).double()
         with torch.no_grad():
-            logits = model(ids).logits[0].float()
+            logits = model64(ids).logits[0].float()
+        base_model = copy.deepcopy(model)  # fp32, for the llama.cpp GELU comparison below
         lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-        pm = peft.get_peft_model(model, lcfg)
+        pm = peft.get_peft_model(model64, lcfg)
         with torch.no_grad():
             for pname, p in pm.named_parameters():
                 if "lora_" in pname:
-                    p.copy_(0.3 * torch.randn_like(p))
+                    p.copy_((0.3 * torch.randn(p.shape)).double())  # fp32-representable values
         out = pm(ids).logits[0]
-        nll = torch.nn.functional.cross_entropy(out[:-1].float(), ids[0, 1:], reduction="sum")
+        nll = torch.nn.functional.cross_entropy(out[:-1], ids[0, 1:], reduction="sum")
         nll.backward()
         golden = {"tokens": torch.tensor(TOKENS, dtype=torch.int32), "logits": logits.contiguous(),
-                  "logits_lora": out.detach().float().contiguous(), "nll_lora": nll.detach().reshape(1)}
+                  "logits_lora": out.detach().float().contiguous(), "nll_lora": nll.detach().float().reshape(1)}
         for pname, p in pm.named_parameters():
             if "lora_" in pname:
                 # PEFT's saved name: drop the adapter name ("lora_A.default.weight" -> "lora_A.weight").
-                golden[pname.replace(".default", "") + ".grad"] = p.grad.detach().contiguous()
+                golden[pname.replace(".default", "") + ".grad"] = p.grad.detach().float().contiguous()
+        pm.to(torch.float32)
         pm.save_pretrained(os.path.join(d, "adapter"))
         safetensors.torch.save_file(golden, os.path.join(d, "golden.safetensors"))
         # llama.cpp: the F32 conversion (exact arithmetic, not kept) and the committed Q8_0 one.
@@ -251,6 +268,20 @@ def main():
         convert(llama_cpp_dir, name, d, "q8_0", os.path.join(d, "model.q8_0.gguf"))
         lc = {"logits_f32": llama_cpp_logits(f32, TOKENS),
               "logits_q8_0": llama_cpp_logits(os.path.join(d, "model.q8_0.gguf"), TOKENS)}
+        if name == "gemma3":
+            # llama.cpp computes GELU from a table of fp16 values (ggml's GGML_GELU_FP16): with
+            # that emulated, transformers agrees with llama.cpp's F32 logits to fp32 rounding.
+            class GeluFp16Table(torch.nn.Module):
+                def forward(self, x):
+                    y = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+                    return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+            emu = base_model
+            for layer in emu.model.layers:
+                layer.mlp.act_fn = GeluFp16Table()
+            with torch.no_grad():
+                emu_logits = emu(ids).logits[0].float()
+            lc["fp16_gelu_vs_llamacpp"] = ((emu_logits - lc["logits_f32"]).abs().max() / emu_logits.abs().max()).reshape(1)
+            print(name, "transformers with llama.cpp's fp16 GELU vs llama.cpp F32, rel", float(lc["fp16_gelu_vs_llamacpp"]))
         os.remove(f32)
         safetensors.torch.save_file(lc, os.path.join(d, "llamacpp.safetensors"))
         print(name, "llama.cpp f32 vs transformers max |diff|", float((lc["logits_f32"] - logits).abs().max()))
