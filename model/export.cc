@@ -22,10 +22,6 @@ bool IsRope(Module m) { return m == Module::kQ || m == Module::kK; }
 
 const char* PeftPrefix(Module m) { return (m == Module::kGate || m == Module::kUp || m == Module::kDown) ? "mlp" : "self_attn"; }
 
-std::string PeftName(int64_t layer, Module m, const char* ab) {
-  return absl::StrCat("base_model.model.model.layers.", layer, ".", PeftPrefix(m), ".", PeftModuleName(m), ".lora_", ab, ".weight");
-}
-
 // The first adapter's spec; all adapters of a set share one kind (checked).
 absl::StatusOr<AdapterSpec> CommonSpec(const AdapterSet<float>& s) {
   std::optional<AdapterSpec> spec;
@@ -41,6 +37,83 @@ absl::StatusOr<AdapterSpec> CommonSpec(const AdapterSet<float>& s) {
     }
   if (!spec) return absl::InvalidArgumentError("no adapters to export");
   return *spec;
+}
+
+// What an export writes per layer: one tensor of the base per target, made of one or more of
+// fedtune's modules stacked by rows (Phi-3's fused qkv_proj / attn_qkv and gate_up_proj /
+// ffn_up; every other family: one module per target).
+struct Part {
+  Module mod;
+  int64_t row0;  // first row of the module in the target tensor
+};
+struct Target {
+  const char* peft;    // PEFT module name
+  const char* prefix;  // self_attn or mlp
+  const char* gguf;    // GGUF tensor stem
+  int64_t out;         // rows of the target tensor
+  std::vector<Part> parts;
+};
+
+std::vector<Target> Targets(const LlamaConfig& c) {
+  const int64_t q = c.q_dim(), kv = c.n_head_kv * c.head_dim, f = c.n_ff, e = c.n_embd;
+  if (c.fused) {
+    return {{"qkv_proj", "self_attn", "attn_qkv", q + 2 * kv, {{Module::kQ, 0}, {Module::kK, q}, {Module::kV, q + kv}}},
+            {"o_proj", "self_attn", "attn_output", e, {{Module::kO, 0}}},
+            {"gate_up_proj", "mlp", "ffn_up", 2 * f, {{Module::kGate, 0}, {Module::kUp, f}}},
+            {"down_proj", "mlp", "ffn_down", e, {{Module::kDown, 0}}}};
+  }
+  std::vector<Target> t;
+  for (int mi = 0; mi < kNumModules; ++mi) {
+    const Module m = static_cast<Module>(mi);
+    const int64_t out = m == Module::kQ ? q : (m == Module::kK || m == Module::kV) ? kv : (m == Module::kGate || m == Module::kUp) ? f : e;
+    t.push_back({PeftModuleName(m), PeftPrefix(m), GgufModuleName(m), out, {{m, 0}}});
+  }
+  return t;
+}
+
+std::string PeftTensorName(int64_t layer, const Target& t, const char* ab) {
+  return absl::StrCat("base_model.model.model.layers.", layer, ".", t.prefix, ".", t.peft, ".lora_", ab, ".weight");
+}
+
+// Row `row` of module `mod` (fedtune's order) in a file that stores q/k rows in rotate_half
+// order when `neox`.
+int64_t FileRow(Module mod, int64_t row, int64_t head_dim, bool neox) { return neox && IsRope(mod) ? HfRow(row, head_dim) : row; }
+
+// One target of one layer as a LoRA pair: A stacks the parts' A (rank = the sum of their ranks),
+// B is block-diagonal, each block scaled so that scale(rank) * B A equals the parts' deltas,
+// where scale(r) is the target format's scale for a tensor of rank r.
+struct Stacked {
+  int64_t rank = 0;
+  std::vector<float> a, b;  // [rank x in], [out x rank]
+};
+template <typename ScaleOf>
+Stacked Stack(const AdapterSet<float>& s, size_t l, const Target& t, const LlamaConfig& c, bool neox, ScaleOf scale_of) {
+  Stacked st;
+  int64_t in = 0;
+  for (const Part& p : t.parts) {
+    const auto& a = s.layers[l][static_cast<size_t>(p.mod)];
+    if (!a) continue;
+    st.rank += a->spec.rank;
+    in = a->in;
+  }
+  if (st.rank == 0) return st;
+  st.a.reserve(static_cast<size_t>(st.rank * in));
+  st.b.assign(static_cast<size_t>(t.out * st.rank), 0.0f);
+  const float target_scale = scale_of(st.rank);
+  int64_t col = 0;
+  for (const Part& p : t.parts) {
+    const auto& a = s.layers[l][static_cast<size_t>(p.mod)];
+    if (!a) continue;
+    const int64_t r = a->spec.rank;
+    st.a.insert(st.a.end(), a->a.begin(), a->a.end());
+    const float f = a->spec.Scale() / target_scale;
+    for (int64_t row = 0; row < a->out; ++row) {
+      const int64_t dst = p.row0 + FileRow(p.mod, row, c.head_dim, neox);
+      for (int64_t k = 0; k < r; ++k) st.b[static_cast<size_t>(dst * st.rank + col + k)] = f * a->b[static_cast<size_t>(row * r + k)];
+    }
+    col += r;
+  }
+  return st;
 }
 
 }  // namespace
@@ -71,24 +144,26 @@ absl::Status ExportPeft(const std::string& dir, const LlamaModel& model, const A
   if (spec.kind == AdapterKind::kDiaBlo) {
     return absl::UnimplementedError("PEFT has no DiaBlo type: export DiaBlo as a merged model or as GGUF-LoRA");
   }
-  const int64_t hd = model.config().head_dim;
+  const LlamaConfig& c = model.config();
+  // PEFT's scale for a module of rank r: alpha / r (rsLoRA: alpha / sqrt(r)).
+  auto peft_scale = [&](int64_t r) {
+    return spec.rslora ? spec.alpha / std::sqrt(static_cast<float>(r)) : spec.alpha / static_cast<float>(r);
+  };
   SafetensorsWriter w;
   std::vector<std::string> targets;
   nlohmann::ordered_json rank_pattern = nlohmann::ordered_json::object();  // modules whose rank is not `r`
+  int64_t file_rank = 0;
   for (size_t l = 0; l < adapters.layers.size(); ++l) {
-    for (int mi = 0; mi < kNumModules; ++mi) {
-      const auto& a = adapters.layers[l][static_cast<size_t>(mi)];
-      if (!a) continue;
-      const Module mod = static_cast<Module>(mi);
-      if (std::find(targets.begin(), targets.end(), PeftModuleName(mod)) == targets.end()) targets.push_back(PeftModuleName(mod));
-      const int64_t r = a->spec.rank;
-      if (r != spec.rank) rank_pattern[absl::StrCat("model.layers.", l, ".", PeftPrefix(mod), ".", PeftModuleName(mod))] = r;
-      std::vector<float> b = a->b;
-      if (IsRope(mod)) {
-        for (int64_t row = 0; row < a->out; ++row) std::copy_n(a->b.begin() + row * r, r, b.begin() + HfRow(row, hd) * r);
-      }
-      FT_RETURN_IF_ERROR(w.AddF32(PeftName(static_cast<int64_t>(l), mod, "A"), {r, a->in}, a->a));
-      FT_RETURN_IF_ERROR(w.AddF32(PeftName(static_cast<int64_t>(l), mod, "B"), {a->out, r}, b));
+    for (const Target& t : Targets(c)) {
+      // Hugging Face stores q/k rows in rotate_half order: always permuted back here.
+      const Stacked st = Stack(adapters, l, t, c, /*neox=*/true, peft_scale);
+      if (st.rank == 0) continue;
+      if (std::find(targets.begin(), targets.end(), t.peft) == targets.end()) targets.push_back(t.peft);
+      if (file_rank == 0) file_rank = st.rank;
+      if (st.rank != file_rank) rank_pattern[absl::StrCat("model.layers.", l, ".", t.prefix, ".", t.peft)] = st.rank;
+      const int64_t in = static_cast<int64_t>(st.a.size()) / st.rank;
+      FT_RETURN_IF_ERROR(w.AddF32(PeftTensorName(static_cast<int64_t>(l), t, "A"), {st.rank, in}, st.a));
+      FT_RETURN_IF_ERROR(w.AddF32(PeftTensorName(static_cast<int64_t>(l), t, "B"), {t.out, st.rank}, st.b));
     }
   }
   std::error_code ec;
@@ -98,7 +173,7 @@ absl::Status ExportPeft(const std::string& dir, const LlamaModel& model, const A
   FT_RETURN_IF_ERROR(w.WriteFile(dir + "/adapter_model.safetensors"));
   nlohmann::ordered_json cfg = {
       {"peft_type", "LORA"}, {"task_type", "CAUSAL_LM"}, {"base_model_name_or_path", base_model_name},
-      {"r", spec.rank}, {"lora_alpha", spec.alpha}, {"use_rslora", spec.rslora}, {"target_modules", targets},
+      {"r", file_rank}, {"lora_alpha", spec.alpha}, {"use_rslora", spec.rslora}, {"target_modules", targets},
       {"lora_dropout", 0.0}, {"fan_in_fan_out", false}, {"bias", "none"}, {"inference_mode", true},
       {"init_lora_weights", true}, {"modules_to_save", nullptr}, {"rank_pattern", rank_pattern},
       {"fedtune", {{"adapter", AdapterKindName(spec.kind)}, {"note", spec.kind == AdapterKind::kFfaLora ? "FFA-LoRA: lora_A is the frozen shared init" : ""}}}};
@@ -115,35 +190,61 @@ absl::StatusOr<AdapterSet<float>> ImportPeft(const std::string& dir, const Llama
     return absl::InvalidArgumentError(dir + "/adapter_config.json: needs integer 'r' and numeric 'lora_alpha'");
   }
   if (cfg.value("fan_in_fan_out", false)) return absl::UnimplementedError("fan_in_fan_out adapters are not supported");
+  // rank_pattern: "model.layers.L.<prefix>.<module>" (as exported) or a suffix of that name.
+  std::vector<std::pair<std::string, int64_t>> pattern;
+  if (cfg.contains("rank_pattern") && cfg["rank_pattern"].is_object()) {
+    for (const auto& [k, v] : cfg["rank_pattern"].items()) {
+      if (!v.is_number_integer() || v.get<int64_t>() <= 0) return absl::InvalidArgumentError(absl::StrCat(dir, ": rank_pattern '", k, "' is not a positive integer"));
+      pattern.emplace_back(k, v.get<int64_t>());
+    }
+  }
   AdapterSpec spec{AdapterKind::kLora, cfg["r"].get<int64_t>(), cfg["lora_alpha"].get<float>(), cfg.value("use_rslora", false), 1};
+  const LlamaConfig& c = model.config();
+  const auto all = Targets(c);
+  std::vector<const Target*> chosen;
   std::vector<Module> modules;
   if (!cfg.contains("target_modules") || !cfg["target_modules"].is_array()) return absl::InvalidArgumentError("target_modules must be a list");
-  for (const auto& t : cfg["target_modules"]) {
-    const auto m = t.is_string() ? ParseModule(t.get<std::string>()) : std::nullopt;
-    if (!m) return absl::UnimplementedError(absl::StrCat("target module ", t.dump(), " is not a llama projection"));
-    modules.push_back(*m);
+  for (const auto& tm : cfg["target_modules"]) {
+    const auto it = std::find_if(all.begin(), all.end(), [&](const Target& t) { return tm.is_string() && tm.get<std::string>() == t.peft; });
+    if (it == all.end()) return absl::UnimplementedError(absl::StrCat("target module ", tm.dump(), " is not a projection of this ", c.arch, " model"));
+    chosen.push_back(&*it);
+    for (const Part& p : it->parts) modules.push_back(p.mod);
   }
-  const auto& c = model.config();
   FT_ASSIGN_OR_RETURN(auto set, MakeAdapters<float>(model.adapter_dims(), spec, modules, 0));
   FT_ASSIGN_OR_RETURN(auto st, SafetensorsFile::Open(dir + "/adapter_model.safetensors"));
   for (size_t l = 0; l < set.layers.size(); ++l) {
-    for (Module mod : modules) {
-      auto& a = *set.layers[l][static_cast<size_t>(mod)];
-      const int64_t r = spec.rank;
+    for (const Target* t : chosen) {
+      const std::string full = absl::StrCat("model.layers.", l, ".", t->prefix, ".", t->peft);
+      int64_t r = spec.rank;
+      for (const auto& [k, v] : pattern) {
+        if (full == k || (full.size() > k.size() && full.compare(full.size() - k.size(), k.size(), k) == 0 && full[full.size() - k.size() - 1] == '.')) r = v;
+      }
+      if (r != spec.rank) {  // this module's rank: rebuilt with it (its values are read below)
+        for (const Part& p : t->parts) {
+          auto& slot = set.layers[l][static_cast<size_t>(p.mod)];
+          AdapterSpec sr = spec;
+          sr.rank = r;
+          FT_ASSIGN_OR_RETURN(auto a, ModuleAdapter<float>::Create(sr, slot->in, slot->out, 0));
+          slot = std::move(a);
+        }
+      }
+      std::vector<float> av, bv;
       for (const char* ab : {"A", "B"}) {
-        const std::string name = PeftName(static_cast<int64_t>(l), mod, ab);
-        const SafeTensor* t = st->Find(name);
-        if (t == nullptr) return absl::NotFoundError(absl::StrCat(dir, ": missing tensor ", name));
-        const std::vector<int64_t> want = ab[0] == 'A' ? std::vector<int64_t>{r, a.in} : std::vector<int64_t>{a.out, r};
-        if (t->shape != want) return absl::InvalidArgumentError(absl::StrCat(name, " has shape ", ShapeString(t->shape), ", expected ", ShapeString(want)));
+        const std::string name = PeftTensorName(static_cast<int64_t>(l), *t, ab);
+        const SafeTensor* tensor = st->Find(name);
+        if (tensor == nullptr) return absl::NotFoundError(absl::StrCat(dir, ": missing tensor ", name));
+        const int64_t in = set.layers[l][static_cast<size_t>(t->parts[0].mod)]->in;
+        const std::vector<int64_t> want = ab[0] == 'A' ? std::vector<int64_t>{r, in} : std::vector<int64_t>{t->out, r};
+        if (tensor->shape != want) return absl::InvalidArgumentError(absl::StrCat(name, " has shape ", ShapeString(tensor->shape), ", expected ", ShapeString(want)));
         FT_ASSIGN_OR_RETURN(Tensor v, st->ToF32(name));
-        const float* p = v.data<float>();
-        if (ab[0] == 'A') {
-          std::copy(p, p + v.size(), a.a.begin());
-        } else if (IsRope(mod)) {
-          for (int64_t row = 0; row < a.out; ++row) std::copy_n(p + HfRow(row, c.head_dim) * r, r, a.b.begin() + row * r);
-        } else {
-          std::copy(p, p + v.size(), a.b.begin());
+        (ab[0] == 'A' ? av : bv).assign(v.data<float>(), v.data<float>() + v.size());
+      }
+      // A fused target's shared A goes to each part; B's rows are split between them.
+      for (const Part& p : t->parts) {
+        auto& a = *set.layers[l][static_cast<size_t>(p.mod)];
+        a.a = av;
+        for (int64_t row = 0; row < a.out; ++row) {
+          std::copy_n(bv.begin() + (p.row0 + FileRow(p.mod, row, c.head_dim, true)) * r, r, a.b.begin() + row * r);
         }
       }
     }
@@ -153,8 +254,9 @@ absl::StatusOr<AdapterSet<float>> ImportPeft(const std::string& dir, const Llama
 
 absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, const AdapterSet<float>& adapters) {
   FT_ASSIGN_OR_RETURN(AdapterSpec spec, CommonSpec(adapters));
+  const LlamaConfig& c = model.config();
   GgufWriter w;
-  w.SetString("general.architecture", model.config().arch);
+  w.SetString("general.architecture", c.arch);
   w.SetString("general.type", "adapter");
   w.SetString("general.name", absl::StrCat("fedtune ", AdapterKindName(spec.kind), " adapter"));
   w.SetString("adapter.type", "lora");
@@ -163,6 +265,7 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
   // by r, so (1/r) B A = delta exactly.
   float alpha = spec.alpha;
   if (spec.kind == AdapterKind::kDiaBlo) {
+    if (c.fused) return absl::UnimplementedError("GGUF-LoRA of DiaBlo on fused projections (phi3) is not supported: export merged");
     alpha = 1.0f;
   } else if (spec.rslora) {
     alpha = spec.alpha * std::sqrt(static_cast<float>(spec.rank));
@@ -172,11 +275,12 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
           return absl::UnimplementedError("GGUF-LoRA has one alpha per file: rsLoRA with per-layer ranks cannot be expressed (export PEFT instead)");
   }
   for (size_t l = 0; l < adapters.layers.size(); ++l) {
-    for (int mi = 0; mi < kNumModules; ++mi) {
-      const auto& a = adapters.layers[l][static_cast<size_t>(mi)];
-      if (!a) continue;
-      const std::string base = absl::StrCat("blk.", l, ".", GgufModuleName(static_cast<Module>(mi)), ".weight");
-      if (a->spec.kind == AdapterKind::kDiaBlo) {
+    for (const Target& t : Targets(c)) {
+      const std::string base = absl::StrCat("blk.", l, ".", t.gguf, ".weight");
+      const auto& single = adapters.layers[l][static_cast<size_t>(t.parts[0].mod)];
+      if (spec.kind == AdapterKind::kDiaBlo) {
+        if (!single) continue;
+        const auto& a = single;
         const int64_t r = std::min(a->in, a->out);
         std::vector<float> delta = DenseDelta(*a), eye(static_cast<size_t>(r * r), 0.0f);
         for (int64_t i = 0; i < r; ++i) eye[static_cast<size_t>(i * r + i)] = static_cast<float>(r);
@@ -189,17 +293,15 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
           FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_a", {a->in, r}, GgmlType::kF32, eye));
           FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_b", {r, a->out}, GgmlType::kF32, delta));
         }
-      } else {
-        // The base file's q/k row order: llama's GGUF is adjacent pairs like fedtune's; qwen2/qwen3
-        // files keep rotate_half order (llama.cpp runs them with NeoX RoPE).
-        std::vector<float> b = a->b;
-        const int64_t r = a->spec.rank;
-        if (model.config().neox_file_layout && IsRope(static_cast<Module>(mi))) {
-          for (int64_t row = 0; row < a->out; ++row) std::copy_n(a->b.begin() + row * r, r, b.begin() + HfRow(row, model.config().head_dim) * r);
-        }
-        FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_a", {a->in, r}, GgmlType::kF32, a->a));
-        FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_b", {r, a->out}, GgmlType::kF32, b));
+        continue;
       }
+      // The base file's q/k row order: llama's GGUF is adjacent pairs like fedtune's;
+      // qwen2/qwen3/gemma3/phi3 files keep rotate_half order (llama.cpp runs them with NeoX RoPE).
+      const Stacked st = Stack(adapters, l, t, c, c.neox_file_layout, [&](int64_t r) { return alpha / static_cast<float>(r); });
+      if (st.rank == 0) continue;
+      const int64_t in = static_cast<int64_t>(st.a.size()) / st.rank;
+      FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_a", {in, st.rank}, GgmlType::kF32, st.a));
+      FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_b", {st.rank, t.out}, GgmlType::kF32, st.b));
     }
   }
   w.SetF32("adapter.lora.alpha", alpha);
@@ -215,27 +317,33 @@ absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, 
     if (k == "general.file_type") continue;  // now mixed
     w.SetValue(k, g->metadata().at(k));
   }
+  const auto targets = Targets(model.config());
   for (const auto& t : g->tensors()) {
-    const ModuleAdapter<float>* a = nullptr;
-    Module a_mod = Module::kQ;
-    for (size_t l = 0; l < adapters.layers.size() && a == nullptr; ++l)
-      for (int mi = 0; mi < kNumModules; ++mi)
-        if (adapters.layers[l][static_cast<size_t>(mi)] && t.name == absl::StrCat("blk.", l, ".", GgufModuleName(static_cast<Module>(mi)), ".weight")) {
-          a = &*adapters.layers[l][static_cast<size_t>(mi)];
-          a_mod = static_cast<Module>(mi);
+    // The target this tensor is, in some layer, with at least one adapted part.
+    const Target* target = nullptr;
+    size_t layer = 0;
+    for (size_t l = 0; l < adapters.layers.size() && target == nullptr; ++l)
+      for (const Target& tg : targets)
+        if (t.name == absl::StrCat("blk.", l, ".", tg.gguf, ".weight") &&
+            std::any_of(tg.parts.begin(), tg.parts.end(), [&](const Part& p) { return adapters.layers[l][static_cast<size_t>(p.mod)].has_value(); })) {
+          target = &tg;
+          layer = l;
         }
-    if (a == nullptr) {
+    if (target == nullptr) {
       FT_RETURN_IF_ERROR(w.AddTensor(t.name, t.ne, t.type, {t.data, t.nbytes}));
       continue;
     }
     std::vector<float> wv(static_cast<size_t>(t.n_elements()));
     kernels::DequantizeRow(t.type, t.data, wv.data(), t.n_elements());
-    const auto delta = DenseDelta(*a);
-    if (delta.size() != wv.size()) return absl::InternalError(absl::StrCat("adapter for ", t.name, " does not match its shape"));
-    const bool permuted = model.config().neox_file_layout && IsRope(a_mod);
-    for (int64_t row = 0; row < a->out; ++row) {
-      const int64_t file_row = permuted ? HfRow(row, model.config().head_dim) : row;
-      for (int64_t i = 0; i < a->in; ++i) wv[static_cast<size_t>(file_row * a->in + i)] += delta[static_cast<size_t>(row * a->in + i)];
+    for (const Part& p : target->parts) {
+      const auto& a = adapters.layers[layer][static_cast<size_t>(p.mod)];
+      if (!a) continue;
+      const auto delta = DenseDelta(*a);
+      if ((p.row0 + a->out) * a->in > static_cast<int64_t>(wv.size())) return absl::InternalError(absl::StrCat("adapter for ", t.name, " does not match its shape"));
+      for (int64_t row = 0; row < a->out; ++row) {
+        const int64_t file_row = p.row0 + FileRow(p.mod, row, model.config().head_dim, model.config().neox_file_layout);
+        for (int64_t i = 0; i < a->in; ++i) wv[static_cast<size_t>(file_row * a->in + i)] += delta[static_cast<size_t>(row * a->in + i)];
+      }
     }
     FT_RETURN_IF_ERROR(w.AddTensorF32(t.name, t.ne, merged_type, wv));
   }

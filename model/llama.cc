@@ -28,6 +28,9 @@ absl::Status ExpectShape(const std::string& name, const QMatrix& m, int64_t rows
   return absl::OkStatus();
 }
 
+// Rows [r0, r0 + n) of a matrix, sharing its storage.
+QMatrix RowSlice(const QMatrix& m, int64_t r0, int64_t n) { return {m.type, m.data + static_cast<size_t>(r0) * m.row_bytes, n, m.cols, m.row_bytes}; }
+
 absl::StatusOr<QMatrix> GgufMatrix(const GgufFile& g, const std::string& name) {
   const GgufTensor* t = g.FindTensor(name);
   if (t == nullptr) return absl::NotFoundError(absl::StrCat("model has no tensor '", name, "'"));
@@ -100,11 +103,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   const GgufFile& g = *gguf;
   LlamaConfig& c = m->cfg_;
   FT_ASSIGN_OR_RETURN(c.arch, g.GetString("general.architecture"));
-  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma3") {
-    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama, qwen2, qwen3, gemma3)"));
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma3" && c.arch != "phi3") {
+    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama, qwen2, qwen3, gemma3, phi3)"));
   }
-  c.neox_file_layout = c.arch != "llama";  // llama.cpp runs qwen2/qwen3/gemma3 with NeoX RoPE on unpermuted rows
+  c.neox_file_layout = c.arch != "llama";  // llama.cpp runs qwen2/qwen3/gemma3/phi3 with NeoX RoPE on unpermuted rows
   c.gemma = c.arch == "gemma3";
+  c.fused = c.arch == "phi3";
   const std::string a = c.arch + ".";
   // Settings the engine does not implement: refused by name, never run approximately.
   for (const char* k : {"expert_count", "attn_logit_softcapping", "final_logit_softcapping", "attention.layer_norm_epsilon",
@@ -204,12 +208,24 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
     LlamaLayer L;
     FT_ASSIGN_OR_RETURN(L.attn_norm, vector(p + "attn_norm.weight", c.n_embd));
     FT_ASSIGN_OR_RETURN(L.ffn_norm, vector(p + "ffn_norm.weight", c.n_embd));
-    FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "attn_q.weight"));
-    FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "attn_k.weight"));
-    FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "attn_v.weight"));
+    if (c.fused) {  // phi3: attn_qkv = [q; k; v], ffn_up = [gate; up]
+      FT_ASSIGN_OR_RETURN(QMatrix qkv, matrix(p + "attn_qkv.weight"));
+      FT_RETURN_IF_ERROR(ExpectShape(p + "attn_qkv.weight", qkv, c.q_dim() + 2 * kv, c.n_embd));
+      L.wq = RowSlice(qkv, 0, c.q_dim());
+      L.wk = RowSlice(qkv, c.q_dim(), kv);
+      L.wv = RowSlice(qkv, c.q_dim() + kv, kv);
+      FT_ASSIGN_OR_RETURN(QMatrix gate_up, matrix(p + "ffn_up.weight"));
+      FT_RETURN_IF_ERROR(ExpectShape(p + "ffn_up.weight", gate_up, 2 * c.n_ff, c.n_embd));
+      L.w_gate = RowSlice(gate_up, 0, c.n_ff);
+      L.w_up = RowSlice(gate_up, c.n_ff, c.n_ff);
+    } else {
+      FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "attn_q.weight"));
+      FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "attn_k.weight"));
+      FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "attn_v.weight"));
+      FT_ASSIGN_OR_RETURN(L.w_gate, matrix(p + "ffn_gate.weight"));
+      FT_ASSIGN_OR_RETURN(L.w_up, matrix(p + "ffn_up.weight"));
+    }
     FT_ASSIGN_OR_RETURN(L.wo, matrix(p + "attn_output.weight"));
-    FT_ASSIGN_OR_RETURN(L.w_gate, matrix(p + "ffn_gate.weight"));
-    FT_ASSIGN_OR_RETURN(L.w_up, matrix(p + "ffn_up.weight"));
     FT_ASSIGN_OR_RETURN(L.w_down, matrix(p + "ffn_down.weight"));
     FT_RETURN_IF_ERROR(optional_vector(p + "attn_q.bias", c.q_dim(), &L.bq));
     FT_RETURN_IF_ERROR(optional_vector(p + "attn_k.bias", kv, &L.bk));
@@ -279,9 +295,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
   };
   auto flag = [&](const char* k) { return j.contains(k) && j[k].is_boolean() && j[k].get<bool>(); };
   const std::string type = j.value("model_type", std::string("llama"));
-  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "qwen3" && type != "gemma3_text") {
-    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: model_type '", type, "' is not supported (llama, mistral, qwen2, qwen3, gemma3_text)"));
+  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "qwen3" && type != "gemma3_text" && type != "phi3") {
+    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: model_type '", type, "' is not supported (llama, mistral, qwen2, qwen3, gemma3_text, phi3)"));
   }
+  c.fused = type == "phi3";
   const bool gemma = type == "gemma3_text";
   // llama.cpp's names: Mistral runs as llama, Gemma 3 (text) as gemma3.
   c.arch = type == "mistral" ? "llama" : gemma ? "gemma3" : type;
@@ -344,7 +361,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     }
   }
   if (j.contains("sliding_window") && j["sliding_window"].is_number_integer() &&
-      (type == "mistral" || type == "llama" || flag("use_sliding_window") || windowed_layers)) {
+      (type == "mistral" || type == "llama" || type == "phi3" || flag("use_sliding_window") || windowed_layers)) {
     c.sliding_window = j["sliding_window"].get<int64_t>();
   }
   if (gemma) {
@@ -439,12 +456,22 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     } else {
       FT_ASSIGN_OR_RETURN(L.ffn_norm, vec(p + "post_attention_layernorm.weight", c.n_embd));
     }
-    FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "self_attn.q_proj.weight", nq, c.n_embd));
-    FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "self_attn.k_proj.weight", kv, c.n_embd));
-    FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "self_attn.v_proj.weight", kv, c.n_embd));
+    if (c.fused) {  // phi3: qkv_proj = [q; k; v], gate_up_proj = [gate; up]
+      FT_ASSIGN_OR_RETURN(QMatrix qkv, matrix(p + "self_attn.qkv_proj.weight", nq + 2 * kv, c.n_embd));
+      L.wq = RowSlice(qkv, 0, nq);
+      L.wk = RowSlice(qkv, nq, kv);
+      L.wv = RowSlice(qkv, nq + kv, kv);
+      FT_ASSIGN_OR_RETURN(QMatrix gate_up, matrix(p + "mlp.gate_up_proj.weight", 2 * c.n_ff, c.n_embd));
+      L.w_gate = RowSlice(gate_up, 0, c.n_ff);
+      L.w_up = RowSlice(gate_up, c.n_ff, c.n_ff);
+    } else {
+      FT_ASSIGN_OR_RETURN(L.wq, matrix(p + "self_attn.q_proj.weight", nq, c.n_embd));
+      FT_ASSIGN_OR_RETURN(L.wk, matrix(p + "self_attn.k_proj.weight", kv, c.n_embd));
+      FT_ASSIGN_OR_RETURN(L.wv, matrix(p + "self_attn.v_proj.weight", kv, c.n_embd));
+      FT_ASSIGN_OR_RETURN(L.w_gate, matrix(p + "mlp.gate_proj.weight", c.n_ff, c.n_embd));
+      FT_ASSIGN_OR_RETURN(L.w_up, matrix(p + "mlp.up_proj.weight", c.n_ff, c.n_embd));
+    }
     FT_ASSIGN_OR_RETURN(L.wo, matrix(p + "self_attn.o_proj.weight", c.n_embd, nq));
-    FT_ASSIGN_OR_RETURN(L.w_gate, matrix(p + "mlp.gate_proj.weight", c.n_ff, c.n_embd));
-    FT_ASSIGN_OR_RETURN(L.w_up, matrix(p + "mlp.up_proj.weight", c.n_ff, c.n_embd));
     FT_ASSIGN_OR_RETURN(L.w_down, matrix(p + "mlp.down_proj.weight", c.n_embd, c.n_ff));
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.q_proj.bias", nq, &L.bq));
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.k_proj.bias", kv, &L.bk));

@@ -18,12 +18,13 @@ For each family this writes tests/data/families/<family>/:
                                    tokenizer.model, a 512-piece SentencePiece BPE model trained
                                    by `sentencepiece` (byte fallback, as Mistral's and Llama 2's)
   tokenizer_golden.bin, tokenizer_edge_cases.json
-                                   ids of 12,000 Debian text lines (hashed) and of Unicode edge
+                                   ids of 10,000 Debian text lines (hashed) and of Unicode edge
                                    cases by the family's tokenizer library
   model.q8_0.gguf                  the folder converted by llama.cpp's own convert_hf_to_gguf.py
                                    (from the llama-cpp-python source distribution) to Q8_0
   llamacpp.safetensors             llama.cpp's logits (llama-cpp-python) for "tokens" on an F32
-                                   conversion ("logits_f32") and on model.q8_0.gguf ("logits_q8_0")
+                                   conversion ("logits_f32") and on model.q8_0.gguf ("logits_q8_0",
+                                   stored as F16)
   versions.json                    the versions that made them
 
 Run from the repository root in the oracle venv:
@@ -50,7 +51,7 @@ COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 
 # llama.cpp's names for the pre-tokenizers (tokenizer.ggml.pre); the converter recognises
 # released tokenizers by a hash, so for these home-made ones it is told the name.
-PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "default", "gemma3": "default"}
+PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "default", "gemma3": "default", "phi3": "default"}
 LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -80,7 +81,7 @@ def make_sentencepiece(d, dummy_prefix=True):
 def make_tokenizer(family, d):
     """A byte-level BPE vocabulary with the family's pre-tokenizer, saved as tokenizer.json
     (mistral: SentencePiece, make_sentencepiece)."""
-    if family in ("mistral", "gemma3"):
+    if family in ("mistral", "gemma3", "phi3"):
         return make_sentencepiece(d, dummy_prefix=family != "gemma3")
     import glob
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, decoders, trainers
@@ -114,7 +115,7 @@ def fnv1a32(data: bytes) -> int:
 def tokenizer_corpus():
     """The lines tests/model/family_test.cc reads too: ASCII, non-empty, first occurrences, from
     the regular files of /usr/share/common-licenses (base-files) and the top-level modules of
-    /usr/lib/python3.*/ (python3's standard library), paths in byte order; at most 12,000."""
+    /usr/lib/python3.*/ (python3's standard library), paths in byte order; at most 10,000."""
     import glob
     paths = sorted(p for p in glob.glob("/usr/share/common-licenses/*") + glob.glob("/usr/lib/python3.*/*.py")
                    if os.path.isfile(p) and not os.path.islink(p))
@@ -125,7 +126,7 @@ def tokenizer_corpus():
                 continue
             seen.add(line)
             out.append(line.decode("ascii"))
-            if len(out) == 12000:
+            if len(out) == 10000:
                 return out
     return out
 
@@ -166,7 +167,10 @@ def convert(llama_cpp, family, d, outtype, outfile):
     code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/gguf-py');"
             "import conversion.base as b; pre = sys.argv[2]; b.TextModel.get_vocab_base_pre = lambda self, t: pre;"
             "import convert_hf_to_gguf as c; sys.argv = ['convert_hf_to_gguf.py'] + sys.argv[3:]; c.main()")
-    subprocess.run([sys.executable, "-c", code, llama_cpp, PRE[family], d, "--outtype", outtype, "--outfile", outfile],
+    # --model-name: llama.cpp special-cases vocabularies by model name ("phi3" expects
+    # Phi-3's own special tokens, which these small vocabularies lack).
+    subprocess.run([sys.executable, "-c", code, llama_cpp, PRE[family], d, "--outtype", outtype, "--outfile", outfile,
+                    "--model-name", "fedtune tiny test model"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -199,7 +203,12 @@ FAMILIES = {
                tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
+    # Phi-3: fused qkv_proj and gate_up_proj (PEFT adapts the fused tensors), SentencePiece.
+    "phi3": (transformers.Phi3Config, dict(sliding_window=128, tie_word_embeddings=False, pad_token_id=0,
+             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "original_max_position_embeddings": 256})),
 }
+# PEFT target modules per family (Phi-3's projections are fused).
+PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 TOKENS = [1, 17, 42, 5, 88, 23, 64, 9, 31, 295, 140, 311]
 
 
@@ -217,9 +226,9 @@ def main():
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
         vocab = make_tokenizer(name, d)
-        if name != "qwen3":  # qwen3's vocabulary is qwen2's (same pre-tokenizer, same training)
+        if name not in ("qwen3", "phi3"):  # qwen3's vocabulary is qwen2's, phi3's mistral's (same training)
             print(name, "tokenizer corpus lines", tokenizer_golden(d))
-        spm_vocab = name in ("mistral", "gemma3")
+        spm_vocab = name in ("mistral", "gemma3", "phi3")
         kw = dict(COMMON, vocab_size=vocab, **extra)
         if "hidden_activation" in kw:
             del kw["hidden_act"]
@@ -244,7 +253,7 @@ def main():
             logits = model64(ids).logits[0].float()
         base_model = copy.deepcopy(model)  # fp32, for the llama.cpp GELU comparison below
         lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                               target_modules=PEFT_TARGETS.get(name, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
         pm = peft.get_peft_model(model64, lcfg)
         with torch.no_grad():
             for pname, p in pm.named_parameters():
@@ -267,7 +276,8 @@ def main():
         convert(llama_cpp_dir, name, d, "f32", f32)
         convert(llama_cpp_dir, name, d, "q8_0", os.path.join(d, "model.q8_0.gguf"))
         lc = {"logits_f32": llama_cpp_logits(f32, TOKENS),
-              "logits_q8_0": llama_cpp_logits(os.path.join(d, "model.q8_0.gguf"), TOKENS)}
+              # F16 is enough for the Q8_0 comparison (llama.cpp rounds activations to 8 bits there).
+              "logits_q8_0": llama_cpp_logits(os.path.join(d, "model.q8_0.gguf"), TOKENS).half()}
         if name == "gemma3":
             # llama.cpp computes GELU from a table of fp16 values (ggml's GGML_GELU_FP16): with
             # that emulated, transformers agrees with llama.cpp's F32 logits to fp32 rounding.
