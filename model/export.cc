@@ -71,6 +71,12 @@ std::vector<Target> Targets(const LlamaConfig& c) {
   return t;
 }
 
+// Whether llama.cpp's GGUF of this architecture keeps q/k rows in rotate_half order (it runs
+// qwen2/qwen3/gemma3/phi3 with NeoX RoPE; its llama arch has adjacent pairs). Decided by the
+// target's architecture, not by the file the model came from (a Hugging Face llama folder is
+// rotate_half, its GGUF is not).
+bool GgufNeox(const LlamaConfig& c) { return c.arch != "llama"; }
+
 std::string PeftTensorName(int64_t layer, const Target& t, const char* ab) {
   return absl::StrCat("base_model.model.model.layers.", layer, ".", t.prefix, ".", t.peft, ".lora_", ab, ".weight");
 }
@@ -283,6 +289,12 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
         const auto& a = single;
         const int64_t r = std::min(a->in, a->out);
         std::vector<float> delta = DenseDelta(*a), eye(static_cast<size_t>(r * r), 0.0f);
+        if (GgufNeox(c) && IsRope(t.parts[0].mod)) {  // the delta's rows in the base file's order
+          std::vector<float> file(delta.size());
+          for (int64_t row = 0; row < a->out; ++row)
+            std::copy_n(delta.begin() + row * a->in, a->in, file.begin() + HfRow(row, c.head_dim) * a->in);
+          delta = std::move(file);
+        }
         for (int64_t i = 0; i < r; ++i) eye[static_cast<size_t>(i * r + i)] = static_cast<float>(r);
         if (r == a->out) {  // A = delta [out x in], B = r I
           FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_a", {a->in, r}, GgmlType::kF32, delta));
@@ -297,7 +309,7 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
       }
       // The base file's q/k row order: llama's GGUF is adjacent pairs like fedtune's;
       // qwen2/qwen3/gemma3/phi3 files keep rotate_half order (llama.cpp runs them with NeoX RoPE).
-      const Stacked st = Stack(adapters, l, t, c, c.neox_file_layout, [&](int64_t r) { return alpha / static_cast<float>(r); });
+      const Stacked st = Stack(adapters, l, t, c, GgufNeox(c), [&](int64_t r) { return alpha / static_cast<float>(r); });
       if (st.rank == 0) continue;
       const int64_t in = static_cast<int64_t>(st.a.size()) / st.rank;
       FT_RETURN_IF_ERROR(w.AddTensorF32(base + ".lora_a", {in, st.rank}, GgmlType::kF32, st.a));
@@ -341,7 +353,7 @@ absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, 
       const auto delta = DenseDelta(*a);
       if ((p.row0 + a->out) * a->in > static_cast<int64_t>(wv.size())) return absl::InternalError(absl::StrCat("adapter for ", t.name, " does not match its shape"));
       for (int64_t row = 0; row < a->out; ++row) {
-        const int64_t file_row = p.row0 + FileRow(p.mod, row, model.config().head_dim, model.config().neox_file_layout);
+        const int64_t file_row = p.row0 + FileRow(p.mod, row, model.config().head_dim, GgufNeox(model.config()));
         for (int64_t i = 0; i < a->in; ++i) wv[static_cast<size_t>(file_row * a->in + i)] += delta[static_cast<size_t>(row * a->in + i)];
       }
     }

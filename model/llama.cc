@@ -164,6 +164,20 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   if (c.neox_file_layout && c.rope_dim != c.head_dim) {
     return absl::UnimplementedError(absl::StrCat("partial rotary embedding (", c.rope_dim, " of ", c.head_dim, ") with NeoX RoPE is not implemented"));
   }
+  // llama.cpp: a scaling factor without a type is linear; rope.scale_linear is the older key.
+  if (g.Find(a + "rope.scale_linear") != nullptr && g.GetFloatOr(a + "rope.scale_linear", 1.0) != 1.0) {
+    if (g.Find(a + "rope.scaling.type") != nullptr || g.Find(a + "rope.scaling.factor") != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("model sets both ", a, "rope.scale_linear and ", a, "rope.scaling.*"));
+    }
+    const double f = g.GetFloatOr(a + "rope.scale_linear", 1.0);
+    if (!(f > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope.scale_linear must be positive"));
+    c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(f));
+  }
+  if (g.Find(a + "rope.scaling.type") == nullptr && g.Find(a + "rope.scaling.factor") != nullptr && g.GetFloatOr(a + "rope.scaling.factor", 1.0) != 1.0) {
+    const double f = g.GetFloatOr(a + "rope.scaling.factor", 1.0);
+    if (!(f > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope.scaling.factor must be positive"));
+    c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(f));
+  }
   if (g.Find(a + "rope.scaling.type") != nullptr) {
     FT_ASSIGN_OR_RETURN(std::string type, g.GetString(a + "rope.scaling.type"));
     if (type == "linear") {
@@ -372,6 +386,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     if (windowed_layers) {
       for (const auto& t : j["layer_types"]) c.swa_layers.push_back(t.get<std::string>() == "sliding_attention");
       if (static_cast<int64_t>(c.swa_layers.size()) != c.n_layer) return bad("layer_types needs one entry per layer");
+    } else if (!j.contains("layer_types")) {
+      // transformers 4.50-4.52 configs (gemma-3-1b-it): sliding_window_pattern, every n-th layer global.
+      const int64_t n = j.value("sliding_window_pattern", int64_t{6});
+      if (n <= 0) return bad("sliding_window_pattern must be positive");
+      for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers.push_back((l + 1) % n != 0);
+      if (n > 1 && j.contains("sliding_window") && j["sliding_window"].is_number_integer()) c.sliding_window = j["sliding_window"].get<int64_t>();
     }
   }
   if (rope != nullptr) {

@@ -498,6 +498,60 @@ TEST_P(FamilyOracle, ConverterStyleGgufGivesTheSameLogitsAndExportsMatch) {
   // GGUF-LoRA in the file's row order: B rows of q/k as the base stores them.
   const std::string lora = testing::TempPath(GetParam() + "_lora.gguf");
   ASSERT_TRUE(ExportGgufLora(lora, **g, *set).ok());
+  // The same adapters exported from the Hugging Face folder give the same GGUF-LoRA: the rows
+  // follow the GGUF architecture's convention, not the source file's.
+  const std::string lora_hf = testing::TempPath(GetParam() + "_lora_hf.gguf");
+  ASSERT_TRUE(ExportGgufLora(lora_hf, *model_, *set).ok());
+  auto lh = GgufFile::Open(lora_hf);
+  auto lg = GgufFile::Open(lora);
+  ASSERT_TRUE(lh.ok() && lg.ok());
+  ASSERT_EQ((*lh)->tensors().size(), (*lg)->tensors().size());
+  for (size_t i = 0; i < (*lg)->tensors().size(); ++i) {
+    const auto& x = (*lg)->tensors()[i];
+    const auto& y = (*lh)->tensors()[i];
+    ASSERT_EQ(x.name, y.name);
+    ASSERT_EQ(x.nbytes, y.nbytes);
+    EXPECT_EQ(std::memcmp(x.data, y.data, x.nbytes), 0) << x.name;
+  }
+  // DiaBlo: its GGUF-LoRA (an exact LoRA of rank min(in, out)) is the merged export's change of
+  // each weight, row for row in the file's order.
+  auto dia = MakeAdapters<float>((*g)->adapter_dims(), AdapterSpec{AdapterKind::kDiaBlo, 4, 8.0f, false, 4}, {Module::kQ, Module::kV}, 7);
+  ASSERT_TRUE(dia.ok());
+  for (auto& layer : dia->layers)
+    for (auto& a : layer)
+      if (a)
+        for (size_t i = 0; i < a->d.size(); ++i) a->d[i] = 0.01f * static_cast<float>((i * 7919) % 97) - 0.4f;
+  const std::string dia_lora = testing::TempPath(GetParam() + "_dia_lora.gguf"), dia_merged = testing::TempPath(GetParam() + "_dia_merged.gguf");
+  ASSERT_TRUE(ExportMergedGguf(dia_merged, **g, *dia, GgmlType::kF32).ok());
+  if (!(*g)->config().fused) {
+    ASSERT_TRUE(ExportGgufLora(dia_lora, **g, *dia).ok());
+    auto dl = GgufFile::Open(dia_lora);
+    auto dm = GgufFile::Open(dia_merged);
+    auto base = GgufFile::Open(path);
+    ASSERT_TRUE(dl.ok() && dm.ok() && base.ok());
+    const float alpha = static_cast<float>((*dl)->GetFloatOr("adapter.lora.alpha", 0));
+    for (const char* stem : {"blk.0.attn_q.weight", "blk.1.attn_v.weight"}) {
+      const GgufTensor* la = (*dl)->FindTensor(std::string(stem) + ".lora_a");
+      const GgufTensor* lb = (*dl)->FindTensor(std::string(stem) + ".lora_b");
+      ASSERT_TRUE(la != nullptr && lb != nullptr) << stem;
+      const int64_t in = la->ne[0], r = la->ne[1], out = lb->ne[1];
+      std::vector<float> A(static_cast<size_t>(in * r)), B(static_cast<size_t>(r * out)), w0(static_cast<size_t>(in * out)), w1(w0.size());
+      kernels::DequantizeRow(la->type, la->data, A.data(), in * r);
+      kernels::DequantizeRow(lb->type, lb->data, B.data(), r * out);
+      const GgufTensor* t0 = (*base)->FindTensor(stem);
+      const GgufTensor* t1 = (*dm)->FindTensor(stem);
+      kernels::DequantizeRow(t0->type, t0->data, w0.data(), in * out);
+      kernels::DequantizeRow(t1->type, t1->data, w1.data(), in * out);
+      double worst = 0;
+      for (int64_t o = 0; o < out; ++o)
+        for (int64_t i = 0; i < in; ++i) {
+          double d = 0;
+          for (int64_t k = 0; k < r; ++k) d += static_cast<double>(B[static_cast<size_t>(o * r + k)]) * A[static_cast<size_t>(k * in + i)];
+          worst = std::max(worst, std::abs(alpha / static_cast<double>(r) * d - (w1[static_cast<size_t>(o * in + i)] - w0[static_cast<size_t>(o * in + i)])));
+        }
+      EXPECT_LE(worst, 1e-5) << stem;
+    }
+  }
   if ((*g)->config().fused) return;  // fused targets: checked in llama.cpp (check_family_exports.py)
   auto lf = GgufFile::Open(lora);
   ASSERT_TRUE(lf.ok());
@@ -649,6 +703,42 @@ TEST(FamilyRefusal, UnimplementedSettingsAndTensorsAreRefusedByName) {
   ASSERT_TRUE(m.ok()) << m.status();
   ASSERT_FALSE((*m)->config().rope_freq_factors.empty());
   EXPECT_FLOAT_EQ((*m)->config().rope_freq_factors[0], 4.0f);
+  // As llama.cpp: a factor without a type is linear, and so is the older rope.scale_linear.
+  auto factor_only = TinyWith("factor_only", [](GgufWriter& w) { w.SetF32("llama.rope.scaling.factor", 2.0f); });
+  auto old_key = TinyWith("scale_linear", [](GgufWriter& w) { w.SetF32("llama.rope.scale_linear", 3.0f); });
+  ASSERT_TRUE(factor_only.ok() && old_key.ok());
+  for (const auto& [file, f] : {std::pair{*factor_only, 2.0f}, std::pair{*old_key, 3.0f}}) {
+    auto mm = LlamaModel::Load(file);
+    ASSERT_TRUE(mm.ok()) << mm.status();
+    ASSERT_FALSE((*mm)->config().rope_freq_factors.empty()) << file;
+    EXPECT_FLOAT_EQ((*mm)->config().rope_freq_factors[0], f);
+  }
+}
+
+// A Gemma 3 config as transformers 4.50-4.52 wrote it (gemma-3-1b-it): rope_theta,
+// rope_local_base_freq, rope_scaling and sliding_window_pattern instead of layer_types and
+// per-layer-type rope_parameters. Same model, same logits.
+TEST(FamilyLegacyConfig, Gemma3WithSlidingWindowPatternKeys) {
+  const std::string src = FamilyDir("gemma3");
+  auto j = nlohmann::json::parse(*ReadFileToString(src + "/config.json"));
+  j.erase("layer_types");
+  j.erase("rope_parameters");
+  j["rope_theta"] = 1000000.0;
+  j["rope_local_base_freq"] = 10000.0;
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 2.0}};
+  j["sliding_window_pattern"] = 6;
+  const std::string dir = testing::TempPath("gemma3_legacy");
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(src + "/model.safetensors", dir + "/model.safetensors", std::filesystem::copy_options::overwrite_existing);
+  const std::string text = j.dump();
+  ASSERT_TRUE(WriteFileAtomic(dir + "/config.json", {reinterpret_cast<const uint8_t*>(text.data()), text.size()}).ok());
+  auto m = LlamaModel::Load(dir);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ((*m)->config().sliding_window, 128);
+  for (int64_t l = 0; l < 6; ++l) EXPECT_EQ((*m)->config().IsSwa(l), l < 5);
+  auto g = SafetensorsFile::Open(src + "/golden.safetensors");
+  ASSERT_TRUE(g.ok());
+  EXPECT_LE(RelErr(Logits(**m, GoldenTokens(**g), nullptr), GoldenF32(**g, "logits")), 1e-4);
 }
 
 TEST(FamilyRefusal, HfConfigSettingsTheEngineLacksAreRefused) {
