@@ -388,6 +388,8 @@ absl::Status Tokenizer::InitSentencePiece(const GgufFile& g) {
   }
   scores_.assign(scores->floats.begin(), scores->floats.end());
   add_space_prefix_ = g.Find("tokenizer.ggml.add_space_prefix") ? g.GetBool("tokenizer.ggml.add_space_prefix").value_or(true) : true;
+  const int64_t unk = g.GetIntOr("tokenizer.ggml.unknown_token_id", -1);
+  unk_ = unk >= 0 && unk < vocab_size() ? static_cast<int32_t>(unk) : FindToken("<unk>").value_or(-1);
   std::fill(std::begin(byte_fallback_), std::end(byte_fallback_), -1);
   for (int32_t i = 0; i < vocab_size(); ++i) {
     const std::string& t = tokens_[static_cast<size_t>(i)];
@@ -466,14 +468,13 @@ void Tokenizer::EncodeSentencePiece(std::string_view text, bool prefix, std::vec
       emit(it->second.second);
       return;
     }
-    for (unsigned char b : piece) {  // byte fallback (the unknown token where the vocabulary has no bytes)
-      const int32_t bid = byte_fallback_[b];
-      if (bid >= 0) {
-        out->push_back(bid);
-      } else if (auto unk = FindToken("<unk>")) {
-        out->push_back(*unk);
-        break;
-      }
+    // Byte fallback; a vocabulary without byte pieces gets its unknown token (SentencePiece's
+    // behaviour), and one without either loses the piece, as SentencePiece would not encode it.
+    const bool bytes = std::all_of(piece.begin(), piece.end(), [&](char ch) { return byte_fallback_[static_cast<unsigned char>(ch)] >= 0; });
+    if (bytes) {
+      for (unsigned char b : piece) out->push_back(byte_fallback_[b]);
+    } else if (unk_ >= 0) {
+      out->push_back(unk_);
     }
   };
   for (int i = 0; i >= 0; i = sym[static_cast<size_t>(i)].next) emit(s.substr(sym[static_cast<size_t>(i)].begin, sym[static_cast<size_t>(i)].len));

@@ -81,6 +81,7 @@ class Tokenizer {
   bool spm_ = false, add_space_prefix_ = true;
   std::vector<float> scores_;       // SentencePiece piece scores
   int32_t byte_fallback_[256];      // SentencePiece: id of "<0xXX>" (-1: none)
+  int32_t unk_ = -1;                // tokenizer.ggml.unknown_token_id (SentencePiece without a byte piece)
   int32_t bos_ = -1, eos_ = -1, eot_ = -1;
   bool add_bos_ = false;
   std::string default_system_;

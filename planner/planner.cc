@@ -99,8 +99,12 @@ double ModelShape::LayerCacheBytesPerToken() const {
 double ModelShape::RecomputeBytesPerToken() const {
   const double e = static_cast<double>(n_embd), q = static_cast<double>(n_q > 0 ? n_q : n_embd), f = static_cast<double>(n_ff);
   // Kept layer inputs (E per layer), the layer being recomputed, and the backward's temporaries:
-  // x, next, h, dh, o, dx_mid (E); dh1, dh2 (max(E, q)); dact, dgate, dup (F).
-  return 4 * e * static_cast<double>(n_layer) + LayerCacheBytesPerToken() + 4 * (6 * e + 2 * std::max(e, q) + 3 * f);
+  // x, next, h, dh, o, dx_mid (E); dh1, dh2 (max(E, q)); dact, dgate, dup (F); with q/k norms
+  // dxd holds k's gradient (kv), with post norms dnorm one more E.
+  double temp = 6 * e + 2 * std::max(e, q) + 3 * f;
+  if (qk_norm) temp += static_cast<double>(n_kv);
+  if (post_norms) temp += e;
+  return 4 * e * static_cast<double>(n_layer) + LayerCacheBytesPerToken() + 4 * temp;
 }
 
 MemoryModel MemoryModel::Fitted() {
