@@ -326,10 +326,11 @@ TEST_P(FamilyOracle, LogitsMatchLlamaCppF32) {
   ASSERT_TRUE(lc.ok()) << lc.status();
   const double err = RelErr(Logits(*model_, tokens_, nullptr), GoldenF32(**lc, "logits_f32"));
   if (GetParam() == "gemma3") {
-    // ggml computes GELU from a table of fp16 values (GGML_GELU_FP16); transformers with that
-    // table emulated comes within 7.4e-3 of llama.cpp (the generator measures it), fedtune
-    // matches transformers exactly (LogitsMatchTransformers).
-    EXPECT_LE(GoldenF32(**lc, "fp16_gelu_vs_llamacpp").at(0), 1e-2);
+    // llama.cpp's converter adds Gemma's +1 to the norm weights in the checkpoint's dtype (F16
+    // here) and ggml computes GELU from an fp16 table; transformers with both emulated
+    // reproduces llama.cpp (the generator measures it), and fedtune matches transformers
+    // exactly (LogitsMatchTransformers).
+    EXPECT_LE(GoldenF32(**lc, "emulated_vs_llamacpp").at(0), 1e-4);
     EXPECT_LE(err, 2e-2) << GetParam();
   } else {
     EXPECT_LE(err, 1e-4) << GetParam();
