@@ -12,11 +12,6 @@ namespace {
 
 using kernels::GgmlType;
 
-// Row r of a q/k output in GGUF order sits at this HF row.
-int64_t HfRow(int64_t r, int64_t head_dim) {
-  const int64_t h = r / head_dim, w = r % head_dim;
-  return h * head_dim + (w % 2) * (head_dim / 2) + w / 2;
-}
 
 bool IsRope(Module m) { return m == Module::kQ || m == Module::kK; }
 
@@ -83,7 +78,7 @@ std::string PeftTensorName(int64_t layer, const Target& t, const char* ab) {
 
 // Row `row` of module `mod` (fedtune's order) in a file that stores q/k rows in rotate_half
 // order when `neox`.
-int64_t FileRow(Module mod, int64_t row, int64_t head_dim, bool neox) { return neox && IsRope(mod) ? HfRow(row, head_dim) : row; }
+int64_t FileRow(Module mod, int64_t row, int64_t head_dim, bool neox) { return neox && IsRope(mod) ? RotateHalfRow(row, head_dim) : row; }
 
 // One target of one layer as a LoRA pair: A stacks the parts' A (rank = the sum of their ranks),
 // B is block-diagonal, each block scaled so that scale(rank) * B A equals the parts' deltas,
@@ -292,7 +287,7 @@ absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, co
         if (GgufNeox(c) && IsRope(t.parts[0].mod)) {  // the delta's rows in the base file's order
           std::vector<float> file(delta.size());
           for (int64_t row = 0; row < a->out; ++row)
-            std::copy_n(delta.begin() + row * a->in, a->in, file.begin() + HfRow(row, c.head_dim) * a->in);
+            std::copy_n(delta.begin() + row * a->in, a->in, file.begin() + RotateHalfRow(row, c.head_dim) * a->in);
           delta = std::move(file);
         }
         for (int64_t i = 0; i < r; ++i) eye[static_cast<size_t>(i * r + i)] = static_cast<float>(r);

@@ -2,9 +2,11 @@
 // DiaBlo as an exact LoRA of rank min(in, out) whose other factor is a scaled identity), and a merged model
 // GGUF; import of a PEFT LoRA adapter. See FORMATS.md.
 //
-// Orientation trap: fedtune trains on GGUF weights, whose Q/K rows llama.cpp's converter
-// permuted (GGUF row 2i+t of a head = HF row t*hd/2+i). GGUF-LoRA keeps fedtune's order; PEFT
-// un-permutes the rows of B for q and k (A is untouched), and import permutes them back.
+// Orientation trap: fedtune keeps Q/K rows in adjacent-pair order (row 2i+t of a head = HF row
+// t*hd/2+i, RotateHalfRow). PEFT always gets rotate_half rows of B for q and k (A is untouched;
+// import permutes them back); GGUF-LoRA and merged GGUF get the order of llama.cpp's GGUF for the
+// architecture (llama: adjacent pairs; qwen2/qwen3/gemma3/phi3: rotate_half). Phi-3's fused
+// projections are exported as the fused tensors PEFT and llama.cpp address.
 #pragma once
 
 #include <string>

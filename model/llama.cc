@@ -57,22 +57,15 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
 
 namespace {
 
-// Internal row (h * hd + 2i + s) of a q/k projection is the file's rotate_half row
-// (h * hd + s * hd / 2 + i): the permutation llama.cpp's converter applies for its llama arch.
-int64_t NeoxRow(int64_t r, int64_t hd) {
-  const int64_t h = r / hd, w = r % hd;
-  return h * hd + (w % 2) * (hd / 2) + w / 2;
-}
-
 std::vector<uint8_t> PermuteNeoxRows(const uint8_t* src, int64_t rows, size_t row_bytes, int64_t hd) {
   std::vector<uint8_t> buf(static_cast<size_t>(rows) * row_bytes);
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf.data() + static_cast<size_t>(r) * row_bytes, src + static_cast<size_t>(NeoxRow(r, hd)) * row_bytes, row_bytes);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(buf.data() + static_cast<size_t>(r) * row_bytes, src + static_cast<size_t>(RotateHalfRow(r, hd)) * row_bytes, row_bytes);
   return buf;
 }
 
 std::vector<float> PermuteNeox(const std::vector<float>& v, int64_t hd) {
   std::vector<float> out(v.size());
-  for (size_t r = 0; r < v.size(); ++r) out[r] = v[static_cast<size_t>(NeoxRow(static_cast<int64_t>(r), hd))];
+  for (size_t r = 0; r < v.size(); ++r) out[r] = v[static_cast<size_t>(RotateHalfRow(static_cast<int64_t>(r), hd))];
   return out;
 }
 
@@ -164,29 +157,26 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   if (c.neox_file_layout && c.rope_dim != c.head_dim) {
     return absl::UnimplementedError(absl::StrCat("partial rotary embedding (", c.rope_dim, " of ", c.head_dim, ") with NeoX RoPE is not implemented"));
   }
-  // llama.cpp: a scaling factor without a type is linear; rope.scale_linear is the older key.
-  if (g.Find(a + "rope.scale_linear") != nullptr && g.GetFloatOr(a + "rope.scale_linear", 1.0) != 1.0) {
-    if (g.Find(a + "rope.scaling.type") != nullptr || g.Find(a + "rope.scaling.factor") != nullptr) {
+  // Linear RoPE scaling as llama.cpp reads it: rope.scaling.type "linear", or no type with a
+  // rope.scaling.factor, or the older rope.scale_linear.
+  const bool has_type = g.Find(a + "rope.scaling.type") != nullptr;
+  std::string scaling = "none";
+  if (has_type) {
+    FT_ASSIGN_OR_RETURN(scaling, g.GetString(a + "rope.scaling.type"));
+  }
+  double factor = g.GetFloatOr(a + "rope.scaling.factor", 1.0);
+  if (g.Find(a + "rope.scale_linear") != nullptr) {
+    if (has_type || g.Find(a + "rope.scaling.factor") != nullptr) {
       return absl::InvalidArgumentError(absl::StrCat("model sets both ", a, "rope.scale_linear and ", a, "rope.scaling.*"));
     }
-    const double f = g.GetFloatOr(a + "rope.scale_linear", 1.0);
-    if (!(f > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope.scale_linear must be positive"));
-    c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(f));
+    factor = g.GetFloatOr(a + "rope.scale_linear", 1.0);
   }
-  if (g.Find(a + "rope.scaling.type") == nullptr && g.Find(a + "rope.scaling.factor") != nullptr && g.GetFloatOr(a + "rope.scaling.factor", 1.0) != 1.0) {
-    const double f = g.GetFloatOr(a + "rope.scaling.factor", 1.0);
-    if (!(f > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope.scaling.factor must be positive"));
-    c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(f));
-  }
-  if (g.Find(a + "rope.scaling.type") != nullptr) {
-    FT_ASSIGN_OR_RETURN(std::string type, g.GetString(a + "rope.scaling.type"));
-    if (type == "linear") {
-      const double f = g.GetFloatOr(a + "rope.scaling.factor", 1.0);
-      if (!(f > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope.scaling.factor must be positive"));
-      c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(f));
-    } else if (type != "none") {
-      return absl::UnimplementedError(absl::StrCat("RoPE scaling '", type, "' (", a, "rope.scaling.type) is not implemented (none, linear, Llama 3 rope_freqs)"));
-    }
+  if (!has_type && factor != 1.0) scaling = "linear";
+  if (scaling == "linear") {
+    if (!(factor > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope scaling factor must be positive"));
+    c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(factor));
+  } else if (scaling != "none") {
+    return absl::UnimplementedError(absl::StrCat("RoPE scaling '", scaling, "' (", a, "rope.scaling.type) is not implemented (none, linear, Llama 3 rope_freqs)"));
   }
 
   std::set<std::string> used;

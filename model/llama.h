@@ -59,6 +59,14 @@ struct LlamaConfig {
   const float* FreqFactors(int64_t l) const { return IsSwa(l) || rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
 };
 
+// fedtune keeps q/k rows in adjacent-pair RoPE order (llama.cpp's llama layout): row
+// h * hd + 2i + s. In rotate_half order (Hugging Face, llama.cpp's NeoX archs) that row is
+// h * hd + s * hd / 2 + i, returned here.
+inline int64_t RotateHalfRow(int64_t r, int64_t head_dim) {
+  const int64_t h = r / head_dim, w = r % head_dim;
+  return h * head_dim + (w % 2) * (head_dim / 2) + w / 2;
+}
+
 struct LlamaLayer {
   std::vector<float> attn_norm, ffn_norm;
   kernels::QMatrix wq, wk, wv, wo, w_gate, w_up, w_down;

@@ -322,33 +322,30 @@ TEST_P(BackendOps, SwiGluWithExtremesAndNonFinite) {
       up[5] = INFINITY;
     }
     const std::string shape = "n=" + std::to_string(n);
-    if (Has(Op::kSwiGluForward)) {
-      Vec o_ref(gate.size()), o(gate.size());
-      ref_.SwiGluForward(gate.data(), up.data(), o_ref.data(), n);
-      be_->SwiGluForward(gate.data(), up.data(), o.data(), n);
-      Expect(Op::kSwiGluForward, o_ref, o, kElemTol, shape);
-    }
-    if (Has(Op::kSwiGluBackward)) {
-      const Vec dout = Random(gate.size(), rng_);
-      Vec dg_ref = Random(gate.size(), rng_), du_ref = Random(gate.size(), rng_), dg = dg_ref, du = du_ref;
-      ref_.SwiGluBackward(gate.data(), up.data(), dout.data(), dg_ref.data(), du_ref.data(), n);
-      be_->SwiGluBackward(gate.data(), up.data(), dout.data(), dg.data(), du.data(), n);
-      Expect(Op::kSwiGluBackward, dg_ref, dg, kElemTol, shape + " dgate");
-      Expect(Op::kSwiGluBackward, du_ref, du, kElemTol, shape + " dup");
-    }
-    if (Has(Op::kGegluForward)) {
-      Vec o_ref(gate.size()), o(gate.size());
-      ref_.GegluForward(gate.data(), up.data(), o_ref.data(), n);
-      be_->GegluForward(gate.data(), up.data(), o.data(), n);
-      Expect(Op::kGegluForward, o_ref, o, kElemTol, shape);
-    }
-    if (Has(Op::kGegluBackward)) {
-      const Vec dout = Random(gate.size(), rng_);
-      Vec dg_ref = Random(gate.size(), rng_), du_ref = Random(gate.size(), rng_), dg = dg_ref, du = du_ref;
-      ref_.GegluBackward(gate.data(), up.data(), dout.data(), dg_ref.data(), du_ref.data(), n);
-      be_->GegluBackward(gate.data(), up.data(), dout.data(), dg.data(), du.data(), n);
-      Expect(Op::kGegluBackward, dg_ref, dg, kElemTol, shape + " dgate");
-      Expect(Op::kGegluBackward, du_ref, du, kElemTol, shape + " dup");
+    // The two gated units (SwiGLU, GeGLU), forward and backward, through the same checks.
+    using Fwd = void (Backend::*)(const float*, const float*, float*, int64_t);
+    using Bwd = void (Backend::*)(const float*, const float*, const float*, float*, float*, int64_t);
+    const struct {
+      Op fwd_op, bwd_op;
+      Fwd fwd;
+      Bwd bwd;
+    } units[] = {{Op::kSwiGluForward, Op::kSwiGluBackward, &Backend::SwiGluForward, &Backend::SwiGluBackward},
+                 {Op::kGegluForward, Op::kGegluBackward, &Backend::GegluForward, &Backend::GegluBackward}};
+    for (const auto& u : units) {
+      if (Has(u.fwd_op)) {
+        Vec o_ref(gate.size()), o(gate.size());
+        (ref_.*u.fwd)(gate.data(), up.data(), o_ref.data(), n);
+        (be_->*u.fwd)(gate.data(), up.data(), o.data(), n);
+        Expect(u.fwd_op, o_ref, o, kElemTol, shape);
+      }
+      if (Has(u.bwd_op)) {
+        const Vec dout = Random(gate.size(), rng_);
+        Vec dg_ref = Random(gate.size(), rng_), du_ref = Random(gate.size(), rng_), dg = dg_ref, du = du_ref;
+        (ref_.*u.bwd)(gate.data(), up.data(), dout.data(), dg_ref.data(), du_ref.data(), n);
+        (be_->*u.bwd)(gate.data(), up.data(), dout.data(), dg.data(), du.data(), n);
+        Expect(u.bwd_op, dg_ref, dg, kElemTol, shape + " dgate");
+        Expect(u.bwd_op, du_ref, du, kElemTol, shape + " dup");
+      }
     }
   }
 }

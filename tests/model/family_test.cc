@@ -116,8 +116,7 @@ absl::Status WriteConverterStyleGguf(const LlamaModel& hf, const std::string& hf
       std::vector<float> y(x.size());
       const int64_t hd = rows / permute_heads;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t h = r / hd, i = r % hd, src = h * hd + (i % 2) * (hd / 2) + i / 2;
-        std::copy_n(x.begin() + src * cols, cols, y.begin() + r * cols);
+        std::copy_n(x.begin() + RotateHalfRow(r, hd) * cols, cols, y.begin() + r * cols);
       }
       x = std::move(y);
     }
@@ -236,7 +235,7 @@ std::map<std::string, std::vector<float>> PeftGradients(const LlamaModel& m, con
         gb.resize(static_cast<size_t>((row0 + a.out) * r));
         const bool rope = mod == Module::kQ || mod == Module::kK;
         for (int64_t row = 0; row < a.out; ++row) {
-          const int64_t w = row % hd, hf = rope ? (row / hd) * hd + (w % 2) * (hd / 2) + w / 2 : row;
+          const int64_t hf = rope ? RotateHalfRow(row, hd) : row;
           for (int64_t k = 0; k < r; ++k) gb[static_cast<size_t>((row0 + hf) * r + k)] = static_cast<float>(a.gb[static_cast<size_t>(row * r + k)]);
         }
       }
@@ -246,7 +245,7 @@ std::map<std::string, std::vector<float>> PeftGradients(const LlamaModel& m, con
 }
 
 template <typename T>
-AdapterSet<double> ToDouble(const LlamaModel& m, const AdapterSet<T>& src) {
+AdapterSet<double> ToDouble(const AdapterSet<T>& src) {
   AdapterSet<double> d;
   d.layers.resize(src.layers.size());
   for (size_t l = 0; l < src.layers.size(); ++l)
@@ -261,7 +260,6 @@ AdapterSet<double> ToDouble(const LlamaModel& m, const AdapterSet<T>& src) {
       a->gb.assign(s.gb.begin(), s.gb.end());
       d.layers[l][k] = std::move(*a);
     }
-  (void)m;
   return d;
 }
 
@@ -446,7 +444,7 @@ TEST_P(FamilyOracle, LoraLogitsAndGradientsMatchPeftAndAutograd) {
       ASSERT_TRUE(nll.ok()) << nll.status();
       EXPECT_NEAR(*nll, want_nll, tol * 0.1 * want_nll) << be->Name();
       double worst = 0;
-      const auto grads = PeftGradients(*model_, ToDouble(*model_, *set));
+      const auto grads = PeftGradients(*model_, ToDouble(*set));
       for (const auto& [name, g] : grads) {
         const double e = RelErr(g, GoldenF32(*golden_, name + ".grad"));
         worst = std::max(worst, e);
@@ -464,7 +462,7 @@ TEST_P(FamilyOracle, LoraLogitsAndGradientsMatchPeftAndAutograd) {
 TEST_P(FamilyOracle, LoraGradientsInDoubleMatchAutogradFloat64) {
   auto set = ImportPeft(dir_ + "/adapter", *model_);
   ASSERT_TRUE(set.ok());
-  AdapterSet<double> d = ToDouble(*model_, *set);
+  AdapterSet<double> d = ToDouble(*set);
   Batch b;
   b.n_seq = 1;
   b.len = static_cast<int64_t>(tokens_.size());
@@ -565,8 +563,8 @@ TEST_P(FamilyOracle, ConverterStyleGgufGivesTheSameLogitsAndExportsMatch) {
   kernels::DequantizeRow(bq->type, bq->data, file_b.data(), bq->n_elements());
   const int64_t hd = (*g)->config().head_dim, r = 4;
   for (int64_t row = 0; row < (*g)->config().q_dim(); ++row) {
-    // llama's file rows are adjacent pairs (row i of the file is HF row NeoxRow(i)); qwen's are HF's.
-    const int64_t hf_row = (*g)->config().neox_file_layout ? row : (row / hd) * hd + (row % hd % 2) * (hd / 2) + row % hd / 2;
+    // llama's file rows are adjacent pairs (file row i is HF row RotateHalfRow(i)); qwen's are HF's.
+    const int64_t hf_row = (*g)->config().neox_file_layout ? row : RotateHalfRow(row, hd);
     for (int64_t k = 0; k < r; ++k) ASSERT_FLOAT_EQ(file_b[static_cast<size_t>(row * r + k)], peft_b[static_cast<size_t>(hf_row * r + k)]) << row;
   }
 }
