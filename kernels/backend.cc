@@ -1,6 +1,7 @@
 #include "kernels/backend.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -571,9 +572,15 @@ CudaState& Cuda() {
   static CudaState s;
   std::call_once(s.once, [] {
 #ifdef FEDTUNE_HAVE_CUDA
-    // $FEDTUNE_CUDA_MODULE, else the module next to the build that made this binary.
+    // $FEDTUNE_CUDA_MODULE, else the module of the build tree that made this binary while that
+    // exists, else the installed one (the fedtune-cuda package).
     const char* env = std::getenv("FEDTUNE_CUDA_MODULE");
-    const std::string path = env != nullptr && *env != '\0' ? env : FEDTUNE_CUDA_MODULE;
+    std::string path = env != nullptr && *env != '\0' ? env : FEDTUNE_CUDA_MODULE;
+    if ((env == nullptr || *env == '\0') && !std::filesystem::exists(path)) {
+      std::error_code ec;  // installed: <bindir>/../<libdir>/fedtune/ (packaging/CMakeLists.txt)
+      const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+      if (!ec) path = (exe.parent_path() / FEDTUNE_CUDA_MODULE_INSTALLED).lexically_normal().string();
+    }
     void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (h == nullptr) {
       const char* err = dlerror();

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set-up, build and tests in one command (README "Run the tests"; .ci/run calls exactly this).
-#   scripts/test.sh            unit + real-model tests (what CI runs)
+#   scripts/test.sh            unit + real-model + deployment tests (what CI runs)
 #   scripts/test.sh --asan     also the unit tests under ASan/UBSan in build-asan/ and the fuzz
 #                              targets for 60 s each (clang, build-fuzz/; scripts/fuzz.sh)
 set -euo pipefail
@@ -10,7 +10,7 @@ bash scripts/setup.sh
 jobs="${FEDTUNE_JOBS:-$(nproc)}"
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j "$jobs"
-(cd build && ctest -L 'unit|model' --output-on-failure -j "$jobs" --timeout 1500)
+(cd build && ctest -L 'unit|model|deploy' --output-on-failure -j "$jobs" --timeout 1500)
 if [[ "${1:-}" == "--asan" ]]; then
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFEDTUNE_SANITIZE=ON -DFEDTUNE_CUDA=OFF
   cmake --build build-asan -j "$jobs"

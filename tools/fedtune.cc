@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/cord.h"
 #include "nlohmann/json.hpp"
 #include "common/log.h"
 #include "common/mapped_file.h"
@@ -38,6 +39,7 @@
 #include "worker/local_trainer.h"
 
 #include <csignal>
+#include <string_view>
 #include <thread>
 
 #include <filesystem>
@@ -51,10 +53,20 @@ using Clock = std::chrono::steady_clock;
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
 // Every subcommand returns a Status; this is the one place it becomes a message and an exit code.
+// A service that cannot start because of its configuration (the file, a path in it, the
+// credentials, the model or data it names) exits with 78 (EX_CONFIG, sysexits.h): the systemd units
+// do not restart on it (RestartPreventExitStatus=78) — restarting cannot fix a configuration.
+constexpr int kExitConfig = 78;
+constexpr absl::string_view kConfigErrorPayload = "fedtune/config-error";
+absl::Status ConfigError(absl::Status s) {
+  if (!s.ok()) s.SetPayload(kConfigErrorPayload, absl::Cord("1"));
+  return s;
+}
+
 int ExitCode(const absl::Status& s) {
   if (s.ok()) return 0;
-  std::fprintf(stderr, "fedtune: error: %s\n", std::string(s.ToString()).c_str());
-  return 1;
+  std::fprintf(stderr, "fedtune: error: %s\n", std::string(s.ToString(absl::StatusToStringMode::kWithNoExtraData)).c_str());
+  return s.GetPayload(kConfigErrorPayload).has_value() ? kExitConfig : 1;
 }
 
 std::string HumanBytes(double b) {
@@ -447,9 +459,9 @@ absl::Status RunCoordinator(const std::string& path) {
   mallopt(M_MMAP_THRESHOLD, 512 << 10);
   mallopt(M_ARENA_MAX, 2);
   proto::CoordinatorConfig c;
-  if (auto st = LoadConfigFile(path, &c); !st.ok()) return st;
+  if (auto st = LoadConfigFile(path, &c); !st.ok()) return ConfigError(st);
   auto svc = coordinator::ServiceFromConfig(c);
-  if (!svc.ok()) return absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message()));
+  if (!svc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
   auto server = coordinator::CoordinatorServer::Start((*svc)->options);
   if (!server.ok()) return server.status();
   const coordinator::ServerOptions& o = (*svc)->options;
@@ -474,20 +486,20 @@ absl::Status RunCoordinator(const std::string& path) {
 // fedtune worker --config: trains tasks from the coordinator until it says the run is over.
 absl::Status RunWorker(const std::string& path) {
   proto::WorkerConfig c;
-  if (auto st = LoadConfigFile(path, &c); !st.ok()) return st;
+  if (auto st = LoadConfigFile(path, &c); !st.ok()) return ConfigError(st);
   auto backend = kernels::SelectBackend(c.device().empty() ? "cpu" : c.device());
-  if (!backend.ok()) return absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message()));
+  if (!backend.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message())));
   if (c.activation_budget_mib() < -1)
-    return absl::InvalidArgumentError("activation_budget_mib: -1 (recompute), 0 (as memory allows, the default) or a budget in MiB");
+    return ConfigError(absl::InvalidArgumentError("activation_budget_mib: -1 (recompute), 0 (as memory allows, the default) or a budget in MiB"));
   auto m = model::LlamaModel::Load(c.model().path());
-  if (!m.ok()) return m.status();
+  if (!m.ok()) return ConfigError(m.status());
   model::DatasetOptions d;
   d.holdout = 0;
   d.max_len = OrDefault(c.max_len(), 256);
   auto data = model::LoadDataset(c.data(), *(*m)->tokenizer(), d);
-  if (!data.ok()) return data.status();
+  if (!data.ok()) return ConfigError(data.status());
   auto token = ReadFileToString(c.token_file());
-  if (!token.ok()) return token.status();
+  if (!token.ok()) return ConfigError(token.status());
   worker::DaemonOptions o;
   o.address = c.coordinator();
   o.ca_pem = c.tls().ca();
@@ -499,7 +511,7 @@ absl::Status RunWorker(const std::string& path) {
   std::vector<model::Example> eval;
   if (!c.eval_data().empty()) {
     auto e = model::LoadDataset(c.eval_data(), *(*m)->tokenizer(), d);
-    if (!e.ok()) return absl::InvalidArgumentError(absl::StrCat("eval_data: ", e.status().message()));
+    if (!e.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("eval_data: ", e.status().message())));
     eval = std::move(e->train);
     o.profile.set_eval_examples(static_cast<int64_t>(eval.size()));
   }
@@ -565,6 +577,7 @@ int main(int argc, char** argv) {
   mallopt(M_MMAP_THRESHOLD, 1 << 20);
   CLI::App app{"fedtune: federated fine-tuning of quantized LLMs"};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("fedtune ") + FEDTUNE_VERSION + " (" + FEDTUNE_SYSTEM_PROCESSOR + ")");
   int threads = 0;
   std::string log_level = "info";
   app.add_option("-t,--threads", threads, "Worker threads (0 = all cores)");

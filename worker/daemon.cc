@@ -528,6 +528,8 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner&
     return absl::IsUnavailable(s) || absl::IsFailedPrecondition(s) || absl::IsCancelled(s) || absl::IsDeadlineExceeded(s) ||
            absl::IsAborted(s) || absl::IsResourceExhausted(s) || absl::IsDataLoss(s);  // DataLoss: a corrupted download, fetched again
   };
+  int failed_joins = 0;
+  std::chrono::steady_clock::time_point last_join_warning;
   while (!stop) {
     std::string me;
     int heartbeat_ms = 5000;
@@ -540,11 +542,22 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner&
       rpc::v1::JoinResponse resp;
       grpc::Status s = stub->Join(&ctx, req, &resp);
       if (s.ok()) {
+        if (failed_joins > 0 && !o.quiet) FT_LOG_INFO("joined the coordinator at {} after {} failed attempts", o.address, failed_joins);
+        failed_joins = 0;
         me = resp.worker_id();
         if (resp.heartbeat_ms() > 0) heartbeat_ms = resp.heartbeat_ms();
         break;
       }
       if (s.error_code() != grpc::StatusCode::UNAVAILABLE && s.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) return FromGrpc(s, "join");
+      // Say why we wait: the first failure, then about once a minute (the backoff caps at
+      // max_backoff_ms), so a wrong address or a firewall shows in the log.
+      const auto now = std::chrono::steady_clock::now();
+      if (failed_joins++ == 0 || now - last_join_warning > std::chrono::seconds(60)) {
+        if (!o.quiet)
+          FT_LOG_WARN("cannot join the coordinator at {} ({} attempt{}): {}; retrying", o.address, failed_joins,
+                      failed_joins == 1 ? "" : "s", FromGrpc(s, "join").ToString());
+        last_join_warning = now;
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(backoff));
     }
     if (stop) break;
