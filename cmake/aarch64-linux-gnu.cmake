@@ -10,3 +10,5 @@ set(CMAKE_CROSSCOMPILING_EMULATOR qemu-aarch64)
 # Programs (protoc, grpc_cpp_plugin) run on the build machine; libraries and headers are the
 # arm64 ones under the same root, found through lib/aarch64-linux-gnu.
 set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+# pkg-config for the target's .pc files (gRPC's CMake package finds RE2 through it).
+set(PKG_CONFIG_EXECUTABLE aarch64-linux-gnu-pkg-config CACHE FILEPATH "pkg-config for aarch64")

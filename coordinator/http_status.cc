@@ -70,7 +70,10 @@ struct HttpStatusServer::Impl {
     res.set(http::field::server, "fedtune");
     std::string target(req.target());
     if (const size_t q = target.find('?'); q != std::string::npos) target.resize(q);
-    const bool authorized = options.token.empty() || target == "/chart.js" ||
+    // Health probes (Kubernetes liveness/readiness, load balancers) answer without the token and
+    // say nothing but "ok": the process serves HTTP, and the gRPC server was started before it.
+    const bool probe = target == "/healthz" || target == "/readyz";
+    const bool authorized = options.token.empty() || target == "/chart.js" || probe ||
                             SameSecret(std::string(req[http::field::authorization]), "Bearer " + options.token);
     if (!authorized) {
       res.result(http::status::unauthorized);
@@ -79,6 +82,9 @@ struct HttpStatusServer::Impl {
     } else if (req.method() != http::verb::get) {
       res.result(http::status::method_not_allowed);
       res.body() = "GET only\n";
+    } else if (probe) {
+      res.set(http::field::content_type, "text/plain");
+      res.body() = "ok\n";
     } else if (target == "/metrics") {
       res.set(http::field::content_type, "text/plain; version=0.0.4");
       res.body() = pages.metrics();

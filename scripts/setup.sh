@@ -22,7 +22,7 @@ apt_pkgs=(build-essential cmake ninja-build pkg-config python3-venv python3-pip 
   libeigen3-dev libboost-dev libssl-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libspdlog-dev libfmt-dev libsqlite3-dev libgtest-dev libgmock-dev libbenchmark-dev
   libopenblas-dev libdnnl-dev clang libclang-rt-14-dev libjs-chart.js chromium-headless-shell
-  mmdebstrap systemd-container lintian)  # the last three: packaging and deployment tests (tests/deploy)
+  mmdebstrap systemd-container lintian python3-yaml)  # the last four: packaging and deployment tests (tests/deploy)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,6 +34,18 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "[setup] Debian packages: all present"
+fi
+
+# kubectl (its built-in kustomize renders deploy/kubernetes): Debian's kubernetes-client unless a
+# kubectl is already installed; kubernetes-validate (PyPI, pinned) checks the rendered manifests.
+if ! command -v kubectl > /dev/null; then
+  sudo_cmd=(); [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends kubernetes-client
+fi
+k8s_venv="${FEDTUNE_K8S_VENV:-$HOME/.cache/fedtune-k8s-venv}"
+if [ ! -x "$k8s_venv/bin/kubernetes-validate" ]; then
+  python3 -m venv "$k8s_venv" && "$k8s_venv/bin/pip" install -q kubernetes-validate==1.37.0 \
+    || echo "[setup] kubernetes-validate failed to install; the Kubernetes manifest test will be skipped"
 fi
 
 model="$models_dir/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -435,6 +435,13 @@ TEST_F(HostileTest, TheStatusServerRefusesRemoteBindsWithoutATokenAndChecksTheTo
   EXPECT_FALSE(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json").ok());
   EXPECT_FALSE(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json", "wrong-token-wrong-token").ok());
   EXPECT_TRUE(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json", o.http_token).ok());
+  // The health probes (Kubernetes) need no token and reveal nothing but "ok".
+  for (const char* probe : {"/healthz", "/readyz"}) {
+    auto body = coordinator::HttpGet("127.0.0.1", (*server)->http_port(), probe);
+    ASSERT_TRUE(body.ok()) << probe << ": " << body.status();
+    EXPECT_EQ(*body, "ok\n") << probe;
+  }
+  EXPECT_FALSE(coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/metrics").ok());
   (*server)->Shutdown();
 }
 
