@@ -338,44 +338,24 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c, const SimOptions& o) {
-  FT_RETURN_IF_ERROR(ValidateConfig(c));
-  FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
-  const auto t_start = Clock::now();
-  auto say = [&](const std::string& line) {
-    if (o.progress) std::fprintf(stderr, "[simulate] %s\n", line.c_str());
-  };
-  auto selected = kernels::SelectBackend(c.train().device().empty() ? "cpu" : c.train().device());
-  if (!selected.ok()) return absl::InvalidArgumentError(absl::StrCat("train.device: ", selected.status().message()));
-  kernels::Backend* const o_backend = *selected;
-  say(absl::StrCat("kernels: ", o_backend->Name()));
-  SimulationResult result;
-  // A run directory holds one run. The default one gets a fresh suffix when taken; an explicit
-  // one that already holds a run is an error before any work (results are never overwritten).
-  result.run_dir = c.output_dir().empty() ? "runs/" + o.default_run_name : c.output_dir();
-  if (fs::exists(result.run_dir + "/ledger.sqlite")) {
-    if (!c.output_dir().empty())
-      return absl::AlreadyExistsError(absl::StrCat(result.run_dir, " already holds a run (ledger.sqlite); remove it or choose another output_dir"));
-    const std::string base = result.run_dir;
-    for (int k = 2; fs::exists(result.run_dir + "/ledger.sqlite"); ++k) result.run_dir = absl::StrCat(base, "-", k);
-  }
-  std::error_code ec;
-  fs::create_directories(result.run_dir, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", result.run_dir, ": ", ec.message()));
-  if (!o.config_text.empty()) FT_RETURN_IF_ERROR(WriteFileAtomic(result.run_dir + "/config.yaml", o.config_text));
+namespace {
+// The simulation's data: every task (or file) split into train and held-out, the training pool
+// partitioned over the clients (deterministic in the config: a client process of a
+// cross-machine simulation computes the same split and takes its own part).
+struct SimData {
+  std::vector<std::string> task_names;
+  std::vector<std::vector<model::Example>> eval_by_task;
+  std::vector<std::vector<model::Example>> client_train;
+  std::vector<std::vector<double>> task_share;  // per client: fraction of its examples per task
+  size_t pooled_examples = 0;
+  int eval_per_task = 0;
+};
 
-  // Model: one read-only copy shared by every virtual client.
-  FT_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(c.model().path()));
-  if (!c.train().base_type().empty()) {
-    FT_ASSIGN_OR_RETURN(size_t bytes, model->Requantize(*kernels::GgmlTypeFromName(c.train().base_type())));
-    say(absl::StrFormat("base re-quantized to %s: %.1f MiB of projections", c.train().base_type(), bytes / 1048576.0));
-  }
-  if (model->tokenizer() == nullptr) return absl::FailedPreconditionError("the model has no tokenizer");
-  const model::Tokenizer& tok = *model->tokenizer();
-
+absl::StatusOr<SimData> BuildSimData(const proto::SimulationConfig& c, const Settings& s, const model::Tokenizer& tok) {
+  SimData out;
+  std::vector<std::string>& task_names = out.task_names;
   // Data: every task (or file) split into train and held-out; the global evaluation set takes
   // an equal share of every task's held-out examples.
-  std::vector<std::string> task_names;
   std::vector<model::Dataset> per_task;
   const bool by_client_file = c.data().client_files_size() > 0;
   model::DatasetOptions dopt;
@@ -443,6 +423,102 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   } else {
     FT_ASSIGN_OR_RETURN(parts, Partition(labels, num_tasks, s.clients, kind, s.alpha_dir, s.skew, rng));
   }
+  out.client_train.resize(static_cast<size_t>(s.clients));
+  out.task_share.resize(static_cast<size_t>(s.clients));
+  for (size_t k2 = 0; k2 < out.client_train.size(); ++k2) {
+    out.task_share[k2].assign(static_cast<size_t>(std::max(1, num_tasks)), 0.0);
+    for (size_t i : parts[k2]) {
+      out.client_train[k2].push_back(pool[i]);
+      out.task_share[k2][static_cast<size_t>(labels[i])] += 1.0 / static_cast<double>(parts[k2].size());
+    }
+  }
+  out.pooled_examples = pool.size();
+  out.eval_by_task = std::move(eval_by_task);
+  out.eval_per_task = eval_per_task;
+  return out;
+}
+
+}  // namespace
+
+std::string ClientName(int k) { return absl::StrFormat("client-%03d", k); }
+
+absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::SimulationConfig& c, int k, const model::Tokenizer& tok) {
+  FT_RETURN_IF_ERROR(ValidateConfig(c));
+  FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
+  if (k < 0 || k >= s.clients) return absl::InvalidArgumentError(absl::StrCat("client ", k, ": the config has clients 0..", s.clients - 1));
+  FT_ASSIGN_OR_RETURN(SimData d, BuildSimData(c, s, tok));
+  return std::move(d.client_train[static_cast<size_t>(k)]);
+}
+
+absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::SimulationConfig& c) {
+  FT_RETURN_IF_ERROR(ValidateConfig(c));
+  // Keys that only a simulation can honour: refused rather than silently dropped.
+  if (c.train().stand_in()) return Bad("train.stand_in", "simulation only (real client processes train the real model)");
+  if (c.centralized_baseline()) return Bad("centralized_baseline", "run it with `fedtune simulate` on one machine");
+  if (c.eval().per_client()) return Bad("eval.per_client", "simulation only");
+  proto::CoordinatorConfig o;
+  *o.mutable_model() = c.model();
+  *o.mutable_adapter() = c.adapter();
+  o.set_rounds(c.rounds());
+  *o.mutable_train() = c.train();
+  // Each client process chooses its kernels and activation memory (worker settings).
+  o.mutable_train()->clear_device();
+  o.mutable_train()->clear_activation_budget_mib();
+  o.mutable_train()->clear_no_recompute();
+  *o.mutable_strategy() = c.strategy();
+  o.set_seed(c.seed());
+  o.set_adapter_seed(c.adapter_seed());
+  *o.mutable_dp() = c.dp();
+  *o.mutable_eval() = c.eval();
+  *o.mutable_secure_aggregation() = c.secure_aggregation();
+  *o.mutable_planner() = c.planner();
+  o.set_test_noise_seed(c.test_noise_seed());
+  // Every simulated client takes part in every round, as in the simulation.
+  o.set_min_workers(c.clients());
+  o.set_quorum(c.clients());
+  return o;
+}
+
+absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c, const SimOptions& o) {
+  FT_RETURN_IF_ERROR(ValidateConfig(c));
+  FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
+  const auto t_start = Clock::now();
+  auto say = [&](const std::string& line) {
+    if (o.progress) std::fprintf(stderr, "[simulate] %s\n", line.c_str());
+  };
+  auto selected = kernels::SelectBackend(c.train().device().empty() ? "cpu" : c.train().device());
+  if (!selected.ok()) return absl::InvalidArgumentError(absl::StrCat("train.device: ", selected.status().message()));
+  kernels::Backend* const o_backend = *selected;
+  say(absl::StrCat("kernels: ", o_backend->Name()));
+  SimulationResult result;
+  // A run directory holds one run. The default one gets a fresh suffix when taken; an explicit
+  // one that already holds a run is an error before any work (results are never overwritten).
+  result.run_dir = c.output_dir().empty() ? "runs/" + o.default_run_name : c.output_dir();
+  if (fs::exists(result.run_dir + "/ledger.sqlite")) {
+    if (!c.output_dir().empty())
+      return absl::AlreadyExistsError(absl::StrCat(result.run_dir, " already holds a run (ledger.sqlite); remove it or choose another output_dir"));
+    const std::string base = result.run_dir;
+    for (int k = 2; fs::exists(result.run_dir + "/ledger.sqlite"); ++k) result.run_dir = absl::StrCat(base, "-", k);
+  }
+  std::error_code ec;
+  fs::create_directories(result.run_dir, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", result.run_dir, ": ", ec.message()));
+  if (!o.config_text.empty()) FT_RETURN_IF_ERROR(WriteFileAtomic(result.run_dir + "/config.yaml", o.config_text));
+
+  // Model: one read-only copy shared by every virtual client.
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(c.model().path()));
+  if (!c.train().base_type().empty()) {
+    FT_ASSIGN_OR_RETURN(size_t bytes, model->Requantize(*kernels::GgmlTypeFromName(c.train().base_type())));
+    say(absl::StrFormat("base re-quantized to %s: %.1f MiB of projections", c.train().base_type(), bytes / 1048576.0));
+  }
+  if (model->tokenizer() == nullptr) return absl::FailedPreconditionError("the model has no tokenizer");
+  const model::Tokenizer& tok = *model->tokenizer();
+
+  FT_ASSIGN_OR_RETURN(SimData data, BuildSimData(c, s, tok));
+  const std::vector<std::string>& task_names = data.task_names;
+  const std::vector<std::vector<model::Example>>& eval_by_task = data.eval_by_task;
+  const int num_tasks = static_cast<int>(task_names.size());
+  const int eval_per_task = data.eval_per_task;
   std::vector<ClientState> clients(static_cast<size_t>(s.clients));
   {
     int k = 0;
@@ -461,16 +537,11 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       }
     }
     for (size_t k2 = 0; k2 < clients.size(); ++k2) {
-      clients[k2].task_share.assign(static_cast<size_t>(std::max(1, num_tasks)), 0.0);
-      for (size_t i : parts[k2]) {
-        clients[k2].train.push_back(pool[i]);
-        clients[k2].task_share[static_cast<size_t>(labels[i])] += 1.0 / static_cast<double>(parts[k2].size());
-      }
+      clients[k2].train = std::move(data.client_train[k2]);
+      clients[k2].task_share = std::move(data.task_share[k2]);
     }
   }
-  const size_t pooled_examples = pool.size();
-  pool.clear();
-  pool.shrink_to_fit();
+  const size_t pooled_examples = data.pooled_examples;
   say(absl::StrFormat("%d clients, %d tasks (%s), %zu training examples, partition %s; %d held-out examples for evaluation",
                       s.clients, num_tasks, absl::StrJoin(task_names, ", "), pooled_examples,
                       proto::DataConfig::Partition_Name(c.data().partition()), eval_per_task * num_tasks));

@@ -17,6 +17,7 @@
 
 #include "common/status.h"
 #include "federation/round_engine.h"
+#include "model/dataset.h"
 #include "proto/config.pb.h"
 
 namespace fedtune::sim {
@@ -45,5 +46,16 @@ struct SimOptions {
 absl::Status ValidateConfig(const proto::SimulationConfig& c);
 
 absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c, const SimOptions& o);
+
+// A simulation across machines (`fedtune simulate --serve` / `--client K`): the same config runs
+// its virtual clients as worker processes against a coordinator.
+// The name of simulated client k (its worker name and credentials): client-000, client-001, ...
+std::string ClientName(int k);
+// Client k's training examples, split exactly as RunSimulation splits them.
+absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::SimulationConfig& c, int k, const model::Tokenizer& tok);
+// The coordinator's configuration for the config's round (model, adapter, rounds, training,
+// strategy, privacy, evaluation, secure aggregation, planner; every client in every round);
+// the caller adds the transport keys (listen, tls, tokens, state_dir).
+absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::SimulationConfig& c);
 
 }  // namespace fedtune::sim

@@ -378,7 +378,7 @@ absl::Status RunExport(const std::string& model_path, const std::string& adapter
   return absl::OkStatus();
 }
 
-absl::Status RunProvision(coordinator::ProvisionOptions po, int prov_n, const std::vector<std::string>& revoke) {
+absl::Status RunProvision(coordinator::ProvisionOptions po, int prov_n, int prov_clients, const std::vector<std::string>& revoke) {
   if (!revoke.empty()) {
     for (const std::string& name : revoke) {
       FT_RETURN_IF_ERROR(coordinator::Revoke(po.dir, name));
@@ -387,6 +387,7 @@ absl::Status RunProvision(coordinator::ProvisionOptions po, int prov_n, const st
     return absl::OkStatus();
   }
   for (int i = 1; i <= prov_n; ++i) po.workers.push_back(absl::StrFormat("worker-%03d", i));
+  for (int k = 0; k < prov_clients; ++k) po.workers.push_back(sim::ClientName(k));
   auto r = coordinator::Provision(po);
   if (!r.ok()) return r.status();
   std::printf("%s CA in %s; wrote %zu files (coordinator certificate for localhost, 127.0.0.1%s%s; %zu worker certificates and tokens)\n",
@@ -448,6 +449,8 @@ absl::Status RunSimulate(const std::string& config_path, const std::string& out_
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
 
+absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path);
+
 // fedtune coordinator --config: serves rounds until done (SIGINT/SIGTERM: shut down cleanly;
 // a restart resumes after the last committed round).
 absl::Status RunCoordinator(const std::string& path) {
@@ -456,10 +459,15 @@ absl::Status RunCoordinator(const std::string& path) {
   // (glibc otherwise raises that threshold dynamically and keeps them in per-thread arenas), and
   // two arenas in all. Measured with bench/run_load.sh (200 workers): together with the
   // transport quota, peak RSS 2.2 GB -> ~220 MiB at the same speed.
-  mallopt(M_MMAP_THRESHOLD, 512 << 10);
-  mallopt(M_ARENA_MAX, 2);
   proto::CoordinatorConfig c;
   if (auto st = LoadConfigFile(path, &c); !st.ok()) return ConfigError(st);
+  return ServeCoordinator(c, path);
+}
+
+// The coordinator service for a loaded configuration (`coordinator --config`, `simulate --serve`).
+absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path) {
+  mallopt(M_MMAP_THRESHOLD, 512 << 10);
+  mallopt(M_ARENA_MAX, 2);
   auto svc = coordinator::ServiceFromConfig(c);
   if (!svc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
   auto server = coordinator::CoordinatorServer::Start((*svc)->options);
@@ -483,6 +491,9 @@ absl::Status RunCoordinator(const std::string& path) {
   return absl::OkStatus();
 }
 
+absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& model, const std::vector<model::Example>& train,
+                         const std::vector<model::Example>& eval, kernels::Backend* backend);
+
 // fedtune worker --config: trains tasks from the coordinator until it says the run is over.
 absl::Status RunWorker(const std::string& path) {
   proto::WorkerConfig c;
@@ -498,6 +509,18 @@ absl::Status RunWorker(const std::string& path) {
   d.max_len = OrDefault(c.max_len(), 256);
   auto data = model::LoadDataset(c.data(), *(*m)->tokenizer(), d);
   if (!data.ok()) return ConfigError(data.status());
+  std::vector<model::Example> eval;
+  if (!c.eval_data().empty()) {
+    auto e = model::LoadDataset(c.eval_data(), *(*m)->tokenizer(), d);
+    if (!e.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("eval_data: ", e.status().message())));
+    eval = std::move(e->train);
+  }
+  return ServeWorker(c, **m, data->train, eval, *backend);
+}
+
+// A worker daemon for a loaded configuration, model and data (`worker --config`, `simulate --client`).
+absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& model, const std::vector<model::Example>& train,
+                         const std::vector<model::Example>& eval, kernels::Backend* backend) {
   auto token = ReadFileToString(c.token_file());
   if (!token.ok()) return ConfigError(token.status());
   worker::DaemonOptions o;
@@ -507,29 +530,79 @@ absl::Status RunWorker(const std::string& path) {
   o.key_pem = c.tls().key();
   o.token = std::string(absl::StripAsciiWhitespace(*token));
   o.state_dir = c.state_dir();
-  o.profile = worker::MeasureProfile(m->get(), &data->train, c.memory_budget_mib(), *backend);
-  std::vector<model::Example> eval;
-  if (!c.eval_data().empty()) {
-    auto e = model::LoadDataset(c.eval_data(), *(*m)->tokenizer(), d);
-    if (!e.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("eval_data: ", e.status().message())));
-    eval = std::move(e->train);
-    o.profile.set_eval_examples(static_cast<int64_t>(eval.size()));
-  }
+  o.profile = worker::MeasureProfile(&model, &train, c.memory_budget_mib(), backend);
+  if (!eval.empty()) o.profile.set_eval_examples(static_cast<int64_t>(eval.size()));
   std::printf("worker profile: %d cores, %.1f GiB for training, kernels %s, %.0f training tokens/s (measured; x%.2f keeping activations)\n",
-              o.profile.cores(), static_cast<double>(o.profile.memory_bytes()) / (1 << 30), (*backend)->Name(), o.profile.train_tokens_per_second(),
+              o.profile.cores(), static_cast<double>(o.profile.memory_bytes()) / (1 << 30), backend->Name(), o.profile.train_tokens_per_second(),
               o.profile.keep_speedup());
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
-  auto r = worker::RunDaemon(o, worker::ModelTaskRunner(**m, data->train, c.model().path(), c.activation_budget_mib(), *backend,
+  auto r = worker::RunDaemon(o, worker::ModelTaskRunner(model, train, c.model().path(), c.activation_budget_mib(), backend,
                                                          o.state_dir.empty() ? "" : o.state_dir + "/local_privacy.json",
                                                          static_cast<double>(o.profile.memory_bytes()) / (1 << 20)),
                              g_stop,
-                             eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(**m, eval, c.model().path()));
+                             eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path()));
   if (!r.ok()) return r.status();
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned), %d evaluations\n", r->rounds_trained, r->rounds_reused,
               r->rounds_abandoned, r->evaluations);
   return absl::OkStatus();
+}
+
+// fedtune simulate CONFIG --serve | --client K: the simulation across machines. The coordinator
+// runs the config's rounds for `clients` worker processes named client-000...; client process K
+// computes the config's data split, takes its part and trains as a worker daemon (a Slurm array
+// task or a Kubernetes Indexed Job pod per client; docs/deploy.md). Client profiles (speed, link,
+// dropout) are simulation-only and not applied; the rest of the round is the simulation's.
+struct ClusterSimArgs {
+  bool serve = false;
+  int client = -1;
+  std::string pki, coordinator, listen = "0.0.0.0:7443", state, device, http;
+  int deadline_seconds = 600;
+  int64_t memory_budget_mib = 0;
+};
+
+absl::Status RunSimulateCluster(const std::string& config_path, const ClusterSimArgs& a) {
+  proto::SimulationConfig c;
+  if (auto st = LoadConfigFile(config_path, &c); !st.ok()) return ConfigError(st);
+  if (a.pki.empty()) return ConfigError(absl::InvalidArgumentError("--pki: the folder `fedtune provision --clients N` wrote"));
+  const std::string stem = std::filesystem::path(config_path).stem().string();
+  if (a.serve) {
+    auto cc = sim::CoordinatorConfigFor(c);
+    if (!cc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", cc.status().message())));
+    cc->set_listen(a.listen);
+    cc->mutable_tls()->set_ca(a.pki + "/ca.pem");
+    cc->mutable_tls()->set_cert(a.pki + "/coordinator.pem");
+    cc->mutable_tls()->set_key(a.pki + "/coordinator.key");
+    cc->set_tokens(a.pki + "/tokens.sha256");
+    cc->set_state_dir(a.state.empty() ? "runs/" + stem + "-cluster" : a.state);
+    cc->set_deadline_seconds(a.deadline_seconds);
+    cc->set_http(a.http);
+    if (c.profiles_size() > 0) std::printf("client profiles (speed, links, dropout) are simulation-only: real processes run at their own speed\n");
+    return ServeCoordinator(*cc, config_path);
+  }
+  if (a.coordinator.empty()) return ConfigError(absl::InvalidArgumentError("--coordinator HOST:PORT is needed with --client"));
+  const std::string name = sim::ClientName(a.client);
+  proto::WorkerConfig w;
+  w.set_coordinator(a.coordinator);
+  w.mutable_tls()->set_ca(a.pki + "/ca.pem");
+  w.mutable_tls()->set_cert(a.pki + "/workers/" + name + ".pem");
+  w.mutable_tls()->set_key(a.pki + "/workers/" + name + ".key");
+  w.set_token_file(a.pki + "/workers/" + name + ".token");
+  *w.mutable_model() = c.model();
+  w.set_state_dir(a.state.empty() ? "runs/" + stem + "-" + name : a.state);
+  w.set_memory_budget_mib(a.memory_budget_mib);
+  w.set_activation_budget_mib(c.train().no_recompute() ? 0 : c.train().activation_budget_mib());
+  const std::string device = !a.device.empty() ? a.device : c.train().device().empty() ? "cpu" : c.train().device();
+  auto backend = kernels::SelectBackend(device);
+  if (!backend.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message())));
+  auto m = model::LlamaModel::Load(c.model().path());
+  if (!m.ok()) return ConfigError(m.status());
+  if ((*m)->tokenizer() == nullptr) return ConfigError(absl::FailedPreconditionError("the model has no tokenizer"));
+  auto train = sim::ClientTrainingData(c, a.client, *(*m)->tokenizer());
+  if (!train.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", train.status().message())));
+  std::printf("%s: %zu training examples of the config's split\n", name.c_str(), train->size());
+  return ServeWorker(w, **m, *train, {}, *backend);
 }
 
 // fedtune status HOST:PORT — the coordinator's status server (its `http` setting).
@@ -692,6 +765,19 @@ int main(int argc, char** argv) {
   simc->add_option("config", sim_config, "Simulation config (YAML), e.g. configs/quickstart.yaml")->required();
   simc->add_option("-o,--out", sim_out, "Run directory (overrides output_dir)");
   simc->add_flag("--check", sim_check, "Only validate the config");
+  ClusterSimArgs csa;
+  auto* serve_opt = simc->add_flag("--serve", csa.serve, "Across machines: run the coordinator for the config's clients as worker processes");
+  auto* client_opt = simc->add_option("--client", csa.client, "Across machines: run simulated client K (0-based) as a worker process")
+                         ->check(CLI::Range(0, 99999));
+  serve_opt->excludes(client_opt);
+  simc->add_option("--pki", csa.pki, "With --serve/--client: the folder of `fedtune provision --clients N`");
+  simc->add_option("--coordinator", csa.coordinator, "With --client: HOST:PORT of the --serve process");
+  simc->add_option("--listen", csa.listen, "With --serve: address to listen on (default 0.0.0.0:7443)");
+  simc->add_option("--state", csa.state, "With --serve/--client: state folder (default runs/<config>-cluster, runs/<config>-client-K)");
+  simc->add_option("--deadline", csa.deadline_seconds, "With --serve: seconds a round waits for its clients")->check(CLI::Range(1, 1 << 20));
+  simc->add_option("--http", csa.http, "With --serve: status server address, e.g. 127.0.0.1:9090");
+  simc->add_option("--device", csa.device, "With --client: kernels (default: the config's train.device, else cpu)");
+  simc->add_option("--memory-budget", csa.memory_budget_mib, "With --client: memory budget in MiB reported to the planner");
 
   auto* prov = app.add_subcommand("provision", "Create a CA, the coordinator certificate and per-worker certificates and join tokens");
   coordinator::ProvisionOptions po;
@@ -700,6 +786,9 @@ int main(int argc, char** argv) {
   prov->add_option("--host", po.hosts, "Coordinator DNS name or IP address (repeatable)");
   prov->add_option("--worker", po.workers, "Worker name (repeatable)");
   prov->add_option("--workers", prov_n, "Also create workers worker-001 .. worker-N");
+  int prov_clients = 0;
+  prov->add_option("--clients", prov_clients, "Also create client-000 .. client-(N-1): the simulated clients of `simulate --client`")
+      ->check(CLI::Range(0, 100000));
   prov->add_option("--days", po.valid_days, "Validity of the coordinator and worker certificates");
   prov->add_flag("--force", po.force, "Replace an existing CA");
   std::vector<std::string> prov_revoke;
@@ -727,11 +816,18 @@ int main(int argc, char** argv) {
   if (*train) return ExitCode(RunTrain(ta));
   if (*ev) return ExitCode(RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump));
   if (*ex) return ExitCode(RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base));
-  if (*simc) return ExitCode(RunSimulate(sim_config, sim_out, sim_check));
+  if (*simc) {
+    if (!sim_check && (csa.serve || csa.client >= 0)) {
+      std::signal(SIGINT, OnSignal);
+      std::signal(SIGTERM, OnSignal);
+      return ExitCode(RunSimulateCluster(sim_config, csa));
+    }
+    return ExitCode(RunSimulate(sim_config, sim_out, sim_check));
+  }
   if (*coord) return ExitCode(RunCoordinator(coord_config));
   if (*stat) return ExitCode(RunStatus(stat_addr, stat_token));
   if (*wk) return ExitCode(RunWorker(worker_config));
-  if (*prov) return ExitCode(RunProvision(po, prov_n, prov_revoke));
+  if (*prov) return ExitCode(RunProvision(po, prov_n, prov_clients, prov_revoke));
   if (*mk) return ExitCode(RunMakeTask(mk_name, mk_n, mk_seed, mk_out));
   return 0;
 }

@@ -25,6 +25,25 @@ for v in 1.29.0 1.34.0; do
   "$venv/bin/kubernetes-validate" --strict --quiet -k "$v" "$dir/rendered.yaml"
   echo "kubernetes-validate --strict -k $v: OK"
 done
+# The cross-machine simulation recipe (deploy/kubernetes/simulate): coordinator Job + Service and
+# an Indexed Job with one pod per simulated client.
+spki="$dir/k8s/simulate/pki"
+"$bin" provision -o "$spki" --host fedtune-sim --clients 2 > /dev/null
+cp "$spki"/workers/* "$spki/"
+kubectl kustomize "$dir/k8s/simulate" > "$dir/simulate.yaml" 2> "$dir/kustomize-sim.log" || { cat "$dir/kustomize-sim.log"; exit 1; }
+"$venv/bin/kubernetes-validate" --strict --quiet -k 1.34.0 "$dir/simulate.yaml"
+python3 - "$dir/simulate.yaml" "$dir/k8s/simulate/sim.yaml" <<'PY'
+import sys, yaml
+docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(open(sys.argv[1])) if d}
+clients = yaml.safe_load(open(sys.argv[2]))["clients"]
+job = docs[("Job", "fedtune-sim-clients")]["spec"]
+assert job["completionMode"] == "Indexed" and job["completions"] == clients == job["parallelism"], (job, clients)
+assert "--client" in " ".join(job["template"]["spec"]["containers"][0]["args"])
+assert "--serve" in docs[("Job", "fedtune-sim-coordinator")]["spec"]["template"]["spec"]["containers"][0]["args"]
+print(f"simulate recipe: {len(docs)} objects, Indexed Job with {clients} client pods: OK")
+PY
+echo "kubernetes-validate --strict (simulate recipe): OK"
+
 # The validator must refuse what the API server would: an unknown field in the StatefulSet spec.
 python3 -c "import sys, yaml; d = list(yaml.safe_load_all(open(sys.argv[1]))); [x['spec'].__setitem__('replica', 1) for x in d if x and x['kind'] == 'StatefulSet']; yaml.safe_dump_all(d, open(sys.argv[2], 'w'))" "$dir/rendered.yaml" "$dir/broken.yaml"
 if "$venv/bin/kubernetes-validate" --strict --quiet -k 1.34.0 "$dir/broken.yaml" > "$dir/broken.log" 2>&1; then
