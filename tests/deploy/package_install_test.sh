@@ -39,10 +39,10 @@ if grep -q '^E:' "$dir/lintian.log"; then fail "lintian reports errors"; fi
 echo "lintian: no errors ($(grep -c '^[WIP]:' "$dir/lintian.log" || true) other tags)"
 
 # ---- 2. a fresh root with the package ----
-cp "$deb" "$dir/fedtune.deb"
+mkdir "$dir/install" && cp "$dir"/debs/*.deb "$dir/install/"   # fedtune and, when built, fedtune-cuda
 mmdebstrap --variant=apt --include=systemd,systemd-sysv,dbus,adduser \
-  --customize-hook="copy-in $dir/fedtune.deb /tmp" \
-  --customize-hook='chroot "$1" sh -c "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends /tmp/fedtune.deb && rm /tmp/fedtune.deb"' \
+  --customize-hook="copy-in $dir/install /tmp" \
+  --customize-hook='chroot "$1" sh -c "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends /tmp/install/*.deb && rm -r /tmp/install"' \
   bookworm "$root" "deb http://deb.debian.org/debian bookworm main" \
   "deb http://deb.debian.org/debian-security bookworm-security main" > "$dir/mmdebstrap.log" 2>&1 \
   || { tail -30 "$dir/mmdebstrap.log"; fail "mmdebstrap (needs deb.debian.org)"; }
@@ -62,6 +62,14 @@ chroot "$root" sh -c 'chgrp -R fedtune /etc/fedtune/pki && chmod -R g+rX /etc/fe
 mkdir -p "$root/var/lib/fedtune/models" "$root/var/lib/fedtune/data"
 cp "$model" "$root/var/lib/fedtune/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 chroot "$root" fedtune make-task sentiment -n 40 -o /var/lib/fedtune/data/train.jsonl > /dev/null
+if [ -f "$root/usr/lib/fedtune/libfedtune_cuda.so" ]; then
+  # fedtune-cuda: the binary finds the installed module (this root has no CUDA runtime, so
+  # loading it must fail on libcudart, not on the module's path).
+  msg="$(chroot "$root" fedtune train /var/lib/fedtune/models/SmolLM2-135M-Instruct.Q4_1.gguf -d /var/lib/fedtune/data/train.jsonl \
+    --steps 1 --device cuda -o /tmp/x 2>&1 || true)"
+  echo "$msg" | grep -q "/usr/lib/fedtune/libfedtune_cuda.so: libcudart" || fail "the CUDA module was not looked for where fedtune-cuda installs it: $msg"
+  echo "fedtune-cuda: the installed module is found ($(echo "$msg" | grep -o 'cannot load the CUDA module[^;]*' | head -1 | cut -c1-110))"
+fi
 sed -i -e 's/^rounds: 5/rounds: 2/' -e 's/^train: .*/train: {local_steps: 2, batch: 2, learning_rate: 5.0e-3}/' \
   -e 's/^deadline_seconds: 600/deadline_seconds: 300/' "$root/etc/fedtune/coordinator.yaml"
 sed -i 's/^max_len: 256/max_len: 64/' "$root/etc/fedtune/worker.yaml"
@@ -110,6 +118,14 @@ journal fedtune-coordinator.service | grep -q 'round 2/2 committed' || fail "rou
 for u in fedtune-coordinator.service fedtune-worker.service; do
   [ "$(in_ct systemctl show -P Result $u)" = success ] || fail "$u result $(in_ct systemctl show -P Result $u)"
 done
+# A configuration error (exit 78, EX_CONFIG) is not restarted: a template instance whose
+# configuration names a missing model fails once and stays failed.
+sed 's|^model: .*|model: {path: /var/lib/fedtune/models/missing.gguf}|' "$root/etc/fedtune/worker.yaml" > "$root/etc/fedtune/worker-bad.yaml"
+in_ct systemctl start fedtune-worker@bad.service || true
+sleep 12   # longer than RestartSec=10s
+[ "$(in_ct systemctl show -P ExecMainStatus fedtune-worker@bad.service)" = 78 ] || fail "a bad configuration did not exit with 78"
+[ "$(in_ct systemctl show -P NRestarts fedtune-worker@bad.service)" = 0 ] || fail "a bad configuration was restarted"
+echo "bad configuration: exit status 78, not restarted ($(journal fedtune-worker@bad.service | grep -o 'error: .*' | head -1))"
 python3 - "$root/var/lib/fedtune/coordinator/ledger.sqlite" <<'PY'
 import sqlite3, sys
 rounds = [r[0] for r in sqlite3.connect(sys.argv[1]).execute("select round from rounds order by round")]
