@@ -576,8 +576,9 @@ CudaState& Cuda() {
     // exists, else the installed one (the fedtune-cuda package).
     const char* env = std::getenv("FEDTUNE_CUDA_MODULE");
     std::string path = env != nullptr && *env != '\0' ? env : FEDTUNE_CUDA_MODULE;
-    if ((env == nullptr || *env == '\0') && !std::filesystem::exists(path)) {
-      std::error_code ec;  // installed: <bindir>/../<libdir>/fedtune/ (packaging/CMakeLists.txt)
+    std::error_code ec;  // (not throwing: the build tree may be unreadable to a service's user)
+    if ((env == nullptr || *env == '\0') && !std::filesystem::exists(path, ec)) {
+      // installed: <bindir>/../<libdir>/fedtune/ (packaging/CMakeLists.txt)
       const std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe", ec);
       if (!ec) path = (exe.parent_path() / FEDTUNE_CUDA_MODULE_INSTALLED).lexically_normal().string();
     }

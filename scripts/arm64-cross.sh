@@ -41,9 +41,11 @@ echo "[arm64] root ready after $(( $(date +%s) - start )) s"
 ((root_only)) && exit 0
 # The sources (tracked and untracked-but-not-ignored files; no build folders) into the root.
 rm -rf "$root/src" && mkdir -p "$root/src"
-(cd "$here" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf - --no-recursion) | tar -xf - -C "$root/src"
-mount_proc() { mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"; }
-mount_proc; trap 'umount "$root/proc" 2>/dev/null || true' EXIT
+(cd "$here" && git ls-files -co --exclude-standard -z | tar -cf - --null --no-recursion -T -) | tar -xf - -C "$root/src"
+if ! mountpoint -q "$root/proc"; then  # unmounted again only if mounted here
+  mount -t proc proc "$root/proc"
+  trap 'umount "$root/proc" 2>/dev/null || true' EXIT
+fi
 jobs="${FEDTUNE_JOBS:-$(nproc)}"
 b=$(date +%s)
 chroot "$root" /bin/bash -c "cd /src && cmake -S . -B /build-arm64 -G Ninja -DCMAKE_BUILD_TYPE=Release \

@@ -442,16 +442,39 @@ absl::StatusOr<SimData> BuildSimData(const proto::SimulationConfig& c, const Set
 
 std::string ClientName(int k) { return absl::StrFormat("client-%03d", k); }
 
-absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::SimulationConfig& c, int k, const model::Tokenizer& tok) {
-  FT_RETURN_IF_ERROR(ValidateConfig(c));
+absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::SimulationConfig& config, int k, const model::Tokenizer& tok) {
+  proto::SimulationConfig c = config;
+  c.mutable_train()->clear_device();  // the client process chose its kernels already
   FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
   if (k < 0 || k >= s.clients) return absl::InvalidArgumentError(absl::StrCat("client ", k, ": the config has clients 0..", s.clients - 1));
+  if (c.data().client_files_size() > 0) {
+    // Client k's own file only (the other clients' files need not exist here), loaded as
+    // BuildSimData loads it.
+    if (c.data().client_files_size() != s.clients)
+      return Bad("data.client_files", absl::StrCat(c.data().client_files_size(), " files for ", s.clients, " clients"));
+    model::DatasetOptions wo;
+    wo.holdout = 0;
+    wo.max_len = s.max_len;
+    FT_ASSIGN_OR_RETURN(model::Dataset d, model::LoadDataset(c.data().client_files(k), tok, wo));
+    return std::move(d.train);
+  }
+  FT_RETURN_IF_ERROR(ValidateConfig(c));
   FT_ASSIGN_OR_RETURN(SimData d, BuildSimData(c, s, tok));
   return std::move(d.client_train[static_cast<size_t>(k)]);
 }
 
-absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::SimulationConfig& c) {
-  FT_RETURN_IF_ERROR(ValidateConfig(c));
+absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::SimulationConfig& config) {
+  proto::SimulationConfig c = config;
+  c.mutable_train()->clear_device();  // the coordinator trains nothing; each client chooses its kernels
+  if (c.data().client_files_size() > 0) c.mutable_data()->clear_client_files();  // they live on the clients' machines
+  if (config.data().client_files_size() > 0 && config.data().client_files_size() != config.clients())
+    return Bad("data.client_files", absl::StrCat(config.data().client_files_size(), " files for ", config.clients(), " clients"));
+  if (config.data().client_files_size() > 0) {
+    FT_RETURN_IF_ERROR(Resolve(c).status());
+    if (!fs::exists(c.model().path())) return Bad("model.path", absl::StrCat("no such file: ", c.model().path()));
+  } else {
+    FT_RETURN_IF_ERROR(ValidateConfig(c));
+  }
   // Keys that only a simulation can honour: refused rather than silently dropped.
   if (c.train().stand_in()) return Bad("train.stand_in", "simulation only (real client processes train the real model)");
   if (c.centralized_baseline()) return Bad("centralized_baseline", "run it with `fedtune simulate` on one machine");
@@ -473,9 +496,10 @@ absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::Simul
   *o.mutable_secure_aggregation() = c.secure_aggregation();
   *o.mutable_planner() = c.planner();
   o.set_test_noise_seed(c.test_noise_seed());
-  // Every simulated client takes part in every round, as in the simulation.
+  // A round starts once every simulated client has joined (their selection then follows the
+  // strategy, as in the simulation); the quorum stays the coordinator's default (1), so a client
+  // process that dies only costs its update after the deadline.
   o.set_min_workers(c.clients());
-  o.set_quorum(c.clients());
   return o;
 }
 

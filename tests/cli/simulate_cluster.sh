@@ -35,7 +35,7 @@ for k in 0 1 2; do
     > "$dir/client-$k.log" 2>&1 &
   pids+=($!)
 done
-wait "$serve" "${pids[@]}"
+for p in "$serve" "${pids[@]}"; do wait "$p"; done   # each exit status checked (set -e)
 grep -E 'committed:' "$dir/serve.log"
 grep -h 'training examples of the config' "$dir"/client-*.log
 python3 - "$dir/local/state-2.safetensors" "$dir/cluster/state-2.safetensors" <<'PY'

@@ -17,7 +17,8 @@ cp -r "$here/deploy/kubernetes" "$dir/k8s"
 pki="$dir/k8s/example/pki"
 "$bin" provision -o "$pki" --host fedtune-coordinator --host fedtune-coordinator.fedtune.svc \
   --worker node-1 --worker node-2 > /dev/null
-head -c 32 /dev/urandom | base64 > "$pki/http.token"
+head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$pki/http.token"
+grep -Eqx '[A-Za-z0-9._-]{16,}' "$pki/http.token" || { echo "FAILED: the documented token command makes a token the status server refuses"; exit 1; }
 cp "$pki"/workers/* "$pki/"
 kubectl kustomize "$dir/k8s/example" > "$dir/rendered.yaml" 2> "$dir/kustomize.log" || { cat "$dir/kustomize.log"; exit 1; }
 echo "rendered with $(kubectl version --client 2>/dev/null | tr '\n' ' ')"

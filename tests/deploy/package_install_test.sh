@@ -62,14 +62,6 @@ chroot "$root" sh -c 'chgrp -R fedtune /etc/fedtune/pki && chmod -R g+rX /etc/fe
 mkdir -p "$root/var/lib/fedtune/models" "$root/var/lib/fedtune/data"
 cp "$model" "$root/var/lib/fedtune/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 chroot "$root" fedtune make-task sentiment -n 40 -o /var/lib/fedtune/data/train.jsonl > /dev/null
-if [ -f "$root/usr/lib/fedtune/libfedtune_cuda.so" ]; then
-  # fedtune-cuda: the binary finds the installed module (this root has no CUDA runtime, so
-  # loading it must fail on libcudart, not on the module's path).
-  msg="$(chroot "$root" fedtune train /var/lib/fedtune/models/SmolLM2-135M-Instruct.Q4_1.gguf -d /var/lib/fedtune/data/train.jsonl \
-    --steps 1 --device cuda -o /tmp/x 2>&1 || true)"
-  echo "$msg" | grep -q "/usr/lib/fedtune/libfedtune_cuda.so: libcudart" || fail "the CUDA module was not looked for where fedtune-cuda installs it: $msg"
-  echo "fedtune-cuda: the installed module is found ($(echo "$msg" | grep -o 'cannot load the CUDA module[^;]*' | head -1 | cut -c1-110))"
-fi
 sed -i -e 's/^rounds: 5/rounds: 2/' -e 's/^train: .*/train: {local_steps: 2, batch: 2, learning_rate: 5.0e-3}/' \
   -e 's/^deadline_seconds: 600/deadline_seconds: 300/' "$root/etc/fedtune/coordinator.yaml"
 sed -i 's/^max_len: 256/max_len: 64/' "$root/etc/fedtune/worker.yaml"
@@ -98,6 +90,14 @@ wait_for() {  # unit pattern seconds
   fail "waited $3 s for '$2' in $1"
 }
 echo "booted: $(in_ct systemctl is-system-running || true)"
+if [ -f "$root/usr/lib/fedtune/libfedtune_cuda.so" ]; then
+  # fedtune-cuda: the binary finds the installed module (this root has no CUDA runtime, so
+  # loading it must fail on libcudart, not on the module's path).
+  msg="$(in_ct fedtune train /var/lib/fedtune/models/SmolLM2-135M-Instruct.Q4_1.gguf -d /var/lib/fedtune/data/train.jsonl \
+    --steps 1 --eval-examples 0 --device cuda -o /tmp/x 2>&1 || true)"
+  echo "$msg" | grep -q "/usr/lib/fedtune/libfedtune_cuda.so: libcudart" || fail "the CUDA module was not looked for where fedtune-cuda installs it: $msg"
+  echo "fedtune-cuda: the installed module is found ($(echo "$msg" | grep -o 'cannot load the CUDA module[^;]*' | head -1 | cut -c1-110))"
+fi
 in_ct systemctl start fedtune-coordinator.service fedtune-worker.service
 wait_for fedtune-coordinator.service 'round 1/2 committed' 240
 wait_for fedtune-coordinator.service 'round 2/2: 1 workers selected' 60
