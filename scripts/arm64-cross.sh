@@ -42,9 +42,11 @@ echo "[arm64] root ready after $(( $(date +%s) - start )) s"
 # The sources (tracked and untracked-but-not-ignored files; no build folders) into the root.
 rm -rf "$root/src" && mkdir -p "$root/src"
 (cd "$here" && git ls-files -co --exclude-standard -z | tar -cf - --null --no-recursion -T -) | tar -xf - -C "$root/src"
-if ! mountpoint -q "$root/proc"; then  # unmounted again only if mounted here
+cleanup=""  # undone at exit: only what this script set up
+trap 'eval "$cleanup"' EXIT
+if ! mountpoint -q "$root/proc"; then
   mount -t proc proc "$root/proc"
-  trap 'umount "$root/proc" 2>/dev/null || true' EXIT
+  cleanup+='umount "$root/proc" 2>/dev/null || true;'
 fi
 jobs="${FEDTUNE_JOBS:-$(nproc)}"
 b=$(date +%s)
@@ -53,7 +55,26 @@ chroot "$root" /bin/bash -c "cd /src && cmake -S . -B /build-arm64 -G Ninja -DCM
   && cmake --build /build-arm64 -j $jobs"
 echo "[arm64] cross build: $(( $(date +%s) - b )) s"
 chroot "$root" /bin/bash -c "file /build-arm64/tools/fedtune 2>/dev/null || head -c 20 /build-arm64/tools/fedtune | od -c | head -2"
+# The arm64 Debian package, checked by lintian when the host has it.
+chroot "$root" /bin/bash -c "cd /build-arm64 && cpack -G DEB -B /build-arm64/debs > /build-arm64/cpack.log 2>&1" \
+  && echo "[arm64] package: $(ls "$root"/build-arm64/debs/*.deb | xargs -n1 basename | tr '\n' ' ')"
+if command -v lintian > /dev/null && ls "$root"/build-arm64/debs/fedtune_*_arm64.deb > /dev/null 2>&1; then
+  lintian "$root"/build-arm64/debs/fedtune_*_arm64.deb 2>&1 | grep -v 'running with root privileges' || true
+  echo "[arm64] lintian done (no output: no tags)"
+fi
 if ((run_tests)); then
+  # Tests that start fedtune processes (coordinator + workers) exec aarch64 binaries from an
+  # emulated test: the kernel runs them through qemu-aarch64 when binfmt_misc knows the format.
+  # Registered here for the run (flag F: the interpreter is opened now, usable in the root) and
+  # removed afterwards, unless the host already has an aarch64 handler.
+  printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$root/etc/hosts"
+  binfmt=/proc/sys/fs/binfmt_misc
+  mountpoint -q "$binfmt" || mount -t binfmt_misc binfmt_misc "$binfmt" 2>/dev/null || true
+  if [ -w "$binfmt/register" ] && ! grep -qs 'magic 7f454c460201010000000000000000000200b700' "$binfmt"/*; then
+    printf '%s' ':fedtune-aarch64:M::\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:'"$root"'/usr/bin/qemu-aarch64:F' > "$binfmt/register"
+    cleanup+='echo -1 > "$binfmt/fedtune-aarch64" 2>/dev/null || true;'
+    echo "[arm64] binfmt_misc: aarch64 binaries run through qemu-aarch64 for this run"
+  fi
   t=$(date +%s)
   chroot "$root" /bin/bash -c "cd /build-arm64 && qemu-aarch64 tools/fedtune --version && ctest -L unit -j $jobs --timeout 3000 --output-on-failure"
   echo "[arm64] unit tests under qemu-aarch64: $(( $(date +%s) - t )) s"
