@@ -3,7 +3,8 @@
 # Linux network namespace with its own address, joined by veth links to a bridge in the
 # coordinator's namespace (10.77.0.1; workers 10.77.0.11-13), real model, mutual TLS:
 #   - worker 1's link is shaped to 10 Mbit/s (tbf); where the kernel has sch_netem, every worker
-#     link also gets 40 ms delay and 1% loss (the test says which it could apply);
+#     link also gets 40 ms delay and 1% loss; without netem, worker 3 goes through a relay that
+#     delays every chunk 40 ms each way (latency, no loss; the test says which it applied);
 #   - worker 2 is partitioned (its link down) during round 1 and healed after round 1 commits:
 #     round 1 closes by deadline with the quorum (2 accepted, 1 failed), worker 2 rejoins, and
 #     rounds 2-3 run with all three; the ledger holds rounds 1, 2, 3 once each, every process
@@ -48,8 +49,41 @@ done
 tc -n "${tag}w1" qdisc replace dev eth0 root tbf rate 10mbit burst 32kbit latency 400ms
 tc -n "$c" qdisc add dev "${tag}v1" root tbf rate 10mbit burst 32kbit latency 400ms
 if ((netem)); then echo "links: netem 40 ms delay + 1% loss on every worker link; worker 1 at 10 Mbit/s (tbf, instead of its netem)"
-else echo "links: worker 1 at 10 Mbit/s (tbf); this kernel has no sch_netem, so no delay/loss emulation"; fi
+else echo "links: worker 1 at 10 Mbit/s (tbf); this kernel has no sch_netem (nor tc classifiers): no packet loss; worker 3's latency from a relay"; fi
 
+# Worker 3 reaches the coordinator through a relay in the coordinator's namespace that holds
+# every chunk 40 ms in each direction (80 ms added to each round trip), in order: latency for a
+# kernel without netem (a TCP relay cannot drop packets, so loss stays netem's).
+cat > "$dir/delay_relay.py" <<'PY'
+import asyncio, sys, time
+listen_port, target_port, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+async def pipe(reader, writer):
+    q = asyncio.Queue()
+    async def send():
+        while True:
+            due, data = await q.get()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if not data:
+                writer.close(); return
+            writer.write(data); await writer.drain()
+    sender = asyncio.ensure_future(send())
+    while True:
+        data = await reader.read(65536)
+        q.put_nowait((time.monotonic() + delay, data))
+        if not data:
+            break
+    await sender
+async def handle(r1, w1):
+    r2, w2 = await asyncio.open_connection("10.77.0.1", target_port)
+    await asyncio.gather(pipe(r1, w2), pipe(r2, w1), return_exceptions=True)
+async def main():
+    server = await asyncio.start_server(handle, "10.77.0.1", listen_port)
+    print("relay ready", flush=True)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+PY
+ip netns exec "$c" python3 "$dir/delay_relay.py" 7444 7443 0.040 > "$dir/relay.log" 2>&1 &
 "$bin" provision -o "$dir/pki" --host 10.77.0.1 --workers 3 > /dev/null
 "$bin" make-task sentiment -n 40 -o "$dir/data.jsonl" > /dev/null
 cat > "$dir/coord.yaml" <<YAML
@@ -74,10 +108,23 @@ for i in 1 2 3; do  # each worker namespace reaches the coordinator's address ov
   ip netns exec "${tag}w$i" timeout 5 bash -c '</dev/tcp/10.77.0.1/7443' \
     || { echo "FAILED: worker $i cannot reach 10.77.0.1:7443"; cat "$dir/coordinator.log"; exit 1; }
 done
+if ((! netem)); then  # the relay's latency, seen from worker 3's namespace
+  for _ in $(seq 100); do grep -q 'relay ready' "$dir/relay.log" && break; sleep 0.1; done
+  rtt="$(ip netns exec "${tag}w3" python3 -c "
+import socket, time
+t = time.monotonic(); s = socket.create_connection(('10.77.0.1', 7444)); s.sendall(b'\x16\x03\x01\x00\x05hello')
+s.settimeout(5)
+try: s.recv(1)
+except Exception: pass
+print(f'{1000 * (time.monotonic() - t):.0f}')")"
+  echo "worker 3 through the relay: first answer after ${rtt} ms (>= 80 ms added per round trip)"
+  [ "${rtt:-0}" -ge 80 ] || { echo "FAILED: the relay adds no latency"; exit 1; }
+fi
 pids=()
 for i in 1 2 3; do
+  cport=7443; [ "$i" = 3 ] && ((! netem)) && cport=7444
   cat > "$dir/w$i.yaml" <<YAML
-coordinator: 10.77.0.1:7443
+coordinator: 10.77.0.1:$cport
 tls: {ca: $dir/pki/ca.pem, cert: $dir/pki/workers/worker-00$i.pem, key: $dir/pki/workers/worker-00$i.key}
 token_file: $dir/pki/workers/worker-00$i.token
 model: {path: $model}
