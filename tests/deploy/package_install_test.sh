@@ -8,7 +8,8 @@
 #     /etc/fedtune/*.yaml expect them (only rounds and the local work are made smaller);
 #  4. `systemctl start fedtune-coordinator fedtune-worker`: round 1 commits; `systemctl stop
 #     fedtune-coordinator` (SIGTERM) during round 2 exits cleanly with round 2 not committed;
-#     a restart resumes and commits round 2; both services end with result "success", the state
+#     `systemctl stop fedtune-worker` (SIGTERM) exits cleanly too; restarted, the coordinator
+#     resumes and commits round 2 with the update the worker kept; both services end with result "success", the state
 #     belongs to the fedtune user.
 #   tests/deploy/package_install_test.sh BUILD_DIR MODEL      (root; exit 77 = skipped with the reason)
 set -euo pipefail
@@ -105,8 +106,13 @@ in_ct systemctl stop fedtune-coordinator.service   # SIGTERM during round 2
 [ "$(in_ct systemctl show -P Result fedtune-coordinator.service)" = success ] || fail "coordinator stop did not end in success"
 [ "$(in_ct systemctl show -P ExecMainStatus fedtune-coordinator.service)" = 0 ] || fail "coordinator exit status after SIGTERM"
 journal fedtune-coordinator.service | grep -q 'round 2/2 committed' && fail "round 2 committed although stopped"
-echo "SIGTERM during round 2: clean exit, round 2 not committed"
-in_ct systemctl start fedtune-coordinator.service
+echo "SIGTERM to the coordinator during round 2: clean exit, round 2 not committed"
+t_stop=$(date +%s)
+in_ct systemctl stop fedtune-worker.service   # SIGTERM to the worker while it waits to rejoin
+[ "$(in_ct systemctl show -P Result fedtune-worker.service)" = success ] || fail "worker stop did not end in success"
+[ "$(in_ct systemctl show -P ExecMainStatus fedtune-worker.service)" = 0 ] || fail "worker exit status after SIGTERM"
+echo "SIGTERM to the worker: clean exit in $(( $(date +%s) - t_stop )) s"
+in_ct systemctl start fedtune-coordinator.service fedtune-worker.service
 for _ in $(seq 1200); do
   [ "$(in_ct systemctl is-active fedtune-coordinator.service || true)" = inactive ] && \
     [ "$(in_ct systemctl is-active fedtune-worker.service || true)" = inactive ] && break
