@@ -20,6 +20,9 @@ struct Service {
   std::vector<model::Example> eval_data;
 };
 
-absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::CoordinatorConfig& c);
+// held_out: examples to score the global adapter on instead of eval.data (`fedtune simulate
+// --serve` passes the simulation's held-out split); empty: eval.data, if set.
+absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::CoordinatorConfig& c,
+                                                           std::vector<model::Example> held_out = {});
 
 }  // namespace fedtune::coordinator

@@ -463,6 +463,18 @@ absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::Simu
   return std::move(d.client_train[static_cast<size_t>(k)]);
 }
 
+absl::StatusOr<std::vector<model::Example>> HeldOutData(const proto::SimulationConfig& config, const model::Tokenizer& tok) {
+  proto::SimulationConfig c = config;
+  c.mutable_train()->clear_device();
+  if (c.data().client_files_size() > 0) return std::vector<model::Example>{};  // eval.data is the held-out set then
+  FT_RETURN_IF_ERROR(ValidateConfig(c));
+  FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
+  FT_ASSIGN_OR_RETURN(SimData d, BuildSimData(c, s, tok));
+  std::vector<model::Example> out;
+  for (auto& task : d.eval_by_task) out.insert(out.end(), std::make_move_iterator(task.begin()), std::make_move_iterator(task.end()));
+  return out;
+}
+
 absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::SimulationConfig& config) {
   proto::SimulationConfig c = config;
   c.mutable_train()->clear_device();  // the coordinator trains nothing; each client chooses its kernels

@@ -53,6 +53,9 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
 std::string ClientName(int k);
 // Client k's training examples, split exactly as RunSimulation splits them.
 absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::SimulationConfig& c, int k, const model::Tokenizer& tok);
+// The held-out examples the simulation scores the global adapter on (every task's share, as
+// RunSimulation evaluates them), for the coordinator of `simulate --serve`.
+absl::StatusOr<std::vector<model::Example>> HeldOutData(const proto::SimulationConfig& c, const model::Tokenizer& tok);
 // The coordinator's configuration for the config's round (model, adapter, rounds, training,
 // strategy, privacy, evaluation, secure aggregation, planner; every client in every round);
 // the caller adds the transport keys (listen, tls, tokens, state_dir).

@@ -449,7 +449,7 @@ absl::Status RunSimulate(const std::string& config_path, const std::string& out_
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
 
-absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path);
+absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path, std::vector<model::Example> held_out = {});
 
 // fedtune coordinator --config: serves rounds until done (SIGINT/SIGTERM: shut down cleanly;
 // a restart resumes after the last committed round).
@@ -465,10 +465,10 @@ absl::Status RunCoordinator(const std::string& path) {
 }
 
 // The coordinator service for a loaded configuration (`coordinator --config`, `simulate --serve`).
-absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path) {
+absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path, std::vector<model::Example> held_out) {
   mallopt(M_MMAP_THRESHOLD, 512 << 10);
   mallopt(M_ARENA_MAX, 2);
-  auto svc = coordinator::ServiceFromConfig(c);
+  auto svc = coordinator::ServiceFromConfig(c, std::move(held_out));
   if (!svc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
   auto server = coordinator::CoordinatorServer::Start((*svc)->options);
   if (!server.ok()) return server.status();
@@ -579,7 +579,18 @@ absl::Status RunSimulateCluster(const std::string& config_path, const ClusterSim
     cc->set_deadline_seconds(a.deadline_seconds);
     cc->set_http(a.http);
     if (c.profiles_size() > 0) std::printf("client profiles (speed, links, dropout) are simulation-only: real processes run at their own speed\n");
-    return ServeCoordinator(*cc, config_path);
+    // The global adapter is scored on the simulation's held-out split after evaluated rounds.
+    std::vector<model::Example> held_out;
+    if (c.data().client_files_size() == 0) {
+      auto m = model::LlamaModel::Load(c.model().path());
+      if (!m.ok()) return ConfigError(m.status());
+      if ((*m)->tokenizer() == nullptr) return ConfigError(absl::FailedPreconditionError("the model has no tokenizer"));
+      auto h = sim::HeldOutData(c, *(*m)->tokenizer());
+      if (!h.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", h.status().message())));
+      held_out = std::move(*h);
+      std::printf("held-out evaluation: %zu examples of the config's split\n", held_out.size());
+    }
+    return ServeCoordinator(*cc, config_path, std::move(held_out));
   }
   if (a.coordinator.empty()) return ConfigError(absl::InvalidArgumentError("--coordinator HOST:PORT is needed with --client"));
   const std::string name = sim::ClientName(a.client);

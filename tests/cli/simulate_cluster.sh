@@ -2,7 +2,8 @@
 # issue 20: `fedtune simulate CONFIG` across processes: `--serve` (the coordinator) and one
 # `--client K` process per simulated client (as a Slurm array task or a Kubernetes Indexed Job pod
 # would run them), real model, mutual TLS on loopback. The final adapter equals the one-process
-# `fedtune simulate CONFIG` (same config, same seeds): max |diff| <= 1e-6.
+# `fedtune simulate CONFIG` (same config, same seeds): max |diff| <= 1e-6, and the coordinator's
+# held-out losses per round are the simulation's.
 #   tests/cli/simulate_cluster.sh FEDTUNE_BINARY MODEL
 set -euo pipefail
 bin="$1"; model="$2"
@@ -37,6 +38,13 @@ for k in 0 1 2; do
 done
 for p in "$serve" "${pids[@]}"; do wait "$p"; done   # each exit status checked (set -e)
 grep -E 'committed:' "$dir/serve.log"
+# The coordinator scores the global adapter on the simulation's held-out split, as the simulation does.
+# The coordinator scores the global adapter on the simulation's held-out split: the same held-out
+# losses, round 0 to 2, as the one-process simulation.
+local_eval="$(grep -o 'eval loss [0-9][0-9.]*' "$dir/local.log" | tr '\n' ' ')"
+cluster_eval="$(grep -o 'eval loss [0-9][0-9.]*' "$dir/serve.log" | tr '\n' ' ')"
+echo "held-out losses: one process [$local_eval], across processes [$cluster_eval]"
+[ -n "$local_eval" ] && [ "$local_eval" = "$cluster_eval" ]
 grep -h 'training examples of the config' "$dir"/client-*.log
 python3 - "$dir/local/state-2.safetensors" "$dir/cluster/state-2.safetensors" <<'PY'
 import json, struct, sys
