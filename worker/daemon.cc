@@ -482,12 +482,15 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
       ft.log_every = 0;
       ft.backend = backend;
       model::AdamW opt(model::OptimizerConfig{});
+      // Finetune continues from the optimizer's step count and stops at ft.steps: each call
+      // below runs the steps up to its own target (1 warm-up, then 2 timed, then 2 timed).
       ft.steps = 1;  // warm-up (first touches of the weights), not timed
       (void)model::Finetune(*model, *data, ft, &*set, &opt);
-      ft.steps = 2;
+      ft.steps = 3;
       if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0)
         p.set_train_tokens_per_second(static_cast<double>(r->tokens) / r->seconds);
       ft.recompute = false;
+      ft.steps = 5;
       if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0 && p.train_tokens_per_second() > 0)
         p.set_keep_speedup(static_cast<double>(r->tokens) / r->seconds / p.train_tokens_per_second());
     }

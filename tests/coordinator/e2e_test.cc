@@ -424,3 +424,22 @@ TEST_F(E2ETest, WorkersWithoutValidCertificateOrTokenAreRefused) {
 
 }  // namespace
 }  // namespace fedtune
+
+namespace fedtune {
+namespace {
+
+// The profile a worker sends on join: its training speed and the speedup of keeping activations
+// are measured (each by timed steps of its own; the kept-activation steps used to run zero steps
+// because they shared the optimizer's step count, and the speedup stayed 0).
+TEST_F(E2ETest, TheWorkerProfileMeasuresSpeedAndTheKeptActivationSpeedup) {
+  auto backend = kernels::SelectBackend("cpu-fast");
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  const rpc::v1::Profile p = worker::MeasureProfile(model_.get(), &data_[0], 0, *backend);
+  EXPECT_GT(p.train_tokens_per_second(), 0);
+  EXPECT_GT(p.keep_speedup(), 0.2) << "the kept-activation steps were not timed";
+  EXPECT_LT(p.keep_speedup(), 20);
+  EXPECT_EQ(p.num_examples(), static_cast<int64_t>(data_[0].size()));
+}
+
+}  // namespace
+}  // namespace fedtune
