@@ -828,6 +828,14 @@ int main(int argc, char** argv) {
   if (*ev) return ExitCode(RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump));
   if (*ex) return ExitCode(RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base));
   if (*simc) {
+    if (sim_check && csa.serve) {  // what --serve would refuse, without starting anything
+      proto::SimulationConfig c;
+      if (auto st = LoadConfigFile(sim_config, &c); !st.ok()) return ExitCode(ConfigError(st));
+      if (auto cc = sim::CoordinatorConfigFor(c); !cc.ok())
+        return ExitCode(ConfigError(absl::InvalidArgumentError(absl::StrCat(sim_config, ": ", cc.status().message()))));
+      std::printf("%s: valid for --serve\n", sim_config.c_str());
+      return 0;
+    }
     if (!sim_check && (csa.serve || csa.client >= 0)) {
       std::signal(SIGINT, OnSignal);
       std::signal(SIGTERM, OnSignal);

@@ -20,6 +20,11 @@ train: {local_steps: 2, batch: 2, learning_rate: 5.0e-3}
 strategy: {merge: uncertainty}
 seed: 4
 YAML
+"$bin" simulate "$dir/sim.yaml" --serve --check | grep -q 'valid for --serve'
+# What only a one-machine simulation can do is refused by --serve, with exit status 78 (EX_CONFIG).
+sed 's/^seed: 4/seed: 4\ncentralized_baseline: true/' "$dir/sim.yaml" > "$dir/bad.yaml"
+rc=0; "$bin" simulate "$dir/bad.yaml" --serve --check > "$dir/bad.log" 2>&1 || rc=$?
+[ "$rc" = 78 ] && grep -q 'centralized_baseline: run it with `fedtune simulate` on one machine' "$dir/bad.log"
 "$bin" simulate "$dir/sim.yaml" -o "$dir/local" > "$dir/local.log" 2>&1
 "$bin" provision -o "$dir/pki" --clients 3 > /dev/null
 "$bin" simulate "$dir/sim.yaml" --serve --pki "$dir/pki" --listen 127.0.0.1:0 --state "$dir/cluster" --deadline 300 > "$dir/serve.log" 2>&1 &
