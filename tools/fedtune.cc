@@ -453,7 +453,7 @@ absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::stri
 
 // fedtune coordinator --config: serves rounds until done (SIGINT/SIGTERM: shut down cleanly;
 // a restart resumes after the last committed round).
-absl::Status RunCoordinator(const std::string& path) {
+absl::Status RunCoordinator(const std::string& path, bool check_only) {
   // Allocator policy for a server whose large buffers (updates, chunks) are allocated on many
   // gRPC threads: buffers of 512 KiB and more come from mmap and go back to the system when freed
   // (glibc otherwise raises that threshold dynamically and keeps them in per-thread arenas), and
@@ -461,6 +461,14 @@ absl::Status RunCoordinator(const std::string& path) {
   // transport quota, peak RSS 2.2 GB -> ~220 MiB at the same speed.
   proto::CoordinatorConfig c;
   if (auto st = LoadConfigFile(path, &c); !st.ok()) return ConfigError(st);
+  if (check_only) {  // everything the service reads before it serves, without serving
+    auto svc = coordinator::ServiceFromConfig(c);
+    if (!svc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
+    for (const std::string& f : {c.tls().ca(), c.tls().cert(), c.tls().key()})
+      if (auto t = ReadFileToString(f); !t.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": tls: ", t.status().message())));
+    std::printf("%s: valid (%d rounds, state in %s)\n", path.c_str(), c.rounds(), c.state_dir().c_str());
+    return absl::OkStatus();
+  }
   return ServeCoordinator(c, path);
 }
 
@@ -495,7 +503,7 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
                          const std::vector<model::Example>& eval, kernels::Backend* backend);
 
 // fedtune worker --config: trains tasks from the coordinator until it says the run is over.
-absl::Status RunWorker(const std::string& path) {
+absl::Status RunWorker(const std::string& path, bool check_only) {
   proto::WorkerConfig c;
   if (auto st = LoadConfigFile(path, &c); !st.ok()) return ConfigError(st);
   auto backend = kernels::SelectBackend(c.device().empty() ? "cpu" : c.device());
@@ -514,6 +522,13 @@ absl::Status RunWorker(const std::string& path) {
     auto e = model::LoadDataset(c.eval_data(), *(*m)->tokenizer(), d);
     if (!e.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("eval_data: ", e.status().message())));
     eval = std::move(e->train);
+  }
+  if (check_only) {  // everything the daemon reads before it connects, without connecting
+    for (const std::string& f : {c.tls().ca(), c.tls().cert(), c.tls().key(), c.token_file()})
+      if (auto t = ReadFileToString(f); !t.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", t.status().message())));
+    std::printf("%s: valid (%zu training examples, kernels %s, coordinator %s)\n", path.c_str(), data->train.size(), (*backend)->Name(),
+                c.coordinator().c_str());
+    return absl::OkStatus();
   }
   return ServeWorker(c, **m, data->train, eval, *backend);
 }
@@ -808,9 +823,13 @@ int main(int argc, char** argv) {
   auto* coord = app.add_subcommand("coordinator", "Run the coordinator service (gRPC, mutual TLS)");
   std::string coord_config;
   coord->add_option("--config", coord_config, "Coordinator config (YAML), e.g. configs/coordinator.yaml")->required();
+  bool coord_check = false;
+  coord->add_flag("--check", coord_check, "Check the config and the files it names (credentials, model, tokens), then exit");
   auto* wk = app.add_subcommand("worker", "Run a worker daemon against a coordinator");
   std::string worker_config;
   wk->add_option("--config", worker_config, "Worker config (YAML), e.g. configs/worker.yaml")->required();
+  bool worker_check = false;
+  wk->add_flag("--check", worker_check, "Check the config and the files it names (credentials, model, data), then exit");
 
   auto* stat = app.add_subcommand("status", "Show a running coordinator's state (from its http status server)");
   std::string stat_addr;
@@ -843,9 +862,9 @@ int main(int argc, char** argv) {
     }
     return ExitCode(RunSimulate(sim_config, sim_out, sim_check));
   }
-  if (*coord) return ExitCode(RunCoordinator(coord_config));
+  if (*coord) return ExitCode(RunCoordinator(coord_config, coord_check));
   if (*stat) return ExitCode(RunStatus(stat_addr, stat_token));
-  if (*wk) return ExitCode(RunWorker(worker_config));
+  if (*wk) return ExitCode(RunWorker(worker_config, worker_check));
   if (*prov) return ExitCode(RunProvision(po, prov_n, prov_clients, prov_revoke));
   if (*mk) return ExitCode(RunMakeTask(mk_name, mk_n, mk_seed, mk_out));
   return 0;

@@ -99,6 +99,10 @@ if [ -f "$root/usr/lib/fedtune/libfedtune_cuda.so" ]; then
   echo "$msg" | grep -q "/usr/lib/fedtune/libfedtune_cuda.so: libcudart" || fail "the CUDA module was not looked for where fedtune-cuda installs it: $msg"
   echo "fedtune-cuda: the installed module is found ($(echo "$msg" | grep -o 'cannot load the CUDA module[^;]*' | head -1 | cut -c1-110))"
 fi
+# What an operator runs before enabling the services: the configurations and the files they
+# name, checked as the services' user.
+in_ct runuser -u fedtune -- fedtune coordinator --config /etc/fedtune/coordinator.yaml --check
+in_ct runuser -u fedtune -- fedtune worker --config /etc/fedtune/worker.yaml --check
 in_ct systemctl start fedtune-coordinator.service fedtune-worker.service
 wait_for fedtune-coordinator.service 'round 1/2 committed' 240
 wait_for fedtune-coordinator.service 'round 2/2: 1 workers selected' 60
