@@ -96,7 +96,7 @@ adapter: {kind: FFA_LORA, rank: 2, alpha: 4, target_modules: [q, v]}
 rounds: 3
 min_workers: 3
 quorum: 2
-deadline_seconds: 25
+deadline_seconds: 45   # round 1 waits this long for the partitioned worker (slack for a loaded CI machine)
 offline_after_seconds: 15
 train: {local_steps: 2, batch: 2, learning_rate: 5.0e-3}
 seed: 3
