@@ -126,6 +126,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::map<std::string, rpc::v1::Task> assigned;  // this round
   std::map<std::string, std::string> plan_notes;  // worker -> the planner's explanation (or why left out)
   std::set<std::string> fetched, received;
+  std::set<std::string> told_over;  // workers answered SHUTDOWN (the run is over)
   // Accepted uploads waiting for the engine's thread: a plain update, or (secure rounds) a
   // masked input with the update's clear metadata (client, num_examples, metrics).
   struct Incoming {
@@ -371,6 +372,9 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     const rpc::v1::Profile p = SanitizedProfile(req->profile());
     {
       std::lock_guard<std::mutex> l(mu);
+      // Stopping without having finished the run (SIGTERM, an error): come back later; the
+      // worker's join backoff applies.
+      if (shutdown || (done && !status.ok())) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down");
       RefreshCredentials();
       auto it = token_hash.find(cn);
       if (cn.empty() || it == token_hash.end() || revoked.count(cn) || req->token().size() > 256 || protocol::Sha256Hex(tok) != it->second) {
@@ -428,8 +432,15 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     cv.wait_until(l, until, [&] { return done || shutdown || has_task(); });
     if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "certificate revoked");
     Seen(cn);
-    if (done || shutdown) {
+    if (done && status.ok()) {  // every round committed: the worker may stop
       task->set_kind(rpc::v1::Task::SHUTDOWN);
+      told_over.insert(cn);
+      cv.notify_all();
+    } else if (done || shutdown) {
+      // The coordinator stops before the run is over (SIGTERM for a restart or an upgrade, an
+      // error): the worker keeps its state and rejoins when the coordinator is back, instead of
+      // ending as if the run were finished.
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down; the run continues when it is back");
     } else if (has_task()) {
       *task = assigned[cn];
       fetched.insert(cn);
@@ -1156,6 +1167,23 @@ void CoordinatorServer::Shutdown() {
     impl_->shutdown = true;
   }
   impl_->cv.notify_all();
+}
+
+int CoordinatorServer::TellWorkersTheRunIsOver(std::chrono::milliseconds max_wait) {
+  Impl& im = *impl_;
+  const auto until = std::chrono::steady_clock::now() + max_wait;
+  std::unique_lock<std::mutex> l(im.mu);
+  auto untold = [&] {
+    const int64_t now = UnixMs();
+    int n = 0;
+    for (const auto& [cn, w] : im.workers)
+      if (im.Online(w, now) && !im.told_over.count(cn)) ++n;
+    return n;
+  };
+  // Re-checked on every SHUTDOWN answer and every 200 ms (workers also go offline meanwhile).
+  while (!im.shutdown && untold() > 0 && std::chrono::steady_clock::now() < until)
+    im.cv.wait_for(l, std::chrono::milliseconds(200));
+  return untold();
 }
 
 aggregation::TensorMap CoordinatorServer::global() const {

@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <map>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -52,6 +53,11 @@ class CoordinatorServer {
   // Blocks until every round is committed (or Shutdown); returns the round thread's status.
   absl::Status Wait();
   void Shutdown();
+  // After the run: keeps serving until every online worker has been told the run is over (its
+  // next GetTask answers SHUTDOWN) or max_wait passed, so a worker between requests when the last
+  // round committed exits instead of retrying a coordinator that is gone. Returns how many
+  // online workers were not told.
+  int TellWorkersTheRunIsOver(std::chrono::milliseconds max_wait);
   aggregation::TensorMap global() const;
   int last_committed_round() const;
   int http_port() const;  // 0 when the HTTP status server is off

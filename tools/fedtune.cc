@@ -492,6 +492,12 @@ absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::stri
     (*server)->Shutdown();
   });
   const absl::Status st = (*server)->Wait();
+  if (st.ok() && !g_stop) {
+    // Workers between requests when the last round committed learn the run is over before the
+    // service goes away (otherwise they would keep retrying it).
+    const int untold = (*server)->TellWorkersTheRunIsOver(std::chrono::seconds(15));
+    if (untold > 0) FT_LOG_WARN("{} online worker(s) were not told the run is over within 15 s", untold);
+  }
   g_stop = true;
   watcher.join();
   if (!st.ok() && !absl::IsCancelled(st)) return st;
