@@ -6,9 +6,9 @@
 // restarted coordinator resumes after the last committed round and never counts one twice.
 #pragma once
 
+#include <chrono>
 #include <functional>
 #include <map>
-#include <chrono>
 #include <memory>
 #include <string>
 

@@ -19,7 +19,7 @@ absl::Status Bad(const std::string& key, const std::string& what) { return absl:
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::CoordinatorConfig& c, std::vector<model::Example> held_out) {
+absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::CoordinatorConfig& c, const HeldOutFn& held_out) {
   auto svc = std::make_unique<Service>();
   ServerOptions& o = svc->options;
   // Keys the deployed runner does not honour (yet): refused, never silently ignored.
@@ -82,19 +82,20 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     o.engine.planning = federation::EngineOptions::Planning{planner::ModelShape::Of(*m), po, importance, /*every_round=*/true};
   }
   o.engine.settings = rs;
-  if (!c.eval().data().empty() || !held_out.empty()) {  // server-side evaluation keeps the base in memory
-    if (!held_out.empty()) {
-      if (!c.eval().data().empty()) return Bad("eval.data", "not with a simulation's own held-out split");
-      svc->eval_data = std::move(held_out);
-    } else {
-      if (m->tokenizer() == nullptr) return Bad("eval.data", "the model has no tokenizer");
-      model::DatasetOptions d;
-      d.holdout = 0;
-      d.max_len = 256;
-      FT_ASSIGN_OR_RETURN(model::Dataset data, model::LoadDataset(c.eval().data(), *m->tokenizer(), d));
-      if (data.train.empty()) return Bad("eval.data", absl::StrCat(c.eval().data(), " holds no example"));
-      svc->eval_data = std::move(data.train);
-    }
+  if (held_out) {
+    if (!c.eval().data().empty()) return Bad("eval.data", "not with a simulation's own held-out split");
+    if (m->tokenizer() == nullptr) return Bad("model.path", "the model has no tokenizer");
+    FT_ASSIGN_OR_RETURN(svc->eval_data, held_out(*m->tokenizer()));
+  } else if (!c.eval().data().empty()) {
+    if (m->tokenizer() == nullptr) return Bad("eval.data", "the model has no tokenizer");
+    model::DatasetOptions d;
+    d.holdout = 0;
+    d.max_len = 256;
+    FT_ASSIGN_OR_RETURN(model::Dataset data, model::LoadDataset(c.eval().data(), *m->tokenizer(), d));
+    if (data.train.empty()) return Bad("eval.data", absl::StrCat(c.eval().data(), " holds no example"));
+    svc->eval_data = std::move(data.train);
+  }
+  if (!svc->eval_data.empty()) {  // server-side evaluation keeps the base in memory
     svc->eval_model = std::move(m);
     const model::LlamaModel* model = svc->eval_model.get();
     const std::vector<model::Example>* examples = &svc->eval_data;

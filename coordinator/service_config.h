@@ -3,6 +3,7 @@
 // keys the deployed runner cannot honour are refused here, naming the key.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -20,9 +21,10 @@ struct Service {
   std::vector<model::Example> eval_data;
 };
 
-// held_out: examples to score the global adapter on instead of eval.data (`fedtune simulate
-// --serve` passes the simulation's held-out split); empty: eval.data, if set.
-absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::CoordinatorConfig& c,
-                                                           std::vector<model::Example> held_out = {});
+// held_out, when given: makes the examples to score the global adapter on instead of eval.data,
+// with the tokenizer of the model the service loaded (`fedtune simulate --serve`: the
+// simulation's held-out split); an empty set means no server-side evaluation.
+using HeldOutFn = std::function<absl::StatusOr<std::vector<model::Example>>(const model::Tokenizer&)>;
+absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::CoordinatorConfig& c, const HeldOutFn& held_out = nullptr);
 
 }  // namespace fedtune::coordinator

@@ -1,10 +1,10 @@
 #include "kernels/backend.h"
 
 #include <algorithm>
-#include <filesystem>
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <filesystem>
 #include <mutex>
 #include <new>
 #include <vector>

@@ -438,20 +438,28 @@ absl::StatusOr<SimData> BuildSimData(const proto::SimulationConfig& c, const Set
   return out;
 }
 
+// A simulation config as one process of a cross-machine run reads it: without train.device
+// (each process chose its kernels; the config's device need not exist on every machine), and
+// with data.client_files, if any, matching the clients (each process reads at most its own).
+absl::StatusOr<proto::SimulationConfig> ForOneProcess(const proto::SimulationConfig& config) {
+  proto::SimulationConfig c = config;
+  c.mutable_train()->clear_device();
+  if (c.data().client_files_size() > 0 && c.data().client_files_size() != c.clients())
+    return Bad("data.client_files", absl::StrCat(c.data().client_files_size(), " files for ", c.clients(), " clients"));
+  return c;
+}
+
 }  // namespace
 
 std::string ClientName(int k) { return absl::StrFormat("client-%03d", k); }
 
 absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::SimulationConfig& config, int k, const model::Tokenizer& tok) {
-  proto::SimulationConfig c = config;
-  c.mutable_train()->clear_device();  // the client process chose its kernels already
+  FT_ASSIGN_OR_RETURN(proto::SimulationConfig c, ForOneProcess(config));
   FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
   if (k < 0 || k >= s.clients) return absl::InvalidArgumentError(absl::StrCat("client ", k, ": the config has clients 0..", s.clients - 1));
   if (c.data().client_files_size() > 0) {
     // Client k's own file only (the other clients' files need not exist here), loaded as
     // BuildSimData loads it.
-    if (c.data().client_files_size() != s.clients)
-      return Bad("data.client_files", absl::StrCat(c.data().client_files_size(), " files for ", s.clients, " clients"));
     model::DatasetOptions wo;
     wo.holdout = 0;
     wo.max_len = s.max_len;
@@ -464,8 +472,7 @@ absl::StatusOr<std::vector<model::Example>> ClientTrainingData(const proto::Simu
 }
 
 absl::StatusOr<std::vector<model::Example>> HeldOutData(const proto::SimulationConfig& config, const model::Tokenizer& tok) {
-  proto::SimulationConfig c = config;
-  c.mutable_train()->clear_device();
+  FT_ASSIGN_OR_RETURN(proto::SimulationConfig c, ForOneProcess(config));
   if (c.data().client_files_size() > 0) return std::vector<model::Example>{};  // eval.data is the held-out set then
   FT_RETURN_IF_ERROR(ValidateConfig(c));
   FT_ASSIGN_OR_RETURN(Settings s, Resolve(c));
@@ -476,12 +483,8 @@ absl::StatusOr<std::vector<model::Example>> HeldOutData(const proto::SimulationC
 }
 
 absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::SimulationConfig& config) {
-  proto::SimulationConfig c = config;
-  c.mutable_train()->clear_device();  // the coordinator trains nothing; each client chooses its kernels
-  if (c.data().client_files_size() > 0) c.mutable_data()->clear_client_files();  // they live on the clients' machines
-  if (config.data().client_files_size() > 0 && config.data().client_files_size() != config.clients())
-    return Bad("data.client_files", absl::StrCat(config.data().client_files_size(), " files for ", config.clients(), " clients"));
-  if (config.data().client_files_size() > 0) {
+  FT_ASSIGN_OR_RETURN(proto::SimulationConfig c, ForOneProcess(config));
+  if (c.data().client_files_size() > 0) {  // they live on the clients' machines: not checked here
     FT_RETURN_IF_ERROR(Resolve(c).status());
     if (!fs::exists(c.model().path())) return Bad("model.path", absl::StrCat("no such file: ", c.model().path()));
   } else {
@@ -496,8 +499,7 @@ absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::Simul
   *o.mutable_adapter() = c.adapter();
   o.set_rounds(c.rounds());
   *o.mutable_train() = c.train();
-  // Each client process chooses its kernels and activation memory (worker settings).
-  o.mutable_train()->clear_device();
+  // Each client process chooses its activation memory (a worker setting).
   o.mutable_train()->clear_activation_budget_mib();
   o.mutable_train()->clear_no_recompute();
   *o.mutable_strategy() = c.strategy();

@@ -39,7 +39,6 @@
 #include "worker/local_trainer.h"
 
 #include <csignal>
-#include <string_view>
 #include <thread>
 
 #include <filesystem>
@@ -61,6 +60,11 @@ constexpr absl::string_view kConfigErrorPayload = "fedtune/config-error";
 absl::Status ConfigError(absl::Status s) {
   if (!s.ok()) s.SetPayload(kConfigErrorPayload, absl::Cord("1"));
   return s;
+}
+
+// A configuration error found while reading `where` (a config file): its message, prefixed.
+absl::Status ConfigErrorIn(const std::string& where, const absl::Status& s) {
+  return ConfigError(absl::InvalidArgumentError(absl::StrCat(where, ": ", s.message())));
 }
 
 int ExitCode(const absl::Status& s) {
@@ -449,23 +453,18 @@ absl::Status RunSimulate(const std::string& config_path, const std::string& out_
 std::atomic<bool> g_stop{false};
 void OnSignal(int) { g_stop = true; }
 
-absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path, std::vector<model::Example> held_out = {});
+absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path, const coordinator::HeldOutFn& held_out = nullptr);
 
 // fedtune coordinator --config: serves rounds until done (SIGINT/SIGTERM: shut down cleanly;
 // a restart resumes after the last committed round).
 absl::Status RunCoordinator(const std::string& path, bool check_only) {
-  // Allocator policy for a server whose large buffers (updates, chunks) are allocated on many
-  // gRPC threads: buffers of 512 KiB and more come from mmap and go back to the system when freed
-  // (glibc otherwise raises that threshold dynamically and keeps them in per-thread arenas), and
-  // two arenas in all. Measured with bench/run_load.sh (200 workers): together with the
-  // transport quota, peak RSS 2.2 GB -> ~220 MiB at the same speed.
   proto::CoordinatorConfig c;
   if (auto st = LoadConfigFile(path, &c); !st.ok()) return ConfigError(st);
   if (check_only) {  // everything the service reads before it serves, without serving
     auto svc = coordinator::ServiceFromConfig(c);
-    if (!svc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
+    if (!svc.ok()) return ConfigErrorIn(path, svc.status());
     for (const std::string& f : {c.tls().ca(), c.tls().cert(), c.tls().key()})
-      if (auto t = ReadFileToString(f); !t.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": tls: ", t.status().message())));
+      if (auto t = ReadFileToString(f); !t.ok()) return ConfigErrorIn(path + ": tls", t.status());
     std::printf("%s: valid (%d rounds, state in %s)\n", path.c_str(), c.rounds(), c.state_dir().c_str());
     return absl::OkStatus();
   }
@@ -473,11 +472,16 @@ absl::Status RunCoordinator(const std::string& path, bool check_only) {
 }
 
 // The coordinator service for a loaded configuration (`coordinator --config`, `simulate --serve`).
-absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path, std::vector<model::Example> held_out) {
+absl::Status ServeCoordinator(const proto::CoordinatorConfig& c, const std::string& path, const coordinator::HeldOutFn& held_out) {
+  // Allocator policy for a server whose large buffers (updates, chunks) are allocated on many
+  // gRPC threads: buffers of 512 KiB and more come from mmap and go back to the system when freed
+  // (glibc otherwise raises that threshold dynamically and keeps them in per-thread arenas), and
+  // two arenas in all. Measured with bench/run_load.sh (200 workers): together with the
+  // transport quota, peak RSS 2.2 GB -> ~220 MiB at the same speed.
   mallopt(M_MMAP_THRESHOLD, 512 << 10);
   mallopt(M_ARENA_MAX, 2);
-  auto svc = coordinator::ServiceFromConfig(c, std::move(held_out));
-  if (!svc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", svc.status().message())));
+  auto svc = coordinator::ServiceFromConfig(c, held_out);
+  if (!svc.ok()) return ConfigErrorIn(path, svc.status());
   auto server = coordinator::CoordinatorServer::Start((*svc)->options);
   if (!server.ok()) return server.status();
   const coordinator::ServerOptions& o = (*svc)->options;
@@ -513,7 +517,7 @@ absl::Status RunWorker(const std::string& path, bool check_only) {
   proto::WorkerConfig c;
   if (auto st = LoadConfigFile(path, &c); !st.ok()) return ConfigError(st);
   auto backend = kernels::SelectBackend(c.device().empty() ? "cpu" : c.device());
-  if (!backend.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message())));
+  if (!backend.ok()) return ConfigErrorIn("device", backend.status());
   if (c.activation_budget_mib() < -1)
     return ConfigError(absl::InvalidArgumentError("activation_budget_mib: -1 (recompute), 0 (as memory allows, the default) or a budget in MiB"));
   auto m = model::LlamaModel::Load(c.model().path());
@@ -526,12 +530,12 @@ absl::Status RunWorker(const std::string& path, bool check_only) {
   std::vector<model::Example> eval;
   if (!c.eval_data().empty()) {
     auto e = model::LoadDataset(c.eval_data(), *(*m)->tokenizer(), d);
-    if (!e.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("eval_data: ", e.status().message())));
+    if (!e.ok()) return ConfigErrorIn("eval_data", e.status());
     eval = std::move(e->train);
   }
   if (check_only) {  // everything the daemon reads before it connects, without connecting
     for (const std::string& f : {c.tls().ca(), c.tls().cert(), c.tls().key(), c.token_file()})
-      if (auto t = ReadFileToString(f); !t.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(path, ": ", t.status().message())));
+      if (auto t = ReadFileToString(f); !t.ok()) return ConfigErrorIn(path, t.status());
     std::printf("%s: valid (%zu training examples, kernels %s, coordinator %s)\n", path.c_str(), data->train.size(), (*backend)->Name(),
                 c.coordinator().c_str());
     return absl::OkStatus();
@@ -576,7 +580,7 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
 // task or a Kubernetes Indexed Job pod per client; docs/deploy.md). Client profiles (speed, link,
 // dropout) are simulation-only and not applied; the rest of the round is the simulation's.
 struct ClusterSimArgs {
-  bool serve = false;
+  bool serve = false, check = false;
   int client = -1;
   std::string pki, coordinator, listen = "0.0.0.0:7443", state, device, http;
   int deadline_seconds = 600;
@@ -586,11 +590,16 @@ struct ClusterSimArgs {
 absl::Status RunSimulateCluster(const std::string& config_path, const ClusterSimArgs& a) {
   proto::SimulationConfig c;
   if (auto st = LoadConfigFile(config_path, &c); !st.ok()) return ConfigError(st);
-  if (a.pki.empty()) return ConfigError(absl::InvalidArgumentError("--pki: the folder `fedtune provision --clients N` wrote"));
   const std::string stem = std::filesystem::path(config_path).stem().string();
+  const absl::Status no_pki = ConfigError(absl::InvalidArgumentError("--pki: the folder `fedtune provision --clients N` wrote"));
   if (a.serve) {
     auto cc = sim::CoordinatorConfigFor(c);
-    if (!cc.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", cc.status().message())));
+    if (!cc.ok()) return ConfigErrorIn(config_path, cc.status());
+    if (a.check) {  // what --serve would refuse, without starting anything
+      std::printf("%s: valid for --serve\n", config_path.c_str());
+      return absl::OkStatus();
+    }
+    if (a.pki.empty()) return no_pki;
     cc->set_listen(a.listen);
     cc->mutable_tls()->set_ca(a.pki + "/ca.pem");
     cc->mutable_tls()->set_cert(a.pki + "/coordinator.pem");
@@ -600,19 +609,18 @@ absl::Status RunSimulateCluster(const std::string& config_path, const ClusterSim
     cc->set_deadline_seconds(a.deadline_seconds);
     cc->set_http(a.http);
     if (c.profiles_size() > 0) std::printf("client profiles (speed, links, dropout) are simulation-only: real processes run at their own speed\n");
-    // The global adapter is scored on the simulation's held-out split after evaluated rounds.
-    std::vector<model::Example> held_out;
-    if (c.data().client_files_size() == 0) {
-      auto m = model::LlamaModel::Load(c.model().path());
-      if (!m.ok()) return ConfigError(m.status());
-      if ((*m)->tokenizer() == nullptr) return ConfigError(absl::FailedPreconditionError("the model has no tokenizer"));
-      auto h = sim::HeldOutData(c, *(*m)->tokenizer());
-      if (!h.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", h.status().message())));
-      held_out = std::move(*h);
-      std::printf("held-out evaluation: %zu examples of the config's split\n", held_out.size());
-    }
-    return ServeCoordinator(*cc, config_path, std::move(held_out));
+    // The global adapter is scored on the simulation's held-out split after evaluated rounds
+    // (with data.client_files: on eval.data, as in the simulation).
+    coordinator::HeldOutFn held_out;
+    if (c.data().client_files_size() == 0)
+      held_out = [&c](const model::Tokenizer& tok) -> absl::StatusOr<std::vector<model::Example>> {
+        FT_ASSIGN_OR_RETURN(std::vector<model::Example> h, sim::HeldOutData(c, tok));
+        std::printf("held-out evaluation: %zu examples of the config's split\n", h.size());
+        return h;
+      };
+    return ServeCoordinator(*cc, config_path, held_out);
   }
+  if (a.pki.empty()) return no_pki;
   if (a.coordinator.empty()) return ConfigError(absl::InvalidArgumentError("--coordinator HOST:PORT is needed with --client"));
   const std::string name = sim::ClientName(a.client);
   proto::WorkerConfig w;
@@ -627,12 +635,12 @@ absl::Status RunSimulateCluster(const std::string& config_path, const ClusterSim
   w.set_activation_budget_mib(c.train().no_recompute() ? 0 : c.train().activation_budget_mib());
   const std::string device = !a.device.empty() ? a.device : c.train().device().empty() ? "cpu" : c.train().device();
   auto backend = kernels::SelectBackend(device);
-  if (!backend.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat("device: ", backend.status().message())));
+  if (!backend.ok()) return ConfigErrorIn("device", backend.status());
   auto m = model::LlamaModel::Load(c.model().path());
   if (!m.ok()) return ConfigError(m.status());
   if ((*m)->tokenizer() == nullptr) return ConfigError(absl::FailedPreconditionError("the model has no tokenizer"));
   auto train = sim::ClientTrainingData(c, a.client, *(*m)->tokenizer());
-  if (!train.ok()) return ConfigError(absl::InvalidArgumentError(absl::StrCat(config_path, ": ", train.status().message())));
+  if (!train.ok()) return ConfigErrorIn(config_path, train.status());
   std::printf("%s: %zu training examples of the config's split\n", name.c_str(), train->size());
   return ServeWorker(w, **m, *train, {}, *backend);
 }
@@ -853,19 +861,8 @@ int main(int argc, char** argv) {
   if (*ev) return ExitCode(RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump));
   if (*ex) return ExitCode(RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base));
   if (*simc) {
-    if (sim_check && csa.serve) {  // what --serve would refuse, without starting anything
-      proto::SimulationConfig c;
-      if (auto st = LoadConfigFile(sim_config, &c); !st.ok()) return ExitCode(ConfigError(st));
-      if (auto cc = sim::CoordinatorConfigFor(c); !cc.ok())
-        return ExitCode(ConfigError(absl::InvalidArgumentError(absl::StrCat(sim_config, ": ", cc.status().message()))));
-      std::printf("%s: valid for --serve\n", sim_config.c_str());
-      return 0;
-    }
-    if (!sim_check && (csa.serve || csa.client >= 0)) {
-      std::signal(SIGINT, OnSignal);
-      std::signal(SIGTERM, OnSignal);
-      return ExitCode(RunSimulateCluster(sim_config, csa));
-    }
+    csa.check = sim_check;
+    if (csa.serve || (csa.client >= 0 && !sim_check)) return ExitCode(RunSimulateCluster(sim_config, csa));
     return ExitCode(RunSimulate(sim_config, sim_out, sim_check));
   }
   if (*coord) return ExitCode(RunCoordinator(coord_config, coord_check));

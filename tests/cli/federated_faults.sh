@@ -94,17 +94,5 @@ pids=(); for i in 1 2 3; do start_worker "$i" "$port"; pids+=("$last_pid"); done
 wait "$coord" "${pids[@]}"
 grep -E 'resuming|committed' "$dir/b.log"
 [ "$(rounds_in_ledger "$dir/b/ledger.sqlite")" = "1,2,3" ]
-python3 - "$dir/ref/state-3.safetensors" "$dir/b/state-3.safetensors" <<'PY'
-import json, struct, sys
-def load(p):
-    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); base = 8 + n
-    return {k: struct.unpack(f"<{(v['data_offsets'][1] - v['data_offsets'][0]) // 4}f", b[base + v['data_offsets'][0]:base + v['data_offsets'][1]])
-            for k, v in h.items() if k != "__metadata__"}
-a, b = load(sys.argv[1]), load(sys.argv[2])
-assert a.keys() == b.keys()
-worst = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
-scale = max(abs(x) for k in a for x in a[k])
-print(f"B: final adapter after restart vs uninterrupted: max |diff| {worst:.3g} (max |value| {scale:.3g})")
-assert scale > 0 and worst <= 1e-6, "restarted run differs"
-PY
+python3 "$(dirname "${BASH_SOURCE[0]}")/../support/compare_states.py" "$dir/ref/state-3.safetensors" "$dir/b/state-3.safetensors" "B: final adapter after restart vs uninterrupted"
 echo "B: OK"

@@ -51,17 +51,5 @@ cluster_eval="$(grep -o 'eval loss [0-9][0-9.]*' "$dir/serve.log" | tr '\n' ' ')
 echo "held-out losses: one process [$local_eval], across processes [$cluster_eval]"
 [ -n "$local_eval" ] && [ "$local_eval" = "$cluster_eval" ]
 grep -h 'training examples of the config' "$dir"/client-*.log
-python3 - "$dir/local/state-2.safetensors" "$dir/cluster/state-2.safetensors" <<'PY'
-import json, struct, sys
-def load(p):
-    b = open(p, "rb").read(); n = struct.unpack("<Q", b[:8])[0]; h = json.loads(b[8:8 + n]); base = 8 + n
-    return {k: struct.unpack(f"<{(v['data_offsets'][1] - v['data_offsets'][0]) // 4}f", b[base + v['data_offsets'][0]:base + v['data_offsets'][1]])
-            for k, v in h.items() if k != "__metadata__" and v["dtype"] == "F32"}
-a, b = load(sys.argv[1]), load(sys.argv[2])
-assert a.keys() == b.keys() and a, (sorted(a)[:3], sorted(b)[:3])
-worst = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
-scale = max(abs(x) for k in a for x in a[k])
-print(f"across processes vs one process: max |diff| {worst:.3g} over {len(a)} tensors (max |value| {scale:.3g})")
-assert scale > 0 and worst <= 1e-6
-PY
+python3 "$(dirname "${BASH_SOURCE[0]}")/../support/compare_states.py" "$dir/local/state-2.safetensors" "$dir/cluster/state-2.safetensors" "across processes vs one process"
 echo OK
