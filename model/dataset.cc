@@ -87,6 +87,13 @@ absl::StatusOr<Dataset> DatasetFromJsonl(const std::vector<std::string>& lines, 
       if (!j.contains("response") || !j["response"].is_string()) return where("missing string field 'response'");
       ex.prompt_text = tok.FormatChat({{"user", j["prompt"]}}, true);
       ex.reference = j["response"];
+      if (j.contains("answers")) {
+        if (!j["answers"].is_array()) return where("'answers' must be an array of strings");
+        for (const auto& a : j["answers"]) {
+          if (!a.is_string()) return where("'answers' must be an array of strings");
+          ex.answers.push_back(a);
+        }
+      }
       Append(tok, ex.prompt_text, false, &ex, &score);
       Append(tok, ex.reference + end, true, &ex, &score);
     }

@@ -1,4 +1,4 @@
-// Fine-tuning data: JSONL with {"prompt","response"} or {"messages":[{"role","content"}...]}
+// Fine-tuning data: JSONL with {"prompt","response"[,"answers"]} or {"messages":[{"role","content"}...]}
 // in the model's chat format (only assistant text and its end marker are scored), or plain
 // text (every token scored, cut into windows). Deterministic shuffling, held-out split,
 // truncation with a count, batching by padding.
@@ -20,6 +20,7 @@ struct Example {
   std::vector<int32_t> targets;  // same length; -1 where not scored
   std::string prompt_text;       // chat-formatted prompt (for generation-based evaluation)
   std::string reference;         // expected assistant answer (exact-match), may be empty
+  std::vector<std::string> answers;  // JSONL "answers": every accepted answer (exact match with any counts)
 };
 
 struct DatasetOptions {

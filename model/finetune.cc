@@ -1,5 +1,7 @@
 #include "model/finetune.h"
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 
@@ -251,6 +253,38 @@ absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const Adapte
   return out;
 }
 
+namespace {
+std::vector<std::string> RougeTokens(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char ch : s) {
+    const unsigned char c = static_cast<unsigned char>(ch);
+    if (std::isalnum(c) || c >= 0x80) {
+      cur += static_cast<char>(std::tolower(c));
+    } else if (!cur.empty()) {
+      out.push_back(std::move(cur));
+      cur.clear();
+    }
+  }
+  if (!cur.empty()) out.push_back(std::move(cur));
+  return out;
+}
+}  // namespace
+
+double RougeL(const std::string& reference, const std::string& candidate) {
+  const auto a = RougeTokens(reference), b = RougeTokens(candidate);
+  if (a.empty() || b.empty()) return 0.0;
+  std::vector<int> prev(b.size() + 1, 0), cur(b.size() + 1, 0);
+  for (size_t i = 1; i <= a.size(); ++i) {
+    for (size_t j = 1; j <= b.size(); ++j) cur[j] = a[i - 1] == b[j - 1] ? prev[j - 1] + 1 : std::max(prev[j], cur[j - 1]);
+    std::swap(prev, cur);
+  }
+  const double lcs = prev[b.size()];
+  if (lcs == 0) return 0.0;
+  const double p = lcs / static_cast<double>(b.size()), r = lcs / static_cast<double>(a.size());
+  return 2 * p * r / (p + r);
+}
+
 absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<float>* adapters, const std::vector<Example>& eval,
                                     int max_examples, int max_new_tokens, int batch) {
   EvalResult r;
@@ -278,8 +312,15 @@ absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<fl
     if (eval[i].reference.empty() || eval[i].prompt_text.empty()) continue;
     FT_ASSIGN_OR_RETURN(std::string got, GenerateGreedy(model, adapters, eval[i].prompt_text, max_new_tokens));
     ++r.n_generated;
-    const bool exact = absl::StripAsciiWhitespace(got) == absl::StripAsciiWhitespace(eval[i].reference);
+    const std::string answer(absl::StripAsciiWhitespace(got));
+    bool exact = answer == absl::StripAsciiWhitespace(eval[i].reference);
+    double rouge = RougeL(eval[i].reference, got);
+    for (const std::string& a : eval[i].answers) {
+      exact = exact || answer == absl::StripAsciiWhitespace(a);
+      rouge = std::max(rouge, RougeL(a, got));
+    }
     if (exact) ++r.n_exact;
+    r.rouge_l_sum += rouge;
     if (r.samples.size() < 5) r.samples.emplace_back(eval[i].reference, got);
   }
   return r;

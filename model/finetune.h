@@ -86,14 +86,22 @@ struct EvalResult {
   int64_t n_tokens = 0;
   double perplexity() const;
   int n_generated = 0, n_exact = 0;  // exact-match over examples with a reference
+  double rouge_l_sum = 0;            // ROUGE-L F1 of each generated answer (best over the accepted answers)
   double accuracy() const { return n_generated ? static_cast<double>(n_exact) / n_generated : 0.0; }
+  double rouge_l() const { return n_generated ? rouge_l_sum / n_generated : 0.0; }
   std::vector<std::pair<std::string, std::string>> samples;  // (reference, generated), first few
 };
 
 // max_examples <= 0: all. Exact match compares the greedy answer (up to the end-of-turn
-// token or max_new_tokens) with the reference, both with surrounding whitespace trimmed.
+// token or max_new_tokens) with the reference (or any of Example::answers), both with
+// surrounding whitespace trimmed; ROUGE-L is the best over the same answers.
 absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<float>* adapters, const std::vector<Example>& eval,
                                     int max_examples, int max_new_tokens, int batch = 8);
+
+// ROUGE-L F1 (Lin 2004; beta = 1, as Google's rouge-score package): longest common subsequence
+// of the two token lists. Tokens: lowercased runs of ASCII letters and digits, and of non-ASCII
+// bytes (rouge-score drops those; we keep them so French or German answers are scored).
+double RougeL(const std::string& reference, const std::string& candidate);
 
 // Greedy answer to a chat-formatted prompt.
 absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const AdapterSet<float>* adapters, const std::string& prompt,

@@ -7,6 +7,7 @@
 #include "absl/strings/str_join.h"
 
 #include "common/rng.h"
+#include "model/text_sources.h"
 #include "nlohmann/json.hpp"
 
 namespace fedtune::model {
@@ -25,11 +26,16 @@ const char* Pick(const char* (&a)[N], Rng& rng) { return a[rng.Below(N)]; }
 }  // namespace
 
 const std::vector<std::string>& TaskNames() {
-  static const std::vector<std::string> names = {"record", "date", "sum", "sentiment", "extract"};
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> n = {"record", "date", "sum", "sentiment", "extract"};
+    n.insert(n.end(), TextSourceNames().begin(), TextSourceNames().end());
+    return n;
+  }();
   return names;
 }
 
 absl::StatusOr<std::vector<std::string>> GenerateTask(const std::string& name, int n, uint64_t seed) {
+  if (IsTextSource(name)) return GenerateTextSourceTask(name, n, seed);
   const auto& names = TaskNames();
   if (std::find(names.begin(), names.end(), name) == names.end())
     return absl::InvalidArgumentError(absl::StrCat("unknown task '", name, "' (available: ", absl::StrJoin(names, ", "), ")"));

@@ -11,7 +11,8 @@
 
 namespace fedtune::model {
 
-// Names of the built-in tasks: record, date, sum, sentiment, extract.
+// Names of the built-in tasks: record, date, sum, sentiment, extract (synthetic, generated from
+// the seed), then the real-text sources of model/text_sources.h (read from Debian packages).
 const std::vector<std::string>& TaskNames();
 // JSONL lines {"prompt": ..., "response": ...}.
 absl::StatusOr<std::vector<std::string>> GenerateTask(const std::string& name, int n, uint64_t seed);

@@ -22,7 +22,9 @@ apt_pkgs=(build-essential cmake ninja-build pkg-config python3-venv python3-pip 
   libeigen3-dev libboost-dev libssl-dev libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libspdlog-dev libfmt-dev libsqlite3-dev libgtest-dev libgmock-dev libbenchmark-dev
   libopenblas-dev libdnnl-dev clang libclang-rt-14-dev libjs-chart.js chromium-headless-shell
-  mmdebstrap systemd-container lintian python3-yaml podman)  # the last five: packaging and deployment (tests/deploy)
+  mmdebstrap systemd-container lintian python3-yaml podman  # these five: packaging and deployment (tests/deploy)
+  zlib1g-dev wordnet-base dict-gcide dict-foldoc dict-jargon dict-freedict-eng-fra dict-freedict-eng-deu
+  dict-freedict-eng-spa iso-codes)  # the real-text tasks (model/text_sources.h), read at run time
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

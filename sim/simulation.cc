@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 
 #include "absl/strings/str_cat.h"
@@ -64,6 +65,7 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   s.max_len = OrDefault(c.data().max_len(), 128);
   s.alpha_dir = OrDefault(c.data().dirichlet_alpha(), 0.5);
   s.skew = OrDefault(c.data().size_skew(), 1.0);
+  if (c.data().holdout() < 0 || c.data().holdout() >= 1) return Bad("data.holdout", "must be in (0, 1)");
   if (s.examples_per_task < 1 || s.eval_examples < 1 || s.max_len < 8)
     return Bad("data", "examples_per_task and eval_examples must be >= 1 and max_len >= 8");
   if (c.train().activation_budget_mib() < -1) return Bad("train.activation_budget_mib", "must be -1 (recompute), 0 (as memory allows) or a budget in MiB");
@@ -205,7 +207,7 @@ class SimTransport : public federation::Transport {
   absl::Status Evaluate(int, const TensorMap& global, std::map<std::string, double>& m) override {
     if (task_names_.empty()) return absl::OkStatus();  // nothing held out (client_files without eval.data)
     FT_RETURN_IF_ERROR(worker::SetAdapterTensors(global, &adapters_));
-    double loss_sum = 0, acc_sum = 0;
+    double loss_sum = 0, acc_sum = 0, rouge_sum = 0;
     int64_t tokens = 0;
     int scored_tasks = 0;
     for (size_t t = 0; t < task_names_.size(); ++t) {
@@ -219,13 +221,16 @@ class SimTransport : public federation::Transport {
         continue;
       }
       m["acc_" + name] = r.accuracy();
+      m["rouge_" + name] = r.rouge_l();
       last_task_acc_[t] = r.accuracy();
       acc_sum += r.accuracy();
+      rouge_sum += r.rouge_l();
       ++scored_tasks;
     }
     m["eval_loss"] = tokens ? loss_sum / static_cast<double>(tokens) : 0.0;
     m["eval_ppl"] = std::exp(m["eval_loss"]);
     m["accuracy"] = scored_tasks ? acc_sum / scored_tasks : 0.0;
+    m["rouge_l"] = scored_tasks ? rouge_sum / scored_tasks : 0.0;
     return absl::OkStatus();
   }
 
@@ -242,9 +247,9 @@ class SimTransport : public federation::Transport {
 
  private:
   void Emit(const RoundRecord& r) {
-    if (!header_written_) {  // per-task columns (acc_* / ppl_*) from the first, evaluated record
+    if (!header_written_) {  // per-task columns (acc_* / rouge_* / ppl_*) from the first, evaluated record
       for (const auto& [k, v] : r.metrics)
-        if (k.rfind("acc_", 0) == 0 || k.rfind("ppl_", 0) == 0) csv_cols_.push_back(k);
+        if (k.rfind("acc_", 0) == 0 || k.rfind("rouge_", 0) == 0 || k.rfind("ppl_", 0) == 0) csv_cols_.push_back(k);
       std::vector<std::string> esc;
       for (const auto& col : csv_cols_) esc.push_back(CsvEscape(col));
       csv_ << absl::StrJoin(esc, ",") << "\n";
@@ -284,7 +289,7 @@ class SimTransport : public federation::Transport {
   int done_tasks_ = 0, total_tasks_ = 0;
   double train_wall_ = 0;
   std::ofstream jsonl_, csv_;
-  std::vector<std::string> csv_cols_ = {"round", "wall_seconds", "sim_round_seconds", "train_loss", "eval_loss", "eval_ppl", "accuracy",
+  std::vector<std::string> csv_cols_ = {"round", "wall_seconds", "sim_round_seconds", "train_loss", "eval_loss", "eval_ppl", "accuracy", "rouge_l",
                                         "accepted", "failures", "dropped", "epsilon", "local_epsilon", "bytes_up", "bytes_down", "update_norm",
                                         "client_lr", "client_seconds", "server_merge_seconds", "overhead_seconds"};
   bool header_written_ = false;
@@ -361,7 +366,7 @@ absl::StatusOr<SimData> BuildSimData(const proto::SimulationConfig& c, const Set
   model::DatasetOptions dopt;
   dopt.max_len = s.max_len;
   dopt.seed = s.seed;
-  dopt.holdout = 0.15;
+  dopt.holdout = c.data().holdout() > 0 ? c.data().holdout() : 0.15;
   dopt.max_holdout = 1000;
   for (int t = 0; t < c.data().tasks_size(); ++t) {
     FT_ASSIGN_OR_RETURN(auto lines, model::GenerateTask(c.data().tasks(t), s.examples_per_task, s.seed * 1000 + static_cast<uint64_t>(t)));
@@ -492,7 +497,8 @@ absl::StatusOr<proto::CoordinatorConfig> CoordinatorConfigFor(const proto::Simul
   }
   // Keys that only a simulation can honour: refused rather than silently dropped.
   if (c.train().stand_in()) return Bad("train.stand_in", "simulation only (real client processes train the real model)");
-  if (c.centralized_baseline()) return Bad("centralized_baseline", "run it with `fedtune simulate` on one machine");
+  if (c.centralized_baseline() || c.local_baseline())
+    return Bad(c.centralized_baseline() ? "centralized_baseline" : "local_baseline", "run it with `fedtune simulate` on one machine");
   if (c.eval().per_client()) return Bad("eval.per_client", "simulation only");
   proto::CoordinatorConfig o;
   *o.mutable_model() = c.model();
@@ -692,42 +698,84 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
   if (rs.adapter.spec.kind != model::AdapterKind::kDiaBlo) FT_RETURN_IF_ERROR(model::ExportPeft(result.run_dir + "/peft", *model, adapters, c.model().path()));
   FT_RETURN_IF_ERROR(model::ExportGgufLora(result.run_dir + "/adapter-lora.gguf", *model, adapters));
 
-  // Centralized baseline with the same number of examples processed.
-  if (c.centralized_baseline()) {
-    say("centralized baseline on the pooled client data (same example budget)");
-    std::vector<model::Example> all;
-    for (const auto& cl : clients) all.insert(all.end(), cl.train.begin(), cl.train.end());
-    FT_ASSIGN_OR_RETURN(model::AdapterSet<float> central, model::MakeAdaptersWithLayout<float>(model->adapter_dims(), rs.adapter.spec, rs.adapter.modules,
-                                                                                                rs.adapter.layout, rs.adapter_seed));
-    model::FinetuneOptions ft;
-    ft.steps = rs.rounds * rs.local_steps * rs.expected_clients;
-    ft.batch = rs.batch;
-    ft.recompute = !c.train().no_recompute();
-    // As a client without a memory figure (worker::ClientEnv): -1 recomputes, 0 keeps up to 1024 MiB.
-    const int ab = c.train().activation_budget_mib();
-    ft.activation_budget_mib = ab > 0 ? ab : (ab == 0 && ft.recompute ? worker::ClientEnv::kDefaultActivationBudgetMiB : 0);
-    ft.backend = o_backend;
-    ft.log_every = 0;
-    model::OptimizerConfig oc;
-    oc.lr = static_cast<float>(rs.learning_rate);
-    oc.warmup_steps = rs.warmup_steps;
-    oc.weight_decay = static_cast<float>(rs.weight_decay);
-    oc.clip_norm = static_cast<float>(rs.grad_clip_norm);
-    oc.min_lr_ratio = 0.1f;  // cosine to 10%, as the federated clients' rate over the rounds
-    oc.total_steps = ft.steps;
-    model::AdamW opt(oc);
-    FT_ASSIGN_OR_RETURN(model::TrainReport rep, model::Finetune(*model, all, ft, &central, &opt));
-    double acc = 0;
-    int scored = 0;
-    for (int t = 0; t < num_tasks; ++t) {
-      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, &central, eval_by_task[static_cast<size_t>(t)], 0, rs.max_new_tokens));
-      if (r.n_generated == 0) continue;
-      acc += r.accuracy();
-      ++scored;
+  // Baselines with the same compute: centralized (one adapter on the pooled client data, the
+  // federation's total steps) and local-only (each client alone, its own steps in the federation).
+  if (c.centralized_baseline() || c.local_baseline()) {
+    auto train_alone = [&](const std::vector<model::Example>& examples, int steps) -> absl::StatusOr<model::AdapterSet<float>> {
+      FT_ASSIGN_OR_RETURN(model::AdapterSet<float> a, model::MakeAdaptersWithLayout<float>(model->adapter_dims(), rs.adapter.spec, rs.adapter.modules,
+                                                                                            rs.adapter.layout, rs.adapter_seed));
+      model::FinetuneOptions ft;
+      ft.steps = steps;
+      ft.batch = rs.batch;
+      ft.recompute = !c.train().no_recompute();
+      // As a client without a memory figure (worker::ClientEnv): -1 recomputes, 0 keeps up to 1024 MiB.
+      const int ab = c.train().activation_budget_mib();
+      ft.activation_budget_mib = ab > 0 ? ab : (ab == 0 && ft.recompute ? worker::ClientEnv::kDefaultActivationBudgetMiB : 0);
+      ft.backend = o_backend;
+      ft.log_every = 0;
+      model::OptimizerConfig oc;
+      oc.lr = static_cast<float>(rs.learning_rate);
+      oc.warmup_steps = rs.warmup_steps;
+      oc.weight_decay = static_cast<float>(rs.weight_decay);
+      oc.clip_norm = static_cast<float>(rs.grad_clip_norm);
+      oc.min_lr_ratio = 0.1f;  // cosine to 10%, as the federated clients' rate over the rounds
+      oc.total_steps = ft.steps;
+      model::AdamW opt(oc);
+      FT_RETURN_IF_ERROR(model::Finetune(*model, examples, ft, &a, &opt).status());
+      return a;
+    };
+    // Per task scored by `weights` (a client's task shares; all 1 for the centralized adapter):
+    // the weighted mean accuracy, ROUGE-L and loss, and the per-task figures.
+    // `cache` (optional) keeps the per-task results of an adapter scored for several clients.
+    auto score = [&](model::AdapterSet<float>& a, const std::vector<double>& weights,
+                     std::map<int, model::EvalResult>* cache) -> absl::StatusOr<nlohmann::json> {
+      nlohmann::json j = nlohmann::json::object();
+      double acc = 0, rouge = 0, loss = 0, wsum = 0;
+      for (int t = 0; t < num_tasks; ++t) {
+        const double w = weights[static_cast<size_t>(t)];
+        if (w <= 0) continue;
+        model::EvalResult r;
+        if (cache && cache->count(t)) {
+          r = cache->at(t);
+        } else {
+          FT_ASSIGN_OR_RETURN(r, model::Evaluate(*model, &a, eval_by_task[static_cast<size_t>(t)], 0, rs.max_new_tokens));
+          if (cache) (*cache)[t] = r;
+        }
+        if (r.n_generated == 0) continue;
+        j["tasks"][task_names[static_cast<size_t>(t)]] = {{"accuracy", r.accuracy()}, {"rouge_l", r.rouge_l()}, {"loss", r.loss}};
+        acc += w * r.accuracy(), rouge += w * r.rouge_l(), loss += w * r.loss, wsum += w;
+      }
+      if (wsum > 0) j.update({{"accuracy", acc / wsum}, {"rouge_l", rouge / wsum}, {"loss", loss / wsum}});
+      return j;
+    };
+    nlohmann::json baselines = nlohmann::json::object();
+    if (c.centralized_baseline()) {
+      say("centralized baseline on the pooled client data (same example budget)");
+      std::vector<model::Example> all;
+      for (const auto& cl : clients) all.insert(all.end(), cl.train.begin(), cl.train.end());
+      FT_ASSIGN_OR_RETURN(model::AdapterSet<float> central, train_alone(all, rs.rounds * rs.local_steps * rs.expected_clients));
+      FT_ASSIGN_OR_RETURN(nlohmann::json j, score(central, std::vector<double>(static_cast<size_t>(num_tasks), 1.0), nullptr));
+      result.centralized_accuracy = j.value("accuracy", 0.0);
+      say(absl::StrFormat("centralized: accuracy %.1f%%, ROUGE-L %.3f", 100 * result.centralized_accuracy, j.value("rouge_l", 0.0)));
+      FT_RETURN_IF_ERROR(engine->ledger().SetRunInfo("centralized_accuracy", absl::StrCat(result.centralized_accuracy)));
+      baselines["centralized"] = j;
     }
-    result.centralized_accuracy = scored ? acc / scored : 0.0;
-    say(absl::StrFormat("centralized: %d steps in %.0f s, accuracy %.1f%%", rep.steps, rep.seconds, 100 * result.centralized_accuracy));
-    FT_RETURN_IF_ERROR(engine->ledger().SetRunInfo("centralized_accuracy", absl::StrCat(result.centralized_accuracy)));
+    if (c.local_baseline()) {
+      say(absl::StrFormat("local-only baseline: each client alone, %d steps", rs.rounds * rs.local_steps));
+      std::map<int, model::EvalResult> federated;
+      for (const ClientState& cl : clients) {
+        FT_ASSIGN_OR_RETURN(model::AdapterSet<float> alone, train_alone(cl.train, rs.rounds * rs.local_steps));
+        FT_ASSIGN_OR_RETURN(nlohmann::json j, score(alone, cl.task_share, nullptr));
+        // The federated global adapter on the same tasks and weights, for the per-client gain.
+        FT_ASSIGN_OR_RETURN(nlohmann::json fed, score(adapters, cl.task_share, &federated));
+        j["client"] = cl.name;
+        j["federated"] = fed;
+        say(absl::StrFormat("  %s alone: accuracy %.1f%%, ROUGE-L %.3f (federated %.1f%%, %.3f)", cl.name, 100 * j.value("accuracy", 0.0),
+                            j.value("rouge_l", 0.0), 100 * fed.value("accuracy", 0.0), fed.value("rouge_l", 0.0)));
+        baselines["local"].push_back(j);
+      }
+    }
+    FT_RETURN_IF_ERROR(WriteFileAtomic(result.run_dir + "/baselines.json", baselines.dump(1)));
   }
 
   result.wall_seconds = Seconds(t_start, Clock::now());

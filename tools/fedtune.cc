@@ -411,7 +411,8 @@ absl::Status RunMakeTask(const std::string& mk_name, int mk_n, uint64_t mk_seed,
     if (ec) return absl::InternalError("cannot create " + parent.string() + ": " + ec.message());
   }
   if (auto s = WriteFileAtomic(mk_out, {reinterpret_cast<const uint8_t*>(text.data()), text.size()}); !s.ok()) return s;
-  std::printf("wrote %d examples of '%s' to %s\n", mk_n, mk_name.c_str(), mk_out.c_str());
+  std::printf("wrote %zu examples of '%s' to %s%s\n", lines->size(), mk_name.c_str(), mk_out.c_str(),
+              static_cast<int>(lines->size()) < mk_n ? " (all the source has)" : "");
   return absl::OkStatus();
 }
 
@@ -794,7 +795,8 @@ int main(int argc, char** argv) {
   std::string mk_name = "record", mk_out;
   int mk_n = 1000;
   uint64_t mk_seed = 1;
-  mk->add_option("name", mk_name, "Task name (record)");
+  mk->add_option("name", mk_name, "Task: record, date, sum, sentiment, extract (synthetic); wordnet, gcide, foldoc, jargon, "
+                                  "eng-fra, eng-deu, eng-spa, names-fr, names-de, names-es (real text from Debian packages)");
   mk->add_option("-o,--out", mk_out, "Output .jsonl")->required();
   mk->add_option("-n", mk_n, "Examples");
   mk->add_option("--seed", mk_seed, "Seed");

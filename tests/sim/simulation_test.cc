@@ -15,6 +15,8 @@
 #include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
 #include "worker/client.h"
+#include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
 
 namespace fedtune::sim {
 namespace {
@@ -107,6 +109,40 @@ TEST_F(SimTest, RunWritesEveryOutputAndTheLedger) {
   EXPECT_NE(html->find("<canvas id=\"accuracy\""), std::string::npos);
   EXPECT_NE(html->find("const DATA = "), std::string::npos);
   EXPECT_GT(r->rounds[2].metrics.at("sim_round_seconds"), 0);
+}
+
+// issue 21: the same-compute baselines. Local-only: each client trains alone for its own steps in
+// the federation and is scored on its own tasks' held-out examples (by_task: one task each), beside
+// the federated adapter on the same tasks; centralized: the pooled data, the federation's steps.
+TEST_F(SimTest, LocalAndCentralizedBaselinesAreScoredPerClientAndTask) {
+  const std::string out = testing::TempPath("sim_baselines");
+  auto r = Run(Yaml("data: {tasks: [sentiment, extract], examples_per_task: 40, eval_examples: 4, max_len: 96, partition: BY_TASK, holdout: 0.25}\n"
+                    "clients: 2\nlocal_baseline: true\ncentralized_baseline: true\n", out));
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto text = ReadFileToString(out + "/baselines.json");
+  ASSERT_TRUE(text.ok()) << text.status();
+  const auto j = nlohmann::json::parse(*text);
+  ASSERT_EQ(j["local"].size(), 2u);
+  for (int k = 0; k < 2; ++k) {
+    const auto& c = j["local"][static_cast<size_t>(k)];
+    EXPECT_EQ(c["client"], absl::StrFormat("client-%03d", k));
+    ASSERT_EQ(c["tasks"].size(), 1u) << c;  // by_task: its own task only
+    const std::string task = c["tasks"].begin().key();
+    EXPECT_EQ(task, k == 0 ? "sentiment" : "extract");
+    EXPECT_TRUE(c["federated"]["tasks"].contains(task));
+    for (const char* m : {"accuracy", "rouge_l", "loss"}) {
+      EXPECT_GE(c[m].get<double>(), 0.0) << m;
+      EXPECT_GE(c["federated"][m].get<double>(), 0.0) << m;
+    }
+    EXPECT_GT(c["loss"].get<double>(), 0.0);
+    // The federated figures for a task are those of the final evaluation.
+    EXPECT_NEAR(c["federated"]["tasks"][task]["accuracy"].get<double>(), r->rounds.back().metrics.at("acc_" + task), 1e-12);
+    EXPECT_NEAR(c["federated"]["tasks"][task]["rouge_l"].get<double>(), r->rounds.back().metrics.at("rouge_" + task), 1e-12);
+  }
+  EXPECT_EQ(j["centralized"]["tasks"].size(), 2u);
+  EXPECT_NEAR(j["centralized"]["accuracy"].get<double>(), r->centralized_accuracy, 1e-12);
+  // holdout 0.25 of 40 examples per task: 10 held out, eval_examples 4 -> 2 scored per task.
+  EXPECT_NE(Check(Yaml("data: {tasks: [sentiment], holdout: 1.5}\n", out + "x")).message().find("data.holdout"), std::string::npos);
 }
 
 // issue 7: report.html renders in headless Chromium with its charts (Chart.js inlined, so no
