@@ -13,6 +13,20 @@ namespace fedtune::aggregation {
 
 using TensorMap = std::map<std::string, std::vector<float>>;
 
+// Upload compression of a delta tensor (aggregation/compression.h): blockwise symmetric 8- or
+// 4-bit codes with one fp32 scale per block, or the top-k coordinates by magnitude.
+enum class Compression { kNone, kInt8, kInt4, kTopK };
+struct CompressedTensor {
+  Compression kind = Compression::kNone;
+  size_t n = 0;                  // values in the dense tensor
+  std::vector<float> scales;     // int8/int4: one per block of kCompressionBlock values
+  std::vector<int8_t> q8;        // int8: n codes in [-127, 127]
+  std::vector<uint8_t> q4;       // int4: ceil(n / 2) bytes, two codes (+8 offset, 1..15) each, low nibble first
+  std::vector<uint32_t> indices; // top-k: strictly increasing
+  std::vector<float> values;     // top-k: the kept values
+};
+inline constexpr size_t kCompressionBlock = 64;
+
 // One client's contribution to a round. `delta` = theta_k - theta_global for the tensors the
 // client trained (a subset of the global tensors: partially shared adapters are fine).
 struct ClientUpdate {
@@ -21,6 +35,9 @@ struct ClientUpdate {
   TensorMap delta;
   TensorMap fisher;  // optional diagonal Fisher per tensor (same names and sizes as delta)
   std::map<std::string, double> metrics;
+  // When compressed: the wire form of every delta tensor (delta then holds exactly what the
+  // server decodes from it, so in-process aggregation sees what a coordinator would).
+  std::map<std::string, CompressedTensor> compressed = {};
 };
 
 struct ClientFailure {

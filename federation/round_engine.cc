@@ -36,7 +36,7 @@ class RoundCollector : public Collector {
 
   absl::Status Add(aggregation::ClientUpdate u) override {
     auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
-    ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), protocol::TensorBytes(u.delta) + protocol::TensorBytes(u.fisher)};
+    ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), protocol::UpdateBytes(u)};
     const double eps = metric("local_epsilon");
     const std::string who = u.client;
     const absl::Status st = sec_ ? absl::FailedPreconditionError("this round takes masked inputs only (secure aggregation)") : agg_.Add(std::move(u));

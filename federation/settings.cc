@@ -178,6 +178,16 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   // Under central DP it is data-dependent: privatised with dp.private_fisher, else the merge falls
   // back to the mean (ALGORITHMS.md says why a privatised Fisher needs many clients per round).
   s.send_fisher = s.strategy.merge == aggregation::MergeRule::kUncertainty && !s.dp.local && (!s.dp.central || s.dp.private_fisher);
+  {
+    auto comp = aggregation::CompressionFromName(strategy.compression());
+    if (!comp.ok()) return Bad("strategy.compression", std::string(comp.status().message()));
+    s.compression = *comp;
+    if (strategy.topk_fraction() < 0 || strategy.topk_fraction() > 1) return Bad("strategy.topk_fraction", "must be in (0, 1]");
+    if (strategy.topk_fraction() > 0) s.topk_fraction = strategy.topk_fraction();
+    s.error_feedback = !strategy.no_error_feedback();
+    if (s.compression != aggregation::Compression::kNone && s.secure.enabled)
+      return Bad("strategy.compression", "not with secure aggregation (masked uploads are dense field elements: nothing to save)");
+  }
   if (s.send_fisher && (s.secure.enabled || s.dp.private_fisher) && s.strategy.fisher_clip == 0) s.strategy.fisher_clip = 1e-4;
   // The automatic norm bound reads the updates' norms: not under central DP (an unprivatised
   // statistic; the DP clip bounds each update) nor secure aggregation (no norms to read).
@@ -268,6 +278,9 @@ protocol::TrainTask TaskTemplate(const RunSettings& s) {
   t.weight_decay = s.weight_decay;
   t.grad_clip_norm = s.grad_clip_norm;
   t.send_fisher = s.send_fisher;
+  if (s.compression != aggregation::Compression::kNone) t.compression = aggregation::CompressionName(s.compression);
+  t.topk_fraction = s.topk_fraction;
+  t.error_feedback = s.error_feedback;
   if (s.dp.local) {
     t.local_dp_clip = s.dp.clip_norm;
     t.local_dp_noise = s.dp.noise_multiplier;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "aggregation/compression.h"
 #include "aggregation/fed_strategy.h"
 #include "common/status.h"
 #include "model/adapter.h"
@@ -40,6 +41,10 @@ struct RunSettings {
   double learning_rate = 5e-3, weight_decay = 0, grad_clip_norm = 1.0;
   std::string base_type;  // re-quantize the base on the clients (empty: as stored)
   bool send_fisher = false;
+  // Upload compression (strategy.compression, topk_fraction, no_error_feedback).
+  aggregation::Compression compression = aggregation::Compression::kNone;
+  double topk_fraction = 0.05;
+  bool error_feedback = true;
   // Evaluation (eval.*).
   int eval_every = 1, max_new_tokens = 32;
   // Differential privacy (dp.*): central (the server noises) or local (DP-SGD on clients).

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <fstream>
 
+#include "absl/strings/ascii.h"
 #include "common/log.h"
 #include "nlohmann/json.hpp"
 
@@ -91,6 +92,7 @@ absl::StatusOr<Dataset> DatasetFromJsonl(const std::vector<std::string>& lines, 
         if (!j["answers"].is_array()) return where("'answers' must be an array of strings");
         for (const auto& a : j["answers"]) {
           if (!a.is_string()) return where("'answers' must be an array of strings");
+          if (absl::StripAsciiWhitespace(a.get<std::string>()).empty()) return where("'answers' has an empty answer");
           ex.answers.push_back(a);
         }
       }

@@ -7,10 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
-#include <sstream>
 
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -18,7 +16,9 @@
 #include "absl/strings/string_view.h"
 #include "absl/strings/strip.h"
 
+#include "common/mapped_file.h"
 #include "common/rng.h"
+#include "model/unicode.h"
 #include "nlohmann/json.hpp"
 
 namespace fedtune::model {
@@ -36,16 +36,15 @@ absl::Status Missing(const std::string& path, const std::string& package) {
 }
 
 absl::StatusOr<std::string> ReadFile(const std::string& path, const std::string& package) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return Missing(path, package);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return Missing(path, package);
+  return ReadFileToString(path);
 }
 
 // A dictzip file is a gzip file (with a random-access table in its header): read it whole.
 absl::StatusOr<std::string> ReadGzip(const std::string& path, const std::string& package) {
-  if (!fs::exists(path)) return Missing(path, package);
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return Missing(path, package);
   gzFile f = gzopen(path.c_str(), "rb");
   if (f == nullptr) return absl::InternalError(absl::StrCat("cannot open ", path));
   std::string out;
@@ -139,8 +138,19 @@ struct Candidate {
   std::vector<std::string> answers;  // every accepted answer (response first); empty: just response
 };
 
+bool ValidUtf8(const std::string& s) {
+  for (const CodeUnit& u : DecodeUtf8(s))
+    if (u.cp == 0xFFFD && u.len == 1) return false;
+  return true;
+}
+
+// Entries with text that is not UTF-8 (GCIDE has a few Windows-1252 bytes) are left out rather
+// than trained on with replacement characters.
 void Add(std::vector<Candidate>& out, std::set<std::string>& seen, Candidate c) {
-  if (c.response.empty() || !seen.insert(c.prompt).second) return;
+  if (c.response.empty() || !ValidUtf8(c.prompt) || !ValidUtf8(c.response)) return;
+  for (const std::string& a : c.answers)
+    if (!ValidUtf8(a)) return;
+  if (!seen.insert(c.prompt).second) return;
   out.push_back(std::move(c));
 }
 
@@ -211,10 +221,10 @@ absl::StatusOr<std::vector<Candidate>> Freedict(const std::string& lang_code, co
 // GNU gettext .mo catalogue: msgid -> msgstr (little- or big-endian).
 absl::StatusOr<std::map<std::string, std::string>> ReadMo(const std::string& path) {
   FT_ASSIGN_OR_RETURN(std::string mo, ReadFile(path, "iso-codes"));
-  auto u32 = [&](size_t at, bool swap) -> uint64_t {
-    if (at + 4 > mo.size()) return UINT64_MAX;
+  auto u32 = [&](uint64_t at, bool swap) -> uint64_t {
+    if (at > mo.size() || mo.size() - at < 4) return UINT64_MAX;
     uint32_t v = 0;
-    std::memcpy(&v, mo.data() + at, 4);
+    std::memcpy(&v, mo.data() + static_cast<size_t>(at), 4);
     return swap ? __builtin_bswap32(v) : v;
   };
   const bool swap = u32(0, false) == 0xde120495u;
@@ -222,7 +232,7 @@ absl::StatusOr<std::map<std::string, std::string>> ReadMo(const std::string& pat
   const uint64_t n = u32(8, swap), orig = u32(12, swap), trans = u32(16, swap);
   std::map<std::string, std::string> out;
   auto str = [&](uint64_t table, uint64_t i) -> std::optional<std::string> {
-    const uint64_t len = u32(static_cast<size_t>(table + 8 * i), swap), off = u32(static_cast<size_t>(table + 8 * i + 4), swap);
+    const uint64_t len = u32(table + 8 * i, swap), off = u32(table + 8 * i + 4, swap);
     if (len == UINT64_MAX || off == UINT64_MAX || off + len > mo.size()) return std::nullopt;
     return mo.substr(static_cast<size_t>(off), static_cast<size_t>(len));
   };
@@ -258,8 +268,9 @@ absl::StatusOr<std::vector<Candidate>> IsoNames(const std::string& lang, const s
       if (it == mo.end()) continue;
       const std::string english(absl::StripAsciiWhitespace(std::vector<std::string>(absl::StrSplit(name, ';'))[0]));
       std::vector<std::string> answers;
-      for (absl::string_view a : absl::StrSplit(it->second, ';')) answers.emplace_back(absl::StripAsciiWhitespace(a));
-      if (english.find('(') != std::string::npos || answers[0].empty()) continue;
+      for (absl::string_view a : absl::StrSplit(it->second, ';', absl::SkipWhitespace())) answers.emplace_back(absl::StripAsciiWhitespace(a));
+      if (answers.empty()) continue;
+      if (english.find('(') != std::string::npos) continue;
       Add(out, seen, {absl::StrCat("What is the ", language, " name of the ", t.kind, " \"", english, "\"? Give only the name."), answers[0], answers});
     }
   }
@@ -382,13 +393,17 @@ std::string JargonFirstSense(const std::string& body) {
       }
       continue;
     }
-    if (text.empty() || text[0] == '[' || text[0] == '/') continue;
+    if (!text.empty() && text[0] == '[') {  // a usage note first: "[techspeak] n. The ..." keeps what follows
+      const size_t end = SkipGroup(text, 0, '[', ']');
+      text = end == std::string::npos ? "" : std::string(absl::StripAsciiWhitespace(text.substr(end)));
+    }
+    if (text.empty() || text[0] == '/') continue;
     paras.push_back(text);
   }
   if (paras.empty()) return "";
   std::string def = WithoutBraces(paras[0]);
   if (def.starts_with("1. ")) def = def.substr(3);
-  if (def.starts_with("See ") || def.starts_with("Syn")) return "";
+  if (def.starts_with("See ") || def.starts_with("Synonym")) return "";
   if (!pos.empty() && !std::islower(static_cast<unsigned char>(def[0]))) def = pos + " " + def;
   def = FirstSentences(def, 200);
   if (def.size() < 12 || def.find('"') != std::string::npos) return "";

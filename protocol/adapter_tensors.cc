@@ -1,5 +1,7 @@
 #include "protocol/adapter_tensors.h"
 
+#include "aggregation/compression.h"
+
 #include "absl/strings/str_cat.h"
 
 namespace fedtune::protocol {
@@ -31,6 +33,15 @@ absl::Status SetAdapterTensors(const aggregation::TensorMap& t, model::AdapterSe
 int64_t TensorBytes(const aggregation::TensorMap& t) {
   int64_t b = 0;
   for (const auto& [name, v] : t) b += static_cast<int64_t>(v.size() * sizeof(float));
+  return b;
+}
+
+int64_t UpdateBytes(const aggregation::ClientUpdate& u) {
+  int64_t b = TensorBytes(u.fisher);
+  for (const auto& [name, v] : u.delta) {
+    auto c = u.compressed.find(name);
+    b += c == u.compressed.end() ? static_cast<int64_t>(v.size() * sizeof(float)) : static_cast<int64_t>(aggregation::PayloadBytes(c->second));
+  }
   return b;
 }
 

@@ -16,5 +16,8 @@ aggregation::TensorMap AdapterTensors(model::AdapterSet<float>& adapters);
 absl::Status SetAdapterTensors(const aggregation::TensorMap& t, model::AdapterSet<float>* adapters);
 // Bytes on the wire for tensors (float32 payload).
 int64_t TensorBytes(const aggregation::TensorMap& t);
+// Bytes of an update's tensors on the wire: compressed deltas as their codes and scales (or
+// top-k indices and values), the others and the Fisher as float32.
+int64_t UpdateBytes(const aggregation::ClientUpdate& u);
 
 }  // namespace fedtune::protocol

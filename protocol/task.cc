@@ -29,6 +29,9 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   p.set_seed(t.seed);
   for (const auto& [k, v] : t.config) (*p.mutable_config())[k] = v;
   p.set_send_fisher(t.send_fisher);
+  p.set_compression(t.compression);
+  p.set_topk_fraction(t.topk_fraction);
+  p.set_error_feedback(t.error_feedback);
   p.set_local_dp_clip(t.local_dp_clip);
   p.set_local_dp_noise(t.local_dp_noise);
   p.set_local_dp_delta(t.local_dp_delta);
@@ -79,6 +82,9 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.seed = p.seed();
   t.config.insert(p.config().begin(), p.config().end());
   t.send_fisher = p.send_fisher();
+  t.compression = p.compression();
+  t.topk_fraction = p.topk_fraction();
+  t.error_feedback = p.error_feedback();
   t.local_dp_clip = p.local_dp_clip();
   t.local_dp_noise = p.local_dp_noise();
   t.local_dp_delta = p.local_dp_delta();

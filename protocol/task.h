@@ -46,6 +46,10 @@ struct TrainTask {
   uint64_t seed = 1;                       // example order
   std::map<std::string, double> config;    // the strategy's per-client settings (proximal_mu)
   bool send_fisher = false;
+  // Upload compression (aggregation/compression.h): "" / none, int8, int4, topk.
+  std::string compression;
+  double topk_fraction = 0.05;
+  bool error_feedback = true;
   // Local DP-SGD (record level, on the client): 0 = off.
   double local_dp_clip = 0, local_dp_noise = 0, local_dp_delta = 1e-5;
   // Distributed central DP under secure aggregation: the client clips its whole update to

@@ -3,9 +3,11 @@
 #include <openssl/sha.h>
 
 #include <cstring>
+#include <map>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "aggregation/compression.h"
 #include "common/mapped_file.h"
 #include "model/safetensors.h"
 
@@ -13,7 +15,27 @@ namespace fedtune::protocol {
 
 absl::StatusOr<std::vector<uint8_t>> EncodeUpdate(const aggregation::ClientUpdate& u) {
   model::SafetensorsWriter w;
-  for (const auto& [name, v] : u.delta) FT_RETURN_IF_ERROR(w.AddF32("delta." + name, {static_cast<int64_t>(v.size())}, v));
+  auto bytes_of = [](const auto& v) {
+    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(v[0]));
+  };
+  auto n = [](const auto& v) { return std::vector<int64_t>{static_cast<int64_t>(v.size())}; };
+  for (const auto& [name, v] : u.delta) {
+    auto c = u.compressed.find(name);
+    if (c == u.compressed.end() || c->second.kind == aggregation::Compression::kNone) {
+      FT_RETURN_IF_ERROR(w.AddF32("delta." + name, n(v), v));
+      continue;
+    }
+    const aggregation::CompressedTensor& t = c->second;
+    w.SetMetadata("fedtune.compression", aggregation::CompressionName(t.kind));
+    if (t.kind == aggregation::Compression::kTopK) {
+      FT_RETURN_IF_ERROR(w.Add("topk_idx." + name, DType::kI32, n(t.indices), bytes_of(t.indices)));
+      FT_RETURN_IF_ERROR(w.AddF32("topk_val." + name, n(t.values), t.values));
+    } else {
+      FT_RETURN_IF_ERROR(w.AddF32("scale." + name, n(t.scales), t.scales));
+      if (t.kind == aggregation::Compression::kInt8) FT_RETURN_IF_ERROR(w.Add("q8." + name, DType::kI8, n(t.q8), bytes_of(t.q8)));
+      if (t.kind == aggregation::Compression::kInt4) FT_RETURN_IF_ERROR(w.Add("q4." + name, DType::kU8, n(t.q4), bytes_of(t.q4)));
+    }
+  }
   for (const auto& [name, v] : u.fisher) FT_RETURN_IF_ERROR(w.AddF32("fisher." + name, {static_cast<int64_t>(v.size())}, v));
   w.SetMetadata("fedtune.update", "1");
   w.SetMetadata("client", u.client);
@@ -31,7 +53,7 @@ absl::StatusOr<aggregation::ClientUpdate> DecodeUpdate(std::span<const uint8_t> 
   if (bytes.size() >= 8) {
     uint64_t header = 0;
     for (int i = 0; i < 8; ++i) header |= static_cast<uint64_t>(bytes[static_cast<size_t>(i)]) << (8 * i);
-    const uint64_t cap = 16384 + 512 * 2 * static_cast<uint64_t>(global.size());
+    const uint64_t cap = 16384 + 512 * 3 * static_cast<uint64_t>(global.size());  // compressed: two entries per delta
     if (header > cap && header <= bytes.size() - 8)  // (longer than the payload: truncated, DataLoss below)
       return absl::ResourceExhaustedError(absl::StrCat("update header of ", header, " bytes exceeds the limit of ", cap));
   }
@@ -57,7 +79,53 @@ absl::StatusOr<aggregation::ClientUpdate> DecodeUpdate(std::span<const uint8_t> 
     double x = 0;
     if (absl::SimpleAtod(v, &x)) u.metrics[k.substr(7)] = x;
   }
+  // Compressed deltas: the kind in the metadata, each tensor's parts by prefix.
+  aggregation::Compression kind = aggregation::Compression::kNone;
+  if (const std::string* c = get("fedtune.compression")) {
+    auto k = aggregation::CompressionFromName(*c);
+    if (!k.ok() || *k == aggregation::Compression::kNone)
+      return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': unknown compression '", *c, "'"));
+    kind = *k;
+  }
+  std::map<std::string, aggregation::CompressedTensor> parts;
+  struct Part {
+    const char* prefix;
+    DType dtype;
+    aggregation::Compression kind;
+  };
+  static const Part kParts[] = {{"scale.", DType::kF32, aggregation::Compression::kInt8}, {"q8.", DType::kI8, aggregation::Compression::kInt8},
+                                {"q4.", DType::kU8, aggregation::Compression::kInt4},     {"topk_idx.", DType::kI32, aggregation::Compression::kTopK},
+                                {"topk_val.", DType::kF32, aggregation::Compression::kTopK}};
   for (const model::SafeTensor& t : file->tensors()) {
+    const Part* part = nullptr;
+    for (const Part& p : kParts)
+      if (t.name.rfind(p.prefix, 0) == 0) part = &p;
+    if (part != nullptr) {
+      const std::string name = t.name.substr(std::strlen(part->prefix));
+      const bool scale = std::strcmp(part->prefix, "scale.") == 0;
+      if (kind == aggregation::Compression::kNone || t.dtype != part->dtype || t.shape.size() != 1 ||
+          (scale ? kind == aggregation::Compression::kTopK : part->kind != kind))
+        return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", t.name, " does not belong to a ",
+                                                       aggregation::CompressionName(kind), " update"));
+      auto g = global.find(name);
+      if (g == global.end()) return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': unknown tensor ", name));
+      aggregation::CompressedTensor& c = parts[name];
+      c.kind = kind;
+      c.n = g->second.size();
+      const size_t count = static_cast<size_t>(t.shape[0]);
+      if (count > 2 * c.n + 2 || t.nbytes != count * DTypeSize(t.dtype))
+        return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", t.name, " has the wrong size"));
+      auto fill = [&](auto& v) {
+        v.resize(count);
+        std::memcpy(v.data(), t.data, t.nbytes);
+      };
+      if (scale) fill(c.scales);
+      else if (part->dtype == DType::kI8) fill(c.q8);
+      else if (part->dtype == DType::kU8) fill(c.q4);
+      else if (part->dtype == DType::kI32) fill(c.indices);
+      else fill(c.values);
+      continue;
+    }
     if (t.dtype != DType::kF32 || t.shape.size() != 1)
       return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", t.name, " must be 1-D F32"));
     aggregation::TensorMap* dst = nullptr;
@@ -79,6 +147,13 @@ absl::StatusOr<aggregation::ClientUpdate> DecodeUpdate(std::span<const uint8_t> 
     std::memcpy(v.data(), t.data, t.nbytes);
     (*dst)[name] = std::move(v);
   }
+  for (auto& [name, c] : parts) {
+    if (u.delta.count(name)) return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", name, " sent twice"));
+    if (absl::Status st = aggregation::CheckCompressed(c, c.n); !st.ok())
+      return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': tensor ", name, ": ", st.message()));
+    u.delta[name] = aggregation::Decompress(c);
+  }
+  u.compressed = std::move(parts);  // kept for the byte count (protocol::UpdateBytes)
   FT_RETURN_IF_ERROR(aggregation::ValidateUpdate(u, global));  // finiteness, Fisher >= 0, non-empty
   return u;
 }

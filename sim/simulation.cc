@@ -24,6 +24,7 @@
 #include "model/tasks.h"
 #include "nlohmann/json.hpp"
 #include "privacy/rdp_accountant.h"
+#include "protocol/adapter_tensors.h"
 #include "sim/partition.h"
 #include "sim/planning.h"
 #include "sim/report.h"
@@ -65,7 +66,7 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
   s.max_len = OrDefault(c.data().max_len(), 128);
   s.alpha_dir = OrDefault(c.data().dirichlet_alpha(), 0.5);
   s.skew = OrDefault(c.data().size_skew(), 1.0);
-  if (c.data().holdout() < 0 || c.data().holdout() >= 1) return Bad("data.holdout", "must be in (0, 1)");
+  if (!(c.data().holdout() >= 0 && c.data().holdout() < 1)) return Bad("data.holdout", "must be in (0, 1) (0 or unset: 0.15)");
   if (s.examples_per_task < 1 || s.eval_examples < 1 || s.max_len < 8)
     return Bad("data", "examples_per_task and eval_examples must be >= 1 and max_len >= 8");
   if (c.train().activation_budget_mib() < -1) return Bad("train.activation_budget_mib", "must be -1 (recompute), 0 (as memory allows) or a budget in MiB");
@@ -89,7 +90,9 @@ struct ClientState {
   std::vector<model::Example> train;
   std::vector<double> task_share;  // fraction of its examples per task
   int trained = 0, dropped = 0;
+  int steps = 0;                   // local optimizer steps trained in the federation (all rounds)
   worker::LocalPrivacy privacy;    // its record-level epsilon under local DP-SGD
+  aggregation::TensorMap residual;  // compressed uploads: what compression dropped (error feedback)
   std::optional<planner::WorkerProfile> plan_profile;  // refreshed from simulated training speed
 };
 
@@ -160,6 +163,7 @@ class SimTransport : public federation::Transport {
       } else {
         worker::ClientEnv env = env_;
         env.memory_mib = cl.memory_mib;  // 0 (not simulated): the default activation budget
+        env.error_feedback = &cl.residual;
         FT_ASSIGN_OR_RETURN(lr, worker::RunTrainTask(bases_, cl.train, task, global, env, &cl.privacy));
       }
       const double secs = Seconds(t0, Clock::now());
@@ -167,7 +171,7 @@ class SimTransport : public federation::Transport {
       client_secs += secs;
       if (cl.plan_profile && secs > 0 && lr.report.tokens > 0)  // re-planning: the speed this client showed
         cl.plan_profile->tokens_per_second = 0.5 * cl.plan_profile->tokens_per_second + 0.5 * static_cast<double>(lr.report.tokens) / (secs / cl.speed);
-      int64_t up = worker::TensorBytes(lr.update.delta) + worker::TensorBytes(lr.update.fisher);
+      int64_t up = protocol::UpdateBytes(lr.update);
       const double loss = lr.report.final_loss;
       if (sec) {
         worker::SecureClient& sc = *secure[task.client];
@@ -178,6 +182,7 @@ class SimTransport : public federation::Transport {
       } else if (col.Add(std::move(lr.update)).ok()) {
         ++cl.trained;
       }
+      cl.steps += task.local_steps;
       const double comm_up = cl.latency_ms / 1000.0 + static_cast<double>(up) * 8 / (cl.bandwidth_mbps * 1e6);
       sim_round = std::max(sim_round, comm_down + secs / cl.speed + comm_up);
       bytes_up += up;
@@ -249,7 +254,7 @@ class SimTransport : public federation::Transport {
   void Emit(const RoundRecord& r) {
     if (!header_written_) {  // per-task columns (acc_* / rouge_* / ppl_*) from the first, evaluated record
       for (const auto& [k, v] : r.metrics)
-        if (k.rfind("acc_", 0) == 0 || k.rfind("rouge_", 0) == 0 || k.rfind("ppl_", 0) == 0) csv_cols_.push_back(k);
+        if (k.rfind("acc_", 0) == 0 || (k.rfind("rouge_", 0) == 0 && k != "rouge_l") || k.rfind("ppl_", 0) == 0) csv_cols_.push_back(k);
       std::vector<std::string> esc;
       for (const auto& col : csv_cols_) esc.push_back(CsvEscape(col));
       csv_ << absl::StrJoin(esc, ",") << "\n";
@@ -749,6 +754,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       return j;
     };
     nlohmann::json baselines = nlohmann::json::object();
+    std::map<int, model::EvalResult> federated;  // the final global adapter's results per task
     if (c.centralized_baseline()) {
       say("centralized baseline on the pooled client data (same example budget)");
       std::vector<model::Example> all;
@@ -756,26 +762,29 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       FT_ASSIGN_OR_RETURN(model::AdapterSet<float> central, train_alone(all, rs.rounds * rs.local_steps * rs.expected_clients));
       FT_ASSIGN_OR_RETURN(nlohmann::json j, score(central, std::vector<double>(static_cast<size_t>(num_tasks), 1.0), nullptr));
       result.centralized_accuracy = j.value("accuracy", 0.0);
+      // The federated adapter weighted the same way (every task once), for the comparison.
+      FT_ASSIGN_OR_RETURN(baselines["federated"], score(adapters, std::vector<double>(static_cast<size_t>(num_tasks), 1.0), &federated));
       say(absl::StrFormat("centralized: accuracy %.1f%%, ROUGE-L %.3f", 100 * result.centralized_accuracy, j.value("rouge_l", 0.0)));
       FT_RETURN_IF_ERROR(engine->ledger().SetRunInfo("centralized_accuracy", absl::StrCat(result.centralized_accuracy)));
       baselines["centralized"] = j;
     }
     if (c.local_baseline()) {
-      say(absl::StrFormat("local-only baseline: each client alone, %d steps", rs.rounds * rs.local_steps));
-      std::map<int, model::EvalResult> federated;
+      say("local-only baseline: each client alone, the steps it trained in the federation");
       for (const ClientState& cl : clients) {
-        FT_ASSIGN_OR_RETURN(model::AdapterSet<float> alone, train_alone(cl.train, rs.rounds * rs.local_steps));
+        if (cl.steps == 0) continue;  // never selected: nothing to compare
+        FT_ASSIGN_OR_RETURN(model::AdapterSet<float> alone, train_alone(cl.train, cl.steps));
         FT_ASSIGN_OR_RETURN(nlohmann::json j, score(alone, cl.task_share, nullptr));
         // The federated global adapter on the same tasks and weights, for the per-client gain.
         FT_ASSIGN_OR_RETURN(nlohmann::json fed, score(adapters, cl.task_share, &federated));
         j["client"] = cl.name;
+        j["steps"] = cl.steps;
         j["federated"] = fed;
         say(absl::StrFormat("  %s alone: accuracy %.1f%%, ROUGE-L %.3f (federated %.1f%%, %.3f)", cl.name, 100 * j.value("accuracy", 0.0),
                             j.value("rouge_l", 0.0), 100 * fed.value("accuracy", 0.0), fed.value("rouge_l", 0.0)));
         baselines["local"].push_back(j);
       }
     }
-    FT_RETURN_IF_ERROR(WriteFileAtomic(result.run_dir + "/baselines.json", baselines.dump(1)));
+    FT_RETURN_IF_ERROR(WriteFileAtomic(result.run_dir + "/baselines.json", baselines.dump(1, ' ', false, nlohmann::json::error_handler_t::replace)));
   }
 
   result.wall_seconds = Seconds(t_start, Clock::now());

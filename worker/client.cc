@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "aggregation/compression.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
@@ -171,6 +172,11 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
     r.update.num_examples = 1;
     r.update.metrics.erase("train_loss");
     r.update.metrics.erase("train_tokens");
+  }
+  if (!task.compression.empty()) {  // after local DP: compression is post-processing of its output
+    FT_ASSIGN_OR_RETURN(const aggregation::Compression kind, aggregation::CompressionFromName(task.compression));
+    if (task.topk_fraction <= 0 || task.topk_fraction > 1) return absl::InvalidArgumentError("task: topk_fraction must be in (0, 1]");
+    aggregation::CompressUpdate(&r.update, kind, task.topk_fraction, task.error_feedback ? env.error_feedback : nullptr);
   }
   return r;
 }

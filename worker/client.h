@@ -54,6 +54,9 @@ struct ClientEnv {
   double memory_mib = 0;              // what this client may use (0: unknown)
   kernels::Backend* backend = nullptr;  // null: cpu-fast
   std::function<void(double)> progress;  // fraction of local steps done
+  // Compressed uploads with error feedback: what compression dropped, carried to the next round
+  // (the worker's or simulated client's own; null: no error feedback).
+  aggregation::TensorMap* error_feedback = nullptr;
 };
 
 // The client's record-level privacy under local DP-SGD: every round's DP-SGD steps, composed.

@@ -424,6 +424,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     State(const model::LlamaModel& m, const std::string& path, const std::string& ledger) : bases(m, path), privacy(ledger) {}
     BaseModels bases;
     LocalPrivacy privacy;  // record-level epsilon across every round this worker trained
+    aggregation::TensorMap residual;  // compressed uploads: error feedback (in memory: a restart starts it at zero)
   };
   auto state = std::make_shared<State>(model, model_path, privacy_path);
   return [&data, state, activation_budget_mib, backend, memory_mib](const protocol::TrainTask& task, const aggregation::TensorMap& global,
@@ -434,6 +435,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     env.memory_mib = memory_mib;
     env.backend = backend;
     env.progress = progress;
+    env.error_feedback = &state->residual;
     return RunTrainTask(state->bases, data, task, global, env, &state->privacy);
   };
 }

@@ -405,6 +405,10 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("train: {activation_budget_mib: -2}\n", "train.activation_budget_mib");
   expect("train: {device: tpu}\n", "train.device");
   expect("adapter: {kind: LORA, layers: \"0:q\"}\nplanner: {enabled: true}\n", "adapter.layers");
+  expect("strategy: {compression: int3}\n", "strategy.compression");
+  expect("strategy: {compression: topk, topk_fraction: 1.5}\n", "strategy.topk_fraction");
+  expect("strategy: {compression: int8}\nsecure_aggregation: {enabled: true}\n", "strategy.compression");
+  expect("data: {tasks: [sum], holdout: 1.0}\n", "data.holdout");
   proto::SimulationConfig c;
   ASSERT_TRUE(LoadConfigYaml("model: {path: /no/model.gguf}\nclients: 2\nrounds: 1\ndata: {tasks: [sum]}\n", &c, "t").ok());
   absl::Status st = ValidateConfig(c);
