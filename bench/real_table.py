@@ -10,7 +10,8 @@ mean +- std over seeds.
 - MiB up per round: what the clients uploaded (compressed where the cell compresses)."""
 import csv, json, os, re, statistics, sys
 
-root = sys.argv[1] if len(sys.argv) > 1 else "runs/real"
+args = [a for a in sys.argv[1:] if not a.startswith("--")]
+root = args[0] if args else "runs/real"
 nan = float("nan")
 cells = {}
 for d in sorted(os.listdir(root)):
@@ -56,6 +57,8 @@ cols = [("base rouge", "base model ROUGE-L"), ("fed rouge", "federated ROUGE-L")
         ("alone rouge", "alone: own-source ROUGE-L"), ("fed own rouge", "federated: own-source ROUGE-L"),
         ("alone loss", "alone: own-source loss"), ("fed own loss", "federated: own-source loss"),
         ("better off", "clients better off federated"), ("central rouge", "centralized ROUGE-L"), ("MiB up", "MiB up per round")]
+if "--short" in sys.argv:  # the README's columns
+    cols = [c for c in cols if c[0] in ("base rouge", "fed rouge", "alone rouge", "fed own rouge", "central rouge", "MiB up")]
 print("| cell | seeds | " + " | ".join(h for _, h in cols) + " |")
 print("|---|---|" + "---|" * len(cols))
 for cell, rows in cells.items():
