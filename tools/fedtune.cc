@@ -230,8 +230,8 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const std::string& base_type) {
 }
 
 void PrintEval(const char* when, const model::EvalResult& r) {
-  std::printf("[%s] held-out loss %.4f (ppl %.3f) over %lld tokens; exact match %d/%d = %.1f%%\n", when, r.loss, r.perplexity(),
-              static_cast<long long>(r.n_tokens), r.n_exact, r.n_generated, 100.0 * r.accuracy());
+  std::printf("[%s] held-out loss %.4f (ppl %.3f) over %lld tokens; exact match %d/%d = %.1f%%, ROUGE-L %.3f\n", when, r.loss, r.perplexity(),
+              static_cast<long long>(r.n_tokens), r.n_exact, r.n_generated, 100.0 * r.accuracy(), r.rouge_l());
   for (const auto& [ref, got] : r.samples) std::printf("    want: %s\n     got: %s\n", ref.c_str(), got.c_str());
   std::fflush(stdout);
 }
