@@ -100,13 +100,14 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     const model::LlamaModel* model = svc->eval_model.get();
     const std::vector<model::Example>* examples = &svc->eval_data;
     auto adapters = std::make_shared<model::AdapterSet<float>>(std::move(set));
-    const int max_new = rs.max_new_tokens;
-    o.evaluate = [model, examples, adapters, max_new](const aggregation::TensorMap& g, std::map<std::string, double>& metrics) -> absl::Status {
+    const int max_new = rs.max_new_tokens, generate = rs.generate_examples;
+    o.evaluate = [model, examples, adapters, max_new, generate](const aggregation::TensorMap& g, std::map<std::string, double>& metrics) -> absl::Status {
       FT_RETURN_IF_ERROR(protocol::SetAdapterTensors(g, adapters.get()));
-      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, adapters.get(), *examples, 0, max_new));
+      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, adapters.get(), *examples, 0, max_new, 8, generate));
       metrics["eval_loss"] = r.loss;
       metrics["eval_ppl"] = std::exp(r.loss);
       if (r.n_generated > 0) metrics["accuracy"] = r.accuracy();
+      if (r.n_generated > 0) metrics["rouge_l"] = r.rouge_l();
       return absl::OkStatus();
     };
   }

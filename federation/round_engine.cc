@@ -238,6 +238,7 @@ absl::Status RoundEngine::EvaluateRound(int round, Transport& t, std::map<std::s
     task.round = round;
     task.client = ct.client;
     task.max_new_tokens = o_.settings.max_new_tokens;
+    task.generate_examples = o_.settings.generate_examples;
     tasks.push_back(std::move(task));
   }
   FT_ASSIGN_OR_RETURN(std::vector<aggregation::EvalReport> reports, t.EvaluateOn(round, global_, tasks));

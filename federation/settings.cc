@@ -108,6 +108,8 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   s.eval_every = OrDefault(eval.every(), 1);
   s.max_new_tokens = OrDefault(eval.max_new_tokens(), 32);
   if (s.eval_every < 1 || s.max_new_tokens < 1) return Bad("eval", "every and max_new_tokens must be >= 1");
+  s.generate_examples = eval.generate_examples();
+  if (s.generate_examples < 0) return Bad("eval.generate_examples", "must be >= 0 (0: all)");
   // Secure aggregation.
   const bool linear = s.strategy.merge == aggregation::MergeRule::kMean || s.strategy.merge == aggregation::MergeRule::kUncertainty;
   if (secure.enabled()) {

@@ -46,7 +46,7 @@ struct RunSettings {
   double topk_fraction = 0.05;
   bool error_feedback = true;
   // Evaluation (eval.*).
-  int eval_every = 1, max_new_tokens = 32;
+  int eval_every = 1, max_new_tokens = 32, generate_examples = 0;  // 0: every held-out example
   // Differential privacy (dp.*): central (the server noises) or local (DP-SGD on clients).
   struct Dp {
     bool central = false, local = false, adaptive_clipping = false, private_fisher = false;

@@ -286,7 +286,7 @@ double RougeL(const std::string& reference, const std::string& candidate) {
 }
 
 absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<float>* adapters, const std::vector<Example>& eval,
-                                    int max_examples, int max_new_tokens, int batch) {
+                                    int max_examples, int max_new_tokens, int batch, int max_generated) {
   EvalResult r;
   const size_t n = max_examples > 0 ? std::min(eval.size(), static_cast<size_t>(max_examples)) : eval.size();
   if (n == 0) return r;
@@ -308,7 +308,8 @@ absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<fl
     r.n_tokens += b.n_scored();
   }
   r.loss = r.n_tokens ? nll / static_cast<double>(r.n_tokens) : 0.0;
-  for (size_t i = 0; i < n; ++i) {
+  const size_t n_gen = max_generated > 0 ? std::min(n, static_cast<size_t>(max_generated)) : n;
+  for (size_t i = 0; i < n_gen; ++i) {
     if (eval[i].reference.empty() || eval[i].prompt_text.empty()) continue;
     FT_ASSIGN_OR_RETURN(std::string got, GenerateGreedy(model, adapters, eval[i].prompt_text, max_new_tokens));
     ++r.n_generated;

@@ -95,8 +95,9 @@ struct EvalResult {
 // max_examples <= 0: all. Exact match compares the greedy answer (up to the end-of-turn
 // token or max_new_tokens) with the reference (or any of Example::answers), both with
 // surrounding whitespace trimmed; ROUGE-L is the best over the same answers.
+// max_generated > 0: only the first that many of the scored examples are also answered greedily.
 absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<float>* adapters, const std::vector<Example>& eval,
-                                    int max_examples, int max_new_tokens, int batch = 8);
+                                    int max_examples, int max_new_tokens, int batch = 8, int max_generated = 0);
 
 // ROUGE-L F1 (Lin 2004; beta = 1, as Google's rouge-score package): longest common subsequence
 // of the two token lists. Tokens: lowercased runs of ASCII letters and digits, and of non-ASCII

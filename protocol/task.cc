@@ -6,6 +6,7 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   rpc::v1::Task p;
   p.set_kind(t.evaluate ? rpc::v1::Task::EVALUATE : rpc::v1::Task::TRAIN);
   p.set_max_new_tokens(t.max_new_tokens);
+  p.set_generate_examples(t.generate_examples);
   p.set_run_id(t.run_id);
   p.set_round(t.round);
   rpc::v1::AdapterPlan* a = p.mutable_plan();
@@ -58,6 +59,7 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   TrainTask t;
   t.evaluate = p.kind() == rpc::v1::Task::EVALUATE;
   t.max_new_tokens = p.max_new_tokens();
+  t.generate_examples = p.generate_examples();
   t.run_id = p.run_id();
   t.round = p.round();
   t.client = client;

@@ -35,6 +35,7 @@ struct AdapterPlan {
 struct TrainTask {
   bool evaluate = false;
   int max_new_tokens = 32;
+  int generate_examples = 0;  // of those, answered greedily for exact match / ROUGE-L (0: all)
   std::string run_id;
   int round = 0;
   std::string client;

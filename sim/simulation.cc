@@ -216,7 +216,7 @@ class SimTransport : public federation::Transport {
     int64_t tokens = 0;
     int scored_tasks = 0;
     for (size_t t = 0; t < task_names_.size(); ++t) {
-      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(model_, &adapters_, eval_by_task_[t], 0, s_.run.max_new_tokens));
+      FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(model_, &adapters_, eval_by_task_[t], 0, s_.run.max_new_tokens, 8, s_.run.generate_examples));
       const std::string& name = task_names_[t];
       loss_sum += r.loss * static_cast<double>(r.n_tokens);
       tokens += r.n_tokens;
@@ -743,7 +743,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         if (cache && cache->count(t)) {
           r = cache->at(t);
         } else {
-          FT_ASSIGN_OR_RETURN(r, model::Evaluate(*model, &a, eval_by_task[static_cast<size_t>(t)], 0, rs.max_new_tokens));
+          FT_ASSIGN_OR_RETURN(r, model::Evaluate(*model, &a, eval_by_task[static_cast<size_t>(t)], 0, rs.max_new_tokens, 8, rs.generate_examples));
           if (cache) (*cache)[t] = r;
         }
         if (r.n_generated == 0) continue;

@@ -102,7 +102,7 @@ absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std
   FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(task.plan.base_type));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, task.plan));
   FT_RETURN_IF_ERROR(SetAdapterTensors(global, &adapters));
-  FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*base, &adapters, eval, 0, std::max(1, task.max_new_tokens)));
+  FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*base, &adapters, eval, 0, std::max(1, task.max_new_tokens), 8, task.generate_examples));
   aggregation::EvalReport rep;
   rep.client = task.client;
   rep.num_examples = static_cast<int64_t>(eval.size());

@@ -4,6 +4,7 @@
 #include <set>
 #include <fstream>
 
+#include "absl/strings/ascii.h"
 #include "common/rng.h"
 #include "gtest/gtest.h"
 #include "model/adapter_io.h"
@@ -75,6 +76,39 @@ TEST_F(TinyFixture, SplitIsDeterministic) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(a->eval.size(), 10u);
   for (size_t i = 0; i < a->eval.size(); ++i) EXPECT_EQ(a->eval[i].tokens, b->eval[i].tokens);
+}
+
+// Evaluation: the loss over every held-out example, greedy answers (exact match, ROUGE-L) for the
+// first max_generated only; "answers" count for exact match; empty answers are refused.
+TEST_F(TinyFixture, EvaluationGeneratesForTheFirstExamplesOnlyAndAcceptsAnyAnswer) {
+  const auto& tok = *model_->tokenizer();
+  DatasetOptions o;
+  o.holdout = 0.5;
+  auto lines = *GenerateTask("record", 12, 5);
+  auto d = DatasetFromJsonl(lines, "x", tok, o);
+  ASSERT_TRUE(d.ok());
+  ASSERT_EQ(d->eval.size(), 6u);
+  auto all = Evaluate(*model_, nullptr, d->eval, 0, 3);
+  auto two = Evaluate(*model_, nullptr, d->eval, 0, 3, 8, 2);
+  ASSERT_TRUE(all.ok() && two.ok());
+  EXPECT_EQ(all->n_generated, 6);
+  EXPECT_EQ(two->n_generated, 2);
+  EXPECT_EQ(two->n_tokens, all->n_tokens);
+  EXPECT_DOUBLE_EQ(two->loss, all->loss);
+  // Whatever the tiny model answers first is made an accepted answer: exact match 1, ROUGE-L 1
+  // (when the answer has a word).
+  const std::string got = *GenerateGreedy(*model_, nullptr, d->eval[0].prompt_text, 3);
+  std::vector<Example> one = {d->eval[0]};
+  one[0].answers = {"something else", got};
+  auto r = Evaluate(*model_, nullptr, one, 0, 3);
+  ASSERT_TRUE(r.ok());
+  if (!absl::StripAsciiWhitespace(got).empty()) {
+    EXPECT_EQ(r->n_exact, 1);
+  }
+  auto bad = DatasetFromJsonl({R"({"prompt":"p","response":"r","answers":["r", "  "]})"}, "a.jsonl", tok, o);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  auto typed = DatasetFromJsonl({R"({"prompt":"p","response":"r","answers":"r"})"}, "a.jsonl", tok, o);
+  EXPECT_EQ(typed.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(OptimizerTest, AdamWFirstStepMatchesHandComputation) {

@@ -409,6 +409,7 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("strategy: {compression: topk, topk_fraction: 1.5}\n", "strategy.topk_fraction");
   expect("strategy: {compression: int8}\nsecure_aggregation: {enabled: true}\n", "strategy.compression");
   expect("data: {tasks: [sum], holdout: 1.0}\n", "data.holdout");
+  expect("eval: {generate_examples: -1}\n", "eval.generate_examples");
   proto::SimulationConfig c;
   ASSERT_TRUE(LoadConfigYaml("model: {path: /no/model.gguf}\nclients: 2\nrounds: 1\ndata: {tasks: [sum]}\n", &c, "t").ok());
   absl::Status st = ValidateConfig(c);
