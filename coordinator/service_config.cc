@@ -106,8 +106,10 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
       FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*model, adapters.get(), *examples, 0, max_new, 8, generate));
       metrics["eval_loss"] = r.loss;
       metrics["eval_ppl"] = std::exp(r.loss);
-      if (r.n_generated > 0) metrics["accuracy"] = r.accuracy();
-      if (r.n_generated > 0) metrics["rouge_l"] = r.rouge_l();
+      if (r.n_generated > 0) {
+        metrics["accuracy"] = r.accuracy();
+        metrics["rouge_l"] = r.rouge_l();
+      }
       return absl::OkStatus();
     };
   }

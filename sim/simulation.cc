@@ -218,6 +218,7 @@ class SimTransport : public federation::Transport {
     for (size_t t = 0; t < task_names_.size(); ++t) {
       FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(model_, &adapters_, eval_by_task_[t], 0, s_.run.max_new_tokens, 8, s_.run.generate_examples));
       const std::string& name = task_names_[t];
+      last_eval_[static_cast<int>(t)] = r;
       loss_sum += r.loss * static_cast<double>(r.n_tokens);
       tokens += r.n_tokens;
       if (r.n_generated == 0) {  // a text domain: perplexity only
@@ -249,6 +250,9 @@ class SimTransport : public federation::Transport {
   }
 
   const std::vector<double>& last_task_acc() const { return last_task_acc_; }
+  // Per task, the last evaluation's result (the final global adapter's after the run: the last
+  // round is always evaluated).
+  const std::map<int, model::EvalResult>& last_eval() const { return last_eval_; }
 
  private:
   void Emit(const RoundRecord& r) {
@@ -291,6 +295,7 @@ class SimTransport : public federation::Transport {
   Rng sched_rng_;  // dropouts and stand-in updates
   std::map<std::string, size_t> index_;
   std::vector<double> last_task_acc_;
+  std::map<int, model::EvalResult> last_eval_;
   int done_tasks_ = 0, total_tasks_ = 0;
   double train_wall_ = 0;
   std::ofstream jsonl_, csv_;
@@ -731,7 +736,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     };
     // Per task scored by `weights` (a client's task shares; all 1 for the centralized adapter):
     // the weighted mean accuracy, ROUGE-L and loss, and the per-task figures.
-    // `cache` (optional) keeps the per-task results of an adapter scored for several clients.
+    // `cache` (optional): per-task results already known for this adapter, and kept for the next call.
     auto score = [&](model::AdapterSet<float>& a, const std::vector<double>& weights,
                      std::map<int, model::EvalResult>* cache) -> absl::StatusOr<nlohmann::json> {
       nlohmann::json j = nlohmann::json::object();
@@ -754,7 +759,8 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
       return j;
     };
     nlohmann::json baselines = nlohmann::json::object();
-    std::map<int, model::EvalResult> federated;  // the final global adapter's results per task
+    // The final global adapter's results per task: its last evaluation, not decoded again.
+    std::map<int, model::EvalResult> federated = transport.last_eval();
     if (c.centralized_baseline()) {
       say("centralized baseline on the pooled client data (same example budget)");
       std::vector<model::Example> all;

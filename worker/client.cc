@@ -6,9 +6,9 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
-#include "aggregation/compression.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "aggregation/compression.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "kernels/quant.h"
