@@ -94,6 +94,59 @@ void DequantQ4_K(const uint8_t* b, float* y) {
     }
   }
 }
+// Q2_K: 16 groups of 16 values, 4-bit scale and 4-bit min per group, 2-bit codes packed four to
+// a byte in two 32-byte halves (value 128 h + 32 s + l is bits 2s of byte 32 h + l).
+void DequantQ2_K(const uint8_t* b, float* y) {
+  const uint8_t* scales = b;
+  const uint8_t* qs = b + 16;
+  const float d = H(b + 80), dmin = H(b + 82);
+  for (int i = 0; i < 256; ++i) {
+    const int h = i / 128, s = (i / 32) % 4, l = i % 32, g = i / 16;
+    const float dl = d * static_cast<float>(scales[g] & 0xF);
+    const float ml = dmin * static_cast<float>(scales[g] >> 4);
+    const int q = (qs[h * 32 + l] >> (2 * s)) & 3;
+    y[i] = dl * static_cast<float>(q) - ml;
+  }
+}
+// Q3_K: 16 groups of 16 values with a signed 6-bit scale each (12 packed bytes), 2 low bits as
+// in Q2_K plus a high bit in hmask (value 32 b + l is bit b of hmask[l]; a clear bit subtracts 4).
+int Q3KScale(const uint8_t* sc, int i) {
+  const int lo = i < 8 ? (sc[i] & 0xF) : (sc[i - 8] >> 4);
+  const int hi = (sc[8 + (i % 4)] >> (2 * (i / 4))) & 3;
+  return (lo | (hi << 4)) - 32;
+}
+void DequantQ3_K(const uint8_t* b, float* y) {
+  const uint8_t* hmask = b;
+  const uint8_t* qs = b + 32;
+  const uint8_t* sc = b + 96;
+  const float d = H(b + 108);
+  for (int i = 0; i < 256; ++i) {
+    const int h = i / 128, s = (i / 32) % 4, l = i % 32;
+    const int lo = (qs[h * 32 + l] >> (2 * s)) & 3;
+    const int hi = (hmask[l] >> (i / 32)) & 1;
+    const float dl = d * static_cast<float>(Q3KScale(sc, i / 16));
+    y[i] = dl * static_cast<float>(lo - (hi ? 0 : 4));
+  }
+}
+// Q5_K: Q4_K's 8 sub-blocks of 32 with 6-bit scales and mins, a fifth bit per value in qh
+// (sub-block j's bit is bit j of qh[l]).
+void DequantQ5_K(const uint8_t* b, float* y) {
+  const float d = H(b), dmin = H(b + 2);
+  const uint8_t* scales = b + 4;
+  const uint8_t* qh = b + 16;
+  const uint8_t* qs = b + 48;
+  for (int j = 0; j < 8; ++j) {
+    uint8_t sc, mn;
+    ScaleMinK4(j, scales, &sc, &mn);
+    const float dl = d * static_cast<float>(sc);
+    const float ml = dmin * static_cast<float>(mn);
+    for (int l = 0; l < 32; ++l) {
+      const int lo = (qs[(j / 2) * 32 + l] >> (4 * (j % 2))) & 0xF;
+      const int hi = (qh[l] >> j) & 1;
+      y[j * 32 + l] = dl * static_cast<float>(lo | (hi << 4)) - ml;
+    }
+  }
+}
 void DequantQ6_K(const uint8_t* b, float* y) {
   const uint8_t* ql = b;
   const uint8_t* qh = b + 128;
@@ -281,10 +334,10 @@ std::optional<GgmlTypeTraits> GetTypeTraits(uint32_t id) {
     case GgmlType::kQ5_0: return GgmlTypeTraits{"Q5_0", kQK, 22, true};
     case GgmlType::kQ5_1: return GgmlTypeTraits{"Q5_1", kQK, 24, true};
     case GgmlType::kQ8_0: return GgmlTypeTraits{"Q8_0", kQK, 34, true};
-    case GgmlType::kQ2_K: return GgmlTypeTraits{"Q2_K", kQKK, 84, false};
-    case GgmlType::kQ3_K: return GgmlTypeTraits{"Q3_K", kQKK, 110, false};
+    case GgmlType::kQ2_K: return GgmlTypeTraits{"Q2_K", kQKK, 84, true};
+    case GgmlType::kQ3_K: return GgmlTypeTraits{"Q3_K", kQKK, 110, true};
     case GgmlType::kQ4_K: return GgmlTypeTraits{"Q4_K", kQKK, 144, true};
-    case GgmlType::kQ5_K: return GgmlTypeTraits{"Q5_K", kQKK, 176, false};
+    case GgmlType::kQ5_K: return GgmlTypeTraits{"Q5_K", kQKK, 176, true};
     case GgmlType::kQ6_K: return GgmlTypeTraits{"Q6_K", kQKK, 210, true};
     case GgmlType::kQ8_K: return GgmlTypeTraits{"Q8_K", kQKK, 292, false};
   }
@@ -347,7 +400,10 @@ void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n) {
       case GgmlType::kQ5_0: DequantQ5(b, y, false); break;
       case GgmlType::kQ5_1: DequantQ5(b, y, true); break;
       case GgmlType::kQ8_0: DequantQ8_0(b, y); break;
+      case GgmlType::kQ2_K: DequantQ2_K(b, y); break;
+      case GgmlType::kQ3_K: DequantQ3_K(b, y); break;
       case GgmlType::kQ4_K: DequantQ4_K(b, y); break;
+      case GgmlType::kQ5_K: DequantQ5_K(b, y); break;
       case GgmlType::kQ6_K: DequantQ6_K(b, y); break;
       case GgmlType::kNF4: DequantNf4(b, y); break;
       default: FT_CHECK(false);

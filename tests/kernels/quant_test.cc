@@ -42,7 +42,7 @@ TEST(QuantTest, DequantizationIsBitExactWithGgufPython) {
     EXPECT_EQ(mismatches, 0u) << tr.name;
     ++types_seen;
   }
-  EXPECT_EQ(types_seen, 10);
+  EXPECT_EQ(types_seen, 13);
 }
 
 class QuantRoundTripTest : public ::testing::TestWithParam<GgmlType> {};

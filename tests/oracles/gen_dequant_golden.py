@@ -13,10 +13,11 @@ import gguf
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K]
+TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.Q2_K, T.Q3_K, T.Q5_K]
 # byte offsets of fp16 scale fields inside a block (kept finite so NaN payloads don't matter)
 FP16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-               T.Q4_K: [0, 2], T.Q6_K: [208]}
+               T.Q4_K: [0, 2], T.Q6_K: [208],
+               T.Q2_K: [80, 82], T.Q3_K: [108], T.Q5_K: [0, 2]}
 
 def random_blocks(t, n, rng):
     bs, ts = gguf.GGML_QUANT_SIZES[t]
