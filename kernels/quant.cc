@@ -266,6 +266,148 @@ void QuantNf4(const float* x, uint8_t* b) {
   for (int j = 0; j < 32; ++j) b[4 + j] = static_cast<uint8_t>((NearestNf4(x[2 * j] * inv) << 4) | NearestNf4(x[2 * j + 1] * inv));
 }
 
+// NF3 / NF2: nearest code of x / absmax (division, then the nearest code with ties to the lower
+// one, as PEFT's NFQuantizer's argmin does).
+template <int kBits>
+void DequantNfLow(const uint8_t* b, float* y) {
+  const float* codes = kBits == 3 ? kNf3Codes : kNf2Codes;
+  float absmax;
+  std::memcpy(&absmax, b, 4);
+  const uint8_t* q = b + 4;
+  for (int j = 0; j < 64; ++j) {
+    const int bit = j * kBits;
+    const unsigned word = static_cast<unsigned>(q[bit / 8]) | (bit / 8 + 1 < 64 * kBits / 8 ? static_cast<unsigned>(q[bit / 8 + 1]) << 8 : 0u);
+    y[j] = codes[(word >> (bit % 8)) & ((1u << kBits) - 1)] * absmax;
+  }
+}
+template <int kBits>
+void QuantNfLow(const float* x, uint8_t* b) {
+  constexpr int kCodes = 1 << kBits;
+  const float* codes = kBits == 3 ? kNf3Codes : kNf2Codes;
+  float absmax = 0.0f;
+  for (int j = 0; j < 64; ++j) absmax = std::max(absmax, std::fabs(x[j]));
+  std::memcpy(b, &absmax, 4);
+  uint8_t* q = b + 4;
+  std::memset(q, 0, 64 * kBits / 8);
+  for (int j = 0; j < 64; ++j) {
+    const float v = absmax > 0 ? x[j] / absmax : 0.0f;
+    int best = 0;
+    for (int c = 1; c < kCodes; ++c) {
+      if (std::fabs(v - codes[c]) < std::fabs(v - codes[best])) best = c;
+    }
+    const int bit = j * kBits;
+    q[bit / 8] = static_cast<uint8_t>(q[bit / 8] | (best << (bit % 8)));
+    if (bit % 8 + kBits > 8) q[bit / 8 + 1] = static_cast<uint8_t>(q[bit / 8 + 1] | (best >> (8 - bit % 8)));
+  }
+}
+
+// --- K-quant quantizers (fedtune's own; ggml's reference uses a different, weighted search) ---
+// Q2_K: per 16-value group a least-squares fit of x ~ s q - m (s >= 0, m >= 0, q in 0..3) over
+// candidate scales, then the group scales and mins quantized to 4 bits against fp16 super-block
+// factors, then the codes chosen again against the stored values.
+void FitAsymGroup(const float* x, int n, int nmax, float* s_out, float* m_out) {
+  float lo = 0.0f, hi = x[0];
+  for (int j = 0; j < n; ++j) { lo = std::min(lo, x[j]); hi = std::max(hi, x[j]); }
+  if (hi <= lo) { *s_out = 0.0f; *m_out = -lo; return; }
+  double best_err = -1;
+  for (int step = 0; step <= 20; ++step) {
+    const float iscale = (static_cast<float>(nmax) - 1.0f + 0.1f * static_cast<float>(step)) / (hi - lo);
+    double sq = 0, sq2 = 0, sx = 0, sxq = 0;
+    int q[16];
+    for (int j = 0; j < n; ++j) {
+      q[j] = std::clamp(static_cast<int>(std::lround(iscale * (x[j] - lo))), 0, nmax);
+      sq += q[j]; sq2 += q[j] * q[j]; sx += x[j]; sxq += static_cast<double>(x[j]) * q[j];
+    }
+    const double det = n * sq2 - sq * sq;
+    double s, mn;
+    if (det <= 0) { s = 0; mn = sx / n; }
+    else { s = (n * sxq - sq * sx) / det; mn = (sq2 * sx - sq * sxq) / det; }
+    if (mn > 0) { mn = 0; s = sq2 > 0 ? sxq / sq2 : 0; }
+    if (s < 0) s = 0;
+    double err = 0;
+    for (int j = 0; j < n; ++j) {
+      const double e = s * q[j] + mn - x[j];
+      err += e * e;
+    }
+    if (best_err < 0 || err < best_err) { best_err = err; *s_out = static_cast<float>(s); *m_out = static_cast<float>(-mn); }
+  }
+}
+void QuantQ2_K(const float* x, uint8_t* b) {
+  float sg[16], mg[16], smax = 0.0f, mmax = 0.0f;
+  for (int g = 0; g < 16; ++g) {
+    FitAsymGroup(x + 16 * g, 16, 3, &sg[g], &mg[g]);
+    smax = std::max(smax, sg[g]);
+    mmax = std::max(mmax, mg[g]);
+  }
+  PutH(b + 80, smax / 15.0f);
+  PutH(b + 82, mmax / 15.0f);
+  const float d = H(b + 80), dmin = H(b + 82);
+  std::memset(b, 0, 80);
+  for (int g = 0; g < 16; ++g) {
+    const int sc = d > 0 ? std::clamp(static_cast<int>(std::lround(sg[g] / d)), 0, 15) : 0;
+    const int mc = dmin > 0 ? std::clamp(static_cast<int>(std::lround(mg[g] / dmin)), 0, 15) : 0;
+    b[g] = static_cast<uint8_t>(sc | (mc << 4));
+    const float dl = d * static_cast<float>(sc), ml = dmin * static_cast<float>(mc);
+    for (int l = 0; l < 16; ++l) {
+      const int i = 16 * g + l;
+      const int q = dl > 0 ? std::clamp(static_cast<int>(std::lround((x[i] + ml) / dl)), 0, 3) : 0;
+      b[16 + (i / 128) * 32 + i % 32] = static_cast<uint8_t>(b[16 + (i / 128) * 32 + i % 32] | (q << (2 * ((i / 32) % 4))));
+    }
+  }
+}
+// Q3_K: per 16-value group a symmetric fit x ~ s q (q in -4..3) over candidate scales of both
+// signs (the longer side of the code range goes to the larger-magnitude side), then signed 6-bit
+// group scales against one fp16 factor, then the codes against the stored values.
+void QuantQ3_K(const float* x, uint8_t* b) {
+  float sg[16], smax = 0.0f;
+  for (int g = 0; g < 16; ++g) {
+    const float* xg = x + 16 * g;
+    float vmax = 0.0f;
+    for (int j = 0; j < 16; ++j) if (std::fabs(xg[j]) > std::fabs(vmax)) vmax = xg[j];
+    sg[g] = 0.0f;
+    if (vmax == 0.0f) continue;
+    double best_err = -1;
+    for (int sign = -1; sign <= 1; sign += 2) {
+      for (int step = -6; step <= 6; ++step) {
+        const float iscale = static_cast<float>(sign) * ((sign < 0 ? 4.0f : 3.0f) + 0.1f * static_cast<float>(step)) / vmax;
+        double sxq = 0, sq2 = 0;
+        int q[16];
+        for (int j = 0; j < 16; ++j) {
+          q[j] = std::clamp(static_cast<int>(std::lround(iscale * xg[j])), -4, 3);
+          sxq += static_cast<double>(xg[j]) * q[j];
+          sq2 += q[j] * q[j];
+        }
+        const double s = sq2 > 0 ? sxq / sq2 : 0;
+        double err = 0;
+        for (int j = 0; j < 16; ++j) {
+          const double e = s * q[j] - xg[j];
+          err += e * e;
+        }
+        if (best_err < 0 || err < best_err) { best_err = err; sg[g] = static_cast<float>(s); }
+      }
+    }
+    if (std::fabs(sg[g]) > std::fabs(smax)) smax = sg[g];
+  }
+  PutH(b + 108, smax / -32.0f);
+  const float d = H(b + 108);
+  std::memset(b, 0, 108);
+  uint8_t* sc = b + 96;
+  for (int g = 0; g < 16; ++g) {
+    const int c = d != 0 ? std::clamp(static_cast<int>(std::lround(sg[g] / d)), -32, 31) : 0;
+    const int u = c + 32;
+    if (g < 8) sc[g] = static_cast<uint8_t>(sc[g] | (u & 0xF));
+    else sc[g - 8] = static_cast<uint8_t>(sc[g - 8] | ((u & 0xF) << 4));
+    sc[8 + g % 4] = static_cast<uint8_t>(sc[8 + g % 4] | ((u >> 4) << (2 * (g / 4))));
+    const float dl = d * static_cast<float>(c);
+    for (int l = 0; l < 16; ++l) {
+      const int i = 16 * g + l;
+      const int q = dl != 0 ? std::clamp(static_cast<int>(std::lround(x[i] / dl)), -4, 3) + 4 : 4;
+      b[32 + (i / 128) * 32 + i % 32] = static_cast<uint8_t>(b[32 + (i / 128) * 32 + i % 32] | ((q & 3) << (2 * ((i / 32) % 4))));
+      b[i % 32] = static_cast<uint8_t>(b[i % 32] | ((q >> 2) << (i / 32)));
+    }
+  }
+}
+
 // NF4_DQ row: header (scale, mean), nb absmax codes, nb x 32 bytes of nibbles.
 constexpr size_t kNf4DqHeader = 8;
 
@@ -317,6 +459,12 @@ void QuantNf4DqRow(const float* x, uint8_t* d, int64_t n) {
 
 }  // namespace
 
+// kNf3Codes / kNf2Codes: PEFT's NFQuantizer.create_normal_map(offset=0.9677083, symmetric=False,
+// num_bits=3 / 2) (peft/utils/loftq_utils.py), printed as float32.
+const float kNf3Codes[8] = {-1.0f, -0.4786292016506195f, -0.217141792178154f, 0.0f, 0.16093020141124725f,
+                            0.33791524171829224f, 0.5626170039176941f, 1.0f};
+const float kNf2Codes[4] = {-1.0f, 0.0f, 0.33791524171829224f, 1.0f};
+
 const float kNf4Codes[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
                              -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
                              0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
@@ -329,6 +477,8 @@ std::optional<GgmlTypeTraits> GetTypeTraits(uint32_t id) {
     case GgmlType::kBF16: return GgmlTypeTraits{"BF16", 1, 2, true};
     case GgmlType::kNF4: return GgmlTypeTraits{"NF4", kNf4Block, 36, true};
     case GgmlType::kNF4DQ: return GgmlTypeTraits{"NF4_DQ", kNf4Block, 33, true};  // + 8 bytes per row (RowBytes)
+    case GgmlType::kNF3: return GgmlTypeTraits{"NF3", kNf4Block, 28, true};
+    case GgmlType::kNF2: return GgmlTypeTraits{"NF2", kNf4Block, 20, true};
     case GgmlType::kQ4_0: return GgmlTypeTraits{"Q4_0", kQK, 18, true};
     case GgmlType::kQ4_1: return GgmlTypeTraits{"Q4_1", kQK, 20, true};
     case GgmlType::kQ5_0: return GgmlTypeTraits{"Q5_0", kQK, 22, true};
@@ -359,6 +509,8 @@ std::optional<GgmlType> GgmlTypeFromName(std::string_view name) {
   }
   if (up == "NF4") return GgmlType::kNF4;
   if (up == "NF4_DQ") return GgmlType::kNF4DQ;
+  if (up == "NF3") return GgmlType::kNF3;
+  if (up == "NF2") return GgmlType::kNF2;
   return std::nullopt;
 }
 
@@ -369,6 +521,16 @@ absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n) {
                                                    tr.name, "'s block size ", tr.block_size));
   }
   return static_cast<size_t>(n / tr.block_size) * tr.type_size + (t == GgmlType::kNF4DQ ? kNf4DqHeader : 0);
+}
+
+GgmlType RowCompatibleType(GgmlType t, int64_t n) {
+  if (TypeTraits(t).block_size != kQKK || n % kQKK == 0) return t;
+  switch (t) {
+    case GgmlType::kQ2_K: return GgmlType::kNF2;
+    case GgmlType::kQ3_K: return GgmlType::kNF3;
+    case GgmlType::kQ6_K: case GgmlType::kQ8_K: return GgmlType::kQ8_0;
+    default: return GgmlType::kNF4;
+  }
 }
 
 void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n) {
@@ -406,6 +568,8 @@ void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n) {
       case GgmlType::kQ5_K: DequantQ5_K(b, y); break;
       case GgmlType::kQ6_K: DequantQ6_K(b, y); break;
       case GgmlType::kNF4: DequantNf4(b, y); break;
+      case GgmlType::kNF3: DequantNfLow<3>(b, y); break;
+      case GgmlType::kNF2: DequantNfLow<2>(b, y); break;
       default: FT_CHECK(false);
     }
   }
@@ -435,6 +599,18 @@ absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
       return absl::OkStatus();
     case GgmlType::kNF4DQ:
       QuantNf4DqRow(src, d, n);
+      return absl::OkStatus();
+    case GgmlType::kNF3: case GgmlType::kNF2: case GgmlType::kQ2_K: case GgmlType::kQ3_K:
+      for (int64_t i = 0; i < n / tr.block_size; ++i) {
+        const float* x = src + i * tr.block_size;
+        uint8_t* b = d + static_cast<size_t>(i) * tr.type_size;
+        switch (t) {
+          case GgmlType::kNF3: QuantNfLow<3>(x, b); break;
+          case GgmlType::kNF2: QuantNfLow<2>(x, b); break;
+          case GgmlType::kQ2_K: QuantQ2_K(x, b); break;
+          default: QuantQ3_K(x, b); break;
+        }
+      }
       return absl::OkStatus();
     default:
       return absl::UnimplementedError(absl::StrCat("quantizing to ", tr.name, " is not supported"));

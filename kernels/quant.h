@@ -24,10 +24,18 @@ enum class GgmlType : uint32_t {
   // constants of the flattened tensor instead; per row keeps rows independent for tiled
   // dequantization). 8 + 33 n/64 bytes per row of n: 4.24 bits per weight at n = 576 vs 4.5.
   kNF4DQ = 0x1001,
+  // fedtune-private 3- and 2-bit normal-float formats (QLoRA's construction with 8 and 4 codes,
+  // as PEFT's LoftQ quantizer builds them): blocks of 64 values with an fp32 absmax, then the
+  // codes, lowest bits first (NF3: eight codes per 3 bytes; NF2: four per byte). 3.5 and 2.5
+  // bits per weight. They serve rows K-quants cannot (length not a multiple of 256).
+  kNF3 = 0x1002,
+  kNF2 = 0x1003,
 };
 
 // The 16 NF4 code values (QLoRA, Dettmers et al. 2023; ALGORITHMS.md test vector).
 extern const float kNf4Codes[16];
+extern const float kNf3Codes[8];
+extern const float kNf2Codes[4];
 
 struct GgmlTypeTraits {
   const char* name;
@@ -44,11 +52,19 @@ std::optional<GgmlType> GgmlTypeFromName(std::string_view name);  // "q4_1", "F1
 // Bytes used by a row of n values; InvalidArgument if n is not a multiple of the block size.
 absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n);
 
+// The type a row of n values is stored in when t is asked for: t itself, except that K-quants
+// (256-value super-blocks) fall back to the block-64 normal-float format of about the same width
+// on rows that are not a multiple of 256 (Q2_K -> NF2, Q3_K -> NF3, Q4_K/Q5_K -> NF4, Q6_K ->
+// Q8_0). llama.cpp falls back to Q4_0/Q5_0/Q8_0 instead, which would make a "2-bit" base mostly
+// 4-bit on models like SmolLM2 (576-wide rows).
+GgmlType RowCompatibleType(GgmlType t, int64_t n);
+
 // Dequantizes n values (n a multiple of the block size; FT_CHECKed) from src into dst.
 void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n);
 
 // Quantizes n values into dst (RowBytes(t, n) bytes). Supported: F32, F16, BF16, Q8_0, Q4_0,
-// Q4_1, Q5_0, Q5_1 (ggml reference rounding), NF4 (nearest code). Unimplemented otherwise.
+// Q4_1, Q5_0, Q5_1 (ggml reference rounding), NF4/NF4_DQ/NF3/NF2 (nearest code), Q2_K and
+// Q3_K (fedtune's own search, not ggml's: see quant.cc). Unimplemented otherwise.
 absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n);
 
 }  // namespace fedtune::kernels

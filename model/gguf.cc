@@ -405,7 +405,7 @@ void GgufWriter::SetValue(const std::string& key, const GgufValue& v) {
 absl::Status GgufWriter::AddTensor(const std::string& name, std::vector<int64_t> ne, kernels::GgmlType type,
                                    std::span<const uint8_t> data) {
   if (name.size() > 64) return absl::InvalidArgumentError(absl::StrCat("tensor name '", name, "' is longer than 64 bytes"));
-  if (type == kernels::GgmlType::kNF4 || type == kernels::GgmlType::kNF4DQ)
+  if (static_cast<uint32_t>(type) >= static_cast<uint32_t>(kernels::GgmlType::kNF4))
     return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': ", kernels::TypeTraits(type).name, " is in-memory only, not a GGUF type"));
   if (ne.empty() || ne.size() > 4) return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' must have 1 to 4 dims"));
   int64_t n = 1;

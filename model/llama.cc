@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -548,34 +549,117 @@ size_t LlamaModel::ProjectionBytes() const {
   return n;
 }
 
+// Replaces a projection's storage by `bytes` (rows of rb bytes of `type`). The original rows
+// live in the read-only file mapping and were just paged in: drop those pages from this
+// process's memory (they would be read from the file again if touched), so a re-quantized base
+// costs its new size, not both.
+void LlamaModel::ReplaceMatrix(kernels::QMatrix* w, kernels::GgmlType type, std::vector<uint8_t> bytes, size_t rb) {
+  owned_.push_back(std::move(bytes));
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = (reinterpret_cast<uintptr_t>(w->data) + page - 1) / page * page;
+  const auto end = (reinterpret_cast<uintptr_t>(w->data) + w->row_bytes * static_cast<size_t>(w->rows)) / page * page;
+  const bool in_mapping = gguf_ && w->data >= gguf_->mapped_bytes().data() &&
+                          w->data + w->row_bytes * static_cast<size_t>(w->rows) <= gguf_->mapped_bytes().data() + gguf_->mapped_bytes().size();
+  if (in_mapping && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+  *w = {type, owned_.back().data(), w->rows, w->cols, rb};
+}
+
 absl::StatusOr<size_t> LlamaModel::Requantize(kernels::GgmlType target) {
   const auto tr = kernels::GetTypeTraits(static_cast<uint32_t>(target));
   if (!tr || !tr->supported) return absl::InvalidArgumentError("unknown target type");
   std::vector<float> row;
   for (auto& L : layers_) {
     for (auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) {
-      if (w->type == target) continue;
-      FT_ASSIGN_OR_RETURN(size_t rb, kernels::RowBytes(target, w->cols));
+      const kernels::GgmlType type = kernels::RowCompatibleType(target, w->cols);
+      if (w->type == type) continue;
+      FT_ASSIGN_OR_RETURN(size_t rb, kernels::RowBytes(type, w->cols));
       std::vector<uint8_t> buf(rb * static_cast<size_t>(w->rows));
       row.resize(static_cast<size_t>(w->cols));
       for (int64_t r = 0; r < w->rows; ++r) {
         kernels::DequantizeRow(w->type, w->row(r), row.data(), w->cols);
-        FT_RETURN_IF_ERROR(kernels::QuantizeRow(target, row.data(), buf.data() + static_cast<size_t>(r) * rb, w->cols));
+        FT_RETURN_IF_ERROR(kernels::QuantizeRow(type, row.data(), buf.data() + static_cast<size_t>(r) * rb, w->cols));
       }
-      owned_.push_back(std::move(buf));
-      // The original rows live in the read-only file mapping and were just paged in: drop those
-      // pages from this process's memory (they would be read from the file again if touched), so
-      // a re-quantized base costs its new size, not both.
-      const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-      const auto begin = (reinterpret_cast<uintptr_t>(w->data) + page - 1) / page * page;
-      const auto end = (reinterpret_cast<uintptr_t>(w->data) + w->row_bytes * static_cast<size_t>(w->rows)) / page * page;
-      const bool in_mapping = gguf_ && w->data >= gguf_->mapped_bytes().data() &&
-                              w->data + w->row_bytes * static_cast<size_t>(w->rows) <= gguf_->mapped_bytes().data() + gguf_->mapped_bytes().size();
-      if (in_mapping && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-      *w = {target, owned_.back().data(), w->rows, w->cols, rb};
+      ReplaceMatrix(w, type, std::move(buf), rb);
     }
   }
   return ProjectionBytes();
+}
+
+size_t LlamaModel::CorrectionBytes() const {
+  size_t n = 0;
+  for (const auto& L : layers_)
+    for (const auto& c : L.corr)
+      if (c.present()) n += (c.u.row_bytes * static_cast<size_t>(c.u.rows)) + (c.v.row_bytes * static_cast<size_t>(c.v.rows));
+  return n;
+}
+
+absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::RequantizeCompensated(kernels::GgmlType target, const CompensationOptions& o,
+                                                                                 std::span<const int32_t> calibration) {
+  const auto tr = kernels::GetTypeTraits(static_cast<uint32_t>(target));
+  if (!tr || !tr->supported) return absl::InvalidArgumentError("unknown target type");
+  if (cfg_.fused) return absl::UnimplementedError("compensation of fused projections (phi3) is not implemented");
+  const auto t0 = std::chrono::steady_clock::now();
+  // Calibration: X^T X of each projection's input, per layer. q/k/v share their input, as do
+  // gate/up; their Gram matrix is accumulated once (under kQ and kGate).
+  const size_t nl = layers_.size();
+  auto slot = [](Module m) {
+    switch (m) {
+      case Module::kK: case Module::kV: return Module::kQ;
+      case Module::kUp: return Module::kGate;
+      default: return m;
+    }
+  };
+  std::vector<std::array<CalibrationGram, kNumModules>> gram(nl);
+  const bool want_gram = !calibration.empty();
+  if (o.method == CompensationMethod::kCloq && !want_gram) return absl::InvalidArgumentError("cloq needs calibration tokens");
+  if (want_gram) {
+    LlamaContext ctx(*this, 256);
+    ctx.SetInputObserver([&](int64_t l, Module mod, const float* in, int64_t rows, int64_t cols) {
+      if (slot(mod) != mod) return;
+      gram[static_cast<size_t>(l)][static_cast<size_t>(mod)].Accumulate(in, rows, cols);
+    });
+    std::vector<float> logits;
+    for (size_t b = 0; b < calibration.size(); b += 256) {
+      ctx.Reset();
+      FT_RETURN_IF_ERROR(ctx.Eval(calibration.subspan(b, std::min<size_t>(256, calibration.size() - b)), false, &logits));
+    }
+  }
+  CompensationReport rep;
+  std::vector<float> w;
+  for (size_t li = 0; li < nl; ++li) {
+    LlamaLayer& L = layers_[li];
+    const std::array<kernels::QMatrix*, kNumModules> mats = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down};
+    for (int mi = 0; mi < kNumModules; ++mi) {
+      kernels::QMatrix* m = mats[static_cast<size_t>(mi)];
+      const kernels::GgmlType type = kernels::RowCompatibleType(target, m->cols);
+      w.resize(static_cast<size_t>(m->rows * m->cols));
+      for (int64_t r = 0; r < m->rows; ++r) kernels::DequantizeRow(m->type, m->row(r), w.data() + r * m->cols, m->cols);
+      auto& g = gram[li][static_cast<size_t>(slot(static_cast<Module>(mi)))];
+      FT_ASSIGN_OR_RETURN(CompensatedMatrix cm, QuantizeCompensated(w.data(), m->rows, m->cols, type, o, g.h.empty() ? nullptr : &g));
+      FT_ASSIGN_OR_RETURN(size_t rb, kernels::RowBytes(type, m->cols));
+      ReplaceMatrix(m, type, std::move(cm.bytes), rb);
+      LowRankCorrection& c = L.corr[static_cast<size_t>(mi)];
+      c = {};
+      if (cm.c.rank > 0) {
+        // Stored in fp16 (half the memory; its rounding, 2^-11 relative, is far below the
+        // quantization error the correction describes).
+        auto keep = [&](const std::vector<float>& v, int64_t rows, int64_t cols) {
+          std::vector<uint8_t> bytes(v.size() * 2);
+          FT_CHECK(kernels::QuantizeRow(kernels::GgmlType::kF16, v.data(), bytes.data(), static_cast<int64_t>(v.size())).ok());
+          owned_.push_back(std::move(bytes));
+          return kernels::QMatrix{kernels::GgmlType::kF16, owned_.back().data(), rows, cols, static_cast<size_t>(cols) * 2};
+        };
+        c.u = keep(cm.c.u, cm.c.rows, cm.c.rank);
+        c.v = keep(cm.c.v, cm.c.rank, cm.c.cols);
+      }
+      rep.modules.push_back({static_cast<int64_t>(li), static_cast<Module>(mi), type, cm.rel_before, cm.rel_after, cm.act_before, cm.act_after});
+    }
+    gram[li] = {};  // this layer's calibration statistics are spent
+  }
+  rep.projection_bytes = ProjectionBytes();
+  rep.correction_bytes = CorrectionBytes();
+  rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return rep;
 }
 
 LlamaContext::LlamaContext(const LlamaModel& model, int64_t n_ctx) : m_(model), n_ctx_(n_ctx) {
@@ -613,12 +697,20 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   if (c.embed_scale != 1.0f)
     for (float& e : x) e *= c.embed_scale;
 
-  std::vector<float> z;
+  std::vector<float> z, zc, yc;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const LlamaLayer& L = m_.layer(l);
     // Base matmul plus the layer's adapter for this module, if any.
     auto linear = [&](Module mod, const kernels::QMatrix& w, const float* in, float* out, const std::vector<float>& bias = {}) {
+      if (observer_) observer_(l, mod, in, T, w.cols);
       kernels::MatMulQ(w, in, out, T);
+      if (const LowRankCorrection& cr = L.corr[static_cast<size_t>(mod)]; cr.present()) {
+        zc.resize(static_cast<size_t>(T * cr.v.rows));
+        kernels::MatMulQ(cr.v, in, zc.data(), T);
+        yc.resize(static_cast<size_t>(T * w.rows));
+        kernels::MatMulQ(cr.u, zc.data(), yc.data(), T);
+        for (size_t i = 0; i < yc.size(); ++i) out[i] += yc[i];
+      }
       if (!bias.empty()) {
         for (int64_t t = 0; t < T; ++t)
           for (int64_t i = 0; i < w.rows; ++i) out[t * w.rows + i] += bias[static_cast<size_t>(i)];

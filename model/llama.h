@@ -3,7 +3,9 @@
 // and are dequantized tile by tile inside the matmul.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -12,6 +14,7 @@
 #include "common/status.h"
 #include "kernels/ops.h"
 #include "model/adapter.h"
+#include "model/compensation.h"
 #include "model/gguf.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -67,9 +70,16 @@ inline int64_t RotateHalfRow(int64_t r, int64_t head_dim) {
   return h * head_dim + (w % 2) * (head_dim / 2) + w / 2;
 }
 
+// A frozen low-rank term added to a projection: y += (x v^T) u^T (model/compensation.h).
+struct LowRankCorrection {
+  kernels::QMatrix u, v;  // F16: rows x rank and rank x cols
+  bool present() const { return u.data != nullptr; }
+};
+
 struct LlamaLayer {
   std::vector<float> attn_norm, ffn_norm;
   kernels::QMatrix wq, wk, wv, wo, w_gate, w_up, w_down;
+  std::array<LowRankCorrection, kNumModules> corr;  // quantization-error compensation, by Module
   std::vector<float> bq, bk, bv, bo;  // biases (empty: none): qwen2 q/k/v, llama attention_bias q/k/v/o
   std::vector<float> q_norm, k_norm;  // qwen3: head_dim weights each (empty: none)
   std::vector<float> post_attn_norm, post_ffn_norm;  // gemma3 (empty: none)
@@ -85,10 +95,29 @@ class LlamaModel {
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& path);
 
   // Re-quantizes the frozen projection weights (q, k, v, o, gate, up, down of every layer) to
-  // `target` (Q8_0, Q4_0, Q4_1, NF4, F16...) to fit a memory budget; embeddings and the output
-  // head keep their type. Returns the bytes of the projection weights after conversion.
+  // `target` (Q8_0, Q4_0, Q4_1, NF4, Q3_K, NF3, Q2_K, NF2, F16...) to fit a memory budget, each
+  // matrix to kernels::RowCompatibleType(target, cols); embeddings and the output head keep
+  // their type. Returns the bytes of the projection weights after conversion.
   absl::StatusOr<size_t> Requantize(kernels::GgmlType target);
   size_t ProjectionBytes() const;
+
+  // Requantize with a frozen low-rank correction per projection (model/compensation.h), from
+  // the weights as loaded. cloq's calibration inputs come from running `calibration` (token
+  // ids) through the model as loaded, before anything changes, in windows of 256 tokens.
+  struct CompensationReport {
+    struct Entry {
+      int64_t layer;
+      Module module;
+      kernels::GgmlType type;
+      double rel_before, rel_after, act_before, act_after;
+    };
+    std::vector<Entry> modules;
+    size_t projection_bytes = 0, correction_bytes = 0;
+    double seconds = 0;
+  };
+  absl::StatusOr<CompensationReport> RequantizeCompensated(kernels::GgmlType target, const CompensationOptions& o,
+                                                           std::span<const int32_t> calibration);
+  size_t CorrectionBytes() const;
 
   const LlamaConfig& config() const { return cfg_; }
   // The in/out sizes adapters need (layers, embedding, K/V width, FFN width).
@@ -105,6 +134,7 @@ class LlamaModel {
   absl::Status Validate() const;
   // q/k rows (and their biases and norms) from rotate_half order to adjacent pairs (owned copies).
   void PermuteFromNeox();
+  void ReplaceMatrix(kernels::QMatrix* w, kernels::GgmlType type, std::vector<uint8_t> bytes, size_t rb);
   LlamaConfig cfg_;
   std::unique_ptr<GgufFile> gguf_;
   std::unique_ptr<SafetensorsFile> safetensors_;
@@ -124,6 +154,9 @@ class LlamaContext {
   void Reset() { n_past_ = 0; }
   // Applies trained adapters on top of the base in Eval (not owned; nullptr = base only).
   void SetAdapters(const AdapterSet<float>* adapters) { adapters_ = adapters; }
+  // Called with every projection's input (T rows of its width) during Eval; for calibration.
+  using InputObserver = std::function<void(int64_t layer, Module mod, const float* in, int64_t rows, int64_t cols)>;
+  void SetInputObserver(InputObserver f) { observer_ = std::move(f); }
 
   // Runs tokens at positions n_past .. n_past+T-1, appending to the cache. Writes logits
   // (n_vocab floats per row) for every token when all_logits, else for the last token only.
@@ -136,6 +169,7 @@ class LlamaContext {
   int64_t n_past_ = 0;
   std::vector<float> k_cache_, v_cache_;  // [layer][pos][n_head_kv * head_dim]
   const AdapterSet<float>* adapters_ = nullptr;
+  InputObserver observer_;
 };
 
 }  // namespace fedtune::model

@@ -99,13 +99,14 @@ template <typename T>
 struct Trainer<T>::Work {
   explicit Work(kernels::Backend* be)
       : scratch(be), x(be), next(be), h(be), rstd(be), dh(be), xd(be), o(be), dxd(be), dx_mid(be), dact(be), dgate(be), dup(be),
-        dh2(be), dh1(be), dnorm(be), mask(be), params(be), grads(be), be_(be) {}
+        dh2(be), dh1(be), dnorm(be), mask(be), corr_z(be), corr_y(be), params(be), grads(be), be_(be) {}
   LayerCache scratch;                               // the layer being computed or recomputed
   std::vector<std::unique_ptr<LayerCache>> caches;  // per layer: kept activations (no recomputation)
   std::vector<Buf<T>> inputs;                       // per layer: kept inputs (recomputation)
   Buf<T> x, next, h, rstd, dh;                      // Slice
   Buf<T> xd, o, dxd, dx_mid, dact, dgate, dup, dh2, dh1, dnorm;  // LayerForward / LayerBackward
   Buf<T> mask;                                            // an adapter's dropout multipliers
+  Buf<T> corr_z, corr_y;  // a projection's quantization-error correction (LlamaLayer::corr)
   // The adapters' tensors for this step, per layer and module. On a device backend they point
   // into two backend buffers, so that the adapter ops run without per-op copies or waits:
   // every parameter, uploaded at the start of a step, and gradient accumulators, zeroed then
@@ -298,6 +299,13 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
     y.Resize(M * out);
     K.QLinearForward(w, x, y.data(), M);
     if (!bias.empty()) K.AddBias(y.data(), bias, M);
+    if (const LowRankCorrection& cr = L.corr[static_cast<size_t>(mod)]; cr.present()) {  // part of the frozen base
+      work_->corr_z.Resize(M * cr.v.rows);
+      K.QLinearForward(cr.v, x, work_->corr_z.data(), M);
+      work_->corr_y.Resize(M * out);
+      K.QLinearForward(cr.u, work_->corr_z.data(), work_->corr_y.data(), M);
+      K.Add(y.data(), work_->corr_y.data(), y.data(), M * out);
+    }
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     if (training_ && opt_.adapter_dropout > 0) {
@@ -401,7 +409,14 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   const bool need_h1 = dx_in != nullptr || adapted({Module::kQ, Module::kK, Module::kV});
   const bool need_att = need_h1 || adapted({Module::kO});
   auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx, bool base = true) {
-    if (base) K.QLinearBackward(w, dy, dx, M);
+    if (base) {
+      K.QLinearBackward(w, dy, dx, M);
+      if (const LowRankCorrection& cr = L.corr[static_cast<size_t>(mod)]; cr.present()) {
+        K.Zeros(work_->corr_z, M * cr.u.cols);
+        K.QLinearBackward(cr.u, dy, work_->corr_z.data(), M);
+        K.QLinearBackward(cr.v, work_->corr_z.data(), dx, M);
+      }
+    }
     auto& a = ad[static_cast<int>(mod)];
     if (!a) return;
     const T* z = c.z[static_cast<size_t>(mod)].data();

@@ -182,9 +182,76 @@ absl::Status RunGenerate(const GenerateArgs& a) {
   return absl::OkStatus();
 }
 
-absl::Status RunPerplexity(const std::string& model_path, const std::string& file, int64_t window, int64_t stride, int64_t max_tokens) {
+// --base-type and its compensation: re-quantize the frozen projections on load (memory budget),
+// optionally with a frozen low-rank correction per projection (model/compensation.h).
+struct BaseArgs {
+  std::string type, compensate = "none", calibration = "/usr/share/common-licenses/Apache-2.0";
+  int64_t rank = 16, calibration_tokens = 512;
+  int iterations = 5;
+};
+
+void AddBaseOptions(CLI::App* cmd, BaseArgs& b) {
+  cmd->add_option("--base-type", b.type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization), "
+                  "q3_k, nf3, q2_k, nf2 (K-quants fall back to NF3/NF2 on rows that are not a multiple of 256 values)");
+  cmd->add_option("--compensate", b.compensate, "Quantization-error correction with --base-type: none, svd (LoftQ one step), loftq "
+                  "(alternating), cloq (calibrated closed form)");
+  cmd->add_option("--compensate-rank", b.rank, "Rank of the correction per projection")->check(CLI::Range(1, 4096));
+  cmd->add_option("--loftq-iterations", b.iterations, "LoftQ alternations")->check(CLI::Range(1, 100));
+  cmd->add_option("--calibration", b.calibration, "Text file whose first tokens calibrate cloq (not the evaluated text)");
+  cmd->add_option("--calibration-tokens", b.calibration_tokens, "Calibration tokens for cloq")->check(CLI::Range(1, 1 << 20));
+}
+
+absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b) {
+  const auto method = model::ParseCompensationMethod(b.compensate);
+  if (!method) return absl::InvalidArgumentError("--compensate must be none, svd, loftq or cloq");
+  if (b.type.empty()) {
+    if (*method != model::CompensationMethod::kNone) return absl::InvalidArgumentError("--compensate needs --base-type");
+    return absl::OkStatus();
+  }
+  const auto t = kernels::GgmlTypeFromName(b.type);
+  if (!t) return absl::InvalidArgumentError("--base-type must be q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2, f16 or f32");
+  const size_t before = m.ProjectionBytes();
+  if (*method == model::CompensationMethod::kNone) {
+    FT_ASSIGN_OR_RETURN(size_t after, m.Requantize(*t));
+    std::fprintf(stderr, "[fedtune] base projections re-quantized to %s: %.1f MiB -> %.1f MiB\n", kernels::TypeTraits(*t).name,
+                 static_cast<double>(before) / (1 << 20), static_cast<double>(after) / (1 << 20));
+    return absl::OkStatus();
+  }
+  std::vector<int32_t> calib;
+  if (*method == model::CompensationMethod::kCloq) {
+    if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("model has no tokenizer (cloq calibration)");
+    FT_ASSIGN_OR_RETURN(std::string text, ReadFileToString(b.calibration));
+    calib = m.tokenizer()->Encode(text, false);
+    if (static_cast<int64_t>(calib.size()) > b.calibration_tokens) calib.resize(static_cast<size_t>(b.calibration_tokens));
+    if (calib.empty()) return absl::InvalidArgumentError(absl::StrCat("--calibration ", b.calibration, ": no tokens"));
+  }
+  model::CompensationOptions o;
+  o.method = *method;
+  o.rank = b.rank;
+  o.iterations = b.iterations;
+  FT_ASSIGN_OR_RETURN(auto rep, m.RequantizeCompensated(*t, o, calib));
+  double sb = 0, sa = 0, ab = 0, aa = 0;
+  for (const auto& e : rep.modules) {
+    sb += e.rel_before;
+    sa += e.rel_after;
+    ab += e.act_before;
+    aa += e.act_after;
+  }
+  const double n = static_cast<double>(std::max<size_t>(1, rep.modules.size()));
+  std::fprintf(stderr, "[fedtune] base projections re-quantized to %s with %s rank %lld: %.1f MiB -> %.1f MiB + %.1f MiB correction (%.1f s); "
+               "mean relative weight error %.4f -> %.4f", kernels::TypeTraits(*t).name, b.compensate.c_str(), static_cast<long long>(b.rank),
+               static_cast<double>(before) / (1 << 20), static_cast<double>(rep.projection_bytes) / (1 << 20),
+               static_cast<double>(rep.correction_bytes) / (1 << 20), rep.seconds, sb / n, sa / n);
+  if (!calib.empty()) std::fprintf(stderr, ", on the calibration inputs %.4f -> %.4f", ab / n, aa / n);
+  std::fprintf(stderr, "\n");
+  return absl::OkStatus();
+}
+
+absl::Status RunPerplexity(const std::string& model_path, const std::string& file, int64_t window, int64_t stride, int64_t max_tokens,
+                           const BaseArgs& base) {
   auto loaded = model::LlamaModel::Load(model_path);
   if (!loaded.ok()) return loaded.status();
+  FT_RETURN_IF_ERROR(ApplyBaseType(**loaded, base));
   const auto& m = **loaded;
   if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("model has no tokenizer");
   auto text = ReadFileToString(file);
@@ -203,7 +270,8 @@ absl::Status RunPerplexity(const std::string& model_path, const std::string& fil
 }
 
 struct TrainArgs {
-  std::string model, data, out = "out/train", init_adapter, base_type;
+  std::string model, data, out = "out/train", init_adapter;
+  BaseArgs base;
   std::string adapter = "lora", modules = "all", layers;
   int64_t rank = 8, blocks = 16, max_len = 256;
   float alpha = 16.0f;
@@ -217,18 +285,6 @@ struct TrainArgs {
   double holdout = 0.1;
 };
 
-// --base-type: re-quantize the frozen projections on load (memory budget).
-absl::Status ApplyBaseType(model::LlamaModel& m, const std::string& base_type) {
-  if (base_type.empty()) return absl::OkStatus();
-  const auto t = kernels::GgmlTypeFromName(base_type);
-  if (!t) return absl::InvalidArgumentError("--base-type must be q8_0, q4_0, q4_1, nf4, nf4_dq, f16 or f32");
-  const size_t before = m.ProjectionBytes();
-  FT_ASSIGN_OR_RETURN(size_t after, m.Requantize(*t));
-  std::fprintf(stderr, "[fedtune] base projections re-quantized to %s: %.1f MiB -> %.1f MiB\n", kernels::TypeTraits(*t).name,
-               static_cast<double>(before) / (1 << 20), static_cast<double>(after) / (1 << 20));
-  return absl::OkStatus();
-}
-
 void PrintEval(const char* when, const model::EvalResult& r) {
   std::printf("[%s] held-out loss %.4f (ppl %.3f) over %lld tokens; exact match %d/%d = %.1f%%, ROUGE-L %.3f\n", when, r.loss, r.perplexity(),
               static_cast<long long>(r.n_tokens), r.n_exact, r.n_generated, 100.0 * r.accuracy(), r.rouge_l());
@@ -239,7 +295,7 @@ void PrintEval(const char* when, const model::EvalResult& r) {
 absl::Status RunTrain(const TrainArgs& a) {
   auto loaded = model::LlamaModel::Load(a.model);
   if (!loaded.ok()) return loaded.status();
-  if (auto s = ApplyBaseType(**loaded, a.base_type); !s.ok()) return s;
+  if (auto s = ApplyBaseType(**loaded, a.base); !s.ok()) return s;
   const auto& m = **loaded;
   if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("training needs a model with a tokenizer (GGUF)");
   model::DatasetOptions dopt;
@@ -724,6 +780,8 @@ int main(int argc, char** argv) {
   ppl->add_option("--window", window, "Window length in tokens")->check(CLI::Range(2, 1 << 20));
   ppl->add_option("--stride", stride, "Window stride in tokens")->check(CLI::Range(1, 1 << 20));
   ppl->add_option("--max-tokens", max_tokens, "Score at most this many tokens (0 = all)");
+  BaseArgs ppl_base;
+  AddBaseOptions(ppl, ppl_base);
 
   auto* train = app.add_subcommand("train", "Fine-tune adapters on a dataset (single machine; the centralized baseline)");
   TrainArgs ta;
@@ -764,7 +822,7 @@ int main(int argc, char** argv) {
   train->add_option("--device", ta.device, "Kernels: cpu (default: cpu-bf16 where the CPU has a bf16 unit, else cpu-fast), cpu-fast (fp32), cpu-bf16 (bf16 weight products on AVX-512-BF16 / AMX CPUs), cpu-ref, cuda, or auto (CUDA when usable; never run on a real GPU yet)");
   train->add_option("--checkpoint-every", ta.checkpoint_every, "Write OUT/checkpoint.safetensors (adapters + optimizer) every N steps");
   train->add_flag("--resume", ta.resume, "Continue from OUT/checkpoint.safetensors (same data, seed and options)");
-  train->add_option("--base-type", ta.base_type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization)");
+  AddBaseOptions(train, ta.base);
 
   auto* ev = app.add_subcommand("eval", "Held-out loss, perplexity and exact-match accuracy");
   std::string ev_model, ev_data, ev_adapter;
@@ -858,7 +916,7 @@ int main(int argc, char** argv) {
   kernels::SetThreads(threads);
   if (*info) return ExitCode(RunInfo(info_model, all_tensors));
   if (*gen) return ExitCode(RunGenerate(ga));
-  if (*ppl) return ExitCode(RunPerplexity(ppl_model, ppl_file, window, stride, max_tokens));
+  if (*ppl) return ExitCode(RunPerplexity(ppl_model, ppl_file, window, stride, max_tokens, ppl_base));
   if (*train) return ExitCode(RunTrain(ta));
   if (*ev) return ExitCode(RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump));
   if (*ex) return ExitCode(RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base));

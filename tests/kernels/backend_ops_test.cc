@@ -160,8 +160,13 @@ QuantWeight Quantize(GgmlType t, int64_t rows, int64_t cols, std::mt19937& rng) 
 }
 
 TEST_P(WeightProducts, QuantizedLinear) {
-  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kNF4}) {
-    for (auto [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 7, 64}, {3, 65, 128}, {17, 130, 64}, {64, 257, 256}, {33, 600, 576}, {130, 576, 576}}) {
+  using Shapes = std::vector<std::tuple<int64_t, int64_t, int64_t>>;
+  const Shapes shapes = {{1, 7, 64}, {3, 65, 128}, {17, 130, 64}, {64, 257, 256}, {33, 600, 576}, {130, 576, 576}};
+  const Shapes k_quant_shapes = {{1, 7, 256}, {17, 130, 512}, {33, 576, 1536}};  // rows of 256-value super-blocks
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kNF4, GgmlType::kNF3,
+                     GgmlType::kNF2, GgmlType::kQ3_K, GgmlType::kQ2_K}) {
+    const bool k_quant = TypeTraits(t).block_size == 256;
+    for (auto [m, n, k] : k_quant ? k_quant_shapes : shapes) {
       const QuantWeight w = Quantize(t, n, k, rng_);
       const std::string shape = std::string(TypeTraits(t).name) + " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k);
       const Vec x = Random(static_cast<size_t>(m * k), rng_);

@@ -1,7 +1,10 @@
 #include "kernels/quant.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <map>
+#include <string>
 #include <fstream>
 #include <vector>
 
@@ -174,5 +177,61 @@ TEST(Nf4Test, DoubleQuantizationSavesBitsAtNearlyTheSameError) {
   for (float v : out) ASSERT_EQ(v, 0.0f);
 }
 
+// Sub-4-bit formats: fedtune's Q2_K / Q3_K quantizers (their dequantization is checked bit-exact
+// against gguf-py above) and the private NF3 / NF2. On Gaussian rows: no value is off by more
+// than its group's step, relative RMS error within what the bit width allows and in bit order;
+// all-zero and constant rows stay finite and exact where representable.
+TEST(QuantTest, Q2KQ3KAndNf3Nf2QuantizeWithinTheirStep) {
+  Rng rng(11);
+  const int64_t n = 256 * 24;
+  std::vector<float> x(n);
+  for (auto& v : x) v = static_cast<float>(rng.Normal()) * 0.02f;
+  double energy = 0;
+  for (float v : x) energy += static_cast<double>(v) * v;
+  std::map<std::string, double> rel;
+  for (GgmlType t : {GgmlType::kQ3_K, GgmlType::kQ2_K, GgmlType::kNF3, GgmlType::kNF2, GgmlType::kQ4_1}) {
+    std::vector<uint8_t> q(*RowBytes(t, n));
+    std::vector<float> y(n);
+    ASSERT_TRUE(QuantizeRow(t, x.data(), q.data(), n).ok()) << TypeTraits(t).name;
+    DequantizeRow(t, q.data(), y.data(), n);
+    double err = 0;
+    const int64_t group = (t == GgmlType::kQ2_K || t == GgmlType::kQ3_K) ? 16 : TypeTraits(t).block_size;
+    for (int64_t g = 0; g < n / group; ++g) {
+      float amax = 0;
+      for (int64_t j = 0; j < group; ++j) amax = std::max(amax, std::fabs(x[g * group + j]));
+      // the widest step of any of these grids relative to the group's magnitude: NF2's 0 -> -1 gap
+      for (int64_t j = 0; j < group; ++j) {
+        const double e = y[g * group + j] - x[g * group + j];
+        ASSERT_LE(std::fabs(e), 1.05 * amax) << TypeTraits(t).name << " group " << g;
+        err += e * e;
+      }
+    }
+    rel[TypeTraits(t).name] = std::sqrt(err / energy);
+    std::printf("%s: relative RMS error %.4f (%.3f bits per weight)\n", TypeTraits(t).name, rel[TypeTraits(t).name],
+                8.0 * static_cast<double>(q.size()) / static_cast<double>(n));
+  }
+  // Uniform 2- and 3-bit grids on a Gaussian: ~0.3 and ~0.15 at best with per-16 scales.
+  EXPECT_LT(rel["Q3_K"], 0.20);
+  EXPECT_LT(rel["Q2_K"], 0.40);
+  EXPECT_LT(rel["NF3"], 0.25);
+  EXPECT_LT(rel["NF2"], 0.60);  // PEFT's NF2 grid {-1, 0, 0.34, 1} x absmax is coarse
+  EXPECT_LT(rel["Q4_1"], rel["Q3_K"]);
+  EXPECT_LT(rel["Q3_K"], rel["Q2_K"]);
+  EXPECT_LT(rel["NF3"], rel["NF2"]);
+  for (GgmlType t : {GgmlType::kQ3_K, GgmlType::kQ2_K, GgmlType::kNF3, GgmlType::kNF2}) {
+    for (float c : {0.0f, 0.5f, -0.25f}) {
+      std::vector<float> flat(256, c), out(256);
+      std::vector<uint8_t> q(*RowBytes(t, 256));
+      ASSERT_TRUE(QuantizeRow(t, flat.data(), q.data(), 256).ok());
+      DequantizeRow(t, q.data(), out.data(), 256);
+      for (float v : out) ASSERT_NEAR(v, c, 1e-3f) << TypeTraits(t).name << " constant " << c;
+    }
+  }
+  EXPECT_EQ(GgmlTypeFromName("nf3"), GgmlType::kNF3);
+  EXPECT_EQ(GgmlTypeFromName("q2_k"), GgmlType::kQ2_K);
+  EXPECT_EQ(RowBytes(GgmlType::kQ3_K, 576).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace fedtune::kernels
+

@@ -1,0 +1,72 @@
+// Low-rank quantization-error compensation for low-bit bases (issue 23): a frozen rank-r term
+// C = U V per linear module such that W ~ Q(W) + U V, computed on the worker from the weights
+// it has and its own re-quantized copy. It describes the worker's base, not the task: it is
+// never trained, never sent, and adds to the module's forward and input gradient like an adapter.
+//   svd    LoftQ with one step: C = the best rank-r approximation of W - Q(W) (Eckart-Young).
+//   loftq  LoftQ's alternation (Li et al. 2023): Q <- Q(W - C), C <- svd_r(W - Q), `iterations`
+//          times, as PEFT's loftq_init (the quantizer sees W - C from the second step on).
+//   cloq   CLoQ's closed form (Deng et al. 2025): Q = Q(W), C minimises ||X (W - Q - C)^T||_F for
+//          calibration inputs X (H = X^T X + lambda I = L L^T: C = svd_r((W - Q) L) L^-1).
+// The factorizations run on Eigen in double (Gram matrices + symmetric eigensolver: exact top-r
+// singular triplets, the split U = L sqrt(S), V = sqrt(S) R^T as PEFT's _low_rank_decomposition).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+#include "kernels/quant.h"
+
+namespace fedtune::model {
+
+enum class CompensationMethod { kNone, kSvd, kLoftQ, kCloq };
+std::optional<CompensationMethod> ParseCompensationMethod(std::string_view s);  // none, svd, loftq, cloq
+const char* CompensationMethodName(CompensationMethod m);
+
+struct CompensationOptions {
+  CompensationMethod method = CompensationMethod::kNone;
+  int64_t rank = 16;
+  int iterations = 5;      // loftq's alternations (svd and cloq: 1)
+  double damping = 0.01;   // cloq: lambda = damping x mean(diag H)
+};
+
+// Row-major factors of C = u v: u is rows x rank, v is rank x cols.
+struct LowRankFactors {
+  int64_t rows = 0, cols = 0, rank = 0;
+  std::vector<float> u, v;
+};
+
+// The best rank-r approximation of m (rows x cols, row-major), split as PEFT splits it.
+LowRankFactors LowRankApprox(const float* m, int64_t rows, int64_t cols, int64_t rank);
+
+struct CompensatedMatrix {
+  kernels::GgmlType type = kernels::GgmlType::kF32;
+  std::vector<uint8_t> bytes;  // rows x RowBytes(type, cols)
+  LowRankFactors c;            // empty (rank 0) with kNone
+  // Relative Frobenius errors ||W - Q|| / ||W|| and ||W - Q - C|| / ||W||; with a Gram matrix
+  // also in the calibration norm ||X (W - Q)^T|| / ||X W^T|| (the error the outputs see).
+  double rel_before = 0, rel_after = 0, act_before = -1, act_after = -1;
+};
+
+// Calibration statistics of one projection input: H = X^T X (cols x cols, row-major) and, once
+// prepared, the lower Cholesky factor L of H + lambda I (shared by the projections that read
+// the same input: q/k/v, gate/up). ||X E^T||^2 = tr(E H E^T) = ||E L||^2, so cloq takes the
+// best rank-r approximation of (W - Q) L and maps it back with L^-1 (a triangular solve).
+struct CalibrationGram {
+  int64_t cols = 0;
+  std::vector<float> h;  // accumulated X^T X
+  std::vector<double> chol;
+  double lambda = 0;
+  void Accumulate(const float* x, int64_t rows, int64_t n_cols);
+  void Prepare(double damping);  // computes chol (idempotent)
+};
+
+// Quantizes w (rows x cols, row-major) to `type` and computes its correction by o.method.
+// gram: X^T X of calibration inputs of width cols; required by kCloq (prepared here if it is
+// not), used for the act_* errors when given.
+absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t rows, int64_t cols, kernels::GgmlType type,
+                                                      const CompensationOptions& o, CalibrationGram* gram);
+
+}  // namespace fedtune::model
