@@ -267,7 +267,7 @@ void QuantNf4(const float* x, uint8_t* b) {
 }
 
 // NF3 / NF2: nearest code of x / absmax (division, then the nearest code with ties to the lower
-// one, as PEFT's NFQuantizer's argmin does).
+// one, as an argmin over the codes gives).
 template <int kBits>
 void DequantNfLow(const uint8_t* b, float* y) {
   const float* codes = kBits == 3 ? kNf3Codes : kNf2Codes;
@@ -459,8 +459,10 @@ void QuantNf4DqRow(const float* x, uint8_t* d, int64_t n) {
 
 }  // namespace
 
-// kNf3Codes / kNf2Codes: PEFT's NFQuantizer.create_normal_map(offset=0.9677083, symmetric=False,
-// num_bits=3 / 2) (peft/utils/loftq_utils.py), printed as float32.
+// kNf3Codes / kNf2Codes: QLoRA's normal-float construction with 2^b codes, as the NFQuantizer of
+// PEFT <= 0.19 (peft/utils/loftq_utils.py, create_normal_map(offset=0.9677083, symmetric=False,
+// num_bits=b)) built them: ppf of linspace(offset, 0.5, 2^(b-1) + 1) and of linspace(offset, 0.5,
+// 2^(b-1)) mirrored, 0, sorted, divided by the largest; float32. With b = 4 it gives kNf4Codes.
 const float kNf3Codes[8] = {-1.0f, -0.4786292016506195f, -0.217141792178154f, 0.0f, 0.16093020141124725f,
                             0.33791524171829224f, 0.5626170039176941f, 1.0f};
 const float kNf2Codes[4] = {-1.0f, 0.0f, 0.33791524171829224f, 1.0f};

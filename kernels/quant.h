@@ -25,7 +25,7 @@ enum class GgmlType : uint32_t {
   // dequantization). 8 + 33 n/64 bytes per row of n: 4.24 bits per weight at n = 576 vs 4.5.
   kNF4DQ = 0x1001,
   // fedtune-private 3- and 2-bit normal-float formats (QLoRA's construction with 8 and 4 codes,
-  // as PEFT's LoftQ quantizer builds them): blocks of 64 values with an fp32 absmax, then the
+  // as the NFQuantizer of PEFT <= 0.19's LoftQ built them): blocks of 64 values with an fp32 absmax, then the
   // codes, lowest bits first (NF3: eight codes per 3 bytes; NF2: four per byte). 3.5 and 2.5
   // bits per weight. They serve rows K-quants cannot (length not a multiple of 256).
   kNF3 = 0x1002,

@@ -192,26 +192,36 @@ TEST(GradientTest, AdaptersOnTheirOwn) {
   }
 }
 
-// The small decoder the whole-model checks run on (2 layers, GQA 4/2), base in `wtype`.
-absl::StatusOr<std::unique_ptr<LlamaModel>> GradientModel(GgmlType wtype, const std::string& name) {
+// The small decoder the whole-model checks run on (2 layers, GQA 4/2), base in `wtype`; with
+// `compensated`, written in Q8_0 and re-quantized to `wtype` with a rank-2 svd correction on
+// every projection (model/compensation.h), so forward and backward run through the corrections.
+absl::StatusOr<std::unique_ptr<LlamaModel>> GradientModel(GgmlType wtype, const std::string& name, bool compensated = false) {
   testing::TinyModelOptions o;
   o.n_embd = 32;
   o.n_head = 4;
   o.n_head_kv = 2;
   o.n_ff = 64;
   o.n_layer = 2;
-  o.weight_type = wtype;
+  o.weight_type = compensated ? GgmlType::kQ8_0 : wtype;
   const std::string path = testing::TempPath(name + ".gguf");
   FT_RETURN_IF_ERROR(testing::WriteTinyLlamaGguf(path, o));
-  return LlamaModel::Load(path);
+  FT_ASSIGN_OR_RETURN(auto m, LlamaModel::Load(path));
+  if (compensated) {
+    CompensationOptions c;
+    c.method = CompensationMethod::kSvd;
+    c.rank = 2;
+    FT_ASSIGN_OR_RETURN(auto rep, m->RequantizeCompensated(wtype, c, {}));
+    if (rep.correction_bytes == 0) return absl::InternalError("no correction was kept");
+  }
+  return m;
 }
 
 // The whole tiny decoder: loss gradients of every adapter tensor on all seven modules.
-class WholeModelGradientTest : public ::testing::TestWithParam<std::tuple<AdapterKind, GgmlType>> {};
+class WholeModelGradientTest : public ::testing::TestWithParam<std::tuple<AdapterKind, GgmlType, bool>> {};
 
 TEST_P(WholeModelGradientTest, MatchesFiniteDifferences) {
-  const auto [kind, wtype] = GetParam();
-  auto model = GradientModel(wtype, std::string("grad_") + AdapterKindName(kind));
+  const auto [kind, wtype, compensated] = GetParam();
+  auto model = GradientModel(wtype, std::string("grad_") + AdapterKindName(kind), compensated);
   ASSERT_TRUE(model.ok()) << model.status();
   const auto& cfg = (*model)->config();
   AdapterSpec spec{kind, 3, 6.0f, false, 4};
@@ -405,10 +415,15 @@ TEST(TrainerModesTest, PackingMicroBatchesAndDropout) {
 
 INSTANTIATE_TEST_SUITE_P(Adapters, WholeModelGradientTest,
                          ::testing::Combine(::testing::Values(AdapterKind::kLora, AdapterKind::kFfaLora, AdapterKind::kDiaBlo),
-                                            ::testing::Values(GgmlType::kQ8_0, GgmlType::kQ4_1)),
+                                            ::testing::Values(GgmlType::kQ8_0, GgmlType::kQ4_1), ::testing::Values(false)),
                          [](const auto& p) {
                            return std::string(AdapterKindName(std::get<0>(p.param))) + "_" + kernels::TypeTraits(std::get<1>(p.param)).name;
                          });
+// A compensated low-bit base (Compensation in the name for the test filter).
+INSTANTIATE_TEST_SUITE_P(Compensation, WholeModelGradientTest,
+                         ::testing::Combine(::testing::Values(AdapterKind::kLora, AdapterKind::kDiaBlo), ::testing::Values(GgmlType::kQ4_0),
+                                            ::testing::Values(true)),
+                         [](const auto& p) { return std::string(AdapterKindName(std::get<0>(p.param))) + "_Q4_0_svd"; });
 
 }  // namespace
 }  // namespace fedtune::model

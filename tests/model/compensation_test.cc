@@ -1,0 +1,215 @@
+// Quantization-error compensation (model/compensation.h): LoftQ against PEFT + bitsandbytes
+// (tests/oracles/gen_loftq_golden.py), CLoQ's optimality in the calibrated norm, and the
+// correction as part of the frozen base in a model's forward.
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <vector>
+
+#include "common/fp16.h"
+#include "common/rng.h"
+#include "gtest/gtest.h"
+#include "model/compensation.h"
+#include "model/llama.h"
+#include "tests/support/tiny_model.h"
+
+namespace fedtune::model {
+namespace {
+
+using kernels::GgmlType;
+
+// u v as a dense rows x cols matrix.
+std::vector<double> Product(const LowRankFactors& f) {
+  std::vector<double> p(static_cast<size_t>(f.rows * f.cols), 0.0);
+  for (int64_t i = 0; i < f.rows; ++i)
+    for (int64_t k = 0; k < f.rank; ++k)
+      for (int64_t j = 0; j < f.cols; ++j)
+        p[static_cast<size_t>(i * f.cols + j)] += static_cast<double>(f.u[static_cast<size_t>(i * f.rank + k)]) * f.v[static_cast<size_t>(k * f.cols + j)];
+  return p;
+}
+
+// PEFT's loftq_init loop with bitsandbytes' NF4 and PEFT's SVD split, one step and five: the
+// same dequantized base (NF4 codes chosen identically but for rounding ties) and the same
+// correction u v within float rounding of two SVD implementations.
+TEST(LoftQTest, MatchesPeftAndBitsandbytesOneStepAndAlternating) {
+  std::ifstream in(std::string(FEDTUNE_SOURCE_DIR) + "/tests/data/loftq_golden.bin", std::ios::binary);
+  ASSERT_TRUE(in) << "missing tests/data/loftq_golden.bin";
+  uint32_t hdr[4];
+  ASSERT_TRUE(in.read(reinterpret_cast<char*>(hdr), sizeof hdr));
+  const int64_t rows = hdr[0], cols = hdr[1], rank = hdr[2];
+  const size_t n = static_cast<size_t>(rows * cols);
+  std::vector<float> w(n);
+  ASSERT_TRUE(in.read(reinterpret_cast<char*>(w.data()), static_cast<std::streamsize>(n * 4)));
+  for (uint32_t c = 0; c < hdr[3]; ++c) {
+    uint32_t iters;
+    std::vector<float> q_ref(n), lr_ref(n);
+    ASSERT_TRUE(in.read(reinterpret_cast<char*>(&iters), 4));
+    ASSERT_TRUE(in.read(reinterpret_cast<char*>(q_ref.data()), static_cast<std::streamsize>(n * 4)));
+    ASSERT_TRUE(in.read(reinterpret_cast<char*>(lr_ref.data()), static_cast<std::streamsize>(n * 4)));
+    CompensationOptions o;
+    o.method = iters == 1 ? CompensationMethod::kSvd : CompensationMethod::kLoftQ;
+    o.rank = rank;
+    o.iterations = static_cast<int>(iters);
+    auto r = QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF4, o, nullptr);
+    ASSERT_TRUE(r.ok()) << r.status();
+    std::vector<float> q(n);
+    const size_t rb = *kernels::RowBytes(GgmlType::kNF4, cols);
+    for (int64_t i = 0; i < rows; ++i) kernels::DequantizeRow(GgmlType::kNF4, r->bytes.data() + static_cast<size_t>(i) * rb, q.data() + i * cols, cols);
+    size_t q_mismatch = 0;
+    double lr_max = 0, lr_diff = 0, res_ref = 0, res = 0, wn = 0;
+    const std::vector<double> lr = Product(r->c);
+    for (size_t i = 0; i < n; ++i) {
+      // A different code is a whole step (>= 4% of the block's absmax) off; from the second
+      // step on, W - LR (hence absmax) may differ in the last float bits.
+      if (std::fabs(q[i] - q_ref[i]) > 1e-5f * std::fabs(q_ref[i]) + 1e-9f) ++q_mismatch;
+      lr_max = std::max(lr_max, std::fabs(static_cast<double>(lr_ref[i])));
+      lr_diff = std::max(lr_diff, std::fabs(lr[i] - lr_ref[i]));
+      res_ref += std::pow(static_cast<double>(w[i]) - q_ref[i] - lr_ref[i], 2);
+      res += std::pow(static_cast<double>(w[i]) - q[i] - lr[i], 2);
+      wn += static_cast<double>(w[i]) * w[i];
+    }
+    std::printf("LoftQ %u iteration(s), rank %lld: NF4 codes differing from bitsandbytes %zu of %zu; max |uv - LR| %.2e (max |LR| %.2e); "
+                "residual %.6f (PEFT %.6f), before %.6f\n", iters, static_cast<long long>(rank), q_mismatch, n, lr_diff, lr_max,
+                std::sqrt(res / wn), std::sqrt(res_ref / wn), r->rel_before);
+    EXPECT_LE(q_mismatch, n / 1000) << iters;
+    EXPECT_LE(lr_diff, 1e-3 * lr_max) << iters;
+    EXPECT_NEAR(std::sqrt(res / wn), std::sqrt(res_ref / wn), 1e-4) << iters;
+    EXPECT_NEAR(r->rel_after, std::sqrt(res / wn), 1e-6);
+    EXPECT_LT(r->rel_after, r->rel_before);
+  }
+}
+
+// CLoQ's correction minimises tr((E - C) H (E - C)^T) over rank-r C: no perturbation of its
+// factors lowers it, and it beats the unweighted SVD correction in that norm (while the SVD
+// correction is the better one in the plain Frobenius norm).
+TEST(CompensationTest, CloqIsOptimalInTheCalibratedNorm) {
+  const int64_t rows = 24, cols = 64, rank = 3, tokens = 200;
+  Rng rng(5);
+  std::vector<float> w(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(tokens * cols));
+  for (auto& v : w) v = static_cast<float>(rng.Normal()) * 0.05f;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t j = 0; j < cols; ++j)  // a few strong channels, as in real activations
+      x[static_cast<size_t>(t * cols + j)] = static_cast<float>(rng.Normal()) * (j % 16 == 0 ? 8.0f : 1.0f);
+  CalibrationGram g;
+  g.Accumulate(x.data(), tokens / 2, cols);
+  g.Accumulate(x.data() + (tokens / 2) * cols, tokens - tokens / 2, cols);
+  CompensationOptions o;
+  o.rank = rank;
+  o.damping = 1e-6;
+  o.method = CompensationMethod::kCloq;
+  auto cl = QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF2, o, &g);
+  ASSERT_TRUE(cl.ok()) << cl.status();
+  o.method = CompensationMethod::kSvd;
+  auto sv = QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF2, o, &g);
+  ASSERT_TRUE(sv.ok()) << sv.status();
+  ASSERT_EQ(cl->bytes, sv->bytes);  // both keep Q = Q(W)
+  std::printf("NF2 24x64, rank 3: calibrated error %.4f -> cloq %.4f, svd %.4f; weight error %.4f -> cloq %.4f, svd %.4f\n",
+              cl->act_before, cl->act_after, sv->act_after, cl->rel_before, cl->rel_after, sv->rel_after);
+  EXPECT_LT(cl->act_after, sv->act_after);
+  EXPECT_LT(sv->rel_after, cl->rel_after);
+  EXPECT_LT(cl->act_after, 0.95 * cl->act_before);
+  // Objective at perturbed factors.
+  std::vector<double> q(w.size());
+  {
+    std::vector<float> row(static_cast<size_t>(cols));
+    const size_t rb = *kernels::RowBytes(GgmlType::kNF2, cols);
+    for (int64_t i = 0; i < rows; ++i) {
+      kernels::DequantizeRow(GgmlType::kNF2, cl->bytes.data() + static_cast<size_t>(i) * rb, row.data(), cols);
+      for (int64_t j = 0; j < cols; ++j) q[static_cast<size_t>(i * cols + j)] = row[static_cast<size_t>(j)];
+    }
+  }
+  auto objective = [&](const LowRankFactors& f) {
+    const std::vector<double> c = Product(f);
+    double s = 0;
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t i = 0; i < rows; ++i) {
+        double e = 0;
+        for (int64_t j = 0; j < cols; ++j) {
+          const size_t k = static_cast<size_t>(i * cols + j);
+          e += (w[k] - q[k] - c[k]) * x[static_cast<size_t>(t * cols + j)];
+        }
+        s += e * e;
+      }
+    }
+    return s;
+  };
+  const double best = objective(cl->c);
+  Rng prng(8);
+  for (int trial = 0; trial < 20; ++trial) {
+    LowRankFactors p = cl->c;
+    for (auto& v : p.u) v += static_cast<float>(prng.Normal()) * 1e-2f * std::fabs(v);
+    for (auto& v : p.v) v += static_cast<float>(prng.Normal()) * 1e-2f * std::fabs(v);
+    EXPECT_GE(objective(p), best * (1 - 1e-6)) << "trial " << trial;
+  }
+  // Bad input is refused with a reason.
+  o.method = CompensationMethod::kCloq;
+  EXPECT_EQ(QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF2, o, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  o.rank = 0;
+  EXPECT_EQ(QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF2, o, &g).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseCompensationMethod("loftq"), CompensationMethod::kLoftQ);
+  EXPECT_FALSE(ParseCompensationMethod("gptq").has_value());
+}
+
+// A compensated model computes what the plain re-quantized model computes with the correction
+// as a LoRA adapter (A = v, B = u, scale 1): the correction is part of the base in Eval.
+TEST(CompensationTest, CompensatedModelEqualsTheCorrectionAsAnAdapter) {
+  testing::TinyModelOptions to;
+  to.n_embd = 64;
+  to.n_ff = 128;
+  to.weight_type = GgmlType::kQ8_0;
+  const std::string path = testing::TempPath("compensated.gguf");
+  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, to).ok());
+  auto m1 = LlamaModel::Load(path);
+  auto m2 = LlamaModel::Load(path);
+  ASSERT_TRUE(m1.ok() && m2.ok());
+  Rng rng(3);
+  std::vector<int32_t> calib(300), tokens(20);
+  for (auto& t : calib) t = static_cast<int32_t>(3 + rng.Below(250));
+  for (auto& t : tokens) t = static_cast<int32_t>(3 + rng.Below(250));
+  CompensationOptions o;
+  o.method = CompensationMethod::kCloq;
+  o.rank = 4;
+  auto rep = (*m1)->RequantizeCompensated(GgmlType::kQ3_K, o, calib);  // 64/128-wide rows: NF3
+  ASSERT_TRUE(rep.ok()) << rep.status();
+  ASSERT_TRUE((*m2)->Requantize(GgmlType::kQ3_K).ok());
+  const auto& cfg = (*m1)->config();
+  ASSERT_EQ(rep->modules.size(), static_cast<size_t>(cfg.n_layer * kNumModules));
+  for (const auto& e : rep->modules) {
+    EXPECT_EQ(e.type, GgmlType::kNF3);
+    EXPECT_LT(e.act_after, e.act_before) << "layer " << e.layer << " " << ModuleName(e.module);
+  }
+  EXPECT_EQ((*m1)->ProjectionBytes(), (*m2)->ProjectionBytes());
+  EXPECT_GT(rep->correction_bytes, 0u);
+  AdapterSet<float> set;
+  set.layers.resize(static_cast<size_t>(cfg.n_layer));
+  for (int64_t l = 0; l < cfg.n_layer; ++l) {
+    for (int mod = 0; mod < kNumModules; ++mod) {
+      const LowRankCorrection& c = (*m1)->layer(l).corr[static_cast<size_t>(mod)];
+      ASSERT_TRUE(c.present());
+      AdapterSpec spec{AdapterKind::kLora, o.rank, static_cast<float>(o.rank), false, 4};
+      auto a = ModuleAdapter<float>::Create(spec, c.v.cols, c.u.rows, 1);
+      ASSERT_TRUE(a.ok());
+      for (int64_t r = 0; r < c.v.rows; ++r) kernels::DequantizeRow(c.v.type, c.v.row(r), a->a.data() + r * c.v.cols, c.v.cols);
+      for (int64_t r = 0; r < c.u.rows; ++r) kernels::DequantizeRow(c.u.type, c.u.row(r), a->b.data() + r * c.u.cols, c.u.cols);
+      set.layers[static_cast<size_t>(l)][mod] = std::move(*a);
+    }
+  }
+  LlamaContext c1(**m1, 64), c2(**m2, 64), c3(**m2, 64);
+  c2.SetAdapters(&set);
+  std::vector<float> l1, l2, l3;
+  ASSERT_TRUE(c1.Eval(tokens, true, &l1).ok());
+  ASSERT_TRUE(c2.Eval(tokens, true, &l2).ok());
+  ASSERT_TRUE(c3.Eval(tokens, true, &l3).ok());
+  double scale = 0, diff = 0, plain = 0;
+  for (size_t i = 0; i < l1.size(); ++i) {
+    scale = std::max(scale, std::fabs(static_cast<double>(l2[i])));
+    diff = std::max(diff, std::fabs(static_cast<double>(l1[i]) - l2[i]));
+    plain = std::max(plain, std::fabs(static_cast<double>(l1[i]) - l3[i]));
+  }
+  std::printf("compensated vs correction-as-adapter: max |diff| %.2e of %.2e (vs the uncompensated base: %.2e)\n", diff, scale, plain);
+  EXPECT_LE(diff, 1e-4 * scale);
+  EXPECT_GT(plain, 100 * diff);
+}
+
+}  // namespace
+}  // namespace fedtune::model
