@@ -8,6 +8,7 @@
 #include "aggregation/dp_strategy.h"
 #include "common/config_loader.h"
 #include "kernels/quant.h"
+#include "model/compensation.h"
 #include "privacy/rdp_accountant.h"
 #include "protocol/secagg_wire.h"
 
@@ -103,6 +104,12 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   if (!train.base_type().empty() && !kernels::GgmlTypeFromName(train.base_type()))
     return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2, f16 or f32");
   s.base_type = train.base_type();
+  if (!model::ParseCompensationMethod(train.compensation())) return Bad("train.compensation", "must be none, svd, loftq or cloq");
+  s.compensation = train.compensation() == "none" ? "" : train.compensation();
+  s.compensation_rank = OrDefault(train.compensation_rank(), 16);
+  if (s.compensation_rank < 1) return Bad("train.compensation_rank", "must be >= 1");
+  if (!s.compensation.empty() && s.base_type.empty() && planner.base_types_size() == 0)
+    return Bad("train.compensation", "compensates a re-quantized base: set train.base_type or planner.base_types");
   if (!s.adapter.layout.empty() && planner.enabled()) return Bad("planner", "not supported with per-layer adapter settings (adapter.layers) yet");
   // Evaluation.
   s.eval_every = OrDefault(eval.every(), 1);
@@ -273,6 +280,8 @@ protocol::TrainTask TaskTemplate(const RunSettings& s) {
   t.plan.adapter_seed = s.adapter_seed;
   t.plan.layers = s.adapter.layout;
   t.plan.base_type = s.base_type;
+  t.plan.compensation = s.compensation;
+  t.plan.compensation_rank = s.compensation_rank;
   t.local_steps = s.local_steps;
   t.batch = s.batch;
   t.learning_rate = s.learning_rate;

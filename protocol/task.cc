@@ -20,6 +20,8 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   a->set_layers(t.plan.layers);
   for (const auto& m : t.plan.train_modules) a->add_train_modules(m);
   a->set_base_type(t.plan.base_type);
+  a->set_compensation(t.plan.compensation);
+  a->set_compensation_rank(t.plan.compensation_rank);
   a->set_explanation(t.plan.explanation);
   p.set_local_steps(t.local_steps);
   p.set_batch(t.batch);
@@ -74,6 +76,8 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.plan.layers = a.layers();
   t.plan.train_modules.assign(a.train_modules().begin(), a.train_modules().end());
   t.plan.base_type = a.base_type();
+  t.plan.compensation = a.compensation();
+  t.plan.compensation_rank = a.compensation_rank() > 0 ? a.compensation_rank() : 16;
   t.plan.explanation = a.explanation();
   t.local_steps = p.local_steps();
   t.batch = p.batch();

@@ -28,6 +28,9 @@ struct AdapterPlan {
   std::vector<std::string> train_modules;
   std::string base_type;
   std::string explanation;
+  // Quantization-error compensation of a re-quantized base (model/compensation.h).
+  std::string compensation;
+  int compensation_rank = 16;
 };
 
 // A TRAIN task, or with `evaluate` set an EVALUATE task (score the global adapter on the

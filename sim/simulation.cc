@@ -164,6 +164,9 @@ class SimTransport : public federation::Transport {
         worker::ClientEnv env = env_;
         env.memory_mib = cl.memory_mib;  // 0 (not simulated): the default activation budget
         env.error_feedback = &cl.residual;
+        // A cloq base is calibrated on the data of the first client that trains on it (one
+        // shared base per type and compensation in the simulation; a worker daemon uses its own).
+        bases_.SetCalibration(cl.train);
         FT_ASSIGN_OR_RETURN(lr, worker::RunTrainTask(bases_, cl.train, task, global, env, &cl.privacy));
       }
       const double secs = Seconds(t0, Clock::now());
@@ -561,7 +564,9 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
 
   // Model: one read-only copy shared by every virtual client.
   FT_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(c.model().path()));
-  if (!c.train().base_type().empty()) {
+  // With compensation the clients get compensated copies (worker::BaseModels); the shared model
+  // stays as stored (the coordinator's view: server-side evaluation runs on it).
+  if (!c.train().base_type().empty() && s.run.compensation.empty()) {
     FT_ASSIGN_OR_RETURN(size_t bytes, model->Requantize(*kernels::GgmlTypeFromName(c.train().base_type())));
     say(absl::StrFormat("base re-quantized to %s: %.1f MiB of projections", c.train().base_type(), bytes / 1048576.0));
   }

@@ -247,25 +247,28 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b) {
   return absl::OkStatus();
 }
 
-absl::Status RunPerplexity(const std::string& model_path, const std::string& file, int64_t window, int64_t stride, int64_t max_tokens,
-                           const BaseArgs& base) {
+absl::Status RunPerplexity(const std::string& model_path, const std::vector<std::string>& files, int64_t window, int64_t stride,
+                           int64_t max_tokens, const BaseArgs& base) {
   auto loaded = model::LlamaModel::Load(model_path);
   if (!loaded.ok()) return loaded.status();
   FT_RETURN_IF_ERROR(ApplyBaseType(**loaded, base));
   const auto& m = **loaded;
   if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("model has no tokenizer");
-  auto text = ReadFileToString(file);
-  if (!text.ok()) return text.status();
-  std::vector<int32_t> tokens = m.tokenizer()->EncodeWithBos(*text, false);
-  if (max_tokens > 0 && static_cast<int64_t>(tokens.size()) > max_tokens) tokens.resize(static_cast<size_t>(max_tokens));
-  std::fprintf(stderr, "[fedtune] %s: %zu tokens, window %lld, stride %lld\n", file.c_str(), tokens.size(),
-               static_cast<long long>(window), static_cast<long long>(stride));
-  Progress progress("perplexity", static_cast<int64_t>(tokens.size()), "tok");
-  auto r = model::Perplexity(m, tokens, window, stride, [&](int64_t done, int64_t) { progress.Update(done); });
-  progress.Finish();
-  if (!r.ok()) return r.status();
-  std::printf("perplexity %.4f over %lld tokens (mean NLL %.6f); %.1f tok/s evaluated; peak RSS %.0f MiB\n", r->perplexity(),
-              static_cast<long long>(r->n_scored), r->nll_sum / static_cast<double>(r->n_scored), r->tokens_per_second, PeakRssMiB());
+  for (const std::string& file : files) {
+    auto text = ReadFileToString(file);
+    if (!text.ok()) return text.status();
+    std::vector<int32_t> tokens = m.tokenizer()->EncodeWithBos(*text, false);
+    if (max_tokens > 0 && static_cast<int64_t>(tokens.size()) > max_tokens) tokens.resize(static_cast<size_t>(max_tokens));
+    std::fprintf(stderr, "[fedtune] %s: %zu tokens, window %lld, stride %lld\n", file.c_str(), tokens.size(),
+                 static_cast<long long>(window), static_cast<long long>(stride));
+    Progress progress("perplexity", static_cast<int64_t>(tokens.size()), "tok");
+    auto r = model::Perplexity(m, tokens, window, stride, [&](int64_t done, int64_t) { progress.Update(done); });
+    progress.Finish();
+    if (!r.ok()) return r.status();
+    std::printf("%sperplexity %.4f over %lld tokens (mean NLL %.6f); %.1f tok/s evaluated; peak RSS %.0f MiB\n",
+                files.size() > 1 ? (file + ": ").c_str() : "", r->perplexity(), static_cast<long long>(r->n_scored),
+                r->nll_sum / static_cast<double>(r->n_scored), r->tokens_per_second, PeakRssMiB());
+  }
   return absl::OkStatus();
 }
 
@@ -624,7 +627,7 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
                                                          o.state_dir.empty() ? "" : o.state_dir + "/local_privacy.json",
                                                          static_cast<double>(o.profile.memory_bytes()) / (1 << 20)),
                              g_stop,
-                             eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path()));
+                             eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path(), &train));
   if (!r.ok()) return r.status();
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned), %d evaluations\n", r->rounds_trained, r->rounds_reused,
               r->rounds_abandoned, r->evaluations);
@@ -773,10 +776,11 @@ int main(int argc, char** argv) {
   gen->add_option("--ctx", ga.n_ctx, "Context length")->check(CLI::Range(16, 1 << 20));
 
   auto* ppl = app.add_subcommand("perplexity", "Perplexity of a text file with a sliding window");
-  std::string ppl_model, ppl_file;
+  std::string ppl_model;
+  std::vector<std::string> ppl_files;
   int64_t window = 512, stride = 256, max_tokens = 0;
   ppl->add_option("model", ppl_model, "GGUF model file")->required();
-  ppl->add_option("-f,--file", ppl_file, "Text file")->required();
+  ppl->add_option("-f,--file", ppl_files, "Text file (repeat for several: the model is loaded and re-quantized once)")->required();
   ppl->add_option("--window", window, "Window length in tokens")->check(CLI::Range(2, 1 << 20));
   ppl->add_option("--stride", stride, "Window stride in tokens")->check(CLI::Range(1, 1 << 20));
   ppl->add_option("--max-tokens", max_tokens, "Score at most this many tokens (0 = all)");
@@ -916,7 +920,7 @@ int main(int argc, char** argv) {
   kernels::SetThreads(threads);
   if (*info) return ExitCode(RunInfo(info_model, all_tensors));
   if (*gen) return ExitCode(RunGenerate(ga));
-  if (*ppl) return ExitCode(RunPerplexity(ppl_model, ppl_file, window, stride, max_tokens, ppl_base));
+  if (*ppl) return ExitCode(RunPerplexity(ppl_model, ppl_files, window, stride, max_tokens, ppl_base));
   if (*train) return ExitCode(RunTrain(ta));
   if (*ev) return ExitCode(RunEval(ev_model, ev_data, ev_adapter, ev_n, ev_new, ev_len, ev_holdout, ev_dump));
   if (*ex) return ExitCode(RunExport(ex_model, ex_adapter, ex_format, ex_out, ex_merged, ex_base));

@@ -18,18 +18,53 @@
 
 namespace fedtune::worker {
 
-absl::StatusOr<const model::LlamaModel*> BaseModels::For(const std::string& base_type) {
+void BaseModels::SetCalibration(const std::vector<model::Example>& data, size_t max_tokens) {
+  std::lock_guard<std::mutex> l(mu_);
+  calibration_.clear();
+  for (const auto& e : data) {
+    for (int32_t t : e.tokens) {
+      if (calibration_.size() >= max_tokens) return;
+      calibration_.push_back(t);
+    }
+  }
+}
+
+absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::AdapterPlan& plan) {
+  const std::string& base_type = plan.base_type;
   if (base_type.empty()) return &stored_;
   const auto t = kernels::GgmlTypeFromName(base_type);
   if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", base_type));
-  if (*t == stored_.layer(0).wq.type) return &stored_;
+  const auto& wq = stored_.layer(0).wq;
+  if (kernels::RowCompatibleType(*t, wq.cols) == wq.type) return &stored_;
+  const auto method = model::ParseCompensationMethod(plan.compensation);
+  if (!method) return absl::InvalidArgumentError(absl::StrCat("task: unknown compensation ", plan.compensation));
   std::lock_guard<std::mutex> l(mu_);
-  auto& slot = by_type_[*t];
+  const int rank = *method == model::CompensationMethod::kNone ? 0 : plan.compensation_rank;
+  auto& slot = by_type_[{*t, model::CompensationMethodName(*method), rank}];
   if (!slot) {
     if (path_.empty()) return absl::FailedPreconditionError(absl::StrCat("task asks for base ", base_type, " but the model path is unknown"));
-    FT_ASSIGN_OR_RETURN(slot, model::LlamaModel::Load(path_));
-    FT_ASSIGN_OR_RETURN(size_t bytes, slot->Requantize(*t));
-    FT_LOG_INFO("base re-quantized to {} for the plan: {:.1f} MiB of projections", base_type, static_cast<double>(bytes) / (1 << 20));
+    FT_ASSIGN_OR_RETURN(auto m, model::LlamaModel::Load(path_));
+    if (*method == model::CompensationMethod::kNone) {
+      FT_ASSIGN_OR_RETURN(size_t bytes, m->Requantize(*t));
+      FT_LOG_INFO("base re-quantized to {} for the plan: {:.1f} MiB of projections", base_type, static_cast<double>(bytes) / (1 << 20));
+    } else {
+      if (*method == model::CompensationMethod::kCloq && calibration_.empty())
+        return absl::FailedPreconditionError("cloq compensation needs calibration tokens from this client's training data");
+      model::CompensationOptions o;
+      o.method = *method;
+      o.rank = rank;
+      FT_ASSIGN_OR_RETURN(auto rep, m->RequantizeCompensated(*t, o, *method == model::CompensationMethod::kCloq ? calibration_ : std::vector<int32_t>{}));
+      double before = 0, after = 0;
+      for (const auto& e : rep.modules) {
+        before += e.rel_before;
+        after += e.rel_after;
+      }
+      const double n = static_cast<double>(std::max<size_t>(1, rep.modules.size()));
+      FT_LOG_INFO("base re-quantized to {} with {} rank {} for the plan: {:.1f} MiB of projections + {:.1f} MiB correction; mean relative "
+                  "weight error {:.4f} -> {:.4f} ({:.1f} s)", base_type, plan.compensation, rank, static_cast<double>(rep.projection_bytes) / (1 << 20),
+                  static_cast<double>(rep.correction_bytes) / (1 << 20), before / n, after / n, rep.seconds);
+    }
+    slot = std::move(m);
   }
   return slot.get();
 }
@@ -99,7 +134,7 @@ absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std
                                                     const aggregation::TensorMap& global, kernels::Backend* backend) {
   (void)backend;  // model::Evaluate runs on the CPU kernels
   if (eval.empty()) return absl::FailedPreconditionError("evaluation task, but this client holds no held-out data");
-  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(task.plan.base_type));
+  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(task.plan));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, task.plan));
   FT_RETURN_IF_ERROR(SetAdapterTensors(global, &adapters));
   FT_ASSIGN_OR_RETURN(model::EvalResult r, model::Evaluate(*base, &adapters, eval, 0, std::max(1, task.max_new_tokens), 8, task.generate_examples));
@@ -115,7 +150,7 @@ absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std
 absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
                                          const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy) {
   const protocol::AdapterPlan& p = task.plan;
-  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p.base_type));
+  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, p));
   LocalTrainOptions lt;
   if (!p.train_modules.empty()) {

@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <map>
+#include <tuple>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -23,19 +24,24 @@
 namespace fedtune::worker {
 
 // The frozen base at its stored precision plus re-quantized copies that plans ask for (loaded
-// from `path` once per type; thread-safe).
+// from `path` once per type and compensation; thread-safe).
 class BaseModels {
  public:
   BaseModels(const model::LlamaModel& stored, std::string path) : stored_(stored), path_(std::move(path)) {}
-  // "" or the stored type: the stored model.
-  absl::StatusOr<const model::LlamaModel*> For(const std::string& base_type);
+  // The plan's base: "" or the stored type (as the rows store it): the stored model; else a
+  // copy re-quantized to it, with the plan's compensation (cloq: calibrated on the tokens of
+  // SetCalibration, refused without them).
+  absl::StatusOr<const model::LlamaModel*> For(const protocol::AdapterPlan& plan);
+  // The client's own training inputs for cloq (the first tokens of its examples).
+  void SetCalibration(const std::vector<model::Example>& data, size_t max_tokens = 512);
   const model::LlamaModel& stored() const { return stored_; }
 
  private:
   const model::LlamaModel& stored_;
   const std::string path_;
   std::mutex mu_;
-  std::map<kernels::GgmlType, std::unique_ptr<model::LlamaModel>> by_type_;
+  std::vector<int32_t> calibration_;
+  std::map<std::tuple<kernels::GgmlType, std::string, int>, std::unique_ptr<model::LlamaModel>> by_type_;
 };
 
 // How the client runs its activations (the planner's memory model predicts the same):

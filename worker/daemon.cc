@@ -427,6 +427,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     aggregation::TensorMap residual;  // compressed uploads: error feedback (in memory: a restart starts it at zero)
   };
   auto state = std::make_shared<State>(model, model_path, privacy_path);
+  state->bases.SetCalibration(data);
   return [&data, state, activation_budget_mib, backend, memory_mib](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                                                     const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (!task.plan.explanation.empty()) FT_LOG_INFO("round {} plan: {}", task.round, task.plan.explanation);
@@ -440,8 +441,10 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
   };
 }
 
-TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path) {
+TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path,
+                                 const std::vector<model::Example>* train) {
   auto bases = std::make_shared<BaseModels>(model, model_path);
+  if (train != nullptr) bases->SetCalibration(*train);
   return [&eval, bases](const protocol::TrainTask& task, const aggregation::TensorMap& global) {
     return RunEvalTask(*bases, eval, task, global, nullptr);
   };

@@ -68,7 +68,10 @@ TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 // Scores an EVALUATE task: the round's global adapter on the worker's held-out data.
 using TaskEvaluator = std::function<absl::StatusOr<aggregation::EvalReport>(const protocol::TrainTask& task, const aggregation::TensorMap& global)>;
 // worker::RunEvalTask on `model` and `eval` (re-quantized bases as ModelTaskRunner).
-TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path = "");
+// `train`: the worker's training data, whose inputs calibrate a cloq-compensated base (the
+// same base the runner trains on), never its held-out data.
+TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path = "",
+                                 const std::vector<model::Example>* train = nullptr);
 
 // Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
 // is CUDA, the kernels, and, with a model, the measured training speed (a rank-4 LoRA at batch 1

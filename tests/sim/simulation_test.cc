@@ -162,6 +162,23 @@ TEST_F(SimTest, ReportRendersInHeadlessChromium) {
 
 // issue 8: the planner in the simulation — per-client plans applied, recorded in the ledger and
 // the report, a client too small for anything left out (and told why), the rest trained.
+// Clients train on a re-quantized base with a cloq correction (calibrated on the first client's
+// inputs): the run completes, learns, and trains a different adapter than on the plain
+// re-quantized base (the correction is part of the base the clients train on).
+TEST_F(SimTest, CompensatedLowBitBaseTrainsTheClients) {
+  const std::string plain = testing::TempPath("sim_q4_0"), comp = testing::TempPath("sim_q4_0_cloq");
+  auto a = Run(Yaml("train: {local_steps: 2, batch: 4, learning_rate: 0.01, base_type: q4_0}\n", plain));
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = Run(Yaml("train: {local_steps: 2, batch: 4, learning_rate: 0.01, base_type: q4_0, compensation: cloq, compensation_rank: 2}\n", comp));
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_LT(b->rounds.back().metrics.at("eval_loss"), b->rounds.front().metrics.at("eval_loss"));
+  const auto ta = LoadTensors(plain + "/adapter.safetensors"), tb = LoadTensors(comp + "/adapter.safetensors");
+  ASSERT_EQ(ta.size(), tb.size());
+  double diff = 0;
+  for (size_t i = 0; i < ta.size(); ++i) diff = std::max(diff, static_cast<double>(std::fabs(ta[i] - tb[i])));
+  EXPECT_GT(diff, 1e-6);
+}
+
 TEST_F(SimTest, PlannerGivesEachClientItsPlanAndLeavesOutOneTooSmall) {
   const std::string out = testing::TempPath("sim_plan");
   auto r = Run(Yaml("profiles: [{name: fast, count: 1, speed: 1, memory_mib: 4000}, {name: slow, count: 1, speed: 0.125, memory_mib: 4000},"
@@ -401,6 +418,9 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("dp: {enabled: true, target_epsilon: 0.000001}\n", "dp.target_epsilon");
   expect("dp: {enabled: true, target_epsilon: 8}\nstrategy: {merge: median}\n", "dp.enabled");
   expect("train: {base_type: q3_x}\n", "train.base_type");
+  expect("train: {base_type: q4_0, compensation: gptq}\n", "train.compensation");
+  expect("train: {compensation: svd}\n", "train.compensation");  // nothing re-quantized to compensate
+  expect("train: {base_type: q4_0, compensation: svd, compensation_rank: -1}\n", "train.compensation_rank");
   expect("train: {activation_budget_mib: 512}\nplanner: {enabled: true}\n", "train.activation_budget_mib");
   expect("train: {activation_budget_mib: -2}\n", "train.activation_budget_mib");
   expect("train: {device: tpu}\n", "train.device");
