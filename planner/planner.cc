@@ -71,13 +71,17 @@ ModelShape ModelShape::Of(const model::LlamaModel& m) {
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const auto& L = m.layer(l);
     for (const auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
+    {
       s.projection_params += static_cast<double>(w->rows) * static_cast<double>(w->cols);
+      s.projections.emplace_back(w->rows, w->cols);
+    }
     s.other_bytes += static_cast<double>(L.attn_norm.size() + L.ffn_norm.size()) * 4;
   }
   s.stored = c.n_layer > 0 ? m.layer(0).wq.type : kernels::GgmlType::kF32;
   s.other_bytes += static_cast<double>(m.token_embd().rows) * static_cast<double>(m.token_embd().row_bytes);
   if (m.output().data != m.token_embd().data) s.other_bytes += static_cast<double>(m.output().rows) * static_cast<double>(m.output().row_bytes);
   s.other_bytes += static_cast<double>(m.output_norm().size()) * 4;
+  s.other_bytes += static_cast<double>(m.CorrectionBytes());  // a compensated base's corrections, as held
   return s;
 }
 
@@ -126,7 +130,15 @@ MemoryModel MemoryModel::Fitted() {
 }
 
 double MemoryModel::BaseMiB(const ModelShape& s, kernels::GgmlType b) const {
-  return (s.projection_params * BitsPerWeight(b) / 8.0 + s.other_bytes) / (1 << 20);
+  if (s.projections.empty()) return (s.projection_params * BitsPerWeight(b) / 8.0 + s.other_bytes) / (1 << 20);
+  double bytes = s.other_bytes;
+  for (const auto& [rows, cols] : s.projections) {
+    const kernels::GgmlType t = kernels::RowCompatibleType(b, cols);
+    const auto rb = kernels::RowBytes(t, cols);
+    bytes += static_cast<double>(rows) * (rb.ok() ? static_cast<double>(*rb) : static_cast<double>(cols) * BitsPerWeight(t) / 8.0);
+    if (b != s.stored && compensation_rank > 0) bytes += static_cast<double>(compensation_rank * (rows + cols) * 2);
+  }
+  return bytes / (1 << 20);
 }
 
 double MemoryModel::AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,

@@ -46,6 +46,9 @@ struct ModelShape {
   double LayerCacheBytesPerToken() const;
   double RecomputeBytesPerToken() const;
   double projection_params = 0;  // q, k, v, o, gate, up, down weights over all layers
+  // Their (rows, cols), for exact bytes per base type (K-quant rows fall back, kernels::
+  // RowCompatibleType) and for the size of a low-rank correction; empty: from projection_params.
+  std::vector<std::pair<int64_t, int64_t>> projections;
   double other_bytes = 0;        // embeddings, output head, norms, as stored
   kernels::GgmlType stored = kernels::GgmlType::kQ4_1;
   static ModelShape Of(const model::LlamaModel& m);
@@ -94,6 +97,9 @@ struct MemoryModel {
   double logit_factor = 1;           // logit-chunk buffers, in units of chunk * vocab * 4 B
   bool recompute = true;
   bool keep_within_limit = false;
+  // A re-quantized base (not the stored type) carries a frozen correction of this rank per
+  // projection in fp16 (train.compensation; 0: none): rank x (rows + cols) x 2 bytes each.
+  int64_t compensation_rank = 0;
   static MemoryModel Fitted();
   double BaseMiB(const ModelShape& s, kernels::GgmlType b) const;
   double AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,

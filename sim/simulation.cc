@@ -648,6 +648,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
                                                                                    LongestExample(all), rs.send_fisher, !c.train().no_recompute()));
     // The clients' default (ClientEnv): activations kept as far as each one's memory allows.
     po.memory.keep_within_limit = !c.train().no_recompute() && c.train().activation_budget_mib() == 0;
+    if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
     if (c.planner().enabled()) {
       say("planner: calibration pass (probe adapter, module importance and training speed)");
       FT_ASSIGN_OR_RETURN(cal, Calibrate(*model, o_backend, clients[0].train, rs.adapter.spec, rs.adapter.modules, rs.batch,

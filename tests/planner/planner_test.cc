@@ -193,6 +193,26 @@ TEST(PlannerTest, KeptActivationsFitTheLimitAndSpeedUpThePlan) {
   }
 }
 
+// Base memory per type is exact per projection: K-quants fall back on rows that are not a
+// multiple of 256 (SmolLM2's 576-wide rows: Q3_K -> NF3), and a compensated re-quantized base
+// adds rank x (rows + cols) fp16 values per projection; the stored type carries none.
+TEST(PlannerTest, BaseMemoryCountsFallbackRowsAndTheCompensation) {
+  planner::ModelShape s;
+  s.projections = {{576, 576}, {1536, 576}, {576, 1536}};
+  s.stored = kernels::GgmlType::kQ4_1;
+  s.other_bytes = 1000;
+  planner::MemoryModel mm;
+  auto rb = [](kernels::GgmlType t, int64_t n) { return static_cast<double>(*kernels::RowBytes(t, n)); };
+  const double q3 = 1000 + 576 * rb(kernels::GgmlType::kNF3, 576) + 1536 * rb(kernels::GgmlType::kNF3, 576) + 576 * rb(kernels::GgmlType::kQ3_K, 1536);
+  EXPECT_DOUBLE_EQ(mm.BaseMiB(s, kernels::GgmlType::kQ3_K) * (1 << 20), q3);
+  mm.compensation_rank = 16;
+  const double corr = 16.0 * 2 * ((576 + 576) + (1536 + 576) + (576 + 1536));
+  EXPECT_DOUBLE_EQ(mm.BaseMiB(s, kernels::GgmlType::kQ3_K) * (1 << 20), q3 + corr);
+  const double q41 = 1000 + 576 * rb(kernels::GgmlType::kQ4_1, 576) + 1536 * rb(kernels::GgmlType::kQ4_1, 576) +
+                     576 * rb(kernels::GgmlType::kQ4_1, 1536);
+  EXPECT_DOUBLE_EQ(mm.BaseMiB(s, kernels::GgmlType::kQ4_1) * (1 << 20), q41);
+}
+
 TEST(PartialTrainingTest, FrozenModulesActInForwardAndAreNotSent) {
   const std::string path = testing::TempPath("partial.gguf");
   testing::TinyModelOptions mo;
