@@ -266,7 +266,7 @@ void QuantNf4(const float* x, uint8_t* b) {
   for (int j = 0; j < 32; ++j) b[4 + j] = static_cast<uint8_t>((NearestNf4(x[2 * j] * inv) << 4) | NearestNf4(x[2 * j + 1] * inv));
 }
 
-// NF3 / NF2: nearest code of x / absmax (division, then the nearest code with ties to the lower
+// NF3 / NF2: nearest code of x / scale (division, then the nearest code with ties to the lower
 // one, as an argmin over the codes gives).
 template <int kBits>
 void DequantNfLow(const uint8_t* b, float* y) {
@@ -280,21 +280,43 @@ void DequantNfLow(const uint8_t* b, float* y) {
     y[j] = codes[(word >> (bit % 8)) & ((1u << kBits) - 1)] * absmax;
   }
 }
+// The block's scale is searched (as GPTQ/AWQ-style clipping does): absmax x f for f
+// in 1.0, 0.95, ..., 0.55, keeping the one with the least squared error (values beyond the
+// scale take the end codes). With 8 or 4 codes, clipping the rare large values pays: on
+// Gaussian rows NF3's relative error 0.202 -> 0.184, NF2's 0.557 -> 0.383 (QuantTest prints them).
+template <int kBits>
+int NearestNfLow(float v) {
+  constexpr int kCodes = 1 << kBits;
+  const float* codes = kBits == 3 ? kNf3Codes : kNf2Codes;
+  int best = 0;
+  for (int c = 1; c < kCodes; ++c) {
+    if (std::fabs(v - codes[c]) < std::fabs(v - codes[best])) best = c;
+  }
+  return best;
+}
 template <int kBits>
 void QuantNfLow(const float* x, uint8_t* b) {
-  constexpr int kCodes = 1 << kBits;
   const float* codes = kBits == 3 ? kNf3Codes : kNf2Codes;
   float absmax = 0.0f;
   for (int j = 0; j < 64; ++j) absmax = std::max(absmax, std::fabs(x[j]));
-  std::memcpy(b, &absmax, 4);
+  float scale = absmax;
+  if (absmax > 0) {
+    double best_err = -1;
+    for (int step = 0; step <= 9; ++step) {
+      const float cand = absmax * (1.0f - 0.05f * static_cast<float>(step));
+      double err = 0;
+      for (int j = 0; j < 64; ++j) {
+        const double e = static_cast<double>(codes[NearestNfLow<kBits>(x[j] / cand)]) * cand - x[j];
+        err += e * e;
+      }
+      if (best_err < 0 || err < best_err) { best_err = err; scale = cand; }
+    }
+  }
+  std::memcpy(b, &scale, 4);
   uint8_t* q = b + 4;
   std::memset(q, 0, 64 * kBits / 8);
   for (int j = 0; j < 64; ++j) {
-    const float v = absmax > 0 ? x[j] / absmax : 0.0f;
-    int best = 0;
-    for (int c = 1; c < kCodes; ++c) {
-      if (std::fabs(v - codes[c]) < std::fabs(v - codes[best])) best = c;
-    }
+    const int best = scale > 0 ? NearestNfLow<kBits>(x[j] / scale) : NearestNfLow<kBits>(0.0f);
     const int bit = j * kBits;
     q[bit / 8] = static_cast<uint8_t>(q[bit / 8] | (best << (bit % 8)));
     if (bit % 8 + kBits > 8) q[bit / 8 + 1] = static_cast<uint8_t>(q[bit / 8 + 1] | (best >> (8 - bit % 8)));

@@ -185,7 +185,7 @@ absl::Status RunGenerate(const GenerateArgs& a) {
 // --base-type and its compensation: re-quantize the frozen projections on load (memory budget),
 // optionally with a frozen low-rank correction per projection (model/compensation.h).
 struct BaseArgs {
-  std::string type, compensate = "none", calibration = "/usr/share/common-licenses/Apache-2.0";
+  std::string type, compensate = "none", calibration;  // calibration: "" = the training data (train), Apache-2.0 (perplexity)
   int64_t rank = 16, calibration_tokens = 512;
   int iterations = 5;
 };
@@ -197,11 +197,12 @@ void AddBaseOptions(CLI::App* cmd, BaseArgs& b) {
                   "(alternating), cloq (calibrated closed form)");
   cmd->add_option("--compensate-rank", b.rank, "Rank of the correction per projection")->check(CLI::Range(1, 4096));
   cmd->add_option("--loftq-iterations", b.iterations, "LoftQ alternations")->check(CLI::Range(1, 100));
-  cmd->add_option("--calibration", b.calibration, "Text file whose first tokens calibrate cloq (not the evaluated text)");
+  cmd->add_option("--calibration", b.calibration, "Text file whose first tokens calibrate cloq (default: train: the training "
+                  "examples; perplexity: /usr/share/common-licenses/Apache-2.0; never the evaluated text)");
   cmd->add_option("--calibration-tokens", b.calibration_tokens, "Calibration tokens for cloq")->check(CLI::Range(1, 1 << 20));
 }
 
-absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b) {
+absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b, const std::vector<model::Example>* train = nullptr) {
   const auto method = model::ParseCompensationMethod(b.compensate);
   if (!method) return absl::InvalidArgumentError("--compensate must be none, svd, loftq or cloq");
   if (b.type.empty()) {
@@ -220,8 +221,13 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b) {
   std::vector<int32_t> calib;
   if (*method == model::CompensationMethod::kCloq) {
     if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("model has no tokenizer (cloq calibration)");
-    FT_ASSIGN_OR_RETURN(std::string text, ReadFileToString(b.calibration));
-    calib = m.tokenizer()->Encode(text, false);
+    if (b.calibration.empty() && train != nullptr) {
+      for (const auto& e : *train) calib.insert(calib.end(), e.tokens.begin(), e.tokens.end());
+    } else {
+      const std::string file = b.calibration.empty() ? "/usr/share/common-licenses/Apache-2.0" : b.calibration;
+      FT_ASSIGN_OR_RETURN(std::string text, ReadFileToString(file));
+      calib = m.tokenizer()->Encode(text, false);
+    }
     if (static_cast<int64_t>(calib.size()) > b.calibration_tokens) calib.resize(static_cast<size_t>(b.calibration_tokens));
     if (calib.empty()) return absl::InvalidArgumentError(absl::StrCat("--calibration ", b.calibration, ": no tokens"));
   }
@@ -298,7 +304,6 @@ void PrintEval(const char* when, const model::EvalResult& r) {
 absl::Status RunTrain(const TrainArgs& a) {
   auto loaded = model::LlamaModel::Load(a.model);
   if (!loaded.ok()) return loaded.status();
-  if (auto s = ApplyBaseType(**loaded, a.base); !s.ok()) return s;
   const auto& m = **loaded;
   if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("training needs a model with a tokenizer (GGUF)");
   model::DatasetOptions dopt;
@@ -307,6 +312,8 @@ absl::Status RunTrain(const TrainArgs& a) {
   dopt.seed = a.seed;
   auto data = model::LoadDataset(a.data, *m.tokenizer(), dopt);
   if (!data.ok()) return data.status();
+  // After the data: cloq calibrates on the training examples' inputs by default.
+  if (auto s = ApplyBaseType(**loaded, a.base, &data->train); !s.ok()) return s;
   const auto kind = model::ParseAdapterKind(a.adapter);
   if (!kind) return absl::InvalidArgumentError("--adapter must be lora, ffa_lora or diablo");
   auto modules = model::ParseModules(a.modules);
