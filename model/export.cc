@@ -325,26 +325,57 @@ absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, 
     w.SetValue(k, g->metadata().at(k));
   }
   const auto targets = Targets(model.config());
+  const LlamaConfig& cfg = model.config();
   for (const auto& t : g->tensors()) {
-    // The target this tensor is, in some layer, with at least one adapted part.
+    // The target this tensor is, in some layer: rewritten when a part is adapted, or when the
+    // model holds it re-quantized (train --base-type): then the weight is the model's own,
+    // dequantized, plus its compensation (W ~ Q + C), so the export is the model that trained.
     const Target* target = nullptr;
     size_t layer = 0;
-    for (size_t l = 0; l < adapters.layers.size() && target == nullptr; ++l)
+    for (size_t l = 0; l < static_cast<size_t>(cfg.n_layer) && target == nullptr; ++l)
       for (const Target& tg : targets)
-        if (t.name == absl::StrCat("blk.", l, ".", tg.gguf, ".weight") &&
-            std::any_of(tg.parts.begin(), tg.parts.end(), [&](const Part& p) { return adapters.layers[l][static_cast<size_t>(p.mod)].has_value(); })) {
+        if (t.name == absl::StrCat("blk.", l, ".", tg.gguf, ".weight")) {
           target = &tg;
           layer = l;
         }
-    if (target == nullptr) {
+    const auto adapted = [&](const Part& p) { return layer < adapters.layers.size() && adapters.layers[layer][static_cast<size_t>(p.mod)].has_value(); };
+    const kernels::QMatrix* held = nullptr;  // the model's re-quantized copy (one-part targets)
+    if (target != nullptr && target->parts.size() == 1) {
+      const LlamaLayer& L = model.layer(static_cast<int64_t>(layer));
+      const std::array<const kernels::QMatrix*, kNumModules> mats = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down};
+      const kernels::QMatrix* m = mats[static_cast<size_t>(target->parts[0].mod)];
+      if (m->data != t.data) held = m;
+    }
+    if (target == nullptr || (held == nullptr && !std::any_of(target->parts.begin(), target->parts.end(), adapted))) {
       FT_RETURN_IF_ERROR(w.AddTensor(t.name, t.ne, t.type, {t.data, t.nbytes}));
       continue;
     }
     std::vector<float> wv(static_cast<size_t>(t.n_elements()));
-    kernels::DequantizeRow(t.type, t.data, wv.data(), t.n_elements());
+    if (held != nullptr) {
+      const Module mod = target->parts[0].mod;
+      if (held->rows * held->cols != t.n_elements()) return absl::InternalError(absl::StrCat(t.name, ": the model's copy does not match its shape"));
+      const LowRankCorrection& corr = model.layer(static_cast<int64_t>(layer)).corr[static_cast<size_t>(mod)];
+      std::vector<float> u, v;
+      if (corr.present()) {
+        u.resize(static_cast<size_t>(corr.u.rows * corr.u.cols));
+        v.resize(static_cast<size_t>(corr.v.rows * corr.v.cols));
+        for (int64_t r = 0; r < corr.u.rows; ++r) kernels::DequantizeRow(corr.u.type, corr.u.row(r), u.data() + r * corr.u.cols, corr.u.cols);
+        for (int64_t r = 0; r < corr.v.rows; ++r) kernels::DequantizeRow(corr.v.type, corr.v.row(r), v.data() + r * corr.v.cols, corr.v.cols);
+      }
+      for (int64_t row = 0; row < held->rows; ++row) {
+        float* dst = wv.data() + FileRow(mod, row, cfg.head_dim, GgufNeox(cfg)) * held->cols;
+        kernels::DequantizeRow(held->type, held->row(row), dst, held->cols);
+        for (int64_t k = 0; k < corr.u.cols && corr.present(); ++k) {
+          const float uk = u[static_cast<size_t>(row * corr.u.cols + k)];
+          for (int64_t i = 0; i < held->cols; ++i) dst[i] += uk * v[static_cast<size_t>(k * held->cols + i)];
+        }
+      }
+    } else {
+      kernels::DequantizeRow(t.type, t.data, wv.data(), t.n_elements());
+    }
     for (const Part& p : target->parts) {
+      if (!adapted(p)) continue;
       const auto& a = adapters.layers[layer][static_cast<size_t>(p.mod)];
-      if (!a) continue;
       const auto delta = DenseDelta(*a);
       if ((p.row0 + a->out) * a->in > static_cast<int64_t>(wv.size())) return absl::InternalError(absl::StrCat("adapter for ", t.name, " does not match its shape"));
       for (int64_t row = 0; row < a->out; ++row) {

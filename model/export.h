@@ -26,7 +26,9 @@ absl::StatusOr<AdapterSet<float>> ImportPeft(const std::string& dir, const Llama
 absl::Status ExportGgufLora(const std::string& path, const LlamaModel& model, const AdapterSet<float>& adapters);
 
 // The base GGUF with every adapted weight replaced by W + delta stored as `merged_type`
-// (F16 by default: re-quantizing to the base's 4-bit type would drown small updates).
+// (F16 by default: re-quantizing to the base's 4-bit type would drown small updates). A
+// projection the model holds re-quantized (LlamaModel::Requantize / RequantizeCompensated) is
+// written from the model's copy, Q + C + delta: the exported model is the one that trained.
 absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, const AdapterSet<float>& adapters,
                               kernels::GgmlType merged_type = kernels::GgmlType::kF16);
 

@@ -10,6 +10,7 @@
 #include "common/rng.h"
 #include "gtest/gtest.h"
 #include "model/compensation.h"
+#include "model/export.h"
 #include "model/llama.h"
 #include "tests/support/tiny_model.h"
 
@@ -209,6 +210,34 @@ TEST(CompensationTest, CompensatedModelEqualsTheCorrectionAsAnAdapter) {
   std::printf("compensated vs correction-as-adapter: max |diff| %.2e of %.2e (vs the uncompensated base: %.2e)\n", diff, scale, plain);
   EXPECT_LE(diff, 1e-4 * scale);
   EXPECT_GT(plain, 100 * diff);
+
+  // Merged export of the compensated model with a trained-looking adapter: W ~ Q + C + delta in
+  // F32, reloaded as a plain model, computes what the compensated model with the adapter does.
+  AdapterSet<float> trained;
+  trained.layers.resize(static_cast<size_t>(cfg.n_layer));
+  const auto dims = (*m1)->adapter_dims();
+  auto made = MakeAdaptersWithLayout<float>(dims, AdapterSpec{AdapterKind::kLora, 2, 4.0f, false, 4}, {Module::kQ, Module::kDown}, "", 7);
+  ASSERT_TRUE(made.ok()) << made.status();
+  trained = std::move(*made);
+  for (auto& layer : trained.layers)
+    for (auto& a : layer)
+      if (a) for (auto& x : a->b) x = static_cast<float>(rng.Normal()) * 0.05f;
+  const std::string merged = testing::TempPath("compensated_merged.gguf");
+  ASSERT_TRUE(ExportMergedGguf(merged, **m1, trained, GgmlType::kF32).ok());
+  auto m3 = LlamaModel::Load(merged);
+  ASSERT_TRUE(m3.ok()) << m3.status();
+  LlamaContext c4(**m1, 64), c5(**m3, 64);
+  c4.SetAdapters(&trained);
+  std::vector<float> l4, l5;
+  ASSERT_TRUE(c4.Eval(tokens, true, &l4).ok());
+  ASSERT_TRUE(c5.Eval(tokens, true, &l5).ok());
+  double mdiff = 0, mscale = 0;
+  for (size_t i = 0; i < l4.size(); ++i) {
+    mscale = std::max(mscale, std::fabs(static_cast<double>(l4[i])));
+    mdiff = std::max(mdiff, std::fabs(static_cast<double>(l4[i]) - l5[i]));
+  }
+  std::printf("merged export (Q + C + delta, F32) vs the compensated model with its adapter: max |diff| %.2e of %.2e\n", mdiff, mscale);
+  EXPECT_LE(mdiff, 1e-4 * mscale);
 }
 
 }  // namespace
