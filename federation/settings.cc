@@ -108,8 +108,6 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   s.compensation = train.compensation() == "none" ? "" : train.compensation();
   s.compensation_rank = OrDefault(train.compensation_rank(), 16);
   if (s.compensation_rank < 1) return Bad("train.compensation_rank", "must be >= 1");
-  if (!s.compensation.empty() && s.base_type.empty() && planner.base_types_size() == 0)
-    return Bad("train.compensation", "compensates a re-quantized base: set train.base_type or planner.base_types");
   if (!s.adapter.layout.empty() && planner.enabled()) return Bad("planner", "not supported with per-layer adapter settings (adapter.layers) yet");
   // Evaluation.
   s.eval_every = OrDefault(eval.every(), 1);

@@ -87,6 +87,7 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
 struct ClientState {
   std::string name, profile;
   double speed = 1, bandwidth_mbps = 100, latency_ms = 20, dropout = 0, memory_mib = 0;
+  std::string base_type;  // its profile's base (empty: the run's)
   std::vector<model::Example> train;
   std::vector<double> task_share;  // fraction of its examples per task
   int trained = 0, dropped = 0;
@@ -167,7 +168,9 @@ class SimTransport : public federation::Transport {
         // A cloq base is calibrated on the data of the first client that trains on it (one
         // shared base per type and compensation in the simulation; a worker daemon uses its own).
         bases_.SetCalibration(cl.train);
-        FT_ASSIGN_OR_RETURN(lr, worker::RunTrainTask(bases_, cl.train, task, global, env, &cl.privacy));
+        protocol::TrainTask own = task;
+        if (!cl.base_type.empty()) own.plan.base_type = cl.base_type;
+        FT_ASSIGN_OR_RETURN(lr, worker::RunTrainTask(bases_, cl.train, own, global, env, &cl.privacy));
       }
       const double secs = Seconds(t0, Clock::now());
       train_wall_ += secs;
@@ -322,9 +325,17 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
       if (p.speed() < 0 || p.bandwidth_mbps() < 0 || p.latency_ms() < 0) return Bad(key, "speed, bandwidth_mbps, latency_ms must be >= 0");
       if (p.dropout() < 0 || p.dropout() >= 1) return Bad(key + ".dropout", "must be in [0, 1)");
       if (p.memory_mib() < 0) return Bad(key + ".memory_mib", "must be >= 0");
+      if (!p.base_type().empty() && !kernels::GgmlTypeFromName(p.base_type())) return Bad(key + ".base_type", "unknown type (q8_0, q4_1, q3_k, q2_k, ...)");
+      if (!p.base_type().empty() && c.planner().enabled()) return Bad(key + ".base_type", "not with the planner (it chooses each client's base)");
       total += p.count();
     }
     if (total != s.clients) return Bad("profiles", absl::StrCat("counts add up to ", total, ", but clients is ", s.clients));
+  }
+  {
+    bool requantized = !c.train().base_type().empty() || c.planner().base_types_size() > 0;
+    for (const auto& p : c.profiles()) requantized = requantized || !p.base_type().empty();
+    if (!s.run.compensation.empty() && !requantized)
+      return Bad("train.compensation", "compensates a re-quantized base: set train.base_type, planner.base_types or profiles[].base_type");
   }
   if (c.data().client_files_size() > 0) {
     if (!c.data().tasks().empty() || !c.data().files().empty() || !c.data().text_domains().empty())
@@ -593,6 +604,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         cl.latency_ms = OrDefault(prof.latency_ms(), 20.0);
         cl.dropout = prof.dropout();
         cl.memory_mib = prof.memory_mib();
+        cl.base_type = prof.base_type();
       }
     }
     for (size_t k2 = 0; k2 < clients.size(); ++k2) {

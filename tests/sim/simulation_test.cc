@@ -177,6 +177,12 @@ TEST_F(SimTest, CompensatedLowBitBaseTrainsTheClients) {
   double diff = 0;
   for (size_t i = 0; i < ta.size(); ++i) diff = std::max(diff, static_cast<double>(std::fabs(ta[i] - tb[i])));
   EXPECT_GT(diff, 1e-6);
+  // A fleet of mixed precisions (profiles[].base_type), the low-bit clients compensated.
+  auto c = Run(Yaml("profiles: [{name: q8, count: 1, base_type: q8_0}, {name: low, count: 2, base_type: q4_0}]\n"
+                    "train: {local_steps: 2, batch: 4, learning_rate: 0.01, compensation: svd, compensation_rank: 2}\n",
+                    testing::TempPath("sim_mixed_bases")));
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rounds.back().metrics.at("accepted"), 3);
 }
 
 TEST_F(SimTest, PlannerGivesEachClientItsPlanAndLeavesOutOneTooSmall) {
@@ -421,6 +427,8 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("train: {base_type: q4_0, compensation: gptq}\n", "train.compensation");
   expect("train: {compensation: svd}\n", "train.compensation");  // nothing re-quantized to compensate
   expect("train: {base_type: q4_0, compensation: svd, compensation_rank: -1}\n", "train.compensation_rank");
+  expect("profiles: [{count: 3, base_type: q9_9}]\n", "profiles[0].base_type");
+  expect("profiles: [{count: 3, base_type: q4_0}]\nplanner: {enabled: true}\n", "profiles[0].base_type");
   expect("train: {activation_budget_mib: 512}\nplanner: {enabled: true}\n", "train.activation_budget_mib");
   expect("train: {activation_budget_mib: -2}\n", "train.activation_budget_mib");
   expect("train: {device: tpu}\n", "train.device");
