@@ -101,7 +101,7 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   if (s.local_steps < 1 || s.batch < 1) return Bad("train", "local_steps and batch must be >= 1");
   if (!(s.learning_rate > 0)) return Bad("train.learning_rate", "must be > 0");
   if (s.warmup_steps < 0 || s.weight_decay < 0 || s.grad_clip_norm < 0) return Bad("train", "warmup_steps, weight_decay and clip_norm must be >= 0");
-  if (!train.base_type().empty() && !kernels::GgmlTypeFromName(train.base_type()))
+  if (const auto bt = kernels::GgmlTypeFromName(train.base_type()); !train.base_type().empty() && (!bt || !kernels::CanQuantize(*bt)))
     return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2, f16 or f32");
   s.base_type = train.base_type();
   if (!model::ParseCompensationMethod(train.compensation())) return Bad("train.compensation", "must be none, svd, loftq or cloq");
@@ -257,7 +257,7 @@ absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerC
     if (b < 1) return absl::InvalidArgumentError("planner.batches: every batch must be >= 1");
   for (const std::string& t : pc.base_types()) {
     const auto ty = kernels::GgmlTypeFromName(t);
-    if (!ty) return absl::InvalidArgumentError(absl::StrCat("planner.base_types: unknown type '", t, "' (q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2)"));
+    if (!ty || !kernels::CanQuantize(*ty)) return absl::InvalidArgumentError(absl::StrCat("planner.base_types: unknown type '", t, "' (q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2)"));
     o.base_types.push_back(*ty);
   }
   if (pc.memory_margin() < 0 || pc.memory_margin() > 1) return absl::InvalidArgumentError("planner.memory_margin must be in (0, 1]");

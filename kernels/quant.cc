@@ -547,6 +547,17 @@ absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n) {
   return static_cast<size_t>(n / tr.block_size) * tr.type_size + (t == GgmlType::kNF4DQ ? kNf4DqHeader : 0);
 }
 
+bool CanQuantize(GgmlType t) {
+  switch (t) {
+    case GgmlType::kF32: case GgmlType::kF16: case GgmlType::kBF16: case GgmlType::kQ8_0: case GgmlType::kQ4_0: case GgmlType::kQ4_1:
+    case GgmlType::kQ5_0: case GgmlType::kQ5_1: case GgmlType::kNF4: case GgmlType::kNF4DQ: case GgmlType::kNF3: case GgmlType::kNF2:
+    case GgmlType::kQ2_K: case GgmlType::kQ3_K:
+      return true;
+    default:
+      return false;
+  }
+}
+
 GgmlType RowCompatibleType(GgmlType t, int64_t n) {
   if (TypeTraits(t).block_size != kQKK || n % kQKK == 0) return t;
   switch (t) {

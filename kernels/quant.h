@@ -59,6 +59,9 @@ absl::StatusOr<size_t> RowBytes(GgmlType t, int64_t n);
 // 4-bit on models like SmolLM2 (576-wide rows).
 GgmlType RowCompatibleType(GgmlType t, int64_t n);
 
+// Whether QuantizeRow can write t (re-quantization targets).
+bool CanQuantize(GgmlType t);
+
 // Dequantizes n values (n a multiple of the block size; FT_CHECKed) from src into dst.
 void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n);
 

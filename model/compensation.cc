@@ -94,26 +94,37 @@ LowRankFactors LowRankApprox(const float* m, int64_t rows, int64_t cols, int64_t
   return ToFactors(l, r);
 }
 
-void CalibrationGram::Accumulate(const float* x, int64_t rows, int64_t n_cols) {
-  if (h.empty()) {
-    cols = n_cols;
-    h.assign(static_cast<size_t>(cols * cols), 0.0f);
-  }
+void CalibrationGram::Accumulate(const float* in, int64_t n_rows, int64_t n_cols) {
+  if (x.empty()) cols = n_cols;
   FT_CHECK(n_cols == cols);
-  const Eigen::Map<const MatF> xm(x, rows, cols);
-  Eigen::Map<MatF>(h.data(), cols, cols).noalias() += xm.transpose() * xm;
+  x.insert(x.end(), in, in + n_rows * n_cols);
+  rows += n_rows;
+  h.clear();
   chol.clear();
 }
 
-void CalibrationGram::Prepare(double damping) {
-  if (!chol.empty()) return;
-  MatD hd = Eigen::Map<const MatF>(h.data(), cols, cols).cast<double>();
-  hd = 0.5 * (hd + hd.transpose()).eval();
-  lambda = damping * std::max(hd.diagonal().mean(), 1e-12);
+const std::vector<double>& CalibrationGram::Gram() {
+  if (h.empty()) {
+    const Eigen::Map<const MatF> xm(x.data(), rows, cols);
+    MatD g = (xm.transpose() * xm).cast<double>();
+    h.resize(static_cast<size_t>(cols * cols));
+    Eigen::Map<MatD>(h.data(), cols, cols) = 0.5 * (g + g.transpose());
+  }
+  return h;
+}
+
+absl::Status CalibrationGram::Prepare(double d) {
+  if (!chol.empty() && d == damping) return absl::OkStatus();
+  MatD hd = Eigen::Map<const MatD>(Gram().data(), cols, cols);
+  lambda = d * std::max(hd.diagonal().mean(), 1e-12);
   hd.diagonal().array() += lambda;
   Eigen::LLT<MatD> llt(hd);
+  if (llt.info() != Eigen::Success || !hd.allFinite())
+    return absl::FailedPreconditionError("calibration inputs give no positive-definite X^T X + lambda I (non-finite activations?)");
   chol.resize(static_cast<size_t>(cols * cols));
   Eigen::Map<MatD>(chol.data(), cols, cols) = llt.matrixL();
+  damping = d;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t rows, int64_t cols, kernels::GgmlType type,
@@ -147,7 +158,7 @@ absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t ro
     }
     case CompensationMethod::kCloq: {
       FT_RETURN_IF_ERROR(QuantizeRows(type, wd, &out.bytes, &q));
-      gram->Prepare(o.damping);
+      FT_RETURN_IF_ERROR(gram->Prepare(o.damping));
       const Eigen::Map<const MatD> chol(gram->chol.data(), cols, cols);
       MatD lr;
       TruncatedSvd((wd - q) * chol.triangularView<Eigen::Lower>(), o.rank, &l, &lr);
@@ -162,7 +173,7 @@ absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t ro
   out.rel_before = e_before.norm() / wn;
   out.rel_after = e_after.norm() / wn;
   if (gram != nullptr) {
-    const MatD h = Eigen::Map<const MatF>(gram->h.data(), cols, cols).cast<double>();
+    const Eigen::Map<const MatD> h(gram->Gram().data(), cols, cols);
     auto hnorm = [&](const MatD& e) { return std::sqrt(std::max(0.0, (e * h).cwiseProduct(e).sum())); };
     const double base = std::max(hnorm(wd), 1e-30);
     out.act_before = hnorm(e_before) / base;

@@ -50,17 +50,22 @@ struct CompensatedMatrix {
   double rel_before = 0, rel_after = 0, act_before = -1, act_after = -1;
 };
 
-// Calibration statistics of one projection input: H = X^T X (cols x cols, row-major) and, once
-// prepared, the lower Cholesky factor L of H + lambda I (shared by the projections that read
-// the same input: q/k/v, gate/up). ||X E^T||^2 = tr(E H E^T) = ||E L||^2, so cloq takes the
-// best rank-r approximation of (W - Q) L and maps it back with L^-1 (a triangular solve).
+// Calibration inputs of one projection (shared by the projections that read the same input:
+// q/k/v, gate/up): the rows X themselves (a few hundred tokens: smaller than X^T X for wide
+// layers), H = X^T X formed when needed, and the lower Cholesky factor L of H + lambda I.
+// ||X E^T||^2 = tr(E H E^T) = ||E L||^2, so cloq takes the best rank-r approximation of
+// (W - Q) L and maps it back with L^-1 (a triangular solve).
 struct CalibrationGram {
-  int64_t cols = 0;
-  std::vector<float> h;  // accumulated X^T X
-  std::vector<double> chol;
-  double lambda = 0;
-  void Accumulate(const float* x, int64_t rows, int64_t n_cols);
-  void Prepare(double damping);  // computes chol (idempotent)
+  int64_t cols = 0, rows = 0;
+  std::vector<float> x;       // rows x cols
+  std::vector<double> h;      // X^T X (empty until Gram())
+  std::vector<double> chol;   // for `damping`
+  double lambda = 0, damping = -1;
+  void Accumulate(const float* in, int64_t n_rows, int64_t n_cols);
+  const std::vector<double>& Gram();
+  // Computes chol for this damping; FailedPrecondition when H + lambda I is not positive
+  // definite (non-finite activations).
+  absl::Status Prepare(double damping);
 };
 
 // Quantizes w (rows x cols, row-major) to `type` and computes its correction by o.method.

@@ -339,12 +339,18 @@ absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, 
           layer = l;
         }
     const auto adapted = [&](const Part& p) { return layer < adapters.layers.size() && adapters.layers[layer][static_cast<size_t>(p.mod)].has_value(); };
-    const kernels::QMatrix* held = nullptr;  // the model's re-quantized copy (one-part targets)
-    if (target != nullptr && target->parts.size() == 1) {
+    // The model's re-quantized copy: another type than the file's, or a correction (a copy of
+    // the same type, e.g. q/k rows permuted at load, is the file's weight: written as stored).
+    const kernels::QMatrix* held = nullptr;
+    if (target != nullptr) {
       const LlamaLayer& L = model.layer(static_cast<int64_t>(layer));
-      const std::array<const kernels::QMatrix*, kNumModules> mats = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down};
-      const kernels::QMatrix* m = mats[static_cast<size_t>(target->parts[0].mod)];
-      if (m->data != t.data) held = m;
+      for (const Part& p : target->parts) {
+        const kernels::QMatrix& m = L.Projection(p.mod);
+        if (m.type == t.type && !L.corr[static_cast<size_t>(p.mod)].present()) continue;
+        if (target->parts.size() > 1)
+          return absl::UnimplementedError(absl::StrCat(t.name, ": merged export of a re-quantized fused projection is not implemented"));
+        held = &m;
+      }
     }
     if (target == nullptr || (held == nullptr && !std::any_of(target->parts.begin(), target->parts.end(), adapted))) {
       FT_RETURN_IF_ERROR(w.AddTensor(t.name, t.ne, t.type, {t.data, t.nbytes}));

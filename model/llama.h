@@ -80,6 +80,10 @@ struct LlamaLayer {
   std::vector<float> attn_norm, ffn_norm;
   kernels::QMatrix wq, wk, wv, wo, w_gate, w_up, w_down;
   std::array<LowRankCorrection, kNumModules> corr;  // quantization-error compensation, by Module
+  // The projection of module m (q, k, v, o, gate, up, down).
+  const kernels::QMatrix& Projection(Module m) const { return *Projections()[static_cast<size_t>(m)]; }
+  std::array<const kernels::QMatrix*, kNumModules> Projections() const { return {&wq, &wk, &wv, &wo, &w_gate, &w_up, &w_down}; }
+  std::array<kernels::QMatrix*, kNumModules> Projections() { return {&wq, &wk, &wv, &wo, &w_gate, &w_up, &w_down}; }
   std::vector<float> bq, bk, bv, bo;  // biases (empty: none): qwen2 q/k/v, llama attention_bias q/k/v/o
   std::vector<float> q_norm, k_norm;  // qwen3: head_dim weights each (empty: none)
   std::vector<float> post_attn_norm, post_ffn_norm;  // gemma3 (empty: none)

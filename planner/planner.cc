@@ -70,7 +70,7 @@ ModelShape ModelShape::Of(const model::LlamaModel& m) {
   s.post_norms = c.gemma;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const auto& L = m.layer(l);
-    for (const auto* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down})
+    for (const auto* w : L.Projections())
     {
       s.projection_params += static_cast<double>(w->rows) * static_cast<double>(w->cols);
       s.projections.emplace_back(w->rows, w->cols);

@@ -325,7 +325,8 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
       if (p.speed() < 0 || p.bandwidth_mbps() < 0 || p.latency_ms() < 0) return Bad(key, "speed, bandwidth_mbps, latency_ms must be >= 0");
       if (p.dropout() < 0 || p.dropout() >= 1) return Bad(key + ".dropout", "must be in [0, 1)");
       if (p.memory_mib() < 0) return Bad(key + ".memory_mib", "must be >= 0");
-      if (!p.base_type().empty() && !kernels::GgmlTypeFromName(p.base_type())) return Bad(key + ".base_type", "unknown type (q8_0, q4_1, q3_k, q2_k, ...)");
+      if (const auto bt = kernels::GgmlTypeFromName(p.base_type()); !p.base_type().empty() && (!bt || !kernels::CanQuantize(*bt)))
+        return Bad(key + ".base_type", "not a type fedtune re-quantizes to (q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2)");
       if (!p.base_type().empty() && c.planner().enabled()) return Bad(key + ".base_type", "not with the planner (it chooses each client's base)");
       total += p.count();
     }
@@ -336,6 +337,11 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
     for (const auto& p : c.profiles()) requantized = requantized || !p.base_type().empty();
     if (!s.run.compensation.empty() && !requantized)
       return Bad("train.compensation", "compensates a re-quantized base: set train.base_type, planner.base_types or profiles[].base_type");
+    // The simulation's train.base_type re-quantizes the one shared model (server-side evaluation
+    // and baselines included); compensated copies are per client (worker::BaseModels), so mixing
+    // the two would evaluate on another base than the one trained on.
+    if (!s.run.compensation.empty() && !c.train().base_type().empty())
+      return Bad("train.compensation", "with train.base_type in the simulation: give the clients their base with profiles[].base_type");
   }
   if (c.data().client_files_size() > 0) {
     if (!c.data().tasks().empty() || !c.data().files().empty() || !c.data().text_domains().empty())
@@ -575,9 +581,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
 
   // Model: one read-only copy shared by every virtual client.
   FT_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Load(c.model().path()));
-  // With compensation the clients get compensated copies (worker::BaseModels); the shared model
-  // stays as stored (the coordinator's view: server-side evaluation runs on it).
-  if (!c.train().base_type().empty() && s.run.compensation.empty()) {
+  if (!c.train().base_type().empty()) {
     FT_ASSIGN_OR_RETURN(size_t bytes, model->Requantize(*kernels::GgmlTypeFromName(c.train().base_type())));
     say(absl::StrFormat("base re-quantized to %s: %.1f MiB of projections", c.train().base_type(), bytes / 1048576.0));
   }

@@ -167,9 +167,10 @@ TEST_F(SimTest, ReportRendersInHeadlessChromium) {
 // re-quantized base (the correction is part of the base the clients train on).
 TEST_F(SimTest, CompensatedLowBitBaseTrainsTheClients) {
   const std::string plain = testing::TempPath("sim_q4_0"), comp = testing::TempPath("sim_q4_0_cloq");
-  auto a = Run(Yaml("train: {local_steps: 2, batch: 4, learning_rate: 0.01, base_type: q4_0}\n", plain));
+  const std::string fleet = "profiles: [{count: 3, base_type: q4_0}]\n";
+  auto a = Run(Yaml(fleet + "train: {local_steps: 2, batch: 4, learning_rate: 0.01}\n", plain));
   ASSERT_TRUE(a.ok()) << a.status();
-  auto b = Run(Yaml("train: {local_steps: 2, batch: 4, learning_rate: 0.01, base_type: q4_0, compensation: cloq, compensation_rank: 2}\n", comp));
+  auto b = Run(Yaml(fleet + "train: {local_steps: 2, batch: 4, learning_rate: 0.01, compensation: cloq, compensation_rank: 2}\n", comp));
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_LT(b->rounds.back().metrics.at("eval_loss"), b->rounds.front().metrics.at("eval_loss"));
   const auto ta = LoadTensors(plain + "/adapter.safetensors"), tb = LoadTensors(comp + "/adapter.safetensors");
@@ -425,8 +426,10 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("dp: {enabled: true, target_epsilon: 8}\nstrategy: {merge: median}\n", "dp.enabled");
   expect("train: {base_type: q3_x}\n", "train.base_type");
   expect("train: {base_type: q4_0, compensation: gptq}\n", "train.compensation");
+  expect("train: {base_type: q4_0, compensation: svd}\n", "train.compensation");  // profiles[].base_type instead
+  expect("train: {base_type: q6_k}\n", "train.base_type");  // no quantizer for it
   expect("train: {compensation: svd}\n", "train.compensation");  // nothing re-quantized to compensate
-  expect("train: {base_type: q4_0, compensation: svd, compensation_rank: -1}\n", "train.compensation_rank");
+  expect("profiles: [{count: 3, base_type: q4_0}]\ntrain: {compensation: svd, compensation_rank: -1}\n", "train.compensation_rank");
   expect("profiles: [{count: 3, base_type: q9_9}]\n", "profiles[0].base_type");
   expect("profiles: [{count: 3, base_type: q4_0}]\nplanner: {enabled: true}\n", "profiles[0].base_type");
   expect("train: {activation_budget_mib: 512}\nplanner: {enabled: true}\n", "train.activation_budget_mib");
