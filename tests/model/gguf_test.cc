@@ -94,7 +94,7 @@ TEST(GgufTest, CorruptFilesGiveClearErrors) {
       {"key length", [](auto& b) { b[31] = 0x10; }, absl::StatusCode::kDataLoss, "claims length"},
       {"value type", [](auto& b) { b[52] = 42; }, absl::StatusCode::kDataLoss, "invalid value type 42"},
       {"dims", [](auto& b) { b[83] = 7; }, absl::StatusCode::kDataLoss, "7 dimensions"},
-      {"block type", [](auto& b) { b[95] = 10; }, absl::StatusCode::kUnimplemented, "Q2_K"},
+      {"block type", [](auto& b) { b[95] = 15; }, absl::StatusCode::kUnimplemented, "Q8_K"},
       {"unknown type", [](auto& b) { b[95] = 77; }, absl::StatusCode::kDataLoss, "unknown type id 77"},
       {"offset", [](auto& b) { b[100] = 0x40; }, absl::StatusCode::kDataLoss, "past the end"},
       {"unaligned", [](auto& b) { b[99] = 3; }, absl::StatusCode::kDataLoss, "not aligned"},
