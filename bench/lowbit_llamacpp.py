@@ -13,6 +13,9 @@ import numpy as np
 import gguf
 import llama_cpp
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "oracles"))
+from gen_llamacpp_golden import sliding_window_nll  # the same scoring as the logit goldens
+
 MAX = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
 OUT = sys.argv[2] if len(sys.argv) > 2 else "runs/lowbit/llamacpp"
 SRC = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,29 +33,11 @@ def quantize(name, ftype):
     return out, dict(kinds)
 
 
-def log_softmax(x):
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
 def perplexity(path):
     llm = llama_cpp.Llama(model_path=path, n_ctx=W, n_batch=W, logits_all=True, n_threads=2, verbose=False)
     toks = llm.tokenize(open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read().encode(), add_bos=False, special=False)
     toks = toks[:MAX]  # no BOS: SmolLM2's add_bos_token is false (fedtune's EncodeWithBos adds none either)
-    nll, n, prev_end, begin = 0.0, 0, 0, 0
-    while True:
-        end = min(begin + W, len(toks))
-        llm.reset()
-        llm.eval(toks[begin:end])
-        lp = log_softmax(np.array(llm.scores[: end - begin]))
-        for j in range(max(prev_end, begin + 1), end):
-            nll -= lp[j - 1 - begin, toks[j]]
-            n += 1
-        prev_end = end
-        if end == len(toks):
-            break
-        begin += S
+    nll, n = sliding_window_nll(llm, toks, W, S)
     return float(np.exp(nll / n)), n
 
 

@@ -15,6 +15,12 @@ void GetRow(const QMatrix& w, int64_t r, float* out) {
   DequantizeRow(w.type, w.row(r), out, w.cols);
 }
 
+std::vector<float> DequantizeMatrix(const QMatrix& w) {
+  std::vector<float> out(static_cast<size_t>(w.rows * w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) GetRow(w, r, out.data() + r * w.cols);
+  return out;
+}
+
 void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m) {
   const int64_t k = w.cols, n = w.rows;
   if (m == 1) {  // generation: fused dequantize-dot, parallel over output rows

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "kernels/quant.h"
 
@@ -27,6 +28,8 @@ void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m);
 
 // Dequantizes one row of w into out (w.cols floats), e.g. an embedding lookup.
 void GetRow(const QMatrix& w, int64_t r, float* out);
+// Every row of w, dequantized (rows x cols floats).
+std::vector<float> DequantizeMatrix(const QMatrix& w);
 
 // y = x / sqrt(mean(x^2) + eps) * weight, per row of n values; rows may alias (x == y).
 void RmsNorm(const float* x, const float* weight, float* y, int64_t rows, int64_t n, float eps);

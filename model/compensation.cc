@@ -87,13 +87,6 @@ const char* CompensationMethodName(CompensationMethod m) {
   return "?";
 }
 
-LowRankFactors LowRankApprox(const float* m, int64_t rows, int64_t cols, int64_t rank) {
-  const MatD md = Eigen::Map<const MatF>(m, rows, cols).cast<double>();
-  MatD l, r;
-  TruncatedSvd(md, rank, &l, &r);
-  return ToFactors(l, r);
-}
-
 void CalibrationGram::Accumulate(const float* in, int64_t n_rows, int64_t n_cols) {
   if (x.empty()) cols = n_cols;
   FT_CHECK(n_cols == cols);
@@ -152,7 +145,7 @@ absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t ro
       for (int it = 0; it < iters; ++it) {
         FT_RETURN_IF_ERROR(QuantizeRows(type, res, &out.bytes, &q));
         TruncatedSvd(wd - q, o.rank, &l, &r);
-        res = wd - l * r;
+        if (it + 1 < iters) res = wd - l * r;
       }
       break;
     }

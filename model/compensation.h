@@ -38,9 +38,6 @@ struct LowRankFactors {
   std::vector<float> u, v;
 };
 
-// The best rank-r approximation of m (rows x cols, row-major), split as PEFT splits it.
-LowRankFactors LowRankApprox(const float* m, int64_t rows, int64_t cols, int64_t rank);
-
 struct CompensatedMatrix {
   kernels::GgmlType type = kernels::GgmlType::kF32;
   std::vector<uint8_t> bytes;  // rows x RowBytes(type, cols)

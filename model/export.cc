@@ -361,13 +361,8 @@ absl::Status ExportMergedGguf(const std::string& path, const LlamaModel& model, 
       const Module mod = target->parts[0].mod;
       if (held->rows * held->cols != t.n_elements()) return absl::InternalError(absl::StrCat(t.name, ": the model's copy does not match its shape"));
       const LowRankCorrection& corr = model.layer(static_cast<int64_t>(layer)).corr[static_cast<size_t>(mod)];
-      std::vector<float> u, v;
-      if (corr.present()) {
-        u.resize(static_cast<size_t>(corr.u.rows * corr.u.cols));
-        v.resize(static_cast<size_t>(corr.v.rows * corr.v.cols));
-        for (int64_t r = 0; r < corr.u.rows; ++r) kernels::DequantizeRow(corr.u.type, corr.u.row(r), u.data() + r * corr.u.cols, corr.u.cols);
-        for (int64_t r = 0; r < corr.v.rows; ++r) kernels::DequantizeRow(corr.v.type, corr.v.row(r), v.data() + r * corr.v.cols, corr.v.cols);
-      }
+      const std::vector<float> u = corr.present() ? kernels::DequantizeMatrix(corr.u) : std::vector<float>{};
+      const std::vector<float> v = corr.present() ? kernels::DequantizeMatrix(corr.v) : std::vector<float>{};
       for (int64_t row = 0; row < held->rows; ++row) {
         float* dst = wv.data() + FileRow(mod, row, cfg.head_dim, GgufNeox(cfg)) * held->cols;
         kernels::DequantizeRow(held->type, held->row(row), dst, held->cols);

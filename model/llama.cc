@@ -11,6 +11,7 @@
 #include <optional>
 #include <set>
 
+#include "absl/strings/str_format.h"
 #include "common/mapped_file.h"
 #include "kernels/thread_pool.h"
 #include "nlohmann/json.hpp"
@@ -585,6 +586,22 @@ absl::StatusOr<size_t> LlamaModel::Requantize(kernels::GgmlType target) {
   return ProjectionBytes();
 }
 
+std::string LlamaModel::CompensationReport::Summary() const {
+  double rb = 0, ra = 0, ab = 0, aa = 0;
+  for (const auto& e : modules) {
+    rb += e.rel_before;
+    ra += e.rel_after;
+    ab += e.act_before;
+    aa += e.act_after;
+  }
+  const double n = static_cast<double>(std::max<size_t>(1, modules.size()));
+  std::string s = absl::StrFormat("%.1f MiB + %.1f MiB correction (%.1f s); mean relative weight error %.4f -> %.4f",
+                                  static_cast<double>(projection_bytes) / (1 << 20), static_cast<double>(correction_bytes) / (1 << 20), seconds,
+                                  rb / n, ra / n);
+  if (!modules.empty() && modules[0].act_before >= 0) absl::StrAppendFormat(&s, ", on the calibration inputs %.4f -> %.4f", ab / n, aa / n);
+  return s;
+}
+
 size_t LlamaModel::CorrectionBytes() const {
   size_t n = 0;
   for (const auto& L : layers_)
@@ -626,15 +643,13 @@ absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::RequantizeCompensated
     }
   }
   CompensationReport rep;
-  std::vector<float> w;
   for (size_t li = 0; li < nl; ++li) {
     LlamaLayer& L = layers_[li];
     const std::array<kernels::QMatrix*, kNumModules> mats = L.Projections();
     for (int mi = 0; mi < kNumModules; ++mi) {
       kernels::QMatrix* m = mats[static_cast<size_t>(mi)];
       const kernels::GgmlType type = kernels::RowCompatibleType(target, m->cols);
-      w.resize(static_cast<size_t>(m->rows * m->cols));
-      for (int64_t r = 0; r < m->rows; ++r) kernels::DequantizeRow(m->type, m->row(r), w.data() + r * m->cols, m->cols);
+      const std::vector<float> w = kernels::DequantizeMatrix(*m);
       auto& g = gram[li][static_cast<size_t>(slot(static_cast<Module>(mi)))];
       FT_ASSIGN_OR_RETURN(CompensatedMatrix cm, QuantizeCompensated(w.data(), m->rows, m->cols, type, o, g.x.empty() ? nullptr : &g));
       FT_ASSIGN_OR_RETURN(size_t rb, kernels::RowBytes(type, m->cols));

@@ -118,6 +118,9 @@ class LlamaModel {
     std::vector<Entry> modules;
     size_t projection_bytes = 0, correction_bytes = 0;
     double seconds = 0;
+    // "P MiB + C MiB correction (S s); mean relative weight error a -> b[, on the calibration
+    // inputs c -> d]" (means over the projections).
+    std::string Summary() const;
   };
   absl::StatusOr<CompensationReport> RequantizeCompensated(kernels::GgmlType target, const CompensationOptions& o,
                                                            std::span<const int32_t> calibration);

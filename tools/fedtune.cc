@@ -236,20 +236,8 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b, const std::v
   o.rank = b.rank;
   o.iterations = b.iterations;
   FT_ASSIGN_OR_RETURN(auto rep, m.RequantizeCompensated(*t, o, calib));
-  double sb = 0, sa = 0, ab = 0, aa = 0;
-  for (const auto& e : rep.modules) {
-    sb += e.rel_before;
-    sa += e.rel_after;
-    ab += e.act_before;
-    aa += e.act_after;
-  }
-  const double n = static_cast<double>(std::max<size_t>(1, rep.modules.size()));
-  std::fprintf(stderr, "[fedtune] base projections re-quantized to %s with %s rank %lld: %.1f MiB -> %.1f MiB + %.1f MiB correction (%.1f s); "
-               "mean relative weight error %.4f -> %.4f", kernels::TypeTraits(*t).name, b.compensate.c_str(), static_cast<long long>(b.rank),
-               static_cast<double>(before) / (1 << 20), static_cast<double>(rep.projection_bytes) / (1 << 20),
-               static_cast<double>(rep.correction_bytes) / (1 << 20), rep.seconds, sb / n, sa / n);
-  if (!calib.empty()) std::fprintf(stderr, ", on the calibration inputs %.4f -> %.4f", ab / n, aa / n);
-  std::fprintf(stderr, "\n");
+  std::fprintf(stderr, "[fedtune] base projections re-quantized to %s with %s rank %lld: %.1f MiB -> %s\n", kernels::TypeTraits(*t).name,
+               b.compensate.c_str(), static_cast<long long>(b.rank), static_cast<double>(before) / (1 << 20), rep.Summary().c_str());
   return absl::OkStatus();
 }
 

@@ -54,15 +54,7 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
       o.method = *method;
       o.rank = rank;
       FT_ASSIGN_OR_RETURN(auto rep, m->RequantizeCompensated(*t, o, *method == model::CompensationMethod::kCloq ? calibration_ : std::vector<int32_t>{}));
-      double before = 0, after = 0;
-      for (const auto& e : rep.modules) {
-        before += e.rel_before;
-        after += e.rel_after;
-      }
-      const double n = static_cast<double>(std::max<size_t>(1, rep.modules.size()));
-      FT_LOG_INFO("base re-quantized to {} with {} rank {} for the plan: {:.1f} MiB of projections + {:.1f} MiB correction; mean relative "
-                  "weight error {:.4f} -> {:.4f} ({:.1f} s)", base_type, plan.compensation, rank, static_cast<double>(rep.projection_bytes) / (1 << 20),
-                  static_cast<double>(rep.correction_bytes) / (1 << 20), before / n, after / n, rep.seconds);
+      FT_LOG_INFO("base re-quantized to {} with {} rank {} for the plan: {}", base_type, plan.compensation, rank, rep.Summary());
     }
     slot = std::move(m);
   }

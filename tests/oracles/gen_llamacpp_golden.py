@@ -27,6 +27,23 @@ def log_softmax(x):
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
+def sliding_window_nll(llm, toks, W, S):
+    """fedtune's perplexity definition (model/perplexity.h) on llama.cpp: windows of W tokens
+    advancing by S, each token scored once. Returns (summed NLL, tokens scored)."""
+    nll, n, prev_end, begin = 0.0, 0, 0, 0
+    while True:
+        end = min(begin + W, len(toks))
+        llm.reset()
+        llm.eval(toks[begin:end])
+        lp = log_softmax(np.array(llm.scores[: end - begin]))
+        for j in range(max(prev_end, begin + 1), end):
+            nll -= lp[j - 1 - begin, toks[j]]
+            n += 1
+        prev_end = end
+        if end == len(toks):
+            return nll, n
+        begin += S
+
 def run(model, W, S):
     llm = llama_cpp.Llama(model_path=model, n_ctx=W, n_batch=W, logits_all=True, n_threads=2, verbose=False)
     out = {"oracle": f"llama-cpp-python {llama_cpp.__version__}", "model": model.split("/")[-1], "prompts": []}
@@ -40,19 +57,7 @@ def run(model, W, S):
                                "argmax_logprob": [float(lp[i, t]) for i, t in enumerate(top)]})
     text = open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read()
     toks = llm.tokenize(text.encode(), add_bos=False, special=False)
-    nll, n, prev_end, begin = 0.0, 0, 0, 0
-    while True:
-        end = min(begin + W, len(toks))
-        llm.reset()
-        llm.eval(toks[begin:end])
-        lp = log_softmax(np.array(llm.scores[: end - begin]))
-        for j in range(max(prev_end, begin + 1), end):
-            nll -= lp[j - 1 - begin, toks[j]]
-            n += 1
-        prev_end = end
-        if end == len(toks):
-            break
-        begin += S
+    nll, n = sliding_window_nll(llm, toks, W, S)
     out["perplexity"] = {"file": "/usr/share/common-licenses/GPL-3", "window": W, "stride": S, "n_tokens": len(toks),
                          "n_scored": n, "mean_nll": nll / n, "ppl": float(np.exp(nll / n))}
     return out
