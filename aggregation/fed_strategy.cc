@@ -30,7 +30,14 @@ class LinearAggregation : public Aggregation {
     for (auto& [name, d] : u.delta) {
       Acc& a = acc_[name];
       if (a.sum.empty()) a.sum.assign(d.size(), 0.0);
+      // Per-worker ranks (nested rule): a value is averaged over the clients that trained it.
+      const auto cov_it = u.coverage.find(name);
+      const std::vector<float>* cov = cov_it == u.coverage.end() ? nullptr : &cov_it->second;
+      if (cov && cov->size() != d.size()) return absl::InvalidArgumentError(absl::StrCat("coverage of ", name, " does not match its delta"));
+      if (cov && a.value_weight.empty()) a.value_weight.assign(d.size(), a.weight);
       for (size_t i = 0; i < d.size(); ++i) a.sum[i] += n * d[i];
+      if (!a.value_weight.empty())
+        for (size_t i = 0; i < d.size(); ++i) a.value_weight[i] += cov ? n * (*cov)[i] : n;
       a.weight += n;
       ++a.count;
       if (!ua) continue;
@@ -45,7 +52,7 @@ class LinearAggregation : public Aggregation {
       }
       for (size_t i = 0; i < d.size(); ++i) {
         const double fi = o_.fisher_clip > 0 ? std::min<double>(f->second[i], o_.fisher_clip) : f->second[i];
-        const double w = n * (fi + o_.uncertainty_lambda);
+        const double w = n * (cov ? (*cov)[i] : 1.0) * (fi + o_.uncertainty_lambda);
         a.num[i] += w * d[i];
         a.den[i] += w;
       }
@@ -116,7 +123,10 @@ class LinearAggregation : public Aggregation {
       out.resize(a.sum.size());
       const bool precision = o_.merge == MergeRule::kUncertainty && !a.missing_fisher && !a.num.empty();
       if (o_.merge == MergeRule::kUncertainty && !precision) ++fallback;
-      for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(precision ? a.num[i] / a.den[i] : a.sum[i] / a.weight);
+      for (size_t i = 0; i < out.size(); ++i) {
+        const double w = a.value_weight.empty() ? a.weight : a.value_weight[i];  // (0: nobody trained the value)
+        out[i] = static_cast<float>(precision ? (a.den[i] > 0 ? a.num[i] / a.den[i] : 0.0) : (w > 0 ? a.sum[i] / w : 0.0));
+      }
       merged_.contributors[name] = a.count;
     }
     if (o_.merge == MergeRule::kUncertainty) merged_.metrics["fisher_fallback_tensors"] = fallback;
@@ -127,6 +137,7 @@ class LinearAggregation : public Aggregation {
  private:
   struct Acc {
     std::vector<double> sum, num, den;
+    std::vector<double> value_weight;  // per value, once an update with coverage came (nested ranks)
     double weight = 0;
     int count = 0;
     bool missing_fisher = false;

@@ -2,7 +2,10 @@
 
 #include <Eigen/Dense>
 #include <algorithm>
+#include <cmath>
+#include <set>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace fedtune::aggregation {
@@ -120,6 +123,254 @@ absl::StatusOr<std::vector<LoraFactors>> FlexLoraRedistribute(const std::vector<
     result.push_back(std::move(f));
   }
   return result;
+}
+
+const char* HeteroRankRuleName(HeteroRankRule r) {
+  switch (r) {
+    case HeteroRankRule::kNested: return "nested";
+    case HeteroRankRule::kZeroPad: return "zero_pad";
+    case HeteroRankRule::kFlexLora: return "flexlora";
+  }
+  return "?";
+}
+
+absl::StatusOr<HeteroRankRule> ParseHeteroRankRule(const std::string& s) {
+  if (s.empty() || s == "nested") return HeteroRankRule::kNested;
+  if (s == "zero_pad") return HeteroRankRule::kZeroPad;
+  if (s == "flexlora") return HeteroRankRule::kFlexLora;
+  return absl::InvalidArgumentError(absl::StrCat("unknown heterogeneous-rank rule '", s, "' (nested, zero_pad, flexlora)"));
+}
+
+float RankAlpha(float alpha, int64_t rank, int64_t r, bool rslora) {
+  const double ratio = static_cast<double>(r) / static_cast<double>(rank);
+  return static_cast<float>(alpha * (rslora ? std::sqrt(ratio) : ratio));
+}
+
+namespace {
+
+enum class Part { kA, kB, kOther };
+Part PartOf(const std::string& name) {
+  if (absl::EndsWith(name, ".lora_a")) return Part::kA;
+  if (absl::EndsWith(name, ".lora_b")) return Part::kB;
+  return Part::kOther;
+}
+
+// Copies the first r of R components of `from` (a tensor of `part`, full size `full`) into a
+// rank-r tensor, or (expand) the other way round with zeros beyond r.
+void CopyComponents(Part part, const std::vector<float>& from, std::vector<float>& to, size_t full, int64_t rank, int64_t r, bool expand) {
+  const size_t dim = full / static_cast<size_t>(rank);  // in (A) or out (B)
+  const size_t rr = static_cast<size_t>(r), rk = static_cast<size_t>(rank);
+  to.assign(expand ? full : dim * rr, 0.0f);
+  if (part == Part::kA) {  // [rank, in]: a prefix of rows
+    std::copy_n(from.begin(), dim * rr, to.begin());
+    return;
+  }
+  for (size_t o = 0; o < dim; ++o)  // [out, rank]: a prefix of every row
+    for (size_t k = 0; k < rr; ++k) {
+      if (expand) {
+        to[o * rk + k] = from[o * rr + k];
+      } else {
+        to[o * rr + k] = from[o * rk + k];
+      }
+    }
+}
+
+absl::Status CheckRanks(int64_t rank, int64_t r) {
+  if (rank < 1 || r < 1 || r > rank) return absl::InvalidArgumentError(absl::StrCat("worker rank ", r, " outside [1, ", rank, "]"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r) {
+  FT_RETURN_IF_ERROR(CheckRanks(rank, r));
+  TensorMap out;
+  for (const auto& [name, v] : t) {
+    const Part part = PartOf(name);
+    if (part == Part::kOther || r == rank) {
+      out[name] = v;
+      continue;
+    }
+    if (v.empty() || v.size() % static_cast<size_t>(rank) != 0)
+      return absl::InvalidArgumentError(absl::StrCat(name, ": ", v.size(), " values are not rank ", rank, " x a width"));
+    CopyComponents(part, v, out[name], v.size(), rank, r, false);
+  }
+  return out;
+}
+
+absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, int64_t r, bool coverage) {
+  FT_RETURN_IF_ERROR(CheckRanks(rank, r));
+  u->compressed.clear();
+  u->coverage.clear();
+  if (r == rank) return absl::OkStatus();
+  for (auto& [name, d] : u->delta) {
+    auto g = global.find(name);
+    if (g == global.end()) return absl::InvalidArgumentError(absl::StrCat("update from '", u->client, "': unknown tensor ", name));
+    const Part part = PartOf(name);
+    const size_t full = g->second.size();
+    const size_t expected = part == Part::kOther ? full : full / static_cast<size_t>(rank) * static_cast<size_t>(r);
+    if (d.size() != expected)
+      return absl::InvalidArgumentError(
+          absl::StrCat("update from '", u->client, "': tensor ", name, " has ", d.size(), " values, expected ", expected, " (rank ", r, ")"));
+    if (part == Part::kOther) continue;
+    std::vector<float> padded;
+    CopyComponents(part, d, padded, full, rank, r, true);
+    d = std::move(padded);
+    if (auto f = u->fisher.find(name); f != u->fisher.end()) {
+      if (f->second.size() != expected)
+        return absl::InvalidArgumentError(absl::StrCat("update from '", u->client, "': Fisher tensor ", name, " does not match its delta"));
+      CopyComponents(part, f->second, padded, full, rank, r, true);
+      f->second = std::move(padded);
+    }
+    if (coverage) {
+      std::vector<float> ones(expected, 1.0f);
+      CopyComponents(part, ones, u->coverage[name], full, rank, r, true);
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// Factors of one module's client products, buffered for FlexLoRA: W = sum_k p_k s B_k A_k with
+// b_cols[k] = B_k (out x r_k) and a_rows[k] = p_k s A_k (r_k x in), p_k unnormalised here.
+struct Stack {
+  std::vector<Eigen::MatrixXd> b, a;
+  double weight = 0;
+};
+
+// Thin orthonormal basis and triangular factor of m (rows >= 1): m = Q R.
+void ThinQr(const Eigen::MatrixXd& m, Eigen::MatrixXd* q, Eigen::MatrixXd* r) {
+  const Eigen::Index k = std::min(m.rows(), m.cols());
+  Eigen::HouseholderQR<Eigen::MatrixXd> qr(m);
+  *q = qr.householderQ() * Eigen::MatrixXd::Identity(m.rows(), k);
+  *r = qr.matrixQR().topRows(k).triangularView<Eigen::Upper>();
+}
+
+class HeteroRankAggregation : public Aggregation {
+ public:
+  HeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global, std::unique_ptr<Aggregation> inner)
+      : rule_(o.rule), rank_(o.rank), scale_(o.scale), o_(o), ranks_(std::move(ranks)), global_(global), inner_(std::move(inner)) {}
+
+  absl::Status Add(ClientUpdate u) override {
+    auto it = ranks_.find(u.client);
+    const int64_t r = it == ranks_.end() ? rank_ : it->second;
+    FT_RETURN_IF_ERROR(ExpandRank(&u, global_, rank_, r, rule_ == HeteroRankRule::kNested));
+    if (rule_ != HeteroRankRule::kFlexLora) return inner_->Add(std::move(u));
+    FT_RETURN_IF_ERROR(ValidateUpdate(u, global_));
+    if (!seen_.insert(u.client).second) return absl::AlreadyExistsError(absl::StrCat("second update from '", u.client, "' in this round"));
+    for (const auto& [name, d] : u.delta) {
+      if (PartOf(name) == Part::kOther) return absl::InvalidArgumentError(absl::StrCat("flexlora merges LoRA factors only, not ", name));
+      const std::string other = name.substr(0, name.size() - 1) + (PartOf(name) == Part::kA ? "b" : "a");
+      if (!u.delta.count(other))
+        return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': ", name, " without ", other, " (flexlora needs both factors)"));
+    }
+    const int64_t examples = o_.max_client_examples > 0 ? std::min(u.num_examples, o_.max_client_examples) : u.num_examples;
+    const double n = o_.weight_by_examples ? static_cast<double>(examples) : 1.0;
+    for (const auto& [name, d] : u.delta) {
+      if (PartOf(name) != Part::kA) continue;
+      const std::string prefix = name.substr(0, name.size() - 6);  // "blk.L.M."
+      const auto db = u.delta.find(prefix + "lora_b");  // (present: checked above)
+      const std::vector<float>& ga = global_.at(name);
+      const std::vector<float>& gb = global_.at(prefix + "lora_b");
+      const Eigen::Index in = static_cast<Eigen::Index>(ga.size() / static_cast<size_t>(rank_));
+      const Eigen::Index out = static_cast<Eigen::Index>(gb.size() / static_cast<size_t>(rank_));
+      const Eigen::Index rk = static_cast<Eigen::Index>(r);
+      // The client's factors after training: its r components of the global plus its delta.
+      Eigen::MatrixXd a(rk, in), b(out, rk);
+      for (Eigen::Index k = 0; k < rk; ++k)
+        for (Eigen::Index i = 0; i < in; ++i) {
+          const size_t at = static_cast<size_t>(k * in + i);
+          a(k, i) = static_cast<double>(ga[at]) + d[at];
+        }
+      for (Eigen::Index o = 0; o < out; ++o)
+        for (Eigen::Index k = 0; k < rk; ++k) {
+          const size_t at = static_cast<size_t>(o * rank_ + k);
+          b(o, k) = static_cast<double>(gb[at]) + db->second[at];
+        }
+      Stack& st = stacks_[prefix];
+      st.a.push_back(n * scale_ * a);
+      st.b.push_back(std::move(b));
+      st.weight += n;
+    }
+    ++accepted_;
+    examples_ += u.num_examples;
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<Merged> Merge() override {
+    if (rule_ != HeteroRankRule::kFlexLora) return inner_->Merge();
+    Merged m;
+    m.accepted = accepted_;
+    m.num_examples = examples_;
+    double worst = 0;
+    for (auto& [prefix, st] : stacks_) {
+      const std::vector<float>& ga = global_.at(prefix + "lora_a");
+      const std::vector<float>& gb = global_.at(prefix + "lora_b");
+      const Eigen::Index in = st.a[0].cols(), out = st.b[0].rows();
+      Eigen::Index total = 0;
+      for (const auto& x : st.a) total += x.rows();
+      Eigen::MatrixXd bs(out, total), as(total, in);
+      Eigen::Index at = 0;
+      for (size_t k = 0; k < st.a.size(); ++k) {
+        bs.middleCols(at, st.b[k].cols()) = st.b[k];
+        as.middleRows(at, st.a[k].rows()) = st.a[k] / st.weight;
+        at += st.a[k].rows();
+      }
+      // W = bs as = Qb (Rb Ra^T) Qa^T: the SVD of the small middle matrix gives W's.
+      Eigen::MatrixXd qb, rb, qa, ra;
+      ThinQr(bs, &qb, &rb);
+      ThinQr(as.transpose(), &qa, &ra);
+      Eigen::JacobiSVD<Eigen::MatrixXd> svd(rb * ra.transpose(), Eigen::ComputeThinU | Eigen::ComputeThinV);
+      const Eigen::MatrixXd u = qb * svd.matrixU(), v = qa * svd.matrixV();
+      const Eigen::VectorXd& sv = svd.singularValues();
+      const Eigen::Index keep = std::min<Eigen::Index>(rank_, sv.size());
+      const double all = sv.squaredNorm();
+      const double tail = sv.size() > keep ? sv.tail(sv.size() - keep).squaredNorm() : 0.0;
+      if (all > 0) worst = std::max(worst, std::sqrt(tail / all));
+      std::vector<float>& da = m.delta[prefix + "lora_a"];
+      std::vector<float>& db = m.delta[prefix + "lora_b"];
+      da.assign(ga.size(), 0.0f);
+      db.assign(gb.size(), 0.0f);
+      for (Eigen::Index k = 0; k < rank_; ++k) {
+        // Components beyond W's rank: B column 0 (no effect), A row kept from the global so the
+        // component can still learn.
+        const bool live = k < keep && sv(k) > 0;
+        for (Eigen::Index i = 0; i < in; ++i) {
+          const size_t p = static_cast<size_t>(k * in + i);
+          da[p] = live ? static_cast<float>(v(i, k) - ga[p]) : 0.0f;
+        }
+        for (Eigen::Index o = 0; o < out; ++o) {
+          const size_t p = static_cast<size_t>(o * rank_ + k);
+          db[p] = static_cast<float>((live ? u(o, k) * sv(k) / scale_ : 0.0) - gb[p]);
+        }
+      }
+      m.contributors[prefix + "lora_a"] = m.contributors[prefix + "lora_b"] = static_cast<int>(st.a.size());
+    }
+    m.metrics["hetero_truncation"] = worst;
+    stacks_.clear();
+    return m;
+  }
+
+ private:
+  const HeteroRankRule rule_;
+  const int64_t rank_;
+  const double scale_;
+  const HeteroRankOptions o_;
+  const std::map<std::string, int64_t> ranks_;
+  const TensorMap& global_;
+  std::unique_ptr<Aggregation> inner_;
+  std::map<std::string, Stack> stacks_;
+  std::set<std::string> seen_;
+  int accepted_ = 0;
+  int64_t examples_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Aggregation> MakeHeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global,
+                                                       std::unique_ptr<Aggregation> inner) {
+  return std::make_unique<HeteroRankAggregation>(o, std::move(ranks), global, std::move(inner));
 }
 
 }  // namespace fedtune::aggregation

@@ -11,8 +11,12 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
 #include <vector>
 
+#include "aggregation/strategy.h"
 #include "common/status.h"
 
 namespace fedtune::aggregation {
@@ -32,5 +36,61 @@ absl::StatusOr<LoraFactors> FloraStack(const std::vector<LoraFactors>& clients);
 // One result per requested (rank, scale); rank <= min(in, out).
 absl::StatusOr<std::vector<LoraFactors>> FlexLoraRedistribute(const std::vector<LoraFactors>& clients,
                                                               const std::vector<int64_t>& ranks, const std::vector<double>& scales);
+
+// Per-worker ranks in a federated run (issue 22). The global adapter has the shared rank R
+// (adapter.rank); a worker given rank r < R trains the first r components of every LoRA pair
+// (rows of A, columns of B), starting from the global's: TruncateRank. Its forward has those r
+// components only (HetLoRA / FlexLoRA truncation, so its memory and compute shrink with r), at
+// the global's scale (the worker's alpha is adjusted, RankAlpha). Its update holds r-component
+// deltas, which the server expands to R (ExpandRank) and merges by one of these rules
+// (strategy.hetero_rank):
+//   nested   (default) each component is averaged over the clients that trained it (weights
+//            renormalised per component). Exact for FFA-LoRA: B enters linearly with the shared
+//            frozen A, whose first r rows are a rank-r worker's A, so the merged B is the
+//            weighted mean of the clients' dense updates on every component. For LoRA as exact
+//            as FedAvg of factors (mean(B) mean(A) != mean(BA)).
+//   zero_pad updates zero-padded to R and averaged over all clients: a component moves by the
+//            summed share of the clients that trained it (HetLoRA pads the clients' *factors*,
+//            which also shrinks a component towards zero every round by the share of clients
+//            that do not hold it; padding the updates keeps it).
+//   flexlora (LoRA only) the exact weighted sum of the clients' products
+//            W = sum_k p_k s B_k A_k (each client's r_k components after training), re-factored
+//            by SVD into the best rank-R global (B = U S / s, A = V^T: components ordered by
+//            singular value, so a rank-r worker's truncation is the best rank-r approximation
+//            of the global, FlexLoRA's redistribution). Error: the discarded singular values
+//            beyond R, reported per round as "hetero_truncation" (relative Frobenius norm, the
+//            largest over modules; 0 while the clients' stacked rank fits in R).
+// DiaBlo has no rank: per-worker block subsets are not implemented (refused in settings).
+enum class HeteroRankRule { kNested, kZeroPad, kFlexLora };
+const char* HeteroRankRuleName(HeteroRankRule r);
+absl::StatusOr<HeteroRankRule> ParseHeteroRankRule(const std::string& s);  // nested, zero_pad, flexlora
+
+// The alpha that gives rank r the scale of rank R at `alpha` (alpha/r or alpha/sqrt(r)).
+float RankAlpha(float alpha, int64_t rank, int64_t r, bool rslora);
+// The first r components of every tensor "*.lora_a" ([R, in] -> [r, in]) and "*.lora_b"
+// ([out, R] -> [out, r]); other tensors are copied. InvalidArgument when r is not in [1, R] or
+// a tensor's size is not a multiple of R.
+absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r);
+// The inverse for an update: every delta (and Fisher) tensor of rank r is zero-padded to R, and
+// with `coverage` the update's coverage marks the trained values (1) against the padding (0).
+// The sizes must be exactly those of a rank-r truncation of `global` (InvalidArgument naming
+// the tensor otherwise). Compressed wire forms are dropped (delta already holds their values).
+absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, int64_t r, bool coverage);
+
+// One round's accumulator for a run with per-worker ranks: expands each update by its client's
+// rank (`ranks`; absent: the shared rank), then nested / zero_pad hand it to `inner` (the
+// strategy's linear aggregation, which honours coverage), flexlora buffers the clients' factors
+// (memory: each client's r_k components) and merges them at Merge() into the delta from `global`
+// to the re-factored global (applied as is by FedAvg with server_lr 1, which settings require).
+// `global` must outlive the accumulator.
+struct HeteroRankOptions {
+  HeteroRankRule rule = HeteroRankRule::kNested;
+  int64_t rank = 8;                 // the global adapter's (shared) rank R
+  double scale = 2;                 // its alpha / R (or alpha / sqrt(R))
+  int64_t max_client_examples = 0;  // flexlora weights: as StrategyOptions
+  bool weight_by_examples = true;
+};
+std::unique_ptr<Aggregation> MakeHeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global,
+                                                       std::unique_ptr<Aggregation> inner);
 
 }  // namespace fedtune::aggregation

@@ -38,6 +38,10 @@ struct ClientUpdate {
   // When compressed: the wire form of every delta tensor (delta then holds exactly what the
   // server decodes from it, so in-process aggregation sees what a coordinator would).
   std::map<std::string, CompressedTensor> compressed = {};
+  // Per-worker ranks (aggregation/hetero_rank.h, nested rule): per delta tensor, 1 where the
+  // client trained a value and 0 where its update was padded; a linear merge then averages each
+  // value over the clients that trained it. Empty: every value trained.
+  TensorMap coverage = {};
 };
 
 struct ClientFailure {

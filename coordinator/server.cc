@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "aggregation/hetero_rank.h"
 #include "common/fault.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
@@ -554,6 +555,16 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       std::lock_guard<std::mutex> l(mu);
       if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
       snapshot = global;  // shapes to check against
+      // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h): check it
+      // against the global's first r components; the round engine pads it.
+      if (auto a = assigned.find(cn); a != assigned.end()) {
+        const rpc::v1::AdapterPlan& p = a->second.plan();
+        if (p.train_rank() > 0 && p.train_rank() < p.rank()) {
+          auto cut = aggregation::TruncateRank(snapshot, p.rank(), p.train_rank());
+          if (!cut.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, std::string(cut.status().message()));
+          snapshot = std::move(*cut);
+        }
+      }
     }
     std::vector<uint8_t> bytes;
     {

@@ -8,6 +8,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "aggregation/hetero_rank.h"
 #include "common/fault.h"
 #include "common/mapped_file.h"
 #include "common/rng.h"
@@ -190,7 +191,7 @@ absl::Status RoundEngine::Plan(int round, const std::vector<ClientInfo>& clients
   for (const planner::WorkerPlan& wp : made->workers) {
     auto old = plans_.find(wp.worker);
     if (old == plans_.end() || wp.excluded != old->second.excluded || wp.c.modules != old->second.c.modules || wp.c.batch != old->second.c.batch ||
-        wp.c.local_steps != old->second.c.local_steps || wp.c.base != old->second.c.base) {
+        wp.c.local_steps != old->second.c.local_steps || wp.c.base != old->second.c.base || wp.c.rank != old->second.c.rank) {
       ++changed;
       if (o_.say) o_.say(absl::StrCat("planner: round ", round, ": ", wp.worker, " ", wp.excluded ? wp.reason : wp.explanation));
     }
@@ -286,12 +287,13 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       FT_RETURN_IF_ERROR(Plan(r, clients, t));
     }
     std::vector<std::string> names;
-    std::map<std::string, int64_t> examples;
+    std::map<std::string, int64_t> examples, fixed_ranks;
     for (const ClientInfo& c : clients) {
       auto p = plans_.find(c.name);
       if (p != plans_.end() && p->second.excluded) continue;
       names.push_back(c.name);
       examples[c.name] = c.num_examples;
+      if (c.rank > 0) fixed_ranks[c.name] = c.rank;
     }
     if (names.empty()) return absl::FailedPreconditionError("planner: every client was left out (see the plan above)");
 
@@ -304,6 +306,8 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     const double lr = RoundLearningRate(s.learning_rate, r, s.rounds);
     rec.metrics["client_lr"] = lr;
     std::vector<protocol::TrainTask> tasks;
+    std::map<std::string, int64_t> ranks;  // clients training below the shared rank
+    const int64_t shared_rank = s.adapter.spec.rank;
     for (const aggregation::ClientTask& ct : selected) {
       protocol::TrainTask task = TaskTemplate(s);
       task.run_id = o_.run_id;
@@ -321,10 +325,27 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         task.batch = pc.batch;
         task.local_steps = pc.local_steps;
       }
+      int64_t rank = 0;
+      if (auto p = plans_.find(ct.client); p != plans_.end()) rank = p->second.c.rank;
+      if (auto f = fixed_ranks.find(ct.client); rank == 0 && f != fixed_ranks.end()) rank = f->second;
+      if (rank > 0 && rank < shared_rank) {
+        task.plan.train_rank = static_cast<int>(rank);
+        ranks[ct.client] = rank;
+      }
       tasks.push_back(std::move(task));
     }
 
     std::unique_ptr<aggregation::Aggregation> agg = strategy_->BeginAggregate(r, global_);
+    if (!ranks.empty()) {  // per-worker ranks: updates padded to the shared rank and merged by s.hetero_rank
+      aggregation::HeteroRankOptions ho;
+      ho.rule = s.hetero_rank;
+      ho.rank = shared_rank;
+      ho.scale = s.adapter.spec.Scale();
+      ho.max_client_examples = s.strategy.max_client_examples;
+      ho.weight_by_examples = s.strategy.weight_by_examples;
+      agg = aggregation::MakeHeteroRankAggregation(ho, ranks, global_, std::move(agg));
+      rec.metrics["hetero_rank_clients"] = static_cast<double>(ranks.size());
+    }
     std::unique_ptr<SecureServer> sec;
     double weight_divisor = 0;
     int unmasked_unused = 0;  // survivors of a secure sum that was unmasked but could not be used

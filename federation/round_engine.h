@@ -34,6 +34,7 @@ struct ClientInfo {
   std::string name;
   int64_t num_examples = 0;                       // 0: unknown (deployment)
   std::optional<planner::WorkerProfile> profile;  // for the planner (memory, speed, link)
+  int64_t rank = 0;  // a fixed LoRA rank for this client (simulation profiles[].rank); 0: adapter.rank (or the plan's)
 };
 
 struct RoundRecord {

@@ -196,10 +196,35 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
       return Bad("strategy.compression", "not with secure aggregation (masked uploads are dense field elements: nothing to save)");
   }
   if (s.send_fisher && (s.secure.enabled || s.dp.private_fisher) && s.strategy.fisher_clip == 0) s.strategy.fisher_clip = 1e-4;
+  {
+    auto rule = aggregation::ParseHeteroRankRule(strategy.hetero_rank());
+    if (!rule.ok()) return Bad("strategy.hetero_rank", std::string(rule.status().message()));
+    s.hetero_rank = *rule;
+    for (int r : planner.ranks())
+      if (r < 1 || r > s.adapter.spec.rank) return Bad("planner.ranks", absl::StrCat("every rank must be in [1, adapter.rank = ", s.adapter.spec.rank, "]"));
+    if (planner.enabled() && planner.ranks_size() > 0) FT_RETURN_IF_ERROR(CheckHeteroRanks(s, "planner.ranks"));
+  }
   // The automatic norm bound reads the updates' norms: not under central DP (an unprivatised
   // statistic; the DP clip bounds each update) nor secure aggregation (no norms to read).
   if (s.dp.central || s.secure.enabled) s.strategy.auto_norm_factor = 0;
   return s;
+}
+
+absl::Status CheckHeteroRanks(const RunSettings& s, const std::string& key) {
+  if (s.adapter.spec.kind == model::AdapterKind::kDiaBlo) return Bad(key, "per-worker ranks need a LoRA or FFA-LoRA adapter (DiaBlo has blocks, not ranks)");
+  if (!s.adapter.layout.empty()) return Bad(key, "not with per-layer adapter settings (adapter.layers)");
+  if (s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
+    return Bad(key, "per-worker ranks need strategy.merge mean or uncertainty");
+  if (s.dp.central || s.dp.local) return Bad(key, "not combined with differential privacy yet");
+  if (s.secure.enabled) return Bad(key, "not combined with secure aggregation yet (masks would have to cover each worker's slice)");
+  if (s.hetero_rank == aggregation::HeteroRankRule::kFlexLora) {
+    if (s.adapter.spec.kind != model::AdapterKind::kLora) return Bad("strategy.hetero_rank", "flexlora needs adapter.kind lora (nested is exact for FFA-LoRA)");
+    if (s.strategy.server != aggregation::ServerOptimizer::kFedAvg || s.strategy.server_lr != 1.0)
+      return Bad("strategy.hetero_rank", "flexlora replaces the global factors: needs strategy.server fedavg with server_lr 1");
+    if (s.strategy.merge != aggregation::MergeRule::kMean) return Bad("strategy.hetero_rank", "flexlora is its own merge: needs strategy.merge mean");
+    if (s.compression != aggregation::Compression::kNone) return Bad("strategy.hetero_rank", "flexlora is not combined with compressed uploads");
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<aggregation::Strategy>> MakeStrategy(const RunSettings& s, std::string* summary) {
@@ -264,6 +289,10 @@ absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerC
   if (pc.memory_margin() > 0) o.memory_margin = pc.memory_margin();
   if (pc.work_factor() < 0) return absl::InvalidArgumentError("planner.work_factor must be > 0");
   if (pc.work_factor() > 0) o.work_factor = pc.work_factor();
+  for (int r : pc.ranks()) {
+    if (r < 1 || r > spec.rank) return absl::InvalidArgumentError(absl::StrCat("planner.ranks: every rank must be in [1, adapter.rank = ", spec.rank, "]"));
+    o.ranks.push_back(r);
+  }
   return o;
 }
 

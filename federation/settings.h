@@ -10,6 +10,7 @@
 
 #include "aggregation/compression.h"
 #include "aggregation/fed_strategy.h"
+#include "aggregation/hetero_rank.h"
 #include "common/status.h"
 #include "model/adapter.h"
 #include "planner/planner.h"
@@ -62,7 +63,15 @@ struct RunSettings {
     int degree = 0, threshold = 0;
   } secure;
   uint64_t test_noise_seed = 0;
+  // Per-worker ranks (planner.ranks, profiles[].rank): how their updates merge.
+  aggregation::HeteroRankRule hetero_rank = aggregation::HeteroRankRule::kNested;
 };
+
+// Whether a run may give workers ranks below adapter.rank (`key`: the config key that asks):
+// LoRA or FFA-LoRA without per-layer layouts, a linear merge, neither DP nor secure aggregation
+// (a component averaged over fewer clients changes one client's influence; masks would have to
+// cover each worker's slice), flexlora only for LoRA with server fedavg at server_lr 1.
+absl::Status CheckHeteroRanks(const RunSettings& s, const std::string& key);
 
 // The round-shaping keys of either config; `population` as above.
 template <class Config>

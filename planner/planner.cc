@@ -167,7 +167,7 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
                                      const Candidate& c, int seq, double limit_mib, bool bf16_kernels) const {
   const double tokens = static_cast<double>(c.batch) * seq;
   const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
-  const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, spec, adapted, c.modules) + logits_mib +
+  const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, SpecAt(spec, c), adapted, c.modules) + logits_mib +
                       (bf16_kernels ? Bf16OutputMiB(s, tokens) : 0.0);
   const double per_seq = KeptMiBPerSequence(s, seq);
   ActivationChoice a;
@@ -228,18 +228,25 @@ void BlendImportance(std::map<model::Module, double>& importance, const std::map
     if (auto it = moved.find(m); it != moved.end()) v = 0.5 * v + 0.5 * it->second * mass;
 }
 
-double Utility(const std::map<model::Module, double>& importance, const Candidate& c) {
+model::AdapterSpec SpecAt(const model::AdapterSpec& spec, const Candidate& c) {
+  model::AdapterSpec s = spec;
+  if (c.rank > 0 && spec.kind != model::AdapterKind::kDiaBlo) s.rank = c.rank;
+  return s;
+}
+
+double Utility(const std::map<model::Module, double>& importance, const Candidate& c, int64_t shared_rank) {
   double cover = 0;
   for (auto m : c.modules)
     if (auto it = importance.find(m); it != importance.end()) cover += it->second;
-  return static_cast<double>(c.local_steps) * c.batch * cover;
+  const double share = shared_rank > 0 && c.rank > 0 ? std::min(1.0, static_cast<double>(c.rank) / static_cast<double>(shared_rank)) : 1.0;
+  return static_cast<double>(c.local_steps) * c.batch * cover * share;
 }
 
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
   const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
   const double tps = w.tokens_per_second * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
   const double compute = static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
-  const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, o.spec, c.modules) * (o.send_fisher ? 2 : 1);
+  const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, SpecAt(o.spec, c), c.modules) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
 
@@ -251,6 +258,16 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
   std::vector<kernels::GgmlType> bases = o.base_types.empty() ? std::vector<kernels::GgmlType>{shape.stored} : o.base_types;
   // Higher precision first: among equal utility and time the earlier candidate wins.
   std::stable_sort(bases.begin(), bases.end(), [](auto a, auto b) { return BitsPerWeight(a) > BitsPerWeight(b); });
+  // Ranks, highest first (0: the shared rank).
+  std::vector<int64_t> ranks;
+  for (int64_t r : o.ranks) {
+    if (r < 1 || r > o.spec.rank) return absl::InvalidArgumentError(absl::StrCat("planner: rank ", r, " outside [1, ", o.spec.rank, "]"));
+    ranks.push_back(r == o.spec.rank ? 0 : r);
+  }
+  if (ranks.empty()) ranks.push_back(0);
+  std::sort(ranks.begin(), ranks.end(), [&](int64_t a, int64_t b) { return (a == 0 ? o.spec.rank : a) > (b == 0 ? o.spec.rank : b); });
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  const int64_t shared_rank = o.ranks.empty() ? 0 : o.spec.rank;  // utility shares only when ranks vary
 
   // Module sets: every non-empty subset when small, else importance-ordered prefixes.
   std::vector<std::vector<model::Module>> sets;
@@ -286,10 +303,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     std::vector<int> batches = o.batches;  // larger first: on ties the larger batch wins
     std::sort(batches.rbegin(), batches.rend());
     for (const auto& s : sets)
+      for (int64_t rank : ranks)
       for (auto b : bases)
         for (int batch : batches)
           for (int steps = 1; steps <= o.max_local_steps; ++steps) {
-            Candidate c{s, b, batch, steps};
+            Candidate c{s, b, batch, steps, rank};
             const ActivationChoice a = o.memory.Choose(shape, o.spec, o.adapted, c, o.seq, usable, w.bf16_kernels);
             const double mib = a.total_mib;
             if (mib < smallest) {
@@ -297,7 +315,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
               smallest_c = c;
             }
             if (mib > usable * (1 + 1e-12)) continue;  // Choose's kept result may touch the limit
-            feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute), Utility(importance, c), mib, a});
+            feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute), Utility(importance, c, shared_rank), mib, a});
           }
     const ActivationChoice ua = o.memory.Choose(shape, o.spec, o.adapted, o.uniform, o.seq, usable, w.bf16_kernels);
     wp.uniform_seconds = ua.total_mib <= usable * (1 + 1e-12) ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute) : -1;
@@ -305,7 +323,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
       plan.uniform_fits_everyone = false;
     } else {
       plan.uniform_round_seconds = std::max(plan.uniform_round_seconds, wp.uniform_seconds);
-      plan.uniform_utility += Utility(importance, o.uniform);
+      plan.uniform_utility += Utility(importance, o.uniform, shared_rank);
     }
     if (feasible[k].empty()) {
       wp.excluded = true;
@@ -378,9 +396,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     double cover = 0;
     for (auto m : s->c.modules) cover += importance.count(m) ? importance.at(m) : 0;
     wp.explanation = absl::StrFormat(
-        "trains %s (%.0f%% of module importance), batch %d x %d local steps, base %s, activations %s: predicted %.0f MiB of %.0f MiB "
+        "trains %s (%.0f%% of module importance)%s, batch %d x %d local steps, base %s, activations %s: predicted %.0f MiB of %.0f MiB "
         "usable, %.1f s (uniform configuration: %s); %s",
-        ModuleList(s->c.modules), 100 * cover, s->c.batch, s->c.local_steps, TypeName(s->c.base),
+        ModuleList(s->c.modules), 100 * cover,
+        o.ranks.empty() ? std::string() : absl::StrFormat(" at rank %d of %d", SpecAt(o.spec, s->c).rank, o.spec.rank), s->c.batch,
+        s->c.local_steps, TypeName(s->c.base),
         s->a.recompute ? std::string("recomputed") : absl::StrFormat("kept, %d sequence(s) per pass", s->a.seqs_per_pass), s->mib,
         o.memory_margin * workers[k].memory_mib,
         s->t, wp.uniform_seconds < 0 ? std::string("does not fit") : absl::StrFormat("%.1f s", wp.uniform_seconds),

@@ -61,6 +61,9 @@ struct Candidate {
   kernels::GgmlType base = kernels::GgmlType::kQ4_1;
   int batch = 1;
   int local_steps = 1;
+  // LoRA / FFA-LoRA rank the worker trains (the first `rank` components of the shared adapter,
+  // aggregation/hetero_rank.h); 0: the shared rank. Memory and upload shrink with it.
+  int64_t rank = 0;
 };
 
 // How a client runs its activations for one candidate (see MemoryModel::Choose).
@@ -142,6 +145,10 @@ struct PlannerOptions {
   Candidate uniform;                      // the configuration the plan is measured against
   double work_factor = 1.0;               // training work to reach: this x the uniform configuration's
   double memory_margin = 0.9;             // plan within this fraction of a worker's memory
+  // Per-worker ranks the planner may choose (each <= spec.rank); empty: the shared rank only.
+  // A rank-r worker's utility counts r / spec.rank of its modules' importance (it updates that
+  // share of the shared adapter's components).
+  std::vector<int64_t> ranks;
   bool send_fisher = false;               // uploads carry a Fisher tensor per delta
   MemoryModel memory = MemoryModel::Fitted();
 };
@@ -182,6 +189,9 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
 
 // kept: activations kept (the worker's keep_speedup applies).
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false);
-double Utility(const std::map<model::Module, double>& importance, const Candidate& c);
+// shared_rank > 0: a candidate of lower rank counts c.rank / shared_rank of it.
+double Utility(const std::map<model::Module, double>& importance, const Candidate& c, int64_t shared_rank = 0);
+// The adapter a candidate trains: `spec` at the candidate's rank.
+model::AdapterSpec SpecAt(const model::AdapterSpec& spec, const Candidate& c);
 
 }  // namespace fedtune::planner

@@ -22,6 +22,7 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   a->set_base_type(t.plan.base_type);
   a->set_compensation(t.plan.compensation);
   a->set_compensation_rank(t.plan.compensation_rank);
+  a->set_train_rank(t.plan.train_rank);
   a->set_explanation(t.plan.explanation);
   p.set_local_steps(t.local_steps);
   p.set_batch(t.batch);
@@ -78,6 +79,7 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.plan.base_type = a.base_type();
   t.plan.compensation = a.compensation();
   t.plan.compensation_rank = a.compensation_rank() > 0 ? a.compensation_rank() : 16;
+  t.plan.train_rank = a.train_rank();
   t.plan.explanation = a.explanation();
   t.local_steps = p.local_steps();
   t.batch = p.batch();

@@ -31,6 +31,9 @@ struct AdapterPlan {
   // Quantization-error compensation of a re-quantized base (model/compensation.h).
   std::string compensation;
   int compensation_rank = 16;
+  // This client's LoRA rank (0 or `rank`: the shared one): it trains the first train_rank
+  // components of the global adapter (aggregation/hetero_rank.h).
+  int train_rank = 0;
 };
 
 // A TRAIN task, or with `evaluate` set an EVALUATE task (score the global adapter on the

@@ -88,6 +88,7 @@ struct ClientState {
   std::string name, profile;
   double speed = 1, bandwidth_mbps = 100, latency_ms = 20, dropout = 0, memory_mib = 0;
   std::string base_type;  // its profile's base (empty: the run's)
+  int64_t rank = 0;       // its profile's LoRA rank (0: adapter.rank)
   std::vector<model::Example> train;
   std::vector<double> task_share;  // fraction of its examples per task
   int trained = 0, dropped = 0;
@@ -122,7 +123,7 @@ class SimTransport : public federation::Transport {
 
   absl::StatusOr<std::vector<federation::ClientInfo>> Available(int, int, int) override {
     std::vector<federation::ClientInfo> v;
-    for (const ClientState& cl : clients_) v.push_back({cl.name, static_cast<int64_t>(cl.train.size()), cl.plan_profile});
+    for (const ClientState& cl : clients_) v.push_back({cl.name, static_cast<int64_t>(cl.train.size()), cl.plan_profile, cl.rank});
     return v;
   }
 
@@ -328,6 +329,11 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
       if (const auto bt = kernels::GgmlTypeFromName(p.base_type()); !p.base_type().empty() && (!bt || !kernels::CanQuantize(*bt)))
         return Bad(key + ".base_type", "not a type fedtune re-quantizes to (q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2)");
       if (!p.base_type().empty() && c.planner().enabled()) return Bad(key + ".base_type", "not with the planner (it chooses each client's base)");
+      if (p.rank() < 0 || p.rank() > s.run.adapter.spec.rank) return Bad(key + ".rank", absl::StrCat("must be in [1, adapter.rank = ", s.run.adapter.spec.rank, "]"));
+      if (p.rank() > 0 && p.rank() < s.run.adapter.spec.rank) {
+        if (c.planner().enabled()) return Bad(key + ".rank", "not with the planner (planner.ranks: it chooses each client's rank)");
+        FT_RETURN_IF_ERROR(federation::CheckHeteroRanks(s.run, key + ".rank"));
+      }
       total += p.count();
     }
     if (total != s.clients) return Bad("profiles", absl::StrCat("counts add up to ", total, ", but clients is ", s.clients));
@@ -609,6 +615,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         cl.dropout = prof.dropout();
         cl.memory_mib = prof.memory_mib();
         cl.base_type = prof.base_type();
+        cl.rank = prof.rank();
       }
     }
     for (size_t k2 = 0; k2 < clients.size(); ++k2) {
@@ -717,6 +724,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         w["base"] = kernels::TypeTraits(wp.c.base).name;
         w["batch"] = wp.c.batch;
         w["local_steps"] = wp.c.local_steps;
+        w["rank"] = planner::SpecAt(rs.adapter.spec, wp.c).rank;
         w["predicted_mib"] = wp.predicted_mib;
         w["predicted_seconds"] = wp.predicted_seconds;
       }

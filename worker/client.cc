@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "aggregation/compression.h"
+#include "aggregation/hetero_rank.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "kernels/quant.h"
@@ -108,11 +109,28 @@ absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, siz
 
 namespace {
 
+// A plan's train_rank below its rank: this client trains the first train_rank components, at
+// the shared adapter's scale (aggregation/hetero_rank.h). 0: the shared rank.
+absl::StatusOr<int64_t> TrainRank(const protocol::AdapterPlan& p) {
+  if (p.train_rank == 0 || p.train_rank == p.rank) return 0;
+  if (p.train_rank < 1 || p.train_rank > p.rank) return absl::InvalidArgumentError(absl::StrCat("task: train_rank ", p.train_rank, " outside [1, ", p.rank, "]"));
+  if (p.kind == "diablo") return absl::InvalidArgumentError("task: train_rank with a DiaBlo adapter (it has no rank)");
+  if (!p.layers.empty()) return absl::InvalidArgumentError("task: train_rank with a per-layer layout (adapter.layers)");
+  return p.train_rank;
+}
+
+// The adapter this client trains: the plan's, at its train_rank when it has one.
 absl::StatusOr<std::pair<model::AdapterSpec, std::vector<model::Module>>> SpecAndModules(const protocol::AdapterPlan& p) {
   const auto kind = model::ParseAdapterKind(p.kind);
   if (!kind) return absl::InvalidArgumentError(absl::StrCat("task: unknown adapter kind ", p.kind));
   FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules.empty() ? "all" : absl::StrJoin(p.modules, ",")));
-  return std::make_pair(model::AdapterSpec{*kind, p.rank, p.alpha, p.rslora, p.blocks}, std::move(modules));
+  model::AdapterSpec spec{*kind, p.rank, p.alpha, p.rslora, p.blocks};
+  FT_ASSIGN_OR_RETURN(const int64_t r, TrainRank(p));
+  if (r > 0) {
+    spec.alpha = aggregation::RankAlpha(p.alpha, p.rank, r, p.rslora);
+    spec.rank = r;
+  }
+  return std::make_pair(spec, std::move(modules));
 }
 
 absl::StatusOr<model::AdapterSet<float>> TaskAdapters(const model::LlamaModel& base, const protocol::AdapterPlan& p) {
@@ -144,6 +162,12 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   const protocol::AdapterPlan& p = task.plan;
   FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, p));
+  FT_ASSIGN_OR_RETURN(const int64_t train_rank, TrainRank(p));
+  aggregation::TensorMap truncated;  // a lower-rank client starts from the global's first components
+  if (train_rank > 0) {
+    FT_ASSIGN_OR_RETURN(truncated, aggregation::TruncateRank(global, p.rank, train_rank));
+  }
+  const aggregation::TensorMap& start = train_rank > 0 ? truncated : global;
   LocalTrainOptions lt;
   if (!p.train_modules.empty()) {
     FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules, ",")));
@@ -189,7 +213,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
     FT_RETURN_IF_ERROR(privacy->Open(task.local_dp_delta > 0 ? task.local_dp_delta : 1e-5));
   }
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
-  FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, global, task.config, task.client, lt, &adapters));
+  FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, start, task.config, task.client, lt, &adapters));
   if (task.local_dp_clip > 0) {
     if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
     FT_ASSIGN_OR_RETURN(double eps, privacy->Record(task, data.size()));

@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "aggregation/fed_strategy.h"
 #include "common/rng.h"
 
 namespace fedtune::aggregation {
@@ -86,6 +87,187 @@ TEST(HeteroRankTest, MismatchedShapesAreRejected) {
   Rng rng(5);
   std::vector<LoraFactors> cs = {Random(rng, 2, 12, 10, 1.0, 1), Random(rng, 2, 11, 10, 1.0, 1)};
   EXPECT_EQ(FloraStack(cs).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Per-worker ranks in a round (HeteroRankAggregation): a global of rank R = 8 on one module
+// (in 12, out 10), clients of ranks 2, 4 and 8 with example counts 1, 3, 2.
+constexpr int64_t kR = 8, kIn = 12, kOut = 10;
+constexpr double kScale = 2.0;
+const std::vector<std::pair<int64_t, int64_t>> kClientRanks = {{2, 1}, {4, 3}, {8, 2}};  // rank, examples
+
+std::vector<float> Normal(Rng& rng, size_t n, double sd) {
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(sd * rng.Normal());
+  return v;
+}
+
+struct Round {
+  TensorMap global;
+  std::vector<ClientUpdate> updates;  // rank-r deltas, as clients send them
+  std::map<std::string, int64_t> ranks;
+};
+
+Round MakeRound(uint64_t seed, bool with_a, const std::vector<std::pair<int64_t, int64_t>>& clients = kClientRanks) {
+  Rng rng(seed);
+  Round rd;
+  if (with_a) rd.global["blk.0.attn_q.lora_a"] = Normal(rng, kR * kIn, 0.3);
+  rd.global["blk.0.attn_q.lora_b"] = Normal(rng, kOut * kR, 0.1);
+  for (size_t k = 0; k < clients.size(); ++k) {
+    const auto [r, n] = clients[k];
+    ClientUpdate u;
+    u.client = "c" + std::to_string(k);
+    u.num_examples = n;
+    const absl::StatusOr<TensorMap> mine = TruncateRank(rd.global, kR, r);
+    if (!mine.ok()) continue;  // (never: r <= R)
+    for (const auto& [name, v] : *mine) u.delta[name] = Normal(rng, v.size(), 0.05);
+    rd.ranks[u.client] = r;
+    rd.updates.push_back(std::move(u));
+  }
+  return rd;
+}
+
+absl::StatusOr<Merged> MergeRound(const Round& rd, HeteroRankRule rule) {
+  StrategyOptions so;
+  so.auto_norm_factor = 0;
+  FT_ASSIGN_OR_RETURN(auto strategy, FedStrategy::Create(so));
+  HeteroRankOptions ho;
+  ho.rule = rule;
+  ho.rank = kR;
+  ho.scale = kScale;
+  auto agg = MakeHeteroRankAggregation(ho, rd.ranks, rd.global, strategy->BeginAggregate(1, rd.global));
+  for (const ClientUpdate& u : rd.updates) FT_RETURN_IF_ERROR(agg->Add(u));
+  return agg->Merge();
+}
+
+// B value (o, j) of client k's padded delta (0 where it did not train).
+double PaddedB(const Round& rd, size_t k, int64_t o, int64_t j) {
+  const int64_t r = rd.ranks.at(rd.updates[k].client);
+  return j < r ? rd.updates[k].delta.at("blk.0.attn_q.lora_b")[static_cast<size_t>(o * r + j)] : 0.0;
+}
+
+TEST(HeteroRankTest, TruncationAndPaddingKeepEachComponentInPlace) {
+  Round rd = MakeRound(10, true);
+  auto cut = TruncateRank(rd.global, kR, 3);
+  ASSERT_TRUE(cut.ok());
+  const auto& a = rd.global.at("blk.0.attn_q.lora_a");
+  const auto& b = rd.global.at("blk.0.attn_q.lora_b");
+  ASSERT_EQ(cut->at("blk.0.attn_q.lora_a").size(), static_cast<size_t>(3 * kIn));
+  ASSERT_EQ(cut->at("blk.0.attn_q.lora_b").size(), static_cast<size_t>(kOut * 3));
+  EXPECT_EQ(cut->at("blk.0.attn_q.lora_a")[2 * kIn + 5], a[2 * kIn + 5]);
+  EXPECT_EQ(cut->at("blk.0.attn_q.lora_b")[7 * 3 + 2], b[7 * kR + 2]);
+  ClientUpdate u;
+  u.client = "x";
+  u.num_examples = 1;
+  u.delta = *cut;
+  ASSERT_TRUE(ExpandRank(&u, rd.global, kR, 3, true).ok());
+  for (int64_t o = 0; o < kOut; ++o)
+    for (int64_t j = 0; j < kR; ++j) {
+      const size_t at = static_cast<size_t>(o * kR + j);
+      EXPECT_EQ(u.delta.at("blk.0.attn_q.lora_b")[at], j < 3 ? b[at] : 0.0f);
+      EXPECT_EQ(u.coverage.at("blk.0.attn_q.lora_b")[at], j < 3 ? 1.0f : 0.0f);
+    }
+  // Sizes that are not a rank-3 truncation, and ranks outside [1, R], are refused.
+  ClientUpdate bad;
+  bad.client = "y";
+  bad.num_examples = 1;
+  auto cut4 = TruncateRank(rd.global, kR, 4);
+  ASSERT_TRUE(cut4.ok());
+  bad.delta = *cut4;
+  EXPECT_EQ(ExpandRank(&bad, rd.global, kR, 3, false).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ExpandRank(&bad, rd.global, kR, 9, false).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(TruncateRank(rd.global, kR, 0).ok());
+  EXPECT_FLOAT_EQ(RankAlpha(16, 8, 2, false) / 2, 16.0f / 8);
+  EXPECT_FLOAT_EQ(RankAlpha(16, 8, 2, true) / std::sqrt(2.0f), 16.0f / std::sqrt(8.0f));
+}
+
+// FFA-LoRA: the update is B only, A is the shared frozen one. Nested merging gives, on every
+// component, the example-weighted mean of the dense updates of the clients that trained it.
+TEST(HeteroRankTest, NestedIsExactForFfaLoraPerComponent) {
+  Round rd = MakeRound(11, false);
+  Rng rng(99);
+  const std::vector<float> a = Normal(rng, kR * kIn, 0.3);  // the frozen A (rank-r clients use its first r rows)
+  auto m = MergeRound(rd, HeteroRankRule::kNested);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const std::vector<float>& db = m->delta.at("blk.0.attn_q.lora_b");
+  double err = 0, scale = 0;
+  for (int64_t o = 0; o < kOut; ++o)
+    for (int64_t i = 0; i < kIn; ++i) {
+      double got = 0, want = 0;
+      for (int64_t j = 0; j < kR; ++j) {
+        got += kScale * db[static_cast<size_t>(o * kR + j)] * a[static_cast<size_t>(j * kIn + i)];
+        double num = 0, den = 0;  // component j of the clients' dense updates, over those who trained it
+        for (size_t k = 0; k < rd.updates.size(); ++k) {
+          if (j >= rd.ranks.at(rd.updates[k].client)) continue;
+          const double n = static_cast<double>(rd.updates[k].num_examples);
+          num += n * kScale * PaddedB(rd, k, o, j) * a[static_cast<size_t>(j * kIn + i)];
+          den += n;
+        }
+        want += num / den;
+      }
+      err = std::max(err, std::fabs(got - want));
+      scale = std::max(scale, std::fabs(want));
+    }
+  EXPECT_LT(err / scale, 1e-6);
+  EXPECT_EQ(m->accepted, 3);
+}
+
+TEST(HeteroRankTest, ZeroPaddingAveragesThePaddedUpdatesOverEveryClient) {
+  Round rd = MakeRound(12, true);
+  auto m = MergeRound(rd, HeteroRankRule::kZeroPad);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const std::vector<float>& db = m->delta.at("blk.0.attn_q.lora_b");
+  for (int64_t o = 0; o < kOut; ++o)
+    for (int64_t j = 0; j < kR; ++j) {
+      double want = 0;
+      for (size_t k = 0; k < rd.updates.size(); ++k) want += rd.updates[k].num_examples * PaddedB(rd, k, o, j) / 6.0;
+      EXPECT_NEAR(db[static_cast<size_t>(o * kR + j)], want, 1e-6);
+    }
+}
+
+// LoRA factors of every client after training (its components of the global plus its delta).
+std::vector<LoraFactors> ClientFactors(const Round& rd) {
+  std::vector<LoraFactors> cs;
+  for (const ClientUpdate& u : rd.updates) {
+    const int64_t r = rd.ranks.at(u.client);
+    const absl::StatusOr<TensorMap> cut = TruncateRank(rd.global, kR, r);
+    const TensorMap mine = cut.ok() ? *cut : TensorMap{};
+    LoraFactors f{r, kIn, kOut, mine.at("blk.0.attn_q.lora_a"), mine.at("blk.0.attn_q.lora_b"), kScale, static_cast<double>(u.num_examples)};
+    for (size_t i = 0; i < f.a.size(); ++i) f.a[i] += u.delta.at("blk.0.attn_q.lora_a")[i];
+    for (size_t i = 0; i < f.b.size(); ++i) f.b[i] += u.delta.at("blk.0.attn_q.lora_b")[i];
+    cs.push_back(std::move(f));
+  }
+  return cs;
+}
+
+std::vector<float> MergedDense(const Round& rd, const Merged& m) {
+  LoraFactors g{kR, kIn, kOut, rd.global.at("blk.0.attn_q.lora_a"), rd.global.at("blk.0.attn_q.lora_b"), kScale, 1};
+  for (size_t i = 0; i < g.a.size(); ++i) g.a[i] += m.delta.at("blk.0.attn_q.lora_a")[i];
+  for (size_t i = 0; i < g.b.size(); ++i) g.b[i] += m.delta.at("blk.0.attn_q.lora_b")[i];
+  return DenseDelta(g);
+}
+
+// FlexLoRA: the new global is the best rank-R approximation of the exact weighted sum of the
+// clients' products (the library's dense SVD as the reference), exact while their ranks fit in R.
+TEST(HeteroRankTest, FlexLoraMergeIsTheBestRankRApproximationOfTheExactSum) {
+  Round rd = MakeRound(13, true);  // ranks 2 + 4 + 8 = 14 > R
+  auto m = MergeRound(rd, HeteroRankRule::kFlexLora);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const std::vector<LoraFactors> cs = ClientFactors(rd);
+  auto best = FlexLoraRedistribute(cs, {kR}, {kScale});
+  ASSERT_TRUE(best.ok());
+  std::vector<double> ref;
+  for (float x : DenseDelta((*best)[0])) ref.push_back(x);
+  EXPECT_LT(MaxRelErr(MergedDense(rd, *m), ref), 1e-5);
+  EXPECT_GT(m->metrics.at("hetero_truncation"), 1e-3);
+
+  Round fits = MakeRound(14, true, {{2, 1}, {4, 3}});  // 2 + 4 <= R: exact
+  auto mf = MergeRound(fits, HeteroRankRule::kFlexLora);
+  ASSERT_TRUE(mf.ok()) << mf.status();
+  EXPECT_LT(MaxRelErr(MergedDense(fits, *mf), WeightedDense(ClientFactors(fits))), 1e-5);
+  EXPECT_LT(mf->metrics.at("hetero_truncation"), 1e-6);
+  // FlexLoRA merges LoRA pairs: a B without its A is refused.
+  Round ffa = MakeRound(15, false);
+  EXPECT_FALSE(MergeRound(ffa, HeteroRankRule::kFlexLora).ok());
 }
 
 }  // namespace

@@ -213,6 +213,46 @@ TEST(PlannerTest, BaseMemoryCountsFallbackRowsAndTheCompensation) {
   EXPECT_DOUBLE_EQ(mm.BaseMiB(s, kernels::GgmlType::kQ4_1) * (1 << 20), q41);
 }
 
+// Per-worker ranks (issue 22): a worker whose memory holds the adapter at rank 4 but not at the
+// shared rank 8 trains rank 4 instead of being left out; its memory and upload are those of
+// rank 4, and its utility counts half of the module's importance.
+TEST(PlannerTest, AWorkerTooSmallForTheSharedRankTrainsALowerOne) {
+  auto o = Options();
+  o.spec = {model::AdapterKind::kLora, 8, 16.0f, false, 1};
+  o.adapted = {Module::kUp};
+  o.batches = {1};
+  o.max_local_steps = 2;
+  o.uniform = {o.adapted, kernels::GgmlType::kQ4_1, 1, 2};
+  auto need = [&](int64_t rank) {
+    planner::Candidate c{o.adapted, kernels::GgmlType::kQ4_1, 1, 1, rank};
+    return o.memory.PredictMiB(Shape(), o.spec, o.adapted, c, o.seq);
+  };
+  ASSERT_LT(need(4), need(8));
+  EXPECT_DOUBLE_EQ(need(0), need(8));
+  const double small = (need(4) + need(8)) / 2 / o.memory_margin;
+  const std::vector<planner::WorkerProfile> fleet = {{"big", 4000, 200, 100, 10}, {"small", small, 100, 100, 10}};
+  const std::map<Module, double> imp = {{Module::kUp, 1}};
+  auto without = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(without.ok());
+  EXPECT_TRUE(without->workers[1].excluded);
+  o.ranks = {2, 4, 8};
+  auto plan = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const planner::WorkerPlan& big = plan->workers[0];
+  const planner::WorkerPlan& w = plan->workers[1];
+  ASSERT_FALSE(w.excluded) << w.reason;
+  EXPECT_EQ(planner::SpecAt(o.spec, big.c).rank, 8);
+  EXPECT_EQ(w.c.rank, 4);  // the highest rank that fits
+  EXPECT_LE(w.predicted_mib, o.memory_margin * small);
+  EXPECT_NEAR(w.predicted_mib, o.memory.PredictMiB(Shape(), o.spec, o.adapted, w.c, o.seq), 1e-9);
+  EXPECT_NE(w.explanation.find("at rank 4 of 8"), std::string::npos) << w.explanation;
+  EXPECT_DOUBLE_EQ(planner::Utility(imp, w.c, 8), 0.5 * planner::Utility(imp, w.c));
+  // Upload: rank 4's tensors, half of rank 8's.
+  EXPECT_DOUBLE_EQ(planner::AdapterBytes(Shape(), planner::SpecAt(o.spec, w.c), o.adapted), 0.5 * planner::AdapterBytes(Shape(), o.spec, o.adapted));
+  o.ranks = {16};
+  EXPECT_FALSE(planner::MakePlan(Shape(), imp, fleet, o).ok());
+}
+
 TEST(PartialTrainingTest, FrozenModulesActInForwardAndAreNotSent) {
   const std::string path = testing::TempPath("partial.gguf");
   testing::TinyModelOptions mo;

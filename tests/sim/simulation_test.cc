@@ -186,6 +186,28 @@ TEST_F(SimTest, CompensatedLowBitBaseTrainsTheClients) {
   EXPECT_EQ(c->rounds.back().metrics.at("accepted"), 3);
 }
 
+// Per-worker ranks (issue 22): clients of ranks 1, 2 and 4 (the shared rank) train one adapter
+// under each merge rule; every update is accepted, the held-out loss falls, the adapter keeps
+// the shared rank.
+TEST_F(SimTest, ClientsOfDifferentRanksTrainOneAdapterUnderEveryRule) {
+  const std::string fleet = "profiles: [{name: r1, count: 1, rank: 1}, {name: r2, count: 1, rank: 2}, {name: r4, count: 1}]\n";
+  for (const std::string kind : {"LORA", "FFA_LORA"})
+    for (const std::string rule : {"nested", "zero_pad", "flexlora"}) {
+      if (kind == "FFA_LORA" && rule == "flexlora") continue;  // refused: nested is exact there
+      const std::string out = testing::TempPath("sim_ranks_" + kind + "_" + rule);
+      auto r = Run(Yaml(fleet + "adapter: {kind: " + kind + ", rank: 4, alpha: 8}\nstrategy: {hetero_rank: " + rule + "}\n", out));
+      ASSERT_TRUE(r.ok()) << kind << " " << rule << ": " << r.status();
+      const auto& last = r->rounds.back().metrics;
+      EXPECT_EQ(last.at("accepted"), 3) << kind << " " << rule;
+      EXPECT_EQ(last.at("hetero_rank_clients"), 2) << kind << " " << rule;
+      EXPECT_LT(last.at("eval_loss"), r->rounds.front().metrics.at("eval_loss")) << kind << " " << rule;
+      if (rule == "flexlora") {
+        EXPECT_GE(last.at("hetero_truncation"), 0);
+      }
+      for (const auto& [name, v] : r->global) EXPECT_EQ(v.size() % 4, 0u) << name;  // rank 4 x a width
+    }
+}
+
 TEST_F(SimTest, PlannerGivesEachClientItsPlanAndLeavesOutOneTooSmall) {
   const std::string out = testing::TempPath("sim_plan");
   auto r = Run(Yaml("profiles: [{name: fast, count: 1, speed: 1, memory_mib: 4000}, {name: slow, count: 1, speed: 0.125, memory_mib: 4000},"
@@ -441,6 +463,14 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("strategy: {compression: int8}\nsecure_aggregation: {enabled: true}\n", "strategy.compression");
   expect("data: {tasks: [sum], holdout: 1.0}\n", "data.holdout");
   expect("eval: {generate_examples: -1}\n", "eval.generate_examples");
+  expect("profiles: [{count: 3, rank: 9}]\n", "profiles[0].rank");
+  expect("profiles: [{count: 3, rank: 2}]\ndp: {enabled: true, noise_multiplier: 1}\n", "profiles[0].rank");
+  expect("profiles: [{count: 3, rank: 2}]\nstrategy: {merge: median}\n", "profiles[0].rank");
+  expect("profiles: [{count: 3, rank: 2}]\nstrategy: {hetero_rank: flexlora}\n", "strategy.hetero_rank");  // FFA-LoRA
+  expect("profiles: [{count: 3, rank: 2}]\nadapter: {kind: LORA, rank: 4}\nstrategy: {hetero_rank: flexlora, server: fedadam}\n", "strategy.hetero_rank");
+  expect("strategy: {hetero_rank: stacking}\n", "strategy.hetero_rank");
+  expect("planner: {enabled: true, ranks: [2, 8]}\n", "planner.ranks");
+  expect("adapter: {kind: DIABLO}\nplanner: {enabled: true, ranks: [2]}\n", "planner.ranks");
   proto::SimulationConfig c;
   ASSERT_TRUE(LoadConfigYaml("model: {path: /no/model.gguf}\nclients: 2\nrounds: 1\ndata: {tasks: [sum]}\n", &c, "t").ok());
   absl::Status st = ValidateConfig(c);
