@@ -125,6 +125,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::shared_ptr<const std::vector<uint8_t>> global_bytes;
   std::string global_sha;
   std::map<std::string, rpc::v1::Task> assigned;  // this round
+  struct Declined {
+    std::string worker, reason;
+    double needed_mib = 0, budget_mib = 0;
+  };
+  std::vector<Declined> declined;  // this round: tasks declined over a worker's memory budget
   std::map<std::string, std::string> plan_notes;  // worker -> the planner's explanation (or why left out)
   std::set<std::string> fetched, received;
   std::set<std::string> told_over;  // workers answered SHUTDOWN (the run is over)
@@ -524,6 +529,24 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       if (!r->Read(&m) || !m.has_header()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "upload must start with a header");
     }
     const rpc::v1::UpdateHeader h = m.header();
+    if (!h.declined().empty()) {  // the worker declines its task (over its memory budget): recorded for re-planning
+      std::lock_guard<std::mutex> l(mu);
+      std::string who;
+      if (grpc::Status a = Authorize(ctx, &who); !a.ok()) return a;
+      if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
+      if (h.secure() || h.total_bytes() != 0 || !std::isfinite(h.declined_needed_mib()) || !std::isfinite(h.declined_budget_mib()) ||
+          h.declined_needed_mib() < 0 || h.declined_budget_mib() < 0)
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a declined task carries no payload and finite figures");
+      FT_LOG_WARN("worker '{}' declined round {}: {}", cn, h.round(), h.declined().substr(0, 300));
+      received.insert(cn);
+      declined.push_back({cn, h.declined().substr(0, 300), h.declined_needed_mib(), h.declined_budget_mib()});
+      workers[cn].round = 0;
+      Seen(cn);
+      cv.notify_all();
+      resp->set_accepted(false);
+      resp->set_reason("declined: recorded");
+      return grpc::Status::OK;
+    }
     int64_t round_deadline_ms = 0;
     size_t limit = 0;
     TransferGuard transfer;
@@ -921,6 +944,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       fetched.clear();
       received.clear();
       rejected.clear();
+      declined.clear();
       partials.clear();
       inbox.clear();
       closed = false;
@@ -979,12 +1003,14 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     // Close the round; updates accepted on upload meanwhile are still folded in.
     std::deque<Incoming> rest;
     std::vector<aggregation::ClientFailure> refused;
+    std::vector<Declined> declines;
     std::vector<std::string> missing;
     {
       std::lock_guard<std::mutex> l(mu);
       closed = true;  // late workers are told to abandon; their uploads are refused
       rest.swap(inbox);
       refused = rejected;
+      declines = declined;
       for (const auto& [w, t] : assigned)
         if (!received.count(w) && (!sa.active || sa.shares_for.count(w))) missing.push_back(w);
       metrics["bytes_up"] = static_cast<double>(bytes_in);
@@ -993,6 +1019,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     cv.notify_all();
     fold(rest);
     for (const auto& f : refused) col.Fail(f.client, f.status, absl::StrCat("rejected: ", f.status.message()));
+    for (const auto& d : declines) col.Decline(d.worker, d.reason, d.needed_mib, d.budget_mib);
     const bool early = col.enough();
     for (const std::string& w : missing)
       col.Fail(w, absl::DeadlineExceededError(early ? "round closed after the target number of updates" : "no update before the deadline"),

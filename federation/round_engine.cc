@@ -63,12 +63,22 @@ class RoundCollector : public Collector {
     failures_.push_back({client, why});
     records_.push_back({client, outcome, 0, 0, 0, 0});
   }
+  void Decline(const std::string& client, const std::string& reason, double needed_mib, double budget_mib) override {
+    failures_.push_back({client, absl::ResourceExhaustedError(reason)});
+    records_.push_back({client, reason.rfind("declined", 0) == 0 ? reason : "declined: " + reason, 0, 0, 0, 0});
+    declines_.push_back({client, needed_mib, budget_mib});
+  }
   int accepted() const override { return accepted_; }
   bool enough() const override { return target_ > 0 && accepted_ >= target_; }
   SecureServer* secure() override { return sec_; }
 
   std::vector<aggregation::ClientFailure> failures_;
   std::vector<ClientRoundRecord> records_;
+  struct Declined {
+    std::string client;
+    double needed_mib, budget_mib;
+  };
+  std::vector<Declined> declines_;
   double loss_sum_ = 0, train_max_ = 0, local_epsilon_ = 0;
 
  private:
@@ -180,7 +190,12 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, 
 absl::Status RoundEngine::Plan(int round, const std::vector<ClientInfo>& clients, Transport& t) {
   std::vector<planner::WorkerProfile> profiles;
   for (const ClientInfo& c : clients)
-    if (c.profile) profiles.push_back(*c.profile);
+    if (c.profile) {
+      profiles.push_back(*c.profile);
+      if (auto m = memory_override_.find(c.name); m != memory_override_.end() && m->second < profiles.back().memory_mib)
+        profiles.back().memory_mib = m->second;
+    }
+  replan_ = false;
   auto made = planner::MakePlan(o_.planning->shape, importance_, profiles, o_.planning->options);
   if (!made.ok()) {  // everyone gets the configured training
     if (o_.say) o_.say(absl::StrCat("planner: round ", round, ": ", made.status().message(), "; every client gets the configured training"));
@@ -282,7 +297,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     rec.round = r;
     t.Phase(r, "waiting for clients");
     FT_ASSIGN_OR_RETURN(std::vector<ClientInfo> clients, t.Available(r, o_.min_available, attempt));
-    if (o_.planning && (!plan_ || o_.planning->every_round)) {
+    if (o_.planning && (!plan_ || o_.planning->every_round || replan_)) {
       t.Phase(r, "plan");
       FT_RETURN_IF_ERROR(Plan(r, clients, t));
     }
@@ -407,6 +422,25 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     const auto t_collect = Clock::now();
     FT_RETURN_IF_ERROR(t.Train(r, global_, tasks, col, transport_metrics));
     const double collect_secs = Seconds(t_collect, Clock::now());
+    for (const auto& d : col.declines_) {
+      // Re-plan a client that declined: the planner takes the budget the client reported, scaled
+      // by how far the two predictions of this task at that budget disagreed (e.g. the
+      // coordinator's planner.seq shorter than the client's data).
+      auto p = plans_.find(d.client);
+      if (!o_.planning || p == plans_.end() || !(d.needed_mib > 0) || !(d.budget_mib > 0)) continue;
+      const planner::PlannerOptions& po = o_.planning->options;
+      bool bf16 = false;
+      for (const ClientInfo& c : clients)
+        if (c.name == d.client && c.profile) bf16 = c.profile->bf16_kernels;
+      const double ours = po.memory.Choose(o_.planning->shape, po.spec, po.adapted, p->second.c, po.seq, po.memory_margin * d.budget_mib, bf16).total_mib;
+      const double memory = d.budget_mib * std::min(1.0, ours / d.needed_mib);
+      auto [it, fresh] = memory_override_.emplace(d.client, memory);
+      if (!fresh) it->second = std::min(it->second, memory);
+      replan_ = true;
+      say(absl::StrFormat("round %d: %s declined its task (it predicts %.1f MiB, the planner %.1f MiB, at its budget of %.0f MiB): re-planned as a "
+                          "worker of %.0f MiB", r, d.client, d.needed_mib, ours, d.budget_mib, it->second));
+    }
+    rec.metrics["declined"] = static_cast<double>(col.declines_.size());
     if (!private_selection && o_.quorum > 0 && col.accepted() < o_.quorum) {
       ++attempt;
       say(absl::StrFormat("round %d: %d updates accepted, quorum is %d; the round starts again (attempt %d)", r, col.accepted(), o_.quorum,

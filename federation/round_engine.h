@@ -51,6 +51,10 @@ class Collector {
   virtual absl::Status Add(aggregation::ClientUpdate u) = 0;
   // A selected client that sent nothing; `outcome` is the ledger's word ("dropped", ...).
   virtual void Fail(const std::string& client, const absl::Status& why, const std::string& outcome) = 0;
+  // A selected client that declined its task because its predicted peak (`needed_mib`) exceeds
+  // the memory it may use (`budget_mib`): a failure of the round, and with the planner the
+  // client is re-planned within that budget before the next round (or the round's retry).
+  virtual void Decline(const std::string& client, const std::string& reason, double needed_mib, double budget_mib) = 0;
   virtual int accepted() const = 0;
   // The round has what it needs (target_updates reached): stop collecting.
   virtual bool enough() const = 0;
@@ -147,6 +151,10 @@ class RoundEngine {
   std::map<model::Module, double> importance_;
   std::optional<planner::Plan> plan_;
   std::map<std::string, planner::WorkerPlan> plans_;
+  // Clients that declined a planned task: the memory the planner gives them from then on
+  // (their budget, corrected by how much more their own prediction was than the plan's).
+  std::map<std::string, double> memory_override_;
+  bool replan_ = false;  // a client declined: plan again before the next round
   double local_epsilon_ = 0;
 };
 

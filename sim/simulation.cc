@@ -171,7 +171,14 @@ class SimTransport : public federation::Transport {
         bases_.SetCalibration(cl.train);
         protocol::TrainTask own = task;
         if (!cl.base_type.empty()) own.plan.base_type = cl.base_type;
-        FT_ASSIGN_OR_RETURN(lr, worker::RunTrainTask(bases_, cl.train, own, global, env, &cl.privacy));
+        absl::StatusOr<worker::LocalResult> trained = worker::RunTrainTask(bases_, cl.train, own, global, env, &cl.privacy);
+        if (const std::optional<worker::Decline> d = trained.ok() ? std::nullopt : worker::DeclineFrom(trained.status())) {
+          // Over its memory budget: nothing trained; the engine records it and re-plans it.
+          col.Decline(cl.name, d->reason, d->needed_mib, d->budget_mib);
+          continue;
+        }
+        FT_RETURN_IF_ERROR(trained.status());
+        lr = std::move(*trained);
       }
       const double secs = Seconds(t0, Clock::now());
       train_wall_ += secs;

@@ -1,10 +1,12 @@
 #include "worker/client.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -140,6 +142,65 @@ absl::StatusOr<model::AdapterSet<float>> TaskAdapters(const model::LlamaModel& b
 
 }  // namespace
 
+absl::StatusOr<std::optional<Decline>> CheckMemoryBudget(const model::LlamaModel& stored, const std::vector<model::Example>& data,
+                                                        const protocol::TrainTask& task, const ClientEnv& env) {
+  if (!(env.memory_mib > 0) || env.activation_budget_mib != 0 || !env.recompute) return std::optional<Decline>();
+  const protocol::AdapterPlan& p = task.plan;
+  FT_ASSIGN_OR_RETURN(const auto sm, SpecAndModules(p));
+  const auto& [spec, adapted] = sm;
+  std::vector<model::Module> trained = adapted;
+  if (!p.train_modules.empty()) {
+    FT_ASSIGN_OR_RETURN(trained, model::ParseModules(absl::StrJoin(p.train_modules, ",")));
+  }
+  const planner::ModelShape shape = planner::ModelShape::Of(stored);
+  planner::Candidate c{trained, shape.stored, std::max(task.batch, 1), std::max(task.local_steps, 1)};
+  planner::MemoryModel mm = planner::MemoryModel::Fitted();
+  mm.keep_within_limit = true;
+  if (!p.base_type.empty()) {
+    const auto t = kernels::GgmlTypeFromName(p.base_type);
+    if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", p.base_type));
+    c.base = *t;
+    if (c.base != shape.stored && !p.compensation.empty() && p.compensation != "none") mm.compensation_rank = p.compensation_rank;
+  }
+  size_t longest = 1;
+  for (const auto& e : data) longest = std::max(longest, e.tokens.size());
+  const planner::ActivationChoice a =
+      mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend));
+  // The planner plans within the same fraction of a worker's memory (its margin for the memory
+  // model's error): a task it would not have planned for this budget is declined.
+  const double usable = ClientEnv::kMemoryMargin * env.memory_mib;
+  if (a.total_mib <= usable * (1 + 1e-12)) return std::optional<Decline>();
+  Decline d;
+  d.needed_mib = a.total_mib;
+  d.budget_mib = env.memory_mib;
+  d.reason = absl::StrFormat(
+      "declined: the task (batch %d, base %s, rank %d) needs %.1f MiB (predicted peak), more than the %.1f MiB this worker may use (%.0f%% of "
+      "its %.0f MiB budget)",
+      c.batch, kernels::TypeTraits(c.base).name, static_cast<int>(spec.rank), d.needed_mib, usable, 100 * ClientEnv::kMemoryMargin, d.budget_mib);
+  return std::optional<Decline>(d);
+}
+
+namespace {
+constexpr char kDeclineUrl[] = "fedtune/decline";
+}  // namespace
+
+absl::Status DeclineStatus(const Decline& d) {
+  absl::Status s = absl::ResourceExhaustedError(d.reason);
+  s.SetPayload(kDeclineUrl, absl::Cord(absl::StrFormat("%.17g %.17g", d.needed_mib, d.budget_mib)));
+  return s;
+}
+
+std::optional<Decline> DeclineFrom(const absl::Status& s) {
+  if (!absl::IsResourceExhausted(s)) return std::nullopt;
+  const auto payload = s.GetPayload(kDeclineUrl);  // absl::optional<absl::Cord>
+  if (!payload) return std::nullopt;
+  Decline d;
+  d.reason = std::string(s.message());
+  const std::string text(*payload);
+  if (std::sscanf(text.c_str(), "%lg %lg", &d.needed_mib, &d.budget_mib) != 2) return std::nullopt;
+  return d;
+}
+
 absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std::vector<model::Example>& eval, const protocol::TrainTask& task,
                                                     const aggregation::TensorMap& global, kernels::Backend* backend) {
   (void)backend;  // model::Evaluate runs on the CPU kernels
@@ -160,6 +221,8 @@ absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std
 absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
                                          const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy) {
   const protocol::AdapterPlan& p = task.plan;
+  FT_ASSIGN_OR_RETURN(const std::optional<Decline> decline, CheckMemoryBudget(bases.stored(), data, task, env));
+  if (decline) return DeclineStatus(*decline);
   FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, p));
   FT_ASSIGN_OR_RETURN(const int64_t train_rank, TrainRank(p));

@@ -296,7 +296,15 @@ absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me,
   for (const auto& sh : resp.shares()) received.push_back(protocol::FromProto(sh));
 
   Heartbeats hb(stub, me, task.round(), heartbeat_ms, o.profile);
-  FT_ASSIGN_OR_RETURN(LocalResult lr, trainer(tt, global, [&hb](double p) { hb.set_progress(p); }));
+  absl::StatusOr<LocalResult> trained = trainer(tt, global, [&hb](double p) { hb.set_progress(p); });
+  if (const std::optional<Decline> d = trained.ok() ? std::nullopt : DeclineFrom(trained.status())) {
+    // Over the memory budget in a secure round: drop out of it (the others unmask without us).
+    FT_LOG_WARN("round {}: {}; leaving the secure round", task.round(), d->reason);
+    ++rep->rounds_declined;
+    return absl::OkStatus();
+  }
+  FT_RETURN_IF_ERROR(trained.status());
+  LocalResult lr = std::move(*trained);
   if (hb.abandoned()) return out("training");
   FT_ASSIGN_OR_RETURN(std::vector<uint32_t> y, sc->Mask(lr.update, received));
   Kept kept;
@@ -375,7 +383,32 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     FT_ASSIGN_OR_RETURN(aggregation::TensorMap global, protocol::DecodeTensors(bytes));
     bytes = {};
     Heartbeats hb(stub, me, task.round(), heartbeat_ms, profile);
-    FT_ASSIGN_OR_RETURN(LocalResult lr, trainer(protocol::FromProto(task, me), global, [&hb](double p) { hb.set_progress(p); }));
+    absl::StatusOr<LocalResult> trained = trainer(protocol::FromProto(task, me), global, [&hb](double p) { hb.set_progress(p); });
+    if (const std::optional<Decline> d = trained.ok() ? std::nullopt : DeclineFrom(trained.status())) {
+      // Over this worker's memory budget: tell the coordinator why, so it re-plans (nothing trained).
+      FT_LOG_WARN("round {}: {}", task.round(), d->reason);
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+      rpc::v1::UploadResponse resp;
+      auto writer = stub.UploadUpdate(&ctx, &resp);
+      rpc::v1::UploadMessage head;
+      auto* h = head.mutable_header();
+      h->set_run_id(task.run_id());
+      h->set_round(task.round());
+      h->set_worker_id(me);
+      h->set_declined(d->reason);
+      h->set_declined_needed_mib(d->needed_mib);
+      h->set_declined_budget_mib(d->budget_mib);
+      writer->Write(head);
+      writer->WritesDone();
+      const grpc::Status fin = writer->Finish();
+      if (!fin.ok() && fin.error_code() != grpc::StatusCode::FAILED_PRECONDITION && fin.error_code() != grpc::StatusCode::ALREADY_EXISTS)
+        return FromGrpc(fin, absl::StrCat("declining round ", task.round()));
+      ++rep->rounds_declined;
+      return absl::OkStatus();
+    }
+    FT_RETURN_IF_ERROR(trained.status());
+    LocalResult lr = std::move(*trained);
     if (hb.abandoned()) {
       ++rep->rounds_abandoned;
       if (!o.quiet) FT_LOG_INFO("round {}: the coordinator closed the round; update not sent", task.round());

@@ -45,6 +45,7 @@ struct DaemonReport {
   int rounds_trained = 0;    // updates accepted by the coordinator
   int rounds_reused = 0;     // of those, uploaded from the state directory without training
   int rounds_abandoned = 0;  // the coordinator closed the round before our update
+  int rounds_declined = 0;   // tasks over this worker's memory budget, declined (worker::Decline)
   int evaluations = 0;       // EVALUATE tasks answered
 };
 

@@ -357,6 +357,73 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
   EXPECT_EQ(reports[2]->rounds_trained, 0);
 }
 
+// issue 22: a worker whose memory is less than it reported when joining declines a planned task
+// its own memory model says would exceed its budget; the round goes on without it, the
+// coordinator re-plans it within the budget it gave, and it trains the next round.
+TEST_F(E2ETest, AWorkerDeclinesAnOverBudgetTaskAndIsReplanned) {
+  const std::string state = testing::TempPath("e2e_state_decline");
+  fs::remove_all(state);
+  auto o = Options(state);
+  o.engine.settings.rounds = 2;
+  o.engine.settings.population = o.engine.settings.expected_clients = 2;
+  o.engine.min_available = 2;
+  size_t longest = 1;
+  for (const auto& e : data_[1]) longest = std::max(longest, e.tokens.size());
+  planner::PlannerOptions po;
+  po.spec = Spec();
+  po.adapted = *model::ParseModules("q,v");
+  po.seq = static_cast<int>(longest);
+  po.batches = {1, 2, 4};
+  po.max_local_steps = 4;
+  po.uniform = {po.adapted, model_->layer(0).wq.type, 4, 2};
+  po.memory.keep_within_limit = true;  // as coordinator configs set it (workers keep what fits)
+  const planner::ModelShape shape = planner::ModelShape::Of(*model_);
+  // The worker's budget: batch 1 fits (kept or recomputed as memory allows), batch 4 does not.
+  // need(b): the smallest usable memory under which a batch of b fits.
+  auto need = [&](int batch) {
+    const planner::Candidate c{po.adapted, shape.stored, batch, 1};
+    double lo = 0, hi = 1e5;
+    for (int i = 0; i < 100; ++i) {
+      const double mid = (lo + hi) / 2;
+      (po.memory.Choose(shape, po.spec, po.adapted, c, po.seq, mid).total_mib <= mid ? hi : lo) = mid;
+    }
+    return hi;
+  };
+  ASSERT_GT(need(4) - need(1), 0.01);
+  const double budget = (need(1) + need(4)) / 2 / worker::ClientEnv::kMemoryMargin;
+  std::map<model::Module, double> importance = {{model::Module::kQ, 0.5}, {model::Module::kV, 0.5}};
+  o.engine.planning = federation::EngineOptions::Planning{shape, po, importance, true};
+  auto server = coordinator::CoordinatorServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  std::vector<absl::StatusOr<worker::DaemonReport>> reports(2, absl::UnknownError("not run"));
+  for (int k = 0; k < 2; ++k)
+    threads.emplace_back([&, k] {
+      auto d = Daemon("w" + std::to_string(k + 1), (*server)->port());
+      d.profile.set_memory_bytes(int64_t{4096} << 20);  // what it reported; w2 really has `budget`
+      d.profile.set_train_tokens_per_second(2000);
+      d.profile.set_link_mbps(1000);
+      const auto& data = data_[static_cast<size_t>(k)];
+      reports[static_cast<size_t>(k)] =
+          worker::RunDaemon(d, worker::ModelTaskRunner(*model_, data, "", 0, nullptr, "", k == 1 ? budget : 0.0), stop);
+    });
+  ASSERT_TRUE((*server)->Wait().ok());
+  stop = true;
+  for (auto& t : threads) t.join();
+  EXPECT_EQ((*server)->last_committed_round(), 2);
+  ASSERT_TRUE(reports[0].ok()) << reports[0].status();
+  ASSERT_TRUE(reports[1].ok()) << reports[1].status();
+  EXPECT_EQ(reports[0]->rounds_trained, 2);
+  EXPECT_EQ(reports[1]->rounds_declined, 1);
+  EXPECT_EQ(reports[1]->rounds_trained, 1);
+  auto ledger = federation::RunLedger::Open(state + "/ledger.sqlite");
+  ASSERT_TRUE(ledger.ok());
+  EXPECT_EQ(*(*ledger)->Metric(1, "declined"), 1);
+  EXPECT_EQ(*(*ledger)->Metric(2, "declined"), 0);
+  EXPECT_EQ(*(*ledger)->Metric(2, "accepted"), 2);
+}
+
 TEST_F(E2ETest, AQuorumNoRoundCouldReachIsRefusedAtStart) {
   auto o = Options(testing::TempPath("e2e_state_quorum"));
   o.engine.target_updates = 1;

@@ -208,6 +208,20 @@ TEST_F(SimTest, ClientsOfDifferentRanksTrainOneAdapterUnderEveryRule) {
     }
 }
 
+// A client whose memory cannot hold the configured task declines it every round (with the
+// reason in the ledger's per-client outcome); the others train and the run finishes.
+TEST_F(SimTest, AClientOverItsMemoryDeclinesAndTheRunGoesOn) {
+  const std::string out = testing::TempPath("sim_decline");
+  auto r = Run(Yaml("profiles: [{name: big, count: 2}, {name: toaster, count: 1, memory_mib: 4}]\n", out));
+  ASSERT_TRUE(r.ok()) << r.status();
+  for (const auto& rec : r->rounds) {
+    if (rec.round == 0) continue;
+    EXPECT_EQ(rec.metrics.at("accepted"), 2);
+    EXPECT_EQ(rec.metrics.at("declined"), 1);
+  }
+  EXPECT_LT(r->rounds.back().metrics.at("eval_loss"), r->rounds.front().metrics.at("eval_loss"));
+}
+
 TEST_F(SimTest, PlannerGivesEachClientItsPlanAndLeavesOutOneTooSmall) {
   const std::string out = testing::TempPath("sim_plan");
   auto r = Run(Yaml("profiles: [{name: fast, count: 1, speed: 1, memory_mib: 4000}, {name: slow, count: 1, speed: 0.125, memory_mib: 4000},"
