@@ -64,6 +64,7 @@ class FedStrategy : public Strategy {
                                      const std::vector<ClientFailure>& failures) override;
   std::vector<ClientTask> ConfigureEvaluate(int round, const std::vector<std::string>& available, Rng& rng) override;
   bool linear() const override { return o_.merge == MergeRule::kMean || o_.merge == MergeRule::kUncertainty; }
+  double UpdateNormBound() const override { return norm_bound(); }
   const StrategyOptions& options() const { return o_; }
   // The L2 bound each delta is clipped to this round (0: none).
   double norm_bound() const;

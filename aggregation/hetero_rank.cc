@@ -3,7 +3,6 @@
 #include <Eigen/Dense>
 #include <algorithm>
 #include <cmath>
-#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -257,14 +256,16 @@ class HeteroRankAggregation : public Aggregation {
     const int64_t r = it == ranks_.end() ? rank_ : it->second;
     FT_RETURN_IF_ERROR(ExpandRank(&u, global_, rank_, r, rule_ == HeteroRankRule::kNested));
     if (rule_ != HeteroRankRule::kFlexLora) return inner_->Add(std::move(u));
-    FT_RETURN_IF_ERROR(ValidateUpdate(u, global_));
-    if (!seen_.insert(u.client).second) return absl::AlreadyExistsError(absl::StrCat("second update from '", u.client, "' in this round"));
     for (const auto& [name, d] : u.delta) {
       if (PartOf(name) == Part::kOther) return absl::InvalidArgumentError(absl::StrCat("flexlora merges LoRA factors only, not ", name));
       const std::string other = name.substr(0, name.size() - 1) + (PartOf(name) == Part::kA ? "b" : "a");
       if (!u.delta.count(other))
         return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': ", name, " without ", other, " (flexlora needs both factors)"));
     }
+    // The strategy's checks (sizes, finiteness, a second update) and its record of the norm;
+    // its mean of the factors is not used.
+    FT_RETURN_IF_ERROR(inner_->Add(u));
+    if (o_.norm_bound > 0) ClipToNorm(u.delta, o_.norm_bound);
     const int64_t examples = o_.max_client_examples > 0 ? std::min(u.num_examples, o_.max_client_examples) : u.num_examples;
     const double n = o_.weight_by_examples ? static_cast<double>(examples) : 1.0;
     for (const auto& [name, d] : u.delta) {
@@ -361,7 +362,6 @@ class HeteroRankAggregation : public Aggregation {
   const TensorMap& global_;
   std::unique_ptr<Aggregation> inner_;
   std::map<std::string, Stack> stacks_;
-  std::set<std::string> seen_;
   int accepted_ = 0;
   int64_t examples_ = 0;
 };

@@ -45,10 +45,11 @@ absl::StatusOr<std::vector<LoraFactors>> FlexLoraRedistribute(const std::vector<
 // deltas, which the server expands to R (ExpandRank) and merges by one of these rules
 // (strategy.hetero_rank):
 //   nested   (default) each component is averaged over the clients that trained it (weights
-//            renormalised per component). Exact for FFA-LoRA: B enters linearly with the shared
-//            frozen A, whose first r rows are a rank-r worker's A, so the merged B is the
-//            weighted mean of the clients' dense updates on every component. For LoRA as exact
-//            as FedAvg of factors (mean(B) mean(A) != mean(BA)).
+//            renormalised per component). Exact per component for FFA-LoRA: B enters linearly
+//            with the shared frozen A, whose first r rows are a rank-r worker's A, so on every
+//            component the merged update is the weighted mean of the dense updates of the
+//            clients that trained it (over all clients, zero-padded: zero_pad). For LoRA as
+//            exact as FedAvg of factors (mean(B) mean(A) != mean(BA)).
 //   zero_pad updates zero-padded to R and averaged over all clients: a component moves by the
 //            summed share of the clients that trained it (HetLoRA pads the clients' *factors*,
 //            which also shrinks a component towards zero every round by the share of clients
@@ -79,9 +80,11 @@ absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, 
 
 // One round's accumulator for a run with per-worker ranks: expands each update by its client's
 // rank (`ranks`; absent: the shared rank), then nested / zero_pad hand it to `inner` (the
-// strategy's linear aggregation, which honours coverage), flexlora buffers the clients' factors
-// (memory: each client's r_k components) and merges them at Merge() into the delta from `global`
-// to the re-factored global (applied as is by FedAvg with server_lr 1, which settings require).
+// strategy's linear aggregation, which honours coverage), flexlora has `inner` validate it (and
+// record its norm for the strategy's automatic bound), clips it to norm_bound, buffers the
+// client's factors (memory: each client's r_k components) and merges them at Merge() into the
+// delta from `global` to the re-factored global (applied as is by FedAvg with server_lr 1, which
+// settings require).
 // `global` must outlive the accumulator.
 struct HeteroRankOptions {
   HeteroRankRule rule = HeteroRankRule::kNested;
@@ -89,6 +92,7 @@ struct HeteroRankOptions {
   double scale = 2;                 // its alpha / R (or alpha / sqrt(R))
   int64_t max_client_examples = 0;  // flexlora weights: as StrategyOptions
   bool weight_by_examples = true;
+  double norm_bound = 0;            // flexlora: clip each update to this L2 norm (the strategy's; 0: none)
 };
 std::unique_ptr<Aggregation> MakeHeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global,
                                                        std::unique_ptr<Aggregation> inner);

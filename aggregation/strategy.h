@@ -101,6 +101,9 @@ class Strategy {
   // Whether the merge is a (weighted) mean of deltas, the form differential privacy and secure
   // aggregation need.
   virtual bool linear() const = 0;
+  // The L2 bound each plain update is clipped to this round (0: none), for accumulators that
+  // wrap the strategy's (per-worker ranks, aggregation/hetero_rank.h).
+  virtual double UpdateNormBound() const { return 0; }
   // State across rounds (default: none). LoadState takes what SaveState gave, after a restart.
   virtual StrategyState SaveState() const { return {}; }
   virtual absl::Status LoadState(const StrategyState&) { return absl::OkStatus(); }

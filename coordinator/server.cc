@@ -574,20 +574,22 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       ~Release() { s.release(); }
     } release{*upload_slots};
     aggregation::TensorMap snapshot;
+    int rank = 0, train_rank = 0;
     {
       std::lock_guard<std::mutex> l(mu);
       if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
       snapshot = global;  // shapes to check against
-      // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h): check it
-      // against the global's first r components; the round engine pads it.
       if (auto a = assigned.find(cn); a != assigned.end()) {
-        const rpc::v1::AdapterPlan& p = a->second.plan();
-        if (p.train_rank() > 0 && p.train_rank() < p.rank()) {
-          auto cut = aggregation::TruncateRank(snapshot, p.rank(), p.train_rank());
-          if (!cut.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, std::string(cut.status().message()));
-          snapshot = std::move(*cut);
-        }
+        rank = a->second.plan().rank();
+        train_rank = a->second.plan().train_rank();
       }
+    }
+    // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h): check it
+    // against the global's first r components; the round engine pads it.
+    if (train_rank > 0 && train_rank < rank) {
+      auto cut = aggregation::TruncateRank(snapshot, rank, train_rank);
+      if (!cut.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, std::string(cut.status().message()));
+      snapshot = std::move(*cut);
     }
     std::vector<uint8_t> bytes;
     {

@@ -65,7 +65,9 @@ class RoundCollector : public Collector {
   }
   void Decline(const std::string& client, const std::string& reason, double needed_mib, double budget_mib) override {
     failures_.push_back({client, absl::ResourceExhaustedError(reason)});
-    records_.push_back({client, reason.rfind("declined", 0) == 0 ? reason : "declined: " + reason, 0, 0, 0, 0});
+    // Under DP the figures (from the client's longest example) stay out of the ledger.
+    const std::string outcome = withhold_ ? "declined" : reason.rfind("declined", 0) == 0 ? reason : "declined: " + reason;
+    records_.push_back({client, outcome, withhold_ ? -1 : 0, withhold_ ? -1.0 : 0.0, 0, 0});
     declines_.push_back({client, needed_mib, budget_mib});
   }
   int accepted() const override { return accepted_; }
@@ -351,13 +353,17 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     }
 
     std::unique_ptr<aggregation::Aggregation> agg = strategy_->BeginAggregate(r, global_);
-    if (!ranks.empty()) {  // per-worker ranks: updates padded to the shared rank and merged by s.hetero_rank
+    // Per-worker ranks: updates padded to the shared rank and merged by s.hetero_rank (flexlora in
+    // every round of a run that has them, also when this round's clients all train the full rank).
+    const bool ranked_run = !fixed_ranks.empty() || (o_.planning && !o_.planning->options.ranks.empty());
+    if (!ranks.empty() || (ranked_run && s.hetero_rank == aggregation::HeteroRankRule::kFlexLora)) {
       aggregation::HeteroRankOptions ho;
       ho.rule = s.hetero_rank;
       ho.rank = shared_rank;
       ho.scale = s.adapter.spec.Scale();
       ho.max_client_examples = s.strategy.max_client_examples;
       ho.weight_by_examples = s.strategy.weight_by_examples;
+      ho.norm_bound = strategy_->UpdateNormBound();
       agg = aggregation::MakeHeteroRankAggregation(ho, ranks, global_, std::move(agg));
       rec.metrics["hetero_rank_clients"] = static_cast<double>(ranks.size());
     }
@@ -432,8 +438,17 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       bool bf16 = false;
       for (const ClientInfo& c : clients)
         if (c.name == d.client && c.profile) bf16 = c.profile->bf16_kernels;
-      const double ours = po.memory.Choose(o_.planning->shape, po.spec, po.adapted, p->second.c, po.seq, po.memory_margin * d.budget_mib, bf16).total_mib;
-      const double memory = d.budget_mib * std::min(1.0, ours / d.needed_mib);
+      // The client plans within planner::MemoryModel::kClientMargin of its budget; the planner
+      // within memory_margin of what it is given.
+      const double ours =
+          po.memory.Choose(o_.planning->shape, po.spec, po.adapted, p->second.c, po.seq, planner::MemoryModel::kClientMargin * d.budget_mib, bf16).total_mib;
+      double memory = d.budget_mib * std::min(1.0, ours / d.needed_mib) * planner::MemoryModel::kClientMargin / po.memory_margin;
+      // Never the memory the declined plan was made for again: the re-plan must differ.
+      double planned_for = 0;
+      for (const ClientInfo& c : clients)
+        if (c.name == d.client && c.profile) planned_for = c.profile->memory_mib;
+      if (auto m = memory_override_.find(d.client); m != memory_override_.end()) planned_for = std::min(planned_for, m->second);
+      if (planned_for > 0 && memory >= planned_for) memory = 0.95 * planned_for;
       auto [it, fresh] = memory_override_.emplace(d.client, memory);
       if (!fresh) it->second = std::min(it->second, memory);
       replan_ = true;

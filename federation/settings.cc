@@ -1,5 +1,6 @@
 #include "federation/settings.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -202,7 +203,11 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     s.hetero_rank = *rule;
     for (int r : planner.ranks())
       if (r < 1 || r > s.adapter.spec.rank) return Bad("planner.ranks", absl::StrCat("every rank must be in [1, adapter.rank = ", s.adapter.spec.rank, "]"));
-    if (planner.enabled() && planner.ranks_size() > 0) FT_RETURN_IF_ERROR(CheckHeteroRanks(s, "planner.ranks"));
+    if (planner.enabled() && planner.ranks_size() > 0) {
+      FT_RETURN_IF_ERROR(CheckHeteroRanks(s, "planner.ranks"));
+      if (*std::max_element(planner.ranks().begin(), planner.ranks().end()) != s.adapter.spec.rank)
+        return Bad("planner.ranks", absl::StrCat("must include adapter.rank (", s.adapter.spec.rank, "): components above the largest rank would never train"));
+    }
   }
   // The automatic norm bound reads the updates' norms: not under central DP (an unprivatised
   // statistic; the DP clip bounds each update) nor secure aggregation (no norms to read).

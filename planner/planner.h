@@ -92,6 +92,9 @@ struct ActivationChoice {
 struct MemoryModel {
   static constexpr double kUnknownMemoryMiB = 1e11;  // a limit this large: the memory is not known
   static constexpr double kDefaultKeptMiB = 1024;    // what a client then keeps per pass (= ClientEnv)
+  // Clients keep their activations within, and decline tasks above, this share of their memory
+  // (worker::ClientEnv::kMemoryMargin; = PlannerOptions::memory_margin's default).
+  static constexpr double kClientMargin = 0.9;
   // Fitted constants are per byte of what the shape says the trainer allocates, so they carry
   // over to other shapes and families (refit: bench/memory_model.sh + bench_memory_fit).
   double fixed_mib = 0;

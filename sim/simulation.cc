@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "aggregation/hetero_rank.h"
 #include "common/config_loader.h"
 #include "common/mapped_file.h"
 #include "common/progress.h"
@@ -161,7 +162,11 @@ class SimTransport : public federation::Transport {
       const auto t0 = Clock::now();
       worker::LocalResult lr;
       if (c_.train().stand_in()) {
-        lr = worker::StandInUpdate(global, cl.name, static_cast<int64_t>(cl.train.size()), task.send_fisher, sched_rng_.NextU64());
+        aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components
+        if (task.plan.train_rank > 0 && task.plan.train_rank < task.plan.rank) {
+          FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, task.plan.rank, task.plan.train_rank));
+        }
+        lr = worker::StandInUpdate(own, cl.name, static_cast<int64_t>(cl.train.size()), task.send_fisher, sched_rng_.NextU64());
       } else {
         worker::ClientEnv env = env_;
         env.memory_mib = cl.memory_mib;  // 0 (not simulated): the default activation budget
@@ -336,7 +341,8 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
       if (const auto bt = kernels::GgmlTypeFromName(p.base_type()); !p.base_type().empty() && (!bt || !kernels::CanQuantize(*bt)))
         return Bad(key + ".base_type", "not a type fedtune re-quantizes to (q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2)");
       if (!p.base_type().empty() && c.planner().enabled()) return Bad(key + ".base_type", "not with the planner (it chooses each client's base)");
-      if (p.rank() < 0 || p.rank() > s.run.adapter.spec.rank) return Bad(key + ".rank", absl::StrCat("must be in [1, adapter.rank = ", s.run.adapter.spec.rank, "]"));
+      if (p.rank() < 0 || p.rank() > s.run.adapter.spec.rank)
+        return Bad(key + ".rank", absl::StrCat("must be in [1, adapter.rank = ", s.run.adapter.spec.rank, "] (0 or unset: adapter.rank)"));
       if (p.rank() > 0 && p.rank() < s.run.adapter.spec.rank) {
         if (c.planner().enabled()) return Bad(key + ".rank", "not with the planner (planner.ranks: it chooses each client's rank)");
         FT_RETURN_IF_ERROR(federation::CheckHeteroRanks(s.run, key + ".rank"));

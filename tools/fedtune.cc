@@ -624,8 +624,8 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
                              g_stop,
                              eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path(), &train));
   if (!r.ok()) return r.status();
-  std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned), %d evaluations\n", r->rounds_trained, r->rounds_reused,
-              r->rounds_abandoned, r->evaluations);
+  std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned, %d declined over its memory budget), %d evaluations\n",
+              r->rounds_trained, r->rounds_reused, r->rounds_abandoned, r->rounds_declined, r->evaluations);
   return absl::OkStatus();
 }
 

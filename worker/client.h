@@ -54,7 +54,7 @@ class BaseModels {
 //     fits; with memory_mib unknown (0), the trainer's budget of kDefaultActivationBudgetMiB;
 //   recompute false: keep everything.
 struct ClientEnv {
-  static constexpr double kMemoryMargin = 0.9;  // = planner::PlannerOptions::memory_margin's default
+  static constexpr double kMemoryMargin = planner::MemoryModel::kClientMargin;  // = planner::PlannerOptions::memory_margin's default
   static constexpr int kDefaultActivationBudgetMiB = static_cast<int>(planner::MemoryModel::kDefaultKeptMiB);  // = fedtune train's default
   int activation_budget_mib = 0;
   bool recompute = true;
@@ -97,13 +97,14 @@ struct Decline {
 absl::StatusOr<std::optional<Decline>> CheckMemoryBudget(const model::LlamaModel& stored, const std::vector<model::Example>& data,
                                                         const protocol::TrainTask& task, const ClientEnv& env);
 // The status RunTrainTask returns for a declined task (ResourceExhausted, with the figures), and
-// the figures back from such a status (nullopt for any other).
+// the figures back from such a status (nullopt for any other). The task is declined before its
+// base is built and before any training (the global adapter was downloaded).
 absl::Status DeclineStatus(const Decline& d);
 std::optional<Decline> DeclineFrom(const absl::Status& s);
 
 // Trains `task` on `data`. `privacy` (may be null without local DP) accounts local DP-SGD; the
 // update then carries "local_epsilon". A task over the client's memory budget is declined
-// (DeclineStatus) before anything is loaded.
+// (DeclineStatus) before its base is built.
 absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
                                          const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy);
 

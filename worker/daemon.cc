@@ -15,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "aggregation/hetero_rank.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
 #include "protocol/secagg_identity.h"
@@ -172,6 +173,32 @@ absl::StatusOr<std::vector<uint8_t>> Download(rpc::v1::Coordinator::Stub& stub, 
   return bytes;
 }
 
+// Tells the coordinator this worker declines its task (over its memory budget): an upload header
+// with the reason and figures and no payload. Under local DP only the word: the figures depend
+// on the data (the longest example).
+absl::Status SendDecline(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Decline& d) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  rpc::v1::UploadResponse resp;
+  auto writer = stub.UploadUpdate(&ctx, &resp);
+  rpc::v1::UploadMessage head;
+  auto* h = head.mutable_header();
+  h->set_run_id(task.run_id());
+  h->set_round(task.round());
+  h->set_worker_id(me);
+  h->set_secure(false);
+  const bool private_data = task.local_dp_clip() > 0;
+  h->set_declined(private_data ? "declined: over this worker's memory budget" : d.reason);
+  h->set_declined_needed_mib(private_data ? 0 : d.needed_mib);
+  h->set_declined_budget_mib(private_data ? 0 : d.budget_mib);
+  writer->Write(head);
+  writer->WritesDone();
+  const grpc::Status fin = writer->Finish();
+  if (!fin.ok() && fin.error_code() != grpc::StatusCode::FAILED_PRECONDITION && fin.error_code() != grpc::StatusCode::ALREADY_EXISTS)
+    return FromGrpc(fin, absl::StrCat("declining round ", task.round()));
+  return absl::OkStatus();
+}
+
 grpc::Status UploadOnce(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& task, const std::string& me, const Kept& kept,
                         rpc::v1::UploadResponse* resp, bool secure = false, int64_t resume_offset = 0) {
   grpc::ClientContext ctx;
@@ -298,10 +325,11 @@ absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me,
   Heartbeats hb(stub, me, task.round(), heartbeat_ms, o.profile);
   absl::StatusOr<LocalResult> trained = trainer(tt, global, [&hb](double p) { hb.set_progress(p); });
   if (const std::optional<Decline> d = trained.ok() ? std::nullopt : DeclineFrom(trained.status())) {
-    // Over the memory budget in a secure round: drop out of it (the others unmask without us).
+    // Over the memory budget in a secure round: drop out of it (the others unmask without us),
+    // telling the coordinator so that it neither waits for us nor hands us the task again.
     FT_LOG_WARN("round {}: {}; leaving the secure round", task.round(), d->reason);
     ++rep->rounds_declined;
-    return absl::OkStatus();
+    return SendDecline(stub, task, me, *d);
   }
   FT_RETURN_IF_ERROR(trained.status());
   LocalResult lr = std::move(*trained);
@@ -387,25 +415,8 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     if (const std::optional<Decline> d = trained.ok() ? std::nullopt : DeclineFrom(trained.status())) {
       // Over this worker's memory budget: tell the coordinator why, so it re-plans (nothing trained).
       FT_LOG_WARN("round {}: {}", task.round(), d->reason);
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-      rpc::v1::UploadResponse resp;
-      auto writer = stub.UploadUpdate(&ctx, &resp);
-      rpc::v1::UploadMessage head;
-      auto* h = head.mutable_header();
-      h->set_run_id(task.run_id());
-      h->set_round(task.round());
-      h->set_worker_id(me);
-      h->set_declined(d->reason);
-      h->set_declined_needed_mib(d->needed_mib);
-      h->set_declined_budget_mib(d->budget_mib);
-      writer->Write(head);
-      writer->WritesDone();
-      const grpc::Status fin = writer->Finish();
-      if (!fin.ok() && fin.error_code() != grpc::StatusCode::FAILED_PRECONDITION && fin.error_code() != grpc::StatusCode::ALREADY_EXISTS)
-        return FromGrpc(fin, absl::StrCat("declining round ", task.round()));
       ++rep->rounds_declined;
-      return absl::OkStatus();
+      return SendDecline(stub, task, me, *d);
     }
     FT_RETURN_IF_ERROR(trained.status());
     LocalResult lr = std::move(*trained);
@@ -488,7 +499,11 @@ TaskRunner StandInTaskRunner(int64_t num_examples, double seconds) {
                                  const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
     progress(1.0);
-    LocalResult r = StandInUpdate(global, task.client, num_examples, task.send_fisher, protocol::TrainingSeed(task.client, task.round));
+    aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components
+    if (task.plan.train_rank > 0 && task.plan.train_rank < task.plan.rank) {
+      FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, task.plan.rank, task.plan.train_rank));
+    }
+    LocalResult r = StandInUpdate(own, task.client, num_examples, task.send_fisher, protocol::TrainingSeed(task.client, task.round));
     r.update.metrics["train_seconds"] = seconds;
     return r;
   };

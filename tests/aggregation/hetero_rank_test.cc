@@ -126,7 +126,7 @@ Round MakeRound(uint64_t seed, bool with_a, const std::vector<std::pair<int64_t,
   return rd;
 }
 
-absl::StatusOr<Merged> MergeRound(const Round& rd, HeteroRankRule rule) {
+absl::StatusOr<Merged> MergeRound(const Round& rd, HeteroRankRule rule, double norm_bound = 0) {
   StrategyOptions so;
   so.auto_norm_factor = 0;
   FT_ASSIGN_OR_RETURN(auto strategy, FedStrategy::Create(so));
@@ -134,6 +134,7 @@ absl::StatusOr<Merged> MergeRound(const Round& rd, HeteroRankRule rule) {
   ho.rule = rule;
   ho.rank = kR;
   ho.scale = kScale;
+  ho.norm_bound = norm_bound;
   auto agg = MakeHeteroRankAggregation(ho, rd.ranks, rd.global, strategy->BeginAggregate(1, rd.global));
   for (const ClientUpdate& u : rd.updates) FT_RETURN_IF_ERROR(agg->Add(u));
   return agg->Merge();
@@ -265,6 +266,19 @@ TEST(HeteroRankTest, FlexLoraMergeIsTheBestRankRApproximationOfTheExactSum) {
   ASSERT_TRUE(mf.ok()) << mf.status();
   EXPECT_LT(MaxRelErr(MergedDense(fits, *mf), WeightedDense(ClientFactors(fits))), 1e-5);
   EXPECT_LT(mf->metrics.at("hetero_truncation"), 1e-6);
+  // Each update is clipped to the strategy's norm bound first: a bound above every update's norm
+  // changes nothing, a small one gives the merge of the clipped updates.
+  auto same = MergeRound(rd, HeteroRankRule::kFlexLora, 1e6);
+  ASSERT_TRUE(same.ok());
+  EXPECT_LT(MaxRelErr(MergedDense(rd, *same), ref), 1e-5);
+  Round clipped = rd;
+  for (ClientUpdate& u : clipped.updates) ClipToNorm(u.delta, 0.01);
+  auto want = MergeRound(clipped, HeteroRankRule::kFlexLora);
+  auto got = MergeRound(rd, HeteroRankRule::kFlexLora, 0.01);
+  ASSERT_TRUE(want.ok() && got.ok());
+  std::vector<double> wd;
+  for (float x : MergedDense(rd, *want)) wd.push_back(x);
+  EXPECT_LT(MaxRelErr(MergedDense(rd, *got), wd), 1e-5);
   // FlexLoRA merges LoRA pairs: a B without its A is refused.
   Round ffa = MakeRound(15, false);
   EXPECT_FALSE(MergeRound(ffa, HeteroRankRule::kFlexLora).ok());

@@ -443,6 +443,12 @@ TEST_F(SimTest, StandInClientsMeasureServerOverhead) {
   EXPECT_EQ(m.at("accepted"), 50);
   EXPECT_GE(m.at("overhead_seconds"), 0);
   EXPECT_GT(m.at("bytes_up"), 0);
+  // Stand-in clients of a lower rank send updates of their rank (accepted, padded by the server).
+  auto ranked = Run(Yaml("train: {stand_in: true}\nadapter: {kind: LORA, rank: 4, alpha: 8}\nstrategy: {hetero_rank: flexlora}\n"
+                         "profiles: [{count: 2, rank: 2}, {count: 1}]\n",
+                         testing::TempPath("sim_standin_ranks")));
+  ASSERT_TRUE(ranked.ok()) << ranked.status();
+  EXPECT_EQ(ranked->rounds.back().metrics.at("accepted"), 3);
 }
 
 TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
@@ -484,6 +490,7 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("profiles: [{count: 3, rank: 2}]\nadapter: {kind: LORA, rank: 4}\nstrategy: {hetero_rank: flexlora, server: fedadam}\n", "strategy.hetero_rank");
   expect("strategy: {hetero_rank: stacking}\n", "strategy.hetero_rank");
   expect("planner: {enabled: true, ranks: [2, 8]}\n", "planner.ranks");
+  expect("planner: {enabled: true, ranks: [2]}\n", "planner.ranks");  // must include adapter.rank (4)
   expect("adapter: {kind: DIABLO}\nplanner: {enabled: true, ranks: [2]}\n", "planner.ranks");
   proto::SimulationConfig c;
   ASSERT_TRUE(LoadConfigYaml("model: {path: /no/model.gguf}\nclients: 2\nrounds: 1\ndata: {tasks: [sum]}\n", &c, "t").ok());
