@@ -48,6 +48,24 @@ double PeakRssMiB() {
   return static_cast<double>(ru.ru_maxrss) / 1024.0;
 }
 
+bool ResetPeakRss() {
+  std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
+  if (!f) return false;
+  const bool ok = std::fputs("5", f) >= 0;
+  return std::fclose(f) == 0 && ok;
+}
+
+double PeakRssSinceResetMiB() {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return 0;
+  char line[256];
+  double kib = 0;
+  while (std::fgets(line, sizeof line, f))
+    if (std::sscanf(line, "VmHWM: %lf kB", &kib) == 1) break;
+  std::fclose(f);
+  return kib / 1024.0;
+}
+
 double CurrentRssMiB() {
   std::FILE* f = std::fopen("/proc/self/statm", "r");
   if (!f) return 0;

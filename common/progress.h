@@ -11,6 +11,11 @@ namespace fedtune {
 double PeakRssMiB();
 // Resident set size now (/proc/self/statm; 0 where unavailable).
 double CurrentRssMiB();
+// Starts a new peak: resets the kernel's high-water mark of this process's resident set
+// (/proc/self/clear_refs, Linux >= 4.0); false where that is not possible.
+bool ResetPeakRss();
+// The high-water mark since the last ResetPeakRss (or the start): VmHWM, MiB; 0 where unavailable.
+double PeakRssSinceResetMiB();
 
 class Progress {
  public:

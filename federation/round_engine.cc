@@ -39,6 +39,10 @@ class RoundCollector : public Collector {
     auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
     ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), protocol::UpdateBytes(u)};
     const double eps = metric("local_epsilon");
+    // Memory figures the client reports (its prediction and measured peak), for the fleet check.
+    if (!withhold_)
+      for (const char* k : {"predicted_peak_mib", "peak_rss_mib"})
+        if (const double v = metric(k); v > 0 && std::isfinite(v)) memory_[absl::StrCat(k, "/", u.client)] = v;
     const std::string who = u.client;
     const absl::Status st = sec_ ? absl::FailedPreconditionError("this round takes masked inputs only (secure aggregation)") : agg_.Add(std::move(u));
     return Record(rec, st, eps);
@@ -81,6 +85,7 @@ class RoundCollector : public Collector {
     double needed_mib, budget_mib;
   };
   std::vector<Declined> declines_;
+  std::map<std::string, double> memory_;  // "<figure>/<client>" from accepted updates
   double loss_sum_ = 0, train_max_ = 0, local_epsilon_ = 0;
 
  private:
@@ -456,6 +461,9 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
                           "worker of %.0f MiB", r, d.client, d.needed_mib, ours, d.budget_mib, it->second));
     }
     rec.metrics["declined"] = static_cast<double>(col.declines_.size());
+    for (const auto& [k, v] : col.memory_) rec.metrics[k] = v;
+    for (const auto& task : tasks)
+      if (auto p = plans_.find(task.client); p != plans_.end() && !p->second.excluded) rec.metrics["planned_mib/" + task.client] = p->second.predicted_mib;
     if (!private_selection && o_.quorum > 0 && col.accepted() < o_.quorum) {
       ++attempt;
       say(absl::StrFormat("round %d: %d updates accepted, quorum is %d; the round starts again (attempt %d)", r, col.accepted(), o_.quorum,

@@ -232,6 +232,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   }
   const aggregation::TensorMap& start = train_rank > 0 ? truncated : global;
   LocalTrainOptions lt;
+  double predicted_mib = 0;  // the memory model's peak for this task (memory known, default policy)
   if (!p.train_modules.empty()) {
     FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules, ",")));
   }
@@ -255,6 +256,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
           mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend));
       lt.finetune.recompute = a.recompute;
       lt.finetune.micro_batch = a.recompute ? 0 : a.seqs_per_pass;
+      predicted_mib = a.total_mib;
     } else {
       lt.finetune.activation_budget_mib = ClientEnv::kDefaultActivationBudgetMiB;
     }
@@ -277,6 +279,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   }
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
   FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, start, task.config, task.client, lt, &adapters));
+  if (predicted_mib > 0) r.update.metrics["predicted_peak_mib"] = predicted_mib;
   if (task.local_dp_clip > 0) {
     if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
     FT_ASSIGN_OR_RETURN(double eps, privacy->Record(task, data.size()));
@@ -286,6 +289,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
     r.update.num_examples = 1;
     r.update.metrics.erase("train_loss");
     r.update.metrics.erase("train_tokens");
+    r.update.metrics.erase("predicted_peak_mib");
   }
   if (!task.compression.empty()) {  // after local DP: compression is post-processing of its output
     FT_ASSIGN_OR_RETURN(const aggregation::Compression kind, aggregation::CompressionFromName(task.compression));

@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "aggregation/hetero_rank.h"
 #include "common/log.h"
+#include "common/progress.h"
 #include "common/mapped_file.h"
 #include "protocol/secagg_identity.h"
 #include "protocol/secagg_wire.h"
@@ -481,7 +482,11 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     env.backend = backend;
     env.progress = progress;
     env.error_feedback = &state->residual;
-    return RunTrainTask(state->bases, data, task, global, env, &state->privacy);
+    // The round's own peak of this process (the memory model predicts a process's peak).
+    const bool reset = ResetPeakRss();
+    absl::StatusOr<LocalResult> r = RunTrainTask(state->bases, data, task, global, env, &state->privacy);
+    if (r.ok() && reset && task.local_dp_clip <= 0) r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
+    return r;
   };
 }
 
