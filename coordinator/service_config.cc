@@ -77,6 +77,7 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, federation::PlannerOptionsFrom(c.planner(), rs.adapter.spec, rs.adapter.modules, uniform,
                                                                                    OrDefault(c.planner().seq(), 256), rs.send_fisher, true));
     po.memory.keep_within_limit = true;  // workers keep activations as far as their memory allows (ClientEnv)
+    po.memory.adapter_copies = 2;        // a worker daemon's global adapter and update (ClientEnv)
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
     std::map<model::Module, double> importance;  // uniform until merged updates show where they move
     for (model::Module mod : rs.adapter.modules) importance[mod] = 1.0 / static_cast<double>(rs.adapter.modules.size());

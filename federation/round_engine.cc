@@ -41,7 +41,7 @@ class RoundCollector : public Collector {
     const double eps = metric("local_epsilon");
     // Memory figures the client reports (its prediction and measured peak), for the fleet check.
     if (!withhold_)
-      for (const char* k : {"predicted_peak_mib", "peak_rss_mib"})
+      for (const char* k : {"predicted_peak_mib", "peak_rss_mib", "rss_start_mib"})
         if (const double v = metric(k); v > 0 && std::isfinite(v)) memory_[absl::StrCat(k, "/", u.client)] = v;
     const std::string who = u.client;
     const absl::Status st = sec_ ? absl::FailedPreconditionError("this round takes masked inputs only (secure aggregation)") : agg_.Add(std::move(u));

@@ -168,6 +168,7 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
   const double tokens = static_cast<double>(c.batch) * seq;
   const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
   const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, SpecAt(spec, c), adapted, c.modules) + logits_mib +
+                      adapter_copies * AdapterBytes(s, spec, adapted) / (1 << 20) +
                       (bf16_kernels ? Bf16OutputMiB(s, tokens) : 0.0);
   const double per_seq = KeptMiBPerSequence(s, seq);
   ActivationChoice a;

@@ -106,6 +106,11 @@ struct MemoryModel {
   // A re-quantized base (not the stored type) carries a frozen correction of this rank per
   // projection in fp16 (train.compensation; 0: none): rank x (rows + cols) x 2 bytes each.
   int64_t compensation_rank = 0;
+  // Float32 copies of the whole adapter a worker daemon holds during its round besides its
+  // trainer's (the downloaded global adapter and the update it sends): 2 for deployed workers
+  // (coordinator planning, worker::ClientEnv of the daemon), 0 for `fedtune train` and the
+  // simulation's in-process clients. Measured: bench/run_fleet_memory.sh.
+  double adapter_copies = 0;
   static MemoryModel Fitted();
   double BaseMiB(const ModelShape& s, kernels::GgmlType b) const;
   double AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,

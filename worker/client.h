@@ -59,6 +59,7 @@ struct ClientEnv {
   int activation_budget_mib = 0;
   bool recompute = true;
   double memory_mib = 0;              // what this client may use (0: unknown)
+  double adapter_copies = 0;          // planner::MemoryModel::adapter_copies (2 in a worker daemon)
   kernels::Backend* backend = nullptr;  // null: cpu-fast
   std::function<void(double)> progress;  // fraction of local steps done
   // Compressed uploads with error feedback: what compression dropped, carried to the next round

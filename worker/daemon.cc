@@ -1,6 +1,7 @@
 #include "worker/daemon.h"
 
 #include <grpcpp/grpcpp.h>
+#include <malloc.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -479,13 +480,23 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     ClientEnv env;
     env.activation_budget_mib = activation_budget_mib;
     env.memory_mib = memory_mib;
+    env.adapter_copies = 2;  // the downloaded global adapter and the update, besides the trainer's
     env.backend = backend;
     env.progress = progress;
     env.error_feedback = &state->residual;
-    // The round's own peak of this process (the memory model predicts a process's peak).
+    // Free heap pages kept from the previous round (or the profile's measuring steps) go back
+    // to the system first, so the round starts from what is live; then the round's own peak of
+    // this process (the memory model predicts a process's peak).
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
     const bool reset = ResetPeakRss();
+    const double rss_start = CurrentRssMiB();
     absl::StatusOr<LocalResult> r = RunTrainTask(state->bases, data, task, global, env, &state->privacy);
-    if (r.ok() && reset && task.local_dp_clip <= 0) r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
+    if (r.ok() && reset && task.local_dp_clip <= 0) {
+      r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
+      r->update.metrics["rss_start_mib"] = rss_start;  // resident before the round's training
+    }
     return r;
   };
 }
