@@ -433,6 +433,21 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     const auto t_collect = Clock::now();
     FT_RETURN_IF_ERROR(t.Train(r, global_, tasks, col, transport_metrics));
     const double collect_secs = Seconds(t_collect, Clock::now());
+    // Memory the plan of `client` was made for: its reported memory, or what a decline or a
+    // measured peak set since (0: unknown).
+    auto planned_for = [&](const std::string& client) {
+      double m = 0;
+      for (const ClientInfo& c : clients)
+        if (c.name == client && c.profile) m = c.profile->memory_mib;
+      if (auto o = memory_override_.find(client); o != memory_override_.end()) m = m > 0 ? std::min(m, o->second) : o->second;
+      return m;
+    };
+    auto shrink = [&](const std::string& client, double memory) {
+      auto [it, fresh] = memory_override_.emplace(client, memory);
+      if (!fresh) it->second = std::min(it->second, memory);
+      replan_ = true;
+      return it->second;
+    };
     for (const auto& d : col.declines_) {
       // Re-plan a client that declined: the planner takes the budget the client reported, scaled
       // by how far the two predictions of this task at that budget disagreed (e.g. the
@@ -449,16 +464,27 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
           po.memory.Choose(o_.planning->shape, po.spec, po.adapted, p->second.c, po.seq, planner::MemoryModel::kClientMargin * d.budget_mib, bf16).total_mib;
       double memory = d.budget_mib * std::min(1.0, ours / d.needed_mib) * planner::MemoryModel::kClientMargin / po.memory_margin;
       // Never the memory the declined plan was made for again: the re-plan must differ.
-      double planned_for = 0;
-      for (const ClientInfo& c : clients)
-        if (c.name == d.client && c.profile) planned_for = c.profile->memory_mib;
-      if (auto m = memory_override_.find(d.client); m != memory_override_.end()) planned_for = std::min(planned_for, m->second);
-      if (planned_for > 0 && memory >= planned_for) memory = 0.95 * planned_for;
-      auto [it, fresh] = memory_override_.emplace(d.client, memory);
-      if (!fresh) it->second = std::min(it->second, memory);
-      replan_ = true;
+      if (const double before = planned_for(d.client); before > 0 && memory >= before) memory = 0.95 * before;
       say(absl::StrFormat("round %d: %s declined its task (it predicts %.1f MiB, the planner %.1f MiB, at its budget of %.0f MiB): re-planned as a "
-                          "worker of %.0f MiB", r, d.client, d.needed_mib, ours, d.budget_mib, it->second));
+                          "worker of %.0f MiB", r, d.client, d.needed_mib, ours, d.budget_mib, shrink(d.client, memory)));
+    }
+    if (o_.planning) {
+      // Measured peaks above the plan's prediction (a worker daemon's "peak_rss_mib"): the next
+      // plans give that client its reported memory scaled by prediction / measurement, so the
+      // predicted peaks of its later plans, off by the same factor, stay within what it may use
+      // (from the reported memory each time: the factor does not compound; never grown back).
+      for (const auto& [key, measured] : col.memory_) {
+        if (key.rfind("peak_rss_mib/", 0) != 0) continue;
+        const std::string client = key.substr(13);
+        auto p = plans_.find(client);
+        if (p == plans_.end() || p->second.excluded || !(p->second.predicted_mib > 0) || measured <= p->second.predicted_mib) continue;
+        double reported = 0;
+        for (const ClientInfo& c : clients)
+          if (c.name == client && c.profile) reported = c.profile->memory_mib;
+        if (!(reported > 0) || reported >= planner::MemoryModel::kUnknownMemoryMiB) continue;
+        say(absl::StrFormat("round %d: %s peaked at %.0f MiB, %.0f MiB predicted: planned as a worker of %.0f MiB from now on", r, client, measured,
+                            p->second.predicted_mib, shrink(client, reported * p->second.predicted_mib / measured)));
+      }
     }
     rec.metrics["declined"] = static_cast<double>(col.declines_.size());
     for (const auto& [k, v] : col.memory_) rec.metrics[k] = v;

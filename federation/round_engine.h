@@ -151,8 +151,8 @@ class RoundEngine {
   std::map<model::Module, double> importance_;
   std::optional<planner::Plan> plan_;
   std::map<std::string, planner::WorkerPlan> plans_;
-  // Clients that declined a planned task: the memory the planner gives them from then on
-  // (their budget, corrected by how much more their own prediction was than the plan's).
+  // Clients that declined a planned task or peaked above its prediction: the memory the planner
+  // gives them from then on (their budget or reported memory, corrected by the prediction error).
   std::map<std::string, double> memory_override_;
   bool replan_ = false;  // a client declined: plan again before the next round
   double local_epsilon_ = 0;

@@ -465,7 +465,8 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 }  // namespace
 
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
-                     int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path, double memory_mib) {
+                     int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path, double memory_mib,
+                     bool report_peak) {
   struct State {
     State(const model::LlamaModel& m, const std::string& path, const std::string& ledger) : bases(m, path), privacy(ledger) {}
     BaseModels bases;
@@ -474,7 +475,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
   };
   auto state = std::make_shared<State>(model, model_path, privacy_path);
   state->bases.SetCalibration(data);
-  return [&data, state, activation_budget_mib, backend, memory_mib](const protocol::TrainTask& task, const aggregation::TensorMap& global,
+  return [&data, state, activation_budget_mib, backend, memory_mib, report_peak](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                                                     const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (!task.plan.explanation.empty()) FT_LOG_INFO("round {} plan: {}", task.round, task.plan.explanation);
     ClientEnv env;
@@ -493,7 +494,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     const bool reset = ResetPeakRss();
     const double rss_start = CurrentRssMiB();
     absl::StatusOr<LocalResult> r = RunTrainTask(state->bases, data, task, global, env, &state->privacy);
-    if (r.ok() && reset && task.local_dp_clip <= 0) {
+    if (r.ok() && reset && report_peak && task.local_dp_clip <= 0) {
       r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
       r->update.metrics["rss_start_mib"] = rss_start;  // resident before the round's training
     }

@@ -59,10 +59,12 @@ using TaskRunner = std::function<absl::StatusOr<LocalResult>(const protocol::Tra
 // across rounds. activation_budget_mib and memory_mib: how activations are kept (ClientEnv; 0 and
 // the worker's memory: as many sequences per pass as fit). backend: kernels for training (null:
 // cpu-fast). privacy_path: where the local DP-SGD ledger persists across restarts (empty: in
-// memory only).
+// memory only). report_peak: the update carries this process's peak RSS of the round
+// ("peak_rss_mib", for the coordinator's memory feedback): only where the runner is alone in
+// its process (`fedtune worker`), not for several daemons in one test process.
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
                      int activation_budget_mib = 0, kernels::Backend* backend = nullptr, const std::string& privacy_path = "",
-                     double memory_mib = 0);
+                     double memory_mib = 0, bool report_peak = false);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 
