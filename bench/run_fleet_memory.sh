@@ -37,6 +37,7 @@ YAML
 pids=()
 $fedtune coordinator --config "$out/coordinator.yaml" > "$out/coordinator.log" 2>&1 &
 coord=$!
+trap 'kill $coord ${pids[@]+"${pids[@]}"} 2>/dev/null || true' EXIT  # nothing left running on failure
 sleep 2
 for k in 1 2 3; do
   w=worker-00$k
@@ -53,7 +54,7 @@ YAML
   pids+=($!)
 done
 wait "$coord"
-for p in "${pids[@]}"; do wait "$p" || true; done
+sleep 20  # the workers are told the run is over; any still running after that are stopped (trap)
 python3 - "$out/state/ledger.sqlite" <<'PY'
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
@@ -73,4 +74,4 @@ for (r, w), x in sorted(m.items()):
     print(f"| {r} | {w} | {p:.1f} | {q:.1f} | {g:.1f} | {100*e:+.1f}% |")
 print(f"worst |error| over the fleet: {100*worst:.1f}%")
 PY
-grep -h "planner: round" "$out/coordinator.log" | cut -c1-400 | head -12
+grep -h "planner: round" "$out/coordinator.log" | cut -c1-400 | head -12 || true

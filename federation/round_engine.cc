@@ -39,12 +39,14 @@ class RoundCollector : public Collector {
     auto metric = [&u](const char* k) { return u.metrics.count(k) ? u.metrics.at(k) : 0.0; };
     ClientRoundRecord rec{u.client, "ok", u.num_examples, metric("train_loss"), metric("train_seconds"), protocol::UpdateBytes(u)};
     const double eps = metric("local_epsilon");
-    // Memory figures the client reports (its prediction and measured peak), for the fleet check.
+    // Memory figures the client reports (its prediction and measured peak), for the fleet check
+    // and re-planning: from accepted updates only, never under DP.
+    std::map<std::string, double> memory;
     if (!withhold_)
       for (const char* k : {"predicted_peak_mib", "peak_rss_mib", "rss_start_mib"})
-        if (const double v = metric(k); v > 0 && std::isfinite(v)) memory_[absl::StrCat(k, "/", u.client)] = v;
-    const std::string who = u.client;
+        if (const double v = metric(k); v > 0 && std::isfinite(v)) memory[absl::StrCat(k, "/", u.client)] = v;
     const absl::Status st = sec_ ? absl::FailedPreconditionError("this round takes masked inputs only (secure aggregation)") : agg_.Add(std::move(u));
+    if (st.ok()) memory_.insert(memory.begin(), memory.end());
     return Record(rec, st, eps);
   }
   absl::Status AddMasked(const std::string& client, std::vector<uint32_t> y, int64_t num_examples,
@@ -469,27 +471,31 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
                           "worker of %.0f MiB", r, d.client, d.needed_mib, ours, d.budget_mib, shrink(d.client, memory)));
     }
     if (o_.planning) {
-      // Measured peaks above the plan's prediction (a worker daemon's "peak_rss_mib"): the next
-      // plans give that client its reported memory scaled by prediction / measurement, so the
-      // predicted peaks of its later plans, off by the same factor, stay within what it may use
-      // (from the reported memory each time: the factor does not compound; never grown back).
+      // Measured peaks above the client's own prediction of the same run (a worker daemon's
+      // "peak_rss_mib" and "predicted_peak_mib": same configuration, data and activation choice,
+      // so their ratio is the memory model's error for this client): the next plans give it its
+      // reported memory scaled by that ratio (from the reported memory each time, so the factor
+      // does not compound; never grown back).
       for (const auto& [key, measured] : col.memory_) {
         if (key.rfind("peak_rss_mib/", 0) != 0) continue;
         const std::string client = key.substr(13);
         auto p = plans_.find(client);
-        if (p == plans_.end() || p->second.excluded || !(p->second.predicted_mib > 0) || measured <= p->second.predicted_mib) continue;
+        auto own = col.memory_.find("predicted_peak_mib/" + client);
+        if (p == plans_.end() || p->second.excluded || own == col.memory_.end() || measured <= own->second) continue;
+        const double predicted = own->second;
         double reported = 0;
         for (const ClientInfo& c : clients)
           if (c.name == client && c.profile) reported = c.profile->memory_mib;
         if (!(reported > 0) || reported >= planner::MemoryModel::kUnknownMemoryMiB) continue;
         say(absl::StrFormat("round %d: %s peaked at %.0f MiB, %.0f MiB predicted: planned as a worker of %.0f MiB from now on", r, client, measured,
-                            p->second.predicted_mib, shrink(client, reported * p->second.predicted_mib / measured)));
+                            predicted, shrink(client, reported * predicted / measured)));
       }
     }
     rec.metrics["declined"] = static_cast<double>(col.declines_.size());
     for (const auto& [k, v] : col.memory_) rec.metrics[k] = v;
-    for (const auto& task : tasks)
-      if (auto p = plans_.find(task.client); p != plans_.end() && !p->second.excluded) rec.metrics["planned_mib/" + task.client] = p->second.predicted_mib;
+    if (!withhold)  // (a re-plan after a decline depends on the client's data)
+      for (const auto& task : tasks)
+        if (auto p = plans_.find(task.client); p != plans_.end() && !p->second.excluded) rec.metrics["planned_mib/" + task.client] = p->second.predicted_mib;
     if (!private_selection && o_.quorum > 0 && col.accepted() < o_.quorum) {
       ++attempt;
       say(absl::StrFormat("round %d: %d updates accepted, quorum is %d; the round starts again (attempt %d)", r, col.accepted(), o_.quorum,

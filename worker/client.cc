@@ -156,7 +156,7 @@ absl::StatusOr<std::optional<Decline>> CheckMemoryBudget(const model::LlamaModel
   planner::Candidate c{trained, shape.stored, std::max(task.batch, 1), std::max(task.local_steps, 1)};
   planner::MemoryModel mm = planner::MemoryModel::Fitted();
   mm.keep_within_limit = true;
-  mm.adapter_copies = env.adapter_copies;
+  mm.adapter_copies = env.adapter_copies * static_cast<double>(p.rank) / static_cast<double>(spec.rank);  // copies at the shared rank
   if (!p.base_type.empty()) {
     const auto t = kernels::GgmlTypeFromName(p.base_type);
     if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", p.base_type));
@@ -253,7 +253,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
       const planner::Candidate c{lt.train_modules.empty() ? adapted : lt.train_modules, shape.stored, task.batch, task.local_steps};
       planner::MemoryModel mm = planner::MemoryModel::Fitted();
       mm.keep_within_limit = true;
-      mm.adapter_copies = env.adapter_copies;
+      mm.adapter_copies = env.adapter_copies * static_cast<double>(p.rank) / static_cast<double>(spec.rank);  // copies at the shared rank
       const planner::ActivationChoice a =
           mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend));
       lt.finetune.recompute = a.recompute;

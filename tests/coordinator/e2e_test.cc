@@ -456,7 +456,7 @@ TEST_F(E2ETest, AWorkerPeakingAboveItsPredictionIsPlannedWithLessMemory) {
       d.profile.set_memory_bytes(int64_t{4096} << 20);
       d.profile.set_train_tokens_per_second(2000);
       d.profile.set_link_mbps(1000);
-      worker::TaskRunner run = worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)]);
+      worker::TaskRunner run = worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)], "", 0, nullptr, "", 4096);
       if (k == 1) {
         run = [inner = run](const protocol::TrainTask& t, const aggregation::TensorMap& g, const std::function<void(double)>& p)
             -> absl::StatusOr<worker::LocalResult> {
@@ -474,13 +474,14 @@ TEST_F(E2ETest, AWorkerPeakingAboveItsPredictionIsPlannedWithLessMemory) {
   EXPECT_EQ((*server)->last_committed_round(), 2);
   auto ledger = federation::RunLedger::Open(state + "/ledger.sqlite");
   ASSERT_TRUE(ledger.ok());
-  const auto planned = (*ledger)->Metric(1, "planned_mib/w2");
-  ASSERT_TRUE(planned.ok()) << planned.status();
+  const auto predicted = (*ledger)->Metric(1, "predicted_peak_mib/w2");  // the worker's own prediction of its round
+  ASSERT_TRUE(predicted.ok()) << predicted.status();
+  EXPECT_TRUE((*ledger)->Metric(1, "planned_mib/w2").ok());
   EXPECT_EQ(*(*ledger)->Metric(1, "peak_rss_mib/w2"), kPeak);
   EXPECT_FALSE((*ledger)->Metric(1, "peak_rss_mib/w1").ok());  // test daemons share a process: no peak reported
   // Round 2's plan for w2 was made for 4096 MiB x predicted / measured (usable: 90% of that).
   ASSERT_TRUE(status.ok()) << status.status();
-  const std::string usable = absl::StrFormat("of %.0f MiB usable", 0.9 * 4096 * *planned / kPeak);
+  const std::string usable = absl::StrFormat("of %.0f MiB usable", 0.9 * 4096 * *predicted / kPeak);
   EXPECT_NE(status->find(usable), std::string::npos) << usable << "\n" << *status;
   EXPECT_NE(status->find("of 3686 MiB usable"), std::string::npos) << "w1 keeps its memory";
 }
