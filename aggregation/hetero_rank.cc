@@ -249,13 +249,13 @@ void ThinQr(const Eigen::MatrixXd& m, Eigen::MatrixXd* q, Eigen::MatrixXd* r) {
 class HeteroRankAggregation : public Aggregation {
  public:
   HeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global, std::unique_ptr<Aggregation> inner)
-      : rule_(o.rule), rank_(o.rank), scale_(o.scale), o_(o), ranks_(std::move(ranks)), global_(global), inner_(std::move(inner)) {}
+      : o_(o), ranks_(std::move(ranks)), global_(global), inner_(std::move(inner)) {}
 
   absl::Status Add(ClientUpdate u) override {
     auto it = ranks_.find(u.client);
-    const int64_t r = it == ranks_.end() ? rank_ : it->second;
-    FT_RETURN_IF_ERROR(ExpandRank(&u, global_, rank_, r, rule_ == HeteroRankRule::kNested));
-    if (rule_ != HeteroRankRule::kFlexLora) return inner_->Add(std::move(u));
+    const int64_t r = it == ranks_.end() ? o_.rank : it->second;
+    FT_RETURN_IF_ERROR(ExpandRank(&u, global_, o_.rank, r, o_.rule == HeteroRankRule::kNested));
+    if (o_.rule != HeteroRankRule::kFlexLora) return inner_->Add(std::move(u));
     for (const auto& [name, d] : u.delta) {
       if (PartOf(name) == Part::kOther) return absl::InvalidArgumentError(absl::StrCat("flexlora merges LoRA factors only, not ", name));
       const std::string other = name.substr(0, name.size() - 1) + (PartOf(name) == Part::kA ? "b" : "a");
@@ -274,8 +274,8 @@ class HeteroRankAggregation : public Aggregation {
       const auto db = u.delta.find(prefix + "lora_b");  // (present: checked above)
       const std::vector<float>& ga = global_.at(name);
       const std::vector<float>& gb = global_.at(prefix + "lora_b");
-      const Eigen::Index in = static_cast<Eigen::Index>(ga.size() / static_cast<size_t>(rank_));
-      const Eigen::Index out = static_cast<Eigen::Index>(gb.size() / static_cast<size_t>(rank_));
+      const Eigen::Index in = static_cast<Eigen::Index>(ga.size() / static_cast<size_t>(o_.rank));
+      const Eigen::Index out = static_cast<Eigen::Index>(gb.size() / static_cast<size_t>(o_.rank));
       const Eigen::Index rk = static_cast<Eigen::Index>(r);
       // The client's factors after training: its r components of the global plus its delta.
       Eigen::MatrixXd a(rk, in), b(out, rk);
@@ -286,11 +286,11 @@ class HeteroRankAggregation : public Aggregation {
         }
       for (Eigen::Index o = 0; o < out; ++o)
         for (Eigen::Index k = 0; k < rk; ++k) {
-          const size_t at = static_cast<size_t>(o * rank_ + k);
+          const size_t at = static_cast<size_t>(o * o_.rank + k);
           b(o, k) = static_cast<double>(gb[at]) + db->second[at];
         }
       Stack& st = stacks_[prefix];
-      st.a.push_back(n * scale_ * a);
+      st.a.push_back(n * o_.scale * a);
       st.b.push_back(std::move(b));
       st.weight += n;
     }
@@ -300,7 +300,7 @@ class HeteroRankAggregation : public Aggregation {
   }
 
   absl::StatusOr<Merged> Merge() override {
-    if (rule_ != HeteroRankRule::kFlexLora) return inner_->Merge();
+    if (o_.rule != HeteroRankRule::kFlexLora) return inner_->Merge();
     Merged m;
     m.accepted = accepted_;
     m.num_examples = examples_;
@@ -325,7 +325,7 @@ class HeteroRankAggregation : public Aggregation {
       Eigen::JacobiSVD<Eigen::MatrixXd> svd(rb * ra.transpose(), Eigen::ComputeThinU | Eigen::ComputeThinV);
       const Eigen::MatrixXd u = qb * svd.matrixU(), v = qa * svd.matrixV();
       const Eigen::VectorXd& sv = svd.singularValues();
-      const Eigen::Index keep = std::min<Eigen::Index>(rank_, sv.size());
+      const Eigen::Index keep = std::min<Eigen::Index>(o_.rank, sv.size());
       const double all = sv.squaredNorm();
       const double tail = sv.size() > keep ? sv.tail(sv.size() - keep).squaredNorm() : 0.0;
       if (all > 0) worst = std::max(worst, std::sqrt(tail / all));
@@ -333,7 +333,7 @@ class HeteroRankAggregation : public Aggregation {
       std::vector<float>& db = m.delta[prefix + "lora_b"];
       da.assign(ga.size(), 0.0f);
       db.assign(gb.size(), 0.0f);
-      for (Eigen::Index k = 0; k < rank_; ++k) {
+      for (Eigen::Index k = 0; k < o_.rank; ++k) {
         // Components beyond W's rank: B column 0 (no effect), A row kept from the global so the
         // component can still learn.
         const bool live = k < keep && sv(k) > 0;
@@ -342,8 +342,8 @@ class HeteroRankAggregation : public Aggregation {
           da[p] = live ? static_cast<float>(v(i, k) - ga[p]) : 0.0f;
         }
         for (Eigen::Index o = 0; o < out; ++o) {
-          const size_t p = static_cast<size_t>(o * rank_ + k);
-          db[p] = static_cast<float>((live ? u(o, k) * sv(k) / scale_ : 0.0) - gb[p]);
+          const size_t p = static_cast<size_t>(o * o_.rank + k);
+          db[p] = static_cast<float>((live ? u(o, k) * sv(k) / o_.scale : 0.0) - gb[p]);
         }
       }
       m.contributors[prefix + "lora_a"] = m.contributors[prefix + "lora_b"] = static_cast<int>(st.a.size());
@@ -354,9 +354,6 @@ class HeteroRankAggregation : public Aggregation {
   }
 
  private:
-  const HeteroRankRule rule_;
-  const int64_t rank_;
-  const double scale_;
   const HeteroRankOptions o_;
   const std::map<std::string, int64_t> ranks_;
   const TensorMap& global_;

@@ -435,12 +435,17 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     const auto t_collect = Clock::now();
     FT_RETURN_IF_ERROR(t.Train(r, global_, tasks, col, transport_metrics));
     const double collect_secs = Seconds(t_collect, Clock::now());
+    std::map<std::string, const planner::WorkerProfile*> profile_of;  // what each client reported
+    for (const ClientInfo& c : clients)
+      if (c.profile) profile_of[c.name] = &*c.profile;
+    auto reported = [&](const std::string& client) -> const planner::WorkerProfile* {
+      auto it = profile_of.find(client);
+      return it == profile_of.end() ? nullptr : it->second;
+    };
     // Memory the plan of `client` was made for: its reported memory, or what a decline or a
     // measured peak set since (0: unknown).
     auto planned_for = [&](const std::string& client) {
-      double m = 0;
-      for (const ClientInfo& c : clients)
-        if (c.name == client && c.profile) m = c.profile->memory_mib;
+      double m = reported(client) ? reported(client)->memory_mib : 0.0;
       if (auto o = memory_override_.find(client); o != memory_override_.end()) m = m > 0 ? std::min(m, o->second) : o->second;
       return m;
     };
@@ -457,9 +462,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       auto p = plans_.find(d.client);
       if (!o_.planning || p == plans_.end() || !(d.needed_mib > 0) || !(d.budget_mib > 0)) continue;
       const planner::PlannerOptions& po = o_.planning->options;
-      bool bf16 = false;
-      for (const ClientInfo& c : clients)
-        if (c.name == d.client && c.profile) bf16 = c.profile->bf16_kernels;
+      const bool bf16 = reported(d.client) && reported(d.client)->bf16_kernels;
       // The client plans within planner::MemoryModel::kClientMargin of its budget; the planner
       // within memory_margin of what it is given.
       const double ours =
@@ -483,12 +486,10 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         auto own = col.memory_.find("predicted_peak_mib/" + client);
         if (p == plans_.end() || p->second.excluded || own == col.memory_.end() || measured <= own->second) continue;
         const double predicted = own->second;
-        double reported = 0;
-        for (const ClientInfo& c : clients)
-          if (c.name == client && c.profile) reported = c.profile->memory_mib;
-        if (!(reported > 0) || reported >= planner::MemoryModel::kUnknownMemoryMiB) continue;
+        const double memory = reported(client) ? reported(client)->memory_mib : 0.0;
+        if (!(memory > 0) || memory >= planner::MemoryModel::kUnknownMemoryMiB) continue;
         say(absl::StrFormat("round %d: %s peaked at %.0f MiB, %.0f MiB predicted: planned as a worker of %.0f MiB from now on", r, client, measured,
-                            predicted, shrink(client, reported * predicted / measured)));
+                            predicted, shrink(client, memory * predicted / measured)));
       }
     }
     rec.metrics["declined"] = static_cast<double>(col.declines_.size());

@@ -142,9 +142,20 @@ absl::StatusOr<model::AdapterSet<float>> TaskAdapters(const model::LlamaModel& b
 
 }  // namespace
 
-absl::StatusOr<std::optional<Decline>> CheckMemoryBudget(const model::LlamaModel& stored, const std::vector<model::Example>& data,
-                                                        const protocol::TrainTask& task, const ClientEnv& env) {
-  if (!(env.memory_mib > 0) || env.activation_budget_mib != 0 || !env.recompute) return std::optional<Decline>();
+namespace {
+
+// The memory model's activation choice and peak for `task` on this client, as the planner makes
+// them (the stored model's shape, the plan's base type and compensation, modules and rank, the
+// client's longest example, as many sequences kept per pass as fit its memory): nullopt where the
+// memory is unknown or the activation policy is fixed (ClientEnv), so the model decides nothing.
+struct Prediction {
+  planner::ActivationChoice a;
+  kernels::GgmlType base;
+  int64_t rank;
+};
+absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& stored, const std::vector<model::Example>& data,
+                                                  const protocol::TrainTask& task, const ClientEnv& env) {
+  if (!(env.memory_mib > 0) || env.activation_budget_mib != 0 || !env.recompute) return std::optional<Prediction>();
   const protocol::AdapterPlan& p = task.plan;
   FT_ASSIGN_OR_RETURN(const auto sm, SpecAndModules(p));
   const auto& [spec, adapted] = sm;
@@ -165,21 +176,27 @@ absl::StatusOr<std::optional<Decline>> CheckMemoryBudget(const model::LlamaModel
   }
   size_t longest = 1;
   for (const auto& e : data) longest = std::max(longest, e.tokens.size());
-  const planner::ActivationChoice a =
-      mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend));
-  // The planner plans within the same fraction of a worker's memory (its margin for the memory
-  // model's error): a task it would not have planned for this budget is declined.
+  return std::optional<Prediction>(Prediction{
+      mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend)),
+      c.base, spec.rank});
+}
+
+// The planner plans within the same fraction of a worker's memory (its margin for the memory
+// model's error): a task it would not have planned for this budget is declined.
+std::optional<Decline> DeclineIfOver(const Prediction& pr, const protocol::TrainTask& task, const ClientEnv& env) {
   const double usable = ClientEnv::kMemoryMargin * env.memory_mib;
-  if (a.total_mib <= usable * (1 + 1e-12)) return std::optional<Decline>();
+  if (pr.a.total_mib <= usable * (1 + 1e-12)) return std::nullopt;
   Decline d;
-  d.needed_mib = a.total_mib;
+  d.needed_mib = pr.a.total_mib;
   d.budget_mib = env.memory_mib;
   d.reason = absl::StrFormat(
       "declined: the task (batch %d, base %s, rank %d) needs %.1f MiB (predicted peak), more than the %.1f MiB this worker may use (%.0f%% of "
       "its %.0f MiB budget)",
-      c.batch, kernels::TypeTraits(c.base).name, static_cast<int>(spec.rank), d.needed_mib, usable, 100 * ClientEnv::kMemoryMargin, d.budget_mib);
-  return std::optional<Decline>(d);
+      task.batch, kernels::TypeTraits(pr.base).name, static_cast<int>(pr.rank), d.needed_mib, usable, 100 * ClientEnv::kMemoryMargin, d.budget_mib);
+  return d;
 }
+
+}  // namespace
 
 namespace {
 constexpr char kDeclineUrl[] = "fedtune/decline";
@@ -222,8 +239,10 @@ absl::StatusOr<aggregation::EvalReport> RunEvalTask(BaseModels& bases, const std
 absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<model::Example>& data, const protocol::TrainTask& task,
                                          const aggregation::TensorMap& global, const ClientEnv& env, LocalPrivacy* privacy) {
   const protocol::AdapterPlan& p = task.plan;
-  FT_ASSIGN_OR_RETURN(const std::optional<Decline> decline, CheckMemoryBudget(bases.stored(), data, task, env));
-  if (decline) return DeclineStatus(*decline);
+  // One prediction decides both whether the task fits and how the trainer keeps activations.
+  FT_ASSIGN_OR_RETURN(const std::optional<Prediction> predicted, Predict(bases.stored(), data, task, env));
+  if (predicted)
+    if (const std::optional<Decline> d = DeclineIfOver(*predicted, task, env)) return DeclineStatus(*d);
   FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, p));
   FT_ASSIGN_OR_RETURN(const int64_t train_rank, TrainRank(p));
@@ -233,7 +252,6 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   }
   const aggregation::TensorMap& start = train_rank > 0 ? truncated : global;
   LocalTrainOptions lt;
-  double predicted_mib = 0;  // the memory model's peak for this task (memory known, default policy)
   if (!p.train_modules.empty()) {
     FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules, ",")));
   }
@@ -244,21 +262,9 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   lt.finetune.recompute = env.recompute;
   lt.finetune.activation_budget_mib = std::max(env.activation_budget_mib, 0);
   if (env.activation_budget_mib == 0 && env.recompute) {  // the default: decided from memory (client.h)
-    if (env.memory_mib > 0) {
-      FT_ASSIGN_OR_RETURN(const auto sm, SpecAndModules(p));
-      const auto& [spec, adapted] = sm;
-      size_t longest = 1;
-      for (const auto& e : data) longest = std::max(longest, e.tokens.size());
-      const planner::ModelShape shape = planner::ModelShape::Of(*base);
-      const planner::Candidate c{lt.train_modules.empty() ? adapted : lt.train_modules, shape.stored, task.batch, task.local_steps};
-      planner::MemoryModel mm = planner::MemoryModel::Fitted();
-      mm.keep_within_limit = true;
-      mm.adapter_copies = env.adapter_copies * static_cast<double>(p.rank) / static_cast<double>(spec.rank);  // copies at the shared rank
-      const planner::ActivationChoice a =
-          mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend));
-      lt.finetune.recompute = a.recompute;
-      lt.finetune.micro_batch = a.recompute ? 0 : a.seqs_per_pass;
-      predicted_mib = a.total_mib;
+    if (predicted) {
+      lt.finetune.recompute = predicted->a.recompute;
+      lt.finetune.micro_batch = predicted->a.recompute ? 0 : predicted->a.seqs_per_pass;
     } else {
       lt.finetune.activation_budget_mib = ClientEnv::kDefaultActivationBudgetMiB;
     }
@@ -281,7 +287,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   }
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
   FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, start, task.config, task.client, lt, &adapters));
-  if (predicted_mib > 0) r.update.metrics["predicted_peak_mib"] = predicted_mib;
+  if (predicted) r.update.metrics["predicted_peak_mib"] = predicted->a.total_mib;
   if (task.local_dp_clip > 0) {
     if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
     FT_ASSIGN_OR_RETURN(double eps, privacy->Record(task, data.size()));

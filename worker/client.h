@@ -86,17 +86,15 @@ class LocalPrivacy {
   absl::Status open_status_;
 };
 
-// A task this client declines: its predicted peak (planner::MemoryModel at the client's longest
-// example, the plan's base, modules and rank, the activation policy of ClientEnv) exceeds
-// kMemoryMargin of the memory it may use, the share the planner plans within. Checked only where
-// the memory is known and the activations follow it (the default policy); the coordinator
-// re-plans the client from these figures (RoundEngine).
+// A task this client declines (RunTrainTask): its predicted peak (planner::MemoryModel at the
+// client's longest example, the plan's base, modules and rank, the activation policy of
+// ClientEnv) exceeds kMemoryMargin of the memory it may use, the share the planner plans within.
+// Checked only where the memory is known and the activations follow it (the default policy); the
+// coordinator re-plans the client from these figures (RoundEngine).
 struct Decline {
   std::string reason;
   double needed_mib = 0, budget_mib = 0;
 };
-absl::StatusOr<std::optional<Decline>> CheckMemoryBudget(const model::LlamaModel& stored, const std::vector<model::Example>& data,
-                                                        const protocol::TrainTask& task, const ClientEnv& env);
 // The status RunTrainTask returns for a declined task (ResourceExhausted, with the figures), and
 // the figures back from such a status (nullopt for any other). The task is declined before its
 // base is built and before any training (the global adapter was downloaded).

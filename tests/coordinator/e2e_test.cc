@@ -87,7 +87,23 @@ class E2ETest : public ::testing::Test {
     o.http_address = "127.0.0.1:0";
     return o;
   }
-  worker::DaemonOptions Daemon(const std::string& w, int port) const {
+  // The planner of the deployed planning tests: the fixture's adapter on q and v, batches 1-4,
+  // up to 4 local steps, uniform batch 4 x 2 steps, re-planned every round.
+  planner::PlannerOptions PlanOptions(int seq) const {
+    planner::PlannerOptions po;
+    po.spec = Spec();
+    po.adapted = *model::ParseModules("q,v");
+    po.seq = seq;
+    po.batches = {1, 2, 4};
+    po.max_local_steps = 4;
+    po.uniform = {po.adapted, model_->layer(0).wq.type, 4, 2};
+    return po;
+  }
+  federation::EngineOptions::Planning Planning(const planner::PlannerOptions& po) const {
+    std::map<model::Module, double> importance = {{model::Module::kQ, 0.5}, {model::Module::kV, 0.5}};
+    return federation::EngineOptions::Planning{planner::ModelShape::Of(*model_), po, importance, true};
+  }
+    worker::DaemonOptions Daemon(const std::string& w, int port) const {
     worker::DaemonOptions d;
     d.address = "localhost:" + std::to_string(port);
     d.ca_pem = pki_ + "/ca.pem";
@@ -318,15 +334,7 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
   auto o = Options(state);
   o.engine.settings.rounds = 2;
   o.engine.min_available = 3;
-  planner::PlannerOptions po;
-  po.spec = Spec();
-  po.adapted = *model::ParseModules("q,v");
-  po.seq = 96;
-  po.batches = {1, 2, 4};
-  po.max_local_steps = 4;
-  po.uniform = {po.adapted, model_->layer(0).wq.type, 4, 2};
-  std::map<model::Module, double> importance = {{model::Module::kQ, 0.5}, {model::Module::kV, 0.5}};
-  o.engine.planning = federation::EngineOptions::Planning{planner::ModelShape::Of(*model_), po, importance, true};
+  o.engine.planning = Planning(PlanOptions(96));
   auto server = coordinator::CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
   std::atomic<bool> stop{false};
@@ -370,13 +378,7 @@ TEST_F(E2ETest, AWorkerDeclinesAnOverBudgetTaskAndIsReplanned) {
   o.engine.min_available = 2;
   size_t longest = 1;
   for (const auto& e : data_[1]) longest = std::max(longest, e.tokens.size());
-  planner::PlannerOptions po;
-  po.spec = Spec();
-  po.adapted = *model::ParseModules("q,v");
-  po.seq = static_cast<int>(longest);
-  po.batches = {1, 2, 4};
-  po.max_local_steps = 4;
-  po.uniform = {po.adapted, model_->layer(0).wq.type, 4, 2};
+  planner::PlannerOptions po = PlanOptions(static_cast<int>(longest));
   po.memory.keep_within_limit = true;  // as coordinator configs set it (workers keep what fits)
   const planner::ModelShape shape = planner::ModelShape::Of(*model_);
   // The worker's budget: batch 1 fits (kept or recomputed as memory allows), batch 4 does not.
@@ -392,8 +394,7 @@ TEST_F(E2ETest, AWorkerDeclinesAnOverBudgetTaskAndIsReplanned) {
   };
   ASSERT_GT(need(4) - need(1), 0.01);
   const double budget = (need(1) + need(4)) / 2 / worker::ClientEnv::kMemoryMargin;
-  std::map<model::Module, double> importance = {{model::Module::kQ, 0.5}, {model::Module::kV, 0.5}};
-  o.engine.planning = federation::EngineOptions::Planning{shape, po, importance, true};
+  o.engine.planning = Planning(po);
   auto server = coordinator::CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
   std::atomic<bool> stop{false};
@@ -434,16 +435,9 @@ TEST_F(E2ETest, AWorkerPeakingAboveItsPredictionIsPlannedWithLessMemory) {
   o.engine.settings.rounds = 2;
   o.engine.settings.population = o.engine.settings.expected_clients = 2;
   o.engine.min_available = 2;
-  planner::PlannerOptions po;
-  po.spec = Spec();
-  po.adapted = *model::ParseModules("q,v");
-  po.seq = 96;
-  po.batches = {1, 2, 4};
-  po.max_local_steps = 4;
-  po.uniform = {po.adapted, model_->layer(0).wq.type, 4, 2};
+  planner::PlannerOptions po = PlanOptions(96);
   po.memory.keep_within_limit = true;
-  std::map<model::Module, double> importance = {{model::Module::kQ, 0.5}, {model::Module::kV, 0.5}};
-  o.engine.planning = federation::EngineOptions::Planning{planner::ModelShape::Of(*model_), po, importance, true};
+  o.engine.planning = Planning(po);
   auto server = coordinator::CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
   std::atomic<bool> stop{false};

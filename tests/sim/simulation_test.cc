@@ -201,8 +201,9 @@ TEST_F(SimTest, ClientsOfDifferentRanksTrainOneAdapterUnderEveryRule) {
       EXPECT_EQ(last.at("accepted"), 3) << kind << " " << rule;
       EXPECT_EQ(last.at("hetero_rank_clients"), 2) << kind << " " << rule;
       EXPECT_LT(last.at("eval_loss"), r->rounds.front().metrics.at("eval_loss")) << kind << " " << rule;
-      if (rule == "flexlora") {
-        EXPECT_GE(last.at("hetero_truncation"), 0);
+      if (rule == "flexlora") {  // ranks 1 + 2 + 4 = 7 > 4: the re-factored sum drops its smallest components
+        EXPECT_GT(last.at("hetero_truncation"), 0);
+        EXPECT_LT(last.at("hetero_truncation"), 1);
       }
       for (const auto& [name, v] : r->global) EXPECT_EQ(v.size() % 4, 0u) << name;  // rank 4 x a width
     }
