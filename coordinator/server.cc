@@ -62,6 +62,16 @@ rpc::v1::Profile SanitizedProfile(const rpc::v1::Profile& in) {
   p.set_memory_bytes(std::max<int64_t>(p.memory_bytes(), 0));
   p.set_num_examples(std::max<int64_t>(p.num_examples(), 0));
   p.set_eval_examples(std::max<int64_t>(p.eval_examples(), 0));
+  // Base speeds: known type names only, finite and positive (at most one per type, so bounded).
+  auto* speeds = p.mutable_base_tokens_per_second();
+  for (auto it = speeds->begin(); it != speeds->end();) {
+    if (!kernels::GgmlTypeFromName(it->first) || !(std::isfinite(it->second) && it->second > 0)) {
+      it = speeds->erase(it);
+    } else {
+      it->second = std::min(it->second, 1e12);
+      ++it;
+    }
+  }
   return p;
 }
 
@@ -273,6 +283,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                               {"kernels", w.profile.kernels()},
                               {"link_mbps", w.profile.link_mbps()},
                               {"keep_speedup", w.profile.keep_speedup()},
+                              {"base_tokens_per_second", std::map<std::string, double>(w.profile.base_tokens_per_second().begin(),
+                                                                                       w.profile.base_tokens_per_second().end())},
                               {"last_seen_seconds", (now - w.last_seen_ms) / 1000.0},
                               {"updates_accepted", w.updates_accepted},
                               {"plan", plan_notes.count(id) ? plan_notes.at(id) : std::string()}});
@@ -386,6 +398,13 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       if (cn.empty() || it == token_hash.end() || revoked.count(cn) || req->token().size() > 256 || protocol::Sha256Hex(tok) != it->second) {
         FT_LOG_WARN("join refused: worker '{}' (bad or missing token, or revoked)", cn);
         return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, "unknown worker or bad join token");
+      }
+      if (req->preflight()) {  // what to measure before joining; not registered
+        if (o.engine.planning)
+          for (kernels::GgmlType t : o.engine.planning->options.base_types) resp->add_base_types(kernels::TypeTraits(t).name);
+        resp->set_run_id(fs::path(o.engine.state_dir).filename().string());
+        resp->set_worker_id(cn);
+        return grpc::Status::OK;
       }
       WorkerInfo& w = workers[cn];
       w.profile = p;
@@ -923,6 +942,11 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                                          p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0,
                                          p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20, p.keep_speedup(),
                                          kernels::IsCpuBf16Name(p.kernels())};
+      if (o.engine.planning) {
+        std::map<kernels::GgmlType, double> tps;
+        for (const auto& [name, speed] : p.base_tokens_per_second()) tps[*kernels::GgmlTypeFromName(name)] = speed;  // names checked on arrival
+        c.profile->base_speed = planner::RelativeBaseSpeeds(tps, o.engine.planning->shape.stored);
+      }
       v.push_back(std::move(c));
     }
     return v;

@@ -243,9 +243,23 @@ double Utility(const std::map<model::Module, double>& importance, const Candidat
   return static_cast<double>(c.local_steps) * c.batch * cover * share;
 }
 
+double WorkerProfile::BaseSpeed(kernels::GgmlType t) const {
+  const auto it = base_speed.find(t);
+  return it == base_speed.end() || !std::isfinite(it->second) ? 1.0 : std::clamp(it->second, 0.05, 20.0);
+}
+
+std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::GgmlType, double>& tokens_per_second, kernels::GgmlType stored_type) {
+  std::map<kernels::GgmlType, double> rel;
+  const auto s = tokens_per_second.find(stored_type);
+  if (s == tokens_per_second.end() || !(s->second > 0)) return rel;
+  for (const auto& [t, v] : tokens_per_second)
+    if (t != stored_type && v > 0 && std::isfinite(v)) rel[t] = v / s->second;
+  return rel;
+}
+
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
   const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
-  const double tps = w.tokens_per_second * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
+  const double tps = w.tokens_per_second * w.BaseSpeed(c.base) * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
   const double compute = static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
   const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, SpecAt(o.spec, c), c.modules) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
@@ -401,7 +415,9 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
         "usable, %.1f s (uniform configuration: %s); %s",
         ModuleList(s->c.modules), 100 * cover,
         o.ranks.empty() ? std::string() : absl::StrFormat(" at rank %d of %d", SpecAt(o.spec, s->c).rank, o.spec.rank), s->c.batch,
-        s->c.local_steps, TypeName(s->c.base),
+        s->c.local_steps,
+        TypeName(s->c.base) + (workers[k].base_speed.count(s->c.base) ? absl::StrFormat(" (x%.2f the stored type's measured speed)", workers[k].BaseSpeed(s->c.base))
+                                                                     : std::string()),
         s->a.recompute ? std::string("recomputed") : absl::StrFormat("kept, %d sequence(s) per pass", s->a.seqs_per_pass), s->mib,
         o.memory_margin * workers[k].memory_mib,
         s->t, wp.uniform_seconds < 0 ? std::string("does not fit") : absl::StrFormat("%.1f s", wp.uniform_seconds),

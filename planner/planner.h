@@ -140,6 +140,12 @@ struct WorkerProfile {
   double link_mbps = 100, latency_ms = 20;
   double keep_speedup = 1;       // throughput with activations kept / recomputed (measured)
   bool bf16_kernels = false;     // trains on cpu-bf16 (memory: MemoryModel::Choose)
+  // Measured training speed on a re-quantized base relative to the stored precision (tokens/s
+  // at that type / tokens/s at the stored type, both by the same short timed run: the worker's
+  // profile, or the simulation's calibration). A type not listed runs at the stored speed.
+  std::map<kernels::GgmlType, double> base_speed = {};
+  // The factor for `t` (1 when not measured), bounded to [0.05, 20].
+  double BaseSpeed(kernels::GgmlType t) const;
 };
 
 struct PlannerOptions {
@@ -194,6 +200,10 @@ void BlendImportance(std::map<model::Module, double>& importance, const std::map
 
 absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Module, double>& importance,
                               const std::vector<WorkerProfile>& workers, const PlannerOptions& o);
+
+// Measured tokens/s per base type (the stored type's included) -> each other type's speed
+// relative to `stored_type`'s (WorkerProfile::base_speed; empty without the stored type's).
+std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::GgmlType, double>& tokens_per_second, kernels::GgmlType stored_type);
 
 // kept: activations kept (the worker's keep_speedup applies).
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false);

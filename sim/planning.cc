@@ -1,16 +1,19 @@
 #include "sim/planning.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "model/finetune.h"
 #include "model/optimizer.h"
+#include "worker/client.h"
 
 namespace fedtune::sim {
 
 absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, kernels::Backend* backend, const std::vector<model::Example>& data,
                                       const model::AdapterSpec& spec,
-                                      const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed) {
+                                      const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed,
+                                      const std::vector<kernels::GgmlType>& base_types, const std::string& model_path) {
   if (data.empty()) return absl::FailedPreconditionError("planner calibration: no training examples");
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> probe, model::MakeAdapters<float>(model.adapter_dims(), spec, modules, seed));
   model::FinetuneOptions ft;
@@ -38,6 +41,19 @@ absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, kernels::B
     if (rk.seconds > 0 && cal.tokens_per_second > 0)
       cal.keep_speedup = std::clamp(static_cast<double>(rk.tokens) / rk.seconds / cal.tokens_per_second, 1.0, 4.0);
   }
+  if (!base_types.empty()) {
+    worker::SpeedProbe sp;
+    sp.spec = spec;
+    sp.modules = modules;
+    sp.batch = ft.batch;
+    sp.steps = ft.steps;
+    sp.seed = seed;
+    sp.backend = backend;
+    const auto t0 = std::chrono::steady_clock::now();
+    FT_ASSIGN_OR_RETURN(auto tps, worker::MeasureBaseSpeeds(model, model_path, base_types, data, sp));
+    cal.base_speed = planner::RelativeBaseSpeeds(tps, model.layer(0).wq.type);
+    cal.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
   // Mean Fisher per value, per module kind (all layers): a module's gradient signal per parameter.
   std::map<model::Module, std::pair<double, double>> acc;  // sum, count
   for (const auto& [name, f] : opt.fisher()) {
@@ -63,7 +79,8 @@ int LongestExample(const std::vector<std::vector<model::Example>>& per_client) {
 std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForPlan>& clients, const Calibration& cal) {
   std::vector<planner::WorkerProfile> w;
   for (const auto& c : clients)
-    w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms, cal.keep_speedup, cal.bf16_kernels});
+    w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms, cal.keep_speedup,
+                 cal.bf16_kernels, cal.base_speed});
   return w;
 }
 

@@ -29,14 +29,19 @@ struct Calibration {
   bool bf16_kernels = false;                   // the kernels are cpu-bf16 (memory model)
   double tokens_per_example = 0;               // mean, as trained (padding included)
   double seconds = 0;
+  // Speed on each planner base type relative to the stored one (worker::MeasureBaseSpeeds with
+  // the probe adapter, the uniform batch and the calibration's steps); types absent: not measured.
+  std::map<kernels::GgmlType, double> base_speed;
 };
 
 // Trains a probe adapter (the run's adapter kind on all its modules) for `steps` steps on `data`
 // and reads the per-module mean Fisher; then as many steps keeping activations on a copy, for the
-// speedup. Deterministic in `seed` (but for the timings).
+// speedup; then the speed on each of `base_types` (re-quantized from `model_path`) against the
+// stored type's. Deterministic in `seed` (but for the timings).
 absl::StatusOr<Calibration> Calibrate(const model::LlamaModel& model, kernels::Backend* backend, const std::vector<model::Example>& data,
                                       const model::AdapterSpec& spec,
-                                      const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed);
+                                      const std::vector<model::Module>& modules, int batch, int steps, uint64_t seed,
+                                      const std::vector<kernels::GgmlType>& base_types = {}, const std::string& model_path = "");
 
 // Longest example in tokens (what the memory model needs for the activations).
 int LongestExample(const std::vector<std::vector<model::Example>>& per_client);

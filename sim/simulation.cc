@@ -101,6 +101,13 @@ struct ClientState {
 
 std::string CsvEscape(const std::string& s) { return s.find_first_of(",\"") == std::string::npos ? s : "\"" + s + "\""; }
 
+// The base a client trains a task on: its profile's base type, else the plan's, else the stored.
+kernels::GgmlType TrainedBase(const protocol::TrainTask& task, const ClientState& cl, kernels::GgmlType stored) {
+  const std::string& name = !cl.base_type.empty() ? cl.base_type : task.plan.base_type;
+  const auto t = name.empty() ? std::nullopt : kernels::GgmlTypeFromName(name);
+  return t ? *t : stored;
+}
+
 // The in-process transport: every selected client trains in turn (worker::RunTrainTask on the
 // shared base), a simulated clock adds its links; the server-side evaluation scores the global
 // adapter on each task's held-out examples; outputs are written as rounds commit.
@@ -189,7 +196,10 @@ class SimTransport : public federation::Transport {
       train_wall_ += secs;
       client_secs += secs;
       if (cl.plan_profile && secs > 0 && lr.report.tokens > 0)  // re-planning: the speed this client showed
-        cl.plan_profile->tokens_per_second = 0.5 * cl.plan_profile->tokens_per_second + 0.5 * static_cast<double>(lr.report.tokens) / (secs / cl.speed);
+        // (at the stored type: the profile's speed is that, base_speed scales it per type)
+        cl.plan_profile->tokens_per_second =
+            0.5 * cl.plan_profile->tokens_per_second +
+            0.5 * static_cast<double>(lr.report.tokens) / (secs / cl.speed) / cl.plan_profile->BaseSpeed(TrainedBase(task, cl, model_.layer(0).wq.type));
       int64_t up = protocol::UpdateBytes(lr.update);
       const double loss = lr.report.final_loss;
       if (sec) {
@@ -688,11 +698,14 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     if (c.planner().enabled()) {
       say("planner: calibration pass (probe adapter, module importance and training speed)");
       FT_ASSIGN_OR_RETURN(cal, Calibrate(*model, o_backend, clients[0].train, rs.adapter.spec, rs.adapter.modules, rs.batch,
-                                         OrDefault(c.planner().calibration_steps(), 4), s.seed));
+                                         OrDefault(c.planner().calibration_steps(), 4), s.seed, po.base_types, c.model().path()));
       po.tokens_per_example = cal->tokens_per_example;
       std::vector<std::string> imp;
       for (const auto& [m, v] : cal->importance) imp.push_back(absl::StrFormat("%s %.0f%%", model::ModuleName(m), 100 * v));
-      say(absl::StrFormat("planner: module importance %s; %.0f training tokens/s here (%.1f s)", absl::StrJoin(imp, ", "), cal->tokens_per_second,
+      std::vector<std::string> speeds;
+      for (const auto& [t, v] : cal->base_speed) speeds.push_back(absl::StrFormat("%s x%.2f", kernels::TypeTraits(t).name, v));
+      say(absl::StrFormat("planner: module importance %s; %.0f training tokens/s here%s (%.1f s)", absl::StrJoin(imp, ", "), cal->tokens_per_second,
+                          speeds.empty() ? std::string() : absl::StrCat("; per base type vs ", kernels::TypeTraits(stored_type).name, ": ", absl::StrJoin(speeds, ", ")),
                           cal->seconds));
       std::vector<ClientForPlan> cp;
       for (const ClientState& cl : clients) cp.push_back({cl.name, cl.speed, cl.bandwidth_mbps, cl.latency_ms, cl.memory_mib});
@@ -726,8 +739,10 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     pj["seq"] = eo.planning->options.seq;
     pj["round_seconds"] = run.plan->round_seconds;
     pj["uniform_round_seconds"] = run.plan->uniform_round_seconds;
-    if (cal)
+    if (cal) {
       for (const auto& [m, v] : cal->importance) pj["importance"][model::ModuleName(m)] = v;
+      for (const auto& [t, v] : cal->base_speed) pj["base_speed"][kernels::TypeTraits(t).name] = v;  // vs the stored type
+    }
     for (const planner::WorkerPlan& wp : run.plan->workers) {
       nlohmann::json w = {{"worker", wp.worker}, {"excluded", wp.excluded}, {"why", wp.excluded ? wp.reason : wp.explanation}};
       if (!wp.excluded) {

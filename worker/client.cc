@@ -1,6 +1,7 @@
 #include "worker/client.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "common/mapped_file.h"
 #include "kernels/quant.h"
 #include "model/finetune.h"
+#include "model/optimizer.h"
 #include "planner/planner.h"
 #include "nlohmann/json.hpp"
 
@@ -62,6 +64,44 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
     slot = std::move(m);
   }
   return slot.get();
+}
+
+absl::StatusOr<double> TimedTokensPerSecond(const model::LlamaModel& model, const std::vector<model::Example>& data, const SpeedProbe& p) {
+  if (data.empty()) return absl::FailedPreconditionError("speed probe: no training examples");
+  FT_ASSIGN_OR_RETURN(model::AdapterSet<float> set, model::MakeAdapters<float>(model.adapter_dims(), p.spec, p.modules, p.seed));
+  model::FinetuneOptions ft;
+  ft.batch = std::max(1, p.batch);
+  ft.log_every = 0;
+  ft.seed = p.seed;
+  ft.backend = p.backend;
+  model::AdamW opt(model::OptimizerConfig{});
+  // Finetune continues from the optimizer's step count up to ft.steps: 1 warm-up, then the timed ones.
+  ft.steps = 1;
+  FT_RETURN_IF_ERROR(model::Finetune(model, data, ft, &set, &opt).status());
+  ft.steps = 1 + std::max(1, p.steps);
+  FT_ASSIGN_OR_RETURN(model::TrainReport r, model::Finetune(model, data, ft, &set, &opt));
+  if (r.seconds <= 0 || r.tokens <= 0) return absl::InternalError("speed probe: nothing was timed");
+  return static_cast<double>(r.tokens) / r.seconds;
+}
+
+absl::StatusOr<std::map<kernels::GgmlType, double>> MeasureBaseSpeeds(const model::LlamaModel& stored, const std::string& path,
+                                                                     const std::vector<kernels::GgmlType>& types,
+                                                                     const std::vector<model::Example>& data, const SpeedProbe& p) {
+  const auto& wq = stored.layer(0).wq;
+  std::map<kernels::GgmlType, double> out;
+  FT_ASSIGN_OR_RETURN(out[wq.type], TimedTokensPerSecond(stored, data, p));
+  for (kernels::GgmlType t : types) {
+    if (out.count(t)) continue;
+    if (kernels::RowCompatibleType(t, wq.cols) == wq.type) {  // what the stored rows already are
+      out[t] = out[wq.type];
+      continue;
+    }
+    if (path.empty()) return absl::FailedPreconditionError("base speeds: the model path is unknown");
+    FT_ASSIGN_OR_RETURN(auto m, model::LlamaModel::Load(path));
+    FT_RETURN_IF_ERROR(m->Requantize(t).status());
+    FT_ASSIGN_OR_RETURN(out[t], TimedTokensPerSecond(*m, data, p));
+  }
+  return out;
 }
 
 absl::Status LocalPrivacy::Open(double delta) {

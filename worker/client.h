@@ -45,6 +45,28 @@ class BaseModels {
   std::map<std::tuple<kernels::GgmlType, std::string, int>, std::unique_ptr<model::LlamaModel>> by_type_;
 };
 
+// A short timed training run that measures a base's speed: a fresh `spec` adapter on `modules`,
+// `batch` examples of `data` per step, one untimed warm-up step (first touches of the weights),
+// then `steps` timed steps recomputing activations. Returns tokens/s (padding included).
+struct SpeedProbe {
+  model::AdapterSpec spec{model::AdapterKind::kLora, 4, 8.0f, false, 1};
+  std::vector<model::Module> modules{model::Module::kQ, model::Module::kV};
+  int batch = 1, steps = 2;
+  uint64_t seed = 1;
+  kernels::Backend* backend = nullptr;  // null: cpu-fast
+};
+absl::StatusOr<double> TimedTokensPerSecond(const model::LlamaModel& model, const std::vector<model::Example>& data, const SpeedProbe& p);
+
+// Training speed per base precision (issue 22): for each of `types`, the base re-quantized to it
+// (loaded from `path`, measured, freed; a type the stored rows already have: `stored` itself),
+// timed by TimedTokensPerSecond; and the stored type (`stored`), timed the same way in the same
+// pass, under its own name. Tokens/s by type. planner::RelativeBaseSpeeds turns them into
+// WorkerProfile::base_speed. Compensated bases are timed without their correction (its cost:
+// one rank-r product per projection, small beside the base's).
+absl::StatusOr<std::map<kernels::GgmlType, double>> MeasureBaseSpeeds(const model::LlamaModel& stored, const std::string& path,
+                                                                     const std::vector<kernels::GgmlType>& types,
+                                                                     const std::vector<model::Example>& data, const SpeedProbe& p);
+
 // How the client runs its activations (the planner's memory model predicts the same):
 //   activation_budget_mib > 0: the trainer keeps activations within that many MiB per pass;
 //   activation_budget_mib < 0: full recomputation;

@@ -15,6 +15,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "aggregation/hetero_rank.h"
 #include "common/log.h"
@@ -568,7 +569,61 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
   return p;
 }
 
-absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner& trainer, const std::atomic<bool>& stop, const TaskEvaluator& evaluator) {
+std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<std::string>&)> BaseSpeedMeasurer(
+    const model::LlamaModel& model, const std::string& model_path, const std::vector<model::Example>& data, kernels::Backend* backend,
+    const std::string& cache_path) {
+  return [&model, model_path, &data, backend, cache_path](const std::vector<std::string>& names) -> absl::StatusOr<std::map<std::string, double>> {
+    std::vector<kernels::GgmlType> types;
+    for (const std::string& n : names) {
+      const auto t = kernels::GgmlTypeFromName(n);
+      if (!t || !kernels::CanQuantize(*t)) return absl::InvalidArgumentError(absl::StrCat("the coordinator asks for an unknown base type '", n, "'"));
+      types.push_back(*t);
+    }
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(model_path, ec);
+    const auto mtime = ec ? std::filesystem::file_time_type() : std::filesystem::last_write_time(model_path, ec);
+    const std::string key = absl::StrCat(model_path, "|", ec ? 0 : size, "|", mtime.time_since_epoch().count(), "|",
+                                         backend != nullptr ? backend->Name() : "cpu-fast", "|", std::thread::hardware_concurrency());
+    const std::string stored_name = kernels::TypeTraits(model.layer(0).wq.type).name;
+    std::map<std::string, double> out;
+    if (!cache_path.empty() && std::filesystem::exists(cache_path)) {  // a damaged cache is measured again
+      try {
+        std::ifstream in(cache_path);
+        const nlohmann::json j = nlohmann::json::parse(in);
+        if (j.at("key").get<std::string>() == key) {
+          for (const auto& [n, v] : j.at("tokens_per_second").items()) out[n] = v.get<double>();
+          bool all = out.count(stored_name) > 0;
+          for (kernels::GgmlType t : types) all = all && out.count(kernels::TypeTraits(t).name) > 0;
+          if (all) return out;
+        }
+      } catch (const std::exception& e) {
+        FT_LOG_WARN("base speed cache {} unreadable ({}); measuring again", cache_path, e.what());
+      }
+      out.clear();
+    }
+    SpeedProbe probe;
+    probe.backend = backend;
+    const auto t0 = std::chrono::steady_clock::now();
+    FT_ASSIGN_OR_RETURN(auto tps, MeasureBaseSpeeds(model, model_path, types, data, probe));
+    for (const auto& [t, v] : tps) out[kernels::TypeTraits(t).name] = v;
+    std::vector<std::string> said;
+    for (const auto& [n, v] : out) said.push_back(absl::StrFormat("%s %.0f", n, v));
+    FT_LOG_INFO("training tokens/s per base type: {} (measured in {:.1f} s)", absl::StrJoin(said, ", "),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (!cache_path.empty()) {
+      nlohmann::json j;
+      j["key"] = key;
+      j["tokens_per_second"] = out;
+      if (absl::Status st = WriteFileAtomic(cache_path, j.dump(1)); !st.ok()) FT_LOG_WARN("base speed cache not written: {}", st.ToString());
+    }
+    return out;
+  };
+}
+
+absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& options, const TaskRunner& trainer, const std::atomic<bool>& stop,
+                                       const TaskEvaluator& evaluator) {
+  DaemonOptions o = options;  // the profile gains the base speeds measured after a preflight join
+  bool preflight = static_cast<bool>(o.measure_bases);
   FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
   FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));
@@ -612,8 +667,22 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& o, const TaskRunner&
       rpc::v1::JoinRequest req;
       req.set_token(o.token);
       *req.mutable_profile() = o.profile;
+      req.set_preflight(preflight);
       rpc::v1::JoinResponse resp;
       grpc::Status s = stub->Join(&ctx, req, &resp);
+      if (s.ok() && preflight) {  // measure what the run's planner may choose, then join for real
+        preflight = false;
+        if (resp.base_types_size() > 0) {
+          const std::vector<std::string> types(resp.base_types().begin(), resp.base_types().end());
+          if (auto m = o.measure_bases(types); m.ok()) {
+            for (const auto& [n, v] : *m) (*o.profile.mutable_base_tokens_per_second())[n] = v;
+          } else if (!o.quiet) {
+            FT_LOG_WARN("base speeds not measured ({}); the planner assumes the stored type's speed", m.status().ToString());
+          }
+        }
+        backoff = 50;
+        continue;
+      }
       if (s.ok()) {
         if (failed_joins > 0 && !o.quiet) FT_LOG_INFO("joined the coordinator at {} after {} failed attempts", o.address, failed_joins);
         failed_joins = 0;

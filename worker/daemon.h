@@ -39,6 +39,10 @@ struct DaemonOptions {
   // Fault drills and tests: in secure-aggregation rounds, upload the masked input and then
   // vanish for the rest of the round (the others must unmask without this worker).
   bool drop_after_masking = false;
+  // Measures training tokens/s on the base types a planned run asks for (JoinResponse.base_types
+  // of a preflight join) into Profile.base_tokens_per_second before the worker joins for tasks
+  // (e.g. BaseSpeedMeasurer). Empty: no preflight; the planner assumes the stored type's speed.
+  std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<std::string>& types)> measure_bases;
 };
 
 struct DaemonReport {
@@ -82,6 +86,14 @@ TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vect
 // them: train_tokens_per_second and keep_speedup).
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
                                 kernels::Backend* backend = nullptr);
+
+// DaemonOptions::measure_bases for a worker: worker::MeasureBaseSpeeds with the MeasureProfile
+// probe (rank-4 LoRA on q, v, batch 1, two timed steps), cached in `cache_path` (JSON; empty: not
+// cached) for this model file (path, size, modification time), kernels and core count, so a
+// restarted worker does not measure again.
+std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<std::string>&)> BaseSpeedMeasurer(
+    const model::LlamaModel& model, const std::string& model_path, const std::vector<model::Example>& data, kernels::Backend* backend,
+    const std::string& cache_path);
 
 // `evaluator` (may be empty): answers EVALUATE tasks; set it only with held-out data, and
 // report their number in the profile (eval_examples) so the coordinator selects this worker.

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <filesystem>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/str_format.h"
@@ -20,6 +21,7 @@
 #include "protocol/update_codec.h"
 #include "sim/simulation.h"
 #include "model/tasks.h"
+#include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
 #include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
@@ -364,6 +366,84 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
   }
   ASSERT_TRUE(reports[2].ok()) << reports[2].status();
   EXPECT_EQ(reports[2]->rounds_trained, 0);
+}
+
+// issue 22: a planned run asks the workers (preflight join) to time their training on each base
+// type the planner may choose; the planner then prefers the base a worker runs faster. w1
+// measures for real (worker::BaseSpeedMeasurer, cached in its state directory), w2 reports q4_0
+// four times faster than its stored q8_0 and trains on q4_0.
+TEST_F(E2ETest, WorkersMeasureTheirSpeedPerBaseTypeAndThePlanFollowsIt) {
+  const std::string state = testing::TempPath("e2e_state_base_speed");
+  fs::remove_all(state);
+  auto o = Options(state);
+  o.engine.settings.rounds = 1;
+  o.engine.settings.population = o.engine.settings.expected_clients = 2;
+  o.engine.min_available = 2;
+  planner::PlannerOptions po = PlanOptions(96);
+  po.base_types = {kernels::GgmlType::kQ8_0, kernels::GgmlType::kQ4_0};
+  o.engine.planning = Planning(po);
+  auto server = coordinator::CoordinatorServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string cache = testing::TempPath("e2e_base_speeds.json");
+  fs::remove(cache);
+  const auto real = worker::BaseSpeedMeasurer(*model_, model_path_, data_[0], nullptr, cache);
+  std::vector<std::string> asked;
+  std::mutex mu;
+  std::map<std::string, std::string> base_of;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  std::vector<absl::StatusOr<worker::DaemonReport>> reports(2, absl::UnknownError("not run"));
+  for (int k = 0; k < 2; ++k)
+    threads.emplace_back([&, k] {
+      const std::string name = "w" + std::to_string(k + 1);
+      auto d = Daemon(name, (*server)->port());
+      d.profile.set_memory_bytes(int64_t{4096} << 20);
+      d.profile.set_train_tokens_per_second(2000);
+      d.profile.set_link_mbps(1000);
+      if (k == 0) {
+        d.measure_bases = real;
+      } else {
+        d.measure_bases = [&](const std::vector<std::string>& types) -> absl::StatusOr<std::map<std::string, double>> {
+          std::lock_guard<std::mutex> l(mu);
+          asked = types;
+          return std::map<std::string, double>{{"Q8_0", 500}, {"Q4_0", 2000}};
+        };
+      }
+      const worker::TaskRunner inner = worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)], model_path_);
+      const worker::TaskRunner runner = [&, name, inner](const protocol::TrainTask& task, const aggregation::TensorMap& g,
+                                                         const std::function<void(double)>& progress) {
+        {
+          std::lock_guard<std::mutex> l(mu);
+          base_of[name] = task.plan.base_type;
+        }
+        return inner(task, g, progress);
+      };
+      reports[static_cast<size_t>(k)] = worker::RunDaemon(d, runner, stop);
+    });
+  ASSERT_TRUE((*server)->Wait().ok());
+  auto status = coordinator::HttpGet("127.0.0.1", (*server)->http_port(), "/status.json");
+  stop = true;
+  for (auto& t : threads) t.join();
+  EXPECT_EQ((*server)->last_committed_round(), 1);
+  for (const auto& r : reports) ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(asked, (std::vector<std::string>{"Q8_0", "Q4_0"}));
+  EXPECT_EQ(base_of["w2"], "Q4_0");
+  ASSERT_TRUE(status.ok()) << status.status();
+  const auto j = nlohmann::json::parse(*status);
+  for (const auto& w : j.at("workers")) {
+    const auto& speeds = w.at("base_tokens_per_second");
+    ASSERT_TRUE(speeds.contains("Q8_0") && speeds.contains("Q4_0")) << w.dump();
+    EXPECT_GT(speeds.at("Q4_0").get<double>(), 0);
+    if (w.at("id") == "w2") {
+      EXPECT_NE(w.at("plan").get<std::string>().find("base Q4_0 (x4.00"), std::string::npos) << w.dump();
+    }
+  }
+  // The real measurer's figures come from its cache the second time (timings never repeat).
+  ASSERT_TRUE(fs::exists(cache));
+  auto first = real({"Q8_0", "Q4_0"}), again = real({"Q4_0"});
+  ASSERT_TRUE(first.ok() && again.ok());
+  EXPECT_EQ(*first, *again);
+  EXPECT_FALSE(real({"Q9_9"}).ok());
 }
 
 // issue 22: a worker whose memory is less than it reported when joining declines a planned task

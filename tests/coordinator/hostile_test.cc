@@ -463,6 +463,11 @@ TEST_F(HostileTest, AHostileProfileIsSanitised) {
     p->set_link_mbps(-5);
     p->set_cores(-3);
     p->set_memory_bytes(-1);
+    auto& speeds = *p->mutable_base_tokens_per_second();
+    speeds["q8_0"] = std::nan("");
+    speeds["q4_0"] = 1e300;
+    speeds[std::string(100000, 'x')] = 5;
+    speeds["q4_1"] = -1;
     rpc::v1::JoinResponse resp;
     ASSERT_TRUE(evil->Join(&ctx, req, &resp).ok());
   }
@@ -479,6 +484,7 @@ TEST_F(HostileTest, AHostileProfileIsSanitised) {
     EXPECT_EQ(w["cores"].get<int>(), 0);
     EXPECT_EQ(w["version"].get<std::string>(), "v??");
     EXPECT_EQ(w["memory_bytes"].get<int64_t>(), 0);
+    EXPECT_EQ(w["base_tokens_per_second"].dump(), R"({"q4_0":1000000000000.0})");  // known types, finite, positive, bounded
   }
   EXPECT_TRUE(found) << *body;
   (*server)->Shutdown();

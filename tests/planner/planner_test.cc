@@ -253,6 +253,41 @@ TEST(PlannerTest, AWorkerTooSmallForTheSharedRankTrainsALowerOne) {
   EXPECT_FALSE(planner::MakePlan(Shape(), imp, fleet, o).ok());
 }
 
+// Issue 22: the speed a worker measured per base precision decides between bases that both fit
+// (before: every precision counted at the stored type's speed, ties went to the higher one).
+TEST(PlannerTest, MeasuredSpeedPerBasePrecisionDecidesTheBase) {
+  auto o = Options();
+  o.base_types = {kernels::GgmlType::kQ8_0, kernels::GgmlType::kQ4_1};
+  const std::map<Module, double> imp = {{Module::kQ, 1}, {Module::kV, 1}, {Module::kUp, 1}};
+  planner::WorkerProfile w{"w", 4000, 200, 100, 10};
+  const planner::Candidate q8{o.adapted, kernels::GgmlType::kQ8_0, 2, 2};
+  const double t_equal = planner::PredictSeconds(Shape(), w, o, q8);
+  auto plan = planner::MakePlan(Shape(), imp, {w}, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->workers[0].c.base, kernels::GgmlType::kQ8_0);  // equal speed: the higher precision
+  w.base_speed = {{kernels::GgmlType::kQ8_0, 0.5}};
+  const double overhead = planner::PredictSeconds(Shape(), w, o, {o.adapted, kernels::GgmlType::kQ4_1, 2, 2}) - 2.0 * 2 * 80 / 200;
+  EXPECT_NEAR(planner::PredictSeconds(Shape(), w, o, q8) - overhead, 2 * (t_equal - overhead), 1e-9);  // half the speed: twice the compute
+  plan = planner::MakePlan(Shape(), imp, {w}, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->workers[0].c.base, kernels::GgmlType::kQ4_1) << plan->workers[0].explanation;
+  w.base_speed = {{kernels::GgmlType::kQ8_0, 1.25}};
+  plan = planner::MakePlan(Shape(), imp, {w}, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->workers[0].c.base, kernels::GgmlType::kQ8_0);
+  EXPECT_NE(plan->workers[0].explanation.find("x1.25 the stored type's measured speed"), std::string::npos) << plan->workers[0].explanation;
+  // Ratios from measured tokens/s; nothing without the stored type's; nonsense dropped.
+  const auto rel = planner::RelativeBaseSpeeds({{kernels::GgmlType::kQ4_1, 200}, {kernels::GgmlType::kQ8_0, 250}, {kernels::GgmlType::kNF4, -1}},
+                                               kernels::GgmlType::kQ4_1);
+  ASSERT_EQ(rel.size(), 1u);
+  EXPECT_DOUBLE_EQ(rel.at(kernels::GgmlType::kQ8_0), 1.25);
+  EXPECT_TRUE(planner::RelativeBaseSpeeds({{kernels::GgmlType::kQ8_0, 250}}, kernels::GgmlType::kQ4_1).empty());
+  w.base_speed = {{kernels::GgmlType::kQ8_0, std::nan("")}};
+  EXPECT_DOUBLE_EQ(w.BaseSpeed(kernels::GgmlType::kQ8_0), 1.0);
+  w.base_speed = {{kernels::GgmlType::kQ8_0, 1e9}};
+  EXPECT_DOUBLE_EQ(w.BaseSpeed(kernels::GgmlType::kQ8_0), 20.0);
+}
+
 TEST(PartialTrainingTest, FrozenModulesActInForwardAndAreNotSent) {
   const std::string path = testing::TempPath("partial.gguf");
   testing::TinyModelOptions mo;

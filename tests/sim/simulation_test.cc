@@ -226,9 +226,16 @@ TEST_F(SimTest, AClientOverItsMemoryDeclinesAndTheRunGoesOn) {
 TEST_F(SimTest, PlannerGivesEachClientItsPlanAndLeavesOutOneTooSmall) {
   const std::string out = testing::TempPath("sim_plan");
   auto r = Run(Yaml("profiles: [{name: fast, count: 1, speed: 1, memory_mib: 4000}, {name: slow, count: 1, speed: 0.125, memory_mib: 4000},"
-                    " {name: toaster, count: 1, memory_mib: 1}]\nplanner: {enabled: true, calibration_steps: 1}\n",
+                    " {name: toaster, count: 1, memory_mib: 1}]\nplanner: {enabled: true, calibration_steps: 1, base_types: [q8_0, q4_0]}\n",
                     out));
   ASSERT_TRUE(r.ok()) << r.status();
+  // The calibration timed training on q4_0 against the stored q8_0 (issue 22), into plan.json.
+  auto plan = ReadFileToString(out + "/plan.json");
+  ASSERT_TRUE(plan.ok());
+  const auto pj = nlohmann::json::parse(*plan);
+  ASSERT_TRUE(pj.contains("base_speed")) << *plan;
+  EXPECT_GT(pj.at("base_speed").at("Q4_0").get<double>(), 0);
+  EXPECT_FALSE(pj.at("base_speed").contains("Q8_0"));  // the stored type: the reference
   EXPECT_GT(r->rounds.back().metrics.at("planned_round_seconds"), 0);
   EXPECT_EQ(r->rounds.back().metrics.at("accepted"), 2);  // the toaster never takes part
   auto ledger = federation::RunLedger::Open(out + "/ledger.sqlite");
