@@ -942,6 +942,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                                          p.train_tokens_per_second() > 0 ? p.train_tokens_per_second() : 100.0,
                                          p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20, p.keep_speedup(),
                                          kernels::IsCpuBf16Name(p.kernels())};
+      c.profile->examples = static_cast<double>(c.num_examples);
       if (o.engine.planning) {
         std::map<kernels::GgmlType, double> tps;
         for (const auto& [name, speed] : p.base_tokens_per_second()) tps[*kernels::GgmlTypeFromName(name)] = speed;  // names checked on arrival

@@ -79,6 +79,12 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     po.memory.keep_within_limit = true;  // workers keep activations as far as their memory allows (ClientEnv)
     po.memory.adapter_copies = 2;        // a worker daemon's global adapter and update (ClientEnv)
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
+    if (rs.dp.local) {  // every worker within the uniform configuration's privacy cost (its reported examples)
+      po.local_dp_sigma = rs.dp.noise_multiplier;
+      po.local_dp_delta = rs.dp.delta;
+      po.local_dp_rounds = rs.rounds;
+      po.memory.per_example = true;
+    }
     std::map<model::Module, double> importance;  // uniform until merged updates show where they move
     for (model::Module mod : rs.adapter.modules) importance[mod] = 1.0 / static_cast<double>(rs.adapter.modules.size());
     o.engine.planning = federation::EngineOptions::Planning{planner::ModelShape::Of(*m), po, importance, /*every_round=*/true};

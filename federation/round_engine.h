@@ -35,6 +35,9 @@ struct ClientInfo {
   int64_t num_examples = 0;                       // 0: unknown (deployment)
   std::optional<planner::WorkerProfile> profile;  // for the planner (memory, speed, link)
   int64_t rank = 0;  // a fixed LoRA rank for this client (simulation profiles[].rank); 0: adapter.rank (or the plan's)
+  // The modules this client trains (simulation profiles[].modules; the others frozen); empty: all
+  // (or the plan's).
+  std::vector<model::Module> train_modules = {};
 };
 
 struct RoundRecord {

@@ -177,8 +177,12 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   if (s.secure.enabled && s.dp.central && s.dp.poisson && s.expected_clients < population && s.secure.threshold > 0)
     return Bad("secure_aggregation.threshold", "not with Poisson client sampling (round sizes vary; the default threshold follows each round's size)");
   if (planner.enabled()) {
-    if (s.dp.local) return Bad("planner", "not combined with local DP (per-client accounting assumes the uniform batch and steps)");
-    if (s.secure.enabled) return Bad("planner", "not combined with secure aggregation (partial adapters are not masked per module)");
+    // Partial training under secure aggregation: each tensor is averaged over the workers that
+    // trained it (SecureServer::Trains). Not under central DP: each worker adds its share of the
+    // distributed noise to the tensors it trains only, so a module fewer workers train would get
+    // less than the noise the accountant counts.
+    if (s.secure.enabled && s.dp.central)
+      return Bad("planner", "not combined with secure aggregation under central DP (a module trained by fewer workers would get less of the distributed noise)");
   }
   s.secure.value_range = OrDefault(secure.value_range(), s.dp.central ? 4 * s.dp.clip_norm : 0.05);
   // Uncertainty-aware merging needs each client's Fisher: in the clear, or under secure

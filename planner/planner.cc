@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "model/llama.h"
+#include "privacy/rdp_accountant.h"
 
 namespace fedtune::planner {
 namespace {
@@ -165,10 +166,12 @@ double MemoryModel::Bf16OutputMiB(const ModelShape& s, double tokens_per_pass) {
 
 ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
                                      const Candidate& c, int seq, double limit_mib, bool bf16_kernels) const {
-  const double tokens = static_cast<double>(c.batch) * seq;
+  const int per_pass = per_example ? 1 : c.batch;  // sequences in one forward/backward pass
+  const double tokens = static_cast<double>(per_pass) * seq;
   const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
   const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, SpecAt(spec, c), adapted, c.modules) + logits_mib +
                       adapter_copies * AdapterBytes(s, spec, adapted) / (1 << 20) +
+                      (per_example ? 2 * AdapterBytes(s, SpecAt(spec, c), c.modules) / (1 << 20) : 0.0) +
                       (bf16_kernels ? Bf16OutputMiB(s, tokens) : 0.0);
   const double per_seq = KeptMiBPerSequence(s, seq);
   ActivationChoice a;
@@ -176,7 +179,7 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
     // Memory not known (>= kUnknownMemoryMiB): the client keeps up to the trainer's default budget
     // per pass instead (worker::ClientEnv), whatever the rest needs.
     const double room = limit_mib >= kUnknownMemoryMiB ? kDefaultKeptMiB : limit_mib - rest;
-    const int fit = keep_within_limit ? static_cast<int>(std::min<double>(c.batch, std::floor(room / per_seq + 1e-9))) : c.batch;
+    const int fit = keep_within_limit ? static_cast<int>(std::min<double>(per_pass, std::floor(room / per_seq + 1e-9))) : per_pass;
     if (fit >= 1) {
       a.recompute = false;
       a.seqs_per_pass = fit;
@@ -270,6 +273,15 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
   if (o.adapted.empty()) return absl::InvalidArgumentError("planner: the adapter has no modules");
   if (o.batches.empty() || o.max_local_steps < 1 || o.seq < 1) return absl::InvalidArgumentError("planner: empty candidate grid");
   const auto importance = NormaliseImportance(importance_raw);
+  // Local DP-SGD: the order at which the uniform run gives a worker its epsilon.
+  auto local_dp_order = [&](const WorkerProfile& w) {
+    if (o.local_dp_sigma <= 0 || !(w.examples > 0)) return 2.0;
+    const std::vector<double> orders = privacy::DefaultOrders();
+    std::vector<double> run = privacy::SampledGaussianRdp(std::min(1.0, o.uniform.batch / w.examples), o.local_dp_sigma, orders);
+    for (double& v : run) v *= static_cast<double>(o.uniform.local_steps) * std::max(1, o.local_dp_rounds);
+    const auto e = privacy::EpsilonFromRdp(orders, run, o.local_dp_delta);
+    return e.ok() && e->order > 1 ? e->order : 2.0;
+  };
   std::vector<kernels::GgmlType> bases = o.base_types.empty() ? std::vector<kernels::GgmlType>{shape.stored} : o.base_types;
   // Higher precision first: among equal utility and time the earlier candidate wins.
   std::stable_sort(bases.begin(), bases.end(), [](auto a, auto b) { return BitsPerWeight(a) > BitsPerWeight(b); });
@@ -317,11 +329,30 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     Candidate smallest_c;
     std::vector<int> batches = o.batches;  // larger first: on ties the larger batch wins
     std::sort(batches.rbegin(), batches.rend());
+    // Local DP-SGD: one step's RDP at the uniform run's optimal order, (batch, steps) against
+    // the uniform configuration's.
+    const std::vector<double> order = {local_dp_order(w)};
+    std::map<int, double> rdp;  // per batch
+    auto step_rdp = [&](int batch) {
+      auto it = rdp.find(batch);
+      if (it == rdp.end()) it = rdp.emplace(batch, privacy::SampledGaussianRdp(std::min(1.0, batch / w.examples), o.local_dp_sigma, order)[0]).first;
+      return it->second;
+    };
+    auto private_enough = [&](int batch, int steps) {
+      if (o.local_dp_sigma <= 0) return true;
+      if (!(w.examples > 0)) return batch <= o.uniform.batch && steps <= o.uniform.local_steps;
+      return steps * step_rdp(batch) <= o.uniform.local_steps * step_rdp(o.uniform.batch) * (1 + 1e-12);
+    };
+    int private_refused = 0;
     for (const auto& s : sets)
       for (int64_t rank : ranks)
       for (auto b : bases)
         for (int batch : batches)
           for (int steps = 1; steps <= o.max_local_steps; ++steps) {
+            if (!private_enough(batch, steps)) {
+              ++private_refused;
+              continue;
+            }
             Candidate c{s, b, batch, steps, rank};
             const ActivationChoice a = o.memory.Choose(shape, o.spec, o.adapted, c, o.seq, usable, w.bf16_kernels);
             const double mib = a.total_mib;
@@ -339,6 +370,12 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     } else {
       plan.uniform_round_seconds = std::max(plan.uniform_round_seconds, wp.uniform_seconds);
       plan.uniform_utility += Utility(importance, o.uniform, shared_rank);
+    }
+    if (feasible[k].empty() && !std::isfinite(smallest)) {
+      wp.excluded = true;
+      wp.reason = absl::StrFormat("left out: none of the %d candidates stays within the uniform configuration's local DP-SGD privacy cost",
+                                  private_refused);
+      continue;
     }
     if (feasible[k].empty()) {
       wp.excluded = true;

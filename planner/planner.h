@@ -111,6 +111,9 @@ struct MemoryModel {
   // (coordinator planning, worker::ClientEnv of the daemon), 0 for `fedtune train` and the
   // simulation's in-process clients. Measured: bench/run_fleet_memory.sh.
   double adapter_copies = 0;
+  // Local DP-SGD (model/finetune.cc): every example runs alone (one sequence per pass, whatever
+  // the batch) and the clipped per-example gradients are summed in float64 (8 B per trained value).
+  bool per_example = false;
   static MemoryModel Fitted();
   double BaseMiB(const ModelShape& s, kernels::GgmlType b) const;
   double AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
@@ -144,6 +147,7 @@ struct WorkerProfile {
   // at that type / tokens/s at the stored type, both by the same short timed run: the worker's
   // profile, or the simulation's calibration). A type not listed runs at the stored speed.
   std::map<kernels::GgmlType, double> base_speed = {};
+  double examples = 0;  // training examples it holds (local DP-SGD's sampling rate; 0: unknown)
   // The factor for `t` (1 when not measured), bounded to [0.05, 20].
   double BaseSpeed(kernels::GgmlType t) const;
 };
@@ -164,6 +168,16 @@ struct PlannerOptions {
   // share of the shared adapter's components).
   std::vector<int64_t> ranks;
   bool send_fisher = false;               // uploads carry a Fisher tensor per delta
+  // Local DP-SGD in the workers with this noise multiplier (0: off). A candidate is admissible
+  // only where its per-round record-level RDP (sampling rate batch / the worker's examples, its
+  // local steps) is at most the uniform configuration's on the same worker at the order a* where
+  // the uniform run (local_dp_rounds rounds) attains its epsilon at local_dp_delta. Whatever plans
+  // a worker gets round after round, its RDP at a* then stays within the uniform run's, and
+  // epsilon = min over orders <= the value at a* = the uniform run's epsilon. A worker whose
+  // example count is not known: batch and steps at most the uniform's (RDP grows with both).
+  double local_dp_sigma = 0;
+  double local_dp_delta = 1e-5;
+  int local_dp_rounds = 1;
   MemoryModel memory = MemoryModel::Fitted();
 };
 

@@ -80,7 +80,7 @@ std::vector<planner::WorkerProfile> ProfilesForPlan(const std::vector<ClientForP
   std::vector<planner::WorkerProfile> w;
   for (const auto& c : clients)
     w.push_back({c.name, c.memory_mib > 0 ? c.memory_mib : 1e12, cal.tokens_per_second * c.speed, c.bandwidth_mbps, c.latency_ms, cal.keep_speedup,
-                 cal.bf16_kernels, cal.base_speed});
+                 cal.bf16_kernels, cal.base_speed, c.examples});
   return w;
 }
 

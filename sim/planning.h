@@ -20,6 +20,7 @@ namespace fedtune::sim {
 struct ClientForPlan {
   std::string name;
   double speed = 1, bandwidth_mbps = 100, latency_ms = 20, memory_mib = 0;
+  double examples = 0;  // training examples (local DP-SGD's sampling rate)
 };
 
 struct Calibration {

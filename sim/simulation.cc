@@ -90,6 +90,7 @@ struct ClientState {
   double speed = 1, bandwidth_mbps = 100, latency_ms = 20, dropout = 0, memory_mib = 0;
   std::string base_type;  // its profile's base (empty: the run's)
   int64_t rank = 0;       // its profile's LoRA rank (0: adapter.rank)
+  std::vector<model::Module> train_modules;  // its profile's modules (empty: all)
   std::vector<model::Example> train;
   std::vector<double> task_share;  // fraction of its examples per task
   int trained = 0, dropped = 0;
@@ -131,7 +132,7 @@ class SimTransport : public federation::Transport {
 
   absl::StatusOr<std::vector<federation::ClientInfo>> Available(int, int, int) override {
     std::vector<federation::ClientInfo> v;
-    for (const ClientState& cl : clients_) v.push_back({cl.name, static_cast<int64_t>(cl.train.size()), cl.plan_profile, cl.rank});
+    for (const ClientState& cl : clients_) v.push_back({cl.name, static_cast<int64_t>(cl.train.size()), cl.plan_profile, cl.rank, cl.train_modules});
     return v;
   }
 
@@ -356,6 +357,16 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
       if (p.rank() > 0 && p.rank() < s.run.adapter.spec.rank) {
         if (c.planner().enabled()) return Bad(key + ".rank", "not with the planner (planner.ranks: it chooses each client's rank)");
         FT_RETURN_IF_ERROR(federation::CheckHeteroRanks(s.run, key + ".rank"));
+      }
+      if (!p.modules().empty()) {
+        const auto mods = model::ParseModules(p.modules());
+        if (!mods.ok()) return Bad(key + ".modules", std::string(mods.status().message()));
+        for (model::Module m : *mods)
+          if (std::find(s.run.adapter.modules.begin(), s.run.adapter.modules.end(), m) == s.run.adapter.modules.end())
+            return Bad(key + ".modules", absl::StrCat(model::ModuleName(m), " is not one of adapter.modules"));
+        if (c.planner().enabled()) return Bad(key + ".modules", "not with the planner (it chooses each client's modules)");
+        if (!s.run.adapter.layout.empty()) return Bad(key + ".modules", "not with per-layer adapter settings (adapter.layers)");
+        if (s.run.dp.central) return Bad(key + ".modules", "not with central DP (a module trained by fewer clients changes one client's influence on it)");
       }
       total += p.count();
     }
@@ -639,6 +650,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         cl.memory_mib = prof.memory_mib();
         cl.base_type = prof.base_type();
         cl.rank = prof.rank();
+        if (!prof.modules().empty()) cl.train_modules = *model::ParseModules(prof.modules());  // checked above
       }
     }
     for (size_t k2 = 0; k2 < clients.size(); ++k2) {
@@ -695,6 +707,12 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     // The clients' default (ClientEnv): activations kept as far as each one's memory allows.
     po.memory.keep_within_limit = !c.train().no_recompute() && c.train().activation_budget_mib() == 0;
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
+    if (rs.dp.local) {  // the planner keeps every client within the uniform configuration's privacy cost
+      po.local_dp_sigma = rs.dp.noise_multiplier;
+      po.local_dp_delta = rs.dp.delta;
+      po.local_dp_rounds = rs.rounds;
+      po.memory.per_example = true;
+    }
     if (c.planner().enabled()) {
       say("planner: calibration pass (probe adapter, module importance and training speed)");
       FT_ASSIGN_OR_RETURN(cal, Calibrate(*model, o_backend, clients[0].train, rs.adapter.spec, rs.adapter.modules, rs.batch,
@@ -708,7 +726,8 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
                           speeds.empty() ? std::string() : absl::StrCat("; per base type vs ", kernels::TypeTraits(stored_type).name, ": ", absl::StrJoin(speeds, ", ")),
                           cal->seconds));
       std::vector<ClientForPlan> cp;
-      for (const ClientState& cl : clients) cp.push_back({cl.name, cl.speed, cl.bandwidth_mbps, cl.latency_ms, cl.memory_mib});
+      for (const ClientState& cl : clients)
+        cp.push_back({cl.name, cl.speed, cl.bandwidth_mbps, cl.latency_ms, cl.memory_mib, static_cast<double>(cl.train.size())});
       const std::vector<planner::WorkerProfile> wprof = ProfilesForPlan(cp, *cal);
       for (size_t k = 0; k < clients.size(); ++k) clients[k].plan_profile = wprof[k];
       eo.planning = federation::EngineOptions::Planning{shape, po, cal->importance, c.planner().replan_every_round()};

@@ -11,6 +11,7 @@
 #include <functional>
 
 #include "model/tasks.h"
+#include "privacy/rdp_accountant.h"
 #include "tests/support/tiny_model.h"
 #include "worker/local_trainer.h"
 
@@ -286,6 +287,75 @@ TEST(PlannerTest, MeasuredSpeedPerBasePrecisionDecidesTheBase) {
   EXPECT_DOUBLE_EQ(w.BaseSpeed(kernels::GgmlType::kQ8_0), 1.0);
   w.base_speed = {{kernels::GgmlType::kQ8_0, 1e9}};
   EXPECT_DOUBLE_EQ(w.BaseSpeed(kernels::GgmlType::kQ8_0), 20.0);
+}
+
+// Issue 22: the planner with local DP-SGD in the workers. Every planned (batch, steps) costs a
+// worker at most the uniform configuration's record-level RDP at every order (so its epsilon over
+// any sequence of plans is at most the uniform run's); without the constraint the plan would spend
+// more on some worker. DP-SGD runs one example per pass: its memory does not grow with the batch.
+TEST(PlannerTest, LocalDpPlansNeverCostAWorkerMorePrivacyThanUniform) {
+  auto o = Options();
+  o.max_local_steps = 8;
+  o.batches = {1, 2, 4, 8};
+  const std::map<Module, double> imp = {{Module::kQ, 1}, {Module::kV, 3}, {Module::kUp, 1}};
+  std::vector<planner::WorkerProfile> fleet = Fleet();
+  const double examples[4] = {2000, 400, 60, 0};  // the last: not known
+  for (size_t k = 0; k < fleet.size(); ++k) fleet[k].examples = examples[k];
+  const auto orders = privacy::DefaultOrders();
+  const int rounds = 10;
+  // Epsilon (delta 1e-5) of `rounds` rounds of each candidate in `cs` in turn on worker w.
+  auto epsilon = [&](const planner::WorkerProfile& w, const std::vector<planner::Candidate>& cs) {
+    std::vector<double> total(orders.size(), 0.0);
+    for (int r = 0; r < rounds; ++r) {
+      const planner::Candidate& c = cs[static_cast<size_t>(r) % cs.size()];
+      const auto one = privacy::SampledGaussianRdp(std::min(1.0, c.batch / w.examples), 1.0, orders);
+      for (size_t i = 0; i < orders.size(); ++i) total[i] += c.local_steps * one[i];
+    }
+    return privacy::EpsilonFromRdp(orders, total, 1e-5)->epsilon;
+  };
+  auto within = [&](const planner::WorkerProfile& w, const planner::Candidate& c) {
+    if (w.examples <= 0) return c.batch <= o.uniform.batch && c.local_steps <= o.uniform.local_steps;
+    return epsilon(w, {c}) <= epsilon(w, {o.uniform}) * (1 + 1e-9);
+  };
+  auto free_plan = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(free_plan.ok()) << free_plan.status();
+  bool over = false;
+  for (size_t k = 0; k < fleet.size(); ++k) over = over || !within(fleet[k], free_plan->workers[k].c);
+  EXPECT_TRUE(over) << "the constraint must bind somewhere for this test to mean anything";
+  o.local_dp_sigma = 1.0;
+  o.local_dp_delta = 1e-5;
+  o.local_dp_rounds = rounds;
+  o.memory.per_example = true;
+  auto plan = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  for (size_t k = 0; k < fleet.size(); ++k) {
+    const auto& wp = plan->workers[k];
+    ASSERT_FALSE(wp.excluded) << wp.reason;
+    EXPECT_TRUE(within(fleet[k], wp.c)) << wp.worker << ": batch " << wp.c.batch << " x " << wp.c.local_steps;
+    // Plans that change from round to round stay within it too (here: alternating with batch 1).
+    if (fleet[k].examples > 0) {
+      EXPECT_LE(epsilon(fleet[k], {wp.c, {o.adapted, kernels::GgmlType::kQ4_1, 1, 1}}), epsilon(fleet[k], {o.uniform}) * (1 + 1e-9));
+    }
+  }
+  // Half the batch buys more steps; twice the batch and the steps does not fit.
+  EXPECT_TRUE(within(fleet[0], {o.adapted, kernels::GgmlType::kQ4_1, 1, 4}));
+  EXPECT_FALSE(within(fleet[0], {o.adapted, kernels::GgmlType::kQ4_1, 4, 4}));
+  // Memory: one example per pass plus a float64 sum of the trained values.
+  const planner::Candidate b1{o.adapted, kernels::GgmlType::kQ4_1, 1, 1}, b8{o.adapted, kernels::GgmlType::kQ4_1, 8, 1};
+  planner::MemoryModel plain = planner::MemoryModel::Fitted();
+  EXPECT_DOUBLE_EQ(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq), o.memory.PredictMiB(Shape(), o.spec, o.adapted, b8, o.seq));
+  EXPECT_NEAR(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq) - plain.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq),
+              2 * planner::AdapterBytes(Shape(), o.spec, o.adapted) / (1 << 20), 1e-9);
+  EXPECT_LT(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b8, o.seq), plain.PredictMiB(Shape(), o.spec, o.adapted, b8, o.seq));
+  // A grid with nothing as private as uniform (no batch <= 2 and the size unknown): left out with
+  // the reason (the other worker holds 2 examples: every batch samples all, 1 step fits).
+  o.batches = {8};
+  planner::WorkerProfile tiny_data = fleet[0];
+  tiny_data.examples = 2;
+  auto none = planner::MakePlan(Shape(), imp, {fleet[3], tiny_data}, o);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_TRUE(none->workers[0].excluded);
+  EXPECT_NE(none->workers[0].reason.find("privacy cost"), std::string::npos) << none->workers[0].reason;
 }
 
 TEST(PartialTrainingTest, FrozenModulesActInForwardAndAreNotSent) {

@@ -337,6 +337,36 @@ TEST_F(SimTest, SecureAggregationGivesThePlainResult) {
   EXPECT_FALSE(d->stopped_early);
 }
 
+// Partial training under secure aggregation (issue 22): clients that train some of the modules
+// (profiles[].modules, as the planner's plans do) mask zeros for the others and the server
+// divides each tensor by the weight of the clients that trained it: the plain run's per-module
+// means, up to the fixed-point rounding (dividing by every client's weight would scale q by 3/4
+// and up by 1/2). The planner runs under secure aggregation too.
+TEST_F(SimTest, PartialTrainingUnderSecureAggregationGivesThePlainResult) {
+  const std::string common = "clients: 4\nrounds: 1\nadapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v, up]}\n"
+                             "profiles: [{count: 2}, {count: 1, modules: v}, {count: 1, modules: \"q,v\"}]\n";
+  const std::string a = testing::TempPath("sim_partial_plain"), b = testing::TempPath("sim_partial_secure");
+  ASSERT_TRUE(Run(Yaml(common, a)).ok());
+  auto r = Run(Yaml(common + "secure_aggregation: {enabled: true, value_range: 0.05}\n", b));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->rounds.back().metrics.at("accepted"), 4);
+  auto sa = LoadTensors(a + "/adapter.safetensors"), sb = LoadTensors(b + "/adapter.safetensors");
+  ASSERT_EQ(sa.size(), sb.size());
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < sa.size(); ++i) {
+    worst = std::max(worst, static_cast<double>(std::fabs(sa[i] - sb[i])));
+    scale = std::max(scale, static_cast<double>(std::fabs(sa[i])));
+  }
+  EXPECT_GT(scale, 0);
+  EXPECT_LT(worst, 1e-6) << "max |plain - secure| over " << sa.size() << " values";
+  auto p = Run(Yaml("clients: 4\nrounds: 1\nadapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v, up]}\n"
+                    "profiles: [{name: big, count: 2, memory_mib: 4000}, {name: slow, count: 2, speed: 0.125, memory_mib: 4000}]\n"
+                    "planner: {enabled: true, calibration_steps: 1}\nsecure_aggregation: {enabled: true}\n",
+                    testing::TempPath("sim_plan_secure")));
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->rounds.back().metrics.at("accepted"), 4);
+}
+
 // Uncertainty-aware merging in its secure-aggregation form (clients mask Fisher-weighted deltas
 // and the weights; the server divides the sums) equals the plain Fisher merge with the same
 // public Fisher bound, up to the fixed-point rounding; and it differs from the plain mean.
@@ -370,6 +400,16 @@ TEST_F(SimTest, LocalDpSgdReportsEachClientsEpsilon) {
   EXPECT_EQ(m.count("epsilon"), 0u);
   EXPECT_GT(r->rounds[1].metrics.at("local_epsilon"), 0);
   EXPECT_GT(m.at("local_epsilon"), r->rounds[1].metrics.at("local_epsilon"));  // composes over rounds
+  // With the planner (issue 22): per-client batches and steps, none costing more privacy than the
+  // uniform configuration, so no client's epsilon exceeds the uniform run's largest.
+  auto p = Run(Yaml("dp: {enabled: true, local: true, noise_multiplier: 1.0, clip_norm: 0.5}\n"
+                    "profiles: [{name: fast, count: 1, speed: 1, memory_mib: 4000}, {name: slow, count: 2, speed: 0.25, memory_mib: 4000}]\n"
+                    "planner: {enabled: true, calibration_steps: 1, batches: [1, 2, 4, 8], max_local_steps: 8}\n",
+                    testing::TempPath("sim_ldp_plan")));
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->rounds.back().metrics.at("accepted"), 3);
+  EXPECT_GT(p->rounds.back().metrics.at("local_epsilon"), 0);
+  EXPECT_LE(p->rounds.back().metrics.at("local_epsilon"), m.at("local_epsilon") * (1 + 1e-9));
 }
 
 TEST_F(SimTest, TextDomainsAreScoredByPerplexity) {
@@ -497,6 +537,11 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("profiles: [{count: 3, rank: 2}]\nstrategy: {hetero_rank: flexlora}\n", "strategy.hetero_rank");  // FFA-LoRA
   expect("profiles: [{count: 3, rank: 2}]\nadapter: {kind: LORA, rank: 4}\nstrategy: {hetero_rank: flexlora, server: fedadam}\n", "strategy.hetero_rank");
   expect("strategy: {hetero_rank: stacking}\n", "strategy.hetero_rank");
+  expect("profiles: [{count: 3, modules: w}]\n", "profiles[0].modules");
+  expect("adapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\nprofiles: [{count: 3, modules: down}]\n", "profiles[0].modules");
+  expect("profiles: [{count: 3, modules: q}]\nplanner: {enabled: true}\n", "profiles[0].modules");
+  expect("profiles: [{count: 3, modules: q}]\ndp: {enabled: true, noise_multiplier: 1}\n", "profiles[0].modules");
+  expect("planner: {enabled: true}\nsecure_aggregation: {enabled: true}\ndp: {enabled: true, noise_multiplier: 1}\n", "planner");
   expect("planner: {enabled: true, ranks: [2, 8]}\n", "planner.ranks");
   expect("planner: {enabled: true, ranks: [2]}\n", "planner.ranks");  // must include adapter.rank (4)
   expect("adapter: {kind: DIABLO}\nplanner: {enabled: true, ranks: [2]}\n", "planner.ranks");
