@@ -619,11 +619,13 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
+  // One set of re-quantized (compensated) bases for training and evaluation: built once.
+  auto bases = std::make_shared<worker::BaseModels>(model, c.model().path());
   auto r = worker::RunDaemon(o, worker::ModelTaskRunner(model, train, c.model().path(), c.activation_budget_mib(), backend,
                                                          o.state_dir.empty() ? "" : o.state_dir + "/local_privacy.json",
-                                                         static_cast<double>(o.profile.memory_bytes()) / (1 << 20), /*report_peak=*/true),
+                                                         static_cast<double>(o.profile.memory_bytes()) / (1 << 20), /*report_peak=*/true, bases),
                              g_stop,
-                             eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path(), &train));
+                             eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path(), &train, bases));
   if (!r.ok()) return r.status();
   std::printf("worker: trained %d rounds (%d from its state directory, %d abandoned, %d declined over its memory budget), %d evaluations\n",
               r->rounds_trained, r->rounds_reused, r->rounds_abandoned, r->rounds_declined, r->evaluations);

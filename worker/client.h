@@ -36,6 +36,11 @@ class BaseModels {
   // The client's own training inputs for cloq (the first tokens of its examples).
   void SetCalibration(const std::vector<model::Example>& data, size_t max_tokens = 512);
   const model::LlamaModel& stored() const { return stored_; }
+  // Re-quantized copies built so far.
+  size_t copies() {
+    std::lock_guard<std::mutex> l(mu_);
+    return by_type_.size();
+  }
 
  private:
   const model::LlamaModel& stored_;

@@ -467,15 +467,16 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
                      int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path, double memory_mib,
-                     bool report_peak) {
+                     bool report_peak, std::shared_ptr<BaseModels> shared_bases) {
   struct State {
-    State(const model::LlamaModel& m, const std::string& path, const std::string& ledger) : bases(m, path), privacy(ledger) {}
-    BaseModels bases;
+    State(std::shared_ptr<BaseModels> b, const std::string& ledger) : bases(std::move(b)), privacy(ledger) {}
+    std::shared_ptr<BaseModels> bases;
     LocalPrivacy privacy;  // record-level epsilon across every round this worker trained
     aggregation::TensorMap residual;  // compressed uploads: error feedback (in memory: a restart starts it at zero)
   };
-  auto state = std::make_shared<State>(model, model_path, privacy_path);
-  state->bases.SetCalibration(data);
+  if (!shared_bases) shared_bases = std::make_shared<BaseModels>(model, model_path);
+  auto state = std::make_shared<State>(std::move(shared_bases), privacy_path);
+  state->bases->SetCalibration(data);
   return [&data, state, activation_budget_mib, backend, memory_mib, report_peak](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                                                     const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (!task.plan.explanation.empty()) FT_LOG_INFO("round {} plan: {}", task.round, task.plan.explanation);
@@ -494,7 +495,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
 #endif
     const bool reset = ResetPeakRss();
     const double rss_start = CurrentRssMiB();
-    absl::StatusOr<LocalResult> r = RunTrainTask(state->bases, data, task, global, env, &state->privacy);
+    absl::StatusOr<LocalResult> r = RunTrainTask(*state->bases, data, task, global, env, &state->privacy);
     if (r.ok() && reset && report_peak && task.local_dp_clip <= 0) {
       r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
       r->update.metrics["rss_start_mib"] = rss_start;  // resident before the round's training
@@ -504,8 +505,8 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
 }
 
 TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path,
-                                 const std::vector<model::Example>* train) {
-  auto bases = std::make_shared<BaseModels>(model, model_path);
+                                 const std::vector<model::Example>* train, std::shared_ptr<BaseModels> bases) {
+  if (!bases) bases = std::make_shared<BaseModels>(model, model_path);
   if (train != nullptr) bases->SetCalibration(*train);
   return [&eval, bases](const protocol::TrainTask& task, const aggregation::TensorMap& global) {
     return RunEvalTask(*bases, eval, task, global, nullptr);

@@ -65,10 +65,11 @@ using TaskRunner = std::function<absl::StatusOr<LocalResult>(const protocol::Tra
 // cpu-fast). privacy_path: where the local DP-SGD ledger persists across restarts (empty: in
 // memory only). report_peak: the update carries this process's peak RSS of the round
 // ("peak_rss_mib", for the coordinator's memory feedback): only where the runner is alone in
-// its process (`fedtune worker`), not for several daemons in one test process.
+// its process (`fedtune worker`), not for several daemons in one test process. shared_bases: the
+// re-quantized bases, shared with the worker's evaluator (null: the runner's own).
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
                      int activation_budget_mib = 0, kernels::Backend* backend = nullptr, const std::string& privacy_path = "",
-                     double memory_mib = 0, bool report_peak = false);
+                     double memory_mib = 0, bool report_peak = false, std::shared_ptr<BaseModels> shared_bases = nullptr);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 
@@ -76,9 +77,10 @@ TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 using TaskEvaluator = std::function<absl::StatusOr<aggregation::EvalReport>(const protocol::TrainTask& task, const aggregation::TensorMap& global)>;
 // worker::RunEvalTask on `model` and `eval` (re-quantized bases as ModelTaskRunner).
 // `train`: the worker's training data, whose inputs calibrate a cloq-compensated base (the
-// same base the runner trains on), never its held-out data.
+// same base the runner trains on), never its held-out data. bases: shared with the runner (so a
+// re-quantized, compensated base is built once per worker; null: the evaluator's own).
 TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path = "",
-                                 const std::vector<model::Example>* train = nullptr);
+                                 const std::vector<model::Example>* train = nullptr, std::shared_ptr<BaseModels> bases = nullptr);
 
 // Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
 // is CUDA, the kernels, and, with a model, the measured training speed (a rank-4 LoRA at batch 1

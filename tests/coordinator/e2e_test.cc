@@ -446,6 +446,28 @@ TEST_F(E2ETest, WorkersMeasureTheirSpeedPerBaseTypeAndThePlanFollowsIt) {
   EXPECT_FALSE(real({"Q9_9"}).ok());
 }
 
+// A worker's trainer and evaluator share one set of bases: a plan's compensated low-bit base is
+// built once for both (issue 23: it was built twice), and each uses it.
+TEST_F(E2ETest, TheWorkersRunnerAndEvaluatorShareTheirBases) {
+  auto bases = std::make_shared<worker::BaseModels>(*model_, model_path_);
+  const worker::TaskRunner runner = worker::ModelTaskRunner(*model_, data_[0], model_path_, 0, nullptr, "", 0, false, bases);
+  const worker::TaskEvaluator evaluator = worker::ModelTaskEvaluator(*model_, data_[1], model_path_, &data_[0], bases);
+  protocol::TrainTask t = federation::TaskTemplate(Options(testing::TempPath("e2e_state_shared")).engine.settings);
+  t.client = "w1";
+  t.round = 1;
+  t.plan.base_type = "q4_0";
+  t.plan.compensation = "svd";
+  t.plan.compensation_rank = 2;
+  t.max_new_tokens = 2;
+  auto trained = runner(t, initial_, [](double) {});
+  ASSERT_TRUE(trained.ok()) << trained.status();
+  EXPECT_EQ(bases->copies(), 1u);
+  auto scored = evaluator(t, initial_);
+  ASSERT_TRUE(scored.ok()) << scored.status();
+  EXPECT_EQ(bases->copies(), 1u);
+  EXPECT_GT(scored->metrics.at("eval_loss"), 0);
+}
+
 // issue 22: a worker whose memory is less than it reported when joining declines a planned task
 // its own memory model says would exceed its budget; the round goes on without it, the
 // coordinator re-plans it within the budget it gave, and it trains the next round.
