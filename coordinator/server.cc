@@ -62,16 +62,15 @@ rpc::v1::Profile SanitizedProfile(const rpc::v1::Profile& in) {
   p.set_memory_bytes(std::max<int64_t>(p.memory_bytes(), 0));
   p.set_num_examples(std::max<int64_t>(p.num_examples(), 0));
   p.set_eval_examples(std::max<int64_t>(p.eval_examples(), 0));
-  // Base speeds: known type names only, finite and positive (at most one per type, so bounded).
-  auto* speeds = p.mutable_base_tokens_per_second();
-  for (auto it = speeds->begin(); it != speeds->end();) {
-    if (!kernels::GgmlTypeFromName(it->first) || !(std::isfinite(it->second) && it->second > 0)) {
-      it = speeds->erase(it);
-    } else {
-      it->second = std::min(it->second, 1e12);
-      ++it;
-    }
+  // Base speeds: known type names only (canonical spelling: one entry per type, so bounded),
+  // finite and positive.
+  std::map<std::string, double> speeds;
+  for (const auto& [name, v] : in.base_tokens_per_second()) {
+    const auto t = kernels::GgmlTypeFromName(name);
+    if (t && std::isfinite(v) && v > 0) speeds.emplace(kernels::TypeTraits(*t).name, std::min(v, 1e12));
   }
+  p.clear_base_tokens_per_second();
+  for (const auto& [name, v] : speeds) (*p.mutable_base_tokens_per_second())[name] = v;
   return p;
 }
 

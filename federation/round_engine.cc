@@ -421,19 +421,6 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         continue;
       }
       if (begun.ok()) sec = std::move(*begun);
-      // Partial training under secure aggregation: each tensor's mean over the clients that trained it.
-      if (sec)
-        for (const auto& task : tasks) {
-          if (task.plan.train_modules.empty()) continue;
-          std::set<std::string> trained;
-          for (const std::string& m : task.plan.train_modules) {
-            const auto mod = model::ParseModule(m);
-            if (!mod) continue;
-            for (const auto& [name, v] : global_)
-              if (name.find(std::string(".") + model::GgufModuleName(*mod) + ".") != std::string::npos) trained.insert(name);
-          }
-          sec->Trains(task.client, std::move(trained));
-        }
       const int share = s.strategy.min_clients > 1 ? s.strategy.min_clients : s.expected_clients;
       for (size_t i = 0; i < tasks.size(); ++i) {
         tasks[i].secure_aggregation = true;
@@ -530,18 +517,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       absl::StatusOr<SecureServer::Sum> finished = sec->Finish();
       absl::Status added = finished.status();
       if (added.ok() && !finished->survivors.empty()) {
-        SecureServer::Sum& ssum = *finished;
-        // Partial training: a tensor nobody trained is left out (the global keeps it); the plain
-        // mean divides each tensor by its own trainers' weight (scaled to the common divisor);
-        // the Fisher-weighted sums are per value already (untrained: zero in both).
-        for (const auto& [name, w] : ssum.tensor_weight) {
-          if (!(w > 0)) {
-            ssum.sum.erase(name);
-            ssum.fisher_sum.erase(name);
-          } else if (ssum.fisher_sum.empty()) {
-            for (float& x : ssum.sum[name]) x = static_cast<float>(x * (ssum.total_weight / w));
-          }
-        }
+        const SecureServer::Sum& ssum = *finished;
         added = !ssum.fisher_sum.empty()
                     ? agg->AddSecureFisherSums(ssum.sum, ssum.fisher_sum, static_cast<int>(ssum.survivors.size()), ssum.num_examples)
                     : agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples);

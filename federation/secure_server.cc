@@ -103,14 +103,6 @@ absl::StatusOr<SecureServer::Sum> SecureServer::Finish() {
     out.total_weight += weights_[u].first;
     out.num_examples += weights_[u].second;
   }
-  if (!trains_.empty()) {
-    for (const auto& [name, v] : layout_) out.tensor_weight[name] = 0;
-    for (int u : res.survivors) {
-      const auto t = trains_.find(names_[static_cast<size_t>(u)]);
-      for (auto& [name, w] : out.tensor_weight)
-        if (t == trains_.end() || t->second.count(name)) w += weights_[u].first;
-    }
-  }
   out.tampered = res.tampered;
   return out;
 }

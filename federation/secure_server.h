@@ -7,7 +7,6 @@
 
 #include <map>
 #include <memory>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -37,18 +36,12 @@ class SecureServer {
   std::vector<int> Dropped() const { return server_->Dropped(); }
   std::vector<int> Survivors() const { return server_->Survivors(); }
   absl::Status Unmask(const std::string& client, const privacy::secagg::UnmaskReply& r);
-  // Partial training (the planner's train_modules): `client` updates only `tensors` and sends
-  // zeros for the others. Finish then reports each tensor's own weight total.
-  void Trains(const std::string& client, std::set<std::string> tensors) { trains_[client] = std::move(tensors); }
 
   struct Sum {
     aggregation::TensorMap sum;         // sum over survivors of weight x delta (x Fisher weight)
     aggregation::TensorMap fisher_sum;  // uncertainty-aware merging: sum of the Fisher weights
     std::vector<std::string> survivors;
     double total_weight = 0;
-    // With partial training (Trains): per tensor, the total weight of the survivors that trained
-    // it (the mean of a tensor divides by this; 0: nobody trained it, its sum is all zeros).
-    std::map<std::string, double> tensor_weight;
     int64_t num_examples = 0;
     std::vector<std::string> tampered;
   };
@@ -65,7 +58,6 @@ class SecureServer {
   std::vector<std::string> names_;
   std::map<std::string, int> ids_;
   std::map<int, std::pair<double, int64_t>> weights_;  // id -> (weight, examples)
-  std::map<std::string, std::set<std::string>> trains_;  // client -> tensors it trains (absent: all)
   std::unique_ptr<privacy::secagg::Server> server_;
   int64_t bytes_ = 0;
 };

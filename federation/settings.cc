@@ -177,12 +177,11 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   if (s.secure.enabled && s.dp.central && s.dp.poisson && s.expected_clients < population && s.secure.threshold > 0)
     return Bad("secure_aggregation.threshold", "not with Poisson client sampling (round sizes vary; the default threshold follows each round's size)");
   if (planner.enabled()) {
-    // Partial training under secure aggregation: each tensor is averaged over the workers that
-    // trained it (SecureServer::Trains). Not under central DP: each worker adds its share of the
-    // distributed noise to the tensors it trains only, so a module fewer workers train would get
-    // less than the noise the accountant counts.
-    if (s.secure.enabled && s.dp.central)
-      return Bad("planner", "not combined with secure aggregation under central DP (a module trained by fewer workers would get less of the distributed noise)");
+    // Under secure aggregation the planner chooses batch, local steps and base per worker, but
+    // every worker trains the whole adapter (PlannerOptions::whole_adapter): with per-module
+    // shares, a module trained by few survivors would be unmasked as the sum of few updates (one:
+    // that worker's update in the clear), and a worker sending values for a module outside its
+    // plan would be scaled up by the module's small weight, which the server cannot check.
   }
   s.secure.value_range = OrDefault(secure.value_range(), s.dp.central ? 4 * s.dp.clip_norm : 0.05);
   // Uncertainty-aware merging needs each client's Fisher: in the clear, or under secure

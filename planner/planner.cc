@@ -299,7 +299,9 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
   // Module sets: every non-empty subset when small, else importance-ordered prefixes.
   std::vector<std::vector<model::Module>> sets;
   const size_t n = o.adapted.size();
-  if (n <= 10) {
+  if (o.whole_adapter) {
+    sets.push_back(o.adapted);
+  } else if (n <= 10) {
     for (uint32_t mask = 1; mask < (1u << n); ++mask) {
       std::vector<model::Module> s;
       for (size_t i = 0; i < n; ++i)

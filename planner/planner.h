@@ -168,6 +168,9 @@ struct PlannerOptions {
   // share of the shared adapter's components).
   std::vector<int64_t> ranks;
   bool send_fisher = false;               // uploads carry a Fisher tensor per delta
+  // Every worker trains all of `adapted` (secure aggregation: settings.cc says why); the planner
+  // still chooses batch, local steps and base.
+  bool whole_adapter = false;
   // Local DP-SGD in the workers with this noise multiplier (0: off). A candidate is admissible
   // only where its per-round record-level RDP (sampling rate batch / the worker's examples, its
   // local steps) is at most the uniform configuration's on the same worker at the order a* where

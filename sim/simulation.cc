@@ -196,11 +196,16 @@ class SimTransport : public federation::Transport {
       const double secs = Seconds(t0, Clock::now());
       train_wall_ += secs;
       client_secs += secs;
-      if (cl.plan_profile && secs > 0 && lr.report.tokens > 0)  // re-planning: the speed this client showed
-        // (at the stored type: the profile's speed is that, base_speed scales it per type)
+      if (cl.plan_profile && lr.report.seconds > 0 && lr.report.tokens > 0) {
+        // Re-planning: the speed this client showed, in the profile's terms (training only, not
+        // building a new base; at the stored type, recomputing: base_speed and keep_speedup scale
+        // it back per candidate).
+        const auto kept = lr.update.metrics.find("activations_kept");
+        const double factor = cl.plan_profile->BaseSpeed(TrainedBase(task, cl, model_.layer(0).wq.type)) *
+                              (kept != lr.update.metrics.end() && kept->second > 0 ? std::clamp(cl.plan_profile->keep_speedup, 1.0, 4.0) : 1.0);
         cl.plan_profile->tokens_per_second =
-            0.5 * cl.plan_profile->tokens_per_second +
-            0.5 * static_cast<double>(lr.report.tokens) / (secs / cl.speed) / cl.plan_profile->BaseSpeed(TrainedBase(task, cl, model_.layer(0).wq.type));
+            0.5 * cl.plan_profile->tokens_per_second + 0.5 * static_cast<double>(lr.report.tokens) / (lr.report.seconds / cl.speed) / factor;
+      }
       int64_t up = protocol::UpdateBytes(lr.update);
       const double loss = lr.report.final_loss;
       if (sec) {
@@ -366,7 +371,7 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
             return Bad(key + ".modules", absl::StrCat(model::ModuleName(m), " is not one of adapter.modules"));
         if (c.planner().enabled()) return Bad(key + ".modules", "not with the planner (it chooses each client's modules)");
         if (!s.run.adapter.layout.empty()) return Bad(key + ".modules", "not with per-layer adapter settings (adapter.layers)");
-        if (s.run.dp.central) return Bad(key + ".modules", "not with central DP (a module trained by fewer clients changes one client's influence on it)");
+        if (s.run.secure.enabled) return Bad(key + ".modules", "not with secure aggregation (a module few clients train would be unmasked as the sum of few updates)");
       }
       total += p.count();
     }
@@ -707,6 +712,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     // The clients' default (ClientEnv): activations kept as far as each one's memory allows.
     po.memory.keep_within_limit = !c.train().no_recompute() && c.train().activation_budget_mib() == 0;
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
+    po.whole_adapter = rs.secure.enabled;  // no per-module shares under secure aggregation (settings.cc)
     if (rs.dp.local) {  // the planner keeps every client within the uniform configuration's privacy cost
       po.local_dp_sigma = rs.dp.noise_multiplier;
       po.local_dp_delta = rs.dp.delta;

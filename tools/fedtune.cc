@@ -612,7 +612,8 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
   o.state_dir = c.state_dir();
   o.profile = worker::MeasureProfile(&model, &train, c.memory_budget_mib(), backend);
   if (!eval.empty()) o.profile.set_eval_examples(static_cast<int64_t>(eval.size()));
-  o.measure_bases = worker::BaseSpeedMeasurer(model, c.model().path(), train, backend, o.state_dir.empty() ? "" : o.state_dir + "/base_speeds.json");
+  o.measure_bases = worker::BaseSpeedMeasurer(model, c.model().path(), train, backend, o.state_dir.empty() ? "" : o.state_dir + "/base_speeds.json",
+                                              static_cast<double>(o.profile.memory_bytes()) / (1 << 20), &g_stop);
   std::printf("worker profile: %d cores, %.1f GiB for training, kernels %s, %.0f training tokens/s (measured; x%.2f keeping activations)\n",
               o.profile.cores(), static_cast<double>(o.profile.memory_bytes()) / (1 << 30), backend->Name(), o.profile.train_tokens_per_second(),
               o.profile.keep_speedup());

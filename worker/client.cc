@@ -15,6 +15,7 @@
 #include "aggregation/hetero_rank.h"
 #include "common/log.h"
 #include "common/mapped_file.h"
+#include "common/progress.h"
 #include "kernels/quant.h"
 #include "model/finetune.h"
 #include "model/optimizer.h"
@@ -86,12 +87,21 @@ absl::StatusOr<double> TimedTokensPerSecond(const model::LlamaModel& model, cons
 
 absl::StatusOr<std::map<kernels::GgmlType, double>> MeasureBaseSpeeds(const model::LlamaModel& stored, const std::string& path,
                                                                      const std::vector<kernels::GgmlType>& types,
-                                                                     const std::vector<model::Example>& data, const SpeedProbe& p) {
+                                                                     const std::vector<model::Example>& data, const SpeedProbe& p,
+                                                                     double memory_mib, const std::atomic<bool>* stop) {
   const auto& wq = stored.layer(0).wq;
+  const planner::ModelShape shape = planner::ModelShape::Of(stored);
   std::map<kernels::GgmlType, double> out;
   FT_ASSIGN_OR_RETURN(out[wq.type], TimedTokensPerSecond(stored, data, p));
   for (kernels::GgmlType t : types) {
+    if (stop != nullptr && *stop) return absl::CancelledError("base speeds: stopped");
     if (out.count(t)) continue;
+    // The copy: its re-quantized projections and the file's other tensors (BaseMiB).
+    if (const double extra = planner::MemoryModel{}.BaseMiB(shape, t); memory_mib > 0 && CurrentRssMiB() + extra > ClientEnv::kMemoryMargin * memory_mib) {
+      FT_LOG_WARN("base speed of {} not measured: its {:.0f} MiB copy of the base would pass {:.0f}% of this worker's {:.0f} MiB", kernels::TypeTraits(t).name,
+                  extra, 100 * ClientEnv::kMemoryMargin, memory_mib);
+      continue;
+    }
     if (kernels::RowCompatibleType(t, wq.cols) == wq.type) {  // what the stored rows already are
       out[t] = out[wq.type];
       continue;
@@ -329,6 +339,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
   FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, start, task.config, task.client, lt, &adapters));
   if (predicted) r.update.metrics["predicted_peak_mib"] = predicted->a.total_mib;
+  if (predicted && task.local_dp_clip <= 0) r.update.metrics["activations_kept"] = predicted->a.recompute ? 0 : 1;
   if (task.local_dp_clip > 0) {
     if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
     FT_ASSIGN_OR_RETURN(double eps, privacy->Record(task, data.size()));

@@ -5,6 +5,7 @@
 // decides itself (kernels, activation memory) comes in `ClientEnv`.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <map>
 #include <tuple>
@@ -67,10 +68,14 @@ absl::StatusOr<double> TimedTokensPerSecond(const model::LlamaModel& model, cons
 // timed by TimedTokensPerSecond; and the stored type (`stored`), timed the same way in the same
 // pass, under its own name. Tokens/s by type. planner::RelativeBaseSpeeds turns them into
 // WorkerProfile::base_speed. Compensated bases are timed without their correction (its cost:
-// one rank-r product per projection, small beside the base's).
+// one rank-r product per projection, small beside the base's). memory_mib > 0: a type whose
+// re-quantized projections would take this process above kMemoryMargin of it is skipped (not
+// measured: the planner then assumes the stored type's speed). `stop` (may be null): checked
+// between types (Cancelled).
 absl::StatusOr<std::map<kernels::GgmlType, double>> MeasureBaseSpeeds(const model::LlamaModel& stored, const std::string& path,
                                                                      const std::vector<kernels::GgmlType>& types,
-                                                                     const std::vector<model::Example>& data, const SpeedProbe& p);
+                                                                     const std::vector<model::Example>& data, const SpeedProbe& p,
+                                                                     double memory_mib = 0, const std::atomic<bool>* stop = nullptr);
 
 // How the client runs its activations (the planner's memory model predicts the same):
 //   activation_budget_mib > 0: the trainer keeps activations within that many MiB per pass;

@@ -572,8 +572,9 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
 
 std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<std::string>&)> BaseSpeedMeasurer(
     const model::LlamaModel& model, const std::string& model_path, const std::vector<model::Example>& data, kernels::Backend* backend,
-    const std::string& cache_path) {
-  return [&model, model_path, &data, backend, cache_path](const std::vector<std::string>& names) -> absl::StatusOr<std::map<std::string, double>> {
+    const std::string& cache_path, double memory_mib, const std::atomic<bool>* stop) {
+  return [&model, model_path, &data, backend, cache_path, memory_mib,
+          stop](const std::vector<std::string>& names) -> absl::StatusOr<std::map<std::string, double>> {
     std::vector<kernels::GgmlType> types;
     for (const std::string& n : names) {
       const auto t = kernels::GgmlTypeFromName(n);
@@ -593,8 +594,9 @@ std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<st
         const nlohmann::json j = nlohmann::json::parse(in);
         if (j.at("key").get<std::string>() == key) {
           for (const auto& [n, v] : j.at("tokens_per_second").items()) out[n] = v.get<double>();
+          const std::set<std::string> skipped = j.value("skipped", std::set<std::string>{});  // over the memory budget
           bool all = out.count(stored_name) > 0;
-          for (kernels::GgmlType t : types) all = all && out.count(kernels::TypeTraits(t).name) > 0;
+          for (kernels::GgmlType t : types) all = all && (out.count(kernels::TypeTraits(t).name) > 0 || skipped.count(kernels::TypeTraits(t).name) > 0);
           if (all) return out;
         }
       } catch (const std::exception& e) {
@@ -605,7 +607,7 @@ std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<st
     SpeedProbe probe;
     probe.backend = backend;
     const auto t0 = std::chrono::steady_clock::now();
-    FT_ASSIGN_OR_RETURN(auto tps, MeasureBaseSpeeds(model, model_path, types, data, probe));
+    FT_ASSIGN_OR_RETURN(auto tps, MeasureBaseSpeeds(model, model_path, types, data, probe, memory_mib, stop));
     for (const auto& [t, v] : tps) out[kernels::TypeTraits(t).name] = v;
     std::vector<std::string> said;
     for (const auto& [n, v] : out) said.push_back(absl::StrFormat("%s %.0f", n, v));
@@ -615,6 +617,10 @@ std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<st
       nlohmann::json j;
       j["key"] = key;
       j["tokens_per_second"] = out;
+      std::set<std::string> skipped;
+      for (kernels::GgmlType t : types)
+        if (!out.count(kernels::TypeTraits(t).name)) skipped.insert(kernels::TypeTraits(t).name);
+      j["skipped"] = skipped;
       if (absl::Status st = WriteFileAtomic(cache_path, j.dump(1)); !st.ok()) FT_LOG_WARN("base speed cache not written: {}", st.ToString());
     }
     return out;
@@ -624,7 +630,6 @@ std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<st
 absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& options, const TaskRunner& trainer, const std::atomic<bool>& stop,
                                        const TaskEvaluator& evaluator) {
   DaemonOptions o = options;  // the profile gains the base speeds measured after a preflight join
-  bool preflight = static_cast<bool>(o.measure_bases);
   FT_ASSIGN_OR_RETURN(std::string ca, ReadFileToString(o.ca_pem));
   FT_ASSIGN_OR_RETURN(std::string cert, ReadFileToString(o.cert_pem));
   FT_ASSIGN_OR_RETURN(std::string key, ReadFileToString(o.key_pem));
@@ -662,6 +667,9 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& options, const TaskR
   while (!stop) {
     std::string me;
     int heartbeat_ms = 5000;
+    // Every (re)join asks first what the run wants measured (a restarted coordinator may plan
+    // other base types); figures already measured come from the measurer's cache.
+    bool preflight = static_cast<bool>(o.measure_bases);
     for (int backoff = 100; !stop; backoff = std::min(o.max_backoff_ms, backoff * 2)) {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -676,6 +684,7 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& options, const TaskR
         if (resp.base_types_size() > 0) {
           const std::vector<std::string> types(resp.base_types().begin(), resp.base_types().end());
           if (auto m = o.measure_bases(types); m.ok()) {
+            o.profile.clear_base_tokens_per_second();
             for (const auto& [n, v] : *m) (*o.profile.mutable_base_tokens_per_second())[n] = v;
           } else if (!o.quiet) {
             FT_LOG_WARN("base speeds not measured ({}); the planner assumes the stored type's speed", m.status().ToString());

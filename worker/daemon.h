@@ -93,9 +93,11 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
 // probe (rank-4 LoRA on q, v, batch 1, two timed steps), cached in `cache_path` (JSON; empty: not
 // cached) for this model file (path, size, modification time), kernels and core count, so a
 // restarted worker does not measure again.
+// memory_mib and stop: as MeasureBaseSpeeds (the worker's budget; its stop flag, which must
+// outlive the measurer).
 std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<std::string>&)> BaseSpeedMeasurer(
     const model::LlamaModel& model, const std::string& model_path, const std::vector<model::Example>& data, kernels::Backend* backend,
-    const std::string& cache_path);
+    const std::string& cache_path, double memory_mib = 0, const std::atomic<bool>* stop = nullptr);
 
 // `evaluator` (may be empty): answers EVALUATE tasks; set it only with held-out data, and
 // report their number in the profile (eval_examples) so the coordinator selects this worker.

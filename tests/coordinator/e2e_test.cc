@@ -444,6 +444,15 @@ TEST_F(E2ETest, WorkersMeasureTheirSpeedPerBaseTypeAndThePlanFollowsIt) {
   ASSERT_TRUE(first.ok() && again.ok());
   EXPECT_EQ(*first, *again);
   EXPECT_FALSE(real({"Q9_9"}).ok());
+  // A base whose copy would not fit the worker's memory is not built to be timed; a stop request
+  // ends the measuring.
+  const worker::SpeedProbe probe;
+  auto small = worker::MeasureBaseSpeeds(*model_, model_path_, {kernels::GgmlType::kQ4_0}, data_[0], probe, /*memory_mib=*/1.0);
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_EQ(small->size(), 1u);
+  EXPECT_TRUE(small->count(kernels::GgmlType::kQ8_0));
+  const std::atomic<bool> stopped{true};
+  EXPECT_TRUE(absl::IsCancelled(worker::MeasureBaseSpeeds(*model_, model_path_, {kernels::GgmlType::kQ4_0}, data_[0], probe, 0, &stopped).status()));
 }
 
 // A worker's trainer and evaluator share one set of bases: a plan's compensated low-bit base is

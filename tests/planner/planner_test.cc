@@ -283,6 +283,12 @@ TEST(PlannerTest, MeasuredSpeedPerBasePrecisionDecidesTheBase) {
   ASSERT_EQ(rel.size(), 1u);
   EXPECT_DOUBLE_EQ(rel.at(kernels::GgmlType::kQ8_0), 1.25);
   EXPECT_TRUE(planner::RelativeBaseSpeeds({{kernels::GgmlType::kQ8_0, 250}}, kernels::GgmlType::kQ4_1).empty());
+  // Under secure aggregation (whole_adapter) every plan trains all modules.
+  auto whole = o;
+  whole.whole_adapter = true;
+  auto fleet_plan = planner::MakePlan(Shape(), imp, Fleet(), whole);
+  ASSERT_TRUE(fleet_plan.ok()) << fleet_plan.status();
+  for (const auto& wp : fleet_plan->workers) EXPECT_EQ(wp.c.modules, o.adapted) << wp.worker;
   w.base_speed = {{kernels::GgmlType::kQ8_0, std::nan("")}};
   EXPECT_DOUBLE_EQ(w.BaseSpeed(kernels::GgmlType::kQ8_0), 1.0);
   w.base_speed = {{kernels::GgmlType::kQ8_0, 1e9}};
@@ -290,9 +296,9 @@ TEST(PlannerTest, MeasuredSpeedPerBasePrecisionDecidesTheBase) {
 }
 
 // Issue 22: the planner with local DP-SGD in the workers. Every planned (batch, steps) costs a
-// worker at most the uniform configuration's record-level RDP at every order (so its epsilon over
-// any sequence of plans is at most the uniform run's); without the constraint the plan would spend
-// more on some worker. DP-SGD runs one example per pass: its memory does not grow with the batch.
+// worker at most the uniform configuration's record-level RDP at the order where the uniform run
+// attains its epsilon (so its epsilon over any sequence of plans, for the same participation, is
+// at most the uniform run's); without the constraint the plan would spend more on some worker. DP-SGD runs one example per pass: its memory does not grow with the batch.
 TEST(PlannerTest, LocalDpPlansNeverCostAWorkerMorePrivacyThanUniform) {
   auto o = Options();
   o.max_local_steps = 8;
