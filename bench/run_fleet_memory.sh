@@ -5,7 +5,10 @@
 # resets its process's peak RSS before training (/proc/self/clear_refs) and reports the round's
 # peak beside its own prediction; the ledger keeps them with the planner's prediction
 # ("planned_mib/<worker>", "predicted_peak_mib/<worker>", "peak_rss_mib/<worker>").
-#   bash bench/run_fleet_memory.sh            (~6 min on 2 cores)
+# Workers time their training on each planner base type before joining (preflight); the second
+# table compares each worker's planned training time with its measured one (train_seconds; the
+# three workers share this machine's 2 cores, so their speeds interfere).
+#   bash bench/run_fleet_memory.sh            (~8 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=runs/bench/fleet
@@ -31,7 +34,7 @@ rounds: 3
 min_workers: 3
 deadline_seconds: 900
 train: {local_steps: 4, batch: 4, learning_rate: 2.0e-3}
-planner: {enabled: true, ranks: [4, 8, 16], replan_every_round: true, seq: 96}
+planner: {enabled: true, ranks: [4, 8, 16], base_types: [q4_1, q8_0, nf4], replan_every_round: true, seq: 96}
 seed: 1
 YAML
 pids=()
@@ -73,5 +76,12 @@ for (r, w), x in sorted(m.items()):
     if p and g: worst = max(worst, abs(e))
     print(f"| {r} | {w} | {p:.1f} | {q:.1f} | {g:.1f} | {100*e:+.1f}% |")
 print(f"worst |error| over the fleet: {100*worst:.1f}%")
+secs = {(r, c): t for r, c, t in db.execute("select round, client, train_seconds from client_rounds where status = 'ok'")}
+print()
+print("| round | worker | planned training time (s) | measured (s) | measured vs planned |")
+print("|---|---|---|---|---|")
+for (r, w), x in sorted(m.items()):
+    p, g = x.get("planned_train_seconds", 0), secs.get((r, w), 0)
+    if p and g: print(f"| {r} | {w} | {p:.1f} | {g:.1f} | {100*(g-p)/p:+.1f}% |")
 PY
 grep -h "planner: round" "$out/coordinator.log" | cut -c1-400 | head -12 || true

@@ -23,6 +23,7 @@ class MappedFile {
 
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   const std::string& path() const { return path_; }
+  bool mapped() const { return mapped_; }  // bytes() is a file mapping (not a heap copy)
 
  private:
   MappedFile() = default;

@@ -501,7 +501,10 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     for (const auto& [k, v] : col.memory_) rec.metrics[k] = v;
     if (!withhold)  // (a re-plan after a decline depends on the client's data)
       for (const auto& task : tasks)
-        if (auto p = plans_.find(task.client); p != plans_.end() && !p->second.excluded) rec.metrics["planned_mib/" + task.client] = p->second.predicted_mib;
+        if (auto p = plans_.find(task.client); p != plans_.end() && !p->second.excluded) {
+          rec.metrics["planned_mib/" + task.client] = p->second.predicted_mib;
+          rec.metrics["planned_train_seconds/" + task.client] = p->second.predicted_train_seconds;  // vs client_rounds.train_seconds
+        }
     if (!private_selection && o_.quorum > 0 && col.accepted() < o_.quorum) {
       ++attempt;
       say(absl::StrFormat("round %d: %d updates accepted, quorum is %d; the round starts again (attempt %d)", r, col.accepted(), o_.quorum,

@@ -62,6 +62,7 @@ class GgufFile {
   const std::string& path() const { return file_->path(); }
   size_t file_size() const { return file_->bytes().size(); }
   std::span<const uint8_t> mapped_bytes() const { return file_->bytes(); }
+  bool file_mapped() const { return file_->mapped(); }  // mapped_bytes() is an mmap of the file
   const std::map<std::string, GgufValue>& metadata() const { return kv_; }
   const std::vector<GgufTensor>& tensors() const { return tensors_; }
   const std::vector<std::string>& key_order() const { return key_order_; }

@@ -565,6 +565,15 @@ void LlamaModel::ReplaceMatrix(kernels::QMatrix* w, kernels::GgmlType type, std:
   *w = {type, owned_.back().data(), w->rows, w->cols, rb};
 }
 
+void LlamaModel::ReleaseMappedPages() const {
+  if (!gguf_ || !gguf_->file_mapped()) return;  // a heap copy would read back as zeros
+  const std::span<const uint8_t> m = gguf_->mapped_bytes();
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = (reinterpret_cast<uintptr_t>(m.data()) + page - 1) / page * page;
+  const auto end = (reinterpret_cast<uintptr_t>(m.data()) + m.size()) / page * page;
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 absl::StatusOr<size_t> LlamaModel::Requantize(kernels::GgmlType target) {
   const auto tr = kernels::GetTypeTraits(static_cast<uint32_t>(target));
   if (!tr || !tr->supported) return absl::InvalidArgumentError("unknown target type");

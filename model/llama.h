@@ -104,6 +104,11 @@ class LlamaModel {
   // their type. Returns the bytes of the projection weights after conversion.
   absl::StatusOr<size_t> Requantize(kernels::GgmlType target);
   size_t ProjectionBytes() const;
+  // Drops this process's resident pages of the memory-mapped model file (clean, read-only pages:
+  // read again from the file, usually the page cache, on the next access). A worker training on
+  // a re-quantized copy calls it on the stored model, which it does not read meanwhile, so that
+  // its memory holds one base, not two (measured: bench/run_fleet_memory.sh).
+  void ReleaseMappedPages() const;
 
   // Requantize with a frozen low-rank correction per projection (model/compensation.h), from
   // the weights as loaded. cloq's calibration inputs come from running `calibration` (token

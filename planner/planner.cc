@@ -260,10 +260,14 @@ std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::G
   return rel;
 }
 
-double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
+double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
   const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
   const double tps = w.tokens_per_second * w.BaseSpeed(c.base) * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
-  const double compute = static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
+  return static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
+}
+
+double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
+  const double compute = TrainSeconds(w, o, c, kept);
   const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, SpecAt(o.spec, c), c.modules) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
@@ -440,6 +444,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     wp.predicted_mib = s->mib;
     wp.activations = s->a;
     wp.predicted_seconds = s->t;
+    wp.predicted_train_seconds = TrainSeconds(workers[k], o, s->c, !s->a.recompute);
     wp.utility = s->u;
     plan.utility += s->u;
     plan.round_seconds = std::max(plan.round_seconds, s->t);

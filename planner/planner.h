@@ -190,6 +190,7 @@ struct WorkerPlan {
   std::string reason;  // why excluded
   Candidate c;
   double predicted_mib = 0, predicted_seconds = 0, utility = 0;
+  double predicted_train_seconds = 0;  // of predicted_seconds: the local training (the rest: links)
   ActivationChoice activations;  // how it runs its activations (keep_within_limit)
   double uniform_seconds = 0;  // the uniform configuration's time on this worker (-1: does not fit)
   std::string explanation;
@@ -222,6 +223,8 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
 // relative to `stored_type`'s (WorkerProfile::base_speed; empty without the stored type's).
 std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::GgmlType, double>& tokens_per_second, kernels::GgmlType stored_type);
 
+// The local training's share of PredictSeconds.
+double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false);
 // kept: activations kept (the worker's keep_speedup applies).
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false);
 // shared_rank > 0: a candidate of lower rank counts c.rank / shared_rank of it.

@@ -64,6 +64,7 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
     }
     slot = std::move(m);
   }
+  stored_.ReleaseMappedPages();  // not read while this task trains on the copy
   return slot.get();
 }
 

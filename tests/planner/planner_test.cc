@@ -61,6 +61,8 @@ TEST(PlannerTest, EveryPlanFitsAndBeatsUniformOnAnEightTimesFleet) {
     EXPECT_NEAR(wp.predicted_mib, Options().memory.PredictMiB(Shape(), Options().spec, Options().adapted, wp.c, 128), 1e-9);
     EXPECT_FALSE(wp.explanation.empty());
     EXPECT_LE(wp.predicted_seconds, plan->round_seconds + 1e-9);
+    EXPECT_GT(wp.predicted_train_seconds, 0);
+    EXPECT_LT(wp.predicted_train_seconds, wp.predicted_seconds);  // the links take the rest
   }
   EXPECT_TRUE(plan->uniform_fits_everyone);
   EXPECT_GE(plan->utility, plan->uniform_utility - 1e-9);
