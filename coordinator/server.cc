@@ -58,6 +58,7 @@ rpc::v1::Profile SanitizedProfile(const rpc::v1::Profile& in) {
   p.set_train_tokens_per_second(num(p.train_tokens_per_second()));
   p.set_link_mbps(num(p.link_mbps()));
   p.set_keep_speedup(std::clamp(num(p.keep_speedup()), 1.0, 4.0));
+  p.set_batch4_speedup(p.batch4_speedup() > 0 ? std::clamp(num(p.batch4_speedup()), 0.25, 4.0) : 0.0);
   p.set_cores(std::max(p.cores(), 0));
   p.set_memory_bytes(std::max<int64_t>(p.memory_bytes(), 0));
   p.set_num_examples(std::max<int64_t>(p.num_examples(), 0));
@@ -282,6 +283,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                               {"kernels", w.profile.kernels()},
                               {"link_mbps", w.profile.link_mbps()},
                               {"keep_speedup", w.profile.keep_speedup()},
+                              {"batch4_speedup", w.profile.batch4_speedup()},
                               {"base_tokens_per_second", std::map<std::string, double>(w.profile.base_tokens_per_second().begin(),
                                                                                        w.profile.base_tokens_per_second().end())},
                               {"last_seen_seconds", (now - w.last_seen_ms) / 1000.0},
@@ -942,6 +944,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                                          p.link_mbps() > 0 ? p.link_mbps() : 100.0, 20, p.keep_speedup(),
                                          kernels::IsCpuBf16Name(p.kernels())};
       c.profile->examples = static_cast<double>(c.num_examples);
+      c.profile->batch4_speedup = p.batch4_speedup() > 0 ? p.batch4_speedup() : 1.0;
       if (o.engine.planning) {
         std::map<kernels::GgmlType, double> tps;
         for (const auto& [name, speed] : p.base_tokens_per_second()) tps[*kernels::GgmlTypeFromName(name)] = speed;  // names checked on arrival

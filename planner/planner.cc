@@ -260,9 +260,14 @@ std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::G
   return rel;
 }
 
+double WorkerProfile::BatchSpeed(int batch) const {
+  const double s = std::isfinite(batch4_speedup) ? std::clamp(batch4_speedup, 0.25, 4.0) : 1.0;
+  return std::pow(s, std::clamp(std::log2(std::max(batch, 1)) / 2.0, 0.0, 1.0));
+}
+
 double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
   const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
-  const double tps = w.tokens_per_second * w.BaseSpeed(c.base) * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
+  const double tps = w.tokens_per_second * w.BaseSpeed(c.base) * w.BatchSpeed(c.batch) * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
   return static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
 }
 

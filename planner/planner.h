@@ -148,6 +148,11 @@ struct WorkerProfile {
   // profile, or the simulation's calibration). A type not listed runs at the stored speed.
   std::map<kernels::GgmlType, double> base_speed = {};
   double examples = 0;  // training examples it holds (local DP-SGD's sampling rate; 0: unknown)
+  // Speed at batch 4 / at batch 1, both recomputing (a deployed worker's profile); 1: the same
+  // for every batch (the simulation measures at the uniform batch instead). tokens_per_second is
+  // then the batch-1 speed; other batches interpolate in log2(batch), flat beyond 4.
+  double batch4_speedup = 1;
+  double BatchSpeed(int batch) const;
   // The factor for `t` (1 when not measured), bounded to [0.05, 20].
   double BaseSpeed(kernels::GgmlType t) const;
 };

@@ -201,7 +201,7 @@ class SimTransport : public federation::Transport {
         // building a new base; at the stored type, recomputing: base_speed and keep_speedup scale
         // it back per candidate).
         const auto kept = lr.update.metrics.find("activations_kept");
-        const double factor = cl.plan_profile->BaseSpeed(TrainedBase(task, cl, model_.layer(0).wq.type)) *
+        const double factor = cl.plan_profile->BaseSpeed(TrainedBase(task, cl, model_.layer(0).wq.type)) * cl.plan_profile->BatchSpeed(task.batch) *
                               (kept != lr.update.metrics.end() && kept->second > 0 ? std::clamp(cl.plan_profile->keep_speedup, 1.0, 4.0) : 1.0);
         cl.plan_profile->tokens_per_second =
             0.5 * cl.plan_profile->tokens_per_second + 0.5 * static_cast<double>(lr.report.tokens) / (lr.report.seconds / cl.speed) / factor;

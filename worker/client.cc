@@ -35,18 +35,28 @@ void BaseModels::SetCalibration(const std::vector<model::Example>& data, size_t 
   }
 }
 
-absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::AdapterPlan& plan) {
+absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::AdapterPlan& plan, bool training) {
   const std::string& base_type = plan.base_type;
-  if (base_type.empty()) return &stored_;
+  const bool evict = keep_one_ && training;
+  auto stored = [this, evict] {
+    if (evict) {
+      std::lock_guard<std::mutex> l(mu_);
+      by_type_.clear();
+    }
+    return &stored_;
+  };
+  if (base_type.empty()) return stored();
   const auto t = kernels::GgmlTypeFromName(base_type);
   if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", base_type));
   const auto& wq = stored_.layer(0).wq;
-  if (kernels::RowCompatibleType(*t, wq.cols) == wq.type) return &stored_;
+  if (kernels::RowCompatibleType(*t, wq.cols) == wq.type) return stored();
   const auto method = model::ParseCompensationMethod(plan.compensation);
   if (!method) return absl::InvalidArgumentError(absl::StrCat("task: unknown compensation ", plan.compensation));
   std::lock_guard<std::mutex> l(mu_);
   const int rank = *method == model::CompensationMethod::kNone ? 0 : plan.compensation_rank;
-  auto& slot = by_type_[{*t, model::CompensationMethodName(*method), rank}];
+  const auto key = std::make_tuple(*t, std::string(model::CompensationMethodName(*method)), rank);
+  if (evict) std::erase_if(by_type_, [&](const auto& e) { return e.first != key; });
+  auto& slot = by_type_[key];
   if (!slot) {
     if (path_.empty()) return absl::FailedPreconditionError(absl::StrCat("task asks for base ", base_type, " but the model path is unknown"));
     FT_ASSIGN_OR_RETURN(auto m, model::LlamaModel::Load(path_));
@@ -295,7 +305,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   FT_ASSIGN_OR_RETURN(const std::optional<Prediction> predicted, Predict(bases.stored(), data, task, env));
   if (predicted)
     if (const std::optional<Decline> d = DeclineIfOver(*predicted, task, env)) return DeclineStatus(*d);
-  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p));
+  FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p, /*training=*/true));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, p));
   FT_ASSIGN_OR_RETURN(const int64_t train_rank, TrainRank(p));
   aggregation::TensorMap truncated;  // a lower-rank client starts from the global's first components

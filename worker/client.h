@@ -29,11 +29,15 @@ namespace fedtune::worker {
 // from `path` once per type and compensation; thread-safe).
 class BaseModels {
  public:
-  BaseModels(const model::LlamaModel& stored, std::string path) : stored_(stored), path_(std::move(path)) {}
+  // keep_one: a training task frees the copies of other bases (a worker daemon: a plan that moves
+  // to another base frees the previous copy; evaluation tasks, on the run's base, free nothing);
+  // the simulation keeps every type its clients use.
+  BaseModels(const model::LlamaModel& stored, std::string path, bool keep_one = false)
+      : stored_(stored), path_(std::move(path)), keep_one_(keep_one) {}
   // The plan's base: "" or the stored type (as the rows store it): the stored model; else a
   // copy re-quantized to it, with the plan's compensation (cloq: calibrated on the tokens of
   // SetCalibration, refused without them).
-  absl::StatusOr<const model::LlamaModel*> For(const protocol::AdapterPlan& plan);
+  absl::StatusOr<const model::LlamaModel*> For(const protocol::AdapterPlan& plan, bool training = false);
   // The client's own training inputs for cloq (the first tokens of its examples).
   void SetCalibration(const std::vector<model::Example>& data, size_t max_tokens = 512);
   const model::LlamaModel& stored() const { return stored_; }
@@ -46,6 +50,7 @@ class BaseModels {
  private:
   const model::LlamaModel& stored_;
   const std::string path_;
+  const bool keep_one_;
   std::mutex mu_;
   std::vector<int32_t> calibration_;
   std::map<std::tuple<kernels::GgmlType, std::string, int>, std::unique_ptr<model::LlamaModel>> by_type_;

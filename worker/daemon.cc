@@ -474,7 +474,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     LocalPrivacy privacy;  // record-level epsilon across every round this worker trained
     aggregation::TensorMap residual;  // compressed uploads: error feedback (in memory: a restart starts it at zero)
   };
-  if (!shared_bases) shared_bases = std::make_shared<BaseModels>(model, model_path);
+  if (!shared_bases) shared_bases = std::make_shared<BaseModels>(model, model_path, /*keep_one=*/true);
   auto state = std::make_shared<State>(std::move(shared_bases), privacy_path);
   state->bases->SetCalibration(data);
   return [&data, state, activation_budget_mib, backend, memory_mib, report_peak](const protocol::TrainTask& task, const aggregation::TensorMap& global,
@@ -506,7 +506,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
 
 TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path,
                                  const std::vector<model::Example>* train, std::shared_ptr<BaseModels> bases) {
-  if (!bases) bases = std::make_shared<BaseModels>(model, model_path);
+  if (!bases) bases = std::make_shared<BaseModels>(model, model_path, /*keep_one=*/true);
   if (train != nullptr) bases->SetCalibration(*train);
   return [&eval, bases](const protocol::TrainTask& task, const aggregation::TensorMap& global) {
     return RunEvalTask(*bases, eval, task, global, nullptr);
@@ -565,6 +565,11 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
       ft.steps = 5;
       if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0 && p.train_tokens_per_second() > 0)
         p.set_keep_speedup(static_cast<double>(r->tokens) / r->seconds / p.train_tokens_per_second());
+      ft.recompute = true;  // batch 4 (2 steps): how much a larger batch speeds each token up
+      ft.batch = 4;
+      ft.steps = 7;
+      if (auto r = model::Finetune(*model, *data, ft, &*set, &opt); r.ok() && r->seconds > 0 && p.train_tokens_per_second() > 0)
+        p.set_batch4_speedup(static_cast<double>(r->tokens) / r->seconds / p.train_tokens_per_second());
     }
   }
   return p;

@@ -85,7 +85,8 @@ TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vect
 // Cores, memory (MemAvailable, capped by `memory_budget_mib` when > 0), the GPU when `backend`
 // is CUDA, the kernels, and, with a model, the measured training speed (a rank-4 LoRA at batch 1
 // on `data`, on `backend`, null: cpu-fast; two steps recomputing activations, then two keeping
-// them: train_tokens_per_second and keep_speedup).
+// them: train_tokens_per_second and keep_speedup; then two at batch 4 recomputing:
+// batch4_speedup).
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
                                 kernels::Backend* backend = nullptr);
 

@@ -475,6 +475,16 @@ TEST_F(E2ETest, TheWorkersRunnerAndEvaluatorShareTheirBases) {
   ASSERT_TRUE(scored.ok()) << scored.status();
   EXPECT_EQ(bases->copies(), 1u);
   EXPECT_GT(scored->metrics.at("eval_loss"), 0);
+  // A worker's bases hold the latest plan's copy only: back on the stored base, the copy is freed.
+  auto daemons = std::make_shared<worker::BaseModels>(*model_, model_path_, /*keep_one=*/true);
+  ASSERT_TRUE(daemons->For(t.plan, /*training=*/true).ok());
+  EXPECT_EQ(daemons->copies(), 1u);
+  protocol::AdapterPlan q8 = t.plan;
+  q8.base_type = "";
+  ASSERT_TRUE(daemons->For(q8).ok());  // evaluation on the stored base keeps the copy
+  EXPECT_EQ(daemons->copies(), 1u);
+  ASSERT_TRUE(daemons->For(q8, /*training=*/true).ok());
+  EXPECT_EQ(daemons->copies(), 0u);
 }
 
 // issue 22: a worker whose memory is less than it reported when joining declines a planned task
@@ -672,6 +682,8 @@ TEST_F(E2ETest, TheWorkerProfileMeasuresSpeedAndTheKeptActivationSpeedup) {
   EXPECT_GT(p.train_tokens_per_second(), 0);
   EXPECT_GT(p.keep_speedup(), 0.2) << "the kept-activation steps were not timed";
   EXPECT_LT(p.keep_speedup(), 20);
+  EXPECT_GT(p.batch4_speedup(), 0.2) << "the batch-4 steps were not timed";
+  EXPECT_LT(p.batch4_speedup(), 20);
   EXPECT_EQ(p.num_examples(), static_cast<int64_t>(data_[0].size()));
 }
 

@@ -291,6 +291,16 @@ TEST(PlannerTest, MeasuredSpeedPerBasePrecisionDecidesTheBase) {
   auto fleet_plan = planner::MakePlan(Shape(), imp, Fleet(), whole);
   ASSERT_TRUE(fleet_plan.ok()) << fleet_plan.status();
   for (const auto& wp : fleet_plan->workers) EXPECT_EQ(wp.c.modules, o.adapted) << wp.worker;
+  // A measured batch-4 speed-up: batch 4 at that factor, batch 2 at its square root, beyond 4 flat.
+  planner::WorkerProfile b = w;
+  b.base_speed.clear();
+  b.batch4_speedup = 2.25;
+  EXPECT_DOUBLE_EQ(b.BatchSpeed(1), 1.0);
+  EXPECT_NEAR(b.BatchSpeed(2), 1.5, 1e-12);
+  EXPECT_NEAR(b.BatchSpeed(4), 2.25, 1e-12);
+  EXPECT_NEAR(b.BatchSpeed(8), 2.25, 1e-12);
+  const planner::Candidate at4{o.adapted, kernels::GgmlType::kQ4_1, 4, 2};
+  EXPECT_NEAR(planner::TrainSeconds(b, o, at4) * 2.25, planner::TrainSeconds(w, o, at4), 1e-9);
   w.base_speed = {{kernels::GgmlType::kQ8_0, std::nan("")}};
   EXPECT_DOUBLE_EQ(w.BaseSpeed(kernels::GgmlType::kQ8_0), 1.0);
   w.base_speed = {{kernels::GgmlType::kQ8_0, 1e9}};
