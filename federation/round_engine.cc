@@ -162,6 +162,9 @@ RoundEngine::~RoundEngine() = default;
 absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, TensorMap initial_global) {
   std::unique_ptr<RoundEngine> e(new RoundEngine());
   if (o.state_dir.empty()) return absl::InvalidArgumentError("state_dir is required");
+  // Under secure aggregation every worker trains the whole adapter (settings.cc says why),
+  // whoever set up the planning.
+  if (o.planning && o.settings.secure.enabled) o.planning->options.whole_adapter = true;
   std::error_code ec;
   fs::create_directories(o.state_dir, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", o.state_dir, ": ", ec.message()));

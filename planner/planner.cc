@@ -261,18 +261,20 @@ std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::G
 }
 
 double WorkerProfile::BatchSpeed(int batch) const {
-  const double s = std::isfinite(batch4_speedup) ? std::clamp(batch4_speedup, 0.25, 4.0) : 1.0;
+  const double s = std::isfinite(batch4_speedup) && batch4_speedup > 0 ? std::clamp(batch4_speedup, 0.25, 4.0) : 1.0;  // <= 0: not measured
   return std::pow(s, std::clamp(std::log2(std::max(batch, 1)) / 2.0, 0.0, 1.0));
 }
 
-double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
+double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept, int seqs_per_pass) {
   const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
-  const double tps = w.tokens_per_second * w.BaseSpeed(c.base) * w.BatchSpeed(c.batch) * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
+  // The batch speed-up comes from the sequences that share one pass (DP-SGD: one example).
+  const int pass = o.memory.per_example ? 1 : seqs_per_pass > 0 ? seqs_per_pass : c.batch;
+  const double tps = w.tokens_per_second * w.BaseSpeed(c.base) * w.BatchSpeed(pass) * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
   return static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
 }
 
-double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept) {
-  const double compute = TrainSeconds(w, o, c, kept);
+double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept, int seqs_per_pass) {
+  const double compute = TrainSeconds(w, o, c, kept, seqs_per_pass);
   const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, SpecAt(o.spec, c), c.modules) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
@@ -372,10 +374,10 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
               smallest_c = c;
             }
             if (mib > usable * (1 + 1e-12)) continue;  // Choose's kept result may touch the limit
-            feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute), Utility(importance, c, shared_rank), mib, a});
+            feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute, a.recompute ? 0 : a.seqs_per_pass), Utility(importance, c, shared_rank), mib, a});
           }
     const ActivationChoice ua = o.memory.Choose(shape, o.spec, o.adapted, o.uniform, o.seq, usable, w.bf16_kernels);
-    wp.uniform_seconds = ua.total_mib <= usable * (1 + 1e-12) ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute) : -1;
+    wp.uniform_seconds = ua.total_mib <= usable * (1 + 1e-12) ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute, ua.recompute ? 0 : ua.seqs_per_pass) : -1;
     if (wp.uniform_seconds < 0) {
       plan.uniform_fits_everyone = false;
     } else {
@@ -449,7 +451,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     wp.predicted_mib = s->mib;
     wp.activations = s->a;
     wp.predicted_seconds = s->t;
-    wp.predicted_train_seconds = TrainSeconds(workers[k], o, s->c, !s->a.recompute);
+    wp.predicted_train_seconds = TrainSeconds(workers[k], o, s->c, !s->a.recompute, s->a.recompute ? 0 : s->a.seqs_per_pass);
     wp.utility = s->u;
     plan.utility += s->u;
     plan.round_seconds = std::max(plan.round_seconds, s->t);

@@ -229,9 +229,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
 std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::GgmlType, double>& tokens_per_second, kernels::GgmlType stored_type);
 
 // The local training's share of PredictSeconds.
-double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false);
-// kept: activations kept (the worker's keep_speedup applies).
-double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false);
+double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false, int seqs_per_pass = 0);
+// kept: activations kept (the worker's keep_speedup applies); seqs_per_pass: sequences in one
+// forward/backward pass (0: the batch; 1 under DP-SGD whatever is passed), for BatchSpeed.
+double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false,
+                      int seqs_per_pass = 0);
 // shared_rank > 0: a candidate of lower rank counts c.rank / shared_rank of it.
 double Utility(const std::map<model::Module, double>& importance, const Candidate& c, int64_t shared_rank = 0);
 // The adapter a candidate trains: `spec` at the candidate's rank.

@@ -56,6 +56,7 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
   const int rank = *method == model::CompensationMethod::kNone ? 0 : plan.compensation_rank;
   const auto key = std::make_tuple(*t, std::string(model::CompensationMethodName(*method)), rank);
   if (evict) std::erase_if(by_type_, [&](const auto& e) { return e.first != key; });
+  stored_.ReleaseMappedPages();  // not read while tasks train on the copy (nor while it is built)
   auto& slot = by_type_[key];
   if (!slot) {
     if (path_.empty()) return absl::FailedPreconditionError(absl::StrCat("task asks for base ", base_type, " but the model path is unknown"));
@@ -74,7 +75,6 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
     }
     slot = std::move(m);
   }
-  stored_.ReleaseMappedPages();  // not read while this task trains on the copy
   return slot.get();
 }
 
@@ -107,14 +107,14 @@ absl::StatusOr<std::map<kernels::GgmlType, double>> MeasureBaseSpeeds(const mode
   for (kernels::GgmlType t : types) {
     if (stop != nullptr && *stop) return absl::CancelledError("base speeds: stopped");
     if (out.count(t)) continue;
+    if (kernels::RowCompatibleType(t, wq.cols) == wq.type) {  // what the stored rows already are
+      out[t] = out[wq.type];
+      continue;
+    }
     // The copy: its re-quantized projections and the file's other tensors (BaseMiB).
     if (const double extra = planner::MemoryModel{}.BaseMiB(shape, t); memory_mib > 0 && CurrentRssMiB() + extra > ClientEnv::kMemoryMargin * memory_mib) {
       FT_LOG_WARN("base speed of {} not measured: its {:.0f} MiB copy of the base would pass {:.0f}% of this worker's {:.0f} MiB", kernels::TypeTraits(t).name,
                   extra, 100 * ClientEnv::kMemoryMargin, memory_mib);
-      continue;
-    }
-    if (kernels::RowCompatibleType(t, wq.cols) == wq.type) {  // what the stored rows already are
-      out[t] = out[wq.type];
       continue;
     }
     if (path.empty()) return absl::FailedPreconditionError("base speeds: the model path is unknown");
@@ -350,7 +350,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
   FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, start, task.config, task.client, lt, &adapters));
   if (predicted) r.update.metrics["predicted_peak_mib"] = predicted->a.total_mib;
-  if (predicted && task.local_dp_clip <= 0) r.update.metrics["activations_kept"] = predicted->a.recompute ? 0 : 1;
+  if (task.local_dp_clip <= 0) r.update.metrics["activations_kept"] = !lt.finetune.recompute || lt.finetune.activation_budget_mib > 0 ? 1 : 0;
   if (task.local_dp_clip > 0) {
     if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
     FT_ASSIGN_OR_RETURN(double eps, privacy->Record(task, data.size()));

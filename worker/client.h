@@ -26,7 +26,8 @@
 namespace fedtune::worker {
 
 // The frozen base at its stored precision plus re-quantized copies that plans ask for (loaded
-// from `path` once per type and compensation; thread-safe).
+// from `path` once per type and compensation; thread-safe, but with keep_one a pointer For
+// returned lives only until the next training request for another base).
 class BaseModels {
  public:
   // keep_one: a training task frees the copies of other bases (a worker daemon: a plan that moves

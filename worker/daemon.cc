@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "absl/strings/match.h"
@@ -493,6 +494,9 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
+    // A plan on a re-quantized copy does not read the stored model's file pages (BaseModels::For
+    // drops them too; here before the peak is reset, in case an evaluation touched them again).
+    if (!task.plan.base_type.empty()) state->bases->stored().ReleaseMappedPages();
     const bool reset = ResetPeakRss();
     const double rss_start = CurrentRssMiB();
     absl::StatusOr<LocalResult> r = RunTrainTask(*state->bases, data, task, global, env, &state->privacy);
@@ -578,8 +582,9 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
 std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<std::string>&)> BaseSpeedMeasurer(
     const model::LlamaModel& model, const std::string& model_path, const std::vector<model::Example>& data, kernels::Backend* backend,
     const std::string& cache_path, double memory_mib, const std::atomic<bool>* stop) {
-  return [&model, model_path, &data, backend, cache_path, memory_mib,
-          stop](const std::vector<std::string>& names) -> absl::StatusOr<std::map<std::string, double>> {
+  auto memo = std::make_shared<std::string>();  // the last figures as JSON, when there is no cache file
+  return [&model, model_path, &data, backend, cache_path, memory_mib, stop,
+          memo](const std::vector<std::string>& names) -> absl::StatusOr<std::map<std::string, double>> {
     std::vector<kernels::GgmlType> types;
     for (const std::string& n : names) {
       const auto t = kernels::GgmlTypeFromName(n);
@@ -590,13 +595,22 @@ std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<st
     const auto size = std::filesystem::file_size(model_path, ec);
     const auto mtime = ec ? std::filesystem::file_time_type() : std::filesystem::last_write_time(model_path, ec);
     const std::string key = absl::StrCat(model_path, "|", ec ? 0 : size, "|", mtime.time_since_epoch().count(), "|",
-                                         backend != nullptr ? backend->Name() : "cpu-fast", "|", std::thread::hardware_concurrency());
+                                         backend != nullptr ? backend->Name() : "cpu-fast", "|", std::thread::hardware_concurrency(), "|",
+                                         static_cast<int64_t>(memory_mib));  // (skipped types depend on the memory)
     const std::string stored_name = kernels::TypeTraits(model.layer(0).wq.type).name;
     std::map<std::string, double> out;
-    if (!cache_path.empty() && std::filesystem::exists(cache_path)) {  // a damaged cache is measured again
+    // The cache (a file, else the last figures in memory) answers when it holds every type asked
+    // for; else all are measured again in one pass (their ratios come from one pass).
+    if ((!cache_path.empty() && std::filesystem::exists(cache_path)) || (cache_path.empty() && !memo->empty())) {  // a damaged cache: measured again
       try {
-        std::ifstream in(cache_path);
-        const nlohmann::json j = nlohmann::json::parse(in);
+        std::string text = *memo;
+        if (!cache_path.empty()) {
+          std::ifstream in(cache_path);
+          std::stringstream ss;
+          ss << in.rdbuf();
+          text = ss.str();
+        }
+        const nlohmann::json j = nlohmann::json::parse(text);
         if (j.at("key").get<std::string>() == key) {
           for (const auto& [n, v] : j.at("tokens_per_second").items()) out[n] = v.get<double>();
           const std::set<std::string> skipped = j.value("skipped", std::set<std::string>{});  // over the memory budget
@@ -618,15 +632,17 @@ std::function<absl::StatusOr<std::map<std::string, double>>(const std::vector<st
     for (const auto& [n, v] : out) said.push_back(absl::StrFormat("%s %.0f", n, v));
     FT_LOG_INFO("training tokens/s per base type: {} (measured in {:.1f} s)", absl::StrJoin(said, ", "),
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    if (!cache_path.empty()) {
-      nlohmann::json j;
-      j["key"] = key;
-      j["tokens_per_second"] = out;
-      std::set<std::string> skipped;
-      for (kernels::GgmlType t : types)
-        if (!out.count(kernels::TypeTraits(t).name)) skipped.insert(kernels::TypeTraits(t).name);
-      j["skipped"] = skipped;
-      if (absl::Status st = WriteFileAtomic(cache_path, j.dump(1)); !st.ok()) FT_LOG_WARN("base speed cache not written: {}", st.ToString());
+    nlohmann::json j;
+    j["key"] = key;
+    j["tokens_per_second"] = out;
+    std::set<std::string> skipped;
+    for (kernels::GgmlType t : types)
+      if (!out.count(kernels::TypeTraits(t).name)) skipped.insert(kernels::TypeTraits(t).name);
+    j["skipped"] = skipped;
+    if (cache_path.empty()) {
+      *memo = j.dump();
+    } else if (absl::Status st = WriteFileAtomic(cache_path, j.dump(1)); !st.ok()) {
+      FT_LOG_WARN("base speed cache not written: {}", st.ToString());
     }
     return out;
   };
@@ -673,7 +689,7 @@ absl::StatusOr<DaemonReport> RunDaemon(const DaemonOptions& options, const TaskR
     std::string me;
     int heartbeat_ms = 5000;
     // Every (re)join asks first what the run wants measured (a restarted coordinator may plan
-    // other base types); figures already measured come from the measurer's cache.
+    // other base types); the measurer answers from its cache when it holds every type asked for.
     bool preflight = static_cast<bool>(o.measure_bases);
     for (int backoff = 100; !stop; backoff = std::min(o.max_backoff_ms, backoff * 2)) {
       grpc::ClientContext ctx;

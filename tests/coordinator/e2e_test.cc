@@ -444,6 +444,11 @@ TEST_F(E2ETest, WorkersMeasureTheirSpeedPerBaseTypeAndThePlanFollowsIt) {
   ASSERT_TRUE(first.ok() && again.ok());
   EXPECT_EQ(*first, *again);
   EXPECT_FALSE(real({"Q9_9"}).ok());
+  // Without a state directory the figures are kept in memory: a reconnect does not measure again.
+  const auto no_dir = worker::BaseSpeedMeasurer(*model_, model_path_, data_[0], nullptr, "");
+  auto once = no_dir({"Q4_0"}), twice = no_dir({"Q4_0"});
+  ASSERT_TRUE(once.ok() && twice.ok());
+  EXPECT_EQ(*once, *twice);
   // A base whose copy would not fit the worker's memory is not built to be timed; a stop request
   // ends the measuring.
   const worker::SpeedProbe probe;

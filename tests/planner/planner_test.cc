@@ -192,7 +192,9 @@ TEST(PlannerTest, KeptActivationsFitTheLimitAndSpeedUpThePlan) {
     const auto& wp = keeping->workers[k];
     if (wp.excluded) continue;
     EXPECT_LE(wp.predicted_mib, 0.9 * fleet[k].memory_mib) << wp.worker;
-    EXPECT_NEAR(wp.predicted_seconds, planner::PredictSeconds(Shape(), fleet[k], ok, wp.c, !wp.activations.recompute), 1e-9);
+    EXPECT_NEAR(wp.predicted_seconds,
+                planner::PredictSeconds(Shape(), fleet[k], ok, wp.c, !wp.activations.recompute, wp.activations.recompute ? 0 : wp.activations.seqs_per_pass),
+                1e-9);
   }
 }
 
@@ -301,6 +303,9 @@ TEST(PlannerTest, MeasuredSpeedPerBasePrecisionDecidesTheBase) {
   EXPECT_NEAR(b.BatchSpeed(8), 2.25, 1e-12);
   const planner::Candidate at4{o.adapted, kernels::GgmlType::kQ4_1, 4, 2};
   EXPECT_NEAR(planner::TrainSeconds(b, o, at4) * 2.25, planner::TrainSeconds(w, o, at4), 1e-9);
+  EXPECT_NEAR(planner::TrainSeconds(b, o, at4, true, 1), planner::TrainSeconds(w, o, at4, true, 1), 1e-9);  // one sequence per pass
+  b.batch4_speedup = 0;  // not measured
+  EXPECT_DOUBLE_EQ(b.BatchSpeed(4), 1.0);
   w.base_speed = {{kernels::GgmlType::kQ8_0, std::nan("")}};
   EXPECT_DOUBLE_EQ(w.BaseSpeed(kernels::GgmlType::kQ8_0), 1.0);
   w.base_speed = {{kernels::GgmlType::kQ8_0, 1e9}};
