@@ -350,7 +350,8 @@ TEST_F(SimTest, ThePlannerUnderSecureAggregationPlansWholeAdapters) {
   EXPECT_EQ(p->rounds.back().metrics.at("accepted"), 4);
   auto plan = ReadFileToString(out + "/plan.json");
   ASSERT_TRUE(plan.ok());
-  for (const auto& w : nlohmann::json::parse(*plan).at("workers")) EXPECT_EQ(w.at("modules").get<std::string>(), "q,v,up") << w.dump();
+  const auto pj = nlohmann::json::parse(*plan);  // (a named value: a range-for over a temporary's member would dangle)
+  for (const auto& w : pj.at("workers")) EXPECT_EQ(w.at("modules").get<std::string>(), "q,v,up") << w.dump();
 }
 
 // Uncertainty-aware merging in its secure-aggregation form (clients mask Fisher-weighted deltas
