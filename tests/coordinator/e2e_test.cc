@@ -89,6 +89,15 @@ class E2ETest : public ::testing::Test {
     o.http_address = "127.0.0.1:0";
     return o;
   }
+  // A fresh state directory for a run of `rounds` rounds with two workers, both needed to start.
+  coordinator::ServerOptions TwoWorkerOptions(const std::string& state, int rounds) const {
+    fs::remove_all(state);
+    auto o = Options(state);
+    o.engine.settings.rounds = rounds;
+    o.engine.settings.population = o.engine.settings.expected_clients = 2;
+    o.engine.min_available = 2;
+    return o;
+  }
   // The planner of the deployed planning tests: the fixture's adapter on q and v, batches 1-4,
   // up to 4 local steps, uniform batch 4 x 2 steps, re-planned every round.
   planner::PlannerOptions PlanOptions(int seq) const {
@@ -374,11 +383,7 @@ TEST_F(E2ETest, CoordinatorPlansPerWorkerFromReportedProfiles) {
 // four times faster than its stored q8_0 and trains on q4_0.
 TEST_F(E2ETest, WorkersMeasureTheirSpeedPerBaseTypeAndThePlanFollowsIt) {
   const std::string state = testing::TempPath("e2e_state_base_speed");
-  fs::remove_all(state);
-  auto o = Options(state);
-  o.engine.settings.rounds = 1;
-  o.engine.settings.population = o.engine.settings.expected_clients = 2;
-  o.engine.min_available = 2;
+  auto o = TwoWorkerOptions(state, 1);
   planner::PlannerOptions po = PlanOptions(96);
   po.base_types = {kernels::GgmlType::kQ8_0, kernels::GgmlType::kQ4_0};
   o.engine.planning = Planning(po);
@@ -497,11 +502,7 @@ TEST_F(E2ETest, TheWorkersRunnerAndEvaluatorShareTheirBases) {
 // coordinator re-plans it within the budget it gave, and it trains the next round.
 TEST_F(E2ETest, AWorkerDeclinesAnOverBudgetTaskAndIsReplanned) {
   const std::string state = testing::TempPath("e2e_state_decline");
-  fs::remove_all(state);
-  auto o = Options(state);
-  o.engine.settings.rounds = 2;
-  o.engine.settings.population = o.engine.settings.expected_clients = 2;
-  o.engine.min_available = 2;
+  auto o = TwoWorkerOptions(state, 2);
   size_t longest = 1;
   for (const auto& e : data_[1]) longest = std::max(longest, e.tokens.size());
   planner::PlannerOptions po = PlanOptions(static_cast<int>(longest));
@@ -556,11 +557,7 @@ TEST_F(E2ETest, AWorkerDeclinesAnOverBudgetTaskAndIsReplanned) {
 // less memory from the next round on (its reported memory x predicted / measured).
 TEST_F(E2ETest, AWorkerPeakingAboveItsPredictionIsPlannedWithLessMemory) {
   const std::string state = testing::TempPath("e2e_state_peak");
-  fs::remove_all(state);
-  auto o = Options(state);
-  o.engine.settings.rounds = 2;
-  o.engine.settings.population = o.engine.settings.expected_clients = 2;
-  o.engine.min_available = 2;
+  auto o = TwoWorkerOptions(state, 2);
   planner::PlannerOptions po = PlanOptions(96);
   po.memory.keep_within_limit = true;
   o.engine.planning = Planning(po);
