@@ -460,6 +460,9 @@ class Dispatching final : public Backend {
   std::string Describe() const override { return primary_->Describe(); }
   bool HostMemoryBuffers() const override { return primary_->HostMemoryBuffers(); }
   int64_t PeakDeviceBytes() const override { return primary_->PeakDeviceBytes(); }
+  int64_t LiveDeviceBytes() const override { return primary_->LiveDeviceBytes(); }
+  void ResetPeakDeviceBytes() override { primary_->ResetPeakDeviceBytes(); }
+  int64_t DeviceMemoryBytes() const override { return primary_->DeviceMemoryBytes(); }
   void Wait() override { primary_->Wait(); }
   bool Supports(Op op) const override { return primary_->Supports(op) || fallback_->Supports(op); }
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {

@@ -74,6 +74,13 @@ class Backend {
   // Peak bytes of device memory the backend allocated itself (buffers, scratch, cached weights;
   // not its libraries' own workspaces); 0 for host-memory backends.
   virtual int64_t PeakDeviceBytes() const { return 0; }
+  // Bytes of device memory the backend holds now (same accounting), and the peak reset to it
+  // (a worker measures each round's peak).
+  virtual int64_t LiveDeviceBytes() const { return 0; }
+  virtual void ResetPeakDeviceBytes() {}
+  // Free memory of the device when the backend started (after its context, stream and cuBLAS
+  // handle were created): what training may use there. 0 for host-memory backends.
+  virtual int64_t DeviceMemoryBytes() const { return 0; }
   // Returns when all work the backend has queued is done (device backends queue an op whose
   // outputs are all buffers); a no-op for host backends.
   virtual void Wait() {}

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "kernels/cuda/cuda_backend.h"
 #include "model/llama.h"
 #include "privacy/rdp_accountant.h"
 
@@ -79,6 +80,10 @@ ModelShape ModelShape::Of(const model::LlamaModel& m) {
     s.other_bytes += static_cast<double>(L.attn_norm.size() + L.ffn_norm.size()) * 4;
   }
   s.stored = c.n_layer > 0 ? m.layer(0).wq.type : kernels::GgmlType::kF32;
+  s.heads_known = true;
+  s.embd_type = m.token_embd().type;
+  s.output_type = m.output().type;
+  s.tied_output = m.output().data == m.token_embd().data;
   s.other_bytes += static_cast<double>(m.token_embd().rows) * static_cast<double>(m.token_embd().row_bytes);
   if (m.output().data != m.token_embd().data) s.other_bytes += static_cast<double>(m.output().rows) * static_cast<double>(m.output().row_bytes);
   s.other_bytes += static_cast<double>(m.output_norm().size()) * 4;
@@ -99,6 +104,10 @@ double ModelShape::LayerCacheBytesPerToken() const {
   if (qk_norm) floats += q + kv + static_cast<double>(n_head + n_head_kv);
   if (post_norms) floats += 2 * e + 2;
   return 4 * floats;
+}
+
+double ModelShape::BackwardTempBytesPerToken() const {
+  return RecomputeBytesPerToken() - 4 * static_cast<double>(n_embd) * static_cast<double>(n_layer) - LayerCacheBytesPerToken();
 }
 
 double ModelShape::RecomputeBytesPerToken() const {
@@ -188,6 +197,93 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
   }
   if (a.recompute) a.activation_mib = tokens * recompute_factor * s.RecomputeBytesPerToken() / (1 << 20);
   a.total_mib = rest + a.activation_mib;
+  return a;
+}
+
+double MemoryModel::DeviceWeightMiB(const ModelShape& s, kernels::GgmlType b) const {
+  // Cached frozen weights: as stored where the device dequantizes the type, else f32.
+  auto matrix = [](kernels::GgmlType t, double rows, double cols) {
+    if (!kernels::CudaDequantizes(t)) return rows * cols * 4;
+    const auto rb = kernels::RowBytes(t, static_cast<int64_t>(cols));
+    return rows * (rb.ok() ? static_cast<double>(*rb) : cols * BitsPerWeight(t) / 8.0);
+  };
+  double bytes = 0;
+  if (s.heads_known) {
+    const double v = static_cast<double>(s.n_vocab), e = static_cast<double>(s.n_embd);
+    bytes += matrix(s.embd_type, v, e) + (s.tied_output ? 0.0 : matrix(s.output_type, v, e));
+  } else {
+    bytes += s.other_bytes;
+  }
+  if (s.projections.empty()) return (bytes + s.projection_params * (kernels::CudaDequantizes(b) ? BitsPerWeight(b) / 8.0 : 4.0)) / (1 << 20);
+  for (const auto& [rows, cols] : s.projections) {
+    bytes += matrix(kernels::RowCompatibleType(b, cols), static_cast<double>(rows), static_cast<double>(cols));
+    if (b != s.stored && compensation_rank > 0) bytes += static_cast<double>(compensation_rank * (rows + cols) * 2);
+  }
+  return bytes / (1 << 20);
+}
+
+ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
+                                             const Candidate& c, int seq, double device_limit_mib) const {
+  const model::AdapterSpec at = SpecAt(spec, c);
+  const int per_pass = per_example ? 1 : c.batch;
+  const double tokens = static_cast<double>(per_pass) * seq;
+  const double e = static_cast<double>(s.n_embd), v = static_cast<double>(s.n_vocab);
+  // Scratch buffers grow to 1.25x a request (CudaBackendImpl::Scratch).
+  constexpr double kGrowth = 1.25;
+  const double g = device_bf16_gemm ? 2 : 4;  // bytes of a dequantized weight value
+  double largest = 0, widest_in = e;          // the largest projection; the widest projection input
+  for (const auto& [rows, cols] : s.projections) {
+    largest = std::max(largest, static_cast<double>(rows) * static_cast<double>(cols));
+    widest_in = std::max(widest_in, static_cast<double>(cols));
+  }
+  if (s.projections.empty()) largest = e * std::max<double>(static_cast<double>(s.n_ff), e);
+  // Dequantized copies: a projection (slot 2) and the output head (slot 5).
+  const double dequant = kGrowth * g * (largest + v * e);
+  // Per token: the cross-entropy's gathered rows and their gradients (f32; the same two slots
+  // hold one head's attention probabilities and their gradients in backward, seq per token),
+  // the forward's probabilities (seq) and, with bf16 products, the rows' bf16 copies and a
+  // projection input's bf16 copy.
+  const double l = static_cast<double>(seq);
+  const double per_token = kGrowth * (8 * std::max(e, l) + 4 * l + (device_bf16_gemm ? 2 * e + 2 * widest_in : 0.0));
+  // Logits of one chunk of rows (f32, and their gradients' bf16 copy).
+  auto logits = [&](double pass_tokens) {
+    const double chunk = std::clamp(std::floor(device_logits_chunk_bytes / (4 * v)), 1.0, std::max(pass_tokens, 1.0));
+    return kGrowth * chunk * v * (4 + (device_bf16_gemm ? 2 : 0));
+  };
+  // The adapters' parameters (frozen ones included) and the trainable ones' gradients, mirrored
+  // in two buffers.
+  double adapter_bytes = 0, rank_sum = 0;
+  for (auto m : adapted) {
+    const auto [trainable, frozen] = AdapterValues(s, at, m);
+    adapter_bytes += 4 * (2 * trainable + frozen);
+    if (at.kind != model::AdapterKind::kDiaBlo) rank_sum += static_cast<double>(at.rank);
+  }
+  adapter_bytes *= static_cast<double>(s.n_layer);
+  // What does not depend on the activation mode, and the per-pass scratch at `pass_tokens`.
+  const double fixed = DeviceWeightMiB(s, c.base) + (dequant + adapter_bytes) / (1 << 20);
+  auto pass_scratch = [&](double pass_tokens) { return (pass_tokens * per_token + logits(pass_tokens)) / (1 << 20); };
+  const double rest = fixed + pass_scratch(tokens);  // the whole batch in one pass: an upper bound
+  // Activations (Trainer::Work): recomputing, the layer inputs, one layer's cache and the
+  // backward temporaries; kept, every layer's cache (with LoRA's z per module) and the
+  // temporaries.
+  const double layers = static_cast<double>(s.n_layer);
+  const double kept_per_seq = static_cast<double>(seq) * (layers * (s.LayerCacheBytesPerToken() + 4 * rank_sum) + s.BackwardTempBytesPerToken()) / (1 << 20);
+  ActivationChoice a;
+  if (keep_within_limit ? device_limit_mib > 0 : !recompute) {
+    const double room = device_limit_mib >= kUnknownMemoryMiB ? kDefaultKeptMiB : device_limit_mib - rest;
+    const int fit = keep_within_limit ? static_cast<int>(std::min<double>(per_pass, std::floor(room / kept_per_seq + 1e-9))) : per_pass;
+    if (fit >= 1) {
+      a.recompute = false;
+      a.seqs_per_pass = fit;
+      a.activation_mib = fit * kept_per_seq;
+    }
+  }
+  if (a.recompute) a.activation_mib = tokens * (s.RecomputeBytesPerToken() + 4 * rank_sum) / (1 << 20);
+  // Kept in slices of seqs_per_pass sequences: the scratch of one slice.
+  a.device_mib = (a.recompute ? rest : fixed + pass_scratch(static_cast<double>(a.seqs_per_pass) * seq)) + a.activation_mib;
+  // Host: everything but the activations and logits (Choose's terms without them).
+  a.total_mib = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, at, adapted, c.modules) +
+                adapter_copies * AdapterBytes(s, spec, adapted) / (1 << 20) + (per_example ? 2 * AdapterBytes(s, at, c.modules) / (1 << 20) : 0.0);
   return a;
 }
 
@@ -338,7 +434,18 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     WorkerPlan& wp = plan.workers[k];
     wp.worker = w.name;
     const double usable = o.memory_margin * w.memory_mib;
+    // A device worker: activations and the weights' working copies on the device, bounded by its
+    // memory there too (MemoryModel::ChooseOnDevice).
+    const bool on_device = w.device_memory_mib > 0;
+    const double usable_device = o.memory_margin * w.device_memory_mib;
+    auto choose = [&](const Candidate& c) {
+      return on_device ? o.memory.ChooseOnDevice(shape, o.spec, o.adapted, c, o.seq, usable_device)
+                       : o.memory.Choose(shape, o.spec, o.adapted, c, o.seq, usable, w.bf16_kernels);
+    };
+    // How far over its limits a choice is (<= 1: fits).
+    auto over = [&](const ActivationChoice& a) { return std::max(a.total_mib / usable, on_device ? a.device_mib / usable_device : 0.0); };
     double smallest = std::numeric_limits<double>::infinity();
+    ActivationChoice smallest_a;
     Candidate smallest_c;
     std::vector<int> batches = o.batches;  // larger first: on ties the larger batch wins
     std::sort(batches.rbegin(), batches.rend());
@@ -367,17 +474,18 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
               continue;
             }
             Candidate c{s, b, batch, steps, rank};
-            const ActivationChoice a = o.memory.Choose(shape, o.spec, o.adapted, c, o.seq, usable, w.bf16_kernels);
+            const ActivationChoice a = choose(c);
             const double mib = a.total_mib;
-            if (mib < smallest) {
-              smallest = mib;
+            if (over(a) < smallest) {
+              smallest = over(a);
+              smallest_a = a;
               smallest_c = c;
             }
-            if (mib > usable * (1 + 1e-12)) continue;  // Choose's kept result may touch the limit
+            if (over(a) > 1 + 1e-12) continue;  // Choose's kept result may touch the limit
             feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute, a.recompute ? 0 : a.seqs_per_pass), Utility(importance, c, shared_rank), mib, a});
           }
-    const ActivationChoice ua = o.memory.Choose(shape, o.spec, o.adapted, o.uniform, o.seq, usable, w.bf16_kernels);
-    wp.uniform_seconds = ua.total_mib <= usable * (1 + 1e-12) ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute, ua.recompute ? 0 : ua.seqs_per_pass) : -1;
+    const ActivationChoice ua = choose(o.uniform);
+    wp.uniform_seconds = over(ua) <= 1 + 1e-12 ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute, ua.recompute ? 0 : ua.seqs_per_pass) : -1;
     if (wp.uniform_seconds < 0) {
       plan.uniform_fits_everyone = false;
     } else {
@@ -394,7 +502,13 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
       wp.excluded = true;
       wp.reason = absl::StrFormat(
           "left out: the smallest configuration (module %s, batch %d, base %s) needs %.0f MiB, more than the %.0f MiB it may use (%.0f%% of %.0f MiB)",
-          ModuleList(smallest_c.modules), smallest_c.batch, TypeName(smallest_c.base), smallest, usable, 100 * o.memory_margin, w.memory_mib);
+          ModuleList(smallest_c.modules), smallest_c.batch, TypeName(smallest_c.base), smallest_a.total_mib, usable, 100 * o.memory_margin, w.memory_mib);
+      if (on_device && smallest_a.device_mib > usable_device)
+        wp.reason = absl::StrFormat(
+            "left out: the smallest configuration (module %s, batch %d, base %s) needs %.0f MiB of device memory, more than the %.0f MiB it "
+            "may use there (%.0f%% of %.0f MiB)",
+            ModuleList(smallest_c.modules), smallest_c.batch, TypeName(smallest_c.base), smallest_a.device_mib, usable_device,
+            100 * o.memory_margin, w.device_memory_mib);
       continue;
     }
     // By time, then utility descending, so that a prefix maximum picks the fastest of the best.
@@ -449,6 +563,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     const Scored* s = best(k, T);
     wp.c = s->c;
     wp.predicted_mib = s->mib;
+    wp.predicted_device_mib = s->a.device_mib;
     wp.activations = s->a;
     wp.predicted_seconds = s->t;
     wp.predicted_train_seconds = TrainSeconds(workers[k], o, s->c, !s->a.recompute, s->a.recompute ? 0 : s->a.seqs_per_pass);
@@ -463,7 +578,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     for (auto m : s->c.modules) cover += importance.count(m) ? importance.at(m) : 0;
     wp.explanation = absl::StrFormat(
         "trains %s (%.0f%% of module importance)%s, batch %d x %d local steps, base %s, activations %s: predicted %.0f MiB of %.0f MiB "
-        "usable, %.1f s (uniform configuration: %s); %s",
+        "usable%s, %.1f s (uniform configuration: %s); %s",
         ModuleList(s->c.modules), 100 * cover,
         o.ranks.empty() ? std::string() : absl::StrFormat(" at rank %d of %d", SpecAt(o.spec, s->c).rank, o.spec.rank), s->c.batch,
         s->c.local_steps,
@@ -471,6 +586,9 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
                                                                      : std::string()),
         s->a.recompute ? std::string("recomputed") : absl::StrFormat("kept, %d sequence(s) per pass", s->a.seqs_per_pass), s->mib,
         o.memory_margin * workers[k].memory_mib,
+        workers[k].device_memory_mib > 0
+            ? absl::StrFormat(" and %.0f MiB of device memory of %.0f MiB usable", s->a.device_mib, o.memory_margin * workers[k].device_memory_mib)
+            : std::string(),
         s->t, wp.uniform_seconds < 0 ? std::string("does not fit") : absl::StrFormat("%.1f s", wp.uniform_seconds),
         time_bound ? absl::StrFormat("more work would pass the round's time of %.1f s", T)
                    : "its best configuration within memory and the candidate grid");

@@ -44,6 +44,9 @@ struct ModelShape {
   // one layer's kept cache (Trainer::KeptBytesPerSequence without adapters), and with
   // recomputation every layer's input + one layer's cache + the backward temporaries.
   double LayerCacheBytesPerToken() const;
+  // One layer's backward temporaries and the pass's x, next, h, dh (part of
+  // RecomputeBytesPerToken; kept activations need them besides the layer caches).
+  double BackwardTempBytesPerToken() const;
   double RecomputeBytesPerToken() const;
   double projection_params = 0;  // q, k, v, o, gate, up, down weights over all layers
   // Their (rows, cols), for exact bytes per base type (K-quant rows fall back, kernels::
@@ -51,6 +54,11 @@ struct ModelShape {
   std::vector<std::pair<int64_t, int64_t>> projections;
   double other_bytes = 0;        // embeddings, output head, norms, as stored
   kernels::GgmlType stored = kernels::GgmlType::kQ4_1;
+  // The token embedding's and the output head's stored types (ModelShape::Of; a hand-made shape
+  // leaves heads_known false and the device model then counts other_bytes as they are).
+  bool heads_known = false;
+  kernels::GgmlType embd_type = kernels::GgmlType::kF32, output_type = kernels::GgmlType::kF32;
+  bool tied_output = true;
   static ModelShape Of(const model::LlamaModel& m);
 };
 
@@ -70,8 +78,9 @@ struct Candidate {
 struct ActivationChoice {
   bool recompute = true;
   int seqs_per_pass = 0;      // kept: sequences per forward/backward pass (the batch when all fit)
-  double activation_mib = 0;  // the activations' share of the predicted peak
-  double total_mib = 0;       // the predicted peak
+  double activation_mib = 0;  // the activations' share of the predicted peak (on the device for a device worker)
+  double total_mib = 0;       // the predicted peak (of host memory)
+  double device_mib = 0;      // a worker training on a device (MemoryModel::ChooseOnDevice): its predicted device peak
 };
 
 // Peak resident memory of a worker training one candidate:
@@ -131,6 +140,23 @@ struct MemoryModel {
     return Choose(s, spec, adapted, c, seq, limit_mib, bf16_kernels).total_mib;
   }
   static double Bf16OutputMiB(const ModelShape& s, double tokens_per_pass);
+
+  // Training on a device (the CUDA backend, kernels/cuda/cuda_backend.cu): the activations, the
+  // frozen weights (cached as stored; f32 where the device has no dequantizer), their
+  // dequantized copies, the cross-entropy's rows and logits chunk, and the adapters' parameters
+  // and gradients live in device memory; the rest (model file, adapter and optimizer state,
+  // copies) in host memory. Predicts the backend's own allocations (Backend::PeakDeviceBytes);
+  // the CUDA context and cuBLAS's workspace are outside, as the budget they are compared with is
+  // the device's free memory once the backend has started (Backend::DeviceMemoryBytes). Derived
+  // from what the backend and the trainer allocate, per byte of the shape (no fitted constants);
+  // checked against the emulated backend's count (tests/planner/device_memory_test.cc).
+  double device_logits_chunk_bytes = 256.0 * (1 << 20);  // the backend's kCrossEntropyLogitsBytes
+  bool device_bf16_gemm = true;  // bf16 products (sm_80 and newer): bf16 weight and input copies; else f32
+  double DeviceWeightMiB(const ModelShape& s, kernels::GgmlType b) const;
+  // The activation mode and both peaks for a device worker: total_mib is the host's, device_mib
+  // the device's; activations are kept within device_limit_mib (keep_within_limit; <= 0: recompute).
+  ActivationChoice ChooseOnDevice(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
+                                  const Candidate& c, int seq, double device_limit_mib) const;
 };
 
 // Bytes of the adapter tensors of `modules` (float32; what travels each way).
@@ -152,6 +178,9 @@ struct WorkerProfile {
   // for every batch (the simulation measures at the uniform batch instead). tokens_per_second is
   // then the batch-1 speed; other batches interpolate in log2(batch), flat beyond 4.
   double batch4_speedup = 1;
+  // > 0: the worker trains on a device with this much free memory (MiB); its plans are bounded by
+  // it (MemoryModel::ChooseOnDevice) besides memory_mib for the host side.
+  double device_memory_mib = 0;
   double BatchSpeed(int batch) const;
   // The factor for `t` (1 when not measured), bounded to [0.05, 20].
   double BaseSpeed(kernels::GgmlType t) const;
@@ -195,6 +224,7 @@ struct WorkerPlan {
   std::string reason;  // why excluded
   Candidate c;
   double predicted_mib = 0, predicted_seconds = 0, utility = 0;
+  double predicted_device_mib = 0;  // a device worker's predicted device peak
   double predicted_train_seconds = 0;  // of predicted_seconds: the local training (the rest: links)
   ActivationChoice activations;  // how it runs its activations (keep_within_limit)
   double uniform_seconds = 0;  // the uniform configuration's time on this worker (-1: does not fit)

@@ -582,6 +582,10 @@ class CudaBackendImpl final : public Backend {
       return absl::StrCat("cuBLAS does not take the stream: ", cublasGetStatusString(st));
     if (const cudaError_t e = cudaMemcpyToSymbol(kNf4Table, kNf4Codes, sizeof(kNf4Codes)); e != cudaSuccess)
       return absl::StrCat("cannot initialise CUDA constants: ", cudaGetErrorString(e));
+    size_t free_bytes = 0, total_bytes = 0;
+    if (const cudaError_t e = cudaMemGetInfo(&free_bytes, &total_bytes); e != cudaSuccess)
+      return absl::StrCat("cannot query CUDA device ", device_, "'s memory: ", cudaGetErrorString(e));
+    device_memory_ = static_cast<int64_t>(free_bytes);
     return "";
   }
 
@@ -596,6 +600,15 @@ class CudaBackendImpl final : public Backend {
     std::lock_guard<std::mutex> lock(mu_);
     return memory_.peak;
   }
+  int64_t LiveDeviceBytes() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return memory_.live;
+  }
+  void ResetPeakDeviceBytes() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    memory_.peak = memory_.live;
+  }
+  int64_t DeviceMemoryBytes() const override { return device_memory_; }
   bool Supports(Op op) const override { return op < Op::kCount; }  // every op is implemented
 
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {
@@ -1147,7 +1160,8 @@ class CudaBackendImpl final : public Backend {
     FT_CHECK(w.cols % TypeTraits(w.type).block_size == 0);
     CachedWeight c;
     c.fingerprint = fingerprint;
-    if (DequantKernelFor<float>(w.type) != nullptr) {
+    FT_CHECK((DequantKernelFor<float>(w.type) != nullptr) == CudaDequantizes(w.type));  // the planner's device model reads CudaDequantizes
+    if (CudaDequantizes(w.type)) {
       c.type = w.type;
       c.row_bytes = w.row_bytes;
       c.bytes = Allocate(std::max<size_t>(Count(w.rows) * w.row_bytes, 1));
@@ -1259,6 +1273,7 @@ class CudaBackendImpl final : public Backend {
   }
 
   const int device_ = 0;
+  int64_t device_memory_ = 0;  // free device memory after Init
   CudaGemm gemm_;  // of the products with the frozen weights: as asked, kAuto resolved by Init
   std::string describe_ = "cuda";
   cudaStream_t stream_ = nullptr;

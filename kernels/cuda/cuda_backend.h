@@ -21,6 +21,25 @@ namespace fedtune::kernels {
 // f32 before. MakeCudaBackend(why_not) takes it from $FEDTUNE_CUDA_GEMM (auto|bf16|tf32|fp32;
 // unset: auto; any other value: no backend, and why_not says so).
 enum class CudaGemm { kAuto, kBf16, kTf32, kFp32 };
+
+// Whether the CUDA backend dequantizes `t` on the device (then a frozen weight is cached there as
+// stored; other types are dequantized on the host once and cached in f32). The planner's device
+// memory model reads this; the backend checks it against its kernels.
+inline bool CudaDequantizes(GgmlType t) {
+  switch (t) {
+    case GgmlType::kF32:
+    case GgmlType::kF16:
+    case GgmlType::kBF16:
+    case GgmlType::kQ8_0:
+    case GgmlType::kQ4_0:
+    case GgmlType::kQ4_1:
+    case GgmlType::kQ5_0:
+    case GgmlType::kQ5_1:
+    case GgmlType::kNF4:
+    case GgmlType::kNF4DQ: return true;
+    default: return false;
+  }
+}
 const char* CudaGemmName(CudaGemm g);
 std::optional<CudaGemm> ParseCudaGemm(std::string_view s);
 std::unique_ptr<Backend> MakeCudaBackend(std::string* why_not, CudaGemm gemm);

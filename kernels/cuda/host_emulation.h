@@ -335,6 +335,16 @@ inline cudaError_t cudaSetDevice(int) { return 0; }
 inline cudaError_t cudaGetDeviceCount(int* c) { *c = 1; return 0; }
 struct cudaDeviceProp { char name[256] = "emu"; int major = 9, minor = 0; };
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp*, int) { return 0; }
+// An 80 GiB device with nothing allocated, or $FEDTUNE_EMULATED_DEVICE_MIB MiB (tests of
+// device-memory budgets).
+inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
+  const char* mib = std::getenv("FEDTUNE_EMULATED_DEVICE_MIB");
+  *total_bytes = (mib != nullptr ? std::strtoull(mib, nullptr, 10) : 80ull * 1024) << 20;
+  size_t used = 0;
+  for (const auto& [p, n] : fedtune_emu::g_device) used += n;
+  *free_bytes = *total_bytes > used ? *total_bytes - used : 0;
+  return 0;
+}
 struct cudaFuncAttributes {};
 template <class T> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes*, T*) { return 0; }
 template <class T, size_t N> cudaError_t cudaMemcpyToSymbol(T (&sym)[N], const void* src, size_t n) {

@@ -119,6 +119,48 @@ TEST(PlannerTest, AWorkerTooSmallForAnythingIsLeftOutWithAReason) {
   EXPECT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+// GPU workers (issue 22 item 2): plans are bounded by the device's memory (activations, the
+// weights' cache and working copies live there) besides the host's; a smaller device gets a
+// smaller or recomputed configuration, a device too small for the weights leaves the worker out.
+TEST(PlannerTest, DeviceWorkersArePlannedWithinTheirDeviceMemory) {
+  auto o = Options();
+  o.memory.keep_within_limit = true;  // the workers' policy
+  const std::map<Module, double> imp = {{Module::kQ, 1}, {Module::kV, 3}, {Module::kUp, 1}};
+  std::vector<planner::WorkerProfile> fleet = {{"big-gpu", 16000, 2000, 100, 10}, {"small-gpu", 16000, 2000, 100, 10},
+                                               {"tiny-gpu", 16000, 2000, 100, 10}, {"cpu", 2400, 200, 100, 10}};
+  fleet[0].device_memory_mib = 8000;
+  fleet[0].keep_speedup = fleet[1].keep_speedup = 1.4;
+  fleet[1].device_memory_mib = 330;
+  fleet[2].device_memory_mib = 60;
+  auto plan = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  for (size_t k = 0; k < 2; ++k) {
+    const auto& wp = plan->workers[k];
+    ASSERT_FALSE(wp.excluded) << wp.reason;
+    const planner::ActivationChoice a = o.memory.ChooseOnDevice(Shape(), o.spec, o.adapted, wp.c, o.seq, 0.9 * fleet[k].device_memory_mib);
+    EXPECT_NEAR(wp.predicted_device_mib, a.device_mib, 1e-9);
+    EXPECT_LE(wp.predicted_device_mib, 0.9 * fleet[k].device_memory_mib) << wp.explanation;
+    EXPECT_NEAR(wp.predicted_mib, a.total_mib, 1e-9);
+    // The host holds no activations: less than the same configuration trained on the CPU.
+    EXPECT_LT(wp.predicted_mib, o.memory.Choose(Shape(), o.spec, o.adapted, wp.c, o.seq, 1e9).total_mib);
+    EXPECT_NE(wp.explanation.find("of device memory"), std::string::npos) << wp.explanation;
+  }
+  // The large device keeps every sequence; the small one keeps fewer, or recomputes.
+  const auto& big = plan->workers[0].activations;
+  const auto& small = plan->workers[1].activations;
+  EXPECT_FALSE(big.recompute);
+  EXPECT_EQ(big.seqs_per_pass, plan->workers[0].c.batch);
+  EXPECT_TRUE(small.recompute || small.seqs_per_pass < plan->workers[1].c.batch || plan->workers[1].c.batch < plan->workers[0].c.batch)
+      << plan->workers[1].explanation;
+  EXPECT_LT(plan->workers[1].predicted_device_mib, plan->workers[0].predicted_device_mib);
+  // 60 MiB holds not even the weights' working copies.
+  EXPECT_TRUE(plan->workers[2].excluded);
+  EXPECT_NE(plan->workers[2].reason.find("device memory"), std::string::npos) << plan->workers[2].reason;
+  // The CPU worker is planned as before.
+  EXPECT_FALSE(plan->workers[3].excluded);
+  EXPECT_EQ(plan->workers[3].predicted_device_mib, 0);
+}
+
 TEST(PlannerTest, MemoryModelGrowsWithEveryInput) {
   const auto mm = planner::MemoryModel::Fitted();
   const auto o = Options();
