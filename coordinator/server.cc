@@ -61,6 +61,7 @@ rpc::v1::Profile SanitizedProfile(const rpc::v1::Profile& in) {
   p.set_batch4_speedup(p.batch4_speedup() > 0 ? std::clamp(num(p.batch4_speedup()), 0.25, 4.0) : 0.0);
   p.set_cores(std::max(p.cores(), 0));
   p.set_memory_bytes(std::max<int64_t>(p.memory_bytes(), 0));
+  p.set_device_memory_bytes(std::max<int64_t>(p.device_memory_bytes(), 0));
   p.set_num_examples(std::max<int64_t>(p.num_examples(), 0));
   p.set_eval_examples(std::max<int64_t>(p.eval_examples(), 0));
   // Base speeds: known type names only (canonical spelling: one entry per type, so bounded),
@@ -138,6 +139,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   struct Declined {
     std::string worker, reason;
     double needed_mib = 0, budget_mib = 0;
+    bool device = false;
   };
   std::vector<Declined> declined;  // this round: tasks declined over a worker's memory budget
   std::map<std::string, std::string> plan_notes;  // worker -> the planner's explanation (or why left out)
@@ -284,6 +286,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                               {"link_mbps", w.profile.link_mbps()},
                               {"keep_speedup", w.profile.keep_speedup()},
                               {"batch4_speedup", w.profile.batch4_speedup()},
+                              {"gpu", w.profile.gpu()},
+                              {"device_memory_bytes", w.profile.device_memory_bytes()},
                               {"base_tokens_per_second", std::map<std::string, double>(w.profile.base_tokens_per_second().begin(),
                                                                                        w.profile.base_tokens_per_second().end())},
                               {"last_seen_seconds", (now - w.last_seen_ms) / 1000.0},
@@ -559,7 +563,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
         return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a declined task carries no payload and finite figures");
       FT_LOG_WARN("worker '{}' declined round {}: {}", cn, h.round(), h.declined().substr(0, 300));
       received.insert(cn);
-      declined.push_back({cn, h.declined().substr(0, 300), h.declined_needed_mib(), h.declined_budget_mib()});
+      declined.push_back({cn, h.declined().substr(0, 300), h.declined_needed_mib(), h.declined_budget_mib(), h.declined_device()});
       workers[cn].round = 0;
       Seen(cn);
       cv.notify_all();
@@ -945,6 +949,8 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
                                          kernels::IsCpuBf16Name(p.kernels())};
       c.profile->examples = static_cast<double>(c.num_examples);
       c.profile->batch4_speedup = p.batch4_speedup() > 0 ? p.batch4_speedup() : 1.0;
+      c.profile->device_memory_mib = static_cast<double>(p.device_memory_bytes()) / (1 << 20);
+      c.profile->device_bf16_gemm = p.device_bf16_gemm();
       if (o.engine.planning) {
         std::map<kernels::GgmlType, double> tps;
         for (const auto& [name, speed] : p.base_tokens_per_second()) tps[*kernels::GgmlTypeFromName(name)] = speed;  // names checked on arrival
@@ -1048,7 +1054,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     cv.notify_all();
     fold(rest);
     for (const auto& f : refused) col.Fail(f.client, f.status, absl::StrCat("rejected: ", f.status.message()));
-    for (const auto& d : declines) col.Decline(d.worker, d.reason, d.needed_mib, d.budget_mib);
+    for (const auto& d : declines) col.Decline(d.worker, d.reason, d.needed_mib, d.budget_mib, d.device);
     const bool early = col.enough();
     for (const std::string& w : missing)
       col.Fail(w, absl::DeadlineExceededError(early ? "round closed after the target number of updates" : "no update before the deadline"),

@@ -43,7 +43,7 @@ class RoundCollector : public Collector {
     // and re-planning: from accepted updates only, never under DP.
     std::map<std::string, double> memory;
     if (!withhold_)
-      for (const char* k : {"predicted_peak_mib", "peak_rss_mib", "rss_start_mib"})
+      for (const char* k : {"predicted_peak_mib", "peak_rss_mib", "rss_start_mib", "predicted_device_mib", "peak_device_mib"})
         if (const double v = metric(k); v > 0 && std::isfinite(v)) memory[absl::StrCat(k, "/", u.client)] = v;
     const absl::Status st = sec_ ? absl::FailedPreconditionError("this round takes masked inputs only (secure aggregation)") : agg_.Add(std::move(u));
     if (st.ok()) memory_.insert(memory.begin(), memory.end());
@@ -69,12 +69,12 @@ class RoundCollector : public Collector {
     failures_.push_back({client, why});
     records_.push_back({client, outcome, 0, 0, 0, 0});
   }
-  void Decline(const std::string& client, const std::string& reason, double needed_mib, double budget_mib) override {
+  void Decline(const std::string& client, const std::string& reason, double needed_mib, double budget_mib, bool device) override {
     failures_.push_back({client, absl::ResourceExhaustedError(reason)});
     // Under DP the figures (from the client's longest example) stay out of the ledger.
     const std::string outcome = withhold_ ? "declined" : reason.rfind("declined", 0) == 0 ? reason : "declined: " + reason;
     records_.push_back({client, outcome, withhold_ ? -1 : 0, withhold_ ? -1.0 : 0.0, 0, 0});
-    declines_.push_back({client, needed_mib, budget_mib});
+    declines_.push_back({client, needed_mib, budget_mib, device});
   }
   int accepted() const override { return accepted_; }
   bool enough() const override { return target_ > 0 && accepted_ >= target_; }
@@ -85,6 +85,7 @@ class RoundCollector : public Collector {
   struct Declined {
     std::string client;
     double needed_mib, budget_mib;
+    bool device;
   };
   std::vector<Declined> declines_;
   std::map<std::string, double> memory_;  // "<figure>/<client>" from accepted updates
@@ -206,6 +207,8 @@ absl::Status RoundEngine::Plan(int round, const std::vector<ClientInfo>& clients
       profiles.push_back(*c.profile);
       if (auto m = memory_override_.find(c.name); m != memory_override_.end() && m->second < profiles.back().memory_mib)
         profiles.back().memory_mib = m->second;
+      if (auto m = device_override_.find(c.name); m != device_override_.end() && m->second < profiles.back().device_memory_mib)
+        profiles.back().device_memory_mib = m->second;
     }
   replan_ = false;
   auto made = planner::MakePlan(o_.planning->shape, importance_, profiles, o_.planning->options);
@@ -463,7 +466,35 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       replan_ = true;
       return it->second;
     };
+    // The same for a GPU worker's device memory.
+    auto device_planned_for = [&](const std::string& client) {
+      double m = reported(client) ? reported(client)->device_memory_mib : 0.0;
+      if (auto o = device_override_.find(client); o != device_override_.end()) m = m > 0 ? std::min(m, o->second) : o->second;
+      return m;
+    };
+    auto shrink_device = [&](const std::string& client, double memory) {
+      auto [it, fresh] = device_override_.emplace(client, memory);
+      if (!fresh) it->second = std::min(it->second, memory);
+      replan_ = true;
+      return it->second;
+    };
     for (const auto& d : col.declines_) {
+      if (d.device) {
+        // Over its device memory: the same, with the device model.
+        auto p = plans_.find(d.client);
+        if (!o_.planning || p == plans_.end() || !(d.needed_mib > 0) || !(d.budget_mib > 0)) continue;
+        const planner::PlannerOptions& po = o_.planning->options;
+        planner::MemoryModel mm = po.memory;
+        mm.device_bf16_gemm = !reported(d.client) || reported(d.client)->device_bf16_gemm;
+        const double ours =
+            mm.ChooseOnDevice(o_.planning->shape, po.spec, po.adapted, p->second.c, po.seq, planner::MemoryModel::kClientMargin * d.budget_mib).device_mib;
+        double memory = d.budget_mib * std::min(1.0, ours / d.needed_mib) * planner::MemoryModel::kClientMargin / po.memory_margin;
+        if (const double before = device_planned_for(d.client); before > 0 && memory >= before) memory = 0.95 * before;
+        say(absl::StrFormat("round %d: %s declined its task (it predicts %.1f MiB of device memory, the planner %.1f MiB, at its device's %.0f "
+                            "MiB): re-planned as a device of %.0f MiB",
+                            r, d.client, d.needed_mib, ours, d.budget_mib, shrink_device(d.client, memory)));
+        continue;
+      }
       // Re-plan a client that declined: the planner takes the budget the client reported, scaled
       // by how far the two predictions of this task at that budget disagreed (e.g. the
       // coordinator's planner.seq shorter than the client's data).
@@ -499,6 +530,19 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         say(absl::StrFormat("round %d: %s peaked at %.0f MiB, %.0f MiB predicted: planned as a worker of %.0f MiB from now on", r, client, measured,
                             predicted, shrink(client, memory * predicted / measured)));
       }
+      // The same for a GPU worker's device peak ("peak_device_mib" vs "predicted_device_mib").
+      for (const auto& [key, measured] : col.memory_) {
+        if (key.rfind("peak_device_mib/", 0) != 0) continue;
+        const std::string client = key.substr(16);
+        auto p = plans_.find(client);
+        auto own = col.memory_.find("predicted_device_mib/" + client);
+        if (p == plans_.end() || p->second.excluded || own == col.memory_.end() || measured <= own->second) continue;
+        const double predicted = own->second;
+        const double memory = reported(client) ? reported(client)->device_memory_mib : 0.0;
+        if (!(memory > 0)) continue;
+        say(absl::StrFormat("round %d: %s's device peaked at %.1f MiB, %.1f MiB predicted: planned as a device of %.0f MiB from now on", r,
+                            client, measured, predicted, shrink_device(client, memory * predicted / measured)));
+      }
     }
     rec.metrics["declined"] = static_cast<double>(col.declines_.size());
     for (const auto& [k, v] : col.memory_) rec.metrics[k] = v;
@@ -506,6 +550,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       for (const auto& task : tasks)
         if (auto p = plans_.find(task.client); p != plans_.end() && !p->second.excluded) {
           rec.metrics["planned_mib/" + task.client] = p->second.predicted_mib;
+          if (p->second.predicted_device_mib > 0) rec.metrics["planned_device_mib/" + task.client] = p->second.predicted_device_mib;
           rec.metrics["planned_train_seconds/" + task.client] = p->second.predicted_train_seconds;  // vs client_rounds.train_seconds
         }
     if (!private_selection && o_.quorum > 0 && col.accepted() < o_.quorum) {

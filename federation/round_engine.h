@@ -57,7 +57,8 @@ class Collector {
   // A selected client that declined its task because its predicted peak (`needed_mib`) exceeds
   // the memory it may use (`budget_mib`): a failure of the round, and with the planner the
   // client is re-planned within that budget before the next round (or the round's retry).
-  virtual void Decline(const std::string& client, const std::string& reason, double needed_mib, double budget_mib) = 0;
+  // device: the figures are of the client's device (GPU) memory.
+  virtual void Decline(const std::string& client, const std::string& reason, double needed_mib, double budget_mib, bool device) = 0;
   virtual int accepted() const = 0;
   // The round has what it needs (target_updates reached): stop collecting.
   virtual bool enough() const = 0;
@@ -157,6 +158,7 @@ class RoundEngine {
   // Clients that declined a planned task or peaked above its prediction: the memory the planner
   // gives them from then on (their budget or reported memory, corrected by the prediction error).
   std::map<std::string, double> memory_override_;
+  std::map<std::string, double> device_override_;  // the same for a GPU worker's device memory
   bool replan_ = false;  // a client declined: plan again before the next round
   double local_epsilon_ = 0;
 };

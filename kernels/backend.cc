@@ -463,6 +463,7 @@ class Dispatching final : public Backend {
   int64_t LiveDeviceBytes() const override { return primary_->LiveDeviceBytes(); }
   void ResetPeakDeviceBytes() override { primary_->ResetPeakDeviceBytes(); }
   int64_t DeviceMemoryBytes() const override { return primary_->DeviceMemoryBytes(); }
+  int64_t DeviceLogitsChunkBytes() const override { return primary_->DeviceLogitsChunkBytes(); }
   void Wait() override { primary_->Wait(); }
   bool Supports(Op op) const override { return primary_->Supports(op) || fallback_->Supports(op); }
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {

@@ -81,6 +81,9 @@ class Backend {
   // Free memory of the device when the backend started (after its context, stream and cuBLAS
   // handle were created): what training may use there. 0 for host-memory backends.
   virtual int64_t DeviceMemoryBytes() const { return 0; }
+  // Bytes of logits the device's cross-entropy computes at once (planner::MemoryModel::
+  // device_logits_chunk_bytes); 0 for host-memory backends.
+  virtual int64_t DeviceLogitsChunkBytes() const { return 0; }
   // Returns when all work the backend has queued is done (device backends queue an op whose
   // outputs are all buffers); a no-op for host backends.
   virtual void Wait() {}

@@ -438,8 +438,10 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     // memory there too (MemoryModel::ChooseOnDevice).
     const bool on_device = w.device_memory_mib > 0;
     const double usable_device = o.memory_margin * w.device_memory_mib;
+    MemoryModel device_model = o.memory;
+    device_model.device_bf16_gemm = w.device_bf16_gemm;
     auto choose = [&](const Candidate& c) {
-      return on_device ? o.memory.ChooseOnDevice(shape, o.spec, o.adapted, c, o.seq, usable_device)
+      return on_device ? device_model.ChooseOnDevice(shape, o.spec, o.adapted, c, o.seq, usable_device)
                        : o.memory.Choose(shape, o.spec, o.adapted, c, o.seq, usable, w.bf16_kernels);
     };
     // How far over its limits a choice is (<= 1: fits).

@@ -181,6 +181,7 @@ struct WorkerProfile {
   // > 0: the worker trains on a device with this much free memory (MiB); its plans are bounded by
   // it (MemoryModel::ChooseOnDevice) besides memory_mib for the host side.
   double device_memory_mib = 0;
+  bool device_bf16_gemm = true;  // its device's products run in bf16 (MemoryModel::device_bf16_gemm)
   double BatchSpeed(int batch) const;
   // The factor for `t` (1 when not measured), bounded to [0.05, 20].
   double BaseSpeed(kernels::GgmlType t) const;

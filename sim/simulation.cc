@@ -187,7 +187,7 @@ class SimTransport : public federation::Transport {
         absl::StatusOr<worker::LocalResult> trained = worker::RunTrainTask(bases_, cl.train, own, global, env, &cl.privacy);
         if (const std::optional<worker::Decline> d = trained.ok() ? std::nullopt : worker::DeclineFrom(trained.status())) {
           // Over its memory budget: nothing trained; the engine records it and re-plans it.
-          col.Decline(cl.name, d->reason, d->needed_mib, d->budget_mib);
+          col.Decline(cl.name, d->reason, d->needed_mib, d->budget_mib, d->device);
           continue;
         }
         FT_RETURN_IF_ERROR(trained.status());

@@ -238,6 +238,14 @@ absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& store
   }
   size_t longest = 1;
   for (const auto& e : data) longest = std::max(longest, e.tokens.size());
+  if (env.device_memory_mib > 0) {
+    mm.device_bf16_gemm = env.backend == nullptr || env.backend->Describe().find("bf16 GEMM") != std::string::npos;
+    if (env.backend != nullptr && env.backend->DeviceLogitsChunkBytes() > 0)
+      mm.device_logits_chunk_bytes = static_cast<double>(env.backend->DeviceLogitsChunkBytes());
+    return std::optional<Prediction>(
+        Prediction{mm.ChooseOnDevice(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.device_memory_mib), c.base,
+                   spec.rank});
+  }
   return std::optional<Prediction>(Prediction{
       mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend)),
       c.base, spec.rank});
@@ -247,6 +255,18 @@ absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& store
 // model's error): a task it would not have planned for this budget is declined.
 std::optional<Decline> DeclineIfOver(const Prediction& pr, const protocol::TrainTask& task, const ClientEnv& env) {
   const double usable = ClientEnv::kMemoryMargin * env.memory_mib;
+  if (env.device_memory_mib > 0 && pr.a.device_mib > ClientEnv::kMemoryMargin * env.device_memory_mib * (1 + 1e-12)) {
+    Decline d;
+    d.device = true;
+    d.needed_mib = pr.a.device_mib;
+    d.budget_mib = env.device_memory_mib;
+    d.reason = absl::StrFormat(
+        "declined: the task (batch %d, base %s, rank %d) needs %.1f MiB of device memory (predicted peak), more than the %.1f MiB this worker "
+        "may use there (%.0f%% of its device's %.0f MiB free)",
+        task.batch, kernels::TypeTraits(pr.base).name, static_cast<int>(pr.rank), d.needed_mib, ClientEnv::kMemoryMargin * env.device_memory_mib,
+        100 * ClientEnv::kMemoryMargin, d.budget_mib);
+    return d;
+  }
   if (pr.a.total_mib <= usable * (1 + 1e-12)) return std::nullopt;
   Decline d;
   d.needed_mib = pr.a.total_mib;
@@ -266,7 +286,7 @@ constexpr char kDeclineUrl[] = "fedtune/decline";
 
 absl::Status DeclineStatus(const Decline& d) {
   absl::Status s = absl::ResourceExhaustedError(d.reason);
-  s.SetPayload(kDeclineUrl, absl::Cord(absl::StrFormat("%.17g %.17g", d.needed_mib, d.budget_mib)));
+  s.SetPayload(kDeclineUrl, absl::Cord(absl::StrFormat("%.17g %.17g %d", d.needed_mib, d.budget_mib, d.device ? 1 : 0)));
   return s;
 }
 
@@ -277,7 +297,9 @@ std::optional<Decline> DeclineFrom(const absl::Status& s) {
   Decline d;
   d.reason = std::string(s.message());
   const std::string text(*payload);
-  if (std::sscanf(text.c_str(), "%lg %lg", &d.needed_mib, &d.budget_mib) != 2) return std::nullopt;
+  int device = 0;
+  if (std::sscanf(text.c_str(), "%lg %lg %d", &d.needed_mib, &d.budget_mib, &device) != 3) return std::nullopt;
+  d.device = device != 0;
   return d;
 }
 
@@ -350,6 +372,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
   FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, start, task.config, task.client, lt, &adapters));
   if (predicted) r.update.metrics["predicted_peak_mib"] = predicted->a.total_mib;
+  if (predicted && env.device_memory_mib > 0) r.update.metrics["predicted_device_mib"] = predicted->a.device_mib;
   if (task.local_dp_clip <= 0) r.update.metrics["activations_kept"] = !lt.finetune.recompute || lt.finetune.activation_budget_mib > 0 ? 1 : 0;
   if (task.local_dp_clip > 0) {
     if (privacy == nullptr) return absl::FailedPreconditionError("task asks for local DP-SGD but this client keeps no privacy ledger");
@@ -361,6 +384,7 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
     r.update.metrics.erase("train_loss");
     r.update.metrics.erase("train_tokens");
     r.update.metrics.erase("predicted_peak_mib");
+    r.update.metrics.erase("predicted_device_mib");
   }
   if (!task.compression.empty()) {  // after local DP: compression is post-processing of its output
     FT_ASSIGN_OR_RETURN(const aggregation::Compression kind, aggregation::CompressionFromName(task.compression));

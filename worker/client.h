@@ -97,6 +97,10 @@ struct ClientEnv {
   int activation_budget_mib = 0;
   bool recompute = true;
   double memory_mib = 0;              // what this client may use (0: unknown)
+  // > 0: the backend is a device (GPU) with this much free memory: activations are kept within
+  // kMemoryMargin of it (planner::MemoryModel::ChooseOnDevice) and a task predicted above it is
+  // declined, as for memory_mib on the host.
+  double device_memory_mib = 0;
   double adapter_copies = 0;          // planner::MemoryModel::adapter_copies (2 in a worker daemon)
   kernels::Backend* backend = nullptr;  // null: cpu-fast
   std::function<void(double)> progress;  // fraction of local steps done
@@ -132,6 +136,7 @@ class LocalPrivacy {
 struct Decline {
   std::string reason;
   double needed_mib = 0, budget_mib = 0;
+  bool device = false;  // the figures are of device memory (a GPU worker)
 };
 // The status RunTrainTask returns for a declined task (ResourceExhausted, with the figures), and
 // the figures back from such a status (nullopt for any other). The task is declined before its

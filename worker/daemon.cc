@@ -195,6 +195,7 @@ absl::Status SendDecline(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& 
   h->set_declined(private_data ? "declined: over this worker's memory budget" : d.reason);
   h->set_declined_needed_mib(private_data ? 0 : d.needed_mib);
   h->set_declined_budget_mib(private_data ? 0 : d.budget_mib);
+  h->set_declined_device(d.device);
   writer->Write(head);
   writer->WritesDone();
   const grpc::Status fin = writer->Finish();
@@ -486,6 +487,9 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     env.memory_mib = memory_mib;
     env.adapter_copies = 2;  // the downloaded global adapter and the update, besides the trainer's
     env.backend = backend;
+    // A GPU backend: plans and activations within its free memory (Backend::DeviceMemoryBytes).
+    const bool on_device = backend != nullptr && !backend->HostMemoryBuffers() && backend->DeviceMemoryBytes() > 0;
+    if (on_device) env.device_memory_mib = static_cast<double>(backend->DeviceMemoryBytes()) / (1 << 20);
     env.progress = progress;
     env.error_feedback = &state->residual;
     // Free heap pages kept from the previous round (or the profile's measuring steps) go back
@@ -499,11 +503,15 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     if (!task.plan.base_type.empty()) state->bases->stored().ReleaseMappedPages();
     const bool reset = ResetPeakRss();
     const double rss_start = CurrentRssMiB();
+    if (on_device) backend->ResetPeakDeviceBytes();
     absl::StatusOr<LocalResult> r = RunTrainTask(*state->bases, data, task, global, env, &state->privacy);
     if (r.ok() && reset && report_peak && task.local_dp_clip <= 0) {
       r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
       r->update.metrics["rss_start_mib"] = rss_start;  // resident before the round's training
     }
+    // The device's peak is the backend's own count: exact whatever else shares the process.
+    if (r.ok() && on_device && task.local_dp_clip <= 0)
+      r->update.metrics["peak_device_mib"] = static_cast<double>(backend->PeakDeviceBytes()) / (1 << 20);
     return r;
   };
 }
@@ -536,6 +544,10 @@ rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vecto
                                 kernels::Backend* backend) {
   rpc::v1::Profile p;
   if (backend != nullptr && std::string_view(backend->Name()) == "cuda") p.set_gpu(backend->Describe());
+  if (backend != nullptr && !backend->HostMemoryBuffers()) {
+    p.set_device_memory_bytes(backend->DeviceMemoryBytes());
+    p.set_device_bf16_gemm(backend->Describe().find("bf16 GEMM") != std::string::npos);
+  }
   p.set_kernels(backend != nullptr ? backend->Name() : kernels::CpuFastBackend().Name());
   p.set_cores(static_cast<int>(std::thread::hardware_concurrency()));
   p.set_version(FEDTUNE_VERSION);

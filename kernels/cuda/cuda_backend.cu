@@ -609,6 +609,7 @@ class CudaBackendImpl final : public Backend {
     memory_.peak = memory_.live;
   }
   int64_t DeviceMemoryBytes() const override { return device_memory_; }
+  int64_t DeviceLogitsChunkBytes() const override { return kCrossEntropyLogitsBytes; }
   bool Supports(Op op) const override { return op < Op::kCount; }  // every op is implemented
 
   void QLinearForward(const QMatrix& w, const float* x, float* y, int64_t m) override {

@@ -339,7 +339,7 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp*, int) { return 0; }
 // device-memory budgets).
 inline cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   const char* mib = std::getenv("FEDTUNE_EMULATED_DEVICE_MIB");
-  *total_bytes = (mib != nullptr ? std::strtoull(mib, nullptr, 10) : 80ull * 1024) << 20;
+  *total_bytes = static_cast<size_t>((mib != nullptr ? std::strtod(mib, nullptr) : 80.0 * 1024) * (1 << 20));
   size_t used = 0;
   for (const auto& [p, n] : fedtune_emu::g_device) used += n;
   *free_bytes = *total_bytes > used ? *total_bytes - used : 0;

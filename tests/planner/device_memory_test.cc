@@ -71,7 +71,8 @@ std::pair<double, double> Measure(const model::LlamaModel& m, kernels::CudaGemm 
   EXPECT_TRUE(mods.ok());
   const planner::ModelShape shape = planner::ModelShape::Of(m);
   planner::MemoryModel mm = planner::MemoryModel::Fitted();
-  mm.device_logits_chunk_bytes = 800;  // the emulation's kCrossEntropyLogitsBytes (cuda_backend.cu)
+  mm.device_logits_chunk_bytes = static_cast<double>(be->DeviceLogitsChunkBytes());  // 800 B in the emulation: the tests chunk
+  EXPECT_GT(mm.device_logits_chunk_bytes, 0);
   mm.device_bf16_gemm = gemm == kernels::CudaGemm::kBf16;
   mm.recompute = r.recompute;
   mm.keep_within_limit = r.device_limit_mib > 0;
