@@ -479,7 +479,9 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       return it->second;
     };
     for (const auto& d : col.declines_) {
-      if (d.device) {
+      // (Device figures from a worker that reported no device: re-planned as a host decline, so
+      // that its plan changes.)
+      if (d.device && reported(d.client) && reported(d.client)->device_memory_mib > 0) {
         // Over its device memory: the same, with the device model.
         auto p = plans_.find(d.client);
         if (!o_.planning || p == plans_.end() || !(d.needed_mib > 0) || !(d.budget_mib > 0)) continue;

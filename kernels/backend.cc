@@ -462,6 +462,7 @@ class Dispatching final : public Backend {
   int64_t PeakDeviceBytes() const override { return primary_->PeakDeviceBytes(); }
   int64_t LiveDeviceBytes() const override { return primary_->LiveDeviceBytes(); }
   void ResetPeakDeviceBytes() override { primary_->ResetPeakDeviceBytes(); }
+  void ReleaseDeviceCaches() override { primary_->ReleaseDeviceCaches(); }
   int64_t DeviceMemoryBytes() const override { return primary_->DeviceMemoryBytes(); }
   int64_t DeviceLogitsChunkBytes() const override { return primary_->DeviceLogitsChunkBytes(); }
   void Wait() override { primary_->Wait(); }

@@ -78,6 +78,11 @@ class Backend {
   // (a worker measures each round's peak).
   virtual int64_t LiveDeviceBytes() const { return 0; }
   virtual void ResetPeakDeviceBytes() {}
+  // Frees what the backend keeps between ops on the device (cached weights, scratch buffers),
+  // waiting for queued work first: a worker starts each round from its live buffers only, so
+  // that what the profile, base-speed runs or an earlier plan left does not count in the round's
+  // peak.
+  virtual void ReleaseDeviceCaches() {}
   // Free memory of the device when the backend started (after its context, stream and cuBLAS
   // handle were created): what training may use there. 0 for host-memory backends.
   virtual int64_t DeviceMemoryBytes() const { return 0; }

@@ -244,11 +244,12 @@ ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::A
   // the forward's probabilities (seq) and, with bf16 products, the rows' bf16 copies and a
   // projection input's bf16 copy.
   const double l = static_cast<double>(seq);
-  const double per_token = kGrowth * (8 * std::max(e, l) + 4 * l + (device_bf16_gemm ? 2 * e + 2 * widest_in : 0.0));
-  // Logits of one chunk of rows (f32, and their gradients' bf16 copy).
+  const double per_token = kGrowth * (8 * std::max(e, l) + 4 * l + (device_bf16_gemm ? 2 * e : 0.0));
+  // One scratch slot holds a chunk of f32 logits and, at other times, a GEMM input's bf16 copy;
+  // another the chunk's bf16 logit gradients.
   auto logits = [&](double pass_tokens) {
     const double chunk = std::clamp(std::floor(device_logits_chunk_bytes / (4 * v)), 1.0, std::max(pass_tokens, 1.0));
-    return kGrowth * chunk * v * (4 + (device_bf16_gemm ? 2 : 0));
+    return kGrowth * (std::max(4 * chunk * v, device_bf16_gemm ? 2 * pass_tokens * widest_in : 0.0) + (device_bf16_gemm ? 2 * chunk * v : 0.0));
   };
   // The adapters' parameters (frozen ones included) and the trainable ones' gradients, mirrored
   // in two buffers.
@@ -269,7 +270,7 @@ ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::A
   const double layers = static_cast<double>(s.n_layer);
   const double kept_per_seq = static_cast<double>(seq) * (layers * (s.LayerCacheBytesPerToken() + 4 * rank_sum) + s.BackwardTempBytesPerToken()) / (1 << 20);
   ActivationChoice a;
-  if (keep_within_limit ? device_limit_mib > 0 : !recompute) {
+  if (keep_within_limit ? device_limit_mib > 0 && kept_per_seq > 0 : !recompute) {
     const double room = device_limit_mib >= kUnknownMemoryMiB ? kDefaultKeptMiB : device_limit_mib - rest;
     const int fit = keep_within_limit ? static_cast<int>(std::min<double>(per_pass, std::floor(room / kept_per_seq + 1e-9))) : per_pass;
     if (fit >= 1) {
@@ -447,6 +448,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     // How far over its limits a choice is (<= 1: fits).
     auto over = [&](const ActivationChoice& a) { return std::max(a.total_mib / usable, on_device ? a.device_mib / usable_device : 0.0); };
     double smallest = std::numeric_limits<double>::infinity();
+    bool sized = false;  // some candidate passed the privacy constraint and was sized
     ActivationChoice smallest_a;
     Candidate smallest_c;
     std::vector<int> batches = o.batches;  // larger first: on ties the larger batch wins
@@ -478,7 +480,8 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
             Candidate c{s, b, batch, steps, rank};
             const ActivationChoice a = choose(c);
             const double mib = a.total_mib;
-            if (over(a) < smallest) {
+            if (!sized || over(a) < smallest) {
+              sized = true;
               smallest = over(a);
               smallest_a = a;
               smallest_c = c;
@@ -494,7 +497,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
       plan.uniform_round_seconds = std::max(plan.uniform_round_seconds, wp.uniform_seconds);
       plan.uniform_utility += Utility(importance, o.uniform, shared_rank);
     }
-    if (feasible[k].empty() && !std::isfinite(smallest)) {
+    if (feasible[k].empty() && !sized) {
       wp.excluded = true;
       wp.reason = absl::StrFormat("left out: none of the %d candidates stays within the uniform configuration's local DP-SGD privacy cost",
                                   private_refused);

@@ -610,7 +610,8 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
   o.key_pem = c.tls().key();
   o.token = std::string(absl::StripAsciiWhitespace(*token));
   o.state_dir = c.state_dir();
-  o.profile = worker::MeasureProfile(&model, &train, c.memory_budget_mib(), backend);
+  if (c.device_memory_budget_mib() < 0) return ConfigErrorIn("device_memory_budget_mib", absl::InvalidArgumentError("must be >= 0"));
+  o.profile = worker::MeasureProfile(&model, &train, c.memory_budget_mib(), backend, c.device_memory_budget_mib());
   if (!eval.empty()) o.profile.set_eval_examples(static_cast<int64_t>(eval.size()));
   o.measure_bases = worker::BaseSpeedMeasurer(model, c.model().path(), train, backend, o.state_dir.empty() ? "" : o.state_dir + "/base_speeds.json",
                                               static_cast<double>(o.profile.memory_bytes()) / (1 << 20), &g_stop);
@@ -618,6 +619,8 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
               "x%.2f at batch 4)\n",
               o.profile.cores(), static_cast<double>(o.profile.memory_bytes()) / (1 << 30), backend->Name(), o.profile.train_tokens_per_second(),
               o.profile.keep_speedup(), o.profile.batch4_speedup());
+  if (o.profile.device_memory_bytes() > 0)
+    std::printf("worker device: %s, %.0f MiB for training\n", o.profile.gpu().c_str(), static_cast<double>(o.profile.device_memory_bytes()) / (1 << 20));
   std::fflush(stdout);
   std::signal(SIGINT, OnSignal);
   std::signal(SIGTERM, OnSignal);
@@ -625,7 +628,8 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
   auto bases = std::make_shared<worker::BaseModels>(model, c.model().path(), /*keep_one=*/true);
   auto r = worker::RunDaemon(o, worker::ModelTaskRunner(model, train, c.model().path(), c.activation_budget_mib(), backend,
                                                          o.state_dir.empty() ? "" : o.state_dir + "/local_privacy.json",
-                                                         static_cast<double>(o.profile.memory_bytes()) / (1 << 20), /*report_peak=*/true, bases),
+                                                         static_cast<double>(o.profile.memory_bytes()) / (1 << 20), /*report_peak=*/true, bases,
+                                                         static_cast<double>(o.profile.device_memory_bytes()) / (1 << 20)),
                              g_stop,
                              eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path(), &train, bases));
   if (!r.ok()) return r.status();

@@ -298,7 +298,7 @@ std::optional<Decline> DeclineFrom(const absl::Status& s) {
   d.reason = std::string(s.message());
   const std::string text(*payload);
   int device = 0;
-  if (std::sscanf(text.c_str(), "%lg %lg %d", &d.needed_mib, &d.budget_mib, &device) != 3) return std::nullopt;
+  if (std::sscanf(text.c_str(), "%lg %lg %d", &d.needed_mib, &d.budget_mib, &device) < 2) return std::nullopt;
   d.device = device != 0;
   return d;
 }
@@ -371,7 +371,9 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   }
   if (env.progress) lt.on_step = [&env, steps](const model::StepLog& s) { env.progress(static_cast<double>(s.step) / steps); };
   FT_ASSIGN_OR_RETURN(LocalResult r, TrainLocal(*base, data, start, task.config, task.client, lt, &adapters));
-  if (predicted) r.update.metrics["predicted_peak_mib"] = predicted->a.total_mib;
+  // A device worker's host side (the CUDA runtime's own host memory is not modelled) is checked
+  // but not fed back: only its device prediction goes with the update.
+  if (predicted && env.device_memory_mib <= 0) r.update.metrics["predicted_peak_mib"] = predicted->a.total_mib;
   if (predicted && env.device_memory_mib > 0) r.update.metrics["predicted_device_mib"] = predicted->a.device_mib;
   if (task.local_dp_clip <= 0) r.update.metrics["activations_kept"] = !lt.finetune.recompute || lt.finetune.activation_budget_mib > 0 ? 1 : 0;
   if (task.local_dp_clip > 0) {

@@ -195,7 +195,7 @@ absl::Status SendDecline(rpc::v1::Coordinator::Stub& stub, const rpc::v1::Task& 
   h->set_declined(private_data ? "declined: over this worker's memory budget" : d.reason);
   h->set_declined_needed_mib(private_data ? 0 : d.needed_mib);
   h->set_declined_budget_mib(private_data ? 0 : d.budget_mib);
-  h->set_declined_device(d.device);
+  h->set_declined_device(!private_data && d.device);
   writer->Write(head);
   writer->WritesDone();
   const grpc::Status fin = writer->Finish();
@@ -469,7 +469,7 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
                      int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path, double memory_mib,
-                     bool report_peak, std::shared_ptr<BaseModels> shared_bases) {
+                     bool report_peak, std::shared_ptr<BaseModels> shared_bases, double device_memory_mib) {
   struct State {
     State(std::shared_ptr<BaseModels> b, const std::string& ledger) : bases(std::move(b)), privacy(ledger) {}
     std::shared_ptr<BaseModels> bases;
@@ -479,7 +479,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
   if (!shared_bases) shared_bases = std::make_shared<BaseModels>(model, model_path, /*keep_one=*/true);
   auto state = std::make_shared<State>(std::move(shared_bases), privacy_path);
   state->bases->SetCalibration(data);
-  return [&data, state, activation_budget_mib, backend, memory_mib, report_peak](const protocol::TrainTask& task, const aggregation::TensorMap& global,
+  return [&data, state, activation_budget_mib, backend, memory_mib, report_peak, device_memory_mib](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                                                     const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (!task.plan.explanation.empty()) FT_LOG_INFO("round {} plan: {}", task.round, task.plan.explanation);
     ClientEnv env;
@@ -489,7 +489,10 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     env.backend = backend;
     // A GPU backend: plans and activations within its free memory (Backend::DeviceMemoryBytes).
     const bool on_device = backend != nullptr && !backend->HostMemoryBuffers() && backend->DeviceMemoryBytes() > 0;
-    if (on_device) env.device_memory_mib = static_cast<double>(backend->DeviceMemoryBytes()) / (1 << 20);
+    if (on_device) {
+      env.device_memory_mib = static_cast<double>(backend->DeviceMemoryBytes()) / (1 << 20);
+      if (device_memory_mib > 0) env.device_memory_mib = std::min(env.device_memory_mib, device_memory_mib);
+    }
     env.progress = progress;
     env.error_feedback = &state->residual;
     // Free heap pages kept from the previous round (or the profile's measuring steps) go back
@@ -503,7 +506,10 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     if (!task.plan.base_type.empty()) state->bases->stored().ReleaseMappedPages();
     const bool reset = ResetPeakRss();
     const double rss_start = CurrentRssMiB();
-    if (on_device) backend->ResetPeakDeviceBytes();
+    if (on_device) {
+      backend->ReleaseDeviceCaches();  // what the profile, base-speed runs or an earlier plan cached
+      backend->ResetPeakDeviceBytes();
+    }
     absl::StatusOr<LocalResult> r = RunTrainTask(*state->bases, data, task, global, env, &state->privacy);
     if (r.ok() && reset && report_peak && task.local_dp_clip <= 0) {
       r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
@@ -541,11 +547,13 @@ TaskRunner StandInTaskRunner(int64_t num_examples, double seconds) {
 }
 
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
-                                kernels::Backend* backend) {
+                                kernels::Backend* backend, int64_t device_memory_budget_mib) {
   rpc::v1::Profile p;
   if (backend != nullptr && std::string_view(backend->Name()) == "cuda") p.set_gpu(backend->Describe());
   if (backend != nullptr && !backend->HostMemoryBuffers()) {
-    p.set_device_memory_bytes(backend->DeviceMemoryBytes());
+    int64_t device = backend->DeviceMemoryBytes();
+    if (device_memory_budget_mib > 0) device = std::min(device, device_memory_budget_mib << 20);
+    p.set_device_memory_bytes(device);
     p.set_device_bf16_gemm(backend->Describe().find("bf16 GEMM") != std::string::npos);
   }
   p.set_kernels(backend != nullptr ? backend->Name() : kernels::CpuFastBackend().Name());

@@ -67,9 +67,13 @@ using TaskRunner = std::function<absl::StatusOr<LocalResult>(const protocol::Tra
 // ("peak_rss_mib", for the coordinator's memory feedback): only where the runner is alone in
 // its process (`fedtune worker`), not for several daemons in one test process. shared_bases: the
 // re-quantized bases, shared with the worker's evaluator (null: the runner's own).
+// A device backend: plans and activations within device_memory_mib of its memory (0: its free
+// memory at start, Backend::DeviceMemoryBytes; never more), and the update reports the round's
+// device peak ("peak_device_mib").
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
                      int activation_budget_mib = 0, kernels::Backend* backend = nullptr, const std::string& privacy_path = "",
-                     double memory_mib = 0, bool report_peak = false, std::shared_ptr<BaseModels> shared_bases = nullptr);
+                     double memory_mib = 0, bool report_peak = false, std::shared_ptr<BaseModels> shared_bases = nullptr,
+                     double device_memory_mib = 0);
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 
@@ -87,8 +91,10 @@ TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vect
 // on `data`, on `backend`, null: cpu-fast; two steps recomputing activations, then two keeping
 // them: train_tokens_per_second and keep_speedup; then two at batch 4 recomputing:
 // batch4_speedup).
+// A device backend: its free memory (capped by `device_memory_budget_mib` when > 0) and whether its
+// products run in bf16 (Profile.device_memory_bytes, device_bf16_gemm).
 rpc::v1::Profile MeasureProfile(const model::LlamaModel* model, const std::vector<model::Example>* data, int64_t memory_budget_mib,
-                                kernels::Backend* backend = nullptr);
+                                kernels::Backend* backend = nullptr, int64_t device_memory_budget_mib = 0);
 
 // DaemonOptions::measure_bases for a worker: worker::MeasureBaseSpeeds with the MeasureProfile
 // probe (rank-4 LoRA on q, v, batch 1, two timed steps), cached in `cache_path` (JSON; empty: not

@@ -608,6 +608,12 @@ class CudaBackendImpl final : public Backend {
     std::lock_guard<std::mutex> lock(mu_);
     memory_.peak = memory_.live;
   }
+  void ReleaseDeviceCaches() override {
+    const auto lock = Enter();
+    Sync();
+    weights_.clear();
+    for (DeviceMemory& s : scratch_) s.Reset();
+  }
   int64_t DeviceMemoryBytes() const override { return device_memory_; }
   int64_t DeviceLogitsChunkBytes() const override { return kCrossEntropyLogitsBytes; }
   bool Supports(Op op) const override { return op < Op::kCount; }  // every op is implemented

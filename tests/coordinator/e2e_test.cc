@@ -588,6 +588,13 @@ TEST_F(E2ETest, AGpuWorkerIsPlannedWithinItsDeviceMemory) {
   ASSERT_EQ(unsetenv("FEDTUNE_EMULATED_DEVICE_MIB"), 0);
   ASSERT_NE(gpu, nullptr) << why;
   ASSERT_NEAR(static_cast<double>(gpu->DeviceMemoryBytes()) / (1 << 20), device_mib, 1e-3);
+  // The profile trains on the device (batch 1 and 4) and reports it; what that leaves cached on
+  // the device must not count in a round's peak (the runner releases it first).
+  const rpc::v1::Profile measured = worker::MeasureProfile(model_.get(), &data_[1], 0, gpu.get(), /*device_memory_budget_mib=*/0);
+  EXPECT_EQ(measured.device_memory_bytes(), gpu->DeviceMemoryBytes());
+  EXPECT_TRUE(measured.device_bf16_gemm());
+  EXPECT_GT(gpu->LiveDeviceBytes(), 0);
+  EXPECT_EQ(worker::MeasureProfile(nullptr, nullptr, 0, gpu.get(), 1).device_memory_bytes(), std::min<int64_t>(int64_t{1} << 20, gpu->DeviceMemoryBytes()));
   o.engine.planning = Planning(po);
   auto server = coordinator::CoordinatorServer::Start(o);
   ASSERT_TRUE(server.ok()) << server.status();
