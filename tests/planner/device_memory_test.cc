@@ -119,6 +119,9 @@ void ExpectClose(double measured, double predicted, const std::string& what) {
 TEST(DeviceMemoryModel, PredictsTheBackendsPeakOverShapesPrecisionsAndModes) {
   const auto shapes = Shapes();
   for (size_t i = 0; i < shapes.size(); ++i) {
+#ifdef FEDTUNE_TEST_ASAN
+    if (i >= 1) break;  // the emulated kernels are ~15x slower under ASan: the smallest shape only
+#endif
     const std::string path = testing::TempPath("device_memory_" + std::to_string(i) + ".gguf");
     ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, shapes[i].o).ok());
     auto m = model::LlamaModel::Load(path);
@@ -157,7 +160,7 @@ TEST(DeviceMemoryModel, PredictsTheBackendsPeakOverShapesPrecisionsAndModes) {
 // A device worker keeps as many sequences per pass as fit its device budget (the worker's
 // policy): a budget between two and three sequences' activations keeps two of four.
 TEST(DeviceMemoryModel, KeepsWhatFitsTheDeviceBudget) {
-  testing::TinyModelOptions o = Shapes()[1].o;
+  testing::TinyModelOptions o = Shapes()[0].o;
   const std::string path = testing::TempPath("device_budget.gguf");
   ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, o).ok());
   auto m = model::LlamaModel::Load(path);
