@@ -354,6 +354,9 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         for (auto m : pc.modules) task.plan.train_modules.push_back(model::ModuleName(m));
         task.plan.base_type = kernels::TypeTraits(pc.base).name;
         task.plan.explanation = p->second.explanation;
+        // Planned for less memory than it reported: it keeps its activations within that.
+        if (auto m = memory_override_.find(ct.client); m != memory_override_.end()) task.plan.plan_memory_mib = m->second;
+        if (auto m = device_override_.find(ct.client); m != device_override_.end()) task.plan.plan_device_memory_mib = m->second;
         task.batch = pc.batch;
         task.local_steps = pc.local_steps;
       } else if (auto f = fixed_modules.find(ct.client); f != fixed_modules.end()) {

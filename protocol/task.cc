@@ -1,5 +1,7 @@
 #include "protocol/task.h"
 
+#include <cmath>
+
 namespace fedtune::protocol {
 
 rpc::v1::Task ToProto(const TrainTask& t) {
@@ -23,6 +25,8 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   a->set_compensation(t.plan.compensation);
   a->set_compensation_rank(t.plan.compensation_rank);
   a->set_train_rank(t.plan.train_rank);
+  a->set_plan_memory_mib(t.plan.plan_memory_mib);
+  a->set_plan_device_memory_mib(t.plan.plan_device_memory_mib);
   a->set_explanation(t.plan.explanation);
   p.set_local_steps(t.local_steps);
   p.set_batch(t.batch);
@@ -80,6 +84,9 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.plan.compensation = a.compensation();
   t.plan.compensation_rank = a.compensation_rank() > 0 ? a.compensation_rank() : 16;
   t.plan.train_rank = a.train_rank();
+  // (From the coordinator: finite and positive, or ignored.)
+  t.plan.plan_memory_mib = std::isfinite(a.plan_memory_mib()) && a.plan_memory_mib() > 0 ? a.plan_memory_mib() : 0;
+  t.plan.plan_device_memory_mib = std::isfinite(a.plan_device_memory_mib()) && a.plan_device_memory_mib() > 0 ? a.plan_device_memory_mib() : 0;
   t.plan.explanation = a.explanation();
   t.local_steps = p.local_steps();
   t.batch = p.batch();

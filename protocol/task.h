@@ -34,6 +34,9 @@ struct AdapterPlan {
   // This client's LoRA rank (0 or `rank`: the shared one): it trains the first train_rank
   // components of the global adapter (aggregation/hetero_rank.h).
   int train_rank = 0;
+  // The memory the plan was made for, when below what the client reported (0: its own): the
+  // client keeps activations within it (worker::RunTrainTask). Host and device memory, MiB.
+  double plan_memory_mib = 0, plan_device_memory_mib = 0;
 };
 
 // A TRAIN task, or with `evaluate` set an EVALUATE task (score the global adapter on the

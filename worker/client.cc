@@ -238,16 +238,21 @@ absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& store
   }
   size_t longest = 1;
   for (const auto& e : data) longest = std::max(longest, e.tokens.size());
+  // Activations within the memory the plan was made for when the coordinator gave this client
+  // less than its own (the decline check stays against its own budget).
+  auto within = [](double own, double planned) { return planned > 0 ? std::min(own, planned) : own; };
   if (env.device_memory_mib > 0) {
     mm.device_bf16_gemm = env.backend == nullptr || env.backend->Describe().find("bf16 GEMM") != std::string::npos;
     if (env.backend != nullptr && env.backend->DeviceLogitsChunkBytes() > 0)
       mm.device_logits_chunk_bytes = static_cast<double>(env.backend->DeviceLogitsChunkBytes());
     return std::optional<Prediction>(
-        Prediction{mm.ChooseOnDevice(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.device_memory_mib), c.base,
-                   spec.rank});
+        Prediction{mm.ChooseOnDevice(shape, spec, adapted, c, static_cast<int>(longest),
+                                     ClientEnv::kMemoryMargin * within(env.device_memory_mib, p.plan_device_memory_mib)),
+                   c.base, spec.rank});
   }
   return std::optional<Prediction>(Prediction{
-      mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * env.memory_mib, kernels::IsCpuBf16(env.backend)),
+      mm.Choose(shape, spec, adapted, c, static_cast<int>(longest), ClientEnv::kMemoryMargin * within(env.memory_mib, p.plan_memory_mib),
+                kernels::IsCpuBf16(env.backend)),
       c.base, spec.rank});
 }
 

@@ -660,6 +660,7 @@ TEST_F(E2ETest, AWorkerPeakingAboveItsPredictionIsPlannedWithLessMemory) {
   std::vector<std::thread> threads;
   std::vector<absl::StatusOr<worker::DaemonReport>> reports(2, absl::UnknownError("not run"));
   constexpr double kPeak = 1000;  // what w2 reports as its measured peak, far above any prediction here
+  std::vector<double> plan_memory;  // w2's tasks: the memory their plans were made for
   for (int k = 0; k < 2; ++k)
     threads.emplace_back([&, k] {
       auto d = Daemon("w" + std::to_string(k + 1), (*server)->port());
@@ -668,8 +669,9 @@ TEST_F(E2ETest, AWorkerPeakingAboveItsPredictionIsPlannedWithLessMemory) {
       d.profile.set_link_mbps(1000);
       worker::TaskRunner run = worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)], "", 0, nullptr, "", 4096);
       if (k == 1) {
-        run = [inner = run](const protocol::TrainTask& t, const aggregation::TensorMap& g, const std::function<void(double)>& p)
+        run = [inner = run, &plan_memory](const protocol::TrainTask& t, const aggregation::TensorMap& g, const std::function<void(double)>& p)
             -> absl::StatusOr<worker::LocalResult> {
+          plan_memory.push_back(t.plan.plan_memory_mib);
           auto r = inner(t, g, p);
           if (r.ok()) r->update.metrics["peak_rss_mib"] = kPeak;
           return r;
@@ -694,6 +696,13 @@ TEST_F(E2ETest, AWorkerPeakingAboveItsPredictionIsPlannedWithLessMemory) {
   const std::string usable = absl::StrFormat("of %.0f MiB usable", 0.9 * 4096 * *predicted / kPeak);
   EXPECT_NE(status->find(usable), std::string::npos) << usable << "\n" << *status;
   EXPECT_NE(status->find("of 3686 MiB usable"), std::string::npos) << "w1 keeps its memory";
+  // The second task says so, and the worker keeps its activations within that memory.
+  ASSERT_EQ(plan_memory.size(), 2u);
+  EXPECT_EQ(plan_memory[0], 0);
+  EXPECT_NEAR(plan_memory[1], 4096 * *predicted / kPeak, 1e-6 * plan_memory[1]);
+  const auto own2 = (*ledger)->Metric(2, "predicted_peak_mib/w2");
+  ASSERT_TRUE(own2.ok());
+  EXPECT_LE(*own2, 0.9 * plan_memory[1] * (1 + 1e-9));
 }
 
 TEST_F(E2ETest, AQuorumNoRoundCouldReachIsRefusedAtStart) {
