@@ -109,7 +109,6 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   s.compensation = train.compensation() == "none" ? "" : train.compensation();
   s.compensation_rank = OrDefault(train.compensation_rank(), 16);
   if (s.compensation_rank < 1) return Bad("train.compensation_rank", "must be >= 1");
-  if (!s.adapter.layout.empty() && planner.enabled()) return Bad("planner", "not supported with per-layer adapter settings (adapter.layers) yet");
   // Evaluation.
   s.eval_every = OrDefault(eval.every(), 1);
   s.max_new_tokens = OrDefault(eval.max_new_tokens(), 32);

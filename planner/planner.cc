@@ -47,6 +47,28 @@ std::pair<double, double> AdapterValues(const ModelShape& s, const model::Adapte
 
 bool Contains(const std::vector<model::Module>& v, model::Module m) { return std::find(v.begin(), v.end(), m) != v.end(); }
 
+// Calls f(layer, module, values, rank) for every (layer, module of `modules`) the adapter has: every layer
+// at the spec's rank without a layout, else the layer's own modules and rank.
+template <typename F>
+void ForEachLayerModule(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules,
+                        const std::vector<std::optional<model::LayerSetting>>* layout, F f) {
+  if (layout == nullptr || layout->empty()) {
+    for (auto m : modules) {
+      const auto v = AdapterValues(s, spec, m);
+      for (int64_t l = 0; l < s.n_layer; ++l) f(l, m, v, spec.rank);
+    }
+    return;
+  }
+  for (size_t l = 0; l < layout->size(); ++l) {
+    const auto& setting = (*layout)[l];
+    if (!setting) continue;
+    model::AdapterSpec at = spec;
+    if (setting->rank > 0 && spec.kind != model::AdapterKind::kDiaBlo) at.rank = setting->rank;
+    for (auto m : modules)
+      if (Contains(setting->modules, m)) f(static_cast<int64_t>(l), m, AdapterValues(s, at, m), at.rank);
+  }
+}
+
 std::string ModuleList(const std::vector<model::Module>& v) {
   std::vector<std::string> n;
   for (auto m : v) n.push_back(model::ModuleName(m));
@@ -154,11 +176,10 @@ double MemoryModel::BaseMiB(const ModelShape& s, kernels::GgmlType b) const {
 double MemoryModel::AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
                                     const std::vector<model::Module>& trained) const {
   double bytes = 0;
-  for (auto m : adapted) {
-    const auto [trainable, frozen] = AdapterValues(s, spec, m);
-    bytes += frozen * 4 + trainable * (Contains(trained, m) ? 20 : 4);
-  }
-  return bytes * static_cast<double>(s.n_layer) / (1 << 20);
+  ForEachLayerModule(s, spec, adapted, &layout, [&](int64_t, model::Module m, std::pair<double, double> v, int64_t) {
+    bytes += v.second * 4 + v.first * (Contains(trained, m) ? 20 : 4);
+  });
+  return bytes / (1 << 20);
 }
 
 double MemoryModel::KeptMiBPerSequence(const ModelShape& s, int seq) const {
@@ -179,8 +200,8 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
   const double tokens = static_cast<double>(per_pass) * seq;
   const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
   const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, SpecAt(spec, c), adapted, c.modules) + logits_mib +
-                      adapter_copies * AdapterBytes(s, spec, adapted) / (1 << 20) +
-                      (per_example ? 2 * AdapterBytes(s, SpecAt(spec, c), c.modules) / (1 << 20) : 0.0) +
+                      adapter_copies * AdapterBytes(s, spec, adapted, &layout) / (1 << 20) +
+                      (per_example ? 2 * AdapterBytes(s, SpecAt(spec, c), c.modules, &layout) / (1 << 20) : 0.0) +
                       (bf16_kernels ? Bf16OutputMiB(s, tokens) : 0.0);
   const double per_seq = KeptMiBPerSequence(s, seq);
   ActivationChoice a;
@@ -253,13 +274,17 @@ ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::A
   };
   // The adapters' parameters (frozen ones included) and the trainable ones' gradients, mirrored
   // in two buffers.
-  double adapter_bytes = 0, rank_sum = 0;
-  for (auto m : adapted) {
-    const auto [trainable, frozen] = AdapterValues(s, at, m);
-    adapter_bytes += 4 * (2 * trainable + frozen);
-    if (at.kind != model::AdapterKind::kDiaBlo) rank_sum += static_cast<double>(at.rank);
-  }
-  adapter_bytes *= static_cast<double>(s.n_layer);
+  double adapter_bytes = 0, z_per_token = 0;  // z: LoRA's A x per adapted module, all layers
+  std::map<int64_t, double> z_of_layer;
+  ForEachLayerModule(s, at, adapted, &layout, [&](int64_t layer, model::Module, std::pair<double, double> values, int64_t rank) {
+    adapter_bytes += 4 * (2 * values.first + values.second);
+    if (at.kind != model::AdapterKind::kDiaBlo) {
+      z_per_token += 4 * static_cast<double>(rank);
+      z_of_layer[layer] += 4 * static_cast<double>(rank);
+    }
+  });
+  double z_layer_max = 0;  // recomputing, one layer's cache holds z at a time
+  for (const auto& [layer, z] : z_of_layer) z_layer_max = std::max(z_layer_max, z);
   // What does not depend on the activation mode, and the per-pass scratch at `pass_tokens`.
   const double fixed = DeviceWeightMiB(s, c.base) + (dequant + adapter_bytes) / (1 << 20);
   auto pass_scratch = [&](double pass_tokens) { return (pass_tokens * per_token + logits(pass_tokens)) / (1 << 20); };
@@ -268,7 +293,7 @@ ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::A
   // backward temporaries; kept, every layer's cache (with LoRA's z per module) and the
   // temporaries.
   const double layers = static_cast<double>(s.n_layer);
-  const double kept_per_seq = static_cast<double>(seq) * (layers * (s.LayerCacheBytesPerToken() + 4 * rank_sum) + s.BackwardTempBytesPerToken()) / (1 << 20);
+  const double kept_per_seq = static_cast<double>(seq) * (layers * s.LayerCacheBytesPerToken() + z_per_token + s.BackwardTempBytesPerToken()) / (1 << 20);
   ActivationChoice a;
   if (keep_within_limit ? device_limit_mib > 0 && kept_per_seq > 0 : !recompute) {
     const double room = device_limit_mib >= kUnknownMemoryMiB ? kDefaultKeptMiB : device_limit_mib - rest;
@@ -279,19 +304,21 @@ ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::A
       a.activation_mib = fit * kept_per_seq;
     }
   }
-  if (a.recompute) a.activation_mib = tokens * (s.RecomputeBytesPerToken() + 4 * rank_sum) / (1 << 20);
+  if (a.recompute) a.activation_mib = tokens * (s.RecomputeBytesPerToken() + z_layer_max) / (1 << 20);
   // Kept in slices of seqs_per_pass sequences: the scratch of one slice.
   a.device_mib = (a.recompute ? rest : fixed + pass_scratch(static_cast<double>(a.seqs_per_pass) * seq)) + a.activation_mib;
   // Host: everything but the activations and logits (Choose's terms without them).
   a.total_mib = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, at, adapted, c.modules) +
-                adapter_copies * AdapterBytes(s, spec, adapted) / (1 << 20) + (per_example ? 2 * AdapterBytes(s, at, c.modules) / (1 << 20) : 0.0);
+                adapter_copies * AdapterBytes(s, spec, adapted, &layout) / (1 << 20) +
+                (per_example ? 2 * AdapterBytes(s, at, c.modules, &layout) / (1 << 20) : 0.0);
   return a;
 }
 
-double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules) {
-  double v = 0;
-  for (auto m : modules) v += AdapterValues(s, spec, m).first;  // what travels: the trainable tensors
-  return v * static_cast<double>(s.n_layer) * 4;
+double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules,
+                    const std::vector<std::optional<model::LayerSetting>>* layout) {
+  double v = 0;  // what travels: the trainable tensors
+  ForEachLayerModule(s, spec, modules, layout, [&](int64_t, model::Module, std::pair<double, double> values, int64_t) { v += values.first; });
+  return v * 4;
 }
 
 std::map<model::Module, double> NormaliseImportance(const std::map<model::Module, double>& raw) {
@@ -372,7 +399,8 @@ double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candi
 
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept, int seqs_per_pass) {
   const double compute = TrainSeconds(w, o, c, kept, seqs_per_pass);
-  const double down = AdapterBytes(shape, o.spec, o.adapted), up = AdapterBytes(shape, SpecAt(o.spec, c), c.modules) * (o.send_fisher ? 2 : 1);
+  const double down = AdapterBytes(shape, o.spec, o.adapted, &o.memory.layout),
+               up = AdapterBytes(shape, SpecAt(o.spec, c), c.modules, &o.memory.layout) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
 

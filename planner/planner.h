@@ -20,6 +20,7 @@
 #pragma once
 
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -123,6 +124,12 @@ struct MemoryModel {
   // Local DP-SGD (model/finetune.cc): every example runs alone (one sequence per pass, whatever
   // the batch) and the clipped per-example gradients are summed in float64 (8 B per trained value).
   bool per_example = false;
+  // Per-layer adapter settings (adapter.layers, model::ParseLayerLayout; empty: every layer has
+  // the spec's modules at its rank): the adapter's state and transfers count the modules and
+  // ranks each layer has. The activations are still predicted as if every layer had adapters
+  // (an over-prediction where the lowest layers have none: backward stops at the first adapted
+  // layer).
+  std::vector<std::optional<model::LayerSetting>> layout;
   static MemoryModel Fitted();
   double BaseMiB(const ModelShape& s, kernels::GgmlType b) const;
   double AdapterStateMiB(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
@@ -160,7 +167,9 @@ struct MemoryModel {
 };
 
 // Bytes of the adapter tensors of `modules` (float32; what travels each way).
-double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules);
+// With a layout (may be null or empty: uniform), the modules and ranks each layer has.
+double AdapterBytes(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& modules,
+                    const std::vector<std::optional<model::LayerSetting>>* layout = nullptr);
 
 struct WorkerProfile {
   std::string name;

@@ -228,6 +228,9 @@ absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& store
   planner::Candidate c{trained, shape.stored, std::max(task.batch, 1), std::max(task.local_steps, 1)};
   planner::MemoryModel mm = planner::MemoryModel::Fitted();
   mm.keep_within_limit = true;
+  if (!p.layers.empty()) {  // the modules and ranks each layer has
+    FT_ASSIGN_OR_RETURN(mm.layout, model::ParseLayerLayout(p.layers, shape.n_layer, adapted));
+  }
   mm.per_example = task.local_dp_clip > 0;  // DP-SGD: one example per pass, a float64 gradient sum
   mm.adapter_copies = env.adapter_copies * static_cast<double>(p.rank) / static_cast<double>(spec.rank);  // copies at the shared rank
   if (!p.base_type.empty()) {

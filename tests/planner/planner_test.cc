@@ -161,6 +161,63 @@ TEST(PlannerTest, DeviceWorkersArePlannedWithinTheirDeviceMemory) {
   EXPECT_EQ(plan->workers[3].predicted_device_mib, 0);
 }
 
+// Per-layer layouts (adapter.layers) with the planner: the adapter's bytes and state count each
+// layer's own modules and rank, checked against the adapters MakeAdaptersWithLayout builds; and
+// a plan over a layout that leaves the lower layers without adapters needs less memory and
+// upload than the uniform adapter.
+TEST(PlannerTest, LayoutsCountEachLayersModulesAndRanks) {
+  testing::TinyModelOptions mo;
+  mo.n_layer = 4;
+  const std::string path = testing::TempPath("planner_layout.gguf");
+  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, mo).ok());
+  auto m = model::LlamaModel::Load(path);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const planner::ModelShape shape = planner::ModelShape::Of(**m);
+  const std::vector<Module> modules = *model::ParseModules("q,v,up");
+  const std::string layout_text = "0:q:r2;2:q,v,up:r8;3";  // layer 1: none; layer 3 the defaults
+  for (auto kind : {model::AdapterKind::kLora, model::AdapterKind::kFfaLora, model::AdapterKind::kDiaBlo}) {
+    const model::AdapterSpec spec{kind, 4, 8.0f, false, 4};
+    auto layout = model::ParseLayerLayout(layout_text, shape.n_layer, modules);
+    ASSERT_TRUE(layout.ok()) << layout.status();
+    auto set = model::MakeAdaptersWithLayout<float>((*m)->adapter_dims(), spec, modules, layout_text, 1);
+    ASSERT_TRUE(set.ok()) << set.status();
+    double trainable = 0, all = 0;
+    for (const auto& layer : set->layers)
+      for (const auto& a : layer)
+        if (a) {
+          trainable += static_cast<double>(a->NumTrainable());
+          all += static_cast<double>(a->a.size() + a->b.size() + a->d.size());
+        }
+    EXPECT_EQ(planner::AdapterBytes(shape, spec, modules, &*layout), 4 * trainable) << model::AdapterKindName(kind);
+    planner::MemoryModel mm;
+    mm.layout = *layout;
+    // Frozen values 4 B, trainable ones 20 B (weight, gradient, two moments, Fisher).
+    EXPECT_NEAR(mm.AdapterStateMiB(shape, spec, modules, modules) * (1 << 20), 4 * (all - trainable) + 20 * trainable, 1e-6)
+        << model::AdapterKindName(kind);
+    EXPECT_LT(planner::AdapterBytes(shape, spec, modules, &*layout), planner::AdapterBytes(shape, spec, modules));
+  }
+  // Planned over the layout: every worker's plan and the round's upload are those of the layout.
+  auto o = Options();
+  o.spec = {model::AdapterKind::kLora, 4, 8.0f, false, 1};
+  o.adapted = modules;
+  o.uniform = {modules, shape.stored, 2, 2};
+  o.memory.keep_within_limit = true;
+  auto uniform_plan = planner::MakePlan(shape, {{Module::kQ, 1}, {Module::kV, 1}, {Module::kUp, 1}}, {{"a", 100, 200, 1, 10}}, o);
+  o.memory.layout = *model::ParseLayerLayout(layout_text, shape.n_layer, modules);
+  auto layout_plan = planner::MakePlan(shape, {{Module::kQ, 1}, {Module::kV, 1}, {Module::kUp, 1}}, {{"a", 100, 200, 1, 10}}, o);
+  ASSERT_TRUE(uniform_plan.ok() && layout_plan.ok());
+  const auto& u = uniform_plan->workers[0];
+  const auto& l = layout_plan->workers[0];
+  ASSERT_FALSE(u.excluded || l.excluded) << u.reason << l.reason;
+  EXPECT_EQ(l.c.batch, u.c.batch);
+  EXPECT_EQ(l.c.local_steps, u.c.local_steps);
+  if (l.c.modules == u.c.modules) {
+    EXPECT_LT(l.predicted_mib, u.predicted_mib);
+  }
+  // On a 1 Mbit/s link the transfer dominates: the layout's smaller adapter is faster.
+  EXPECT_LT(l.predicted_seconds, u.predicted_seconds);
+}
+
 TEST(PlannerTest, MemoryModelGrowsWithEveryInput) {
   const auto mm = planner::MemoryModel::Fitted();
   const auto o = Options();

@@ -273,7 +273,8 @@ TEST_F(SimTest, PerLayerAdapterSettingsFromTheConfig) {
   }
   EXPECT_EQ(layer0, 4);   // q, v x (A, B)
   EXPECT_EQ(layer1, 14);  // 7 modules x (A, B)
-  auto run = Run(Yaml("adapter: {kind: LORA, layers: \"0:q\"}\nplanner: {enabled: true}\n", testing::TempPath("sim_layers_plan2")));
+  // The planner works over layouts; per-worker ranks do not (a layer's rank is the layout's).
+  auto run = Run(Yaml("adapter: {kind: LORA, layers: \"0:q\"}\nplanner: {enabled: true, ranks: [4, 8]}\n", testing::TempPath("sim_layers_plan2")));
   EXPECT_FALSE(run.ok());
   EXPECT_NE(run.status().message().find("adapter.layers"), std::string::npos) << run.status();
   auto worse = Run(Yaml("adapter: {kind: LORA, layers: \"0-9:q\"}\nrounds: 1\n", testing::TempPath("sim_layers_bad")));
@@ -352,6 +353,23 @@ TEST_F(SimTest, ThePlannerUnderSecureAggregationPlansWholeAdapters) {
   ASSERT_TRUE(plan.ok());
   const auto pj = nlohmann::json::parse(*plan);  // (a named value: a range-for over a temporary's member would dangle)
   for (const auto& w : pj.at("workers")) EXPECT_EQ(w.at("modules").get<std::string>(), "q,v,up") << w.dump();
+}
+
+// The planner over a per-layer layout (issue 22 item 4): planned shares of the layout's modules,
+// merged per module over the clients that trained them; plan.json lists each worker's share.
+TEST_F(SimTest, ThePlannerPlansOverAPerLayerLayout) {
+  const std::string out = testing::TempPath("sim_plan_layout");
+  auto p = Run(Yaml("clients: 4\nrounds: 2\nadapter: {kind: LORA, rank: 4, alpha: 8, target_modules: [q, v, up], layers: '0:q:r2;1'}\n"
+                    "profiles: [{name: big, count: 2, memory_mib: 4000}, {name: slow, count: 2, speed: 0.125, memory_mib: 4000}]\n"
+                    "planner: {enabled: true, calibration_steps: 1}\n",
+                    out));
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->rounds.back().metrics.at("accepted"), 4);
+  auto plan = ReadFileToString(out + "/plan.json");
+  ASSERT_TRUE(plan.ok());
+  const auto pj = nlohmann::json::parse(*plan);
+  ASSERT_EQ(pj.at("workers").size(), 4u);
+  for (const auto& w : pj.at("workers")) EXPECT_FALSE(w.at("modules").get<std::string>().empty()) << w.dump();
 }
 
 // Uncertainty-aware merging in its secure-aggregation form (clients mask Fisher-weighted deltas
@@ -512,7 +530,7 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("train: {activation_budget_mib: 512}\nplanner: {enabled: true}\n", "train.activation_budget_mib");
   expect("train: {activation_budget_mib: -2}\n", "train.activation_budget_mib");
   expect("train: {device: tpu}\n", "train.device");
-  expect("adapter: {kind: LORA, layers: \"0:q\"}\nplanner: {enabled: true}\n", "adapter.layers");
+  expect("adapter: {kind: LORA, layers: \"0:q\"}\nplanner: {enabled: true, ranks: [4, 8]}\n", "adapter.layers");
   expect("strategy: {compression: int3}\n", "strategy.compression");
   expect("strategy: {compression: topk, topk_fraction: 1.5}\n", "strategy.topk_fraction");
   expect("strategy: {compression: int8}\nsecure_aggregation: {enabled: true}\n", "strategy.compression");
