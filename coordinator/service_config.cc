@@ -79,6 +79,7 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     po.memory.keep_within_limit = true;  // workers keep activations as far as their memory allows (ClientEnv)
     if (!rs.adapter.layout.empty()) {  // the modules and ranks each layer has
       FT_ASSIGN_OR_RETURN(po.memory.layout, model::ParseLayerLayout(rs.adapter.layout, m->config().n_layer, rs.adapter.modules));
+      FT_RETURN_IF_ERROR(planner::CheckLayout(po.memory.layout, rs.adapter.modules));
     }
     po.memory.adapter_copies = 2;        // a worker daemon's global adapter and update (ClientEnv)
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;

@@ -404,10 +404,45 @@ double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const Pla
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
 
+absl::Status CheckLayout(const std::vector<std::optional<model::LayerSetting>>& layout, const std::vector<model::Module>& adapted) {
+  for (size_t l = 0; l < layout.size(); ++l)
+    if (layout[l])
+      for (auto m : layout[l]->modules)
+        if (!Contains(adapted, m))
+          return absl::InvalidArgumentError(absl::StrCat("adapter.layers: layer ", l, " adapts ", model::ModuleName(m),
+                                                         ", which is not in adapter.target_modules (the planner plans over those)"));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Module, double>& importance_raw,
                               const std::vector<WorkerProfile>& workers, const PlannerOptions& o) {
   if (o.adapted.empty()) return absl::InvalidArgumentError("planner: the adapter has no modules");
   if (o.batches.empty() || o.max_local_steps < 1 || o.seq < 1) return absl::InvalidArgumentError("planner: empty candidate grid");
+  if (!o.memory.layout.empty()) {
+    FT_RETURN_IF_ERROR(CheckLayout(o.memory.layout, o.adapted));
+    // A module no layer has is neither a candidate nor credited (it would cost nothing and train
+    // nothing): plan over the modules the layout has.
+    std::vector<model::Module> present;
+    for (auto m : o.adapted)
+      for (const auto& setting : o.memory.layout)
+        if (setting && Contains(setting->modules, m)) {
+          present.push_back(m);
+          break;
+        }
+    if (present.empty()) return absl::InvalidArgumentError("planner: no layer of adapter.layers has any of the adapter's modules");
+    if (present.size() < o.adapted.size()) {
+      PlannerOptions po = o;
+      po.adapted = present;
+      std::vector<model::Module> uniform;
+      for (auto m : o.uniform.modules)
+        if (Contains(present, m)) uniform.push_back(m);
+      po.uniform.modules = uniform.empty() ? present : uniform;
+      std::map<model::Module, double> importance;
+      for (const auto& [m, v] : importance_raw)
+        if (Contains(present, m)) importance[m] = v;
+      return MakePlan(shape, importance, workers, po);
+    }
+  }
   const auto importance = NormaliseImportance(importance_raw);
   // Local DP-SGD: the order at which the uniform run gives a worker its epsilon.
   auto local_dp_order = [&](const WorkerProfile& w) {

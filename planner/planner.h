@@ -261,6 +261,12 @@ std::map<model::Module, double> UpdateEnergy(const std::map<std::string, std::ve
                                              const std::map<std::string, std::vector<float>>& after, const std::vector<model::Module>& modules);
 void BlendImportance(std::map<model::Module, double>& importance, const std::map<model::Module, double>& moved);
 
+// A layout for the planner names only the adapter's modules (adapter.target_modules): an error
+// naming the first layer and module that is not.
+absl::Status CheckLayout(const std::vector<std::optional<model::LayerSetting>>& layout, const std::vector<model::Module>& adapted);
+
+// With a layout (PlannerOptions::memory.layout), the modules no layer has are left out of the
+// candidates, the uniform configuration and the importance.
 absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Module, double>& importance,
                               const std::vector<WorkerProfile>& workers, const PlannerOptions& o);
 

@@ -713,6 +713,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     po.memory.keep_within_limit = !c.train().no_recompute() && c.train().activation_budget_mib() == 0;
     if (!rs.adapter.layout.empty()) {  // the modules and ranks each layer has
       FT_ASSIGN_OR_RETURN(po.memory.layout, model::ParseLayerLayout(rs.adapter.layout, model->config().n_layer, rs.adapter.modules));
+      FT_RETURN_IF_ERROR(planner::CheckLayout(po.memory.layout, rs.adapter.modules));
     }
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
     po.whole_adapter = rs.secure.enabled;  // no per-module shares under secure aggregation (settings.cc)

@@ -216,6 +216,22 @@ TEST(PlannerTest, LayoutsCountEachLayersModulesAndRanks) {
   }
   // On a 1 Mbit/s link the transfer dominates: the layout's smaller adapter is faster.
   EXPECT_LT(l.predicted_seconds, u.predicted_seconds);
+  // A module no layer has (down here) is never planned, however important; a layout naming a
+  // module outside the adapter's is refused.
+  o.adapted = *model::ParseModules("q,v,up,down");
+  o.uniform.modules = o.adapted;
+  o.memory.layout = *model::ParseLayerLayout("0-3:q,v", shape.n_layer, o.adapted);
+  std::vector<planner::WorkerProfile> tight = {{"small", 100, 200, 1, 10}, {"big", 4000, 200, 1, 10}};
+  auto without = planner::MakePlan(shape, {{Module::kQ, 1}, {Module::kV, 1}, {Module::kUp, 5}, {Module::kDown, 5}}, tight, o);
+  ASSERT_TRUE(without.ok()) << without.status();
+  for (const auto& w : without->workers) {
+    ASSERT_FALSE(w.excluded) << w.reason;
+    for (auto mod : w.c.modules) EXPECT_TRUE(mod == Module::kQ || mod == Module::kV) << w.explanation;
+  }
+  o.memory.layout = *model::ParseLayerLayout("0:gate", shape.n_layer, o.adapted);
+  const auto refused = planner::MakePlan(shape, {{Module::kQ, 1}}, tight, o);
+  EXPECT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("gate"), std::string::npos) << refused.status();
 }
 
 TEST(PlannerTest, MemoryModelGrowsWithEveryInput) {
