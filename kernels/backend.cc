@@ -136,13 +136,13 @@ class CpuReference final : public HostMemoryBackend {
     kernels::RopeBackward<float>(dx, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
-    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/false, softcap);
   }
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos) override {
-    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/false, softcap);
   }
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
     kernels::SwiGluForward<float>(gate, up, out, n);
@@ -152,8 +152,8 @@ class CpuReference final : public HostMemoryBackend {
     kernels::SwiGluBackward<float>(gate, up, dout, dgate, dup, n);
   }
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
-                      float grad_scale) override {
-    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale);
+                      float grad_scale, float softcap) override {
+    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, 256, /*fast=*/false, softcap);
   }
   void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
     AdamWRange(p, g, m, v, fisher, 0, n, s);
@@ -232,13 +232,13 @@ class CpuFast : public HostMemoryBackend {
     Rope(dx, pos, rows, heads, head_dim, rot_dim, base, ff, -1.0);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
-    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true);
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true, softcap);
   }
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos) override {
-    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true);
+                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true, softcap);
   }
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
     DefaultPool().ParallelFor(n, 4096, [&](int64_t i0, int64_t i1, int) {
@@ -254,8 +254,8 @@ class CpuFast : public HostMemoryBackend {
     });
   }
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
-                      float grad_scale) override {
-    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, 256, /*fast=*/true);
+                      float grad_scale, float softcap) override {
+    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, 256, /*fast=*/true, softcap);
   }
   void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
     DefaultPool().ParallelFor(n, 8192, [&](int64_t i0, int64_t i1, int) { AdamWRange(p, g, m, v, fisher, i0, i1, s); });
@@ -405,14 +405,14 @@ class CpuBf16 final : public CpuFast {
   // for the next call) and every 256-row chunk multiplies against it; fewer scored rows than
   // kMinRowsWhole do not pay for the conversion and stay cpu-fast.
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
-                      float grad_scale) override {
+                      float grad_scale, float softcap) override {
     const int64_t V = w_out.rows, E = w_out.cols;
     int64_t scored = 0;
     for (int64_t r = 0; r < rows; ++r) scored += target[r] >= 0 ? 1 : 0;
-    if (scored < kMinRowsWhole || V * E > kMaxOutputValues) return CpuFast::CrossEntropy(w_out, h, target, rows, dh, grad_scale);
+    if (scored < kMinRowsWhole || V * E > kMaxOutputValues) return CpuFast::CrossEntropy(w_out, h, target, rows, dh, grad_scale, softcap);
     const uint16_t* wb = OutputBf16(w_out);
     return CrossEntropyChunkedWith(
-        V, E, h, target, rows, dh, grad_scale, 256,
+        V, E, h, target, rows, dh, grad_scale, 256, softcap,
         [&](const float* x, float* y, int64_t n) { Bf16MatmulNT(ActivationsBf16(x, n * E), wb, y, n, V, E); },
         [&](const float* dy, float* dx, int64_t n) { Bf16MatmulNNAdd(ActivationsBf16(dy, n * V), wb, dx, n, V, E); });
   }
@@ -489,13 +489,13 @@ class Dispatching final : public Backend {
     Pick(Op::kRopeBackward).RopeBackward(dx, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
-    Pick(Op::kAttentionForward).AttentionForward(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+    Pick(Op::kAttentionForward).AttentionForward(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, softcap);
   }
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos) override {
-    Pick(Op::kAttentionBackward).AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos);
+                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+    Pick(Op::kAttentionBackward).AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, softcap);
   }
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
     Pick(Op::kSwiGluForward).SwiGluForward(gate, up, out, n);
@@ -505,8 +505,8 @@ class Dispatching final : public Backend {
     Pick(Op::kSwiGluBackward).SwiGluBackward(gate, up, dout, dgate, dup, n);
   }
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
-                      float grad_scale) override {
-    return Pick(Op::kCrossEntropy).CrossEntropy(w_out, h, target, rows, dh, grad_scale);
+                      float grad_scale, float softcap) override {
+    return Pick(Op::kCrossEntropy).CrossEntropy(w_out, h, target, rows, dh, grad_scale, softcap);
   }
   void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
     Pick(Op::kAdamW).AdamW(p, g, m, v, fisher, n, s);

@@ -106,20 +106,22 @@ class Backend {
   virtual void RopeBackward(float* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_t head_dim,
                             int64_t rot_dim, float base, const float* freq_factors) = 0;
   // seg_pos (may be null): packed rows, token i attends to keys i - seg_pos[i] .. i of its row.
+  // softcap > 0: scores capped to softcap * tanh(s / softcap) before the softmax (Gemma 2); 0: none.
   virtual void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq,
                                 int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                                const int32_t* seg_pos) = 0;
+                                const int32_t* seg_pos, float softcap) = 0;
   virtual void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq,
                                  float* dk, float* dv, int64_t n_seq, int64_t len, int64_t n_head,
-                                 int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) = 0;
+                                 int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) = 0;
   virtual void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) = 0;
   virtual void GegluForward(const float* gate, const float* up, float* out, int64_t n) = 0;
   virtual void GegluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) = 0;
   virtual void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup,
                               int64_t n) = 0;
   // Returns the summed NLL over rows with target >= 0; dh (may be null) += grad_scale * dNLL/dh.
+  // softcap > 0: logits z capped to softcap * tanh(z / softcap) first (Gemma 2); 0: none.
   virtual double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows,
-                              float* dh, float grad_scale) = 0;
+                              float* dh, float grad_scale, float softcap) = 0;
   virtual void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) = 0;
   // A: r x in, B: out x r, z: m x r (written), y: m x out (added to).
   virtual void LoraForward(const float* x, const float* a, const float* b, float* z, float* y, int64_t m,

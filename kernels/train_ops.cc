@@ -128,9 +128,12 @@ inline int64_t FirstKey(const int32_t* seg_pos, int64_t i) { return seg_pos != n
 // Rows [i0, i1) of P = softmax(scale * Q_h K_g^T) with the causal (and, packed, per-example)
 // mask, against keys [0, i1) only (the causal square's upper part is never computed): an
 // (i1 - i0) x i1 block with leading dimension ldp. seg_pos: this sequence's positions or null.
+// softcap > 0 (Gemma 2): the scores become softcap * tanh(scores / softcap) before the softmax,
+// and `dcap` (same layout as p, may be null) receives the cap's derivative 1 / cosh^2(s / softcap)
+// for the backward pass (from the raw score: 1 - tanh^2 loses digits where the cap saturates).
 template <typename T>
 void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t ldp, int64_t i0, int64_t i1,
-                 int64_t hd, const int32_t* seg_pos, bool fast_exp) {
+                 int64_t hd, const int32_t* seg_pos, bool fast_exp, T softcap = T(0), T* dcap = nullptr) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
   Gemm<T>(false, true, i1 - i0, i1, hd, scale, qh + i0 * q_stride, q_stride, kg, kv_stride, T(0), p, ldp);
   for (int64_t i = i0; i < i1; ++i) {
@@ -141,6 +144,17 @@ void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, 
     std::fill(row + i + 1, row + i1, T(0));
     T* vis = row + j0;
     const int64_t nv = i + 1 - j0;
+    if (softcap > T(0)) {
+      T* d = dcap != nullptr ? dcap + (i - i0) * ldp + j0 : nullptr;
+      for (int64_t j = 0; j < nv; ++j) {
+        const T x = vis[j] / softcap;
+        vis[j] = softcap * std::tanh(x);
+        if (d != nullptr) {
+          const T ch = std::cosh(x);
+          d[j] = T(1) / (ch * ch);
+        }
+      }
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (fast_exp) {
         const float mx = avx2::MaxOf(vis, nv);
@@ -168,7 +182,7 @@ inline int64_t AttentionRowBlock(int64_t len, bool fast_exp) { return fast_exp ?
 
 template <typename T>
 void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, int64_t n_head,
-                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, bool fast_exp) {
+                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, bool fast_exp, float softcap) {
   fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
   const int64_t blk = AttentionRowBlock(len, fast_exp);
@@ -183,7 +197,7 @@ void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq,
       const T* vg = v + row0 * kvd + g * head_dim;
       for (int64_t i0 = 0; i0 < len; i0 += blk) {
         const int64_t i1 = std::min(len, i0 + blk);
-        CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, seg_pos ? seg_pos + row0 : nullptr, fast_exp);
+        CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, seg_pos ? seg_pos + row0 : nullptr, fast_exp, static_cast<T>(softcap));
         Gemm<T>(false, false, i1 - i0, head_dim, i1, T(1), p.data(), i1, vg, kvd, T(0), out + (row0 + i0) * E + h * head_dim, E);
       }
     }
@@ -193,16 +207,18 @@ void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq,
 template <typename T>
 void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq,
                        int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos,
-                       bool fast_exp) {
+                       bool fast_exp, float softcap) {
   fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t blk = AttentionRowBlock(len, fast_exp);
   // One task per (sequence, KV head): the query heads of a group add into the same dk/dv.
   DefaultPool().ParallelFor(n_seq * n_head_kv, 1, [&](int64_t b, int64_t e, int) {
-    thread_local std::vector<T> p, dp;
+    thread_local std::vector<T> p, dp, dcap;
     p.resize(static_cast<size_t>(blk * len));
     dp.resize(p.size());
+    if (softcap > 0.0f) dcap.resize(p.size());
+    const T cap = static_cast<T>(softcap);
     for (int64_t idx = b; idx < e; ++idx) {
       const int64_t s = idx / n_head_kv, g = idx % n_head_kv, row0 = s * len;
       const T* kg = k + row0 * kvd + g * head_dim;
@@ -216,7 +232,7 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
         T* dqh = dq + row0 * E + h * head_dim;
         for (int64_t i0 = 0; i0 < len; i0 += blk) {
           const int64_t i1 = std::min(len, i0 + blk), nr = i1 - i0;
-          CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, sp, fast_exp);
+          CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, sp, fast_exp, cap, softcap > 0.0f ? dcap.data() : nullptr);
           // Rows [i0, i1) against keys [0, i1):
           // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
           Gemm<T>(true, false, i1, head_dim, nr, T(1), p.data(), i1, doh + i0 * E, E, T(1), dvg, kvd);
@@ -228,6 +244,10 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
             double dot = 0.0;
             for (int64_t j = j0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
             for (int64_t j = j0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
+            if (softcap > 0.0f) {  // through the cap: d(c tanh(s / c)) / ds = 1 / cosh^2(s / c)
+              const T* cr = dcap.data() + (i - i0) * i1;
+              for (int64_t j = j0; j <= i; ++j) dr[j] *= cr[j];
+            }
             std::fill(dr, dr + j0, T(0));
             std::fill(dr + i + 1, dr + i1, T(0));
           }
@@ -284,7 +304,31 @@ namespace {
 // Softmax cross-entropy of one logit row against target t: returns the NLL; with `grad`, the
 // row becomes grad_scale * (softmax - onehot(t)).
 template <typename T>
-double CrossEntropyRow(T* row, int64_t V, int32_t t, bool grad, T grad_scale, bool fast) {
+double CrossEntropyRow(T* row, int64_t V, int32_t t, bool grad, T grad_scale, bool fast, T softcap) {
+  if (softcap > T(0)) {  // Gemma 2's final-logit soft-capping: z <- c tanh(z / c), in place
+    // The cap's derivative 1 / cosh^2(z / c) from the raw logits (1 - tanh^2 would lose digits
+    // where the cap saturates), then the softmax gradient through it.
+    thread_local std::vector<T> dcap;
+    if (grad) dcap.resize(static_cast<size_t>(V));
+    for (int64_t j = 0; j < V; ++j) {
+      const T x = row[j] / softcap;
+      row[j] = softcap * std::tanh(x);
+      if (grad) {
+        const T ch = std::cosh(x);
+        dcap[static_cast<size_t>(j)] = T(1) / (ch * ch);
+      }
+    }
+    const T mx = *std::max_element(row, row + V);
+    double se = 0.0;
+    for (int64_t j = 0; j < V; ++j) se += static_cast<double>(std::exp(row[j] - mx));
+    const double lse = std::log(se) + static_cast<double>(mx);
+    const double nll = lse - static_cast<double>(row[t]);
+    if (grad) {
+      const T shift = static_cast<T>(lse);
+      for (int64_t j = 0; j < V; ++j) row[j] = (std::exp(row[j] - shift) * grad_scale - (j == t ? grad_scale : T(0))) * dcap[static_cast<size_t>(j)];
+    }
+    return nll;
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (fast) {
       const float mx = avx2::MaxOf(row, V);
@@ -316,7 +360,7 @@ namespace {
 // The chunk loop of CrossEntropyChunked with the products as callables (V x E output matrix).
 template <typename T, typename Fwd, typename Bwd>
 double CrossEntropyChunks(int64_t V, int64_t E, const T* h, const int32_t* target, int64_t rows, T* dh, T grad_scale, int64_t chunk,
-                          bool fast, const Fwd& forward, const Bwd& backward) {
+                          bool fast, T softcap, const Fwd& forward, const Bwd& backward) {
   std::vector<int64_t> scored;
   for (int64_t r = 0; r < rows; ++r) {
     if (target[r] >= 0) {
@@ -337,7 +381,7 @@ double CrossEntropyChunks(int64_t V, int64_t E, const T* h, const int32_t* targe
     auto rows_fn = [&](int64_t i0, int64_t i1, int) {
       for (int64_t i = i0; i < i1; ++i) {
         row_nll[static_cast<size_t>(i)] =
-            CrossEntropyRow(logits.data() + i * V, V, target[scored[c0 + static_cast<size_t>(i)]], dh != nullptr, grad_scale, fast);
+            CrossEntropyRow(logits.data() + i * V, V, target[scored[c0 + static_cast<size_t>(i)]], dh != nullptr, grad_scale, fast, softcap);
       }
     };
     if (fast) {
@@ -361,18 +405,18 @@ double CrossEntropyChunks(int64_t V, int64_t E, const T* h, const int32_t* targe
 
 template <typename T>
 double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh, T grad_scale,
-                           int64_t chunk, bool fast) {
+                           int64_t chunk, bool fast, float softcap) {
   fast = fast && std::is_same_v<T, float> && HaveAvx2Fma();
   return CrossEntropyChunks<T>(
-      w_out.rows, w_out.cols, h, target, rows, dh, grad_scale, chunk, fast,
+      w_out.rows, w_out.cols, h, target, rows, dh, grad_scale, chunk, fast, static_cast<T>(softcap),
       [&](const T* x, T* y, int64_t n) { QLinearForward<T>(w_out, x, y, n); },
       [&](const T* dy, T* dx, int64_t n) { QLinearBackward<T>(w_out, dy, dx, n); });
 }
 
 double CrossEntropyChunkedWith(int64_t V, int64_t E, const float* h, const int32_t* target, int64_t rows, float* dh, float grad_scale,
-                               int64_t chunk, const std::function<void(const float*, float*, int64_t)>& forward,
+                               int64_t chunk, float softcap, const std::function<void(const float*, float*, int64_t)>& forward,
                                const std::function<void(const float*, float*, int64_t)>& backward) {
-  return CrossEntropyChunks<float>(V, E, h, target, rows, dh, grad_scale, chunk, HaveAvx2Fma(), forward, backward);
+  return CrossEntropyChunks<float>(V, E, h, target, rows, dh, grad_scale, chunk, HaveAvx2Fma(), softcap, forward, backward);
 }
 
 template <typename T>
@@ -455,14 +499,14 @@ void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, T* out) {
   template void RopeForward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float, const float*);\
   template void RopeBackward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float, const float*);\
   template void AttentionForward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,   \
-                                    int64_t, const int32_t*, bool);                                         \
+                                    int64_t, const int32_t*, bool, float);                                  \
   template void AttentionBackward<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t,  \
-                                     int64_t, int64_t, int64_t, const int32_t*, bool);                      \
+                                     int64_t, int64_t, int64_t, const int32_t*, bool, float);               \
   template void SwiGluForward<T>(const T*, const T*, T*, int64_t);                                          \
   template void SwiGluBackward<T>(const T*, const T*, const T*, T*, T*, int64_t);                           \
   template void GegluForward<T>(const T*, const T*, T*, int64_t);                                           \
   template void GegluBackward<T>(const T*, const T*, const T*, T*, T*, int64_t);                            \
-  template double CrossEntropyChunked<T>(const QMatrix&, const T*, const int32_t*, int64_t, T*, T, int64_t, bool); \
+  template double CrossEntropyChunked<T>(const QMatrix&, const T*, const int32_t*, int64_t, T*, T, int64_t, bool, float); \
   template void LoraForward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, int64_t, T);    \
   template void LoraBackward<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t, \
                                 int64_t, int64_t, T);                                                          \

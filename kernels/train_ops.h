@@ -48,13 +48,16 @@ void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_
 // its example; token i then attends to keys i - seg_pos[i] .. i only.
 // fast_exp (float only, AVX2 CPUs): softmax exponentials by the vectorised e^x of
 // kernels/fast_ops.h instead of double std::exp (the cpu-fast backend).
+// softcap > 0 (Gemma 2's attn_logit_softcapping): scores s = q.k / sqrt(head_dim) become
+// softcap * tanh(s / softcap) before the softmax; the backward pass goes through the cap.
 template <typename T>
 void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, int64_t n_head,
-                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos = nullptr, bool fast_exp = false);
+                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos = nullptr, bool fast_exp = false,
+                      float softcap = 0.0f);
 template <typename T>
 void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq,
                        int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                       const int32_t* seg_pos = nullptr, bool fast_exp = false);
+                       const int32_t* seg_pos = nullptr, bool fast_exp = false, float softcap = 0.0f);
 
 // out = silu(gate) * up;  backward adds into dgate, dup.
 template <typename T>
@@ -74,14 +77,15 @@ void SwiGluBackward(const T* gate, const T* up, const T* dout, T* dgate, T* dup,
 // scored rows; dh (if not null) receives d(sum NLL * grad_scale)/dh. The output projection is
 // frozen.
 // fast (float only): rows of a chunk in parallel, vectorised exponentials.
+// softcap > 0 (Gemma 2's final_logit_softcapping): logits z become softcap * tanh(z / softcap).
 template <typename T>
 double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* target, int64_t rows, T* dh,
-                           T grad_scale, int64_t chunk = 256, bool fast = false);
+                           T grad_scale, int64_t chunk = 256, bool fast = false, float softcap = 0.0f);
 // The same (float, fast) with the two products against the V x E output matrix supplied by the
 // caller (the bf16 backend): forward(x, y, n): y[n, V] = x[n, E] W^T; backward(dy, dx, n):
 // dx[n, E] += dy[n, V] W.
 double CrossEntropyChunkedWith(int64_t V, int64_t E, const float* h, const int32_t* target, int64_t rows, float* dh, float grad_scale,
-                               int64_t chunk, const std::function<void(const float*, float*, int64_t)>& forward,
+                               int64_t chunk, float softcap, const std::function<void(const float*, float*, int64_t)>& forward,
                                const std::function<void(const float*, float*, int64_t)>& backward);
 
 // LoRA on one module: z[m,r] = x A^T (A: r x in); y[m,out] += s z B^T (B: out x r).

@@ -98,17 +98,20 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   const GgufFile& g = *gguf;
   LlamaConfig& c = m->cfg_;
   FT_ASSIGN_OR_RETURN(c.arch, g.GetString("general.architecture"));
-  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma3" && c.arch != "phi3") {
-    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama, qwen2, qwen3, gemma3, phi3)"));
+  if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen3" && c.arch != "gemma2" && c.arch != "gemma3" && c.arch != "phi3") {
+    return absl::UnimplementedError(absl::StrCat("architecture '", c.arch, "' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3)"));
   }
-  c.neox_file_layout = c.arch != "llama";  // llama.cpp runs qwen2/qwen3/gemma3/phi3 with NeoX RoPE on unpermuted rows
-  c.gemma = c.arch == "gemma3";
+  c.neox_file_layout = c.arch != "llama";  // llama.cpp runs qwen2/qwen3/gemma2/gemma3/phi3 with NeoX RoPE on unpermuted rows
+  const bool gemma2 = c.arch == "gemma2";
+  c.gemma = gemma2 || c.arch == "gemma3";
   c.fused = c.arch == "phi3";
   const std::string a = c.arch + ".";
-  // Settings the engine does not implement: refused by name, never run approximately.
+  // Settings the engine does not implement: refused by name, never run approximately (Gemma 2's
+  // soft-capping is implemented and read below).
   for (const char* k : {"expert_count", "attn_logit_softcapping", "final_logit_softcapping", "attention.layer_norm_epsilon",
                         "attention.clamp_kqv", "rope.scaling.attn_factor", "attention.q_lora_rank", "embedding_scale", "residual_scale", "logit_scale"}) {
     if (g.Find(a + k) == nullptr) continue;
+    if (gemma2 && std::string(k).ends_with("softcapping")) continue;
     if (std::string(k) == "expert_count" && g.GetIntOr(a + k, 0) == 0) continue;
     if (std::string(k) == "rope.scaling.attn_factor" && g.GetFloatOr(a + k, 1.0) == 1.0) continue;
     return absl::UnimplementedError(absl::StrCat("model sets '", a, k, "', which this engine does not implement"));
@@ -121,7 +124,14 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   c.n_ctx_train = g.GetIntOr(a + "context_length", 2048);
   c.rope_base = static_cast<float>(g.GetFloatOr(a + "rope.freq_base", 10000.0));
   c.rms_eps = static_cast<float>(g.GetFloatOr(a + "attention.layer_norm_rms_epsilon", 1e-5));
-  c.sliding_window = g.GetIntOr(a + "attention.sliding_window", 0);
+  // Gemma 2 as llama.cpp reads it: a 4,096-token window unless the file says otherwise, caps
+  // 50 (attention) and 30 (logits) unless set.
+  c.sliding_window = g.GetIntOr(a + "attention.sliding_window", gemma2 ? 4096 : 0);
+  if (gemma2) {
+    c.attn_softcap = static_cast<float>(g.GetFloatOr(a + "attn_logit_softcapping", 50.0));
+    c.final_softcap = static_cast<float>(g.GetFloatOr(a + "final_logit_softcapping", 30.0));
+    if (!(c.attn_softcap >= 0.0f) || !(c.final_softcap >= 0.0f)) return absl::InvalidArgumentError(absl::StrCat(a, "*_logit_softcapping must not be negative"));
+  }
   if (c.n_head <= 0 || c.n_embd <= 0) return absl::InvalidArgumentError("embedding_length and head_count must be positive");
   if (g.Find(a + "attention.key_length") != nullptr) {
     c.head_dim = g.GetIntOr(a + "attention.key_length", 0);
@@ -134,14 +144,16 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   }
   if (c.head_dim <= 0 || c.head_dim > 1024) return absl::InvalidArgumentError(absl::StrCat("head size ", c.head_dim, " out of range"));
   if (c.gemma) {
-    // As llama.cpp (models/gemma3.cpp): embeddings x sqrt(n_embd); attention scale 1/sqrt(head
-    // size) except the 62-layer (27B) model's 1/sqrt(n_embd / n_head); local layers by
-    // sliding_window_pattern (a per-layer list, or every n-th layer global; default 6) with
-    // their own RoPE base (rope.freq_base_swa, default 10000). Norm weights are stored +1.
+    // As llama.cpp (models/gemma3.cpp, gemma2-iswa.cpp): embeddings x sqrt(n_embd); attention
+    // scale 1/sqrt(head size) except the 27B models' 1/sqrt(n_embd / n_head) (gemma3: 62
+    // layers, gemma2: 46); local layers by sliding_window_pattern (a per-layer list, or every
+    // n-th layer global; default 6, gemma2: 2) with their own RoPE base (rope.freq_base_swa,
+    // default 10000, gemma2: the global base). Norm weights are stored +1.
     c.embed_scale = std::sqrt(static_cast<float>(c.n_embd));
-    const double attn_scale = c.n_layer == 62 ? 1.0 / std::sqrt(static_cast<double>(c.n_embd / c.n_head)) : 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+    const bool is_27b = c.n_layer == (gemma2 ? 46 : 62);
+    const double attn_scale = is_27b ? 1.0 / std::sqrt(static_cast<double>(c.n_embd / c.n_head)) : 1.0 / std::sqrt(static_cast<double>(c.head_dim));
     c.query_scale = static_cast<float>(attn_scale * std::sqrt(static_cast<double>(c.head_dim)));
-    c.rope_base_swa = static_cast<float>(g.GetFloatOr(a + "rope.freq_base_swa", 10000.0));
+    c.rope_base_swa = static_cast<float>(g.GetFloatOr(a + "rope.freq_base_swa", gemma2 ? c.rope_base : 10000.0));
     if (c.sliding_window > 0) {
       c.swa_layers.assign(static_cast<size_t>(c.n_layer), 0);
       const GgufValue* pat = g.Find(a + "attention.sliding_window_pattern");
@@ -149,7 +161,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
         if (static_cast<int64_t>(pat->ints.size()) != c.n_layer) return absl::InvalidArgumentError(a + "attention.sliding_window_pattern needs one entry per layer");
         for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers[static_cast<size_t>(l)] = pat->ints[static_cast<size_t>(l)] != 0;
       } else {
-        const int64_t n = pat != nullptr ? g.GetIntOr(a + "attention.sliding_window_pattern", 6) : 6;
+        const int64_t def = gemma2 ? 2 : 6;
+        const int64_t n = pat != nullptr ? g.GetIntOr(a + "attention.sliding_window_pattern", def) : def;
         for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers[static_cast<size_t>(l)] = n > 0 && l % n < n - 1;
       }
     }
@@ -301,13 +314,14 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
   };
   auto flag = [&](const char* k) { return j.contains(k) && j[k].is_boolean() && j[k].get<bool>(); };
   const std::string type = j.value("model_type", std::string("llama"));
-  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "qwen3" && type != "gemma3_text" && type != "phi3") {
-    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: model_type '", type, "' is not supported (llama, mistral, qwen2, qwen3, gemma3_text, phi3)"));
+  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "qwen3" && type != "gemma2" && type != "gemma3_text" && type != "phi3") {
+    return absl::UnimplementedError(absl::StrCat(dir, "/config.json: model_type '", type, "' is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)"));
   }
   c.fused = type == "phi3";
-  const bool gemma = type == "gemma3_text";
+  const bool gemma2 = type == "gemma2";
+  const bool gemma = gemma2 || type == "gemma3_text";
   // llama.cpp's names: Mistral runs as llama, Gemma 3 (text) as gemma3.
-  c.arch = type == "mistral" ? "llama" : gemma ? "gemma3" : type;
+  c.arch = type == "mistral" ? "llama" : type == "gemma3_text" ? "gemma3" : type;
   c.gemma = gemma;
   c.neox_file_layout = true;                   // Hugging Face stores q/k rows in rotate_half order
   FT_RETURN_IF_ERROR(get_int("hidden_size", &c.n_embd, std::nullopt));
@@ -347,7 +361,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
                                                                                                 : j.value("hidden_act", std::string(gemma ? "gelu_pytorch_tanh" : "silu"));
   if (act != (gemma ? "gelu_pytorch_tanh" : "silu")) return unimplemented(absl::StrCat("hidden_act '", act, "'"));
   for (const char* k : {"final_logit_softcapping", "attn_logit_softcapping"}) {
-    if (j.contains(k) && !j[k].is_null()) return unimplemented(k);
+    if (!j.contains(k) || j[k].is_null()) continue;
+    if (!gemma2) return unimplemented(k);
+    if (!j[k].is_number() || !(j[k].get<double>() >= 0.0)) return bad(absl::StrCat("'", k, "' must be a non-negative number"));
+    (std::string(k) == "final_logit_softcapping" ? c.final_softcap : c.attn_softcap) = j[k].get<float>();
   }
   if (flag("mlp_bias")) return unimplemented("mlp_bias");
   if (j.contains("partial_rotary_factor") && j["partial_rotary_factor"].is_number() && j["partial_rotary_factor"].get<double>() != 1.0) {
@@ -379,12 +396,14 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
       for (const auto& t : j["layer_types"]) c.swa_layers.push_back(t.get<std::string>() == "sliding_attention");
       if (static_cast<int64_t>(c.swa_layers.size()) != c.n_layer) return bad("layer_types needs one entry per layer");
     } else if (!j.contains("layer_types")) {
-      // transformers 4.50-4.52 configs (gemma-3-1b-it): sliding_window_pattern, every n-th layer global.
-      const int64_t n = j.value("sliding_window_pattern", int64_t{6});
+      // transformers 4.50-4.52 configs (gemma-3-1b-it): sliding_window_pattern, every n-th layer
+      // global; transformers 4.x Gemma 2 configs have neither key: every second layer global.
+      const int64_t n = j.value("sliding_window_pattern", int64_t{gemma2 ? 2 : 6});
       if (n <= 0) return bad("sliding_window_pattern must be positive");
       for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers.push_back((l + 1) % n != 0);
       if (n > 1 && j.contains("sliding_window") && j["sliding_window"].is_number_integer()) c.sliding_window = j["sliding_window"].get<int64_t>();
     }
+    if (gemma2) c.rope_base_swa = c.rope_base;  // one RoPE base for both kinds of layer
   }
   if (rope != nullptr) {
     const auto& rs = *rope;
@@ -489,7 +508,7 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.k_proj.bias", kv, &L.bk));
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.v_proj.bias", kv, &L.bv));
     FT_RETURN_IF_ERROR(optional_vec(p + "self_attn.o_proj.bias", c.n_embd, &L.bo));
-    if (type == "qwen3" || gemma) {
+    if (type == "qwen3" || type == "gemma3_text") {
       FT_ASSIGN_OR_RETURN(L.q_norm, norm(p + "self_attn.q_norm.weight", c.head_dim));
       FT_ASSIGN_OR_RETURN(L.k_norm, norm(p + "self_attn.k_norm.weight", c.head_dim));
       c.qk_norm = true;
@@ -762,7 +781,7 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     }
     if (c.query_scale != 1.0f)
       for (float& e : q) e *= c.query_scale;
-    kernels::CausalAttention(q.data(), Dq, kc, vc, kvd, attn.data(), Dq, T, n_past_, H, Hkv, hd);
+    kernels::CausalAttention(q.data(), Dq, kc, vc, kvd, attn.data(), Dq, T, n_past_, H, Hkv, hd, c.attn_softcap);
     linear(Module::kO, L.wo, attn.data(), o.data(), L.bo);
     if (!L.post_attn_norm.empty()) kernels::RmsNorm(o.data(), L.post_attn_norm.data(), o.data(), T, E, c.rms_eps);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
@@ -784,6 +803,7 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   kernels::RmsNorm(x.data() + first * E, m_.output_norm().data(), h.data(), rows, E, c.rms_eps);
   logits->resize(static_cast<size_t>(rows * c.n_vocab));
   kernels::MatMulQ(m_.output(), h.data(), logits->data(), rows);
+  if (c.final_softcap > 0.0f) kernels::SoftCap(logits->data(), static_cast<int64_t>(logits->size()), c.final_softcap);
   return absl::OkStatus();
 }
 

@@ -24,8 +24,9 @@ namespace fedtune::model {
 // The decoder families this engine runs (docs/guide.md "Model families"): llama (SmolLM2,
 // TinyLlama, Llama 2/3.x with RoPE scaling, Mistral), qwen2 (q/k/v biases), qwen3 (per-head
 // q/k RMSNorm), gemma3 (text: GeGLU, scaled embeddings, post-attention and post-MLP norms,
-// local/global layers with their own RoPE bases), phi3 (fused qkv and gate_up). Everything a
-// file sets that the engine does not implement is refused at load.
+// local/global layers with their own RoPE bases), gemma2 (gemma3's layers without q/k norms,
+// with attention and final-logit soft-capping, local/global alternating), phi3 (fused qkv and
+// gate_up). Everything a file sets that the engine does not implement is refused at load.
 struct LlamaConfig {
   std::string arch = "llama";
   int64_t n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, n_ff = 0;
@@ -44,16 +45,19 @@ struct LlamaConfig {
   // Sliding-window attention (Mistral): exact while a sequence is no longer than the window,
   // so longer sequences are refused rather than run with full attention.
   int64_t sliding_window = 0;
-  // gemma3: GeGLU MLP (gelu_tanh), embeddings x sqrt(n_embd), RMSNorm on the attention and
-  // MLP outputs before the residual adds (post_attn_norm, post_ffn_norm).
+  // gemma2/gemma3: GeGLU MLP (gelu_tanh), embeddings x sqrt(n_embd), RMSNorm on the attention
+  // and MLP outputs before the residual adds (post_attn_norm, post_ffn_norm).
   bool gemma = false;
+  // gemma2: attention scores s -> attn_softcap * tanh(s / attn_softcap) before the softmax, and
+  // logits z -> final_softcap * tanh(z / final_softcap); 0: none.
+  float attn_softcap = 0.0f, final_softcap = 0.0f;
   // phi3: q, k, v are row ranges of one fused attn_qkv / qkv_proj tensor, gate and up of one
   // ffn_up / gate_up_proj (views, no copies); exports address the fused tensors (PEFT's names).
   bool fused = false;
   float embed_scale = 1.0f;
   float query_scale = 1.0f;  // q x this after RoPE: attention scale query_scale / sqrt(head_dim)
   // Per layer: sliding-window ("local") attention, whose RoPE uses rope_base_swa and no
-  // frequency factors (gemma3); empty: every layer global.
+  // frequency factors (gemma2/gemma3); empty: every layer global.
   std::vector<uint8_t> swa_layers;
   float rope_base_swa = 10000.0f;
   int64_t q_dim() const { return n_head * head_dim; }  // may differ from n_embd (qwen3, gemma)

@@ -204,13 +204,13 @@ struct Kern {
   }
   void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, const LlamaConfig& c,
                         const int32_t* seg) const {
-    if constexpr (kF) be->AttentionForward(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
-    else kernels::AttentionForward<T>(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
+    if constexpr (kF) be->AttentionForward(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, c.attn_softcap);
+    else kernels::AttentionForward<T>(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, false, c.attn_softcap);
   }
   void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq, int64_t len,
                          const LlamaConfig& c, const int32_t* seg) const {
-    if constexpr (kF) be->AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
-    else kernels::AttentionBackward<T>(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg);
+    if constexpr (kF) be->AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, c.attn_softcap);
+    else kernels::AttentionBackward<T>(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, false, c.attn_softcap);
   }
   void GegluForward(const T* gate, const T* up, T* out, int64_t n) const {
     if constexpr (kF) be->GegluForward(gate, up, out, n); else kernels::GegluForward<T>(gate, up, out, n);
@@ -272,9 +272,9 @@ struct Kern {
   void DropoutScale(uint64_t key, int64_t row0, int64_t rows, int64_t cols, float p, T* out) const {
     if constexpr (kF) be->DropoutScale(key, row0, rows, cols, p, out); else kernels::DropoutScale<T>(key, row0, rows, cols, p, out);
   }
-  double CrossEntropy(const kernels::QMatrix& w, const T* h, const int32_t* target, int64_t rows, T* dh, T scale) const {
-    if constexpr (kF) return be->CrossEntropy(w, h, target, rows, dh, scale);
-    else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale);
+  double CrossEntropy(const kernels::QMatrix& w, const T* h, const int32_t* target, int64_t rows, T* dh, T scale, float softcap) const {
+    if constexpr (kF) return be->CrossEntropy(w, h, target, rows, dh, scale, softcap);
+    else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale, 256, false, softcap);
   }
 };
 }  // namespace
@@ -695,7 +695,7 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   rstd.Resize(M);
   K.RmsNormForward(x.data(), m_.output_norm().data(), h.data(), rstd.data(), M, E, cfg.rms_eps);
   if (backward) K.Zeros(dh, M * E);
-  const double nll = K.CrossEntropy(m_.output(), h.data(), targets, M, backward ? dh.data() : nullptr, grad_scale);
+  const double nll = K.CrossEntropy(m_.output(), h.data(), targets, M, backward ? dh.data() : nullptr, grad_scale, cfg.final_softcap);
   if (!backward) return nll;
 
   Buf<T>& dx = h;  // h is no longer needed

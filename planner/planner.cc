@@ -92,6 +92,7 @@ ModelShape ModelShape::Of(const model::LlamaModel& m) {
   s.n_head_kv = c.n_head_kv;
   s.qk_norm = c.qk_norm;
   s.post_norms = c.gemma;
+  s.attn_softcap = c.attn_softcap > 0.0f;
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const auto& L = m.layer(l);
     for (const auto* w : L.Projections())
@@ -263,9 +264,9 @@ ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::A
   // Per token: the cross-entropy's gathered rows and their gradients (f32; the same two slots
   // hold one head's attention probabilities and their gradients in backward, seq per token),
   // the forward's probabilities (seq) and, with bf16 products, the rows' bf16 copies and a
-  // projection input's bf16 copy.
+  // projection input's bf16 copy; with attention soft-capping, the cap's derivatives (seq).
   const double l = static_cast<double>(seq);
-  const double per_token = kGrowth * (8 * std::max(e, l) + 4 * l + (device_bf16_gemm ? 2 * e : 0.0));
+  const double per_token = kGrowth * (8 * std::max(e, l) + 4 * l + (device_bf16_gemm ? 2 * e : 0.0) + (s.attn_softcap ? 4 * l : 0.0));
   // One scratch slot holds a chunk of f32 logits and, at other times, a GEMM input's bf16 copy;
   // another the chunk's bf16 logit gradients.
   auto logits = [&](double pass_tokens) {

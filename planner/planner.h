@@ -40,7 +40,8 @@ struct ModelShape {
   int64_t n_q = 0;                  // q width (heads x head size; 0: n_embd)
   int64_t n_head = 0, n_head_kv = 0;
   bool qk_norm = false;             // qwen3: per-head q/k norms keep their inputs too
-  bool post_norms = false;          // gemma3: norms on the attention and MLP outputs keep theirs
+  bool post_norms = false;          // gemma2/3: norms on the attention and MLP outputs keep theirs
+  bool attn_softcap = false;        // gemma2: the CUDA backward keeps the cap's derivatives too
   // Activation bytes per token the trainer allocates (model/trainer.cc), from the shape alone:
   // one layer's kept cache (Trainer::KeptBytesPerSequence without adapters), and with
   // recomputation every layer's input + one layer's cache + the backward temporaries.

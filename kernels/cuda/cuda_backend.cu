@@ -283,10 +283,26 @@ __device__ __forceinline__ int64_t FirstKey(const int32_t* seg_pos, int64_t row,
   return seg_pos != nullptr ? i - seg_pos[row] : 0;
 }
 
-// Softmax over the visible keys of each row, zeros elsewhere.
-__global__ void CausalSoftmaxKernel(float* s, int64_t len, const int32_t* seg_pos) {
+// 1 / cosh^2(x): the derivative of tanh, accurate where tanh saturates (unlike 1 - tanh^2).
+__device__ __forceinline__ float SechSquared(float x) {
+  const float c = coshf(x);
+  return 1.0f / (c * c);
+}
+
+// Softmax over the visible keys of each row, zeros elsewhere. softcap > 0 (Gemma 2): the
+// visible scores s become softcap * tanh(s / softcap) first, and `dcap` (may be null) receives
+// the cap's derivative 1 / cosh^2(s / softcap).
+__global__ void CausalSoftmaxKernel(float* s, int64_t len, const int32_t* seg_pos, float softcap, float* dcap) {
   const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i);
   float* p = s + row * len;
+  if (softcap > 0.0f) {
+    for (int64_t j = j0 + threadIdx.x; j <= i; j += blockDim.x) {
+      const float x = p[j] / softcap;
+      p[j] = softcap * tanhf(x);
+      if (dcap != nullptr) dcap[row * len + j] = SechSquared(x);
+    }
+    __syncthreads();
+  }
   float mx = -INFINITY;
   for (int64_t j = j0 + threadIdx.x; j <= i; j += blockDim.x) mx = fmaxf(mx, p[j]);
   mx = BlockAllReduce(mx, -INFINITY, MaxOp{});
@@ -301,8 +317,10 @@ __global__ void CausalSoftmaxKernel(float* s, int64_t len, const int32_t* seg_po
   for (int64_t j = threadIdx.x; j < len; j += blockDim.x) p[j] = j >= j0 && j <= i ? p[j] * inv : 0.0f;
 }
 
-// dS = P o (dP - rowsum(dP o P)) over the visible keys, in place of dP; zeros elsewhere.
-__global__ void CausalSoftmaxBackwardKernel(const float* p, float* dp, int64_t len, const int32_t* seg_pos) {
+// dS = P o (dP - rowsum(dP o P)) over the visible keys, in place of dP; zeros elsewhere. With
+// softcap > 0, times the cap's derivative dcap (CausalSoftmaxKernel).
+__global__ void CausalSoftmaxBackwardKernel(const float* p, float* dp, int64_t len, const int32_t* seg_pos, float softcap,
+                                            const float* dcap) {
   const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i);
   const float* pr = p + row * len;
   float* dr = dp + row * len;
@@ -310,30 +328,41 @@ __global__ void CausalSoftmaxBackwardKernel(const float* p, float* dp, int64_t l
   for (int64_t j = j0 + threadIdx.x; j <= i; j += blockDim.x)
     dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
   const float d = static_cast<float>(BlockAllReduce(dot, 0.0, SumOp{}));
-  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) dr[j] = j >= j0 && j <= i ? pr[j] * (dr[j] - d) : 0.0f;
+  for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+    float g = 0.0f;
+    if (j >= j0 && j <= i) {
+      g = pr[j] * (dr[j] - d);
+      if (softcap > 0.0f) g *= dcap[row * len + j];
+    }
+    dr[j] = g;
+  }
 }
 
 // One block per scored row of a chunk of logits: nll[row] = logsumexp - logit[target]; with
-// `grad`, the row becomes grad_scale * (softmax - onehot(target)).
+// `grad`, the row becomes grad_scale * (softmax - onehot(target)). softcap > 0 (Gemma 2): the
+// logits are capped to softcap * tanh(z / softcap), computed from the raw row in each pass (the
+// row is rewritten only by the last), and the gradient goes through the cap.
 __global__ void CrossEntropyRowKernel(float* logits, const int32_t* target, double* nll, int64_t vocab, float grad_scale,
-                                      bool grad) {
+                                      bool grad, float softcap) {
   const int64_t row = blockIdx.x;
   float* z = logits + row * vocab;
   const int32_t t = target[row];
-  const float zt = z[t];  // read before any thread rewrites the row (the reductions are barriers)
+  auto capped = [&](int64_t j) { return softcap > 0.0f ? softcap * tanhf(z[j] / softcap) : z[j]; };
+  const float zt = capped(t);  // read before any thread rewrites the row (the reductions are barriers)
   float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, z[j]);
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, capped(j));
   mx = BlockAllReduce(mx, -INFINITY, MaxOp{});
   double se = 0.0;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) se += static_cast<double>(expf(z[j] - mx));
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) se += static_cast<double>(expf(capped(j) - mx));
   se = BlockAllReduce(se, 0.0, SumOp{});
   const double lse = log(se) + static_cast<double>(mx);
   if (threadIdx.x == 0) nll[row] = lse - static_cast<double>(zt);
   if (!grad) return;
   const float shift = static_cast<float>(lse);
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-    float v = expf(z[j] - shift) * grad_scale;
+    float v = expf(capped(j) - shift) * grad_scale;
     if (j == t) v -= grad_scale;
+    if (softcap > 0.0f) v *= SechSquared(z[j] / softcap);
     z[j] = v;
   }
 }
@@ -682,7 +711,7 @@ class CudaBackendImpl final : public Backend {
   }
 
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos) override {
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
     FT_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
     const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, rows = n_seq * len;
     if (rows == 0) return;
@@ -696,7 +725,7 @@ class CudaBackendImpl final : public Backend {
     const int32_t* seg_d = seg_pos != nullptr ? ToDevice(5, seg_pos, rows) : nullptr;
     for (int64_t h = 0; h < n_head; ++h) {
       const int64_t g = h / group;
-      CausalProbs(q_d + h * head_dim, E, k_d + g * head_dim, kvd, seg_d, p_d, n_seq, len, head_dim);
+      CausalProbs(q_d + h * head_dim, E, k_d + g * head_dim, kvd, seg_d, p_d, n_seq, len, head_dim, softcap, nullptr);
       // out_h = P V_g, per sequence
       GemmBatched(CudaGemm::kFp32, false, false, len, head_dim, len, 1.0f, p_d, len, len * len, v_d + g * head_dim, kvd,
                   len * kvd, 0.0f, out_d + h * head_dim, E, len * E, n_seq);
@@ -707,7 +736,7 @@ class CudaBackendImpl final : public Backend {
 
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos) override {
+                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
     FT_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
     const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, rows = n_seq * len;
     if (rows == 0) return;
@@ -725,6 +754,7 @@ class CudaBackendImpl final : public Backend {
     float* p_d = Scratch<float>(7, n_seq * ll);
     float* dp_d = Scratch<float>(8, n_seq * ll);
     const int32_t* seg_d = seg_pos != nullptr ? ToDevice(9, seg_pos, rows) : nullptr;
+    float* dcap_d = softcap > 0.0f ? Scratch<float>(10, n_seq * ll) : nullptr;
     // Per query head h (KV head g), batched over the sequences; the heads of a group add into
     // the same dk/dv one after the other on the stream.
     for (int64_t h = 0; h < n_head; ++h) {
@@ -733,13 +763,14 @@ class CudaBackendImpl final : public Backend {
       const float* doh = dout_d + h * head_dim;
       const float* kg = k_d + g * head_dim;
       const float* vg = v_d + g * head_dim;
-      CausalProbs(qh, E, kg, kvd, seg_d, p_d, n_seq, len, head_dim);
+      CausalProbs(qh, E, kg, kvd, seg_d, p_d, n_seq, len, head_dim, softcap, dcap_d);
       // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
       GemmBatched(CudaGemm::kFp32, true, false, len, head_dim, len, 1.0f, p_d, len, ll, doh, E, len * E, 1.0f,
                   dv_d + g * head_dim, kvd, len * kvd, n_seq);
       GemmBatched(CudaGemm::kFp32, false, true, len, len, head_dim, 1.0f, doh, E, len * E, vg, kvd, len * kvd, 0.0f,
                   dp_d, len, ll, n_seq);
-      Launch(CausalSoftmaxBackwardKernel, rows, stream_, p_d, dp_d, len, seg_d);
+      Launch(CausalSoftmaxBackwardKernel, rows, stream_, static_cast<const float*>(p_d), dp_d, len, seg_d, softcap,
+             static_cast<const float*>(dcap_d));
       GemmBatched(CudaGemm::kFp32, false, false, len, head_dim, len, scale, dp_d, len, ll, kg, kvd, len * kvd, 1.0f,
                   dq_d + h * head_dim, E, len * E, n_seq);
       GemmBatched(CudaGemm::kFp32, true, false, len, head_dim, len, scale, dp_d, len, ll, qh, E, len * E, 1.0f,
@@ -783,7 +814,7 @@ class CudaBackendImpl final : public Backend {
   // The scored rows of h (and dh) are gathered on the device into contiguous arrays, processed
   // in chunks of rows whose logits fit kCrossEntropyLogitsBytes, and dh's rows scattered back.
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
-                      float grad_scale) override {
+                      float grad_scale, float softcap) override {
     const int64_t E = w_out.cols, V = w_out.rows;
     std::vector<int64_t> scored;
     std::vector<int32_t> scored_target;
@@ -822,7 +853,7 @@ class CudaBackendImpl final : public Backend {
         const int64_t n = std::min(chunk, ns - c0);
         const void* h_g = bf16 ? static_cast<const void*>(hs_g + c0 * E) : hs_d + c0 * E;
         Gemm(gemm_, false, true, n, V, E, 1.0f, h_g, E, w_d, E, 0.0f, logits_d, V);  // logits = h W^T
-        Launch(CrossEntropyRowKernel, n, stream_, logits_d, target_d + c0, nll_d + c0, V, grad_scale, grad);
+        Launch(CrossEntropyRowKernel, n, stream_, logits_d, target_d + c0, nll_d + c0, V, grad_scale, grad, softcap);
         if (!grad) continue;
         const void* dl_g = logits_d;
         if (bf16) {
@@ -1237,11 +1268,11 @@ class CudaBackendImpl final : public Backend {
   // head: qh / kg point at the head's columns of q (row stride q_stride) / k (kv_stride); seg_pos
   // (device, may be null) as in AttentionForward.
   void CausalProbs(const float* qh, int64_t q_stride, const float* kg, int64_t kv_stride, const int32_t* seg_pos,
-                   float* p, int64_t n_seq, int64_t len, int64_t head_dim) {
+                   float* p, int64_t n_seq, int64_t len, int64_t head_dim, float softcap, float* dcap) {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
     GemmBatched(CudaGemm::kFp32, false, true, len, len, head_dim, scale, qh, q_stride, len * q_stride, kg, kv_stride,
                 len * kv_stride, 0.0f, p, len, len * len, n_seq);
-    Launch(CausalSoftmaxKernel, n_seq * len, stream_, p, len, seg_pos);
+    Launch(CausalSoftmaxKernel, n_seq * len, stream_, p, len, seg_pos, softcap, dcap);
   }
 
   // Packed rows: token t, query i = t % len of its row, sees keys i - seg_pos[t] .. i, which

@@ -284,9 +284,12 @@ TEST_P(BackendOps, Attention) {
         // size only (the kernels' work per block does not depend on it).
         if (len == 70 && hd != 16) continue;
 #endif
-        for (bool packed : {false, true}) {
+        // Gemma 2's soft-capping (cap 0.7: the tanh is far from linear on these scores) at one head size.
+        for (auto [packed, cap] : hd == 16 ? std::vector<std::pair<bool, float>>{{false, 0.0f}, {true, 0.0f}, {false, 0.7f}, {true, 0.7f}}
+                                           : std::vector<std::pair<bool, float>>{{false, 0.0f}, {true, 0.0f}}) {
           const std::string shape = "heads=" + std::to_string(nh) + "/" + std::to_string(nkv) + " hd=" + std::to_string(hd) + " seq=" +
-                                    std::to_string(n_seq) + "x" + std::to_string(len) + (packed ? " packed" : "");
+                                    std::to_string(n_seq) + "x" + std::to_string(len) + (packed ? " packed" : "") +
+                                    (cap > 0 ? " softcap" : "");
           const int64_t M = n_seq * len;
           const std::vector<int32_t> pos = PackedPositions(n_seq, len, rng_);
           const int32_t* sp = packed ? pos.data() : nullptr;
@@ -294,16 +297,16 @@ TEST_P(BackendOps, Attention) {
                     v = Random(static_cast<size_t>(M * nkv * hd), rng_);
           if (Has(Op::kAttentionForward)) {
             Vec o_ref(q.size()), o(q.size());
-            ref_.AttentionForward(q.data(), k.data(), v.data(), o_ref.data(), n_seq, len, nh, nkv, hd, sp);
-            be_->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, nh, nkv, hd, sp);
+            ref_.AttentionForward(q.data(), k.data(), v.data(), o_ref.data(), n_seq, len, nh, nkv, hd, sp, cap);
+            be_->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, nh, nkv, hd, sp, cap);
             Expect(Op::kAttentionForward, o_ref, o, kSoftTol + kGemmTol * OnCuda(), shape);
           }
           if (Has(Op::kAttentionBackward)) {
             const Vec dout = Random(q.size(), rng_);
             Vec dq_ref = Random(q.size(), rng_), dk_ref = Random(k.size(), rng_), dv_ref = Random(v.size(), rng_);
             Vec dq = dq_ref, dk = dk_ref, dv = dv_ref;
-            ref_.AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), n_seq, len, nh, nkv, hd, sp);
-            be_->AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq.data(), dk.data(), dv.data(), n_seq, len, nh, nkv, hd, sp);
+            ref_.AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), n_seq, len, nh, nkv, hd, sp, cap);
+            be_->AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq.data(), dk.data(), dv.data(), n_seq, len, nh, nkv, hd, sp, cap);
             const double tol = kSoftTol + kGemmTol * OnCuda();
             Expect(Op::kAttentionBackward, dq_ref, dq, tol, shape + " dq");
             Expect(Op::kAttentionBackward, dk_ref, dk, tol, shape + " dk");
@@ -358,20 +361,22 @@ TEST_P(BackendOps, SwiGluWithExtremesAndNonFinite) {
 TEST_P(WeightProducts, CrossEntropy) {
   if (!Has(Op::kCrossEntropy)) return;
   for (GgmlType t : {GgmlType::kF32, GgmlType::kQ8_0, GgmlType::kQ4_1}) {
-    for (auto [rows, V, E] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 7, 32}, {5, 100, 64}, {40, 1000, 64}, {300, 517, 32}}) {
+    for (auto [rows, V, E, cap] : std::vector<std::tuple<int64_t, int64_t, int64_t, float>>{
+             {1, 7, 32, 0.0f}, {5, 100, 64, 0.0f}, {40, 1000, 64, 0.0f}, {300, 517, 32, 0.0f}, {5, 100, 64, 2.0f}, {300, 517, 32, 2.0f}}) {
       const QuantWeight w = Quantize(t, V, E, rng_);
       const Vec h = Random(static_cast<size_t>(rows * E), rng_, 2.0f);
       std::vector<int32_t> target(static_cast<size_t>(rows));
       for (auto& x : target) x = rng_() % 4 == 0 ? -1 : static_cast<int32_t>(rng_() % static_cast<uint32_t>(V));
-      const std::string shape = std::string(TypeTraits(t).name) + " rows=" + std::to_string(rows) + " V=" + std::to_string(V);
+      const std::string shape = std::string(TypeTraits(t).name) + " rows=" + std::to_string(rows) + " V=" + std::to_string(V) +
+                                (cap > 0 ? " softcap" : "");
       Vec dh_ref = Random(h.size(), rng_), dh = dh_ref;
-      const double nll_ref = ref_.CrossEntropy(w.m, h.data(), target.data(), rows, dh_ref.data(), 0.25f);
-      const double nll = be_->CrossEntropy(w.m, h.data(), target.data(), rows, dh.data(), 0.25f);
+      const double nll_ref = ref_.CrossEntropy(w.m, h.data(), target.data(), rows, dh_ref.data(), 0.25f, cap);
+      const double nll = be_->CrossEntropy(w.m, h.data(), target.data(), rows, dh.data(), 0.25f, cap);
       // The output products in bf16 or on a GPU: the product tolerance.
       const double tol = kSoftTol + kGemmTol * (OnCuda() || Bf16Products());
       Expect(Op::kCrossEntropy, {static_cast<float>(nll_ref)}, {static_cast<float>(nll)}, tol, shape + " nll");
       Expect(Op::kCrossEntropy, dh_ref, dh, tol, shape + " dh");
-      EXPECT_NEAR(be_->CrossEntropy(w.m, h.data(), target.data(), rows, nullptr, 1.0f), nll_ref, LossRelTol() * std::abs(nll_ref) + 1e-6) << shape;
+      EXPECT_NEAR(be_->CrossEntropy(w.m, h.data(), target.data(), rows, nullptr, 1.0f, cap), nll_ref, LossRelTol() * std::abs(nll_ref) + 1e-6) << shape;
     }
   }
 }

@@ -96,7 +96,9 @@ absl::Status WriteConverterStyleGguf(const LlamaModel& hf, const std::string& hf
     w.SetU32(a + "attention.value_length", static_cast<uint32_t>(c.head_dim));
   }
   if (c.sliding_window > 0) w.SetU32(a + "attention.sliding_window", static_cast<uint32_t>(c.sliding_window));
-  if (c.gemma) {  // gemma3: the local layers' RoPE base; linear scaling of the global ones
+  if (c.attn_softcap > 0) w.SetF32(a + "attn_logit_softcapping", c.attn_softcap);  // gemma2
+  if (c.final_softcap > 0) w.SetF32(a + "final_logit_softcapping", c.final_softcap);
+  if (c.arch == "gemma3") {  // the local layers' RoPE base; linear scaling of the global ones
     w.SetF32(a + "rope.freq_base_swa", c.rope_base_swa);
     if (!c.rope_freq_factors.empty()) {
       w.SetString(a + "rope.scaling.type", "linear");
@@ -286,13 +288,20 @@ TEST_P(FamilyOracle, LoadsWithTheFamilysFeatures) {
   const LlamaConfig& c = model_->config();
   const std::string f = GetParam();
   EXPECT_EQ(c.rope_freq_factors.empty(), f != "llama3" && f != "gemma3") << f;
-  EXPECT_EQ(c.tied_output, f == "qwen2" || f == "qwen3" || f == "gemma3");
+  EXPECT_EQ(c.tied_output, f == "qwen2" || f == "qwen3" || f == "gemma2" || f == "gemma3");
   EXPECT_EQ(c.neox_file_layout, true);  // every Hugging Face folder
   EXPECT_EQ(!model_->layer(0).bq.empty(), f == "qwen2");
   EXPECT_EQ(c.qk_norm, f == "qwen3" || f == "gemma3");
-  EXPECT_EQ(c.q_dim(), f == "qwen3" || f == "gemma3" ? 64 : 32);
-  EXPECT_EQ(c.sliding_window, f == "mistral" ? 32 : f == "gemma3" || f == "phi3" ? 128 : 0);
-  EXPECT_EQ(c.gemma, f == "gemma3");
+  EXPECT_EQ(c.q_dim(), f == "qwen3" || f == "gemma2" || f == "gemma3" ? 64 : 32);
+  EXPECT_EQ(c.sliding_window, f == "mistral" ? 32 : f == "gemma2" || f == "gemma3" || f == "phi3" ? 128 : 0);
+  EXPECT_EQ(c.gemma, f == "gemma2" || f == "gemma3");
+  EXPECT_EQ(c.attn_softcap, f == "gemma2" ? 1.5f : 0.0f);  // the generator's small caps: the tanh bends
+  EXPECT_EQ(c.final_softcap, f == "gemma2" ? 2.5f : 0.0f);
+  if (f == "gemma2") {  // local and global layers alternate, one RoPE base
+    for (int64_t l = 0; l < c.n_layer; ++l) EXPECT_EQ(c.IsSwa(l), l % 2 == 0) << l;
+    EXPECT_FLOAT_EQ(c.RopeBase(0), c.RopeBase(1));
+    EXPECT_FLOAT_EQ(c.query_scale, 1.0f);
+  }
   EXPECT_EQ(c.fused, f == "phi3");
   if (f == "gemma3") {  // 5 local layers (RoPE base 1e4, no scaling), then a global one (1e6, linear x2)
     for (int64_t l = 0; l < 6; ++l) EXPECT_EQ(c.IsSwa(l), l < 5) << l;
@@ -323,7 +332,7 @@ TEST_P(FamilyOracle, LogitsMatchLlamaCppF32) {
   auto lc = SafetensorsFile::Open(dir_ + "/llamacpp.safetensors");
   ASSERT_TRUE(lc.ok()) << lc.status();
   const double err = RelErr(Logits(*model_, tokens_, nullptr), GoldenF32(**lc, "logits_f32"));
-  if (GetParam() == "gemma3") {
+  if (GetParam() == "gemma2" || GetParam() == "gemma3") {
     // llama.cpp's converter adds Gemma's +1 to the norm weights in the checkpoint's dtype (F16
     // here) and ggml computes GELU from an fp16 table; transformers with both emulated
     // reproduces llama.cpp (the generator measures it), and fedtune matches transformers
@@ -361,18 +370,18 @@ TEST_P(FamilyOracle, LlamaCppConvertedQ8_0GgufMatchesLlamaCpp) {
   const double err_weights = RelErr(ours, GoldenF32(*golden_, "logits"));
   std::printf("[family] %s Q8_0 file: vs llama.cpp on it %.2e; vs transformers on the F16 originals %.2e; vs projections-only Q8_0 %.2e\n",
               GetParam().c_str(), err, err_weights, err_requant);
-  EXPECT_LE(err, GetParam() == "gemma3" ? 0.15 : 0.1) << GetParam();
+  EXPECT_LE(err, GetParam() == "gemma2" || GetParam() == "gemma3" ? 0.15 : 0.1) << GetParam();
 }
 
 // The vocabulary llama.cpp's converter put into the GGUF, run by fedtune's tokenizer, against
 // Hugging Face tokenizers (the family's pre-tokenizer) or sentencepiece (mistral) on 10,000
 // lines of text installed on every Debian machine (10,000) and on Unicode edge cases.
 TEST_P(FamilyOracle, TokenizerMatchesHuggingFaceTokenizersOrSentencePiece) {
-  const std::string tdir = FamilyDir(GetParam() == "qwen3" ? "qwen2" : GetParam() == "phi3" ? "mistral" : GetParam());
+  const std::string tdir = FamilyDir(GetParam() == "qwen3" ? "qwen2" : GetParam() == "phi3" ? "mistral" : GetParam() == "gemma2" ? "gemma3" : GetParam());
   auto m = LlamaModel::Load(dir_ + "/model.q8_0.gguf");
   ASSERT_TRUE(m.ok()) << m.status();
   const Tokenizer& tok = *(*m)->tokenizer();
-  if (GetParam() == "mistral" || GetParam() == "gemma3" || GetParam() == "phi3") {  // SentencePiece BPE with byte fallback (Mistral, Llama 2, Gemma: no space prefix)
+  if (GetParam() == "mistral" || GetParam() == "gemma2" || GetParam() == "gemma3" || GetParam() == "phi3") {  // SentencePiece BPE with byte fallback (Mistral, Llama 2, Gemma: no space prefix)
     EXPECT_TRUE(tok.sentencepiece());
   } else {
     EXPECT_EQ(tok.pre_tokenizer(), GetParam() == "llama3" ? Tokenizer::PreTokenizer::kLlama3 : Tokenizer::PreTokenizer::kQwen2);
@@ -648,11 +657,11 @@ TEST_P(FamilyOracle, SequencesBeyondTheSlidingWindowAreRefused) {
   EXPECT_EQ(trainer.Step(b, 1.0f, true).status().code(), absl::StatusCode::kUnimplemented);
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, FamilyOracle, ::testing::Values("llama3", "qwen2", "qwen3", "mistral", "gemma3", "phi3"),
+INSTANTIATE_TEST_SUITE_P(Families, FamilyOracle, ::testing::Values("llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"),
                          [](const ::testing::TestParamInfo<std::string>& i) {
                            std::string n = i.param;
                            n[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(n[0])));
-                           return n;  // Llama3, Qwen2, Qwen3, Mistral, Gemma3, Phi3
+                           return n;  // Llama3, Qwen2, Qwen3, Mistral, Gemma2, Gemma3, Phi3
                          });
 
 // A copy of a tiny llama GGUF with one extra key or tensor: the loader names what it refuses.
@@ -678,11 +687,12 @@ TEST(FamilyRefusal, UnimplementedSettingsAndTensorsAreRefusedByName) {
   };
   const std::vector<Case> cases = {
       {"softcap", "llama.attn_logit_softcapping", [](GgufWriter& w) { w.SetF32("llama.attn_logit_softcapping", 50.0f); }, ""},
+      {"final_softcap", "llama.final_logit_softcapping", [](GgufWriter& w) { w.SetF32("llama.final_logit_softcapping", 30.0f); }, ""},
       {"experts", "llama.expert_count", [](GgufWriter& w) { w.SetU32("llama.expert_count", 8); }, ""},
       {"yarn", "RoPE scaling 'yarn'", [](GgufWriter& w) { w.SetString("llama.rope.scaling.type", "yarn"); }, ""},
       {"extra_tensor", "tensor 'blk.0.attn_sinks.weight' is not used",
        [](GgufWriter& w) { (void)w.AddTensorF32("blk.0.attn_sinks.weight", {4}, GgmlType::kF32, std::vector<float>(4, 0.0f)); }, ""},
-      {"arch", "architecture 'gemma2' is not supported", [](GgufWriter& w) { w.SetString("general.architecture", "gemma2"); }, "general.architecture"},
+      {"arch", "architecture 'gemma4' is not supported", [](GgufWriter& w) { w.SetString("general.architecture", "gemma4"); }, "general.architecture"},
   };
   for (const auto& c : cases) {
     auto path = TinyWith(c.name, c.extra, c.replaced_key);
@@ -748,7 +758,8 @@ TEST(FamilyRefusal, HfConfigSettingsTheEngineLacksAreRefused) {
     std::function<void(nlohmann::json&)> edit;
   };
   const std::vector<Case> cases = {
-      {"model_type 'gemma2'", [](nlohmann::json& j) { j["model_type"] = "gemma2"; }},
+      {"model_type 'gemma'", [](nlohmann::json& j) { j["model_type"] = "gemma"; }},
+      {"final_logit_softcapping", [](nlohmann::json& j) { j["final_logit_softcapping"] = 30.0; }},  // only Gemma 2's is implemented
       {"hidden_act 'gelu'", [](nlohmann::json& j) { j["hidden_act"] = "gelu"; }},
       {"rope_scaling type 'yarn'", [](nlohmann::json& j) { j["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", 4.0}, {"rope_theta", 1e6}}; }},
       {"layer type 'chunked_attention'", [](nlohmann::json& j) { j["layer_types"] = {"full_attention", "chunked_attention"}; }},

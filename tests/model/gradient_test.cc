@@ -131,6 +131,37 @@ TEST(GradientTest, CausalGroupedQueryAttention) {
   }
 }
 
+// Gemma 2's attention soft-capping: a small cap (0.4) so the tanh is far from linear on these
+// scores, with packed rows.
+TEST(GradientTest, SoftCappedAttention) {
+  Rng rng(41);
+  const int64_t n_seq = 2, len = 6, H = 4, Hkv = 2, hd = 4, E = H * hd, kvd = Hkv * hd, M = n_seq * len;
+  auto q = RandVec(M * E, rng, 2.0), k = RandVec(M * kvd, rng, 2.0), v = RandVec(M * kvd, rng), wy = RandVec(M * E, rng);
+  const std::vector<int32_t> seg = {0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 5};
+  std::vector<double> out(static_cast<size_t>(M * E));
+  for (const int32_t* sp : {static_cast<const int32_t*>(nullptr), seg.data()}) {
+    auto f = [&] {
+      kernels::AttentionForward<double>(q.data(), k.data(), v.data(), out.data(), n_seq, len, H, Hkv, hd, sp, false, 0.4f);
+      return Dot(out, wy);
+    };
+    std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
+    kernels::AttentionBackward<double>(q.data(), k.data(), v.data(), wy.data(), dq.data(), dk.data(), dv.data(), n_seq, len, H, Hkv, hd, sp,
+                                       false, 0.4f);
+    const double eq = FdRelError(f, q, dq), ek = FdRelError(f, k, dk), ev = FdRelError(f, v, dv);
+    std::printf("soft-capped attention%s: dq %.2e dk %.2e dv %.2e\n", sp ? " packed" : "", eq, ek, ev);
+    EXPECT_LE(eq, kTol);
+    EXPECT_LE(ek, kTol);
+    EXPECT_LE(ev, kTol);
+  }
+  // The cap changes the output (the test would pass vacuously otherwise).
+  std::vector<double> plain(out.size());
+  kernels::AttentionForward<double>(q.data(), k.data(), v.data(), plain.data(), n_seq, len, H, Hkv, hd);
+  kernels::AttentionForward<double>(q.data(), k.data(), v.data(), out.data(), n_seq, len, H, Hkv, hd, nullptr, false, 0.4f);
+  double diff = 0;
+  for (size_t i = 0; i < out.size(); ++i) diff = std::max(diff, std::abs(out[i] - plain[i]));
+  EXPECT_GT(diff, 1e-2);
+}
+
 TEST(GradientTest, SwiGlu) {
   Rng rng(5);
   const int64_t n = 50;
@@ -160,6 +191,25 @@ TEST(GradientTest, ChunkedCrossEntropyWithMask) {
   for (int j = 0; j < E; ++j) {
     EXPECT_EQ(dh[static_cast<size_t>(E + j)], 0.0);  // masked row gets no gradient
   }
+}
+
+// Gemma 2's final-logit soft-capping (cap 1.5: the logits here reach a few units).
+TEST(GradientTest, SoftCappedCrossEntropy) {
+  Rng rng(61);
+  const int64_t rows = 5, E = 32, V = 53;
+  auto w = MakeWeight(V, E, GgmlType::kQ8_0, rng);
+  auto h = RandVec(rows * E, rng, 3.0);
+  std::vector<int32_t> target = {3, -1, 52, 0, 17};
+  std::vector<double> dh(h.size(), 0.0);
+  const double nll = kernels::CrossEntropyChunked<double>(w.m, h.data(), target.data(), rows, dh.data(), 0.5, 2, false, 1.5f);
+  auto f = [&] { return 0.5 * kernels::CrossEntropyChunked<double>(w.m, h.data(), target.data(), rows, nullptr, 0.0, 3, false, 1.5f); };
+  EXPECT_NEAR(0.5 * nll, f(), 1e-12);
+  const double e = FdRelError(f, h, dh);
+  std::printf("soft-capped cross-entropy rel err %.2e\n", e);
+  EXPECT_LE(e, kTol);
+  // Capped logits lie in (-1.5, 1.5): the NLL is at most log(V) + 3 per row, and differs from the uncapped one.
+  EXPECT_LT(nll, 4 * (std::log(static_cast<double>(V)) + 3.0));
+  EXPECT_GT(std::abs(nll - kernels::CrossEntropyChunked<double>(w.m, h.data(), target.data(), rows, nullptr, 0.0, 3)), 1e-3);
 }
 
 template <typename F>

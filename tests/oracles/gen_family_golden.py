@@ -28,9 +28,12 @@ For each family this writes tests/data/families/<family>/:
   versions.json                    the versions that made them
 
 Run from the repository root in the oracle venv:
-  ~/.cache/fedtune-oracles/bin/python tests/oracles/gen_family_golden.py LLAMA_CPP_DIR
+  ~/.cache/fedtune-oracles/bin/python tests/oracles/gen_family_golden.py LLAMA_CPP_DIR [FAMILY ...]
 where LLAMA_CPP_DIR is vendor/llama.cpp of an unpacked llama-cpp-python sdist of the installed
-version (pip download --no-deps --no-binary :all: llama-cpp-python==VERSION).
+version (pip download --no-deps --no-binary :all: llama-cpp-python==VERSION). Without FAMILY
+every family is made again; the families up to phi3 draw from one random stream seeded 0 (in
+FAMILIES' order), the later ones each from their own seed (SEEDS), so that adding a family
+leaves the committed goldens of the others as they are.
 """
 import copy
 import json
@@ -51,7 +54,10 @@ COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 
 # llama.cpp's names for the pre-tokenizers (tokenizer.ggml.pre); the converter recognises
 # released tokenizers by a hash, so for these home-made ones it is told the name.
-PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "default", "gemma3": "default", "phi3": "default"}
+PRE = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "mistral": "default", "gemma3": "default", "phi3": "default",
+       "gemma2": "default"}
+SPM = ("mistral", "gemma2", "gemma3", "phi3")  # SentencePiece vocabularies
+SEEDS = {"gemma2": 2}  # families added after the first six: their own random streams
 LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_RE = LLAMA3_RE.replace(r"\p{N}{1,3}", r"\p{N}")
@@ -81,7 +87,11 @@ def make_sentencepiece(d, dummy_prefix=True):
 def make_tokenizer(family, d):
     """A byte-level BPE vocabulary with the family's pre-tokenizer, saved as tokenizer.json
     (mistral: SentencePiece, make_sentencepiece)."""
-    if family in ("mistral", "gemma3", "phi3"):
+    if family == "gemma2":  # Gemma's vocabulary, gemma3's file (its tokenizer goldens apply)
+        for f in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(os.path.join(OUT, "gemma3", f), os.path.join(d, f))
+        return SPM_VOCAB
+    if family in SPM:
         return make_sentencepiece(d, dummy_prefix=family != "gemma3")
     import glob
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, decoders, trainers
@@ -207,33 +217,49 @@ FAMILIES = {
     "phi3": (transformers.Phi3Config, dict(sliding_window=128, tie_word_embeddings=False, pad_token_id=0,
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "original_max_position_embeddings": 256})),
 }
+# Gemma 2: gemma3's layers without q/k norms, local (window 128) and global layers
+# alternating with one RoPE base, and soft-capping of the attention scores and the final
+# logits. The caps are small (1.5 and 2.5, Google's models: 50 and 30) so that the tanh is
+# far from linear on this tiny model's scores and logits.
+FAMILIES["gemma2"] = (transformers.Gemma2Config, dict(head_dim=16, num_hidden_layers=4, sliding_window=128, query_pre_attn_scalar=16,
+           tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=1.5,
+           final_logit_softcapping=2.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 # PEFT target modules per family (Phi-3's projections are fused).
 PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 TOKENS = [1, 17, 42, 5, 88, 23, 64, 9, 31, 295, 140, 311]
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2 or any(f not in FAMILIES for f in sys.argv[2:]):
         sys.exit(__doc__)
     llama_cpp_dir = os.path.abspath(sys.argv[1])
+    only = set(sys.argv[2:]) or set(FAMILIES)
+    shared = {f for f in FAMILIES if f not in SEEDS}
+    if only & shared and not shared <= only:
+        sys.exit("the families of the shared random stream (" + ", ".join(sorted(shared)) + ") are made together")
     import llama_cpp
     torch.manual_seed(0)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                 "safetensors": getattr(safetensors, "__version__", "?"),
                 "llama_cpp_python": llama_cpp.__version__, "tokenizers": __import__("tokenizers").__version__}
     for name, (cfg_cls, extra) in FAMILIES.items():
+        if name in SEEDS:
+            torch.manual_seed(SEEDS[name])
+        if name not in only:
+            continue
         d = os.path.join(OUT, name)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
         vocab = make_tokenizer(name, d)
-        if name not in ("qwen3", "phi3"):  # qwen3's vocabulary is qwen2's, phi3's mistral's (same training)
+        if name not in ("qwen3", "phi3", "gemma2"):  # qwen3's vocabulary is qwen2's, phi3's mistral's (same training), gemma2's gemma3's
             print(name, "tokenizer corpus lines", tokenizer_golden(d))
-        spm_vocab = name in ("mistral", "gemma3", "phi3")
+        spm_vocab = name in SPM
         kw = dict(COMMON, vocab_size=vocab, **extra)
         if "hidden_activation" in kw:
             del kw["hidden_act"]
         cfg = cfg_cls(**kw, bos_token_id=1 if spm_vocab else 0, eos_token_id=2 if spm_vocab else 0)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+        # Eager attention: the attention soft-capping (gemma2) is not in PyTorch's SDPA.
+        model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation="eager")
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 if pname.endswith("norm.weight"):
@@ -278,7 +304,7 @@ def main():
         lc = {"logits_f32": llama_cpp_logits(f32, TOKENS),
               # F16 is enough for the Q8_0 comparison (llama.cpp rounds activations to 8 bits there).
               "logits_q8_0": llama_cpp_logits(os.path.join(d, "model.q8_0.gguf"), TOKENS).half()}
-        if name == "gemma3":
+        if name in ("gemma2", "gemma3"):
             # Where llama.cpp differs from transformers on Gemma 3, and why: its converter adds
             # Gemma's +1 to the norm weights in the checkpoint's dtype (F16 here, BF16 in Google's
             # files), and ggml computes GELU from a table of fp16 values (GGML_GELU_FP16). With
