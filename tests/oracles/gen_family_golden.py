@@ -217,11 +217,11 @@ FAMILIES = {
     "phi3": (transformers.Phi3Config, dict(sliding_window=128, tie_word_embeddings=False, pad_token_id=0,
              rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "original_max_position_embeddings": 256})),
 }
-# Gemma 2: gemma3's layers without q/k norms, local (window 128) and global layers
+# Gemma 2: gemma3's layers without q/k norms, a local (window 128) and a global layer
 # alternating with one RoPE base, and soft-capping of the attention scores and the final
 # logits. The caps are small (1.5 and 2.5, Google's models: 50 and 30) so that the tanh is
 # far from linear on this tiny model's scores and logits.
-FAMILIES["gemma2"] = (transformers.Gemma2Config, dict(head_dim=16, num_hidden_layers=4, sliding_window=128, query_pre_attn_scalar=16,
+FAMILIES["gemma2"] = (transformers.Gemma2Config, dict(head_dim=16, num_hidden_layers=2, sliding_window=128, query_pre_attn_scalar=16,
            tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh", attn_logit_softcapping=1.5,
            final_logit_softcapping=2.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}))
 # PEFT target modules per family (Phi-3's projections are fused).
