@@ -157,6 +157,26 @@ TEST(DeviceMemoryModel, PredictsTheBackendsPeakOverShapesPrecisionsAndModes) {
   }
 }
 
+// Gemma 2 (tests/data/families/gemma2, llama.cpp's Q8_0 conversion): post-norms, GeGLU and the
+// attention soft-capping, whose backward keeps one more n_seq x len x len buffer on the device.
+TEST(DeviceMemoryModel, PredictsASoftCappedGemma2) {
+  auto m = model::LlamaModel::Load(std::string(FEDTUNE_SOURCE_DIR) + "/tests/data/families/gemma2/model.q8_0.gguf");
+  ASSERT_TRUE(m.ok()) << m.status();
+  ASSERT_GT((*m)->config().attn_softcap, 0.0f);
+  ASSERT_TRUE(planner::ModelShape::Of(**m).attn_softcap);
+  for (bool recompute : {true, false}) {
+#ifdef FEDTUNE_TEST_ASAN
+    if (!recompute) break;  // ~15x slower under ASan: one mode
+#endif
+    Config r;
+    r.batch = 4;
+    r.seq = 96;  // long enough for the len x len buffers to count (0.18 MiB, 5% of the peak)
+    r.recompute = recompute;
+    const auto [measured, predicted] = Measure(**m, kernels::CudaGemm::kBf16, r, nullptr);
+    ExpectClose(measured, predicted, std::string("gemma2, ") + (recompute ? "recomputed" : "kept") + " batch 4 x 96 tokens");
+  }
+}
+
 // A device worker keeps as many sequences per pass as fit its device budget (the worker's
 // policy): a budget between two and three sequences' activations keeps two of four.
 TEST(DeviceMemoryModel, KeepsWhatFitsTheDeviceBudget) {
