@@ -146,9 +146,9 @@ void BM_Op(benchmark::State& state) {
       case kRmsNorm: be->RmsNormForward(a.data(), w.data(), o.data(), b.data(), M, E, 1e-5f); break;
       case kRmsNormBack: be->RmsNormBackward(a.data(), w.data(), b.data(), g.data(), o.data(), M, E); break;
       case kRope: be->RopeForward(q.data(), pos.data(), M, H, HD, HD, 100000.0f, nullptr); break;
-      case kAttention: be->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, H, KV, HD, nullptr, 0.0f); break;
+      case kAttention: be->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, H, KV, HD, nullptr, 0.0f, 0); break;
       case kAttentionBack:
-        be->AttentionBackward(q.data(), k.data(), v.data(), g.data(), dq.data(), dk.data(), dv.data(), n_seq, len, H, KV, HD, nullptr, 0.0f);
+        be->AttentionBackward(q.data(), k.data(), v.data(), g.data(), dq.data(), dk.data(), dv.data(), n_seq, len, H, KV, HD, nullptr, 0.0f, 0);
         break;
       case kSwiGlu: be->SwiGluForward(a.data(), b.data(), o.data(), M * F); break;
       case kSwiGluBack: be->SwiGluBackward(a.data(), b.data(), g.data(), o.data(), g2.data(), M * F); break;

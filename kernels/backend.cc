@@ -136,13 +136,13 @@ class CpuReference final : public HostMemoryBackend {
     kernels::RopeBackward<float>(dx, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
-    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/false, softcap);
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {
+    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/false, softcap, window);
   }
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
-    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/false, softcap);
+                         int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {
+    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/false, softcap, window);
   }
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
     kernels::SwiGluForward<float>(gate, up, out, n);
@@ -232,13 +232,13 @@ class CpuFast : public HostMemoryBackend {
     Rope(dx, pos, rows, heads, head_dim, rot_dim, base, ff, -1.0);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
-    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true, softcap);
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {
+    kernels::AttentionForward<float>(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true, softcap, window);
   }
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
-    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true, softcap);
+                         int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {
+    kernels::AttentionBackward<float>(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, /*fast_exp=*/true, softcap, window);
   }
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
     DefaultPool().ParallelFor(n, 4096, [&](int64_t i0, int64_t i1, int) {
@@ -489,13 +489,13 @@ class Dispatching final : public Backend {
     Pick(Op::kRopeBackward).RopeBackward(dx, pos, rows, heads, head_dim, rot_dim, base, ff);
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
-    Pick(Op::kAttentionForward).AttentionForward(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, softcap);
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {
+    Pick(Op::kAttentionForward).AttentionForward(q, k, v, out, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, softcap, window);
   }
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
-    Pick(Op::kAttentionBackward).AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, softcap);
+                         int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {
+    Pick(Op::kAttentionBackward).AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, n_head, n_head_kv, head_dim, seg_pos, softcap, window);
   }
   void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) override {
     Pick(Op::kSwiGluForward).SwiGluForward(gate, up, out, n);

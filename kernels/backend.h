@@ -107,12 +107,14 @@ class Backend {
                             int64_t rot_dim, float base, const float* freq_factors) = 0;
   // seg_pos (may be null): packed rows, token i attends to keys i - seg_pos[i] .. i of its row.
   // softcap > 0: scores capped to softcap * tanh(s / softcap) before the softmax (Gemma 2); 0: none.
+  // window > 0: a sliding-window layer, token i sees keys i - window + 1 .. i only; 0: none.
   virtual void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq,
                                 int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                                const int32_t* seg_pos, float softcap) = 0;
+                                const int32_t* seg_pos, float softcap, int64_t window) = 0;
   virtual void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq,
                                  float* dk, float* dv, int64_t n_seq, int64_t len, int64_t n_head,
-                                 int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) = 0;
+                                 int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap,
+                                 int64_t window) = 0;
   virtual void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) = 0;
   virtual void GegluForward(const float* gate, const float* up, float* out, int64_t n) = 0;
   virtual void GegluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n) = 0;

@@ -44,7 +44,7 @@ void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m) {
 
 void CausalAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
                      int64_t kv_stride, float* out, int64_t out_stride, int64_t n_tokens, int64_t n_past,
-                     int64_t n_head, int64_t n_head_kv, int64_t head_dim, float softcap) {
+                     int64_t n_head, int64_t n_head_kv, int64_t head_dim, float softcap, int64_t window) {
   const int64_t group = n_head / n_head_kv, n_keys = n_past + n_tokens;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   DefaultPool().ParallelFor(n_head, 1, [&](int64_t h0, int64_t h1, int) {
@@ -57,9 +57,12 @@ void CausalAttention(const float* q, int64_t q_stride, const float* k_cache, con
       for (int64_t t = 0; t < n_tokens; ++t) {
         float* row = s.data() + t * n_keys;
         const int64_t visible = n_past + t + 1;
-        for (int64_t j = 0; j < visible; ++j) row[j] *= scale;
-        if (softcap > 0.0f) SoftCap(row, visible, softcap);
-        Softmax(row, visible);
+        const int64_t j0 = window > 0 ? std::max<int64_t>(0, visible - window) : 0;  // sliding window: the last `window` keys
+        float* vis = row + j0;
+        for (int64_t j = 0; j < visible - j0; ++j) vis[j] *= scale;
+        if (softcap > 0.0f) SoftCap(vis, visible - j0, softcap);
+        Softmax(vis, visible - j0);
+        std::fill(row, vis, 0.0f);
         std::fill(row + visible, row + n_keys, 0.0f);
       }
       Sgemm(false, n_tokens, head_dim, n_keys, s.data(), n_keys, v_cache + g * head_dim, kv_stride, 0.0f, out + h * head_dim, out_stride);

@@ -52,9 +52,10 @@ void RopeAdjacent(float* x, int64_t heads, int64_t head_dim, int64_t rot_dim, in
 // holding n_past + n_tokens keys/values; query head h reads KV head h / (n_head / n_head_kv).
 // Rows of q/out are n_head * head_dim apart by their strides; cache rows by kv_stride.
 // softcap > 0 (Gemma 2): scores s become softcap * tanh(s / softcap) before the softmax.
+// window > 0 (sliding-window layers): the query at position p sees keys p - window + 1 .. p.
 void CausalAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
                      int64_t kv_stride, float* out, int64_t out_stride, int64_t n_tokens, int64_t n_past,
-                     int64_t n_head, int64_t n_head_kv, int64_t head_dim, float softcap = 0.0f);
+                     int64_t n_head, int64_t n_head_kv, int64_t head_dim, float softcap = 0.0f, int64_t window = 0);
 
 // x <- softcap * tanh(x / softcap) over n values (Gemma 2's final-logit soft-capping).
 void SoftCap(float* x, int64_t n, float softcap);

@@ -122,8 +122,12 @@ void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_
 }
 
 namespace {
-// First key visible from query i of a row (0 without packing).
-inline int64_t FirstKey(const int32_t* seg_pos, int64_t i) { return seg_pos != nullptr ? i - seg_pos[i] : 0; }
+// First key visible from query i of a row: 0, or with packing the start of its example, and
+// with a sliding window (window > 0) no earlier than i - window + 1.
+inline int64_t FirstKey(const int32_t* seg_pos, int64_t i, int64_t window) {
+  const int64_t j0 = seg_pos != nullptr ? i - seg_pos[i] : 0;
+  return window > 0 ? std::max(j0, i - window + 1) : j0;
+}
 
 // Rows [i0, i1) of P = softmax(scale * Q_h K_g^T) with the causal (and, packed, per-example)
 // mask, against keys [0, i1) only (the causal square's upper part is never computed): an
@@ -133,12 +137,12 @@ inline int64_t FirstKey(const int32_t* seg_pos, int64_t i) { return seg_pos != n
 // for the backward pass (from the raw score: 1 - tanh^2 loses digits where the cap saturates).
 template <typename T>
 void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t ldp, int64_t i0, int64_t i1,
-                 int64_t hd, const int32_t* seg_pos, bool fast_exp, T softcap = T(0), T* dcap = nullptr) {
+                 int64_t hd, const int32_t* seg_pos, bool fast_exp, T softcap, T* dcap, int64_t window) {
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
   Gemm<T>(false, true, i1 - i0, i1, hd, scale, qh + i0 * q_stride, q_stride, kg, kv_stride, T(0), p, ldp);
   for (int64_t i = i0; i < i1; ++i) {
     T* row = p + (i - i0) * ldp;
-    const int64_t j0 = FirstKey(seg_pos, i);
+    const int64_t j0 = FirstKey(seg_pos, i, window);
     FT_CHECK(j0 >= 0 && j0 <= i);
     std::fill(row, row + j0, T(0));
     std::fill(row + i + 1, row + i1, T(0));
@@ -182,7 +186,7 @@ inline int64_t AttentionRowBlock(int64_t len, bool fast_exp) { return fast_exp ?
 
 template <typename T>
 void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, int64_t n_head,
-                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, bool fast_exp, float softcap) {
+                      int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, bool fast_exp, float softcap, int64_t window) {
   fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
   const int64_t blk = AttentionRowBlock(len, fast_exp);
@@ -197,7 +201,8 @@ void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq,
       const T* vg = v + row0 * kvd + g * head_dim;
       for (int64_t i0 = 0; i0 < len; i0 += blk) {
         const int64_t i1 = std::min(len, i0 + blk);
-        CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, seg_pos ? seg_pos + row0 : nullptr, fast_exp, static_cast<T>(softcap));
+        CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, seg_pos ? seg_pos + row0 : nullptr, fast_exp, static_cast<T>(softcap),
+                    static_cast<T*>(nullptr), window);
         Gemm<T>(false, false, i1 - i0, head_dim, i1, T(1), p.data(), i1, vg, kvd, T(0), out + (row0 + i0) * E + h * head_dim, E);
       }
     }
@@ -207,7 +212,7 @@ void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq,
 template <typename T>
 void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq,
                        int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos,
-                       bool fast_exp, float softcap) {
+                       bool fast_exp, float softcap, int64_t window) {
   fast_exp = fast_exp && HaveAvx2Fma();
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
@@ -232,7 +237,7 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
         T* dqh = dq + row0 * E + h * head_dim;
         for (int64_t i0 = 0; i0 < len; i0 += blk) {
           const int64_t i1 = std::min(len, i0 + blk), nr = i1 - i0;
-          CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, sp, fast_exp, cap, softcap > 0.0f ? dcap.data() : nullptr);
+          CausalProbs(qh, E, kg, kvd, p.data(), i1, i0, i1, head_dim, sp, fast_exp, cap, softcap > 0.0f ? dcap.data() : nullptr, window);
           // Rows [i0, i1) against keys [0, i1):
           // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
           Gemm<T>(true, false, i1, head_dim, nr, T(1), p.data(), i1, doh + i0 * E, E, T(1), dvg, kvd);
@@ -240,7 +245,7 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
           for (int64_t i = i0; i < i1; ++i) {
             T* pr = p.data() + (i - i0) * i1;
             T* dr = dp.data() + (i - i0) * i1;
-            const int64_t j0 = FirstKey(sp, i);
+            const int64_t j0 = FirstKey(sp, i, window);
             double dot = 0.0;
             for (int64_t j = j0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
             for (int64_t j = j0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
@@ -499,9 +504,9 @@ void EmbedRows(const QMatrix& table, const int32_t* ids, int64_t n, T* out) {
   template void RopeForward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float, const float*);\
   template void RopeBackward<T>(T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, float, const float*);\
   template void AttentionForward<T>(const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t,   \
-                                    int64_t, const int32_t*, bool, float);                                  \
+                                    int64_t, const int32_t*, bool, float, int64_t);                         \
   template void AttentionBackward<T>(const T*, const T*, const T*, const T*, T*, T*, T*, int64_t, int64_t,  \
-                                     int64_t, int64_t, int64_t, const int32_t*, bool, float);               \
+                                     int64_t, int64_t, int64_t, const int32_t*, bool, float, int64_t);      \
   template void SwiGluForward<T>(const T*, const T*, T*, int64_t);                                          \
   template void SwiGluBackward<T>(const T*, const T*, const T*, T*, T*, int64_t);                           \
   template void GegluForward<T>(const T*, const T*, T*, int64_t);                                           \

@@ -50,14 +50,16 @@ void RopeBackward(T* dx, const int32_t* pos, int64_t rows, int64_t heads, int64_
 // kernels/fast_ops.h instead of double std::exp (the cpu-fast backend).
 // softcap > 0 (Gemma 2's attn_logit_softcapping): scores s = q.k / sqrt(head_dim) become
 // softcap * tanh(s / softcap) before the softmax; the backward pass goes through the cap.
+// window > 0 (sliding-window layers): token i attends to keys i - window + 1 .. i only (as
+// transformers and llama.cpp: a key `window` or more positions back is masked).
 template <typename T>
 void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, int64_t n_head,
                       int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos = nullptr, bool fast_exp = false,
-                      float softcap = 0.0f);
+                      float softcap = 0.0f, int64_t window = 0);
 template <typename T>
 void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq,
                        int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
-                       const int32_t* seg_pos = nullptr, bool fast_exp = false, float softcap = 0.0f);
+                       const int32_t* seg_pos = nullptr, bool fast_exp = false, float softcap = 0.0f, int64_t window = 0);
 
 // out = silu(gate) * up;  backward adds into dgate, dup.
 template <typename T>

@@ -387,15 +387,21 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
       (type == "mistral" || type == "llama" || type == "phi3" || flag("use_sliding_window") || windowed_layers)) {
     c.sliding_window = j["sliding_window"].get<int64_t>();
   }
+  // Which layers the window applies to: layer_types where given; transformers 4.x Qwen2/3 with
+  // use_sliding_window: the layers from max_window_layers on; otherwise (Mistral, Phi-3) all.
+  if (windowed_layers) {
+    for (const auto& t : j["layer_types"]) c.swa_layers.push_back(t.get<std::string>() == "sliding_attention");
+    if (static_cast<int64_t>(c.swa_layers.size()) != c.n_layer) return bad("layer_types needs one entry per layer");
+  } else if (c.sliding_window > 0 && (type == "qwen2" || type == "qwen3") && !j.contains("layer_types")) {
+    const int64_t first = j.value("max_window_layers", c.n_layer);
+    for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers.push_back(l >= first);
+  }
   if (gemma) {
     c.embed_scale = std::sqrt(static_cast<float>(c.n_embd));
     const double qpas = j.value("query_pre_attn_scalar", static_cast<double>(c.head_dim));
     if (!(qpas > 0)) return bad("query_pre_attn_scalar must be positive");
     c.query_scale = static_cast<float>(std::sqrt(static_cast<double>(c.head_dim) / qpas));
-    if (windowed_layers) {
-      for (const auto& t : j["layer_types"]) c.swa_layers.push_back(t.get<std::string>() == "sliding_attention");
-      if (static_cast<int64_t>(c.swa_layers.size()) != c.n_layer) return bad("layer_types needs one entry per layer");
-    } else if (!j.contains("layer_types")) {
+    if (!j.contains("layer_types")) {
       // transformers 4.50-4.52 configs (gemma-3-1b-it): sliding_window_pattern, every n-th layer
       // global; transformers 4.x Gemma 2 configs have neither key: every second layer global.
       const int64_t n = j.value("sliding_window_pattern", int64_t{gemma2 ? 2 : 6});
@@ -727,10 +733,6 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   // between them instead of sleeping (kernels/thread_pool.h).
   std::optional<kernels::ThreadPool::LowLatencyScope> low_latency;
   if (T <= 4) low_latency.emplace(kernels::DefaultPool());
-  if (c.sliding_window > 0 && n_past_ + T > c.sliding_window) {
-    return absl::UnimplementedError(absl::StrCat("sequence of ", n_past_ + T, " tokens exceeds the model's sliding attention window of ", c.sliding_window,
-                                                 " (windowed attention is not implemented)"));
-  }
   const int64_t E = c.n_embd, H = c.n_head, Hkv = c.n_head_kv, hd = c.head_dim, F = c.n_ff, Dq = c.q_dim();
   const int64_t kvd = Hkv * hd;
   std::vector<float> x(static_cast<size_t>(T * E)), h(x.size()), o(x.size());
@@ -781,7 +783,7 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     }
     if (c.query_scale != 1.0f)
       for (float& e : q) e *= c.query_scale;
-    kernels::CausalAttention(q.data(), Dq, kc, vc, kvd, attn.data(), Dq, T, n_past_, H, Hkv, hd, c.attn_softcap);
+    kernels::CausalAttention(q.data(), Dq, kc, vc, kvd, attn.data(), Dq, T, n_past_, H, Hkv, hd, c.attn_softcap, c.Window(l));
     linear(Module::kO, L.wo, attn.data(), o.data(), L.bo);
     if (!L.post_attn_norm.empty()) kernels::RmsNorm(o.data(), L.post_attn_norm.data(), o.data(), T, E, c.rms_eps);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];

@@ -42,8 +42,8 @@ struct LlamaConfig {
   // which llama.cpp runs with NeoX RoPE): the loader permuted them (and their biases and norms)
   // into the adjacent-pair order the kernels use; exports permute back where the target expects.
   bool neox_file_layout = false;
-  // Sliding-window attention (Mistral): exact while a sequence is no longer than the window,
-  // so longer sequences are refused rather than run with full attention.
+  // Sliding-window attention: token i attends to keys i - sliding_window + 1 .. i on the layers
+  // Window() names (Mistral, Phi-3: all layers; Gemma 2/3 and layer_types: the local ones).
   int64_t sliding_window = 0;
   // gemma2/gemma3: GeGLU MLP (gelu_tanh), embeddings x sqrt(n_embd), RMSNorm on the attention
   // and MLP outputs before the residual adds (post_attn_norm, post_ffn_norm).
@@ -56,14 +56,17 @@ struct LlamaConfig {
   bool fused = false;
   float embed_scale = 1.0f;
   float query_scale = 1.0f;  // q x this after RoPE: attention scale query_scale / sqrt(head_dim)
-  // Per layer: sliding-window ("local") attention, whose RoPE uses rope_base_swa and no
-  // frequency factors (gemma2/gemma3); empty: every layer global.
+  // Per layer: sliding-window ("local") attention; empty: every layer alike (windowed when
+  // sliding_window > 0). Gemma's local layers also have their own RoPE: rope_base_swa and no
+  // frequency factors.
   std::vector<uint8_t> swa_layers;
   float rope_base_swa = 10000.0f;
   int64_t q_dim() const { return n_head * head_dim; }  // may differ from n_embd (qwen3, gemma)
   bool IsSwa(int64_t l) const { return !swa_layers.empty() && swa_layers[static_cast<size_t>(l)] != 0; }
-  float RopeBase(int64_t l) const { return IsSwa(l) ? rope_base_swa : rope_base; }
-  const float* FreqFactors(int64_t l) const { return IsSwa(l) || rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
+  // Layer l's attention window (0: full causal attention).
+  int64_t Window(int64_t l) const { return sliding_window > 0 && (swa_layers.empty() || IsSwa(l)) ? sliding_window : 0; }
+  float RopeBase(int64_t l) const { return gemma && IsSwa(l) ? rope_base_swa : rope_base; }
+  const float* FreqFactors(int64_t l) const { return (gemma && IsSwa(l)) || rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
 };
 
 // fedtune keeps q/k rows in adjacent-pair RoPE order (llama.cpp's llama layout): row

@@ -153,10 +153,6 @@ absl::Status Trainer<T>::Check(const Batch& b) const {
                                                    b.targets.size(), " targets"));
   }
   if (b.len > c.n_ctx_train) return absl::OutOfRangeError(absl::StrCat("sequence length ", b.len, " exceeds the model context ", c.n_ctx_train));
-  if (c.sliding_window > 0 && b.len > c.sliding_window) {
-    return absl::UnimplementedError(absl::StrCat("sequence length ", b.len, " exceeds the model's sliding attention window of ", c.sliding_window,
-                                                 " (windowed attention is not implemented)"));
-  }
   for (size_t i = 0; i < n; ++i) {
     if (b.tokens[i] < 0 || b.tokens[i] >= c.n_vocab || b.targets[i] >= c.n_vocab) {
       return absl::InvalidArgumentError(absl::StrCat("token id out of range at batch position ", i));
@@ -202,15 +198,18 @@ struct Kern {
       else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
     }
   }
+  // Layer l's attention: the model's soft-cap and the layer's sliding window (LlamaConfig::Window).
   void AttentionForward(const T* q, const T* k, const T* v, T* out, int64_t n_seq, int64_t len, const LlamaConfig& c,
-                        const int32_t* seg) const {
-    if constexpr (kF) be->AttentionForward(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, c.attn_softcap);
-    else kernels::AttentionForward<T>(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, false, c.attn_softcap);
+                        const int32_t* seg, int64_t l) const {
+    const int64_t w = c.Window(l);
+    if constexpr (kF) be->AttentionForward(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, c.attn_softcap, w);
+    else kernels::AttentionForward<T>(q, k, v, out, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, false, c.attn_softcap, w);
   }
   void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv, int64_t n_seq, int64_t len,
-                         const LlamaConfig& c, const int32_t* seg) const {
-    if constexpr (kF) be->AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, c.attn_softcap);
-    else kernels::AttentionBackward<T>(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, false, c.attn_softcap);
+                         const LlamaConfig& c, const int32_t* seg, int64_t l) const {
+    const int64_t w = c.Window(l);
+    if constexpr (kF) be->AttentionBackward(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, c.attn_softcap, w);
+    else kernels::AttentionBackward<T>(q, k, v, dout, dq, dk, dv, n_seq, len, c.n_head, c.n_head_kv, c.head_dim, seg, false, c.attn_softcap, w);
   }
   void GegluForward(const T* gate, const T* up, T* out, int64_t n) const {
     if constexpr (kF) be->GegluForward(gate, up, out, n); else kernels::GegluForward<T>(gate, up, out, n);
@@ -342,7 +341,7 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg, l);
   if (cfg.query_scale != 1.0f) K.Scale(c.q.data(), cfg.query_scale, M * Dq);
   c.att.Resize(M * Dq);
-  K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_);
+  K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_, l);
   Buf<T>& o = work_->o;
   c.x_mid.Resize(M * E);
   if (cfg.gemma) {  // o_pre = o(att), normalised into o before the residual add
@@ -481,7 +480,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   K.Zeros(dq, M * Dq);
   K.Zeros(dk, M * kvd);
   K.Zeros(dv, M * kvd);
-  K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_);
+  K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_, l);
   if (cfg.query_scale != 1.0f) K.Scale(dq.data(), cfg.query_scale, M * Dq);
   K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg, l);
   K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg, l);

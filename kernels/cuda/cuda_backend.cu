@@ -278,9 +278,11 @@ __global__ void RmsNormBackwardKernel(const float* x, const float* g, const floa
 
 // Row `blockIdx.x` of the stacked len x len score matrices of all sequences is query
 // i = row % len of its sequence, token `row` overall. It sees keys j0..i: j0 = 0, or with
-// packed rows (seg_pos not null) j0 = i - seg_pos[row], the start of its example.
-__device__ __forceinline__ int64_t FirstKey(const int32_t* seg_pos, int64_t row, int64_t i) {
-  return seg_pos != nullptr ? i - seg_pos[row] : 0;
+// packed rows (seg_pos not null) j0 = i - seg_pos[row], the start of its example; with a sliding
+// window (window > 0) no earlier than i - window + 1.
+__device__ __forceinline__ int64_t FirstKey(const int32_t* seg_pos, int64_t row, int64_t i, int64_t window) {
+  const int64_t j0 = seg_pos != nullptr ? i - seg_pos[row] : 0;
+  return window > 0 && i - window + 1 > j0 ? i - window + 1 : j0;
 }
 
 // 1 / cosh^2(x): the derivative of tanh, accurate where tanh saturates (unlike 1 - tanh^2).
@@ -292,8 +294,8 @@ __device__ __forceinline__ float SechSquared(float x) {
 // Softmax over the visible keys of each row, zeros elsewhere. softcap > 0 (Gemma 2): the
 // visible scores s become softcap * tanh(s / softcap) first, and `dcap` (may be null) receives
 // the cap's derivative 1 / cosh^2(s / softcap).
-__global__ void CausalSoftmaxKernel(float* s, int64_t len, const int32_t* seg_pos, float softcap, float* dcap) {
-  const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i);
+__global__ void CausalSoftmaxKernel(float* s, int64_t len, const int32_t* seg_pos, float softcap, float* dcap, int64_t window) {
+  const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i, window);
   float* p = s + row * len;
   if (softcap > 0.0f) {
     for (int64_t j = j0 + threadIdx.x; j <= i; j += blockDim.x) {
@@ -320,8 +322,8 @@ __global__ void CausalSoftmaxKernel(float* s, int64_t len, const int32_t* seg_po
 // dS = P o (dP - rowsum(dP o P)) over the visible keys, in place of dP; zeros elsewhere. With
 // softcap > 0, times the cap's derivative dcap (CausalSoftmaxKernel).
 __global__ void CausalSoftmaxBackwardKernel(const float* p, float* dp, int64_t len, const int32_t* seg_pos, float softcap,
-                                            const float* dcap) {
-  const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i);
+                                            const float* dcap, int64_t window) {
+  const int64_t row = blockIdx.x, i = row % len, j0 = FirstKey(seg_pos, row, i, window);
   const float* pr = p + row * len;
   float* dr = dp + row * len;
   double dot = 0.0;
@@ -711,7 +713,8 @@ class CudaBackendImpl final : public Backend {
   }
 
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len,
-                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+                        int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap,
+                        int64_t window) override {
     FT_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
     const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, rows = n_seq * len;
     if (rows == 0) return;
@@ -725,7 +728,7 @@ class CudaBackendImpl final : public Backend {
     const int32_t* seg_d = seg_pos != nullptr ? ToDevice(5, seg_pos, rows) : nullptr;
     for (int64_t h = 0; h < n_head; ++h) {
       const int64_t g = h / group;
-      CausalProbs(q_d + h * head_dim, E, k_d + g * head_dim, kvd, seg_d, p_d, n_seq, len, head_dim, softcap, nullptr);
+      CausalProbs(q_d + h * head_dim, E, k_d + g * head_dim, kvd, seg_d, p_d, n_seq, len, head_dim, softcap, nullptr, window);
       // out_h = P V_g, per sequence
       GemmBatched(CudaGemm::kFp32, false, false, len, head_dim, len, 1.0f, p_d, len, len * len, v_d + g * head_dim, kvd,
                   len * kvd, 0.0f, out_d + h * head_dim, E, len * E, n_seq);
@@ -736,7 +739,7 @@ class CudaBackendImpl final : public Backend {
 
   void AttentionBackward(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk,
                          float* dv, int64_t n_seq, int64_t len, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, const int32_t* seg_pos, float softcap) override {
+                         int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {
     FT_CHECK(n_head_kv > 0 && n_head % n_head_kv == 0);
     const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, rows = n_seq * len;
     if (rows == 0) return;
@@ -763,14 +766,14 @@ class CudaBackendImpl final : public Backend {
       const float* doh = dout_d + h * head_dim;
       const float* kg = k_d + g * head_dim;
       const float* vg = v_d + g * head_dim;
-      CausalProbs(qh, E, kg, kvd, seg_d, p_d, n_seq, len, head_dim, softcap, dcap_d);
+      CausalProbs(qh, E, kg, kvd, seg_d, p_d, n_seq, len, head_dim, softcap, dcap_d, window);
       // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
       GemmBatched(CudaGemm::kFp32, true, false, len, head_dim, len, 1.0f, p_d, len, ll, doh, E, len * E, 1.0f,
                   dv_d + g * head_dim, kvd, len * kvd, n_seq);
       GemmBatched(CudaGemm::kFp32, false, true, len, len, head_dim, 1.0f, doh, E, len * E, vg, kvd, len * kvd, 0.0f,
                   dp_d, len, ll, n_seq);
       Launch(CausalSoftmaxBackwardKernel, rows, stream_, static_cast<const float*>(p_d), dp_d, len, seg_d, softcap,
-             static_cast<const float*>(dcap_d));
+             static_cast<const float*>(dcap_d), window);
       GemmBatched(CudaGemm::kFp32, false, false, len, head_dim, len, scale, dp_d, len, ll, kg, kvd, len * kvd, 1.0f,
                   dq_d + h * head_dim, E, len * E, n_seq);
       GemmBatched(CudaGemm::kFp32, true, false, len, head_dim, len, scale, dp_d, len, ll, qh, E, len * E, 1.0f,
@@ -1268,11 +1271,11 @@ class CudaBackendImpl final : public Backend {
   // head: qh / kg point at the head's columns of q (row stride q_stride) / k (kv_stride); seg_pos
   // (device, may be null) as in AttentionForward.
   void CausalProbs(const float* qh, int64_t q_stride, const float* kg, int64_t kv_stride, const int32_t* seg_pos,
-                   float* p, int64_t n_seq, int64_t len, int64_t head_dim, float softcap, float* dcap) {
+                   float* p, int64_t n_seq, int64_t len, int64_t head_dim, float softcap, float* dcap, int64_t window) {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
     GemmBatched(CudaGemm::kFp32, false, true, len, len, head_dim, scale, qh, q_stride, len * q_stride, kg, kv_stride,
                 len * kv_stride, 0.0f, p, len, len * len, n_seq);
-    Launch(CausalSoftmaxKernel, n_seq * len, stream_, p, len, seg_pos, softcap, dcap);
+    Launch(CausalSoftmaxKernel, n_seq * len, stream_, p, len, seg_pos, softcap, dcap, window);
   }
 
   // Packed rows: token t, query i = t % len of its row, sees keys i - seg_pos[t] .. i, which

@@ -284,12 +284,15 @@ TEST_P(BackendOps, Attention) {
         // size only (the kernels' work per block does not depend on it).
         if (len == 70 && hd != 16) continue;
 #endif
-        // Gemma 2's soft-capping (cap 0.7: the tanh is far from linear on these scores) at one head size.
-        for (auto [packed, cap] : hd == 16 ? std::vector<std::pair<bool, float>>{{false, 0.0f}, {true, 0.0f}, {false, 0.7f}, {true, 0.7f}}
-                                           : std::vector<std::pair<bool, float>>{{false, 0.0f}, {true, 0.0f}}) {
+        // Gemma 2's soft-capping (cap 0.7: the tanh is far from linear on these scores) and sliding
+        // windows (3 and 5 keys), alone and with packing, at one head size.
+        using Variant = std::tuple<bool, float, int64_t>;  // packed, softcap, window
+        for (auto [packed, cap, window] :
+             hd == 16 ? std::vector<Variant>{{false, 0.0f, 0}, {true, 0.0f, 0}, {false, 0.7f, 0}, {true, 0.7f, 0}, {false, 0.0f, 3}, {true, 0.7f, 5}}
+                      : std::vector<Variant>{{false, 0.0f, 0}, {true, 0.0f, 0}}) {
           const std::string shape = "heads=" + std::to_string(nh) + "/" + std::to_string(nkv) + " hd=" + std::to_string(hd) + " seq=" +
                                     std::to_string(n_seq) + "x" + std::to_string(len) + (packed ? " packed" : "") +
-                                    (cap > 0 ? " softcap" : "");
+                                    (cap > 0 ? " softcap" : "") + (window > 0 ? " window=" + std::to_string(window) : "");
           const int64_t M = n_seq * len;
           const std::vector<int32_t> pos = PackedPositions(n_seq, len, rng_);
           const int32_t* sp = packed ? pos.data() : nullptr;
@@ -297,16 +300,16 @@ TEST_P(BackendOps, Attention) {
                     v = Random(static_cast<size_t>(M * nkv * hd), rng_);
           if (Has(Op::kAttentionForward)) {
             Vec o_ref(q.size()), o(q.size());
-            ref_.AttentionForward(q.data(), k.data(), v.data(), o_ref.data(), n_seq, len, nh, nkv, hd, sp, cap);
-            be_->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, nh, nkv, hd, sp, cap);
+            ref_.AttentionForward(q.data(), k.data(), v.data(), o_ref.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
+            be_->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
             Expect(Op::kAttentionForward, o_ref, o, kSoftTol + kGemmTol * OnCuda(), shape);
           }
           if (Has(Op::kAttentionBackward)) {
             const Vec dout = Random(q.size(), rng_);
             Vec dq_ref = Random(q.size(), rng_), dk_ref = Random(k.size(), rng_), dv_ref = Random(v.size(), rng_);
             Vec dq = dq_ref, dk = dk_ref, dv = dv_ref;
-            ref_.AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), n_seq, len, nh, nkv, hd, sp, cap);
-            be_->AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq.data(), dk.data(), dv.data(), n_seq, len, nh, nkv, hd, sp, cap);
+            ref_.AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
+            be_->AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq.data(), dk.data(), dv.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
             const double tol = kSoftTol + kGemmTol * OnCuda();
             Expect(Op::kAttentionBackward, dq_ref, dq, tol, shape + " dq");
             Expect(Op::kAttentionBackward, dk_ref, dk, tol, shape + " dk");

@@ -132,26 +132,42 @@ TEST(GradientTest, CausalGroupedQueryAttention) {
 }
 
 // Gemma 2's attention soft-capping: a small cap (0.4) so the tanh is far from linear on these
-// scores, with packed rows.
-TEST(GradientTest, SoftCappedAttention) {
+// scores, with packed rows, without and with a sliding window of 3 keys.
+TEST(GradientTest, SoftCappedAndWindowedAttention) {
   Rng rng(41);
   const int64_t n_seq = 2, len = 6, H = 4, Hkv = 2, hd = 4, E = H * hd, kvd = Hkv * hd, M = n_seq * len;
   auto q = RandVec(M * E, rng, 2.0), k = RandVec(M * kvd, rng, 2.0), v = RandVec(M * kvd, rng), wy = RandVec(M * E, rng);
   const std::vector<int32_t> seg = {0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 4, 5};
   std::vector<double> out(static_cast<size_t>(M * E));
-  for (const int32_t* sp : {static_cast<const int32_t*>(nullptr), seg.data()}) {
-    auto f = [&] {
-      kernels::AttentionForward<double>(q.data(), k.data(), v.data(), out.data(), n_seq, len, H, Hkv, hd, sp, false, 0.4f);
-      return Dot(out, wy);
-    };
-    std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
-    kernels::AttentionBackward<double>(q.data(), k.data(), v.data(), wy.data(), dq.data(), dk.data(), dv.data(), n_seq, len, H, Hkv, hd, sp,
-                                       false, 0.4f);
-    const double eq = FdRelError(f, q, dq), ek = FdRelError(f, k, dk), ev = FdRelError(f, v, dv);
-    std::printf("soft-capped attention%s: dq %.2e dk %.2e dv %.2e\n", sp ? " packed" : "", eq, ek, ev);
-    EXPECT_LE(eq, kTol);
-    EXPECT_LE(ek, kTol);
-    EXPECT_LE(ev, kTol);
+  for (int64_t window : {0, 3}) {
+    for (const int32_t* sp : {static_cast<const int32_t*>(nullptr), seg.data()}) {
+      auto f = [&] {
+        kernels::AttentionForward<double>(q.data(), k.data(), v.data(), out.data(), n_seq, len, H, Hkv, hd, sp, false, 0.4f, window);
+        return Dot(out, wy);
+      };
+      std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
+      kernels::AttentionBackward<double>(q.data(), k.data(), v.data(), wy.data(), dq.data(), dk.data(), dv.data(), n_seq, len, H, Hkv, hd, sp,
+                                         false, 0.4f, window);
+      const double eq = FdRelError(f, q, dq), ek = FdRelError(f, k, dk), ev = FdRelError(f, v, dv);
+      std::printf("soft-capped attention%s window %lld: dq %.2e dk %.2e dv %.2e\n", sp ? " packed" : "", static_cast<long long>(window), eq, ek,
+                  ev);
+      EXPECT_LE(eq, kTol);
+      EXPECT_LE(ek, kTol);
+      EXPECT_LE(ev, kTol);
+    }
+  }
+  // A window of 3 keys: the last query's output does not depend on the first key (it does
+  // without the window).
+  for (int64_t window : {0, 3}) {
+    auto k2 = k;
+    for (int64_t d = 0; d < kvd; ++d) k2[static_cast<size_t>(d)] += 1.0;  // key 0 of sequence 0
+    std::vector<double> a(out.size()), b(out.size());
+    kernels::AttentionForward<double>(q.data(), k.data(), v.data(), a.data(), n_seq, len, H, Hkv, hd, nullptr, false, 0.0f, window);
+    kernels::AttentionForward<double>(q.data(), k2.data(), v.data(), b.data(), n_seq, len, H, Hkv, hd, nullptr, false, 0.0f, window);
+    double last = 0;
+    for (int64_t d = 0; d < E; ++d) last = std::max(last, std::abs(a[static_cast<size_t>((len - 1) * E + d)] - b[static_cast<size_t>((len - 1) * E + d)]));
+    if (window == 0) EXPECT_GT(last, 1e-6);
+    else EXPECT_EQ(last, 0.0);
   }
   // The cap changes the output (the test would pass vacuously otherwise).
   std::vector<double> plain(out.size());
