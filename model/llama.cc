@@ -109,11 +109,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
   // Settings the engine does not implement: refused by name, never run approximately (Gemma 2's
   // soft-capping is implemented and read below).
   for (const char* k : {"expert_count", "attn_logit_softcapping", "final_logit_softcapping", "attention.layer_norm_epsilon",
-                        "attention.clamp_kqv", "rope.scaling.attn_factor", "attention.q_lora_rank", "embedding_scale", "residual_scale", "logit_scale"}) {
+                        "attention.clamp_kqv", "attention.q_lora_rank", "embedding_scale", "residual_scale", "logit_scale"}) {
     if (g.Find(a + k) == nullptr) continue;
     if (gemma2 && std::string(k).ends_with("softcapping")) continue;
     if (std::string(k) == "expert_count" && g.GetIntOr(a + k, 0) == 0) continue;
-    if (std::string(k) == "rope.scaling.attn_factor" && g.GetFloatOr(a + k, 1.0) == 1.0) continue;
     return absl::UnimplementedError(absl::StrCat("model sets '", a, k, "', which this engine does not implement"));
   }
   FT_ASSIGN_OR_RETURN(c.n_embd, g.GetInt(a + "embedding_length"));
@@ -212,6 +211,19 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromGguf(std::unique_ptr
     if (!c.rope_freq_factors.empty()) return absl::InvalidArgumentError("model has both rope_freqs.weight and linear RoPE scaling");
     FT_ASSIGN_OR_RETURN(c.rope_freq_factors, vector("rope_freqs.weight", c.rope_dim / 2));
   }
+  // LongRoPE as llama.cpp's converter writes it (Phi-3): short and long factors, the original
+  // context they switch at, and the attention factor. llama.cpp scales cos and sin by
+  // rope.scaling.attn_factor (any architecture): q.k scales by its square, here in query_scale.
+  if (g.FindTensor("rope_factors_long.weight") != nullptr || g.FindTensor("rope_factors_short.weight") != nullptr) {
+    if (!c.rope_freq_factors.empty()) return absl::InvalidArgumentError("model has LongRoPE factors and another RoPE scaling");
+    FT_ASSIGN_OR_RETURN(c.rope_freq_factors, vector("rope_factors_short.weight", c.rope_dim / 2));
+    FT_ASSIGN_OR_RETURN(c.rope_long_factors, vector("rope_factors_long.weight", c.rope_dim / 2));
+    c.rope_orig_ctx = g.GetIntOr(a + "rope.scaling.original_context_length", 0);
+    if (c.rope_orig_ctx <= 0) return absl::InvalidArgumentError(absl::StrCat("LongRoPE factors need ", a, "rope.scaling.original_context_length"));
+  }
+  const double attn_factor = g.GetFloatOr(a + "rope.scaling.attn_factor", 1.0);
+  if (!(attn_factor > 0.0)) return absl::InvalidArgumentError(absl::StrCat(a, "rope.scaling.attn_factor must be positive"));
+  c.query_scale *= static_cast<float>(attn_factor * attn_factor);
   FT_ASSIGN_OR_RETURN(m->token_embd_, matrix("token_embd.weight"));
   c.n_vocab = m->token_embd_.rows;
   if (g.FindTensor("output.weight") != nullptr) {
@@ -424,6 +436,37 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     } else if (rt == "linear") {
       if (!(factor > 0)) return bad("rope_scaling factor must be positive");
       c.rope_freq_factors.assign(static_cast<size_t>(c.rope_dim / 2), static_cast<float>(factor));
+    } else if (rt == "longrope" || rt == "su") {
+      // As transformers (_compute_longrope_parameters): short factors up to
+      // original_max_position_embeddings, long ones beyond; the attention factor
+      // sqrt(1 + ln(s) / ln(orig)) with s = max_position_embeddings / orig unless given, which
+      // scales cos and sin (q.k by its square: query_scale).
+      auto factors = [&](const char* k, std::vector<float>* out) -> absl::Status {
+        if (!rs.contains(k) || !rs[k].is_array() || static_cast<int64_t>(rs[k].size()) != c.rope_dim / 2) {
+          return bad(absl::StrCat("rope_scaling longrope needs '", k, "' with ", c.rope_dim / 2, " numbers"));
+        }
+        for (const auto& v : rs[k]) {
+          if (!v.is_number()) return bad(absl::StrCat("rope_scaling '", k, "' holds a non-number"));
+          out->push_back(v.get<float>());
+        }
+        return absl::OkStatus();
+      };
+      FT_RETURN_IF_ERROR(factors("short_factor", &c.rope_freq_factors));
+      FT_RETURN_IF_ERROR(factors("long_factor", &c.rope_long_factors));
+      const nlohmann::json* orig = rs.contains("original_max_position_embeddings") ? &rs["original_max_position_embeddings"]
+                                   : j.contains("original_max_position_embeddings") ? &j["original_max_position_embeddings"] : nullptr;
+      double scale = factor;
+      if (orig != nullptr && orig->is_number_integer()) {
+        c.rope_orig_ctx = orig->get<int64_t>();
+        if (c.rope_orig_ctx > 0) scale = static_cast<double>(c.n_ctx_train) / static_cast<double>(c.rope_orig_ctx);
+      } else {
+        c.rope_orig_ctx = c.n_ctx_train;
+      }
+      if (c.rope_orig_ctx <= 1) return bad("rope_scaling longrope needs original_max_position_embeddings > 1");
+      double attn = scale <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(scale) / std::log(static_cast<double>(c.rope_orig_ctx)));
+      if (rs.contains("attention_factor") && rs["attention_factor"].is_number()) attn = rs["attention_factor"].get<double>();
+      if (!(attn > 0.0)) return bad("rope_scaling attention_factor must be positive");
+      c.query_scale *= static_cast<float>(attn * attn);
     } else if (rt != "default") {
       return unimplemented(absl::StrCat("rope_scaling type '", rt, "'"));
     }
@@ -543,12 +586,14 @@ absl::Status LlamaModel::Validate() const {
   if (c.n_vocab <= 0) return absl::InvalidArgumentError("empty vocabulary");
   FT_RETURN_IF_ERROR(ExpectShape("token_embd.weight", token_embd_, c.n_vocab, c.n_embd));
   FT_RETURN_IF_ERROR(ExpectShape("output.weight", output_, c.n_vocab, c.n_embd));
-  if (!c.rope_freq_factors.empty()) {
-    if (static_cast<int64_t>(c.rope_freq_factors.size()) != c.rope_dim / 2) return absl::InvalidArgumentError("rope frequency factors: one per rotated pair expected");
-    for (float f : c.rope_freq_factors) {
+  for (const auto* factors : {&c.rope_freq_factors, &c.rope_long_factors}) {
+    if (factors->empty()) continue;
+    if (static_cast<int64_t>(factors->size()) != c.rope_dim / 2) return absl::InvalidArgumentError("rope frequency factors: one per rotated pair expected");
+    for (float f : *factors) {
       if (!(f > 0.0f) || !std::isfinite(f)) return absl::InvalidArgumentError("rope frequency factors must be positive and finite");
     }
   }
+  if (!c.rope_long_factors.empty() && c.rope_freq_factors.empty()) return absl::InvalidArgumentError("LongRoPE needs its short factors too");
   if (c.sliding_window < 0) return absl::InvalidArgumentError("negative sliding window");
   const int64_t kv = c.n_head_kv * c.head_dim, nq = c.q_dim();
   for (int64_t l = 0; l < c.n_layer; ++l) {
@@ -776,8 +821,8 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     float* kc = k_cache_.data() + l * n_ctx_ * kvd;
     float* vc = v_cache_.data() + l * n_ctx_ * kvd;
     for (int64_t t = 0; t < T; ++t) {
-      kernels::RopeAdjacent(q.data() + t * Dq, H, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l));
-      kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l));
+      kernels::RopeAdjacent(q.data() + t * Dq, H, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l, n_ctx_));
+      kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l, n_ctx_));
       std::memcpy(kc + (n_past_ + t) * kvd, k.data() + t * kvd, static_cast<size_t>(kvd) * 4);
       std::memcpy(vc + (n_past_ + t) * kvd, v.data() + t * kvd, static_cast<size_t>(kvd) * 4);
     }

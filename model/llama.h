@@ -37,6 +37,11 @@ struct LlamaConfig {
   // rope_dim / 2 divisors of the RoPE angles (Llama 3 and linear RoPE scaling; llama.cpp's
   // rope_freqs tensor); empty: none.
   std::vector<float> rope_freq_factors;
+  // LongRoPE (Phi-3 128k, Phi-3.5): rope_freq_factors are the short factors, these the long
+  // ones, used where the positions exceed rope_orig_ctx (LongRopeFactors); empty: none. Its
+  // attention factor (cos and sin scaled) is folded into query_scale as its square.
+  std::vector<float> rope_long_factors;
+  int64_t rope_orig_ctx = 0;
   bool qk_norm = false;  // qwen3: RMSNorm over each head of q and k (before RoPE)
   // The file stores q/k rows in rotate_half order (Hugging Face folders; GGUF qwen2/qwen3,
   // which llama.cpp runs with NeoX RoPE): the loader permuted them (and their biases and norms)
@@ -66,7 +71,13 @@ struct LlamaConfig {
   // Layer l's attention window (0: full causal attention).
   int64_t Window(int64_t l) const { return sliding_window > 0 && (swa_layers.empty() || IsSwa(l)) ? sliding_window : 0; }
   float RopeBase(int64_t l) const { return gemma && IsSwa(l) ? rope_base_swa : rope_base; }
-  const float* FreqFactors(int64_t l) const { return (gemma && IsSwa(l)) || rope_freq_factors.empty() ? nullptr : rope_freq_factors.data(); }
+  // n_positions: the positions in play (training: the batch's largest position + 1, as
+  // transformers; inference: the context size, as llama.cpp); LongRoPE picks its long factors
+  // above rope_orig_ctx.
+  const float* FreqFactors(int64_t l, int64_t n_positions = 0) const {
+    if ((gemma && IsSwa(l)) || rope_freq_factors.empty()) return nullptr;
+    return !rope_long_factors.empty() && n_positions > rope_orig_ctx ? rope_long_factors.data() : rope_freq_factors.data();
+  }
 };
 
 // fedtune keeps q/k rows in adjacent-pair RoPE order (llama.cpp's llama layout): row

@@ -189,13 +189,13 @@ struct Kern {
   void RmsNormBackward(const T* x, const float* g, const T* rstd, const T* dy, T* dx, int64_t rows, int64_t n) const {
     if constexpr (kF) be->RmsNormBackward(x, g, rstd, dy, dx, rows, n); else kernels::RmsNormBackward<T>(x, g, rstd, dy, dx, rows, n);
   }
-  void Rope(bool forward, T* x, const int32_t* pos, int64_t rows, int64_t heads, const LlamaConfig& c, int64_t l) const {
+  void Rope(bool forward, T* x, const int32_t* pos, int64_t rows, int64_t heads, const LlamaConfig& c, int64_t l, int64_t n_positions) const {
     if constexpr (kF) {
-      if (forward) be->RopeForward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
-      else be->RopeBackward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
+      if (forward) be->RopeForward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l, n_positions));
+      else be->RopeBackward(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l, n_positions));
     } else {
-      if (forward) kernels::RopeForward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
-      else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l));
+      if (forward) kernels::RopeForward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l, n_positions));
+      else kernels::RopeBackward<T>(x, pos, rows, heads, c.head_dim, c.rope_dim, c.RopeBase(l), c.FreqFactors(l, n_positions));
     }
   }
   // Layer l's attention: the model's soft-cap and the layer's sliding window (LlamaConfig::Window).
@@ -337,8 +337,8 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
     linear(Module::kK, L.wk, c.h1.data(), c.k, kvd, L.bk);
   }
   linear(Module::kV, L.wv, c.h1.data(), c.v, kvd, L.bv);
-  K.Rope(true, c.q.data(), pos_.data(), M, cfg.n_head, cfg, l);
-  K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg, l);
+  K.Rope(true, c.q.data(), pos_.data(), M, cfg.n_head, cfg, l, n_positions_);
+  K.Rope(true, c.k.data(), pos_.data(), M, cfg.n_head_kv, cfg, l, n_positions_);
   if (cfg.query_scale != 1.0f) K.Scale(c.q.data(), cfg.query_scale, M * Dq);
   c.att.Resize(M * Dq);
   K.AttentionForward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), n_seq_, len_, cfg, seg_pos_, l);
@@ -482,8 +482,8 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   K.Zeros(dv, M * kvd);
   K.AttentionBackward(c.q.data(), c.k.data(), c.v.data(), datt.data(), dq.data(), dk.data(), dv.data(), n_seq_, len_, cfg, seg_pos_, l);
   if (cfg.query_scale != 1.0f) K.Scale(dq.data(), cfg.query_scale, M * Dq);
-  K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg, l);
-  K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg, l);
+  K.Rope(false, dq.data(), pos_.data(), M, cfg.n_head, cfg, l, n_positions_);
+  K.Rope(false, dk.data(), pos_.data(), M, cfg.n_head_kv, cfg, l, n_positions_);
   Buf<T>& dh1 = work_->dh1;
   const T* dq_pre = dq.data();
   const T* dk_pre = dk.data();
@@ -654,6 +654,9 @@ double Trainer<T>::Slice(const Batch& b, int64_t s0, int64_t n_seq, T grad_scale
   pos_.resize(static_cast<size_t>(M));
   for (int64_t i = 0; i < M; ++i) pos_[static_cast<size_t>(i)] = b.pos.empty() ? static_cast<int32_t>(i % len_) : b.pos[static_cast<size_t>(t0 + i)];
   seg_pos_ = b.pos.empty() ? nullptr : pos_.data();
+  // The whole batch's positions (every slice of a batch rotates alike): LongRoPE's choice.
+  n_positions_ = b.len;
+  if (!b.pos.empty()) n_positions_ = *std::max_element(b.pos.begin(), b.pos.end()) + int64_t{1};
   training_ = backward || training_forward_;
   tok0_ = t0;
   const int32_t* targets = b.targets.data() + t0;

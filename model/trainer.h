@@ -109,6 +109,7 @@ class Trainer {
   int64_t n_seq_ = 0, len_ = 0;
   std::vector<int32_t> pos_;
   const int32_t* seg_pos_ = nullptr;  // packed rows: pos_ (else null: plain causal attention)
+  int64_t n_positions_ = 0;           // the batch's largest position + 1 (LlamaConfig::FreqFactors)
   bool training_ = false;             // this slice runs backward: dropout applies
   bool training_forward_ = false;
   int64_t tok0_ = 0;                  // batch index of the slice's first token (dropout masks)

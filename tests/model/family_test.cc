@@ -733,6 +733,73 @@ TEST_P(FamilyWindow, AWindowShorterThanTheSequenceMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Families, FamilyWindow, ::testing::Values("mistral", "gemma2", "gemma3", "phi3"));
 
+// Phi-3 LongRoPE (tests/oracles/gen_longrope_golden.py): the phi3 folder's weights with a
+// longrope config (original context 8 of 256): transformers' logits with the long factors (12
+// tokens) and the short ones (8 tokens), LoRA gradients against autograd, llama.cpp's logits on
+// its converter's F32 file, and llama.cpp's Q8_0 conversion loaded by fedtune.
+TEST(FamilyLongRope, Phi3LongRopeMatchesTransformersAndLlamaCpp) {
+  const std::string src = FamilyDir("phi3");
+  auto golden = SafetensorsFile::Open(src + "/longrope_golden.safetensors");
+  ASSERT_TRUE(golden.ok()) << golden.status();
+  auto base_golden = SafetensorsFile::Open(src + "/golden.safetensors");
+  ASSERT_TRUE(base_golden.ok());
+  const std::vector<int32_t> tokens = GoldenTokens(**base_golden);
+  const std::string dir = testing::TempPath("phi3_longrope");
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(src + "/model.safetensors", dir + "/model.safetensors", std::filesystem::copy_options::overwrite_existing);
+  std::filesystem::copy_file(src + "/longrope_config.json", dir + "/config.json", std::filesystem::copy_options::overwrite_existing);
+  auto m = LlamaModel::Load(dir);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const LlamaConfig& c = (*m)->config();
+  ASSERT_EQ(c.rope_long_factors.size(), 4u);
+  EXPECT_EQ(c.rope_orig_ctx, 8);
+  EXPECT_NEAR(c.query_scale, 1.0 + std::log(32.0) / std::log(8.0), 1e-6);  // the attention factor, squared
+  const double err_long = RelErr(Logits(**m, tokens, nullptr), GoldenF32(**golden, "logits_long"));
+  const std::vector<int32_t> first8(tokens.begin(), tokens.begin() + 8);
+  std::vector<float> short_logits;
+  {
+    LlamaContext ctx(**m, 8);  // a context within the original one: the short factors
+    ASSERT_TRUE(ctx.Eval(first8, true, &short_logits).ok());
+  }
+  const double err_short = RelErr(short_logits, GoldenF32(**golden, "logits_short"));
+  const double err_llamacpp = RelErr(Logits(**m, tokens, nullptr), GoldenF32(**golden, "llamacpp_f32_long"));
+  EXPECT_LE(err_long, 1e-4);
+  EXPECT_LE(err_short, 1e-4);
+  EXPECT_LE(err_llamacpp, 1e-4);
+  auto set = ImportPeft(src + "/adapter", **m);
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_LE(RelErr(Logits(**m, tokens, &*set), GoldenF32(**golden, "logits_lora_long")), 1e-4);
+  Batch b;
+  b.n_seq = 1;
+  b.len = static_cast<int64_t>(tokens.size());
+  b.tokens = tokens;
+  for (size_t i = 0; i < tokens.size(); ++i) b.targets.push_back(i + 1 < tokens.size() ? tokens[i + 1] : -1);
+  double worst = 0;
+  for (kernels::Backend* be : {&kernels::CpuReferenceBackend(), &kernels::CpuFastBackend()}) {
+    set->ZeroGrad();
+    Trainer<float> trainer(**m, &*set, TrainerOptions{.recompute = true, .backend = be});
+    auto nll = trainer.Step(b, 1.0f, true);
+    ASSERT_TRUE(nll.ok()) << nll.status();
+    EXPECT_NEAR(*nll, GoldenF32(**golden, "nll_lora_long").at(0), 1e-5 * *nll);
+    for (const auto& [name, g] : PeftGradients(**m, ToDouble(*set))) {
+      const double e = RelErr(g, GoldenF32(**golden, name + ".grad"));
+      worst = std::max(worst, e);
+      EXPECT_LE(e, 1e-4) << name << " on " << be->Name();
+    }
+  }
+  // llama.cpp's converter: rope_factors_long/short, rope.scaling.attn_factor and
+  // original_context_length, read by fedtune's GGUF loader (Q8_0: llama.cpp's own 8-bit
+  // activations move its logits by a few percent, as for the other families).
+  auto q8 = LlamaModel::Load(src + "/longrope.q8_0.gguf");
+  ASSERT_TRUE(q8.ok()) << q8.status();
+  EXPECT_EQ((*q8)->config().rope_orig_ctx, 8);
+  EXPECT_NEAR((*q8)->config().query_scale, c.query_scale, 1e-5);
+  const double err_q8 = RelErr(Logits(**q8, tokens, nullptr), GoldenF32(**golden, "llamacpp_q8_0_long"));
+  EXPECT_LE(err_q8, 0.1);
+  std::printf("[family] phi3 longrope: vs transformers long %.2e short %.2e; vs llama.cpp F32 %.2e; gradients %.2e; Q8_0 file vs llama.cpp %.2e\n",
+              err_long, err_short, err_llamacpp, worst, err_q8);
+}
+
 // A copy of a tiny llama GGUF with one extra key or tensor: the loader names what it refuses.
 absl::StatusOr<std::string> TinyWith(const std::string& name, const std::function<void(GgufWriter&)>& extra, const std::string& replaced_key = "") {
   const std::string base = testing::TempPath("refuse_base.gguf");
