@@ -405,7 +405,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
     for (const auto& t : j["layer_types"]) c.swa_layers.push_back(t.get<std::string>() == "sliding_attention");
     if (static_cast<int64_t>(c.swa_layers.size()) != c.n_layer) return bad("layer_types needs one entry per layer");
   } else if (c.sliding_window > 0 && (type == "qwen2" || type == "qwen3") && !j.contains("layer_types")) {
-    const int64_t first = j.value("max_window_layers", c.n_layer);
+    int64_t first = 0;
+    FT_RETURN_IF_ERROR(get_int("max_window_layers", &first, 28));  // transformers' default
     for (int64_t l = 0; l < c.n_layer; ++l) c.swa_layers.push_back(l >= first);
   }
   if (gemma) {
@@ -456,8 +457,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromHfFolder(const std::
       const nlohmann::json* orig = rs.contains("original_max_position_embeddings") ? &rs["original_max_position_embeddings"]
                                    : j.contains("original_max_position_embeddings") ? &j["original_max_position_embeddings"] : nullptr;
       double scale = factor;
-      if (orig != nullptr && orig->is_number_integer()) {
-        c.rope_orig_ctx = orig->get<int64_t>();
+      if (orig != nullptr && orig->is_number()) {
+        c.rope_orig_ctx = static_cast<int64_t>(orig->get<double>());
         if (c.rope_orig_ctx > 0) scale = static_cast<double>(c.n_ctx_train) / static_cast<double>(c.rope_orig_ctx);
       } else {
         c.rope_orig_ctx = c.n_ctx_train;

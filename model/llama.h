@@ -48,7 +48,8 @@ struct LlamaConfig {
   // into the adjacent-pair order the kernels use; exports permute back where the target expects.
   bool neox_file_layout = false;
   // Sliding-window attention: token i attends to keys i - sliding_window + 1 .. i on the layers
-  // Window() names (Mistral, Phi-3: all layers; Gemma 2/3 and layer_types: the local ones).
+  // Window() names (Mistral, Phi-3: all layers; Gemma 2/3 and layer_types: the local ones;
+  // transformers 4.x Qwen2/3 with use_sliding_window: from max_window_layers on).
   int64_t sliding_window = 0;
   // gemma2/gemma3: GeGLU MLP (gelu_tanh), embeddings x sqrt(n_embd), RMSNorm on the attention
   // and MLP outputs before the residual adds (post_attn_norm, post_ffn_norm).

@@ -757,7 +757,7 @@ class CudaBackendImpl final : public Backend {
     float* p_d = Scratch<float>(7, n_seq * ll);
     float* dp_d = Scratch<float>(8, n_seq * ll);
     const int32_t* seg_d = seg_pos != nullptr ? ToDevice(9, seg_pos, rows) : nullptr;
-    float* dcap_d = softcap > 0.0f ? Scratch<float>(10, n_seq * ll) : nullptr;
+    float* dcap_d = softcap > 0.0f ? Scratch<float>(11, n_seq * ll) : nullptr;  // a slot of its own (10: the bf16 logit gradients)
     // Per query head h (KV head g), batched over the sequences; the heads of a group add into
     // the same dk/dv one after the other on the stream.
     for (int64_t h = 0; h < n_head; ++h) {
@@ -1068,7 +1068,7 @@ class CudaBackendImpl final : public Backend {
   }
 
  private:
-  static constexpr int kSlots = 11;  // scratch buffers: an op uses slots 0, 1, ... for its arrays
+  static constexpr int kSlots = 12;  // scratch buffers: an op uses slots 0, 1, ... for its arrays
 
   // A weight as cached on the device: its block format (F32 after a host fallback) and bytes.
   struct CachedWeight {

@@ -72,30 +72,35 @@ TEST(OpsTest, FusedGemvAndFastDequantMatchReference) {
   std::printf("CPU path: %s\n", CpuPathName());
 }
 
-// CausalAttention against a direct loop in double precision (odd sizes, GQA, a non-empty cache).
+// CausalAttention against a direct loop in double precision (odd sizes, GQA, a non-empty cache),
+// plain, with Gemma 2's soft-capping (cap 0.8) and with a sliding window of 4 keys.
 TEST(OpsTest, CausalAttentionMatchesReference) {
   Rng rng(9);
-  for (auto [T, past, H, Hkv, hd] : {std::tuple{5, 0, 4, 2, 8}, std::tuple{3, 7, 6, 1, 16}, std::tuple{1, 12, 3, 3, 4}, std::tuple{9, 2, 8, 4, 12}}) {
-    const int64_t keys = past + T, E = H * hd, kvd = Hkv * hd;
-    std::vector<float> q(static_cast<size_t>(T * E)), kc(static_cast<size_t>(keys * kvd)), vc(kc.size()), out(q.size());
-    for (auto* v : {&q, &kc, &vc}) for (auto& x : *v) x = static_cast<float>(rng.Normal());
-    CausalAttention(q.data(), E, kc.data(), vc.data(), kvd, out.data(), E, T, past, H, Hkv, hd);
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t g = h / (H / Hkv), visible = past + t + 1;
-        std::vector<double> p(static_cast<size_t>(visible));
-        double mx = -1e300, sum = 0;
-        for (int64_t j = 0; j < visible; ++j) {
-          double d = 0;
-          for (int64_t i = 0; i < hd; ++i) d += static_cast<double>(q[t * E + h * hd + i]) * kc[j * kvd + g * hd + i];
-          p[j] = d / std::sqrt(static_cast<double>(hd));
-          mx = std::max(mx, p[j]);
-        }
-        for (auto& v : p) sum += (v = std::exp(v - mx));
-        for (int64_t i = 0; i < hd; ++i) {
-          double o = 0;
-          for (int64_t j = 0; j < visible; ++j) o += p[j] / sum * vc[j * kvd + g * hd + i];
-          ASSERT_NEAR(out[t * E + h * hd + i], o, 1e-5) << "T=" << T << " past=" << past << " h=" << h;
+  for (auto [cap, window] : {std::pair{0.0f, int64_t{0}}, std::pair{0.8f, int64_t{0}}, std::pair{0.0f, int64_t{4}}, std::pair{0.8f, int64_t{4}}}) {
+    for (auto [T, past, H, Hkv, hd] : {std::tuple{5, 0, 4, 2, 8}, std::tuple{3, 7, 6, 1, 16}, std::tuple{1, 12, 3, 3, 4}, std::tuple{9, 2, 8, 4, 12}}) {
+      const int64_t keys = past + T, E = H * hd, kvd = Hkv * hd;
+      std::vector<float> q(static_cast<size_t>(T * E)), kc(static_cast<size_t>(keys * kvd)), vc(kc.size()), out(q.size());
+      for (auto* v : {&q, &kc, &vc})
+        for (auto& x : *v) x = static_cast<float>(rng.Normal());
+      CausalAttention(q.data(), E, kc.data(), vc.data(), kvd, out.data(), E, T, past, H, Hkv, hd, cap, window);
+      for (int64_t t = 0; t < T; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t g = h / (H / Hkv), visible = past + t + 1, j0 = window > 0 ? std::max<int64_t>(0, visible - window) : 0;
+          std::vector<double> p(static_cast<size_t>(visible), 0.0);
+          double mx = -1e300, sum = 0;
+          for (int64_t j = j0; j < visible; ++j) {
+            double d = 0;
+            for (int64_t i = 0; i < hd; ++i) d += static_cast<double>(q[t * E + h * hd + i]) * kc[j * kvd + g * hd + i];
+            p[j] = d / std::sqrt(static_cast<double>(hd));
+            if (cap > 0) p[j] = cap * std::tanh(p[j] / cap);
+            mx = std::max(mx, p[j]);
+          }
+          for (int64_t j = j0; j < visible; ++j) sum += (p[j] = std::exp(p[j] - mx));
+          for (int64_t i = 0; i < hd; ++i) {
+            double o = 0;
+            for (int64_t j = j0; j < visible; ++j) o += p[j] / sum * vc[j * kvd + g * hd + i];
+            ASSERT_NEAR(out[t * E + h * hd + i], o, 1e-5) << "T=" << T << " past=" << past << " h=" << h << " cap=" << cap << " window=" << window;
+          }
         }
       }
     }
