@@ -143,6 +143,8 @@ __device__ T BlockAllReduce(T v, T identity, Op op) {
 // multiply-add (bit-exact with gguf-py), __fmul_rn/__fadd_rn keep nvcc from contracting.
 
 __constant__ float kNf4Table[16];  // kNf4Codes, copied at start-up
+__constant__ float kNf3Table[8];   // kNf3Codes
+__constant__ float kNf2Table[4];   // kNf2Codes
 
 __device__ __forceinline__ uint32_t LoadU32(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
@@ -193,6 +195,40 @@ __device__ float DequantValue(const uint8_t* row, int64_t c, int64_t cols) {
     const int j = static_cast<int>(c % 64);
     const uint8_t q = b[4 + j / 2];
     return kNf4Table[j % 2 == 0 ? q >> 4 : q & 15] * LoadF32(b);
+  } else if constexpr (kType == GgmlType::kNF3) {
+    // [f32 absmax][8 little-endian 24-bit words of eight 3-bit codes]
+    const uint8_t* b = row + (c / 64) * 28;
+    const int j = static_cast<int>(c % 64), k = j / 8;
+    const uint32_t word = static_cast<uint32_t>(b[4 + 3 * k]) | static_cast<uint32_t>(b[5 + 3 * k]) << 8 |
+                          static_cast<uint32_t>(b[6 + 3 * k]) << 16;
+    return kNf3Table[(word >> (3 * (j % 8))) & 7] * LoadF32(b);
+  } else if constexpr (kType == GgmlType::kNF2) {
+    // [f32 absmax][16 bytes of four 2-bit codes, the first in the low bits]
+    const uint8_t* b = row + (c / 64) * 20;
+    const int j = static_cast<int>(c % 64);
+    return kNf2Table[(b[4 + j / 4] >> (2 * (j % 4))) & 3] * LoadF32(b);
+  } else if constexpr (kType == GgmlType::kQ2_K || kType == GgmlType::kQ3_K) {
+    // 256-value super-blocks of 16 groups of 16 (kernels/quant.cc DequantQ2_K / DequantQ3_K):
+    // value 128 h + 32 s + 16 half + l has its 2 low bits at bits 2s of qs[32 h + 16 half + l]
+    // and belongs to group 8 h + 2 s + half.
+    const int i = static_cast<int>(c % 256), h = i / 128, s = (i % 128) / 32, half = (i % 32) / 16, l = i % 16;
+    const int g = 8 * h + 2 * s + half;
+    if constexpr (kType == GgmlType::kQ2_K) {  // [16 scale/min bytes][64 bytes of codes][f16 d][f16 dmin]
+      const uint8_t* b = row + (c / 256) * 84;
+      const int q = (b[16 + 32 * h + 16 * half + l] >> (2 * s)) & 3;
+      const float dl = __fmul_rn(LoadF16(b + 80), static_cast<float>(b[g] & 0xF));
+      const float ml = __fmul_rn(LoadF16(b + 82), static_cast<float>(b[g] >> 4));
+      return __fsub_rn(__fmul_rn(dl, static_cast<float>(q)), ml);
+    } else {  // [32 bytes hmask][64 bytes of codes][12 bytes of 6-bit scales][f16 d]
+      const uint8_t* b = row + (c / 256) * 110;
+      const uint8_t* sc = b + 96;
+      const int lo = g < 8 ? (sc[g] & 0xF) : (sc[g - 8] >> 4);
+      const int hi = (sc[8 + (g % 4)] >> (2 * (g / 4))) & 3;
+      const int bit = 4 * h + s;
+      const int q = ((b[32 + 32 * h + 16 * half + l] >> (2 * s)) & 3) - (((b[16 * half + l] >> bit) & 1) ? 0 : 4);
+      const float dl = __fmul_rn(LoadF16(b + 108), static_cast<float>((lo | (hi << 4)) - 32));
+      return __fmul_rn(dl, static_cast<float>(q));
+    }
   } else {
     static_assert(kType == GgmlType::kNF4DQ);
     // Row: [f32 scale][f32 mean][int8 absmax code per block][the blocks' nibbles as in NF4]
@@ -236,6 +272,10 @@ DequantKernelFn<Out> DequantKernelFor(GgmlType t) {
     case GgmlType::kQ5_1: return DequantKernel<GgmlType::kQ5_1, Out>;
     case GgmlType::kNF4: return DequantKernel<GgmlType::kNF4, Out>;
     case GgmlType::kNF4DQ: return DequantKernel<GgmlType::kNF4DQ, Out>;
+    case GgmlType::kNF3: return DequantKernel<GgmlType::kNF3, Out>;
+    case GgmlType::kNF2: return DequantKernel<GgmlType::kNF2, Out>;
+    case GgmlType::kQ3_K: return DequantKernel<GgmlType::kQ3_K, Out>;
+    case GgmlType::kQ2_K: return DequantKernel<GgmlType::kQ2_K, Out>;
     default: return nullptr;
   }
 }
@@ -612,6 +652,10 @@ class CudaBackendImpl final : public Backend {
     if (const cublasStatus_t st = cublasSetStream(blas_, stream_); st != CUBLAS_STATUS_SUCCESS)
       return absl::StrCat("cuBLAS does not take the stream: ", cublasGetStatusString(st));
     if (const cudaError_t e = cudaMemcpyToSymbol(kNf4Table, kNf4Codes, sizeof(kNf4Codes)); e != cudaSuccess)
+      return absl::StrCat("cannot initialise CUDA constants: ", cudaGetErrorString(e));
+    if (const cudaError_t e = cudaMemcpyToSymbol(kNf3Table, kNf3Codes, sizeof(kNf3Codes)); e != cudaSuccess)
+      return absl::StrCat("cannot initialise CUDA constants: ", cudaGetErrorString(e));
+    if (const cudaError_t e = cudaMemcpyToSymbol(kNf2Table, kNf2Codes, sizeof(kNf2Codes)); e != cudaSuccess)
       return absl::StrCat("cannot initialise CUDA constants: ", cudaGetErrorString(e));
     size_t free_bytes = 0, total_bytes = 0;
     if (const cudaError_t e = cudaMemGetInfo(&free_bytes, &total_bytes); e != cudaSuccess)

@@ -36,7 +36,11 @@ inline bool CudaDequantizes(GgmlType t) {
     case GgmlType::kQ5_0:
     case GgmlType::kQ5_1:
     case GgmlType::kNF4:
-    case GgmlType::kNF4DQ: return true;
+    case GgmlType::kNF4DQ:
+    case GgmlType::kNF3:
+    case GgmlType::kNF2:
+    case GgmlType::kQ3_K:
+    case GgmlType::kQ2_K: return true;
     default: return false;
   }
 }

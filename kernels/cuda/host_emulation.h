@@ -230,6 +230,10 @@ inline float __fadd_rn(float a, float b) {
   volatile float r = a + b;
   return r;
 }
+inline float __fsub_rn(float a, float b) {
+  volatile float r = a - b;
+  return r;
+}
 inline uint16_t __ushort_as_half(uint16_t h) { return h; }
 inline float __half2float(uint16_t h) { return fedtune::Fp16ToFp32(h); }
 

@@ -407,11 +407,13 @@ TEST_P(BackendOps, DropoutScale) {
   }
 }
 
-// Token embeddings: rows of a table in each format (K-quants included: the CUDA backend
-// dequantizes those on the host once), exactly the reference's, into host memory and buffers.
+// Token embeddings: rows of a table in each format, exactly the reference's, into host memory
+// and buffers: the CUDA backend's device dequantizers (the 2-3-bit formats included) are
+// bit-exact with kernels/quant.cc; Q4_K it dequantizes on the host once.
 TEST_P(BackendOps, EmbedRows) {
   if (!Has(Op::kEmbedRows)) return;
-  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ8_0, GgmlType::kQ4_1, GgmlType::kNF4, GgmlType::kQ4_K}) {
+  for (GgmlType t : {GgmlType::kF32, GgmlType::kF16, GgmlType::kQ8_0, GgmlType::kQ4_1, GgmlType::kNF4, GgmlType::kNF3, GgmlType::kNF2,
+                     GgmlType::kQ3_K, GgmlType::kQ2_K, GgmlType::kQ4_K}) {
     const int64_t rows = 37, cols = TypeTraits(t).block_size * 3;
     QuantWeight w;
     if (t == GgmlType::kQ4_K) {  // no quantizer: random blocks with finite scales (d, dmin)

@@ -48,7 +48,7 @@ std::vector<Shape> Shapes() {
   s[2].gemm = kernels::CudaGemm::kBf16;
   s[3] = s[2];
   s[3].gemm = kernels::CudaGemm::kFp32;
-  s[4] = s[2];  // a K-quant: no device dequantizer, cached in f32
+  s[4] = s[2];  // a 3-bit K-quant, cached on the device as stored (a device dequantizer)
   s[4].o.weight_type = kernels::GgmlType::kQ3_K;
   return s;
 }
