@@ -731,7 +731,12 @@ TEST_P(FamilyWindow, AWindowShorterThanTheSequenceMatchesTransformers) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Families, FamilyWindow, ::testing::Values("mistral", "gemma2", "gemma3", "phi3"));
+INSTANTIATE_TEST_SUITE_P(Families, FamilyWindow, ::testing::Values("mistral", "gemma2", "gemma3", "phi3"),
+                         [](const ::testing::TestParamInfo<std::string>& i) {
+                           std::string n = i.param;
+                           n[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(n[0])));
+                           return n;  // Mistral, Gemma2, Gemma3, Phi3
+                         });
 
 // Phi-3 LongRoPE (tests/oracles/gen_longrope_golden.py): the phi3 folder's weights with a
 // longrope config (original context 8 of 256): transformers' logits with the long factors (12
