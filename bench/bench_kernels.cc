@@ -108,9 +108,11 @@ void Shapes(benchmark::internal::Benchmark* b) {
   }
 }
 
-enum OpCase : int64_t { kRmsNorm, kRmsNormBack, kRope, kAttention, kAttentionBack, kSwiGlu, kSwiGluBack, kCrossEntropy, kAdamW, kLora, kLoraBack, kDiablo, kDiabloBack, kNumCases };
+enum OpCase : int64_t { kRmsNorm, kRmsNormBack, kRope, kAttention, kAttentionBack, kSwiGlu, kSwiGluBack, kCrossEntropy, kAdamW, kLora, kLoraBack, kDiablo, kDiabloBack,
+                        kCrossEntropyCapped, kAttentionBackCapped, kNumCases };
 const char* const kCaseNames[] = {"rmsnorm", "rmsnorm_backward", "rope", "attention", "attention_backward", "swiglu", "swiglu_backward",
-                                  "cross_entropy(+backward)", "adamw", "lora", "lora_backward", "diablo", "diablo_backward"};
+                                  "cross_entropy(+backward)", "adamw", "lora", "lora_backward", "diablo", "diablo_backward",
+                                  "cross_entropy(+backward) soft-capped 30", "attention_backward soft-capped 50"};
 
 // args: case, backend
 void BM_Op(benchmark::State& state) {
@@ -166,6 +168,13 @@ void BM_Op(benchmark::State& state) {
         break;
       case kDiablo: be->DiabloForward(q.data(), dd.data(), o.data(), M, E, F, N); break;
       case kDiabloBack: be->DiabloBackward(q.data(), dd.data(), g.data(), gdd.data(), dq.data(), M, E, F, N); break;
+      case kCrossEntropyCapped:  // Gemma 2's final-logit cap
+        tokens = 256;
+        benchmark::DoNotOptimize(be->CrossEntropy(out.m, q.data(), target.data(), 256, dq.data(), 1.0f / 256, 30.0f));
+        break;
+      case kAttentionBackCapped:  // Gemma 2's attention cap
+        be->AttentionBackward(q.data(), k.data(), v.data(), g.data(), dq.data(), dk.data(), dv.data(), n_seq, len, H, KV, HD, nullptr, 50.0f, 0);
+        break;
       case kNumCases: break;
     }
     benchmark::ClobberMemory();

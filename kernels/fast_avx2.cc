@@ -85,6 +85,26 @@ void ScaledExpShifted(float* x, int64_t n, float shift, float scale) {
   for (; i < n; ++i) x[i] = Exp1(x[i] - shift) * scale;
 }
 
+void SoftCap(float* x, float* dcap, int64_t n, float cap) {
+  // tanh(u) = sign(u) (1 - e) / (1 + e) and 1 / cosh^2(u) = 4 e / (1 + e)^2 with e = e^(-2|u|).
+  const __m256 inv = _mm256_set1_ps(1.0f / cap), c = _mm256_set1_ps(cap), one = _mm256_set1_ps(1.0f);
+  const __m256 minus_two = _mm256_set1_ps(-2.0f), four = _mm256_set1_ps(4.0f), sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), inv);
+    const __m256 e = Exp8(_mm256_mul_ps(_mm256_andnot_ps(sign, u), minus_two));
+    const __m256 den = _mm256_add_ps(one, e);
+    const __m256 t = _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), den), _mm256_and_ps(u, sign));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(c, t));
+    if (dcap != nullptr) _mm256_storeu_ps(dcap + i, _mm256_div_ps(_mm256_mul_ps(four, e), _mm256_mul_ps(den, den)));
+  }
+  for (; i < n; ++i) {
+    const float u = x[i] * (1.0f / cap), e = Exp1(-2.0f * std::fabs(u)), den = 1.0f + e;
+    x[i] = cap * std::copysign((1.0f - e) / den, u);
+    if (dcap != nullptr) dcap[i] = 4.0f * e / (den * den);
+  }
+}
+
 void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.0f);
   int64_t i = 0;

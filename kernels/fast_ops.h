@@ -14,6 +14,10 @@ float MaxOf(const float* x, int64_t n);
 double SumExpShifted(const float* x, int64_t n, float shift);
 // x[i] = e^(x[i] - shift) * scale
 void ScaledExpShifted(float* x, int64_t n, float shift, float scale);
+// Soft-capping (Gemma 2): x[i] = cap tanh(x[i] / cap) and, with dcap not null, dcap[i] = the
+// derivative 1 / cosh^2(x[i] / cap), both from one e^(-2|u|) per value (no cancellation where
+// the cap saturates; absolute error of the capped value ~ cap x 2e-7).
+void SoftCap(float* x, float* dcap, int64_t n, float cap);
 void SwiGluForward(const float* gate, const float* up, float* out, int64_t n);
 void SwiGluBackward(const float* gate, const float* up, const float* dout, float* dgate, float* dup, int64_t n);
 void RmsNormRows(const float* x, const float* g, float* y, float* rstd, int64_t r0, int64_t r1, int64_t n, float eps);

@@ -26,6 +26,17 @@ void ScaledExpShifted(float* x, int64_t n, float shift, float scale) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - shift) * scale;
 }
 
+void SoftCap(float* x, float* dcap, int64_t n, float cap) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = x[i] / cap;
+    x[i] = cap * std::tanh(u);
+    if (dcap != nullptr) {
+      const float ch = std::cosh(u);
+      dcap[i] = 1.0f / (ch * ch);
+    }
+  }
+}
+
 void SwiGluForward(const float* gate, const float* up, float* out, int64_t n) {
   kernels::SwiGluForward<float>(gate, up, out, n);
 }

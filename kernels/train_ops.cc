@@ -150,6 +150,15 @@ void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, 
     const int64_t nv = i + 1 - j0;
     if (softcap > T(0)) {
       T* d = dcap != nullptr ? dcap + (i - i0) * ldp + j0 : nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        if (fast_exp) {
+          avx2::SoftCap(vis, d, nv, softcap);
+          const float mx = avx2::MaxOf(vis, nv);
+          const double sum = avx2::SumExpShifted(vis, nv, mx);
+          avx2::ScaledExpShifted(vis, nv, mx, static_cast<float>(1.0 / sum));
+          continue;
+        }
+      }
       for (int64_t j = 0; j < nv; ++j) {
         const T x = vis[j] / softcap;
         vis[j] = softcap * std::tanh(x);
@@ -315,6 +324,15 @@ double CrossEntropyRow(T* row, int64_t V, int32_t t, bool grad, T grad_scale, bo
     // where the cap saturates), then the softmax gradient through it.
     thread_local std::vector<T> dcap;
     if (grad) dcap.resize(static_cast<size_t>(V));
+    if constexpr (std::is_same_v<T, float>) {
+      if (fast) {  // vectorised: the cap, then the plain fast path, then the derivative
+        avx2::SoftCap(row, grad ? dcap.data() : nullptr, V, softcap);
+        const double nll = CrossEntropyRow<T>(row, V, t, grad, grad_scale, true, T(0));
+        if (grad)
+          for (int64_t j = 0; j < V; ++j) row[j] *= dcap[static_cast<size_t>(j)];
+        return nll;
+      }
+    }
     for (int64_t j = 0; j < V; ++j) {
       const T x = row[j] / softcap;
       row[j] = softcap * std::tanh(x);

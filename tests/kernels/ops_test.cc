@@ -8,6 +8,7 @@
 
 #include "common/rng.h"
 #include "gtest/gtest.h"
+#include "kernels/fast_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
 #include "kernels/vec_dot.h"
@@ -103,6 +104,37 @@ TEST(OpsTest, CausalAttentionMatchesReference) {
           }
         }
       }
+    }
+  }
+}
+
+// The vectorised soft-cap (cpu-fast's Gemma 2 path) against std::tanh / std::cosh in double:
+// small, large and saturating values, signs, zero, a NaN, and a tail shorter than a vector.
+TEST(OpsTest, VectorisedSoftCapMatchesTanh) {
+  if (!HaveAvx2Fma()) GTEST_SKIP() << "no AVX2+FMA on this CPU: the generic path runs instead";
+  for (float cap : {0.7f, 30.0f, 50.0f}) {
+    std::vector<float> x;
+    Rng rng(17);
+    for (int i = 0; i < 203; ++i) x.push_back(static_cast<float>(rng.Normal() * cap * (i % 3 == 0 ? 0.01 : i % 3 == 1 ? 1.0 : 8.0)));
+    x[0] = 0.0f;
+    x[1] = -0.0f;
+    x[2] = 1e30f;
+    x[3] = -1e30f;
+    x[4] = NAN;
+    std::vector<float> y = x, d(x.size());
+    avx2::SoftCap(y.data(), d.data(), static_cast<int64_t>(y.size()), cap);
+    for (size_t i = 0; i < x.size(); ++i) {
+      if (std::isnan(x[i])) {
+        EXPECT_TRUE(std::isnan(y[i]));
+        continue;
+      }
+      const double u = static_cast<double>(x[i]) / cap, ch = std::cosh(u);
+      EXPECT_NEAR(y[i], cap * std::tanh(u), 4e-7 * cap) << x[i];
+      // Relative error of the derivative: e^(-2|u|)'s (2e-7) plus the rounding of u = x / cap in
+      // float (and of 1 / cap), magnified by the exponent (|2u| x 1.2e-7).
+      const double want = std::isinf(ch) ? 0.0 : 1.0 / (ch * ch);
+      EXPECT_NEAR(d[i], want, (3e-7 + 3e-7 * std::abs(u)) * want + 1e-30) << x[i];
+      EXPECT_EQ(std::signbit(y[i]), std::signbit(x[i])) << x[i];
     }
   }
 }
