@@ -22,8 +22,9 @@
 // and checked against a fingerprint of sampled bytes, so that a freed weight whose address is
 // reused by another of the same shape is uploaded again. The cache is emptied when a device
 // allocation runs out of memory. Each use dequantizes on the device into an f32 scratch buffer
-// (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, NF4, NF4_DQ); the other formats fedtune reads
-// (the K-quants) are dequantized once on the host with DequantizeRow and cached as F32.
+// (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, NF4, NF4_DQ, NF3, NF2, Q3_K, Q2_K); the other
+// formats fedtune reads (Q4_K, Q5_K, Q6_K) are dequantized once on the host with DequantizeRow
+// and cached as F32.
 //
 // GEMM precision. Activations, adapters and results are f32 in memory. The products with the
 // frozen weights (QLinear forward/backward, the cross-entropy logits and their gradient: nearly
