@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/ascii.h"
@@ -93,9 +94,25 @@ absl::Status RunInfo(const std::string& path, bool all_tensors) {
               static_cast<long long>(c.n_vocab));
   std::printf("context %lld, rope base %g (dims %lld), rms eps %g, output %s\n", static_cast<long long>(c.n_ctx_train),
               c.rope_base, static_cast<long long>(c.rope_dim), c.rms_eps, c.tied_output ? "tied to token_embd" : "separate");
+  // The family features the engine applies (model/llama.h), so a user sees what will run.
+  std::string features;
+  auto feature = [&](const std::string& f) { features += (features.empty() ? "" : ", ") + f; };
+  if (c.sliding_window > 0) {
+    int64_t windowed = 0;
+    for (int64_t l = 0; l < c.n_layer; ++l) windowed += c.Window(l) > 0 ? 1 : 0;
+    feature(absl::StrCat("sliding window ", c.sliding_window, " on ", windowed, " of ", c.n_layer, " layers"));
+  }
+  if (c.attn_softcap > 0) feature(absl::StrCat("attention soft-cap ", c.attn_softcap));
+  if (c.final_softcap > 0) feature(absl::StrCat("final-logit soft-cap ", c.final_softcap));
+  if (!c.rope_long_factors.empty()) feature(absl::StrCat("LongRoPE (original context ", c.rope_orig_ctx, ")"));
+  else if (!c.rope_freq_factors.empty()) feature("RoPE frequency factors");
+  if (c.qk_norm) feature("q/k norms");
+  if (c.gemma) feature("GeGLU, post-norms");
+  if (c.fused) feature("fused qkv / gate_up");
+  if (!features.empty()) std::printf("features: %s\n", features.c_str());
   if (const auto* tok = (*m)->tokenizer()) {
-    std::printf("tokenizer: byte-level BPE, %d tokens, bos %d, eos %d, add_bos %s\n", tok->vocab_size(), tok->bos_id(),
-                tok->eos_id(), tok->add_bos() ? "yes" : "no");
+    std::printf("tokenizer: %s, %d tokens, bos %d, eos %d, add_bos %s\n", tok->sentencepiece() ? "SentencePiece BPE" : "byte-level BPE",
+                tok->vocab_size(), tok->bos_id(), tok->eos_id(), tok->add_bos() ? "yes" : "no");
   }
   const model::GgufFile* g = (*m)->gguf();
   if (g == nullptr) return absl::OkStatus();
