@@ -265,6 +265,13 @@ AdapterSet<double> ToDouble(const AdapterSet<T>& src) {
   return d;
 }
 
+// Test names by family: Llama3, Qwen2, Qwen3, Mistral, Gemma2, Gemma3, Phi3.
+std::string FamilyTestName(const ::testing::TestParamInfo<std::string>& i) {
+  std::string n = i.param;
+  n[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(n[0])));
+  return n;
+}
+
 class FamilyOracle : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -662,11 +669,7 @@ TEST_P(FamilyOracle, SequencesBeyondTheSlidingWindowRun) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, FamilyOracle, ::testing::Values("llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"),
-                         [](const ::testing::TestParamInfo<std::string>& i) {
-                           std::string n = i.param;
-                           n[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(n[0])));
-                           return n;  // Llama3, Qwen2, Qwen3, Mistral, Gemma2, Gemma3, Phi3
-                         });
+                         FamilyTestName);
 
 // Sliding windows shorter than the sequence (tests/oracles/gen_window_golden.py): each folder's
 // config with sliding_window 5, against transformers' logits (with and without the LoRA adapter)
@@ -732,11 +735,7 @@ TEST_P(FamilyWindow, AWindowShorterThanTheSequenceMatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, FamilyWindow, ::testing::Values("mistral", "gemma2", "gemma3", "phi3"),
-                         [](const ::testing::TestParamInfo<std::string>& i) {
-                           std::string n = i.param;
-                           n[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(n[0])));
-                           return n;  // Mistral, Gemma2, Gemma3, Phi3
-                         });
+                         FamilyTestName);
 
 // Phi-3 LongRoPE (tests/oracles/gen_longrope_golden.py): the phi3 folder's weights with a
 // longrope config (original context 8 of 256): transformers' logits with the long factors (12
