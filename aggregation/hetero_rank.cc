@@ -147,10 +147,13 @@ float RankAlpha(float alpha, int64_t rank, int64_t r, bool rslora) {
 
 namespace {
 
-enum class Part { kA, kB, kOther };
+// kBlocks: DiaBlo's [N, b_in, b_out], whose "components" are its N diagonal blocks (a worker's
+// share is its first k blocks, the same prefix-of-rows layout as LoRA's A).
+enum class Part { kA, kB, kBlocks, kOther };
 Part PartOf(const std::string& name) {
   if (absl::EndsWith(name, ".lora_a")) return Part::kA;
   if (absl::EndsWith(name, ".lora_b")) return Part::kB;
+  if (absl::EndsWith(name, ".diablo")) return Part::kBlocks;
   return Part::kOther;
 }
 
@@ -160,7 +163,7 @@ void CopyComponents(Part part, const std::vector<float>& from, std::vector<float
   const size_t dim = full / static_cast<size_t>(rank);  // in (A) or out (B)
   const size_t rr = static_cast<size_t>(r), rk = static_cast<size_t>(rank);
   to.assign(expand ? full : dim * rr, 0.0f);
-  if (part == Part::kA) {  // [rank, in]: a prefix of rows
+  if (part != Part::kB) {  // A [rank, in], DiaBlo [N, b_in, b_out]: a prefix of rows
     std::copy_n(from.begin(), dim * rr, to.begin());
     return;
   }
@@ -175,7 +178,7 @@ void CopyComponents(Part part, const std::vector<float>& from, std::vector<float
 }
 
 absl::Status CheckRanks(int64_t rank, int64_t r) {
-  if (rank < 1 || r < 1 || r > rank) return absl::InvalidArgumentError(absl::StrCat("worker rank ", r, " outside [1, ", rank, "]"));
+  if (rank < 1 || r < 1 || r > rank) return absl::InvalidArgumentError(absl::StrCat("worker rank (or DiaBlo blocks) ", r, " outside [1, ", rank, "]"));
   return absl::OkStatus();
 }
 
@@ -257,7 +260,8 @@ class HeteroRankAggregation : public Aggregation {
     FT_RETURN_IF_ERROR(ExpandRank(&u, global_, o_.rank, r, o_.rule == HeteroRankRule::kNested));
     if (o_.rule != HeteroRankRule::kFlexLora) return inner_->Add(std::move(u));
     for (const auto& [name, d] : u.delta) {
-      if (PartOf(name) == Part::kOther) return absl::InvalidArgumentError(absl::StrCat("flexlora merges LoRA factors only, not ", name));
+      if (PartOf(name) != Part::kA && PartOf(name) != Part::kB)
+        return absl::InvalidArgumentError(absl::StrCat("flexlora merges LoRA factors only, not ", name));
       const std::string other = name.substr(0, name.size() - 1) + (PartOf(name) == Part::kA ? "b" : "a");
       if (!u.delta.count(other))
         return absl::InvalidArgumentError(absl::StrCat("update from '", u.client, "': ", name, " without ", other, " (flexlora needs both factors)"));

@@ -61,7 +61,15 @@ absl::StatusOr<std::vector<LoraFactors>> FlexLoraRedistribute(const std::vector<
 //            of the global, FlexLoRA's redistribution). Error: the discarded singular values
 //            beyond R, reported per round as "hetero_truncation" (relative Frobenius norm, the
 //            largest over modules; 0 while the clients' stacked rank fits in R).
-// DiaBlo has no rank: per-worker block subsets are not implemented (refused in settings).
+// DiaBlo (its "rank" is the block count N, adapter.blocks): a worker given k < N blocks trains
+// the first k diagonal blocks of every module on top of all N (the others act frozen with the
+// global's values; model::AdapterSet::TrainFirstBlocks) and uploads those k blocks; the server
+// pads them to N (ExpandRank: *.diablo tensors are a prefix of blocks) and merges by
+//   nested   each block averaged over the clients that trained it: exact, as FedAvg over those
+//            clients (a block is a linear piece of the weight update, so the mean of the blocks
+//            is the mean of the weight updates, which LoRA's factors do not have).
+//   zero_pad averaged over all clients (a block moves by its trainers' share).
+// flexlora needs LoRA factors (refused in settings).
 enum class HeteroRankRule { kNested, kZeroPad, kFlexLora };
 const char* HeteroRankRuleName(HeteroRankRule r);
 absl::StatusOr<HeteroRankRule> ParseHeteroRankRule(const std::string& s);  // nested, zero_pad, flexlora
@@ -69,7 +77,8 @@ absl::StatusOr<HeteroRankRule> ParseHeteroRankRule(const std::string& s);  // ne
 // The alpha that gives rank r the scale of rank R at `alpha` (alpha/r or alpha/sqrt(r)).
 float RankAlpha(float alpha, int64_t rank, int64_t r, bool rslora);
 // The first r components of every tensor "*.lora_a" ([R, in] -> [r, in]) and "*.lora_b"
-// ([out, R] -> [out, r]); other tensors are copied. InvalidArgument when r is not in [1, R] or
+// ([out, R] -> [out, r]), and the first r blocks of every "*.diablo" ([N, b_in, b_out] with
+// rank = N); other tensors are copied. InvalidArgument when r is not in [1, R] or
 // a tensor's size is not a multiple of R.
 absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r);
 // The inverse for an update: every delta (and Fisher) tensor of rank r is zero-padded to R, and

@@ -604,12 +604,12 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
       snapshot = global;  // shapes to check against
       if (auto a = assigned.find(cn); a != assigned.end()) {
-        rank = a->second.plan().rank();
+        rank = a->second.plan().kind() == "diablo" ? a->second.plan().blocks() : a->second.plan().rank();  // what train_rank is out of
         train_rank = a->second.plan().train_rank();
       }
     }
-    // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h): check it
-    // against the global's first r components; the round engine pads it.
+    // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h; DiaBlo: its
+    // first r blocks): check it against the global's first r components; the round engine pads it.
     if (train_rank > 0 && train_rank < rank) {
       auto cut = aggregation::TruncateRank(snapshot, rank, train_rank);
       if (!cut.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, std::string(cut.status().message()));

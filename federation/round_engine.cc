@@ -339,7 +339,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     rec.metrics["client_lr"] = lr;
     std::vector<protocol::TrainTask> tasks;
     std::map<std::string, int64_t> ranks;  // clients training below the shared rank
-    const int64_t shared_rank = s.adapter.spec.rank;
+    const int64_t shared_rank = s.adapter.spec.FullShare();  // LoRA's rank or DiaBlo's blocks
     for (const aggregation::ClientTask& ct : selected) {
       protocol::TrainTask task = TaskTemplate(s);
       task.run_id = o_.run_id;

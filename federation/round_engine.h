@@ -34,7 +34,9 @@ struct ClientInfo {
   std::string name;
   int64_t num_examples = 0;                       // 0: unknown (deployment)
   std::optional<planner::WorkerProfile> profile;  // for the planner (memory, speed, link)
-  int64_t rank = 0;  // a fixed LoRA rank for this client (simulation profiles[].rank); 0: adapter.rank (or the plan's)
+  // A fixed LoRA rank for this client (simulation profiles[].rank), or with DiaBlo its number of
+  // trained blocks (profiles[].blocks); 0: the whole adapter (or the plan's).
+  int64_t rank = 0;
   // The modules this client trains (simulation profiles[].modules; the others frozen); empty: all
   // (or the plan's).
   std::vector<model::Module> train_modules = {};

@@ -203,12 +203,16 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     auto rule = aggregation::ParseHeteroRankRule(strategy.hetero_rank());
     if (!rule.ok()) return Bad("strategy.hetero_rank", std::string(rule.status().message()));
     s.hetero_rank = *rule;
+    // DiaBlo: block counts (each <= adapter.blocks), the same way.
+    const bool diablo = s.adapter.spec.kind == model::AdapterKind::kDiaBlo;
+    const int64_t full = s.adapter.spec.FullShare();
+    const std::string full_key = diablo ? "adapter.blocks" : "adapter.rank";
     for (int r : planner.ranks())
-      if (r < 1 || r > s.adapter.spec.rank) return Bad("planner.ranks", absl::StrCat("every rank must be in [1, adapter.rank = ", s.adapter.spec.rank, "]"));
+      if (r < 1 || r > full) return Bad("planner.ranks", absl::StrCat("every ", diablo ? "block count" : "rank", " must be in [1, ", full_key, " = ", full, "]"));
     if (planner.enabled() && planner.ranks_size() > 0) {
       FT_RETURN_IF_ERROR(CheckHeteroRanks(s, "planner.ranks"));
-      if (*std::max_element(planner.ranks().begin(), planner.ranks().end()) != s.adapter.spec.rank)
-        return Bad("planner.ranks", absl::StrCat("must include adapter.rank (", s.adapter.spec.rank, "): components above the largest rank would never train"));
+      if (*std::max_element(planner.ranks().begin(), planner.ranks().end()) != full)
+        return Bad("planner.ranks", absl::StrCat("must include ", full_key, " (", full, "): ", diablo ? "blocks" : "components", " above the largest would never train"));
     }
   }
   // The automatic norm bound reads the updates' norms: not under central DP (an unprivatised
@@ -218,7 +222,6 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
 }
 
 absl::Status CheckHeteroRanks(const RunSettings& s, const std::string& key) {
-  if (s.adapter.spec.kind == model::AdapterKind::kDiaBlo) return Bad(key, "per-worker ranks need a LoRA or FFA-LoRA adapter (DiaBlo has blocks, not ranks)");
   if (!s.adapter.layout.empty()) return Bad(key, "not with per-layer adapter settings (adapter.layers)");
   if (s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
     return Bad(key, "per-worker ranks need strategy.merge mean or uncertainty");
@@ -297,7 +300,8 @@ absl::StatusOr<planner::PlannerOptions> PlannerOptionsFrom(const proto::PlannerC
   if (pc.work_factor() < 0) return absl::InvalidArgumentError("planner.work_factor must be > 0");
   if (pc.work_factor() > 0) o.work_factor = pc.work_factor();
   for (int r : pc.ranks()) {
-    if (r < 1 || r > spec.rank) return absl::InvalidArgumentError(absl::StrCat("planner.ranks: every rank must be in [1, adapter.rank = ", spec.rank, "]"));
+    if (r < 1 || r > spec.FullShare())
+      return absl::InvalidArgumentError(absl::StrCat("planner.ranks: every rank (DiaBlo: block count) must be in [1, ", spec.FullShare(), "]"));
     o.ranks.push_back(r);
   }
   return o;

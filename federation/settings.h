@@ -67,10 +67,11 @@ struct RunSettings {
   aggregation::HeteroRankRule hetero_rank = aggregation::HeteroRankRule::kNested;
 };
 
-// Whether a run may give workers ranks below adapter.rank (`key`: the config key that asks):
-// LoRA or FFA-LoRA without per-layer layouts, a linear merge, neither DP nor secure aggregation
-// (a component averaged over fewer clients changes one client's influence; masks would have to
-// cover each worker's slice), flexlora only for LoRA with server fedavg at server_lr 1.
+// Whether a run may give workers ranks below adapter.rank, or DiaBlo blocks below adapter.blocks
+// (`key`: the config key that asks): no per-layer layouts, a linear merge, neither DP nor secure
+// aggregation (a component averaged over fewer clients changes one client's influence; masks
+// would have to cover each worker's slice), flexlora only for LoRA with server fedavg at
+// server_lr 1.
 absl::Status CheckHeteroRanks(const RunSettings& s, const std::string& key);
 
 // The round-shaping keys of either config; `population` as above.

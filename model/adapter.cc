@@ -123,7 +123,13 @@ void ModuleAdapter<T>::ZeroGrad() {
 
 template <typename T>
 int64_t ModuleAdapter<T>::NumTrainable() const {
-  return static_cast<int64_t>(ga.size() + gb.size() + gd.size());
+  return static_cast<int64_t>(ga.size() + gb.size() + (gd.empty() ? 0 : TrainedDiabloValues()));
+}
+
+template <typename T>
+size_t ModuleAdapter<T>::TrainedDiabloValues() const {
+  if (trained_blocks <= 0 || trained_blocks >= spec.blocks) return d.size();
+  return static_cast<size_t>(trained_blocks * b_in * b_out);
 }
 
 template <typename T>
@@ -147,6 +153,21 @@ void AdapterSet<T>::SetTrainableModules(const std::vector<Module>& modules) {
   for (auto& l : layers)
     for (size_t m = 0; m < l.size(); ++m)
       if (l[m]) l[m]->SetTrainable(std::find(modules.begin(), modules.end(), static_cast<Module>(m)) != modules.end());
+}
+
+template <typename T>
+absl::Status AdapterSet<T>::TrainFirstBlocks(int64_t blocks) {
+  for (auto& l : layers)
+    for (auto& m : l) {
+      if (!m) continue;
+      if (m->spec.kind != AdapterKind::kDiaBlo) return absl::InvalidArgumentError("trained blocks are a DiaBlo setting (this adapter is LoRA)");
+      if (blocks < 0 || blocks > m->spec.blocks)
+        return absl::InvalidArgumentError(absl::StrCat("trained blocks ", blocks, " outside [0, ", m->spec.blocks, "]"));
+    }
+  for (auto& l : layers)
+    for (auto& m : l)
+      if (m) m->trained_blocks = blocks == m->spec.blocks ? 0 : blocks;
+  return absl::OkStatus();
 }
 
 template <typename T>

@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,6 +35,9 @@ struct AdapterSpec {
   bool rslora = false;
   int64_t blocks = 16;   // DiaBlo N
   float Scale() const;
+  // What a worker's share of the adapter is out of (issue 22): the LoRA rank (a rank-r worker
+  // trains the first r components), or DiaBlo's block count (it trains the first k blocks).
+  int64_t FullShare() const { return kind == AdapterKind::kDiaBlo ? blocks : rank; }
 };
 
 // One adapted linear map (in -> out) with its parameters and gradients, in T (float for
@@ -44,6 +48,11 @@ struct ModuleAdapter {
   int64_t in = 0, out = 0, b_in = 0, b_out = 0;
   std::vector<T> a, b, d;     // LoRA A [r, in], B [out, r]; DiaBlo D [N, b_in, b_out]
   std::vector<T> ga, gb, gd;  // gradients (accumulated)
+  // DiaBlo trained on its first `trained_blocks` blocks only (a worker's share of the shared
+  // adapter, issue 22; 0: all N). The other blocks act in forward and backward with their values
+  // but are not trainable: ForEachTrainable hands out the first trained_blocks x b_in x b_out
+  // values of d and gd, so optimizer state, DP-SGD noise and the update cover those only.
+  int64_t trained_blocks = 0;
 
   static absl::StatusOr<ModuleAdapter> Create(const AdapterSpec& spec, int64_t in, int64_t out, uint64_t seed);
   bool trains_a() const { return spec.kind == AdapterKind::kLora; }
@@ -54,6 +63,8 @@ struct ModuleAdapter {
   void Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m, kernels::Backend* backend = nullptr);
   void ZeroGrad();
   int64_t NumTrainable() const;
+  // Values of d (and gd) that train: all, or the first trained_blocks blocks.
+  size_t TrainedDiabloValues() const;
   // A frozen adapter still acts in forward and passes gradients to its input, but has no
   // parameter gradients (not trained, not enumerated by ForEachTrainable).
   void SetTrainable(bool trainable);
@@ -68,8 +79,12 @@ struct AdapterSet {
   // Trains the adapters on `modules` only (every layer); the others stay in the model, frozen.
   // Per-worker plans use this: a worker trains part of the shared adapter on top of all of it.
   void SetTrainableModules(const std::vector<Module>& modules);
-  // Calls fn(name, params, grads) for every trainable tensor, in a fixed order. Names follow
-  // the GGUF base tensor they adapt: "blk.3.attn_q.lora_b", "blk.0.ffn_down.diablo".
+  // DiaBlo: every adapted module trains its first `blocks` diagonal blocks only (0 or N: all).
+  // InvalidArgument outside [0, N] or for LoRA adapters.
+  absl::Status TrainFirstBlocks(int64_t blocks);
+  // Calls fn(name, params, grads) (std::span<T>) for every trainable tensor, in a fixed order.
+  // Names follow the GGUF base tensor they adapt: "blk.3.attn_q.lora_b", "blk.0.ffn_down.diablo".
+  // A DiaBlo module trained on its first blocks (TrainFirstBlocks) hands out those values only.
   template <typename F>
   void ForEachTrainable(F&& fn) {
     for (size_t l = 0; l < layers.size(); ++l) {
@@ -77,9 +92,12 @@ struct AdapterSet {
         auto& a = layers[l][static_cast<size_t>(mod)];
         if (!a) continue;
         const std::string base = "blk." + std::to_string(l) + "." + GgufModuleName(static_cast<Module>(mod)) + ".";
-        if (!a->ga.empty()) fn(base + "lora_a", a->a, a->ga);
-        if (!a->gb.empty()) fn(base + "lora_b", a->b, a->gb);
-        if (!a->gd.empty()) fn(base + "diablo", a->d, a->gd);
+        if (!a->ga.empty()) fn(base + "lora_a", std::span<T>(a->a), std::span<T>(a->ga));
+        if (!a->gb.empty()) fn(base + "lora_b", std::span<T>(a->b), std::span<T>(a->gb));
+        if (!a->gd.empty()) {
+          const size_t n = a->TrainedDiabloValues();
+          fn(base + "diablo", std::span<T>(a->d).first(n), std::span<T>(a->gd).first(n));
+        }
       }
     }
   }

@@ -57,11 +57,11 @@ absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector
     *scored += s;
     *tokens += b.n_seq * b.len;
     double sq = 0;
-    adapters->ForEachTrainable([&](const std::string&, std::vector<float>&, std::vector<float>& g) {
+    adapters->ForEachTrainable([&](const std::string&, std::span<float>, std::span<float> g) {
       for (float x : g) sq += static_cast<double>(x) * x;
     });
     const double f = std::min(1.0, o.dp_clip / std::max(std::sqrt(sq), 1e-30));
-    adapters->ForEachTrainable([&](const std::string& name, std::vector<float>&, std::vector<float>& g) {
+    adapters->ForEachTrainable([&](const std::string& name, std::span<float>, std::span<float> g) {
       std::vector<double>& acc = (*sum)[name];
       acc.resize(g.size(), 0.0);
       for (size_t k = 0; k < g.size(); ++k) {
@@ -71,7 +71,7 @@ absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector
     });
   }
   const double sd = o.dp_noise_multiplier * o.dp_clip;
-  adapters->ForEachTrainable([&](const std::string& name, std::vector<float>&, std::vector<float>& g) {
+  adapters->ForEachTrainable([&](const std::string& name, std::span<float>, std::span<float> g) {
     std::vector<double>& acc = (*sum)[name];
     acc.resize(g.size(), 0.0);  // an empty Poisson batch leaves the sum at zero: noise only
     for (size_t k = 0; k < g.size(); ++k) g[k] = static_cast<float>((acc[k] + (sd > 0 ? sd * o.dp_normal() : 0.0)) / n);
@@ -156,9 +156,10 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     }
     if (o.proximal_mu > 0 && o.proximal_center != nullptr) {
       const float mu = static_cast<float>(o.proximal_mu);
-      adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>& g) {
+      adapters->ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float> g) {
         auto it = o.proximal_center->find(name);
-        if (it == o.proximal_center->end() || it->second.size() != p.size()) return;
+        // (A DiaBlo module trained on its first blocks: the center's first values.)
+        if (it == o.proximal_center->end() || it->second.size() < p.size()) return;
         for (size_t i = 0; i < p.size(); ++i) g[i] += mu * (p[i] - it->second[i]);
       });
     }
@@ -181,7 +182,7 @@ absl::Status SaveCheckpoint(const std::string& path, AdapterSet<float>& adapters
   if (path.empty()) return absl::InvalidArgumentError("checkpoint path is empty");
   SafetensorsWriter w;
   absl::Status st;
-  adapters.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+  adapters.ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float>) {
     if (!st.ok()) return;
     st = w.AddF32("param." + name, {static_cast<int64_t>(p.size())}, p);
     for (auto* kv : {&opt.m(), &opt.v()}) {
@@ -221,8 +222,10 @@ absl::Status LoadCheckpoint(const std::string& path, AdapterSet<float>& adapters
     }
     dst.assign(t->data<float>(), t->data<float>() + t->size());
   };
-  adapters.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
-    load("param." + name, p, true);
+  adapters.ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float>) {
+    std::vector<float> values(p.begin(), p.end());
+    load("param." + name, values, true);
+    if (st.ok()) std::copy(values.begin(), values.end(), p.begin());
     load("adam_m." + name, opt->m()[name], step > 0);
     load("adam_v." + name, opt->v()[name], step > 0);
     load("fisher." + name, opt->fisher_mut()[name], false);

@@ -14,7 +14,7 @@ float LearningRate(const OptimizerConfig& c, int step) {
 
 double AdamW::Step(AdapterSet<float>& params) {
   double sq = 0.0;
-  params.ForEachTrainable([&](const std::string&, std::vector<float>&, std::vector<float>& g) {
+  params.ForEachTrainable([&](const std::string&, std::span<float>, std::span<float> g) {
     for (float x : g) sq += static_cast<double>(x) * x;
   });
   const double norm = std::sqrt(sq);
@@ -36,7 +36,7 @@ double AdamW::Step(AdapterSet<float>& params) {
   // 98 MB up and 78 MB down per step for LoRA r=16 on SmolLM2), so the update runs on
   // cpu-fast, where the state is. Device-resident optimizer state is not built.
   kernels::Backend* be = backend_ != nullptr && backend_->HostMemoryBuffers() ? backend_ : &kernels::CpuFastBackend();
-  params.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>& g) {
+  params.ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float> g) {
     auto& m = m_[name];
     auto& v = v_[name];
     auto& f = fisher_[name];

@@ -400,8 +400,11 @@ double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candi
 
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept, int seqs_per_pass) {
   const double compute = TrainSeconds(w, o, c, kept, seqs_per_pass);
+  // A DiaBlo worker on k of N blocks uploads those k (its memory is counted at all N: the
+  // blocks it does not train still act, and their gradients are computed; the safe side).
+  const double up_share = o.spec.kind == model::AdapterKind::kDiaBlo && c.rank > 0 ? static_cast<double>(c.rank) / static_cast<double>(o.spec.blocks) : 1.0;
   const double down = AdapterBytes(shape, o.spec, o.adapted, &o.memory.layout),
-               up = AdapterBytes(shape, SpecAt(o.spec, c), c.modules, &o.memory.layout) * (o.send_fisher ? 2 : 1);
+               up = up_share * AdapterBytes(shape, SpecAt(o.spec, c), c.modules, &o.memory.layout) * (o.send_fisher ? 2 : 1);
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
 
@@ -457,16 +460,17 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
   std::vector<kernels::GgmlType> bases = o.base_types.empty() ? std::vector<kernels::GgmlType>{shape.stored} : o.base_types;
   // Higher precision first: among equal utility and time the earlier candidate wins.
   std::stable_sort(bases.begin(), bases.end(), [](auto a, auto b) { return BitsPerWeight(a) > BitsPerWeight(b); });
-  // Ranks, highest first (0: the shared rank).
+  // Ranks (DiaBlo: block counts), highest first (0: the shared rank).
+  const int64_t full = o.spec.FullShare();
   std::vector<int64_t> ranks;
   for (int64_t r : o.ranks) {
-    if (r < 1 || r > o.spec.rank) return absl::InvalidArgumentError(absl::StrCat("planner: rank ", r, " outside [1, ", o.spec.rank, "]"));
-    ranks.push_back(r == o.spec.rank ? 0 : r);
+    if (r < 1 || r > full) return absl::InvalidArgumentError(absl::StrCat("planner: rank (DiaBlo: block count) ", r, " outside [1, ", full, "]"));
+    ranks.push_back(r == full ? 0 : r);
   }
   if (ranks.empty()) ranks.push_back(0);
-  std::sort(ranks.begin(), ranks.end(), [&](int64_t a, int64_t b) { return (a == 0 ? o.spec.rank : a) > (b == 0 ? o.spec.rank : b); });
+  std::sort(ranks.begin(), ranks.end(), [&](int64_t a, int64_t b) { return (a == 0 ? full : a) > (b == 0 ? full : b); });
   ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
-  const int64_t shared_rank = o.ranks.empty() ? 0 : o.spec.rank;  // utility shares only when ranks vary
+  const int64_t shared_rank = o.ranks.empty() ? 0 : full;  // utility shares only when ranks vary
 
   // Module sets: every non-empty subset when small, else importance-ordered prefixes.
   std::vector<std::vector<model::Module>> sets;
@@ -649,7 +653,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
         "trains %s (%.0f%% of module importance)%s, batch %d x %d local steps, base %s, activations %s: predicted %.0f MiB of %.0f MiB "
         "usable%s, %.1f s (uniform configuration: %s); %s",
         ModuleList(s->c.modules), 100 * cover,
-        o.ranks.empty() ? std::string() : absl::StrFormat(" at rank %d of %d", SpecAt(o.spec, s->c).rank, o.spec.rank), s->c.batch,
+        o.ranks.empty() ? std::string()
+        : o.spec.kind == model::AdapterKind::kDiaBlo
+            ? absl::StrFormat(" on %d of %d DiaBlo blocks", s->c.rank > 0 ? s->c.rank : o.spec.blocks, o.spec.blocks)
+            : absl::StrFormat(" at rank %d of %d", SpecAt(o.spec, s->c).rank, o.spec.rank),
+        s->c.batch,
         s->c.local_steps,
         TypeName(s->c.base) + (workers[k].base_speed.count(s->c.base) ? absl::StrFormat(" (x%.2f the stored type's measured speed)", workers[k].BaseSpeed(s->c.base))
                                                                      : std::string()),

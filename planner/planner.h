@@ -72,7 +72,8 @@ struct Candidate {
   int batch = 1;
   int local_steps = 1;
   // LoRA / FFA-LoRA rank the worker trains (the first `rank` components of the shared adapter,
-  // aggregation/hetero_rank.h); 0: the shared rank. Memory and upload shrink with it.
+  // aggregation/hetero_rank.h); 0: the shared rank. Memory and upload shrink with it. DiaBlo:
+  // the number of diagonal blocks it trains (the first `rank` of them): the upload shrinks.
   int64_t rank = 0;
 };
 
@@ -208,7 +209,8 @@ struct PlannerOptions {
   Candidate uniform;                      // the configuration the plan is measured against
   double work_factor = 1.0;               // training work to reach: this x the uniform configuration's
   double memory_margin = 0.9;             // plan within this fraction of a worker's memory
-  // Per-worker ranks the planner may choose (each <= spec.rank); empty: the shared rank only.
+  // Per-worker ranks the planner may choose (each <= spec.rank; DiaBlo: block counts, each <=
+  // spec.blocks); empty: the shared rank only.
   // A rank-r worker's utility counts r / spec.rank of its modules' importance (it updates that
   // share of the shared adapter's components).
   std::vector<int64_t> ranks;

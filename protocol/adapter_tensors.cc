@@ -1,5 +1,7 @@
 #include "protocol/adapter_tensors.h"
 
+#include <algorithm>
+
 #include "aggregation/compression.h"
 
 #include "absl/strings/str_cat.h"
@@ -8,21 +10,21 @@ namespace fedtune::protocol {
 
 aggregation::TensorMap AdapterTensors(model::AdapterSet<float>& adapters) {
   aggregation::TensorMap t;
-  adapters.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) { t[name] = p; });
+  adapters.ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float>) { t[name].assign(p.begin(), p.end()); });
   return t;
 }
 
 absl::Status SetAdapterTensors(const aggregation::TensorMap& t, model::AdapterSet<float>* adapters) {
   size_t found = 0;
   absl::Status st;
-  adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+  adapters->ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float>) {
     auto it = t.find(name);
     if (it == t.end() || !st.ok()) return;
     if (it->second.size() != p.size()) {
       st = absl::InvalidArgumentError(absl::StrCat("adapter tensor ", name, " has ", it->second.size(), " values, expected ", p.size()));
       return;
     }
-    p = it->second;
+    std::copy(it->second.begin(), it->second.end(), p.begin());
     ++found;
   });
   FT_RETURN_IF_ERROR(st);

@@ -32,12 +32,18 @@ struct AdapterPlan {
   std::string compensation;
   int compensation_rank = 16;
   // This client's LoRA rank (0 or `rank`: the shared one): it trains the first train_rank
-  // components of the global adapter (aggregation/hetero_rank.h).
+  // components of the global adapter (aggregation/hetero_rank.h). For DiaBlo the number of
+  // diagonal blocks it trains (0 or `blocks`: all), the first train_rank of them.
   int train_rank = 0;
   // The memory the plan was made for, when below what the client reported (0: its own): the
   // client keeps activations within it (worker::RunTrainTask). Host and device memory, MiB.
   double plan_memory_mib = 0, plan_device_memory_mib = 0;
 };
+
+// What a plan's train_rank is out of: the LoRA rank, or DiaBlo's block count.
+inline int FullShare(const AdapterPlan& p) { return p.kind == "diablo" ? p.blocks : p.rank; }
+// Whether the client trains part of the adapter (a lower rank, fewer DiaBlo blocks).
+inline bool TrainsPart(const AdapterPlan& p) { return p.train_rank > 0 && p.train_rank < FullShare(p); }
 
 // A TRAIN task, or with `evaluate` set an EVALUATE task (score the global adapter on the
 // client's held-out data; plan, adapter and max_new_tokens matter).

@@ -12,7 +12,7 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j "$jobs"
 (cd build && ctest -L 'unit|model|deploy' --output-on-failure -j "$jobs" --timeout 1500)
 if [[ "${1:-}" == "--asan" ]]; then
-  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFEDTUNE_SANITIZE=ON -DFEDTUNE_CUDA=OFF
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFEDTUNE_SANITIZE=ON -DFEDTUNE_CUDA=OFF -DFEDTUNE_BENCH=OFF
   cmake --build build-asan -j "$jobs"
   (cd build-asan && ctest -L unit --output-on-failure -j "$jobs")
   bash scripts/fuzz.sh

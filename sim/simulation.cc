@@ -170,9 +170,9 @@ class SimTransport : public federation::Transport {
       const auto t0 = Clock::now();
       worker::LocalResult lr;
       if (c_.train().stand_in()) {
-        aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components
-        if (task.plan.train_rank > 0 && task.plan.train_rank < task.plan.rank) {
-          FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, task.plan.rank, task.plan.train_rank));
+        aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components (blocks)
+        if (protocol::TrainsPart(task.plan)) {
+          FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, protocol::FullShare(task.plan), task.plan.train_rank));
         }
         lr = worker::StandInUpdate(own, cl.name, static_cast<int64_t>(cl.train.size()), task.send_fisher, sched_rng_.NextU64());
       } else {
@@ -357,11 +357,18 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
       if (const auto bt = kernels::GgmlTypeFromName(p.base_type()); !p.base_type().empty() && (!bt || !kernels::CanQuantize(*bt)))
         return Bad(key + ".base_type", "not a type fedtune re-quantizes to (q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2)");
       if (!p.base_type().empty() && c.planner().enabled()) return Bad(key + ".base_type", "not with the planner (it chooses each client's base)");
-      if (p.rank() < 0 || p.rank() > s.run.adapter.spec.rank)
-        return Bad(key + ".rank", absl::StrCat("must be in [1, adapter.rank = ", s.run.adapter.spec.rank, "] (0 or unset: adapter.rank)"));
-      if (p.rank() > 0 && p.rank() < s.run.adapter.spec.rank) {
-        if (c.planner().enabled()) return Bad(key + ".rank", "not with the planner (planner.ranks: it chooses each client's rank)");
-        FT_RETURN_IF_ERROR(federation::CheckHeteroRanks(s.run, key + ".rank"));
+      const bool diablo = s.run.adapter.spec.kind == model::AdapterKind::kDiaBlo;
+      if (diablo && p.rank() != 0) return Bad(key + ".rank", "a DiaBlo adapter has blocks, not ranks (profiles[].blocks)");
+      if (!diablo && p.blocks() != 0) return Bad(key + ".blocks", "only for adapter.kind DIABLO (LoRA: profiles[].rank)");
+      const int share = diablo ? p.blocks() : p.rank();
+      const std::string share_key = key + (diablo ? ".blocks" : ".rank");
+      const int64_t full = s.run.adapter.spec.FullShare();
+      if (share < 0 || share > full)
+        return Bad(share_key, diablo ? absl::StrCat("must be in [1, adapter.blocks = ", full, "] (0 or unset: adapter.blocks)")
+                                     : absl::StrCat("must be in [1, adapter.rank = ", full, "] (0 or unset: adapter.rank)"));
+      if (share > 0 && share < full) {
+        if (c.planner().enabled()) return Bad(share_key, "not with the planner (planner.ranks: it chooses each client's rank)");
+        FT_RETURN_IF_ERROR(federation::CheckHeteroRanks(s.run, share_key));
       }
       if (!p.modules().empty()) {
         const auto mods = model::ParseModules(p.modules());
@@ -654,7 +661,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
         cl.dropout = prof.dropout();
         cl.memory_mib = prof.memory_mib();
         cl.base_type = prof.base_type();
-        cl.rank = prof.rank();
+        cl.rank = s.run.adapter.spec.kind == model::AdapterKind::kDiaBlo ? prof.blocks() : prof.rank();  // LoRA rank or DiaBlo blocks
         if (!prof.modules().empty()) cl.train_modules = *model::ParseModules(prof.modules());  // checked above
       }
     }

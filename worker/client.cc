@@ -173,11 +173,13 @@ absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, siz
 namespace {
 
 // A plan's train_rank below its rank: this client trains the first train_rank components, at
-// the shared adapter's scale (aggregation/hetero_rank.h). 0: the shared rank.
+// the shared adapter's scale (aggregation/hetero_rank.h); DiaBlo: its first train_rank blocks.
+// 0: the whole adapter.
 absl::StatusOr<int64_t> TrainRank(const protocol::AdapterPlan& p) {
-  if (p.train_rank == 0 || p.train_rank == p.rank) return 0;
-  if (p.train_rank < 1 || p.train_rank > p.rank) return absl::InvalidArgumentError(absl::StrCat("task: train_rank ", p.train_rank, " outside [1, ", p.rank, "]"));
-  if (p.kind == "diablo") return absl::InvalidArgumentError("task: train_rank with a DiaBlo adapter (it has no rank)");
+  const int full = protocol::FullShare(p);
+  if (p.train_rank == 0 || p.train_rank == full) return 0;
+  if (p.train_rank < 1 || p.train_rank > full)
+    return absl::InvalidArgumentError(absl::StrCat("task: train_rank ", p.train_rank, " outside [1, ", full, p.kind == "diablo" ? "] (DiaBlo blocks)" : "]"));
   if (!p.layers.empty()) return absl::InvalidArgumentError("task: train_rank with a per-layer layout (adapter.layers)");
   return p.train_rank;
 }
@@ -189,7 +191,7 @@ absl::StatusOr<std::pair<model::AdapterSpec, std::vector<model::Module>>> SpecAn
   FT_ASSIGN_OR_RETURN(auto modules, model::ParseModules(p.modules.empty() ? "all" : absl::StrJoin(p.modules, ",")));
   model::AdapterSpec spec{*kind, p.rank, p.alpha, p.rslora, p.blocks};
   FT_ASSIGN_OR_RETURN(const int64_t r, TrainRank(p));
-  if (r > 0) {
+  if (r > 0 && *kind != model::AdapterKind::kDiaBlo) {  // DiaBlo keeps all blocks (LocalTrainOptions::train_blocks)
     spec.alpha = aggregation::RankAlpha(p.alpha, p.rank, r, p.rslora);
     spec.rank = r;
   }
@@ -338,12 +340,15 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   FT_ASSIGN_OR_RETURN(const model::LlamaModel* base, bases.For(p, /*training=*/true));
   FT_ASSIGN_OR_RETURN(model::AdapterSet<float> adapters, TaskAdapters(*base, p));
   FT_ASSIGN_OR_RETURN(const int64_t train_rank, TrainRank(p));
+  const bool diablo = p.kind == "diablo";
   aggregation::TensorMap truncated;  // a lower-rank client starts from the global's first components
-  if (train_rank > 0) {
+  if (train_rank > 0 && !diablo) {
     FT_ASSIGN_OR_RETURN(truncated, aggregation::TruncateRank(global, p.rank, train_rank));
   }
-  const aggregation::TensorMap& start = train_rank > 0 ? truncated : global;
+  // DiaBlo with fewer blocks: every block acts with the global's values, the first train_rank train.
+  const aggregation::TensorMap& start = train_rank > 0 && !diablo ? truncated : global;
   LocalTrainOptions lt;
+  if (diablo) lt.train_blocks = train_rank;
   if (!p.train_modules.empty()) {
     FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules, ",")));
   }

@@ -540,9 +540,9 @@ TaskRunner StandInTaskRunner(int64_t num_examples, double seconds) {
                                  const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
     progress(1.0);
-    aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components
-    if (task.plan.train_rank > 0 && task.plan.train_rank < task.plan.rank) {
-      FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, task.plan.rank, task.plan.train_rank));
+    aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components (blocks)
+    if (protocol::TrainsPart(task.plan)) {
+      FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, protocol::FullShare(task.plan), task.plan.train_rank));
     }
     LocalResult r = StandInUpdate(own, task.client, num_examples, task.send_fisher, protocol::TrainingSeed(task.client, task.round));
     r.update.metrics["train_seconds"] = seconds;

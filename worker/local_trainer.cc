@@ -11,6 +11,16 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
   adapters->SetTrainableModules(model::kAllModules);
   FT_RETURN_IF_ERROR(SetAdapterTensors(global, adapters));
   if (!o.train_modules.empty()) adapters->SetTrainableModules(o.train_modules);
+  if (o.train_blocks > 0) FT_RETURN_IF_ERROR(adapters->TrainFirstBlocks(o.train_blocks));
+  // Leave the set whole for its next user, also when training fails.
+  struct Restore {
+    model::AdapterSet<float>* a;
+    bool modules, blocks;
+    ~Restore() {
+      if (modules) a->SetTrainableModules(model::kAllModules);
+      if (blocks) (void)a->TrainFirstBlocks(0);
+    }
+  } restore{adapters, !o.train_modules.empty(), o.train_blocks > 0};
   model::FinetuneOptions ft = o.finetune;
   if (auto it = config.find("proximal_mu"); it != config.end()) {
     ft.proximal_mu = it->second;
@@ -27,7 +37,7 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
   FT_ASSIGN_OR_RETURN(r.report, model::Finetune(model, data, ft, adapters, &opt, o.on_step));
   r.update.client = client;
   r.update.num_examples = static_cast<int64_t>(data.size());
-  adapters->ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+  adapters->ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float>) {
     auto git = global.find(name);
     if (git == global.end()) return;  // not part of this round's global tensors
     const std::vector<float>& g = git->second;
@@ -38,7 +48,6 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
       if (auto f = opt.fisher().find(name); f != opt.fisher().end()) r.update.fisher[name] = f->second;
     }
   });
-  if (!o.train_modules.empty()) adapters->SetTrainableModules(model::kAllModules);  // leave the set whole for its next user
   r.update.metrics["train_loss"] = r.report.final_loss;
   r.update.metrics["train_seconds"] = r.report.seconds;
   r.update.metrics["train_tokens"] = static_cast<double>(r.report.tokens);

@@ -25,6 +25,9 @@ struct LocalTrainOptions {
   // Modules to train (a per-worker plan); the adapter's other modules act frozen with their
   // global values, and the update holds the trained modules only. Empty: all.
   std::vector<model::Module> train_modules;
+  // DiaBlo: train the first train_blocks blocks of every module only (0: all); the update holds
+  // those blocks (a prefix of each "*.diablo" tensor, aggregation/hetero_rank.h).
+  int64_t train_blocks = 0;
 };
 
 struct LocalResult {

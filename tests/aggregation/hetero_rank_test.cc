@@ -286,3 +286,72 @@ TEST(HeteroRankTest, FlexLoraMergeIsTheBestRankRApproximationOfTheExactSum) {
 
 }  // namespace
 }  // namespace fedtune::aggregation
+
+namespace fedtune::aggregation {
+namespace {
+
+// DiaBlo block subsets (issue 22): a global of N = 4 blocks of 3 x 2 on one module, clients
+// training its first 1, 2 and 4 blocks (example counts 1, 3, 2). Nested merging moves every
+// block by the example-weighted mean of the updates of the clients that trained it (FedAvg over
+// those clients, exact for DiaBlo: a block is a linear piece of the weight update); zero_pad by
+// the mean over every client.
+TEST(HeteroRankTest, DiabloBlocksMergeOverTheClientsThatTrainedThem) {
+  constexpr int64_t kN = 4, kBlock = 3 * 2;
+  const std::vector<std::pair<int64_t, int64_t>> clients = {{1, 1}, {2, 3}, {4, 2}};  // blocks, examples
+  Rng rng(21);
+  TensorMap global;
+  global["blk.0.attn_q.diablo"] = Normal(rng, kN * kBlock, 0.1);
+  std::vector<ClientUpdate> updates;
+  std::map<std::string, int64_t> blocks;
+  for (size_t k = 0; k < clients.size(); ++k) {
+    auto cut = TruncateRank(global, kN, clients[k].first);
+    ASSERT_TRUE(cut.ok()) << cut.status();
+    const std::vector<float>& mine = cut->at("blk.0.attn_q.diablo");
+    ASSERT_EQ(mine.size(), static_cast<size_t>(clients[k].first * kBlock));
+    for (size_t i = 0; i < mine.size(); ++i) ASSERT_EQ(mine[i], global.at("blk.0.attn_q.diablo")[i]);  // a prefix of blocks
+    ClientUpdate u;
+    u.client = "c" + std::to_string(k);
+    u.num_examples = clients[k].second;
+    u.delta["blk.0.attn_q.diablo"] = Normal(rng, mine.size(), 0.05);
+    blocks[u.client] = clients[k].first;
+    updates.push_back(std::move(u));
+  }
+  for (HeteroRankRule rule : {HeteroRankRule::kNested, HeteroRankRule::kZeroPad}) {
+    StrategyOptions so;
+    so.auto_norm_factor = 0;
+    auto strategy = FedStrategy::Create(so);
+    ASSERT_TRUE(strategy.ok());
+    HeteroRankOptions ho;
+    ho.rule = rule;
+    ho.rank = kN;
+    auto agg = MakeHeteroRankAggregation(ho, blocks, global, (*strategy)->BeginAggregate(1, global));
+    for (const ClientUpdate& u : updates) ASSERT_TRUE(agg->Add(u).ok());
+    auto m = agg->Merge();
+    ASSERT_TRUE(m.ok()) << m.status();
+    const std::vector<float>& got = m->delta.at("blk.0.attn_q.diablo");
+    ASSERT_EQ(got.size(), static_cast<size_t>(kN * kBlock));
+    for (int64_t i = 0; i < kN * kBlock; ++i) {
+      const int64_t block = i / kBlock;
+      double num = 0, den = 0;
+      for (size_t k = 0; k < updates.size(); ++k) {
+        const bool trained = block < clients[k].first;
+        if (trained) num += static_cast<double>(updates[k].num_examples) * updates[k].delta.at("blk.0.attn_q.diablo")[static_cast<size_t>(i)];
+        if (trained || rule == HeteroRankRule::kZeroPad) den += static_cast<double>(updates[k].num_examples);
+      }
+      EXPECT_NEAR(got[static_cast<size_t>(i)], num / den, 1e-6) << HeteroRankRuleName(rule) << " value " << i;
+    }
+  }
+  // An update of the wrong number of blocks is refused.
+  ClientUpdate bad = updates[1];
+  blocks[bad.client] = 1;
+  StrategyOptions so;
+  auto strategy = FedStrategy::Create(so);
+  ASSERT_TRUE(strategy.ok());
+  HeteroRankOptions ho;
+  ho.rank = kN;
+  auto agg = MakeHeteroRankAggregation(ho, blocks, global, (*strategy)->BeginAggregate(1, global));
+  EXPECT_EQ(agg->Add(bad).code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace fedtune::aggregation

@@ -466,6 +466,86 @@ TEST_F(E2ETest, WorkersMeasureTheirSpeedPerBaseTypeAndThePlanFollowsIt) {
   EXPECT_TRUE(absl::IsCancelled(worker::MeasureBaseSpeeds(*model_, model_path_, {kernels::GgmlType::kQ4_0}, data_[0], probe, 0, &stopped).status()));
 }
 
+// issue 22, DiaBlo block counts deployed: the planner gives a worker behind a slow link fewer of
+// the adapter's 4 blocks (its upload shrinks), the worker trains those on top of all 4, the
+// coordinator accepts its smaller upload and merges each block over the workers that trained
+// it; blocks beyond its share move by the other worker's update alone.
+TEST_F(E2ETest, ADiabloWorkerBehindASlowLinkTrainsFewerBlocksDeployed) {
+  const std::string state = testing::TempPath("e2e_state_diablo_blocks");
+  auto o = TwoWorkerOptions(state, 1);
+  const model::AdapterSpec diablo{model::AdapterKind::kDiaBlo, 4, 8.0f, false, 4};
+  o.engine.settings.adapter = {diablo, *model::ParseModules("q,v"), ""};
+  auto initial = *model::MakeAdapters<float>(model_->adapter_dims(), diablo, *model::ParseModules("q,v"), 5);
+  o.initial_global = worker::AdapterTensors(initial);
+  planner::PlannerOptions po = PlanOptions(96);
+  po.spec = diablo;
+  po.ranks = {1, 2, 4};
+  o.engine.planning = Planning(po);
+  auto server = coordinator::CoordinatorServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  std::mutex mu;
+  std::map<std::string, int> blocks_of;
+  std::map<std::string, aggregation::ClientUpdate> update_of;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  std::vector<absl::StatusOr<worker::DaemonReport>> reports(2, absl::UnknownError("not run"));
+  for (int k = 0; k < 2; ++k)
+    threads.emplace_back([&, k] {
+      const std::string name = "w" + std::to_string(k + 1);
+      auto d = Daemon(name, (*server)->port());
+      d.profile.set_memory_bytes(int64_t{4096} << 20);
+      d.profile.set_train_tokens_per_second(2000);
+      d.profile.set_link_mbps(k == 0 ? 1000 : 0.01);
+      const worker::TaskRunner inner = worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)], model_path_);
+      const worker::TaskRunner runner = [&, name, inner](const protocol::TrainTask& task, const aggregation::TensorMap& g,
+                                                         const std::function<void(double)>& progress) -> absl::StatusOr<worker::LocalResult> {
+        auto r = inner(task, g, progress);
+        std::lock_guard<std::mutex> l(mu);
+        blocks_of[name] = task.plan.train_rank;
+        if (r.ok()) update_of[name] = r->update;
+        return r;
+      };
+      reports[static_cast<size_t>(k)] = worker::RunDaemon(d, runner, stop);
+    });
+  ASSERT_TRUE((*server)->Wait().ok());
+  stop = true;
+  for (auto& t : threads) t.join();
+  for (const auto& r : reports) ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ((*server)->last_committed_round(), 1);
+  EXPECT_EQ(blocks_of["w1"], 0);  // all 4
+  const int k2 = blocks_of["w2"];
+  ASSERT_GT(k2, 0);
+  ASSERT_LT(k2, 4);
+  auto ledger = federation::RunLedger::Open(state + "/ledger.sqlite");
+  ASSERT_TRUE(ledger.ok()) << ledger.status();
+  EXPECT_EQ(*(*ledger)->Metric(1, "accepted"), 2);
+  EXPECT_EQ(*(*ledger)->Metric(1, "hetero_rank_clients"), 1);
+  // The merge (FedAvg, nested): blocks below k2 by the example-weighted mean of both updates,
+  // the others by w1's alone.
+  const aggregation::TensorMap global = (*server)->global();
+  const double n1 = static_cast<double>(update_of["w1"].num_examples), n2 = static_cast<double>(update_of["w2"].num_examples);
+  int checked = 0;
+  int shared = 0;
+  for (const auto& [name, g] : global) {
+    const std::vector<float>& d1 = update_of["w1"].delta.at(name);
+    ASSERT_EQ(d1.size(), g.size()) << name;
+    // (The planner may also give w2 fewer modules: a module it did not train moves by w1's update.)
+    const auto it2 = update_of["w2"].delta.find(name);
+    const std::vector<float> d2 = it2 == update_of["w2"].delta.end() ? std::vector<float>{} : it2->second;
+    if (!d2.empty()) {
+      ASSERT_EQ(d2.size() * 4, g.size() * static_cast<size_t>(k2)) << name;  // w2 uploaded k2 blocks
+      ++shared;
+    }
+    for (size_t i = 0; i < g.size(); ++i) {
+      const double want = i < d2.size() ? (n1 * d1[i] + n2 * d2[i]) / (n1 + n2) : d1[i];
+      ASSERT_NEAR(g[i] - o.initial_global.at(name)[i], want, 1e-6) << name << " " << i;
+    }
+    ++checked;
+  }
+  EXPECT_EQ(checked, 2 * 2);  // q and v of two layers
+  EXPECT_GT(shared, 0);
+}
+
 // A worker's trainer and evaluator share one set of bases: a plan's compensated low-bit base is
 // built once for both (issue 23: it was built twice), and each uses it.
 TEST_F(E2ETest, TheWorkersRunnerAndEvaluatorShareTheirBases) {

@@ -607,7 +607,7 @@ TEST_P(WeightProducts, TrainingStepsMatchTheReference) {
       model::AdapterSet<float> set = std::move(*made);
       std::mt19937 init(5);  // B != 0, so that every tensor gets a gradient
       std::normal_distribution<float> nd(0.0f, 0.05f);
-      set.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) {
+      set.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) {
         for (auto& v : p) v += nd(init);
       });
       model::Trainer<float> trainer(**model, &set,
@@ -621,12 +621,12 @@ TEST_P(WeightProducts, TrainingStepsMatchTheReference) {
         EXPECT_TRUE(nll.ok()) << nll.status();
         losses->push_back(nll.ok() ? *nll : 0.0);
         if (step == 0) {
-          set.ForEachTrainable([&](const std::string&, std::vector<float>&, std::vector<float>& g) { first_grad->insert(first_grad->end(), g.begin(), g.end()); });
+          set.ForEachTrainable([&](const std::string&, std::span<float>, std::span<float> g) { first_grad->insert(first_grad->end(), g.begin(), g.end()); });
         }
         opt.Step(set);
       }
       Vec params;
-      set.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) { params.insert(params.end(), p.begin(), p.end()); });
+      set.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) { params.insert(params.end(), p.begin(), p.end()); });
       return params;
     };
     std::vector<double> loss_ref, loss;

@@ -24,7 +24,7 @@ class ExportTest : public ::testing::TestWithParam<AdapterKind> {
     ASSERT_TRUE(s.ok());
     set_ = std::move(*s);
     Rng rng(4);
-    set_.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) {
+    set_.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) {
       for (auto& x : p) x = static_cast<float>(0.1 * rng.Normal());
     });
   }

@@ -192,9 +192,9 @@ TEST_F(TinyFixture, FloatTrainerAndInferencePathAgreeWithDouble) {
     EXPECT_NEAR(lf, ld, 1e-4 * std::fabs(ld)) << AdapterKindName(kind);
     double num = 0, den = 0;
     std::vector<std::vector<float>> gf;
-    f.ForEachTrainable([&](const std::string&, std::vector<float>&, std::vector<float>& g) { gf.push_back(g); });
+    f.ForEachTrainable([&](const std::string&, std::span<float>, std::span<float> g) { gf.emplace_back(g.begin(), g.end()); });
     size_t t = 0;
-    d.ForEachTrainable([&](const std::string&, std::vector<double>&, std::vector<double>& g) {
+    d.ForEachTrainable([&](const std::string&, std::span<double>, std::span<double> g) {
       for (size_t i = 0; i < g.size(); ++i) {
         num += (gf[t][i] - g[i]) * (gf[t][i] - g[i]);
         den += g[i] * g[i];
@@ -224,7 +224,7 @@ TEST_F(TinyFixture, SavedAdaptersLoadBackIdentically) {
   for (AdapterKind kind : {AdapterKind::kLora, AdapterKind::kFfaLora, AdapterKind::kDiaBlo}) {
     auto set = *MakeAdapters<float>(dims_, AdapterSpec{kind, 4, 8.0f, true, 8}, *ParseModules("q,v,down"), 9);
     Rng rng(1);
-    set.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) {
+    set.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) {
       for (auto& x : p) x = static_cast<float>(rng.Normal());
     });
     const std::string path = testing::TempPath(std::string("ad_") + AdapterKindName(kind) + ".safetensors");
@@ -249,6 +249,82 @@ TEST_F(TinyFixture, SavedAdaptersLoadBackIdentically) {
 }
 
 // Memorising a handful of examples: the loss must fall a lot for every adapter type.
+// DiaBlo trained on its first blocks (a worker's share, issue 22): the trainable values are
+// those blocks, their gradient equals the whole adapter's on them, training with weight decay
+// leaves the other blocks exactly as they were while they still act in forward, and restoring
+// makes the whole adapter trainable again.
+TEST_F(TinyFixture, DiabloTrainedOnItsFirstBlocksLeavesTheOthersUntouched) {
+  const AdapterSpec spec{AdapterKind::kDiaBlo, 4, 8.0f, false, 8};
+  auto whole = *MakeAdapters<float>(dims_, spec, *ParseModules("all"), 5);
+  Rng rng(4);
+  for (auto& layer : whole.layers)
+    for (auto& a : layer)
+      if (a)
+        for (float& x : a->d) x = static_cast<float>(0.05 * rng.Normal());
+  auto part = whole;
+  ASSERT_TRUE(part.TrainFirstBlocks(3).ok());
+  const int64_t before = whole.NumTrainable();
+  EXPECT_EQ(part.NumTrainable() * 8, before * 3);
+  part.ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float> g) {
+    const auto& a = *part.layers[0][0];
+    if (name.rfind("blk.0.attn_q.", 0) == 0) {
+      EXPECT_EQ(p.size(), static_cast<size_t>(3 * a.b_in * a.b_out));
+    }
+    EXPECT_EQ(p.size(), g.size()) << name;
+  });
+  // One backward pass: the part's gradients are the whole adapter's first blocks.
+  Batch b;
+  b.n_seq = 1;
+  b.len = 12;
+  for (int i = 0; i < 12; ++i) b.tokens.push_back(static_cast<int32_t>(3 + rng.Below(250)));
+  for (int i = 0; i < 12; ++i) b.targets.push_back(i + 1 < 12 ? b.tokens[static_cast<size_t>(i + 1)] : -1);
+  Trainer<float> tw(*model_, &whole, true), tp(*model_, &part, true);
+  const double lw = *tw.Step(b, 1.0f, true), lp = *tp.Step(b, 1.0f, true);
+  EXPECT_EQ(lw, lp);  // every block acts in forward
+  std::vector<std::vector<float>> gw;
+  whole.ForEachTrainable([&](const std::string&, std::span<float>, std::span<float> g) { gw.emplace_back(g.begin(), g.end()); });
+  size_t t = 0;
+  part.ForEachTrainable([&](const std::string& name, std::span<float>, std::span<float> g) {
+    ASSERT_LT(t, gw.size());
+    ASSERT_LT(g.size(), gw[t].size()) << name;
+    for (size_t i = 0; i < g.size(); ++i) ASSERT_EQ(g[i], gw[t][i]) << name << " " << i;
+    ++t;
+  });
+  EXPECT_EQ(t, gw.size());
+  // Training with weight decay: blocks 3..7 keep their values, blocks 0..2 move.
+  auto lines = *GenerateTask("record", 4, 1);
+  DatasetOptions o;
+  o.holdout = 0;
+  auto data = DatasetFromJsonl(lines, "task", *model_->tokenizer(), o);
+  ASSERT_TRUE(data.ok());
+  const auto start = part;
+  OptimizerConfig oc;
+  oc.lr = 1e-2f;
+  oc.weight_decay = 0.1f;
+  oc.total_steps = 5;
+  AdamW opt(oc);
+  FinetuneOptions fo;
+  fo.steps = 5;
+  fo.batch = 2;
+  ASSERT_TRUE(Finetune(*model_, data->train, fo, &part, &opt).ok());
+  for (size_t l = 0; l < part.layers.size(); ++l)
+    for (size_t m = 0; m < part.layers[l].size(); ++m) {
+      const auto& a = *part.layers[l][m];
+      const auto& s0 = *start.layers[l][m];
+      const size_t cut = static_cast<size_t>(3 * a.b_in * a.b_out);
+      double moved = 0;
+      for (size_t i = 0; i < cut; ++i) moved = std::max(moved, static_cast<double>(std::fabs(a.d[i] - s0.d[i])));
+      EXPECT_GT(moved, 0) << "layer " << l << " module " << m;
+      for (size_t i = cut; i < a.d.size(); ++i) ASSERT_EQ(a.d[i], s0.d[i]) << "layer " << l << " module " << m << " value " << i;
+    }
+  ASSERT_TRUE(part.TrainFirstBlocks(0).ok());
+  EXPECT_EQ(part.NumTrainable(), before);
+  EXPECT_FALSE(part.TrainFirstBlocks(9).ok());
+  EXPECT_FALSE(part.TrainFirstBlocks(-1).ok());
+  auto lora = *MakeAdapters<float>(dims_, AdapterSpec{AdapterKind::kLora, 4, 8.0f, false, 8}, *ParseModules("all"), 5);
+  EXPECT_EQ(lora.TrainFirstBlocks(2).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(TinyFixture, EveryAdapterTypeFitsASmallSet) {
   auto lines = *GenerateTask("record", 4, 1);
   DatasetOptions o;
@@ -314,8 +390,8 @@ TEST_F(TinyFixture, ResumedRunEqualsUninterruptedRun) {
   EXPECT_EQ(opt_c.step(), 3);
   ASSERT_TRUE(Finetune(*model_, data->train, fo, &resumed, &opt_c).ok());
   std::vector<std::vector<float>> a, b;
-  straight.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) { a.push_back(p); });
-  resumed.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) { b.push_back(p); });
+  straight.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) { a.emplace_back(p.begin(), p.end()); });
+  resumed.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) { b.emplace_back(p.begin(), p.end()); });
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i], b[i]) << "tensor " << i;
   EXPECT_EQ(LoadCheckpoint("/nonexistent.safetensors", resumed, &opt_c).code(), absl::StatusCode::kNotFound);
@@ -353,7 +429,7 @@ TEST_F(TinyFixture, DpSgdClipsPerExampleAndMatchesPlainMeanWithoutClipping) {
     fo.dp_uniform = [&] { return rng.Uniform(); };
     EXPECT_TRUE(Finetune(*model_, data->train, fo, &set, &opt, [&](const StepLog& s) { norms->push_back(s.grad_norm); }).ok());
     std::vector<float> flat;
-    set.ForEachTrainable([&](const std::string&, std::vector<float>& p, std::vector<float>&) { flat.insert(flat.end(), p.begin(), p.end()); });
+    set.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) { flat.insert(flat.end(), p.begin(), p.end()); });
     return flat;
   };
   std::vector<double> n_plain, n_dp, n_tiny;
@@ -392,7 +468,7 @@ TEST_F(TinyFixture, DpSgdStepWithAnEmptyPoissonBatchAddsOnlyNoise) {
   auto rep = Finetune(*model_, data->train, fo, &set, &opt);
   ASSERT_TRUE(rep.ok()) << rep.status();
   EXPECT_EQ(rep->dp_examples, 0);
-  set.ForEachTrainable([&](const std::string& name, std::vector<float>& p, std::vector<float>&) {
+  set.ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float>) {
     for (float x : p) ASSERT_TRUE(std::isfinite(x)) << name;
   });
 }

@@ -2,6 +2,7 @@
 // on its own, then the whole tiny decoder with each adapter type (base in Q8_0 and Q4_1).
 // Reported figure: ||g_analytic - g_fd|| / ||g_fd|| per tensor; required <= 1e-5.
 #include <cmath>
+#include <span>
 #include <functional>
 
 #include "common/rng.h"
@@ -25,7 +26,7 @@ std::vector<double> RandVec(size_t n, Rng& rng, double scale = 1.0) {
 
 // Relative error of `analytic` against central differences of f over the entries of p
 // (all of them, or `samples` random ones).
-double FdRelError(const std::function<double()>& f, std::vector<double>& p, const std::vector<double>& analytic,
+double FdRelError(const std::function<double()>& f, std::span<double> p, const std::vector<double>& analytic,
                   size_t samples = 0, uint64_t seed = 1) {
   Rng rng(seed);
   std::vector<size_t> idx;
@@ -359,7 +360,7 @@ TEST(TrainerModesTest, BackwardStopsAtTheLowestTrainedLayer) {
       auto made = MakeAdaptersWithLayout<double>((*model)->adapter_dims(), AdapterSpec{kind, 2, 4.0f, false, 4}, kAllModules, layout, 3);
       ASSERT_TRUE(made.ok()) << made.status();
       AdapterSet<double> set = std::move(*made);
-      set.ForEachTrainable([&](const std::string&, std::vector<double>& p, std::vector<double>&) {
+      set.ForEachTrainable([&](const std::string&, std::span<double> p, std::span<double>) {
         for (auto& v : p) v += 0.3 * rng.Normal();
       });
       for (bool recompute : {true, false}) {
@@ -372,8 +373,8 @@ TEST(TrainerModesTest, BackwardStopsAtTheLowestTrainedLayer) {
         ASSERT_TRUE(trainer.Step(b, 1.0, true).ok());
         auto loss = [&] { return *trainer.Step(b, 1.0, false); };
         int tensors = 0;
-        set.ForEachTrainable([&](const std::string& name, std::vector<double>& p, std::vector<double>& g) {
-          const auto grad = g;
+        set.ForEachTrainable([&](const std::string& name, std::span<double> p, std::span<double> g) {
+          const std::vector<double> grad(g.begin(), g.end());
           const double e = FdRelError(loss, p, grad, 12, static_cast<uint64_t>(++tensors));
           EXPECT_LE(e, kTol) << layout << " " << AdapterKindName(kind) << " recompute=" << recompute << " " << name;
         });
@@ -395,7 +396,7 @@ TEST(TrainerModesTest, PackingMicroBatchesAndDropout) {
   ASSERT_TRUE(made.ok()) << made.status();
   AdapterSet<double> set = std::move(*made);
   Rng rng(3);
-  set.ForEachTrainable([&](const std::string&, std::vector<double>& p, std::vector<double>&) {
+  set.ForEachTrainable([&](const std::string&, std::span<double> p, std::span<double>) {
     for (auto& v : p) v += 0.2 * rng.Normal();
   });
   // Five examples of lengths 2..7 with masked prompts.
@@ -416,7 +417,7 @@ TEST(TrainerModesTest, PackingMicroBatchesAndDropout) {
     set.ZeroGrad();
     *nll = *t.Step(b, 1.0, true);
     std::vector<double> g;
-    set.ForEachTrainable([&](const std::string&, std::vector<double>&, std::vector<double>& gr) { g.insert(g.end(), gr.begin(), gr.end()); });
+    set.ForEachTrainable([&](const std::string&, std::span<double>, std::span<double> gr) { g.insert(g.end(), gr.begin(), gr.end()); });
     return g;
   };
   auto max_rel = [](const std::vector<double>& a, const std::vector<double>& b) {

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <functional>
 
+#include "absl/strings/str_format.h"
 #include "model/tasks.h"
 #include "privacy/rdp_accountant.h"
 #include "tests/support/tiny_model.h"
@@ -371,6 +372,36 @@ TEST(PlannerTest, AWorkerTooSmallForTheSharedRankTrainsALowerOne) {
   EXPECT_DOUBLE_EQ(planner::AdapterBytes(Shape(), planner::SpecAt(o.spec, w.c), o.adapted), 0.5 * planner::AdapterBytes(Shape(), o.spec, o.adapted));
   o.ranks = {16};
   EXPECT_FALSE(planner::MakePlan(Shape(), imp, fleet, o).ok());
+}
+
+// DiaBlo block counts (issue 22): a worker on k of N blocks uploads k / N of the adapter (its
+// memory is counted at all N); a worker behind a slow link trains fewer blocks so that its round
+// takes no longer than the others'.
+TEST(PlannerTest, ADiabloWorkerBehindASlowLinkTrainsFewerBlocks) {
+  auto o = Options();
+  o.spec = {model::AdapterKind::kDiaBlo, 8, 16.0f, false, 8};
+  o.adapted = {Module::kQ, Module::kV, Module::kUp};
+  o.uniform = {o.adapted, kernels::GgmlType::kQ4_1, 2, 2};
+  const planner::WorkerProfile fast{"fast", 4000, 200, 100, 10}, slow{"slow", 4000, 200, 0.05, 10};
+  const planner::Candidate all{o.adapted, kernels::GgmlType::kQ4_1, 2, 2}, two{o.adapted, kernels::GgmlType::kQ4_1, 2, 2, 2};
+  const double bytes = planner::AdapterBytes(Shape(), o.spec, o.adapted);
+  EXPECT_NEAR(planner::PredictSeconds(Shape(), slow, o, all) - planner::PredictSeconds(Shape(), slow, o, two),
+              bytes * 0.75 * (o.send_fisher ? 2 : 1) * 8 / (0.05 * 1e6), 1e-6);
+  EXPECT_DOUBLE_EQ(o.memory.PredictMiB(Shape(), o.spec, o.adapted, two, o.seq), o.memory.PredictMiB(Shape(), o.spec, o.adapted, all, o.seq));
+  const std::map<Module, double> imp = {{Module::kQ, 1}, {Module::kV, 1}, {Module::kUp, 1}};
+  o.ranks = {2, 4, 8};
+  auto plan = planner::MakePlan(Shape(), imp, {fast, slow}, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const planner::WorkerPlan& f = plan->workers[0];
+  const planner::WorkerPlan& w = plan->workers[1];
+  ASSERT_FALSE(w.excluded) << w.reason;
+  EXPECT_EQ(f.c.rank, 0) << f.explanation;  // all 8 blocks
+  EXPECT_GT(w.c.rank, 0) << w.explanation;
+  EXPECT_LT(w.c.rank, 8) << w.explanation;
+  EXPECT_NE(w.explanation.find(absl::StrFormat("on %d of 8 DiaBlo blocks", w.c.rank)), std::string::npos) << w.explanation;
+  std::printf("slow link: %s\n", w.explanation.c_str());
+  o.ranks = {2, 9};
+  EXPECT_FALSE(planner::MakePlan(Shape(), imp, {fast, slow}, o).ok());
 }
 
 // Issue 22: the speed a worker measured per base precision decides between bases that both fit

@@ -209,6 +209,29 @@ TEST_F(SimTest, ClientsOfDifferentRanksTrainOneAdapterUnderEveryRule) {
     }
 }
 
+// DiaBlo block subsets (issue 22): clients training 1, 2 and all 4 diagonal blocks of every
+// module train one adapter under each rule; their smaller uploads are accepted (a client that
+// sent more blocks than its share would be refused), the held-out loss falls; the planner and
+// flexlora are refused for DiaBlo with the reason.
+TEST_F(SimTest, DiabloClientsTrainingFewerBlocksTrainOneAdapter) {
+  const std::string fleet = "profiles: [{name: b1, count: 1, blocks: 1}, {name: b2, count: 1, blocks: 2}, {name: b4, count: 1}]\n";
+  for (const std::string rule : {"nested", "zero_pad"}) {
+    const std::string out = testing::TempPath("sim_blocks_" + rule);
+    auto r = Run(Yaml(fleet + "adapter: {kind: DIABLO, blocks: 4}\nstrategy: {hetero_rank: " + rule + "}\n", out));
+    ASSERT_TRUE(r.ok()) << rule << ": " << r.status();
+    const auto& last = r->rounds.back().metrics;
+    EXPECT_EQ(last.at("accepted"), 3) << rule;
+    EXPECT_EQ(last.at("hetero_rank_clients"), 2) << rule;
+    EXPECT_LT(last.at("eval_loss"), r->rounds.front().metrics.at("eval_loss")) << rule;
+  }
+  auto flex = Run(Yaml(fleet + "adapter: {kind: DIABLO, blocks: 4}\nstrategy: {hetero_rank: flexlora}\n", testing::TempPath("sim_blocks_flex")));
+  EXPECT_NE(flex.status().message().find("flexlora needs adapter.kind lora"), std::string::npos) << flex.status();
+  auto too_many = Run(Yaml("profiles: [{count: 1, blocks: 5}, {count: 2}]\nadapter: {kind: DIABLO, blocks: 4}\n", testing::TempPath("sim_blocks_5")));
+  EXPECT_NE(too_many.status().message().find("adapter.blocks = 4"), std::string::npos) << too_many.status();
+  auto rank_for_diablo = Run(Yaml("profiles: [{count: 1, rank: 2}, {count: 2}]\nadapter: {kind: DIABLO, blocks: 4}\n", testing::TempPath("sim_blocks_rank")));
+  EXPECT_NE(rank_for_diablo.status().message().find("profiles[].blocks"), std::string::npos) << rank_for_diablo.status();
+}
+
 // A client whose memory cannot hold the configured task declines it every round (with the
 // reason in the ledger's per-client outcome); the others train and the run finishes.
 TEST_F(SimTest, AClientOverItsMemoryDeclinesAndTheRunGoesOn) {
