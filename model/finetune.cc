@@ -159,12 +159,16 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
       adapters->ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float> g) {
         auto it = o.proximal_center->find(name);
         // (A DiaBlo module trained on its first blocks: the center's first values.)
-        if (it == o.proximal_center->end() || it->second.size() < p.size()) return;
+        if (it == o.proximal_center->end()) return;
+        if (it->second.size() != p.size() && !(name.ends_with(".diablo") && it->second.size() > p.size())) return;
         for (size_t i = 0; i < p.size(); ++i) g[i] += mu * (p[i] - it->second[i]);
       });
     }
     const float lr = LearningRate(optimizer->config(), optimizer->step());
     const double gnorm = optimizer->Step(*adapters);
+    // The optimizer cleared the gradients it stepped; a DiaBlo module trained on its first
+    // blocks also accumulated gradients for the others (nobody reads them): clear those too.
+    adapters->ZeroGrad();
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     rep.tokens += tokens;
     rep.final_loss = scored ? nll / static_cast<double>(scored) : 0.0;

@@ -40,7 +40,7 @@ double AdamW::Step(AdapterSet<float>& params) {
     auto& m = m_[name];
     auto& v = v_[name];
     auto& f = fisher_[name];
-    if (m.empty()) {
+    if (m.size() != p.size()) {  // first step (or a tensor of another share than the state's: fresh)
       m.assign(p.size(), 0.0f);
       v.assign(p.size(), 0.0f);
       f.assign(p.size(), 0.0f);

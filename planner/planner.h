@@ -212,7 +212,7 @@ struct PlannerOptions {
   // Per-worker ranks the planner may choose (each <= spec.rank; DiaBlo: block counts, each <=
   // spec.blocks); empty: the shared rank only.
   // A rank-r worker's utility counts r / spec.rank of its modules' importance (it updates that
-  // share of the shared adapter's components).
+  // share of the shared adapter's components); DiaBlo: k / spec.blocks.
   std::vector<int64_t> ranks;
   bool send_fisher = false;               // uploads carry a Fisher tensor per delta
   // Every worker trains all of `adapted` (secure aggregation: settings.cc says why); the planner

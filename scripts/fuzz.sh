@@ -8,7 +8,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 seconds="${1:-${FEDTUNE_FUZZ_SECONDS:-60}}"
 jobs="${FEDTUNE_JOBS:-$(nproc)}"
-CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFEDTUNE_FUZZ=ON -DFEDTUNE_CUDA=OFF > /dev/null
+# -O1 with line tables (libFuzzer's recommended level; symbolized stack traces; ~20% faster to
+# build than -O2 -g).
+CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -gline-tables-only -DNDEBUG" \
+  -DFEDTUNE_FUZZ=ON -DFEDTUNE_CUDA=OFF -DFEDTUNE_BENCH=OFF > /dev/null
 cmake --build build-fuzz -j "$jobs" --target gguf_fuzzer safetensors_fuzzer update_fuzzer rpc_fuzzer
 mkdir -p build-fuzz/artifacts
 for t in update_fuzzer safetensors_fuzzer gguf_fuzzer rpc_fuzzer; do

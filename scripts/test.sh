@@ -2,7 +2,8 @@
 # Set-up, build and tests in one command (README "Run the tests"; .ci/run calls exactly this).
 #   scripts/test.sh            unit + real-model + deployment tests (what CI runs)
 #   scripts/test.sh --asan     also the unit tests under ASan/UBSan in build-asan/ and the fuzz
-#                              targets for 60 s each (clang, build-fuzz/; scripts/fuzz.sh)
+#                              targets for 30 s each (clang, build-fuzz/; scripts/fuzz.sh; run
+#                              scripts/fuzz.sh alone for longer)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
@@ -15,5 +16,5 @@ if [[ "${1:-}" == "--asan" ]]; then
   cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DFEDTUNE_SANITIZE=ON -DFEDTUNE_CUDA=OFF -DFEDTUNE_BENCH=OFF
   cmake --build build-asan -j "$jobs"
   (cd build-asan && ctest -L unit --output-on-failure -j "$jobs")
-  bash scripts/fuzz.sh
+  bash scripts/fuzz.sh "${FEDTUNE_FUZZ_SECONDS:-30}"
 fi

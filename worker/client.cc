@@ -265,15 +265,18 @@ absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& store
 // model's error): a task it would not have planned for this budget is declined.
 std::optional<Decline> DeclineIfOver(const Prediction& pr, const protocol::TrainTask& task, const ClientEnv& env) {
   const double usable = ClientEnv::kMemoryMargin * env.memory_mib;
+  const std::string share = task.plan.kind == "diablo"
+                                ? absl::StrFormat("%d of %d DiaBlo blocks", protocol::TrainsPart(task.plan) ? task.plan.train_rank : task.plan.blocks, task.plan.blocks)
+                                : absl::StrFormat("rank %d", static_cast<int>(pr.rank));
   if (env.device_memory_mib > 0 && pr.a.device_mib > ClientEnv::kMemoryMargin * env.device_memory_mib * (1 + 1e-12)) {
     Decline d;
     d.device = true;
     d.needed_mib = pr.a.device_mib;
     d.budget_mib = env.device_memory_mib;
     d.reason = absl::StrFormat(
-        "declined: the task (batch %d, base %s, rank %d) needs %.1f MiB of device memory (predicted peak), more than the %.1f MiB this worker "
+        "declined: the task (batch %d, base %s, %s) needs %.1f MiB of device memory (predicted peak), more than the %.1f MiB this worker "
         "may use there (%.0f%% of its device's %.0f MiB free)",
-        task.batch, kernels::TypeTraits(pr.base).name, static_cast<int>(pr.rank), d.needed_mib, ClientEnv::kMemoryMargin * env.device_memory_mib,
+        task.batch, kernels::TypeTraits(pr.base).name, share, d.needed_mib, ClientEnv::kMemoryMargin * env.device_memory_mib,
         100 * ClientEnv::kMemoryMargin, d.budget_mib);
     return d;
   }
@@ -282,9 +285,9 @@ std::optional<Decline> DeclineIfOver(const Prediction& pr, const protocol::Train
   d.needed_mib = pr.a.total_mib;
   d.budget_mib = env.memory_mib;
   d.reason = absl::StrFormat(
-      "declined: the task (batch %d, base %s, rank %d) needs %.1f MiB (predicted peak), more than the %.1f MiB this worker may use (%.0f%% of "
+      "declined: the task (batch %d, base %s, %s) needs %.1f MiB (predicted peak), more than the %.1f MiB this worker may use (%.0f%% of "
       "its %.0f MiB budget)",
-      task.batch, kernels::TypeTraits(pr.base).name, static_cast<int>(pr.rank), d.needed_mib, usable, 100 * ClientEnv::kMemoryMargin, d.budget_mib);
+      task.batch, kernels::TypeTraits(pr.base).name, share, d.needed_mib, usable, 100 * ClientEnv::kMemoryMargin, d.budget_mib);
   return d;
 }
 

@@ -10,9 +10,7 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
                                        const std::string& client, const LocalTrainOptions& o, model::AdapterSet<float>* adapters) {
   adapters->SetTrainableModules(model::kAllModules);
   FT_RETURN_IF_ERROR(SetAdapterTensors(global, adapters));
-  if (!o.train_modules.empty()) adapters->SetTrainableModules(o.train_modules);
-  if (o.train_blocks > 0) FT_RETURN_IF_ERROR(adapters->TrainFirstBlocks(o.train_blocks));
-  // Leave the set whole for its next user, also when training fails.
+  // Leave the set whole for its next user, also when training (or setting it up) fails.
   struct Restore {
     model::AdapterSet<float>* a;
     bool modules, blocks;
@@ -21,6 +19,8 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
       if (blocks) (void)a->TrainFirstBlocks(0);
     }
   } restore{adapters, !o.train_modules.empty(), o.train_blocks > 0};
+  if (!o.train_modules.empty()) adapters->SetTrainableModules(o.train_modules);
+  if (o.train_blocks > 0) FT_RETURN_IF_ERROR(adapters->TrainFirstBlocks(o.train_blocks));
   model::FinetuneOptions ft = o.finetune;
   if (auto it = config.find("proximal_mu"); it != config.end()) {
     ft.proximal_mu = it->second;

@@ -168,6 +168,9 @@ TEST(TextSources, EverySourceFromTheDebianPackages) {
       EXPECT_EQ(response.find_first_of("{}\n"), std::string::npos) << l;
       EXPECT_TRUE(prompts.insert(j["prompt"]).second) << "duplicate prompt " << l;
     }
+    // Sampling is the same code for every source: its determinism is checked on the smaller
+    // ones (each call parses the whole source; the three largest take most of this test).
+    if (all->size() > 20000) continue;
     auto a = GenerateTask(name, 50, 7), b = GenerateTask(name, 50, 7), c = GenerateTask(name, 50, 8);
     ASSERT_TRUE(a.ok() && b.ok() && c.ok());
     EXPECT_EQ(*a, *b) << name;
