@@ -29,7 +29,7 @@ def finetune_table(task):
             return ""
         return (fmt % statistics.mean(v)) + (" ± " + fmt % statistics.stdev(v) if len(v) > 1 else "")
     order = {"stored": 0, "q8_0": 1, "nf4": 2, "q3_k": 3, "nf3": 4, "q2_k": 5, "nf2": 6}
-    morder = {"none": 0, "svd": 1, "loftq": 2, "cloq": 3}
+    morder = {"none": 0, "svd": 1, "loftq": 2, "cloq": 3, "gptq": 4, "gptq-cloq": 5}
     print(f"| base ({task}) | correction | seeds | held-out loss before | after | exact match before | after |")
     print("|---|---|---|---|---|---|---|")
     for (typ, method), c in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 9), morder.get(kv[0][1], 9))):
@@ -57,7 +57,7 @@ for name in sorted(os.listdir(d)):
         mib = 63.3  # SmolLM2's Q4_1 projections as stored (the q4_1 rows of `fedtune info`)
     rows.append((typ, method, gpl, perl, mib, m.group(5) if m and m.group(5) else "", err))
 order = {"stored": 0, "q8_0": 1, "nf4": 2, "q3_k": 3, "nf3": 4, "q2_k": 5, "nf2": 6}
-morder = {"none": 0, "svd": 1, "loftq": 2, "cloq": 3}
+morder = {"none": 0, "svd": 1, "loftq": 2, "cloq": 3, "gptq": 4, "gptq-cloq": 5}
 rows.sort(key=lambda r: (order.get(r[0], 9), morder.get(r[1], 9)))
 print("| base | correction (rank 16) | projections + correction MiB | weight error (mean rel.) | GPL-3 ppl | perldiag ppl | set-up s |")
 print("|---|---|---|---|---|---|---|")

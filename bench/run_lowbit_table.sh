@@ -10,8 +10,8 @@ max_tokens="${1:-4096}"
 out=runs/lowbit
 mkdir -p "$out"
 texts=(-f /usr/share/common-licenses/GPL-3 -f /usr/share/perl/5.36.0/pod/perldiag.pod)
-cells=("stored none" "q8_0 none" "nf4 none" "nf4 svd" "nf4 cloq" "q3_k none" "q3_k svd" "q3_k loftq" "q3_k cloq"
-       "nf3 none" "nf3 cloq" "q2_k none" "q2_k svd" "q2_k cloq" "nf2 none" "nf2 cloq")
+cells=("stored none" "q8_0 none" "nf4 none" "nf4 svd" "nf4 cloq" "nf4 gptq-cloq" "q3_k none" "q3_k svd" "q3_k loftq" "q3_k cloq"
+       "q3_k gptq" "q3_k gptq-cloq" "nf3 none" "nf3 cloq" "q2_k none" "q2_k svd" "q2_k cloq" "q2_k gptq-cloq" "nf2 none" "nf2 cloq")
 for cell in "${cells[@]}"; do
   read -r type method <<< "$cell"
   log="$out/$type-$method.log"

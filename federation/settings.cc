@@ -105,10 +105,12 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   if (const auto bt = kernels::GgmlTypeFromName(train.base_type()); !train.base_type().empty() && (!bt || !kernels::CanQuantize(*bt)))
     return Bad("train.base_type", "must be q8_0, q4_0, q4_1, nf4, nf4_dq, q3_k, nf3, q2_k, nf2, f16 or f32");
   s.base_type = train.base_type();
-  if (!model::ParseCompensationMethod(train.compensation())) return Bad("train.compensation", "must be none, svd, loftq or cloq");
+  const auto method = model::ParseCompensationMethod(train.compensation());
+  if (!method) return Bad("train.compensation", "must be none, svd, loftq, cloq, gptq or gptq-cloq");
   s.compensation = train.compensation() == "none" ? "" : train.compensation();
   s.compensation_rank = OrDefault(train.compensation_rank(), 16);
   if (s.compensation_rank < 1) return Bad("train.compensation_rank", "must be >= 1");
+  if (!model::HasCorrection(*method)) s.compensation_rank = 0;  // gptq: rounding only, no low-rank term to count or keep
   // Evaluation.
   s.eval_every = OrDefault(eval.every(), 1);
   s.max_new_tokens = OrDefault(eval.max_new_tokens(), 32);

@@ -41,7 +41,7 @@ struct RunSettings {
   int local_steps = 4, batch = 8, warmup_steps = 0;
   double learning_rate = 5e-3, weight_decay = 0, grad_clip_norm = 1.0;
   std::string base_type;  // re-quantize the base on the clients (empty: as stored)
-  std::string compensation;  // of a re-quantized base: "" (none), svd, loftq, cloq
+  std::string compensation;  // of a re-quantized base: "" (none), svd, loftq, cloq, gptq, gptq-cloq
   int compensation_rank = 16;
   bool send_fisher = false;
   // Upload compression (strategy.compression, topk_fraction, no_error_feedback).

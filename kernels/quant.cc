@@ -269,9 +269,13 @@ uint8_t NearestNf4(float v) {
   return static_cast<uint8_t>(best);
 }
 
-void QuantNf4(const float* x, uint8_t* b) {
+float Nf4Scale(const float* x) {
   float absmax = 0.0f;
   for (int j = 0; j < 64; ++j) absmax = std::max(absmax, std::fabs(x[j]));
+  return absmax;
+}
+
+void QuantNf4WithScale(const float* x, float absmax, uint8_t* b) {
   std::memcpy(b, &absmax, 4);
   const float inv = absmax > 0 ? 1.0f / absmax : 0.0f;
   for (int j = 0; j < 32; ++j) b[4 + j] = static_cast<uint8_t>((NearestNf4(x[2 * j] * inv) << 4) | NearestNf4(x[2 * j + 1] * inv));
@@ -310,7 +314,7 @@ int NearestNfLow(float v) {
   return best;
 }
 template <int kBits>
-void QuantNfLow(const float* x, uint8_t* b) {
+float NfLowScale(const float* x) {
   const float* codes = kBits == 3 ? kNf3Codes : kNf2Codes;
   float absmax = 0.0f;
   for (int j = 0; j < 64; ++j) absmax = std::max(absmax, std::fabs(x[j]));
@@ -327,6 +331,11 @@ void QuantNfLow(const float* x, uint8_t* b) {
       if (best_err < 0 || err < best_err) { best_err = err; scale = cand; }
     }
   }
+  return scale;
+}
+
+template <int kBits>
+void QuantNfLowWithScale(const float* x, float scale, uint8_t* b) {
   std::memcpy(b, &scale, 4);
   uint8_t* q = b + 4;
   std::memset(q, 0, 64 * kBits / 8);
@@ -645,7 +654,10 @@ absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
     case GgmlType::kQ5_0: case GgmlType::kQ5_1:
       break;
     case GgmlType::kNF4:
-      for (int64_t i = 0; i < n / kNf4Block; ++i) QuantNf4(src + i * kNf4Block, d + static_cast<size_t>(i) * tr.type_size);
+      for (int64_t i = 0; i < n / kNf4Block; ++i) {
+        const float* x = src + i * kNf4Block;
+        QuantNf4WithScale(x, Nf4Scale(x), d + static_cast<size_t>(i) * tr.type_size);
+      }
       return absl::OkStatus();
     case GgmlType::kNF4DQ:
       QuantNf4DqRow(src, d, n);
@@ -655,8 +667,8 @@ absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
         const float* x = src + i * tr.block_size;
         uint8_t* b = d + static_cast<size_t>(i) * tr.type_size;
         switch (t) {
-          case GgmlType::kNF3: QuantNfLow<3>(x, b); break;
-          case GgmlType::kNF2: QuantNfLow<2>(x, b); break;
+          case GgmlType::kNF3: QuantNfLowWithScale<3>(x, NfLowScale<3>(x), b); break;
+          case GgmlType::kNF2: QuantNfLowWithScale<2>(x, NfLowScale<2>(x), b); break;
           case GgmlType::kQ2_K: QuantQ2_K(x, b); break;
           default: QuantQ3_K(x, b); break;
         }
@@ -675,6 +687,36 @@ absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n) {
       case GgmlType::kQ5_0: QuantQ5(x, b, false); break;
       default: QuantQ5(x, b, true); break;
     }
+  }
+  return absl::OkStatus();
+}
+
+bool IsNormalFloat(GgmlType t) { return t == GgmlType::kNF4 || t == GgmlType::kNF3 || t == GgmlType::kNF2; }
+
+float NfBlockScale(GgmlType t, const float* x) {
+  FT_CHECK(IsNormalFloat(t));
+  return t == GgmlType::kNF4 ? Nf4Scale(x) : t == GgmlType::kNF3 ? NfLowScale<3>(x) : NfLowScale<2>(x);
+}
+
+float NfRound(GgmlType t, float v, float scale) {
+  FT_CHECK(IsNormalFloat(t));
+  if (t == GgmlType::kNF4) return kNf4Codes[NearestNf4(v * (scale > 0 ? 1.0f / scale : 0.0f))] * scale;
+  const float q = scale > 0 ? v / scale : 0.0f;
+  return t == GgmlType::kNF3 ? kNf3Codes[NearestNfLow<3>(q)] * scale : kNf2Codes[NearestNfLow<2>(q)] * scale;
+}
+
+absl::Status QuantizeNfRowWithScales(GgmlType t, const float* src, const float* scales, void* dst, int64_t n) {
+  if (!IsNormalFloat(t)) return absl::InvalidArgumentError(absl::StrCat(TypeTraits(t).name, " is not a normal-float block type"));
+  FT_ASSIGN_OR_RETURN(size_t bytes, RowBytes(t, n));
+  (void)bytes;
+  auto* d = static_cast<uint8_t*>(dst);
+  const size_t ts = TypeTraits(t).type_size;
+  for (int64_t i = 0; i < n / kNf4Block; ++i) {
+    const float* x = src + i * kNf4Block;
+    uint8_t* b = d + static_cast<size_t>(i) * ts;
+    if (t == GgmlType::kNF4) QuantNf4WithScale(x, scales[i], b);
+    else if (t == GgmlType::kNF3) QuantNfLowWithScale<3>(x, scales[i], b);
+    else QuantNfLowWithScale<2>(x, scales[i], b);
   }
   return absl::OkStatus();
 }

@@ -70,4 +70,14 @@ void DequantizeRow(GgmlType t, const void* src, float* dst, int64_t n);
 // Q3_K (fedtune's own search, not ggml's: see quant.cc). Unimplemented otherwise.
 absl::Status QuantizeRow(GgmlType t, const float* src, void* dst, int64_t n);
 
+// GPTQ-style rounding (model/compensation.cc) of the normal-float block types, whose blocks are
+// a scale and nearest codes: the scale QuantizeRow stores for one 64-value block x, the value a
+// block with that scale stores for v (exactly what QuantizeRow + DequantizeRow give), and a row
+// quantized with given block scales (n / 64 of them). NF4_DQ is not one of them (its block
+// scales are themselves quantized per row).
+bool IsNormalFloat(GgmlType t);  // NF4, NF3, NF2
+float NfBlockScale(GgmlType t, const float* x);
+float NfRound(GgmlType t, float v, float scale);
+absl::Status QuantizeNfRowWithScales(GgmlType t, const float* src, const float* scales, void* dst, int64_t n);
+
 }  // namespace fedtune::kernels

@@ -67,6 +67,71 @@ absl::Status QuantizeRows(kernels::GgmlType type, const MatD& w, std::vector<uin
   return absl::OkStatus();
 }
 
+// GPTQ's rounding of w (see compensation.h) with u the upper Cholesky factor of H^-1.
+absl::Status GptqRows(kernels::GgmlType type, const MatD& w, const Eigen::Map<const MatD>& u, std::vector<uint8_t>* bytes,
+                      MatD* deq) {
+  if (type == kernels::GgmlType::kNF4DQ)
+    return absl::InvalidArgumentError("gptq cannot round NF4_DQ (its block scales are quantized per row): use nf4");
+  const int64_t rows = w.rows(), cols = w.cols();
+  const auto tr = kernels::TypeTraits(type);
+  const int64_t bs = tr.block_size;
+  FT_ASSIGN_OR_RETURN(size_t rb, kernels::RowBytes(type, cols));
+  bytes->assign(rb * static_cast<size_t>(rows), 0);
+  const bool nf = kernels::IsNormalFloat(type);
+  const int64_t nblocks = cols / bs;
+  std::vector<float> scales(nf ? static_cast<size_t>(rows * nblocks) : 0);
+  MatD wk = w;  // the weights as updated so far
+  MatD q(rows, cols);
+  MatD err(rows, bs);
+  std::vector<float> buf(static_cast<size_t>(std::max<int64_t>(bs, cols))), back(buf.size());
+  for (int64_t b = 0; b < cols; b += bs) {
+    const int64_t rest = cols - b - bs;
+    if (nf) {
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < bs; ++j) buf[static_cast<size_t>(j)] = static_cast<float>(wk(i, b + j));
+        scales[static_cast<size_t>(i * nblocks + b / bs)] = kernels::NfBlockScale(type, buf.data());
+      }
+      for (int64_t j = 0; j < bs; ++j) {
+        const int64_t c = b + j;
+        const double d = u(c, c);
+        for (int64_t i = 0; i < rows; ++i) {
+          const double qv = kernels::NfRound(type, static_cast<float>(wk(i, c)), scales[static_cast<size_t>(i * nblocks + b / bs)]);
+          q(i, c) = qv;
+          err(i, j) = (wk(i, c) - qv) / d;
+        }
+        if (j + 1 < bs) wk.block(0, c + 1, rows, bs - j - 1).noalias() -= err.col(j) * u.block(c, c + 1, 1, bs - j - 1);
+      }
+    } else {
+      FT_ASSIGN_OR_RETURN(size_t bb, kernels::RowBytes(type, bs));
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < bs; ++j) buf[static_cast<size_t>(j)] = static_cast<float>(wk(i, b + j));
+        uint8_t* dst = bytes->data() + static_cast<size_t>(i) * rb + static_cast<size_t>(b / bs) * bb;
+        FT_RETURN_IF_ERROR(kernels::QuantizeRow(type, buf.data(), dst, bs));
+        kernels::DequantizeRow(type, dst, back.data(), bs);
+        for (int64_t j = 0; j < bs; ++j) q(i, b + j) = back[static_cast<size_t>(j)];
+      }
+      // err = (W_b - Q_b) U_bb^-1, so that the update below is the block form.
+      const MatD e = wk.block(0, b, rows, bs) - q.block(0, b, rows, bs);
+      err = u.block(b, b, bs, bs).transpose().triangularView<Eigen::Lower>().solve(e.transpose()).transpose();
+    }
+    if (rest > 0) wk.rightCols(rest).noalias() -= err * u.block(b, b + bs, bs, rest);
+  }
+  if (nf) {
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t j = 0; j < cols; ++j) buf[static_cast<size_t>(j)] = static_cast<float>(q(i, j));
+      uint8_t* dst = bytes->data() + static_cast<size_t>(i) * rb;
+      FT_RETURN_IF_ERROR(kernels::QuantizeNfRowWithScales(type, buf.data(), scales.data() + i * nblocks, dst, cols));
+    }
+  }
+  // What is stored is what counts (for the normal-float types the encoding reproduces q exactly).
+  deq->resize(rows, cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    kernels::DequantizeRow(type, bytes->data() + static_cast<size_t>(i) * rb, back.data(), cols);
+    for (int64_t j = 0; j < cols; ++j) (*deq)(i, j) = back[static_cast<size_t>(j)];
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 std::optional<CompensationMethod> ParseCompensationMethod(std::string_view s) {
@@ -74,8 +139,16 @@ std::optional<CompensationMethod> ParseCompensationMethod(std::string_view s) {
   if (s == "svd") return CompensationMethod::kSvd;
   if (s == "loftq") return CompensationMethod::kLoftQ;
   if (s == "cloq") return CompensationMethod::kCloq;
+  if (s == "gptq") return CompensationMethod::kGptq;
+  if (s == "gptq-cloq") return CompensationMethod::kGptqCloq;
   return std::nullopt;
 }
+
+bool NeedsCalibration(CompensationMethod m) {
+  return m == CompensationMethod::kCloq || m == CompensationMethod::kGptq || m == CompensationMethod::kGptqCloq;
+}
+
+bool HasCorrection(CompensationMethod m) { return m != CompensationMethod::kNone && m != CompensationMethod::kGptq; }
 
 const char* CompensationMethodName(CompensationMethod m) {
   switch (m) {
@@ -83,6 +156,8 @@ const char* CompensationMethodName(CompensationMethod m) {
     case CompensationMethod::kSvd: return "svd";
     case CompensationMethod::kLoftQ: return "loftq";
     case CompensationMethod::kCloq: return "cloq";
+    case CompensationMethod::kGptq: return "gptq";
+    case CompensationMethod::kGptqCloq: return "gptq-cloq";
   }
   return "?";
 }
@@ -94,6 +169,7 @@ void CalibrationGram::Accumulate(const float* in, int64_t n_rows, int64_t n_cols
   rows += n_rows;
   h.clear();
   chol.clear();
+  inv_upper.clear();
 }
 
 const std::vector<double>& CalibrationGram::Gram() {
@@ -120,14 +196,30 @@ absl::Status CalibrationGram::Prepare(double d) {
   return absl::OkStatus();
 }
 
+absl::Status CalibrationGram::PrepareInverse(double d) {
+  if (!inv_upper.empty() && d == inv_damping) return absl::OkStatus();
+  FT_RETURN_IF_ERROR(Prepare(d));
+  const Eigen::Map<const MatD> l(chol.data(), cols, cols);
+  // (L L^T)^-1 = L^-T L^-1; its upper Cholesky factor U (H^-1 = U^T U).
+  const MatD linv = l.triangularView<Eigen::Lower>().solve(MatD::Identity(cols, cols));
+  const MatD hinv = linv.transpose() * linv;
+  Eigen::LLT<MatD> llt(hinv);
+  if (llt.info() != Eigen::Success) return absl::FailedPreconditionError("calibration: (X^T X + lambda I)^-1 is not positive definite");
+  inv_upper.resize(static_cast<size_t>(cols * cols));
+  Eigen::Map<MatD>(inv_upper.data(), cols, cols) = llt.matrixU();
+  inv_damping = d;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t rows, int64_t cols, kernels::GgmlType type,
                                                       const CompensationOptions& o, CalibrationGram* gram) {
   if (rows <= 0 || cols <= 0) return absl::InvalidArgumentError("QuantizeCompensated: empty matrix");
-  if (o.method != CompensationMethod::kNone && o.rank < 1) return absl::InvalidArgumentError("compensation rank must be >= 1");
+  if (HasCorrection(o.method) && o.rank < 1) return absl::InvalidArgumentError("compensation rank must be >= 1");
   if (o.method == CompensationMethod::kLoftQ && o.iterations < 1) return absl::InvalidArgumentError("loftq iterations must be >= 1");
   if (gram != nullptr && gram->cols != cols)
     return absl::InvalidArgumentError(absl::StrCat("calibration inputs have width ", gram->cols, ", the matrix ", cols));
-  if (o.method == CompensationMethod::kCloq && gram == nullptr) return absl::InvalidArgumentError("cloq needs calibration inputs");
+  if (NeedsCalibration(o.method) && gram == nullptr)
+    return absl::InvalidArgumentError(absl::StrCat(CompensationMethodName(o.method), " needs calibration inputs"));
   const MatD wd = Eigen::Map<const MatF>(w, rows, cols).cast<double>();
   CompensatedMatrix out;
   out.type = type;
@@ -149,8 +241,20 @@ absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t ro
       }
       break;
     }
+    case CompensationMethod::kGptq:
+    case CompensationMethod::kGptqCloq:
     case CompensationMethod::kCloq: {
-      FT_RETURN_IF_ERROR(QuantizeRows(type, wd, &out.bytes, &q));
+      if (o.method == CompensationMethod::kCloq) {
+        FT_RETURN_IF_ERROR(QuantizeRows(type, wd, &out.bytes, &q));
+      } else {
+        FT_RETURN_IF_ERROR(gram->PrepareInverse(o.damping));
+        FT_RETURN_IF_ERROR(GptqRows(type, wd, Eigen::Map<const MatD>(gram->inv_upper.data(), cols, cols), &out.bytes, &q));
+        if (o.method == CompensationMethod::kGptq) {
+          l = MatD::Zero(rows, 0);
+          r = MatD::Zero(0, cols);
+          break;
+        }
+      }
       FT_RETURN_IF_ERROR(gram->Prepare(o.damping));
       const Eigen::Map<const MatD> chol(gram->chol.data(), cols, cols);
       MatD lr;
@@ -172,7 +276,7 @@ absl::StatusOr<CompensatedMatrix> QuantizeCompensated(const float* w, int64_t ro
     out.act_before = hnorm(e_before) / base;
     out.act_after = hnorm(e_after) / base;
   }
-  if (o.method != CompensationMethod::kNone) out.c = ToFactors(l, r);
+  if (HasCorrection(o.method)) out.c = ToFactors(l, r);
   return out;
 }
 

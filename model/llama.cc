@@ -696,9 +696,12 @@ absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::RequantizeCompensated
   if (!tr || !tr->supported) return absl::InvalidArgumentError("unknown target type");
   if (cfg_.fused) return absl::UnimplementedError("compensation of fused projections (phi3) is not implemented");
   const auto t0 = std::chrono::steady_clock::now();
-  // Calibration: each projection's input rows X, per layer (tokens x width floats: 6.7 MB per
-  // SmolLM2 layer at 512 tokens, where X^T X would take 13 MB). q/k/v share their input, as do
-  // gate/up; it is kept once (under kQ and kGate); a layer's inputs are freed once it is done.
+  // Calibration: each projection's input rows X, one layer at a time (tokens x width floats: 27 MB
+  // per SmolLM2 layer at 2,048 tokens, where X^T X would take 25 MB). q/k/v share their input, as
+  // do gate/up; it is kept once (under kQ and kGate). Layer by layer as GPTQ does: layer l's
+  // inputs come from a forward pass through layers 0..l-1 as already re-quantized and
+  // compensated, so each layer also answers for the error of the ones before it (and only one
+  // layer's inputs are held; the price is a forward pass through the first l layers per layer).
   const size_t nl = layers_.size();
   auto slot = [](Module m) {
     switch (m) {
@@ -707,30 +710,32 @@ absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::RequantizeCompensated
       default: return m;
     }
   };
-  std::vector<std::array<CalibrationGram, kNumModules>> gram(nl);
   const bool want_gram = !calibration.empty();
-  if (o.method == CompensationMethod::kCloq && !want_gram) return absl::InvalidArgumentError("cloq needs calibration tokens");
-  if (want_gram) {
-    LlamaContext ctx(*this, 256);
-    ctx.SetInputObserver([&](int64_t l, Module mod, const float* in, int64_t rows, int64_t cols) {
-      if (slot(mod) != mod) return;
-      gram[static_cast<size_t>(l)][static_cast<size_t>(mod)].Accumulate(in, rows, cols);
-    });
-    std::vector<float> logits;
-    for (size_t b = 0; b < calibration.size(); b += 256) {
-      ctx.Reset();
-      FT_RETURN_IF_ERROR(ctx.Eval(calibration.subspan(b, std::min<size_t>(256, calibration.size() - b)), false, &logits));
-    }
-  }
+  if (NeedsCalibration(o.method) && !want_gram)
+    return absl::InvalidArgumentError(absl::StrCat(CompensationMethodName(o.method), " needs calibration tokens"));
   CompensationReport rep;
   for (size_t li = 0; li < nl; ++li) {
+    std::array<CalibrationGram, kNumModules> gram;
+    if (want_gram) {
+      LlamaContext ctx(*this, 256);
+      ctx.SetLayerLimit(static_cast<int64_t>(li) + 1);
+      ctx.SetInputObserver([&](int64_t l, Module mod, const float* in, int64_t rows, int64_t cols) {
+        if (l != static_cast<int64_t>(li) || slot(mod) != mod) return;
+        gram[static_cast<size_t>(mod)].Accumulate(in, rows, cols);
+      });
+      std::vector<float> logits;
+      for (size_t b = 0; b < calibration.size(); b += 256) {
+        ctx.Reset();
+        FT_RETURN_IF_ERROR(ctx.Eval(calibration.subspan(b, std::min<size_t>(256, calibration.size() - b)), false, &logits));
+      }
+    }
     LlamaLayer& L = layers_[li];
     const std::array<kernels::QMatrix*, kNumModules> mats = L.Projections();
     for (int mi = 0; mi < kNumModules; ++mi) {
       kernels::QMatrix* m = mats[static_cast<size_t>(mi)];
       const kernels::GgmlType type = kernels::RowCompatibleType(target, m->cols);
       const std::vector<float> w = kernels::DequantizeMatrix(*m);
-      auto& g = gram[li][static_cast<size_t>(slot(static_cast<Module>(mi)))];
+      auto& g = gram[static_cast<size_t>(slot(static_cast<Module>(mi)))];
       FT_ASSIGN_OR_RETURN(CompensatedMatrix cm, QuantizeCompensated(w.data(), m->rows, m->cols, type, o, g.x.empty() ? nullptr : &g));
       FT_ASSIGN_OR_RETURN(size_t rb, kernels::RowBytes(type, m->cols));
       ReplaceMatrix(m, type, std::move(cm.bytes), rb);
@@ -750,7 +755,6 @@ absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::RequantizeCompensated
       }
       rep.modules.push_back({static_cast<int64_t>(li), static_cast<Module>(mi), type, cm.rel_before, cm.rel_after, cm.act_before, cm.act_after});
     }
-    gram[li] = {};  // this layer's calibration statistics are spent
   }
   rep.projection_bytes = ProjectionBytes();
   rep.correction_bytes = CorrectionBytes();
@@ -790,7 +794,8 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     for (float& e : x) e *= c.embed_scale;
 
   std::vector<float> z, zc, yc;
-  for (int64_t l = 0; l < c.n_layer; ++l) {
+  const int64_t n_run = layer_limit_ > 0 ? std::min(layer_limit_, c.n_layer) : c.n_layer;
+  for (int64_t l = 0; l < n_run; ++l) {
     const LlamaLayer& L = m_.layer(l);
     // Base matmul plus the layer's adapter for this module, if any.
     auto linear = [&](Module mod, const kernels::QMatrix& w, const float* in, float* out, const std::vector<float>& bias = {}) {
@@ -846,6 +851,10 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
   }
   n_past_ += T;
+  if (n_run < c.n_layer) {
+    logits->clear();
+    return absl::OkStatus();
+  }
   const int64_t first = all_logits ? 0 : T - 1;
   const int64_t rows = T - first;
   kernels::RmsNorm(x.data() + first * E, m_.output_norm().data(), h.data(), rows, E, c.rms_eps);

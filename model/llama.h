@@ -130,8 +130,9 @@ class LlamaModel {
   void ReleaseMappedPages() const;
 
   // Requantize with a frozen low-rank correction per projection (model/compensation.h), from
-  // the weights as loaded. cloq's calibration inputs come from running `calibration` (token
-  // ids) through the model as loaded, before anything changes, in windows of 256 tokens.
+  // the weights as loaded. The calibrated methods' inputs (cloq, gptq) come from running
+  // `calibration` (token ids) in windows of 256 tokens, layer by layer: layer l's inputs through
+  // layers 0..l-1 as already re-quantized and compensated (GPTQ's sequential calibration).
   struct CompensationReport {
     struct Entry {
       int64_t layer;
@@ -188,6 +189,9 @@ class LlamaContext {
   // Called with every projection's input (T rows of its width) during Eval; for calibration.
   using InputObserver = std::function<void(int64_t layer, Module mod, const float* in, int64_t rows, int64_t cols)>;
   void SetInputObserver(InputObserver f) { observer_ = std::move(f); }
+  // Eval runs only the first n layers (0: all) and writes no logits (calibration of layer n-1:
+  // the cache of the later layers is not written, so Reset before the next Eval).
+  void SetLayerLimit(int64_t n) { layer_limit_ = n; }
 
   // Runs tokens at positions n_past .. n_past+T-1, appending to the cache. Writes logits
   // (n_vocab floats per row) for every token when all_logits, else for the last token only.
@@ -201,6 +205,7 @@ class LlamaContext {
   std::vector<float> k_cache_, v_cache_;  // [layer][pos][n_head_kv * head_dim]
   const AdapterSet<float>* adapters_ = nullptr;
   InputObserver observer_;
+  int64_t layer_limit_ = 0;
 };
 
 }  // namespace fedtune::model

@@ -203,25 +203,28 @@ absl::Status RunGenerate(const GenerateArgs& a) {
 // optionally with a frozen low-rank correction per projection (model/compensation.h).
 struct BaseArgs {
   std::string type, compensate = "none", calibration;  // calibration: "" = the training data (train), Apache-2.0 (perplexity)
-  int64_t rank = 16, calibration_tokens = 512;
+  int64_t rank = 16, calibration_tokens = 2048;
   int iterations = 5;
+  double damping = 0.01;
 };
 
 void AddBaseOptions(CLI::App* cmd, BaseArgs& b) {
   cmd->add_option("--base-type", b.type, "Re-quantize the frozen base on load: q8_0, q4_0, q4_1, nf4, nf4_dq (NF4 with double quantization), "
                   "q3_k, nf3, q2_k, nf2 (K-quants fall back to NF3/NF2 on rows that are not a multiple of 256 values)");
   cmd->add_option("--compensate", b.compensate, "Quantization-error correction with --base-type: none, svd (LoftQ one step), loftq "
-                  "(alternating), cloq (calibrated closed form)");
+                  "(alternating), cloq (calibrated closed form), gptq (calibrated rounding, no correction), gptq-cloq (both)");
   cmd->add_option("--compensate-rank", b.rank, "Rank of the correction per projection")->check(CLI::Range(1, 4096));
   cmd->add_option("--loftq-iterations", b.iterations, "LoftQ alternations")->check(CLI::Range(1, 100));
-  cmd->add_option("--calibration", b.calibration, "Text file whose first tokens calibrate cloq (default: train: the training "
+  cmd->add_option("--compensate-damping", b.damping, "cloq/gptq: lambda = damping x mean(diag X^T X) added to X^T X "
+                  "(larger: less fitted to the calibration text)")->check(CLI::Range(1e-6, 1e3));
+  cmd->add_option("--calibration", b.calibration, "Text file whose first tokens calibrate cloq and gptq (default: train: the training "
                   "examples; perplexity: /usr/share/common-licenses/Apache-2.0; never the evaluated text)");
-  cmd->add_option("--calibration-tokens", b.calibration_tokens, "Calibration tokens for cloq")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--calibration-tokens", b.calibration_tokens, "Calibration tokens for cloq and gptq")->check(CLI::Range(1, 1 << 20));
 }
 
 absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b, const std::vector<model::Example>* train = nullptr) {
   const auto method = model::ParseCompensationMethod(b.compensate);
-  if (!method) return absl::InvalidArgumentError("--compensate must be none, svd, loftq or cloq");
+  if (!method) return absl::InvalidArgumentError("--compensate must be none, svd, loftq, cloq, gptq or gptq-cloq");
   if (b.type.empty()) {
     if (*method != model::CompensationMethod::kNone) return absl::InvalidArgumentError("--compensate needs --base-type");
     return absl::OkStatus();
@@ -236,8 +239,8 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b, const std::v
     return absl::OkStatus();
   }
   std::vector<int32_t> calib;
-  if (*method == model::CompensationMethod::kCloq) {
-    if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("model has no tokenizer (cloq calibration)");
+  if (model::NeedsCalibration(*method)) {
+    if (m.tokenizer() == nullptr) return absl::FailedPreconditionError("model has no tokenizer (calibration)");
     if (b.calibration.empty() && train != nullptr) {
       for (const auto& e : *train) calib.insert(calib.end(), e.tokens.begin(), e.tokens.end());
     } else {
@@ -252,9 +255,10 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b, const std::v
   o.method = *method;
   o.rank = b.rank;
   o.iterations = b.iterations;
+  o.damping = b.damping;
   FT_ASSIGN_OR_RETURN(auto rep, m.RequantizeCompensated(*t, o, calib));
   std::fprintf(stderr, "[fedtune] base projections re-quantized to %s with %s rank %lld: %.1f MiB -> %s\n", kernels::TypeTraits(*t).name,
-               b.compensate.c_str(), static_cast<long long>(b.rank), static_cast<double>(before) / (1 << 20), rep.Summary().c_str());
+               b.compensate.c_str(), static_cast<long long>(model::HasCorrection(*method) ? b.rank : 0), static_cast<double>(before) / (1 << 20), rep.Summary().c_str());
   return absl::OkStatus();
 }
 

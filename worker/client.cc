@@ -53,7 +53,7 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
   const auto method = model::ParseCompensationMethod(plan.compensation);
   if (!method) return absl::InvalidArgumentError(absl::StrCat("task: unknown compensation ", plan.compensation));
   std::lock_guard<std::mutex> l(mu_);
-  const int rank = *method == model::CompensationMethod::kNone ? 0 : plan.compensation_rank;
+  const int rank = model::HasCorrection(*method) ? plan.compensation_rank : 0;
   const auto key = std::make_tuple(*t, std::string(model::CompensationMethodName(*method)), rank);
   if (evict) std::erase_if(by_type_, [&](const auto& e) { return e.first != key; });
   stored_.ReleaseMappedPages();  // not read while tasks train on the copy (nor while it is built)
@@ -65,12 +65,12 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
       FT_ASSIGN_OR_RETURN(size_t bytes, m->Requantize(*t));
       FT_LOG_INFO("base re-quantized to {} for the plan: {:.1f} MiB of projections", base_type, static_cast<double>(bytes) / (1 << 20));
     } else {
-      if (*method == model::CompensationMethod::kCloq && calibration_.empty())
-        return absl::FailedPreconditionError("cloq compensation needs calibration tokens from this client's training data");
+      if (model::NeedsCalibration(*method) && calibration_.empty())
+        return absl::FailedPreconditionError(absl::StrCat(plan.compensation, " needs calibration tokens from this client's training data"));
       model::CompensationOptions o;
       o.method = *method;
       o.rank = rank;
-      FT_ASSIGN_OR_RETURN(auto rep, m->RequantizeCompensated(*t, o, *method == model::CompensationMethod::kCloq ? calibration_ : std::vector<int32_t>{}));
+      FT_ASSIGN_OR_RETURN(auto rep, m->RequantizeCompensated(*t, o, model::NeedsCalibration(*method) ? calibration_ : std::vector<int32_t>{}));
       FT_LOG_INFO("base re-quantized to {} with {} rank {} for the plan: {}", base_type, plan.compensation, rank, rep.Summary());
     }
     slot = std::move(m);
@@ -239,7 +239,8 @@ absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& store
     const auto t = kernels::GgmlTypeFromName(p.base_type);
     if (!t) return absl::InvalidArgumentError(absl::StrCat("task: unknown base type ", p.base_type));
     c.base = *t;
-    if (c.base != shape.stored && !p.compensation.empty() && p.compensation != "none") mm.compensation_rank = p.compensation_rank;
+    if (const auto cm = model::ParseCompensationMethod(p.compensation); c.base != shape.stored && cm && model::HasCorrection(*cm))
+      mm.compensation_rank = p.compensation_rank;
   }
   size_t longest = 1;
   for (const auto& e : data) longest = std::max(longest, e.tokens.size());

@@ -40,7 +40,7 @@ class BaseModels {
   // SetCalibration, refused without them).
   absl::StatusOr<const model::LlamaModel*> For(const protocol::AdapterPlan& plan, bool training = false);
   // The client's own training inputs for cloq (the first tokens of its examples).
-  void SetCalibration(const std::vector<model::Example>& data, size_t max_tokens = 512);
+  void SetCalibration(const std::vector<model::Example>& data, size_t max_tokens = 2048);
   const model::LlamaModel& stored() const { return stored_; }
   // Re-quantized copies built so far.
   size_t copies() {

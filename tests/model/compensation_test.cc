@@ -6,6 +6,8 @@
 #include <fstream>
 #include <vector>
 
+#include <Eigen/Dense>
+
 #include "common/fp16.h"
 #include "common/rng.h"
 #include "gtest/gtest.h"
@@ -148,7 +150,206 @@ TEST(CompensationTest, CloqIsOptimalInTheCalibratedNorm) {
   o.rank = 0;
   EXPECT_EQ(QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF2, o, &g).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(ParseCompensationMethod("loftq"), CompensationMethod::kLoftQ);
-  EXPECT_FALSE(ParseCompensationMethod("gptq").has_value());
+  EXPECT_EQ(ParseCompensationMethod("gptq"), CompensationMethod::kGptq);
+  EXPECT_EQ(ParseCompensationMethod("gptq-cloq"), CompensationMethod::kGptqCloq);
+  EXPECT_FALSE(ParseCompensationMethod("awq").has_value());
+}
+
+// Calibration inputs with a few strong, correlated channels (as real activations have).
+std::vector<float> CorrelatedInputs(int64_t tokens, int64_t cols, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<float> x(static_cast<size_t>(tokens * cols));
+  for (int64_t t = 0; t < tokens; ++t) {
+    const double common = rng.Normal();
+    for (int64_t j = 0; j < cols; ++j)
+      x[static_cast<size_t>(t * cols + j)] = static_cast<float>((rng.Normal() + 0.7 * common) * (j % 16 == 0 ? 6.0 : 1.0));
+  }
+  return x;
+}
+
+std::vector<double> Dequantized(GgmlType t, const std::vector<uint8_t>& bytes, int64_t rows, int64_t cols) {
+  std::vector<double> q(static_cast<size_t>(rows * cols));
+  std::vector<float> row(static_cast<size_t>(cols));
+  const size_t rb = *kernels::RowBytes(t, cols);
+  for (int64_t i = 0; i < rows; ++i) {
+    kernels::DequantizeRow(t, bytes.data() + static_cast<size_t>(i) * rb, row.data(), cols);
+    for (int64_t j = 0; j < cols; ++j) q[static_cast<size_t>(i * cols + j)] = row[static_cast<size_t>(j)];
+  }
+  return q;
+}
+
+// GPTQ's lazy Cholesky updates against the definition they implement, solved densely here: once
+// the columns before j are fixed at Q, the weights the remaining columns should take are
+// W_f + (W - Q)_p H_pf H_ff^-1 (H with GPTQ's damping), the least calibrated error. Each
+// normal-float column must be that value rounded with its block's scale, and each scale the
+// quantizer's choice for that block's values when the block comes up; each block of another
+// type must be the block quantizer's result on those values.
+void ExpectOptimalContinuation(GgmlType type, int64_t rows, int64_t cols) {
+  SCOPED_TRACE(kernels::TypeTraits(type).name);
+  Rng rng(21);
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  for (auto& v : w) v = static_cast<float>(rng.Normal()) * 0.05f;
+  const int64_t tokens = 3 * cols;
+  const std::vector<float> x = CorrelatedInputs(tokens, cols, 4);
+  CalibrationGram g;
+  g.Accumulate(x.data(), tokens, cols);
+  CompensationOptions o;
+  o.method = CompensationMethod::kGptq;
+  auto r = QuantizeCompensated(w.data(), rows, cols, type, o, &g);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->c.rank, 0);
+  const std::vector<double> q = Dequantized(type, r->bytes, rows, cols);
+  const std::vector<double>& h0 = g.Gram();
+  auto H = [&](int64_t a, int64_t b) { return h0[static_cast<size_t>(a * cols + b)] + (a == b ? g.lambda : 0.0); };
+  // x_f for the columns from j on, given Q before j: solve H_ff z^T = H_fp e_p^T per row.
+  auto continuation = [&](int64_t j) {
+    const int64_t nf = cols - j;
+    Eigen::MatrixXd hff(nf, nf), hfp(nf, j), ep(rows, j), wf(rows, nf);
+    for (int64_t a = 0; a < nf; ++a) {
+      for (int64_t b = 0; b < nf; ++b) hff(a, b) = H(j + a, j + b);
+      for (int64_t b = 0; b < j; ++b) hfp(a, b) = H(j + a, b);
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t b = 0; b < j; ++b) ep(i, b) = w[static_cast<size_t>(i * cols + b)] - q[static_cast<size_t>(i * cols + b)];
+      for (int64_t a = 0; a < nf; ++a) wf(i, a) = w[static_cast<size_t>(i * cols + j + a)];
+    }
+    const Eigen::MatrixXd z = hff.llt().solve(hfp * ep.transpose());  // nf x rows
+    return Eigen::MatrixXd(wf + z.transpose());
+  };
+  const auto tr = kernels::TypeTraits(type);
+  const int64_t bs = tr.block_size;
+  const size_t rb = *kernels::RowBytes(type, cols);
+  int64_t mismatches = 0, checked = 0;
+  std::vector<float> buf(static_cast<size_t>(bs)), enc(tr.type_size), back(static_cast<size_t>(bs));
+  for (int64_t b = 0; b < cols; b += bs) {
+    const Eigen::MatrixXd xb = continuation(b);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t k = 0; k < bs; ++k) buf[static_cast<size_t>(k)] = static_cast<float>(xb(i, k));
+      if (kernels::IsNormalFloat(type)) {
+        float stored;
+        std::memcpy(&stored, r->bytes.data() + static_cast<size_t>(i) * rb + static_cast<size_t>(b / bs) * tr.type_size, 4);
+        EXPECT_FLOAT_EQ(stored, kernels::NfBlockScale(type, buf.data())) << "row " << i << " block " << b / bs;
+        continue;
+      }
+      ASSERT_TRUE(kernels::QuantizeRow(type, buf.data(), enc.data(), bs).ok());
+      kernels::DequantizeRow(type, enc.data(), back.data(), bs);
+      for (int64_t k = 0; k < bs; ++k, ++checked)
+        mismatches += std::fabs(back[static_cast<size_t>(k)] - q[static_cast<size_t>(i * cols + b + k)]) > 1e-7;
+    }
+    if (!kernels::IsNormalFloat(type)) continue;
+    for (int64_t j = b; j < b + bs; ++j) {
+      const Eigen::MatrixXd xj = continuation(j);
+      for (int64_t i = 0; i < rows; ++i, ++checked) {
+        float scale;
+        std::memcpy(&scale, r->bytes.data() + static_cast<size_t>(i) * rb + static_cast<size_t>(b / bs) * tr.type_size, 4);
+        mismatches += std::fabs(kernels::NfRound(type, static_cast<float>(xj(i, 0)), scale) - q[static_cast<size_t>(i * cols + j)]) > 1e-7;
+      }
+    }
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << checked;
+}
+
+TEST(GptqTest, EveryColumnRoundsTheBestContinuationOfTheColumnsBefore) {
+  ExpectOptimalContinuation(GgmlType::kNF3, 6, 128);
+  ExpectOptimalContinuation(GgmlType::kNF4, 4, 128);
+  ExpectOptimalContinuation(GgmlType::kQ4_0, 4, 96);
+  ExpectOptimalContinuation(GgmlType::kQ3_K, 3, 512);
+}
+
+// With uncorrelated calibration channels (X^T X diagonal) no error has anywhere to go: GPTQ
+// stores exactly what the plain quantizer stores.
+TEST(GptqTest, DiagonalCalibrationRoundsAsThePlainQuantizer) {
+  for (GgmlType t : {GgmlType::kNF4, GgmlType::kNF3, GgmlType::kNF2, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1,
+                     GgmlType::kQ3_K, GgmlType::kQ2_K}) {
+    SCOPED_TRACE(kernels::TypeTraits(t).name);
+    const int64_t rows = 5, cols = 256;
+    Rng rng(9);
+    std::vector<float> w(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(cols * cols), 0.0f);
+    for (auto& v : w) v = static_cast<float>(rng.Normal()) * 0.05f;
+    for (int64_t j = 0; j < cols; ++j) x[static_cast<size_t>(j * cols + j)] = 0.5f + static_cast<float>(j % 7);
+    CalibrationGram g;
+    g.Accumulate(x.data(), cols, cols);
+    CompensationOptions o;
+    o.method = CompensationMethod::kGptq;
+    auto gq = QuantizeCompensated(w.data(), rows, cols, t, o, &g);
+    o.method = CompensationMethod::kNone;
+    auto rtn = QuantizeCompensated(w.data(), rows, cols, t, o, &g);
+    ASSERT_TRUE(gq.ok() && rtn.ok()) << gq.status() << rtn.status();
+    EXPECT_EQ(gq->bytes, rtn->bytes);
+  }
+}
+
+// On correlated inputs GPTQ's rounding lowers the error the outputs see for every block type,
+// and CLoQ's correction on top lowers it further; NF4_DQ is refused with the reason.
+TEST(GptqTest, LowersTheCalibratedErrorForEveryBlockType) {
+  const int64_t rows = 16, cols = 512, tokens = 600;
+  Rng rng(13);
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  for (auto& v : w) v = static_cast<float>(rng.Normal()) * 0.05f;
+  const std::vector<float> x = CorrelatedInputs(tokens, cols, 6);
+  CalibrationGram g;
+  g.Accumulate(x.data(), tokens, cols);
+  for (GgmlType t : {GgmlType::kNF4, GgmlType::kNF3, GgmlType::kNF2, GgmlType::kQ8_0, GgmlType::kQ4_0, GgmlType::kQ4_1,
+                     GgmlType::kQ5_0, GgmlType::kQ3_K, GgmlType::kQ2_K}) {
+    SCOPED_TRACE(kernels::TypeTraits(t).name);
+    CompensationOptions o;
+    o.rank = 4;
+    auto rtn = QuantizeCompensated(w.data(), rows, cols, t, o, &g);
+    o.method = CompensationMethod::kGptq;
+    auto gq = QuantizeCompensated(w.data(), rows, cols, t, o, &g);
+    o.method = CompensationMethod::kGptqCloq;
+    auto gc = QuantizeCompensated(w.data(), rows, cols, t, o, &g);
+    ASSERT_TRUE(rtn.ok() && gq.ok() && gc.ok());
+    std::printf("%-5s calibrated error: plain %.4f, gptq %.4f, gptq-cloq r4 %.4f (weight error %.4f -> %.4f)\n", kernels::TypeTraits(t).name,
+                rtn->act_before, gq->act_before, gc->act_after, rtn->rel_before, gq->rel_before);
+    EXPECT_LT(gq->act_before, 0.9 * rtn->act_before);
+    EXPECT_EQ(gc->bytes, gq->bytes);
+    EXPECT_EQ(gc->c.rank, 4);
+    EXPECT_LT(gc->act_after, gq->act_before);
+  }
+  CompensationOptions o;
+  o.method = CompensationMethod::kGptq;
+  auto dq = QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF4DQ, o, &g);
+  EXPECT_EQ(dq.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(dq.status().message().find("NF4_DQ"), std::string::npos);
+  EXPECT_EQ(QuantizeCompensated(w.data(), rows, cols, GgmlType::kNF3, o, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Sequential calibration's building block: a pass limited to the first n layers shows layer
+// n-1 exactly the inputs a full pass shows it, runs nothing after it and writes no logits.
+TEST(CompensationTest, ALayerLimitedPassSeesWhatAFullPassSees) {
+  testing::TinyModelOptions to;
+  const std::string path = testing::TempPath("layer_limit.gguf");
+  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, to).ok());
+  auto m = LlamaModel::Load(path);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const int64_t nl = (*m)->config().n_layer;
+  ASSERT_GE(nl, 2);
+  std::vector<int32_t> tokens(30);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>(3 + (i * 37) % 200);
+  std::vector<std::vector<float>> full(static_cast<size_t>(nl)), limited(static_cast<size_t>(nl));
+  int64_t deepest = -1;
+  std::vector<float> logits;
+  {
+    LlamaContext ctx(**m, 64);
+    ctx.SetInputObserver([&](int64_t l, Module mod, const float* in, int64_t rows, int64_t cols) {
+      if (mod == Module::kDown) full[static_cast<size_t>(l)].assign(in, in + rows * cols);
+    });
+    ASSERT_TRUE(ctx.Eval(tokens, false, &logits).ok());
+    EXPECT_FALSE(logits.empty());
+  }
+  for (int64_t n = 1; n <= nl; ++n) {
+    LlamaContext ctx(**m, 64);
+    ctx.SetLayerLimit(n);
+    ctx.SetInputObserver([&](int64_t l, Module mod, const float* in, int64_t rows, int64_t cols) {
+      deepest = std::max(deepest, l);
+      if (mod == Module::kDown && l == n - 1) limited[static_cast<size_t>(l)].assign(in, in + rows * cols);
+    });
+    ASSERT_TRUE(ctx.Eval(tokens, false, &logits).ok());
+    EXPECT_EQ(deepest, n - 1);
+    EXPECT_EQ(logits.empty(), n < nl);
+    EXPECT_EQ(limited[static_cast<size_t>(n - 1)], full[static_cast<size_t>(n - 1)]) << "layer " << n - 1;
+  }
 }
 
 // A compensated model computes what the plain re-quantized model computes with the correction
