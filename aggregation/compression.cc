@@ -88,6 +88,15 @@ std::vector<float> Decompress(const CompressedTensor& c) {
   return out;
 }
 
+double CompressedBytesPerFp32Byte(Compression kind, double topk_fraction) {
+  switch (kind) {
+    case Compression::kInt8: return (1.0 + 4.0 / kCompressionBlock) / 4.0;
+    case Compression::kInt4: return (0.5 + 4.0 / kCompressionBlock) / 4.0;
+    case Compression::kTopK: return 2.0 * topk_fraction;
+    default: return 1.0;
+  }
+}
+
 size_t PayloadBytes(const CompressedTensor& c) {
   return c.scales.size() * sizeof(float) + c.q8.size() + c.q4.size() + c.indices.size() * sizeof(uint32_t) + c.values.size() * sizeof(float);
 }

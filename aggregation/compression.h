@@ -31,6 +31,9 @@ CompressedTensor Compress(std::span<const float> x, Compression kind, double top
 std::vector<float> Decompress(const CompressedTensor& c);
 // Bytes of the codes, scales, indices and values (what the payload carries besides its header).
 size_t PayloadBytes(const CompressedTensor& c);
+// PayloadBytes per fp32 byte of a large tensor (the planner's upload time): none 1, int8
+// (1 + 4/64) / 4, int4 (0.5 + 4/64) / 4, topk 2 x fraction (8 bytes per kept value).
+double CompressedBytesPerFp32Byte(Compression kind, double topk_fraction);
 // Structural check of a received tensor against the dense size n: counts, code ranges, index
 // order and range, finite non-negative scales, finite values. InvalidArgument naming the problem.
 absl::Status CheckCompressed(const CompressedTensor& c, size_t n);

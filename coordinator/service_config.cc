@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/config_loader.h"
 #include "common/mapped_file.h"
+#include "aggregation/compression.h"
 #include "federation/settings.h"
 #include "model/finetune.h"
 #include "protocol/adapter_tensors.h"
@@ -77,6 +78,7 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     FT_ASSIGN_OR_RETURN(planner::PlannerOptions po, federation::PlannerOptionsFrom(c.planner(), rs.adapter.spec, rs.adapter.modules, uniform,
                                                                                    OrDefault(c.planner().seq(), 256), rs.send_fisher, true));
     po.memory.keep_within_limit = true;  // workers keep activations as far as their memory allows (ClientEnv)
+    po.upload_ratio = aggregation::CompressedBytesPerFp32Byte(rs.compression, rs.topk_fraction);
     if (!rs.adapter.layout.empty()) {  // the modules and ranks each layer has
       FT_ASSIGN_OR_RETURN(po.memory.layout, model::ParseLayerLayout(rs.adapter.layout, m->config().n_layer, rs.adapter.modules));
       FT_RETURN_IF_ERROR(planner::CheckLayout(po.memory.layout, rs.adapter.modules));

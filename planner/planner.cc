@@ -404,7 +404,7 @@ double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const Pla
   // blocks it does not train still act, and their gradients are computed; the safe side).
   const double up_share = o.spec.kind == model::AdapterKind::kDiaBlo && c.rank > 0 ? static_cast<double>(c.rank) / static_cast<double>(o.spec.blocks) : 1.0;
   const double down = AdapterBytes(shape, o.spec, o.adapted, &o.memory.layout),
-               up = up_share * AdapterBytes(shape, SpecAt(o.spec, c), c.modules, &o.memory.layout) * (o.send_fisher ? 2 : 1);
+               up = up_share * AdapterBytes(shape, SpecAt(o.spec, c), c.modules, &o.memory.layout) * (o.upload_ratio + (o.send_fisher ? 1 : 0));
   return compute + 2 * w.latency_ms / 1000 + (down + up) * 8 / (std::max(w.link_mbps, 1e-9) * 1e6);
 }
 

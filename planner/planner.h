@@ -215,6 +215,9 @@ struct PlannerOptions {
   // share of the shared adapter's components); DiaBlo: k / spec.blocks.
   std::vector<int64_t> ranks;
   bool send_fisher = false;               // uploads carry a Fisher tensor per delta
+  // Compressed uploads (strategy.compression): payload bytes of a delta per fp32 byte
+  // (aggregation::CompressedBytesPerFp32Byte; 1: none). The Fisher travels uncompressed.
+  double upload_ratio = 1.0;
   // Every worker trains all of `adapted` (secure aggregation: settings.cc says why); the planner
   // still chooses batch, local steps and base.
   bool whole_adapter = false;

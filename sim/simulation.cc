@@ -17,6 +17,7 @@
 #include "common/mapped_file.h"
 #include "common/progress.h"
 #include "common/rng.h"
+#include "aggregation/compression.h"
 #include "federation/settings.h"
 #include "kernels/backend.h"
 #include "kernels/quant.h"
@@ -718,6 +719,7 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
                                                                                    LongestExample(all), rs.send_fisher, !c.train().no_recompute()));
     // The clients' default (ClientEnv): activations kept as far as each one's memory allows.
     po.memory.keep_within_limit = !c.train().no_recompute() && c.train().activation_budget_mib() == 0;
+    po.upload_ratio = aggregation::CompressedBytesPerFp32Byte(rs.compression, rs.topk_fraction);
     if (!rs.adapter.layout.empty()) {  // the modules and ranks each layer has
       FT_ASSIGN_OR_RETURN(po.memory.layout, model::ParseLayerLayout(rs.adapter.layout, model->config().n_layer, rs.adapter.modules));
       FT_RETURN_IF_ERROR(planner::CheckLayout(po.memory.layout, rs.adapter.modules));
