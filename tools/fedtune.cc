@@ -650,7 +650,8 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
   auto r = worker::RunDaemon(o, worker::ModelTaskRunner(model, train, c.model().path(), c.activation_budget_mib(), backend,
                                                          o.state_dir.empty() ? "" : o.state_dir + "/local_privacy.json",
                                                          static_cast<double>(o.profile.memory_bytes()) / (1 << 20), /*report_peak=*/true, bases,
-                                                         static_cast<double>(o.profile.device_memory_bytes()) / (1 << 20)),
+                                                         static_cast<double>(o.profile.device_memory_bytes()) / (1 << 20),
+                                                         o.state_dir.empty() ? "" : o.state_dir + "/error_feedback.safetensors"),
                              g_stop,
                              eval.empty() ? worker::TaskEvaluator() : worker::ModelTaskEvaluator(model, eval, c.model().path(), &train, bases));
   if (!r.ok()) return r.status();

@@ -69,11 +69,12 @@ using TaskRunner = std::function<absl::StatusOr<LocalResult>(const protocol::Tra
 // re-quantized bases, shared with the worker's evaluator (null: the runner's own).
 // A device backend: plans and activations within device_memory_mib of its memory (0: its free
 // memory at start, Backend::DeviceMemoryBytes; never more), and the update reports the round's
-// device peak ("peak_device_mib").
+// device peak ("peak_device_mib"). residual_path: where the error-feedback residual of
+// compressed uploads persists across restarts (empty: in memory only).
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path = "",
                      int activation_budget_mib = 0, kernels::Backend* backend = nullptr, const std::string& privacy_path = "",
                      double memory_mib = 0, bool report_peak = false, std::shared_ptr<BaseModels> shared_bases = nullptr,
-                     double device_memory_mib = 0);
+                     double device_memory_mib = 0, const std::string& residual_path = "");
 // Random updates of the global adapter's shape after `seconds` of pretend work.
 TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 

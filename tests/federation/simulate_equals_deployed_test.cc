@@ -311,6 +311,58 @@ TEST_F(SimulateEqualsDeployedTest, Int4CompressedUpdatesWithErrorFeedback) {
   EXPECT_GT(dense, 2.0 * received);  // this tiny adapter's payload header (~850 bytes per update) weighs in
   EXPECT_GE(received, simulated);
 }
+// Error feedback survives a worker restart: every worker process is stopped once round 1 is
+// committed and started again (new runner, same state directory); with the residual kept there
+// the deployed run still equals the simulation (which never restarts), without it it does not.
+TEST_F(SimulateEqualsDeployedTest, ErrorFeedbackSurvivesWorkerRestarts) {
+  const std::string extra = "strategy: {merge: mean, compression: int4}\n";
+  auto sim = Simulate(extra, 3, "ef-restart");
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  for (bool persist : {true, false}) {
+    const std::string name = persist ? "ef-restart-kept" : "ef-restart-lost";
+    auto svc = Service(extra, 3, dir_ + "/state-" + name);
+    ASSERT_TRUE(svc.ok()) << svc.status();
+    auto server = coordinator::CoordinatorServer::Start((*svc)->options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    int restarted = 0;
+    for (int life = 0; life < 2; ++life) {
+      std::atomic<bool> stop{false};
+      std::vector<std::thread> threads;
+      for (int k = 0; k < kClients; ++k)
+        threads.emplace_back([&, k] {
+          worker::DaemonOptions d = Daemon(k, (*server)->port());
+          d.state_dir = dir_ + "/" + name + "-worker" + std::to_string(k);
+          d.profile.set_num_examples(static_cast<int64_t>(data_[static_cast<size_t>(k)].size()));
+          auto r = worker::RunDaemon(d, worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)], "", 0, nullptr, "", 0, false, nullptr, 0,
+                                                                persist ? d.state_dir + "/error_feedback.safetensors" : ""), stop);
+          EXPECT_TRUE(r.ok()) << r.status();
+        });
+      if (life == 0) {
+        while ((*server)->last_committed_round() < 1) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        stop = true;
+        restarted = (*server)->last_committed_round();
+      } else {
+        EXPECT_TRUE((*server)->Wait().ok());
+        stop = true;
+      }
+      for (auto& t : threads) t.join();
+    }
+    EXPECT_LT(restarted, 3);
+    ASSERT_EQ((*server)->last_committed_round(), 3);
+    const aggregation::TensorMap deployed = (*server)->global();
+    if (persist) {
+      ExpectSame(*sim, deployed, name);
+      EXPECT_TRUE(fs::exists(dir_ + "/" + name + "-worker0/error_feedback.safetensors"));
+    } else {
+      double worst = 0;
+      for (const auto& [n, v] : *sim)
+        for (size_t i = 0; i < v.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(v[i] - deployed.at(n)[i])));
+      std::printf("%s: max |simulated - deployed| = %.3g (the residual restarted at zero)\n", name.c_str(), worst);
+      EXPECT_GT(worst, 1e-5);
+    }
+  }
+}
+
 TEST_F(SimulateEqualsDeployedTest, TopKCompressedUpdates) {
   Compare("strategy: {merge: uncertainty, compression: topk, topk_fraction: 0.1}\n", "topk");
 }
