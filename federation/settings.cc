@@ -227,7 +227,11 @@ absl::Status CheckHeteroRanks(const RunSettings& s, const std::string& key) {
   if (!s.adapter.layout.empty()) return Bad(key, "not with per-layer adapter settings (adapter.layers)");
   if (s.strategy.merge != aggregation::MergeRule::kMean && s.strategy.merge != aggregation::MergeRule::kUncertainty)
     return Bad(key, "per-worker ranks need strategy.merge mean or uncertainty");
-  if (s.dp.central || s.dp.local) return Bad(key, "not combined with differential privacy yet");
+  // Local DP-SGD: each worker clips and noises the gradients of what it trains (its rank's slice
+  // or its blocks), and its record-level privacy does not depend on how many values those are;
+  // the merge is post-processing. Central DP would need a sensitivity per component: a component
+  // fewer workers trained is averaged over fewer updates (not done).
+  if (s.dp.central) return Bad(key, "not combined with central differential privacy (a component few workers train has a larger sensitivity); local DP-SGD works");
   if (s.secure.enabled) return Bad(key, "not combined with secure aggregation yet (masks would have to cover each worker's slice)");
   if (s.hetero_rank == aggregation::HeteroRankRule::kFlexLora) {
     if (s.adapter.spec.kind != model::AdapterKind::kLora) return Bad("strategy.hetero_rank", "flexlora needs adapter.kind lora (nested is exact for FFA-LoRA)");

@@ -440,6 +440,37 @@ TEST_F(SimTest, LocalDpSgdReportsEachClientsEpsilon) {
   EXPECT_LE(p->rounds.back().metrics.at("local_epsilon"), m.at("local_epsilon") * (1 + 1e-9));
 }
 
+// Per-worker ranks with local DP-SGD (issue 22): a rank-1 and a rank-2 client train their slices
+// with clipped, noised gradients; privacy is per record, whatever the slice, so every client
+// spends what the uniform run's clients spend with the same batch, steps and noise.
+TEST_F(SimTest, ClientsOfDifferentRanksTrainWithLocalDpSgd) {
+  const std::string dp = "dp: {enabled: true, local: true, noise_multiplier: 1.0, clip_norm: 0.5}\n";
+  auto uniform = Run(Yaml(dp, testing::TempPath("sim_ldp_uniform")));
+  auto ranks = Run(Yaml(dp + "profiles: [{name: r1, count: 1, rank: 1}, {name: r2, count: 1, rank: 2}, {name: r4, count: 1}]\n"
+                             "adapter: {kind: FFA_LORA, rank: 4, alpha: 8}\n",
+                        testing::TempPath("sim_ldp_ranks")));
+  ASSERT_TRUE(uniform.ok()) << uniform.status();
+  ASSERT_TRUE(ranks.ok()) << ranks.status();
+  const auto& last = ranks->rounds.back().metrics;
+  EXPECT_EQ(last.at("accepted"), 3);
+  EXPECT_EQ(last.at("hetero_rank_clients"), 2);
+  EXPECT_GT(last.at("local_epsilon"), 0);
+  EXPECT_NEAR(last.at("local_epsilon"), uniform->rounds.back().metrics.at("local_epsilon"), 1e-9);
+  for (const auto& [name, v] : ranks->global)
+    for (float x : v) ASSERT_TRUE(std::isfinite(x)) << name;
+  // The planner choosing ranks under local DP-SGD: no client above the uniform run's epsilon.
+  auto planned = Run(Yaml(dp + "profiles: [{name: big, count: 1, memory_mib: 4000}, {name: slow, count: 2, speed: 0.25, memory_mib: 4000, bandwidth_mbps: 0.05}]\n"
+                               "planner: {enabled: true, calibration_steps: 1, ranks: [1, 2, 4]}\n",
+                          testing::TempPath("sim_ldp_ranks_plan")));
+  ASSERT_TRUE(planned.ok()) << planned.status();
+  EXPECT_EQ(planned->rounds.back().metrics.at("accepted"), 3);
+  EXPECT_LE(planned->rounds.back().metrics.at("local_epsilon"), uniform->rounds.back().metrics.at("local_epsilon") * (1 + 1e-9));
+  // Central DP with ranks stays refused with the reason.
+  auto central = Run(Yaml("dp: {enabled: true, noise_multiplier: 1.0, clip_norm: 0.5}\nprofiles: [{count: 1, rank: 1}, {count: 2}]\n",
+                          testing::TempPath("sim_cdp_ranks")));
+  EXPECT_NE(central.status().message().find("central differential privacy"), std::string::npos) << central.status();
+}
+
 TEST_F(SimTest, TextDomainsAreScoredByPerplexity) {
   const std::string out = testing::TempPath("sim_text");
   auto r = Run(Yaml("clients: 4\ndata: {tasks: [sentiment], text_domains: [GPL-3, Apache-2.0], examples_per_task: 40, eval_examples: 6, "
@@ -560,7 +591,7 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("data: {tasks: [sum], holdout: 1.0}\n", "data.holdout");
   expect("eval: {generate_examples: -1}\n", "eval.generate_examples");
   expect("profiles: [{count: 3, rank: 9}]\n", "profiles[0].rank");
-  expect("profiles: [{count: 3, rank: 2}]\ndp: {enabled: true, noise_multiplier: 1}\n", "profiles[0].rank");
+  expect("profiles: [{count: 3, rank: 2}]\ndp: {enabled: true, noise_multiplier: 1}\n", "profiles[0].rank");  // central DP
   expect("profiles: [{count: 3, rank: 2}]\nstrategy: {merge: median}\n", "profiles[0].rank");
   expect("profiles: [{count: 3, rank: 2}]\nstrategy: {hetero_rank: flexlora}\n", "strategy.hetero_rank");  // FFA-LoRA
   expect("profiles: [{count: 3, rank: 2}]\nadapter: {kind: LORA, rank: 4}\nstrategy: {hetero_rank: flexlora, server: fedadam}\n", "strategy.hetero_rank");
