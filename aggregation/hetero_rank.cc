@@ -148,7 +148,7 @@ float RankAlpha(float alpha, int64_t rank, int64_t r, bool rslora) {
 namespace {
 
 // kBlocks: DiaBlo's [N, b_in, b_out], whose "components" are its N diagonal blocks (a worker's
-// share is its first k blocks, the same prefix-of-rows layout as LoRA's A).
+// share is k consecutive blocks from `first`, rows of the same layout as LoRA's A).
 enum class Part { kA, kB, kBlocks, kOther };
 Part PartOf(const std::string& name) {
   if (absl::EndsWith(name, ".lora_a")) return Part::kA;
@@ -157,13 +157,24 @@ Part PartOf(const std::string& name) {
   return Part::kOther;
 }
 
-// Copies the first r of R components of `from` (a tensor of `part`, full size `full`) into a
-// rank-r tensor, or (expand) the other way round with zeros beyond r.
-void CopyComponents(Part part, const std::vector<float>& from, std::vector<float>& to, size_t full, int64_t rank, int64_t r, bool expand) {
+// Copies the first r of R components of `from` (a tensor of `part`, full size `full`; DiaBlo:
+// r blocks from block `first`) into a rank-r tensor, or (expand) the other way round with zeros
+// elsewhere.
+void CopyComponents(Part part, const std::vector<float>& from, std::vector<float>& to, size_t full, int64_t rank, int64_t r, bool expand,
+                    int64_t first = 0) {
   const size_t dim = full / static_cast<size_t>(rank);  // in (A) or out (B)
   const size_t rr = static_cast<size_t>(r), rk = static_cast<size_t>(rank);
   to.assign(expand ? full : dim * rr, 0.0f);
-  if (part != Part::kB) {  // A [rank, in], DiaBlo [N, b_in, b_out]: a prefix of rows
+  if (part == Part::kBlocks) {  // [N, b_in, b_out]: rows first .. first + r - 1
+    const size_t at = dim * static_cast<size_t>(first);
+    if (expand) {
+      std::copy_n(from.begin(), dim * rr, to.begin() + static_cast<std::ptrdiff_t>(at));
+    } else {
+      std::copy_n(from.begin() + static_cast<std::ptrdiff_t>(at), dim * rr, to.begin());
+    }
+    return;
+  }
+  if (part != Part::kB) {  // A [rank, in]: a prefix of rows
     std::copy_n(from.begin(), dim * rr, to.begin());
     return;
   }
@@ -177,15 +188,17 @@ void CopyComponents(Part part, const std::vector<float>& from, std::vector<float
     }
 }
 
-absl::Status CheckRanks(int64_t rank, int64_t r) {
+absl::Status CheckRanks(int64_t rank, int64_t r, int64_t first) {
   if (rank < 1 || r < 1 || r > rank) return absl::InvalidArgumentError(absl::StrCat("worker rank (or DiaBlo blocks) ", r, " outside [1, ", rank, "]"));
+  if (first < 0 || first + r > rank)
+    return absl::InvalidArgumentError(absl::StrCat("DiaBlo blocks ", first, "..", first + r - 1, " outside [0, ", rank, ")"));
   return absl::OkStatus();
 }
 
 }  // namespace
 
-absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r) {
-  FT_RETURN_IF_ERROR(CheckRanks(rank, r));
+absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r, int64_t first) {
+  FT_RETURN_IF_ERROR(CheckRanks(rank, r, first));
   TensorMap out;
   for (const auto& [name, v] : t) {
     const Part part = PartOf(name);
@@ -195,13 +208,13 @@ absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t
     }
     if (v.empty() || v.size() % static_cast<size_t>(rank) != 0)
       return absl::InvalidArgumentError(absl::StrCat(name, ": ", v.size(), " values are not rank ", rank, " x a width"));
-    CopyComponents(part, v, out[name], v.size(), rank, r, false);
+    CopyComponents(part, v, out[name], v.size(), rank, r, false, first);
   }
   return out;
 }
 
-absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, int64_t r, bool coverage) {
-  FT_RETURN_IF_ERROR(CheckRanks(rank, r));
+absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, int64_t r, bool coverage, int64_t first) {
+  FT_RETURN_IF_ERROR(CheckRanks(rank, r, first));
   u->compressed.clear();
   u->coverage.clear();
   if (r == rank) return absl::OkStatus();
@@ -216,17 +229,17 @@ absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, 
           absl::StrCat("update from '", u->client, "': tensor ", name, " has ", d.size(), " values, expected ", expected, " (rank ", r, ")"));
     if (part == Part::kOther) continue;
     std::vector<float> padded;
-    CopyComponents(part, d, padded, full, rank, r, true);
+    CopyComponents(part, d, padded, full, rank, r, true, first);
     d = std::move(padded);
     if (auto f = u->fisher.find(name); f != u->fisher.end()) {
       if (f->second.size() != expected)
         return absl::InvalidArgumentError(absl::StrCat("update from '", u->client, "': Fisher tensor ", name, " does not match its delta"));
-      CopyComponents(part, f->second, padded, full, rank, r, true);
+      CopyComponents(part, f->second, padded, full, rank, r, true, first);
       f->second = std::move(padded);
     }
     if (coverage) {
       std::vector<float> ones(expected, 1.0f);
-      CopyComponents(part, ones, u->coverage[name], full, rank, r, true);
+      CopyComponents(part, ones, u->coverage[name], full, rank, r, true, first);
     }
   }
   return absl::OkStatus();
@@ -251,13 +264,15 @@ void ThinQr(const Eigen::MatrixXd& m, Eigen::MatrixXd* q, Eigen::MatrixXd* r) {
 
 class HeteroRankAggregation : public Aggregation {
  public:
-  HeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global, std::unique_ptr<Aggregation> inner)
-      : o_(o), ranks_(std::move(ranks)), global_(global), inner_(std::move(inner)) {}
+  HeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global, std::unique_ptr<Aggregation> inner,
+                        std::map<std::string, int64_t> firsts)
+      : o_(o), ranks_(std::move(ranks)), firsts_(std::move(firsts)), global_(global), inner_(std::move(inner)) {}
 
   absl::Status Add(ClientUpdate u) override {
     auto it = ranks_.find(u.client);
     const int64_t r = it == ranks_.end() ? o_.rank : it->second;
-    FT_RETURN_IF_ERROR(ExpandRank(&u, global_, o_.rank, r, o_.rule == HeteroRankRule::kNested));
+    auto f = firsts_.find(u.client);
+    FT_RETURN_IF_ERROR(ExpandRank(&u, global_, o_.rank, r, o_.rule == HeteroRankRule::kNested, f == firsts_.end() ? 0 : f->second));
     if (o_.rule != HeteroRankRule::kFlexLora) return inner_->Add(std::move(u));
     for (const auto& [name, d] : u.delta) {
       if (PartOf(name) != Part::kA && PartOf(name) != Part::kB)
@@ -359,7 +374,7 @@ class HeteroRankAggregation : public Aggregation {
 
  private:
   const HeteroRankOptions o_;
-  const std::map<std::string, int64_t> ranks_;
+  const std::map<std::string, int64_t> ranks_, firsts_;
   const TensorMap& global_;
   std::unique_ptr<Aggregation> inner_;
   std::map<std::string, Stack> stacks_;
@@ -370,8 +385,8 @@ class HeteroRankAggregation : public Aggregation {
 }  // namespace
 
 std::unique_ptr<Aggregation> MakeHeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global,
-                                                       std::unique_ptr<Aggregation> inner) {
-  return std::make_unique<HeteroRankAggregation>(o, std::move(ranks), global, std::move(inner));
+                                                       std::unique_ptr<Aggregation> inner, std::map<std::string, int64_t> firsts) {
+  return std::make_unique<HeteroRankAggregation>(o, std::move(ranks), global, std::move(inner), std::move(firsts));
 }
 
 }  // namespace fedtune::aggregation

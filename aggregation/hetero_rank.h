@@ -63,8 +63,9 @@ absl::StatusOr<std::vector<LoraFactors>> FlexLoraRedistribute(const std::vector<
 //            largest over modules; 0 while the clients' stacked rank fits in R).
 // DiaBlo (its "rank" is the block count N, adapter.blocks): a worker given k < N blocks trains
 // the first k diagonal blocks of every module on top of all N (the others act frozen with the
-// global's values; model::AdapterSet::TrainFirstBlocks) and uploads those k blocks; the server
-// pads them to N (ExpandRank: *.diablo tensors are a prefix of blocks) and merges by
+// global's values; model::AdapterSet::TrainBlocks) and uploads those k blocks; the server
+// pads them to N (ExpandRank: *.diablo tensors hold blocks first .. first + k - 1, the window
+// protocol::FirstBlock rolls from round to round) and merges by
 //   nested   each block averaged over the clients that trained it: exact, as FedAvg over those
 //            clients (a block is a linear piece of the weight update, so the mean of the blocks
 //            is the mean of the weight updates, which LoRA's factors do not have).
@@ -77,15 +78,15 @@ absl::StatusOr<HeteroRankRule> ParseHeteroRankRule(const std::string& s);  // ne
 // The alpha that gives rank r the scale of rank R at `alpha` (alpha/r or alpha/sqrt(r)).
 float RankAlpha(float alpha, int64_t rank, int64_t r, bool rslora);
 // The first r components of every tensor "*.lora_a" ([R, in] -> [r, in]) and "*.lora_b"
-// ([out, R] -> [out, r]), and the first r blocks of every "*.diablo" ([N, b_in, b_out] with
-// rank = N); other tensors are copied. InvalidArgument when r is not in [1, R] or
-// a tensor's size is not a multiple of R.
-absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r);
+// ([out, R] -> [out, r]), and r blocks from block `first` of every "*.diablo" ([N, b_in, b_out]
+// with rank = N); other tensors are copied. InvalidArgument when r is not in [1, R], the blocks
+// not in [0, N) or a tensor's size is not a multiple of R.
+absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r, int64_t first = 0);
 // The inverse for an update: every delta (and Fisher) tensor of rank r is zero-padded to R, and
 // with `coverage` the update's coverage marks the trained values (1) against the padding (0).
 // The sizes must be exactly those of a rank-r truncation of `global` (InvalidArgument naming
 // the tensor otherwise). Compressed wire forms are dropped (delta already holds their values).
-absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, int64_t r, bool coverage);
+absl::Status ExpandRank(ClientUpdate* u, const TensorMap& global, int64_t rank, int64_t r, bool coverage, int64_t first = 0);
 
 // One round's accumulator for a run with per-worker ranks: expands each update by its client's
 // rank (`ranks`; absent: the shared rank), then nested / zero_pad hand it to `inner` (the
@@ -103,7 +104,8 @@ struct HeteroRankOptions {
   bool weight_by_examples = true;
   double norm_bound = 0;            // flexlora: clip each update to this L2 norm (the strategy's; 0: none)
 };
+// firsts: a DiaBlo client's first trained block (protocol::FirstBlock; absent: 0).
 std::unique_ptr<Aggregation> MakeHeteroRankAggregation(const HeteroRankOptions& o, std::map<std::string, int64_t> ranks, const TensorMap& global,
-                                                       std::unique_ptr<Aggregation> inner);
+                                                       std::unique_ptr<Aggregation> inner, std::map<std::string, int64_t> firsts = {});
 
 }  // namespace fedtune::aggregation

@@ -599,6 +599,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     } release{*upload_slots};
     aggregation::TensorMap snapshot;
     int rank = 0, train_rank = 0;
+    int64_t first_block = 0;
     {
       std::lock_guard<std::mutex> l(mu);
       if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
@@ -606,12 +607,13 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       if (auto a = assigned.find(cn); a != assigned.end()) {
         rank = a->second.plan().kind() == "diablo" ? a->second.plan().blocks() : a->second.plan().rank();  // what train_rank is out of
         train_rank = a->second.plan().train_rank();
+        if (a->second.plan().kind() == "diablo") first_block = protocol::FirstBlock(rank, train_rank, h.round());
       }
     }
-    // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h; DiaBlo: its
-    // first r blocks): check it against the global's first r components; the round engine pads it.
+    // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h; DiaBlo: r
+    // blocks of this round's window): check it against those components; the round engine pads it.
     if (train_rank > 0 && train_rank < rank) {
-      auto cut = aggregation::TruncateRank(snapshot, rank, train_rank);
+      auto cut = aggregation::TruncateRank(snapshot, rank, train_rank, first_block);
       if (!cut.ok()) return grpc::Status(grpc::StatusCode::INTERNAL, std::string(cut.status().message()));
       snapshot = std::move(*cut);
     }

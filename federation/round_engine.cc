@@ -338,7 +338,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     const double lr = RoundLearningRate(s.learning_rate, r, s.rounds);
     rec.metrics["client_lr"] = lr;
     std::vector<protocol::TrainTask> tasks;
-    std::map<std::string, int64_t> ranks;  // clients training below the shared rank
+    std::map<std::string, int64_t> ranks, firsts;  // clients training below the shared rank (DiaBlo: their first block)
     const int64_t shared_rank = s.adapter.spec.FullShare();  // LoRA's rank or DiaBlo's blocks
     for (const aggregation::ClientTask& ct : selected) {
       protocol::TrainTask task = TaskTemplate(s);
@@ -369,6 +369,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       if (rank > 0 && rank < shared_rank) {
         task.plan.train_rank = static_cast<int>(rank);
         ranks[ct.client] = rank;
+        if (const int64_t first = protocol::FirstBlock(task.plan, r); first > 0) firsts[ct.client] = first;
       }
       tasks.push_back(std::move(task));
     }
@@ -385,7 +386,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       ho.max_client_examples = s.strategy.max_client_examples;
       ho.weight_by_examples = s.strategy.weight_by_examples;
       ho.norm_bound = strategy_->UpdateNormBound();
-      agg = aggregation::MakeHeteroRankAggregation(ho, ranks, global_, std::move(agg));
+      agg = aggregation::MakeHeteroRankAggregation(ho, ranks, global_, std::move(agg), firsts);
       rec.metrics["hetero_rank_clients"] = static_cast<double>(ranks.size());
     }
     std::unique_ptr<SecureServer> sec;

@@ -133,6 +133,12 @@ size_t ModuleAdapter<T>::TrainedDiabloValues() const {
 }
 
 template <typename T>
+size_t ModuleAdapter<T>::TrainedDiabloOffset() const {
+  if (trained_blocks <= 0 || trained_blocks >= spec.blocks) return 0;
+  return static_cast<size_t>(trained_first * b_in * b_out);
+}
+
+template <typename T>
 void ModuleAdapter<T>::SetTrainable(bool trainable) {
   if (!trainable) {
     ga = {};
@@ -156,17 +162,21 @@ void AdapterSet<T>::SetTrainableModules(const std::vector<Module>& modules) {
 }
 
 template <typename T>
-absl::Status AdapterSet<T>::TrainFirstBlocks(int64_t blocks) {
+absl::Status AdapterSet<T>::TrainBlocks(int64_t first, int64_t blocks) {
   for (auto& l : layers)
     for (auto& m : l) {
       if (!m) continue;
       if (m->spec.kind != AdapterKind::kDiaBlo) return absl::InvalidArgumentError("trained blocks are a DiaBlo setting (this adapter is LoRA)");
-      if (blocks < 0 || blocks > m->spec.blocks)
-        return absl::InvalidArgumentError(absl::StrCat("trained blocks ", blocks, " outside [0, ", m->spec.blocks, "]"));
+      if (blocks < 0 || blocks > m->spec.blocks || first < 0 || (blocks > 0 && first + blocks > m->spec.blocks))
+        return absl::InvalidArgumentError(absl::StrCat("trained blocks ", first, "..", first + blocks - 1, " outside [0, ", m->spec.blocks, ")"));
     }
   for (auto& l : layers)
     for (auto& m : l)
-      if (m) m->trained_blocks = blocks == m->spec.blocks ? 0 : blocks;
+      if (m) {
+        const bool all = blocks == 0 || blocks == m->spec.blocks;
+        m->trained_blocks = all ? 0 : blocks;
+        m->trained_first = all ? 0 : first;
+      }
   return absl::OkStatus();
 }
 

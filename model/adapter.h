@@ -48,11 +48,12 @@ struct ModuleAdapter {
   int64_t in = 0, out = 0, b_in = 0, b_out = 0;
   std::vector<T> a, b, d;     // LoRA A [r, in], B [out, r]; DiaBlo D [N, b_in, b_out]
   std::vector<T> ga, gb, gd;  // gradients (accumulated)
-  // DiaBlo trained on its first `trained_blocks` blocks only (a worker's share of the shared
-  // adapter, issue 22; 0: all N). The other blocks act in forward and backward with their values
-  // but are not trainable: ForEachTrainable hands out the first trained_blocks x b_in x b_out
-  // values of d and gd, so optimizer state, DP-SGD noise and the update cover those only.
-  int64_t trained_blocks = 0;
+  // DiaBlo trained on `trained_blocks` consecutive blocks from `trained_first` only (a worker's
+  // share of the shared adapter, issue 22; 0: all N). The other blocks act in forward and
+  // backward with their values but are not trainable: ForEachTrainable hands out those
+  // trained_blocks x b_in x b_out values of d and gd, so optimizer state, DP-SGD noise and the
+  // update cover those only.
+  int64_t trained_blocks = 0, trained_first = 0;
 
   static absl::StatusOr<ModuleAdapter> Create(const AdapterSpec& spec, int64_t in, int64_t out, uint64_t seed);
   bool trains_a() const { return spec.kind == AdapterKind::kLora; }
@@ -63,8 +64,9 @@ struct ModuleAdapter {
   void Backward(const T* x, const std::vector<T>& z, const T* dy, T* dx, int64_t m, kernels::Backend* backend = nullptr);
   void ZeroGrad();
   int64_t NumTrainable() const;
-  // Values of d (and gd) that train: all, or the first trained_blocks blocks.
+  // Values of d (and gd) that train: all, or trained_blocks blocks from the one at this offset.
   size_t TrainedDiabloValues() const;
+  size_t TrainedDiabloOffset() const;
   // A frozen adapter still acts in forward and passes gradients to its input, but has no
   // parameter gradients (not trained, not enumerated by ForEachTrainable).
   void SetTrainable(bool trainable);
@@ -79,24 +81,30 @@ struct AdapterSet {
   // Trains the adapters on `modules` only (every layer); the others stay in the model, frozen.
   // Per-worker plans use this: a worker trains part of the shared adapter on top of all of it.
   void SetTrainableModules(const std::vector<Module>& modules);
-  // DiaBlo: every adapted module trains its first `blocks` diagonal blocks only (0 or N: all).
-  // InvalidArgument outside [0, N] or for LoRA adapters.
-  absl::Status TrainFirstBlocks(int64_t blocks);
+  // DiaBlo: every adapted module trains `blocks` diagonal blocks from block `first` only (blocks
+  // 0 or N: all). InvalidArgument outside [0, N] (first + blocks <= N) or for LoRA adapters.
+  absl::Status TrainBlocks(int64_t first, int64_t blocks);
   // Calls fn(name, params, grads) (std::span<T>) for every trainable tensor, in a fixed order.
   // Names follow the GGUF base tensor they adapt: "blk.3.attn_q.lora_b", "blk.0.ffn_down.diablo".
-  // A DiaBlo module trained on its first blocks (TrainFirstBlocks) hands out those values only.
+  // A DiaBlo module trained on some of its blocks (TrainBlocks) hands out those values only.
   template <typename F>
   void ForEachTrainable(F&& fn) {
+    ForEachTrainableAt([&](const std::string& name, std::span<T> p, std::span<T> g, size_t) { fn(name, p, g); });
+  }
+  // The same with the position of the spans in the whole tensor (non-zero for a DiaBlo module
+  // trained on blocks after its first), for code that pairs them with whole tensors.
+  template <typename F>
+  void ForEachTrainableAt(F&& fn) {
     for (size_t l = 0; l < layers.size(); ++l) {
       for (int mod = 0; mod < kNumModules; ++mod) {
         auto& a = layers[l][static_cast<size_t>(mod)];
         if (!a) continue;
         const std::string base = "blk." + std::to_string(l) + "." + GgufModuleName(static_cast<Module>(mod)) + ".";
-        if (!a->ga.empty()) fn(base + "lora_a", std::span<T>(a->a), std::span<T>(a->ga));
-        if (!a->gb.empty()) fn(base + "lora_b", std::span<T>(a->b), std::span<T>(a->gb));
+        if (!a->ga.empty()) fn(base + "lora_a", std::span<T>(a->a), std::span<T>(a->ga), size_t{0});
+        if (!a->gb.empty()) fn(base + "lora_b", std::span<T>(a->b), std::span<T>(a->gb), size_t{0});
         if (!a->gd.empty()) {
-          const size_t n = a->TrainedDiabloValues();
-          fn(base + "diablo", std::span<T>(a->d).first(n), std::span<T>(a->gd).first(n));
+          const size_t n = a->TrainedDiabloValues(), at = a->TrainedDiabloOffset();
+          fn(base + "diablo", std::span<T>(a->d).subspan(at, n), std::span<T>(a->gd).subspan(at, n), at);
         }
       }
     }

@@ -156,12 +156,12 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     }
     if (o.proximal_mu > 0 && o.proximal_center != nullptr) {
       const float mu = static_cast<float>(o.proximal_mu);
-      adapters->ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float> g) {
+      adapters->ForEachTrainableAt([&](const std::string& name, std::span<float> p, std::span<float> g, size_t at) {
         auto it = o.proximal_center->find(name);
-        // (A DiaBlo module trained on its first blocks: the center's first values.)
+        // (A DiaBlo module trained on some of its blocks: the center's values of those blocks.)
         if (it == o.proximal_center->end()) return;
-        if (it->second.size() != p.size() && !(name.ends_with(".diablo") && it->second.size() > p.size())) return;
-        for (size_t i = 0; i < p.size(); ++i) g[i] += mu * (p[i] - it->second[i]);
+        if (it->second.size() != p.size() && !(name.ends_with(".diablo") && it->second.size() >= at + p.size())) return;
+        for (size_t i = 0; i < p.size(); ++i) g[i] += mu * (p[i] - it->second[at + i]);
       });
     }
     const float lr = LearningRate(optimizer->config(), optimizer->step());

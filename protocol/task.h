@@ -4,6 +4,7 @@
 // the clients work on `TrainTask`, the gRPC transport and the worker daemon convert.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <string>
@@ -33,7 +34,9 @@ struct AdapterPlan {
   int compensation_rank = 16;
   // This client's LoRA rank (0 or `rank`: the shared one): it trains the first train_rank
   // components of the global adapter (aggregation/hetero_rank.h). For DiaBlo the number of
-  // diagonal blocks it trains (0 or `blocks`: all), the first train_rank of them.
+  // diagonal blocks it trains (0 or `blocks`: all): a window of train_rank consecutive blocks
+  // that rolls from round to round (FirstBlock), so every block is trained by every worker
+  // over the rounds, not only by the ones that train all of them.
   int train_rank = 0;
   // The memory the plan was made for, when below what the client reported (0: its own): the
   // client keeps activations within it (worker::RunTrainTask). Host and device memory, MiB.
@@ -44,6 +47,18 @@ struct AdapterPlan {
 inline int FullShare(const AdapterPlan& p) { return p.kind == "diablo" ? p.blocks : p.rank; }
 // Whether the client trains part of the adapter (a lower rank, fewer DiaBlo blocks).
 inline bool TrainsPart(const AdapterPlan& p) { return p.train_rank > 0 && p.train_rank < FullShare(p); }
+// The first of the k consecutive DiaBlo blocks (of n) a worker trains in `round` (FedRolex-style
+// rolling windows, Alam et al. 2022, without wrapping around): windows [0, k), [k, 2k), ... in
+// turn, the last one ending at block n, so ceil(n / k) rounds cover every block. 0 when k is 0
+// or n (all blocks) and for LoRA ranks (always the first components: nested ranks need them).
+inline int64_t FirstBlock(int64_t n, int64_t k, int round) {
+  if (k <= 0 || k >= n || round < 1) return 0;
+  const int64_t windows = (n + k - 1) / k;
+  return std::min((static_cast<int64_t>(round - 1) % windows) * k, n - k);
+}
+inline int64_t FirstBlock(const AdapterPlan& p, int round) {
+  return p.kind == "diablo" && TrainsPart(p) ? FirstBlock(p.blocks, p.train_rank, round) : 0;
+}
 
 // A TRAIN task, or with `evaluate` set an EVALUATE task (score the global adapter on the
 // client's held-out data; plan, adapter and max_new_tokens matter).

@@ -171,9 +171,10 @@ class SimTransport : public federation::Transport {
       const auto t0 = Clock::now();
       worker::LocalResult lr;
       if (c_.train().stand_in()) {
-        aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components (blocks)
+        aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components (its blocks)
         if (protocol::TrainsPart(task.plan)) {
-          FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, protocol::FullShare(task.plan), task.plan.train_rank));
+          FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, protocol::FullShare(task.plan), task.plan.train_rank,
+                                                          protocol::FirstBlock(task.plan, task.round)));
         }
         lr = worker::StandInUpdate(own, cl.name, static_cast<int64_t>(cl.train.size()), task.send_fisher, sched_rng_.NextU64());
       } else {

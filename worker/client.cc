@@ -349,10 +349,14 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   if (train_rank > 0 && !diablo) {
     FT_ASSIGN_OR_RETURN(truncated, aggregation::TruncateRank(global, p.rank, train_rank));
   }
-  // DiaBlo with fewer blocks: every block acts with the global's values, the first train_rank train.
+  // DiaBlo with fewer blocks: every block acts with the global's values, train_rank of them (from
+  // this round's first, protocol::FirstBlock) train.
   const aggregation::TensorMap& start = train_rank > 0 && !diablo ? truncated : global;
   LocalTrainOptions lt;
-  if (diablo) lt.train_blocks = train_rank;
+  if (diablo) {
+    lt.train_blocks = train_rank;
+    lt.train_first_block = protocol::FirstBlock(p, task.round);
+  }
   if (!p.train_modules.empty()) {
     FT_ASSIGN_OR_RETURN(lt.train_modules, model::ParseModules(absl::StrJoin(p.train_modules, ",")));
   }

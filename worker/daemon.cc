@@ -615,9 +615,10 @@ TaskRunner StandInTaskRunner(int64_t num_examples, double seconds) {
                                  const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
     if (seconds > 0) std::this_thread::sleep_for(std::chrono::duration<double>(seconds));
     progress(1.0);
-    aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components (blocks)
+    aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components (its blocks)
     if (protocol::TrainsPart(task.plan)) {
-      FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, protocol::FullShare(task.plan), task.plan.train_rank));
+      FT_ASSIGN_OR_RETURN(own, aggregation::TruncateRank(global, protocol::FullShare(task.plan), task.plan.train_rank,
+                                                          protocol::FirstBlock(task.plan, task.round)));
     }
     LocalResult r = StandInUpdate(own, task.client, num_examples, task.send_fisher, protocol::TrainingSeed(task.client, task.round));
     r.update.metrics["train_seconds"] = seconds;

@@ -16,11 +16,11 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
     bool modules, blocks;
     ~Restore() {
       if (modules) a->SetTrainableModules(model::kAllModules);
-      if (blocks) (void)a->TrainFirstBlocks(0);
+      if (blocks) (void)a->TrainBlocks(0, 0);
     }
   } restore{adapters, !o.train_modules.empty(), o.train_blocks > 0};
   if (!o.train_modules.empty()) adapters->SetTrainableModules(o.train_modules);
-  if (o.train_blocks > 0) FT_RETURN_IF_ERROR(adapters->TrainFirstBlocks(o.train_blocks));
+  if (o.train_blocks > 0) FT_RETURN_IF_ERROR(adapters->TrainBlocks(o.train_first_block, o.train_blocks));
   model::FinetuneOptions ft = o.finetune;
   if (auto it = config.find("proximal_mu"); it != config.end()) {
     ft.proximal_mu = it->second;
@@ -37,13 +37,13 @@ absl::StatusOr<LocalResult> TrainLocal(const model::LlamaModel& model, const std
   FT_ASSIGN_OR_RETURN(r.report, model::Finetune(model, data, ft, adapters, &opt, o.on_step));
   r.update.client = client;
   r.update.num_examples = static_cast<int64_t>(data.size());
-  adapters->ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float>) {
+  adapters->ForEachTrainableAt([&](const std::string& name, std::span<float> p, std::span<float>, size_t at) {
     auto git = global.find(name);
     if (git == global.end()) return;  // not part of this round's global tensors
     const std::vector<float>& g = git->second;
     std::vector<float>& d = r.update.delta[name];
     d.resize(p.size());
-    for (size_t i = 0; i < p.size(); ++i) d[i] = p[i] - g[i];
+    for (size_t i = 0; i < p.size(); ++i) d[i] = p[i] - g[at + i];
     if (o.send_fisher) {
       if (auto f = opt.fisher().find(name); f != opt.fisher().end()) r.update.fisher[name] = f->second;
     }

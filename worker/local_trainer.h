@@ -25,9 +25,9 @@ struct LocalTrainOptions {
   // Modules to train (a per-worker plan); the adapter's other modules act frozen with their
   // global values, and the update holds the trained modules only. Empty: all.
   std::vector<model::Module> train_modules;
-  // DiaBlo: train the first train_blocks blocks of every module only (0: all); the update holds
-  // those blocks (a prefix of each "*.diablo" tensor, aggregation/hetero_rank.h).
-  int64_t train_blocks = 0;
+  // DiaBlo: train train_blocks blocks of every module from block train_first_block only (0:
+  // all); the update holds those blocks (aggregation/hetero_rank.h, protocol::FirstBlock).
+  int64_t train_blocks = 0, train_first_block = 0;
 };
 
 struct LocalResult {

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "aggregation/fed_strategy.h"
+#include "protocol/task.h"
 #include "common/rng.h"
 
 namespace fedtune::aggregation {
@@ -297,23 +298,28 @@ namespace {
 // the mean over every client.
 TEST(HeteroRankTest, DiabloBlocksMergeOverTheClientsThatTrainedThem) {
   constexpr int64_t kN = 4, kBlock = 3 * 2;
-  const std::vector<std::pair<int64_t, int64_t>> clients = {{1, 1}, {2, 3}, {4, 2}};  // blocks, examples
+  struct Client {
+    int64_t blocks, examples, first;  // a window of blocks first .. first + blocks - 1 (protocol::FirstBlock)
+  };
+  const std::vector<Client> clients = {{1, 1, 2}, {2, 3, 1}, {4, 2, 0}, {1, 2, 0}};
   Rng rng(21);
   TensorMap global;
   global["blk.0.attn_q.diablo"] = Normal(rng, kN * kBlock, 0.1);
   std::vector<ClientUpdate> updates;
-  std::map<std::string, int64_t> blocks;
+  std::map<std::string, int64_t> blocks, firsts;
   for (size_t k = 0; k < clients.size(); ++k) {
-    auto cut = TruncateRank(global, kN, clients[k].first);
+    auto cut = TruncateRank(global, kN, clients[k].blocks, clients[k].first);
     ASSERT_TRUE(cut.ok()) << cut.status();
     const std::vector<float>& mine = cut->at("blk.0.attn_q.diablo");
-    ASSERT_EQ(mine.size(), static_cast<size_t>(clients[k].first * kBlock));
-    for (size_t i = 0; i < mine.size(); ++i) ASSERT_EQ(mine[i], global.at("blk.0.attn_q.diablo")[i]);  // a prefix of blocks
+    ASSERT_EQ(mine.size(), static_cast<size_t>(clients[k].blocks * kBlock));
+    for (size_t i = 0; i < mine.size(); ++i)  // the window's blocks
+      ASSERT_EQ(mine[i], global.at("blk.0.attn_q.diablo")[static_cast<size_t>(clients[k].first * kBlock) + i]);
     ClientUpdate u;
     u.client = "c" + std::to_string(k);
-    u.num_examples = clients[k].second;
+    u.num_examples = clients[k].examples;
     u.delta["blk.0.attn_q.diablo"] = Normal(rng, mine.size(), 0.05);
-    blocks[u.client] = clients[k].first;
+    blocks[u.client] = clients[k].blocks;
+    if (clients[k].first > 0) firsts[u.client] = clients[k].first;
     updates.push_back(std::move(u));
   }
   for (HeteroRankRule rule : {HeteroRankRule::kNested, HeteroRankRule::kZeroPad}) {
@@ -324,7 +330,7 @@ TEST(HeteroRankTest, DiabloBlocksMergeOverTheClientsThatTrainedThem) {
     HeteroRankOptions ho;
     ho.rule = rule;
     ho.rank = kN;
-    auto agg = MakeHeteroRankAggregation(ho, blocks, global, (*strategy)->BeginAggregate(1, global));
+    auto agg = MakeHeteroRankAggregation(ho, blocks, global, (*strategy)->BeginAggregate(1, global), firsts);
     for (const ClientUpdate& u : updates) ASSERT_TRUE(agg->Add(u).ok());
     auto m = agg->Merge();
     ASSERT_TRUE(m.ok()) << m.status();
@@ -334,8 +340,9 @@ TEST(HeteroRankTest, DiabloBlocksMergeOverTheClientsThatTrainedThem) {
       const int64_t block = i / kBlock;
       double num = 0, den = 0;
       for (size_t k = 0; k < updates.size(); ++k) {
-        const bool trained = block < clients[k].first;
-        if (trained) num += static_cast<double>(updates[k].num_examples) * updates[k].delta.at("blk.0.attn_q.diablo")[static_cast<size_t>(i)];
+        const bool trained = block >= clients[k].first && block < clients[k].first + clients[k].blocks;
+        if (trained)
+          num += static_cast<double>(updates[k].num_examples) * updates[k].delta.at("blk.0.attn_q.diablo")[static_cast<size_t>(i - clients[k].first * kBlock)];
         if (trained || rule == HeteroRankRule::kZeroPad) den += static_cast<double>(updates[k].num_examples);
       }
       EXPECT_NEAR(got[static_cast<size_t>(i)], num / den, 1e-6) << HeteroRankRuleName(rule) << " value " << i;
@@ -351,6 +358,36 @@ TEST(HeteroRankTest, DiabloBlocksMergeOverTheClientsThatTrainedThem) {
   ho.rank = kN;
   auto agg = MakeHeteroRankAggregation(ho, blocks, global, (*strategy)->BeginAggregate(1, global));
   EXPECT_EQ(agg->Add(bad).code(), absl::StatusCode::kInvalidArgument);
+  // A window past the last block is refused.
+  EXPECT_EQ(TruncateRank(global, kN, 2, 3).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(TruncateRank(global, kN, 1, -1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// The rolling DiaBlo windows: k consecutive blocks inside [0, n), and every block covered within
+// ceil(n / k) consecutive rounds, from any round on.
+TEST(HeteroRankTest, DiabloWindowsRollOverEveryBlock) {
+  for (int64_t n = 1; n <= 16; ++n)
+    for (int64_t k = 1; k <= n; ++k)
+      for (int start = 1; start <= 5; ++start) {
+        std::vector<bool> seen(static_cast<size_t>(n), false);
+        const int64_t rounds = (n + k - 1) / k;
+        for (int r = start; r < start + rounds; ++r) {
+          const int64_t f = protocol::FirstBlock(n, k, r);
+          ASSERT_GE(f, 0);
+          ASSERT_LE(f + k, n) << n << " " << k << " " << r;
+          for (int64_t b = f; b < f + k; ++b) seen[static_cast<size_t>(b)] = true;
+        }
+        for (int64_t b = 0; b < n; ++b) ASSERT_TRUE(seen[static_cast<size_t>(b)]) << "n " << n << " k " << k << " from round " << start << ": block " << b;
+      }
+  EXPECT_EQ(protocol::FirstBlock(8, 3, 1), 0);
+  EXPECT_EQ(protocol::FirstBlock(8, 3, 2), 3);
+  EXPECT_EQ(protocol::FirstBlock(8, 3, 3), 5);  // the last window ends at block 7
+  EXPECT_EQ(protocol::FirstBlock(8, 3, 4), 0);
+  protocol::AdapterPlan lora;
+  lora.kind = "lora";
+  lora.rank = 8;
+  lora.train_rank = 2;
+  EXPECT_EQ(protocol::FirstBlock(lora, 2), 0);  // LoRA ranks are always the first components
 }
 
 }  // namespace

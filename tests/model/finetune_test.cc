@@ -254,6 +254,8 @@ TEST_F(TinyFixture, SavedAdaptersLoadBackIdentically) {
 // leaves the other blocks exactly as they were while they still act in forward, and restoring
 // makes the whole adapter trainable again.
 TEST_F(TinyFixture, DiabloTrainedOnItsFirstBlocksLeavesTheOthersUntouched) {
+  for (int64_t first : {0, 3}) {  // blocks 0..2, and a window in the middle: 3..5 (protocol::FirstBlock)
+  SCOPED_TRACE(first);
   const AdapterSpec spec{AdapterKind::kDiaBlo, 4, 8.0f, false, 8};
   auto whole = *MakeAdapters<float>(dims_, spec, *ParseModules("all"), 5);
   Rng rng(4);
@@ -262,7 +264,7 @@ TEST_F(TinyFixture, DiabloTrainedOnItsFirstBlocksLeavesTheOthersUntouched) {
       if (a)
         for (float& x : a->d) x = static_cast<float>(0.05 * rng.Normal());
   auto part = whole;
-  ASSERT_TRUE(part.TrainFirstBlocks(3).ok());
+  ASSERT_TRUE(part.TrainBlocks(first, 3).ok());
   const int64_t before = whole.NumTrainable();
   EXPECT_EQ(part.NumTrainable() * 8, before * 3);
   part.ForEachTrainable([&](const std::string& name, std::span<float> p, std::span<float> g) {
@@ -272,7 +274,7 @@ TEST_F(TinyFixture, DiabloTrainedOnItsFirstBlocksLeavesTheOthersUntouched) {
     }
     EXPECT_EQ(p.size(), g.size()) << name;
   });
-  // One backward pass: the part's gradients are the whole adapter's first blocks.
+  // One backward pass: the part's gradients are the whole adapter's of those blocks.
   Batch b;
   b.n_seq = 1;
   b.len = 12;
@@ -284,14 +286,15 @@ TEST_F(TinyFixture, DiabloTrainedOnItsFirstBlocksLeavesTheOthersUntouched) {
   std::vector<std::vector<float>> gw;
   whole.ForEachTrainable([&](const std::string&, std::span<float>, std::span<float> g) { gw.emplace_back(g.begin(), g.end()); });
   size_t t = 0;
-  part.ForEachTrainable([&](const std::string& name, std::span<float>, std::span<float> g) {
+  part.ForEachTrainableAt([&](const std::string& name, std::span<float>, std::span<float> g, size_t at) {
     ASSERT_LT(t, gw.size());
     ASSERT_LT(g.size(), gw[t].size()) << name;
-    for (size_t i = 0; i < g.size(); ++i) ASSERT_EQ(g[i], gw[t][i]) << name << " " << i;
+    ASSERT_EQ(at, static_cast<size_t>(first) * (g.size() / 3)) << name;  // 3 blocks handed out, from block `first`
+    for (size_t i = 0; i < g.size(); ++i) ASSERT_EQ(g[i], gw[t][at + i]) << name << " " << i;
     ++t;
   });
   EXPECT_EQ(t, gw.size());
-  // Training with weight decay: blocks 3..7 keep their values, blocks 0..2 move.
+  // Training with weight decay: the three trained blocks move, the others keep their values.
   auto lines = *GenerateTask("record", 4, 1);
   DatasetOptions o;
   o.holdout = 0;
@@ -311,18 +314,24 @@ TEST_F(TinyFixture, DiabloTrainedOnItsFirstBlocksLeavesTheOthersUntouched) {
     for (size_t m = 0; m < part.layers[l].size(); ++m) {
       const auto& a = *part.layers[l][m];
       const auto& s0 = *start.layers[l][m];
-      const size_t cut = static_cast<size_t>(3 * a.b_in * a.b_out);
+      const size_t lo = static_cast<size_t>(first * a.b_in * a.b_out), hi = lo + static_cast<size_t>(3 * a.b_in * a.b_out);
       double moved = 0;
-      for (size_t i = 0; i < cut; ++i) moved = std::max(moved, static_cast<double>(std::fabs(a.d[i] - s0.d[i])));
+      for (size_t i = lo; i < hi; ++i) moved = std::max(moved, static_cast<double>(std::fabs(a.d[i] - s0.d[i])));
       EXPECT_GT(moved, 0) << "layer " << l << " module " << m;
-      for (size_t i = cut; i < a.d.size(); ++i) ASSERT_EQ(a.d[i], s0.d[i]) << "layer " << l << " module " << m << " value " << i;
+      for (size_t i = 0; i < a.d.size(); ++i)
+        if (i < lo || i >= hi) {
+          ASSERT_EQ(a.d[i], s0.d[i]) << "layer " << l << " module " << m << " value " << i;
+        }
     }
-  ASSERT_TRUE(part.TrainFirstBlocks(0).ok());
+  ASSERT_TRUE(part.TrainBlocks(0, 0).ok());
   EXPECT_EQ(part.NumTrainable(), before);
-  EXPECT_FALSE(part.TrainFirstBlocks(9).ok());
-  EXPECT_FALSE(part.TrainFirstBlocks(-1).ok());
+  EXPECT_FALSE(part.TrainBlocks(0, 9).ok());
+  EXPECT_FALSE(part.TrainBlocks(0, -1).ok());
+  EXPECT_FALSE(part.TrainBlocks(6, 3).ok());  // past block 7
+  EXPECT_FALSE(part.TrainBlocks(-1, 3).ok());
   auto lora = *MakeAdapters<float>(dims_, AdapterSpec{AdapterKind::kLora, 4, 8.0f, false, 8}, *ParseModules("all"), 5);
-  EXPECT_EQ(lora.TrainFirstBlocks(2).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(lora.TrainBlocks(0, 2).code(), absl::StatusCode::kInvalidArgument);
+  }
 }
 
 TEST_F(TinyFixture, EveryAdapterTypeFitsASmallSet) {
