@@ -82,6 +82,7 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.plan.train_modules.assign(a.train_modules().begin(), a.train_modules().end());
   t.plan.base_type = a.base_type();
   t.plan.compensation = a.compensation();
+  // (0 from a coordinator whose method has no correction, gptq: the rank is then unused.)
   t.plan.compensation_rank = a.compensation_rank() > 0 ? a.compensation_rank() : 16;
   t.plan.train_rank = a.train_rank();
   // (From the coordinator: finite and positive, or ignored.)

@@ -181,7 +181,7 @@ class SimTransport : public federation::Transport {
         worker::ClientEnv env = env_;
         env.memory_mib = cl.memory_mib;  // 0 (not simulated): the default activation budget
         env.error_feedback = &cl.residual;
-        // A cloq base is calibrated on the data of the first client that trains on it (one
+        // A cloq/gptq base is calibrated on the data of the first client that trains on it (one
         // shared base per type and compensation in the simulation; a worker daemon uses its own).
         bases_.SetCalibration(cl.train);
         protocol::TrainTask own = task;

@@ -321,7 +321,7 @@ absl::Status RunTrain(const TrainArgs& a) {
   dopt.seed = a.seed;
   auto data = model::LoadDataset(a.data, *m.tokenizer(), dopt);
   if (!data.ok()) return data.status();
-  // After the data: cloq calibrates on the training examples' inputs by default.
+  // After the data: cloq and gptq calibrate on the training examples' inputs by default.
   if (auto s = ApplyBaseType(**loaded, a.base, &data->train); !s.ok()) return s;
   const auto kind = model::ParseAdapterKind(a.adapter);
   if (!kind) return absl::InvalidArgumentError("--adapter must be lora, ffa_lora or diablo");

@@ -36,10 +36,10 @@ class BaseModels {
   BaseModels(const model::LlamaModel& stored, std::string path, bool keep_one = false)
       : stored_(stored), path_(std::move(path)), keep_one_(keep_one) {}
   // The plan's base: "" or the stored type (as the rows store it): the stored model; else a
-  // copy re-quantized to it, with the plan's compensation (cloq: calibrated on the tokens of
-  // SetCalibration, refused without them).
+  // copy re-quantized to it, with the plan's compensation (cloq, gptq: calibrated on the tokens
+  // of SetCalibration, refused without them).
   absl::StatusOr<const model::LlamaModel*> For(const protocol::AdapterPlan& plan, bool training = false);
-  // The client's own training inputs for cloq (the first tokens of its examples).
+  // The client's own training inputs for cloq and gptq (the first tokens of its examples).
   void SetCalibration(const std::vector<model::Example>& data, size_t max_tokens = 2048);
   const model::LlamaModel& stored() const { return stored_; }
   // Re-quantized copies built so far.

@@ -15,7 +15,6 @@
 #include <thread>
 
 #include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -28,7 +27,7 @@
 #include "protocol/task.h"
 #include "protocol/update_codec.h"
 #include "kernels/quant.h"
-#include "model/safetensors.h"
+#include "worker/error_feedback.h"
 #include "worker/secure_client.h"
 #include "nlohmann/json.hpp"
 #include "proto/service.grpc.pb.h"
@@ -469,71 +468,6 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
 
 }  // namespace
 
-namespace {
-
-// Error feedback of compressed uploads across restarts: the residual going into the last trained
-// round and the one coming out of it, with the run and round, in one safetensors file written
-// atomically after each compressed round. A round after it starts from `after`; the same round
-// again (trained, then the process died before or during the upload, and the kept update was
-// not reused) from `before`, so a restart never counts a round's compression error twice.
-struct ErrorFeedback {
-  std::string path;  // empty: in memory only
-  bool loaded = false;
-  std::string run_id;
-  int round = -1;  // the round `after` comes out of (-1: none yet)
-  aggregation::TensorMap before, after;
-
-  void Load() {
-    loaded = true;
-    if (path.empty() || !std::filesystem::exists(path)) return;
-    auto file = model::SafetensorsFile::Open(path);
-    const auto& md = file.ok() ? (*file)->metadata() : std::map<std::string, std::string>{};
-    const auto run = md.find("fedtune.run_id");
-    const auto rd = md.find("fedtune.round");
-    if (!file.ok() || run == md.end() || rd == md.end() || !absl::SimpleAtoi(rd->second, &round)) {
-      FT_LOG_WARN("error-feedback residual {} is unreadable ({}); starting from zero", path, file.ok() ? "no run or round" : file.status().ToString());
-      round = -1;
-      return;
-    }
-    run_id = run->second;
-    for (const model::SafeTensor& st : (*file)->tensors()) {
-      auto x = (*file)->ToF32(st.name);
-      if (!x.ok()) {
-        FT_LOG_WARN("error-feedback residual {}: {}; starting from zero", path, x.status().ToString());
-        before.clear();
-        after.clear();
-        round = -1;
-        return;
-      }
-      const bool is_before = absl::StartsWith(st.name, "before/");
-      (is_before ? before : after)[st.name.substr(is_before ? 7 : 6)].assign(x->data<float>(), x->data<float>() + x->size());
-    }
-  }
-
-  // The residual round `r` of `run` starts from (a copy the trainer updates).
-  aggregation::TensorMap For(const std::string& run, int r) {
-    if (!loaded) Load();
-    if (run != run_id || round < 0 || r < round) return {};
-    return r == round ? before : after;
-  }
-
-  absl::Status Save(const std::string& run, int r, aggregation::TensorMap start, aggregation::TensorMap end) {
-    run_id = run;
-    round = r;
-    before = std::move(start);
-    after = std::move(end);
-    if (path.empty()) return absl::OkStatus();
-    model::SafetensorsWriter w;
-    for (const auto& [name, v] : before) FT_RETURN_IF_ERROR(w.AddF32("before/" + name, {static_cast<int64_t>(v.size())}, v));
-    for (const auto& [name, v] : after) FT_RETURN_IF_ERROR(w.AddF32("after/" + name, {static_cast<int64_t>(v.size())}, v));
-    w.SetMetadata("fedtune.run_id", run);
-    w.SetMetadata("fedtune.round", std::to_string(r));
-    return w.WriteFile(path);
-  }
-};
-
-}  // namespace
-
 TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<model::Example>& data, const std::string& model_path,
                      int activation_budget_mib, kernels::Backend* backend, const std::string& privacy_path, double memory_mib,
                      bool report_peak, std::shared_ptr<BaseModels> shared_bases, double device_memory_mib, const std::string& residual_path) {
@@ -541,11 +475,11 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     State(std::shared_ptr<BaseModels> b, const std::string& ledger) : bases(std::move(b)), privacy(ledger) {}
     std::shared_ptr<BaseModels> bases;
     LocalPrivacy privacy;  // record-level epsilon across every round this worker trained
-    ErrorFeedback feedback;  // compressed uploads: error feedback, kept in residual_path when given
+    ErrorFeedback feedback;  // compressed uploads: error feedback, kept in residual_path when given (one task at a time)
   };
   if (!shared_bases) shared_bases = std::make_shared<BaseModels>(model, model_path, /*keep_one=*/true);
   auto state = std::make_shared<State>(std::move(shared_bases), privacy_path);
-  state->feedback.path = residual_path;
+  state->feedback = ErrorFeedback(residual_path);
   state->bases->SetCalibration(data);
   return [&data, state, activation_budget_mib, backend, memory_mib, report_peak, device_memory_mib](const protocol::TrainTask& task, const aggregation::TensorMap& global,
                                                                     const std::function<void(double)>& progress) -> absl::StatusOr<LocalResult> {
@@ -589,7 +523,11 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
       backend->ResetPeakDeviceBytes();
     }
     absl::StatusOr<LocalResult> r = RunTrainTask(*state->bases, data, task, global, env, &state->privacy);
-    if (r.ok() && feedback) FT_RETURN_IF_ERROR(state->feedback.Save(task.run_id, task.round, std::move(start), std::move(residual)));
+    if (r.ok() && feedback) {
+      // Not writing the file loses the residual at the next restart, not this round's update.
+      if (absl::Status st = state->feedback.Save(task.run_id, task.round, std::move(start), std::move(residual)); !st.ok())
+        FT_LOG_WARN("round {}: error-feedback residual not kept: {}", task.round, st.ToString());
+    }
     if (r.ok() && reset && report_peak && task.local_dp_clip <= 0) {
       r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();
       r->update.metrics["rss_start_mib"] = rss_start;  // resident before the round's training

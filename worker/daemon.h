@@ -81,7 +81,7 @@ TaskRunner StandInTaskRunner(int64_t num_examples, double seconds);
 // Scores an EVALUATE task: the round's global adapter on the worker's held-out data.
 using TaskEvaluator = std::function<absl::StatusOr<aggregation::EvalReport>(const protocol::TrainTask& task, const aggregation::TensorMap& global)>;
 // worker::RunEvalTask on `model` and `eval` (re-quantized bases as ModelTaskRunner).
-// `train`: the worker's training data, whose inputs calibrate a cloq-compensated base (the
+// `train`: the worker's training data, whose inputs calibrate a cloq/gptq-compensated base (the
 // same base the runner trains on), never its held-out data. bases: shared with the runner (so a
 // re-quantized, compensated base is built once per worker; null: the evaluator's own).
 TaskEvaluator ModelTaskEvaluator(const model::LlamaModel& model, const std::vector<model::Example>& eval, const std::string& model_path = "",

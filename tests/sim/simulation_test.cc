@@ -15,6 +15,7 @@
 #include "tests/support/processes.h"
 #include "tests/support/tiny_model.h"
 #include "worker/client.h"
+#include "worker/error_feedback.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 
@@ -524,6 +525,48 @@ TEST_F(SimTest, CentralDpSamplesClientsByPoissonAndWithholdsPerClientFigures) {
 // A worker's local DP-SGD ledger survives a restart: a new LocalPrivacy on the same file
 // continues the count (the same epsilon as one that never stopped); an unreadable file is
 // refused rather than silently restarting the count at zero.
+// The error-feedback residual a worker keeps in its state directory: a later round starts from
+// what the last one left, the same round again from what it started with, another run from zero;
+// an older round never overwrites a newer state; an unusable file starts from zero (warned).
+TEST(ErrorFeedbackTest, EachRoundStartsFromTheRightResidualAcrossRestarts) {
+  const std::string path = testing::TempPath("ef_residual.safetensors");
+  std::filesystem::remove(path);
+  const aggregation::TensorMap in{{"blk.0.attn_q.lora_b", {1.0f, 2.0f}}}, out{{"blk.0.attn_q.lora_b", {3.0f, 4.0f}}};
+  {
+    worker::ErrorFeedback ef(path);
+    EXPECT_TRUE(ef.For("run-a", 1).empty());
+    ASSERT_TRUE(ef.Save("run-a", 2, in, out).ok());
+    EXPECT_EQ(ef.For("run-a", 3), out);
+  }
+  worker::ErrorFeedback again(path);  // a restarted worker
+  EXPECT_EQ(again.For("run-a", 3), out);
+  EXPECT_EQ(again.For("run-a", 7), out);
+  EXPECT_EQ(again.For("run-a", 2), in);  // round 2 trained again: from what it started with
+  EXPECT_TRUE(again.For("run-a", 1).empty());
+  EXPECT_TRUE(again.For("run-b", 3).empty());
+  ASSERT_TRUE(again.Save("run-a", 1, out, in).ok());  // older: ignored
+  EXPECT_EQ(worker::ErrorFeedback(path).For("run-a", 3), out);
+  ASSERT_TRUE(again.Save("run-b", 1, {}, in).ok());  // a new run replaces it
+  EXPECT_EQ(worker::ErrorFeedback(path).For("run-b", 2), in);
+  EXPECT_TRUE(worker::ErrorFeedback(path).For("run-a", 3).empty());
+  // Unusable files: garbage, no metadata, a tensor outside before/ and after/.
+  ASSERT_TRUE(WriteFileAtomic(path, std::string("not a safetensors file")).ok());
+  EXPECT_TRUE(worker::ErrorFeedback(path).For("run-b", 2).empty());
+  model::SafetensorsWriter w;
+  ASSERT_TRUE(w.AddF32("x", {1}, std::vector<float>{1.0f}).ok());
+  ASSERT_TRUE(w.WriteFile(path).ok());
+  EXPECT_TRUE(worker::ErrorFeedback(path).For("run-b", 2).empty());
+  w.SetMetadata("fedtune.run_id", "run-b");
+  w.SetMetadata("fedtune.round", "1");
+  ASSERT_TRUE(w.WriteFile(path).ok());
+  EXPECT_TRUE(worker::ErrorFeedback(path).For("run-b", 2).empty());
+  // In memory only (no path): the same rules.
+  worker::ErrorFeedback mem;
+  ASSERT_TRUE(mem.Save("r", 4, in, out).ok());
+  EXPECT_EQ(mem.For("r", 4), in);
+  EXPECT_EQ(mem.For("r", 5), out);
+}
+
 TEST(LocalPrivacyTest, TheLedgerPersistsAcrossRestartsAndACorruptFileIsRefused) {
   const std::string dir = testing::TempPath("local_privacy");
   std::filesystem::remove_all(dir);
