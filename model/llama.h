@@ -192,6 +192,14 @@ class LlamaContext {
   // Eval runs only the first n layers (0: all) and writes no logits (calibration of layer n-1:
   // the cache of the later layers is not written, so Reset before the next Eval).
   void SetLayerLimit(int64_t n) { layer_limit_ = n; }
+  // Layer-wise calibration: with `hidden` set, Eval starts at layer `first` from the hidden
+  // states in *hidden (T x n_embd; first 0: from the tokens' embeddings), runs up to the layer
+  // limit, writes the hidden states after its last layer back to *hidden and no logits (only
+  // the run layers' cache is written). nullptr: a normal Eval.
+  void SetHidden(int64_t first, std::vector<float>* hidden) {
+    first_layer_ = first;
+    hidden_ = hidden;
+  }
 
   // Runs tokens at positions n_past .. n_past+T-1, appending to the cache. Writes logits
   // (n_vocab floats per row) for every token when all_logits, else for the last token only.
@@ -205,7 +213,8 @@ class LlamaContext {
   std::vector<float> k_cache_, v_cache_;  // [layer][pos][n_head_kv * head_dim]
   const AdapterSet<float>* adapters_ = nullptr;
   InputObserver observer_;
-  int64_t layer_limit_ = 0;
+  int64_t layer_limit_ = 0, first_layer_ = 0;
+  std::vector<float>* hidden_ = nullptr;
 };
 
 }  // namespace fedtune::model

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <set>
 #include <vector>
 
 #include <Eigen/Dense>
@@ -350,6 +351,29 @@ TEST(CompensationTest, ALayerLimitedPassSeesWhatAFullPassSees) {
     EXPECT_EQ(logits.empty(), n < nl);
     EXPECT_EQ(limited[static_cast<size_t>(n - 1)], full[static_cast<size_t>(n - 1)]) << "layer " << n - 1;
   }
+  // One layer at a time from the hidden states of the one before (RequantizeCompensated's
+  // passes): each layer sees exactly the full pass's inputs.
+  std::vector<float> hidden;
+  for (int64_t l = 0; l < nl; ++l) {
+    LlamaContext ctx(**m, 64);
+    std::vector<int64_t> seen;
+    std::vector<float> down;
+    ctx.SetInputObserver([&](int64_t layer, Module mod, const float* in, int64_t rows, int64_t cols) {
+      seen.push_back(layer);
+      if (mod == Module::kDown) down.assign(in, in + rows * cols);
+    });
+    ctx.SetHidden(l, &hidden);
+    ctx.SetLayerLimit(l + 1);
+    ASSERT_TRUE(ctx.Eval(tokens, false, &logits).ok());
+    EXPECT_TRUE(logits.empty());
+    EXPECT_EQ(std::set<int64_t>(seen.begin(), seen.end()), std::set<int64_t>{l});
+    EXPECT_EQ(down, full[static_cast<size_t>(l)]) << "layer " << l;
+    EXPECT_EQ(hidden.size(), tokens.size() * static_cast<size_t>((*m)->config().n_embd));
+  }
+  std::vector<float> wrong(3);
+  LlamaContext bad(**m, 64);
+  bad.SetHidden(1, &wrong);
+  EXPECT_EQ(bad.Eval(tokens, false, &logits).code(), absl::StatusCode::kInvalidArgument);
 }
 
 // A compensated model computes what the plain re-quantized model computes with the correction
