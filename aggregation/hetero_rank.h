@@ -62,7 +62,7 @@ absl::StatusOr<std::vector<LoraFactors>> FlexLoraRedistribute(const std::vector<
 //            beyond R, reported per round as "hetero_truncation" (relative Frobenius norm, the
 //            largest over modules; 0 while the clients' stacked rank fits in R).
 // DiaBlo (its "rank" is the block count N, adapter.blocks): a worker given k < N blocks trains
-// the first k diagonal blocks of every module on top of all N (the others act frozen with the
+// a window of k diagonal blocks of every module on top of all N (the others act frozen with the
 // global's values; model::AdapterSet::TrainBlocks) and uploads those k blocks; the server
 // pads them to N (ExpandRank: *.diablo tensors hold blocks first .. first + k - 1, the window
 // protocol::FirstBlock rolls from round to round) and merges by

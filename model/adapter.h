@@ -36,7 +36,7 @@ struct AdapterSpec {
   int64_t blocks = 16;   // DiaBlo N
   float Scale() const;
   // What a worker's share of the adapter is out of (issue 22): the LoRA rank (a rank-r worker
-  // trains the first r components), or DiaBlo's block count (it trains the first k blocks).
+  // trains the first r components), or DiaBlo's block count (it trains a window of k blocks).
   int64_t FullShare() const { return kind == AdapterKind::kDiaBlo ? blocks : rank; }
 };
 

@@ -166,7 +166,7 @@ absl::StatusOr<TrainReport> Finetune(const LlamaModel& model, const std::vector<
     }
     const float lr = LearningRate(optimizer->config(), optimizer->step());
     const double gnorm = optimizer->Step(*adapters);
-    // The optimizer cleared the gradients it stepped; a DiaBlo module trained on its first
+    // The optimizer cleared the gradients it stepped; a DiaBlo module trained on some of its
     // blocks also accumulated gradients for the others (nobody reads them): clear those too.
     adapters->ZeroGrad();
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();

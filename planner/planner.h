@@ -73,7 +73,7 @@ struct Candidate {
   int local_steps = 1;
   // LoRA / FFA-LoRA rank the worker trains (the first `rank` components of the shared adapter,
   // aggregation/hetero_rank.h); 0: the shared rank. Memory and upload shrink with it. DiaBlo:
-  // the number of diagonal blocks it trains (the first `rank` of them): the upload shrinks.
+  // the number of diagonal blocks it trains (a rolling window of `rank`): the upload shrinks.
   int64_t rank = 0;
 };
 

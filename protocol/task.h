@@ -35,8 +35,9 @@ struct AdapterPlan {
   // This client's LoRA rank (0 or `rank`: the shared one): it trains the first train_rank
   // components of the global adapter (aggregation/hetero_rank.h). For DiaBlo the number of
   // diagonal blocks it trains (0 or `blocks`: all): a window of train_rank consecutive blocks
-  // that rolls from round to round (FirstBlock), so every block is trained by every worker
-  // over the rounds, not only by the ones that train all of them.
+  // that rolls from round to round (FirstBlock), so every block is trained by workers with
+  // fewer blocks too, not only by the ones that train all of them (the window depends on the
+  // round only: a worker sampled every ceil(N/k)-th round, or whose k changes, may not see all).
   int train_rank = 0;
   // The memory the plan was made for, when below what the client reported (0: its own): the
   // client keeps activations within it (worker::RunTrainTask). Host and device memory, MiB.

@@ -1,6 +1,7 @@
 #include "worker/client.h"
 
 #include <algorithm>
+#include <map>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -173,7 +174,8 @@ absl::StatusOr<double> LocalPrivacy::Record(const protocol::TrainTask& task, siz
 namespace {
 
 // A plan's train_rank below its rank: this client trains the first train_rank components, at
-// the shared adapter's scale (aggregation/hetero_rank.h); DiaBlo: its first train_rank blocks.
+// the shared adapter's scale (aggregation/hetero_rank.h); DiaBlo: train_rank blocks of this
+// round's window (protocol::FirstBlock).
 // 0: the whole adapter.
 absl::StatusOr<int64_t> TrainRank(const protocol::AdapterPlan& p) {
   const int full = protocol::FullShare(p);
@@ -412,7 +414,28 @@ absl::StatusOr<LocalResult> RunTrainTask(BaseModels& bases, const std::vector<mo
   if (!task.compression.empty()) {  // after local DP: compression is post-processing of its output
     FT_ASSIGN_OR_RETURN(const aggregation::Compression kind, aggregation::CompressionFromName(task.compression));
     if (task.topk_fraction <= 0 || task.topk_fraction > 1) return absl::InvalidArgumentError("task: topk_fraction must be in (0, 1]");
-    aggregation::CompressUpdate(&r.update, kind, task.topk_fraction, task.error_feedback ? env.error_feedback : nullptr);
+    aggregation::TensorMap* ef = task.error_feedback ? env.error_feedback : nullptr;
+    if (ef == nullptr || !diablo || lt.train_blocks <= 0) {
+      aggregation::CompressUpdate(&r.update, kind, task.topk_fraction, ef);
+    } else {
+      // A DiaBlo window moves from round to round (protocol::FirstBlock): the residual stays in
+      // whole-tensor coordinates, so what compression left of block j goes out the next time
+      // block j trains, not on whatever block takes its place in the window.
+      aggregation::TensorMap window;
+      std::map<std::string, size_t> offset;
+      for (const auto& [name, d] : r.update.delta) {
+        const auto g = global.find(name);
+        const size_t n = g == global.end() ? d.size() : g->second.size();
+        std::vector<float>& whole = (*ef)[name];
+        if (whole.size() != n) whole.assign(n, 0.0f);
+        const size_t at = d.size() < n ? n / static_cast<size_t>(protocol::FullShare(p)) * static_cast<size_t>(lt.train_first_block) : 0;
+        if (at + d.size() > n) return absl::InternalError(absl::StrCat("error feedback: ", name, " window past the tensor"));
+        offset[name] = at;
+        window[name].assign(whole.begin() + static_cast<std::ptrdiff_t>(at), whole.begin() + static_cast<std::ptrdiff_t>(at + d.size()));
+      }
+      aggregation::CompressUpdate(&r.update, kind, task.topk_fraction, &window);
+      for (const auto& [name, w] : window) std::copy(w.begin(), w.end(), (*ef)[name].begin() + static_cast<std::ptrdiff_t>(offset[name]));
+    }
   }
   return r;
 }

@@ -18,6 +18,7 @@
 #include "coordinator/server.h"
 #include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "model/safetensors.h"
 #include "federation/settings.h"
 #include "protocol/update_codec.h"
 #include "sim/simulation.h"
@@ -544,6 +545,66 @@ TEST_F(E2ETest, ADiabloWorkerBehindASlowLinkTrainsFewerBlocksDeployed) {
   }
   EXPECT_EQ(checked, 2 * 2);  // q and v of two layers
   EXPECT_GT(shared, 0);
+}
+
+// Compressed uploads from a worker on 1 of 4 DiaBlo blocks: the window moves each round, and the
+// error-feedback residual stays in whole-tensor coordinates, so round 2 (block 1) neither adds
+// block 0's leftover to block 1 nor forgets it (kept in the worker's residual file).
+TEST_F(E2ETest, ErrorFeedbackFollowsTheBlocksOfAMovingDiabloWindow) {
+  const std::string dir = testing::TempPath("e2e_ef_window");
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string path = dir + "/error_feedback.safetensors";
+  auto o = Options(testing::TempPath("e2e_state_ef_window"));
+  const model::AdapterSpec diablo{model::AdapterKind::kDiaBlo, 4, 8.0f, false, 4};
+  o.engine.settings.adapter = {diablo, *model::ParseModules("q,v"), ""};
+  auto initial = *model::MakeAdapters<float>(model_->adapter_dims(), diablo, *model::ParseModules("q,v"), 5);
+  const aggregation::TensorMap global = worker::AdapterTensors(initial);
+  protocol::TrainTask t = federation::TaskTemplate(o.engine.settings);
+  t.client = "w1";
+  t.run_id = "run-ef";
+  t.plan.train_rank = 1;
+  t.compression = "int8";
+  t.error_feedback = true;
+  const worker::TaskRunner runner = worker::ModelTaskRunner(*model_, data_[0], model_path_, 0, nullptr, "", 0, false, nullptr, 0, path);
+  auto residual = [&]() {
+    aggregation::TensorMap after;
+    auto f = model::SafetensorsFile::Open(path);
+    EXPECT_TRUE(f.ok()) << f.status();
+    if (!f.ok()) return after;
+    for (const auto& st : (*f)->tensors()) {
+      if (st.name.rfind("after/", 0) != 0) continue;
+      auto x = (*f)->ToF32(st.name);
+      after[st.name.substr(6)].assign(x->data<float>(), x->data<float>() + x->size());
+    }
+    return after;
+  };
+  auto block_moved = [](const std::vector<float>& v, int b) {
+    const size_t n = v.size() / 4;
+    for (size_t i = static_cast<size_t>(b) * n; i < static_cast<size_t>(b + 1) * n; ++i)
+      if (v[i] != 0.0f) return true;
+    return false;
+  };
+  t.round = 1;  // window: block 0
+  auto r1 = runner(t, global, [](double) {});
+  ASSERT_TRUE(r1.ok()) << r1.status();
+  const aggregation::TensorMap after1 = residual();
+  ASSERT_FALSE(after1.empty());
+  for (const auto& [name, v] : after1) {
+    ASSERT_EQ(v.size(), global.at(name).size()) << name;  // whole-tensor coordinates
+    EXPECT_TRUE(block_moved(v, 0)) << name;
+    for (int b = 1; b < 4; ++b) EXPECT_FALSE(block_moved(v, b)) << name << " block " << b;
+  }
+  t.round = 2;  // window: block 1
+  auto r2 = runner(t, global, [](double) {});
+  ASSERT_TRUE(r2.ok()) << r2.status();
+  for (const auto& [name, v] : residual()) {
+    const size_t n = v.size() / 4;
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(v[i], after1.at(name)[i]) << name << ": block 0's leftover waits for block 0";
+    EXPECT_TRUE(block_moved(v, 1)) << name;
+    EXPECT_FALSE(block_moved(v, 2)) << name;
+    EXPECT_EQ(r2->update.delta.at(name).size(), n) << name;  // one block uploaded
+  }
 }
 
 // A worker's trainer and evaluator share one set of bases: a plan's compensated low-bit base is
