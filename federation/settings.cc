@@ -111,6 +111,8 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   s.compensation_rank = OrDefault(train.compensation_rank(), 16);
   if (s.compensation_rank < 1) return Bad("train.compensation_rank", "must be >= 1");
   if (!model::HasCorrection(*method)) s.compensation_rank = 0;  // gptq: rounding only, no low-rank term to count or keep
+  s.compensation_damping = OrDefault(train.compensation_damping(), 0.01);
+  if (!(s.compensation_damping > 0 && s.compensation_damping <= 1e3)) return Bad("train.compensation_damping", "must be in (0, 1000]");
   // Evaluation.
   s.eval_every = OrDefault(eval.every(), 1);
   s.max_new_tokens = OrDefault(eval.max_new_tokens(), 32);
@@ -326,6 +328,7 @@ protocol::TrainTask TaskTemplate(const RunSettings& s) {
   t.plan.base_type = s.base_type;
   t.plan.compensation = s.compensation;
   t.plan.compensation_rank = s.compensation_rank;
+  t.plan.compensation_damping = s.compensation_damping;
   t.local_steps = s.local_steps;
   t.batch = s.batch;
   t.learning_rate = s.learning_rate;

@@ -43,6 +43,7 @@ struct RunSettings {
   std::string base_type;  // re-quantize the base on the clients (empty: as stored)
   std::string compensation;  // of a re-quantized base: "" (none), svd, loftq, cloq, gptq, gptq-cloq
   int compensation_rank = 16;
+  double compensation_damping = 0.01;
   bool send_fisher = false;
   // Upload compression (strategy.compression, topk_fraction, no_error_feedback).
   aggregation::Compression compression = aggregation::Compression::kNone;

@@ -173,16 +173,16 @@ kernels::QMatrix GgufTensor::AsMatrix() const {
   return m;
 }
 
-absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path, bool private_types) {
   FT_ASSIGN_OR_RETURN(auto f, MappedFile::Open(path));
-  auto parsed = Parse(std::move(f));
+  auto parsed = Parse(std::move(f), private_types);
   if (!parsed.ok()) {
     return absl::Status(parsed.status().code(), absl::StrCat(path, ": ", parsed.status().message()));
   }
   return parsed;
 }
 
-absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Parse(std::unique_ptr<MappedFile> file) {
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Parse(std::unique_ptr<MappedFile> file, bool private_types) {
   std::unique_ptr<GgufFile> g(new GgufFile());
   g->file_ = std::move(file);
   const auto bytes = g->file_->bytes();
@@ -240,9 +240,12 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Parse(std::unique_ptr<Mapped
     }
     uint32_t type = 0;
     FT_RETURN_IF_ERROR(c.Read(&type, "tensor type"));
-    // fedtune's in-memory types (NF4, NF4_DQ: ids from 0x1000) are never valid in a file.
-    const auto traits = type >= static_cast<uint32_t>(GgmlType::kNF4) ? std::nullopt : kernels::GetTypeTraits(type);
+    // fedtune's in-memory types (NF4, NF4_DQ, NF3, NF2: ids from 0x1000) are valid only in
+    // fedtune's own files opened with private_types (the compensation cache), as matrices.
+    const bool private_type = type >= static_cast<uint32_t>(GgmlType::kNF4);
+    const auto traits = private_type && !private_types ? std::nullopt : kernels::GetTypeTraits(type);
     if (!traits) return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' has unknown type id ", type));
+    if (private_type && n_dims != 2) return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' of a private type is not a matrix"));
     if (!traits->supported) return absl::UnimplementedError(absl::StrCat("GGUF: tensor '", t.name, "' has block type ", traits->name, ", which fedtune cannot dequantize"));
     t.type = static_cast<GgmlType>(type);
     if (t.ne[0] % traits->block_size != 0) {
@@ -251,8 +254,9 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Parse(std::unique_ptr<Mapped
     FT_RETURN_IF_ERROR(c.Read(&t.offset, "tensor offset"));
     if (t.offset % alignment != 0) return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' offset ", t.offset, " is not aligned to ", alignment));
     const uint64_t blocks = static_cast<uint64_t>(n_el / traits->block_size);
-    if (blocks > std::numeric_limits<uint64_t>::max() / traits->type_size) return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' size overflows"));
+    if (blocks > std::numeric_limits<uint64_t>::max() / (traits->type_size + 8)) return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' size overflows"));
     t.nbytes = blocks * traits->type_size;
+    if (private_type) t.nbytes = static_cast<uint64_t>(t.ne[1]) * *kernels::RowBytes(t.type, t.ne[0]);  // NF4_DQ: a header per row
     if (g->tensor_index_.count(t.name)) return absl::DataLossError(absl::StrCat("GGUF: duplicate tensor name '", t.name, "'"));
     g->tensor_index_[t.name] = g->tensors_.size();
     g->tensors_.push_back(std::move(t));
@@ -405,7 +409,7 @@ void GgufWriter::SetValue(const std::string& key, const GgufValue& v) {
 absl::Status GgufWriter::AddTensor(const std::string& name, std::vector<int64_t> ne, kernels::GgmlType type,
                                    std::span<const uint8_t> data) {
   if (name.size() > 64) return absl::InvalidArgumentError(absl::StrCat("tensor name '", name, "' is longer than 64 bytes"));
-  if (static_cast<uint32_t>(type) >= static_cast<uint32_t>(kernels::GgmlType::kNF4))
+  if (static_cast<uint32_t>(type) >= static_cast<uint32_t>(kernels::GgmlType::kNF4) && !private_types_)
     return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': ", kernels::TypeTraits(type).name, " is in-memory only, not a GGUF type"));
   if (ne.empty() || ne.size() > 4) return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' must have 1 to 4 dims"));
   int64_t n = 1;

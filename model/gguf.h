@@ -53,10 +53,12 @@ struct GgufTensor {
 
 class GgufFile {
  public:
-  static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
+  // private_types: accept fedtune's in-memory block types (NF4, NF4_DQ, NF3, NF2) in 2-D
+  // tensors, as fedtune's own files hold them (GgufWriter::AllowPrivateTypes).
+  static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path, bool private_types = false);
   // Parses a file already in memory (tests, fuzzers). Errors are DataLoss (corrupt/truncated),
   // Unimplemented (unsupported version or block type).
-  static absl::StatusOr<std::unique_ptr<GgufFile>> Parse(std::unique_ptr<MappedFile> file);
+  static absl::StatusOr<std::unique_ptr<GgufFile>> Parse(std::unique_ptr<MappedFile> file, bool private_types = false);
 
   uint32_t version() const { return version_; }
   const std::string& path() const { return file_->path(); }
@@ -92,6 +94,9 @@ class GgufFile {
 class GgufWriter {
  public:
   explicit GgufWriter(uint32_t alignment = 32) : alignment_(alignment) {}
+  // Accepts fedtune's in-memory block types (ids from 0x1000): a file only fedtune reads
+  // (GgufFile::Open with private_types), never one for llama.cpp.
+  void AllowPrivateTypes() { private_types_ = true; }
   void SetString(const std::string& key, const std::string& v);
   void SetU32(const std::string& key, uint32_t v);
   void SetI32(const std::string& key, int32_t v);
@@ -122,6 +127,7 @@ class GgufWriter {
   };
   void PutKey(const std::string& key, GgufType type);
   uint32_t alignment_;
+  bool private_types_ = false;
   std::vector<uint8_t> kv_bytes_;
   uint64_t n_kv_ = 0;
   std::vector<Tensor> tensors_;

@@ -12,6 +12,7 @@
 #include <set>
 
 #include "absl/strings/str_format.h"
+#include "common/log.h"
 #include "common/mapped_file.h"
 #include "kernels/thread_pool.h"
 #include "nlohmann/json.hpp"
@@ -627,13 +628,17 @@ size_t LlamaModel::ProjectionBytes() const {
 // costs its new size, not both.
 void LlamaModel::ReplaceMatrix(kernels::QMatrix* w, kernels::GgmlType type, std::vector<uint8_t> bytes, size_t rb) {
   owned_.push_back(std::move(bytes));
+  ReplaceMatrixData(w, type, owned_.back().data(), rb);
+}
+
+void LlamaModel::ReplaceMatrixData(kernels::QMatrix* w, kernels::GgmlType type, const uint8_t* data, size_t rb) {
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const auto begin = (reinterpret_cast<uintptr_t>(w->data) + page - 1) / page * page;
   const auto end = (reinterpret_cast<uintptr_t>(w->data) + w->row_bytes * static_cast<size_t>(w->rows)) / page * page;
   const bool in_mapping = gguf_ && w->data >= gguf_->mapped_bytes().data() &&
                           w->data + w->row_bytes * static_cast<size_t>(w->rows) <= gguf_->mapped_bytes().data() + gguf_->mapped_bytes().size();
   if (in_mapping && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
-  *w = {type, owned_.back().data(), w->rows, w->cols, rb};
+  *w = {type, data, w->rows, w->cols, rb};
 }
 
 void LlamaModel::ReleaseMappedPages() const {
@@ -679,6 +684,7 @@ std::string LlamaModel::CompensationReport::Summary() const {
                                   static_cast<double>(projection_bytes) / (1 << 20), static_cast<double>(correction_bytes) / (1 << 20), seconds,
                                   rb / n, ra / n);
   if (!modules.empty() && modules[0].act_before >= 0) absl::StrAppendFormat(&s, ", on the calibration inputs %.4f -> %.4f", ab / n, aa / n);
+  if (cache_hit) absl::StrAppendFormat(&s, "; read from the cache %s in %.1f s", cache_path, load_seconds);
   return s;
 }
 
@@ -690,8 +696,171 @@ size_t LlamaModel::CorrectionBytes() const {
   return n;
 }
 
+// The compensation cache. Computing a compensated base takes minutes (SmolLM2-135M at Q3_K with
+// cloq: ~2 min on 2 cores) and a worker restarted by its service manager would otherwise pay
+// it again for the same result; the result depends only on the model file, the target, the
+// options and the calibration tokens, which make the key. The file is GGUF (our reader and
+// writer, mapped on load, 32-byte aligned tensors): per layer and projection
+// "blk.L.<attn_q...>.weight" in its re-quantized type and, with a correction, ".corr_u" /
+// ".corr_v" (F16), with the key and the report's figures as metadata. The model file is
+// identified by its canonical path, size and modification time (as build caches do: hashing a
+// many-GiB model on every start would cost more than it saves); kCompensationCacheVersion is
+// bumped whenever the computation changes what it produces.
+namespace {
+constexpr int kCompensationCacheVersion = 1;
+constexpr int kCompensationCacheFiles = 4;
+
+uint64_t Fnv1a(std::string_view bytes, uint64_t h = 1469598103934665603ull) {
+  for (unsigned char c : bytes) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+}  // namespace
+
 absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::RequantizeCompensated(kernels::GgmlType target, const CompensationOptions& o,
-                                                                                 std::span<const int32_t> calibration) {
+                                                                                 std::span<const int32_t> calibration, const std::string& cache_dir) {
+  namespace fs = std::filesystem;
+  if (cache_dir.empty() || !gguf_) return ComputeCompensated(target, o, calibration);
+  std::error_code ec;
+  const fs::path src = fs::canonical(gguf_->path(), ec);
+  const auto size = ec ? 0 : fs::file_size(src, ec);
+  const auto mtime = ec ? fs::file_time_type{} : fs::last_write_time(src, ec);
+  if (ec) {
+    FT_LOG_WARN("compensation cache: cannot identify the model file {} ({}); not cached", gguf_->path(), ec.message());
+    return ComputeCompensated(target, o, calibration);
+  }
+  const uint64_t calib_hash = Fnv1a(std::string_view(reinterpret_cast<const char*>(calibration.data()), calibration.size() * sizeof(int32_t)));
+  const std::string key = absl::StrFormat("v%d|%s|%d|%d|%s|%s|r%d|i%d|d%.17g|c%d:%016x", kCompensationCacheVersion, src.string(), size,
+                                          static_cast<int64_t>(mtime.time_since_epoch().count()), kernels::TypeTraits(target).name,
+                                          CompensationMethodName(o.method), HasCorrection(o.method) ? o.rank : 0,
+                                          o.method == CompensationMethod::kLoftQ ? o.iterations : 0, NeedsCalibration(o.method) ? o.damping : 0.0,
+                                          NeedsCalibration(o.method) ? calibration.size() : 0, NeedsCalibration(o.method) ? calib_hash : 0);
+  const fs::path file = fs::path(cache_dir) / absl::StrFormat("compensated-%s-%s-%016x.gguf", kernels::TypeTraits(target).name,
+                                                              CompensationMethodName(o.method), Fnv1a(key));
+  if (fs::exists(file, ec)) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto hit = LoadCompensated(file.string(), key, target);
+    if (hit.ok()) {
+      hit->cache_path = file.string();
+      hit->cache_hit = true;
+      hit->load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      fs::last_write_time(file, fs::file_time_type::clock::now(), ec);  // least recently used goes first
+      return hit;
+    }
+    FT_LOG_WARN("compensation cache {}: {}; computing it again", file.string(), hit.status().ToString());
+  }
+  FT_ASSIGN_OR_RETURN(CompensationReport rep, ComputeCompensated(target, o, calibration));
+  // A cache that cannot be written costs the next start the computation, not this one its result.
+  fs::create_directories(cache_dir, ec);
+  if (auto s = ec ? absl::InternalError(ec.message()) : SaveCompensated(file.string(), key, rep); !s.ok()) {
+    FT_LOG_WARN("compensation cache: cannot write {}: {}", file.string(), s.ToString());
+    return rep;
+  }
+  rep.cache_path = file.string();
+  std::vector<std::pair<fs::file_time_type, fs::path>> files;
+  for (const auto& e : fs::directory_iterator(cache_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.starts_with("compensated-") && name.ends_with(".gguf") && e.path() != file) files.emplace_back(e.last_write_time(ec), e.path());
+  }
+  std::sort(files.begin(), files.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (size_t i = kCompensationCacheFiles - 1; i < files.size(); ++i) {
+    FT_LOG_INFO("compensation cache: removing the least recently used {}", files[i].second.string());
+    fs::remove(files[i].second, ec);
+  }
+  return rep;
+}
+
+absl::Status LlamaModel::SaveCompensated(const std::string& path, const std::string& key, const CompensationReport& rep) const {
+  GgufWriter w;
+  w.AllowPrivateTypes();  // NF4/NF3/NF2 projections
+  w.SetString("fedtune.compensation.key", key);
+  w.SetF32("fedtune.compensation.seconds", static_cast<float>(rep.seconds));
+  std::vector<float> rb, ra, ab, aa;
+  for (const auto& e : rep.modules) {
+    rb.push_back(static_cast<float>(e.rel_before));
+    ra.push_back(static_cast<float>(e.rel_after));
+    ab.push_back(static_cast<float>(e.act_before));
+    aa.push_back(static_cast<float>(e.act_after));
+  }
+  w.SetF32Array("fedtune.compensation.rel_before", rb);
+  w.SetF32Array("fedtune.compensation.rel_after", ra);
+  w.SetF32Array("fedtune.compensation.act_before", ab);
+  w.SetF32Array("fedtune.compensation.act_after", aa);
+  auto add = [&](const std::string& name, const kernels::QMatrix& m) {
+    return w.AddTensor(name, {m.cols, m.rows}, m.type, {m.data, m.row_bytes * static_cast<size_t>(m.rows)});
+  };
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    const LlamaLayer& L = layers_[li];
+    for (int mi = 0; mi < kNumModules; ++mi) {
+      const std::string base = absl::StrCat("blk.", li, ".", GgufModuleName(static_cast<Module>(mi)));
+      FT_RETURN_IF_ERROR(add(base + ".weight", L.Projection(static_cast<Module>(mi))));
+      if (const LowRankCorrection& c = L.corr[static_cast<size_t>(mi)]; c.present()) {
+        FT_RETURN_IF_ERROR(add(base + ".corr_u", c.u));
+        FT_RETURN_IF_ERROR(add(base + ".corr_v", c.v));
+      }
+    }
+  }
+  return w.WriteFile(path);
+}
+
+absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::LoadCompensated(const std::string& path, const std::string& key, kernels::GgmlType target) {
+  FT_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> f, GgufFile::Open(path, /*private_types=*/true));
+  FT_ASSIGN_OR_RETURN(std::string stored, f->GetString("fedtune.compensation.key"));
+  if (stored != key) return absl::NotFoundError("written for other inputs (key mismatch)");
+  CompensationReport rep;
+  rep.seconds = f->GetFloatOr("fedtune.compensation.seconds", 0);
+  std::array<std::vector<double>, 4> figures;
+  const char* names[] = {"rel_before", "rel_after", "act_before", "act_after"};
+  for (size_t k = 0; k < 4; ++k) {
+    FT_ASSIGN_OR_RETURN(const GgufValue* a, f->GetArray(absl::StrCat("fedtune.compensation.", names[k])));
+    figures[k] = a->floats;
+    if (figures[k].size() != layers_.size() * kNumModules) return absl::DataLossError(absl::StrCat(names[k], ": wrong length"));
+  }
+  // Every tensor is checked before any projection is replaced: a bad file leaves the model as loaded.
+  struct Found { const GgufTensor *w, *u, *v; };
+  std::vector<Found> found;
+  auto check = [&](const GgufTensor* t, const std::string& name, int64_t rows, int64_t cols, std::optional<kernels::GgmlType> type) -> absl::Status {
+    if (t == nullptr) return absl::DataLossError(absl::StrCat("no tensor ", name));
+    if (t->ne.size() != 2 || t->ne[0] != cols || (rows >= 0 && t->ne[1] != rows) || (type && t->type != *type))
+      return absl::DataLossError(absl::StrCat("tensor ", name, " has another shape or type"));
+    return absl::OkStatus();
+  };
+  for (size_t li = 0; li < layers_.size(); ++li) {
+    for (int mi = 0; mi < kNumModules; ++mi) {
+      const kernels::QMatrix& m = layers_[li].Projection(static_cast<Module>(mi));
+      const std::string base = absl::StrCat("blk.", li, ".", GgufModuleName(static_cast<Module>(mi)));
+      Found e{f->FindTensor(base + ".weight"), f->FindTensor(base + ".corr_u"), f->FindTensor(base + ".corr_v")};
+      FT_RETURN_IF_ERROR(check(e.w, base + ".weight", m.rows, m.cols, kernels::RowCompatibleType(target, m.cols)));
+      if ((e.u == nullptr) != (e.v == nullptr)) return absl::DataLossError(absl::StrCat(base, ": half a correction"));
+      if (e.u != nullptr) {
+        FT_RETURN_IF_ERROR(check(e.v, base + ".corr_v", -1, m.cols, kernels::GgmlType::kF16));
+        if (e.v->ne[1] < 1) return absl::DataLossError(absl::StrCat(base, ": a correction of rank 0"));
+        FT_RETURN_IF_ERROR(check(e.u, base + ".corr_u", m.rows, e.v->ne[1], kernels::GgmlType::kF16));
+      }
+      found.push_back(e);
+    }
+  }
+  for (size_t li = 0, i = 0; li < layers_.size(); ++li) {
+    LlamaLayer& L = layers_[li];
+    const std::array<kernels::QMatrix*, kNumModules> mats = L.Projections();
+    for (int mi = 0; mi < kNumModules; ++mi, ++i) {
+      const Found& e = found[i];
+      const kernels::QMatrix q = e.w->AsMatrix();
+      ReplaceMatrixData(mats[static_cast<size_t>(mi)], q.type, q.data, q.row_bytes);
+      L.corr[static_cast<size_t>(mi)] = e.u != nullptr ? LowRankCorrection{e.u->AsMatrix(), e.v->AsMatrix()} : LowRankCorrection{};
+      rep.modules.push_back({static_cast<int64_t>(li), static_cast<Module>(mi), q.type, figures[0][i], figures[1][i], figures[2][i], figures[3][i]});
+    }
+  }
+  cache_files_.push_back(std::move(f));
+  rep.projection_bytes = ProjectionBytes();
+  rep.correction_bytes = CorrectionBytes();
+  return rep;
+}
+
+absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::ComputeCompensated(kernels::GgmlType target, const CompensationOptions& o,
+                                                                              std::span<const int32_t> calibration) {
   const auto tr = kernels::GetTypeTraits(static_cast<uint32_t>(target));
   if (!tr || !tr->supported) return absl::InvalidArgumentError("unknown target type");
   if (cfg_.fused) return absl::UnimplementedError("compensation of fused projections (phi3) is not implemented");

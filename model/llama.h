@@ -142,13 +142,21 @@ class LlamaModel {
     };
     std::vector<Entry> modules;
     size_t projection_bytes = 0, correction_bytes = 0;
-    double seconds = 0;
+    double seconds = 0;          // computing it (a cache hit: the original computation's)
+    std::string cache_path;      // the cache file written or read ("" without a cache)
+    bool cache_hit = false;
+    double load_seconds = 0;     // a cache hit: reading it
     // "P MiB + C MiB correction (S s); mean relative weight error a -> b[, on the calibration
-    // inputs c -> d]" (means over the projections).
+    // inputs c -> d]" (means over the projections)[; "read from the cache F in L s"].
     std::string Summary() const;
   };
+  // cache_dir (optional): the result is kept on disk there (model/llama.cc, "compensation cache")
+  // and read back instead of recomputed when the same model file (path, size, modification
+  // time), target, options and calibration tokens ask again; at most 4 files are kept (least
+  // recently used removed). A file that does not match or does not parse is recomputed and
+  // rewritten. Models not loaded from a GGUF file are not cached.
   absl::StatusOr<CompensationReport> RequantizeCompensated(kernels::GgmlType target, const CompensationOptions& o,
-                                                           std::span<const int32_t> calibration);
+                                                           std::span<const int32_t> calibration, const std::string& cache_dir = "");
   size_t CorrectionBytes() const;
 
   const LlamaConfig& config() const { return cfg_; }
@@ -167,6 +175,15 @@ class LlamaModel {
   // q/k rows (and their biases and norms) from rotate_half order to adjacent pairs (owned copies).
   void PermuteFromNeox();
   void ReplaceMatrix(kernels::QMatrix* w, kernels::GgmlType type, std::vector<uint8_t> bytes, size_t rb);
+  // Points w at `data` (owned elsewhere: owned_ or a cache file), dropping the original's pages.
+  void ReplaceMatrixData(kernels::QMatrix* w, kernels::GgmlType type, const uint8_t* data, size_t rb);
+  absl::StatusOr<CompensationReport> ComputeCompensated(kernels::GgmlType target, const CompensationOptions& o,
+                                                        std::span<const int32_t> calibration);
+  // The compensation cache (llama.cc): writes this model's projections and corrections with the
+  // report under `key`; reads them back (DataLoss / NotFound when the file is not for `key`).
+  absl::Status SaveCompensated(const std::string& path, const std::string& key, const CompensationReport& rep) const;
+  absl::StatusOr<CompensationReport> LoadCompensated(const std::string& path, const std::string& key, kernels::GgmlType target);
+  std::vector<std::unique_ptr<GgufFile>> cache_files_;  // mapped compensation caches the projections point into
   LlamaConfig cfg_;
   std::unique_ptr<GgufFile> gguf_;
   std::unique_ptr<SafetensorsFile> safetensors_;

@@ -32,6 +32,7 @@ struct AdapterPlan {
   // Quantization-error compensation of a re-quantized base (model/compensation.h).
   std::string compensation;
   int compensation_rank = 16;
+  double compensation_damping = 0.01;  // cloq, gptq, gptq-cloq
   // This client's LoRA rank (0 or `rank`: the shared one): it trains the first train_rank
   // components of the global adapter (aggregation/hetero_rank.h). For DiaBlo the number of
   // diagonal blocks it trains (0 or `blocks`: all): a window of train_rank consecutive blocks

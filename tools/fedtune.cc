@@ -203,6 +203,7 @@ absl::Status RunGenerate(const GenerateArgs& a) {
 // optionally with a frozen low-rank correction per projection (model/compensation.h).
 struct BaseArgs {
   std::string type, compensate = "none", calibration;  // calibration: "" = the training data (train), Apache-2.0 (perplexity)
+  std::string cache;  // compensation cache folder ("": none)
   int64_t rank = 16, calibration_tokens = 2048;
   int iterations = 5;
   double damping = 0.01;
@@ -220,6 +221,8 @@ void AddBaseOptions(CLI::App* cmd, BaseArgs& b) {
   cmd->add_option("--calibration", b.calibration, "Text file whose first tokens calibrate cloq and gptq (default: train: the training "
                   "examples; perplexity: /usr/share/common-licenses/Apache-2.0; never the evaluated text)");
   cmd->add_option("--calibration-tokens", b.calibration_tokens, "Calibration tokens for cloq and gptq")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--compensation-cache", b.cache, "Folder that keeps compensated bases (--compensate) to read back instead of "
+                  "recomputing them with the same model file, options and calibration (at most 4 files)");
 }
 
 absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b, const std::vector<model::Example>* train = nullptr) {
@@ -256,7 +259,7 @@ absl::Status ApplyBaseType(model::LlamaModel& m, const BaseArgs& b, const std::v
   o.rank = b.rank;
   o.iterations = b.iterations;
   o.damping = b.damping;
-  FT_ASSIGN_OR_RETURN(auto rep, m.RequantizeCompensated(*t, o, calib));
+  FT_ASSIGN_OR_RETURN(auto rep, m.RequantizeCompensated(*t, o, calib, b.cache));
   std::fprintf(stderr, "[fedtune] base projections re-quantized to %s with %s rank %lld: %.1f MiB -> %s\n", kernels::TypeTraits(*t).name,
                b.compensate.c_str(), static_cast<long long>(model::HasCorrection(*method) ? b.rank : 0), static_cast<double>(before) / (1 << 20), rep.Summary().c_str());
   return absl::OkStatus();
@@ -647,6 +650,7 @@ absl::Status ServeWorker(const proto::WorkerConfig& c, const model::LlamaModel& 
   std::signal(SIGTERM, OnSignal);
   // One set of re-quantized (compensated) bases for training and evaluation: built once.
   auto bases = std::make_shared<worker::BaseModels>(model, c.model().path(), /*keep_one=*/true);
+  if (!o.state_dir.empty()) bases->SetCacheDir(o.state_dir + "/compensation-cache");
   auto r = worker::RunDaemon(o, worker::ModelTaskRunner(model, train, c.model().path(), c.activation_budget_mib(), backend,
                                                          o.state_dir.empty() ? "" : o.state_dir + "/local_privacy.json",
                                                          static_cast<double>(o.profile.memory_bytes()) / (1 << 20), /*report_peak=*/true, bases,

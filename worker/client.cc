@@ -55,7 +55,8 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
   if (!method) return absl::InvalidArgumentError(absl::StrCat("task: unknown compensation ", plan.compensation));
   std::lock_guard<std::mutex> l(mu_);
   const int rank = model::HasCorrection(*method) ? plan.compensation_rank : 0;
-  const auto key = std::make_tuple(*t, std::string(model::CompensationMethodName(*method)), rank);
+  const double damping = model::NeedsCalibration(*method) ? plan.compensation_damping : 0.0;
+  const auto key = std::make_tuple(*t, std::string(model::CompensationMethodName(*method)), rank, damping);
   if (evict) std::erase_if(by_type_, [&](const auto& e) { return e.first != key; });
   stored_.ReleaseMappedPages();  // not read while tasks train on the copy (nor while it is built)
   auto& slot = by_type_[key];
@@ -71,8 +72,10 @@ absl::StatusOr<const model::LlamaModel*> BaseModels::For(const protocol::Adapter
       model::CompensationOptions o;
       o.method = *method;
       o.rank = rank;
-      FT_ASSIGN_OR_RETURN(auto rep, m->RequantizeCompensated(*t, o, model::NeedsCalibration(*method) ? calibration_ : std::vector<int32_t>{}));
+      if (damping > 0) o.damping = damping;
+      FT_ASSIGN_OR_RETURN(auto rep, m->RequantizeCompensated(*t, o, model::NeedsCalibration(*method) ? calibration_ : std::vector<int32_t>{}, cache_dir_));
       FT_LOG_INFO("base re-quantized to {} with {} rank {} for the plan: {}", base_type, plan.compensation, rank, rep.Summary());
+      last_report_ = std::move(rep);
     }
     slot = std::move(m);
   }

@@ -42,6 +42,17 @@ class BaseModels {
   // The client's own training inputs for cloq and gptq (the first tokens of its examples).
   void SetCalibration(const std::vector<model::Example>& data, size_t max_tokens = 2048);
   const model::LlamaModel& stored() const { return stored_; }
+  // Keeps compensated copies on disk in `dir` (LlamaModel::RequantizeCompensated's cache): a
+  // restarted worker reads them back instead of recomputing them ("": no cache).
+  void SetCacheDir(std::string dir) {
+    std::lock_guard<std::mutex> l(mu_);
+    cache_dir_ = std::move(dir);
+  }
+  // The compensation report of the copy built last (none: no compensated copy yet).
+  std::optional<model::LlamaModel::CompensationReport> last_report() {
+    std::lock_guard<std::mutex> l(mu_);
+    return last_report_;
+  }
   // Re-quantized copies built so far.
   size_t copies() {
     std::lock_guard<std::mutex> l(mu_);
@@ -54,7 +65,9 @@ class BaseModels {
   const bool keep_one_;
   std::mutex mu_;
   std::vector<int32_t> calibration_;
-  std::map<std::tuple<kernels::GgmlType, std::string, int>, std::unique_ptr<model::LlamaModel>> by_type_;
+  std::string cache_dir_;
+  std::optional<model::LlamaModel::CompensationReport> last_report_;
+  std::map<std::tuple<kernels::GgmlType, std::string, int, double>, std::unique_ptr<model::LlamaModel>> by_type_;
 };
 
 // A short timed training run that measures a base's speed: a fresh `spec` adapter on `modules`,

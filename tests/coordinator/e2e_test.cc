@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <mutex>
 #include <thread>
@@ -637,6 +638,47 @@ TEST_F(E2ETest, TheWorkersRunnerAndEvaluatorShareTheirBases) {
   EXPECT_EQ(daemons->copies(), 1u);
   ASSERT_TRUE(daemons->For(q8, /*training=*/true).ok());
   EXPECT_EQ(daemons->copies(), 0u);
+}
+
+// issue 23: a worker keeps its compensated base in its state folder: restarted, it reads it
+// back (same bytes, no recomputation) for the same plan, and the plan's damping (sent with the
+// task) is part of what it keys on.
+TEST_F(E2ETest, ARestartedWorkerReadsItsCompensatedBaseBack) {
+  const std::string dir = testing::TempPath("e2e_compensation_cache");
+  std::filesystem::remove_all(dir);
+  protocol::TrainTask t = federation::TaskTemplate(Options(testing::TempPath("e2e_state_cache")).engine.settings);
+  t.client = "w1";
+  t.round = 1;
+  t.plan.base_type = "q4_0";
+  t.plan.compensation = "cloq";
+  t.plan.compensation_rank = 2;
+  t.plan.compensation_damping = 0.05;
+  t = protocol::FromProto(protocol::ToProto(t), "w1");  // as the worker receives it
+  EXPECT_EQ(t.plan.compensation_damping, 0.05);
+  auto start = [&] {
+    auto b = std::make_shared<worker::BaseModels>(*model_, model_path_, /*keep_one=*/true);
+    b->SetCacheDir(dir);
+    b->SetCalibration(data_[0]);
+    return b;
+  };
+  auto first = start();
+  auto m1 = first->For(t.plan, /*training=*/true);
+  ASSERT_TRUE(m1.ok()) << m1.status();
+  ASSERT_TRUE(first->last_report().has_value());
+  EXPECT_FALSE(first->last_report()->cache_hit);
+  auto second = start();  // the worker restarted
+  auto m2 = second->For(t.plan, /*training=*/true);
+  ASSERT_TRUE(m2.ok()) << m2.status();
+  ASSERT_TRUE(second->last_report().has_value());
+  EXPECT_TRUE(second->last_report()->cache_hit);
+  EXPECT_EQ(second->last_report()->cache_path, first->last_report()->cache_path);
+  const kernels::QMatrix &a = (*m1)->layer(0).wq, &b = (*m2)->layer(0).wq;
+  ASSERT_EQ(a.type, b.type);
+  EXPECT_EQ(std::memcmp(a.data, b.data, a.row_bytes * static_cast<size_t>(a.rows)), 0);
+  protocol::AdapterPlan other = t.plan;
+  other.compensation_damping = 0.5;
+  ASSERT_TRUE(second->For(other, /*training=*/true).ok());
+  EXPECT_FALSE(second->last_report()->cache_hit);
 }
 
 // issue 22: a worker whose memory is less than it reported when joining declines a planned task

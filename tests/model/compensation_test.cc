@@ -1,7 +1,9 @@
 // Quantization-error compensation (model/compensation.h): LoftQ against PEFT + bitsandbytes
 // (tests/oracles/gen_loftq_golden.py), CLoQ's optimality in the calibrated norm, and the
 // correction as part of the frozen base in a model's forward.
+#include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <cstring>
 #include <fstream>
 #include <set>
@@ -463,6 +465,109 @@ TEST(CompensationTest, CompensatedModelEqualsTheCorrectionAsAnAdapter) {
   }
   std::printf("merged export (Q + C + delta, F32) vs the compensated model with its adapter: max |diff| %.2e of %.2e\n", mdiff, mscale);
   EXPECT_LE(mdiff, 1e-4 * mscale);
+}
+
+// The compensation cache (LlamaModel::RequantizeCompensated with a folder): a second start reads
+// back exactly the computed base (bytes, corrections, logits, report); any change of the inputs
+// (calibration, damping, rank, the model file) computes anew; a damaged file is recomputed and
+// replaced; at most 4 files stay.
+TEST(CompensationTest, ACachedBaseIsTheComputedOneAndChangedInputsRecompute) {
+  namespace fs = std::filesystem;
+  testing::TinyModelOptions to;
+  to.n_embd = 64;
+  to.n_ff = 128;
+  to.weight_type = GgmlType::kQ8_0;
+  const std::string path = testing::TempPath("cached_base.gguf");
+  ASSERT_TRUE(testing::WriteTinyLlamaGguf(path, to).ok());
+  const std::string dir = testing::TempPath("compensation_cache");
+  fs::remove_all(dir);
+  Rng rng(5);
+  std::vector<int32_t> calib(300), tokens(20);
+  for (auto& t : calib) t = static_cast<int32_t>(3 + rng.Below(250));
+  for (auto& t : tokens) t = static_cast<int32_t>(3 + rng.Below(250));
+  CompensationOptions o;
+  o.method = CompensationMethod::kCloq;
+  o.rank = 4;
+  auto run = [&](const CompensationOptions& opt, const std::vector<int32_t>& cal, std::unique_ptr<LlamaModel>* out) {
+    auto m = LlamaModel::Load(path);
+    EXPECT_TRUE(m.ok()) << m.status();
+    auto rep = (*m)->RequantizeCompensated(GgmlType::kQ3_K, opt, cal, dir);
+    EXPECT_TRUE(rep.ok()) << rep.status();
+    *out = std::move(*m);
+    return *rep;
+  };
+  auto same = [&](const LlamaModel& a, const LlamaModel& b) {
+    auto bytes = [](const kernels::QMatrix& q) { return std::vector<uint8_t>(q.data, q.data + q.row_bytes * static_cast<size_t>(q.rows)); };
+    for (int64_t l = 0; l < a.config().n_layer; ++l) {
+      for (int mi = 0; mi < kNumModules; ++mi) {
+        const Module mod = static_cast<Module>(mi);
+        if (a.layer(l).Projection(mod).type != b.layer(l).Projection(mod).type) return false;
+        if (bytes(a.layer(l).Projection(mod)) != bytes(b.layer(l).Projection(mod))) return false;
+        const LowRankCorrection &ca = a.layer(l).corr[static_cast<size_t>(mi)], &cb = b.layer(l).corr[static_cast<size_t>(mi)];
+        if (ca.present() != cb.present()) return false;
+        if (ca.present() && (bytes(ca.u) != bytes(cb.u) || bytes(ca.v) != bytes(cb.v))) return false;
+      }
+    }
+    return true;
+  };
+  std::unique_ptr<LlamaModel> m1, m2, m3;
+  const LlamaModel::CompensationReport r1 = run(o, calib, &m1);
+  EXPECT_FALSE(r1.cache_hit);
+  ASSERT_FALSE(r1.cache_path.empty());
+  ASSERT_TRUE(fs::exists(r1.cache_path));
+  const LlamaModel::CompensationReport r2 = run(o, calib, &m2);
+  EXPECT_TRUE(r2.cache_hit);
+  EXPECT_EQ(r2.cache_path, r1.cache_path);
+  EXPECT_TRUE(same(*m1, *m2));
+  EXPECT_EQ(r2.projection_bytes, r1.projection_bytes);
+  EXPECT_EQ(r2.correction_bytes, r1.correction_bytes);
+  ASSERT_EQ(r2.modules.size(), r1.modules.size());
+  for (size_t i = 0; i < r1.modules.size(); ++i) {
+    EXPECT_EQ(r2.modules[i].type, r1.modules[i].type);
+    EXPECT_NEAR(r2.modules[i].rel_after, r1.modules[i].rel_after, 1e-6);
+    EXPECT_NEAR(r2.modules[i].act_before, r1.modules[i].act_before, 1e-6);
+  }
+  EXPECT_NE(r2.Summary().find("read from the cache"), std::string::npos) << r2.Summary();
+  {
+    LlamaContext c1(*m1, 64), c2(*m2, 64);
+    std::vector<float> l1, l2;
+    ASSERT_TRUE(c1.Eval(tokens, true, &l1).ok());
+    ASSERT_TRUE(c2.Eval(tokens, true, &l2).ok());
+    EXPECT_EQ(l1, l2);
+  }
+  // Changed inputs: each computes and writes its own file.
+  std::vector<int32_t> calib2 = calib;
+  calib2[7] ^= 1;
+  CompensationOptions damped = o, ranked = o;
+  damped.damping = 0.1;
+  ranked.rank = 2;
+  std::set<std::string> files{r1.cache_path};
+  for (const auto& [opt, cal] : std::vector<std::pair<CompensationOptions, std::vector<int32_t>>>{{o, calib2}, {damped, calib}, {ranked, calib}}) {
+    const auto r = run(opt, cal, &m3);
+    EXPECT_FALSE(r.cache_hit);
+    EXPECT_TRUE(files.insert(r.cache_path).second) << r.cache_path;
+  }
+  EXPECT_FALSE(same(*m1, *m3));  // rank 2
+  // A damaged file: recomputed, replaced, and read again the next time.
+  {
+    const auto size = fs::file_size(r1.cache_path);
+    fs::resize_file(r1.cache_path, size / 2);
+  }
+  const LlamaModel::CompensationReport r4 = run(o, calib, &m3);
+  EXPECT_FALSE(r4.cache_hit);
+  EXPECT_TRUE(same(*m1, *m3));
+  EXPECT_TRUE(run(o, calib, &m3).cache_hit);
+  // The model file changes (a newer modification time): computed anew under another name.
+  fs::last_write_time(path, fs::last_write_time(path) + std::chrono::seconds(5));
+  const LlamaModel::CompensationReport r5 = run(o, calib, &m3);
+  EXPECT_FALSE(r5.cache_hit);
+  EXPECT_NE(r5.cache_path, r1.cache_path);
+  // Five distinct results so far: the least recently used one went.
+  size_t n = 0;
+  for (const auto& e : fs::directory_iterator(dir)) n += e.path().extension() == ".gguf";
+  EXPECT_EQ(n, 4u);
+  EXPECT_TRUE(fs::exists(r5.cache_path));
+  EXPECT_TRUE(fs::exists(r1.cache_path));  // read last before r5: kept
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "model/gguf.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "gtest/gtest.h"
@@ -70,6 +71,41 @@ TEST(GgufTest, WriterRejectsBadTensors) {
   EXPECT_EQ(w.AddTensor("x", {5}, GgmlType::kF32, bytes).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(w.AddTensor("y", {33}, GgmlType::kQ8_0, bytes).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(w.AddTensor(std::string(65, 'n'), {1}, GgmlType::kF32, std::vector<uint8_t>(4)).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// fedtune's in-memory types (NF4, NF4_DQ, NF3, NF2) go only into fedtune's own files: refused by
+// a default writer and reader, read back byte for byte with private_types (NF4_DQ's per-row
+// header included), and only as matrices.
+TEST(GgufTest, PrivateTypesOnlyWhereAskedFor) {
+  std::vector<float> vals(2 * 128);
+  for (size_t i = 0; i < vals.size(); ++i) vals[i] = std::sin(static_cast<float>(i));
+  for (GgmlType t : {GgmlType::kNF4, GgmlType::kNF4DQ, GgmlType::kNF3, GgmlType::kNF2}) {
+    const size_t rb = *kernels::RowBytes(t, 128);
+    std::vector<uint8_t> q(2 * rb);
+    for (int r = 0; r < 2; ++r) ASSERT_TRUE(kernels::QuantizeRow(t, vals.data() + r * 128, q.data() + r * rb, 128).ok());
+    GgufWriter plain;
+    EXPECT_EQ(plain.AddTensor("w", {128, 2}, t, q).code(), absl::StatusCode::kInvalidArgument);
+    GgufWriter w;
+    w.AllowPrivateTypes();
+    ASSERT_TRUE(w.AddTensor("w", {128, 2}, t, q).ok());
+    ASSERT_TRUE(w.AddTensor("v", {256}, t, std::vector<uint8_t>(*kernels::RowBytes(t, 256))).ok());
+    const std::vector<uint8_t> file = w.Serialize();
+    absl::Status st;
+    EXPECT_EQ(ParseBytes(file, &st), nullptr);
+    EXPECT_EQ(st.code(), absl::StatusCode::kDataLoss) << st;
+    auto g = GgufFile::Parse(MappedFile::FromBytes(file, "mem.gguf"), /*private_types=*/true);
+    EXPECT_EQ(g.status().code(), absl::StatusCode::kDataLoss);  // "v" is not a matrix
+    EXPECT_NE(g.status().message().find("not a matrix"), std::string::npos) << g.status();
+    GgufWriter m;
+    m.AllowPrivateTypes();
+    ASSERT_TRUE(m.AddTensor("w", {128, 2}, t, q).ok());
+    g = GgufFile::Parse(MappedFile::FromBytes(m.Serialize(), "mem.gguf"), /*private_types=*/true);
+    ASSERT_TRUE(g.ok()) << g.status();
+    const kernels::QMatrix back = (*g)->FindTensor("w")->AsMatrix();
+    EXPECT_EQ(back.type, t);
+    EXPECT_EQ(back.row_bytes, rb);
+    EXPECT_EQ(std::vector<uint8_t>(back.data, back.data + 2 * rb), q);
+  }
 }
 
 struct Corruption {

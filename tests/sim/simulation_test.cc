@@ -637,6 +637,7 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("train: {base_type: q6_k}\n", "train.base_type");  // no quantizer for it
   expect("train: {compensation: svd}\n", "train.compensation");  // nothing re-quantized to compensate
   expect("profiles: [{count: 3, base_type: q4_0}]\ntrain: {compensation: svd, compensation_rank: -1}\n", "train.compensation_rank");
+  expect("profiles: [{count: 3, base_type: q4_0}]\ntrain: {compensation: cloq, compensation_damping: -0.1}\n", "train.compensation_damping");
   expect("profiles: [{count: 3, base_type: q9_9}]\n", "profiles[0].base_type");
   expect("profiles: [{count: 3, base_type: q4_0}]\nplanner: {enabled: true}\n", "profiles[0].base_type");
   expect("train: {activation_budget_mib: 512}\nplanner: {enabled: true}\n", "train.activation_budget_mib");
