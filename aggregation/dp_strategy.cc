@@ -26,8 +26,11 @@ class DpAggregation : public Aggregation {
     return absl::OkStatus();
   }
   // The clients clipped (and, for distributed DP, noised) before masking; equal weights.
-  absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples) override {
+  absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples,
+                            const TensorMap* value_weight) override {
     if (std::fabs(total_weight - count) > 1e-9) return absl::InvalidArgumentError("dp: secure sums must use equal client weights");
+    // (Commit's noisy sum assumes every contributor trained every value of a tensor.)
+    if (value_weight != nullptr) return absl::FailedPreconditionError("dp: not with per-worker shares under secure aggregation");
     return inner_->AddSecureSum(weighted_sum, total_weight, count, num_examples);
   }
   absl::StatusOr<Merged> Merge() override {

@@ -62,18 +62,29 @@ class LinearAggregation : public Aggregation {
     return absl::OkStatus();
   }
 
-  absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples) override {
+  absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples,
+                            const TensorMap* value_weight) override {
     if (!(total_weight > 0) || count < 1) return absl::InvalidArgumentError("secure sum: total_weight and count must be > 0");
     for (const auto& [name, v] : weighted_sum) {
       auto it = global_.find(name);
       if (it == global_.end() || it->second.size() != v.size()) return absl::InvalidArgumentError(absl::StrCat("secure sum: bad tensor ", name));
       for (float x : v)
         if (!std::isfinite(x)) return absl::InvalidArgumentError(absl::StrCat("secure sum: non-finite value in ", name));
+      if (value_weight == nullptr) continue;
+      if (auto w = value_weight->find(name); w != value_weight->end()) {
+        if (w->second.size() != v.size()) return absl::InvalidArgumentError(absl::StrCat("secure sum: value weights of ", name, " do not match it"));
+        for (float x : w->second)
+          if (!(x >= 0) || !std::isfinite(x)) return absl::InvalidArgumentError(absl::StrCat("secure sum: bad value weight in ", name));
+      }
     }
     for (const auto& [name, v] : weighted_sum) {
       Acc& a = acc_[name];
       if (a.sum.empty()) a.sum.assign(v.size(), 0.0);
       for (size_t i = 0; i < v.size(); ++i) a.sum[i] += v[i];
+      const auto w = value_weight == nullptr ? nullptr : (value_weight->count(name) ? &value_weight->at(name) : nullptr);
+      if (w != nullptr && a.value_weight.empty()) a.value_weight.assign(v.size(), a.weight);
+      if (!a.value_weight.empty())
+        for (size_t i = 0; i < v.size(); ++i) a.value_weight[i] += w != nullptr ? (*w)[i] : total_weight;
       a.weight += total_weight;
       a.count += count;
       a.missing_fisher = true;
@@ -92,7 +103,8 @@ class LinearAggregation : public Aggregation {
       if (it == global_.end() || it->second.size() != v.size() || d == den.end() || d->second.size() != v.size())
         return absl::InvalidArgumentError(absl::StrCat("secure Fisher sums: bad tensor ", name));
       for (size_t i = 0; i < v.size(); ++i)
-        if (!std::isfinite(v[i]) || !(d->second[i] > 0) || !std::isfinite(d->second[i]))
+        // (A zero weight: nobody trained the value, per-worker shares; its sum is zero too.)
+        if (!std::isfinite(v[i]) || !(d->second[i] >= 0) || !std::isfinite(d->second[i]) || (d->second[i] == 0 && v[i] != 0))
           return absl::InvalidArgumentError(absl::StrCat("secure Fisher sums: bad value in ", name));
     }
     for (const auto& [name, v] : num) {

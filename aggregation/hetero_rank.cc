@@ -268,6 +268,19 @@ class HeteroRankAggregation : public Aggregation {
                         std::map<std::string, int64_t> firsts)
       : o_(o), ranks_(std::move(ranks)), firsts_(std::move(firsts)), global_(global), inner_(std::move(inner)) {}
 
+  // Secure aggregation (nested, zero_pad): the clients padded their updates before masking and
+  // the value weights say who trained what (federation::SecureServer); flexlora needs each
+  // client's factors (refused in settings).
+  absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples,
+                            const TensorMap* value_weight) override {
+    if (o_.rule == HeteroRankRule::kFlexLora) return Aggregation::AddSecureSum(weighted_sum, total_weight, count, num_examples, value_weight);
+    return inner_->AddSecureSum(weighted_sum, total_weight, count, num_examples, value_weight);
+  }
+  absl::Status AddSecureFisherSums(const TensorMap& num, const TensorMap& den, int count, int64_t num_examples) override {
+    if (o_.rule == HeteroRankRule::kFlexLora) return Aggregation::AddSecureFisherSums(num, den, count, num_examples);
+    return inner_->AddSecureFisherSums(num, den, count, num_examples);
+  }
+
   absl::Status Add(ClientUpdate u) override {
     auto it = ranks_.find(u.client);
     const int64_t r = it == ranks_.end() ? o_.rank : it->second;

@@ -16,7 +16,7 @@ std::map<std::string, double> Strategy::AggregateEvaluate(int, const std::vector
   return out;
 }
 
-absl::Status Aggregation::AddSecureSum(const TensorMap&, double, int, int64_t) {
+absl::Status Aggregation::AddSecureSum(const TensorMap&, double, int, int64_t, const TensorMap*) {
   return absl::FailedPreconditionError("this merge rule needs individual updates; secure aggregation only gives their sum");
 }
 

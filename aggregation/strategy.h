@@ -64,8 +64,10 @@ class Aggregation {
   // A sum from secure aggregation: sum_k w_k delta_k over `count` clients whose weights add up to
   // `total_weight`, every client contributing every tensor of `weighted_sum`. Only linear
   // merges accept it (others: FailedPrecondition); uncertainty-aware merging falls back to the
-  // weighted mean (the server never sees a client's Fisher).
-  virtual absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples);
+  // weighted mean (the server never sees a client's Fisher). value_weight (per-worker shares):
+  // per value, the weight of the clients that trained it (a tensor absent from it: total_weight).
+  virtual absl::Status AddSecureSum(const TensorMap& weighted_sum, double total_weight, int count, int64_t num_examples,
+                                    const TensorMap* value_weight = nullptr);
   // Uncertainty-aware merging under secure aggregation: `num` = sum_k w_k (F_k + lambda) delta_k
   // and `den` = sum_k w_k (F_k + lambda), per coordinate (any common positive scale), over
   // `count` clients; the merge is num / den. Only the uncertainty rule accepts it.

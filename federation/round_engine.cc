@@ -16,6 +16,7 @@
 #include "model/safetensors.h"
 #include "privacy/noise.h"
 #include "protocol/adapter_tensors.h"
+#include "protocol/secagg_wire.h"
 
 namespace fedtune::federation {
 namespace {
@@ -163,9 +164,9 @@ RoundEngine::~RoundEngine() = default;
 absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, TensorMap initial_global) {
   std::unique_ptr<RoundEngine> e(new RoundEngine());
   if (o.state_dir.empty()) return absl::InvalidArgumentError("state_dir is required");
-  // Under secure aggregation every worker trains the whole adapter (settings.cc says why),
-  // whoever set up the planning.
-  if (o.planning && o.settings.secure.enabled) o.planning->options.whole_adapter = true;
+  // Under secure aggregation with central DP every worker trains the whole adapter (settings.cc
+  // says why), whoever set up the planning.
+  if (o.planning && o.settings.secure.enabled && o.settings.dp.central) o.planning->options.whole_adapter = true;
   std::error_code ec;
   fs::create_directories(o.state_dir, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", o.state_dir, ": ", ec.message()));
@@ -407,6 +408,30 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         p.fisher_clip = s.strategy.fisher_clip;
         p.fisher_lambda = s.strategy.uncertainty_lambda;
       }
+      // Per-worker shares (ranks, DiaBlo windows, modules): public like the plan; each client
+      // pads its update to the whole adapter before masking. A share whose values fewer selected
+      // clients train than the threshold could never be unmasked: this round every client then
+      // trains the whole adapter.
+      for (const auto& task : tasks) p.shares.push_back(protocol::ShareOf(task.plan, r));
+      if (std::all_of(p.shares.begin(), p.shares.end(), protocol::IsWhole)) p.shares.clear();
+      if (!p.shares.empty()) {
+        std::vector<int> all(tasks.size());
+        for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int>(i);
+        const absl::StatusOr<privacy::secagg::Config> cfg = protocol::SecAggConfig(p, 1);
+        const absl::Status fits = cfg.ok() ? protocol::CheckShareCounts(p.shares, all, global_, static_cast<int>(shared_rank),
+                                                                        privacy::secagg::EffectiveThreshold(*cfg))
+                                           : cfg.status();
+        if (!fits.ok()) {
+          say(absl::StrFormat("round %d: %s with all %d clients; every client trains the whole adapter this round", r, fits.message(),
+                              static_cast<int>(tasks.size())));
+          rec.metrics["secagg_whole_shares"] = 1;
+          for (auto& task : tasks) {
+            task.plan.train_rank = 0;
+            task.plan.train_modules.clear();
+          }
+          p.shares.clear();
+        }
+      }
       std::vector<std::string> ids;
       bool all_known = true;
       for (const auto& task : tasks) {
@@ -418,7 +443,8 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       p.weight_divisor = all_known && !s.dp.local ? weight_divisor : 0;
       weight_divisor = p.weight_divisor;
       absl::StatusOr<std::unique_ptr<SecureServer>> begun =
-          private_selection && ids.size() < 3 ? absl::FailedPreconditionError("fewer than 3 clients") : SecureServer::Begin(ids, global_, p);
+          private_selection && ids.size() < 3 ? absl::FailedPreconditionError("fewer than 3 clients")
+                                              : SecureServer::Begin(ids, global_, p, static_cast<int>(shared_rank), s.hetero_rank != aggregation::HeteroRankRule::kZeroPad);
       if (!begun.ok() && private_selection) {  // too few drawn for SecAgg+: a round without updates
         say(absl::StrFormat("round %d: %d clients drawn, too few for secure aggregation (%s); the round has no update", r,
                             static_cast<int>(tasks.size()), begun.status().message()));
@@ -577,7 +603,8 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         const SecureServer::Sum& ssum = *finished;
         added = !ssum.fisher_sum.empty()
                     ? agg->AddSecureFisherSums(ssum.sum, ssum.fisher_sum, static_cast<int>(ssum.survivors.size()), ssum.num_examples)
-                    : agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples);
+                    : agg->AddSecureSum(ssum.sum, ssum.total_weight, static_cast<int>(ssum.survivors.size()), ssum.num_examples,
+                                        ssum.value_weight.empty() ? nullptr : &ssum.value_weight);
       }
       if (!added.ok() && private_selection) {  // not re-drawn either: the round has no update
         say(absl::StrFormat("round %d: secure aggregation failed (%s); the round has no update", r, added.message()));

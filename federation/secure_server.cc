@@ -8,7 +8,7 @@
 namespace fedtune::federation {
 
 absl::StatusOr<std::unique_ptr<SecureServer>> SecureServer::Begin(const std::vector<std::string>& clients, const aggregation::TensorMap& layout,
-                                                                  const protocol::TrainTask::Secure& secagg) {
+                                                                  const protocol::TrainTask::Secure& secagg, int full_share, bool by_component) {
   std::unique_ptr<SecureServer> s(new SecureServer());
   size_t n = 0;
   for (const auto& [name, v] : layout) n += v.size();
@@ -17,6 +17,11 @@ absl::StatusOr<std::unique_ptr<SecureServer>> SecureServer::Begin(const std::vec
   p.clients = static_cast<int>(clients.size());
   FT_ASSIGN_OR_RETURN(s->cfg_, protocol::SecAggConfig(p, protocol::SecAggVectorLength(p, n)));
   s->params_ = p;
+  if (!p.shares.empty() && p.shares.size() != clients.size())
+    return absl::InvalidArgumentError(absl::StrCat("secure aggregation: ", p.shares.size(), " shares for ", clients.size(), " clients"));
+  if (!p.shares.empty() && full_share < 1) return absl::InvalidArgumentError("secure aggregation: per-worker shares need the full share");
+  s->full_share_ = full_share;
+  s->by_component_ = by_component;
   s->scale_ = protocol::SecAggScale(s->cfg_, secagg.value_range);
   for (const auto& [name, v] : layout) s->layout_[name].resize(v.size());
   s->names_ = clients;
@@ -80,6 +85,8 @@ absl::Status SecureServer::Unmask(const std::string& client, const privacy::seca
 }
 
 absl::StatusOr<SecureServer::Sum> SecureServer::Finish() {
+  if (!params_.shares.empty())
+    FT_RETURN_IF_ERROR(protocol::CheckShareCounts(params_.shares, server_->Survivors(), layout_, full_share_, privacy::secagg::EffectiveThreshold(cfg_)));
   FT_ASSIGN_OR_RETURN(privacy::secagg::Result res, server_->Finish());
   Sum out;
   size_t off = 0;
@@ -104,6 +111,19 @@ absl::StatusOr<SecureServer::Sum> SecureServer::Finish() {
     out.num_examples += weights_[u].second;
   }
   out.tampered = res.tampered;
+  if (!params_.shares.empty()) {
+    for (const auto& [name, v] : layout_) out.value_weight[name].assign(v.size(), 0.0f);
+    for (int u : res.survivors) {
+      protocol::SecureShare share = params_.shares[static_cast<size_t>(u)];
+      if (!by_component_) share.rank = share.first = 0;
+      FT_ASSIGN_OR_RETURN(const aggregation::TensorMap cov, protocol::ShareCoverage(share, layout_, full_share_));
+      const float w = static_cast<float>(weights_[u].first);
+      for (auto& [name, vw] : out.value_weight) {
+        const std::vector<float>& c = cov.at(name);
+        for (size_t i = 0; i < vw.size(); ++i) vw[i] += w * c[i];
+      }
+    }
+  }
   return out;
 }
 

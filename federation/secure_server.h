@@ -19,9 +19,13 @@ namespace fedtune::federation {
 class SecureServer {
  public:
   // `clients` in id order; `layout` the round's global adapter; `secagg` the round's parameters
-  // (id unused).
+  // (id unused). Per-worker shares (secagg.shares): `full_share` is what their ranks are out of
+  // (LoRA rank, DiaBlo blocks); by_component: values are weighted by the survivors that trained
+  // each component (the nested rule), else by module only (zero_pad: a component moves by its
+  // trainers' share of the clients that hold the module).
   static absl::StatusOr<std::unique_ptr<SecureServer>> Begin(const std::vector<std::string>& clients, const aggregation::TensorMap& layout,
-                                                             const protocol::TrainTask::Secure& secagg);
+                                                             const protocol::TrainTask::Secure& secagg, int full_share = 0,
+                                                             bool by_component = true);
   // -1 when `client` is not in this round.
   int IdOf(const std::string& client) const;
   const std::vector<std::string>& clients() const { return names_; }
@@ -44,7 +48,11 @@ class SecureServer {
     double total_weight = 0;
     int64_t num_examples = 0;
     std::vector<std::string> tampered;
+    // Per-worker shares: per value, the survivors' weight that trained it (empty without shares).
+    aggregation::TensorMap value_weight;
   };
+  // FailedPrecondition before anything is decoded when a value some survivor trained was trained
+  // by fewer survivors than the threshold (protocol::CheckShareCounts; the clients check too).
   absl::StatusOr<Sum> Finish();
   int64_t bytes_up() const { return bytes_; }
 
@@ -55,6 +63,8 @@ class SecureServer {
   protocol::TrainTask::Secure params_;
   aggregation::TensorMap layout_;
   double scale_ = 1;
+  int full_share_ = 0;
+  bool by_component_ = true;
   std::vector<std::string> names_;
   std::map<std::string, int> ids_;
   std::map<int, std::pair<double, int64_t>> weights_;  // id -> (weight, examples)

@@ -180,11 +180,14 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
   if (s.secure.enabled && s.dp.central && s.dp.poisson && s.expected_clients < population && s.secure.threshold > 0)
     return Bad("secure_aggregation.threshold", "not with Poisson client sampling (round sizes vary; the default threshold follows each round's size)");
   if (planner.enabled()) {
-    // Under secure aggregation the planner chooses batch, local steps and base per worker, but
-    // every worker trains the whole adapter (PlannerOptions::whole_adapter): with per-module
-    // shares, a module trained by few survivors would be unmasked as the sum of few updates (one:
-    // that worker's update in the clear), and a worker sending values for a module outside its
-    // plan would be scaled up by the module's small weight, which the server cannot check.
+    // Under secure aggregation the planner's per-worker shares (modules, ranks) are public in the
+    // round's task; a module or component trained by fewer survivors than the threshold is not
+    // unmasked (the server and every client check; a round whose shares cannot meet it with all
+    // its clients trains whole adapters), and a worker zeroes what lies outside its share before
+    // masking (a value sent there would be scaled up by the small weight of its trainers; a
+    // hostile worker can do that, as it can send any values in its share: the server sees no
+    // individual update under secure aggregation). With central DP every worker trains the whole
+    // adapter (PlannerOptions::whole_adapter): the noisy sum assumes every client trains every value.
   }
   s.secure.value_range = OrDefault(secure.value_range(), s.dp.central ? 4 * s.dp.clip_norm : 0.05);
   // Uncertainty-aware merging needs each client's Fisher: in the clear, or under secure
@@ -234,7 +237,11 @@ absl::Status CheckHeteroRanks(const RunSettings& s, const std::string& key) {
   // the merge is post-processing. Central DP would need a sensitivity per component: a component
   // fewer workers trained is averaged over fewer updates (not done).
   if (s.dp.central) return Bad(key, "not combined with central differential privacy (a component few workers train has a larger sensitivity); local DP-SGD works");
-  if (s.secure.enabled) return Bad(key, "not combined with secure aggregation yet (masks would have to cover each worker's slice)");
+  // Secure aggregation: each worker pads its update to the whole adapter before masking, the
+  // round's shares are public, and a value is unmasked only in a sum over at least the threshold
+  // of survivors that trained it (protocol::CheckShareCounts). flexlora needs each client's factors.
+  if (s.secure.enabled && s.hetero_rank == aggregation::HeteroRankRule::kFlexLora)
+    return Bad("strategy.hetero_rank", "flexlora needs each client's factors; secure aggregation gives only their sum (nested or zero_pad)");
   if (s.hetero_rank == aggregation::HeteroRankRule::kFlexLora) {
     if (s.adapter.spec.kind != model::AdapterKind::kLora) return Bad("strategy.hetero_rank", "flexlora needs adapter.kind lora (nested is exact for FFA-LoRA)");
     if (s.strategy.server != aggregation::ServerOptimizer::kFedAvg || s.strategy.server_lr != 1.0)

@@ -1,8 +1,89 @@
 #include "protocol/task.h"
 
 #include <cmath>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "model/adapter.h"
 
 namespace fedtune::protocol {
+
+SecureShare ShareOf(const AdapterPlan& p, int round) {
+  SecureShare s;
+  if (TrainsPart(p)) {
+    s.rank = p.train_rank;
+    s.first = static_cast<int>(FirstBlock(p, round));
+  }
+  s.modules = p.train_modules;
+  std::sort(s.modules.begin(), s.modules.end());
+  return s;
+}
+
+namespace {
+
+// An adapter tensor "blk.L.<gguf module>.<kind>": its module (ModuleName) and, per value, its
+// component out of `full`: lora_a [R, in] by row, lora_b [out, R] by column, diablo [N, ...] by
+// block; -1 for any other tensor (it goes with its module as a whole).
+struct TensorParts {
+  std::string module;
+  std::string kind;
+};
+absl::StatusOr<TensorParts> PartsOf(const std::string& name) {
+  const std::vector<std::string> p = absl::StrSplit(name, '.');
+  if (p.size() != 4 || p[0] != "blk") return absl::InvalidArgumentError(absl::StrCat("secure shares: unexpected tensor name ", name));
+  for (int m = 0; m < model::kNumModules; ++m)
+    if (p[2] == model::GgufModuleName(static_cast<model::Module>(m))) return TensorParts{model::ModuleName(static_cast<model::Module>(m)), p[3]};
+  return absl::InvalidArgumentError(absl::StrCat("secure shares: no module in tensor name ", name));
+}
+int64_t ComponentOf(const std::string& kind, size_t i, size_t n, int full) {
+  if (full <= 0 || n % static_cast<size_t>(full) != 0) return -1;
+  if (kind == "lora_a" || kind == "diablo") return static_cast<int64_t>(i / (n / static_cast<size_t>(full)));
+  if (kind == "lora_b") return static_cast<int64_t>(i % static_cast<size_t>(full));
+  return -1;
+}
+bool Covers(const SecureShare& s, const std::string& module, int64_t component) {
+  if (!s.modules.empty() && std::find(s.modules.begin(), s.modules.end(), module) == s.modules.end()) return false;
+  return s.rank == 0 || component < 0 || (component >= s.first && component < s.first + s.rank);
+}
+
+}  // namespace
+
+absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const aggregation::TensorMap& layout, int full) {
+  aggregation::TensorMap cov;
+  for (const auto& [name, v] : layout) {
+    FT_ASSIGN_OR_RETURN(const TensorParts parts, PartsOf(name));
+    std::vector<float>& c = cov[name];
+    c.resize(v.size());
+    for (size_t i = 0; i < v.size(); ++i) c[i] = Covers(s, parts.module, ComponentOf(parts.kind, i, v.size(), full)) ? 1.0f : 0.0f;
+  }
+  return cov;
+}
+
+absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std::vector<int>& survivors, const aggregation::TensorMap& layout,
+                              int full, int threshold, const SecureShare* mine) {
+  if (shares.empty()) return absl::OkStatus();
+  // The distinct (module, component) pieces of the adapter: at most modules x full.
+  std::set<std::pair<std::string, int64_t>> pieces;
+  for (const auto& [name, v] : layout) {
+    FT_ASSIGN_OR_RETURN(const TensorParts parts, PartsOf(name));
+    const bool split = ComponentOf(parts.kind, 0, v.size(), full) >= 0;
+    for (int64_t c = split ? 0 : -1; c < (split ? full : 0); ++c) pieces.insert({parts.module, c});
+  }
+  for (const auto& [module, c] : pieces) {
+    if (mine != nullptr && !Covers(*mine, module, c)) continue;
+    int n = 0;
+    for (int id : survivors) {
+      if (id < 0 || static_cast<size_t>(id) >= shares.size()) return absl::InvalidArgumentError(absl::StrCat("secure shares: no share for id ", id));
+      n += Covers(shares[static_cast<size_t>(id)], module, c) ? 1 : 0;
+    }
+    if (n > 0 && n < threshold)
+      return absl::FailedPreconditionError(absl::StrCat("secure aggregation: module ", module, c >= 0 ? absl::StrCat(" component ", c) : "",
+                                                        " is trained by ", n, " survivor(s), fewer than the threshold ", threshold,
+                                                        ": its sum would show too few updates"));
+  }
+  return absl::OkStatus();
+}
 
 rpc::v1::Task ToProto(const TrainTask& t) {
   rpc::v1::Task p;
@@ -57,6 +138,12 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   p.set_test_noise_seed(t.test_noise_seed);
   p.set_secagg_fisher_clip(t.secagg.fisher_clip);
   p.set_secagg_fisher_lambda(t.secagg.fisher_lambda);
+  for (const SecureShare& s : t.secagg.shares) {
+    rpc::v1::SecAggShareOfAdapter* o = p.add_secagg_shares();
+    o->set_rank(s.rank);
+    o->set_first(s.first);
+    for (const auto& m : s.modules) o->add_modules(m);
+  }
   p.set_adapter_sha256(t.adapter_sha256);
   p.set_adapter_bytes(t.adapter_bytes);
   p.set_deadline_unix_ms(t.deadline_unix_ms);
@@ -119,6 +206,7 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.test_noise_seed = p.test_noise_seed();
   t.secagg.fisher_clip = p.secagg_fisher_clip();
   t.secagg.fisher_lambda = p.secagg_fisher_lambda();
+  for (const auto& o : p.secagg_shares()) t.secagg.shares.push_back({o.rank(), o.first(), {o.modules().begin(), o.modules().end()}});
   t.adapter_sha256 = p.adapter_sha256();
   t.adapter_bytes = p.adapter_bytes();
   t.deadline_unix_ms = p.deadline_unix_ms();

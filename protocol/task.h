@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "aggregation/tensors.h"
+#include "common/status.h"
 #include "proto/service.pb.h"
 
 namespace fedtune::protocol {
@@ -62,6 +64,17 @@ inline int64_t FirstBlock(const AdapterPlan& p, int round) {
   return p.kind == "diablo" && TrainsPart(p) ? FirstBlock(p.blocks, p.train_rank, round) : 0;
 }
 
+// Secure aggregation with per-worker shares (issue 22): what the client of one secure id trains,
+// public like the rest of the plan: `rank` components (LoRA ranks / DiaBlo blocks) from
+// `first` (rank 0: all of them) of `modules` (ModuleName; empty: all).
+struct SecureShare {
+  int rank = 0, first = 0;
+  std::vector<std::string> modules;
+  bool operator==(const SecureShare&) const = default;
+};
+SecureShare ShareOf(const AdapterPlan& p, int round);
+inline bool IsWhole(const SecureShare& s) { return s.rank == 0 && s.modules.empty(); }
+
 // A TRAIN task, or with `evaluate` set an EVALUATE task (score the global adapter on the
 // client's held-out data; plan, adapter and max_new_tokens matter).
 struct TrainTask {
@@ -97,6 +110,11 @@ struct TrainTask {
     // Uncertainty-aware merging (> 0): the client sends sum-ready Fisher-weighted deltas and the
     // weights themselves, the Fisher clipped at fisher_clip (twice the values).
     double fisher_clip = 0, fisher_lambda = 1e-6;
+    // Each id's share of the adapter (empty: every client trains all of it). A client pads
+    // its update to the whole adapter with zeros before masking (the masked vector has one
+    // layout), and nobody unmasks a sum in which a value some survivor trained was trained by
+    // fewer survivors than the threshold (CheckShareCounts).
+    std::vector<SecureShare> shares;
   } secagg;
   uint64_t test_noise_seed = 0;  // tests only: seeded client noise streams (see service.proto)
   // The global adapter to start from (deployment: what to download and check).
@@ -104,6 +122,15 @@ struct TrainTask {
   int64_t adapter_bytes = 0;
   int64_t deadline_unix_ms = 0;
 };
+
+// Per value of `layout` (the global adapter, full share `full`: LoRA rank or DiaBlo blocks): 1
+// where a client of share `s` trains it, 0 elsewhere.
+absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const aggregation::TensorMap& layout, int full);
+// FailedPrecondition (naming a module and component) when some value trained by a survivor is
+// trained by fewer than `threshold` survivors: its unmasked sum would show fewer updates than
+// secure aggregation promises. `mine` (a client's own share): only the values it trains count.
+absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std::vector<int>& survivors, const aggregation::TensorMap& layout,
+                              int full, int threshold, const SecureShare* mine = nullptr);
 
 rpc::v1::Task ToProto(const TrainTask& t);
 // The client name is not on the wire (it is the certificate's CN): `client` fills it in.

@@ -232,8 +232,12 @@ class SimTransport : public federation::Transport {
       const std::vector<int> gone = sec->Dropped(), alive = sec->Survivors();
       for (int id : alive) {
         const std::string& name = sec->clients()[static_cast<size_t>(id)];
-        FT_ASSIGN_OR_RETURN(auto reply, secure[name]->Unmask(gone, alive));
-        FT_RETURN_IF_ERROR(sec->Unmask(name, reply));
+        auto reply = secure[name]->Unmask(gone, alive);
+        // A client that refuses (too few survivors, or too few of them training a value it
+        // trains) sends nothing, as a worker daemon does; the server cannot unmask the round.
+        if (!reply.ok() && (absl::IsFailedPrecondition(reply.status()) || absl::IsPermissionDenied(reply.status()))) continue;
+        FT_RETURN_IF_ERROR(reply.status());
+        FT_RETURN_IF_ERROR(sec->Unmask(name, *reply));
       }
       bytes_up = sec->bytes_up();
     }
@@ -380,7 +384,7 @@ absl::Status ValidateConfig(const proto::SimulationConfig& c) {
             return Bad(key + ".modules", absl::StrCat(model::ModuleName(m), " is not one of adapter.modules"));
         if (c.planner().enabled()) return Bad(key + ".modules", "not with the planner (it chooses each client's modules)");
         if (!s.run.adapter.layout.empty()) return Bad(key + ".modules", "not with per-layer adapter settings (adapter.layers)");
-        if (s.run.secure.enabled) return Bad(key + ".modules", "not with secure aggregation (a module few clients train would be unmasked as the sum of few updates)");
+        if (s.run.secure.enabled && s.run.dp.central) return Bad(key + ".modules", "not with secure aggregation under central DP (the noisy sum assumes every client trains every value)");
       }
       total += p.count();
     }

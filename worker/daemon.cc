@@ -358,11 +358,18 @@ absl::Status SecureTask(rpc::v1::Coordinator::Stub& stub, const std::string& me,
   resp.Clear();
   FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::MASKED_INPUT, req, &resp));
   if (resp.dropped_from_round()) return out("unmask");
-  FT_ASSIGN_OR_RETURN(privacy::secagg::UnmaskReply reply, sc->Unmask({resp.dropped().begin(), resp.dropped().end()},
-                                                                       {resp.survivors().begin(), resp.survivors().end()}));
+  absl::StatusOr<privacy::secagg::UnmaskReply> reply = sc->Unmask({resp.dropped().begin(), resp.dropped().end()},
+                                                                  {resp.survivors().begin(), resp.survivors().end()});
+  if (!reply.ok() && (absl::IsFailedPrecondition(reply.status()) || absl::IsPermissionDenied(reply.status()))) {
+    // Too few survivors (or too few training a value this worker trains): its sum would show
+    // too few updates. Leave without revealing anything; the round fails at the server.
+    FT_LOG_WARN("round {}: refusing to unmask: {}", task.round(), std::string(reply.status().message()));
+    return out("unmask");
+  }
+  FT_RETURN_IF_ERROR(reply.status());
   req.Clear();
   resp.Clear();
-  *req.mutable_unmask() = protocol::ToProto(reply);
+  *req.mutable_unmask() = protocol::ToProto(*reply);
   FT_RETURN_IF_ERROR(call(rpc::v1::SecAggRequest::UNMASK, req, &resp));
   if (!o.quiet) FT_LOG_INFO("round {}: masked input accepted and unmask reply sent", task.round());
   return absl::OkStatus();

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "aggregation/hetero_rank.h"
 #include "protocol/secagg_wire.h"
 
 namespace fedtune::worker {
@@ -15,6 +16,7 @@ absl::StatusOr<std::unique_ptr<SecureClient>> SecureClient::Create(const protoco
   FT_ASSIGN_OR_RETURN(privacy::secagg::Config cfg, protocol::SecAggConfig(task.secagg, protocol::SecAggVectorLength(task.secagg, n)));
   c->scale_ = protocol::SecAggScale(cfg, task.secagg.value_range);
   c->clip_ = cfg.clip_range;
+  c->threshold_ = privacy::secagg::EffectiveThreshold(cfg);
   FT_ASSIGN_OR_RETURN(c->client_, privacy::secagg::Client::Create(cfg, task.secagg.id));
   if (task.test_noise_seed != 0) {  // tests only: reproducible streams per (seed, round, id, purpose)
     auto seeded = [&](uint8_t purpose) {
@@ -36,6 +38,14 @@ absl::StatusOr<std::unique_ptr<SecureClient>> SecureClient::Create(const protoco
   return c;
 }
 
+absl::StatusOr<privacy::secagg::UnmaskReply> SecureClient::Unmask(const std::vector<int>& dropped, const std::vector<int>& survivors) {
+  if (!task_.secagg.shares.empty()) {
+    const protocol::SecureShare mine = protocol::ShareOf(task_.plan, task_.round);
+    FT_RETURN_IF_ERROR(protocol::CheckShareCounts(task_.secagg.shares, survivors, layout_, protocol::FullShare(task_.plan), threshold_, &mine));
+  }
+  return client_->Unmask(dropped, survivors);
+}
+
 float SecureClient::Scaled(double x) {
   const float y = static_cast<float>(x * scale_);
   if (std::fabs(y) > clip_) ++clamped_;
@@ -45,6 +55,25 @@ float SecureClient::Scaled(double x) {
 absl::StatusOr<std::vector<uint32_t>> SecureClient::Mask(const aggregation::ClientUpdate& update,
                                                           const std::vector<privacy::secagg::EncryptedShare>& received) {
   aggregation::ClientUpdate u = update;
+  // Per-worker shares: the update is padded to the whole adapter (one layout for every masked
+  // vector) and holds nothing outside this worker's share, whose values the server divides by
+  // the weight of the survivors that train them (a value sent outside it would be scaled up).
+  aggregation::TensorMap coverage;
+  if (!task_.secagg.shares.empty()) {
+    const protocol::SecureShare mine = protocol::ShareOf(task_.plan, task_.round);
+    const size_t id = static_cast<size_t>(task_.secagg.id);
+    if (id >= task_.secagg.shares.size() || !(task_.secagg.shares[id] == mine))
+      return absl::FailedPreconditionError("secure aggregation: the round's list of shares does not hold this worker's plan");
+    const int full = protocol::FullShare(task_.plan);
+    if (protocol::TrainsPart(task_.plan))
+      FT_RETURN_IF_ERROR(aggregation::ExpandRank(&u, layout_, full, task_.plan.train_rank, /*coverage=*/false, mine.first));
+    FT_ASSIGN_OR_RETURN(coverage, protocol::ShareCoverage(mine, layout_, full));
+    for (auto& [name, d] : u.delta) {
+      const auto c = coverage.find(name);
+      if (c == coverage.end() || c->second.size() != d.size()) continue;  // ValidateUpdate names it
+      for (size_t i = 0; i < d.size(); ++i) d[i] *= c->second[i];
+    }
+  }
   FT_RETURN_IF_ERROR(aggregation::ValidateUpdate(u, layout_));
   double w = task_.secagg.weight_divisor > 0 ? static_cast<double>(u.num_examples) / task_.secagg.weight_divisor : 1.0;
   if (task_.dp_clip_norm > 0) {  // distributed DP: equal weights, clip, this client's share of the noise
@@ -69,9 +98,11 @@ absl::StatusOr<std::vector<uint32_t>> SecureClient::Mask(const aggregation::Clie
       auto f = u.fisher.find(name);
       if (d != u.delta.end() && f == u.fisher.end())
         return absl::FailedPreconditionError(absl::StrCat("secure uncertainty-aware merging: no Fisher for ", name));
+      const auto cov = coverage.find(name);
       for (size_t i = 0; i < v.size(); ++i) {
-        const double a = d == u.delta.end() ? 0.0 : w * (std::min<double>(f->second[i], fclip) + lambda) / fclip;
-        flat.push_back(Scaled(d == u.delta.end() ? 0.0 : a * d->second[i]));
+        const bool mine = d != u.delta.end() && (cov == coverage.end() || cov->second[i] > 0);
+        const double a = !mine ? 0.0 : w * (std::min<double>(f->second[i], fclip) + lambda) / fclip;
+        flat.push_back(Scaled(!mine ? 0.0 : a * d->second[i]));
         weights.push_back(Scaled(a * task_.secagg.value_range / vmax));
       }
     }

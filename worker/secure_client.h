@@ -24,9 +24,9 @@ class SecureClient {
     return client_->ShareKeys(neighbours);
   }
   absl::StatusOr<std::vector<uint32_t>> Mask(const aggregation::ClientUpdate& u, const std::vector<privacy::secagg::EncryptedShare>& received);
-  absl::StatusOr<privacy::secagg::UnmaskReply> Unmask(const std::vector<int>& dropped, const std::vector<int>& survivors) {
-    return client_->Unmask(dropped, survivors);
-  }
+  // Refuses (FailedPrecondition) where a value this worker trains would be unmasked in a sum of
+  // fewer survivors than the threshold (per-worker shares, protocol::CheckShareCounts).
+  absl::StatusOr<privacy::secagg::UnmaskReply> Unmask(const std::vector<int>& dropped, const std::vector<int>& survivors);
   int id() const { return client_->id(); }
   int64_t clamped() const { return clamped_; }  // values beyond +-value_range (clamped)
 
@@ -36,6 +36,7 @@ class SecureClient {
   protocol::TrainTask task_;
   aggregation::TensorMap layout_;
   double scale_ = 1, clip_ = 8;
+  int threshold_ = 1;  // survivors needed to unmask (privacy::secagg::EffectiveThreshold)
   std::unique_ptr<privacy::secagg::Client> client_;
   std::unique_ptr<privacy::NoiseSource> rounding_, noise_;
   int64_t clamped_ = 0;

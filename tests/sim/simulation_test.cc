@@ -377,9 +377,56 @@ TEST_F(SimTest, SecureAggregationGivesThePlainResult) {
   EXPECT_FALSE(d->stopped_early);
 }
 
-// The planner under secure aggregation (issue 22): it plans batch, steps and base per worker, but
-// every worker trains the whole adapter (per-module shares would unmask a module few workers
-// train as the sum of few updates); partial training there is refused.
+// Secure aggregation with per-worker shares (issue 22 item 4): lower ranks, DiaBlo windows and
+// module shares, padded by each client before masking and weighted per value by the survivors
+// that trained it (nested) or per module (zero_pad), give the plain run's adapter up to the
+// fixed-point rounding. A share that too few clients train to reach the threshold (6 clients: 4)
+// makes the round train whole adapters, as the plain run with every client at the full rank.
+TEST_F(SimTest, SecureAggregationWithPerWorkerSharesGivesThePlainResult) {
+  auto compare = [&](const std::string& name, const std::string& plain, const std::string& secure) -> double {
+    const std::string a = testing::TempPath("sim_shares_plain_" + name), b = testing::TempPath("sim_shares_secure_" + name);
+    auto p = Run(Yaml(plain, a));
+    EXPECT_TRUE(p.ok()) << name << ": " << p.status();
+    auto r = Run(Yaml(secure + "secure_aggregation: {enabled: true, value_range: 0.05}\n", b));
+    EXPECT_TRUE(r.ok()) << name << ": " << r.status();
+    if (!p.ok() || !r.ok()) return 1;
+    EXPECT_EQ(r->rounds.back().metrics.at("accepted"), 6) << name;
+    auto sa = LoadTensors(a + "/adapter.safetensors"), sb = LoadTensors(b + "/adapter.safetensors");
+    EXPECT_EQ(sa.size(), sb.size()) << name;
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < std::min(sa.size(), sb.size()); ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(sa[i] - sb[i])));
+      scale = std::max(scale, static_cast<double>(std::fabs(sa[i])));
+    }
+    EXPECT_GT(scale, 0) << name;
+    std::printf("%s: max |plain - secure| %.3g (max |value| %.3g)\n", name.c_str(), worst, scale);
+    EXPECT_FALSE(r->rounds.back().metrics.count("secagg_whole_shares")) << name;
+    return worst;
+  };
+  const std::string one = "clients: 6\nrounds: 1\n";
+  const std::string ranks = one + "profiles: [{count: 2, rank: 2}, {count: 4}]\n";
+  EXPECT_LT(compare("nested", ranks, ranks), 1e-6);
+  EXPECT_LT(compare("zero_pad", ranks + "strategy: {hetero_rank: zero_pad}\n", ranks + "strategy: {hetero_rank: zero_pad}\n"), 1e-6);
+  const std::string blocks = one + "adapter: {kind: DIABLO, blocks: 4}\nprofiles: [{count: 2, blocks: 2}, {count: 4}]\n";
+  EXPECT_LT(compare("diablo", blocks, blocks), 1e-6);
+  const std::string modules = one + "adapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\nprofiles: [{count: 2, modules: q}, {count: 4}]\n";
+  EXPECT_LT(compare("modules", modules, modules), 1e-6);
+  // Components 2 and 3 would be trained by 2 < 4 clients: whole adapters this round.
+  const std::string a = testing::TempPath("sim_shares_plain_whole"), b = testing::TempPath("sim_shares_secure_whole");
+  ASSERT_TRUE(Run(Yaml(one, a)).ok());
+  auto r = Run(Yaml(one + "profiles: [{count: 4, rank: 2}, {count: 2}]\nsecure_aggregation: {enabled: true, value_range: 0.05}\n", b));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->rounds.back().metrics.at("secagg_whole_shares"), 1);
+  auto sa = LoadTensors(a + "/adapter.safetensors"), sb = LoadTensors(b + "/adapter.safetensors");
+  ASSERT_EQ(sa.size(), sb.size());
+  double worst = 0;
+  for (size_t i = 0; i < sa.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(sa[i] - sb[i])));
+  EXPECT_LT(worst, 1e-6);
+}
+
+// The planner under secure aggregation (issue 22): it plans batch, steps, base and shares per
+// worker; here every worker fits the whole adapter (and with 4 clients, threshold 3, a share the
+// two big workers alone trained could not be unmasked: the round would train whole adapters).
 TEST_F(SimTest, ThePlannerUnderSecureAggregationPlansWholeAdapters) {
   const std::string out = testing::TempPath("sim_plan_secure");
   auto p = Run(Yaml("clients: 4\nrounds: 1\nadapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v, up]}\n"
@@ -658,7 +705,10 @@ TEST_F(SimTest, BadConfigsFailBeforeAnyWorkNamingTheKey) {
   expect("profiles: [{count: 3, modules: w}]\n", "profiles[0].modules");
   expect("adapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\nprofiles: [{count: 3, modules: down}]\n", "profiles[0].modules");
   expect("profiles: [{count: 3, modules: q}]\nplanner: {enabled: true}\n", "profiles[0].modules");
-  expect("profiles: [{count: 3, modules: q}]\nsecure_aggregation: {enabled: true}\n", "profiles[0].modules");
+  expect("profiles: [{count: 3, modules: q}]\nsecure_aggregation: {enabled: true}\ndp: {enabled: true, target_epsilon: 8, clip_norm: 0.05}\n",
+         "profiles[0].modules");
+  expect("profiles: [{count: 3, rank: 2}, {count: 3}]\nsecure_aggregation: {enabled: true}\nstrategy: {hetero_rank: flexlora}\n",
+         "strategy.hetero_rank");
   expect("planner: {enabled: true, ranks: [2, 8]}\n", "planner.ranks");
   expect("planner: {enabled: true, ranks: [2]}\n", "planner.ranks");  // must include adapter.rank (4)
   expect("adapter: {kind: DIABLO}\nplanner: {enabled: true, ranks: [2]}\n", "planner.ranks");

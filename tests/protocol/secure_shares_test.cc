@@ -1,0 +1,96 @@
+// Secure aggregation with per-worker shares (protocol/task.h): which values a share trains (the
+// same as the plain path's ExpandRank coverage) and the threshold every unmasked value must meet.
+#include <gtest/gtest.h>
+
+#include "aggregation/hetero_rank.h"
+#include "protocol/task.h"
+
+namespace fedtune::protocol {
+namespace {
+
+// R = 4: q's LoRA pair (in 3, out 2), v's A, and a DiaBlo tensor of 4 blocks of 2 x 2.
+aggregation::TensorMap Layout() {
+  return {{"blk.0.attn_q.lora_a", std::vector<float>(12, 0.0f)},
+          {"blk.0.attn_q.lora_b", std::vector<float>(8, 0.0f)},
+          {"blk.0.attn_v.lora_a", std::vector<float>(12, 0.0f)},
+          {"blk.1.ffn_up.diablo", std::vector<float>(16, 0.0f)}};
+}
+
+TEST(SecureSharesTest, CoverageIsWhatTheShareTrains) {
+  auto cov = ShareCoverage({2, 0, {"q"}}, Layout(), 4);
+  ASSERT_TRUE(cov.ok()) << cov.status();
+  for (size_t i = 0; i < 12; ++i) EXPECT_EQ(cov->at("blk.0.attn_q.lora_a")[i], i < 6 ? 1.0f : 0.0f) << i;  // rows 0, 1
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(cov->at("blk.0.attn_q.lora_b")[i], i % 4 < 2 ? 1.0f : 0.0f) << i;  // columns 0, 1
+  for (float c : cov->at("blk.0.attn_v.lora_a")) EXPECT_EQ(c, 0.0f);  // not its module
+  for (float c : cov->at("blk.1.ffn_up.diablo")) EXPECT_EQ(c, 0.0f);
+  auto blocks = ShareCoverage({2, 2, {}}, Layout(), 4);
+  ASSERT_TRUE(blocks.ok());
+  for (size_t i = 0; i < 16; ++i) EXPECT_EQ(blocks->at("blk.1.ffn_up.diablo")[i], i >= 8 ? 1.0f : 0.0f) << i;  // blocks 2, 3
+  auto whole = ShareCoverage({}, Layout(), 4);
+  ASSERT_TRUE(whole.ok());
+  for (const auto& [name, c] : *whole)
+    for (float x : c) EXPECT_EQ(x, 1.0f) << name;
+  EXPECT_FALSE(ShareCoverage({}, {{"not.an.adapter", {0.0f}}}, 4).ok());
+}
+
+// The plain path's coverage (aggregation::ExpandRank of a truncated update) marks the same values.
+TEST(SecureSharesTest, CoverageAgreesWithThePlainPathsPadding) {
+  const aggregation::TensorMap g = Layout();
+  for (const auto& [r, first] : std::vector<std::pair<int, int>>{{1, 0}, {2, 0}, {3, 0}, {2, 2}, {1, 3}}) {
+    auto t = aggregation::TruncateRank(g, 4, r, first);
+    ASSERT_TRUE(t.ok()) << t.status();
+    aggregation::ClientUpdate u;
+    u.client = "w";
+    u.delta = *t;
+    ASSERT_TRUE(aggregation::ExpandRank(&u, g, 4, r, /*coverage=*/true, first).ok());
+    auto cov = ShareCoverage({r, first, {}}, g, 4);
+    ASSERT_TRUE(cov.ok());
+    for (const auto& [name, c] : u.coverage) {
+      // (LoRA ranks start at 0; a DiaBlo window anywhere.)
+      if (name.ends_with("diablo") || first == 0) {
+        EXPECT_EQ(c, cov->at(name)) << name << " r " << r << " first " << first;
+      }
+    }
+  }
+}
+
+TEST(SecureSharesTest, EveryUnmaskedValueNeedsTheThresholdOfItsTrainers) {
+  const aggregation::TensorMap g = Layout();
+  const std::vector<SecureShare> shares = {{}, {}, {2, 0, {}}, {2, 0, {}}};
+  EXPECT_TRUE(CheckShareCounts({}, {0, 1}, g, 4, 3).ok());  // no shares: the whole adapter each
+  EXPECT_TRUE(CheckShareCounts(shares, {0, 1, 2, 3}, g, 4, 2).ok());
+  const absl::Status st = CheckShareCounts(shares, {0, 1, 2, 3}, g, 4, 3);  // components 2, 3: two trainers
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("component 2"), std::string::npos) << st;
+  // A rank-2 worker checks only what it trains: components 0, 1 (four trainers; three without 1).
+  EXPECT_TRUE(CheckShareCounts(shares, {0, 1, 2, 3}, g, 4, 3, &shares[2]).ok());
+  EXPECT_TRUE(CheckShareCounts(shares, {0, 2, 3}, g, 4, 3, &shares[2]).ok());
+  EXPECT_FALSE(CheckShareCounts(shares, {0, 2}, g, 4, 3, &shares[2]).ok());
+  EXPECT_FALSE(CheckShareCounts(shares, {0, 1, 2, 3}, g, 4, 3, &shares[0]).ok());  // the full worker's 2, 3
+  // Module shares: v and up trained by one worker only.
+  const std::vector<SecureShare> modules = {{0, 0, {"q"}}, {0, 0, {"q"}}, {}};
+  EXPECT_TRUE(CheckShareCounts(modules, {0, 1, 2}, g, 4, 1).ok());
+  const absl::Status mv = CheckShareCounts(modules, {0, 1, 2}, g, 4, 2);
+  EXPECT_NE(mv.message().find("trained by 1 survivor"), std::string::npos) << mv;  // v or up
+  EXPECT_TRUE(CheckShareCounts(modules, {0, 1, 2}, g, 4, 2, &modules[0]).ok());  // q: three trainers
+  EXPECT_FALSE(CheckShareCounts(shares, {0, 7}, g, 4, 1).ok());  // no share for id 7
+}
+
+TEST(SecureSharesTest, SharesTravelWithTheTask) {
+  TrainTask t;
+  t.plan.kind = "diablo";
+  t.plan.blocks = 4;
+  t.plan.train_rank = 2;
+  t.round = 2;
+  t.plan.train_modules = {"v", "q"};
+  const SecureShare s = ShareOf(t.plan, t.round);
+  EXPECT_EQ(s.rank, 2);
+  EXPECT_EQ(s.first, 2);  // round 2's window
+  EXPECT_EQ(s.modules, (std::vector<std::string>{"q", "v"}));
+  t.secagg.shares = {s, {}};
+  const TrainTask back = FromProto(ToProto(t), "w");
+  EXPECT_EQ(back.secagg.shares, t.secagg.shares);
+}
+
+}  // namespace
+}  // namespace fedtune::protocol
