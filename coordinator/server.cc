@@ -607,7 +607,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       if (auto a = assigned.find(cn); a != assigned.end()) {
         rank = a->second.plan().kind() == "diablo" ? a->second.plan().blocks() : a->second.plan().rank();  // what train_rank is out of
         train_rank = a->second.plan().train_rank();
-        if (a->second.plan().kind() == "diablo") first_block = protocol::FirstBlock(rank, train_rank, h.round());
+        if (a->second.plan().kind() == "diablo") first_block = protocol::FirstBlock(rank, train_rank, h.round(), a->second.plan().block_offset());
       }
     }
     // A worker given a lower rank sends a rank-r update (aggregation/hetero_rank.h; DiaBlo: r

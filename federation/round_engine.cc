@@ -340,6 +340,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
     rec.metrics["client_lr"] = lr;
     std::vector<protocol::TrainTask> tasks;
     std::map<std::string, int64_t> ranks, firsts;  // clients training below the shared rank (DiaBlo: their first block)
+    std::map<int64_t, int> with_blocks;             // DiaBlo: clients of this round per block count so far (their window offsets)
     const int64_t shared_rank = s.adapter.spec.FullShare();  // LoRA's rank or DiaBlo's blocks
     for (const aggregation::ClientTask& ct : selected) {
       protocol::TrainTask task = TaskTemplate(s);
@@ -369,6 +370,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       if (auto f = fixed_ranks.find(ct.client); rank == 0 && f != fixed_ranks.end()) rank = f->second;
       if (rank > 0 && rank < shared_rank) {
         task.plan.train_rank = static_cast<int>(rank);
+        if (task.plan.kind == "diablo") task.plan.block_offset = with_blocks[rank]++;
         ranks[ct.client] = rank;
         if (const int64_t first = protocol::FirstBlock(task.plan, r); first > 0) firsts[ct.client] = first;
       }

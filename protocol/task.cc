@@ -107,6 +107,7 @@ rpc::v1::Task ToProto(const TrainTask& t) {
   a->set_compensation_rank(t.plan.compensation_rank);
   a->set_compensation_damping(t.plan.compensation_damping);
   a->set_train_rank(t.plan.train_rank);
+  a->set_block_offset(t.plan.block_offset);
   a->set_plan_memory_mib(t.plan.plan_memory_mib);
   a->set_plan_device_memory_mib(t.plan.plan_device_memory_mib);
   a->set_explanation(t.plan.explanation);
@@ -174,6 +175,7 @@ TrainTask FromProto(const rpc::v1::Task& p, const std::string& client) {
   t.plan.compensation_rank = a.compensation_rank() > 0 ? a.compensation_rank() : 16;
   t.plan.compensation_damping = a.compensation_damping() > 0 && std::isfinite(a.compensation_damping()) ? a.compensation_damping() : 0.01;
   t.plan.train_rank = a.train_rank();
+  t.plan.block_offset = std::clamp(a.block_offset(), 0, 1 << 20);
   // (From the coordinator: finite and positive, or ignored.)
   t.plan.plan_memory_mib = std::isfinite(a.plan_memory_mib()) && a.plan_memory_mib() > 0 ? a.plan_memory_mib() : 0;
   t.plan.plan_device_memory_mib = std::isfinite(a.plan_device_memory_mib()) && a.plan_device_memory_mib() > 0 ? a.plan_device_memory_mib() : 0;

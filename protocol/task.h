@@ -42,6 +42,10 @@ struct AdapterPlan {
   // fewer blocks too, not only by the ones that train all of them (the window depends on the
   // round only: a worker sampled every ceil(N/k)-th round, or whose k changes, may not see all).
   int train_rank = 0;
+  // DiaBlo with fewer blocks: this worker's window is `block_offset` windows ahead of the round's
+  // (the coordinator numbers the workers of one block count in a round 0, 1, ..., so that they
+  // train different windows instead of the same one).
+  int block_offset = 0;
   // The memory the plan was made for, when below what the client reported (0: its own): the
   // client keeps activations within it (worker::RunTrainTask). Host and device memory, MiB.
   double plan_memory_mib = 0, plan_device_memory_mib = 0;
@@ -53,15 +57,18 @@ inline int FullShare(const AdapterPlan& p) { return p.kind == "diablo" ? p.block
 inline bool TrainsPart(const AdapterPlan& p) { return p.train_rank > 0 && p.train_rank < FullShare(p); }
 // The first of the k consecutive DiaBlo blocks (of n) a worker trains in `round` (FedRolex-style
 // rolling windows, Alam et al. 2022, without wrapping around): windows [0, k), [k, 2k), ... in
-// turn, the last one ending at block n, so ceil(n / k) rounds cover every block. 0 when k is 0
-// or n (all blocks) and for LoRA ranks (always the first components: nested ranks need them).
-inline int64_t FirstBlock(int64_t n, int64_t k, int round) {
+// turn, the last one ending at block n, so ceil(n / k) rounds cover every block; `offset`
+// shifts a worker's turn (AdapterPlan::block_offset: workers of one round on different windows).
+// 0 when k is 0 or n (all blocks) and for LoRA ranks (always the first components: nested ranks
+// need them).
+inline int64_t FirstBlock(int64_t n, int64_t k, int round, int64_t offset = 0) {
   if (k <= 0 || k >= n || round < 1) return 0;
   const int64_t windows = (n + k - 1) / k;
-  return std::min((static_cast<int64_t>(round - 1) % windows) * k, n - k);
+  const int64_t turn = (static_cast<int64_t>(round - 1) + std::max<int64_t>(offset, 0)) % windows;
+  return std::min(turn * k, n - k);
 }
 inline int64_t FirstBlock(const AdapterPlan& p, int round) {
-  return p.kind == "diablo" && TrainsPart(p) ? FirstBlock(p.blocks, p.train_rank, round) : 0;
+  return p.kind == "diablo" && TrainsPart(p) ? FirstBlock(p.blocks, p.train_rank, round, p.block_offset) : 0;
 }
 
 // Secure aggregation with per-worker shares (issue 22): what the client of one secure id trains,
