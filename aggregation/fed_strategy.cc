@@ -78,10 +78,13 @@ class LinearAggregation : public Aggregation {
       }
     }
     for (const auto& [name, v] : weighted_sum) {
+      const auto w = value_weight == nullptr ? nullptr : (value_weight->count(name) ? &value_weight->at(name) : nullptr);
+      // A tensor nobody in the sum trained (a module outside every survivor's share) is left out,
+      // as the plain path leaves out tensors no update holds (server momentum does not move it).
+      if (w != nullptr && std::all_of(w->begin(), w->end(), [](float x) { return x == 0.0f; })) continue;
       Acc& a = acc_[name];
       if (a.sum.empty()) a.sum.assign(v.size(), 0.0);
       for (size_t i = 0; i < v.size(); ++i) a.sum[i] += v[i];
-      const auto w = value_weight == nullptr ? nullptr : (value_weight->count(name) ? &value_weight->at(name) : nullptr);
       if (w != nullptr && a.value_weight.empty()) a.value_weight.assign(v.size(), a.weight);
       if (!a.value_weight.empty())
         for (size_t i = 0; i < v.size(); ++i) a.value_weight[i] += w != nullptr ? (*w)[i] : total_weight;

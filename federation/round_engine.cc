@@ -411,19 +411,31 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         p.fisher_lambda = s.strategy.uncertainty_lambda;
       }
       // Per-worker shares (ranks, DiaBlo windows, modules): public like the plan; each client
-      // pads its update to the whole adapter before masking. A share whose values fewer selected
-      // clients train than the threshold could never be unmasked: this round every client then
-      // trains the whole adapter.
-      for (const auto& task : tasks) p.shares.push_back(protocol::ShareOf(task.plan, r));
-      if (std::all_of(p.shares.begin(), p.shares.end(), protocol::IsWhole)) p.shares.clear();
-      if (!p.shares.empty()) {
+      // pads its update to the whole adapter before masking. Shares whose values fewer selected
+      // clients train than the threshold could never be unmasked: the clients with partial
+      // shares then sit this round out (their plans were made for their share, not the whole
+      // adapter), unless fewer than 3 would be left, when everyone trains the whole adapter.
+      auto shares_fit = [&](std::vector<protocol::SecureShare>* shares) -> absl::Status {
+        shares->clear();
+        for (const auto& task : tasks) shares->push_back(protocol::ShareOf(task.plan, r));
+        if (std::all_of(shares->begin(), shares->end(), protocol::IsWhole)) shares->clear();
+        if (shares->empty()) return absl::OkStatus();
         std::vector<int> all(tasks.size());
         for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int>(i);
-        const absl::StatusOr<privacy::secagg::Config> cfg = protocol::SecAggConfig(p, 1);
-        const absl::Status fits = cfg.ok() ? protocol::CheckShareCounts(p.shares, all, global_, static_cast<int>(shared_rank),
-                                                                        privacy::secagg::EffectiveThreshold(*cfg))
-                                           : cfg.status();
-        if (!fits.ok()) {
+        protocol::TrainTask::Secure q = p;
+        q.clients = static_cast<int>(tasks.size());
+        FT_ASSIGN_OR_RETURN(const privacy::secagg::Config cfg, protocol::SecAggConfig(q, 1));
+        return protocol::CheckShareCounts(*shares, all, global_, static_cast<int>(shared_rank), privacy::secagg::EffectiveThreshold(cfg));
+      };
+      if (const absl::Status fits = shares_fit(&p.shares); !fits.ok()) {
+        auto partial = [&](const protocol::TrainTask& task) { return !protocol::IsWhole(protocol::ShareOf(task.plan, r)); };
+        const int n_partial = static_cast<int>(std::count_if(tasks.begin(), tasks.end(), partial));
+        if (tasks.size() - static_cast<size_t>(n_partial) >= 3) {
+          say(absl::StrFormat("round %d: %s with all %d clients; the %d with partial shares sit this round out", r, fits.message(),
+                              static_cast<int>(tasks.size()), n_partial));
+          rec.metrics["secagg_sat_out"] = n_partial;
+          std::erase_if(tasks, partial);
+        } else {
           say(absl::StrFormat("round %d: %s with all %d clients; every client trains the whole adapter this round", r, fits.message(),
                               static_cast<int>(tasks.size())));
           rec.metrics["secagg_whole_shares"] = 1;
@@ -431,8 +443,10 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
             task.plan.train_rank = 0;
             task.plan.train_modules.clear();
           }
-          p.shares.clear();
         }
+        rec.metrics.erase("hetero_rank_clients");  // (nobody trains a partial share now)
+        FT_RETURN_IF_ERROR(shares_fit(&p.shares));
+        p.clients = static_cast<int>(tasks.size());
       }
       std::vector<std::string> ids;
       bool all_known = true;

@@ -1,5 +1,6 @@
 #include "federation/secure_server.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -113,11 +114,18 @@ absl::StatusOr<SecureServer::Sum> SecureServer::Finish() {
   out.tampered = res.tampered;
   if (!params_.shares.empty()) {
     for (const auto& [name, v] : layout_) out.value_weight[name].assign(v.size(), 0.0f);
+    // Summed per distinct share first (a fleet has few), then one coverage map per share.
+    std::vector<std::pair<protocol::SecureShare, double>> by_share;
     for (int u : res.survivors) {
       protocol::SecureShare share = params_.shares[static_cast<size_t>(u)];
       if (!by_component_) share.rank = share.first = 0;
+      auto it = std::find_if(by_share.begin(), by_share.end(), [&](const auto& e) { return e.first == share; });
+      if (it == by_share.end()) it = by_share.insert(by_share.end(), {share, 0.0});
+      it->second += weights_[u].first;
+    }
+    for (const auto& [share, weight] : by_share) {
       FT_ASSIGN_OR_RETURN(const aggregation::TensorMap cov, protocol::ShareCoverage(share, layout_, full_share_));
-      const float w = static_cast<float>(weights_[u].first);
+      const float w = static_cast<float>(weight);
       for (auto& [name, vw] : out.value_weight) {
         const std::vector<float>& c = cov.at(name);
         for (size_t i = 0; i < vw.size(); ++i) vw[i] += w * c[i];

@@ -256,7 +256,12 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Parse(std::unique_ptr<Mapped
     const uint64_t blocks = static_cast<uint64_t>(n_el / traits->block_size);
     if (blocks > std::numeric_limits<uint64_t>::max() / (traits->type_size + 8)) return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' size overflows"));
     t.nbytes = blocks * traits->type_size;
-    if (private_type) t.nbytes = static_cast<uint64_t>(t.ne[1]) * *kernels::RowBytes(t.type, t.ne[0]);  // NF4_DQ: a header per row
+    if (private_type) {  // NF4_DQ: a header per row
+      const uint64_t rb = *kernels::RowBytes(t.type, t.ne[0]);
+      if (t.ne[0] == 0 || static_cast<uint64_t>(t.ne[1]) > std::numeric_limits<uint64_t>::max() / rb)
+        return absl::DataLossError(absl::StrCat("GGUF: tensor '", t.name, "' has an empty or overflowing shape"));
+      t.nbytes = static_cast<uint64_t>(t.ne[1]) * rb;
+    }
     if (g->tensor_index_.count(t.name)) return absl::DataLossError(absl::StrCat("GGUF: duplicate tensor name '", t.name, "'"));
     g->tensor_index_[t.name] = g->tensors_.size();
     g->tensors_.push_back(std::move(t));

@@ -788,7 +788,11 @@ absl::Status LlamaModel::SaveCompensated(const std::string& path, const std::str
   w.SetF32Array("fedtune.compensation.rel_after", ra);
   w.SetF32Array("fedtune.compensation.act_before", ab);
   w.SetF32Array("fedtune.compensation.act_after", aa);
+  // A checksum of the data (FNV-1a over every tensor's bytes in order): a file whose bytes changed
+  // (a bad disk, a partial overwrite) is recomputed, not used.
+  uint64_t sum = Fnv1a({});
   auto add = [&](const std::string& name, const kernels::QMatrix& m) {
+    sum = Fnv1a(std::string_view(reinterpret_cast<const char*>(m.data), m.row_bytes * static_cast<size_t>(m.rows)), sum);
     return w.AddTensor(name, {m.cols, m.rows}, m.type, {m.data, m.row_bytes * static_cast<size_t>(m.rows)});
   };
   for (size_t li = 0; li < layers_.size(); ++li) {
@@ -802,6 +806,7 @@ absl::Status LlamaModel::SaveCompensated(const std::string& path, const std::str
       }
     }
   }
+  w.SetString("fedtune.compensation.checksum", absl::StrFormat("%016x", sum));
   return w.WriteFile(path);
 }
 
@@ -842,6 +847,12 @@ absl::StatusOr<LlamaModel::CompensationReport> LlamaModel::LoadCompensated(const
       found.push_back(e);
     }
   }
+  uint64_t sum = Fnv1a({});
+  for (const Found& e : found)
+    for (const GgufTensor* t : {e.w, e.u, e.v})
+      if (t != nullptr) sum = Fnv1a(std::string_view(reinterpret_cast<const char*>(t->data), t->nbytes), sum);
+  FT_ASSIGN_OR_RETURN(const std::string want, f->GetString("fedtune.compensation.checksum"));
+  if (want != absl::StrFormat("%016x", sum)) return absl::DataLossError("the tensors' checksum does not match (damaged file)");
   for (size_t li = 0, i = 0; li < layers_.size(); ++li) {
     LlamaLayer& L = layers_[li];
     const std::array<kernels::QMatrix*, kNumModules> mats = L.Projections();

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/mapped_file.h"
+#include "protocol/update_codec.h"
 
 namespace fedtune::protocol {
 namespace {
@@ -63,8 +64,21 @@ struct SecAggIdentity::Impl {
 SecAggIdentity::~SecAggIdentity() = default;
 
 std::string SecAggAttempt(const rpc::v1::Task& task) {
-  return absl::StrCat(task.run_id().size(), ":", task.run_id(), ";round ", task.round(), ";deadline ", task.deadline_unix_ms(), ";clients ",
-                      task.secagg_clients(), ";graph ", task.secagg_graph_seed());
+  std::string a = absl::StrCat(task.run_id().size(), ":", task.run_id(), ";round ", task.round(), ";deadline ", task.deadline_unix_ms(),
+                               ";clients ", task.secagg_clients(), ";graph ", task.secagg_graph_seed());
+  // Per-worker shares: every worker signs the list it was given (its SHA-256), so a coordinator
+  // that gave workers different lists (to make some send zeros where a victim trains) fails
+  // their neighbours' verification.
+  if (task.secagg_shares_size() > 0) {
+    std::string list;
+    for (const auto& s : task.secagg_shares()) {
+      absl::StrAppend(&list, s.rank(), ",", s.first(), ",", s.modules_size());
+      for (const auto& m : s.modules()) absl::StrAppend(&list, ",", m.size(), ":", m);
+      list.push_back(';');
+    }
+    absl::StrAppend(&a, ";shares ", Sha256Hex({reinterpret_cast<const uint8_t*>(list.data()), list.size()}));
+  }
+  return a;
 }
 
 std::string SecAggSignedBytes(const std::string& context, const rpc::v1::SecAggKeys& k) {

@@ -44,12 +44,18 @@ int64_t ComponentOf(const std::string& kind, size_t i, size_t n, int full) {
 }
 bool Covers(const SecureShare& s, const std::string& module, int64_t component) {
   if (!s.modules.empty() && std::find(s.modules.begin(), s.modules.end(), module) == s.modules.end()) return false;
-  return s.rank == 0 || component < 0 || (component >= s.first && component < s.first + s.rank);
+  return s.rank == 0 || component < 0 || (component >= s.first && component < static_cast<int64_t>(s.first) + s.rank);
+}
+absl::Status ValidShare(const SecureShare& s, int full) {
+  if (s.rank < 0 || s.first < 0 || static_cast<int64_t>(s.first) + s.rank > full || (s.rank == 0 && s.first != 0))
+    return absl::InvalidArgumentError(absl::StrCat("secure shares: ", s.rank, " components from ", s.first, " are not within ", full));
+  return absl::OkStatus();
 }
 
 }  // namespace
 
 absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const aggregation::TensorMap& layout, int full) {
+  FT_RETURN_IF_ERROR(ValidShare(s, full));
   aggregation::TensorMap cov;
   for (const auto& [name, v] : layout) {
     FT_ASSIGN_OR_RETURN(const TensorParts parts, PartsOf(name));
@@ -61,8 +67,10 @@ absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const
 }
 
 absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std::vector<int>& survivors, const aggregation::TensorMap& layout,
-                              int full, int threshold, const SecureShare* mine) {
+                              int full, int threshold) {
   if (shares.empty()) return absl::OkStatus();
+  for (const SecureShare& s : shares) FT_RETURN_IF_ERROR(ValidShare(s, full));
+  const std::set<int> distinct(survivors.begin(), survivors.end());  // (a repeated id counts once)
   // The distinct (module, component) pieces of the adapter: at most modules x full.
   std::set<std::pair<std::string, int64_t>> pieces;
   for (const auto& [name, v] : layout) {
@@ -71,9 +79,8 @@ absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std:
     for (int64_t c = split ? 0 : -1; c < (split ? full : 0); ++c) pieces.insert({parts.module, c});
   }
   for (const auto& [module, c] : pieces) {
-    if (mine != nullptr && !Covers(*mine, module, c)) continue;
     int n = 0;
-    for (int id : survivors) {
+    for (int id : distinct) {
       if (id < 0 || static_cast<size_t>(id) >= shares.size()) return absl::InvalidArgumentError(absl::StrCat("secure shares: no share for id ", id));
       n += Covers(shares[static_cast<size_t>(id)], module, c) ? 1 : 0;
     }

@@ -134,10 +134,13 @@ struct TrainTask {
 // where a client of share `s` trains it, 0 elsewhere.
 absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const aggregation::TensorMap& layout, int full);
 // FailedPrecondition (naming a module and component) when some value trained by a survivor is
-// trained by fewer than `threshold` survivors: its unmasked sum would show fewer updates than
-// secure aggregation promises. `mine` (a client's own share): only the values it trains count.
+// trained by fewer than `threshold` distinct survivors: its unmasked sum would show fewer updates
+// than secure aggregation promises. Every worker checks every value, not only those it trains:
+// SecAgg+ rebuilds a survivor's masks from any t of its neighbours' shares, so one honest worker
+// refusing would not stop the others from unmasking its values. InvalidArgument for a share
+// outside [0, full).
 absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std::vector<int>& survivors, const aggregation::TensorMap& layout,
-                              int full, int threshold, const SecureShare* mine = nullptr);
+                              int full, int threshold);
 
 rpc::v1::Task ToProto(const TrainTask& t);
 // The client name is not on the wire (it is the certificate's CN): `client` fills it in.

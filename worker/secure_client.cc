@@ -39,10 +39,8 @@ absl::StatusOr<std::unique_ptr<SecureClient>> SecureClient::Create(const protoco
 }
 
 absl::StatusOr<privacy::secagg::UnmaskReply> SecureClient::Unmask(const std::vector<int>& dropped, const std::vector<int>& survivors) {
-  if (!task_.secagg.shares.empty()) {
-    const protocol::SecureShare mine = protocol::ShareOf(task_.plan, task_.round);
-    FT_RETURN_IF_ERROR(protocol::CheckShareCounts(task_.secagg.shares, survivors, layout_, protocol::FullShare(task_.plan), threshold_, &mine));
-  }
+  if (!task_.secagg.shares.empty())
+    FT_RETURN_IF_ERROR(protocol::CheckShareCounts(task_.secagg.shares, survivors, layout_, protocol::FullShare(task_.plan), threshold_));
   return client_->Unmask(dropped, survivors);
 }
 

@@ -24,8 +24,8 @@ class SecureClient {
     return client_->ShareKeys(neighbours);
   }
   absl::StatusOr<std::vector<uint32_t>> Mask(const aggregation::ClientUpdate& u, const std::vector<privacy::secagg::EncryptedShare>& received);
-  // Refuses (FailedPrecondition) where a value this worker trains would be unmasked in a sum of
-  // fewer survivors than the threshold (per-worker shares, protocol::CheckShareCounts).
+  // Refuses (FailedPrecondition) where any value would be unmasked in a sum of fewer survivors
+  // that trained it than the threshold (per-worker shares, protocol::CheckShareCounts).
   absl::StatusOr<privacy::secagg::UnmaskReply> Unmask(const std::vector<int>& dropped, const std::vector<int>& survivors);
   int id() const { return client_->id(); }
   int64_t clamped() const { return clamped_; }  // values beyond +-value_range (clamped)

@@ -557,6 +557,20 @@ TEST(CompensationTest, ACachedBaseIsTheComputedOneAndChangedInputsRecompute) {
   EXPECT_FALSE(r4.cache_hit);
   EXPECT_TRUE(same(*m1, *m3));
   EXPECT_TRUE(run(o, calib, &m3).cache_hit);
+  // One flipped bit in the tensor data (the file still parses): the checksum catches it.
+  {
+    std::fstream f(r1.cache_path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-100, std::ios::end);
+    char c = 0;
+    f.read(&c, 1);
+    c ^= 0x10;
+    f.seekp(-100, std::ios::end);
+    f.write(&c, 1);
+  }
+  const LlamaModel::CompensationReport r4b = run(o, calib, &m3);
+  EXPECT_FALSE(r4b.cache_hit);
+  EXPECT_TRUE(same(*m1, *m3));
+  EXPECT_TRUE(run(o, calib, &m3).cache_hit);
   // The model file changes (a newer modification time): computed anew under another name.
   fs::last_write_time(path, fs::last_write_time(path) + std::chrono::seconds(5));
   const LlamaModel::CompensationReport r5 = run(o, calib, &m3);

@@ -1,8 +1,10 @@
 // Secure aggregation with per-worker shares (protocol/task.h): which values a share trains (the
-// same as the plain path's ExpandRank coverage) and the threshold every unmasked value must meet.
+// same as the plain path's ExpandRank coverage), the threshold every unmasked value must meet, and
+// the share list bound into what each worker signs.
 #include <gtest/gtest.h>
 
 #include "aggregation/hetero_rank.h"
+#include "protocol/secagg_identity.h"
 #include "protocol/task.h"
 
 namespace fedtune::protocol {
@@ -62,17 +64,18 @@ TEST(SecureSharesTest, EveryUnmaskedValueNeedsTheThresholdOfItsTrainers) {
   const absl::Status st = CheckShareCounts(shares, {0, 1, 2, 3}, g, 4, 3);  // components 2, 3: two trainers
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(st.message().find("component 2"), std::string::npos) << st;
-  // A rank-2 worker checks only what it trains: components 0, 1 (four trainers; three without 1).
-  EXPECT_TRUE(CheckShareCounts(shares, {0, 1, 2, 3}, g, 4, 3, &shares[2]).ok());
-  EXPECT_TRUE(CheckShareCounts(shares, {0, 2, 3}, g, 4, 3, &shares[2]).ok());
-  EXPECT_FALSE(CheckShareCounts(shares, {0, 2}, g, 4, 3, &shares[2]).ok());
-  EXPECT_FALSE(CheckShareCounts(shares, {0, 1, 2, 3}, g, 4, 3, &shares[0]).ok());  // the full worker's 2, 3
+  // A survivor listed three times counts once (components 2, 3: one trainer, not three).
+  EXPECT_FALSE(CheckShareCounts(shares, {0, 0, 0, 2, 3}, g, 4, 3).ok());
+  EXPECT_TRUE(CheckShareCounts(shares, {0, 1, 2, 2, 2}, g, 4, 2).ok());
+  // Shares outside the adapter are refused, not counted.
+  EXPECT_EQ(CheckShareCounts({{3, 2, {}}, {}}, {0, 1}, g, 4, 1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CheckShareCounts({{-1, 0, {}}, {}}, {0, 1}, g, 4, 1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_FALSE(ShareCoverage({2, 2147483647, {}}, g, 4).ok());
   // Module shares: v and up trained by one worker only.
   const std::vector<SecureShare> modules = {{0, 0, {"q"}}, {0, 0, {"q"}}, {}};
   EXPECT_TRUE(CheckShareCounts(modules, {0, 1, 2}, g, 4, 1).ok());
   const absl::Status mv = CheckShareCounts(modules, {0, 1, 2}, g, 4, 2);
   EXPECT_NE(mv.message().find("trained by 1 survivor"), std::string::npos) << mv;  // v or up
-  EXPECT_TRUE(CheckShareCounts(modules, {0, 1, 2}, g, 4, 2, &modules[0]).ok());  // q: three trainers
   EXPECT_FALSE(CheckShareCounts(shares, {0, 7}, g, 4, 1).ok());  // no share for id 7
 }
 
@@ -90,6 +93,14 @@ TEST(SecureSharesTest, SharesTravelWithTheTask) {
   t.secagg.shares = {s, {}};
   const TrainTask back = FromProto(ToProto(t), "w");
   EXPECT_EQ(back.secagg.shares, t.secagg.shares);
+  EXPECT_EQ(back.plan.block_offset, 0);
+  // What each worker signs names the list: another list, another attempt string.
+  rpc::v1::Task a = ToProto(t), b = a, none = a;
+  b.mutable_secagg_shares(0)->set_first(0);
+  none.clear_secagg_shares();
+  EXPECT_NE(SecAggAttempt(a), SecAggAttempt(b));
+  EXPECT_NE(SecAggAttempt(a), SecAggAttempt(none));
+  EXPECT_EQ(SecAggAttempt(a), SecAggAttempt(ToProto(back)));
 }
 
 }  // namespace

@@ -413,7 +413,13 @@ TEST_F(SimTest, SecureAggregationWithPerWorkerSharesGivesThePlainResult) {
   EXPECT_LT(compare("diablo", blocks, blocks), 1e-6);
   const std::string modules = one + "adapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\nprofiles: [{count: 2, modules: q}, {count: 4}]\n";
   EXPECT_LT(compare("modules", modules, modules), 1e-6);
-  // Components 2 and 3 would be trained by 2 < 4 clients: whole adapters this round.
+  // Components 2 and 3 would be trained by 3 < 4 clients: the three at rank 2 sit the round out.
+  auto out3 = Run(Yaml(one + "profiles: [{count: 3, rank: 2}, {count: 3}]\nsecure_aggregation: {enabled: true, value_range: 0.05}\n",
+                       testing::TempPath("sim_shares_sat_out")));
+  ASSERT_TRUE(out3.ok()) << out3.status();
+  EXPECT_EQ(out3->rounds.back().metrics.at("secagg_sat_out"), 3);
+  EXPECT_EQ(out3->rounds.back().metrics.at("accepted"), 3);
+  // By 2 < 4 with only two full-rank clients (fewer than 3 would be left): whole adapters.
   const std::string a = testing::TempPath("sim_shares_plain_whole"), b = testing::TempPath("sim_shares_secure_whole");
   ASSERT_TRUE(Run(Yaml(one, a)).ok());
   auto r = Run(Yaml(one + "profiles: [{count: 4, rank: 2}, {count: 2}]\nsecure_aggregation: {enabled: true, value_range: 0.05}\n", b));
