@@ -430,9 +430,18 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       if (const absl::Status fits = shares_fit(&p.shares); !fits.ok()) {
         auto partial = [&](const protocol::TrainTask& task) { return !protocol::IsWhole(protocol::ShareOf(task.plan, r)); };
         const int n_partial = static_cast<int>(std::count_if(tasks.begin(), tasks.end(), partial));
-        if (tasks.size() - static_cast<size_t>(n_partial) >= 3) {
-          say(absl::StrFormat("round %d: %s with all %d clients; the %d with partial shares sit this round out", r, fits.message(),
-                              static_cast<int>(tasks.size()), n_partial));
+        const int left = static_cast<int>(tasks.size()) - n_partial;
+        protocol::TrainTask::Secure q = p;
+        q.clients = left;
+        // Sitting out only where the rest can still run the round: SecAgg+ with its threshold,
+        // the quorum and min_clients (a round that can never reach them would retry forever).
+        const bool can_sit_out = left >= std::max({3, o_.quorum, s.strategy.min_clients}) && protocol::SecAggConfig(q, 1).ok();
+        if (can_sit_out) {
+          std::string who;
+          for (const auto& task : tasks)
+            if (partial(task)) absl::StrAppend(&who, who.empty() ? "" : ", ", task.client);
+          say(absl::StrFormat("round %d: %s with all %d clients; the %d with partial shares (%s) sit this round out", r, fits.message(),
+                              static_cast<int>(tasks.size()), n_partial, who));
           rec.metrics["secagg_sat_out"] = n_partial;
           std::erase_if(tasks, partial);
         } else {
@@ -442,6 +451,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
           for (auto& task : tasks) {
             task.plan.train_rank = 0;
             task.plan.train_modules.clear();
+            task.plan.plan_memory_mib = task.plan.plan_device_memory_mib = 0;  // (sized for the share: its own budget decides)
           }
         }
         rec.metrics.erase("hetero_rank_clients");  // (nobody trains a partial share now)

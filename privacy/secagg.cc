@@ -297,9 +297,13 @@ absl::StatusOr<UnmaskReply> Client::Unmask(const std::vector<int>& dropped, cons
   if (unmasked_) return absl::PermissionDeniedError("secagg: already answered an unmask request this round; refusing a second");
   if (std::find(survivors.begin(), survivors.end(), id_) == survivors.end())
     return absl::PermissionDeniedError("secagg: unmask request that does not list this client as a survivor");
-  // Fewer survivors than the threshold: their sum could expose single inputs. Refuse.
-  if (static_cast<int>(survivors.size()) < EffectiveThreshold(c_))
-    return absl::PermissionDeniedError(absl::StrCat("secagg: only ", survivors.size(), " survivors, fewer than the threshold; refusing to unmask"));
+  // Fewer survivors than the threshold: their sum could expose single inputs. Refuse. (Distinct
+  // ids of this round only: a list repeating an id must not pass for a larger one.)
+  std::set<int> distinct;
+  for (int v : survivors)
+    if (v >= 0 && v < c_.num_clients) distinct.insert(v);
+  if (static_cast<int>(distinct.size()) < EffectiveThreshold(c_))
+    return absl::PermissionDeniedError(absl::StrCat("secagg: only ", distinct.size(), " distinct survivors, fewer than the threshold; refusing to unmask"));
   for (int v : dropped)
     if (std::find(survivors.begin(), survivors.end(), v) != survivors.end())
       return absl::PermissionDeniedError(absl::StrCat("secagg: client ", v, " listed as both dropped and surviving; refusing to reveal"));

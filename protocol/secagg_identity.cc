@@ -66,6 +66,10 @@ SecAggIdentity::~SecAggIdentity() = default;
 std::string SecAggAttempt(const rpc::v1::Task& task) {
   std::string a = absl::StrCat(task.run_id().size(), ":", task.run_id(), ";round ", task.round(), ";deadline ", task.deadline_unix_ms(),
                                ";clients ", task.secagg_clients(), ";graph ", task.secagg_graph_seed());
+  // The round's other public parameters, so that no worker is given a lower threshold (or
+  // another encoding) than its neighbours.
+  absl::StrAppend(&a, ";degree ", task.secagg_degree(), ";threshold ", task.secagg_threshold(), ";range ", task.secagg_value_range(),
+                  ";divisor ", task.secagg_weight_divisor());
   // Per-worker shares: every worker signs the list it was given (its SHA-256), so a coordinator
   // that gave workers different lists (to make some send zeros where a victim trains) fails
   // their neighbours' verification.

@@ -15,8 +15,12 @@ SecureShare ShareOf(const AdapterPlan& p, int round) {
     s.rank = p.train_rank;
     s.first = static_cast<int>(FirstBlock(p, round));
   }
+  // A planned task lists its modules even when it trains all of them: that is the whole adapter.
+  std::vector<std::string> all = p.modules;
   s.modules = p.train_modules;
+  std::sort(all.begin(), all.end());
   std::sort(s.modules.begin(), s.modules.end());
+  if (!all.empty() && std::includes(s.modules.begin(), s.modules.end(), all.begin(), all.end())) s.modules.clear();
   return s;
 }
 

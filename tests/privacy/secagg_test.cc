@@ -232,6 +232,9 @@ TEST(SecAggHostileServerTest, EveryHonestClientRefusesASecondUnmaskRequest) {
   }
   // A request that does not list the client itself as a survivor is refused too.
   EXPECT_EQ(clients[0]->Unmask({}, {1, 2}).status().code(), absl::StatusCode::kPermissionDenied);
+  // So is one that pads the survivors with a repeated id or ids outside the round (only client 0
+  // and client 1 distinct: below the threshold of 3).
+  EXPECT_EQ(clients[0]->Unmask({}, {0, 1, 1, 1, 9, -2}).status().code(), absl::StatusCode::kPermissionDenied);
 }
 
 // A client that the server relays fewer than t - 1 shares to aborts instead of masking (the

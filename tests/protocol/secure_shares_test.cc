@@ -94,6 +94,20 @@ TEST(SecureSharesTest, SharesTravelWithTheTask) {
   const TrainTask back = FromProto(ToProto(t), "w");
   EXPECT_EQ(back.secagg.shares, t.secagg.shares);
   EXPECT_EQ(back.plan.block_offset, 0);
+  // A planned task lists all the adapter's modules when it trains all of them: the whole adapter.
+  AdapterPlan planned;
+  planned.kind = "lora";
+  planned.rank = 4;
+  planned.modules = {"q", "v"};
+  planned.train_modules = {"v", "q"};
+  EXPECT_TRUE(IsWhole(ShareOf(planned, 1)));
+  planned.train_modules = {"v"};
+  EXPECT_EQ(ShareOf(planned, 1).modules, (std::vector<std::string>{"v"}));
+  planned.train_modules = {"q", "v"};
+  planned.train_rank = 2;
+  EXPECT_EQ(ShareOf(planned, 1), (SecureShare{2, 0, {}}));
+  planned.block_offset = 3;  // (LoRA ranks are always the first components)
+  EXPECT_EQ(ShareOf(planned, 1).first, 0);
   // What each worker signs names the list: another list, another attempt string.
   rpc::v1::Task a = ToProto(t), b = a, none = a;
   b.mutable_secagg_shares(0)->set_first(0);
@@ -101,6 +115,9 @@ TEST(SecureSharesTest, SharesTravelWithTheTask) {
   EXPECT_NE(SecAggAttempt(a), SecAggAttempt(b));
   EXPECT_NE(SecAggAttempt(a), SecAggAttempt(none));
   EXPECT_EQ(SecAggAttempt(a), SecAggAttempt(ToProto(back)));
+  rpc::v1::Task lower = a;  // another threshold for one worker: another attempt string
+  lower.set_secagg_threshold(a.secagg_threshold() + 1);
+  EXPECT_NE(SecAggAttempt(a), SecAggAttempt(lower));
 }
 
 }  // namespace
