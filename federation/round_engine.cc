@@ -414,7 +414,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
       // pads its update to the whole adapter before masking. Shares whose values fewer selected
       // clients train than the threshold could never be unmasked: the clients with partial
       // shares then sit this round out (their plans were made for their share, not the whole
-      // adapter), unless fewer than 3 would be left, when everyone trains the whole adapter.
+      // adapter), unless the rest could not run the round, when everyone trains the whole adapter.
       auto shares_fit = [&](std::vector<protocol::SecureShare>* shares) -> absl::Status {
         shares->clear();
         for (const auto& task : tasks) shares->push_back(protocol::ShareOf(task.plan, r));
