@@ -188,6 +188,21 @@ void CopyComponents(Part part, const std::vector<float>& from, std::vector<float
     }
 }
 
+}  // namespace
+
+int64_t ComponentOf(const std::string& name, size_t i, size_t n, int64_t rank) {
+  if (rank <= 0 || n % static_cast<size_t>(rank) != 0) return -1;
+  const size_t dim = n / static_cast<size_t>(rank);  // as CopyComponents: in (A, blocks) or out (B)
+  switch (PartOf(name)) {
+    case Part::kA: case Part::kBlocks: return static_cast<int64_t>(i / dim);
+    case Part::kB: return static_cast<int64_t>(i % static_cast<size_t>(rank));
+    case Part::kOther: return -1;
+  }
+  return -1;
+}
+
+namespace {
+
 absl::Status CheckRanks(int64_t rank, int64_t r, int64_t first) {
   if (rank < 1 || r < 1 || r > rank) return absl::InvalidArgumentError(absl::StrCat("worker rank (or DiaBlo blocks) ", r, " outside [1, ", rank, "]"));
   if (first < 0 || first + r > rank)

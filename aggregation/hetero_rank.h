@@ -82,6 +82,11 @@ float RankAlpha(float alpha, int64_t rank, int64_t r, bool rslora);
 // with rank = N); other tensors are copied. InvalidArgument when r is not in [1, R], the blocks
 // not in [0, N) or a tensor's size is not a multiple of R.
 absl::StatusOr<TensorMap> TruncateRank(const TensorMap& t, int64_t rank, int64_t r, int64_t first = 0);
+// The component (of `rank`: a LoRA rank index, a DiaBlo block) that value i of the adapter
+// tensor `name` (n values) belongs to, as TruncateRank and ExpandRank cut them: "*.lora_a"
+// [R, in] by row, "*.lora_b" [out, R] by column, "*.diablo" [N, ...] by block; -1 for other
+// tensors (kept whole) and sizes that are not a multiple of rank.
+int64_t ComponentOf(const std::string& name, size_t i, size_t n, int64_t rank);
 // The inverse for an update: every delta (and Fisher) tensor of rank r is zero-padded to R, and
 // with `coverage` the update's coverage marks the trained values (1) against the padding (0).
 // The sizes must be exactly those of a rank-r truncation of `global` (InvalidArgument naming

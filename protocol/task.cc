@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "aggregation/hetero_rank.h"
 #include "model/adapter.h"
 
 namespace fedtune::protocol {
@@ -26,25 +27,14 @@ SecureShare ShareOf(const AdapterPlan& p, int round) {
 
 namespace {
 
-// An adapter tensor "blk.L.<gguf module>.<kind>": its module (ModuleName) and, per value, its
-// component out of `full`: lora_a [R, in] by row, lora_b [out, R] by column, diablo [N, ...] by
-// block; -1 for any other tensor (it goes with its module as a whole).
-struct TensorParts {
-  std::string module;
-  std::string kind;
-};
-absl::StatusOr<TensorParts> PartsOf(const std::string& name) {
+// The module (ModuleName) of an adapter tensor "blk.L.<gguf module>.<kind>"; its values'
+// components are aggregation::ComponentOf's (the layout TruncateRank / ExpandRank cut).
+absl::StatusOr<std::string> ModuleOf(const std::string& name) {
   const std::vector<std::string> p = absl::StrSplit(name, '.');
   if (p.size() != 4 || p[0] != "blk") return absl::InvalidArgumentError(absl::StrCat("secure shares: unexpected tensor name ", name));
   for (int m = 0; m < model::kNumModules; ++m)
-    if (p[2] == model::GgufModuleName(static_cast<model::Module>(m))) return TensorParts{model::ModuleName(static_cast<model::Module>(m)), p[3]};
+    if (p[2] == model::GgufModuleName(static_cast<model::Module>(m))) return std::string(model::ModuleName(static_cast<model::Module>(m)));
   return absl::InvalidArgumentError(absl::StrCat("secure shares: no module in tensor name ", name));
-}
-int64_t ComponentOf(const std::string& kind, size_t i, size_t n, int full) {
-  if (full <= 0 || n % static_cast<size_t>(full) != 0) return -1;
-  if (kind == "lora_a" || kind == "diablo") return static_cast<int64_t>(i / (n / static_cast<size_t>(full)));
-  if (kind == "lora_b") return static_cast<int64_t>(i % static_cast<size_t>(full));
-  return -1;
 }
 bool Covers(const SecureShare& s, const std::string& module, int64_t component) {
   if (!s.modules.empty() && std::find(s.modules.begin(), s.modules.end(), module) == s.modules.end()) return false;
@@ -62,10 +52,10 @@ absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const
   FT_RETURN_IF_ERROR(ValidShare(s, full));
   aggregation::TensorMap cov;
   for (const auto& [name, v] : layout) {
-    FT_ASSIGN_OR_RETURN(const TensorParts parts, PartsOf(name));
+    FT_ASSIGN_OR_RETURN(const std::string module, ModuleOf(name));
     std::vector<float>& c = cov[name];
     c.resize(v.size());
-    for (size_t i = 0; i < v.size(); ++i) c[i] = Covers(s, parts.module, ComponentOf(parts.kind, i, v.size(), full)) ? 1.0f : 0.0f;
+    for (size_t i = 0; i < v.size(); ++i) c[i] = Covers(s, module, aggregation::ComponentOf(name, i, v.size(), full)) ? 1.0f : 0.0f;
   }
   return cov;
 }
@@ -78,9 +68,9 @@ absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std:
   // The distinct (module, component) pieces of the adapter: at most modules x full.
   std::set<std::pair<std::string, int64_t>> pieces;
   for (const auto& [name, v] : layout) {
-    FT_ASSIGN_OR_RETURN(const TensorParts parts, PartsOf(name));
-    const bool split = ComponentOf(parts.kind, 0, v.size(), full) >= 0;
-    for (int64_t c = split ? 0 : -1; c < (split ? full : 0); ++c) pieces.insert({parts.module, c});
+    FT_ASSIGN_OR_RETURN(const std::string module, ModuleOf(name));
+    const bool split = aggregation::ComponentOf(name, 0, v.size(), full) >= 0;
+    for (int64_t c = split ? 0 : -1; c < (split ? full : 0); ++c) pieces.insert({module, c});
   }
   for (const auto& [module, c] : pieces) {
     int n = 0;
