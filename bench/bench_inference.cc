@@ -1,6 +1,9 @@
 // Inference benchmark on a real model: prompt processing (one batch of --pp tokens) and
 // generation (--tg tokens one at a time after a 1-token prompt), tokens/s over --reps runs,
 // and peak RSS. Same protocol as bench/llamacpp_bench.py so the two print comparable rows.
+// --batch B...: generation of B sequences decoded together (LlamaContext::EvalBatch), tokens/s
+// summed over the sequences. --answers FILE.jsonl: greedy answers to the file's prompts (as
+// evaluation decodes them), one by one vs model::kGenerateBatch together, seconds each.
 #include <sys/resource.h>
 
 #include <chrono>
@@ -13,6 +16,8 @@
 #include "common/rng.h"
 #include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
+#include "model/dataset.h"
+#include "model/finetune.h"
 #include "model/llama.h"
 #include "model/sampler.h"
 
@@ -43,6 +48,13 @@ int main(int argc, char** argv) {
   app.add_option("--tg", tg, "Generated tokens")->check(CLI::Range(1, 8192));
   app.add_option("--reps", reps, "Repetitions")->check(CLI::Range(1, 100));
   app.add_option("-t,--threads", threads, "Threads (0 = all cores)");
+  std::vector<int> batches = {8, 16};
+  app.add_option("--batch", batches, "Sequences decoded together (tg rows per batch size)");
+  std::string answers;
+  int max_answers = 48, max_new = 40;
+  app.add_option("--answers", answers, "JSONL whose prompts are answered greedily, one by one vs batched");
+  app.add_option("--n-answers", max_answers, "Prompts of --answers to answer")->check(CLI::Range(1, 100000));
+  app.add_option("--max-new", max_new, "Longest answer in tokens")->check(CLI::Range(1, 4096));
   CLI11_PARSE(app, argc, argv);
   kernels::SetThreads(threads);
   auto loaded = model::LlamaModel::Load(model_path);
@@ -73,11 +85,70 @@ int main(int argc, char** argv) {
     const double s2 = std::chrono::duration<double>(Clock::now() - t1).count();
     if (r > 0) tg_rates.push_back(tg / s2);
   }
-  struct rusage ru {};
-  getrusage(RUSAGE_SELF, &ru);
   const Stats a = Summarize(pp_rates), b = Summarize(tg_rates);
   std::printf("| fedtune (%s, OpenBLAS) | %d | pp%d | %.1f ± %.1f |\n", kernels::CpuPathName(), kernels::DefaultPool().size(), pp, a.mean, a.sd);
   std::printf("| fedtune (%s, OpenBLAS) | %d | tg%d | %.1f ± %.1f |\n", kernels::CpuPathName(), kernels::DefaultPool().size(), tg, b.mean, b.sd);
+  for (int nb : batches) {
+    if (nb < 1) continue;
+    std::vector<std::unique_ptr<model::LlamaContext>> ctxs;
+    std::vector<model::LlamaContext*> ptrs;
+    for (int i = 0; i < nb; ++i) {
+      ctxs.push_back(std::make_unique<model::LlamaContext>(m, tg + 2));
+      ptrs.push_back(ctxs.back().get());
+    }
+    std::vector<double> rates;
+    for (int r = 0; r < reps + 1; ++r) {
+      std::vector<std::vector<int32_t>> feed;
+      for (int i = 0; i < nb; ++i) {
+        ctxs[static_cast<size_t>(i)]->Reset();
+        feed.push_back({prompt[static_cast<size_t>(i) % prompt.size()]});  // a different first token per sequence
+      }
+      if (!model::LlamaContext::EvalBatch(ptrs, feed, &logits).ok()) return 1;
+      const auto t1 = Clock::now();
+      const size_t V = static_cast<size_t>(m.config().n_vocab);
+      for (int t = 0; t < tg; ++t) {
+        for (int i = 0; i < nb; ++i) feed[static_cast<size_t>(i)] = {model::Argmax(std::span<const float>(logits).subspan(static_cast<size_t>(i) * V, V))};
+        if (!model::LlamaContext::EvalBatch(ptrs, feed, &logits).ok()) return 1;
+      }
+      const double s2 = std::chrono::duration<double>(Clock::now() - t1).count();
+      if (r > 0) rates.push_back(static_cast<double>(tg) * nb / s2);
+    }
+    const Stats c = Summarize(rates);
+    std::printf("| fedtune (%s, OpenBLAS), %d sequences together | %d | tg%d | %.1f ± %.1f |\n", kernels::CpuPathName(), nb,
+                kernels::DefaultPool().size(), tg, c.mean, c.sd);
+  }
+  if (!answers.empty()) {
+    model::DatasetOptions dopt;
+    dopt.holdout = 0;
+    auto data = model::LoadDataset(answers, *m.tokenizer(), dopt);
+    if (!data.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(data.status().message()).c_str());
+      return 1;
+    }
+    std::vector<std::string> prompts;
+    for (const auto& e : data->train)
+      if (!e.prompt_text.empty() && static_cast<int>(prompts.size()) < max_answers) prompts.push_back(e.prompt_text);
+    const auto t0 = Clock::now();
+    std::vector<std::string> alone;
+    for (const auto& p : prompts) alone.push_back(*model::GenerateGreedy(m, nullptr, p, max_new));
+    const double s_alone = std::chrono::duration<double>(Clock::now() - t0).count();
+    const auto t1 = Clock::now();
+    std::vector<std::string> together;
+    for (size_t k = 0; k < prompts.size(); k += model::kGenerateBatch) {
+      const size_t n = std::min<size_t>(model::kGenerateBatch, prompts.size() - k);
+      auto got = model::GenerateGreedyBatch(m, nullptr, std::span<const std::string>(prompts).subspan(k, n), max_new);
+      if (!got.ok()) return 1;
+      together.insert(together.end(), got->begin(), got->end());
+    }
+    const double s_together = std::chrono::duration<double>(Clock::now() - t1).count();
+    int same = 0;
+    for (size_t i = 0; i < prompts.size(); ++i) same += alone[i] == together[i];
+    std::printf("| fedtune greedy answers (%zu prompts of %s, <= %d tokens) | %d | one by one %.1f s, %d together %.1f s (x%.2f) | %d of %zu answers identical |\n",
+                prompts.size(), answers.c_str(), max_new, kernels::DefaultPool().size(), s_alone, model::kGenerateBatch, s_together,
+                s_alone / s_together, same, prompts.size());
+  }
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
   std::printf("| fedtune | peak RSS | %.0f MiB |\n", static_cast<double>(ru.ru_maxrss) / 1024.0);
   return 0;
 }

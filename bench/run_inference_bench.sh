@@ -9,7 +9,14 @@ py="${FEDTUNE_ORACLES:-$HOME/.cache/fedtune-oracles}/bin/python"
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; model: $model; threads: $threads"
 echo "| implementation | threads | test | tokens/s |"
 echo "|---|---|---|---|"
-build/bench/bench_inference "$model" -t "$threads"
+# Greedy answers to 48 WordNet prompts (evaluation's decoding): one by one vs batched.
+answers="$(mktemp --suffix=.jsonl)"
+trap 'rm -f "$answers"' EXIT
+if build/tools/fedtune make-task wordnet -o "$answers" -n 48 >/dev/null 2>&1; then
+  build/bench/bench_inference "$model" -t "$threads" --batch 4 8 16 32 --answers "$answers" --n-answers 48 --max-new 40
+else
+  build/bench/bench_inference "$model" -t "$threads" --batch 4 8 16 32
+fi
 if [ -x "$py" ] && "$py" -c "import llama_cpp" 2>/dev/null; then
   "$py" bench/llamacpp_bench.py "$model" --threads "$threads"
 else

@@ -243,19 +243,46 @@ double EvalResult::perplexity() const { return std::exp(loss); }
 
 absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const AdapterSet<float>* adapters, const std::string& prompt,
                                            int max_new_tokens) {
+  FT_ASSIGN_OR_RETURN(std::vector<std::string> out, GenerateGreedyBatch(model, adapters, std::span<const std::string>(&prompt, 1), max_new_tokens));
+  return std::move(out[0]);
+}
+
+absl::StatusOr<std::vector<std::string>> GenerateGreedyBatch(const LlamaModel& model, const AdapterSet<float>* adapters,
+                                                             std::span<const std::string> prompts, int max_new_tokens) {
   const Tokenizer* tok = model.tokenizer();
   if (tok == nullptr) return absl::FailedPreconditionError("model has no tokenizer");
-  const auto ids = tok->EncodeWithBos(prompt);
-  LlamaContext ctx(model, static_cast<int64_t>(ids.size()) + max_new_tokens + 1);
-  ctx.SetAdapters(adapters);
+  std::vector<std::string> out(prompts.size());
+  if (prompts.empty() || max_new_tokens < 1) return out;
+  std::vector<std::unique_ptr<LlamaContext>> ctx;
+  std::vector<LlamaContext*> active;
+  std::vector<size_t> which;  // prompt index of each active context
+  std::vector<std::vector<int32_t>> feed;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    feed.push_back(tok->EncodeWithBos(prompts[i]));
+    ctx.push_back(std::make_unique<LlamaContext>(model, static_cast<int64_t>(feed.back().size()) + max_new_tokens + 1));
+    ctx.back()->SetAdapters(adapters);
+    active.push_back(ctx.back().get());
+    which.push_back(i);
+  }
+  const int64_t n_vocab = model.config().n_vocab;
   std::vector<float> logits;
-  FT_RETURN_IF_ERROR(ctx.Eval(ids, false, &logits));
-  std::string out;
-  for (int i = 0; i < max_new_tokens; ++i) {
-    const int32_t next = Argmax(logits);
-    if (tok->IsEndOfGeneration(next)) break;
-    out += tok->TokenBytes(next);
-    FT_RETURN_IF_ERROR(ctx.Eval(std::vector<int32_t>{next}, false, &logits));
+  for (int step = 0; !active.empty(); ++step) {
+    FT_RETURN_IF_ERROR(LlamaContext::EvalBatch(active, feed, &logits));
+    std::vector<LlamaContext*> next_active;
+    std::vector<size_t> next_which;
+    std::vector<std::vector<int32_t>> next_feed;
+    for (size_t j = 0; j < active.size(); ++j) {
+      const int32_t next = Argmax(std::span<const float>(logits).subspan(j * static_cast<size_t>(n_vocab), static_cast<size_t>(n_vocab)));
+      if (tok->IsEndOfGeneration(next)) continue;
+      out[which[j]] += tok->TokenBytes(next);
+      if (step + 1 >= max_new_tokens) continue;  // the last token needs no pass of its own
+      next_active.push_back(active[j]);
+      next_which.push_back(which[j]);
+      next_feed.push_back({next});
+    }
+    active = std::move(next_active);
+    which = std::move(next_which);
+    feed = std::move(next_feed);
   }
   return out;
 }
@@ -316,9 +343,22 @@ absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<fl
   }
   r.loss = r.n_tokens ? nll / static_cast<double>(r.n_tokens) : 0.0;
   const size_t n_gen = max_generated > 0 ? std::min(n, static_cast<size_t>(max_generated)) : n;
+  std::vector<size_t> asked;
+  std::vector<std::string> prompts;
   for (size_t i = 0; i < n_gen; ++i) {
     if (eval[i].reference.empty() || eval[i].prompt_text.empty()) continue;
-    FT_ASSIGN_OR_RETURN(std::string got, GenerateGreedy(model, adapters, eval[i].prompt_text, max_new_tokens));
+    asked.push_back(i);
+    prompts.push_back(eval[i].prompt_text);
+  }
+  std::vector<std::string> answers;
+  for (size_t k = 0; k < prompts.size(); k += kGenerateBatch) {
+    const size_t m = std::min<size_t>(kGenerateBatch, prompts.size() - k);
+    FT_ASSIGN_OR_RETURN(std::vector<std::string> got, GenerateGreedyBatch(model, adapters, std::span<const std::string>(prompts).subspan(k, m), max_new_tokens));
+    for (std::string& g : got) answers.push_back(std::move(g));
+  }
+  for (size_t q = 0; q < asked.size(); ++q) {
+    const size_t i = asked[q];
+    const std::string& got = answers[q];
     ++r.n_generated;
     const std::string answer(absl::StripAsciiWhitespace(got));
     bool exact = answer == absl::StripAsciiWhitespace(eval[i].reference);

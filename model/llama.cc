@@ -966,11 +966,38 @@ LlamaContext::LlamaContext(const LlamaModel& model, int64_t n_ctx) : m_(model), 
 }
 
 absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits, std::vector<float>* logits) {
+  const Segment seg{this, 0, static_cast<int64_t>(tokens.size())};
+  return Run(tokens, std::span<const Segment>(&seg, 1), all_logits, logits);
+}
+
+absl::Status LlamaContext::EvalBatch(std::span<LlamaContext* const> ctxs, std::span<const std::vector<int32_t>> tokens, std::vector<float>* logits) {
+  if (ctxs.empty() || ctxs.size() != tokens.size())
+    return absl::InvalidArgumentError(absl::StrCat("EvalBatch: ", ctxs.size(), " contexts for ", tokens.size(), " token lists"));
+  std::vector<int32_t> all;
+  std::vector<Segment> segs;
+  for (size_t i = 0; i < ctxs.size(); ++i) {
+    LlamaContext* c = ctxs[i];
+    if (c == nullptr || &c->m_ != &ctxs[0]->m_ || c->adapters_ != ctxs[0]->adapters_)
+      return absl::InvalidArgumentError("EvalBatch: the contexts must belong to one model and apply the same adapters");
+    if (c->observer_ || c->hidden_ != nullptr || c->layer_limit_ > 0)
+      return absl::InvalidArgumentError("EvalBatch: contexts with an input observer, hidden states or a layer limit run alone");
+    for (size_t j = 0; j < i; ++j)
+      if (ctxs[j] == c) return absl::InvalidArgumentError("EvalBatch: a context appears twice");
+    if (tokens[i].empty()) return absl::InvalidArgumentError(absl::StrCat("EvalBatch: no tokens for sequence ", i));
+    segs.push_back({c, static_cast<int64_t>(all.size()), static_cast<int64_t>(tokens[i].size())});
+    all.insert(all.end(), tokens[i].begin(), tokens[i].end());
+  }
+  return ctxs[0]->Run(all, segs, false, logits);
+}
+
+absl::Status LlamaContext::Run(std::span<const int32_t> tokens, std::span<const Segment> segs, bool all_logits, std::vector<float>* logits) {
   const auto& c = m_.config();
   const int64_t T = static_cast<int64_t>(tokens.size());
   if (T == 0) return absl::InvalidArgumentError("Eval: no tokens");
-  if (n_past_ + T > n_ctx_) {
-    return absl::OutOfRangeError(absl::StrCat("context full: ", n_past_, " + ", T, " tokens exceed n_ctx ", n_ctx_));
+  for (const Segment& s : segs) {
+    if (s.ctx->n_past_ + s.rows > s.ctx->n_ctx_) {
+      return absl::OutOfRangeError(absl::StrCat("context full: ", s.ctx->n_past_, " + ", s.rows, " tokens exceed n_ctx ", s.ctx->n_ctx_));
+    }
   }
   for (int32_t t : tokens) {
     if (t < 0 || t >= c.n_vocab) return absl::InvalidArgumentError(absl::StrCat("token id ", t, " outside the vocabulary of ", c.n_vocab));
@@ -978,7 +1005,7 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
   // Decoding a token or a few makes hundreds of small parallel calls: the pool's threads spin
   // between them instead of sleeping (kernels/thread_pool.h).
   std::optional<kernels::ThreadPool::LowLatencyScope> low_latency;
-  if (T <= 4) low_latency.emplace(kernels::DefaultPool());
+  if (T <= 4 || static_cast<int64_t>(segs.size()) == T) low_latency.emplace(kernels::DefaultPool());
   const int64_t E = c.n_embd, H = c.n_head, Hkv = c.n_head_kv, hd = c.head_dim, F = c.n_ff, Dq = c.q_dim();
   const int64_t kvd = Hkv * hd;
   std::vector<float> x(static_cast<size_t>(T * E)), h(x.size()), o(x.size());
@@ -1027,17 +1054,26 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
       kernels::RmsNorm(q.data(), L.q_norm.data(), q.data(), T * H, hd, c.rms_eps);
       kernels::RmsNorm(k.data(), L.k_norm.data(), k.data(), T * Hkv, hd, c.rms_eps);
     }
-    float* kc = k_cache_.data() + l * n_ctx_ * kvd;
-    float* vc = v_cache_.data() + l * n_ctx_ * kvd;
-    for (int64_t t = 0; t < T; ++t) {
-      kernels::RopeAdjacent(q.data() + t * Dq, H, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l, n_ctx_));
-      kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, n_past_ + t, c.RopeBase(l), c.FreqFactors(l, n_ctx_));
-      std::memcpy(kc + (n_past_ + t) * kvd, k.data() + t * kvd, static_cast<size_t>(kvd) * 4);
-      std::memcpy(vc + (n_past_ + t) * kvd, v.data() + t * kvd, static_cast<size_t>(kvd) * 4);
+    // Each segment: its positions after its own n_past, its own cache.
+    for (const Segment& s : segs) {
+      LlamaContext& sc = *s.ctx;
+      float* kc = sc.k_cache_.data() + l * sc.n_ctx_ * kvd;
+      float* vc = sc.v_cache_.data() + l * sc.n_ctx_ * kvd;
+      for (int64_t t = s.row0; t < s.row0 + s.rows; ++t) {
+        const int64_t pos = sc.n_past_ + (t - s.row0);
+        kernels::RopeAdjacent(q.data() + t * Dq, H, hd, c.rope_dim, pos, c.RopeBase(l), c.FreqFactors(l, sc.n_ctx_));
+        kernels::RopeAdjacent(k.data() + t * kvd, Hkv, hd, c.rope_dim, pos, c.RopeBase(l), c.FreqFactors(l, sc.n_ctx_));
+        std::memcpy(kc + pos * kvd, k.data() + t * kvd, static_cast<size_t>(kvd) * 4);
+        std::memcpy(vc + pos * kvd, v.data() + t * kvd, static_cast<size_t>(kvd) * 4);
+      }
     }
     if (c.query_scale != 1.0f)
       for (float& e : q) e *= c.query_scale;
-    kernels::CausalAttention(q.data(), Dq, kc, vc, kvd, attn.data(), Dq, T, n_past_, H, Hkv, hd, c.attn_softcap, c.Window(l));
+    for (const Segment& s : segs) {
+      const LlamaContext& sc = *s.ctx;
+      kernels::CausalAttention(q.data() + s.row0 * Dq, Dq, sc.k_cache_.data() + l * sc.n_ctx_ * kvd, sc.v_cache_.data() + l * sc.n_ctx_ * kvd, kvd,
+                               attn.data() + s.row0 * Dq, Dq, s.rows, sc.n_past_, H, Hkv, hd, c.attn_softcap, c.Window(l));
+    }
     linear(Module::kO, L.wo, attn.data(), o.data(), L.bo);
     if (!L.post_attn_norm.empty()) kernels::RmsNorm(o.data(), L.post_attn_norm.data(), o.data(), T, E, c.rms_eps);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
@@ -1053,15 +1089,24 @@ absl::Status LlamaContext::Eval(std::span<const int32_t> tokens, bool all_logits
     if (!L.post_ffn_norm.empty()) kernels::RmsNorm(o.data(), L.post_ffn_norm.data(), o.data(), T, E, c.rms_eps);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
   }
-  n_past_ += T;
+  for (const Segment& s : segs) s.ctx->n_past_ += s.rows;
   if (hidden_ != nullptr) *hidden_ = x;
   if (n_run < c.n_layer || hidden_ != nullptr) {
     logits->clear();
     return absl::OkStatus();
   }
-  const int64_t first = all_logits ? 0 : T - 1;
-  const int64_t rows = T - first;
-  kernels::RmsNorm(x.data() + first * E, m_.output_norm().data(), h.data(), rows, E, c.rms_eps);
+  // The rows whose logits are wanted: all, or each segment's last (gathered).
+  int64_t rows = T;
+  const float* src = x.data();
+  if (!all_logits) {
+    rows = static_cast<int64_t>(segs.size());
+    for (int64_t i = 0; i < rows; ++i) {
+      const Segment& s = segs[static_cast<size_t>(i)];
+      std::memcpy(o.data() + i * E, x.data() + (s.row0 + s.rows - 1) * E, static_cast<size_t>(E) * 4);
+    }
+    src = o.data();
+  }
+  kernels::RmsNorm(src, m_.output_norm().data(), h.data(), rows, E, c.rms_eps);
   logits->resize(static_cast<size_t>(rows * c.n_vocab));
   kernels::MatMulQ(m_.output(), h.data(), logits->data(), rows);
   if (c.final_softcap > 0.0f) kernels::SoftCap(logits->data(), static_cast<int64_t>(logits->size()), c.final_softcap);

@@ -223,7 +223,24 @@ class LlamaContext {
   // OutOfRange past n_ctx; InvalidArgument for a token id outside the vocabulary.
   absl::Status Eval(std::span<const int32_t> tokens, bool all_logits, std::vector<float>* logits);
 
+  // Several sequences in one pass: tokens[i] are appended to ctxs[i] (each at its own positions,
+  // attending to its own cache) while the projections run over all rows at once, so B decoded
+  // tokens (one per sequence) share each weight read, and several prompts fill their caches in
+  // one batched pass. Writes each context's last-token logits, n_vocab floats per context in
+  // order. The contexts must be distinct, apply the same adapters and use no observer, hidden
+  // states or layer limit (InvalidArgument otherwise); each one's errors are Eval's.
+  static absl::Status EvalBatch(std::span<LlamaContext* const> ctxs, std::span<const std::vector<int32_t>> tokens, std::vector<float>* logits);
+
  private:
+  // Rows [row0, row0 + rows) of a pass belong to `ctx` (appended at its n_past).
+  struct Segment {
+    LlamaContext* ctx;
+    int64_t row0, rows;
+  };
+  // The forward pass of Eval / EvalBatch over the concatenated rows of `segs`; this context's
+  // adapters, observer, hidden states and layer limit apply. all_logits: every row's logits
+  // (else each segment's last row).
+  absl::Status Run(std::span<const int32_t> tokens, std::span<const Segment> segs, bool all_logits, std::vector<float>* logits);
   const LlamaModel& m_;
   int64_t n_ctx_;
   int64_t n_past_ = 0;

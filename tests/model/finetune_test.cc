@@ -10,6 +10,7 @@
 #include "model/adapter_io.h"
 #include "model/dataset.h"
 #include "model/finetune.h"
+#include "model/sampler.h"
 #include "model/tasks.h"
 #include "model/trainer.h"
 #include "tests/support/tiny_model.h"
@@ -218,6 +219,88 @@ TEST_F(TinyFixture, FloatTrainerAndInferencePathAgreeWithDouble) {
     }
     EXPECT_NEAR(nll, ld, 1e-4 * std::fabs(ld)) << AdapterKindName(kind);
   }
+}
+
+// Batched decoding (LlamaContext::EvalBatch) against each sequence alone: prompts of different
+// lengths fill their caches in one pass, then decode one token each per pass at different
+// positions; with adapters (LoRA and DiaBlo, non-zero) the logits agree with the single-sequence
+// path (itself checked against llama.cpp and transformers) to float rounding, and greedy answers
+// decoded together are the answers decoded one by one.
+TEST_F(TinyFixture, SequencesDecodedTogetherEqualEachAlone) {
+  const int64_t V = model_->config().n_vocab;
+  const std::vector<std::vector<int32_t>> prompts = {{5, 80, 120, 7, 200, 33, 90}, {101, 4}, {250, 3, 9, 60, 61}};
+  for (AdapterKind kind : {AdapterKind::kLora, AdapterKind::kDiaBlo}) {
+    auto set = *MakeAdapters<float>(dims_, AdapterSpec{kind, 4, 8.0f, false, 8}, kAllModules, 3);
+    Rng rng(11);
+    set.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) {
+      for (float& x : p) x = 0.05f * static_cast<float>(rng.Normal());
+    });
+    // Alone: each prompt, then 4 decoded tokens (greedy), recording every pass's last logits.
+    std::vector<std::vector<std::vector<float>>> alone(prompts.size());
+    std::vector<std::vector<int32_t>> decoded(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      LlamaContext ctx(*model_, 32);
+      ctx.SetAdapters(&set);
+      std::vector<float> logits;
+      ASSERT_TRUE(ctx.Eval(prompts[i], false, &logits).ok());
+      alone[i].push_back(logits);
+      for (int s = 0; s < 4; ++s) {
+        decoded[i].push_back(Argmax(logits));
+        ASSERT_TRUE(ctx.Eval(std::vector<int32_t>{decoded[i].back()}, false, &logits).ok());
+        alone[i].push_back(logits);
+      }
+    }
+    // Together, fed the same tokens.
+    std::vector<std::unique_ptr<LlamaContext>> ctx;
+    std::vector<LlamaContext*> ptrs;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ctx.push_back(std::make_unique<LlamaContext>(*model_, 32));
+      ctx.back()->SetAdapters(&set);
+      ptrs.push_back(ctx.back().get());
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE(LlamaContext::EvalBatch(ptrs, prompts, &logits).ok());
+    ASSERT_EQ(logits.size(), prompts.size() * static_cast<size_t>(V));
+    for (int s = 0; s <= 4; ++s) {
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        float d = 0;
+        for (int64_t j = 0; j < V; ++j) d = std::max(d, std::fabs(logits[i * static_cast<size_t>(V) + static_cast<size_t>(j)] - alone[i][static_cast<size_t>(s)][static_cast<size_t>(j)]));
+        EXPECT_LT(d, 1e-4f) << AdapterKindName(kind) << " sequence " << i << " pass " << s;
+      }
+      if (s == 4) break;
+      std::vector<std::vector<int32_t>> feed;
+      for (size_t i = 0; i < prompts.size(); ++i) feed.push_back({decoded[i][static_cast<size_t>(s)]});
+      ASSERT_TRUE(LlamaContext::EvalBatch(ptrs, feed, &logits).ok());
+    }
+    for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(ptrs[i]->n_past(), static_cast<int64_t>(prompts[i].size() + 4));
+    // Greedy answers: together == one by one.
+    const std::vector<std::string> texts = {"hello there", "the", "a longer prompt with more words in it", "x"};
+    auto together = GenerateGreedyBatch(*model_, &set, texts, 6);
+    ASSERT_TRUE(together.ok()) << together.status();
+    for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ((*together)[i], *GenerateGreedy(*model_, &set, texts[i], 6)) << texts[i];
+  }
+  // What EvalBatch refuses.
+  auto set = *MakeAdapters<float>(dims_, AdapterSpec{AdapterKind::kLora, 4, 8.0f, false, 8}, kAllModules, 3);
+  LlamaContext a(*model_, 8), b(*model_, 8), c(*model_, 2);
+  std::vector<float> logits;
+  const std::vector<std::vector<int32_t>> two = {{1, 2}, {3}};
+  std::vector<LlamaContext*> same = {&a, &a};
+  EXPECT_EQ(LlamaContext::EvalBatch(same, two, &logits).code(), absl::StatusCode::kInvalidArgument);
+  b.SetAdapters(&set);
+  std::vector<LlamaContext*> mixed = {&a, &b};
+  EXPECT_EQ(LlamaContext::EvalBatch(mixed, two, &logits).code(), absl::StatusCode::kInvalidArgument);
+  b.SetAdapters(nullptr);
+  std::vector<LlamaContext*> one = {&a};
+  EXPECT_EQ(LlamaContext::EvalBatch(one, two, &logits).code(), absl::StatusCode::kInvalidArgument);
+  const std::vector<std::vector<int32_t>> empty = {{1}, {}};
+  std::vector<LlamaContext*> ab = {&a, &b};
+  EXPECT_EQ(LlamaContext::EvalBatch(ab, empty, &logits).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<LlamaContext*> ac = {&a, &c};
+  const std::vector<std::vector<int32_t>> too_long = {{1}, {1, 2, 3}};
+  EXPECT_EQ(LlamaContext::EvalBatch(ac, too_long, &logits).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(a.n_past(), 0);  // nothing ran
+  a.SetLayerLimit(1);
+  EXPECT_EQ(LlamaContext::EvalBatch(ab, two, &logits).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(TinyFixture, SavedAdaptersLoadBackIdentically) {

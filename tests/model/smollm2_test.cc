@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "gtest/gtest.h"
+#include "model/finetune.h"
 #include "model/llama.h"
 #include "model/sampler.h"
 #include "model/tokenizer.h"
@@ -179,6 +180,26 @@ TEST(SmolLM2Test, ChatAnswersCapitalOfFranceWithParis) {
   }
   std::printf("answer: %s\n", answer.c_str());
   EXPECT_NE(answer.find("Paris"), std::string::npos);
+}
+
+// Evaluation decodes held-out answers 16 at a time (LlamaContext::EvalBatch): on the real model
+// the batched greedy answers are the one-by-one answers (whose logits the tests above check
+// against llama.cpp), for prompts of different lengths that stop at different steps.
+TEST(SmolLM2Test, AnswersDecodedTogetherAreTheAnswersDecodedAlone) {
+  const LlamaModel& m = testing::SmolLM2();
+  const auto* tok = m.tokenizer();
+  std::vector<std::string> prompts;
+  for (const char* q : {"What is the capital of France?", "Name a colour.", "Define the word \"lexicon\" in one sentence.",
+                        "Write the number after 41.", "Who wrote Hamlet?", "Translate 'cat' to French."})
+    prompts.push_back(tok->FormatChat({{"user", q}}, true));
+  auto together = GenerateGreedyBatch(m, nullptr, prompts, 24);
+  ASSERT_TRUE(together.ok()) << together.status();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto alone = GenerateGreedy(m, nullptr, prompts[i], 24);
+    ASSERT_TRUE(alone.ok());
+    EXPECT_EQ((*together)[i], *alone) << prompts[i];
+  }
+  EXPECT_NE((*together)[0].find("Paris"), std::string::npos) << (*together)[0];
 }
 
 }  // namespace
