@@ -29,6 +29,8 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
   if (c.train().no_recompute()) return Bad("train.no_recompute", "a worker decides its activation memory (worker config activation_budget_mib)");
   if (!c.train().device().empty()) return Bad("train.device", "each worker chooses its kernels (worker config device)");
   if (c.train().stand_in()) return Bad("train.stand_in", "simulation only");
+  if (!c.train().compensation_cache().empty())
+    return Bad("train.compensation_cache", "simulation only: a worker keeps its compensated bases under its state_dir");
   if (c.secure_aggregation().stage_seconds() < 0) return Bad("secure_aggregation.stage_seconds", "must be >= 0");
   if (c.eval().per_client()) return Bad("eval.per_client", "simulation only");
   if (c.dp().enabled() && c.dp().local() && c.dp().target_epsilon() > 0)

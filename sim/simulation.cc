@@ -81,6 +81,8 @@ absl::StatusOr<Settings> Resolve(const proto::SimulationConfig& c) {
     if (auto b = kernels::SelectBackend(c.train().device()); !b.ok()) return Bad("train.device", std::string(b.status().message()));
   }
   if (c.planner().enabled() && c.train().stand_in()) return Bad("planner", "needs real training (train.stand_in is set)");
+  if (!c.train().compensation_cache().empty() && c.train().compensation().empty())
+    return Bad("train.compensation_cache", "keeps compensated bases: set train.compensation");
   if (!c.eval().data().empty() && c.data().client_files_size() == 0)
     return Bad("eval.data", "with data.client_files only (otherwise the simulation scores its own held-out split)");
   return s;
@@ -123,6 +125,7 @@ class SimTransport : public federation::Transport {
         eval_by_task_(eval_by_task), run_dir_(run_dir), o_(o), sched_rng_(s.seed ^ 0x5eedull),
         last_task_acc_(task_names.size(), 0.0) {
     for (size_t k = 0; k < clients_.size(); ++k) index_[clients_[k].name] = k;
+    bases_.SetCacheDir(c.train().compensation_cache());
     env_.recompute = !c.train().no_recompute();
     env_.activation_budget_mib = c.train().activation_budget_mib();
     env_.backend = backend;

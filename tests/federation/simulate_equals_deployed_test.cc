@@ -511,6 +511,7 @@ TEST_F(SimulateEqualsDeployedTest, KeysTheDeployedRunnerCannotHonourAreRefusedBy
   expect("secure_aggregation: {enabled: true, threshold: 7}\n", "secure_aggregation");
   expect("train: {activation_budget_mib: 64}\n", "train.activation_budget_mib");
   expect("train: {device: cpu-bf16}\n", "train.device");
+  expect("train: {compensation_cache: /tmp/x}\n", "train.compensation_cache");
   expect("dp: {enabled: true, local: true, target_epsilon: 3}\n", "dp.target_epsilon");
   expect("dp: {enabled: true, delta: 2}\n", "dp");
   expect("dp: {enabled: true, noise_multiplier: 1}\nstrategy: {merge: median}\n", "dp.enabled");

@@ -2,6 +2,7 @@
 #include "sim/simulation.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <set>
 
@@ -185,6 +186,34 @@ TEST_F(SimTest, CompensatedLowBitBaseTrainsTheClients) {
                     testing::TempPath("sim_mixed_bases")));
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->rounds.back().metrics.at("accepted"), 3);
+}
+
+// train.compensation_cache: the simulation keeps its compensated bases on disk and a second run
+// reads them back (the same file, not rewritten: same inode, its time refreshed as the cache's
+// least-recently-used order wants) and trains the same adapter.
+TEST_F(SimTest, ACompensationCacheIsReadBackByTheNextRun) {
+  namespace fs = std::filesystem;
+  const std::string cache = testing::TempPath("sim_compensation_cache");
+  const std::string yaml = "profiles: [{count: 3, base_type: q4_0}]\ntrain: {local_steps: 2, batch: 4, learning_rate: 0.01, compensation: cloq, "
+                           "compensation_rank: 2, compensation_cache: " + cache + "}\n";
+  const std::string first = testing::TempPath("sim_cache_run1"), second = testing::TempPath("sim_cache_run2");
+  ASSERT_TRUE(Run(Yaml(yaml, first)).ok());
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(cache)) files.push_back(e.path());
+  ASSERT_EQ(files.size(), 1u);
+  struct stat before {};
+  ASSERT_EQ(stat(files[0].c_str(), &before), 0);
+  fs::last_write_time(files[0], fs::file_time_type::clock::now() - std::chrono::hours(24));
+  ASSERT_TRUE(Run(Yaml(yaml, second)).ok());
+  struct stat after {};
+  ASSERT_EQ(stat(files[0].c_str(), &after), 0);
+  EXPECT_EQ(after.st_ino, before.st_ino) << "the cached base was rewritten, not read";
+  EXPECT_GT(fs::last_write_time(files[0]), fs::file_time_type::clock::now() - std::chrono::hours(1)) << "a hit refreshes its time";
+  EXPECT_EQ(LoadTensors(first + "/adapter.safetensors"), LoadTensors(second + "/adapter.safetensors"));
+  // The key needs the compensation it keeps (the coordinator refuses it: workers keep their own,
+  // SimulateEqualsDeployedTest.KeysTheDeployedRunnerCannotHonourAreRefusedByName).
+  auto bad = Run(Yaml("train: {compensation_cache: " + cache + "}\n", testing::TempPath("sim_cache_bad")));
+  EXPECT_NE(bad.status().message().find("train.compensation_cache"), std::string::npos) << bad.status();
 }
 
 // Per-worker ranks (issue 22): clients of ranks 1, 2 and 4 (the shared rank) train one adapter
