@@ -1,5 +1,8 @@
 // Training benchmark: tokens/s and peak RSS of adapter fine-tuning steps on a real model with
 // random tokens (every position scored), the protocol of bench/peft_train_bench.py.
+// --dp-clip C: local DP-SGD steps instead (model::Finetune: Poisson batches of expected size
+// --batch from 8 x batch examples of seq tokens, noise multiplier 1), --dp-per-pass N examples
+// per pass (0: model::DpExamplesPerPass, 1: one at a time); examples/s and tokens/s.
 #include <sys/resource.h>
 
 #include <chrono>
@@ -10,6 +13,7 @@
 #include "kernels/gemm.h"
 #include "kernels/backend.h"
 #include "kernels/thread_pool.h"
+#include "model/finetune.h"
 #include "model/optimizer.h"
 #include "model/trainer.h"
 
@@ -36,6 +40,10 @@ int main(int argc, char** argv) {
   app.add_option("--layers", layers, "Per-layer settings as in fedtune train --layers (e.g. \"15-29\"; default: every layer)");
   app.add_option("--device", device, "cpu (the best CPU path: cpu-bf16 where the CPU has a bf16 unit, else cpu-fast), cpu-fast, cpu-bf16, cpu-ref, cuda or auto");
   app.add_option("--activation-budget", budget_mib, "MiB: keep activations for as many sequences per pass as fit (fedtune train's default: 1024)");
+  double dp_clip = 0;
+  int dp_per_pass = 0;
+  app.add_option("--dp-clip", dp_clip, "Local DP-SGD with this per-example clip norm (0: plain steps)");
+  app.add_option("--dp-per-pass", dp_per_pass, "DP-SGD examples per forward/backward pass (0: model::DpExamplesPerPass)");
   CLI11_PARSE(app, argc, argv);
   kernels::SetThreads(threads);
   auto m = model::LlamaModel::Load(model_path);
@@ -63,6 +71,47 @@ int main(int argc, char** argv) {
   b.len = seq;
   for (int i = 0; i < batch * seq; ++i) b.tokens.push_back(static_cast<int32_t>(17 + rng.Below(static_cast<uint64_t>(c.n_vocab - 17))));
   for (int i = 0; i < batch * seq; ++i) b.targets.push_back((i + 1) % seq ? b.tokens[static_cast<size_t>(i + 1)] : -1);
+  if (dp_clip > 0) {
+    std::vector<model::Example> data(static_cast<size_t>(8 * batch));
+    for (auto& e : data) {
+      for (int i = 0; i < seq; ++i) e.tokens.push_back(static_cast<int32_t>(17 + rng.Below(static_cast<uint64_t>(c.n_vocab - 17))));
+      for (int i = 0; i < seq; ++i) e.targets.push_back(i + 1 < seq ? e.tokens[static_cast<size_t>(i + 1)] : -1);
+    }
+    model::FinetuneOptions fo;
+    fo.batch = batch;
+    fo.recompute = !no_recompute;
+    fo.micro_batch = micro_batch;
+    fo.activation_budget_mib = budget_mib;
+    fo.backend = *backend;
+    fo.log_every = 0;
+    fo.dp_clip = dp_clip;
+    fo.dp_noise_multiplier = 1.0;
+    fo.dp_examples_per_pass = dp_per_pass;
+    Rng noise(7);
+    fo.dp_normal = [&] { return noise.Normal(); };
+    fo.dp_uniform = [&] { return noise.Uniform(); };
+    fo.steps = 1;  // warm-up
+    if (!model::Finetune(**m, data, fo, &*set, &opt).ok()) return 1;
+    fo.steps = 1 + steps;
+    auto rep = model::Finetune(**m, data, fo, &*set, &opt);
+    if (!rep.ok()) return std::fprintf(stderr, "%s\n", std::string(rep.status().message()).c_str()), 1;
+    struct rusage ru {};
+    getrusage(RUSAGE_SELF, &ru);
+    const int64_t slot = [&] {
+      int64_t v = 0;
+      for (const auto& l : set->layers)
+        for (const auto& a : l)
+          if (a) v += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
+      return v;
+    }();
+    const int per_pass = dp_per_pass > 0 ? dp_per_pass : model::DpExamplesPerPass(slot, batch);
+    std::printf("| fedtune DP-SGD (%s, %d example(s) per pass) | %s r=%lld on %s | %d x %d | %d | %.2f examples/s, %.1f tokens/s | %.0f MiB |\n",
+                (*backend)->Describe().c_str(), per_pass, adapter.c_str(), static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank),
+                (layers.empty() ? modules : layers).c_str(), batch, seq, kernels::DefaultPool().size(),
+                static_cast<double>(rep->dp_examples) / rep->seconds, static_cast<double>(rep->tokens) / rep->seconds,
+                static_cast<double>(ru.ru_maxrss) / 1024.0);
+    return 0;
+  }
   double total = 0;
   for (int s = 0; s <= steps; ++s) {
     const auto t0 = std::chrono::steady_clock::now();

@@ -28,6 +28,11 @@ uint64_t DropoutSeed(uint64_t seed, int step, int pass) {
 
 }  // namespace
 
+int DpExamplesPerPass(int64_t trained_values, int expected_batch) {
+  const int64_t fit = kDpExampleGradientBytes / std::max<int64_t>(1, trained_values * static_cast<int64_t>(sizeof(float)));
+  return static_cast<int>(std::clamp<int64_t>(fit, 1, std::max(1, expected_batch)));
+}
+
 std::vector<size_t> PoissonBatch(size_t examples, double q, const std::function<double()>& uniform) {
   std::vector<size_t> chosen;
   for (size_t i = 0; i < examples; ++i)
@@ -39,7 +44,8 @@ namespace {
 
 // One DP-SGD step's gradient: a Poisson batch (each example with q = batch / examples, from the
 // CSPRNG), per-example gradients clipped to dp_clip, summed, noised, divided by the expected
-// batch size; left in the adapters' gradient buffers.
+// batch size; left in the adapters' gradient buffers. The drawn examples run DpExamplesPerPass
+// at a time with per-example gradients kept apart (one at a time where the kernels cannot).
 absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector<Example>& train, const FinetuneOptions& o, AdapterSet<float>* adapters,
                             int32_t pad, std::map<std::string, std::vector<double>>* sum, double* nll, int64_t* scored, int64_t* tokens,
                             int64_t* drawn) {
@@ -48,14 +54,8 @@ absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector
   for (auto& [name, v] : *sum) std::fill(v.begin(), v.end(), 0.0);
   const std::vector<size_t> batch = PoissonBatch(train.size(), q, o.dp_uniform);
   *drawn += static_cast<int64_t>(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) {
-    const Batch b = MakeBatch({&train[batch[i]]}, pad);
-    const int64_t s = b.n_scored();
-    trainer.set_dropout_seed(DropoutSeed(o.seed, step, static_cast<int>(i)));
-    FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, s > 0 ? 1.0f / static_cast<float>(s) : 0.0f, true));
-    *nll += l;
-    *scored += s;
-    *tokens += b.n_seq * b.len;
+  // Clips the gradient in the adapters' buffers (one example's) and adds it to the sum.
+  auto clip_and_add = [&] {
     double sq = 0;
     adapters->ForEachTrainable([&](const std::string&, std::span<float>, std::span<float> g) {
       for (float x : g) sq += static_cast<double>(x) * x;
@@ -69,7 +69,38 @@ absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector
         g[k] = 0.0f;
       }
     });
+  };
+  int64_t slot = 0;  // values of one example's gradient (Trainer: every gradient buffer, a DiaBlo module's untrained blocks too)
+  for (const auto& layer : adapters->layers)
+    for (const auto& a : layer)
+      if (a) slot += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
+  const int want = o.dp_examples_per_pass > 0 ? o.dp_examples_per_pass : DpExamplesPerPass(slot, n);
+  const size_t per_pass = trainer.PerExampleSupported() ? static_cast<size_t>(std::max(1, want)) : 1;
+  trainer.set_per_example(per_pass > 1);
+  for (size_t i = 0, pass = 0; i < batch.size(); i += per_pass, ++pass) {
+    std::vector<const Example*> ex;
+    for (size_t k = i; k < std::min(batch.size(), i + per_pass); ++k) ex.push_back(&train[batch[k]]);
+    const Batch b = MakeBatch(ex, pad);
+    trainer.set_dropout_seed(DropoutSeed(o.seed, step, static_cast<int>(pass)));
+    const int64_t s = b.n_scored();
+    *scored += s;
+    *tokens += b.n_seq * b.len;
+    if (per_pass == 1) {  // the gradient of the example's mean token NLL, straight into the adapters' buffers
+      FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, s > 0 ? 1.0f / static_cast<float>(s) : 0.0f, true));
+      *nll += l;
+      clip_and_add();
+      continue;
+    }
+    FT_ASSIGN_OR_RETURN(double l, trainer.Step(b, 1.0f, true));  // per sequence: the gradient of its summed NLL
+    *nll += l;
+    for (size_t k = 0; k < ex.size(); ++k) {
+      int64_t own = 0;  // scored tokens of example k
+      for (int32_t t : ex[k]->targets) own += t >= 0;
+      trainer.LoadExampleGradient(static_cast<int64_t>(k), own > 0 ? 1.0f / static_cast<float>(own) : 0.0f);
+      clip_and_add();
+    }
   }
+  trainer.set_per_example(false);
   const double sd = o.dp_noise_multiplier * o.dp_clip;
   adapters->ForEachTrainable([&](const std::string& name, std::span<float>, std::span<float> g) {
     std::vector<double>& acc = (*sum)[name];

@@ -49,14 +49,24 @@ struct FinetuneOptions {
   // divides by the expected batch size batch*grad_accum. `dp_normal` draws standard normals and
   // `dp_uniform` uniforms in [0, 1), both from a CSPRNG stream (privacy::NoiseSource): the
   // accountant's amplification at q (privacy/rdp_accountant.h) assumes exactly this sampling.
+  // The drawn examples run DpExamplesPerPass at a time through one forward/backward pass that
+  // keeps each one's gradient apart (Trainer::set_per_example; one at a time on kernels whose
+  // buffers are not host memory, e.g. CUDA), padded to the longest of the pass.
   double dp_clip = 0;
   double dp_noise_multiplier = 0;
+  int dp_examples_per_pass = 0;  // 0: DpExamplesPerPass (what the planner assumes); 1: one at a time
   std::function<double()> dp_normal;
   std::function<double()> dp_uniform;
 };
 
 // The Poisson batch of one DP-SGD step: the indices in [0, examples) for which uniform() < q.
 std::vector<size_t> PoissonBatch(size_t examples, double q, const std::function<double()>& uniform);
+
+// DP-SGD's examples per forward/backward pass on host-memory kernels: as many as keep their own
+// gradients (trained_values floats each) within kDpExampleGradientBytes, at most the expected
+// batch, at least 1. The planner's memory and time models use the same figure.
+inline constexpr int64_t kDpExampleGradientBytes = int64_t{128} << 20;
+int DpExamplesPerPass(int64_t trained_values, int expected_batch);
 
 // Checkpoint = adapter tensors + AdamW moments + Fisher + step, one safetensors file.
 absl::Status SaveCheckpoint(const std::string& path, AdapterSet<float>& adapters, AdamW& opt);

@@ -510,19 +510,72 @@ absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backw
   FT_RETURN_IF_ERROR(Check(b));
   const PassPlan plan = backward ? PlanFor(b.n_seq, b.len) : PassPlan{true, 0};  // forward-only keeps nothing
   const int64_t mb = plan.micro_batch > 0 ? std::min(plan.micro_batch, b.n_seq) : b.n_seq;
-  BindAdapters(backward);
+  per_example_step_ = backward && per_example_;
+  if (per_example_step_ && !PerExampleSupported())
+    return absl::FailedPreconditionError("per-example gradients need kernels with host-memory buffers");
+  BindAdapters(backward, b.n_seq);
   double nll = 0.0;
   for (int64_t s0 = 0; s0 < b.n_seq; s0 += mb) nll += Slice(b, s0, std::min(mb, b.n_seq - s0), grad_scale, backward, plan.recompute);
-  if (backward) CollectGradients();
+  if (backward && !per_example_step_) CollectGradients();
   return nll;
 }
 
 template <typename T>
-void Trainer<T>::BindAdapters(bool backward) {
+bool Trainer<T>::PerExampleSupported() const {
+  if constexpr (std::is_same_v<T, float>) return backend_->HostMemoryBuffers();
+  return true;
+}
+
+template <typename T>
+void Trainer<T>::LoadExampleGradient(int64_t k, T scale) {
+  FT_CHECK(k >= 0 && static_cast<size_t>((k + 1) * ex_stride_) <= ex_grads_.size());
+  const T* g = ex_grads_.data() + k * ex_stride_;
+  for (auto& layer : adapters_->layers) {
+    for (auto& a : layer) {
+      if (!a) continue;
+      for (std::vector<T>* v : {&a->ga, &a->gb, &a->gd}) {
+        for (T& x : *v) x = scale * *g++;
+      }
+    }
+  }
+}
+
+template <typename T>
+void Trainer<T>::BindAdapters(bool backward, int64_t n_seq) {
   Work& w = *work_;
   const auto& layers = adapters_->layers;
   w.mirrored = false;
   if constexpr (std::is_same_v<T, float>) w.mirrored = !backend_->HostMemoryBuffers();
+  // Per-example gradients: slot k of ex_grads_ holds sequence k's, laid out as the adapters'
+  // ga, gb, gd in order (LoadExampleGradient reads them back the same way); slot 0 is bound
+  // here, AdapterBackward offsets each sequence's rows to its slot.
+  if (per_example_step_) {
+    ex_stride_ = 0;
+    for (const auto& layer : layers)
+      for (const auto& a : layer)
+        if (a) ex_stride_ += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
+    ex_grads_.assign(static_cast<size_t>(n_seq * ex_stride_), T(0));
+    T* next = ex_grads_.data();
+    auto slot = [&](std::vector<T>& v) -> T* {
+      if (v.empty()) return nullptr;
+      T* p = next;
+      next += v.size();
+      return p;
+    };
+    w.adapter.assign(layers.size(), {});
+    for (size_t l = 0; l < layers.size(); ++l) {
+      for (size_t mod = 0; mod < kNumModules; ++mod) {
+        auto& a = adapters_->layers[l][mod];
+        if (!a) continue;
+        AdapterTensors<T>& t = w.adapter[l][mod];
+        t = {a->a.empty() ? nullptr : a->a.data(), a->b.empty() ? nullptr : a->b.data(), a->d.empty() ? nullptr : a->d.data()};
+        t.ga = slot(a->ga);
+        t.gb = slot(a->gb);
+        t.gd = slot(a->gd);
+      }
+    }
+    return;
+  }
   // Mirrored: every parameter laid out in staging (then one upload), gradient accumulators
   // after one another in w.grads, in the order CollectGradients reads them back.
   int64_t np = 0, ng = 0;
@@ -610,6 +663,22 @@ void Trainer<T>::AdapterBackward(int64_t l, Module mod, const T* x, const T* z, 
   const AdapterTensors<T>& t = work_->adapter[static_cast<size_t>(l)][static_cast<size_t>(mod)];
   const Kern<T> K{backend_};
   const int64_t M = n_seq_ * len_;
+  if (per_example_step_) {
+    // Each sequence's rows by themselves, into its own slot (rows are independent in these
+    // products, so dx is the batch's).
+    const int64_t first_seq = tok0_ / len_, r = a.spec.kind == AdapterKind::kDiaBlo ? 0 : a.spec.rank;
+    for (int64_t i = 0; i < n_seq_; ++i) {
+      const int64_t rows = i * len_, slot = (first_seq + i) * ex_stride_;
+      auto at = [&](T* g) { return g == nullptr ? nullptr : g + slot; };
+      if (a.spec.kind == AdapterKind::kDiaBlo) {
+        K.DiabloBackward(x + rows * a.in, t.d, dy + rows * a.out, at(t.gd), dx + rows * a.in, len_, a.in, a.out, a.spec.blocks);
+      } else {
+        K.LoraBackward(x + rows * a.in, t.a, t.b, z + rows * r, dy + rows * a.out, at(t.ga), at(t.gb), dx + rows * a.in, len_, a.in, r, a.out,
+                       static_cast<T>(a.spec.Scale()));
+      }
+    }
+    return;
+  }
   if (a.spec.kind == AdapterKind::kDiaBlo) return K.DiabloBackward(x, t.d, dy, t.gd, dx, M, a.in, a.out, a.spec.blocks);
   K.LoraBackward(x, t.a, t.b, z, dy, t.ga, t.gb, dx, M, a.in, a.spec.rank, a.out, static_cast<T>(a.spec.Scale()));
 }

@@ -83,6 +83,16 @@ class Trainer {
   // Validates a batch against the model (shape, token ids, context length).
   absl::Status Check(const Batch& batch) const;
 
+  // Per-example gradients (batched DP-SGD, model/finetune.cc): while on, Step's backward keeps
+  // the adapters' parameter gradients of each sequence of the batch apart (sequence k's in slot
+  // k; the gradient of that sequence's summed NLL times grad_scale) instead of adding them to the
+  // adapters' gradients. Needs kernels whose buffers are host memory (FailedPrecondition from
+  // Step otherwise; PerExampleSupported says which).
+  void set_per_example(bool on) { per_example_ = on; }
+  bool PerExampleSupported() const;
+  // Sets the adapters' gradients to scale x sequence k's gradient from the last per-example Step.
+  void LoadExampleGradient(int64_t k, T scale);
+
  private:
   struct LayerCache;
   struct Work;
@@ -96,7 +106,7 @@ class Trainer {
   // Points the adapter ops at this step's parameters and gradient accumulators (float: uploads
   // the parameters to backend buffers and zeroes the accumulators; see Work::adapter), and
   // adds the accumulated gradients to the adapters' host gradients after backward.
-  void BindAdapters(bool backward);
+  void BindAdapters(bool backward, int64_t n_seq);
   void CollectGradients();
   // z: LoRA's A x (M x rank; unused for DiaBlo).
   void AdapterForward(int64_t l, Module mod, const T* x, T* y, T* z);
@@ -114,6 +124,10 @@ class Trainer {
   bool training_forward_ = false;
   int64_t tok0_ = 0;                  // batch index of the slice's first token (dropout masks)
   uint64_t dropout_seed_ = 0;
+  bool per_example_ = false;
+  bool per_example_step_ = false;  // this Step keeps per-example gradients
+  int64_t ex_stride_ = 0;          // values in one example's slot
+  std::vector<T> ex_grads_;        // n_seq x ex_stride_ (per_example_)
   // mask * 1/(1-p) for the adapter input of (layer l, module mod) over this slice: M x in.
   void DropoutScale(int64_t l, Module mod, int64_t in, T* scale) const;
 };

@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "kernels/cuda/cuda_backend.h"
+#include "model/finetune.h"
 #include "model/llama.h"
 #include "privacy/rdp_accountant.h"
 
@@ -197,15 +198,19 @@ double MemoryModel::Bf16OutputMiB(const ModelShape& s, double tokens_per_pass) {
 
 ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
                                      const Candidate& c, int seq, double limit_mib, bool bf16_kernels) const {
-  const int per_pass = per_example ? 1 : c.batch;  // sequences in one forward/backward pass
+  // Sequences in one forward/backward pass: the batch, or DP-SGD's examples per pass (each with
+  // its own gradient where several share one).
+  const double trained_bytes = per_example ? AdapterBytes(s, SpecAt(spec, c), c.modules, &layout) : 0.0;
+  const int per_pass = per_example ? model::DpExamplesPerPass(static_cast<int64_t>(trained_bytes / 4), c.batch) : c.batch;
   const double tokens = static_cast<double>(per_pass) * seq;
   const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
   const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, SpecAt(spec, c), adapted, c.modules) + logits_mib +
                       adapter_copies * AdapterBytes(s, spec, adapted, &layout) / (1 << 20) +
-                      (per_example ? 2 * AdapterBytes(s, SpecAt(spec, c), c.modules, &layout) / (1 << 20) : 0.0) +
+                      (per_example ? (2 + (per_pass > 1 ? per_pass : 0)) * trained_bytes / (1 << 20) : 0.0) +
                       (bf16_kernels ? Bf16OutputMiB(s, tokens) : 0.0);
   const double per_seq = KeptMiBPerSequence(s, seq);
   ActivationChoice a;
+  if (per_example) a.dp_examples_per_pass = per_pass;
   if (keep_within_limit ? limit_mib > 0 && per_seq > 0 : !recompute) {
     // Memory not known (>= kUnknownMemoryMiB): the client keeps up to the trainer's default budget
     // per pass instead (worker::ClientEnv), whatever the rest needs.
@@ -247,7 +252,7 @@ double MemoryModel::DeviceWeightMiB(const ModelShape& s, kernels::GgmlType b) co
 ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
                                              const Candidate& c, int seq, double device_limit_mib) const {
   const model::AdapterSpec at = SpecAt(spec, c);
-  const int per_pass = per_example ? 1 : c.batch;
+  const int per_pass = per_example ? 1 : c.batch;  // DP-SGD on a device: one example at a time (model/finetune.cc)
   const double tokens = static_cast<double>(per_pass) * seq;
   const double e = static_cast<double>(s.n_embd), v = static_cast<double>(s.n_vocab);
   // Scratch buffers grow to 1.25x a request (CudaBackendImpl::Scratch).
@@ -296,6 +301,7 @@ ActivationChoice MemoryModel::ChooseOnDevice(const ModelShape& s, const model::A
   const double layers = static_cast<double>(s.n_layer);
   const double kept_per_seq = static_cast<double>(seq) * (layers * s.LayerCacheBytesPerToken() + z_per_token + s.BackwardTempBytesPerToken()) / (1 << 20);
   ActivationChoice a;
+  if (per_example) a.dp_examples_per_pass = 1;
   if (keep_within_limit ? device_limit_mib > 0 && kept_per_seq > 0 : !recompute) {
     const double room = device_limit_mib >= kUnknownMemoryMiB ? kDefaultKeptMiB : device_limit_mib - rest;
     const int fit = keep_within_limit ? static_cast<int>(std::min<double>(per_pass, std::floor(room / kept_per_seq + 1e-9))) : per_pass;
@@ -393,7 +399,7 @@ double WorkerProfile::BatchSpeed(int batch) const {
 double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept, int seqs_per_pass) {
   const double per_example = o.tokens_per_example > 0 ? o.tokens_per_example : o.seq;
   // The batch speed-up comes from the sequences that share one pass (DP-SGD: one example).
-  const int pass = o.memory.per_example ? 1 : seqs_per_pass > 0 ? seqs_per_pass : c.batch;
+  const int pass = seqs_per_pass > 0 ? seqs_per_pass : o.memory.per_example ? 1 : c.batch;
   const double tps = w.tokens_per_second * w.BaseSpeed(c.base) * w.BatchSpeed(pass) * (kept ? std::clamp(w.keep_speedup, 1.0, 4.0) : 1.0);
   return static_cast<double>(c.local_steps) * c.batch * per_example / std::max(tps, 1e-9);
 }
@@ -555,10 +561,10 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
               smallest_c = c;
             }
             if (over(a) > 1 + 1e-12) continue;  // Choose's kept result may touch the limit
-            feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute, a.recompute ? 0 : a.seqs_per_pass), Utility(importance, c, shared_rank), mib, a});
+            feasible[k].push_back({c, PredictSeconds(shape, w, o, c, !a.recompute, a.PassSequences()), Utility(importance, c, shared_rank), mib, a});
           }
     const ActivationChoice ua = choose(o.uniform);
-    wp.uniform_seconds = over(ua) <= 1 + 1e-12 ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute, ua.recompute ? 0 : ua.seqs_per_pass) : -1;
+    wp.uniform_seconds = over(ua) <= 1 + 1e-12 ? PredictSeconds(shape, w, o, o.uniform, !ua.recompute, ua.PassSequences()) : -1;
     if (wp.uniform_seconds < 0) {
       plan.uniform_fits_everyone = false;
     } else {
@@ -639,7 +645,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     wp.predicted_device_mib = s->a.device_mib;
     wp.activations = s->a;
     wp.predicted_seconds = s->t;
-    wp.predicted_train_seconds = TrainSeconds(workers[k], o, s->c, !s->a.recompute, s->a.recompute ? 0 : s->a.seqs_per_pass);
+    wp.predicted_train_seconds = TrainSeconds(workers[k], o, s->c, !s->a.recompute, s->a.PassSequences());
     wp.utility = s->u;
     plan.utility += s->u;
     plan.round_seconds = std::max(plan.round_seconds, s->t);

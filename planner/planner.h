@@ -84,6 +84,11 @@ struct ActivationChoice {
   double activation_mib = 0;  // the activations' share of the predicted peak (on the device for a device worker)
   double total_mib = 0;       // the predicted peak (of host memory)
   double device_mib = 0;      // a worker training on a device (MemoryModel::ChooseOnDevice): its predicted device peak
+  // Local DP-SGD (MemoryModel::per_example): drawn examples per forward/backward pass
+  // (model::DpExamplesPerPass on host kernels, 1 on a device); 0 otherwise.
+  int dp_examples_per_pass = 0;
+  // Sequences in one forward/backward pass, for the time model (0: the batch).
+  int PassSequences() const { return recompute ? dp_examples_per_pass : seqs_per_pass; }
 };
 
 // Peak resident memory of a worker training one candidate:
@@ -123,8 +128,10 @@ struct MemoryModel {
   // (coordinator planning, worker::ClientEnv of the daemon), 0 for `fedtune train` and the
   // simulation's in-process clients. Measured: bench/run_fleet_memory.sh.
   double adapter_copies = 0;
-  // Local DP-SGD (model/finetune.cc): every example runs alone (one sequence per pass, whatever
-  // the batch) and the clipped per-example gradients are summed in float64 (8 B per trained value).
+  // Local DP-SGD (model/finetune.cc): the drawn examples run model::DpExamplesPerPass at a time
+  // (one at a time on a device), each keeping its own gradient (4 B per trained value and example
+  // where more than one share a pass), and the clipped gradients are summed in float64 (8 B per
+  // trained value).
   bool per_example = false;
   // Per-layer adapter settings (adapter.layers, model::ParseLayerLayout; empty: every layer has
   // the spec's modules at its rank): the adapter's state and transfers count the modules and
@@ -283,7 +290,7 @@ std::map<kernels::GgmlType, double> RelativeBaseSpeeds(const std::map<kernels::G
 // The local training's share of PredictSeconds.
 double TrainSeconds(const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false, int seqs_per_pass = 0);
 // kept: activations kept (the worker's keep_speedup applies); seqs_per_pass: sequences in one
-// forward/backward pass (0: the batch; 1 under DP-SGD whatever is passed), for BatchSpeed.
+// forward/backward pass (ActivationChoice::PassSequences; 0: the batch, under DP-SGD one), for BatchSpeed.
 double PredictSeconds(const ModelShape& shape, const WorkerProfile& w, const PlannerOptions& o, const Candidate& c, bool kept = false,
                       int seqs_per_pass = 0);
 // shared_rank > 0: a candidate of lower rank counts c.rank / shared_rank of it.

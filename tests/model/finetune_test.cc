@@ -537,6 +537,67 @@ TEST_F(TinyFixture, DpSgdClipsPerExampleAndMatchesPlainMeanWithoutClipping) {
   EXPECT_GT(n_noisy[0], 1e-3);  // the noise dominates a clipped gradient on many coordinates
 }
 
+// Batched DP-SGD: the drawn examples share forward/backward passes that keep each one's gradient
+// apart (Trainer::set_per_example). Against one example per pass (the definition): the same
+// adapter after 3 noisy, clipped steps, for examples of different lengths (padding), LoRA,
+// FFA-LoRA and DiaBlo on part of its blocks, whole passes and micro-batched ones.
+TEST_F(TinyFixture, DpSgdWithExamplesSharingPassesEqualsOneExampleAtATime) {
+  std::vector<std::string> lines;
+  for (int i = 0; i < 12; ++i)
+    lines.push_back("{\"prompt\": \"question " + std::string(static_cast<size_t>(i % 5), 'x') + std::to_string(i) + "\", \"response\": \"a" +
+                    std::string(static_cast<size_t>(3 * (i % 4)), 'b') + "\"}");
+  DatasetOptions dopt;
+  dopt.holdout = 0;
+  auto data = DatasetFromJsonl(lines, "dp", *model_->tokenizer(), dopt);
+  ASSERT_TRUE(data.ok());
+  struct Case {
+    AdapterKind kind;
+    int64_t micro_batch;
+    double clip, z;  // clip 0.05: below most examples' gradient norms (clipping acts); 1e9: none
+  };
+  for (const Case& c : {Case{AdapterKind::kLora, 0, 0.05, 0.5}, Case{AdapterKind::kFfaLora, 0, 0.05, 0.5}, Case{AdapterKind::kDiaBlo, 0, 0.05, 0.5},
+                        Case{AdapterKind::kLora, 2, 0.05, 0.5}, Case{AdapterKind::kLora, 0, 1e9, 0}, Case{AdapterKind::kDiaBlo, 2, 1e9, 0}}) {
+    auto run = [&](int per_pass) {
+      auto set = *MakeAdapters<float>(dims_, AdapterSpec{c.kind, 4, 8.0f, false, 4}, *ParseModules("q,v,down"), 3);
+      if (c.kind == AdapterKind::kDiaBlo) {
+        EXPECT_TRUE(set.TrainBlocks(1, 2).ok());
+      }
+      OptimizerConfig oc;
+      oc.lr = 1e-2f;
+      oc.total_steps = 3;
+      AdamW opt(oc);
+      FinetuneOptions fo;
+      fo.steps = 3;
+      fo.batch = 6;
+      fo.micro_batch = c.micro_batch;
+      fo.recompute = c.micro_batch == 0;
+      Rng rng(5);
+      fo.dp_clip = c.clip;
+      fo.dp_noise_multiplier = c.z;
+      fo.dp_examples_per_pass = per_pass;
+      fo.dp_normal = [&] { return rng.Normal(); };
+      fo.dp_uniform = [&] { return rng.Uniform(); };
+      auto rep = Finetune(*model_, data->train, fo, &set, &opt);
+      EXPECT_TRUE(rep.ok()) << rep.status();
+      EXPECT_GT(rep->dp_examples, 6);
+      std::vector<float> flat;
+      set.ForEachTrainable([&](const std::string&, std::span<float> p, std::span<float>) { flat.insert(flat.end(), p.begin(), p.end()); });
+      return flat;
+    };
+    const auto alone = run(1), shared = run(0);
+    ASSERT_EQ(alone.size(), shared.size());
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < alone.size(); ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(alone[i] - shared[i])));
+      scale = std::max(scale, static_cast<double>(std::fabs(alone[i])));
+    }
+    EXPECT_LT(worst, 1e-5 * scale) << AdapterKindName(c.kind) << " micro_batch " << c.micro_batch << " clip " << c.clip;
+  }
+  EXPECT_EQ(DpExamplesPerPass(2'400'000, 8), 8);   // LoRA r=8 on SmolLM2's 7 modules: 9.6 MB each
+  EXPECT_EQ(DpExamplesPerPass(2'400'000, 64), 13);  // 128 MiB of per-example gradients
+  EXPECT_EQ(DpExamplesPerPass(500'000'000, 8), 1);
+}
+
 // An empty Poisson batch is a step of noise only (it used to read an empty gradient sum).
 TEST_F(TinyFixture, DpSgdStepWithAnEmptyPoissonBatchAddsOnlyNoise) {
   std::vector<std::string> lines;

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_format.h"
 #include "aggregation/compression.h"
+#include "model/finetune.h"
 #include "model/tasks.h"
 #include "privacy/rdp_accountant.h"
 #include "tests/support/tiny_model.h"
@@ -547,13 +548,17 @@ TEST(PlannerTest, LocalDpPlansNeverCostAWorkerMorePrivacyThanUniform) {
   // Half the batch buys more steps; twice the batch and the steps does not fit.
   EXPECT_TRUE(within(fleet[0], {o.adapted, kernels::GgmlType::kQ4_1, 1, 4}));
   EXPECT_FALSE(within(fleet[0], {o.adapted, kernels::GgmlType::kQ4_1, 4, 4}));
-  // Memory: one example per pass plus a float64 sum of the trained values.
+  // Memory: model::DpExamplesPerPass examples per pass, each with its own float gradient where
+  // several share one, plus a float64 sum of the trained values.
   const planner::Candidate b1{o.adapted, kernels::GgmlType::kQ4_1, 1, 1}, b8{o.adapted, kernels::GgmlType::kQ4_1, 8, 1};
   planner::MemoryModel plain = planner::MemoryModel::Fitted();
-  EXPECT_DOUBLE_EQ(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq), o.memory.PredictMiB(Shape(), o.spec, o.adapted, b8, o.seq));
-  EXPECT_NEAR(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq) - plain.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq),
-              2 * planner::AdapterBytes(Shape(), o.spec, o.adapted) / (1 << 20), 1e-9);
-  EXPECT_LT(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b8, o.seq), plain.PredictMiB(Shape(), o.spec, o.adapted, b8, o.seq));
+  const double trained_mib = planner::AdapterBytes(Shape(), o.spec, o.adapted) / (1 << 20);
+  EXPECT_NEAR(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq) - plain.PredictMiB(Shape(), o.spec, o.adapted, b1, o.seq), 2 * trained_mib, 1e-9);
+  const int g = model::DpExamplesPerPass(static_cast<int64_t>(planner::AdapterBytes(Shape(), o.spec, o.adapted) / 4), 8);
+  ASSERT_GT(g, 1);
+  const planner::Candidate bg{o.adapted, kernels::GgmlType::kQ4_1, g, 1};
+  EXPECT_NEAR(o.memory.PredictMiB(Shape(), o.spec, o.adapted, b8, o.seq) - plain.PredictMiB(Shape(), o.spec, o.adapted, bg, o.seq),
+              (2 + g) * trained_mib, 1e-9);
   // A grid with nothing as private as uniform (no batch <= 2 and the size unknown): left out with
   // the reason (the other worker holds 2 examples: every batch samples all, 1 step fits).
   o.batches = {8};
