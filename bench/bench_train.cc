@@ -104,7 +104,8 @@ int main(int argc, char** argv) {
           if (a) v += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
       return v;
     }();
-    const int per_pass = dp_per_pass > 0 ? dp_per_pass : model::DpExamplesPerPass(slot, batch);
+    // Kernels without host-memory buffers (CUDA) run one example at a time (model/finetune.cc).
+    const int per_pass = !(*backend)->HostMemoryBuffers() ? 1 : dp_per_pass > 0 ? dp_per_pass : model::DpExamplesPerPass(slot, batch);
     std::printf("| fedtune DP-SGD (%s, %d example(s) per pass) | %s r=%lld on %s | %d x %d | %d | %.2f examples/s, %.1f tokens/s | %.0f MiB |\n",
                 (*backend)->Describe().c_str(), per_pass, adapter.c_str(), static_cast<long long>(*kind == model::AdapterKind::kDiaBlo ? blocks : rank),
                 (layers.empty() ? modules : layers).c_str(), batch, seq, kernels::DefaultPool().size(),

@@ -20,8 +20,9 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 // Dropout masks: a fresh seed for every forward/backward pass (each micro-batch, each DP-SGD
-// example) that depends only on the run's seed and the pass's place in the schedule, so a
-// resumed run draws the masks the uninterrupted one would have.
+// pass) that depends only on the run's seed and the pass's place in the schedule, so a
+// resumed run draws the masks the uninterrupted one would have (on kernels of the same kind:
+// DP-SGD's examples per pass, and so its masks, differ between host and device kernels).
 uint64_t DropoutSeed(uint64_t seed, int step, int pass) {
   return Mix64(seed * 0x9e3779b97f4a7c15ULL + (static_cast<uint64_t>(step) << 20) + static_cast<uint64_t>(pass));
 }
@@ -284,36 +285,49 @@ absl::StatusOr<std::vector<std::string>> GenerateGreedyBatch(const LlamaModel& m
   if (tok == nullptr) return absl::FailedPreconditionError("model has no tokenizer");
   std::vector<std::string> out(prompts.size());
   if (prompts.empty() || max_new_tokens < 1) return out;
-  std::vector<std::unique_ptr<LlamaContext>> ctx;
-  std::vector<LlamaContext*> active;
-  std::vector<size_t> which;  // prompt index of each active context
-  std::vector<std::vector<int32_t>> feed;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    feed.push_back(tok->EncodeWithBos(prompts[i]));
-    ctx.push_back(std::make_unique<LlamaContext>(model, static_cast<int64_t>(feed.back().size()) + max_new_tokens + 1));
-    ctx.back()->SetAdapters(adapters);
-    active.push_back(ctx.back().get());
-    which.push_back(i);
-  }
-  const int64_t n_vocab = model.config().n_vocab;
-  std::vector<float> logits;
-  for (int step = 0; !active.empty(); ++step) {
-    FT_RETURN_IF_ERROR(LlamaContext::EvalBatch(active, feed, &logits));
-    std::vector<LlamaContext*> next_active;
-    std::vector<size_t> next_which;
-    std::vector<std::vector<int32_t>> next_feed;
-    for (size_t j = 0; j < active.size(); ++j) {
-      const int32_t next = Argmax(std::span<const float>(logits).subspan(j * static_cast<size_t>(n_vocab), static_cast<size_t>(n_vocab)));
-      if (tok->IsEndOfGeneration(next)) continue;
-      out[which[j]] += tok->TokenBytes(next);
-      if (step + 1 >= max_new_tokens) continue;  // the last token needs no pass of its own
-      next_active.push_back(active[j]);
-      next_which.push_back(which[j]);
-      next_feed.push_back({next});
+  const auto& c = model.config();
+  const int64_t n_vocab = c.n_vocab;
+  const int64_t kv_per_token = 2 * c.n_layer * c.n_head_kv * c.head_dim * static_cast<int64_t>(sizeof(float));
+  std::vector<float> logits, one;
+  for (size_t first = 0; first < prompts.size();) {
+    // A group: up to kGenerateBatch prompts whose KV caches fit in kGenerateKvBytes (at least one).
+    std::vector<std::unique_ptr<LlamaContext>> ctx;
+    std::vector<LlamaContext*> active;
+    std::vector<size_t> which;  // prompt index of each active context
+    int64_t kv_bytes = 0;
+    logits.clear();
+    for (size_t i = first; i < prompts.size() && ctx.size() < static_cast<size_t>(kGenerateBatch); ++i) {
+      const std::vector<int32_t> ids = tok->EncodeWithBos(prompts[i]);
+      const int64_t n_ctx = static_cast<int64_t>(ids.size()) + max_new_tokens + 1;
+      if (!ctx.empty() && kv_bytes + n_ctx * kv_per_token > kGenerateKvBytes) break;
+      kv_bytes += n_ctx * kv_per_token;
+      ctx.push_back(std::make_unique<LlamaContext>(model, n_ctx));
+      ctx.back()->SetAdapters(adapters);
+      // Each prompt fills its cache alone (a pass over all prompts at once would hold every
+      // prompt's activations together); the decoding steps below are batched.
+      FT_RETURN_IF_ERROR(ctx.back()->Eval(ids, false, &one));
+      logits.insert(logits.end(), one.begin(), one.end());
+      active.push_back(ctx.back().get());
+      which.push_back(i);
     }
-    active = std::move(next_active);
-    which = std::move(next_which);
-    feed = std::move(next_feed);
+    first += ctx.size();
+    for (int step = 0; !active.empty(); ++step) {
+      std::vector<LlamaContext*> next_active;
+      std::vector<size_t> next_which;
+      std::vector<std::vector<int32_t>> feed;
+      for (size_t j = 0; j < active.size(); ++j) {
+        const int32_t next = Argmax(std::span<const float>(logits).subspan(j * static_cast<size_t>(n_vocab), static_cast<size_t>(n_vocab)));
+        if (tok->IsEndOfGeneration(next)) continue;
+        out[which[j]] += tok->TokenBytes(next);
+        if (step + 1 >= max_new_tokens) continue;  // the last token needs no pass of its own
+        next_active.push_back(active[j]);
+        next_which.push_back(which[j]);
+        feed.push_back({next});
+      }
+      active = std::move(next_active);
+      which = std::move(next_which);
+      if (!active.empty()) FT_RETURN_IF_ERROR(LlamaContext::EvalBatch(active, feed, &logits));
+    }
   }
   return out;
 }
@@ -381,12 +395,7 @@ absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<fl
     asked.push_back(i);
     prompts.push_back(eval[i].prompt_text);
   }
-  std::vector<std::string> answers;
-  for (size_t k = 0; k < prompts.size(); k += kGenerateBatch) {
-    const size_t m = std::min<size_t>(kGenerateBatch, prompts.size() - k);
-    FT_ASSIGN_OR_RETURN(std::vector<std::string> got, GenerateGreedyBatch(model, adapters, std::span<const std::string>(prompts).subspan(k, m), max_new_tokens));
-    for (std::string& g : got) answers.push_back(std::move(g));
-  }
+  FT_ASSIGN_OR_RETURN(const std::vector<std::string> answers, GenerateGreedyBatch(model, adapters, prompts, max_new_tokens));
   for (size_t q = 0; q < asked.size(); ++q) {
     const size_t i = asked[q];
     const std::string& got = answers[q];

@@ -54,7 +54,10 @@ struct FinetuneOptions {
   // buffers are not host memory, e.g. CUDA), padded to the longest of the pass.
   double dp_clip = 0;
   double dp_noise_multiplier = 0;
-  int dp_examples_per_pass = 0;  // 0: DpExamplesPerPass (what the planner assumes); 1: one at a time
+  // 0: DpExamplesPerPass (what the planner's memory model assumes); 1: one at a time; more: that
+  // many, whatever their gradients' memory (benchmarks and tests). With adapter dropout the masks
+  // follow the passes, so results differ from one at a time (equal within rounding without).
+  int dp_examples_per_pass = 0;
   std::function<double()> dp_normal;
   std::function<double()> dp_uniform;
 };
@@ -118,16 +121,20 @@ double RougeL(const std::string& reference, const std::string& candidate);
 // Greedy answer to a chat-formatted prompt.
 absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const AdapterSet<float>* adapters, const std::string& prompt,
                                            int max_new_tokens);
-// Greedy answers to several prompts decoded together (LlamaContext::EvalBatch: the prompts fill
-// their caches in one pass, then each step decodes one token of every unfinished answer, the
+// Greedy answers to several prompts decoded together, in groups of at most kGenerateBatch whose
+// KV caches fit in kGenerateKvBytes: each prompt fills its cache alone, then each step decodes
+// one token of every unfinished answer of the group in one pass (LlamaContext::EvalBatch, the
 // projections batched over them). The same answers as GenerateGreedy one by one up to the
 // rounding of a batched product (an argmax that is a near-tie can differ).
 absl::StatusOr<std::vector<std::string>> GenerateGreedyBatch(const LlamaModel& model, const AdapterSet<float>* adapters,
                                                              std::span<const std::string> prompts, int max_new_tokens);
-// How many answers Evaluate decodes together. SmolLM2-135M Q4_1 on 2 AVX2 cores decodes 86.5
-// tokens/s alone, 174.7 / 206.9 / 275.6 summed over 8 / 16 / 32 sequences (the batched products
-// run at f32 SGEMM speed); 48 WordNet answers take 22.4 s one by one, 12.4 s 16 at a time
-// (bench_inference --answers, docs/guide.md). 16 KV caches of ~8 MB each for these prompts.
+// How many answers GenerateGreedyBatch (and so Evaluate) decodes together. SmolLM2-135M Q4_1 on
+// 2 AVX2 cores decodes 103.1 tokens/s alone, 167.7 / 222.8 / 245.2 summed over 8 / 16 / 32
+// sequences (the batched products run at f32 SGEMM speed); 48 WordNet answers take 23.6 s one by
+// one, 13.5 s 16 at a time (bench_inference --answers, docs/guide.md "Batched decoding"). The
+// group's KV caches stay within kGenerateKvBytes: 16 of ~8 MB for SmolLM2's prompts, 3 for an
+// 8B model's 300-token prompts.
 inline constexpr int kGenerateBatch = 16;
+inline constexpr int64_t kGenerateKvBytes = int64_t{256} << 20;
 
 }  // namespace fedtune::model

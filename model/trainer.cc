@@ -511,12 +511,14 @@ absl::StatusOr<double> Trainer<T>::Step(const Batch& b, T grad_scale, bool backw
   const PassPlan plan = backward ? PlanFor(b.n_seq, b.len) : PassPlan{true, 0};  // forward-only keeps nothing
   const int64_t mb = plan.micro_batch > 0 ? std::min(plan.micro_batch, b.n_seq) : b.n_seq;
   per_example_step_ = backward && per_example_;
+  ex_valid_ = false;
   if (per_example_step_ && !PerExampleSupported())
     return absl::FailedPreconditionError("per-example gradients need kernels with host-memory buffers");
   BindAdapters(backward, b.n_seq);
   double nll = 0.0;
   for (int64_t s0 = 0; s0 < b.n_seq; s0 += mb) nll += Slice(b, s0, std::min(mb, b.n_seq - s0), grad_scale, backward, plan.recompute);
   if (backward && !per_example_step_) CollectGradients();
+  ex_valid_ = per_example_step_;
   return nll;
 }
 
@@ -528,7 +530,7 @@ bool Trainer<T>::PerExampleSupported() const {
 
 template <typename T>
 void Trainer<T>::LoadExampleGradient(int64_t k, T scale) {
-  FT_CHECK(k >= 0 && static_cast<size_t>((k + 1) * ex_stride_) <= ex_grads_.size());
+  FT_CHECK(ex_valid_ && k >= 0 && static_cast<size_t>((k + 1) * ex_stride_) <= ex_grads_.size());
   const T* g = ex_grads_.data() + k * ex_stride_;
   for (auto& layer : adapters_->layers) {
     for (auto& a : layer) {

@@ -65,7 +65,7 @@ class Trainer {
   ~Trainer();
 
   // Returns the summed NLL over scored positions. With backward, adds grad_scale * d(sum NLL)
-  // to the adapters' gradients.
+  // to the adapters' gradients (in per-example mode: keeps each sequence's apart instead).
   absl::StatusOr<double> Step(const Batch& batch, T grad_scale, bool backward);
 
   // Seed of the dropout masks of the following steps (set per optimizer step for fresh masks).
@@ -126,6 +126,7 @@ class Trainer {
   uint64_t dropout_seed_ = 0;
   bool per_example_ = false;
   bool per_example_step_ = false;  // this Step keeps per-example gradients
+  bool ex_valid_ = false;          // ex_grads_ holds the last Step's (LoadExampleGradient may read it)
   int64_t ex_stride_ = 0;          // values in one example's slot
   std::vector<T> ex_grads_;        // n_seq x ex_stride_ (per_example_)
   // mask * 1/(1-p) for the adapter input of (layer l, module mod) over this slice: M x in.

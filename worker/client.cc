@@ -238,7 +238,7 @@ absl::StatusOr<std::optional<Prediction>> Predict(const model::LlamaModel& store
   if (!p.layers.empty()) {  // the modules and ranks each layer has
     FT_ASSIGN_OR_RETURN(mm.layout, model::ParseLayerLayout(p.layers, shape.n_layer, adapted));
   }
-  mm.per_example = task.local_dp_clip > 0;  // DP-SGD: one example per pass, a float64 gradient sum
+  mm.per_example = task.local_dp_clip > 0;  // DP-SGD: model::DpExamplesPerPass per pass, their own gradients, a float64 sum
   mm.adapter_copies = env.adapter_copies * static_cast<double>(p.rank) / static_cast<double>(spec.rank);  // copies at the shared rank
   if (!p.base_type.empty()) {
     const auto t = kernels::GgmlTypeFromName(p.base_type);

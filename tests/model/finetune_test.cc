@@ -273,8 +273,9 @@ TEST_F(TinyFixture, SequencesDecodedTogetherEqualEachAlone) {
       ASSERT_TRUE(LlamaContext::EvalBatch(ptrs, feed, &logits).ok());
     }
     for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(ptrs[i]->n_past(), static_cast<int64_t>(prompts[i].size() + 4));
-    // Greedy answers: together == one by one.
-    const std::vector<std::string> texts = {"hello there", "the", "a longer prompt with more words in it", "x"};
+    // Greedy answers: together == one by one (20 prompts: two groups of at most kGenerateBatch).
+    std::vector<std::string> texts = {"hello there", "the", "a longer prompt with more words in it", "x"};
+    for (int i = 0; i < 16; ++i) texts.push_back("prompt number " + std::to_string(i) + std::string(static_cast<size_t>(i), 'z'));
     auto together = GenerateGreedyBatch(*model_, &set, texts, 6);
     ASSERT_TRUE(together.ok()) << together.status();
     for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ((*together)[i], *GenerateGreedy(*model_, &set, texts[i], 6)) << texts[i];

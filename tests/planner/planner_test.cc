@@ -500,7 +500,8 @@ TEST(PlannerTest, MeasuredSpeedPerBasePrecisionDecidesTheBase) {
 // Issue 22: the planner with local DP-SGD in the workers. Every planned (batch, steps) costs a
 // worker at most the uniform configuration's record-level RDP at the order where the uniform run
 // attains its epsilon (so its epsilon over any sequence of plans, for the same participation, is
-// at most the uniform run's); without the constraint the plan would spend more on some worker. DP-SGD runs one example per pass: its memory does not grow with the batch.
+// at most the uniform run's); without the constraint the plan would spend more on some worker. DP-SGD runs
+// model::DpExamplesPerPass examples per pass, each with its own gradient: the memory model counts them.
 TEST(PlannerTest, LocalDpPlansNeverCostAWorkerMorePrivacyThanUniform) {
   auto o = Options();
   o.max_local_steps = 8;
