@@ -173,6 +173,7 @@ class SimTransport : public federation::Transport {
       }
       const auto t0 = Clock::now();
       worker::LocalResult lr;
+      std::optional<aggregation::TensorMap> residual_in;
       if (c_.train().stand_in()) {
         aggregation::TensorMap own = global;  // a lower-rank task updates the global's first components (its blocks)
         if (protocol::TrainsPart(task.plan)) {
@@ -184,6 +185,8 @@ class SimTransport : public federation::Transport {
         worker::ClientEnv env = env_;
         env.memory_mib = cl.memory_mib;  // 0 (not simulated): the default activation budget
         env.error_feedback = &cl.residual;
+        // The residual going in, restored if the update does not count (as a worker daemon rolls back).
+        if (task.error_feedback && !task.compression.empty() && task.compression != "none") residual_in = cl.residual;
         // A cloq/gptq base is calibrated on the data of the first client that trains on it (one
         // shared base per type and compensation in the simulation; a worker daemon uses its own).
         bases_.SetCalibration(cl.train);
@@ -221,6 +224,8 @@ class SimTransport : public federation::Transport {
         if (col.AddMasked(task.client, std::move(y), lr.update.num_examples, lr.update.metrics).ok()) ++cl.trained;
       } else if (col.Add(std::move(lr.update)).ok()) {
         ++cl.trained;
+      } else if (residual_in) {
+        cl.residual = std::move(*residual_in);
       }
       cl.steps += task.local_steps;
       const double comm_up = cl.latency_ms / 1000.0 + static_cast<double>(up) * 8 / (cl.bandwidth_mbps * 1e6);

@@ -414,6 +414,9 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   rpc::v1::Profile profile = o.profile;
   std::optional<Kept> kept = LoadKept(o.state_dir, task);
   const bool reused = kept.has_value();
+  // Trained here (not a kept update re-sent after a restart): what training changed in this
+  // worker's state, undone when the update does not count.
+  std::function<void()> discard = [] {};
   if (reused) {
     FT_LOG_INFO("round {}: uploading the update kept from before a restart (no retraining)", task.round());
   } else {
@@ -433,7 +436,9 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
     }
     FT_RETURN_IF_ERROR(trained.status());
     LocalResult lr = std::move(*trained);
+    if (lr.discard) discard = lr.discard;
     if (hb.abandoned()) {
+      discard();
       ++rep->rounds_abandoned;
       if (!o.quiet) FT_LOG_INFO("round {}: the coordinator closed the round; update not sent", task.round());
       return absl::OkStatus();
@@ -455,11 +460,13 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   const grpc::Status fin = UploadWithRetries(stub, task, me, *kept, &resp, false);
   if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
   if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && absl::StrContains(fin.error_message(), "closed")) {
+    discard();
     ++rep->rounds_abandoned;
     return absl::OkStatus();
   }
   FT_RETURN_IF_ERROR(FromGrpc(fin, absl::StrCat("upload of round ", task.round())));
   if (!resp.accepted()) {
+    discard();
     FT_LOG_WARN("round {}: the coordinator refused the update: {}", task.round(), resp.reason());
     if (!o.state_dir.empty()) {  // never offer a refused update again
       std::error_code ec;
@@ -534,6 +541,10 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
       // Not writing the file loses the residual at the next restart, not this round's update.
       if (absl::Status st = state->feedback.Save(task.run_id, task.round, std::move(start), std::move(residual)); !st.ok())
         FT_LOG_WARN("round {}: error-feedback residual not kept: {}", task.round, st.ToString());
+      r->discard = [state, run = task.run_id, round = task.round] {
+        if (absl::Status st = state->feedback.Discard(run, round); !st.ok())
+          FT_LOG_WARN("round {}: error-feedback residual not rolled back: {}", round, st.ToString());
+      };
     }
     if (r.ok() && reset && report_peak && task.local_dp_clip <= 0) {
       r->update.metrics["peak_rss_mib"] = PeakRssSinceResetMiB();

@@ -57,4 +57,11 @@ absl::Status ErrorFeedback::Save(const std::string& run, int round, aggregation:
   return w.WriteFile(path_);
 }
 
+absl::Status ErrorFeedback::Discard(const std::string& run, int round) {
+  if (!loaded_) Load();
+  if (run != run_id_ || round != round_) return absl::OkStatus();
+  aggregation::TensorMap start = before_;
+  return Save(run, round, std::move(start), before_);
+}
+
 }  // namespace fedtune::worker

@@ -22,6 +22,10 @@ class ErrorFeedback {
   // Records round `round`'s residual in (`start`) and out (`end`) and writes the file. A round
   // older than the one recorded changes nothing (the newer state stays).
   absl::Status Save(const std::string& run, int round, aggregation::TensorMap start, aggregation::TensorMap end);
+  // Round `round`'s update did not count (refused, or not sent): the rounds after it start from
+  // its `before`, as if it had not been trained (its compression error is not carried forward
+  // with nothing of it merged). Nothing for another run or round than the one recorded.
+  absl::Status Discard(const std::string& run, int round);
   int round() const { return round_; }
 
  private:

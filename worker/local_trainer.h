@@ -33,6 +33,10 @@ struct LocalTrainOptions {
 struct LocalResult {
   aggregation::ClientUpdate update;
   model::TrainReport report;
+  // Undoes what training this round changed in the worker's own state (the error-feedback
+  // residual of a compressed upload) for an update that never counts: refused by the
+  // coordinator, or not sent because the round closed. Empty: nothing to undo.
+  std::function<void()> discard;
 };
 
 // `adapters` supplies the structure (and frozen parts such as FFA-LoRA's A); its trainable

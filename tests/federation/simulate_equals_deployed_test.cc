@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <regex>
 #include <thread>
 
@@ -30,6 +31,7 @@
 #include "tests/support/tiny_model.h"
 #include "worker/client.h"
 #include "worker/daemon.h"
+#include "worker/error_feedback.h"
 
 namespace fedtune {
 namespace {
@@ -361,6 +363,56 @@ TEST_F(SimulateEqualsDeployedTest, ErrorFeedbackSurvivesWorkerRestarts) {
       EXPECT_GT(worst, 1e-5);
     }
   }
+}
+
+// A compressed update the coordinator refuses (here: worker 0's round-2 update made undecodable,
+// a non-finite int4 scale) does not carry its compression error forward: the worker rolls its
+// residual back, so round 3 starts from the residual round 2 started with (the file says so),
+// and the run finishes.
+TEST_F(SimulateEqualsDeployedTest, ARefusedCompressedUpdateRollsTheResidualBack) {
+  const std::string extra = "strategy: {merge: mean, compression: int4}\n";
+  auto svc = Service(extra, 3, dir_ + "/state-ef-refused");
+  ASSERT_TRUE(svc.ok()) << svc.status();
+  auto server = coordinator::CoordinatorServer::Start((*svc)->options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string path = dir_ + "/ef-refused-worker0/error_feedback.safetensors";
+  std::string run_id;
+  aggregation::TensorMap round2_start;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int k = 0; k < kClients; ++k)
+    threads.emplace_back([&, k] {
+      worker::DaemonOptions d = Daemon(k, (*server)->port());
+      d.state_dir = dir_ + "/ef-refused-worker" + std::to_string(k);
+      d.profile.set_num_examples(static_cast<int64_t>(data_[static_cast<size_t>(k)].size()));
+      worker::TaskRunner inner = worker::ModelTaskRunner(*model_, data_[static_cast<size_t>(k)], "", 0, nullptr, "", 0, false, nullptr, 0,
+                                                         d.state_dir + "/error_feedback.safetensors");
+      worker::TaskRunner runner = inner;
+      if (k == 0) {
+        runner = [&, inner](const protocol::TrainTask& task, const aggregation::TensorMap& global,
+                            const std::function<void(double)>& progress) -> absl::StatusOr<worker::LocalResult> {
+          auto r = inner(task, global, progress);
+          if (r.ok() && task.round == 2) {
+            run_id = task.run_id;
+            round2_start = worker::ErrorFeedback(path).For(task.run_id, 2);
+            EXPECT_NE(worker::ErrorFeedback(path).For(task.run_id, 3), round2_start);  // before the refusal: round 2's residual out
+            for (auto& [name, c] : r->update.compressed)
+              if (!c.scales.empty()) c.scales[0] = std::numeric_limits<float>::quiet_NaN();
+          }
+          return r;
+        };
+      }
+      auto r = worker::RunDaemon(d, runner, stop);
+      EXPECT_TRUE(r.ok()) << r.status();
+    });
+  EXPECT_TRUE((*server)->Wait().ok());
+  stop = true;
+  for (auto& t : threads) t.join();
+  ASSERT_EQ((*server)->last_committed_round(), 3);
+  ASSERT_FALSE(round2_start.empty());
+  // Round 3 was trained from round 2's starting residual (the file now records round 3: its
+  // `before` is what round 3 started from).
+  EXPECT_EQ(worker::ErrorFeedback(path).For(run_id, 3), round2_start);
 }
 
 TEST_F(SimulateEqualsDeployedTest, TopKCompressedUpdates) {

@@ -651,6 +651,29 @@ TEST(ErrorFeedbackTest, EachRoundStartsFromTheRightResidualAcrossRestarts) {
   EXPECT_EQ(mem.For("r", 5), out);
 }
 
+// An update that does not count (refused by the coordinator, or not sent because the round
+// closed): Discard rolls the residual back to what the round started with, so its compression
+// error is not carried into later rounds with nothing of the update merged; kept across a
+// restart; another run or round changes nothing.
+TEST(ErrorFeedbackTest, AnUpdateThatDidNotCountIsRolledBack) {
+  const std::string path = testing::TempPath("ef_discard.safetensors");
+  std::filesystem::remove(path);
+  const aggregation::TensorMap in{{"blk.0.attn_q.lora_b", {1.0f, 2.0f}}}, out{{"blk.0.attn_q.lora_b", {3.0f, 4.0f}}};
+  worker::ErrorFeedback ef(path);
+  ASSERT_TRUE(ef.Save("run-a", 2, in, out).ok());
+  ASSERT_TRUE(ef.Discard("run-b", 2).ok());  // another run: nothing
+  ASSERT_TRUE(ef.Discard("run-a", 1).ok());  // another round: nothing
+  EXPECT_EQ(ef.For("run-a", 3), out);
+  ASSERT_TRUE(ef.Discard("run-a", 2).ok());
+  EXPECT_EQ(ef.For("run-a", 3), in);
+  EXPECT_EQ(ef.For("run-a", 2), in);
+  EXPECT_EQ(worker::ErrorFeedback(path).For("run-a", 3), in);  // a restarted worker
+  worker::ErrorFeedback mem;
+  ASSERT_TRUE(mem.Save("r", 4, in, out).ok());
+  ASSERT_TRUE(mem.Discard("r", 4).ok());
+  EXPECT_EQ(mem.For("r", 5), in);
+}
+
 TEST(LocalPrivacyTest, TheLedgerPersistsAcrossRestartsAndACorruptFileIsRefused) {
   const std::string dir = testing::TempPath("local_privacy");
   std::filesystem::remove_all(dir);
