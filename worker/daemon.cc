@@ -461,6 +461,10 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
   if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && absl::StrContains(fin.error_message(), "closed")) {
     discard();
+    if (!o.state_dir.empty()) {  // rolled back: never offer it again (a re-run of the round retrains)
+      std::error_code ec;
+      std::filesystem::remove(KeptMeta(o.state_dir), ec);
+    }
     ++rep->rounds_abandoned;
     return absl::OkStatus();
   }
