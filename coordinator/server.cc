@@ -530,13 +530,23 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   std::optional<grpc::Status> UploadRefusal(const std::string& cn, int r) const {
     if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
     if (r != round || !assigned.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", r));
+    if (received.count(cn)) {
+      // A retry (its answer was lost) is told what became of the update, also while the round
+      // evaluates: refused (it does not count: the worker rolls back what training changed) or
+      // received (it counts: the worker keeps it).
+      for (const auto& f : rejected)
+        if (f.client == cn) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("update refused for this round: ", f.status.message()));
+      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
+    }
+    // From here on the worker's update was never received: "closed" means it will not count.
     if (evaluating) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
-    if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
     if (closed) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
     // Secure rounds: only after the key agreement, and only from the workers that completed it.
     if (sa.active && (sa.stage != 2 || !sa.shares_for.count(cn)))
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "no masked input expected from this worker now");
-    if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the round's deadline has passed");
+    // (FAILED_PRECONDITION, not DEADLINE_EXCEEDED, which a worker cannot tell from its own RPC
+    // timing out: the update will not count, and the worker rolls back.)
+    if (UnixMs() > deadline_unix_ms) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed: its deadline has passed"));
     return std::nullopt;
   }
 

@@ -261,7 +261,13 @@ grpc::Status UploadWithRetries(rpc::v1::Coordinator::Stub& stub, const rpc::v1::
     rpc::v1::HeartbeatResponse hresp;
     resume = 0;
     const bool answered = stub.Heartbeat(&ctx, hreq, &hresp).ok();
-    if (answered && hresp.abandon_round()) break;  // the round closed meanwhile: nothing to upload to
+    if (answered && hresp.abandon_round()) {
+      // The round is over for this worker: closed, moved on, or the update was received (an
+      // answer lost). One more try, refused after its header, says which (received: kept;
+      // refused or closed before it arrived: rolled back; moved on: kept, OneTask).
+      fin = UploadOnce(stub, task, me, kept, resp, secure, 0);
+      break;
+    }
     if (answered && hresp.upload_sha256() == sha && hresp.upload_resume_offset() > 0 &&
         hresp.upload_resume_offset() < static_cast<int64_t>(kept.payload.size())) {
       resume = hresp.upload_resume_offset();
@@ -459,7 +465,14 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   rpc::v1::UploadResponse resp;
   const grpc::Status fin = UploadWithRetries(stub, task, me, *kept, &resp, false);
   if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
-  if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && absl::StrContains(fin.error_message(), "closed")) {
+  // Answers that say the update will not count (the round closed or its deadline passed before
+  // it was received, or a retry of a refused update): roll back, do not offer it again. ("no task
+  // for ... in round r", the round having moved on, is not among them: an update received before
+  // an answer was lost may have counted; the residual is kept.)
+  if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+      (absl::StrContains(fin.error_message(), "closed") || absl::StrContains(fin.error_message(), "refused"))) {
+    if (!absl::StrContains(fin.error_message(), "closed"))
+      FT_LOG_WARN("round {}: the update will not count: {}", task.round(), fin.error_message());
     discard();
     if (!o.state_dir.empty()) {  // rolled back: never offer it again (a re-run of the round retrains)
       std::error_code ec;

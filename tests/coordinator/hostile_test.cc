@@ -230,8 +230,11 @@ TEST_F(HostileTest, MalformedTransfersAreRefusedAndHonestWorkersFinish) {
   ASSERT_TRUE(u.status.ok()) << u.status.error_message();
   EXPECT_FALSE(u.resp.accepted());
   EXPECT_NE(u.resp.reason().find("non-finite"), std::string::npos) << u.resp.reason();
-  EXPECT_EQ(SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), good.size()).status.error_code(), StatusCode::ALREADY_EXISTS)
-      << "a second upload for the round";
+  // A second upload for the round is told its update was refused (a worker rolls back), not
+  // that it was received.
+  u = SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), good.size());
+  EXPECT_EQ(u.status.error_code(), StatusCode::FAILED_PRECONDITION) << "a second upload for the round";
+  EXPECT_NE(u.status.error_message().find("refused"), std::string::npos) << u.status.error_message();
   // Round 2: huge values are refused; then inflated example counts weigh at most the cap (100).
   t = WaitForTask(*evil);
   ASSERT_EQ(t.round(), 2);
@@ -278,6 +281,10 @@ TEST_F(HostileTest, BrokenUploadResumesAtTheKeptOffsetAndBadResumesAreRefused) {
   ASSERT_TRUE(u.status.ok()) << u.status.error_message();
   EXPECT_TRUE(u.resp.accepted()) << u.resp.reason();
   EXPECT_EQ(u.resp.received_bytes(), static_cast<int64_t>(good.size()));
+  // A retry of the accepted upload (as after a lost answer) is told it was received, whether the
+  // round still waits, evaluates or has closed: the worker keeps what it trained.
+  const Upload again = SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), good.size());
+  EXPECT_EQ(again.status.error_code(), StatusCode::ALREADY_EXISTS) << again.status.error_message();
   ASSERT_TRUE((*server)->Wait().ok());
   StopHonest();
   EXPECT_EQ((*server)->last_committed_round(), 1);
