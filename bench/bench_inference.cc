@@ -3,9 +3,12 @@
 // and peak RSS. Same protocol as bench/llamacpp_bench.py so the two print comparable rows.
 // --batch B...: generation of B sequences decoded together (LlamaContext::EvalBatch), tokens/s
 // summed over the sequences. --answers FILE.jsonl: greedy answers to the file's prompts (as
-// evaluation decodes them), one by one vs model::kGenerateBatch together, seconds each.
+// evaluation decodes them), one by one vs model::kGenerateBatch together, seconds each, and how
+// many equal the answers decoded with f32 activations. --f32-decoding: decoding with f32
+// activations throughout (as FEDTUNE_DECODE_ACTIVATIONS=f32) instead of 8-bit ones.
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -15,6 +18,7 @@
 #include "CLI/CLI.hpp"
 #include "common/rng.h"
 #include "kernels/gemm.h"
+#include "kernels/ops.h"
 #include "kernels/thread_pool.h"
 #include "model/dataset.h"
 #include "model/finetune.h"
@@ -55,8 +59,13 @@ int main(int argc, char** argv) {
   app.add_option("--answers", answers, "JSONL whose prompts are answered greedily, one by one vs batched");
   app.add_option("--n-answers", max_answers, "Prompts of --answers to answer")->check(CLI::Range(1, 100000));
   app.add_option("--max-new", max_new, "Longest answer in tokens")->check(CLI::Range(1, 4096));
+  bool f32_decoding = false;
+  app.add_flag("--f32-decoding", f32_decoding, "Decode with f32 activations (default: 8-bit, as llama.cpp)");
   CLI11_PARSE(app, argc, argv);
   kernels::SetThreads(threads);
+  const bool int8 = !f32_decoding && kernels::Int8DecodingDefault();
+  f32_decoding = !int8;
+  const std::string path = std::string(kernels::CpuPathName()) + (f32_decoding ? ", f32 activations" : ", int8 activations");
   auto loaded = model::LlamaModel::Load(model_path);
   if (!loaded.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(loaded.status().message()).c_str());
@@ -67,6 +76,7 @@ int main(int argc, char** argv) {
   std::vector<int32_t> prompt(static_cast<size_t>(pp));
   for (auto& t : prompt) t = static_cast<int32_t>(17 + rng.Below(static_cast<uint64_t>(m.config().n_vocab - 17)));
   model::LlamaContext ctx(m, pp + tg + 1);
+  ctx.set_int8_activations(int8);
   std::vector<float> logits;
   std::vector<double> pp_rates, tg_rates;
   for (int r = 0; r < reps + 1; ++r) {  // first round warms up caches and page faults
@@ -86,8 +96,8 @@ int main(int argc, char** argv) {
     if (r > 0) tg_rates.push_back(tg / s2);
   }
   const Stats a = Summarize(pp_rates), b = Summarize(tg_rates);
-  std::printf("| fedtune (%s, OpenBLAS) | %d | pp%d | %.1f ± %.1f |\n", kernels::CpuPathName(), kernels::DefaultPool().size(), pp, a.mean, a.sd);
-  std::printf("| fedtune (%s, OpenBLAS) | %d | tg%d | %.1f ± %.1f |\n", kernels::CpuPathName(), kernels::DefaultPool().size(), tg, b.mean, b.sd);
+  std::printf("| fedtune (%s) | %d | pp%d | %.1f ± %.1f |\n", path.c_str(), kernels::DefaultPool().size(), pp, a.mean, a.sd);
+  std::printf("| fedtune (%s) | %d | tg%d | %.1f ± %.1f |\n", path.c_str(), kernels::DefaultPool().size(), tg, b.mean, b.sd);
   struct rusage single {};  // peak RSS of the single-sequence protocol (llama.cpp's row compares with it)
   getrusage(RUSAGE_SELF, &single);
   std::printf("| fedtune | peak RSS | %.0f MiB |\n", static_cast<double>(single.ru_maxrss) / 1024.0);
@@ -97,6 +107,7 @@ int main(int argc, char** argv) {
     std::vector<model::LlamaContext*> ptrs;
     for (int i = 0; i < nb; ++i) {
       ctxs.push_back(std::make_unique<model::LlamaContext>(m, tg + 2));
+      ctxs.back()->set_int8_activations(int8);
       ptrs.push_back(ctxs.back().get());
     }
     std::vector<double> rates;
@@ -117,7 +128,7 @@ int main(int argc, char** argv) {
       if (r > 0) rates.push_back(static_cast<double>(tg) * nb / s2);
     }
     const Stats c = Summarize(rates);
-    std::printf("| fedtune (%s, OpenBLAS), %d sequences together | %d | tg%d | %.1f ± %.1f |\n", kernels::CpuPathName(), nb,
+    std::printf("| fedtune (%s), %d sequences together | %d | tg%d | %.1f ± %.1f |\n", path.c_str(), nb,
                 kernels::DefaultPool().size(), tg, c.mean, c.sd);
   }
   if (!answers.empty()) {
@@ -133,18 +144,55 @@ int main(int argc, char** argv) {
       if (!e.prompt_text.empty() && static_cast<int>(prompts.size()) < max_answers) prompts.push_back(e.prompt_text);
     const auto t0 = Clock::now();
     std::vector<std::string> alone;
-    for (const auto& p : prompts) alone.push_back(*model::GenerateGreedy(m, nullptr, p, max_new));
+    for (const auto& p : prompts) alone.push_back(*model::GenerateGreedy(m, nullptr, p, max_new, int8));
     const double s_alone = std::chrono::duration<double>(Clock::now() - t0).count();
     const auto t1 = Clock::now();
-    auto batched = model::GenerateGreedyBatch(m, nullptr, prompts, max_new);
+    auto batched = model::GenerateGreedyBatch(m, nullptr, prompts, max_new, int8);
     if (!batched.ok()) return 1;
     const std::vector<std::string>& together = *batched;
     const double s_together = std::chrono::duration<double>(Clock::now() - t1).count();
-    int same = 0;
+    int same = 0, same_f32 = 0;
     for (size_t i = 0; i < prompts.size(); ++i) same += alone[i] == together[i];
-    std::printf("| fedtune greedy answers (%zu prompts of %s, <= %d tokens) | %d | one by one %.1f s, %d together %.1f s (x%.2f) | %d of %zu answers identical |\n",
-                prompts.size(), answers.c_str(), max_new, kernels::DefaultPool().size(), s_alone, model::kGenerateBatch, s_together,
+    std::printf("| fedtune greedy answers (%s; %zu prompts of %s, <= %d tokens) | %d | one by one %.1f s, %d together %.1f s (x%.2f) | %d of %zu answers identical |\n",
+                path.c_str(), prompts.size(), answers.c_str(), max_new, kernels::DefaultPool().size(), s_alone, model::kGenerateBatch, s_together,
                 s_alone / s_together, same, prompts.size());
+    if (!f32_decoding) {  // what the 8-bit activations change: answers against f32 decoding's
+      auto exact = model::GenerateGreedyBatch(m, nullptr, prompts, max_new, false);
+      if (!exact.ok()) return 1;
+      for (size_t i = 0; i < prompts.size(); ++i) same_f32 += (*exact)[i] == together[i];
+      // Teacher-forced: each prompt + its f32 answer decoded one token at a time both ways; the
+      // next-token choice agreement and KL(f32 || int8) of the next-token distributions.
+      int64_t agree = 0, steps = 0;
+      double kl = 0;
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        const std::vector<int32_t> ids = m.tokenizer()->EncodeWithBos(prompts[i] + (*exact)[i]);
+        std::vector<std::vector<float>> by_mode[2];
+        for (int mode = 0; mode < 2; ++mode) {
+          model::LlamaContext tc(m, static_cast<int64_t>(ids.size()) + 1);
+          tc.set_int8_activations(mode == 1);
+          for (int32_t t : ids) {
+            if (!tc.Eval(std::vector<int32_t>{t}, false, &logits).ok()) return 1;
+            by_mode[mode].push_back(logits);
+          }
+        }
+        for (size_t t = 0; t < ids.size(); ++t) {
+          const std::vector<float>& p = by_mode[0][t];
+          const std::vector<float>& q = by_mode[1][t];
+          agree += model::Argmax(p) == model::Argmax(q);
+          ++steps;
+          const float mp = *std::max_element(p.begin(), p.end()), mq = *std::max_element(q.begin(), q.end());
+          double zp = 0, zq = 0;
+          for (size_t v = 0; v < p.size(); ++v) zp += std::exp(static_cast<double>(p[v] - mp)), zq += std::exp(static_cast<double>(q[v] - mq));
+          for (size_t v = 0; v < p.size(); ++v) {
+            const double lp = p[v] - mp - std::log(zp), lq = q[v] - mq - std::log(zq);
+            kl += std::exp(lp) * (lp - lq);
+          }
+        }
+      }
+      std::printf("| fedtune greedy answers, int8 vs f32 activations | %d | %d of %zu answers identical; teacher-forced over %lld tokens: next token agrees %.2f%%, mean KL %.2e nats |\n",
+                  kernels::DefaultPool().size(), same_f32, prompts.size(), static_cast<long long>(steps), 100.0 * static_cast<double>(agree) / static_cast<double>(steps),
+                  kl / static_cast<double>(steps));
+    }
   }
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);

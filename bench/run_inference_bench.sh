@@ -17,6 +17,8 @@ if build/tools/fedtune make-task wordnet -o "$answers" -n 48 >/dev/null 2>&1; th
 else
   build/bench/bench_inference "$model" -t "$threads" --batch 4 8 16 32
 fi
+# The same single-sequence and 16-sequence decoding with f32 activations (no 8-bit quantization).
+build/bench/bench_inference "$model" -t "$threads" --batch 16 --f32-decoding | grep -v "peak RSS"
 if [ -x "$py" ] && "$py" -c "import llama_cpp" 2>/dev/null; then
   "$py" bench/llamacpp_bench.py "$model" --threads "$threads"
 else

@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
+#include "common/log.h"
 #include "kernels/gemm.h"
 #include "kernels/thread_pool.h"
 #include "kernels/vec_dot.h"
@@ -21,8 +24,41 @@ std::vector<float> DequantizeMatrix(const QMatrix& w) {
   return out;
 }
 
-void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m) {
+namespace {
+// FEDTUNE_DECODE_ACTIVATIONS=f32 turns the 8-bit activations off for the process (e.g. to
+// reproduce figures decoded before they existed); int8 or unset: on.
+bool Int8DecodingFromEnv() {
+  const char* env = std::getenv("FEDTUNE_DECODE_ACTIVATIONS");
+  const std::string v = env != nullptr ? env : "";
+  if (v.empty() || v == "int8") return true;
+  if (v == "f32") return false;
+  FT_LOG_WARN("FEDTUNE_DECODE_ACTIVATIONS: unknown value '{}' (int8, f32); decoding with int8 activations", v);
+  return true;
+}
+}  // namespace
+
+bool Int8DecodingDefault() {
+  static const bool on = Int8DecodingFromEnv();  // (thread-safe initialisation, after logging is set up)
+  return on;
+}
+
+void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m, bool int8_activations) {
   const int64_t k = w.cols, n = w.rows;
+  if (int8_activations && m <= kInt8Rows && k % 32 == 0) {
+    if (const VecDotQ8Fn dot = GetVecDotQ8(w.type)) {
+      // Activations quantized once (the caller's buffer: no allocation per token once grown);
+      // each weight row is dotted with every activation row while it sits in L1.
+      thread_local std::vector<Q8Block> xq;
+      const int64_t nb = k / 32;
+      xq.resize(static_cast<size_t>(m * nb));
+      for (int64_t i = 0; i < m; ++i) QuantizeRowQ8(x + i * k, xq.data() + i * nb, k);
+      const Q8Block* xs = xq.data();
+      DefaultPool().ParallelFor(n, std::max<int64_t>(8, 64 / m), [&](int64_t r0, int64_t r1, int) {
+        for (int64_t r = r0; r < r1; ++r) dot(w.row(r), xs, k, m, y + r, n);
+      });
+      return;
+    }
+  }
   if (m == 1) {  // generation: fused dequantize-dot, parallel over output rows
     DefaultPool().ParallelFor(n, 64, [&](int64_t r0, int64_t r1, int) { GemvQ(w, r0, r1, x, y); });
     return;

@@ -23,8 +23,18 @@ struct QMatrix {
   const uint8_t* row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
 };
 
-// y[m, n] = sum_k x[m, k] * w[n, k]   (x: M x K row-major f32, y: M x N row-major f32)
-void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m);
+// y[m, n] = sum_k x[m, k] * w[n, k]   (x: M x K row-major f32, y: M x N row-major f32), for
+// inference. f32: fused dequantize-dot for one row, dequantized tiles + SGEMM for more (exact
+// w.r.t. the dequantized weights). int8_activations (decoding for generation, asked for by
+// LlamaContext::set_int8_activations): up to kInt8Rows rows with Q4_0 / Q4_1 / Q8_0 weights on
+// an AVX2 CPU take the 8-bit-activation integer dots (vec_dot.h, as llama.cpp decodes), and each
+// row's result is the same whatever m (a sequence decoded alone or beside others gets the same
+// products); other types, more rows or other CPUs stay f32.
+void MatMulQ(const QMatrix& w, const float* x, float* y, int64_t m, bool int8_activations = false);
+inline constexpr int64_t kInt8Rows = 16;
+// Whether generation decodes with 8-bit activations by default: yes unless the environment says
+// FEDTUNE_DECODE_ACTIVATIONS=f32 (read once, at the first call).
+bool Int8DecodingDefault();
 
 // Dequantizes one row of w into out (w.cols floats), e.g. an embedding lookup.
 void GetRow(const QMatrix& w, int64_t r, float* out);

@@ -9,6 +9,7 @@
 #include "absl/strings/numbers.h"
 #include "common/log.h"
 #include "common/rng.h"
+#include "kernels/ops.h"
 #include "model/safetensors.h"
 #include "model/sampler.h"
 #include "model/trainer.h"
@@ -274,13 +275,15 @@ absl::Status LoadCheckpoint(const std::string& path, AdapterSet<float>& adapters
 double EvalResult::perplexity() const { return std::exp(loss); }
 
 absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const AdapterSet<float>* adapters, const std::string& prompt,
-                                           int max_new_tokens) {
-  FT_ASSIGN_OR_RETURN(std::vector<std::string> out, GenerateGreedyBatch(model, adapters, std::span<const std::string>(&prompt, 1), max_new_tokens));
+                                           int max_new_tokens, std::optional<bool> int8_activations) {
+  FT_ASSIGN_OR_RETURN(std::vector<std::string> out,
+                      GenerateGreedyBatch(model, adapters, std::span<const std::string>(&prompt, 1), max_new_tokens, int8_activations));
   return std::move(out[0]);
 }
 
 absl::StatusOr<std::vector<std::string>> GenerateGreedyBatch(const LlamaModel& model, const AdapterSet<float>* adapters,
-                                                             std::span<const std::string> prompts, int max_new_tokens) {
+                                                             std::span<const std::string> prompts, int max_new_tokens,
+                                                             std::optional<bool> int8_activations) {
   const Tokenizer* tok = model.tokenizer();
   if (tok == nullptr) return absl::FailedPreconditionError("model has no tokenizer");
   std::vector<std::string> out(prompts.size());
@@ -289,6 +292,11 @@ absl::StatusOr<std::vector<std::string>> GenerateGreedyBatch(const LlamaModel& m
   const int64_t n_vocab = c.n_vocab;
   const int64_t kv_per_token = 2 * c.n_layer * c.n_head_kv * c.head_dim * static_cast<int64_t>(sizeof(float));
   std::vector<float> logits, one;
+  // Decoding steps of up to kGenerateBatch sequences take the same per-row 8-bit products as
+  // one sequence alone (kernels::MatMulQ); only the output layer's f32 products may differ in
+  // rounding (fused dot alone, SGEMM together), as before the 8-bit path existed.
+  static_assert(kGenerateBatch <= kernels::kInt8Rows);
+  const bool int8 = int8_activations.value_or(kernels::Int8DecodingDefault());
   for (size_t first = 0; first < prompts.size();) {
     // A group: up to kGenerateBatch prompts whose KV caches fit in kGenerateKvBytes (at least one).
     std::vector<std::unique_ptr<LlamaContext>> ctx;
@@ -302,6 +310,7 @@ absl::StatusOr<std::vector<std::string>> GenerateGreedyBatch(const LlamaModel& m
       if (!ctx.empty() && kv_bytes + n_ctx * kv_per_token > kGenerateKvBytes) break;
       kv_bytes += n_ctx * kv_per_token;
       ctx.push_back(std::make_unique<LlamaContext>(model, n_ctx));
+      ctx.back()->set_int8_activations(int8);
       ctx.back()->SetAdapters(adapters);
       // Each prompt fills its cache alone (a pass over all prompts at once would hold every
       // prompt's activations together); the decoding steps below are batched.

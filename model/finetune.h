@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -118,20 +119,25 @@ absl::StatusOr<EvalResult> Evaluate(const LlamaModel& model, const AdapterSet<fl
 // bytes (rouge-score drops those; we keep them so French or German answers are scored).
 double RougeL(const std::string& reference, const std::string& candidate);
 
-// Greedy answer to a chat-formatted prompt.
+// Greedy answer to a chat-formatted prompt. int8_activations: decoding with 8-bit activations
+// (LlamaContext::set_int8_activations); nullopt: kernels::Int8DecodingDefault() (on unless
+// FEDTUNE_DECODE_ACTIVATIONS=f32).
 absl::StatusOr<std::string> GenerateGreedy(const LlamaModel& model, const AdapterSet<float>* adapters, const std::string& prompt,
-                                           int max_new_tokens);
+                                           int max_new_tokens, std::optional<bool> int8_activations = std::nullopt);
 // Greedy answers to several prompts decoded together, in groups of at most kGenerateBatch whose
 // KV caches fit in kGenerateKvBytes: each prompt fills its cache alone, then each step decodes
 // one token of every unfinished answer of the group in one pass (LlamaContext::EvalBatch, the
 // projections batched over them). The same answers as GenerateGreedy one by one up to the
-// rounding of a batched product (an argmax that is a near-tie can differ).
+// rounding of the output layer's batched f32 product (an argmax that is a near-tie can differ;
+// the 8-bit products are the same per row whatever the group).
 absl::StatusOr<std::vector<std::string>> GenerateGreedyBatch(const LlamaModel& model, const AdapterSet<float>* adapters,
-                                                             std::span<const std::string> prompts, int max_new_tokens);
-// How many answers GenerateGreedyBatch (and so Evaluate) decodes together. SmolLM2-135M Q4_1 on
-// 2 AVX2 cores decodes 103.1 tokens/s alone, 167.7 / 222.8 / 245.2 summed over 8 / 16 / 32
-// sequences (the batched products run at f32 SGEMM speed); 48 WordNet answers take 23.6 s one by
-// one, 13.5 s 16 at a time (bench_inference --answers, docs/guide.md "Batched decoding"). The
+                                                             std::span<const std::string> prompts, int max_new_tokens,
+                                                             std::optional<bool> int8_activations = std::nullopt);
+// How many answers GenerateGreedyBatch (and so Evaluate) decodes together (at most
+// kernels::kInt8Rows, the rows the 8-bit products take). SmolLM2-135M Q4_1 on 2 AVX2 cores with
+// f32 activations: 103.1 tokens/s alone, 167.7 / 222.8 / 245.2 summed over 8 / 16 / 32 sequences;
+// 48 WordNet answers took 23.6 s one by one, 13.5 s 16 at a time (docs/guide.md "Batched
+// decoding"; with 8-bit activations: "Decoding with 8-bit activations"). The
 // group's KV caches stay within kGenerateKvBytes: 16 of ~8 MB for SmolLM2's prompts, 3 for an
 // 8B model's 300-token prompts.
 inline constexpr int kGenerateBatch = 16;

@@ -977,8 +977,8 @@ absl::Status LlamaContext::EvalBatch(std::span<LlamaContext* const> ctxs, std::s
   std::vector<Segment> segs;
   for (size_t i = 0; i < ctxs.size(); ++i) {
     LlamaContext* c = ctxs[i];
-    if (c == nullptr || &c->m_ != &ctxs[0]->m_ || c->adapters_ != ctxs[0]->adapters_)
-      return absl::InvalidArgumentError("EvalBatch: the contexts must belong to one model and apply the same adapters");
+    if (c == nullptr || &c->m_ != &ctxs[0]->m_ || c->adapters_ != ctxs[0]->adapters_ || c->int8_ != ctxs[0]->int8_)
+      return absl::InvalidArgumentError("EvalBatch: the contexts must belong to one model and apply the same adapters and activation precision");
     if (c->observer_ || c->hidden_ != nullptr || c->layer_limit_ > 0)
       return absl::InvalidArgumentError("EvalBatch: contexts with an input observer, hidden states or a layer limit run alone");
     for (size_t j = 0; j < i; ++j)
@@ -1030,7 +1030,7 @@ absl::Status LlamaContext::Run(std::span<const int32_t> tokens, std::span<const 
     // Base matmul plus the layer's adapter for this module, if any.
     auto linear = [&](Module mod, const kernels::QMatrix& w, const float* in, float* out, const std::vector<float>& bias = {}) {
       if (observer_) observer_(l, mod, in, T, w.cols);
-      kernels::MatMulQ(w, in, out, T);
+      kernels::MatMulQ(w, in, out, T, int8_);
       if (const LowRankCorrection& cr = L.corr[static_cast<size_t>(mod)]; cr.present()) {
         zc.resize(static_cast<size_t>(T * cr.v.rows));
         kernels::MatMulQ(cr.v, in, zc.data(), T);
@@ -1108,7 +1108,7 @@ absl::Status LlamaContext::Run(std::span<const int32_t> tokens, std::span<const 
   }
   kernels::RmsNorm(src, m_.output_norm().data(), h.data(), rows, E, c.rms_eps);
   logits->resize(static_cast<size_t>(rows * c.n_vocab));
-  kernels::MatMulQ(m_.output(), h.data(), logits->data(), rows);
+  kernels::MatMulQ(m_.output(), h.data(), logits->data(), rows);  // f32 (set_int8_activations)
   if (c.final_softcap > 0.0f) kernels::SoftCap(logits->data(), static_cast<int64_t>(logits->size()), c.final_softcap);
   return absl::OkStatus();
 }

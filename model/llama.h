@@ -217,6 +217,12 @@ class LlamaContext {
     first_layer_ = first;
     hidden_ = hidden;
   }
+  // Decoding for generation: passes of up to kernels::kInt8Rows rows run the layers' projections
+  // with 8-bit activations (kernels::MatMulQ; as llama.cpp decodes), the output layer in f32
+  // (its logits pick the next token directly: an 8-bit final hidden state moves them by ~0.1,
+  // enough to flip a near tie). Off (the default): every product in f32, exact w.r.t. the
+  // dequantized weights (perplexity, calibration, the oracle tests).
+  void set_int8_activations(bool on) { int8_ = on; }
 
   // Runs tokens at positions n_past .. n_past+T-1, appending to the cache. Writes logits
   // (n_vocab floats per row) for every token when all_logits, else for the last token only.
@@ -227,8 +233,9 @@ class LlamaContext {
   // attending to its own cache) while the projections run over all rows at once, so B decoded
   // tokens (one per sequence) share each weight read, and several prompts fill their caches in
   // one batched pass. Writes each context's last-token logits, n_vocab floats per context in
-  // order. The contexts must be distinct, apply the same adapters and use no observer, hidden
-  // states or layer limit (InvalidArgument otherwise); each one's errors are Eval's.
+  // order. The contexts must be distinct, apply the same adapters and activation precision and
+  // use no observer, hidden states or layer limit (InvalidArgument otherwise); each one's errors
+  // are Eval's.
   static absl::Status EvalBatch(std::span<LlamaContext* const> ctxs, std::span<const std::vector<int32_t>> tokens, std::vector<float>* logits);
 
  private:
@@ -249,6 +256,7 @@ class LlamaContext {
   InputObserver observer_;
   int64_t layer_limit_ = 0, first_layer_ = 0;
   std::vector<float>* hidden_ = nullptr;
+  bool int8_ = false;
 };
 
 }  // namespace fedtune::model

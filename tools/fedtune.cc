@@ -20,6 +20,7 @@
 #include "common/mapped_file.h"
 #include "common/progress.h"
 #include "kernels/backend.h"
+#include "kernels/ops.h"
 #include "kernels/thread_pool.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
@@ -174,6 +175,7 @@ absl::Status RunGenerate(const GenerateArgs& a) {
                                               n_ctx, " (--ctx)"));
   }
   model::LlamaContext ctx(m, n_ctx);
+  ctx.set_int8_activations(kernels::Int8DecodingDefault());  // (FEDTUNE_DECODE_ACTIVATIONS=f32: exact)
   model::Sampler sampler({a.temperature, a.top_p, a.seed});
   std::vector<float> logits;
   const auto t0 = Clock::now();

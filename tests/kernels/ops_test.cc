@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -20,6 +21,144 @@ struct Case {
   int64_t m, n, k;
   GgmlType type;
 };
+
+
+float Dot1(VecDotQ8Fn f, const uint8_t* row, const Q8Block* x, int64_t n) {
+  float y = 0.0f;
+  f(row, x, n, 1, &y, 1);
+  return y;
+}
+
+std::vector<uint8_t> QuantizedRows(GgmlType t, const std::vector<float>& wf, int64_t n, int64_t k) {
+  const size_t rb = *RowBytes(t, k);
+  std::vector<uint8_t> wq(rb * static_cast<size_t>(n));
+  for (int64_t r = 0; r < n; ++r) EXPECT_TRUE(QuantizeRow(t, wf.data() + r * k, wq.data() + r * rb, k).ok());
+  return wq;
+}
+
+// 8-bit activations: the quantizer is bit-identical on every path and within half a step of
+// each value; the integer dots (AVX2 when the CPU has it, and the portable reference) equal a
+// double-precision dot of the dequantized weights with the dequantized activations.
+TEST(OpsTest, Int8ActivationDotsMatchReference) {
+  Rng rng(21);
+  const int64_t n = 29, k = 320;
+  std::vector<float> x(static_cast<size_t>(k));
+  for (auto& v : x) v = static_cast<float>(rng.Normal() * 3.0);
+  for (int j = 64; j < 96; ++j) x[static_cast<size_t>(j)] = 0.0f;        // a block of zeros (d = 0)
+  x[200] = 1e4f;                                                          // an outlier in its block
+  for (int j = 96; j < 128; ++j) x[static_cast<size_t>(j)] = 0.0f;       // d = 1: ties round to even
+  x[96] = 127.0f, x[97] = 2.5f, x[98] = -3.5f, x[99] = 0.5f, x[100] = -126.6f;
+  std::vector<Q8Block> xq(static_cast<size_t>(k / 32)), xp(xq.size());
+  QuantizeRowQ8(x.data(), xq.data(), k);
+  portable::QuantizeRowQ8(x.data(), xp.data(), k);
+  std::vector<double> xd(static_cast<size_t>(k));
+  for (int64_t b = 0; b < k / 32; ++b) {
+    const Q8Block& q = xq[static_cast<size_t>(b)];
+    ASSERT_EQ(q.d, xp[static_cast<size_t>(b)].d);
+    ASSERT_EQ(q.s, xp[static_cast<size_t>(b)].s);
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      ASSERT_EQ(q.q[j], xp[static_cast<size_t>(b)].q[j]) << "block " << b << " value " << j;
+      const double v = static_cast<double>(q.d) * q.q[j];
+      xd[static_cast<size_t>(b * 32 + j)] = v;
+      ASSERT_LE(std::fabs(v - x[static_cast<size_t>(b * 32 + j)]), 0.5 * q.d * (1 + 1e-6) + 1e-30) << "block " << b;
+      sum += q.q[j];
+    }
+    ASSERT_EQ(q.s, q.d * static_cast<float>(sum));
+  }
+  ASSERT_EQ(xq[2].d, 0.0f);
+  ASSERT_EQ(xq[3].d, 1.0f);
+  EXPECT_EQ((std::vector<int>{xq[3].q[0], xq[3].q[1], xq[3].q[2], xq[3].q[3], xq[3].q[4]}), (std::vector<int>{127, 2, -4, 0, -127}));
+  for (GgmlType t : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0}) {
+    std::vector<float> wf(static_cast<size_t>(n * k));
+    for (auto& v : wf) v = static_cast<float>(rng.Normal());
+    const std::vector<uint8_t> wq = QuantizedRows(t, wf, n, k);
+    QMatrix w{t, wq.data(), n, k, *RowBytes(t, k)};
+    const VecDotQ8Fn ref = t == GgmlType::kQ4_0 ? portable::DotQ4_0Q8 : t == GgmlType::kQ4_1 ? portable::DotQ4_1Q8 : portable::DotQ8_0Q8;
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t r = 0; r < n; ++r) {
+      GetRow(w, r, row.data());
+      double exact = 0, scale = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        exact += row[static_cast<size_t>(i)] * xd[static_cast<size_t>(i)];
+        scale += std::fabs(row[static_cast<size_t>(i)] * xd[static_cast<size_t>(i)]);
+      }
+      if (const VecDotQ8Fn dot = GetVecDotQ8(t)) {
+        ASSERT_NEAR(Dot1(dot, w.row(r), xq.data(), k), exact, 1e-5 * scale) << TypeTraits(t).name << " row " << r;
+      }
+      ASSERT_NEAR(Dot1(ref, w.row(r), xq.data(), k), exact, 1e-5 * scale) << TypeTraits(t).name << " row " << r;
+    }
+  }
+}
+
+// MatMulQ's 8-bit decoding: each row's result is the same whatever the number of rows (a
+// sequence decoded alone or beside others; every grouping of 4, 3, 2, 1 rows), within the
+// activations' rounding bound of the f32 product (|error| <= sum_i |w_i| d_block / 2), and f32
+// unless asked for.
+TEST(OpsTest, Int8DecodingIsPerRowAndWithinItsBound) {
+  if (GetVecDotQ8(GgmlType::kQ4_1) == nullptr) GTEST_SKIP() << "no 8-bit decoding on this CPU (" << CpuPathName() << ")";
+  Rng rng(23);
+  const int64_t n = 150, k = 192, m = kInt8Rows;
+  std::vector<float> x(static_cast<size_t>(m * k));
+  for (auto& v : x) v = static_cast<float>(rng.Normal());
+  for (GgmlType t : {GgmlType::kQ4_0, GgmlType::kQ4_1, GgmlType::kQ8_0}) {
+    std::vector<float> wf(static_cast<size_t>(n * k));
+    for (auto& v : wf) v = static_cast<float>(rng.Normal());
+    const std::vector<uint8_t> wq = QuantizedRows(t, wf, n, k);
+    QMatrix w{t, wq.data(), n, k, *RowBytes(t, k)};
+    std::vector<float> one(static_cast<size_t>(m * n)), f32(one.size()), rows(one.size());
+    for (int64_t i = 0; i < m; ++i) MatMulQ(w, x.data() + i * k, one.data() + i * n, 1, true);
+    MatMulQ(w, x.data(), f32.data(), m);  // f32: not asked for
+    for (int64_t r = 2; r <= m; ++r) {
+      MatMulQ(w, x.data(), rows.data(), r, true);
+      for (int64_t i = 0; i < r * n; ++i) ASSERT_EQ(rows[static_cast<size_t>(i)], one[static_cast<size_t>(i)]) << TypeTraits(t).name << " " << r << " rows";
+    }
+    EXPECT_NE(one, f32) << "the 8-bit path did not run";
+    std::vector<float> row(static_cast<size_t>(k));
+    std::vector<Q8Block> xq(static_cast<size_t>(k / 32));
+    for (int64_t i = 0; i < m; ++i) {
+      QuantizeRowQ8(x.data() + i * k, xq.data(), k);
+      for (int64_t j = 0; j < n; ++j) {
+        GetRow(w, j, row.data());
+        double bound = 0, exact = 0;
+        for (int64_t c = 0; c < k; ++c) {
+          bound += std::fabs(row[static_cast<size_t>(c)]) * xq[static_cast<size_t>(c / 32)].d / 2;
+          exact += static_cast<double>(row[static_cast<size_t>(c)]) * x[static_cast<size_t>(i * k + c)];
+        }
+        ASSERT_NEAR(one[static_cast<size_t>(i * n + j)], exact, bound + 1e-4) << TypeTraits(t).name;
+        ASSERT_NEAR(f32[static_cast<size_t>(i * n + j)], exact, 1e-3) << TypeTraits(t).name;
+      }
+    }
+  }
+}
+
+// Blocks the quantizer must not turn into garbage: a subnormal block is zero, an Inf or NaN makes
+// the block's products NaN (as f32 would), on every path alike.
+TEST(OpsTest, Int8QuantizerHandlesTinyAndNonFiniteBlocks) {
+  std::vector<float> x(96, 1e-38f);  // block 0: subnormal scale (1e-38 / 127)
+  for (int j = 32; j < 64; ++j) x[static_cast<size_t>(j)] = static_cast<float>(j);
+  x[40] = std::numeric_limits<float>::infinity();
+  for (int j = 64; j < 96; ++j) x[static_cast<size_t>(j)] = 1.0f;
+  x[70] = std::nanf("");
+  std::vector<Q8Block> a(3), b(3);
+  QuantizeRowQ8(x.data(), a.data(), 96);
+  portable::QuantizeRowQ8(x.data(), b.data(), 96);
+  for (const auto* q : {&a, &b}) {
+    EXPECT_EQ((*q)[0].d, 0.0f);
+    EXPECT_EQ((*q)[0].s, 0.0f);
+    for (int j = 0; j < 32; ++j) EXPECT_EQ((*q)[0].q[j], 0);
+    for (int blk = 1; blk < 3; ++blk) {
+      EXPECT_TRUE(std::isnan((*q)[static_cast<size_t>(blk)].d) && std::isnan((*q)[static_cast<size_t>(blk)].s)) << blk;
+      for (int j = 0; j < 32; ++j) EXPECT_EQ((*q)[static_cast<size_t>(blk)].q[j], 0);
+    }
+  }
+  if (const VecDotQ8Fn dot = GetVecDotQ8(GgmlType::kQ8_0)) {
+    std::vector<float> wf(96, 0.5f);
+    const std::vector<uint8_t> wq = QuantizedRows(GgmlType::kQ8_0, wf, 1, 96);
+    EXPECT_TRUE(std::isnan(Dot1(dot, wq.data(), a.data(), 96)));
+    EXPECT_EQ(Dot1(dot, wq.data(), a.data(), 32), 0.0f);
+  }
+}
 
 // MatMulQ against a double-precision loop over the dequantized weights, on odd shapes.
 TEST(OpsTest, MatMulQMatchesDoubleReference) {

@@ -276,9 +276,11 @@ TEST_F(TinyFixture, SequencesDecodedTogetherEqualEachAlone) {
     // Greedy answers: together == one by one (20 prompts: two groups of at most kGenerateBatch).
     std::vector<std::string> texts = {"hello there", "the", "a longer prompt with more words in it", "x"};
     for (int i = 0; i < 16; ++i) texts.push_back("prompt number " + std::to_string(i) + std::string(static_cast<size_t>(i), 'z'));
-    auto together = GenerateGreedyBatch(*model_, &set, texts, 6);
-    ASSERT_TRUE(together.ok()) << together.status();
-    for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ((*together)[i], *GenerateGreedy(*model_, &set, texts[i], 6)) << texts[i];
+    for (bool int8 : {false, true}) {  // f32 and 8-bit activations (kernels::MatMulQ)
+      auto together = GenerateGreedyBatch(*model_, &set, texts, 6, int8);
+      ASSERT_TRUE(together.ok()) << together.status();
+      for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ((*together)[i], *GenerateGreedy(*model_, &set, texts[i], 6, int8)) << texts[i];
+    }
   }
   // What EvalBatch refuses.
   auto set = *MakeAdapters<float>(dims_, AdapterSpec{AdapterKind::kLora, 4, 8.0f, false, 8}, kAllModules, 3);
@@ -291,6 +293,9 @@ TEST_F(TinyFixture, SequencesDecodedTogetherEqualEachAlone) {
   std::vector<LlamaContext*> mixed = {&a, &b};
   EXPECT_EQ(LlamaContext::EvalBatch(mixed, two, &logits).code(), absl::StatusCode::kInvalidArgument);
   b.SetAdapters(nullptr);
+  b.set_int8_activations(true);  // activation precisions differ
+  EXPECT_EQ(LlamaContext::EvalBatch(mixed, two, &logits).code(), absl::StatusCode::kInvalidArgument);
+  b.set_int8_activations(false);
   std::vector<LlamaContext*> one = {&a};
   EXPECT_EQ(LlamaContext::EvalBatch(one, two, &logits).code(), absl::StatusCode::kInvalidArgument);
   const std::vector<std::vector<int32_t>> empty = {{1}, {}};
