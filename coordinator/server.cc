@@ -172,6 +172,10 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     std::vector<int> dropped, survivors;
   } sa;
   std::vector<aggregation::ClientFailure> rejected;
+  // What became of each worker's upload in the training round `round` (true: accepted, false:
+  // refused), kept through its evaluation and commit until the next round starts: a retry whose
+  // answer was lost is told it (EvaluateOn reuses `received` and `assigned`).
+  std::map<std::string, bool> upload_outcome;
   // Uploads of this round that broke off, kept for a resume (at most max_concurrent_uploads).
   struct Partial {
     int round = 0;
@@ -529,15 +533,17 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
   // Refusal of an upload as a status the worker can act on, under `mu`.
   std::optional<grpc::Status> UploadRefusal(const std::string& cn, int r) const {
     if (!workers.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "join first");
-    if (r != round || !assigned.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", r));
-    if (received.count(cn)) {
-      // A retry (its answer was lost) is told what became of the update, also while the round
-      // evaluates: refused (it does not count: the worker rolls back what training changed) or
-      // received (it counts: the worker keeps it).
+    // A retry (its answer was lost) is told what became of the update, also while the round
+    // evaluates or after it was committed: refused (it does not count: the worker rolls back what
+    // training changed) or received (it counts: the worker keeps it).
+    if (auto oc = upload_outcome.find(cn); r == round && oc != upload_outcome.end()) {
+      if (oc->second) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
       for (const auto& f : rejected)
         if (f.client == cn) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("update refused for this round: ", f.status.message()));
-      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "update already received for this round");
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "update refused for this round");
     }
+    if (r != round || !assigned.count(cn)) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("no task for '", cn, "' in round ", r));
+    if (received.count(cn)) return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, "already received for this round");
     // From here on the worker's update was never received: "closed" means it will not count.
     if (evaluating) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
     if (closed) return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("round ", r, " is closed"));
@@ -696,6 +702,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       FT_LOG_WARN("rejected update from '{}' in round {}: {}", cn, h.round(), u.status().ToString());
       received.insert(cn);
       rejected.push_back({cn, u.status()});
+      upload_outcome[cn] = false;
       ++updates_rejected;
       cv.notify_all();
       resp->set_accepted(false);
@@ -708,6 +715,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
     cv.wait(l, [&] { return shutdown || inbox.size() < static_cast<size_t>(o.max_concurrent_uploads) || h.round() != round || closed; });
     if (auto refusal = UploadRefusal(cn, h.round())) return *refusal;
     received.insert(cn);
+    upload_outcome[cn] = true;
     in.u = std::move(*u);
     inbox.push_back(std::move(in));
     ++updates_accepted;
@@ -991,6 +999,7 @@ struct CoordinatorServer::Impl : public rpc::v1::Coordinator::Service, public fe
       fetched.clear();
       received.clear();
       rejected.clear();
+      upload_outcome.clear();
       declined.clear();
       partials.clear();
       inbox.clear();

@@ -263,9 +263,10 @@ grpc::Status UploadWithRetries(rpc::v1::Coordinator::Stub& stub, const rpc::v1::
     const bool answered = stub.Heartbeat(&ctx, hreq, &hresp).ok();
     if (answered && hresp.abandon_round()) {
       // The round is over for this worker: closed, moved on, or the update was received (an
-      // answer lost). One more try, refused after its header, says which (received: kept;
-      // refused or closed before it arrived: rolled back; moved on: kept, OneTask).
-      fin = UploadOnce(stub, task, me, kept, resp, secure, 0);
+      // answer lost). For a plain update one more try, refused after its header, says which
+      // (received: kept; refused or closed before it arrived: rolled back; moved on: kept,
+      // OneTask). A secure round keeps the transient status (its caller retries the round).
+      if (!secure) fin = UploadOnce(stub, task, me, kept, resp, secure, 0);
       break;
     }
     if (answered && hresp.upload_sha256() == sha && hresp.upload_resume_offset() > 0 &&
@@ -464,14 +465,16 @@ absl::Status OneTask(rpc::v1::Coordinator::Stub& stub, const std::string& me, in
   // transport is at its memory quota) or the connection breaks.
   rpc::v1::UploadResponse resp;
   const grpc::Status fin = UploadWithRetries(stub, task, me, *kept, &resp, false);
-  if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // a restarted coordinator already has it
+  if (fin.error_code() == grpc::StatusCode::ALREADY_EXISTS) return absl::OkStatus();  // received before an answer was lost
   // Answers that say the update will not count (the round closed or its deadline passed before
   // it was received, or a retry of a refused update): roll back, do not offer it again. ("no task
   // for ... in round r", the round having moved on, is not among them: an update received before
   // an answer was lost may have counted; the residual is kept.)
-  if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-      (absl::StrContains(fin.error_message(), "closed") || absl::StrContains(fin.error_message(), "refused"))) {
-    if (!absl::StrContains(fin.error_message(), "closed"))
+  // (Matched by their prefixes: "no task for '<name>' ..." carries the worker's name.)
+  const bool closed = absl::StartsWith(fin.error_message(), "round ") && absl::StrContains(fin.error_message(), " is closed");
+  const bool refused = absl::StartsWith(fin.error_message(), "update refused for this round");
+  if (fin.error_code() == grpc::StatusCode::FAILED_PRECONDITION && (closed || refused)) {
+    if (refused)
       FT_LOG_WARN("round {}: the update will not count: {}", task.round(), fin.error_message());
     discard();
     if (!o.state_dir.empty()) {  // rolled back: never offer it again (a re-run of the round retrains)

@@ -281,13 +281,13 @@ TEST_F(HostileTest, BrokenUploadResumesAtTheKeptOffsetAndBadResumesAreRefused) {
   ASSERT_TRUE(u.status.ok()) << u.status.error_message();
   EXPECT_TRUE(u.resp.accepted()) << u.resp.reason();
   EXPECT_EQ(u.resp.received_bytes(), static_cast<int64_t>(good.size()));
-  // A retry of the accepted upload (as after a lost answer) is told it was received, whether the
-  // round still waits, evaluates or has closed: the worker keeps what it trained.
-  const Upload again = SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), good.size());
-  EXPECT_EQ(again.status.error_code(), StatusCode::ALREADY_EXISTS) << again.status.error_message();
   ASSERT_TRUE((*server)->Wait().ok());
   StopHonest();
   EXPECT_EQ((*server)->last_committed_round(), 1);
+  // A retry of the accepted upload (as after a lost answer) is told it was received, also after
+  // the round was evaluated and committed: the worker keeps what it trained.
+  const Upload again = SendUpload(*evil, 1, good, static_cast<int64_t>(good.size()), good.size());
+  EXPECT_EQ(again.status.error_code(), StatusCode::ALREADY_EXISTS) << again.status.error_message();
 }
 
 TEST_F(HostileTest, InflatedExampleCountsWeighAtMostTheCap) {
