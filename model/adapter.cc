@@ -188,6 +188,15 @@ void AdapterSet<T>::ZeroGrad() {
 }
 
 template <typename T>
+int64_t AdapterSet<T>::GradientValues() const {
+  int64_t n = 0;
+  for (const auto& l : layers)
+    for (const auto& m : l)
+      if (m) n += static_cast<int64_t>(m->ga.size() + m->gb.size() + m->gd.size());
+  return n;
+}
+
+template <typename T>
 int64_t AdapterSet<T>::NumTrainable() const {
   int64_t n = 0;
   for (const auto& l : layers)

@@ -78,6 +78,9 @@ struct AdapterSet {
   std::vector<std::array<std::optional<ModuleAdapter<T>>, kNumModules>> layers;
   void ZeroGrad();
   int64_t NumTrainable() const;
+  // Values of every gradient buffer (ga, gb, gd of each module; a DiaBlo module's untrained blocks
+  // too): one gradient's size as the trainer lays it out.
+  int64_t GradientValues() const;
   // Trains the adapters on `modules` only (every layer); the others stay in the model, frozen.
   // Per-worker plans use this: a worker trains part of the shared adapter on top of all of it.
   void SetTrainableModules(const std::vector<Module>& modules);

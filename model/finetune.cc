@@ -72,11 +72,7 @@ absl::Status DpSgdGradients(Trainer<float>& trainer, int step, const std::vector
       }
     });
   };
-  int64_t slot = 0;  // values of one example's gradient (Trainer: every gradient buffer, a DiaBlo module's untrained blocks too)
-  for (const auto& layer : adapters->layers)
-    for (const auto& a : layer)
-      if (a) slot += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
-  const int want = o.dp_examples_per_pass > 0 ? o.dp_examples_per_pass : DpExamplesPerPass(slot, n);
+  const int want = o.dp_examples_per_pass > 0 ? o.dp_examples_per_pass : DpExamplesPerPass(adapters->GradientValues(), n);
   const size_t per_pass = trainer.PerExampleSupported() ? static_cast<size_t>(std::max(1, want)) : 1;
   trainer.set_per_example(per_pass > 1);
   for (size_t i = 0, pass = 0; i < batch.size(); i += per_pass, ++pass) {

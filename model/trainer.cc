@@ -552,10 +552,7 @@ void Trainer<T>::BindAdapters(bool backward, int64_t n_seq) {
   // ga, gb, gd in order (LoadExampleGradient reads them back the same way); slot 0 is bound
   // here, AdapterBackward offsets each sequence's rows to its slot.
   if (per_example_step_) {
-    ex_stride_ = 0;
-    for (const auto& layer : layers)
-      for (const auto& a : layer)
-        if (a) ex_stride_ += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
+    ex_stride_ = adapters_->GradientValues();
     ex_grads_.assign(static_cast<size_t>(n_seq * ex_stride_), T(0));
     T* next = ex_grads_.data();
     auto slot = [&](std::vector<T>& v) -> T* {
@@ -628,12 +625,7 @@ template <typename T>
 void Trainer<T>::CollectGradients() {
   Work& w = *work_;
   if (!w.mirrored) return;
-  int64_t ng = 0;
-  for (const auto& layer : adapters_->layers) {
-    for (const auto& a : layer) {
-      if (a) ng += static_cast<int64_t>(a->ga.size() + a->gb.size() + a->gd.size());
-    }
-  }
+  const int64_t ng = adapters_->GradientValues();
   if (ng == 0) return;
   w.staging.resize(static_cast<size_t>(ng));
   const Kern<T> K{backend_};
