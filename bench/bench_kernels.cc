@@ -186,8 +186,9 @@ void BM_Op(benchmark::State& state) {
 
 void OpCases(benchmark::internal::Benchmark* b) {
   for (int64_t c = 0; c < kNumCases; ++c) {
-    for (int64_t be : {0, 1, 2}) {
+    for (int64_t be : {0, 1, 2, 3}) {
       if (be == 2 && fedtune::kernels::CudaBackend() == nullptr) continue;
+      if (be == 3 && fedtune::kernels::CpuBf16Backend() == nullptr) continue;
       b->Args({c, be});
     }
   }

@@ -7,7 +7,10 @@
 #include <tuple>
 #include <vector>
 
+#include "common/fp16.h"
 #include "common/log.h"
+#include "kernels/fast_ops.h"
+#include "kernels/vec_dot.h"
 
 #include "common/status.h"
 
@@ -28,16 +31,8 @@ extern "C" void omp_set_num_threads(int n);
 namespace fedtune::kernels {
 
 void ToBf16(const float* x, uint16_t* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &x[i], sizeof(u));
-    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it a (quiet) NaN
-      out[i] = static_cast<uint16_t>((u >> 16) | 0x40);
-      continue;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    out[i] = static_cast<uint16_t>(u >> 16);
-  }
+  if (HaveAvx2Fma()) return avx2::ToBf16(x, out, n);
+  for (int64_t i = 0; i < n; ++i) out[i] = Fp32ToBf16(x[i]);
 }
 
 #if defined(FEDTUNE_HAVE_DNNL)
@@ -47,7 +42,6 @@ bool Bf16GemmBuilt() { return true; }
 namespace {
 
 using dt = dnnl::memory::data_type;
-using tag = dnnl::memory::format_tag;
 
 // Threads: Debian's oneDNN runs on OpenMP, whose idle team threads spin; beside our own pool
 // (kernels/thread_pool.h), which runs every other op, that cost ~30% of a training step
@@ -67,86 +61,106 @@ Dnnl& Get() {
   return *d;
 }
 
-// src[m, kk] (bf16) x weights[kk, nn] (bf16, `wtag`) -> dst[m, nn] (f32), dst += when `add`; on
-// the calling thread.
-void RunOrThrow(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
+// C[m, n] = alpha op(A) op(B) (+ C when `add`), A and B bf16 with leading dimensions lda / ldb
+// (op = transpose when ta / tb), C f32 with ldc; on the calling thread.
+void GemmOrThrow(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                 int64_t ldb, bool add, float* c, int64_t ldc) {
   Dnnl& d = Get();
-  const dnnl::memory::desc a({m, kk}, dt::bf16, tag::ab), b({kk, nn}, dt::bf16, wtag), c({m, nn}, dt::f32, tag::ab);
   struct Entry {
     dnnl::matmul mm;
-    dnnl::memory::desc scratch;
+    dnnl::memory::desc a, b, c, scratch;
   };
-  // Primitives by (m, n, k, accumulate), per thread: creating one costs far more than a small
-  // product, and a thread never shares its primitives (no locking, no concurrent execution).
+  // Primitives by shape, per thread: creating one costs far more than a small product, and a
+  // thread never shares its primitives (no locking, no concurrent execution).
   // Scratchpads are the caller's (one growing buffer per thread): with oneDNN's own, every cached
   // primitive kept its packing buffer, and varying batch lengths (the simulation's packed
   // batches) grew the process by ~250 MiB.
-  thread_local std::map<std::tuple<int64_t, int64_t, int64_t, bool, int>, Entry> cache;
+  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool>;
+  thread_local std::map<Key, Entry> cache;
   thread_local std::vector<uint8_t> scratch;
-  auto key = std::make_tuple(m, nn, kk, add, static_cast<int>(wtag));
+  const Key key{ta, tb, m, n, k, lda, ldb, ldc, alpha, add};
   auto it = cache.find(key);
   if (it == cache.end()) {
+    using dims = dnnl::memory::dims;
+    const dnnl::memory::desc ad({m, k}, dt::bf16, ta ? dims{1, lda} : dims{lda, 1}), bd({k, n}, dt::bf16, tb ? dims{1, ldb} : dims{ldb, 1}),
+        cd({m, n}, dt::f32, dims{ldc, 1});
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    if (alpha != 1.0f) attr.set_output_scales(0, {alpha});
     if (add) {
       dnnl::post_ops po;
       po.append_sum(1.0f);
       attr.set_post_ops(po);
     }
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, d.engine);
-    if (cache.size() >= 128) cache.clear();  // shapes churn (varying batch lengths): stay bounded
-    it = cache.emplace(key, Entry{dnnl::matmul(pd), pd.scratchpad_desc()}).first;
-    FT_LOG_DEBUG("bf16 matmul {}x{}x{}{}: {}", m, nn, kk, add ? " (accumulate)" : "", pd.impl_info_str());
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(ad, bd, cd), attr, d.engine);
+    // Shapes churn (varying batch lengths, attention blocks): stay bounded.
+    if (cache.size() >= 384) cache.clear();
+    it = cache.emplace(key, Entry{dnnl::matmul(pd), ad, bd, cd, pd.scratchpad_desc()}).first;
+    FT_LOG_DEBUG("bf16 matmul {}x{}x{}{}{}{}: {}", m, n, k, ta ? " A^T" : "", tb ? " B^T" : "", add ? " (accumulate)" : "", pd.impl_info_str());
     if (std::string(pd.impl_info_str()).rfind("ref", 0) == 0)
-      FT_LOG_WARN("bf16 matmul {}x{}x{}: oneDNN has only its reference implementation here (slow)", m, nn, kk);
+      FT_LOG_WARN("bf16 matmul {}x{}x{}: oneDNN has only its reference implementation here (slow)", m, n, k);
   }
   const Entry& e = it->second;
-  if (scratch.size() < e.scratch.get_size()) scratch.resize(e.scratch.get_size());
-  dnnl::memory A(a, d.engine, const_cast<uint16_t*>(src)), B(b, d.engine, const_cast<uint16_t*>(wei)), C(c, d.engine, dst),
+  // Never a null handle (an empty vector's data()): oneDNN refuses to execute with one even when
+  // the primitive needs no scratchpad ("could not execute a primitive").
+  if (scratch.size() < std::max<size_t>(e.scratch.get_size(), 64)) scratch.resize(std::max<size_t>(e.scratch.get_size(), 64));
+  dnnl::memory A(e.a, d.engine, const_cast<uint16_t*>(a)), B(e.b, d.engine, const_cast<uint16_t*>(b)), C(e.c, d.engine, c),
       S(e.scratch, d.engine, scratch.data());
   dnnl::stream s(d.engine);
   e.mm.execute(s, {{DNNL_ARG_SRC, A}, {DNNL_ARG_WEIGHTS, B}, {DNNL_ARG_DST, C}, {DNNL_ARG_SCRATCHPAD, S}});
   s.wait();
 }
 
-// On a pool thread an exception would end the process without a word: say what failed.
-void Run(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
-  try {
-    RunOrThrow(src, wei, dst, m, nn, kk, wtag, add);
-  } catch (const dnnl::error& e) {
-    std::fprintf(stderr, "fedtune: oneDNN bf16 matmul %lldx%lldx%lld failed: %s\n", static_cast<long long>(m), static_cast<long long>(nn),
-                 static_cast<long long>(kk), e.what());
-    std::abort();
-  }
-}
-
 // Rows split evenly over the pool's threads (at most two distinct slice heights: few primitives).
-void Split(const uint16_t* src, const uint16_t* wei, float* dst, int64_t m, int64_t nn, int64_t kk, tag wtag, bool add) {
+// w is n x k row-major; NT: y[m, n] = x[m, k] w^T; otherwise dx[m, k] += dy[m, n] w.
+void Split(const uint16_t* src, const uint16_t* w, float* dst, int64_t m, int64_t n, int64_t k, bool nt) {
   ThreadPool& pool = DefaultPool();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.size(), m / 16));
   pool.ParallelFor(parts, 1, [&](int64_t p0, int64_t p1, int) {
-    omp_set_num_threads(1);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t r0 = m * p / parts, r1 = m * (p + 1) / parts;
-      if (r1 > r0) Run(src + r0 * kk, wei, dst + r0 * nn, r1 - r0, nn, kk, wtag, add);
+      if (r1 <= r0) continue;
+      if (nt) {
+        Bf16GemmOnThread(false, true, r1 - r0, n, k, 1.0f, src + r0 * k, k, w, k, false, dst + r0 * n, n);
+      } else {
+        Bf16GemmOnThread(false, false, r1 - r0, k, n, 1.0f, src + r0 * n, n, w, k, true, dst + r0 * k, k);
+      }
     }
   });
 }
 
 }  // namespace
 
-void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k) {
-  // w is n x k row-major = the k x n weights matrix in column-major ("ba") order.
-  Split(x, w, y, m, n, k, tag::ba, false);
+void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                      int64_t ldb, bool add, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {  // an empty sum: C = 0 (or unchanged)
+    if (!add)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  omp_set_num_threads(1);
+  // On a pool thread an exception would end the process without a word: say what failed.
+  try {
+    GemmOrThrow(ta, tb, m, n, k, alpha, a, lda, b, ldb, add, c, ldc);
+  } catch (const dnnl::error& e) {
+    std::fprintf(stderr, "fedtune: oneDNN bf16 matmul %lldx%lldx%lld%s%s (lda %lld, ldb %lld, ldc %lld) failed: %s\n", static_cast<long long>(m),
+                 static_cast<long long>(n), static_cast<long long>(k), ta ? " A^T" : "", tb ? " B^T" : "", static_cast<long long>(lda),
+                 static_cast<long long>(ldb), static_cast<long long>(ldc), e.what());
+    std::abort();
+  }
 }
 
-void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k) {
-  Split(dy, w, dx, m, k, n, tag::ab, true);
-}
+void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k) { Split(x, w, y, m, n, k, true); }
+
+void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k) { Split(dy, w, dx, m, n, k, false); }
 
 #else
 
 bool Bf16GemmBuilt() { return false; }
+void Bf16GemmOnThread(bool, bool, int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*, int64_t, bool, float*, int64_t) {
+  FT_CHECK(false && "built without oneDNN");
+}
 void Bf16MatmulNT(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t) { FT_CHECK(false && "built without oneDNN"); }
 void Bf16MatmulNNAdd(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t) { FT_CHECK(false && "built without oneDNN"); }
 

@@ -24,5 +24,11 @@ inline float Bf16ToFloat(uint16_t b) {
 void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k);
 // dx[m, k] += dy[m, n] w[n, k].
 void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k);
+// The general product on the calling thread (no pool; for kernels that split work themselves):
+// C[m, n] = alpha op(A) op(B), or C += that when `add`; A is m x k (k x m stored when ta) with
+// leading dimension lda, B k x n (n x k when tb) with ldb, C row-major with ldc. Primitives are
+// cached per thread and shape (at most a few hundred; the cache is cleared beyond that).
+void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                      int64_t ldb, bool add, float* c, int64_t ldc);
 
 }  // namespace fedtune::kernels

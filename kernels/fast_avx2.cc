@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "kernels/avx2_util.h"
 #include "kernels/fast_ops.h"
@@ -83,6 +84,64 @@ void ScaledExpShifted(float* x, int64_t n, float shift, float scale) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s)), c));
   for (; i < n; ++i) x[i] = Exp1(x[i] - shift) * scale;
+}
+
+double ExpShiftedInPlace(float* x, int64_t n, float shift) {
+  const __m256 s = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  double total = 0.0;
+  int64_t i = 0;
+  while (i + 8 <= n) {  // the partial sums of SumExpShifted, in the same order
+    const int64_t end = (i + 512 <= n) ? i + 512 : n;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+      _mm256_storeu_ps(x + i, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    total += static_cast<double>(HSum(acc));
+    acc = _mm256_setzero_ps();
+  }
+  for (; i < n; ++i) {
+    x[i] = Exp1(x[i] - shift);
+    total += static_cast<double>(x[i]);
+  }
+  return total;
+}
+
+void ScaleInPlace(float* x, int64_t n, float scale) {
+  const __m256 c = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), c));
+  for (; i < n; ++i) x[i] *= scale;
+}
+
+void ToBf16(const float* x, uint16_t* out, int64_t n) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+  const __m256i round = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256i h[2];
+    for (int part = 0; part < 2; ++part) {
+      const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 8 * part));
+      const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
+      const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+      const __m256i nan_bits = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+      h[part] = _mm256_blendv_epi8(_mm256_srli_epi32(rounded, 16), nan_bits, is_nan);
+    }
+    // Values fit 16 bits: the unsigned-saturating pack is exact; it interleaves 128-bit lanes.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xd8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), packed);
+  }
+  for (; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      out[i] = static_cast<uint16_t>((u >> 16) | 0x40u);
+      continue;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    out[i] = static_cast<uint16_t>(u >> 16);
+  }
 }
 
 void SoftCap(float* x, float* dcap, int64_t n, float cap) {

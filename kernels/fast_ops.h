@@ -14,6 +14,15 @@ float MaxOf(const float* x, int64_t n);
 double SumExpShifted(const float* x, int64_t n, float shift);
 // x[i] = e^(x[i] - shift) * scale
 void ScaledExpShifted(float* x, int64_t n, float shift, float scale);
+// x[i] = e^(x[i] - shift); returns their sum as SumExpShifted would (same partial sums), so
+// that ExpShiftedInPlace then a multiply by 1/sum equals SumExpShifted then ScaledExpShifted
+// bit for bit with one exponential per value instead of two.
+double ExpShiftedInPlace(float* x, int64_t n, float shift);
+// x[i] *= scale
+void ScaleInPlace(float* x, int64_t n, float scale);
+// f32 -> bf16 bit patterns, rounded to nearest even, NaN kept a quiet NaN: bit-identical with
+// common/fp16.h's Fp32ToBf16 (subnormals included).
+void ToBf16(const float* x, uint16_t* out, int64_t n);
 // Soft-capping (Gemma 2): x[i] = cap tanh(x[i] / cap) and, with dcap not null, dcap[i] = the
 // derivative 1 / cosh^2(x[i] / cap), both from one e^(-2|u|) per value (no cancellation where
 // the cap saturates; absolute error of the capped value ~ cap x 2e-7).

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/fp16.h"
 #include "kernels/fast_ops.h"
 #include "kernels/train_ops.h"
 
@@ -24,6 +25,23 @@ double SumExpShifted(const float* x, int64_t n, float shift) {
 
 void ScaledExpShifted(float* x, int64_t n, float shift, float scale) {
   for (int64_t i = 0; i < n; ++i) x[i] = std::exp(x[i] - shift) * scale;
+}
+
+double ExpShiftedInPlace(float* x, int64_t n, float shift) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    s += static_cast<double>(x[i]);
+  }
+  return s;
+}
+
+void ScaleInPlace(float* x, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+}
+
+void ToBf16(const float* x, uint16_t* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Fp32ToBf16(x[i]);
 }
 
 void SoftCap(float* x, float* dcap, int64_t n, float cap) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/rng.h"
+#include "kernels/bf16_gemm.h"
 #include "kernels/fast_ops.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -135,11 +136,10 @@ inline int64_t FirstKey(const int32_t* seg_pos, int64_t i, int64_t window) {
 // softcap > 0 (Gemma 2): the scores become softcap * tanh(scores / softcap) before the softmax,
 // and `dcap` (same layout as p, may be null) receives the cap's derivative 1 / cosh^2(s / softcap)
 // for the backward pass (from the raw score: 1 - tanh^2 loses digits where the cap saturates).
+// The scores' part after the product: p holds the scaled scores of rows [i0, i1) against keys
+// [0, i1); masked, capped and normalised in place.
 template <typename T>
-void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t ldp, int64_t i0, int64_t i1,
-                 int64_t hd, const int32_t* seg_pos, bool fast_exp, T softcap, T* dcap, int64_t window) {
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
-  Gemm<T>(false, true, i1 - i0, i1, hd, scale, qh + i0 * q_stride, q_stride, kg, kv_stride, T(0), p, ldp);
+void MaskedSoftmax(T* p, int64_t ldp, int64_t i0, int64_t i1, const int32_t* seg_pos, bool fast_exp, T softcap, T* dcap, int64_t window) {
   for (int64_t i = i0; i < i1; ++i) {
     T* row = p + (i - i0) * ldp;
     const int64_t j0 = FirstKey(seg_pos, i, window);
@@ -154,8 +154,7 @@ void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, 
         if (fast_exp) {
           avx2::SoftCap(vis, d, nv, softcap);
           const float mx = avx2::MaxOf(vis, nv);
-          const double sum = avx2::SumExpShifted(vis, nv, mx);
-          avx2::ScaledExpShifted(vis, nv, mx, static_cast<float>(1.0 / sum));
+          avx2::ScaleInPlace(vis, nv, static_cast<float>(1.0 / avx2::ExpShiftedInPlace(vis, nv, mx)));
           continue;
         }
       }
@@ -171,8 +170,7 @@ void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, 
     if constexpr (std::is_same_v<T, float>) {
       if (fast_exp) {
         const float mx = avx2::MaxOf(vis, nv);
-        const double sum = avx2::SumExpShifted(vis, nv, mx);
-        avx2::ScaledExpShifted(vis, nv, mx, static_cast<float>(1.0 / sum));
+        avx2::ScaleInPlace(vis, nv, static_cast<float>(1.0 / avx2::ExpShiftedInPlace(vis, nv, mx)));
         continue;
       }
     }
@@ -185,6 +183,34 @@ void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, 
     }
     const T inv = static_cast<T>(1.0 / sum);
     for (int64_t j = 0; j < nv; ++j) vis[j] *= inv;
+  }
+}
+
+template <typename T>
+void CausalProbs(const T* qh, int64_t q_stride, const T* kg, int64_t kv_stride, T* p, int64_t ldp, int64_t i0, int64_t i1,
+                 int64_t hd, const int32_t* seg_pos, bool fast_exp, T softcap, T* dcap, int64_t window) {
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(hd)));
+  Gemm<T>(false, true, i1 - i0, i1, hd, scale, qh + i0 * q_stride, q_stride, kg, kv_stride, T(0), p, ldp);
+  MaskedSoftmax(p, ldp, i0, i1, seg_pos, fast_exp, softcap, dcap, window);
+}
+
+// dS = P o (dP - rowsum(dP o P)) (through the cap when there is one) for rows [i0, i1), in dp;
+// zero outside each row's visible keys.
+template <typename T>
+void SoftmaxBackward(const T* p, T* dp, int64_t ld, int64_t i0, int64_t i1, const int32_t* seg_pos, int64_t window, const T* dcap) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* pr = p + (i - i0) * ld;
+    T* dr = dp + (i - i0) * ld;
+    const int64_t j0 = FirstKey(seg_pos, i, window);
+    double dot = 0.0;
+    for (int64_t j = j0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
+    for (int64_t j = j0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
+    if (dcap != nullptr) {  // through the cap: d(c tanh(s / c)) / ds = 1 / cosh^2(s / c)
+      const T* cr = dcap + (i - i0) * ld;
+      for (int64_t j = j0; j <= i; ++j) dr[j] *= cr[j];
+    }
+    std::fill(dr, dr + j0, T(0));
+    std::fill(dr + i + 1, dr + i1, T(0));
   }
 }
 
@@ -251,22 +277,94 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
           // dV += P^T dO ; dP = dO V^T ; dS = P o (dP - rowsum(dP o P)) ; dQ += s dS K ; dK += s dS^T Q
           Gemm<T>(true, false, i1, head_dim, nr, T(1), p.data(), i1, doh + i0 * E, E, T(1), dvg, kvd);
           Gemm<T>(false, true, nr, i1, head_dim, T(1), doh + i0 * E, E, vg, kvd, T(0), dp.data(), i1);
-          for (int64_t i = i0; i < i1; ++i) {
-            T* pr = p.data() + (i - i0) * i1;
-            T* dr = dp.data() + (i - i0) * i1;
-            const int64_t j0 = FirstKey(sp, i, window);
-            double dot = 0.0;
-            for (int64_t j = j0; j <= i; ++j) dot += static_cast<double>(pr[j]) * static_cast<double>(dr[j]);
-            for (int64_t j = j0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<T>(dot));
-            if (softcap > 0.0f) {  // through the cap: d(c tanh(s / c)) / ds = 1 / cosh^2(s / c)
-              const T* cr = dcap.data() + (i - i0) * i1;
-              for (int64_t j = j0; j <= i; ++j) dr[j] *= cr[j];
-            }
-            std::fill(dr, dr + j0, T(0));
-            std::fill(dr + i + 1, dr + i1, T(0));
-          }
+          SoftmaxBackward(p.data(), dp.data(), i1, i0, i1, sp, window, softcap > 0.0f ? dcap.data() : nullptr);
           Gemm<T>(false, false, nr, head_dim, i1, scale, dp.data(), i1, kg, kvd, T(1), dqh + i0 * E, E);
           Gemm<T>(true, false, i1, head_dim, nr, scale, dp.data(), i1, qh + i0 * E, E, T(1), dkg, kvd);
+        }
+      }
+    }
+  });
+}
+
+namespace {
+// bf16 copies of a call's operands (q, k, v, dout), converted over the pool.
+const uint16_t* Bf16Copy(const float* x, int64_t n, std::vector<uint16_t>* buf) {
+  buf->resize(static_cast<size_t>(n));
+  uint16_t* out = buf->data();
+  DefaultPool().ParallelFor(n, 1 << 14, [&](int64_t i0, int64_t i1, int) { ToBf16(x + i0, out + i0, i1 - i0); });
+  return out;
+}
+}  // namespace
+
+void AttentionForwardBf16(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len, int64_t n_head,
+                          int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) {
+  const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, M = n_seq * len;
+  const int64_t blk = AttentionRowBlock(len, true);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  std::vector<uint16_t> qs, ks, vs;
+  const uint16_t *qb = Bf16Copy(q, M * E, &qs), *kb = Bf16Copy(k, M * kvd, &ks), *vb = Bf16Copy(v, M * kvd, &vs);
+  DefaultPool().ParallelFor(n_seq * n_head, 1, [&](int64_t b, int64_t e, int) {
+    thread_local std::vector<float> p;
+    thread_local std::vector<uint16_t> pb;
+    p.resize(static_cast<size_t>(blk * len));
+    pb.resize(p.size());
+    for (int64_t idx = b; idx < e; ++idx) {
+      const int64_t s = idx / n_head, h = idx % n_head, g = h / group, row0 = s * len;
+      const int32_t* sp = seg_pos ? seg_pos + row0 : nullptr;
+      for (int64_t i0 = 0; i0 < len; i0 += blk) {
+        const int64_t i1 = std::min(len, i0 + blk), nr = i1 - i0;
+        Bf16GemmOnThread(false, true, nr, i1, head_dim, scale, qb + (row0 + i0) * E + h * head_dim, E, kb + row0 * kvd + g * head_dim, kvd,
+                         false, p.data(), i1);
+        MaskedSoftmax(p.data(), i1, i0, i1, sp, true, softcap, static_cast<float*>(nullptr), window);
+        ToBf16(p.data(), pb.data(), nr * i1);
+        Bf16GemmOnThread(false, false, nr, head_dim, i1, 1.0f, pb.data(), i1, vb + row0 * kvd + g * head_dim, kvd, false,
+                         out + (row0 + i0) * E + h * head_dim, E);
+      }
+    }
+  });
+}
+
+void AttentionBackwardBf16(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk, float* dv, int64_t n_seq,
+                           int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap,
+                           int64_t window) {
+  const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, M = n_seq * len;
+  const int64_t blk = AttentionRowBlock(len, true);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  std::vector<uint16_t> qs, ks, vs, dos;
+  const uint16_t *qb = Bf16Copy(q, M * E, &qs), *kb = Bf16Copy(k, M * kvd, &ks), *vb = Bf16Copy(v, M * kvd, &vs),
+                 *dob = Bf16Copy(dout, M * E, &dos);
+  // One task per (sequence, KV head): the query heads of a group add into the same dk/dv.
+  DefaultPool().ParallelFor(n_seq * n_head_kv, 1, [&](int64_t b, int64_t e, int) {
+    thread_local std::vector<float> p, dp, dcap;
+    thread_local std::vector<uint16_t> pb, dsb;
+    p.resize(static_cast<size_t>(blk * len));
+    dp.resize(p.size());
+    pb.resize(p.size());
+    dsb.resize(p.size());
+    if (softcap > 0.0f) dcap.resize(p.size());
+    for (int64_t idx = b; idx < e; ++idx) {
+      const int64_t s = idx / n_head_kv, g = idx % n_head_kv, row0 = s * len;
+      const uint16_t* kg = kb + row0 * kvd + g * head_dim;
+      const uint16_t* vg = vb + row0 * kvd + g * head_dim;
+      float* dkg = dk + row0 * kvd + g * head_dim;
+      float* dvg = dv + row0 * kvd + g * head_dim;
+      const int32_t* sp = seg_pos ? seg_pos + row0 : nullptr;
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        const uint16_t* qh = qb + row0 * E + h * head_dim;
+        const uint16_t* doh = dob + row0 * E + h * head_dim;
+        float* dqh = dq + row0 * E + h * head_dim;
+        for (int64_t i0 = 0; i0 < len; i0 += blk) {
+          const int64_t i1 = std::min(len, i0 + blk), nr = i1 - i0;
+          Bf16GemmOnThread(false, true, nr, i1, head_dim, scale, qh + i0 * E, E, kg, kvd, false, p.data(), i1);
+          MaskedSoftmax(p.data(), i1, i0, i1, sp, true, softcap, softcap > 0.0f ? dcap.data() : nullptr, window);
+          ToBf16(p.data(), pb.data(), nr * i1);
+          // Rows [i0, i1) against keys [0, i1), as the f32 path:
+          Bf16GemmOnThread(true, false, i1, head_dim, nr, 1.0f, pb.data(), i1, doh + i0 * E, E, true, dvg, kvd);     // dV += P^T dO
+          Bf16GemmOnThread(false, true, nr, i1, head_dim, 1.0f, doh + i0 * E, E, vg, kvd, false, dp.data(), i1);     // dP = dO V^T
+          SoftmaxBackward(p.data(), dp.data(), i1, i0, i1, sp, window, softcap > 0.0f ? dcap.data() : nullptr);    // dS
+          ToBf16(dp.data(), dsb.data(), nr * i1);
+          Bf16GemmOnThread(false, false, nr, head_dim, i1, scale, dsb.data(), i1, kg, kvd, true, dqh + i0 * E, E);  // dQ += s dS K
+          Bf16GemmOnThread(true, false, i1, head_dim, nr, scale, dsb.data(), i1, qh + i0 * E, E, true, dkg, kvd);   // dK += s dS^T Q
         }
       }
     }
@@ -355,13 +453,13 @@ double CrossEntropyRow(T* row, int64_t V, int32_t t, bool grad, T grad_scale, bo
   if constexpr (std::is_same_v<T, float>) {
     if (fast) {
       const float mx = avx2::MaxOf(row, V);
-      const double lse = std::log(avx2::SumExpShifted(row, V, mx)) + static_cast<double>(mx);
-      const double nll = lse - static_cast<double>(row[t]);
-      if (grad) {
-        avx2::ScaledExpShifted(row, V, static_cast<float>(lse), grad_scale);
-        row[t] -= grad_scale;
-      }
-      return nll;
+      if (!grad) return std::log(avx2::SumExpShifted(row, V, mx)) + static_cast<double>(mx) - static_cast<double>(row[t]);
+      // One exponential per logit: e^(z - max) kept, then scaled by grad_scale / sum (softmax).
+      const float zt = row[t];
+      const double sum = avx2::ExpShiftedInPlace(row, V, mx);
+      avx2::ScaleInPlace(row, V, static_cast<float>(static_cast<double>(grad_scale) / sum));
+      row[t] -= grad_scale;
+      return std::log(sum) + static_cast<double>(mx) - static_cast<double>(zt);
     }
   }
   // Exponentials in T (float exp on the training path), sums in double.

@@ -61,6 +61,16 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
                        int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim,
                        const int32_t* seg_pos = nullptr, bool fast_exp = false, float softcap = 0.0f, int64_t window = 0);
 
+// The same attention with its four products in bf16 with fp32 accumulation (cpu-bf16; needs
+// kernels/bf16_gemm.h's oneDNN and an AVX2 CPU): q, k, v and dout converted once per call, the
+// probabilities and dS per block of 64 query rows; the softmax and dS themselves in fp32, as
+// the f32 fast path computes them.
+void AttentionForwardBf16(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len, int64_t n_head,
+                          int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window);
+void AttentionBackwardBf16(const float* q, const float* k, const float* v, const float* dout, float* dq, float* dk, float* dv, int64_t n_seq,
+                           int64_t len, int64_t n_head, int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap,
+                           int64_t window);
+
 // out = silu(gate) * up;  backward adds into dgate, dup.
 template <typename T>
 void SwiGluForward(const T* gate, const T* up, T* out, int64_t n);

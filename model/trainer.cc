@@ -296,7 +296,20 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   Buf<T>& xd = work_->xd;
   auto linear = [&](Module mod, const kernels::QMatrix& w, const T* x, Buf<T>& y, int64_t out, const std::vector<float>& bias = {}) {
     y.Resize(M * out);
-    K.QLinearForward(w, x, y.data(), M);
+    auto& a = ad[static_cast<int>(mod)];
+    // A LoRA adapter on the layer's own input: one call with the frozen product (the backend may
+    // fold them into one pass, kernels::Backend::QLinearLoraForward).
+    const bool fused = std::is_same_v<T, float> && a && a->spec.kind != AdapterKind::kDiaBlo && !(training_ && opt_.adapter_dropout > 0);
+    if (fused) {
+      if constexpr (std::is_same_v<T, float>) {
+        Buf<T>& z = c.z[static_cast<size_t>(mod)];
+        z.Resize(M * a->spec.rank);
+        const AdapterTensors<T>& t = work_->adapter[static_cast<size_t>(l)][static_cast<size_t>(mod)];
+        backend_->QLinearLoraForward(w, x, t.a, t.b, z.data(), y.data(), M, a->spec.rank, static_cast<float>(a->spec.Scale()));
+      }
+    } else {
+      K.QLinearForward(w, x, y.data(), M);
+    }
     if (!bias.empty()) K.AddBias(y.data(), bias, M);
     if (const LowRankCorrection& cr = L.corr[static_cast<size_t>(mod)]; cr.present()) {  // part of the frozen base
       work_->corr_z.Resize(M * cr.v.rows);
@@ -305,8 +318,7 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
       K.QLinearForward(cr.u, work_->corr_z.data(), work_->corr_y.data(), M);
       K.Add(y.data(), work_->corr_y.data(), y.data(), M * out);
     }
-    auto& a = ad[static_cast<int>(mod)];
-    if (!a) return;
+    if (!a || fused) return;
     if (training_ && opt_.adapter_dropout > 0) {
       ms.Resize(M * w.cols);
       DropoutScale(l, mod, w.cols, ms.data());
@@ -408,16 +420,28 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
   const bool need_h1 = dx_in != nullptr || adapted({Module::kQ, Module::kK, Module::kV});
   const bool need_att = need_h1 || adapted({Module::kO});
   auto linear_back = [&](Module mod, const kernels::QMatrix& w, const T* x, const T* dy, T* dx, bool base = true) {
-    if (base) {
+    auto& a = ad[static_cast<int>(mod)];
+    // As in LayerForward: the frozen product and a LoRA adapter on the same input in one call
+    // (not per example: DP-SGD's gradients go to each example's slot).
+    const bool fused = std::is_same_v<T, float> && base && a && a->spec.kind != AdapterKind::kDiaBlo && opt_.adapter_dropout <= 0 &&
+                       !per_example_step_;
+    if (fused) {
+      if constexpr (std::is_same_v<T, float>) {
+        const AdapterTensors<T>& t = work_->adapter[static_cast<size_t>(l)][static_cast<size_t>(mod)];
+        backend_->QLinearLoraBackward(w, x, t.a, t.b, c.z[static_cast<size_t>(mod)].data(), dy, t.ga, t.gb, dx, M, a->spec.rank,
+                                      static_cast<float>(a->spec.Scale()));
+      }
+    } else if (base) {
       K.QLinearBackward(w, dy, dx, M);
+    }
+    if (base) {
       if (const LowRankCorrection& cr = L.corr[static_cast<size_t>(mod)]; cr.present()) {
         K.Zeros(work_->corr_z, M * cr.u.cols);
         K.QLinearBackward(cr.u, dy, work_->corr_z.data(), M);
         K.QLinearBackward(cr.v, work_->corr_z.data(), dx, M);
       }
     }
-    auto& a = ad[static_cast<int>(mod)];
-    if (!a) return;
+    if (!a || fused) return;
     const T* z = c.z[static_cast<size_t>(mod)].data();
     if (opt_.adapter_dropout <= 0) return AdapterBackward(l, mod, x, z, dy, dx);
     // Through the dropped input x * mask * s: dx += mask * s * (the adapter's gradient w.r.t.
