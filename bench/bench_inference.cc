@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/status/statusor.h"
 #include "common/rng.h"
 #include "kernels/gemm.h"
 #include "kernels/ops.h"
@@ -59,8 +60,10 @@ int main(int argc, char** argv) {
   app.add_option("--answers", answers, "JSONL whose prompts are answered greedily, one by one vs batched");
   app.add_option("--n-answers", max_answers, "Prompts of --answers to answer")->check(CLI::Range(1, 100000));
   app.add_option("--max-new", max_new, "Longest answer in tokens")->check(CLI::Range(1, 4096));
-  bool f32_decoding = false;
+  bool f32_decoding = false, evaluation_only = false;
   app.add_flag("--f32-decoding", f32_decoding, "Decode with f32 activations (default: 8-bit, as llama.cpp)");
+  app.add_flag("--evaluation-only", evaluation_only,
+               "Only answer --answers' prompts as an evaluation does (batched) and time it; no other test");
   CLI11_PARSE(app, argc, argv);
   kernels::SetThreads(threads);
   const bool int8 = !f32_decoding && kernels::Int8DecodingDefault();
@@ -72,6 +75,38 @@ int main(int argc, char** argv) {
     return 1;
   }
   const auto& m = **loaded;
+  // The first --n-answers prompts of --answers.
+  auto load_prompts = [&]() -> absl::StatusOr<std::vector<std::string>> {
+    model::DatasetOptions dopt;
+    dopt.holdout = 0;
+    auto data = model::LoadDataset(answers, *m.tokenizer(), dopt);
+    if (!data.ok()) return data.status();
+    std::vector<std::string> prompts;
+    for (const auto& e : data->train)
+      if (!e.prompt_text.empty() && static_cast<int>(prompts.size()) < max_answers) prompts.push_back(e.prompt_text);
+    return prompts;
+  };
+  if (evaluation_only) {  // what a round's evaluation decodes: all prompts, 16 at a time
+    if (answers.empty()) {
+      std::fprintf(stderr, "error: --evaluation-only needs --answers\n");
+      return 1;
+    }
+    auto prompts = load_prompts();
+    if (!prompts.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(prompts.status().message()).c_str());
+      return 1;
+    }
+    const auto t0 = Clock::now();
+    auto got = model::GenerateGreedyBatch(m, nullptr, *prompts, max_new, int8);
+    if (!got.ok()) return 1;
+    const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
+    int64_t generated = 0;
+    for (const auto& a : *got) generated += static_cast<int64_t>(m.tokenizer()->Encode(a).size());
+    std::printf("| fedtune evaluation decoding (%s; %zu prompts, <= %d new tokens, %d together) | %d | %.1f s (%.1f answers/s, %.1f generated tokens/s) |\n",
+                path.c_str(), prompts->size(), max_new, model::kGenerateBatch, kernels::DefaultPool().size(), sec,
+                static_cast<double>(prompts->size()) / sec, static_cast<double>(generated) / sec);
+    return 0;
+  }
   Rng rng(1);
   std::vector<int32_t> prompt(static_cast<size_t>(pp));
   for (auto& t : prompt) t = static_cast<int32_t>(17 + rng.Below(static_cast<uint64_t>(m.config().n_vocab - 17)));
@@ -132,16 +167,12 @@ int main(int argc, char** argv) {
                 kernels::DefaultPool().size(), tg, c.mean, c.sd);
   }
   if (!answers.empty()) {
-    model::DatasetOptions dopt;
-    dopt.holdout = 0;
-    auto data = model::LoadDataset(answers, *m.tokenizer(), dopt);
-    if (!data.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(data.status().message()).c_str());
+    auto loaded_prompts = load_prompts();
+    if (!loaded_prompts.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(loaded_prompts.status().message()).c_str());
       return 1;
     }
-    std::vector<std::string> prompts;
-    for (const auto& e : data->train)
-      if (!e.prompt_text.empty() && static_cast<int>(prompts.size()) < max_answers) prompts.push_back(e.prompt_text);
+    const std::vector<std::string>& prompts = *loaded_prompts;
     const auto t0 = Clock::now();
     std::vector<std::string> alone;
     for (const auto& p : prompts) alone.push_back(*model::GenerateGreedy(m, nullptr, p, max_new, int8));

@@ -17,6 +17,16 @@ if build/tools/fedtune make-task wordnet -o "$answers" -n 48 >/dev/null 2>&1; th
 else
   build/bench/bench_inference "$model" -t "$threads" --batch 4 8 16 32
 fi
+# A round's evaluation (200 held-out prompts, <= 32 new tokens, decoded 16 at a time) beside one
+# local round of the real-data table (8 steps of 8 sequences of <= 128 tokens, LoRA r=8, --device cpu).
+evalset="$(mktemp --suffix=.jsonl)"
+trap 'rm -f "$answers" "$evalset"' EXIT
+if build/tools/fedtune make-task wordnet -o "$evalset" -n 200 >/dev/null 2>&1; then
+  build/bench/bench_inference "$model" -t "$threads" --answers "$evalset" --n-answers 200 --max-new 32 --evaluation-only
+  build/bench/bench_train "$model" --adapter lora --rank 8 --seq 128 --batch 8 --steps 8 -t "$threads" --device cpu --activation-budget 1024 2>&1 |
+    awk -v t="$threads" '/^step [0-9]+:/ {s += $3} /^\| fedtune/ {split($0, c, "|"); d = c[2]}
+         END {printf "| one local round:%s, 8 steps of 8 x 128 tokens, LoRA r=8 (bench_train) | %s | %.1f s |\n", d, t, s}'
+fi
 # The same single-sequence and 16-sequence decoding with f32 activations (no 8-bit quantization).
 build/bench/bench_inference "$model" -t "$threads" --batch 16 --f32-decoding | grep -v "peak RSS"
 if [ -x "$py" ] && "$py" -c "import llama_cpp" 2>/dev/null; then
