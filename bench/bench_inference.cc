@@ -102,7 +102,7 @@ int main(int argc, char** argv) {
     const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
     int64_t generated = 0;
     for (const auto& a : *got) generated += static_cast<int64_t>(m.tokenizer()->Encode(a).size());
-    std::printf("| fedtune evaluation decoding (%s; %zu prompts, <= %d new tokens, %d together) | %d | %.1f s (%.1f answers/s, %.1f generated tokens/s) |\n",
+    std::printf("| fedtune evaluation decoding (%s; %zu prompts, <= %d new tokens, %d together) | %d | evaluation | %.1f s (%.1f answers/s, %.1f generated tokens/s) |\n",
                 path.c_str(), prompts->size(), max_new, model::kGenerateBatch, kernels::DefaultPool().size(), sec,
                 static_cast<double>(prompts->size()) / sec, static_cast<double>(generated) / sec);
     return 0;

@@ -25,7 +25,7 @@ if build/tools/fedtune make-task wordnet -o "$evalset" -n 200 >/dev/null 2>&1; t
   build/bench/bench_inference "$model" -t "$threads" --answers "$evalset" --n-answers 200 --max-new 32 --evaluation-only
   build/bench/bench_train "$model" --adapter lora --rank 8 --seq 128 --batch 8 --steps 8 -t "$threads" --device cpu --activation-budget 1024 2>&1 |
     awk -v t="$threads" '/^step [0-9]+:/ {s += $3} /^\| fedtune/ {split($0, c, "|"); d = c[2]}
-         END {printf "| one local round:%s, 8 steps of 8 x 128 tokens, LoRA r=8 (bench_train) | %s | %.1f s |\n", d, t, s}'
+         END {printf "| one local round:%s, 8 steps of 8 x 128 tokens, LoRA r=8 (bench_train) | %s | training | %.1f s |\n", d, t, s}'
 fi
 # The same single-sequence and 16-sequence decoding with f32 activations (no 8-bit quantization).
 build/bench/bench_inference "$model" -t "$threads" --batch 16 --f32-decoding | grep -v "peak RSS"

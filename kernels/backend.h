@@ -132,21 +132,6 @@ class Backend {
   virtual void LoraBackward(const float* x, const float* a, const float* b, const float* z, const float* dy,
                             float* da, float* db, float* dx, int64_t m, int64_t in, int64_t r, int64_t out,
                             float scale) = 0;
-  // A frozen linear layer and its LoRA adapter on the same input (no dropout between them):
-  // y = x W^T + scale (x A^T) B^T with z = x A^T written, and its backward (dx += dy W +
-  // scale (dy B) A; dA / dB as LoraBackward, either may be null). By default the two ops one
-  // after the other; cpu-bf16 folds the adapter into the weight product (one pass over the
-  // activations instead of three).
-  virtual void QLinearLoraForward(const QMatrix& w, const float* x, const float* a, const float* b, float* z, float* y, int64_t m,
-                                  int64_t r, float scale) {
-    QLinearForward(w, x, y, m);
-    LoraForward(x, a, b, z, y, m, w.cols, r, w.rows, scale);
-  }
-  virtual void QLinearLoraBackward(const QMatrix& w, const float* x, const float* a, const float* b, const float* z, const float* dy,
-                                   float* da, float* db, float* dx, int64_t m, int64_t r, float scale) {
-    QLinearBackward(w, dy, dx, m);
-    LoraBackward(x, a, b, z, dy, da, db, dx, m, w.cols, r, w.rows, scale);
-  }
   // D: blocks x b_in x b_out with b_in = ceil(in / blocks), b_out = ceil(out / blocks); block i
   // maps input columns [i b_in, min(in, (i+1) b_in)) to output columns [i b_out, ...).
   virtual void DiabloForward(const float* x, const float* d, float* y, int64_t m, int64_t in, int64_t out,
@@ -183,6 +168,23 @@ class Backend {
   virtual void AddRowVector(float* y, const float* v, int64_t rows, int64_t n) = 0;
   // x *= s (Gemma's embedding scale, a query scale).
   virtual void Scale(float* x, float s, int64_t n) = 0;
+
+  // (Declared last: the CUDA module built before these existed keeps its vtable layout.)
+  // A frozen linear layer and its LoRA adapter on the same input (no dropout between them):
+  // y = x W^T + scale (x A^T) B^T with z = x A^T written, and its backward (dx += dy W +
+  // scale (dy B) A; dA / dB as LoraBackward, either may be null). By default the two ops one
+  // after the other; cpu-bf16 folds the adapter into the weight product (one pass over the
+  // activations instead of three).
+  virtual void QLinearLoraForward(const QMatrix& w, const float* x, const float* a, const float* b, float* z, float* y, int64_t m,
+                                  int64_t r, float scale) {
+    QLinearForward(w, x, y, m);
+    LoraForward(x, a, b, z, y, m, w.cols, r, w.rows, scale);
+  }
+  virtual void QLinearLoraBackward(const QMatrix& w, const float* x, const float* a, const float* b, const float* z, const float* dy,
+                                   float* da, float* db, float* dx, int64_t m, int64_t r, float scale) {
+    QLinearBackward(w, dy, dx, m);
+    LoraBackward(x, a, b, z, dy, da, db, dx, m, w.cols, r, w.rows, scale);
+  }
 };
 
 // The process-wide instances. CudaBackend() is null when CUDA was not compiled in or no device

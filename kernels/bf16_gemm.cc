@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <set>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -33,6 +34,18 @@ namespace fedtune::kernels {
 void ToBf16(const float* x, uint16_t* out, int64_t n) {
   if (HaveAvx2Fma()) return avx2::ToBf16(x, out, n);
   for (int64_t i = 0; i < n; ++i) out[i] = Fp32ToBf16(x[i]);
+}
+
+void Bf16GemmLoops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                   int64_t ldb, bool add, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t p = 0; p < k; ++p)
+        sum += Bf16ToFloat(ta ? a[p * lda + i] : a[i * lda + p]) * Bf16ToFloat(tb ? b[j * ldb + p] : b[p * ldb + j]);
+      c[i * ldc + j] = alpha * sum + (add ? c[i * ldc + j] : 0.0f);
+    }
+  }
 }
 
 #if defined(FEDTUNE_HAVE_DNNL)
@@ -140,15 +153,23 @@ void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float a
     return;
   }
   omp_set_num_threads(1);
-  // On a pool thread an exception would end the process without a word: say what failed.
-  try {
-    GemmOrThrow(ta, tb, m, n, k, alpha, a, lda, b, ldb, add, c, ldc);
-  } catch (const dnnl::error& e) {
-    std::fprintf(stderr, "fedtune: oneDNN bf16 matmul %lldx%lldx%lld%s%s (lda %lld, ldb %lld, ldc %lld) failed: %s\n", static_cast<long long>(m),
-                 static_cast<long long>(n), static_cast<long long>(k), ta ? " A^T" : "", tb ? " B^T" : "", static_cast<long long>(lda),
-                 static_cast<long long>(ldb), static_cast<long long>(ldc), e.what());
-    std::abort();
+  // A shape oneDNN refuses (seen once in development: a transposed-A product with one output
+  // column, "could not execute a primitive", on a pool thread only) is computed by plain loops
+  // from the same bf16 operands (fp32 sums), said once per shape and thread, never retried.
+  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+  thread_local std::set<Key> refused;
+  const Key key{ta, tb, m, n, k, lda, ldb, ldc};
+  if (!refused.contains(key)) {
+    try {
+      GemmOrThrow(ta, tb, m, n, k, alpha, a, lda, b, ldb, add, c, ldc);
+      return;
+    } catch (const dnnl::error& e) {
+      refused.insert(key);
+      FT_LOG_WARN("oneDNN bf16 matmul {}x{}x{}{}{} (lda {}, ldb {}, ldc {}) refused ({}): computed by plain loops", m, n, k, ta ? " A^T" : "",
+                  tb ? " B^T" : "", lda, ldb, ldc, e.what());
+    }
   }
+  Bf16GemmLoops(ta, tb, m, n, k, alpha, a, lda, b, ldb, add, c, ldc);
 }
 
 void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k) { Split(x, w, y, m, n, k, true); }

@@ -30,5 +30,9 @@ void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m
 // cached per thread and shape (at most a few hundred; the cache is cleared beyond that).
 void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
                       int64_t ldb, bool add, float* c, int64_t ldc);
+// The same product by plain loops (fp32 sums): Bf16GemmOnThread's fallback for a shape oneDNN
+// refuses, and the tests' reference.
+void Bf16GemmLoops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
+                   int64_t ldb, bool add, float* c, int64_t ldc);
 
 }  // namespace fedtune::kernels

@@ -24,6 +24,7 @@
 #include "kernels/cuda/host_emulation.h"
 #endif
 #include "kernels/quant.h"
+#include "kernels/thread_pool.h"
 #include "model/dataset.h"
 #include "model/llama.h"
 #include "model/optimizer.h"
@@ -96,7 +97,8 @@ class BackendOps : public ::testing::TestWithParam<std::string> {
   // Products with the weights in bf16: "cuda" (default precision) and "cpu-bf16".
   bool Bf16Products() const { return GetParam() == "cuda" || GetParam() == "cpu-bf16"; }
   bool OnCuda() const { return GetParam().rfind("cuda", 0) == 0; }
-  // cpu-bf16 multiplies attention's scores and probabilities in bf16 too (64 rows or more).
+  // cpu-bf16 multiplies attention's scores and probabilities in bf16 too (passes of 64 rows or
+  // more; fewer stay cpu-fast, at its tolerance).
   bool Bf16Attention() const { return GetParam() == "cpu-bf16"; }
   // What `op` writes into a fresh backend buffer of n values, read back through Copy.
   template <typename F>
@@ -204,14 +206,22 @@ TEST_P(WeightProducts, LinearWithLoraInOneCall) {
           const Vec x = Random(static_cast<size_t>(m * k), rng_), a = Random(static_cast<size_t>(r * k), rng_),
                     b = Random(static_cast<size_t>(n * r), rng_), dy = Random(static_cast<size_t>(m * n), rng_);
           const float scale = 2.0f;
-          Vec y_ref(static_cast<size_t>(m * n)), y(y_ref.size()), z_ref(static_cast<size_t>(m * r)), z(z_ref.size());
+          // y and z are written, not added to: they start as NaN.
+          Vec y_ref(static_cast<size_t>(m * n)), y(y_ref.size(), NAN), z_ref(static_cast<size_t>(m * r)), z(z_ref.size(), NAN);
           ref_.QLinearForward(w.m, x.data(), y_ref.data(), m);
           ref_.LoraForward(x.data(), a.data(), b.data(), z_ref.data(), y_ref.data(), m, k, r, n, scale);
           be_->QLinearLoraForward(w.m, x.data(), a.data(), b.data(), z.data(), y.data(), m, r, scale);
           Expect(Op::kQLinearForward, y_ref, y, kGemmTol, shape + " y");
           Expect(Op::kLoraForward, z_ref, z, kGemmTol, shape + " z");
-          Vec dx_ref = Random(static_cast<size_t>(m * k), rng_), da_ref = Random(a.size(), rng_), db_ref = Random(b.size(), rng_);
-          Vec dx = dx_ref, da = da_ref, db = db_ref;  // all accumulate
+          // cpu-bf16 really folds the adapter in from 64 rows: z comes from the bf16 copy of x
+          // (its own fp32 LoRA op would give z within ~1e-14).
+          if (GetParam() == "cpu-bf16" && m >= 64) {
+            EXPECT_GT(Nmse(z_ref, z, shape + " z"), 1e-9) << shape << ": z not from bf16 operands";
+          }
+          // All three accumulate: start values as large as the increments (~sqrt(m k)), so that
+          // dropping them fails.
+          Vec dx_ref = Random(static_cast<size_t>(m * k), rng_, 300.0f), da_ref = Random(a.size(), rng_, 300.0f), db_ref = Random(b.size(), rng_, 300.0f);
+          Vec dx = dx_ref, da = da_ref, db = db_ref;
           ref_.QLinearBackward(w.m, dy.data(), dx_ref.data(), m);
           ref_.LoraBackward(x.data(), a.data(), b.data(), z_ref.data(), dy.data(), frozen_a ? nullptr : da_ref.data(), db_ref.data(),
                             dx_ref.data(), m, k, r, n, scale);
@@ -341,7 +351,7 @@ TEST_P(BackendOps, Attention) {
             Vec o_ref(q.size()), o(q.size());
             ref_.AttentionForward(q.data(), k.data(), v.data(), o_ref.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
             be_->AttentionForward(q.data(), k.data(), v.data(), o.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
-            Expect(Op::kAttentionForward, o_ref, o, kSoftTol + kGemmTol * (OnCuda() || Bf16Attention()), shape);
+            Expect(Op::kAttentionForward, o_ref, o, kSoftTol + kGemmTol * (OnCuda() || (Bf16Attention() && M >= 64)), shape);
           }
           if (Has(Op::kAttentionBackward)) {
             const Vec dout = Random(q.size(), rng_);
@@ -349,7 +359,7 @@ TEST_P(BackendOps, Attention) {
             Vec dq = dq_ref, dk = dk_ref, dv = dv_ref;
             ref_.AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq_ref.data(), dk_ref.data(), dv_ref.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
             be_->AttentionBackward(q.data(), k.data(), v.data(), dout.data(), dq.data(), dk.data(), dv.data(), n_seq, len, nh, nkv, hd, sp, cap, window);
-            const double tol = kSoftTol + kGemmTol * (OnCuda() || Bf16Attention());
+            const double tol = kSoftTol + kGemmTol * (OnCuda() || (Bf16Attention() && M >= 64));
             Expect(Op::kAttentionBackward, dq_ref, dq, tol, shape + " dq");
             Expect(Op::kAttentionBackward, dk_ref, dk, tol, shape + " dk");
             Expect(Op::kAttentionBackward, dv_ref, dv, tol, shape + " dv");
@@ -642,8 +652,13 @@ TEST_P(WeightProducts, TrainingStepsMatchTheReference) {
     const char* layout;
     float dropout;  // 0: LoRA goes through QLinearLoraForward / Backward (fused on cpu-bf16)
   };
-  for (const Mode mode : {Mode{false, "", 0.1f}, Mode{true, "1:o,up", 0.1f}, Mode{false, "", 0.0f}})
+  for (const Mode mode : {Mode{false, "", 0.1f}, Mode{true, "1:o,up", 0.1f}, Mode{false, "", 0.0f}, Mode{true, "1:o,up", 0.0f}})
   for (auto kind : {model::AdapterKind::kLora, model::AdapterKind::kFfaLora, model::AdapterKind::kDiaBlo}) {
+    // Recomputation without dropout: cpu-bf16's fused path under recomputation. Elsewhere the
+    // fused op is the two ops the modes above run (on the emulated GPU with TF32 products its
+    // FFA-LoRA parameters drift to NMSE 7.9e-4 after AdamW's three steps: the near-zero gradient
+    // elements' rounding, see TrainedParamTol).
+    if (mode.recompute && mode.dropout == 0.0f && GetParam() != "cpu-bf16") continue;
     const model::AdapterSpec spec{kind, 4, 8.0f, false, 4};
     const std::string name = std::string(kind == model::AdapterKind::kLora ? "lora" : kind == model::AdapterKind::kFfaLora ? "ffa-lora" : "diablo") +
                              (mode.recompute ? "/recompute/" + std::string(mode.layout) : "") + (mode.dropout > 0 ? "" : "/no-dropout");
@@ -860,6 +875,44 @@ TEST(Bf16GemmTest, ProductsAreBf16AndWithinTolerance) {
   EXPECT_LT(edx, kGemmTol);
   EXPECT_GT(ey, 1e-8) << "no bf16 rounding: not the bf16 path";
   std::printf("bf16 products: NMSE forward %.2e, backward %.2e (%s)\n", ey, edx, CpuBf16Backend()->Name());
+}
+
+// The general strided product (attention's blocks, the fused LoRA products) against plain loops
+// over the same bf16 operands: every transpose combination, leading dimensions wider than the
+// matrices, alpha, accumulation, thin shapes (one output column, rank 1), on the calling thread
+// and on pool threads at once.
+TEST(Bf16GemmTest, StridedProductsEqualLoops) {
+  if (CpuBf16Backend() == nullptr) GTEST_SKIP() << "cpu-bf16 unavailable: " << CpuBf16UnavailableReason();
+  std::mt19937 rng(5);
+  using Case = std::tuple<int64_t, int64_t, int64_t>;  // m, n, k
+  for (auto [m, n, k] : std::vector<Case>{{288, 1, 130}, {64, 64, 256}, {70, 16, 576}, {16, 576, 2048}, {3, 5, 7}, {1, 1, 1}}) {
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = (t & 1) != 0, tb = (t & 2) != 0;
+      const int64_t lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 5, ldc = n + 2;
+      std::vector<uint16_t> a(static_cast<size_t>((ta ? k : m) * lda)), b(static_cast<size_t>((tb ? n : k) * ldb));
+      const Vec af = Random(a.size(), rng), bf = Random(b.size(), rng);
+      ToBf16(af.data(), a.data(), static_cast<int64_t>(a.size()));
+      ToBf16(bf.data(), b.data(), static_cast<int64_t>(b.size()));
+      for (const bool add : {false, true}) {
+        const Vec c0 = Random(static_cast<size_t>(m * ldc), rng, 10.0f);
+        Vec want = c0;
+        Bf16GemmLoops(ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, add, want.data(), ldc);
+        // The same product on two pool threads at once (each its own primitives) and here.
+        std::vector<Vec> got(2, c0);
+        DefaultPool().ParallelFor(2, 1, [&](int64_t i0, int64_t i1, int) {
+          for (int64_t i = i0; i < i1; ++i) Bf16GemmOnThread(ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, add, got[static_cast<size_t>(i)].data(), ldc);
+        });
+        got.push_back(c0);
+        Bf16GemmOnThread(ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, add, got.back().data(), ldc);
+        for (const Vec& g : got) {
+          const double e = Nmse(want, g, "bf16 gemm");
+          EXPECT_LE(e, 1e-10) << m << "x" << n << "x" << k << " ta=" << ta << " tb=" << tb << " add=" << add;
+          for (int64_t i = 0; i < m; ++i)  // the padding columns of C are never written
+            for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(g[static_cast<size_t>(i * ldc + j)], c0[static_cast<size_t>(i * ldc + j)]);
+        }
+      }
+    }
+  }
 }
 
 // The vectorised f32 -> bf16 conversion (every bf16 product converts its activations and
