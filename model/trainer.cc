@@ -299,7 +299,8 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
     auto& a = ad[static_cast<int>(mod)];
     // A LoRA adapter on the layer's own input: one call with the frozen product (the backend may
     // fold them into one pass, kernels::Backend::QLinearLoraForward).
-    const bool fused = std::is_same_v<T, float> && a && a->spec.kind != AdapterKind::kDiaBlo && !(training_ && opt_.adapter_dropout > 0);
+    const bool fused = std::is_same_v<T, float> && a && a->spec.kind != AdapterKind::kDiaBlo && !(training_ && opt_.adapter_dropout > 0) &&
+                       a->in == w.cols && a->out == w.rows;
     if (fused) {
       if constexpr (std::is_same_v<T, float>) {
         Buf<T>& z = c.z[static_cast<size_t>(mod)];
@@ -424,7 +425,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
     // As in LayerForward: the frozen product and a LoRA adapter on the same input in one call
     // (not per example: DP-SGD's gradients go to each example's slot).
     const bool fused = std::is_same_v<T, float> && base && a && a->spec.kind != AdapterKind::kDiaBlo && opt_.adapter_dropout <= 0 &&
-                       !per_example_step_;
+                       !per_example_step_ && a->in == w.cols && a->out == w.rows;
     if (fused) {
       if constexpr (std::is_same_v<T, float>) {
         const AdapterTensors<T>& t = work_->adapter[static_cast<size_t>(l)][static_cast<size_t>(mod)];
