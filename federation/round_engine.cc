@@ -431,12 +431,70 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         auto partial = [&](const protocol::TrainTask& task) { return !protocol::IsWhole(protocol::ShareOf(task.plan, r)); };
         const int n_partial = static_cast<int>(std::count_if(tasks.begin(), tasks.end(), partial));
         const int left = static_cast<int>(tasks.size()) - n_partial;
-        protocol::TrainTask::Secure q = p;
-        q.clients = left;
-        // Sitting out only where the rest can still run the round: SecAgg+ with its threshold,
-        // the quorum and min_clients (a round that can never reach them would retry forever).
-        const bool can_sit_out = left >= std::max({3, o_.quorum, s.strategy.min_clients}) && protocol::SecAggConfig(q, 1).ok();
-        if (can_sit_out) {
+        // A round runs where the clients in it can still reach SecAgg+'s threshold, the quorum
+        // and min_clients (a round that can never reach them would retry forever).
+        auto can_run = [&](int n_clients) {
+          protocol::TrainTask::Secure q = p;
+          q.clients = n_clients;
+          return n_clients >= std::max({3, o_.quorum, s.strategy.min_clients}) && protocol::SecAggConfig(q, 1).ok();
+        };
+        const bool can_sit_out = can_run(left);
+        // The other remedy: narrow the shares (planned ranks from the top, modules) to what at
+        // least the threshold of this round's clients train (protocol::NarrowShares; not DiaBlo
+        // windows). Each option is scored by the (client, adapter piece) pairs it trains: narrowing
+        // wins ties (more clients' data in the round) and is taken over whole adapters whenever
+        // it can run (it keeps every plan within what was planned for its worker's memory).
+        std::vector<protocol::SecureShare> narrowed;
+        std::vector<bool> idle;
+        for (const auto& task : tasks) narrowed.push_back(protocol::ShareOf(task.plan, r));
+        absl::StatusOr<int64_t> narrowed_pairs = absl::UnknownError("not tried");
+        {
+          protocol::TrainTask::Secure q = p;
+          q.clients = static_cast<int>(tasks.size());
+          if (auto cfg = protocol::SecAggConfig(q, 1); cfg.ok() && !tasks.empty())
+            narrowed_pairs = protocol::NarrowShares(&narrowed, &idle, tasks.front().plan.modules, global_, static_cast<int>(shared_rank),
+                                                    privacy::secagg::EffectiveThreshold(*cfg));
+        }
+        const int n_idle = static_cast<int>(std::count(idle.begin(), idle.end(), true));
+        bool narrow = narrowed_pairs.ok() && can_run(static_cast<int>(tasks.size()) - n_idle);
+        if (narrow && can_sit_out) {
+          std::vector<protocol::SecureShare> kept;
+          for (const auto& task : tasks)
+            if (!partial(task)) kept.push_back(protocol::ShareOf(task.plan, r));
+          const absl::StatusOr<int64_t> sat_out_pairs = protocol::CoveredPieces(kept, global_, static_cast<int>(shared_rank));
+          narrow = !sat_out_pairs.ok() || *narrowed_pairs >= *sat_out_pairs;
+        }
+        if (narrow) {
+          std::string who, idle_who;
+          int n_narrowed = 0;
+          std::vector<protocol::TrainTask> kept;
+          for (size_t i = 0; i < tasks.size(); ++i) {
+            protocol::TrainTask& task = tasks[i];
+            if (idle[i]) {
+              absl::StrAppend(&idle_who, idle_who.empty() ? "" : ", ", task.client);
+              continue;
+            }
+            if (!(narrowed[i] == protocol::ShareOf(task.plan, r))) {
+              ++n_narrowed;
+              absl::StrAppend(&who, who.empty() ? "" : ", ", task.client);
+              task.plan.train_rank = narrowed[i].rank;
+              task.plan.train_modules = narrowed[i].modules;
+            }
+            kept.push_back(std::move(task));
+          }
+          say(absl::StrFormat("round %d: %s with all %d clients; narrowed the shares of %d (%s) to what at least the threshold train%s", r,
+                              fits.message(), static_cast<int>(tasks.size()), n_narrowed, who,
+                              n_idle > 0 ? absl::StrCat("; ", n_idle, " left with nothing to train sit this round out (", idle_who, ")") : ""));
+          rec.metrics["secagg_narrowed"] = n_narrowed;
+          if (n_idle > 0) rec.metrics["secagg_sat_out"] = n_idle;
+          tasks = std::move(kept);
+          const auto below = std::count_if(tasks.begin(), tasks.end(), [](const protocol::TrainTask& task) { return protocol::TrainsPart(task.plan); });
+          if (below > 0) {
+            rec.metrics["hetero_rank_clients"] = static_cast<double>(below);
+          } else {
+            rec.metrics.erase("hetero_rank_clients");
+          }
+        } else if (can_sit_out) {
           std::string who;
           for (const auto& task : tasks)
             if (partial(task)) absl::StrAppend(&who, who.empty() ? "" : ", ", task.client);
@@ -454,7 +512,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
             task.plan.plan_memory_mib = task.plan.plan_device_memory_mib = 0;  // (sized for the share: its own budget decides)
           }
         }
-        rec.metrics.erase("hetero_rank_clients");  // (nobody trains a partial share now)
+        if (!narrow) rec.metrics.erase("hetero_rank_clients");  // (nobody trains a partial share now)
         FT_RETURN_IF_ERROR(shares_fit(&p.shares));
         p.clients = static_cast<int>(tasks.size());
       }

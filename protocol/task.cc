@@ -46,6 +46,18 @@ absl::Status ValidShare(const SecureShare& s, int full) {
   return absl::OkStatus();
 }
 
+// The distinct (module, component) pieces of the adapter (component -1: a tensor not split by
+// component): at most modules x full.
+absl::StatusOr<std::set<std::pair<std::string, int64_t>>> Pieces(const aggregation::TensorMap& layout, int full) {
+  std::set<std::pair<std::string, int64_t>> pieces;
+  for (const auto& [name, v] : layout) {
+    FT_ASSIGN_OR_RETURN(const std::string module, ModuleOf(name));
+    const bool split = aggregation::ComponentOf(name, 0, v.size(), full) >= 0;
+    for (int64_t c = split ? 0 : -1; c < (split ? full : 0); ++c) pieces.insert({module, c});
+  }
+  return pieces;
+}
+
 }  // namespace
 
 absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const aggregation::TensorMap& layout, int full) {
@@ -65,13 +77,7 @@ absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std:
   if (shares.empty()) return absl::OkStatus();
   for (const SecureShare& s : shares) FT_RETURN_IF_ERROR(ValidShare(s, full));
   const std::set<int> distinct(survivors.begin(), survivors.end());  // (a repeated id counts once)
-  // The distinct (module, component) pieces of the adapter: at most modules x full.
-  std::set<std::pair<std::string, int64_t>> pieces;
-  for (const auto& [name, v] : layout) {
-    FT_ASSIGN_OR_RETURN(const std::string module, ModuleOf(name));
-    const bool split = aggregation::ComponentOf(name, 0, v.size(), full) >= 0;
-    for (int64_t c = split ? 0 : -1; c < (split ? full : 0); ++c) pieces.insert({module, c});
-  }
+  FT_ASSIGN_OR_RETURN(const auto pieces, Pieces(layout, full));
   for (const auto& [module, c] : pieces) {
     int n = 0;
     for (int id : distinct) {
@@ -84,6 +90,51 @@ absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std:
                                                         ": its sum would show too few updates"));
   }
   return absl::OkStatus();
+}
+
+
+absl::StatusOr<int64_t> CoveredPieces(const std::vector<SecureShare>& shares, const aggregation::TensorMap& layout, int full) {
+  FT_ASSIGN_OR_RETURN(const auto pieces, Pieces(layout, full));
+  int64_t n = 0;
+  for (const SecureShare& s : shares) {
+    FT_RETURN_IF_ERROR(ValidShare(s, full));
+    for (const auto& [module, c] : pieces) n += Covers(s, module, c) ? 1 : 0;
+  }
+  return n;
+}
+
+absl::StatusOr<int64_t> NarrowShares(std::vector<SecureShare>* shares, std::vector<bool>* nothing, const std::vector<std::string>& modules,
+                                     const aggregation::TensorMap& layout, int full, int threshold) {
+  nothing->assign(shares->size(), false);
+  for (const SecureShare& s : *shares) {
+    FT_RETURN_IF_ERROR(ValidShare(s, full));
+    if (s.first != 0) return absl::InvalidArgumentError("secure shares: DiaBlo windows are not narrowed");
+  }
+  FT_ASSIGN_OR_RETURN(const auto pieces, Pieces(layout, full));
+  for (bool changed = true; changed;) {
+    changed = false;
+    for (const auto& [module, c] : pieces) {
+      std::vector<size_t> covering;
+      for (size_t i = 0; i < shares->size(); ++i)
+        if (!(*nothing)[i] && Covers((*shares)[i], module, c)) covering.push_back(i);
+      if (covering.empty() || static_cast<int>(covering.size()) >= threshold) continue;
+      changed = true;
+      for (size_t i : covering) {
+        SecureShare& s = (*shares)[i];
+        if (c > 0) {  // components c.. of every module the share trains
+          s.rank = static_cast<int>(c);
+          continue;
+        }
+        if (s.modules.empty()) s.modules = modules;  // all of them, listed
+        std::erase(s.modules, module);
+        if (s.modules.empty()) (*nothing)[i] = true;
+      }
+    }
+  }
+  std::vector<SecureShare> training;
+  for (size_t i = 0; i < shares->size(); ++i)
+    if (!(*nothing)[i]) training.push_back((*shares)[i]);
+  return CoveredPieces(training, layout, full);
 }
 
 rpc::v1::Task ToProto(const TrainTask& t) {

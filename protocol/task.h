@@ -142,6 +142,21 @@ absl::StatusOr<aggregation::TensorMap> ShareCoverage(const SecureShare& s, const
 absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std::vector<int>& survivors, const aggregation::TensorMap& layout,
                               int full, int threshold);
 
+// Narrows per-worker shares (secure aggregation, issue 22) until every piece of `layout` (a
+// module, or one of its LoRA rank components) that some share trains is trained by at least
+// `threshold` of them: a piece below it is dropped from each share that covers it, as LoRA rank
+// components from the top (a share of rank r covering component c > 0 becomes rank c: ranks are
+// nested) or, for component 0 and unsplit tensors, as a module. A share left with no module
+// trains nothing (`nothing` set). `modules` are the adapter's modules (ModuleName), which an
+// all-module share (modules empty) is narrowed from. Coverage only shrinks, so this ends; the
+// result passes CheckShareCounts over the shares that train something. DiaBlo windows (first >
+// 0, rolling with the round) are not narrowed: InvalidArgument. Returns how many (share, piece)
+// pairs are trained afterwards (the round engine weighs narrowing against sitting out with it).
+absl::StatusOr<int64_t> NarrowShares(std::vector<SecureShare>* shares, std::vector<bool>* nothing, const std::vector<std::string>& modules,
+                                     const aggregation::TensorMap& layout, int full, int threshold);
+// (share, piece) pairs the shares train (pieces as NarrowShares counts them).
+absl::StatusOr<int64_t> CoveredPieces(const std::vector<SecureShare>& shares, const aggregation::TensorMap& layout, int full);
+
 rpc::v1::Task ToProto(const TrainTask& t);
 // The client name is not on the wire (it is the certificate's CN): `client` fills it in.
 TrainTask FromProto(const rpc::v1::Task& t, const std::string& client);

@@ -56,6 +56,53 @@ TEST(SecureSharesTest, CoverageAgreesWithThePlainPathsPadding) {
   }
 }
 
+// Narrowing (the round engine's remedy when planned shares miss the threshold): pieces below it
+// leave the shares that cover them, ranks from the top and modules whole, until every trained
+// piece meets it.
+TEST(SecureSharesTest, NarrowingLeavesEveryTrainedPieceAtTheThreshold) {
+  const aggregation::TensorMap g = Layout();  // 12 pieces: q, v and up, components 0-3 each
+  const std::vector<std::string> all = {"q", "v", "up"};
+  std::vector<bool> idle;
+  // Two whole shares and two of rank 2, threshold 3: components 2 and 3 have two trainers, so
+  // the whole shares drop to rank 2 (nested ranks: the top components go).
+  std::vector<SecureShare> ranks = {{}, {}, {2, 0, {}}, {2, 0, {}}};
+  ASSERT_FALSE(CheckShareCounts(ranks, {0, 1, 2, 3}, g, 4, 3).ok());
+  auto pairs = NarrowShares(&ranks, &idle, all, g, 4, 3);
+  ASSERT_TRUE(pairs.ok()) << pairs.status();
+  for (const SecureShare& sh : ranks) EXPECT_EQ(sh, (SecureShare{2, 0, {}}));
+  EXPECT_EQ(idle, std::vector<bool>(4, false));
+  EXPECT_TRUE(CheckShareCounts(ranks, {0, 1, 2, 3}, g, 4, 3).ok());
+  EXPECT_EQ(*pairs, 4 * 6);  // components 0 and 1 of three modules each
+  EXPECT_EQ(*CoveredPieces(ranks, g, 4), 24);
+  EXPECT_EQ(*CoveredPieces({{}, {}, {2, 0, {}}}, g, 4), 12 + 12 + 6);
+  // Nothing to narrow: unchanged.
+  std::vector<SecureShare> fine = {{}, {}, {2, 0, {}}, {2, 0, {}}};
+  ASSERT_TRUE(NarrowShares(&fine, &idle, all, g, 4, 2).ok());
+  EXPECT_EQ(fine, (std::vector<SecureShare>{{}, {}, {2, 0, {}}, {2, 0, {}}}));
+  // Modules, threshold 2: v and up have one trainer (the whole share), which keeps q only.
+  std::vector<SecureShare> modules = {{0, 0, {"q"}}, {0, 0, {"q"}}, {}};
+  ASSERT_TRUE(NarrowShares(&modules, &idle, all, g, 4, 2).ok());
+  EXPECT_EQ(modules[2].modules, std::vector<std::string>{"q"});
+  EXPECT_EQ(idle, std::vector<bool>(3, false));
+  EXPECT_TRUE(CheckShareCounts(modules, {0, 1, 2}, g, 4, 2).ok());
+  // Threshold 3: nobody's module has three trainers: everyone is left with nothing.
+  std::vector<SecureShare> sparse = {{0, 0, {"q"}}, {0, 0, {"v"}}, {0, 0, {"v"}}};
+  auto none = NarrowShares(&sparse, &idle, all, g, 4, 3);
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(*none, 0);
+  EXPECT_EQ(idle, std::vector<bool>(3, true));
+  // One rank-1 share of q beside two whole ones, threshold 3: q's components 1-3 have two
+  // trainers (the whole shares drop to rank 1), then v's and up's component 0 two as well
+  // (component 0 goes with its module): all three train component 0 of q.
+  std::vector<SecureShare> low = {{1, 0, {"q"}}, {}, {}};
+  ASSERT_TRUE(NarrowShares(&low, &idle, all, g, 4, 3).ok());
+  EXPECT_EQ(low, (std::vector<SecureShare>{{1, 0, {"q"}}, {1, 0, {"q"}}, {1, 0, {"q"}}}));
+  EXPECT_TRUE(CheckShareCounts(low, {0, 1, 2}, g, 4, 3).ok());
+  // DiaBlo windows roll with the round: not narrowed.
+  std::vector<SecureShare> window = {{2, 2, {}}, {}};
+  EXPECT_EQ(NarrowShares(&window, &idle, all, g, 4, 2).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SecureSharesTest, EveryUnmaskedValueNeedsTheThresholdOfItsTrainers) {
   const aggregation::TensorMap g = Layout();
   const std::vector<SecureShare> shares = {{}, {}, {2, 0, {}}, {2, 0, {}}};

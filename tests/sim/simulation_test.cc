@@ -442,23 +442,38 @@ TEST_F(SimTest, SecureAggregationWithPerWorkerSharesGivesThePlainResult) {
   EXPECT_LT(compare("diablo", blocks, blocks), 1e-6);
   const std::string modules = one + "adapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\nprofiles: [{count: 2, modules: q}, {count: 4}]\n";
   EXPECT_LT(compare("modules", modules, modules), 1e-6);
-  // Components 2 and 3 would be trained by 3 < 4 clients: the three at rank 2 sit the round out.
-  auto out3 = Run(Yaml(one + "profiles: [{count: 3, rank: 2}, {count: 3}]\nsecure_aggregation: {enabled: true, value_range: 0.05}\n",
-                       testing::TempPath("sim_shares_sat_out")));
-  ASSERT_TRUE(out3.ok()) << out3.status();
-  EXPECT_EQ(out3->rounds.back().metrics.at("secagg_sat_out"), 3);
-  EXPECT_EQ(out3->rounds.back().metrics.at("accepted"), 3);
-  // By 2 < 4 with only two full-rank clients (fewer than 3 would be left): whole adapters.
-  const std::string a = testing::TempPath("sim_shares_plain_whole"), b = testing::TempPath("sim_shares_secure_whole");
-  ASSERT_TRUE(Run(Yaml(one, a)).ok());
-  auto r = Run(Yaml(one + "profiles: [{count: 4, rank: 2}, {count: 2}]\nsecure_aggregation: {enabled: true, value_range: 0.05}\n", b));
-  ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(r->rounds.back().metrics.at("secagg_whole_shares"), 1);
-  auto sa = LoadTensors(a + "/adapter.safetensors"), sb = LoadTensors(b + "/adapter.safetensors");
-  ASSERT_EQ(sa.size(), sb.size());
-  double worst = 0;
-  for (size_t i = 0; i < sa.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(sa[i] - sb[i])));
-  EXPECT_LT(worst, 1e-6);
+  // Components 2 and 3 would be trained by 3 < 4 clients: the three full-rank clients are
+  // narrowed to rank 2 (6 clients x 2 components, as many (client, piece) pairs as the three
+  // full-rank clients alone, and every client's data), as the plain run with everyone at rank 2.
+  auto same_as = [&](const std::string& name, const std::string& plain, const std::string& secure) {
+    const std::string a = testing::TempPath("sim_shares_plain_" + name), b = testing::TempPath("sim_shares_secure_" + name);
+    EXPECT_TRUE(Run(Yaml(plain, a)).ok()) << name;
+    auto r = Run(Yaml(secure + "secure_aggregation: {enabled: true, value_range: 0.05}\n", b));
+    EXPECT_TRUE(r.ok()) << name << ": " << r.status();
+    if (!r.ok()) return std::map<std::string, double>{};
+    auto sa = LoadTensors(a + "/adapter.safetensors"), sb = LoadTensors(b + "/adapter.safetensors");
+    EXPECT_EQ(sa.size(), sb.size()) << name;
+    double worst = 0;
+    for (size_t i = 0; i < std::min(sa.size(), sb.size()); ++i) worst = std::max(worst, static_cast<double>(std::fabs(sa[i] - sb[i])));
+    EXPECT_LT(worst, 1e-6) << name;
+    return r->rounds.back().metrics;
+  };
+  auto m3 = same_as("narrowed3", one + "profiles: [{count: 6, rank: 2}]\n", one + "profiles: [{count: 3, rank: 2}, {count: 3}]\n");
+  EXPECT_EQ(m3["secagg_narrowed"], 3);
+  EXPECT_EQ(m3["accepted"], 6);
+  EXPECT_EQ(m3.count("secagg_sat_out"), 0u);
+  EXPECT_EQ(m3.count("secagg_whole_shares"), 0u);
+  // By 2 < 4 with only two full-rank clients (sitting out would leave fewer than 3): narrowed too.
+  auto m2 = same_as("narrowed2", one + "profiles: [{count: 6, rank: 2}]\n", one + "profiles: [{count: 4, rank: 2}, {count: 2}]\n");
+  EXPECT_EQ(m2["secagg_narrowed"], 2);
+  EXPECT_EQ(m2["accepted"], 6);
+  // Module shares that no module's threshold of clients train (q by two, v by two; 4 clients,
+  // threshold 3): narrowing would leave nobody and sitting out too few: whole adapters, as the
+  // plain run with every client on both modules.
+  const std::string ffa = "clients: 4\nrounds: 1\nadapter: {kind: FFA_LORA, rank: 4, alpha: 8, target_modules: [q, v]}\n";
+  auto mw = same_as("whole", ffa, ffa + "profiles: [{count: 2, modules: q}, {count: 2, modules: v}]\n");
+  EXPECT_EQ(mw["secagg_whole_shares"], 1);
+  EXPECT_EQ(mw.count("secagg_narrowed"), 0u);
 }
 
 // The planner under secure aggregation (issue 22): it plans batch, steps, base and shares per
