@@ -457,6 +457,21 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
         }
         const int n_idle = static_cast<int>(std::count(idle.begin(), idle.end(), true));
         bool narrow = narrowed_pairs.ok() && can_run(static_cast<int>(tasks.size()) - n_idle);
+        // The plans the narrowed shares become must give those shares back (ShareOf recomputes
+        // them from train_rank / train_modules; a DiaBlo window depends on both): else another
+        // remedy. (The threshold was the one for all clients; with idle ones gone it can only be
+        // lower, so the narrowed shares still meet it.)
+        std::vector<protocol::TrainTask> rewritten = tasks;
+        for (size_t i = 0; narrow && i < rewritten.size(); ++i) {
+          if (idle[i] || narrowed[i] == protocol::ShareOf(rewritten[i].plan, r)) continue;
+          rewritten[i].plan.train_rank = narrowed[i].rank;
+          rewritten[i].plan.train_modules = narrowed[i].modules;
+          std::vector<std::string> want = narrowed[i].modules, got = protocol::ShareOf(rewritten[i].plan, r).modules;
+          std::sort(want.begin(), want.end());
+          std::sort(got.begin(), got.end());
+          const protocol::SecureShare back = protocol::ShareOf(rewritten[i].plan, r);
+          narrow = back.rank == narrowed[i].rank && back.first == narrowed[i].first && (want == got || (got.empty() && want.size() == tasks[i].plan.modules.size()));
+        }
         if (narrow && can_sit_out) {
           std::vector<protocol::SecureShare> kept;
           for (const auto& task : tasks)
@@ -469,18 +484,15 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
           int n_narrowed = 0;
           std::vector<protocol::TrainTask> kept;
           for (size_t i = 0; i < tasks.size(); ++i) {
-            protocol::TrainTask& task = tasks[i];
             if (idle[i]) {
-              absl::StrAppend(&idle_who, idle_who.empty() ? "" : ", ", task.client);
+              absl::StrAppend(&idle_who, idle_who.empty() ? "" : ", ", tasks[i].client);
               continue;
             }
-            if (!(narrowed[i] == protocol::ShareOf(task.plan, r))) {
+            if (!(narrowed[i] == protocol::ShareOf(tasks[i].plan, r))) {
               ++n_narrowed;
-              absl::StrAppend(&who, who.empty() ? "" : ", ", task.client);
-              task.plan.train_rank = narrowed[i].rank;
-              task.plan.train_modules = narrowed[i].modules;
+              absl::StrAppend(&who, who.empty() ? "" : ", ", tasks[i].client);
             }
-            kept.push_back(std::move(task));
+            kept.push_back(std::move(rewritten[i]));
           }
           say(absl::StrFormat("round %d: %s with all %d clients; narrowed the shares of %d (%s) to what at least the threshold train%s", r,
                               fits.message(), static_cast<int>(tasks.size()), n_narrowed, who,

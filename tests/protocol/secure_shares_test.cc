@@ -98,6 +98,14 @@ TEST(SecureSharesTest, NarrowingLeavesEveryTrainedPieceAtTheThreshold) {
   ASSERT_TRUE(NarrowShares(&low, &idle, all, g, 4, 3).ok());
   EXPECT_EQ(low, (std::vector<SecureShare>{{1, 0, {"q"}}, {1, 0, {"q"}}, {1, 0, {"q"}}}));
   EXPECT_TRUE(CheckShareCounts(low, {0, 1, 2}, g, 4, 3).ok());
+  // A cascade, threshold 2: up's components 2 and 3 (the whole share alone) take the whole
+  // share to rank 2, which leaves q's components 2 and 3 to the q-only share alone: a second
+  // pass takes it to rank 2 as well.
+  std::vector<SecureShare> cascade = {{}, {2, 0, {}}, {0, 0, {"q"}}};
+  ASSERT_FALSE(CheckShareCounts(cascade, {0, 1, 2}, g, 4, 2).ok());
+  ASSERT_TRUE(NarrowShares(&cascade, &idle, all, g, 4, 2).ok());
+  EXPECT_EQ(cascade, (std::vector<SecureShare>{{2, 0, {}}, {2, 0, {}}, {2, 0, {"q"}}}));
+  EXPECT_TRUE(CheckShareCounts(cascade, {0, 1, 2}, g, 4, 2).ok());
   // DiaBlo windows roll with the round: not narrowed.
   std::vector<SecureShare> window = {{2, 2, {}}, {}};
   EXPECT_EQ(NarrowShares(&window, &idle, all, g, 4, 2).status().code(), absl::StatusCode::kInvalidArgument);

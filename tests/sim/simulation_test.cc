@@ -411,8 +411,8 @@ TEST_F(SimTest, SecureAggregationGivesThePlainResult) {
 // Secure aggregation with per-worker shares (issue 22 item 4): lower ranks, DiaBlo windows and
 // module shares, padded by each client before masking and weighted per value by the survivors
 // that trained it (nested) or per module (zero_pad), give the plain run's adapter up to the
-// fixed-point rounding. A share that too few clients train to reach the threshold (6 clients: 4)
-// makes the round train whole adapters, as the plain run with every client at the full rank.
+// fixed-point rounding. Shares that too few clients train to reach the threshold (6 clients: 4)
+// are narrowed, or the partial ones sit out, whichever trains more; else whole adapters.
 TEST_F(SimTest, SecureAggregationWithPerWorkerSharesGivesThePlainResult) {
   auto compare = [&](const std::string& name, const std::string& plain, const std::string& secure) -> double {
     const std::string a = testing::TempPath("sim_shares_plain_" + name), b = testing::TempPath("sim_shares_secure_" + name);
@@ -474,6 +474,14 @@ TEST_F(SimTest, SecureAggregationWithPerWorkerSharesGivesThePlainResult) {
   auto mw = same_as("whole", ffa, ffa + "profiles: [{count: 2, modules: q}, {count: 2, modules: v}]\n");
   EXPECT_EQ(mw["secagg_whole_shares"], 1);
   EXPECT_EQ(mw.count("secagg_narrowed"), 0u);
+  // Three at rank 1 and three at rank 4 (t = 4): narrowing would train 6 x 1 components per
+  // module, the three full-rank clients alone 3 x 4: the three at rank 1 sit out.
+  auto out = Run(Yaml(one + "profiles: [{count: 3, rank: 1}, {count: 3}]\nsecure_aggregation: {enabled: true, value_range: 0.05}\n",
+                      testing::TempPath("sim_shares_sat_out")));
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->rounds.back().metrics.at("secagg_sat_out"), 3);
+  EXPECT_EQ(out->rounds.back().metrics.at("accepted"), 3);
+  EXPECT_EQ(out->rounds.back().metrics.count("secagg_narrowed"), 0u);
 }
 
 // The planner under secure aggregation (issue 22): it plans batch, steps, base and shares per
