@@ -466,11 +466,7 @@ absl::StatusOr<RunSummary> RoundEngine::Run(Transport& t) {
           if (idle[i] || narrowed[i] == protocol::ShareOf(rewritten[i].plan, r)) continue;
           rewritten[i].plan.train_rank = narrowed[i].rank;
           rewritten[i].plan.train_modules = narrowed[i].modules;
-          std::vector<std::string> want = narrowed[i].modules, got = protocol::ShareOf(rewritten[i].plan, r).modules;
-          std::sort(want.begin(), want.end());
-          std::sort(got.begin(), got.end());
-          const protocol::SecureShare back = protocol::ShareOf(rewritten[i].plan, r);
-          narrow = back.rank == narrowed[i].rank && back.first == narrowed[i].first && (want == got || (got.empty() && want.size() == tasks[i].plan.modules.size()));
+          narrow = protocol::ShareOf(rewritten[i].plan, r) == narrowed[i];
         }
         if (narrow && can_sit_out) {
           std::vector<protocol::SecureShare> kept;

@@ -519,9 +519,7 @@ class CpuBf16 final : public CpuFast {
       uint16_t* dzt = zbuf.data();
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < r; ++j) dzt[j * m + i] = dyb[i * nr + n + j];
-      xbuf.resize(static_cast<size_t>(m * k));
-      uint16_t* xb = xbuf.data();
-      DefaultPool().ParallelFor(m * k, 1 << 14, [&](int64_t i0, int64_t i1, int) { ToBf16(x + i0, xb + i0, i1 - i0); });
+      const uint16_t* xb = ToBf16Pooled(x, m * k, &xbuf);
       DefaultPool().ParallelFor(k, 64, [&](int64_t c0, int64_t c1, int) {
         Bf16GemmOnThread(false, false, r, c1 - c0, m, 1.0f, dzt, m, xb + c0, k, true, da + c0, k);
       });
@@ -565,10 +563,7 @@ class CpuBf16 final : public CpuFast {
   }
   static const uint16_t* ActivationsBf16(const float* x, int64_t n) {
     thread_local std::vector<uint16_t> buf;
-    buf.resize(static_cast<size_t>(n));
-    uint16_t* out = buf.data();
-    DefaultPool().ParallelFor(n, 1 << 14, [&](int64_t i0, int64_t i1, int) { ToBf16(x + i0, out + i0, i1 - i0); });
-    return out;
+    return ToBf16Pooled(x, n, &buf);
   }
   std::string name_;
 };

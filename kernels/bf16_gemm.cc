@@ -11,6 +11,7 @@
 #include "common/fp16.h"
 #include "common/log.h"
 #include "kernels/fast_ops.h"
+#include "kernels/thread_pool.h"
 #include "kernels/vec_dot.h"
 
 #include "common/status.h"
@@ -22,7 +23,6 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include "kernels/cpu_features.h"
-#include "kernels/thread_pool.h"
 
 // oneDNN's OpenMP runtime (libgomp, linked explicitly): declared here rather than through
 // <omp.h>, which clang does not find without an OpenMP package of its own (the fuzz build).
@@ -34,6 +34,13 @@ namespace fedtune::kernels {
 void ToBf16(const float* x, uint16_t* out, int64_t n) {
   if (HaveAvx2Fma()) return avx2::ToBf16(x, out, n);
   for (int64_t i = 0; i < n; ++i) out[i] = Fp32ToBf16(x[i]);
+}
+
+const uint16_t* ToBf16Pooled(const float* x, int64_t n, std::vector<uint16_t>* buf) {
+  buf->resize(static_cast<size_t>(n));
+  uint16_t* out = buf->data();
+  DefaultPool().ParallelFor(n, 1 << 14, [&](int64_t i0, int64_t i1, int) { ToBf16(x + i0, out + i0, i1 - i0); });
+  return out;
 }
 
 void Bf16GemmLoops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,

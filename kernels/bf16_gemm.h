@@ -8,12 +8,15 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace fedtune::kernels {
 
 bool Bf16GemmBuilt();
 // f32 -> bf16, round to nearest even (NaN kept NaN).
 void ToBf16(const float* x, uint16_t* out, int64_t n);
+// The same over the thread pool into `buf` (resized to n); returns buf's data.
+const uint16_t* ToBf16Pooled(const float* x, int64_t n, std::vector<uint16_t>* buf);
 inline float Bf16ToFloat(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;

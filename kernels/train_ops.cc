@@ -286,23 +286,13 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
   });
 }
 
-namespace {
-// bf16 copies of a call's operands (q, k, v, dout), converted over the pool.
-const uint16_t* Bf16Copy(const float* x, int64_t n, std::vector<uint16_t>* buf) {
-  buf->resize(static_cast<size_t>(n));
-  uint16_t* out = buf->data();
-  DefaultPool().ParallelFor(n, 1 << 14, [&](int64_t i0, int64_t i1, int) { ToBf16(x + i0, out + i0, i1 - i0); });
-  return out;
-}
-}  // namespace
-
 void AttentionForwardBf16(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len, int64_t n_head,
                           int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) {
   const int64_t E = n_head * head_dim, kvd = n_head_kv * head_dim, group = n_head / n_head_kv, M = n_seq * len;
   const int64_t blk = AttentionRowBlock(len, true);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   std::vector<uint16_t> qs, ks, vs;
-  const uint16_t *qb = Bf16Copy(q, M * E, &qs), *kb = Bf16Copy(k, M * kvd, &ks), *vb = Bf16Copy(v, M * kvd, &vs);
+  const uint16_t *qb = ToBf16Pooled(q, M * E, &qs), *kb = ToBf16Pooled(k, M * kvd, &ks), *vb = ToBf16Pooled(v, M * kvd, &vs);
   DefaultPool().ParallelFor(n_seq * n_head, 1, [&](int64_t b, int64_t e, int) {
     thread_local std::vector<float> p;
     thread_local std::vector<uint16_t> pb;
@@ -331,8 +321,8 @@ void AttentionBackwardBf16(const float* q, const float* k, const float* v, const
   const int64_t blk = AttentionRowBlock(len, true);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   std::vector<uint16_t> qs, ks, vs, dos;
-  const uint16_t *qb = Bf16Copy(q, M * E, &qs), *kb = Bf16Copy(k, M * kvd, &ks), *vb = Bf16Copy(v, M * kvd, &vs),
-                 *dob = Bf16Copy(dout, M * E, &dos);
+  const uint16_t *qb = ToBf16Pooled(q, M * E, &qs), *kb = ToBf16Pooled(k, M * kvd, &ks), *vb = ToBf16Pooled(v, M * kvd, &vs),
+                 *dob = ToBf16Pooled(dout, M * E, &dos);
   // One task per (sequence, KV head): the query heads of a group add into the same dk/dv.
   DefaultPool().ParallelFor(n_seq * n_head_kv, 1, [&](int64_t b, int64_t e, int) {
     thread_local std::vector<float> p, dp, dcap;

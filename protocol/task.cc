@@ -132,8 +132,10 @@ absl::StatusOr<int64_t> NarrowShares(std::vector<SecureShare>* shares, std::vect
     }
   }
   std::vector<SecureShare> training;
-  for (size_t i = 0; i < shares->size(); ++i)
+  for (size_t i = 0; i < shares->size(); ++i) {
+    std::sort((*shares)[i].modules.begin(), (*shares)[i].modules.end());  // as ShareOf lists them
     if (!(*nothing)[i]) training.push_back((*shares)[i]);
+  }
   return CoveredPieces(training, layout, full);
 }
 

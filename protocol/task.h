@@ -148,7 +148,8 @@ absl::Status CheckShareCounts(const std::vector<SecureShare>& shares, const std:
 // components from the top (a share of rank r covering component c > 0 becomes rank c: ranks are
 // nested) or, for component 0 and unsplit tensors, as a module. A share left with no module
 // trains nothing (`nothing` set). `modules` are the adapter's modules (ModuleName), which an
-// all-module share (modules empty) is narrowed from. Coverage only shrinks, so this ends; the
+// all-module share (modules empty) is narrowed from; module lists come back sorted, as ShareOf
+// gives them. Coverage only shrinks, so this ends; the
 // result passes CheckShareCounts over the shares that train something. DiaBlo windows (first >
 // 0, rolling with the round) are not narrowed: InvalidArgument. Returns how many (share, piece)
 // pairs are trained afterwards (the round engine weighs narrowing against sitting out with it).
