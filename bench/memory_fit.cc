@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/strings/str_split.h"
+#include "kernels/backend.h"
 #include "model/llama.h"
 #include "planner/planner.h"
 
@@ -73,7 +74,8 @@ int main(int argc, char** argv) {
     model::AdapterSpec spec{*kind, r.rank, 2.0f * static_cast<float>(r.rank), false, 1};
     const double tokens = static_cast<double>(r.batch) * r.seq;
     xs.push_back({mm.BaseMiB(shape, *base) + mm.AdapterStateMiB(shape, spec, *mods, *mods) + (bf16 ? planner::MemoryModel::Bf16OutputMiB(shape, tokens) : 0.0), tokens,
-                  std::min(tokens, 256.0) * static_cast<double>(shape.n_vocab) * 4 / (1 << 20)});
+                  std::min(tokens, static_cast<double>(bf16 && tokens > 64 ? kernels::kBf16LogitChunkRows : kernels::kLogitChunkRows)) *
+                      static_cast<double>(shape.n_vocab) * 4 / (1 << 20)});
   }
   if (!check) {
     // Normal equations for y - known = a*1 + b*tokens*RecomputeBytesPerToken + c*logit (recompute rows).
@@ -103,7 +105,7 @@ int main(int argc, char** argv) {
     double num = 0, den = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
       if (rows[i].recompute) continue;
-      const double t = xs[i].tokens * shape.LayerCacheBytesPerToken() * static_cast<double>(shape.n_layer) / (1 << 20);
+      const double t = xs[i].tokens * (shape.LayerCacheBytesPerToken() * static_cast<double>(shape.n_layer) + shape.DerivedBytesPerToken()) / (1 << 20);
       num += t * (rows[i].peak - xs[i].known - x[0] - x[2] * xs[i].logit);
       den += t * t;
     }

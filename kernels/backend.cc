@@ -154,7 +154,7 @@ class CpuReference final : public HostMemoryBackend {
   }
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
                       float grad_scale, float softcap) override {
-    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, 256, /*fast=*/false, softcap);
+    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, kLogitChunkRows, /*fast=*/false, softcap);
   }
   void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
     AdamWRange(p, g, m, v, fisher, 0, n, s);
@@ -256,7 +256,7 @@ class CpuFast : public HostMemoryBackend {
   }
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
                       float grad_scale, float softcap) override {
-    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, 256, /*fast=*/true, softcap);
+    return kernels::CrossEntropyChunked<float>(w_out, h, target, rows, dh, grad_scale, kLogitChunkRows, /*fast=*/true, softcap);
   }
   void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) override {
     DefaultPool().ParallelFor(n, 8192, [&](int64_t i0, int64_t i1, int) { AdamWRange(p, g, m, v, fisher, i0, i1, s); });
@@ -403,7 +403,7 @@ class CpuBf16 final : public CpuFast {
   }
   // The output layer (V x E, 28M values for SmolLM2: ~19% of a step's FLOPs) in bf16 too: the
   // matrix is dequantized to bf16 once per call (56.6 MB for SmolLM2, kept by the calling thread
-  // for the next call) and every 256-row chunk multiplies against it; fewer scored rows than
+  // for the next call) and every 128-row chunk multiplies against it; fewer scored rows than
   // kMinRowsWhole do not pay for the conversion and stay cpu-fast.
   double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows, float* dh,
                       float grad_scale, float softcap) override {
@@ -412,10 +412,14 @@ class CpuBf16 final : public CpuFast {
     for (int64_t r = 0; r < rows; ++r) scored += target[r] >= 0 ? 1 : 0;
     if (scored < kMinRowsWhole || V * E > kMaxOutputValues) return CpuFast::CrossEntropy(w_out, h, target, rows, dh, grad_scale, softcap);
     const uint16_t* wb = OutputBf16(w_out);
+    // 128 rows of f32 logits (25 MB for SmolLM2) instead of cpu-fast's 256: the same speed
+    // (farm-bench, kept mode, 8 x 256: 128 / 256 wall 1.004, median of 5 pairs; 64 rows: 1.08x
+    // slower), 29 MiB less at the peak. The logit gradients go to bf16 in place, over the f32
+    // chunk (ToBf16InPlaceRows), not into a second n x V buffer.
     return CrossEntropyChunkedWith(
-        V, E, h, target, rows, dh, grad_scale, 256, softcap,
+        V, E, h, target, rows, dh, grad_scale, kBf16LogitChunkRows, softcap,
         [&](const float* x, float* y, int64_t n) { Bf16MatmulNT(ActivationsBf16(x, n * E), wb, y, n, V, E); },
-        [&](const float* dy, float* dx, int64_t n) { Bf16MatmulNNAdd(ActivationsBf16(dy, n * V), wb, dx, n, V, E); });
+        [&](float* dy, float* dx, int64_t n) { Bf16MatmulNNAdd(ToBf16InPlaceRows(dy, n, V), wb, dx, n, V, E, 2 * V); });
   }
   void AttentionForward(const float* q, const float* k, const float* v, float* out, int64_t n_seq, int64_t len, int64_t n_head,
                         int64_t n_head_kv, int64_t head_dim, const int32_t* seg_pos, float softcap, int64_t window) override {

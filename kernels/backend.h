@@ -60,6 +60,8 @@ struct AdamWStep {
   float fisher_weight = 1;  // 1 / t
 };
 
+inline constexpr int64_t kLogitChunkRows = 256, kBf16LogitChunkRows = 128;
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -122,6 +124,8 @@ class Backend {
                               int64_t n) = 0;
   // Returns the summed NLL over rows with target >= 0; dh (may be null) += grad_scale * dNLL/dh.
   // softcap > 0: logits z capped to softcap * tanh(z / softcap) first (Gemma 2); 0: none.
+  // The CPU backends score kLogitChunkRows rows at a time (kBf16LogitChunkRows on cpu-bf16 from
+  // 64 scored rows), holding that many rows of f32 logits (the planner's memory model counts it).
   virtual double CrossEntropy(const QMatrix& w_out, const float* h, const int32_t* target, int64_t rows,
                               float* dh, float grad_scale, float softcap) = 0;
   virtual void AdamW(float* p, float* g, float* m, float* v, float* fisher, int64_t n, const AdamWStep& s) = 0;

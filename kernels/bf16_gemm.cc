@@ -43,6 +43,27 @@ const uint16_t* ToBf16Pooled(const float* x, int64_t n, std::vector<uint16_t>* b
   return out;
 }
 
+const uint16_t* ToBf16InPlaceRows(float* x, int64_t rows, int64_t cols) {
+  // Row i's bf16 values go to bytes [0, 2 cols) of its own f32 row, so rows never overlap and
+  // pool threads can take them in any order. Within a row, each block of floats is converted
+  // into a stack buffer and copied down: the copy lands on floats [p/2, (p + len)/2) of a block
+  // starting at float p, all already read (this block's included).
+  DefaultPool().ParallelFor(rows, 1, [&](int64_t r0, int64_t r1, int) {
+    constexpr int64_t kBlock = 1024;
+    uint16_t tmp[kBlock];
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = x + r * cols;
+      auto* bytes = reinterpret_cast<unsigned char*>(row);
+      for (int64_t p = 0; p < cols; p += kBlock) {
+        const int64_t len = std::min(kBlock, cols - p);
+        ToBf16(row + p, tmp, len);
+        std::memcpy(bytes + 2 * p, tmp, static_cast<size_t>(2 * len));
+      }
+    }
+  });
+  return reinterpret_cast<const uint16_t*>(x);
+}
+
 void Bf16GemmLoops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
                    int64_t ldb, bool add, float* c, int64_t ldc) {
   for (int64_t i = 0; i < m; ++i) {
@@ -133,7 +154,7 @@ void GemmOrThrow(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
 
 // Rows split evenly over the pool's threads (at most two distinct slice heights: few primitives).
 // w is n x k row-major; NT: y[m, n] = x[m, k] w^T; otherwise dx[m, k] += dy[m, n] w.
-void Split(const uint16_t* src, const uint16_t* w, float* dst, int64_t m, int64_t n, int64_t k, bool nt) {
+void Split(const uint16_t* src, int64_t ld_src, const uint16_t* w, float* dst, int64_t m, int64_t n, int64_t k, bool nt) {
   ThreadPool& pool = DefaultPool();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.size(), m / 16));
   pool.ParallelFor(parts, 1, [&](int64_t p0, int64_t p1, int) {
@@ -141,9 +162,9 @@ void Split(const uint16_t* src, const uint16_t* w, float* dst, int64_t m, int64_
       const int64_t r0 = m * p / parts, r1 = m * (p + 1) / parts;
       if (r1 <= r0) continue;
       if (nt) {
-        Bf16GemmOnThread(false, true, r1 - r0, n, k, 1.0f, src + r0 * k, k, w, k, false, dst + r0 * n, n);
+        Bf16GemmOnThread(false, true, r1 - r0, n, k, 1.0f, src + r0 * ld_src, ld_src, w, k, false, dst + r0 * n, n);
       } else {
-        Bf16GemmOnThread(false, false, r1 - r0, k, n, 1.0f, src + r0 * n, n, w, k, true, dst + r0 * k, k);
+        Bf16GemmOnThread(false, false, r1 - r0, k, n, 1.0f, src + r0 * ld_src, ld_src, w, k, true, dst + r0 * k, k);
       }
     }
   });
@@ -179,9 +200,11 @@ void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float a
   Bf16GemmLoops(ta, tb, m, n, k, alpha, a, lda, b, ldb, add, c, ldc);
 }
 
-void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k) { Split(x, w, y, m, n, k, true); }
+void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k) { Split(x, k, w, y, m, n, k, true); }
 
-void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k) { Split(dy, w, dx, m, n, k, false); }
+void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k, int64_t ld_dy) {
+  Split(dy, ld_dy > 0 ? ld_dy : n, w, dx, m, n, k, false);
+}
 
 #else
 
@@ -190,7 +213,7 @@ void Bf16GemmOnThread(bool, bool, int64_t, int64_t, int64_t, float, const uint16
   FT_CHECK(false && "built without oneDNN");
 }
 void Bf16MatmulNT(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t) { FT_CHECK(false && "built without oneDNN"); }
-void Bf16MatmulNNAdd(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t) { FT_CHECK(false && "built without oneDNN"); }
+void Bf16MatmulNNAdd(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t, int64_t) { FT_CHECK(false && "built without oneDNN"); }
 
 #endif
 

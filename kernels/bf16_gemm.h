@@ -17,6 +17,10 @@ bool Bf16GemmBuilt();
 void ToBf16(const float* x, uint16_t* out, int64_t n);
 // The same over the thread pool into `buf` (resized to n); returns buf's data.
 const uint16_t* ToBf16Pooled(const float* x, int64_t n, std::vector<uint16_t>* buf);
+// x[rows, cols] (f32) to bf16 in place: row i's values end up in the first half of its own
+// bytes, so the result is a rows x cols bf16 matrix with leading dimension 2 cols, at x. The f32
+// values are gone. (The bf16 output layer's logit gradients: no second n x V buffer.)
+const uint16_t* ToBf16InPlaceRows(float* x, int64_t rows, int64_t cols);
 inline float Bf16ToFloat(uint16_t b) {
   const uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;
@@ -25,8 +29,8 @@ inline float Bf16ToFloat(uint16_t b) {
 }
 // y[m, n] = x[m, k] w[n, k]^T (w row-major n x k, as a linear layer's weight).
 void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k);
-// dx[m, k] += dy[m, n] w[n, k].
-void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k);
+// dx[m, k] += dy[m, n] w[n, k]; dy's rows ld_dy apart (0: n).
+void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k, int64_t ld_dy = 0);
 // The general product on the calling thread (no pool; for kernels that split work themselves):
 // C[m, n] = alpha op(A) op(B), or C += that when `add`; A is m x k (k x m stored when ta) with
 // leading dimension lda, B k x n (n x k when tb) with ldb, C row-major with ldc. Primitives are

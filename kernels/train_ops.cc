@@ -526,7 +526,7 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
 
 double CrossEntropyChunkedWith(int64_t V, int64_t E, const float* h, const int32_t* target, int64_t rows, float* dh, float grad_scale,
                                int64_t chunk, float softcap, const std::function<void(const float*, float*, int64_t)>& forward,
-                               const std::function<void(const float*, float*, int64_t)>& backward) {
+                               const std::function<void(float*, float*, int64_t)>& backward) {
   return CrossEntropyChunks<float>(V, E, h, target, rows, dh, grad_scale, chunk, HaveAvx2Fma(), softcap, forward, backward);
 }
 

@@ -95,10 +95,10 @@ double CrossEntropyChunked(const QMatrix& w_out, const T* h, const int32_t* targ
                            T grad_scale, int64_t chunk = 256, bool fast = false, float softcap = 0.0f);
 // The same (float, fast) with the two products against the V x E output matrix supplied by the
 // caller (the bf16 backend): forward(x, y, n): y[n, V] = x[n, E] W^T; backward(dy, dx, n):
-// dx[n, E] += dy[n, V] W.
+// dx[n, E] += dy[n, V] W, where dy is the chunk's scratch (the callee may overwrite it).
 double CrossEntropyChunkedWith(int64_t V, int64_t E, const float* h, const int32_t* target, int64_t rows, float* dh, float grad_scale,
                                int64_t chunk, float softcap, const std::function<void(const float*, float*, int64_t)>& forward,
-                               const std::function<void(const float*, float*, int64_t)>& backward);
+                               const std::function<void(float*, float*, int64_t)>& backward);
 
 // LoRA on one module: z[m,r] = x A^T (A: r x in); y[m,out] += s z B^T (B: out x r).
 template <typename T>

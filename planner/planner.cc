@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "kernels/backend.h"
 #include "kernels/cuda/cuda_backend.h"
 #include "model/finetune.h"
 #include "model/llama.h"
@@ -123,11 +124,16 @@ double BitsPerWeight(kernels::GgmlType t) {
 double ModelShape::LayerCacheBytesPerToken() const {
   const double e = static_cast<double>(n_embd), q = static_cast<double>(n_q > 0 ? n_q : n_embd), kv = static_cast<double>(n_kv),
                f = static_cast<double>(n_ff);
-  // x_in, h1, x_mid, h2 (E); q, att (q); k, v (kv); gate, up, act (F); two rstd.
-  double floats = 4 * e + 2 * q + 2 * kv + 3 * f + 2;
+  // x_in, x_mid (E); q, att (q); k, v (kv); gate, up (F); two rstd (h1, h2 and act are derived
+  // again in backward: DerivedBytesPerToken, once per pass).
+  double floats = 2 * e + 2 * q + 2 * kv + 2 * f + 2;
   if (qk_norm) floats += q + kv + static_cast<double>(n_head + n_head_kv);
   if (post_norms) floats += 2 * e + 2;
   return 4 * floats;
+}
+
+double ModelShape::DerivedBytesPerToken() const {
+  return 4 * (2 * static_cast<double>(n_embd) + static_cast<double>(n_ff));  // h1, h2 (E), act (F)
 }
 
 double ModelShape::BackwardTempBytesPerToken() const {
@@ -142,7 +148,7 @@ double ModelShape::RecomputeBytesPerToken() const {
   double temp = 6 * e + 2 * std::max(e, q) + 3 * f;
   if (qk_norm) temp += static_cast<double>(n_kv);
   if (post_norms) temp += e;
-  return 4 * e * static_cast<double>(n_layer) + LayerCacheBytesPerToken() + 4 * temp;
+  return 4 * e * static_cast<double>(n_layer) + LayerCacheBytesPerToken() + DerivedBytesPerToken() + 4 * temp;
 }
 
 MemoryModel MemoryModel::Fitted() {
@@ -156,10 +162,14 @@ MemoryModel MemoryModel::Fitted() {
   // (137.8 KiB = 1.0095 x RecomputeBytesPerToken and 34.45 KiB = 1.0437 x
   // LayerCacheBytesPerToken on SmolLM2: the same predictions there), checked on a second shape
   // (docs/guide.md "Memory model").
-  m.fixed_mib = 44.0;
-  m.recompute_factor = 1.0095;
-  m.kept_factor = 1.0437;
-  m.logit_factor = 0.891;
+  // 2026-12-07 (night): refitted after the derived h1/h2/act left the kept layer caches, the bf16
+  // logit chunk became 128 rows with its gradients converted in place, and the bf16 attention /
+  // fused LoRA copies (per token, so in recompute_factor) arrived: bench/memory_model.sh's 12
+  // runs on cpu-bf16 (AVX-512-BF16 EPYC, 2 threads), bench_memory_fit --bf16.
+  m.fixed_mib = 48.13;
+  m.recompute_factor = 1.0615;
+  m.kept_factor = 1.0702;
+  m.logit_factor = 0.877;
   return m;
 }
 
@@ -185,15 +195,16 @@ double MemoryModel::AdapterStateMiB(const ModelShape& s, const model::AdapterSpe
 }
 
 double MemoryModel::KeptMiBPerSequence(const ModelShape& s, int seq) const {
-  return static_cast<double>(seq) * kept_factor * s.LayerCacheBytesPerToken() * static_cast<double>(s.n_layer) / (1 << 20);
+  return static_cast<double>(seq) * kept_factor * (s.LayerCacheBytesPerToken() * static_cast<double>(s.n_layer) + s.DerivedBytesPerToken()) /
+         (1 << 20);
 }
 
 double MemoryModel::Bf16OutputMiB(const ModelShape& s, double tokens_per_pass) {
   // The backend switches at 64 scored rows (every token but the last of each sequence, on text):
   // more than 64 tokens. With fewer scored rows (answers only) this over-predicts: the safe side.
+  // The matrix in bf16; the logit gradients go to bf16 in place (no second chunk).
   if (tokens_per_pass <= 64) return 0;
-  return (static_cast<double>(s.n_vocab) * static_cast<double>(s.n_embd) + std::min(tokens_per_pass, 256.0) * static_cast<double>(s.n_vocab)) * 2 /
-         (1 << 20);
+  return static_cast<double>(s.n_vocab) * static_cast<double>(s.n_embd) * 2 / (1 << 20);
 }
 
 ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSpec& spec, const std::vector<model::Module>& adapted,
@@ -203,7 +214,9 @@ ActivationChoice MemoryModel::Choose(const ModelShape& s, const model::AdapterSp
   const double trained_bytes = per_example ? AdapterBytes(s, SpecAt(spec, c), c.modules, &layout) : 0.0;
   const int per_pass = per_example ? model::DpExamplesPerPass(static_cast<int64_t>(trained_bytes / 4), c.batch) : c.batch;
   const double tokens = static_cast<double>(per_pass) * seq;
-  const double logits_mib = logit_factor * std::min(tokens, 256.0) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
+  // The f32 logit chunk: kernels::kLogitChunkRows rows, kBf16LogitChunkRows on cpu-bf16 from 64.
+  const double chunk = static_cast<double>(bf16_kernels && tokens > 64 ? kernels::kBf16LogitChunkRows : kernels::kLogitChunkRows);
+  const double logits_mib = logit_factor * std::min(tokens, chunk) * static_cast<double>(s.n_vocab) * 4 / (1 << 20);
   const double rest = fixed_mib + BaseMiB(s, c.base) + AdapterStateMiB(s, SpecAt(spec, c), adapted, c.modules) + logits_mib +
                       adapter_copies * AdapterBytes(s, spec, adapted, &layout) / (1 << 20) +
                       (per_example ? (2 + (per_pass > 1 ? per_pass : 0)) * trained_bytes / (1 << 20) : 0.0) +

@@ -49,6 +49,8 @@ struct ModelShape {
   // One layer's backward temporaries and the pass's x, next, h, dh (part of
   // RecomputeBytesPerToken; kept activations need them besides the layer caches).
   double BackwardTempBytesPerToken() const;
+  // The derived h1, h2 and act the trainer holds once per pass, not per layer (Trainer::Work).
+  double DerivedBytesPerToken() const;
   double RecomputeBytesPerToken() const;
   double projection_params = 0;  // q, k, v, o, gate, up, down weights over all layers
   // Their (rows, cols), for exact bytes per base type (K-quant rows fall back, kernels::
@@ -92,7 +94,8 @@ struct ActivationChoice {
 };
 
 // Peak resident memory of a worker training one candidate:
-//   fixed + base(b) + adapter state + activations + min(tokens, 256) * vocab * 4 B (logit chunk)
+//   fixed + base(b) + adapter state + activations + min(tokens, chunk) * vocab * 4 B (logit chunk:
+//   kernels::kLogitChunkRows rows, kBf16LogitChunkRows on cpu-bf16; there also the bf16 output matrix)
 // where tokens = batch * seq (one micro-batch), adapter state = 4 B per frozen value + 20 B per
 // trained value (weight, gradient, two AdamW moments, Fisher), activations = tokens * per_token
 // (recomputation: saved layer inputs and one layer's temporaries) or seqs_per_pass * seq *

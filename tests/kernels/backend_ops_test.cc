@@ -933,6 +933,26 @@ TEST(Bf16GemmTest, VectorConversionEqualsScalarRounding) {
   }
 }
 
+// The in-place conversion (the bf16 output layer's logit gradients): row i's bf16 values are the
+// scalar rounding of its f32 values, in the first half of its own bytes (leading dimension 2
+// cols), for rows shorter and longer than the conversion's 1,024-value blocks and with tails.
+TEST(Bf16GemmTest, InPlaceRowConversionEqualsTheCopy) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (const int64_t cols : {int64_t{1}, int64_t{7}, int64_t{1024}, int64_t{1031}, int64_t{2500}}) {
+    const int64_t rows = 9;
+    std::vector<float> x(static_cast<size_t>(rows * cols));
+    for (auto& v : x) v = nd(rng);
+    std::vector<uint16_t> want(x.size());
+    ToBf16(x.data(), want.data(), rows * cols);
+    const uint16_t* got = ToBf16InPlaceRows(x.data(), rows, cols);
+    ASSERT_EQ(static_cast<const void*>(got), static_cast<const void*>(x.data()));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        ASSERT_EQ(got[r * 2 * cols + c], want[static_cast<size_t>(r * cols + c)]) << "row " << r << " col " << c << " of " << cols;
+  }
+}
+
 #ifdef FEDTUNE_CUDA_EMULATED
 INSTANTIATE_TEST_SUITE_P(Backends, BackendOps, ::testing::Values("cuda"),
                          [](const ::testing::TestParamInfo<std::string>&) { return std::string("CudaEmulated"); });

@@ -645,7 +645,8 @@ TEST_P(FamilyOracle, PlannerShapeCountsWhatTheTrainerKeeps) {
   const int64_t len = 17, rank_sum = 4 * 7 * model_->config().n_layer;
   const auto shape = planner::ModelShape::Of(*model_);
   EXPECT_EQ(static_cast<double>(trainer.KeptBytesPerSequence(len) - 4 * len * rank_sum),
-            shape.LayerCacheBytesPerToken() * static_cast<double>(len * model_->config().n_layer));
+            shape.LayerCacheBytesPerToken() * static_cast<double>(len * model_->config().n_layer) +
+                shape.DerivedBytesPerToken() * static_cast<double>(len));
 }
 
 // Sequences longer than the window run (FamilyWindow checks the values against transformers):

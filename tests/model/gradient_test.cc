@@ -354,7 +354,8 @@ TEST(TrainerModesTest, BackwardStopsAtTheLowestTrainedLayer) {
     b.tokens.push_back(static_cast<int32_t>(3 + rng.Below(250)));
     b.targets.push_back(i % 5 < 1 ? -1 : static_cast<int32_t>(3 + rng.Below(250)));
   }
-  const int64_t kvd = cfg.n_head_kv * cfg.head_dim, per_layer = 6 * cfg.n_embd + 2 * kvd + 3 * cfg.n_ff + 2;
+  // One kept layer (4 E + 2 kvd + 2 F + 2 rstd) and the derived h1, h2, act (2 E + F) once.
+  const int64_t kvd = cfg.n_head_kv * cfg.head_dim, per_layer = 4 * cfg.n_embd + 2 * kvd + 2 * cfg.n_ff + 2 + (2 * cfg.n_embd + cfg.n_ff);
   for (const char* layout : {"1:q", "1:o", "1:down", "1:gate", "1:k,up", "0:v;1:o"}) {
     for (AdapterKind kind : {AdapterKind::kLora, AdapterKind::kDiaBlo}) {
       auto made = MakeAdaptersWithLayout<double>((*model)->adapter_dims(), AdapterSpec{kind, 2, 4.0f, false, 4}, kAllModules, layout, 3);
@@ -441,8 +442,9 @@ TEST(TrainerModesTest, PackingMicroBatchesAndDropout) {
   // budget's slicing gives the whole batch's result.
   Trainer<double> probe(**model, &set, true);
   const int64_t per_seq = probe.KeptBytesPerSequence(padded.len);
-  // 2 layers x (6 E + 2 kvd + 3 F + 2 rstd) + LoRA z (r = 3 on 7 modules x 2 layers), in double.
-  EXPECT_EQ(per_seq, static_cast<int64_t>(sizeof(double)) * padded.len * (2 * (6 * 32 + 2 * 16 + 3 * 64 + 2) + 42));
+  // 2 layers x (4 E + 2 kvd + 2 F + 2 rstd) + LoRA z (r = 3 on 7 modules x 2 layers) + the
+  // derived h1, h2, act once (2 E + F), in double.
+  EXPECT_EQ(per_seq, static_cast<int64_t>(sizeof(double)) * padded.len * (2 * (4 * 32 + 2 * 16 + 2 * 64 + 2) + 42 + (2 * 32 + 64)));
   auto plan_at = [&](int64_t budget) {
     return Trainer<double>(**model, &set, TrainerOptions{.activation_budget_bytes = budget}).PlanFor(padded.n_seq, padded.len);
   };
