@@ -607,14 +607,43 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     std::stable_sort(feasible[k].begin(), feasible[k].end(), [](const Scored& a, const Scored& b) { return a.t != b.t ? a.t < b.t : a.u > b.u; });
   }
   // Best candidate of worker k within time T: the highest utility among those with t <= T
-  // (first such in time order on ties).
-  auto best = [&](size_t k, double T) -> const Scored* {
+  // (first such in time order on ties), of rank at most `cap`.
+  auto rank_of = [&](const Candidate& c) { return c.rank > 0 ? c.rank : full; };
+  auto best = [&](size_t k, double T, int64_t cap = std::numeric_limits<int64_t>::max()) -> const Scored* {
     const Scored* b = nullptr;
     for (const Scored& s : feasible[k]) {
       if (s.t > T) break;
+      if (rank_of(s.c) > cap) continue;
       if (!b || s.u > b->u + 1e-12) b = &s;
     }
     return b;
+  };
+  // Secure aggregation (secure_threshold t): a rank component fewer than t workers train is never
+  // unmasked, so nobody is planned above the t-th highest planned rank; a worker capped there
+  // spends the time it frees on what else raises its utility (batch, local steps). Re-picking
+  // can lower ranks further, so the cap is lowered until the t-th highest rank is the cap (a
+  // fixed point: the cap only falls). Ranks are nested (LoRA, FFA-LoRA); DiaBlo's blocks and
+  // modules (whole adapters under secure aggregation) are left to the round engine.
+  const bool cap_ranks = o.secure_threshold > 0 && !o.ranks.empty() && o.spec.kind != model::AdapterKind::kDiaBlo;
+  auto assign = [&](double T, int64_t* cap_out) {
+    std::vector<const Scored*> picks(workers.size(), nullptr);
+    int64_t cap = std::numeric_limits<int64_t>::max();
+    for (;;) {
+      std::vector<int64_t> planned;
+      for (size_t k = 0; k < workers.size(); ++k) {
+        if (feasible[k].empty()) continue;
+        picks[k] = best(k, T, cap);
+        if (!picks[k]) picks[k] = best(k, T);  // nothing within the cap in time: as planned (the round engine narrows)
+        if (picks[k]) planned.push_back(rank_of(picks[k]->c));
+      }
+      if (!cap_ranks || static_cast<int>(planned.size()) < o.secure_threshold) break;
+      std::sort(planned.rbegin(), planned.rend());
+      const int64_t tth = planned[static_cast<size_t>(o.secure_threshold - 1)];
+      if (tth >= planned.front() || tth >= cap) break;  // every planned component has t trainers
+      cap = tth;
+    }
+    if (cap_out) *cap_out = cap;
+    return picks;
   };
   double t_min = 0;
   std::vector<double> times;
@@ -628,8 +657,8 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
   times.erase(std::unique(times.begin(), times.end()), times.end());
   auto total = [&](double T) {
     double u = 0;
-    for (size_t k = 0; k < workers.size(); ++k)
-      if (const Scored* s = best(k, T)) u += s->u;
+    for (const Scored* s : assign(T, nullptr))
+      if (s) u += s->u;
     return u;
   };
   // Smallest T >= t_min whose best total utility reaches the uniform configuration's.
@@ -649,10 +678,14 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     }
   }
   const double T = *lo;
+  int64_t cap = 0;
+  const std::vector<const Scored*> picks = assign(T, &cap);
   for (size_t k = 0; k < workers.size(); ++k) {
     WorkerPlan& wp = plan.workers[k];
     if (wp.excluded) continue;
-    const Scored* s = best(k, T);
+    const Scored* s = picks[k];
+    const Scored* unconstrained = best(k, T);
+    const bool capped = cap_ranks && unconstrained && rank_of(unconstrained->c) > cap && rank_of(s->c) <= cap;
     wp.c = s->c;
     wp.predicted_mib = s->mib;
     wp.predicted_device_mib = s->a.device_mib;
@@ -688,6 +721,11 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
         s->t, wp.uniform_seconds < 0 ? std::string("does not fit") : absl::StrFormat("%.1f s", wp.uniform_seconds),
         time_bound ? absl::StrFormat("more work would pass the round's time of %.1f s", T)
                    : "its best configuration within memory and the candidate grid");
+    if (capped)
+      absl::StrAppendFormat(&wp.explanation,
+                            "; rank capped at %d (it could train rank %d): secure aggregation unmasks only the rank components at least %d "
+                            "workers train",
+                            cap, rank_of(unconstrained->c), o.secure_threshold);
   }
   plan.summary = absl::StrFormat("planned round %.1f s vs uniform %.1f s (%s); training work %.1f vs %.1f example-equivalents", plan.round_seconds,
                                  plan.uniform_round_seconds, plan.uniform_fits_everyone ? "fits every worker" : "does not fit every worker",

@@ -231,6 +231,12 @@ struct PlannerOptions {
   // Every worker trains all of `adapted` (secure aggregation: settings.cc says why); the planner
   // still chooses batch, local steps and base.
   bool whole_adapter = false;
+  // Secure aggregation's threshold for a round of the planned workers (0: none): with per-worker
+  // ranks (LoRA, FFA-LoRA), no worker is planned above the threshold-th highest planned rank (a
+  // component fewer workers train is never unmasked); the capped workers re-plan batch and local
+  // steps within the round's time. Rounds that sample fewer workers are narrowed further by the
+  // round engine (protocol::NarrowShares).
+  int secure_threshold = 0;
   // Local DP-SGD in the workers with this noise multiplier (0: off). A candidate is admissible
   // only where its per-round record-level RDP (sampling rate batch / the worker's examples, its
   // local steps) is at most the uniform configuration's on the same worker at the order a* where

@@ -378,6 +378,55 @@ TEST(PlannerTest, AWorkerTooSmallForTheSharedRankTrainsALowerOne) {
   EXPECT_FALSE(planner::MakePlan(Shape(), imp, fleet, o).ok());
 }
 
+// Secure aggregation with per-worker ranks (issue 22): a rank component fewer than the threshold
+// of workers train is never unmasked, so the planner caps every rank at the threshold-th highest
+// planned one; the capped workers spend the freed time on local steps. Below the cap nothing
+// changes, and a threshold the big workers meet alone caps nothing.
+TEST(PlannerTest, SecureThresholdCapsRanksFewWorkersTrain) {
+  auto o = Options();
+  o.spec = {model::AdapterKind::kLora, 8, 16.0f, false, 1};
+  o.adapted = {Module::kUp};
+  o.batches = {1};
+  o.max_local_steps = 6;
+  o.uniform = {o.adapted, kernels::GgmlType::kQ4_1, 1, 2};
+  o.ranks = {2, 4, 8};
+  auto need = [&](int64_t rank) {
+    planner::Candidate c{o.adapted, kernels::GgmlType::kQ4_1, 1, 1, rank};
+    return o.memory.PredictMiB(Shape(), o.spec, o.adapted, c, o.seq);
+  };
+  const double small = (need(4) + need(8)) / 2 / o.memory_margin;
+  std::vector<planner::WorkerProfile> fleet;
+  for (int i = 0; i < 3; ++i) fleet.push_back({absl::StrCat("big", i), 4000, 200, 100, 10});
+  for (int i = 0; i < 3; ++i) fleet.push_back({absl::StrCat("small", i), small, 200, 100, 10});
+  const std::map<Module, double> imp = {{Module::kUp, 1}};
+  auto rank = [&](const planner::WorkerPlan& w) { return planner::SpecAt(o.spec, w.c).rank; };
+  auto free_plan = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(free_plan.ok()) << free_plan.status();
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(rank(free_plan->workers[static_cast<size_t>(i)]), 8);
+  for (int i = 3; i < 6; ++i) EXPECT_EQ(rank(free_plan->workers[static_cast<size_t>(i)]), 4);
+  o.secure_threshold = 3;  // the three big workers meet it alone: nothing capped
+  auto three = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(three.ok());
+  for (size_t i = 0; i < 6; ++i) EXPECT_EQ(rank(three->workers[i]), rank(free_plan->workers[i]));
+  o.secure_threshold = 4;
+  auto plan = planner::MakePlan(Shape(), imp, fleet, o);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  for (int j = 1; j <= 8; ++j) {  // every planned component: none or at least 4 trainers
+    int trainers = 0;
+    for (const auto& w : plan->workers) trainers += !w.excluded && rank(w) >= j ? 1 : 0;
+    EXPECT_TRUE(trainers == 0 || trainers >= 4) << "component " << j << ": " << trainers;
+  }
+  for (int i = 0; i < 3; ++i) {
+    const planner::WorkerPlan& w = plan->workers[static_cast<size_t>(i)];
+    EXPECT_EQ(rank(w), 4) << w.explanation;
+    EXPECT_NE(w.explanation.find("rank capped at 4 (it could train rank 8)"), std::string::npos) << w.explanation;
+    EXPECT_GE(w.c.local_steps * w.c.batch, free_plan->workers[static_cast<size_t>(i)].c.local_steps * free_plan->workers[static_cast<size_t>(i)].c.batch);
+    EXPECT_LE(w.predicted_mib, o.memory_margin * 4000);
+  }
+  std::printf("capped: %s\n", plan->workers[0].explanation.c_str());
+  for (int i = 3; i < 6; ++i) EXPECT_EQ(plan->workers[static_cast<size_t>(i)].explanation.find("capped"), std::string::npos);
+}
+
 // DiaBlo block counts (issue 22): a worker on k of N blocks uploads k / N of the adapter (its
 // memory is counted at all N); a worker behind a slow link trains fewer blocks so that its round
 // takes no longer than the others'.

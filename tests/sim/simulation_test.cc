@@ -594,6 +594,29 @@ TEST_F(SimTest, ClientsOfDifferentRanksTrainWithLocalDpSgd) {
   EXPECT_NE(central.status().message().find("central differential privacy"), std::string::npos) << central.status();
 }
 
+// The planner choosing ranks under secure aggregation (issue 22): three clients behind slow links
+// plan low ranks; the three fast ones would plan rank 4, whose upper components only three (< the
+// threshold, 4 of 6) would train, so the planner caps them at the slow ones' rank: the round
+// engine has nothing to narrow and every client is accepted. Without secure aggregation the
+// fast ones keep rank 4.
+TEST_F(SimTest, PlannedRanksUnderSecureAggregationMeetTheThreshold) {
+  const std::string fleet =
+      "clients: 6\nrounds: 1\nprofiles: [{name: fast, count: 3, memory_mib: 4000}, {name: slow, count: 3, memory_mib: 4000, bandwidth_mbps: 0.05}]\n"
+      "planner: {enabled: true, calibration_steps: 1, ranks: [1, 2, 4]}\n";
+  auto plain = Run(Yaml(fleet, testing::TempPath("sim_plan_ranks_plain")));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  ASSERT_EQ(plain->rounds.back().metrics.at("hetero_rank_clients"), 3) << "the slow clients should plan lower ranks, the fast ones rank 4";
+  auto secure = Run(Yaml(fleet + "secure_aggregation: {enabled: true}\n", testing::TempPath("sim_plan_ranks_secure")));
+  ASSERT_TRUE(secure.ok()) << secure.status();
+  const auto& m = secure->rounds.back().metrics;
+  EXPECT_EQ(m.at("accepted"), 6);
+  EXPECT_EQ(m.count("secagg_narrowed"), 0u) << "the plan already met the threshold";
+  EXPECT_EQ(m.count("secagg_sat_out"), 0u);
+  EXPECT_EQ(m.at("hetero_rank_clients"), 6) << "the fast clients capped below rank 4 too";
+  for (const auto& [name, v] : secure->global)
+    for (float x : v) ASSERT_TRUE(std::isfinite(x)) << name;
+}
+
 TEST_F(SimTest, TextDomainsAreScoredByPerplexity) {
   const std::string out = testing::TempPath("sim_text");
   auto r = Run(Yaml("clients: 4\ndata: {tasks: [sentiment], text_domains: [GPL-3, Apache-2.0], examples_per_task: 40, eval_examples: 6, "
