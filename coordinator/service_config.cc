@@ -88,7 +88,6 @@ absl::StatusOr<std::unique_ptr<Service>> ServiceFromConfig(const proto::Coordina
     po.memory.adapter_copies = 2;        // a worker daemon's global adapter and update (ClientEnv)
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
     po.whole_adapter = rs.secure.enabled;  // no per-module shares under secure aggregation (settings.cc)
-    po.secure_threshold = rs.secure.enabled ? rs.secure.full_round_threshold : 0;  // ranks capped where too few train above
     if (rs.dp.local) {  // every worker within the uniform configuration's privacy cost (its reported examples)
       po.local_dp_sigma = rs.dp.noise_multiplier;
       po.local_dp_delta = rs.dp.delta;

@@ -16,6 +16,7 @@
 #include "model/safetensors.h"
 #include "privacy/noise.h"
 #include "protocol/adapter_tensors.h"
+#include "privacy/secagg.h"
 #include "protocol/secagg_wire.h"
 
 namespace fedtune::federation {
@@ -167,6 +168,9 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, 
   // Under secure aggregation with central DP every worker trains the whole adapter (settings.cc
   // says why), whoever set up the planning.
   if (o.planning && o.settings.secure.enabled && o.settings.dp.central) o.planning->options.whole_adapter = true;
+  // Under secure aggregation no planned rank component may have fewer trainers than SecAgg+'s
+  // threshold (PlannerOptions::secure_threshold; Plan sets it for the clients it plans).
+  if (o.planning && o.settings.secure.enabled) o.planning->options.secure_threshold = std::max(1, o.settings.secure.full_round_threshold);
   std::error_code ec;
   fs::create_directories(o.state_dir, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", o.state_dir, ": ", ec.message()));
@@ -212,7 +216,18 @@ absl::Status RoundEngine::Plan(int round, const std::vector<ClientInfo>& clients
         profiles.back().device_memory_mib = m->second;
     }
   replan_ = false;
-  auto made = planner::MakePlan(o_.planning->shape, importance_, profiles, o_.planning->options);
+  planner::PlannerOptions options = o_.planning->options;
+  if (options.secure_threshold > 0) {
+    // SecAgg+'s threshold in a round of the clients planned now (at most expected_clients of
+    // them per round), not the configured full round's: fewer clients, a lower threshold.
+    protocol::TrainTask::Secure q;
+    q.clients = std::min(static_cast<int>(profiles.size()), o_.settings.expected_clients);
+    q.degree = o_.settings.secure.degree;
+    q.threshold = o_.settings.secure.threshold;
+    q.value_range = 1;
+    if (auto cfg = protocol::SecAggConfig(q, 1); cfg.ok()) options.secure_threshold = privacy::secagg::EffectiveThreshold(*cfg);
+  }
+  auto made = planner::MakePlan(o_.planning->shape, importance_, profiles, options);
   if (!made.ok()) {  // everyone gets the configured training
     if (o_.say) o_.say(absl::StrCat("planner: round ", round, ": ", made.status().message(), "; every client gets the configured training"));
     plans_.clear();

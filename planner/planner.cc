@@ -618,12 +618,25 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
     }
     return b;
   };
+  // The best candidate within T among those of the lowest rank there.
+  auto lowest = [&](size_t k, double T) -> const Scored* {
+    int64_t low = std::numeric_limits<int64_t>::max();
+    for (const Scored& s : feasible[k]) {
+      if (s.t > T) break;
+      low = std::min(low, rank_of(s.c));
+    }
+    return best(k, T, low);
+  };
   // Secure aggregation (secure_threshold t): a rank component fewer than t workers train is never
   // unmasked, so nobody is planned above the t-th highest planned rank; a worker capped there
   // spends the time it frees on what else raises its utility (batch, local steps). Re-picking
   // can lower ranks further, so the cap is lowered until the t-th highest rank is the cap (a
   // fixed point: the cap only falls). Ranks are nested (LoRA, FFA-LoRA); DiaBlo's blocks and
-  // modules (whole adapters under secure aggregation) are left to the round engine.
+  // modules (whole adapters under secure aggregation) are left to the round engine. With the cap
+  // the utility total is no longer monotone in T (a worker's own choice at a longer T can lower
+  // the cap for all), so the bisection below finds a round time that reaches the target, not
+  // always the smallest one; every plan it gives meets the threshold.
+  // TODO(issue 22): a joint choice of cap and T (max over caps of the capped totals).
   const bool cap_ranks = o.secure_threshold > 0 && !o.ranks.empty() && o.spec.kind != model::AdapterKind::kDiaBlo;
   auto assign = [&](double T, int64_t* cap_out) {
     std::vector<const Scored*> picks(workers.size(), nullptr);
@@ -633,7 +646,7 @@ absl::StatusOr<Plan> MakePlan(const ModelShape& shape, const std::map<model::Mod
       for (size_t k = 0; k < workers.size(); ++k) {
         if (feasible[k].empty()) continue;
         picks[k] = best(k, T, cap);
-        if (!picks[k]) picks[k] = best(k, T);  // nothing within the cap in time: as planned (the round engine narrows)
+        if (!picks[k]) picks[k] = lowest(k, T);  // nothing within the cap in time: its lowest rank (the round engine narrows)
         if (picks[k]) planned.push_back(rank_of(picks[k]->c));
       }
       if (!cap_ranks || static_cast<int>(planned.size()) < o.secure_threshold) break;

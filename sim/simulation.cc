@@ -739,7 +739,6 @@ absl::StatusOr<SimulationResult> RunSimulation(const proto::SimulationConfig& c,
     }
     if (!rs.compensation.empty()) po.memory.compensation_rank = rs.compensation_rank;
     po.whole_adapter = rs.secure.enabled;  // no per-module shares under secure aggregation (settings.cc)
-    po.secure_threshold = rs.secure.enabled ? rs.secure.full_round_threshold : 0;  // ranks capped where too few train above
     if (rs.dp.local) {  // the planner keeps every client within the uniform configuration's privacy cost
       po.local_dp_sigma = rs.dp.noise_multiplier;
       po.local_dp_delta = rs.dp.delta;

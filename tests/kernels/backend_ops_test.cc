@@ -950,6 +950,17 @@ TEST(Bf16GemmTest, InPlaceRowConversionEqualsTheCopy) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c)
         ASSERT_EQ(got[r * 2 * cols + c], want[static_cast<size_t>(r * cols + c)]) << "row " << r << " col " << c << " of " << cols;
+    // The strided product the cross-entropy runs on it: dx[rows, k] += got[rows, cols] w[cols, k].
+    if (CpuBf16Backend() == nullptr) continue;
+    const int64_t k = 40;
+    std::vector<uint16_t> w(static_cast<size_t>(cols * k));
+    const Vec wf = Random(w.size(), rng);
+    ToBf16(wf.data(), w.data(), static_cast<int64_t>(w.size()));
+    const Vec dx0 = Random(static_cast<size_t>(rows * k), rng);
+    Vec loops = dx0, dx = dx0;
+    Bf16GemmLoops(false, false, rows, k, cols, 1.0f, got, 2 * cols, w.data(), k, true, loops.data(), k);
+    Bf16MatmulNNAdd(got, w.data(), dx.data(), rows, cols, k, 2 * cols);
+    EXPECT_LE(Nmse(loops, dx, "strided bf16 product"), 1e-10) << cols;
   }
 }
 
