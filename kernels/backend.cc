@@ -380,6 +380,18 @@ class CpuFast : public HostMemoryBackend {
   }
 };
 
+// The calling thread's bf16 copies, one set shared by every cpu-bf16 op (each op is done with
+// them when it returns): a slot holds its largest request, not one buffer per op and call site.
+// ReleaseThreadCaches frees them (a worker daemon between rounds).
+struct Bf16Copies {
+  std::vector<uint16_t> rows, rows2, weight, small, output;  // activation rows; weights; adapters; the output matrix
+  std::vector<float> f;                                       // LoRA's dz
+};
+Bf16Copies& ThreadBf16Copies() {
+  thread_local Bf16Copies c;
+  return c;
+}
+
 // cpu-fast with the frozen-weight products in bf16 (issue 18): the whole weight dequantized
 // straight to bf16 (per row through a small f32 row), the activations converted once per call,
 // fp32 accumulation in oneDNN's AVX-512-BF16 / AMX kernels (kernels/bf16_gemm.h); the output layer
@@ -447,7 +459,8 @@ class CpuBf16 final : public CpuFast {
                           float scale) override {
     const int64_t n = w.rows, k = w.cols, kr = k + r;
     if (m < kMinRowsWhole || n * k > kWholeWeightFloats) return Backend::QLinearLoraForward(w, x, a, b, z, y, m, r, scale);
-    thread_local std::vector<uint16_t> wbuf, xbuf, abuf;
+    Bf16Copies& copies = ThreadBf16Copies();
+    std::vector<uint16_t> &wbuf = copies.weight, &xbuf = copies.rows, &abuf = copies.small;
     wbuf.resize(static_cast<size_t>(n * kr));
     xbuf.resize(static_cast<size_t>(m * kr));
     abuf.resize(static_cast<size_t>(r * k));
@@ -475,8 +488,10 @@ class CpuBf16 final : public CpuFast {
                            float* db, float* dx, int64_t m, int64_t r, float scale) override {
     const int64_t n = w.rows, k = w.cols, nr = n + r;
     if (m < kMinRowsWhole || n * k > kWholeWeightFloats) return Backend::QLinearLoraBackward(w, x, a, b, z, dy, da, db, dx, m, r, scale);
-    thread_local std::vector<uint16_t> wbuf, dybuf, bbuf, zbuf, xbuf;
-    thread_local std::vector<float> dzbuf;
+    // bbuf is done with before zbuf is first needed: one slot; xbuf (dA's x) beside dybuf.
+    Bf16Copies& copies = ThreadBf16Copies();
+    std::vector<uint16_t> &wbuf = copies.weight, &dybuf = copies.rows, &bbuf = copies.small, &zbuf = copies.small, &xbuf = copies.rows2;
+    std::vector<float>& dzbuf = copies.f;
     wbuf.resize(static_cast<size_t>(nr * k));
     dybuf.resize(static_cast<size_t>(m * nr));
     bbuf.resize(static_cast<size_t>(n * r));
@@ -532,15 +547,9 @@ class CpuBf16 final : public CpuFast {
 
  private:
   static constexpr int64_t kMaxOutputValues = int64_t{256} << 20;  // 512 MB as bf16
-  static const uint16_t* OutputBf16(const QMatrix& w) {
-    thread_local std::vector<uint16_t> buf;
-    return DequantizeBf16(w, &buf);
-  }
+  static const uint16_t* OutputBf16(const QMatrix& w) { return DequantizeBf16(w, &ThreadBf16Copies().output); }
   // Buffers of the calling thread (callers on several threads never share one).
-  static const uint16_t* WeightBf16(const QMatrix& w) {
-    thread_local std::vector<uint16_t> buf;
-    return DequantizeBf16(w, &buf);
-  }
+  static const uint16_t* WeightBf16(const QMatrix& w) { return DequantizeBf16(w, &ThreadBf16Copies().weight); }
   static const uint16_t* DequantizeBf16(const QMatrix& w, std::vector<uint16_t>* buf) {
     buf->resize(static_cast<size_t>(w.rows * w.cols));
     uint16_t* out = buf->data();
@@ -565,10 +574,7 @@ class CpuBf16 final : public CpuFast {
       }
     });
   }
-  static const uint16_t* ActivationsBf16(const float* x, int64_t n) {
-    thread_local std::vector<uint16_t> buf;
-    return ToBf16Pooled(x, n, &buf);
-  }
+  static const uint16_t* ActivationsBf16(const float* x, int64_t n) { return ToBf16Pooled(x, n, &ThreadBf16Copies().rows); }
   std::string name_;
 };
 
@@ -742,6 +748,16 @@ CudaState& Cuda() {
 }
 
 }  // namespace
+
+void ReleaseThreadCaches() {
+  ThreadPool& pool = DefaultPool();
+  // One chunk per thread (ParallelFor gives chunk i to thread i).
+  pool.ParallelFor(pool.size(), 1, [](int64_t, int64_t, int) {
+    Bf16Copies released;
+    std::swap(released, ThreadBf16Copies());
+    ReleaseBf16GemmThreadState();
+  });
+}
 
 Backend& CpuReferenceBackend() {
   static CpuReference b;

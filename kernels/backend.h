@@ -216,4 +216,11 @@ std::string CudaUnavailableReason();
 // logging the fallback once per op.
 absl::StatusOr<Backend*> SelectBackend(std::string_view device);
 
+// Frees what the CPU backends keep per thread between calls, on the calling thread and every
+// thread of the kernels' pool: cpu-bf16's bf16 copies (the output matrix's among them) and
+// oneDNN primitives with their scratchpads. The next call rebuilds them. A worker daemon calls it
+// before each task: what earlier tasks of other shapes (the profile's, a base-speed run's) left
+// behind is not part of the next round's peak. Not while another thread runs kernels.
+void ReleaseThreadCaches();
+
 }  // namespace fedtune::kernels

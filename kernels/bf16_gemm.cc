@@ -102,23 +102,32 @@ Dnnl& Get() {
   return *d;
 }
 
+// Primitives by shape, per thread: creating one costs far more than a small product, and a
+// thread never shares its primitives (no locking, no concurrent execution).
+// Scratchpads are the caller's (one growing buffer per thread): with oneDNN's own, every cached
+// primitive kept its packing buffer, and varying batch lengths (the simulation's packed
+// batches) grew the process by ~250 MiB.
+struct Entry {
+  dnnl::matmul mm;
+  dnnl::memory::desc a, b, c, scratch;
+};
+using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool>;
+struct ThreadPrimitives {
+  std::map<Key, Entry> cache;
+  std::vector<uint8_t> scratch;
+};
+ThreadPrimitives& Primitives() {
+  thread_local ThreadPrimitives p;
+  return p;
+}
+
 // C[m, n] = alpha op(A) op(B) (+ C when `add`), A and B bf16 with leading dimensions lda / ldb
 // (op = transpose when ta / tb), C f32 with ldc; on the calling thread.
 void GemmOrThrow(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
                  int64_t ldb, bool add, float* c, int64_t ldc) {
   Dnnl& d = Get();
-  struct Entry {
-    dnnl::matmul mm;
-    dnnl::memory::desc a, b, c, scratch;
-  };
-  // Primitives by shape, per thread: creating one costs far more than a small product, and a
-  // thread never shares its primitives (no locking, no concurrent execution).
-  // Scratchpads are the caller's (one growing buffer per thread): with oneDNN's own, every cached
-  // primitive kept its packing buffer, and varying batch lengths (the simulation's packed
-  // batches) grew the process by ~250 MiB.
-  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, bool>;
-  thread_local std::map<Key, Entry> cache;
-  thread_local std::vector<uint8_t> scratch;
+  std::map<Key, Entry>& cache = Primitives().cache;
+  std::vector<uint8_t>& scratch = Primitives().scratch;
   const Key key{ta, tb, m, n, k, lda, ldb, ldc, alpha, add};
   auto it = cache.find(key);
   if (it == cache.end()) {
@@ -184,9 +193,9 @@ void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float a
   // A shape oneDNN refuses (seen once in development: a transposed-A product with one output
   // column, "could not execute a primitive", on a pool thread only) is computed by plain loops
   // from the same bf16 operands (fp32 sums), said once per shape and thread, never retried.
-  using Key = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
-  thread_local std::set<Key> refused;
-  const Key key{ta, tb, m, n, k, lda, ldb, ldc};
+  using RefusedKey = std::tuple<bool, bool, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+  thread_local std::set<RefusedKey> refused;
+  const RefusedKey key{ta, tb, m, n, k, lda, ldb, ldc};
   if (!refused.contains(key)) {
     try {
       GemmOrThrow(ta, tb, m, n, k, alpha, a, lda, b, ldb, add, c, ldc);
@@ -200,6 +209,14 @@ void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float a
   Bf16GemmLoops(ta, tb, m, n, k, alpha, a, lda, b, ldb, add, c, ldc);
 }
 
+size_t Bf16GemmCachedPrimitives() { return Primitives().cache.size(); }
+
+void ReleaseBf16GemmThreadState() {
+  ThreadPrimitives& p = Primitives();
+  p.cache.clear();
+  std::vector<uint8_t>().swap(p.scratch);
+}
+
 void Bf16MatmulNT(const uint16_t* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k) { Split(x, k, w, y, m, n, k, true); }
 
 void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m, int64_t n, int64_t k, int64_t ld_dy) {
@@ -209,6 +226,8 @@ void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m
 #else
 
 bool Bf16GemmBuilt() { return false; }
+void ReleaseBf16GemmThreadState() {}
+size_t Bf16GemmCachedPrimitives() { return 0; }
 void Bf16GemmOnThread(bool, bool, int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*, int64_t, bool, float*, int64_t) {
   FT_CHECK(false && "built without oneDNN");
 }

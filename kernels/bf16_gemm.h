@@ -7,6 +7,7 @@
 // oneDNN; Bf16GemmBuilt() says so. Values are bf16 bit patterns (uint16_t).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -37,6 +38,10 @@ void Bf16MatmulNNAdd(const uint16_t* dy, const uint16_t* w, float* dx, int64_t m
 // cached per thread and shape (at most a few hundred; the cache is cleared beyond that).
 void Bf16GemmOnThread(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,
                       int64_t ldb, bool add, float* c, int64_t ldc);
+// Frees the calling thread's cached primitives and scratchpad (kernels::ReleaseThreadCaches).
+void ReleaseBf16GemmThreadState();
+// Primitives cached on the calling thread (tests).
+size_t Bf16GemmCachedPrimitives();
 // The same product by plain loops (fp32 sums): Bf16GemmOnThread's fallback for a shape oneDNN
 // refuses, and the tests' reference.
 void Bf16GemmLoops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda, const uint16_t* b,

@@ -544,6 +544,7 @@ TaskRunner ModelTaskRunner(const model::LlamaModel& model, const std::vector<mod
     // nothing there, and glibc aborted once at a worker thread's exit (arena bookkeeping,
     // "__malloc_arena_thread_freeres: a->attached_threads > 0") with trims from several
     // in-process workers racing thread exits in an ASan test run.
+    kernels::ReleaseThreadCaches();  // per-thread bf16 copies and primitives of earlier tasks' shapes
 #if defined(__GLIBC__) && !defined(__SANITIZE_ADDRESS__)
     malloc_trim(0);
 #endif

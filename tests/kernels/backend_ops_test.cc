@@ -915,6 +915,39 @@ TEST(Bf16GemmTest, StridedProductsEqualLoops) {
   }
 }
 
+// Releasing the per-thread caches (a worker daemon between rounds) frees cpu-bf16's copies and
+// oneDNN's primitives on every pool thread; the next products rebuild them and give bit-identical
+// results (the same kernels on the same operands), the fused LoRA ops and the output layer too.
+TEST(Bf16GemmTest, ProductsAfterReleasingThreadCachesAreUnchanged) {
+  Backend* be = CpuBf16Backend();
+  if (be == nullptr) GTEST_SKIP() << "cpu-bf16 unavailable: " << CpuBf16UnavailableReason();
+  std::mt19937 rng(9);
+  const int64_t m = 130, n = 576, k = 576, r = 8, V = 300;
+  const QuantWeight w = Quantize(GgmlType::kQ4_1, n, k, rng), out = Quantize(GgmlType::kQ4_1, V, k, rng);
+  const Vec x = Random(static_cast<size_t>(m * k), rng), a = Random(static_cast<size_t>(r * k), rng), b = Random(static_cast<size_t>(n * r), rng);
+  std::vector<int32_t> target(static_cast<size_t>(m));
+  for (int64_t i = 0; i < m; ++i) target[static_cast<size_t>(i)] = static_cast<int32_t>(i % V);
+  auto run = [&] {
+    Vec y(static_cast<size_t>(m * n)), z(static_cast<size_t>(m * r)), y2(y.size()), dh(x.size(), 0.0f);
+    be->QLinearLoraForward(w.m, x.data(), a.data(), b.data(), z.data(), y.data(), m, r, 2.0f);
+    be->QLinearForward(w.m, x.data(), y2.data(), m);
+    const double nll = be->CrossEntropy(out.m, x.data(), target.data(), m, dh.data(), 1.0f, 0.0f);
+    y.insert(y.end(), y2.begin(), y2.end());
+    y.insert(y.end(), dh.begin(), dh.end());
+    y.push_back(static_cast<float>(nll));
+    return y;
+  };
+  const Vec before = run();
+  EXPECT_GT(Bf16GemmCachedPrimitives(), 0u);
+  ReleaseThreadCaches();
+  EXPECT_EQ(Bf16GemmCachedPrimitives(), 0u) << "the calling thread's primitives were not released";
+  const Vec after = run();
+  ASSERT_EQ(before.size(), after.size());
+  for (size_t i = 0; i < before.size(); ++i) ASSERT_EQ(before[i], after[i]) << i;
+  ReleaseThreadCaches();  // twice in a row, and with nothing cached
+  ReleaseThreadCaches();
+}
+
 // The vectorised f32 -> bf16 conversion (every bf16 product converts its activations and
 // weights with it) equals the scalar rounding bit for bit: ties to even both ways, subnormals,
 // infinities, signalling and quiet NaNs, and lengths that leave a scalar tail.
