@@ -168,9 +168,6 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Open(EngineOptions o, 
   // Under secure aggregation with central DP every worker trains the whole adapter (settings.cc
   // says why), whoever set up the planning.
   if (o.planning && o.settings.secure.enabled && o.settings.dp.central) o.planning->options.whole_adapter = true;
-  // Under secure aggregation no planned rank component may have fewer trainers than SecAgg+'s
-  // threshold (PlannerOptions::secure_threshold; Plan sets it for the clients it plans).
-  if (o.planning && o.settings.secure.enabled) o.planning->options.secure_threshold = std::max(1, o.settings.secure.full_round_threshold);
   std::error_code ec;
   fs::create_directories(o.state_dir, ec);
   if (ec) return absl::UnavailableError(absl::StrCat("cannot create ", o.state_dir, ": ", ec.message()));
@@ -217,9 +214,10 @@ absl::Status RoundEngine::Plan(int round, const std::vector<ClientInfo>& clients
     }
   replan_ = false;
   planner::PlannerOptions options = o_.planning->options;
-  if (options.secure_threshold > 0) {
-    // SecAgg+'s threshold in a round of the clients planned now (at most expected_clients of
-    // them per round), not the configured full round's: fewer clients, a lower threshold.
+  if (o_.settings.secure.enabled) {
+    // No planned rank component may have fewer trainers than SecAgg+'s threshold
+    // (PlannerOptions::secure_threshold), the threshold of a round of the clients planned now (at
+    // most expected_clients of them per round): fewer clients, a lower threshold.
     protocol::TrainTask::Secure q;
     q.clients = std::min(static_cast<int>(profiles.size()), o_.settings.expected_clients);
     q.degree = o_.settings.secure.degree;

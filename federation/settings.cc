@@ -11,7 +11,6 @@
 #include "kernels/quant.h"
 #include "model/compensation.h"
 #include "privacy/rdp_accountant.h"
-#include "privacy/secagg.h"
 #include "protocol/secagg_wire.h"
 
 namespace fedtune::federation {
@@ -135,9 +134,7 @@ absl::StatusOr<RunSettings> ResolveRunParts(int rounds, uint64_t seed, uint64_t 
     p.degree = s.secure.degree;
     p.threshold = s.secure.threshold;
     p.value_range = 1;
-    auto c = protocol::SecAggConfig(p, 1);
-    if (!c.ok()) return Bad("secure_aggregation", std::string(c.status().message()));
-    s.secure.full_round_threshold = privacy::secagg::EffectiveThreshold(*c);
+    if (auto c = protocol::SecAggConfig(p, 1); !c.ok()) return Bad("secure_aggregation", std::string(c.status().message()));
   }
   // Differential privacy.
   if (dp.private_fisher() && !dp.enabled()) return Bad("dp.private_fisher", "needs dp.enabled (central)");

@@ -62,7 +62,6 @@ struct RunSettings {
     bool enabled = false;
     double value_range = 0;
     int degree = 0, threshold = 0;
-    int full_round_threshold = 0;  // SecAgg+'s threshold in a round of expected_clients (the planner's cap)
   } secure;
   uint64_t test_noise_seed = 0;
   // Per-worker ranks (planner.ranks, profiles[].rank): how their updates merge.

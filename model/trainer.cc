@@ -115,7 +115,7 @@ struct Trainer<T>::Work {
   // say whose they are; LayerBackward derives them again for any other layer (rstd_again takes
   // the norm's recomputed rstd, the same values as the cache's).
   Buf<T> h1, h2, act, rstd_again;
-  const void* derived_of = nullptr;
+  const LayerCache* derived_of = nullptr;
   int64_t derived_layer = -1;
   // The adapters' tensors for this step, per layer and module. On a device backend they point
   // into two backend buffers, so that the adapter ops run without per-op copies or waits:
@@ -286,6 +286,18 @@ struct Kern {
     else return kernels::CrossEntropyChunked<T>(w, h, target, rows, dh, scale, 256, false, softcap);
   }
 };
+
+// The MLP's act = swiglu(gate, up) (geglu for Gemma) into `act`: the forward's, and backward's
+// derived copy (LayerCache's note).
+template <typename T>
+void MlpActivation(const Kern<T>& K, bool gemma, const T* gate, const T* up, Buf<T>& act, int64_t n) {
+  act.Resize(n);
+  if (gemma) {
+    K.GegluForward(gate, up, act.data(), n);
+  } else {
+    K.SwiGluForward(gate, up, act.data(), n);
+  }
+}
 }  // namespace
 
 template <typename T>
@@ -385,12 +397,7 @@ void Trainer<T>::LayerForward(int64_t l, const T* x_in, LayerCache& c, T* x_out)
   K.RmsNormForward(c.x_mid.data(), L.ffn_norm.data(), h2.data(), c.rstd2.data(), M, E, cfg.rms_eps);
   linear(Module::kGate, L.w_gate, h2.data(), c.gate, F);
   linear(Module::kUp, L.w_up, h2.data(), c.up, F);
-  act.Resize(M * F);
-  if (cfg.gemma) {
-    K.GegluForward(c.gate.data(), c.up.data(), act.data(), M * F);
-  } else {
-    K.SwiGluForward(c.gate.data(), c.up.data(), act.data(), M * F);
-  }
+  MlpActivation(K, cfg.gemma, c.gate.data(), c.up.data(), act, M * F);
   Buf<T>& down = o;  // o is no longer needed
   if (cfg.gemma) {
     linear(Module::kDown, L.w_down, act.data(), c.down_pre, E);
@@ -484,14 +491,7 @@ void Trainer<T>::LayerBackward(int64_t l, LayerCache& c, const T* dx_out, T* dx_
     K.RmsNormForward(x, w.data(), h.data(), work_->rstd_again.data(), M, E, cfg.rms_eps);
   };
   Buf<T>& act = work_->act;
-  if (ad[static_cast<int>(Module::kDown)] && !derived) {
-    act.Resize(M * F);
-    if (cfg.gemma) {
-      K.GegluForward(c.gate.data(), c.up.data(), act.data(), M * F);
-    } else {
-      K.SwiGluForward(c.gate.data(), c.up.data(), act.data(), M * F);
-    }
-  }
+  if (ad[static_cast<int>(Module::kDown)] && !derived) MlpActivation(K, cfg.gemma, c.gate.data(), c.up.data(), act, M * F);
   // x_out = x_mid + down(act); act = swiglu(gate(h2), up(h2)); h2 = norm(x_mid)
   Buf<T>& dx_mid = work_->dx_mid;
   Buf<T>& dact = work_->dact;
